@@ -1,0 +1,70 @@
+"""Options for loading and running the engine: frozen dataclasses, one comment per field.
+
+They are built once (from `config.toml` or CLI flags) and checked by `validate()`, which raises
+`ValueError` naming the bad field, so a bad setting stops start-up with a clear message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    model: str = "facebook/musicgen-small"  # hub id or local folder
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"
+    dtype: str = "auto"  # "auto" (bf16 on CUDA / CPUs with AVX-512 BF16 or AMX), or a dtype name
+
+    def validate(self) -> LoadOptions:
+        if not self.model:
+            raise ValueError("model: must name a hub id or a local folder")
+        if self.device not in DEVICES and not self.device.startswith("cuda:"):
+            raise ValueError(f"device: must be one of {DEVICES} or 'cuda:N', got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: must be one of {DTYPES}, got {self.dtype!r}")
+        return self
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    guidance_scale: float = 3.0  # classifier-free guidance; 1.0 turns it off
+    temperature: float = 1.0  # softmax temperature; > 0
+    top_k: int = 250  # keep the k most likely tokens; 0 keeps all
+    top_p: float = 0.0  # nucleus sampling; 0 turns it off, else in (0, 1]
+    greedy: bool = False  # argmax instead of sampling (tests and reproducible renders)
+    seed: int | None = None  # seed of the sampler's random generator; None draws one
+
+    def validate(self) -> SamplingOptions:
+        if not self.guidance_scale >= 1.0:
+            raise ValueError(f"guidance_scale: must be >= 1.0, got {self.guidance_scale}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature: must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k: must be >= 0, got {self.top_k}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top_p: must be in [0, 1], got {self.top_p}")
+        return self
+
+
+@dataclass(frozen=True)
+class WindowOptions:
+    window: int = 1500  # frames in one KV-cache window (50 frames = 1 s); at most the model's positions
+    context: int = 500  # frames re-prefilled as the prompt when a window is full or the prompt changes
+
+    def validate(self, max_positions: int = 2048) -> WindowOptions:
+        if self.context < 1:
+            raise ValueError(f"context: must be >= 1 frame, got {self.context}")
+        if self.window > max_positions - 16:
+            raise ValueError(
+                f"window: must be at most {max_positions - 16} frames for this model "
+                f"(its position table has {max_positions}), got {self.window}"
+            )
+        if self.window < self.context + 50:
+            raise ValueError(
+                f"window: must exceed context by at least 50 frames, got window={self.window}, "
+                f"context={self.context}"
+            )
+        return self
