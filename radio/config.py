@@ -1,0 +1,331 @@
+"""The radio's settings: `config.toml` read once with `tomllib` into frozen dataclasses.
+
+Every section is a frozen dataclass whose fields carry their default and a one-line comment
+(`config.toml` at the top of the repository documents the same keys). `load_config` reads a file,
+`parse_config` a dict; both reject an unknown key, a value of the wrong type or a bad
+combination with a `ConfigError` naming the key, for example
+`generation.top_k: must be >= 0, got -1`.
+
+Extending: add a field to a section (a new scalar key), or a field whose type is another
+dataclass (a sub-table such as `[stations.icecast]`); `_build` handles both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.options import LoadOptions, SamplingOptions, WindowOptions
+
+ADMIN_TOKEN_ENV = "RADIO_ADMIN_TOKEN"
+_STATION_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+_RATE_LIMIT = re.compile(r"^\s*(\d+)\s*per\s*(\d+(?:\.\d+)?)\s*s(?:ec(?:onds?)?)?\s*$")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"  # address to listen on ("127.0.0.1" = this machine only)
+    port: int = 8000  # TCP port
+    public_url: str = ""  # base URL for absolute stream links; "" = from each request's Host
+    shutdown_seconds: float = 3.0  # how long Ctrl-C waits for connections to close
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port: must be in [0, 65535], got {self.port}")
+        if self.public_url and not self.public_url.startswith(("http://", "https://")):
+            raise ValueError(
+                f"public_url: must start with http:// or https://, got {self.public_url!r}"
+            )
+        if self.shutdown_seconds < 0:
+            raise ValueError(f"shutdown_seconds: must be >= 0, got {self.shutdown_seconds}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    id: str = "facebook/musicgen-small"  # hub id or local folder (`radio tiny-model DIR` makes one)
+    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"
+    dtype: str = "auto"  # "auto", "float32", "bfloat16" or "float16"
+
+    def validate(self) -> None:
+        if not self.id:
+            raise ValueError("id: must name a hub id or a local folder")
+        self.load_options()
+
+    def load_options(self) -> LoadOptions:
+        return LoadOptions(model=self.id, device=self.device, dtype=self.dtype).validate()
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    guidance_scale: float = 3.0  # classifier-free guidance; 1.0 turns it off
+    temperature: float = 1.0  # softmax temperature; > 0
+    top_k: int = 250  # sample among the k most likely tokens; 0 keeps all
+    top_p: float = 0.0  # nucleus sampling; 0 turns it off, else in (0, 1]
+    seed: int = -1  # seed of each station's sampler (station i uses seed + i); -1 = random
+    window: int = 1500  # frames in one attention window (50 frames = 1 s)
+    context: int = 500  # frames re-prefilled when a window is full or the prompt changes
+    buffer_ahead: float = 4.0  # seconds generated ahead of the clock (more = safer, slower prompts)
+    chunk_seconds: float = 0.2  # audio generated per worker step (smaller = faster prompt reaction)
+    prompt_horizon: float = 0.5  # a new prompt starts this many seconds after the current moment
+
+    def validate(self) -> None:
+        self.sampling_options()
+        WindowOptions(window=self.window, context=self.context).validate()
+        if not 0.5 <= self.buffer_ahead <= 60:
+            raise ValueError(f"buffer_ahead: must be in [0.5, 60] seconds, got {self.buffer_ahead}")
+        if not 0.02 <= self.chunk_seconds <= 2:
+            raise ValueError(
+                f"chunk_seconds: must be in [0.02, 2] seconds, got {self.chunk_seconds}"
+            )
+        if self.chunk_seconds > self.buffer_ahead / 2:
+            raise ValueError(
+                f"chunk_seconds: must be at most half of buffer_ahead ({self.buffer_ahead}), "
+                f"got {self.chunk_seconds}"
+            )
+        if not 0 <= self.prompt_horizon <= 10:
+            raise ValueError(
+                f"prompt_horizon: must be in [0, 10] seconds, got {self.prompt_horizon}"
+            )
+
+    def sampling_options(self, station_index: int = 0) -> SamplingOptions:
+        seed = None if self.seed < 0 else self.seed + station_index
+        return SamplingOptions(
+            guidance_scale=self.guidance_scale,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            seed=seed,
+        ).validate()
+
+    def window_options(self) -> WindowOptions:
+        return WindowOptions(window=self.window, context=self.context)
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    loudness_target: float = (
+        -14.0
+    )  # integrated loudness of the output, LUFS (-14 Spotify, -16 Apple)
+    true_peak: float = -1.0  # true-peak ceiling, dBTP
+    mp3_bitrate: int = 128  # MP3 mount bitrate, kbit/s
+    output_sample_rate: int = 44100  # sample rate of the MP3 and HLS outputs, Hz
+    mp3_burst_seconds: float = 1.0  # recent audio a new MP3 listener gets at once (fast start)
+    listener_queue_seconds: float = 8.0  # audio a slow MP3 listener may lag before it is dropped
+
+    def validate(self) -> None:
+        if not -40 <= self.loudness_target <= -5:
+            raise ValueError(
+                f"loudness_target: must be in [-40, -5] LUFS, got {self.loudness_target}"
+            )
+        if not -20 <= self.true_peak <= 0:
+            raise ValueError(f"true_peak: must be in [-20, 0] dBTP, got {self.true_peak}")
+        if self.mp3_bitrate not in (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320):
+            raise ValueError(f"mp3_bitrate: must be a standard MP3 bitrate, got {self.mp3_bitrate}")
+        if self.output_sample_rate not in (32000, 44100, 48000):
+            raise ValueError(
+                f"output_sample_rate: must be 32000, 44100 or 48000, got {self.output_sample_rate}"
+            )
+        if not 0 <= self.mp3_burst_seconds <= 10:
+            raise ValueError(f"mp3_burst_seconds: must be in [0, 10], got {self.mp3_burst_seconds}")
+        if not 1 <= self.listener_queue_seconds <= 120:
+            raise ValueError(
+                f"listener_queue_seconds: must be in [1, 120], got {self.listener_queue_seconds}"
+            )
+
+
+@dataclass(frozen=True)
+class HlsConfig:
+    enabled: bool = True  # serve /hls/{station}/live.m3u8 (AAC in MPEG-TS)
+    segment_seconds: float = 2.0  # length of one segment (EXT-X-TARGETDURATION rounds it up)
+    playlist_segments: int = 6  # segments listed in the playlist (at least 3)
+    bitrate: int = 96  # AAC bitrate, kbit/s
+    dir: str = ""  # also write playlist and segments to this folder (for nginx/CDN); "" = off
+
+    def validate(self) -> None:
+        if not 0.5 <= self.segment_seconds <= 10:
+            raise ValueError(f"segment_seconds: must be in [0.5, 10], got {self.segment_seconds}")
+        if not 3 <= self.playlist_segments <= 30:
+            raise ValueError(f"playlist_segments: must be in [3, 30], got {self.playlist_segments}")
+        if not 16 <= self.bitrate <= 320:
+            raise ValueError(f"bitrate: must be in [16, 320] kbit/s, got {self.bitrate}")
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    admin_token: str = (
+        ""  # token for admin actions (Authorization: Bearer ...); "" = none; env RADIO_ADMIN_TOKEN
+    )
+    prompt_rate_limit: str = (
+        "3 per 60 s"  # prompt changes per client address ("0 per 1 s" = admin only)
+    )
+    max_prompt_length: int = 200  # characters in a prompt
+    allow_empty_prompt: bool = False  # accept "" (unconditional music) from listeners
+    max_listeners: int = 100  # MP3 listeners per station; more get 503
+
+    def validate(self) -> None:
+        self.rate_limit()
+        if not 1 <= self.max_prompt_length <= 2000:
+            raise ValueError(
+                f"max_prompt_length: must be in [1, 2000], got {self.max_prompt_length}"
+            )
+        if self.max_listeners < 0:
+            raise ValueError(f"max_listeners: must be >= 0, got {self.max_listeners}")
+        if self.admin_token and len(self.admin_token) < 8:
+            raise ValueError("admin_token: must be at least 8 characters (or empty for no admin)")
+
+    def rate_limit(self) -> tuple[int, float]:
+        """(count, seconds) from "N per S s"."""
+        m = _RATE_LIMIT.match(self.prompt_rate_limit)
+        if not m or float(m.group(2)) <= 0:
+            raise ValueError(
+                f"prompt_rate_limit: must look like '3 per 60 s', got {self.prompt_rate_limit!r}"
+            )
+        return int(m.group(1)), float(m.group(2))
+
+
+@dataclass(frozen=True)
+class StationConfig:
+    id: str = "main"  # URL name: /main.mp3, /hls/main/live.m3u8 (a-z, 0-9, _ and -)
+    name: str = "Endless Radio"  # shown to listeners (icy-name)
+    description: str = "Music that never ends, written live by MusicGen"  # icy-description
+    genre: str = "Various"  # icy-genre
+    prompt: str = "calm lofi beat with piano"  # the prompt the station starts with
+
+    def validate(self) -> None:
+        if not _STATION_ID.match(self.id):
+            raise ValueError(f"id: must be 1-32 of a-z, 0-9, _ and - , got {self.id!r}")
+        for key in ("name", "description", "genre", "prompt"):
+            if any(ord(c) < 32 for c in getattr(self, key)):
+                raise ValueError(f"{key}: must not contain control characters")
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    hls: HlsConfig = field(default_factory=HlsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    stations: tuple[StationConfig, ...] = (StationConfig(),)
+
+    def station(self, station_id: str) -> StationConfig:
+        for s in self.stations:
+            if s.id == station_id:
+                return s
+        raise KeyError(station_id)
+
+
+def load_config(path: str | Path | None = None, env: dict[str, str] | None = None) -> Config:
+    """Read `path` (None = all defaults) and apply the environment (RADIO_ADMIN_TOKEN)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read ({e.strerror})") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from e
+    return parse_config(data, env=os.environ if env is None else env)
+
+
+def parse_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Config:
+    """A checked `Config` from a TOML-shaped dict; `ConfigError` names the first bad key."""
+    config = _build(Config, data, "")
+    token = (env or {}).get(ADMIN_TOKEN_ENV, "")
+    if token and not config.security.admin_token:
+        config = with_overrides(config, security={"admin_token": token})
+    _check_stations(config.stations)
+    return config
+
+
+def with_overrides(config: Config, **sections: dict[str, Any]) -> Config:
+    """A copy of `config` with some keys replaced, e.g. `model={"id": DIR}`; checked again."""
+    changed = {}
+    for name, values in sections.items():
+        section = getattr(config, name)
+        for key in values:
+            if key not in {f.name for f in dataclasses.fields(section)}:
+                raise ConfigError(f"{name}.{key}: unknown key")
+        new = dataclasses.replace(section, **values)
+        _validate(new, name)
+        changed[name] = new
+    return dataclasses.replace(config, **changed)
+
+
+def _check_stations(stations: tuple[StationConfig, ...]) -> None:
+    if not stations:
+        raise ConfigError("stations: at least one [[stations]] is needed")
+    seen: set[str] = set()
+    for i, s in enumerate(stations):
+        if s.id in seen:
+            raise ConfigError(f"stations[{i}].id: {s.id!r} is used twice")
+        seen.add(s.id)
+
+
+def _build(cls: type, table: Any, where: str) -> Any:
+    """An instance of dataclass `cls` from a TOML table, strictly typed, validated."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where or 'config'}: must be a table")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in names:
+            raise ConfigError(
+                f"{_join(where, key)}: unknown key (known: {', '.join(sorted(names))})"
+            )
+    values = {}
+    for key, value in table.items():
+        values[key] = _convert(hints[key], value, _join(where, key))
+    obj = cls(**values)
+    _validate(obj, where)
+    return obj
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is tuple:  # tuple[X, ...]: an array of tables such as [[stations]]
+        (item,) = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: must be an array")
+        return tuple(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):  # X | None: an optional sub-table
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _convert(args[0], value, where)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: must be true or false, got {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where}: must be an integer, got {value!r}")
+    if not isinstance(value, hint):
+        raise ConfigError(f"{where}: must be a {hint.__name__}, got {value!r}")
+    return value
+
+
+def _validate(obj: Any, where: str) -> None:
+    check = getattr(obj, "validate", None)
+    if check is None:
+        return
+    try:
+        check()
+    except ValueError as e:
+        raise ConfigError(f"{where}.{e}" if where else str(e)) from None
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
