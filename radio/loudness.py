@@ -1,0 +1,214 @@
+"""Streaming loudness normalization: BS.1770 loudness toward a target, and a true-peak ceiling.
+
+Audio is processed in fixed 100 ms blocks, whatever chunk sizes the caller pushes (so chunking
+never changes the result), with a constant delay of `latency_samples` (two blocks).
+
+1. **Measure.** Each input block is K-weighted (pyloudnorm's BS.1770 filters, run with carried
+   state) and its mean square kept; the last `window_seconds` form 400 ms gating blocks with 75 %
+   overlap, gated at -70 LUFS and -10 LU as in BS.1770-4: the integrated loudness of the window.
+2. **Gain.** The gain moves toward `target - loudness` at a bounded dB/s (fast while acquiring
+   the first lock, then slowly: no pumping), ramped sample by sample, never above `max_gain_db`.
+   A window, or a last 400 ms, quieter than `gate_lufs` (silence, a fade-out) holds the gain.
+3. **True-peak limit.** The gained signal is oversampled 4x with a polyphase FIR to estimate
+   inter-sample peaks; a lookahead limiter (forward minimum over `lookahead_ms`, dB-linear
+   release, moving-average smoothing) keeps every sample and every 4x peak at or below the
+   ceiling (less a small safety margin), and a final clip guards sample peaks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyloudnorm
+from scipy.ndimage import minimum_filter1d
+from scipy.signal import firwin, lfilter, upfirdn
+
+_OVERSAMPLE = 4
+_FIR_TAPS = 81  # ~20 per phase: the same interpolator as scipy's resample_poly(x, 4, 1)
+_PAD = 16  # input samples of context on each side of a block for the FIR
+
+
+@dataclass(frozen=True)
+class LoudnessOptions:
+    """Tuning of the normalizer; the defaults suit music for streaming."""
+
+    window_seconds: float = 3.0  # loudness is measured over this much recent audio
+    max_gain_db: float = 24.0  # never boost more than this (quiet input, near-silence)
+    min_gain_db: float = -40.0  # never cut more than this
+    gate_lufs: float = -50.0  # a window quieter than this holds the gain (silence, fades)
+    acquire_db_per_s: float = 24.0  # slew until the gain first reaches its target
+    up_db_per_s: float = 3.0  # slew afterwards when the gain rises
+    down_db_per_s: float = 6.0  # slew afterwards when the gain falls (louder input)
+    lookahead_ms: float = 2.0  # true-peak limiter attack/lookahead
+    release_db_per_s: float = 40.0  # limiter recovery speed
+    margin_db: float = 0.2  # the limiter aims this far below the ceiling
+
+
+class LoudnessNormalizer:
+    """pcm [C, N] float32 in, [C, N] out, `latency_samples` later, at the target loudness."""
+
+    def __init__(
+        self,
+        sample_rate: int,
+        channels: int,
+        target_lufs: float = -14.0,
+        true_peak_dbtp: float = -1.0,
+        options: LoudnessOptions | None = None,
+    ) -> None:
+        if sample_rate < 8000:
+            raise ValueError(f"sample_rate must be at least 8000, got {sample_rate}")
+        if channels not in (1, 2):
+            raise ValueError(f"channels must be 1 or 2, got {channels}")
+        if not -70.0 < target_lufs < 0.0:
+            raise ValueError(f"target_lufs must be in (-70, 0), got {target_lufs}")
+        if true_peak_dbtp > 0.0:
+            raise ValueError(f"true_peak_dbtp must be <= 0, got {true_peak_dbtp}")
+        self.options = opt = options or LoudnessOptions()
+        if opt.window_seconds < 0.4:
+            raise ValueError(f"window_seconds must be at least 0.4, got {opt.window_seconds}")
+        self.sample_rate = sample_rate
+        self.channels = channels
+        self.target_lufs = target_lufs
+        self.true_peak_dbtp = true_peak_dbtp
+        self.block = round(sample_rate / 10)  # 100 ms: the BS.1770 gating step
+        self.latency_samples = 2 * self.block
+        self._lookahead = max(1, round(opt.lookahead_ms * sample_rate / 1000))
+        assert self._lookahead + 2 * _PAD < self.block, "lookahead must fit in one block"
+        self._ceiling = 10 ** ((true_peak_dbtp - opt.margin_db) / 20)
+        self._hard_ceiling = 10 ** (true_peak_dbtp / 20)
+        self._release = opt.release_db_per_s / sample_rate  # dB per sample
+        self._fir = firwin(_FIR_TAPS, 1.0 / _OVERSAMPLE, window=("kaiser", 5.0)) * _OVERSAMPLE
+        self._filters = [
+            (f.b, f.a, f.passband_gain) for f in pyloudnorm.Meter(sample_rate)._filters.values()
+        ]
+        self._window_blocks = round(opt.window_seconds * 10)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget all state: as if just constructed (the next output starts with the latency)."""
+        c, b = self.channels, self.block
+        self._in = np.zeros((c, 0), np.float32)  # [C, < block] input not yet a whole block
+        # [C, n] ready to hand out; with block -1 (zeros) coming out first: latency = 2 blocks
+        self._out = np.zeros((c, self.latency_samples - b), np.float32)
+        self._zi = [np.zeros((c, 2)) for _ in self._filters]  # K-weighting filter states
+        self._ms = np.zeros(0)  # [<= window] channel-summed K-weighted mean square per block
+        self._prev2 = np.zeros((c, b), np.float32)  # gained blocks k-2 and k-1, limited when
+        self._prev = np.zeros((c, b), np.float32)  # block k arrives (lookahead into it)
+        self._gtail = np.ones(self._lookahead - 1)  # last limiter gains before smoothing
+        self._release_db = 0.0  # limiter gain (dB, <= 0) at the end of the last block
+        self.gain_db = 0.0  # current loudness gain
+        self.loudness_lufs = float("-inf")  # the last window measurement (before gain)
+        self.limiter_db = 0.0  # deepest limiter gain in the last block (<= 0)
+        self._locked = False
+
+    def process(self, pcm: np.ndarray) -> np.ndarray:
+        """Push pcm [C, N]; return the next N output samples [C, N] (float32)."""
+        if pcm.ndim != 2 or pcm.shape[0] != self.channels:
+            raise ValueError(f"pcm must be [{self.channels}, N], got {pcm.shape}")
+        n = pcm.shape[1]
+        buf = np.concatenate([self._in, pcm.astype(np.float32, copy=False)], axis=1)
+        whole = buf.shape[1] - buf.shape[1] % self.block
+        outs = [self._out]
+        for start in range(0, whole, self.block):
+            outs.append(self._process_block(buf[:, start : start + self.block]))
+        self._in = buf[:, whole:].copy()
+        ready = np.concatenate(outs, axis=1)
+        self._out = ready[:, n:]
+        return ready[:, :n]
+
+    # -- one block -------------------------------------------------------------------------
+    def _process_block(self, x: np.ndarray) -> np.ndarray:
+        """Measure and gain block k (x [C, B]); return limited block k-1 [C, B]."""
+        self._measure(x)
+        g0 = self.gain_db
+        self.gain_db = self._next_gain(g0)
+        ramp = g0 + (self.gain_db - g0) * np.arange(1, self.block + 1) / self.block  # [B] dB
+        y = (x * 10 ** (ramp / 20)).astype(np.float32)
+        out = self._limit(self._prev2, self._prev, y)
+        self._prev2, self._prev = self._prev, y
+        return out
+
+    def _measure(self, x: np.ndarray) -> None:
+        w = x.astype(np.float64)
+        for i, (b, a, g) in enumerate(self._filters):
+            w, self._zi[i] = lfilter(b, a, w, axis=1, zi=self._zi[i])
+            w = w * g
+        ms = float(np.sum(np.mean(w * w, axis=1)))  # channel gains are 1 for L, R (and mono)
+        self._ms = np.append(self._ms, ms)[-self._window_blocks :]
+
+    def _window_loudness(self) -> float:
+        """BS.1770-4 gated loudness of the window (400 ms blocks, 75 % overlap)."""
+        if len(self._ms) < 4:
+            return float("-inf")
+        z = np.convolve(self._ms, np.full(4, 0.25), mode="valid")  # [J] 400 ms mean squares
+        with np.errstate(divide="ignore"):
+            lj = -0.691 + 10 * np.log10(z)
+        z = z[lj >= -70.0]
+        if len(z) == 0:
+            return float("-inf")
+        rel = -0.691 + 10 * np.log10(np.mean(z)) - 10.0
+        z = z[-0.691 + 10 * np.log10(z) > rel]
+        return float(-0.691 + 10 * np.log10(np.mean(z)))
+
+    def _recent_loudness(self) -> float:
+        """Loudness of the last 400 ms (-inf before there is that much)."""
+        if len(self._ms) < 4:
+            return float("-inf")
+        with np.errstate(divide="ignore"):
+            return float(-0.691 + 10 * np.log10(np.mean(self._ms[-4:])))
+
+    def _next_gain(self, g: float) -> float:
+        opt = self.options
+        self.loudness_lufs = loud = self._window_loudness()
+        if loud < opt.gate_lufs or self._recent_loudness() < opt.gate_lufs:
+            return g  # silence (in the window or just starting) or a fade: hold
+        want = min(opt.max_gain_db, max(opt.min_gain_db, self.target_lufs - loud))
+        if not self._locked:
+            step = opt.acquire_db_per_s / 10
+            self._locked = abs(want - g) <= step
+        elif want > g:
+            step = opt.up_db_per_s / 10
+        else:
+            step = opt.down_db_per_s / 10
+        return g + float(np.clip(want - g, -step, step))
+
+    # -- true-peak limiter -----------------------------------------------------------------
+    def _true_peak(self, ext: np.ndarray) -> np.ndarray:
+        """ext [C, M] -> [M-1]: the largest |value| over each sample interval [n, n+1], 4x."""
+        up = upfirdn(self._fir, ext, up=_OVERSAMPLE, axis=1)  # [C, 4M + taps - 1]
+        delay = (_FIR_TAPS - 1) / 2  # upsampled samples
+        first = int(np.ceil(delay))  # up[first + 4n + j] lies inside [n, n+1] for j in 0..3
+        m = ext.shape[1] - 1
+        inter = np.abs(up[:, first : first + _OVERSAMPLE * m]).reshape(ext.shape[0], m, 4)
+        a = np.abs(ext)
+        peak = np.maximum(np.maximum(a[:, :-1], a[:, 1:]), inter.max(axis=2))  # [C, M-1]
+        return peak.max(axis=0)
+
+    def _limit(self, before: np.ndarray, y: np.ndarray, after: np.ndarray) -> np.ndarray:
+        """Limit y [C, B] using context from the blocks before and after it."""
+        b, la = self.block, self._lookahead
+        ext = np.concatenate([before[:, -_PAD:], y, after[:, : la + _PAD]], axis=1)
+        peak = self._true_peak(ext)  # [PAD + B + la + PAD - 1], index i = ext sample i
+        lim = self._hard_ceiling
+        if peak.max() <= self._ceiling and self._release_db == 0.0 and self._gtail.min() == 1.0:
+            self.limiter_db = 0.0
+            return np.clip(y, -lim, lim)  # nothing to limit: the common case, fast
+        need = np.minimum(1.0, self._ceiling / np.maximum(peak, 1e-12))
+        # Forward minimum: gain at n must respect every interval in [n - 1, n + la + 1].
+        size = la + 3
+        fwd = minimum_filter1d(need, size, origin=-(size // 2), mode="nearest")  # [i:i+size]
+        fwd = fwd[_PAD - 1 : _PAD - 1 + b]  # [B]
+        # dB-linear release: g[n] = min(fwd[n], g[n-1] + r), as a running minimum.
+        fwd_db = 20 * np.log10(fwd)
+        ramp = self._release * np.arange(b)
+        held = np.minimum.accumulate(fwd_db - ramp) + ramp
+        held = np.minimum(held, self._release_db + self._release * np.arange(1, b + 1))
+        self._release_db = float(held[-1])
+        # Moving average over the lookahead: every term respects the peaks at n.
+        g = np.concatenate([self._gtail, 10 ** (held / 20)])
+        c = np.concatenate([[0.0], np.cumsum(g)])
+        smooth = (c[la:] - c[:-la]) / la  # [B]
+        self._gtail = g[len(g) - (la - 1) :] if la > 1 else g[:0]
+        self.limiter_db = float(20 * np.log10(smooth.min()))
+        return np.clip(y * smooth.astype(np.float32), -lim, lim)
