@@ -57,6 +57,7 @@
     mode: null, // "hls.js" | "native" | "mp3" while playing
     hls: null, // the Hls instance in "hls.js" mode
     mediaRecovered: false, // one recoverMediaError() per hls.js session
+    note: "", // why the player is not the first choice (shown with the status)
     mp3Retry: 0, // consecutive MP3 reconnects
     retryTimer: 0,
     events: null, // the EventSource of the current station
@@ -134,9 +135,11 @@
   }
 
   function renderHistory(items) {
+    const s = state.station;
     el.history.replaceChildren(
-      ...items.slice(0, 12).map((h) => {
+      ...items.slice(0, 12).map((h, i) => {
         const li = document.createElement("li");
+        if (i === 0 && h.prompt === s.prompt) li.className = "current";
         const p = document.createElement("span");
         p.className = "h-prompt";
         p.textContent = h.prompt || "(no prompt)";
@@ -228,7 +231,10 @@
     clearPromptStatus();
     renderStation();
     connectEvents();
-    if (state.wanted) startPlayback();
+    if (state.wanted) {
+      state.note = "";
+      startPlayback();
+    }
   }
 
   async function refreshStation() {
@@ -282,15 +288,24 @@
         }, delay);
       }
     };
-    es.addEventListener("prompt", (e) => {
+    // "station" is a full snapshot (sent on connect); "prompt" carries at least the prompt.
+    const onStation = (e) => {
       const d = parse(e);
       if (!d || state.events !== es) return;
       const s = d.station && typeof d.station === "object" ? d.station : d;
+      const st = state.station;
+      if (typeof s.prompt === "string" && !("history" in s) && s.prompt !== st.prompt) {
+        // A bare prompt event: keep the history list right without a round trip.
+        st.history = [{ prompt: s.prompt, at: s.prompt_since || new Date().toISOString() }]
+          .concat(st.history || []);
+      }
       for (const k of ["prompt", "prompt_since", "history", "listeners", "health", "streams"]) {
         if (k in s) state.station[k] = s[k];
       }
       renderStation();
-    });
+    };
+    es.addEventListener("station", onStation);
+    es.addEventListener("prompt", onStation);
     es.addEventListener("listeners", (e) => {
       const d = parse(e);
       if (!d || state.events !== es) return;
@@ -331,7 +346,7 @@
   const modeLabel = { "hls.js": "HLS via hls.js", native: "HLS (native)", mp3: "MP3" };
 
   function setStatus(text) {
-    el.playerStatus.textContent = text;
+    el.playerStatus.textContent = state.note && state.wanted ? `${text} (${state.note})` : text;
   }
 
   function startPlayback(mode = chooseMode()) {
@@ -379,13 +394,13 @@
       hls.recoverMediaError();
       return;
     }
-    fallBackToMp3(`HLS failed (${data.details})`);
+    fallBackToMp3(`HLS failed: ${data.details}`);
   }
 
   function fallBackToMp3(why) {
     if (!state.wanted) return;
+    state.note = why;
     startPlayback("mp3");
-    setStatus(`${why}: playing the MP3 stream`);
   }
 
   function teardown() {
@@ -437,6 +452,7 @@
       if (mode !== "native") ensureGraph();
       if (state.graph) state.graph.ctx.resume().catch(() => {});
       state.mp3Retry = 0;
+      state.note = "";
       startPlayback(mode);
       startDrawing();
     } else {
