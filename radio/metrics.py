@@ -1,0 +1,104 @@
+"""`GET /metrics`: Prometheus text from `prometheus-client`, one registry per application.
+
+A collector reads the stations' live state at scrape time (no counters to keep in step):
+listeners, buffer seconds ahead, real-time factor, underruns and bridge time, prompt changes and
+the last prompt-change latency, MP3 bytes sent, whether each station plays.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from radio.context import RADIO, Radio
+
+
+class RadioCollector:
+    """Reads a `Radio` when Prometheus scrapes."""
+
+    def __init__(self, radio: Radio) -> None:
+        self.radio = radio
+
+    def collect(self) -> Iterator[Metric]:
+        r = self.radio
+        listeners = GaugeMetricFamily(
+            "radio_listeners",
+            "Listeners now (HLS: clients seen in the last 30 s)",
+            labels=["station", "kind"],
+        )
+        buffer = GaugeMetricFamily(
+            "radio_buffer_seconds", "Audio generated ahead of the clock", labels=["station"]
+        )
+        rtf = GaugeMetricFamily(
+            "radio_realtime_factor",
+            "Seconds of audio generated per second of work (smoothed)",
+            labels=["station"],
+        )
+        playing = GaugeMetricFamily(
+            "radio_playing", "1 while the station's clock releases audio", labels=["station"]
+        )
+        latency = GaugeMetricFamily(
+            "radio_prompt_latency_seconds",
+            "Last prompt change: from the POST to its first sample leaving the clock",
+            labels=["station"],
+        )
+        underruns = CounterMetricFamily(
+            "radio_underruns",
+            "Times generation fell behind and the bridge played",
+            labels=["station"],
+        )
+        bridge = CounterMetricFamily(
+            "radio_bridge_seconds", "Time the bridge played", labels=["station"]
+        )
+        prompts = CounterMetricFamily(
+            "radio_prompt_changes", "Prompt changes applied", labels=["station"]
+        )
+        mp3_bytes = CounterMetricFamily(
+            "radio_mp3_bytes", "MP3 bytes encoded for the mount", labels=["station"]
+        )
+        for sid, st in r.stations.items():
+            h = st.health
+            listeners.add_metric([sid, "mp3"], st.mp3_listeners)
+            listeners.add_metric([sid, "hls"], st.hls_listeners)
+            buffer.add_metric([sid], h.buffer_seconds)
+            rtf.add_metric([sid], h.realtime_factor)
+            playing.add_metric([sid], 1.0 if h.started and not h.error else 0.0)
+            if h.prompt_latency_seconds is not None:
+                latency.add_metric([sid], h.prompt_latency_seconds)
+            underruns.add_metric([sid], h.underruns)
+            bridge.add_metric([sid], h.bridge_seconds)
+            prompts.add_metric([sid], h.prompt_changes)
+            mount = r.mp3.get(sid)
+            mp3_bytes.add_metric([sid], mount.bytes_out if mount else 0)
+        uptime = GaugeMetricFamily("radio_uptime_seconds", "Seconds since the service started")
+        uptime.add_metric([], time.time() - r.started_at)
+        yield from (
+            listeners,
+            buffer,
+            rtf,
+            playing,
+            latency,
+            underruns,
+            bridge,
+            prompts,
+            mp3_bytes,
+            uptime,
+        )
+
+
+def make_registry(radio: Radio) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(RadioCollector(radio))
+    return registry
+
+
+async def metrics(request: web.Request) -> web.Response:
+    radio = request.app[RADIO]
+    body = generate_latest(radio.metrics)
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response

@@ -1,0 +1,63 @@
+"""`radio serve`: read the config, apply the command-line overrides, run the service.
+
+`radio serve [--config FILE] [--model ID|DIR] [--host H] [--port P]`. Without `--config` the
+built-in defaults are used (`config.toml` in the repository shows them all). A bad setting is one
+line on stderr and exit code 2. Ctrl-C or SIGTERM closes the listeners and exits within seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from radio.cli import CliError
+
+log = logging.getLogger(__name__)
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the radio: MP3 mounts, HLS, web page, API")
+    p.add_argument("--config", metavar="FILE", help="settings file (default: built-in defaults)")
+    p.add_argument("--model", metavar="ID|DIR", help="hub id or local model folder (model.id)")
+    p.add_argument("--host", metavar="H", help="address to listen on (server.host)")
+    p.add_argument("--port", metavar="P", type=int, help="TCP port (server.port)")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _config(args: argparse.Namespace):
+    from radio.config import ConfigError, load_config, with_overrides
+
+    try:
+        config = load_config(args.config)
+        server = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+        model = {"id": args.model} if args.model else {}
+        return with_overrides(config, server=server, model=model)
+    except ConfigError as e:
+        raise CliError(str(e)) from None
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    config = _config(args)
+    from aiohttp import web
+
+    from radio.app import init_app
+
+    try:
+        app = init_app(config)
+    except (OSError, ValueError) as e:
+        raise CliError(f"cannot start: {e}") from None
+    s = config.server
+    shown = "localhost" if s.host in ("0.0.0.0", "::") else s.host
+    stations = ", ".join(f"http://{shown}:{s.port}/{st.id}.mp3" for st in config.stations)
+    log.info("listen on http://%s:%d/ (MP3: %s)", shown, s.port, stations)
+    web.run_app(
+        app,
+        host=s.host,
+        port=s.port,
+        shutdown_timeout=s.shutdown_seconds,
+        print=None,
+        access_log=None,
+        handle_signals=True,
+    )
+    log.info("stopped")
+    return 0

@@ -1,0 +1,189 @@
+"""One station's live state on the event loop: prompt and history, buffered audio, health.
+
+`PcmBuffer` holds the audio the generator made ahead of the clock, numbered by model sample
+(sample s belongs to engine frame s // hop); the clock takes from its head, the generator appends
+at its tail, and a prompt change cuts it where the new prompt begins. `Station` gathers what the
+API, the events, the metrics and the outputs read about one station. Everything here is touched
+only from the event loop; the worker thread reaches it through `generator.py`'s bridge.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from radio.config import StationConfig
+from radio.events import EventHub
+
+HISTORY_LENGTH = 20  # prompt changes kept per station (most recent first in the API)
+
+
+class PcmBuffer:
+    """Contiguous model-rate PCM [C, N] from sample `head` to sample `tail` (exclusive)."""
+
+    def __init__(self, channels: int) -> None:
+        self.channels = channels
+        self.head = 0  # next sample the clock takes
+        self._chunks: deque[np.ndarray] = deque()  # each [C, n], contiguous from head
+        self._size = 0
+
+    @property
+    def tail(self) -> int:
+        return self.head + self._size
+
+    def __len__(self) -> int:
+        return self._size
+
+    def append(self, start: int, pcm: np.ndarray) -> None:
+        """Add pcm [C, n] that begins at sample `start`; what lies before `head` is dropped,
+        what would leave a gap or overlap the tail is refused (the generator is out of step)."""
+        if start < self.head:  # the clock has moved past the beginning: keep the rest
+            pcm = pcm[:, self.head - start :]
+            start = self.head
+        if pcm.shape[1] == 0:
+            return
+        assert start == self.tail, f"PCM at sample {start} does not follow the tail {self.tail}"
+        self._chunks.append(pcm)
+        self._size += pcm.shape[1]
+
+    def take(self, n: int) -> np.ndarray:
+        """Up to n samples from the head: [C, <= n]."""
+        out = []
+        need = n
+        while need > 0 and self._chunks:
+            chunk = self._chunks[0]
+            if chunk.shape[1] <= need:
+                out.append(self._chunks.popleft())
+                need -= chunk.shape[1]
+            else:
+                out.append(chunk[:, :need])
+                self._chunks[0] = chunk[:, need:]
+                need = 0
+        got = n - need
+        self.head += got
+        self._size -= got
+        if not out:
+            return np.zeros((self.channels, 0), np.float32)
+        return out[0] if len(out) == 1 else np.concatenate(out, axis=1)
+
+    def truncate(self, sample: int) -> np.ndarray:
+        """Drop everything from `sample` on (a prompt change); returns the dropped PCM [C, n].
+
+        If the clock already played past `sample`, everything goes and the new audio is cut to
+        follow what was played (see `append`)."""
+        keep = min(max(sample - self.head, 0), self._size)
+        if self._chunks:
+            pcm = np.concatenate(list(self._chunks), axis=1)
+        else:
+            pcm = np.zeros((self.channels, 0), np.float32)
+        self._chunks.clear()
+        if keep:
+            self._chunks.append(pcm[:, :keep])
+        self._size = keep
+        return pcm[:, keep:]
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    prompt: str  # the text ("" = unconditional)
+    at: float  # when it became current, Unix seconds
+    source: str  # "config", "listener", "admin" or "restore"
+
+
+@dataclass
+class Health:
+    buffer_seconds: float = 0.0  # audio generated ahead of the clock
+    realtime_factor: float = 0.0  # seconds of audio generated per second of work (smoothed)
+    underruns: int = 0  # times the buffer ran dry and the bridge played
+    bridge_seconds: float = 0.0  # total time the bridge played
+    prompt_latency_seconds: float | None = None  # last POST -> first new-prompt sample out
+    prompt_changes: int = 0  # prompt changes applied
+    started: bool = False  # the clock is releasing audio
+    last_tick: float = 0.0  # time.monotonic() of the clock's last tick
+    error: str = ""  # why the generator stopped, if it did
+
+
+@dataclass
+class Station:
+    """What one station is now; owned by the event loop."""
+
+    config: StationConfig
+    index: int  # position in the config (seeds, ordering)
+    channels: int
+    prompt: str = ""
+    prompt_since: float = field(default_factory=time.time)
+    history: deque[PromptRecord] = field(default_factory=lambda: deque(maxlen=HISTORY_LENGTH))
+    health: Health = field(default_factory=Health)
+    events: EventHub = field(default_factory=EventHub)
+    buffer: PcmBuffer = field(init=False)
+    sampling: Any = None  # engine SamplingOptions in use
+    mp3_listeners: int = 0
+    hls_listeners: int = 0
+    # (sample where the new prompt starts, time.monotonic() of its POST) until it is heard
+    pending_prompt: tuple[int, float] | None = None
+
+    def __post_init__(self) -> None:
+        self.buffer = PcmBuffer(self.channels)
+
+    @property
+    def id(self) -> str:
+        return self.config.id
+
+    def record_prompt(self, prompt: str, source: str, at: float | None = None) -> None:
+        """The current prompt became `prompt`; tell the event subscribers."""
+        self.prompt = prompt
+        self.prompt_since = time.time() if at is None else at
+        self.history.appendleft(PromptRecord(prompt, self.prompt_since, source))
+        self.events.publish("prompt", self.prompt_json())
+
+    def prompt_json(self) -> dict[str, object]:
+        last = self.history[0] if self.history else None
+        return {
+            "prompt": self.prompt,
+            "since": iso(self.prompt_since),
+            "source": last.source if last else "config",
+            "history": self.history_json(),
+        }
+
+    def set_listeners(self, mp3: int | None = None, hls: int | None = None) -> None:
+        before = (self.mp3_listeners, self.hls_listeners)
+        if mp3 is not None:
+            self.mp3_listeners = mp3
+        if hls is not None:
+            self.hls_listeners = hls
+        if (self.mp3_listeners, self.hls_listeners) != before:
+            self.events.publish("listeners", self.listeners_json())
+
+    def listeners_json(self) -> dict[str, int]:
+        return {
+            "mp3": self.mp3_listeners,
+            "hls": self.hls_listeners,
+            "total": self.mp3_listeners + self.hls_listeners,
+        }
+
+    def health_json(self) -> dict[str, object]:
+        h = self.health
+        return {
+            "buffer_seconds": round(h.buffer_seconds, 3),
+            "realtime_factor": round(h.realtime_factor, 3),
+            "underruns": h.underruns,
+            "prompt_latency_seconds": (
+                None if h.prompt_latency_seconds is None else round(h.prompt_latency_seconds, 3)
+            ),
+            "playing": h.started,
+            "error": h.error or None,
+        }
+
+    def history_json(self) -> list[dict[str, object]]:
+        return [{"prompt": r.prompt, "at": iso(r.at), "source": r.source} for r in self.history]
+
+
+def iso(unix_seconds: float) -> str:
+    """ISO 8601 UTC with milliseconds, e.g. 2026-11-22T01:50:00.123Z."""
+    t = time.gmtime(unix_seconds)
+    ms = int((unix_seconds % 1) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{ms:03d}Z"
