@@ -1,0 +1,20 @@
+"""Endless MusicGen generation: everything that knows torch and MusicGen, and nothing of HTTP.
+
+The radio reaches the model only through this small API (see `engine.model`).
+"""
+
+from engine.loading import ModelLoadError
+from engine.options import LoadOptions, SamplingOptions, WindowOptions
+
+
+def __getattr__(name: str):
+    # MusicModel pulls in torch and transformers; import it when first asked for, so that
+    # `from engine import LoadOptions` stays cheap (config parsing, CLI --help).
+    if name in ("MusicModel", "AudioStream"):
+        from engine import model
+
+        return getattr(model, name)
+    raise AttributeError(name)
+
+
+__all__ = ["AudioStream", "LoadOptions", "ModelLoadError", "MusicModel", "SamplingOptions", "WindowOptions"]

@@ -1,0 +1,61 @@
+"""Text conditioning: prompt text -> T5 states -> the decoder's cross-attention inputs.
+
+Matches `MusicgenForConditionalGeneration`: the T5 output is projected by `enc_to_dec_proj`
+(when the widths differ) and multiplied by the attention mask. The null row of classifier-free
+guidance is all zeros, so its cross-attention keys and values are zero and it adds nothing; an
+empty prompt is the null condition itself (unconditional generation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TextCondition:
+    states: torch.Tensor  # [S, E_dec] projected, masked text states (S >= 1)
+    mask: torch.Tensor  # [S] bool, True where a text token is
+
+
+def encode_prompt(model, processor, text: str) -> TextCondition:
+    """Encode one prompt with the model's T5 encoder. "" gives the null condition."""
+    device, dtype = model.decoder.device, model.decoder.dtype
+    hidden = model.decoder.config.hidden_size
+    if not text:
+        return TextCondition(
+            torch.zeros(1, hidden, device=device, dtype=dtype),
+            torch.zeros(1, dtype=torch.bool, device=device),
+        )
+    inputs = processor(text=[text], return_tensors="pt", padding=True)
+    ids = inputs["input_ids"].to(device)
+    mask = inputs["attention_mask"].to(device)
+    states = model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    if getattr(model, "enc_to_dec_proj", None) is not None:
+        states = model.enc_to_dec_proj(states)
+    states = states * mask[..., None]
+    return TextCondition(states[0], mask[0].bool())
+
+
+def batch_conditions(conditions: list[TextCondition], guidance: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack conditions into decoder rows: [cond_1..cond_N, null_1..null_N] when guidance is on.
+
+    Returns states [B, S, E] (zero-padded to the longest prompt) and mask [B, S] bool. Null rows
+    attend to all-zero states with a full mask, which yields exactly zero cross-attention output,
+    as the reference's fully masked zero rows do.
+    """
+    longest = max(c.states.shape[0] for c in conditions)
+    ref = conditions[0].states
+    rows = []
+    masks = []
+    for c in conditions:
+        pad = longest - c.states.shape[0]
+        rows.append(torch.nn.functional.pad(c.states, (0, 0, 0, pad)))
+        mask = torch.nn.functional.pad(c.mask, (0, pad), value=False)
+        # A prompt with no token (the null condition) attends to zeros everywhere: output 0.
+        masks.append(mask if bool(mask.any()) else torch.ones_like(mask))
+    if guidance:
+        rows += [torch.zeros(longest, ref.shape[1], device=ref.device, dtype=ref.dtype)] * len(conditions)
+        masks += [torch.ones(longest, dtype=torch.bool, device=ref.device)] * len(conditions)
+    return torch.stack(rows), torch.stack(masks)

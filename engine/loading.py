@@ -1,0 +1,119 @@
+"""Loading a MusicGen checkpoint: device and dtype choice, weights, processor, clear errors.
+
+Any checkpoint that `transformers` loads with `MusicgenForConditionalGeneration` works: a hub id
+(`facebook/musicgen-small`, medium, large, the `-stereo-` variants) or a local folder (for
+example one written by `radio tiny-model`). Downloads show the hub's progress bars. When the
+weights cannot be had (offline, no cache), `ModelLoadError` says which model and the ways out.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.options import LoadOptions
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says why and what to do, in plain words."""
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with native bfloat16 matrix math (AVX-512 BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def choose_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {requested!r} was asked for, but no CUDA device is available")
+    return device
+
+
+def choose_dtype(requested: str, device: torch.device) -> torch.dtype:
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device.type == "cuda" or cpu_has_fast_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+@dataclass
+class LoadedModel:
+    model: object  # transformers MusicgenForConditionalGeneration, eval mode
+    processor: object  # transformers MusicgenProcessor (tokenizer + feature extractor)
+    device: torch.device
+    dtype: torch.dtype
+    name: str
+
+
+def _refuse_unsupported(name: str, config) -> None:
+    archs = getattr(config, "architectures", None) or []
+    if "melody" in name.lower() or any("Melody" in a for a in archs):
+        raise ModelLoadError(
+            f"{name} is a musicgen-melody checkpoint (chroma-conditioned, its own class in "
+            "transformers); Endless Radio supports the text-only MusicGen models: "
+            "facebook/musicgen-small, -medium, -large and their -stereo- variants"
+        )
+
+
+def _offline_message(name: str, err: Exception) -> str:
+    return (
+        f"could not load the MusicGen model {name!r}: {err.__class__.__name__}: {err}\n"
+        "  The weights are neither in a local folder of that name nor in the Hugging Face cache, "
+        "and the hub could not be reached. Ways out:\n"
+        "  - go online once so that the weights download (they are then cached), or\n"
+        "  - pass a folder that holds the weights: --model /path/to/musicgen-small, or\n"
+        "  - if they are cached already, set HF_HUB_OFFLINE=1 to skip the network, or\n"
+        "  - for a demo without weights: radio tiny-model ./models/tiny && --model ./models/tiny"
+    )
+
+
+def load_model(options: LoadOptions) -> LoadedModel:
+    """Load weights and processor, put them on the chosen device in the chosen dtype."""
+    from transformers import AutoConfig, AutoProcessor, MusicgenForConditionalGeneration
+
+    options.validate()
+    device = choose_device(options.device)
+    dtype = choose_dtype(options.dtype, device)
+    name = options.model
+    local = Path(name).expanduser()
+    if name.startswith((".", "/", "~")) and not local.exists():
+        raise ModelLoadError(f"model folder {name!r} does not exist")
+    source = str(local) if local.exists() else name
+    log.info("loading MusicGen %s on %s in %s", name, device, str(dtype).removeprefix("torch."))
+    try:
+        config = AutoConfig.from_pretrained(source)
+        _refuse_unsupported(name, config)
+        model = MusicgenForConditionalGeneration.from_pretrained(source, dtype=dtype)
+        processor = AutoProcessor.from_pretrained(source)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError) as err:
+        # transformers raises OSError (offline, missing files) or ValueError (wrong model type).
+        if isinstance(err, ValueError) and "musicgen" not in str(err).lower():
+            raise ModelLoadError(f"{name!r} is not a MusicGen checkpoint: {err}") from None
+        raise ModelLoadError(_offline_message(name, err)) from None
+    model = model.to(device).eval()
+    # The codec stays in float32: it is cheap, and bf16 audio decoding costs quality for nothing.
+    model.audio_encoder.to(torch.float32)
+    log.info(
+        "loaded %s: %d codebooks, %s, decoder %d layers x %d",
+        name,
+        model.decoder.config.num_codebooks,
+        "stereo" if model.decoder.config.audio_channels == 2 else "mono",
+        model.decoder.config.num_hidden_layers,
+        model.decoder.config.hidden_size,
+    )
+    return LoadedModel(model=model, processor=processor, device=device, dtype=dtype, name=name)

@@ -1,0 +1,142 @@
+"""The engine's public face: a loaded `MusicModel` that opens endless `AudioStream`s.
+
+    model = MusicModel.load(LoadOptions(model="facebook/musicgen-small"))
+    stream = model.open_stream("slow rainy-day jazz")
+    pcm = stream.read(50)                      # [channels, 50 * 640] float32: one second
+    stream.set_prompt("fast drum and bass", from_frame=stream.frame)
+
+A stream is used from one thread. Everything that knows torch lives behind this API.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from engine.codec import StreamingDecoder
+from engine.conditioning import encode_prompt
+from engine.decoder import Decoder
+from engine.loading import LoadedModel, load_model
+from engine.options import LoadOptions, SamplingOptions, WindowOptions
+from engine.token_stream import TokenStream
+
+log = logging.getLogger(__name__)
+
+REWIND_FRAMES = 500  # how far back (10 s) a prompt change may rewind already generated audio
+
+
+class MusicModel:
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.hf = loaded.model
+        self.processor = loaded.processor
+        self.decoder = Decoder(self.hf.decoder)
+        config = self.hf.config
+        self.sample_rate: int = config.audio_encoder.sampling_rate
+        self.channels: int = config.decoder.audio_channels
+        self.num_codebooks: int = config.decoder.num_codebooks
+        self.frame_rate: int = int(config.audio_encoder.frame_rate)
+        self.hop: int = self.sample_rate // self.frame_rate
+        self.max_positions: int = config.decoder.max_position_embeddings
+        self.name = loaded.name
+
+    @classmethod
+    def load(cls, options: LoadOptions | None = None) -> MusicModel:
+        return cls(load_model(options or LoadOptions()))
+
+    @property
+    def device(self) -> torch.device:
+        return self.loaded.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.loaded.dtype
+
+    @torch.inference_mode()
+    def encode_prompt(self, text: str):
+        return encode_prompt(self.hf, self.processor, text)
+
+    def new_codec(self) -> StreamingDecoder:
+        return StreamingDecoder(self.hf.audio_encoder, audio_channels=self.channels)
+
+    @torch.inference_mode()
+    def open_stream(
+        self,
+        prompt: str = "",
+        sampling: SamplingOptions | None = None,
+        window: WindowOptions | None = None,
+        *,
+        prompt_frames: torch.Tensor | None = None,
+    ) -> AudioStream:
+        """Start an endless stream. `prompt_frames` [K, T] continues from given tokens."""
+        sampling = (sampling or SamplingOptions()).validate()
+        window = (window or WindowOptions()).validate(self.max_positions)
+        codec = self.new_codec()
+        keep = window.context + codec.context + codec.lookahead + REWIND_FRAMES
+        tokens = TokenStream(
+            self.decoder,
+            self.encode_prompt(prompt),
+            sampling,
+            window,
+            audio_channels=self.channels,
+            keep_frames=keep,
+            prompt_frames=prompt_frames,
+        )
+        return AudioStream(self, tokens, codec, prompt)
+
+
+class AudioStream:
+    """Endless PCM from a `TokenStream` through a streaming codec decoder."""
+
+    def __init__(self, model: MusicModel, tokens: TokenStream, codec: StreamingDecoder, prompt: str):
+        self.model = model
+        self.tokens = tokens
+        self.codec = codec
+        self.prompt = prompt
+        self.frame = 0  # frames of audio returned by read()
+        self.generate_seconds = 0.0  # wall time spent in decoder steps (statistics)
+        self.decode_seconds = 0.0  # wall time spent in codec decoding (statistics)
+
+    @property
+    def sampling(self) -> SamplingOptions:
+        return self.tokens.sampling
+
+    @torch.inference_mode()
+    def read(self, frames: int) -> np.ndarray:
+        """The next `frames` frames of audio: float32 [channels, frames * hop]."""
+        if frames < 1:
+            raise ValueError(f"frames must be >= 1, got {frames}")
+        start, stop = self.frame, self.frame + frames
+        began = time.perf_counter()
+        self.tokens.generate_until(stop + self.codec.lookahead)
+        decoded = time.perf_counter()
+        codes, offset = self.tokens.history()
+        pcm = self.codec.decode(codes, offset, start, stop)
+        self.generate_seconds += decoded - began
+        self.decode_seconds += time.perf_counter() - decoded
+        self.frame = stop
+        return pcm
+
+    @torch.inference_mode()
+    def set_prompt(self, text: str, from_frame: int | None = None) -> int:
+        """Hear `text` from `from_frame` on (default: the next frame read). A frame before
+        `self.frame` rewinds: read() then continues from the returned frame."""
+        frame = self.frame if from_frame is None else from_frame
+        if frame < self.frame - REWIND_FRAMES:
+            raise ValueError(
+                f"from_frame {frame} is more than {REWIND_FRAMES} frames before the stream "
+                f"position {self.frame}"
+            )
+        began = time.perf_counter()
+        heard = self.tokens.set_prompt(self.model.encode_prompt(text), frame)
+        log.debug("prompt change prefill took %.3f s", time.perf_counter() - began)
+        self.prompt = text
+        self.frame = min(self.frame, heard)
+        return heard
+
+    @torch.inference_mode()
+    def set_sampling(self, sampling: SamplingOptions) -> None:
+        self.tokens.set_sampling(sampling, from_frame=max(self.frame, 0))

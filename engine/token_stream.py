@@ -1,0 +1,174 @@
+"""Endless token generation: windows, continuation, live prompt and sampling changes.
+
+A `TokenStream` writes frames forever. Inside a window it runs one decoder step per position
+with the KV cache. The sinusoidal position table is finite (2048) and training clips were 30 s,
+so when a window is full the stream restarts positions at 0 and re-prefills the last `context`
+frames as a prompt: `generate_continuation` on tokens, the same as passing them to the
+reference's `generate(decoder_input_ids=...)`. No audio is re-encoded, so nothing is lost at a
+join. A prompt change is the same continuation with new text, from a chosen frame.
+
+Frames are numbered from the start of the stream. `history()` holds the last frames (enough for
+rewinds, re-prefills and the codec's left context); older ones are forgotten, so memory is flat.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from engine.conditioning import TextCondition, batch_conditions
+from engine.decoder import CrossKV, Decoder
+from engine.delay import PAD, codebook_delays, delayed_layout
+from engine.options import SamplingOptions, WindowOptions
+from engine.sampling import apply_guidance, sample
+
+log = logging.getLogger(__name__)
+
+
+class TokenStream:
+    def __init__(
+        self,
+        decoder: Decoder,
+        condition: TextCondition,
+        sampling: SamplingOptions,
+        window: WindowOptions,
+        *,
+        audio_channels: int,
+        keep_frames: int = 1000,
+        prompt_frames: torch.Tensor | None = None,
+    ) -> None:
+        """`prompt_frames`: optional [K, T] tokens to continue from (frames 0..T-1 of the stream)."""
+        self.decoder = decoder
+        self.window = window.validate(decoder.max_positions)
+        self.sampling = sampling.validate()
+        self.num_codebooks = decoder.num_codebooks
+        self.delays = codebook_delays(self.num_codebooks, audio_channels)  # [K]
+        self.max_delay = int(self.delays.max())
+        self.keep_frames = max(keep_frames, window.context)
+        self.generator = self._make_generator(sampling.seed)
+        self.condition = condition
+        self.steps = 0  # decoder steps run, for statistics
+        self.prefills = 0  # window restarts and prompt changes
+        # Complete frames [K, T] on the CPU; _history[:, i] is frame _offset + i.
+        self._history = torch.zeros(self.num_codebooks, 0, dtype=torch.long)
+        self._offset = 0
+        self._cache = None
+        self._guided = sampling.guidance_scale > 1.0
+        start = prompt_frames if prompt_frames is not None else self._history
+        self._history = start.to(torch.long).cpu().clone()
+        self._start_window()
+
+    # -- public ----------------------------------------------------------------------------
+
+    @property
+    def complete(self) -> int:
+        """Number of complete frames written since the stream began."""
+        return self._offset + self._history.shape[1]
+
+    def history(self) -> tuple[torch.Tensor, int]:
+        """(tokens [K, T], offset): the kept complete frames; tokens[:, i] is frame offset + i."""
+        return self._history, self._offset
+
+    def generate_until(self, frame: int) -> None:
+        """Run decoder steps until at least `frame` frames are complete."""
+        while self.complete < frame:
+            self._step()
+
+    def set_prompt(self, condition: TextCondition, from_frame: int) -> int:
+        """Continue with a new text condition from `from_frame`; frames beyond it are dropped.
+
+        Returns the frame from which the new condition is heard.
+        """
+        self._check_rewind(from_frame)
+        self.generate_until(from_frame)
+        self._truncate(from_frame)
+        self.condition = condition
+        self._start_window()
+        return from_frame
+
+    def set_sampling(self, sampling: SamplingOptions, from_frame: int | None = None) -> None:
+        """Change sampling settings. Turning guidance on or off changes the batch, which takes a
+        continuation from `from_frame` (default: the last complete frame)."""
+        sampling.validate()
+        guided = sampling.guidance_scale > 1.0
+        if sampling.seed != self.sampling.seed:
+            self.generator = self._make_generator(sampling.seed)
+        self.sampling = sampling
+        if guided != self._guided:
+            frame = self.complete if from_frame is None else from_frame
+            self._check_rewind(frame)
+            self._truncate(frame)
+            self._guided = guided
+            self._start_window()
+
+    # -- windows ---------------------------------------------------------------------------
+
+    def _make_generator(self, seed: int | None) -> torch.Generator:
+        generator = torch.Generator(device=self.decoder.device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        return generator
+
+    def _check_rewind(self, frame: int) -> None:
+        if frame < max(self._offset, 0):
+            raise ValueError(
+                f"from_frame {frame} is too far back: frames before {self._offset} are no longer kept"
+            )
+
+    def _truncate(self, frame: int) -> None:
+        self._history = self._history[:, : max(0, frame - self._offset)]
+
+    def _start_window(self) -> None:
+        """Re-prefill: positions restart at 0 with the last `context` frames as the prompt."""
+        context = self._history[:, -self.window.context :] if self._history.shape[1] else self._history
+        self._context_len = context.shape[1]
+        self._window_start = self.complete - self._context_len  # stream frame of window frame 0
+        rows = 2 if self._guided else 1
+        positions = self.window.window
+        if self._cache is None or self._cache.keys.shape[1] != rows:
+            self._cache = self.decoder.new_cache(rows, positions)
+        states, mask = batch_conditions([self.condition], guidance=self._guided)
+        self._cross: CrossKV = self.decoder.cross_kv(states, mask)
+        # Delayed layout of the whole window: known tokens (BOS/pad, context), -1 where unknown.
+        layout = delayed_layout(context, self.delays, positions + 1)
+        self._seq = layout.to(self.decoder.device)  # [K, W + 1]
+        first = self._context_len + 1  # positions 0..C are known and prefilled together
+        ids = self._seq[None, :, :first].expand(rows, -1, -1)
+        logits = self.decoder.prefill(ids, self._cache, self._cross)
+        self._fed = first
+        self.prefills += 1
+        self._accept(logits)
+
+    def _step(self) -> None:
+        if self._fed >= self.window.window:
+            log.debug("window full at frame %d: re-prefilling %d frames", self.complete, self.window.context)
+            self._start_window()
+            return
+        rows = self._cache.keys.shape[1]
+        ids = self._seq[None, :, self._fed].expand(rows, -1)
+        logits = self.decoder.decode_one_step(ids, self._cache, self._cross)
+        self._fed += 1
+        self.steps += 1
+        self._accept(logits)
+
+    def _accept(self, logits: torch.Tensor) -> None:
+        """Sample the tokens of position `_fed` from logits [B, K, V], keep the forced ones
+        (pads and known context), and move a newly complete frame into the history."""
+        guided = apply_guidance(logits, 1, self.sampling.guidance_scale)
+        tokens = sample(guided, self.sampling, self.generator)[0]  # [K]
+        position = self._fed
+        known = self._seq[:, position]
+        self._seq[:, position] = torch.where(known == -1, tokens, known)
+        frame = position - 1 - self.max_delay  # window frame completed by this position
+        if frame >= self._context_len:
+            index = frame + 1 + self.delays.to(self._seq.device)  # [K] position of each codebook
+            column = self._seq.gather(1, index[:, None]).cpu()  # [K, 1]
+            assert bool((column != PAD).all()), "a complete frame holds a pad token"
+            self._history = torch.cat([self._history, column], dim=1)
+            if self._history.shape[1] > 2 * self.keep_frames:
+                drop = self._history.shape[1] - self.keep_frames
+                self._history = self._history[:, drop:].clone()
+                self._offset += drop

@@ -1,0 +1,42 @@
+"""The reference: tokens from `transformers`' own `MusicgenForConditionalGeneration.generate`.
+
+`generate` returns audio; the codes it decodes are captured by wrapping the audio encoder's
+`decode`, which receives them frame-aligned (after the delay pattern is reverted).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def reference_tokens(model, processor, prompt: str, steps: int, guidance: float, prompt_frames=None):
+    """Greedy reference tokens [K, T] for `steps` new decoder steps (T = steps + 1 - K_delay - 1
+    for a fresh start, plus the prompt frames when given)."""
+    captured: list[torch.Tensor] = []
+    codec = model.audio_encoder
+    original = codec.decode
+
+    def capture(codes, *args, **kwargs):
+        captured.append(codes[0, 0].clone())  # [K_half_or_K, T]
+        return original(codes[..., :1], *args, **kwargs)
+
+    kwargs = dict(do_sample=False, guidance_scale=guidance, max_new_tokens=steps)
+    if prompt:
+        inputs = processor(text=[prompt], return_tensors="pt", padding=True)
+    else:
+        inputs = model.get_unconditional_inputs(1)
+        inputs = {"encoder_outputs": inputs.encoder_outputs, "attention_mask": inputs.attention_mask}
+    if prompt_frames is not None:
+        kwargs["decoder_input_ids"] = prompt_frames.reshape(-1, prompt_frames.shape[-1])
+    codec.decode = capture
+    try:
+        with torch.inference_mode():
+            model.generate(**inputs, **kwargs)
+    finally:
+        codec.decode = original
+    if len(captured) == 1:
+        return captured[0]
+    left, right = captured
+    stereo = torch.empty(left.shape[0] * 2, left.shape[1], dtype=left.dtype)
+    stereo[0::2], stereo[1::2] = left, right
+    return stereo
