@@ -1,0 +1,102 @@
+"""config.toml and its loader: every key documented with its default, bad keys named."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from radio.config import Config, ConfigError, load_config, parse_config, with_overrides
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_config_toml_lists_every_key_with_its_default():
+    with open(REPO / "config.toml", "rb") as f:
+        data = tomllib.load(f)
+    defaults = Config()
+    for section in ("server", "model", "generation", "audio", "hls", "security"):
+        obj = getattr(defaults, section)
+        keys = {f.name for f in dataclasses.fields(obj)}
+        assert set(data[section]) == keys, f"[{section}] in config.toml differs from radio/config.py"
+        for key in keys:
+            assert data[section][key] == getattr(obj, key), f"{section}.{key}: default differs"
+    assert load_config(REPO / "config.toml", env={}) == defaults
+
+
+def test_every_key_has_a_comment():
+    for line in (REPO / "config.toml").read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            assert "#" in line.split("=", 1)[1], f"no comment on: {line}"
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"generation": {"top_k": -1}}, "generation.top_k: must be >= 0"),
+        ({"generation": {"temperature": 0}}, "generation.temperature: must be > 0"),
+        ({"generation": {"window": 100, "context": 500}}, "generation.window"),
+        ({"generation": {"topk": 5}}, "generation.topk: unknown key"),
+        ({"colour": "blue"}, "colour: unknown key"),
+        ({"server": {"port": "80"}}, "server.port: must be an integer"),
+        ({"server": {"port": 70000}}, "server.port: must be in"),
+        ({"hls": {"enabled": 1}}, "hls.enabled: must be true or false"),
+        ({"hls": {"playlist_segments": 2}}, "hls.playlist_segments"),
+        ({"audio": {"mp3_bitrate": 100}}, "audio.mp3_bitrate"),
+        ({"model": {"dtype": "int3"}}, "model.dtype"),
+        ({"security": {"prompt_rate_limit": "many"}}, "security.prompt_rate_limit"),
+        ({"security": {"admin_token": "short"}}, "security.admin_token"),
+        ({"stations": []}, "stations: at least one"),
+        ({"stations": [{"id": "Main Room"}]}, "stations[0].id"),
+        ({"stations": [{"id": "a"}, {"id": "a"}]}, "stations[1].id: 'a' is used twice"),
+        ({"stations": [{"id": "a", "mood": "x"}]}, "stations[0].mood: unknown key"),
+        ({"stations": {"id": "a"}}, "stations: must be an array"),
+    ],
+)
+def test_bad_settings_name_the_key(data, message):
+    with pytest.raises(ConfigError) as e:
+        parse_config(data, env={})
+    assert message in str(e.value)
+
+
+def test_values_and_env_and_overrides(tmp_path):
+    path = tmp_path / "radio.toml"
+    path.write_text(
+        '[generation]\ntemperature = 1\n[security]\nprompt_rate_limit = "5 per 10 s"\n'
+        '[[stations]]\nid = "a"\n[[stations]]\nid = "b"\nprompt = "rain"\n'
+    )
+    c = load_config(path, env={"RADIO_ADMIN_TOKEN": "from-the-env"})
+    assert c.generation.temperature == 1.0 and isinstance(c.generation.temperature, float)
+    assert c.security.rate_limit() == (5, 10.0)
+    assert c.security.admin_token == "from-the-env"
+    assert [s.id for s in c.stations] == ["a", "b"] and c.station("b").prompt == "rain"
+    c2 = with_overrides(c, server={"port": 9000}, model={"id": "/models/x"})
+    assert (c2.server.port, c2.model.id) == (9000, "/models/x")
+    with pytest.raises(ConfigError, match="server.port"):
+        with_overrides(c, server={"port": -1})
+
+
+def test_unreadable_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server\nport = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path):
+    path = tmp_path / "radio.toml"
+    path.write_text("[generation]\ntop_k = -3\n")
+    p = subprocess.run(
+        [sys.executable, "-m", "radio.cli", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 2
+    assert p.stderr.strip() == "radio: generation.top_k: must be >= 0, got -3"
