@@ -41,6 +41,7 @@
     hRtf: $("h-rtf"),
     hUnderruns: $("h-underruns"),
     hLatency: $("h-latency"),
+    hNote: $("h-note"),
     linkMp3: $("link-mp3"),
     linkHls: $("link-hls"),
     canvas: $("viz"),
@@ -178,6 +179,11 @@
     el.hUnderruns.textContent = typeof h.underruns === "number" ? String(h.underruns) : "–";
     el.hUnderruns.classList.toggle("warn", h.underruns > 0);
     el.hLatency.textContent = seconds(h.prompt_latency_seconds, 2);
+    let note = "";
+    if (h.error) note = `Generation stopped: ${h.error}`;
+    else if (h.playing === false) note = "Starting: filling the buffer…";
+    el.hNote.textContent = note;
+    el.hNote.hidden = !note;
   }
 
   function setSince() {
@@ -231,6 +237,7 @@
     clearPromptStatus();
     renderStation();
     connectEvents();
+    if (!s.history) refreshStation(); // the list leaves the history out
     if (state.wanted) {
       state.note = "";
       startPlayback();
@@ -293,6 +300,7 @@
       const d = parse(e);
       if (!d || state.events !== es) return;
       const s = d.station && typeof d.station === "object" ? d.station : d;
+      if (!("prompt_since" in s) && "since" in s) s.prompt_since = s.since;
       const st = state.station;
       if (typeof s.prompt === "string" && !("history" in s) && s.prompt !== st.prompt) {
         // A bare prompt event: keep the history list right without a round trip.
@@ -335,7 +343,7 @@
 
   function chooseMode() {
     const forced = params.get("player");
-    if (forced === "mp3") return "mp3";
+    if (!state.station.streams.hls || forced === "mp3") return "mp3"; // HLS may be off
     if (forced === "native") return "native";
     if (forced === "hls" || forced === "hls.js") return hlsJsWorks() ? "hls.js" : "mp3";
     if (hlsJsWorks()) return "hls.js";
