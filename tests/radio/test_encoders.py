@@ -10,9 +10,9 @@ import subprocess
 import av
 import numpy as np
 import pytest
-from conftest import require_tool
 
 from radio.encoders import AacEncoder, Mp3Encoder
+from tests.conftest import require_tool
 
 RATE = 32000
 
