@@ -56,7 +56,10 @@ class ApiError(web.HTTPException):
 
 @web.middleware
 async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    """aiohttp's own errors (413 body too large, 404 no route, 405) as JSON too."""
+    """aiohttp's own errors (413 body too large, 404 no route, 405) as JSON too; CORS
+    preflight (OPTIONS) for the API and HLS."""
+    if request.method == "OPTIONS" and request.path.startswith(("/api/", "/hls/")):
+        return web.Response(status=204, headers=API_CORS)
     try:
         response = await handler(request)
     except ApiError:
@@ -280,10 +283,6 @@ async def post_sampling(request: web.Request) -> web.Response:
     return web.json_response({"station": st.id, "sampling": fields})
 
 
-async def preflight(request: web.Request) -> web.Response:
-    return web.Response(status=204, headers=API_CORS)
-
-
 async def healthz(request: web.Request) -> web.Response:
     radio = request.app[RADIO]
     problems = []
@@ -307,5 +306,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/stations/{station}", get_station)
     app.router.add_post("/api/stations/{station}/prompt", post_prompt)
     app.router.add_post("/api/stations/{station}/sampling", post_sampling)
-    app.router.add_route("OPTIONS", "/api/{tail:.*}", preflight)
     app.router.add_get("/healthz", healthz)

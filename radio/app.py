@@ -114,6 +114,7 @@ def _segmenter(config: Config, model: Any, station_id: str) -> Any:
         playlist_segments=h.playlist_segments,
         bitrate_kbps=h.bitrate,
         out_dir=out_dir,
+        output_sample_rate=config.audio.output_sample_rate,
     )
 
 
@@ -127,7 +128,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/{station:[a-z0-9][a-z0-9_-]*}.mp3", _mp3)
     app.router.add_get("/hls/{station}/live.m3u8", _hls_playlist)
     app.router.add_get("/hls/{station}/{segment}", _hls_segment)
-    app.router.add_route("OPTIONS", "/hls/{tail:.*}", _hls_preflight)
     app.router.add_get("/", _index)
     if STATIC_DIR.is_dir():
         app.router.add_static("/static", STATIC_DIR)
@@ -141,7 +141,9 @@ async def _index(request: web.Request) -> web.StreamResponse:
 
 
 async def _events(request: web.Request) -> web.StreamResponse:
-    return await events.stream_events(request, api.station_of(request))
+    st = api.station_of(request)
+    snapshot = api.station_json(request.app[RADIO], st, api.base_url(request), full=True)
+    return await events.stream_events(request, st, snapshot)
 
 
 async def _mp3(request: web.Request) -> web.StreamResponse:
@@ -176,10 +178,6 @@ async def _hls_playlist(request: web.Request) -> web.Response:
 
 async def _hls_segment(request: web.Request) -> web.Response:
     return hls_routes.segment_response(_hls_output(request), request.match_info["segment"], request)
-
-
-async def _hls_preflight(request: web.Request) -> web.Response:
-    return web.Response(status=204, headers=hls_routes.CORS)
 
 
 # ---- background work ---------------------------------------------------------------------

@@ -19,6 +19,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Protocol
 
 import numpy as np
@@ -35,7 +36,7 @@ FADE_SECONDS = 0.05  # crossfades into and out of the bridge, and at its seam
 
 
 class Output(Protocol):
-    def push(self, pcm: np.ndarray, wallclock: float) -> None: ...
+    def push(self, pcm: np.ndarray, wallclock: datetime) -> None: ...
 
 
 class Bridge:
@@ -120,14 +121,14 @@ class StationClock:
                 t0 = now - released / self.sample_rate
                 due = 0
             if due > 0:
-                self._release(due, time.time())
+                self._release(due, datetime.now(UTC))
                 released += due
             st.health.last_tick = now
             st.health.buffer_seconds = len(st.buffer) / self.sample_rate
             next_at = t0 + (released / self.sample_rate) + TICK
             await asyncio.sleep(max(next_at - time.monotonic(), 0.005))
 
-    def _release(self, n: int, wallclock: float) -> None:
+    def _release(self, n: int, wallclock: datetime) -> None:
         pcm = self._next_audio(n)  # [C, n]
         out = self.process(pcm)
         for o in self.outputs:

@@ -1,5 +1,8 @@
 """Server-Sent Events: `GET /api/stations/{id}/events` pushes prompt, listener and health news.
 
+Events: `station` (a full snapshot, on connect), `prompt` ({prompt, prompt_since, source,
+history}), `listeners` ({mp3, hls, total}), `health` (every few seconds), `sampling` (admin).
+
 `EventHub` is one station's fan-out: each subscriber has a small bounded queue; a subscriber that
 does not keep up loses its connection rather than growing memory. The handler writes
 `event: NAME` / `data: JSON` blocks, first a snapshot of the station, then news as it happens,
@@ -80,8 +83,11 @@ def is_close(item: tuple[str, Any]) -> bool:
     return item == _CLOSE
 
 
-async def stream_events(request: web.Request, station: Any) -> web.StreamResponse:
-    """SSE for one station (`radio.station.Station`): a snapshot, then news until it leaves."""
+async def stream_events(
+    request: web.Request, station: Any, snapshot: dict[str, Any]
+) -> web.StreamResponse:
+    """SSE for one station (`radio.station.Station`): `event: station` with the full `snapshot`
+    (the API's station JSON), then `prompt`, `listeners`, `health` news until the peer leaves."""
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream; charset=utf-8",
@@ -93,10 +99,7 @@ async def stream_events(request: web.Request, station: Any) -> web.StreamRespons
     await response.prepare(request)
     q = station.events.subscribe()
     try:
-        await response.write(b"retry: 3000\n\n")
-        await response.write(sse_block("prompt", station.prompt_json()))
-        await response.write(sse_block("listeners", station.listeners_json()))
-        await response.write(sse_block("health", station.health_json()))
+        await response.write(b"retry: 3000\n\n" + sse_block("station", snapshot))
         while True:
             item = await next_event(q)
             if item is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -41,7 +42,7 @@ class HlsOutput:
         self._seen: dict[str, float] = {}  # client key -> time.monotonic() last seen
         self._on_count = on_count
 
-    def push(self, pcm: np.ndarray, wallclock: float) -> None:
+    def push(self, pcm: np.ndarray, wallclock: datetime) -> None:
         self.segmenter.push(pcm, wallclock)
         self._on_count(self.count())
 

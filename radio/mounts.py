@@ -14,6 +14,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
+from datetime import datetime
 
 import numpy as np
 from aiohttp import web
@@ -98,7 +99,7 @@ class Mp3Mount:
         self._on_count = on_count
         self.bytes_out = 0  # total MP3 bytes encoded
 
-    def push(self, pcm: np.ndarray, wallclock: float) -> None:
+    def push(self, pcm: np.ndarray, wallclock: datetime) -> None:
         data = self.encoder.encode(pcm)  # whole MP3 frames
         if not data:
             return

@@ -144,7 +144,7 @@ class Station:
         last = self.history[0] if self.history else None
         return {
             "prompt": self.prompt,
-            "since": iso(self.prompt_since),
+            "prompt_since": iso(self.prompt_since),
             "source": last.source if last else "config",
             "history": self.history_json(),
         }

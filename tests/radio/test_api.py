@@ -1,0 +1,223 @@
+"""The JSON API with a real HTTP client: now playing, bad input, rate limit, admin, SSE, metrics.
+
+Every bad request must get a 4xx with a JSON reason while the MP3 mount keeps playing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from datetime import datetime
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+TOKEN = "test-admin-token"
+
+
+def call(method: str, url: str, body: bytes | None = None, headers: dict | None = None):
+    """(status, headers, parsed JSON body) of one request."""
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=20) as r:
+            return r.status, r.headers, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        assert e.headers.get_content_type() == "application/json", raw[:200]
+        return e.code, e.headers, json.loads(raw)
+
+
+def post_json(url: str, data, headers: dict | None = None):
+    body = data if isinstance(data, bytes) else json.dumps(data).encode()
+    return call("POST", url, body, {"Content-Type": "application/json", **(headers or {})})
+
+
+def read_exactly(stream, n: int, timeout: float = 10.0) -> bytes:
+    out = b""
+    deadline = time.monotonic() + timeout
+    while len(out) < n:
+        assert time.monotonic() < deadline, f"stream stalled after {len(out)} of {n} bytes"
+        chunk = stream.read1(n - len(out))
+        assert chunk, "stream ended"
+        out += chunk
+    return out
+
+
+@pytest.fixture
+def radio(radio_factory):
+    return radio_factory(
+        security={
+            "admin_token": TOKEN,
+            "prompt_rate_limit": "2 per 60 s",
+            "max_prompt_length": 40,
+            "max_listeners": 1,
+        }
+    )
+
+
+def test_bad_inputs_get_a_json_reason_while_the_stream_plays(radio):
+    base = radio.base_url
+    prompt_url = f"{base}/api/stations/main/prompt"
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+    with urllib.request.urlopen(f"{base}/main.mp3", timeout=10) as mp3:
+        assert mp3.headers["Content-Type"] == "audio/mpeg"
+        before = read_exactly(mp3, 8000)
+        assert before[0] == 0xFF and before[1] & 0xE0 == 0xE0, "not an MP3 frame header"
+
+        cases = [
+            (post_json(prompt_url, b'{"prompt": "' + b"x" * 5000 + b'"}'), 413, "too large"),
+            (post_json(prompt_url, b"{prompt: jazz"), 400, "not valid JSON"),
+            (post_json(prompt_url, b"\xff\xfe"), 400, "not valid JSON"),
+            (post_json(prompt_url, ["jazz"]), 400, "JSON object"),
+            (post_json(prompt_url, {"prompt": 5}), 400, "must be a string"),
+            (post_json(prompt_url, {"prompt": None}), 400, "must be a string"),
+            (post_json(prompt_url, {}), 400, "missing field 'prompt'"),
+            (post_json(prompt_url, {"prompt": "jazz", "x": 1}), 400, "unknown field 'x'"),
+            (post_json(prompt_url, {"prompt": "a" * 41}), 400, "too long"),
+            (post_json(prompt_url, {"prompt": "slow\njazz"}), 400, "control characters"),
+            (post_json(prompt_url, {"prompt": "jazz\x00"}), 400, "control characters"),
+            (post_json(prompt_url, {"prompt": "\x1b[31mred"}), 400, "control characters"),
+            (post_json(prompt_url, {"prompt": "   "}), 400, "must not be empty"),
+            (post_json(f"{base}/api/stations/nope/prompt", {"prompt": "jazz"}), 404, "no station"),
+            (call("GET", f"{base}/api/stations/nope"), 404, "no station"),
+            (call("GET", f"{base}/nope.mp3"), 404, "no station"),
+            (call("GET", f"{base}/api/nothing/here"), 404, "not found"),
+            (call("GET", f"{base}/main.mp3"), 503, "is full"),  # max_listeners = 1
+            (post_json(f"{base}/api/stations/main/sampling", {"temperature": 0.5}), 401, "admin"),
+            (
+                post_json(
+                    f"{base}/api/stations/main/sampling",
+                    {"temperature": 0.5},
+                    {"Authorization": "Bearer wrong-token-1"},
+                ),
+                403,
+                "wrong admin token",
+            ),
+            (
+                post_json(prompt_url, {"prompt": "jazz"}, {"Authorization": "Basic abc"}),
+                401,
+                "Bearer",
+            ),
+            (
+                post_json(prompt_url, {"prompt": "jazz"}, {"Authorization": "Bearer nope-nope"}),
+                403,
+                "wrong admin token",
+            ),
+            (
+                post_json(f"{base}/api/stations/main/sampling", {"temperature": -1}, admin),
+                400,
+                "temperature",
+            ),
+            (post_json(f"{base}/api/stations/main/sampling", {"top_k": 1.5}, admin), 400, "top_k"),
+            (post_json(f"{base}/api/stations/main/sampling", {"seed": 1}, admin), 400, "unknown"),
+        ]
+        for (status, headers, body), want_status, want_text in cases:
+            assert status == want_status, (body, want_status)
+            assert isinstance(body, dict) and want_text in body["error"], (body, want_text)
+            assert headers["Access-Control-Allow-Origin"] == "*"
+
+        # the rate limit: 2 per address, then 429 with Retry-After; the admin token lifts it
+        assert post_json(prompt_url, {"prompt": "slow jazz"})[0] == 202
+        assert post_json(prompt_url, {"prompt": "fast rock"})[0] == 202
+        status, headers, body = post_json(prompt_url, {"prompt": "more rock"})
+        assert status == 429 and "too many" in body["error"]
+        assert 50 <= int(headers["Retry-After"]) <= 60
+        status, _, body = post_json(prompt_url, {"prompt": "admin's choice"}, admin)
+        assert status == 202 and body["prompt"] == "admin's choice"
+
+        after = read_exactly(mp3, 16000)  # still playing, at the right bitrate
+        assert len(after) == 16000
+
+
+def test_admin_changes_sampling_live(radio):
+    url = f"{radio.base_url}/api/stations/main/sampling"
+    status, _, body = post_json(
+        url, {"temperature": 0.7, "top_k": 50}, {"Authorization": f"Bearer {TOKEN}"}
+    )
+    assert status == 200
+    assert body["sampling"]["temperature"] == 0.7 and body["sampling"]["top_k"] == 50
+    st = radio.radio.stations["main"]
+    assert st.sampling.temperature == 0.7 and st.sampling.top_k == 50
+
+
+def test_now_playing_json(radio):
+    base = radio.base_url
+    status, headers, body = call("GET", f"{base}/api/stations")
+    assert status == 200 and headers["Access-Control-Allow-Origin"] == "*"
+    assert [s["id"] for s in body["stations"]] == ["main"]
+    status, _, st = call("GET", f"{base}/api/stations/main")
+    assert status == 200
+    assert st["prompt"] == "calm lofi beat with piano"
+    assert datetime.fromisoformat(st["prompt_since"]).tzinfo is not None
+    assert st["history"][0] == {
+        "prompt": st["prompt"],
+        "at": st["prompt_since"],
+        "source": "config",
+    }
+    assert st["streams"] == {
+        "mp3": f"{base}/main.mp3",
+        "hls": f"{base}/hls/main/live.m3u8",
+    }
+    assert st["listeners"] == {"mp3": 0, "hls": 0, "total": 0}
+    h = st["health"]
+    assert h["playing"] is True and h["underruns"] == 0 and h["buffer_seconds"] > 0.5
+    assert h["realtime_factor"] > 1.0
+    assert call("GET", f"{base}/healthz")[2] == {"status": "ok"}
+
+
+def test_metrics_parse(radio):
+    with urllib.request.urlopen(f"{radio.base_url}/main.mp3", timeout=10) as mp3:
+        read_exactly(mp3, 1000)
+        with urllib.request.urlopen(f"{radio.base_url}/metrics", timeout=10) as r:
+            assert r.headers.get_content_type() == "text/plain"
+            text = r.read().decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    main = (("station", "main"),)
+    assert samples[("radio_playing", main)] == 1.0
+    assert samples[("radio_buffer_seconds", main)] > 0.5
+    assert samples[("radio_realtime_factor", main)] > 1.0
+    assert samples[("radio_underruns_total", main)] == 0.0
+    assert samples[("radio_listeners", (("kind", "mp3"), ("station", "main")))] == 1.0
+    assert samples[("radio_mp3_bytes_total", main)] > 1000
+
+
+def test_events_deliver_a_prompt_change(radio):
+    url = f"{radio.base_url}/api/stations/main/events"
+    with urllib.request.urlopen(url, timeout=10) as events:
+        assert events.headers.get_content_type() == "text/event-stream"
+        first = read_event(events)
+        assert first[0] == "station" and first[1]["prompt"] == "calm lofi beat with piano"
+        status, _, _ = post_json(
+            f"{radio.base_url}/api/stations/main/prompt",
+            {"prompt": "rainy day jazz"},
+            {"Authorization": f"Bearer {TOKEN}"},
+        )
+        assert status == 202
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            name, data = read_event(events)
+            if name == "prompt":
+                break
+        assert data["prompt"] == "rainy day jazz" and data["source"] == "admin"
+        assert data["history"][0]["prompt"] == "rainy day jazz"
+
+
+def read_event(stream) -> tuple[str, dict]:
+    """The next `event:`/`data:` block of an SSE stream (comments and retry skipped)."""
+    name, data = "", None
+    while True:
+        line = stream.readline().decode()
+        assert line, "event stream ended"
+        line = line.rstrip("\n")
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            data = json.loads(line[6:])
+        elif line == "" and name:
+            return name, data
