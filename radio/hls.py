@@ -5,8 +5,9 @@ One long-lived `AacEncoder` feeds every segment, so the audio is seamless across
 their continuous timestamps. A segment is a whole number of AAC frames (1024 samples), the
 largest count that fits in `segment_seconds`, so every `EXTINF` is the same and
 `EXT-X-TARGETDURATION` (its ceiling) never changes. Media sequence numbers only grow, also across
-restarts (`start_sequence` = the `next_sequence` a state file kept), and `mark_discontinuity()`
-puts `EXT-X-DISCONTINUITY` before the next segment. Segments stay fetchable for `grace_segments`
+restarts (`start_sequence` = the `next_sequence` a state file kept); `EXT-X-DISCONTINUITY` goes
+before the first segment of a segmenter started with `start_sequence > 0` (a restart) and before
+the next segment after `mark_discontinuity()`. Segments stay fetchable for `grace_segments`
 after they leave the playlist. With `out_dir`, the segments and `live.m3u8` are also written
 there for nginx or a CDN origin: files appear atomically (temp file + `os.replace`) and old
 segments are deleted after the grace period.
@@ -102,7 +103,8 @@ class HlsSegmenter:
         self._segments: deque[Segment] = deque()  # listed + grace, oldest first
         self._by_name: dict[str, Segment] = {}
         self._packets: list[av.Packet] = []  # the segment being filled
-        self._pending_discontinuity = False
+        # A segmenter that continues a sequence is a restart: the audio does not join up.
+        self._pending_discontinuity = start_sequence > 0
         self._segment_discontinuity = False  # of the segment being filled
         self._pushed = 0  # input samples pushed so far
         self._anchor: tuple[int, datetime] | None = None  # (input sample, its wallclock)

@@ -122,6 +122,7 @@ def test_restart_continues_the_sequence_with_a_discontinuity():
         start_sequence=kept_seq,
         start_discontinuity_sequence=kept_disc,
     )
+    # start_sequence > 0 marks the first segment by itself; marking it again changes nothing.
     new.mark_discontinuity()
     feed = Feeder(new, start=T0 + timedelta(seconds=25))
     feed.push(_sine(4.1))
@@ -135,6 +136,16 @@ def test_restart_continues_the_sequence_with_a_discontinuity():
     later = parse(new.playlist())
     assert later["disc_sequence"] == 1 and not any(s["discontinuity"] for s in later["segments"])
     assert new.discontinuity_sequence == 1
+    auto = HlsSegmenter(RATE, 1, start_sequence=kept_seq)  # not marked by hand
+    Feeder(auto).push(_sine(2.5))
+    assert parse(auto.playlist())["segments"][0]["discontinuity"]
+    fresh = HlsSegmenter(RATE, 1)
+    Feeder(fresh).push(_sine(2.5))
+    assert not parse(fresh.playlist())["segments"][0]["discontinuity"]
+    fresh.mark_discontinuity()  # mid-stream: the next segment to start gets it
+    Feeder(fresh).push(_sine(4.0))
+    flags = [s["discontinuity"] for s in parse(fresh.playlist())["segments"]]
+    assert flags.count(True) == 1 and not flags[0]
 
 
 def test_segments_decode_into_the_pushed_audio_without_gaps():
@@ -238,7 +249,6 @@ def test_folder_is_read_live_by_ffmpeg_and_old_files_go(tmp_path):
     )
     assert not stale.exists() and (out / listed[-1]).exists()
     assert (out / "live.m3u8").read_text() == before  # stays up until the first new segment
-    again.mark_discontinuity()
     Feeder(again).push(_sine(3.0))
     assert parse((out / "live.m3u8").read_text())["segments"][0]["discontinuity"]
 
