@@ -26,6 +26,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
 import aiohttp
@@ -452,6 +453,45 @@ class IcecastSource:
                 raise aiohttp.ClientResponseError(
                     resp.request_info, (), status=resp.status, message=text or resp.reason or ""
                 )
+
+
+# ---- glue to a station (duck-typed: radio.mounts.Mp3Mount, radio.station.Station) ----------
+
+
+async def mount_chunks(mount: Any) -> AsyncIterator[bytes]:
+    """The MP3 bytes of a station's mount (`Mp3Mount`: add() -> listener with async next(),
+    remove(listener)), taken as one more listener of it: the MP3 is encoded only once."""
+    listener = mount.add()
+    try:
+        while (data := await listener.next()) is not None:
+            yield data
+    finally:
+        mount.remove(listener)
+
+
+async def follow_prompts(source: IcecastSource, station: Any) -> None:
+    """Keep the Icecast title equal to the station's prompt (`Station`: .prompt and an
+    .events hub whose "prompt" events carry {"prompt": ...}) until cancelled or shut down."""
+    from radio.events import is_close
+
+    pushes: set[asyncio.Task[None]] = set()
+
+    def show(title: str) -> None:  # never wait for Icecast here: the event queue is bounded
+        task = asyncio.create_task(source.set_title(title))
+        pushes.add(task)
+        task.add_done_callback(pushes.discard)
+
+    queue = station.events.subscribe()
+    try:
+        show(station.prompt)
+        while not is_close(item := await queue.get()):
+            event, data = item
+            if event == "prompt":
+                show(data["prompt"])
+    finally:
+        station.events.unsubscribe(queue)
+        for task in pushes:
+            task.cancel()
 
 
 async def _from_queue(queue: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:
