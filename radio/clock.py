@@ -97,6 +97,9 @@ class StationClock:
         self._bridge: Bridge | None = None
         self._bridge_started = 0.0
         self._fade_in = 0  # samples of the fade-in of the bridge still to apply
+        self._out = 0  # samples handed to the loudness stage so far
+        # (output sample where a new prompt is first heard, time.monotonic() of its POST)
+        self._heard_at: tuple[int, float] | None = None
 
     async def run(self) -> None:
         st = self.station
@@ -133,7 +136,15 @@ class StationClock:
         out = self.process(pcm)
         for o in self.outputs:
             o.push(out, wallclock)
+        self._out += n
         self.on_played(self.station.buffer.head // self.hop)
+        if self._heard_at is not None and self._out > self._heard_at[0]:
+            latency = time.monotonic() - self._heard_at[1]
+            self.station.health.prompt_latency_seconds = latency
+            self._heard_at = None
+            log.info(
+                "prompt change on %s: heard %.2f s after it was sent", self.station.id, latency
+            )
 
     def _next_audio(self, n: int) -> np.ndarray:
         st = self.station
@@ -150,6 +161,8 @@ class StationClock:
         return np.concatenate([live, self._enter_bridge(n - live.shape[1])], axis=1)
 
     def _check_prompt_heard(self, head: int, n: int) -> None:
+        """If the first sample of a new prompt is among the n live samples taken from `head`,
+        note where it will leave the loudness stage (its latency is taken when it does)."""
         st = self.station
         if st.pending_prompt is None or n == 0:
             return
@@ -158,11 +171,9 @@ class StationClock:
             return
         # sample < head: the cut fell inside audio already played, so all live audio taken
         # since is new; otherwise the new prompt starts inside this block
-        offset = max(sample - head, 0) / self.sample_rate
-        latency = time.monotonic() + offset - posted + self.process_latency / self.sample_rate
-        st.health.prompt_latency_seconds = latency
+        offset = max(sample - head, 0)
+        self._heard_at = (self._out + offset + self.process_latency, posted)
         st.pending_prompt = None
-        log.info("prompt change on %s: heard %.2f s after it was sent", st.id, latency)
 
     def _remember(self, live: np.ndarray) -> None:
         if live.shape[1] == 0:
