@@ -12,6 +12,10 @@ and logs once per outage; a refused password is logged once and retried slowly. 
 disconnected the audio that arrives is dropped (the local MP3 mount and HLS do not depend on
 this client), so after a reconnect Icecast gets live audio, not a backlog. `status` is a
 snapshot for the API and metrics.
+
+Wiring one station (inside the app's background context):
+    src = IcecastSource(url, mount, password=resolve_password(pw, pw_env), name=..., ...)
+    tasks = [create_task(src.run(mount_chunks(mp3_mount))), create_task(follow_prompts(src, st))]
 """
 
 from __future__ import annotations
@@ -461,12 +465,16 @@ class IcecastSource:
 async def mount_chunks(mount: Any) -> AsyncIterator[bytes]:
     """The MP3 bytes of a station's mount (`Mp3Mount`: add() -> listener with async next(),
     remove(listener)), taken as one more listener of it: the MP3 is encoded only once."""
-    listener = mount.add()
-    try:
-        while (data := await listener.next()) is not None:
-            yield data
-    finally:
-        mount.remove(listener)
+    while True:
+        listener = mount.add()
+        try:
+            while (data := await listener.next()) is not None:
+                yield data
+        finally:
+            mount.remove(listener)
+        if listener.closed or not listener.dropped:
+            return  # the mount closed: the station is shutting down
+        log.warning("icecast relay fell behind the station's MP3 mount; joining it again")
 
 
 async def follow_prompts(source: IcecastSource, station: Any) -> None:

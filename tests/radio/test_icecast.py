@@ -492,3 +492,37 @@ async def _relay_checks(icecast: IcecastServer, base_url: str, first: str, src) 
     titles, _ = await _icy_listen(icecast.url + "/main.mp3", new, 0)
     assert first not in titles
     assert src.status.reconnects == 1
+
+
+def test_mount_chunks_rejoins_when_dropped_and_ends_with_the_mount(caplog) -> None:
+    asyncio.run(_mount_chunks_rejoins(caplog))
+
+
+async def _mount_chunks_rejoins(caplog) -> None:
+    from datetime import UTC, datetime
+
+    from radio.mounts import Mp3Mount
+
+    counts: list[int] = []
+    mount = Mp3Mount(
+        RATE, 1, KBPS, RATE, burst_seconds=0.5, queue_seconds=0.5, on_count=counts.append
+    )
+    t = np.arange(RATE // 10) / RATE
+    pcm = (0.3 * np.sin(2 * np.pi * TONE * t)).astype(np.float32)[None]  # [1, 3200]: 0.1 s
+    chunks = mount_chunks(mount)
+    first = asyncio.create_task(anext(chunks))
+    await asyncio.sleep(0)  # the relay joined the mount
+    assert counts == [1]
+    for _ in range(3):
+        mount.push(pcm, datetime.now(UTC))
+    assert await first
+    for _ in range(30):  # 3 s while the relay does not read: more than its queue holds
+        mount.push(pcm, datetime.now(UTC))
+    assert counts[-1] == 0  # dropped by the mount
+    with caplog.at_level(logging.WARNING, logger="radio.icecast"):
+        assert await anext(chunks)  # joined again: the mount's burst
+    assert counts[-1] == 1 and "joining it again" in caplog.text
+    mount.close()
+    with pytest.raises(StopAsyncIteration):
+        await anext(chunks)
+    assert counts[-1] == 0
