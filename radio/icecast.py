@@ -200,6 +200,8 @@ class IcecastSource:
     async def run(self, chunks: AsyncIterable[bytes] | asyncio.Queue[bytes | None]) -> None:
         """Stream `chunks` (MP3 bytes; a queue may end with None) until they end or cancelled."""
         source = _from_queue(chunks) if isinstance(chunks, asyncio.Queue) else chunks
+        self._input_done = False
+        self._drop_buffer()
         pump = asyncio.create_task(self._pump(source), name=f"icecast {self.label} input")
         try:
             await self._connect_loop()
