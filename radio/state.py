@@ -8,7 +8,8 @@ clear log line and the radio starts fresh: a bad state file never stops the serv
 
 What goes in is the service's business; `StationState` is a typed record for one station
 (current prompt, prompt history, settings changed live, next HLS media sequence) with
-`stations_to_state` / `stations_from_state` to put a set of them in and out of the document.
+`stations_to_state` / `stations_from_state` to put a set of them in and out of the document,
+and `StationState.resume_sequence` to restart HLS numbering where no player can have been.
 
 File layout:
     {"version": 1, "saved_at": "2026-11-22T01:50:00+00:00", "state": {...}}
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -159,6 +161,20 @@ class StationState:
     history: tuple[PromptRecord, ...] = ()  # recent prompts, oldest first
     settings: Mapping[str, Any] = field(default_factory=dict)  # settings changed live (JSON values)
     hls_next_sequence: int = 0  # EXT-X-MEDIA-SEQUENCE of the next segment to write
+    saved_at: float | None = None  # Unix time this record was taken (for resume_sequence)
+
+    def resume_sequence(self, now: float, segment_seconds: float) -> int:
+        """The media sequence to start from after a restart: never one a player may have seen.
+
+        The service saves now and then, not at every segment, and a crash loses what came
+        after the last save; at most one segment per `segment_seconds` can have been published
+        since `saved_at`, so skipping that many (plus one) is always safe. Players take a
+        forward jump (with the EXT-X-DISCONTINUITY a restart adds); a step back stalls them.
+        """
+        if self.saved_at is None:
+            return self.hls_next_sequence
+        elapsed = max(0.0, now - self.saved_at)
+        return self.hls_next_sequence + math.ceil(elapsed / segment_seconds) + 1
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -167,6 +183,7 @@ class StationState:
             "history": [{"prompt": h.prompt, "at": h.at} for h in self.history],
             "settings": dict(self.settings),
             "hls_next_sequence": self.hls_next_sequence,
+            "saved_at": self.saved_at,
         }
 
     @classmethod
@@ -192,12 +209,16 @@ class StationState:
         seq = _typed(data, "hls_next_sequence", int, 0, where)
         if isinstance(seq, bool) or seq < 0:
             raise ValueError(f"{where}.hls_next_sequence: expected a non-negative integer")
+        saved_at = data.get("saved_at")
+        if saved_at is not None and not _is_number(saved_at):
+            raise ValueError(f"{where}.saved_at: expected a number or null")
         return cls(
             prompt=prompt,
             prompt_since=None if since is None else float(since),
             history=tuple(history),
             settings=settings,
             hls_next_sequence=seq,
+            saved_at=None if saved_at is None else float(saved_at),
         )
 
 

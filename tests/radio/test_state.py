@@ -164,3 +164,18 @@ def test_bad_station_record_is_skipped_not_fatal(caplog) -> None:
         out = stations_from_state(state)
     assert out == {"good": StationState(prompt="ambient", hls_next_sequence=7)}
     assert "stations.bad.hls_next_sequence" in caplog.text
+
+
+def test_resume_sequence_never_goes_back() -> None:
+    never_timed = StationState(hls_next_sequence=40)
+    assert never_timed.resume_sequence(now=1e9, segment_seconds=2.0) == 40
+    saved = StationState(hls_next_sequence=40, saved_at=1000.0)
+    # clean restart right after the save: one extra step of margin
+    assert saved.resume_sequence(now=1000.0, segment_seconds=2.0) == 41
+    # crashed 10 s after the last save: up to 5 segments may have gone out since
+    assert saved.resume_sequence(now=1010.0, segment_seconds=2.0) == 46
+    assert saved.resume_sequence(now=1009.0, segment_seconds=2.0) == 46
+    # a clock that went backwards does not make it go back either
+    assert saved.resume_sequence(now=900.0, segment_seconds=2.0) == 41
+    round_trip = StationState.from_json(saved.to_json())
+    assert round_trip == saved
