@@ -1,0 +1,179 @@
+"""Streaming EnCodec decode (`engine.codec`): streamed audio equals the one-shot decode of the
+same tokens, has exactly frames x 640 samples, costs a bounded amount per call, survives rewinds,
+and refuses calls that lack context or lookahead."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import MusicgenForConditionalGeneration
+
+from engine.codec import HOP, StreamingDecoder, decode_full
+
+EXACT_DB = 90.0  # the decode is exact up to float rounding (measured ~138 dB); issue 2 asks 40
+APPROX_DB = 40.0  # a fresh start away from frame 0 warms the LSTM up: approximate
+
+
+def _audio_encoder(model_dir: str):
+    """The checkpoint's EnCodec with random codebooks: random-init codebooks are all zeros,
+    which would make the audio independent of the tokens and these tests vacuous. With std 30
+    the tokens, not the biases, make most of the signal (see `test_audio_depends_on_tokens`)."""
+    codec = MusicgenForConditionalGeneration.from_pretrained(model_dir).audio_encoder.eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in codec.quantizer.layers:
+            embed = layer.codebook.embed
+            embed.copy_(30 * torch.randn(embed.shape, generator=gen))
+    return codec
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy 2-core box two spinning OpenMP
+    threads made this file 6x slower (84 s against 13 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def mono(tiny_model_dir):
+    return _audio_encoder(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def stereo(tiny_stereo_dir):
+    return _audio_encoder(tiny_stereo_dir)
+
+
+def _codes(channels: int, frames: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2048, (4 * channels, frames), generator=gen)  # [K, T]
+
+
+def snr_db(ref: np.ndarray, x: np.ndarray) -> float:
+    noise = float(((ref - x) ** 2).sum())
+    return 10 * np.log10(float((ref**2).sum()) / max(noise, 1e-30))
+
+
+def _stream(dec: StreamingDecoder, codes: torch.Tensor, bounds: list[int]) -> np.ndarray:
+    """Decode frames [bounds[0], bounds[-1]) in calls [bounds[i], bounds[i+1]), each given only
+    the codes it is entitled to: `context` frames before start, `lookahead` after stop."""
+    pieces = []
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        offset = max(0, start - dec.context)
+        piece = dec.decode(codes[:, offset : stop + dec.lookahead], offset, start, stop)
+        assert piece.dtype == np.float32 and piece.shape == (dec.channels, (stop - start) * HOP)
+        pieces.append(piece)
+    return np.concatenate(pieces, axis=1)
+
+
+def test_audio_depends_on_tokens(mono):
+    a = decode_full(mono, _codes(1, 20, seed=1), 1)
+    b = decode_full(mono, _codes(1, 20, seed=2), 1)
+    assert a.shape == (1, 20 * HOP)
+    assert snr_db(a, b) < 6, "the codec ignores its tokens: the SNR tests would prove nothing"
+
+
+@pytest.mark.parametrize("channels", [1, 2], ids=["mono", "stereo"])
+@pytest.mark.parametrize(
+    "chunks",
+    [[10] * 24, [25] * 10, [50] * 5, [1, 7, 30, 3, 50, 13, 2, 64, 40, 9, 21]],
+    ids=["10", "25", "50", "irregular"],
+)
+def test_streamed_equals_one_shot(request, channels, chunks):
+    codec = request.getfixturevalue("mono" if channels == 1 else "stereo")
+    frames = sum(chunks)
+    dec = StreamingDecoder(codec, audio_channels=channels)
+    codes = _codes(channels, frames + dec.lookahead, seed=channels)
+    streamed = _stream(dec, codes, [0, *np.cumsum(chunks).tolist()])
+    assert streamed.shape == (channels, frames * HOP)
+    reference = decode_full(codec, codes, channels)[:, : frames * HOP]
+    assert snr_db(reference, streamed) >= EXACT_DB
+    for c in range(channels):  # every channel on its own, not only on average
+        assert snr_db(reference[c], streamed[c]) >= EXACT_DB
+
+
+def test_work_per_call_is_bounded(mono):
+    """A long stream: every call runs the convs on the same small number of frames, however
+    long the stream already is (the history is never re-decoded)."""
+    dec = StreamingDecoder(mono, audio_channels=1)
+    conv_frames: list[int] = []
+    upsample_frames: list[int] = []
+    layers = mono.decoder.layers
+    hooks = [
+        layers[0].register_forward_hook(lambda m, i, o: conv_frames.append(i[0].shape[-1])),
+        layers[2].register_forward_hook(lambda m, i, o: upsample_frames.append(i[0].shape[-1])),
+    ]
+    chunk, calls = 10, 150  # 30 s of audio
+    try:
+        codes = _codes(1, chunk * calls + dec.lookahead, seed=3)
+        for i in range(calls):  # the caller hands over everything it has, as the engine does
+            start = i * chunk
+            dec.decode(codes[:, : start + chunk + dec.lookahead], 0, start, start + chunk)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(conv_frames) == len(upsample_frames) == calls
+    assert set(conv_frames[1:]) == {chunk + 11}, conv_frames  # chunk + 3 + 3 back, 5 ahead
+    assert set(upsample_frames[1:]) == {chunk + 3}, upsample_frames  # chunk + 1 back, 2 ahead
+    assert max(conv_frames) <= chunk + dec.context + dec.lookahead
+
+
+def test_rewind_decodes_the_new_tokens(mono):
+    """A prompt change 30 frames back: tokens before the rewind stay, tokens after it change.
+    The rewound audio is the one-shot decode of the new tokens, after a crossfade that starts
+    from the audio emitted before for the same instant."""
+    dec = StreamingDecoder(mono, audio_channels=1)
+    old = _codes(1, 200, seed=4)
+    new = torch.cat([old[:, :70], _codes(1, 130, seed=5)], dim=1)
+    before = _stream(dec, old, [0, 25, 50, 75, 100])
+    after = _stream(dec, new, [70, 95, 120, 150])
+    ref = decode_full(mono, new, 1)[:, 70 * HOP : 150 * HOP]
+    xf = dec.crossfade
+    assert snr_db(ref[:, xf:], after[:, xf:]) >= EXACT_DB
+    # The join is continuous: it starts from what was played, ends on the new audio.
+    assert abs(after[0, 0] - before[0, 70 * HOP]) < 0.01 * np.abs(before).max()
+    old_ref = decode_full(mono, old, 1)[:, 70 * HOP : 70 * HOP + xf]
+    assert snr_db(old_ref[:, :20], after[:, :20]) > 20
+
+
+def test_rewind_beyond_history_restarts_fresh(mono):
+    dec = StreamingDecoder(mono, audio_channels=1, history=16)
+    codes = _codes(1, 200, seed=6)
+    _stream(dec, codes, [0, 50, 100, 150])
+    again = _stream(dec, codes, [80, 105, 130])  # 70 frames back, states kept for 16
+    ref = decode_full(mono, codes, 1)[:, 80 * HOP : 130 * HOP]
+    assert snr_db(ref, again) >= APPROX_DB
+
+
+def test_fresh_start_mid_stream(stereo):
+    """The first call may start anywhere: the LSTM warms up over `context` frames."""
+    dec = StreamingDecoder(stereo, audio_channels=2)
+    codes = _codes(2, 200, seed=7)
+    streamed = _stream(dec, codes, [100, 120, 150, 190])
+    ref = decode_full(stereo, codes, 2)[:, 100 * HOP : 190 * HOP]
+    assert snr_db(ref, streamed) >= APPROX_DB
+
+
+def test_missing_lookahead_or_context_is_refused(mono):
+    dec = StreamingDecoder(mono, audio_channels=1)
+    codes = _codes(1, 100)
+    with pytest.raises(ValueError, match="lookahead"):
+        dec.decode(codes[:, : 20 + dec.lookahead - 1], 0, 0, 20)
+    with pytest.raises(ValueError, match="context"):
+        dec.decode(codes[:, 40:], 40, 50, 60)  # 10 frames before start, context is 25
+    with pytest.raises(ValueError, match="start < stop"):
+        dec.decode(codes, 0, 30, 30)
+    with pytest.raises(ValueError, match="codes must be"):
+        dec.decode(codes[0], 0, 0, 20)
+    with pytest.raises(ValueError, match="audio_channels"):
+        StreamingDecoder(mono, audio_channels=3)
+    with pytest.raises(ValueError, match="crossfade"):
+        StreamingDecoder(mono, audio_channels=1, crossfade=641)
+    with pytest.raises(ValueError, match="lookahead"):
+        StreamingDecoder(mono, audio_channels=1, lookahead=2)
+    with pytest.raises(ValueError, match="context"):
+        StreamingDecoder(mono, audio_channels=1, context=3)
