@@ -1,5 +1,5 @@
 """The web player in a real browser: headless Debian Chromium, driven by Playwright, against a
-real `radio serve` on the tiny model.
+real `radio serve` on the tiny model (the `radio_serve` fixture of tests/conftest.py).
 
 What a listener does: open the page, press play, hear the station (HLS through hls.js, or the
 MP3 mount), see the sound drawn, send a prompt and see it become the current one, and see a
@@ -10,14 +10,8 @@ screenshot at /tmp/radio-page.png for a human to look at.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
+import urllib.error
 import urllib.request
-from collections.abc import Iterator
 
 import pytest
 
@@ -33,99 +27,26 @@ CHROMIUM_ARGS = [
     "--disable-gpu",
 ]
 SCREENSHOT = "/tmp/radio-page.png"
-START_TIMEOUT = 60.0  # seconds for `radio serve` to answer (model load + first audio)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=5) as r:
+def _station(base: str) -> dict:
+    with urllib.request.urlopen(f"{base}/api/stations/main", timeout=5) as r:
         return json.load(r)
 
 
-def _post_prompt(base: str, station: str, prompt: str) -> int:
+def _post_prompt(base: str, prompt: str) -> tuple[int, dict]:
+    """(status, JSON body) of a prompt POST to station `main`."""
     req = urllib.request.Request(
-        f"{base}/api/stations/{station}/prompt",
+        f"{base}/api/stations/main/prompt",
         data=json.dumps({"prompt": prompt}).encode(),
         headers={"Content-Type": "application/json"},
         method="POST",
     )
-    with urllib.request.urlopen(req, timeout=5) as r:
-        return r.status
-
-
-CONFIG = """
-[server]
-host = "127.0.0.1"
-port = {port}
-
-[hls]
-segment_seconds = 1.0
-playlist_segments = 6
-
-[security]
-prompt_rate_limit = "50 per 60 s"
-max_prompt_length = 120
-
-[[stations]]
-id = "main"
-name = "Browser Test FM"
-description = "Random weights: noise, not music"
-genre = "Test"
-prompt = "calm lofi beat with piano"
-"""
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Base URL of a `radio serve` subprocess on a free port; stopped with Ctrl-C (SIGINT)."""
-    port = _free_port()
-    folder = tmp_path_factory.mktemp("browser-radio")
-    config = folder / "config.toml"
-    config.write_text(CONFIG.format(port=port))
-    log = (folder / "serve.log").open("w+b")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "radio.cli", "serve", "--config", str(config)]
-        + ["--model", tiny_model_dir, "--port", str(port)],
-        cwd=folder,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "CI": os.environ.get("CI", "")},
-    )
-    base = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_up(base, proc, log)
-        yield base
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
-def _wait_until_up(base: str, proc: subprocess.Popen, log) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            log.seek(0)
-            pytest.fail(
-                f"radio serve exited with {proc.returncode}:\n{log.read().decode()[-3000:]}"
-            )
-        try:
-            if _get_json(f"{base}/api/stations")["stations"]:
-                return
-        except OSError:
-            pass
-        time.sleep(0.25)
-    log.seek(0)
-    pytest.fail(f"radio serve did not answer in {START_TIMEOUT} s:\n{log.read().decode()[-3000:]}")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +81,7 @@ def _play(pg, url: str) -> None:
     pg.wait_for_function("document.getElementById('audio').currentTime > 0", timeout=20_000)
 
 
-def _advance(pg, seconds: float = 3.0) -> float:
+def _advance(pg, seconds: float = 2.0) -> float:
     """How far the audio element's clock moves in `seconds` of wall time."""
     t0 = pg.eval_on_selector("#audio", "a => a.currentTime")
     pg.wait_for_timeout(seconds * 1000)
@@ -171,23 +92,24 @@ def _shown_prompt(pg) -> str:
     return pg.text_content("#prompt")
 
 
-def test_hls_plays_and_prompts_change_live(server: str, page) -> None:
-    _play(page, server + "/")
+def test_hls_plays_and_prompts_change_live(radio_serve: str, page) -> None:
+    station = _station(radio_serve)
+    _play(page, radio_serve + "/")
     assert page.get_attribute("#audio", "data-mode") == "hls.js"
     moved = _advance(page)
-    assert moved > 2.0, f"audio clock moved {moved:.2f} s in 3 s of wall time"
+    assert moved > 1.4, f"audio clock moved {moved:.2f} s in 2 s of wall time"
     # The Web Audio analyser hears the stream (noise at -14 LUFS, far above the floor).
     level = int(page.get_attribute("#meter", "aria-valuenow"))
-    assert level > -50, f"level meter says {level} dBFS: no sound reaches Web Audio"
-    assert "Browser Test FM" in page.text_content("#station-name")
-    assert _shown_prompt(page) == "calm lofi beat with piano"
+    assert level > -45, f"level meter says {level} dBFS: no sound reaches Web Audio"
+    assert page.text_content("#station-name") == station["name"]
+    assert _shown_prompt(page) == station["prompt"]
 
     # A prompt typed into the page: the server's answer is shown, then the prompt itself.
     page.fill("#prompt-input", "warm analog synthwave at dusk")
     page.press("#prompt-input", "Enter")
     page.wait_for_function(
         "document.getElementById('prompt-status').textContent.includes('hears it in')",
-        timeout=5_000,
+        timeout=10_000,
     )
     page.wait_for_function(
         "document.getElementById('prompt').textContent === 'warm analog synthwave at dusk'",
@@ -195,60 +117,50 @@ def test_hls_plays_and_prompts_change_live(server: str, page) -> None:
     )
     assert "warm analog synthwave at dusk" in page.text_content("#history")
 
-    # A prompt sent by someone else reaches the open page without a reload.
-    assert _post_prompt(server, "main", "bright marimba over soft rain") == 202
+    # A prompt sent by someone else reaches the open page without a reload (SSE).
+    assert _post_prompt(radio_serve, "bright marimba over soft rain")[0] == 202
     page.wait_for_function(
         "document.getElementById('prompt').textContent === 'bright marimba over soft rain'",
         timeout=10_000,
     )
     assert page.text_content("#conn") == "live"
-    assert page.text_content("#listener-count").endswith("listening")
-    assert _advance(page, 1.0) > 0.5, "playback stalled after the prompt change"
+    assert int(page.text_content("#listener-count").split()[0]) >= 1  # this page, over HLS
+    assert _advance(page, 1.0) > 0.5, "playback stalled after the prompt changes"
     page.screenshot(path=SCREENSHOT, full_page=True)
     assert page.errors == []
 
 
-def test_refused_prompt_shows_the_servers_reason(server: str, page) -> None:
-    page.goto(server + "/")
+def test_refused_prompt_shows_the_servers_reason(radio_serve: str, page) -> None:
+    page.goto(radio_serve + "/")
     page.wait_for_selector("#play:not([disabled])")
     before = _shown_prompt(page)
-    page.fill("#prompt-input", "x" * 121)  # max_prompt_length is 120
+    too_long = "x" * 300  # the default max_prompt_length is 200
+    status, body = _post_prompt(radio_serve, too_long)
+    assert status == 400
+    page.fill("#prompt-input", too_long)
     page.click("#prompt-send")
     page.wait_for_selector("#prompt-status.error", timeout=5_000)
-    reason = _get_reason(server, "x" * 121)
-    assert page.text_content("#prompt-status") == reason
+    assert page.text_content("#prompt-status") == body["error"]
     assert _shown_prompt(page) == before
-    assert [e for e in page.errors if "400" not in e and "422" not in e] == []
+    assert [e for e in page.errors if "status of 400" not in e] == []
 
 
-def _get_reason(base: str, prompt: str) -> str:
-    req = urllib.request.Request(
-        f"{base}/api/stations/main/prompt",
-        data=json.dumps({"prompt": prompt}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    try:
-        urllib.request.urlopen(req, timeout=5)
-    except urllib.error.HTTPError as e:
-        return json.load(e)["error"]
-    raise AssertionError("the server accepted an over-long prompt")
-
-
-def test_mp3_player_when_asked(server: str, page) -> None:
-    _play(page, server + "/?player=mp3")
+def test_mp3_player_when_asked(radio_serve: str, page) -> None:
+    _play(page, radio_serve + "/?player=mp3")
     assert page.get_attribute("#audio", "data-mode") == "mp3"
     moved = _advance(page)
-    assert moved > 2.0, f"MP3 clock moved {moved:.2f} s in 3 s of wall time"
+    assert moved > 1.4, f"MP3 clock moved {moved:.2f} s in 2 s of wall time"
+    level = int(page.get_attribute("#meter", "aria-valuenow"))
+    assert level > -45, f"level meter says {level} dBFS: no sound reaches Web Audio"
     assert page.errors == []
 
 
-def test_falls_back_to_mp3_when_hls_fails(server: str, page) -> None:
+def test_falls_back_to_mp3_when_hls_fails(radio_serve: str, page) -> None:
     page.route("**/*.m3u8", lambda route: route.fulfill(status=404, body="gone"))
-    _play(page, server + "/")
+    _play(page, radio_serve + "/")
     page.wait_for_function(
         "document.getElementById('audio').dataset.mode === 'mp3'", timeout=10_000
     )
     assert "HLS failed" in page.text_content("#player-status")
-    moved = _advance(page, 2.0)
-    assert moved > 1.2, f"MP3 clock moved {moved:.2f} s in 2 s of wall time"
+    moved = _advance(page)
+    assert moved > 1.4, f"MP3 clock moved {moved:.2f} s in 2 s of wall time"
