@@ -220,6 +220,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             on_played=lambda frame, sid=sid: gen.played(sid, frame),
             prime_seconds=prime,
             recover_seconds=prime,
+            full_seconds=max(prime, 0.95 * g.buffer_ahead),
         )
         radio.clocks[sid] = clock
         tasks.append(asyncio.create_task(clock.run(), name=f"clock-{sid}"))

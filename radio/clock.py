@@ -33,6 +33,7 @@ MAX_CATCH_UP = 1.0  # after a longer stall (suspend, debugger) the clock skips i
 BRIDGE_SECONDS = 2.0  # recent audio the bridge loops
 BRIDGE_GAIN = 10 ** (-4 / 20)  # the bridge plays 4 dB quieter: a lull, not a stutter
 FADE_SECONDS = 0.05  # crossfades into and out of the bridge, and at its seam
+GROWTH_WINDOW = 0.4  # seconds over which the buffer must grow faster than real time to recover
 
 
 class Output(Protocol):
@@ -81,6 +82,7 @@ class StationClock:
         on_played: Callable[[int], None],
         prime_seconds: float,
         recover_seconds: float,
+        full_seconds: float,
     ) -> None:
         self.station = station
         self.sample_rate = sample_rate
@@ -90,12 +92,14 @@ class StationClock:
         self.process_latency = process_latency
         self.on_played = on_played  # tells the generator how far the clock is (in frames)
         self.prime_seconds = prime_seconds
-        self.recover_seconds = recover_seconds
+        self.recover_seconds = recover_seconds  # buffered audio needed to leave the bridge
+        self.full_seconds = full_seconds  # ... or this much, however slow generation is
         self.fade = round(FADE_SECONDS * sample_rate)
         self._recent: deque[np.ndarray] = deque()  # last BRIDGE_SECONDS of live audio
         self._recent_len = 0
         self._bridge: Bridge | None = None
         self._bridge_started = 0.0
+        self._growth: deque[tuple[float, float]] = deque()  # (time, buffered s) in a bridge
         self._fade_in = 0  # samples of the fade-in of the bridge still to apply
         self._out = 0  # samples handed to the loudness stage so far
         # (output sample where a new prompt is first heard, time.monotonic() of its POST)
@@ -149,9 +153,9 @@ class StationClock:
     def _next_audio(self, n: int) -> np.ndarray:
         st = self.station
         if self._bridge is not None:
-            if len(st.buffer) < self.recover_seconds * self.sample_rate:
-                return self._bridge_audio(n)
-            return self._leave_bridge(n)
+            if self._caught_up():
+                return self._leave_bridge(n)
+            return self._bridge_audio(n)
         head = st.buffer.head
         live = st.buffer.take(n)
         self._check_prompt_heard(head, live.shape[1])
@@ -159,6 +163,19 @@ class StationClock:
         if live.shape[1] == n:
             return live
         return np.concatenate([live, self._enter_bridge(n - live.shape[1])], axis=1)
+
+    def _caught_up(self) -> bool:
+        """Leave the bridge once `recover_seconds` are buffered and the buffer grows faster than
+        real time (generation is fast again), or it is nearly full: no flapping while slow."""
+        now = time.monotonic()
+        buffered = len(self.station.buffer) / self.sample_rate
+        self._growth.append((now, buffered))
+        if buffered < self.recover_seconds:
+            return False
+        if buffered >= self.full_seconds:
+            return True
+        t0, b0 = self._growth[0]
+        return now - t0 >= GROWTH_WINDOW and (buffered - b0) / (now - t0) >= 1.05
 
     def _check_prompt_heard(self, head: int, n: int) -> None:
         """If the first sample of a new prompt is among the n live samples taken from `head`,
@@ -198,6 +215,7 @@ class StationClock:
         else:
             recent = np.zeros((st.channels, 0), np.float32)
         self._bridge = Bridge(recent, self.fade)
+        self._growth = deque(maxlen=round(GROWTH_WINDOW / TICK) + 1)
         self._fade_in = self.fade
         return self._bridge_audio(n)
 

@@ -64,7 +64,7 @@ def client_key(request: web.Request) -> str:
 def playlist_response(output: HlsOutput, request: web.Request) -> web.Response:
     output.saw(client_key(request))
     return web.Response(
-        text=output.segmenter.playlist(),
+        body=output.segmenter.playlist().encode(),
         headers={
             **CORS,
             "Content-Type": CONTENT_TYPES[".m3u8"],

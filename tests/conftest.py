@@ -188,7 +188,10 @@ def radio_serve(tiny_model_dir, tmp_path_factory):
     import subprocess
 
     tmp = tmp_path_factory.mktemp("radio-serve")
-    extra = '[generation]\nseed = 3\n[security]\nprompt_rate_limit = "100 per 1 s"\n'
+    extra = (
+        '[generation]\nseed = 3\n[security]\nprompt_rate_limit = "100 per 1 s"\n'
+        "[hls]\nsegment_seconds = 1.0\nplaylist_segments = 4\n"
+    )
     proc, base_url = start_radio_serve(tiny_model_dir, tmp, extra)
     yield base_url
     proc.terminate()

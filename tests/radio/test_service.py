@@ -1,0 +1,221 @@
+"""`radio serve` end to end with real clients: ICY titles, live HLS read by ffmpeg and checked
+against the m3u8 rules, a bridge instead of silence when generation falls behind, and a clean
+exit on Ctrl-C."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import re
+import signal
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+
+import av
+import numpy as np
+
+from radio.icy import IcyReader
+from tests.conftest import require_tool, start_radio_serve
+
+
+def post_prompt(base: str, prompt: str) -> dict:
+    req = urllib.request.Request(
+        f"{base}/api/stations/main/prompt",
+        data=json.dumps({"prompt": prompt}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=20) as r:
+        assert r.status == 202
+        return json.loads(r.read())
+
+
+def open_mp3(base: str, icy: bool) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    u = urllib.parse.urlsplit(base)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+    conn.request("GET", "/main.mp3", headers={"Icy-MetaData": "1"} if icy else {})
+    return conn, conn.getresponse()
+
+
+def test_icy_title_follows_the_prompt(radio_serve):
+    conn, r = open_mp3(radio_serve, icy=True)
+    try:
+        assert r.status == 200
+        h = r.headers
+        assert h["Content-Type"] == "audio/mpeg" and h["icy-metaint"] == "16000"
+        assert h["icy-name"] == "Endless Radio" and h["icy-genre"] == "Various"
+        assert h["icy-br"] == "128" and "no-cache" in h["Cache-Control"]
+        reader = IcyReader(16000)
+        titles: list[str] = []
+        audio = bytearray()
+        deadline = time.monotonic() + 5
+        while not titles:
+            assert time.monotonic() < deadline, "no StreamTitle within 5 s"
+            a, t = reader.feed(r.read1(4096))
+            audio += a
+            titles += t
+        assert titles == ["calm lofi beat with piano"]
+        assert audio[0] == 0xFF and audio[1] & 0xE0 == 0xE0  # starts on an MP3 frame
+
+        new = "it's 'quoted' jazz \u00e9t\u00e9 \u266b"
+        post_prompt(radio_serve, new)
+        deadline = time.monotonic() + 8
+        while titles[-1] != new:
+            assert time.monotonic() < deadline, f"title did not change: {titles}"
+            titles += reader.feed(r.read1(4096))[1]
+    finally:
+        conn.close()
+
+
+def parse_playlist(text: str) -> dict:
+    lines = text.strip().splitlines()
+    assert lines[0] == "#EXTM3U"
+    target = int(re.search(r"^#EXT-X-TARGETDURATION:(\d+)$", text, re.M).group(1))
+    sequence = int(re.search(r"^#EXT-X-MEDIA-SEQUENCE:(\d+)$", text, re.M).group(1))
+    durations = [float(x) for x in re.findall(r"^#EXTINF:([\d.]+),", text, re.M)]
+    uris = [ln for ln in lines if ln and not ln.startswith("#")]
+    assert len(uris) == len(durations)
+    assert "#EXT-X-PROGRAM-DATE-TIME:" in text
+    assert "#EXT-X-ENDLIST" not in text
+    return {"target": target, "sequence": sequence, "durations": durations, "uris": uris}
+
+
+def fetch(url: str) -> tuple[int, dict, bytes]:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.status, r.headers, r.read()
+
+
+def test_hls_playlist_obeys_the_rules_and_ffmpeg_decodes_it(radio_serve):
+    ffmpeg = require_tool("ffmpeg")
+    url = f"{radio_serve}/hls/main/live.m3u8"
+    seen: dict[int, str] = {}  # media sequence number -> URI, across reloads
+    playlists = []
+    deadline = time.monotonic() + 15
+    while True:
+        status, headers, body = fetch(url)
+        assert status == 200
+        assert headers["Content-Type"] == "application/vnd.apple.mpegurl"
+        assert headers["Access-Control-Allow-Origin"] == "*"
+        p = parse_playlist(body.decode())
+        playlists.append(p)
+        for i, uri in enumerate(p["uris"]):
+            assert seen.setdefault(p["sequence"] + i, uri) == uri, "a sequence number changed URI"
+        moved = p["sequence"] > playlists[0]["sequence"]
+        if len(playlists) >= 4 and moved and sum(p["durations"]) >= 3 * p["target"]:
+            break
+        assert time.monotonic() < deadline, f"playlist never grew: {body.decode()}"
+        time.sleep(0.5)
+    assert len({p["target"] for p in playlists}) == 1, "EXT-X-TARGETDURATION changed"
+    sequences = [p["sequence"] for p in playlists]
+    assert sequences == sorted(sequences) and sequences[-1] > sequences[0], sequences
+    for p in playlists:
+        assert all(d <= p["target"] for d in p["durations"])
+    last = playlists[-1]
+    assert sum(last["durations"]) >= 3 * last["target"]
+
+    # a segment that left the playlist can still be fetched for a while
+    gone = min(seen)
+    assert gone < last["sequence"]
+    status, headers, data = fetch(f"{radio_serve}/hls/main/{seen[gone]}")
+    assert status == 200 and headers["Content-Type"] == "video/mp2t" and data[0] == 0x47
+    assert headers["Access-Control-Allow-Origin"] == "*"
+
+    # a real HLS client: ffmpeg reads the live playlist and decodes several segments
+    p = subprocess.run(
+        [ffmpeg, "-nostdin", "-v", "error", "-i", url, "-t", "3", "-f", "s16le", "-ac", "1", "-"],
+        capture_output=True,
+        timeout=30,
+    )
+    assert p.returncode == 0, p.stderr.decode()
+    assert p.stderr.decode().strip() == ""
+    seconds = len(p.stdout) / 2 / 44100
+    assert 2.9 <= seconds <= 3.1, seconds
+    pcm = np.frombuffer(p.stdout, np.int16).astype(np.float32) / 32768
+    assert np.sqrt(np.mean(pcm**2)) > 0.01  # sound, not silence
+
+    with urllib.request.urlopen(f"{radio_serve}/api/stations/main", timeout=10) as r:
+        assert json.loads(r.read())["listeners"]["hls"] >= 1
+
+
+def test_falling_behind_plays_a_bridge_not_silence(radio_factory):
+    radio = radio_factory(generation={"buffer_ahead": 1.0, "seed": 5})
+    st = radio.radio.stations["main"]
+    chunks: list[tuple[float, int]] = []
+    data = bytearray()
+    stop = threading.Event()
+
+    def listen() -> None:
+        with urllib.request.urlopen(f"{radio.base_url}/main.mp3", timeout=10) as r:
+            while not stop.is_set():
+                b = r.read1(4096)
+                if not b:
+                    return
+                chunks.append((time.monotonic(), len(b)))
+                data.extend(b)
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    time.sleep(1.0)
+    radio.radio.generator.slow_down(0.6)  # 0.2 s of audio now takes > 0.6 s: x0.3 real time
+    t = time.monotonic()
+    while st.health.underruns == 0:
+        assert time.monotonic() - t < 10, "no underrun although generation was slowed down"
+        time.sleep(0.05)
+    time.sleep(2.0)  # two seconds of bridge
+    radio.radio.generator.slow_down(0.0)
+    t = time.monotonic()
+    while radio.call(lambda: radio.radio.clocks["main"]._bridge is not None):
+        assert time.monotonic() - t < 10, "never recovered from the underrun"
+        time.sleep(0.05)
+    time.sleep(1.0)
+    stop.set()
+    listener.join(5)
+    assert st.health.underruns == 1 and st.health.bridge_seconds > 1.5
+
+    # the connection never stalled ...
+    times = [c[0] for c in chunks]
+    assert max(np.diff(times)) < 0.5, "the MP3 stream stalled"
+    # ... and it never went silent: decode what the listener got, 100 ms windows after 0.5 s
+    with av.open(io.BytesIO(bytes(data)), format="mp3") as f:
+        pcm = np.concatenate([fr.to_ndarray().reshape(-1) for fr in f.decode(audio=0)])
+    win = 4410
+    rms = np.sqrt(np.mean(pcm[: len(pcm) // win * win].reshape(-1, win) ** 2, axis=1))
+    dbfs = 20 * np.log10(rms[5:-2] + 1e-9)
+    assert len(dbfs) > 40
+    assert dbfs.min() > -40, f"quietest 100 ms: {dbfs.min():.1f} dBFS"
+
+    with urllib.request.urlopen(f"{radio.base_url}/metrics", timeout=10) as r:
+        assert 'radio_underruns_total{station="main"} 1.0' in r.read().decode()
+
+
+def test_ctrl_c_closes_listeners_and_exits_quickly(tiny_model_dir, tmp_path):
+    proc, base = start_radio_serve(tiny_model_dir, tmp_path)
+    try:
+        conn, r = open_mp3(base, icy=False)
+        assert len(r.read1(4096)) > 0
+        events = urllib.request.urlopen(f"{base}/api/stations/main/events", timeout=10)
+        assert events.readline()  # connected
+        t = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(5)
+        took = time.monotonic() - t
+        assert rc == 0, rc
+        # the listener saw a clean end of stream, not a hang
+        rest = b""
+        while chunk := r.read1(65536):
+            rest += chunk
+        conn.close()
+        events.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = (tmp_path / "radio-serve.log").read_text()
+    assert "closing 1 listener" in log and "generator stopped" in log, log[-2000:]
+    assert "Traceback" not in log, log[-3000:]
+    print(f"\nexit {took:.2f} s after SIGINT")
+    assert took < 5
