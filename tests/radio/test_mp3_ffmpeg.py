@@ -1,0 +1,46 @@
+"""A real player on the MP3 mount: ffmpeg decodes 20 s of `/main.mp3` (with ICY metadata, which
+ffmpeg asks for by default) and the audio arrives exactly at wall-clock rate, without errors."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+from tests.conftest import require_tool
+
+SECONDS = 20.0
+
+
+def test_ffmpeg_decodes_20_s_of_the_mp3_mount_at_wall_clock_rate(radio_factory):
+    ffmpeg = require_tool("ffmpeg")
+    radio = radio_factory()
+    url = f"{radio.base_url}/main.mp3"
+    cmd = [ffmpeg, "-nostdin", "-v", "error", "-i", url, "-t", str(SECONDS + 1), "-f", "null", "-"]
+    cmd += ["-progress", "pipe:1", "-stats_period", "0.25"]
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    progress: list[tuple[float, float]] = []  # (wall seconds, decoded seconds)
+    try:
+        for line in proc.stdout:
+            if line.startswith("out_time_us="):
+                us = line.strip().split("=", 1)[1]
+                if us.isdigit():
+                    progress.append((time.monotonic() - started, int(us) / 1e6))
+        errors = proc.stderr.read()
+        assert proc.wait(10) == 0, errors
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    wall = time.monotonic() - started
+    assert errors.strip() == "", f"ffmpeg reported decode errors:\n{errors}"
+    # after the first second (the burst a new listener gets), audio arrives at wall-clock rate
+    t0, d0 = next(p for p in progress if p[0] >= 1.5)
+    t1, d1 = progress[-1]
+    assert t1 - t0 >= SECONDS - 3, progress[-3:]
+    rate = (d1 - d0) / (t1 - t0)
+    print(f"\nffmpeg decoded {d1 - d0:.2f} s of audio in {t1 - t0:.2f} s of wall time ({rate:.4f})")
+    assert abs(rate - 1) < 0.02, rate
+    # the whole read: 21 s of audio took 21 s less the ~1 s burst
+    assert SECONDS - 1 < wall < SECONDS + 1.5, wall
+    assert radio.radio.stations["main"].health.underruns == 0
