@@ -618,9 +618,13 @@
       const bh = Math.max(floor, v * (h - floor));
       const x = i * (bw + gap);
       const r = Math.min(bw / 2, 4);
-      ctx.beginPath();
-      ctx.roundRect(x, h - bh, bw, bh, [r, r, 0, 0]);
-      ctx.fill();
+      if (ctx.roundRect) {
+        ctx.beginPath();
+        ctx.roundRect(x, h - bh, bw, bh, [r, r, 0, 0]);
+        ctx.fill();
+      } else {
+        ctx.fillRect(x, h - bh, bw, bh); // older browsers
+      }
     }
   }
 
