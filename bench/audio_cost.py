@@ -1,6 +1,6 @@
 """CPU cost per second of audio of the loudness normalizer, the MP3 encoder and the HLS segmenter.
 
-    python bench/audio_cost.py
+python bench/audio_cost.py
 """
 
 import time
@@ -32,7 +32,7 @@ def main() -> None:
         print(
             f"{channels} ch: loudness {cost_ms_per_audio_second(loudness.process, pcm):.1f} ms, "
             f"mp3 {cost_ms_per_audio_second(mp3.encode, pcm):.1f} ms, "
-            f"hls {cost_ms_per_audio_second(lambda p: hls.push(p, now), pcm):.1f} ms "
+            f"hls {cost_ms_per_audio_second(lambda p, h=hls, t=now: h.push(p, t), pcm):.1f} ms "
             "CPU per second of audio"
         )
 

@@ -17,4 +17,11 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["AudioStream", "LoadOptions", "ModelLoadError", "MusicModel", "SamplingOptions", "WindowOptions"]
+__all__ = [
+    "AudioStream",
+    "LoadOptions",
+    "ModelLoadError",
+    "MusicModel",
+    "SamplingOptions",
+    "WindowOptions",
+]

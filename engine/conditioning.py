@@ -38,7 +38,9 @@ def encode_prompt(model, processor, text: str) -> TextCondition:
     return TextCondition(states[0], mask[0].bool())
 
 
-def batch_conditions(conditions: list[TextCondition], guidance: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_conditions(
+    conditions: list[TextCondition], guidance: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack conditions into decoder rows: [cond_1..cond_N, null_1..null_N] when guidance is on.
 
     Returns states [B, S, E] (zero-padded to the longest prompt) and mask [B, S] bool. Null rows
@@ -56,6 +58,8 @@ def batch_conditions(conditions: list[TextCondition], guidance: bool) -> tuple[t
         # A prompt with no token (the null condition) attends to zeros everywhere: output 0.
         masks.append(mask if bool(mask.any()) else torch.ones_like(mask))
     if guidance:
-        rows += [torch.zeros(longest, ref.shape[1], device=ref.device, dtype=ref.dtype)] * len(conditions)
+        rows += [torch.zeros(longest, ref.shape[1], device=ref.device, dtype=ref.dtype)] * len(
+            conditions
+        )
         masks += [torch.ones(longest, dtype=torch.bool, device=ref.device)] * len(conditions)
     return torch.stack(rows), torch.stack(masks)

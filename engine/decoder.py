@@ -68,7 +68,11 @@ class Decoder:
             LayerWeights(
                 ln_self=_ln(layer.self_attn_layer_norm),
                 qkv=torch.cat(
-                    [layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight]
+                    [
+                        layer.self_attn.q_proj.weight,
+                        layer.self_attn.k_proj.weight,
+                        layer.self_attn.v_proj.weight,
+                    ]
                 ),
                 out_self=layer.self_attn.out_proj.weight,
                 ln_cross=_ln(layer.encoder_attn_layer_norm),
@@ -117,7 +121,9 @@ class Decoder:
         b, _, t, _ = x.shape
         return x.transpose(1, 2).reshape(b, t, self.hidden)  # [B, T, E]
 
-    def forward(self, ids: torch.Tensor, start: int, cache: KVCache, cross: CrossKV) -> torch.Tensor:
+    def forward(
+        self, ids: torch.Tensor, start: int, cache: KVCache, cross: CrossKV
+    ) -> torch.Tensor:
         """Run positions [start, start + T) and return hidden states [B, T, E] after the final norm.
 
         ids: [B, K, T]. T > 1 (a prefill) must start at position 0; T == 1 is one decoding step.
@@ -136,7 +142,9 @@ class Decoder:
 
             h = F.layer_norm(x, (self.hidden,), *w.ln_cross)
             q = self._split_heads(F.linear(h, w.q_cross))
-            a = F.scaled_dot_product_attention(q, cross.keys[i], cross.values[i], attn_mask=cross.mask)
+            a = F.scaled_dot_product_attention(
+                q, cross.keys[i], cross.values[i], attn_mask=cross.mask
+            )
             x = x + F.linear(self._merge_heads(a), w.out_cross)
 
             h = F.layer_norm(x, (self.hidden,), *w.ln_ffn)

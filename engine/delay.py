@@ -35,6 +35,8 @@ def delayed_layout(frames: torch.Tensor, delays: torch.Tensor, length: int) -> t
     index = positions[None, :] - 1 - delays[:, None]  # [K, length] frame index
     out = torch.full((num_codebooks, length), -1, dtype=torch.long)
     known = (index >= 0) & (index < num_frames)
-    out[known] = frames.gather(1, index.clamp(0, max(num_frames - 1, 0)))[known] if num_frames else 0
+    out[known] = (
+        frames.gather(1, index.clamp(0, max(num_frames - 1, 0)))[known] if num_frames else 0
+    )
     out[index < 0] = PAD
     return out

@@ -59,8 +59,8 @@ class LoadedModel:
 
 
 def _refuse_unsupported(name: str, config) -> None:
-    archs = getattr(config, "architectures", None) or []
-    if "melody" in name.lower() or any("Melody" in a for a in archs):
+    archs = (getattr(config, "architectures", None) or []) + [getattr(config, "model_type", "")]
+    if "melody" in name.lower() or any("melody" in a.lower() for a in archs):
         raise ModelLoadError(
             f"{name} is a musicgen-melody checkpoint (chroma-conditioned, its own class in "
             "transformers); Endless Radio supports the text-only MusicGen models: "
@@ -70,9 +70,9 @@ def _refuse_unsupported(name: str, config) -> None:
 
 def _offline_message(name: str, err: Exception) -> str:
     return (
-        f"could not load the MusicGen model {name!r}: {err.__class__.__name__}: {err}\n"
-        "  The weights are neither in a local folder of that name nor in the Hugging Face cache, "
-        "and the hub could not be reached. Ways out:\n"
+        f"could not load the MusicGen model {name!r}: it is not a local folder, its weights are "
+        "not in the Hugging Face cache, and the hub could not be reached "
+        f"({err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}). Ways out:\n"
         "  - go online once so that the weights download (they are then cached), or\n"
         "  - pass a folder that holds the weights: --model /path/to/musicgen-small, or\n"
         "  - if they are cached already, set HF_HUB_OFFLINE=1 to skip the network, or\n"
@@ -92,6 +92,8 @@ def load_model(options: LoadOptions) -> LoadedModel:
     if name.startswith((".", "/", "~")) and not local.exists():
         raise ModelLoadError(f"model folder {name!r} does not exist")
     source = str(local) if local.exists() else name
+    if "melody" in name.lower():
+        _refuse_unsupported(name, None)
     log.info("loading MusicGen %s on %s in %s", name, device, str(dtype).removeprefix("torch."))
     try:
         config = AutoConfig.from_pretrained(source)

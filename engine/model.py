@@ -31,7 +31,7 @@ REWIND_FRAMES = 500  # how far back (10 s) a prompt change may rewind already ge
 class MusicModel:
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
-        self.hf = loaded.model
+        self.hf = loaded.model.requires_grad_(False)
         self.processor = loaded.processor
         self.decoder = Decoder(self.hf.decoder)
         config = self.hf.config
@@ -91,7 +91,9 @@ class MusicModel:
 class AudioStream:
     """Endless PCM from a `TokenStream` through a streaming codec decoder."""
 
-    def __init__(self, model: MusicModel, tokens: TokenStream, codec: StreamingDecoder, prompt: str):
+    def __init__(
+        self, model: MusicModel, tokens: TokenStream, codec: StreamingDecoder, prompt: str
+    ):
         self.model = model
         self.tokens = tokens
         self.codec = codec

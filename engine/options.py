@@ -51,8 +51,12 @@ class SamplingOptions:
 
 @dataclass(frozen=True)
 class WindowOptions:
-    window: int = 1500  # frames in one KV-cache window (50 frames = 1 s); at most the model's positions
-    context: int = 500  # frames re-prefilled as the prompt when a window is full or the prompt changes
+    window: int = (
+        1500  # frames in one KV-cache window (50 frames = 1 s); at most the model's positions
+    )
+    context: int = (
+        500  # frames re-prefilled as the prompt when a window is full or the prompt changes
+    )
 
     def validate(self, max_positions: int = 2048) -> WindowOptions:
         if self.context < 1:

@@ -61,9 +61,7 @@ def _configs(size: str, stereo: bool):
         text = T5Config(
             vocab_size=32128, d_model=768, d_ff=3072, num_layers=12, num_heads=12, d_kv=64
         )
-        codec = EncodecConfig(
-            **_ENCODEC_32KHZ, codebook_dim=128, hidden_size=128, num_filters=64
-        )
+        codec = EncodecConfig(**_ENCODEC_32KHZ, codebook_dim=128, hidden_size=128, num_filters=64)
     elif size == "tiny":
         decoder = MusicgenDecoderConfig(
             hidden_size=64,
@@ -73,16 +71,27 @@ def _configs(size: str, stereo: bool):
             num_codebooks=codebooks,
             audio_channels=channels,
         )
-        text = T5Config(
-            vocab_size=vocab, d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8
-        )
+        text = T5Config(vocab_size=vocab, d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8)
         codec = EncodecConfig(**_ENCODEC_32KHZ, codebook_dim=16, hidden_size=16, num_filters=4)
     else:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
     return text, codec, decoder
 
 
-def build_tiny_model(out_dir: str | Path, *, size: str = "tiny", stereo: bool = False, seed: int = 0):
+@torch.no_grad()
+def _randomize_codebooks(codec) -> None:
+    """EnCodec's codebooks are buffers that training fills (k-means, then EMA); a fresh model
+    has them all zero, which would decode every token to the same sound. Draw them instead."""
+    for layer in codec.quantizer.layers:
+        book = layer.codebook
+        book.embed.normal_()
+        book.embed_avg.copy_(book.embed)
+        book.cluster_size.fill_(1.0)
+
+
+def build_tiny_model(
+    out_dir: str | Path, *, size: str = "tiny", stereo: bool = False, seed: int = 0
+):
     """Write a random-weight MusicGen (weights, configs, tokenizer, processor) to `out_dir`.
 
     Returns the model, still in memory, for callers that want to use it at once.
@@ -102,6 +111,7 @@ def build_tiny_model(out_dir: str | Path, *, size: str = "tiny", stereo: bool = 
     torch.manual_seed(seed)
     config = MusicgenConfig(text_encoder=text, audio_encoder=codec, decoder=decoder)
     model = MusicgenForConditionalGeneration(config).eval()
+    _randomize_codebooks(model.audio_encoder)
     # Same generation defaults as the published checkpoints.
     model.generation_config = GenerationConfig(
         do_sample=True,
@@ -115,8 +125,6 @@ def build_tiny_model(out_dir: str | Path, *, size: str = "tiny", stereo: bool = 
     model.save_pretrained(out)
 
     tokenizer = T5Tokenizer(vocab=_tokenizer_vocab(), extra_ids=100)
-    extractor = EncodecFeatureExtractor(
-        feature_size=1, sampling_rate=32000, padding_value=0.0
-    )
+    extractor = EncodecFeatureExtractor(feature_size=1, sampling_rate=32000, padding_value=0.0)
     MusicgenProcessor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(out)
     return model

@@ -70,11 +70,13 @@ class TokenStream:
         """(tokens [K, T], offset): the kept complete frames; tokens[:, i] is frame offset + i."""
         return self._history, self._offset
 
+    @torch.inference_mode()
     def generate_until(self, frame: int) -> None:
         """Run decoder steps until at least `frame` frames are complete."""
         while self.complete < frame:
             self._step()
 
+    @torch.inference_mode()
     def set_prompt(self, condition: TextCondition, from_frame: int) -> int:
         """Continue with a new text condition from `from_frame`; frames beyond it are dropped.
 
@@ -87,6 +89,7 @@ class TokenStream:
         self._start_window()
         return from_frame
 
+    @torch.inference_mode()
     def set_sampling(self, sampling: SamplingOptions, from_frame: int | None = None) -> None:
         """Change sampling settings. Turning guidance on or off changes the batch, which takes a
         continuation from `from_frame` (default: the last complete frame)."""
@@ -123,7 +126,9 @@ class TokenStream:
 
     def _start_window(self) -> None:
         """Re-prefill: positions restart at 0 with the last `context` frames as the prompt."""
-        context = self._history[:, -self.window.context :] if self._history.shape[1] else self._history
+        context = (
+            self._history[:, -self.window.context :] if self._history.shape[1] else self._history
+        )
         self._context_len = context.shape[1]
         self._window_start = self.complete - self._context_len  # stream frame of window frame 0
         rows = 2 if self._guided else 1
@@ -144,7 +149,11 @@ class TokenStream:
 
     def _step(self) -> None:
         if self._fed >= self.window.window:
-            log.debug("window full at frame %d: re-prefilling %d frames", self.complete, self.window.context)
+            log.debug(
+                "window full at frame %d: re-prefilling %d frames",
+                self.complete,
+                self.window.context,
+            )
             self._start_window()
             return
         rows = self._cache.keys.shape[1]

@@ -10,13 +10,13 @@ import argparse
 import logging
 import sys
 
-
-class CliError(Exception):
-    """A mistake the user can fix; printed as one line, exit code 2."""
+from radio.errors import CliError
 
 
 def _add_tiny_model(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tiny-model", help="write a random-weight MusicGen for tests and offline demos")
+    p = sub.add_parser(
+        "tiny-model", help="write a random-weight MusicGen for tests and offline demos"
+    )
     p.add_argument("dir", help="folder to write the model into")
     p.add_argument("--stereo", action="store_true", help="8 interleaved codebooks (stereo)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
@@ -32,7 +32,9 @@ def _add_tiny_model(sub: argparse._SubParsersAction) -> None:
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from engine.tiny import build_tiny_model
 
-    logging.getLogger(__name__).info("writing a random-weight %s MusicGen to %s", args.size, args.dir)
+    logging.getLogger(__name__).info(
+        "writing a random-weight %s MusicGen to %s", args.size, args.dir
+    )
     build_tiny_model(args.dir, size=args.size, stereo=args.stereo, seed=args.seed)
     print(f"wrote a random-weight {args.size} MusicGen to {args.dir} (it makes noise, not music)")
     return 0
@@ -51,7 +53,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="radio", description="Endless Radio: music that never ends.")
+    parser = argparse.ArgumentParser(
+        prog="radio", description="Endless Radio: music that never ends."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)

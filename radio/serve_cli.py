@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from radio.cli import CliError
+from radio.errors import CliError
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 
 
-def reference_tokens(model, processor, prompt: str, steps: int, guidance: float, prompt_frames=None):
+def reference_tokens(
+    model, processor, prompt: str, steps: int, guidance: float, prompt_frames=None
+):
     """Greedy reference tokens [K, T] for `steps` new decoder steps (T = steps + 1 - K_delay - 1
     for a fresh start, plus the prompt frames when given)."""
     captured: list[torch.Tensor] = []
@@ -25,7 +27,10 @@ def reference_tokens(model, processor, prompt: str, steps: int, guidance: float,
         inputs = processor(text=[prompt], return_tensors="pt", padding=True)
     else:
         inputs = model.get_unconditional_inputs(1)
-        inputs = {"encoder_outputs": inputs.encoder_outputs, "attention_mask": inputs.attention_mask}
+        inputs = {
+            "encoder_outputs": inputs.encoder_outputs,
+            "attention_mask": inputs.attention_mask,
+        }
     if prompt_frames is not None:
         kwargs["decoder_input_ids"] = prompt_frames.reshape(-1, prompt_frames.shape[-1])
     codec.decode = capture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import reference_tokens
 from transformers import AutoProcessor, MusicgenForConditionalGeneration
 
 from engine.conditioning import encode_prompt
@@ -17,13 +16,16 @@ from engine.decoder import Decoder
 from engine.delay import codebook_delays, delayed_layout
 from engine.options import SamplingOptions, WindowOptions
 from engine.token_stream import TokenStream
+from tests.engine.reference import reference_tokens
 
 PROMPT = "slow rainy day jazz"
 STEPS = 256
 
 
 def _load(path):
-    return MusicgenForConditionalGeneration.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
+    return MusicgenForConditionalGeneration.from_pretrained(
+        path
+    ).eval(), AutoProcessor.from_pretrained(path)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,9 @@ def _stream(model, processor, prompt, guidance, window=None, prompt_frames=None)
 def _assert_streams_agree(ours: torch.Tensor, ref: torch.Tensor) -> None:
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
     mismatch = (ours != ref).nonzero()
-    assert mismatch.numel() == 0, f"first mismatch (codebook, frame): {mismatch[0].tolist()} of {ours.shape}"
+    assert mismatch.numel() == 0, (
+        f"first mismatch (codebook, frame): {mismatch[0].tolist()} of {ours.shape}"
+    )
 
 
 @pytest.mark.parametrize("which", ["mono", "stereo"])

@@ -1,0 +1,168 @@
+"""Engine vs the reference (`transformers` `generate`) on the same random weights, in one run.
+
+    python bench/bench_engine.py                  # musicgen-small shapes (the real cost), ~5 min
+    python bench/bench_engine.py --size tiny --seconds 2 --reference-steps 20   # CI smoke run
+
+Prints steps per second and real-time factor (seconds of audio per second of wall time) for:
+the engine end to end (decoder steps, window re-prefills, streaming codec decode) in the chosen
+dtype, and `generate` (CFG on, batch 1, sampling with top-k 250) in float32 and bfloat16; the
+prefill time of a 500-frame context; the codec's decode cost per second of audio; and the
+ratios. Absolute times on a shared machine are noise; the ratios are the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from engine import LoadOptions, MusicModel, SamplingOptions, WindowOptions  # noqa: E402
+from engine.conditioning import batch_conditions  # noqa: E402
+from engine.delay import codebook_delays, delayed_layout  # noqa: E402
+from engine.tiny import build_tiny_model  # noqa: E402
+
+PROMPT = "slow rainy-day jazz with a soft piano"
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def model_dir(size: str) -> Path:
+    path = ROOT / "models" / f"bench-{size}"
+    if not (path / "model.safetensors").exists():
+        say(f"building random-weight {size} MusicGen in {path} (once) ...")
+        build_tiny_model(path, size=size, seed=0)
+    return path
+
+
+@torch.inference_mode()
+def bench_generate(path: Path, dtype: str, steps: int) -> dict:
+    from transformers import AutoProcessor, MusicgenForConditionalGeneration
+
+    model = MusicgenForConditionalGeneration.from_pretrained(
+        path, dtype=getattr(torch, dtype)
+    ).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    inputs = processor(text=[PROMPT], return_tensors="pt", padding=True)
+    kwargs = dict(do_sample=True, guidance_scale=3.0, top_k=250)
+    model.generate(**inputs, **kwargs, max_new_tokens=4)  # warm-up
+    began = time.perf_counter()
+    model.generate(**inputs, **kwargs, max_new_tokens=steps)
+    seconds = time.perf_counter() - began
+    frames = steps - model.decoder.config.num_codebooks + 1
+    return {
+        "steps_per_s": steps / seconds,
+        "rtf": frames / 50 / seconds,
+        "wall_s": seconds,
+        "steps": steps,
+    }
+
+
+@torch.inference_mode()
+def bench_engine(path: Path, dtype: str, seconds: float, window: WindowOptions) -> dict:
+    model = MusicModel.load(LoadOptions(model=str(path), device="cpu", dtype=dtype))
+    stream = model.open_stream(PROMPT, SamplingOptions(seed=0), window)
+    stream.read(5)  # warm-up
+    frames = round(seconds * model.frame_rate)
+    steps_before, began = stream.tokens.steps, time.perf_counter()
+    done = 0
+    while done < frames:
+        stream.read(min(25, frames - done))
+        done += min(25, frames - done)
+        if done % 250 == 0:
+            say(f"  engine: {done / model.frame_rate:.0f} s of audio rendered")
+    wall = time.perf_counter() - began
+    steps = stream.tokens.steps - steps_before
+    return {
+        "steps_per_s": steps / max(stream.generate_seconds, 1e-9),
+        "rtf": frames / model.frame_rate / wall,
+        "wall_s": wall,
+        "frames": frames,
+        "prefills": stream.tokens.prefills,
+        "codec_ms_per_audio_s": 1000 * stream.decode_seconds / (frames / model.frame_rate),
+        "model": model,
+    }
+
+
+@torch.inference_mode()
+def bench_prefill(model: MusicModel, context: int) -> float:
+    decoder = model.decoder
+    frames = torch.randint(0, 2048, (model.num_codebooks, context))
+    delays = codebook_delays(model.num_codebooks, model.channels)
+    ids = delayed_layout(frames, delays, context + 1).to(model.device)
+    states, mask = batch_conditions([model.encode_prompt(PROMPT)], guidance=True)
+    cross = decoder.cross_kv(states, mask)
+    cache = decoder.new_cache(2, context + 8)
+    decoder.prefill(ids[None].expand(2, -1, -1), cache, cross)  # warm-up
+    began = time.perf_counter()
+    decoder.prefill(ids[None].expand(2, -1, -1), cache, cross)
+    return time.perf_counter() - began
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=("small", "tiny"), default="small")
+    parser.add_argument(
+        "--seconds", type=float, default=24.0, help="audio the engine renders (>= 20 s)"
+    )
+    parser.add_argument("--reference-steps", type=int, default=150, help="steps per generate run")
+    parser.add_argument(
+        "--dtype", default="bfloat16", help="dtype of the engine and the main reference"
+    )
+    parser.add_argument("--window", type=int, default=1500)
+    parser.add_argument("--context", type=int, default=500)
+    parser.add_argument("--json", help="also write the figures to this JSON file")
+    args = parser.parse_args()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    window = WindowOptions(window=args.window, context=args.context)
+
+    path = model_dir(args.size)
+    say(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    )
+    say(f"engine ({args.dtype}): rendering {args.seconds:.0f} s of audio end to end ...")
+    engine = bench_engine(path, args.dtype, args.seconds, window)
+    prefill = bench_prefill(engine.pop("model"), args.context)
+    results = {"engine": engine, "prefill_s": prefill}
+    for dtype in ("float32", args.dtype) if args.dtype != "float32" else ("float32",):
+        say(f"transformers generate ({dtype}): {args.reference_steps} steps ...")
+        results[f"generate_{dtype}"] = bench_generate(path, dtype, args.reference_steps)
+
+    ref = results[f"generate_{args.dtype}"]
+    ref32 = results["generate_float32"]
+    say("")
+    say(f"| what ({args.size} shapes, CFG on, batch 1) | steps/s | real-time factor |")
+    say("| --- | --- | --- |")
+    say(f"| engine, {args.dtype}, end to end | {engine['steps_per_s']:.1f} | {engine['rtf']:.3f} |")
+    for dtype in dict.fromkeys(("float32", args.dtype)):
+        r = results[f"generate_{dtype}"]
+        say(f"| transformers generate, {dtype} | {r['steps_per_s']:.1f} | {r['rtf']:.3f} |")
+    say("")
+    say(
+        f"engine / generate ({args.dtype}), end-to-end real-time factor: x{engine['rtf'] / ref['rtf']:.2f}"
+    )
+    say(
+        f"engine / generate (float32), end-to-end real-time factor:  x{engine['rtf'] / ref32['rtf']:.2f}"
+    )
+    say(f"prefill of a {args.context}-frame context: {prefill:.2f} s")
+    say(f"codec decode: {engine['codec_ms_per_audio_s']:.0f} ms per second of audio")
+    say(f"window re-prefills during the engine run: {engine['prefills']}")
+    if args.json:
+        results["measured_at"] = datetime.now(UTC).isoformat()
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from radio.cli import main
+
+sys.exit(main())

@@ -1,0 +1,68 @@
+"""Loading: device and dtype choice, local folders, and clear refusals instead of tracebacks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engine import LoadOptions, ModelLoadError, MusicModel
+from engine.loading import choose_device, choose_dtype, cpu_has_fast_bf16
+
+
+def test_auto_device_and_dtype():
+    device = choose_device("auto")
+    assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    expected = torch.bfloat16 if device.type == "cuda" or cpu_has_fast_bf16() else torch.float32
+    assert choose_dtype("auto", device) == expected
+    assert choose_dtype("float32", device) == torch.float32
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_gpu_is_a_clear_error():
+    with pytest.raises(ModelLoadError, match="no CUDA device"):
+        choose_device("cuda")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("device", "tpu", "device:"), ("dtype", "float8", "dtype:"), ("model", "", "model:")],
+)
+def test_bad_load_options_name_the_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        LoadOptions(**{field: value}).validate()
+
+
+def test_local_folder_loads_with_the_chosen_dtype(tiny_model_dir):
+    model = MusicModel.load(LoadOptions(model=tiny_model_dir, device="cpu", dtype="bfloat16"))
+    assert model.dtype == torch.bfloat16
+    assert model.decoder.dtype == torch.bfloat16
+    assert model.hf.audio_encoder.dtype == torch.float32  # the codec stays in float32
+    assert (model.sample_rate, model.channels, model.frame_rate, model.hop) == (32000, 1, 50, 640)
+    pcm = model.open_stream("jazz").read(10)
+    assert pcm.shape == (1, 6400) and pcm.dtype.name == "float32"
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        MusicModel.load(LoadOptions(model=str(tmp_path / "nope")))
+
+
+def test_melody_is_refused_clearly():
+    with pytest.raises(ModelLoadError, match="musicgen-melody"):
+        MusicModel.load(LoadOptions(model="facebook/musicgen-melody"))
+
+
+def test_offline_without_weights_says_the_ways_out(tmp_path):
+    """No network, no cache: one message naming the model and the ways out, no traceback."""
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"}
+    cmd = [sys.executable, "-m", "radio.cli", "render", "--prompt", "x", "--seconds", "1"]
+    cmd += ["--out", str(tmp_path / "x.wav"), "--model", "facebook/musicgen-small"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "facebook/musicgen-small" in result.stderr
+    for way_out in ("--model", "HF_HUB_OFFLINE", "radio tiny-model"):
+        assert way_out in result.stderr
