@@ -642,6 +642,19 @@
 
   // ---------------------------------------------------------------- prompts
 
+  /** Seconds between the radio's clock and what this player sounds now; null when unknown. */
+  function playerDelay() {
+    if (!state.wanted || !state.mode) return null;
+    const a = el.audio;
+    if (state.hls && Number.isFinite(state.hls.latency) && state.hls.latency > 0) {
+      return state.hls.latency; // hls.js: distance to the live edge of the playlist
+    }
+    if (a.buffered.length === 0) return null;
+    // MP3 and native HLS: the server sends in real time, so what is buffered is the delay.
+    const ahead = a.buffered.end(a.buffered.length - 1) - a.currentTime;
+    return ahead >= 0 ? ahead : null;
+  }
+
   function clearPromptStatus() {
     for (const t of state.promptTimers) clearTimeout(t);
     state.promptTimers = [];
@@ -682,18 +695,25 @@
     if (r.ok) {
       el.send.disabled = false;
       el.input.value = "";
-      const n = body.heard_in_seconds;
-      const when = typeof n === "number" ? `in about ${n.toFixed(1)} s` : "in a moment";
-      promptSays(`Sent. Everyone hears it ${when}.`, "ok");
-      const ms = typeof n === "number" ? n * 1000 : 2000;
+      const n = typeof body.heard_in_seconds === "number" ? body.heard_in_seconds : null;
+      const behind = playerDelay();
+      let says = n === null ? "Sent. It goes on the air in a moment." : `Sent. On the air in ${n.toFixed(1)} s`;
+      if (n !== null && behind !== null) {
+        says += `; your player is ${behind.toFixed(1)} s behind, so you hear it in about ${(n + behind).toFixed(1)} s.`;
+      } else if (n !== null) says += ".";
+      promptSays(says, "ok");
+      const ms = ((n ?? 2) + (behind ?? 0)) * 1000;
       state.promptTimers.push(
-        setTimeout(() => promptSays("Your prompt is on the air.", "ok"), ms),
+        setTimeout(() => promptSays(`You should be hearing “${body.prompt ?? text}” now.`, "ok"), ms),
         // Events normally bring the new prompt; if they are down, ask once.
-        setTimeout(() => {
-          if (state.station?.id === id && state.station.prompt !== (body.prompt ?? text)) {
-            refreshStation();
-          }
-        }, ms + 1500),
+        setTimeout(
+          () => {
+            if (state.station?.id === id && state.station.prompt !== (body.prompt ?? text)) {
+              refreshStation();
+            }
+          },
+          (n ?? 2) * 1000 + 1500,
+        ),
       );
       return;
     }

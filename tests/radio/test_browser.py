@@ -114,7 +114,7 @@ def test_hls_plays_and_prompts_change_live(radio_serve: str, page) -> None:
     box.fill("warm analog synthwave at dusk")
     box.press("Enter")
     page.wait_for_function(
-        "document.getElementById('prompt-status').textContent.includes('hears it in')",
+        "document.getElementById('prompt-status').textContent.includes('you hear it in about')",
         timeout=10_000,
     )
     page.wait_for_function(
