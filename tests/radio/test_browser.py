@@ -10,6 +10,7 @@ screenshot at /tmp/radio-page.png for a human to look at.
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -75,6 +76,7 @@ def page(browser):
 
 
 def _play(pg, url: str, keyboard: bool = False) -> None:
+    """Open `url`, press play; returns when the audio clock moves (prints how long it took)."""
     pg.goto(url)
     pg.wait_for_selector("#play:not([disabled])", timeout=10_000)
     play = pg.get_by_role("button", name="Play")  # found by its accessible name
@@ -83,7 +85,21 @@ def _play(pg, url: str, keyboard: bool = False) -> None:
         pg.keyboard.press("Space")
     else:
         play.click()
-    pg.wait_for_function("document.getElementById('audio').currentTime > 0", timeout=20_000)
+    t0 = time.monotonic()
+    pg.wait_for_function(
+        "document.getElementById('audio').currentTime > 0", polling=20, timeout=20_000
+    )
+    mode = pg.get_attribute("#audio", "data-mode")
+    print(f"\n{url}: {mode} plays {time.monotonic() - t0:.2f} s after the press", end=" ")
+
+
+def _delay(pg) -> float:
+    """Seconds this player lags the radio's clock, as the page estimates it."""
+    return pg.evaluate(
+        """() => { const a = document.getElementById('audio');
+                   const b = a.buffered;
+                   return b.length ? b.end(b.length - 1) - a.currentTime : -1; }"""
+    )
 
 
 def _advance(pg, seconds: float = 2.0) -> float:
@@ -103,6 +119,7 @@ def test_hls_plays_and_prompts_change_live(radio_serve: str, page) -> None:
     assert page.get_attribute("#audio", "data-mode") == "hls.js"
     moved = _advance(page)
     assert moved > 1.4, f"audio clock moved {moved:.2f} s in 2 s of wall time"
+    print(f"and has {_delay(page):.1f} s buffered ahead", end=" ")
     # The Web Audio analyser hears the stream (noise at -14 LUFS, far above the floor).
     level = int(page.get_attribute("#meter", "aria-valuenow"))
     assert level > -45, f"level meter says {level} dBFS: no sound reaches Web Audio"
@@ -156,6 +173,7 @@ def test_mp3_player_when_asked(radio_serve: str, page) -> None:
     assert page.get_attribute("#audio", "data-mode") == "mp3"
     moved = _advance(page)
     assert moved > 1.4, f"MP3 clock moved {moved:.2f} s in 2 s of wall time"
+    print(f"and has {_delay(page):.1f} s buffered ahead", end=" ")
     level = int(page.get_attribute("#meter", "aria-valuenow"))
     assert level > -45, f"level meter says {level} dBFS: no sound reaches Web Audio"
     assert page.errors == []
@@ -170,6 +188,7 @@ def test_falls_back_to_mp3_when_hls_fails(radio_serve: str, page) -> None:
     assert "HLS failed" in page.text_content("#player-status")
     moved = _advance(page)
     assert moved > 1.4, f"MP3 clock moved {moved:.2f} s in 2 s of wall time"
+    print(f"and has {_delay(page):.1f} s buffered ahead", end=" ")
 
 
 def test_native_hls_where_there_is_no_media_source(radio_serve: str, page) -> None:
@@ -184,6 +203,6 @@ def test_native_hls_where_there_is_no_media_source(radio_serve: str, page) -> No
         assert mode == "native"
     moved = _advance(page)
     assert moved > 1.4, f"{mode} clock moved {moved:.2f} s in 2 s of wall time"
-    print(f"without MediaSource the page played: {mode}")
+    print(f"and has {_delay(page):.1f} s buffered ahead", end=" ")
     if mode == "native":
         assert page.errors == []
