@@ -183,8 +183,9 @@ def start_radio_serve(tiny_model_dir: str, tmp_path, extra_toml: str = ""):
 
 
 @pytest.fixture(scope="module")
-def radio_serve(tiny_model_dir, tmp_path_factory):
-    """A `radio serve` process shared by a test module; yields its base URL, then stops it."""
+def radio_serve_process(tiny_model_dir, tmp_path_factory):
+    """A `radio serve` process shared by a test module: yields (Popen, base URL, log path),
+    then stops it (a test may already have stopped it, e.g. with SIGINT)."""
     import subprocess
 
     tmp = tmp_path_factory.mktemp("radio-serve")
@@ -193,10 +194,17 @@ def radio_serve(tiny_model_dir, tmp_path_factory):
         "[hls]\nsegment_seconds = 1.0\nplaylist_segments = 4\n"
     )
     proc, base_url = start_radio_serve(tiny_model_dir, tmp, extra)
-    yield base_url
-    proc.terminate()
+    yield proc, base_url, tmp / "radio-serve.log"
+    if proc.poll() is None:
+        proc.terminate()
     try:
         proc.wait(10)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture(scope="module")
+def radio_serve(radio_serve_process) -> str:
+    """The base URL of the module's `radio serve` process."""
+    return radio_serve_process[1]

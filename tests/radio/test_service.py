@@ -19,7 +19,7 @@ import av
 import numpy as np
 
 from radio.icy import IcyReader
-from tests.conftest import require_tool, start_radio_serve
+from tests.conftest import require_tool
 
 
 def post_prompt(base: str, prompt: str) -> dict:
@@ -192,30 +192,27 @@ def test_falling_behind_plays_a_bridge_not_silence(radio_factory):
         assert 'radio_underruns_total{station="main"} 1.0' in r.read().decode()
 
 
-def test_ctrl_c_closes_listeners_and_exits_quickly(tiny_model_dir, tmp_path):
-    proc, base = start_radio_serve(tiny_model_dir, tmp_path)
-    try:
-        conn, r = open_mp3(base, icy=False)
-        assert len(r.read1(4096)) > 0
-        events = urllib.request.urlopen(f"{base}/api/stations/main/events", timeout=10)
-        assert events.readline()  # connected
-        t = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        rc = proc.wait(5)
-        took = time.monotonic() - t
-        assert rc == 0, rc
-        # the listener saw a clean end of stream, not a hang
-        rest = b""
-        while chunk := r.read1(65536):
-            rest += chunk
-        conn.close()
-        events.close()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    log = (tmp_path / "radio-serve.log").read_text()
-    assert "closing 1 listener" in log and "generator stopped" in log, log[-2000:]
+# Keep this test last in the module: it stops the shared `radio serve` process.
+def test_ctrl_c_closes_listeners_and_exits_quickly(radio_serve_process):
+    proc, base, log_path = radio_serve_process
+    conn, r = open_mp3(base, icy=False)
+    assert len(r.read1(4096)) > 0
+    events = urllib.request.urlopen(f"{base}/api/stations/main/events", timeout=10)
+    assert events.readline()  # connected
+    t = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    rc = proc.wait(5)
+    took = time.monotonic() - t
+    assert rc == 0, rc
+    # the listener and the event stream see a clean end, not a hang
+    while r.read1(65536):
+        pass
+    while events.readline():
+        pass
+    conn.close()
+    events.close()
+    log = log_path.read_text()
+    assert re.search(r"closing [1-9]\d* listener", log) and "generator stopped" in log, log[-2000:]
     assert "Traceback" not in log, log[-3000:]
     print(f"\nexit {took:.2f} s after SIGINT")
     assert took < 5
