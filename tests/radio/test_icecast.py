@@ -159,7 +159,7 @@ async def _wait_for(predicate, timeout: float, what: str) -> None:
 async def _mounts(server: IcecastServer) -> dict[str, dict]:
     """status-json.xsl sources by mount path."""
     async with (
-        aiohttp.ClientSession() as s,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s,
         s.get(server.url + "/status-json.xsl") as resp,
     ):
         stats = json.loads(await resp.text())["icestats"]
@@ -176,7 +176,7 @@ async def _icy_listen(url: str, want_title: str, min_audio: int, timeout: float 
     titles: list[str] = []
     audio = bytearray()
     async with (
-        aiohttp.ClientSession() as s,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout + 5)) as s,
         s.get(url, headers={"Icy-MetaData": "1"}) as resp,
     ):
         assert resp.status == 200
@@ -222,7 +222,12 @@ async def _ffmpeg_decode(args: list[str], stdin: bytes | None = None) -> np.ndar
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(proc.communicate(stdin), 20)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(stdin), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
     assert proc.returncode == 0, err.decode(errors="replace")
     # A listener that joins a live MP3 stream starts where the first frame may point back into
     # the bit reservoir of frames it never got: one "backstep" complaint is how every player's
@@ -281,7 +286,9 @@ async def _stream_title_restart_and_cancel(icecast: IcecastServer, caplog) -> No
         assert src.status.connected and src.status.method == "PUT"
 
         # a real player decodes the mount
-        pcm = await _ffmpeg_decode(["-t", "2", "-i", icecast.url + "/main.mp3"])
+        pcm = await _ffmpeg_decode(
+            ["-rw_timeout", "5000000", "-t", "2", "-i", icecast.url + "/main.mp3"]
+        )
         _assert_tone(pcm, 1.5)
 
         # the title set before connecting arrived; a new one shows up in the ICY stream
@@ -478,7 +485,7 @@ async def _relay_checks(icecast: IcecastServer, base_url: str, first: str, src) 
 
     new = "e2e: warm café ☕ strings"
     async with (
-        aiohttp.ClientSession() as s,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s,
         s.post(f"{base_url}/api/stations/main/prompt", json={"prompt": new}) as resp,
     ):
         assert resp.status in (200, 202), await resp.text()
