@@ -192,6 +192,67 @@ def test_falling_behind_plays_a_bridge_not_silence(radio_factory):
         assert 'radio_underruns_total{station="main"} 1.0' in r.read().decode()
 
 
+def test_a_slow_mp3_listener_is_dropped_without_slowing_the_others():
+    import asyncio
+
+    from radio.mounts import Mp3Mount
+
+    async def run() -> None:
+        counts: list[int] = []
+        mount = Mp3Mount(32000, 1, 128, 44100, 1.0, 2.0, on_count=counts.append)
+        pcm = (0.1 * np.sin(np.arange(3200) / 5)).astype(np.float32)[None]  # [1, 3200] = 0.1 s
+        for _ in range(20):  # 2 s of history: the burst
+            mount.push(pcm, None)
+        slow, fast = mount.add(), mount.add()
+        assert len(await fast.next()) >= 15000  # the ~1 s burst arrives at once
+        got = 0
+        for _ in range(100):  # 10 s of audio; `slow` never reads
+            mount.push(pcm, None)
+            got += len(await fast.next() or b"")
+            assert slow._size <= slow.limit  # memory stays bounded
+        assert slow.dropped and slow not in mount.listeners
+        assert await slow.next() is None  # its handler ends
+        assert fast in mount.listeners and not fast.dropped
+        assert abs(got - 10 * 16000) < 1000  # the fast one got every byte, at 128 kbit/s
+        assert counts[-1] == 1
+
+    asyncio.run(run())
+
+
+def test_two_stations_share_one_model(radio_factory):
+    radio = radio_factory(
+        stations=[
+            {"id": "main", "prompt": "slow jazz"},
+            {"id": "rock", "name": "Rock", "prompt": "loud rock"},
+        ],
+        security={"admin_token": "two-station-token"},
+    )
+    base = radio.base_url
+    with urllib.request.urlopen(f"{base}/api/stations", timeout=10) as r:
+        stations = json.loads(r.read())["stations"]
+    assert [(s["id"], s["prompt"]) for s in stations] == [
+        ("main", "slow jazz"),
+        ("rock", "loud rock"),
+    ]
+    with (
+        urllib.request.urlopen(f"{base}/main.mp3", timeout=10) as a,
+        urllib.request.urlopen(f"{base}/rock.mp3", timeout=10) as b,
+    ):
+        assert len(a.read(20000)) == 20000 and len(b.read(20000)) == 20000
+        req = urllib.request.Request(
+            f"{base}/api/stations/rock/prompt",
+            data=b'{"prompt": "punk rock"}',
+            headers={"Authorization": "Bearer two-station-token"},
+            method="POST",
+        )
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 202
+        assert len(a.read(20000)) == 20000 and len(b.read(20000)) == 20000
+    st = radio.radio.stations
+    assert st["rock"].prompt == "punk rock" and st["main"].prompt == "slow jazz"
+    assert st["main"].health.underruns == 0 and st["rock"].health.underruns == 0
+
+
 # Keep this test last in the module: it stops the shared `radio serve` process.
 def test_ctrl_c_closes_listeners_and_exits_quickly(radio_serve_process):
     proc, base, log_path = radio_serve_process
