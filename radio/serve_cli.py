@@ -42,25 +42,31 @@ def _cmd_serve(args: argparse.Namespace) -> int:  # never returns once serving
     config = _config(args)
     from aiohttp import web
 
+    from engine import ModelLoadError
     from radio.app import init_app
 
     try:
         app = init_app(config)
+    except ModelLoadError as e:
+        raise CliError(str(e)) from None
     except (OSError, ValueError) as e:
         raise CliError(f"cannot start: {e}") from None
     s = config.server
     shown = "localhost" if s.host in ("0.0.0.0", "::") else s.host
     stations = ", ".join(f"http://{shown}:{s.port}/{st.id}.mp3" for st in config.stations)
     log.info("listen on http://%s:%d/ (MP3: %s)", shown, s.port, stations)
-    web.run_app(
-        app,
-        host=s.host,
-        port=s.port,
-        shutdown_timeout=s.shutdown_seconds,
-        print=None,
-        access_log=None,
-        handle_signals=True,
-    )
+    try:
+        web.run_app(
+            app,
+            host=s.host,
+            port=s.port,
+            shutdown_timeout=s.shutdown_seconds,
+            print=None,
+            access_log=None,
+            handle_signals=True,
+        )
+    except OSError as e:  # the port is taken, the address is not ours, ...
+        raise CliError(f"cannot listen on {s.host}:{s.port}: {e.strerror or e}") from None
     log.info("stopped")
     # Everything is closed and joined; skip the interpreter's slow teardown of torch and
     # transformers (1-2 s) so that Ctrl-C, a service manager or a container stop is quick.
