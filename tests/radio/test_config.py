@@ -22,7 +22,9 @@ def test_config_toml_lists_every_key_with_its_default():
     for section in ("server", "model", "generation", "audio", "hls", "security"):
         obj = getattr(defaults, section)
         keys = {f.name for f in dataclasses.fields(obj)}
-        assert set(data[section]) == keys, f"[{section}] in config.toml differs from radio/config.py"
+        assert set(data[section]) == keys, (
+            f"[{section}] in config.toml differs from radio/config.py"
+        )
         for key in keys:
             assert data[section][key] == getattr(obj, key), f"{section}.{key}: default differs"
     assert load_config(REPO / "config.toml", env={}) == defaults
