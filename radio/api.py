@@ -219,6 +219,8 @@ async def post_prompt(request: web.Request) -> web.Response:
     admin = is_admin(request)
     prompt = check_prompt(await read_json_object(request), radio, admin)
     if not admin:
+        if radio.limiter.count == 0:
+            raise ApiError(403, "on this radio only the admin changes the prompt")
         wait = radio.limiter.check(request.remote or "?")
         if wait > 0:
             raise ApiError(

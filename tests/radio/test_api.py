@@ -131,6 +131,14 @@ def test_bad_inputs_get_a_json_reason_while_the_stream_plays(radio):
         assert len(after) == 16000
 
 
+def test_admin_only_prompts(radio_factory):
+    radio = radio_factory(security={"admin_token": TOKEN, "prompt_rate_limit": "0 per 1 s"})
+    url = f"{radio.base_url}/api/stations/main/prompt"
+    status, _, body = post_json(url, {"prompt": "jazz"})
+    assert status == 403 and "only the admin" in body["error"]
+    assert post_json(url, {"prompt": "jazz"}, {"Authorization": f"Bearer {TOKEN}"})[0] == 202
+
+
 def test_admin_changes_sampling_live(radio):
     url = f"{radio.base_url}/api/stations/main/sampling"
     status, _, body = post_json(
