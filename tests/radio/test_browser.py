@@ -198,7 +198,7 @@ def test_native_hls_where_there_is_no_media_source(radio_serve: str, page) -> No
     _play(page, radio_serve + "/")
     mode = page.get_attribute("#audio", "data-mode")
     if mode == "mp3":  # a Chromium without native HLS: the page fell back, as it should
-        assert "Native HLS" in page.text_content("#player-status")
+        assert "native HLS" in page.text_content("#player-status")
     else:
         assert mode == "native"
     moved = _advance(page)
