@@ -276,7 +276,7 @@ async def _stream_title_restart_and_cancel(icecast: IcecastServer, caplog) -> No
         async def mounted() -> bool:
             return "/main.mp3" in await _mounts(icecast)
 
-        await _wait_for(mounted, 5, "the mount in status-json.xsl")
+        await _wait_for(mounted, 10, "the mount in status-json.xsl")
         info = (await _mounts(icecast))["/main.mp3"]
         assert info["server_name"] == "Endless Test FM"
         assert info["server_description"] == "a tone that never ends"
@@ -350,7 +350,7 @@ async def _wrong_password_and_mount_in_use(icecast: IcecastServer, caplog) -> No
         async def holder_up() -> bool:
             return holder.status.connected
 
-        await _wait_for(holder_up, 5, "the first source of /busy.mp3")
+        await _wait_for(holder_up, 10, "the first source of /busy.mp3")
         tasks.append(asyncio.create_task(busy.run(_tone_mp3())))
         await asyncio.sleep(3.0)  # several retries of both
         assert not any(t.done() for t in tasks), "a refused source must keep running"
