@@ -65,10 +65,11 @@ class _ManualLSTM:
         self.hidden = lstm.hidden_size
         self.w_ih = [getattr(lstm, f"weight_ih_l{i}") for i in range(self.layers)]
         self.w_hh_t = [getattr(lstm, f"weight_hh_l{i}").t() for i in range(self.layers)]
-        self.bias = [
-            getattr(lstm, f"bias_ih_l{i}") + getattr(lstm, f"bias_hh_l{i}")
-            for i in range(self.layers)
-        ]
+        with torch.no_grad():  # plain tensors: no autograd history kept alive by the decoder
+            self.bias = [
+                getattr(lstm, f"bias_ih_l{i}") + getattr(lstm, f"bias_hh_l{i}")
+                for i in range(self.layers)
+            ]
 
     def run(
         self, x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor
