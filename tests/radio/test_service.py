@@ -17,6 +17,7 @@ import urllib.request
 
 import av
 import numpy as np
+import pyloudnorm
 
 from radio.icy import IcyReader
 from tests.conftest import require_tool
@@ -67,6 +68,16 @@ def test_icy_title_follows_the_prompt(radio_serve):
         while titles[-1] != new:
             assert time.monotonic() < deadline, f"title did not change: {titles}"
             titles += reader.feed(r.read1(4096))[1]
+    finally:
+        conn.close()
+
+    # a listener who tunes in now gets ~1 s of recent audio at once, so the player starts
+    conn, r = open_mp3(radio_serve, icy=False)
+    try:
+        t, got = time.monotonic(), 0
+        while got < 16000:
+            got += len(r.read1(4096))
+        assert time.monotonic() - t < 0.5, "no burst: the player would wait"
     finally:
         conn.close()
 
@@ -135,7 +146,11 @@ def test_hls_playlist_obeys_the_rules_and_ffmpeg_decodes_it(radio_serve):
     seconds = len(p.stdout) / 2 / 44100
     assert 2.9 <= seconds <= 3.1, seconds
     pcm = np.frombuffer(p.stdout, np.int16).astype(np.float32) / 32768
-    assert np.sqrt(np.mean(pcm**2)) > 0.01  # sound, not silence
+    loudness = pyloudnorm.Meter(44100).integrated_loudness(pcm)
+    peak = 20 * np.log10(np.abs(pcm).max())
+    print(f"\nHLS as decoded by ffmpeg: {loudness:.1f} LUFS, sample peak {peak:.1f} dBFS")
+    assert -17 < loudness < -11  # the loudness stage sits before the encoders (target -14)
+    assert peak < -0.5  # true-peak ceiling -1 dBTP, plus a little AAC overshoot
 
     with urllib.request.urlopen(f"{radio_serve}/api/stations/main", timeout=10) as r:
         assert json.loads(r.read())["listeners"]["hls"] >= 1
