@@ -100,8 +100,12 @@ class StreamingDecoder:
 
     Contract of `decode(codes, offset, start, stop)`: `codes[:, i]` is absolute frame `offset + i`;
     `offset <= max(0, start - context)` and `stop + lookahead <= offset + T`. A call with
-    `start == previous stop` continues the stream; `start < previous stop` is a rewind: the codes
-    before `start` must be the ones decoded before (only frames from `start` on may differ).
+    `start == previous stop` continues the stream; `start < previous stop` is a rewind. In both
+    cases the codes before `start` must be the ones decoded before; codes from `start` on may
+    differ from what earlier calls saw (a prompt change): the first `crossfade` samples then fade
+    from the old audio to the new. A call with `start > previous stop` starts fresh.
+    Memory: `history` x (LSTM state 2 x 2 x 1024 floats) per channel, about 10 MB mono for
+    musicgen's codec, plus `history` frames of emitted audio.
     """
 
     hop: int = HOP
