@@ -8,8 +8,8 @@ HLS), so all listeners hear the same moment.
 Never silent: when the buffer runs dry (generation fell behind), `Bridge` plays a loop built
 from the last seconds of real audio, crossfaded at its seam and a few dB quieter, counts an
 underrun, says so once in the log, and crossfades back to live audio once the generator has
-built up `recover_seconds` again. The live timeline simply resumes where it stopped, so no
-latency piles up beyond the bounded buffer.
+built up `recover_seconds` again and is faster than real time (see `_caught_up`). The live
+timeline simply resumes where it stopped, so no latency piles up beyond the bounded buffer.
 """
 
 from __future__ import annotations
@@ -205,10 +205,11 @@ class StationClock:
         st = self.station
         st.health.underruns += 1
         self._bridge_started = time.monotonic()
+        st.health.bridging = True
         log.warning(
-            "station %s: generation fell behind (real time x%.2f); playing a bridge from recent audio",
+            "station %s: generation fell behind, the buffer is empty; playing a bridge from "
+            "recent audio until it catches up",
             st.id,
-            st.health.realtime_factor,
         )
         if self._recent:
             recent = np.concatenate(list(self._recent), axis=1)
@@ -249,4 +250,5 @@ class StationClock:
             "station %s: generation caught up; live again after %.1f s of bridge", st.id, lasted
         )
         self._bridge = None
+        st.health.bridging = False
         return out

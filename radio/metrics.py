@@ -46,6 +46,9 @@ class RadioCollector:
             "Last prompt change: from the POST to its first sample leaving the clock",
             labels=["station"],
         )
+        bridging = GaugeMetricFamily(
+            "radio_bridging", "1 while the bridge plays (generation behind)", labels=["station"]
+        )
         underruns = CounterMetricFamily(
             "radio_underruns",
             "Times generation fell behind and the bridge played",
@@ -69,6 +72,7 @@ class RadioCollector:
             playing.add_metric([sid], 1.0 if h.started and not h.error else 0.0)
             if h.prompt_latency_seconds is not None:
                 latency.add_metric([sid], h.prompt_latency_seconds)
+            bridging.add_metric([sid], 1.0 if h.bridging else 0.0)
             underruns.add_metric([sid], h.underruns)
             bridge.add_metric([sid], h.bridge_seconds)
             prompts.add_metric([sid], h.prompt_changes)
@@ -82,6 +86,7 @@ class RadioCollector:
             rtf,
             playing,
             latency,
+            bridging,
             underruns,
             bridge,
             prompts,

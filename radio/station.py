@@ -100,6 +100,7 @@ class Health:
     realtime_factor: float = 0.0  # seconds of audio generated per second of work (smoothed)
     underruns: int = 0  # times the buffer ran dry and the bridge played
     bridge_seconds: float = 0.0  # total time the bridge played
+    bridging: bool = False  # the bridge plays now
     prompt_latency_seconds: float | None = None  # last POST -> first new-prompt sample out
     prompt_changes: int = 0  # prompt changes applied
     started: bool = False  # the clock is releasing audio
@@ -171,6 +172,7 @@ class Station:
             "buffer_seconds": round(h.buffer_seconds, 3),
             "realtime_factor": round(h.realtime_factor, 3),
             "underruns": h.underruns,
+            "bridging": h.bridging,
             "prompt_latency_seconds": (
                 None if h.prompt_latency_seconds is None else round(h.prompt_latency_seconds, 3)
             ),

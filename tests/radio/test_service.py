@@ -180,10 +180,12 @@ def test_falling_behind_plays_a_bridge_not_silence(radio_factory):
     while st.health.underruns == 0:
         assert time.monotonic() - t < 10, "no underrun although generation was slowed down"
         time.sleep(0.05)
+    with urllib.request.urlopen(f"{radio.base_url}/api/stations/main", timeout=10) as r:
+        assert json.loads(r.read())["health"]["bridging"] is True
     time.sleep(2.0)  # two seconds of bridge
     radio.radio.generator.slow_down(0.0)
     t = time.monotonic()
-    while radio.call(lambda: radio.radio.clocks["main"]._bridge is not None):
+    while st.health.bridging:
         assert time.monotonic() - t < 10, "never recovered from the underrun"
         time.sleep(0.05)
     time.sleep(1.0)
