@@ -1,6 +1,6 @@
 """Streaming EnCodec decode: accuracy against the one-shot decode, and cost per second of audio.
 
-    python bench/bench_codec.py                  # musicgen-small-shaped random EnCodec (~2 min)
+    python bench/bench_codec.py --threads 1      # musicgen-small-shaped random EnCodec (~4 min)
     python bench/bench_codec.py --size tiny      # the test model's shape (seconds)
 
 Prints four tables:
