@@ -69,9 +69,16 @@ def bench_generate(path: Path, dtype: str, steps: int) -> dict:
     }
 
 
+def load_options(path: Path, mode: str) -> LoadOptions:
+    """A precision mode name ("float32", "bfloat16", "int8") as load options."""
+    if mode == "int8":
+        return LoadOptions(model=str(path), device="cpu", dtype="float32", quantize="int8")
+    return LoadOptions(model=str(path), device="cpu", dtype=mode)
+
+
 @torch.inference_mode()
-def bench_engine(path: Path, dtype: str, seconds: float, window: WindowOptions) -> dict:
-    model = MusicModel.load(LoadOptions(model=str(path), device="cpu", dtype=dtype))
+def bench_engine(path: Path, mode: str, seconds: float, window: WindowOptions) -> dict:
+    model = MusicModel.load(load_options(path, mode))
     stream = model.open_stream(PROMPT, SamplingOptions(seed=0), window)
     stream.read(5)  # warm-up
     frames = round(seconds * model.frame_rate)
@@ -118,7 +125,10 @@ def main() -> int:
     )
     parser.add_argument("--reference-steps", type=int, default=150, help="steps per generate run")
     parser.add_argument(
-        "--dtype", default="bfloat16", help="dtype of the engine and the main reference"
+        "--dtype", default="bfloat16", help="dtype of the main reference (and the engine)"
+    )
+    parser.add_argument(
+        "--modes", default="bfloat16,int8", help="engine precision modes: float32, bfloat16, int8"
     )
     parser.add_argument("--window", type=int, default=1500)
     parser.add_argument("--context", type=int, default=500)
@@ -131,33 +141,39 @@ def main() -> int:
     say(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     )
-    say(f"engine ({args.dtype}): rendering {args.seconds:.0f} s of audio end to end ...")
-    engine = bench_engine(path, args.dtype, args.seconds, window)
-    prefill = bench_prefill(engine.pop("model"), args.context)
-    results = {"engine": engine, "prefill_s": prefill}
+    results = {}
+    for mode in args.modes.split(","):
+        say(f"engine ({mode}): rendering {args.seconds:.0f} s of audio end to end ...")
+        run = bench_engine(path, mode, args.seconds, window)
+        run["prefill_s"] = bench_prefill(run.pop("model"), args.context)
+        results[f"engine_{mode}"] = run
     for dtype in ("float32", args.dtype) if args.dtype != "float32" else ("float32",):
         say(f"transformers generate ({dtype}): {args.reference_steps} steps ...")
         results[f"generate_{dtype}"] = bench_generate(path, dtype, args.reference_steps)
 
     ref = results[f"generate_{args.dtype}"]
     ref32 = results["generate_float32"]
+    window_audio_s = (args.window - args.context) / 50
     say("")
-    say(f"| what ({args.size} shapes, CFG on, batch 1) | steps/s | real-time factor |")
-    say("| --- | --- | --- |")
-    say(f"| engine, {args.dtype}, end to end | {engine['steps_per_s']:.1f} | {engine['rtf']:.3f} |")
+    say(
+        f"| what ({args.size} shapes, CFG on, batch 1) | steps/s | real-time factor | "
+        f"vs generate {args.dtype} | vs generate float32 | prefill {args.context} frames | "
+        "prefill / window audio | codec ms per audio s |"
+    )
+    say("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for mode in args.modes.split(","):
+        r = results[f"engine_{mode}"]
+        say(
+            f"| engine, {mode}, end to end | {r['steps_per_s']:.1f} | {r['rtf']:.3f} | "
+            f"x{r['rtf'] / ref['rtf']:.2f} | x{r['rtf'] / ref32['rtf']:.2f} | "
+            f"{r['prefill_s']:.2f} s | {r['prefill_s'] / window_audio_s:.1%} | "
+            f"{r['codec_ms_per_audio_s']:.0f} |"
+        )
     for dtype in dict.fromkeys(("float32", args.dtype)):
         r = results[f"generate_{dtype}"]
-        say(f"| transformers generate, {dtype} | {r['steps_per_s']:.1f} | {r['rtf']:.3f} |")
-    say("")
-    say(
-        f"engine / generate ({args.dtype}), end-to-end real-time factor: x{engine['rtf'] / ref['rtf']:.2f}"
-    )
-    say(
-        f"engine / generate (float32), end-to-end real-time factor:  x{engine['rtf'] / ref32['rtf']:.2f}"
-    )
-    say(f"prefill of a {args.context}-frame context: {prefill:.2f} s")
-    say(f"codec decode: {engine['codec_ms_per_audio_s']:.0f} ms per second of audio")
-    say(f"window re-prefills during the engine run: {engine['prefills']}")
+        say(
+            f"| transformers generate, {dtype} | {r['steps_per_s']:.1f} | {r['rtf']:.3f} | | | | | |"
+        )
     if args.json:
         results["measured_at"] = datetime.now(UTC).isoformat()
         Path(args.json).write_text(json.dumps(results, indent=2))

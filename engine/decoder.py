@@ -13,27 +13,31 @@ keys/values depend only on the prompt, so `cross_kv` computes them once per prom
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from engine.kv_cache import KVCache
+from engine.linear import make_linear
 
 
 @dataclass
 class LayerWeights:
+    """One decoder layer. Projections are callables (`engine.linear`), x [..., in] -> [..., out]."""
+
     ln_self: tuple[torch.Tensor, torch.Tensor]  # weight, bias [E]
-    qkv: torch.Tensor  # [3E, E] fused self-attention projection
-    out_self: torch.Tensor  # [E, E]
+    qkv: Callable  # E -> 3E, fused self-attention projection
+    out_self: Callable  # E -> E
     ln_cross: tuple[torch.Tensor, torch.Tensor]
-    q_cross: torch.Tensor  # [E, E]
-    k_cross: torch.Tensor  # [E, E_text]
-    v_cross: torch.Tensor  # [E, E_text]
-    out_cross: torch.Tensor  # [E, E]
+    q_cross: Callable  # E -> E
+    k_cross: torch.Tensor  # [E, E_text], used once per prompt
+    v_cross: torch.Tensor  # [E, E_text], used once per prompt
+    out_cross: Callable  # E -> E
     ln_ffn: tuple[torch.Tensor, torch.Tensor]
-    fc1: torch.Tensor  # [F, E]
-    fc2: torch.Tensor  # [E, F]
+    fc1: Callable  # E -> F
+    fc2: Callable  # F -> E
 
 
 @dataclass
@@ -50,9 +54,11 @@ def _ln(module: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Decoder:
-    def __init__(self, causal_lm) -> None:
-        """`causal_lm`: a transformers `MusicgenForCausalLM` (model.decoder of the full model)."""
+    def __init__(self, causal_lm, precision: str = "dense") -> None:
+        """`causal_lm`: a transformers `MusicgenForCausalLM` (model.decoder of the full model);
+        `precision`: how the projections run (`engine.linear`: "dense" or "int8")."""
         dec = causal_lm.model.decoder
+        self.precision = precision
         config = causal_lm.config
         self.num_codebooks = config.num_codebooks
         self.hidden = config.hidden_size
@@ -63,31 +69,31 @@ class Decoder:
         self.embed = [e.weight for e in dec.embed_tokens]  # K x [V + 1, E]
         self.positions = dec.embed_positions.weights  # [max_positions, E]
         self.final_ln = _ln(dec.layer_norm)
-        self.lm_heads = torch.stack([h.weight for h in causal_lm.lm_heads])  # [K, V, E]
+        heads = torch.cat([h.weight for h in causal_lm.lm_heads])  # [K * V, E]
+        self.vocab = causal_lm.lm_heads[0].weight.shape[0]
+        self.device = heads.device
+        self.dtype = heads.dtype
+        self.lm_heads = make_linear(heads, precision)  # E -> K * V
+
+        def linear(*modules: torch.nn.Linear) -> Callable:
+            return make_linear(torch.cat([m.weight for m in modules]), precision)
+
         self.layers = [
             LayerWeights(
                 ln_self=_ln(layer.self_attn_layer_norm),
-                qkv=torch.cat(
-                    [
-                        layer.self_attn.q_proj.weight,
-                        layer.self_attn.k_proj.weight,
-                        layer.self_attn.v_proj.weight,
-                    ]
-                ),
-                out_self=layer.self_attn.out_proj.weight,
+                qkv=linear(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
+                out_self=linear(layer.self_attn.out_proj),
                 ln_cross=_ln(layer.encoder_attn_layer_norm),
-                q_cross=layer.encoder_attn.q_proj.weight,
+                q_cross=linear(layer.encoder_attn.q_proj),
                 k_cross=layer.encoder_attn.k_proj.weight,
                 v_cross=layer.encoder_attn.v_proj.weight,
-                out_cross=layer.encoder_attn.out_proj.weight,
+                out_cross=linear(layer.encoder_attn.out_proj),
                 ln_ffn=_ln(layer.final_layer_norm),
-                fc1=layer.fc1.weight,
-                fc2=layer.fc2.weight,
+                fc1=linear(layer.fc1),
+                fc2=linear(layer.fc2),
             )
             for layer in dec.layers
         ]
-        self.device = self.lm_heads.device
-        self.dtype = self.lm_heads.dtype
 
     def new_cache(self, batch: int, max_positions: int) -> KVCache:
         return KVCache(
@@ -134,27 +140,27 @@ class Decoder:
         end = start + t
         for i, w in enumerate(self.layers):
             h = F.layer_norm(x, (self.hidden,), *w.ln_self)
-            q, k, v = F.linear(h, w.qkv).chunk(3, dim=-1)
+            q, k, v = w.qkv(h).chunk(3, dim=-1)
             cache.write(i, start, self._split_heads(k), self._split_heads(v))
             keys, values = cache.view(i, end)
             a = F.scaled_dot_product_attention(self._split_heads(q), keys, values, is_causal=t > 1)
-            x = x + F.linear(self._merge_heads(a), w.out_self)
+            x = x + w.out_self(self._merge_heads(a))
 
             h = F.layer_norm(x, (self.hidden,), *w.ln_cross)
-            q = self._split_heads(F.linear(h, w.q_cross))
+            q = self._split_heads(w.q_cross(h))
             a = F.scaled_dot_product_attention(
                 q, cross.keys[i], cross.values[i], attn_mask=cross.mask
             )
-            x = x + F.linear(self._merge_heads(a), w.out_cross)
+            x = x + w.out_cross(self._merge_heads(a))
 
             h = F.layer_norm(x, (self.hidden,), *w.ln_ffn)
-            x = x + F.linear(self.activation(F.linear(h, w.fc1)), w.fc2)
+            x = x + w.fc2(self.activation(w.fc1(h)))
         cache.length = end
         return F.layer_norm(x, (self.hidden,), *self.final_ln)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [B, E] -> float32 logits [B, K, V]."""
-        return torch.einsum("be,kve->bkv", hidden, self.lm_heads).float()
+        return self.lm_heads(hidden).view(hidden.shape[0], self.num_codebooks, self.vocab).float()
 
     def prefill(self, ids: torch.Tensor, cache: KVCache, cross: CrossKV) -> torch.Tensor:
         """ids: [B, K, T] from position 0. Returns logits [B, K, V] predicting position T."""

@@ -56,6 +56,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     name: str
+    quantize: str = "none"
 
 
 def _refuse_unsupported(name: str, config) -> None:
@@ -86,7 +87,11 @@ def load_model(options: LoadOptions) -> LoadedModel:
 
     options.validate()
     device = choose_device(options.device)
-    dtype = choose_dtype(options.dtype, device)
+    if options.quantize == "int8" and device.type != "cpu":
+        raise ModelLoadError(
+            "quantize int8 is a CPU mode, but the model would load on " + str(device)
+        )
+    dtype = torch.float32 if options.quantize == "int8" else choose_dtype(options.dtype, device)
     name = options.model
     local = Path(name).expanduser()
     if name.startswith((".", "/", "~")) and not local.exists():
@@ -94,7 +99,8 @@ def load_model(options: LoadOptions) -> LoadedModel:
     source = str(local) if local.exists() else name
     if "melody" in name.lower():
         _refuse_unsupported(name, None)
-    log.info("loading MusicGen %s on %s in %s", name, device, str(dtype).removeprefix("torch."))
+    precision = "int8 weights" if options.quantize == "int8" else str(dtype).removeprefix("torch.")
+    log.info("loading MusicGen %s on %s in %s", name, device, precision)
     try:
         config = AutoConfig.from_pretrained(source)
         _refuse_unsupported(name, config)
@@ -118,4 +124,4 @@ def load_model(options: LoadOptions) -> LoadedModel:
         model.decoder.config.num_hidden_layers,
         model.decoder.config.hidden_size,
     )
-    return LoadedModel(model=model, processor=processor, device=device, dtype=dtype, name=name)
+    return LoadedModel(model, processor, device, dtype, name, options.quantize)

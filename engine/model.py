@@ -33,7 +33,7 @@ class MusicModel:
         self.loaded = loaded
         self.hf = loaded.model.requires_grad_(False)
         self.processor = loaded.processor
-        self.decoder = Decoder(self.hf.decoder)
+        self.decoder = Decoder(self.hf.decoder, "int8" if loaded.quantize == "int8" else "dense")
         config = self.hf.config
         self.sample_rate: int = config.audio_encoder.sampling_rate
         self.channels: int = config.decoder.audio_channels

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZE = ("none", "int8")
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,7 @@ class LoadOptions:
     model: str = "facebook/musicgen-small"  # hub id or local folder
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"
     dtype: str = "auto"  # "auto" (bf16 on CUDA / CPUs with AVX-512 BF16 or AMX), or a dtype name
+    quantize: str = "none"  # "int8": int8 decoder weights, float32 activations (CPU only)
 
     def validate(self) -> LoadOptions:
         if not self.model:
@@ -25,6 +27,14 @@ class LoadOptions:
             raise ValueError(f"device: must be one of {DEVICES} or 'cuda:N', got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: must be one of {DTYPES}, got {self.dtype!r}")
+        if self.quantize not in QUANTIZE:
+            raise ValueError(f"quantize: must be one of {QUANTIZE}, got {self.quantize!r}")
+        if self.quantize == "int8" and self.dtype not in ("auto", "float32"):
+            raise ValueError(
+                f"quantize: int8 runs its activations in float32; set dtype to auto or float32, not {self.dtype!r}"
+            )
+        if self.quantize == "int8" and self.device.startswith("cuda"):
+            raise ValueError("quantize: int8 is a CPU mode; on a GPU use dtype bfloat16 or float16")
         return self
 
 

@@ -135,7 +135,7 @@ def test_teacher_forced_logits_match_full_forward(mono, guided_row):
     torch.manual_seed(0)
     frames = torch.randint(0, 2048, (4, 60))
     delays = codebook_delays(4, 1)
-    ids = delayed_layout(frames, delays, 64)  # [K, 64], no unknowns within 60 + 4 positions
+    ids = delayed_layout(frames, delays, 61)  # [K, 61]: frame 59 of codebook 0 is the last
     assert bool((ids >= 0).all())
     inputs = processor(text=[PROMPT], return_tensors="pt", padding=True)
     if guided_row == 0:
@@ -155,7 +155,7 @@ def test_teacher_forced_logits_match_full_forward(mono, guided_row):
     cross = decoder.cross_kv(states, mask)
     cache = decoder.new_cache(2, 80)
     steps = [decoder.prefill(ids[None, :, :1].expand(2, -1, -1), cache, cross)]
-    for p in range(1, 64):
+    for p in range(1, 61):
         steps.append(decoder.decode_one_step(ids[None, :, p].expand(2, -1), cache, cross))
     ours = torch.stack(steps, dim=2)[guided_row]  # [K, T, V]
     torch.testing.assert_close(ours, full, atol=2e-5, rtol=1e-4)
