@@ -128,6 +128,16 @@ def require_admin(request: web.Request) -> None:
         raise ApiError(401, "admin token required", {"WWW-Authenticate": "Bearer"})
 
 
+def client_address(request: web.Request) -> str:
+    """The client's address: the peer, or the first X-Forwarded-For hop when
+    `server.trust_forwarded` (the radio sits behind the operator's own reverse proxy)."""
+    if request.app[RADIO].config.server.trust_forwarded:
+        forwarded = request.headers.get("X-Forwarded-For", "").split(",")[0].strip()
+        if forwarded:
+            return forwarded
+    return request.remote or "?"
+
+
 def station_of(request: web.Request) -> Station:
     sid = request.match_info["station"]
     st = request.app[RADIO].stations.get(sid)
@@ -221,7 +231,7 @@ async def post_prompt(request: web.Request) -> web.Response:
     if not admin:
         if radio.limiter.count == 0:
             raise ApiError(403, "on this radio only the admin changes the prompt")
-        wait = radio.limiter.check(request.remote or "?")
+        wait = radio.limiter.check(client_address(request))
         if wait > 0:
             raise ApiError(
                 429,

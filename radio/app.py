@@ -173,11 +173,14 @@ def _hls_output(request: web.Request) -> hls_routes.HlsOutput:
 
 
 async def _hls_playlist(request: web.Request) -> web.Response:
-    return hls_routes.playlist_response(_hls_output(request), request)
+    return hls_routes.playlist_response(_hls_output(request), request, api.client_address(request))
 
 
 async def _hls_segment(request: web.Request) -> web.Response:
-    return hls_routes.segment_response(_hls_output(request), request.match_info["segment"], request)
+    name = request.match_info["segment"]
+    return hls_routes.segment_response(
+        _hls_output(request), name, request, api.client_address(request)
+    )
 
 
 # ---- background work ---------------------------------------------------------------------

@@ -39,6 +39,9 @@ class ServerConfig:
     port: int = 8000  # TCP port
     public_url: str = ""  # base URL for absolute stream links; "" = from each request's Host
     shutdown_seconds: float = 3.0  # how long Ctrl-C waits for connections to close
+    trust_forwarded: bool = (
+        False  # client address from X-Forwarded-For (only behind your own proxy)
+    )
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -57,12 +57,12 @@ class HlsOutput:
         return len(self._seen)
 
 
-def client_key(request: web.Request) -> str:
-    return f"{request.remote}|{request.headers.get('User-Agent', '')}"
+def client_key(request: web.Request, address: str) -> str:
+    return f"{address}|{request.headers.get('User-Agent', '')}"
 
 
-def playlist_response(output: HlsOutput, request: web.Request) -> web.Response:
-    output.saw(client_key(request))
+def playlist_response(output: HlsOutput, request: web.Request, address: str) -> web.Response:
+    output.saw(client_key(request, address))
     return web.Response(
         body=output.segmenter.playlist().encode(),
         headers={
@@ -73,13 +73,15 @@ def playlist_response(output: HlsOutput, request: web.Request) -> web.Response:
     )
 
 
-def segment_response(output: HlsOutput, name: str, request: web.Request) -> web.Response:
+def segment_response(
+    output: HlsOutput, name: str, request: web.Request, address: str
+) -> web.Response:
     data = output.segmenter.segment(name)
     if data is None:
         return web.json_response(
             {"error": f"segment {name} is not (or no longer) available"}, status=404, headers=CORS
         )
-    output.saw(client_key(request))
+    output.saw(client_key(request, address))
     ext = name[name.rfind(".") :] if "." in name else ""
     return web.Response(
         body=data,

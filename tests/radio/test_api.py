@@ -139,6 +139,18 @@ def test_admin_only_prompts(radio_factory):
     assert post_json(url, {"prompt": "jazz"}, {"Authorization": f"Bearer {TOKEN}"})[0] == 202
 
 
+def test_rate_limit_per_forwarded_address_behind_a_proxy(radio_factory):
+    radio = radio_factory(
+        server={"trust_forwarded": True}, security={"prompt_rate_limit": "1 per 60 s"}
+    )
+    url = f"{radio.base_url}/api/stations/main/prompt"
+
+    def post(address: str) -> int:
+        return post_json(url, {"prompt": "jazz"}, {"X-Forwarded-For": f"{address}, 10.0.0.1"})[0]
+
+    assert [post("203.0.113.7"), post("203.0.113.8"), post("203.0.113.7")] == [202, 202, 429]
+
+
 def test_admin_changes_sampling_live(radio):
     url = f"{radio.base_url}/api/stations/main/sampling"
     status, _, body = post_json(
