@@ -187,6 +187,16 @@ def test_now_playing_json(radio):
     assert call("GET", f"{base}/healthz")[2] == {"status": "ok"}
 
 
+def test_healthz_fails_when_generation_stops(radio):
+    assert call("GET", f"{radio.base_url}/healthz")[0] == 200
+    radio.radio.generator.stop()
+    status, _, body = call("GET", f"{radio.base_url}/healthz")
+    assert status == 503 and "generator thread is not running" in body["problems"][0]
+    # the clock keeps the station on the air (bridge) and prompts are refused with a reason
+    status, _, body = post_json(f"{radio.base_url}/api/stations/main/prompt", {"prompt": "jazz"})
+    assert status == 503 and "generator is not running" in body["error"]
+
+
 def test_metrics_parse(radio):
     with urllib.request.urlopen(f"{radio.base_url}/main.mp3", timeout=10) as mp3:
         read_exactly(mp3, 1000)

@@ -270,6 +270,23 @@ def test_two_stations_share_one_model(radio_factory):
     assert st["main"].health.underruns == 0 and st["rock"].health.underruns == 0
 
 
+def test_every_listener_hears_the_same_moment(radio_serve):
+    conn_a, a = open_mp3(radio_serve, icy=False)
+    conn_b, b = open_mp3(radio_serve, icy=False)
+    try:
+        data_a, data_b = b"", b""
+        while len(data_a) < 64000:  # ~1 s burst + 3 s live
+            data_a += a.read1(65536)
+        while len(data_b) < 40000:
+            data_b += b.read1(65536)
+    finally:
+        conn_a.close()
+        conn_b.close()
+    # the same MP3 bytes at the same place in the broadcast: one encoder, one clock
+    assert data_b[-8000:] in data_a
+    assert data_b[:4000] in data_a  # the burst too
+
+
 # Keep this test last in the module: it stops the shared `radio serve` process.
 def test_ctrl_c_closes_listeners_and_exits_quickly(radio_serve_process):
     proc, base, log_path = radio_serve_process
