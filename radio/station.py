@@ -9,6 +9,7 @@ only from the event loop; the worker thread reaches it through `generator.py`'s 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ import numpy as np
 
 from radio.config import StationConfig
 from radio.events import EventHub
+
+log = logging.getLogger(__name__)
 
 HISTORY_LENGTH = 20  # prompt changes kept per station (most recent first in the API)
 
@@ -39,14 +42,25 @@ class PcmBuffer:
         return self._size
 
     def append(self, start: int, pcm: np.ndarray) -> None:
-        """Add pcm [C, n] that begins at sample `start`; what lies before `head` is dropped,
-        what would leave a gap or overlap the tail is refused (the generator is out of step)."""
+        """Add pcm [C, n] that begins at sample `start`; what lies before `head` is dropped.
+
+        The generator always continues at the tail (a prompt change cuts the tail first), so
+        anything else means it is out of step: the newest audio wins, with a log line."""
         if start < self.head:  # the clock has moved past the beginning: keep the rest
             pcm = pcm[:, self.head - start :]
             start = self.head
         if pcm.shape[1] == 0:
             return
-        assert start == self.tail, f"PCM at sample {start} does not follow the tail {self.tail}"
+        if start != self.tail:
+            log.warning(
+                "audio at sample %d does not follow the buffer (%d); resyncing", start, self.tail
+            )
+            if start < self.tail:
+                self.truncate(start)
+            else:  # a gap: drop what is buffered and go on from the new audio
+                self._chunks.clear()
+                self._size = 0
+                self.head = start
         self._chunks.append(pcm)
         self._size += pcm.shape[1]
 

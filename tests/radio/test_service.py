@@ -287,6 +287,29 @@ def test_every_listener_hears_the_same_moment(radio_serve):
     assert data_b[:4000] in data_a  # the burst too
 
 
+def test_station_buffer_takes_cuts_and_follows():
+    from radio.station import PcmBuffer
+
+    def pcm(n: int, v: float) -> np.ndarray:
+        return np.full((1, n), v, np.float32)
+
+    b = PcmBuffer(1)
+    b.append(0, pcm(100, 1))
+    assert b.take(30).shape == (1, 30) and (b.head, b.tail) == (30, 100)
+    # a prompt change from sample 50: the old audio beyond it goes, the new follows it
+    assert b.truncate(50).shape == (1, 50) and b.tail == 50
+    b.append(50, pcm(10, 2))
+    assert (b.take(30)[0, 20:] == 2).all() and len(b) == 0
+    # a cut inside audio already played: the new audio starts where the clock is
+    b.append(60, pcm(40, 1))
+    b.take(10)
+    assert b.truncate(65).shape == (1, 35) and b.tail == 70
+    b.truncate(62)
+    assert (b.head, b.tail) == (70, 70)
+    b.append(62, pcm(20, 3))
+    assert (b.head, b.tail) == (70, 82) and (b.take(5) == 3).all()
+
+
 # Keep this test last in the module: it stops the shared `radio serve` process.
 def test_ctrl_c_closes_listeners_and_exits_quickly(radio_serve_process):
     proc, base, log_path = radio_serve_process
