@@ -150,8 +150,8 @@ async def _mp3(request: web.Request) -> web.StreamResponse:
     radio = request.app[RADIO]
     st = api.station_of(request)
     mount = radio.mp3[st.id]
-    if len(mount.listeners) >= radio.config.security.max_listeners:
-        raise api.ApiError(503, f"station {st.id} is full ({len(mount.listeners)} listeners)")
+    if mount.count() >= radio.config.security.max_listeners:
+        raise api.ApiError(503, f"station {st.id} is full ({mount.count()} listeners)")
     sc = st.config
     headers = mounts.mp3_headers(
         sc.name,
@@ -263,7 +263,7 @@ async def _heartbeat(radio: Radio) -> None:
 
 async def _close_listeners(app: web.Application) -> None:
     radio = app[RADIO]
-    n = sum(len(m.listeners) for m in radio.mp3.values())
+    n = sum(m.count() for m in radio.mp3.values())
     log.info("shutting down: closing %d listener(s)", n)
     for mount in radio.mp3.values():
         mount.close()

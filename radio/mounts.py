@@ -95,7 +95,8 @@ class Mp3Mount:
         self._burst_size = 0
         self._burst_limit = int(bitrate_kbps * 125 * burst_seconds)  # bytes
         self._queue_limit = int(bitrate_kbps * 125 * queue_seconds) + self._burst_limit
-        self.listeners: set[Listener] = set()
+        self.listeners: set[Listener] = set()  # everyone who gets the bytes
+        self._relays: set[Listener] = set()  # those not counted as listeners
         self._on_count = on_count
         self.bytes_out = 0  # total MP3 bytes encoded
 
@@ -111,20 +112,29 @@ class Mp3Mount:
         for listener in list(self.listeners):
             if not listener.offer(data):
                 self.remove(listener)
-                log.info("listener dropped (mp3, too slow; %d now)", len(self.listeners))
+                log.info("listener dropped (mp3, too slow; %d now)", self.count())
 
-    def add(self) -> Listener:
+    def add(self, counted: bool = True) -> Listener:
+        """A new listener queue, primed with the burst. `counted=False` for a relay (the
+        Icecast source client): it gets the bytes but is not a listener in the counts."""
         listener = Listener(self._queue_limit)
         for chunk in self._burst:
             listener.offer(chunk)
         self.listeners.add(listener)
-        self._on_count(len(self.listeners))
+        if not counted:
+            self._relays.add(listener)
+        self._on_count(self.count())
         return listener
 
     def remove(self, listener: Listener) -> None:
         if listener in self.listeners:
             self.listeners.discard(listener)
-            self._on_count(len(self.listeners))
+            self._relays.discard(listener)
+            self._on_count(self.count())
+
+    def count(self) -> int:
+        """Listeners, relays not included."""
+        return len(self.listeners) - len(self._relays)
 
     def close(self) -> None:
         for listener in list(self.listeners):
@@ -176,7 +186,7 @@ async def stream_mp3(
         return response
     listener = mount.add()
     peer = request.remote or "?"
-    log.info("listener connected (mp3 from %s, %d now)", peer, len(mount.listeners))
+    log.info("listener connected (mp3 from %s, %d now)", peer, mount.count())
     try:
         while True:
             data = await listener.next()
@@ -193,5 +203,5 @@ async def stream_mp3(
     finally:
         mount.remove(listener)
         why = "too slow" if listener.dropped else "server closing" if listener.closed else "left"
-        log.info("listener disconnected (mp3, %s, %d now)", why, len(mount.listeners))
+        log.info("listener disconnected (mp3, %s, %d now)", why, mount.count())
     return response

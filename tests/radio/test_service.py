@@ -232,6 +232,10 @@ def test_a_slow_mp3_listener_is_dropped_without_slowing_the_others():
         assert fast in mount.listeners and not fast.dropped
         assert abs(got - 10 * 16000) < 1000  # the fast one got every byte, at 128 kbit/s
         assert counts[-1] == 1
+        relay = mount.add(counted=False)  # e.g. the Icecast source client
+        assert counts[-1] == 1 and mount.count() == 1
+        mount.push(pcm, None)
+        assert await relay.next()
 
     asyncio.run(run())
 
