@@ -34,13 +34,18 @@ def test_ffmpeg_decodes_20_s_of_the_mp3_mount_at_wall_clock_rate(radio_factory):
             proc.wait()
     wall = time.monotonic() - started
     assert errors.strip() == "", f"ffmpeg reported decode errors:\n{errors}"
-    # after the first second (the burst a new listener gets), audio arrives at wall-clock rate
-    t0, d0 = next(p for p in progress if p[0] >= 1.5)
-    t1, d1 = progress[-1]
-    assert t1 - t0 >= SECONDS - 3, progress[-3:]
+    # After the burst, a reader that keeps up decodes d(t) = t + const. A reader starved of CPU
+    # (a loaded machine) falls below that line for a while, never above it: audio that was not
+    # sent yet cannot be decoded. So the rate is taken between the upper envelope of an early
+    # and of a late window of ffmpeg's progress reports.
+    end = progress[-1][0]
+    early = [p for p in progress if 1.5 <= p[0] <= 5.0]
+    late = [p for p in progress if p[0] >= end - 5.0]
+    (t0, d0), (t1, d1) = (max(w, key=lambda p: p[1] - p[0]) for w in (early, late))
+    assert t1 - t0 >= SECONDS - 10, progress
     rate = (d1 - d0) / (t1 - t0)
     print(f"\nffmpeg decoded {d1 - d0:.2f} s of audio in {t1 - t0:.2f} s of wall time ({rate:.4f})")
     assert abs(rate - 1) < 0.02, rate
-    # the whole read: 21 s of audio took 21 s less the ~1 s burst
-    assert SECONDS - 1 < wall < SECONDS + 1.5, wall
+    # the whole read: 21 s of audio took about 21 s less the ~1 s burst
+    assert SECONDS - 1 < wall < SECONDS + 3, wall
     assert radio.radio.stations["main"].health.underruns == 0
