@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.kv_cache import KVCache
-from engine.linear import make_linear
+from engine.linear import make_linear, prefill_precision
 
 
 @dataclass
@@ -74,26 +74,31 @@ class Decoder:
         self.device = heads.device
         self.dtype = heads.dtype
         self.lm_heads = make_linear(heads, precision)  # E -> K * V
+        self.layers = [self._layer(layer, precision) for layer in dec.layers]
+        # A prefill is a big matrix product (compute-bound): int8 dynamic kernels lose there,
+        # so an int8 decoder prefills with dense weights (bfloat16 where the CPU is fast at it).
+        self.prefill_layers = self.layers
+        if precision == "int8":
+            self.prefill_layers = [self._layer(layer, prefill_precision()) for layer in dec.layers]
 
+    @staticmethod
+    def _layer(layer, precision: str) -> LayerWeights:
         def linear(*modules: torch.nn.Linear) -> Callable:
             return make_linear(torch.cat([m.weight for m in modules]), precision)
 
-        self.layers = [
-            LayerWeights(
-                ln_self=_ln(layer.self_attn_layer_norm),
-                qkv=linear(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
-                out_self=linear(layer.self_attn.out_proj),
-                ln_cross=_ln(layer.encoder_attn_layer_norm),
-                q_cross=linear(layer.encoder_attn.q_proj),
-                k_cross=layer.encoder_attn.k_proj.weight,
-                v_cross=layer.encoder_attn.v_proj.weight,
-                out_cross=linear(layer.encoder_attn.out_proj),
-                ln_ffn=_ln(layer.final_layer_norm),
-                fc1=linear(layer.fc1),
-                fc2=linear(layer.fc2),
-            )
-            for layer in dec.layers
-        ]
+        return LayerWeights(
+            ln_self=_ln(layer.self_attn_layer_norm),
+            qkv=linear(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
+            out_self=linear(layer.self_attn.out_proj),
+            ln_cross=_ln(layer.encoder_attn_layer_norm),
+            q_cross=linear(layer.encoder_attn.q_proj),
+            k_cross=layer.encoder_attn.k_proj.weight,
+            v_cross=layer.encoder_attn.v_proj.weight,
+            out_cross=linear(layer.encoder_attn.out_proj),
+            ln_ffn=_ln(layer.final_layer_norm),
+            fc1=linear(layer.fc1),
+            fc2=linear(layer.fc2),
+        )
 
     def new_cache(self, batch: int, max_positions: int) -> KVCache:
         return KVCache(
@@ -138,7 +143,7 @@ class Decoder:
         assert t == 1 or start == 0, "multi-position forward is a prefill and starts at 0"
         x = self._embed(ids, start)
         end = start + t
-        for i, w in enumerate(self.layers):
+        for i, w in enumerate(self.layers if t == 1 else self.prefill_layers):
             h = F.layer_norm(x, (self.hidden,), *w.ln_self)
             q, k, v = w.qkv(h).chunk(3, dim=-1)
             cache.write(i, start, self._split_heads(k), self._split_heads(v))

@@ -1,6 +1,7 @@
 """The decoder's linear layers in each precision mode.
 
 - `dense`: `F.linear` in the model's dtype (float32, bfloat16 or float16).
+- `bf16`: dense bfloat16 weights under float32 activations (an int8 decoder's prefills).
 - `int8`: weights quantized per output channel to int8, activations quantized on the fly
   (PyTorch's own fbgemm/oneDNN dynamic kernels, `torch.ops.quantized.linear_dynamic`); inputs
   and outputs stay float32. A CPU mode: a decode step reads a quarter of the float32 bytes.
@@ -15,7 +16,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-PRECISIONS = ("dense", "int8")
+PRECISIONS = ("dense", "bf16", "int8")
 
 
 class DenseLinear:
@@ -24,6 +25,16 @@ class DenseLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
+
+
+class CastLinear:
+    """Dense weights kept in another dtype than the activations (bfloat16 under float32)."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
+        self.weight = weight.detach().to(dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
 
 
 class Int8DynamicLinear:
@@ -49,9 +60,18 @@ class Int8DynamicLinear:
         return y.view(*shape[:-1], self.out_features)
 
 
+def prefill_precision() -> str:
+    """How an int8 decoder runs its (compute-bound) prefills."""
+    from engine.loading import cpu_has_fast_bf16
+
+    return "bf16" if cpu_has_fast_bf16() else "dense"
+
+
 def make_linear(weight: torch.Tensor, precision: str):
     if precision == "dense":
         return DenseLinear(weight)
+    if precision == "bf16":
+        return CastLinear(weight, torch.bfloat16)
     if precision == "int8":
         if weight.device.type != "cpu":
             raise ValueError("quantize: int8 is a CPU mode; on a GPU use bfloat16 or float16")
