@@ -119,9 +119,14 @@ class Decoder:
         values = [F.linear(text_states, w.v_cross).view(split).transpose(1, 2) for w in self.layers]
         return CrossKV(keys, values, text_mask[:, None, None, :])
 
-    def _embed(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        """ids: [B, K, T] -> [B, T, E] token embeddings summed over codebooks, plus positions."""
+    def _embed(
+        self, ids: torch.Tensor, start: int, rows_at: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """ids: [B, K, T] -> [B, T, E] token embeddings summed over codebooks, plus positions
+        (from `start`, or `rows_at` [B]: one position per row when T == 1)."""
         x = sum(F.embedding(ids[:, k], self.embed[k]) for k in range(self.num_codebooks))
+        if rows_at is not None:
+            return x + self.positions[rows_at][:, None]
         return x + self.positions[start : start + ids.shape[-1]]
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,22 +138,43 @@ class Decoder:
         return x.transpose(1, 2).reshape(b, t, self.hidden)  # [B, T, E]
 
     def forward(
-        self, ids: torch.Tensor, start: int, cache: KVCache, cross: CrossKV
+        self,
+        ids: torch.Tensor,
+        start: int,
+        cache: KVCache,
+        cross: CrossKV,
+        rows_at: list[int] | None = None,
     ) -> torch.Tensor:
         """Run positions [start, start + T) and return hidden states [B, T, E] after the final norm.
 
         ids: [B, K, T]. T > 1 (a prefill) must start at position 0; T == 1 is one decoding step.
+        `rows_at` (T == 1 only): each row's own position, for streams batched at different
+        points of their windows; `start` is then ignored.
         """
         t = ids.shape[-1]
-        assert t == 1 or start == 0, "multi-position forward is a prefill and starts at 0"
-        x = self._embed(ids, start)
-        end = start + t
+        assert t == 1 or (start == 0 and rows_at is None), "a prefill starts at 0 for all rows"
+        if rows_at is not None and len(set(rows_at)) == 1:
+            start, rows_at = rows_at[0], None
+        self_mask = None
+        if rows_at is None:
+            x = self._embed(ids, start)
+            end = start + t
+        else:
+            at = torch.tensor(rows_at, device=self.device)  # [B]
+            x = self._embed(ids, 0, at)
+            end = max(rows_at) + 1
+            self_mask = (torch.arange(end, device=self.device) <= at[:, None])[:, None, None, :]
         for i, w in enumerate(self.layers if t == 1 else self.prefill_layers):
             h = F.layer_norm(x, (self.hidden,), *w.ln_self)
             q, k, v = w.qkv(h).chunk(3, dim=-1)
-            cache.write(i, start, self._split_heads(k), self._split_heads(v))
+            if rows_at is None:
+                cache.write(i, start, self._split_heads(k), self._split_heads(v))
+            else:
+                cache.write_rows(i, at, self._split_heads(k), self._split_heads(v))
             keys, values = cache.view(i, end)
-            a = F.scaled_dot_product_attention(self._split_heads(q), keys, values, is_causal=t > 1)
+            a = F.scaled_dot_product_attention(
+                self._split_heads(q), keys, values, attn_mask=self_mask, is_causal=t > 1
+            )
             x = x + w.out_self(self._merge_heads(a))
 
             h = F.layer_norm(x, (self.hidden,), *w.ln_cross)
@@ -173,7 +199,10 @@ class Decoder:
         hidden = self.forward(ids, 0, cache, cross)
         return self.logits(hidden[:, -1])
 
-    def decode_one_step(self, ids: torch.Tensor, cache: KVCache, cross: CrossKV) -> torch.Tensor:
-        """ids: [B, K] at position cache.length. Returns logits [B, K, V] for the next position."""
-        hidden = self.forward(ids[:, :, None], cache.length, cache, cross)
+    def decode_one_step(
+        self, ids: torch.Tensor, cache: KVCache, cross: CrossKV, rows_at: list[int] | None = None
+    ) -> torch.Tensor:
+        """ids: [B, K] at position cache.length (or each row at `rows_at`). Returns logits
+        [B, K, V] for the next position."""
+        hidden = self.forward(ids[:, :, None], cache.length, cache, cross, rows_at)
         return self.logits(hidden[:, -1])

@@ -35,6 +35,23 @@ class KVCache:
         self.keys[layer, :, :, start:end] = keys
         self.values[layer, :, :, start:end] = values
 
+    def write_rows(
+        self, layer: int, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> None:
+        """Store one position per row: keys/values [B, H, 1, D] at positions [B]."""
+        rows = torch.arange(keys.shape[0], device=keys.device)
+        self.keys[layer, rows, :, positions] = keys[:, :, 0]
+        self.values[layer, rows, :, positions] = values[:, :, 0]
+
+    def rows(self, first: int, count: int) -> KVCache:
+        """A cache over rows [first, first + count) of this one, sharing its storage."""
+        view = KVCache.__new__(KVCache)
+        view.keys = self.keys[:, first : first + count]
+        view.values = self.values[:, first : first + count]
+        view.max_positions = self.max_positions
+        view.length = 0
+        return view
+
     def view(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [B, H, end, D] of positions [0, end)."""
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]

@@ -16,6 +16,7 @@ import time
 import numpy as np
 import torch
 
+from engine.batch import DecodeBatch
 from engine.codec import StreamingDecoder
 from engine.conditioning import encode_prompt
 from engine.decoder import Decoder
@@ -72,6 +73,32 @@ class MusicModel:
         prompt_frames: torch.Tensor | None = None,
     ) -> AudioStream:
         """Start an endless stream. `prompt_frames` [K, T] continues from given tokens."""
+        return self._open(prompt, sampling, window, prompt_frames=prompt_frames)
+
+    @torch.inference_mode()
+    def open_streams(
+        self,
+        prompts: list[str],
+        samplings: list[SamplingOptions] | None = None,
+        window: WindowOptions | None = None,
+    ) -> list[AudioStream]:
+        """Start several streams that share every decoder step (stations on one model).
+
+        Reading any of them advances all of them, one position each per step; each keeps its
+        own prompt, sampling settings and windows. One prompt gives a plain single stream.
+        """
+        samplings = samplings or [SamplingOptions()] * len(prompts)
+        if len(samplings) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(samplings)} sampling options")
+        if len(prompts) == 1:
+            return [self._open(prompts[0], samplings[0], window)]
+        window = (window or WindowOptions()).validate(self.max_positions)
+        batch = DecodeBatch(self.decoder, window, len(prompts))
+        return [
+            self._open(p, s, window, batch=batch) for p, s in zip(prompts, samplings, strict=True)
+        ]
+
+    def _open(self, prompt, sampling, window, *, prompt_frames=None, batch=None) -> AudioStream:
         sampling = (sampling or SamplingOptions()).validate()
         window = (window or WindowOptions()).validate(self.max_positions)
         codec = self.new_codec()
@@ -84,6 +111,7 @@ class MusicModel:
             audio_channels=self.channels,
             keep_frames=keep,
             prompt_frames=prompt_frames,
+            batch=batch,
         )
         return AudioStream(self, tokens, codec, prompt)
 

@@ -16,6 +16,8 @@ def apply_guidance(logits: torch.Tensor, rows: int, scale: float) -> torch.Tenso
     """logits: [2N, K, V] (conditional rows first) or [N, K, V] -> guided [N, K, V]."""
     if logits.shape[0] == rows:
         return logits
+    if scale == 1.0:  # guidance off on a batch that keeps its null rows: exactly the conditional
+        return logits[:rows]
     cond, uncond = logits[:rows], logits[rows:]
     return uncond + (cond - uncond) * scale
 

@@ -14,6 +14,7 @@ rewinds, re-prefills and the codec's left context); older ones are forgotten, so
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +23,9 @@ from engine.decoder import CrossKV, Decoder
 from engine.delay import PAD, codebook_delays, delayed_layout
 from engine.options import SamplingOptions, WindowOptions
 from engine.sampling import apply_guidance, sample
+
+if TYPE_CHECKING:
+    from engine.batch import DecodeBatch
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +41,10 @@ class TokenStream:
         audio_channels: int,
         keep_frames: int = 1000,
         prompt_frames: torch.Tensor | None = None,
+        batch: DecodeBatch | None = None,
     ) -> None:
-        """`prompt_frames`: optional [K, T] tokens to continue from (frames 0..T-1 of the stream)."""
+        """`prompt_frames`: optional [K, T] tokens to continue from (frames 0..T-1 of the stream).
+        `batch`: share decoder steps with the other streams of a `DecodeBatch`."""
         self.decoder = decoder
         self.window = window.validate(decoder.max_positions)
         self.sampling = sampling.validate()
@@ -54,9 +60,13 @@ class TokenStream:
         self._history = torch.zeros(self.num_codebooks, 0, dtype=torch.long)
         self._offset = 0
         self._cache = None
-        self._guided = sampling.guidance_scale > 1.0
+        self._batch = batch
+        # A batched stream always keeps its null row: the batch's shape never changes.
+        self._guided = batch is not None or sampling.guidance_scale > 1.0
         start = prompt_frames if prompt_frames is not None else self._history
         self._history = start.to(torch.long).cpu().clone()
+        if batch is not None:
+            self._cache = batch.join(self)
         self._start_window()
 
     # -- public ----------------------------------------------------------------------------
@@ -74,7 +84,10 @@ class TokenStream:
     def generate_until(self, frame: int) -> None:
         """Run decoder steps until at least `frame` frames are complete."""
         while self.complete < frame:
-            self._step()
+            if self._batch is None:
+                self._step()
+            else:
+                self._batch.step()
 
     @torch.inference_mode()
     def set_prompt(self, condition: TextCondition, from_frame: int) -> int:
@@ -136,7 +149,10 @@ class TokenStream:
         if self._cache is None or self._cache.keys.shape[1] != rows:
             self._cache = self.decoder.new_cache(rows, positions)
         states, mask = batch_conditions([self.condition], guidance=self._guided)
+        self._text = (states, mask)  # [rows, S, E], [rows, S]: what a batch pads and stacks
         self._cross: CrossKV = self.decoder.cross_kv(states, mask)
+        if self._batch is not None:
+            self._batch.text_changed()
         # Delayed layout of the whole window: known tokens (BOS/pad, context), -1 where unknown.
         layout = delayed_layout(context, self.delays, positions + 1)
         self._seq = layout.to(self.decoder.device)  # [K, W + 1]
@@ -147,18 +163,31 @@ class TokenStream:
         self.prefills += 1
         self._accept(logits)
 
+    def _restart_if_full(self) -> bool:
+        """At the end of a window, re-prefill (which also yields this step's tokens)."""
+        if self._fed < self.window.window:
+            return False
+        log.debug(
+            "window full at frame %d: re-prefilling %d frames", self.complete, self.window.context
+        )
+        self._start_window()
+        return True
+
+    def _next_ids(self) -> torch.Tensor:
+        """[rows, K] the inputs of position `_fed` (the same for the conditional and null rows)."""
+        return self._seq[None, :, self._fed].expand(self._cache.keys.shape[1], -1)
+
     def _step(self) -> None:
-        if self._fed >= self.window.window:
-            log.debug(
-                "window full at frame %d: re-prefilling %d frames",
-                self.complete,
-                self.window.context,
-            )
-            self._start_window()
+        if self._restart_if_full():
             return
-        rows = self._cache.keys.shape[1]
-        ids = self._seq[None, :, self._fed].expand(rows, -1)
-        logits = self.decoder.decode_one_step(ids, self._cache, self._cross)
+        ids = self._next_ids()
+        logits = self.decoder.decode_one_step(
+            ids, self._cache, self._cross, [self._fed] * ids.shape[0]
+        )
+        self._stepped(logits)
+
+    def _stepped(self, logits: torch.Tensor) -> None:
+        """Take the logits [rows, K, V] of a decoder step over position `_fed`."""
         self._fed += 1
         self.steps += 1
         self._accept(logits)
