@@ -150,6 +150,7 @@ class PromptRecord:
 
     prompt: str  # the text ("" = unconditional)
     at: float  # when it became current, Unix seconds
+    source: str = ""  # who set it, e.g. "config", "listener", "admin"
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,7 @@ class StationState:
         return {
             "prompt": self.prompt,
             "prompt_since": self.prompt_since,
-            "history": [{"prompt": h.prompt, "at": h.at} for h in self.history],
+            "history": [{"prompt": h.prompt, "at": h.at, "source": h.source} for h in self.history],
             "settings": dict(self.settings),
             "hls_next_sequence": self.hls_next_sequence,
             "saved_at": self.saved_at,
@@ -204,7 +205,8 @@ class StationState:
                 or not _is_number(item.get("at"))
             ):
                 raise ValueError(f"{where}.history[{i}]: expected {{prompt: str, at: number}}")
-            history.append(PromptRecord(item["prompt"], float(item["at"])))
+            source = item.get("source", "")
+            history.append(PromptRecord(item["prompt"], float(item["at"]), str(source)))
         settings = _typed(data, "settings", dict, {}, where)
         seq = _typed(data, "hls_next_sequence", int, 0, where)
         if isinstance(seq, bool) or seq < 0:

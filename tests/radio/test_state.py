@@ -45,7 +45,10 @@ def test_round_trip_with_unicode_and_version(tmp_path: Path) -> None:
         "main": StationState(
             prompt='rainy "café" jazz ☔',
             prompt_since=1700000000.5,
-            history=(PromptRecord("lofi", 1699999000.0), PromptRecord('rainy "café" jazz ☔', 1.5)),
+            history=(
+                PromptRecord("lofi", 1699999000.0, "config"),
+                PromptRecord('rainy "café" jazz ☔', 1.5, "listener"),
+            ),
             settings={"temperature": 0.8, "top_k": 200},
             hls_next_sequence=1234,
         ),
