@@ -49,6 +49,14 @@ def choose_dtype(requested: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def choose_quantize(options: LoadOptions, device: torch.device) -> str:
+    """ "auto": int8 decoder weights on a CPU when no float dtype was asked for (see the README's
+    precision table: 3x faster than bfloat16 for a logit error of a few percent), none on a GPU."""
+    if options.quantize != "auto":
+        return options.quantize
+    return "int8" if device.type == "cpu" and options.dtype == "auto" else "none"
+
+
 @dataclass
 class LoadedModel:
     model: object  # transformers MusicgenForConditionalGeneration, eval mode
@@ -87,11 +95,10 @@ def load_model(options: LoadOptions) -> LoadedModel:
 
     options.validate()
     device = choose_device(options.device)
-    if options.quantize == "int8" and device.type != "cpu":
-        raise ModelLoadError(
-            "quantize int8 is a CPU mode, but the model would load on " + str(device)
-        )
-    dtype = torch.float32 if options.quantize == "int8" else choose_dtype(options.dtype, device)
+    quantize = choose_quantize(options, device)
+    if quantize == "int8" and device.type != "cpu":
+        raise ModelLoadError(f"quantize int8 is a CPU mode, but the model would load on {device}")
+    dtype = torch.float32 if quantize == "int8" else choose_dtype(options.dtype, device)
     name = options.model
     local = Path(name).expanduser()
     if name.startswith((".", "/", "~")) and not local.exists():
@@ -99,7 +106,7 @@ def load_model(options: LoadOptions) -> LoadedModel:
     source = str(local) if local.exists() else name
     if "melody" in name.lower():
         _refuse_unsupported(name, None)
-    precision = "int8 weights" if options.quantize == "int8" else str(dtype).removeprefix("torch.")
+    precision = "int8 weights" if quantize == "int8" else str(dtype).removeprefix("torch.")
     log.info("loading MusicGen %s on %s in %s", name, device, precision)
     try:
         config = AutoConfig.from_pretrained(source)
@@ -124,4 +131,4 @@ def load_model(options: LoadOptions) -> LoadedModel:
         model.decoder.config.num_hidden_layers,
         model.decoder.config.hidden_size,
     )
-    return LoadedModel(model, processor, device, dtype, name, options.quantize)
+    return LoadedModel(model, processor, device, dtype, name, quantize)

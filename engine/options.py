@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZE = ("none", "int8")
+QUANTIZE = ("auto", "none", "int8")
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,7 @@ class LoadOptions:
     model: str = "facebook/musicgen-small"  # hub id or local folder
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"
     dtype: str = "auto"  # "auto" (bf16 on CUDA / CPUs with AVX-512 BF16 or AMX), or a dtype name
-    quantize: str = "none"  # "int8": int8 decoder weights, float32 activations (CPU only)
+    quantize: str = "auto"  # "auto" (int8 on CPU, none on GPU), "none", or "int8" (CPU only)
 
     def validate(self) -> LoadOptions:
         if not self.model:

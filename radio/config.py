@@ -59,6 +59,7 @@ class ModelConfig:
     id: str = "facebook/musicgen-small"  # hub id or local folder (`radio tiny-model DIR` makes one)
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"
     dtype: str = "auto"  # "auto", "float32", "bfloat16" or "float16"
+    quantize: str = "auto"  # "auto" (int8 on CPU, none on GPU), "none" or "int8"
 
     def validate(self) -> None:
         if not self.id:
@@ -66,7 +67,9 @@ class ModelConfig:
         self.load_options()
 
     def load_options(self) -> LoadOptions:
-        return LoadOptions(model=self.id, device=self.device, dtype=self.dtype).validate()
+        return LoadOptions(
+            model=self.id, device=self.device, dtype=self.dtype, quantize=self.quantize
+        ).validate()
 
 
 @dataclass(frozen=True)

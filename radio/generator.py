@@ -175,10 +175,15 @@ class Generator:
     def _run(self) -> None:
         lanes = {s.id: _Lane(s) for s in self.specs}
         try:
-            for lane in lanes.values():
-                lane.stream = self.model.open_stream(
-                    prompt=lane.spec.prompt, sampling=lane.spec.sampling, window=lane.spec.window
-                )
+            # One decoder step serves every station (engine batching): the weights are read
+            # once per step for all of them.
+            streams = self.model.open_streams(
+                [lane.spec.prompt for lane in lanes.values()],
+                [lane.spec.sampling for lane in lanes.values()],
+                window=self.specs[0].window,
+            )
+            for lane, stream in zip(lanes.values(), streams, strict=True):
+                lane.stream = stream
         except Exception as e:  # noqa: BLE001 - reported to every station, then we stop
             log.exception("the generator could not open the stations' streams")
             for sid in lanes:

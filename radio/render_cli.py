@@ -44,6 +44,9 @@ def add_render_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="facebook/musicgen-small", help="hub id or local folder")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument(
+        "--quantize", default="auto", help="auto (int8 on CPU when --dtype is auto), none or int8"
+    )
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler")
     p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
     p.add_argument(
@@ -80,7 +83,9 @@ def run_render(args: argparse.Namespace) -> int:
         sampling = SamplingOptions(
             guidance_scale=args.guidance, greedy=args.greedy, seed=args.seed
         ).validate()
-        load = LoadOptions(model=args.model, device=args.device, dtype=args.dtype).validate()
+        load = LoadOptions(
+            model=args.model, device=args.device, dtype=args.dtype, quantize=args.quantize
+        ).validate()
         window = WindowOptions(window=args.window, context=args.context)
         model = MusicModel.load(load)
         window.validate(model.max_positions)
