@@ -38,6 +38,8 @@ import aiohttp
 log = logging.getLogger(__name__)
 
 USER_AGENT = "endless-radio/0.1"
+# (asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
+# arrives just as the awaited call finishes, and run() must always stop when cancelled)
 CONNECT_TIMEOUT = 10.0  # seconds for TCP connect plus the server's answer to our request
 WRITE_TIMEOUT = 10.0  # a server that accepts nothing for this long counts as gone
 _REFUSED_PUT = (400, 405, 501)  # answers of a server without PUT support: try SOURCE
@@ -322,21 +324,23 @@ class IcecastSource:
             self._drop_buffer()
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), left)
+                async with asyncio.timeout(left):
+                    await self._wake.wait()
         self._drop_buffer()
 
     async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Connect and get the server to accept us as the source (PUT, else SOURCE)."""
         while True:
             method = self._method
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self._host, self._port, ssl=self._tls or None),
-                CONNECT_TIMEOUT,
-            )
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                reader, writer = await asyncio.open_connection(
+                    self._host, self._port, ssl=self._tls or None
+                )
             try:
-                writer.write(self._request(method))
-                await asyncio.wait_for(writer.drain(), CONNECT_TIMEOUT)
-                await asyncio.wait_for(self._answer(reader), CONNECT_TIMEOUT)
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    writer.write(self._request(method))
+                    await writer.drain()
+                    await self._answer(reader)
                 return reader, writer
             except SourceRefused as exc:
                 _abort(writer)
@@ -379,7 +383,8 @@ class IcecastSource:
             return
         body = b""
         with contextlib.suppress(TimeoutError, OSError):
-            body = await asyncio.wait_for(reader.read(1024), 1.0)
+            async with asyncio.timeout(1.0):
+                body = await reader.read(1024)
         text = " ".join(body.decode("utf-8", "replace").split())
         if "<" in text:  # an HTML error page: keep only the words
             text = " ".join(_strip_tags(text).split())
@@ -397,7 +402,8 @@ class IcecastSource:
         try:
             while (chunk := await self._next_chunk()) is not None:
                 writer.write(chunk)
-                await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+                async with asyncio.timeout(WRITE_TIMEOUT):
+                    await writer.drain()
                 self._bytes_sent += len(chunk)
                 if title_task is None and self._title is not None:
                     # the server knows the mount once audio flows: tell it the current title

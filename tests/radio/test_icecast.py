@@ -533,3 +533,39 @@ async def _mount_chunks_rejoins(caplog) -> None:
     with pytest.raises(StopAsyncIteration):
         await anext(chunks)
     assert counts[-1] == 0
+
+
+def test_cancel_always_stops_run_while_streaming() -> None:
+    """Cancelling run() at any moment of a busy stream ends it (cancellation is never lost)."""
+    asyncio.run(_cancel_at_random_moments())
+
+
+async def _cancel_at_random_moments() -> None:
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        with contextlib.suppress(OSError):
+            while await reader.read(65536):
+                pass
+
+    async def busy() -> AsyncIterator[bytes]:
+        while True:
+            yield b"\xff" * 417
+            await asyncio.sleep(0)
+
+    server = await asyncio.start_server(sink, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        for i in range(40):
+            src = IcecastSource(url, "/c.mp3", password="pw")
+            task = asyncio.create_task(src.run(busy()))
+            while src.status.bytes_sent == 0:
+                await asyncio.sleep(0.001)
+            for _ in range(i % 7):
+                await asyncio.sleep(0)
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=2)
+            assert done, f"run() ignored the cancellation (try {i})"
+    finally:
+        server.close()
+        await server.wait_closed()
