@@ -471,10 +471,11 @@ class IcecastSource:
 
 
 async def mount_chunks(mount: Any) -> AsyncIterator[bytes]:
-    """The MP3 bytes of a station's mount (`Mp3Mount`: add() -> listener with async next(),
-    remove(listener)), taken as one more listener of it: the MP3 is encoded only once."""
+    """The MP3 bytes of a station's mount (`Mp3Mount`: add(counted=False) -> a listener with
+    async next(), remove(listener)), taken as a relay that the listener counts leave out: the
+    MP3 is encoded only once."""
     while True:
-        listener = mount.add()
+        listener = mount.add(counted=False)
         try:
             while (data := await listener.next()) is not None:
                 yield data
