@@ -54,6 +54,19 @@ def decode_full(
         return torch.cat(audio).float().cpu().numpy()  # [channels, T * 640]
 
 
+def freeze_weight_norm(audio_encoder: nn.Module) -> None:
+    """Replace EnCodec's weight-normalised conv weights by their values, once.
+
+    `weight_norm` recomputes each weight from (g, v) on every forward: about 20 ms per decode call
+    for musicgen's codec, for weights that never change at inference. Same values, in place.
+    """
+    from torch.nn.utils import parametrize
+
+    for module in audio_encoder.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+
+
 class _ManualLSTM:
     """`nn.LSTM` (no projection, not bidirectional) run step by step so that the state before
     every frame is available; same weights, same gate order (i, f, g, o)."""

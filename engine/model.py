@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from engine.batch import DecodeBatch
-from engine.codec import StreamingDecoder
+from engine.codec import StreamingDecoder, freeze_weight_norm
 from engine.conditioning import encode_prompt
 from engine.decoder import Decoder
 from engine.loading import LoadedModel, load_model
@@ -33,6 +33,7 @@ class MusicModel:
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
         self.hf = loaded.model.requires_grad_(False)
+        freeze_weight_norm(self.hf.audio_encoder)
         self.processor = loaded.processor
         self.decoder = Decoder(self.hf.decoder, "int8" if loaded.quantize == "int8" else "dense")
         config = self.hf.config
