@@ -1,7 +1,7 @@
 """Engine vs the reference (`transformers` `generate`) on the same random weights, in one run.
 
     python bench/bench_engine.py                  # musicgen-small shapes (the real cost), ~5 min
-    python bench/bench_engine.py --size tiny --seconds 2 --reference-steps 20   # CI smoke run
+    python bench/bench_engine.py --size tiny --seconds 2 --float32-steps 20   # CI smoke run
 
 Prints steps per second and real-time factor (seconds of audio per second of wall time) for:
 the engine end to end (decoder steps, window re-prefills, streaming codec decode) in the chosen
@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import sys
 import time
 from datetime import UTC, datetime
@@ -103,6 +104,23 @@ def bench_engine(path: Path, mode: str, seconds: float, window: WindowOptions) -
 
 
 @torch.inference_mode()
+def bench_stations(
+    model: MusicModel, window: WindowOptions, counts=(1, 4), steps: int = 40
+) -> dict:
+    """Decoder step time with N stations batched into one step (2N rows), per N."""
+    times = {}
+    for n in counts:
+        prompts = [f"{PROMPT} {i}" for i in range(n)]
+        streams = model.open_streams(prompts, [SamplingOptions(seed=i) for i in range(n)], window)
+        tokens = streams[0].tokens
+        tokens.generate_until(tokens.complete + 5)  # warm-up
+        began, first = time.perf_counter(), tokens.steps
+        tokens.generate_until(tokens.complete + steps)
+        times[str(n)] = (time.perf_counter() - began) / (tokens.steps - first)
+    return times
+
+
+@torch.inference_mode()
 def bench_prefill(model: MusicModel, context: int) -> float:
     decoder = model.decoder
     frames = torch.randint(0, 2048, (model.num_codebooks, context))
@@ -123,7 +141,12 @@ def main() -> int:
     parser.add_argument(
         "--seconds", type=float, default=24.0, help="audio the engine renders (>= 20 s)"
     )
-    parser.add_argument("--reference-steps", type=int, default=150, help="steps per generate run")
+    parser.add_argument(
+        "--float32-steps",
+        type=int,
+        default=150,
+        help="steps of the float32 generate run (slow); the --dtype run renders --seconds like the engine",
+    )
     parser.add_argument(
         "--dtype", default="bfloat16", help="dtype of the main reference (and the engine)"
     )
@@ -145,11 +168,16 @@ def main() -> int:
     for mode in args.modes.split(","):
         say(f"engine ({mode}): rendering {args.seconds:.0f} s of audio end to end ...")
         run = bench_engine(path, mode, args.seconds, window)
-        run["prefill_s"] = bench_prefill(run.pop("model"), args.context)
+        model = run.pop("model")
+        run["prefill_s"] = bench_prefill(model, args.context)
+        run["station_step_s"] = bench_stations(model, window)
+        run["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        del model
         results[f"engine_{mode}"] = run
     for dtype in ("float32", args.dtype) if args.dtype != "float32" else ("float32",):
-        say(f"transformers generate ({dtype}): {args.reference_steps} steps ...")
-        results[f"generate_{dtype}"] = bench_generate(path, dtype, args.reference_steps)
+        steps = args.float32_steps if dtype == "float32" else round(args.seconds * 50) + 4
+        say(f"transformers generate ({dtype}): {steps} steps ...")
+        results[f"generate_{dtype}"] = bench_generate(path, dtype, steps)
 
     ref = results[f"generate_{args.dtype}"]
     ref32 = results["generate_float32"]
@@ -173,6 +201,16 @@ def main() -> int:
         r = results[f"generate_{dtype}"]
         say(
             f"| transformers generate, {dtype} | {r['steps_per_s']:.1f} | {r['rtf']:.3f} | | | | | |"
+        )
+    say("")
+    say("| mode | decoder step, 1 station | 4 stations in one batched step | 4 vs 1 | peak RSS |")
+    say("| --- | --- | --- | --- | --- |")
+    for mode in args.modes.split(","):
+        r = results[f"engine_{mode}"]
+        one, four = r["station_step_s"]["1"], r["station_step_s"]["4"]
+        say(
+            f"| {mode} | {one * 1000:.1f} ms | {four * 1000:.1f} ms | x{four / one:.2f} | "
+            f"{r['peak_rss_gb']:.1f} GB |"
         )
     if args.json:
         results["measured_at"] = datetime.now(UTC).isoformat()
