@@ -1,7 +1,7 @@
 # Endless Radio: one image for a CUDA GPU and for CPU.
 #
 #   docker build -t endless-radio .
-#   docker build -t endless-radio:cpu --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu .
+#   docker build -t endless-radio:cpu --build-arg TORCH_INDEX=<PyTorch's CPU-only wheel index URL> .
 #
 #   GPU (needs the NVIDIA driver and the NVIDIA Container Toolkit on the host):
 #   docker run --gpus all -p 8000:8000 -v radio-data:/data endless-radio
@@ -24,8 +24,9 @@
 FROM python:3.11-slim-bookworm
 
 ARG TORCH_VERSION=2.13.0
-# PyPI: the CUDA build (runs on GPU and CPU); https://download.pytorch.org/whl/cpu: CPU only
-ARG TORCH_INDEX=https://pypi.org/simple
+# empty: pip's default index, whose Linux wheels are CUDA builds (they run on GPU and CPU);
+# PyTorch's CPU-only wheel index gives a much smaller image for machines without a GPU
+ARG TORCH_INDEX=""
 
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -42,7 +43,11 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 # torch first, in its own layer: it is by far the largest and changes least often.
-RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
+RUN if [ -n "${TORCH_INDEX}" ]; then \
+        pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"; \
+    else \
+        pip install --no-cache-dir "torch==${TORCH_VERSION}"; \
+    fi
 
 WORKDIR /opt/radio
 COPY pyproject.toml README.md ./

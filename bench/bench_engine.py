@@ -3,6 +3,8 @@
     python bench/bench_engine.py                  # musicgen-small shapes (the real cost), ~5 min
     python bench/bench_engine.py --size tiny --seconds 2 --float32-steps 20   # CI smoke run
 
+Random-weight models are built once into ./models (or $BENCH_MODELS).
+
 Prints steps per second and real-time factor (seconds of audio per second of wall time) for:
 the engine end to end (decoder steps, window re-prefills, streaming codec decode) in the chosen
 dtype, and `generate` (CFG on, batch 1, sampling with top-k 250) in float32 and bfloat16; the
@@ -40,7 +42,7 @@ def say(message: str) -> None:
 
 
 def model_dir(size: str) -> Path:
-    path = ROOT / "models" / f"bench-{size}"
+    path = Path(os.environ.get("BENCH_MODELS", ROOT / "models")) / f"bench-{size}"
     if not (path / "model.safetensors").exists():
         say(f"building random-weight {size} MusicGen in {path} (once) ...")
         build_tiny_model(path, size=size, seed=0)

@@ -168,6 +168,8 @@ def station_json(radio: Radio, st: Station, base: str, full: bool) -> dict[str, 
         "streams": streams,
         "health": st.health_json(),
     }
+    if st.id in radio.icecast:  # connected, last_error, reconnects, bytes_sent, ...
+        out["icecast"] = radio.icecast[st.id].status.as_dict()
     if full:
         out["history"] = st.history_json()
         out["events"] = f"{base}/api/stations/{st.id}/events"

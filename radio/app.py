@@ -21,11 +21,12 @@ from typing import Any
 
 from aiohttp import web
 
-from radio import api, events, hls_routes, metrics, mounts
+from radio import api, events, hls_routes, metrics, mounts, persist
 from radio.clock import StationClock
 from radio.config import Config
 from radio.context import RADIO, Radio, RadioSink
 from radio.generator import Generator, StationSpec
+from radio.icecast import IcecastSource, follow_prompts, mount_chunks, resolve_password
 from radio.loudness import LoudnessNormalizer
 from radio.station import Station
 
@@ -66,6 +67,8 @@ def init_app(config: Config, model: Any = None) -> web.Application:
 
 
 def build_radio(config: Config, model: Any) -> Radio:
+    store = persist.open_store(config.server.state_file)
+    saved = persist.load_saved(store)
     stations = {}
     for i, sc in enumerate(config.stations):
         st = Station(config=sc, index=i, channels=model.channels)
@@ -80,7 +83,9 @@ def build_radio(config: Config, model: Any) -> Radio:
         hop=model.hop,
         frame_rate=model.frame_rate,
         stations=stations,
+        store=store,
     )
+    persist.restore(radio, saved)
     count, seconds = config.security.rate_limit()
     radio.limiter = api.RateLimiter(count, seconds)
     radio.metrics = metrics.make_registry(radio)
@@ -95,14 +100,17 @@ def build_radio(config: Config, model: Any) -> Radio:
             a.listener_queue_seconds,
             on_count=lambda n, st=st: st.set_listeners(mp3=n),
         )
+        if st.config.icecast is not None:
+            radio.icecast[sid] = _icecast_source(config, st.config, model.channels)
         if config.hls.enabled:
             radio.hls[sid] = hls_routes.HlsOutput(
-                _segmenter(config, model, sid), on_count=lambda n, st=st: st.set_listeners(hls=n)
+                _segmenter(config, model, sid, saved.get(sid)),
+                on_count=lambda n, st=st: st.set_listeners(hls=n),
             )
     return radio
 
 
-def _segmenter(config: Config, model: Any, station_id: str) -> Any:
+def _segmenter(config: Config, model: Any, station_id: str, saved: Any = None) -> Any:
     from radio.hls import HlsSegmenter
 
     h = config.hls
@@ -115,6 +123,7 @@ def _segmenter(config: Config, model: Any, station_id: str) -> Any:
         bitrate_kbps=h.bitrate,
         out_dir=out_dir,
         output_sample_rate=config.audio.output_sample_rate,
+        start_sequence=persist.hls_start_sequence(saved, h.segment_seconds),
     )
 
 
@@ -227,6 +236,9 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         )
         radio.clocks[sid] = clock
         tasks.append(asyncio.create_task(clock.run(), name=f"clock-{sid}"))
+    tasks += _icecast_tasks(radio)
+    if radio.store is not None:
+        tasks.append(asyncio.create_task(persist.keep_saving(radio, radio.store), name="state"))
     tasks.append(asyncio.create_task(_heartbeat(radio), name="heartbeat"))
     try:
         yield
@@ -238,6 +250,42 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
                 await t
         await loop.run_in_executor(None, gen.stop)
         log.info("generator stopped")
+
+
+def _icecast_source(config: Config, sc: Any, channels: int) -> IcecastSource:
+    """The source client of a station with [stations.icecast]; ValueError names a bad key."""
+    ic = sc.icecast
+    password = resolve_password(
+        ic.password, ic.password_env, key=f"stations.{sc.id}.icecast.password"
+    )
+    return IcecastSource(
+        ic.url,
+        ic.mount or f"/{sc.id}.mp3",
+        user=ic.user,
+        password=password,
+        name=sc.name,
+        description=sc.description,
+        genre=sc.genre,
+        public=ic.public,
+        bitrate_kbps=config.audio.mp3_bitrate,
+        sample_rate=config.audio.output_sample_rate,
+        channels=channels,
+        label=sc.id,
+    )
+
+
+def _icecast_tasks(radio: Radio) -> list[asyncio.Task[None]]:
+    """Each source streams its station's MP3 mount; its title follows the prompt."""
+    tasks = []
+    for sid, src in radio.icecast.items():
+        chunks = mount_chunks(radio.mp3[sid])
+        tasks.append(asyncio.create_task(src.run(chunks), name=f"icecast-{sid}"))
+        tasks.append(
+            asyncio.create_task(
+                follow_prompts(src, radio.stations[sid]), name=f"icecast-title-{sid}"
+            )
+        )
+    return tasks
 
 
 async def _heartbeat(radio: Radio) -> None:

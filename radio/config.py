@@ -42,6 +42,7 @@ class ServerConfig:
     trust_forwarded: bool = (
         False  # client address from X-Forwarded-For (only behind your own proxy)
     )
+    state_file: str = ""  # JSON file keeping prompts and HLS numbering across restarts; "" = off
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -201,12 +202,31 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True)
+class IcecastConfig:
+    """`[stations.icecast]`: also push this station to an Icecast2 server as a source."""
+
+    url: str = ""  # the Icecast server, e.g. "http://icecast.example.com:8000"
+    mount: str = ""  # mount on that server; "" = "/<station id>.mp3"
+    user: str = "source"  # source user name
+    password: str = ""  # source password (or use password_env)
+    password_env: str = "ICECAST_SOURCE_PASSWORD"  # environment variable read first, when set
+    public: bool = False  # list the stream in Icecast's public directory (YP)
+
+    def validate(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url: must be http://host:port, got {self.url!r}")
+        if self.mount and not self.mount.startswith("/"):
+            raise ValueError(f"mount: must start with '/', got {self.mount!r}")
+
+
+@dataclass(frozen=True)
 class StationConfig:
     id: str = "main"  # URL name: /main.mp3, /hls/main/live.m3u8 (a-z, 0-9, _ and -)
     name: str = "Endless Radio"  # shown to listeners (icy-name)
     description: str = "Music that never ends, written live by MusicGen"  # icy-description
     genre: str = "Various"  # icy-genre
     prompt: str = "calm lofi beat with piano"  # the prompt the station starts with
+    icecast: IcecastConfig | None = None  # [stations.icecast]: push to an Icecast2 server
 
     def validate(self) -> None:
         if not _STATION_ID.match(self.id):

@@ -33,6 +33,8 @@ class Radio:
     stations: dict[str, Station]
     mp3: dict[str, Mp3Mount] = field(default_factory=dict)
     hls: dict[str, Any] = field(default_factory=dict)  # station id -> hls_routes.HlsOutput
+    icecast: dict[str, Any] = field(default_factory=dict)  # station id -> icecast.IcecastSource
+    store: Any = None  # state.StateStore when server.state_file is set
     generator: Any = None  # radio.generator.Generator while running
     clocks: dict[str, Any] = field(default_factory=dict)  # station id -> clock.StationClock
     output_latency: int = 0  # model-rate samples between the clock and the encoders (loudness)

@@ -78,6 +78,20 @@ class RadioCollector:
             prompts.add_metric([sid], h.prompt_changes)
             mount = r.mp3.get(sid)
             mp3_bytes.add_metric([sid], mount.bytes_out if mount else 0)
+        ice_up = GaugeMetricFamily(
+            "radio_icecast_connected", "1 while streaming to the Icecast server", labels=["station"]
+        )
+        ice_bytes = CounterMetricFamily(
+            "radio_icecast_bytes", "MP3 bytes sent to the Icecast server", labels=["station"]
+        )
+        ice_reconnects = CounterMetricFamily(
+            "radio_icecast_reconnects", "Reconnections to the Icecast server", labels=["station"]
+        )
+        for sid, src in r.icecast.items():
+            status = src.status
+            ice_up.add_metric([sid], 1.0 if status.connected else 0.0)
+            ice_bytes.add_metric([sid], status.bytes_sent)
+            ice_reconnects.add_metric([sid], status.reconnects)
         uptime = GaugeMetricFamily("radio_uptime_seconds", "Seconds since the service started")
         uptime.add_metric([], time.time() - r.started_at)
         yield from (
@@ -91,6 +105,9 @@ class RadioCollector:
             bridge,
             prompts,
             mp3_bytes,
+            ice_up,
+            ice_bytes,
+            ice_reconnects,
             uptime,
         )
 

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from radio.encoders import Mp3Encoder
-from radio.icecast import IcecastSource, follow_prompts, mount_chunks, resolve_password
+from radio.icecast import IcecastSource, mount_chunks, resolve_password
 from radio.icy import IcyReader
 from tests.conftest import require_tool
 
@@ -436,42 +436,14 @@ def test_resolve_password(monkeypatch) -> None:
 
 
 def test_radio_relays_to_icecast_and_prompt_post_changes_its_title(icecast, radio_factory) -> None:
-    """End to end: the radio's own MP3 mount feeds Icecast; a prompt POST to the radio shows up
-    as the ICY title on the Icecast mount, also after Icecast restarts."""
-    r = radio_factory(security={"prompt_rate_limit": "100 per 1 s"})
-    radio = r.radio
-    station = radio.stations["main"]
-
-    async def start_relay():
-        src = IcecastSource(
-            icecast.url,
-            "/main.mp3",
-            password=PASSWORD,
-            name=station.config.name,
-            description=station.config.description,
-            genre=station.config.genre,
-            bitrate_kbps=radio.config.audio.mp3_bitrate,
-            sample_rate=radio.config.audio.output_sample_rate,
-            channels=radio.channels,
-            retry_min=0.5,
-            retry_max=2.0,
-        )
-        tasks = [
-            asyncio.create_task(src.run(mount_chunks(radio.mp3["main"]))),
-            asyncio.create_task(follow_prompts(src, station)),
-        ]
-        return src, tasks
-
-    async def stop_relay(tasks) -> None:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    src, tasks = asyncio.run_coroutine_threadsafe(start_relay(), r.loop).result(10)
-    try:
-        asyncio.run(_relay_checks(icecast, r.base_url, station.prompt, src))
-    finally:
-        asyncio.run_coroutine_threadsafe(stop_relay(tasks), r.loop).result(10)
+    """End to end, from config: [stations.icecast] makes the radio feed Icecast; a prompt POST
+    to the radio shows up as the ICY title on the Icecast mount, also after Icecast restarts."""
+    r = radio_factory(
+        security={"prompt_rate_limit": "100 per 1 s"},
+        stations=[{"id": "main", "icecast": {"url": icecast.url, "password": PASSWORD}}],
+    )
+    station = r.radio.stations["main"]
+    asyncio.run(_relay_checks(icecast, r.base_url, station.prompt, r.radio.icecast["main"]))
 
 
 async def _relay_checks(icecast: IcecastServer, base_url: str, first: str, src) -> None:
@@ -499,6 +471,14 @@ async def _relay_checks(icecast: IcecastServer, base_url: str, first: str, src) 
     titles, _ = await _icy_listen(icecast.url + "/main.mp3", new, 0)
     assert first not in titles
     assert src.status.reconnects == 1
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+        async with s.get(f"{base_url}/api/stations/main") as resp:
+            ice = (await resp.json())["icecast"]
+        async with s.get(f"{base_url}/metrics") as resp:
+            metrics = await resp.text()
+    assert ice["connected"] and ice["reconnects"] == 1 and ice["bytes_sent"] > 0
+    assert 'radio_icecast_connected{station="main"} 1.0' in metrics
+    assert 'radio_icecast_reconnects_total{station="main"} 1.0' in metrics
 
 
 def test_mount_chunks_rejoins_when_dropped_and_ends_with_the_mount(caplog) -> None:

@@ -1,0 +1,88 @@
+"""Keeping the radio's live state across restarts, through `radio.state.StateStore`.
+
+`load_saved` reads the state file named by `server.state_file` (a bad file is moved aside by
+the store, never fatal); `restore` gives each station back its prompt and history;
+`hls_start_sequence` says where HLS numbering resumes (never on a number a player may have
+seen); `keep_saving` writes a snapshot every few seconds and once more at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from radio.state import (
+    PromptRecord,
+    StateStore,
+    StationState,
+    stations_from_state,
+    stations_to_state,
+)
+from radio.station import PromptRecord as LivePrompt
+
+log = logging.getLogger(__name__)
+
+SAVE_SECONDS = 5.0  # a crash loses at most this much of prompt history
+
+
+def open_store(path: str) -> StateStore | None:
+    return StateStore(path) if path else None
+
+
+def load_saved(store: StateStore | None) -> dict[str, StationState]:
+    return stations_from_state(store.load()) if store is not None else {}
+
+
+def hls_start_sequence(saved: StationState | None, segment_seconds: float) -> int:
+    return saved.resume_sequence(time.time(), segment_seconds) if saved is not None else 0
+
+
+def restore(radio: Any, saved: dict[str, StationState]) -> None:
+    """Put the saved prompt and history back on each station that still exists."""
+    for sid, rec in saved.items():
+        st = radio.stations.get(sid)
+        if st is None:
+            continue
+        st.history.clear()
+        for h in rec.history:  # oldest first; the station keeps the newest first
+            st.history.appendleft(LivePrompt(h.prompt, h.at, h.source or "restore"))
+        st.prompt = rec.prompt
+        st.prompt_since = rec.prompt_since if rec.prompt_since is not None else time.time()
+        log.info("station %s: restored prompt %r from the state file", sid, st.prompt)
+
+
+def snapshot(radio: Any) -> dict[str, Any]:
+    now = time.time()
+    stations = {}
+    for sid, st in radio.stations.items():
+        hls = radio.hls.get(sid)
+        stations[sid] = StationState(
+            prompt=st.prompt,
+            prompt_since=st.prompt_since,
+            history=tuple(PromptRecord(r.prompt, r.at, r.source) for r in reversed(st.history)),
+            hls_next_sequence=hls.segmenter.next_sequence if hls is not None else 0,
+            saved_at=now,
+        )
+    return stations_to_state(stations)
+
+
+async def keep_saving(radio: Any, store: StateStore) -> None:
+    """Save every SAVE_SECONDS and once more when cancelled (shutdown)."""
+    failing = False
+    try:
+        while True:
+            await asyncio.sleep(SAVE_SECONDS)
+            try:
+                await asyncio.to_thread(store.save, snapshot(radio))
+                failing = False
+            except OSError as e:
+                if not failing:
+                    log.error("cannot write the state file %s (%s); will retry", store.path, e)
+                failing = True
+    finally:
+        try:
+            store.save(snapshot(radio))
+        except OSError as e:
+            log.error("cannot write the state file %s at shutdown (%s)", store.path, e)

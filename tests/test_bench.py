@@ -1,0 +1,53 @@
+"""The benchmarks run (short, on the tiny model) so that they cannot rot."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(script: str, *args: str, tmp_path: Path) -> str:
+    env = {**os.environ, "BENCH_MODELS": str(tmp_path), "TRANSFORMERS_VERBOSITY": "error"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def test_engine_benchmark_prints_ratios(tmp_path):
+    out = _run(
+        "bench_engine.py",
+        "--size",
+        "tiny",
+        "--seconds",
+        "1",
+        "--float32-steps",
+        "10",
+        "--window",
+        "120",
+        "--context",
+        "60",
+        tmp_path=tmp_path,
+    )
+    for row in (
+        "engine, int8, end to end",
+        "engine, bfloat16, end to end",
+        "transformers generate, float32",
+    ):
+        assert row in out
+    assert "4 stations in one batched step" in out and "| x" in out
+
+
+def test_precision_benchmark_prints_the_table(tmp_path):
+    out = _run("precision.py", "--size", "tiny", "--steps", "30", tmp_path=tmp_path)
+    assert "| bfloat16 |" in out and "| int8 |" in out
