@@ -11,8 +11,8 @@ their windows attend with a per-row mask (`Decoder.forward(rows_at=...)`).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from engine.conditioning import stack_rows
 from engine.decoder import CrossKV, Decoder
 from engine.kv_cache import KVCache
 from engine.options import WindowOptions
@@ -47,12 +47,8 @@ class DecodeBatch:
 
     def _stacked_cross(self) -> CrossKV:
         if self._cross is None:
-            longest = max(s._text[0].shape[1] for s in self.streams)
-            states = torch.cat(
-                [F.pad(s._text[0], (0, 0, 0, longest - s._text[0].shape[1])) for s in self.streams]
-            )
-            masks = torch.cat(
-                [F.pad(s._text[1], (0, longest - s._text[1].shape[1])) for s in self.streams]
+            states, masks = stack_rows(
+                [s._text[0] for s in self.streams], [s._text[1] for s in self.streams]
             )
             self._cross = self.decoder.cross_kv(states, masks)
         return self._cross

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -38,6 +39,18 @@ def encode_prompt(model, processor, text: str) -> TextCondition:
     return TextCondition(states[0], mask[0].bool())
 
 
+def stack_rows(
+    states: list[torch.Tensor], masks: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad groups of rows, states [R_i, S_i, E] and masks [R_i, S_i] bool, to the longest
+    S and concatenate them: [sum R_i, S, E] and [sum R_i, S] (padding is masked out)."""
+    longest = max(x.shape[1] for x in states)
+    return (
+        torch.cat([F.pad(x, (0, 0, 0, longest - x.shape[1])) for x in states]),
+        torch.cat([F.pad(m, (0, longest - m.shape[1]), value=False) for m in masks]),
+    )
+
+
 def batch_conditions(
     conditions: list[TextCondition], guidance: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,19 +60,10 @@ def batch_conditions(
     attend to all-zero states with a full mask, which yields exactly zero cross-attention output,
     as the reference's fully masked zero rows do.
     """
-    longest = max(c.states.shape[0] for c in conditions)
-    ref = conditions[0].states
-    rows = []
-    masks = []
-    for c in conditions:
-        pad = longest - c.states.shape[0]
-        rows.append(torch.nn.functional.pad(c.states, (0, 0, 0, pad)))
-        mask = torch.nn.functional.pad(c.mask, (0, pad), value=False)
-        # A prompt with no token (the null condition) attends to zeros everywhere: output 0.
-        masks.append(mask if bool(mask.any()) else torch.ones_like(mask))
+    states = [c.states for c in conditions]
+    # A prompt with no token (the null condition) attends to zeros everywhere: output 0.
+    masks = [c.mask if bool(c.mask.any()) else torch.ones_like(c.mask) for c in conditions]
     if guidance:
-        rows += [torch.zeros(longest, ref.shape[1], device=ref.device, dtype=ref.dtype)] * len(
-            conditions
-        )
-        masks += [torch.ones(longest, dtype=torch.bool, device=ref.device)] * len(conditions)
-    return torch.stack(rows), torch.stack(masks)
+        states += [torch.zeros_like(c.states) for c in conditions]
+        masks += [torch.ones_like(c.mask) for c in conditions]
+    return stack_rows([x[None] for x in states], [m[None] for m in masks])

@@ -143,7 +143,6 @@ class TokenStream:
             self._history[:, -self.window.context :] if self._history.shape[1] else self._history
         )
         self._context_len = context.shape[1]
-        self._window_start = self.complete - self._context_len  # stream frame of window frame 0
         rows = 2 if self._guided else 1
         positions = self.window.window
         if self._cache is None or self._cache.keys.shape[1] != rows:
