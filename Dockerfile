@@ -32,14 +32,16 @@ ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    HF_HOME=/data/hf
+    HF_HOME=/data/hf \
+    TORCH_EXTENSIONS_DIR=/data/torch_extensions
 
 # ffmpeg: the command-line tools for checking streams from inside the container (the radio
-# itself encodes through PyAV's bundled libraries). Debian versions are not pinned: the
-# archive drops old ones, and the base image tag already fixes the release.
+# itself encodes through PyAV's bundled libraries). g++: builds the CPU decode kernels
+# (engine/kernels) on first start, on CPUs with AVX-512 BF16. Debian versions are not pinned:
+# the archive drops old ones, and the base image tag already fixes the release.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ffmpeg ca-certificates \
+    && apt-get install -y --no-install-recommends ffmpeg g++ ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 
 # torch first, in its own layer: it is by far the largest and changes least often.

@@ -77,6 +77,18 @@ class Decoder:
         # (measured: 2.5 vs 0.4 ms per layer at 1000 positions), so on a CPU the KV cache and
         # the attention stay float32 whatever the weights are; GPUs attend in the model dtype.
         self.attn_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        # Where our CPU kernels run (engine.kernels: AVX-512 BF16 CPUs) and the model is not
+        # float32 anyway (bfloat16 weights or int8), the KV cache is bfloat16, half the bytes a
+        # step reads, and a decode step's self-attention is one `attend_step` call (float32
+        # maths). A float32 model keeps PyTorch's exact path.
+        reduced = self.dtype == torch.bfloat16 or precision == "int8"
+        heads_fit = self.head_dim % 16 == 0 and self.head_dim <= 128
+        self._kernels = None
+        if self.device.type == "cpu" and reduced and heads_fit:
+            from engine import kernels
+
+            self._kernels = kernels.get()
+        self.kv_dtype = torch.bfloat16 if self._kernels is not None else self.attn_dtype
         self.lm_heads = make_linear(heads, precision)  # E -> K * V
         self.layers = [self._layer(layer, precision) for layer in dec.layers]
         # A prefill is a big matrix product (compute-bound): int8 dynamic kernels lose there,
@@ -112,7 +124,7 @@ class Decoder:
             max_positions,
             self.head_dim,
             device=self.device,
-            dtype=self.attn_dtype,
+            dtype=self.kv_dtype,
         )
 
     def cross_kv(self, text_states: torch.Tensor, text_mask: torch.Tensor) -> CrossKV:
@@ -170,7 +182,7 @@ class Decoder:
         assert t == 1 or (start == 0 and rows_at is None), "a prefill starts at 0 for all rows"
         if rows_at is not None and len(set(rows_at)) == 1:
             start, rows_at = rows_at[0], None
-        self_mask = None
+        self_mask = at = None
         if rows_at is None:
             x = self._embed(ids, start)
             end = start + t
@@ -181,16 +193,8 @@ class Decoder:
             self_mask = (torch.arange(end, device=self.device) <= at[:, None])[:, None, None, :]
         for i, w in enumerate(self.layers if t == 1 else self.prefill_layers):
             h = F.layer_norm(x, (self.hidden,), *w.ln_self)
-            q, k, v = w.qkv(h).chunk(3, dim=-1)
-            if rows_at is None:
-                cache.write(i, start, self._split_heads(k), self._split_heads(v))
-            else:
-                cache.write_rows(i, at, self._split_heads(k), self._split_heads(v))
-            keys, values = cache.view(i, end)
-            a = F.scaled_dot_product_attention(
-                self._split_heads(q), keys, values, attn_mask=self_mask, is_causal=t > 1
-            )
-            x = x + w.out_self(self._merge_heads(a))
+            a = self._self_attention(i, w.qkv(h), cache, start, end, at, self_mask)
+            x = x + w.out_self(a)
 
             h = F.layer_norm(x, (self.hidden,), *w.ln_cross)
             q = self._split_heads(w.q_cross(h))
@@ -203,6 +207,38 @@ class Decoder:
             x = x + w.fc2(self.activation(w.fc1(h)))
         cache.length = end
         return F.layer_norm(x, (self.hidden,), *self.final_ln)
+
+    def _self_attention(
+        self,
+        layer: int,
+        qkv: torch.Tensor,
+        cache: KVCache,
+        start: int,
+        end: int,
+        at: torch.Tensor | None,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """qkv [B, T, 3E], the fused projection of positions [start, end) (or of each row's
+        position `at` [B], with `mask`) -> attention output [B, T, E] in the model dtype. The
+        positions' keys and values go into the cache first."""
+        b, t, _ = qkv.shape
+        if t == 1 and self._kernels is not None:  # write, attend and merge heads in one call
+            positions = at if at is not None else torch.full((b,), start)
+            a = self._kernels.attend_step(
+                qkv.view(b, -1), *cache.layer(layer), positions, self.head_dim**-0.5
+            )
+            return a.view(b, 1, self.hidden).to(self.dtype)
+        q, k, v = (self._split_heads(x) for x in qkv.chunk(3, dim=-1))
+        if at is None:
+            cache.write(layer, start, k, v)
+        else:
+            cache.write_rows(layer, at, k, v)
+        if t > 1:  # a prefill from position 0 attends to exactly the keys it just wrote
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            keys, values = cache.view(layer, end)
+            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return self._merge_heads(a)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [B, E] -> float32 logits [B, K, V]."""

@@ -52,6 +52,10 @@ class KVCache:
         view.length = 0
         return view
 
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, H, P, D] of one layer, every slot."""
+        return self.keys[layer], self.values[layer]
+
     def view(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [B, H, end, D] of positions [0, end)."""
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]

@@ -1,0 +1,132 @@
+"""The decode step's memory-bound parts, PyTorch's kernels against ours (engine/kernels).
+
+For musicgen-small shapes (24 layers, hidden 1024, 16 heads of 64) and one station (2 rows with
+guidance), one decode step's worth of work with every layer's own weights and cache, so the
+bytes come from memory as in the real step, not from a warm cache:
+
+- the projections (qkv, out, cross q, cross out, fc1, fc2): bfloat16 `F.linear`, int8 dynamic
+  (`torch.ops.quantized.linear_dynamic`), and `linear_bf16`;
+- self-attention over P cached positions: float32 SDPA (the cache PyTorch's kernels need to be
+  fast), bfloat16 SDPA, and `decode_attention` over a bfloat16 cache;
+- a plain read of the same bytes, the ceiling this machine's memory allows.
+
+    python bench/kernels.py [--rows 2] [--layers 24] [--repeat 10]
+
+Prints milliseconds per step and GB/s; ratios are within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from engine import kernels
+from engine.linear import Int8DynamicLinear
+
+HIDDEN, FFN, HEADS, HEAD_DIM = 1024, 4096, 16, 64
+SHAPES = [(3 * HIDDEN, HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, HIDDEN),
+          (FFN, HIDDEN), (HIDDEN, FFN)]  # fmt: skip
+
+
+def timed(fn, repeat: int) -> float:
+    fn()
+    fn()
+    started = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - started) / repeat * 1e3
+
+
+def line(name: str, ms: float, nbytes: int, base: float | None = None) -> None:
+    ratio = f"  x{base / ms:.2f}" if base else ""
+    print(f"  {name:<34} {ms:7.2f} ms  {nbytes / ms / 1e6:6.1f} GB/s{ratio}")
+
+
+def bench_linears(rows: int, layers: int, repeat: int, k) -> None:
+    weights = [[torch.randn(n, m) * 0.02 for n, m in SHAPES] for _ in range(layers)]
+    bf16 = [[w.bfloat16() for w in layer] for layer in weights]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        int8 = [[Int8DynamicLinear(w) for w in layer] for layer in weights]
+    inputs = {m: torch.randn(rows, m) for _, m in SHAPES}
+    nbytes = sum(w.nbytes for layer in bf16 for w in layer)
+    print(f"projections, {layers} layers, {rows} rows ({nbytes / 1e6:.0f} MB of bfloat16 weights)")
+
+    def eager():
+        for layer in bf16:
+            for w in layer:
+                F.linear(inputs[w.shape[1]].bfloat16(), w)
+
+    def dynamic():
+        for layer in int8:
+            for lin, w in zip(layer, weights[0], strict=True):
+                lin(inputs[w.shape[1]])
+
+    base = timed(eager, repeat)
+    line("bfloat16 F.linear", base, nbytes)
+    line("int8 dynamic (half the bytes)", timed(dynamic, repeat), nbytes // 2, base)
+    if k is not None:
+
+        def ours():
+            for layer in bf16:
+                for w in layer:
+                    k.linear_bf16(inputs[w.shape[1]], w)
+
+        line("linear_bf16 (ours)", timed(ours, repeat), nbytes, base)
+    read_ceiling(nbytes, repeat, k)
+
+
+def bench_attention(rows: int, layers: int, positions: int, repeat: int, k) -> None:
+    shape = (layers, rows, HEADS, positions, HEAD_DIM)
+    keys32, values32 = torch.randn(shape), torch.randn(shape)
+    keys16, values16 = keys32.bfloat16(), values32.bfloat16()
+    q = torch.randn(rows, HEADS, 1, HEAD_DIM)
+    lengths = torch.full((rows,), positions)
+    nbytes = keys32.nbytes * 2
+    print(f"self-attention over {positions} positions ({nbytes / 1e6:.0f} MB as float32)")
+
+    def sdpa(keys, values, query):
+        def run():
+            for i in range(layers):
+                F.scaled_dot_product_attention(query, keys[i], values[i])
+
+        return run
+
+    base = timed(sdpa(keys32, values32, q), repeat)
+    line("float32 SDPA", base, nbytes)
+    line("bfloat16 SDPA", timed(sdpa(keys16, values16, q.bfloat16()), repeat), nbytes // 2, base)
+    if k is not None:
+
+        def ours():
+            for i in range(layers):
+                k.decode_attention(q[:, :, 0], keys16[i], values16[i], lengths, HEAD_DIM**-0.5)
+
+        line("decode_attention, bfloat16 (ours)", timed(ours, repeat), nbytes // 2, base)
+
+
+def read_ceiling(nbytes: int, repeat: int, k) -> None:
+    data = torch.randn(nbytes // 4)
+    line("plain read (float32 max)", timed(lambda: data.max(), repeat), nbytes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=2, help="batch rows (2 per station)")
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--positions", type=int, nargs="+", default=[500, 1000, 1500])
+    parser.add_argument("--repeat", type=int, default=10)
+    args = parser.parse_args()
+    k = kernels.get()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; our kernels: "
+          f"{'built' if k is not None else 'unavailable (' + str(kernels.unavailable_reason()) + ')'}")  # fmt: skip
+    bench_linears(args.rows, args.layers, args.repeat, k)
+    for positions in args.positions:
+        bench_attention(args.rows, args.layers, positions, args.repeat, k)
+
+
+if __name__ == "__main__":
+    main()

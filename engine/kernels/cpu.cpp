@@ -1,0 +1,259 @@
+// CPU kernels for the decode step, where a step reads every weight and every cached key once
+// and does almost no maths with them: these loops are bound by memory bandwidth, and PyTorch's
+// general kernels for a batch of one or two rows do not reach it (measured in bench/kernels.py).
+//
+//   linear_bf16(x, w):   y = x w^T for a few rows (M <= 8), bfloat16 weights, float32 out.
+//                        One pass over the weights; AVX-512 BF16 dot products (vdpbf16ps).
+//   decode_attention:    one query position per row against a bfloat16 KV cache, each row
+//                        attending its own number of positions; float32 scores, softmax and sums.
+//                        Head sizes 16 to 128 (musicgen small/medium/large: 64).
+//   attend_step:         a decode step's whole self-attention in one call: split the fused
+//                        qkv projection, write the new key/value into the cache, attend.
+//
+// Built at first use by engine/kernels/__init__.py with -mavx512f -mavx512bw -mavx512vl
+// -mavx512bf16; called only on CPUs that have those.
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kMaxRows = 8;
+
+// ---- linear ------------------------------------------------------------------------------------
+
+template <int M>
+void linear_rows(const uint16_t* x, const uint16_t* w, float* y, int64_t N, int64_t K) {
+  // Two output features per iteration share the loads of x; each weight is read once.
+  constexpr int R = 2;
+  at::parallel_for(0, N / R, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n = b * R;
+      __m512 acc[M][R];
+      for (int m = 0; m < M; ++m)
+        for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += 32) {
+        __m512bh wv[R];
+        for (int r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(w + (n + r) * K + k);
+        for (int m = 0; m < M; ++m) {
+          const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+          for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
+        }
+      }
+      for (int m = 0; m < M; ++m)
+        for (int r = 0; r < R; ++r) y[m * N + n + r] = _mm512_reduce_add_ps(acc[m][r]);
+    }
+  });
+}
+
+torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "linear_bf16: x [M, K] and w [N, K]");
+  TORCH_CHECK(w.scalar_type() == torch::kBFloat16 && w.is_contiguous(), "w: contiguous bfloat16");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(w.size(1) == K, "linear_bf16: x has ", K, " features, w expects ", w.size(1));
+  TORCH_CHECK(K % 32 == 0 && N % 2 == 0, "linear_bf16: K % 32 and N % 2 must be 0");
+  TORCH_CHECK(M >= 1 && M <= kMaxRows, "linear_bf16: 1 to ", kMaxRows, " rows, got ", M);
+  auto xb = x.to(torch::kBFloat16).contiguous();
+  auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat));
+  auto xp = reinterpret_cast<const uint16_t*>(xb.data_ptr());
+  auto wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  auto yp = y.data_ptr<float>();
+  switch (M) {
+    case 1: linear_rows<1>(xp, wp, yp, N, K); break;
+    case 2: linear_rows<2>(xp, wp, yp, N, K); break;
+    case 3: linear_rows<3>(xp, wp, yp, N, K); break;
+    case 4: linear_rows<4>(xp, wp, yp, N, K); break;
+    case 5: linear_rows<5>(xp, wp, yp, N, K); break;
+    case 6: linear_rows<6>(xp, wp, yp, N, K); break;
+    case 7: linear_rows<7>(xp, wp, yp, N, K); break;
+    default: linear_rows<8>(xp, wp, yp, N, K); break;
+  }
+  return y;
+}
+
+// ---- attention ---------------------------------------------------------------------------------
+
+inline __m512 load_bf16(const uint16_t* p) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+// exp(x) for x <= 0 (softmax after subtracting the max): 2^n * 2^f, f in [-0.5, 0.5], with a
+// degree-6 polynomial for 2^f (relative error about 2e-7) and scalef for 2^n.
+inline __m512 exp_ps(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)),
+                                 _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// One (row, head): scores against positions [0, T), softmax, weighted sum of values. The head
+// size is NC * 16 floats, held in registers.
+template <int NC>
+void attend(const float* q, const uint16_t* k, const uint16_t* v, int64_t T, float scale,
+            float* scores, float* out) {
+  constexpr int64_t D = NC * 16;
+  __m512 qv[NC];
+  for (int c = 0; c < NC; ++c) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(q + 16 * c), _mm512_set1_ps(scale));
+  float best = -INFINITY;
+  for (int64_t t = 0; t < T; ++t, k += D) {
+    __m512 a = _mm512_mul_ps(qv[0], load_bf16(k));
+    for (int c = 1; c < NC; ++c) a = _mm512_fmadd_ps(qv[c], load_bf16(k + 16 * c), a);
+    const float score = _mm512_reduce_add_ps(a);
+    scores[t] = score;
+    best = score > best ? score : best;
+  }
+  const __m512 vbest = _mm512_set1_ps(best);
+  __m512 vsum = _mm512_setzero_ps();
+  int64_t t = 0;
+  for (; t + 16 <= T; t += 16) {
+    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(scores + t), vbest));
+    _mm512_storeu_ps(scores + t, e);
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  if (t < T) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (T - t)) - 1);
+    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, scores + t), vbest));
+    _mm512_mask_storeu_ps(scores + t, tail, e);
+    vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(tail, e));
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+  __m512 o[NC];
+  for (int c = 0; c < NC; ++c) o[c] = _mm512_setzero_ps();
+  for (int64_t t2 = 0; t2 < T; ++t2, v += D) {
+    const __m512 p = _mm512_set1_ps(scores[t2]);
+    for (int c = 0; c < NC; ++c) o[c] = _mm512_fmadd_ps(p, load_bf16(v + 16 * c), o[c]);
+  }
+  for (int c = 0; c < NC; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(o[c], inv));
+}
+
+void attend_any(int64_t D, const float* q, const uint16_t* k, const uint16_t* v, int64_t T,
+                float scale, float* scores, float* out) {
+  switch (D / 16) {
+    case 1: attend<1>(q, k, v, T, scale, scores, out); break;
+    case 2: attend<2>(q, k, v, T, scale, scores, out); break;
+    case 3: attend<3>(q, k, v, T, scale, scores, out); break;
+    case 4: attend<4>(q, k, v, T, scale, scores, out); break;
+    case 5: attend<5>(q, k, v, T, scale, scores, out); break;
+    case 6: attend<6>(q, k, v, T, scale, scores, out); break;
+    case 7: attend<7>(q, k, v, T, scale, scores, out); break;
+    default: attend<8>(q, k, v, T, scale, scores, out); break;
+  }
+}
+
+// q [B, H, D] float32; keys/values [B, H, P, D] bfloat16 (D a multiple of 16, at most 128);
+// lengths [B]: row b attends positions [0, lengths[b]). Returns [B, H, D] float32.
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor keys, torch::Tensor values,
+                               torch::Tensor lengths, double scale) {
+  TORCH_CHECK(q.dim() == 3 && keys.dim() == 4 && values.sizes() == keys.sizes(),
+              "decode_attention: q [B, H, D], keys/values [B, H, P, D]");
+  const int64_t B = keys.size(0), H = keys.size(1), P = keys.size(2), D = keys.size(3);
+  TORCH_CHECK(D % 16 == 0 && D <= 128, "decode_attention: head size a multiple of 16 up to 128, got ", D);
+  TORCH_CHECK(q.size(0) == B && q.size(1) == H && q.size(2) == D, "decode_attention: q is ",
+              q.sizes(), ", the cache holds ", B, " rows of ", H, " heads of ", D);
+  TORCH_CHECK(keys.scalar_type() == torch::kBFloat16 && values.scalar_type() == torch::kBFloat16,
+              "decode_attention: bfloat16 keys and values");
+  TORCH_CHECK(keys.stride(3) == 1 && keys.stride(2) == D && values.stride(3) == 1 &&
+                  values.stride(2) == D,
+              "decode_attention: each head's positions must be contiguous");
+  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == B, "decode_attention: one length per row");
+  auto qf = q.to(torch::kFloat).contiguous();
+  auto len = lengths.to(torch::kLong).contiguous();
+  const int64_t* lp = len.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= P, "decode_attention: row ", b, " attends ", lp[b],
+                " positions, outside [1, ", P, "]");
+  auto out = torch::empty({B, H, D}, qf.options());
+  const float* qp = qf.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  auto kp = reinterpret_cast<const uint16_t*>(keys.data_ptr());
+  auto vp = reinterpret_cast<const uint16_t*>(values.data_ptr());
+  const int64_t kb = keys.stride(0), kh = keys.stride(1), vb = values.stride(0), vh = values.stride(1);
+  const float s = static_cast<float>(scale);
+
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(P + 16);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H;
+      const uint16_t* k = kp + b * kb + h * kh;
+      const uint16_t* v = vp + b * vb + h * vh;
+      const float* qi = qp + i * D;
+      float* oi = op + i * D;
+      attend_any(D, qi, k, v, lp[b], s, scores.data(), oi);
+    }
+  });
+  return out;
+}
+
+// A whole self-attention of one decode step: qkv [B, 3 * H * D] (the fused projection's output,
+// float32 or bfloat16), the layer's cache keys/values [B, H, P, D] bfloat16, positions [B].
+// Writes each row's new key and value at its position (rounded to bfloat16), then attends to
+// positions [0, position]. Returns [B, H * D] float32, heads merged.
+torch::Tensor attend_step(torch::Tensor qkv, torch::Tensor keys, torch::Tensor values,
+                          torch::Tensor positions, double scale) {
+  TORCH_CHECK(keys.dim() == 4 && values.sizes() == keys.sizes(),
+              "attend_step: keys/values [B, H, P, D]");
+  const int64_t B = keys.size(0), H = keys.size(1), P = keys.size(2), D = keys.size(3), E = H * D;
+  TORCH_CHECK(D % 16 == 0 && D <= 128, "attend_step: head size a multiple of 16 up to 128, got ", D);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.size(0) == B && qkv.size(1) == 3 * E, "attend_step: qkv is ",
+              qkv.sizes(), ", expected [", B, ", ", 3 * E, "]");
+  TORCH_CHECK(keys.scalar_type() == torch::kBFloat16 && values.scalar_type() == torch::kBFloat16,
+              "attend_step: bfloat16 keys and values");
+  TORCH_CHECK(keys.stride(3) == 1 && keys.stride(2) == D && values.stride(3) == 1 &&
+                  values.stride(2) == D,
+              "attend_step: each head's positions must be contiguous");
+  TORCH_CHECK(positions.dim() == 1 && positions.size(0) == B, "attend_step: one position per row");
+  auto x = qkv.to(torch::kFloat).contiguous();
+  auto pos = positions.to(torch::kLong).contiguous();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(pp[b] >= 0 && pp[b] < P, "attend_step: row ", b, " position ", pp[b],
+                " outside [0, ", P, ")");
+  auto out = torch::empty({B, E}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  auto kp = reinterpret_cast<uint16_t*>(keys.data_ptr());
+  auto vp = reinterpret_cast<uint16_t*>(values.data_ptr());
+  const int64_t kb = keys.stride(0), kh = keys.stride(1), vb = values.stride(0), vh = values.stride(1);
+  const float s = static_cast<float>(scale);
+
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(P + 16);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H, at = pp[b];
+      uint16_t* k = kp + b * kb + h * kh;
+      uint16_t* v = vp + b * vb + h * vh;
+      const float* row = xp + b * 3 * E;
+      for (int64_t c = 0; c < D; c += 16) {  // round to nearest even, as torch's .to(bfloat16)
+        const __m256i kw = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(row + E + h * D + c));
+        const __m256i vw = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(row + 2 * E + h * D + c));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(k + at * D + c), kw);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(v + at * D + c), vw);
+      }
+      const float* q = row + h * D;
+      float* o = op + b * E + h * D;
+      attend_any(D, q, k, v, at + 1, s, scores.data(), o);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear_bf16", &linear_bf16, "y = x w^T, bfloat16 weights, a few rows");
+  m.def("decode_attention", &decode_attention, "one query per row over a bfloat16 KV cache");
+  m.def("attend_step", &attend_step, "write a step's keys/values, then attend, per row");
+}
