@@ -16,13 +16,17 @@ from engine.conditioning import stack_rows
 from engine.decoder import CrossKV, Decoder
 from engine.kv_cache import KVCache
 from engine.options import WindowOptions
+from engine.static_step import StaticStep
 from engine.token_stream import TokenStream
 
 ROWS = 2  # conditional and null row per stream
 
 
 class DecodeBatch:
-    def __init__(self, decoder: Decoder, window: WindowOptions, size: int) -> None:
+    def __init__(
+        self, decoder: Decoder, window: WindowOptions, size: int, compile: str = "none"
+    ) -> None:
+        """`compile`: "none", or how the batched step runs `engine.static_step`."""
         self.decoder = decoder
         self.window = window
         self.size = size
@@ -30,6 +34,7 @@ class DecodeBatch:
         self.streams: list[TokenStream] = []
         self.steps = 0
         self._cross: CrossKV | None = None
+        self._static = StaticStep(decoder, compile) if compile != "none" else None
 
     def join(self, stream: TokenStream) -> KVCache:
         """Give `stream` its rows of the shared cache (called by TokenStream.__init__)."""
@@ -66,6 +71,15 @@ class DecodeBatch:
             return
         ids = torch.cat([s._next_ids() for s in self.streams])  # [2N, K]
         rows_at = [s._fed for s in self.streams for _ in range(ROWS)]
+        if self._static is not None:
+            at = torch.tensor(rows_at, device=ids.device)
+            samplings = [s.sampling for s in self.streams]
+            generators = [s.generator for s in self.streams]
+            tokens = self._static(ids, at, self.cache, self._stacked_cross(), samplings, generators)
+            for stream, row in zip(self.streams, tokens, strict=True):
+                stream._stepped(tokens=row)
+            self.steps += 1
+            return
         logits = self.decoder.decode_one_step(ids, self.cache, self._stacked_cross(), rows_at)
         for i, stream in enumerate(self.streams):
             stream._stepped(logits[ROWS * i : ROWS * (i + 1)])

@@ -57,6 +57,19 @@ def choose_quantize(options: LoadOptions, device: torch.device) -> str:
     return "int8" if device.type == "cpu" and options.dtype == "auto" else "none"
 
 
+def choose_compile(options: LoadOptions, device: torch.device) -> str:
+    """ "auto": the decoder step compiled with CUDA graphs on a GPU (where launching kernels
+    bounds it), eager on a CPU (bound by reading weights; torch.compile does not trace the
+    default int8 kernels there)."""
+    if options.compile == "auto":
+        return "graphs" if device.type == "cuda" else "none"
+    if options.compile == "graphs" and device.type != "cuda":
+        raise ModelLoadError(
+            f"compile graphs needs a CUDA device, but the model would load on {device}"
+        )
+    return options.compile
+
+
 @dataclass
 class LoadedModel:
     model: object  # transformers MusicgenForConditionalGeneration, eval mode
@@ -65,6 +78,7 @@ class LoadedModel:
     dtype: torch.dtype
     name: str
     quantize: str = "none"
+    compile: str = "none"  # the decoder step: "none", "compile" or "graphs" (`engine.static_step`)
 
 
 def _refuse_unsupported(name: str, config) -> None:
@@ -96,6 +110,7 @@ def load_model(options: LoadOptions) -> LoadedModel:
     options.validate()
     device = choose_device(options.device)
     quantize = choose_quantize(options, device)
+    compile_mode = choose_compile(options, device)
     if quantize == "int8" and device.type != "cpu":
         raise ModelLoadError(f"quantize int8 is a CPU mode, but the model would load on {device}")
     dtype = torch.float32 if quantize == "int8" else choose_dtype(options.dtype, device)
@@ -131,4 +146,4 @@ def load_model(options: LoadOptions) -> LoadedModel:
         model.decoder.config.num_hidden_layers,
         model.decoder.config.hidden_size,
     )
-    return LoadedModel(model, processor, device, dtype, name, quantize)
+    return LoadedModel(model, processor, device, dtype, name, quantize, compile_mode)

@@ -44,6 +44,7 @@ class MusicModel:
         self.hop: int = self.sample_rate // self.frame_rate
         self.max_positions: int = config.decoder.max_position_embeddings
         self.name = loaded.name
+        self.compile = loaded.compile  # the decoder step: "none", "compile" or "graphs"
 
     @classmethod
     def load(cls, options: LoadOptions | None = None) -> MusicModel:
@@ -94,7 +95,7 @@ class MusicModel:
         if len(prompts) == 1:
             return [self._open(prompts[0], samplings[0], window)]
         window = (window or WindowOptions()).validate(self.max_positions)
-        batch = DecodeBatch(self.decoder, window, len(prompts))
+        batch = DecodeBatch(self.decoder, window, len(prompts), self.compile)
         return [
             self._open(p, s, window, batch=batch) for p, s in zip(prompts, samplings, strict=True)
         ]
@@ -113,6 +114,7 @@ class MusicModel:
             keep_frames=keep,
             prompt_frames=prompt_frames,
             batch=batch,
+            compile=self.compile,
         )
         return AudioStream(self, tokens, codec, prompt)
 

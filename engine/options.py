@@ -11,6 +11,7 @@ from dataclasses import dataclass
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZE = ("auto", "none", "int8")
+COMPILE = ("auto", "none", "compile", "graphs")
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,9 @@ class LoadOptions:
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"
     dtype: str = "auto"  # "auto" (bf16 on CUDA / CPUs with AVX-512 BF16 or AMX), or a dtype name
     quantize: str = "auto"  # "auto" (int8 on CPU, none on GPU), "none", or "int8" (CPU only)
+    # the decoder step: "auto" (graphs on CUDA, none on CPU), "none" (eager), "compile"
+    # (torch.compile, no graphs) or "graphs" (torch.compile with CUDA graphs; CUDA only)
+    compile: str = "auto"
 
     def validate(self) -> LoadOptions:
         if not self.model:
@@ -35,6 +39,10 @@ class LoadOptions:
             )
         if self.quantize == "int8" and self.device.startswith("cuda"):
             raise ValueError("quantize: int8 is a CPU mode; on a GPU use dtype bfloat16 or float16")
+        if self.compile not in COMPILE:
+            raise ValueError(f"compile: must be one of {COMPILE}, got {self.compile!r}")
+        if self.compile == "graphs" and self.device == "cpu":
+            raise ValueError("compile: graphs need a CUDA device; on a CPU use compile or none")
         return self
 
 

@@ -23,6 +23,7 @@ from engine.decoder import CrossKV, Decoder
 from engine.delay import PAD, codebook_delays, delayed_layout
 from engine.options import SamplingOptions, WindowOptions
 from engine.sampling import apply_guidance, sample
+from engine.static_step import StaticStep
 
 if TYPE_CHECKING:
     from engine.batch import DecodeBatch
@@ -42,9 +43,11 @@ class TokenStream:
         keep_frames: int = 1000,
         prompt_frames: torch.Tensor | None = None,
         batch: DecodeBatch | None = None,
+        compile: str = "none",
     ) -> None:
         """`prompt_frames`: optional [K, T] tokens to continue from (frames 0..T-1 of the stream).
-        `batch`: share decoder steps with the other streams of a `DecodeBatch`."""
+        `batch`: share decoder steps with the other streams of a `DecodeBatch`.
+        `compile`: "none", or how a lone stream runs `engine.static_step` ("compile", "graphs")."""
         self.decoder = decoder
         self.window = window.validate(decoder.max_positions)
         self.sampling = sampling.validate()
@@ -61,6 +64,7 @@ class TokenStream:
         self._offset = 0
         self._cache = None
         self._batch = batch
+        self._static = StaticStep(decoder, compile) if compile != "none" and batch is None else None
         # A batched stream always keeps its null row: the batch's shape never changes.
         self._guided = batch is not None or sampling.guidance_scale > 1.0
         start = prompt_frames if prompt_frames is not None else self._history
@@ -180,22 +184,34 @@ class TokenStream:
         if self._restart_if_full():
             return
         ids = self._next_ids()
+        if self._static is not None:
+            at = torch.full((ids.shape[0],), self._fed, device=ids.device)
+            tokens = self._static(
+                ids, at, self._cache, self._cross, [self.sampling], [self.generator]
+            )
+            self._stepped(tokens=tokens[0])
+            return
         logits = self.decoder.decode_one_step(
             ids, self._cache, self._cross, [self._fed] * ids.shape[0]
         )
         self._stepped(logits)
 
-    def _stepped(self, logits: torch.Tensor) -> None:
-        """Take the logits [rows, K, V] of a decoder step over position `_fed`."""
+    def _stepped(
+        self, logits: torch.Tensor | None = None, tokens: torch.Tensor | None = None
+    ) -> None:
+        """Take the logits [rows, K, V] (or the static step's tokens [K]) of a decoder step over
+        position `_fed`."""
         self._fed += 1
         self.steps += 1
-        self._accept(logits)
+        self._accept(logits, tokens)
 
-    def _accept(self, logits: torch.Tensor) -> None:
-        """Sample the tokens of position `_fed` from logits [B, K, V], keep the forced ones
-        (pads and known context), and move a newly complete frame into the history."""
-        guided = apply_guidance(logits, 1, self.sampling.guidance_scale)
-        tokens = sample(guided, self.sampling, self.generator)[0]  # [K]
+    def _accept(self, logits: torch.Tensor | None, tokens: torch.Tensor | None = None) -> None:
+        """Sample the tokens of position `_fed` from logits [B, K, V] (unless given, [K]), keep
+        the forced ones (pads and known context), and move a newly complete frame into the
+        history."""
+        if tokens is None:
+            guided = apply_guidance(logits, 1, self.sampling.guidance_scale)
+            tokens = sample(guided, self.sampling, self.generator)[0]  # [K]
         position = self._fed
         known = self._seq[:, position]
         self._seq[:, position] = torch.where(known == -1, tokens, known)

@@ -61,6 +61,7 @@ class ModelConfig:
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"
     dtype: str = "auto"  # "auto", "float32", "bfloat16" or "float16"
     quantize: str = "auto"  # "auto" (int8 on CPU, none on GPU), "none" or "int8"
+    compile: str = "auto"  # "auto" (CUDA graphs on GPU, none on CPU), "none", "compile" or "graphs"
 
     def validate(self) -> None:
         if not self.id:
@@ -69,7 +70,11 @@ class ModelConfig:
 
     def load_options(self) -> LoadOptions:
         return LoadOptions(
-            model=self.id, device=self.device, dtype=self.dtype, quantize=self.quantize
+            model=self.id,
+            device=self.device,
+            dtype=self.dtype,
+            quantize=self.quantize,
+            compile=self.compile,
         ).validate()
 
 

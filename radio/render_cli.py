@@ -47,6 +47,11 @@ def add_render_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--quantize", default="auto", help="auto (int8 on CPU when --dtype is auto), none or int8"
     )
+    p.add_argument(
+        "--compile",
+        default="auto",
+        help="decoder step: auto (CUDA graphs on GPU, none on CPU), none, compile or graphs",
+    )
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler")
     p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
     p.add_argument(
@@ -84,7 +89,11 @@ def run_render(args: argparse.Namespace) -> int:
             guidance_scale=args.guidance, greedy=args.greedy, seed=args.seed
         ).validate()
         load = LoadOptions(
-            model=args.model, device=args.device, dtype=args.dtype, quantize=args.quantize
+            model=args.model,
+            device=args.device,
+            dtype=args.dtype,
+            quantize=args.quantize,
+            compile=args.compile,
         ).validate()
         window = WindowOptions(window=args.window, context=args.context)
         model = MusicModel.load(load)

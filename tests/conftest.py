@@ -21,6 +21,18 @@ def require_tool(name: str) -> str:
     return path
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `gpu` skip on a machine without CUDA (also in CI, which has no GPU)."""
+    gpu = [item for item in items if "gpu" in item.keywords]
+    if not gpu:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     from engine.tiny import build_tiny_model

@@ -100,6 +100,7 @@ def test_stereo_render(tiny_stereo_dir, tmp_path):
         (["--seconds", "2", "--change", "5:late"], "outside the render"),
         (["--seconds", "2", "--window", "100", "--context", "80"], "window"),
         (["--seconds", "2", "--guidance", "0.5"], "guidance_scale"),
+        (["--seconds", "2", "--compile", "fast"], "compile: must be one of"),
     ],
 )
 def test_bad_render_flags_are_named(tiny_model_dir, tmp_path, args, message):

@@ -50,6 +50,8 @@ def test_every_key_has_a_comment():
         ({"hls": {"playlist_segments": 2}}, "hls.playlist_segments"),
         ({"audio": {"mp3_bitrate": 100}}, "audio.mp3_bitrate"),
         ({"model": {"dtype": "int3"}}, "model.dtype"),
+        ({"model": {"compile": "fast"}}, "model.compile: must be one of"),
+        ({"model": {"compile": "graphs", "device": "cpu"}}, "model.compile: graphs need a CUDA"),
         ({"security": {"prompt_rate_limit": "many"}}, "security.prompt_rate_limit"),
         ({"security": {"admin_token": "short"}}, "security.admin_token"),
         ({"stations": []}, "stations: at least one"),

@@ -1,0 +1,249 @@
+"""The static-shape decoder step (`engine/static_step.py`) equals the eager engine.
+
+On the CPU, with the tiny float32 model: the step's logits over the whole masked cache equal
+`Decoder.decode_one_step`; its in-graph sampling equals `logits_to_probs` and draws from it;
+greedy streams (alone and batched) give the eager engine's tokens, eagerly and compiled with
+`torch.compile`; a compile that fails is logged and runs eagerly. On a GPU (marker `gpu`, skipped
+without one): CUDA graphs give the eager tokens, and the speed is printed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+import torch
+
+from engine import LoadOptions, ModelLoadError, MusicModel, SamplingOptions, WindowOptions
+from engine.conditioning import batch_conditions
+from engine.loading import choose_compile
+from engine.sampling import logits_to_probs
+from engine.static_step import StaticStep, probs_from, sample_rows, settings_tensor
+
+WINDOW = WindowOptions(window=120, context=60)
+GREEDY = SamplingOptions(greedy=True)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir) -> MusicModel:
+    return MusicModel.load(
+        LoadOptions(model=tiny_model_dir, device="cpu", dtype="float32", compile="none")
+    )
+
+
+def _tokens(model: MusicModel, compile: str, frames: int, sampling=GREEDY) -> torch.Tensor:
+    """Frames [K, frames] of one stream whose steps run with `compile`."""
+    model.compile = compile
+    try:
+        stream = model.open_stream("slow rainy day jazz", sampling, WINDOW)
+        stream.tokens.generate_until(frames)
+    finally:
+        model.compile = "none"
+    return stream.tokens.history()[0][:, :frames]
+
+
+@torch.inference_mode()
+def test_logits_over_the_masked_cache_equal_decode_one_step(model):
+    """Two streams (cond and null row each), the second two positions behind the first, teacher
+    forced with random tokens: the static step's logits and cache writes equal the eager step's."""
+    decoder = model.decoder
+    prompts = [model.encode_prompt("slow jazz"), model.encode_prompt("fast drum and bass")]
+    states, mask = batch_conditions(prompts, guidance=True)
+    order = [0, 2, 1, 3]  # rows (cond, null) per stream, as a DecodeBatch holds them
+    cross = decoder.cross_kv(states[order], mask[order])
+    eager, static = decoder.new_cache(4, 40), decoder.new_cache(4, 40)
+    torch.manual_seed(0)
+    prefill = torch.randint(0, 2048, (1, 4, 8)).expand(4, -1, -1)
+    decoder.prefill(prefill, eager, cross)
+    decoder.prefill(prefill, static, cross)
+    step = StaticStep(decoder, "eager")
+    for p in range(8, 20):
+        ids = torch.randint(0, 2048, (4, 4))
+        rows_at = [p, p, p - 2, p - 2]
+        want = decoder.decode_one_step(ids, eager, cross, rows_at)
+        got = step.logits(ids, torch.tensor(rows_at), static, cross)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(static.keys, eager.keys, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        SamplingOptions(),
+        SamplingOptions(temperature=0.7, top_k=5),
+        SamplingOptions(top_k=0, top_p=0.9),
+        SamplingOptions(temperature=1.3, top_k=40, top_p=0.5),
+    ],
+)
+def test_in_graph_probabilities_equal_logits_to_probs(options):
+    logits = torch.randn(2, 4, 2048, generator=torch.Generator().manual_seed(1))
+    settings = settings_tensor([options, options], 2048, "cpu")
+    torch.testing.assert_close(probs_from(logits, settings), logits_to_probs(logits, options))
+
+
+def test_exponential_race_draws_from_the_probabilities():
+    """argmax(probs / E), E ~ Exp(1): each token wins as often as its probability says."""
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05, 0, 0, 0, 0]))[None, None]
+    settings = settings_tensor([SamplingOptions(top_k=0, guidance_scale=1.0)], 8, "cpu")
+    draws = 20000
+    noise = torch.empty(draws, 1, 8).exponential_(generator=torch.Generator().manual_seed(0))
+    tokens = sample_rows(logits.expand(draws, -1, -1), settings.expand(draws, -1), noise)
+    share = torch.bincount(tokens.flatten(), minlength=8) / draws
+    torch.testing.assert_close(
+        share, torch.tensor([0.5, 0.3, 0.15, 0.05, 0, 0, 0, 0]), atol=0.015, rtol=0
+    )
+
+
+def test_greedy_stream_equals_the_eager_engine(model):
+    """Over several windows (re-prefills stay eager, steps run the static step)."""
+    assert torch.equal(_tokens(model, "eager", 260), _tokens(model, "none", 260))
+
+
+def test_seeded_sampling_is_reproducible_and_keeps_top_k(model):
+    sampling = SamplingOptions(seed=7, top_k=3)
+    first, again = _tokens(model, "eager", 60, sampling), _tokens(model, "eager", 60, sampling)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, _tokens(model, "eager", 60, SamplingOptions(seed=8, top_k=3)))
+
+
+def test_batched_streams_equal_the_eager_batch(model):
+    """Stations in one batch, one with guidance off, one re-prefilling on its own."""
+    prompts = ["slow jazz", "fast drum and bass with a long bright synth lead", ""]
+    samplings = [GREEDY, SamplingOptions(greedy=True, guidance_scale=1.0), GREEDY]
+    results = []
+    for compile in ("none", "eager"):
+        model.compile = compile
+        try:
+            streams = model.open_streams(prompts, samplings, WINDOW)
+            streams[1].tokens.generate_until(40)
+            streams[1].set_prompt("heavy rock", from_frame=30)  # its windows shift
+            for s in streams:
+                s.tokens.generate_until(200)
+        finally:
+            model.compile = "none"
+        results.append([s.tokens.history()[0][:, :200] for s in streams])
+    for got, want in zip(results[1], results[0], strict=True):
+        assert torch.equal(got, want), f"first mismatch at {(got != want).nonzero()[0].tolist()}"
+
+
+@pytest.mark.slow
+def test_compiled_step_equals_the_eager_engine(model, capsys):
+    """torch.compile (default mode, no graphs) on the CPU: greedy tokens equal, and changing the
+    sampling settings does not compile again (they are tensors)."""
+    from torch._dynamo.utils import counters
+
+    began = time.perf_counter()
+    compiled = _tokens(model, "compile", 40)
+    seconds = time.perf_counter() - began
+    assert torch.equal(compiled, _tokens(model, "none", 40))
+    graphs = counters["stats"]["unique_graphs"]
+    _tokens(model, "compile", 40, SamplingOptions(seed=1, top_k=50, top_p=0.9, temperature=0.8))
+    assert counters["stats"]["unique_graphs"] == graphs
+    with capsys.disabled():
+        print(f"\ncompile + 40 frames of the tiny model: {seconds:.1f} s")
+
+
+def test_a_failing_compile_is_logged_and_runs_eagerly(model, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("compiler unavailable in this test")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with caplog.at_level(logging.WARNING, logger="engine.static_step"):
+        tokens = _tokens(model, "compile", 40)
+    assert "could not be compiled" in caplog.text
+    assert "RuntimeError: compiler unavailable in this test" in caplog.text
+    assert torch.equal(tokens, _tokens(model, "none", 40))
+
+
+def test_a_failing_first_call_is_logged_and_runs_eagerly(model, monkeypatch, caplog):
+    """A capture that fails when the step first runs (not when it is wrapped)."""
+
+    def compile_that_fails_later(fn, **kwargs):
+        def run(*args, **kw):
+            raise torch._dynamo.exc.Unsupported("cannot trace this in this test")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", compile_that_fails_later)
+    with caplog.at_level(logging.WARNING, logger="engine.static_step"):
+        tokens = _tokens(model, "graphs", 40)
+    assert caplog.text.count("could not be compiled") == 1
+    assert "Unsupported: cannot trace this" in caplog.text
+    assert torch.equal(tokens, _tokens(model, "none", 40))
+
+
+def test_int8_decoder_falls_back_to_eager(tiny_model_dir, caplog):
+    """The int8 kernels are outside what torch.compile traces: a real fallback."""
+    options = LoadOptions(model=tiny_model_dir, device="cpu", quantize="int8", compile="compile")
+    model = MusicModel.load(options)
+    assert model.compile == "compile"
+    with caplog.at_level(logging.WARNING, logger="engine.static_step"):
+        tokens = _tokens(model, "compile", 30)
+    assert "could not be compiled" in caplog.text
+    assert torch.equal(tokens, _tokens(model, "none", 30))
+
+
+def test_compile_option(tiny_model_dir):
+    with pytest.raises(ValueError, match="compile: must be one of"):
+        LoadOptions(compile="fast").validate()
+    with pytest.raises(ValueError, match="compile: graphs need a CUDA device"):
+        LoadOptions(compile="graphs", device="cpu").validate()
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_compile(LoadOptions(), cpu) == "none"
+    assert choose_compile(LoadOptions(), cuda) == "graphs"
+    assert choose_compile(LoadOptions(compile="compile"), cpu) == "compile"
+    with pytest.raises(ModelLoadError, match="graphs needs a CUDA device"):
+        choose_compile(LoadOptions(compile="graphs"), cpu)
+    auto = MusicModel.load(LoadOptions(model=tiny_model_dir, device="cpu", dtype="float32"))
+    assert auto.compile == "none"
+    with pytest.raises(ValueError, match="mode must be one of"):
+        StaticStep(auto.decoder, "fast")
+
+
+# ---- on a GPU ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cuda_model(tiny_model_dir) -> MusicModel:
+    return MusicModel.load(
+        LoadOptions(model=tiny_model_dir, device="cuda", dtype="float32", compile="none")
+    )
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_equal_eager_on_cuda(cuda_model, capsys):
+    from torch._dynamo.utils import counters
+
+    skips = counters["inductor"]["cudagraph_skips"]
+    graphs = _tokens(cuda_model, "graphs", 120)
+    assert counters["inductor"]["cudagraph_skips"] == skips, "CUDA graphs were not captured"
+    assert torch.equal(graphs, _tokens(cuda_model, "none", 120))
+    rates = {}
+    for compile in ("none", "graphs"):
+        _tokens(cuda_model, compile, 20)  # warm-up (and capture)
+        cuda_model.compile = compile
+        stream = cuda_model.open_stream("jazz", GREEDY, WindowOptions(window=1000, context=100))
+        torch.cuda.synchronize()
+        began = time.perf_counter()
+        stream.tokens.generate_until(500)
+        torch.cuda.synchronize()
+        rates[compile] = stream.tokens.steps / (time.perf_counter() - began)
+        cuda_model.compile = "none"
+    with capsys.disabled():
+        print(f"\ntiny model on {torch.cuda.get_device_name()}: steps/s {rates}")
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_batched_stations_equal_eager(cuda_model):
+    prompts, samplings = ["jazz", "rock"], [GREEDY, GREEDY]
+    results = []
+    for compile in ("none", "graphs"):
+        cuda_model.compile = compile
+        streams = cuda_model.open_streams(prompts, samplings, WINDOW)
+        for s in streams:
+            s.tokens.generate_until(150)
+        cuda_model.compile = "none"
+        results.append([s.tokens.history()[0][:, :150] for s in streams])
+    for got, want in zip(results[1], results[0], strict=True):
+        assert torch.equal(got, want)
