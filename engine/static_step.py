@@ -110,10 +110,11 @@ def decode_logits(
     for i, w in enumerate(d.layers):
         h = F.layer_norm(x, (d.hidden,), *w.ln_self)
         q, k, v = w.qkv(h).chunk(3, dim=-1)
-        keys[i, rows, :, positions] = d._split_heads(k)[:, :, 0]
-        values[i, rows, :, positions] = d._split_heads(v)[:, :, 0]
+        keys[i, rows, :, positions] = d._split_heads(k)[:, :, 0].to(keys.dtype)
+        values[i, rows, :, positions] = d._split_heads(v)[:, :, 0].to(values.dtype)
+        q = d._split_heads(q)  # a bfloat16 cache (our CPU kernels' layout) attends as q's dtype
         a = F.scaled_dot_product_attention(
-            d._split_heads(q), keys[i], values[i], attn_mask=self_mask
+            q, keys[i].to(q.dtype), values[i].to(q.dtype), attn_mask=self_mask
         )
         x = x + w.out_self(d._merge_heads(a))
 
