@@ -1,15 +1,16 @@
 """Engine vs the reference (`transformers` `generate`) on the same random weights, in one run.
 
     python bench/bench_engine.py                  # musicgen-small shapes (the real cost), ~5 min
-    python bench/bench_engine.py --size tiny --seconds 2 --float32-steps 20   # CI smoke run
+    python bench/bench_engine.py --size tiny --seconds 2 --float32-steps 20 --realtime-seconds 3  # CI smoke run
 
 Random-weight models are built once into ./models (or $BENCH_MODELS).
 
 Prints steps per second and real-time factor (seconds of audio per second of wall time) for:
 the engine end to end (decoder steps, window re-prefills, streaming codec decode) in the chosen
 dtype, and `generate` (CFG on, batch 1, sampling with top-k 250) in float32 and bfloat16; the
-prefill time of a 500-frame context; the codec's decode cost per second of audio; and the
-ratios. Absolute times on a shared machine are noise; the ratios are the result.
+prefill time of a 500-frame context; the codec's decode cost per second of audio; 1 vs 4
+stations batched, over a whole window; a long real-time run of the first mode (60 s of audio,
+window restarts included); and the ratios. Absolute times on a shared machine are noise; the ratios are the result.
 """
 
 from __future__ import annotations
@@ -106,19 +107,25 @@ def bench_engine(path: Path, mode: str, seconds: float, window: WindowOptions) -
 
 
 @torch.inference_mode()
-def bench_stations(
-    model: MusicModel, window: WindowOptions, counts=(1, 4), steps: int = 40
-) -> dict:
-    """Decoder step time with N stations batched into one step (2N rows), per N."""
+def bench_stations(model: MusicModel, window: WindowOptions, steps: int, counts=(1, 4)) -> dict:
+    """Mean decoder step time with N stations batched into one step (2N rows), per N.
+
+    Every station starts where a window restart leaves it (a re-prefilled context of
+    `window.context` frames), and the steps cover up to `steps` positions of the window from
+    there (the whole window by default): the attention's share of a step grows with the
+    position, so a short run at one position would not say what a window costs."""
     times = {}
+    steps = min(steps, window.window - window.context - 2)
     for n in counts:
         prompts = [f"{PROMPT} {i}" for i in range(n)]
-        streams = model.open_streams(prompts, [SamplingOptions(seed=i) for i in range(n)], window)
+        contexts = [torch.randint(0, 2048, (model.num_codebooks, window.context)) for _ in prompts]
+        samplings = [SamplingOptions(seed=i) for i in range(n)]
+        streams = model.open_streams(prompts, samplings, window, prompt_frames=contexts)
         tokens = streams[0].tokens
-        tokens.generate_until(tokens.complete + 5)  # warm-up
         began, first = time.perf_counter(), tokens.steps
         tokens.generate_until(tokens.complete + steps)
         times[str(n)] = (time.perf_counter() - began) / (tokens.steps - first)
+        say(f"  {n} station(s): {times[str(n)] * 1000:.1f} ms per step over {steps} steps")
     return times
 
 
@@ -153,10 +160,24 @@ def main() -> int:
         "--dtype", default="bfloat16", help="dtype of the main reference (and the engine)"
     )
     parser.add_argument(
-        "--modes", default="bfloat16,int8", help="engine precision modes: float32, bfloat16, int8"
+        "--modes",
+        default="int8,bfloat16",
+        help="engine precision modes: float32, bfloat16, int8 (the first also runs the real-time run)",
+    )
+    parser.add_argument(
+        "--station-steps",
+        type=int,
+        default=1000,
+        help="steps of the 1-vs-4-stations comparison (default: a whole window from its restart)",
     )
     parser.add_argument("--window", type=int, default=1500)
     parser.add_argument("--context", type=int, default=500)
+    parser.add_argument(
+        "--realtime-seconds",
+        type=float,
+        default=60.0,
+        help="audio of the long real-time run of the first mode (several windows; 0 skips it)",
+    )
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -172,10 +193,16 @@ def main() -> int:
         run = bench_engine(path, mode, args.seconds, window)
         model = run.pop("model")
         run["prefill_s"] = bench_prefill(model, args.context)
-        run["station_step_s"] = bench_stations(model, window)
+        run["station_step_s"] = bench_stations(model, window, args.station_steps)
         run["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         del model
         results[f"engine_{mode}"] = run
+    first_mode = args.modes.split(",")[0]
+    if args.realtime_seconds > 0:
+        say(f"engine ({first_mode}): real-time run over {args.realtime_seconds:.0f} s of audio ...")
+        run = bench_engine(path, first_mode, args.realtime_seconds, window)
+        del run["model"]
+        results["realtime"] = run
     for dtype in ("float32", args.dtype) if args.dtype != "float32" else ("float32",):
         steps = args.float32_steps if dtype == "float32" else round(args.seconds * 50) + 4
         say(f"transformers generate ({dtype}): {steps} steps ...")
@@ -204,6 +231,18 @@ def main() -> int:
         say(
             f"| transformers generate, {dtype} | {r['steps_per_s']:.1f} | {r['rtf']:.3f} | | | | | |"
         )
+    if "realtime" in results:
+        r = results["realtime"]
+        say("")
+        say(
+            f"real time, {first_mode}, one station, {r['frames'] / 50:.0f} s of audio end to end "
+            f"({r['prefills']} prefills: start and window restarts): real-time factor "
+            f"{r['rtf']:.3f}, decoder {r['steps_per_s']:.1f} steps/s, codec "
+            f"{r['codec_ms_per_audio_s']:.0f} ms per audio s"
+        )
+    say("")
+    steps = min(args.station_steps, args.window - args.context - 2)
+    say(f"Stations batched, mean decoder step over {steps} steps from a window restart:")
     say("")
     say("| mode | decoder step, 1 station | 4 stations in one batched step | 4 vs 1 | peak RSS |")
     say("| --- | --- | --- | --- | --- |")

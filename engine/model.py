@@ -83,21 +83,29 @@ class MusicModel:
         prompts: list[str],
         samplings: list[SamplingOptions] | None = None,
         window: WindowOptions | None = None,
+        *,
+        prompt_frames: list[torch.Tensor | None] | None = None,
     ) -> list[AudioStream]:
         """Start several streams that share every decoder step (stations on one model).
 
         Reading any of them advances all of them, one position each per step; each keeps its
         own prompt, sampling settings and windows. One prompt gives a plain single stream.
+        `prompt_frames`: per stream, [K, T] tokens to continue from, or None.
         """
         samplings = samplings or [SamplingOptions()] * len(prompts)
-        if len(samplings) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(samplings)} sampling options")
+        frames = prompt_frames or [None] * len(prompts)
+        if not len(samplings) == len(frames) == len(prompts):
+            raise ValueError(
+                f"{len(prompts)} prompts but {len(samplings)} sampling options and "
+                f"{len(frames)} prompt frames"
+            )
         if len(prompts) == 1:
-            return [self._open(prompts[0], samplings[0], window)]
+            return [self._open(prompts[0], samplings[0], window, prompt_frames=frames[0])]
         window = (window or WindowOptions()).validate(self.max_positions)
         batch = DecodeBatch(self.decoder, window, len(prompts), self.compile)
         return [
-            self._open(p, s, window, batch=batch) for p, s in zip(prompts, samplings, strict=True)
+            self._open(p, s, window, prompt_frames=f, batch=batch)
+            for p, s, f in zip(prompts, samplings, frames, strict=True)
         ]
 
     def _open(self, prompt, sampling, window, *, prompt_frames=None, batch=None) -> AudioStream:

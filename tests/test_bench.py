@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,8 @@ def test_engine_benchmark_prints_ratios(tmp_path):
         "120",
         "--context",
         "60",
+        "--realtime-seconds",
+        "3",
         tmp_path=tmp_path,
     )
     for row in (
@@ -46,6 +49,7 @@ def test_engine_benchmark_prints_ratios(tmp_path):
     ):
         assert row in out
     assert "4 stations in one batched step" in out and "| x" in out
+    assert re.search(r"real time, int8, one station, 3 s of audio end to end \(\d+ prefills", out)
 
 
 def test_precision_benchmark_prints_the_table(tmp_path):
