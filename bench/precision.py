@@ -3,7 +3,8 @@
     python bench/precision.py                       # musicgen-small shapes, ~3 min
     python bench/precision.py --size tiny --steps 60    # CI smoke run
 
-For bfloat16 and int8 (int8 weights, float32 activations) against float32:
+For bfloat16 and int8 (int8 weights, float32 activations; with each KV cache dtype) against
+float32:
 - teacher-forced logits over the same token sequence: max and mean absolute difference, and how
   often the argmax agrees (per position and codebook);
 - greedy decoding for `--steps` steps: the fraction of tokens that agree and the first step at
@@ -31,10 +32,14 @@ from engine.delay import codebook_delays, delayed_layout  # noqa: E402
 from engine.options import SamplingOptions, WindowOptions  # noqa: E402
 from engine.token_stream import TokenStream  # noqa: E402
 
+# name: (weights dtype, linear precision, KV cache); "auto" KV is bfloat16 for the bfloat16
+# decoder and int8 for the int8 one where our CPU kernels run (float32 where they do not).
 MODES = {
-    "float32": (torch.float32, "dense"),
-    "bfloat16": (torch.bfloat16, "dense"),
-    "int8": (torch.float32, "int8"),
+    "float32": (torch.float32, "dense", "float32"),
+    "bfloat16": (torch.bfloat16, "dense", "auto"),
+    "int8, float32 KV cache": (torch.float32, "int8", "float32"),
+    "int8, bfloat16 KV cache": (torch.float32, "int8", "bfloat16"),
+    "int8, int8 KV cache (CPU default)": (torch.float32, "int8", "auto"),
 }
 
 
@@ -69,6 +74,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=("small", "tiny"), default="small")
     parser.add_argument("--steps", type=int, default=250)
+    parser.add_argument(
+        "--positions", type=int, default=300, help="teacher-forced positions (attention length)"
+    )
     args = parser.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers import AutoProcessor, MusicgenForConditionalGeneration
@@ -77,13 +85,18 @@ def main() -> int:
     processor = AutoProcessor.from_pretrained(path)
     torch.manual_seed(0)
     results = {}
-    for name, (dtype, precision) in MODES.items():
-        say(f"{name}: teacher-forced logits and {args.steps} greedy steps ...")
+    for name, (dtype, precision, kv_cache) in MODES.items():
         model = MusicgenForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()
-        decoder = Decoder(model.decoder, precision)
+        try:
+            decoder = Decoder(model.decoder, precision, kv_cache)
+        except ValueError as err:  # a KV cache this machine cannot run (no CPU kernels)
+            say(f"{name}: skipped ({err})")
+            continue
+        say(f"{name}: teacher-forced logits and {args.steps} greedy steps ...")
         k = model.decoder.config.num_codebooks
-        frames = torch.randint(0, 2048, (k, 64), generator=torch.Generator().manual_seed(0))
-        ids = delayed_layout(frames, codebook_delays(k, model.decoder.config.audio_channels), 61)
+        n = args.positions
+        frames = torch.randint(0, 2048, (k, n + 3), generator=torch.Generator().manual_seed(0))
+        ids = delayed_layout(frames, codebook_delays(k, model.decoder.config.audio_channels), n)
         logits = teacher_forced_logits(model, processor, decoder, ids)
         tokens, step_s = greedy_tokens(model, processor, decoder, args.steps)
         results[name] = (logits, tokens, step_s)
@@ -92,11 +105,11 @@ def main() -> int:
     say("")
     say(
         f"| mode vs float32 ({args.size} shapes) | max abs logit diff | mean abs logit diff | "
-        f"argmax agreement (teacher-forced) | greedy agreement over {args.steps} steps | "
+        f"argmax agreement (teacher-forced, {args.positions} positions) | greedy agreement over {args.steps} steps | "
         "first differing step | step time vs float32 |"
     )
     say("| --- | --- | --- | --- | --- | --- | --- |")
-    for name in ("bfloat16", "int8"):
+    for name in [m for m in MODES if m != "float32" and m in results]:
         logits, tokens, step_s = results[name]
         diff = (logits - ref_logits).abs()
         argmax = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()

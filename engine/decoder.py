@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from engine.kv_cache import KVCache
 from engine.linear import make_linear, prefill_precision
+from engine.options import KV_CACHES
 
 
 @dataclass
@@ -54,9 +55,10 @@ def _ln(module: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Decoder:
-    def __init__(self, causal_lm, precision: str = "dense") -> None:
+    def __init__(self, causal_lm, precision: str = "dense", kv_cache: str = "auto") -> None:
         """`causal_lm`: a transformers `MusicgenForCausalLM` (model.decoder of the full model);
-        `precision`: how the projections run (`engine.linear`: "dense" or "int8")."""
+        `precision`: how the projections run (`engine.linear`: "dense" or "int8");
+        `kv_cache`: its dtype, "auto", "float32", "bfloat16" or "int8" (see `_choose_kv_cache`)."""
         dec = causal_lm.model.decoder
         self.precision = precision
         config = causal_lm.config
@@ -74,21 +76,11 @@ class Decoder:
         self.device = heads.device
         self.dtype = heads.dtype
         # PyTorch's CPU attention kernels are several times slower in bfloat16 than in float32
-        # (measured: 2.5 vs 0.4 ms per layer at 1000 positions), so on a CPU the KV cache and
-        # the attention stay float32 whatever the weights are; GPUs attend in the model dtype.
+        # (measured: 2.5 vs 0.4 ms per layer at 1000 positions), so without our kernels the KV
+        # cache and the attention stay float32 on a CPU; GPUs attend in the model dtype.
         self.attn_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
-        # Where our CPU kernels run (engine.kernels: AVX-512 BF16 CPUs) and the model is not
-        # float32 anyway (bfloat16 weights or int8), the KV cache is bfloat16, half the bytes a
-        # step reads, and a decode step's self-attention is one `attend_step` call (float32
-        # maths). A float32 model keeps PyTorch's exact path.
-        reduced = self.dtype == torch.bfloat16 or precision == "int8"
-        heads_fit = self.head_dim % 16 == 0 and self.head_dim <= 128
         self._kernels = None
-        if self.device.type == "cpu" and reduced and heads_fit:
-            from engine import kernels
-
-            self._kernels = kernels.get()
-        self.kv_dtype = torch.bfloat16 if self._kernels is not None else self.attn_dtype
+        self.kv_dtype = self._choose_kv_cache(kv_cache, precision)
         self.lm_heads = make_linear(heads, precision)  # E -> K * V
         self.layers = [self._layer(layer, precision) for layer in dec.layers]
         # A prefill is a big matrix product (compute-bound): int8 dynamic kernels lose there,
@@ -96,6 +88,38 @@ class Decoder:
         self.prefill_layers = self.layers
         if precision == "int8":
             self.prefill_layers = [self._layer(layer, prefill_precision()) for layer in dec.layers]
+
+    def _choose_kv_cache(self, requested: str, precision: str) -> torch.dtype:
+        """The KV cache dtype; also decides whether decode steps attend with our CPU kernels.
+
+        Where our kernels run (engine.kernels: CPUs with AVX-512 BF16), a decode step's
+        self-attention is one `attend_step` call per layer over a bfloat16 or int8 cache (half or
+        a quarter of float32's bytes; float32 maths). "auto" takes int8 for an int8 decoder,
+        bfloat16 for a bfloat16 one, and keeps a float32 model on PyTorch's exact path."""
+        if requested not in KV_CACHES:
+            raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {requested!r}")
+        reduced = self.dtype == torch.bfloat16 or precision == "int8"
+        if requested == "float32" or (requested == "auto" and not reduced):
+            return self.attn_dtype
+        if self.device.type != "cpu":
+            if requested == "int8":
+                raise ValueError("kv_cache: int8 is a CPU mode (our CPU kernels)")
+            return self.dtype if requested == "auto" else getattr(torch, requested)
+        from engine import kernels
+
+        reason = kernels.unavailable_reason()
+        if not (self.head_dim % 16 == 0 and self.head_dim <= 128):
+            reason = f"head size {self.head_dim} is not a multiple of 16 up to 128"
+        if reason is None:
+            self._kernels = kernels.get()
+            reason = None if self._kernels is not None else "they did not build (see the log)"
+        if reason is not None:
+            if requested != "auto":
+                raise ValueError(f"kv_cache: {requested} needs our CPU kernels: {reason}")
+            return self.attn_dtype
+        if requested == "auto":
+            return torch.int8 if precision == "int8" else torch.bfloat16
+        return getattr(torch, requested)
 
     @staticmethod
     def _layer(layer, precision: str) -> LayerWeights:
@@ -224,9 +248,8 @@ class Decoder:
         b, t, _ = qkv.shape
         if t == 1 and self._kernels is not None:  # write, attend and merge heads in one call
             positions = at if at is not None else torch.full((b,), start)
-            a = self._kernels.attend_step(
-                qkv.view(b, -1), *cache.layer(layer), positions, self.head_dim**-0.5
-            )
+            attend = self._kernels.attend_step_q8 if cache.quantized else self._kernels.attend_step
+            a = attend(qkv.view(b, -1), *cache.layer(layer), positions, self.head_dim**-0.5)
             return a.view(b, 1, self.hidden).to(self.dtype)
         q, k, v = (self._split_heads(x) for x in qkv.chunk(3, dim=-1))
         if at is None:

@@ -79,6 +79,7 @@ class LoadedModel:
     name: str
     quantize: str = "none"
     compile: str = "none"  # the decoder step: "none", "compile" or "graphs" (`engine.static_step`)
+    kv_cache: str = "auto"  # the KV cache dtype (`Decoder._choose_kv_cache`)
 
 
 def _refuse_unsupported(name: str, config) -> None:
@@ -146,4 +147,8 @@ def load_model(options: LoadOptions) -> LoadedModel:
         model.decoder.config.num_hidden_layers,
         model.decoder.config.hidden_size,
     )
-    return LoadedModel(model, processor, device, dtype, name, quantize, compile_mode)
+    # The compiled step reads the cache as a float tensor: no int8 cache under it.
+    kv_cache = (
+        "bfloat16" if options.kv_cache == "auto" and compile_mode != "none" else options.kv_cache
+    )
+    return LoadedModel(model, processor, device, dtype, name, quantize, compile_mode, kv_cache)

@@ -20,7 +20,7 @@ from engine.batch import DecodeBatch
 from engine.codec import StreamingDecoder, freeze_weight_norm
 from engine.conditioning import encode_prompt
 from engine.decoder import Decoder
-from engine.loading import LoadedModel, load_model
+from engine.loading import LoadedModel, ModelLoadError, load_model
 from engine.options import LoadOptions, SamplingOptions, WindowOptions
 from engine.token_stream import TokenStream
 
@@ -35,7 +35,17 @@ class MusicModel:
         self.hf = loaded.model.requires_grad_(False)
         freeze_weight_norm(self.hf.audio_encoder)
         self.processor = loaded.processor
-        self.decoder = Decoder(self.hf.decoder, "int8" if loaded.quantize == "int8" else "dense")
+        precision = "int8" if loaded.quantize == "int8" else "dense"
+        try:
+            self.decoder = Decoder(self.hf.decoder, precision, loaded.kv_cache)
+        except ValueError as err:  # a kv_cache this machine cannot run
+            raise ModelLoadError(str(err)) from None
+        log.info(
+            "decoder: %s linear layers, %s KV cache%s",
+            "int8" if precision == "int8" else str(self.hf.decoder.dtype).removeprefix("torch."),
+            str(self.decoder.kv_dtype).removeprefix("torch."),
+            ", our CPU kernels" if self.decoder._kernels is not None else "",
+        )
         config = self.hf.config
         self.sample_rate: int = config.audio_encoder.sampling_rate
         self.channels: int = config.decoder.audio_channels

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZE = ("auto", "none", "int8")
+KV_CACHES = ("auto", "float32", "bfloat16", "int8")
 COMPILE = ("auto", "none", "compile", "graphs")
 
 
@@ -23,6 +24,9 @@ class LoadOptions:
     # the decoder step: "auto" (graphs on CUDA, none on CPU), "none" (eager), "compile"
     # (torch.compile, no graphs) or "graphs" (torch.compile with CUDA graphs; CUDA only)
     compile: str = "auto"
+    # the self-attention KV cache: "auto" (int8 for an int8 decoder and bfloat16 for a bfloat16
+    # one where our CPU kernels run, else the attention dtype), "float32", "bfloat16", "int8"
+    kv_cache: str = "auto"
 
     def validate(self) -> LoadOptions:
         if not self.model:
@@ -39,6 +43,14 @@ class LoadOptions:
             )
         if self.quantize == "int8" and self.device.startswith("cuda"):
             raise ValueError("quantize: int8 is a CPU mode; on a GPU use dtype bfloat16 or float16")
+        if self.kv_cache not in KV_CACHES:
+            raise ValueError(f"kv_cache: must be one of {KV_CACHES}, got {self.kv_cache!r}")
+        if self.kv_cache == "int8" and self.device.startswith("cuda"):
+            raise ValueError("kv_cache: int8 is a CPU mode (our CPU kernels); on a GPU use auto")
+        if self.kv_cache == "int8" and self.compile in ("compile", "graphs"):
+            raise ValueError(
+                "kv_cache: the compiled step reads a float cache; use auto or bfloat16"
+            )
         if self.compile not in COMPILE:
             raise ValueError(f"compile: must be one of {COMPILE}, got {self.compile!r}")
         if self.compile == "graphs" and self.device == "cpu":

@@ -62,6 +62,9 @@ class ModelConfig:
     dtype: str = "auto"  # "auto", "float32", "bfloat16" or "float16"
     quantize: str = "auto"  # "auto" (int8 on CPU, none on GPU), "none" or "int8"
     compile: str = "auto"  # "auto" (CUDA graphs on GPU, none on CPU), "none", "compile" or "graphs"
+    kv_cache: str = (
+        "auto"  # "auto" (int8 / bfloat16 with our CPU kernels), "float32", "bfloat16", "int8"
+    )
 
     def validate(self) -> None:
         if not self.id:
@@ -75,6 +78,7 @@ class ModelConfig:
             dtype=self.dtype,
             quantize=self.quantize,
             compile=self.compile,
+            kv_cache=self.kv_cache,
         ).validate()
 
 

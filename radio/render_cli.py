@@ -52,6 +52,11 @@ def add_render_parser(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="decoder step: auto (CUDA graphs on GPU, none on CPU), none, compile or graphs",
     )
+    p.add_argument(
+        "--kv-cache",
+        default="auto",
+        help="KV cache: auto (int8/bfloat16 with our CPU kernels), float32, bfloat16 or int8",
+    )
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler")
     p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
     p.add_argument(
@@ -94,6 +99,7 @@ def run_render(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             quantize=args.quantize,
             compile=args.compile,
+            kv_cache=args.kv_cache,
         ).validate()
         window = WindowOptions(window=args.window, context=args.context)
         model = MusicModel.load(load)

@@ -53,5 +53,12 @@ def test_engine_benchmark_prints_ratios(tmp_path):
 
 
 def test_precision_benchmark_prints_the_table(tmp_path):
-    out = _run("precision.py", "--size", "tiny", "--steps", "30", tmp_path=tmp_path)
-    assert "| bfloat16 |" in out and "| int8 |" in out
+    out = _run(
+        "precision.py", "--size", "tiny", "--steps", "30", "--positions", "40", tmp_path=tmp_path
+    )
+    for row in (
+        "| bfloat16 |",
+        "| int8, float32 KV cache |",
+        "| int8, int8 KV cache (CPU default) |",
+    ):
+        assert row in out

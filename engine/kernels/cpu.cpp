@@ -250,10 +250,140 @@ torch::Tensor attend_step(torch::Tensor qkv, torch::Tensor keys, torch::Tensor v
   return out;
 }
 
+// ---- int8 KV cache ------------------------------------------------------------------------------
+// Each cached key and value vector (one position of one head) is int8 with its own float32 scale:
+// x ~= scale * q, scale = max|x| / 127. A quarter of float32's bytes; the sums stay float32.
+
+inline __m512 load_i8(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+template <int NC>
+void attend_q8(const float* q, const int8_t* k, const float* ks, const int8_t* v, const float* vs,
+               int64_t T, float scale, float* scores, float* out) {
+  constexpr int64_t D = NC * 16;
+  __m512 qv[NC];
+  for (int c = 0; c < NC; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
+  float best = -INFINITY;
+  for (int64_t t = 0; t < T; ++t, k += D) {
+    __m512 a = _mm512_mul_ps(qv[0], load_i8(k));
+    for (int c = 1; c < NC; ++c) a = _mm512_fmadd_ps(qv[c], load_i8(k + 16 * c), a);
+    const float score = _mm512_reduce_add_ps(a) * ks[t] * scale;
+    scores[t] = score;
+    best = score > best ? score : best;
+  }
+  const __m512 vbest = _mm512_set1_ps(best);
+  __m512 vsum = _mm512_setzero_ps();
+  int64_t t = 0;
+  for (; t + 16 <= T; t += 16) {
+    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(scores + t), vbest));
+    _mm512_storeu_ps(scores + t, _mm512_mul_ps(e, _mm512_loadu_ps(vs + t)));
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  if (t < T) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (T - t)) - 1);
+    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, scores + t), vbest));
+    _mm512_mask_storeu_ps(scores + t, tail, _mm512_mul_ps(e, _mm512_maskz_loadu_ps(tail, vs + t)));
+    vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(tail, e));
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+  __m512 o[NC];
+  for (int c = 0; c < NC; ++c) o[c] = _mm512_setzero_ps();
+  for (int64_t t2 = 0; t2 < T; ++t2, v += D) {
+    const __m512 p = _mm512_set1_ps(scores[t2]);  // softmax weight times the value's scale
+    for (int c = 0; c < NC; ++c) o[c] = _mm512_fmadd_ps(p, load_i8(v + 16 * c), o[c]);
+  }
+  for (int c = 0; c < NC; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(o[c], inv));
+}
+
+void attend_q8_any(int64_t D, const float* q, const int8_t* k, const float* ks, const int8_t* v,
+                   const float* vs, int64_t T, float scale, float* scores, float* out) {
+  switch (D / 16) {
+    case 1: attend_q8<1>(q, k, ks, v, vs, T, scale, scores, out); break;
+    case 2: attend_q8<2>(q, k, ks, v, vs, T, scale, scores, out); break;
+    case 3: attend_q8<3>(q, k, ks, v, vs, T, scale, scores, out); break;
+    case 4: attend_q8<4>(q, k, ks, v, vs, T, scale, scores, out); break;
+    case 5: attend_q8<5>(q, k, ks, v, vs, T, scale, scores, out); break;
+    case 6: attend_q8<6>(q, k, ks, v, vs, T, scale, scores, out); break;
+    case 7: attend_q8<7>(q, k, ks, v, vs, T, scale, scores, out); break;
+    default: attend_q8<8>(q, k, ks, v, vs, T, scale, scores, out); break;
+  }
+}
+
+// Quantize one vector of D floats to int8 at dst, returning its scale.
+inline float quantize_vector(const float* x, int8_t* dst, int64_t D) {
+  __m512 m = _mm512_setzero_ps();
+  for (int64_t c = 0; c < D; c += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + c)));
+  const float amax = _mm512_reduce_max_ps(m);
+  const float s = amax > 0 ? amax / 127.0f : 1.0f;
+  const __m512 inv = _mm512_set1_ps(1.0f / s);
+  for (int64_t c = 0; c < D; c += 16) {
+    const __m512i i = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + c), inv));  // nearest
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c), _mm512_cvtsepi32_epi8(i));
+  }
+  return s;
+}
+
+// attend_step over an int8 cache: keys/values [B, H, P, D] int8, their scales [B, H, P] float32.
+torch::Tensor attend_step_q8(torch::Tensor qkv, torch::Tensor keys, torch::Tensor key_scales,
+                             torch::Tensor values, torch::Tensor value_scales,
+                             torch::Tensor positions, double scale) {
+  TORCH_CHECK(keys.dim() == 4 && values.sizes() == keys.sizes(),
+              "attend_step_q8: keys/values [B, H, P, D]");
+  const int64_t B = keys.size(0), H = keys.size(1), P = keys.size(2), D = keys.size(3), E = H * D;
+  TORCH_CHECK(D % 16 == 0 && D <= 128, "attend_step_q8: head size a multiple of 16 up to 128, got ", D);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.size(0) == B && qkv.size(1) == 3 * E, "attend_step_q8: qkv is ",
+              qkv.sizes(), ", expected [", B, ", ", 3 * E, "]");
+  TORCH_CHECK(keys.scalar_type() == torch::kChar && values.scalar_type() == torch::kChar,
+              "attend_step_q8: int8 keys and values");
+  TORCH_CHECK(key_scales.scalar_type() == torch::kFloat && value_scales.scalar_type() == torch::kFloat &&
+                  key_scales.dim() == 3 && key_scales.size(2) == P && key_scales.stride(2) == 1 &&
+                  value_scales.sizes() == key_scales.sizes() && value_scales.stride(2) == 1,
+              "attend_step_q8: float32 scales [B, H, P]");
+  TORCH_CHECK(keys.stride(3) == 1 && keys.stride(2) == D && values.stride(3) == 1 &&
+                  values.stride(2) == D,
+              "attend_step_q8: each head's positions must be contiguous");
+  TORCH_CHECK(positions.dim() == 1 && positions.size(0) == B, "attend_step_q8: one position per row");
+  auto x = qkv.to(torch::kFloat).contiguous();
+  auto pos = positions.to(torch::kLong).contiguous();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(pp[b] >= 0 && pp[b] < P, "attend_step_q8: row ", b, " position ", pp[b],
+                " outside [0, ", P, ")");
+  auto out = torch::empty({B, E}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  auto kp = keys.data_ptr<int8_t>();
+  auto vp = values.data_ptr<int8_t>();
+  auto ksp = key_scales.data_ptr<float>();
+  auto vsp = value_scales.data_ptr<float>();
+  const int64_t kb = keys.stride(0), kh = keys.stride(1), vb = values.stride(0), vh = values.stride(1);
+  const int64_t sb = key_scales.stride(0), sh = key_scales.stride(1);
+  const int64_t tb = value_scales.stride(0), th = value_scales.stride(1);
+  const float s = static_cast<float>(scale);
+
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(P + 16);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H, at = pp[b];
+      int8_t* k = kp + b * kb + h * kh;
+      int8_t* v = vp + b * vb + h * vh;
+      float* ks = ksp + b * sb + h * sh;
+      float* vs = vsp + b * tb + h * th;
+      const float* row = xp + b * 3 * E;
+      ks[at] = quantize_vector(row + E + h * D, k + at * D, D);
+      vs[at] = quantize_vector(row + 2 * E + h * D, v + at * D, D);
+      attend_q8_any(D, row + h * D, k, ks, v, vs, at + 1, s, scores.data(), op + b * E + h * D);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16, "y = x w^T, bfloat16 weights, a few rows");
   m.def("decode_attention", &decode_attention, "one query per row over a bfloat16 KV cache");
   m.def("attend_step", &attend_step, "write a step's keys/values, then attend, per row");
+  m.def("attend_step_q8", &attend_step_q8, "attend_step over an int8 KV cache with scales");
 }

@@ -97,6 +97,36 @@ def test_attend_step_writes_the_new_keys_then_attends(k):
         k.attend_step(qkv, keys, values, torch.tensor([0, 1, 40]), 0.1)
 
 
+def test_attend_step_q8_quantizes_per_vector_and_attends(k):
+    """The int8 cache: each new key/value vector stored as int8 with max|x| / 127 as its scale;
+    the attention over the dequantized cache equals float32 SDPA over it."""
+    from engine.kv_cache import quantize_vectors
+
+    torch.manual_seed(4)
+    rows, heads, slots, d = 2, 3, 50, 64
+    e = heads * d
+    full_k, full_v = torch.randn(rows, heads, slots, d), torch.randn(rows, heads, slots, d)
+    keys, key_scales = quantize_vectors(full_k)
+    values, value_scales = quantize_vectors(full_v)
+    qkv = torch.randn(rows, 3 * e)
+    positions = torch.tensor([5, 49])
+    got = k.attend_step_q8(qkv, keys, key_scales, values, value_scales, positions, d**-0.5)
+    q, kn, vn = (x.view(rows, heads, d) for x in qkv.chunk(3, dim=-1))
+    for b, at in enumerate(positions.tolist()):
+        want_k, want_s = quantize_vectors(kn[b])
+        assert torch.equal(keys[b, :, at], want_k)
+        torch.testing.assert_close(key_scales[b, :, at], want_s)
+        deq_k = keys[b, :, : at + 1].float() * key_scales[b, :, : at + 1, None]
+        deq_v = values[b, :, : at + 1].float() * value_scales[b, :, : at + 1, None]
+        want = F.scaled_dot_product_attention(q[b, :, None], deq_k, deq_v)[:, 0].reshape(e)
+        torch.testing.assert_close(got[b], want, rtol=1e-5, atol=2e-6)
+        # and the quantization itself is close: within 1% of the float32 attention's spread
+        exact_k, exact_v = full_k[b, :, : at + 1].clone(), full_v[b, :, : at + 1].clone()
+        exact_k[:, at], exact_v[:, at] = kn[b], vn[b]
+        exact = F.scaled_dot_product_attention(q[b, :, None], exact_k, exact_v)[:, 0].reshape(e)
+        assert (got[b] - exact).abs().max() < 0.01 * exact.abs().max() + 0.01
+
+
 def _teacher_forced_logits(decoder: Decoder, model: MusicModel, steps: int) -> torch.Tensor:
     """Logits [steps, 2, K, V] of decode steps fed the same fixed random tokens."""
     torch.manual_seed(0)
@@ -114,16 +144,19 @@ def _teacher_forced_logits(decoder: Decoder, model: MusicModel, steps: int) -> t
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("quantize,dtype", [("none", "bfloat16"), ("int8", "float32")])
+@pytest.mark.parametrize(
+    "quantize,dtype,kv",
+    [("none", "bfloat16", torch.bfloat16), ("int8", "float32", torch.int8)],
+)
 def test_decoder_on_our_kernels_matches_pytorch_kernels(
-    k, tiny_model_dir, monkeypatch, quantize, dtype
+    k, tiny_model_dir, monkeypatch, quantize, dtype, kv
 ):
     """The same bfloat16 / int8 decoder with and without our kernels: the KV cache in bfloat16
-    instead of float32 is the only rounding difference, far below the quantization's own."""
+    or int8 instead of float32 is the only rounding difference, far below the weights' own."""
     options = LoadOptions(model=tiny_model_dir, device="cpu", dtype=dtype, quantize=quantize)
     model = MusicModel.load(options)
     ours = model.decoder
-    assert ours.kv_dtype == torch.bfloat16 and ours._kernels is not None
+    assert ours.kv_dtype == kv and ours._kernels is not None
     monkeypatch.setitem(kernels._state, "module", None)
     plain = Decoder(model.hf.decoder, ours.precision)
     assert plain.kv_dtype == torch.float32 and plain._kernels is None
@@ -134,3 +167,20 @@ def test_decoder_on_our_kernels_matches_pytorch_kernels(
     assert diff.mean() < 0.01 * want.std(), (diff.mean(), want.std())
     agree = (got.argmax(-1) == want.argmax(-1)).float().mean()
     assert agree > 0.97, agree
+
+
+def test_kv_cache_option(k, tiny_model_dir, monkeypatch):
+    from engine import ModelLoadError
+
+    def load(**kw):
+        return MusicModel.load(LoadOptions(model=tiny_model_dir, device="cpu", **kw)).decoder
+
+    assert load(dtype="float32").kv_dtype == torch.float32  # a float32 model stays exact
+    assert load(dtype="float32", quantize="int8", kv_cache="bfloat16").kv_dtype == torch.bfloat16
+    assert load(dtype="bfloat16", quantize="none", kv_cache="float32")._kernels is None
+    with pytest.raises(ValueError, match="kv_cache: must be one of"):
+        LoadOptions(kv_cache="int4").validate()
+    monkeypatch.setenv("ENDLESS_RADIO_KERNELS", "0")
+    with pytest.raises(ModelLoadError, match="kv_cache: int8 needs our CPU kernels"):
+        load(dtype="float32", quantize="int8", kv_cache="int8")
+    assert load(dtype="float32", quantize="int8").kv_dtype == torch.float32  # auto: PyTorch's
