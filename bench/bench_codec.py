@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from transformers import EncodecModel
 
-from engine.codec import HOP, StreamingDecoder, decode_full
+from engine.codec import HOP, StreamingDecoder, decode_full, freeze_weight_norm
 from engine.tiny import _configs
 
 
@@ -35,11 +35,14 @@ def snr_db(ref: np.ndarray, x: np.ndarray) -> float:
 
 
 def build_codec(size: str, std: float) -> EncodecModel:
+    """A random EnCodec as `MusicModel` runs it: weight norm frozen (else every conv recomputes
+    its weight on every call, ~20 ms a call that the radio never pays)."""
     torch.manual_seed(0)
     codec = EncodecModel(_configs(size, False)[1]).eval()
     with torch.no_grad():
         for layer in codec.quantizer.layers:
             layer.codebook.embed.normal_(0.0, std)
+    freeze_weight_norm(codec)
     return codec
 
 
