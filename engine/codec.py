@@ -24,8 +24,11 @@ nothing before it was decoded.
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 HOP = 640  # samples per token frame at 32 kHz
@@ -65,6 +68,85 @@ def freeze_weight_norm(audio_encoder: nn.Module) -> None:
     for module in audio_encoder.modules():
         if parametrize.is_parametrized(module, "weight"):
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+
+
+def _dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for x [M, K], weight [N, K]: through oneDNN on a CPU that has it.
+
+    The codec's matmuls are skinny (M = frames of one call, 1-30, against 1024 x 8192 weights);
+    there PyTorch's default float32 GEMM (MKL) ran at about half oneDNN's speed on this project's
+    CPU (AMD, AVX-512). Same float32 sums, only the blocking (rounding order) differs."""
+    if x.is_cpu and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class _ConvTranspose1d:
+    """EnCodec's non-causal transposed conv (`EncodecConvTranspose1d`: `nn.ConvTranspose1d`, then
+    `k - s` samples trimmed, the odd one on the left) as one matmul and an overlap-add.
+
+    Why not the module: for a float32 input of batch 1 and at most 20480 values, ATen sends a 1-D
+    transposed conv to its reference kernel `slow_conv_transpose2d` rather than oneDNN (heuristic
+    `ConvParams::use_mkldnn`: kernel height 1, batch 1, small input; dtype, padding, groups and
+    contiguity play no part). The first upsampling layer of a 10-frame mono call (1024 channels x
+    13 frames, k 16, s 8) hits it: ~13 ms a call. oneDNN's deconvolution, which ATen picks for a
+    batch of 2 or a longer input, is no faster at that shape (measured). Here output sample
+    `s * t + j` of input frame `t` takes row `t` of x [T, Cin] times column `j` of the weight: one
+    matmul [B*T, Cin] x [Cin, k*Cout] (~4.5 ms) gives every tap, then the `k / s` taps that land
+    on each block of `s` output samples are summed. Same sums as the module in another order:
+    equal up to float rounding (tests/engine/test_codec.py). The decoder uses it for the first
+    transposed conv only, whose input has one step per frame; the later ones see 8 to 160 times
+    more steps, where the module (oneDNN) is as fast (measured, `bench/bench_codec.py`).
+    """
+
+    def __init__(self, module: nn.Module):
+        conv = module.conv
+        if (
+            getattr(module, "causal", False)
+            or conv.groups != 1
+            or conv.dilation[0] != 1
+            or conv.padding[0] != 0
+            or conv.output_padding[0] != 0
+        ):
+            raise ValueError("expected EnCodec's non-causal ConvTranspose1d (no groups/padding)")
+        cin, cout, k = conv.weight.shape
+        self.stride = s = conv.stride[0]
+        self.kernel = k
+        self.taps = -(-k // s)  # m: input frames that overlap one output block of s samples
+        trim = k - s
+        self.trim_right = trim // 2
+        self.trim_left = trim - self.trim_right
+        self.bias = conv.bias.detach()
+        self.weight = _PREPARED.get(conv)  # [m*s*Cout, Cin], shared by every decoder of a codec
+        if self.weight is None:
+            # row (j, cout) = tap j of output channel cout, taps padded to m*s with zeros
+            w = conv.weight.detach().permute(2, 1, 0)  # [k, Cout, Cin]
+            w = F.pad(w, (0, 0, 0, 0, 0, self.taps * s - k))
+            self.weight = _PREPARED[conv] = w.reshape(-1, cin).contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, Cin, T] -> [B, Cout, T*s + k - s - trim] (the module's output; T*s for k = 2s)."""
+        b, cin, t = x.shape
+        m, s = self.taps, self.stride
+        z = _dense(x.transpose(1, 2).reshape(b * t, cin), self.weight)
+        z = z.view(b, t, m, s, -1)  # [B, T, taps, s, Cout]
+        y = z.new_empty(b, t + m - 1, s, z.shape[-1])  # output blocks of s samples, time-major
+        torch.add(z[:, :, 0], self.bias, out=y[:, :t])
+        y[:, t:] = self.bias
+        for p in range(1, m):
+            y[:, p : p + t] += z[:, :, p]
+        n = (t - 1) * s + self.kernel  # the module's length before its trim
+        y = y.view(b, (t + m - 1) * s, -1)[:, self.trim_left : n - self.trim_right]
+        return y.transpose(1, 2).contiguous()  # channels first, as the next convs want it
+
+
+# Transposed-conv weights in matmul layout, made once per codec (they are read, never changed, at
+# inference; the largest is 32 MB): nn.ConvTranspose1d -> [m*s*Cout, Cin].
+_PREPARED: weakref.WeakKeyDictionary[nn.Module, torch.Tensor] = weakref.WeakKeyDictionary()
+
+
+def _is_conv_transpose(layer: nn.Module) -> bool:
+    return isinstance(getattr(layer, "conv", None), nn.ConvTranspose1d)
 
 
 class _ManualLSTM:
@@ -146,7 +228,10 @@ class StreamingDecoder:
             raise ValueError("audio_encoder.decoder must be EnCodec's conv -> LSTM -> upsampling")
         self._encoder = audio_encoder
         self._conv0 = layers[0]
-        self._upsample = layers[2:]
+        self._upsample = list(layers[2:])
+        first = next((i for i, m in enumerate(self._upsample) if _is_conv_transpose(m)), None)
+        if first is not None:  # the one at frame rate: see _ConvTranspose1d
+            self._upsample[first] = _ConvTranspose1d(self._upsample[first])
         self._lstm = _ManualLSTM(layers[1].lstm)
         conv = self._conv0.conv
         self._half0 = (conv.kernel_size[0] - 1) * conv.dilation[0] // 2  # 3 for EnCodec 32 kHz

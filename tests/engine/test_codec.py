@@ -7,9 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import MusicgenForConditionalGeneration
+from transformers import EncodecConfig, MusicgenForConditionalGeneration
+from transformers.models.encodec.modeling_encodec import EncodecConvTranspose1d
 
-from engine.codec import HOP, StreamingDecoder, decode_full
+from engine.codec import HOP, StreamingDecoder, _ConvTranspose1d, decode_full
 
 EXACT_DB = 90.0  # the decode is exact up to float rounding (measured ~138 dB); issue 2 asks 40
 APPROX_DB = 40.0  # a fresh start away from frame 0 warms the LSTM up: approximate
@@ -94,6 +95,27 @@ def test_streamed_equals_one_shot(request, channels, chunks):
     assert snr_db(reference, streamed) >= EXACT_DB
     for c in range(channels):  # every channel on its own, not only on average
         assert snr_db(reference[c], streamed[c]) >= EXACT_DB
+
+
+@pytest.mark.parametrize(
+    ("cin", "cout", "kernel", "stride", "frames", "batch"),
+    [(1024, 512, 16, 8, 13, 1), (64, 32, 16, 8, 1, 2), (16, 8, 10, 5, 7, 1), (6, 3, 7, 3, 5, 2)],
+    ids=["musicgen-first", "one-frame-stereo", "k10-s5", "k7-s3"],
+)
+def test_conv_transpose_matmul_equals_module(cin, cout, kernel, stride, frames, batch):
+    """The matmul + overlap-add form of EnCodec's transposed conv gives the module's output:
+    same length, same samples up to float rounding, also when k is not a multiple of s."""
+    gen = torch.Generator().manual_seed(kernel)
+    module = EncodecConvTranspose1d(EncodecConfig(use_causal_conv=False), cin, cout, kernel, stride)
+    with torch.no_grad():
+        module.conv.bias.copy_(torch.randn(cout, generator=gen))
+        x = torch.randn(batch, cin, frames, generator=gen)
+        reference = module(x)
+        ours = _ConvTranspose1d(module)(x)
+    assert ours.shape == reference.shape
+    assert ours.is_contiguous()
+    assert snr_db(reference.numpy(), ours.numpy()) >= 120
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
 
 
 def test_work_per_call_is_bounded(mono):
