@@ -25,6 +25,7 @@ nothing before it was decoded.
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -195,6 +196,18 @@ class _ManualLSTM:
         return hs[:, -1], hs, cs
 
 
+@dataclass(frozen=True)
+class _Carry:
+    """What a call computed beyond its stop from lookahead codes, for the next call to go on from
+    if those codes did not change (no prompt change): then every frame runs the LSTM once."""
+
+    frame: int  # the call's stop: only a call starting there may use this
+    codes: torch.Tensor  # [K, n] codes of frames [frame, frame + n), all the rest depends on
+    y: torch.Tensor  # [m, B, D] LSTM block outputs of frames [frame - margin, frame + m - margin)
+    h: torch.Tensor  # [e, layers, B, H] LSTM state after each frame of [frame, frame + e)
+    c: torch.Tensor  # [e, layers, B, H]
+
+
 class StreamingDecoder:
     """Tokens -> float32 PCM in chunks, each decoded with left context and lookahead, trimmed,
     joins crossfaded. One instance per stream; not thread-safe.
@@ -273,6 +286,7 @@ class StreamingDecoder:
         self._state_lo = 0  # states S[f] (before frame f) are valid for f in [lo, stop]
         self._audio_lo = 0  # emitted audio is kept for frames [lo, stop)
         self._tail: np.ndarray | None = None  # [C, crossfade] decoded just beyond stop
+        self._carry: _Carry | None = None  # what the previous call computed beyond its stop
 
     @torch.inference_mode()
     def decode(self, codes: torch.LongTensor, offset: int, start: int, stop: int) -> np.ndarray:
@@ -280,24 +294,23 @@ class StreamingDecoder:
         the audio of frames [start, stop)."""
         self._check(codes, offset, start, stop)
         rewind = self._stop is not None and start < self._stop
-        resume = max(0, start - self._rollback)  # first LSTM frame run in this call
-        exact = resume == 0 or (
-            self._stop is not None and self._state_lo <= resume and start <= self._stop
+        end = stop + (1 if self.crossfade else 0) + _UPSAMPLE_MARGIN  # LSTM frames up to end
+        first = max(0, start - _UPSAMPLE_MARGIN)  # the upsampling stack reads [first, end)
+        if self._carry_fits(codes, offset, start):
+            y, frame0, hs, cs = self._lstm_carried_on(codes, offset, end)
+        else:
+            y, frame0, hs, cs = self._lstm_from_state(codes, offset, start, end)
+        # y: LSTM block output of frames [first, end) [n, B, D]; hs/cs: after frames [frame0, end)
+        self._save_states(frame0, stop, hs, cs)
+        self._carry = _Carry(
+            frame=stop,
+            codes=codes[:, stop - offset : end + self._half0 - offset].clone(),
+            y=y[stop - _UPSAMPLE_MARGIN - first :],
+            h=hs[stop - frame0 :],
+            c=cs[stop - frame0 :],
         )
-        warm = resume if exact else max(start - self.context, offset + self._half0 if offset else 0)
-        end = stop + (1 if self.crossfade else 0) + _UPSAMPLE_MARGIN  # LSTM frames [warm, end)
 
-        x = self._first_conv(codes, offset, warm, end)  # [end - warm, B, D]
-        h0, c0 = self._initial_state(resume if exact else None, x.shape[1])
-        if not exact and resume > warm:  # fresh start: warm the LSTM up, keep only its last state
-            _, hs, cs = self._lstm.run(x[: resume - warm], h0, c0)
-            h0, c0 = hs[-1], cs[-1]
-        x = x[resume - warm :]
-        top, hs, cs = self._lstm.run(x, h0, c0)  # frames [resume, end)
-        self._save_states(resume, stop, h0, c0, hs, cs, keep_old=exact)
-
-        first = max(0, start - _UPSAMPLE_MARGIN)
-        y = (top + x)[first - resume :].permute(1, 2, 0)  # [B, D, end - first]
+        y = y.permute(1, 2, 0)  # [B, D, end - first]
         for layer in self._upsample:
             y = layer(y)
         audio = y[:, 0, (start - first) * HOP :].float().cpu().numpy()  # [C, (end - start) * 640]
@@ -308,6 +321,46 @@ class StreamingDecoder:
         self._save_audio(out, start, stop, keep_old=self._stop is not None and start <= self._stop)
         self._stop = stop
         return out
+
+    def _carry_fits(self, codes: torch.Tensor, offset: int, start: int) -> bool:
+        """A continuation (start == previous stop) whose lookahead codes are the ones the previous
+        call saw: what it computed beyond its stop is exact, no prompt change came in between."""
+        carry = self._carry
+        if carry is None or start != carry.frame:
+            return False
+        seen = codes[:, start - offset : start - offset + carry.codes.shape[1]]
+        return torch.equal(seen, carry.codes.to(seen.device))
+
+    def _lstm_carried_on(self, codes: torch.Tensor, offset: int, end: int):
+        """Run only the new frames, from the state the previous call reached at its end."""
+        carry = self._carry
+        resume = carry.frame + carry.h.shape[0]  # the previous call's end
+        x = self._first_conv(codes, offset, resume, end)  # [end - resume, B, D]
+        top, hs, cs = self._lstm.run(x, carry.h[-1], carry.c[-1])  # frames [resume, end)
+        y = torch.cat([carry.y, top + x])  # frames [start - margin, end)
+        return y, carry.frame, torch.cat([carry.h, hs]), torch.cat([carry.c, cs])
+
+    def _lstm_from_state(self, codes: torch.Tensor, offset: int, start: int, end: int):
+        """Re-run the LSTM from the ring state `rollback` frames before `start` (the frames whose
+        conv input reaches codes from `start` on, which may have changed), or warm it up."""
+        resume = max(0, start - self._rollback)  # first LSTM frame run in this call
+        exact = resume == 0 or (
+            self._stop is not None and self._state_lo <= resume and start <= self._stop
+        )
+        warm = resume if exact else max(start - self.context, offset + self._half0 if offset else 0)
+        x = self._first_conv(codes, offset, warm, end)  # [end - warm, B, D]
+        h0, c0 = self._initial_state(resume if exact else None, x.shape[1])
+        if not exact and resume > warm:  # fresh start: warm the LSTM up, keep only its last state
+            _, hs, cs = self._lstm.run(x[: resume - warm], h0, c0)
+            h0, c0 = hs[-1], cs[-1]
+        x = x[resume - warm :]
+        top, hs, cs = self._lstm.run(x, h0, c0)  # frames [resume, end)
+        self._h[resume % self.history] = h0
+        self._c[resume % self.history] = c0
+        if not exact:
+            self._state_lo = resume
+        first = max(0, start - _UPSAMPLE_MARGIN)
+        return (top + x)[first - resume :], resume, hs, cs
 
     def _check(self, codes: torch.Tensor, offset: int, start: int, stop: int) -> None:
         if codes.dim() != 2 or codes.shape[0] % self.channels:
@@ -349,16 +402,13 @@ class StreamingDecoder:
         i = frame % self.history
         return self._h[i].clone(), self._c[i].clone()
 
-    def _save_states(self, resume, stop, h0, c0, hs, cs, *, keep_old: bool) -> None:
-        """Ring slots of S[f] for f in [resume, stop]; hs[t] is the state after frame resume+t."""
-        self._h[resume % self.history] = h0
-        self._c[resume % self.history] = c0
-        first = max(resume + 1, stop - self.history + 1)
+    def _save_states(self, frame0: int, stop: int, hs: torch.Tensor, cs: torch.Tensor) -> None:
+        """Ring slots of S[f] for f in (frame0, stop]; hs[t] is the state after frame frame0+t."""
+        first = max(frame0 + 1, stop - self.history + 1)
         slots = torch.arange(first, stop + 1, device=self._device) % self.history
-        self._h.index_copy_(0, slots, hs[first - 1 - resume : stop - resume])
-        self._c.index_copy_(0, slots, cs[first - 1 - resume : stop - resume])
-        lo = self._state_lo if keep_old else resume
-        self._state_lo = max(lo, stop - self.history + 1)
+        self._h.index_copy_(0, slots, hs[first - 1 - frame0 : stop - frame0])
+        self._c.index_copy_(0, slots, cs[first - 1 - frame0 : stop - frame0])
+        self._state_lo = max(self._state_lo, stop - self.history + 1)
 
     def _blend_join(self, out: np.ndarray, start: int, rewind: bool) -> None:
         """Crossfade the first samples of `out` from what was decoded for them before."""

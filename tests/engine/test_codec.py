@@ -139,7 +139,9 @@ def test_work_per_call_is_bounded(mono):
         for hook in hooks:
             hook.remove()
     assert len(conv_frames) == len(upsample_frames) == calls
-    assert set(conv_frames[1:]) == {chunk + 11}, conv_frames  # chunk + 3 + 3 back, 5 ahead
+    # The LSTM runs the chunk's frames once: a continuation goes on from the state the previous
+    # call reached in its lookahead, so the first conv sees the new frames + 3 each side.
+    assert set(conv_frames[1:]) == {chunk + 6}, conv_frames
     assert set(upsample_frames[1:]) == {chunk + 3}, upsample_frames  # chunk + 1 back, 2 ahead
     assert max(conv_frames) <= chunk + dec.context + dec.lookahead
 
@@ -162,6 +164,22 @@ def test_prompt_change_decodes_the_new_tokens(mono, at):
     # ... but the old one: the join starts from what the old tokens sounded like there.
     old_ref = decode_full(mono, old, 1)[:, at * HOP : at * HOP + xf]
     assert snr_db(old_ref[:, :20], after[:, :20]) > 40
+
+
+@pytest.mark.parametrize("changed", [0, 4, 5], ids=["first-ahead", "last-read", "not-read"])
+def test_continuation_after_changed_lookahead(mono, changed):
+    """A call at the stream position whose lookahead codes changed since the previous call (a
+    prompt change right there) must not go on from what that call computed from the old ones.
+    Frames 50-54 are what the previous call (stop 50) read beyond its stop; 55 it never read."""
+    dec = StreamingDecoder(mono, audio_channels=1)
+    old = _codes(1, 120, seed=8)
+    new = old.clone()
+    new[:, 50 + changed] = (old[:, 50 + changed] + 1) % 2048  # one frame's tokens change
+    _stream(dec, old, [0, 25, 50])
+    after = _stream(dec, new, [50, 75, 100])
+    ref = decode_full(mono, new, 1)[:, 50 * HOP : 100 * HOP]
+    xf = dec.crossfade
+    assert snr_db(ref[:, xf:], after[:, xf:]) >= EXACT_DB
 
 
 def test_rewind_beyond_history_restarts_fresh(mono):
