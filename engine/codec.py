@@ -6,11 +6,15 @@ are non-causal but short: the first looks 3 frames each way, the upsampling stac
 The LSTM is causal but remembers the whole past, so re-decoding a few frames of left context
 only approximates it. `StreamingDecoder` therefore splits the decoder in three stages:
 
-1. codebook embeddings + first conv over the codes of the chunk plus 3 frames each side;
-2. the LSTM, run by hand one frame at a time from the exact state saved at the chunk start;
-   the state before every frame of the last `history` frames is kept in a ring, so a rewind
-   (a prompt change `k` frames back) restarts from the exact state too;
-3. the upsampling stack over the LSTM output of the chunk plus one frame each side.
+1. codebook embeddings + first conv over the codes of the new frames plus 3 frames each side;
+2. the LSTM, run by hand one frame at a time from an exact saved state. A plain continuation
+   (no token changed since the previous call) goes on from the state and outputs the previous
+   call computed in its lookahead, so each frame runs once. Otherwise (a prompt change, a
+   rewind) it restarts 3 frames before `start`, the last frame whose conv input has no token
+   from `start` on: the state before every frame of the last `history` frames is kept in a
+   ring, so a rewind `k` frames back restarts from the exact state too;
+3. the upsampling stack over the LSTM output of the chunk plus one frame each side, each layer
+   cropped to the samples the wanted audio depends on (`_Upsampler`).
 
 Each call thus decodes `stop - start` frames plus a fixed margin, never the history; the audio
 equals the one-shot decode up to float rounding (measured > 120 dB SNR, see the tests and
@@ -20,6 +24,12 @@ rewind), so joins and prompt changes never click. A call that can not resume fro
 (the first call of a stream that does not start at frame 0, or a rewind beyond `history`)
 warms the LSTM up from zeros over the `context` frames before `start`: approximate, since
 nothing before it was decoded.
+
+Where the time goes (musicgen-small codec, 10-frame calls, one CPU thread): the per-frame
+`h @ W_hh` of the LSTM reads 2 x 16 MB of weights per frame, memory-bound; the rest is the
+upsampling convs. PyTorch's default kernels were slow for two of the codec's shapes on this
+project's CPU, so `_dense` (oneDNN matmuls) and `_ConvTranspose1d` replace them; see
+`bench/bench_codec.py` for the figures.
 """
 
 from __future__ import annotations
@@ -150,6 +160,82 @@ def _is_conv_transpose(layer: nn.Module) -> bool:
     return isinstance(getattr(layer, "conv", None), nn.ConvTranspose1d)
 
 
+def _reach(layer: nn.Module) -> tuple[int, int]:
+    """Input samples left and right of an output sample that a same-rate layer reads."""
+    if isinstance(layer, nn.ELU):
+        return 0, 0
+    if isinstance(getattr(layer, "conv", None), nn.Conv1d):  # EncodecConv1d, "same" padding
+        conv = layer.conv
+        if conv.stride[0] != 1 or getattr(layer, "causal", False) or hasattr(layer, "norm"):
+            raise ValueError("expected EnCodec's non-causal stride-1 weight-norm Conv1d")
+        total = (conv.kernel_size[0] - 1) * conv.dilation[0]
+        return total - total // 2, total // 2
+    if hasattr(layer, "block") and hasattr(layer, "shortcut"):  # EncodecResnetBlock
+        block = [_reach(m) for m in layer.block]
+        short = (0, 0) if isinstance(layer.shortcut, nn.Identity) else _reach(layer.shortcut)
+        return max(sum(r[0] for r in block), short[0]), max(sum(r[1] for r in block), short[1])
+    raise ValueError(f"unexpected layer in EnCodec's upsampling stack: {type(layer).__name__}")
+
+
+class _Upsampler:
+    """EnCodec's upsampling stack (ELUs, transposed convs x8 x5 x4 x4, residual blocks, last
+    conv) over the LSTM output of a call, computing only the samples the wanted audio depends on.
+
+    The stack reads less than a frame each side of an output sample, so a call hands it its
+    frames plus one each side; but past the first transposed conv, each layer's input is cropped
+    to the receptive field of the wanted output (a 10-frame call: 13 frames in, 11.0 frames'
+    worth at the upper rates, 15% less work). What is cropped is exactly what the wanted output
+    does not read, so the result is the same as running every layer over everything. At frame 0
+    nothing is cropped on the left: the layers' own padding there is the one-shot decode's.
+    """
+
+    def __init__(self, layers: list[nn.Module]):
+        self.layers: list = []
+        self.shapes: list[tuple] = []  # ("same", reach left, reach right) / ("up", s, k, trim)
+        for layer in layers:
+            if _is_conv_transpose(layer):
+                up = _ConvTranspose1d(layer)
+                # the first transposed conv runs at frame rate: see _ConvTranspose1d
+                first = not any(kind == "up" for kind, *_ in self.shapes)
+                self.layers.append(up if first else layer)
+                self.shapes.append(("up", up.stride, up.kernel, up.trim_left))
+            else:
+                self.layers.append(layer)
+                self.shapes.append(("same", *_reach(layer)))
+        self._plans: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
+
+    def _plan(self, frames: int, lo: int, hi: int) -> list[tuple[int, int]]:
+        """Input range [a, b) each layer must see for output samples [lo, hi): positions in its
+        own rate, 0 = the first LSTM frame given. Backwards from the output, once per shape."""
+        key = (frames, lo, hi)
+        if key not in self._plans:
+            if len(self._plans) > 256:  # call shapes are few; never grow without bound
+                self._plans.clear()
+            needs = []
+            for shape in reversed(self.shapes):
+                if shape[0] == "same":
+                    lo, hi = lo - shape[1], hi + shape[2]
+                else:  # output p = input frame t's tap p + trim - s*t, for taps 0..k-1
+                    s, k, trim = shape[1:]
+                    lo, hi = -((k - 1 - lo - trim) // s), (hi - 1 + trim) // s + 1
+                needs.append((lo, hi))
+            self._plans[key] = needs[::-1]
+        return self._plans[key]
+
+    def __call__(self, y: torch.Tensor, lo: int, hi: int, *, at_zero: bool) -> torch.Tensor:
+        """y [B, D, n]: LSTM block output of n frames -> audio [B, 1, hi - lo], samples [lo, hi)
+        counted from the first of those frames; `at_zero`: the first of them is frame 0."""
+        at = 0  # position of y[..., 0] in the current layer's rate
+        plan = self._plan(y.shape[-1], lo, hi)
+        for layer, shape, (a, b) in zip(self.layers, self.shapes, plan, strict=True):
+            assert at <= a or at_zero, "upsampling margin too small before the wanted output"
+            assert b <= at + y.shape[-1], "upsampling margin too small after the wanted output"
+            a = max(a, at)  # at frame 0 the layers pad as the one-shot decode does
+            y = layer(y[..., a - at : b - at])
+            at = a * shape[1] if shape[0] == "up" else a  # a transposed conv maps t to s*t
+        return y[..., lo - at : hi - at]
+
+
 class _ManualLSTM:
     """`nn.LSTM` (no projection, not bidirectional) run step by step so that the state after
     every frame is available; same weights, same gate order (i, f, g, o).
@@ -247,10 +333,7 @@ class StreamingDecoder:
             raise ValueError("audio_encoder.decoder must be EnCodec's conv -> LSTM -> upsampling")
         self._encoder = audio_encoder
         self._conv0 = layers[0]
-        self._upsample = list(layers[2:])
-        first = next((i for i, m in enumerate(self._upsample) if _is_conv_transpose(m)), None)
-        if first is not None:  # the one at frame rate: see _ConvTranspose1d
-            self._upsample[first] = _ConvTranspose1d(self._upsample[first])
+        self._upsample = _Upsampler(list(layers[2:]))
         self._lstm = _ManualLSTM(layers[1].lstm)
         conv = self._conv0.conv
         self._half0 = (conv.kernel_size[0] - 1) * conv.dilation[0] // 2  # 3 for EnCodec 32 kHz
@@ -310,11 +393,10 @@ class StreamingDecoder:
             c=cs[stop - frame0 :],
         )
 
-        y = y.permute(1, 2, 0)  # [B, D, end - first]
-        for layer in self._upsample:
-            y = layer(y)
-        audio = y[:, 0, (start - first) * HOP :].float().cpu().numpy()  # [C, (end - start) * 640]
         n = (stop - start) * HOP
+        lo = (start - first) * HOP  # the audio of [start, stop) and the crossfade tail after it
+        y = self._upsample(y.permute(1, 2, 0), lo, lo + n + self.crossfade, at_zero=first == 0)
+        audio = y[:, 0].float().cpu().numpy()  # [C, n + crossfade]
         out = np.ascontiguousarray(audio[:, :n])
         self._blend_join(out, start, rewind)
         self._tail = audio[:, n : n + self.crossfade].copy() if self.crossfade else None

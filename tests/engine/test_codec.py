@@ -10,7 +10,7 @@ import torch
 from transformers import EncodecConfig, MusicgenForConditionalGeneration
 from transformers.models.encodec.modeling_encodec import EncodecConvTranspose1d
 
-from engine.codec import HOP, StreamingDecoder, _ConvTranspose1d, decode_full
+from engine.codec import HOP, StreamingDecoder, _ConvTranspose1d, _Upsampler, decode_full
 
 EXACT_DB = 90.0  # the decode is exact up to float rounding (measured ~138 dB); issue 2 asks 40
 APPROX_DB = 40.0  # a fresh start away from frame 0 warms the LSTM up: approximate
@@ -116,6 +116,31 @@ def test_conv_transpose_matmul_equals_module(cin, cout, kernel, stride, frames, 
     assert ours.is_contiguous()
     assert snr_db(reference.numpy(), ours.numpy()) >= 120
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+
+
+@pytest.mark.parametrize("frames", [3, 4, 13, 28])
+def test_cropped_upsampling_equals_the_whole_stack(mono, frames):
+    """The upsampling stack run only over the receptive field of the wanted samples gives what
+    the whole stack gives for them: away from frame 0 (one frame of margin each side) and at
+    frame 0, where nothing is cropped on the left."""
+    layers = list(mono.decoder.layers[2:])
+    gen = torch.Generator().manual_seed(frames)
+    y = torch.randn(1, layers[1].conv.in_channels, frames, generator=gen)
+    with torch.no_grad():
+        whole = y
+        for layer in layers:
+            whole = layer(whole)
+        up = _Upsampler(layers)
+        for lo, hi, at_zero in [
+            (HOP, (frames - 1) * HOP, False),  # a call's audio + crossfade tail
+            (HOP, HOP + 7, False),
+            (0, (frames - 2) * HOP, True),  # the first call of a stream
+            (0, (frames - 1) * HOP - 1, True),
+        ]:
+            ours = up(y, lo, hi, at_zero=at_zero)
+            assert ours.shape == (1, 1, hi - lo)
+            ref = whole[..., lo:hi]
+            assert snr_db(ref.numpy(), ours.numpy()) >= 120, (lo, hi)
 
 
 def test_work_per_call_is_bounded(mono):
