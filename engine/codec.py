@@ -162,6 +162,37 @@ def _is_conv_transpose(layer: nn.Module) -> bool:
     return isinstance(getattr(layer, "conv", None), nn.ConvTranspose1d)
 
 
+class _NarrowConv1d:
+    """EnCodec's last conv (64 channels -> 1 audio channel, k 7, reflect padding) as one matmul
+    and k shifted adds. oneDNN's conv with a single output channel ran at ~5 GFLOP/s here (1.7 ms
+    for a 10-frame call); [k*Cout, Cin] x [Cin, L], then summing row j shifted by j, does the
+    same sums in ~0.5 ms. Equal up to float rounding."""
+
+    def __init__(self, module: nn.Module):
+        conv = module.conv
+        if conv.stride[0] != 1 or conv.groups != 1 or getattr(module, "causal", False):
+            raise ValueError("expected EnCodec's non-causal stride-1 Conv1d")
+        self._module = module
+        cout, cin, k = conv.weight.shape
+        self.dilation = conv.dilation[0]
+        total = (k - 1) * self.dilation
+        self.pad = (total - total // 2, total // 2)
+        self.weight = conv.weight.detach().permute(2, 0, 1).reshape(k * cout, cin).contiguous()
+        self.bias = conv.bias.detach()[:, None]  # [Cout, 1]
+        self.kernel = k
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, Cin, L] -> [B, Cout, L], the module's output."""
+        x = self._module._pad1d(x, self.pad, mode=self._module.pad_mode)  # [B, Cin, L + k - 1]
+        n = x.shape[-1] - (self.kernel - 1) * self.dilation
+        z = torch.matmul(self.weight, x)  # [B, k*Cout, L + k - 1], row (j, cout)
+        z = z.view(x.shape[0], self.kernel, -1, x.shape[-1])
+        y = z[:, 0, :, :n] + self.bias
+        for j in range(1, self.kernel):
+            y += z[:, j, :, j * self.dilation : j * self.dilation + n]
+        return y
+
+
 def _reach(layer: nn.Module) -> tuple[int, int]:
     """Input samples left and right of an output sample that a same-rate layer reads."""
     if isinstance(layer, nn.ELU):
@@ -201,7 +232,9 @@ class _Upsampler:
                 self.layers.append(up if rank < _MATMUL_CONV_TRANSPOSES else layer)
                 self.shapes.append(("up", up.stride, up.kernel, up.trim_left))
             else:
-                self.layers.append(layer)
+                narrow = layer is layers[-1] and getattr(layer, "conv", None) is not None
+                narrow = narrow and layer.conv.out_channels <= 2  # the audio output conv
+                self.layers.append(_NarrowConv1d(layer) if narrow else layer)
                 self.shapes.append(("same", *_reach(layer)))
         self._plans: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
 

@@ -8,9 +8,16 @@ import numpy as np
 import pytest
 import torch
 from transformers import EncodecConfig, MusicgenForConditionalGeneration
-from transformers.models.encodec.modeling_encodec import EncodecConvTranspose1d
+from transformers.models.encodec.modeling_encodec import EncodecConv1d, EncodecConvTranspose1d
 
-from engine.codec import HOP, StreamingDecoder, _ConvTranspose1d, _Upsampler, decode_full
+from engine.codec import (
+    HOP,
+    StreamingDecoder,
+    _ConvTranspose1d,
+    _NarrowConv1d,
+    _Upsampler,
+    decode_full,
+)
 
 EXACT_DB = 90.0  # the decode is exact up to float rounding (measured ~138 dB); issue 2 asks 40
 APPROX_DB = 40.0  # a fresh start away from frame 0 warms the LSTM up: approximate
@@ -115,6 +122,23 @@ def test_conv_transpose_matmul_equals_module(cin, cout, kernel, stride, frames, 
     assert ours.shape == reference.shape
     assert ours.is_contiguous()
     assert snr_db(reference.numpy(), ours.numpy()) >= 120
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+
+
+@pytest.mark.parametrize(
+    ("cin", "cout", "kernel", "dilation"), [(64, 1, 7, 1), (4, 1, 7, 1), (8, 2, 3, 2)]
+)
+def test_narrow_conv_equals_module(cin, cout, kernel, dilation):
+    """The last conv as a matmul and shifted adds gives the module's output (reflect padding)."""
+    gen = torch.Generator().manual_seed(cin)
+    config = EncodecConfig(use_causal_conv=False, pad_mode="reflect")
+    module = EncodecConv1d(config, cin, cout, kernel, dilation=dilation)
+    with torch.no_grad():
+        module.conv.bias.copy_(torch.randn(cout, generator=gen))
+        x = torch.randn(2, cin, 300, generator=gen)
+        reference = module(x)
+        ours = _NarrowConv1d(module)(x)
+    assert ours.shape == reference.shape
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
 
 
