@@ -413,7 +413,8 @@ class StreamingDecoder:
         rewind = self._stop is not None and start < self._stop
         end = stop + (1 if self.crossfade else 0) + _UPSAMPLE_MARGIN  # LSTM frames up to end
         first = max(0, start - _UPSAMPLE_MARGIN)  # the upsampling stack reads [first, end)
-        if self._carry_fits(codes, offset, start):
+        carried = self._carry_fits(codes, offset, start)
+        if carried:
             y, frame0, hs, cs = self._lstm_carried_on(codes, offset, end)
         else:
             y, frame0, hs, cs = self._lstm_from_state(codes, offset, start, end)
@@ -429,10 +430,18 @@ class StreamingDecoder:
 
         n = (stop - start) * HOP
         lo = (start - first) * HOP  # the audio of [start, stop) and the crossfade tail after it
-        y = self._upsample(y.permute(1, 2, 0), lo, lo + n + self.crossfade, at_zero=first == 0)
-        audio = y[:, 0].float().cpu().numpy()  # [C, n + crossfade]
+        # Carried on, the previous call's tail is already this call's first `crossfade` samples,
+        # decoded from the same tokens: reuse it (no blend needed) rather than decode it again.
+        done = self.crossfade if carried else 0
+        y = self._upsample(
+            y.permute(1, 2, 0), lo + done, lo + n + self.crossfade, at_zero=first == 0
+        )
+        audio = y[:, 0].float().cpu().numpy()  # [C, n + crossfade - done]
+        if done:
+            audio = np.concatenate([self._tail, audio], axis=1)
         out = np.ascontiguousarray(audio[:, :n])
-        self._blend_join(out, start, rewind)
+        if not done:
+            self._blend_join(out, start, rewind)
         self._tail = audio[:, n : n + self.crossfade].copy() if self.crossfade else None
         self._save_audio(out, start, stop, keep_old=self._stop is not None and start <= self._stop)
         self._stop = stop
