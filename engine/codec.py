@@ -10,26 +10,29 @@ only approximates it. `StreamingDecoder` therefore splits the decoder in three s
 2. the LSTM, run by hand one frame at a time from an exact saved state. A plain continuation
    (no token changed since the previous call) goes on from the state and outputs the previous
    call computed in its lookahead, so each frame runs once. Otherwise (a prompt change, a
-   rewind) it restarts 3 frames before `start`, the last frame whose conv input has no token
-   from `start` on: the state before every frame of the last `history` frames is kept in a
-   ring, so a rewind `k` frames back restarts from the exact state too;
-3. the upsampling stack over the LSTM output of the chunk plus one frame each side, each layer
-   cropped to the samples the wanted audio depends on (`_Upsampler`).
+   rewind) it re-runs the 3 frames before `start` too (through the first conv they read tokens
+   from `start` on) from the state saved before them: the state before every frame of the last
+   `history` frames is kept in a ring, so a rewind `k` frames back restarts exactly too;
+3. the upsampling stack over the LSTM output of the chunk plus at most one frame each side,
+   each layer cropped to the samples the wanted audio depends on (`_Upsampler`).
 
 Each call thus decodes `stop - start` frames plus a fixed margin, never the history; the audio
 equals the one-shot decode up to float rounding (measured > 120 dB SNR, see the tests and
-`bench/bench_codec.py`). The first `crossfade` samples of every call are blended with what the
-previous call decoded for them (its lookahead on a continuation, the audio it emitted on a
-rewind), so joins and prompt changes never click. A call that can not resume from a saved state
+`bench/bench_codec.py`). Each call also decodes the first `crossfade` samples after `stop`
+(the tail). The first `crossfade` samples of the next call are blended from what was decoded
+for them before (the tail on a continuation, the audio emitted on a rewind), so joins and
+prompt changes never click; on a carried continuation the tail was decoded from the same
+tokens, so it is used as it is. A call that can not resume from a saved state
 (the first call of a stream that does not start at frame 0, or a rewind beyond `history`)
 warms the LSTM up from zeros over the `context` frames before `start`: approximate, since
 nothing before it was decoded.
 
-Where the time goes (musicgen-small codec, 10-frame calls, one CPU thread): the per-frame
-`h @ W_hh` of the LSTM reads 2 x 16 MB of weights per frame, memory-bound; the rest is the
-upsampling convs. PyTorch's default kernels were slow for two of the codec's shapes on this
-project's CPU, so `_dense` (oneDNN matmuls) and `_ConvTranspose1d` replace them; see
-`bench/bench_codec.py` for the figures.
+Where the time goes (musicgen-small codec, 10-frame calls, one CPU thread): about a third in
+the LSTM, whose per-frame `h @ W_hh` reads 2 x 16 MB of weights per frame (memory-bound), the
+rest in the upsampling convs. PyTorch's default kernels were slow for three of the codec's
+shapes on this project's CPU; `_dense` (skinny matmuls through oneDNN), `_ConvTranspose1d`
+(short transposed convs) and `_NarrowConv1d` (the 1-channel output conv) replace them with the
+same sums. `python bench/bench_codec.py --tables 45` prints the cost and where it goes.
 """
 
 from __future__ import annotations
@@ -88,9 +91,15 @@ def _dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     The codec's matmuls are skinny (M = frames of one call, 1-30, against 1024 x 8192 weights);
     there PyTorch's default float32 GEMM (MKL) ran at about half oneDNN's speed on this project's
     CPU (AMD, AVX-512). Same float32 sums, only the blocking (rounding order) differs."""
-    if x.is_cpu and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+    if _ONEDNN_LINEAR and x.is_cpu and x.dtype == torch.float32 and torch.backends.mkldnn.enabled:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+# The op Inductor lowers CPU linears to; absent from builds without oneDNN.
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(
+    torch.ops.mkldnn, "_linear_pointwise"
+)
 
 
 class _ConvTranspose1d:
@@ -116,6 +125,7 @@ class _ConvTranspose1d:
         conv = module.conv
         if (
             getattr(module, "causal", False)
+            or hasattr(module, "norm")  # time_group_norm: not a per-sample layer
             or conv.groups != 1
             or conv.dilation[0] != 1
             or conv.padding[0] != 0
@@ -172,6 +182,8 @@ class _NarrowConv1d:
         conv = module.conv
         if conv.stride[0] != 1 or conv.groups != 1 or getattr(module, "causal", False):
             raise ValueError("expected EnCodec's non-causal stride-1 Conv1d")
+        if hasattr(module, "norm"):
+            raise ValueError("expected EnCodec's weight-norm Conv1d, not time_group_norm")
         self._module = module
         cout, cin, k = conv.weight.shape
         self.dilation = conv.dilation[0]
