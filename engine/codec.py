@@ -351,7 +351,8 @@ class StreamingDecoder:
     differ from what earlier calls saw (a prompt change): the first `crossfade` samples then fade
     from the old audio to the new. A call with `start > previous stop` starts fresh.
     Memory: `history` x (LSTM state 2 x 2 x 1024 floats) per channel, about 10 MB mono for
-    musicgen's codec, plus `history` frames of emitted audio.
+    musicgen's codec, plus `history` frames of emitted audio; and once per codec, shared by its
+    decoders, two transposed-conv weights in matmul layout (~39 MB for musicgen).
     """
 
     hop: int = HOP
@@ -366,8 +367,8 @@ class StreamingDecoder:
         crossfade: int = 640,
         history: int = 640,
     ):
-        """context: frames the caller supplies before `start` (6 are read on a continuation, all
-        of them warm the LSTM up on a fresh start); lookahead: frames needed beyond `stop`
+        """context: frames the caller supplies before `start` (up to 6 are read on a continuation
+        or rewind, all of them warm the LSTM up on a fresh start); lookahead: frames needed beyond `stop`
         (default and minimum: what the convs and the crossfade need, 5); crossfade: samples,
         0..640; history: frames of LSTM states and emitted audio kept for exact rewinds."""
         if audio_channels not in (1, 2):
