@@ -2,13 +2,21 @@
 
     python bench/bench_codec.py --threads 1      # musicgen-small-shaped random EnCodec (~4 min)
     python bench/bench_codec.py --size tiny      # the test model's shape (seconds)
+    python bench/bench_codec.py --threads 1 --tables 45 --repeats 7   # cost and where it goes
+    git show main:engine/codec.py > /tmp/codec_main.py
+    python bench/bench_codec.py --threads 1 --tables 4 --against /tmp/codec_main.py   # A/B
 
-Prints four tables:
+Prints five tables:
 1. `StreamingDecoder` vs `audio_encoder.decode` of the same tokens (SNR, dB) per chunk size;
 2. why it carries the LSTM state: plain overlap decoding (each chunk decoded alone with `ctx`
    frames before and `la` after, trimmed) vs one-shot, SNR by left context x lookahead;
 3. a fresh start away from frame 0 (LSTM warmed up from zeros) by `context`;
-4. decode cost in ms per second of audio, streamed per chunk size and one-shot.
+4. decode cost in ms of CPU per second of audio, streamed at the radio's chunk size and at
+   10/25/50 frames, and one-shot; the SNR of each stream against the one-shot decode.
+   `--against FILE` adds the streamed cost of another `engine/codec.py` (an older version),
+   measured interleaved with this one in the same process: on a shared machine only such
+   side-by-side figures compare;
+5. where a streamed second goes at the radio's chunk size: CPU ms per stage.
 
 Random-init EnCodec codebooks are all zeros (the audio would not depend on the tokens), so the
 codebooks are filled with N(0, std^2); the "different tokens" line shows how much the tokens
@@ -18,15 +26,23 @@ change the audio, the scale against which the SNRs mean something.
 from __future__ import annotations
 
 import argparse
+import collections
+import importlib.util
+import statistics
+import sys
 import time
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import EncodecModel
 
-from engine.codec import HOP, StreamingDecoder, decode_full
+from engine.codec import HOP, StreamingDecoder, decode_full, freeze_weight_norm
 from engine.tiny import _configs
+from radio.config import GenerationConfig
+
+RADIO_CHUNK = round(GenerationConfig().chunk_seconds * 50)  # frames per AudioStream.read()
 
 
 def snr_db(ref: np.ndarray, x: np.ndarray) -> float:
@@ -35,11 +51,14 @@ def snr_db(ref: np.ndarray, x: np.ndarray) -> float:
 
 
 def build_codec(size: str, std: float) -> EncodecModel:
+    """A random EnCodec as `MusicModel` runs it: weight norm frozen (else every conv recomputes
+    its weight on every call, ~20 ms a call that the radio never pays)."""
     torch.manual_seed(0)
     codec = EncodecModel(_configs(size, False)[1]).eval()
     with torch.no_grad():
         for layer in codec.quantizer.layers:
             layer.codebook.embed.normal_(0.0, std)
+    freeze_weight_norm(codec)
     return codec
 
 
@@ -102,35 +121,119 @@ def table_fresh(codec, start: int = 150) -> None:
         print(f"| {context} | {snr_db(ref, out):.1f} |")
 
 
-def _restream(dec: StreamingDecoder, codes: torch.Tensor, bounds: list[int]) -> None:
+def _restream(dec, codes: torch.Tensor, bounds: list[int]) -> None:
     dec.reset()
     stream(dec, codes, bounds)
 
 
-def table_cost(codec, seconds: int, repeats: int) -> None:
-    print(f"\n4. decode cost, ms per second of audio ({seconds} s streams, best of {repeats});")
-    print("   CPU time of this process (robust on a shared box), wall time in brackets")
-    print("| channels | chunk | streamed | one-shot of the same span |")
-    print("| --- | --- | --- | --- |")
-    frames = seconds * 50
+def _load_decoder_class(path: str) -> type:
+    """`StreamingDecoder` from another copy of engine/codec.py (for A/B runs)."""
+    spec = importlib.util.spec_from_file_location("codec_against", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module.StreamingDecoder
 
-    def best(run) -> str:
-        cpu, wall = float("inf"), float("inf")
-        for _ in range(repeats):
+
+def _cost(runs: dict, seconds: int, repeats: int) -> dict:
+    """Median CPU (process) and wall ms per audio second of each run, interleaved, after one
+    warm-up round."""
+    cpu: dict = collections.defaultdict(list)
+    wall: dict = collections.defaultdict(list)
+    for round_ in range(repeats + 1):
+        for name, run in runs.items():
             c, w = time.process_time(), time.perf_counter()
             run()
-            cpu = min(cpu, time.process_time() - c)
-            wall = min(wall, time.perf_counter() - w)
-        return f"{cpu * 1000 / seconds:.0f} ({wall * 1000 / seconds:.0f})"
+            if round_:
+                cpu[name].append((time.process_time() - c) * 1000 / seconds)
+                wall[name].append((time.perf_counter() - w) * 1000 / seconds)
+    return {n: (statistics.median(cpu[n]), statistics.median(wall[n])) for n in runs}
 
+
+def table_cost(codec, seconds: int, repeats: int, against: str | None) -> None:
+    print(
+        f"\n4. decode cost, CPU ms per second of audio ({seconds} s streams, median of "
+        f"{repeats} interleaved repeats; wall ms in brackets), SNR of the stream vs one-shot"
+    )
+    other = _load_decoder_class(against) if against else None
+    head = "| channels | chunk | streamed | one-shot | SNR dB |"
+    if other:
+        head += f" streamed, {Path(against).name} | ratio |"
+    print(head)
+    print("| --- " * (head.count("|") - 1) + "|")
+    frames = seconds * 50
     for channels in (1, 2):
         codes = torch.randint(0, 2048, (4 * channels, frames + 10))
-        full = best(partial(decode_full, codec, codes[:, :frames], channels))
-        for chunk in (10, 25, 50):
+        ref = decode_full(codec, codes, channels)[:, : frames * HOP]
+        for chunk in sorted({RADIO_CHUNK, 10, 25, 50}):
             bounds = chunk_bounds(chunk, frames)
             dec = StreamingDecoder(codec, audio_channels=channels)
-            streamed = best(partial(_restream, dec, codes, bounds))
-            print(f"| {channels} | {chunk} | {streamed} | {full} |")
+            snr = snr_db(ref, stream(dec, codes, bounds))
+            runs = {
+                "streamed": partial(_restream, dec, codes, bounds),
+                "one-shot": partial(decode_full, codec, codes[:, :frames], channels),
+            }
+            if other:
+                old = other(codec, audio_channels=channels)
+                runs["against"] = partial(_restream, old, codes, bounds)
+            cost = _cost(runs, seconds, repeats)
+            cells = [f"{cost[n][0]:.0f} ({cost[n][1]:.0f})" for n in runs]
+            name = f"{chunk} (radio)" if chunk == RADIO_CHUNK else str(chunk)
+            row = f"| {channels} | {name} | {cells[0]} | {cells[1]} | {snr:.1f} |"
+            if other:
+                row += f" {cells[2]} | {cost['streamed'][0] / cost['against'][0]:.2f} |"
+            print(row)
+
+
+def table_stages(codec, seconds: int, repeats: int) -> None:
+    """CPU time per stage of a mono stream at the radio's chunk size. Wraps the decoder's
+    internals (private: this is a measurement, not an API)."""
+    print(
+        f"\n5. where a streamed second goes: {RADIO_CHUNK}-frame calls, mono, CPU ms per "
+        f"second of audio (median of {repeats})"
+    )
+    dec = StreamingDecoder(codec, audio_channels=1)
+    spent: collections.Counter = collections.Counter()
+
+    def timed(name: str, fn):
+        def run(*args, **kwargs):
+            began = time.process_time()
+            out = fn(*args, **kwargs)
+            spent[name] += time.process_time() - began
+            return out
+
+        return run
+
+    dec._first_conv = timed("codebook embeddings + first conv", dec._first_conv)
+    dec._lstm.run = timed("LSTM (2 layers, per frame)", dec._lstm.run)
+    layers = dec._upsample.layers
+    names = []
+    for i, layer in enumerate(layers):
+        kind = type(layer).__name__
+        kind = f"{kind[1:]} (engine.codec's form)" if kind.startswith("_") else kind
+        names.append(f"upsampling {i:2d}: {kind}")
+        layers[i] = timed(names[-1], layer)
+    frames = seconds * 50
+    codes = torch.randint(0, 2048, (4, frames + 10))
+    bounds = chunk_bounds(RADIO_CHUNK, frames)
+    per: dict = collections.defaultdict(list)
+    for round_ in range(repeats + 1):
+        dec.reset()
+        spent.clear()
+        began = time.process_time()
+        stream(dec, codes, bounds)
+        total = time.process_time() - began
+        if round_:
+            for name, t in spent.items():
+                per[name].append(t)
+            per["rest (crossfade, copies, Python)"].append(total - sum(spent.values()))
+            per["total"].append(total)
+    total = statistics.median(per["total"])
+    print("| stage | ms / s of audio | share |")
+    print("| --- | --- | --- |")
+    for name in per:
+        ms = statistics.median(per[name])
+        print(f"| {name} | {ms * 1000 / seconds:.1f} | {ms / total:.0%} |")
 
 
 def main() -> None:
@@ -138,9 +241,10 @@ def main() -> None:
     parser.add_argument("--size", choices=("tiny", "small"), default="small")
     parser.add_argument("--std", type=float, default=None, help="codebook std (default by size)")
     parser.add_argument("--seconds", type=int, default=4, help="stream length for the cost table")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
-    parser.add_argument("--tables", default="1234", help="which tables to print, e.g. 4")
+    parser.add_argument("--tables", default="12345", help="which tables to print, e.g. 45")
+    parser.add_argument("--against", default=None, help="another engine/codec.py to A/B in 4")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -166,7 +270,9 @@ def main() -> None:
     if "3" in args.tables:
         table_fresh(codec)
     if "4" in args.tables:
-        table_cost(codec, args.seconds, args.repeats)
+        table_cost(codec, args.seconds, args.repeats, args.against)
+    if "5" in args.tables:
+        table_stages(codec, args.seconds, args.repeats)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(script: str, *args: str, tmp_path: Path) -> str:
-    env = {**os.environ, "BENCH_MODELS": str(tmp_path), "TRANSFORMERS_VERBOSITY": "error"}
+    env = {
+        **os.environ,
+        "BENCH_MODELS": str(tmp_path),
+        "TRANSFORMERS_VERBOSITY": "error",
+        "PYTHONPATH": str(ROOT),  # this checkout's engine/radio, even beside an editable install
+    }
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / script), *args],
         capture_output=True,
@@ -62,3 +67,15 @@ def test_precision_benchmark_prints_the_table(tmp_path):
         "| int8, int8 KV cache (CPU default) |",
     ):
         assert row in out
+
+
+def test_codec_benchmark_prints_cost_and_stages(tmp_path):
+    against = ROOT / "engine" / "codec.py"  # A/B against itself: exercises the --against path
+    out = _run(
+        "bench_codec.py",
+        *("--size", "tiny", "--tables", "45", "--seconds", "1", "--repeats", "1"),
+        *("--threads", "1", "--against", str(against)),
+        tmp_path=tmp_path,
+    )
+    assert "| 1 | 10 (radio) |" in out and "| 2 | 50 |" in out
+    assert "LSTM (2 layers, per frame)" in out and "| total |" in out

@@ -7,9 +7,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import MusicgenForConditionalGeneration
+from transformers import EncodecConfig, MusicgenForConditionalGeneration
+from transformers.models.encodec.modeling_encodec import EncodecConv1d, EncodecConvTranspose1d
 
-from engine.codec import HOP, StreamingDecoder, decode_full
+from engine.codec import (
+    HOP,
+    StreamingDecoder,
+    _ConvTranspose1d,
+    _NarrowConv1d,
+    _Upsampler,
+    decode_full,
+)
 
 EXACT_DB = 90.0  # the decode is exact up to float rounding (measured ~138 dB); issue 2 asks 40
 APPROX_DB = 40.0  # a fresh start away from frame 0 warms the LSTM up: approximate
@@ -96,6 +104,69 @@ def test_streamed_equals_one_shot(request, channels, chunks):
         assert snr_db(reference[c], streamed[c]) >= EXACT_DB
 
 
+@pytest.mark.parametrize(
+    ("cin", "cout", "kernel", "stride", "frames", "batch"),
+    [(1024, 512, 16, 8, 13, 1), (64, 32, 16, 8, 1, 2), (16, 8, 10, 5, 7, 1), (6, 3, 7, 3, 5, 2)],
+    ids=["musicgen-first", "one-frame-stereo", "k10-s5", "k7-s3"],
+)
+def test_conv_transpose_matmul_equals_module(cin, cout, kernel, stride, frames, batch):
+    """The matmul + overlap-add form of EnCodec's transposed conv gives the module's output:
+    same length, same samples up to float rounding, also when k is not a multiple of s."""
+    gen = torch.Generator().manual_seed(kernel)
+    module = EncodecConvTranspose1d(EncodecConfig(use_causal_conv=False), cin, cout, kernel, stride)
+    with torch.no_grad():
+        module.conv.bias.copy_(torch.randn(cout, generator=gen))
+        x = torch.randn(batch, cin, frames, generator=gen)
+        reference = module(x)
+        ours = _ConvTranspose1d(module)(x)
+    assert ours.shape == reference.shape
+    assert ours.is_contiguous()
+    assert snr_db(reference.numpy(), ours.numpy()) >= 120
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+
+
+@pytest.mark.parametrize(
+    ("cin", "cout", "kernel", "dilation"), [(64, 1, 7, 1), (4, 1, 7, 1), (8, 2, 3, 2)]
+)
+def test_narrow_conv_equals_module(cin, cout, kernel, dilation):
+    """The last conv as a matmul and shifted adds gives the module's output (reflect padding)."""
+    gen = torch.Generator().manual_seed(cin)
+    config = EncodecConfig(use_causal_conv=False, pad_mode="reflect")
+    module = EncodecConv1d(config, cin, cout, kernel, dilation=dilation)
+    with torch.no_grad():
+        module.conv.bias.copy_(torch.randn(cout, generator=gen))
+        x = torch.randn(2, cin, 300, generator=gen)
+        reference = module(x)
+        ours = _NarrowConv1d(module)(x)
+    assert ours.shape == reference.shape
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+
+
+@pytest.mark.parametrize("frames", [3, 4, 13, 28])
+def test_cropped_upsampling_equals_the_whole_stack(mono, frames):
+    """The upsampling stack run only over the receptive field of the wanted samples gives what
+    the whole stack gives for them: away from frame 0 (one frame of margin each side) and at
+    frame 0, where nothing is cropped on the left."""
+    layers = list(mono.decoder.layers[2:])
+    gen = torch.Generator().manual_seed(frames)
+    y = torch.randn(1, layers[1].conv.in_channels, frames, generator=gen)
+    with torch.no_grad():
+        whole = y
+        for layer in layers:
+            whole = layer(whole)
+        up = _Upsampler(layers)
+        for lo, hi, at_zero in [
+            (HOP, (frames - 1) * HOP, False),  # a call's audio + crossfade tail
+            (HOP, HOP + 7, False),
+            (0, (frames - 2) * HOP, True),  # the first call of a stream
+            (0, (frames - 1) * HOP - 1, True),
+        ]:
+            ours = up(y, lo, hi, at_zero=at_zero)
+            assert ours.shape == (1, 1, hi - lo)
+            ref = whole[..., lo:hi]
+            assert snr_db(ref.numpy(), ours.numpy()) >= 120, (lo, hi)
+
+
 def test_work_per_call_is_bounded(mono):
     """A long stream: every call runs the convs on the same small number of frames, however
     long the stream already is (the history is never re-decoded)."""
@@ -117,8 +188,12 @@ def test_work_per_call_is_bounded(mono):
         for hook in hooks:
             hook.remove()
     assert len(conv_frames) == len(upsample_frames) == calls
-    assert set(conv_frames[1:]) == {chunk + 11}, conv_frames  # chunk + 3 + 3 back, 5 ahead
-    assert set(upsample_frames[1:]) == {chunk + 3}, upsample_frames  # chunk + 1 back, 2 ahead
+    # The LSTM runs the chunk's frames once: a continuation goes on from the state the previous
+    # call reached in its lookahead, so the first conv sees the new frames + 3 each side.
+    assert set(conv_frames[1:]) == {chunk + 6}, conv_frames
+    # The upsampling stack reads the chunk's frames and 2 ahead (the crossfade tail, a margin);
+    # the first frame's audio is the previous call's tail, so no margin frame before is read.
+    assert set(upsample_frames[1:]) == {chunk + 2}, upsample_frames
     assert max(conv_frames) <= chunk + dec.context + dec.lookahead
 
 
@@ -140,6 +215,22 @@ def test_prompt_change_decodes_the_new_tokens(mono, at):
     # ... but the old one: the join starts from what the old tokens sounded like there.
     old_ref = decode_full(mono, old, 1)[:, at * HOP : at * HOP + xf]
     assert snr_db(old_ref[:, :20], after[:, :20]) > 40
+
+
+@pytest.mark.parametrize("changed", [0, 4, 5], ids=["first-ahead", "last-read", "not-read"])
+def test_continuation_after_changed_lookahead(mono, changed):
+    """A call at the stream position whose lookahead codes changed since the previous call (a
+    prompt change right there) must not go on from what that call computed from the old ones.
+    Frames 50-54 are what the previous call (stop 50) read beyond its stop; 55 it never read."""
+    dec = StreamingDecoder(mono, audio_channels=1)
+    old = _codes(1, 120, seed=8)
+    new = old.clone()
+    new[:, 50 + changed] = (old[:, 50 + changed] + 1) % 2048  # one frame's tokens change
+    _stream(dec, old, [0, 25, 50])
+    after = _stream(dec, new, [50, 75, 100])
+    ref = decode_full(mono, new, 1)[:, 50 * HOP : 100 * HOP]
+    xf = dec.crossfade
+    assert snr_db(ref[:, xf:], after[:, xf:]) >= EXACT_DB
 
 
 def test_rewind_beyond_history_restarts_fresh(mono):
