@@ -7,7 +7,8 @@ bytes come from memory as in the real step, not from a warm cache:
 - the projections (qkv, out, cross q, cross out, fc1, fc2): bfloat16 `F.linear`, int8 dynamic
   (`torch.ops.quantized.linear_dynamic`), and `linear_bf16`;
 - self-attention over P cached positions: float32 SDPA (the cache PyTorch's kernels need to be
-  fast), bfloat16 SDPA, and `decode_attention` over a bfloat16 cache;
+  fast), bfloat16 SDPA, `decode_attention` over a bfloat16 cache, and `attend_step_q8` (which
+  also writes the step's key/value) over an int8 cache;
 - a plain read of the same bytes, the ceiling this machine's memory allows.
 
     python bench/kernels.py [--rows 2] [--layers 24] [--repeat 10]
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import kernels
+from engine.kv_cache import quantize_vectors
 from engine.linear import Int8DynamicLinear
 
 HIDDEN, FFN, HEADS, HEAD_DIM = 1024, 4096, 16, 64
@@ -106,6 +108,19 @@ def bench_attention(rows: int, layers: int, positions: int, repeat: int, k) -> N
                 k.decode_attention(q[:, :, 0], keys16[i], values16[i], lengths, HEAD_DIM**-0.5)
 
         line("decode_attention, bfloat16 (ours)", timed(ours, repeat), nbytes // 2, base)
+        del keys16, values16
+        keys8, key_scales = quantize_vectors(keys32)
+        values8, value_scales = quantize_vectors(values32)
+        qkv = torch.randn(rows, 3 * HEADS * HEAD_DIM)
+        positions = lengths - 1
+
+        def ours_int8():
+            for i in range(layers):
+                k.attend_step_q8(
+                    qkv, keys8[i], key_scales[i], values8[i], value_scales[i], positions, 0.125
+                )
+
+        line("attend_step_q8, int8 cache (ours)", timed(ours_int8, repeat), nbytes // 4, base)
 
 
 def read_ceiling(nbytes: int, repeat: int, k) -> None:

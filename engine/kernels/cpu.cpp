@@ -11,7 +11,7 @@
 //                        qkv projection, write the new key/value into the cache, attend.
 //
 // Built at first use by engine/kernels/__init__.py with -mavx512f -mavx512bw -mavx512vl
-// -mavx512bf16; called only on CPUs that have those.
+// -mavx512bf16 -mavx512vnni; called only on CPUs that have those.
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -99,6 +99,25 @@ inline __m512 exp_ps(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// The 16 horizontal sums of a[0..15], as one vector (lane j = sum of a[j]): a butterfly of
+// unpacks and lane shuffles, ~3 instructions per sum instead of ~10 for one reduce each.
+inline __m512 hsum16(__m512* a) {
+  __m512 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i)
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
+                         _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int i = 0; i < 2; ++i)
+    d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
 // One (row, head): scores against positions [0, T), softmax, weighted sum of values. The head
 // size is NC * 16 floats, held in registers.
 template <int NC>
@@ -107,8 +126,20 @@ void attend(const float* q, const uint16_t* k, const uint16_t* v, int64_t T, flo
   constexpr int64_t D = NC * 16;
   __m512 qv[NC];
   for (int c = 0; c < NC; ++c) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(q + 16 * c), _mm512_set1_ps(scale));
-  float best = -INFINITY;
-  for (int64_t t = 0; t < T; ++t, k += D) {
+  __m512 vmax = _mm512_set1_ps(-INFINITY);
+  int64_t t0 = 0;
+  for (; t0 + 16 <= T; t0 += 16, k += 16 * D) {  // 16 positions, one horizontal-sum butterfly
+    __m512 a[16];
+    for (int j = 0; j < 16; ++j) {
+      a[j] = _mm512_mul_ps(qv[0], load_bf16(k + j * D));
+      for (int c = 1; c < NC; ++c) a[j] = _mm512_fmadd_ps(qv[c], load_bf16(k + j * D + 16 * c), a[j]);
+    }
+    const __m512 sums = hsum16(a);
+    _mm512_storeu_ps(scores + t0, sums);
+    vmax = _mm512_max_ps(vmax, sums);
+  }
+  float best = _mm512_reduce_max_ps(vmax);
+  for (int64_t t = t0; t < T; ++t, k += D) {
     __m512 a = _mm512_mul_ps(qv[0], load_bf16(k));
     for (int c = 1; c < NC; ++c) a = _mm512_fmadd_ps(qv[c], load_bf16(k + 16 * c), a);
     const float score = _mm512_reduce_add_ps(a);
@@ -264,8 +295,59 @@ void attend_q8(const float* q, const int8_t* k, const float* ks, const int8_t* v
   constexpr int64_t D = NC * 16;
   __m512 qv[NC];
   for (int c = 0; c < NC; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
-  float best = -INFINITY;
-  for (int64_t t = 0; t < T; ++t, k += D) {
+  __m512 vscale = _mm512_set1_ps(scale);
+  __m512 vmax = _mm512_set1_ps(-INFINITY);
+  int64_t t0 = 0;
+  if constexpr (NC % 2 == 0) {
+    // The query as int16 (one scale, 15 bits): a key's 32 int8 values widen to int16 and meet
+    // it in one VNNI dot product (vpdpwssd), a third of the instructions of float32 FMAs.
+    __m512 m = _mm512_setzero_ps();
+    for (int c = 0; c < NC; ++c) m = _mm512_max_ps(m, _mm512_abs_ps(qv[c]));
+    const float qmax = _mm512_reduce_max_ps(m);
+    const float qs = qmax > 0 ? qmax / 32767.0f : 1.0f;
+    const __m512 qinv = _mm512_set1_ps(1.0f / qs);
+    __m512i q16[NC / 2];
+    for (int c = 0; c < NC / 2; ++c) {
+      const __m256i lo = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(qv[2 * c], qinv)));
+      const __m256i hi =
+          _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(qv[2 * c + 1], qinv)));
+      q16[c] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    }
+    vscale = _mm512_set1_ps(scale * qs);
+    for (; t0 + 16 <= T; t0 += 16, k += 16 * D) {  // 16 positions, one horizontal-sum butterfly
+      __m512 a[16];
+      for (int j = 0; j < 16; ++j) {
+        __m512i acc = _mm512_setzero_si512();
+        for (int c = 0; c < NC / 2; ++c) {
+          const __m256i kv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + j * D + 32 * c));
+          acc = _mm512_dpwssd_epi32(acc, q16[c], _mm512_cvtepi8_epi16(kv));
+        }
+        a[j] = _mm512_cvtepi32_ps(acc);
+      }
+      const __m512 sums = _mm512_mul_ps(_mm512_mul_ps(hsum16(a), _mm512_loadu_ps(ks + t0)), vscale);
+      _mm512_storeu_ps(scores + t0, sums);
+      vmax = _mm512_max_ps(vmax, sums);
+    }
+    // the tail positions below use the same rounded query, in float32
+    for (int c = 0; c < NC; ++c)
+      qv[c] = _mm512_roundscale_ps(_mm512_mul_ps(qv[c], qinv),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    scale *= qs;
+  } else {
+    for (; t0 + 16 <= T; t0 += 16, k += 16 * D) {  // 16 positions, one horizontal-sum butterfly
+      __m512 a[16];
+      for (int j = 0; j < 16; ++j) {
+        a[j] = _mm512_mul_ps(qv[0], load_i8(k + j * D));
+        for (int c = 1; c < NC; ++c)
+          a[j] = _mm512_fmadd_ps(qv[c], load_i8(k + j * D + 16 * c), a[j]);
+      }
+      const __m512 sums = _mm512_mul_ps(_mm512_mul_ps(hsum16(a), _mm512_loadu_ps(ks + t0)), vscale);
+      _mm512_storeu_ps(scores + t0, sums);
+      vmax = _mm512_max_ps(vmax, sums);
+    }
+  }
+  float best = _mm512_reduce_max_ps(vmax);
+  for (int64_t t = t0; t < T; ++t, k += D) {
     __m512 a = _mm512_mul_ps(qv[0], load_i8(k));
     for (int c = 1; c < NC; ++c) a = _mm512_fmadd_ps(qv[c], load_i8(k + 16 * c), a);
     const float score = _mm512_reduce_add_ps(a) * ks[t] * scale;

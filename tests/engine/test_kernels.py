@@ -119,7 +119,8 @@ def test_attend_step_q8_quantizes_per_vector_and_attends(k):
         deq_k = keys[b, :, : at + 1].float() * key_scales[b, :, : at + 1, None]
         deq_v = values[b, :, : at + 1].float() * value_scales[b, :, : at + 1, None]
         want = F.scaled_dot_product_attention(q[b, :, None], deq_k, deq_v)[:, 0].reshape(e)
-        torch.testing.assert_close(got[b], want, rtol=1e-5, atol=2e-6)
+        # the kernel also rounds the query to 15 bits (int16 dot products): within 1e-4
+        torch.testing.assert_close(got[b], want, rtol=1e-4, atol=1e-4)
         # and the quantization itself is close: within 1% of the float32 attention's spread
         exact_k, exact_v = full_k[b, :, : at + 1].clone(), full_v[b, :, : at + 1].clone()
         exact_k[:, at], exact_v[:, at] = kn[b], vn[b]
