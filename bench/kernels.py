@@ -79,7 +79,7 @@ def bench_linears(rows: int, layers: int, repeat: int, k) -> None:
                     k.linear_bf16(inputs[w.shape[1]], w)
 
         line("linear_bf16 (ours)", timed(ours, repeat), nbytes, base)
-    read_ceiling(nbytes, repeat, k)
+    read_ceiling(nbytes, repeat)
 
 
 def bench_attention(rows: int, layers: int, positions: int, repeat: int, k) -> None:
@@ -123,7 +123,7 @@ def bench_attention(rows: int, layers: int, positions: int, repeat: int, k) -> N
         line("attend_step_q8, int8 cache (ours)", timed(ours_int8, repeat), nbytes // 4, base)
 
 
-def read_ceiling(nbytes: int, repeat: int, k) -> None:
+def read_ceiling(nbytes: int, repeat: int) -> None:
     data = torch.randn(nbytes // 4)
     line("plain read (float32 max)", timed(lambda: data.max(), repeat), nbytes)
 

@@ -214,7 +214,9 @@ class Decoder:
             at = torch.tensor(rows_at, device=self.device)  # [B]
             x = self._embed(ids, 0, at)
             end = max(rows_at) + 1
-            self_mask = (torch.arange(end, device=self.device) <= at[:, None])[:, None, None, :]
+            if self._kernels is None:  # our attention kernel takes each row's position instead
+                positions = torch.arange(end, device=self.device)
+                self_mask = (positions <= at[:, None])[:, None, None, :]
         for i, w in enumerate(self.layers if t == 1 else self.prefill_layers):
             h = F.layer_norm(x, (self.hidden,), *w.ln_self)
             a = self._self_attention(i, w.qkv(h), cache, start, end, at, self_mask)

@@ -32,21 +32,6 @@ class DenseLinear:
         return F.linear(x, self.weight)
 
 
-class Bf16KernelLinear:
-    """Dense bfloat16 weights on a CPU with our kernels: decode rows through `linear_bf16`."""
-
-    def __init__(self, weight: torch.Tensor, kernels) -> None:
-        self.weight = weight.detach().contiguous()  # [out, in] bfloat16
-        self._kernels = kernels
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[:-1].numel()
-        if rows > MAX_KERNEL_ROWS:
-            return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
-        y = self._kernels.linear_bf16(x.reshape(rows, x.shape[-1]), self.weight)
-        return y.view(*x.shape[:-1], self.weight.shape[0]).to(x.dtype)
-
-
 class CastLinear:
     """Dense weights kept in another dtype than the activations (bfloat16 under float32)."""
 
@@ -55,6 +40,22 @@ class CastLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+
+
+class Bf16KernelLinear(CastLinear):
+    """Dense bfloat16 weights on a CPU with our kernels: a decode step's few rows through
+    `linear_bf16`, bigger batches (prefills) through `CastLinear`'s `F.linear`."""
+
+    def __init__(self, weight: torch.Tensor, kernels) -> None:
+        super().__init__(weight.contiguous(), torch.bfloat16)
+        self._kernels = kernels
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[:-1].numel()
+        if rows > MAX_KERNEL_ROWS:
+            return super().__call__(x)
+        y = self._kernels.linear_bf16(x.reshape(rows, x.shape[-1]), self.weight)
+        return y.view(*x.shape[:-1], self.weight.shape[0]).to(x.dtype)
 
 
 class Int8DynamicLinear:

@@ -18,6 +18,8 @@
 #include <torch/extension.h>
 
 #include <cmath>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -77,6 +79,41 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w) {
 
 // ---- attention ---------------------------------------------------------------------------------
 
+struct CacheShape {
+  int64_t B, H, P, D;
+};
+
+// A layer's cache keys/values [B, H, P, D]: equal sizes, a head size the kernels take, the given
+// dtype, and each head's positions contiguous (row views of a bigger cache are fine).
+CacheShape check_cache(const char* fn, const torch::Tensor& keys, const torch::Tensor& values,
+                       torch::ScalarType dtype, const char* dtype_name) {
+  TORCH_CHECK(keys.dim() == 4 && values.sizes() == keys.sizes(), fn, ": keys/values [B, H, P, D]");
+  const CacheShape c{keys.size(0), keys.size(1), keys.size(2), keys.size(3)};
+  TORCH_CHECK(c.D % 16 == 0 && c.D <= 128, fn, ": head size a multiple of 16 up to 128, got ", c.D);
+  TORCH_CHECK(keys.scalar_type() == dtype && values.scalar_type() == dtype, fn, ": ", dtype_name,
+              " keys and values");
+  TORCH_CHECK(keys.stride(3) == 1 && keys.stride(2) == c.D && values.stride(3) == 1 &&
+                  values.stride(2) == c.D,
+              fn, ": each head's positions must be contiguous");
+  return c;
+}
+
+// A decode step's qkv [B, 3 * H * D] as float32, and its positions [B], each in [0, P), as int64.
+std::pair<torch::Tensor, torch::Tensor> check_step(const char* fn, const torch::Tensor& qkv,
+                                                   const torch::Tensor& positions,
+                                                   const CacheShape& c) {
+  const int64_t E = c.H * c.D;
+  TORCH_CHECK(qkv.dim() == 2 && qkv.size(0) == c.B && qkv.size(1) == 3 * E, fn, ": qkv is ",
+              qkv.sizes(), ", expected [", c.B, ", ", 3 * E, "]");
+  TORCH_CHECK(positions.dim() == 1 && positions.size(0) == c.B, fn, ": one position per row");
+  auto pos = positions.to(torch::kLong).contiguous();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  for (int64_t b = 0; b < c.B; ++b)
+    TORCH_CHECK(pp[b] >= 0 && pp[b] < c.P, fn, ": row ", b, " position ", pp[b], " outside [0, ",
+                c.P, ")");
+  return {qkv.to(torch::kFloat).contiguous(), pos};
+}
+
 inline __m512 load_bf16(const uint16_t* p) {
   const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
@@ -118,6 +155,37 @@ inline __m512 hsum16(__m512* a) {
                        _mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+// Softmax weights of scores[0, T) in place, each times value_scales[t] when given (an int8
+// cache folds the value's scale into its weight); returns 1 / (sum of the plain weights).
+inline float softmax_weights(float* scores, int64_t T, float best, const float* value_scales) {
+  const __m512 vbest = _mm512_set1_ps(best);
+  __m512 vsum = _mm512_setzero_ps();
+  for (int64_t t = 0; t < T; t += 16) {
+    const __mmask16 m = T - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (T - t)) - 1);
+    const __m512 e = _mm512_maskz_mov_ps(
+        m, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + t), vbest)));
+    const __m512 w = value_scales ? _mm512_mul_ps(e, _mm512_maskz_loadu_ps(m, value_scales + t)) : e;
+    _mm512_mask_storeu_ps(scores + t, m, w);
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  return 1.0f / _mm512_reduce_add_ps(vsum);
+}
+
+// fn(std::integral_constant<int, NC>{}) for a head of D = NC * 16 floats, NC in 1..8.
+template <class Fn>
+void with_head_chunks(int64_t D, Fn&& fn) {
+  switch (D / 16) {
+    case 1: fn(std::integral_constant<int, 1>{}); break;
+    case 2: fn(std::integral_constant<int, 2>{}); break;
+    case 3: fn(std::integral_constant<int, 3>{}); break;
+    case 4: fn(std::integral_constant<int, 4>{}); break;
+    case 5: fn(std::integral_constant<int, 5>{}); break;
+    case 6: fn(std::integral_constant<int, 6>{}); break;
+    case 7: fn(std::integral_constant<int, 7>{}); break;
+    default: fn(std::integral_constant<int, 8>{}); break;
+  }
+}
+
 // One (row, head): scores against positions [0, T), softmax, weighted sum of values. The head
 // size is NC * 16 floats, held in registers.
 template <int NC>
@@ -146,21 +214,7 @@ void attend(const float* q, const uint16_t* k, const uint16_t* v, int64_t T, flo
     scores[t] = score;
     best = score > best ? score : best;
   }
-  const __m512 vbest = _mm512_set1_ps(best);
-  __m512 vsum = _mm512_setzero_ps();
-  int64_t t = 0;
-  for (; t + 16 <= T; t += 16) {
-    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(scores + t), vbest));
-    _mm512_storeu_ps(scores + t, e);
-    vsum = _mm512_add_ps(vsum, e);
-  }
-  if (t < T) {
-    const __mmask16 tail = static_cast<__mmask16>((1u << (T - t)) - 1);
-    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, scores + t), vbest));
-    _mm512_mask_storeu_ps(scores + t, tail, e);
-    vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(tail, e));
-  }
-  const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+  const __m512 inv = _mm512_set1_ps(softmax_weights(scores, T, best, nullptr));
   __m512 o[NC];
   for (int c = 0; c < NC; ++c) o[c] = _mm512_setzero_ps();
   for (int64_t t2 = 0; t2 < T; ++t2, v += D) {
@@ -170,35 +224,15 @@ void attend(const float* q, const uint16_t* k, const uint16_t* v, int64_t T, flo
   for (int c = 0; c < NC; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(o[c], inv));
 }
 
-void attend_any(int64_t D, const float* q, const uint16_t* k, const uint16_t* v, int64_t T,
-                float scale, float* scores, float* out) {
-  switch (D / 16) {
-    case 1: attend<1>(q, k, v, T, scale, scores, out); break;
-    case 2: attend<2>(q, k, v, T, scale, scores, out); break;
-    case 3: attend<3>(q, k, v, T, scale, scores, out); break;
-    case 4: attend<4>(q, k, v, T, scale, scores, out); break;
-    case 5: attend<5>(q, k, v, T, scale, scores, out); break;
-    case 6: attend<6>(q, k, v, T, scale, scores, out); break;
-    case 7: attend<7>(q, k, v, T, scale, scores, out); break;
-    default: attend<8>(q, k, v, T, scale, scores, out); break;
-  }
-}
-
 // q [B, H, D] float32; keys/values [B, H, P, D] bfloat16 (D a multiple of 16, at most 128);
 // lengths [B]: row b attends positions [0, lengths[b]). Returns [B, H, D] float32.
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor keys, torch::Tensor values,
                                torch::Tensor lengths, double scale) {
-  TORCH_CHECK(q.dim() == 3 && keys.dim() == 4 && values.sizes() == keys.sizes(),
-              "decode_attention: q [B, H, D], keys/values [B, H, P, D]");
-  const int64_t B = keys.size(0), H = keys.size(1), P = keys.size(2), D = keys.size(3);
-  TORCH_CHECK(D % 16 == 0 && D <= 128, "decode_attention: head size a multiple of 16 up to 128, got ", D);
-  TORCH_CHECK(q.size(0) == B && q.size(1) == H && q.size(2) == D, "decode_attention: q is ",
-              q.sizes(), ", the cache holds ", B, " rows of ", H, " heads of ", D);
-  TORCH_CHECK(keys.scalar_type() == torch::kBFloat16 && values.scalar_type() == torch::kBFloat16,
-              "decode_attention: bfloat16 keys and values");
-  TORCH_CHECK(keys.stride(3) == 1 && keys.stride(2) == D && values.stride(3) == 1 &&
-                  values.stride(2) == D,
-              "decode_attention: each head's positions must be contiguous");
+  const CacheShape c = check_cache("decode_attention", keys, values, torch::kBFloat16, "bfloat16");
+  const int64_t B = c.B, H = c.H, P = c.P, D = c.D;
+  TORCH_CHECK(q.dim() == 3 && q.size(0) == B && q.size(1) == H && q.size(2) == D,
+              "decode_attention: q is ", q.sizes(), ", the cache holds ", B, " rows of ", H,
+              " heads of ", D);
   TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == B, "decode_attention: one length per row");
   auto qf = q.to(torch::kFloat).contiguous();
   auto len = lengths.to(torch::kLong).contiguous();
@@ -222,7 +256,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor keys, torch::Tenso
       const uint16_t* v = vp + b * vb + h * vh;
       const float* qi = qp + i * D;
       float* oi = op + i * D;
-      attend_any(D, qi, k, v, lp[b], s, scores.data(), oi);
+      with_head_chunks(D, [&](auto nc) { attend<nc>(qi, k, v, lp[b], s, scores.data(), oi); });
     }
   });
   return out;
@@ -234,24 +268,12 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor keys, torch::Tenso
 // positions [0, position]. Returns [B, H * D] float32, heads merged.
 torch::Tensor attend_step(torch::Tensor qkv, torch::Tensor keys, torch::Tensor values,
                           torch::Tensor positions, double scale) {
-  TORCH_CHECK(keys.dim() == 4 && values.sizes() == keys.sizes(),
-              "attend_step: keys/values [B, H, P, D]");
-  const int64_t B = keys.size(0), H = keys.size(1), P = keys.size(2), D = keys.size(3), E = H * D;
-  TORCH_CHECK(D % 16 == 0 && D <= 128, "attend_step: head size a multiple of 16 up to 128, got ", D);
-  TORCH_CHECK(qkv.dim() == 2 && qkv.size(0) == B && qkv.size(1) == 3 * E, "attend_step: qkv is ",
-              qkv.sizes(), ", expected [", B, ", ", 3 * E, "]");
-  TORCH_CHECK(keys.scalar_type() == torch::kBFloat16 && values.scalar_type() == torch::kBFloat16,
-              "attend_step: bfloat16 keys and values");
-  TORCH_CHECK(keys.stride(3) == 1 && keys.stride(2) == D && values.stride(3) == 1 &&
-                  values.stride(2) == D,
-              "attend_step: each head's positions must be contiguous");
-  TORCH_CHECK(positions.dim() == 1 && positions.size(0) == B, "attend_step: one position per row");
-  auto x = qkv.to(torch::kFloat).contiguous();
-  auto pos = positions.to(torch::kLong).contiguous();
+  const CacheShape c = check_cache("attend_step", keys, values, torch::kBFloat16, "bfloat16");
+  const auto step = check_step("attend_step", qkv, positions, c);
+  const torch::Tensor &x = step.first, &pos = step.second;
+  const int64_t B = c.B, H = c.H, P = c.P, D = c.D;
+  const int64_t E = H * D;
   const int64_t* pp = pos.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(pp[b] >= 0 && pp[b] < P, "attend_step: row ", b, " position ", pp[b],
-                " outside [0, ", P, ")");
   auto out = torch::empty({B, E}, x.options());
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -275,7 +297,7 @@ torch::Tensor attend_step(torch::Tensor qkv, torch::Tensor keys, torch::Tensor v
       }
       const float* q = row + h * D;
       float* o = op + b * E + h * D;
-      attend_any(D, q, k, v, at + 1, s, scores.data(), o);
+      with_head_chunks(D, [&](auto nc) { attend<nc>(q, k, v, at + 1, s, scores.data(), o); });
     }
   });
   return out;
@@ -354,21 +376,7 @@ void attend_q8(const float* q, const int8_t* k, const float* ks, const int8_t* v
     scores[t] = score;
     best = score > best ? score : best;
   }
-  const __m512 vbest = _mm512_set1_ps(best);
-  __m512 vsum = _mm512_setzero_ps();
-  int64_t t = 0;
-  for (; t + 16 <= T; t += 16) {
-    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(scores + t), vbest));
-    _mm512_storeu_ps(scores + t, _mm512_mul_ps(e, _mm512_loadu_ps(vs + t)));
-    vsum = _mm512_add_ps(vsum, e);
-  }
-  if (t < T) {
-    const __mmask16 tail = static_cast<__mmask16>((1u << (T - t)) - 1);
-    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, scores + t), vbest));
-    _mm512_mask_storeu_ps(scores + t, tail, _mm512_mul_ps(e, _mm512_maskz_loadu_ps(tail, vs + t)));
-    vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(tail, e));
-  }
-  const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+  const __m512 inv = _mm512_set1_ps(softmax_weights(scores, T, best, vs));
   __m512 o[NC];
   for (int c = 0; c < NC; ++c) o[c] = _mm512_setzero_ps();
   for (int64_t t2 = 0; t2 < T; ++t2, v += D) {
@@ -376,20 +384,6 @@ void attend_q8(const float* q, const int8_t* k, const float* ks, const int8_t* v
     for (int c = 0; c < NC; ++c) o[c] = _mm512_fmadd_ps(p, load_i8(v + 16 * c), o[c]);
   }
   for (int c = 0; c < NC; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(o[c], inv));
-}
-
-void attend_q8_any(int64_t D, const float* q, const int8_t* k, const float* ks, const int8_t* v,
-                   const float* vs, int64_t T, float scale, float* scores, float* out) {
-  switch (D / 16) {
-    case 1: attend_q8<1>(q, k, ks, v, vs, T, scale, scores, out); break;
-    case 2: attend_q8<2>(q, k, ks, v, vs, T, scale, scores, out); break;
-    case 3: attend_q8<3>(q, k, ks, v, vs, T, scale, scores, out); break;
-    case 4: attend_q8<4>(q, k, ks, v, vs, T, scale, scores, out); break;
-    case 5: attend_q8<5>(q, k, ks, v, vs, T, scale, scores, out); break;
-    case 6: attend_q8<6>(q, k, ks, v, vs, T, scale, scores, out); break;
-    case 7: attend_q8<7>(q, k, ks, v, vs, T, scale, scores, out); break;
-    default: attend_q8<8>(q, k, ks, v, vs, T, scale, scores, out); break;
-  }
 }
 
 // Quantize one vector of D floats to int8 at dst, returning its scale.
@@ -410,28 +404,16 @@ inline float quantize_vector(const float* x, int8_t* dst, int64_t D) {
 torch::Tensor attend_step_q8(torch::Tensor qkv, torch::Tensor keys, torch::Tensor key_scales,
                              torch::Tensor values, torch::Tensor value_scales,
                              torch::Tensor positions, double scale) {
-  TORCH_CHECK(keys.dim() == 4 && values.sizes() == keys.sizes(),
-              "attend_step_q8: keys/values [B, H, P, D]");
-  const int64_t B = keys.size(0), H = keys.size(1), P = keys.size(2), D = keys.size(3), E = H * D;
-  TORCH_CHECK(D % 16 == 0 && D <= 128, "attend_step_q8: head size a multiple of 16 up to 128, got ", D);
-  TORCH_CHECK(qkv.dim() == 2 && qkv.size(0) == B && qkv.size(1) == 3 * E, "attend_step_q8: qkv is ",
-              qkv.sizes(), ", expected [", B, ", ", 3 * E, "]");
-  TORCH_CHECK(keys.scalar_type() == torch::kChar && values.scalar_type() == torch::kChar,
-              "attend_step_q8: int8 keys and values");
+  const CacheShape c = check_cache("attend_step_q8", keys, values, torch::kChar, "int8");
   TORCH_CHECK(key_scales.scalar_type() == torch::kFloat && value_scales.scalar_type() == torch::kFloat &&
-                  key_scales.dim() == 3 && key_scales.size(2) == P && key_scales.stride(2) == 1 &&
+                  key_scales.dim() == 3 && key_scales.size(2) == c.P && key_scales.stride(2) == 1 &&
                   value_scales.sizes() == key_scales.sizes() && value_scales.stride(2) == 1,
               "attend_step_q8: float32 scales [B, H, P]");
-  TORCH_CHECK(keys.stride(3) == 1 && keys.stride(2) == D && values.stride(3) == 1 &&
-                  values.stride(2) == D,
-              "attend_step_q8: each head's positions must be contiguous");
-  TORCH_CHECK(positions.dim() == 1 && positions.size(0) == B, "attend_step_q8: one position per row");
-  auto x = qkv.to(torch::kFloat).contiguous();
-  auto pos = positions.to(torch::kLong).contiguous();
+  const auto step = check_step("attend_step_q8", qkv, positions, c);
+  const torch::Tensor &x = step.first, &pos = step.second;
+  const int64_t B = c.B, H = c.H, P = c.P, D = c.D;
+  const int64_t E = H * D;
   const int64_t* pp = pos.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(pp[b] >= 0 && pp[b] < P, "attend_step_q8: row ", b, " position ", pp[b],
-                " outside [0, ", P, ")");
   auto out = torch::empty({B, E}, x.options());
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -455,7 +437,10 @@ torch::Tensor attend_step_q8(torch::Tensor qkv, torch::Tensor keys, torch::Tenso
       const float* row = xp + b * 3 * E;
       ks[at] = quantize_vector(row + E + h * D, k + at * D, D);
       vs[at] = quantize_vector(row + 2 * E + h * D, v + at * D, D);
-      attend_q8_any(D, row + h * D, k, ks, v, vs, at + 1, s, scores.data(), op + b * E + h * D);
+      float* o = op + b * E + h * D;
+      with_head_chunks(D, [&](auto nc) {
+        attend_q8<nc>(row + h * D, k, ks, v, vs, at + 1, s, scores.data(), o);
+      });
     }
   });
   return out;
