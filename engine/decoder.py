@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers.activations import GELUActivation
 
 from engine.kv_cache import KVCache
-from engine.linear import make_linear, prefill_precision
+from engine.linear import Int8KernelLinear, make_linear, prefill_precision
 from engine.options import KV_CACHES
 
 
@@ -48,6 +49,27 @@ class CrossKV:
     keys: list[torch.Tensor]  # L x [B, H, S, D]
     values: list[torch.Tensor]  # L x [B, H, S, D]
     mask: torch.Tensor  # [B, 1, 1, S] bool, True = attend
+    _stacked: tuple[torch.Tensor, ...] | None = None
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys, values) [L, B, H, S, D] float32 and an additive mask [B, S] (0 or -inf): the
+        inputs of our fused decode step, built once per prompt."""
+        if self._stacked is None:
+            mask = self.mask[:, 0, 0]
+            bias = torch.zeros(mask.shape).masked_fill(~mask.cpu(), float("-inf"))
+            self._stacked = (
+                torch.stack(self.keys).float().contiguous(),
+                torch.stack(self.values).float().contiguous(),
+                bias,
+            )
+        return self._stacked
+
+
+def _exact_gelu(fn) -> bool:
+    """Whether an activation module is the exact (erf) GELU, the one our fused step computes."""
+    if isinstance(fn, torch.nn.GELU):
+        return fn.approximate == "none"
+    return isinstance(fn, GELUActivation) and fn.act is F.gelu
 
 
 def _ln(module: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,6 +110,43 @@ class Decoder:
         self.prefill_layers = self.layers
         if precision == "int8":
             self.prefill_layers = [self._layer(layer, prefill_precision()) for layer in dec.layers]
+        self.layer_norm_eps = dec.layer_norm.eps
+        self._fused = self._fused_step()
+
+    def _fused_step(self):
+        """Our one-call decode step (`engine/kernels/decode_step.h`) where it applies: int8
+        weights through our kernels, an int8 KV cache and the exact GELU; else None."""
+        fused = (
+            self._kernels is not None
+            and self.kv_dtype == torch.int8
+            and isinstance(self.lm_heads, Int8KernelLinear)
+            and all(isinstance(w.qkv, Int8KernelLinear) for w in self.layers)
+            and _exact_gelu(self.activation)
+        )
+        if not fused:
+            return None
+
+        def packed(linear: Int8KernelLinear) -> list[torch.Tensor]:
+            return [linear.packed, linear.scales]
+
+        layers = [
+            [
+                *w.ln_self,
+                *packed(w.qkv),
+                *packed(w.out_self),
+                *w.ln_cross,
+                *packed(w.q_cross),
+                *packed(w.out_cross),
+                *w.ln_ffn,
+                *packed(w.fc1),
+                *packed(w.fc2),
+            ]
+            for w in self.layers
+        ]
+        final = [*self.final_ln, *packed(self.lm_heads)]
+        return self._kernels.DecodeStepInt8(
+            self.embed, self.positions, layers, final, self.heads, self.layer_norm_eps
+        )
 
     def _choose_kv_cache(self, requested: str, precision: str) -> torch.dtype:
         """The KV cache dtype; also decides whether decode steps attend with our CPU kernels.
@@ -280,5 +339,18 @@ class Decoder:
     ) -> torch.Tensor:
         """ids: [B, K] at position cache.length (or each row at `rows_at`). Returns logits
         [B, K, V] for the next position."""
+        if self._fused is not None and cache.quantized:
+            at = rows_at if rows_at is not None else [cache.length] * ids.shape[0]
+            logits = self._fused.step(
+                ids,
+                torch.tensor(at),
+                cache.keys,
+                cache.key_scales,
+                cache.values,
+                cache.value_scales,
+                *cross.stacked(),
+            )
+            cache.length = max(at) + 1
+            return logits.view(ids.shape[0], self.num_codebooks, self.vocab)
         hidden = self.forward(ids[:, :, None], cache.length, cache, cross, rows_at)
         return self.logits(hidden[:, -1])

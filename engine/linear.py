@@ -2,9 +2,11 @@
 
 - `dense`: `F.linear` in the model's dtype (float32, bfloat16 or float16).
 - `bf16`: dense bfloat16 weights under float32 activations (an int8 decoder's prefills).
-- `int8`: weights quantized per output channel to int8, activations quantized on the fly
-  (PyTorch's own fbgemm/oneDNN dynamic kernels, `torch.ops.quantized.linear_dynamic`); inputs
-  and outputs stay float32. A CPU mode: a decode step reads a quarter of the float32 bytes.
+- `int8`: weights quantized per output channel to int8, activations quantized on the fly, one
+  scale per row; inputs and outputs stay float32. A CPU mode: a decode step reads a quarter of
+  the float32 bytes. Where our kernels run (AVX-512 VNNI), `linear_int8` (exact int32 sums,
+  8-bit activations, any number of rows: decode steps and prefills alike); elsewhere PyTorch's
+  fbgemm dynamic kernels (`torch.ops.quantized.linear_dynamic`, 7-bit activations).
 
 Dense bfloat16 weights on a CPU run a decode step's few rows through our `linear_bf16` kernel
 (`engine.kernels`: one pass over the weights at memory speed, 1.4x `F.linear` here) and larger
@@ -58,6 +60,35 @@ class Bf16KernelLinear(CastLinear):
         return y.view(*x.shape[:-1], self.weight.shape[0]).to(x.dtype)
 
 
+def pack_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (bytes [ceil(N / 64), ceil(K / 4), 256] uint8, scales [N] float32), the
+    layout of `engine/kernels/int8_gemm.h`: blocks of 64 output features, 4 inputs x 64 features
+    per 256 bytes, each byte the int8 weight + 128; padding is weight 0."""
+    w = weight.detach().float().cpu()
+    n, k = w.shape
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int16) + 128
+    blocks, groups = -(-n // 64), -(-k // 4)
+    full = torch.full((blocks * 64, groups * 4), 128, dtype=torch.int16)
+    full[:n, :k] = q
+    packed = full.to(torch.uint8).view(blocks, 64, groups, 4).permute(0, 2, 1, 3)
+    return packed.reshape(blocks, groups, 256).contiguous(), scales.contiguous()
+
+
+class Int8KernelLinear:
+    """int8 weights through our `linear_int8` kernel (CPUs with AVX-512 VNNI)."""
+
+    def __init__(self, weight: torch.Tensor, kernels) -> None:
+        self.packed, self.scales = pack_int8(weight)
+        self.out_features = weight.shape[0]
+        self._kernels = kernels
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self._kernels.linear_int8(x.reshape(-1, shape[-1]), self.packed, self.scales)
+        return y.view(*shape[:-1], self.out_features)
+
+
 class Int8DynamicLinear:
     def __init__(self, weight: torch.Tensor) -> None:
         w = weight.detach().float().cpu()
@@ -101,6 +132,10 @@ def make_linear(weight: torch.Tensor, precision: str):
     if precision == "int8":
         if weight.device.type != "cpu":
             raise ValueError("quantize: int8 is a CPU mode; on a GPU use bfloat16 or float16")
+        from engine import kernels
+
+        if kernels.unavailable_reason() is None and (module := kernels.get()) is not None:
+            return Int8KernelLinear(weight, module)
         return Int8DynamicLinear(weight)
     raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 

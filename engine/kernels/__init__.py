@@ -16,6 +16,7 @@ PyTorch version) lands in PyTorch's extension cache (`TORCH_EXTENSIONS_DIR` move
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -25,6 +26,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu.cpp")
+_HEADERS = ("simd.h", "attention.h", "int8_gemm.h", "decode_step.h")  # included by cpu.cpp
 _FLAGS = [
     "-O3",
     "-mavx512f",
@@ -61,6 +63,15 @@ def get():
         return _state["module"]
 
 
+def _source_hash() -> str:
+    """A digest of the kernel sources: PyTorch's build cache does not look at included headers,
+    so the module's name changes with them and a changed header is never served stale."""
+    digest = hashlib.sha256()
+    for name in ("cpu.cpp", *_HEADERS):
+        digest.update(_SOURCE.with_name(name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def _build():
     reason = unavailable_reason()
     if reason is None:
@@ -70,7 +81,7 @@ def _build():
             started = time.monotonic()
             log.info("building the CPU decode kernels (first run on this machine: ~30 s)")
             module = load(
-                name="endless_radio_cpu",
+                name=f"endless_radio_cpu_{_source_hash()}",
                 sources=[str(_SOURCE)],
                 extra_cflags=_FLAGS,
                 extra_ldflags=["-fopenmp"],

@@ -4,14 +4,19 @@
 //
 //   linear_bf16(x, w):   y = x w^T for a few rows (M <= 8), bfloat16 weights, float32 out.
 //                        One pass over the weights; AVX-512 BF16 dot products (vdpbf16ps).
+//   linear_int8:         y = x w^T with packed int8 weights (int8_gemm.h), activations quantized
+//                        per row; any number of rows (decode steps and prefills).
 //   decode_attention:    one query position per row against a bfloat16 KV cache, each row
 //                        attending its own number of positions; float32 scores, softmax and sums.
 //                        Head sizes 16 to 128 (musicgen small/medium/large: 64).
-//   attend_step:         a decode step's whole self-attention in one call: split the fused
+//   attend_step(_q8):    a decode step's whole self-attention in one call: split the fused
 //                        qkv projection, write the new key/value into the cache, attend.
+//   DecodeStepInt8:      a whole decoder step, int8 weights and int8 cache (decode_step.h).
 //
-// Built at first use by engine/kernels/__init__.py with -mavx512f -mavx512bw -mavx512vl
-// -mavx512bf16 -mavx512vnni; called only on CPUs that have those.
+// This file is the one translation unit: it holds the tensor-facing checks and bindings, and
+// includes the raw-pointer kernels from the headers beside it (simd.h, attention.h,
+// int8_gemm.h, decode_step.h). Built at first use by engine/kernels/__init__.py with -mavx512f
+// -mavx512bw -mavx512vl -mavx512bf16 -mavx512vnni; called only on CPUs that have those.
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -22,7 +27,11 @@
 #include <utility>
 #include <vector>
 
+#include "decode_step.h"
+
 namespace {
+
+using namespace er;
 
 constexpr int64_t kMaxRows = 8;
 
@@ -114,118 +123,6 @@ std::pair<torch::Tensor, torch::Tensor> check_step(const char* fn, const torch::
   return {qkv.to(torch::kFloat).contiguous(), pos};
 }
 
-inline __m512 load_bf16(const uint16_t* p) {
-  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-
-// exp(x) for x <= 0 (softmax after subtracting the max): 2^n * 2^f, f in [-0.5, 0.5], with a
-// degree-6 polynomial for 2^f (relative error about 2e-7) and scalef for 2^n.
-inline __m512 exp_ps(__m512 x) {
-  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)),
-                                 _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
-// The 16 horizontal sums of a[0..15], as one vector (lane j = sum of a[j]): a butterfly of
-// unpacks and lane shuffles, ~3 instructions per sum instead of ~10 for one reduce each.
-inline __m512 hsum16(__m512* a) {
-  __m512 b[8], c[4], d[2];
-  for (int i = 0; i < 8; ++i)
-    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
-                         _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
-  for (int i = 0; i < 4; ++i) {
-    const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
-    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
-                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-  }
-  for (int i = 0; i < 2; ++i)
-    d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                       _mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
-// Softmax weights of scores[0, T) in place, each times value_scales[t] when given (an int8
-// cache folds the value's scale into its weight); returns 1 / (sum of the plain weights).
-inline float softmax_weights(float* scores, int64_t T, float best, const float* value_scales) {
-  const __m512 vbest = _mm512_set1_ps(best);
-  __m512 vsum = _mm512_setzero_ps();
-  for (int64_t t = 0; t < T; t += 16) {
-    const __mmask16 m = T - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (T - t)) - 1);
-    const __m512 e = _mm512_maskz_mov_ps(
-        m, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + t), vbest)));
-    const __m512 w = value_scales ? _mm512_mul_ps(e, _mm512_maskz_loadu_ps(m, value_scales + t)) : e;
-    _mm512_mask_storeu_ps(scores + t, m, w);
-    vsum = _mm512_add_ps(vsum, e);
-  }
-  return 1.0f / _mm512_reduce_add_ps(vsum);
-}
-
-// fn(std::integral_constant<int, NC>{}) for a head of D = NC * 16 floats, NC in 1..8.
-template <class Fn>
-void with_head_chunks(int64_t D, Fn&& fn) {
-  switch (D / 16) {
-    case 1: fn(std::integral_constant<int, 1>{}); break;
-    case 2: fn(std::integral_constant<int, 2>{}); break;
-    case 3: fn(std::integral_constant<int, 3>{}); break;
-    case 4: fn(std::integral_constant<int, 4>{}); break;
-    case 5: fn(std::integral_constant<int, 5>{}); break;
-    case 6: fn(std::integral_constant<int, 6>{}); break;
-    case 7: fn(std::integral_constant<int, 7>{}); break;
-    default: fn(std::integral_constant<int, 8>{}); break;
-  }
-}
-
-// One (row, head): scores against positions [0, T), softmax, weighted sum of values. The head
-// size is NC * 16 floats, held in registers.
-template <int NC>
-void attend(const float* q, const uint16_t* k, const uint16_t* v, int64_t T, float scale,
-            float* scores, float* out) {
-  constexpr int64_t D = NC * 16;
-  __m512 qv[NC];
-  for (int c = 0; c < NC; ++c) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(q + 16 * c), _mm512_set1_ps(scale));
-  __m512 vmax = _mm512_set1_ps(-INFINITY);
-  int64_t t0 = 0;
-  for (; t0 + 16 <= T; t0 += 16, k += 16 * D) {  // 16 positions, one horizontal-sum butterfly
-    __m512 a[16];
-    for (int j = 0; j < 16; ++j) {
-      a[j] = _mm512_mul_ps(qv[0], load_bf16(k + j * D));
-      for (int c = 1; c < NC; ++c) a[j] = _mm512_fmadd_ps(qv[c], load_bf16(k + j * D + 16 * c), a[j]);
-    }
-    const __m512 sums = hsum16(a);
-    _mm512_storeu_ps(scores + t0, sums);
-    vmax = _mm512_max_ps(vmax, sums);
-  }
-  float best = _mm512_reduce_max_ps(vmax);
-  for (int64_t t = t0; t < T; ++t, k += D) {
-    __m512 a = _mm512_mul_ps(qv[0], load_bf16(k));
-    for (int c = 1; c < NC; ++c) a = _mm512_fmadd_ps(qv[c], load_bf16(k + 16 * c), a);
-    const float score = _mm512_reduce_add_ps(a);
-    scores[t] = score;
-    best = score > best ? score : best;
-  }
-  const __m512 inv = _mm512_set1_ps(softmax_weights(scores, T, best, nullptr));
-  __m512 o[NC];
-  for (int c = 0; c < NC; ++c) o[c] = _mm512_setzero_ps();
-  for (int64_t t2 = 0; t2 < T; ++t2, v += D) {
-    const __m512 p = _mm512_set1_ps(scores[t2]);
-    for (int c = 0; c < NC; ++c) o[c] = _mm512_fmadd_ps(p, load_bf16(v + 16 * c), o[c]);
-  }
-  for (int c = 0; c < NC; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(o[c], inv));
-}
-
-// q [B, H, D] float32; keys/values [B, H, P, D] bfloat16 (D a multiple of 16, at most 128);
-// lengths [B]: row b attends positions [0, lengths[b]). Returns [B, H, D] float32.
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor keys, torch::Tensor values,
                                torch::Tensor lengths, double scale) {
   const CacheShape c = check_cache("decode_attention", keys, values, torch::kBFloat16, "bfloat16");
@@ -307,99 +204,6 @@ torch::Tensor attend_step(torch::Tensor qkv, torch::Tensor keys, torch::Tensor v
 // Each cached key and value vector (one position of one head) is int8 with its own float32 scale:
 // x ~= scale * q, scale = max|x| / 127. A quarter of float32's bytes; the sums stay float32.
 
-inline __m512 load_i8(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-
-template <int NC>
-void attend_q8(const float* q, const int8_t* k, const float* ks, const int8_t* v, const float* vs,
-               int64_t T, float scale, float* scores, float* out) {
-  constexpr int64_t D = NC * 16;
-  __m512 qv[NC];
-  for (int c = 0; c < NC; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
-  __m512 vscale = _mm512_set1_ps(scale);
-  __m512 vmax = _mm512_set1_ps(-INFINITY);
-  int64_t t0 = 0;
-  if constexpr (NC % 2 == 0) {
-    // The query as int16 (one scale, 15 bits): a key's 32 int8 values widen to int16 and meet
-    // it in one VNNI dot product (vpdpwssd), a third of the instructions of float32 FMAs.
-    __m512 m = _mm512_setzero_ps();
-    for (int c = 0; c < NC; ++c) m = _mm512_max_ps(m, _mm512_abs_ps(qv[c]));
-    const float qmax = _mm512_reduce_max_ps(m);
-    const float qs = qmax > 0 ? qmax / 32767.0f : 1.0f;
-    const __m512 qinv = _mm512_set1_ps(1.0f / qs);
-    __m512i q16[NC / 2];
-    for (int c = 0; c < NC / 2; ++c) {
-      const __m256i lo = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(qv[2 * c], qinv)));
-      const __m256i hi =
-          _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(qv[2 * c + 1], qinv)));
-      q16[c] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-    }
-    vscale = _mm512_set1_ps(scale * qs);
-    for (; t0 + 16 <= T; t0 += 16, k += 16 * D) {  // 16 positions, one horizontal-sum butterfly
-      __m512 a[16];
-      for (int j = 0; j < 16; ++j) {
-        __m512i acc = _mm512_setzero_si512();
-        for (int c = 0; c < NC / 2; ++c) {
-          const __m256i kv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + j * D + 32 * c));
-          acc = _mm512_dpwssd_epi32(acc, q16[c], _mm512_cvtepi8_epi16(kv));
-        }
-        a[j] = _mm512_cvtepi32_ps(acc);
-      }
-      const __m512 sums = _mm512_mul_ps(_mm512_mul_ps(hsum16(a), _mm512_loadu_ps(ks + t0)), vscale);
-      _mm512_storeu_ps(scores + t0, sums);
-      vmax = _mm512_max_ps(vmax, sums);
-    }
-    // the tail positions below use the same rounded query, in float32
-    for (int c = 0; c < NC; ++c)
-      qv[c] = _mm512_roundscale_ps(_mm512_mul_ps(qv[c], qinv),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    scale *= qs;
-  } else {
-    for (; t0 + 16 <= T; t0 += 16, k += 16 * D) {  // 16 positions, one horizontal-sum butterfly
-      __m512 a[16];
-      for (int j = 0; j < 16; ++j) {
-        a[j] = _mm512_mul_ps(qv[0], load_i8(k + j * D));
-        for (int c = 1; c < NC; ++c)
-          a[j] = _mm512_fmadd_ps(qv[c], load_i8(k + j * D + 16 * c), a[j]);
-      }
-      const __m512 sums = _mm512_mul_ps(_mm512_mul_ps(hsum16(a), _mm512_loadu_ps(ks + t0)), vscale);
-      _mm512_storeu_ps(scores + t0, sums);
-      vmax = _mm512_max_ps(vmax, sums);
-    }
-  }
-  float best = _mm512_reduce_max_ps(vmax);
-  for (int64_t t = t0; t < T; ++t, k += D) {
-    __m512 a = _mm512_mul_ps(qv[0], load_i8(k));
-    for (int c = 1; c < NC; ++c) a = _mm512_fmadd_ps(qv[c], load_i8(k + 16 * c), a);
-    const float score = _mm512_reduce_add_ps(a) * ks[t] * scale;
-    scores[t] = score;
-    best = score > best ? score : best;
-  }
-  const __m512 inv = _mm512_set1_ps(softmax_weights(scores, T, best, vs));
-  __m512 o[NC];
-  for (int c = 0; c < NC; ++c) o[c] = _mm512_setzero_ps();
-  for (int64_t t2 = 0; t2 < T; ++t2, v += D) {
-    const __m512 p = _mm512_set1_ps(scores[t2]);  // softmax weight times the value's scale
-    for (int c = 0; c < NC; ++c) o[c] = _mm512_fmadd_ps(p, load_i8(v + 16 * c), o[c]);
-  }
-  for (int c = 0; c < NC; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(o[c], inv));
-}
-
-// Quantize one vector of D floats to int8 at dst, returning its scale.
-inline float quantize_vector(const float* x, int8_t* dst, int64_t D) {
-  __m512 m = _mm512_setzero_ps();
-  for (int64_t c = 0; c < D; c += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + c)));
-  const float amax = _mm512_reduce_max_ps(m);
-  const float s = amax > 0 ? amax / 127.0f : 1.0f;
-  const __m512 inv = _mm512_set1_ps(1.0f / s);
-  for (int64_t c = 0; c < D; c += 16) {
-    const __m512i i = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + c), inv));  // nearest
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c), _mm512_cvtsepi32_epi8(i));
-  }
-  return s;
-}
-
 // attend_step over an int8 cache: keys/values [B, H, P, D] int8, their scales [B, H, P] float32.
 torch::Tensor attend_step_q8(torch::Tensor qkv, torch::Tensor keys, torch::Tensor key_scales,
                              torch::Tensor values, torch::Tensor value_scales,
@@ -435,16 +239,174 @@ torch::Tensor attend_step_q8(torch::Tensor qkv, torch::Tensor keys, torch::Tenso
       float* ks = ksp + b * sb + h * sh;
       float* vs = vsp + b * tb + h * th;
       const float* row = xp + b * 3 * E;
-      ks[at] = quantize_vector(row + E + h * D, k + at * D, D);
-      vs[at] = quantize_vector(row + 2 * E + h * D, v + at * D, D);
-      float* o = op + b * E + h * D;
-      with_head_chunks(D, [&](auto nc) {
-        attend_q8<nc>(row + h * D, k, ks, v, vs, at + 1, s, scores.data(), o);
-      });
+      attend_head_q8(row + h * D, row + E + h * D, row + 2 * E + h * D, k, ks, v, vs, at, D, s,
+                     scores.data(), op + b * E + h * D);
     }
   });
   return out;
 }
+
+// ---- int8 weights --------------------------------------------------------------------------------
+
+// A packed weight (engine/linear.py `pack_int8`): bytes [ceil(N / 64), Kp / 4, 256] uint8 and
+// scales [N] float32.
+PackedInt8 packed_view(const char* fn, const torch::Tensor& data, const torch::Tensor& scales) {
+  TORCH_CHECK(data.dim() == 3 && data.size(2) == 4 * kBlock && data.scalar_type() == torch::kByte &&
+                  data.is_contiguous(),
+              fn, ": packed weights must be contiguous uint8 [N / 64, K / 4, 256]");
+  TORCH_CHECK(scales.dim() == 1 && scales.scalar_type() == torch::kFloat && scales.is_contiguous(),
+              fn, ": scales must be contiguous float32 [N]");
+  const int64_t N = scales.size(0);
+  TORCH_CHECK(data.size(0) == (N + kBlock - 1) / kBlock, fn, ": ", N, " scales for ",
+              data.size(0), " blocks of 64 features");
+  return PackedInt8{data.data_ptr<uint8_t>(), scales.data_ptr<float>(), N, 4 * data.size(1)};
+}
+
+// x [M, K] float (any M) times packed int8 weights -> float32 [M, N].
+torch::Tensor linear_int8(torch::Tensor x, torch::Tensor data, torch::Tensor scales) {
+  const PackedInt8 w = packed_view("linear_int8", data, scales);
+  TORCH_CHECK(x.dim() == 2, "linear_int8: x must be [M, K]");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K <= w.Kp && K > w.Kp - 4, "linear_int8: x has ", K,
+              " features, the weights were packed for ", w.Kp, " (padded to 4)");
+  auto xf = x.to(torch::kFloat).contiguous();
+  auto q = torch::empty({M, w.Kp}, x.options().dtype(torch::kChar));
+  auto scale = torch::empty({M}, x.options().dtype(torch::kFloat));
+  auto comp = torch::empty({M}, x.options().dtype(torch::kInt));
+  auto y = torch::empty({M, w.N}, x.options().dtype(torch::kFloat));
+  // rows quantize in parallel chunks: a prefill's thousand rows are worth splitting
+  at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
+    quantize_rows(xf.data_ptr<float>() + m0 * K, K, m1 - m0, K, w.Kp, q.data_ptr<int8_t>() + m0 * w.Kp,
+                  w.Kp, scale.data_ptr<float>() + m0, comp.data_ptr<int32_t>() + m0);
+  });
+  const QuantRows rows{q.data_ptr<int8_t>(), w.Kp, scale.data_ptr<float>(), comp.data_ptr<int32_t>()};
+  gemm_int8<Out::Store>(w, rows, M, y.data_ptr<float>(), w.N);
+  return y;
+}
+
+// A whole decoder step (decode_step.h) over tensors that live as long as this object.
+class DecodeStepInt8 {
+ public:
+  // embed: K x [V + 1, E]; positions [P_max, E]; layers: per layer, in LayerInt8's order,
+  // [ln w, ln b, qkv data, qkv scales, out data, out scales, ln w, ln b, q data, q scales,
+  // out data, out scales, ln w, ln b, fc1 data, fc1 scales, fc2 data, fc2 scales];
+  // final: [ln w, ln b, heads data, heads scales].
+  DecodeStepInt8(std::vector<torch::Tensor> embed, torch::Tensor positions,
+                 std::vector<std::vector<torch::Tensor>> layers, std::vector<torch::Tensor> final,
+                 int64_t heads, double eps)
+      : embed_(std::move(embed)), positions_(positions.contiguous()), layers_(std::move(layers)),
+        final_(std::move(final)) {
+    TORCH_CHECK(!embed_.empty() && !layers_.empty() && final_.size() == 4,
+                "DecodeStepInt8: embeddings, layers and [ln w, ln b, heads data, heads scales]");
+    m_.K = static_cast<int64_t>(embed_.size());
+    m_.E = positions_.size(1);
+    m_.H = heads;
+    TORCH_CHECK(m_.E % heads == 0, "DecodeStepInt8: hidden ", m_.E, " is not a multiple of ", heads, " heads");
+    m_.D = m_.E / heads;
+    TORCH_CHECK(m_.D % 16 == 0 && m_.D <= 128, "DecodeStepInt8: head size a multiple of 16 up to 128, got ", m_.D);
+    m_.L = static_cast<int64_t>(layers_.size());
+    m_.eps = static_cast<float>(eps);
+    m_.positions = f32(positions_, "positions");
+    for (auto& e : embed_) {
+      e = e.contiguous();
+      TORCH_CHECK(e.dim() == 2 && e.size(1) == m_.E, "DecodeStepInt8: embeddings [V + 1, E]");
+      m_.embed.push_back(f32(e, "embedding"));
+    }
+    for (auto& t : layers_) {
+      TORCH_CHECK(t.size() == 18, "DecodeStepInt8: 18 tensors per layer, got ", t.size());
+      for (auto& x : t) x = x.contiguous();
+      LayerInt8 w{f32(t[0], "ln"), f32(t[1], "ln"), linear(t[2], t[3], m_.E, 3 * m_.E),
+                  linear(t[4], t[5], m_.E, m_.E), f32(t[6], "ln"), f32(t[7], "ln"),
+                  linear(t[8], t[9], m_.E, m_.E), linear(t[10], t[11], m_.E, m_.E),
+                  f32(t[12], "ln"), f32(t[13], "ln"), linear(t[14], t[15], m_.E, -1),
+                  PackedInt8{}};
+      m_.F = w.fc1.N;
+      w.fc2 = linear(t[16], t[17], m_.F, m_.E);
+      m_.layers.push_back(w);
+    }
+    for (auto& x : final_) x = x.contiguous();
+    m_.ln_final_w = f32(final_[0], "ln");
+    m_.ln_final_b = f32(final_[1], "ln");
+    m_.heads = linear(final_[2], final_[3], m_.E, -1);
+  }
+
+  // ids [B, K] int64 at positions [B]; the cache: keys/values [L, B, H, P, D] int8 and their
+  // scales [L, B, H, P] float32 (row views of a bigger cache are fine); cross-attention
+  // keys/values [L, B, H, S, D] float32 and bias [B, S] float32. Returns logits [B, K * V].
+  torch::Tensor step(torch::Tensor ids, torch::Tensor positions, torch::Tensor keys,
+                     torch::Tensor key_scales, torch::Tensor values, torch::Tensor value_scales,
+                     torch::Tensor cross_keys, torch::Tensor cross_values, torch::Tensor cross_bias) {
+    const int64_t B = ids.size(0);
+    TORCH_CHECK(ids.dim() == 2 && ids.size(1) == m_.K && ids.scalar_type() == torch::kLong,
+                "DecodeStepInt8.step: ids must be int64 [B, ", m_.K, "]");
+    TORCH_CHECK(keys.dim() == 5 && keys.sizes() == values.sizes() && keys.size(0) == m_.L &&
+                    keys.size(1) == B && keys.size(2) == m_.H && keys.size(4) == m_.D,
+                "DecodeStepInt8.step: keys/values [", m_.L, ", ", B, ", ", m_.H, ", P, ", m_.D,
+                "], got ", keys.sizes());
+    TORCH_CHECK(keys.scalar_type() == torch::kChar && values.scalar_type() == torch::kChar,
+                "DecodeStepInt8.step: an int8 cache");
+    TORCH_CHECK(keys.strides() == values.strides() && keys.stride(4) == 1 && keys.stride(3) == m_.D,
+                "DecodeStepInt8.step: keys and values laid out alike, each head's positions contiguous");
+    const int64_t P = keys.size(3);
+    TORCH_CHECK(key_scales.dim() == 4 && key_scales.sizes() == value_scales.sizes() &&
+                    key_scales.strides() == value_scales.strides() && key_scales.size(3) == P &&
+                    key_scales.stride(3) == 1 && key_scales.scalar_type() == torch::kFloat &&
+                    value_scales.scalar_type() == torch::kFloat,
+                "DecodeStepInt8.step: float32 scales [L, B, H, P]");
+    TORCH_CHECK(positions.dim() == 1 && positions.size(0) == B, "DecodeStepInt8.step: one position per row");
+    auto pos = positions.to(torch::kLong).contiguous();
+    const int64_t* pp = pos.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK(pp[b] >= 0 && pp[b] < P && pp[b] < positions_.size(0), "DecodeStepInt8.step: row ",
+                  b, " position ", pp[b], " outside [0, ", std::min(P, positions_.size(0)), ")");
+    auto idc = ids.contiguous();
+    const int64_t* ip = idc.data_ptr<int64_t>();
+    for (int64_t i = 0; i < B * m_.K; ++i)
+      TORCH_CHECK(ip[i] >= 0 && ip[i] < embed_[0].size(0), "DecodeStepInt8.step: token id ", ip[i],
+                  " outside [0, ", embed_[0].size(0), ")");
+    TORCH_CHECK(cross_keys.dim() == 5 && cross_keys.sizes() == cross_values.sizes() &&
+                    cross_keys.size(0) == m_.L && cross_keys.size(1) == B &&
+                    cross_keys.size(2) == m_.H && cross_keys.size(4) == m_.D &&
+                    cross_keys.is_contiguous() && cross_values.is_contiguous() &&
+                    cross_keys.scalar_type() == torch::kFloat && cross_values.scalar_type() == torch::kFloat,
+                "DecodeStepInt8.step: contiguous float32 cross keys/values [L, B, H, S, D]");
+    const int64_t S = cross_keys.size(3);
+    TORCH_CHECK(cross_bias.dim() == 2 && cross_bias.size(0) == B && cross_bias.size(1) == S &&
+                    cross_bias.is_contiguous() && cross_bias.scalar_type() == torch::kFloat,
+                "DecodeStepInt8.step: float32 cross bias [B, S]");
+    const CacheInt8 cache{keys.data_ptr<int8_t>(), values.data_ptr<int8_t>(),
+                          key_scales.data_ptr<float>(), value_scales.data_ptr<float>(),
+                          keys.stride(0), keys.stride(1), keys.stride(2),
+                          key_scales.stride(0), key_scales.stride(1), key_scales.stride(2), P};
+    const CrossInputs cross{cross_keys.data_ptr<float>(), cross_values.data_ptr<float>(),
+                            cross_bias.data_ptr<float>(), S};
+    auto logits = torch::empty({B, m_.heads.N}, ids.options().dtype(torch::kFloat));
+    decode_step_int8(m_, ip, pp, B, cache, cross, scratch_, logits.data_ptr<float>());
+    return logits;
+  }
+
+ private:
+  static const float* f32(const torch::Tensor& t, const char* what) {
+    TORCH_CHECK(t.scalar_type() == torch::kFloat && t.is_contiguous(), "DecodeStepInt8: ", what,
+                " must be contiguous float32");
+    return t.data_ptr<float>();
+  }
+
+  // A packed projection from `in` features to `out` (-1: any).
+  static PackedInt8 linear(const torch::Tensor& data, const torch::Tensor& scales, int64_t in, int64_t out) {
+    const PackedInt8 w = packed_view("DecodeStepInt8", data, scales);
+    TORCH_CHECK(w.Kp == (in + 3) / 4 * 4 && (out < 0 || w.N == out), "DecodeStepInt8: a projection ",
+                in, " -> ", out, " was packed as ", w.Kp, " -> ", w.N);
+    return w;
+  }
+
+  std::vector<torch::Tensor> embed_;
+  torch::Tensor positions_;
+  std::vector<std::vector<torch::Tensor>> layers_;
+  std::vector<torch::Tensor> final_;
+  ModelInt8 m_;
+  StepScratch scratch_;
+};
 
 }  // namespace
 
@@ -453,4 +415,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "one query per row over a bfloat16 KV cache");
   m.def("attend_step", &attend_step, "write a step's keys/values, then attend, per row");
   m.def("attend_step_q8", &attend_step_q8, "attend_step over an int8 KV cache with scales");
+  m.def("linear_int8", &linear_int8, "y = x w^T, packed int8 weights, activations int8 per row");
+  pybind11::class_<DecodeStepInt8>(m, "DecodeStepInt8")
+      .def(pybind11::init<std::vector<torch::Tensor>, torch::Tensor,
+                          std::vector<std::vector<torch::Tensor>>, std::vector<torch::Tensor>,
+                          int64_t, double>())
+      .def("step", &DecodeStepInt8::step, "one decoder step: ids [B, K] -> logits [B, K * V]");
 }

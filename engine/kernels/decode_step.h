@@ -1,0 +1,163 @@
+// A whole MusicGen decoder step with int8 weights over an int8 KV cache, in one call: the same
+// maths as `engine.decoder.Decoder.forward` for one position per row,
+//
+//     x = sum_k embed_k(ids_k) + sinusoid(position)
+//     per layer:  x += out(attend(qkv(LN(x))));  x += out_c(cross(q_c(LN(x))));  x += fc2(gelu(fc1(LN(x))))
+//     logits = heads(LN(x))
+//
+// with no Python, no allocation and no tensor dispatch between the ops. A step reads every
+// weight and cached key once, so it is bound by memory bandwidth; what is left besides the
+// projections (layer norms, quantizing activations, cross-attention over a few text tokens) is
+// a few microseconds per layer. Projections and self-attention split their work over the
+// intra-op threads; the small parts run on the calling thread.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "attention.h"
+#include "int8_gemm.h"
+
+namespace er {
+
+struct LayerInt8 {
+  const float *ln_self_w, *ln_self_b;
+  PackedInt8 qkv, out_self;  // E -> 3E (q, k, v), E -> E
+  const float *ln_cross_w, *ln_cross_b;
+  PackedInt8 q_cross, out_cross;  // E -> E, E -> E
+  const float *ln_ffn_w, *ln_ffn_b;
+  PackedInt8 fc1, fc2;  // E -> F, F -> E
+};
+
+struct ModelInt8 {
+  int64_t E, H, D, F, L, K;  // hidden, heads, head size, ffn, layers, codebooks
+  std::vector<const float*> embed;  // K x [V + 1][E]
+  const float* positions;  // [max_positions][E] sinusoids
+  std::vector<LayerInt8> layers;
+  const float *ln_final_w, *ln_final_b;
+  PackedInt8 heads;  // E -> K * V
+  float eps;
+};
+
+struct CacheInt8 {  // int8 keys/values [L, B, H, P, D] and float32 scales [L, B, H, P], strided
+  int8_t *keys, *values;
+  float *key_scales, *value_scales;
+  int64_t kl, kb, kh;  // element strides of keys and values over layer, row, head
+  int64_t sl, sb, sh;  // and of their scales
+  int64_t P;
+};
+
+struct CrossInputs {  // cross-attention keys/values [L][B][H][S][D] float32, contiguous
+  const float *keys, *values;
+  const float* bias;  // [B][S]: 0 where a text token is, -inf where the row has padding
+  int64_t S;
+};
+
+struct StepScratch {
+  std::vector<float> x, h, qkv, a, ff, scores;
+  std::vector<int8_t> q;
+  std::vector<float> qscale;
+  std::vector<int32_t> qcomp;
+  void fit(const ModelInt8& m, int64_t B, int64_t P, int64_t S) {
+    const int64_t widest = std::max(m.E, m.F) + 4;
+    x.resize(B * m.E), h.resize(B * m.E), a.resize(B * m.E), qkv.resize(B * 3 * m.E);
+    ff.resize(B * m.F), q.resize(B * widest), qscale.resize(B), qcomp.resize(B);
+    scores.resize(at::get_num_threads() * (std::max(P, S) + 32));
+  }
+};
+
+// Quantize B rows of `in` (K wide) into the scratch and run `w` over them.
+template <Out OUT>
+inline void project(const PackedInt8& w, const float* in, int64_t K, int64_t B, float* out,
+                    int64_t ldy, StepScratch& s) {
+  const int64_t ld = std::max<int64_t>(w.Kp, K);
+  quantize_rows(in, K, B, K, w.Kp, s.q.data(), ld, s.qscale.data(), s.qcomp.data());
+  gemm_int8<OUT>(w, QuantRows{s.q.data(), ld, s.qscale.data(), s.qcomp.data()}, B, out, ldy);
+}
+
+// Cross-attention of B query rows q [B][E] over S text positions -> out [B][E] (serial: tiny).
+inline void cross_attention(const ModelInt8& m, int64_t layer, const CrossInputs& c,
+                            const float* q, int64_t B, float* out, float* scores) {
+  const int64_t E = m.E, H = m.H, D = m.D, S = c.S;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      const float* keys = c.keys + (((layer * B + b) * H + h) * S) * D;
+      const float* values = c.values + (((layer * B + b) * H + h) * S) * D;
+      const float* qh = q + b * E + h * D;
+      float best = -INFINITY;
+      for (int64_t t = 0; t < S; ++t) {
+        float dot = 0;
+        for (int64_t d = 0; d < D; ++d) dot += qh[d] * keys[t * D + d];
+        scores[t] = dot * scale + c.bias[b * S + t];
+        best = std::max(best, scores[t]);
+      }
+      float total = 0;
+      for (int64_t t = 0; t < S; ++t) total += (scores[t] = std::exp(scores[t] - best));
+      float* o = out + b * E + h * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = 0;
+      for (int64_t t = 0; t < S; ++t) {
+        const float p = scores[t] / total;
+        for (int64_t d = 0; d < D; ++d) o[d] += p * values[t * D + d];
+      }
+    }
+  }
+}
+
+// ids [B][K] at positions [B] (each row its own) -> logits [B][K * V]; writes each row's new
+// key/value into the cache at its position.
+inline void decode_step_int8(const ModelInt8& m, const int64_t* ids, const int64_t* pos,
+                             int64_t B, const CacheInt8& c, const CrossInputs& cross,
+                             StepScratch& s, float* logits) {
+  const int64_t E = m.E, H = m.H, D = m.D, F = m.F;
+  s.fit(m, B, c.P, cross.S);
+  float *x = s.x.data(), *h = s.h.data(), *a = s.a.data(), *qkv = s.qkv.data(), *ff = s.ff.data();
+  for (int64_t b = 0; b < B; ++b) {
+    float* xb = x + b * E;
+    const float* p = m.positions + pos[b] * E;
+    for (int64_t e = 0; e < E; ++e) xb[e] = p[e];
+    for (int64_t k = 0; k < m.K; ++k) {
+      const float* row = m.embed[k] + ids[b * m.K + k] * E;
+      for (int64_t e = 0; e < E; ++e) xb[e] += row[e];
+    }
+  }
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const int64_t scratch = std::max(c.P, cross.S) + 32;
+  for (int64_t l = 0; l < m.L; ++l) {
+    const LayerInt8& w = m.layers[l];
+    for (int64_t b = 0; b < B; ++b)
+      layer_norm(x + b * E, w.ln_self_w, w.ln_self_b, h + b * E, E, m.eps);
+    project<Out::Store>(w.qkv, h, E, B, qkv, 3 * E, s);
+    at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+      float* scores = s.scores.data() + at::get_thread_num() * scratch;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / H, hd = i % H;
+        const float* row = qkv + b * 3 * E;
+        attend_head_q8(row + hd * D, row + E + hd * D, row + 2 * E + hd * D,
+                       c.keys + l * c.kl + b * c.kb + hd * c.kh,
+                       c.key_scales + l * c.sl + b * c.sb + hd * c.sh,
+                       c.values + l * c.kl + b * c.kb + hd * c.kh,
+                       c.value_scales + l * c.sl + b * c.sb + hd * c.sh, pos[b], D, scale,
+                       scores, a + b * E + hd * D);
+      }
+    });
+    project<Out::Add>(w.out_self, a, E, B, x, E, s);
+
+    for (int64_t b = 0; b < B; ++b)
+      layer_norm(x + b * E, w.ln_cross_w, w.ln_cross_b, h + b * E, E, m.eps);
+    project<Out::Store>(w.q_cross, h, E, B, qkv, E, s);
+    cross_attention(m, l, cross, qkv, B, a, s.scores.data());
+    project<Out::Add>(w.out_cross, a, E, B, x, E, s);
+
+    for (int64_t b = 0; b < B; ++b)
+      layer_norm(x + b * E, w.ln_ffn_w, w.ln_ffn_b, h + b * E, E, m.eps);
+    project<Out::Gelu>(w.fc1, h, E, B, ff, F, s);
+    project<Out::Add>(w.fc2, ff, F, B, x, E, s);
+  }
+  for (int64_t b = 0; b < B; ++b)
+    layer_norm(x + b * E, m.ln_final_w, m.ln_final_b, h + b * E, E, m.eps);
+  project<Out::Store>(m.heads, h, E, B, logits, m.heads.N, s);
+}
+
+}  // namespace er

@@ -1,0 +1,173 @@
+// Packed int8 matrix products for the decoder's projections: y = x w^T with int8 weights (one
+// scale per output feature) and int8 activations (one scale per row), exact int32 sums by
+// AVX-512 VNNI (vpdpbusd), float32 out. One kernel serves a decode step's few rows (where it
+// streams the weights once, at memory speed) and a prefill's thousand (where each 64-feature
+// block of weights stays in L2 while every row tile passes over it).
+//
+// Weight layout (`engine/linear.py` packs it): w [N, K] -> blocks of 64 output features; within
+// a block, for each group of 4 inputs, 64 x 4 bytes: [N/64][K/4][64][4]. Each byte is w + 128:
+// vpdpbusd multiplies unsigned by signed bytes, the weight is the unsigned side, and the +128
+// comes back out as 128 * sum(x) per row. N and K are padded to multiples of 64 and 4 (weight 0).
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "simd.h"
+
+namespace er {
+
+constexpr int64_t kBlock = 64;  // output features per packed block
+constexpr int64_t kRowTile = 4;  // rows per register tile: 4 rows x 64 features, 16 accumulators
+
+struct PackedInt8 {
+  const uint8_t* data;  // [ceil(N / 64)][Kp / 4][64][4]
+  const float* scales;  // [N]: w[n] ~ scales[n] * q[n]
+  int64_t N;  // output features
+  int64_t Kp;  // input features, padded to a multiple of 4
+};
+
+struct QuantRows {  // M rows of activations, int8 with one scale per row
+  const int8_t* q;  // [M][ld], zero past K
+  int64_t ld;
+  const float* scale;  // [M]: x[m] ~ scale[m] * q[m]
+  const int32_t* comp;  // [M]: 128 * sum(q[m]), what the weights' +128 adds to each sum
+};
+
+// Rows x [M][ldx] of K floats -> q [M][ldq] int8 (zero padded up to Kp), scale [M], comp [M].
+inline void quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp,
+                          int8_t* q, int64_t ldq, float* scale, int32_t* comp) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * ldx;
+    int8_t* qr = q + m * ldq;
+    __m512 vmax = _mm512_setzero_ps();
+    for (int64_t c = 0; c < K; c += 16) {
+      const __mmask16 mask = K - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - c)) - 1);
+      vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(mask, xr + c)));
+    }
+    const float amax = _mm512_reduce_max_ps(vmax);
+    const float s = amax > 0 ? amax / 127.0f : 1.0f;
+    const __m512 inv = _mm512_set1_ps(1.0f / s);
+    __m512i sum = _mm512_setzero_si512();
+    for (int64_t c = 0; c < K; c += 16) {
+      const __mmask16 mask = K - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - c)) - 1);
+      const __m512i i = _mm512_maskz_cvtps_epi32(
+          mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, xr + c), inv));  // nearest even
+      _mm512_mask_cvtsepi32_storeu_epi8(qr + c, mask, i);
+      sum = _mm512_add_epi32(sum, i);
+    }
+    for (int64_t c = K; c < Kp; ++c) qr[c] = 0;
+    scale[m] = s;
+    comp[m] = 128 * _mm512_reduce_add_epi32(sum);
+  }
+}
+
+// gelu(x) = x/2 (1 + erf(x / sqrt 2)), erf by Abramowitz & Stegun 7.1.26 (error < 1.5e-7),
+// written as 1 + erf(z) = 2 - P (z >= 0) or P (z < 0), P = poly(t) exp(-z^2): no cancellation.
+inline __m512 gelu_ps(__m512 x) {
+  const __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f));
+  const __m512 az = _mm512_abs_ps(z);
+  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f),
+                                 _mm512_fmadd_ps(az, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f)));
+  __m512 p = _mm512_set1_ps(1.061405429f);
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+  p = _mm512_mul_ps(_mm512_mul_ps(p, t), exp_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), az), az)));
+  const __mmask16 positive = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_GE_OQ);
+  const __m512 one_plus_erf = _mm512_mask_sub_ps(p, positive, _mm512_set1_ps(2.0f), p);
+  return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), one_plus_erf);
+}
+
+enum class Out { Store, Add, Gelu };  // y = v, y += v, y = gelu(v)
+
+// Rows [m0, m0 + MR) against one block of 64 output features starting at n0.
+template <int MR, Out OUT>
+inline void block_tile(const uint8_t* wb, int64_t K4, const QuantRows& x, int64_t m0,
+                       const float* ws, int64_t n0, int64_t N, float* y, int64_t ldy) {
+  __m512i acc[MR][4];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_setzero_si512();
+  const int8_t* xr[MR];
+  for (int m = 0; m < MR; ++m) xr[m] = x.q + (m0 + m) * x.ld;
+  for (int64_t k = 0; k < K4; ++k) {
+    const uint8_t* p = wb + k * 4 * kBlock;
+    const __m512i w0 = _mm512_loadu_si512(p), w1 = _mm512_loadu_si512(p + 64);
+    const __m512i w2 = _mm512_loadu_si512(p + 128), w3 = _mm512_loadu_si512(p + 192);
+    for (int m = 0; m < MR; ++m) {
+      int32_t four;
+      std::memcpy(&four, xr[m] + 4 * k, 4);
+      const __m512i xb = _mm512_set1_epi32(four);
+      acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], w0, xb);
+      acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], w1, xb);
+      acc[m][2] = _mm512_dpbusd_epi32(acc[m][2], w2, xb);
+      acc[m][3] = _mm512_dpbusd_epi32(acc[m][3], w3, xb);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    const __m512i comp = _mm512_set1_epi32(x.comp[m0 + m]);
+    const __m512 s = _mm512_set1_ps(x.scale[m0 + m]);
+    float* yr = y + (m0 + m) * ldy;
+    for (int j = 0; j < 4; ++j) {
+      const int64_t n = n0 + 16 * j;
+      if (n >= N) break;
+      const __mmask16 mask = N - n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - n)) - 1);
+      __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m][j], comp));
+      v = _mm512_mul_ps(_mm512_mul_ps(v, s), _mm512_maskz_loadu_ps(mask, ws + n));
+      if constexpr (OUT == Out::Add) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, yr + n));
+      if constexpr (OUT == Out::Gelu) v = gelu_ps(v);
+      _mm512_mask_storeu_ps(yr + n, mask, v);
+    }
+  }
+}
+
+// y [M][ldy] (=, += or gelu of) x w^T over the M quantized rows; blocks split across threads.
+template <Out OUT>
+void gemm_int8(const PackedInt8& w, const QuantRows& x, int64_t M, float* y, int64_t ldy) {
+  const int64_t blocks = (w.N + kBlock - 1) / kBlock, K4 = w.Kp / 4;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t* wb = w.data + b * K4 * 4 * kBlock;
+      for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
+        switch (std::min<int64_t>(kRowTile, M - m0)) {
+          case 1: block_tile<1, OUT>(wb, K4, x, m0, w.scales, b * kBlock, w.N, y, ldy); break;
+          case 2: block_tile<2, OUT>(wb, K4, x, m0, w.scales, b * kBlock, w.N, y, ldy); break;
+          case 3: block_tile<3, OUT>(wb, K4, x, m0, w.scales, b * kBlock, w.N, y, ldy); break;
+          default: block_tile<4, OUT>(wb, K4, x, m0, w.scales, b * kBlock, w.N, y, ldy); break;
+        }
+      }
+    }
+  });
+}
+
+// y = LayerNorm(x) over E features per row, with weight w and bias b.
+inline void layer_norm(const float* x, const float* w, const float* b, float* y, int64_t E,
+                       float eps) {
+  __m512 vsum = _mm512_setzero_ps();
+  for (int64_t c = 0; c < E; c += 16) {
+    const __mmask16 m = E - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (E - c)) - 1);
+    vsum = _mm512_add_ps(vsum, _mm512_maskz_loadu_ps(m, x + c));
+  }
+  const float mean = _mm512_reduce_add_ps(vsum) / static_cast<float>(E);
+  const __m512 vmean = _mm512_set1_ps(mean);
+  __m512 vsq = _mm512_setzero_ps();
+  for (int64_t c = 0; c < E; c += 16) {
+    const __mmask16 m = E - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (E - c)) - 1);
+    const __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, x + c), vmean);
+    vsq = _mm512_fmadd_ps(d, d, vsq);
+  }
+  const float rstd = 1.0f / std::sqrt(_mm512_reduce_add_ps(vsq) / static_cast<float>(E) + eps);
+  const __m512 vr = _mm512_set1_ps(rstd);
+  for (int64_t c = 0; c < E; c += 16) {
+    const __mmask16 m = E - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (E - c)) - 1);
+    const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + c), vmean);
+    const __m512 v = _mm512_fmadd_ps(_mm512_mul_ps(d, vr), _mm512_maskz_loadu_ps(m, w + c),
+                                     _mm512_maskz_loadu_ps(m, b + c));
+    _mm512_mask_storeu_ps(y + c, m, v);
+  }
+}
+
+}  // namespace er

@@ -1,0 +1,108 @@
+// Small AVX-512 building blocks shared by the kernels: bfloat16/int8 loads, a vectorised exp,
+// a 16-way horizontal sum, softmax weights, per-vector int8 quantization, and the head-size
+// dispatch. Header-only: every kernel file includes it, and cpu.cpp is the one translation unit.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+namespace er {
+
+inline __m512 load_bf16(const uint16_t* p) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+// exp(x) for x <= 0 (softmax after subtracting the max): 2^n * 2^f, f in [-0.5, 0.5], with a
+// degree-6 polynomial for 2^f (relative error about 2e-7) and scalef for 2^n.
+inline __m512 exp_ps(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)),
+                                 _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// The 16 horizontal sums of a[0..15], as one vector (lane j = sum of a[j]): a butterfly of
+// unpacks and lane shuffles, ~3 instructions per sum instead of ~10 for one reduce each.
+inline __m512 hsum16(__m512* a) {
+  __m512 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i)
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
+                         _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int i = 0; i < 2; ++i)
+    d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// Softmax weights of scores[0, T) in place, each times value_scales[t] when given (an int8
+// cache folds the value's scale into its weight); returns 1 / (sum of the plain weights).
+inline float softmax_weights(float* scores, int64_t T, float best, const float* value_scales) {
+  const __m512 vbest = _mm512_set1_ps(best);
+  __m512 vsum = _mm512_setzero_ps();
+  for (int64_t t = 0; t < T; t += 16) {
+    const __mmask16 m = T - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (T - t)) - 1);
+    const __m512 e = _mm512_maskz_mov_ps(
+        m, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + t), vbest)));
+    const __m512 w = value_scales ? _mm512_mul_ps(e, _mm512_maskz_loadu_ps(m, value_scales + t)) : e;
+    _mm512_mask_storeu_ps(scores + t, m, w);
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  return 1.0f / _mm512_reduce_add_ps(vsum);
+}
+
+// fn(std::integral_constant<int, NC>{}) for a head of D = NC * 16 floats, NC in 1..8.
+template <class Fn>
+inline void with_head_chunks(int64_t D, Fn&& fn) {
+  switch (D / 16) {
+    case 1: fn(std::integral_constant<int, 1>{}); break;
+    case 2: fn(std::integral_constant<int, 2>{}); break;
+    case 3: fn(std::integral_constant<int, 3>{}); break;
+    case 4: fn(std::integral_constant<int, 4>{}); break;
+    case 5: fn(std::integral_constant<int, 5>{}); break;
+    case 6: fn(std::integral_constant<int, 6>{}); break;
+    case 7: fn(std::integral_constant<int, 7>{}); break;
+    default: fn(std::integral_constant<int, 8>{}); break;
+  }
+}
+
+// One (row, head): scores against positions [0, T), softmax, weighted sum of values. The head
+// size is NC * 16 floats, held in registers.
+
+inline __m512 load_i8(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+
+// Quantize one vector of D floats to int8 at dst, returning its scale.
+inline float quantize_vector(const float* x, int8_t* dst, int64_t D) {
+  __m512 m = _mm512_setzero_ps();
+  for (int64_t c = 0; c < D; c += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + c)));
+  const float amax = _mm512_reduce_max_ps(m);
+  const float s = amax > 0 ? amax / 127.0f : 1.0f;
+  const __m512 inv = _mm512_set1_ps(1.0f / s);
+  for (int64_t c = 0; c < D; c += 16) {
+    const __m512i i = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + c), inv));  // nearest
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c), _mm512_cvtsepi32_epi8(i));
+  }
+  return s;
+}
+
+}  // namespace er

@@ -1,0 +1,121 @@
+"""Our int8 kernels (engine/kernels/int8_gemm.h, decode_step.h): the packed int8 projection
+against exact integer maths, and the one-call decoder step against the same decoder run op by
+op in Python."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import LoadOptions, MusicModel, kernels
+from engine.conditioning import batch_conditions
+from engine.linear import Int8KernelLinear, pack_int8
+
+
+@pytest.fixture(scope="module")
+def k():
+    reason = kernels.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"CPU kernels cannot run here: {reason}")
+    module = kernels.get()
+    assert module is not None, "the CPU has the instructions but the kernels did not build (log)"
+    return module
+
+
+def _int8_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """What the kernel computes, in float64: per-row int8 activations, per-feature int8 weights,
+    exact integer sums."""
+    w_scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    wq = torch.round(w / w_scale[:, None]).clamp(-127, 127)
+    x_scale = x.abs().amax(dim=1) / 127
+    xq = torch.round(x * (1 / x_scale)[:, None])  # the kernel multiplies by the inverse
+    return (xq.double() @ wq.double().T) * x_scale[:, None].double() * w_scale[None].double()
+
+
+@pytest.mark.parametrize(("n", "kk"), [(192, 64), (100, 42), (64, 1024), (1024, 4096)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 37])
+def test_linear_int8_is_exact_integer_maths(k, n, kk, rows):
+    torch.manual_seed(n + kk + rows)
+    x, w = torch.randn(rows, kk), torch.randn(n, kk) * 0.02
+    packed, scales = pack_int8(w)
+    assert packed.shape == (-(-n // 64), -(-kk // 4), 256) and packed.dtype == torch.uint8
+    got = k.linear_int8(x, packed, scales)
+    assert got.shape == (rows, n) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), _int8_reference(x, w), rtol=1e-5, atol=1e-5)
+    # and the quantization stays close to float32 maths
+    exact = x @ w.T
+    assert (got - exact).abs().max() < 0.03 * exact.abs().max()
+
+
+def test_pack_int8_layout(k):
+    """Feature n, input i sits at block n // 64, group i // 4, byte (n % 64) * 4 + i % 4, + 128."""
+    w = torch.randn(70, 10)
+    packed, scales = pack_int8(w)
+    q = torch.round(w / scales[:, None]).to(torch.int16)
+    for n, i in [(0, 0), (5, 3), (63, 9), (64, 4), (69, 7)]:
+        assert int(packed[n // 64, i // 4, (n % 64) * 4 + i % 4]) == int(q[n, i]) + 128
+    assert int(packed[1, 0, 6 * 4]) == 128  # padding feature 70: weight 0
+    assert int(packed[0, 2, 3]) == 128  # padding input 11: weight 0
+
+
+def test_linear_int8_refuses_bad_inputs(k):
+    packed, scales = pack_int8(torch.randn(64, 32))
+    with pytest.raises(RuntimeError, match="x has 16 features, the weights were packed for 32"):
+        k.linear_int8(torch.randn(2, 16), packed, scales)
+    with pytest.raises(RuntimeError, match="packed weights must be contiguous uint8"):
+        k.linear_int8(torch.randn(2, 32), packed.float(), scales)
+    with pytest.raises(RuntimeError, match="128 scales for 1 blocks"):
+        k.linear_int8(torch.randn(2, 32), packed, torch.ones(128))
+
+
+@pytest.fixture(scope="module")
+def int8_model(k, tiny_model_dir):
+    model = MusicModel.load(LoadOptions(model=tiny_model_dir, device="cpu", quantize="int8"))
+    assert model.decoder._fused is not None, "the int8 decoder should take the one-call step"
+    assert isinstance(model.decoder.layers[0].fc1, Int8KernelLinear)
+    return model
+
+
+def _steps(decoder, model, fused: bool, rows_at: list[list[int]], prompts: list[str]):
+    """Logits of decode steps over random tokens, each row at its own positions, on the fused
+    step or on the op-by-op path with the same int8 weights and cache."""
+    saved = decoder._fused
+    decoder._fused = saved if fused else None
+    try:
+        torch.manual_seed(1)
+        conditions = [model.encode_prompt(p) for p in prompts]
+        cross = decoder.cross_kv(*batch_conditions(conditions, guidance=True))
+        rows = len(rows_at[0])
+        big = decoder.new_cache(rows + 2, 64)
+        cache = big.rows(1, rows)  # a row view of a bigger cache, as stations get
+        out = []
+        for at in rows_at:
+            ids = torch.randint(0, decoder.vocab + 1, (rows, decoder.num_codebooks))
+            out.append(decoder.decode_one_step(ids, cache, cross, at))
+        return torch.stack(out)
+    finally:
+        decoder._fused = saved
+
+
+def test_fused_step_equals_op_by_op_int8_decoder(int8_model):
+    """Two stations (4 rows) at different window positions, prompts of different lengths."""
+    decoder = int8_model.decoder
+    rows_at = [[p, p, p + 7, p + 7] for p in range(30)]
+    prompts = ["slow jazz", "fast drum and bass with a long prompt"]
+    got = _steps(decoder, int8_model, True, rows_at, prompts)
+    want = _steps(decoder, int8_model, False, rows_at, prompts)
+    assert got.shape == want.shape == (30, 4, decoder.num_codebooks, decoder.vocab)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_step_refuses_bad_inputs(int8_model):
+    decoder = int8_model.decoder
+    cross = decoder.cross_kv(*batch_conditions([int8_model.encode_prompt("jazz")], guidance=True))
+    cache = decoder.new_cache(2, 16)
+    ids = torch.zeros(2, decoder.num_codebooks, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="row 0 position 16 outside"):
+        decoder.decode_one_step(ids, cache, cross, [16, 0])
+    with pytest.raises(RuntimeError, match="token id 5000 outside"):
+        decoder.decode_one_step(ids + 5000, cache, cross)
+    with pytest.raises(RuntimeError, match="keys/values"):
+        decoder.decode_one_step(ids, decoder.new_cache(3, 16), cross)
