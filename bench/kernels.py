@@ -5,7 +5,8 @@ guidance), one decode step's worth of work with every layer's own weights and ca
 bytes come from memory as in the real step, not from a warm cache:
 
 - the projections (qkv, out, cross q, cross out, fc1, fc2): bfloat16 `F.linear`, int8 dynamic
-  (`torch.ops.quantized.linear_dynamic`), and `linear_bf16`;
+  (`torch.ops.quantized.linear_dynamic`), `linear_bf16` and `linear_int8` (one Python call per
+  projection: the fused decode step saves those calls too);
 - self-attention over P cached positions: float32 SDPA (the cache PyTorch's kernels need to be
   fast), bfloat16 SDPA, `decode_attention` over a bfloat16 cache, and `attend_step_q8` (which
   also writes the step's key/value) over an int8 cache;
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 from engine import kernels
 from engine.kv_cache import quantize_vectors
-from engine.linear import Int8DynamicLinear
+from engine.linear import Int8DynamicLinear, pack_int8
 
 HIDDEN, FFN, HEADS, HEAD_DIM = 1024, 4096, 16, 64
 SHAPES = [(3 * HIDDEN, HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, HIDDEN),
@@ -79,6 +80,14 @@ def bench_linears(rows: int, layers: int, repeat: int, k) -> None:
                     k.linear_bf16(inputs[w.shape[1]], w)
 
         line("linear_bf16 (ours)", timed(ours, repeat), nbytes, base)
+        packed = [[pack_int8(w) for w in layer] for layer in weights]
+
+        def ours_int8():
+            for layer in packed:
+                for (data, scales), w in zip(layer, weights[0], strict=True):
+                    k.linear_int8(inputs[w.shape[1]], data, scales)
+
+        line("linear_int8 (ours, half the bytes)", timed(ours_int8, repeat), nbytes // 2, base)
     read_ceiling(nbytes, repeat)
 
 
