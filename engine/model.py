@@ -18,8 +18,9 @@ import torch
 
 from engine.batch import DecodeBatch
 from engine.codec import StreamingDecoder, freeze_weight_norm
-from engine.conditioning import encode_prompt
+from engine.conditioning import batch_conditions, encode_prompt
 from engine.decoder import Decoder
+from engine.delay import codebook_delays, delayed_layout
 from engine.loading import LoadedModel, ModelLoadError, load_model
 from engine.options import LoadOptions, SamplingOptions, WindowOptions
 from engine.token_stream import TokenStream
@@ -71,6 +72,21 @@ class MusicModel:
     @torch.inference_mode()
     def encode_prompt(self, text: str):
         return encode_prompt(self.hf, self.processor, text)
+
+    @torch.inference_mode()
+    def measure_prefill(self, window: WindowOptions | None = None) -> float:
+        """Seconds one prefill of a whole context takes (random tokens, both guidance rows): the
+        pause a window restart or a prompt change puts in a stream before it goes on."""
+        window = (window or WindowOptions()).validate(self.max_positions)
+        frames = torch.randint(0, self.decoder.vocab, (self.num_codebooks, window.context))
+        delays = codebook_delays(self.num_codebooks, self.channels)
+        ids = delayed_layout(frames, delays, window.context + 1).to(self.device)
+        states, mask = batch_conditions([self.encode_prompt("calibration")], guidance=True)
+        cross = self.decoder.cross_kv(states, mask)
+        cache = self.decoder.new_cache(2, window.context + 8)
+        began = time.perf_counter()
+        self.decoder.prefill(ids[None].expand(2, -1, -1), cache, cross)
+        return time.perf_counter() - began
 
     def new_codec(self) -> StreamingDecoder:
         return StreamingDecoder(self.hf.audio_encoder, audio_channels=self.channels)

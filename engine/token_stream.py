@@ -14,6 +14,7 @@ rewinds, re-prefills and the codec's left context); older ones are forgotten, so
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -59,6 +60,7 @@ class TokenStream:
         self.condition = condition
         self.steps = 0  # decoder steps run, for statistics
         self.prefills = 0  # window restarts and prompt changes
+        self.prefill_seconds = 0.0  # wall time of the last prefill of a whole context (0: none yet)
         # Complete frames [K, T] on the CPU; _history[:, i] is frame _offset + i.
         self._history = torch.zeros(self.num_codebooks, 0, dtype=torch.long)
         self._offset = 0
@@ -161,7 +163,10 @@ class TokenStream:
         self._seq = layout.to(self.decoder.device)  # [K, W + 1]
         first = self._context_len + 1  # positions 0..C are known and prefilled together
         ids = self._seq[None, :, :first].expand(rows, -1, -1)
+        began = time.perf_counter()
         logits = self.decoder.prefill(ids, self._cache, self._cross)
+        if self._context_len == self.window.context:
+            self.prefill_seconds = time.perf_counter() - began
         self._fed = first
         self.prefills += 1
         self._accept(logits)

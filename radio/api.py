@@ -27,6 +27,7 @@ from typing import Any
 from aiohttp import web
 
 from radio.context import RADIO, Radio
+from radio.generator import auto_horizon
 from radio.station import Station, iso
 
 MAX_BODY = 4096  # bytes in a POST body (the app's client_max_size)
@@ -224,6 +225,14 @@ def check_prompt(data: dict[str, Any], radio: Radio, admin: bool) -> str:
     return prompt
 
 
+def prompt_horizon(radio) -> float:
+    """Seconds after the moment being played at which a posted prompt starts."""
+    g = radio.config.generation
+    if g.prompt_horizon >= 0:
+        return g.prompt_horizon
+    return auto_horizon(radio.generator.prefill_seconds, g.chunk_seconds)
+
+
 async def post_prompt(request: web.Request) -> web.Response:
     posted_at = time.monotonic()
     radio = request.app[RADIO]
@@ -242,7 +251,7 @@ async def post_prompt(request: web.Request) -> web.Response:
             )
     if radio.generator is None or not radio.generator.alive:
         raise ApiError(503, "the generator is not running")
-    horizon = round(radio.config.generation.prompt_horizon * radio.frame_rate)
+    horizon = round(prompt_horizon(radio) * radio.frame_rate)
     from_frame = -(-st.buffer.head // radio.hop) + horizon  # ceil(head / hop) + horizon
     fut = radio.generator.set_prompt(
         st.id, prompt, from_frame, posted_at, "admin" if admin else "listener"

@@ -93,7 +93,9 @@ class GenerationConfig:
     context: int = 500  # frames re-prefilled when a window is full or the prompt changes
     buffer_ahead: float = 4.0  # seconds generated ahead of the clock (more = safer, slower prompts)
     chunk_seconds: float = 0.2  # audio generated per worker step (smaller = faster prompt reaction)
-    prompt_horizon: float = 0.5  # a new prompt starts this many seconds after the current moment
+    # a new prompt starts this many seconds after the moment being played; -1 = auto: at least
+    # 0.5 s, and long enough for the engine's measured prefill, so the stream never falls behind
+    prompt_horizon: float = -1.0
 
     def validate(self) -> None:
         self.sampling_options()
@@ -109,9 +111,9 @@ class GenerationConfig:
                 f"chunk_seconds: must be at most half of buffer_ahead ({self.buffer_ahead}), "
                 f"got {self.chunk_seconds}"
             )
-        if not 0 <= self.prompt_horizon <= 10:
+        if not (0 <= self.prompt_horizon <= 10 or self.prompt_horizon == -1):
             raise ValueError(
-                f"prompt_horizon: must be in [0, 10] seconds, got {self.prompt_horizon}"
+                f"prompt_horizon: must be -1 (auto) or in [0, 10] seconds, got {self.prompt_horizon}"
             )
 
     def sampling_options(self, station_index: int = 0) -> SamplingOptions:

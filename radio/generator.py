@@ -45,6 +45,17 @@ class GeneratorSink(Protocol):
     def on_error(self, station_id: str, message: str) -> None: ...
 
 
+MIN_HORIZON = 0.5  # seconds: the auto prompt horizon never starts a prompt sooner
+HORIZON_MARGIN = 1.5  # the auto horizon leaves this many prefill times for the prefill
+
+
+def auto_horizon(prefill_seconds: float, chunk_seconds: float) -> float:
+    """Seconds after the moment being played at which a new prompt can start without the
+    stream falling behind: the prefill (with a margin) and two chunks of generation must fit
+    into the audio still buffered before it."""
+    return max(MIN_HORIZON, HORIZON_MARGIN * prefill_seconds + 2 * chunk_seconds)
+
+
 @dataclass(frozen=True)
 class StationSpec:
     id: str
@@ -108,6 +119,9 @@ class Generator:
     loop: asyncio.AbstractEventLoop
     buffer_ahead: float = 4.0  # seconds each station may be ahead of its clock
     chunk_frames: int = 10  # frames per read()
+    # seconds one prefill of a whole context takes: measured when the streams open, then the
+    # latest window restart's (read by the loop to place prompt changes; a float is atomic)
+    prefill_seconds: float = 0.0
     _commands: queue.Queue = field(default_factory=queue.Queue)
     _thread: threading.Thread | None = None
     _slow_down: float = 0.0  # test hook: extra seconds slept per chunk (see `slow_down`)
@@ -184,6 +198,8 @@ class Generator:
             )
             for lane, stream in zip(lanes.values(), streams, strict=True):
                 lane.stream = stream
+            self.prefill_seconds = self.model.measure_prefill(self.specs[0].window)
+            self._say_prefill()
         except Exception as e:  # noqa: BLE001 - reported to every station, then we stop
             log.exception("the generator could not open the stations' streams")
             for sid in lanes:
@@ -200,6 +216,23 @@ class Generator:
                 continue
             self._step(lane)
 
+    def _say_prefill(self) -> None:
+        chunk = self.chunk_frames / self.model.frame_rate
+        log.info(
+            "a prefill of the whole context takes %.2f s: prompt changes start at least %.1f s "
+            "ahead (prompt_horizon auto)",
+            self.prefill_seconds,
+            auto_horizon(self.prefill_seconds, chunk),
+        )
+        if self.prefill_seconds + chunk > self.buffer_ahead:
+            log.warning(
+                "the %.1f s buffer is shorter than a prefill (%.2f s) plus a chunk: window "
+                "restarts and prompt changes will make the stream fall behind; raise "
+                "generation.buffer_ahead or run the model on a faster device",
+                self.buffer_ahead,
+                self.prefill_seconds,
+            )
+
     def _pick(self, lanes: Any, ahead_limit: int) -> _Lane | None:
         ready = [ln for ln in lanes if not ln.failed and ln.ahead_frames() < ahead_limit]
         return min(ready, key=_Lane.ahead_frames, default=None)
@@ -214,6 +247,8 @@ class Generator:
             lane.failed = True
             self._to_loop(self.sink.on_error, lane.spec.id, f"generation failed: {e}")
             return
+        if lane.stream.tokens.prefill_seconds:  # the latest window restart or prompt change
+            self.prefill_seconds = lane.stream.tokens.prefill_seconds
         if self._slow_down:
             time.sleep(self._slow_down)
         spent = max(time.perf_counter() - t, 1e-6)

@@ -40,6 +40,7 @@ def test_every_key_has_a_comment():
     "data, message",
     [
         ({"generation": {"top_k": -1}}, "generation.top_k: must be >= 0"),
+        ({"generation": {"prompt_horizon": -2}}, "generation.prompt_horizon: must be -1 (auto)"),
         ({"generation": {"temperature": 0}}, "generation.temperature: must be > 0"),
         ({"generation": {"window": 100, "context": 500}}, "generation.window"),
         ({"generation": {"topk": 5}}, "generation.topk: unknown key"),

@@ -64,3 +64,41 @@ def test_prompt_change_is_heard_within_a_second_and_a_half(radio_factory):
     for got, said in zip(latencies, promised, strict=True):
         # the 202 told the truth (the client's own timing is noisy on a loaded machine)
         assert -0.25 < got - said < TICK + 0.25, (got, said)
+
+
+def test_auto_horizon_covers_the_measured_prefill():
+    from radio.generator import auto_horizon
+
+    assert auto_horizon(0.01, 0.2) == 0.5  # a fast prefill (GPU, tiny model): the minimum
+    assert auto_horizon(1.2, 0.2) == 1.5 * 1.2 + 0.4  # musicgen-small on this CPU, int8
+
+
+def test_a_slow_prefill_moves_prompt_changes_ahead(radio_factory, monkeypatch):
+    """prompt_horizon auto: with a prefill that takes 1.6 s (as on a slower machine), a new
+    prompt starts 1.5 x 1.6 s + 2 chunks after the moment being played, so its audio is ready
+    before the clock gets there: the station plays through the change without an underrun."""
+    radio = radio_factory(security={"admin_token": TOKEN})
+    st = radio.radio.stations["main"]
+    gen = radio.radio.generator
+    assert 0 < gen.prefill_seconds < 1.0  # measured when the streams opened (tiny model)
+    deadline = time.monotonic() + 20
+    while st.health.buffer_seconds < 3.5 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert st.health.buffer_seconds >= 3.5, "the buffer never filled"
+    decoder = radio.radio.model.decoder
+    prefill = decoder.prefill
+
+    def slow_prefill(*args, **kwargs):
+        time.sleep(1.6)
+        return prefill(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "prefill", slow_prefill)
+    gen.prefill_seconds = 1.6
+    t = time.monotonic()
+    body = post_prompt(radio.base_url, "slow jazz piano")  # answered after the prefill
+    promised = time.monotonic() - t + body["heard_in_seconds"]
+    assert promised >= 1.5 * 1.6 + 0.4 - 0.1, (body, promised)
+    while radio.call(lambda: st.prompt) != "slow jazz piano" or time.monotonic() - t < 4:
+        assert time.monotonic() - t < 10, "the new prompt was never heard"
+        time.sleep(0.05)
+    assert st.health.underruns == 0
