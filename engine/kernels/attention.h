@@ -7,6 +7,12 @@
 
 namespace er {
 
+// How far ahead (bytes) the int8 cache's keys and values are prefetched while a head is read.
+// Each (row, head) is two short streams (64 KB at 1000 positions) that the hardware prefetcher
+// ramps up on too late: 4 KB ahead, and both streams' first lines at once, made 24 layers of
+// attention over 1000 positions ~25% faster here (3.9 -> 2.9 ms; the same work in L3: 1.2 ms).
+constexpr int64_t kAttendPrefetch = 4096;
+
 template <int NC>
 void attend(const float* q, const uint16_t* k, const uint16_t* v, int64_t T, float scale,
             float* scores, float* out) {
@@ -50,6 +56,10 @@ template <int NC>
 void attend_q8(const float* q, const int8_t* k, const float* ks, const int8_t* v, const float* vs,
                int64_t T, float scale, float* scores, float* out) {
   constexpr int64_t D = NC * 16;
+  for (int64_t line = 0; line < kAttendPrefetch && line < T * D; line += 64) {
+    prefetch(k + line);  // both streams start cold: ask for their first lines at once
+    prefetch(v + line);
+  }
   __m512 qv[NC];
   for (int c = 0; c < NC; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
   __m512 vscale = _mm512_set1_ps(scale);
@@ -73,6 +83,7 @@ void attend_q8(const float* q, const int8_t* k, const float* ks, const int8_t* v
     vscale = _mm512_set1_ps(scale * qs);
     for (; t0 + 16 <= T; t0 += 16, k += 16 * D) {  // 16 positions, one horizontal-sum butterfly
       __m512 a[16];
+      for (int64_t line = 0; line < 16 * D; line += 64) prefetch(k + kAttendPrefetch + line);
       for (int j = 0; j < 16; ++j) {
         __m512i acc = _mm512_setzero_si512();
         for (int c = 0; c < NC / 2; ++c) {
@@ -115,6 +126,7 @@ void attend_q8(const float* q, const int8_t* k, const float* ks, const int8_t* v
   __m512 o[NC];
   for (int c = 0; c < NC; ++c) o[c] = _mm512_setzero_ps();
   for (int64_t t2 = 0; t2 < T; ++t2, v += D) {
+    for (int64_t line = 0; line < D; line += 64) prefetch(v + kAttendPrefetch + line);
     const __m512 p = _mm512_set1_ps(scores[t2]);  // softmax weight times the value's scale
     for (int c = 0; c < NC; ++c) o[c] = _mm512_fmadd_ps(p, load_i8(v + 16 * c), o[c]);
   }
