@@ -43,7 +43,7 @@ def load_model(config: Config) -> Any:
     opts = config.model.load_options()
     log.info("loading model %s (device %s, dtype %s) ...", opts.model, opts.device, opts.dtype)
     t = time.monotonic()
-    model = MusicModel.load(opts)
+    model = MusicModel.load_in_thread(opts)  # all torch work then runs in the generator's thread
     log.info(
         "model loaded in %.1f s: %d Hz, %d channel(s)",
         time.monotonic() - t,

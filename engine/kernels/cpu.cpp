@@ -411,14 +411,16 @@ class DecodeStepInt8 {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear_bf16", &linear_bf16, "y = x w^T, bfloat16 weights, a few rows");
-  m.def("decode_attention", &decode_attention, "one query per row over a bfloat16 KV cache");
-  m.def("attend_step", &attend_step, "write a step's keys/values, then attend, per row");
-  m.def("attend_step_q8", &attend_step_q8, "attend_step over an int8 KV cache with scales");
-  m.def("linear_int8", &linear_int8, "y = x w^T, packed int8 weights, activations int8 per row");
+  // The kernels touch no Python object: other threads (the radio's event loop) run meanwhile.
+  const auto nogil = pybind11::call_guard<pybind11::gil_scoped_release>();
+  m.def("linear_bf16", &linear_bf16, nogil, "y = x w^T, bfloat16 weights, a few rows");
+  m.def("decode_attention", &decode_attention, nogil, "one query per row over a bfloat16 KV cache");
+  m.def("attend_step", &attend_step, nogil, "write a step's keys/values, then attend, per row");
+  m.def("attend_step_q8", &attend_step_q8, nogil, "attend_step over an int8 KV cache with scales");
+  m.def("linear_int8", &linear_int8, nogil, "y = x w^T, packed int8 weights, activations int8 per row");
   pybind11::class_<DecodeStepInt8>(m, "DecodeStepInt8")
       .def(pybind11::init<std::vector<torch::Tensor>, torch::Tensor,
                           std::vector<std::vector<torch::Tensor>>, std::vector<torch::Tensor>,
                           int64_t, double>())
-      .def("step", &DecodeStepInt8::step, "one decoder step: ids [B, K] -> logits [B, K * V]");
+      .def("step", &DecodeStepInt8::step, nogil, "one decoder step: ids [B, K] -> logits [B, K * V]");
 }
