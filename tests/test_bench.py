@@ -79,3 +79,12 @@ def test_codec_benchmark_prints_cost_and_stages(tmp_path):
     )
     assert "| 1 | 10 (radio) |" in out and "| 2 | 50 |" in out
     assert "LSTM (2 layers, per frame)" in out and "| total |" in out
+
+
+def test_serve_benchmark_listens_and_reports(tmp_path):
+    out = _run(
+        "bench_serve.py", "--size", "tiny", "--seconds", "6", "--every", "2", tmp_path=tmp_path
+    )
+    assert "| generator real-time factor | median" in out
+    assert re.search(r"\| underruns \| \d+ \|", out)
+    assert re.search(r"\| prompt change \| promised in [\d.]+ s, heard after [\d.]+ s", out)

@@ -1,0 +1,172 @@
+"""The radio itself in real time: `radio serve` on a model, a real listener, measured from outside.
+
+    python bench/bench_serve.py                              # musicgen-small shapes, ~2 min
+    python bench/bench_serve.py --size tiny --seconds 8      # CI smoke run
+
+Starts `radio serve --model DIR` with the default settings (on a CPU: int8 decoder, int8 KV
+cache, our kernels), plays the MP3 mount into ffmpeg as a listener (when ffmpeg is installed),
+and every few seconds reads the station's health from the API: the generator's real-time factor
+(seconds of audio per second of generating), the audio buffered ahead of the clock, and the
+underruns (times the buffer ran dry and the bridge played). A third of the way in it posts a prompt
+change and reports when the new prompt was heard. Everything the encoders, the clock and the
+HTTP server cost on the same cores is included: this is the figure a café gets.
+
+Random-weight models are built once into ./models (or $BENCH_MODELS), as by bench_engine.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_engine import model_dir, say  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def post_prompt(base: str, prompt: str) -> dict:
+    req = urllib.request.Request(
+        f"{base}/api/stations/main/prompt",
+        data=json.dumps({"prompt": prompt}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def wait_healthy(base: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"radio serve exited with {proc.returncode}")
+        try:
+            get_json(f"{base}/healthz")
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"radio serve was not healthy within {timeout:.0f} s")
+
+
+def health(base: str) -> dict:
+    return get_json(f"{base}/api/stations/main")["health"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=("small", "tiny"), default="small")
+    parser.add_argument("--seconds", type=float, default=90.0, help="how long to listen")
+    parser.add_argument("--every", type=float, default=5.0, help="seconds between health samples")
+    args = parser.parse_args()
+
+    path = model_dir(args.size)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    logdir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    log = open(logdir / "radio-serve.log", "wb")  # noqa: SIM115 - closed at the end
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "radio.cli", "serve", "--model", str(path)]
+    proc = subprocess.Popen(
+        [*cmd, "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=log, env=env
+    )
+    listener = None
+    try:
+        say(f"radio serve --model {path} on port {port} (log: {logdir / 'radio-serve.log'}) ...")
+        wait_healthy(base, proc, timeout=300)
+        if shutil.which("ffmpeg"):
+            listener = subprocess.Popen(
+                [
+                    "ffmpeg",
+                    "-nostdin",
+                    "-loglevel",
+                    "error",
+                    "-i",
+                    f"{base}/main.mp3",
+                    "-f",
+                    "null",
+                    "-",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            say("  listener: ffmpeg decoding /main.mp3")
+        else:
+            say("  no ffmpeg: measuring without a listener")
+        began, rtfs, buffers, prompt = time.monotonic(), [], [], None
+        start_underruns = health(base)["underruns"]
+        while (elapsed := time.monotonic() - began) < args.seconds:
+            time.sleep(args.every)
+            h = health(base)
+            rtfs.append(h["realtime_factor"])
+            buffers.append(h["buffer_seconds"])
+            say(
+                f"  {elapsed + args.every:5.0f} s: real-time factor {h['realtime_factor']:.2f}, "
+                f"buffer {h['buffer_seconds']:.1f} s, underruns {h['underruns'] - start_underruns}"
+            )
+            if prompt is None and elapsed >= args.seconds / 3:
+                before = h["underruns"]
+                answer = post_prompt(base, "slow rainy-day jazz")
+                prompt = {"heard_in": answer["heard_in_seconds"], "underruns_before": before}
+                say(f"  prompt posted: heard in {answer['heard_in_seconds']:.2f} s")
+        h = health(base)
+        deadline = time.monotonic() + 15
+        while prompt is not None and h["prompt_latency_seconds"] is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the posted prompt was never heard")
+            time.sleep(0.5)
+            h = health(base)
+        underruns = h["underruns"] - start_underruns
+        say("")
+        say("| what | figure |")
+        say("| --- | --- |")
+        say(f"| model | {args.size} shapes, `radio serve` defaults, {os.cpu_count()} cores |")
+        say(f"| listened | {args.seconds:.0f} s{' (ffmpeg on /main.mp3)' if listener else ''} |")
+        say(
+            f"| generator real-time factor | median {statistics.median(rtfs):.2f}, "
+            f"min {min(rtfs):.2f} (of {len(rtfs)} samples) |"
+        )
+        say(
+            f"| buffer ahead of the clock | min {min(buffers):.1f} s, median {statistics.median(buffers):.1f} s |"
+        )
+        say(f"| underruns | {underruns} |")
+        if prompt is not None:
+            latency = h["prompt_latency_seconds"]
+            say(
+                f"| prompt change | promised in {prompt['heard_in']:.2f} s, heard after "
+                f"{latency:.2f} s, underruns after it: "
+                f"{h['underruns'] - prompt['underruns_before']} |"
+            )
+        return 0
+    finally:
+        if listener is not None:
+            listener.terminate()
+            listener.wait()
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
