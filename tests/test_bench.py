@@ -87,4 +87,6 @@ def test_serve_benchmark_listens_and_reports(tmp_path):
     )
     assert "| generator real-time factor | median" in out
     assert re.search(r"\| underruns \| \d+ \|", out)
-    assert re.search(r"\| prompt change \| promised in [\d.]+ s, heard after [\d.]+ s", out)
+    assert re.search(
+        r"\| prompt change \| promised [\d.]+ s after the POST, heard after [\d.]+ s", out
+    )
