@@ -90,3 +90,13 @@ def test_serve_benchmark_listens_and_reports(tmp_path):
     assert re.search(
         r"\| prompt change \| promised [\d.]+ s after the POST, heard after [\d.]+ s", out
     )
+
+
+def test_engine_benchmark_realtime_only(tmp_path):
+    out = _run(
+        "bench_engine.py",
+        *("--size", "tiny", "--realtime-only", "--realtime-seconds", "3"),
+        *("--window", "120", "--context", "60"),
+        tmp_path=tmp_path,
+    )
+    assert re.search(r"real time, int8, one station, 3 s of audio end to end, fresh process", out)
