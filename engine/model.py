@@ -81,7 +81,7 @@ class MusicModel:
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
                 result.append(e)
 
-        thread = threading.Thread(target=run, name="model-load")
+        thread = threading.Thread(target=run, name="model-load", daemon=True)  # Ctrl-C exits
         thread.start()
         thread.join()
         if isinstance(result[0], BaseException):

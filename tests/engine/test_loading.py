@@ -66,3 +66,15 @@ def test_offline_without_weights_says_the_ways_out(tmp_path):
     assert "facebook/musicgen-small" in result.stderr
     for way_out in ("--model", "HF_HUB_OFFLINE", "radio tiny-model"):
         assert way_out in result.stderr
+
+
+def test_load_in_thread_leaves_the_calling_thread_without_torch_work(tiny_model_dir, tmp_path):
+    """`radio serve` loads this way: the model comes back ready, a failure is raised here, and
+    the loading thread (with its OpenMP team) is gone."""
+    import threading
+
+    model = MusicModel.load_in_thread(LoadOptions(model=tiny_model_dir, device="cpu"))
+    assert model.open_stream("jazz").read(5).shape == (1, 5 * 640)
+    assert not any(t.name == "model-load" for t in threading.enumerate())
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        MusicModel.load_in_thread(LoadOptions(model=str(tmp_path / "nowhere")))
