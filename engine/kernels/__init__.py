@@ -1,17 +1,24 @@
-"""Our own CPU kernels for the decode step (`cpu.cpp`), built on first use and cached.
+"""Our own CPU kernels for the decode step (`cpu.cpp` and the headers it includes), built on
+first use and cached.
 
 A decode step reads every weight and every cached key once and does little maths with them, so
-it is bound by memory bandwidth. Two kernels reach that bound where PyTorch's general ones do not
-for a batch of a few rows (figures: `python bench/kernels.py`):
+it is bound by memory bandwidth. These kernels reach that bound where PyTorch's general ones do
+not for a batch of a few rows (figures: `python bench/kernels.py`):
 
+- `DecodeStepInt8`: a whole decoder step with int8 weights over an int8 KV cache, in one call
+  (`decode_step.h`), the CPU default;
+- `linear_int8(x, packed, scales)`: x [M, K] times packed int8 weights (`int8_gemm.h`, VNNI),
+  any M: decode steps and prefills;
+- `attend_step` / `attend_step_q8`: a step's self-attention over a bfloat16 / int8 KV cache
+  (`attention.h`), each row at its own position;
 - `linear_bf16(x, w)`: x [M <= 8, K] times bfloat16 weights w [N, K] -> float32 [M, N];
 - `decode_attention(q, keys, values, lengths, scale)`: one query position per row against a
-  bfloat16 KV cache (half the bytes of float32), each row attending its own number of positions.
+  bfloat16 KV cache.
 
-They need a C++ compiler and a CPU with AVX-512 BF16 (the machines where bfloat16 is chosen
-anyway). `get()` returns the module, or None when they are not available, after saying why once
-in the log; `ENDLESS_RADIO_KERNELS=0` turns them off. The build (~30 s, once per machine and
-PyTorch version) lands in PyTorch's extension cache (`TORCH_EXTENSIONS_DIR` moves it).
+They need a C++ compiler and a CPU with AVX-512 BF16 and VNNI. `get()` returns the module, or None
+when they are not available, after saying why once in the log; `ENDLESS_RADIO_KERNELS=0` turns
+them off. The build (~40 s, once per machine, PyTorch version and source digest) lands in
+PyTorch's extension cache (`TORCH_EXTENSIONS_DIR` moves it). The kernels release the GIL.
 """
 
 from __future__ import annotations
