@@ -7,19 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import LoadOptions, MusicModel, kernels
+from engine import LoadOptions, MusicModel
 from engine.conditioning import batch_conditions
 from engine.linear import Int8KernelLinear, pack_int8
-
-
-@pytest.fixture(scope="module")
-def k():
-    reason = kernels.unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"CPU kernels cannot run here: {reason}")
-    module = kernels.get()
-    assert module is not None, "the CPU has the instructions but the kernels did not build (log)"
-    return module
 
 
 def _int8_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -11,16 +11,6 @@ from engine import LoadOptions, MusicModel, kernels
 from engine.decoder import Decoder
 
 
-@pytest.fixture(scope="module")
-def k():
-    reason = kernels.unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"CPU kernels cannot run here: {reason}")
-    module = kernels.get()
-    assert module is not None, "the CPU has the instructions but the kernels did not build (log)"
-    return module
-
-
 @pytest.mark.parametrize("rows", range(1, 9))
 def test_linear_bf16_equals_float32_maths(k, rows):
     torch.manual_seed(rows)

@@ -1,0 +1,18 @@
+"""Fixtures of the engine tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine import kernels
+
+
+@pytest.fixture(scope="module")
+def k():
+    """Our built CPU kernel module; the test skips (with the reason) where they cannot run."""
+    reason = kernels.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"CPU kernels cannot run here: {reason}")
+    module = kernels.get()
+    assert module is not None, "the CPU has the instructions but the kernels did not build (log)"
+    return module
