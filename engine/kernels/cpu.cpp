@@ -107,6 +107,18 @@ CacheShape check_cache(const char* fn, const torch::Tensor& keys, const torch::T
   return c;
 }
 
+// One position per row, positions [B], each in [0, P), as contiguous int64.
+torch::Tensor checked_positions(const char* fn, const torch::Tensor& positions, int64_t B,
+                                int64_t P) {
+  TORCH_CHECK(positions.dim() == 1 && positions.size(0) == B, fn, ": one position per row");
+  auto pos = positions.to(torch::kLong).contiguous();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(pp[b] >= 0 && pp[b] < P, fn, ": row ", b, " position ", pp[b], " outside [0, ",
+                P, ")");
+  return pos;
+}
+
 // A decode step's qkv [B, 3 * H * D] as float32, and its positions [B], each in [0, P), as int64.
 std::pair<torch::Tensor, torch::Tensor> check_step(const char* fn, const torch::Tensor& qkv,
                                                    const torch::Tensor& positions,
@@ -114,13 +126,7 @@ std::pair<torch::Tensor, torch::Tensor> check_step(const char* fn, const torch::
   const int64_t E = c.H * c.D;
   TORCH_CHECK(qkv.dim() == 2 && qkv.size(0) == c.B && qkv.size(1) == 3 * E, fn, ": qkv is ",
               qkv.sizes(), ", expected [", c.B, ", ", 3 * E, "]");
-  TORCH_CHECK(positions.dim() == 1 && positions.size(0) == c.B, fn, ": one position per row");
-  auto pos = positions.to(torch::kLong).contiguous();
-  const int64_t* pp = pos.data_ptr<int64_t>();
-  for (int64_t b = 0; b < c.B; ++b)
-    TORCH_CHECK(pp[b] >= 0 && pp[b] < c.P, fn, ": row ", b, " position ", pp[b], " outside [0, ",
-                c.P, ")");
-  return {qkv.to(torch::kFloat).contiguous(), pos};
+  return {qkv.to(torch::kFloat).contiguous(), checked_positions(fn, positions, c.B, c.P)};
 }
 
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor keys, torch::Tensor values,
@@ -353,12 +359,8 @@ class DecodeStepInt8 {
                     key_scales.stride(3) == 1 && key_scales.scalar_type() == torch::kFloat &&
                     value_scales.scalar_type() == torch::kFloat,
                 "DecodeStepInt8.step: float32 scales [L, B, H, P]");
-    TORCH_CHECK(positions.dim() == 1 && positions.size(0) == B, "DecodeStepInt8.step: one position per row");
-    auto pos = positions.to(torch::kLong).contiguous();
+    const auto pos = checked_positions("DecodeStepInt8.step", positions, B, std::min(P, positions_.size(0)));
     const int64_t* pp = pos.data_ptr<int64_t>();
-    for (int64_t b = 0; b < B; ++b)
-      TORCH_CHECK(pp[b] >= 0 && pp[b] < P && pp[b] < positions_.size(0), "DecodeStepInt8.step: row ",
-                  b, " position ", pp[b], " outside [0, ", std::min(P, positions_.size(0)), ")");
     auto idc = ids.contiguous();
     const int64_t* ip = idc.data_ptr<int64_t>();
     for (int64_t i = 0; i < B * m_.K; ++i)

@@ -71,9 +71,8 @@ struct StepScratch {
 template <Out OUT>
 inline void project(const PackedInt8& w, const float* in, int64_t K, int64_t B, float* out,
                     int64_t ldy, StepScratch& s) {
-  const int64_t ld = std::max<int64_t>(w.Kp, K);
-  quantize_rows(in, K, B, K, w.Kp, s.q.data(), ld, s.qscale.data(), s.qcomp.data());
-  gemm_int8<OUT>(w, QuantRows{s.q.data(), ld, s.qscale.data(), s.qcomp.data()}, B, out, ldy);
+  quantize_rows(in, K, B, K, w.Kp, s.q.data(), w.Kp, s.qscale.data(), s.qcomp.data());
+  gemm_int8<OUT>(w, QuantRows{s.q.data(), w.Kp, s.qscale.data(), s.qcomp.data()}, B, out, ldy);
 }
 
 // Cross-attention of B query rows q [B][E] over S text positions -> out [B][E] (serial: tiny).
