@@ -75,33 +75,47 @@ inline void project(const PackedInt8& w, const float* in, int64_t K, int64_t B, 
   gemm_int8<OUT>(w, QuantRows{s.q.data(), w.Kp, s.qscale.data(), s.qcomp.data()}, B, out, ldy);
 }
 
-// Cross-attention of B query rows q [B][E] over S text positions -> out [B][E] (serial: tiny).
+// One (row, head) of cross-attention: the query against S text positions (float32 keys and
+// values [S][D], bias [S]: 0 or -inf for padding), softmax, weighted sum of values.
+template <int NC>
+inline void cross_head(const float* q, const float* keys, const float* values, const float* bias,
+                       int64_t S, float scale, float* scores, float* out) {
+  constexpr int64_t D = NC * 16;
+  __m512 qv[NC];
+  for (int c = 0; c < NC; ++c) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(q + 16 * c), _mm512_set1_ps(scale));
+  float best = -INFINITY;
+  for (int64_t t = 0; t < S; ++t) {
+    __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(keys + t * D));
+    for (int c = 1; c < NC; ++c) a = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(keys + t * D + 16 * c), a);
+    scores[t] = _mm512_reduce_add_ps(a) + bias[t];
+    best = std::max(best, scores[t]);
+  }
+  const __m512 inv = _mm512_set1_ps(softmax_weights(scores, S, best, nullptr));
+  __m512 o[NC];
+  for (int c = 0; c < NC; ++c) o[c] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < S; ++t) {
+    const __m512 p = _mm512_set1_ps(scores[t]);
+    for (int c = 0; c < NC; ++c) o[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(values + t * D + 16 * c), o[c]);
+  }
+  for (int c = 0; c < NC; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(o[c], inv));
+}
+
+// Cross-attention of B query rows q [B][E] over S text positions -> out [B][E], (row, head)
+// pairs split across threads (each thread's scores at scratch * thread).
 inline void cross_attention(const ModelInt8& m, int64_t layer, const CrossInputs& c,
-                            const float* q, int64_t B, float* out, float* scores) {
+                            const float* q, int64_t B, float* out, float* scores, int64_t scratch) {
   const int64_t E = m.E, H = m.H, D = m.D, S = c.S;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t h = 0; h < H; ++h) {
-      const float* keys = c.keys + (((layer * B + b) * H + h) * S) * D;
-      const float* values = c.values + (((layer * B + b) * H + h) * S) * D;
-      const float* qh = q + b * E + h * D;
-      float best = -INFINITY;
-      for (int64_t t = 0; t < S; ++t) {
-        float dot = 0;
-        for (int64_t d = 0; d < D; ++d) dot += qh[d] * keys[t * D + d];
-        scores[t] = dot * scale + c.bias[b * S + t];
-        best = std::max(best, scores[t]);
-      }
-      float total = 0;
-      for (int64_t t = 0; t < S; ++t) total += (scores[t] = std::exp(scores[t] - best));
-      float* o = out + b * E + h * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = 0;
-      for (int64_t t = 0; t < S; ++t) {
-        const float p = scores[t] / total;
-        for (int64_t d = 0; d < D; ++d) o[d] += p * values[t * D + d];
-      }
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    float* own = scores + at::get_thread_num() * scratch;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H, at = ((layer * B + b) * H + h) * S * D;
+      with_head_chunks(D, [&](auto nc) {
+        cross_head<nc>(q + b * E + h * D, c.keys + at, c.values + at, c.bias + b * S, S, scale,
+                       own, out + b * E + h * D);
+      });
     }
-  }
+  });
 }
 
 // ids [B][K] at positions [B] (each row its own) -> logits [B][K * V]; writes each row's new
@@ -146,7 +160,7 @@ inline void decode_step_int8(const ModelInt8& m, const int64_t* ids, const int64
     for (int64_t b = 0; b < B; ++b)
       layer_norm(x + b * E, w.ln_cross_w, w.ln_cross_b, h + b * E, E, m.eps);
     project<Out::Store>(w.q_cross, h, E, B, qkv, E, s);
-    cross_attention(m, l, cross, qkv, B, a, s.scores.data());
+    cross_attention(m, l, cross, qkv, B, a, s.scores.data(), scratch);
     project<Out::Add>(w.out_cross, a, E, B, x, E, s);
 
     for (int64_t b = 0; b < B; ++b)

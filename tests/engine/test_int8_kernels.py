@@ -87,14 +87,16 @@ def _steps(decoder, model, fused: bool, rows_at: list[list[int]], prompts: list[
         decoder._fused = saved
 
 
-def test_fused_step_equals_op_by_op_int8_decoder(int8_model):
-    """Two stations (4 rows) at different window positions, prompts of different lengths."""
+@pytest.mark.parametrize("stations", [2, 4])
+def test_fused_step_equals_op_by_op_int8_decoder(int8_model, stations):
+    """Stations (2 rows each) at different window positions, prompts of different lengths; 4
+    stations (8 rows) take the projections' chunked path for 5 to 16 rows."""
     decoder = int8_model.decoder
-    rows_at = [[p, p, p + 7, p + 7] for p in range(30)]
-    prompts = ["slow jazz", "fast drum and bass with a long prompt"]
-    got = _steps(decoder, int8_model, True, rows_at, prompts)
-    want = _steps(decoder, int8_model, False, rows_at, prompts)
-    assert got.shape == want.shape == (30, 4, decoder.num_codebooks, decoder.vocab)
+    rows_at = [[p + 7 * (r // 2) for r in range(2 * stations)] for p in range(30)]
+    prompts = ["slow jazz", "fast drum and bass with a long prompt", "ambient", "a b c d e f g"]
+    got = _steps(decoder, int8_model, True, rows_at, prompts[:stations])
+    want = _steps(decoder, int8_model, False, rows_at, prompts[:stations])
+    assert got.shape == want.shape == (30, 2 * stations, decoder.num_codebooks, decoder.vocab)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
