@@ -3,8 +3,8 @@
     python bench/precision.py                       # musicgen-small shapes, ~3 min
     python bench/precision.py --size tiny --steps 60    # CI smoke run
 
-For bfloat16 and int8 (int8 weights, float32 activations; with each KV cache dtype) against
-float32:
+For bfloat16 and int8 (int8 weights, float32 activations; with each KV cache kind, int4 where
+the heads are 64 wide) against float32:
 - teacher-forced logits over the same token sequence: max and mean absolute difference, and how
   often the argmax agrees (per position and codebook);
 - greedy decoding for `--steps` steps: the fraction of tokens that agree and the first step at
@@ -40,6 +40,7 @@ MODES = {
     "int8, float32 KV cache": (torch.float32, "int8", "float32"),
     "int8, bfloat16 KV cache": (torch.float32, "int8", "bfloat16"),
     "int8, int8 KV cache (CPU default)": (torch.float32, "int8", "auto"),
+    "int8, int4 KV cache (stations)": (torch.float32, "int8", "int4"),
 }
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import GELUActivation
 
-from engine.kv_cache import KVCache
+from engine.kv_cache import Q4_HEAD, KVCache
 from engine.linear import Int8KernelLinear, make_linear, prefill_precision
 from engine.options import KV_CACHES
 
@@ -80,7 +80,7 @@ class Decoder:
     def __init__(self, causal_lm, precision: str = "dense", kv_cache: str = "auto") -> None:
         """`causal_lm`: a transformers `MusicgenForCausalLM` (model.decoder of the full model);
         `precision`: how the projections run (`engine.linear`: "dense" or "int8");
-        `kv_cache`: its dtype, "auto", "float32", "bfloat16" or "int8" (see `_choose_kv_cache`)."""
+        `kv_cache`: its kind, "auto", "float32", "bfloat16", "int8" or "int4" (`_choose_kv_cache`)."""
         dec = causal_lm.model.decoder
         self.precision = precision
         config = causal_lm.config
@@ -102,7 +102,7 @@ class Decoder:
         # cache and the attention stay float32 on a CPU; GPUs attend in the model dtype.
         self.attn_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         self._kernels = None
-        self.kv_dtype = self._choose_kv_cache(kv_cache, precision)
+        self.kv_cache = self._choose_kv_cache(kv_cache, precision)  # a KVCache kind
         self.lm_heads = make_linear(heads, precision)  # E -> K * V
         self.layers = [self._layer(layer, precision) for layer in dec.layers]
         # A prefill is a big matrix product (compute-bound). PyTorch's int8 dynamic kernels lose
@@ -117,10 +117,10 @@ class Decoder:
 
     def _fused_step(self):
         """Our one-call decode step (`engine/kernels/decode_step.h`) where it applies: int8
-        weights through our kernels, an int8 KV cache and the exact GELU; else None."""
+        weights through our kernels, an int8 or int4 KV cache and the exact GELU; else None."""
         fused = (
             self._kernels is not None
-            and self.kv_dtype == torch.int8
+            and self.kv_cache in ("int8", "int4")
             and isinstance(self.lm_heads, Int8KernelLinear)
             and all(isinstance(w.qkv, Int8KernelLinear) for w in self.layers)
             and _exact_gelu(self.activation)
@@ -150,37 +150,42 @@ class Decoder:
             self.embed, self.positions, layers, final, self.heads, self.layer_norm_eps
         )
 
-    def _choose_kv_cache(self, requested: str, precision: str) -> torch.dtype:
-        """The KV cache dtype; also decides whether decode steps attend with our CPU kernels.
+    def _choose_kv_cache(self, requested: str, precision: str) -> str:
+        """The KV cache kind; also decides whether decode steps attend with our CPU kernels.
 
         Where our kernels run (engine.kernels: CPUs with AVX-512 BF16), a decode step's
-        self-attention is one `attend_step` call per layer over a bfloat16 or int8 cache (half or
-        a quarter of float32's bytes; float32 maths). "auto" takes int8 for an int8 decoder,
-        bfloat16 for a bfloat16 one, and keeps a float32 model on PyTorch's exact path."""
+        self-attention is one `attend_step` call per layer over a bfloat16, int8 or int4 cache
+        (half, a quarter or an eighth of float32's bytes). "auto" takes int8 for an int8 decoder,
+        bfloat16 for a bfloat16 one, and keeps a float32 model on PyTorch's exact path; int4
+        (heads of 64, as every MusicGen) is asked for by name: it halves what batched stations
+        read, at a precision cost the benchmark reports."""
         if requested not in KV_CACHES:
             raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {requested!r}")
         reduced = self.dtype == torch.bfloat16 or precision == "int8"
+        attention = str(self.attn_dtype).removeprefix("torch.")
         if requested == "float32" or (requested == "auto" and not reduced):
-            return self.attn_dtype
+            return attention
         if self.device.type != "cpu":
-            if requested == "int8":
-                raise ValueError("kv_cache: int8 is a CPU mode (our CPU kernels)")
-            return self.dtype if requested == "auto" else getattr(torch, requested)
+            if requested in ("int8", "int4"):
+                raise ValueError(f"kv_cache: {requested} is a CPU mode (our CPU kernels)")
+            return str(self.dtype).removeprefix("torch.") if requested == "auto" else requested
         from engine import kernels
 
         reason = kernels.unavailable_reason()
         if not (self.head_dim % 16 == 0 and self.head_dim <= 128):
             reason = f"head size {self.head_dim} is not a multiple of 16 up to 128"
+        if requested == "int4" and self.head_dim != Q4_HEAD:
+            reason = f"an int4 cache holds heads of {Q4_HEAD}, this model's are {self.head_dim}"
         if reason is None:
             self._kernels = kernels.get()
             reason = None if self._kernels is not None else "they did not build (see the log)"
         if reason is not None:
             if requested != "auto":
                 raise ValueError(f"kv_cache: {requested} needs our CPU kernels: {reason}")
-            return self.attn_dtype
+            return attention
         if requested == "auto":
-            return torch.int8 if precision == "int8" else torch.bfloat16
-        return getattr(torch, requested)
+            return "int8" if precision == "int8" else "bfloat16"
+        return requested
 
     @staticmethod
     def _layer(layer, precision: str) -> LayerWeights:
@@ -209,7 +214,7 @@ class Decoder:
             max_positions,
             self.head_dim,
             device=self.device,
-            dtype=self.kv_dtype,
+            kind=self.kv_cache,
         )
 
     def cross_kv(self, text_states: torch.Tensor, text_mask: torch.Tensor) -> CrossKV:
@@ -311,7 +316,10 @@ class Decoder:
         b, t, _ = qkv.shape
         if t == 1 and self._kernels is not None:  # write, attend and merge heads in one call
             positions = at if at is not None else torch.full((b,), start)
-            attend = self._kernels.attend_step_q8 if cache.quantized else self._kernels.attend_step
+            attend = {
+                "int8": self._kernels.attend_step_q8,
+                "int4": self._kernels.attend_step_q4,
+            }.get(cache.kind, self._kernels.attend_step)
             a = attend(qkv.view(b, -1), *cache.layer(layer), positions, self.head_dim**-0.5)
             return a.view(b, 1, self.hidden).to(self.dtype)
         q, k, v = (self._split_heads(x) for x in qkv.chunk(3, dim=-1))

@@ -4,14 +4,23 @@ Shapes never change during a stream, so a compiled or graph-captured step can re
 in place. `length` is how many positions hold valid keys/values; a window restart resets it to
 zero and the re-prefill overwrites the buffer from the start.
 
-An int8 cache (read only by our CPU kernels, `engine.kernels`) keeps each key and value vector
-(one position of one head) as int8 with its own float32 scale, `x ~ scale * q` with
-`scale = max|x| / 127`: a quarter of float32's bytes.
+Two quantized caches are read only by our CPU kernels (`engine.kernels`); each key and value
+vector (one position of one head) has its own float32 scale:
+
+- int8: `x ~ scale * q`, `scale = max|x| / 127`, int8 [L, B, H, P, D]: a quarter of float32's bytes.
+- int4 (heads of 64): `x ~ scale * (u - 8)`, `u = round(x / scale) + 8` in [1, 15],
+  `scale = max|x| / 7`, two per byte, byte r holding dims r and r + 32 (uint8 [L, B, H, P, 32],
+  P rounded up to even). Keys sit one position per 32 bytes; values by pairs of positions, byte
+  2r + j of pair g holding position 2g + j (the order the kernel's int16 dot products read them
+  in). Half the int8 cache's bytes: what several stations batched in one step mostly read.
 """
 
 from __future__ import annotations
 
 import torch
+
+KINDS = ("float32", "bfloat16", "int8", "int4")
+Q4_HEAD = 64
 
 
 def quantize_vectors(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -19,6 +28,21 @@ def quantize_vectors(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scales = x.float().abs().amax(dim=-1) / 127.0
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
     return torch.round(x.float() / scales[..., None]).to(torch.int8), scales
+
+
+def quantize_q4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., 64] float -> (uint8 [..., 32]: byte r = u[r] | u[r + 32] << 4, float32 scales [...])."""
+    scales = x.float().abs().amax(dim=-1) / 7.0
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    u = (torch.round(x.float() / scales[..., None]).clamp(-7, 7) + 8).to(torch.uint8)
+    half = x.shape[-1] // 2
+    return u[..., :half] | (u[..., half:] << 4), scales
+
+
+def dequantize_q4(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The inverse of `quantize_q4` up to rounding: [..., 32] uint8 and [...] -> [..., 64] float32."""
+    u = torch.cat([packed & 15, packed >> 4], dim=-1).float()
+    return (u - 8) * scales[..., None]
 
 
 class KVCache:
@@ -31,13 +55,21 @@ class KVCache:
         head_dim: int,
         *,
         device: torch.device,
-        dtype: torch.dtype,
+        kind: str,
     ) -> None:
-        shape = (layers, batch, heads, max_positions, head_dim)
+        if kind not in KINDS:
+            raise ValueError(f"KV cache kind must be one of {KINDS}, got {kind!r}")
+        if kind == "int4" and head_dim != Q4_HEAD:
+            raise ValueError(f"an int4 KV cache holds heads of {Q4_HEAD}, not {head_dim}")
+        self.kind = kind
+        slots = max_positions + max_positions % 2 if kind == "int4" else max_positions
+        width = head_dim // 2 if kind == "int4" else head_dim
+        dtype = {"int4": torch.uint8, "int8": torch.int8}.get(kind) or getattr(torch, kind)
+        shape = (layers, batch, heads, slots, width)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)  # [L, B, H, P, D]
         self.values = torch.zeros(shape, device=device, dtype=dtype)  # [L, B, H, P, D]
-        self.key_scales = self.value_scales = None  # [L, B, H, P] float32 for an int8 cache
-        if dtype == torch.int8:
+        self.key_scales = self.value_scales = None  # [L, B, H, P] float32 for int8 and int4
+        if self.quantized:
             self.key_scales = torch.ones(shape[:-1], device=device)
             self.value_scales = torch.ones(shape[:-1], device=device)
         self.max_positions = max_positions
@@ -45,13 +77,27 @@ class KVCache:
 
     @property
     def quantized(self) -> bool:
-        return self.key_scales is not None
+        return self.kind in ("int8", "int4")
+
+    def _pairs(self) -> torch.Tensor:
+        """int4 values as [L, B, H, P / 2, 2, 32]: [..., g, j, :] is position 2g + j (a view)."""
+        l, b, h, p, w = self.values.shape
+        return self.values.view(l, b, h, p // 2, w, 2).transpose(-1, -2)
 
     def write(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store keys/values [B, H, T, D] at positions [start, start + T)."""
         end = start + keys.shape[2]
         assert end <= self.max_positions, f"KV cache overflow: {end} > {self.max_positions}"
-        if self.quantized:
+        if self.kind == "int4":
+            keys, self.key_scales[layer, :, :, start:end] = quantize_q4(keys)
+            values, self.value_scales[layer, :, :, start:end] = quantize_q4(values)
+            self.keys[layer, :, :, start:end] = keys
+            pairs = self._pairs()[layer]
+            for j in (0, 1):  # positions 2g + j of the range, g consecutive
+                first = start + (start + j) % 2
+                pairs[:, :, first // 2 : (end - j + 1) // 2, j] = values[:, :, first - start :: 2]
+            return
+        if self.kind == "int8":
             keys, self.key_scales[layer, :, :, start:end] = quantize_vectors(keys)
             values, self.value_scales[layer, :, :, start:end] = quantize_vectors(values)
         self.keys[layer, :, :, start:end] = keys
@@ -63,7 +109,13 @@ class KVCache:
         """Store one position per row: keys/values [B, H, 1, D] at positions [B]."""
         rows = torch.arange(keys.shape[0], device=keys.device)
         keys, values = keys[:, :, 0], values[:, :, 0]
-        if self.quantized:
+        if self.kind == "int4":
+            keys, self.key_scales[layer, rows, :, positions] = quantize_q4(keys)
+            values, self.value_scales[layer, rows, :, positions] = quantize_q4(values)
+            self.keys[layer, rows, :, positions] = keys
+            self._pairs()[layer, rows, :, positions // 2, positions % 2] = values
+            return
+        if self.kind == "int8":
             keys, self.key_scales[layer, rows, :, positions] = quantize_vectors(keys)
             values, self.value_scales[layer, rows, :, positions] = quantize_vectors(values)
         self.keys[layer, rows, :, positions] = keys.to(self.keys.dtype)
@@ -72,6 +124,7 @@ class KVCache:
     def rows(self, first: int, count: int) -> KVCache:
         """A cache over rows [first, first + count) of this one, sharing its storage."""
         view = KVCache.__new__(KVCache)
+        view.kind = self.kind
         view.keys = self.keys[:, first : first + count]
         view.values = self.values[:, first : first + count]
         view.key_scales = view.value_scales = None
@@ -83,7 +136,7 @@ class KVCache:
         return view
 
     def layer(self, layer: int) -> tuple[torch.Tensor, ...]:
-        """One layer, every slot: (keys, values) [B, H, P, D], or for an int8 cache
+        """One layer, every slot: (keys, values) [B, H, P, D], or for a quantized cache
         (keys, key scales, values, value scales), scales [B, H, P]."""
         if self.quantized:
             return (
@@ -95,9 +148,14 @@ class KVCache:
         return self.keys[layer], self.values[layer]
 
     def view(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [B, H, end, D] of positions [0, end) (an int8 cache: dequantized)."""
+        """Keys and values [B, H, end, D] of positions [0, end) (a quantized cache: dequantized)."""
+        if self.kind == "int4":
+            l, b, h, p, w = self.values.shape
+            values = self._pairs()[layer].reshape(b, h, p, w)  # positions in order (a copy)
+            keys = dequantize_q4(self.keys[layer, :, :, :end], self.key_scales[layer, :, :, :end])
+            return keys, dequantize_q4(values[:, :, :end], self.value_scales[layer, :, :, :end])
         keys, values = self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
-        if self.quantized:
+        if self.kind == "int8":
             keys = keys.float() * self.key_scales[layer, :, :, :end, None]
             values = values.float() * self.value_scales[layer, :, :, :end, None]
         return keys, values

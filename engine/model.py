@@ -45,7 +45,7 @@ class MusicModel:
         log.info(
             "decoder: %s linear layers, %s KV cache%s",
             "int8" if precision == "int8" else str(self.hf.decoder.dtype).removeprefix("torch."),
-            str(self.decoder.kv_dtype).removeprefix("torch."),
+            self.decoder.kv_cache,
             ", our CPU kernels" if self.decoder._kernels is not None else "",
         )
         config = self.hf.config

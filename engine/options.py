@@ -11,7 +11,7 @@ from dataclasses import dataclass
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZE = ("auto", "none", "int8")
-KV_CACHES = ("auto", "float32", "bfloat16", "int8")
+KV_CACHES = ("auto", "float32", "bfloat16", "int8", "int4")
 COMPILE = ("auto", "none", "compile", "graphs")
 
 
@@ -25,7 +25,8 @@ class LoadOptions:
     # (torch.compile, no graphs) or "graphs" (torch.compile with CUDA graphs; CUDA only)
     compile: str = "auto"
     # the self-attention KV cache: "auto" (int8 for an int8 decoder and bfloat16 for a bfloat16
-    # one where our CPU kernels run, else the attention dtype), "float32", "bfloat16", "int8"
+    # one where our CPU kernels run, else the attention dtype), "float32", "bfloat16", "int8",
+    # or "int4" (our CPU kernels, heads of 64: half int8's bytes, for stations batched together)
     kv_cache: str = "auto"
 
     def validate(self) -> LoadOptions:
@@ -45,9 +46,12 @@ class LoadOptions:
             raise ValueError("quantize: int8 is a CPU mode; on a GPU use dtype bfloat16 or float16")
         if self.kv_cache not in KV_CACHES:
             raise ValueError(f"kv_cache: must be one of {KV_CACHES}, got {self.kv_cache!r}")
-        if self.kv_cache == "int8" and self.device.startswith("cuda"):
-            raise ValueError("kv_cache: int8 is a CPU mode (our CPU kernels); on a GPU use auto")
-        if self.kv_cache == "int8" and self.compile in ("compile", "graphs"):
+        quantized_cache = self.kv_cache in ("int8", "int4")
+        if quantized_cache and self.device.startswith("cuda"):
+            raise ValueError(
+                f"kv_cache: {self.kv_cache} is a CPU mode (our CPU kernels); on a GPU use auto"
+            )
+        if quantized_cache and self.compile in ("compile", "graphs"):
             raise ValueError(
                 "kv_cache: the compiled step reads a float cache; use auto or bfloat16"
             )

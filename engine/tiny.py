@@ -50,7 +50,7 @@ def _tokenizer_vocab() -> list[tuple[str, float]]:
     return pieces
 
 
-def _configs(size: str, stereo: bool):
+def _configs(size: str, stereo: bool, decoder_config: dict | None = None):
     from transformers import EncodecConfig, MusicgenDecoderConfig, T5Config
 
     codebooks = 8 if stereo else 4
@@ -75,6 +75,8 @@ def _configs(size: str, stereo: bool):
         codec = EncodecConfig(**_ENCODEC_32KHZ, codebook_dim=16, hidden_size=16, num_filters=4)
     else:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    for key, value in (decoder_config or {}).items():
+        setattr(decoder, key, value)
     return text, codec, decoder
 
 
@@ -90,9 +92,15 @@ def _randomize_codebooks(codec) -> None:
 
 
 def build_tiny_model(
-    out_dir: str | Path, *, size: str = "tiny", stereo: bool = False, seed: int = 0
+    out_dir: str | Path,
+    *,
+    size: str = "tiny",
+    stereo: bool = False,
+    seed: int = 0,
+    decoder_config: dict | None = None,
 ):
     """Write a random-weight MusicGen (weights, configs, tokenizer, processor) to `out_dir`.
+    `decoder_config`: decoder settings over the size's (tests: e.g. heads of 64 at tiny cost).
 
     Returns the model, still in memory, for callers that want to use it at once.
     """
@@ -107,7 +115,7 @@ def build_tiny_model(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    text, codec, decoder = _configs(size, stereo)
+    text, codec, decoder = _configs(size, stereo, decoder_config)
     torch.manual_seed(seed)
     config = MusicgenConfig(text_encoder=text, audio_encoder=codec, decoder=decoder)
     model = MusicgenForConditionalGeneration(config).eval()

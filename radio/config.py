@@ -63,7 +63,7 @@ class ModelConfig:
     quantize: str = "auto"  # "auto" (int8 on CPU, none on GPU), "none" or "int8"
     compile: str = "auto"  # "auto" (CUDA graphs on GPU, none on CPU), "none", "compile" or "graphs"
     kv_cache: str = (
-        "auto"  # "auto" (int8 / bfloat16 with our CPU kernels), "float32", "bfloat16", "int8"
+        "auto"  # "auto" (int8 / bfloat16 with our CPU kernels), "float32", "bfloat16", "int8", "int4"
     )
 
     def validate(self) -> None:

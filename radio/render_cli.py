@@ -55,7 +55,7 @@ def add_render_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--kv-cache",
         default="auto",
-        help="KV cache: auto (int8/bfloat16 with our CPU kernels), float32, bfloat16 or int8",
+        help="KV cache: auto (int8/bfloat16 with our CPU kernels), float32, bfloat16, int8 or int4",
     )
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler")
     p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")

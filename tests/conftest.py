@@ -43,6 +43,17 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_head64_dir(tmp_path_factory) -> str:
+    """The tiny MusicGen with heads of 64 (2 heads of a hidden 128), as every real MusicGen has:
+    the int4 KV cache holds only those."""
+    from engine.tiny import build_tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-head64")
+    build_tiny_model(path, seed=0, decoder_config={"hidden_size": 128, "num_attention_heads": 2})
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def tiny_stereo_dir(tmp_path_factory) -> str:
     from engine.tiny import build_tiny_model
 

@@ -3,6 +3,9 @@
 // held in registers; scores are float32 scratch of at least T + 16 floats.
 #pragma once
 
+#include <algorithm>
+#include <cstring>
+
 #include "simd.h"
 
 namespace er {
@@ -142,6 +145,125 @@ inline void attend_head_q8(const float* q, const float* k_new, const float* v_ne
   ks[at] = quantize_vector(k_new, k + at * D, D);
   vs[at] = quantize_vector(v_new, v + at * D, D);
   with_head_chunks(D, [&](auto nc) { attend_q8<nc>(q, k, ks, v, vs, at + 1, scale, scores, out); });
+}
+
+// ---- int4 cache (head size 64) ---------------------------------------------------------------
+// A key or value vector is 64 nibbles u = round(x / s) + 8 with its own float32 scale s =
+// max|x| / 7 (quantize_q4), byte r holding dims r and r + 32: a key is 32 bytes per position;
+// values go by pairs of positions, byte 2r + j of pair g holding position 2g + j, so that
+// unpacked and widened to int16 a pair's bytes are the lane pairs vpdpwssd multiplies by the two
+// positions' softmax weights. An eighth of float32's bytes (with the scales: 72 vs 136 bytes per
+// position and head for int8); the maths is integer where it can be and exact there:
+// - scores: the query as int8 (one scale); two keys per 64-byte load, their nibbles meet it in
+//   vpdpbusd (unsigned nibble x signed query), 3 instructions per position;
+// - values: softmax weights (times each value's scale) as int16 over their maximum (steps of
+//   max / 32767: a long tail of small weights keeps its mass), vpdpwssd over position pairs.
+// A head's sums stay below 2^31 for up to 4096 positions (15 * 32767 * 4096).
+constexpr int64_t kQ4Head = 64, kQ4MaxPositions = 4096;
+
+inline void attend_q4(const float* q, const uint8_t* k, const float* ks, const uint8_t* v,
+                      const float* vs, int64_t T, float scale, float* scores, int16_t* weights,
+                      float* out) {
+  for (int64_t line = 0; line < kAttendPrefetch && line < T * 32; line += 64) {
+    prefetch(k + line);  // both streams start cold: ask for their first lines at once
+    prefetch(v + line);
+  }
+  // the query as int8 (nearest even), both halves of a 64-byte key load see its dims 0-31 / 32-63
+  __m512 m = _mm512_setzero_ps();
+  for (int c = 0; c < 64; c += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(q + c)));
+  const float qmax = _mm512_reduce_max_ps(m);
+  const float qs = qmax > 0 ? qmax / 127.0f : 1.0f;
+  alignas(64) int8_t q8[64];
+  int32_t qsum = 0;
+  for (int c = 0; c < 64; c += 16) {
+    const __m512i i = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(q + c), _mm512_set1_ps(1.0f / qs)));
+    _mm_store_si128(reinterpret_cast<__m128i*>(q8 + c), _mm512_cvtsepi32_epi8(i));
+    qsum += _mm512_reduce_add_epi32(i);
+  }
+  const __m512i qlo = _mm512_broadcast_i64x4(_mm256_load_si256(reinterpret_cast<const __m256i*>(q8)));
+  const __m512i qhi = _mm512_broadcast_i64x4(_mm256_load_si256(reinterpret_cast<const __m256i*>(q8 + 32)));
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  auto pair_dots = [&](const uint8_t* p) {  // lanes 0-7: position t's partial sums, 8-15: t + 1
+    const __m512i x = _mm512_loadu_si512(p);
+    const __m512i lo = _mm512_and_si512(x, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), nibble);
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, qlo), hi, qhi);
+  };
+  const float kscale = scale * qs;
+  const __m512 offset = _mm512_set1_ps(8.0f * static_cast<float>(qsum));  // the nibbles' +8
+  __m512 vmax = _mm512_set1_ps(-INFINITY);
+  int64_t t0 = 0;
+  for (; t0 + 16 <= T; t0 += 16) {  // 16 positions, one horizontal-sum butterfly
+    const uint8_t* kt = k + t0 * 32;
+    for (int64_t line = 0; line < 16 * 32; line += 64) prefetch(kt + kAttendPrefetch + line);
+    __m512 a[16];
+    for (int i = 0; i < 8; ++i) {
+      const __m512 f = _mm512_cvtepi32_ps(pair_dots(kt + 64 * i));
+      a[2 * i] = _mm512_maskz_mov_ps(0x00FF, f);
+      a[2 * i + 1] = _mm512_maskz_mov_ps(0xFF00, f);
+    }
+    const __m512 raw = _mm512_sub_ps(hsum16(a), offset);
+    const __m512 sums = _mm512_mul_ps(_mm512_mul_ps(raw, _mm512_loadu_ps(ks + t0)), _mm512_set1_ps(kscale));
+    _mm512_storeu_ps(scores + t0, sums);
+    vmax = _mm512_max_ps(vmax, sums);
+  }
+  float best = _mm512_reduce_max_ps(vmax);
+  for (int64_t t = t0; t < T; t += 2) {  // the cache holds an even number of slots
+    const __m512i d = pair_dots(k + t * 32);
+    for (int64_t j = 0; j < 2 && t + j < T; ++j) {
+      const int32_t dot = _mm512_mask_reduce_add_epi32(j ? 0xFF00 : 0x00FF, d) - 8 * qsum;
+      scores[t + j] = static_cast<float>(dot) * ks[t + j] * kscale;
+      best = std::max(best, scores[t + j]);
+    }
+  }
+  const float inv = softmax_weights(scores, T, best, vs);  // scores: weights times value scales
+  __m512 wm = _mm512_setzero_ps();
+  for (int64_t t = 0; t < T; t += 16) {
+    const __mmask16 mask = T - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (T - t)) - 1);
+    wm = _mm512_max_ps(wm, _mm512_maskz_loadu_ps(mask, scores + t));
+  }
+  const float wmax = _mm512_reduce_max_ps(wm);
+  const __m512 wq = _mm512_set1_ps(wmax > 0 ? 32767.0f / wmax : 0.0f);
+  __m512i wsum = _mm512_setzero_si512();
+  for (int64_t t = 0; t < T; t += 16) {
+    const __mmask16 mask = T - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (T - t)) - 1);
+    const __m512i w = _mm512_maskz_cvtps_epi32(mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, scores + t), wq));
+    _mm256_mask_storeu_epi16(weights + t, mask, _mm512_cvtsepi32_epi16(w));
+    wsum = _mm512_add_epi32(wsum, w);
+  }
+  weights[T] = 0;  // an odd T's last pair: the slot after the last position weighs nothing
+  __m512i acc[4];
+  for (auto& a : acc) a = _mm512_setzero_si512();
+  for (int64_t g = 0; 2 * g < T; ++g) {
+    const uint8_t* vg = v + 64 * g;
+    prefetch(vg + kAttendPrefetch);
+    const __m512i x = _mm512_loadu_si512(vg);
+    const __m512i lo = _mm512_and_si512(x, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), nibble);
+    int32_t pair;
+    std::memcpy(&pair, weights + 2 * g, 4);
+    const __m512i w = _mm512_set1_epi32(pair);
+    acc[0] = _mm512_dpwssd_epi32(acc[0], _mm512_cvtepu8_epi16(_mm512_castsi512_si256(lo)), w);
+    acc[1] = _mm512_dpwssd_epi32(acc[1], _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(lo, 1)), w);
+    acc[2] = _mm512_dpwssd_epi32(acc[2], _mm512_cvtepu8_epi16(_mm512_castsi512_si256(hi)), w);
+    acc[3] = _mm512_dpwssd_epi32(acc[3], _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(hi, 1)), w);
+  }
+  const __m512i off = _mm512_set1_epi32(8 * _mm512_reduce_add_epi32(wsum));
+  const __m512 back = _mm512_set1_ps(inv * wmax / 32767.0f);
+  for (int c = 0; c < 4; ++c)
+    _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[c], off)), back));
+}
+
+// Row b's head h of a decode step over an int4 cache (k [P][32], v [P / 2][64] bytes, scales
+// ks, vs [P] of this row and head): quantize the step's key and value into position `at`, then
+// attend to positions [0, at]. `weights`: int16 scratch of at least at + 2.
+inline void attend_head_q4(const float* q, const float* k_new, const float* v_new, uint8_t* k,
+                           float* ks, uint8_t* v, float* vs, int64_t at, float scale,
+                           float* scores, int16_t* weights, float* out) {
+  ks[at] = quantize_q4(k_new, k + at * 32);
+  alignas(32) uint8_t packed[32];
+  vs[at] = quantize_q4(v_new, packed);
+  uint8_t* pair = v + 64 * (at / 2) + at % 2;
+  for (int r = 0; r < 32; ++r) pair[2 * r] = packed[r];
+  attend_q4(q, k, ks, v, vs, at + 1, scale, scores, weights, out);
 }
 
 }  // namespace er

@@ -252,6 +252,62 @@ torch::Tensor attend_step_q8(torch::Tensor qkv, torch::Tensor keys, torch::Tenso
   return out;
 }
 
+// ---- int4 KV cache (attention.h) -----------------------------------------------------------------
+
+// A layer's int4 cache: keys/values [B, H, P, 32] uint8 (P even, each head's positions
+// contiguous), scales [B, H, P] float32. Returns the shape with D = 64.
+CacheShape check_cache_q4(const char* fn, const torch::Tensor& keys, const torch::Tensor& key_scales,
+                          const torch::Tensor& values, const torch::Tensor& value_scales) {
+  TORCH_CHECK(keys.dim() == 4 && values.sizes() == keys.sizes() && keys.size(3) == kQ4Head / 2,
+              fn, ": keys/values [B, H, P, 32] (an int4 cache holds heads of 64), got ", keys.sizes());
+  TORCH_CHECK(keys.scalar_type() == torch::kByte && values.scalar_type() == torch::kByte, fn,
+              ": uint8 keys and values (two 4-bit values per byte)");
+  const CacheShape c{keys.size(0), keys.size(1), keys.size(2), kQ4Head};
+  TORCH_CHECK(c.P % 2 == 0 && c.P <= kQ4MaxPositions, fn, ": an even number of slots up to ",
+              kQ4MaxPositions, ", got ", c.P);
+  TORCH_CHECK(keys.stride(3) == 1 && keys.stride(2) == 32 && values.strides() == keys.strides(),
+              fn, ": keys and values laid out alike, each head's positions contiguous");
+  TORCH_CHECK(key_scales.scalar_type() == torch::kFloat && value_scales.scalar_type() == torch::kFloat &&
+                  key_scales.dim() == 3 && key_scales.size(2) == c.P && key_scales.stride(2) == 1 &&
+                  value_scales.sizes() == key_scales.sizes() && value_scales.strides() == key_scales.strides(),
+              fn, ": float32 scales [B, H, P]");
+  return c;
+}
+
+// attend_step over an int4 cache.
+torch::Tensor attend_step_q4(torch::Tensor qkv, torch::Tensor keys, torch::Tensor key_scales,
+                             torch::Tensor values, torch::Tensor value_scales,
+                             torch::Tensor positions, double scale) {
+  const CacheShape c = check_cache_q4("attend_step_q4", keys, key_scales, values, value_scales);
+  const auto step = check_step("attend_step_q4", qkv, positions, c);
+  const torch::Tensor &x = step.first, &pos = step.second;
+  const int64_t B = c.B, H = c.H, P = c.P, D = c.D, E = H * D;
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  auto out = torch::empty({B, E}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  auto kp = keys.data_ptr<uint8_t>();
+  auto vp = values.data_ptr<uint8_t>();
+  auto ksp = key_scales.data_ptr<float>();
+  auto vsp = value_scales.data_ptr<float>();
+  const int64_t kb = keys.stride(0), kh = keys.stride(1);
+  const int64_t sb = key_scales.stride(0), sh = key_scales.stride(1);
+  const float s = static_cast<float>(scale);
+
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(P + 16);
+    std::vector<int16_t> weights(P + 16);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H;
+      const float* row = xp + b * 3 * E;
+      attend_head_q4(row + h * D, row + E + h * D, row + 2 * E + h * D, kp + b * kb + h * kh,
+                     ksp + b * sb + h * sh, vp + b * kb + h * kh, vsp + b * sb + h * sh, pp[b],
+                     s, scores.data(), weights.data(), op + b * E + h * D);
+    }
+  });
+  return out;
+}
+
 // ---- int8 weights --------------------------------------------------------------------------------
 
 // A packed weight (engine/linear.py `pack_int8`): bytes [ceil(N / 64), Kp / 4, 256] uint8 and
@@ -336,23 +392,31 @@ class DecodeStepInt8 {
     m_.heads = linear(final_[2], final_[3], m_.E, -1);
   }
 
-  // ids [B, K] int64 at positions [B]; the cache: keys/values [L, B, H, P, D] int8 and their
-  // scales [L, B, H, P] float32 (row views of a bigger cache are fine); cross-attention
-  // keys/values [L, B, H, S, D] float32 and bias [B, S] float32. Returns logits [B, K * V].
+  // ids [B, K] int64 at positions [B]; the cache: keys/values [L, B, H, P, D] int8, or
+  // [L, B, H, P, 32] uint8 for an int4 cache (heads of 64), and their scales [L, B, H, P]
+  // float32 (row views of a bigger cache are fine); cross-attention keys/values
+  // [L, B, H, S, D] float32 and bias [B, S] float32. Returns logits [B, K * V].
   torch::Tensor step(torch::Tensor ids, torch::Tensor positions, torch::Tensor keys,
                      torch::Tensor key_scales, torch::Tensor values, torch::Tensor value_scales,
                      torch::Tensor cross_keys, torch::Tensor cross_values, torch::Tensor cross_bias) {
     const int64_t B = ids.size(0);
     TORCH_CHECK(ids.dim() == 2 && ids.size(1) == m_.K && ids.scalar_type() == torch::kLong,
                 "DecodeStepInt8.step: ids must be int64 [B, ", m_.K, "]");
+    const bool q4 = keys.scalar_type() == torch::kByte;
+    const int64_t width = q4 ? kQ4Head / 2 : m_.D;
+    TORCH_CHECK(!q4 || m_.D == kQ4Head, "DecodeStepInt8.step: an int4 cache holds heads of ",
+                kQ4Head, ", this model's are ", m_.D);
     TORCH_CHECK(keys.dim() == 5 && keys.sizes() == values.sizes() && keys.size(0) == m_.L &&
-                    keys.size(1) == B && keys.size(2) == m_.H && keys.size(4) == m_.D,
-                "DecodeStepInt8.step: keys/values [", m_.L, ", ", B, ", ", m_.H, ", P, ", m_.D,
+                    keys.size(1) == B && keys.size(2) == m_.H && keys.size(4) == width,
+                "DecodeStepInt8.step: keys/values [", m_.L, ", ", B, ", ", m_.H, ", P, ", width,
                 "], got ", keys.sizes());
-    TORCH_CHECK(keys.scalar_type() == torch::kChar && values.scalar_type() == torch::kChar,
-                "DecodeStepInt8.step: an int8 cache");
-    TORCH_CHECK(keys.strides() == values.strides() && keys.stride(4) == 1 && keys.stride(3) == m_.D,
+    TORCH_CHECK((keys.scalar_type() == torch::kChar || q4) && values.scalar_type() == keys.scalar_type(),
+                "DecodeStepInt8.step: an int8 (int8) or int4 (uint8) cache");
+    TORCH_CHECK(keys.strides() == values.strides() && keys.stride(4) == 1 && keys.stride(3) == width,
                 "DecodeStepInt8.step: keys and values laid out alike, each head's positions contiguous");
+    TORCH_CHECK(!q4 || (keys.size(3) % 2 == 0 && keys.size(3) <= kQ4MaxPositions),
+                "DecodeStepInt8.step: an int4 cache has an even number of slots up to ",
+                kQ4MaxPositions);
     const int64_t P = keys.size(3);
     TORCH_CHECK(key_scales.dim() == 4 && key_scales.sizes() == value_scales.sizes() &&
                     key_scales.strides() == value_scales.strides() && key_scales.size(3) == P &&
@@ -376,10 +440,11 @@ class DecodeStepInt8 {
     TORCH_CHECK(cross_bias.dim() == 2 && cross_bias.size(0) == B && cross_bias.size(1) == S &&
                     cross_bias.is_contiguous() && cross_bias.scalar_type() == torch::kFloat,
                 "DecodeStepInt8.step: float32 cross bias [B, S]");
-    const CacheInt8 cache{keys.data_ptr<int8_t>(), values.data_ptr<int8_t>(),
-                          key_scales.data_ptr<float>(), value_scales.data_ptr<float>(),
-                          keys.stride(0), keys.stride(1), keys.stride(2),
-                          key_scales.stride(0), key_scales.stride(1), key_scales.stride(2), P};
+    const CacheQ cache{static_cast<uint8_t*>(keys.data_ptr()), static_cast<uint8_t*>(values.data_ptr()),
+                       key_scales.data_ptr<float>(), value_scales.data_ptr<float>(),
+                       keys.stride(0), keys.stride(1), keys.stride(2),
+                       key_scales.stride(0), key_scales.stride(1), key_scales.stride(2), P,
+                       q4 ? 4 : 8};
     const CrossInputs cross{cross_keys.data_ptr<float>(), cross_values.data_ptr<float>(),
                             cross_bias.data_ptr<float>(), S};
     auto logits = torch::empty({B, m_.heads.N}, ids.options().dtype(torch::kFloat));
@@ -419,6 +484,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, nogil, "one query per row over a bfloat16 KV cache");
   m.def("attend_step", &attend_step, nogil, "write a step's keys/values, then attend, per row");
   m.def("attend_step_q8", &attend_step_q8, nogil, "attend_step over an int8 KV cache with scales");
+  m.def("attend_step_q4", &attend_step_q4, nogil, "attend_step over an int4 KV cache with scales");
   m.def("linear_int8", &linear_int8, nogil, "y = x w^T, packed int8 weights, activations int8 per row");
   pybind11::class_<DecodeStepInt8>(m, "DecodeStepInt8")
       .def(pybind11::init<std::vector<torch::Tensor>, torch::Tensor,

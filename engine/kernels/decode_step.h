@@ -1,4 +1,4 @@
-// A whole MusicGen decoder step with int8 weights over an int8 KV cache, in one call: the same
+// A whole MusicGen decoder step with int8 weights over an int8 or int4 KV cache, in one call: the same
 // maths as `engine.decoder.Decoder.forward` for one position per row,
 //
 //     x = sum_k embed_k(ids_k) + sinusoid(position)
@@ -40,12 +40,15 @@ struct ModelInt8 {
   float eps;
 };
 
-struct CacheInt8 {  // int8 keys/values [L, B, H, P, D] and float32 scales [L, B, H, P], strided
-  int8_t *keys, *values;
+// Quantized keys/values, strided, with float32 scales [L, B, H, P]: int8 [L, B, H, P, D], or
+// int4 (bits 4, heads of 64) [L, B, H, P, 32] bytes laid out as attention.h describes.
+struct CacheQ {
+  uint8_t *keys, *values;
   float *key_scales, *value_scales;
-  int64_t kl, kb, kh;  // element strides of keys and values over layer, row, head
-  int64_t sl, sb, sh;  // and of their scales
+  int64_t kl, kb, kh;  // byte strides of keys and values over layer, row, head
+  int64_t sl, sb, sh;  // element strides of their scales
   int64_t P;
+  int bits;  // 8 or 4
 };
 
 struct CrossInputs {  // cross-attention keys/values [L][B][H][S][D] float32, contiguous
@@ -56,6 +59,7 @@ struct CrossInputs {  // cross-attention keys/values [L][B][H][S][D] float32, co
 
 struct StepScratch {
   std::vector<float> x, h, qkv, a, ff, scores;
+  std::vector<int16_t> weights;  // the int4 cache's softmax weights, per thread
   std::vector<int8_t> q;
   std::vector<float> qscale;
   std::vector<int32_t> qcomp;
@@ -64,6 +68,7 @@ struct StepScratch {
     x.resize(B * m.E), h.resize(B * m.E), a.resize(B * m.E), qkv.resize(B * 3 * m.E);
     ff.resize(B * m.F), q.resize(B * widest), qscale.resize(B), qcomp.resize(B);
     scores.resize(at::get_num_threads() * (std::max(P, S) + 32));
+    weights.resize(at::get_num_threads() * (P + 32));
   }
 };
 
@@ -121,7 +126,7 @@ inline void cross_attention(const ModelInt8& m, int64_t layer, const CrossInputs
 // ids [B][K] at positions [B] (each row its own) -> logits [B][K * V]; writes each row's new
 // key/value into the cache at its position.
 inline void decode_step_int8(const ModelInt8& m, const int64_t* ids, const int64_t* pos,
-                             int64_t B, const CacheInt8& c, const CrossInputs& cross,
+                             int64_t B, const CacheQ& c, const CrossInputs& cross,
                              StepScratch& s, float* logits) {
   const int64_t E = m.E, H = m.H, D = m.D, F = m.F;
   s.fit(m, B, c.P, cross.S);
@@ -144,15 +149,21 @@ inline void decode_step_int8(const ModelInt8& m, const int64_t* ids, const int64
     project<Out::Store>(w.qkv, h, E, B, qkv, 3 * E, s);
     at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
       float* scores = s.scores.data() + at::get_thread_num() * scratch;
+      int16_t* weights = s.weights.data() + at::get_thread_num() * (c.P + 32);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / H, hd = i % H;
         const float* row = qkv + b * 3 * E;
-        attend_head_q8(row + hd * D, row + E + hd * D, row + 2 * E + hd * D,
-                       c.keys + l * c.kl + b * c.kb + hd * c.kh,
-                       c.key_scales + l * c.sl + b * c.sb + hd * c.sh,
-                       c.values + l * c.kl + b * c.kb + hd * c.kh,
-                       c.value_scales + l * c.sl + b * c.sb + hd * c.sh, pos[b], D, scale,
-                       scores, a + b * E + hd * D);
+        uint8_t* k = c.keys + l * c.kl + b * c.kb + hd * c.kh;
+        uint8_t* v = c.values + l * c.kl + b * c.kb + hd * c.kh;
+        float* ks = c.key_scales + l * c.sl + b * c.sb + hd * c.sh;
+        float* vs = c.value_scales + l * c.sl + b * c.sb + hd * c.sh;
+        if (c.bits == 4)
+          attend_head_q4(row + hd * D, row + E + hd * D, row + 2 * E + hd * D, k, ks, v, vs,
+                         pos[b], scale, scores, weights, a + b * E + hd * D);
+        else
+          attend_head_q8(row + hd * D, row + E + hd * D, row + 2 * E + hd * D,
+                         reinterpret_cast<int8_t*>(k), ks, reinterpret_cast<int8_t*>(v), vs,
+                         pos[b], D, scale, scores, a + b * E + hd * D);
       }
     });
     project<Out::Add>(w.out_self, a, E, B, x, E, s);

@@ -85,9 +85,6 @@ inline void with_head_chunks(int64_t D, Fn&& fn) {
   }
 }
 
-// One (row, head): scores against positions [0, T), softmax, weighted sum of values. The head
-// size is NC * 16 floats, held in registers.
-
 inline __m512 load_i8(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
@@ -103,6 +100,26 @@ inline float quantize_vector(const float* x, int8_t* dst, int64_t D) {
   for (int64_t c = 0; c < D; c += 16) {
     const __m512i i = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + c), inv));  // nearest
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c), _mm512_cvtsepi32_epi8(i));
+  }
+  return s;
+}
+
+// Quantize one vector of 64 floats to 4 bits, u = round(x / s) + 8 in [1, 15] with s = max|x| / 7,
+// two per byte: out[r] = u[r] | u[r + 32] << 4 (32 bytes). Returns s.
+inline float quantize_q4(const float* x, uint8_t* out) {
+  __m512 m = _mm512_setzero_ps();
+  for (int c = 0; c < 64; c += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + c)));
+  const float amax = _mm512_reduce_max_ps(m);
+  const float s = amax > 0 ? amax / 7.0f : 1.0f;
+  const __m512 inv = _mm512_set1_ps(1.0f / s);
+  const __m512i lo7 = _mm512_set1_epi32(-7), hi7 = _mm512_set1_epi32(7), eight = _mm512_set1_epi32(8);
+  for (int c = 0; c < 32; c += 16) {
+    auto nibble = [&](const float* p) {  // nearest even, as torch.round
+      const __m512i i = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(p), inv));
+      return _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(i, lo7), hi7), eight);
+    };
+    const __m512i both = _mm512_or_si512(nibble(x + c), _mm512_slli_epi32(nibble(x + 32 + c), 4));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + c), _mm512_cvtepi32_epi8(both));
   }
   return s;
 }

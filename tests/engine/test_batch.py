@@ -10,23 +10,29 @@ from engine import LoadOptions, MusicModel, SamplingOptions, WindowOptions, kern
 PROMPTS = ["slow jazz", "fast drum and bass with a long bright synth lead", "", "rain"]
 
 
-def _model(path, quantize: str = "none") -> MusicModel:
+def _model(path, quantize: str = "none", kv_cache: str = "auto") -> MusicModel:
     return MusicModel.load(
-        LoadOptions(model=path, device="cpu", dtype="float32", quantize=quantize)
+        LoadOptions(
+            model=path, device="cpu", dtype="float32", quantize=quantize, kv_cache=kv_cache
+        )
     )
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8"])
-def test_batched_streams_equal_unbatched_greedy(tiny_model_dir, quantize):
+@pytest.mark.parametrize(("quantize", "kv_cache"), [("none", "auto"), ("int8", "auto"), ("int8", "int4")])
+def test_batched_streams_equal_unbatched_greedy(
+    tiny_model_dir, tiny_head64_dir, quantize, kv_cache
+):
     """Different prompts (and text lengths), one guidance-off stream, windows restarting at
     different moments (a prompt change desynchronises one stream): still token for token.
     int8 (the CPU default) on our kernels too: activations are quantized per row, so a row's
-    result does not depend on the rows batched with it."""
+    result does not depend on the rows batched with it; and over the int4 cache (heads of 64)."""
     if quantize == "int8" and kernels.unavailable_reason() is not None:
         pytest.skip(
             f"int8 rows are independent only on our kernels: {kernels.unavailable_reason()}"
         )
-    model = _model(tiny_model_dir, quantize)
+    path = tiny_head64_dir if kv_cache == "int4" else tiny_model_dir
+    model = _model(path, quantize, kv_cache)
+    assert model.decoder.kv_cache == kv_cache or kv_cache == "auto"
     assert quantize == "none" or model.decoder._fused is not None
     window = WindowOptions(window=110, context=55)
     samplings = [SamplingOptions(greedy=True)] * 3 + [

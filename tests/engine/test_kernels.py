@@ -137,7 +137,7 @@ def _teacher_forced_logits(decoder: Decoder, model: MusicModel, steps: int) -> t
 
 @pytest.mark.parametrize(
     "quantize,dtype,kv",
-    [("none", "bfloat16", torch.bfloat16), ("int8", "float32", torch.int8)],
+    [("none", "bfloat16", "bfloat16"), ("int8", "float32", "int8")],
 )
 def test_decoder_on_our_kernels_matches_pytorch_kernels(
     k, tiny_model_dir, monkeypatch, quantize, dtype, kv
@@ -147,10 +147,10 @@ def test_decoder_on_our_kernels_matches_pytorch_kernels(
     options = LoadOptions(model=tiny_model_dir, device="cpu", dtype=dtype, quantize=quantize)
     model = MusicModel.load(options)
     ours = model.decoder
-    assert ours.kv_dtype == kv and ours._kernels is not None
+    assert ours.kv_cache == kv and ours._kernels is not None
     monkeypatch.setitem(kernels._state, "module", None)
     plain = Decoder(model.hf.decoder, ours.precision)
-    assert plain.kv_dtype == torch.float32 and plain._kernels is None
+    assert plain.kv_cache == "float32" and plain._kernels is None
     with torch.inference_mode():
         got = _teacher_forced_logits(ours, model, 120)
         want = _teacher_forced_logits(plain, model, 120)
@@ -166,12 +166,12 @@ def test_kv_cache_option(k, tiny_model_dir, monkeypatch):
     def load(**kw):
         return MusicModel.load(LoadOptions(model=tiny_model_dir, device="cpu", **kw)).decoder
 
-    assert load(dtype="float32").kv_dtype == torch.float32  # a float32 model stays exact
-    assert load(dtype="float32", quantize="int8", kv_cache="bfloat16").kv_dtype == torch.bfloat16
+    assert load(dtype="float32").kv_cache == "float32"  # a float32 model stays exact
+    assert load(dtype="float32", quantize="int8", kv_cache="bfloat16").kv_cache == "bfloat16"
     assert load(dtype="bfloat16", quantize="none", kv_cache="float32")._kernels is None
     with pytest.raises(ValueError, match="kv_cache: must be one of"):
-        LoadOptions(kv_cache="int4").validate()
+        LoadOptions(kv_cache="int2").validate()
     monkeypatch.setenv("ENDLESS_RADIO_KERNELS", "0")
     with pytest.raises(ModelLoadError, match="kv_cache: int8 needs our CPU kernels"):
         load(dtype="float32", quantize="int8", kv_cache="int8")
-    assert load(dtype="float32", quantize="int8").kv_dtype == torch.float32  # auto: PyTorch's
+    assert load(dtype="float32", quantize="int8").kv_cache == "float32"  # auto: PyTorch's

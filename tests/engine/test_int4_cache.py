@@ -1,0 +1,174 @@
+"""The int4 KV cache (engine/kv_cache.py, the kernels in engine/kernels/attention.h): its byte
+layout, the attention over it against float64 maths on the same nibbles, the one-call decoder
+step over it against the same decoder run op by op, and how far it strays from float32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import LoadOptions, ModelLoadError, MusicModel
+from engine.conditioning import batch_conditions
+from engine.kv_cache import KVCache, dequantize_q4, quantize_q4
+
+CPU = torch.device("cpu")
+
+
+def test_quantize_q4_packs_two_nibbles_per_byte():
+    x = torch.zeros(64)
+    x[0], x[32], x[5], x[63] = 7.0, -7.0, 3.0, 1.4  # scale 1: u = x + 8
+    packed, scale = quantize_q4(x)
+    assert packed.dtype == torch.uint8 and packed.shape == (32,) and scale.item() == 1.0
+    assert packed[0].item() == 15 | (1 << 4)  # dim 0 low nibble, dim 32 high nibble
+    assert packed[5].item() == 11 | (8 << 4)
+    assert packed[31].item() == 8 | (9 << 4)  # dim 63: round(1.4) = 1
+    torch.manual_seed(0)
+    y = torch.randn(10, 64)
+    packed, scales = quantize_q4(y)
+    err = (dequantize_q4(packed, scales) - y).abs()
+    assert (err <= scales[:, None] / 2 + 1e-6).all()  # round to nearest: half a step at most
+    zero_packed, zero_scale = quantize_q4(torch.zeros(64))
+    assert zero_scale.item() == 1.0 and (zero_packed == 8 | (8 << 4)).all()
+
+
+def test_int4_cache_layout_and_writes():
+    """Keys one position per 32 bytes; values by pairs of positions, byte 2r + j of pair g
+    holding position 2g + j; range writes from odd starts and per-row writes land alike."""
+    torch.manual_seed(1)
+    cache = KVCache(2, 3, 2, 9, 64, device=CPU, kind="int4")
+    assert cache.keys.shape == (2, 3, 2, 10, 32)  # 9 positions, an even number of slots
+    keys, values = torch.randn(3, 2, 9, 64), torch.randn(3, 2, 9, 64)
+    cache.write(1, 0, keys[:, :, :3], values[:, :, :3])
+    cache.write(1, 3, keys[:, :, 3:8], values[:, :, 3:8])  # an odd start
+    cache.write_rows(1, torch.tensor([8, 8, 8]), keys[:, :, 8:9], values[:, :, 8:9])
+    got_k, got_v = cache.view(1, 9)
+    want_k = dequantize_q4(*quantize_q4(keys))
+    want_v = dequantize_q4(*quantize_q4(values))
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+    packed, _ = quantize_q4(values[1, 0, 5])  # position 5 = pair 2, j = 1
+    pair = cache.values[1, 1, 0].reshape(-1)[64 * 2 : 64 * 3]
+    assert torch.equal(pair[1::2], packed)
+    assert torch.equal(cache.keys[1, 1, 0, 5], quantize_q4(keys[1, 0, 5])[0])
+    with pytest.raises(ValueError, match="heads of 64, not 16"):
+        KVCache(1, 1, 1, 8, 16, device=CPU, kind="int4")
+
+
+def _reference(qkv, cache: KVCache, positions, heads: int, scale: float) -> torch.Tensor:
+    """Attention in float64 over the cache's own nibbles (after the step wrote its key and
+    value), with the query rounded to int8 as the kernel takes it."""
+    keys, values = cache.view(0, cache.max_positions)
+    q = qkv[:, : heads * 64].view(-1, heads, 64)
+    qs = q.abs().amax(-1, keepdim=True) / 127
+    q = torch.round(q / qs) * qs
+    out = []
+    for b, at in enumerate(positions):
+        s = (q[b, :, None].double() * keys[b, :, : at + 1].double()).sum(-1) * scale
+        out.append((s.softmax(-1)[..., None] * values[b, :, : at + 1].double()).sum(-2))
+    return torch.stack(out).reshape(len(positions), -1).float()
+
+
+@pytest.mark.parametrize("positions", [[0, 1, 2], [15, 16, 17], [1000, 63, 1499]])
+def test_attend_step_q4_against_float64(k, positions):
+    torch.manual_seed(sum(positions))
+    heads, rows = 3, len(positions)
+    cache = KVCache(1, rows, heads, 1500, 64, device=CPU, kind="int4")
+    cache.write(0, 0, torch.randn(rows, heads, 1500, 64), torch.randn(rows, heads, 1500, 64) * 3)
+    qkv = torch.randn(rows, 3 * heads * 64) * 2
+    got = k.attend_step_q4(qkv, *cache.layer(0), torch.tensor(positions), 0.125)
+    for b, at in enumerate(positions):  # the step wrote its own key and value where it stands
+        new_k = qkv[b, heads * 64 : 2 * heads * 64].view(heads, 64)
+        new_v = qkv[b, 2 * heads * 64 :].view(heads, 64)
+        keys, values = cache.view(0, at + 1)
+        assert torch.allclose(keys[b, :, at], dequantize_q4(*quantize_q4(new_k)), atol=1e-6)
+        assert torch.allclose(values[b, :, at], dequantize_q4(*quantize_q4(new_v)), atol=1e-6)
+    want = _reference(qkv, cache, positions, heads, 0.125)
+    # the softmax weights go through int16 (steps of max / 32767): ~1e-4 of the values' scale
+    torch.testing.assert_close(got, want, rtol=0, atol=3e-4 * want.abs().max().item())
+
+
+def test_attend_step_q4_refuses_bad_caches(k):
+    qkv = torch.randn(1, 3 * 64)
+    good = KVCache(1, 1, 1, 8, 64, device=CPU, kind="int4").layer(0)
+    with pytest.raises(RuntimeError, match="row 0 position 8 outside"):
+        k.attend_step_q4(qkv, *good, torch.tensor([8]), 0.125)
+    odd = [t[:, :, :7] for t in good]
+    with pytest.raises(RuntimeError, match="even number of slots"):
+        k.attend_step_q4(qkv, *odd, torch.tensor([0]), 0.125)
+    with pytest.raises(RuntimeError, match="uint8 keys and values"):
+        k.attend_step_q4(qkv, good[0].to(torch.int8), good[1], good[2].to(torch.int8), good[3], torch.tensor([0]), 0.125)
+
+
+@pytest.fixture(scope="module")
+def int4_model(k, tiny_head64_dir):
+    options = LoadOptions(model=tiny_head64_dir, device="cpu", quantize="int8", kv_cache="int4")
+    model = MusicModel.load(options)
+    assert model.decoder.kv_cache == "int4" and model.decoder._fused is not None
+    return model
+
+
+def _steps(decoder, model, fused: bool, rows_at: list[list[int]], prompts: list[str]):
+    saved = decoder._fused
+    decoder._fused = saved if fused else None
+    try:
+        torch.manual_seed(1)
+        conditions = [model.encode_prompt(p) for p in prompts]
+        cross = decoder.cross_kv(*batch_conditions(conditions, guidance=True))
+        rows = len(rows_at[0])
+        cache = decoder.new_cache(rows + 2, 64).rows(1, rows)  # a row view, as stations get
+        out = []
+        for at in rows_at:
+            ids = torch.randint(0, decoder.vocab + 1, (rows, decoder.num_codebooks))
+            out.append(decoder.decode_one_step(ids, cache, cross, at))
+        return torch.stack(out)
+    finally:
+        decoder._fused = saved
+
+
+@pytest.mark.parametrize("stations", [1, 4])
+def test_fused_step_over_int4_equals_op_by_op(int4_model, stations):
+    """The one-call step and the Python decoder (attend_step_q4 per layer) over the same int4
+    cache, stations at different positions (odd and even: both halves of a value pair)."""
+    decoder = int4_model.decoder
+    rows_at = [[p + 7 * (r // 2) for r in range(2 * stations)] for p in range(30)]
+    prompts = ["slow jazz", "fast drum and bass with a long prompt", "ambient", "a b c d e f g"]
+    got = _steps(decoder, int4_model, True, rows_at, prompts[:stations])
+    want = _steps(decoder, int4_model, False, rows_at, prompts[:stations])
+    assert got.shape == (30, 2 * stations, decoder.num_codebooks, decoder.vocab)
+    # The two paths' float sums differ by ~1e-7; where that moves a value across a rounding
+    # boundary (an activation's int8, a key's nibble) one row's logits move by ~1e-3, and that
+    # row's later steps with it. Almost every (step, row) agrees to float precision.
+    err = (got - want).abs().amax(dim=(2, 3))
+    assert (err < 1e-5).float().mean() > 0.8, err
+    assert err.max() < 0.05 * want.std(), (err.max(), want.std())
+
+
+def _teacher_forced(model, decoder, frames: int) -> torch.Tensor:
+    torch.manual_seed(3)
+    cross = decoder.cross_kv(*batch_conditions([model.encode_prompt("jazz")], guidance=True))
+    ids = torch.randint(0, decoder.vocab, (1, decoder.num_codebooks, frames)).expand(2, -1, -1)
+    cache = decoder.new_cache(2, frames + 1)
+    return torch.stack([decoder.decode_one_step(ids[:, :, t], cache, cross) for t in range(frames)])
+
+
+def test_int4_cache_stays_close_to_float32(tiny_head64_dir, int4_model):
+    """Teacher-forced logits over 120 positions stay within a few percent of the logits' spread
+    of float32's, and within a few times the int8 cache's distance (the figures on
+    musicgen-small shapes: bench/precision.py)."""
+    with torch.inference_mode():
+        got = _teacher_forced(int4_model, int4_model.decoder, 120)
+        options = LoadOptions(model=tiny_head64_dir, device="cpu", quantize="int8", kv_cache="int8")
+        int8 = MusicModel.load(options)
+        near = _teacher_forced(int8, int8.decoder, 120)
+        exact = MusicModel.load(LoadOptions(model=tiny_head64_dir, device="cpu", dtype="float32"))
+        want = _teacher_forced(exact, exact.decoder, 120)
+    err4, err8 = (got - want).abs().mean(), (near - want).abs().mean()
+    assert err4 < 0.05 * want.std() and err4 < 3 * err8, (err4, err8, want.std())
+    agree = (got.argmax(-1) == want.argmax(-1)).float().mean()
+    assert agree > 0.9, agree
+
+
+def test_int4_cache_needs_heads_of_64(k, tiny_model_dir):
+    with pytest.raises(ModelLoadError, match="int4 cache holds heads of 64, this model's are 16"):
+        MusicModel.load(LoadOptions(model=tiny_model_dir, device="cpu", kv_cache="int4"))
+    with pytest.raises(ValueError, match="kv_cache: int4 is a CPU mode"):
+        LoadOptions(kv_cache="int4", device="cuda").validate()
