@@ -55,9 +55,14 @@ void attend(const float* q, const uint16_t* k, const uint16_t* v, int64_t T, flo
 // q [B, H, D] float32; keys/values [B, H, P, D] bfloat16 (D a multiple of 16, at most 128);
 // lengths [B]: row b attends positions [0, lengths[b]). Returns [B, H, D] float32.
 
+// Memory is kept busy across the two passes: while the keys' pass runs, the values are asked for
+// (into L2); while the values' pass runs, the keys of the next head this thread attends
+// (`next_k`, or nullptr). One stream is always in flight instead of each pass waiting for its own.
+inline void prefetch_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
+
 template <int NC>
 void attend_q8(const float* q, const int8_t* k, const float* ks, const int8_t* v, const float* vs,
-               int64_t T, float scale, float* scores, float* out) {
+               int64_t T, float scale, float* scores, float* out, const int8_t* next_k) {
   constexpr int64_t D = NC * 16;
   for (int64_t line = 0; line < kAttendPrefetch && line < T * D; line += 64) {
     prefetch(k + line);  // both streams start cold: ask for their first lines at once
@@ -86,7 +91,10 @@ void attend_q8(const float* q, const int8_t* k, const float* ks, const int8_t* v
     vscale = _mm512_set1_ps(scale * qs);
     for (; t0 + 16 <= T; t0 += 16, k += 16 * D) {  // 16 positions, one horizontal-sum butterfly
       __m512 a[16];
-      for (int64_t line = 0; line < 16 * D; line += 64) prefetch(k + kAttendPrefetch + line);
+      for (int64_t line = 0; line < 16 * D; line += 64) {
+        prefetch(k + kAttendPrefetch + line);
+        prefetch_l2(v + t0 * D + line);  // the same positions' values, for the second pass
+      }
       for (int j = 0; j < 16; ++j) {
         __m512i acc = _mm512_setzero_si512();
         for (int c = 0; c < NC / 2; ++c) {
@@ -130,6 +138,8 @@ void attend_q8(const float* q, const int8_t* k, const float* ks, const int8_t* v
   for (int c = 0; c < NC; ++c) o[c] = _mm512_setzero_ps();
   for (int64_t t2 = 0; t2 < T; ++t2, v += D) {
     for (int64_t line = 0; line < D; line += 64) prefetch(v + kAttendPrefetch + line);
+    if (next_k)
+      for (int64_t line = 0; line < D; line += 64) prefetch_l2(next_k + t2 * D + line);
     const __m512 p = _mm512_set1_ps(scores[t2]);  // softmax weight times the value's scale
     for (int c = 0; c < NC; ++c) o[c] = _mm512_fmadd_ps(p, load_i8(v + 16 * c), o[c]);
   }
@@ -141,10 +151,12 @@ void attend_q8(const float* q, const int8_t* k, const float* ks, const int8_t* v
 // positions [0, at].
 inline void attend_head_q8(const float* q, const float* k_new, const float* v_new, int8_t* k,
                            float* ks, int8_t* v, float* vs, int64_t at, int64_t D, float scale,
-                           float* scores, float* out) {
+                           float* scores, float* out, const int8_t* next_k) {
   ks[at] = quantize_vector(k_new, k + at * D, D);
   vs[at] = quantize_vector(v_new, v + at * D, D);
-  with_head_chunks(D, [&](auto nc) { attend_q8<nc>(q, k, ks, v, vs, at + 1, scale, scores, out); });
+  with_head_chunks(D, [&](auto nc) {
+    attend_q8<nc>(q, k, ks, v, vs, at + 1, scale, scores, out, next_k);
+  });
 }
 
 // ---- int4 cache (head size 64) ---------------------------------------------------------------
@@ -163,7 +175,7 @@ constexpr int64_t kQ4Head = 64, kQ4MaxPositions = 4096;
 
 inline void attend_q4(const float* q, const uint8_t* k, const float* ks, const uint8_t* v,
                       const float* vs, int64_t T, float scale, float* scores, int16_t* weights,
-                      float* out) {
+                      float* out, const uint8_t* next_k) {
   for (int64_t line = 0; line < kAttendPrefetch && line < T * 32; line += 64) {
     prefetch(k + line);  // both streams start cold: ask for their first lines at once
     prefetch(v + line);
@@ -194,7 +206,10 @@ inline void attend_q4(const float* q, const uint8_t* k, const float* ks, const u
   int64_t t0 = 0;
   for (; t0 + 16 <= T; t0 += 16) {  // 16 positions, one horizontal-sum butterfly
     const uint8_t* kt = k + t0 * 32;
-    for (int64_t line = 0; line < 16 * 32; line += 64) prefetch(kt + kAttendPrefetch + line);
+    for (int64_t line = 0; line < 16 * 32; line += 64) {
+      prefetch(kt + kAttendPrefetch + line);
+      prefetch_l2(v + t0 * 32 + line);  // the same positions' values, for the second pass
+    }
     __m512 a[16];
     for (int i = 0; i < 8; ++i) {
       const __m512 f = _mm512_cvtepi32_ps(pair_dots(kt + 64 * i));
@@ -236,6 +251,7 @@ inline void attend_q4(const float* q, const uint8_t* k, const float* ks, const u
   for (int64_t g = 0; 2 * g < T; ++g) {
     const uint8_t* vg = v + 64 * g;
     prefetch(vg + kAttendPrefetch);
+    if (next_k) prefetch_l2(next_k + 64 * g);
     const __m512i x = _mm512_loadu_si512(vg);
     const __m512i lo = _mm512_and_si512(x, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), nibble);
     int32_t pair;
@@ -257,13 +273,13 @@ inline void attend_q4(const float* q, const uint8_t* k, const float* ks, const u
 // attend to positions [0, at]. `weights`: int16 scratch of at least at + 2.
 inline void attend_head_q4(const float* q, const float* k_new, const float* v_new, uint8_t* k,
                            float* ks, uint8_t* v, float* vs, int64_t at, float scale,
-                           float* scores, int16_t* weights, float* out) {
+                           float* scores, int16_t* weights, float* out, const uint8_t* next_k) {
   ks[at] = quantize_q4(k_new, k + at * 32);
   alignas(32) uint8_t packed[32];
   vs[at] = quantize_q4(v_new, packed);
   uint8_t* pair = v + 64 * (at / 2) + at % 2;
   for (int r = 0; r < 32; ++r) pair[2 * r] = packed[r];
-  attend_q4(q, k, ks, v, vs, at + 1, scale, scores, weights, out);
+  attend_q4(q, k, ks, v, vs, at + 1, scale, scores, weights, out, next_k);
 }
 
 }  // namespace er

@@ -245,8 +245,9 @@ torch::Tensor attend_step_q8(torch::Tensor qkv, torch::Tensor keys, torch::Tenso
       float* ks = ksp + b * sb + h * sh;
       float* vs = vsp + b * tb + h * th;
       const float* row = xp + b * 3 * E;
+      const int8_t* next_k = i + 1 < i1 ? kp + (i + 1) / H * kb + (i + 1) % H * kh : nullptr;
       attend_head_q8(row + h * D, row + E + h * D, row + 2 * E + h * D, k, ks, v, vs, at, D, s,
-                     scores.data(), op + b * E + h * D);
+                     scores.data(), op + b * E + h * D, next_k);
     }
   });
   return out;
@@ -300,9 +301,10 @@ torch::Tensor attend_step_q4(torch::Tensor qkv, torch::Tensor keys, torch::Tenso
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, h = i % H;
       const float* row = xp + b * 3 * E;
+      const uint8_t* next_k = i + 1 < i1 ? kp + (i + 1) / H * kb + (i + 1) % H * kh : nullptr;
       attend_head_q4(row + h * D, row + E + h * D, row + 2 * E + h * D, kp + b * kb + h * kh,
                      ksp + b * sb + h * sh, vp + b * kb + h * kh, vsp + b * sb + h * sh, pp[b],
-                     s, scores.data(), weights.data(), op + b * E + h * D);
+                     s, scores.data(), weights.data(), op + b * E + h * D, next_k);
     }
   });
   return out;

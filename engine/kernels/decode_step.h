@@ -157,13 +157,16 @@ inline void decode_step_int8(const ModelInt8& m, const int64_t* ids, const int64
         uint8_t* v = c.values + l * c.kl + b * c.kb + hd * c.kh;
         float* ks = c.key_scales + l * c.sl + b * c.sb + hd * c.sh;
         float* vs = c.value_scales + l * c.sl + b * c.sb + hd * c.sh;
+        const uint8_t* next_k = nullptr;  // the keys this thread reads next
+        if (i + 1 < i1) next_k = c.keys + l * c.kl + (i + 1) / H * c.kb + (i + 1) % H * c.kh;
         if (c.bits == 4)
           attend_head_q4(row + hd * D, row + E + hd * D, row + 2 * E + hd * D, k, ks, v, vs,
-                         pos[b], scale, scores, weights, a + b * E + hd * D);
+                         pos[b], scale, scores, weights, a + b * E + hd * D, next_k);
         else
           attend_head_q8(row + hd * D, row + E + hd * D, row + 2 * E + hd * D,
                          reinterpret_cast<int8_t*>(k), ks, reinterpret_cast<int8_t*>(v), vs,
-                         pos[b], D, scale, scores, a + b * E + hd * D);
+                         pos[b], D, scale, scores, a + b * E + hd * D,
+                         reinterpret_cast<const int8_t*>(next_k));
       }
     });
     project<Out::Add>(w.out_self, a, E, B, x, E, s);
