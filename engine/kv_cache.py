@@ -9,10 +9,12 @@ vector (one position of one head) has its own float32 scale:
 
 - int8: `x ~ scale * q`, `scale = max|x| / 127`, int8 [L, B, H, P, D]: a quarter of float32's bytes.
 - int4 (heads of 64): `x ~ scale * (u - 8)`, `u = round(x / scale) + 8` in [1, 15],
-  `scale = max|x| / 7`, two per byte, byte r holding dims r and r + 32 (uint8 [L, B, H, P, 32],
-  P rounded up to even). Keys sit one position per 32 bytes; values by pairs of positions, byte
-  2r + j of pair g holding position 2g + j (the order the kernel's int16 dot products read them
-  in). Half the int8 cache's bytes: what several stations batched in one step mostly read.
+  `scale = max|x| / 7`, two per byte, byte r holding dims r and r + 32: 32 bytes per vector
+  (uint8 [L, B, H, P, 32], P rounded up to a multiple of 16). Keys go by blocks of 16
+  positions, [8][16][4] bytes (byte 4j + b of position l at [j][l][b]), values by pairs of
+  positions, byte 2r + j of pair g holding position 2g + j: the orders the kernel's dot
+  products read them in (engine/kernels/attention.h). Half the int8 cache's bytes: what several
+  stations batched in one step mostly read.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 KINDS = ("float32", "bfloat16", "int8", "int4")
 Q4_HEAD = 64
+Q4_BLOCK = 16  # positions per block of int4 keys
 
 
 def quantize_vectors(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +65,9 @@ class KVCache:
         if kind == "int4" and head_dim != Q4_HEAD:
             raise ValueError(f"an int4 KV cache holds heads of {Q4_HEAD}, not {head_dim}")
         self.kind = kind
-        slots = max_positions + max_positions % 2 if kind == "int4" else max_positions
+        slots = max_positions
+        if kind == "int4":
+            slots = -(-max_positions // Q4_BLOCK) * Q4_BLOCK
         width = head_dim // 2 if kind == "int4" else head_dim
         dtype = {"int4": torch.uint8, "int8": torch.int8}.get(kind) or getattr(torch, kind)
         shape = (layers, batch, heads, slots, width)
@@ -84,6 +89,13 @@ class KVCache:
         l, b, h, p, w = self.values.shape
         return self.values.view(l, b, h, p // 2, w, 2).transpose(-1, -2)
 
+    def _key_blocks(self) -> torch.Tensor:
+        """int4 keys as [L, B, H, P / 16, 16, 8, 4]: [..., n, l, :, :] is position 16n + l's
+        32 bytes (a view)."""
+        l, b, h, p, w = self.keys.shape
+        blocks = self.keys.view(l, b, h, p // Q4_BLOCK, w // 4, Q4_BLOCK, 4)
+        return blocks.transpose(-3, -2)
+
     def write(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store keys/values [B, H, T, D] at positions [start, start + T)."""
         end = start + keys.shape[2]
@@ -91,7 +103,10 @@ class KVCache:
         if self.kind == "int4":
             keys, self.key_scales[layer, :, :, start:end] = quantize_q4(keys)
             values, self.value_scales[layer, :, :, start:end] = quantize_q4(values)
-            self.keys[layer, :, :, start:end] = keys
+            at = torch.arange(start, end, device=keys.device)
+            b, h, t, w = keys.shape
+            blocks = keys.view(b, h, t, w // 4, 4)
+            self._key_blocks()[layer, :, :, at // Q4_BLOCK, at % Q4_BLOCK] = blocks
             pairs = self._pairs()[layer]
             for j in (0, 1):  # positions 2g + j of the range, g consecutive
                 first = start + (start + j) % 2
@@ -112,7 +127,9 @@ class KVCache:
         if self.kind == "int4":
             keys, self.key_scales[layer, rows, :, positions] = quantize_q4(keys)
             values, self.value_scales[layer, rows, :, positions] = quantize_q4(values)
-            self.keys[layer, rows, :, positions] = keys
+            b, h, w = keys.shape
+            blocks = self._key_blocks()[layer]
+            blocks[rows, :, positions // Q4_BLOCK, positions % Q4_BLOCK] = keys.view(b, h, w // 4, 4)
             self._pairs()[layer, rows, :, positions // 2, positions % 2] = values
             return
         if self.kind == "int8":
@@ -151,8 +168,9 @@ class KVCache:
         """Keys and values [B, H, end, D] of positions [0, end) (a quantized cache: dequantized)."""
         if self.kind == "int4":
             l, b, h, p, w = self.values.shape
-            values = self._pairs()[layer].reshape(b, h, p, w)  # positions in order (a copy)
-            keys = dequantize_q4(self.keys[layer, :, :, :end], self.key_scales[layer, :, :, :end])
+            keys = self._key_blocks()[layer].reshape(b, h, p, w)  # positions in order (copies)
+            values = self._pairs()[layer].reshape(b, h, p, w)
+            keys = dequantize_q4(keys[:, :, :end], self.key_scales[layer, :, :, :end])
             return keys, dequantize_q4(values[:, :, :end], self.value_scales[layer, :, :, :end])
         keys, values = self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
         if self.kind == "int8":

@@ -161,17 +161,24 @@ inline void attend_head_q8(const float* q, const float* k_new, const float* v_ne
 
 // ---- int4 cache (head size 64) ---------------------------------------------------------------
 // A key or value vector is 64 nibbles u = round(x / s) + 8 with its own float32 scale s =
-// max|x| / 7 (quantize_q4), byte r holding dims r and r + 32: a key is 32 bytes per position;
-// values go by pairs of positions, byte 2r + j of pair g holding position 2g + j, so that
-// unpacked and widened to int16 a pair's bytes are the lane pairs vpdpwssd multiplies by the two
-// positions' softmax weights. An eighth of float32's bytes (with the scales: 72 vs 136 bytes per
-// position and head for int8); the maths is integer where it can be and exact there:
-// - scores: the query as int8 (one scale); two keys per 64-byte load, their nibbles meet it in
-//   vpdpbusd (unsigned nibble x signed query), 3 instructions per position;
-// - values: softmax weights (times each value's scale) as int16 over their maximum (steps of
-//   max / 32767: a long tail of small weights keeps its mass), vpdpwssd over position pairs.
+// max|x| / 7 (quantize_q4): 32 bytes, byte r holding dims r and r + 32. An eighth of float32's
+// bytes (with the scales: 72 vs 136 bytes per position and head for int8). Both layouts put
+// what one VNNI instruction multiplies in one 64-byte load, and the maths is integer and exact:
+// - keys go by blocks of 16 positions, 512 bytes [8][16][4]: byte b of lane l in group j is byte
+//   r = 4j + b of position l. Unmasked, a group's low nibbles are dims 4j..4j+3 of 16 positions,
+//   the high ones dims 32+4j..; vpdpbusd against those 4 query bytes (int8, one scale) adds them
+//   into each position's own lane: 16 scores from 8 loads and 16 dot products, no horizontal sums;
+// - values go by pairs of positions, byte 2r + j of pair g holding position 2g + j: unpacked and
+//   widened to int16, lane pairs vpdpwssd multiplies by the two positions' softmax weights,
+//   taken as int16 over their maximum (times each value's scale; steps of max / 32767: a long
+//   tail of small weights keeps its mass).
 // A head's sums stay below 2^31 for up to 4096 positions (15 * 32767 * 4096).
-constexpr int64_t kQ4Head = 64, kQ4MaxPositions = 4096;
+constexpr int64_t kQ4Head = 64, kQ4MaxPositions = 4096, kQ4Block = 16;
+
+// Byte offset of key byte r (a multiple of 4) of position t in a head's blocked keys.
+inline int64_t q4_key_offset(int64_t t, int64_t r) {
+  return t / kQ4Block * 512 + r / 4 * 64 + t % kQ4Block * 4;
+}
 
 inline void attend_q4(const float* q, const uint8_t* k, const float* ks, const uint8_t* v,
                       const float* vs, int64_t T, float scale, float* scores, int16_t* weights,
@@ -180,7 +187,7 @@ inline void attend_q4(const float* q, const uint8_t* k, const float* ks, const u
     prefetch(k + line);  // both streams start cold: ask for their first lines at once
     prefetch(v + line);
   }
-  // the query as int8 (nearest even), both halves of a 64-byte key load see its dims 0-31 / 32-63
+  // the query as int8 (nearest even); each group of 4 dims broadcast to every lane
   __m512 m = _mm512_setzero_ps();
   for (int c = 0; c < 64; c += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(q + c)));
   const float qmax = _mm512_reduce_max_ps(m);
@@ -192,44 +199,39 @@ inline void attend_q4(const float* q, const uint8_t* k, const float* ks, const u
     _mm_store_si128(reinterpret_cast<__m128i*>(q8 + c), _mm512_cvtsepi32_epi8(i));
     qsum += _mm512_reduce_add_epi32(i);
   }
-  const __m512i qlo = _mm512_broadcast_i64x4(_mm256_load_si256(reinterpret_cast<const __m256i*>(q8)));
-  const __m512i qhi = _mm512_broadcast_i64x4(_mm256_load_si256(reinterpret_cast<const __m256i*>(q8 + 32)));
+  __m512i qlo[8], qhi[8];
+  for (int j = 0; j < 8; ++j) {
+    int32_t lo, hi;
+    std::memcpy(&lo, q8 + 4 * j, 4);
+    std::memcpy(&hi, q8 + 32 + 4 * j, 4);
+    qlo[j] = _mm512_set1_epi32(lo), qhi[j] = _mm512_set1_epi32(hi);
+  }
   const __m512i nibble = _mm512_set1_epi8(0x0F);
-  auto pair_dots = [&](const uint8_t* p) {  // lanes 0-7: position t's partial sums, 8-15: t + 1
-    const __m512i x = _mm512_loadu_si512(p);
-    const __m512i lo = _mm512_and_si512(x, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), nibble);
-    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, qlo), hi, qhi);
-  };
-  const float kscale = scale * qs;
+  const __m512 kscale = _mm512_set1_ps(scale * qs);
   const __m512 offset = _mm512_set1_ps(8.0f * static_cast<float>(qsum));  // the nibbles' +8
   __m512 vmax = _mm512_set1_ps(-INFINITY);
-  int64_t t0 = 0;
-  for (; t0 + 16 <= T; t0 += 16) {  // 16 positions, one horizontal-sum butterfly
-    const uint8_t* kt = k + t0 * 32;
-    for (int64_t line = 0; line < 16 * 32; line += 64) {
-      prefetch(kt + kAttendPrefetch + line);
+  for (int64_t t0 = 0; t0 < T; t0 += kQ4Block) {  // the slots run to a whole block
+    const uint8_t* kb = k + t0 * 32;
+    for (int64_t line = 0; line < 512; line += 64) {
+      prefetch(kb + kAttendPrefetch + line);
       prefetch_l2(v + t0 * 32 + line);  // the same positions' values, for the second pass
     }
-    __m512 a[16];
-    for (int i = 0; i < 8; ++i) {
-      const __m512 f = _mm512_cvtepi32_ps(pair_dots(kt + 64 * i));
-      a[2 * i] = _mm512_maskz_mov_ps(0x00FF, f);
-      a[2 * i + 1] = _mm512_maskz_mov_ps(0xFF00, f);
+    __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                      _mm512_setzero_si512()};
+    for (int j = 0; j < 8; ++j) {
+      const __m512i x = _mm512_loadu_si512(kb + 64 * j);
+      const __m512i lo = _mm512_and_si512(x, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), nibble);
+      acc[j % 2] = _mm512_dpbusd_epi32(acc[j % 2], lo, qlo[j]);
+      acc[2 + j % 2] = _mm512_dpbusd_epi32(acc[2 + j % 2], hi, qhi[j]);
     }
-    const __m512 raw = _mm512_sub_ps(hsum16(a), offset);
-    const __m512 sums = _mm512_mul_ps(_mm512_mul_ps(raw, _mm512_loadu_ps(ks + t0)), _mm512_set1_ps(kscale));
-    _mm512_storeu_ps(scores + t0, sums);
-    vmax = _mm512_max_ps(vmax, sums);
+    const __m512i dots = _mm512_add_epi32(_mm512_add_epi32(acc[0], acc[1]), _mm512_add_epi32(acc[2], acc[3]));
+    const __mmask16 mask = T - t0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (T - t0)) - 1);
+    const __m512 sums = _mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(dots), offset),
+                                                    _mm512_maskz_loadu_ps(mask, ks + t0)), kscale);
+    _mm512_mask_storeu_ps(scores + t0, mask, sums);
+    vmax = _mm512_mask_max_ps(vmax, mask, vmax, sums);
   }
-  float best = _mm512_reduce_max_ps(vmax);
-  for (int64_t t = t0; t < T; t += 2) {  // the cache holds an even number of slots
-    const __m512i d = pair_dots(k + t * 32);
-    for (int64_t j = 0; j < 2 && t + j < T; ++j) {
-      const int32_t dot = _mm512_mask_reduce_add_epi32(j ? 0xFF00 : 0x00FF, d) - 8 * qsum;
-      scores[t + j] = static_cast<float>(dot) * ks[t + j] * kscale;
-      best = std::max(best, scores[t + j]);
-    }
-  }
+  const float best = _mm512_reduce_max_ps(vmax);
   const float inv = softmax_weights(scores, T, best, vs);  // scores: weights times value scales
   __m512 wm = _mm512_setzero_ps();
   for (int64_t t = 0; t < T; t += 16) {
@@ -268,14 +270,15 @@ inline void attend_q4(const float* q, const uint8_t* k, const float* ks, const u
     _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[c], off)), back));
 }
 
-// Row b's head h of a decode step over an int4 cache (k [P][32], v [P / 2][64] bytes, scales
-// ks, vs [P] of this row and head): quantize the step's key and value into position `at`, then
-// attend to positions [0, at]. `weights`: int16 scratch of at least at + 2.
+// Row b's head h of a decode step over an int4 cache (k: blocked keys, v [P / 2][64] bytes,
+// scales ks, vs [P] of this row and head): quantize the step's key and value into position
+// `at`, then attend to positions [0, at]. `weights`: int16 scratch of at least at + 2.
 inline void attend_head_q4(const float* q, const float* k_new, const float* v_new, uint8_t* k,
                            float* ks, uint8_t* v, float* vs, int64_t at, float scale,
                            float* scores, int16_t* weights, float* out, const uint8_t* next_k) {
-  ks[at] = quantize_q4(k_new, k + at * 32);
   alignas(32) uint8_t packed[32];
+  ks[at] = quantize_q4(k_new, packed);
+  for (int r = 0; r < 32; r += 4) std::memcpy(k + q4_key_offset(at, r), packed + r, 4);
   vs[at] = quantize_q4(v_new, packed);
   uint8_t* pair = v + 64 * (at / 2) + at % 2;
   for (int r = 0; r < 32; ++r) pair[2 * r] = packed[r];

@@ -255,8 +255,8 @@ torch::Tensor attend_step_q8(torch::Tensor qkv, torch::Tensor keys, torch::Tenso
 
 // ---- int4 KV cache (attention.h) -----------------------------------------------------------------
 
-// A layer's int4 cache: keys/values [B, H, P, 32] uint8 (P even, each head's positions
-// contiguous), scales [B, H, P] float32. Returns the shape with D = 64.
+// A layer's int4 cache: keys/values [B, H, P, 32] uint8 (P a multiple of 16, each head's
+// positions contiguous), scales [B, H, P] float32. Returns the shape with D = 64.
 CacheShape check_cache_q4(const char* fn, const torch::Tensor& keys, const torch::Tensor& key_scales,
                           const torch::Tensor& values, const torch::Tensor& value_scales) {
   TORCH_CHECK(keys.dim() == 4 && values.sizes() == keys.sizes() && keys.size(3) == kQ4Head / 2,
@@ -264,8 +264,8 @@ CacheShape check_cache_q4(const char* fn, const torch::Tensor& keys, const torch
   TORCH_CHECK(keys.scalar_type() == torch::kByte && values.scalar_type() == torch::kByte, fn,
               ": uint8 keys and values (two 4-bit values per byte)");
   const CacheShape c{keys.size(0), keys.size(1), keys.size(2), kQ4Head};
-  TORCH_CHECK(c.P % 2 == 0 && c.P <= kQ4MaxPositions, fn, ": an even number of slots up to ",
-              kQ4MaxPositions, ", got ", c.P);
+  TORCH_CHECK(c.P % kQ4Block == 0 && c.P <= kQ4MaxPositions, fn, ": slots a multiple of ",
+              kQ4Block, " up to ", kQ4MaxPositions, ", got ", c.P);
   TORCH_CHECK(keys.stride(3) == 1 && keys.stride(2) == 32 && values.strides() == keys.strides(),
               fn, ": keys and values laid out alike, each head's positions contiguous");
   TORCH_CHECK(key_scales.scalar_type() == torch::kFloat && value_scales.scalar_type() == torch::kFloat &&
@@ -416,8 +416,8 @@ class DecodeStepInt8 {
                 "DecodeStepInt8.step: an int8 (int8) or int4 (uint8) cache");
     TORCH_CHECK(keys.strides() == values.strides() && keys.stride(4) == 1 && keys.stride(3) == width,
                 "DecodeStepInt8.step: keys and values laid out alike, each head's positions contiguous");
-    TORCH_CHECK(!q4 || (keys.size(3) % 2 == 0 && keys.size(3) <= kQ4MaxPositions),
-                "DecodeStepInt8.step: an int4 cache has an even number of slots up to ",
+    TORCH_CHECK(!q4 || (keys.size(3) % kQ4Block == 0 && keys.size(3) <= kQ4MaxPositions),
+                "DecodeStepInt8.step: an int4 cache has slots a multiple of ", kQ4Block, " up to ",
                 kQ4MaxPositions);
     const int64_t P = keys.size(3);
     TORCH_CHECK(key_scales.dim() == 4 && key_scales.sizes() == value_scales.sizes() &&

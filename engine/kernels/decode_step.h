@@ -150,7 +150,11 @@ inline void decode_step_int8(const ModelInt8& m, const int64_t* ids, const int64
     at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
       float* scores = s.scores.data() + at::get_thread_num() * scratch;
       int16_t* weights = s.weights.data() + at::get_thread_num() * (c.P + 32);
+      // Attention waits on memory more than it fills the bus: meanwhile the next projection's
+      // weights, this thread's share, are asked for (into L2), a slice per (row, head).
+      const auto [next_w, next_end] = thread_share(w.out_self);
       for (int64_t i = i0; i < i1; ++i) {
+        prefetch_part(next_w, next_end, i - i0, i1 - i0);
         const int64_t b = i / H, hd = i % H;
         const float* row = qkv + b * 3 * E;
         uint8_t* k = c.keys + l * c.kl + b * c.kb + hd * c.kh;

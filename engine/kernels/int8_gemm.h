@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
 
 #include "simd.h"
 
@@ -226,6 +227,24 @@ void gemm_int8(const PackedInt8& w, const QuantRows& x, int64_t M, float* y, int
       }
     }
   });
+}
+
+// The packed bytes of `w` that this thread will stream in gemm_int8 (at::parallel_for gives
+// thread t the t-th chunk of divup(blocks, threads) blocks), for asking for them early.
+inline std::pair<const uint8_t*, const uint8_t*> thread_share(const PackedInt8& w) {
+  const int64_t blocks = (w.N + kBlock - 1) / kBlock, bytes = w.Kp * kBlock;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), blocks);
+  const int64_t chunk = (blocks + threads - 1) / threads;
+  const int64_t b0 = std::min(blocks, at::get_thread_num() * chunk);
+  const int64_t b1 = std::min(blocks, b0 + chunk);
+  return {w.data + b0 * bytes, w.data + b1 * bytes};
+}
+
+// Ask (into L2) for part `j` of `n` of the bytes [begin, end).
+inline void prefetch_part(const uint8_t* begin, const uint8_t* end, int64_t j, int64_t n) {
+  const int64_t size = end - begin;
+  for (int64_t at = size * j / n / 64 * 64; at < size * (j + 1) / n; at += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(begin + at), _MM_HINT_T1);
 }
 
 // y = LayerNorm(x) over E features per row, with weight w and bias b.

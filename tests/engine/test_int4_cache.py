@@ -32,23 +32,26 @@ def test_quantize_q4_packs_two_nibbles_per_byte():
 
 
 def test_int4_cache_layout_and_writes():
-    """Keys one position per 32 bytes; values by pairs of positions, byte 2r + j of pair g
-    holding position 2g + j; range writes from odd starts and per-row writes land alike."""
+    """Keys by blocks of 16 positions ([8][16][4] bytes); values by pairs of positions, byte
+    2r + j of pair g holding position 2g + j; range writes from odd starts and per-row writes
+    land alike."""
     torch.manual_seed(1)
-    cache = KVCache(2, 3, 2, 9, 64, device=CPU, kind="int4")
-    assert cache.keys.shape == (2, 3, 2, 10, 32)  # 9 positions, an even number of slots
-    keys, values = torch.randn(3, 2, 9, 64), torch.randn(3, 2, 9, 64)
+    cache = KVCache(2, 3, 2, 19, 64, device=CPU, kind="int4")
+    assert cache.keys.shape == (2, 3, 2, 32, 32)  # 19 positions: two whole blocks of 16 slots
+    keys, values = torch.randn(3, 2, 19, 64), torch.randn(3, 2, 19, 64)
     cache.write(1, 0, keys[:, :, :3], values[:, :, :3])
-    cache.write(1, 3, keys[:, :, 3:8], values[:, :, 3:8])  # an odd start
-    cache.write_rows(1, torch.tensor([8, 8, 8]), keys[:, :, 8:9], values[:, :, 8:9])
-    got_k, got_v = cache.view(1, 9)
+    cache.write(1, 3, keys[:, :, 3:18], values[:, :, 3:18])  # an odd start, across a block
+    cache.write_rows(1, torch.tensor([18, 18, 18]), keys[:, :, 18:19], values[:, :, 18:19])
+    got_k, got_v = cache.view(1, 19)
     want_k = dequantize_q4(*quantize_q4(keys))
     want_v = dequantize_q4(*quantize_q4(values))
     assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
     packed, _ = quantize_q4(values[1, 0, 5])  # position 5 = pair 2, j = 1
     pair = cache.values[1, 1, 0].reshape(-1)[64 * 2 : 64 * 3]
     assert torch.equal(pair[1::2], packed)
-    assert torch.equal(cache.keys[1, 1, 0, 5], quantize_q4(keys[1, 0, 5])[0])
+    packed, _ = quantize_q4(keys[1, 0, 17])  # position 17 = block 1, lane 1
+    block = cache.keys[1, 1, 0].reshape(-1)[512:1024].view(8, 16, 4)
+    assert torch.equal(block[:, 1].reshape(-1), packed)
     with pytest.raises(ValueError, match="heads of 64, not 16"):
         KVCache(1, 1, 1, 8, 16, device=CPU, kind="int4")
 
@@ -89,10 +92,10 @@ def test_attend_step_q4_against_float64(k, positions):
 def test_attend_step_q4_refuses_bad_caches(k):
     qkv = torch.randn(1, 3 * 64)
     good = KVCache(1, 1, 1, 8, 64, device=CPU, kind="int4").layer(0)
-    with pytest.raises(RuntimeError, match="row 0 position 8 outside"):
-        k.attend_step_q4(qkv, *good, torch.tensor([8]), 0.125)
+    with pytest.raises(RuntimeError, match="row 0 position 16 outside"):  # 16 slots
+        k.attend_step_q4(qkv, *good, torch.tensor([16]), 0.125)
     odd = [t[:, :, :7] for t in good]
-    with pytest.raises(RuntimeError, match="even number of slots"):
+    with pytest.raises(RuntimeError, match="slots a multiple of 16"):
         k.attend_step_q4(qkv, *odd, torch.tensor([0]), 0.125)
     with pytest.raises(RuntimeError, match="uint8 keys and values"):
         k.attend_step_q4(qkv, good[0].to(torch.int8), good[1], good[2].to(torch.int8), good[3], torch.tensor([0]), 0.125)
