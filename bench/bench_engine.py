@@ -123,7 +123,6 @@ def bench_stations(model: MusicModel, window: WindowOptions, steps: int, counts=
     position, so a short run at one position would not say what a window costs. The counts
     take turns, 25 steps each, so that they cross the window together and share whatever the
     machine's memory bandwidth does meanwhile (on a shared machine it swings by a third)."""
-    steps = min(steps, window.window - window.context - 2)
     tokens, spent = {}, {}
     for n in counts:
         prompts = [f"{PROMPT} {i}" for i in range(n)]
@@ -132,16 +131,19 @@ def bench_stations(model: MusicModel, window: WindowOptions, steps: int, counts=
         streams = model.open_streams(prompts, samplings, window, prompt_frames=contexts)
         tokens[n], spent[n] = streams[0].tokens, 0.0
         tokens[n].generate_until(tokens[n].complete + 1)  # warm-up
-    first = {n: t.steps for n, t in tokens.items()}
-    for done in range(0, steps - 1, 25):
+    # every step until the window is full, not the re-prefill after it (reported on its own)
+    steps = min(steps, *(window.window - t._fed for t in tokens.values()))
+    first = {n: (t.steps, t.prefills) for n, t in tokens.items()}
+    for done in range(0, steps, 25):
         for n in counts:
             began = time.perf_counter()
-            tokens[n].generate_until(tokens[n].complete + min(25, steps - 1 - done))
+            tokens[n].generate_until(tokens[n].complete + min(25, steps - done))
             spent[n] += time.perf_counter() - began
-    times = {str(n): spent[n] / (tokens[n].steps - first[n]) for n in counts}
+    assert all(t.prefills == first[n][1] for n, t in tokens.items()), "a window restart was timed"
+    times = {str(n): spent[n] / (tokens[n].steps - first[n][0]) for n in counts}
     for n in counts:
         say(f"  {n} station(s): {times[str(n)] * 1000:.1f} ms per step over {steps} steps")
-    return times
+    return times, steps
 
 
 def bench_prefill(model: MusicModel, window: WindowOptions) -> float:
@@ -221,7 +223,9 @@ def main() -> int:
             continue
         model = run.pop("model")
         run["prefill_s"] = bench_prefill(model, window)
-        run["station_step_s"] = bench_stations(model, window, args.station_steps)
+        run["station_step_s"], run["station_steps"] = bench_stations(
+            model, window, args.station_steps
+        )
         run["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         del model
         results[f"engine_{mode}"] = run
@@ -269,7 +273,7 @@ def main() -> int:
             f"{r['codec_ms_per_audio_s']:.0f} ms per audio s"
         )
     say("")
-    steps = min(args.station_steps, args.window - args.context - 2)
+    steps = results[f"engine_{modes[0]}"]["station_steps"]
     say(f"Stations batched, mean decoder step over {steps} steps from a window restart:")
     say("")
     say("| mode | decoder step, 1 station | 4 stations in one batched step | 4 vs 1 | peak RSS |")

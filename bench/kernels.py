@@ -8,8 +8,8 @@ bytes come from memory as in the real step, not from a warm cache:
   (`torch.ops.quantized.linear_dynamic`), `linear_bf16` and `linear_int8` (one Python call per
   projection: the fused decode step saves those calls too);
 - self-attention over P cached positions: float32 SDPA (the cache PyTorch's kernels need to be
-  fast), bfloat16 SDPA, `decode_attention` over a bfloat16 cache, and `attend_step_q8` (which
-  also writes the step's key/value) over an int8 cache;
+  fast), bfloat16 SDPA, `decode_attention` over a bfloat16 cache, and `attend_step_q8` /
+  `attend_step_q4` (which also write the step's key/value) over an int8 / int4 cache;
 - a plain read of the same bytes, the ceiling this machine's memory allows.
 
     python bench/kernels.py [--rows 2] [--layers 24] [--repeat 10]
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import kernels
-from engine.kv_cache import quantize_vectors
+from engine.kv_cache import KVCache, quantize_vectors
 from engine.linear import Int8DynamicLinear, pack_int8
 
 HIDDEN, FFN, HEADS, HEAD_DIM = 1024, 4096, 16, 64
@@ -130,6 +130,16 @@ def bench_attention(rows: int, layers: int, positions: int, repeat: int, k) -> N
                 )
 
         line("attend_step_q8, int8 cache (ours)", timed(ours_int8, repeat), nbytes // 4, base)
+        del keys8, values8
+        int4 = KVCache(layers, rows, HEADS, keys32.shape[3], HEAD_DIM, device=q.device, kind="int4")
+        for i in range(layers):
+            int4.write(i, 0, keys32[i], values32[i])
+
+        def ours_int4():
+            for i in range(layers):
+                k.attend_step_q4(qkv, *int4.layer(i), positions, 0.125)
+
+        line("attend_step_q4, int4 cache (ours)", timed(ours_int4, repeat), nbytes // 8, base)
 
 
 def read_ceiling(nbytes: int, repeat: int) -> None:

@@ -16,6 +16,7 @@ from engine.conditioning import stack_rows
 from engine.decoder import CrossKV, Decoder
 from engine.kv_cache import KVCache
 from engine.options import WindowOptions
+from engine.sampling import sample_streams
 from engine.static_step import StaticStep
 from engine.token_stream import TokenStream
 
@@ -81,6 +82,8 @@ class DecodeBatch:
             self.steps += 1
             return
         logits = self.decoder.decode_one_step(ids, self.cache, self._stacked_cross(), rows_at)
-        for i, stream in enumerate(self.streams):
-            stream._stepped(logits[ROWS * i : ROWS * (i + 1)])
+        samplings = [s.sampling for s in self.streams]
+        tokens = sample_streams(logits, samplings, [s.generator for s in self.streams])
+        for stream, row in zip(self.streams, tokens, strict=True):
+            stream._stepped(tokens=row)
         self.steps += 1

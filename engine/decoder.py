@@ -51,16 +51,25 @@ class CrossKV:
     mask: torch.Tensor  # [B, 1, 1, S] bool, True = attend
     _stacked: tuple[torch.Tensor, ...] | None = None
 
-    def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(keys, values) [L, B, H, S, D] float32 and an additive mask [B, S] (0 or -inf): the
-        inputs of our fused decode step, built once per prompt."""
+    def stacked(self) -> tuple[torch.Tensor, ...]:
+        """The inputs of our fused decode step, built once per prompt: (keys, values)
+        [L, B, H, S, D] float32, an additive mask [B, S] (0 or -inf), and how many text
+        positions each row reads [B]: its tokens when they come first (padding after them
+        weighs nothing), none for a row whose values are all zero (guidance's null rows, an
+        empty prompt: their output is exactly zero), else all S."""
         if self._stacked is None:
-            mask = self.mask[:, 0, 0]
-            bias = torch.zeros(mask.shape).masked_fill(~mask.cpu(), float("-inf"))
+            mask = self.mask[:, 0, 0].cpu()
+            bias = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+            values = torch.stack(self.values).float().contiguous()
+            tokens = mask.sum(dim=-1)
+            prefix = (torch.arange(mask.shape[-1]) < tokens[:, None]) == mask
+            lengths = torch.where(prefix.all(dim=-1), tokens, mask.shape[-1])
+            zero = values.abs().amax(dim=(0, 2, 3, 4)).cpu() == 0
             self._stacked = (
                 torch.stack(self.keys).float().contiguous(),
-                torch.stack(self.values).float().contiguous(),
+                values,
                 bias,
+                torch.where(zero, 0, lengths).long(),
             )
         return self._stacked
 

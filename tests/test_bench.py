@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -100,3 +102,18 @@ def test_engine_benchmark_realtime_only(tmp_path):
         tmp_path=tmp_path,
     )
     assert re.search(r"real time, int8, one station, 3 s of audio end to end, fresh process", out)
+
+
+def test_kernels_benchmark_prints_each_kernel(tmp_path):
+    from engine import kernels
+
+    if kernels.unavailable_reason() is not None:
+        pytest.skip(f"our CPU kernels cannot run here: {kernels.unavailable_reason()}")
+    out = _run(
+        "kernels.py",
+        *("--rows", "8", "--layers", "2", "--positions", "64", "--repeat", "1"),
+        tmp_path=tmp_path,
+    )
+    assert "projections, 2 layers, 8 rows" in out
+    for row in ("linear_int8 (ours", "attend_step_q8, int8 cache", "attend_step_q4, int4 cache"):
+        assert re.search(re.escape(row) + r".* ms .* GB/s", out), row

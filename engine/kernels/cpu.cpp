@@ -397,10 +397,12 @@ class DecodeStepInt8 {
   // ids [B, K] int64 at positions [B]; the cache: keys/values [L, B, H, P, D] int8, or
   // [L, B, H, P, 32] uint8 for an int4 cache (heads of 64), and their scales [L, B, H, P]
   // float32 (row views of a bigger cache are fine); cross-attention keys/values
-  // [L, B, H, S, D] float32 and bias [B, S] float32. Returns logits [B, K * V].
+  // [L, B, H, S, D] float32, bias [B, S] float32 and the text positions each row reads [B]
+  // int64 (`CrossKV.stacked`). Returns logits [B, K * V].
   torch::Tensor step(torch::Tensor ids, torch::Tensor positions, torch::Tensor keys,
                      torch::Tensor key_scales, torch::Tensor values, torch::Tensor value_scales,
-                     torch::Tensor cross_keys, torch::Tensor cross_values, torch::Tensor cross_bias) {
+                     torch::Tensor cross_keys, torch::Tensor cross_values, torch::Tensor cross_bias,
+                     torch::Tensor cross_lengths) {
     const int64_t B = ids.size(0);
     TORCH_CHECK(ids.dim() == 2 && ids.size(1) == m_.K && ids.scalar_type() == torch::kLong,
                 "DecodeStepInt8.step: ids must be int64 [B, ", m_.K, "]");
@@ -442,13 +444,20 @@ class DecodeStepInt8 {
     TORCH_CHECK(cross_bias.dim() == 2 && cross_bias.size(0) == B && cross_bias.size(1) == S &&
                     cross_bias.is_contiguous() && cross_bias.scalar_type() == torch::kFloat,
                 "DecodeStepInt8.step: float32 cross bias [B, S]");
+    TORCH_CHECK(cross_lengths.dim() == 1 && cross_lengths.size(0) == B &&
+                    cross_lengths.scalar_type() == torch::kLong && cross_lengths.is_contiguous(),
+                "DecodeStepInt8.step: int64 cross lengths [B]");
+    const int64_t* lengths = cross_lengths.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK(lengths[b] >= 0 && lengths[b] <= S, "DecodeStepInt8.step: row ", b, " reads ",
+                  lengths[b], " text positions of ", S);
     const CacheQ cache{static_cast<uint8_t*>(keys.data_ptr()), static_cast<uint8_t*>(values.data_ptr()),
                        key_scales.data_ptr<float>(), value_scales.data_ptr<float>(),
                        keys.stride(0), keys.stride(1), keys.stride(2),
                        key_scales.stride(0), key_scales.stride(1), key_scales.stride(2), P,
                        q4 ? 4 : 8};
     const CrossInputs cross{cross_keys.data_ptr<float>(), cross_values.data_ptr<float>(),
-                            cross_bias.data_ptr<float>(), S};
+                            cross_bias.data_ptr<float>(), lengths, S};
     auto logits = torch::empty({B, m_.heads.N}, ids.options().dtype(torch::kFloat));
     decode_step_int8(m_, ip, pp, B, cache, cross, scratch_, logits.data_ptr<float>());
     return logits;

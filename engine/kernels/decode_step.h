@@ -54,6 +54,7 @@ struct CacheQ {
 struct CrossInputs {  // cross-attention keys/values [L][B][H][S][D] float32, contiguous
   const float *keys, *values;
   const float* bias;  // [B][S]: 0 where a text token is, -inf where the row has padding
+  const int64_t* lengths;  // [B]: the positions [0, length) a row reads (0: its output is zero)
   int64_t S;
 };
 
@@ -115,9 +116,13 @@ inline void cross_attention(const ModelInt8& m, int64_t layer, const CrossInputs
     float* own = scores + at::get_thread_num() * scratch;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, h = i % H, at = ((layer * B + b) * H + h) * S * D;
+      if (c.lengths[b] == 0) {  // all-zero values (a null row): nothing to read
+        std::fill(out + b * E + h * D, out + b * E + (h + 1) * D, 0.0f);
+        continue;
+      }
       with_head_chunks(D, [&](auto nc) {
-        cross_head<nc>(q + b * E + h * D, c.keys + at, c.values + at, c.bias + b * S, S, scale,
-                       own, out + b * E + h * D);
+        cross_head<nc>(q + b * E + h * D, c.keys + at, c.values + at, c.bias + b * S,
+                       c.lengths[b], scale, own, out + b * E + h * D);
       });
     }
   });

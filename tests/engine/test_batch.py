@@ -51,6 +51,32 @@ def test_batched_streams_equal_unbatched_greedy(
         assert torch.equal(got, want), f"first mismatch at {(got != want).nonzero()[0].tolist()}"
 
 
+def test_batched_streams_sample_what_they_sample_alone(tiny_model_dir):
+    """Sampling (top-k 250, seeded, guidance 3 and 1, one stream at temperature 0.7 with top-p):
+    the batch guides and takes the top-k once for all streams, each stream draws with its own
+    generator; the tokens equal each stream's alone, draw for draw (int8 on our kernels: a
+    row's logits do not depend on the rows batched with it)."""
+    if kernels.unavailable_reason() is not None:
+        pytest.skip(f"needs our kernels: {kernels.unavailable_reason()}")
+    model = _model(tiny_model_dir, "int8")
+    window = WindowOptions(window=110, context=55)
+    samplings = [
+        SamplingOptions(seed=1),
+        SamplingOptions(seed=2, guidance_scale=1.0),
+        SamplingOptions(seed=3, temperature=0.7, top_p=0.9),
+    ]
+    prompts = PROMPTS[:3]
+    batched = model.open_streams(prompts, samplings, window)
+    alone = [model.open_stream(p, s, window) for p, s in zip(prompts, samplings, strict=True)]
+    for streams in (batched, alone):
+        for s in streams:
+            s.tokens.generate_until(120)
+    for b, a in zip(batched, alone, strict=True):
+        got, want = b.tokens.history()[0][:, :120], a.tokens.history()[0][:, :120]
+        assert torch.equal(got, want), f"first mismatch at {(got != want).nonzero()[0].tolist()}"
+    assert not torch.equal(batched[0].tokens.history()[0], batched[1].tokens.history()[0])
+
+
 def test_batched_streams_read_audio(tiny_stereo_dir):
     model = _model(tiny_stereo_dir)
     streams = model.open_streams(
