@@ -86,14 +86,14 @@ class KVCache:
 
     def _pairs(self) -> torch.Tensor:
         """int4 values as [L, B, H, P / 2, 2, 32]: [..., g, j, :] is position 2g + j (a view)."""
-        l, b, h, p, w = self.values.shape
-        return self.values.view(l, b, h, p // 2, w, 2).transpose(-1, -2)
+        layers, b, h, p, w = self.values.shape
+        return self.values.view(layers, b, h, p // 2, w, 2).transpose(-1, -2)
 
     def _key_blocks(self) -> torch.Tensor:
         """int4 keys as [L, B, H, P / 16, 16, 8, 4]: [..., n, l, :, :] is position 16n + l's
         32 bytes (a view)."""
-        l, b, h, p, w = self.keys.shape
-        blocks = self.keys.view(l, b, h, p // Q4_BLOCK, w // 4, Q4_BLOCK, 4)
+        layers, b, h, p, w = self.keys.shape
+        blocks = self.keys.view(layers, b, h, p // Q4_BLOCK, w // 4, Q4_BLOCK, 4)
         return blocks.transpose(-3, -2)
 
     def write(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -129,7 +129,9 @@ class KVCache:
             values, self.value_scales[layer, rows, :, positions] = quantize_q4(values)
             b, h, w = keys.shape
             blocks = self._key_blocks()[layer]
-            blocks[rows, :, positions // Q4_BLOCK, positions % Q4_BLOCK] = keys.view(b, h, w // 4, 4)
+            blocks[rows, :, positions // Q4_BLOCK, positions % Q4_BLOCK] = keys.view(
+                b, h, w // 4, 4
+            )
             self._pairs()[layer, rows, :, positions // 2, positions % 2] = values
             return
         if self.kind == "int8":
@@ -167,7 +169,7 @@ class KVCache:
     def view(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [B, H, end, D] of positions [0, end) (a quantized cache: dequantized)."""
         if self.kind == "int4":
-            l, b, h, p, w = self.values.shape
+            _, b, h, p, w = self.values.shape
             keys = self._key_blocks()[layer].reshape(b, h, p, w)  # positions in order (copies)
             values = self._pairs()[layer].reshape(b, h, p, w)
             keys = dequantize_q4(keys[:, :, :end], self.key_scales[layer, :, :, :end])

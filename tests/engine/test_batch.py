@@ -12,13 +12,13 @@ PROMPTS = ["slow jazz", "fast drum and bass with a long bright synth lead", "", 
 
 def _model(path, quantize: str = "none", kv_cache: str = "auto") -> MusicModel:
     return MusicModel.load(
-        LoadOptions(
-            model=path, device="cpu", dtype="float32", quantize=quantize, kv_cache=kv_cache
-        )
+        LoadOptions(model=path, device="cpu", dtype="float32", quantize=quantize, kv_cache=kv_cache)
     )
 
 
-@pytest.mark.parametrize(("quantize", "kv_cache"), [("none", "auto"), ("int8", "auto"), ("int8", "int4")])
+@pytest.mark.parametrize(
+    ("quantize", "kv_cache"), [("none", "auto"), ("int8", "auto"), ("int8", "int4")]
+)
 def test_batched_streams_equal_unbatched_greedy(
     tiny_model_dir, tiny_head64_dir, quantize, kv_cache
 ):

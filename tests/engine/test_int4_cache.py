@@ -98,7 +98,15 @@ def test_attend_step_q4_refuses_bad_caches(k):
     with pytest.raises(RuntimeError, match="slots a multiple of 16"):
         k.attend_step_q4(qkv, *odd, torch.tensor([0]), 0.125)
     with pytest.raises(RuntimeError, match="uint8 keys and values"):
-        k.attend_step_q4(qkv, good[0].to(torch.int8), good[1], good[2].to(torch.int8), good[3], torch.tensor([0]), 0.125)
+        k.attend_step_q4(
+            qkv,
+            good[0].to(torch.int8),
+            good[1],
+            good[2].to(torch.int8),
+            good[3],
+            torch.tensor([0]),
+            0.125,
+        )
 
 
 @pytest.fixture(scope="module")
