@@ -107,12 +107,14 @@ inline void cross_head(const float* q, const float* keys, const float* values, c
 }
 
 // Cross-attention of B query rows q [B][E] over S text positions -> out [B][E], (row, head)
-// pairs split across threads (each thread's scores at scratch * thread).
+// pairs split across threads beyond one station's two rows (each thread's scores at scratch *
+// thread): for one station it is a few microseconds per layer, not worth a sync of the threads
+// (which, in the radio, share the cores with the encoders).
 inline void cross_attention(const ModelInt8& m, int64_t layer, const CrossInputs& c,
                             const float* q, int64_t B, float* out, float* scores, int64_t scratch) {
   const int64_t E = m.E, H = m.H, D = m.D, S = c.S;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, B * H, 2 * H, [&](int64_t i0, int64_t i1) {
     float* own = scores + at::get_thread_num() * scratch;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, h = i % H, at = ((layer * B + b) * H + h) * S * D;
