@@ -225,7 +225,7 @@ inline void attend_q4(const float* q, const uint8_t* k, const float* ks, const u
       acc[2 + j % 2] = _mm512_dpbusd_epi32(acc[2 + j % 2], hi, qhi[j]);
     }
     const __m512i dots = _mm512_add_epi32(_mm512_add_epi32(acc[0], acc[1]), _mm512_add_epi32(acc[2], acc[3]));
-    const __mmask16 mask = T - t0 >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (T - t0)) - 1);
+    const __mmask16 mask = first_lanes(T - t0);
     const __m512 sums = _mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(dots), offset),
                                                     _mm512_maskz_loadu_ps(mask, ks + t0)), kscale);
     _mm512_mask_storeu_ps(scores + t0, mask, sums);
@@ -235,14 +235,14 @@ inline void attend_q4(const float* q, const uint8_t* k, const float* ks, const u
   const float inv = softmax_weights(scores, T, best, vs);  // scores: weights times value scales
   __m512 wm = _mm512_setzero_ps();
   for (int64_t t = 0; t < T; t += 16) {
-    const __mmask16 mask = T - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (T - t)) - 1);
+    const __mmask16 mask = first_lanes(T - t);
     wm = _mm512_max_ps(wm, _mm512_maskz_loadu_ps(mask, scores + t));
   }
   const float wmax = _mm512_reduce_max_ps(wm);
   const __m512 wq = _mm512_set1_ps(wmax > 0 ? 32767.0f / wmax : 0.0f);
   __m512i wsum = _mm512_setzero_si512();
   for (int64_t t = 0; t < T; t += 16) {
-    const __mmask16 mask = T - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (T - t)) - 1);
+    const __mmask16 mask = first_lanes(T - t);
     const __m512i w = _mm512_maskz_cvtps_epi32(mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, scores + t), wq));
     _mm256_mask_storeu_epi16(weights + t, mask, _mm512_cvtsepi32_epi16(w));
     wsum = _mm512_add_epi32(wsum, w);

@@ -49,7 +49,7 @@ inline void quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, int
     int8_t* qr = q + m * ldq;
     __m512 vmax = _mm512_setzero_ps();
     for (int64_t c = 0; c < K; c += 16) {
-      const __mmask16 mask = K - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - c)) - 1);
+      const __mmask16 mask = first_lanes(K - c);
       vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(mask, xr + c)));
     }
     const float amax = _mm512_reduce_max_ps(vmax);
@@ -57,7 +57,7 @@ inline void quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, int
     const __m512 inv = _mm512_set1_ps(1.0f / s);
     __m512i sum = _mm512_setzero_si512();
     for (int64_t c = 0; c < K; c += 16) {
-      const __mmask16 mask = K - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - c)) - 1);
+      const __mmask16 mask = first_lanes(K - c);
       const __m512i i = _mm512_maskz_cvtps_epi32(
           mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, xr + c), inv));  // nearest even
       _mm512_mask_cvtsepi32_storeu_epi8(qr + c, mask, i);
@@ -101,7 +101,7 @@ inline void tile_out(const __m512i (*acc)[4], const QuantRows& x, int64_t m0, co
     for (int j = 0; j < 4; ++j) {
       const int64_t n = n0 + 16 * j;
       if (n >= N) break;
-      const __mmask16 mask = N - n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (N - n)) - 1);
+      const __mmask16 mask = first_lanes(N - n);
       __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m][j], comp));
       v = _mm512_mul_ps(_mm512_mul_ps(v, s), _mm512_maskz_loadu_ps(mask, ws + n));
       if constexpr (OUT == Out::Add) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, yr + n));
@@ -252,21 +252,21 @@ inline void layer_norm(const float* x, const float* w, const float* b, float* y,
                        float eps) {
   __m512 vsum = _mm512_setzero_ps();
   for (int64_t c = 0; c < E; c += 16) {
-    const __mmask16 m = E - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (E - c)) - 1);
+    const __mmask16 m = first_lanes(E - c);
     vsum = _mm512_add_ps(vsum, _mm512_maskz_loadu_ps(m, x + c));
   }
   const float mean = _mm512_reduce_add_ps(vsum) / static_cast<float>(E);
   const __m512 vmean = _mm512_set1_ps(mean);
   __m512 vsq = _mm512_setzero_ps();
   for (int64_t c = 0; c < E; c += 16) {
-    const __mmask16 m = E - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (E - c)) - 1);
+    const __mmask16 m = first_lanes(E - c);
     const __m512 d = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, x + c), vmean);
     vsq = _mm512_fmadd_ps(d, d, vsq);
   }
   const float rstd = 1.0f / std::sqrt(_mm512_reduce_add_ps(vsq) / static_cast<float>(E) + eps);
   const __m512 vr = _mm512_set1_ps(rstd);
   for (int64_t c = 0; c < E; c += 16) {
-    const __mmask16 m = E - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (E - c)) - 1);
+    const __mmask16 m = first_lanes(E - c);
     const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + c), vmean);
     const __m512 v = _mm512_fmadd_ps(_mm512_mul_ps(d, vr), _mm512_maskz_loadu_ps(m, w + c),
                                      _mm512_maskz_loadu_ps(m, b + c));

@@ -13,6 +13,11 @@ namespace er {
 
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 
+// The mask of the first min(n, 16) lanes (n >= 1): the tail of a loop over 16 floats at a time.
+inline __mmask16 first_lanes(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+}
+
 inline __m512 load_bf16(const uint16_t* p) {
   const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
@@ -60,7 +65,7 @@ inline float softmax_weights(float* scores, int64_t T, float best, const float* 
   const __m512 vbest = _mm512_set1_ps(best);
   __m512 vsum = _mm512_setzero_ps();
   for (int64_t t = 0; t < T; t += 16) {
-    const __mmask16 m = T - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (T - t)) - 1);
+    const __mmask16 m = first_lanes(T - t);
     const __m512 e = _mm512_maskz_mov_ps(
         m, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + t), vbest)));
     const __m512 w = value_scales ? _mm512_mul_ps(e, _mm512_maskz_loadu_ps(m, value_scales + t)) : e;

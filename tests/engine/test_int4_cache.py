@@ -10,6 +10,7 @@ import torch
 from engine import LoadOptions, ModelLoadError, MusicModel
 from engine.conditioning import batch_conditions
 from engine.kv_cache import KVCache, dequantize_q4, quantize_q4
+from tests.engine.steps import decode_steps
 
 CPU = torch.device("cpu")
 
@@ -117,24 +118,6 @@ def int4_model(k, tiny_head64_dir):
     return model
 
 
-def _steps(decoder, model, fused: bool, rows_at: list[list[int]], prompts: list[str]):
-    saved = decoder._fused
-    decoder._fused = saved if fused else None
-    try:
-        torch.manual_seed(1)
-        conditions = [model.encode_prompt(p) for p in prompts]
-        cross = decoder.cross_kv(*batch_conditions(conditions, guidance=True))
-        rows = len(rows_at[0])
-        cache = decoder.new_cache(rows + 2, 64).rows(1, rows)  # a row view, as stations get
-        out = []
-        for at in rows_at:
-            ids = torch.randint(0, decoder.vocab + 1, (rows, decoder.num_codebooks))
-            out.append(decoder.decode_one_step(ids, cache, cross, at))
-        return torch.stack(out)
-    finally:
-        decoder._fused = saved
-
-
 @pytest.mark.parametrize("stations", [1, 4])
 def test_fused_step_over_int4_equals_op_by_op(int4_model, stations):
     """The one-call step and the Python decoder (attend_step_q4 per layer) over the same int4
@@ -142,8 +125,8 @@ def test_fused_step_over_int4_equals_op_by_op(int4_model, stations):
     decoder = int4_model.decoder
     rows_at = [[p + 7 * (r // 2) for r in range(2 * stations)] for p in range(30)]
     prompts = ["slow jazz", "fast drum and bass with a long prompt", "ambient", "a b c d e f g"]
-    got = _steps(decoder, int4_model, True, rows_at, prompts[:stations])
-    want = _steps(decoder, int4_model, False, rows_at, prompts[:stations])
+    got = decode_steps(decoder, int4_model, True, rows_at, prompts[:stations])
+    want = decode_steps(decoder, int4_model, False, rows_at, prompts[:stations])
     assert got.shape == (30, 2 * stations, decoder.num_codebooks, decoder.vocab)
     # The two paths' float sums differ by ~1e-7; where that moves a value across a rounding
     # boundary (an activation's int8, a key's nibble) one row's logits move by ~1e-3, and that

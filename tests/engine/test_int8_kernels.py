@@ -10,6 +10,7 @@ import torch
 from engine import LoadOptions, MusicModel
 from engine.conditioning import batch_conditions
 from engine.linear import Int8KernelLinear, pack_int8
+from tests.engine.steps import decode_steps
 
 
 def _int8_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -66,27 +67,6 @@ def int8_model(k, tiny_model_dir):
     return model
 
 
-def _steps(decoder, model, fused: bool, rows_at: list[list[int]], prompts: list[str]):
-    """Logits of decode steps over random tokens, each row at its own positions, on the fused
-    step or on the op-by-op path with the same int8 weights and cache."""
-    saved = decoder._fused
-    decoder._fused = saved if fused else None
-    try:
-        torch.manual_seed(1)
-        conditions = [model.encode_prompt(p) for p in prompts]
-        cross = decoder.cross_kv(*batch_conditions(conditions, guidance=True))
-        rows = len(rows_at[0])
-        big = decoder.new_cache(rows + 2, 64)
-        cache = big.rows(1, rows)  # a row view of a bigger cache, as stations get
-        out = []
-        for at in rows_at:
-            ids = torch.randint(0, decoder.vocab + 1, (rows, decoder.num_codebooks))
-            out.append(decoder.decode_one_step(ids, cache, cross, at))
-        return torch.stack(out)
-    finally:
-        decoder._fused = saved
-
-
 @pytest.mark.parametrize("stations", [2, 4])
 def test_fused_step_equals_op_by_op_int8_decoder(int8_model, stations):
     """Stations (2 rows each) at different window positions, prompts of different lengths; 4
@@ -94,8 +74,8 @@ def test_fused_step_equals_op_by_op_int8_decoder(int8_model, stations):
     decoder = int8_model.decoder
     rows_at = [[p + 7 * (r // 2) for r in range(2 * stations)] for p in range(30)]
     prompts = ["slow jazz", "fast drum and bass with a long prompt", "ambient", "a b c d e f g"]
-    got = _steps(decoder, int8_model, True, rows_at, prompts[:stations])
-    want = _steps(decoder, int8_model, False, rows_at, prompts[:stations])
+    got = decode_steps(decoder, int8_model, True, rows_at, prompts[:stations])
+    want = decode_steps(decoder, int8_model, False, rows_at, prompts[:stations])
     assert got.shape == want.shape == (30, 2 * stations, decoder.num_codebooks, decoder.vocab)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
