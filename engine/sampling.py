@@ -40,15 +40,28 @@ def logits_to_probs(logits: torch.Tensor, options: SamplingOptions) -> torch.Ten
     return torch.softmax(logits, dim=-1)
 
 
+def _top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest logits [..., k] and their token ids. Unsorted: half the time of a sorted
+    top-k; the candidates' order does not change the distribution, and batched and lone
+    streams take them in the same order."""
+    return torch.topk(logits, k, dim=-1, sorted=False)
+
+
 def top_k_probs(
     logits: torch.Tensor, options: SamplingOptions
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits: [..., V] -> (probabilities [..., k], their token ids [..., k]) of the top-k
     survivors only, after temperature and top-p: `logits_to_probs` without the V - k zeros."""
-    # unsorted: half the time of a sorted top-k (the order of the candidates does not change
-    # the distribution; batched and lone streams take them in the same order)
-    values, index = torch.topk(logits, options.top_k, dim=-1, sorted=False)
+    values, index = _top_k(logits, options.top_k)
     return logits_to_probs(values, dataclasses.replace(options, top_k=0)), index
+
+
+def _draw(
+    probs: torch.Tensor, index: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
+    """One token per row of probabilities [..., k] over candidate ids [..., k] -> ids [...]."""
+    pick = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+    return index.gather(-1, pick.view(*probs.shape[:-1], 1))[..., 0]
 
 
 def sample(
@@ -61,9 +74,7 @@ def sample(
         # The same distribution as drawing from the whole masked vocabulary (a masked token has
         # probability 0), drawn among k tokens instead of V: 3x cheaper per step (1 ms of a
         # CPU decode step's 10-13 was sampling).
-        probs, index = top_k_probs(logits, options)
-        pick = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
-        return index.gather(-1, pick.view(*probs.shape[:-1], 1))[..., 0]
+        return _draw(*top_k_probs(logits, options), generator)
     probs = logits_to_probs(logits, options)
     flat = probs.reshape(-1, probs.shape[-1])
     return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
@@ -79,7 +90,6 @@ def sample_streams(
     (each stream's own generator draws from the same probabilities), with the guidance and the
     top-k done once for all the streams that share k (a few small ops instead of a few per
     stream: ~0.4 ms per stream per step on a CPU)."""
-    n = len(options)
     cond, uncond = logits[0::2], logits[1::2]
     scales = torch.tensor([o.guidance_scale for o in options], dtype=logits.dtype)
     scales = scales.to(logits.device)[:, None, None]
@@ -93,10 +103,10 @@ def sample_streams(
                 for i, (o, g) in enumerate(zip(options, generators, strict=True))
             ]
         )
-    values, index = torch.topk(guided, k, dim=-1, sorted=False)  # [N, K, k], as top_k_probs
-    tokens = []
-    for i in range(n):
-        probs = logits_to_probs(values[i], dataclasses.replace(options[i], top_k=0))
-        pick = torch.multinomial(probs, 1, generator=generators[i])  # [K, 1]
-        tokens.append(index[i].gather(-1, pick)[:, 0])
-    return torch.stack(tokens)
+    values, index = _top_k(guided, k)  # [N, K, k]
+    return torch.stack(
+        [
+            _draw(logits_to_probs(values[i], dataclasses.replace(o, top_k=0)), index[i], g)
+            for i, (o, g) in enumerate(zip(options, generators, strict=True))
+        ]
+    )

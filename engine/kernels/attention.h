@@ -58,8 +58,6 @@ void attend(const float* q, const uint16_t* k, const uint16_t* v, int64_t T, flo
 // Memory is kept busy across the two passes: while the keys' pass runs, the values are asked for
 // (into L2); while the values' pass runs, the keys of the next head this thread attends
 // (`next_k`, or nullptr). One stream is always in flight instead of each pass waiting for its own.
-inline void prefetch_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
-
 template <int NC>
 void attend_q8(const float* q, const int8_t* k, const float* ks, const int8_t* v, const float* vs,
                int64_t T, float scale, float* scores, float* out, const int8_t* next_k) {

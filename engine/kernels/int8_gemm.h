@@ -134,6 +134,18 @@ inline void tile_sums(const uint8_t* p, int64_t k0, int64_t k1, const int8_t* co
   }
 }
 
+// fn(std::integral_constant<int, MR>{}) for a tile of min(rows, kRowTile) rows (rows >= 1).
+template <class Fn>
+inline void with_tile_rows(int64_t rows, Fn&& fn) {
+  static_assert(kRowTile == 4, "one case per tile height");
+  switch (std::min<int64_t>(kRowTile, rows)) {
+    case 1: fn(std::integral_constant<int, 1>{}); break;
+    case 2: fn(std::integral_constant<int, 2>{}); break;
+    case 3: fn(std::integral_constant<int, 3>{}); break;
+    default: fn(std::integral_constant<int, 4>{}); break;
+  }
+}
+
 template <int MR>
 inline void row_pointers(const QuantRows& x, int64_t m0, const int8_t* (&xr)[MR]) {
   for (int m = 0; m < MR; ++m) xr[m] = x.q + (m0 + m) * x.ld;
@@ -188,21 +200,13 @@ void block_chunked(const uint8_t* wb, int64_t K4, const QuantRows& x, int64_t M,
     const uint8_t* ahead = wb + (k0 + kChunkAhead * kChunk) * 4 * kBlock;  // may be the next block
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t m0 = t * kRowTile, l0 = lines * t / tiles, l1 = lines * (t + 1) / tiles;
-      switch (std::min<int64_t>(kRowTile, M - m0)) {
-        case 1: chunk_pass<1>(wb, k0, k1, x, m0, acc + m0, ahead, l0, l1); break;
-        case 2: chunk_pass<2>(wb, k0, k1, x, m0, acc + m0, ahead, l0, l1); break;
-        case 3: chunk_pass<3>(wb, k0, k1, x, m0, acc + m0, ahead, l0, l1); break;
-        default: chunk_pass<4>(wb, k0, k1, x, m0, acc + m0, ahead, l0, l1); break;
-      }
+      with_tile_rows(M - m0, [&](auto mr) {
+        chunk_pass<mr>(wb, k0, k1, x, m0, acc + m0, ahead, l0, l1);
+      });
     }
   }
   for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
-    switch (std::min<int64_t>(kRowTile, M - m0)) {
-      case 1: tile_out<1, OUT>(acc + m0, x, m0, ws, n0, N, y, ldy); break;
-      case 2: tile_out<2, OUT>(acc + m0, x, m0, ws, n0, N, y, ldy); break;
-      case 3: tile_out<3, OUT>(acc + m0, x, m0, ws, n0, N, y, ldy); break;
-      default: tile_out<4, OUT>(acc + m0, x, m0, ws, n0, N, y, ldy); break;
-    }
+    with_tile_rows(M - m0, [&](auto mr) { tile_out<mr, OUT>(acc + m0, x, m0, ws, n0, N, y, ldy); });
   }
 }
 
@@ -218,12 +222,9 @@ void gemm_int8(const PackedInt8& w, const QuantRows& x, int64_t M, float* y, int
         continue;
       }
       for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
-        switch (std::min<int64_t>(kRowTile, M - m0)) {
-          case 1: block_tile<1, OUT>(wb, K4, x, m0, w.scales, b * kBlock, w.N, y, ldy); break;
-          case 2: block_tile<2, OUT>(wb, K4, x, m0, w.scales, b * kBlock, w.N, y, ldy); break;
-          case 3: block_tile<3, OUT>(wb, K4, x, m0, w.scales, b * kBlock, w.N, y, ldy); break;
-          default: block_tile<4, OUT>(wb, K4, x, m0, w.scales, b * kBlock, w.N, y, ldy); break;
-        }
+        with_tile_rows(M - m0, [&](auto mr) {
+          block_tile<mr, OUT>(wb, K4, x, m0, w.scales, b * kBlock, w.N, y, ldy);
+        });
       }
     }
   });
@@ -244,7 +245,7 @@ inline std::pair<const uint8_t*, const uint8_t*> thread_share(const PackedInt8& 
 inline void prefetch_part(const uint8_t* begin, const uint8_t* end, int64_t j, int64_t n) {
   const int64_t size = end - begin;
   for (int64_t at = size * j / n / 64 * 64; at < size * (j + 1) / n; at += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(begin + at), _MM_HINT_T1);
+    prefetch_l2(begin + at);
 }
 
 // y = LayerNorm(x) over E features per row, with weight w and bias b.

@@ -12,6 +12,7 @@
 namespace er {
 
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+inline void prefetch_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
 
 // The mask of the first min(n, 16) lanes (n >= 1): the tail of a loop over 16 floats at a time.
 inline __mmask16 first_lanes(int64_t n) {
