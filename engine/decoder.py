@@ -360,15 +360,8 @@ class Decoder:
         [B, K, V] for the next position."""
         if self._fused is not None and cache.quantized:
             at = rows_at if rows_at is not None else [cache.length] * ids.shape[0]
-            logits = self._fused.step(
-                ids,
-                torch.tensor(at),
-                cache.keys,
-                cache.key_scales,
-                cache.values,
-                cache.value_scales,
-                *cross.stacked(),
-            )
+            step = self._fused.step_q4 if cache.kind == "int4" else self._fused.step
+            logits = step(ids, torch.tensor(at), *cache.tensors(), *cross.stacked())
             cache.length = max(at) + 1
             return logits.view(ids.shape[0], self.num_codebooks, self.vocab)
         hidden = self.forward(ids[:, :, None], cache.length, cache, cross, rows_at)

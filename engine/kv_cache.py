@@ -9,12 +9,14 @@ vector (one position of one head) has its own float32 scale:
 
 - int8: `x ~ scale * q`, `scale = max|x| / 127`, int8 [L, B, H, P, D]: a quarter of float32's bytes.
 - int4 (heads of 64): `x ~ scale * (u - 8)`, `u = round(x / scale) + 8` in [1, 15],
-  `scale = max|x| / 7`, two per byte, byte r holding dims r and r + 32: 32 bytes per vector
-  (uint8 [L, B, H, P, 32], P rounded up to a multiple of 16). Keys go by blocks of 16
-  positions, [8][16][4] bytes (byte 4j + b of position l at [j][l][b]), values by pairs of
-  positions, byte 2r + j of pair g holding position 2g + j: the orders the kernel's dot
-  products read them in (engine/kernels/attention.h). Half the int8 cache's bytes: what several
-  stations batched in one step mostly read.
+  `scale = max|x| / 7` in bfloat16, two per byte, byte r holding dims r and r + 32: 32 bytes per
+  vector. A head's positions go by blocks of 16, one 1088-byte record each, uint8
+  [L, B, H, P / 16, 1088] (P rounded up to a multiple of 16): keys [8][16][4] (byte 4j + b of
+  position l at [j][l][b]), values [4][2][16][4] (byte 16h + j of position 4G + p at
+  [G][h][j][p]), then the 16 key scales and the 16 value scales. Attention reads it as one
+  sequential stream, in the order its dot products want (engine/kernels/attention.h): 68 bytes
+  per position and head, half the int8 cache's; what several stations batched in one step
+  mostly read.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import torch
 
 KINDS = ("float32", "bfloat16", "int8", "int4")
 Q4_HEAD = 64
-Q4_BLOCK = 16  # positions per block of int4 keys
+Q4_BLOCK = 16  # positions per block of the int4 cache
+Q4_BLOCK_BYTES = 1088  # keys 512 | values 512 | key scales 32 | value scales 32
 
 
 def quantize_vectors(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,10 +37,10 @@ def quantize_vectors(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_q4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., 64] float -> (uint8 [..., 32]: byte r = u[r] | u[r + 32] << 4, float32 scales [...])."""
-    scales = x.float().abs().amax(dim=-1) / 7.0
+    """x [..., 64] float -> (uint8 [..., 32]: byte r = u[r] | u[r + 32] << 4, bfloat16 scales [...])."""
+    scales = (x.float().abs().amax(dim=-1) / 7.0).to(torch.bfloat16)
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-    u = (torch.round(x.float() / scales[..., None]).clamp(-7, 7) + 8).to(torch.uint8)
+    u = (torch.round(x.float() / scales.float()[..., None]).clamp(-7, 7) + 8).to(torch.uint8)
     half = x.shape[-1] // 2
     return u[..., :half] | (u[..., half:] << 4), scales
 
@@ -45,7 +48,7 @@ def quantize_q4(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_q4(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """The inverse of `quantize_q4` up to rounding: [..., 32] uint8 and [...] -> [..., 64] float32."""
     u = torch.cat([packed & 15, packed >> 4], dim=-1).float()
-    return (u - 8) * scales[..., None]
+    return (u - 8) * scales.float()[..., None]
 
 
 class KVCache:
@@ -65,52 +68,65 @@ class KVCache:
         if kind == "int4" and head_dim != Q4_HEAD:
             raise ValueError(f"an int4 KV cache holds heads of {Q4_HEAD}, not {head_dim}")
         self.kind = kind
-        slots = max_positions
-        if kind == "int4":
-            slots = -(-max_positions // Q4_BLOCK) * Q4_BLOCK
-        width = head_dim // 2 if kind == "int4" else head_dim
-        dtype = {"int4": torch.uint8, "int8": torch.int8}.get(kind) or getattr(torch, kind)
-        shape = (layers, batch, heads, slots, width)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)  # [L, B, H, P, D]
-        self.values = torch.zeros(shape, device=device, dtype=dtype)  # [L, B, H, P, D]
-        self.key_scales = self.value_scales = None  # [L, B, H, P] float32 for int8 and int4
-        if self.quantized:
-            self.key_scales = torch.ones(shape[:-1], device=device)
-            self.value_scales = torch.ones(shape[:-1], device=device)
         self.max_positions = max_positions
         self.length = 0
+        self.keys = self.values = None  # [L, B, H, P, D]; for int4, `blocks`
+        self.key_scales = self.value_scales = None  # [L, B, H, P] float32 for int8
+        self.blocks = None  # int4: [L, B, H, P / 16, 1088] uint8
+        if kind == "int4":
+            blocks = -(-max_positions // Q4_BLOCK)
+            shape = (layers, batch, heads, blocks, Q4_BLOCK_BYTES)
+            self.blocks = torch.zeros(shape, device=device, dtype=torch.uint8)
+            return
+        dtype = torch.int8 if kind == "int8" else getattr(torch, kind)
+        shape = (layers, batch, heads, max_positions, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        if kind == "int8":
+            self.key_scales = torch.ones(shape[:-1], device=device)
+            self.value_scales = torch.ones(shape[:-1], device=device)
+
+    @property
+    def batch(self) -> int:
+        """Rows (CFG: two per station)."""
+        return self.tensors()[0].shape[1]
 
     @property
     def quantized(self) -> bool:
         return self.kind in ("int8", "int4")
 
-    def _pairs(self) -> torch.Tensor:
-        """int4 values as [L, B, H, P / 2, 2, 32]: [..., g, j, :] is position 2g + j (a view)."""
-        layers, b, h, p, w = self.values.shape
-        return self.values.view(layers, b, h, p // 2, w, 2).transpose(-1, -2)
+    def _q4_parts(self) -> tuple[torch.Tensor, ...]:
+        """Views of the int4 blocks by position: keys [L, B, H, P / 16, 16, 8, 4] ([..., n, l, :, :]
+        is position 16n + l's 32 bytes), values [L, B, H, P / 16, 4, 4, 2, 16] ([..., n, G, p, :, :]
+        is position 16n + 4G + p's), key and value scales bfloat16 [L, B, H, P / 16, 16]."""
+        layers, b, h, n, _ = self.blocks.shape
+        keys = self.blocks[..., :512].view(layers, b, h, n, 8, Q4_BLOCK, 4).transpose(-3, -2)
+        values = self.blocks[..., 512:1024].view(layers, b, h, n, 4, 2, 16, 4)
+        values = values.permute(0, 1, 2, 3, 4, 7, 5, 6)
+        key_scales = self.blocks[..., 1024:1056].view(torch.bfloat16)
+        value_scales = self.blocks[..., 1056:1088].view(torch.bfloat16)
+        return keys, values, key_scales, value_scales
 
-    def _key_blocks(self) -> torch.Tensor:
-        """int4 keys as [L, B, H, P / 16, 16, 8, 4]: [..., n, l, :, :] is position 16n + l's
-        32 bytes (a view)."""
-        layers, b, h, p, w = self.keys.shape
-        blocks = self.keys.view(layers, b, h, p // Q4_BLOCK, w // 4, Q4_BLOCK, 4)
-        return blocks.transpose(-3, -2)
+    def _write_q4(self, layer: int, index: tuple, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Quantize keys/values [..., 64] into the int4 blocks at `index` (rows, heads, block,
+        position in block), which selects [...] of them."""
+        rows, heads, n, lane = index
+        k_part, v_part, k_scales, v_scales = (t[layer] for t in self._q4_parts())
+        packed, k_scales[rows, heads, n, lane] = quantize_q4(keys)
+        k_part[rows, heads, n, lane] = packed.unflatten(-1, (8, 4))
+        packed, v_scales[rows, heads, n, lane] = quantize_q4(values)
+        v_part[rows, heads, n, lane // 4, lane % 4] = packed.unflatten(-1, (2, 16))
 
     def write(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store keys/values [B, H, T, D] at positions [start, start + T)."""
         end = start + keys.shape[2]
         assert end <= self.max_positions, f"KV cache overflow: {end} > {self.max_positions}"
         if self.kind == "int4":
-            keys, self.key_scales[layer, :, :, start:end] = quantize_q4(keys)
-            values, self.value_scales[layer, :, :, start:end] = quantize_q4(values)
             at = torch.arange(start, end, device=keys.device)
-            b, h, t, w = keys.shape
-            blocks = keys.view(b, h, t, w // 4, 4)
-            self._key_blocks()[layer, :, :, at // Q4_BLOCK, at % Q4_BLOCK] = blocks
-            pairs = self._pairs()[layer]
-            for j in (0, 1):  # positions 2g + j of the range, g consecutive
-                first = start + (start + j) % 2
-                pairs[:, :, first // 2 : (end - j + 1) // 2, j] = values[:, :, first - start :: 2]
+            everything = slice(None)
+            self._write_q4(
+                layer, (everything, everything, at // Q4_BLOCK, at % Q4_BLOCK), keys, values
+            )
             return
         if self.kind == "int8":
             keys, self.key_scales[layer, :, :, start:end] = quantize_vectors(keys)
@@ -125,14 +141,8 @@ class KVCache:
         rows = torch.arange(keys.shape[0], device=keys.device)
         keys, values = keys[:, :, 0], values[:, :, 0]
         if self.kind == "int4":
-            keys, self.key_scales[layer, rows, :, positions] = quantize_q4(keys)
-            values, self.value_scales[layer, rows, :, positions] = quantize_q4(values)
-            b, h, w = keys.shape
-            blocks = self._key_blocks()[layer]
-            blocks[rows, :, positions // Q4_BLOCK, positions % Q4_BLOCK] = keys.view(
-                b, h, w // 4, 4
-            )
-            self._pairs()[layer, rows, :, positions // 2, positions % 2] = values
+            index = (rows, slice(None), positions // Q4_BLOCK, positions % Q4_BLOCK)
+            self._write_q4(layer, index, keys, values)
             return
         if self.kind == "int8":
             keys, self.key_scales[layer, rows, :, positions] = quantize_vectors(keys)
@@ -143,37 +153,35 @@ class KVCache:
     def rows(self, first: int, count: int) -> KVCache:
         """A cache over rows [first, first + count) of this one, sharing its storage."""
         view = KVCache.__new__(KVCache)
-        view.kind = self.kind
-        view.keys = self.keys[:, first : first + count]
-        view.values = self.values[:, first : first + count]
-        view.key_scales = view.value_scales = None
-        if self.quantized:
-            view.key_scales = self.key_scales[:, first : first + count]
-            view.value_scales = self.value_scales[:, first : first + count]
-        view.max_positions = self.max_positions
+        view.__dict__.update(self.__dict__)
+        for name in ("keys", "values", "key_scales", "value_scales", "blocks"):
+            t = getattr(self, name)
+            setattr(view, name, None if t is None else t[:, first : first + count])
         view.length = 0
         return view
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """What the kernels take, every layer: (keys, key scales, values, value scales) for int8,
+        (blocks,) for int4, (keys, values) otherwise."""
+        if self.kind == "int4":
+            return (self.blocks,)
+        if self.kind == "int8":
+            return self.keys, self.key_scales, self.values, self.value_scales
+        return self.keys, self.values
+
     def layer(self, layer: int) -> tuple[torch.Tensor, ...]:
-        """One layer, every slot: (keys, values) [B, H, P, D], or for a quantized cache
-        (keys, key scales, values, value scales), scales [B, H, P]."""
-        if self.quantized:
-            return (
-                self.keys[layer],
-                self.key_scales[layer],
-                self.values[layer],
-                self.value_scales[layer],
-            )
-        return self.keys[layer], self.values[layer]
+        """`tensors()` of one layer, every slot."""
+        return tuple(t[layer] for t in self.tensors())
 
     def view(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [B, H, end, D] of positions [0, end) (a quantized cache: dequantized)."""
         if self.kind == "int4":
-            _, b, h, p, w = self.values.shape
-            keys = self._key_blocks()[layer].reshape(b, h, p, w)  # positions in order (copies)
-            values = self._pairs()[layer].reshape(b, h, p, w)
-            keys = dequantize_q4(keys[:, :, :end], self.key_scales[layer, :, :, :end])
-            return keys, dequantize_q4(values[:, :, :end], self.value_scales[layer, :, :, :end])
+            k_part, v_part, k_scales, v_scales = (t[layer] for t in self._q4_parts())
+            b, h, n = k_part.shape[:3]
+            slots = n * Q4_BLOCK  # positions in order (copies)
+            keys = dequantize_q4(k_part.reshape(b, h, slots, 32), k_scales.reshape(b, h, slots))
+            values = dequantize_q4(v_part.reshape(b, h, slots, 32), v_scales.reshape(b, h, slots))
+            return keys[:, :, :end], values[:, :, :end]
         keys, values = self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
         if self.kind == "int8":
             keys = keys.float() * self.key_scales[layer, :, :, :end, None]

@@ -151,7 +151,7 @@ class TokenStream:
         self._context_len = context.shape[1]
         rows = 2 if self._guided else 1
         positions = self.window.window
-        if self._cache is None or self._cache.keys.shape[1] != rows:
+        if self._cache is None or self._cache.batch != rows:
             self._cache = self.decoder.new_cache(rows, positions)
         states, mask = batch_conditions([self.condition], guidance=self._guided)
         self._text = (states, mask)  # [rows, S, E], [rows, S]: what a batch pads and stacks
@@ -183,7 +183,7 @@ class TokenStream:
 
     def _next_ids(self) -> torch.Tensor:
         """[rows, K] the inputs of position `_fed` (the same for the conditional and null rows)."""
-        return self._seq[None, :, self._fed].expand(self._cache.keys.shape[1], -1)
+        return self._seq[None, :, self._fed].expand(self._cache.batch, -1)
 
     def _step(self) -> None:
         if self._restart_if_full():

@@ -158,33 +158,47 @@ inline void attend_head_q8(const float* q, const float* k_new, const float* v_ne
 }
 
 // ---- int4 cache (head size 64) ---------------------------------------------------------------
-// A key or value vector is 64 nibbles u = round(x / s) + 8 with its own float32 scale s =
-// max|x| / 7 (quantize_q4): 32 bytes, byte r holding dims r and r + 32. An eighth of float32's
-// bytes (with the scales: 72 vs 136 bytes per position and head for int8). Both layouts put
-// what one VNNI instruction multiplies in one 64-byte load, and the maths is integer and exact:
-// - keys go by blocks of 16 positions, 512 bytes [8][16][4]: byte b of lane l in group j is byte
-//   r = 4j + b of position l. Unmasked, a group's low nibbles are dims 4j..4j+3 of 16 positions,
-//   the high ones dims 32+4j..; vpdpbusd against those 4 query bytes (int8, one scale) adds them
-//   into each position's own lane: 16 scores from 8 loads and 16 dot products, no horizontal sums;
-// - values go by pairs of positions, byte 2r + j of pair g holding position 2g + j: unpacked and
-//   widened to int16, lane pairs vpdpwssd multiplies by the two positions' softmax weights,
-//   taken as int16 over their maximum (times each value's scale; steps of max / 32767: a long
-//   tail of small weights keeps its mass).
-// A head's sums stay below 2^31 for up to 4096 positions (15 * 32767 * 4096).
-constexpr int64_t kQ4Head = 64, kQ4MaxPositions = 4096, kQ4Block = 16;
+// A key or value vector is 64 nibbles u = round(x / s) + 8 with its own scale s = max|x| / 7 in
+// bfloat16 (quantize_q4): 32 bytes, byte r holding dims r and r + 32. A head's positions go by
+// blocks of 16, each block one 1088-byte (17-line) record, the head's blocks one after another:
+//
+//   [0, 512)     keys [8 j][16 l][4 b]: byte 4j + b of position l
+//   [512, 1024)  values [4 G][2 h][16 j][4 p]: byte 16h + j of position 4G + p
+//   [1024, 1056) the keys' scales, bfloat16 [16]
+//   [1056, 1088) the values' scales, bfloat16 [16]
+//
+// so that attention reads one sequential stream (the hardware and a prefetch 4 KB ahead keep it
+// at the bus's speed) and each VNNI instruction finds what it multiplies in one 64-byte load:
+// - a key group's low nibbles are dims 4j..4j+3 of 16 positions, the high ones dims 32 + 4j..;
+//   vpdpbusd against those 4 query bytes (int8, one scale) adds them into each position's lane:
+//   16 scores from 8 loads and 16 dot products, no horizontal sums;
+// - a value load's low nibbles are dims 16h..16h+15 of 4 positions (4 bytes a lane), the high
+//   ones dims 32 + 16h..; vpdpbusd against the 4 positions' softmax weights (uint8 over the
+//   block's largest) sums them into each dim's lane: 16 positions' values from 8 loads.
+// One pass, an online softmax: the running max rises when a block's scores pass it (rare after
+// the first blocks: a compare, not a reduction), and what is summed so far is rescaled.
+// The weights' 8 bits are a step of 1/255 of the block's largest; the values' 4 bits are a
+// step of 1/7 of their largest: the weights add a small fraction of the values' own error.
+constexpr int64_t kQ4Head = 64, kQ4Block = 16, kQ4BlockBytes = 1088;
+constexpr int64_t kQ4Values = 512, kQ4KeyScales = 1024, kQ4ValueScales = 1056;
 
-// Byte offset of key byte r (a multiple of 4) of position t in a head's blocked keys.
-inline int64_t q4_key_offset(int64_t t, int64_t r) {
-  return t / kQ4Block * 512 + r / 4 * 64 + t % kQ4Block * 4;
+// Byte offsets, within its block, of key byte r (a multiple of 4) and value byte r of position
+// l (l < 16).
+inline int64_t q4_key_offset(int64_t l, int64_t r) { return r / 4 * 64 + l * 4; }
+inline int64_t q4_value_offset(int64_t l, int64_t r) {
+  return kQ4Values + (l / 4 * 2 + r / 16) * 64 + r % 16 * 4 + l % 4;
 }
 
-inline void attend_q4(const float* q, const uint8_t* k, const float* ks, const uint8_t* v,
-                      const float* vs, int64_t T, float scale, float* scores, int16_t* weights,
-                      float* out, const uint8_t* next_k) {
-  for (int64_t line = 0; line < kAttendPrefetch && line < T * 32; line += 64) {
-    prefetch(k + line);  // both streams start cold: ask for their first lines at once
-    prefetch(v + line);
-  }
+inline __m512 load_bf16x16(const uint8_t* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+// Attend the query q [64] to positions [0, T) of a head's blocks. `next`: the blocks this
+// thread reads after these (or nullptr), whose first lines are asked for as this head ends.
+inline void attend_q4(const float* q, const uint8_t* head, int64_t T, float scale, float* out,
+                      const uint8_t* next) {
+  const int64_t blocks = (T + kQ4Block - 1) / kQ4Block, used = blocks * kQ4BlockBytes;
   // the query as int8 (nearest even); each group of 4 dims broadcast to every lane
   __m512 m = _mm512_setzero_ps();
   for (int c = 0; c < 64; c += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(q + c)));
@@ -206,81 +220,85 @@ inline void attend_q4(const float* q, const uint8_t* k, const float* ks, const u
   }
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   const __m512 kscale = _mm512_set1_ps(scale * qs);
-  const __m512 offset = _mm512_set1_ps(8.0f * static_cast<float>(qsum));  // the nibbles' +8
-  __m512 vmax = _mm512_set1_ps(-INFINITY);
-  for (int64_t t0 = 0; t0 < T; t0 += kQ4Block) {  // the slots run to a whole block
-    const uint8_t* kb = k + t0 * 32;
-    for (int64_t line = 0; line < 512; line += 64) {
-      prefetch(kb + kAttendPrefetch + line);
-      prefetch_l2(v + t0 * 32 + line);  // the same positions' values, for the second pass
+  const __m512 offset = _mm512_set1_ps(8.0f * static_cast<float>(qsum));  // the keys' +8
+  float best = -INFINITY;
+  __m512 o[4], weighed = _mm512_setzero_ps(), total = _mm512_setzero_ps();
+  for (auto& x : o) x = _mm512_setzero_ps();
+  for (int64_t n = 0; n < blocks; ++n) {
+    const uint8_t* blk = head + n * kQ4BlockBytes;
+    for (int64_t line = 0; line < kQ4BlockBytes; line += 64) {
+      const int64_t ahead = n * kQ4BlockBytes + kAttendPrefetch + line;
+      if (ahead < used)
+        prefetch(head + ahead);
+      else if (next)
+        prefetch(next + ahead - used);
     }
     __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
                       _mm512_setzero_si512()};
     for (int j = 0; j < 8; ++j) {
-      const __m512i x = _mm512_loadu_si512(kb + 64 * j);
+      const __m512i x = _mm512_loadu_si512(blk + 64 * j);
       const __m512i lo = _mm512_and_si512(x, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), nibble);
       acc[j % 2] = _mm512_dpbusd_epi32(acc[j % 2], lo, qlo[j]);
       acc[2 + j % 2] = _mm512_dpbusd_epi32(acc[2 + j % 2], hi, qhi[j]);
     }
     const __m512i dots = _mm512_add_epi32(_mm512_add_epi32(acc[0], acc[1]), _mm512_add_epi32(acc[2], acc[3]));
-    const __mmask16 mask = first_lanes(T - t0);
-    const __m512 sums = _mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(dots), offset),
-                                                    _mm512_maskz_loadu_ps(mask, ks + t0)), kscale);
-    _mm512_mask_storeu_ps(scores + t0, mask, sums);
-    vmax = _mm512_mask_max_ps(vmax, mask, vmax, sums);
+    const __mmask16 mask = first_lanes(T - n * kQ4Block);
+    const __m512 s = _mm512_mul_ps(
+        _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(dots), offset), load_bf16x16(blk + kQ4KeyScales)),
+        kscale);
+    if (_mm512_mask_cmp_ps_mask(mask, s, _mm512_set1_ps(best), _CMP_GT_OQ)) {
+      const float top = _mm512_mask_reduce_max_ps(mask, s);  // the max rises: rescale the sums
+      const __m512 f = _mm512_set1_ps(std::exp(best - top));  // 0 for the first block
+      for (auto& x : o) x = _mm512_mul_ps(x, f);
+      weighed = _mm512_mul_ps(weighed, f), total = _mm512_mul_ps(total, f);
+      best = top;
+    }
+    const __m512 e = _mm512_maskz_mov_ps(mask, exp_ps(_mm512_sub_ps(s, _mm512_set1_ps(best))));
+    total = _mm512_add_ps(total, e);
+    const __m512 w = _mm512_maskz_mul_ps(mask, e, load_bf16x16(blk + kQ4ValueScales));
+    const float wmax = _mm512_reduce_max_ps(w);
+    if (!(wmax > 0)) continue;  // every weight underflowed: nothing to add
+    const __m512i wi = _mm512_cvtps_epi32(_mm512_mul_ps(w, _mm512_set1_ps(255.0f / wmax)));
+    const __m512i w8 = _mm512_castsi128_si512(_mm512_cvtusepi32_epi8(wi));
+    const __m512 step = _mm512_set1_ps(wmax / 255.0f);
+    weighed = _mm512_fmadd_ps(_mm512_cvtepi32_ps(wi), step, weighed);  // for the values' +8
+    for (auto& a : acc) a = _mm512_setzero_si512();
+    for (int g = 0; g < 4; ++g) {
+      const __m512i wg = _mm512_permutexvar_epi32(_mm512_set1_epi32(g), w8);  // positions 4g..4g+3
+      const __m512i x0 = _mm512_loadu_si512(blk + kQ4Values + 128 * g);
+      const __m512i x1 = _mm512_loadu_si512(blk + kQ4Values + 128 * g + 64);
+      acc[0] = _mm512_dpbusd_epi32(acc[0], wg, _mm512_and_si512(x0, nibble));  // dims 0..15
+      acc[1] = _mm512_dpbusd_epi32(acc[1], wg, _mm512_and_si512(x1, nibble));  // 16..31
+      acc[2] = _mm512_dpbusd_epi32(acc[2], wg, _mm512_and_si512(_mm512_srli_epi16(x0, 4), nibble));  // 32..
+      acc[3] = _mm512_dpbusd_epi32(acc[3], wg, _mm512_and_si512(_mm512_srli_epi16(x1, 4), nibble));  // 48..
+    }
+    for (int c = 0; c < 4; ++c) o[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[c]), step, o[c]);
   }
-  const float best = _mm512_reduce_max_ps(vmax);
-  const float inv = softmax_weights(scores, T, best, vs);  // scores: weights times value scales
-  __m512 wm = _mm512_setzero_ps();
-  for (int64_t t = 0; t < T; t += 16) {
-    const __mmask16 mask = first_lanes(T - t);
-    wm = _mm512_max_ps(wm, _mm512_maskz_loadu_ps(mask, scores + t));
-  }
-  const float wmax = _mm512_reduce_max_ps(wm);
-  const __m512 wq = _mm512_set1_ps(wmax > 0 ? 32767.0f / wmax : 0.0f);
-  __m512i wsum = _mm512_setzero_si512();
-  for (int64_t t = 0; t < T; t += 16) {
-    const __mmask16 mask = first_lanes(T - t);
-    const __m512i w = _mm512_maskz_cvtps_epi32(mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, scores + t), wq));
-    _mm256_mask_storeu_epi16(weights + t, mask, _mm512_cvtsepi32_epi16(w));
-    wsum = _mm512_add_epi32(wsum, w);
-  }
-  weights[T] = 0;  // an odd T's last pair: the slot after the last position weighs nothing
-  __m512i acc[4];
-  for (auto& a : acc) a = _mm512_setzero_si512();
-  for (int64_t g = 0; 2 * g < T; ++g) {
-    const uint8_t* vg = v + 64 * g;
-    prefetch(vg + kAttendPrefetch);
-    if (next_k) prefetch_l2(next_k + 64 * g);
-    const __m512i x = _mm512_loadu_si512(vg);
-    const __m512i lo = _mm512_and_si512(x, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), nibble);
-    int32_t pair;
-    std::memcpy(&pair, weights + 2 * g, 4);
-    const __m512i w = _mm512_set1_epi32(pair);
-    acc[0] = _mm512_dpwssd_epi32(acc[0], _mm512_cvtepu8_epi16(_mm512_castsi512_si256(lo)), w);
-    acc[1] = _mm512_dpwssd_epi32(acc[1], _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(lo, 1)), w);
-    acc[2] = _mm512_dpwssd_epi32(acc[2], _mm512_cvtepu8_epi16(_mm512_castsi512_si256(hi)), w);
-    acc[3] = _mm512_dpwssd_epi32(acc[3], _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(hi, 1)), w);
-  }
-  const __m512i off = _mm512_set1_epi32(8 * _mm512_reduce_add_epi32(wsum));
-  const __m512 back = _mm512_set1_ps(inv * wmax / 32767.0f);
-  for (int c = 0; c < 4; ++c)
-    _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[c], off)), back));
+  const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+  const __m512 off = _mm512_set1_ps(8.0f * _mm512_reduce_add_ps(weighed));
+  for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(_mm512_sub_ps(o[c], off), inv));
 }
 
-// Row b's head h of a decode step over an int4 cache (k: blocked keys, v [P / 2][64] bytes,
-// scales ks, vs [P] of this row and head): quantize the step's key and value into position
-// `at`, then attend to positions [0, at]. `weights`: int16 scratch of at least at + 2.
-inline void attend_head_q4(const float* q, const float* k_new, const float* v_new, uint8_t* k,
-                           float* ks, uint8_t* v, float* vs, int64_t at, float scale,
-                           float* scores, int16_t* weights, float* out, const uint8_t* next_k) {
+// The first lines of the first head a thread attends (each head asks for the next one's).
+inline void prefetch_q4_start(const uint8_t* head, int64_t T) {
+  const int64_t used = (T + kQ4Block - 1) / kQ4Block * kQ4BlockBytes;
+  for (int64_t line = 0; line < kAttendPrefetch && line < used; line += 64) prefetch(head + line);
+}
+
+// Row b's head h of a decode step over an int4 cache (`head`: its blocks): quantize the step's
+// key and value into position `at`, then attend to positions [0, at].
+inline void attend_head_q4(const float* q, const float* k_new, const float* v_new, uint8_t* head,
+                           int64_t at, float scale, float* out, const uint8_t* next) {
+  uint8_t* blk = head + at / kQ4Block * kQ4BlockBytes;
+  const int64_t l = at % kQ4Block;
   alignas(32) uint8_t packed[32];
-  ks[at] = quantize_q4(k_new, packed);
-  for (int r = 0; r < 32; r += 4) std::memcpy(k + q4_key_offset(at, r), packed + r, 4);
-  vs[at] = quantize_q4(v_new, packed);
-  uint8_t* pair = v + 64 * (at / 2) + at % 2;
-  for (int r = 0; r < 32; ++r) pair[2 * r] = packed[r];
-  attend_q4(q, k, ks, v, vs, at + 1, scale, scores, weights, out, next_k);
+  uint16_t bits = quantize_q4(k_new, packed);
+  std::memcpy(blk + kQ4KeyScales + 2 * l, &bits, 2);
+  for (int r = 0; r < 32; r += 4) std::memcpy(blk + q4_key_offset(l, r), packed + r, 4);
+  bits = quantize_q4(v_new, packed);
+  std::memcpy(blk + kQ4ValueScales + 2 * l, &bits, 2);
+  for (int r = 0; r < 32; ++r) blk[q4_value_offset(l, r)] = packed[r];
+  attend_q4(q, head, at + 1, scale, out, next);
 }
 
 }  // namespace er

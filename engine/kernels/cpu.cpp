@@ -9,9 +9,11 @@
 //   decode_attention:    one query position per row against a bfloat16 KV cache, each row
 //                        attending its own number of positions; float32 scores, softmax and sums.
 //                        Head sizes 16 to 128 (musicgen small/medium/large: 64).
-//   attend_step(_q8):    a decode step's whole self-attention in one call: split the fused
-//                        qkv projection, write the new key/value into the cache, attend.
-//   DecodeStepInt8:      a whole decoder step, int8 weights and int8 cache (decode_step.h).
+//   attend_step(_q8/_q4): a decode step's whole self-attention in one call: split the fused
+//                        qkv projection, write the new key/value into a bfloat16, int8 or
+//                        int4 cache, attend.
+//   DecodeStepInt8:      a whole decoder step, int8 weights, an int8 (step) or int4 (step_q4)
+//                        cache (decode_step.h).
 //
 // This file is the one translation unit: it holds the tensor-facing checks and bindings, and
 // includes the raw-pointer kernels from the headers beside it (simd.h, attention.h,
@@ -255,56 +257,40 @@ torch::Tensor attend_step_q8(torch::Tensor qkv, torch::Tensor keys, torch::Tenso
 
 // ---- int4 KV cache (attention.h) -----------------------------------------------------------------
 
-// A layer's int4 cache: keys/values [B, H, P, 32] uint8 (P a multiple of 16, each head's
-// positions contiguous), scales [B, H, P] float32. Returns the shape with D = 64.
-CacheShape check_cache_q4(const char* fn, const torch::Tensor& keys, const torch::Tensor& key_scales,
-                          const torch::Tensor& values, const torch::Tensor& value_scales) {
-  TORCH_CHECK(keys.dim() == 4 && values.sizes() == keys.sizes() && keys.size(3) == kQ4Head / 2,
-              fn, ": keys/values [B, H, P, 32] (an int4 cache holds heads of 64), got ", keys.sizes());
-  TORCH_CHECK(keys.scalar_type() == torch::kByte && values.scalar_type() == torch::kByte, fn,
-              ": uint8 keys and values (two 4-bit values per byte)");
-  const CacheShape c{keys.size(0), keys.size(1), keys.size(2), kQ4Head};
-  TORCH_CHECK(c.P % kQ4Block == 0 && c.P <= kQ4MaxPositions, fn, ": slots a multiple of ",
-              kQ4Block, " up to ", kQ4MaxPositions, ", got ", c.P);
-  TORCH_CHECK(keys.stride(3) == 1 && keys.stride(2) == 32 && values.strides() == keys.strides(),
-              fn, ": keys and values laid out alike, each head's positions contiguous");
-  TORCH_CHECK(key_scales.scalar_type() == torch::kFloat && value_scales.scalar_type() == torch::kFloat &&
-                  key_scales.dim() == 3 && key_scales.size(2) == c.P && key_scales.stride(2) == 1 &&
-                  value_scales.sizes() == key_scales.sizes() && value_scales.strides() == key_scales.strides(),
-              fn, ": float32 scales [B, H, P]");
-  return c;
+// A layer's int4 cache: blocks [B, H, P / 16, 1088] uint8, each head's blocks contiguous.
+// Returns the shape with D = 64 and P the slots (16 per block).
+CacheShape check_cache_q4(const char* fn, const torch::Tensor& blocks) {
+  TORCH_CHECK(blocks.dim() == 4 && blocks.size(3) == kQ4BlockBytes && blocks.scalar_type() == torch::kByte,
+              fn, ": an int4 cache is uint8 blocks [B, H, P / 16, ", kQ4BlockBytes, "], got ",
+              blocks.scalar_type(), " ", blocks.sizes());
+  TORCH_CHECK(blocks.stride(3) == 1 && blocks.stride(2) == kQ4BlockBytes, fn,
+              ": each head's blocks contiguous");
+  return CacheShape{blocks.size(0), blocks.size(1), blocks.size(2) * kQ4Block, kQ4Head};
 }
 
 // attend_step over an int4 cache.
-torch::Tensor attend_step_q4(torch::Tensor qkv, torch::Tensor keys, torch::Tensor key_scales,
-                             torch::Tensor values, torch::Tensor value_scales,
-                             torch::Tensor positions, double scale) {
-  const CacheShape c = check_cache_q4("attend_step_q4", keys, key_scales, values, value_scales);
+torch::Tensor attend_step_q4(torch::Tensor qkv, torch::Tensor blocks, torch::Tensor positions,
+                             double scale) {
+  const CacheShape c = check_cache_q4("attend_step_q4", blocks);
   const auto step = check_step("attend_step_q4", qkv, positions, c);
   const torch::Tensor &x = step.first, &pos = step.second;
-  const int64_t B = c.B, H = c.H, P = c.P, D = c.D, E = H * D;
+  const int64_t B = c.B, H = c.H, D = c.D, E = H * D;
   const int64_t* pp = pos.data_ptr<int64_t>();
   auto out = torch::empty({B, E}, x.options());
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  auto kp = keys.data_ptr<uint8_t>();
-  auto vp = values.data_ptr<uint8_t>();
-  auto ksp = key_scales.data_ptr<float>();
-  auto vsp = value_scales.data_ptr<float>();
-  const int64_t kb = keys.stride(0), kh = keys.stride(1);
-  const int64_t sb = key_scales.stride(0), sh = key_scales.stride(1);
+  auto bp = blocks.data_ptr<uint8_t>();
+  const int64_t sb = blocks.stride(0), sh = blocks.stride(1);
   const float s = static_cast<float>(scale);
 
   at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores(P + 16);
-    std::vector<int16_t> weights(P + 16);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, h = i % H;
-      const float* row = xp + b * 3 * E;
-      const uint8_t* next_k = i + 1 < i1 ? kp + (i + 1) / H * kb + (i + 1) % H * kh : nullptr;
-      attend_head_q4(row + h * D, row + E + h * D, row + 2 * E + h * D, kp + b * kb + h * kh,
-                     ksp + b * sb + h * sh, vp + b * kb + h * kh, vsp + b * sb + h * sh, pp[b],
-                     s, scores.data(), weights.data(), op + b * E + h * D, next_k);
+      const float* in = xp + b * 3 * E + h * D;
+      uint8_t* head = bp + b * sb + h * sh;
+      const uint8_t* next = i + 1 < i1 ? bp + (i + 1) / H * sb + (i + 1) % H * sh : nullptr;
+      if (i == i0) prefetch_q4_start(head, pp[b] + 1);
+      attend_head_q4(in, in + E, in + 2 * E, head, pp[b], s, op + b * E + h * D, next);
     }
   });
   return out;
@@ -394,76 +380,99 @@ class DecodeStepInt8 {
     m_.heads = linear(final_[2], final_[3], m_.E, -1);
   }
 
-  // ids [B, K] int64 at positions [B]; the cache: keys/values [L, B, H, P, D] int8, or
-  // [L, B, H, P, 32] uint8 for an int4 cache (heads of 64), and their scales [L, B, H, P]
-  // float32 (row views of a bigger cache are fine); cross-attention keys/values
-  // [L, B, H, S, D] float32, bias [B, S] float32 and the text positions each row reads [B]
-  // int64 (`CrossKV.stacked`). Returns logits [B, K * V].
+  // ids [B, K] int64 at positions [B]; an int8 cache: keys/values [L, B, H, P, D] int8 and
+  // their scales [L, B, H, P] float32 (row views of a bigger cache are fine); cross-attention
+  // keys/values [L, B, H, S, D] float32, bias [B, S] float32 and the text positions each row
+  // reads [B] int64 (`CrossKV.stacked`). Returns logits [B, K * V].
   torch::Tensor step(torch::Tensor ids, torch::Tensor positions, torch::Tensor keys,
                      torch::Tensor key_scales, torch::Tensor values, torch::Tensor value_scales,
                      torch::Tensor cross_keys, torch::Tensor cross_values, torch::Tensor cross_bias,
                      torch::Tensor cross_lengths) {
-    const int64_t B = ids.size(0);
-    TORCH_CHECK(ids.dim() == 2 && ids.size(1) == m_.K && ids.scalar_type() == torch::kLong,
-                "DecodeStepInt8.step: ids must be int64 [B, ", m_.K, "]");
-    const bool q4 = keys.scalar_type() == torch::kByte;
-    const int64_t width = q4 ? kQ4Head / 2 : m_.D;
-    TORCH_CHECK(!q4 || m_.D == kQ4Head, "DecodeStepInt8.step: an int4 cache holds heads of ",
-                kQ4Head, ", this model's are ", m_.D);
+    const int64_t B = rows("DecodeStepInt8.step", ids);
     TORCH_CHECK(keys.dim() == 5 && keys.sizes() == values.sizes() && keys.size(0) == m_.L &&
-                    keys.size(1) == B && keys.size(2) == m_.H && keys.size(4) == width,
-                "DecodeStepInt8.step: keys/values [", m_.L, ", ", B, ", ", m_.H, ", P, ", width,
+                    keys.size(1) == B && keys.size(2) == m_.H && keys.size(4) == m_.D,
+                "DecodeStepInt8.step: keys/values [", m_.L, ", ", B, ", ", m_.H, ", P, ", m_.D,
                 "], got ", keys.sizes());
-    TORCH_CHECK((keys.scalar_type() == torch::kChar || q4) && values.scalar_type() == keys.scalar_type(),
-                "DecodeStepInt8.step: an int8 (int8) or int4 (uint8) cache");
-    TORCH_CHECK(keys.strides() == values.strides() && keys.stride(4) == 1 && keys.stride(3) == width,
+    TORCH_CHECK(keys.scalar_type() == torch::kChar && values.scalar_type() == torch::kChar,
+                "DecodeStepInt8.step: an int8 cache (an int4 one goes to step_q4)");
+    TORCH_CHECK(keys.strides() == values.strides() && keys.stride(4) == 1 && keys.stride(3) == m_.D,
                 "DecodeStepInt8.step: keys and values laid out alike, each head's positions contiguous");
-    TORCH_CHECK(!q4 || (keys.size(3) % kQ4Block == 0 && keys.size(3) <= kQ4MaxPositions),
-                "DecodeStepInt8.step: an int4 cache has slots a multiple of ", kQ4Block, " up to ",
-                kQ4MaxPositions);
     const int64_t P = keys.size(3);
     TORCH_CHECK(key_scales.dim() == 4 && key_scales.sizes() == value_scales.sizes() &&
                     key_scales.strides() == value_scales.strides() && key_scales.size(3) == P &&
                     key_scales.stride(3) == 1 && key_scales.scalar_type() == torch::kFloat &&
                     value_scales.scalar_type() == torch::kFloat,
                 "DecodeStepInt8.step: float32 scales [L, B, H, P]");
-    const auto pos = checked_positions("DecodeStepInt8.step", positions, B, std::min(P, positions_.size(0)));
+    const CacheQ cache{static_cast<uint8_t*>(keys.data_ptr()), static_cast<uint8_t*>(values.data_ptr()),
+                       key_scales.data_ptr<float>(), value_scales.data_ptr<float>(),
+                       keys.stride(0), keys.stride(1), keys.stride(2),
+                       key_scales.stride(0), key_scales.stride(1), key_scales.stride(2), P, 8};
+    return run("DecodeStepInt8.step", ids, positions, cache, cross_keys, cross_values, cross_bias,
+               cross_lengths);
+  }
+
+  // The same over an int4 cache (heads of 64): blocks [L, B, H, P / 16, 1088] uint8.
+  torch::Tensor step_q4(torch::Tensor ids, torch::Tensor positions, torch::Tensor blocks,
+                        torch::Tensor cross_keys, torch::Tensor cross_values, torch::Tensor cross_bias,
+                        torch::Tensor cross_lengths) {
+    TORCH_CHECK(m_.D == kQ4Head, "DecodeStepInt8.step_q4: an int4 cache holds heads of ", kQ4Head,
+                ", this model's are ", m_.D);
+    const int64_t B = rows("DecodeStepInt8.step_q4", ids);
+    TORCH_CHECK(blocks.dim() == 5 && blocks.size(0) == m_.L && blocks.size(1) == B &&
+                    blocks.size(2) == m_.H,
+                "DecodeStepInt8.step_q4: blocks [", m_.L, ", ", B, ", ", m_.H,
+                ", P / 16, ", kQ4BlockBytes, "], got ", blocks.sizes());
+    const CacheShape c = check_cache_q4("DecodeStepInt8.step_q4", blocks[0]);
+    const CacheQ cache{blocks.data_ptr<uint8_t>(), nullptr, nullptr, nullptr,
+                       blocks.stride(0), blocks.stride(1), blocks.stride(2), 0, 0, 0, c.P, 4};
+    return run("DecodeStepInt8.step_q4", ids, positions, cache, cross_keys, cross_values, cross_bias,
+               cross_lengths);
+  }
+
+ private:
+  // ids [B, K] int64 -> B.
+  int64_t rows(const char* fn, const torch::Tensor& ids) const {
+    TORCH_CHECK(ids.dim() == 2 && ids.size(1) == m_.K && ids.scalar_type() == torch::kLong,
+                fn, ": ids must be int64 [B, ", m_.K, "]");
+    return ids.size(0);
+  }
+
+  // The checks every step shares, then the step.
+  torch::Tensor run(const char* fn, const torch::Tensor& ids, const torch::Tensor& positions,
+                    const CacheQ& cache, const torch::Tensor& cross_keys,
+                    const torch::Tensor& cross_values, const torch::Tensor& cross_bias,
+                    const torch::Tensor& cross_lengths) {
+    const int64_t B = rows(fn, ids), P = cache.P;
+    const auto pos = checked_positions(fn, positions, B, std::min(P, positions_.size(0)));
     const int64_t* pp = pos.data_ptr<int64_t>();
     auto idc = ids.contiguous();
     const int64_t* ip = idc.data_ptr<int64_t>();
     for (int64_t i = 0; i < B * m_.K; ++i)
-      TORCH_CHECK(ip[i] >= 0 && ip[i] < embed_[0].size(0), "DecodeStepInt8.step: token id ", ip[i],
+      TORCH_CHECK(ip[i] >= 0 && ip[i] < embed_[0].size(0), fn, ": token id ", ip[i],
                   " outside [0, ", embed_[0].size(0), ")");
     TORCH_CHECK(cross_keys.dim() == 5 && cross_keys.sizes() == cross_values.sizes() &&
                     cross_keys.size(0) == m_.L && cross_keys.size(1) == B &&
                     cross_keys.size(2) == m_.H && cross_keys.size(4) == m_.D &&
                     cross_keys.is_contiguous() && cross_values.is_contiguous() &&
                     cross_keys.scalar_type() == torch::kFloat && cross_values.scalar_type() == torch::kFloat,
-                "DecodeStepInt8.step: contiguous float32 cross keys/values [L, B, H, S, D]");
+                fn, ": contiguous float32 cross keys/values [L, B, H, S, D]");
     const int64_t S = cross_keys.size(3);
     TORCH_CHECK(cross_bias.dim() == 2 && cross_bias.size(0) == B && cross_bias.size(1) == S &&
                     cross_bias.is_contiguous() && cross_bias.scalar_type() == torch::kFloat,
-                "DecodeStepInt8.step: float32 cross bias [B, S]");
+                fn, ": float32 cross bias [B, S]");
     TORCH_CHECK(cross_lengths.dim() == 1 && cross_lengths.size(0) == B &&
                     cross_lengths.scalar_type() == torch::kLong && cross_lengths.is_contiguous(),
-                "DecodeStepInt8.step: int64 cross lengths [B]");
+                fn, ": int64 cross lengths [B]");
     const int64_t* lengths = cross_lengths.data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b)
-      TORCH_CHECK(lengths[b] >= 0 && lengths[b] <= S, "DecodeStepInt8.step: row ", b, " reads ",
+      TORCH_CHECK(lengths[b] >= 0 && lengths[b] <= S, fn, ": row ", b, " reads ",
                   lengths[b], " text positions of ", S);
-    const CacheQ cache{static_cast<uint8_t*>(keys.data_ptr()), static_cast<uint8_t*>(values.data_ptr()),
-                       key_scales.data_ptr<float>(), value_scales.data_ptr<float>(),
-                       keys.stride(0), keys.stride(1), keys.stride(2),
-                       key_scales.stride(0), key_scales.stride(1), key_scales.stride(2), P,
-                       q4 ? 4 : 8};
     const CrossInputs cross{cross_keys.data_ptr<float>(), cross_values.data_ptr<float>(),
                             cross_bias.data_ptr<float>(), lengths, S};
     auto logits = torch::empty({B, m_.heads.N}, ids.options().dtype(torch::kFloat));
     decode_step_int8(m_, ip, pp, B, cache, cross, scratch_, logits.data_ptr<float>());
     return logits;
   }
-
- private:
   static const float* f32(const torch::Tensor& t, const char* what) {
     TORCH_CHECK(t.scalar_type() == torch::kFloat && t.is_contiguous(), "DecodeStepInt8: ", what,
                 " must be contiguous float32");
@@ -495,11 +504,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, nogil, "one query per row over a bfloat16 KV cache");
   m.def("attend_step", &attend_step, nogil, "write a step's keys/values, then attend, per row");
   m.def("attend_step_q8", &attend_step_q8, nogil, "attend_step over an int8 KV cache with scales");
-  m.def("attend_step_q4", &attend_step_q4, nogil, "attend_step over an int4 KV cache with scales");
+  m.def("attend_step_q4", &attend_step_q4, nogil, "attend_step over an int4 KV cache (blocks)");
   m.def("linear_int8", &linear_int8, nogil, "y = x w^T, packed int8 weights, activations int8 per row");
   pybind11::class_<DecodeStepInt8>(m, "DecodeStepInt8")
       .def(pybind11::init<std::vector<torch::Tensor>, torch::Tensor,
                           std::vector<std::vector<torch::Tensor>>, std::vector<torch::Tensor>,
                           int64_t, double>())
-      .def("step", &DecodeStepInt8::step, nogil, "one decoder step: ids [B, K] -> logits [B, K * V]");
+      .def("step", &DecodeStepInt8::step, nogil, "one decoder step: ids [B, K] -> logits [B, K * V]")
+      .def("step_q4", &DecodeStepInt8::step_q4, nogil, "the decoder step over an int4 KV cache");
 }

@@ -40,13 +40,14 @@ struct ModelInt8 {
   float eps;
 };
 
-// Quantized keys/values, strided, with float32 scales [L, B, H, P]: int8 [L, B, H, P, D], or
-// int4 (bits 4, heads of 64) [L, B, H, P, 32] bytes laid out as attention.h describes.
+// Quantized keys/values, strided: int8 keys/values [L, B, H, P, D] with float32 scales
+// [L, B, H, P], or an int4 cache (bits 4, heads of 64): `keys` its blocks [L, B, H, P / 16, 1088]
+// bytes (attention.h), `values` and the scales unused.
 struct CacheQ {
   uint8_t *keys, *values;
   float *key_scales, *value_scales;
-  int64_t kl, kb, kh;  // byte strides of keys and values over layer, row, head
-  int64_t sl, sb, sh;  // element strides of their scales
+  int64_t kl, kb, kh;  // byte strides of keys and values (or blocks) over layer, row, head
+  int64_t sl, sb, sh;  // element strides of the int8 cache's scales
   int64_t P;
   int bits;  // 8 or 4
 };
@@ -60,7 +61,6 @@ struct CrossInputs {  // cross-attention keys/values [L][B][H][S][D] float32, co
 
 struct StepScratch {
   std::vector<float> x, h, qkv, a, ff, scores;
-  std::vector<int16_t> weights;  // the int4 cache's softmax weights, per thread
   std::vector<int8_t> q;
   std::vector<float> qscale;
   std::vector<int32_t> qcomp;
@@ -69,7 +69,6 @@ struct StepScratch {
     x.resize(B * m.E), h.resize(B * m.E), a.resize(B * m.E), qkv.resize(B * 3 * m.E);
     ff.resize(B * m.F), q.resize(B * widest), qscale.resize(B), qcomp.resize(B);
     scores.resize(at::get_num_threads() * (std::max(P, S) + 32));
-    weights.resize(at::get_num_threads() * (P + 32));
   }
 };
 
@@ -156,7 +155,6 @@ inline void decode_step_int8(const ModelInt8& m, const int64_t* ids, const int64
     project<Out::Store>(w.qkv, h, E, B, qkv, 3 * E, s);
     at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
       float* scores = s.scores.data() + at::get_thread_num() * scratch;
-      int16_t* weights = s.weights.data() + at::get_thread_num() * (c.P + 32);
       // Attention waits on memory more than it fills the bus: meanwhile the next projection's
       // weights, this thread's share, are asked for (into L2), a slice per (row, head).
       const auto [next_w, next_end] = thread_share(w.out_self);
@@ -165,19 +163,20 @@ inline void decode_step_int8(const ModelInt8& m, const int64_t* ids, const int64
         const int64_t b = i / H, hd = i % H;
         const float* row = qkv + b * 3 * E;
         uint8_t* k = c.keys + l * c.kl + b * c.kb + hd * c.kh;
+        const uint8_t* next_k = nullptr;  // the keys (blocks) this thread reads next
+        if (i + 1 < i1) next_k = c.keys + l * c.kl + (i + 1) / H * c.kb + (i + 1) % H * c.kh;
+        const float* in = row + hd * D;
+        if (c.bits == 4) {
+          if (i == i0) prefetch_q4_start(k, pos[b] + 1);
+          attend_head_q4(in, in + E, in + 2 * E, k, pos[b], scale, a + b * E + hd * D, next_k);
+          continue;
+        }
         uint8_t* v = c.values + l * c.kl + b * c.kb + hd * c.kh;
         float* ks = c.key_scales + l * c.sl + b * c.sb + hd * c.sh;
         float* vs = c.value_scales + l * c.sl + b * c.sb + hd * c.sh;
-        const uint8_t* next_k = nullptr;  // the keys this thread reads next
-        if (i + 1 < i1) next_k = c.keys + l * c.kl + (i + 1) / H * c.kb + (i + 1) % H * c.kh;
-        if (c.bits == 4)
-          attend_head_q4(row + hd * D, row + E + hd * D, row + 2 * E + hd * D, k, ks, v, vs,
-                         pos[b], scale, scores, weights, a + b * E + hd * D, next_k);
-        else
-          attend_head_q8(row + hd * D, row + E + hd * D, row + 2 * E + hd * D,
-                         reinterpret_cast<int8_t*>(k), ks, reinterpret_cast<int8_t*>(v), vs,
-                         pos[b], D, scale, scores, a + b * E + hd * D,
-                         reinterpret_cast<const int8_t*>(next_k));
+        attend_head_q8(in, in + E, in + 2 * E, reinterpret_cast<int8_t*>(k), ks,
+                       reinterpret_cast<int8_t*>(v), vs, pos[b], D, scale, scores,
+                       a + b * E + hd * D, reinterpret_cast<const int8_t*>(next_k));
       }
     });
     project<Out::Add>(w.out_self, a, E, B, x, E, s);

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 namespace er {
@@ -110,24 +111,38 @@ inline float quantize_vector(const float* x, int8_t* dst, int64_t D) {
   return s;
 }
 
-// Quantize one vector of 64 floats to 4 bits, u = round(x / s) + 8 in [1, 15] with s = max|x| / 7,
-// two per byte: out[r] = u[r] | u[r + 32] << 4 (32 bytes). Returns s.
-inline float quantize_q4(const float* x, uint8_t* out) {
+// A positive finite float rounded to bfloat16 (nearest even, as torch's conversion): its bits.
+inline uint16_t bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+inline float bf16_float(uint16_t bits) {
+  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+
+// Quantize one vector of 64 floats to 4 bits, u = round(x / s) + 8 in [1, 15] with s = max|x| / 7
+// rounded to bfloat16, two per byte: out[r] = u[r] | u[r + 32] << 4 (32 bytes). Returns s's bits.
+inline uint16_t quantize_q4(const float* x, uint8_t* out) {
   __m512 m = _mm512_setzero_ps();
   for (int c = 0; c < 64; c += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + c)));
   const float amax = _mm512_reduce_max_ps(m);
-  const float s = amax > 0 ? amax / 7.0f : 1.0f;
-  const __m512 inv = _mm512_set1_ps(1.0f / s);
+  const uint16_t bits = amax > 0 ? bf16_bits(amax / 7.0f) : bf16_bits(1.0f);
+  const __m512 s = _mm512_set1_ps(bf16_float(bits));
   const __m512i lo7 = _mm512_set1_epi32(-7), hi7 = _mm512_set1_epi32(7), eight = _mm512_set1_epi32(8);
   for (int c = 0; c < 32; c += 16) {
-    auto nibble = [&](const float* p) {  // nearest even, as torch.round
-      const __m512i i = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(p), inv));
+    auto nibble = [&](const float* p) {  // x / s to the nearest even, as torch.round
+      const __m512i i = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(p), s));
       return _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(i, lo7), hi7), eight);
     };
     const __m512i both = _mm512_or_si512(nibble(x + c), _mm512_slli_epi32(nibble(x + 32 + c), 4));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + c), _mm512_cvtepi32_epi8(both));
   }
-  return s;
+  return bits;
 }
 
 }  // namespace er

@@ -19,26 +19,30 @@ def test_quantize_q4_packs_two_nibbles_per_byte():
     x = torch.zeros(64)
     x[0], x[32], x[5], x[63] = 7.0, -7.0, 3.0, 1.4  # scale 1: u = x + 8
     packed, scale = quantize_q4(x)
-    assert packed.dtype == torch.uint8 and packed.shape == (32,) and scale.item() == 1.0
+    assert packed.dtype == torch.uint8 and packed.shape == (32,)
+    assert scale.dtype == torch.bfloat16 and scale.item() == 1.0
     assert packed[0].item() == 15 | (1 << 4)  # dim 0 low nibble, dim 32 high nibble
     assert packed[5].item() == 11 | (8 << 4)
     assert packed[31].item() == 8 | (9 << 4)  # dim 63: round(1.4) = 1
     torch.manual_seed(0)
     y = torch.randn(10, 64)
     packed, scales = quantize_q4(y)
+    # the scale is max|x| / 7 to bfloat16's 8 bits: a nibble's step, half of it at most off
+    assert torch.allclose(scales.float(), y.abs().amax(-1) / 7, rtol=2**-8, atol=0)
     err = (dequantize_q4(packed, scales) - y).abs()
-    assert (err <= scales[:, None] / 2 + 1e-6).all()  # round to nearest: half a step at most
+    assert (err <= scales.float()[:, None] * (0.5 + 2**-7) + 1e-6).all()
     zero_packed, zero_scale = quantize_q4(torch.zeros(64))
     assert zero_scale.item() == 1.0 and (zero_packed == 8 | (8 << 4)).all()
 
 
 def test_int4_cache_layout_and_writes():
-    """Keys by blocks of 16 positions ([8][16][4] bytes); values by pairs of positions, byte
-    2r + j of pair g holding position 2g + j; range writes from odd starts and per-row writes
+    """One 1088-byte block per 16 positions of a head: keys [8][16][4], values [4][2][16][4],
+    the key scales, the value scales (bfloat16); range writes from odd starts and per-row writes
     land alike."""
     torch.manual_seed(1)
     cache = KVCache(2, 3, 2, 19, 64, device=CPU, kind="int4")
-    assert cache.keys.shape == (2, 3, 2, 32, 32)  # 19 positions: two whole blocks of 16 slots
+    assert cache.blocks.shape == (2, 3, 2, 2, 1088)  # 19 positions: two whole blocks of 16 slots
+    assert cache.batch == 3 and cache.layer(1)[0].shape == (3, 2, 2, 1088)
     keys, values = torch.randn(3, 2, 19, 64), torch.randn(3, 2, 19, 64)
     cache.write(1, 0, keys[:, :, :3], values[:, :, :3])
     cache.write(1, 3, keys[:, :, 3:18], values[:, :, 3:18])  # an odd start, across a block
@@ -47,27 +51,39 @@ def test_int4_cache_layout_and_writes():
     want_k = dequantize_q4(*quantize_q4(keys))
     want_v = dequantize_q4(*quantize_q4(values))
     assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
-    packed, _ = quantize_q4(values[1, 0, 5])  # position 5 = pair 2, j = 1
-    pair = cache.values[1, 1, 0].reshape(-1)[64 * 2 : 64 * 3]
-    assert torch.equal(pair[1::2], packed)
-    packed, _ = quantize_q4(keys[1, 0, 17])  # position 17 = block 1, lane 1
-    block = cache.keys[1, 1, 0].reshape(-1)[512:1024].view(8, 16, 4)
-    assert torch.equal(block[:, 1].reshape(-1), packed)
+    block = cache.blocks[1, 1, 0, 1]  # row 1, head 0, positions 16..31
+    packed, scale = quantize_q4(keys[1, 0, 17])  # position 17: lane 1 of block 1
+    assert torch.equal(block[:512].view(8, 16, 4)[:, 1].reshape(-1), packed)
+    assert block[1024:1056].view(torch.bfloat16)[1] == scale
+    packed, scale = quantize_q4(values[1, 0, 18])  # lane 2: group 0, p = 2
+    assert torch.equal(block[512:1024].view(4, 2, 16, 4)[0, :, :, 2].reshape(-1), packed)
+    assert block[1056:1088].view(torch.bfloat16)[2] == scale
+    assert (cache.blocks[0] == 0).all()  # layer 0 untouched
     with pytest.raises(ValueError, match="heads of 64, not 16"):
         KVCache(1, 1, 1, 8, 16, device=CPU, kind="int4")
 
 
-def _reference(qkv, cache: KVCache, positions, heads: int, scale: float) -> torch.Tensor:
+def _reference(qkv, cache: KVCache, positions, heads: int, scale: float, uint8_weights: bool):
     """Attention in float64 over the cache's own nibbles (after the step wrote its key and
-    value), with the query rounded to int8 as the kernel takes it."""
+    value), with the query rounded to int8 as the kernel takes it; with `uint8_weights`, each
+    block's softmax weights times the values' scales rounded to steps of its largest / 255, as
+    the kernel sums them."""
     keys, values = cache.view(0, cache.max_positions)
     q = qkv[:, : heads * 64].view(-1, heads, 64)
     qs = q.abs().amax(-1, keepdim=True) / 127
     q = torch.round(q / qs) * qs
+    value_scales = cache._q4_parts()[3][0].double().flatten(2)  # [B, H, P]
     out = []
     for b, at in enumerate(positions):
         s = (q[b, :, None].double() * keys[b, :, : at + 1].double()).sum(-1) * scale
-        out.append((s.softmax(-1)[..., None] * values[b, :, : at + 1].double()).sum(-2))
+        p = s.softmax(-1)
+        if uint8_weights:
+            w = torch.zeros(heads, value_scales.shape[-1], dtype=torch.float64)
+            w[:, : at + 1] = p * value_scales[b, :, : at + 1]
+            step = w.unflatten(-1, (-1, 16)).amax(-1, keepdim=True) / 255
+            w = (torch.round(w.unflatten(-1, (-1, 16)) / step) * step).flatten(-2)
+            p = w[:, : at + 1] / value_scales[b, :, : at + 1]
+        out.append((p[..., None] * values[b, :, : at + 1].double()).sum(-2))
     return torch.stack(out).reshape(len(positions), -1).float()
 
 
@@ -76,38 +92,51 @@ def test_attend_step_q4_against_float64(k, positions):
     torch.manual_seed(sum(positions))
     heads, rows = 3, len(positions)
     cache = KVCache(1, rows, heads, 1500, 64, device=CPU, kind="int4")
-    cache.write(0, 0, torch.randn(rows, heads, 1500, 64), torch.randn(rows, heads, 1500, 64) * 3)
+    keys, values = torch.randn(rows, heads, 1500, 64), torch.randn(rows, heads, 1500, 64) * 3
+    cache.write(0, 0, keys, values)
     qkv = torch.randn(rows, 3 * heads * 64) * 2
     got = k.attend_step_q4(qkv, *cache.layer(0), torch.tensor(positions), 0.125)
     for b, at in enumerate(positions):  # the step wrote its own key and value where it stands
         new_k = qkv[b, heads * 64 : 2 * heads * 64].view(heads, 64)
         new_v = qkv[b, 2 * heads * 64 :].view(heads, 64)
-        keys, values = cache.view(0, at + 1)
-        assert torch.allclose(keys[b, :, at], dequantize_q4(*quantize_q4(new_k)), atol=1e-6)
-        assert torch.allclose(values[b, :, at], dequantize_q4(*quantize_q4(new_v)), atol=1e-6)
-    want = _reference(qkv, cache, positions, heads, 0.125)
-    # the softmax weights go through int16 (steps of max / 32767): ~1e-4 of the values' scale
-    torch.testing.assert_close(got, want, rtol=0, atol=3e-4 * want.abs().max().item())
+        keys[b, :, at], values[b, :, at] = new_k, new_v
+        cached_k, cached_v = cache.view(0, at + 1)
+        assert torch.allclose(cached_k[b, :, at], dequantize_q4(*quantize_q4(new_k)), atol=1e-6)
+        assert torch.allclose(cached_v[b, :, at], dequantize_q4(*quantize_q4(new_v)), atol=1e-6)
+    want = _reference(qkv, cache, positions, heads, 0.125, uint8_weights=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5 * want.abs().max().item())
+    # the weights' 8 bits add a small fraction of what the values' 4 bits cost
+    exact_weights = _reference(qkv, cache, positions, heads, 0.125, uint8_weights=False)
+    exact = torch.stack(
+        [
+            torch.softmax(qh @ kh.T * 0.125, -1) @ vh
+            for qh, kh, vh in _heads(qkv, keys, values, positions, heads)
+        ]
+    ).view(rows, -1)
+    weights_err = (got - exact_weights).abs().mean()
+    assert weights_err < 0.1 * (exact_weights - exact).abs().mean(), weights_err
+
+
+def _heads(qkv, keys, values, positions, heads):
+    """(query [1, 64], keys and values [at + 1, 64]) per (row, head), in float64."""
+    for b, at in enumerate(positions):
+        for h in range(heads):
+            q = qkv[b, h * 64 : (h + 1) * 64].double()[None]
+            yield q, keys[b, h, : at + 1].double(), values[b, h, : at + 1].double()
 
 
 def test_attend_step_q4_refuses_bad_caches(k):
     qkv = torch.randn(1, 3 * 64)
-    good = KVCache(1, 1, 1, 8, 64, device=CPU, kind="int4").layer(0)
+    (good,) = KVCache(1, 1, 1, 8, 64, device=CPU, kind="int4").layer(0)
     with pytest.raises(RuntimeError, match="row 0 position 16 outside"):  # 16 slots
-        k.attend_step_q4(qkv, *good, torch.tensor([16]), 0.125)
-    odd = [t[:, :, :7] for t in good]
-    with pytest.raises(RuntimeError, match="slots a multiple of 16"):
-        k.attend_step_q4(qkv, *odd, torch.tensor([0]), 0.125)
-    with pytest.raises(RuntimeError, match="uint8 keys and values"):
-        k.attend_step_q4(
-            qkv,
-            good[0].to(torch.int8),
-            good[1],
-            good[2].to(torch.int8),
-            good[3],
-            torch.tensor([0]),
-            0.125,
-        )
+        k.attend_step_q4(qkv, good, torch.tensor([16]), 0.125)
+    with pytest.raises(RuntimeError, match=r"uint8 blocks \[B, H, P / 16, 1088\], got Char"):
+        k.attend_step_q4(qkv, good.to(torch.int8), torch.tensor([0]), 0.125)
+    with pytest.raises(RuntimeError, match="uint8 blocks"):
+        k.attend_step_q4(qkv, good[..., :1024], torch.tensor([0]), 0.125)
+    with pytest.raises(RuntimeError, match="each head's blocks contiguous"):
+        wide = torch.zeros(1, 1, 2, 2 * 1088, dtype=torch.uint8)[..., :1088]
+        k.attend_step_q4(qkv, wide, torch.tensor([0]), 0.125)
 
 
 @pytest.fixture(scope="module")
