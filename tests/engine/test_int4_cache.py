@@ -80,8 +80,9 @@ def _reference(qkv, cache: KVCache, positions, heads: int, scale: float, uint8_w
         if uint8_weights:
             w = torch.zeros(heads, value_scales.shape[-1], dtype=torch.float64)
             w[:, : at + 1] = p * value_scales[b, :, : at + 1]
-            step = w.unflatten(-1, (-1, 16)).amax(-1, keepdim=True) / 255
-            w = (torch.round(w.unflatten(-1, (-1, 16)) / step) * step).flatten(-2)
+            chunks = torch.nn.functional.pad(w, (0, -w.shape[-1] % 64)).unflatten(-1, (-1, 64))
+            step = chunks.amax(-1, keepdim=True) / 255
+            w = (torch.round(chunks / step) * step).flatten(-2)
             p = w[:, : at + 1] / value_scales[b, :, : at + 1]
         out.append((p[..., None] * values[b, :, : at + 1].double()).sum(-2))
     return torch.stack(out).reshape(len(positions), -1).float()
