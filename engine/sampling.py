@@ -56,12 +56,22 @@ def top_k_probs(
     return logits_to_probs(values, dataclasses.replace(options, top_k=0)), index
 
 
+def _pick(probs: torch.Tensor, u: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """Inverse-CDF draws: probabilities [..., n] and uniforms [..., 1] in [0, 1) -> the chosen
+    candidates' ids [...] (`index` [..., n], or the positions themselves). A candidate of
+    probability 0 is never chosen; uniforms scale to the sum, so rounding cannot run past it."""
+    cdf = probs.cumsum(dim=-1)
+    at = torch.searchsorted(cdf, u * cdf[..., -1:], right=True).clamp_(max=probs.shape[-1] - 1)
+    return (at if index is None else index.gather(-1, at))[..., 0]
+
+
 def _draw(
-    probs: torch.Tensor, index: torch.Tensor, generator: torch.Generator | None
+    probs: torch.Tensor, index: torch.Tensor | None, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """One token per row of probabilities [..., k] over candidate ids [..., k] -> ids [...]."""
-    pick = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
-    return index.gather(-1, pick.view(*probs.shape[:-1], 1))[..., 0]
+    """One token per row of probabilities [..., n] over candidate ids [..., n] -> ids [...]: the
+    distribution of `torch.multinomial`, from one uniform per row of `generator`."""
+    u = torch.rand(*probs.shape[:-1], 1, generator=generator, device=probs.device)
+    return _pick(probs, u, index)
 
 
 def sample(
@@ -75,9 +85,7 @@ def sample(
         # probability 0), drawn among k tokens instead of V: 3x cheaper per step (1 ms of a
         # CPU decode step's 10-13 was sampling).
         return _draw(*top_k_probs(logits, options), generator)
-    probs = logits_to_probs(logits, options)
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+    return _draw(logits_to_probs(logits, options), None, generator)
 
 
 def sample_streams(
@@ -87,9 +95,9 @@ def sample_streams(
 ) -> torch.Tensor:
     """Batched streams' step, logits [2N, K, V] (stream i: conditional row 2i, null row 2i + 1)
     -> tokens [N, K]: what `apply_guidance` and `sample` give each stream alone, draw for draw
-    (each stream's own generator draws from the same probabilities), with the guidance and the
-    top-k done once for all the streams that share k (a few small ops instead of a few per
-    stream: ~0.4 ms per stream per step on a CPU)."""
+    (each stream's own generator gives its uniforms), with guidance, top-k, temperature, softmax
+    and the draws done once for all the streams (a handful of small ops per step instead of a
+    handful per stream: ~0.3 ms per stream per step on a CPU)."""
     cond, uncond = logits[0::2], logits[1::2]
     scales = torch.tensor([o.guidance_scale for o in options], dtype=logits.dtype)
     scales = scales.to(logits.device)[:, None, None]
@@ -104,9 +112,17 @@ def sample_streams(
             ]
         )
     values, index = _top_k(guided, k)  # [N, K, k]
-    return torch.stack(
-        [
-            _draw(logits_to_probs(values[i], dataclasses.replace(o, top_k=0)), index[i], g)
-            for i, (o, g) in enumerate(zip(options, generators, strict=True))
-        ]
+    if any(0 < o.top_p < 1 for o in options):
+        probs = torch.stack(
+            [
+                logits_to_probs(values[i], dataclasses.replace(o, top_k=0))
+                for i, o in enumerate(options)
+            ]
+        )
+    else:  # logits_to_probs without top-p: temperature and softmax
+        temperatures = torch.tensor([o.temperature for o in options], device=logits.device)
+        probs = torch.softmax(values / temperatures[:, None, None], dim=-1)
+    u = torch.stack(
+        [torch.rand(guided.shape[1], 1, generator=g, device=logits.device) for g in generators]
     )
+    return _pick(probs, u, index)

@@ -51,11 +51,12 @@ def test_batched_streams_equal_unbatched_greedy(
         assert torch.equal(got, want), f"first mismatch at {(got != want).nonzero()[0].tolist()}"
 
 
-def test_batched_streams_sample_what_they_sample_alone(tiny_model_dir):
-    """Sampling (top-k 250, seeded, guidance 3 and 1, one stream at temperature 0.7 with top-p):
-    the batch guides and takes the top-k once for all streams, each stream draws with its own
-    generator; the tokens equal each stream's alone, draw for draw (int8 on our kernels: a
-    row's logits do not depend on the rows batched with it)."""
+@pytest.mark.parametrize("top_p", [0.9, 0.0])
+def test_batched_streams_sample_what_they_sample_alone(tiny_model_dir, top_p):
+    """Sampling (top-k 250, seeded, guidance 3 and 1, one stream at temperature 0.7, with top-p
+    or not): the batch guides, takes the top-k, the softmax and the draws once for all streams,
+    each stream's uniforms from its own generator; the tokens equal each stream's alone, draw
+    for draw (int8 on our kernels: a row's logits do not depend on the rows batched with it)."""
     if kernels.unavailable_reason() is not None:
         pytest.skip(f"needs our kernels: {kernels.unavailable_reason()}")
     model = _model(tiny_model_dir, "int8")
@@ -63,7 +64,7 @@ def test_batched_streams_sample_what_they_sample_alone(tiny_model_dir):
     samplings = [
         SamplingOptions(seed=1),
         SamplingOptions(seed=2, guidance_scale=1.0),
-        SamplingOptions(seed=3, temperature=0.7, top_p=0.9),
+        SamplingOptions(seed=3, temperature=0.7, top_p=top_p),
     ]
     prompts = PROMPTS[:3]
     batched = model.open_streams(prompts, samplings, window)

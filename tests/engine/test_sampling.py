@@ -44,3 +44,8 @@ def test_draws_follow_the_distribution():
     want = logits_to_probs(logits[0, 0], options)
     assert counts[4:].sum() == 0  # never outside the top 4
     assert (counts - want).abs().max() < 0.015, (counts, want)
+    whole = SamplingOptions(top_k=0, top_p=0.8)  # the whole vocabulary, top-p masks the tail
+    tokens = sample(logits, whole, torch.Generator().manual_seed(3))
+    counts = torch.bincount(tokens.flatten(), minlength=6).float() / tokens.numel()
+    want = logits_to_probs(logits[0, 0], whole)
+    assert counts[want == 0].sum() == 0 and (counts - want).abs().max() < 0.015, (counts, want)
