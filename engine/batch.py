@@ -83,7 +83,8 @@ class DecodeBatch:
             return
         logits = self.decoder.decode_one_step(ids, self.cache, self._stacked_cross(), rows_at)
         samplings = [s.sampling for s in self.streams]
-        tokens = sample_streams(logits, samplings, [s.generator for s in self.streams])
+        generators = [s.generator for s in self.streams]
+        tokens = sample_streams(logits, samplings, generators, self.decoder.kernels)
         for stream, row in zip(self.streams, tokens, strict=True):
             stream._stepped(tokens=row)
         self.steps += 1

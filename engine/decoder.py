@@ -215,6 +215,11 @@ class Decoder:
             fc2=linear(layer.fc2),
         )
 
+    @property
+    def kernels(self):
+        """Our CPU kernel module when this decoder runs on it (engine/kernels), else None."""
+        return self._kernels
+
     def new_cache(self, batch: int, max_positions: int) -> KVCache:
         return KVCache(
             len(self.layers),

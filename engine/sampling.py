@@ -88,20 +88,80 @@ def sample(
     return _draw(logits_to_probs(logits, options), None, generator)
 
 
+def _on_kernels(options: SamplingOptions, vocab: int) -> bool:
+    """Whether `sample_top_k` (engine/kernels) draws for a stream: top-k without top-p."""
+    return not options.greedy and 0 < options.top_k < vocab and not 0 < options.top_p < 1
+
+
 def sample_streams(
     logits: torch.Tensor,
     options: list[SamplingOptions],
     generators: list[torch.Generator | None],
+    kernels=None,
 ) -> torch.Tensor:
-    """Batched streams' step, logits [2N, K, V] (stream i: conditional row 2i, null row 2i + 1)
-    -> tokens [N, K]: what `apply_guidance` and `sample` give each stream alone, draw for draw
-    (each stream's own generator gives its uniforms), with guidance, top-k, temperature, softmax
-    and the draws done once for all the streams (a handful of small ops per step instead of a
-    handful per stream: ~0.3 ms per stream per step on a CPU)."""
-    cond, uncond = logits[0::2], logits[1::2]
-    scales = torch.tensor([o.guidance_scale for o in options], dtype=logits.dtype)
-    scales = scales.to(logits.device)[:, None, None]
-    guided = torch.where(scales == 1.0, cond, uncond + (cond - uncond) * scales)
+    """Streams' step, logits [R * N, K, V] (R = 2: stream i's conditional row 2i and null row
+    2i + 1; R = 1: no null rows) -> tokens [N, K]: what `apply_guidance` and `sample` give each
+    stream alone, draw for draw, whether it is sampled alone or batched (each stream's own
+    generator gives its uniforms).
+
+    With our CPU `kernels` (a decoder's `kernels`), top-k streams without top-p are drawn by one
+    kernel call (`sample_top_k`: guidance, top-k, temperature, softmax and the draws, ~10 us per
+    row): after a decode step has streamed the weights through the caches, each PyTorch op
+    costs ~0.1 ms of cold dispatch, and the same maths in PyTorch is a dozen of them per stream.
+    Its candidates go in token order, PyTorch's top-k in its own: the same distribution, other
+    draws from the same uniforms, so a decoder samples one way, alone and batched alike."""
+    rows = logits.shape[0] // len(options)
+    vocab = logits.shape[-1]
+    tokens: list[torch.Tensor | None] = [None] * len(options)
+    fast = [i for i, o in enumerate(options) if _on_kernels(o, vocab)] if kernels else []
+    ks = {options[i].top_k for i in fast}
+    if fast and len(ks) == 1 and logits.device.type == "cpu":
+        picked = (
+            logits
+            if len(fast) == len(options)
+            else logits.unflatten(0, (-1, rows))[fast].flatten(0, 1)
+        )
+        drawn = kernels.sample_top_k(
+            picked.float().contiguous(),
+            rows,
+            torch.tensor([options[i].guidance_scale for i in fast]),
+            torch.tensor([options[i].temperature for i in fast]),
+            ks.pop(),
+            torch.stack([torch.rand(logits.shape[1], generator=generators[i]) for i in fast]),
+        )
+        for i, row in zip(fast, drawn, strict=True):
+            tokens[i] = row
+    else:
+        fast = []
+    rest = [i for i in range(len(options)) if i not in fast]
+    if rest:
+        for i, row in zip(
+            rest, _sample_with_torch(logits, rows, options, generators, rest), strict=True
+        ):
+            tokens[i] = row
+    return torch.stack(tokens)
+
+
+def _sample_with_torch(
+    logits: torch.Tensor,
+    rows: int,
+    options: list[SamplingOptions],
+    generators: list[torch.Generator | None],
+    streams: list[int],
+) -> torch.Tensor:
+    """`sample_streams` in PyTorch for the given streams: guidance, then top-k, temperature and
+    softmax once for all of them when they share k and none is greedy (a handful of ops per
+    step instead of a handful per stream), the draws from each stream's uniforms."""
+    per_stream = logits.unflatten(0, (-1, rows))[streams]  # [n, R, K, V]
+    options = [options[i] for i in streams]
+    generators = [generators[i] for i in streams]
+    if rows == 1:
+        guided = per_stream[:, 0]
+    else:
+        cond, uncond = per_stream[:, 0], per_stream[:, 1]
+        scales = torch.tensor([o.guidance_scale for o in options], dtype=logits.dtype)
+        scales = scales.to(logits.device)[:, None, None]
+        guided = torch.where(scales == 1.0, cond, uncond + (cond - uncond) * scales)
     ks = {o.top_k for o in options}
     k = ks.pop() if len(ks) == 1 else 0
     if not 0 < k < logits.shape[-1] or any(o.greedy for o in options):

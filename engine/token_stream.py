@@ -23,7 +23,7 @@ from engine.conditioning import TextCondition, batch_conditions
 from engine.decoder import CrossKV, Decoder
 from engine.delay import PAD, codebook_delays, delayed_layout
 from engine.options import SamplingOptions, WindowOptions
-from engine.sampling import apply_guidance, sample
+from engine.sampling import sample_streams
 from engine.static_step import StaticStep
 
 if TYPE_CHECKING:
@@ -215,8 +215,9 @@ class TokenStream:
         the forced ones (pads and known context), and move a newly complete frame into the
         history."""
         if tokens is None:
-            guided = apply_guidance(logits, 1, self.sampling.guidance_scale)
-            tokens = sample(guided, self.sampling, self.generator)[0]  # [K]
+            tokens = sample_streams(
+                logits, [self.sampling], [self.generator], self.decoder.kernels
+            )[0]  # [K]
         position = self._fed
         known = self._seq[:, position]
         self._seq[:, position] = torch.where(known == -1, tokens, known)

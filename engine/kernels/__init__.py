@@ -33,7 +33,13 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu.cpp")
-_HEADERS = ("simd.h", "attention.h", "int8_gemm.h", "decode_step.h")  # included by cpu.cpp
+_HEADERS = (
+    "simd.h",
+    "attention.h",
+    "int8_gemm.h",
+    "decode_step.h",
+    "sampling.h",
+)  # included by cpu.cpp
 _FLAGS = [
     "-O3",
     "-mavx512f",

@@ -12,6 +12,8 @@
 //   attend_step(_q8/_q4): a decode step's whole self-attention in one call: split the fused
 //                        qkv projection, write the new key/value into a bfloat16, int8 or
 //                        int4 cache, attend.
+//   sample_top_k:        guidance, top-k, temperature, softmax and the draw of N streams' rows
+//                        in one call (sampling.h).
 //   DecodeStepInt8:      a whole decoder step, int8 weights, an int8 (step) or int4 (step_q4)
 //                        cache (decode_step.h).
 //
@@ -30,6 +32,7 @@
 #include <vector>
 
 #include "decode_step.h"
+#include "sampling.h"
 
 namespace {
 
@@ -296,6 +299,45 @@ torch::Tensor attend_step_q4(torch::Tensor qkv, torch::Tensor blocks, torch::Ten
   return out;
 }
 
+// ---- sampling ------------------------------------------------------------------------------------
+
+// logits [R * N, K, V] float32 (R = 2: stream i's conditional row 2i and null row 2i + 1, guided
+// by scales[i]; R = 1: rows already guided), temperatures [N], uniforms [N, K] in [0, 1) ->
+// tokens [N, K] int64, each drawn among the row's k largest (sampling.h).
+torch::Tensor sample_top_k(torch::Tensor logits, int64_t rows_per_stream, torch::Tensor scales,
+                           torch::Tensor temperatures, int64_t k, torch::Tensor uniforms) {
+  TORCH_CHECK(logits.dim() == 3 && logits.scalar_type() == torch::kFloat && logits.is_contiguous(),
+              "sample_top_k: contiguous float32 logits [rows, K, V]");
+  TORCH_CHECK(rows_per_stream == 1 || rows_per_stream == 2, "sample_top_k: 1 or 2 rows per stream");
+  const int64_t N = logits.size(0) / rows_per_stream, K = logits.size(1), V = logits.size(2);
+  TORCH_CHECK(N * rows_per_stream == logits.size(0), "sample_top_k: ", logits.size(0),
+              " rows are not ", rows_per_stream, " per stream");
+  TORCH_CHECK(0 < k && k <= V, "sample_top_k: k = ", k, " outside [1, ", V, "]");
+  for (const auto* t : {&scales, &temperatures})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == N && t->scalar_type() == torch::kFloat && t->is_contiguous(),
+                "sample_top_k: float32 scales and temperatures [", N, "]");
+  TORCH_CHECK(uniforms.dim() == 2 && uniforms.size(0) == N && uniforms.size(1) == K &&
+                  uniforms.scalar_type() == torch::kFloat && uniforms.is_contiguous(),
+              "sample_top_k: float32 uniforms [", N, ", ", K, "]");
+  const float *lp = logits.data_ptr<float>(), *sp = scales.data_ptr<float>();
+  const float *tp = temperatures.data_ptr<float>(), *up = uniforms.data_ptr<float>();
+  for (int64_t i = 0; i < N; ++i)
+    TORCH_CHECK(tp[i] > 0 && sp[i] >= 1, "sample_top_k: stream ", i, " has temperature ", tp[i],
+                " and guidance scale ", sp[i]);
+  auto tokens = torch::empty({N, K}, logits.options().dtype(torch::kLong));
+  int64_t* out = tokens.data_ptr<int64_t>();
+  TopKScratch s;
+  s.fit(V);
+  for (int64_t i = 0; i < N; ++i) {
+    for (int64_t c = 0; c < K; ++c) {
+      const float* cond = lp + (i * rows_per_stream * K + c) * V;
+      const float* uncond = rows_per_stream == 2 ? cond + K * V : nullptr;
+      out[i * K + c] = sample_top_k_row(cond, uncond, V, sp[i], tp[i], k, up[i * K + c], s);
+    }
+  }
+  return tokens;
+}
+
 // ---- int8 weights --------------------------------------------------------------------------------
 
 // A packed weight (engine/linear.py `pack_int8`): bytes [ceil(N / 64), Kp / 4, 256] uint8 and
@@ -505,6 +547,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend_step", &attend_step, nogil, "write a step's keys/values, then attend, per row");
   m.def("attend_step_q8", &attend_step_q8, nogil, "attend_step over an int8 KV cache with scales");
   m.def("attend_step_q4", &attend_step_q4, nogil, "attend_step over an int4 KV cache (blocks)");
+  m.def("sample_top_k", &sample_top_k, nogil, "guidance, top-k, temperature and draws of N streams");
   m.def("linear_int8", &linear_int8, nogil, "y = x w^T, packed int8 weights, activations int8 per row");
   pybind11::class_<DecodeStepInt8>(m, "DecodeStepInt8")
       .def(pybind11::init<std::vector<torch::Tensor>, torch::Tensor,
