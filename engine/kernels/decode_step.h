@@ -109,13 +109,26 @@ inline void cross_head(const float* q, const float* keys, const float* values, c
 // pairs split across threads beyond one station's two rows (each thread's scores at scratch *
 // thread): for one station it is a few microseconds per layer, not worth a sync of the threads
 // (which, in the radio, share the cores with the encoders).
+constexpr int64_t kCrossAhead = 4;  // (row, head) items of cross-attention asked for ahead
+
 inline void cross_attention(const ModelInt8& m, int64_t layer, const CrossInputs& c,
                             const float* q, int64_t B, float* out, float* scores, int64_t scratch) {
   const int64_t E = m.E, H = m.H, D = m.D, S = c.S;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  // Each (row, head) reads two short streams (a few KB each) that the hardware prefetcher would
+  // hardly ramp up on: the items kCrossAhead ahead are asked for (into L2) while one is computed.
+  auto ask = [&](int64_t i) {
+    const int64_t b = i / H, at = ((layer * B + b) * H + i % H) * S * D;
+    for (int64_t line = 0; line < c.lengths[b] * D; line += 16) {
+      prefetch_l2(c.keys + at + line);
+      prefetch_l2(c.values + at + line);
+    }
+  };
   at::parallel_for(0, B * H, 2 * H, [&](int64_t i0, int64_t i1) {
     float* own = scores + at::get_thread_num() * scratch;
+    for (int64_t i = i0; i < std::min(i1, i0 + kCrossAhead); ++i) ask(i);
     for (int64_t i = i0; i < i1; ++i) {
+      if (i + kCrossAhead < i1) ask(i + kCrossAhead);
       const int64_t b = i / H, h = i % H, at = ((layer * B + b) * H + h) * S * D;
       if (c.lengths[b] == 0) {  // all-zero values (a null row): nothing to read
         std::fill(out + b * E + h * D, out + b * E + (h + 1) * D, 0.0f);
