@@ -53,20 +53,21 @@ class CrossKV:
 
     def stacked(self) -> tuple[torch.Tensor, ...]:
         """The inputs of our fused decode step, built once per prompt: (keys, values)
-        [L, B, H, S, D] float32, an additive mask [B, S] (0 or -inf), and how many text
+        [L, B, H, S, D] bfloat16 (a fused decoder's are bfloat16 values from the start:
+        `Decoder.cross_kv`), an additive mask [B, S] (0 or -inf), and how many text
         positions each row reads [B]: its tokens when they come first (padding after them
         weighs nothing), none for a row whose values are all zero (guidance's null rows, an
         empty prompt: their output is exactly zero), else all S."""
         if self._stacked is None:
             mask = self.mask[:, 0, 0].cpu()
             bias = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
-            values = torch.stack(self.values).float().contiguous()
+            values = torch.stack(self.values).to(torch.bfloat16).contiguous()
             tokens = mask.sum(dim=-1)
             prefix = (torch.arange(mask.shape[-1]) < tokens[:, None]) == mask
             lengths = torch.where(prefix.all(dim=-1), tokens, mask.shape[-1])
             zero = values.abs().amax(dim=(0, 2, 3, 4)).cpu() == 0
             self._stacked = (
-                torch.stack(self.keys).float().contiguous(),
+                torch.stack(self.keys).to(torch.bfloat16).contiguous(),
                 values,
                 bias,
                 torch.where(zero, 0, lengths).long(),
@@ -123,6 +124,7 @@ class Decoder:
             self.prefill_layers = [self._layer(layer, prefill_precision()) for layer in dec.layers]
         self.layer_norm_eps = dec.layer_norm.eps
         self._fused = self._fused_step()
+        self._cross_bf16 = self._fused is not None  # cross_kv: both paths read what it reads
 
     def _fused_step(self):
         """Our one-call decode step (`engine/kernels/decode_step.h`) where it applies: int8
@@ -232,17 +234,21 @@ class Decoder:
         )
 
     def cross_kv(self, text_states: torch.Tensor, text_mask: torch.Tensor) -> CrossKV:
-        """text_states: [B, S, E] projected and masked; text_mask: [B, S] bool."""
+        """text_states: [B, S, E] projected and masked; text_mask: [B, S] bool.
+
+        For our fused step the keys and values are rounded to bfloat16 (half the bytes it reads
+        per step; a few text tokens per station, a step reads them all: ~8 MB a station for a
+        40-token prompt, as much as 150 positions of its int4 cache), and the op-by-op path
+        reads the same rounded values."""
         b, s, _ = text_states.shape
         split = (b, s, self.heads, self.head_dim)
-        keys = [
-            self._attn(F.linear(text_states, w.k_cross).view(split).transpose(1, 2))
-            for w in self.layers
-        ]
-        values = [
-            self._attn(F.linear(text_states, w.v_cross).view(split).transpose(1, 2))
-            for w in self.layers
-        ]
+
+        def heads(w: torch.Tensor) -> torch.Tensor:
+            x = F.linear(text_states, w).view(split).transpose(1, 2)
+            return self._attn(x.to(torch.bfloat16) if self._cross_bf16 else x)
+
+        keys = [heads(w.k_cross) for w in self.layers]
+        values = [heads(w.v_cross) for w in self.layers]
         return CrossKV(keys, values, text_mask[:, None, None, :])
 
     def _embed(

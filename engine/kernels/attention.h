@@ -1,5 +1,6 @@
 // One (row, head) of a decode step's self-attention: the query against positions [0, T) of a
-// bfloat16 or int8 KV cache, softmax, weighted sum of values. The head size is NC * 16 floats,
+// bfloat16 or int8 KV cache, softmax, weighted sum of values (the bfloat16 one also serves
+// cross-attention, with an additive bias [T]: 0, or -inf for padding). The head size is NC * 16 floats,
 // held in registers; scores are float32 scratch of at least T + 16 floats.
 #pragma once
 
@@ -18,7 +19,7 @@ constexpr int64_t kAttendPrefetch = 4096;
 
 template <int NC>
 void attend(const float* q, const uint16_t* k, const uint16_t* v, int64_t T, float scale,
-            float* scores, float* out) {
+            float* scores, float* out, const float* bias = nullptr) {
   constexpr int64_t D = NC * 16;
   __m512 qv[NC];
   for (int c = 0; c < NC; ++c) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(q + 16 * c), _mm512_set1_ps(scale));
@@ -30,7 +31,8 @@ void attend(const float* q, const uint16_t* k, const uint16_t* v, int64_t T, flo
       a[j] = _mm512_mul_ps(qv[0], load_bf16(k + j * D));
       for (int c = 1; c < NC; ++c) a[j] = _mm512_fmadd_ps(qv[c], load_bf16(k + j * D + 16 * c), a[j]);
     }
-    const __m512 sums = hsum16(a);
+    __m512 sums = hsum16(a);
+    if (bias) sums = _mm512_add_ps(sums, _mm512_loadu_ps(bias + t0));
     _mm512_storeu_ps(scores + t0, sums);
     vmax = _mm512_max_ps(vmax, sums);
   }
@@ -38,7 +40,7 @@ void attend(const float* q, const uint16_t* k, const uint16_t* v, int64_t T, flo
   for (int64_t t = t0; t < T; ++t, k += D) {
     __m512 a = _mm512_mul_ps(qv[0], load_bf16(k));
     for (int c = 1; c < NC; ++c) a = _mm512_fmadd_ps(qv[c], load_bf16(k + 16 * c), a);
-    const float score = _mm512_reduce_add_ps(a);
+    const float score = _mm512_reduce_add_ps(a) + (bias ? bias[t] : 0.0f);
     scores[t] = score;
     best = score > best ? score : best;
   }

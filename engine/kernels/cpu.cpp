@@ -424,7 +424,7 @@ class DecodeStepInt8 {
 
   // ids [B, K] int64 at positions [B]; an int8 cache: keys/values [L, B, H, P, D] int8 and
   // their scales [L, B, H, P] float32 (row views of a bigger cache are fine); cross-attention
-  // keys/values [L, B, H, S, D] float32, bias [B, S] float32 and the text positions each row
+  // keys/values [L, B, H, S, D] bfloat16, bias [B, S] float32 and the text positions each row
   // reads [B] int64 (`CrossKV.stacked`). Returns logits [B, K * V].
   torch::Tensor step(torch::Tensor ids, torch::Tensor positions, torch::Tensor keys,
                      torch::Tensor key_scales, torch::Tensor values, torch::Tensor value_scales,
@@ -496,8 +496,9 @@ class DecodeStepInt8 {
                     cross_keys.size(0) == m_.L && cross_keys.size(1) == B &&
                     cross_keys.size(2) == m_.H && cross_keys.size(4) == m_.D &&
                     cross_keys.is_contiguous() && cross_values.is_contiguous() &&
-                    cross_keys.scalar_type() == torch::kFloat && cross_values.scalar_type() == torch::kFloat,
-                fn, ": contiguous float32 cross keys/values [L, B, H, S, D]");
+                    cross_keys.scalar_type() == torch::kBFloat16 &&
+                    cross_values.scalar_type() == torch::kBFloat16,
+                fn, ": contiguous bfloat16 cross keys/values [L, B, H, S, D]");
     const int64_t S = cross_keys.size(3);
     TORCH_CHECK(cross_bias.dim() == 2 && cross_bias.size(0) == B && cross_bias.size(1) == S &&
                     cross_bias.is_contiguous() && cross_bias.scalar_type() == torch::kFloat,
@@ -509,7 +510,8 @@ class DecodeStepInt8 {
     for (int64_t b = 0; b < B; ++b)
       TORCH_CHECK(lengths[b] >= 0 && lengths[b] <= S, fn, ": row ", b, " reads ",
                   lengths[b], " text positions of ", S);
-    const CrossInputs cross{cross_keys.data_ptr<float>(), cross_values.data_ptr<float>(),
+    const CrossInputs cross{static_cast<const uint16_t*>(cross_keys.data_ptr()),
+                            static_cast<const uint16_t*>(cross_values.data_ptr()),
                             cross_bias.data_ptr<float>(), lengths, S};
     auto logits = torch::empty({B, m_.heads.N}, ids.options().dtype(torch::kFloat));
     decode_step_int8(m_, ip, pp, B, cache, cross, scratch_, logits.data_ptr<float>());

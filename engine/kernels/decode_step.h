@@ -52,8 +52,8 @@ struct CacheQ {
   int bits;  // 8 or 4
 };
 
-struct CrossInputs {  // cross-attention keys/values [L][B][H][S][D] float32, contiguous
-  const float *keys, *values;
+struct CrossInputs {  // cross-attention keys/values [L][B][H][S][D] bfloat16, contiguous
+  const uint16_t *keys, *values;
   const float* bias;  // [B][S]: 0 where a text token is, -inf where the row has padding
   const int64_t* lengths;  // [B]: the positions [0, length) a row reads (0: its output is zero)
   int64_t S;
@@ -80,31 +80,6 @@ inline void project(const PackedInt8& w, const float* in, int64_t K, int64_t B, 
   gemm_int8<OUT>(w, QuantRows{s.q.data(), w.Kp, s.qscale.data(), s.qcomp.data()}, B, out, ldy);
 }
 
-// One (row, head) of cross-attention: the query against S text positions (float32 keys and
-// values [S][D], bias [S]: 0 or -inf for padding), softmax, weighted sum of values.
-template <int NC>
-inline void cross_head(const float* q, const float* keys, const float* values, const float* bias,
-                       int64_t S, float scale, float* scores, float* out) {
-  constexpr int64_t D = NC * 16;
-  __m512 qv[NC];
-  for (int c = 0; c < NC; ++c) qv[c] = _mm512_mul_ps(_mm512_loadu_ps(q + 16 * c), _mm512_set1_ps(scale));
-  float best = -INFINITY;
-  for (int64_t t = 0; t < S; ++t) {
-    __m512 a = _mm512_mul_ps(qv[0], _mm512_loadu_ps(keys + t * D));
-    for (int c = 1; c < NC; ++c) a = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(keys + t * D + 16 * c), a);
-    scores[t] = _mm512_reduce_add_ps(a) + bias[t];
-    best = std::max(best, scores[t]);
-  }
-  const __m512 inv = _mm512_set1_ps(softmax_weights(scores, S, best, nullptr));
-  __m512 o[NC];
-  for (int c = 0; c < NC; ++c) o[c] = _mm512_setzero_ps();
-  for (int64_t t = 0; t < S; ++t) {
-    const __m512 p = _mm512_set1_ps(scores[t]);
-    for (int c = 0; c < NC; ++c) o[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(values + t * D + 16 * c), o[c]);
-  }
-  for (int c = 0; c < NC; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(o[c], inv));
-}
-
 // Cross-attention of B query rows q [B][E] over S text positions -> out [B][E], (row, head)
 // pairs split across threads beyond one station's two rows (each thread's scores at scratch *
 // thread): for one station it is a few microseconds per layer, not worth a sync of the threads
@@ -119,7 +94,7 @@ inline void cross_attention(const ModelInt8& m, int64_t layer, const CrossInputs
   // hardly ramp up on: the items kCrossAhead ahead are asked for (into L2) while one is computed.
   auto ask = [&](int64_t i) {
     const int64_t b = i / H, at = ((layer * B + b) * H + i % H) * S * D;
-    for (int64_t line = 0; line < c.lengths[b] * D; line += 16) {
+    for (int64_t line = 0; line < c.lengths[b] * D; line += 32) {  // 64-byte lines
       prefetch_l2(c.keys + at + line);
       prefetch_l2(c.values + at + line);
     }
@@ -135,8 +110,8 @@ inline void cross_attention(const ModelInt8& m, int64_t layer, const CrossInputs
         continue;
       }
       with_head_chunks(D, [&](auto nc) {
-        cross_head<nc>(q + b * E + h * D, c.keys + at, c.values + at, c.bias + b * S,
-                       c.lengths[b], scale, own, out + b * E + h * D);
+        attend<nc>(q + b * E + h * D, c.keys + at, c.values + at, c.lengths[b], scale, own,
+                   out + b * E + h * D, c.bias + b * S);
       });
     }
   });
