@@ -105,39 +105,35 @@ def sample_streams(
     generator gives its uniforms).
 
     With our CPU `kernels` (a decoder's `kernels`), top-k streams without top-p are drawn by one
-    kernel call (`sample_top_k`: guidance, top-k, temperature, softmax and the draws, ~10 us per
-    row): after a decode step has streamed the weights through the caches, each PyTorch op
+    kernel call per k (`sample_top_k`: guidance, top-k, temperature, softmax and the draws, ~4 us
+    per row): after a decode step has streamed the weights through the caches, each PyTorch op
     costs ~0.1 ms of cold dispatch, and the same maths in PyTorch is a dozen of them per stream.
     Its candidates go in token order, PyTorch's top-k in its own: the same distribution, other
     draws from the same uniforms, so a decoder samples one way, alone and batched alike."""
     rows = logits.shape[0] // len(options)
-    vocab = logits.shape[-1]
     tokens: list[torch.Tensor | None] = [None] * len(options)
-    fast = [i for i, o in enumerate(options) if _on_kernels(o, vocab)] if kernels else []
-    ks = {options[i].top_k for i in fast}
-    if fast and len(ks) == 1 and logits.device.type == "cpu":
-        picked = (
-            logits
-            if len(fast) == len(options)
-            else logits.unflatten(0, (-1, rows))[fast].flatten(0, 1)
-        )
+    fast = []  # the streams the kernel draws for, by k (one call per k)
+    if kernels is not None and logits.device.type == "cpu":
+        fast = [i for i, o in enumerate(options) if _on_kernels(o, logits.shape[-1])]
+    for k in sorted({options[i].top_k for i in fast}):
+        group = [i for i in fast if options[i].top_k == k]
+        picked = logits
+        if len(group) < len(options):
+            picked = logits.unflatten(0, (-1, rows))[group].flatten(0, 1)
         drawn = kernels.sample_top_k(
             picked.float().contiguous(),
             rows,
-            torch.tensor([options[i].guidance_scale for i in fast]),
-            torch.tensor([options[i].temperature for i in fast]),
-            ks.pop(),
-            torch.stack([torch.rand(logits.shape[1], generator=generators[i]) for i in fast]),
+            torch.tensor([options[i].guidance_scale for i in group]),
+            torch.tensor([options[i].temperature for i in group]),
+            k,
+            torch.stack([torch.rand(logits.shape[1], generator=generators[i]) for i in group]),
         )
-        for i, row in zip(fast, drawn, strict=True):
+        for i, row in zip(group, drawn, strict=True):
             tokens[i] = row
-    else:
-        fast = []
     rest = [i for i in range(len(options)) if i not in fast]
     if rest:
-        for i, row in zip(
-            rest, _sample_with_torch(logits, rows, options, generators, rest), strict=True
-        ):
+        drawn = _sample_with_torch(logits, rows, options, generators, rest)
+        for i, row in zip(rest, drawn, strict=True):
             tokens[i] = row
     return torch.stack(tokens)
 

@@ -103,16 +103,17 @@ def test_sample_top_k_kernel_refuses_bad_input(k):
 
 
 def test_sample_streams_alone_equals_batched_on_the_kernel(k):
-    """A stream's draws do not depend on the streams sampled with it: on the kernel (top-k),
-    on PyTorch (top-p), greedy, guidance off with and without its null row."""
+    """A stream's draws do not depend on the streams sampled with it: on the kernel (top-k, two
+    values of k), on PyTorch (top-p), greedy, guidance off with and without its null row."""
     torch.manual_seed(6)
     options = [
         SamplingOptions(seed=1),
         SamplingOptions(seed=2, top_p=0.9),
         SamplingOptions(seed=3, greedy=True),
         SamplingOptions(seed=4, guidance_scale=1.0, temperature=1.3),
+        SamplingOptions(seed=5, top_k=40),  # another k: its own kernel call
     ]
-    logits = torch.randn(8, 4, 2048)
+    logits = torch.randn(10, 4, 2048)
 
     def generators():
         return [torch.Generator().manual_seed(o.seed) for o in options]
@@ -124,5 +125,5 @@ def test_sample_streams_alone_equals_batched_on_the_kernel(k):
     ]
     assert torch.equal(batched, torch.stack(alone))
     # guidance off alone runs one row: the conditional row's draws
-    (g,) = generators()[3:]
-    assert torch.equal(sample_streams(logits[6:7], options[3:], [g], k)[0], batched[3])
+    g = generators()[3]
+    assert torch.equal(sample_streams(logits[6:7], options[3:4], [g], k)[0], batched[3])
