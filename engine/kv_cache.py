@@ -5,9 +5,10 @@ in place. `length` is how many positions hold valid keys/values; a window restar
 zero and the re-prefill overwrites the buffer from the start.
 
 Two quantized caches are read only by our CPU kernels (`engine.kernels`); each key and value
-vector (one position of one head) has its own float32 scale:
+vector (one position of one head) has its own scale:
 
-- int8: `x ~ scale * q`, `scale = max|x| / 127`, int8 [L, B, H, P, D]: a quarter of float32's bytes.
+- int8: `x ~ scale * q`, `scale = max|x| / 127` (float32 [L, B, H, P]), int8 [L, B, H, P, D]: a
+  quarter of float32's bytes.
 - int4 (heads of 64): `x ~ scale * (u - 8)`, `u = round(x / scale) + 8` in [1, 15],
   `scale = max|x| / 7` in bfloat16, two per byte, byte r holding dims r and r + 32: 32 bytes per
   vector. A head's positions go by blocks of 16, one 1088-byte record each, uint8

@@ -14,16 +14,6 @@ import torch
 from engine.options import SamplingOptions
 
 
-def apply_guidance(logits: torch.Tensor, rows: int, scale: float) -> torch.Tensor:
-    """logits: [2N, K, V] (conditional rows first) or [N, K, V] -> guided [N, K, V]."""
-    if logits.shape[0] == rows:
-        return logits
-    if scale == 1.0:  # guidance off on a batch that keeps its null rows: exactly the conditional
-        return logits[:rows]
-    cond, uncond = logits[:rows], logits[rows:]
-    return uncond + (cond - uncond) * scale
-
-
 def logits_to_probs(logits: torch.Tensor, options: SamplingOptions) -> torch.Tensor:
     """logits: [..., V] float32 -> probabilities [..., V] after temperature, top-k and top-p."""
     logits = logits / options.temperature
@@ -100,7 +90,8 @@ def sample_streams(
     kernels=None,
 ) -> torch.Tensor:
     """Streams' step, logits [R * N, K, V] (R = 2: stream i's conditional row 2i and null row
-    2i + 1; R = 1: no null rows) -> tokens [N, K]: what `apply_guidance` and `sample` give each
+    2i + 1; R = 1: no null rows) -> tokens [N, K]: guidance (`uncond + (cond - uncond) * scale`,
+    as `transformers`' ClassifierFreeGuidanceLogitsProcessor), then what `sample` gives each
     stream alone, draw for draw, whether it is sampled alone or batched (each stream's own
     generator gives its uniforms).
 

@@ -80,12 +80,12 @@ inline void project(const PackedInt8& w, const float* in, int64_t K, int64_t B, 
   gemm_int8<OUT>(w, QuantRows{s.q.data(), w.Kp, s.qscale.data(), s.qcomp.data()}, B, out, ldy);
 }
 
+constexpr int64_t kCrossAhead = 4;  // (row, head) items of cross-attention asked for ahead
+
 // Cross-attention of B query rows q [B][E] over S text positions -> out [B][E], (row, head)
 // pairs split across threads beyond one station's two rows (each thread's scores at scratch *
 // thread): for one station it is a few microseconds per layer, not worth a sync of the threads
 // (which, in the radio, share the cores with the encoders).
-constexpr int64_t kCrossAhead = 4;  // (row, head) items of cross-attention asked for ahead
-
 inline void cross_attention(const ModelInt8& m, int64_t layer, const CrossInputs& c,
                             const float* q, int64_t B, float* out, float* scores, int64_t scratch) {
   const int64_t E = m.E, H = m.H, D = m.D, S = c.S;
