@@ -124,7 +124,9 @@ class Decoder:
             self.prefill_layers = [self._layer(layer, prefill_precision()) for layer in dec.layers]
         self.layer_norm_eps = dec.layer_norm.eps
         self._fused = self._fused_step()
-        self._cross_bf16 = self._fused is not None  # cross_kv: both paths read what it reads
+        # cross_kv rounds to bfloat16 for the fused step; fixed here, so that the op-by-op path
+        # (tests switch `_fused` off to compare) reads the same values
+        self._cross_bf16 = self._fused is not None
 
     def _fused_step(self):
         """Our one-call decode step (`engine/kernels/decode_step.h`) where it applies: int8

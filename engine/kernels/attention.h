@@ -196,28 +196,24 @@ inline int64_t q4_value_offset(int64_t l, int64_t r) {
   return kQ4Values + (l / 4 * 2 + r / 16) * 64 + r % 16 * 4 + l % 4;
 }
 
-inline __m512 load_bf16x16(const uint8_t* p) {
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+// The bytes of a head's first T positions (whole blocks).
+inline int64_t q4_bytes(int64_t T) { return (T + kQ4Block - 1) / kQ4Block * kQ4BlockBytes; }
+
+// A block's 16 key or value scales (bfloat16 at byte offset `at`) as floats.
+inline __m512 q4_scales(const uint8_t* blk, int64_t at) {
+  return load_bf16(reinterpret_cast<const uint16_t*>(blk + at));
 }
 
 // Attend the query q [64] to positions [0, T) of a head's blocks. `next`: the blocks this
 // thread reads after these (or nullptr), whose first lines are asked for as this head ends.
 inline void attend_q4(const float* q, const uint8_t* head, int64_t T, float scale, float* out,
                       const uint8_t* next) {
-  const int64_t blocks = (T + kQ4Block - 1) / kQ4Block, used = blocks * kQ4BlockBytes;
+  const int64_t blocks = (T + kQ4Block - 1) / kQ4Block, used = q4_bytes(T);
   // the query as int8 (nearest even); each group of 4 dims broadcast to every lane
-  __m512 m = _mm512_setzero_ps();
-  for (int c = 0; c < 64; c += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(q + c)));
-  const float qmax = _mm512_reduce_max_ps(m);
-  const float qs = qmax > 0 ? qmax / 127.0f : 1.0f;
   alignas(64) int8_t q8[64];
+  const float qs = quantize_vector(q, q8, kQ4Head);
   int32_t qsum = 0;
-  for (int c = 0; c < 64; c += 16) {
-    const __m512i i = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(q + c), _mm512_set1_ps(1.0f / qs)));
-    _mm_store_si128(reinterpret_cast<__m128i*>(q8 + c), _mm512_cvtsepi32_epi8(i));
-    qsum += _mm512_reduce_add_epi32(i);
-  }
+  for (const int8_t x : q8) qsum += x;
   __m512i qlo[8], qhi[8];
   for (int j = 0; j < 8; ++j) {
     int32_t lo, hi;
@@ -256,7 +252,7 @@ inline void attend_q4(const float* q, const uint8_t* head, int64_t T, float scal
       }
       const __m512i dots = _mm512_add_epi32(_mm512_add_epi32(acc[0], acc[1]), _mm512_add_epi32(acc[2], acc[3]));
       s[i] = _mm512_mul_ps(
-          _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(dots), offset), load_bf16x16(blk + kQ4KeyScales)),
+          _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(dots), offset), q4_scales(blk, kQ4KeyScales)),
           kscale);
       top = _mm512_mask_max_ps(top, mask[i], top, s[i]);
     }
@@ -271,7 +267,7 @@ inline void attend_q4(const float* q, const uint8_t* head, int64_t T, float scal
     for (int i = 0; i < count; ++i) {
       const __m512 e = _mm512_maskz_mov_ps(mask[i], exp_ps(_mm512_sub_ps(s[i], _mm512_set1_ps(best))));
       total = _mm512_add_ps(total, e);
-      w[i] = _mm512_maskz_mul_ps(mask[i], e, load_bf16x16(head + (n0 + i) * kQ4BlockBytes + kQ4ValueScales));
+      w[i] = _mm512_maskz_mul_ps(mask[i], e, q4_scales(head + (n0 + i) * kQ4BlockBytes, kQ4ValueScales));
       wtop = _mm512_max_ps(wtop, w[i]);
     }
     const float wmax = _mm512_reduce_max_ps(wtop);
@@ -304,8 +300,7 @@ inline void attend_q4(const float* q, const uint8_t* head, int64_t T, float scal
 
 // The first lines of the first head a thread attends (each head asks for the next one's).
 inline void prefetch_q4_start(const uint8_t* head, int64_t T) {
-  const int64_t used = (T + kQ4Block - 1) / kQ4Block * kQ4BlockBytes;
-  for (int64_t line = 0; line < kAttendPrefetch && line < used; line += 64) prefetch(head + line);
+  for (int64_t line = 0; line < kAttendPrefetch && line < q4_bytes(T); line += 64) prefetch(head + line);
 }
 
 // Row b's head h of a decode step over an int4 cache (`head`: its blocks): quantize the step's

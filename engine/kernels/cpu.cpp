@@ -260,15 +260,18 @@ torch::Tensor attend_step_q8(torch::Tensor qkv, torch::Tensor keys, torch::Tenso
 
 // ---- int4 KV cache (attention.h) -----------------------------------------------------------------
 
-// A layer's int4 cache: blocks [B, H, P / 16, 1088] uint8, each head's blocks contiguous.
-// Returns the shape with D = 64 and P the slots (16 per block).
-CacheShape check_cache_q4(const char* fn, const torch::Tensor& blocks) {
-  TORCH_CHECK(blocks.dim() == 4 && blocks.size(3) == kQ4BlockBytes && blocks.scalar_type() == torch::kByte,
-              fn, ": an int4 cache is uint8 blocks [B, H, P / 16, ", kQ4BlockBytes, "], got ",
-              blocks.scalar_type(), " ", blocks.sizes());
-  TORCH_CHECK(blocks.stride(3) == 1 && blocks.stride(2) == kQ4BlockBytes, fn,
+// An int4 cache: blocks [..., B, H, P / 16, 1088] uint8 after `first` leading dims (a layer's:
+// none; the whole cache's: the layer), each head's blocks contiguous. Returns the shape with
+// D = 64 and P the slots (16 per block).
+CacheShape check_cache_q4(const char* fn, const torch::Tensor& blocks, int64_t first = 0) {
+  TORCH_CHECK(blocks.dim() == first + 4 && blocks.size(first + 3) == kQ4BlockBytes &&
+                  blocks.scalar_type() == torch::kByte,
+              fn, ": an int4 cache is uint8 blocks [", first ? "L, " : "", "B, H, P / 16, ",
+              kQ4BlockBytes, "], got ", blocks.scalar_type(), " ", blocks.sizes());
+  TORCH_CHECK(blocks.stride(first + 3) == 1 && blocks.stride(first + 2) == kQ4BlockBytes, fn,
               ": each head's blocks contiguous");
-  return CacheShape{blocks.size(0), blocks.size(1), blocks.size(2) * kQ4Block, kQ4Head};
+  return CacheShape{blocks.size(first), blocks.size(first + 1), blocks.size(first + 2) * kQ4Block,
+                    kQ4Head};
 }
 
 // attend_step over an int4 cache.
@@ -460,11 +463,10 @@ class DecodeStepInt8 {
     TORCH_CHECK(m_.D == kQ4Head, "DecodeStepInt8.step_q4: an int4 cache holds heads of ", kQ4Head,
                 ", this model's are ", m_.D);
     const int64_t B = rows("DecodeStepInt8.step_q4", ids);
-    TORCH_CHECK(blocks.dim() == 5 && blocks.size(0) == m_.L && blocks.size(1) == B &&
-                    blocks.size(2) == m_.H,
+    const CacheShape c = check_cache_q4("DecodeStepInt8.step_q4", blocks, 1);
+    TORCH_CHECK(blocks.size(0) == m_.L && c.B == B && c.H == m_.H,
                 "DecodeStepInt8.step_q4: blocks [", m_.L, ", ", B, ", ", m_.H,
                 ", P / 16, ", kQ4BlockBytes, "], got ", blocks.sizes());
-    const CacheShape c = check_cache_q4("DecodeStepInt8.step_q4", blocks[0]);
     const CacheQ cache{blocks.data_ptr<uint8_t>(), nullptr, nullptr, nullptr,
                        blocks.stride(0), blocks.stride(1), blocks.stride(2), 0, 0, 0, c.P, 4};
     return run("DecodeStepInt8.step_q4", ids, positions, cache, cross_keys, cross_values, cross_bias,

@@ -1,6 +1,6 @@
 // Top-k sampling of one (stream, codebook) row on the calling thread: guidance, the k largest
-// logits, temperature, softmax and an inverse-CDF draw from a given uniform, in one pass over
-// the vocabulary's few kilobytes. The same maths as engine/sampling.py's top-k path (logits /
+// logits, temperature, softmax and an inverse-CDF draw from a given uniform, over the
+// vocabulary's few kilobytes in L1. The same maths as engine/sampling.py's top-k path (logits /
 // temperature, then softmax over the survivors); after a decode step has streamed hundreds of
 // megabytes through the caches, each PyTorch op of that path costs ~0.1 ms of cold dispatch,
 // and a step samples with a dozen of them per stream.
