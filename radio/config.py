@@ -22,11 +22,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.blend import Blend
 from engine.options import LoadOptions, SamplingOptions, WindowOptions
+from radio.programme.options import (
+    Days,
+    SlotConfig,
+    check_overlaps,
+    check_station,
+    parse_rate_limit,
+)
 
 ADMIN_TOKEN_ENV = "RADIO_ADMIN_TOKEN"
 _STATION_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-_RATE_LIMIT = re.compile(r"^\s*(\d+)\s*per\s*(\d+(?:\.\d+)?)\s*s(?:ec(?:onds?)?)?\s*$")
 
 
 class ConfigError(ValueError):
@@ -62,9 +69,7 @@ class ModelConfig:
     dtype: str = "auto"  # "auto", "float32", "bfloat16" or "float16"
     quantize: str = "auto"  # "auto" (int8 on CPU, none on GPU), "none" or "int8"
     compile: str = "auto"  # "auto" (CUDA graphs on GPU, none on CPU), "none", "compile" or "graphs"
-    kv_cache: str = (
-        "auto"  # "auto" (int8 / bfloat16 with our CPU kernels), "float32", "bfloat16", "int8", "int4"
-    )
+    kv_cache: str = "auto"  # "auto" (int8 / bfloat16 with our CPU kernels), "float32", "bfloat16", "int8", "int4"
 
     def validate(self) -> None:
         if not self.id:
@@ -204,12 +209,7 @@ class SecurityConfig:
 
     def rate_limit(self) -> tuple[int, float]:
         """(count, seconds) from "N per S s"."""
-        m = _RATE_LIMIT.match(self.prompt_rate_limit)
-        if not m or float(m.group(2)) <= 0:
-            raise ValueError(
-                f"prompt_rate_limit: must look like '3 per 60 s', got {self.prompt_rate_limit!r}"
-            )
-        return int(m.group(1)), float(m.group(2))
+        return parse_rate_limit(self.prompt_rate_limit, "prompt_rate_limit")
 
 
 @dataclass(frozen=True)
@@ -236,15 +236,38 @@ class StationConfig:
     name: str = "Endless Radio"  # shown to listeners (icy-name)
     description: str = "Music that never ends, written live by MusicGen"  # icy-description
     genre: str = "Various"  # icy-genre
-    prompt: str = "calm lofi beat with piano"  # the prompt the station starts with
+    # what the station plays outside its schedule's slots: a text, or a blend
+    # [{text, weight}, ...] (TOML and JSON); a text stays a str here, a blend is a `Blend`
+    prompt: str | Blend = "calm lofi beat with piano"
     icecast: IcecastConfig | None = None  # [stations.icecast]: push to an Icecast2 server
+    transition_seconds: float = 0.0  # glide from one prompt to the next over this long; 0 = switch
+    timezone: str = "UTC"  # IANA time zone the schedule's days and times are in
+    schedule: tuple[SlotConfig, ...] = ()  # [[stations.schedule]] day-parts; none = always `prompt`
+    listener_prompts: str = (
+        "now"  # a listener's prompt: "now" plays it, "queue" = a suggestion, "off"
+    )
+    listener_hold_minutes: float = 10.0  # a suggestion taken from the queue plays this long
+    skip_threshold: float = 0.5  # a skip needs votes from this share of the listeners; 0 = no skips
+    skip_minimum: int = 2  # ... and from at least this many addresses
+    suggestion_rate_limit: str = "2 per 600 s"  # suggestions per client address
+    vote_rate_limit: str = "30 per 60 s"  # upvotes and skip votes per client address
+    max_suggestions: int = 20  # suggestions waiting in the queue at most
+    suggestion_minutes: float = 120.0  # a suggestion not played within this long leaves the queue
 
     def validate(self) -> None:
         if not _STATION_ID.match(self.id):
             raise ValueError(f"id: must be 1-32 of a-z, 0-9, _ and - , got {self.id!r}")
-        for key in ("name", "description", "genre", "prompt"):
+        for key in ("name", "description", "genre"):
             if any(ord(c) < 32 for c in getattr(self, key)):
                 raise ValueError(f"{key}: must not contain control characters")
+        if isinstance(self.prompt, str):
+            Blend.parse(self.prompt, "prompt")
+        check_station(self)
+
+    @property
+    def blend(self) -> Blend:
+        """`prompt` as a blend (a text is the blend of one)."""
+        return self.prompt if isinstance(self.prompt, Blend) else Blend.parse(self.prompt)
 
 
 @dataclass(frozen=True)
@@ -302,6 +325,59 @@ def with_overrides(config: Config, **sections: dict[str, Any]) -> Config:
     return dataclasses.replace(config, **changed)
 
 
+# the station keys the admin may change live (`with_programme`); kept in the state file
+PROGRAMME_KEYS = (
+    "timezone",
+    "transition_seconds",
+    "schedule",
+    "listener_prompts",
+    "listener_hold_minutes",
+    "skip_threshold",
+    "skip_minimum",
+)
+
+
+def with_programme(station: StationConfig, data: dict[str, Any], where: str = "") -> StationConfig:
+    """`station` with some of its `PROGRAMME_KEYS` replaced from a JSON/TOML-shaped dict (the
+    admin API, the state file), checked exactly like `config.toml`; ConfigError names the key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'programme'}: must be an object")
+    hints = typing.get_type_hints(StationConfig)
+    values = {}
+    for key, value in data.items():
+        if key not in PROGRAMME_KEYS:
+            raise ConfigError(
+                f"{_join(where, key)}: not a programme key (known: {', '.join(PROGRAMME_KEYS)})"
+            )
+        values[key] = _convert(hints[key], value, _join(where, key))
+    new = dataclasses.replace(station, **values)
+    _validate(new, where)
+    try:
+        check_overlaps(new.schedule, where)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return new
+
+
+def programme_settings(station: StationConfig) -> dict[str, Any]:
+    """The station's `PROGRAMME_KEYS` in the JSON/TOML shape `with_programme` reads back."""
+    out: dict[str, Any] = {k: getattr(station, k) for k in PROGRAMME_KEYS if k != "schedule"}
+    out["schedule"] = [
+        {
+            "name": slot.name,
+            "days": slot.days.label(),
+            "start": slot.start,
+            "end": slot.end,
+            "prompts": [b.to_value() for b in slot.prompts],
+            "rotate_minutes": slot.rotate_minutes,
+            "order": slot.order,
+            "transition_seconds": slot.transition_seconds,
+        }
+        for slot in station.schedule
+    ]
+    return out
+
+
 def _check_stations(stations: tuple[StationConfig, ...]) -> None:
     if not stations:
         raise ConfigError("stations: at least one [[stations]] is needed")
@@ -310,6 +386,10 @@ def _check_stations(stations: tuple[StationConfig, ...]) -> None:
         if s.id in seen:
             raise ConfigError(f"stations[{i}].id: {s.id!r} is used twice")
         seen.add(s.id)
+        try:
+            check_overlaps(s.schedule, f"stations[{i}]")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def _build(cls: type, table: Any, where: str) -> Any:
@@ -333,6 +413,11 @@ def _build(cls: type, table: Any, where: str) -> Any:
 
 def _convert(hint: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
+    if hint in _VALUE_TYPES:  # a value with its own shape and parser (a blend, days)
+        try:
+            return _VALUE_TYPES[hint](value, where)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if origin is tuple:  # tuple[X, ...]: an array of tables such as [[stations]]
         (item,) = [a for a in typing.get_args(hint) if a is not Ellipsis]
         if not isinstance(value, list):
@@ -340,7 +425,9 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
         return tuple(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):  # X | None: an optional sub-table
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _convert(args[0], value, where)
+        if str in args and isinstance(value, str):  # `str | Blend`: a text stays a text
+            return value
+        return _convert([a for a in args if a is not str][0], value, where)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
@@ -352,6 +439,9 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     if not isinstance(value, hint):
         raise ConfigError(f"{where}: must be a {hint.__name__}, got {value!r}")
     return value
+
+
+_VALUE_TYPES = {Blend: Blend.parse, Days: Days.parse}
 
 
 def _validate(obj: Any, where: str) -> None:
