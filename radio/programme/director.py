@@ -50,84 +50,26 @@ import math
 import time
 import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from engine.blend import Blend
 from radio.config import ConfigError, StationConfig, programme_settings, with_programme
+from radio.programme.changes import (
+    Change,
+    Overlay,
+    Upcoming,
+    anchor_from_json,
+    number,
+    overlay_from_json,
+    resumed_from_json,
+)
 from radio.programme.options import SlotConfig
 from radio.programme.rotation import Anchor, item_index
 from radio.programme.schedule import NO_SLOT, Schedule, Segment
 from radio.programme.votes import Refused, SkipTally, Suggestion, VoteBox, VoteRules
 
-SOURCES = ("config", "schedule", "rotation", "listener", "vote", "admin", "clip")
 STATE_FORMAT = 1  # the shape of to_state(); a newer one is refused by from_state
 _LOOKAHEAD = 64  # schedule events examined when looking for the next audible change
-
-
-@dataclass(frozen=True)
-class Change:
-    """Play `blend` from `at` on, because of `source`."""
-
-    blend: Blend
-    source: str  # one of SOURCES
-    at: float  # when it is due, Unix seconds (a boundary may already be a little past)
-    transition_seconds: float  # glide from the blend before over this long; 0 = switch
-    reason: str  # for people: "slot 'lunch' starts", "rotation: prompt 2 of 3", ...
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "blend": self.blend.to_json(),
-            "text": self.blend.describe(),
-            "dominant": self.blend.dominant,
-            "source": self.source,
-            "at": self.at,
-            "transition_seconds": self.transition_seconds,
-            "reason": self.reason,
-        }
-
-    @classmethod
-    def from_json(cls, data: Any, where: str) -> Change:
-        if not isinstance(data, Mapping):
-            raise ValueError(f"{where}: expected an object")
-        source = data.get("source")
-        if source not in SOURCES:
-            raise ValueError(f"{where}.source: expected one of {SOURCES}, got {source!r}")
-        return cls(
-            Blend.parse(data.get("blend"), f"{where}.blend"),
-            source,
-            _number(data.get("at"), f"{where}.at"),
-            _number(data.get("transition_seconds"), f"{where}.transition_seconds"),
-            str(data.get("reason", "")),
-        )
-
-
-@dataclass(frozen=True)
-class Upcoming:
-    """The next audible change: when, what (None: the queue's winner, unknown yet), and why."""
-
-    at: float  # Unix seconds
-    why: str  # "slot" (a slot boundary), "rotation" (a tick), "queue", "hold_end", "pin_end", ...
-    blend: Blend | None
-    source: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "at": self.at,
-            "why": self.why,
-            "blend": None if self.blend is None else self.blend.to_json(),
-            "text": None if self.blend is None else self.blend.describe(),
-            "source": self.source,
-        }
-
-
-@dataclass(frozen=True)
-class Overlay:
-    """Something playing over the schedule: a pin, a hold or a prompt set by hand."""
-
-    kind: str  # "pin", "hold" (a suggestion taken from the queue) or "prompt"
-    change: Change
-    until: float | None  # Unix seconds; None = until replaced (or unpinned)
 
 
 class Director:
@@ -369,13 +311,13 @@ class Director:
                     d._use(with_programme(station, d.edited, f"{where}.programme.settings"))
                 except ConfigError as e:
                     raise ValueError(str(e)) from None
-        d.current = _optional(data.get("current"), f"{where}.current")
-        d.previous = _optional(data.get("previous"), f"{where}.previous")
-        d.overlay = _overlay(data.get("overlay"), f"{where}.overlay")
-        d.anchor = _anchor(data.get("anchor"), f"{where}.anchor")
-        d.resumed = _resumed(data.get("resumed"), f"{where}.resumed")
+        d.current = Change.optional(data.get("current"), f"{where}.current")
+        d.previous = Change.optional(data.get("previous"), f"{where}.previous")
+        d.overlay = overlay_from_json(data.get("overlay"), f"{where}.overlay")
+        d.anchor = anchor_from_json(data.get("anchor"), f"{where}.anchor")
+        d.resumed = resumed_from_json(data.get("resumed"), f"{where}.resumed")
         checked = data.get("checked")
-        d.checked = None if checked is None else _number(checked, f"{where}.checked")
+        d.checked = None if checked is None else number(checked, f"{where}.checked")
         queue = data.get("queue")
         if not isinstance(queue, Mapping):
             raise ValueError(f"{where}.queue: expected an object")
@@ -594,49 +536,3 @@ def _fingerprint(station: StationConfig) -> str:
     """Identifies config.toml's programme for a station (is a live edit still based on it?)."""
     text = json.dumps(programme_settings(station), sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{where}: expected a number")
-    return float(value)
-
-
-def _optional(data: Any, where: str) -> Change | None:
-    return None if data is None else Change.from_json(data, where)
-
-
-def _overlay(data: Any, where: str) -> Overlay | None:
-    if data is None:
-        return None
-    if not isinstance(data, Mapping) or data.get("kind") not in ("pin", "hold", "prompt"):
-        raise ValueError(f"{where}: expected {{kind: pin|hold|prompt, until, change}}")
-    until = data.get("until")
-    return Overlay(
-        data["kind"],
-        Change.from_json(data.get("change"), f"{where}.change"),
-        None if until is None else _number(until, f"{where}.until"),
-    )
-
-
-def _anchor(data: Any, where: str) -> tuple[tuple[int, float | None], Anchor, str] | None:
-    if data is None:
-        return None
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{where}: expected an object")
-    slot, index = data.get("slot"), data.get("index")
-    if isinstance(slot, bool) or not isinstance(slot, int):
-        raise ValueError(f"{where}.slot: expected an integer")
-    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-        raise ValueError(f"{where}.index: expected a non-negative integer")
-    start = data.get("segment_start")
-    key = (slot, None if start is None else _number(start, f"{where}.segment_start"))
-    return key, Anchor(_number(data.get("at"), f"{where}.at"), index), str(data.get("reason", ""))
-
-
-def _resumed(data: Any, where: str) -> tuple[float, str, str] | None:
-    if data is None:
-        return None
-    if not isinstance(data, list) or len(data) != 3 or data[1] not in SOURCES:
-        raise ValueError(f"{where}: expected [at, source, reason]")
-    return _number(data[0], f"{where}[0]"), data[1], str(data[2])

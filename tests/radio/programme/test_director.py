@@ -11,7 +11,8 @@ import pytest
 
 from engine.blend import Blend
 from radio.config import parse_config, with_programme
-from radio.programme.director import Change, Director
+from radio.programme.changes import Change
+from radio.programme.director import Director
 from radio.programme.votes import Refused
 
 PARIS = dt.timezone(dt.timedelta(hours=2))  # CEST, for writing June times by hand
