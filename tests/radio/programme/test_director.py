@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -499,3 +501,38 @@ def test_a_bad_saved_programme_edit_names_the_key():
     data["programme"]["settings"]["timezone"] = "Nowhere/Land"
     with pytest.raises(ValueError, match=r"^programme.programme.settings.timezone: 'Nowhere/Land'"):
         Director.from_state(config, data, clock)
+
+
+def test_the_cafe_story_in_docs_programming_md():
+    text = (Path(__file__).resolve().parents[3] / "docs" / "programming.md").read_text()
+    toml = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    config = parse_config(tomllib.loads(toml), env={})
+    clock = FakeClock(0).at(2026, 6, 1, 6, 0)  # a Monday
+    d = Director(config.stations[0], clock)
+    assert d.start().source == "config"
+    clock.at(2026, 6, 1, 7, 0)
+    assert d.tick().source == "schedule"
+    clock.at(2026, 6, 1, 11, 30)
+    assert plays(d) == (Blend.of("upbeat swing jazz quartet"), "schedule")
+    clock.at(2026, 6, 1, 12, 0)
+    assert plays(d)[0].describe() == "warm jazz trio 70% + busy café chatter 30%"
+    clock.at(2026, 6, 1, 12, 10)
+    s = d.listener_prompt("198.51.100.1", Blend.of("french chanson, accordion"))
+    d.upvote("198.51.100.2", s.id), d.upvote("198.51.100.3", s.id)
+    clock.at(2026, 6, 1, 12, 30)
+    assert plays(d) == (Blend.of("french chanson, accordion"), "vote")
+    clock.at(2026, 6, 1, 12, 40)
+    assert plays(d) == (Blend.of("upbeat swing jazz quartet"), "schedule")
+    clock.at(2026, 6, 1, 13, 0)
+    assert plays(d)[1] == "rotation"
+    clock.at(2026, 6, 1, 13, 5)
+    assert [d.skip(f"198.51.100.{i}", 5).passed for i in (1, 2, 3)] == [False, False, True]
+    assert plays(d) == (Blend.of("upbeat swing jazz quartet"), "vote")
+    assert d.upcoming().at == paris(2026, 6, 1, 13, 35)
+    clock.at(2026, 6, 1, 14, 30)
+    assert plays(d) == (Blend.of("calm lofi beat with soft piano"), "config")
+    clock.at(2026, 6, 1, 22, 0)
+    d.tick()
+    assert d.upcoming().at == paris(2026, 6, 2, 7, 0)
+    clock.at(2026, 6, 6, 9, 0)  # Saturday brunch
+    assert plays(d) == (Blend.of("sunny jazz manouche"), "schedule")
