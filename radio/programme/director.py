@@ -117,7 +117,7 @@ class Director:
         for at, why in self._events_after(now):
             if self._takes_suggestion(at):
                 return Upcoming(at, why, None, "vote")
-            change = self._scheduled(at + 1e-6)
+            change = self._scheduled(at)
             if change.blend != playing:
                 return Upcoming(at, why, change.blend, change.source)
         return None
