@@ -122,6 +122,10 @@ class Director:
                 return Upcoming(at, why, change.blend, change.source)
         return None
 
+    def scheduled(self, t: float) -> Change:
+        """What the schedule alone plays at instant t (slot, rotation item; no overlays)."""
+        return self._scheduled(t)
+
     def now_playing(self, listeners: int = 0) -> dict[str, Any]:
         """The JSON the API and the SSE `programme` event show (item 5 of issue 14)."""
         now = self.clock()

@@ -117,6 +117,7 @@ def test_a_cafe_day_slots_rotation_and_the_house_prompt_between():
     clock.at(2026, 6, 1, 14, 30)
     assert plays(d) == (HOUSE, "config")
     assert d.upcoming().at == paris(2026, 6, 2, 7)  # Tuesday's morning slot
+    assert d.scheduled(paris(2026, 6, 2, 7, 45)).blend == C  # Tuesday, third 20-minute tick
     clock.at(2026, 6, 6, 10)  # Saturday: no slots at all
     assert d.tick() is None and d.upcoming().at == paris(2026, 6, 8, 7)
 
