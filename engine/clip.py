@@ -33,9 +33,15 @@ problem and whose `code` says which kind it is (the radio maps codes to HTTP sta
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
+import glob
 import io
 import math
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -298,6 +304,43 @@ def encode_pcm(audio_encoder: nn.Module, pcm: np.ndarray) -> torch.Tensor:
     tokens = torch.empty(2 * left.shape[0], left.shape[1], dtype=left.dtype)
     tokens[0::2], tokens[1::2] = left, right
     return tokens
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Inside, the calling thread's torch ops run on that thread alone: no OpenMP team of its own.
+
+    For a worker thread beside the generator (a clip's encode): its own team would put more
+    OpenMP threads than cores in the process, and libgomp then stops spinning between parallel
+    regions, which halved the generator's speed (`MusicModel.load_in_thread`). OpenMP's thread
+    count is per thread (`omp_set_num_threads` sets the calling thread's), so the generator
+    keeps its team. A no-op where torch does not run on libgomp."""
+    import torch
+
+    gomp = _libgomp()
+    if gomp is None:
+        yield
+        return
+    torch.get_num_threads()  # torch sets a thread's OpenMP count on its first use: now, not later
+    before = gomp.omp_get_max_threads()
+    gomp.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        gomp.omp_set_num_threads(before)
+
+
+@functools.cache
+def _libgomp() -> ctypes.CDLL | None:
+    """The libgomp torch runs on (the copy in torch/lib, already loaded), or None."""
+    import torch
+
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return None
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp*"))):
+        with contextlib.suppress(OSError):
+            return ctypes.CDLL(path)
+    return None
 
 
 def _check_frame(frame: av.AudioFrame) -> tuple[int, int, str]:

@@ -12,11 +12,12 @@ Two ways to send the file, both streamed and refused (413) as soon as they pass
   (a route reads e.g. `prompt` from them).
 
 Decoding and encoding (PyAV, then EnCodec: seconds of CPU for a 30 s clip on a small CPU) run in
-a thread started for that clip, at a lower CPU priority (nice +10 on Linux), so that neither the
-event loop nor the generator's thread waits for it; one clip is encoded at a time (another upload
-meanwhile gets 429). Not the loop's default executor: torch gives every thread that runs a
-parallel op its own OpenMP team, and with more OpenMP threads than cores the generator's steps
-ran at half speed (`MusicModel.load_in_thread`); a thread that exits takes its team with it.
+a thread started for that clip, on that thread alone (no OpenMP team of its own) and at a lower
+CPU priority (nice +10 on Linux), so that neither the event loop nor the generator's thread
+waits for it; one clip is encoded at a time (another upload meanwhile gets 429). Not the loop's
+default executor: torch gives every thread that runs a parallel op its own OpenMP team, and with
+more OpenMP threads than cores the generator's steps ran at half speed
+(`MusicModel.load_in_thread`).
 
 Statuses: 413 too big; 415 not an accepted Content-Type, or not an audio file; 422 an audio file
 that cannot seed (empty, silent, too short, too long, too many channels, odd sample rate, too
@@ -88,13 +89,14 @@ def refuse(status: int, reason: str) -> Exception:
 class ClipReader:
     """Reads clip uploads for one application: its limits, and one encode at a time.
 
-    `encode(data, limits) -> Clip` is the engine's (`MusicModel.encode_clip`); it runs in a fresh
-    thread and raises `ClipError` for a bad file."""
+    `model` is the engine's `MusicModel` (anything with its `encode_clip`): the encode runs in a
+    fresh thread, on that thread alone (`single_thread=True`: no OpenMP team beside the
+    generator's), and raises `ClipError` for a bad file."""
 
-    def __init__(self, config: ClipsConfig, encode: Callable[[bytes, ClipLimits], Clip]) -> None:
+    def __init__(self, config: ClipsConfig, model: Any) -> None:
         self.config = config
         self.limits = config.limits()
-        self._encode = encode
+        self.model = model
         self.busy = False  # a clip's thread is running (until it ends, even if its client left)
 
     async def read(self, request: web.Request) -> ClipUpload:
@@ -104,10 +106,13 @@ class ClipReader:
             raise refuse(429, "another clip is being encoded; try again in a few seconds")
         self.busy = True
         try:
-            clip = await run_in_fresh_thread(self._encode, data, self.limits, done=self._idle)
+            clip = await run_in_fresh_thread(self._encode, data, done=self._idle)
         except ClipError as e:
             raise refuse(STATUS.get(e.code, 422), str(e)) from None
         return ClipUpload(clip, fields)
+
+    def _encode(self, data: bytes) -> Clip:
+        return self.model.encode_clip(data, self.limits, single_thread=True)
 
     def _idle(self) -> None:
         self.busy = False

@@ -8,7 +8,9 @@ those tokens or that audio, token for token, mono and stereo. Bad uploads end in
 
 from __future__ import annotations
 
+import os
 import random
+import threading
 import tracemalloc
 
 import numpy as np
@@ -17,7 +19,7 @@ import torch
 from transformers import AutoProcessor, MusicgenForConditionalGeneration
 
 from engine import LoadOptions, MusicModel, SamplingOptions
-from engine.clip import Clip, ClipError, ClipLimits, decode_clip
+from engine.clip import Clip, ClipError, ClipLimits, _libgomp, decode_clip, one_thread
 from tests.audio_files import encode_file, flac_bomb, tones, wav_bytes
 from tests.engine.reference import reference_tokens
 
@@ -152,6 +154,38 @@ def test_continuation_from_a_clip_equals_reference_generate(which, name, request
     mismatch = (tokens != by_tokens[:, :frames]).nonzero()
     assert mismatch.numel() == 0, f"first mismatch (codebook, frame): {mismatch[0].tolist()}"
     assert frames - clip.frames >= 90
+
+
+def test_a_single_thread_encode_makes_no_openmp_team_and_leaves_others_alone(mono):
+    """`encode_clip(single_thread=True)` in a worker thread: that thread runs torch on one
+    thread (no OpenMP workers created), the same tokens come out, and the count is restored."""
+    if _libgomp() is None:
+        pytest.skip("torch does not run on libgomp here")
+    ours = mono[0]
+    data = make_file("wav-44k-stereo")
+    expected = ours.encode_clip(data).tokens
+    main_threads = torch.get_num_threads()
+    seen: dict = {}
+
+    def tasks() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    def work() -> None:
+        seen["before"] = torch.get_num_threads()
+        with one_thread():
+            seen["inside"] = torch.get_num_threads()
+        seen["after"] = torch.get_num_threads()
+        seen["tokens"] = ours.encode_clip(data, single_thread=True).tokens
+        seen["tasks"] = tasks()  # an OpenMP team's workers would live as long as this thread
+
+    started_with = tasks()
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert seen["inside"] == 1 and seen["before"] == seen["after"] == main_threads
+    assert seen["tasks"] == started_with + 1
+    assert torch.equal(seen["tokens"], expected)
+    assert torch.get_num_threads() == main_threads
 
 
 # ---- limits: every bad upload is a ClipError naming the problem --------------------------------

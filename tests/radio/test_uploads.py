@@ -55,7 +55,7 @@ async def answer(response: aiohttp.ClientResponse) -> tuple[int, dict]:
 
 @pytest.fixture(scope="module")
 def reader(radio_model) -> ClipReader:
-    return ClipReader(ClipsConfig(max_bytes=100_000, max_seconds=3.0), radio_model.encode_clip)
+    return ClipReader(ClipsConfig(max_bytes=100_000, max_seconds=3.0), radio_model)
 
 
 def form(data: bytes, filename: str | None = "clip.mp3", **fields: str) -> aiohttp.FormData:
@@ -189,14 +189,16 @@ def test_encoding_runs_off_the_loop_in_a_fresh_lower_priority_thread_one_at_a_ti
     started, release = threading.Event(), threading.Event()
     seen: dict = {}
 
-    def slow_encode(data, limits):
-        seen["thread"] = threading.current_thread()
-        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        started.set()
-        release.wait(10)
-        return radio_model.encode_clip(data, limits)
+    class SlowModel:
+        def encode_clip(self, data, limits, *, single_thread):
+            seen["thread"] = threading.current_thread()
+            seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            seen["single_thread"] = single_thread
+            started.set()
+            release.wait(10)
+            return radio_model.encode_clip(data, limits, single_thread=single_thread)
 
-    reader = ClipReader(ClipsConfig(max_bytes=100_000), slow_encode)
+    reader = ClipReader(ClipsConfig(max_bytes=100_000), SlowModel())
     loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
     async def scenario(client: TestClient) -> None:
@@ -211,6 +213,7 @@ def test_encoding_runs_off_the_loop_in_a_fresh_lower_priority_thread_one_at_a_ti
         got, data = await answer(await first)
         assert got == 200 and data["frames"] == 100, data
         assert seen["thread"] is not threading.main_thread() and not reader.busy
+        assert seen["single_thread"]
         seen["thread"].join(5)
         assert not seen["thread"].is_alive()
 
