@@ -29,6 +29,7 @@ The steps, each bounded because the bytes come from an upload:
 
 Anything an upload can do wrong ends in a `ClipError` (a ValueError) whose message names the
 problem and whose `code` says which kind it is (the radio maps codes to HTTP statuses).
+`one_thread()` runs the encode on its caller's thread alone, for a worker beside the generator.
 """
 
 from __future__ import annotations
@@ -221,7 +222,7 @@ def decode_audio(
                     resampler = av.AudioResampler(format="fltp", layout=first[2], rate=sample_rate)
                 elif (frame.sample_rate, frame.layout.nb_channels) != first[:2]:
                     raise ClipError(
-                        "not_audio",
+                        "channels" if frame.layout.nb_channels != first[1] else "sample_rate",
                         "the audio changes its sample rate or channels midway "
                         f"({first[0]} Hz x {first[1]} -> "
                         f"{frame.sample_rate} Hz x {frame.layout.nb_channels})",
@@ -239,7 +240,7 @@ def decode_audio(
         raise
     except Exception as err:  # noqa: BLE001 - FFmpeg's errors on corrupt data, whatever their class
         raise ClipError("not_audio", f"the audio could not be decoded ({_why(err)})") from None
-    if first is None or seconds == 0:
+    if first is None or seconds == 0 or not chunks:
         raise ClipError("empty", "the file holds no audio samples")
     source = ClipSource(
         format=container.format.name,

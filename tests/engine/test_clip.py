@@ -190,6 +190,8 @@ def test_a_single_thread_encode_makes_no_openmp_team_and_leaves_others_alone(mon
 
 # ---- limits: every bad upload is a ClipError naming the problem --------------------------------
 
+_MP3_44K = encode_file(tones(44100, 1, 1.0), 44100, "mp3", "libmp3lame")
+_MP3_48K = encode_file(tones(48000, 1, 1.0), 48000, "mp3", "libmp3lame")
 _PLAYLIST = b"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10.0,\nfile:///etc/hostname\n"
 
 
@@ -205,6 +207,8 @@ _PLAYLIST = b"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10.0,\nfile:///etc/host
         ("nan", wav_bytes(np.full((1, 32000), np.nan), 16000, float32=True), {}, "not_audio",
          "not finite"),
         ("2 kHz", wav_bytes(tones(2000, 1, 2.0), 2000), {}, "sample_rate", "2000 Hz"),
+        ("rate change", _MP3_44K + _MP3_48K, {}, "sample_rate", "changes its sample rate"),
+        ("1 sample", wav_bytes(np.full((1, 1), 0.5), 16000), {}, "empty", "no audio samples"),
         ("silence", wav_bytes(np.zeros((2, 44100)), 44100), {}, "silent", "digital silence"),
         ("-70 dBFS", wav_bytes(tones(16000, 1, 2.0, amplitude=3e-4), 16000), {}, "silent",
          "below -60 dBFS"),
