@@ -126,7 +126,7 @@ def test_clip_benchmark_prints_cost_and_stream_tables(tmp_path):
         *("--stream-seconds", "1.5", "--rounds", "1"),
         tmp_path=tmp_path,
     )
-    assert re.search(r"\| 1\.5 s \| \d+ KB \| \d+ ms \| [\d.]+ s \|", out), out
+    assert re.search(r"\| 1\.5 s \| \d+ KB \| \d+ ms \| [\d.]+ s \([\d.]+ s CPU\) \|", out), out
     for row in (
         "| alone |",
         "| team of its own, nice 0 |",
