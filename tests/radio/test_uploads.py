@@ -10,6 +10,7 @@ import os
 import sys
 import threading
 import time
+import zlib
 
 import aiohttp
 import numpy as np
@@ -179,6 +180,21 @@ def test_a_huge_upload_is_refused_before_it_is_all_read(reader):
         )
         got, data = await answer(raw)
         assert got == 413 and "is 200000 bytes" in data["error"], data
+
+    run(reader, scenario)
+
+
+def test_a_compressed_body_is_capped_on_its_decompressed_bytes(reader):
+    """`Content-Encoding: gzip`: aiohttp inflates the body as it streams; 20 KB that inflate to
+    20 MB are refused at the cap like any other large body."""
+    deflate = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip framing
+    body = b"".join(deflate.compress(bytes(1_000_000)) for _ in range(20)) + deflate.flush()
+    assert len(body) < 30_000
+
+    async def scenario(client: TestClient) -> None:
+        headers = {**WAV, "Content-Encoding": "gzip"}
+        got, data = await answer(await client.post("/clip", data=body, headers=headers))
+        assert got == 413 and "is larger, more than the limit" in data["error"], data
 
     run(reader, scenario)
 
