@@ -2,7 +2,9 @@
 does to a stream generating at the same time.
 
     python bench/bench_clip.py                    # musicgen-small shapes (random weights), ~5 min
-    python bench/bench_clip.py --size tiny --lengths 2 --stream-seconds 2 --rounds 1   # smoke run
+    python bench/bench_clip.py --size tiny --lengths 1.5 --stream-seconds 1.5 --rounds 1 \
+        --repeats 1 --alone-frames 10                                               # smoke run
+    python bench/bench_clip.py --tables 1 --threads 1 --lengths 10 --repeats 1    # CPU cost
 
 Random-weight models are built once into ./models (or $BENCH_MODELS), as by bench_engine.py.
 
@@ -12,8 +14,9 @@ Prints two tables:
 2. a stream's decoder throughput (frames of audio per second of wall time, `AudioStream.read`
    in the calling thread, the radio's generator) alone, and while one clip is encoded in a fresh
    thread with an OpenMP team of its own at nice 0 and +10, and on one thread at nice +10 (what
-   `radio.uploads` does), interleaved in rounds; the ratio to alone. On a shared machine only
-   the ratios compare.
+   `radio.uploads` does), the stream alone measured before and after each; the ratio to alone.
+   On a shared machine only the ratios compare (and an oversubscribed one makes torch's
+   OpenMP teams thrash: compare on a quiet machine).
 """
 
 from __future__ import annotations
@@ -90,9 +93,10 @@ def table_cost(model: MusicModel, lengths: list[float], repeats: int) -> None:
 
 
 def frames_per_second(stream, until) -> float:
-    """Frames of audio `stream` produces per wall second until `until()` is true."""
+    """Frames of audio `stream` produces per wall second, in reads of 10 frames, until
+    `until(frames so far)` is true (at least one read)."""
     began, frames = time.perf_counter(), 0
-    while not until() or frames == 0:
+    while frames == 0 or not until(frames):
         stream.read(10)
         frames += 10
     return frames / (time.perf_counter() - began)
@@ -122,39 +126,38 @@ def rate_while_encoding(
 
     thread = threading.Thread(target=encode, name="clip-encode")
     thread.start()
-    rate = frames_per_second(stream, done.is_set)
+    rate = frames_per_second(stream, lambda frames: done.is_set())
     thread.join()
     return rate, spent[0]
 
 
-def table_stream(model: MusicModel, seconds: float, rounds: int) -> None:
+def table_stream(model: MusicModel, seconds: float, rounds: int, alone_frames: int) -> None:
     say(
         f"\n2. a stream's throughput while one {seconds:g} s clip encodes in another thread "
-        f"(frames/s; {rounds} interleaved rounds, median)"
+        f"(frames/s; {rounds} rounds, the stream alone measured over {alone_frames} frames before "
+        "and after each mode; median)"
     )
     data = mp3_clip(seconds)
     stream = model.open_stream("calm lofi beat with piano")
-    stream.read(50)  # warm up
-    rates: dict[str, list[float]] = {"alone": [], **{mode: [] for mode in MODES}}
-    took: dict[str, list[float]] = {k: [] for k in rates}
-    window = 0.0
-    for _ in range(rounds):
-        for mode in rates:
-            if mode == "alone":
-                end = time.perf_counter() + max(window, 2.0)
-                rates[mode].append(frames_per_second(stream, lambda e=end: time.perf_counter() > e))
-                continue
+    stream.read(2 * alone_frames)  # warm up: prefill, codec plans
+    alone: list[float] = []
+    rates: dict[str, list[float]] = {mode: [] for mode in MODES}
+    took: dict[str, list[float]] = {mode: [] for mode in MODES}
+    for r in range(rounds):
+        modes = list(MODES)[r % len(MODES) :] + list(MODES)[: r % len(MODES)]
+        for mode in modes:
+            alone.append(frames_per_second(stream, lambda frames: frames >= alone_frames))
             rate, spent = rate_while_encoding(model, stream, data, *MODES[mode])
             rates[mode].append(rate)
             took[mode].append(spent)
-            window = max(window, spent)
-    alone = statistics.median(rates["alone"])
+        alone.append(frames_per_second(stream, lambda frames: frames >= alone_frames))
+    base = statistics.median(alone)
     say("| clip thread | stream frames/s | vs alone | clip encode took |")
     say("| --- | --- | --- | --- |")
+    say(f"| alone | {base:.1f} | x1.00 | - |")
     for mode, values in rates.items():
         rate = statistics.median(values)
-        spent = f"{statistics.median(took[mode]):.1f} s" if took[mode] else "-"
-        say(f"| {mode} | {rate:.1f} | x{rate / alone:.2f} | {spent} |")
+        say(f"| {mode} | {rate:.1f} | x{rate / base:.2f} | {statistics.median(took[mode]):.1f} s |")
 
 
 def main() -> None:
@@ -165,14 +168,18 @@ def main() -> None:
     parser.add_argument("--stream-seconds", type=float, default=10.0, help="clip of table 2")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
+    parser.add_argument("--tables", default="12", help="which tables to print, e.g. 1 or 12")
+    parser.add_argument("--alone-frames", type=int, default=50, help="table 2's alone windows")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     model = MusicModel.load(LoadOptions(model=str(model_dir(args.size))))
     load = os.getloadavg()
     say(f"# bench_clip: {args.size}, {torch.get_num_threads()} torch threads, load {load[0]:.1f}")
-    table_cost(model, args.lengths, args.repeats)
-    table_stream(model, args.stream_seconds, args.rounds)
+    if "1" in args.tables:
+        table_cost(model, args.lengths, args.repeats)
+    if "2" in args.tables:
+        table_stream(model, args.stream_seconds, args.rounds, args.alone_frames)
     say(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
 
 

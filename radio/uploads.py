@@ -55,7 +55,7 @@ class ClipsConfig:
     max_bytes: int = 20_000_000  # largest upload, bytes (30 s of 48 kHz stereo float: 11.5 MB)
     max_seconds: float = 30.0  # longest clip, seconds; at most 30 (MusicGen's training length)
     min_seconds: float = 1.0  # shortest clip, seconds
-    max_decode_seconds: float = 10.0  # wall time decoding one file may take (30 s of MP3: ~0.1 s)
+    max_decode_seconds: float = 10.0  # CPU time decoding one file may take (30 s of MP3: ~0.1 s)
     silence_dbfs: float = -60.0  # a clip whose peak is below this level is refused as silent
 
     def validate(self) -> None:

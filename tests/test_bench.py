@@ -123,7 +123,7 @@ def test_clip_benchmark_prints_cost_and_stream_tables(tmp_path):
     out = _run(
         "bench_clip.py",
         *("--size", "tiny", "--lengths", "1.5", "--repeats", "1"),
-        *("--stream-seconds", "1.5", "--rounds", "1"),
+        *("--stream-seconds", "1.5", "--rounds", "1", "--alone-frames", "10"),
         tmp_path=tmp_path,
     )
     assert re.search(r"\| 1\.5 s \| \d+ KB \| \d+ ms \| [\d.]+ s \([\d.]+ s CPU\) \|", out), out
