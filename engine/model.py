@@ -10,6 +10,7 @@ A stream is used from one thread. Everything that knows torch lives behind this 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from engine.batch import DecodeBatch
+from engine.clip import Clip, ClipLimits, encode_clip, one_thread
 from engine.codec import StreamingDecoder, freeze_weight_norm
 from engine.conditioning import batch_conditions, encode_prompt
 from engine.decoder import Decoder
@@ -117,6 +119,25 @@ class MusicModel:
 
     def new_codec(self) -> StreamingDecoder:
         return StreamingDecoder(self.hf.audio_encoder, audio_channels=self.channels)
+
+    def encode_clip(
+        self, data: bytes, limits: ClipLimits | None = None, *, single_thread: bool = False
+    ) -> Clip:
+        """The bytes of an uploaded audio file -> `Clip` whose tokens [K, T] seed a stream
+        (`open_stream(..., prompt_frames=clip.tokens)`). `ClipError` for any bad upload.
+
+        CPU work of seconds for a long clip (EnCodec's encoder): call it from a worker thread,
+        never an event loop; `single_thread` runs it there without an OpenMP team of its own
+        (`engine.clip.one_thread`), beside a generator thread. It reads the codec's weights
+        only, so it may run while streams decode audio in another thread."""
+        with one_thread() if single_thread else contextlib.nullcontext():
+            return encode_clip(
+                data,
+                self.hf.audio_encoder,
+                sample_rate=self.sample_rate,
+                channels=self.channels,
+                limits=limits,
+            )
 
     @torch.inference_mode()
     def open_stream(

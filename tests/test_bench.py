@@ -117,3 +117,19 @@ def test_kernels_benchmark_prints_each_kernel(tmp_path):
     assert "projections, 2 layers, 8 rows" in out
     for row in ("linear_int8 (ours", "attend_step_q8, int8 cache", "attend_step_q4, int4 cache"):
         assert re.search(re.escape(row) + r".* ms .* GB/s", out), row
+
+
+def test_clip_benchmark_prints_cost_and_stream_tables(tmp_path):
+    out = _run(
+        "bench_clip.py",
+        *("--size", "tiny", "--lengths", "1.5", "--repeats", "1"),
+        *("--stream-seconds", "1.5", "--rounds", "1", "--alone-frames", "10"),
+        tmp_path=tmp_path,
+    )
+    assert re.search(r"\| 1\.5 s \| \d+ KB \| \d+ ms \| [\d.]+ s \([\d.]+ s CPU\) \|", out), out
+    for row in (
+        "| alone |",
+        "| team of its own, nice 0 |",
+        "| one thread, nice +10 (the radio's) |",
+    ):
+        assert row in out, out

@@ -10,10 +10,11 @@ import torch
 
 
 def reference_tokens(
-    model, processor, prompt: str, steps: int, guidance: float, prompt_frames=None
+    model, processor, prompt: str, steps: int, guidance: float, prompt_frames=None, audio=None
 ):
     """Greedy reference tokens [K, T] for `steps` new decoder steps (T = steps + 1 - K_delay - 1
-    for a fresh start, plus the prompt frames when given)."""
+    for a fresh start, plus the prompt frames when given). `audio` [C, N] float32 at the codec's
+    rate: an audio prompt, which `generate` encodes itself (`input_values`)."""
     captured: list[torch.Tensor] = []
     codec = model.audio_encoder
     original = codec.decode
@@ -33,6 +34,8 @@ def reference_tokens(
         }
     if prompt_frames is not None:
         kwargs["decoder_input_ids"] = prompt_frames.reshape(-1, prompt_frames.shape[-1])
+    if audio is not None:
+        kwargs["input_values"] = torch.as_tensor(audio)[None]  # [1, C, N]
     codec.decode = capture
     try:
         with torch.inference_mode():
