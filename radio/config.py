@@ -62,7 +62,7 @@ class ModelConfig:
     dtype: str = "auto"  # "auto", "float32", "bfloat16" or "float16"
     quantize: str = "auto"  # "auto" (int8 on CPU, none on GPU), "none" or "int8"
     compile: str = "auto"  # "auto" (CUDA graphs on GPU, none on CPU), "none", "compile" or "graphs"
-    kv_cache: str = "auto"  # "auto" (int8 / bfloat16 with our CPU kernels), "float32", "bfloat16", "int8", "int4"
+    kv_cache: str = "auto"  # "auto", "float32", "bfloat16", "int8" or "int4" (LoadOptions.kv_cache)
 
     def validate(self) -> None:
         if not self.id:
