@@ -577,9 +577,8 @@ def test_hostile_requests_get_4xx_and_the_stream_plays_on(tiny_model_dir, tmp_pa
                 problems.append(f"{case.name}: wanted {want} {text!r}, got {answer.status} {got!r}")
         elif case.api and 400 <= (answer.status or 0) < 500 and not _error(answer):
             problems.append(f"{case.name}: {answer.status} without a JSON error")
-    print(
-        f"\n{len(cases)} hostile requests in {took:.1f} s: {dict(sorted(statuses.items(), key=str))}"
-    )
+    counts = dict(sorted(statuses.items(), key=str))
+    print(f"\n{len(cases)} hostile requests in {took:.1f} s: {counts}")
     assert not problems, "\n".join(problems)
     assert len(cases) >= 300 and opened == [30]
     assert sum(n for s, n in statuses.items() if s is not None and 400 <= s < 500) > 200
