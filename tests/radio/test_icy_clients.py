@@ -10,6 +10,8 @@ test_mp3_ffmpeg.py and test_browser.py.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import json
 import os
@@ -29,9 +31,11 @@ import numpy as np
 import pytest
 
 from radio.config import parse_config
+from radio.icecast import IcecastSource
 from radio.icy import parse_stream_title
 from radio.rawhttp import format_head
 from tests.conftest import InProcessRadio, require_tool, wait_healthy
+from tests.radio.test_icecast import PASSWORD, IcecastServer, _free_port, _tone_mp3
 
 TOKEN = "icy-clients-admin-token"
 FIRST = "calm lofi beat with piano"  # the default prompt of station main
@@ -293,3 +297,81 @@ def test_streamripper_records_and_splits_at_the_prompt_change(station):
     # each track is clean MP3 (streamripper strips the metadata blocks it splits on)
     assert decoded_seconds(first) > 1.5 and decoded_seconds(second) > 1.0
     assert b"StreamTitle" not in first + second
+
+
+SAME_AS_ICECAST = [
+    "GET /main.mp3 HTTP/1.1\nHost: x\n\n",
+    "GET /main.mp3 HTTP/1.1\nHost: x\nIcy-MetaData: 1\n\n",
+    "GET /main.mp3 HTTP/1.0\nIcy-MetaData: 1\n\n",
+    "GET /main.mp3 HTTP/1.0\n\n",
+    "GET /main.mp3 HTTP/1.1\nHost: x\nIcy-MetaData: 0\n\n",
+    "GET /main.mp3 HTTP/1.1\nHost: x\nRange: bytes=0-\n\n",
+    "GET /main.mp3 HTTP/1.1\nHost: x\nRange: bytes=0-1\n\n",
+]
+
+
+def _shape(c: RawClient) -> tuple:
+    """What a raw client depends on: status line, framing, metadata interval, and (with
+    metadata) that the byte after the first METAINT audio bytes starts a StreamTitle block."""
+    h = c.headers
+    metaint = h.get("icy-metaint")
+    first_block = None
+    if metaint:
+        c.read(int(metaint))
+        length = c.read(1)[0]
+        first_block = c.read(16 * length).startswith(b"StreamTitle='")
+    framing = ("transfer-encoding" in h, "content-length" in h, h.get("connection", "").lower())
+    return c.status_line, framing, metaint, first_block
+
+
+def test_the_mount_answers_raw_clients_as_icecast_2_4_does(station):
+    """The same raw requests to Debian's Icecast 2.4.4 (fed by our source client) and to the
+    radio: the same status line, framing and metadata. HEAD is where they part (see stream_mp3):
+    Icecast 2.4.4 refuses it with 400, the radio answers the head."""
+    binary = require_tool("icecast2")
+    folder = Path(tempfile.mkdtemp(prefix="icecast-test-"))
+    server = IcecastServer(binary, folder, _free_port())
+    server.start()
+    loop = asyncio.new_event_loop()
+    feeder = threading.Thread(target=loop.run_forever, daemon=True)
+    feeder.start()
+    source = IcecastSource(server.url, "/main.mp3", password=PASSWORD, channels=1)
+
+    async def start() -> asyncio.Task[None]:
+        return asyncio.create_task(source.run(_tone_mp3(60)))
+
+    async def stop(task: asyncio.Task[None]) -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    feeding = asyncio.run_coroutine_threadsafe(start(), loop).result(5)
+    try:
+        asyncio.run_coroutine_threadsafe(source.set_title(FIRST), loop).result(5)
+        deadline = time.monotonic() + 10
+        while True:  # until the mount is up and has a second of burst for listeners
+            with contextlib.suppress(OSError, EOFError):
+                probe = RawClient(server.url, SAME_AS_ICECAST[0])
+                with contextlib.closing(probe.sock):
+                    probe.read(16000)
+                    break
+            assert time.monotonic() < deadline, "icecast never served the mount"
+            time.sleep(0.2)
+        for text in SAME_AS_ICECAST:
+            theirs, ours = RawClient(server.url, text), RawClient(station.base_url, text)
+            try:
+                assert _shape(ours) == _shape(theirs), text
+            finally:
+                theirs.close()
+                ours.close()
+        head = "HEAD /main.mp3 HTTP/1.1\nHost: x\n\n"
+        theirs = RawClient(server.url, head)
+        assert theirs.status_line == "HTTP/1.0 400 Bad Request"
+        theirs.close()
+    finally:
+        asyncio.run_coroutine_threadsafe(stop(feeding), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        feeder.join(5)
+        loop.close()
+        server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
