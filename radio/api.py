@@ -418,6 +418,8 @@ async def post_sampling(request: web.Request) -> web.Response:
         new = dataclasses.replace(current, **changes).validate()
     except ValueError as e:
         raise ApiError(400, str(e)) from None
+    if radio.generator is None or not radio.generator.alive:
+        raise ApiError(503, "the generator is not running")
     fut = radio.generator.set_sampling(st.id, new)
     try:
         await asyncio.wait_for(asyncio.shield(fut), APPLY_TIMEOUT)

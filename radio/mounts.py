@@ -230,7 +230,7 @@ def wants_icy_metadata(value: str) -> bool:
     """`Icy-MetaData` asks for metadata when it starts with a number above 0 (Icecast reads it
     with atoi: "1" yes, "0", "", "yes" no)."""
     m = _LEADING_NUMBER.match(value)
-    return m is not None and int(m.group(1)) > 0
+    return m is not None and m.group(1).strip("0") != ""  # not int(): 8000 digits would raise
 
 
 async def stream_mp3(

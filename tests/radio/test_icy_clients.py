@@ -170,6 +170,7 @@ def test_raw_socket_sees_icecast_framing(station):
         "GET /main.mp3 HTTP/1.0\n\n",  # no Host, no Icy-MetaData: a bare embedded player
         "GET /main.mp3 HTTP/1.1\nHost: x\nIcy-MetaData: 0\n\n",
         "GET /main.mp3 HTTP/1.1\nHost: x\nIcy-MetaData: yes\n\n",  # atoi("yes") == 0
+        "GET /main.mp3 HTTP/1.1\nHost: x\nIcy-MetaData: " + "0" * 8000 + "\n\n",
     ],
 )
 def test_without_metadata_the_body_is_plain_mp3(station, request_text):
@@ -191,6 +192,11 @@ def test_head_and_ranges_as_icecast(station):
         assert head.at_eof(), "HEAD got a body"
     finally:
         head.close()
+    many = RawClient(station.base_url, f"GET /main.mp3 HTTP/1.0\nIcy-MetaData: {'9' * 8000}\n\n")
+    try:
+        assert many.headers["icy-metaint"] == "16000"  # a number above 0, however long
+    finally:
+        many.close()
     # iOS and browsers ask for bytes=0-; Safari probes bytes=0-1: both get the live stream
     for wanted in ("bytes=0-", "bytes=0-1", "bytes=5000-"):
         c = RawClient(station.base_url, f"GET /main.mp3 HTTP/1.1\nHost: x\nRange: {wanted}\n\n")
