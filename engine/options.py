@@ -62,25 +62,40 @@ class LoadOptions:
         return self
 
 
+# The documented range of each sampling setting, shared by config.toml and the admin API:
+# (low, high), both included. Beyond them the music is noise or silence, or the maths overflows
+# (a temperature of 1e-320 divides the logits into infinities).
+GUIDANCE_RANGE = (1.0, 20.0)
+TEMPERATURE_RANGE = (0.05, 5.0)
+TOP_K_RANGE = (0, 2048)  # 0 keeps all; MusicGen's codebooks have 2048 entries
+TOP_P_RANGE = (0.0, 1.0)
+SEED_RANGE = (0, 2**63 - 1)
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
-    guidance_scale: float = 3.0  # classifier-free guidance; 1.0 turns it off
-    temperature: float = 1.0  # softmax temperature; > 0
-    top_k: int = 250  # keep the k most likely tokens; 0 keeps all
-    top_p: float = 0.0  # nucleus sampling; 0 turns it off, else in (0, 1]
+    guidance_scale: float = 3.0  # classifier-free guidance, in [1, 20]; 1.0 turns it off
+    temperature: float = 1.0  # softmax temperature, in [0.05, 5]
+    top_k: int = 250  # keep the k most likely tokens, in [0, 2048]; 0 keeps all
+    top_p: float = 0.0  # nucleus sampling, in [0, 1]; 0 turns it off
     greedy: bool = False  # argmax instead of sampling (tests and reproducible renders)
     seed: int | None = None  # seed of the sampler's random generator; None draws one
 
     def validate(self) -> SamplingOptions:
-        if not self.guidance_scale >= 1.0:
-            raise ValueError(f"guidance_scale: must be >= 1.0, got {self.guidance_scale}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature: must be > 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k: must be >= 0, got {self.top_k}")
-        if not 0.0 <= self.top_p <= 1.0:
-            raise ValueError(f"top_p: must be in [0, 1], got {self.top_p}")
+        """self; ValueError naming the field when a value is outside its range (NaN included)."""
+        _check_range("guidance_scale", self.guidance_scale, GUIDANCE_RANGE)
+        _check_range("temperature", self.temperature, TEMPERATURE_RANGE)
+        _check_range("top_k", self.top_k, TOP_K_RANGE)
+        _check_range("top_p", self.top_p, TOP_P_RANGE)
+        if self.seed is not None:
+            _check_range("seed", self.seed, SEED_RANGE)
         return self
+
+
+def _check_range(name: str, value: float, bounds: tuple[float, float]) -> None:
+    low, high = bounds
+    if not low <= value <= high:  # also false for NaN
+        raise ValueError(f"{name}: must be in [{low}, {high}], got {value}")
 
 
 @dataclass(frozen=True)

@@ -9,28 +9,42 @@
 - `GET /healthz`: 200 when every station plays, 503 (with the reason) otherwise.
 
 Every error is JSON `{"error": "..."}` with a 4xx/5xx status (`json_errors` middleware), and
-every API response carries CORS headers.
+every API response carries CORS headers. Input is bounded before it is used: a body of at most
+`MAX_BODY` bytes of UTF-8 JSON nested at most `MAX_JSON_DEPTH` deep, without NaN, infinities or
+repeated keys; no `Content-Encoding` (415); no control characters in the path; a Host header that
+is a host name or address; a token of any bytes compared as bytes in constant time. A client
+that leaves mid-request is counted and logged at debug level, never as an error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import hmac
 import json
+import logging
 import math
+import re
 import time
 import unicodedata
 from collections import deque
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http import HttpProcessingError
 
 from radio.context import RADIO, Radio
 from radio.generator import auto_horizon
 from radio.station import Station, iso
 
+log = logging.getLogger(__name__)
+
 MAX_BODY = 4096  # bytes in a POST body (the app's client_max_size)
+MAX_JSON_DEPTH = 8  # nesting levels in a JSON body (the API's bodies are flat objects)
+_HOST = re.compile(  # a Host header: name or IPv4 address, or [IPv6], and an optional port
+    r"^(?:[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?$"
+)
 APPLY_TIMEOUT = 15.0  # seconds a prompt POST waits for the generator to apply it
 STUCK_SECONDS = 5.0  # a clock that has not ticked for this long makes /healthz fail
 SAMPLING_KEYS = {"guidance_scale": float, "temperature": float, "top_k": int, "top_p": float}
@@ -58,12 +72,16 @@ class ApiError(web.HTTPException):
 @web.middleware
 async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     """aiohttp's own errors (413 body too large, 404 no route, 405) as JSON too; CORS
-    preflight (OPTIONS) for the API and HLS."""
+    preflight (OPTIONS) for the API and HLS; requests that cannot be served refused before the
+    handler runs; every 4xx counted, and a client that left counted and let go quietly."""
     if request.method == "OPTIONS" and request.path.startswith(("/api/", "/hls/")):
         return web.Response(status=204, headers=API_CORS)
+    counts = request.app[RADIO].requests
     try:
+        check_request(request)
         response = await handler(request)
-    except ApiError:
+    except ApiError as e:
+        _count(counts, e.status)
         raise
     except web.HTTPException as e:
         if e.status < 400:
@@ -73,11 +91,40 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
             reason = f"request body too large (at most {MAX_BODY} bytes)"
         elif e.status == 404:
             reason = "not found"
-        raise ApiError(e.status, reason) from None
+        _count(counts, e.status)
+        allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None  # 405
+        raise ApiError(e.status, reason, allow) from None
+    except (HttpProcessingError, web.RequestPayloadError) as e:  # a body broke HTTP's rules
+        _count(counts, 400)
+        reason = e.message if isinstance(e, HttpProcessingError) else str(e)
+        raise ApiError(400, f"bad request body: {reason.strip()[:200]}") from None
+    except ConnectionError as e:  # the client left: whatever we answer goes nowhere
+        counts.aborted += 1
+        log.debug("%s %s: the client left (%s)", request.method, request.path, e)
+        raise ApiError(400, "the client closed the connection") from None
+    _count(counts, response.status)
     if request.path.startswith("/api/"):
         for k, v in API_CORS.items():
             response.headers.setdefault(k, v)
     return response
+
+
+def _count(counts: Any, status: int) -> None:
+    if 400 <= status < 500:
+        counts.bad[status] += 1
+
+
+def check_request(request: web.Request) -> None:
+    """ApiError for what no handler accepts: control characters in the path, and compressed
+    bodies (the API's bodies are a few hundred bytes of JSON; refusing `Content-Encoding` keeps
+    decompression and its failures out of the server)."""
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in request.path):
+        raise ApiError(400, "the path contains control characters or bytes that are not UTF-8")
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if request.body_exists and encoding not in ("", "identity"):
+        raise ApiError(
+            415, f"Content-Encoding {encoding[:40]!r} is not accepted: send the body uncompressed"
+        )
 
 
 class RateLimiter:
@@ -107,7 +154,11 @@ class RateLimiter:
 
 
 def is_admin(request: web.Request) -> bool:
-    """True with a correct `Authorization: Bearer <token>`; ApiError 403 with a wrong one."""
+    """True with a correct `Authorization: Bearer <token>`; ApiError 403 with a wrong one.
+
+    The header may hold any bytes (aiohttp hands over what is not UTF-8 as surrogates): the
+    token is compared as the bytes that were sent, through SHA-256 so that neither its content
+    nor its length shows in the time taken."""
     token = request.app[RADIO].config.security.admin_token
     header = request.headers.get("Authorization", "")
     if not header:
@@ -117,7 +168,8 @@ def is_admin(request: web.Request) -> bool:
         raise ApiError(
             401, "Authorization must be 'Bearer <token>'", {"WWW-Authenticate": "Bearer"}
         )
-    if not token or not hmac.compare_digest(given.strip().encode(), token.encode()):
+    sent = hashlib.sha256(given.strip().encode("utf-8", "surrogateescape")).digest()
+    if not token or not hmac.compare_digest(sent, hashlib.sha256(token.encode()).digest()):
         raise ApiError(403, "wrong admin token")
     return True
 
@@ -148,10 +200,15 @@ def station_of(request: web.Request) -> Station:
 
 
 def base_url(request: web.Request) -> str:
+    """`server.public_url`, else scheme and Host of the request (ApiError 400 for a Host
+    header that is not a host name or address: it would end up in URLs and headers)."""
     public = request.app[RADIO].config.server.public_url
     if public:
         return public.rstrip("/")
-    return f"{request.scheme}://{request.host}"
+    host = request.host
+    if not _HOST.match(host):
+        raise ApiError(400, "the Host header is not a host name or address")
+    return f"{request.scheme}://{host}"
 
 
 def station_json(radio: Radio, st: Station, base: str, full: bool) -> dict[str, Any]:
@@ -191,16 +248,82 @@ async def get_station(request: web.Request) -> web.Response:
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object; ApiError 413/400 naming what is wrong with it."""
     body = await request.read()  # raises 413 beyond client_max_size
     if len(body) > MAX_BODY:
         raise ApiError(413, f"request body too large (at most {MAX_BODY} bytes)")
+    return parse_json_object(body)
+
+
+class _Refused(ValueError):
+    """JSON that parses but that the API does not take (the message says why)."""
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """A JSON object from UTF-8 bytes: nested at most MAX_JSON_DEPTH deep, finite numbers
+    only (no NaN, Infinity or 1e999), each key once; ApiError 400 otherwise."""
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "body is not valid JSON (it must be UTF-8)") from None
+    if json_depth(text) > MAX_JSON_DEPTH:
+        raise ApiError(400, f"body is nested too deeply (at most {MAX_JSON_DEPTH} levels)")
+    try:
+        data = json.loads(
+            text,
+            parse_constant=_no_constant,
+            parse_float=_finite_float,
+            object_pairs_hook=_unique_keys,
+        )
+    except _Refused as e:
+        raise ApiError(400, f"body is not accepted: {e}") from None
+    except ValueError:  # JSONDecodeError, or an integer of more than 4300 digits
         raise ApiError(400, "body is not valid JSON") from None
     if not isinstance(data, dict):
         raise ApiError(400, "body must be a JSON object")
     return data
+
+
+def json_depth(text: str) -> int:
+    """How deeply arrays and objects nest in JSON text (brackets inside strings not counted)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for c in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "]}":
+            depth -= 1
+    return deepest
+
+
+def _no_constant(name: str) -> Any:
+    raise _Refused(f"{name} is not a number JSON allows")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Refused(f"the number {text[:20]} is out of range")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Refused(f"the key {key[:40]!r} appears twice")
+        out[key] = value
+    return out
 
 
 def check_prompt(data: dict[str, Any], radio: Radio, admin: bool) -> str:
@@ -295,6 +418,8 @@ async def post_sampling(request: web.Request) -> web.Response:
         new = dataclasses.replace(current, **changes).validate()
     except ValueError as e:
         raise ApiError(400, str(e)) from None
+    if radio.generator is None or not radio.generator.alive:
+        raise ApiError(503, "the generator is not running")
     fut = radio.generator.set_sampling(st.id, new)
     try:
         await asyncio.wait_for(asyncio.shield(fut), APPLY_TIMEOUT)

@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from radio import api, events, hls_routes, metrics, mounts, persist
+from radio import api, events, hls_routes, metrics, mounts, persist, quietlog
 from radio.clock import StationClock
 from radio.config import Config
 from radio.context import RADIO, Radio, RadioSink
@@ -88,6 +88,7 @@ def build_radio(config: Config, model: Any) -> Radio:
     persist.restore(radio, saved)
     count, seconds = config.security.rate_limit()
     radio.limiter = api.RateLimiter(count, seconds)
+    radio.client_noise = quietlog.install()  # malformed requests and lost peers: debug level
     radio.metrics = metrics.make_registry(radio)
     a = config.audio
     for sid, st in stations.items():
@@ -160,6 +161,7 @@ async def _mp3(request: web.Request) -> web.StreamResponse:
     st = api.station_of(request)
     mount = radio.mp3[st.id]
     if mount.count() >= radio.config.security.max_listeners:
+        mount.refused += 1
         raise api.ApiError(503, f"station {st.id} is full ({mount.count()} listeners)")
     sc = st.config
     headers = mounts.mp3_headers(

@@ -4,7 +4,7 @@ Every section is a frozen dataclass whose fields carry their default and a one-l
 (`config.toml` at the top of the repository documents the same keys). `load_config` reads a file,
 `parse_config` a dict; both reject an unknown key, a value of the wrong type or a bad
 combination with a `ConfigError` naming the key, for example
-`generation.top_k: must be >= 0, got -1`.
+`generation.top_k: must be in [0, 2048], got -1`.
 
 Extending: add a field to a section (a new scalar key), or a field whose type is another
 dataclass (a sub-table such as `[stations.icecast]`); `_build` handles both.
@@ -69,7 +69,7 @@ class ModelConfig:
     dtype: str = "auto"  # "auto", "float32", "bfloat16" or "float16"
     quantize: str = "auto"  # "auto" (int8 on CPU, none on GPU), "none" or "int8"
     compile: str = "auto"  # "auto" (CUDA graphs on GPU, none on CPU), "none", "compile" or "graphs"
-    kv_cache: str = "auto"  # "auto" (int8 / bfloat16 with our CPU kernels), "float32", "bfloat16", "int8", "int4"
+    kv_cache: str = "auto"  # "auto", "float32", "bfloat16", "int8" or "int4" (LoadOptions.kv_cache)
 
     def validate(self) -> None:
         if not self.id:
@@ -89,10 +89,10 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    guidance_scale: float = 3.0  # classifier-free guidance; 1.0 turns it off
-    temperature: float = 1.0  # softmax temperature; > 0
-    top_k: int = 250  # sample among the k most likely tokens; 0 keeps all
-    top_p: float = 0.0  # nucleus sampling; 0 turns it off, else in (0, 1]
+    guidance_scale: float = 3.0  # classifier-free guidance, in [1, 20]; 1.0 turns it off
+    temperature: float = 1.0  # softmax temperature, in [0.05, 5]
+    top_k: int = 250  # sample among the k most likely tokens, in [0, 2048]; 0 keeps all
+    top_p: float = 0.0  # nucleus sampling, in [0, 1]; 0 turns it off
     seed: int = -1  # seed of each station's sampler (station i uses seed + i); -1 = random
     window: int = 1500  # frames in one attention window (50 frames = 1 s)
     context: int = 500  # frames re-prefilled when a window is full or the prompt changes

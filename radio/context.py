@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,14 @@ from radio.mounts import Mp3Mount
 from radio.station import Station
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestCounts:
+    """What the application refused or lost, for /metrics (`api.json_errors` counts)."""
+
+    bad: Counter[int] = field(default_factory=Counter)  # 4xx answers, by status
+    aborted: int = 0  # requests whose client left before the answer was complete
 
 
 @dataclass
@@ -40,6 +49,8 @@ class Radio:
     output_latency: int = 0  # model-rate samples between the clock and the encoders (loudness)
     limiter: Any = None  # api.RateLimiter
     metrics: Any = None  # metrics.RadioMetrics
+    requests: RequestCounts = field(default_factory=RequestCounts)
+    client_noise: Any = None  # quietlog.ClientNoise: malformed requests aiohttp refused itself
     started_at: float = field(default_factory=time.time)
 
 

@@ -28,6 +28,7 @@ class EventHub:
 
     def __init__(self) -> None:
         self._subscribers: set[asyncio.Queue[tuple[str, Any]]] = set()
+        self.dropped = 0  # subscribers closed because they did not keep up
 
     def subscribe(self) -> asyncio.Queue[tuple[str, Any]]:
         q: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=QUEUE_SIZE)
@@ -43,6 +44,7 @@ class EventHub:
                 q.put_nowait((event, data))
             except asyncio.QueueFull:  # too slow: it gets closed, not an ever longer queue
                 self._subscribers.discard(q)
+                self.dropped += 1
                 _force(q, _CLOSE)
 
     def close(self) -> None:
@@ -87,7 +89,9 @@ async def stream_events(
     request: web.Request, station: Any, snapshot: dict[str, Any]
 ) -> web.StreamResponse:
     """SSE for one station (`radio.station.Station`): `event: station` with the full `snapshot`
-    (the API's station JSON), then `prompt`, `listeners`, `health` news until the peer leaves."""
+    (the API's station JSON), then `prompt`, `listeners`, `health` news until the peer leaves.
+    A peer that leaves, even before the response started, ends it with ConnectionError (the
+    `api.json_errors` middleware counts it and lets it go quietly)."""
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream; charset=utf-8",
@@ -96,7 +100,7 @@ async def stream_events(
             "Access-Control-Allow-Origin": "*",
         }
     )
-    await response.prepare(request)
+    await response.prepare(request)  # ConnectionError if the peer already left
     q = station.events.subscribe()
     try:
         await response.write(b"retry: 3000\n\n" + sse_block("station", snapshot))
@@ -108,7 +112,7 @@ async def stream_events(
                 break
             else:
                 await response.write(sse_block(*item))
-    except (ConnectionResetError, ConnectionError):
+    except ConnectionError:
         pass  # the page was closed: normal life
     finally:
         station.events.unsubscribe(q)

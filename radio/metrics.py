@@ -2,7 +2,10 @@
 
 A collector reads the stations' live state at scrape time (no counters to keep in step):
 listeners, buffer seconds ahead, real-time factor, underruns and bridge time, prompt changes and
-the last prompt-change latency, MP3 bytes sent, whether each station plays.
+the last prompt-change latency, MP3 bytes sent, whether each station plays; and what the radio
+refused or dropped: listeners dropped (by reason) or refused (station full), event subscribers
+dropped, requests answered 4xx (by status), requests whose client left mid-way, and malformed
+requests aiohttp refused before the application saw them (process-wide).
 """
 
 from __future__ import annotations
@@ -94,6 +97,7 @@ class RadioCollector:
             ice_reconnects.add_metric([sid], status.reconnects)
         uptime = GaugeMetricFamily("radio_uptime_seconds", "Seconds since the service started")
         uptime.add_metric([], time.time() - r.started_at)
+        yield from self._refusals()
         yield from (
             listeners,
             buffer,
@@ -110,6 +114,50 @@ class RadioCollector:
             ice_reconnects,
             uptime,
         )
+
+    def _refusals(self) -> Iterator[Metric]:
+        r = self.radio
+        dropped = CounterMetricFamily(
+            "radio_listeners_dropped",
+            "MP3 listeners dropped: lagging = listener_queue_seconds behind, "
+            "stalled = a write made no progress for 10 s",
+            labels=["station", "reason"],
+        )
+        refused = CounterMetricFamily(
+            "radio_listeners_refused",
+            "MP3 listeners refused because the station was full (security.max_listeners)",
+            labels=["station"],
+        )
+        subscribers = CounterMetricFamily(
+            "radio_event_subscribers_dropped",
+            "Event-stream (SSE) subscribers closed because they did not keep up",
+            labels=["station"],
+        )
+        for sid, st in r.stations.items():
+            mount = r.mp3.get(sid)
+            for reason in ("lagging", "stalled"):
+                dropped.add_metric([sid, reason], mount.dropped[reason] if mount else 0)
+            refused.add_metric([sid], mount.refused if mount else 0)
+            subscribers.add_metric([sid], st.events.dropped)
+        bad = CounterMetricFamily(
+            "radio_bad_requests",
+            "Requests the application answered with a 4xx status (bad input, unknown path, "
+            "rate limit, authorization, ...)",
+            labels=["status"],
+        )
+        for status, n in sorted(r.requests.bad.items()):
+            bad.add_metric([str(status)], n)
+        aborted = CounterMetricFamily(
+            "radio_aborted_requests", "Requests whose client left before the answer was complete"
+        )
+        aborted.add_metric([], r.requests.aborted)
+        malformed = CounterMetricFamily(
+            "radio_malformed_requests",
+            "Requests aiohttp's HTTP parser refused with 400 (bad request line, header, chunk, "
+            "...), for the whole process",
+        )
+        malformed.add_metric([], r.client_noise.malformed if r.client_noise else 0)
+        yield from (dropped, refused, subscribers, bad, aborted, malformed)
 
 
 def make_registry(radio: Radio) -> CollectorRegistry:

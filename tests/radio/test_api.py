@@ -60,7 +60,9 @@ def radio(radio_factory):
 def test_bad_inputs_get_a_json_reason_while_the_stream_plays(radio):
     base = radio.base_url
     prompt_url = f"{base}/api/stations/main/prompt"
+    sampling_url = f"{base}/api/stations/main/sampling"
     admin = {"Authorization": f"Bearer {TOKEN}"}
+    utf8_e = "\u00e9\u00e9\u00e9".encode().decode("latin-1")  # urllib sends headers as Latin-1
     with urllib.request.urlopen(f"{base}/main.mp3", timeout=10) as mp3:
         assert mp3.headers["Content-Type"] == "audio/mpeg"
         before = read_exactly(mp3, 8000)
@@ -112,6 +114,33 @@ def test_bad_inputs_get_a_json_reason_while_the_stream_plays(radio):
             ),
             (post_json(f"{base}/api/stations/main/sampling", {"top_k": 1.5}, admin), 400, "top_k"),
             (post_json(f"{base}/api/stations/main/sampling", {"seed": 1}, admin), 400, "unknown"),
+            # bounded input: depth, constants, repeated keys, encodings, ranges, bytes, Host, path
+            (post_json(prompt_url, b"[" * 2000 + b"]" * 2000), 400, "nested too deeply"),
+            (post_json(prompt_url, b'{"prompt": NaN}'), 400, "NaN is not a number"),
+            (post_json(prompt_url, b'{"prompt": 1e999}'), 400, "out of range"),
+            (post_json(prompt_url, b'{"prompt": "a", "prompt": "b"}'), 400, "appears twice"),
+            (
+                call("POST", prompt_url, b"junk", {"Content-Encoding": "gzip"}),
+                415,
+                "Content-Encoding 'gzip' is not accepted",
+            ),
+            (post_json(sampling_url, {"guidance_scale": 1e308}, admin), 400, "guidance_scale"),
+            (post_json(sampling_url, b'{"temperature": Infinity}', admin), 400, "Infinity"),
+            (post_json(sampling_url, {"temperature": 1e-320}, admin), 400, "temperature"),
+            (post_json(sampling_url, {"top_k": 2**63}, admin), 400, "top_k: must be in"),
+            (post_json(sampling_url, {"top_p": 1.5}, admin), 400, "top_p: must be in"),
+            (
+                post_json(prompt_url, {"prompt": "x"}, {"Authorization": "Bearer \xe9\xe9\xe9"}),
+                403,
+                "wrong admin token",  # Latin-1 bytes, not UTF-8: compared as bytes
+            ),
+            (
+                post_json(prompt_url, {"prompt": "x"}, {"Authorization": f"Bearer {utf8_e}"}),
+                403,
+                "wrong admin token",
+            ),
+            (call("GET", f"{base}/api/stations", headers={"Host": "a b"}), 400, "Host header"),
+            (call("GET", f"{base}/api/stations/main%00"), 400, "control characters"),
         ]
         for (status, headers, body), want_status, want_text in cases:
             assert status == want_status, (body, want_status)
@@ -129,6 +158,19 @@ def test_bad_inputs_get_a_json_reason_while_the_stream_plays(radio):
 
         after = read_exactly(mp3, 16000)  # still playing, at the right bitrate
         assert len(after) == 16000
+
+    # what was refused is counted
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("radio_bad_requests_total", (("status", "400"),))] >= 25
+    assert samples[("radio_bad_requests_total", (("status", "415"),))] == 1
+    assert samples[("radio_bad_requests_total", (("status", "429"),))] == 1
+    assert samples[("radio_listeners_refused_total", (("station", "main"),))] == 1
 
 
 def test_admin_only_prompts(radio_factory):

@@ -39,9 +39,15 @@ def test_every_key_has_a_comment():
 @pytest.mark.parametrize(
     "data, message",
     [
-        ({"generation": {"top_k": -1}}, "generation.top_k: must be >= 0"),
+        ({"generation": {"top_k": -1}}, "generation.top_k: must be in [0, 2048], got -1"),
+        ({"generation": {"top_k": 2**63}}, "generation.top_k: must be in [0, 2048]"),
         ({"generation": {"prompt_horizon": -2}}, "generation.prompt_horizon: must be -1 (auto)"),
-        ({"generation": {"temperature": 0}}, "generation.temperature: must be > 0"),
+        ({"generation": {"temperature": 0}}, "generation.temperature: must be in [0.05, 5.0]"),
+        ({"generation": {"temperature": 1e-320}}, "generation.temperature: must be in"),
+        ({"generation": {"temperature": float("inf")}}, "generation.temperature: must be in"),
+        ({"generation": {"guidance_scale": 1e308}}, "generation.guidance_scale: must be in"),
+        ({"generation": {"guidance_scale": float("nan")}}, "generation.guidance_scale: must be"),
+        ({"generation": {"top_p": 1.5}}, "generation.top_p: must be in [0.0, 1.0]"),
         ({"generation": {"window": 100, "context": 500}}, "generation.window"),
         ({"generation": {"topk": 5}}, "generation.topk: unknown key"),
         ({"colour": "blue"}, "colour: unknown key"),
@@ -105,4 +111,4 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
         timeout=60,
     )
     assert p.returncode == 2
-    assert p.stderr.strip() == "radio: generation.top_k: must be >= 0, got -3"
+    assert p.stderr.strip() == "radio: generation.top_k: must be in [0, 2048], got -3"
