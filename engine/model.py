@@ -44,7 +44,9 @@ class MusicModel:
             raise ModelLoadError(str(err)) from None
         log.info(
             "decoder: %s linear layers, %s KV cache%s",
-            precision if precision != "dense" else str(self.hf.decoder.dtype).removeprefix("torch."),
+            precision
+            if precision != "dense"
+            else str(self.hf.decoder.dtype).removeprefix("torch."),
             self.decoder.kv_cache,
             ", our CPU kernels" if self.decoder._kernels is not None else "",
         )

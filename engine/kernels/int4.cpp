@@ -4,11 +4,14 @@
 //
 //   linear_int4(x, codes, scales, n): x [M, K] float (any M) times packed int4 weights
 //                                     (engine/linear.py `pack_int4`) -> float32 [M, n].
+//   quantize_int4(w, group, clips, refits): the quantizer of engine/linear.py `quantize_int4`
+//                                     (int4_quantize.h), at load-time speed.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include "int4_gemm.h"
+#include "int4_quantize.h"
 
 namespace {
 
@@ -60,10 +63,32 @@ torch::Tensor linear_int4(torch::Tensor x, torch::Tensor codes, torch::Tensor sc
   return y;
 }
 
+// w [N, K] float -> (codes uint8 [N, Kp], scales, offsets float16 [N, Kp / G]): the quantizer
+// of engine/linear.py `quantize_int4` (int4_quantize.h).
+std::vector<torch::Tensor> quantize_int4(torch::Tensor w, int64_t group, torch::Tensor clips,
+                                         int64_t refits) {
+  TORCH_CHECK(w.dim() == 2 && w.numel() > 0, "quantize_int4: w must be a non-empty [N, K]");
+  TORCH_CHECK(group > 0 && group % 8 == 0, "quantize_int4: group must be a multiple of 8");
+  TORCH_CHECK(clips.dim() == 1 && clips.scalar_type() == torch::kFloat && clips.is_contiguous(),
+              "quantize_int4: clips must be float32 [C]");
+  auto wf = w.to(torch::kFloat).contiguous();
+  const int64_t N = w.size(0), K = w.size(1), groups = (K + group - 1) / group;
+  auto codes = torch::empty({N, groups * group}, w.options().dtype(torch::kByte));
+  auto scales = torch::empty({N, groups}, w.options().dtype(torch::kHalf));
+  auto offsets = torch::empty({N, groups}, w.options().dtype(torch::kHalf));
+  er::int4::quantize_weights(wf.data_ptr<float>(), N, K, group, clips.data_ptr<float>(),
+                             clips.size(0), refits, codes.data_ptr<uint8_t>(),
+                             reinterpret_cast<uint16_t*>(scales.data_ptr()),
+                             reinterpret_cast<uint16_t*>(offsets.data_ptr()));
+  return {codes, scales, offsets};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_int4", &linear_int4, py::call_guard<py::gil_scoped_release>(),
         "y = x w^T, packed int4 weights (a scale and an offset per 16 features and G inputs), "
         "activations int8 per row");
+  m.def("quantize_int4", &quantize_int4, py::call_guard<py::gil_scoped_release>(),
+        "w -> (codes, scales, offsets): 4-bit codes, a float16 scale and offset per group");
 }

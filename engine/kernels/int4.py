@@ -22,7 +22,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("int4.cpp")
-_HEADERS = ("int4_gemm.h",)  # included by int4.cpp
+_HEADERS = ("int4_gemm.h", "int4_quantize.h")  # included by int4.cpp
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _CPU_FLAGS = ("avx2", "fma", "f16c")
 _lock = threading.Lock()
