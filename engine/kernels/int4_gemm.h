@@ -135,19 +135,19 @@ inline void group_sums(const uint8_t* codes, int64_t G, const int8_t* const (&xr
     for (int64_t t = h / kStep; t < (h + kSub) / kStep; ++t) {
       const uint8_t* p = codes + t * kStepBytes;
       if (ahead) prefetch(p + kPrefetch);
-      const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-      const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
-      const __m256i lo0 = _mm256_and_si256(v0, low), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
-      const __m256i lo1 = _mm256_and_si256(v1, low), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
+      __m256i a[MR], c[MR];  // each row's inputs 8t .. 8t + 3 and 8t + 4 .. 8t + 7, broadcast
       for (int m = 0; m < MR; ++m) {
-        int32_t first, second;  // the row's inputs 8t .. 8t + 3 and 8t + 4 .. 8t + 7
+        int32_t first, second;
         std::memcpy(&first, xr[m] + t * kStep, 4);
         std::memcpy(&second, xr[m] + t * kStep + 4, 4);
-        const __m256i a = _mm256_set1_epi32(first), c = _mm256_set1_epi32(second);
-        part[m][0] = _mm256_add_epi16(part[m][0], _mm256_add_epi16(_mm256_maddubs_epi16(lo0, a),
-                                                                   _mm256_maddubs_epi16(hi0, c)));
-        part[m][1] = _mm256_add_epi16(part[m][1], _mm256_add_epi16(_mm256_maddubs_epi16(lo1, a),
-                                                                   _mm256_maddubs_epi16(hi1, c)));
+        a[m] = _mm256_set1_epi32(first), c[m] = _mm256_set1_epi32(second);
+      }
+      for (int j = 0; j < 2; ++j) {  // features 8j .. 8j + 7
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * j));
+        const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        for (int m = 0; m < MR; ++m)
+          part[m][j] = _mm256_add_epi16(part[m][j], _mm256_add_epi16(_mm256_maddubs_epi16(lo, a[m]),
+                                                                     _mm256_maddubs_epi16(hi, c[m])));
       }
     }
     for (int m = 0; m < MR; ++m)
