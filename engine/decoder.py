@@ -23,6 +23,7 @@ from transformers.activations import GELUActivation
 from engine.kv_cache import Q4_HEAD, KVCache
 from engine.linear import (
     DECODER_PRECISIONS,
+    INT4_GROUP,
     Int4KernelLinear,
     Int8KernelLinear,
     make_linear,
@@ -94,15 +95,23 @@ def _ln(module: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Decoder:
-    def __init__(self, causal_lm, precision: str = "dense", kv_cache: str = "auto") -> None:
+    def __init__(
+        self,
+        causal_lm,
+        precision: str = "dense",
+        kv_cache: str = "auto",
+        int4_group: int = INT4_GROUP,
+    ) -> None:
         """`causal_lm`: a transformers `MusicgenForCausalLM` (model.decoder of the full model);
         `precision`: how the projections run (`engine.linear`: "dense", "int8", "int4", or
         "int4-ffn": int4 fc1/fc2 and int8 for the rest);
-        `kv_cache`: its kind, "auto", "float32", "bfloat16", "int8" or "int4" (`_choose_kv_cache`)."""
+        `kv_cache`: its kind, "auto", "float32", "bfloat16", "int8" or "int4" (`_choose_kv_cache`);
+        `int4_group`: inputs per scale of the int4 projections (`engine.linear.INT4_GROUPS`)."""
         if precision not in DECODER_PRECISIONS:
             raise ValueError(f"precision must be one of {DECODER_PRECISIONS}, got {precision!r}")
         dec = causal_lm.model.decoder
         self.precision = precision
+        self.int4_group = int4_group
         config = causal_lm.config
         self.num_codebooks = config.num_codebooks
         self.hidden = config.hidden_size
@@ -123,8 +132,9 @@ class Decoder:
         self.attn_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         self._kernels = None
         self.kv_cache = self._choose_kv_cache(kv_cache, precision)  # a KVCache kind
-        self.lm_heads = make_linear(heads, projection_precision(precision, "lm_heads"))  # E -> K*V
-        self.layers = [self._layer(layer, precision) for layer in dec.layers]
+        heads_precision = projection_precision(precision, "lm_heads")
+        self.lm_heads = make_linear(heads, heads_precision, int4_group)  # E -> K * V
+        self.layers = [self._layer(layer, precision, int4_group) for layer in dec.layers]
         # A prefill is a big matrix product (compute-bound). PyTorch's int8 dynamic kernels lose
         # there, so without our kernels an int8 decoder prefills with dense weights (bfloat16
         # where the CPU is fast at it); our linear_int8 wins there too (500 frames of
@@ -135,7 +145,7 @@ class Decoder:
             self.layers[0].out_self, Int8KernelLinear
         ):
             self.prefill_layers = [
-                self._layer(layer, prefill_precision(), like)
+                self._layer(layer, prefill_precision(), int4_group, like)
                 for layer, like in zip(dec.layers, self.layers, strict=True)
             ]
         self.layer_norm_eps = dec.layer_norm.eps
@@ -217,7 +227,9 @@ class Decoder:
         return requested
 
     @staticmethod
-    def _layer(layer, precision: str, like: LayerWeights | None = None) -> LayerWeights:
+    def _layer(
+        layer, precision: str, int4_group: int, like: LayerWeights | None = None
+    ) -> LayerWeights:
         """One layer's weights in a decoder mode; with `like`, its int4 projections are taken
         from there (a prefill's layers share them rather than quantize them twice)."""
 
@@ -225,7 +237,7 @@ class Decoder:
             if like is not None and isinstance(getattr(like, name), Int4KernelLinear):
                 return getattr(like, name)
             weight = torch.cat([m.weight for m in modules])
-            return make_linear(weight, projection_precision(precision, name))
+            return make_linear(weight, projection_precision(precision, name), int4_group)
 
         attn, cross = layer.self_attn, layer.encoder_attn
         return LayerWeights(

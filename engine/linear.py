@@ -295,7 +295,7 @@ def prefill_precision() -> str:
     return "bf16" if cpu_has_fast_bf16() else "dense"
 
 
-def make_linear(weight: torch.Tensor, precision: str):
+def make_linear(weight: torch.Tensor, precision: str, int4_group: int = INT4_GROUP):
     if precision == "dense":
         if _kernel_shape(weight):
             from engine import kernels
@@ -316,7 +316,7 @@ def make_linear(weight: torch.Tensor, precision: str):
     if precision == "int4":
         if weight.device.type != "cpu":
             raise ValueError("quantize: int4 is a CPU mode; on a GPU use bfloat16 or float16")
-        return Int4KernelLinear(weight, int4_kernel())
+        return Int4KernelLinear(weight, int4_kernel(), int4_group)
     raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
