@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from engine import kernels
-from engine.kv_cache import KVCache, quantize_vectors
 from engine.kernels import int4
+from engine.kv_cache import KVCache, quantize_vectors
 from engine.linear import INT4_GROUP, Int8DynamicLinear, pack_int4, pack_int8
 
 HIDDEN, FFN, HEADS, HEAD_DIM = 1024, 4096, 16, 64
@@ -172,19 +172,21 @@ def bench_int4(rows_list: list[int], layers: int, repeat: int, group: int) -> No
     data = torch.randn(nbytes // 4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        int8 = [[Int8DynamicLinear(torch.randn(n, m) * 0.02) for n, m in SHAPES] for _ in range(layers)]
+        int8 = [
+            [Int8DynamicLinear(torch.randn(n, m) * 0.02) for n, m in SHAPES] for _ in range(layers)
+        ]
     int8_bytes = sum(n * m + 4 * n for n, m in SHAPES) * layers
     print(f"linear_int4, groups of {group}, {layers} layers: {nbytes / 1e6:.0f} MB per step "
           f"(int8: {int8_bytes / 1e6:.0f} MB)")  # fmt: skip
     for rows in rows_list:
         inputs = {m: torch.randn(rows, m) for _, m in SHAPES}
 
-        def ours():
+        def ours(inputs=inputs):
             for layer in packed:
                 for (c, s), (n, m) in zip(layer, SHAPES, strict=True):
                     k4.linear_int4(inputs[m], c, s, n)
 
-        def dynamic():
+        def dynamic(inputs=inputs):
             for layer in int8:
                 for lin, (_, m) in zip(layer, SHAPES, strict=True):
                     lin(inputs[m])

@@ -256,7 +256,7 @@ class Int8DynamicLinear:
             )
             q = torch.quantize_per_channel(w, scales.double(), zeros, 0, torch.qint8)
             self._packed = torch.ops.quantized.linear_prepack(q, None)
-        self.out_features = w.shape[0]
+        self.out_features, self.in_features = w.shape
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
