@@ -10,9 +10,12 @@ bytes come from memory as in the real step, not from a warm cache:
 - self-attention over P cached positions: float32 SDPA (the cache PyTorch's kernels need to be
   fast), bfloat16 SDPA, `decode_attention` over a bfloat16 cache, and `attend_step_q8` /
   `attend_step_q4` (which also write the step's key/value) over an int8 / int4 cache;
-- a plain read of the same bytes, the ceiling this machine's memory allows.
+- a plain read of the same bytes, the ceiling this machine's memory allows;
+- `linear_int4` (engine/kernels/int4_gemm.h, AVX2: any x86-64 CPU of the last decade) against
+  a plain read of its own bytes and against int8 dynamic, interleaved call by call (a shared
+  machine's bandwidth swings), at each `--int4-rows`: ms, GB/s and its share of the read.
 
-    python bench/kernels.py [--rows 2] [--layers 24] [--repeat 10]
+    python bench/kernels.py [--rows 2] [--layers 24] [--repeat 10] [--int4-rows 2 8]
 
 Prints milliseconds per step and GB/s; ratios are within one run.
 """
@@ -27,8 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from engine import kernels
+from engine.kernels import int4
 from engine.kv_cache import KVCache, quantize_vectors
-from engine.linear import Int8DynamicLinear, pack_int8
+from engine.linear import INT4_GROUP, Int8DynamicLinear, pack_int4, pack_int8
 
 HIDDEN, FFN, HEADS, HEAD_DIM = 1024, 4096, 16, 64
 SHAPES = [(3 * HIDDEN, HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, HIDDEN),
@@ -142,6 +146,60 @@ def bench_attention(rows: int, layers: int, positions: int, repeat: int, k) -> N
         line("attend_step_q4, int4 cache (ours)", timed(ours_int4, repeat), nbytes // 8, base)
 
 
+def interleaved(fns: dict, repeat: int) -> dict:
+    """Mean ms per call of each function, taking turns call by call."""
+    for fn in fns.values():
+        fn()
+    spent = dict.fromkeys(fns, 0.0)
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            began = time.perf_counter()
+            fn()
+            spent[name] += time.perf_counter() - began
+    return {name: t / repeat * 1e3 for name, t in spent.items()}
+
+
+def bench_int4(rows_list: list[int], layers: int, repeat: int, group: int) -> None:
+    k4 = int4.get()
+    if k4 is None:
+        print(f"linear_int4: unavailable ({int4.unavailable_reason()})")
+        return
+    # one layer quantized, its bytes copied for every layer: each layer's weights come from
+    # memory as in a real step (the codes' values do not change the kernel's time)
+    first = [pack_int4(torch.randn(n, m) * 0.02, group, k4) for n, m in SHAPES]
+    packed = [[(c.clone(), s.clone()) for c, s in first] for _ in range(layers)]
+    nbytes = sum(c.nbytes + s.nbytes for layer in packed for c, s in layer)
+    data = torch.randn(nbytes // 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        int8 = [
+            [Int8DynamicLinear(torch.randn(n, m) * 0.02) for n, m in SHAPES] for _ in range(layers)
+        ]
+    int8_bytes = sum(n * m + 4 * n for n, m in SHAPES) * layers
+    print(f"linear_int4, groups of {group}, {layers} layers: {nbytes / 1e6:.0f} MB per step "
+          f"(int8: {int8_bytes / 1e6:.0f} MB)")  # fmt: skip
+    for rows in rows_list:
+        inputs = {m: torch.randn(rows, m) for _, m in SHAPES}
+
+        def ours(inputs=inputs):
+            for layer in packed:
+                for (c, s), (n, m) in zip(layer, SHAPES, strict=True):
+                    k4.linear_int4(inputs[m], c, s, n)
+
+        def dynamic(inputs=inputs):
+            for layer in int8:
+                for lin, (_, m) in zip(layer, SHAPES, strict=True):
+                    lin(inputs[m])
+
+        ms = interleaved({"int4": ours, "read": lambda: data.max(), "int8": dynamic}, repeat)
+        print(f" {rows} rows:")
+        line("linear_int4 (ours)", ms["int4"], nbytes)
+        line("plain read of the same bytes", ms["read"], nbytes)
+        line("int8 dynamic (PyTorch)", ms["int8"], int8_bytes)
+        print(f"  linear_int4 at {ms['read'] / ms['int4']:.0%} of the plain read's speed; "
+              f"x{ms['int8'] / ms['int4']:.2f} int8 dynamic's step")  # fmt: skip
+
+
 def read_ceiling(nbytes: int, repeat: int) -> None:
     data = torch.randn(nbytes // 4)
     line("plain read (float32 max)", timed(lambda: data.max(), repeat), nbytes)
@@ -153,10 +211,17 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--positions", type=int, nargs="+", default=[500, 1000, 1500])
     parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--int4-rows", type=int, nargs="*", default=[2, 8])
+    parser.add_argument("--int4-group", type=int, default=INT4_GROUP)
+    parser.add_argument("--int4-only", action="store_true", help="only the linear_int4 rows")
     args = parser.parse_args()
     k = kernels.get()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; our kernels: "
           f"{'built' if k is not None else 'unavailable (' + str(kernels.unavailable_reason()) + ')'}")  # fmt: skip
+    if args.int4_rows:
+        bench_int4(args.int4_rows, args.layers, args.repeat, args.int4_group)
+    if args.int4_only:
+        return
     bench_linears(args.rows, args.layers, args.repeat, k)
     for positions in args.positions:
         bench_attention(args.rows, args.layers, positions, args.repeat, k)

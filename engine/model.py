@@ -39,14 +39,16 @@ class MusicModel:
         self.hf = loaded.model.requires_grad_(False)
         freeze_weight_norm(self.hf.audio_encoder)
         self.processor = loaded.processor
-        precision = "int8" if loaded.quantize == "int8" else "dense"
+        precision = "dense" if loaded.quantize == "none" else loaded.quantize
         try:
             self.decoder = Decoder(self.hf.decoder, precision, loaded.kv_cache)
-        except ValueError as err:  # a kv_cache this machine cannot run
+        except ValueError as err:  # a kv_cache or quantize mode this machine cannot run
             raise ModelLoadError(str(err)) from None
         log.info(
             "decoder: %s linear layers, %s KV cache%s",
-            "int8" if precision == "int8" else str(self.hf.decoder.dtype).removeprefix("torch."),
+            precision
+            if precision != "dense"
+            else str(self.hf.decoder.dtype).removeprefix("torch."),
             self.decoder.kv_cache,
             ", our CPU kernels" if self.decoder._kernels is not None else "",
         )
