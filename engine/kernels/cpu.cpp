@@ -27,12 +27,12 @@
 #include <torch/extension.h>
 
 #include <cmath>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
-#include "decode_step.h"
-#include "sampling.h"
+#include "all_kernels.h"
 
 namespace {
 
@@ -41,30 +41,6 @@ using namespace er;
 constexpr int64_t kMaxRows = 8;
 
 // ---- linear ------------------------------------------------------------------------------------
-
-template <int M>
-void linear_rows(const uint16_t* x, const uint16_t* w, float* y, int64_t N, int64_t K) {
-  // Two output features per iteration share the loads of x; each weight is read once.
-  constexpr int R = 2;
-  at::parallel_for(0, N / R, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = b * R;
-      __m512 acc[M][R];
-      for (int m = 0; m < M; ++m)
-        for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
-      for (int64_t k = 0; k < K; k += 32) {
-        __m512bh wv[R];
-        for (int r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(w + (n + r) * K + k);
-        for (int m = 0; m < M; ++m) {
-          const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
-          for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
-        }
-      }
-      for (int m = 0; m < M; ++m)
-        for (int r = 0; r < R; ++r) y[m * N + n + r] = _mm512_reduce_add_ps(acc[m][r]);
-    }
-  });
-}
 
 torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "linear_bf16: x [M, K] and w [N, K]");
@@ -78,16 +54,7 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w) {
   auto xp = reinterpret_cast<const uint16_t*>(xb.data_ptr());
   auto wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
   auto yp = y.data_ptr<float>();
-  switch (M) {
-    case 1: linear_rows<1>(xp, wp, yp, N, K); break;
-    case 2: linear_rows<2>(xp, wp, yp, N, K); break;
-    case 3: linear_rows<3>(xp, wp, yp, N, K); break;
-    case 4: linear_rows<4>(xp, wp, yp, N, K); break;
-    case 5: linear_rows<5>(xp, wp, yp, N, K); break;
-    case 6: linear_rows<6>(xp, wp, yp, N, K); break;
-    case 7: linear_rows<7>(xp, wp, yp, N, K); break;
-    default: linear_rows<8>(xp, wp, yp, N, K); break;
-  }
+  linear_bf16_rows(xp, wp, yp, M, N, K);
   return y;
 }
 
@@ -194,18 +161,9 @@ torch::Tensor attend_step(torch::Tensor qkv, torch::Tensor keys, torch::Tensor v
     std::vector<float> scores(P + 16);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, h = i % H, at = pp[b];
-      uint16_t* k = kp + b * kb + h * kh;
-      uint16_t* v = vp + b * vb + h * vh;
-      const float* row = xp + b * 3 * E;
-      for (int64_t c = 0; c < D; c += 16) {  // round to nearest even, as torch's .to(bfloat16)
-        const __m256i kw = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(row + E + h * D + c));
-        const __m256i vw = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(row + 2 * E + h * D + c));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(k + at * D + c), kw);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(v + at * D + c), vw);
-      }
-      const float* q = row + h * D;
-      float* o = op + b * E + h * D;
-      with_head_chunks(D, [&](auto nc) { attend<nc>(q, k, v, at + 1, s, scores.data(), o); });
+      const float* row = xp + b * 3 * E + h * D;
+      attend_head_bf16(row, row + E, row + 2 * E, kp + b * kb + h * kh, vp + b * vb + h * vh, at,
+                       D, s, scores.data(), op + b * E + h * D);
     }
   });
   return out;
@@ -546,6 +504,7 @@ class DecodeStepInt8 {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The kernels touch no Python object: other threads (the radio's event loop) run meanwhile.
   const auto nogil = pybind11::call_guard<pybind11::gil_scoped_release>();
+  m.def("isa", [] { return std::string(kIsa); }, "the instruction set this build is for");
   m.def("linear_bf16", &linear_bf16, nogil, "y = x w^T, bfloat16 weights, a few rows");
   m.def("decode_attention", &decode_attention, nogil, "one query per row over a bfloat16 KV cache");
   m.def("attend_step", &attend_step, nogil, "write a step's keys/values, then attend, per row");

@@ -16,8 +16,7 @@
 
 #include <vector>
 
-#include "attention.h"
-#include "int8_gemm.h"
+#include "cache_heads.h"
 
 namespace er {
 
