@@ -163,6 +163,8 @@ def _build():
             )
             return module
         except Exception as exc:  # a missing compiler or headers: say so, run PyTorch's kernels
-            reason = f"the {variant.name} build failed ({type(exc).__name__}: {str(exc).strip()[:300]})"
+            reason = (
+                f"the {variant.name} build failed ({type(exc).__name__}: {str(exc).strip()[:300]})"
+            )
     log.warning("CPU decode kernels not used: %s; decoding with PyTorch's kernels (slower)", reason)
     return None
