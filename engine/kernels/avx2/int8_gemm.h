@@ -12,9 +12,9 @@
 //
 // A 64-feature block is 8 such registers; a register tile is 2 rows x 32 features (half a
 // block): 8 accumulators, 4 broadcast activations, a weight register and a temporary in
-// AVX2's 16. Decode steps (up to 16 rows) go over each block by chunks of k-groups that stay in
-// L1 while every (half, row tile) pass reads them, so the weights stream from memory once;
-// prefills (more rows) run whole-K tiles over each half block, which stays in L1/L2.
+// AVX2's 16. Up to 16 rows go over each block by chunks of k-groups that stay in L1 while every
+// (half, row tile) pass reads them, so a decode step streams the weights from memory once; a
+// prefill's rows go by groups of 16 the same way, the block in L2.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -144,19 +144,6 @@ inline void row_pointers(const QuantRows& x, int64_t m0, const int8_t* (&xr)[MR]
   for (int m = 0; m < MR; ++m) xr[m] = x.q + (m0 + m) * x.ld;
 }
 
-// Rows [m0, m0 + MR) against half `half` of one block (its features from n0), the whole K.
-template <int MR, Out OUT>
-inline void half_tile(const uint8_t* wb, int64_t K4, int half, const QuantRows& x, int64_t m0,
-                      const float* ws, int64_t n0, int64_t N, float* y, int64_t ldy) {
-  __m256i acc[MR][4];
-  for (auto& row : acc)
-    for (auto& a : row) a = _mm256_setzero_si256();
-  const int8_t* xr[MR];
-  row_pointers(x, m0, xr);
-  tile_sums(wb + half * 4 * kHalf, 0, K4, xr, acc);
-  tile_out<MR, OUT>(acc, x, m0, ws, n0 + half * kHalf, N, y, ldy);
-}
-
 // One pass of the decode path: a row tile over one half of a chunk, its sums resting in `saved`
 // between chunks, asking (into L1) for lines [line0, line1) of the chunk after next.
 template <int MR>
@@ -209,23 +196,23 @@ void block_chunked(const uint8_t* wb, int64_t K4, const QuantRows& x, int64_t M,
   }
 }
 
+// The rows [m0, m0 + count) of x.
+inline QuantRows rows_from(const QuantRows& x, int64_t m0) {
+  return QuantRows{x.q + m0 * x.ld, x.ld, x.scale + m0, x.comp + m0};
+}
+
 // y [M][ldy] (=, += or gelu of) x w^T over the M quantized rows; blocks split across threads.
+// A prefill's rows go by groups of kMaxChunkedRows, each over the block in L2 as a decode step
+// goes over it from memory.
 template <Out OUT>
 void gemm_int8(const PackedInt8& w, const QuantRows& x, int64_t M, float* y, int64_t ldy) {
   const int64_t blocks = (w.N + kBlock - 1) / kBlock, K4 = w.Kp / 4;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const uint8_t* wb = w.data + b * K4 * 4 * kBlock;
-      if (M <= kMaxChunkedRows) {
-        block_chunked<OUT>(wb, K4, x, M, w.scales, b * kBlock, w.N, y, ldy);
-        continue;
-      }
-      for (int half = 0; half < 2; ++half) {
-        for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
-          with_tile_rows(M - m0, [&](auto mr) {
-            half_tile<mr, OUT>(wb, K4, half, x, m0, w.scales, b * kBlock, w.N, y, ldy);
-          });
-        }
+      for (int64_t m0 = 0; m0 < M; m0 += kMaxChunkedRows) {
+        block_chunked<OUT>(wb, K4, rows_from(x, m0), std::min(kMaxChunkedRows, M - m0), w.scales,
+                           b * kBlock, w.N, y + m0 * ldy, ldy);
       }
     }
   });
