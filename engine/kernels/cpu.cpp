@@ -353,14 +353,7 @@ struct ProjectionTensors {
   torch::Tensor data, scales;
 };
 
-struct DecoderLayerTensors {
-  LayerNormTensors ln_self;
-  ProjectionTensors qkv, out_self;  // E -> 3E (q, k, v), E -> E
-  LayerNormTensors ln_cross;
-  ProjectionTensors q_cross, out_cross;  // E -> E, E -> E
-  LayerNormTensors ln_ffn;
-  ProjectionTensors fc1, fc2;  // E -> F, F -> E
-};
+using DecoderLayerTensors = DecoderLayerOf<LayerNormTensors, ProjectionTensors>;
 
 // A whole decoder step (decode_step.h) over tensors that live as long as this object.
 class DecodeStepInt8 {

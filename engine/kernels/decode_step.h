@@ -32,14 +32,17 @@ struct LayerNormW {
   const float *weight, *bias;  // [E]
 };
 
-struct DecoderLayerW {
-  LayerNormW ln_self;
-  Projection qkv, out_self;  // E -> 3E (q, k, v), E -> E
-  LayerNormW ln_cross;
-  Projection q_cross, out_cross;  // E -> E, E -> E
-  LayerNormW ln_ffn;
-  Projection fc1, fc2;  // E -> F, F -> E
+// One decoder layer's weights by name; cpu.cpp holds the same names as tensors.
+template <class Norm, class Proj>
+struct DecoderLayerOf {
+  Norm ln_self;
+  Proj qkv, out_self;  // E -> 3E (q, k, v), E -> E
+  Norm ln_cross;
+  Proj q_cross, out_cross;  // E -> E, E -> E
+  Norm ln_ffn;
+  Proj fc1, fc2;  // E -> F, F -> E
 };
+using DecoderLayerW = DecoderLayerOf<LayerNormW, Projection>;
 
 struct ModelW {
   int64_t E, H, D, F, L, K;  // hidden, heads, head size, ffn, layers, codebooks
