@@ -172,7 +172,7 @@ class Decoder:
     def _choose_kv_cache(self, requested: str, precision: str) -> str:
         """The KV cache kind; also decides whether decode steps attend with our CPU kernels.
 
-        Where our kernels run (engine.kernels: CPUs with AVX-512 BF16), a decode step's
+        Where our kernels run (engine.kernels: AVX-512 or AVX2 CPUs), a decode step's
         self-attention is one `attend_step` call per layer over a bfloat16, int8 or int4 cache
         (half, a quarter or an eighth of float32's bytes). "auto" takes int8 for an int8 decoder,
         bfloat16 for a bfloat16 one, and keeps a float32 model on PyTorch's exact path; int4

@@ -1,4 +1,4 @@
-"""The int4 KV cache (engine/kv_cache.py, the kernels in engine/kernels/attention.h): its byte
+"""The int4 KV cache (engine/kv_cache.py, the kernels in engine/kernels/*/attention.h): its byte
 layout, the attention over it against float64 maths on the same nibbles, the one-call decoder
 step over it against the same decoder run op by op, and how far it strays from float32."""
 

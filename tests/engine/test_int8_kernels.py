@@ -1,4 +1,4 @@
-"""Our int8 kernels (engine/kernels/int8_gemm.h, decode_step.h): the packed int8 projection
+"""Our int8 kernels (engine/kernels/*/int8_gemm.h, decode_step.h): the packed int8 projection
 against exact integer maths, and the one-call decoder step against the same decoder run op by
 op in Python."""
 
