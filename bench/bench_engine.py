@@ -30,6 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import engine.kernels as kernels  # noqa: E402
 from engine import LoadOptions, ModelLoadError, MusicModel, SamplingOptions, WindowOptions  # noqa: E402
 from engine.tiny import build_tiny_model  # noqa: E402
 
@@ -272,7 +273,8 @@ def main() -> int:
 
     path = model_dir(args.size)
     say(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"our CPU kernels: {kernels.isa() or 'none (' + str(kernels.unavailable_reason()) + ')'}"
     )
     results = {}
     if args.realtime_only:

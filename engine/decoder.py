@@ -90,6 +90,23 @@ def _exact_gelu(fn) -> bool:
     return isinstance(fn, GELUActivation) and fn.act is F.gelu
 
 
+def kernel_projection(kernels, linear: Int8KernelLinear):
+    """A projection's weights as our fused step takes them (`engine.kernels` Projection)."""
+    return kernels.Projection(kind="int8", data=linear.packed, scales=linear.scales)
+
+
+def kernel_layer(kernels, w: LayerWeights):
+    """A layer's weights by name, as our fused step takes them (`engine.kernels` DecoderLayer)."""
+    norms = {
+        name: kernels.LayerNorm(*getattr(w, name)) for name in ("ln_self", "ln_cross", "ln_ffn")
+    }
+    projections = {
+        name: kernel_projection(kernels, getattr(w, name))
+        for name in ("qkv", "out_self", "q_cross", "out_cross", "fc1", "fc2")
+    }
+    return kernels.DecoderLayer(**norms, **projections)
+
+
 def _ln(module: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
     return module.weight, module.bias
 
@@ -167,32 +184,21 @@ class Decoder:
         if not fused:
             return None
 
-        def packed(linear: Int8KernelLinear) -> list[torch.Tensor]:
-            return [linear.packed, linear.scales]
-
-        layers = [
-            [
-                *w.ln_self,
-                *packed(w.qkv),
-                *packed(w.out_self),
-                *w.ln_cross,
-                *packed(w.q_cross),
-                *packed(w.out_cross),
-                *w.ln_ffn,
-                *packed(w.fc1),
-                *packed(w.fc2),
-            ]
-            for w in self.layers
-        ]
-        final = [*self.final_ln, *packed(self.lm_heads)]
-        return self._kernels.DecodeStepInt8(
-            self.embed, self.positions, layers, final, self.heads, self.layer_norm_eps
+        k = self._kernels
+        return k.DecodeStepInt8(
+            embed=self.embed,
+            positions=self.positions,
+            layers=[kernel_layer(k, w) for w in self.layers],
+            ln_final=k.LayerNorm(*self.final_ln),
+            lm_heads=kernel_projection(k, self.lm_heads),
+            heads=self.heads,
+            eps=self.layer_norm_eps,
         )
 
     def _choose_kv_cache(self, requested: str, precision: str) -> str:
         """The KV cache kind; also decides whether decode steps attend with our CPU kernels.
 
-        Where our kernels run (engine.kernels: CPUs with AVX-512 BF16), a decode step's
+        Where our kernels run (engine.kernels: AVX-512 or AVX2 CPUs), a decode step's
         self-attention is one `attend_step` call per layer over a bfloat16, int8 or int4 cache
         (half, a quarter or an eighth of float32's bytes). "auto" takes int8 for an int8 decoder,
         bfloat16 for a bfloat16 one, and keeps a float32 model on PyTorch's exact path; int4

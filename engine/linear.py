@@ -9,9 +9,9 @@
   feed-forward projections only (`int4-ffn`, int8 for the rest).
 - `int8`: weights quantized per output channel to int8, activations quantized on the fly, one
   scale per row; inputs and outputs stay float32. A CPU mode: a decode step reads a quarter of
-  the float32 bytes. Where our kernels run (AVX-512 VNNI), `linear_int8` (exact int32 sums,
-  8-bit activations, any number of rows: decode steps and prefills alike); elsewhere PyTorch's
-  fbgemm dynamic kernels (`torch.ops.quantized.linear_dynamic`, 7-bit activations).
+  the float32 bytes. Where our kernels run (AVX-512 VNNI or AVX2), `linear_int8` (exact int32
+  sums, 8-bit activations, any number of rows: decode steps and prefills alike); elsewhere
+  PyTorch's fbgemm dynamic kernels (`torch.ops.quantized.linear_dynamic`, 7-bit activations).
 
 Dense bfloat16 weights on a CPU run a decode step's few rows through our `linear_bf16` kernel
 (`engine.kernels`: one pass over the weights at memory speed, 1.4x `F.linear` here) and larger
@@ -71,7 +71,7 @@ class Bf16KernelLinear(CastLinear):
 
 def pack_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] float -> (bytes [ceil(N / 64), ceil(K / 4), 256] uint8, scales [N] float32), the
-    layout of `engine/kernels/int8_gemm.h`: blocks of 64 output features, 4 inputs x 64 features
+    layout of `engine/kernels/common.h`: blocks of 64 output features, 4 inputs x 64 features
     per 256 bytes, each byte the int8 weight + 128; padding is weight 0."""
     w = weight.detach().float().cpu()
     n, k = w.shape
@@ -85,7 +85,7 @@ def pack_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8KernelLinear:
-    """int8 weights through our `linear_int8` kernel (CPUs with AVX-512 VNNI)."""
+    """int8 weights through our `linear_int8` kernel (AVX-512 VNNI or AVX2 CPUs)."""
 
     def __init__(self, weight: torch.Tensor, kernels) -> None:
         self.packed, self.scales = pack_int8(weight)

@@ -158,8 +158,19 @@ def load_model(options: LoadOptions) -> LoadedModel:
         model.decoder.config.num_hidden_layers,
         model.decoder.config.hidden_size,
     )
-    # The compiled step reads the cache as a float tensor: no int8 cache under it.
-    kv_cache = (
-        "bfloat16" if options.kv_cache == "auto" and compile_mode != "none" else options.kv_cache
-    )
+    kv_cache = choose_kv_cache(options, compile_mode, device)
     return LoadedModel(model, processor, device, dtype, name, quantize, compile_mode, kv_cache)
+
+
+def choose_kv_cache(options: LoadOptions, compile_mode: str, device: torch.device) -> str:
+    """ "auto" under a compiled step, which reads the cache as a float tensor (no int8 cache under
+    it): bfloat16 where our CPU kernels attend to it (or on a GPU), else float32, the cache
+    PyTorch's CPU attention is fast on. Otherwise the decoder chooses (`_choose_kv_cache`)."""
+    if options.kv_cache != "auto" or compile_mode == "none":
+        return options.kv_cache
+    if device.type == "cpu":
+        from engine import kernels
+
+        if kernels.get() is None:
+            return "float32"
+    return "bfloat16"

@@ -50,7 +50,7 @@ class MusicModel:
             if precision != "dense"
             else str(self.hf.decoder.dtype).removeprefix("torch."),
             self.decoder.kv_cache,
-            ", our CPU kernels" if self.decoder._kernels is not None else "",
+            f", our CPU kernels ({self.decoder.kernels.isa()})" if self.decoder.kernels else "",
         )
         config = self.hf.config
         self.sample_rate: int = config.audio_encoder.sampling_rate

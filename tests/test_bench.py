@@ -112,11 +112,15 @@ def test_kernels_benchmark_prints_each_kernel(tmp_path):
     out = _run(
         "kernels.py",
         *("--rows", "8", "--layers", "2", "--positions", "64", "--repeat", "1"),
+        *("--prefill-rows", "40"),
         tmp_path=tmp_path,
     )
+    assert f"our kernels: {kernels.isa()}" in out
+    assert re.search(r"plain read of \d+ MB: [\d.]+ GB/s", out)
     assert "projections, 2 layers, 8 rows" in out
     for row in ("linear_int8 (ours", "attend_step_q8, int8 cache", "attend_step_q4, int4 cache"):
-        assert re.search(re.escape(row) + r".* ms .* GB/s", out), row
+        assert re.search(re.escape(row) + r".* ms .* GB/s .*% of read", out), row
+    assert re.search(r"linear_int8 \(ours\) .* ms .* GMAC/s", out)
 
 
 def test_clip_benchmark_prints_cost_and_stream_tables(tmp_path):
