@@ -39,7 +39,7 @@ from engine import kernels  # noqa: E402
 from engine.conditioning import batch_conditions, encode_prompt  # noqa: E402
 from engine.decoder import Decoder  # noqa: E402
 from engine.delay import codebook_delays, delayed_layout  # noqa: E402
-from engine.kv_cache import Q4_BLOCK_BYTES  # noqa: E402
+from engine.kv_cache import Q4_BLOCK_BYTES, Q4_HEAD  # noqa: E402
 from engine.linear import INT4_GROUP, Int8DynamicLinear  # noqa: E402
 from engine.options import SamplingOptions, WindowOptions  # noqa: E402
 from engine.token_stream import TokenStream  # noqa: E402
@@ -208,11 +208,11 @@ def main() -> int:
         except ValueError as err:  # a mode this machine cannot run
             say(f"{name}: skipped ({err})")
             continue
+        if kv_cache == "int4" and decoder.head_dim != Q4_HEAD:
+            say(f"{name}: skipped (an int4 cache holds heads of {Q4_HEAD})")
+            continue
         if kv_cache in ("int8", "int4") and decoder.kernels is not None:
             decoder = Decoder(model.decoder, precision, kv_cache, int4_group=group)
-        if kv_cache == "int4" and decoder.head_dim != 64:
-            say(f"{name}: skipped (an int4 cache holds heads of 64)")
-            continue
         if emulate_kernels(decoder, model, kv_cache):
             name += " (emulated)"
         notes[name] = step_bytes(decoder, decoder.kv_cache)

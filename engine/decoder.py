@@ -178,7 +178,11 @@ class Decoder:
             self._kernels is not None
             and self.kv_cache in ("int8", "int4")
             and isinstance(self.lm_heads, Int8KernelLinear)
-            and all(isinstance(w.qkv, Int8KernelLinear) for w in self.layers)
+            and all(
+                isinstance(p, Int8KernelLinear)
+                for w in self.layers
+                for p in (w.qkv, w.out_self, w.q_cross, w.out_cross, w.fc1, w.fc2)
+            )
             and _exact_gelu(self.activation)
         )
         if not fused:
