@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from engine.batch import DecodeBatch
-from engine.codec import StreamingDecoder, freeze_weight_norm
+from engine.codec import StreamingDecoder, prepare_codec
 from engine.conditioning import batch_conditions, encode_prompt
 from engine.decoder import Decoder
 from engine.delay import codebook_delays, delayed_layout
@@ -35,7 +35,7 @@ class MusicModel:
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
         self.hf = loaded.model.requires_grad_(False)
-        freeze_weight_norm(self.hf.audio_encoder)
+        prepare_codec(self.hf.audio_encoder)  # weight norm frozen, LSTM weights float16
         self.processor = loaded.processor
         precision = "int8" if loaded.quantize == "int8" else "dense"
         try:
