@@ -7,6 +7,8 @@ decode of the same tokens.
   (`round_lstm_weights`) and read by the C++ kernel `lstm_f16.h` (`native` builds it);
 - `upsampler`: the upsampling stack cropped to what a call's audio needs;
 - `layers`: faster stand-ins for EnCodec layers at streaming sizes, `freeze_weight_norm`;
+- `batched`: `decode_together`, several streams' calls with their LSTMs and upsampling stacks
+  batched (stations on one model);
 - `one_shot`: `decode_full`, the reference decode of all frames at once.
 
 `prepare_codec` readies a loaded model's codec for streaming, once.
@@ -14,6 +16,7 @@ decode of the same tokens.
 
 from torch import nn
 
+from engine.codec.batched import decode_together
 from engine.codec.layers import freeze_weight_norm
 from engine.codec.lstm import round_lstm_weights
 from engine.codec.one_shot import decode_full
@@ -32,6 +35,7 @@ __all__ = [
     "HOP",
     "StreamingDecoder",
     "decode_full",
+    "decode_together",
     "freeze_weight_norm",
     "prepare_codec",
     "round_lstm_weights",

@@ -57,6 +57,24 @@ class _Carry:
     c: torch.Tensor  # [e, layers, B, H]
 
 
+@dataclass
+class _Call:
+    """One `decode` call on its way through the stages (see `StreamingDecoder._begin`)."""
+
+    codes: torch.Tensor  # [K, T], frame `offset` first
+    offset: int
+    start: int
+    stop: int
+    end: int  # the LSTM runs up to here: stop + crossfade tail frame + upsampling margin
+    first: int  # the upsampler reads LSTM frames [first, end)
+    rewind: bool = False  # start before the previous call's stop
+    carried: bool = False  # goes on from what the previous call computed beyond its stop
+    resume: int = 0  # first frame the LSTM runs (not carried)
+    x: torch.Tensor | None = None  # [frames, B, D] the LSTM's input of the frames it runs
+    h0: torch.Tensor | None = None  # [layers, B, H] the state it starts from
+    c0: torch.Tensor | None = None
+
+
 class StreamingDecoder:
     """Tokens -> float32 PCM in chunks, each decoded with left context and lookahead, trimmed,
     joins crossfaded. One instance per stream; not thread-safe.
@@ -144,39 +162,90 @@ class StreamingDecoder:
     def decode(self, codes: torch.LongTensor, offset: int, start: int, stop: int) -> np.ndarray:
         """codes [K, T] (K = 4 mono, 8 stereo interleaved) -> float32 [channels, (stop-start)*640],
         the audio of frames [start, stop)."""
+        call = self._begin(codes, offset, start, stop)
+        top, hs, cs = self._lstm.run(call.x, call.h0, call.c0)
+        y, lo, hi = self._after_lstm(call, top, hs, cs)
+        return self._finish(call, self._upsample(y, lo, hi, at_zero=call.first == 0))
+
+    # The stages of a call: `_begin` (checks, first conv, the state the LSTM starts from), the
+    # LSTM run, `_after_lstm` (states saved, lookahead carried, the upsampler's input), the
+    # upsampler, `_finish` (crossfade, audio kept). `engine.codec.batched` runs the LSTM and the
+    # upsampler of several streams' calls together between the same stages.
+
+    def _begin(self, codes: torch.Tensor, offset: int, start: int, stop: int) -> _Call:
         self._check(codes, offset, start, stop)
-        rewind = self._stop is not None and start < self._stop
         end = stop + (1 if self.crossfade else 0) + UPSAMPLE_MARGIN  # LSTM frames up to end
-        first = max(0, start - UPSAMPLE_MARGIN)  # the upsampling stack reads [first, end)
-        carried = self._carry_fits(codes, offset, start)
-        if carried:
-            y, frame0, hs, cs = self._lstm_carried_on(codes, offset, end)
+        call = _Call(codes, offset, start, stop, end, first=max(0, start - UPSAMPLE_MARGIN))
+        call.rewind = self._stop is not None and start < self._stop
+        call.carried = self._carry_fits(codes, offset, start)
+        if call.carried:  # run only the new frames, from the state the previous call reached
+            carry = self._carry
+            resume = carry.frame + carry.h.shape[0]  # the previous call's end
+            call.x = self._first_conv(codes, offset, resume, end)  # [end - resume, B, D]
+            call.h0, call.c0 = carry.h[-1], carry.c[-1]
         else:
-            y, frame0, hs, cs = self._lstm_from_state(codes, offset, start, end)
-        # y: LSTM block output of frames [first, end) [n, B, D]; hs/cs: after frames [frame0, end)
+            self._from_saved_state(call)
+        return call
+
+    def _from_saved_state(self, call: _Call) -> None:
+        """Re-run the LSTM from the ring state `rollback` frames before `start` (the frames whose
+        conv input reaches codes from `start` on, which may have changed), or warm it up."""
+        start, offset = call.start, call.offset
+        resume = max(0, start - self._rollback)  # first LSTM frame run in this call
+        exact = resume == 0 or (
+            self._stop is not None and self._state_lo <= resume and start <= self._stop
+        )
+        warm = resume if exact else max(start - self.context, offset + self._half0 if offset else 0)
+        x = self._first_conv(call.codes, offset, warm, call.end)  # [end - warm, B, D]
+        h0, c0 = self._initial_state(resume if exact else None, x.shape[1])
+        if not exact and resume > warm:  # fresh start: warm the LSTM up, keep only its last state
+            _, hs, cs = self._lstm.run(x[: resume - warm], h0, c0)
+            h0, c0 = hs[-1], cs[-1]
+        self._h[resume % self.history] = h0
+        self._c[resume % self.history] = c0
+        if not exact:
+            self._state_lo = resume
+        call.x, call.h0, call.c0, call.resume = x[resume - warm :], h0, c0, resume
+
+    def _after_lstm(
+        self, call: _Call, top: torch.Tensor, hs: torch.Tensor, cs: torch.Tensor
+    ) -> tuple[torch.Tensor, int, int]:
+        """Save the states, carry the lookahead; -> (the upsampler's input [B, D, end - first]
+        and the samples [lo, hi) it must produce, counted from frame `first`)."""
+        y = top + call.x  # the LSTM block's output (its skip connection) of the frames run
+        if call.carried:
+            carry = self._carry
+            y = torch.cat([carry.y, y])  # frames [start - margin, end)
+            frame0, hs, cs = carry.frame, torch.cat([carry.h, hs]), torch.cat([carry.c, cs])
+        else:
+            y, frame0 = y[call.first - call.resume :], call.resume
+        # y: frames [first, end) [n, B, D]; hs/cs: states after frames [frame0, end)
+        stop, end = call.stop, call.end
         self._save_states(frame0, stop, hs, cs)
         self._carry = _Carry(
             frame=stop,
-            codes=codes[:, stop - offset : end + self._half0 - offset].clone(),
-            y=y[stop - UPSAMPLE_MARGIN - first :],
+            codes=call.codes[:, stop - call.offset : end + self._half0 - call.offset].clone(),
+            y=y[stop - UPSAMPLE_MARGIN - call.first :],
             h=hs[stop - frame0 :],
             c=cs[stop - frame0 :],
         )
-
-        n = (stop - start) * HOP
-        lo = (start - first) * HOP  # the audio of [start, stop) and the crossfade tail after it
+        n = (stop - call.start) * HOP
+        lo = (call.start - call.first) * HOP  # the audio of [start, stop) and the tail after it
         # Carried on, the previous call's tail is already this call's first `crossfade` samples,
         # decoded from the same tokens: reuse it (no blend needed) rather than decode it again.
-        done = self.crossfade if carried else 0
-        y = self._upsample(
-            y.permute(1, 2, 0), lo + done, lo + n + self.crossfade, at_zero=first == 0
-        )
+        done = self.crossfade if call.carried else 0
+        return y.permute(1, 2, 0), lo + done, lo + n + self.crossfade
+
+    def _finish(self, call: _Call, y: torch.Tensor) -> np.ndarray:
+        """y [B, 1, samples]: the upsampler's output -> the call's audio, joins crossfaded."""
+        start, stop = call.start, call.stop
+        n = (stop - start) * HOP
         audio = y[:, 0].float().cpu().numpy()  # [C, n + crossfade - done]
-        if done:
+        if call.carried:
             audio = np.concatenate([self._tail, audio], axis=1)
         out = np.ascontiguousarray(audio[:, :n])
-        if not done:
-            self._blend_join(out, start, rewind)
+        if not call.carried:
+            self._blend_join(out, start, call.rewind)
         self._tail = audio[:, n : n + self.crossfade].copy() if self.crossfade else None
         self._save_audio(out, start, stop, keep_old=self._stop is not None and start <= self._stop)
         self._stop = stop
@@ -190,37 +259,6 @@ class StreamingDecoder:
             return False
         seen = codes[:, start - offset : start - offset + carry.codes.shape[1]]
         return torch.equal(seen, carry.codes.to(seen.device))
-
-    def _lstm_carried_on(self, codes: torch.Tensor, offset: int, end: int):
-        """Run only the new frames, from the state the previous call reached at its end."""
-        carry = self._carry
-        resume = carry.frame + carry.h.shape[0]  # the previous call's end
-        x = self._first_conv(codes, offset, resume, end)  # [end - resume, B, D]
-        top, hs, cs = self._lstm.run(x, carry.h[-1], carry.c[-1])  # frames [resume, end)
-        y = torch.cat([carry.y, top + x])  # frames [start - margin, end)
-        return y, carry.frame, torch.cat([carry.h, hs]), torch.cat([carry.c, cs])
-
-    def _lstm_from_state(self, codes: torch.Tensor, offset: int, start: int, end: int):
-        """Re-run the LSTM from the ring state `rollback` frames before `start` (the frames whose
-        conv input reaches codes from `start` on, which may have changed), or warm it up."""
-        resume = max(0, start - self._rollback)  # first LSTM frame run in this call
-        exact = resume == 0 or (
-            self._stop is not None and self._state_lo <= resume and start <= self._stop
-        )
-        warm = resume if exact else max(start - self.context, offset + self._half0 if offset else 0)
-        x = self._first_conv(codes, offset, warm, end)  # [end - warm, B, D]
-        h0, c0 = self._initial_state(resume if exact else None, x.shape[1])
-        if not exact and resume > warm:  # fresh start: warm the LSTM up, keep only its last state
-            _, hs, cs = self._lstm.run(x[: resume - warm], h0, c0)
-            h0, c0 = hs[-1], cs[-1]
-        x = x[resume - warm :]
-        top, hs, cs = self._lstm.run(x, h0, c0)  # frames [resume, end)
-        self._h[resume % self.history] = h0
-        self._c[resume % self.history] = c0
-        if not exact:
-            self._state_lo = resume
-        first = max(0, start - UPSAMPLE_MARGIN)
-        return (top + x)[first - resume :], resume, hs, cs
 
     def _check(self, codes: torch.Tensor, offset: int, start: int, stop: int) -> None:
         if codes.dim() != 2 or codes.shape[0] % self.channels:

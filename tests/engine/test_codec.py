@@ -12,7 +12,14 @@ from torch import nn
 from transformers import EncodecConfig, EncodecModel, MusicgenForConditionalGeneration
 from transformers.models.encodec.modeling_encodec import EncodecConv1d, EncodecConvTranspose1d
 
-from engine.codec import HOP, StreamingDecoder, decode_full, native, prepare_codec
+from engine.codec import (
+    HOP,
+    StreamingDecoder,
+    decode_full,
+    decode_together,
+    native,
+    prepare_codec,
+)
 from engine.codec.layers import MatmulConvTranspose1d, MatmulOutputConv1d
 from engine.codec.lstm import FrameLSTM, round_lstm_weights
 from engine.codec.upsampler import CroppedUpsampler
@@ -335,3 +342,46 @@ def test_rounding_keeps_the_weights_near_and_refuses_the_out_of_range():
         lstm.weight_hh_l1[3, 5] = 1e5
     with pytest.raises(ValueError, match="weight_hh_l1"):
         round_lstm_weights(codec)
+
+
+@pytest.mark.parametrize("channels", [1, 2], ids=["mono", "stereo"])
+def test_streams_decoded_together_equal_each_alone(request, channels):
+    """Three streams decoded in one call per chunk give what each gives alone, through the first
+    calls at frame 0, carried continuations, and a prompt change that rewinds one stream (its
+    call then runs more LSTM frames than the others': a group of its own)."""
+    codec = request.getfixturevalue("mono" if channels == 1 else "stereo")
+    together = [StreamingDecoder(codec, audio_channels=channels) for _ in range(3)]
+    alone = [StreamingDecoder(codec, audio_channels=channels) for _ in range(3)]
+    codes = [_codes(channels, 200, seed=20 + i) for i in range(3)]
+    changed = torch.cat([codes[1][:, :35], _codes(channels, 165, seed=30)], dim=1)
+    # (start, stop) per stream per round; round 4 rewinds stream 1 to frame 35, new tokens
+    rounds = [[(0, 10)] * 3, [(10, 20)] * 3, [(20, 30)] * 3, [(30, 40)] * 3]
+    rounds += [[(40, 50), (35, 50), (40, 50)], [(50, 60)] * 3]
+    batches: list[int] = []  # batch sizes the last transposed conv (a module) sees in a round
+    last_up = codec.decoder.layers[-4]
+    assert isinstance(last_up, EncodecConvTranspose1d)
+    hook = last_up.register_forward_hook(lambda m, i, o: batches.append(i[0].shape[0]))
+    request.addfinalizer(hook.remove)
+    for r, bounds in enumerate(rounds):
+        calls = []
+        for i, (start, stop) in enumerate(bounds):
+            tokens = changed if (i == 1 and r >= 4) else codes[i]
+            offset = max(0, start - together[i].context)
+            calls.append((tokens[:, offset : stop + together[i].lookahead], offset, start, stop))
+        batches.clear()
+        outs = decode_together([(dec, *call) for dec, call in zip(together, calls, strict=True)])
+        # one batch of all three streams, or the rewound stream alone beside the other two
+        assert sorted(batches) == ([channels, 2 * channels] if r == 4 else [3 * channels]), r
+        for i, (dec, call) in enumerate(zip(alone, calls, strict=True)):
+            ref = dec.decode(*call)
+            assert outs[i].shape == ref.shape
+            assert snr_db(ref, outs[i]) >= 120, (r, i)
+
+
+def test_decode_together_refuses_a_decoder_twice_and_mixed_codecs(mono, mono32):
+    a, b = StreamingDecoder(mono, audio_channels=1), StreamingDecoder(mono32, audio_channels=1)
+    codes = _codes(1, 20)
+    with pytest.raises(ValueError, match="once"):
+        decode_together([(a, codes, 0, 0, 10), (a, codes, 0, 0, 10)])
+    with pytest.raises(ValueError, match="same codec"):
+        decode_together([(a, codes, 0, 0, 10), (b, codes, 0, 0, 10)])
