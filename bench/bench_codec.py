@@ -23,7 +23,9 @@ Prints six tables:
    `engine/codec.py` may be given too) on the original float32 weights, measured interleaved
    with this one in the same process: on a shared machine only such side-by-side figures
    compare;
-5. where a streamed second goes at the radio's chunk size: wall ms per stage.
+5. where a streamed second goes at the radio's chunk size: wall ms per stage;
+6. stations on one codec: 1, 2 and 4 mono streams at the radio's chunk size decoded together
+   (`decode_together`) vs each alone, wall ms per second of audio per station.
 
 Random-init EnCodec codebooks are all zeros (the audio would not depend on the tokens), so the
 codebooks are filled with N(0, std^2); the "different tokens" line shows how much the tokens
@@ -45,7 +47,7 @@ import numpy as np
 import torch
 from transformers import EncodecModel
 
-from engine.codec import HOP, StreamingDecoder, decode_full, prepare_codec
+from engine.codec import HOP, StreamingDecoder, decode_full, decode_together, prepare_codec
 from engine.tiny import _configs
 from radio.config import GenerationConfig
 
@@ -290,6 +292,51 @@ def table_stages(codecs: dict, seconds: int, repeats: int) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
+def _stream_together(decoders: list, codes: list, bounds: list[int]) -> None:
+    for dec in decoders:
+        dec.reset()
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        offset = max(0, start - decoders[0].context)
+        end = stop + decoders[0].lookahead
+        decode_together(
+            [
+                (d, c[:, offset:end], offset, start, stop)
+                for d, c in zip(decoders, codes, strict=True)
+            ]
+        )
+
+
+def table_together(codec, seconds: int, repeats: int) -> None:
+    print(
+        f"\n6. N mono streams decoded together at {RADIO_CHUNK}-frame chunks: wall ms per second "
+        f"of audio per station (median of {repeats} interleaved repeats)"
+    )
+    print("| streams | together | each alone | ratio | per station vs 1 stream alone |")
+    print("| --- | --- | --- | --- | --- |")
+    frames = seconds * 50
+    bounds = chunk_bounds(RADIO_CHUNK, frames)
+    base = None
+    for n in (1, 2, 4):
+        codes = [torch.randint(0, 2048, (4, frames + 10)) for _ in range(n)]
+        together = [StreamingDecoder(codec, audio_channels=1) for _ in range(n)]
+        alone = [StreamingDecoder(codec, audio_channels=1) for _ in range(n)]
+
+        def each_alone(alone=alone, codes=codes):
+            for dec, c in zip(alone, codes, strict=True):
+                _restream(dec, c, bounds)
+
+        runs = {
+            "together": partial(_stream_together, together, codes, bounds),
+            "alone": each_alone,
+        }
+        cost = _cost(runs, seconds * n, repeats)  # per second of one station's audio
+        base = base or cost["alone"][1]
+        print(
+            f"| {n} | {cost['together'][1]:.0f} | {cost['alone'][1]:.0f} | "
+            f"{cost['together'][1] / cost['alone'][1]:.2f} | {cost['together'][1] / base:.2f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=("tiny", "small"), default="small")
@@ -297,7 +344,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=4, help="stream length for the cost table")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
-    parser.add_argument("--tables", default="012345", help="which tables to print, e.g. 45")
+    parser.add_argument("--tables", default="0123456", help="which tables to print, e.g. 45")
     parser.add_argument(
         "--against", default=None, help="another checkout (its root) to A/B with in table 4"
     )
@@ -331,6 +378,8 @@ def main() -> None:
         table_cost(codecs, args.seconds, args.repeats, args.against)
     if "5" in args.tables:
         table_stages(codecs, args.seconds, args.repeats)
+    if "6" in args.tables:
+        table_together(codec, args.seconds, args.repeats)
 
 
 if __name__ == "__main__":

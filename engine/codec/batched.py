@@ -50,9 +50,9 @@ def decode_together(
 
     # The upsampling stack of every call with the same input length and output range, batched.
     audio: list = [None] * len(calls)
-    for group in _groups(ups, lambda u: (u[0].shape[-1], u[1], u[2]), begun):
+    for group in _groups(ups, lambda u: (u[0].shape[1], u[1], u[2]), begun):
         upsample = decoders[group[0]]._upsample
-        y = torch.cat([ups[i][0] for i in group])  # [sum B, D, n]
+        y = torch.cat([ups[i][0] for i in group])  # [sum B, n, D]
         _, lo, hi = ups[group[0]]
         out = upsample(y, lo, hi, at_zero=begun[group[0]].first == 0)
         for i, (a, b) in zip(group, _spans([ups[i][0].shape[0] for i in group]), strict=True):

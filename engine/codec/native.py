@@ -1,10 +1,10 @@
-"""The codec's C++ kernel (`lstm_f16.cpp` and `lstm_f16.h` beside this file), built on first use
-and cached, like `engine.kernels` but needing only AVX2, FMA and F16C.
+"""The codec's C++ kernels (`codec_kernels.cpp` and the headers beside it: the float16 LSTM, the
+ELU), built on first use and cached, like `engine.kernels` but needing only AVX2, FMA and F16C.
 
 `get()` returns the module, or None when it can not be used here (the reason logged once):
 `ENDLESS_RADIO_KERNELS=0`, a CPU without those instructions, or a failed build. The build (~20 s,
 once per machine, PyTorch version and source digest) lands in PyTorch's extension cache
-(`TORCH_EXTENSIONS_DIR` moves it). The kernel releases the GIL.
+(`TORCH_EXTENSIONS_DIR` moves it). The kernels release the GIL.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("lstm_f16.cpp")
-_HEADERS = ("lstm_f16.h",)
+_SOURCE = Path(__file__).with_name("codec_kernels.cpp")
+_HEADERS = ("codec_simd.h", "lstm_f16.h")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _CPU_FLAGS = ("avx2", "fma", "f16c")
 _lock = threading.Lock()
@@ -69,11 +69,11 @@ def _build():
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
             )
-            log.info("codec LSTM kernel ready in %.1f s", time.monotonic() - started)
+            log.info("codec kernels ready in %.1f s", time.monotonic() - started)
             return module
         except Exception as exc:  # a missing compiler or headers: say so, run PyTorch's ops
             errors = [line for line in str(exc).splitlines() if "error:" in line]  # the compiler's
             detail = (errors[0] if errors else str(exc)).strip()[:300]
             reason = f"the build failed ({type(exc).__name__}: {detail})"
-    log.warning("codec LSTM kernel not used: %s; running the LSTM with PyTorch's ops", reason)
+    log.warning("codec kernels not used: %s; decoding with PyTorch's ops (slower)", reason)
     return None

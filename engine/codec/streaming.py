@@ -210,7 +210,7 @@ class StreamingDecoder:
     def _after_lstm(
         self, call: _Call, top: torch.Tensor, hs: torch.Tensor, cs: torch.Tensor
     ) -> tuple[torch.Tensor, int, int]:
-        """Save the states, carry the lookahead; -> (the upsampler's input [B, D, end - first]
+        """Save the states, carry the lookahead; -> (the upsampler's input [B, end - first, D]
         and the samples [lo, hi) it must produce, counted from frame `first`)."""
         y = top + call.x  # the LSTM block's output (its skip connection) of the frames run
         if call.carried:
@@ -234,13 +234,13 @@ class StreamingDecoder:
         # Carried on, the previous call's tail is already this call's first `crossfade` samples,
         # decoded from the same tokens: reuse it (no blend needed) rather than decode it again.
         done = self.crossfade if call.carried else 0
-        return y.permute(1, 2, 0), lo + done, lo + n + self.crossfade
+        return y.transpose(0, 1), lo + done, lo + n + self.crossfade
 
     def _finish(self, call: _Call, y: torch.Tensor) -> np.ndarray:
-        """y [B, 1, samples]: the upsampler's output -> the call's audio, joins crossfaded."""
+        """y [B, samples, 1]: the upsampler's output -> the call's audio, joins crossfaded."""
         start, stop = call.start, call.stop
         n = (stop - start) * HOP
-        audio = y[:, 0].float().cpu().numpy()  # [C, n + crossfade - done]
+        audio = y[..., 0].float().cpu().numpy()  # [C, n + crossfade - done]
         if call.carried:
             audio = np.concatenate([self._tail, audio], axis=1)
         out = np.ascontiguousarray(audio[:, :n])

@@ -1,12 +1,15 @@
 """EnCodec's upsampling stack run over a call's LSTM output, computing only the samples the
-wanted audio depends on.
+wanted audio depends on, time-major.
 
 The stack (ELUs, transposed convs x8 x5 x4 x4, residual blocks, last conv: x640 in all) reads
 less than a frame each side of an output sample, so a streaming call hands it its frames plus
 `UPSAMPLE_MARGIN` each side; past the first transposed conv, each layer's input is cropped to
-the receptive field of the wanted output (a 10-frame call: 13 frames in, 11 frames' worth at
-the upper rates). What is cropped is exactly what the wanted output does not read, so the
-result is the same as running every layer over everything.
+the receptive field of the wanted output (a 10-frame call: 12 frames in, 11 frames' worth at
+the upper rates), and the same-rate convs run without padding ("valid": input [a, b) gives
+output [a + reach left, b - reach right)). What is cropped is exactly what the wanted output
+does not read, so the result is the same as running every layer over everything. Activations
+are time-major [B, L, C] throughout: the layers of `engine.codec.layers` then need no layout
+changes between them.
 """
 
 from __future__ import annotations
@@ -14,10 +17,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.codec.layers import MatmulConvTranspose1d, MatmulOutputConv1d, is_conv_transpose
+from engine.codec.layers import (
+    TimeMajorConv1d,
+    TimeMajorConvTranspose1d,
+    TimeMajorOutputConv1d,
+    TimeMajorResnetBlock,
+    elu,
+    is_conv_transpose,
+)
 
 UPSAMPLE_MARGIN = 1  # LSTM frames each side the upsampling stack needs (measured: exact at 1)
-MATMUL_CONV_TRANSPOSES = 2  # the first transposed convs run as matmuls (short inputs)
 
 
 def same_rate_reach(layer: nn.Module) -> tuple[int, int]:
@@ -40,25 +49,30 @@ def same_rate_reach(layer: nn.Module) -> tuple[int, int]:
 
 
 class CroppedUpsampler:
-    """The stack of `audio_encoder.decoder.layers[2:]` over [B, D, n] LSTM frames, cropped per
-    layer to what the samples [lo, hi) need. The first transposed convs run as
-    `MatmulConvTranspose1d` (short inputs), the last conv as `MatmulOutputConv1d`; at frame 0
-    nothing is cropped on the left, where the layers' own padding is the one-shot decode's."""
+    """The stack of `audio_encoder.decoder.layers[2:]` over [B, n, D] LSTM frames, cropped per
+    layer to what the samples [lo, hi) need; at frame 0 nothing is cropped on the left, and the
+    convs pad there as the one-shot decode's layers do."""
 
     def __init__(self, layers: list[nn.Module]):
         self.layers: list = []
         self.shapes: list[tuple] = []  # ("same", reach left, reach right) / ("up", s, k, trim)
         for layer in layers:
             if is_conv_transpose(layer):
-                up = MatmulConvTranspose1d(layer)
-                rank = sum(kind == "up" for kind, *_ in self.shapes)
-                self.layers.append(up if rank < MATMUL_CONV_TRANSPOSES else layer)
+                up = TimeMajorConvTranspose1d(layer)
+                self.layers.append(up)
                 self.shapes.append(("up", up.stride, up.kernel, up.trim_left))
+                continue
+            if isinstance(layer, nn.ELU):
+                if layer.alpha != 1.0:
+                    raise ValueError("expected EnCodec's ELU(alpha=1)")
+                self.layers.append(None)  # elu
+            elif hasattr(layer, "block"):
+                self.layers.append(TimeMajorResnetBlock(layer))
+            elif layer is layers[-1] and layer.conv.out_channels <= 2:  # the audio output conv
+                self.layers.append(TimeMajorOutputConv1d(layer))
             else:
-                last = layer is layers[-1] and getattr(layer, "conv", None) is not None
-                last = last and layer.conv.out_channels <= 2  # the audio output conv
-                self.layers.append(MatmulOutputConv1d(layer) if last else layer)
-                self.shapes.append(("same", *same_rate_reach(layer)))
+                self.layers.append(TimeMajorConv1d(layer))
+            self.shapes.append(("same", *same_rate_reach(layer)))
         self._plans: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
 
     def plan(self, frames: int, lo: int, hi: int) -> list[tuple[int, int]]:
@@ -80,14 +94,22 @@ class CroppedUpsampler:
         return self._plans[key]
 
     def __call__(self, y: torch.Tensor, lo: int, hi: int, *, at_zero: bool) -> torch.Tensor:
-        """y [B, D, n]: LSTM block output of n frames -> audio [B, 1, hi - lo], samples [lo, hi)
-        counted from the first of those frames; `at_zero`: the first of them is frame 0."""
-        at = 0  # position of y[..., 0] in the current layer's rate
-        plan = self.plan(y.shape[-1], lo, hi)
+        """y [B, n, D]: LSTM block output of n frames, time-major -> audio [B, hi - lo, 1],
+        samples [lo, hi) counted from the first of those frames; `at_zero`: the first of them
+        is frame 0."""
+        at = 0  # position of y[:, 0] in the current layer's rate
+        plan = self.plan(y.shape[1], lo, hi)
         for layer, shape, (a, b) in zip(self.layers, self.shapes, plan, strict=True):
             assert at <= a or at_zero, "upsampling margin too small before the wanted output"
-            assert b <= at + y.shape[-1], "upsampling margin too small after the wanted output"
+            assert b <= at + y.shape[1], "upsampling margin too small after the wanted output"
             a = max(a, at)  # at frame 0 the layers pad as the one-shot decode does
-            y = layer(y[..., a - at : b - at])
-            at = a * shape[1] if shape[0] == "up" else a  # a transposed conv maps t to s*t
-        return y[..., lo - at : hi - at]
+            x = y[:, a - at : b - at]
+            if layer is None:
+                y, at = elu(x), a
+            elif shape[0] == "up":
+                y, at = layer(x), a * shape[1]  # a transposed conv maps t to s*t
+            else:
+                start = at_zero and a == 0
+                y = layer(x, at_start=start)
+                at = a if start else a + shape[1]
+        return y[:, lo - at : hi - at]

@@ -10,7 +10,11 @@ import pytest
 import torch
 from torch import nn
 from transformers import EncodecConfig, EncodecModel, MusicgenForConditionalGeneration
-from transformers.models.encodec.modeling_encodec import EncodecConv1d, EncodecConvTranspose1d
+from transformers.models.encodec.modeling_encodec import (
+    EncodecConv1d,
+    EncodecConvTranspose1d,
+    EncodecResnetBlock,
+)
 
 from engine.codec import (
     HOP,
@@ -20,7 +24,12 @@ from engine.codec import (
     native,
     prepare_codec,
 )
-from engine.codec.layers import MatmulConvTranspose1d, MatmulOutputConv1d
+from engine.codec.layers import (
+    TimeMajorConv1d,
+    TimeMajorConvTranspose1d,
+    TimeMajorOutputConv1d,
+    TimeMajorResnetBlock,
+)
 from engine.codec.lstm import FrameLSTM, round_lstm_weights
 from engine.codec.upsampler import CroppedUpsampler
 
@@ -135,36 +144,69 @@ def test_streamed_equals_one_shot(request, lstm, channels, chunks):
     ids=["musicgen-first", "one-frame-stereo", "k10-s5", "k7-s3"],
 )
 def test_conv_transpose_matmul_equals_module(cin, cout, kernel, stride, frames, batch):
-    """The matmul + overlap-add form of EnCodec's transposed conv gives the module's output:
-    same length, same samples up to float rounding, also when k is not a multiple of s."""
+    """The time-major matmul + overlap-add form of EnCodec's transposed conv gives the module's
+    output: same length, same samples up to float rounding, also when k is not a multiple of s."""
     gen = torch.Generator().manual_seed(kernel)
     module = EncodecConvTranspose1d(EncodecConfig(use_causal_conv=False), cin, cout, kernel, stride)
     with torch.no_grad():
         module.conv.bias.copy_(torch.randn(cout, generator=gen))
         x = torch.randn(batch, cin, frames, generator=gen)
-        reference = module(x)
-        ours = MatmulConvTranspose1d(module)(x)
-    assert ours.shape == reference.shape
-    assert ours.is_contiguous()
-    assert snr_db(reference.numpy(), ours.numpy()) >= 120
-    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+        reference = module(x)  # [B, Cout, L]
+        ours = TimeMajorConvTranspose1d(module)(x.transpose(1, 2).contiguous())  # [B, L, Cout]
+    assert ours.shape == reference.transpose(1, 2).shape
+    assert snr_db(reference.numpy(), ours.transpose(1, 2).numpy()) >= 120
+    torch.testing.assert_close(
+        ours.transpose(1, 2), reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max())
+    )
+
+
+def _encodec_config(pad_mode: str = "reflect") -> EncodecConfig:
+    return EncodecConfig(use_causal_conv=False, pad_mode=pad_mode)
+
+
+def _conv(cin: int, cout: int, kernel: int, dilation: int = 1, pad_mode: str = "reflect"):
+    return EncodecConv1d(_encodec_config(pad_mode), cin, cout, kernel, dilation=dilation)
 
 
 @pytest.mark.parametrize(
-    ("cin", "cout", "kernel", "dilation"), [(64, 1, 7, 1), (4, 1, 7, 1), (8, 2, 3, 2)]
+    "make",
+    [
+        lambda: _conv(64, 1, 7),  # the audio output conv
+        lambda: _conv(4, 1, 7),
+        lambda: _conv(8, 2, 3, dilation=2),
+        lambda: _conv(32, 16, 3, pad_mode="constant"),
+        lambda: EncodecResnetBlock(_encodec_config(), 32, [1, 1]),
+        lambda: EncodecResnetBlock(_encodec_config(), 16, [2, 1]),
+    ],
+    ids=["output", "output-narrow", "dilated", "zero-pad", "resnet-block", "resnet-dilated"],
 )
-def test_narrow_conv_equals_module(cin, cout, kernel, dilation):
-    """The last conv as a matmul and shifted adds gives the module's output (reflect padding)."""
-    gen = torch.Generator().manual_seed(cin)
-    config = EncodecConfig(use_causal_conv=False, pad_mode="reflect")
-    module = EncodecConv1d(config, cin, cout, kernel, dilation=dilation)
+def test_time_major_layers_equal_module(make):
+    """EnCodec's same-rate layers run time-major without padding give the module's output where
+    the module's padding plays no part, and with `at_start` its output from sample 0 on (its
+    padding of the left edge, reflect or zeros, done the same way)."""
+    gen = torch.Generator().manual_seed(0)
+    module = make()
     with torch.no_grad():
-        module.conv.bias.copy_(torch.randn(cout, generator=gen))
+        for conv in [m for m in module.modules() if isinstance(m, nn.Conv1d)]:
+            conv.bias.copy_(torch.randn(conv.out_channels, generator=gen))
+        cin = next(m for m in module.modules() if isinstance(m, nn.Conv1d)).in_channels
         x = torch.randn(2, cin, 300, generator=gen)
-        reference = module(x)
-        ours = MatmulOutputConv1d(module)(x)
-    assert ours.shape == reference.shape
-    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+        reference = module(x).transpose(1, 2)  # [B, L, Cout]
+        is_output = isinstance(module, EncodecConv1d) and module.conv.out_channels <= 2
+        ours = (TimeMajorOutputConv1d if is_output else _time_major_layer)(module)
+        valid = ours(x.transpose(1, 2).contiguous())
+        at_start = ours(x.transpose(1, 2).contiguous(), at_start=True)
+    left, right = ours.left, ours.right
+    assert left + right > 0
+    tol = {"rtol": 1e-5, "atol": 1e-5 * float(reference.abs().max())}
+    torch.testing.assert_close(valid, reference[:, left : 300 - right], **tol)
+    torch.testing.assert_close(at_start, reference[:, : 300 - right], **tol)
+
+
+def _time_major_layer(module):
+    if isinstance(module, EncodecResnetBlock):
+        return TimeMajorResnetBlock(module)
+    return TimeMajorConv1d(module)
 
 
 @pytest.mark.parametrize("frames", [3, 4, 13, 28])
@@ -186,10 +228,10 @@ def test_cropped_upsampling_equals_the_whole_stack(mono, frames):
             (0, (frames - 2) * HOP, True),  # the first call of a stream
             (0, (frames - 1) * HOP - 1, True),
         ]:
-            ours = up(y, lo, hi, at_zero=at_zero)
-            assert ours.shape == (1, 1, hi - lo)
+            ours = up(y.transpose(1, 2), lo, hi, at_zero=at_zero)  # [1, hi - lo, 1]
+            assert ours.shape == (1, hi - lo, 1)
             ref = whole[..., lo:hi]
-            assert snr_db(ref.numpy(), ours.numpy()) >= 120, (lo, hi)
+            assert snr_db(ref.numpy(), ours.transpose(1, 2).numpy()) >= 120, (lo, hi)
 
 
 def test_work_per_call_is_bounded(mono):
@@ -198,11 +240,17 @@ def test_work_per_call_is_bounded(mono):
     dec = StreamingDecoder(mono, audio_channels=1)
     conv_frames: list[int] = []
     upsample_frames: list[int] = []
-    layers = mono.decoder.layers
-    hooks = [
-        layers[0].register_forward_hook(lambda m, i, o: conv_frames.append(i[0].shape[-1])),
-        layers[2].register_forward_hook(lambda m, i, o: upsample_frames.append(i[0].shape[-1])),
-    ]
+    hook = mono.decoder.layers[0].register_forward_hook(
+        lambda m, i, o: conv_frames.append(i[0].shape[-1])
+    )
+    upsample = dec._upsample
+
+    def counted(y, lo, hi, *, at_zero):  # y [B, n, D]: the frames it reads of those it is given
+        a, b = upsample.plan(y.shape[1], lo, hi)[0]
+        upsample_frames.append(b - max(a, 0))
+        return upsample(y, lo, hi, at_zero=at_zero)
+
+    dec._upsample = counted
     chunk, calls = 10, 150  # 30 s of audio
     try:
         codes = _codes(1, chunk * calls + dec.lookahead, seed=3)
@@ -210,8 +258,7 @@ def test_work_per_call_is_bounded(mono):
             start = i * chunk
             dec.decode(codes[:, : start + chunk + dec.lookahead], 0, start, start + chunk)
     finally:
-        for hook in hooks:
-            hook.remove()
+        hook.remove()
     assert len(conv_frames) == len(upsample_frames) == calls
     # The LSTM runs the chunk's frames once: a continuation goes on from the state the previous
     # call reached in its lookahead, so the first conv sees the new frames + 3 each side.
@@ -357,11 +404,17 @@ def test_streams_decoded_together_equal_each_alone(request, channels):
     # (start, stop) per stream per round; round 4 rewinds stream 1 to frame 35, new tokens
     rounds = [[(0, 10)] * 3, [(10, 20)] * 3, [(20, 30)] * 3, [(30, 40)] * 3]
     rounds += [[(40, 50), (35, 50), (40, 50)], [(50, 60)] * 3]
-    batches: list[int] = []  # batch sizes the last transposed conv (a module) sees in a round
-    last_up = codec.decoder.layers[-4]
-    assert isinstance(last_up, EncodecConvTranspose1d)
-    hook = last_up.register_forward_hook(lambda m, i, o: batches.append(i[0].shape[0]))
-    request.addfinalizer(hook.remove)
+    batches: list[int] = []  # batch sizes the upsampling stack runs in a round
+
+    def counted(upsample):
+        def run(y, lo, hi, *, at_zero):
+            batches.append(y.shape[0])
+            return upsample(y, lo, hi, at_zero=at_zero)
+
+        return run
+
+    for dec in together:
+        dec._upsample = counted(dec._upsample)
     for r, bounds in enumerate(rounds):
         calls = []
         for i, (start, stop) in enumerate(bounds):

@@ -1,4 +1,10 @@
-// Binding of lstm_f16.h: one LSTM layer over the frames of a call, float16 recurrent weights.
+// The codec's CPU kernels (the tensor-facing checks and bindings; the raw-pointer loops are in
+// the headers beside it):
+//
+//   lstm_layer(pre, w, h0, c0, hs, cs): one LSTM layer over the frames of a call, float16
+//                        recurrent weights (lstm_f16.h);
+//   elu(x):              EnCodec's ELU, one vectorised pass (codec_simd.h).
+//
 // Built at first use by engine/codec/native.py with -mavx2 -mfma -mf16c; called only on CPUs
 // that have those. Self-contained (no engine/kernels header) so that it can be folded into the
 // engine's kernel build later.
@@ -55,9 +61,23 @@ void lstm_layer(const torch::Tensor& pre, const torch::Tensor& w, const torch::T
   }
 }
 
+torch::Tensor elu(const torch::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.device().is_cpu(), "elu: float32 CPU tensor");
+  const auto xc = x.contiguous();
+  auto y = torch::empty_like(xc);
+  const float* xp = xc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  constexpr int64_t kGrain = 1 << 14;  // floats per task: below ~64 KB a thread is not worth it
+  at::parallel_for(0, xc.numel(), kGrain, [&](int64_t i0, int64_t i1) {
+    codec_simd::elu(xp + i0, yp + i0, i1 - i0);
+  });
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_layer", &lstm_layer, pybind11::call_guard<pybind11::gil_scoped_release>(),
         "one LSTM layer over n frames, float16 recurrent weights (unit-major)");
+  m.def("elu", &elu, pybind11::call_guard<pybind11::gil_scoped_release>(), "ELU (alpha 1)");
 }
