@@ -53,10 +53,11 @@ void lstm_layer(const torch::Tensor& pre, const torch::Tensor& w, const torch::T
     float* h_out = hp + t * hstride;
     float* c_out = cp + t * cstride;
     const float* p = pp + t * B * 4 * H;
-    // Every thread takes whole blocks of units; the end of the region is the frame's barrier.
+    // Every thread takes whole blocks of units (the same ones every frame: its weights stay in
+    // its core's cache as far as they fit); the end of the region is the frame's barrier.
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       codec_lstm::lstm_units(wp, p, 4 * H, h, c, h_out, c_out, B, H, b0 * codec_lstm::kBlock,
-                             std::min(H, b1 * codec_lstm::kBlock));
+                             std::min(H, b1 * codec_lstm::kBlock), t % 2 == 1);
     });
   }
 }

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine.codec.layers import TimeMajorConv1d
 from engine.codec.lstm import FrameLSTM
 from engine.codec.one_shot import split_channels
 from engine.codec.upsampler import UPSAMPLE_MARGIN, CroppedUpsampler
@@ -114,11 +115,12 @@ class StreamingDecoder:
         if len(layers) < 3 or not hasattr(layers[1], "lstm"):
             raise ValueError("audio_encoder.decoder must be EnCodec's conv -> LSTM -> upsampling")
         self._encoder = audio_encoder
-        self._conv0 = layers[0]
+        self._conv0 = TimeMajorConv1d(layers[0])
         self._upsample = CroppedUpsampler(list(layers[2:]))
         self._lstm = FrameLSTM(layers[1].lstm)
-        conv = self._conv0.conv
-        self._half0 = (conv.kernel_size[0] - 1) * conv.dilation[0] // 2  # 3 for EnCodec 32 kHz
+        if self._conv0.left != self._conv0.right:
+            raise ValueError("expected EnCodec's first conv to look as far back as ahead")
+        self._half0 = self._conv0.left  # frames the first conv reads each side: 3 (k 7)
         self._rollback = max(self._half0, UPSAMPLE_MARGIN)  # states re-run before `start`
         min_lookahead = self._half0 + UPSAMPLE_MARGIN + (1 if crossfade else 0)
         min_context = self._rollback + self._half0
@@ -288,8 +290,9 @@ class StreamingDecoder:
         chunk = split_channels(codes[:, c0 - offset : c1 - offset], self.channels)  # [B, Kc, n]
         chunk = chunk.to(self._device)
         emb = self._encoder.quantizer.decode(chunk.transpose(0, 1)).to(self._dtype)  # [B, D, n]
-        x = self._conv0(emb)[..., lo - c0 : hi - c0]  # [B, D, hi - lo]
-        return x.permute(2, 0, 1)
+        x = self._conv0(emb.transpose(1, 2), at_start=c0 == 0)  # frames [c0 + 3 or 0, c1 - 3)
+        first = c0 if c0 == 0 else c0 + self._half0
+        return x[:, lo - first : hi - first].transpose(0, 1)  # [hi - lo, B, D]
 
     def _initial_state(self, frame: int | None, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """State before `frame` from the ring (zeros at frame 0 or when None): [layers, B, H] x2."""

@@ -240,25 +240,23 @@ def test_work_per_call_is_bounded(mono):
     dec = StreamingDecoder(mono, audio_channels=1)
     conv_frames: list[int] = []
     upsample_frames: list[int] = []
-    hook = mono.decoder.layers[0].register_forward_hook(
-        lambda m, i, o: conv_frames.append(i[0].shape[-1])
-    )
-    upsample = dec._upsample
+    conv0, upsample = dec._conv0, dec._upsample
+
+    def first_conv(x, *, at_start):  # x [B, n, D]: the frames the first conv reads
+        conv_frames.append(x.shape[1])
+        return conv0(x, at_start=at_start)
 
     def counted(y, lo, hi, *, at_zero):  # y [B, n, D]: the frames it reads of those it is given
         a, b = upsample.plan(y.shape[1], lo, hi)[0]
         upsample_frames.append(b - max(a, 0))
         return upsample(y, lo, hi, at_zero=at_zero)
 
-    dec._upsample = counted
+    dec._conv0, dec._upsample = first_conv, counted
     chunk, calls = 10, 150  # 30 s of audio
-    try:
-        codes = _codes(1, chunk * calls + dec.lookahead, seed=3)
-        for i in range(calls):  # the caller hands over everything it has, as the engine does
-            start = i * chunk
-            dec.decode(codes[:, : start + chunk + dec.lookahead], 0, start, start + chunk)
-    finally:
-        hook.remove()
+    codes = _codes(1, chunk * calls + dec.lookahead, seed=3)
+    for i in range(calls):  # the caller hands over everything it has, as the engine does
+        start = i * chunk
+        dec.decode(codes[:, : start + chunk + dec.lookahead], 0, start, start + chunk)
     assert len(conv_frames) == len(upsample_frames) == calls
     # The LSTM runs the chunk's frames once: a continuation goes on from the state the previous
     # call reached in its lookahead, so the first conv sees the new frames + 3 each side.
