@@ -73,14 +73,25 @@ def build_codec(size: str, std: float, *, lstm_float16: bool) -> EncodecModel:
 
 
 def table_rounding(codecs: dict, frames: int = 250) -> None:
-    print("\n0. LSTM weights rounded to float16 vs the original float32: one-shot decode SNR dB")
-    print("| channels | frames | SNR |")
-    print("| --- | --- | --- |")
+    print(
+        "\n0. LSTM weights rounded to float16 vs the original float32: SNR dB of the LSTM's "
+        "output (top layer, before the skip) and of the one-shot decode"
+    )
+    print("| channels | frames | LSTM output | audio |")
+    print("| --- | --- | --- | --- |")
     for channels in (1, 2):
         codes = torch.randint(0, 2048, (4 * channels, frames))
+        lstm = [_lstm_output(codecs[name], codes[:4]) for name in ("float32", "float16")]
         ref = decode_full(codecs["float32"], codes, channels)
         out = decode_full(codecs["float16"], codes, channels)
-        print(f"| {channels} | {frames} | {snr_db(ref, out):.1f} |")
+        print(f"| {channels} | {frames} | {snr_db(*lstm):.1f} | {snr_db(ref, out):.1f} |")
+
+
+@torch.inference_mode()
+def _lstm_output(codec, codes: torch.Tensor) -> np.ndarray:
+    """The decoder LSTM's output for mono codes [K, T] (embeddings, first conv, LSTM)."""
+    x = codec.decoder.layers[0](codec.quantizer.decode(codes[:, None]))  # [1, D, T]
+    return codec.decoder.layers[1].lstm(x.permute(2, 0, 1))[0].numpy()  # [T, 1, D]
 
 
 def stream(dec: StreamingDecoder, codes: torch.Tensor, bounds: list[int]) -> np.ndarray:

@@ -5,13 +5,16 @@ decode of the same tokens.
   next call, emitted audio, crossfaded joins);
 - `lstm`: the LSTM run frame by frame, its recurrent weights rounded to float16
   (`round_lstm_weights`) and read by the C++ kernel `lstm_f16.h` (`native` builds it);
-- `upsampler`: the upsampling stack cropped to what a call's audio needs;
-- `layers`: faster stand-ins for EnCodec layers at streaming sizes, `freeze_weight_norm`;
+- `upsampler`: the upsampling stack, time-major, cropped to what a call's audio needs;
+- `layers`: EnCodec's layers in the forms streaming needs (time-major, unpadded; our ELU),
+  `freeze_weight_norm`;
 - `batched`: `decode_together`, several streams' calls with their LSTMs and upsampling stacks
   batched (stations on one model);
-- `one_shot`: `decode_full`, the reference decode of all frames at once.
+- `one_shot`: `decode_full`, the reference decode of all frames at once;
+- `native`: builds our C++ kernels (`codec_kernels.cpp`: the float16 LSTM, the ELU; AVX2).
 
-`prepare_codec` readies a loaded model's codec for streaming, once.
+`prepare_codec` readies a loaded model's codec for streaming, once. docs/codec.md says how the
+streaming decode works and what it costs.
 """
 
 from torch import nn

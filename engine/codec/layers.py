@@ -59,6 +59,15 @@ def elu(x: torch.Tensor) -> torch.Tensor:
     return F.elu(x)
 
 
+class Elu:
+    """EnCodec's `nn.ELU` (alpha 1) as a layer of the time-major stack: reads no neighbours."""
+
+    left = right = 0
+
+    def __call__(self, x: torch.Tensor, *, at_start: bool = False) -> torch.Tensor:
+        return elu(x)
+
+
 def _channels_last_view(x: torch.Tensor) -> torch.Tensor:
     """[B, L, C] time-major -> the same memory as a channels-last [B, C, 1, L] image (oneDNN's
     nhwc: no reorder before or after its convolution)."""

@@ -88,7 +88,8 @@ class StreamingDecoder:
     from the old audio to the new. A call with `start > previous stop` starts fresh.
     Memory: `history` x (LSTM state 2 x 2 x 1024 floats) per channel, about 10 MB mono for
     musicgen's codec, plus `history` frames of emitted audio; and once per codec, shared by its
-    decoders, two transposed-conv weights in matmul layout (~39 MB for musicgen).
+    decoders, the transposed convs' weights in matmul layout (~39 MB for musicgen) and the
+    float16 copy of the LSTM's recurrent weights (16 MB).
     """
 
     hop: int = HOP

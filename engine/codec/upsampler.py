@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from engine.codec.layers import (
+    Elu,
     TimeMajorConv1d,
     TimeMajorConvTranspose1d,
     TimeMajorOutputConv1d,
     TimeMajorResnetBlock,
-    elu,
     is_conv_transpose,
 )
 
@@ -65,7 +65,7 @@ class CroppedUpsampler:
             if isinstance(layer, nn.ELU):
                 if layer.alpha != 1.0:
                     raise ValueError("expected EnCodec's ELU(alpha=1)")
-                self.layers.append(None)  # elu
+                self.layers.append(Elu())
             elif hasattr(layer, "block"):
                 self.layers.append(TimeMajorResnetBlock(layer))
             elif layer is layers[-1] and layer.conv.out_channels <= 2:  # the audio output conv
@@ -104,9 +104,7 @@ class CroppedUpsampler:
             assert b <= at + y.shape[1], "upsampling margin too small after the wanted output"
             a = max(a, at)  # at frame 0 the layers pad as the one-shot decode does
             x = y[:, a - at : b - at]
-            if layer is None:
-                y, at = elu(x), a
-            elif shape[0] == "up":
+            if shape[0] == "up":
                 y, at = layer(x), a * shape[1]  # a transposed conv maps t to s*t
             else:
                 start = at_zero and a == 0
