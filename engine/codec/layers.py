@@ -1,12 +1,15 @@
-"""Faster stand-ins for three of EnCodec's layers, same sums in another order.
+"""EnCodec's decoder layers in the form the streaming decode runs them: time-major ([B, L, C])
+and unpadded, with the same sums as the modules in another order.
 
-PyTorch's default CPU kernels are slow for a few of the codec's shapes at streaming sizes (a
-call decodes about ten frames): skinny matmuls, short transposed convs, and the conv with a
-single output channel. The stand-ins here compute what the modules compute, equal up to float
-rounding (tests/engine/test_codec.py): `dense` (oneDNN matmuls), `MatmulConvTranspose1d` and
-`MatmulOutputConv1d`. `freeze_weight_norm` turns the codec's weight-normalised convs into plain
-ones once at load. None of this knows about streaming; `engine.codec.upsampler` puts the layers
-together.
+Time-major, no layer needs a layout change: the convs run through oneDNN on channels-last
+views, a transposed conv is two shifted matmuls, and the layers skip the padding the modules do
+(a streaming call crops every layer to what its output needs anyway; at the start of the audio
+they pad as the modules do). PyTorch's kernels are also slow for some of the codec's shapes at
+streaming sizes (a call decodes about ten frames): skinny matmuls (`dense` goes through
+oneDNN), the conv with a single output channel (`TimeMajorOutputConv1d`), the ELU (ours).
+Each layer equals its module up to float rounding (tests/engine/test_codec.py).
+`freeze_weight_norm` turns the codec's weight-normalised convs into plain ones once at load.
+None of this knows about streaming; `engine.codec.upsampler` puts the layers together.
 """
 
 from __future__ import annotations
