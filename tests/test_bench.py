@@ -72,15 +72,16 @@ def test_precision_benchmark_prints_the_table(tmp_path):
 
 
 def test_codec_benchmark_prints_cost_and_stages(tmp_path):
-    against = ROOT / "engine" / "codec.py"  # A/B against itself: exercises the --against path
-    out = _run(
+    out = _run(  # A/B against this checkout itself: exercises the --against path
         "bench_codec.py",
-        *("--size", "tiny", "--tables", "45", "--seconds", "1", "--repeats", "1"),
-        *("--threads", "1", "--against", str(against)),
+        *("--size", "tiny", "--tables", "0456", "--seconds", "1", "--repeats", "1"),
+        *("--threads", "1", "--against", str(ROOT)),
         tmp_path=tmp_path,
     )
+    assert re.search(r"\| 1 \| 250 \| [\d.]+ \|", out)  # float16 rounding vs float32
     assert "| 1 | 10 (radio) |" in out and "| 2 | 50 |" in out
     assert "LSTM (2 layers, per frame)" in out and "| total |" in out
+    assert re.search(r"\| 4 \| \d+ \| \d+ \| [\d.]+ \| [\d.]+ \|", out)  # 4 streams together
 
 
 def test_serve_benchmark_listens_and_reports(tmp_path):
