@@ -139,3 +139,14 @@ def test_clip_benchmark_prints_cost_and_stream_tables(tmp_path):
         "| one thread, nice +10 (the radio's) |",
     ):
         assert row in out, out
+
+
+def test_gpu_check_says_so_and_exits_0_without_cuda(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: `python bench/gpu.py` runs the real check")
+    out = _run("gpu.py", tmp_path=tmp_path)
+    assert out.strip() == (
+        "bench/gpu.py: no CUDA device here (torch.cuda.is_available() is False); nothing to do"
+    )
