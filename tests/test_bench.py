@@ -150,3 +150,13 @@ def test_gpu_check_says_so_and_exits_0_without_cuda(tmp_path):
     assert out.strip() == (
         "bench/gpu.py: no CUDA device here (torch.cuda.is_available() is False); nothing to do"
     )
+
+
+def test_first_sound_benchmark_times_a_fresh_start(tmp_path):
+    out = _run("first_sound.py", "--size", "tiny", "--runs", "1", tmp_path=tmp_path)
+    times = re.search(r"port open ([\d.]+) s, healthy ([\d.]+) s, first MP3 byte ([\d.]+) s", out)
+    assert times, out
+    port, healthy, first = (float(t) for t in times.groups())
+    assert 0 < port <= healthy <= first
+    assert "log: " in out and "on air" in out
+    assert re.search(r"start to first sound, tiny shapes, .*: median [\d.]+ s over 1 run", out)
