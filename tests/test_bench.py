@@ -160,3 +160,17 @@ def test_first_sound_benchmark_times_a_fresh_start(tmp_path):
     assert 0 < port <= healthy <= first
     assert "log: " in out and "on air" in out
     assert re.search(r"start to first sound, tiny shapes, .*: median [\d.]+ s over 1 run", out)
+
+
+def test_contention_benchmark_prints_each_condition(tmp_path):
+    out = _run(
+        "contention.py", "--size", "tiny", "--seconds", "1", "--rounds", "1", tmp_path=tmp_path
+    )
+    for condition in (
+        r"quiet, \d+ threads",
+        r"quiet, 1 thread",
+        r"1 busy process, \d+ threads",
+        r"2 busy processes, \d+ threads",
+        r"1 busy process, adaptive",
+    ):
+        assert re.search(rf"\| {condition} \| [\d.]+ \| x[\d.]+ \|", out), condition

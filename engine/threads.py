@@ -1,0 +1,99 @@
+"""The decoder's thread count, chosen from what the machine gives.
+
+Every parallel region of a decode step (our kernels and PyTorch's split their work with
+`at::parallel_for`) ends in a barrier, so a step is as slow as its slowest thread. On a quiet
+machine all cores are best; beside another busy process one of them is often descheduled for a
+whole time slice, and then every region waits for it: two threads can run far slower than one.
+`ThreadTuner` measures instead of guessing: it runs each piece of work with the count that has
+been fastest lately, tries the others now and then, and keeps per count a smoothed cost per unit
+of work (seconds per frame). It moves to another count only when that one measured clearly
+faster, so noise does not make it flap.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def candidate_counts(most: int) -> tuple[int, ...]:
+    """Thread counts worth trying on `most` cores: all of them, one fewer, half, one."""
+    return tuple(sorted({most, max(1, most - 1), max(1, most // 2), 1}, reverse=True))
+
+
+class ThreadTuner:
+    """Runs work with the intra-op thread count that has been fastest per unit of work.
+
+    `run(work, units)` sets the count (`torch.set_num_threads`, which applies to the calling
+    thread's parallel regions), runs `work()`, and records its wall time per unit. It measures
+    every count once from the second run on, then every `explore_every` runs tries another
+    count once (round robin). It switches to the count
+    with the lowest smoothed cost when that is at least `margin` cheaper than the current one.
+    `most` defaults to PyTorch's thread count at construction (the cores)."""
+
+    def __init__(
+        self,
+        most: int | None = None,
+        *,
+        explore_every: int = 20,
+        smoothing: float = 0.25,
+        margin: float = 0.05,
+        clock: Callable[[], float] = time.perf_counter,
+        set_threads: Callable[[int], None] = torch.set_num_threads,
+    ) -> None:
+        most = most if most is not None else torch.get_num_threads()
+        if most < 1:
+            raise ValueError(f"most: at least one thread, got {most}")
+        if explore_every < 2:
+            raise ValueError(f"explore_every: at least 2, got {explore_every}")
+        self.counts = candidate_counts(most)
+        self.current = self.counts[0]
+        self.cost: dict[int, float] = {}  # smoothed seconds per unit, per count tried
+        self.explore_every = explore_every
+        self.smoothing = smoothing
+        self.margin = margin
+        self.switches = 0
+        self._clock = clock
+        self._set_threads = set_threads
+        self._runs = 0
+        self._explored = 0
+
+    def run(self, work: Callable[[], T], units: float = 1.0) -> T:
+        count = self._next_count()
+        self._set_threads(count)
+        began = self._clock()
+        result = work()
+        self.record(count, (self._clock() - began) / max(units, 1e-9))
+        return result
+
+    def record(self, count: int, cost: float) -> None:
+        """One run's cost per unit with `count` threads; may change the current count."""
+        old = self.cost.get(count)
+        self.cost[count] = cost if old is None else old + self.smoothing * (cost - old)
+        best = min(self.cost, key=self.cost.__getitem__)
+        current = self.cost.get(self.current)
+        if best != self.current and (
+            current is None or self.cost[best] < (1 - self.margin) * current
+        ):
+            self.current = best
+            self.switches += 1
+
+    def _next_count(self) -> int:
+        self._runs += 1
+        untried = [c for c in self.counts if c not in self.cost]
+        if untried and self._runs > 1:  # each count measured once from the start
+            return untried[0]
+        others = [c for c in self.counts if c != self.current]
+        if not others or self._runs % self.explore_every:
+            return self.current
+        self._explored += 1
+        return others[self._explored % len(others)]
+
+    def describe(self) -> str:
+        costs = ", ".join(f"{c}: {self.cost[c] * 1000:.1f} ms" for c in sorted(self.cost))
+        return f"{self.current} thread(s) (cost per unit {costs or 'not measured yet'})"

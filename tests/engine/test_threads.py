@@ -1,0 +1,90 @@
+"""ThreadTuner: picks the thread count that runs fastest, tries the others now and then, and
+follows the machine when that changes (a fake clock: each count's cost is set by the test)."""
+
+import pytest
+
+from engine.threads import ThreadTuner, candidate_counts
+
+
+class FakeMachine:
+    """Work whose wall time per unit depends on the thread count set before it runs."""
+
+    def __init__(self, cost: dict[int, float]) -> None:
+        self.cost = cost
+        self.now = 0.0
+        self.threads = 0
+        self.ran: list[int] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def set_threads(self, n: int) -> None:
+        self.threads = n
+
+    def work(self, units: int = 10) -> int:
+        self.now += self.cost[self.threads] * units
+        self.ran.append(self.threads)
+        return self.threads
+
+
+def tuner(machine: FakeMachine, most: int = 2, **kw) -> ThreadTuner:
+    return ThreadTuner(most, clock=machine.clock, set_threads=machine.set_threads, **kw)
+
+
+def test_candidate_counts():
+    assert candidate_counts(1) == (1,)
+    assert candidate_counts(2) == (2, 1)
+    assert candidate_counts(8) == (8, 7, 4, 1)
+
+
+def test_quiet_machine_keeps_all_cores_and_only_explores_rarely():
+    machine = FakeMachine({2: 0.010, 1: 0.018})
+    t = tuner(machine, explore_every=20)
+    for _ in range(200):
+        t.run(lambda: machine.work(10), units=10)
+    assert t.current == 2 and t.switches == 0
+    assert machine.ran.count(1) == 11  # the second run, then one run in 20
+    assert t.cost[2] == pytest.approx(0.010) and t.cost[1] == pytest.approx(0.018)
+
+
+def test_a_busy_neighbour_moves_it_to_one_thread_and_back_when_it_leaves():
+    machine = FakeMachine({2: 0.010, 1: 0.018})
+    t = tuner(machine, explore_every=10)
+    for _ in range(50):
+        t.run(lambda: machine.work(10), units=10)
+    machine.cost = {2: 0.060, 1: 0.020}  # a busy process: two threads stall on each other
+    runs = 0
+    while t.current == 2:
+        t.run(lambda: machine.work(10), units=10)
+        runs += 1
+    assert runs <= 25, "it should notice within a few explorations"
+    assert t.current == 1
+    for _ in range(30):
+        t.run(lambda: machine.work(10), units=10)
+    assert machine.ran[-30:].count(1) >= 27
+    machine.cost = {2: 0.010, 1: 0.018}  # quiet again
+    runs = 0
+    while t.current == 1:
+        t.run(lambda: machine.work(10), units=10)
+        runs += 1
+    assert runs <= 60
+    assert t.switches == 2
+
+
+def test_noise_within_the_margin_does_not_flap():
+    machine = FakeMachine({2: 0.0100, 1: 0.0102})
+    t = tuner(machine, explore_every=5, margin=0.05)
+    for _ in range(100):
+        t.run(lambda: machine.work(10), units=10)
+    assert t.switches == 0
+
+
+def test_returns_the_work_result_and_rejects_bad_settings():
+    machine = FakeMachine({1: 0.01})
+    t = tuner(machine, most=1)
+    assert t.run(lambda: machine.work(1)) == 1
+    assert "1 thread(s)" in t.describe()
+    with pytest.raises(ValueError, match="most"):
+        ThreadTuner(0)
+    with pytest.raises(ValueError, match="explore_every"):
+        ThreadTuner(2, explore_every=1)
