@@ -38,16 +38,15 @@ import numpy as np
 import torch
 from transformers import EncodecModel
 
-from engine.codec import HOP, StreamingDecoder, decode_full, freeze_weight_norm
-from engine.tiny import _configs
-from radio.config import GenerationConfig
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from engine.codec import HOP, StreamingDecoder, decode_full, freeze_weight_norm  # noqa: E402
+from engine.tiny import _configs  # noqa: E402
+from radio.config import GenerationConfig  # noqa: E402
+from tests.helpers import snr_db  # noqa: E402
 
 RADIO_CHUNK = round(GenerationConfig().chunk_seconds * 50)  # frames per AudioStream.read()
-
-
-def snr_db(ref: np.ndarray, x: np.ndarray) -> float:
-    noise = float(((ref - x) ** 2).sum())
-    return 10 * np.log10(float((ref**2).sum()) / max(noise, 1e-30))
 
 
 def build_codec(size: str, std: float) -> EncodecModel:
