@@ -37,7 +37,8 @@ ENV PYTHONUNBUFFERED=1 \
 
 # ffmpeg: the command-line tools for checking streams from inside the container (the radio
 # itself encodes through PyAV's bundled libraries). g++: builds the CPU decode kernels
-# (engine/kernels) on first start, on CPUs with AVX-512 BF16. Debian versions are not pinned:
+# (engine/kernels) on first start, on CPUs with AVX-512 BF16, and the codec's (engine/codec) on
+# CPUs with AVX2. Debian versions are not pinned:
 # the archive drops old ones, and the base image tag already fixes the release.
 # hadolint ignore=DL3008
 RUN apt-get update \

@@ -30,6 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import engine.kernels as kernels  # noqa: E402
 from engine import LoadOptions, ModelLoadError, MusicModel, SamplingOptions, WindowOptions  # noqa: E402
 from engine.tiny import build_tiny_model  # noqa: E402
 
@@ -71,20 +72,97 @@ def bench_generate(path: Path, dtype: str, steps: int) -> dict:
     }
 
 
-MODES = ("float32", "bfloat16", "int8", "int8-kv4")
+MODES = ("float32", "bfloat16", "int8", "int8-kv4", "int4", "int4-kv4", "int4-ffn")
 
 
 def load_options(path: Path, mode: str) -> LoadOptions:
     """A precision mode name as load options: "float32", "bfloat16", "int8" (int8 weights, int8
-    KV cache: the CPU default) or "int8-kv4" (int8 weights, int4 KV cache: heads of 64)."""
+    KV cache: the CPU default), "int8-kv4" (int8 weights, int4 KV cache: heads of 64), "int4"
+    (int4 weights, int8 KV cache), "int4-kv4" (int4 weights and cache) or "int4-ffn" (int4
+    fc1/fc2, int8 for the rest; int8 KV cache). A quantized cache needs our AVX-512 kernels
+    today; without them the cache is float32 (the engine's "auto")."""
     if mode not in MODES:
         raise SystemExit(f"--modes: {mode!r} is not one of {', '.join(MODES)}")
-    if mode.startswith("int8"):
-        kv_cache = "int4" if mode == "int8-kv4" else "auto"
+    if mode.startswith("int"):
+        quantize, _, kv = mode.partition("-kv")
         return LoadOptions(
-            model=str(path), device="cpu", dtype="float32", quantize="int8", kv_cache=kv_cache
+            model=str(path),
+            device="cpu",
+            dtype="float32",
+            quantize=quantize,
+            kv_cache="int4" if kv == "4" else "auto",
         )
     return LoadOptions(model=str(path), device="cpu", dtype=mode)
+
+
+def weight_bytes(decoder) -> int:
+    """Bytes of projection weights a decode step reads (our packed layouts, or dense)."""
+
+    def nbytes(lin) -> int:
+        if hasattr(lin, "packed"):  # our int4 and int8 kernels' layouts
+            return lin.packed.nbytes + lin.scales.nbytes
+        if hasattr(lin, "weight"):
+            return lin.weight.nbytes
+        return lin.out_features * (lin.in_features + 4)  # PyTorch's int8 (fbgemm)
+
+    names = ("qkv", "out_self", "q_cross", "out_cross", "fc1", "fc2")
+    return nbytes(decoder.lm_heads) + sum(
+        nbytes(getattr(w, n)) for w in decoder.layers for n in names
+    )
+
+
+@torch.inference_mode()
+def bench_realtime(path: Path, modes: list[str], seconds: float, window: WindowOptions) -> None:
+    """The end-to-end real-time run of each mode, the modes taking turns 25 frames at a time
+    (with a plain read of 400 MB between turns, this machine's bandwidth meanwhile), so that
+    they share whatever a shared machine does; each mode's real-time factor counts its own
+    turns' wall time."""
+    models = {}
+    for m in modes:
+        try:
+            models[m] = MusicModel.load(load_options(path, m))
+        except ModelLoadError as err:  # e.g. an int4 cache on the tiny model's 16-wide heads
+            say(f"  {m} skipped: {err}")
+    modes = list(models)
+    streams = {
+        m: model.open_stream(PROMPT, SamplingOptions(seed=0), window) for m, model in models.items()
+    }
+    for stream in streams.values():
+        stream.read(5)  # warm-up
+    data = torch.randn(100_000_000)
+    frames = round(seconds * 50)
+    wall, reads = dict.fromkeys(modes, 0.0), []
+    steps0 = {m: s.tokens.steps for m, s in streams.items()}
+    gen0 = {m: s.generate_seconds for m, s in streams.items()}
+    dec0 = {m: s.decode_seconds for m, s in streams.items()}
+    load = os.getloadavg()[0]
+    for done in range(0, frames, 25):
+        for m, stream in streams.items():
+            began = time.perf_counter()
+            stream.read(min(25, frames - done))
+            wall[m] += time.perf_counter() - began
+        began = time.perf_counter()
+        data.max()
+        reads.append(data.nbytes / (time.perf_counter() - began) / 1e9)
+    gbs = sorted(reads)[len(reads) // 2]
+    say(f"load average {load:.1f} -> {os.getloadavg()[0]:.1f}; plain read median {gbs:.1f} GB/s")
+    for m, stream in streams.items():
+        steps = stream.tokens.steps - steps0[m]
+        rtf = frames / 50 / wall[m]
+        step_mb = weight_bytes(models[m].decoder) / 1e6
+        say(
+            f"real time, {m}, one station, {frames / 50:.0f} s of audio end to end "
+            f"({stream.tokens.prefills} prefills; {models[m].decoder.kv_cache} KV cache): "
+            f"real-time factor {rtf:.3f}, decoder "
+            f"{steps / max(stream.generate_seconds - gen0[m], 1e-9):.1f} steps/s, codec "
+            f"{1000 * (stream.decode_seconds - dec0[m]) / (frames / 50):.0f} ms per audio s; "
+            f"weights {step_mb:.0f} MB per step, {step_mb * steps / (frames / 50) / 1e3:.1f} GB per "
+            f"audio s; RTF per 10 GB/s of plain read {rtf / gbs * 10:.3f}"
+        )
+    if len(modes) > 1:
+        first = modes[0]
+        for m in modes[1:]:
+            say(f"  {m}'s real-time factor: x{wall[first] / wall[m]:.2f} {first}'s (same turns)")
 
 
 @torch.inference_mode()
@@ -171,7 +249,8 @@ def main() -> int:
         "--modes",
         default="int8,int8-kv4,bfloat16",
         help="engine precision modes: float32, bfloat16, int8, int8-kv4 (int8 weights, int4 KV "
-        "cache; heads of 64); the first also runs the real-time run",
+        "cache; heads of 64), int4 (int4 weights, our AVX2 kernel), int4-kv4, int4-ffn (int4 "
+        "fc1/fc2); the first also runs the real-time run",
     )
     parser.add_argument(
         "--station-steps",
@@ -190,7 +269,8 @@ def main() -> int:
     parser.add_argument(
         "--realtime-only",
         action="store_true",
-        help="only the real-time run of the first mode, in this fresh process (no references)",
+        help="only the real-time run, of every mode in --modes taking turns, in this fresh "
+        "process (no references)",
     )
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
@@ -199,18 +279,14 @@ def main() -> int:
 
     path = model_dir(args.size)
     say(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"our CPU kernels: {kernels.isa() or 'none (' + str(kernels.unavailable_reason()) + ')'}"
     )
     results = {}
     if args.realtime_only:
-        mode = args.modes.split(",")[0]
-        say(f"engine ({mode}): real-time run over {args.realtime_seconds:.0f} s of audio ...")
-        r = bench_engine(path, mode, args.realtime_seconds, window)
-        say(
-            f"real time, {mode}, one station, {r['frames'] / 50:.0f} s of audio end to end, fresh "
-            f"process ({r['prefills']} prefills): real-time factor {r['rtf']:.3f}, decoder "
-            f"{r['steps_per_s']:.1f} steps/s, codec {r['codec_ms_per_audio_s']:.0f} ms per audio s"
-        )
+        modes = args.modes.split(",")
+        say(f"engine ({', '.join(modes)}): real-time run over {args.realtime_seconds:.0f} s ...")
+        bench_realtime(path, modes, args.realtime_seconds, window)
         return 0
     modes = args.modes.split(",")
     for mode in list(modes):

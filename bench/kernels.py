@@ -10,11 +10,18 @@ bytes come from memory as in the real step, not from a warm cache:
 - self-attention over P cached positions: float32 SDPA (the cache PyTorch's kernels need to be
   fast), bfloat16 SDPA, `decode_attention` over a bfloat16 cache, and `attend_step_q8` /
   `attend_step_q4` (which also write the step's key/value) over an int8 / int4 cache;
-- a plain read of the same bytes, the ceiling this machine's memory allows.
+- `linear_int4` (engine/kernels/int4_gemm.h, AVX2: any x86-64 CPU of the last decade) against
+  a plain read of its own bytes and against int8 dynamic, interleaved call by call (a shared
+  machine's bandwidth swings), at each `--int4-rows`: ms, GB/s and its share of the read;
+- a prefill's projections (one layer's, `--prefill-rows` rows: compute-bound): float32
+  `F.linear` (what an int8 decoder prefills with without our kernels) against `linear_int8`;
+- a plain read of 256 MB first, the ceiling this machine's memory allows: every memory-bound
+  line gives its GB/s as a share of it ("of read").
 
-    python bench/kernels.py [--rows 2] [--layers 24] [--repeat 10]
+    python bench/kernels.py [--rows 2] [--layers 24] [--repeat 10] [--int4-rows 2 8]
 
-Prints milliseconds per step and GB/s; ratios are within one run.
+Prints the instruction set of our kernels (engine.kernels.isa()), milliseconds per step, GB/s
+and the share of the plain read; ratios are within one run.
 """
 
 from __future__ import annotations
@@ -27,8 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from engine import kernels
+from engine.kernels import int4
 from engine.kv_cache import KVCache, quantize_vectors
-from engine.linear import Int8DynamicLinear, pack_int8
+from engine.linear import INT4_GROUP, Int8DynamicLinear, pack_int4, pack_int8
 
 HIDDEN, FFN, HEADS, HEAD_DIM = 1024, 4096, 16, 64
 SHAPES = [(3 * HIDDEN, HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, HIDDEN),
@@ -44,9 +52,49 @@ def timed(fn, repeat: int) -> float:
     return (time.perf_counter() - started) / repeat * 1e3
 
 
+READ = {"GB/s": 0.0}  # the plain read of this run (`read_bandwidth`)
+
+
 def line(name: str, ms: float, nbytes: int, base: float | None = None) -> None:
     ratio = f"  x{base / ms:.2f}" if base else ""
-    print(f"  {name:<34} {ms:7.2f} ms  {nbytes / ms / 1e6:6.1f} GB/s{ratio}")
+    gbs = nbytes / ms / 1e6
+    share = f"  {gbs / READ['GB/s']:4.0%} of read" if READ["GB/s"] else ""
+    print(f"  {name:<34} {ms:7.2f} ms  {gbs:6.1f} GB/s{share}{ratio}")
+
+
+def read_bandwidth(repeat: int) -> None:
+    """A plain read of 256 MB (far past the caches) with every thread: this machine's ceiling."""
+    data = torch.randn(64 * 2**20)
+    ms = timed(lambda: data.max(), repeat)
+    READ["GB/s"] = data.nbytes / ms / 1e6
+    print(f"plain read of {data.nbytes / 1e6:.0f} MB: {READ['GB/s']:.1f} GB/s")
+
+
+def bench_prefill(rows: int, repeat: int, k) -> None:
+    """One layer's projections over `rows` rows, compute-bound: GMAC/s."""
+    weights = [torch.randn(n, m) * 0.02 for n, m in SHAPES]
+    inputs = {m: torch.randn(rows, m) for _, m in SHAPES}
+    macs = rows * sum(w.numel() for w in weights)
+    print(f"prefill projections, one layer, {rows} rows ({macs / 1e9:.1f} GMAC)")
+
+    def dense():
+        for w in weights:
+            F.linear(inputs[w.shape[1]], w)
+
+    def report(name: str, ms: float, base: float | None = None) -> None:
+        ratio = f"  x{base / ms:.2f}" if base else ""
+        print(f"  {name:<34} {ms:7.2f} ms  {macs / ms / 1e6:6.1f} GMAC/s{ratio}")
+
+    base = timed(dense, repeat)
+    report("float32 F.linear", base)
+    if k is not None:
+        packed = [pack_int8(w) for w in weights]
+
+        def ours():
+            for (data, scales), w in zip(packed, weights, strict=True):
+                k.linear_int8(inputs[w.shape[1]], data, scales)
+
+        report("linear_int8 (ours)", timed(ours, repeat), base)
 
 
 def bench_linears(rows: int, layers: int, repeat: int, k) -> None:
@@ -88,7 +136,6 @@ def bench_linears(rows: int, layers: int, repeat: int, k) -> None:
                     k.linear_int8(inputs[w.shape[1]], data, scales)
 
         line("linear_int8 (ours, half the bytes)", timed(ours_int8, repeat), nbytes // 2, base)
-    read_ceiling(nbytes, repeat)
 
 
 def bench_attention(rows: int, layers: int, positions: int, repeat: int, k) -> None:
@@ -142,9 +189,58 @@ def bench_attention(rows: int, layers: int, positions: int, repeat: int, k) -> N
         line("attend_step_q4, int4 cache (ours)", timed(ours_int4, repeat), nbytes // 8, base)
 
 
-def read_ceiling(nbytes: int, repeat: int) -> None:
+def interleaved(fns: dict, repeat: int) -> dict:
+    """Mean ms per call of each function, taking turns call by call."""
+    for fn in fns.values():
+        fn()
+    spent = dict.fromkeys(fns, 0.0)
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            began = time.perf_counter()
+            fn()
+            spent[name] += time.perf_counter() - began
+    return {name: t / repeat * 1e3 for name, t in spent.items()}
+
+
+def bench_int4(rows_list: list[int], layers: int, repeat: int, group: int) -> None:
+    k4 = int4.get()
+    if k4 is None:
+        print(f"linear_int4: unavailable ({int4.unavailable_reason()})")
+        return
+    # one layer quantized, its bytes copied for every layer: each layer's weights come from
+    # memory as in a real step (the codes' values do not change the kernel's time)
+    first = [pack_int4(torch.randn(n, m) * 0.02, group, k4) for n, m in SHAPES]
+    packed = [[(c.clone(), s.clone()) for c, s in first] for _ in range(layers)]
+    nbytes = sum(c.nbytes + s.nbytes for layer in packed for c, s in layer)
     data = torch.randn(nbytes // 4)
-    line("plain read (float32 max)", timed(lambda: data.max(), repeat), nbytes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        int8 = [
+            [Int8DynamicLinear(torch.randn(n, m) * 0.02) for n, m in SHAPES] for _ in range(layers)
+        ]
+    int8_bytes = sum(n * m + 4 * n for n, m in SHAPES) * layers
+    print(f"linear_int4, groups of {group}, {layers} layers: {nbytes / 1e6:.0f} MB per step "
+          f"(int8: {int8_bytes / 1e6:.0f} MB)")  # fmt: skip
+    for rows in rows_list:
+        inputs = {m: torch.randn(rows, m) for _, m in SHAPES}
+
+        def ours(inputs=inputs):
+            for layer in packed:
+                for (c, s), (n, m) in zip(layer, SHAPES, strict=True):
+                    k4.linear_int4(inputs[m], c, s, n)
+
+        def dynamic(inputs=inputs):
+            for layer in int8:
+                for lin, (_, m) in zip(layer, SHAPES, strict=True):
+                    lin(inputs[m])
+
+        ms = interleaved({"int4": ours, "read": lambda: data.max(), "int8": dynamic}, repeat)
+        print(f" {rows} rows:")
+        line("linear_int4 (ours)", ms["int4"], nbytes)
+        line("plain read of the same bytes", ms["read"], nbytes)
+        line("int8 dynamic (PyTorch)", ms["int8"], int8_bytes)
+        print(f"  linear_int4 at {ms['read'] / ms['int4']:.0%} of the plain read's speed; "
+              f"x{ms['int8'] / ms['int4']:.2f} int8 dynamic's step")  # fmt: skip
 
 
 def main() -> None:
@@ -153,13 +249,24 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--positions", type=int, nargs="+", default=[500, 1000, 1500])
     parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--prefill-rows", type=int, default=1000, help="0: no prefill figures")
+    parser.add_argument("--int4-rows", type=int, nargs="*", default=[2, 8])
+    parser.add_argument("--int4-group", type=int, default=INT4_GROUP)
+    parser.add_argument("--int4-only", action="store_true", help="only the linear_int4 rows")
     args = parser.parse_args()
     k = kernels.get()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; our kernels: "
-          f"{'built' if k is not None else 'unavailable (' + str(kernels.unavailable_reason()) + ')'}")  # fmt: skip
+    ours = kernels.isa() if k is not None else f"unavailable ({kernels.unavailable_reason()})"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; our kernels: {ours}")
+    read_bandwidth(args.repeat)
+    if args.int4_rows:
+        bench_int4(args.int4_rows, args.layers, args.repeat, args.int4_group)
+    if args.int4_only:
+        return
     bench_linears(args.rows, args.layers, args.repeat, k)
     for positions in args.positions:
         bench_attention(args.rows, args.layers, positions, args.repeat, k)
+    if args.prefill_rows:
+        bench_prefill(args.prefill_rows, max(1, args.repeat // 5), k)
 
 
 if __name__ == "__main__":

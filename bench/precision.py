@@ -2,14 +2,23 @@
 
     python bench/precision.py                       # musicgen-small shapes, ~3 min
     python bench/precision.py --size tiny --steps 60    # CI smoke run
+    python bench/precision.py --modes "int8, int8;int4, int8" --int4-groups 32,64,128  # a subset
 
-For bfloat16 and int8 (int8 weights, float32 activations; with each KV cache kind, int4 where
-the heads are 64 wide) against float32:
+For bfloat16, int8 (int8 weights, float32 activations; with each KV cache kind, int4 where the
+heads are 64 wide) and int4 weights (all projections, or fc1/fc2 only: `int4-ffn`) against
+float32:
 - teacher-forced logits over the same token sequence: max and mean absolute difference, and how
   often the argmax agrees (per position and codebook);
 - greedy decoding for `--steps` steps: the fraction of tokens that agree and the first step at
   which the streams part (after that they are different music, so agreement falls to chance).
-Also the decode step time of each mode, as a ratio to float32.
+Also the decode step time of each mode, as a ratio to float32, and the bytes a decode step
+reads per mode: the projections' weights, and one station's (2 rows) KV cache at position 1000.
+
+Where our AVX-512 kernels do not run (an AVX2 CPU), the int8 projections and the int8/int4 KV
+caches are emulated so that the figures are those of the kernels' maths: `linear_int8`'s exact
+integer products in float64 (instead of PyTorch's 7-bit fbgemm path), and the caches quantized
+and dequantized by `KVCache` in PyTorch (the same vectors; the kernels' attention also rounds
+its query to int8, which the emulation does not). Such rows say "emulated".
 """
 
 from __future__ import annotations
@@ -26,22 +35,103 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_engine import PROMPT, model_dir, say  # noqa: E402
+from engine import kernels  # noqa: E402
 from engine.conditioning import batch_conditions, encode_prompt  # noqa: E402
 from engine.decoder import Decoder  # noqa: E402
 from engine.delay import codebook_delays, delayed_layout  # noqa: E402
+from engine.kv_cache import Q4_BLOCK_BYTES, Q4_HEAD  # noqa: E402
+from engine.linear import INT4_GROUP, Int8DynamicLinear  # noqa: E402
 from engine.options import SamplingOptions, WindowOptions  # noqa: E402
 from engine.token_stream import TokenStream  # noqa: E402
 
-# name: (weights dtype, linear precision, KV cache); "auto" KV is bfloat16 for the bfloat16
+# name: (weights dtype, decoder precision, KV cache); "auto" KV is bfloat16 for the bfloat16
 # decoder and int8 for the int8 one where our CPU kernels run (float32 where they do not).
 MODES = {
     "float32": (torch.float32, "dense", "float32"),
     "bfloat16": (torch.bfloat16, "dense", "auto"),
     "int8, float32 KV cache": (torch.float32, "int8", "float32"),
     "int8, bfloat16 KV cache": (torch.float32, "int8", "bfloat16"),
-    "int8, int8 KV cache (CPU default)": (torch.float32, "int8", "auto"),
+    "int8, int8 KV cache (CPU default)": (torch.float32, "int8", "int8"),
     "int8, int4 KV cache (stations)": (torch.float32, "int8", "int4"),
+    "int4, int8 KV cache": (torch.float32, "int4", "int8"),
+    "int4, int4 KV cache": (torch.float32, "int4", "int4"),
+    "int4-ffn, int8 KV cache": (torch.float32, "int4-ffn", "int8"),
+    "int4-ffn, int4 KV cache": (torch.float32, "int4-ffn", "int4"),
 }
+
+
+class Int8Emulated:
+    """`linear_int8`'s maths (engine/kernels/int8_gemm.h) in float64: int8 weights per output
+    feature, int8 activations per row, exact integer sums."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        w = weight.detach().float()
+        self.scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
+        self.q = torch.round(w / self.scales.float()[:, None]).clamp(-127, 127).double()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).float()
+        r = rows.abs().amax(dim=1) / 127
+        r = torch.where(r > 0, r, torch.ones_like(r))
+        q = torch.round(rows * (1 / r)[:, None]).double()
+        y = (q @ self.q.T) * r.double()[:, None] * self.scales[None]
+        return y.float().view(*x.shape[:-1], self.q.shape[0])
+
+
+PROJECTIONS = ("qkv", "out_self", "q_cross", "out_cross", "fc1", "fc2")
+
+
+def projection_weights(layer) -> dict[str, torch.Tensor]:
+    """A transformers decoder layer's projection weights by `LayerWeights` name."""
+    attn, cross = layer.self_attn, layer.encoder_attn
+    return {
+        "qkv": torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+        "out_self": attn.out_proj.weight,
+        "q_cross": cross.q_proj.weight,
+        "out_cross": cross.out_proj.weight,
+        "fc1": layer.fc1.weight,
+        "fc2": layer.fc2.weight,
+    }
+
+
+def emulate_kernels(decoder: Decoder, model, kv_cache: str) -> bool:
+    """Where our AVX-512 kernels do not run: int8 projections as `Int8Emulated`, a quantized
+    KV cache through `KVCache`'s PyTorch path. Returns whether anything was emulated."""
+    if decoder.kernels is not None or kernels.unavailable_reason() is None:
+        return False
+    emulated = kv_cache in ("int8", "int4")
+    if emulated:
+        decoder.kv_cache = kv_cache  # the op-by-op path quantizes and dequantizes in PyTorch
+    hf_layers = model.decoder.model.decoder.layers
+    for w, layer in zip(decoder.layers, hf_layers, strict=True):
+        weights = projection_weights(layer)
+        for name in PROJECTIONS:
+            if isinstance(getattr(w, name), Int8DynamicLinear):
+                setattr(w, name, Int8Emulated(weights[name]))
+                emulated = True
+    if isinstance(decoder.lm_heads, Int8DynamicLinear):
+        heads = torch.cat([h.weight for h in model.decoder.lm_heads])
+        decoder.lm_heads = Int8Emulated(heads)
+        emulated = True
+    return emulated
+
+
+def step_bytes(decoder: Decoder, kv_cache: str, positions: int = 1000, rows: int = 2) -> tuple:
+    """(MB of projection weights, MB of KV cache) a decode step of `rows` rows reads."""
+
+    def nbytes(lin) -> int:
+        if isinstance(lin, Int8Emulated):
+            return lin.q.numel() + 4 * lin.q.shape[0]
+        if hasattr(lin, "packed"):  # our int4 and int8 kernels' layouts
+            return lin.packed.nbytes + lin.scales.nbytes
+        return lin.weight.nbytes
+
+    weights = sum(nbytes(getattr(w, n)) for w in decoder.layers for n in PROJECTIONS)
+    weights += nbytes(decoder.lm_heads)
+    per_vector = {"float32": 256, "bfloat16": 128, "int8": 64 + 4, "int4": Q4_BLOCK_BYTES / 32}
+    head = decoder.head_dim / 64
+    cache = 2 * per_vector[kv_cache] * head * positions * rows * decoder.heads * len(decoder.layers)
+    return weights / 1e6, cache / 1e6
 
 
 @torch.inference_mode()
@@ -76,6 +166,16 @@ def main() -> int:
     parser.add_argument("--size", choices=("small", "tiny"), default="small")
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument(
+        "--modes",
+        default="",
+        help="semicolon-separated prefixes of the mode names to run (float32 always runs)",
+    )
+    parser.add_argument(
+        "--int4-groups",
+        default=str(INT4_GROUP),
+        help="group sizes of the int4 modes, e.g. 32,64,128 (each its own rows)",
+    )
+    parser.add_argument(
         "--positions", type=int, default=300, help="teacher-forced positions (attention length)"
     )
     args = parser.parse_args()
@@ -85,14 +185,37 @@ def main() -> int:
     path = model_dir(args.size)
     processor = AutoProcessor.from_pretrained(path)
     torch.manual_seed(0)
-    results = {}
+    results, notes = {}, {}
+    wanted = [m.strip() for m in args.modes.split(";") if m.strip()]
+    runs = []
     for name, (dtype, precision, kv_cache) in MODES.items():
+        if name != "float32" and wanted and not any(name.startswith(w) for w in wanted):
+            continue
+        groups = [int(g) for g in args.int4_groups.split(",")] if "int4" in precision else [0]
+        for group in groups:
+            label = name.replace(precision, f"{precision} g{group}", 1) if group else name
+            runs.append((label, dtype, precision, kv_cache, group or INT4_GROUP))
+    for name, dtype, precision, kv_cache, group in runs:
         model = MusicgenForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()
+        auto_kv = "auto" if kernels.unavailable_reason() is None else "float32"
         try:
-            decoder = Decoder(model.decoder, precision, kv_cache)
-        except ValueError as err:  # a KV cache this machine cannot run (no CPU kernels)
+            decoder = Decoder(
+                model.decoder,
+                precision,
+                kv_cache if kv_cache in ("float32", "bfloat16", "auto") else auto_kv,
+                int4_group=group,
+            )
+        except ValueError as err:  # a mode this machine cannot run
             say(f"{name}: skipped ({err})")
             continue
+        if kv_cache == "int4" and decoder.head_dim != Q4_HEAD:
+            say(f"{name}: skipped (an int4 cache holds heads of {Q4_HEAD})")
+            continue
+        if kv_cache in ("int8", "int4") and decoder.kernels is not None:
+            decoder = Decoder(model.decoder, precision, kv_cache, int4_group=group)
+        if emulate_kernels(decoder, model, kv_cache):
+            name += " (emulated)"
+        notes[name] = step_bytes(decoder, decoder.kv_cache)
         say(f"{name}: teacher-forced logits and {args.steps} greedy steps ...")
         k = model.decoder.config.num_codebooks
         n = args.positions
@@ -104,24 +227,28 @@ def main() -> int:
 
     ref_logits, ref_tokens, ref_step = results["float32"]
     say("")
+    spread = ref_logits.std().item()
     say(
         f"| mode vs float32 ({args.size} shapes) | max abs logit diff | mean abs logit diff | "
-        f"argmax agreement (teacher-forced, {args.positions} positions) | greedy agreement over {args.steps} steps | "
-        "first differing step | step time vs float32 |"
+        f"mean as % of the logit spread | argmax agreement (teacher-forced, {args.positions} "
+        f"positions) | greedy agreement over {args.steps} steps | first differing step | "
+        "step time vs float32 | weights MB per step | KV cache MB per step (2 rows, position 1000) |"
     )
-    say("| --- | --- | --- | --- | --- | --- | --- |")
-    for name in [m for m in MODES if m != "float32" and m in results]:
+    say("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name in [m for m in results if m != "float32"]:
         logits, tokens, step_s = results[name]
         diff = (logits - ref_logits).abs()
         argmax = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
         agree = (tokens == ref_tokens).float().mean().item()
         differ = (tokens != ref_tokens).any(dim=0).nonzero()
         first = int(differ[0]) if differ.numel() else "none"
+        weights_mb, cache_mb = notes[name]
         say(
-            f"| {name} | {diff.max().item():.4f} | {diff.mean().item():.5f} | {argmax:.1%} | "
-            f"{agree:.1%} | {first} | x{ref_step / step_s:.2f} faster |"
+            f"| {name} | {diff.max().item():.4f} | {diff.mean().item():.5f} | "
+            f"{diff.mean().item() / spread:.2%} | {argmax:.1%} | {agree:.1%} | {first} | "
+            f"x{ref_step / step_s:.2f} faster | {weights_mb:.0f} | {cache_mb:.0f} |"
         )
-    say(f"(logit scale: float32 logits have std {ref_logits.std().item():.3f})")
+    say(f"(logit spread: float32 logits have std {spread:.3f}; budget: mean at most 3% of it)")
     return 0
 
 

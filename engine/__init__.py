@@ -10,7 +10,7 @@ from engine.options import LoadOptions, SamplingOptions, WindowOptions
 def __getattr__(name: str):
     # MusicModel pulls in torch and transformers; import it when first asked for, so that
     # `from engine import LoadOptions` stays cheap (config parsing, CLI --help).
-    if name in ("MusicModel", "AudioStream"):
+    if name in ("MusicModel", "AudioStream", "read_together"):
         from engine import model
 
         return getattr(model, name)
@@ -24,4 +24,5 @@ __all__ = [
     "MusicModel",
     "SamplingOptions",
     "WindowOptions",
+    "read_together",
 ]

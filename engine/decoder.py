@@ -21,7 +21,15 @@ import torch.nn.functional as F
 from transformers.activations import GELUActivation
 
 from engine.kv_cache import Q4_HEAD, KVCache
-from engine.linear import Int8KernelLinear, make_linear, prefill_precision
+from engine.linear import (
+    DECODER_PRECISIONS,
+    INT4_GROUP,
+    Int4KernelLinear,
+    Int8KernelLinear,
+    make_linear,
+    prefill_precision,
+    projection_precision,
+)
 from engine.options import KV_CACHES
 
 
@@ -82,17 +90,45 @@ def _exact_gelu(fn) -> bool:
     return isinstance(fn, GELUActivation) and fn.act is F.gelu
 
 
+def kernel_projection(kernels, linear: Int8KernelLinear):
+    """A projection's weights as our fused step takes them (`engine.kernels` Projection)."""
+    return kernels.Projection(kind="int8", data=linear.packed, scales=linear.scales)
+
+
+def kernel_layer(kernels, w: LayerWeights):
+    """A layer's weights by name, as our fused step takes them (`engine.kernels` DecoderLayer)."""
+    norms = {
+        name: kernels.LayerNorm(*getattr(w, name)) for name in ("ln_self", "ln_cross", "ln_ffn")
+    }
+    projections = {
+        name: kernel_projection(kernels, getattr(w, name))
+        for name in ("qkv", "out_self", "q_cross", "out_cross", "fc1", "fc2")
+    }
+    return kernels.DecoderLayer(**norms, **projections)
+
+
 def _ln(module: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
     return module.weight, module.bias
 
 
 class Decoder:
-    def __init__(self, causal_lm, precision: str = "dense", kv_cache: str = "auto") -> None:
+    def __init__(
+        self,
+        causal_lm,
+        precision: str = "dense",
+        kv_cache: str = "auto",
+        int4_group: int = INT4_GROUP,
+    ) -> None:
         """`causal_lm`: a transformers `MusicgenForCausalLM` (model.decoder of the full model);
-        `precision`: how the projections run (`engine.linear`: "dense" or "int8");
-        `kv_cache`: its kind, "auto", "float32", "bfloat16", "int8" or "int4" (`_choose_kv_cache`)."""
+        `precision`: how the projections run (`engine.linear`: "dense", "int8", "int4", or
+        "int4-ffn": int4 fc1/fc2 and int8 for the rest);
+        `kv_cache`: its kind, "auto", "float32", "bfloat16", "int8" or "int4" (`_choose_kv_cache`);
+        `int4_group`: inputs per scale of the int4 projections (`engine.linear.INT4_GROUPS`)."""
+        if precision not in DECODER_PRECISIONS:
+            raise ValueError(f"precision must be one of {DECODER_PRECISIONS}, got {precision!r}")
         dec = causal_lm.model.decoder
         self.precision = precision
+        self.int4_group = int4_group
         config = causal_lm.config
         self.num_codebooks = config.num_codebooks
         self.hidden = config.hidden_size
@@ -113,15 +149,22 @@ class Decoder:
         self.attn_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         self._kernels = None
         self.kv_cache = self._choose_kv_cache(kv_cache, precision)  # a KVCache kind
-        self.lm_heads = make_linear(heads, precision)  # E -> K * V
-        self.layers = [self._layer(layer, precision) for layer in dec.layers]
+        heads_precision = projection_precision(precision, "lm_heads")
+        self.lm_heads = make_linear(heads, heads_precision, int4_group)  # E -> K * V
+        self.layers = [self._layer(layer, precision, int4_group) for layer in dec.layers]
         # A prefill is a big matrix product (compute-bound). PyTorch's int8 dynamic kernels lose
         # there, so without our kernels an int8 decoder prefills with dense weights (bfloat16
         # where the CPU is fast at it); our linear_int8 wins there too (500 frames of
         # musicgen-small here: 1.2 s against 2.0 s in bfloat16), so with it the int8 layers serve.
+        # int4 projections prefill through their own kernel (any number of rows).
         self.prefill_layers = self.layers
-        if precision == "int8" and not isinstance(self.layers[0].qkv, Int8KernelLinear):
-            self.prefill_layers = [self._layer(layer, prefill_precision()) for layer in dec.layers]
+        if precision in ("int8", "int4-ffn") and not isinstance(
+            self.layers[0].out_self, Int8KernelLinear
+        ):
+            self.prefill_layers = [
+                self._layer(layer, prefill_precision(), int4_group, like)
+                for layer, like in zip(dec.layers, self.layers, strict=True)
+            ]
         self.layer_norm_eps = dec.layer_norm.eps
         self._fused = self._fused_step()
         # cross_kv rounds to bfloat16 for the fused step; fixed here, so that the op-by-op path
@@ -135,38 +178,31 @@ class Decoder:
             self._kernels is not None
             and self.kv_cache in ("int8", "int4")
             and isinstance(self.lm_heads, Int8KernelLinear)
-            and all(isinstance(w.qkv, Int8KernelLinear) for w in self.layers)
+            and all(
+                isinstance(p, Int8KernelLinear)
+                for w in self.layers
+                for p in (w.qkv, w.out_self, w.q_cross, w.out_cross, w.fc1, w.fc2)
+            )
             and _exact_gelu(self.activation)
         )
         if not fused:
             return None
 
-        def packed(linear: Int8KernelLinear) -> list[torch.Tensor]:
-            return [linear.packed, linear.scales]
-
-        layers = [
-            [
-                *w.ln_self,
-                *packed(w.qkv),
-                *packed(w.out_self),
-                *w.ln_cross,
-                *packed(w.q_cross),
-                *packed(w.out_cross),
-                *w.ln_ffn,
-                *packed(w.fc1),
-                *packed(w.fc2),
-            ]
-            for w in self.layers
-        ]
-        final = [*self.final_ln, *packed(self.lm_heads)]
-        return self._kernels.DecodeStepInt8(
-            self.embed, self.positions, layers, final, self.heads, self.layer_norm_eps
+        k = self._kernels
+        return k.DecodeStepInt8(
+            embed=self.embed,
+            positions=self.positions,
+            layers=[kernel_layer(k, w) for w in self.layers],
+            ln_final=k.LayerNorm(*self.final_ln),
+            lm_heads=kernel_projection(k, self.lm_heads),
+            heads=self.heads,
+            eps=self.layer_norm_eps,
         )
 
     def _choose_kv_cache(self, requested: str, precision: str) -> str:
         """The KV cache kind; also decides whether decode steps attend with our CPU kernels.
 
-        Where our kernels run (engine.kernels: CPUs with AVX-512 BF16), a decode step's
+        Where our kernels run (engine.kernels: AVX-512 or AVX2 CPUs), a decode step's
         self-attention is one `attend_step` call per layer over a bfloat16, int8 or int4 cache
         (half, a quarter or an eighth of float32's bytes). "auto" takes int8 for an int8 decoder,
         bfloat16 for a bfloat16 one, and keeps a float32 model on PyTorch's exact path; int4
@@ -174,7 +210,7 @@ class Decoder:
         read, at a precision cost the benchmark reports."""
         if requested not in KV_CACHES:
             raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {requested!r}")
-        reduced = self.dtype == torch.bfloat16 or precision == "int8"
+        reduced = self.dtype == torch.bfloat16 or precision != "dense"
         attention = str(self.attn_dtype).removeprefix("torch.")
         if requested == "float32" or (requested == "auto" and not reduced):
             return attention
@@ -197,26 +233,35 @@ class Decoder:
                 raise ValueError(f"kv_cache: {requested} needs our CPU kernels: {reason}")
             return attention
         if requested == "auto":
-            return "int8" if precision == "int8" else "bfloat16"
+            return "int8" if precision != "dense" else "bfloat16"
         return requested
 
     @staticmethod
-    def _layer(layer, precision: str) -> LayerWeights:
-        def linear(*modules: torch.nn.Linear) -> Callable:
-            return make_linear(torch.cat([m.weight for m in modules]), precision)
+    def _layer(
+        layer, precision: str, int4_group: int, like: LayerWeights | None = None
+    ) -> LayerWeights:
+        """One layer's weights in a decoder mode; with `like`, its int4 projections are taken
+        from there (a prefill's layers share them rather than quantize them twice)."""
 
+        def linear(name: str, *modules: torch.nn.Linear) -> Callable:
+            if like is not None and isinstance(getattr(like, name), Int4KernelLinear):
+                return getattr(like, name)
+            weight = torch.cat([m.weight for m in modules])
+            return make_linear(weight, projection_precision(precision, name), int4_group)
+
+        attn, cross = layer.self_attn, layer.encoder_attn
         return LayerWeights(
             ln_self=_ln(layer.self_attn_layer_norm),
-            qkv=linear(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
-            out_self=linear(layer.self_attn.out_proj),
+            qkv=linear("qkv", attn.q_proj, attn.k_proj, attn.v_proj),
+            out_self=linear("out_self", attn.out_proj),
             ln_cross=_ln(layer.encoder_attn_layer_norm),
-            q_cross=linear(layer.encoder_attn.q_proj),
-            k_cross=layer.encoder_attn.k_proj.weight,
-            v_cross=layer.encoder_attn.v_proj.weight,
-            out_cross=linear(layer.encoder_attn.out_proj),
+            q_cross=linear("q_cross", cross.q_proj),
+            k_cross=cross.k_proj.weight,
+            v_cross=cross.v_proj.weight,
+            out_cross=linear("out_cross", cross.out_proj),
             ln_ffn=_ln(layer.final_layer_norm),
-            fc1=linear(layer.fc1),
-            fc2=linear(layer.fc2),
+            fc1=linear("fc1", layer.fc1),
+            fc2=linear("fc2", layer.fc2),
         )
 
     @property

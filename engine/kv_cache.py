@@ -15,7 +15,7 @@ vector (one position of one head) has its own scale:
   [L, B, H, P / 16, 1088] (P rounded up to a multiple of 16): keys [8][16][4] (byte 4j + b of
   position l at [j][l][b]), values [4][2][16][4] (byte 16h + j of position 4G + p at
   [G][h][j][p]), then the 16 key scales and the 16 value scales. Attention reads it as one
-  sequential stream, in the order its dot products want (engine/kernels/attention.h): 68 bytes
+  sequential stream, in the order its dot products want (engine/kernels/common.h): 68 bytes
   per position and head, half the int8 cache's; what several stations batched in one step
   mostly read.
 """

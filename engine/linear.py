@@ -2,11 +2,16 @@
 
 - `dense`: `F.linear` in the model's dtype (float32, bfloat16 or float16).
 - `bf16`: dense bfloat16 weights under float32 activations (an int8 decoder's prefills).
+- `int4`: 4-bit weight codes with a float16 scale and offset per output feature per group of 64
+  inputs (`quantize_int4`), activations int8 per row, through our `linear_int4` kernel
+  (`engine/kernels/int4_gemm.h`; AVX2, FMA, F16C): half int8's bytes per decode step, at a
+  precision cost that `bench/precision.py` reports. A decoder may hold int4 for its
+  feed-forward projections only (`int4-ffn`, int8 for the rest).
 - `int8`: weights quantized per output channel to int8, activations quantized on the fly, one
   scale per row; inputs and outputs stay float32. A CPU mode: a decode step reads a quarter of
-  the float32 bytes. Where our kernels run (AVX-512 VNNI), `linear_int8` (exact int32 sums,
-  8-bit activations, any number of rows: decode steps and prefills alike); elsewhere PyTorch's
-  fbgemm dynamic kernels (`torch.ops.quantized.linear_dynamic`, 7-bit activations).
+  the float32 bytes. Where our kernels run (AVX-512 VNNI or AVX2), `linear_int8` (exact int32
+  sums, 8-bit activations, any number of rows: decode steps and prefills alike); elsewhere
+  PyTorch's fbgemm dynamic kernels (`torch.ops.quantized.linear_dynamic`, 7-bit activations).
 
 Dense bfloat16 weights on a CPU run a decode step's few rows through our `linear_bf16` kernel
 (`engine.kernels`: one pass over the weights at memory speed, 1.4x `F.linear` here) and larger
@@ -22,7 +27,11 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-PRECISIONS = ("dense", "bf16", "int8")
+PRECISIONS = ("dense", "bf16", "int8", "int4")
+# A decoder's modes (`engine.decoder.Decoder`): one precision for every projection, or int4 for
+# the feed-forward projections (fc1, fc2: 8 of a layer's 14 M weights) and int8 for the rest.
+DECODER_PRECISIONS = ("dense", "int8", "int4", "int4-ffn")
+INT4_FFN = ("fc1", "fc2")
 MAX_KERNEL_ROWS = 8  # linear_bf16 handles up to 8 rows (4 stations with guidance)
 
 
@@ -62,7 +71,7 @@ class Bf16KernelLinear(CastLinear):
 
 def pack_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] float -> (bytes [ceil(N / 64), ceil(K / 4), 256] uint8, scales [N] float32), the
-    layout of `engine/kernels/int8_gemm.h`: blocks of 64 output features, 4 inputs x 64 features
+    layout of `engine/kernels/common.h`: blocks of 64 output features, 4 inputs x 64 features
     per 256 bytes, each byte the int8 weight + 128; padding is weight 0."""
     w = weight.detach().float().cpu()
     n, k = w.shape
@@ -76,7 +85,7 @@ def pack_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8KernelLinear:
-    """int8 weights through our `linear_int8` kernel (CPUs with AVX-512 VNNI)."""
+    """int8 weights through our `linear_int8` kernel (AVX-512 VNNI or AVX2 CPUs)."""
 
     def __init__(self, weight: torch.Tensor, kernels) -> None:
         self.packed, self.scales = pack_int8(weight)
@@ -86,6 +95,151 @@ class Int8KernelLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         y = self._kernels.linear_int8(x.reshape(-1, shape[-1]), self.packed, self.scales)
+        return y.view(*shape[:-1], self.out_features)
+
+
+INT4_GROUPS = (32, 64, 128)  # inputs per int4 group: bytes vs error (docs/int4-weights.md)
+INT4_GROUP = 64  # the default
+# ranges tried per group ([min, max] x ratio) and least-squares refits of (scale, offset) to the
+# chosen codes: 11 ratios and 2 refits did no better on the bench's weights (8.45% against 8.43%
+# product error at groups of 64)
+INT4_CLIP = (1.0, 0.9)
+INT4_REFITS = 4
+
+
+def _round_half(t: torch.Tensor) -> torch.Tensor:
+    """float32 values rounded to what float16 stores (the kernel reads float16)."""
+    return t.half().float()
+
+
+def _int4_codes(w: torch.Tensor, s: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Codes u in [0, 15] nearest to w = s * u + b (groups [..., G], s and b [..., 1])."""
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    return torch.round((w - b) / safe).clamp_(0, 15)
+
+
+def _int4_error(w, mask, s, b, u) -> torch.Tensor:
+    return (((s * u + b - w) * mask) ** 2).sum(dim=-1, keepdim=True)
+
+
+def _int4_weights(weight: torch.Tensor, group: int) -> torch.Tensor:
+    """The weights as float32 [N, K] on the CPU, checked for int4."""
+    if group not in INT4_GROUPS:
+        raise ValueError(f"int4 group must be one of {INT4_GROUPS}, got {group}")
+    w = weight.detach().float().cpu()
+    if w.dim() != 2 or w.numel() == 0:
+        raise ValueError(f"int4: weights must be a non-empty [N, K] matrix, got {tuple(w.shape)}")
+    if not torch.isfinite(w).all() or w.abs().max() > 6e4:
+        raise ValueError("int4: weights must be finite and within float16's range (|w| <= 6e4)")
+    return w
+
+
+def quantize_int4(
+    weight: torch.Tensor, group: int = INT4_GROUP
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (codes [N, Kp] uint8 in [0, 15], scales and offsets [N, Kp / group]
+    float16) with w ~ scale * code + offset per group of `group` inputs (Kp: K padded to a
+    multiple of `group`, codes 0 there).
+
+    Per group, the (scale, offset) pair with the least squared error among: max-scaling
+    (scale max|w| / 7, codes 1..15 around 8: never worse than it), the group's range [min, max]
+    shrunk by each ratio of `INT4_CLIP` (clipping the tails buys finer steps), and then
+    least-squares refits of the best pair to its codes. Errors are measured with the pair
+    rounded to float16, as the kernel reads it. This is the reference; our int4 module's
+    `quantize_int4` (`engine/kernels/int4_quantize.h`) does the same ~50x faster."""
+    w = _int4_weights(weight, group)
+    n, k = w.shape
+    groups = -(-k // group)
+    padded = torch.zeros(n, groups * group)
+    padded[:, :k] = w
+    mask = torch.zeros(groups * group)
+    mask[:k] = 1
+    g, mask = padded.view(n, groups, group), mask.view(groups, group)
+    lo = g.masked_fill(mask == 0, float("inf")).amin(dim=-1, keepdim=True)
+    hi = g.masked_fill(mask == 0, float("-inf")).amax(dim=-1, keepdim=True)
+
+    amax = torch.maximum(lo.abs(), hi.abs())
+    s = _round_half(amax / 7)
+    b = _round_half(-8 * s)
+    best = (s, b, _int4_codes(g, s, b))
+    best_err = _int4_error(g, mask, *best)
+
+    def consider(s: torch.Tensor, b: torch.Tensor) -> None:
+        nonlocal best, best_err
+        s, b = _round_half(s.clamp(min=0)), _round_half(b)
+        u = _int4_codes(g, s, b)
+        err = _int4_error(g, mask, s, b, u)
+        better = err < best_err
+        best = tuple(
+            torch.where(better, new, old) for new, old in zip((s, b, u), best, strict=True)
+        )
+        best_err = torch.where(better, err, best_err)
+
+    for ratio in INT4_CLIP:
+        consider((hi - lo) * ratio / 15, lo * ratio)
+    for _ in range(INT4_REFITS):  # w ~ s * u + b by least squares over the group's codes
+        u = best[2] * mask
+        count = mask.sum(dim=-1, keepdim=True)
+        su, sw = u.sum(dim=-1, keepdim=True), (g * mask).sum(dim=-1, keepdim=True)
+        suu, suw = (u * u).sum(dim=-1, keepdim=True), (u * g).sum(dim=-1, keepdim=True)
+        det = count * suu - su * su
+        ok = det > 0
+        det = torch.where(ok, det, torch.ones_like(det))
+        consider(
+            torch.where(ok, (count * suw - su * sw) / det, best[0]),
+            torch.where(ok, (suu * sw - su * suw) / det, best[1]),
+        )
+    s, b, u = best
+    codes = (u * mask).to(torch.uint8).view(n, groups * group)
+    return codes, s[..., 0].half(), b[..., 0].half()
+
+
+def pack_int4(
+    weight: torch.Tensor, group: int = INT4_GROUP, kernels=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (codes uint8 [ceil(N / 16), Kp / 8, 64], scales float16
+    [ceil(N / 16), Kp / group, 2, 16]), the layout of `engine/kernels/int4_gemm.h`.
+
+    Features go in blocks of 16. Per block and step of 8 inputs (k = 8t + i), 64 bytes: byte
+    4j + i holds feature j's code of input 8t + i in its low nibble and of input 8t + 4 + i in
+    its high nibble (i < 4). Per block and group: the 16 features' scales, then their 16
+    offsets. Padding features have code 0, scale 0 and offset 0 (their outputs are 0).
+    With `kernels` (our int4 module) its quantizer runs, else `quantize_int4`."""
+    if kernels is None:
+        codes, scales, offsets = quantize_int4(weight, group)
+    else:
+        clips = torch.tensor(INT4_CLIP, dtype=torch.float32)
+        w = _int4_weights(weight, group)
+        codes, scales, offsets = kernels.quantize_int4(w, group, clips, INT4_REFITS)
+    n, kp = codes.shape
+    blocks = -(-n // 16)
+    full = torch.zeros(blocks * 16, kp, dtype=torch.uint8)
+    full[:n] = codes
+    steps = full.view(blocks, 16, kp // 8, 2, 4)  # [block, feature j, step t, nibble, i]
+    packed = steps[:, :, :, 0] | (steps[:, :, :, 1] << 4)  # [block, j, t, i]
+    packed = packed.permute(0, 2, 1, 3).reshape(blocks, kp // 8, 64).contiguous()
+    pairs = torch.zeros(blocks * 16, kp // group, 2, dtype=torch.float16)
+    pairs[:n, :, 0], pairs[:n, :, 1] = scales, offsets
+    pairs = pairs.view(blocks, 16, kp // group, 2).permute(0, 2, 3, 1).contiguous()
+    return packed, pairs
+
+
+class Int4KernelLinear:
+    """int4 weights (a scale and an offset per feature per `group` inputs) through our
+    `linear_int4` kernel (CPUs with AVX2, FMA and F16C). `packed`, `scales`, `group` and
+    `out_features` are what a fused step reads."""
+
+    def __init__(self, weight: torch.Tensor, kernels, group: int = INT4_GROUP) -> None:
+        self.packed, self.scales = pack_int4(weight, group, kernels)
+        self.group = group
+        self.out_features, self.in_features = weight.shape
+        self._kernels = kernels
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self._kernels.linear_int4(
+            x.reshape(-1, shape[-1]), self.packed, self.scales, self.out_features
+        )
         return y.view(*shape[:-1], self.out_features)
 
 
@@ -102,7 +256,7 @@ class Int8DynamicLinear:
             )
             q = torch.quantize_per_channel(w, scales.double(), zeros, 0, torch.qint8)
             self._packed = torch.ops.quantized.linear_prepack(q, None)
-        self.out_features = w.shape[0]
+        self.out_features, self.in_features = w.shape
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -112,6 +266,28 @@ class Int8DynamicLinear:
         return y.view(*shape[:-1], self.out_features)
 
 
+def projection_precision(mode: str, projection: str) -> str:
+    """The precision of one projection (`qkv`, `fc1`, `lm_heads`, ...) in a decoder mode (or in
+    a plain precision, which every projection takes)."""
+    if mode == "int4-ffn":
+        return "int4" if projection in INT4_FFN else "int8"
+    return mode
+
+
+def int4_kernel():
+    """Our int4 kernel module; a ValueError saying why where it cannot run."""
+    from engine.kernels import int4
+
+    reason = int4.unavailable_reason()
+    module = int4.get() if reason is None else None
+    if module is None:
+        raise ValueError(
+            "quantize: int4 needs our int4 CPU kernel (AVX2, FMA, F16C and a C++ compiler): "
+            + (reason or "it did not build (see the log)")
+        )
+    return module
+
+
 def prefill_precision() -> str:
     """How an int8 decoder runs its (compute-bound) prefills."""
     from engine.loading import cpu_has_fast_bf16
@@ -119,7 +295,7 @@ def prefill_precision() -> str:
     return "bf16" if cpu_has_fast_bf16() else "dense"
 
 
-def make_linear(weight: torch.Tensor, precision: str):
+def make_linear(weight: torch.Tensor, precision: str, int4_group: int = INT4_GROUP):
     if precision == "dense":
         if _kernel_shape(weight):
             from engine import kernels
@@ -137,6 +313,10 @@ def make_linear(weight: torch.Tensor, precision: str):
         if kernels.unavailable_reason() is None and (module := kernels.get()) is not None:
             return Int8KernelLinear(weight, module)
         return Int8DynamicLinear(weight)
+    if precision == "int4":
+        if weight.device.type != "cpu":
+            raise ValueError("quantize: int4 is a CPU mode; on a GPU use bfloat16 or float16")
+        return Int4KernelLinear(weight, int4_kernel(), int4_group)
     raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 

@@ -112,9 +112,20 @@ def load_model(options: LoadOptions) -> LoadedModel:
     device = choose_device(options.device)
     quantize = choose_quantize(options, device)
     compile_mode = choose_compile(options, device)
-    if quantize == "int8" and device.type != "cpu":
-        raise ModelLoadError(f"quantize int8 is a CPU mode, but the model would load on {device}")
-    dtype = torch.float32 if quantize == "int8" else choose_dtype(options.dtype, device)
+    quantized = quantize != "none"
+    if quantized and device.type != "cpu":
+        raise ModelLoadError(
+            f"quantize {quantize} is a CPU mode, but the model would load on {device}"
+        )
+    if quantize.startswith("int4"):  # say it before loading the weights, not after
+        from engine.kernels import int4
+
+        if (reason := int4.unavailable_reason()) is not None:
+            raise ModelLoadError(
+                f"quantize {quantize} needs our int4 CPU kernel (AVX2, FMA, F16C and a C++ "
+                f"compiler), which cannot run here: {reason}; use quantize int8"
+            )
+    dtype = torch.float32 if quantized else choose_dtype(options.dtype, device)
     name = options.model
     local = Path(name).expanduser()
     if name.startswith((".", "/", "~")) and not local.exists():
@@ -122,7 +133,7 @@ def load_model(options: LoadOptions) -> LoadedModel:
     source = str(local) if local.exists() else name
     if "melody" in name.lower():
         _refuse_unsupported(name, None)
-    precision = "int8 weights" if quantize == "int8" else str(dtype).removeprefix("torch.")
+    precision = f"{quantize} weights" if quantized else str(dtype).removeprefix("torch.")
     log.info("loading MusicGen %s on %s in %s", name, device, precision)
     try:
         config = AutoConfig.from_pretrained(source)
@@ -147,8 +158,19 @@ def load_model(options: LoadOptions) -> LoadedModel:
         model.decoder.config.num_hidden_layers,
         model.decoder.config.hidden_size,
     )
-    # The compiled step reads the cache as a float tensor: no int8 cache under it.
-    kv_cache = (
-        "bfloat16" if options.kv_cache == "auto" and compile_mode != "none" else options.kv_cache
-    )
+    kv_cache = choose_kv_cache(options, compile_mode, device)
     return LoadedModel(model, processor, device, dtype, name, quantize, compile_mode, kv_cache)
+
+
+def choose_kv_cache(options: LoadOptions, compile_mode: str, device: torch.device) -> str:
+    """ "auto" under a compiled step, which reads the cache as a float tensor (no int8 cache under
+    it): bfloat16 where our CPU kernels attend to it (or on a GPU), else float32, the cache
+    PyTorch's CPU attention is fast on. Otherwise the decoder chooses (`_choose_kv_cache`)."""
+    if options.kv_cache != "auto" or compile_mode == "none":
+        return options.kv_cache
+    if device.type == "cpu":
+        from engine import kernels
+
+        if kernels.get() is None:
+            return "float32"
+    return "bfloat16"

@@ -4,6 +4,8 @@
     stream = model.open_stream("slow rainy-day jazz")
     pcm = stream.read(50)                      # [channels, 50 * 640] float32: one second
     stream.set_prompt("fast drum and bass", from_frame=stream.frame)
+    a, b = model.open_streams(["jazz", "rock"])  # stations sharing every decoder step
+    pcm_a, pcm_b = read_together([a, b], 10)   # ... and one batched codec decode
 
 A stream is used from one thread. Everything that knows torch lives behind this API.
 """
@@ -20,7 +22,7 @@ import torch
 
 from engine.batch import DecodeBatch
 from engine.clip import Clip, ClipLimits, encode_clip, one_thread
-from engine.codec import StreamingDecoder, freeze_weight_norm
+from engine.codec import StreamingDecoder, decode_together, prepare_codec
 from engine.conditioning import batch_conditions, encode_prompt
 from engine.decoder import Decoder
 from engine.delay import codebook_delays, delayed_layout
@@ -37,18 +39,20 @@ class MusicModel:
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
         self.hf = loaded.model.requires_grad_(False)
-        freeze_weight_norm(self.hf.audio_encoder)
+        prepare_codec(self.hf.audio_encoder)  # weight norm frozen, LSTM weights float16
         self.processor = loaded.processor
-        precision = "int8" if loaded.quantize == "int8" else "dense"
+        precision = "dense" if loaded.quantize == "none" else loaded.quantize
         try:
             self.decoder = Decoder(self.hf.decoder, precision, loaded.kv_cache)
-        except ValueError as err:  # a kv_cache this machine cannot run
+        except ValueError as err:  # a kv_cache or quantize mode this machine cannot run
             raise ModelLoadError(str(err)) from None
         log.info(
             "decoder: %s linear layers, %s KV cache%s",
-            "int8" if precision == "int8" else str(self.hf.decoder.dtype).removeprefix("torch."),
+            precision
+            if precision != "dense"
+            else str(self.hf.decoder.dtype).removeprefix("torch."),
             self.decoder.kv_cache,
-            ", our CPU kernels" if self.decoder._kernels is not None else "",
+            f", our CPU kernels ({self.decoder.kernels.isa()})" if self.decoder.kernels else "",
         )
         config = self.hf.config
         self.sample_rate: int = config.audio_encoder.sampling_rate
@@ -255,3 +259,26 @@ class AudioStream:
     @torch.inference_mode()
     def set_sampling(self, sampling: SamplingOptions) -> None:
         self.tokens.set_sampling(sampling, from_frame=max(self.frame, 0))
+
+
+@torch.inference_mode()
+def read_together(streams: list[AudioStream], frames: int) -> list[np.ndarray]:
+    """The next `frames` frames of audio of each stream, as `read` gives them, with the codec
+    decodes of all of them batched into one (`engine.codec.decode_together`: the codec's weights
+    read once for all streams). Streams of one `open_streams` batch generate together anyway."""
+    if frames < 1:
+        raise ValueError(f"frames must be >= 1, got {frames}")
+    if not streams:
+        return []
+    began = time.perf_counter()
+    for stream in streams:
+        stream.tokens.generate_until(stream.frame + frames + stream.codec.lookahead)
+    decoded = time.perf_counter()
+    calls = [(s.codec, *s.tokens.history(), s.frame, s.frame + frames) for s in streams]
+    pcms = decode_together(calls)
+    decode_share = (time.perf_counter() - decoded) / len(streams)
+    for stream in streams:
+        stream.generate_seconds += (decoded - began) / len(streams)
+        stream.decode_seconds += decode_share
+        stream.frame += frames
+    return pcms

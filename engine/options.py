@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZE = ("auto", "none", "int8")
+QUANTIZE = ("auto", "none", "int8", "int4", "int4-ffn")
 KV_CACHES = ("auto", "float32", "bfloat16", "int8", "int4")
 COMPILE = ("auto", "none", "compile", "graphs")
 
@@ -20,7 +20,10 @@ class LoadOptions:
     model: str = "facebook/musicgen-small"  # hub id or local folder
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"
     dtype: str = "auto"  # "auto" (bf16 on CUDA / CPUs with AVX-512 BF16 or AMX), or a dtype name
-    quantize: str = "auto"  # "auto" (int8 on CPU, none on GPU), "none", or "int8" (CPU only)
+    # the decoder's projections: "auto" (int8 on CPU, none on GPU), "none", "int8", "int4" (our
+    # int4 kernel: half int8's bytes per step), or "int4-ffn" (int4 fc1/fc2, int8 for the rest);
+    # the quantized modes are CPU only
+    quantize: str = "auto"
     # the decoder step: "auto" (graphs on CUDA, none on CPU), "none" (eager), "compile"
     # (torch.compile, no graphs) or "graphs" (torch.compile with CUDA graphs; CUDA only)
     compile: str = "auto"
@@ -38,12 +41,16 @@ class LoadOptions:
             raise ValueError(f"dtype: must be one of {DTYPES}, got {self.dtype!r}")
         if self.quantize not in QUANTIZE:
             raise ValueError(f"quantize: must be one of {QUANTIZE}, got {self.quantize!r}")
-        if self.quantize == "int8" and self.dtype not in ("auto", "float32"):
+        quantized = self.quantize not in ("auto", "none")
+        if quantized and self.dtype not in ("auto", "float32"):
             raise ValueError(
-                f"quantize: int8 runs its activations in float32; set dtype to auto or float32, not {self.dtype!r}"
+                f"quantize: {self.quantize} runs its activations in float32; set dtype to auto or "
+                f"float32, not {self.dtype!r}"
             )
-        if self.quantize == "int8" and self.device.startswith("cuda"):
-            raise ValueError("quantize: int8 is a CPU mode; on a GPU use dtype bfloat16 or float16")
+        if quantized and self.device.startswith("cuda"):
+            raise ValueError(
+                f"quantize: {self.quantize} is a CPU mode; on a GPU use dtype bfloat16 or float16"
+            )
         if self.kv_cache not in KV_CACHES:
             raise ValueError(f"kv_cache: must be one of {KV_CACHES}, got {self.kv_cache!r}")
         quantized_cache = self.kv_cache in ("int8", "int4")

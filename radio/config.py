@@ -68,7 +68,7 @@ class ModelConfig:
     id: str = "facebook/musicgen-small"  # hub id or local folder (`radio tiny-model DIR` makes one)
     device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"
     dtype: str = "auto"  # "auto", "float32", "bfloat16" or "float16"
-    quantize: str = "auto"  # "auto" (int8 on CPU, none on GPU), "none" or "int8"
+    quantize: str = "auto"  # "auto" (int8 on CPU, none on GPU), "none", "int8", "int4", "int4-ffn"
     compile: str = "auto"  # "auto" (CUDA graphs on GPU, none on CPU), "none", "compile" or "graphs"
     kv_cache: str = "auto"  # "auto", "float32", "bfloat16", "int8" or "int4" (LoadOptions.kv_cache)
 

@@ -49,7 +49,9 @@ def add_render_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument(
-        "--quantize", default="auto", help="auto (int8 on CPU when --dtype is auto), none or int8"
+        "--quantize",
+        default="auto",
+        help="auto (int8 on CPU when --dtype is auto), none, int8, int4 or int4-ffn (CPU)",
     )
     p.add_argument(
         "--compile",

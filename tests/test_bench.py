@@ -72,15 +72,16 @@ def test_precision_benchmark_prints_the_table(tmp_path):
 
 
 def test_codec_benchmark_prints_cost_and_stages(tmp_path):
-    against = ROOT / "engine" / "codec.py"  # A/B against itself: exercises the --against path
-    out = _run(
+    out = _run(  # A/B against this checkout itself: exercises the --against path
         "bench_codec.py",
-        *("--size", "tiny", "--tables", "45", "--seconds", "1", "--repeats", "1"),
-        *("--threads", "1", "--against", str(against)),
+        *("--size", "tiny", "--tables", "0456", "--seconds", "1", "--repeats", "1"),
+        *("--threads", "1", "--against", str(ROOT)),
         tmp_path=tmp_path,
     )
+    assert re.search(r"\| 1 \| 250 \| [\d.]+ \|", out)  # float16 rounding vs float32
     assert "| 1 | 10 (radio) |" in out and "| 2 | 50 |" in out
     assert "LSTM (2 layers, per frame)" in out and "| total |" in out
+    assert re.search(r"\| 4 \| \d+ \| \d+ \| [\d.]+ \| [\d.]+ \|", out)  # 4 streams together
 
 
 def test_serve_benchmark_listens_and_reports(tmp_path):
@@ -101,7 +102,8 @@ def test_engine_benchmark_realtime_only(tmp_path):
         *("--window", "120", "--context", "60"),
         tmp_path=tmp_path,
     )
-    assert re.search(r"real time, int8, one station, 3 s of audio end to end, fresh process", out)
+    line = r"real time, int8, one station, 3 s of audio end to end \(.*\): real-time factor [\d.]+"
+    assert re.search(line, out), out
 
 
 def test_kernels_benchmark_prints_each_kernel(tmp_path):
@@ -112,11 +114,15 @@ def test_kernels_benchmark_prints_each_kernel(tmp_path):
     out = _run(
         "kernels.py",
         *("--rows", "8", "--layers", "2", "--positions", "64", "--repeat", "1"),
+        *("--prefill-rows", "40"),
         tmp_path=tmp_path,
     )
+    assert f"our kernels: {kernels.isa()}" in out
+    assert re.search(r"plain read of \d+ MB: [\d.]+ GB/s", out)
     assert "projections, 2 layers, 8 rows" in out
     for row in ("linear_int8 (ours", "attend_step_q8, int8 cache", "attend_step_q4, int4 cache"):
-        assert re.search(re.escape(row) + r".* ms .* GB/s", out), row
+        assert re.search(re.escape(row) + r".* ms .* GB/s .*% of read", out), row
+    assert re.search(r"linear_int8 \(ours\) .* ms .* GMAC/s", out)
 
 
 def test_clip_benchmark_prints_cost_and_stream_tables(tmp_path):
@@ -133,3 +139,14 @@ def test_clip_benchmark_prints_cost_and_stream_tables(tmp_path):
         "| one thread, nice +10 (the radio's) |",
     ):
         assert row in out, out
+
+
+def test_gpu_check_says_so_and_exits_0_without_cuda(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: `python bench/gpu.py` runs the real check")
+    out = _run("gpu.py", tmp_path=tmp_path)
+    assert out.strip() == (
+        "bench/gpu.py: no CUDA device here (torch.cuda.is_available() is False); nothing to do"
+    )

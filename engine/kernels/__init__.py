@@ -1,24 +1,29 @@
 """Our own CPU kernels for the decode step (`cpu.cpp` and the headers it includes), built on
-first use and cached.
+first use for the instruction set this CPU has, and cached.
 
 A decode step reads every weight and every cached key once and does little maths with them, so
 it is bound by memory bandwidth. These kernels reach that bound where PyTorch's general ones do
-not for a batch of a few rows (figures: `python bench/kernels.py`):
+not for a batch of a few rows (figures: `python bench/kernels.py`, docs/kernels.md):
 
-- `DecodeStepInt8`: a whole decoder step with int8 weights over an int8 KV cache, in one call
-  (`decode_step.h`), the CPU default;
-- `linear_int8(x, packed, scales)`: x [M, K] times packed int8 weights (`int8_gemm.h`, VNNI),
-  any M: decode steps and prefills;
-- `attend_step` / `attend_step_q8`: a step's self-attention over a bfloat16 / int8 KV cache
-  (`attention.h`), each row at its own position;
+- `DecodeStepInt8`: a whole decoder step with int8 weights over an int8 or int4 KV cache, in one
+  call (`decode_step.h`), the CPU default; its weights come by name (`DecoderLayer`,
+  `Projection`, `LayerNorm`);
+- `linear_int8(x, packed, scales)`: x [M, K] times packed int8 weights, exact int32 sums, any M:
+  decode steps and prefills;
+- `attend_step` / `attend_step_q8` / `attend_step_q4`: a step's self-attention over a bfloat16 /
+  int8 / int4 KV cache, each row at its own position;
 - `linear_bf16(x, w)`: x [M <= 8, K] times bfloat16 weights w [N, K] -> float32 [M, N];
 - `decode_attention(q, keys, values, lengths, scale)`: one query position per row against a
-  bfloat16 KV cache.
+  bfloat16 KV cache;
+- `sample_top_k`: guidance, top-k, temperature and the draws of N streams.
 
-They need a C++ compiler and a CPU with AVX-512 BF16 and VNNI. `get()` returns the module, or None
-when they are not available, after saying why once in the log; `ENDLESS_RADIO_KERNELS=0` turns
-them off. The build (~40 s, once per machine, PyTorch version and source digest) lands in
-PyTorch's extension cache (`TORCH_EXTENSIONS_DIR` moves it). The kernels release the GIL.
+Two builds of the same sources (`VARIANTS`), each ISA's kernels in its own folder (`avx512/`,
+`avx2/`; `isa.h` picks one): AVX-512 BF16 + VNNI where the CPU has it, else AVX2 + FMA + F16C
+(Zen 2/3, Intel client CPUs), else none. `get()` returns the module, or None when no variant can
+run, after saying why once in the log; `isa()` names the variant that runs.
+`ENDLESS_RADIO_KERNELS=0` turns them off, `=avx2` (or `=avx512`) asks for that variant. The
+build (~40 s, once per machine, variant, PyTorch version and source digest) lands in PyTorch's
+extension cache (`TORCH_EXTENSIONS_DIR` moves it). The kernels release the GIL.
 """
 
 from __future__ import annotations
@@ -28,44 +33,73 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("cpu.cpp")
-_HEADERS = (
-    "simd.h",
-    "attention.h",
-    "int8_gemm.h",
-    "decode_step.h",
-    "sampling.h",
-)  # included by cpu.cpp
-_FLAGS = [
-    "-O3",
-    "-mavx512f",
-    "-mavx512bw",
-    "-mavx512vl",
-    "-mavx512bf16",
-    "-mavx512vnni",
-    "-fopenmp",
-]
-_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni")
+_FOLDER = Path(__file__).parent
+_SOURCE = _FOLDER / "cpu.cpp"  # the one translation unit; it includes every header below
+_COMMON_FLAGS = ("-O3", "-fopenmp")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One build of the kernels."""
+
+    name: str  # in the module's name, the log, `isa()`, ENDLESS_RADIO_KERNELS and -DER_ISA_<NAME>
+    cpu_flags: tuple[str, ...]  # what /proc/cpuinfo must list for it to run
+    cflags: tuple[str, ...]  # the compiler's instruction-set flags
+
+    def compile_flags(self) -> list[str]:
+        return [*_COMMON_FLAGS, *self.cflags, f"-DER_ISA_{self.name.upper()}"]
+
+
+VARIANTS = (  # best first
+    Variant(
+        "avx512",
+        ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni"),
+        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni"),
+    ),
+    Variant("avx2", ("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c")),
+)
 _lock = threading.Lock()
 _state: dict = {}
 
 
+def _cpu_flags() -> set[str] | None:
+    try:
+        return set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return None
+
+
+def choose_variant() -> tuple[Variant | None, str | None]:
+    """The variant this CPU runs (the best it has the instructions for, or the one
+    ENDLESS_RADIO_KERNELS names), or None and why not."""
+    wanted = os.environ.get("ENDLESS_RADIO_KERNELS", "auto")
+    if wanted == "0":
+        return None, "ENDLESS_RADIO_KERNELS=0"
+    names = [v.name for v in VARIANTS]
+    if wanted not in ("auto", "1", *names):
+        return None, f"ENDLESS_RADIO_KERNELS={wanted} is not 0, auto or one of {', '.join(names)}"
+    flags = _cpu_flags()
+    if flags is None:
+        return None, "not a Linux CPU (no /proc/cpuinfo)"
+    missing = []
+    for variant in VARIANTS:
+        if wanted in names and variant.name != wanted:
+            continue
+        lacks = [f for f in variant.cpu_flags if f not in flags]
+        if not lacks:
+            return variant, None
+        missing.append(f"{', '.join(lacks)} ({variant.name})")
+    return None, f"this CPU lacks {'; '.join(missing)}"
+
+
 def unavailable_reason() -> str | None:
     """Why the kernels cannot be used here, or None if they can (before building them)."""
-    if os.environ.get("ENDLESS_RADIO_KERNELS", "1") == "0":
-        return "ENDLESS_RADIO_KERNELS=0"
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return "not a Linux CPU (no /proc/cpuinfo)"
-    missing = [f for f in _CPU_FLAGS if f not in flags]
-    if missing:
-        return f"this CPU lacks {', '.join(missing)}"
-    return None
+    return choose_variant()[1]
 
 
 def get():
@@ -76,33 +110,61 @@ def get():
         return _state["module"]
 
 
+def isa() -> str | None:
+    """The instruction set of the kernels that run here ("avx512", "avx2"), or None."""
+    module = get()
+    return None if module is None else module.isa()
+
+
+def headers() -> list[Path]:
+    """Every header cpu.cpp may include: the shared ones and each ISA folder's."""
+    return sorted(_FOLDER.rglob("*.h"))
+
+
 def _source_hash() -> str:
     """A digest of the kernel sources: PyTorch's build cache does not look at included headers,
     so the module's name changes with them and a changed header is never served stale."""
     digest = hashlib.sha256()
-    for name in ("cpu.cpp", *_HEADERS):
-        digest.update(_SOURCE.with_name(name).read_bytes())
+    for path in (_SOURCE, *headers()):
+        digest.update(str(path.relative_to(_FOLDER)).encode())
+        digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 
 
+def syntax_check_command(variant: Variant) -> list[str]:
+    """A g++ command that checks every kernel cpu.cpp binds (`all_kernels.h`) as built for
+    `variant`, without generating code: it runs on any x86 CPU, whatever instructions it has,
+    in a few seconds (cpu.cpp's torch bindings, ISA-free, would take ~40 s more)."""
+    from torch.utils.cpp_extension import include_paths
+
+    return [
+        "g++", "-std=c++20", "-fsyntax-only", "-x", "c++", *variant.compile_flags(),
+        *(f"-I{p}" for p in include_paths()), str(_FOLDER / "all_kernels.h"),
+    ]  # fmt: skip
+
+
 def _build():
-    reason = unavailable_reason()
-    if reason is None:
+    variant, reason = choose_variant()
+    if variant is not None:
         try:
             from torch.utils.cpp_extension import load
 
             started = time.monotonic()
-            log.info("building the CPU decode kernels (first run on this machine: ~30 s)")
+            log.info("building the CPU decode kernels (%s; once per machine: ~40 s)", variant.name)
             module = load(
-                name=f"endless_radio_cpu_{_source_hash()}",
+                name=f"endless_radio_cpu_{variant.name}_{_source_hash()}",
                 sources=[str(_SOURCE)],
-                extra_cflags=_FLAGS,
+                extra_cflags=variant.compile_flags(),
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
             )
-            log.info("CPU decode kernels ready in %.1f s", time.monotonic() - started)
+            log.info(
+                "CPU decode kernels (%s) ready in %.1f s", module.isa(), time.monotonic() - started
+            )
             return module
         except Exception as exc:  # a missing compiler or headers: say so, run PyTorch's kernels
-            reason = f"the build failed ({type(exc).__name__}: {str(exc).strip()[:300]})"
+            reason = (
+                f"the {variant.name} build failed ({type(exc).__name__}: {str(exc).strip()[:300]})"
+            )
     log.warning("CPU decode kernels not used: %s; decoding with PyTorch's kernels (slower)", reason)
     return None

@@ -27,12 +27,12 @@
 #include <torch/extension.h>
 
 #include <cmath>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
-#include "decode_step.h"
-#include "sampling.h"
+#include "all_kernels.h"
 
 namespace {
 
@@ -41,30 +41,6 @@ using namespace er;
 constexpr int64_t kMaxRows = 8;
 
 // ---- linear ------------------------------------------------------------------------------------
-
-template <int M>
-void linear_rows(const uint16_t* x, const uint16_t* w, float* y, int64_t N, int64_t K) {
-  // Two output features per iteration share the loads of x; each weight is read once.
-  constexpr int R = 2;
-  at::parallel_for(0, N / R, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n = b * R;
-      __m512 acc[M][R];
-      for (int m = 0; m < M; ++m)
-        for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
-      for (int64_t k = 0; k < K; k += 32) {
-        __m512bh wv[R];
-        for (int r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(w + (n + r) * K + k);
-        for (int m = 0; m < M; ++m) {
-          const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
-          for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
-        }
-      }
-      for (int m = 0; m < M; ++m)
-        for (int r = 0; r < R; ++r) y[m * N + n + r] = _mm512_reduce_add_ps(acc[m][r]);
-    }
-  });
-}
 
 torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "linear_bf16: x [M, K] and w [N, K]");
@@ -78,16 +54,7 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w) {
   auto xp = reinterpret_cast<const uint16_t*>(xb.data_ptr());
   auto wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
   auto yp = y.data_ptr<float>();
-  switch (M) {
-    case 1: linear_rows<1>(xp, wp, yp, N, K); break;
-    case 2: linear_rows<2>(xp, wp, yp, N, K); break;
-    case 3: linear_rows<3>(xp, wp, yp, N, K); break;
-    case 4: linear_rows<4>(xp, wp, yp, N, K); break;
-    case 5: linear_rows<5>(xp, wp, yp, N, K); break;
-    case 6: linear_rows<6>(xp, wp, yp, N, K); break;
-    case 7: linear_rows<7>(xp, wp, yp, N, K); break;
-    default: linear_rows<8>(xp, wp, yp, N, K); break;
-  }
+  linear_bf16_rows(xp, wp, yp, M, N, K);
   return y;
 }
 
@@ -194,18 +161,9 @@ torch::Tensor attend_step(torch::Tensor qkv, torch::Tensor keys, torch::Tensor v
     std::vector<float> scores(P + 16);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, h = i % H, at = pp[b];
-      uint16_t* k = kp + b * kb + h * kh;
-      uint16_t* v = vp + b * vb + h * vh;
-      const float* row = xp + b * 3 * E;
-      for (int64_t c = 0; c < D; c += 16) {  // round to nearest even, as torch's .to(bfloat16)
-        const __m256i kw = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(row + E + h * D + c));
-        const __m256i vw = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(row + 2 * E + h * D + c));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(k + at * D + c), kw);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(v + at * D + c), vw);
-      }
-      const float* q = row + h * D;
-      float* o = op + b * E + h * D;
-      with_head_chunks(D, [&](auto nc) { attend<nc>(q, k, v, at + 1, s, scores.data(), o); });
+      const float* row = xp + b * 3 * E + h * D;
+      attend_head_bf16(row, row + E, row + 2 * E, kp + b * kb + h * kh, vp + b * vb + h * vh, at,
+                       D, s, scores.data(), op + b * E + h * D);
     }
   });
   return out;
@@ -379,20 +337,35 @@ torch::Tensor linear_int8(torch::Tensor x, torch::Tensor data, torch::Tensor sca
   return y;
 }
 
+// ---- the whole decoder step ------------------------------------------------------------------
+// Its weights come by name: Python builds a DecoderLayer per layer from LayerNorm and Projection
+// objects (engine/decoder.py `_fused_step`), and the step checks each one's shape and kind.
+
+struct LayerNormTensors {  // float32 [E] each
+  torch::Tensor weight, bias;
+};
+
+// One projection's weights and how they are stored: "int8", `data` packed by engine/linear.py
+// `pack_int8` [ceil(N / 64), K / 4, 256] uint8 and `scales` [N] float32. Another kind adds its
+// name here and its case in DecodeStepInt8::projection (and in decode_step.h's Projection).
+struct ProjectionTensors {
+  std::string kind;
+  torch::Tensor data, scales;
+};
+
+using DecoderLayerTensors = DecoderLayerOf<LayerNormTensors, ProjectionTensors>;
+
 // A whole decoder step (decode_step.h) over tensors that live as long as this object.
 class DecodeStepInt8 {
  public:
-  // embed: K x [V + 1, E]; positions [P_max, E]; layers: per layer, in LayerInt8's order,
-  // [ln w, ln b, qkv data, qkv scales, out data, out scales, ln w, ln b, q data, q scales,
-  // out data, out scales, ln w, ln b, fc1 data, fc1 scales, fc2 data, fc2 scales];
-  // final: [ln w, ln b, heads data, heads scales].
+  // embed: K x [V + 1, E]; positions [P_max, E]; one DecoderLayer per layer; the final layer
+  // norm and the heads (E -> K * V); `heads`: attention heads.
   DecodeStepInt8(std::vector<torch::Tensor> embed, torch::Tensor positions,
-                 std::vector<std::vector<torch::Tensor>> layers, std::vector<torch::Tensor> final,
-                 int64_t heads, double eps)
+                 std::vector<DecoderLayerTensors> layers, LayerNormTensors ln_final,
+                 ProjectionTensors lm_heads, int64_t heads, double eps)
       : embed_(std::move(embed)), positions_(positions.contiguous()), layers_(std::move(layers)),
-        final_(std::move(final)) {
-    TORCH_CHECK(!embed_.empty() && !layers_.empty() && final_.size() == 4,
-                "DecodeStepInt8: embeddings, layers and [ln w, ln b, heads data, heads scales]");
+        ln_final_(std::move(ln_final)), lm_heads_(std::move(lm_heads)) {
+    TORCH_CHECK(!embed_.empty() && !layers_.empty(), "DecodeStepInt8: embeddings and layers");
     m_.K = static_cast<int64_t>(embed_.size());
     m_.E = positions_.size(1);
     m_.H = heads;
@@ -401,28 +374,25 @@ class DecodeStepInt8 {
     TORCH_CHECK(m_.D % 16 == 0 && m_.D <= 128, "DecodeStepInt8: head size a multiple of 16 up to 128, got ", m_.D);
     m_.L = static_cast<int64_t>(layers_.size());
     m_.eps = static_cast<float>(eps);
-    m_.positions = f32(positions_, "positions");
+    m_.positions = f32(positions_, "positions", m_.E, false);
     for (auto& e : embed_) {
       e = e.contiguous();
       TORCH_CHECK(e.dim() == 2 && e.size(1) == m_.E, "DecodeStepInt8: embeddings [V + 1, E]");
-      m_.embed.push_back(f32(e, "embedding"));
+      m_.embed.push_back(f32(e, "embedding", m_.E, false));
     }
-    for (auto& t : layers_) {
-      TORCH_CHECK(t.size() == 18, "DecodeStepInt8: 18 tensors per layer, got ", t.size());
-      for (auto& x : t) x = x.contiguous();
-      LayerInt8 w{f32(t[0], "ln"), f32(t[1], "ln"), linear(t[2], t[3], m_.E, 3 * m_.E),
-                  linear(t[4], t[5], m_.E, m_.E), f32(t[6], "ln"), f32(t[7], "ln"),
-                  linear(t[8], t[9], m_.E, m_.E), linear(t[10], t[11], m_.E, m_.E),
-                  f32(t[12], "ln"), f32(t[13], "ln"), linear(t[14], t[15], m_.E, -1),
-                  PackedInt8{}};
-      m_.F = w.fc1.N;
-      w.fc2 = linear(t[16], t[17], m_.F, m_.E);
-      m_.layers.push_back(w);
+    m_.F = layers_[0].fc1.scales.defined() ? layers_[0].fc1.scales.size(0) : 0;
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      DecoderLayerTensors& t = layers_[i];
+      const std::string at = "layer " + std::to_string(i) + " ";
+      m_.layers.push_back(DecoderLayerW{
+          norm(t.ln_self, at + "ln_self"), projection(t.qkv, at + "qkv", m_.E, 3 * m_.E),
+          projection(t.out_self, at + "out_self", m_.E, m_.E), norm(t.ln_cross, at + "ln_cross"),
+          projection(t.q_cross, at + "q_cross", m_.E, m_.E),
+          projection(t.out_cross, at + "out_cross", m_.E, m_.E), norm(t.ln_ffn, at + "ln_ffn"),
+          projection(t.fc1, at + "fc1", m_.E, m_.F), projection(t.fc2, at + "fc2", m_.F, m_.E)});
     }
-    for (auto& x : final_) x = x.contiguous();
-    m_.ln_final_w = f32(final_[0], "ln");
-    m_.ln_final_b = f32(final_[1], "ln");
-    m_.heads = linear(final_[2], final_[3], m_.E, -1);
+    m_.ln_final = norm(ln_final_, "ln_final");
+    m_.lm_heads = projection(lm_heads_, "lm_heads", m_.E, -1);
   }
 
   // ids [B, K] int64 at positions [B]; an int8 cache: keys/values [L, B, H, P, D] int8 and
@@ -515,29 +485,48 @@ class DecodeStepInt8 {
     const CrossInputs cross{static_cast<const uint16_t*>(cross_keys.data_ptr()),
                             static_cast<const uint16_t*>(cross_values.data_ptr()),
                             cross_bias.data_ptr<float>(), lengths, S};
-    auto logits = torch::empty({B, m_.heads.N}, ids.options().dtype(torch::kFloat));
+    auto logits = torch::empty({B, m_.lm_heads.out_features()}, ids.options().dtype(torch::kFloat));
     decode_step_int8(m_, ip, pp, B, cache, cross, scratch_, logits.data_ptr<float>());
     return logits;
   }
-  static const float* f32(const torch::Tensor& t, const char* what) {
-    TORCH_CHECK(t.scalar_type() == torch::kFloat && t.is_contiguous(), "DecodeStepInt8: ", what,
-                " must be contiguous float32");
+  // A contiguous float32 tensor; `vector`: of exactly n elements.
+  static const float* f32(torch::Tensor& t, const std::string& what, int64_t n, bool vector) {
+    TORCH_CHECK(t.defined() && t.scalar_type() == torch::kFloat, "DecodeStepInt8: ", what,
+                " must be float32");
+    t = t.contiguous();
+    TORCH_CHECK(!vector || (t.dim() == 1 && t.size(0) == n), "DecodeStepInt8: ", what, " must be [",
+                n, "], got ", t.sizes());
     return t.data_ptr<float>();
   }
 
-  // A packed projection from `in` features to `out` (-1: any).
-  static PackedInt8 linear(const torch::Tensor& data, const torch::Tensor& scales, int64_t in, int64_t out) {
-    const PackedInt8 w = packed_view("DecodeStepInt8", data, scales);
-    TORCH_CHECK(w.Kp == (in + 3) / 4 * 4 && (out < 0 || w.N == out), "DecodeStepInt8: a projection ",
-                in, " -> ", out, " was packed as ", w.Kp, " -> ", w.N);
-    return w;
+  LayerNormW norm(LayerNormTensors& t, const std::string& what) const {
+    return LayerNormW{f32(t.weight, what + ".weight", m_.E, true), f32(t.bias, what + ".bias", m_.E, true)};
+  }
+
+  // A projection from `in` features to `out` (-1: any).
+  static Projection projection(ProjectionTensors& t, const std::string& what, int64_t in, int64_t out) {
+    Projection p;
+    if (t.kind == "int8") {
+      TORCH_CHECK(t.data.defined() && t.scales.defined(), "DecodeStepInt8: ", what, " has no tensors");
+      t.data = t.data.contiguous(), t.scales = t.scales.contiguous();
+      p.kind = Projection::Kind::Int8;
+      p.int8 = packed_view(("DecodeStepInt8: " + what).c_str(), t.data, t.scales);
+      TORCH_CHECK(p.int8.Kp == (in + 3) / 4 * 4 && (out < 0 || p.int8.N == out), "DecodeStepInt8: ",
+                  what, " should take ", in, " -> ", out, " features, was packed as ", p.int8.Kp,
+                  " -> ", p.int8.N);
+      return p;
+    }
+    TORCH_CHECK(false, "DecodeStepInt8: ", what, " has weights of kind '", t.kind,
+                "'; this build runs int8");
+    return p;
   }
 
   std::vector<torch::Tensor> embed_;
   torch::Tensor positions_;
-  std::vector<std::vector<torch::Tensor>> layers_;
-  std::vector<torch::Tensor> final_;
-  ModelInt8 m_;
+  std::vector<DecoderLayerTensors> layers_;
+  LayerNormTensors ln_final_;
+  ProjectionTensors lm_heads_;
+  ModelW m_;
   StepScratch scratch_;
 };
 
@@ -546,6 +535,7 @@ class DecodeStepInt8 {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The kernels touch no Python object: other threads (the radio's event loop) run meanwhile.
   const auto nogil = pybind11::call_guard<pybind11::gil_scoped_release>();
+  m.def("isa", [] { return std::string(kIsa); }, "the instruction set this build is for");
   m.def("linear_bf16", &linear_bf16, nogil, "y = x w^T, bfloat16 weights, a few rows");
   m.def("decode_attention", &decode_attention, nogil, "one query per row over a bfloat16 KV cache");
   m.def("attend_step", &attend_step, nogil, "write a step's keys/values, then attend, per row");
@@ -553,10 +543,36 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend_step_q4", &attend_step_q4, nogil, "attend_step over an int4 KV cache (blocks)");
   m.def("sample_top_k", &sample_top_k, nogil, "guidance, top-k, temperature and draws of N streams");
   m.def("linear_int8", &linear_int8, nogil, "y = x w^T, packed int8 weights, activations int8 per row");
-  pybind11::class_<DecodeStepInt8>(m, "DecodeStepInt8")
-      .def(pybind11::init<std::vector<torch::Tensor>, torch::Tensor,
-                          std::vector<std::vector<torch::Tensor>>, std::vector<torch::Tensor>,
-                          int64_t, double>())
+  namespace py = pybind11;
+  py::class_<LayerNormTensors>(m, "LayerNorm", "a layer norm's float32 weight and bias [E]")
+      .def(py::init<torch::Tensor, torch::Tensor>(), py::arg("weight"), py::arg("bias"));
+  py::class_<ProjectionTensors>(m, "Projection",
+                                "one projection's weights: kind 'int8', data [N/64, K/4, 256] "
+                                "uint8 (engine.linear.pack_int8), scales [N] float32")
+      .def(py::init<std::string, torch::Tensor, torch::Tensor>(), py::arg("kind"), py::arg("data"),
+           py::arg("scales"))
+      .def_readonly("kind", &ProjectionTensors::kind);
+  py::class_<DecoderLayerTensors>(m, "DecoderLayer", "one decoder layer's weights, by name")
+      .def(py::init<LayerNormTensors, ProjectionTensors, ProjectionTensors, LayerNormTensors,
+                    ProjectionTensors, ProjectionTensors, LayerNormTensors, ProjectionTensors,
+                    ProjectionTensors>(),
+           py::kw_only(), py::arg("ln_self"), py::arg("qkv"), py::arg("out_self"),
+           py::arg("ln_cross"), py::arg("q_cross"), py::arg("out_cross"), py::arg("ln_ffn"),
+           py::arg("fc1"), py::arg("fc2"))
+      .def_readwrite("ln_self", &DecoderLayerTensors::ln_self)
+      .def_readwrite("qkv", &DecoderLayerTensors::qkv)
+      .def_readwrite("out_self", &DecoderLayerTensors::out_self)
+      .def_readwrite("ln_cross", &DecoderLayerTensors::ln_cross)
+      .def_readwrite("q_cross", &DecoderLayerTensors::q_cross)
+      .def_readwrite("out_cross", &DecoderLayerTensors::out_cross)
+      .def_readwrite("ln_ffn", &DecoderLayerTensors::ln_ffn)
+      .def_readwrite("fc1", &DecoderLayerTensors::fc1)
+      .def_readwrite("fc2", &DecoderLayerTensors::fc2);
+  py::class_<DecodeStepInt8>(m, "DecodeStepInt8")
+      .def(py::init<std::vector<torch::Tensor>, torch::Tensor, std::vector<DecoderLayerTensors>,
+                    LayerNormTensors, ProjectionTensors, int64_t, double>(),
+           py::kw_only(), py::arg("embed"), py::arg("positions"), py::arg("layers"),
+           py::arg("ln_final"), py::arg("lm_heads"), py::arg("heads"), py::arg("eps"))
       .def("step", &DecodeStepInt8::step, nogil, "one decoder step: ids [B, K] -> logits [B, K * V]")
       .def("step_q4", &DecodeStepInt8::step_q4, nogil, "the decoder step over an int4 KV cache");
 }

@@ -16,27 +16,41 @@
 
 #include <vector>
 
-#include "attention.h"
-#include "int8_gemm.h"
+#include "cache_heads.h"
 
 namespace er {
 
-struct LayerInt8 {
-  const float *ln_self_w, *ln_self_b;
-  PackedInt8 qkv, out_self;  // E -> 3E (q, k, v), E -> E
-  const float *ln_cross_w, *ln_cross_b;
-  PackedInt8 q_cross, out_cross;  // E -> E, E -> E
-  const float *ln_ffn_w, *ln_ffn_b;
-  PackedInt8 fc1, fc2;  // E -> F, F -> E
+// A projection's weights as the step reads them: `kind` says which member holds them. Another
+// kind of weights (int4) adds an enumerator, a member and its case in `project`.
+struct Projection {
+  enum class Kind { Int8 } kind = Kind::Int8;
+  PackedInt8 int8{};  // Kind::Int8
+  int64_t out_features() const { return int8.N; }
 };
 
-struct ModelInt8 {
+struct LayerNormW {
+  const float *weight, *bias;  // [E]
+};
+
+// One decoder layer's weights by name; cpu.cpp holds the same names as tensors.
+template <class Norm, class Proj>
+struct DecoderLayerOf {
+  Norm ln_self;
+  Proj qkv, out_self;  // E -> 3E (q, k, v), E -> E
+  Norm ln_cross;
+  Proj q_cross, out_cross;  // E -> E, E -> E
+  Norm ln_ffn;
+  Proj fc1, fc2;  // E -> F, F -> E
+};
+using DecoderLayerW = DecoderLayerOf<LayerNormW, Projection>;
+
+struct ModelW {
   int64_t E, H, D, F, L, K;  // hidden, heads, head size, ffn, layers, codebooks
   std::vector<const float*> embed;  // K x [V + 1][E]
   const float* positions;  // [max_positions][E] sinusoids
-  std::vector<LayerInt8> layers;
-  const float *ln_final_w, *ln_final_b;
-  PackedInt8 heads;  // E -> K * V
+  std::vector<DecoderLayerW> layers;
+  LayerNormW ln_final;
+  Projection lm_heads;  // E -> K * V
   float eps;
 };
 
@@ -64,7 +78,7 @@ struct StepScratch {
   std::vector<int8_t> q;
   std::vector<float> qscale;
   std::vector<int32_t> qcomp;
-  void fit(const ModelInt8& m, int64_t B, int64_t P, int64_t S) {
+  void fit(const ModelW& m, int64_t B, int64_t P, int64_t S) {
     const int64_t widest = std::max(m.E, m.F) + 4;
     x.resize(B * m.E), h.resize(B * m.E), a.resize(B * m.E), qkv.resize(B * 3 * m.E);
     ff.resize(B * m.F), q.resize(B * widest), qscale.resize(B), qcomp.resize(B);
@@ -74,10 +88,22 @@ struct StepScratch {
 
 // Quantize B rows of `in` (K wide) into the scratch and run `w` over them.
 template <Out OUT>
-inline void project(const PackedInt8& w, const float* in, int64_t K, int64_t B, float* out,
+inline void project(const Projection& w, const float* in, int64_t K, int64_t B, float* out,
                     int64_t ldy, StepScratch& s) {
-  quantize_rows(in, K, B, K, w.Kp, s.q.data(), w.Kp, s.qscale.data(), s.qcomp.data());
-  gemm_int8<OUT>(w, QuantRows{s.q.data(), w.Kp, s.qscale.data(), s.qcomp.data()}, B, out, ldy);
+  switch (w.kind) {
+    case Projection::Kind::Int8: {
+      const PackedInt8& p = w.int8;
+      quantize_rows(in, K, B, K, p.Kp, s.q.data(), p.Kp, s.qscale.data(), s.qcomp.data());
+      gemm_int8<OUT>(p, QuantRows{s.q.data(), p.Kp, s.qscale.data(), s.qcomp.data()}, B, out, ldy);
+      break;
+    }
+  }
+}
+
+// y = LayerNorm(x) for B rows of E.
+inline void norm_rows(const LayerNormW& w, const float* x, int64_t B, int64_t E, float eps,
+                      float* y) {
+  for (int64_t b = 0; b < B; ++b) layer_norm(x + b * E, w.weight, w.bias, y + b * E, E, eps);
 }
 
 constexpr int64_t kCrossAhead = 4;  // (row, head) items of cross-attention asked for ahead
@@ -86,7 +112,7 @@ constexpr int64_t kCrossAhead = 4;  // (row, head) items of cross-attention aske
 // pairs split across threads beyond one station's two rows (each thread's scores at scratch *
 // thread): for one station it is a few microseconds per layer, not worth a sync of the threads
 // (which, in the radio, share the cores with the encoders).
-inline void cross_attention(const ModelInt8& m, int64_t layer, const CrossInputs& c,
+inline void cross_attention(const ModelW& m, int64_t layer, const CrossInputs& c,
                             const float* q, int64_t B, float* out, float* scores, int64_t scratch) {
   const int64_t E = m.E, H = m.H, D = m.D, S = c.S;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
@@ -119,7 +145,7 @@ inline void cross_attention(const ModelInt8& m, int64_t layer, const CrossInputs
 
 // ids [B][K] at positions [B] (each row its own) -> logits [B][K * V]; writes each row's new
 // key/value into the cache at its position.
-inline void decode_step_int8(const ModelInt8& m, const int64_t* ids, const int64_t* pos,
+inline void decode_step_int8(const ModelW& m, const int64_t* ids, const int64_t* pos,
                              int64_t B, const CacheQ& c, const CrossInputs& cross,
                              StepScratch& s, float* logits) {
   const int64_t E = m.E, H = m.H, D = m.D, F = m.F;
@@ -137,15 +163,14 @@ inline void decode_step_int8(const ModelInt8& m, const int64_t* ids, const int64
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const int64_t scratch = std::max(c.P, cross.S) + 32;
   for (int64_t l = 0; l < m.L; ++l) {
-    const LayerInt8& w = m.layers[l];
-    for (int64_t b = 0; b < B; ++b)
-      layer_norm(x + b * E, w.ln_self_w, w.ln_self_b, h + b * E, E, m.eps);
+    const DecoderLayerW& w = m.layers[l];
+    norm_rows(w.ln_self, x, B, E, m.eps, h);
     project<Out::Store>(w.qkv, h, E, B, qkv, 3 * E, s);
     at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
       float* scores = s.scores.data() + at::get_thread_num() * scratch;
       // Attention waits on memory more than it fills the bus: meanwhile the next projection's
       // weights, this thread's share, are asked for (into L2), a slice per (row, head).
-      const auto [next_w, next_end] = thread_share(w.out_self);
+      const auto [next_w, next_end] = thread_share(w.out_self.int8);
       for (int64_t i = i0; i < i1; ++i) {
         prefetch_part(next_w, next_end, i - i0, i1 - i0);
         const int64_t b = i / H, hd = i % H;
@@ -169,20 +194,17 @@ inline void decode_step_int8(const ModelInt8& m, const int64_t* ids, const int64
     });
     project<Out::Add>(w.out_self, a, E, B, x, E, s);
 
-    for (int64_t b = 0; b < B; ++b)
-      layer_norm(x + b * E, w.ln_cross_w, w.ln_cross_b, h + b * E, E, m.eps);
+    norm_rows(w.ln_cross, x, B, E, m.eps, h);
     project<Out::Store>(w.q_cross, h, E, B, qkv, E, s);
     cross_attention(m, l, cross, qkv, B, a, s.scores.data(), scratch);
     project<Out::Add>(w.out_cross, a, E, B, x, E, s);
 
-    for (int64_t b = 0; b < B; ++b)
-      layer_norm(x + b * E, w.ln_ffn_w, w.ln_ffn_b, h + b * E, E, m.eps);
+    norm_rows(w.ln_ffn, x, B, E, m.eps, h);
     project<Out::Gelu>(w.fc1, h, E, B, ff, F, s);
     project<Out::Add>(w.fc2, ff, F, B, x, E, s);
   }
-  for (int64_t b = 0; b < B; ++b)
-    layer_norm(x + b * E, m.ln_final_w, m.ln_final_b, h + b * E, E, m.eps);
-  project<Out::Store>(m.heads, h, E, B, logits, m.heads.N, s);
+  norm_rows(m.ln_final, x, B, E, m.eps, h);
+  project<Out::Store>(m.lm_heads, h, E, B, logits, m.lm_heads.out_features(), s);
 }
 
 }  // namespace er

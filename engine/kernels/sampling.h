@@ -3,7 +3,7 @@
 // vocabulary's few kilobytes in L1. The same maths as engine/sampling.py's top-k path (logits /
 // temperature, then softmax over the survivors); after a decode step has streamed hundreds of
 // megabytes through the caches, each PyTorch op of that path costs ~0.1 ms of cold dispatch,
-// and a step samples with a dozen of them per stream.
+// and a step samples with a dozen of them per stream. The vector parts are the ISA's.
 #pragma once
 
 #include <algorithm>
@@ -11,7 +11,7 @@
 #include <cmath>
 #include <vector>
 
-#include "simd.h"
+#include "isa.h"
 
 namespace er {
 
@@ -24,22 +24,6 @@ struct TopKScratch {
     guided.resize(padded), probs.resize(padded), keys.resize(padded), ids.resize(V);
   }
 };
-
-// Float bits as int32 in the floats' order (for non-NaN values): signed compares of the keys
-// are compares of the floats.
-inline __m512i order_keys(__m512 x) {
-  const __m512i b = _mm512_castps_si512(x);
-  return _mm512_xor_si512(b, _mm512_and_si512(_mm512_srai_epi32(b, 31), _mm512_set1_epi32(0x7FFFFFFF)));
-}
-
-// How many of keys[0, n) (n a multiple of 16, padding at INT32_MIN) are >= t.
-inline int64_t count_at_least(const int32_t* keys, int64_t n, int32_t t) {
-  const __m512i vt = _mm512_set1_epi32(t);
-  int64_t count = 0;
-  for (int64_t i = 0; i < n; i += 16)
-    count += __builtin_popcount(_mm512_cmpge_epi32_mask(_mm512_loadu_si512(keys + i), vt));
-  return count;
-}
 
 // cond [V] (and uncond [V] for a guided row, or nullptr) -> the drawn token. The k-th largest
 // logit by bisection over the floats' ordered bits (32 vectorised counting passes, no sort);
@@ -54,11 +38,7 @@ inline int64_t sample_top_k_row(const float* cond, const float* uncond, int64_t 
     for (int64_t v = 0; v < V; ++v) g[v] = uncond[v] + (cond[v] - uncond[v]) * scale;
   const int64_t padded = (V + 15) / 16 * 16;
   int32_t* keys = s.keys.data();
-  for (int64_t v = 0; v < padded; v += 16) {
-    const __mmask16 m = first_lanes(V - v);
-    const __m512i key = order_keys(_mm512_maskz_loadu_ps(m, g + v));
-    _mm512_storeu_si512(keys + v, _mm512_mask_mov_epi32(_mm512_set1_epi32(INT32_MIN), m, key));
-  }
+  ordered_keys(g, V, keys);
   // the largest t with at least k keys >= t: the k-th largest key
   int64_t lo = INT32_MIN, hi = INT32_MAX;  // count(>= lo) >= k; count(> hi) < k
   while (lo < hi) {
@@ -78,11 +58,7 @@ inline int64_t sample_top_k_row(const float* cond, const float* uncond, int64_t 
   }
   float top = -INFINITY;
   for (int64_t j = 0; j < n; ++j) top = std::max(top, s.probs[j]);
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 m = first_lanes(n - j);
-    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s.probs.data() + j), _mm512_set1_ps(top)));
-    _mm512_mask_storeu_ps(s.probs.data() + j, m, e);
-  }
+  exp_shifted(s.probs.data(), n, top);
   double total = 0;
   for (int64_t j = 0; j < n; ++j) total += s.probs[j];
   const double target = u * total;

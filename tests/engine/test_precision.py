@@ -42,7 +42,7 @@ def test_int8_stream_reads_audio(tiny_model_dir):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (dict(quantize="int4"), "quantize: must be one of"),
+        (dict(quantize="int3"), "quantize: must be one of"),
         (dict(quantize="int8", dtype="bfloat16"), "activations in float32"),
         (dict(quantize="int8", device="cuda"), "CPU mode"),
     ],

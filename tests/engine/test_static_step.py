@@ -184,6 +184,19 @@ def test_int8_decoder_falls_back_to_eager(tiny_model_dir, caplog):
     assert torch.equal(tokens, _tokens(model, "none", 30))
 
 
+def test_compiled_step_without_our_kernels_keeps_a_float32_cache(tiny_model_dir, monkeypatch):
+    """Where our CPU kernels cannot run, a compiled int8 decoder's cache is float32 (the one
+    PyTorch attends to fast), not the bfloat16 one our kernels read."""
+    from engine import kernels
+
+    monkeypatch.setenv("ENDLESS_RADIO_KERNELS", "0")
+    monkeypatch.setitem(kernels._state, "module", None)
+    options = LoadOptions(model=tiny_model_dir, device="cpu", quantize="int8", compile="compile")
+    model = MusicModel.load(options)
+    assert model.decoder.kv_cache == "float32" and model.decoder.kernels is None
+    assert torch.equal(_tokens(model, "eager", 8), _tokens(model, "none", 8))
+
+
 def test_compile_option(tiny_model_dir):
     with pytest.raises(ValueError, match="compile: must be one of"):
         LoadOptions(compile="fast").validate()

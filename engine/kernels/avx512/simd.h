@@ -1,6 +1,6 @@
-// Small AVX-512 building blocks shared by the kernels: bfloat16/int8 loads, a vectorised exp,
-// a 16-way horizontal sum, softmax weights, per-vector int8 quantization, and the head-size
-// dispatch. Header-only: every kernel file includes it, and cpu.cpp is the one translation unit.
+// Small AVX-512 building blocks shared by the AVX-512 kernels: bfloat16/int8 loads, a vectorised
+// exp, a 16-way horizontal sum, softmax weights, per-vector int8 and int4 quantization.
+// Header-only: cpu.cpp is the one translation unit.
 #pragma once
 
 #include <immintrin.h>
@@ -8,12 +8,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
+
+#include "../common.h"
 
 namespace er {
-
-inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
-inline void prefetch_l2(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
 
 // The mask of the first min(n, 16) lanes (n >= 1): the tail of a loop over 16 floats at a time.
 inline __mmask16 first_lanes(int64_t n) {
@@ -77,25 +75,9 @@ inline float softmax_weights(float* scores, int64_t T, float best, const float* 
   return 1.0f / _mm512_reduce_add_ps(vsum);
 }
 
-// fn(std::integral_constant<int, NC>{}) for a head of D = NC * 16 floats, NC in 1..8.
-template <class Fn>
-inline void with_head_chunks(int64_t D, Fn&& fn) {
-  switch (D / 16) {
-    case 1: fn(std::integral_constant<int, 1>{}); break;
-    case 2: fn(std::integral_constant<int, 2>{}); break;
-    case 3: fn(std::integral_constant<int, 3>{}); break;
-    case 4: fn(std::integral_constant<int, 4>{}); break;
-    case 5: fn(std::integral_constant<int, 5>{}); break;
-    case 6: fn(std::integral_constant<int, 6>{}); break;
-    case 7: fn(std::integral_constant<int, 7>{}); break;
-    default: fn(std::integral_constant<int, 8>{}); break;
-  }
-}
-
 inline __m512 load_i8(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
-
 
 // Quantize one vector of D floats to int8 at dst, returning its scale.
 inline float quantize_vector(const float* x, int8_t* dst, int64_t D) {
@@ -109,20 +91,6 @@ inline float quantize_vector(const float* x, int8_t* dst, int64_t D) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c), _mm512_cvtsepi32_epi8(i));
   }
   return s;
-}
-
-// A positive finite float rounded to bfloat16 (nearest even, as torch's conversion): its bits.
-inline uint16_t bf16_bits(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-}
-
-inline float bf16_float(uint16_t bits) {
-  const uint32_t u = static_cast<uint32_t>(bits) << 16;
-  float x;
-  std::memcpy(&x, &u, 4);
-  return x;
 }
 
 // Quantize one vector of 64 floats to 4 bits, u = round(x / s) + 8 in [1, 15] with s = max|x| / 7

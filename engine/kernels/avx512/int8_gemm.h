@@ -4,10 +4,9 @@
 // streams the weights once, at memory speed) and a prefill's thousand (where each 64-feature
 // block of weights stays in L2 while every row tile passes over it).
 //
-// Weight layout (`engine/linear.py` packs it): w [N, K] -> blocks of 64 output features; within
-// a block, for each group of 4 inputs, 64 x 4 bytes: [N/64][K/4][64][4]. Each byte is w + 128:
-// vpdpbusd multiplies unsigned by signed bytes, the weight is the unsigned side, and the +128
-// comes back out as 128 * sum(x) per row. N and K are padded to multiples of 64 and 4 (weight 0).
+// The layout is common.h's: [N/64][K/4][64][4] bytes, each w + 128. vpdpbusd multiplies unsigned
+// by signed bytes, the weight is the unsigned side, and the +128 comes back out as 128 * sum(x)
+// per row (QuantRows.comp).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -20,26 +19,11 @@
 
 namespace er {
 
-constexpr int64_t kBlock = 64;  // output features per packed block
 constexpr int64_t kRowTile = 4;  // rows per register tile: 4 rows x 64 features, 16 accumulators
 // Software prefetch distance in bytes. The hardware prefetcher alone leaves a decode step at
 // ~35 GB/s here; asking 1 KB ahead brings the weights in at ~45 GB/s, and lets the maths of
 // 8 rows (4 stations) overlap the stream instead of adding to it (bench/kernels.py).
 constexpr int64_t kPrefetch = 1024;
-
-struct PackedInt8 {
-  const uint8_t* data;  // [ceil(N / 64)][Kp / 4][64][4]
-  const float* scales;  // [N]: w[n] ~ scales[n] * q[n]
-  int64_t N;  // output features
-  int64_t Kp;  // input features, padded to a multiple of 4
-};
-
-struct QuantRows {  // M rows of activations, int8 with one scale per row
-  const int8_t* q;  // [M][ld], zero past K
-  int64_t ld;
-  const float* scale;  // [M]: x[m] ~ scale[m] * q[m]
-  const int32_t* comp;  // [M]: 128 * sum(q[m]), what the weights' +128 adds to each sum
-};
 
 // Rows x [M][ldx] of K floats -> q [M][ldq] int8 (zero padded up to Kp), scale [M], comp [M].
 inline void quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp,
@@ -86,8 +70,6 @@ inline __m512 gelu_ps(__m512 x) {
   const __m512 one_plus_erf = _mm512_mask_sub_ps(p, positive, _mm512_set1_ps(2.0f), p);
   return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), one_plus_erf);
 }
-
-enum class Out { Store, Add, Gelu };  // y = v, y += v, y = gelu(v)
 
 // y[m][n0 + ...] (=, += or gelu of) the int32 sums of rows [m0, m0 + MR), each minus its +128
 // compensation, times the row's and the feature's scales.
@@ -228,24 +210,6 @@ void gemm_int8(const PackedInt8& w, const QuantRows& x, int64_t M, float* y, int
       }
     }
   });
-}
-
-// The packed bytes of `w` that this thread will stream in gemm_int8 (at::parallel_for gives
-// thread t the t-th chunk of divup(blocks, threads) blocks), for asking for them early.
-inline std::pair<const uint8_t*, const uint8_t*> thread_share(const PackedInt8& w) {
-  const int64_t blocks = (w.N + kBlock - 1) / kBlock, bytes = w.Kp * kBlock;
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), blocks);
-  const int64_t chunk = (blocks + threads - 1) / threads;
-  const int64_t b0 = std::min(blocks, at::get_thread_num() * chunk);
-  const int64_t b1 = std::min(blocks, b0 + chunk);
-  return {w.data + b0 * bytes, w.data + b1 * bytes};
-}
-
-// Ask (into L2) for part `j` of `n` of the bytes [begin, end).
-inline void prefetch_part(const uint8_t* begin, const uint8_t* end, int64_t j, int64_t n) {
-  const int64_t size = end - begin;
-  for (int64_t at = size * j / n / 64 * 64; at < size * (j + 1) / n; at += 64)
-    prefetch_l2(begin + at);
 }
 
 // y = LayerNorm(x) over E features per row, with weight w and bias b.

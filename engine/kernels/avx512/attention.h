@@ -1,7 +1,7 @@
-// One (row, head) of a decode step's self-attention: the query against positions [0, T) of a
-// bfloat16 or int8 KV cache, softmax, weighted sum of values (the bfloat16 one also serves
-// cross-attention, with an additive bias [T]: 0, or -inf for padding). The head size is NC * 16 floats,
-// held in registers; scores are float32 scratch of at least T + 16 floats.
+// One (row, head) of a decode step's self-attention, AVX-512: the query against positions [0, T)
+// of a bfloat16, int8 or int4 KV cache, softmax, weighted sum of values (the bfloat16 one also
+// serves cross-attention, with an additive bias [T]: 0, or -inf for padding). The head size is
+// NC * 16 floats, held in registers; scores are float32 scratch of at least T + 16 floats.
 #pragma once
 
 #include <algorithm>
@@ -10,12 +10,6 @@
 #include "simd.h"
 
 namespace er {
-
-// How far ahead (bytes) the int8 cache's keys and values are prefetched while a head is read.
-// Each (row, head) is two short streams (64 KB at 1000 positions) that the hardware prefetcher
-// ramps up on too late: 4 KB ahead, and both streams' first lines at once, made 24 layers of
-// attention over 1000 positions ~25% faster here (3.9 -> 2.9 ms; the same work in L3: 1.2 ms).
-constexpr int64_t kAttendPrefetch = 4096;
 
 template <int NC>
 void attend(const float* q, const uint16_t* k, const uint16_t* v, int64_t T, float scale,
@@ -146,31 +140,8 @@ void attend_q8(const float* q, const int8_t* k, const float* ks, const int8_t* v
   for (int c = 0; c < NC; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(o[c], inv));
 }
 
-// Row b's head h of a decode step over an int8 cache: quantize the step's key and value into
-// position `at` (k, v [P, D] and their scales ks, vs [P] of this row and head), then attend to
-// positions [0, at].
-inline void attend_head_q8(const float* q, const float* k_new, const float* v_new, int8_t* k,
-                           float* ks, int8_t* v, float* vs, int64_t at, int64_t D, float scale,
-                           float* scores, float* out, const int8_t* next_k) {
-  ks[at] = quantize_vector(k_new, k + at * D, D);
-  vs[at] = quantize_vector(v_new, v + at * D, D);
-  with_head_chunks(D, [&](auto nc) {
-    attend_q8<nc>(q, k, ks, v, vs, at + 1, scale, scores, out, next_k);
-  });
-}
-
-// ---- int4 cache (head size 64) ---------------------------------------------------------------
-// A key or value vector is 64 nibbles u = round(x / s) + 8 with its own scale s = max|x| / 7 in
-// bfloat16 (quantize_q4): 32 bytes, byte r holding dims r and r + 32. A head's positions go by
-// blocks of 16, each block one 1088-byte (17-line) record, the head's blocks one after another:
-//
-//   [0, 512)     keys [8 j][16 l][4 b]: byte 4j + b of position l
-//   [512, 1024)  values [4 G][2 h][16 j][4 p]: byte 16h + j of position 4G + p
-//   [1024, 1056) the keys' scales, bfloat16 [16]
-//   [1056, 1088) the values' scales, bfloat16 [16]
-//
-// so that attention reads one sequential stream (the hardware and a prefetch 4 KB ahead keep it
-// at the bus's speed) and each VNNI instruction finds what it multiplies in one 64-byte load:
+// ---- int4 cache (head size 64, common.h's blocks) ---------------------------------------------
+// Each VNNI instruction finds what it multiplies in one 64-byte load:
 // - a key group's low nibbles are dims 4j..4j+3 of 16 positions, the high ones dims 32 + 4j..;
 //   vpdpbusd against those 4 query bytes (int8, one scale) adds them into each position's lane:
 //   16 scores from 8 loads and 16 dot products, no horizontal sums;
@@ -185,19 +156,6 @@ inline void attend_head_q8(const float* q, const float* k_new, const float* v_ne
 // positions: 26 -> 21 us with chunks of 1 block).
 // The weights' 8 bits are a step of 1/255 of the chunk's largest; the values' 4 bits are a
 // step of 1/7 of their largest: the weights add a small fraction of the values' own error.
-constexpr int64_t kQ4Head = 64, kQ4Block = 16, kQ4BlockBytes = 1088;
-constexpr int64_t kQ4Values = 512, kQ4KeyScales = 1024, kQ4ValueScales = 1056;
-constexpr int64_t kQ4Chunk = 4;  // blocks whose scores, weights and sums go together
-
-// Byte offsets, within its block, of key byte r (a multiple of 4) and value byte r of position
-// l (l < 16).
-inline int64_t q4_key_offset(int64_t l, int64_t r) { return r / 4 * 64 + l * 4; }
-inline int64_t q4_value_offset(int64_t l, int64_t r) {
-  return kQ4Values + (l / 4 * 2 + r / 16) * 64 + r % 16 * 4 + l % 4;
-}
-
-// The bytes of a head's first T positions (whole blocks).
-inline int64_t q4_bytes(int64_t T) { return (T + kQ4Block - 1) / kQ4Block * kQ4BlockBytes; }
 
 // A block's 16 key or value scales (bfloat16 at byte offset `at`) as floats.
 inline __m512 q4_scales(const uint8_t* blk, int64_t at) {
@@ -296,27 +254,6 @@ inline void attend_q4(const float* q, const uint8_t* head, int64_t T, float scal
   const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
   const __m512 off = _mm512_set1_ps(8.0f * _mm512_reduce_add_ps(weighed));
   for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(_mm512_sub_ps(o[c], off), inv));
-}
-
-// The first lines of the first head a thread attends (each head asks for the next one's).
-inline void prefetch_q4_start(const uint8_t* head, int64_t T) {
-  for (int64_t line = 0; line < kAttendPrefetch && line < q4_bytes(T); line += 64) prefetch(head + line);
-}
-
-// Row b's head h of a decode step over an int4 cache (`head`: its blocks): quantize the step's
-// key and value into position `at`, then attend to positions [0, at].
-inline void attend_head_q4(const float* q, const float* k_new, const float* v_new, uint8_t* head,
-                           int64_t at, float scale, float* out, const uint8_t* next) {
-  uint8_t* blk = head + at / kQ4Block * kQ4BlockBytes;
-  const int64_t l = at % kQ4Block;
-  alignas(32) uint8_t packed[32];
-  uint16_t bits = quantize_q4(k_new, packed);
-  std::memcpy(blk + kQ4KeyScales + 2 * l, &bits, 2);
-  for (int r = 0; r < 32; r += 4) std::memcpy(blk + q4_key_offset(l, r), packed + r, 4);
-  bits = quantize_q4(v_new, packed);
-  std::memcpy(blk + kQ4ValueScales + 2 * l, &bits, 2);
-  for (int r = 0; r < 32; ++r) blk[q4_value_offset(l, r)] = packed[r];
-  attend_q4(q, head, at + 1, scale, out, next);
 }
 
 }  // namespace er

@@ -1,0 +1,156 @@
+"""One command to verify a GPU: the `gpu` tests, then stations per GPU against `generate`.
+
+    python bench/gpu.py                                  # musicgen-small from the hub (or cache)
+    python bench/gpu.py --model /path/to/musicgen-small  # a local folder
+    python bench/gpu.py --size small                     # random weights in the exact shape (offline)
+    python bench/gpu.py --stations 1,8 --seconds 5       # a quicker look
+
+On a machine without CUDA it says so in one line and exits 0. On one, within a few minutes:
+
+1. runs the tests marked `gpu` (`python -m pytest -q -m gpu`: CUDA graphs against the eager
+   step, alone and batched);
+2. for 1, 8, 32 and 64 stations, renders `--seconds` of audio per station with the engine as
+   `radio serve` runs it on a GPU (bfloat16, the compiled static step replayed as a CUDA graph,
+   the streaming codec: `read_together`), and the same number of prompts with
+   `transformers` `generate` in bfloat16 on the same weights (CFG on, sampling with top-k 250,
+   batch = stations);
+3. prints one table (decoder steps per second per station, real-time factor per station, the
+   engine against `generate`) and writes it as JSON (`--json`, default `gpu-bench.json`).
+
+A station holds real time while its real-time factor is at least 1; the largest count that
+does is the stations this GPU carries with these settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_engine import PROMPT, model_dir, say  # noqa: E402
+
+FRAME_RATE = 50  # MusicGen's EnCodec: 50 frames per second of audio
+
+
+def run_gpu_tests() -> int:
+    say("gpu tests: python -m pytest -q -m gpu ...")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu"], cwd=ROOT)
+    return result.returncode
+
+
+@torch.inference_mode()
+def bench_engine(model, stations: int, seconds: float) -> dict:
+    from engine import SamplingOptions, WindowOptions, read_together
+
+    prompts = [f"{PROMPT} {i}" for i in range(stations)]
+    samplings = [SamplingOptions(seed=i) for i in range(stations)]
+    streams = model.open_streams(prompts, samplings, WindowOptions())
+    read_together(streams, 10)  # warm-up: compile and capture
+    torch.cuda.synchronize()
+    frames = round(seconds * FRAME_RATE)
+    began = time.perf_counter()
+    for _ in range(0, frames, 10):
+        read_together(streams, 10)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - began
+    done = -(-frames // 10) * 10
+    return {"steps_per_s": done / wall, "rtf": done / FRAME_RATE / wall}
+
+
+@torch.inference_mode()
+def bench_generate(hf, processor, stations: int, seconds: float) -> dict:
+    inputs = processor(
+        text=[f"{PROMPT} {i}" for i in range(stations)], return_tensors="pt", padding=True
+    ).to("cuda")
+    kwargs = dict(do_sample=True, guidance_scale=3.0, top_k=250)
+    hf.generate(**inputs, **kwargs, max_new_tokens=8)  # warm-up
+    steps = round(seconds * FRAME_RATE)
+    torch.cuda.synchronize()
+    began = time.perf_counter()
+    hf.generate(**inputs, **kwargs, max_new_tokens=steps)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - began
+    frames = steps - hf.decoder.config.num_codebooks + 1
+    return {"steps_per_s": steps / wall, "rtf": frames / FRAME_RATE / wall}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="facebook/musicgen-small", help="hub id or folder")
+    parser.add_argument(
+        "--size", choices=("small", "tiny"), default=None, help="random weights of this shape"
+    )
+    parser.add_argument("--stations", default="1,8,32,64", help="station counts, e.g. 1,8,32,64")
+    parser.add_argument("--seconds", type=float, default=10.0, help="audio rendered per station")
+    parser.add_argument("--skip-tests", action="store_true", help="only the measurements")
+    parser.add_argument("--json", default="gpu-bench.json", help="where to write the table")
+    args = parser.parse_args()
+    try:
+        counts = [int(n) for n in args.stations.split(",")]
+    except ValueError:
+        raise SystemExit(
+            f"--stations: a list of counts like 1,8,32,64, got {args.stations!r}"
+        ) from None
+    if not counts or min(counts) < 1:
+        raise SystemExit(f"--stations: counts must be at least 1, got {args.stations!r}")
+    if not torch.cuda.is_available():
+        say("bench/gpu.py: no CUDA device here (torch.cuda.is_available() is False); nothing to do")
+        return 0
+
+    from transformers import AutoProcessor, MusicgenForConditionalGeneration
+
+    from engine import LoadOptions, MusicModel
+
+    tests = 0 if args.skip_tests else run_gpu_tests()
+    path = str(model_dir(args.size)) if args.size else args.model
+    say(f"loading {path} on {torch.cuda.get_device_name()} ...")
+    model = MusicModel.load(LoadOptions(model=path, device="cuda", dtype="bfloat16"))
+    hf = MusicgenForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    processor = AutoProcessor.from_pretrained(path)
+    rows = []
+    for n in counts:
+        say(f"{n} station(s): engine, {args.seconds:.0f} s of audio each ...")
+        ours = bench_engine(model, n, args.seconds)
+        say(f"{n} station(s): transformers generate, bfloat16 ...")
+        ref = bench_generate(hf, processor, n, args.seconds)
+        rows.append({"stations": n, "engine": ours, "generate": ref})
+        torch.cuda.empty_cache()
+
+    say("")
+    say(
+        "| stations | engine steps/s | engine RTF per station | generate steps/s | generate RTF | engine vs generate |"
+    )
+    say("| --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        e, g = row["engine"], row["generate"]
+        say(
+            f"| {row['stations']} | {e['steps_per_s']:.1f} | {e['rtf']:.2f} | "
+            f"{g['steps_per_s']:.1f} | {g['rtf']:.2f} | x{e['rtf'] / g['rtf']:.2f} |"
+        )
+    holding = [r["stations"] for r in rows if r["engine"]["rtf"] >= 1.0]
+    say(f"stations in real time (RTF >= 1): {max(holding) if holding else 0} of those measured")
+    report = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "model": path,
+        "seconds": args.seconds,
+        "gpu_tests_exit_code": tests,
+        "rows": rows,
+    }
+    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    say(f"wrote {args.json}")
+    return 1 if tests not in (0, 5) else 0  # 5: pytest collected no gpu tests
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The codec's C++ kernels (`codec_kernels.cpp` and the headers beside it: the float16 LSTM, the
+ELU), built on first use and cached, like `engine.kernels` but needing only AVX2, FMA and F16C.
+
+`get()` returns the module, or None when it can not be used here (the reason logged once):
+`ENDLESS_RADIO_KERNELS=0`, a CPU without those instructions, or a failed build. The build (~20 s,
+once per machine, PyTorch version and source digest) lands in PyTorch's extension cache
+(`TORCH_EXTENSIONS_DIR` moves it). The kernels release the GIL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("codec_kernels.cpp")
+_HEADERS = ("codec_simd.h", "lstm_f16.h")
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+_CPU_FLAGS = ("avx2", "fma", "f16c")
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernel can not be used here, or None if it can (before building it)."""
+    if os.environ.get("ENDLESS_RADIO_KERNELS", "1") == "0":
+        return "ENDLESS_RADIO_KERNELS=0"
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "not a Linux CPU (no /proc/cpuinfo)"
+    missing = [f for f in _CPU_FLAGS if f not in flags]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    return None
+
+
+def get():
+    """The built kernel module, or None (the reason is logged once)."""
+    with _lock:
+        if "module" not in _state:
+            _state["module"] = _build()
+        return _state["module"]
+
+
+def _source_hash() -> str:
+    digest = hashlib.sha256()
+    for name in (_SOURCE.name, *_HEADERS):
+        digest.update(_SOURCE.with_name(name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _build():
+    reason = unavailable_reason()
+    if reason is None:
+        try:
+            from torch.utils.cpp_extension import load
+
+            started = time.monotonic()
+            module = load(
+                name=f"endless_radio_codec_{_source_hash()}",
+                sources=[str(_SOURCE)],
+                extra_cflags=_FLAGS,
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
+            log.info("codec kernels ready in %.1f s", time.monotonic() - started)
+            return module
+        except Exception as exc:  # a missing compiler or headers: say so, run PyTorch's ops
+            errors = [line for line in str(exc).splitlines() if "error:" in line]  # the compiler's
+            detail = (errors[0] if errors else str(exc)).strip()[:300]
+            reason = f"the build failed ({type(exc).__name__}: {detail})"
+    log.warning("codec kernels not used: %s; decoding with PyTorch's ops (slower)", reason)
+    return None

@@ -1,0 +1,274 @@
+// Packed int4 matrix products for the decoder's projections: y = x w^T with 4-bit weight codes
+// (a scale and an offset per output feature per group of G inputs) and int8 activations (one
+// scale per row), exact integer sums inside each group, float32 out. One kernel serves a decode
+// step's few rows (where it streams the weights once: half the bytes of int8) and a prefill's
+// thousand (where a panel of 64 features stays in L2 while every row tile passes over it).
+//
+// The maths. A weight is w = s * u + b, u in [0, 15] its code, (s, b) its group's float16 scale
+// and offset; a row of activations is x ~ r * q, q int8 in [-127, 127]. Per row m, feature n:
+//
+//     y[m][n] = r[m] * sum_g (s[n][g] * D[m][n][g] + b[n][g] * S[m][g])
+//     D[m][n][g] = sum_{k in g} u[n][k] * q[m][k]     (exact, int16 then int32)
+//     S[m][g]    = sum_{k in g} q[m][k]               (exact, once per row and group)
+//
+// Layout (`engine/linear.py` `pack_int4` packs it): features in blocks of 16; per block, per
+// step of 8 inputs, 64 bytes: byte 4j + i holds feature j's codes of inputs 8t + i (low nibble)
+// and 8t + 4 + i (high nibble), i < 4: codes [N / 16][Kp / 8][16][4]. The scales and offsets are
+// float16 [N / 16][Kp / G][2][16]: the block's 16 scales, then its 16 offsets, per group.
+// N is padded to 16 (code 0, scale and offset 0), K to G (code 0, activation 0).
+//
+// AVX2: a 32-byte load is 8 features x 8 inputs; its low nibbles (4 inputs per 32-bit lane) and
+// high nibbles go through vpmaddubsw against the row's 4 activations broadcast (unsigned codes
+// times signed bytes; a pair sums to at most 2 * 15 * 127), and the int16 sums add up over 4
+// steps (16 products, at most 30480) before one vpmaddwd widens them into the group's int32
+// sums. AVX-512 VNNI can read the same bytes: a 64-byte line is 16 features x 4 inputs per
+// nibble, one vpdpbusd each against the broadcast activations. Written with AVX2, FMA and F16C
+// intrinsics only, in the namespace er::int4 so that it sits beside the AVX-512 headers in one
+// translation unit.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace er::int4 {
+
+constexpr int64_t kFeatures = 16;  // output features per block
+constexpr int64_t kStep = 8;  // inputs per 64-byte step of a block
+constexpr int64_t kStepBytes = 64;
+constexpr int64_t kSub = 32;  // inputs whose int16 sums stay exact (4 steps x 4 products)
+constexpr int64_t kMaxTile = 4;  // rows per register tile
+constexpr int64_t kPanel = 4;  // blocks per L2 panel of a prefill (64 features)
+// Rows up to which a block goes by in chunks of groups, each row tile passing over the chunk
+// while it is in L1 (a decode step: the weights stream from memory once); more rows take the
+// prefill's order (a row tile passes over a whole panel that stays in L2).
+constexpr int64_t kMaxChunkedRows = 16;
+constexpr int64_t kChunkBytes = 2048;  // codes per chunk of a block (plus its scales)
+// Software prefetch distance in bytes of codes: the hardware prefetcher alone does not keep two
+// streams (codes and scales) per thread at the bus's speed.
+constexpr int64_t kPrefetch = 1024;
+
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+
+struct PackedInt4 {
+  const uint8_t* codes;  // [Nb][Kp / 8][64]
+  const uint16_t* scales;  // float16 [Nb][Kp / G][2][16]: scales, then offsets
+  int64_t N;  // output features
+  int64_t Kp;  // input features, padded to a multiple of G
+  int64_t G;  // inputs per group, a multiple of 32
+  int64_t blocks() const { return (N + kFeatures - 1) / kFeatures; }
+  int64_t groups() const { return Kp / G; }
+  const uint8_t* block_codes(int64_t b) const { return codes + b * Kp * (kStepBytes / kStep); }
+  const uint16_t* block_scales(int64_t b) const { return scales + b * groups() * 2 * kFeatures; }
+};
+
+struct GroupedRows {  // M rows of activations, int8 with one scale per row, and group sums
+  const int8_t* q;  // [M][ld], zero past K
+  int64_t ld;
+  const float* scale;  // [M]: x[m] ~ scale[m] * q[m]
+  const float* sums;  // [M][groups]: S[m][g], exact integers
+  int64_t groups;
+};
+
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return std::max(_mm_cvtss_f32(m), _mm_cvtss_f32(_mm_shuffle_ps(m, m, 1)));
+}
+
+inline int32_t hsum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+
+// One row x [K] -> q [Kp] int8 (x / scale to the nearest even, zero past K), its scale
+// (max|x| / 127, or 1 for a zero row) and its G-input group sums [Kp / G].
+inline void quantize_row(const float* x, int64_t K, int64_t Kp, int64_t G, int8_t* q,
+                         float* scale, float* sums) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 vmax = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 8 <= K; c += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + c)));
+  float amax = hmax(vmax);
+  for (; c < K; ++c) amax = std::max(amax, std::fabs(x[c]));
+  const float s = amax > 0 ? amax / 127.0f : 1.0f, inv = 1.0f / s;
+  const __m256 vinv = _mm256_set1_ps(inv);
+  for (int64_t g0 = 0; g0 < Kp; g0 += G) {
+    __m256i vsum = _mm256_setzero_si256();
+    int32_t tail = 0;
+    for (c = g0; c < g0 + G; c += 8) {
+      if (c + 8 <= K) {  // x * inv rounded to the nearest even (MXCSR default), |i| <= 127
+        const __m256i i = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + c), vinv));
+        vsum = _mm256_add_epi32(vsum, i);
+        const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(q + c), _mm_packs_epi16(w, w));
+        continue;
+      }
+      for (int64_t e = c; e < c + 8; ++e) {  // the row's tail and the padding past K
+        const int32_t i = e < K ? static_cast<int32_t>(std::nearbyint(x[e] * inv)) : 0;
+        q[e] = static_cast<int8_t>(i);
+        tail += i;
+      }
+    }
+    sums[g0 / G] = static_cast<float>(hsum(vsum) + tail);
+  }
+  *scale = s;
+}
+
+// The int32 sums D of MR rows against one block's 16 features over one group (codes: the
+// group's G / 8 steps; xr: each row's activations at the group's first input), as 2 x 8 lanes.
+template <int MR>
+inline void group_sums(const uint8_t* codes, int64_t G, const int8_t* const (&xr)[MR],
+                       __m256i (&dot)[MR][2], bool ahead) {
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  for (int m = 0; m < MR; ++m) dot[m][0] = dot[m][1] = _mm256_setzero_si256();
+  for (int64_t h = 0; h < G; h += kSub) {
+    __m256i part[MR][2];
+    for (int m = 0; m < MR; ++m) part[m][0] = part[m][1] = _mm256_setzero_si256();
+    for (int64_t t = h / kStep; t < (h + kSub) / kStep; ++t) {
+      const uint8_t* p = codes + t * kStepBytes;
+      if (ahead) prefetch(p + kPrefetch);
+      __m256i a[MR], c[MR];  // each row's inputs 8t .. 8t + 3 and 8t + 4 .. 8t + 7, broadcast
+      for (int m = 0; m < MR; ++m) {
+        int32_t first, second;
+        std::memcpy(&first, xr[m] + t * kStep, 4);
+        std::memcpy(&second, xr[m] + t * kStep + 4, 4);
+        a[m] = _mm256_set1_epi32(first), c[m] = _mm256_set1_epi32(second);
+      }
+      for (int j = 0; j < 2; ++j) {  // features 8j .. 8j + 7
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * j));
+        const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        for (int m = 0; m < MR; ++m)
+          part[m][j] = _mm256_add_epi16(part[m][j], _mm256_add_epi16(_mm256_maddubs_epi16(lo, a[m]),
+                                                                     _mm256_maddubs_epi16(hi, c[m])));
+      }
+    }
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < 2; ++j) dot[m][j] = _mm256_add_epi32(dot[m][j], _mm256_madd_epi16(part[m][j], ones));
+  }
+}
+
+// acc[m] += s * D + b * S over groups [g0, g1) of one block, for MR rows starting at row m0.
+template <int MR>
+inline void block_groups(const PackedInt4& w, int64_t block, int64_t g0, int64_t g1,
+                         const GroupedRows& x, int64_t m0, __m256 (&acc)[MR][2], bool ahead) {
+  const uint8_t* codes = w.block_codes(block);
+  const uint16_t* scales = w.block_scales(block);
+  const int8_t* xr[MR];
+  for (int64_t g = g0; g < g1; ++g) {
+    for (int m = 0; m < MR; ++m) xr[m] = x.q + (m0 + m) * x.ld + g * w.G;
+    __m256i dot[MR][2];
+    group_sums<MR>(codes + g * w.G * (kStepBytes / kStep), w.G, xr, dot, ahead);
+    const uint16_t* sb = scales + g * 2 * kFeatures;
+    if (ahead) prefetch(sb + kPrefetch * 4 / w.G);  // as far ahead as the codes' prefetch
+    const __m256 s0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb)));
+    const __m256 s1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + 8)));
+    const __m256 b0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + 16)));
+    const __m256 b1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + 24)));
+    for (int m = 0; m < MR; ++m) {
+      const __m256 sum = _mm256_broadcast_ss(x.sums + (m0 + m) * x.groups + g);
+      acc[m][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[m][0]), s0, _mm256_fmadd_ps(b0, sum, acc[m][0]));
+      acc[m][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[m][1]), s1, _mm256_fmadd_ps(b1, sum, acc[m][1]));
+    }
+  }
+}
+
+// y[m0 + m][block's features] = (or +=) row scale * acc, for the features below N.
+template <int MR, bool ADD>
+inline void store_tile(const __m256 (&acc)[MR][2], const GroupedRows& x, int64_t m0,
+                       int64_t block, int64_t N, float* y, int64_t ldy) {
+  const int64_t n0 = block * kFeatures, valid = std::min(kFeatures, N - n0);
+  for (int m = 0; m < MR; ++m) {
+    const __m256 r = _mm256_set1_ps(x.scale[m0 + m]);
+    float out[kFeatures];
+    _mm256_storeu_ps(out, _mm256_mul_ps(acc[m][0], r));
+    _mm256_storeu_ps(out + 8, _mm256_mul_ps(acc[m][1], r));
+    float* yr = y + (m0 + m) * ldy + n0;
+    for (int64_t j = 0; j < valid; ++j) yr[j] = ADD ? yr[j] + out[j] : out[j];
+  }
+}
+
+// fn(std::integral_constant<int, MR>{}) for a tile of min(rows, kMaxTile) rows (rows >= 1).
+template <class Fn>
+inline void with_tile_rows(int64_t rows, Fn&& fn) {
+  static_assert(kMaxTile == 4, "one case per tile height");
+  switch (std::min<int64_t>(kMaxTile, rows)) {
+    case 1: fn(std::integral_constant<int, 1>{}); break;
+    case 2: fn(std::integral_constant<int, 2>{}); break;
+    case 3: fn(std::integral_constant<int, 3>{}); break;
+    default: fn(std::integral_constant<int, 4>{}); break;
+  }
+}
+
+// A decode step's rows (M <= kMaxChunkedRows) against one block: the block goes by in chunks of
+// groups; every row tile passes over a chunk while it is in L1, its sums resting in `acc`
+// between chunks; the first tile asks for the bytes ahead, so the stream never pauses.
+template <bool ADD>
+inline void block_chunked(const PackedInt4& w, int64_t block, const GroupedRows& x, int64_t M,
+                          float* y, int64_t ldy) {
+  __m256 acc[kMaxChunkedRows][2];
+  for (auto& row : acc) row[0] = row[1] = _mm256_setzero_ps();
+  const int64_t per_chunk = std::max<int64_t>(1, kChunkBytes / (w.G * (kStepBytes / kStep)));
+  for (int64_t g0 = 0; g0 < w.groups(); g0 += per_chunk) {
+    const int64_t g1 = std::min(w.groups(), g0 + per_chunk);
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxTile) {
+      with_tile_rows(M - m0, [&](auto mr) {
+        constexpr int MR = decltype(mr)::value;
+        __m256 tile[MR][2];
+        for (int m = 0; m < MR; ++m) tile[m][0] = acc[m0 + m][0], tile[m][1] = acc[m0 + m][1];
+        block_groups<MR>(w, block, g0, g1, x, m0, tile, m0 == 0);
+        for (int m = 0; m < MR; ++m) acc[m0 + m][0] = tile[m][0], acc[m0 + m][1] = tile[m][1];
+      });
+    }
+  }
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxTile) {
+    with_tile_rows(M - m0, [&](auto mr) {
+      constexpr int MR = decltype(mr)::value;
+      store_tile<MR, ADD>(reinterpret_cast<const __m256(&)[MR][2]>(acc[m0]), x, m0, block, w.N, y, ldy);
+    });
+  }
+}
+
+// A prefill's rows against a panel of blocks [b0, b1): each row tile passes over the whole
+// panel (in L2 after the first tile) with its activations in L1, all of K at once.
+template <bool ADD>
+inline void panel_rows(const PackedInt4& w, int64_t b0, int64_t b1, const GroupedRows& x,
+                       int64_t M, float* y, int64_t ldy) {
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxTile) {
+    with_tile_rows(M - m0, [&](auto mr) {
+      constexpr int MR = decltype(mr)::value;
+      for (int64_t b = b0; b < b1; ++b) {
+        __m256 acc[MR][2];
+        for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+        block_groups<MR>(w, b, 0, w.groups(), x, m0, acc, false);
+        store_tile<MR, ADD>(acc, x, m0, b, w.N, y, ldy);
+      }
+    });
+  }
+}
+
+// y [M][ldy] = (or +=) x w^T over the M quantized rows; blocks (or panels) split across threads.
+template <bool ADD>
+void gemm_int4(const PackedInt4& w, const GroupedRows& x, int64_t M, float* y, int64_t ldy) {
+  const int64_t blocks = w.blocks();
+  if (M <= kMaxChunkedRows) {
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) block_chunked<ADD>(w, b, x, M, y, ldy);
+    });
+    return;
+  }
+  const int64_t panels = (blocks + kPanel - 1) / kPanel;
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      panel_rows<ADD>(w, p * kPanel, std::min(blocks, (p + 1) * kPanel), x, M, y, ldy);
+  });
+}
+
+}  // namespace er::int4

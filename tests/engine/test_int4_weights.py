@@ -1,0 +1,205 @@
+"""int4 weights (engine/linear.py `quantize_int4`, `pack_int4`; engine/kernels/int4_gemm.h): the
+byte layout, the kernel against exact integer maths in float64, the quantizer against
+max-scaling and against its PyTorch reference, and the int4 decoder against float32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoProcessor, MusicgenForConditionalGeneration
+
+from bench.precision import teacher_forced_logits
+from engine import LoadOptions, ModelLoadError, MusicModel
+from engine.decoder import Decoder
+from engine.delay import codebook_delays, delayed_layout
+from engine.kernels import int4
+from engine.linear import (
+    INT4_CLIP,
+    INT4_REFITS,
+    Int4KernelLinear,
+    Int8DynamicLinear,
+    Int8KernelLinear,
+    pack_int4,
+    quantize_int4,
+)
+
+
+@pytest.fixture(scope="module")
+def k4():
+    """Our int4 kernel module; the test skips (with the reason) where it cannot run."""
+    reason = int4.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"the int4 kernel cannot run here: {reason}")
+    module = int4.get()
+    assert module is not None, "the CPU has AVX2/FMA/F16C but the int4 kernel did not build (log)"
+    return module
+
+
+def _dequantized(codes, scales, offsets, group):
+    n, kp = codes.shape
+    u = codes.float().view(n, kp // group, group)
+    return (u * scales.float()[..., None] + offsets.float()[..., None]).view(n, kp)
+
+
+def _int4_reference(x: torch.Tensor, w: torch.Tensor, group: int) -> torch.Tensor:
+    """What the kernel computes, in float64: per-row int8 activations, the quantizer's codes,
+    exact integer sums per group, y = r * sum_g (s * D + b * S)."""
+    codes, s, b = quantize_int4(w, group)
+    n, kp = codes.shape
+    m, kk = x.shape
+    r = x.abs().amax(dim=1) / 127
+    r = torch.where(r > 0, r, torch.ones_like(r))
+    q = torch.zeros(m, kp, dtype=torch.float64)
+    q[:, :kk] = torch.round(x * (1 / r)[:, None]).double()  # the kernel multiplies by 1 / r
+    grouped = q.view(m, kp // group, group)
+    dots = torch.einsum("mgk,ngk->mng", grouped, codes.view(n, kp // group, group).double())
+    sums = grouped.sum(dim=-1)  # [M, groups]
+    per_group = dots * s.double()[None] + sums[:, None, :] * b.double()[None]
+    return r.double()[:, None] * per_group.sum(dim=-1)
+
+
+@pytest.mark.parametrize(("n", "kk", "group"), [(64, 64, 32), (100, 42, 32), (17, 300, 128),
+                                                (256, 1024, 64)])  # fmt: skip
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 33, 300])
+def test_linear_int4_is_exact_integer_maths(k4, n, kk, group, rows):
+    """Decode rows (1-8, the chunked path up to 16) and prefill rows (33, 300: panels), odd K
+    and N (padding to the group and to blocks of 16)."""
+    torch.manual_seed(n + kk + rows)
+    x, w = torch.randn(rows, kk), torch.randn(n, kk) * 0.02
+    packed, scales = pack_int4(w, group)  # the PyTorch quantizer: the reference's codes
+    got = k4.linear_int4(x, packed, scales, n)
+    assert got.shape == (rows, n) and got.dtype == torch.float32
+    want = _int4_reference(x, w, group)
+    # float32 sums over the groups: the only rounding
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+    exact = x @ w.T  # and the whole product stays within int4's error of float32 maths
+    assert (got - exact).norm() < 0.12 * exact.norm()
+
+
+def test_pack_int4_layout():
+    """Feature n, input k: block n // 16, step k // 8, byte (n % 16) * 4 + k % 4, the low nibble
+    for k % 8 < 4, the high one above; a block's group g holds 16 scales then 16 offsets."""
+    torch.manual_seed(0)
+    w = torch.randn(20, 70)
+    codes, s, b = quantize_int4(w, 32)
+    packed, pairs = pack_int4(w, 32)
+    assert packed.shape == (2, 96 // 8, 64) and packed.dtype == torch.uint8
+    assert pairs.shape == (2, 3, 2, 16) and pairs.dtype == torch.float16
+    assert codes.shape == (20, 96) and int(codes.max()) <= 15
+    for n in range(20):
+        for kk in range(96):
+            byte = int(packed[n // 16, kk // 8, (n % 16) * 4 + kk % 4])
+            nibble = byte >> 4 if kk % 8 >= 4 else byte & 15
+            assert nibble == int(codes[n, kk]), (n, kk)
+        for g in range(3):
+            assert pairs[n // 16, g, 0, n % 16] == s[n, g]
+            assert pairs[n // 16, g, 1, n % 16] == b[n, g]
+    assert (codes[:, 70:] == 0).all()  # padding inputs
+    assert (packed[1, :, 16:] == 0).all() and (pairs[1, :, :, 4:] == 0).all()  # padding features
+
+
+def test_quantizer_never_worse_than_max_scaling():
+    """Per group, the chosen pair's squared error is at most max-scaling's (s = max|w| / 7,
+    codes 1..15 around 8, both in float16), and clearly lower overall."""
+    torch.manual_seed(1)
+    w = torch.randn(64, 256) * 0.02
+    w[3, 5] = 0.3  # an outlier: clipping the rest of its group pays
+    for group in (32, 64, 128):
+        codes, s, b = quantize_int4(w, group)
+        err = ((_dequantized(codes, s, b, group) - w) ** 2).view(64, -1, group).sum(-1)
+        g = w.view(64, -1, group)
+        s0 = (g.abs().amax(-1, keepdim=True) / 7).half().float()
+        b0 = (-8 * s0).half().float()
+        u0 = torch.round((g - b0) / s0).clamp(0, 15)
+        err0 = ((u0 * s0 + b0 - g) ** 2).sum(-1)
+        assert (err <= err0 * (1 + 1e-6)).all()
+        assert err.sum() < 0.8 * err0.sum(), f"group {group}: {err.sum()} vs {err0.sum()}"
+
+
+def test_kernel_quantizer_matches_the_reference(k4):
+    """The C++ quantizer (load time) picks the PyTorch reference's codes and pairs, up to float
+    summation order deciding a rare near-tie."""
+    torch.manual_seed(2)
+    w = torch.randn(96, 200) * 0.05
+    for group in (32, 64, 128):
+        want = quantize_int4(w, group)
+        got = k4.quantize_int4(w, group, torch.tensor(INT4_CLIP), INT4_REFITS)
+        assert [t.shape for t in got] == [t.shape for t in want]
+        assert [t.dtype for t in got] == [t.dtype for t in want]
+        assert (got[0] != want[0]).float().mean() < 1e-3
+        assert (got[1] != want[1]).float().mean() < 1e-2
+        err = [((_dequantized(*q, group)[:, :200] - w) ** 2).sum().item() for q in (got, want)]
+        assert err[0] == pytest.approx(err[1], rel=1e-3)
+
+
+def test_linear_int4_refuses_bad_inputs(k4):
+    packed, scales = pack_int4(torch.randn(20, 64), 32)
+    with pytest.raises(RuntimeError, match="x has 16 features, the weights were packed for 64"):
+        k4.linear_int4(torch.randn(2, 16), packed, scales, 20)
+    with pytest.raises(RuntimeError, match="packed codes must be contiguous uint8"):
+        k4.linear_int4(torch.randn(2, 64), packed.float(), scales, 20)
+    with pytest.raises(RuntimeError, match="scales must be contiguous float16"):
+        k4.linear_int4(torch.randn(2, 64), packed, scales.float(), 20)
+    with pytest.raises(RuntimeError, match="40 output features need 3 blocks of 16"):
+        k4.linear_int4(torch.randn(2, 64), packed, scales, 40)
+    with pytest.raises(ValueError, match="int4 group must be one of"):
+        pack_int4(torch.randn(20, 64), 48)
+    with pytest.raises(ValueError, match="finite and within float16's range"):
+        pack_int4(torch.full((4, 32), float("nan")))
+
+
+def test_int4_decoder_stays_close_to_float32(k4, tiny_head64_dir):
+    """Teacher-forced logits of the int4 decoder (and int4 fc1/fc2 with int8 for the rest) on
+    the tiny model with heads of 64, against float32: int4 weights stray further than int8
+    (bench/precision.py has the real shapes' figures), within these bounds."""
+    processor = AutoProcessor.from_pretrained(tiny_head64_dir)
+    model = MusicgenForConditionalGeneration.from_pretrained(tiny_head64_dir).eval()
+    frames = torch.randint(0, 2048, (4, 40), generator=torch.Generator().manual_seed(0))
+    ids = delayed_layout(frames, codebook_delays(4, 1), 37)
+    ref = teacher_forced_logits(model, processor, Decoder(model.decoder), ids)
+    for mode, bound in (("int4", 0.12), ("int4-ffn", 0.1)):
+        decoder = Decoder(model.decoder, mode, "float32")
+        assert isinstance(decoder.layers[0].fc1, Int4KernelLinear)
+        assert isinstance(decoder.lm_heads, Int4KernelLinear) == (mode == "int4")
+        assert isinstance(decoder.layers[0].qkv, Int4KernelLinear) == (mode == "int4")
+        if mode == "int4-ffn":  # the rest int8: our op-by-op kernel where it builds
+            assert isinstance(decoder.layers[0].qkv, (Int8KernelLinear, Int8DynamicLinear))
+        assert decoder._fused is None, "the fused step takes int8 projections only (for now)"
+        got = teacher_forced_logits(model, processor, decoder, ids)
+        mean = (got - ref).abs().mean() / ref.std()
+        assert mean < bound, f"{mode}: mean |dlogit| {mean:.2%} of the logit std"
+        assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
+
+
+def test_int4_model_prefills_and_streams(k4, tiny_head64_dir):
+    """LoadOptions(quantize="int4") end to end: the decoder prefills with the same int4
+    projections, and a stream reads audio across a prompt change (a re-prefill)."""
+    model = MusicModel.load(LoadOptions(model=tiny_head64_dir, device="cpu", quantize="int4"))
+    decoder = model.decoder
+    assert decoder.precision == "int4" and decoder.prefill_layers is decoder.layers
+    stream = model.open_stream("jazz")
+    assert stream.read(20).shape == (1, 20 * 640)
+    stream.set_prompt("rock", from_frame=10)
+    assert stream.read(20).shape == (1, 20 * 640)
+
+
+def test_int4_without_its_kernel_is_a_clear_error(tiny_head64_dir, monkeypatch):
+    monkeypatch.setenv("ENDLESS_RADIO_KERNELS", "0")
+    with pytest.raises(ModelLoadError, match="int4 CPU kernel .* ENDLESS_RADIO_KERNELS=0"):
+        MusicModel.load(LoadOptions(model=tiny_head64_dir, device="cpu", quantize="int4-ffn"))
+    model = MusicgenForConditionalGeneration.from_pretrained(tiny_head64_dir).eval()
+    with pytest.raises(ValueError, match="int4 CPU kernel"):
+        Decoder(model.decoder, "int4", "float32")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(quantize="int5"), "quantize: must be one of"),
+        (dict(quantize="int4", dtype="bfloat16"), "int4 runs its activations in float32"),
+        (dict(quantize="int4-ffn", device="cuda"), "int4-ffn is a CPU mode"),
+    ],
+)
+def test_bad_int4_options_are_named(options, message):
+    with pytest.raises(ValueError, match=message):
+        LoadOptions(**options).validate()
