@@ -47,17 +47,22 @@ import numpy as np
 import torch
 from transformers import EncodecModel
 
-from engine.codec import HOP, StreamingDecoder, decode_full, decode_together, prepare_codec
-from engine.tiny import _configs
-from radio.config import GenerationConfig
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from engine.codec import (  # noqa: E402
+    HOP,
+    StreamingDecoder,
+    decode_full,
+    decode_together,
+    prepare_codec,
+)
+from engine.tiny import _configs  # noqa: E402
+from radio.config import GenerationConfig  # noqa: E402
+from tests.helpers import snr_db  # noqa: E402
 
 RADIO_CHUNK = round(GenerationConfig().chunk_seconds * 50)  # frames per AudioStream.read()
 LSTMS = ("float16", "float32")  # the engine's default (rounded LSTM weights), the original
-
-
-def snr_db(ref: np.ndarray, x: np.ndarray) -> float:
-    noise = float(((ref - x) ** 2).sum())
-    return 10 * np.log10(float((ref**2).sum()) / max(noise, 1e-30))
 
 
 def build_codec(size: str, std: float, *, lstm_float16: bool) -> EncodecModel:

@@ -17,57 +17,20 @@ Random-weight models are built once into ./models (or $BENCH_MODELS), as by benc
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_engine import model_dir, say  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=10) as r:
-        return json.loads(r.read())
-
-
-def post_prompt(base: str, prompt: str) -> dict:
-    req = urllib.request.Request(
-        f"{base}/api/stations/main/prompt",
-        data=json.dumps({"prompt": prompt}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
-
-
-def wait_healthy(base: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"radio serve exited with {proc.returncode}")
-        try:
-            get_json(f"{base}/healthz")
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"radio serve was not healthy within {timeout:.0f} s")
+from tests.helpers import free_port, get_json, post_prompt, wait_healthy  # noqa: E402
 
 
 def health(base: str) -> dict:
@@ -94,7 +57,7 @@ def main() -> int:
     listener = None
     try:
         say(f"radio serve --model {path} on port {port} (log: {logdir / 'radio-serve.log'}) ...")
-        wait_healthy(base, proc, timeout=300)
+        wait_healthy(base, timeout=300, proc=proc)
         if shutil.which("ffmpeg"):
             listener = subprocess.Popen(
                 [

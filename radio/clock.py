@@ -1,9 +1,11 @@
 """The real-time clock: one asyncio task per station releasing audio at wall-clock rate.
 
-Every `TICK` the clock works out, from `time.monotonic()` and the moment it started, how many
-samples are due (so timing errors never accumulate), takes them from the station's buffer,
-runs them through loudness normalization and hands the same PCM to every output (MP3 mount,
-HLS), so all listeners hear the same moment.
+Every `TICK` the clock works out, from its clock (`time.monotonic`) and the moment it started,
+how many samples are due (so timing errors never accumulate), takes them from the station's
+buffer, runs them through loudness normalization and hands the same PCM to every output (MP3
+mount, HLS), so all listeners hear the same moment. It tells the station's `PromptTimeline`
+what it took and what it released (that is how a prompt change is known to be heard), and the
+generator how far it played (`on_played`, in frames).
 
 Never silent: when the buffer runs dry (generation fell behind), `Bridge` plays a loop built
 from the last seconds of real audio, crossfaded at its seam and a few dB quieter, counts an
@@ -25,6 +27,7 @@ from typing import Protocol
 import numpy as np
 
 from radio.station import Station
+from radio.timing import PromptTimeline
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +72,10 @@ class Bridge:
 
 
 class StationClock:
-    """Takes audio from `station.buffer` at real-time pace and pushes it to `outputs`."""
+    """Takes audio from `station.buffer` at real-time pace and pushes it to `outputs`.
+
+    `run()` is the asyncio task; `start(now)` and `tick(now)` are its steps, which tests drive
+    with a fake clock."""
 
     def __init__(
         self,
@@ -78,22 +84,24 @@ class StationClock:
         hop: int,
         outputs: Sequence[Output],
         process: Callable[[np.ndarray], np.ndarray],
-        process_latency: int,
+        timeline: PromptTimeline,
         on_played: Callable[[int], None],
         prime_seconds: float,
         recover_seconds: float,
         full_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.station = station
         self.sample_rate = sample_rate
         self.hop = hop
         self.outputs = outputs
-        self.process = process  # loudness: pcm [C, n] -> [C, n], `process_latency` samples late
-        self.process_latency = process_latency
+        self.process = process  # loudness: pcm [C, n] -> [C, n], a constant latency late
+        self.timeline = timeline  # told what is taken and released (prompt changes heard)
         self.on_played = on_played  # tells the generator how far the clock is (in frames)
-        self.prime_seconds = prime_seconds
+        self.prime_seconds = prime_seconds  # buffered audio needed to go on air
         self.recover_seconds = recover_seconds  # buffered audio needed to leave the bridge
         self.full_seconds = full_seconds  # ... or this much, however slow generation is
+        self.clock = clock
         self.fade = round(FADE_SECONDS * sample_rate)
         self._recent: deque[np.ndarray] = deque()  # last BRIDGE_SECONDS of live audio
         self._recent_len = 0
@@ -101,73 +109,84 @@ class StationClock:
         self._bridge_started = 0.0
         self._growth: deque[tuple[float, float]] = deque()  # (time, buffered s) in a bridge
         self._fade_in = 0  # samples of the fade-in of the bridge still to apply
-        self._out = 0  # samples handed to the loudness stage so far
-        # (output sample where a new prompt is first heard, time.monotonic() of its POST)
-        self._heard_at: tuple[int, float] | None = None
+        self._fed = 0  # samples handed to the loudness stage so far
+        self._t0 = 0.0  # clock() at which the samples counted in _released began
+        self._released = 0  # samples released since _t0
 
     async def run(self) -> None:
+        """Wait until the buffer is primed, then release audio every TICK until cancelled."""
         st = self.station
-        while len(st.buffer) < self.prime_seconds * self.sample_rate:
-            if st.health.error:
+        said_error = ""
+        while not self.primed():
+            if st.health.error and st.health.error != said_error:
                 log.error("station %s: not starting: %s", st.id, st.health.error)
+                said_error = st.health.error
             await asyncio.sleep(TICK / 2)
-            st.health.last_tick = time.monotonic()
-        log.info("station %s: on air", st.id)
-        st.health.started = True
-        t0 = time.monotonic()
-        released = 0  # samples released since t0
+            st.health.last_tick = self.clock()
+        self.start(self.clock())
         while True:
-            now = time.monotonic()
-            due = int((now - t0) * self.sample_rate) - released
-            if due > MAX_CATCH_UP * self.sample_rate:  # the loop was stalled: skip, don't burst
-                log.warning(
-                    "station %s: clock stalled %.1f s, skipping ahead",
-                    st.id,
-                    due / self.sample_rate,
-                )
-                t0 = now - released / self.sample_rate
-                due = 0
-            if due > 0:
-                self._release(due, datetime.now(UTC))
-                released += due
-            st.health.last_tick = now
-            st.health.buffer_seconds = len(st.buffer) / self.sample_rate
-            next_at = t0 + (released / self.sample_rate) + TICK
-            await asyncio.sleep(max(next_at - time.monotonic(), 0.005))
+            next_at = self.tick(self.clock())
+            await asyncio.sleep(max(next_at - self.clock(), 0.005))
 
-    def _release(self, n: int, wallclock: datetime) -> None:
-        pcm = self._next_audio(n)  # [C, n]
+    def primed(self) -> bool:
+        return len(self.station.buffer) >= self.prime_seconds * self.sample_rate
+
+    def start(self, now: float) -> None:
+        """Go on air: the release count starts at `now`."""
+        log.info("station %s: on air", self.station.id)
+        self.station.health.started = True
+        self._t0, self._released = now, 0
+
+    def tick(self, now: float) -> float:
+        """Release what is due at `now`; returns when the next tick is due."""
+        st = self.station
+        due = int((now - self._t0) * self.sample_rate) - self._released
+        if due > MAX_CATCH_UP * self.sample_rate:  # the loop was stalled: skip, don't burst
+            log.warning(
+                "station %s: clock stalled %.1f s, skipping ahead", st.id, due / self.sample_rate
+            )
+            self._t0 = now - self._released / self.sample_rate
+            due = 0
+        if due > 0:
+            self._release(due, now)
+            self._released += due
+        st.health.last_tick = now
+        st.health.buffer_seconds = len(st.buffer) / self.sample_rate
+        return self._t0 + self._released / self.sample_rate + TICK
+
+    def _release(self, n: int, now: float) -> None:
+        pcm = self._next_audio(n, now)  # [C, n]
         out = self.process(pcm)
+        wallclock = datetime.now(UTC)
         for o in self.outputs:
             o.push(out, wallclock)
-        self._out += n
+        self._fed += n
         self.on_played(self.station.buffer.head // self.hop)
-        if self._heard_at is not None and self._out > self._heard_at[0]:
-            latency = time.monotonic() - self._heard_at[1]
-            self.station.health.prompt_latency_seconds = latency
-            self._heard_at = None
-            log.info(
-                "prompt change on %s: heard %.2f s after it was sent", self.station.id, latency
-            )
+        self.timeline.released(self._fed)
 
-    def _next_audio(self, n: int) -> np.ndarray:
-        st = self.station
+    def _next_audio(self, n: int, now: float) -> np.ndarray:
         if self._bridge is not None:
-            if self._caught_up():
-                return self._leave_bridge(n)
+            if self._caught_up(now):
+                return self._leave_bridge(n, now)
             return self._bridge_audio(n)
-        head = st.buffer.head
-        live = st.buffer.take(n)
-        self._check_prompt_heard(head, live.shape[1])
-        self._remember(live)
+        live = self._take_live(n)
         if live.shape[1] == n:
             return live
-        return np.concatenate([live, self._enter_bridge(n - live.shape[1])], axis=1)
+        return np.concatenate([live, self._enter_bridge(n - live.shape[1], now)], axis=1)
 
-    def _caught_up(self) -> bool:
+    def _take_live(self, n: int) -> np.ndarray:
+        """Up to n samples from the buffer: the start of the block the loudness stage gets
+        next (the timeline is told where they are fed)."""
+        buffer = self.station.buffer
+        head = buffer.head
+        live = buffer.take(n)  # [C, <= n]
+        self.timeline.taken(head, live.shape[1], self._fed)
+        self._remember(live)
+        return live
+
+    def _caught_up(self, now: float) -> bool:
         """Leave the bridge once `recover_seconds` are buffered and the buffer grows faster than
         real time (generation is fast again), or it is nearly full: no flapping while slow."""
-        now = time.monotonic()
         buffered = len(self.station.buffer) / self.sample_rate
         self._growth.append((now, buffered))
         if buffered < self.recover_seconds:
@@ -176,21 +195,6 @@ class StationClock:
             return True
         t0, b0 = self._growth[0]
         return now - t0 >= GROWTH_WINDOW and (buffered - b0) / (now - t0) >= 1.05
-
-    def _check_prompt_heard(self, head: int, n: int) -> None:
-        """If the first sample of a new prompt is among the n live samples taken from `head`,
-        note where it will leave the loudness stage (its latency is taken when it does)."""
-        st = self.station
-        if st.pending_prompt is None or n == 0:
-            return
-        sample, posted = st.pending_prompt
-        if sample >= head + n:
-            return
-        # sample < head: the cut fell inside audio already played, so all live audio taken
-        # since is new; otherwise the new prompt starts inside this block
-        offset = max(sample - head, 0)
-        self._heard_at = (self._out + offset + self.process_latency, posted)
-        st.pending_prompt = None
 
     def _remember(self, live: np.ndarray) -> None:
         if live.shape[1] == 0:
@@ -201,10 +205,10 @@ class StationClock:
         while self._recent_len - self._recent[0].shape[1] >= limit:
             self._recent_len -= self._recent.popleft().shape[1]
 
-    def _enter_bridge(self, n: int) -> np.ndarray:
+    def _enter_bridge(self, n: int, now: float) -> np.ndarray:
         st = self.station
         st.health.underruns += 1
-        self._bridge_started = time.monotonic()
+        self._bridge_started = now
         st.health.bridging = True
         log.warning(
             "station %s: generation fell behind, the buffer is empty; playing a bridge from "
@@ -231,20 +235,17 @@ class StationClock:
             self._fade_in -= k
         return pcm
 
-    def _leave_bridge(self, n: int) -> np.ndarray:
+    def _leave_bridge(self, n: int, now: float) -> np.ndarray:
         st = self.station
         bridge = self._bridge_audio(n)
-        head = st.buffer.head
-        live = st.buffer.take(n)
-        self._check_prompt_heard(head, live.shape[1])
-        self._remember(live)
+        live = self._take_live(n)
         k = min(self.fade, live.shape[1])
         ramp = np.linspace(0.0, 1.0, k, dtype=np.float32)
         out = live.copy()
         out[:, :k] = live[:, :k] * ramp + bridge[:, :k] * (1 - ramp)
         if live.shape[1] < n:  # cannot happen after recover_seconds, but never go short
             out = np.concatenate([out, bridge[:, live.shape[1] :]], axis=1)
-        lasted = time.monotonic() - self._bridge_started
+        lasted = now - self._bridge_started
         st.health.bridge_seconds += lasted
         log.info(
             "station %s: generation caught up; live again after %.1f s of bridge", st.id, lasted

@@ -18,6 +18,7 @@ import re
 import tomllib
 import types
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,6 +230,18 @@ class IcecastConfig:
         if self.mount and not self.mount.startswith("/"):
             raise ValueError(f"mount: must start with '/', got {self.mount!r}")
 
+    def with_password(self, env: Mapping[str, str]) -> IcecastConfig:
+        """This section with `password` resolved: the environment variable `password_env` when
+        it is set and not empty, else `password`; ValueError naming the key when neither gives
+        one."""
+        from_env = env.get(self.password_env, "") if self.password_env else ""
+        if from_env:
+            return dataclasses.replace(self, password=from_env)
+        if self.password:
+            return self
+        where = f", nor the environment variable {self.password_env}" if self.password_env else ""
+        raise ValueError(f"password: no Icecast source password (not set here{where})")
+
 
 @dataclass(frozen=True)
 class StationConfig:
@@ -287,8 +300,9 @@ class Config:
         raise KeyError(station_id)
 
 
-def load_config(path: str | Path | None = None, env: dict[str, str] | None = None) -> Config:
-    """Read `path` (None = all defaults) and apply the environment (RADIO_ADMIN_TOKEN)."""
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read `path` (None = all defaults) and apply the environment (RADIO_ADMIN_TOKEN, the
+    Icecast source passwords)."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -301,14 +315,31 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
     return parse_config(data, env=os.environ if env is None else env)
 
 
-def parse_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Config:
-    """A checked `Config` from a TOML-shaped dict; `ConfigError` names the first bad key."""
+def parse_config(data: dict[str, Any], env: Mapping[str, str] | None = None) -> Config:
+    """A checked `Config` from a TOML-shaped dict and the environment `env` (RADIO_ADMIN_TOKEN,
+    `[stations.icecast] password_env`); `ConfigError` names the first bad key."""
+    env = env or {}
     config = _build(Config, data, "")
-    token = (env or {}).get(ADMIN_TOKEN_ENV, "")
+    token = env.get(ADMIN_TOKEN_ENV, "")
     if token and not config.security.admin_token:
         config = with_overrides(config, security={"admin_token": token})
     _check_stations(config.stations)
-    return config
+    return dataclasses.replace(config, stations=_icecast_passwords(config.stations, env))
+
+
+def _icecast_passwords(
+    stations: tuple[StationConfig, ...], env: Mapping[str, str]
+) -> tuple[StationConfig, ...]:
+    """Each `[stations.icecast]` with its source password resolved (ConfigError without one)."""
+    out = []
+    for i, s in enumerate(stations):
+        if s.icecast is not None:
+            try:
+                s = dataclasses.replace(s, icecast=s.icecast.with_password(env))
+            except ValueError as e:
+                raise ConfigError(f"stations[{i}].icecast.{e}") from None
+        out.append(s)
+    return tuple(out)
 
 
 def with_overrides(config: Config, **sections: dict[str, Any]) -> Config:
@@ -392,7 +423,7 @@ def _check_stations(stations: tuple[StationConfig, ...]) -> None:
             raise ConfigError(str(e)) from None
 
 
-def _build(cls: type, table: Any, where: str) -> Any:
+def _build(cls: Any, table: Any, where: str) -> Any:
     """An instance of dataclass `cls` from a TOML table, strictly typed, validated."""
     if not isinstance(table, dict):
         raise ConfigError(f"{where or 'config'}: must be a table")
@@ -441,7 +472,7 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     return value
 
 
-_VALUE_TYPES = {Blend: Blend.parse, Days: Days.parse}
+_VALUE_TYPES: dict[Any, Callable[[Any, str], Any]] = {Blend: Blend.parse, Days: Days.parse}
 
 
 def _validate(obj: Any, where: str) -> None:

@@ -47,6 +47,7 @@ class _PyAvEncoder:
         self.output_channels = output_channels or channels
         out_layout = _layout(self.output_channels, "output_channels")
         ctx = av.CodecContext.create(codec, "w")
+        assert isinstance(ctx, av.AudioCodecContext), f"{codec} is not an audio codec"
         ctx.sample_rate = self.output_sample_rate
         ctx.layout = out_layout
         ctx.format = "fltp"
@@ -155,5 +156,11 @@ class AacEncoder(_PyAvEncoder):
 
     def _note_padding(self, packets: list[av.Packet]) -> list[av.Packet]:
         if packets and self.initial_padding < 0:
-            self.initial_padding = -int(packets[0].pts)
+            self.initial_padding = -timestamp(packets[0].pts)
         return packets
+
+
+def timestamp(value: int | None) -> int:
+    """A packet's pts or duration (always set on what an audio encoder returns)."""
+    assert value is not None, "an encoded packet without a timestamp"
+    return int(value)

@@ -86,22 +86,21 @@ def is_close(item: tuple[str, Any]) -> bool:
 
 
 async def stream_events(
-    request: web.Request, station: Any, snapshot: dict[str, Any]
+    request: web.Request, hub: EventHub, snapshot: dict[str, Any]
 ) -> web.StreamResponse:
-    """SSE for one station (`radio.station.Station`): `event: station` with the full `snapshot`
-    (the API's station JSON), then `prompt`, `listeners`, `health` news until the peer leaves.
-    A peer that leaves, even before the response started, ends it with ConnectionError (the
-    `api.json_errors` middleware counts it and lets it go quietly)."""
+    """SSE for one station's `hub`: `event: station` with the full `snapshot` (the API's station
+    JSON), then `prompt`, `listeners`, `health` news until the peer leaves. A peer that leaves,
+    even before the response started, ends it with ConnectionError (the
+    `radio.middleware.json_errors` middleware counts it and lets it go quietly)."""
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream; charset=utf-8",
             "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
-            "Access-Control-Allow-Origin": "*",
         }
     )
     await response.prepare(request)  # ConnectionError if the peer already left
-    q = station.events.subscribe()
+    q = hub.subscribe()
     try:
         await response.write(b"retry: 3000\n\n" + sse_block("station", snapshot))
         while True:
@@ -115,5 +114,5 @@ async def stream_events(
     except ConnectionError:
         pass  # the page was closed: normal life
     finally:
-        station.events.unsubscribe(q)
+        hub.unsubscribe(q)
     return response

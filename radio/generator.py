@@ -1,9 +1,14 @@
 """The generator: ONE worker thread that runs every station's engine stream ahead of the clock.
 
-Torch is not asyncio, so all model work happens here, in one thread that owns every stream.
-Stations share it round-robin, the one with the least audio ahead first, each kept at most
-`buffer_ahead` seconds ahead of its clock (batching stations into one step will slot in at
-`_step`). The bridge to the event loop is deliberately narrow:
+Torch is not asyncio, so all model work happens here, in one thread that owns every stream. The
+stations are opened together (`MusicModel.open_streams`): they share every decoder step, so
+reading one station's stream advances all of them. The worker reads the station with the least
+audio ahead first, `chunk_frames` at a time, and keeps each at most `buffer_ahead` seconds ahead
+of its clock (the clock reports how far it played); when every station is that far ahead it
+waits for the clocks. A station whose generation raises is marked failed and left alone; the
+others go on (a prompt change revives it).
+
+The bridge to the event loop is deliberately narrow:
 
 - loop -> worker: `Generator` methods put commands on one `queue.Queue` (`set_prompt`,
   `set_sampling`, `played`, `stop`); the ones with an answer return an `asyncio.Future`.
@@ -11,7 +16,8 @@ Stations share it round-robin, the one with the least audio ahead first, each ke
   (new PCM, a prompt applied, an error) or resolves a future. Nothing else crosses.
 
 Callbacks arrive in the order the worker made them, so a prompt change's cut always lands before
-the first PCM of the new prompt.
+the first PCM of the new prompt. Where a prompt change starts and when it is heard is
+`radio.timing`'s business; the worker only applies it (`timing.start_prompt`).
 """
 
 from __future__ import annotations
@@ -22,15 +28,23 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+
+from radio.timing import PromptChange, auto_horizon, start_prompt
+
+if TYPE_CHECKING:
+    from engine.model import AudioStream, MusicModel
+    from engine.options import SamplingOptions, WindowOptions
+    from radio.testing import FaultInjector
 
 log = logging.getLogger(__name__)
 
 RTF_SMOOTHING = 0.2  # weight of the newest chunk in the real-time factor's moving average
+WAIT_SECONDS = 0.05  # how long an idle worker waits for a command before looking again
 
 
 class GeneratorSink(Protocol):
@@ -38,30 +52,17 @@ class GeneratorSink(Protocol):
 
     def on_pcm(self, station_id: str, start_frame: int, pcm: np.ndarray, rtf: float) -> None: ...
 
-    def on_prompt_applied(
-        self, station_id: str, prompt: str, frame: int, posted_at: float, source: str
-    ) -> None: ...
+    def on_prompt_applied(self, station_id: str, change: PromptChange, frame: int) -> None: ...
 
     def on_error(self, station_id: str, message: str) -> None: ...
-
-
-MIN_HORIZON = 0.5  # seconds: the auto prompt horizon never starts a prompt sooner
-HORIZON_MARGIN = 1.5  # the auto horizon leaves this many prefill times for the prefill
-
-
-def auto_horizon(prefill_seconds: float, chunk_seconds: float) -> float:
-    """Seconds after the moment being played at which a new prompt can start without the
-    stream falling behind: the prefill (with a margin) and two chunks of generation must fit
-    into the audio still buffered before it."""
-    return max(MIN_HORIZON, HORIZON_MARGIN * prefill_seconds + 2 * chunk_seconds)
 
 
 @dataclass(frozen=True)
 class StationSpec:
     id: str
     prompt: str
-    sampling: Any  # engine SamplingOptions
-    window: Any  # engine WindowOptions
+    sampling: SamplingOptions
+    window: WindowOptions
 
 
 @dataclass
@@ -69,7 +70,7 @@ class _Lane:
     """The worker's view of one station (worker thread only)."""
 
     spec: StationSpec
-    stream: Any = None
+    stream: AudioStream
     played_frame: int = 0  # the clock's head, as last reported
     rtf: float = 0.0
     failed: bool = False
@@ -81,18 +82,15 @@ class _Lane:
 @dataclass(frozen=True)
 class _SetPrompt:
     station_id: str
-    prompt: str
-    from_frame: int
-    posted_at: float
-    source: str
-    future: asyncio.Future
+    change: PromptChange
+    future: asyncio.Future[int]
 
 
 @dataclass(frozen=True)
 class _SetSampling:
     station_id: str
-    sampling: Any
-    future: asyncio.Future
+    sampling: SamplingOptions
+    future: asyncio.Future[bool]
 
 
 @dataclass(frozen=True)
@@ -101,34 +99,39 @@ class _Played:
     frame: int
 
 
-@dataclass(frozen=True)
-class _SlowDown:
-    seconds_per_chunk: float
+_Command = _SetPrompt | _SetSampling | _Played
+_STOP = None  # the command that ends the worker
 
 
-_STOP = object()
-
-
-@dataclass
 class Generator:
-    """Owns the worker thread. Create on the loop, `start()`, and `stop()` when done."""
+    """Owns the worker thread. Create it, `start(loop, sink)` on the loop, `stop()` when done."""
 
-    model: Any  # engine MusicModel
-    specs: Sequence[StationSpec]
-    sink: GeneratorSink
-    loop: asyncio.AbstractEventLoop
-    buffer_ahead: float = 4.0  # seconds each station may be ahead of its clock
-    chunk_frames: int = 10  # frames per read()
-    # seconds one prefill of a whole context takes: measured when the streams open, then the
-    # latest window restart's (read by the loop to place prompt changes; a float is atomic)
-    prefill_seconds: float = 0.0
-    _commands: queue.Queue = field(default_factory=queue.Queue)
-    _thread: threading.Thread | None = None
-    _slow_down: float = 0.0  # test hook: extra seconds slept per chunk (see `slow_down`)
+    def __init__(
+        self,
+        model: MusicModel,
+        specs: Sequence[StationSpec],
+        *,
+        buffer_ahead: float = 4.0,  # seconds each station may be ahead of its clock
+        chunk_frames: int = 10,  # frames per read()
+        faults: FaultInjector | None = None,  # tests only (radio.testing)
+    ) -> None:
+        self.model = model
+        self.specs = list(specs)
+        self.buffer_ahead = buffer_ahead
+        self.chunk_frames = chunk_frames
+        self.faults = faults
+        # seconds one prefill of a whole context takes: measured when the streams open, then the
+        # latest window restart's (read by the loop to place prompt changes; a float is atomic)
+        self.prefill_seconds = 0.0
+        self._commands: queue.Queue[_Command | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sink: GeneratorSink | None = None
 
     # ---- loop side ----------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop, sink: GeneratorSink) -> None:
+        self._loop, self._sink = loop, sink
         self._thread = threading.Thread(target=self._run, name="radio-generator", daemon=True)
         self._thread.start()
 
@@ -144,17 +147,14 @@ class Generator:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def set_prompt(
-        self, station_id: str, prompt: str, from_frame: int, posted_at: float, source: str
-    ) -> asyncio.Future:
-        """Future of the frame from which `prompt` is heard (at or after `from_frame` when the
-        engine can, otherwise the earliest it can)."""
-        fut = self.loop.create_future()
-        self._commands.put(_SetPrompt(station_id, prompt, from_frame, posted_at, source, fut))
+    def set_prompt(self, station_id: str, change: PromptChange) -> asyncio.Future[int]:
+        """Future of the frame from which `change` is heard (`timing.start_prompt`)."""
+        fut: asyncio.Future[int] = self._future()
+        self._commands.put(_SetPrompt(station_id, change, fut))
         return fut
 
-    def set_sampling(self, station_id: str, sampling: Any) -> asyncio.Future:
-        fut = self.loop.create_future()
+    def set_sampling(self, station_id: str, sampling: SamplingOptions) -> asyncio.Future[bool]:
+        fut: asyncio.Future[bool] = self._future()
         self._commands.put(_SetSampling(station_id, sampling, fut))
         return fut
 
@@ -162,18 +162,20 @@ class Generator:
         """The clock of `station_id` has taken audio up to `frame` (no answer)."""
         self._commands.put(_Played(station_id, frame))
 
-    def slow_down(self, seconds_per_chunk: float) -> None:
-        """TEST HOOK: sleep this long after each chunk, to make generation fall behind on
-        purpose (underrun tests). Never set by the config or the CLI."""
-        self._commands.put(_SlowDown(seconds_per_chunk))
+    def _future(self) -> asyncio.Future[Any]:
+        assert self._loop is not None, "the generator was not started"
+        return self._loop.create_future()
 
     # ---- the bridge: the only way back to the loop -------------------------------------
 
     def _to_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None, "the generator was not started"
         with contextlib.suppress(RuntimeError):  # the loop is closed: we are shutting down
-            self.loop.call_soon_threadsafe(fn, *args)
+            self._loop.call_soon_threadsafe(fn, *args)
 
-    def _resolve(self, fut: asyncio.Future, result: Any = None, error: BaseException | None = None):
+    def _resolve(
+        self, fut: asyncio.Future[Any], result: Any = None, error: BaseException | None = None
+    ) -> None:
         def settle() -> None:
             if fut.done():
                 return
@@ -184,26 +186,16 @@ class Generator:
 
         self._to_loop(settle)
 
+    @property
+    def sink(self) -> GeneratorSink:
+        assert self._sink is not None, "the generator was not started"
+        return self._sink
+
     # ---- worker side --------------------------------------------------------------------
 
     def _run(self) -> None:
-        lanes = {s.id: _Lane(s) for s in self.specs}
-        try:
-            # One decoder step serves every station (engine batching): the weights are read
-            # once per step for all of them.
-            streams = self.model.open_streams(
-                [lane.spec.prompt for lane in lanes.values()],
-                [lane.spec.sampling for lane in lanes.values()],
-                window=self.specs[0].window,
-            )
-            for lane, stream in zip(lanes.values(), streams, strict=True):
-                lane.stream = stream
-            self.prefill_seconds = self.model.measure_prefill(self.specs[0].window)
-            self._say_prefill()
-        except Exception as e:  # noqa: BLE001 - reported to every station, then we stop
-            log.exception("the generator could not open the stations' streams")
-            for sid in lanes:
-                self._to_loop(self.sink.on_error, sid, f"cannot open stream: {e}")
+        lanes = self._open()
+        if lanes is None:
             return
         ahead_limit = round(self.buffer_ahead * self.model.frame_rate)
         while True:
@@ -215,6 +207,26 @@ class Generator:
                     return
                 continue
             self._step(lane)
+
+    def _open(self) -> dict[str, _Lane] | None:
+        """Every station's stream, opened together, and the prefill measured; None (and an
+        error on every station) when that fails."""
+        try:
+            # One decoder step serves every station (engine batching): the weights are read
+            # once per step for all of them.
+            streams = self.model.open_streams(
+                [s.prompt for s in self.specs],
+                [s.sampling for s in self.specs],
+                window=self.specs[0].window,
+            )
+            self.prefill_seconds = self.model.measure_prefill(self.specs[0].window)
+        except Exception as e:  # noqa: BLE001 - reported to every station, then we stop
+            log.exception("the generator could not open the stations' streams")
+            for spec in self.specs:
+                self._to_loop(self.sink.on_error, spec.id, f"cannot open stream: {e}")
+            return None
+        self._say_prefill()
+        return {s.id: _Lane(s, stream) for s, stream in zip(self.specs, streams, strict=True)}
 
     def _say_prefill(self) -> None:
         chunk = self.chunk_frames / self.model.frame_rate
@@ -233,34 +245,42 @@ class Generator:
                 self.prefill_seconds,
             )
 
-    def _pick(self, lanes: Any, ahead_limit: int) -> _Lane | None:
+    @staticmethod
+    def _pick(lanes: Iterable[_Lane], ahead_limit: int) -> _Lane | None:
+        """The working station with the least audio ahead, if any is below the limit."""
         ready = [ln for ln in lanes if not ln.failed and ln.ahead_frames() < ahead_limit]
         return min(ready, key=_Lane.ahead_frames, default=None)
 
     def _step(self, lane: _Lane) -> None:
+        sid = lane.spec.id
         start = lane.stream.frame
         t = time.perf_counter()
         try:
+            if self.faults is not None:
+                self.faults.before_step(sid)
             pcm = lane.stream.read(self.chunk_frames)  # [C, chunk_frames * hop]
         except Exception as e:  # noqa: BLE001 - one station's failure must not stop the others
-            log.exception("station %s: generation failed", lane.spec.id)
+            log.exception("station %s: generation failed", sid)
             lane.failed = True
-            self._to_loop(self.sink.on_error, lane.spec.id, f"generation failed: {e}")
+            self._to_loop(self.sink.on_error, sid, f"generation failed: {e}")
             return
         if lane.stream.tokens.prefill_seconds:  # the latest window restart or prompt change
             self.prefill_seconds = lane.stream.tokens.prefill_seconds
-        if self._slow_down:
-            time.sleep(self._slow_down)
+        if self.faults is not None:
+            pcm = self.faults.after_step(sid, pcm)
         spent = max(time.perf_counter() - t, 1e-6)
         rtf = self.chunk_frames / self.model.frame_rate / spent
         lane.rtf = rtf if lane.rtf == 0 else (1 - RTF_SMOOTHING) * lane.rtf + RTF_SMOOTHING * rtf
-        self._to_loop(self.sink.on_pcm, lane.spec.id, start, pcm, lane.rtf)
+        self._to_loop(self.sink.on_pcm, sid, start, pcm, lane.rtf)
 
     def _drain(self, lanes: dict[str, _Lane], block: bool) -> bool:
         """Handle queued commands (waiting briefly for one if `block`); False on stop."""
         while True:
             try:
-                cmd = self._commands.get(timeout=0.05) if block else self._commands.get_nowait()
+                if block:
+                    cmd = self._commands.get(timeout=WAIT_SECONDS)
+                else:
+                    cmd = self._commands.get_nowait()
             except queue.Empty:
                 return True
             block = False
@@ -268,20 +288,17 @@ class Generator:
                 return False
             self._handle(lanes, cmd)
 
-    def _handle(self, lanes: dict[str, _Lane], cmd: Any) -> None:
-        if isinstance(cmd, _SlowDown):
-            self._slow_down = cmd.seconds_per_chunk
-            return
+    def _handle(self, lanes: dict[str, _Lane], cmd: _Command) -> None:
         lane = lanes.get(cmd.station_id)
-        if lane is None or lane.stream is None:
-            if hasattr(cmd, "future"):
+        if lane is None:
+            if not isinstance(cmd, _Played):
                 self._resolve(cmd.future, error=KeyError(cmd.station_id))
             return
         if isinstance(cmd, _Played):
             lane.played_frame = max(lane.played_frame, cmd.frame)
         elif isinstance(cmd, _SetPrompt):
             self._apply_prompt(lane, cmd)
-        elif isinstance(cmd, _SetSampling):
+        else:
             try:
                 lane.stream.set_sampling(cmd.sampling)
             except Exception as e:  # noqa: BLE001 - the caller gets the reason
@@ -290,19 +307,12 @@ class Generator:
             self._resolve(cmd.future, True)
 
     def _apply_prompt(self, lane: _Lane, cmd: _SetPrompt) -> None:
-        stream = lane.stream
-        frame = min(max(cmd.from_frame, 0), stream.frame)
         try:
-            try:
-                frame = stream.set_prompt(cmd.prompt, from_frame=frame)
-            except ValueError:  # too far back for the engine: start where it is now
-                frame = stream.set_prompt(cmd.prompt, from_frame=stream.frame)
+            frame = start_prompt(lane.stream, cmd.change.prompt, cmd.change.from_frame)
         except Exception as e:  # noqa: BLE001 - the caller gets the reason
             log.exception("station %s: prompt change failed", lane.spec.id)
             self._resolve(cmd.future, error=e)
             return
         lane.failed = False
-        self._to_loop(
-            self.sink.on_prompt_applied, lane.spec.id, cmd.prompt, frame, cmd.posted_at, cmd.source
-        )
+        self._to_loop(self.sink.on_prompt_applied, lane.spec.id, cmd.change, frame)
         self._resolve(cmd.future, frame)

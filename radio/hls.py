@@ -31,7 +31,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from radio.encoders import AacEncoder
+from radio.encoders import AacEncoder, timestamp
 
 PLAYLIST_CONTENT_TYPE = "application/vnd.apple.mpegurl"
 SEGMENT_CONTENT_TYPE = "video/mp2t"
@@ -162,8 +162,8 @@ class HlsSegmenter:
 
     def _finish_segment(self) -> None:
         packets, self._packets = self._packets, []
-        first_pts = int(packets[0].pts)  # output-rate samples; the first is -initial_padding
-        duration = sum(int(p.duration) for p in packets) / self.output_sample_rate
+        first_pts = timestamp(packets[0].pts)  # output-rate samples; the first is -initial_padding
+        duration = sum(timestamp(p.duration) for p in packets) / self.output_sample_rate
         seq = self.next_sequence
         self.next_sequence += 1
         disc = self._segment_discontinuity
@@ -208,7 +208,7 @@ class HlsSegmenter:
             stream.time_base = Fraction(1, self.output_sample_rate)
             for p in packets:
                 # Shift by the priming so the stream starts at pts 0 and never goes negative.
-                p.pts = p.dts = int(p.pts) + self._enc.initial_padding
+                p.pts = p.dts = timestamp(p.pts) + self._enc.initial_padding
                 p.stream = stream
                 out.mux(p)
         return buf.getvalue()

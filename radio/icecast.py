@@ -13,9 +13,9 @@ disconnected the audio that arrives is dropped (the local MP3 mount and HLS do n
 this client), so after a reconnect Icecast gets live audio, not a backlog. `status` is a
 snapshot for the API and metrics.
 
-Wiring one station (inside the app's background context):
-    src = IcecastSource(url, mount, password=resolve_password(pw, pw_env), name=..., ...)
-    tasks = [create_task(src.run(mount_chunks(mp3_mount))), create_task(follow_prompts(src, st))]
+It knows nothing of stations: `radio.app` builds one per `[stations.icecast]` (the password
+is resolved when the config is read) and `radio.relay` feeds it a station's MP3 mount and
+on-air title.
 """
 
 from __future__ import annotations
@@ -24,13 +24,11 @@ import asyncio
 import base64
 import contextlib
 import logging
-import os
 import random
 import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
 import aiohttp
@@ -43,25 +41,6 @@ USER_AGENT = "endless-radio/0.1"
 CONNECT_TIMEOUT = 10.0  # seconds for TCP connect plus the server's answer to our request
 WRITE_TIMEOUT = 10.0  # a server that accepts nothing for this long counts as gone
 _REFUSED_PUT = (400, 405, 501)  # answers of a server without PUT support: try SOURCE
-
-
-def resolve_password(
-    value: str | None, env: str | None, key: str = "icecast.password", env_key: str | None = None
-) -> str:
-    """The source password: from environment variable `env` when it is set, else `value`.
-
-    Raises ValueError naming the config key when neither gives a password.
-    """
-    env_key = env_key or f"{key}_env"
-    if env:
-        from_env = os.environ.get(env)
-        if from_env:
-            return from_env
-        if not value:
-            raise ValueError(f"{env_key}: environment variable {env} is not set (or empty)")
-    if value:
-        return value
-    raise ValueError(f"{key}: no Icecast source password (set {key} or {env_key})")
 
 
 @dataclass(frozen=True)
@@ -465,50 +444,6 @@ class IcecastSource:
                 raise aiohttp.ClientResponseError(
                     resp.request_info, (), status=resp.status, message=text or resp.reason or ""
                 )
-
-
-# ---- glue to a station (duck-typed: radio.mounts.Mp3Mount, radio.station.Station) ----------
-
-
-async def mount_chunks(mount: Any) -> AsyncIterator[bytes]:
-    """The MP3 bytes of a station's mount (`Mp3Mount`: add(counted=False) -> a listener with
-    async next(), remove(listener)), taken as a relay that the listener counts leave out: the
-    MP3 is encoded only once."""
-    while True:
-        listener = mount.add(counted=False)
-        try:
-            while (data := await listener.next()) is not None:
-                yield data
-        finally:
-            mount.remove(listener)
-        if listener.closed or not listener.dropped:
-            return  # the mount closed: the station is shutting down
-        log.warning("icecast relay fell behind the station's MP3 mount; joining it again")
-
-
-async def follow_prompts(source: IcecastSource, station: Any) -> None:
-    """Keep the Icecast title equal to the station's prompt (`Station`: .prompt and an
-    .events hub whose "prompt" events carry {"prompt": ...}) until cancelled or shut down."""
-    from radio.events import is_close
-
-    pushes: set[asyncio.Task[None]] = set()
-
-    def show(title: str) -> None:  # never wait for Icecast here: the event queue is bounded
-        task = asyncio.create_task(source.set_title(title))
-        pushes.add(task)
-        task.add_done_callback(pushes.discard)
-
-    queue = station.events.subscribe()
-    try:
-        show(station.prompt)
-        while not is_close(item := await queue.get()):
-            event, data = item
-            if event == "prompt":
-                show(data["prompt"])
-    finally:
-        station.events.unsubscribe(queue)
-        for task in pushes:
-            task.cancel()
 
 
 async def _from_queue(queue: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:

@@ -1,10 +1,11 @@
-"""ICY (SHOUTcast/Icecast) in-band metadata: build blocks, interleave them, and read them back.
+"""ICY (SHOUTcast/Icecast) in-band metadata: build blocks and interleave them with the audio.
 
 A listener that sends `Icy-MetaData: 1` gets `icy-metaint: N`; after every N audio bytes the
 stream carries one length byte L and 16*L bytes of `StreamTitle='...';` padded with NUL (L=0 means
 "unchanged"). Titles are UTF-8; a quote is escaped as `\\'` and a backslash as `\\\\` so that a
 title can never end the field early; control characters become spaces. `IcyInterleaver` is one
-listener's writer, `IcyReader` the byte-level parser a real player would be (used by the tests).
+listener's writer; `parse_stream_title` reads a block back (a player's side: the tests'
+`IcyReader` in tests/helpers.py).
 """
 
 from __future__ import annotations
@@ -93,43 +94,3 @@ class IcyInterleaver:
         out += view
         self._until_block -= len(view)
         return bytes(out)
-
-
-class IcyReader:
-    """Byte-level ICY parser: feed(bytes) -> (audio bytes, titles of the full blocks completed)."""
-
-    def __init__(self, metaint: int) -> None:
-        if metaint <= 0:
-            raise ValueError(f"metaint must be positive, got {metaint}")
-        self.metaint = metaint
-        self._audio_left = metaint  # audio bytes before the next length byte
-        self._meta_left = -1  # metadata bytes still to read; -1 = not inside a block
-        self._meta = bytearray()
-        self.blocks = 0  # metadata blocks read (L=0 ones included)
-
-    def feed(self, data: bytes) -> tuple[bytes, list[str]]:
-        audio, titles, i = bytearray(), [], 0
-        while i < len(data):
-            if self._meta_left < 0 and self._audio_left > 0:
-                take = min(self._audio_left, len(data) - i)
-                audio += data[i : i + take]
-                self._audio_left -= take
-                i += take
-            elif self._meta_left < 0:  # the length byte
-                self._meta_left = 16 * data[i]
-                self._meta.clear()
-                i += 1
-            else:
-                take = min(self._meta_left, len(data) - i)
-                self._meta += data[i : i + take]
-                self._meta_left -= take
-                i += take
-            if self._meta_left == 0:
-                self.blocks += 1
-                if self._meta:
-                    title = parse_stream_title(bytes(self._meta))
-                    if title is not None:
-                        titles.append(title)
-                self._meta_left = -1
-                self._audio_left = self.metaint
-        return bytes(audio), titles

@@ -14,10 +14,10 @@ import time
 from collections.abc import Iterator
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from radio.context import RADIO, Radio
+from radio.service import RADIO, Radio
 
 
 class RadioCollector:
@@ -156,14 +156,13 @@ class RadioCollector:
             "Requests aiohttp's HTTP parser refused with 400 (bad request line, header, chunk, "
             "...), for the whole process",
         )
-        malformed.add_metric([], r.client_noise.malformed if r.client_noise else 0)
+        malformed.add_metric([], r.client_noise.malformed)
         yield from (dropped, refused, subscribers, bad, aborted, malformed)
 
 
-def make_registry(radio: Radio) -> CollectorRegistry:
-    registry = CollectorRegistry(auto_describe=True)
-    registry.register(RadioCollector(radio))
-    return registry
+def register(radio: Radio) -> None:
+    """Read `radio` into its registry (`radio.metrics`) at every scrape."""
+    radio.metrics.register(RadioCollector(radio))
 
 
 async def metrics(request: web.Request) -> web.Response:

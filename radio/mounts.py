@@ -202,7 +202,8 @@ class Mp3Mount:
 def mp3_headers(
     name: str, description: str, genre: str, bitrate: int, sample_rate: int, url: str
 ) -> dict[str, str]:
-    """What Icecast sends a listener (icy-* names are what players read), plus no-cache."""
+    """What Icecast sends a listener (icy-* names are what players read), plus no-cache (CORS:
+    `radio.cors`)."""
     return {
         "Content-Type": "audio/mpeg",
         "icy-name": _latin(name),
@@ -216,7 +217,6 @@ def mp3_headers(
         "Cache-Control": "no-cache, no-store, must-revalidate",
         "Pragma": "no-cache",
         "Expires": "0",
-        "Access-Control-Allow-Origin": "*",
         "X-Content-Type-Options": "nosniff",
     }
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from radio.errors import CliError
 
+if TYPE_CHECKING:
+    from engine.render import PromptChange
 
-def _change(value: str):
+
+def _change(value: str) -> PromptChange:
     from engine.render import PromptChange
 
     at, sep, prompt = value.partition(":")

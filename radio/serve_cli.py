@@ -11,8 +11,12 @@ import argparse
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from radio.errors import CliError
+
+if TYPE_CHECKING:
+    from radio.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +30,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_serve)
 
 
-def _config(args: argparse.Namespace):
+def _config(args: argparse.Namespace) -> Config:
     from radio.config import ConfigError, load_config, with_overrides
 
     try:

@@ -2,9 +2,10 @@
 
 `PcmBuffer` holds the audio the generator made ahead of the clock, numbered by model sample
 (sample s belongs to engine frame s // hop); the clock takes from its head, the generator appends
-at its tail, and a prompt change cuts it where the new prompt begins. `Station` gathers what the
-API, the events, the metrics and the outputs read about one station. Everything here is touched
-only from the event loop; the worker thread reaches it through `generator.py`'s bridge.
+at its tail, and a prompt change cuts it where the new prompt begins (`radio.timing`). `Station`
+gathers what the API, the events, the metrics and the outputs read about one station.
+Everything here is touched only from the event loop; the worker thread reaches it through
+`radio.generator`'s bridge (`radio.service.StationSink`).
 """
 
 from __future__ import annotations
@@ -13,12 +14,16 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from radio.config import StationConfig
 from radio.events import EventHub
+from radio.history import PromptRecord, iso
+
+if TYPE_CHECKING:
+    from engine.options import SamplingOptions
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +106,6 @@ class PcmBuffer:
         return pcm[:, keep:]
 
 
-@dataclass(frozen=True)
-class PromptRecord:
-    prompt: str  # the text ("" = unconditional)
-    at: float  # when it became current, Unix seconds
-    source: str  # "config", "listener", "admin" or "restore"
-
-
 @dataclass
 class Health:
     buffer_seconds: float = 0.0  # audio generated ahead of the clock
@@ -129,17 +127,15 @@ class Station:
     config: StationConfig
     index: int  # position in the config (seeds, ordering)
     channels: int
+    sampling: SamplingOptions  # in use; the admin changes it live
     prompt: str = ""
     prompt_since: float = field(default_factory=time.time)
     history: deque[PromptRecord] = field(default_factory=lambda: deque(maxlen=HISTORY_LENGTH))
     health: Health = field(default_factory=Health)
     events: EventHub = field(default_factory=EventHub)
     buffer: PcmBuffer = field(init=False)
-    sampling: Any = None  # engine SamplingOptions in use
     mp3_listeners: int = 0
     hls_listeners: int = 0
-    # (sample where the new prompt starts, time.monotonic() of its POST) until it is heard
-    pending_prompt: tuple[int, float] | None = None
 
     def __post_init__(self) -> None:
         self.buffer = PcmBuffer(self.channels)
@@ -195,11 +191,4 @@ class Station:
         }
 
     def history_json(self) -> list[dict[str, object]]:
-        return [{"prompt": r.prompt, "at": iso(r.at), "source": r.source} for r in self.history]
-
-
-def iso(unix_seconds: float) -> str:
-    """ISO 8601 UTC with milliseconds, e.g. 2026-11-22T01:50:00.123Z."""
-    t = time.gmtime(unix_seconds)
-    ms = int((unix_seconds % 1) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{ms:03d}Z"
+        return [r.to_json() for r in self.history]

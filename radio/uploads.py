@@ -38,6 +38,7 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 
 from engine.clip import Clip, ClipError, ClipLimits
+from radio.middleware import ApiError
 
 RAW_TYPES = ("application/ogg", "application/octet-stream")  # raw bodies besides audio/*
 MAX_FIELDS = 8  # text fields in a multipart form
@@ -80,10 +81,8 @@ class ClipUpload:
 
 
 def refuse(status: int, reason: str) -> Exception:
-    """The API's JSON error (`{"error": reason}`), imported late: radio.api may import us."""
-    from radio import api
-
-    return api.ApiError(status, reason)
+    """The API's JSON error (`{"error": reason}`)."""
+    return ApiError(status, reason)
 
 
 class ClipReader:
@@ -223,7 +222,7 @@ def _too_big(max_bytes: int, declared: int | None = None) -> str:
 # ---- the worker thread -------------------------------------------------------------------------
 
 
-async def run_in_fresh_thread(fn: Callable[..., Any], *args: Any, done: Callable[[], None]):
+async def run_in_fresh_thread(fn: Callable[..., Any], *args: Any, done: Callable[[], None]) -> Any:
     """`fn(*args)` in a new thread at a lower CPU priority; its result or exception. `done()`
     runs on the loop when the thread has ended, also when the awaiting task was cancelled
     meanwhile (the thread cannot be stopped; it is bounded by the clip's limits)."""

@@ -34,7 +34,7 @@ How the station's loop will call it (the wiring comes later; `clock` is `time.ti
             generator.set_blend(sid, change.blend, start, change.transition_seconds, change.source)
             station.record_prompt(change, ...)                 # history keeps change.source
         now_playing = director.now_playing(listeners)          # API object, SSE "programme"
-    every few seconds: state["programme"] = director.to_state()   # radio/persist.py
+    every few seconds: state["programme"] = director.to_state()   # radio/restarts.py
 
 API handlers call `listener_prompt`, `upvote`, `skip`, `admin_prompt`, `clip`, `pin`, `unpin`,
 `remove_suggestion`, `clear_queue` and `set_station` (a live schedule edit, checked by
@@ -49,7 +49,7 @@ import json
 import math
 import time
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from engine.blend import Blend
@@ -256,7 +256,7 @@ class Director:
     # --- state file --------------------------------------------------------------------------
 
     def to_state(self) -> dict[str, Any]:
-        """JSON for the state file (radio/state.py keeps it per station)."""
+        """JSON for the state file (radio/statefile.py keeps it per station)."""
         ov = self.overlay
         return {
             "format": STATE_FORMAT,
@@ -415,12 +415,13 @@ class Director:
             i = item_index(k, len(slot.prompts), slot.order, seed)
             blend = slot.prompts[i]
             name = slot.name or f"schedule[{seg.slot}]"
+            assert seg.start is not None, "a slot's occurrence has a start"
             causes = [(seg.start, "schedule", f"slot '{name}' starts")]
             if began > seg.start:
-                skipped = self.anchor is not None and self.anchor[1].at == began
+                anchor = self.anchor
                 causes.append(
-                    (began, "vote", self.anchor[2])
-                    if skipped
+                    (began, "vote", anchor[2])
+                    if anchor is not None and anchor[1].at == began
                     else (began, "rotation", f"rotation: prompt {i + 1} of {len(slot.prompts)}")
                 )
             glide = self._glide(None if slot.transition_seconds == -1 else slot.transition_seconds)
@@ -429,7 +430,7 @@ class Director:
         at, source, reason = max(causes, key=lambda c: c[0])
         return Change(blend, source, at if math.isfinite(at) else 0.0, glide, reason)
 
-    def _events_after(self, now: float):
+    def _events_after(self, now: float) -> Iterator[tuple[float, str]]:
         """(time, why) of the schedule's own events after `now`, in order: ticks and bounds."""
         t = now
         for _ in range(_LOOKAHEAD):

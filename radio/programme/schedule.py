@@ -108,12 +108,12 @@ class Schedule:
             for i, slot in enumerate(self.slots):
                 if date.weekday() not in slot.days:
                     continue
-                end = slot.end_minutes
+                end_minutes = slot.end_minutes
                 raw.append(
                     (
                         self.instant(date, slot.start_minutes),
                         i,
-                        None if end is None else self.instant(date, end),
+                        None if end_minutes is None else self.instant(date, end_minutes),
                     )
                 )
         raw.sort()

@@ -292,7 +292,7 @@ class VoteBox:
 
 
 def _number(data: Mapping[str, Any], key: str, where: str, kind: type) -> Any:
-    value = data.get(key)
+    value: Any = data.get(key)
     ok = isinstance(value, int) if kind is int else isinstance(value, int | float)
     if not ok or isinstance(value, bool) or not math.isfinite(value):
         raise ValueError(f"{where}.{key}: expected {'an integer' if kind is int else 'a number'}")

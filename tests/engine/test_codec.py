@@ -32,6 +32,7 @@ from engine.codec.layers import (
 )
 from engine.codec.lstm import FrameLSTM, round_lstm_weights
 from engine.codec.upsampler import CroppedUpsampler
+from tests.helpers import snr_db
 
 EXACT_DB = 90.0  # the decode is exact up to float rounding (measured ~138 dB); issue 2 asks 40
 APPROX_DB = 40.0  # a fresh start away from frame 0 warms the LSTM up: approximate
@@ -90,11 +91,6 @@ def _kernel_expected() -> bool:
 def _codes(channels: int, frames: int, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, 2048, (4 * channels, frames), generator=gen)  # [K, T]
-
-
-def snr_db(ref: np.ndarray, x: np.ndarray) -> float:
-    noise = float(((ref - x) ** 2).sum())
-    return 10 * np.log10(float((ref**2).sum()) / max(noise, 1e-30))
 
 
 def _stream(dec: StreamingDecoder, codes: torch.Tensor, bounds: list[int]) -> np.ndarray:

@@ -5,7 +5,6 @@ Every bad request must get a 4xx with a JSON reason while the MP3 mount keeps pl
 
 from __future__ import annotations
 
-import json
 import time
 import urllib.error
 import urllib.request
@@ -14,35 +13,9 @@ from datetime import datetime
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.helpers import call, post_json, read_event, read_exactly
+
 TOKEN = "test-admin-token"
-
-
-def call(method: str, url: str, body: bytes | None = None, headers: dict | None = None):
-    """(status, headers, parsed JSON body) of one request."""
-    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=20) as r:
-            return r.status, r.headers, json.loads(r.read() or b"null")
-    except urllib.error.HTTPError as e:
-        raw = e.read()
-        assert e.headers.get_content_type() == "application/json", raw[:200]
-        return e.code, e.headers, json.loads(raw)
-
-
-def post_json(url: str, data, headers: dict | None = None):
-    body = data if isinstance(data, bytes) else json.dumps(data).encode()
-    return call("POST", url, body, {"Content-Type": "application/json", **(headers or {})})
-
-
-def read_exactly(stream, n: int, timeout: float = 10.0) -> bytes:
-    out = b""
-    deadline = time.monotonic() + timeout
-    while len(out) < n:
-        assert time.monotonic() < deadline, f"stream stalled after {len(out)} of {n} bytes"
-        chunk = stream.read1(n - len(out))
-        assert chunk, "stream ended"
-        out += chunk
-    return out
 
 
 @pytest.fixture
@@ -279,18 +252,3 @@ def test_events_deliver_a_prompt_change(radio):
                 break
         assert data["prompt"] == "rainy day jazz" and data["source"] == "admin"
         assert data["history"][0]["prompt"] == "rainy day jazz"
-
-
-def read_event(stream) -> tuple[str, dict]:
-    """The next `event:`/`data:` block of an SSE stream (comments and retry skipped)."""
-    name, data = "", None
-    while True:
-        line = stream.readline().decode()
-        assert line, "event stream ended"
-        line = line.rstrip("\n")
-        if line.startswith("event: "):
-            name = line[7:]
-        elif line.startswith("data: "):
-            data = json.loads(line[6:])
-        elif line == "" and name:
-            return name, data

@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import require_tool
+from tests.helpers import post_json, require_tool
 
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -37,17 +37,8 @@ def _station(base: str) -> dict:
 
 def _post_prompt(base: str, prompt: str) -> tuple[int, dict]:
     """(status, JSON body) of a prompt POST to station `main`."""
-    req = urllib.request.Request(
-        f"{base}/api/stations/main/prompt",
-        data=json.dumps({"prompt": prompt}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, json.load(r)
-    except urllib.error.HTTPError as e:
-        return e.code, json.load(e)
+    status, _, body = post_json(f"{base}/api/stations/main/prompt", {"prompt": prompt})
+    return status, body
 
 
 @pytest.fixture(scope="module")

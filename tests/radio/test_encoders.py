@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from radio.encoders import AacEncoder, Mp3Encoder
-from tests.conftest import require_tool
+from tests.helpers import require_tool
 
 RATE = 32000
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tests.conftest import start_radio_serve
+from tests.helpers import start_radio_serve
 
 TOKEN = "fuzz-admin-token"
 MP3 = "/main.mp3"

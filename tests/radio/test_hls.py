@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from radio.hls import HlsSegmenter
-from tests.conftest import require_tool
+from tests.helpers import require_tool
 
 RATE = 32000
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)

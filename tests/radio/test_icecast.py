@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,18 +24,12 @@ import numpy as np
 import pytest
 
 from radio.encoders import Mp3Encoder
-from radio.icecast import IcecastSource, mount_chunks, resolve_password
-from radio.icy import IcyReader
-from tests.conftest import require_tool
+from radio.icecast import IcecastSource
+from radio.relay import mount_chunks
+from tests.helpers import IcyReader, free_port, require_tool
 
 RATE, CHANNELS, KBPS, TONE = 32000, 1, 128, 440.0
 PASSWORD = "s3cret-source"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class IcecastServer:
@@ -124,7 +117,7 @@ class IcecastServer:
 def icecast() -> Iterator[IcecastServer]:
     binary = require_tool("icecast2")
     folder = Path(tempfile.mkdtemp(prefix="icecast-test-"))  # not under root's 0700 pytest dir
-    server = IcecastServer(binary, folder, _free_port())
+    server = IcecastServer(binary, folder, free_port())
     server.start()
     try:
         yield server
@@ -423,16 +416,32 @@ async def _falls_back_to_source() -> None:
     assert src.status.method == "SOURCE" and src.status.bytes_sent == 5000
 
 
-def test_resolve_password(monkeypatch) -> None:
-    monkeypatch.setenv("RADIO_TEST_ICECAST_PW", "from-env")
-    assert resolve_password("from-config", "RADIO_TEST_ICECAST_PW") == "from-env"
-    assert resolve_password("from-config", None) == "from-config"
-    monkeypatch.delenv("RADIO_TEST_ICECAST_PW")
-    assert resolve_password("from-config", "RADIO_TEST_ICECAST_PW") == "from-config"
-    with pytest.raises(ValueError, match="RADIO_TEST_ICECAST_PW is not set"):
-        resolve_password(None, "RADIO_TEST_ICECAST_PW", key="stations.main.icecast.password")
-    with pytest.raises(ValueError, match=r"stations\.main\.icecast\.password"):
-        resolve_password("", None, key="stations.main.icecast.password")
+def test_the_source_password_is_resolved_when_the_config_is_read() -> None:
+    """The environment variable `password_env` wins when it is set; no password at all stops
+    start-up with a config error naming the key."""
+    from radio.config import ConfigError, parse_config
+
+    def password(icecast: dict, env: dict) -> str:
+        station = {"id": "main", "icecast": {"url": "http://ice:8000", **icecast}}
+        ic = parse_config({"stations": [station]}, env=env).stations[0].icecast
+        assert ic is not None
+        return ic.password
+
+    env = {"RADIO_TEST_ICECAST_PW": "from-env"}
+    own = {"password": "from-config", "password_env": "RADIO_TEST_ICECAST_PW"}
+    assert password(own, env) == "from-env"
+    assert password(own, {}) == "from-config"
+    assert password(own, {"RADIO_TEST_ICECAST_PW": ""}) == "from-config"
+    assert password({}, {"ICECAST_SOURCE_PASSWORD": "default-env"}) == "default-env"
+    assert password({"password": "x", "password_env": ""}, env) == "x"
+    with pytest.raises(ConfigError) as e:
+        password({"password_env": "RADIO_TEST_ICECAST_PW"}, {})
+    assert str(e.value) == (
+        "stations[0].icecast.password: no Icecast source password (not set here, nor the "
+        "environment variable RADIO_TEST_ICECAST_PW)"
+    )
+    with pytest.raises(ConfigError, match=r"^stations\[0\]\.icecast\.password: "):
+        password({"password_env": ""}, env)
 
 
 def test_radio_relays_to_icecast_and_prompt_post_changes_its_title(icecast, radio_factory) -> None:
@@ -506,7 +515,7 @@ async def _mount_chunks_rejoins(caplog) -> None:
     for _ in range(30):  # 3 s while the relay does not read: more than its queue holds
         mount.push(pcm, datetime.now(UTC))
     assert not mount.listeners  # dropped by the mount
-    with caplog.at_level(logging.WARNING, logger="radio.icecast"):
+    with caplog.at_level(logging.WARNING, logger="radio.relay"):
         assert await anext(chunks)  # joined again: the mount's burst
     assert len(mount.listeners) == 1 and "joining it again" in caplog.text
     mount.close()

@@ -7,13 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from radio.icy import (
-    MAX_BLOCK,
-    IcyInterleaver,
-    IcyReader,
-    format_stream_title,
-    parse_stream_title,
-)
+from radio.icy import MAX_BLOCK, IcyInterleaver, format_stream_title, parse_stream_title
+from tests.helpers import IcyReader
 
 
 def test_block_layout():

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import json
 import os
 import shutil
 import socket
@@ -34,8 +33,9 @@ from radio.config import parse_config
 from radio.icecast import IcecastSource
 from radio.icy import parse_stream_title
 from radio.rawhttp import format_head
-from tests.conftest import InProcessRadio, require_tool, wait_healthy
-from tests.radio.test_icecast import PASSWORD, IcecastServer, _free_port, _tone_mp3
+from tests.helpers import InProcessRadio, free_port, require_tool, wait_healthy, wait_until
+from tests.helpers import post_prompt as _post_prompt
+from tests.radio.test_icecast import PASSWORD, IcecastServer, _tone_mp3
 
 TOKEN = "icy-clients-admin-token"
 FIRST = "calm lofi beat with piano"  # the default prompt of station main
@@ -61,20 +61,16 @@ def station(radio_model):
 
 
 def post_prompt(base: str, prompt: str) -> None:
-    req = urllib.request.Request(
-        f"{base}/api/stations/main/prompt",
-        data=json.dumps({"prompt": prompt}).encode(),
-        headers={"Authorization": f"Bearer {TOKEN}"},
-        method="POST",
-    )
-    with urllib.request.urlopen(req, timeout=30) as r:
-        assert r.status == 202
+    _post_prompt(base, prompt, token=TOKEN)
 
 
 def set_prompt(radio: InProcessRadio, prompt: str) -> None:
-    """Make `prompt` current (a module-scoped station keeps what the last test left)."""
+    """Make `prompt` the title on air (a module-scoped station keeps what the last test left):
+    the ICY title changes when the new prompt is heard, a few seconds after the POST."""
     if radio.call(lambda: radio.radio.stations["main"].prompt) != prompt:
         post_prompt(radio.base_url, prompt)
+    timeline = radio.radio.timing["main"]
+    wait_until(lambda: radio.call(lambda: timeline.on_air) == prompt, 30, f"{prompt!r} on air")
 
 
 class RawClient:
@@ -336,7 +332,7 @@ def test_the_mount_answers_raw_clients_as_icecast_2_4_does(station):
     Icecast 2.4.4 refuses it with 400, the radio answers the head."""
     binary = require_tool("icecast2")
     folder = Path(tempfile.mkdtemp(prefix="icecast-test-"))
-    server = IcecastServer(binary, folder, _free_port())
+    server = IcecastServer(binary, folder, free_port())
     server.start()
     loop = asyncio.new_event_loop()
     feeder = threading.Thread(target=loop.run_forever, daemon=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import time
 
-from tests.conftest import require_tool
+from tests.helpers import require_tool
 
 SECONDS = 20.0
 

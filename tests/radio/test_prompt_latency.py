@@ -6,27 +6,18 @@ Re-measure: `pytest -s tests/radio/test_prompt_latency.py` prints the figures.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
-import urllib.request
 
 from radio.clock import TICK
+from tests import helpers
 
 TOKEN = "latency-admin-token"
 LIMIT_SECONDS = 1.5
 
 
 def post_prompt(base: str, prompt: str) -> dict:
-    req = urllib.request.Request(
-        f"{base}/api/stations/main/prompt",
-        data=json.dumps({"prompt": prompt}).encode(),
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"},
-        method="POST",
-    )
-    with urllib.request.urlopen(req, timeout=20) as r:
-        assert r.status == 202
-        return json.loads(r.read())
+    return helpers.post_prompt(base, prompt, token=TOKEN)
 
 
 def test_prompt_change_is_heard_within_a_second_and_a_half(radio_factory):
@@ -67,7 +58,7 @@ def test_prompt_change_is_heard_within_a_second_and_a_half(radio_factory):
 
 
 def test_auto_horizon_covers_the_measured_prefill():
-    from radio.generator import auto_horizon
+    from radio.timing import auto_horizon
 
     assert auto_horizon(0.01, 0.2) == 0.5  # a fast prefill (GPU, tiny model): the minimum
     assert auto_horizon(1.2, 0.2) == 1.5 * 1.2 + 0.4  # musicgen-small on this CPU, int8

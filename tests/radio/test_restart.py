@@ -11,7 +11,7 @@ import time
 import urllib.request
 
 from radio.config import parse_config
-from tests.conftest import InProcessRadio, wait_healthy
+from tests.helpers import InProcessRadio, wait_healthy
 
 PROMPT = "restart test: deep ambient drones"
 
@@ -83,7 +83,7 @@ def test_restart_restores_prompt_history_and_hls_numbering(tmp_path, radio_model
 def test_corrupt_state_file_is_moved_aside_and_the_radio_starts(tmp_path, radio_model, caplog):
     state_file = tmp_path / "state.json"
     state_file.write_text('{"version": 1, "state": {"stations": {"main": {"prom')
-    with caplog.at_level(logging.ERROR, logger="radio.state"):
+    with caplog.at_level(logging.ERROR, logger="radio.statefile"):
         r = _start(state_file, radio_model)
     try:
         assert "moved it to state.json.corrupt-" in caplog.text

@@ -19,20 +19,8 @@ import av
 import numpy as np
 import pyloudnorm
 
-from radio.icy import IcyReader
-from tests.conftest import require_tool
-
-
-def post_prompt(base: str, prompt: str) -> dict:
-    req = urllib.request.Request(
-        f"{base}/api/stations/main/prompt",
-        data=json.dumps({"prompt": prompt}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(req, timeout=20) as r:
-        assert r.status == 202
-        return json.loads(r.read())
+from radio.testing import FaultInjector
+from tests.helpers import IcyReader, post_prompt, require_tool
 
 
 def open_mp3(base: str, icy: bool) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
@@ -157,7 +145,8 @@ def test_hls_playlist_obeys_the_rules_and_ffmpeg_decodes_it(radio_serve):
 
 
 def test_falling_behind_plays_a_bridge_not_silence(radio_factory):
-    radio = radio_factory(generation={"buffer_ahead": 1.0, "seed": 5})
+    faults = FaultInjector()
+    radio = radio_factory(faults=faults, generation={"buffer_ahead": 1.0, "seed": 5})
     st = radio.radio.stations["main"]
     chunks: list[tuple[float, int]] = []
     data = bytearray()
@@ -175,7 +164,7 @@ def test_falling_behind_plays_a_bridge_not_silence(radio_factory):
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
     time.sleep(1.0)
-    radio.radio.generator.slow_down(0.6)  # 0.2 s of audio now takes > 0.6 s: x0.3 real time
+    faults.slow_down(0.6)  # 0.2 s of audio now takes > 0.6 s: x0.3 real time
     t = time.monotonic()
     while st.health.underruns == 0:
         assert time.monotonic() - t < 10, "no underrun although generation was slowed down"
@@ -183,7 +172,7 @@ def test_falling_behind_plays_a_bridge_not_silence(radio_factory):
     with urllib.request.urlopen(f"{radio.base_url}/api/stations/main", timeout=10) as r:
         assert json.loads(r.read())["health"]["bridging"] is True
     time.sleep(2.0)  # two seconds of bridge
-    radio.radio.generator.slow_down(0.0)
+    faults.slow_down(0.0)
     t = time.monotonic()
     while st.health.bridging:
         assert time.monotonic() - t < 10, "never recovered from the underrun"
@@ -288,29 +277,6 @@ def test_every_listener_hears_the_same_moment(radio_serve):
     # the same MP3 bytes at the same place in the broadcast: one encoder, one clock
     assert data_b[-8000:] in data_a
     assert data_b[:4000] in data_a  # the burst too
-
-
-def test_station_buffer_takes_cuts_and_follows():
-    from radio.station import PcmBuffer
-
-    def pcm(n: int, v: float) -> np.ndarray:
-        return np.full((1, n), v, np.float32)
-
-    b = PcmBuffer(1)
-    b.append(0, pcm(100, 1))
-    assert b.take(30).shape == (1, 30) and (b.head, b.tail) == (30, 100)
-    # a prompt change from sample 50: the old audio beyond it goes, the new follows it
-    assert b.truncate(50).shape == (1, 50) and b.tail == 50
-    b.append(50, pcm(10, 2))
-    assert (b.take(30)[0, 20:] == 2).all() and len(b) == 0
-    # a cut inside audio already played: the new audio starts where the clock is
-    b.append(60, pcm(40, 1))
-    b.take(10)
-    assert b.truncate(65).shape == (1, 30) and b.tail == 70  # all of [70, 100)
-    b.truncate(62)
-    assert (b.head, b.tail) == (70, 70)
-    b.append(62, pcm(20, 3))
-    assert (b.head, b.tail) == (70, 82) and (b.take(5) == 3).all()
 
 
 # Keep this test last in the module: it stops the shared `radio serve` process.

@@ -16,9 +16,9 @@ import aiohttp
 import numpy as np
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
-from radio import api
+from radio.middleware import MAX_BODY, json_errors
 from radio.uploads import ClipReader, ClipsConfig, clip_json
 from tests.audio_files import encode_file, flac_bomb, tones, wav_bytes
 
@@ -33,20 +33,10 @@ def tiny_app(reader: ClipReader) -> web.Application:
     async def ping(request: web.Request) -> web.Response:
         return web.json_response({"pong": time.monotonic()})
 
-    app = web.Application(client_max_size=api.MAX_BODY, middlewares=[api.json_errors])
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[json_errors])
     app.router.add_post("/clip", upload)
     app.router.add_get("/ping", ping)
     return app
-
-
-def run(reader: ClipReader, scenario) -> None:
-    """Serve the tiny app and run `await scenario(client)` against it."""
-
-    async def main() -> None:
-        async with TestClient(TestServer(tiny_app(reader))) as client:
-            await scenario(client)
-
-    asyncio.run(main())
 
 
 async def answer(response: aiohttp.ClientResponse) -> tuple[int, dict]:
@@ -59,6 +49,12 @@ def reader(radio_model) -> ClipReader:
     return ClipReader(ClipsConfig(max_bytes=100_000, max_seconds=3.0), radio_model)
 
 
+@pytest.fixture
+async def client(aiohttp_client, reader) -> TestClient:
+    """The tiny app, served by pytest-aiohttp on the test's event loop."""
+    return await aiohttp_client(tiny_app(reader))
+
+
 def form(data: bytes, filename: str | None = "clip.mp3", **fields: str) -> aiohttp.FormData:
     out = aiohttp.FormData(default_to_multipart=True)
     for name, value in fields.items():
@@ -68,26 +64,23 @@ def form(data: bytes, filename: str | None = "clip.mp3", **fields: str) -> aioht
     return out
 
 
-def test_a_good_clip_answers_its_tokens_shape_and_duration(reader):
-    async def scenario(client: TestClient) -> None:
-        raw = await client.post("/clip", data=MP3, headers={"Content-Type": "audio/mpeg"})
-        status, body = await answer(raw)
-        assert status == 200, body
-        assert body["codebooks"] == 4 and body["frames"] == 100 and body["seconds"] == 2.0
-        assert body["source"] == {
-            "format": "mp3",
-            "codec": "mp3float",
-            "sample_rate": 44100,
-            "channels": 2,
-            "seconds": 2.0,
-        }
-        assert body["fields"] == {}
-        multipart = await client.post("/clip", data=form(MP3, prompt="warm jazz trio"))
-        status, body = await answer(multipart)
-        assert status == 200, body
-        assert body["frames"] == 100 and body["fields"] == {"prompt": "warm jazz trio"}
-
-    run(reader, scenario)
+async def test_a_good_clip_answers_its_tokens_shape_and_duration(client):
+    raw = await client.post("/clip", data=MP3, headers={"Content-Type": "audio/mpeg"})
+    status, body = await answer(raw)
+    assert status == 200, body
+    assert body["codebooks"] == 4 and body["frames"] == 100 and body["seconds"] == 2.0
+    assert body["source"] == {
+        "format": "mp3",
+        "codec": "mp3float",
+        "sample_rate": 44100,
+        "channels": 2,
+        "seconds": 2.0,
+    }
+    assert body["fields"] == {}
+    multipart = await client.post("/clip", data=form(MP3, prompt="warm jazz trio"))
+    status, body = await answer(multipart)
+    assert status == 200, body
+    assert body["frames"] == 100 and body["fields"] == {"prompt": "warm jazz trio"}
 
 
 WAV = {"Content-Type": "audio/wav"}
@@ -108,13 +101,10 @@ WAV = {"Content-Type": "audio/wav"}
         ("big", bytes(100_001), WAV, 413, "limit of 100000 bytes"),
     ],
 )  # fmt: skip
-def test_bad_uploads_get_a_4xx_with_the_reason(reader, case, body, headers, status, words):
-    async def scenario(client: TestClient) -> None:
-        got, data = await answer(await client.post("/clip", data=body, headers=headers))
-        assert (got, list(data)) == (status, ["error"]), data
-        assert words in data["error"]
-
-    run(reader, scenario)
+async def test_bad_uploads_get_a_4xx_with_the_reason(client, case, body, headers, status, words):
+    got, data = await answer(await client.post("/clip", data=body, headers=headers))
+    assert (got, list(data)) == (status, ["error"]), data
+    assert words in data["error"]
 
 
 @pytest.mark.parametrize(
@@ -128,7 +118,7 @@ def test_bad_uploads_get_a_4xx_with_the_reason(reader, case, body, headers, stat
         ("text as file", form(b"hello " * 100), 415, "not an audio file"),
     ],
 )
-def test_bad_forms_get_a_4xx_with_the_reason(reader, case, data, status, words):
+async def test_bad_forms_get_a_4xx_with_the_reason(client, case, data, status, words):
     if data == "two":
         data = form(MP3)
         data.add_field("again", MP3, filename="b.mp3", content_type="audio/mpeg")
@@ -139,24 +129,18 @@ def test_bad_forms_get_a_4xx_with_the_reason(reader, case, data, status, words):
         )
         data.append(MP3).set_content_disposition("form-data", name="clip", filename="a.mp3")
 
-    async def scenario(client: TestClient) -> None:
-        got, body = await answer(await client.post("/clip", data=data))
-        assert got == status and words in body["error"], body
-
-    run(reader, scenario)
+    got, body = await answer(await client.post("/clip", data=data))
+    assert got == status and words in body["error"], body
 
 
-def test_a_malformed_form_is_a_400(reader):
-    async def scenario(client: TestClient) -> None:
-        headers = {"Content-Type": "multipart/form-data; boundary=xyz"}
-        body = b"--xyz\r\nContent-Disposition: form-data; name=clip; filename=a.mp3\r\n\r\nab"
-        got, data = await answer(await client.post("/clip", data=body, headers=headers))
-        assert got == 400 and "multipart" in data["error"], data
-
-    run(reader, scenario)
+async def test_a_malformed_form_is_a_400(client):
+    headers = {"Content-Type": "multipart/form-data; boundary=xyz"}
+    body = b"--xyz\r\nContent-Disposition: form-data; name=clip; filename=a.mp3\r\n\r\nab"
+    got, data = await answer(await client.post("/clip", data=body, headers=headers))
+    assert got == 400 and "multipart" in data["error"], data
 
 
-def test_a_huge_upload_is_refused_before_it_is_all_read(reader):
+async def test_a_huge_upload_is_refused_before_it_is_all_read(client):
     """A chunked body (no Content-Length) of 100 MB: 413 after the first 100 KB, and the
     client is answered while most of its body was never sent; a declared Content-Length over
     the limit is refused before any of the body is read."""
@@ -168,39 +152,35 @@ def test_a_huge_upload_is_refused_before_it_is_all_read(reader):
             sent += 65536
             yield bytes(65536)
 
-    async def scenario(client: TestClient) -> None:
-        try:
-            got, data = await answer(await client.post("/clip", data=endless(), headers=WAV))
-            assert got == 413 and "is larger, more than the limit" in data["error"], data
-        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
-            pass  # the server closed the connection on the unread rest: also a refusal
-        assert sent < 20_000_000, f"{sent} bytes were sent before the refusal"
-        raw = await client.post(
-            "/clip", data=b"x", headers={**WAV, "Content-Length": "200000"}, chunked=False
-        )
-        got, data = await answer(raw)
-        assert got == 413 and "is 200000 bytes" in data["error"], data
-
-    run(reader, scenario)
+    try:
+        got, data = await answer(await client.post("/clip", data=endless(), headers=WAV))
+        assert got == 413 and "is larger, more than the limit" in data["error"], data
+    except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+        pass  # the server closed the connection on the unread rest: also a refusal
+    assert sent < 20_000_000, f"{sent} bytes were sent before the refusal"
+    raw = await client.post(
+        "/clip", data=b"x", headers={**WAV, "Content-Length": "200000"}, chunked=False
+    )
+    got, data = await answer(raw)
+    assert got == 413 and "is 200000 bytes" in data["error"], data
 
 
-def test_a_compressed_body_is_refused_before_it_is_read(reader):
+async def test_a_compressed_body_is_refused_before_it_is_read(client):
     """`Content-Encoding: gzip` (20 KB that would inflate to 20 MB): the API refuses compressed
-    bodies before reading them (`api.check_request`), uploads included; audio is compressed
+    bodies before reading them (`middleware.check_request`), uploads included; audio is compressed
     already."""
     deflate = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip framing
     body = b"".join(deflate.compress(bytes(1_000_000)) for _ in range(20)) + deflate.flush()
     assert len(body) < 30_000
 
-    async def scenario(client: TestClient) -> None:
-        headers = {**WAV, "Content-Encoding": "gzip"}
-        got, data = await answer(await client.post("/clip", data=body, headers=headers))
-        assert got == 415 and "Content-Encoding 'gzip' is not accepted" in data["error"], data
-
-    run(reader, scenario)
+    headers = {**WAV, "Content-Encoding": "gzip"}
+    got, data = await answer(await client.post("/clip", data=body, headers=headers))
+    assert got == 415 and "Content-Encoding 'gzip' is not accepted" in data["error"], data
 
 
-def test_encoding_runs_off_the_loop_in_a_fresh_lower_priority_thread_one_at_a_time(radio_model):
+async def test_encoding_runs_off_the_loop_in_a_fresh_lower_priority_thread_one_at_a_time(
+    radio_model, aiohttp_client
+):
     """While a clip encodes, the event loop answers at once; a second upload meanwhile gets 429;
     the encode ran in its own thread, niced, which then ends."""
     started, release = threading.Event(), threading.Event()
@@ -217,24 +197,22 @@ def test_encoding_runs_off_the_loop_in_a_fresh_lower_priority_thread_one_at_a_ti
 
     reader = ClipReader(ClipsConfig(max_bytes=100_000), SlowModel())
     loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    client = await aiohttp_client(tiny_app(reader))
+    first = asyncio.create_task(client.post("/clip", data=MP3, headers=WAV))
+    await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+    began = time.monotonic()
+    pong = await client.get("/ping")
+    assert pong.status == 200 and time.monotonic() - began < 1.0
+    got, data = await answer(await client.post("/clip", data=MP3, headers=WAV))
+    assert got == 429 and "another clip" in data["error"], data
+    release.set()
+    got, data = await answer(await first)
+    assert got == 200 and data["frames"] == 100, data
+    assert seen["thread"] is not threading.main_thread() and not reader.busy
+    assert seen["single_thread"]
+    seen["thread"].join(5)
+    assert not seen["thread"].is_alive()
 
-    async def scenario(client: TestClient) -> None:
-        first = asyncio.create_task(client.post("/clip", data=MP3, headers=WAV))
-        await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
-        began = time.monotonic()
-        pong = await client.get("/ping")
-        assert pong.status == 200 and time.monotonic() - began < 1.0
-        got, data = await answer(await client.post("/clip", data=MP3, headers=WAV))
-        assert got == 429 and "another clip" in data["error"], data
-        release.set()
-        got, data = await answer(await first)
-        assert got == 200 and data["frames"] == 100, data
-        assert seen["thread"] is not threading.main_thread() and not reader.busy
-        assert seen["single_thread"]
-        seen["thread"].join(5)
-        assert not seen["thread"].is_alive()
-
-    run(reader, scenario)
     if sys.platform == "linux":
         assert seen["nice"] == min(loop_nice + 10, 19)
 

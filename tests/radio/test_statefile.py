@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from radio import state as state_mod
-from radio.state import (
-    PromptRecord,
+from radio import statefile as state_mod
+from radio.history import PromptRecord
+from radio.statefile import (
     StateStore,
     StationState,
     stations_from_state,
@@ -90,7 +90,7 @@ def test_process_killed_mid_save_keeps_old_file(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import os
-        from radio import state
+        from radio import statefile as state
         real_write = os.write
         def crash(fd, data):
             real_write(fd, bytes(data[: len(data) // 2]))
@@ -122,7 +122,7 @@ def test_corrupt_file_moved_aside_once(tmp_path, caplog, content: bytes, why: st
     path = tmp_path / "state.json"
     path.write_bytes(content)
     store = StateStore(path)
-    with caplog.at_level(logging.ERROR, logger="radio.state"):
+    with caplog.at_level(logging.ERROR, logger="radio.statefile"):
         assert store.load() == {}
     assert not path.exists()
     [aside] = _aside_files(tmp_path)
@@ -145,7 +145,7 @@ def test_unreadable_file_moved_aside(tmp_path, caplog, monkeypatch) -> None:
         monkeypatch.setattr(Path, "read_bytes", denied)
     else:
         path.chmod(0)
-    with caplog.at_level(logging.ERROR, logger="radio.state"):
+    with caplog.at_level(logging.ERROR, logger="radio.statefile"):
         assert StateStore(path).load() == {}
     monkeypatch.undo()
     [line] = [r.getMessage() for r in caplog.records]
@@ -163,7 +163,7 @@ def test_bad_station_record_is_skipped_not_fatal(caplog) -> None:
             "bad": {"prompt": "x", "hls_next_sequence": "seven"},
         }
     }
-    with caplog.at_level(logging.ERROR, logger="radio.state"):
+    with caplog.at_level(logging.ERROR, logger="radio.statefile"):
         out = stations_from_state(state)
     assert out == {"good": StationState(prompt="ambient", hls_next_sequence=7)}
     assert "stations.bad.hls_next_sequence" in caplog.text

@@ -1,9 +1,10 @@
-"""Keeping the radio's live state across restarts, through `radio.state.StateStore`.
+"""What survives a restart: the stations' prompts and history, and HLS numbering.
 
-`load_saved` reads the state file named by `server.state_file` (a bad file is moved aside by
-the store, never fatal); `restore` gives each station back its prompt and history;
-`hls_start_sequence` says where HLS numbering resumes (never on a number a player may have
-seen); `keep_saving` writes a snapshot every few seconds and once more at shutdown.
+Through the state file (`radio.statefile.StateStore`, `server.state_file`): `load_saved` reads it
+(a bad file is moved aside by the store, never fatal); `restore` gives each station back its
+prompt and history; `hls_start_sequence` says where HLS numbering resumes (never on a number a
+player may have seen); `keep_saving` writes a snapshot every few seconds and once more at
+shutdown.
 """
 
 from __future__ import annotations
@@ -11,16 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
-from radio.state import (
-    PromptRecord,
-    StateStore,
-    StationState,
-    stations_from_state,
-    stations_to_state,
-)
-from radio.station import PromptRecord as LivePrompt
+from radio.history import PromptRecord
+from radio.hls_output import HlsOutput
+from radio.statefile import StateStore, StationState, stations_from_state, stations_to_state
+from radio.station import Station
 
 log = logging.getLogger(__name__)
 
@@ -39,43 +37,45 @@ def hls_start_sequence(saved: StationState | None, segment_seconds: float) -> in
     return saved.resume_sequence(time.time(), segment_seconds) if saved is not None else 0
 
 
-def restore(radio: Any, saved: dict[str, StationState]) -> None:
+def restore(stations: Mapping[str, Station], saved: Mapping[str, StationState]) -> None:
     """Put the saved prompt and history back on each station that still exists."""
     for sid, rec in saved.items():
-        st = radio.stations.get(sid)
+        st = stations.get(sid)
         if st is None:
             continue
         st.history.clear()
         for h in rec.history:  # oldest first; the station keeps the newest first
-            st.history.appendleft(LivePrompt(h.prompt, h.at, h.source or "restore"))
+            st.history.appendleft(PromptRecord(h.prompt, h.at, h.source or "restore"))
         st.prompt = rec.prompt
         st.prompt_since = rec.prompt_since if rec.prompt_since is not None else time.time()
         log.info("station %s: restored prompt %r from the state file", sid, st.prompt)
 
 
-def snapshot(radio: Any) -> dict[str, Any]:
+def snapshot(stations: Mapping[str, Station], hls: Mapping[str, HlsOutput]) -> dict[str, Any]:
     now = time.time()
-    stations = {}
-    for sid, st in radio.stations.items():
-        hls = radio.hls.get(sid)
-        stations[sid] = StationState(
+    records = {}
+    for sid, st in stations.items():
+        out = hls.get(sid)
+        records[sid] = StationState(
             prompt=st.prompt,
             prompt_since=st.prompt_since,
-            history=tuple(PromptRecord(r.prompt, r.at, r.source) for r in reversed(st.history)),
-            hls_next_sequence=hls.segmenter.next_sequence if hls is not None else 0,
+            history=tuple(reversed(st.history)),
+            hls_next_sequence=out.segmenter.next_sequence if out is not None else 0,
             saved_at=now,
         )
-    return stations_to_state(stations)
+    return stations_to_state(records)
 
 
-async def keep_saving(radio: Any, store: StateStore) -> None:
+async def keep_saving(
+    store: StateStore, stations: Mapping[str, Station], hls: Mapping[str, HlsOutput]
+) -> None:
     """Save every SAVE_SECONDS and once more when cancelled (shutdown)."""
     failing = False
     try:
         while True:
             await asyncio.sleep(SAVE_SECONDS)
             try:
-                await asyncio.to_thread(store.save, snapshot(radio))
+                await asyncio.to_thread(store.save, snapshot(stations, hls))
                 failing = False
             except OSError as e:
                 if not failing:
@@ -83,6 +83,6 @@ async def keep_saving(radio: Any, store: StateStore) -> None:
                 failing = True
     finally:
         try:
-            store.save(snapshot(radio))
+            store.save(snapshot(stations, hls))
         except OSError as e:
             log.error("cannot write the state file %s at shutdown (%s)", store.path, e)

@@ -6,8 +6,9 @@ the old file or the new one, never half of one. A file that cannot be used (corr
 readable, written by a newer version) is moved aside to `<name>.corrupt-<timestamp>` with one
 clear log line and the radio starts fresh: a bad state file never stops the service.
 
-What goes in is the service's business; `StationState` is a typed record for one station
-(current prompt, prompt history, settings changed live, next HLS media sequence) with
+What goes in is the service's business (`radio.restarts` fills it); `StationState` is a typed
+record for one station (current prompt, prompt history of `radio.history.PromptRecord`,
+settings changed live, next HLS media sequence) with
 `stations_to_state` / `stations_from_state` to put a set of them in and out of the document,
 and `StationState.resume_sequence` to restart HLS numbering where no player can have been.
 
@@ -29,6 +30,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from radio.history import PromptRecord
 
 log = logging.getLogger(__name__)
 
@@ -142,15 +145,6 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-@dataclass(frozen=True)
-class PromptRecord:
-    """One entry of a station's prompt history."""
-
-    prompt: str  # the text ("" = unconditional)
-    at: float  # when it became current, Unix seconds
-    source: str = ""  # who set it, e.g. "config", "listener", "admin"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,103 @@
+"""`Radio`: everything the request handlers and background tasks share, as `app[RADIO]`.
+
+No singletons: `radio.app.init_app` builds one `Radio` per application (tests build theirs the
+same way), and handlers read it from `request.app[RADIO]`. `StationSink` is where the
+generator's results land on the event loop (new PCM, prompt changes applied, errors).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from radio.clock import StationClock
+from radio.config import Config
+from radio.generator import Generator
+from radio.hls_output import HlsOutput
+from radio.icecast import IcecastSource
+from radio.loudness import LoudnessNormalizer
+from radio.middleware import RequestCounts
+from radio.mounts import Mp3Mount
+from radio.quietlog import ClientNoise
+from radio.ratelimit import RateLimiter
+from radio.statefile import StateStore
+from radio.station import Station
+from radio.timing import PromptChange, PromptTimeline
+
+if TYPE_CHECKING:
+    from engine.model import MusicModel
+    from radio.testing import FaultInjector
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Radio:
+    config: Config
+    model: MusicModel  # shared by every station
+    stations: dict[str, Station]
+    generator: Generator  # started by the app's background context
+    timing: dict[str, PromptTimeline]  # station id -> its prompt changes in time
+    loudness: dict[str, LoudnessNormalizer]  # station id -> its loudness stage
+    mp3: dict[str, Mp3Mount]
+    limiter: RateLimiter  # prompt changes per client address
+    client_noise: ClientNoise  # malformed requests aiohttp refused itself (process-wide)
+    store: StateStore | None = None  # when server.state_file is set
+    hls: dict[str, HlsOutput] = field(default_factory=dict)  # when hls.enabled
+    icecast: dict[str, IcecastSource] = field(default_factory=dict)  # [stations.icecast]
+    clocks: dict[str, StationClock] = field(default_factory=dict)  # while running
+    metrics: CollectorRegistry = field(
+        default_factory=lambda: CollectorRegistry(auto_describe=True)
+    )
+    requests: RequestCounts = field(default_factory=RequestCounts)
+    faults: FaultInjector | None = None  # tests only (radio.testing)
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def sample_rate(self) -> int:
+        """The model's (32000)."""
+        return self.model.sample_rate
+
+    @property
+    def channels(self) -> int:
+        return self.model.channels
+
+    @property
+    def hop(self) -> int:
+        """Samples per engine frame (640)."""
+        return self.model.hop
+
+    @property
+    def frame_rate(self) -> int:
+        """Engine frames per second (50)."""
+        return self.model.frame_rate
+
+
+RADIO = web.AppKey("radio", Radio)
+
+
+class StationSink:
+    """The generator's results, applied on the event loop (see `radio.generator`)."""
+
+    def __init__(self, radio: Radio) -> None:
+        self.radio = radio
+
+    def on_pcm(self, station_id: str, start_frame: int, pcm: np.ndarray, rtf: float) -> None:
+        st = self.radio.stations[station_id]
+        st.buffer.append(start_frame * self.radio.hop, pcm)
+        st.health.realtime_factor = rtf
+        st.health.buffer_seconds = len(st.buffer) / self.radio.sample_rate
+
+    def on_prompt_applied(self, station_id: str, change: PromptChange, frame: int) -> None:
+        self.radio.timing[station_id].applied(change, frame)
+
+    def on_error(self, station_id: str, message: str) -> None:
+        st = self.radio.stations[station_id]
+        st.health.error = message
+        log.error("station %s: %s", station_id, message)

@@ -1,0 +1,256 @@
+"""Prompt timing: where a new prompt starts, when it is heard, and which title is on air.
+
+One `PromptTimeline` per station, on the event loop. The API only calls and awaits
+`change()`; the generator reports when the engine took a change (`applied`, through the
+station sink), and the clock reports what it takes from the station's buffer (`taken`) and what
+it hands to the outputs (`released`). The rules, all here:
+
+1. **Start.** A prompt asked for now starts `horizon` seconds after the moment being played
+   (the buffer's head): `generation.prompt_horizon`, or with -1 (auto)
+   `max(MIN_HORIZON, HORIZON_MARGIN * prefill + 2 chunks)`, from the engine's measured prefill,
+   so that the audio after the cut is made before the clock gets there. A change for an
+   instant (`at`, Unix seconds: a schedule boundary) starts at the frame heard at that instant,
+   never sooner than the horizon allows.
+2. **Clamp.** The engine is asked for that frame clamped to what it has made,
+   `[0, stream.frame]`; when it cannot rewind that far (ValueError), it starts where it is now
+   (`start_prompt`, run by the generator's worker thread). The answer is the frame from which
+   the new prompt is heard.
+3. **Cut.** When the engine has taken it, the audio buffered from that frame on is dropped, and
+   the station's prompt and history change (API, SSE `prompt`). A later change that cuts at or
+   before a change not heard yet replaces it: that one is never heard.
+4. **Heard.** The first sample of the new prompt is heard when it leaves the loudness stage.
+   Then the change's latency (from its request) is measured and the on-air title switches: the
+   ICY `StreamTitle` of the MP3 mount and the Icecast source's metadata follow `on_air`.
+5. **Heard in.** The answer to the request says when:
+   `(cut sample - buffer head + output latency) / sample rate` seconds from now.
+
+Samples are numbered at the model rate (frame f begins at sample f * hop); the clock numbers
+what it feeds the loudness stage separately (`fed`), because the bridge plays audio that is not
+in the buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from radio.station import Station
+
+log = logging.getLogger(__name__)
+
+MIN_HORIZON = 0.5  # seconds: the auto horizon never starts a prompt sooner
+HORIZON_MARGIN = 1.5  # the auto horizon leaves this many prefill times for the prefill
+APPLY_TIMEOUT = 15.0  # seconds a change waits for the generator to take it
+
+
+def auto_horizon(prefill_seconds: float, chunk_seconds: float) -> float:
+    """Seconds after the moment being played at which a new prompt can start without the
+    stream falling behind: the prefill (with a margin) and two chunks of generation must fit
+    into the audio still buffered before it."""
+    return max(MIN_HORIZON, HORIZON_MARGIN * prefill_seconds + 2 * chunk_seconds)
+
+
+@dataclass(frozen=True)
+class Horizon:
+    """How far ahead of the moment being played a change starts (`generation.prompt_horizon`)."""
+
+    fixed: float  # seconds; -1 = auto, from the measured prefill
+    chunk_seconds: float  # audio the generator makes per step
+
+    def seconds(self, prefill_seconds: float) -> float:
+        if self.fixed >= 0:
+            return self.fixed
+        return auto_horizon(prefill_seconds, self.chunk_seconds)
+
+
+@dataclass(frozen=True)
+class PromptChange:
+    """A prompt change on its way to the engine and back (the generator carries it)."""
+
+    prompt: str  # the new text ("" = unconditional)
+    source: str  # who asked: "listener", "admin", ... (the history keeps it)
+    from_frame: int  # the frame it should be heard from (rule 1)
+    requested_at: float  # clock seconds (time.monotonic) of the request: its latency's start
+
+    @property
+    def title(self) -> str:
+        """What ICY StreamTitle and Icecast show once it is heard."""
+        return self.prompt
+
+
+@dataclass(frozen=True)
+class Applied:
+    """The engine took a change: the frame it is heard from, and when that will be."""
+
+    frame: int
+    heard_in: float  # seconds from the answer
+    heard_at: float  # Unix seconds
+
+
+class NotRunning(Exception):
+    """The generator is not running: no change can be made."""
+
+
+class PromptStream(Protocol):
+    """What `start_prompt` needs of an engine stream (`engine.AudioStream`)."""
+
+    @property
+    def frame(self) -> int: ...
+
+    def set_prompt(self, text: str, from_frame: int | None = None) -> int: ...
+
+
+def start_prompt(stream: PromptStream, text: str, from_frame: int) -> int:
+    """Rule 2, in the generator's worker thread: hear `text` from `from_frame` clamped to
+    `[0, stream.frame]`, or from `stream.frame` when the engine cannot rewind that far.
+    Returns the frame from which it is heard; other engine errors propagate."""
+    frame = min(max(from_frame, 0), stream.frame)
+    try:
+        return stream.set_prompt(text, from_frame=frame)
+    except ValueError:  # too far back for the engine: start where it is now
+        return stream.set_prompt(text, from_frame=stream.frame)
+
+
+class PromptEngine(Protocol):
+    """What a timeline needs of the generator (`radio.generator.Generator`)."""
+
+    prefill_seconds: float  # a prefill of a whole context, measured (0 before it is)
+
+    @property
+    def alive(self) -> bool: ...
+
+    def set_prompt(self, station_id: str, change: PromptChange) -> asyncio.Future[int]: ...
+
+
+@dataclass(frozen=True)
+class _Cut:
+    sample: int  # the first sample of the new prompt (model rate, buffer numbering)
+    change: PromptChange
+
+
+@dataclass(frozen=True)
+class _Mark:
+    fed: int  # the first sample of the new prompt, in the clock's `fed` numbering + latency
+    change: PromptChange
+
+
+class PromptTimeline:
+    """One station's prompt changes in time (see the module docstring for the rules)."""
+
+    def __init__(
+        self,
+        station: Station,
+        engine: PromptEngine,
+        *,
+        hop: int,
+        sample_rate: int,
+        horizon: Horizon,
+        output_latency: int,
+        clock: Callable[[], float] = time.monotonic,
+        wallclock: Callable[[], float] = time.time,
+        apply_timeout: float = APPLY_TIMEOUT,
+    ) -> None:
+        self.station = station
+        self.engine = engine
+        self.hop = hop
+        self.sample_rate = sample_rate
+        self.horizon = horizon
+        self.output_latency = output_latency  # samples between the clock and the outputs
+        self.clock = clock
+        self.wallclock = wallclock
+        self.apply_timeout = apply_timeout
+        self.on_air = station.prompt  # the title of what listeners hear now
+        self._cuts: list[_Cut] = []  # taken by the engine, not yet taken by the clock
+        self._marks: list[_Mark] = []  # taken by the clock, not yet out of the loudness stage
+        self._title_changed = asyncio.Event()  # set (and replaced) when on_air changes
+
+    # ---- the API ---------------------------------------------------------------------------
+
+    async def change(
+        self,
+        prompt: str,
+        source: str,
+        *,
+        requested_at: float | None = None,
+        at: float | None = None,
+    ) -> Applied:
+        """Play `prompt` as soon as the horizon allows, or from the instant `at` (Unix seconds).
+
+        Returns once the engine has taken it. Raises NotRunning (no generator), TimeoutError
+        (the generator did not take it within `apply_timeout`) or ValueError (the engine
+        refused it)."""
+        requested_at = self.clock() if requested_at is None else requested_at
+        if not self.engine.alive:
+            raise NotRunning("the generator is not running")
+        change = PromptChange(prompt, source, self.start_frame(at), requested_at)
+        answer = self.engine.set_prompt(self.station.id, change)
+        frame = await asyncio.wait_for(asyncio.shield(answer), self.apply_timeout)
+        heard_in = self.heard_in(frame)
+        return Applied(frame, heard_in, self.wallclock() + heard_in)
+
+    def start_frame(self, at: float | None = None) -> int:
+        """Rule 1: the frame a change asked for now (or for the instant `at`) starts at."""
+        head = self.station.buffer.head
+        horizon = self.horizon.seconds(self.engine.prefill_seconds)
+        earliest = -(-head // self.hop) + round(horizon * self.sample_rate / self.hop)
+        if at is None:
+            return earliest
+        sample = head + (at - self.wallclock()) * self.sample_rate - self.output_latency
+        return max(earliest, math.ceil(sample / self.hop))
+
+    def heard_in(self, frame: int) -> float:
+        """Rule 5: seconds from now until frame `frame` leaves the loudness stage."""
+        ahead = max(frame * self.hop - self.station.buffer.head, 0) + self.output_latency
+        return ahead / self.sample_rate
+
+    # ---- reports ---------------------------------------------------------------------------
+
+    def applied(self, change: PromptChange, frame: int) -> None:
+        """Rule 3 (the generator, through the station sink): the engine hears `change` from
+        `frame`. Called in the worker's order, before any PCM of the new prompt arrives."""
+        st = self.station
+        sample = frame * self.hop
+        st.buffer.truncate(sample)
+        self._cuts = [c for c in self._cuts if c.sample < sample] + [_Cut(sample, change)]
+        st.health.prompt_changes += 1
+        st.record_prompt(change.prompt, change.source)
+        log.info(
+            "prompt changed on %s: %r heard in %.1f s", st.id, change.prompt, self.heard_in(frame)
+        )
+
+    def taken(self, head: int, n: int, fed: int) -> None:
+        """The clock took live samples [head, head + n) from the buffer; they are samples
+        [fed, fed + n) of what it feeds the loudness stage."""
+        while self._cuts and n > 0 and self._cuts[0].sample < head + n:
+            cut = self._cuts.pop(0)
+            # a cut inside audio already played: all live audio taken since is new
+            offset = max(cut.sample - head, 0)
+            self._marks.append(_Mark(fed + offset + self.output_latency, cut.change))
+
+    def released(self, fed: int) -> None:
+        """The clock has fed the loudness stage `fed` samples: rule 4 for what left it."""
+        while self._marks and self._marks[0].fed < fed:
+            self._heard(self._marks.pop(0).change)
+
+    def _heard(self, change: PromptChange) -> None:
+        latency = self.clock() - change.requested_at
+        self.station.health.prompt_latency_seconds = latency
+        self.on_air = change.title
+        self._title_changed.set()
+        self._title_changed = asyncio.Event()  # for the next change
+        log.info("prompt change on %s: heard %.2f s after it was sent", self.station.id, latency)
+
+    # ---- the title -------------------------------------------------------------------------
+
+    async def titles(self) -> AsyncIterator[str]:
+        """The on-air title now, then each time it changes (the latest one when several
+        changed meanwhile), until cancelled."""
+        while True:
+            changed = self._title_changed  # set at the next change, even while we yield
+            yield self.on_air
+            await changed.wait()

@@ -1,0 +1,191 @@
+"""The station clock driven by a fake clock: it releases exactly what wall-clock time says, skips
+after a stall instead of bursting, plays a bridge (never silence) when the buffer runs dry and
+leaves it once generation is fast again, and a prompt change's title switches in the very
+release that carries its first sample out of the loudness stage."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import numpy as np
+import pytest
+
+from engine.options import SamplingOptions
+from radio.clock import BRIDGE_GAIN, TICK, StationClock
+from radio.config import StationConfig
+from radio.station import Station
+from radio.timing import Horizon, PromptChange, PromptTimeline
+
+RATE, HOP = 32000, 640
+LATENCY = 6400  # the fake loudness stage's delay, as the real one's (two 100 ms blocks)
+
+
+class DelayLine:
+    """A stand-in for the loudness stage: the same samples, LATENCY samples late."""
+
+    def __init__(self) -> None:
+        self._held = np.zeros((1, LATENCY), np.float32)
+
+    def __call__(self, pcm: np.ndarray) -> np.ndarray:
+        joined = np.concatenate([self._held, pcm], axis=1)
+        self._held = joined[:, pcm.shape[1] :]
+        return joined[:, : pcm.shape[1]]
+
+
+class Recorder:
+    """An output (MP3 mount, HLS) that keeps what it was given."""
+
+    def __init__(self) -> None:
+        self.blocks: list[np.ndarray] = []
+
+    def push(self, pcm: np.ndarray, wallclock: datetime) -> None:
+        self.blocks.append(pcm.copy())
+
+    @property
+    def audio(self) -> np.ndarray:
+        return np.concatenate(self.blocks, axis=1)
+
+
+class NoEngine:
+    alive = True
+    prefill_seconds = 0.0
+
+    def set_prompt(self, station_id, change):  # pragma: no cover - not used here
+        raise AssertionError("the clock never asks the engine")
+
+
+class Rig:
+    """A station with a buffer, its timeline, and its clock on a fake time."""
+
+    def __init__(self, buffered: float = 2.0, prime: float = 1.0, full: float = 3.8) -> None:
+        self.station = Station(StationConfig(), 0, 1, SamplingOptions())
+        self.station.record_prompt("old", "config")
+        self.now = 0.0
+        self.timeline = PromptTimeline(
+            self.station,
+            NoEngine(),
+            hop=HOP,
+            sample_rate=RATE,
+            horizon=Horizon(0.5, 0.2),
+            output_latency=LATENCY,
+            clock=lambda: self.now,
+        )
+        self.out = Recorder()
+        self.played: list[int] = []
+        self.clock = StationClock(
+            self.station,
+            RATE,
+            HOP,
+            [self.out],
+            process=DelayLine(),
+            timeline=self.timeline,
+            on_played=self.played.append,
+            prime_seconds=prime,
+            recover_seconds=prime,
+            full_seconds=full,
+            clock=lambda: self.now,
+        )
+        self.tail = 0
+        self.generate(buffered, value=1.0)
+
+    def generate(self, seconds: float, value: float) -> None:
+        n = round(seconds * RATE)
+        self.station.buffer.append(self.tail, np.full((1, n), value, np.float32))
+        self.tail += n
+
+    def run(self, until: float, step: float = TICK) -> None:
+        while self.now < until - 1e-9:
+            self.now = round(self.now + step, 9)
+            self.clock.tick(self.now)
+
+    @property
+    def released(self) -> int:
+        return sum(b.shape[1] for b in self.out.blocks)
+
+
+def test_releases_exactly_what_the_time_says():
+    rig = Rig()
+    assert rig.clock.primed()
+    rig.clock.start(0.0)
+    assert rig.station.health.started
+    next_at = rig.clock.tick(0.1)
+    assert rig.released == 3200 and next_at == pytest.approx(0.2)
+    for t in (0.13, 0.37, 0.38, 0.999):  # late, early, irregular ticks: no drift
+        rig.now = t
+        rig.clock.tick(t)
+        assert rig.released == int(t * RATE)
+    assert rig.played[-1] == int(0.999 * RATE) // HOP  # the generator hears how far we are
+    assert rig.station.health.last_tick == 0.999
+
+
+def test_after_a_stall_the_clock_skips_instead_of_bursting():
+    rig = Rig(buffered=3.0)
+    rig.clock.start(0.0)
+    rig.clock.tick(0.5)
+    assert rig.released == 16000
+    next_at = rig.clock.tick(3.0)  # the loop was stalled 2.5 s: nothing released at once
+    assert rig.released == 16000 and next_at == pytest.approx(3.0 + TICK)
+    rig.clock.tick(3.2)
+    assert rig.released == 16000 + 6400  # and the pace goes on from there
+
+
+def test_an_empty_buffer_plays_a_bridge_then_live_audio_again():
+    rig = Rig(buffered=1.5)
+    rig.clock.start(0.0)
+    rig.run(1.5)
+    health = rig.station.health
+    assert health.underruns == 0 and not health.bridging
+    rig.run(2.0)  # the buffer ran dry at 1.5 s
+    assert health.underruns == 1 and health.bridging
+    assert rig.released == 2 * RATE  # never short: the bridge filled the gap
+    out = rig.out.audio[0, LATENCY:]  # out[i]: input sample i, out of the loudness stage
+    assert out[:48000].min() == 1.0  # live audio up to 1.5 s
+    # then recent audio, 4 dB quieter (after a 50 ms fade-in): a lull, not silence
+    assert np.allclose(out[49600:], BRIDGE_GAIN, atol=1e-6) and len(out[49600:]) > 0
+    # generation is slow: past recover_seconds, but growing slower than real time: stay
+    for _ in range(30):
+        rig.generate(0.05, value=1.0)
+        rig.run(rig.now + TICK)
+    assert health.bridging and len(rig.station.buffer) == 1.5 * RATE
+    # fast again: it grows faster than real time over GROWTH_WINDOW: back to live audio
+    for _ in range(5):
+        rig.generate(0.2, value=1.0)
+        rig.run(rig.now + TICK)
+        if not health.bridging:
+            break
+    assert not health.bridging and health.underruns == 1
+    assert rig.now == pytest.approx(2.0 + 3.0 + 0.2)  # the second fast tick
+    assert health.bridge_seconds == pytest.approx(rig.now - 1.6)
+
+
+def test_a_full_buffer_ends_the_bridge_however_slow_generation_is():
+    rig = Rig(buffered=1.0, full=2.0)
+    rig.clock.start(0.0)
+    rig.run(1.3)
+    assert rig.station.health.bridging
+    rig.generate(2.5, value=1.0)  # all at once, then nothing more: no growth to measure
+    rig.run(rig.now + TICK)
+    assert not rig.station.health.bridging
+
+
+def test_the_title_switches_with_the_first_new_sample_out_of_the_loudness_stage():
+    rig = Rig(buffered=3.0)
+    st, tl = rig.station, rig.timeline
+    rig.clock.start(0.0)
+    rig.run(0.5)
+    # the engine took a change at frame 50 (sample 32000), asked for at t = 0.45
+    tl.applied(PromptChange("new", "admin", 50, requested_at=0.45), 50)
+    rig.tail = 50 * HOP
+    rig.generate(2.0, value=2.0)  # the new prompt's audio
+    titles = []
+    while rig.now < 2.0:
+        rig.run(rig.now + TICK)
+        titles.append((rig.now, tl.on_air, rig.out.blocks[-1].max()))
+    # the first output block that holds new audio (2.0) is the one after which the title is
+    # "new"; every block before it has old audio only and the old title
+    first_new = next(i for i, (_, _, peak) in enumerate(titles) if peak == 2.0)
+    assert all(title == "old" for _, title, _ in titles[:first_new])
+    assert all(title == "new" for _, title, _ in titles[first_new:])
+    heard_at = titles[first_new][0]
+    assert heard_at == pytest.approx((32000 + LATENCY) / RATE + TICK, abs=1e-9)  # 1.3 s
+    assert st.health.prompt_latency_seconds == pytest.approx(heard_at - 0.45)

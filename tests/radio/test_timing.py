@@ -1,0 +1,268 @@
+"""Prompt timing with a fake clock and a fake generator: where a change starts (horizon, auto
+horizon, an instant), the engine's clamp and retry, the cut, when it is heard (and only then the
+title), what the answer promises, and a change that replaces one not heard yet."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from engine.options import SamplingOptions
+from radio.config import StationConfig
+from radio.station import Station
+from radio.timing import (
+    Horizon,
+    NotRunning,
+    PromptChange,
+    PromptTimeline,
+    auto_horizon,
+    start_prompt,
+)
+
+RATE, HOP = 32000, 640  # 50 frames per second
+LATENCY = 6400  # samples between the clock and the outputs (the loudness stage: 0.2 s)
+WALL = 1_700_000_000.0  # Unix time when the fake clock reads 0
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def wall(self) -> float:
+        return WALL + self.t
+
+
+class FakeEngine:
+    """A generator that takes each change when the test says so (`take`)."""
+
+    def __init__(self) -> None:
+        self.alive = True
+        self.prefill_seconds = 0.01
+        self.asked: list[tuple[str, PromptChange, asyncio.Future[int]]] = []
+
+    def set_prompt(self, station_id: str, change: PromptChange) -> asyncio.Future[int]:
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.asked.append((station_id, change, fut))
+        return fut
+
+    def take(self, timeline: PromptTimeline, frame: int | None = None) -> PromptChange:
+        """As the worker does: report the change (the sink), then answer the future."""
+        _, change, fut = self.asked.pop(0)
+        frame = change.from_frame if frame is None else frame
+        timeline.applied(change, frame)
+        fut.set_result(frame)
+        return change
+
+
+def station(prompt: str = "old") -> Station:
+    st = Station(StationConfig(), 0, 1, SamplingOptions())
+    st.record_prompt(prompt, "config")
+    return st
+
+
+def timeline(st: Station, engine: FakeEngine, clock: FakeClock, fixed: float = -1.0):
+    return PromptTimeline(
+        st,
+        engine,
+        hop=HOP,
+        sample_rate=RATE,
+        horizon=Horizon(fixed, chunk_seconds=0.2),
+        output_latency=LATENCY,
+        clock=clock,
+        wallclock=clock.wall,
+        apply_timeout=0.2,
+    )
+
+
+def fill(st: Station, start: int, n: int, value: float) -> None:
+    st.buffer.append(start, np.full((1, n), value, np.float32))
+
+
+def test_auto_horizon_covers_the_measured_prefill():
+    assert auto_horizon(0.01, 0.2) == 0.5  # a fast prefill (GPU, tiny model): the minimum
+    assert auto_horizon(1.2, 0.2) == 1.5 * 1.2 + 0.4  # musicgen-small on a CPU, int8
+    assert Horizon(0.0, 0.2).seconds(5.0) == 0.0  # a fixed horizon ignores the prefill
+    assert Horizon(-1, 0.2).seconds(1.2) == auto_horizon(1.2, 0.2)
+
+
+def test_a_change_starts_a_horizon_after_the_moment_being_played():
+    st, engine, clock = station(), FakeEngine(), FakeClock()
+    fill(st, 0, 5 * RATE, 1.0)
+    st.buffer.take(RATE + 100)  # head: sample 32100, inside frame 50
+    tl = timeline(st, engine, clock, fixed=1.0)
+    assert tl.start_frame() == 51 + 50  # the next whole frame, plus 1 s
+    tl = timeline(st, engine, clock)  # auto: the tiny model's prefill gives the minimum
+    assert tl.start_frame() == 51 + 25
+    engine.prefill_seconds = 1.2  # a slow prefill moves it later: 1.5 x 1.2 + 2 x 0.2 s
+    assert tl.start_frame() == 51 + 110
+
+
+def test_a_change_for_an_instant_starts_at_the_frame_heard_then():
+    st, engine, clock = station(), FakeEngine(), FakeClock()
+    fill(st, 0, 5 * RATE, 1.0)
+    st.buffer.take(RATE)  # head: frame 50, being played now
+    tl = timeline(st, engine, clock, fixed=0.5)
+    # heard 3 s from now: 3 s of samples past the head, less what the loudness stage holds
+    assert tl.start_frame(at=WALL + 3.0) == (RATE + 3 * RATE - LATENCY) // HOP  # frame 190
+    assert tl.heard_in(190) == pytest.approx(3.0)
+    # an instant the horizon cannot reach (now, or past): as soon as the horizon allows
+    assert tl.start_frame(at=WALL + 0.1) == tl.start_frame() == 50 + 25
+    assert tl.start_frame(at=WALL - 60) == 75
+
+
+async def test_the_answer_says_when_the_change_is_heard():
+    st, engine, clock = station(), FakeEngine(), FakeClock()
+    fill(st, 0, 4 * RATE, 1.0)
+    st.buffer.take(RATE)  # 3 s buffered ahead of the clock
+    tl = timeline(st, engine, clock)
+    clock.t = 10.0
+    task = asyncio.create_task(tl.change("new", "listener", requested_at=9.5))
+    await asyncio.sleep(0)
+    [(sid, change, _)] = engine.asked
+    assert (sid, change) == ("main", PromptChange("new", "listener", 50 + 25, 9.5))
+    engine.take(tl)
+    applied = await task
+    heard_in = (75 * HOP - RATE + LATENCY) / RATE  # 0.5 s of buffer + 0.2 s of loudness
+    assert (applied.frame, applied.heard_in) == (75, pytest.approx(heard_in))
+    assert applied.heard_at == pytest.approx(WALL + 10.0 + heard_in)
+
+
+async def test_the_cut_changes_the_prompt_but_the_title_waits_until_heard():
+    st, engine, clock = station(), FakeEngine(), FakeClock()
+    fill(st, 0, 4 * RATE, 1.0)
+    tl = timeline(st, engine, clock, fixed=0.5)
+    events = st.events.subscribe()
+    titles = tl.titles()
+    assert await anext(titles) == "old"
+    task = asyncio.create_task(tl.change("new", "admin"))
+    await asyncio.sleep(0)
+    engine.take(tl)
+    frame = (await task).frame
+    assert frame == 25
+    # the cut: old audio from the new prompt's first sample on is gone; prompt and history
+    # change at once (API, SSE)
+    assert st.buffer.tail == 25 * HOP and st.prompt == "new" and st.health.prompt_changes == 1
+    assert [(r.prompt, r.source) for r in st.history] == [("new", "admin"), ("old", "config")]
+    assert events.get_nowait()[0] == "prompt"
+    # ... but listeners still hear the old prompt: the title waits
+    assert tl.on_air == "old" and st.health.prompt_latency_seconds is None
+    fill(st, 25 * HOP, RATE, 2.0)  # the new prompt's audio
+
+    # the clock takes [0, 16000) and later [16000, 19200): the cut (16000) is in the second
+    tl.taken(0, 16000, fed=0)
+    tl.released(16000)
+    tl.taken(16000, 3200, fed=16000)
+    tl.released(19200)
+    assert tl.on_air == "old"  # taken, but still inside the loudness stage (0.2 s)
+    clock.t = 0.9
+    tl.released(16000 + LATENCY)  # sample 16000 + LATENCY - 1 left: not the first new one yet
+    assert tl.on_air == "old"
+    next_title = asyncio.create_task(anext(titles))
+    tl.released(16000 + LATENCY + 1)  # now it has left
+    assert tl.on_air == "new" and st.health.prompt_latency_seconds == pytest.approx(0.9)
+    assert await asyncio.wait_for(next_title, 1) == "new"
+
+
+async def test_a_change_that_cuts_before_one_not_heard_yet_replaces_it():
+    st, engine, clock = station(), FakeEngine(), FakeClock()
+    fill(st, 0, 4 * RATE, 1.0)
+    tl = timeline(st, engine, clock, fixed=1.0)
+    first = asyncio.create_task(tl.change("first", "listener"))
+    await asyncio.sleep(0)
+    engine.take(tl)  # cut at frame 50
+    await first
+    second = asyncio.create_task(tl.change("second", "listener"))
+    await asyncio.sleep(0)
+    engine.take(tl, frame=40)  # the engine cut earlier: the first change is never heard
+    await second
+    tl.taken(0, 2 * RATE, fed=0)
+    tl.released(2 * RATE + LATENCY)
+    assert tl.on_air == "second"
+    # a later cut than a pending one leaves that one in place: both are heard, in order
+    third = asyncio.create_task(tl.change("third", "listener"))
+    await asyncio.sleep(0)
+    engine.take(tl, frame=120)
+    await third
+    fourth = asyncio.create_task(tl.change("fourth", "listener"))
+    await asyncio.sleep(0)
+    engine.take(tl, frame=130)
+    await fourth
+    heard = []
+    fed = 2 * RATE
+    for head in range(2 * RATE, 150 * HOP, 640):
+        tl.taken(head, 640, fed)
+        fed += 640
+        tl.released(fed)
+        if not heard or heard[-1] != tl.on_air:
+            heard.append(tl.on_air)
+    assert heard == ["second", "third", "fourth"]
+
+
+async def test_a_cut_inside_audio_already_played_is_heard_with_the_next_live_audio():
+    st, engine, clock = station(), FakeEngine(), FakeClock()
+    fill(st, 0, RATE, 1.0)
+    st.buffer.take(RATE)  # everything played: head 32000
+    tl = timeline(st, engine, clock, fixed=0.0)
+    task = asyncio.create_task(tl.change("new", "admin"))
+    await asyncio.sleep(0)
+    engine.take(tl, frame=40)  # sample 25600, before the head
+    await task
+    tl.taken(RATE, 0, fed=100)  # nothing live (a bridge plays): not heard
+    tl.released(100 + LATENCY + 1)
+    assert tl.on_air == "old"
+    tl.taken(RATE, 500, fed=200)
+    tl.released(200 + LATENCY + 1)
+    assert tl.on_air == "new"
+
+
+async def test_refusals_reach_the_caller():
+    st, engine, clock = station(), FakeEngine(), FakeClock()
+    tl = timeline(st, engine, clock)
+    engine.alive = False
+    with pytest.raises(NotRunning):
+        await tl.change("x", "listener")
+    engine.alive = True
+    with pytest.raises(TimeoutError):  # the generator never answers (apply_timeout 0.2 s)
+        await tl.change("x", "listener")
+    task = asyncio.create_task(tl.change("x", "listener"))
+    await asyncio.sleep(0)
+    engine.asked[-1][2].set_exception(ValueError("bad prompt"))
+    with pytest.raises(ValueError, match="bad prompt"):
+        await task
+    assert st.prompt == "old" and st.health.prompt_changes == 0
+
+
+class FakeStream:
+    """An engine stream that can rewind at most to frame `floor`."""
+
+    def __init__(self, frame: int, floor: int) -> None:
+        self.frame, self.floor = frame, floor
+        self.asked: list[int] = []
+
+    def set_prompt(self, text: str, from_frame: int | None = None) -> int:
+        assert from_frame is not None
+        self.asked.append(from_frame)
+        if text == "boom":
+            raise RuntimeError("the engine broke")
+        if from_frame < self.floor:
+            raise ValueError(f"from_frame {from_frame} is too far back")
+        self.frame = min(self.frame, from_frame)
+        return from_frame
+
+
+def test_the_engine_is_asked_for_what_it_can_do():
+    stream = FakeStream(frame=100, floor=60)
+    assert start_prompt(stream, "a", 80) == 80 and stream.asked == [80]  # within reach
+    stream = FakeStream(frame=100, floor=60)
+    assert start_prompt(stream, "a", 150) == 100  # beyond what it made: from where it is
+    stream = FakeStream(frame=100, floor=60)
+    assert start_prompt(stream, "a", 20) == 100 and stream.asked == [20, 100]  # too far back
+    stream = FakeStream(frame=100, floor=0)
+    assert start_prompt(stream, "a", -5) == 0  # never before the stream began
+    with pytest.raises(RuntimeError, match="broke"):
+        start_prompt(FakeStream(100, 0), "boom", 80)
