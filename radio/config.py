@@ -21,7 +21,7 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.blend import Blend
 from engine.options import LoadOptions, SamplingOptions, WindowOptions
@@ -32,6 +32,9 @@ from radio.programme.options import (
     check_station,
     parse_rate_limit,
 )
+
+if TYPE_CHECKING:
+    from engine.clip import ClipLimits
 
 ADMIN_TOKEN_ENV = "RADIO_ADMIN_TOKEN"
 _STATION_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
@@ -214,6 +217,33 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True)
+class ClipsConfig:
+    """`[clips]`: seeding a station from an uploaded audio clip (admin only, `radio.uploads`)."""
+
+    max_bytes: int = 20_000_000  # largest upload, bytes (30 s of 48 kHz stereo float: 11.5 MB)
+    max_seconds: float = 30.0  # longest clip, seconds; at most 30 (MusicGen's training length)
+    min_seconds: float = 1.0  # shortest clip, seconds
+    max_decode_seconds: float = 10.0  # CPU time decoding one file may take (30 s of MP3: ~0.1 s)
+    silence_dbfs: float = -60.0  # a clip whose peak is below this level is refused as silent
+
+    def validate(self) -> None:
+        if not 1024 <= self.max_bytes <= 500_000_000:
+            raise ValueError(f"max_bytes: must be in [1024, 500000000], got {self.max_bytes}")
+        self.limits()
+
+    def limits(self) -> ClipLimits:
+        from engine.clip import ClipLimits  # PyAV: imported when a clip is first needed
+
+        return ClipLimits(
+            max_bytes=self.max_bytes,
+            max_seconds=self.max_seconds,
+            min_seconds=self.min_seconds,
+            max_decode_seconds=self.max_decode_seconds,
+            silence_dbfs=self.silence_dbfs,
+        ).validate()
+
+
+@dataclass(frozen=True)
 class IcecastConfig:
     """`[stations.icecast]`: also push this station to an Icecast2 server as a source."""
 
@@ -291,6 +321,7 @@ class Config:
     audio: AudioConfig = field(default_factory=AudioConfig)
     hls: HlsConfig = field(default_factory=HlsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    clips: ClipsConfig = field(default_factory=ClipsConfig)
     stations: tuple[StationConfig, ...] = (StationConfig(),)
 
     def station(self, station_id: str) -> StationConfig:

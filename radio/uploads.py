@@ -37,7 +37,8 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 
-from engine.clip import Clip, ClipError, ClipLimits
+from engine.clip import Clip, ClipError
+from radio.config import ClipsConfig
 from radio.middleware import ApiError
 
 RAW_TYPES = ("application/ogg", "application/octet-stream")  # raw bodies besides audio/*
@@ -47,31 +48,6 @@ FORM_SLACK = 64 * 1024  # multipart bytes allowed beyond max_bytes (boundaries, 
 CHUNK = 64 * 1024  # bytes read at a time
 ENCODE_NICE = 10  # CPU priority of the clip's thread, below the generator's
 STATUS = {"too_big": 413, "not_audio": 415}  # ClipError code -> HTTP status; the rest: 422
-
-
-@dataclass(frozen=True)
-class ClipsConfig:
-    """`[clips]`: seeding a station from an uploaded audio clip (admin only)."""
-
-    max_bytes: int = 20_000_000  # largest upload, bytes (30 s of 48 kHz stereo float: 11.5 MB)
-    max_seconds: float = 30.0  # longest clip, seconds; at most 30 (MusicGen's training length)
-    min_seconds: float = 1.0  # shortest clip, seconds
-    max_decode_seconds: float = 10.0  # CPU time decoding one file may take (30 s of MP3: ~0.1 s)
-    silence_dbfs: float = -60.0  # a clip whose peak is below this level is refused as silent
-
-    def validate(self) -> None:
-        if not 1024 <= self.max_bytes <= 500_000_000:
-            raise ValueError(f"max_bytes: must be in [1024, 500000000], got {self.max_bytes}")
-        self.limits()
-
-    def limits(self) -> ClipLimits:
-        return ClipLimits(
-            max_bytes=self.max_bytes,
-            max_seconds=self.max_seconds,
-            min_seconds=self.min_seconds,
-            max_decode_seconds=self.max_decode_seconds,
-            silence_dbfs=self.silence_dbfs,
-        ).validate()
 
 
 @dataclass(frozen=True)

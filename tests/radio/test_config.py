@@ -19,7 +19,7 @@ def test_config_toml_lists_every_key_with_its_default():
     with open(REPO / "config.toml", "rb") as f:
         data = tomllib.load(f)
     defaults = Config()
-    for section in ("server", "model", "generation", "audio", "hls", "security"):
+    for section in ("server", "model", "generation", "audio", "hls", "security", "clips"):
         obj = getattr(defaults, section)
         keys = {f.name for f in dataclasses.fields(obj)}
         assert set(data[section]) == keys, (
@@ -62,6 +62,10 @@ def test_every_key_has_a_comment():
         ({"model": {"compile": "graphs", "device": "cpu"}}, "model.compile: graphs need a CUDA"),
         ({"security": {"prompt_rate_limit": "many"}}, "security.prompt_rate_limit"),
         ({"security": {"admin_token": "short"}}, "security.admin_token"),
+        ({"clips": {"max_seconds": 45}}, "clips.max_seconds: must be in (0, 30], got 45.0"),
+        ({"clips": {"max_bytes": 10}}, "clips.max_bytes: must be in [1024, 500000000], got 10"),
+        ({"clips": {"min_seconds": 0.0}}, "clips.min_seconds"),
+        ({"clips": {"silence_dbfs": 3.0}}, "clips.silence_dbfs"),
         ({"stations": []}, "stations: at least one"),
         ({"stations": [{"id": "Main Room"}]}, "stations[0].id"),
         ({"stations": [{"id": "a"}, {"id": "a"}]}, "stations[1].id: 'a' is used twice"),
