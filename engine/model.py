@@ -4,6 +4,7 @@
     stream = model.open_stream("slow rainy-day jazz")
     pcm = stream.read(50)                      # [channels, 50 * 640] float32: one second
     stream.set_prompt("fast drum and bass", from_frame=stream.frame)
+    stream.seed(model.encode_clip(data).tokens, "jazz")  # go on from an uploaded clip
     a, b = model.open_streams(["jazz", "rock"])  # stations sharing every decoder step
     pcm_a, pcm_b = read_together([a, b], 10)   # ... and one batched codec decode
 
@@ -253,6 +254,27 @@ class AudioStream:
         heard = self.tokens.set_prompt(self.model.encode_prompt(text), frame)
         log.debug("prompt change prefill took %.3f s", time.perf_counter() - began)
         self.prompt = text
+        self.frame = min(self.frame, heard)
+        return heard
+
+    @torch.inference_mode()
+    def seed(
+        self, tokens: torch.Tensor, prompt: str | None = None, from_frame: int | None = None
+    ) -> int:
+        """Continue from `from_frame` (default: the next frame read) as if the music before it
+        were `tokens` [K, T] (`MusicModel.encode_clip(...).tokens`), with `prompt` (None: the
+        current one): audiocraft's `generate_continuation` in a running stream. What was heard
+        stays heard; frames before the returned one can no longer be rewound to."""
+        frame = self.frame if from_frame is None else from_frame
+        if frame < self.frame - REWIND_FRAMES:
+            raise ValueError(
+                f"from_frame {frame} is more than {REWIND_FRAMES} frames before the stream "
+                f"position {self.frame}"
+            )
+        condition = None if prompt is None else self.model.encode_prompt(prompt)
+        heard = self.tokens.seed(tokens, condition, frame)
+        if prompt is not None:
+            self.prompt = prompt
         self.frame = min(self.frame, heard)
         return heard
 

@@ -5,7 +5,8 @@ with the KV cache. The sinusoidal position table is finite (2048) and training c
 so when a window is full the stream restarts positions at 0 and re-prefills the last `context`
 frames as a prompt: `generate_continuation` on tokens, the same as passing them to the
 reference's `generate(decoder_input_ids=...)`. No audio is re-encoded, so nothing is lost at a
-join. A prompt change is the same continuation with new text, from a chosen frame.
+join. A prompt change is the same continuation with new text, from a chosen frame. A seed
+(`seed`) is one whose context is given tokens (an uploaded clip) instead of the frames before.
 
 Frames are numbered from the start of the stream. `history()` holds the last frames (enough for
 rewinds, re-prefills and the codec's left context); older ones are forgotten, so memory is flat.
@@ -67,6 +68,11 @@ class TokenStream:
         self._cache = None
         self._batch = batch
         self._static = StaticStep(decoder, compile) if compile != "none" and batch is None else None
+        # A seed: the decoder's context is `_seed` [K, S] followed by the frames from `_seed_at`
+        # on, until `context` frames have been made after it; no rewind before `_floor`.
+        self._seed: torch.Tensor | None = None
+        self._seed_at = 0
+        self._floor = 0
         # A batched stream always keeps its null row: the batch's shape never changes.
         self._guided = batch is not None or sampling.guidance_scale > 1.0
         start = prompt_frames if prompt_frames is not None else self._history
@@ -109,6 +115,27 @@ class TokenStream:
         return from_frame
 
     @torch.inference_mode()
+    def seed(self, frames: torch.Tensor, condition: TextCondition | None, from_frame: int) -> int:
+        """Continue from `from_frame` as if the frames before it were `frames` [K, S] (a clip's
+        tokens), with `condition` (None: the current one). The frames already made before
+        `from_frame` stay in `history()` (the codec decodes what was heard); only the decoder's
+        context changes, as `generate(decoder_input_ids=frames)` would continue. Frames before
+        `from_frame` can no longer be rewound to. Returns `from_frame`."""
+        if frames.ndim != 2 or frames.shape[0] != self.num_codebooks or frames.shape[1] < 1:
+            raise ValueError(
+                f"seed frames must be [{self.num_codebooks}, T >= 1], got {list(frames.shape)}"
+            )
+        self._check_rewind(from_frame)
+        self.generate_until(from_frame)
+        self._truncate(from_frame)
+        self._seed = frames.to(torch.long).cpu().clone()
+        self._seed_at = self._floor = from_frame
+        if condition is not None:
+            self.condition = condition
+        self._start_window()
+        return from_frame
+
+    @torch.inference_mode()
     def set_sampling(self, sampling: SamplingOptions, from_frame: int | None = None) -> None:
         """Change sampling settings. Turning guidance on or off changes the batch, which takes a
         continuation from `from_frame` (default: the last complete frame)."""
@@ -135,6 +162,10 @@ class TokenStream:
         return generator
 
     def _check_rewind(self, frame: int) -> None:
+        if frame < self._floor:
+            raise ValueError(
+                f"from_frame {frame} is too far back: the stream was seeded at frame {self._floor}"
+            )
         if frame < max(self._offset, 0):
             raise ValueError(
                 f"from_frame {frame} is too far back: frames before {self._offset} are no longer kept"
@@ -143,11 +174,21 @@ class TokenStream:
     def _truncate(self, frame: int) -> None:
         self._history = self._history[:, : max(0, frame - self._offset)]
 
+    def _context(self) -> torch.Tensor:
+        """[K, <= context] the frames a new window continues from: the last `context` frames,
+        or after a seed the seed's frames followed by those made since."""
+        frames = self._history
+        if self._seed is not None:
+            made = frames[:, self._seed_at - self._offset :]
+            if made.shape[1] >= self.window.context:
+                self._seed = None  # the seed has left the context
+            else:
+                frames = torch.cat([self._seed, made], dim=1)
+        return frames[:, -self.window.context :] if frames.shape[1] else frames
+
     def _start_window(self) -> None:
         """Re-prefill: positions restart at 0 with the last `context` frames as the prompt."""
-        context = (
-            self._history[:, -self.window.context :] if self._history.shape[1] else self._history
-        )
+        context = self._context()
         self._context_len = context.shape[1]
         rows = 2 if self._guided else 1
         positions = self.window.window

@@ -156,6 +156,40 @@ def test_continuation_from_a_clip_equals_reference_generate(which, name, request
     assert frames - clip.frames >= 90
 
 
+@pytest.mark.parametrize("batched", [False, True])
+@torch.inference_mode()
+def test_a_running_stream_seeded_from_a_clip_continues_like_reference_generate(mono, batched):
+    """`AudioStream.seed(clip.tokens, prompt, from_frame)` in the middle of a stream (alone, and
+    as one station of a batch): the frames heard before stay; from `from_frame` on the stream
+    writes what `generate` writes given the clip's tokens as `decoder_input_ids` (greedy);
+    rewinding before the seed is refused."""
+    ours, hf, processor = mono
+    clip = ours.encode_clip(make_file("wav-44k-stereo"))
+    steps = 60
+    reference = reference_tokens(hf, processor, PROMPT, steps, 3.0, prompt_frames=clip.tokens)
+    sampling = SamplingOptions(greedy=True, guidance_scale=3.0)
+    if batched:
+        stream, _ = ours.open_streams(["fast drum and bass", "harp"], [sampling] * 2)
+    else:
+        stream = ours.open_stream("fast drum and bass", sampling)
+    stream.read(40)
+    before = stream.tokens.history()[0][:, :30].clone()
+    assert stream.seed(clip.tokens, PROMPT, from_frame=30) == 30  # a rewind of 10 frames
+    assert stream.frame == 30 and stream.prompt == PROMPT
+    made = _comparable_frames(steps, hf) - 1
+    stream.read(made)
+    tokens, offset = stream.tokens.history()
+    assert offset == 0 and torch.equal(tokens[:, :30], before)
+    continued = tokens[:, 30 : 30 + made]
+    expected = reference[:, clip.frames : clip.frames + made]
+    mismatch = (continued != expected).nonzero()
+    assert mismatch.numel() == 0, f"first mismatch (codebook, frame): {mismatch[0].tolist()}"
+    with pytest.raises(ValueError, match="seeded at frame 30"):
+        stream.set_prompt("anything", from_frame=29)
+    with pytest.raises(ValueError, match=r"seed frames must be \[4, T >= 1\]"):
+        stream.seed(clip.tokens[:2], None)
+
+
 def test_a_single_thread_encode_makes_no_openmp_team_and_leaves_others_alone(mono):
     """`encode_clip(single_thread=True)` in a worker thread: that thread runs torch on one
     thread (no OpenMP workers created), the same tokens come out, and the count is restored."""
