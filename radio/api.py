@@ -1,11 +1,9 @@
-"""The JSON API: now playing, live prompt changes, admin settings, health.
+"""The JSON API: now playing, admin settings, health.
 
-- `GET /api/stations`, `GET /api/stations/{id}`: name, prompt and since when, history, listener
-  counts, absolute stream URLs, generation health.
-- `POST /api/stations/{id}/prompt` `{"prompt": "..."}`: open to listeners, limited per client
-  address (`security.prompt_rate_limit`); `Authorization: Bearer <admin_token>` lifts the limit.
-  The station's `PromptTimeline` places the change (`radio.timing`); 202 says when it will be
-  heard.
+- `GET /api/stations`, `GET /api/stations/{id}`: name, prompt (and blend) and since when,
+  history, listener counts, absolute stream URLs, generation health, and the `programme` (what
+  plays and why, a transition, what comes next, today's schedule, the queue with votes).
+- Prompts, suggestions, votes, skips, pins, schedules and clips: `radio.programme_api`.
 - `POST /api/stations/{id}/sampling` `{"temperature": 0.9, ...}`: admin only.
 - `GET /healthz`: 200 when every station plays, 503 (with the reason) otherwise.
 
@@ -18,21 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import math
 import re
 import time
-import unicodedata
 from typing import Any
 
 from aiohttp import web
 
-from radio.access import client_address, is_admin, require_admin
+from radio.access import require_admin
 from radio.history import iso
 from radio.jsonbody import read_json_object
 from radio.middleware import ApiError
 from radio.service import RADIO, Radio
 from radio.station import Station
-from radio.timing import APPLY_TIMEOUT, NotRunning
+from radio.timing import APPLY_TIMEOUT
 
 STUCK_SECONDS = 5.0  # a clock that has not ticked for this long makes /healthz fail
 SAMPLING_KEYS = {"guidance_scale": float, "temperature": float, "top_k": int, "top_p": float}
@@ -71,10 +67,12 @@ def station_json(radio: Radio, st: Station, base: str, full: bool) -> dict[str, 
         "description": st.config.description,
         "genre": st.config.genre,
         "prompt": st.prompt,
+        "blend": st.blend.to_json(),
         "prompt_since": iso(st.prompt_since),
         "listeners": st.listeners_json(),
         "streams": streams,
         "health": st.health_json(),
+        "programme": radio.programmes[st.id].now_playing(),
     }
     if st.id in radio.icecast:  # connected, last_error, reconnects, bytes_sent, ...
         out["icecast"] = radio.icecast[st.id].status.as_dict()
@@ -95,73 +93,6 @@ async def list_stations(request: web.Request) -> web.Response:
 async def get_station(request: web.Request) -> web.Response:
     st = station_of(request)
     return web.json_response(station_json(request.app[RADIO], st, base_url(request), full=True))
-
-
-def check_prompt(data: dict[str, Any], radio: Radio, admin: bool) -> str:
-    unknown = set(data) - {"prompt"}
-    if unknown:
-        raise ApiError(400, f"unknown field {sorted(unknown)[0]!r} (only 'prompt')")
-    if "prompt" not in data:
-        raise ApiError(400, "missing field 'prompt'")
-    prompt = data["prompt"]
-    if not isinstance(prompt, str):
-        raise ApiError(400, f"'prompt' must be a string, got {type(prompt).__name__}")
-    sec = radio.config.security
-    if any(unicodedata.category(c) in ("Cc", "Cs") or c in "\u2028\u2029" for c in prompt):
-        raise ApiError(400, "'prompt' must not contain control characters (newlines, tabs, ...)")
-    prompt = " ".join(prompt.split())
-    if len(prompt) > sec.max_prompt_length:
-        raise ApiError(
-            400, f"'prompt' is too long ({len(prompt)} characters, at most {sec.max_prompt_length})"
-        )
-    if not prompt and not (sec.allow_empty_prompt or admin):
-        raise ApiError(400, "'prompt' must not be empty")
-    return prompt
-
-
-def check_rate(request: web.Request, radio: Radio) -> None:
-    """ApiError 403 when only the admin may change prompts, 429 when this address changed
-    too many lately."""
-    if radio.limiter.count == 0:
-        raise ApiError(403, "on this radio only the admin changes the prompt")
-    wait = radio.limiter.check(client_address(request))
-    if wait > 0:
-        raise ApiError(
-            429,
-            f"too many prompt changes from your address; try again in {math.ceil(wait)} s",
-            {"Retry-After": str(math.ceil(wait))},
-        )
-
-
-async def post_prompt(request: web.Request) -> web.Response:
-    requested_at = time.monotonic()
-    radio = request.app[RADIO]
-    st = station_of(request)
-    admin = is_admin(request)
-    prompt = check_prompt(await read_json_object(request), radio, admin)
-    if not admin:
-        check_rate(request, radio)
-    timeline = radio.timing[st.id]
-    try:
-        applied = await timeline.change(
-            prompt, "admin" if admin else "listener", requested_at=requested_at
-        )
-    except NotRunning as e:
-        raise ApiError(503, str(e)) from None
-    except TimeoutError:
-        raise ApiError(503, "the generator did not take the prompt in time; try again") from None
-    except ValueError as e:
-        raise ApiError(400, f"the engine refused the prompt: {e}") from None
-    return web.json_response(
-        {
-            "station": st.id,
-            "prompt": prompt,
-            "frame": applied.frame,
-            "heard_in_seconds": round(applied.heard_in, 3),
-            "heard_at": iso(applied.heard_at),
-        },
-        status=202,
-    )
 
 
 async def post_sampling(request: web.Request) -> web.Response:

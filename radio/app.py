@@ -1,10 +1,11 @@
 """`init_app(config)`: the aiohttp application of `radio serve`, built the same way in tests.
 
 `build_radio` puts the parts together once (the model is loaded once, or handed in): per
-`[[stations]]` a `Station`, its `PromptTimeline`, its loudness stage, its MP3 mount, its HLS
-output and its Icecast source; one `Generator` for all of them. The background work lives in
-`cleanup_ctx`: on start-up the generator thread, one clock task per station, the Icecast relays,
-the state saver and the heartbeat start; on shutdown the listeners and event streams are closed
+`[[stations]]` a `Station`, its programme (`StationProgramme`: the director, restored from the
+state file, which says what the station opens with), its `PromptTimeline`, its loudness stage,
+its MP3 mount, its HLS output and its Icecast source; one `Generator` for all of them. The
+background work lives in `cleanup_ctx`: on start-up the generator thread, one clock task and one
+programme task per station, the Icecast relays, the state saver and the heartbeat start; on shutdown the listeners and event streams are closed
 first (so Ctrl-C never waits on a player), then the tasks stop and the worker thread is joined.
 
 Per station: generator thread -> station buffer -> clock -> loudness -> MP3 mount and HLS
@@ -17,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,7 @@ from radio.icecast import IcecastSource
 from radio.loudness import LoudnessNormalizer
 from radio.middleware import MAX_BODY, REQUEST_COUNTS, json_errors
 from radio.mounts import Mp3Mount
+from radio.programme_runner import StationProgramme, open_station
 from radio.ratelimit import RateLimiter
 from radio.relay import relay_tasks
 from radio.routes import add_routes
@@ -40,6 +42,7 @@ from radio.service import RADIO, Radio, StationSink
 from radio.statefile import StationState
 from radio.station import Station
 from radio.timing import Horizon, PromptTimeline
+from radio.uploads import ClipReader
 
 if TYPE_CHECKING:
     from engine.model import MusicModel
@@ -68,14 +71,19 @@ def load_model(config: Config) -> MusicModel:
 
 
 def init_app(
-    config: Config, model: MusicModel | None = None, *, faults: FaultInjector | None = None
+    config: Config,
+    model: MusicModel | None = None,
+    *,
+    faults: FaultInjector | None = None,
+    programme_clock: Callable[[], float] = time.time,
 ) -> web.Application:
     """The application; `model` = an already loaded engine `MusicModel` (tests share one);
-    `faults` = a `radio.testing.FaultInjector` (tests only: the config cannot set one)."""
+    `faults` = a `radio.testing.FaultInjector`, `programme_clock` = the clock the stations'
+    directors read (tests only, e.g. `radio.testing.ShiftedClock`: the config cannot set them)."""
     if model is None:
         model = load_model(config)
     app = web.Application(client_max_size=MAX_BODY, middlewares=[json_errors])
-    radio = build_radio(config, model, faults)
+    radio = build_radio(config, model, faults, programme_clock)
     app[RADIO] = radio
     app[REQUEST_COUNTS] = radio.requests
     add_routes(app)
@@ -85,20 +93,28 @@ def init_app(
     return app
 
 
-def build_radio(config: Config, model: MusicModel, faults: FaultInjector | None = None) -> Radio:
+def build_radio(
+    config: Config,
+    model: MusicModel,
+    faults: FaultInjector | None = None,
+    programme_clock: Callable[[], float] = time.time,
+) -> Radio:
     store = restarts.open_store(config.server.state_file)
     saved = restarts.load_saved(store)
     stations = {}
     for i, sc in enumerate(config.stations):
-        st = Station(sc, i, model.channels, config.generation.sampling_options(i))
-        st.record_prompt(opening_prompt(sc), "config")
-        stations[sc.id] = st
+        stations[sc.id] = Station(sc, i, model.channels, config.generation.sampling_options(i))
     restarts.restore(stations, saved)
+    directors = {
+        sid: restarts.director(st.config, saved.get(sid), programme_clock)
+        for sid, st in stations.items()
+    }
+    opening = {sid: open_station(st, directors[sid]) for sid, st in stations.items()}
     g = config.generation
     generator = Generator(
         model,
         [
-            StationSpec(st.id, st.prompt, st.sampling, g.window_options())
+            StationSpec(st.id, opening[st.id], st.sampling, g.window_options())
             for st in stations.values()
         ],
         buffer_ahead=g.buffer_ahead,
@@ -122,12 +138,17 @@ def build_radio(config: Config, model: MusicModel, faults: FaultInjector | None 
         )
         for sid, st in stations.items()
     }
+    programmes = {
+        sid: StationProgramme(st, directors[sid], timing[sid]) for sid, st in stations.items()
+    }
     radio = Radio(
         config=config,
         model=model,
         stations=stations,
         generator=generator,
         timing=timing,
+        programmes=programmes,
+        clips=ClipReader(config.clips, model),
         loudness=loudness,
         mp3={sid: _mp3_mount(config, model, st) for sid, st in stations.items()},
         limiter=RateLimiter(*config.security.rate_limit()),
@@ -142,17 +163,6 @@ def build_radio(config: Config, model: MusicModel, faults: FaultInjector | None 
             radio.hls[sid] = _hls_output(config, model, st, saved.get(sid))
     metrics.register(radio)
     return radio
-
-
-def opening_prompt(sc: StationConfig) -> str:
-    """The text a station opens with: its `prompt` (a blend plays its dominant text: the radio
-    does not blend yet)."""
-    if isinstance(sc.prompt, str):
-        return sc.prompt
-    log.warning(
-        "station %s: prompt blends are not played yet; playing %r", sc.id, sc.blend.dominant
-    )
-    return sc.blend.dominant
 
 
 def _mp3_mount(config: Config, model: MusicModel, st: Station) -> Mp3Mount:
@@ -218,9 +228,11 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         clock = _clock(radio, sid)
         radio.clocks[sid] = clock
         tasks.append(asyncio.create_task(clock.run(), name=f"clock-{sid}"))
+    for sid, programme in radio.programmes.items():
+        tasks.append(asyncio.create_task(programme.run(), name=f"programme-{sid}"))
     tasks += relay_tasks(radio.icecast, radio.mp3, radio.timing)
     if radio.store is not None:
-        saver = restarts.keep_saving(radio.store, radio.stations, radio.hls)
+        saver = restarts.keep_saving(radio.store, radio.stations, radio.hls, radio.programmes)
         tasks.append(asyncio.create_task(saver, name="state"))
     tasks.append(asyncio.create_task(_heartbeat(radio.stations), name="heartbeat"))
     try:

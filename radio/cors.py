@@ -15,7 +15,7 @@ from aiohttp import web
 ANY_ORIGIN = {"Access-Control-Allow-Origin": "*"}
 API = {
     **ANY_ORIGIN,
-    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+    "Access-Control-Allow-Methods": "GET, POST, PUT, DELETE, OPTIONS",
     "Access-Control-Allow-Headers": "Content-Type, Authorization",
     "Access-Control-Max-Age": "600",
 }

@@ -34,9 +34,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from radio.blending import open_blend, open_text
 from radio.timing import PromptChange, auto_horizon, start_prompt
 
 if TYPE_CHECKING:
+    from engine.blend import Blend
     from engine.model import AudioStream, MusicModel
     from engine.options import SamplingOptions, WindowOptions
     from radio.testing import FaultInjector
@@ -60,7 +62,7 @@ class GeneratorSink(Protocol):
 @dataclass(frozen=True)
 class StationSpec:
     id: str
-    prompt: str
+    prompt: Blend  # what the station opens with (radio.blending hands it to the engine)
     sampling: SamplingOptions
     window: WindowOptions
 
@@ -215,10 +217,12 @@ class Generator:
             # One decoder step serves every station (engine batching): the weights are read
             # once per step for all of them.
             streams = self.model.open_streams(
-                [s.prompt for s in self.specs],
+                [open_text(s.prompt) for s in self.specs],
                 [s.sampling for s in self.specs],
                 window=self.specs[0].window,
             )
+            for spec, stream in zip(self.specs, streams, strict=True):
+                open_blend(stream, spec.prompt)
             self.prefill_seconds = self.model.measure_prefill(self.specs[0].window)
         except Exception as e:  # noqa: BLE001 - reported to every station, then we stop
             log.exception("the generator could not open the stations' streams")
@@ -308,7 +312,7 @@ class Generator:
 
     def _apply_prompt(self, lane: _Lane, cmd: _SetPrompt) -> None:
         try:
-            frame = start_prompt(lane.stream, cmd.change.prompt, cmd.change.from_frame)
+            frame = start_prompt(lane.stream, cmd.change)
         except Exception as e:  # noqa: BLE001 - the caller gets the reason
             log.exception("station %s: prompt change failed", lane.spec.id)
             self._resolve(cmd.future, error=e)

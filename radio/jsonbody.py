@@ -15,12 +15,30 @@ from radio.middleware import MAX_BODY, ApiError
 MAX_JSON_DEPTH = 8  # nesting levels in a JSON body (the API's bodies are flat objects)
 
 
-async def read_json_object(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object; ApiError 413/400 naming what is wrong with it."""
-    body = await request.read()  # raises 413 beyond client_max_size
-    if len(body) > MAX_BODY:
-        raise ApiError(413, f"request body too large (at most {MAX_BODY} bytes)")
+async def read_json_object(request: web.Request, limit: int = MAX_BODY) -> dict[str, Any]:
+    """The body as a JSON object of at most `limit` bytes (more than the app's
+    `client_max_size` only for routes that take larger documents, e.g. a schedule); ApiError
+    413/400 naming what is wrong with it."""
+    if limit <= MAX_BODY:
+        body = await request.read()  # raises 413 beyond client_max_size
+    else:
+        body = await _read_capped(request, limit)
+    if len(body) > limit:
+        raise ApiError(413, f"request body too large (at most {limit} bytes)")
     return parse_json_object(body)
+
+
+async def _read_capped(request: web.Request, limit: int) -> bytes:
+    """The body streamed, refused (413) as soon as it passes `limit` bytes."""
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, f"request body too large (at most {limit} bytes)")
+    chunks, size = [], 0
+    while chunk := await request.content.read(65536):
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body too large (at most {limit} bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class _Refused(ValueError):

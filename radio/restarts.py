@@ -1,8 +1,9 @@
-"""What survives a restart: the stations' prompts and history, and HLS numbering.
+"""What survives a restart: the stations' prompts and history, their programmes, HLS numbering.
 
 Through the state file (`radio.statefile.StateStore`, `server.state_file`): `load_saved` reads it
 (a bad file is moved aside by the store, never fatal); `restore` gives each station back its
-prompt and history; `hls_start_sequence` says where HLS numbering resumes (never on a number a
+prompt and history; `director` its programme director (pins, holds, the queue and its votes, a
+live schedule edit; a bad record is logged and the director starts fresh); `hls_start_sequence` says where HLS numbering resumes (never on a number a
 player may have seen); `keep_saving` writes a snapshot every few seconds and once more at
 shutdown.
 """
@@ -12,11 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from radio.config import StationConfig
 from radio.history import PromptRecord
 from radio.hls_output import HlsOutput
+from radio.programme.director import Director
+from radio.programme_runner import StationProgramme
 from radio.statefile import StateStore, StationState, stations_from_state, stations_to_state
 from radio.station import Station
 
@@ -51,23 +55,42 @@ def restore(stations: Mapping[str, Station], saved: Mapping[str, StationState]) 
         log.info("station %s: restored prompt %r from the state file", sid, st.prompt)
 
 
-def snapshot(stations: Mapping[str, Station], hls: Mapping[str, HlsOutput]) -> dict[str, Any]:
+def director(sc: StationConfig, saved: StationState | None, clock: Callable[[], float]) -> Director:
+    """The station's director, as it was saved when it was (a bad record: logged, fresh)."""
+    data = saved.programme if saved is not None else None
+    try:
+        return Director.from_state(sc, data, clock)
+    except ValueError as e:
+        log.error("state file: stations.%s.%s; its programme starts fresh", sc.id, e)
+        return Director(sc, clock)
+
+
+def snapshot(
+    stations: Mapping[str, Station],
+    hls: Mapping[str, HlsOutput],
+    programmes: Mapping[str, StationProgramme],
+) -> dict[str, Any]:
     now = time.time()
     records = {}
     for sid, st in stations.items():
         out = hls.get(sid)
+        prog = programmes.get(sid)
         records[sid] = StationState(
             prompt=st.prompt,
             prompt_since=st.prompt_since,
             history=tuple(reversed(st.history)),
             hls_next_sequence=out.segmenter.next_sequence if out is not None else 0,
             saved_at=now,
+            programme=prog.to_state() if prog is not None else None,
         )
     return stations_to_state(records)
 
 
 async def keep_saving(
-    store: StateStore, stations: Mapping[str, Station], hls: Mapping[str, HlsOutput]
+    store: StateStore,
+    stations: Mapping[str, Station],
+    hls: Mapping[str, HlsOutput],
+    programmes: Mapping[str, StationProgramme],
 ) -> None:
     """Save every SAVE_SECONDS and once more when cancelled (shutdown)."""
     failing = False
@@ -75,7 +98,7 @@ async def keep_saving(
         while True:
             await asyncio.sleep(SAVE_SECONDS)
             try:
-                await asyncio.to_thread(store.save, snapshot(stations, hls))
+                await asyncio.to_thread(store.save, snapshot(stations, hls, programmes))
                 failing = False
             except OSError as e:
                 if not failing:
@@ -83,6 +106,6 @@ async def keep_saving(
                 failing = True
     finally:
         try:
-            store.save(snapshot(stations, hls))
+            store.save(snapshot(stations, hls, programmes))
         except OSError as e:
             log.error("cannot write the state file %s at shutdown (%s)", store.path, e)

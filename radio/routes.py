@@ -7,7 +7,14 @@
 | `GET /{station}.mp3` | the Icecast-compatible MP3 mount (`radio.mounts.stream_mp3`) |
 | `GET /hls/{station}/live.m3u8`, `GET /hls/{station}/{segment}` | HLS (`radio.hls`) |
 | `GET /api/stations`, `GET /api/stations/{station}` | now playing (`radio.api`) |
-| `POST /api/stations/{station}/prompt` | a prompt change (`radio.api`) |
+| `POST /api/stations/{station}/prompt` | a prompt or blend: played, queued or refused (`radio.programme_api`) |
+| `GET`, `POST /api/stations/{station}/suggestions` | the listeners' queue (`radio.programme_api`) |
+| `POST /api/stations/{station}/suggestions/{n}/vote` | an upvote |
+| `DELETE /api/stations/{station}/suggestions[/{n}]` | admin: clear the queue, remove one |
+| `POST /api/stations/{station}/skip` | a skip vote |
+| `POST`, `DELETE /api/stations/{station}/pin` | admin: pin a blend, unpin |
+| `GET`, `PUT /api/stations/{station}/schedule` | the programme settings; admin: replace them |
+| `POST /api/stations/{station}/clip` | admin: continue from an uploaded clip |
 | `POST /api/stations/{station}/sampling` | sampling settings, admin (`radio.api`) |
 | `GET /api/stations/{station}/events` | Server-Sent Events (`radio.events`) |
 | `GET /healthz` | 200 or 503 with the reasons (`radio.api`) |
@@ -23,6 +30,7 @@ from pathlib import Path
 from aiohttp import web
 
 from radio import api, cors, events, metrics, mounts
+from radio import programme_api as prog
 from radio.access import client_address
 from radio.hls import PLAYLIST_CONTENT_TYPE, SEGMENT_CONTENT_TYPE
 from radio.hls_output import HlsOutput
@@ -42,7 +50,18 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/hls/{station}/{segment}", hls_segment)
     r.add_get("/api/stations", api.list_stations)
     r.add_get("/api/stations/{station}", api.get_station)
-    r.add_post("/api/stations/{station}/prompt", api.post_prompt)
+    r.add_post("/api/stations/{station}/prompt", prog.post_prompt)
+    r.add_get("/api/stations/{station}/suggestions", prog.get_suggestions)
+    r.add_post("/api/stations/{station}/suggestions", prog.post_suggestion)
+    r.add_delete("/api/stations/{station}/suggestions", prog.delete_suggestions)
+    r.add_post("/api/stations/{station}/suggestions/{suggestion}/vote", prog.post_vote)
+    r.add_delete("/api/stations/{station}/suggestions/{suggestion}", prog.delete_suggestion)
+    r.add_post("/api/stations/{station}/skip", prog.post_skip)
+    r.add_post("/api/stations/{station}/pin", prog.post_pin)
+    r.add_delete("/api/stations/{station}/pin", prog.delete_pin)
+    r.add_get("/api/stations/{station}/schedule", prog.get_schedule)
+    r.add_put("/api/stations/{station}/schedule", prog.put_schedule)
+    r.add_post("/api/stations/{station}/clip", prog.post_clip)
     r.add_post("/api/stations/{station}/sampling", api.post_sampling)
     r.add_get("/api/stations/{station}/events", station_events)
     r.add_get("/healthz", api.healthz)

@@ -24,11 +24,13 @@ from radio.icecast import IcecastSource
 from radio.loudness import LoudnessNormalizer
 from radio.middleware import RequestCounts
 from radio.mounts import Mp3Mount
+from radio.programme_runner import StationProgramme
 from radio.quietlog import ClientNoise
 from radio.ratelimit import RateLimiter
 from radio.statefile import StateStore
 from radio.station import Station
 from radio.timing import PromptChange, PromptTimeline
+from radio.uploads import ClipReader
 
 if TYPE_CHECKING:
     from engine.model import MusicModel
@@ -44,10 +46,12 @@ class Radio:
     stations: dict[str, Station]
     generator: Generator  # started by the app's background context
     timing: dict[str, PromptTimeline]  # station id -> its prompt changes in time
+    programmes: dict[str, StationProgramme]  # station id -> its director, on the radio's clock
     loudness: dict[str, LoudnessNormalizer]  # station id -> its loudness stage
     mp3: dict[str, Mp3Mount]
     limiter: RateLimiter  # prompt changes per client address
     client_noise: ClientNoise  # malformed requests aiohttp refused itself (process-wide)
+    clips: ClipReader  # clip uploads ([clips]), one encode at a time
     store: StateStore | None = None  # when server.state_file is set
     hls: dict[str, HlsOutput] = field(default_factory=dict)  # when hls.enabled
     icecast: dict[str, IcecastSource] = field(default_factory=dict)  # [stations.icecast]

@@ -8,7 +8,7 @@ clear log line and the radio starts fresh: a bad state file never stops the serv
 
 What goes in is the service's business (`radio.restarts` fills it); `StationState` is a typed
 record for one station (current prompt, prompt history of `radio.history.PromptRecord`,
-settings changed live, next HLS media sequence) with
+settings changed live, next HLS media sequence, the programme director's state) with
 `stations_to_state` / `stations_from_state` to put a set of them in and out of the document,
 and `StationState.resume_sequence` to restart HLS numbering where no player can have been.
 
@@ -157,6 +157,7 @@ class StationState:
     settings: Mapping[str, Any] = field(default_factory=dict)  # settings changed live (JSON values)
     hls_next_sequence: int = 0  # EXT-X-MEDIA-SEQUENCE of the next segment to write
     saved_at: float | None = None  # Unix time this record was taken (for resume_sequence)
+    programme: Mapping[str, Any] | None = None  # `Director.to_state()` (checked when restored)
 
     def resume_sequence(self, now: float, segment_seconds: float) -> int:
         """The media sequence to start from after a restart: never one a player may have seen.
@@ -179,6 +180,7 @@ class StationState:
             "settings": dict(self.settings),
             "hls_next_sequence": self.hls_next_sequence,
             "saved_at": self.saved_at,
+            "programme": None if self.programme is None else dict(self.programme),
         }
 
     @classmethod
@@ -208,6 +210,9 @@ class StationState:
         saved_at = data.get("saved_at")
         if saved_at is not None and not _is_number(saved_at):
             raise ValueError(f"{where}.saved_at: expected a number or null")
+        programme = data.get("programme")
+        if programme is not None and not isinstance(programme, Mapping):
+            raise ValueError(f"{where}.programme: expected an object or null")
         return cls(
             prompt=prompt,
             prompt_since=None if since is None else float(since),
@@ -215,6 +220,7 @@ class StationState:
             settings=settings,
             hls_next_sequence=seq,
             saved_at=None if saved_at is None else float(saved_at),
+            programme=programme,
         )
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from engine.blend import Blend
 from radio.config import StationConfig
 from radio.events import EventHub
 from radio.history import PromptRecord, iso
@@ -114,6 +115,7 @@ class Health:
     bridge_seconds: float = 0.0  # total time the bridge played
     bridging: bool = False  # the bridge plays now
     prompt_latency_seconds: float | None = None  # last POST -> first new-prompt sample out
+    schedule_lag_seconds: float | None = None  # last programme change: due -> first sample out
     prompt_changes: int = 0  # prompt changes applied
     started: bool = False  # the clock is releasing audio
     last_tick: float = 0.0  # time.monotonic() of the clock's last tick
@@ -128,7 +130,8 @@ class Station:
     index: int  # position in the config (seeds, ordering)
     channels: int
     sampling: SamplingOptions  # in use; the admin changes it live
-    prompt: str = ""
+    prompt: str = ""  # `blend` in words (Blend.describe): a plain prompt is its text
+    blend: Blend = field(default_factory=lambda: Blend.of(""))  # what the engine was given
     prompt_since: float = field(default_factory=time.time)
     history: deque[PromptRecord] = field(default_factory=lambda: deque(maxlen=HISTORY_LENGTH))
     health: Health = field(default_factory=Health)
@@ -144,17 +147,20 @@ class Station:
     def id(self) -> str:
         return self.config.id
 
-    def record_prompt(self, prompt: str, source: str, at: float | None = None) -> None:
-        """The current prompt became `prompt`; tell the event subscribers."""
-        self.prompt = prompt
+    def record_prompt(self, prompt: str | Blend, source: str, at: float | None = None) -> None:
+        """The current prompt became `prompt` (a text or a blend), chosen by `source`; tell
+        the event subscribers."""
+        self.blend = prompt if isinstance(prompt, Blend) else Blend.of(prompt)
+        self.prompt = self.blend.describe()
         self.prompt_since = time.time() if at is None else at
-        self.history.appendleft(PromptRecord(prompt, self.prompt_since, source))
+        self.history.appendleft(PromptRecord(self.prompt, self.prompt_since, source))
         self.events.publish("prompt", self.prompt_json())
 
     def prompt_json(self) -> dict[str, object]:
         last = self.history[0] if self.history else None
         return {
             "prompt": self.prompt,
+            "blend": self.blend.to_json(),
             "prompt_since": iso(self.prompt_since),
             "source": last.source if last else "config",
             "history": self.history_json(),
@@ -183,12 +189,15 @@ class Station:
             "realtime_factor": round(h.realtime_factor, 3),
             "underruns": h.underruns,
             "bridging": h.bridging,
-            "prompt_latency_seconds": (
-                None if h.prompt_latency_seconds is None else round(h.prompt_latency_seconds, 3)
-            ),
+            "prompt_latency_seconds": _rounded(h.prompt_latency_seconds),
+            "schedule_lag_seconds": _rounded(h.schedule_lag_seconds),
             "playing": h.started,
             "error": h.error or None,
         }
 
     def history_json(self) -> list[dict[str, object]]:
         return [r.to_json() for r in self.history]
+
+
+def _rounded(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)

@@ -36,9 +36,11 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
+from engine.blend import Blend
+from radio.blending import PromptStream, seed_blend, set_blend
 from radio.station import Station
 
 log = logging.getLogger(__name__)
@@ -72,15 +74,23 @@ class Horizon:
 class PromptChange:
     """A prompt change on its way to the engine and back (the generator carries it)."""
 
-    prompt: str  # the new text ("" = unconditional)
-    source: str  # who asked: "listener", "admin", ... (the history keeps it)
+    blend: Blend  # the new prompt (a text is the blend of one; "" = unconditional)
+    source: str  # who asked: "listener", "admin", "schedule", ... (the history keeps it)
     from_frame: int  # the frame it should be heard from (rule 1)
     requested_at: float  # clock seconds (time.monotonic) of the request: its latency's start
+    transition_seconds: float = 0.0  # glide from the blend before over this long; 0 = switch
+    at: float | None = None  # the instant it is due (a schedule boundary), Unix seconds
+    tokens: Any = field(default=None, compare=False)  # [K, T]: continue from a clip (a seed)
+
+    @property
+    def prompt(self) -> str:
+        """The blend in words (`Blend.describe`): what the API and the history show."""
+        return self.blend.describe()
 
     @property
     def title(self) -> str:
-        """What ICY StreamTitle and Icecast show once it is heard."""
-        return self.prompt
+        """What ICY StreamTitle and Icecast show once it is heard: the dominant text."""
+        return self.blend.dominant
 
 
 @dataclass(frozen=True)
@@ -96,24 +106,22 @@ class NotRunning(Exception):
     """The generator is not running: no change can be made."""
 
 
-class PromptStream(Protocol):
-    """What `start_prompt` needs of an engine stream (`engine.AudioStream`)."""
-
-    @property
-    def frame(self) -> int: ...
-
-    def set_prompt(self, text: str, from_frame: int | None = None) -> int: ...
-
-
-def start_prompt(stream: PromptStream, text: str, from_frame: int) -> int:
-    """Rule 2, in the generator's worker thread: hear `text` from `from_frame` clamped to
+def start_prompt(stream: PromptStream, change: PromptChange) -> int:
+    """Rule 2, in the generator's worker thread: hear `change` from its frame clamped to
     `[0, stream.frame]`, or from `stream.frame` when the engine cannot rewind that far.
-    Returns the frame from which it is heard; other engine errors propagate."""
-    frame = min(max(from_frame, 0), stream.frame)
+    Returns the frame from which it is heard; other engine errors propagate. The engine is
+    called through `radio.blending` (blends, clips)."""
+    frame = min(max(change.from_frame, 0), stream.frame)
     try:
-        return stream.set_prompt(text, from_frame=frame)
+        return _apply(stream, change, frame)
     except ValueError:  # too far back for the engine: start where it is now
-        return stream.set_prompt(text, from_frame=stream.frame)
+        return _apply(stream, change, stream.frame)
+
+
+def _apply(stream: PromptStream, change: PromptChange, frame: int) -> int:
+    if change.tokens is not None:
+        return seed_blend(stream, change.tokens, change.blend, frame)
+    return set_blend(stream, change.blend, frame, change.transition_seconds)
 
 
 class PromptEngine(Protocol):
@@ -164,7 +172,7 @@ class PromptTimeline:
         self.clock = clock
         self.wallclock = wallclock
         self.apply_timeout = apply_timeout
-        self.on_air = station.prompt  # the title of what listeners hear now
+        self.on_air = station.blend.dominant  # the title of what listeners hear now
         self._cuts: list[_Cut] = []  # taken by the engine, not yet taken by the clock
         self._marks: list[_Mark] = []  # taken by the clock, not yet out of the loudness stage
         self._title_changed = asyncio.Event()  # set (and replaced) when on_air changes
@@ -173,13 +181,17 @@ class PromptTimeline:
 
     async def change(
         self,
-        prompt: str,
+        prompt: str | Blend,
         source: str,
         *,
         requested_at: float | None = None,
         at: float | None = None,
+        transition_seconds: float = 0.0,
+        tokens: Any = None,
     ) -> Applied:
-        """Play `prompt` as soon as the horizon allows, or from the instant `at` (Unix seconds).
+        """Play `prompt` (a text or a blend) as soon as the horizon allows, or from the instant
+        `at` (Unix seconds), gliding over `transition_seconds`; with `tokens` [K, T] the stream
+        continues from them (a clip) instead of from what it played.
 
         Returns once the engine has taken it. Raises NotRunning (no generator), TimeoutError
         (the generator did not take it within `apply_timeout`) or ValueError (the engine
@@ -187,7 +199,10 @@ class PromptTimeline:
         requested_at = self.clock() if requested_at is None else requested_at
         if not self.engine.alive:
             raise NotRunning("the generator is not running")
-        change = PromptChange(prompt, source, self.start_frame(at), requested_at)
+        blend = prompt if isinstance(prompt, Blend) else Blend.of(prompt)
+        change = PromptChange(
+            blend, source, self.start_frame(at), requested_at, transition_seconds, at, tokens
+        )
         answer = self.engine.set_prompt(self.station.id, change)
         frame = await asyncio.wait_for(asyncio.shield(answer), self.apply_timeout)
         heard_in = self.heard_in(frame)
@@ -218,7 +233,7 @@ class PromptTimeline:
         st.buffer.truncate(sample)
         self._cuts = [c for c in self._cuts if c.sample < sample] + [_Cut(sample, change)]
         st.health.prompt_changes += 1
-        st.record_prompt(change.prompt, change.source)
+        st.record_prompt(change.blend, change.source)
         log.info(
             "prompt changed on %s: %r heard in %.1f s", st.id, change.prompt, self.heard_in(frame)
         )
@@ -238,12 +253,23 @@ class PromptTimeline:
             self._heard(self._marks.pop(0).change)
 
     def _heard(self, change: PromptChange) -> None:
-        latency = self.clock() - change.requested_at
-        self.station.health.prompt_latency_seconds = latency
         self.on_air = change.title
         self._title_changed.set()
         self._title_changed = asyncio.Event()  # for the next change
-        log.info("prompt change on %s: heard %.2f s after it was sent", self.station.id, latency)
+        health = self.station.health
+        if change.at is None:  # asked for now: the latency from the request
+            latency = self.clock() - change.requested_at
+            health.prompt_latency_seconds = latency
+            log.info(
+                "prompt change on %s: heard %.2f s after it was sent", self.station.id, latency
+            )
+        else:  # due at an instant (a schedule boundary): how late it was heard
+            health.schedule_lag_seconds = self.wallclock() - change.at
+            log.info(
+                "programme change on %s: heard %.2f s after it was due",
+                self.station.id,
+                health.schedule_lag_seconds,
+            )
 
     # ---- the title -------------------------------------------------------------------------
 

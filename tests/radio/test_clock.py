@@ -10,6 +10,7 @@ from datetime import datetime
 import numpy as np
 import pytest
 
+from engine.blend import Blend
 from engine.options import SamplingOptions
 from radio.clock import BRIDGE_GAIN, TICK, StationClock
 from radio.config import StationConfig
@@ -174,7 +175,7 @@ def test_the_title_switches_with_the_first_new_sample_out_of_the_loudness_stage(
     rig.clock.start(0.0)
     rig.run(0.5)
     # the engine took a change at frame 50 (sample 32000), asked for at t = 0.45
-    tl.applied(PromptChange("new", "admin", 50, requested_at=0.45), 50)
+    tl.applied(PromptChange(Blend.of("new"), "admin", 50, requested_at=0.45), 50)
     rig.tail = 50 * HOP
     rig.generate(2.0, value=2.0)  # the new prompt's audio
     titles = []

@@ -11,6 +11,7 @@ import asyncio
 import numpy as np
 import pytest
 
+from engine.blend import Blend
 from engine.options import SamplingOptions, WindowOptions
 from radio.generator import Generator, StationSpec
 from radio.testing import FaultInjector
@@ -106,7 +107,7 @@ class Sink:
 
 
 def spec(sid: str) -> StationSpec:
-    return StationSpec(sid, f"{sid} music", SamplingOptions(), WindowOptions())
+    return StationSpec(sid, Blend.of(f"{sid} music"), SamplingOptions(), WindowOptions())
 
 
 @pytest.fixture
@@ -159,7 +160,7 @@ async def test_a_prompt_change_lands_before_the_new_audio(run):
     model = FakeModel()
     gen, sink = await run(model, ("a",), buffer_ahead=1.0)
     await sink.until(lambda: len(sink.pcm("a")) == 5)  # frames 0..49 made
-    frame = await gen.set_prompt("a", PromptChange("jazz", "admin", 30, 0.0))
+    frame = await gen.set_prompt("a", PromptChange(Blend.of("jazz"), "admin", 30, 0.0))
     assert frame == 30 and model.streams[0].prompt == "jazz"
     gen.played("a", 30)
     await sink.until(lambda: len(sink.pcm("a")) >= 10)  # 30..79: up to 50 frames ahead
@@ -167,9 +168,9 @@ async def test_a_prompt_change_lands_before_the_new_audio(run):
     assert sink.pcm("a")[5:] == [30, 40, 50, 60, 70]  # the stream went back to the cut ...
     assert sink.calls[i + 1] == ("pcm", "a", 30)  # ... and the cut came first
     # beyond what it made: from where it is; too far back for the engine: the same
-    assert await gen.set_prompt("a", PromptChange("rock", "admin", 500, 0.0)) == 80
+    assert await gen.set_prompt("a", PromptChange(Blend.of("rock"), "admin", 500, 0.0)) == 80
     model.streams[0].floor = 35
-    assert await gen.set_prompt("a", PromptChange("pop", "admin", 20, 0.0)) == 80
+    assert await gen.set_prompt("a", PromptChange(Blend.of("pop"), "admin", 20, 0.0)) == 80
 
 
 async def test_sampling_changes_answer_with_the_engines_verdict(run):
@@ -180,7 +181,7 @@ async def test_sampling_changes_answer_with_the_engines_verdict(run):
     with pytest.raises(ValueError, match="too hot"):
         await gen.set_sampling("a", SamplingOptions(temperature=3.0))
     with pytest.raises(KeyError):
-        await gen.set_prompt("nope", PromptChange("x", "admin", 0, 0.0))
+        await gen.set_prompt("nope", PromptChange(Blend.of("x"), "admin", 0, 0.0))
 
 
 async def test_a_failing_station_stops_alone_and_a_prompt_revives_it(run):
@@ -190,7 +191,7 @@ async def test_a_failing_station_stops_alone_and_a_prompt_revives_it(run):
     await sink.until(lambda: len(sink.pcm("b")) == 5)
     assert sink.calls.count(("error", "a", "generation failed: injected fault")) == 1
     assert sink.pcm("a") == [] and faults.injected == 1
-    await gen.set_prompt("a", PromptChange("again", "admin", 0, 0.0))
+    await gen.set_prompt("a", PromptChange(Blend.of("again"), "admin", 0, 0.0))
     await sink.until(lambda: len(sink.pcm("a")) == 5)
 
 

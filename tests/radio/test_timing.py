@@ -9,7 +9,9 @@ import asyncio
 import numpy as np
 import pytest
 
+from engine.blend import Blend
 from engine.options import SamplingOptions
+from radio.blending import open_blend, open_text, set_blend, takes_blends
 from radio.config import StationConfig
 from radio.station import Station
 from radio.timing import (
@@ -124,7 +126,7 @@ async def test_the_answer_says_when_the_change_is_heard():
     task = asyncio.create_task(tl.change("new", "listener", requested_at=9.5))
     await asyncio.sleep(0)
     [(sid, change, _)] = engine.asked
-    assert (sid, change) == ("main", PromptChange("new", "listener", 50 + 25, 9.5))
+    assert (sid, change) == ("main", PromptChange(Blend.of("new"), "listener", 50 + 25, 9.5))
     engine.take(tl)
     applied = await task
     heard_in = (75 * HOP - RATE + LATENCY) / RATE  # 0.5 s of buffer + 0.2 s of loudness
@@ -238,15 +240,18 @@ async def test_refusals_reach_the_caller():
 
 
 class FakeStream:
-    """An engine stream that can rewind at most to frame `floor`."""
+    """An engine stream of today (`set_prompt(text, from_frame)`) that can rewind at most to
+    frame `floor`."""
 
     def __init__(self, frame: int, floor: int) -> None:
         self.frame, self.floor = frame, floor
         self.asked: list[int] = []
+        self.calls: list[tuple] = []
 
     def set_prompt(self, text: str, from_frame: int | None = None) -> int:
         assert from_frame is not None
         self.asked.append(from_frame)
+        self.calls.append(("prompt", text, from_frame))
         if text == "boom":
             raise RuntimeError("the engine broke")
         if from_frame < self.floor:
@@ -254,15 +259,68 @@ class FakeStream:
         self.frame = min(self.frame, from_frame)
         return from_frame
 
+    def seed(self, tokens, prompt: str | None = None, from_frame: int | None = None) -> int:
+        self.calls.append(("seed", tokens, prompt, from_frame))
+        return self.set_prompt(prompt or "", from_frame)
+
+
+class BlendStream(FakeStream):
+    """The engine's blend-aware stream: `set_prompt(prompt: str | Blend, from_frame=None,
+    transition_seconds=0.0)`."""
+
+    def set_prompt(self, prompt, from_frame=None, transition_seconds=0.0) -> int:
+        self.calls.append(("blend", prompt, from_frame, transition_seconds))
+        self.frame = min(self.frame, from_frame)
+        return from_frame
+
+
+def change(prompt: str | Blend, frame: int, **kw) -> PromptChange:
+    blend = prompt if isinstance(prompt, Blend) else Blend.of(prompt)
+    return PromptChange(blend, "admin", frame, 0.0, **kw)
+
 
 def test_the_engine_is_asked_for_what_it_can_do():
     stream = FakeStream(frame=100, floor=60)
-    assert start_prompt(stream, "a", 80) == 80 and stream.asked == [80]  # within reach
+    assert start_prompt(stream, change("a", 80)) == 80 and stream.asked == [80]  # within reach
     stream = FakeStream(frame=100, floor=60)
-    assert start_prompt(stream, "a", 150) == 100  # beyond what it made: from where it is
+    assert start_prompt(stream, change("a", 150)) == 100  # beyond what it made: from where it is
     stream = FakeStream(frame=100, floor=60)
-    assert start_prompt(stream, "a", 20) == 100 and stream.asked == [20, 100]  # too far back
+    assert start_prompt(stream, change("a", 20)) == 100 and stream.asked == [20, 100]  # too far
     stream = FakeStream(frame=100, floor=0)
-    assert start_prompt(stream, "a", -5) == 0  # never before the stream began
+    assert start_prompt(stream, change("a", -5)) == 0  # never before the stream began
     with pytest.raises(RuntimeError, match="broke"):
-        start_prompt(FakeStream(100, 0), "boom", 80)
+        start_prompt(FakeStream(100, 0), change("boom", 80))
+
+
+JAZZ_RAIN = Blend.parse([{"text": "jazz", "weight": 0.3}, {"text": "rain", "weight": 0.7}])
+
+
+def test_a_blend_reaches_todays_engine_as_its_dominant_text():
+    stream = FakeStream(frame=100, floor=0)
+    assert not takes_blends(stream)
+    assert start_prompt(stream, change(JAZZ_RAIN, 80, transition_seconds=5.0)) == 80
+    assert stream.calls == [("prompt", "rain", 80)]  # the largest weight; no transition
+
+
+def test_a_blend_aware_engine_gets_the_blend_and_its_transition():
+    stream = BlendStream(frame=100, floor=0)
+    assert takes_blends(stream)
+    assert start_prompt(stream, change(JAZZ_RAIN, 80, transition_seconds=5.0)) == 80
+    assert stream.calls == [("blend", JAZZ_RAIN, 80, 5.0)]
+    assert set_blend(stream, Blend.of("x"), 90) == 90
+    assert stream.calls[-1] == ("blend", Blend.of("x"), 90, 0.0)
+    # opening: a blend-aware stream gets a blend of several texts before its first frame
+    opened = BlendStream(frame=0, floor=0)
+    open_blend(opened, JAZZ_RAIN)
+    open_blend(opened, Blend.of("solo"))  # one text: opened with it already
+    assert opened.calls == [("blend", JAZZ_RAIN, 0, 0.0)] and open_text(JAZZ_RAIN) == "rain"
+    old = FakeStream(frame=0, floor=0)
+    open_blend(old, JAZZ_RAIN)
+    assert old.calls == []
+
+
+def test_a_change_with_tokens_seeds_the_stream():
+    stream = FakeStream(frame=100, floor=0)
+    tokens = object()
+    assert start_prompt(stream, change(JAZZ_RAIN, 80, tokens=tokens)) == 80
+    assert stream.calls[0] == ("seed", tokens, "rain", 80)
