@@ -67,7 +67,10 @@ async def test_cors_comes_from_one_rule_on_every_kind_of_response(aiohttp_client
 async def test_preflight_is_answered_for_the_api_and_hls(aiohttp_client):
     client = await aiohttp_client(small_app())
     r = await client.options("/api/anything", headers={"Origin": "https://elsewhere.example"})
-    assert r.status == 204 and r.headers["Access-Control-Allow-Methods"] == "GET, POST, PUT, DELETE, OPTIONS"
+    assert (
+        r.status == 204
+        and r.headers["Access-Control-Allow-Methods"] == "GET, POST, PUT, DELETE, OPTIONS"
+    )
     r = await client.options("/hls/main/seg1.ts")
     assert r.status == 204 and "Range" in r.headers["Access-Control-Allow-Headers"]
 
