@@ -1,4 +1,5 @@
-"""Fault injection for tests: make the running radio fail on purpose, from Python only.
+"""Test hooks: make the running radio fail on purpose, or move its programme's clock, from
+Python only.
 
 `FaultInjector` is handed to `radio.app.init_app(config, faults=...)` by a test; the config, the
 CLI and the HTTP API cannot reach it, so a production radio never has one (the hooks are
@@ -15,6 +16,10 @@ Hooks (worker thread): `before_step(station_id)` before a station's stream is re
 armed failure), `after_step(station_id, pcm) -> pcm` after it (sleeps the slow-down, replaces
 audio). New faults (a step that hangs, a looped token block, a collapsed codebook) add an
 `arm` method here and a hook where the generator can apply them.
+
+`ShiftedClock` is a programme clock for `init_app(config, programme_clock=...)`: wall time plus
+an offset the test moves (`advance`), so a slot boundary or a rotation tick hours away comes
+now, while the audio keeps real time.
 """
 
 from __future__ import annotations
@@ -82,3 +87,16 @@ class FaultInjector:
         if delay:
             time.sleep(delay)
         return pcm
+
+
+class ShiftedClock:
+    """`time.time()` plus `offset` seconds, which the test moves (any thread)."""
+
+    def __init__(self, offset: float = 0.0) -> None:
+        self.offset = offset
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
