@@ -97,15 +97,19 @@ def wait_healthy(
 class InProcessRadio:
     """`init_app` served by an AppRunner on its own event-loop thread, on a free port.
 
-    `faults`: a `radio.testing.FaultInjector` the test arms (the generator applies it)."""
+    `faults`: a `radio.testing.FaultInjector` the test arms (the generator applies it);
+    `programme_clock`: the stations' programme clock (e.g. `radio.testing.ShiftedClock`)."""
 
-    def __init__(self, config: Any, model: Any, faults: Any = None) -> None:
+    def __init__(
+        self, config: Any, model: Any, faults: Any = None, programme_clock: Any = None
+    ) -> None:
         from aiohttp import web
 
         from radio.app import init_app
         from radio.service import RADIO
 
-        self.app = init_app(config, model=model, faults=faults)
+        clock = {"programme_clock": programme_clock} if programme_clock is not None else {}
+        self.app = init_app(config, model=model, faults=faults, **clock)
         self.radio = self.app[RADIO]
         self.faults = faults
         self.loop = asyncio.new_event_loop()
