@@ -1,19 +1,31 @@
 /* Endless Radio web player: the page's entry module (no build step; ES modules in js/).
  *
- * Lists the stations (GET /api/stations), shows the chosen one's prompt, since when, its
- * history, listeners and generation health, keeps them live over Server-Sent Events
- * (js/live.js), plays it (js/player.js: hls.js, native HLS or MP3), draws the sound
- * (js/picture.js) and sends new prompts (POST /api/stations/{id}/prompt), showing the
- * server's answer: when the prompt will be heard, or why it was refused.
+ * Lists the stations (GET /api/stations), shows the chosen one's prompt (a blend as weight
+ * bars), who chose it and since when, a transition, what comes next, today's programme, the
+ * listeners' queue with vote buttons and a skip button (js/programme.js), its history,
+ * listeners and generation health, keeps them live over Server-Sent Events (js/live.js), plays
+ * it (js/player.js: hls.js, native HLS or MP3), draws the sound (js/picture.js) and sends new
+ * prompts or suggestions (POST /api/stations/{id}/prompt), showing the server's answer: when
+ * the prompt will be heard, where the suggestion stands, or why it was refused.
  *
  * URL flags: `?station=ID` picks a station, `?player=hls|native|mp3` forces a player.
  */
 
-import { getJSON, sendPrompt, stationUrl } from "./js/api.js";
+import { getJSON, sendPrompt, skip, stationUrl, vote } from "./js/api.js";
 import { seconds, setTime } from "./js/format.js";
 import { LiveEvents } from "./js/live.js";
 import { SoundPicture } from "./js/picture.js";
 import { Player } from "./js/player.js";
+import {
+  blendBars,
+  hhmm,
+  nextText,
+  queueItems,
+  skipText,
+  sourceText,
+  todayItems,
+  transitionProgress,
+} from "./js/programme.js";
 
 const $ = (id) => document.getElementById(id);
 const el = {
@@ -29,12 +41,31 @@ const el = {
   playerStatus: $("player-status"),
   prompt: $("prompt"),
   since: $("since"),
+  blend: $("blend"),
+  sourceWrap: $("source-wrap"),
+  source: $("source"),
+  transition: $("transition"),
+  transitionText: $("transition-text"),
+  transitionProgress: $("transition-progress"),
+  next: $("next"),
   form: $("prompt-form"),
+  promptLabel: $("prompt-label"),
+  promptHint: $("prompt-hint"),
+  promptsOff: $("prompts-off"),
   input: $("prompt-input"),
   send: $("prompt-send"),
   promptStatus: $("prompt-status"),
   history: $("history"),
   historyEmpty: $("history-empty"),
+  queueCard: $("queue-card"),
+  queueBox: $("queue-box"),
+  queue: $("queue"),
+  queueEmpty: $("queue-empty"),
+  skip: $("skip"),
+  skipTally: $("skip-tally"),
+  voteStatus: $("vote-status"),
+  todayCard: $("today-card"),
+  today: $("today"),
   conn: $("conn"),
   hBuffer: $("h-buffer"),
   hRtf: $("h-rtf"),
@@ -52,6 +83,7 @@ const state = {
   station: null, // the station shown (and played)
   wanted: false, // the listener pressed play and has not paused
   promptTimers: [], // timers of the prompt box's messages
+  programmeAt: 0, // Date.now() when the programme was last received (transition progress)
 };
 
 const setStatus = (text) => {
@@ -71,6 +103,15 @@ const live = new LiveEvents({
   prompt: onPromptEvent,
   listeners: (d) => renderListeners((state.station.listeners = d.listeners || d)),
   health: (d) => renderHealth((state.station.health = d.health || d)),
+  programme: (d) => {
+    state.station.programme = d;
+    state.programmeAt = Date.now();
+    renderProgramme();
+  },
+  queue: (d) => {
+    Object.assign((state.station.programme ||= {}), d);
+    renderQueue();
+  },
   onState: (s) => {
     el.conn.textContent = s;
     el.conn.classList.toggle("ok", s === "live");
@@ -88,6 +129,7 @@ function renderStation() {
   el.description.textContent = s.description || "";
   document.title = `${s.name || s.id} · Endless Radio`;
   renderPrompt();
+  renderProgramme();
   renderListeners(s.listeners);
   renderHealth(s.health);
   el.linkMp3.href = s.streams?.mp3 || "#";
@@ -160,6 +202,99 @@ function renderPlaying() {
   if (on && !picture.attached) el.vizIdle.textContent = "No picture of the sound in this browser";
 }
 
+// ---------------------------------------------------------------- the programme
+
+function renderProgramme() {
+  const p = state.station.programme;
+  blendBars(el.blend, state.station.blend);
+  el.sourceWrap.hidden = !p?.playing;
+  if (p?.playing) {
+    el.source.textContent = `chosen by ${sourceText(p.playing.source)}`;
+    el.source.title = p.playing.reason || "";
+  }
+  renderTransition();
+  const next = nextText(p?.next);
+  el.next.textContent = next;
+  el.next.hidden = !next;
+  const today = p?.today || [];
+  el.todayCard.hidden = today.length === 0;
+  el.today.replaceChildren(...todayItems(today));
+  renderQueue();
+}
+
+function renderTransition() {
+  const p = state.station.programme;
+  const progress = transitionProgress(p?.playing, p?.transition, state.programmeAt);
+  el.transition.hidden = progress === null;
+  if (progress === null) return;
+  el.transitionText.textContent = `Gliding into “${p.playing.text}”`;
+  el.transitionProgress.value = Math.round(progress * 100);
+}
+
+function renderQueue() {
+  const p = state.station.programme || {};
+  const mode = p.listener_prompts || "now";
+  el.form.hidden = mode === "off";
+  el.promptsOff.hidden = mode !== "off";
+  el.promptLabel.textContent = mode === "queue" ? "Suggest music" : "Steer the music";
+  if (!el.send.disabled) el.send.textContent = sendLabel();
+  el.promptHint.textContent =
+    mode === "queue"
+      ? `Listeners vote on suggestions; the most-voted one plays at the next change${p.next ? ` (${hhmm(p.next.at)})` : ""}.`
+      : "Everyone listening hears your prompt a moment after you send it.";
+  el.queueCard.hidden = mode === "off";
+  el.queueBox.hidden = mode !== "queue";
+  const queue = p.queue || [];
+  el.queue.replaceChildren(...queueItems(queue, onVote));
+  el.queueEmpty.hidden = queue.length > 0;
+  el.skipTally.textContent = skipText(p.skip);
+}
+
+async function onVote(suggestion, button) {
+  const id = state.station?.id;
+  if (!id) return;
+  button.disabled = true;
+  let answer;
+  try {
+    answer = await vote(id, suggestion.id);
+  } catch {
+    button.disabled = false;
+    voteSays("Could not reach the radio.", "error");
+    return;
+  }
+  if (answer.ok) voteSays(`Voted for “${suggestion.text}”.`, "ok");
+  else voteSays(answer.body.error || `Refused (HTTP ${answer.status}).`, "error");
+  button.disabled = false;
+}
+
+async function onSkip() {
+  const id = state.station?.id;
+  if (!id) return;
+  el.skip.disabled = true;
+  let answer;
+  try {
+    answer = await skip(id);
+  } catch {
+    el.skip.disabled = false;
+    voteSays("Could not reach the radio.", "error");
+    return;
+  }
+  el.skip.disabled = false;
+  if (!answer.ok) {
+    voteSays(answer.body.error || `Refused (HTTP ${answer.status}).`, "error");
+    return;
+  }
+  const t = answer.body.skip;
+  Object.assign((state.station.programme ||= {}), { skip: t });
+  renderQueue();
+  voteSays(t.passed ? "Skipped: the next prompt is on its way." : `Skip vote counted: ${skipText(t)}.`, "ok");
+}
+
+function voteSays(text, kind) {
+  el.voteStatus.textContent = text;
+  el.voteStatus.className = `vote-status ${kind}`;
+}
+
 // ---------------------------------------------------------------- stations and events
 
 async function loadStations() {
@@ -221,8 +356,12 @@ function onPromptEvent(d) {
     // A bare prompt: keep the history right without a round trip.
     st.history = [{ prompt: s.prompt, at: s.prompt_since, source: s.source }].concat(st.history || []);
   }
-  for (const k of ["prompt", "prompt_since", "history", "listeners", "health", "streams"]) {
+  for (const k of ["prompt", "blend", "prompt_since", "history", "listeners", "health", "streams"]) {
     if (k in s) st[k] = s[k];
+  }
+  if ("programme" in s) {
+    st.programme = s.programme;
+    state.programmeAt = Date.now();
   }
   renderStation();
 }
@@ -264,8 +403,10 @@ function clearPromptStatus() {
   state.promptTimers = [];
   promptSays("", "");
   el.send.disabled = false;
-  el.send.textContent = "Send";
+  el.send.textContent = sendLabel();
 }
+
+const sendLabel = () => (state.station?.programme?.listener_prompts === "queue" ? "Suggest" : "Send");
 
 function promptSays(text, kind) {
   el.promptStatus.textContent = text;
@@ -296,6 +437,14 @@ async function onSubmit(event) {
 function accepted(id, body, text) {
   el.send.disabled = false;
   el.input.value = "";
+  if (body.suggestion) {
+    const s = body.suggestion;
+    promptSays(
+      `Suggested: #${body.position} in the queue with ${s.votes} vote${s.votes === 1 ? "" : "s"}. The most-voted one plays at the next change.`,
+      "ok",
+    );
+    return;
+  }
   const n = typeof body.heard_in_seconds === "number" ? body.heard_in_seconds : null;
   const behind = player.delay();
   let says = "Sent. It goes on the air in a moment.";
@@ -331,7 +480,7 @@ function refused({ status, body, retryAfter }) {
   const tick = () => {
     if (left <= 0) {
       el.send.disabled = false;
-      el.send.textContent = "Send";
+      el.send.textContent = sendLabel();
       return;
     }
     el.send.textContent = `Wait ${left} s`;
@@ -346,6 +495,7 @@ function refused({ status, body, retryAfter }) {
 el.play.addEventListener("click", togglePlay);
 el.station.addEventListener("change", () => selectStation(el.station.value));
 el.form.addEventListener("submit", onSubmit);
+el.skip.addEventListener("click", onSkip);
 el.volume.addEventListener("input", applyVolume);
 try {
   const v = localStorage.getItem("radio.volume");
@@ -355,5 +505,6 @@ try {
 }
 applyVolume();
 setInterval(() => state.station && renderPrompt(), 15000); // keep "3 minutes ago" true
+setInterval(() => state.station && renderTransition(), 500); // a transition's progress
 picture.paint();
 loadStations();

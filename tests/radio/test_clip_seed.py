@@ -19,6 +19,7 @@ from radio.app import init_app
 from radio.config import parse_config
 from radio.service import RADIO
 from tests.audio_files import encode_file, tones, wav_bytes
+from tests.helpers import STARTUP_SECONDS
 
 TOKEN = "clip-seed-admin-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -35,7 +36,7 @@ async def client(aiohttp_client, radio_model) -> TestClient:
         "clips": {"max_bytes": 200_000, "max_seconds": 3.0},
     }
     c = await aiohttp_client(init_app(parse_config(data, env={}), radio_model))
-    async with asyncio.timeout(60):
+    async with asyncio.timeout(STARTUP_SECONDS):
         while (await c.get("/healthz")).status != 200:
             await asyncio.sleep(0.05)
     return c

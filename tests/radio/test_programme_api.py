@@ -16,6 +16,7 @@ from radio.app import init_app
 from radio.config import parse_config
 from radio.service import RADIO
 from radio.testing import ShiftedClock
+from tests.helpers import STARTUP_SECONDS
 
 TOKEN = "programme-admin-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -55,7 +56,7 @@ def make(aiohttp_client, radio_model, clock):
     async def start(state_file: str = "", **station) -> TestClient:
         app = init_app(config(state_file, **station), radio_model, programme_clock=clock)
         client = await aiohttp_client(app)
-        async with asyncio.timeout(60):
+        async with asyncio.timeout(STARTUP_SECONDS):
             while (await client.get("/healthz")).status != 200:
                 await asyncio.sleep(0.05)
         return client

@@ -15,7 +15,7 @@ import pytest
 
 from radio.config import parse_config
 from radio.testing import ShiftedClock
-from tests.helpers import IcyReader, InProcessRadio, wait_healthy
+from tests.helpers import STARTUP_SECONDS, IcyReader, InProcessRadio, wait_healthy
 
 FIRST, SECOND = "rotation one: slow piano", "rotation two: bright marimba"
 
@@ -46,7 +46,7 @@ def radio(radio_model):
     r = InProcessRadio(parse_config(data, env={}), radio_model, programme_clock=clock)
     r.clock = clock
     try:
-        wait_healthy(r.base_url, timeout=60)
+        wait_healthy(r.base_url, timeout=STARTUP_SECONDS)
         yield r
     finally:
         r.close()

@@ -10,15 +10,29 @@ export async function getJSON(url) {
 }
 
 /**
- * POST a new prompt. Resolves to {ok, status, body, retryAfter}: body is the server's JSON
+ * POST a new prompt (a suggestion on a station in queue mode). Resolves to {ok, status, body, retryAfter}: body is the server's JSON
  * (202: {prompt, heard_in_seconds, ...}; 4xx: {error}), retryAfter the seconds of a 429.
  * Rejects only when the radio cannot be reached.
  */
-export async function sendPrompt(id, prompt) {
-  const r = await fetch(`${stationUrl(id)}/prompt`, {
+export function sendPrompt(id, prompt) {
+  return post(`${stationUrl(id)}/prompt`, { prompt });
+}
+
+/** Upvote suggestion `sid` of station `id` (same answer shape as sendPrompt). */
+export function vote(id, sid) {
+  return post(`${stationUrl(id)}/suggestions/${encodeURIComponent(sid)}/vote`);
+}
+
+/** A vote to skip what station `id` plays now. */
+export function skip(id) {
+  return post(`${stationUrl(id)}/skip`);
+}
+
+async function post(url, data) {
+  const r = await fetch(url, {
     method: "POST",
     headers: { "Content-Type": "application/json", Accept: "application/json" },
-    body: JSON.stringify({ prompt }),
+    body: data === undefined ? undefined : JSON.stringify(data),
   });
   const body = await r.json().catch(() => ({}));
   const retryAfter = Number.parseInt(r.headers.get("Retry-After") || "", 10);

@@ -1,6 +1,8 @@
 /* Live news of one station over Server-Sent Events (GET /api/stations/{id}/events).
  *
- * The server sends `prompt`, `listeners` and `health` events (a snapshot of each on connect).
+ * The server sends a `station` snapshot on connect, then `prompt`, `listeners`, `health`,
+ * `programme` (what plays and why, what comes next, today's schedule, the queue) and `queue`
+ * (suggestions with votes, the skip tally) events.
  * The browser reconnects by itself after a network error; when it gives up (an HTTP error),
  * this retries with a growing delay. `onReconnect` runs after every reconnection so the page
  * can fetch what it may have missed.
@@ -9,7 +11,8 @@
 import { stationUrl } from "./api.js";
 
 export class LiveEvents {
-  /** handlers: {prompt(data), listeners(data), health(data), onState("live"|"reconnecting"), onReconnect()} */
+  /** handlers: {prompt(data), listeners(data), health(data), programme(data), queue(data),
+   *  onState("live"|"reconnecting"), onReconnect()} */
   constructor(handlers) {
     this.handlers = handlers;
     this.source = null;
@@ -36,7 +39,7 @@ export class LiveEvents {
         if (this.source === es) this.connect(stationId);
       }, delay);
     };
-    for (const name of ["station", "prompt", "listeners", "health"]) {
+    for (const name of ["station", "prompt", "listeners", "health", "programme", "queue"]) {
       es.addEventListener(name, (e) => {
         if (this.source !== es) return; // a late event of a station no longer shown
         let data;
