@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -59,7 +60,13 @@ def main() -> int:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     logfile = Path(tempfile.mkdtemp(prefix="bench-soak-")) / "radio-serve.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+    token = secrets.token_hex(16)  # admin: prompt changes beyond the listeners' rate limit
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": str(ROOT),
+        "RADIO_ADMIN_TOKEN": token,
+    }
     cmd = [sys.executable, "-m", "radio.cli", "serve", "--model", str(path)]
     log = open(logfile, "wb")  # noqa: SIM115 - closed at the end
     proc = subprocess.Popen(
@@ -102,7 +109,7 @@ def main() -> int:
             )
             if time.monotonic() >= next_prompt and pending is None:
                 text = PROMPTS[len(prompts) % len(PROMPTS)] + f" {len(prompts)}"
-                post_prompt(base, text)
+                post_prompt(base, text, token=token)
                 pending = (text, time.monotonic())
                 next_prompt += args.prompt_every * 60
         metrics = get_json_metrics(base)
