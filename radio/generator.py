@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from engine.threads import ThreadTuner
 from radio.blending import open_blend, open_text
 from radio.timing import PromptChange, auto_horizon, start_prompt
 
@@ -125,6 +126,7 @@ class Generator:
         # seconds one prefill of a whole context takes: measured when the streams open, then the
         # latest window restart's (read by the loop to place prompt changes; a float is atomic)
         self.prefill_seconds = 0.0
+        self.tuner: ThreadTuner | None = None  # made by the worker thread, for its own threads
         self._commands: queue.Queue[_Command | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -196,6 +198,7 @@ class Generator:
     # ---- worker side --------------------------------------------------------------------
 
     def _run(self) -> None:
+        self.tuner = ThreadTuner()
         lanes = self._open()
         if lanes is None:
             return
@@ -262,7 +265,7 @@ class Generator:
         try:
             if self.faults is not None:
                 self.faults.before_step(sid)
-            pcm = lane.stream.read(self.chunk_frames)  # [C, chunk_frames * hop]
+            pcm = self._read(lane)  # [C, chunk_frames * hop]
         except Exception as e:  # noqa: BLE001 - one station's failure must not stop the others
             log.exception("station %s: generation failed", sid)
             lane.failed = True
@@ -276,6 +279,21 @@ class Generator:
         rtf = self.chunk_frames / self.model.frame_rate / spent
         lane.rtf = rtf if lane.rtf == 0 else (1 - RTF_SMOOTHING) * lane.rtf + RTF_SMOOTHING * rtf
         self._to_loop(self.sink.on_pcm, sid, start, pcm, lane.rtf)
+
+    def _read(self, lane: _Lane) -> np.ndarray:
+        """The lane's next chunk, with the thread count that has been fastest lately (a busy
+        neighbour can make two threads slower than one); a change is logged once."""
+        tuner = self.tuner
+        assert tuner is not None
+        before = tuner.current
+        pcm = tuner.run(lambda: lane.stream.read(self.chunk_frames), units=self.chunk_frames)
+        if tuner.current != before:
+            log.info(
+                "generation now runs on %d thread(s), measured faster on this machine now: %s",
+                tuner.current,
+                tuner.describe(),
+            )
+        return pcm
 
     def _drain(self, lanes: dict[str, _Lane], block: bool) -> bool:
         """Handle queued commands (waiting briefly for one if `block`); False on stop."""

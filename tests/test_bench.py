@@ -174,3 +174,27 @@ def test_contention_benchmark_prints_each_condition(tmp_path):
         r"1 busy process, adaptive",
     ):
         assert re.search(rf"\| {condition} \| [\d.]+ \| x[\d.]+ \|", out), condition
+
+
+def test_load_benchmark_serves_every_client(tmp_path):
+    out = _run("load.py", "--mp3", "20", "--hls", "3", "--seconds", "5", tmp_path=tmp_path)
+    assert re.search(r"\| server CPU, no clients \| [\d.]+ cores \|", out)
+    assert re.search(r"\| serving cost \(the difference\) \| -?[\d.]+ cores \|", out)
+    assert "| MP3 listeners dropped | 0 of 20 |" in out
+    fetched, errors = map(
+        int, re.search(r"HLS segments fetched / errors \| (\d+) / (\d+)", out).groups()
+    )
+    assert fetched > 0 and errors == 0
+
+
+def test_soak_benchmark_samples_and_hears_prompts(tmp_path):
+    out = _run(
+        "soak.py",
+        *("--size", "tiny", "--minutes", "0.4", "--every", "3", "--prompt-every", "0.1"),
+        tmp_path=tmp_path,
+    )
+    assert re.search(r"\| RSS first / last / peak sample \| \d+ / \d+ / \d+ MB \|", out)
+    assert re.search(r"\| real-time factor, median / min of \d+ samples \| [\d.]+ / [\d.]+ \|", out)
+    assert re.search(
+        r"\| prompt changes heard, median / max of [1-9]\d* \| [\d.]+ / [\d.]+ s \|", out
+    )

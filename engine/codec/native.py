@@ -9,12 +9,13 @@ once per machine, PyTorch version and source digest) lands in PyTorch's extensio
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
 import time
 from pathlib import Path
+
+from engine.extensions import build, source_digest
 
 log = logging.getLogger(__name__)
 
@@ -49,26 +50,16 @@ def get():
 
 
 def _source_hash() -> str:
-    digest = hashlib.sha256()
-    for name in (_SOURCE.name, *_HEADERS):
-        digest.update(_SOURCE.with_name(name).read_bytes())
-    return digest.hexdigest()[:12]
+    """A digest of the sources (`engine.extensions.source_digest`)."""
+    return source_digest(_SOURCE.parent, [_SOURCE.with_name(n) for n in (_SOURCE.name, *_HEADERS)])
 
 
 def _build():
     reason = unavailable_reason()
     if reason is None:
         try:
-            from torch.utils.cpp_extension import load
-
             started = time.monotonic()
-            module = load(
-                name=f"endless_radio_codec_{_source_hash()}",
-                sources=[str(_SOURCE)],
-                extra_cflags=_FLAGS,
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
+            module = build(f"endless_radio_codec_{_source_hash()}", _SOURCE, _FLAGS)
             log.info("codec kernels ready in %.1f s", time.monotonic() - started)
             return module
         except Exception as exc:  # a missing compiler or headers: say so, run PyTorch's ops

@@ -28,13 +28,14 @@ extension cache (`TORCH_EXTENSIONS_DIR` moves it). The kernels release the GIL.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from engine.extensions import build, source_digest
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +125,7 @@ def headers() -> list[Path]:
 def _source_hash() -> str:
     """A digest of the kernel sources: PyTorch's build cache does not look at included headers,
     so the module's name changes with them and a changed header is never served stale."""
-    digest = hashlib.sha256()
-    for path in (_SOURCE, *headers()):
-        digest.update(str(path.relative_to(_FOLDER)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]
+    return source_digest(_FOLDER, [_SOURCE, *headers()])
 
 
 def syntax_check_command(variant: Variant) -> list[str]:
@@ -147,16 +144,12 @@ def _build():
     variant, reason = choose_variant()
     if variant is not None:
         try:
-            from torch.utils.cpp_extension import load
-
             started = time.monotonic()
             log.info("building the CPU decode kernels (%s; once per machine: ~40 s)", variant.name)
-            module = load(
-                name=f"endless_radio_cpu_{variant.name}_{_source_hash()}",
-                sources=[str(_SOURCE)],
-                extra_cflags=variant.compile_flags(),
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
+            module = build(
+                f"endless_radio_cpu_{variant.name}_{_source_hash()}",
+                _SOURCE,
+                variant.compile_flags(),
             )
             log.info(
                 "CPU decode kernels (%s) ready in %.1f s", module.isa(), time.monotonic() - started

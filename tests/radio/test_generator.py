@@ -230,3 +230,12 @@ async def test_stop_ends_the_thread(run):
     await sink.until(lambda: len(sink.calls) >= 1)
     gen.stop()
     assert not gen.alive
+
+
+async def test_chunks_are_read_through_the_thread_tuner(run):
+    gen, sink = await run(FakeModel(), ("a",), buffer_ahead=1.0)
+    await sink.until(lambda: len(sink.pcm("a")) == 5)
+    tuner = gen.tuner
+    assert tuner is not None and tuner.current in tuner.counts
+    # the second chunk already measured another count where there is one to try
+    assert len(tuner.cost) == min(2, len(tuner.counts))
