@@ -2,14 +2,19 @@
 
     python bench/bench_serve.py                              # musicgen-small shapes, ~2 min
     python bench/bench_serve.py --size tiny --seconds 8      # CI smoke run
+    python bench/bench_serve.py --boundary                   # ... and a scheduled slot boundary
 
 Starts `radio serve --model DIR` with the default settings (on a CPU: int8 decoder, int8 KV
 cache, our kernels), plays the MP3 mount into ffmpeg as a listener (when ffmpeg is installed),
 and every few seconds reads the station's health from the API: the generator's real-time factor
 (seconds of audio per second of generating), the audio buffered ahead of the clock, and the
 underruns (times the buffer ran dry and the bridge played). A third of the way in it posts a prompt
-change and reports when the new prompt was heard. Everything the encoders, the clock and the
-HTTP server cost on the same cores is included: this is the figure a café gets.
+change and reports when the new prompt was heard. With `--boundary` the station also runs a
+schedule whose slot starts at the first whole minute two thirds of the way in (the run is
+stretched to reach it): the director sends the slot's prompt ahead, and the figure is how long
+after the boundary its first sample left the loudness stage (`schedule_lag_seconds`; 0 = on the
+dot) and the underruns around it. Everything the encoders, the clock and the HTTP server cost on
+the same cores is included: this is the figure a café gets.
 
 Random-weight models are built once into ./models (or $BENCH_MODELS), as by bench_engine.py.
 """
@@ -17,6 +22,9 @@ Random-weight models are built once into ./models (or $BENCH_MODELS), as by benc
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
+import math
 import os
 import shutil
 import statistics
@@ -30,7 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_engine import model_dir, say  # noqa: E402
-from tests.helpers import free_port, get_json, post_prompt, wait_healthy  # noqa: E402
+from tests.helpers import call, free_port, get_json, post_prompt, wait_healthy  # noqa: E402
+
+ADMIN_TOKEN = "bench-serve-admin-token"
 
 
 def health(base: str) -> dict:
@@ -42,6 +52,9 @@ def main() -> int:
     parser.add_argument("--size", choices=("small", "tiny"), default="small")
     parser.add_argument("--seconds", type=float, default=90.0, help="how long to listen")
     parser.add_argument("--every", type=float, default=5.0, help="seconds between health samples")
+    parser.add_argument(
+        "--boundary", action="store_true", help="also time a scheduled slot boundary"
+    )
     args = parser.parse_args()
 
     path = model_dir(args.size)
@@ -51,6 +64,11 @@ def main() -> int:
     log = open(logdir / "radio-serve.log", "wb")  # noqa: SIM115 - closed at the end
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "radio.cli", "serve", "--model", str(path)]
+    boundary: float | None = None
+    if args.boundary:  # the admin puts a slot in the schedule once the radio is up
+        config = logdir / "radio.toml"
+        config.write_text(f'[security]\nadmin_token = "{ADMIN_TOKEN}"\n')
+        cmd += ["--config", str(config)]
     proc = subprocess.Popen(
         [*cmd, "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=log, env=env
     )
@@ -58,6 +76,11 @@ def main() -> int:
     try:
         say(f"radio serve --model {path} on port {port} (log: {logdir / 'radio-serve.log'}) ...")
         wait_healthy(base, timeout=300, proc=proc)
+        if args.boundary:  # a slot from the first whole minute 2/3 of the way in (UTC)
+            boundary = math.ceil((time.time() + args.seconds * 2 / 3) / 60) * 60
+            _put_slot(base, boundary)
+            args.seconds = max(args.seconds, boundary - time.time() + 3 * args.every)
+            say(f"  a slot starts at {_hhmm(boundary)} UTC: listening {args.seconds:.0f} s")
         if shutil.which("ffmpeg"):
             listener = subprocess.Popen(
                 [
@@ -103,6 +126,7 @@ def main() -> int:
             time.sleep(0.5)
             h = health(base)
         underruns = h["underruns"] - start_underruns
+        lag = h.get("schedule_lag_seconds") if boundary is not None else None
         say("")
         say("| what | figure |")
         say("| --- | --- |")
@@ -123,6 +147,9 @@ def main() -> int:
                 f"{latency:.2f} s, underruns after it: "
                 f"{h['underruns'] - prompt['underruns_before']} |"
             )
+        if boundary is not None:
+            heard = "never heard" if lag is None else f"heard {lag:+.2f} s after it was due"
+            say(f"| scheduled slot boundary ({_hhmm(boundary)} UTC) | {heard} |")
         return 0
     finally:
         if listener is not None:
@@ -131,6 +158,28 @@ def main() -> int:
         proc.terminate()
         proc.wait(30)
         log.close()
+
+
+def _hhmm(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%H:%M")
+
+
+def _put_slot(base: str, boundary: float) -> None:
+    """A 30-minute slot from `boundary` in the station's schedule (the admin API, checked like
+    the config); before it the station plays its own prompt."""
+    slot = {
+        "start": _hhmm(boundary),
+        "end": _hhmm(boundary + 1800),
+        "prompts": ["slow rainy-day jazz with brushes"],
+    }
+    status, _, body = call(
+        "PUT",
+        f"{base}/api/stations/main/schedule",
+        json.dumps({"schedule": [slot]}).encode(),
+        {"Content-Type": "application/json", "Authorization": f"Bearer {ADMIN_TOKEN}"},
+    )
+    if status != 200:
+        raise RuntimeError(f"the schedule was refused: {body}")
 
 
 if __name__ == "__main__":
