@@ -23,7 +23,7 @@ from the Unix epoch). A **skip** vote that passes ends a listener's hold or prom
 the rotation on to its next item, which then gets a full period; pins, admin prompts and clips
 cannot be skipped, nor a slot with a single prompt.
 
-How the station's loop will call it (the wiring comes later; `clock` is `time.time`):
+How the station's loop calls it (`radio.programme_runner`; `clock` is `time.time`):
 
     director = Director.from_state(station_config, saved or None)   # or Director(station_config)
     first = director.start()                                   # the blend to open the stream with
