@@ -1,0 +1,58 @@
+"""The README and config.toml name every config key a user can set (the config's dataclasses are
+the truth), and every benchmark script the README quotes exists."""
+
+import dataclasses
+import re
+from pathlib import Path
+
+from radio import config as cfg
+from radio.programme.options import SlotConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+CONFIG_TOML = (ROOT / "config.toml").read_text()
+
+
+def sections() -> dict[str, type]:
+    found = {
+        "server": cfg.ServerConfig,
+        "model": cfg.ModelConfig,
+        "generation": cfg.GenerationConfig,
+        "audio": cfg.AudioConfig,
+        "hls": cfg.HlsConfig,
+        "security": cfg.SecurityConfig,
+        "stations": cfg.StationConfig,
+        "stations.icecast": cfg.IcecastConfig,
+        "stations.schedule": SlotConfig,
+    }
+    for field in dataclasses.fields(cfg.Config):  # sections added later, e.g. [clips]
+        kind = field.default_factory if callable(field.default_factory) else None
+        if field.name not in found and dataclasses.is_dataclass(kind):
+            found[field.name] = kind
+    return found
+
+
+def test_every_config_key_is_in_the_readme_and_config_toml():
+    missing_readme, missing_toml = [], []
+    for section, kind in sections().items():
+        for field in dataclasses.fields(kind):
+            if field.name in ("icecast", "schedule") and section == "stations":
+                continue  # tables of their own
+            if f"`{field.name}`" not in README:
+                missing_readme.append(f"{section}.{field.name}")
+            if not re.search(rf"^#? ?{field.name} *=", CONFIG_TOML, re.M):
+                missing_toml.append(f"{section}.{field.name}")
+    assert not missing_readme, f"README lacks: {missing_readme}"
+    assert not missing_toml, f"config.toml lacks: {missing_toml}"
+
+
+def test_every_bench_script_the_readme_runs_exists():
+    scripts = set(re.findall(r"python (bench/[\w/]+\.py)", README))
+    assert scripts, "the README quotes no benchmark command"
+    for script in scripts:
+        assert (ROOT / script).exists(), script
+
+
+def test_the_readme_links_to_docs_that_exist():
+    for link in set(re.findall(r"\]\((docs/[\w.-]+\.md)\)", README)):
+        assert (ROOT / link).exists(), link
