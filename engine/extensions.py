@@ -2,7 +2,8 @@
 `cpp_extension.load`, the same way for each.
 
 The module's name carries a digest of its sources, headers included (PyTorch's build cache looks
-only at the listed sources), so a changed header is never served stale. PyTorch serialises
+only at the listed sources), so a changed header is never served stale, and of their folder, so
+that two checkouts never fight over one build. PyTorch serialises
 builds of one module with a lock file that the building process removes when it is done; a
 build that was killed leaves the lock behind and every later process would wait on it forever.
 `build` removes a lock older than `STALE_LOCK_SECONDS` (a build takes about a minute, a few on
@@ -22,8 +23,11 @@ STALE_LOCK_SECONDS = 600.0
 
 
 def source_digest(root: Path, paths: list[Path]) -> str:
-    """12 hex digits over the files' names (relative to `root`) and bytes."""
-    digest = hashlib.sha256()
+    """12 hex digits over the files' folder, names (relative to `root`) and bytes. The folder
+    is in it because PyTorch rebuilds a module whose sources moved: two checkouts of the same
+    sources would otherwise take turns rebuilding one module, each build waiting on the other's
+    lock."""
+    digest = hashlib.sha256(str(root.resolve()).encode())
     for path in paths:
         digest.update(str(path.relative_to(root)).encode())
         digest.update(path.read_bytes())

@@ -33,3 +33,12 @@ def test_source_digest_follows_names_and_bytes(tmp_path):
     b.write_text("int z;")
     assert extensions.source_digest(tmp_path, [a, b]) != first
     assert extensions.source_digest(tmp_path, [Path(a)]) != extensions.source_digest(tmp_path, [b])
+
+
+def test_source_digest_differs_between_checkouts(tmp_path):
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "a.h").write_text("int x;")
+    one = extensions.source_digest(tmp_path / "one", [tmp_path / "one" / "a.h"])
+    two = extensions.source_digest(tmp_path / "two", [tmp_path / "two" / "a.h"])
+    assert one != two
