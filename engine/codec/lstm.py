@@ -59,7 +59,8 @@ def _float16_unit_major(lstm: nn.LSTM) -> list[torch.Tensor] | None:
     """Each layer's W_hh [4H, H] (gate-major i|f|g|o) as float16 [4H, H] unit-major (row 4j + q
     = gate q of unit j), if every weight is a float16 value; else None."""
     weights = [getattr(lstm, f"weight_hh_l{i}").detach() for i in range(lstm.num_layers)]
-    versions = tuple(w._version for w in weights)
+    # inference tensors (a model loaded under torch.inference_mode) have no version counter
+    versions = tuple(None if w.is_inference() else w._version for w in weights)
     cached = _FLOAT16.get(lstm)
     if cached is not None and cached[0] == versions:
         return cached[1]

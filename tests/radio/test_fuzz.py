@@ -258,7 +258,7 @@ def json_cases() -> list[Case]:
         ('{"prompt": 1e999}', (400, "out of range")),
         ('{"prompt": ' + "1" * 4050 + "}", (400, "must be a string")),  # big, in MAX_BODY
         ('{"prompt": "a", "prompt": "b"}', (400, "appears twice")),
-        ('{"prompt": []}', (400, "must be a string")),
+        ('{"prompt": []}', (400, "must hold at least one {text, weight}")),
         ('{"prompt": {}}', (400, "must be a string")),
         ('{"prompt": true}', (400, "must be a string")),
         ('{"prompt": null}', (400, "must be a string")),
