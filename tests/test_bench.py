@@ -185,6 +185,8 @@ def test_load_benchmark_serves_every_client(tmp_path):
         int, re.search(r"HLS segments fetched / errors \| (\d+) / (\d+)", out).groups()
     )
     assert fetched > 0 and errors == 0
+    lagging, stalled = map(int, re.search(r"lagging / stalled .*\| (\d+) / (\d+) \|", out).groups())
+    assert lagging <= 1 and stalled == 0  # at most the slow listener (5 s may be too short for it)
 
 
 def test_soak_benchmark_samples_and_hears_prompts(tmp_path):
