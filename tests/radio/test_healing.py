@@ -135,9 +135,7 @@ async def test_a_reopen_that_fails_waits_longer(run, caplog):
     clock.advance(2.0)
     await sink.until(lambda: len(sink.pcm("a")) == 5)
     assert sink.of("reopened") == [0]
-    assert messages(caplog, "radio.generator") == [
-        "a prefill of the whole context takes 0.25 s: prompt changes start at least 1.0 s "
-        "ahead (prompt_horizon auto)",
+    assert [m for m in messages(caplog, "radio.generator") if m.startswith("station a:")] == [
         "station a: generation failed (InjectedFault: injected fault); reopening it from its "
         "recent tokens in 1 s (failure 1 in a row)",
         "station a: reopening failed (InjectedFault: injected reopen fault); reopening it from "
@@ -233,7 +231,7 @@ async def test_the_first_chunk_is_not_watched_for_stalls(run):
     gen, sink = await run(FakeModel(), ("a",), faults=faults, clock=clock)
     await asyncio.sleep(0.1)
     assert gen.busy is None and gen.chunks == 0
-    await sink.until(lambda: len(sink.pcm("a")) == 1)
+    await sink.until(lambda: len(sink.pcm("a")) >= 1)
 
 
 def test_a_generator_that_never_started_is_not_running_and_not_restarted():
