@@ -10,12 +10,15 @@ config cannot reach."""
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import re
 import threading
 import time
 import urllib.request
 
+import av
+import numpy as np
 import pytest
 
 from radio.generator import Generator
@@ -242,6 +245,48 @@ def test_a_generator_that_never_started_is_not_running_and_not_restarted():
     gen.stop()
 
 
+# ---- the loop side: the station's health and buffer ---------------------------------------
+
+
+def test_the_station_sink_keeps_failures_reopens_and_re_anchors_in_the_health():
+    from types import SimpleNamespace
+
+    from engine.options import SamplingOptions
+    from radio.config import StationConfig
+    from radio.generator import Reanchor
+    from radio.healing import Failure
+    from radio.service import StationSink
+    from radio.station import Station
+    from radio.watchdog import Problem
+
+    st = Station(StationConfig(), 0, 1, SamplingOptions())
+    sink = StationSink(
+        SimpleNamespace(stations={"main": st}, hop=640, frame_rate=50, sample_rate=32000)
+    )
+    sink.on_pcm("main", 0, np.ones((1, 6400), np.float32), 2.0)
+    sink.on_failure("main", Failure("generation failed (RuntimeError: boom)", 1, 2.0))
+    h = st.health_json()
+    assert (h["failures"], h["reopens"], h["error"]) == (
+        1,
+        0,
+        "generation failed (RuntimeError: boom)",
+    )
+    assert 1.9 < h["retry_in_seconds"] <= 2.0 and st.health.down
+    st.buffer.take(6400)  # the clock played it all (the bridge plays now)
+    sink.on_reopened("main", 30)  # a batched stream went on later than it stopped
+    assert st.buffer.head == st.buffer.tail == 30 * 640 and not st.health.down
+    sink.on_pcm("main", 30, np.ones((1, 6400), np.float32), 2.0)
+    assert len(st.buffer) == 6400  # follows without a resync
+    h = st.health_json()
+    assert (h["reopens"], h["retry_in_seconds"], h["error"]) == (1, None, None)
+    sink.on_reanchored("main", Reanchor(Problem("loop", "a loop: ..."), 35, 1.0))
+    assert st.buffer.tail == 35 * 640  # what followed the re-anchor's frame is dropped
+    h = st.health_json()
+    assert h["reanchors"] == 1 and st.health.reanchors == {"loop": 1}
+    last = h["last_reanchor"]
+    assert (last["problem"], last["detail"], last["stream_seconds"]) == ("loop", "a loop: ...", 0.7)
+
+
 # ---- live: the tiny model behind a real server ---------------------------------------------
 
 
@@ -254,11 +299,11 @@ def metric(base: str, name: str, labels: str = "") -> float:
 
 
 class Listener:
-    """An MP3 listener in a thread: when each piece of the body arrived."""
+    """An MP3 listener in a thread: what it got, and when each piece arrived."""
 
     def __init__(self, base: str) -> None:
         self.arrivals: list[float] = []
-        self.bytes = 0
+        self.data = bytearray()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._listen, args=(base,), daemon=True)
         self._thread.start()
@@ -270,7 +315,7 @@ class Listener:
                 if not b:
                     return
                 self.arrivals.append(time.monotonic())
-                self.bytes += len(b)
+                self.data.extend(b)
 
     def stop(self) -> float:
         """Stop; the longest gap between two pieces, in seconds."""
@@ -280,10 +325,21 @@ class Listener:
         return max(gaps, default=float("inf"))
 
 
+def loudness_per_100_ms(mp3: bytes) -> np.ndarray:
+    """dBFS of each 100 ms of the decoded MP3 (44.1 kHz), the first 0.5 s and the end left out."""
+    with av.open(io.BytesIO(mp3), format="mp3") as f:
+        pcm = np.concatenate([fr.to_ndarray().reshape(-1) for fr in f.decode(audio=0)])
+    win = 4410
+    rms = np.sqrt(np.mean(pcm[: len(pcm) // win * win].reshape(-1, win) ** 2, axis=1))
+    assert len(rms) > 40, f"only {len(rms) / 10:.1f} s of audio"
+    return 20 * np.log10(rms[5:-2] + 1e-9)
+
+
 def test_a_failing_station_heals_while_the_mp3_listener_keeps_playing(radio_factory, caplog):
     caplog.set_level(logging.INFO, "radio")
     faults = FaultInjector()
-    radio = radio_factory(faults=faults)
+    # a 1 s buffer: the 3 s the station is down are bridged
+    radio = radio_factory(faults=faults, generation={"buffer_ahead": 1.0, "seed": 5})
     base, st = radio.base_url, radio.radio.stations["main"]
     listener = Listener(base)
     time.sleep(1.0)
@@ -310,9 +366,13 @@ def test_a_failing_station_heals_while_the_mp3_listener_keeps_playing(radio_fact
     wait_until(lambda: metric(base, "radio_station_down", '{station="main"}') == 1.0, 5, "down")
     wait_until(lambda: st.health.reopens == 2 and not st.health.down, 10, "two reopens")
     wait_until(lambda: call("GET", f"{base}/healthz")[0] == 200, 10, "/healthz 200 again")
+    wait_until(lambda: not st.health.bridging, 10, "live audio again")
+    time.sleep(0.5)
     gap = listener.stop()
     assert gap < 1.0, f"the MP3 stream stalled for {gap:.1f} s"
-    assert listener.bytes > 16000 * 4  # 128 kbit/s for the 4 s or more it played
+    assert st.health.underruns >= 1  # the listener heard the bridge meanwhile ...
+    dbfs = loudness_per_100_ms(bytes(listener.data))
+    assert dbfs.min() > -40, f"quietest 100 ms: {dbfs.min():.1f} dBFS"  # ... never silence
     health = call("GET", f"{base}/api/stations/main")[2]["health"]
     assert (health["failures"], health["reopens"], health["retry_in_seconds"]) == (2, 2, None)
     assert health["error"] is None
