@@ -5,6 +5,7 @@
     pcm = stream.read(50)                      # [channels, 50 * 640] float32: one second
     stream.set_prompt("fast drum and bass", from_frame=stream.frame)
     stream.seed(model.encode_clip(data).tokens, "jazz")  # go on from an uploaded clip
+    stream.restart(context_frames=50)          # re-prefill from its own last second
     a, b = model.open_streams(["jazz", "rock"])  # stations sharing every decoder step
     pcm_a, pcm_b = read_together([a, b], 10)   # ... and one batched codec decode
 
@@ -244,12 +245,7 @@ class AudioStream:
     def set_prompt(self, text: str, from_frame: int | None = None) -> int:
         """Hear `text` from `from_frame` on (default: the next frame read). A frame before
         `self.frame` rewinds: read() then continues from the returned frame."""
-        frame = self.frame if from_frame is None else from_frame
-        if frame < self.frame - REWIND_FRAMES:
-            raise ValueError(
-                f"from_frame {frame} is more than {REWIND_FRAMES} frames before the stream "
-                f"position {self.frame}"
-            )
+        frame = self._rewind_to(from_frame)
         began = time.perf_counter()
         heard = self.tokens.set_prompt(self.model.encode_prompt(text), frame)
         log.debug("prompt change prefill took %.3f s", time.perf_counter() - began)
@@ -265,18 +261,64 @@ class AudioStream:
         were `tokens` [K, T] (`MusicModel.encode_clip(...).tokens`), with `prompt` (None: the
         current one): audiocraft's `generate_continuation` in a running stream. What was heard
         stays heard; frames before the returned one can no longer be rewound to."""
-        frame = self.frame if from_frame is None else from_frame
-        if frame < self.frame - REWIND_FRAMES:
-            raise ValueError(
-                f"from_frame {frame} is more than {REWIND_FRAMES} frames before the stream "
-                f"position {self.frame}"
-            )
+        frame = self._rewind_to(from_frame)
         condition = None if prompt is None else self.model.encode_prompt(prompt)
         heard = self.tokens.seed(tokens, condition, frame)
         if prompt is not None:
             self.prompt = prompt
         self.frame = min(self.frame, heard)
         return heard
+
+    @torch.inference_mode()
+    def restart(
+        self,
+        from_frame: int | None = None,
+        *,
+        context_frames: int | None = None,
+        prompt: str | None = None,
+    ) -> int:
+        """Re-prefill from the stream's own recent tokens and go on from `from_frame` (default:
+        the next frame read): the last `context_frames` frames before it are the decoder's
+        context (default: a window's `context`, what a window restart takes; 0: none, a fresh
+        start from the prompt alone), with `prompt` (None: the current one). A `seed` of the
+        stream's own frames: after a step that raised, the KV cache and pending positions are
+        rebuilt from what was made; a short context leaves a stuck passage (the radio's music
+        watchdog). Frames before the returned one can no longer be rewound to.
+
+        A stream of a batch goes on generating while it is not read; when the frames before
+        `from_frame` are no longer kept, it goes on from the earliest frame it still can decode
+        (later than asked). Returns the frame the new audio begins at."""
+        frame = self._rewind_to(from_frame)
+        offset = self.tokens.history()[1]
+        if offset > 0:
+            frame = max(frame, offset + self.codec.context)
+        condition = None if prompt is None else self.model.encode_prompt(prompt)
+        heard = self.tokens.restart(frame, context_frames, condition)
+        if prompt is not None:
+            self.prompt = prompt
+        self.frame = heard
+        return heard
+
+    def token_frames(self, start: int, stop: int) -> np.ndarray:
+        """The stream's frames [start, stop) as int64 [K, stop - start] (a copy), for example
+        the ones `read` just decoded; ValueError when they are not (or no longer) kept."""
+        codes, offset = self.tokens.history()
+        if not offset <= start <= stop <= offset + codes.shape[1]:
+            raise ValueError(
+                f"frames [{start}, {stop}) are not kept (kept: [{offset}, "
+                f"{offset + codes.shape[1]}))"
+            )
+        return codes[:, start - offset : stop - offset].numpy().copy()
+
+    def _rewind_to(self, from_frame: int | None) -> int:
+        """`from_frame` (None: the next frame read), if it is not too far back to rewind to."""
+        frame = self.frame if from_frame is None else from_frame
+        if frame < self.frame - REWIND_FRAMES:
+            raise ValueError(
+                f"from_frame {frame} is more than {REWIND_FRAMES} frames before the stream "
+                f"position {self.frame}"
+            )
+        return frame
 
     @torch.inference_mode()
     def set_sampling(self, sampling: SamplingOptions) -> None:

@@ -6,7 +6,9 @@ so when a window is full the stream restarts positions at 0 and re-prefills the 
 frames as a prompt: `generate_continuation` on tokens, the same as passing them to the
 reference's `generate(decoder_input_ids=...)`. No audio is re-encoded, so nothing is lost at a
 join. A prompt change is the same continuation with new text, from a chosen frame. A seed
-(`seed`) is one whose context is given tokens (an uploaded clip) instead of the frames before.
+(`seed`) is one whose context is given tokens (an uploaded clip) instead of the frames before;
+a restart (`restart`) is a seed of the stream's own last frames, as many as asked (none: the text
+alone): after a step that raised, or to leave a stuck passage with a short, fresh context.
 
 Frames are numbered from the start of the stream. `history()` holds the last frames (enough for
 rewinds, re-prefills and the codec's left context); older ones are forgotten, so memory is flat.
@@ -125,6 +127,35 @@ class TokenStream:
             raise ValueError(
                 f"seed frames must be [{self.num_codebooks}, T >= 1], got {list(frames.shape)}"
             )
+        return self._continue_from(frames, condition, from_frame)
+
+    @torch.inference_mode()
+    def restart(
+        self,
+        from_frame: int,
+        context_frames: int | None = None,
+        condition: TextCondition | None = None,
+    ) -> int:
+        """Re-prefill from the stream's own frames: continue from `from_frame` (at most the frames
+        made) with the last `context_frames` (default: the window's `context`; 0: none, the text
+        alone) of what a window restart there would continue from, and `condition` (None: the
+        current one). A seed of the stream's own recent tokens: the KV cache and the pending
+        positions are rebuilt, the frames before `from_frame` stay. Returns `from_frame`."""
+        keep = self.window.context if context_frames is None else context_frames
+        if not 0 <= keep <= self.window.context:
+            raise ValueError(f"context_frames must be in [0, {self.window.context}], got {keep}")
+        if from_frame > self.complete:
+            raise ValueError(f"from_frame {from_frame} is beyond the frames made ({self.complete})")
+        self._check_rewind(from_frame)
+        self._truncate(from_frame)
+        context = self._context()  # [K, <= context]: fewer when older frames are gone
+        recent = context[:, max(context.shape[1] - keep, 0) :]
+        return self._continue_from(recent, condition, from_frame)
+
+    def _continue_from(
+        self, frames: torch.Tensor, condition: TextCondition | None, from_frame: int
+    ) -> int:
+        """`seed` and `restart`: frames [K, S >= 0] become the decoder's context at `from_frame`."""
         self._check_rewind(from_frame)
         self.generate_until(from_frame)
         self._truncate(from_frame)

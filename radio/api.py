@@ -5,7 +5,9 @@
   plays and why, a transition, what comes next, today's schedule, the queue with votes).
 - Prompts, suggestions, votes, skips, pins, schedules and clips: `radio.programme_api`.
 - `POST /api/stations/{id}/sampling` `{"temperature": 0.9, ...}`: admin only.
-- `GET /healthz`: 200 when every station plays, 503 (with the reason) otherwise.
+- `GET /healthz`: 200 when every station plays, 503 (with the reasons) otherwise: a station
+  down until its reopen, a generator thread that died, a generation step that made no progress
+  for `generation.stall_seconds` (`radio.healing`), a clock that stopped ticking.
 
 Every error is JSON `{"error": "..."}` with a 4xx/5xx status, CORS included, input bounded before
 use (`radio.middleware`, `radio.jsonbody`, `radio.cors`). The routes are declared in
@@ -128,12 +130,13 @@ async def post_sampling(request: web.Request) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     radio = request.app[RADIO]
-    problems = []
-    if not radio.generator.alive:
-        problems.append("the generator thread is not running")
+    problems = radio.supervisor.problems()  # a dead generator thread, a stalled step
     now = time.monotonic()
     for st in radio.stations.values():
-        if st.health.error:
+        retry_in = st.health.retry_in(now)
+        if retry_in is not None:
+            problems.append(f"{st.id}: {st.health.error}; reopening it in {retry_in:.0f} s")
+        elif st.health.error:
             problems.append(f"{st.id}: {st.health.error}")
         elif not st.health.started:
             problems.append(f"{st.id}: starting (filling its buffer)")

@@ -5,7 +5,8 @@
 state file, which says what the station opens with), its `PromptTimeline`, its loudness stage,
 its MP3 mount, its HLS output and its Icecast source; one `Generator` for all of them. The
 background work lives in `cleanup_ctx`: on start-up the generator thread, one clock task and one
-programme task per station, the Icecast relays, the state saver and the heartbeat start; on shutdown the listeners and event streams are closed
+programme task per station, the Icecast relays, the state saver, the heartbeat and the
+generator's supervisor (`radio.healing`) start; on shutdown the listeners and event streams are closed
 first (so Ctrl-C never waits on a player), then the tasks stop and the worker thread is joined.
 
 Per station: generator thread -> station buffer -> clock -> loudness -> MP3 mount and HLS
@@ -28,6 +29,7 @@ from radio import cors, metrics, quietlog, restarts
 from radio.clock import Output, StationClock
 from radio.config import Config, StationConfig
 from radio.generator import Generator, StationSpec
+from radio.healing import Supervisor
 from radio.hls import HlsSegmenter
 from radio.hls_output import HlsOutput
 from radio.icecast import IcecastSource
@@ -119,6 +121,7 @@ def build_radio(
         ],
         buffer_ahead=g.buffer_ahead,
         chunk_frames=max(1, round(g.chunk_seconds * model.frame_rate)),
+        watchdog=config.watchdog,
         faults=faults,
     )
     a = config.audio
@@ -146,6 +149,7 @@ def build_radio(
         model=model,
         stations=stations,
         generator=generator,
+        supervisor=Supervisor(generator, g.stall_seconds),
         timing=timing,
         programmes=programmes,
         clips=ClipReader(config.clips, model),
@@ -235,6 +239,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         saver = restarts.keep_saving(radio.store, radio.stations, radio.hls, radio.programmes)
         tasks.append(asyncio.create_task(saver, name="state"))
     tasks.append(asyncio.create_task(_heartbeat(radio.stations), name="heartbeat"))
+    tasks.append(asyncio.create_task(radio.supervisor.run(), name="supervisor"))
     try:
         yield
     finally:

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from engine.clip import ClipLimits
 
 ADMIN_TOKEN_ENV = "RADIO_ADMIN_TOKEN"
+FRAME_RATE = 50  # MusicGen frames per second (every model: EnCodec 32 kHz, hop 640)
 _STATION_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 
 
@@ -105,6 +106,9 @@ class GenerationConfig:
     # a new prompt starts this many seconds after the moment being played; -1 = auto: at least
     # 0.5 s, and long enough for the engine's measured prefill, so the stream never falls behind
     prompt_horizon: float = -1.0
+    # a generation step that makes no progress for this long marks /healthz 503 with the
+    # reason, so that Docker (with autoheal) or systemd restarts the radio
+    stall_seconds: float = 60.0
 
     def validate(self) -> None:
         self.sampling_options()
@@ -123,6 +127,10 @@ class GenerationConfig:
         if not (0 <= self.prompt_horizon <= 10 or self.prompt_horizon == -1):
             raise ValueError(
                 f"prompt_horizon: must be -1 (auto) or in [0, 10] seconds, got {self.prompt_horizon}"
+            )
+        if not 1 <= self.stall_seconds <= 3600:
+            raise ValueError(
+                f"stall_seconds: must be in [1, 3600] seconds, got {self.stall_seconds}"
             )
 
     def sampling_options(self, station_index: int = 0) -> SamplingOptions:
@@ -244,6 +252,37 @@ class ClipsConfig:
 
 
 @dataclass(frozen=True)
+class WatchdogConfig:
+    """`[watchdog]`: the music watchdog (`radio.watchdog`): silence, a stuck loop or a collapsed
+    codebook, each answered by re-anchoring the station on a short, fresh context."""
+
+    enabled: bool = True  # watch every station's music and re-anchor it when it goes wrong
+    silence_db: float = -60.0  # audio quieter than this (dBFS, RMS of each 20 ms) is silent ...
+    silence_seconds: float = 5.0  # ... and this long of it in a row is a problem
+    loop_seconds: float = 20.0  # the stretch of recent music the loop detector looks at
+    loop_share: float = 0.6  # a loop: this share of that stretch repeats blocks of tokens in it
+    collapse_seconds: float = 10.0  # the stretch the collapse detector looks at
+    collapse_tokens: int = 6  # a collapse: a codebook used fewer distinct tokens in that stretch
+    context_seconds: float = 1.0  # recent music a re-anchor goes on from; 0 = none (prompt alone)
+    crossfade_seconds: float = 0.5  # the old music fades into the re-anchored music over this long
+
+    def validate(self) -> None:
+        _in_range("silence_db", self.silence_db, -120, -20, " dBFS")
+        _in_range("silence_seconds", self.silence_seconds, 0.5, 300, " seconds")
+        _in_range("loop_seconds", self.loop_seconds, 2, 300, " seconds")
+        _in_range("loop_share", self.loop_share, 0.05, 1, "")
+        _in_range("collapse_seconds", self.collapse_seconds, 0.5, 300, " seconds")
+        _in_range("collapse_tokens", self.collapse_tokens, 2, 256, "")
+        _in_range("context_seconds", self.context_seconds, 0, 10, " seconds")
+        _in_range("crossfade_seconds", self.crossfade_seconds, 0, 5, " seconds")
+
+
+def _in_range(key: str, value: float, low: float, high: float, unit: str) -> None:
+    if not low <= value <= high:
+        raise ValueError(f"{key}: must be in [{low}, {high}]{unit}, got {value}")
+
+
+@dataclass(frozen=True)
 class IcecastConfig:
     """`[stations.icecast]`: also push this station to an Icecast2 server as a source."""
 
@@ -322,6 +361,7 @@ class Config:
     hls: HlsConfig = field(default_factory=HlsConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     clips: ClipsConfig = field(default_factory=ClipsConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     stations: tuple[StationConfig, ...] = (StationConfig(),)
 
     def station(self, station_id: str) -> StationConfig:
@@ -355,6 +395,7 @@ def parse_config(data: dict[str, Any], env: Mapping[str, str] | None = None) -> 
     if token and not config.security.admin_token:
         config = with_overrides(config, security={"admin_token": token})
     _check_stations(config.stations)
+    _check_watchdog(config)
     return dataclasses.replace(config, stations=_icecast_passwords(config.stations, env))
 
 
@@ -438,6 +479,16 @@ def programme_settings(station: StationConfig) -> dict[str, Any]:
         for slot in station.schedule
     ]
     return out
+
+
+def _check_watchdog(config: Config) -> None:
+    """A re-anchor's context must fit in the context a window restart takes."""
+    most = config.generation.context / FRAME_RATE
+    if config.watchdog.context_seconds > most:
+        raise ConfigError(
+            f"watchdog.context_seconds: must be at most generation.context ({most:g} s), "
+            f"got {config.watchdog.context_seconds}"
+        )
 
 
 def _check_stations(stations: tuple[StationConfig, ...]) -> None:

@@ -5,18 +5,30 @@ stations are opened together (`MusicModel.open_streams`): they share every decod
 reading one station's stream advances all of them. The worker reads the station with the least
 audio ahead first, `chunk_frames` at a time, and keeps each at most `buffer_ahead` seconds ahead
 of its clock (the clock reports how far it played); when every station is that far ahead it
-waits for the clocks. A station whose generation raises is marked failed and left alone; the
-others go on (a prompt change revives it).
+waits for the clocks.
+
+Failures heal (`radio.healing`): a station whose step raises is down (the others go on, its
+listeners hear the clock's bridge) until its backoff's delay has passed, then its stream is
+reopened from its recent tokens with its current prompt (`AudioStream.restart`); a prompt change
+reopens it at once. The thread's lanes outlive the thread: when it dies, the supervisor starts a
+new one (`restart`) that goes on with the same streams. `busy` says what engine call is in
+progress since when, so that the supervisor can see a step that makes no progress.
+
+The music watchdog (`radio.watchdog`, one per station) reads each chunk's tokens and audio; when
+it finds silence, a loop or a collapse, the worker re-anchors the station: the stream restarts
+a little ahead of what is heard from a short, fresh context, the old audio fading into the new.
 
 The bridge to the event loop is deliberately narrow:
 
 - loop -> worker: `Generator` methods put commands on one `queue.Queue` (`set_prompt`,
   `set_sampling`, `played`, `stop`); the ones with an answer return an `asyncio.Future`.
 - worker -> loop: `_to_loop`, i.e. `loop.call_soon_threadsafe`, calls a `GeneratorSink` method
-  (new PCM, a prompt applied, an error) or resolves a future. Nothing else crosses.
+  (new PCM, a prompt applied, an error, a failure, a reopen, a re-anchor) or resolves a future.
+  Nothing else crosses, but for the plain counters the supervisor reads (`chunks`, `busy`,
+  `death`: each one assignment, atomic).
 
-Callbacks arrive in the order the worker made them, so a prompt change's cut always lands before
-the first PCM of the new prompt. Where a prompt change starts and when it is heard is
+Callbacks arrive in the order the worker made them, so a prompt change's cut (and a
+re-anchor's) always lands before the first PCM after it. Where a prompt change starts and when it is heard is
 `radio.timing`'s business; the worker only applies it (`timing.start_prompt`).
 """
 
@@ -28,7 +40,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -36,18 +48,22 @@ import numpy as np
 
 from engine.threads import ThreadTuner
 from radio.blending import open_blend, open_text
+from radio.healing import Failure, LaneHealing, describe, seconds
 from radio.timing import PromptChange, auto_horizon, start_prompt
+from radio.watchdog import Problem, Watchdog
 
 if TYPE_CHECKING:
     from engine.blend import Blend
     from engine.model import AudioStream, MusicModel
     from engine.options import SamplingOptions, WindowOptions
+    from radio.config import WatchdogConfig
     from radio.testing import FaultInjector
 
 log = logging.getLogger(__name__)
 
 RTF_SMOOTHING = 0.2  # weight of the newest chunk in the real-time factor's moving average
 WAIT_SECONDS = 0.05  # how long an idle worker waits for a command before looking again
+GUARD_SECONDS = 0.5  # a re-anchor starts at least this far ahead of what the clock played
 
 
 class GeneratorSink(Protocol):
@@ -58,6 +74,21 @@ class GeneratorSink(Protocol):
     def on_prompt_applied(self, station_id: str, change: PromptChange, frame: int) -> None: ...
 
     def on_error(self, station_id: str, message: str) -> None: ...
+
+    def on_failure(self, station_id: str, failure: Failure) -> None: ...
+
+    def on_reopened(self, station_id: str, frame: int) -> None: ...
+
+    def on_reanchored(self, station_id: str, reanchor: Reanchor) -> None: ...
+
+
+@dataclass(frozen=True)
+class Reanchor:
+    """The watchdog's recovery, done (what the worker tells the loop)."""
+
+    problem: Problem
+    frame: int  # the re-anchored music is heard from this frame
+    context_seconds: float  # of recent music it went on from
 
 
 @dataclass(frozen=True)
@@ -74,9 +105,11 @@ class _Lane:
 
     spec: StationSpec
     stream: AudioStream
+    healing: LaneHealing
+    watchdog: Watchdog | None = None  # when the music watchdog is on
     played_frame: int = 0  # the clock's head, as last reported
+    cut_frame: int = 0  # the latest prompt change is heard from here: no re-anchor before it
     rtf: float = 0.0
-    failed: bool = False
 
     def ahead_frames(self) -> int:
         return self.stream.frame - self.played_frame
@@ -107,7 +140,8 @@ _STOP = None  # the command that ends the worker
 
 
 class Generator:
-    """Owns the worker thread. Create it, `start(loop, sink)` on the loop, `stop()` when done."""
+    """Owns the worker thread. Create it, `start(loop, sink)` on the loop, `stop()` when done;
+    `restart()` starts a new thread after the last one died (the supervisor's call)."""
 
     def __init__(
         self,
@@ -116,17 +150,28 @@ class Generator:
         *,
         buffer_ahead: float = 4.0,  # seconds each station may be ahead of its clock
         chunk_frames: int = 10,  # frames per read()
+        watchdog: WatchdogConfig | None = None,  # the music watchdog's settings; None = off
         faults: FaultInjector | None = None,  # tests only (radio.testing)
+        clock: Callable[[], float] = time.monotonic,  # reopen times and `busy` (tests: fake)
     ) -> None:
         self.model = model
         self.specs = list(specs)
         self.buffer_ahead = buffer_ahead
         self.chunk_frames = chunk_frames
+        self.watchdog = watchdog if watchdog is not None and watchdog.enabled else None
         self.faults = faults
+        self.clock = clock
         # seconds one prefill of a whole context takes: measured when the streams open, then the
         # latest window restart's (read by the loop to place prompt changes; a float is atomic)
         self.prefill_seconds = 0.0
         self.tuner: ThreadTuner | None = None  # made by the worker thread, for its own threads
+        # read by the supervisor (`radio.healing.Supervised`), written by the worker
+        self.started = False
+        self.stopping = False
+        self.death = ""  # why the last worker thread ended, when it died
+        self.chunks = 0  # chunks of audio made, by every thread
+        self.busy: tuple[float, str] | None = None  # (clock time, what): engine call under way
+        self._lanes: dict[str, _Lane] | None = None  # the stations' streams, made once
         self._commands: queue.Queue[_Command | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -136,11 +181,22 @@ class Generator:
 
     def start(self, loop: asyncio.AbstractEventLoop, sink: GeneratorSink) -> None:
         self._loop, self._sink = loop, sink
+        self.started = True
+        self._start_thread()
+
+    def restart(self) -> None:
+        """A new worker thread, going on with the stations' streams (the last thread died)."""
+        assert self.started and not self.alive, "restart() is for a generator whose thread died"
+        self.death = ""
+        self._start_thread()
+
+    def _start_thread(self) -> None:
         self._thread = threading.Thread(target=self._run, name="radio-generator", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the worker to finish its current chunk and exit; wait up to `timeout` s."""
+        self.stopping = True
         self._commands.put(_STOP)
         if self._thread is not None:
             self._thread.join(timeout)
@@ -198,14 +254,29 @@ class Generator:
     # ---- worker side --------------------------------------------------------------------
 
     def _run(self) -> None:
+        """The thread: work until stopped; a death is recorded for the supervisor."""
+        try:
+            self._work()
+        except _OpenFailed as e:
+            self.death = str(e)
+        except BaseException as e:  # noqa: BLE001 - the supervisor restarts the thread
+            self.death = describe(e)
+            log.debug("the generator thread died", exc_info=True)
+        finally:
+            self.busy = None
+
+    def _work(self) -> None:
         self.tuner = ThreadTuner()
-        lanes = self._open()
-        if lanes is None:
-            return
+        if self._lanes is None:
+            self._lanes = self._open()
+        lanes = self._lanes
         ahead_limit = round(self.buffer_ahead * self.model.frame_rate)
         while True:
+            if self.faults is not None:
+                self.faults.in_worker()
             if not self._drain(lanes, block=False):
                 return
+            self._reopen_due(lanes.values())
             lane = self._pick(lanes.values(), ahead_limit)
             if lane is None:  # everyone is far enough ahead: wait for the clocks to move
                 if not self._drain(lanes, block=True):
@@ -213,9 +284,19 @@ class Generator:
                 continue
             self._step(lane)
 
-    def _open(self) -> dict[str, _Lane] | None:
-        """Every station's stream, opened together, and the prefill measured; None (and an
-        error on every station) when that fails."""
+    @contextlib.contextmanager
+    def _engine_call(self, what: str) -> Iterator[None]:
+        """Mark an engine call as under way (`busy`), for the supervisor's stall watch. The
+        first chunk is not watched: it may compile the step (minutes on a GPU)."""
+        self.busy = (self.clock(), what) if self.chunks else None
+        try:
+            yield
+        finally:
+            self.busy = None
+
+    def _open(self) -> dict[str, _Lane]:
+        """Every station's stream, opened together, and the prefill measured; _OpenFailed (and
+        an error on every station) when that fails."""
         try:
             # One decoder step serves every station (engine batching): the weights are read
             # once per step for all of them.
@@ -227,13 +308,19 @@ class Generator:
             for spec, stream in zip(self.specs, streams, strict=True):
                 open_blend(stream, spec.prompt)
             self.prefill_seconds = self.model.measure_prefill(self.specs[0].window)
-        except Exception as e:  # noqa: BLE001 - reported to every station, then we stop
-            log.exception("the generator could not open the stations' streams")
+        except Exception as e:  # noqa: BLE001 - reported to every station, then the thread ends
+            log.debug("the stations' streams did not open", exc_info=True)
             for spec in self.specs:
                 self._to_loop(self.sink.on_error, spec.id, f"cannot open stream: {e}")
-            return None
+            raise _OpenFailed(f"cannot open the stations' streams: {describe(e)}") from e
         self._say_prefill()
-        return {s.id: _Lane(s, stream) for s, stream in zip(self.specs, streams, strict=True)}
+        return {s.id: self._lane(s, stream) for s, stream in zip(self.specs, streams, strict=True)}
+
+    def _lane(self, spec: StationSpec, stream: AudioStream) -> _Lane:
+        lane = _Lane(spec, stream, LaneHealing())
+        if self.watchdog is not None:
+            lane.watchdog = Watchdog(self.watchdog, self.model.frame_rate, self.model.hop)
+        return lane
 
     def _say_prefill(self) -> None:
         chunk = self.chunk_frames / self.model.frame_rate
@@ -255,7 +342,7 @@ class Generator:
     @staticmethod
     def _pick(lanes: Iterable[_Lane], ahead_limit: int) -> _Lane | None:
         """The working station with the least audio ahead, if any is below the limit."""
-        ready = [ln for ln in lanes if not ln.failed and ln.ahead_frames() < ahead_limit]
+        ready = [ln for ln in lanes if not ln.healing.down and ln.ahead_frames() < ahead_limit]
         return min(ready, key=_Lane.ahead_frames, default=None)
 
     def _step(self, lane: _Lane) -> None:
@@ -263,22 +350,32 @@ class Generator:
         start = lane.stream.frame
         t = time.perf_counter()
         try:
-            if self.faults is not None:
-                self.faults.before_step(sid)
-            pcm = self._read(lane)  # [C, chunk_frames * hop]
+            with self._engine_call(f"station {sid}: generating a chunk"):
+                if self.faults is not None:
+                    self.faults.before_step(sid)
+                    self.faults.rewrite_tokens(sid, lane.stream, self.chunk_frames)
+                pcm = self._read(lane)  # [C, chunk_frames * hop]
+                if self.faults is not None:
+                    pcm = self.faults.after_step(sid, pcm)
+                tokens = (
+                    lane.stream.token_frames(start, lane.stream.frame) if lane.watchdog else None
+                )
         except Exception as e:  # noqa: BLE001 - one station's failure must not stop the others
-            log.exception("station %s: generation failed", sid)
-            lane.failed = True
-            self._to_loop(self.sink.on_error, sid, f"generation failed: {e}")
+            self._failed(lane, e, "generation failed")
             return
         if lane.stream.tokens.prefill_seconds:  # the latest window restart or prompt change
             self.prefill_seconds = lane.stream.tokens.prefill_seconds
-        if self.faults is not None:
-            pcm = self.faults.after_step(sid, pcm)
+        lane.healing.succeeded()
+        self.chunks += 1
+        problem = None
+        if lane.watchdog is not None and tokens is not None:
+            pcm, problem = lane.watchdog.chunk(start, tokens, pcm)
         spent = max(time.perf_counter() - t, 1e-6)
         rtf = self.chunk_frames / self.model.frame_rate / spent
         lane.rtf = rtf if lane.rtf == 0 else (1 - RTF_SMOOTHING) * lane.rtf + RTF_SMOOTHING * rtf
         self._to_loop(self.sink.on_pcm, sid, start, pcm, lane.rtf)
+        if problem is not None:
+            self._reanchor(lane, problem)
 
     def _read(self, lane: _Lane) -> np.ndarray:
         """The lane's next chunk, with the thread count that has been fastest lately (a busy
@@ -294,6 +391,85 @@ class Generator:
                 tuner.describe(),
             )
         return pcm
+
+    # ---- healing ------------------------------------------------------------------------
+
+    def _failed(self, lane: _Lane, error: Exception, what: str) -> None:
+        """`what` raised `error`: the station is down until its backoff's delay has passed."""
+        sid = lane.spec.id
+        delay = lane.healing.failed(self.clock())
+        in_a_row = lane.healing.backoff.in_a_row
+        reason = f"{what} ({describe(error)})"
+        log.error(
+            "station %s: %s; reopening it from its recent tokens in %s (failure %d in a row)",
+            sid,
+            reason,
+            seconds(delay),
+            in_a_row,
+        )
+        log.debug("station %s: %s", sid, what, exc_info=error)
+        if lane.watchdog is not None:
+            lane.watchdog.interrupted()
+        self._to_loop(self.sink.on_failure, sid, Failure(reason, in_a_row, delay))
+
+    def _reopen_due(self, lanes: Iterable[_Lane]) -> None:
+        now = self.clock()
+        for lane in lanes:
+            if lane.healing.due(now):
+                self._reopen(lane)
+
+    def _reopen(self, lane: _Lane) -> None:
+        """Reopen a station that is down from its recent tokens, with its current prompt."""
+        sid = lane.spec.id
+        try:
+            with self._engine_call(f"station {sid}: reopening its stream"):
+                if self.faults is not None:
+                    self.faults.before_reopen(sid)
+                frame = lane.stream.restart()
+        except Exception as e:  # noqa: BLE001 - a failure like any other: backoff, retry
+            self._failed(lane, e, "reopening failed")
+            return
+        self._reopened(lane, frame)
+        log.info(
+            "station %s: reopened from its recent tokens at %.1f s",
+            sid,
+            frame / self.model.frame_rate,
+        )
+
+    def _reopened(self, lane: _Lane, frame: int) -> None:
+        lane.healing.reopened()
+        lane.cut_frame = frame
+        self._to_loop(self.sink.on_reopened, lane.spec.id, frame)
+
+    # ---- the music watchdog -------------------------------------------------------------
+
+    def _reanchor(self, lane: _Lane, problem: Problem) -> None:
+        """Restart the stream a little ahead of what is heard, from a short fresh context."""
+        assert lane.watchdog is not None, "a re-anchor without a watchdog"
+        sid, rate = lane.spec.id, self.model.frame_rate
+        earliest = max(lane.played_frame + round(GUARD_SECONDS * rate), lane.cut_frame)
+        plan = lane.watchdog.plan(problem, lane.stream.frame, earliest)
+        try:
+            with self._engine_call(f"station {sid}: re-anchoring its stream"):
+                frame = lane.stream.restart(plan.frame, context_frames=plan.context_frames)
+        except Exception as e:  # noqa: BLE001 - a failure like any other: backoff, reopen
+            self._failed(lane, e, "re-anchoring failed")
+            return
+        lane.watchdog.reanchored(problem, frame)
+        lane.cut_frame = frame
+        if self.faults is not None:
+            self.faults.reanchored(sid)
+        context = plan.context_frames / rate
+        log.warning(
+            "station %s: music watchdog: %s; re-anchored at %.1f s from %s",
+            sid,
+            problem.detail,
+            frame / rate,
+            f"{seconds(context)} of context" if context else "no context (the prompt alone)",
+        )
+        self._to_loop(self.sink.on_reanchored, sid, Reanchor(problem, frame, context))
+
+    # ---- commands -----------------------------------------------------------------------
 
     def _drain(self, lanes: dict[str, _Lane], block: bool) -> bool:
         """Handle queued commands (waiting briefly for one if `block`); False on stop."""
@@ -322,19 +498,36 @@ class Generator:
             self._apply_prompt(lane, cmd)
         else:
             try:
-                lane.stream.set_sampling(cmd.sampling)
+                with self._engine_call(f"station {lane.spec.id}: changing its sampling"):
+                    lane.stream.set_sampling(cmd.sampling)
             except Exception as e:  # noqa: BLE001 - the caller gets the reason
                 self._resolve(cmd.future, error=e)
                 return
             self._resolve(cmd.future, True)
 
     def _apply_prompt(self, lane: _Lane, cmd: _SetPrompt) -> None:
+        sid = lane.spec.id
         try:
-            frame = start_prompt(lane.stream, cmd.change)
+            with self._engine_call(f"station {sid}: changing its prompt"):
+                frame = start_prompt(lane.stream, cmd.change)
         except Exception as e:  # noqa: BLE001 - the caller gets the reason
-            log.exception("station %s: prompt change failed", lane.spec.id)
+            log.error("station %s: prompt change failed (%s)", sid, describe(e))
+            log.debug("station %s: prompt change failed", sid, exc_info=e)
             self._resolve(cmd.future, error=e)
             return
-        lane.failed = False
-        self._to_loop(self.sink.on_prompt_applied, lane.spec.id, cmd.change, frame)
+        lane.cut_frame = frame
+        if lane.watchdog is not None:
+            lane.watchdog.interrupted()
+        self._to_loop(self.sink.on_prompt_applied, sid, cmd.change, frame)
+        if lane.healing.down:  # the new prompt's prefill has reopened the stream
+            self._reopened(lane, frame)
+            log.info(
+                "station %s: reopened by a prompt change at %.1f s",
+                sid,
+                frame / self.model.frame_rate,
+            )
         self._resolve(cmd.future, frame)
+
+
+class _OpenFailed(Exception):
+    """The stations' streams did not open (the thread ends; the supervisor restarts it)."""

@@ -5,7 +5,9 @@ listeners, buffer seconds ahead, real-time factor, underruns and bridge time, pr
 the last prompt-change latency, MP3 bytes sent, whether each station plays; and what the radio
 refused or dropped: listeners dropped (by reason) or refused (station full), event subscribers
 dropped, requests answered 4xx (by status), requests whose client left mid-way, and malformed
-requests aiohttp refused before the application saw them (process-wide).
+requests aiohttp refused before the application saw them (process-wide); and what healed
+itself: generation failures and reopens per station, stations down now, generator thread
+restarts, stalled steps, and the music watchdog's re-anchors (by problem).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from radio.service import RADIO, Radio
+from radio.watchdog import PROBLEMS
 
 
 class RadioCollector:
@@ -98,6 +101,7 @@ class RadioCollector:
         uptime = GaugeMetricFamily("radio_uptime_seconds", "Seconds since the service started")
         uptime.add_metric([], time.time() - r.started_at)
         yield from self._refusals()
+        yield from self._healing()
         yield from (
             listeners,
             buffer,
@@ -158,6 +162,46 @@ class RadioCollector:
         )
         malformed.add_metric([], r.client_noise.malformed)
         yield from (dropped, refused, subscribers, bad, aborted, malformed)
+
+    def _healing(self) -> Iterator[Metric]:
+        r = self.radio
+        failures = CounterMetricFamily(
+            "radio_generation_failures",
+            "Times a station's generation raised (each is reopened after a backoff)",
+            labels=["station"],
+        )
+        reopens = CounterMetricFamily(
+            "radio_generation_reopens",
+            "Times a station's stream was reopened from its recent tokens after a failure",
+            labels=["station"],
+        )
+        down = GaugeMetricFamily(
+            "radio_station_down",
+            "1 while a station's generation failed and its reopen is pending (the bridge plays)",
+            labels=["station"],
+        )
+        reanchors = CounterMetricFamily(
+            "radio_watchdog_reanchors",
+            "Times the music watchdog re-anchored a station, by problem (silence, loop, collapse)",
+            labels=["station", "problem"],
+        )
+        for sid, st in r.stations.items():
+            h = st.health
+            failures.add_metric([sid], h.failures)
+            reopens.add_metric([sid], h.reopens)
+            down.add_metric([sid], 1.0 if h.down else 0.0)
+            for problem in PROBLEMS:
+                reanchors.add_metric([sid, problem], h.reanchors.get(problem, 0))
+        restarts = CounterMetricFamily(
+            "radio_generator_restarts", "Times the generator thread died and was restarted"
+        )
+        restarts.add_metric([], r.supervisor.restarts)
+        stalls = CounterMetricFamily(
+            "radio_generation_stalls",
+            "Generation steps that made no progress for generation.stall_seconds",
+        )
+        stalls.add_metric([], r.supervisor.stalls)
+        yield from (failures, reopens, down, reanchors, restarts, stalls)
 
 
 def register(radio: Radio) -> None:

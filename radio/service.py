@@ -2,7 +2,8 @@
 
 No singletons: `radio.app.init_app` builds one `Radio` per application (tests build theirs the
 same way), and handlers read it from `request.app[RADIO]`. `StationSink` is where the
-generator's results land on the event loop (new PCM, prompt changes applied, errors).
+generator's results land on the event loop (new PCM, prompt changes applied, errors, failures
+and reopens, re-anchors), as the stations' buffers and health.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from prometheus_client import CollectorRegistry
 
 from radio.clock import StationClock
 from radio.config import Config
-from radio.generator import Generator
+from radio.generator import Generator, Reanchor
+from radio.healing import Failure, Supervisor
+from radio.history import iso
 from radio.hls_output import HlsOutput
 from radio.icecast import IcecastSource
 from radio.loudness import LoudnessNormalizer
@@ -45,6 +48,7 @@ class Radio:
     model: MusicModel  # shared by every station
     stations: dict[str, Station]
     generator: Generator  # started by the app's background context
+    supervisor: Supervisor  # restarts the generator's thread, reports a stalled step
     timing: dict[str, PromptTimeline]  # station id -> its prompt changes in time
     programmes: dict[str, StationProgramme]  # station id -> its director, on the radio's clock
     loudness: dict[str, LoudnessNormalizer]  # station id -> its loudness stage
@@ -95,6 +99,7 @@ class StationSink:
     def on_pcm(self, station_id: str, start_frame: int, pcm: np.ndarray, rtf: float) -> None:
         st = self.radio.stations[station_id]
         st.buffer.append(start_frame * self.radio.hop, pcm)
+        st.health.error = ""  # audio again: whatever stopped it is over
         st.health.realtime_factor = rtf
         st.health.buffer_seconds = len(st.buffer) / self.radio.sample_rate
 
@@ -105,3 +110,38 @@ class StationSink:
         st = self.radio.stations[station_id]
         st.health.error = message
         log.error("station %s: %s", station_id, message)
+
+    def on_failure(self, station_id: str, failure: Failure) -> None:
+        """Generation raised (the worker logged it): down until the reopen, the bridge plays."""
+        h = self.radio.stations[station_id].health
+        h.error = failure.reason
+        h.failures += 1
+        h.down = True
+        h.retry_at = time.monotonic() + failure.retry_in
+
+    def on_reopened(self, station_id: str, frame: int) -> None:
+        st = self.radio.stations[station_id]
+        h = st.health
+        h.reopens += 1
+        h.down = False
+        h.retry_at = None
+        sample = frame * self.radio.hop
+        if sample > st.buffer.tail:  # it could only go on later than it stopped (a batch)
+            st.buffer.skip_to(sample)
+
+    def on_reanchored(self, station_id: str, reanchor: Reanchor) -> None:
+        """The watchdog re-anchored the station (the worker logged it): the buffered audio from
+        that frame on is replaced by the new (crossfaded) audio that follows."""
+        st = self.radio.stations[station_id]
+        st.buffer.truncate(reanchor.frame * self.radio.hop)
+        h = st.health
+        kind = reanchor.problem.kind
+        h.reanchors[kind] = h.reanchors.get(kind, 0) + 1
+        h.last_reanchor = {
+            "problem": kind,
+            "detail": reanchor.problem.detail,
+            "at": iso(time.time()),
+            "stream_seconds": round(reanchor.frame / self.radio.frame_rate, 2),
+            "context_seconds": reanchor.context_seconds,
+        }
+        st.events.publish("health", st.health_json())

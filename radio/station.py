@@ -90,6 +90,15 @@ class PcmBuffer:
             return np.zeros((self.channels, 0), np.float32)
         return out[0] if len(out) == 1 else np.concatenate(out, axis=1)
 
+    def skip_to(self, sample: int) -> None:
+        """The audio goes on at `sample`, past the tail (a stream reopened later than it
+        stopped): the buffer starts again there; what it held would not follow and is dropped
+        (after a long failure it is empty: the bridge has been playing)."""
+        assert sample >= self.tail, f"skip_to({sample}) before the tail ({self.tail})"
+        self._chunks.clear()
+        self._size = 0
+        self.head = sample
+
     def truncate(self, sample: int) -> np.ndarray:
         """Drop everything from `sample` on (a prompt change); returns the dropped PCM [C, n].
 
@@ -119,7 +128,17 @@ class Health:
     prompt_changes: int = 0  # prompt changes applied
     started: bool = False  # the clock is releasing audio
     last_tick: float = 0.0  # time.monotonic() of the clock's last tick
-    error: str = ""  # why the generator stopped, if it did
+    error: str = ""  # why the generator stopped, if it did (cleared by the next audio)
+    failures: int = 0  # times generation raised (each one healed by a reopen)
+    reopens: int = 0  # times the stream was reopened after a failure
+    down: bool = False  # generation failed and the reopen is pending (the bridge plays)
+    retry_at: float | None = None  # time.monotonic() of the pending reopen
+    reanchors: dict[str, int] = field(default_factory=dict)  # music watchdog: problem -> count
+    last_reanchor: dict[str, object] | None = None  # the latest one: problem, detail, when
+
+    def retry_in(self, now: float) -> float | None:
+        """Seconds until the pending reopen (None when the station is not down)."""
+        return None if self.retry_at is None else max(self.retry_at - now, 0.0)
 
 
 @dataclass
@@ -193,6 +212,11 @@ class Station:
             "schedule_lag_seconds": _rounded(h.schedule_lag_seconds),
             "playing": h.started,
             "error": h.error or None,
+            "failures": h.failures,
+            "reopens": h.reopens,
+            "retry_in_seconds": _rounded(h.retry_in(time.monotonic())),
+            "reanchors": sum(h.reanchors.values()),
+            "last_reanchor": h.last_reanchor,
         }
 
     def history_json(self) -> list[dict[str, object]]:

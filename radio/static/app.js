@@ -186,7 +186,10 @@ function renderHealth(h) {
   el.hUnderruns.classList.toggle("warn", h.underruns > 0);
   el.hLatency.textContent = seconds(h.prompt_latency_seconds, 2);
   let note = "";
-  if (h.error) note = `Generation stopped: ${h.error}`;
+  if (typeof h.retry_in_seconds === "number") {
+    const wait = Math.ceil(h.retry_in_seconds);
+    note = `Generation is down (${h.error}): reopening in ${wait} s, a bridge plays meanwhile`;
+  } else if (h.error) note = `Generation stopped: ${h.error}`;
   else if (h.playing === false) note = "Starting: filling the buffer…";
   el.hNote.textContent = note;
   el.hNote.hidden = !note;

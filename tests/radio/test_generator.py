@@ -1,136 +1,21 @@
 """The generator's worker thread with a fake model: how far ahead it runs, which station it
 serves first, what crosses back to the loop and in which order, and what a failure does.
 
-The fake streams do no work (a read is instant and its audio says which frames it holds), so
-these tests run the real thread and the real command queue in a few milliseconds each."""
+The fake streams (tests/radio/fake_engine.py) do no work (a read is instant and its audio says
+which frames it holds), so these tests run the real thread and the real command queue in a few
+milliseconds each. Healing: tests/radio/test_healing.py; the watchdog: test_watchdog.py."""
 
 from __future__ import annotations
 
 import asyncio
 
-import numpy as np
 import pytest
 
 from engine.blend import Blend
-from engine.options import SamplingOptions, WindowOptions
-from radio.generator import Generator, StationSpec
+from engine.options import SamplingOptions
 from radio.testing import FaultInjector
 from radio.timing import PromptChange
-
-FRAME_RATE, HOP, CHUNK = 50, 640, 10
-
-
-class FakeTokens:
-    prefill_seconds = 0.0
-
-
-class FakeStream:
-    """An endless stream whose sample s of frame f holds f (so the audio says where it is)."""
-
-    def __init__(self, prompt: str, floor: int = 0) -> None:
-        self.prompt = prompt
-        self.frame = 0
-        self.floor = floor  # the earliest frame a prompt change may rewind to
-        self.tokens = FakeTokens()
-        self.sampling: SamplingOptions | None = None
-        self.reads = 0
-
-    def read(self, frames: int) -> np.ndarray:
-        start = self.frame
-        self.frame += frames
-        self.reads += 1
-        return np.repeat(np.arange(start, self.frame, dtype=np.float32), HOP)[None]
-
-    def set_prompt(self, text: str, from_frame: int | None = None) -> int:
-        assert from_frame is not None
-        if from_frame < self.floor:
-            raise ValueError("too far back")
-        self.prompt = text
-        self.frame = min(self.frame, from_frame)
-        return from_frame
-
-    def set_sampling(self, sampling: SamplingOptions) -> None:
-        if sampling.temperature > 2:
-            raise ValueError("too hot")
-        self.sampling = sampling
-
-
-class FakeModel:
-    frame_rate = FRAME_RATE
-
-    def __init__(self, fail: bool = False) -> None:
-        self.fail = fail
-        self.streams: list[FakeStream] = []
-
-    def open_streams(self, prompts, samplings, window):
-        if self.fail:
-            raise RuntimeError("no memory")
-        self.streams = [FakeStream(p) for p in prompts]
-        return self.streams
-
-    def measure_prefill(self, window) -> float:
-        return 0.25
-
-
-class Sink:
-    """Records what crosses back to the loop, in order."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple] = []
-        self.audio: dict[str, list[np.ndarray]] = {}
-        self.times: list[float] = []  # loop time of each PCM
-        self.changed = asyncio.Event()
-
-    def on_pcm(self, station_id, start_frame, pcm, rtf) -> None:
-        assert pcm.shape == (1, CHUNK * HOP) and rtf > 0
-        self.calls.append(("pcm", station_id, start_frame))
-        self.audio.setdefault(station_id, []).append(pcm)
-        self.times.append(asyncio.get_running_loop().time())
-        self.changed.set()
-
-    def on_prompt_applied(self, station_id, change, frame) -> None:
-        self.calls.append(("prompt", station_id, change.prompt, frame))
-        self.changed.set()
-
-    def on_error(self, station_id, message) -> None:
-        self.calls.append(("error", station_id, message))
-        self.changed.set()
-
-    def pcm(self, station_id: str) -> list[int]:
-        return [c[2] for c in self.calls if c[0] == "pcm" and c[1] == station_id]
-
-    async def until(self, predicate, timeout: float = 10.0) -> None:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                self.changed.clear()
-                await self.changed.wait()
-
-
-def spec(sid: str) -> StationSpec:
-    return StationSpec(sid, Blend.of(f"{sid} music"), SamplingOptions(), WindowOptions())
-
-
-@pytest.fixture
-async def run():
-    """run(model, stations, faults=None) -> (generator, sink), started; stopped afterwards."""
-    started: list[Generator] = []
-
-    async def start(model, stations=("a",), faults=None, buffer_ahead=1.0):
-        gen = Generator(
-            model,
-            [spec(s) for s in stations],
-            buffer_ahead=buffer_ahead,
-            chunk_frames=CHUNK,
-            faults=faults,
-        )
-        sink = Sink()
-        gen.start(asyncio.get_running_loop(), sink)
-        started.append(gen)
-        return gen, sink
-
-    yield start
-    for gen in started:
-        gen.stop()
+from tests.radio.fake_engine import HOP, FakeModel, frames
 
 
 async def test_each_station_runs_at_most_buffer_ahead_of_its_clock(run):
@@ -184,20 +69,19 @@ async def test_sampling_changes_answer_with_the_engines_verdict(run):
         await gen.set_prompt("nope", PromptChange(Blend.of("x"), "admin", 0, 0.0))
 
 
-async def test_a_failing_station_stops_alone_and_a_prompt_revives_it(run):
+async def test_a_failing_station_is_down_alone_and_a_prompt_revives_it(run):
     faults = FaultInjector()
     faults.fail_next_step("a")
     gen, sink = await run(FakeModel(), ("a", "b"), faults=faults)
     await sink.until(lambda: len(sink.pcm("b")) == 5)
-    assert sink.calls.count(("error", "a", "generation failed: injected fault")) == 1
+    (failure,) = sink.of("failure")
+    assert failure.reason == "generation failed (InjectedFault: injected fault)"
+    assert (failure.in_a_row, failure.retry_in) == (1, 1.0)
     assert sink.pcm("a") == [] and faults.injected == 1
     await gen.set_prompt("a", PromptChange(Blend.of("again"), "admin", 0, 0.0))
     await sink.until(lambda: len(sink.pcm("a")) == 5)
-
-
-def frames(start: int, stop: int) -> np.ndarray:
-    """What a FakeStream's audio holds for frames [start, stop)."""
-    return np.repeat(np.arange(start, stop, dtype=np.float32), HOP)
+    i = sink.calls.index(("prompt", "a", "again", 0))
+    assert sink.calls[i + 1] == ("reopened", "a", 0)  # the prompt's prefill reopened it
 
 
 async def test_injected_faults_silence_audio_and_slow_the_steps(run):
@@ -214,7 +98,7 @@ async def test_injected_faults_silence_audio_and_slow_the_steps(run):
     assert faults.injected == 2
 
 
-async def test_a_model_that_cannot_open_reports_every_station_and_stops(run):
+async def test_a_model_that_cannot_open_reports_every_station_and_the_thread_dies(run):
     gen, sink = await run(FakeModel(fail=True), ("a", "b"))
     await sink.until(lambda: len(sink.calls) == 2)
     assert sink.calls == [
@@ -222,7 +106,8 @@ async def test_a_model_that_cannot_open_reports_every_station_and_stops(run):
         ("error", "b", "cannot open stream: no memory"),
     ]
     await asyncio.sleep(0.1)
-    assert not gen.alive
+    assert not gen.alive  # the supervisor restarts it (tests/radio/test_healing.py)
+    assert gen.death == "cannot open the stations' streams: RuntimeError: no memory"
 
 
 async def test_stop_ends_the_thread(run):

@@ -1,0 +1,137 @@
+"""`AudioStream.restart`: a stream re-prefilled from its own recent tokens.
+
+On the tiny model under greedy decoding: from `from_frame` on, the stream writes exactly what
+transformers' `generate` writes given the stream's own last `context_frames` frames as
+`decoder_input_ids` (and, with none, what a fresh stream writes); alone and as a station of a
+batch. A stream whose decoder step raised goes on after a restart as if nothing had happened
+(greedy: the tokens and the audio of a stream that never failed). A stream of a
+batch whose frames before the restart are gone goes on from the earliest frame it can."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoProcessor, MusicgenForConditionalGeneration
+
+from engine import LoadOptions, MusicModel, SamplingOptions, WindowOptions
+from tests.engine.reference import reference_tokens
+
+PROMPT = "slow rainy day jazz"
+GREEDY = SamplingOptions(greedy=True, guidance_scale=3.0)
+
+
+@pytest.fixture(scope="module")
+def mono(tiny_model_dir):
+    """(our MusicModel, transformers' model, processor) of the same float32 weights."""
+    ours = MusicModel.load(LoadOptions(model=tiny_model_dir, device="cpu", dtype="float32"))
+    hf = MusicgenForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    return ours, hf, AutoProcessor.from_pretrained(tiny_model_dir)
+
+
+def comparable_frames(steps: int, hf) -> int:
+    """Frames of a reference run of `steps` steps untouched by its end-of-sequence padding
+    (see tests/engine/test_equivalence.py)."""
+    config = hf.decoder.config
+    channel_codebooks = config.num_codebooks // config.audio_channels
+    return steps + 2 - channel_codebooks - (channel_codebooks - 1)
+
+
+def open_stream(ours, batched: bool):
+    if batched:
+        return ours.open_streams([PROMPT, "harp"], [GREEDY] * 2)[0]
+    return ours.open_stream(PROMPT, GREEDY)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("context", [20, 0])
+@torch.inference_mode()
+def test_a_restart_continues_like_generate_from_the_streams_own_frames(mono, batched, context):
+    ours, hf, processor = mono
+    stream = open_stream(ours, batched)
+    stream.read(40)
+    before = stream.tokens.history()[0][:, :30].clone()
+    assert stream.restart(30, context_frames=context) == 30  # a rewind of 10 frames
+    assert stream.frame == 30 and stream.prompt == PROMPT
+    steps = 60
+    own = before[:, 30 - context :] if context else None
+    reference = reference_tokens(hf, processor, PROMPT, steps, 3.0, prompt_frames=own)
+    made = comparable_frames(steps, hf) - 1
+    stream.read(made)
+    tokens, offset = stream.tokens.history()
+    assert offset == 0 and torch.equal(tokens[:, :30], before)  # what was heard stays
+    continued = tokens[:, 30 : 30 + made]
+    expected = reference[:, context : context + made]
+    mismatch = (continued != expected).nonzero()
+    assert mismatch.numel() == 0, f"first mismatch (codebook, frame): {mismatch[0].tolist()}"
+    with pytest.raises(ValueError, match="seeded at frame 30"):
+        stream.set_prompt("anything", from_frame=29)  # no rewind before a restart
+
+
+@torch.inference_mode()
+def test_a_stream_whose_step_raised_goes_on_after_a_restart(mono):
+    ours, hf, processor = mono
+    stream = ours.open_stream(PROMPT, GREEDY)
+    first = stream.read(30)
+    decoder = ours.decoder
+    original = decoder.decode_one_step
+    calls = {"n": 0}
+
+    def fail_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # in the middle of the next read
+            raise RuntimeError("out of memory")
+        return original(*args, **kwargs)
+
+    decoder.decode_one_step = fail_once
+    try:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            stream.read(10)
+    finally:
+        decoder.decode_one_step = original
+    assert stream.frame == 30  # nothing was returned
+    assert stream.restart() == 30  # from its recent tokens: all of them (the window's context)
+    steps = 60
+    history = stream.tokens.history()[0][:, :30].clone()
+    reference = reference_tokens(hf, processor, PROMPT, steps, 3.0, prompt_frames=history)
+    made = comparable_frames(steps, hf) - 1
+    second = stream.read(made)
+    tokens = stream.tokens.history()[0]
+    mismatch = (tokens[:, 30 : 30 + made] != reference[:, 30 : 30 + made]).nonzero()
+    assert mismatch.numel() == 0, f"first mismatch (codebook, frame): {mismatch[0].tolist()}"
+    # greedy, with all of its frames as the context: the audio is the one of a stream that
+    # never failed (no jump, no click at the join)
+    steady = ours.open_stream(PROMPT, GREEDY).read(30 + made)
+    audio = np.concatenate([first, second], axis=1)
+    assert np.allclose(audio, steady, atol=1e-5), np.abs(audio - steady).max()
+
+
+@torch.inference_mode()
+def test_a_batched_stream_whose_frames_are_gone_goes_on_from_the_earliest_it_can(mono):
+    """Its neighbour went on generating while it was down: it resumes later than it stopped."""
+    ours = mono[0]
+    window = WindowOptions(window=100, context=20)
+    a, b = ours.open_streams([PROMPT, "harp"], [SamplingOptions(seed=1)] * 2, window)
+    a.read(10)
+    for _ in range(14):
+        b.read(100)  # the batch steps both: a's frames before ~850 are no longer kept
+    offset = a.tokens.history()[1]
+    assert offset > 10
+    frame = a.restart(context_frames=10)
+    assert frame == offset + a.codec.context and a.frame == frame
+    pcm = a.read(20)
+    assert pcm.shape == (1, 20 * ours.hop) and np.isfinite(pcm).all()
+    with pytest.raises(ValueError, match=r"context_frames must be in \[0, 20\]"):
+        a.restart(context_frames=21)
+
+
+@torch.inference_mode()
+def test_token_frames_are_the_streams_frames(mono):
+    ours = mono[0]
+    stream = ours.open_stream(PROMPT, SamplingOptions(seed=2))
+    stream.read(20)
+    frames = stream.token_frames(5, 20)
+    assert frames.dtype == np.int64 and frames.shape == (4, 15)
+    assert (frames == stream.tokens.history()[0][:, 5:20].numpy()).all()
+    with pytest.raises(ValueError, match=r"frames \[20, 99\) are not kept"):
+        stream.token_frames(20, 99)

@@ -1,0 +1,156 @@
+"""A fake engine and a recording sink for the generator's worker thread (tests/radio/
+test_generator.py, test_healing.py, test_watchdog.py; the `run` fixture is in conftest.py).
+
+The fake streams do no work: a read is instant, its audio says which frames it holds (sample s
+of frame f holds f + 1, never silent), and its tokens are random but fixed per frame and
+"take" (a restart or a prompt change from frame F draws new ones from F on), so the real thread,
+the real command queue and the real detectors run in milliseconds."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from engine.blend import Blend
+from engine.options import SamplingOptions, WindowOptions
+from radio.generator import StationSpec
+
+FRAME_RATE, HOP, CHUNK, CODEBOOKS = 50, 640, 10, 4
+
+
+class FakeTokens:
+    prefill_seconds = 0.0
+
+
+class FakeStream:
+    """An endless stream whose sample s of frame f holds f + 1 (so the audio says where it is)."""
+
+    def __init__(self, prompt: str, floor: int = 0) -> None:
+        self.prompt = prompt
+        self.frame = 0
+        self.floor = floor  # the earliest frame a prompt change may rewind to
+        self.tokens = FakeTokens()
+        self.sampling: SamplingOptions | None = None
+        self.reads = 0
+        self.restarts: list[tuple[int, int | None]] = []  # (frame, context_frames) asked
+        self.restart_error: Exception | None = None  # raised by restart() while set
+        self._takes = 0  # restarts and prompt changes so far: new tokens from then on
+        self._codes: dict[int, np.ndarray] = {}  # frame -> [K] tokens
+
+    def read(self, frames: int) -> np.ndarray:
+        start = self.frame
+        self.frame += frames
+        self.reads += 1
+        return np.repeat(np.arange(start, self.frame, dtype=np.float32) + 1, HOP)[None]
+
+    def token_frames(self, start: int, stop: int) -> np.ndarray:
+        """[K, stop - start] int64: random tokens, the same for a frame until it is remade."""
+        for f in range(start, stop):
+            if f not in self._codes:
+                rng = np.random.default_rng([f, self._takes])
+                self._codes[f] = rng.integers(0, 2048, CODEBOOKS)
+        return np.stack([self._codes[f] for f in range(start, stop)], axis=1)
+
+    def restart(self, from_frame: int | None = None, *, context_frames: int | None = None) -> int:
+        if self.restart_error is not None:
+            raise self.restart_error
+        frame = self.frame if from_frame is None else from_frame
+        self.restarts.append((frame, context_frames))
+        self._remake(frame)
+        return frame
+
+    def set_prompt(self, text: str, from_frame: int | None = None) -> int:
+        assert from_frame is not None
+        if from_frame < self.floor:
+            raise ValueError("too far back")
+        self.prompt = text
+        self._remake(from_frame)
+        return from_frame
+
+    def _remake(self, frame: int) -> None:
+        self.frame = min(self.frame, frame)
+        self._takes += 1
+        self._codes = {f: c for f, c in self._codes.items() if f < frame}
+
+    def set_sampling(self, sampling: SamplingOptions) -> None:
+        if sampling.temperature > 2:
+            raise ValueError("too hot")
+        self.sampling = sampling
+
+
+class FakeModel:
+    frame_rate = FRAME_RATE
+    hop = HOP
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.streams: list[FakeStream] = []
+
+    def open_streams(self, prompts, samplings, window):
+        if self.fail:
+            raise RuntimeError("no memory")
+        self.streams = [FakeStream(p) for p in prompts]
+        return self.streams
+
+    def measure_prefill(self, window) -> float:
+        return 0.25
+
+
+class Sink:
+    """Records what crosses back to the loop, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.audio: dict[str, list[np.ndarray]] = {}
+        self.times: list[float] = []  # loop time of each PCM
+        self.changed = asyncio.Event()
+
+    def on_pcm(self, station_id, start_frame, pcm, rtf) -> None:
+        assert pcm.shape == (1, CHUNK * HOP) and rtf > 0
+        self.calls.append(("pcm", station_id, start_frame))
+        self.audio.setdefault(station_id, []).append(pcm)
+        self.times.append(asyncio.get_running_loop().time())
+        self.changed.set()
+
+    def on_prompt_applied(self, station_id, change, frame) -> None:
+        self.calls.append(("prompt", station_id, change.prompt, frame))
+        self.changed.set()
+
+    def on_error(self, station_id, message) -> None:
+        self.calls.append(("error", station_id, message))
+        self.changed.set()
+
+    def on_failure(self, station_id, failure) -> None:
+        self.calls.append(("failure", station_id, failure))
+        self.changed.set()
+
+    def on_reopened(self, station_id, frame) -> None:
+        self.calls.append(("reopened", station_id, frame))
+        self.changed.set()
+
+    def on_reanchored(self, station_id, reanchor) -> None:
+        self.calls.append(("reanchored", station_id, reanchor))
+        self.changed.set()
+
+    def pcm(self, station_id: str) -> list[int]:
+        return [c[2] for c in self.calls if c[0] == "pcm" and c[1] == station_id]
+
+    def of(self, kind: str, station_id: str = "a") -> list:
+        """The payloads of the calls of one kind for one station (failures, reopens, ...)."""
+        return [c[2] for c in self.calls if c[0] == kind and c[1] == station_id]
+
+    async def until(self, predicate, timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                self.changed.clear()
+                await self.changed.wait()
+
+
+def spec(sid: str) -> StationSpec:
+    return StationSpec(sid, Blend.of(f"{sid} music"), SamplingOptions(), WindowOptions())
+
+
+def frames(start: int, stop: int) -> np.ndarray:
+    """What a FakeStream's audio holds for frames [start, stop)."""
+    return np.repeat(np.arange(start, stop, dtype=np.float32) + 1, HOP)
