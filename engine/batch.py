@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from engine.conditioning import condition_rows, stack_rows
+from engine.conditioning import TextCondition, condition_rows, stack_rows
 from engine.decoder import CrossKV, Decoder
 from engine.delay import codebook_delays
 from engine.lane import Lane
@@ -54,7 +54,7 @@ class DecodeBatch:
         self._static = StaticStep(decoder, compile) if compile != "none" else None
         # The row layout: per lane, its rows' keys (conditions, and None for the null row) and
         # its first row; the lanes' text rows and cross-attention inputs; all lanes' stacked.
-        self._keys: list[tuple[object, ...]] = []
+        self._keys: list[tuple[TextCondition | None, ...]] = []
         self._first: list[int] = []
         self._texts: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._crosses: list[CrossKV] = []
@@ -192,7 +192,7 @@ class DecodeBatch:
         lane keeps its number of rows the cache stays as it is (a lane with new texts is about
         to be prefilled); otherwise it is laid out anew: rows that stay keep their cache
         (copied to their new place), new rows start empty (to be prefilled)."""
-        keys = [
+        keys: list[tuple[TextCondition | None, ...]] = [
             (*lane.rows.conditions, None) if lane.rows.guided else lane.rows.conditions
             for lane in self.lanes
         ]
@@ -217,7 +217,7 @@ class DecodeBatch:
         self._cross = None
         self._plain = all(lane.rows.plain for lane in self.lanes)
 
-    def _sources(self, keys: list[tuple[object, ...]]) -> list[int | None]:
+    def _sources(self, keys: list[tuple[TextCondition | None, ...]]) -> list[int | None]:
         """For each row of the layout `keys`, its row in the cache now (the same condition, or
         the null row, of the same lane), or None."""
         sources: list[int | None] = []
@@ -239,5 +239,5 @@ class DecodeBatch:
         return self._cross
 
 
-def _same(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
+def _same(a: tuple[TextCondition | None, ...], b: tuple[TextCondition | None, ...]) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
