@@ -116,10 +116,10 @@ class DecodeBatch:
 
     # -- steps -----------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def step(self) -> None:
         """One decoder step for every stream (a lane whose window is full, or that has none
-        yet, is prefilled first)."""
+        yet, is prefilled first). Call it under `torch.inference_mode()` (`TokenStream` does:
+        entering it costs a few Python calls per step)."""
         if len(self.lanes) != self.size:
             raise RuntimeError(f"the batch has {len(self.lanes)} of its {self.size} streams")
         for lane in self.lanes:
@@ -147,9 +147,12 @@ class DecodeBatch:
             if not self._plain:
                 logits = mix_rows(logits, self._groups(), self._sampled_rows())
             tokens = sample_streams(logits, samplings, generators, self.decoder.kernels)
-        changed = False
-        for lane, row in zip(lanes, tokens, strict=True):
-            changed |= lane.stepped(row)
+        if len(lanes) == 1:
+            changed = lanes[0].stepped(tokens[0])
+        else:
+            changed = False
+            for lane, row in zip(lanes, tokens, strict=True):
+                changed |= lane.stepped(row)
         self.steps += 1
         if changed:
             self._lay_out()
