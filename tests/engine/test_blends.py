@@ -10,6 +10,8 @@ decoder does; the static step mixes them as the eager engine does.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -223,5 +225,26 @@ def test_static_step_mixes_blends_as_the_eager_engine(model):
         finally:
             model.compile = "none"
         results.append([s.tokens.history()[0][:, :200] for s in streams])
+    for got, want in zip(results[1], results[0], strict=True):
+        assert torch.equal(got, want), _first_mismatch(got, want)
+
+
+@pytest.mark.slow
+def test_compiled_step_mixes_blends_as_the_eager_engine(model, caplog):
+    """torch.compile (default mode, no graphs) on the CPU traces the blend mixing (`Mix`) too:
+    a blend station and a plain one, greedy tokens equal to the eager engine's."""
+    window = WindowOptions(window=120, context=60)
+    results = []
+    for compile in ("none", "compile"):
+        model.compile = compile
+        try:
+            with caplog.at_level(logging.WARNING, logger="engine.static_step"):
+                streams = model.open_streams([JAZZ_RAIN, "heavy rock"], [GREEDY] * 2, window)
+                for s in streams:
+                    s.tokens.generate_until(40)
+        finally:
+            model.compile = "none"
+        results.append([s.tokens.history()[0][:, :40] for s in streams])
+    assert "could not be compiled" not in caplog.text
     for got, want in zip(results[1], results[0], strict=True):
         assert torch.equal(got, want), _first_mismatch(got, want)
