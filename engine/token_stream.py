@@ -78,6 +78,10 @@ class TokenStream:
         return self._lane.sampling
 
     @property
+    def window(self) -> WindowOptions:
+        return self._lane.window
+
+    @property
     def prompt(self) -> Prompt:
         """What it plays (the latest change's prompt; during a glide, where it goes)."""
         return self._lane.prompt
