@@ -3,6 +3,7 @@
 The radio reaches the model only through this small API (see `engine.model`).
 """
 
+from engine.blend import Blend
 from engine.loading import ModelLoadError
 from engine.options import LoadOptions, SamplingOptions, WindowOptions
 
@@ -19,6 +20,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "AudioStream",
+    "Blend",
     "LoadOptions",
     "ModelLoadError",
     "MusicModel",

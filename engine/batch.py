@@ -1,90 +1,246 @@
-"""Several token streams sharing one decoder step: stations batched on one model.
+"""The stepper: one decoder forward and one sampling call per step for every stream of a batch.
 
 A decode step on a CPU or a small GPU batch is bound by reading the weights, not by the maths,
-so N streams in one step of 2N rows (conditional and null row each) cost little more than one.
-Each stream keeps its own prompt, sampling settings, window position and re-prefills; the
-batch owns the KV cache (rows 2i, 2i+1 belong to stream i), stacks the streams' text states for
-cross-attention, and steps every stream by one position at a time. Rows at different points of
-their windows attend with a per-row mask (`Decoder.forward(rows_at=...)`).
+so N streams in one step cost little more than one. A lone stream is a batch of one. The batch
+creates its streams' lanes (`open`, `engine.lane.Lane`), owns the KV cache and the stacked
+cross-attention inputs, prefills the lanes' windows and steps them all together.
+
+Rows: each lane owns a group of consecutive rows, its conditional rows (one per text of its
+blend; a transition holds both blends' texts) and then its null row (classifier-free
+guidance; in a batch of several streams every lane keeps it, so that sampling takes the same
+rows from each):
+
+    rows  [ a:c1  a:null | b:c1  b:c2  b:null | c:c1  c:null ]       lanes a, b (a blend), c
+
+The cache holds exactly those rows. When a lane's rows change (a prompt with another number of
+texts, a transition beginning or ending) the batch lays its rows out anew: rows that stay keep
+their cache (copied), new ones are prefilled. Rows at different points of their windows attend
+with a per-row mask (`Decoder.forward(rows_at=...)`; our kernels: each row up to its own
+position). After the forward, `engine.rows.mix_rows` sums each lane's conditional rows by
+weight (nothing to do when every lane has one), and one sampling call guides and draws for all.
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
 
-from engine.conditioning import stack_rows
+from engine.conditioning import TextCondition, condition_rows, stack_rows
 from engine.decoder import CrossKV, Decoder
-from engine.kv_cache import KVCache
-from engine.options import WindowOptions
+from engine.delay import codebook_delays
+from engine.lane import Lane
+from engine.options import SamplingOptions, WindowOptions
+from engine.rows import Prompt, mix_rows
 from engine.sampling import sample_streams
-from engine.static_step import StaticStep
-from engine.token_stream import TokenStream
-
-ROWS = 2  # conditional and null row per stream
+from engine.static_step import Mix, StaticStep
 
 
 class DecodeBatch:
     def __init__(
         self, decoder: Decoder, window: WindowOptions, size: int, compile: str = "none"
     ) -> None:
-        """`compile`: "none", or how the batched step runs `engine.static_step`."""
+        """`size`: the streams it will hold (`open` them all before the first step);
+        `compile`: "none", or how the step runs `engine.static_step` ("eager", "compile",
+        "graphs")."""
+        if size < 1:
+            raise ValueError(f"a batch holds at least one stream, got {size}")
         self.decoder = decoder
-        self.window = window
+        self.window = window.validate(decoder.max_positions)
         self.size = size
-        self.cache = decoder.new_cache(ROWS * size, window.window)
-        self.streams: list[TokenStream] = []
-        self.steps = 0
-        self._cross: CrossKV | None = None
+        self.lanes: list[Lane] = []
+        self.steps = 0  # batched decoder steps run
+        self.cache = decoder.new_cache(0, window.window)
         self._static = StaticStep(decoder, compile) if compile != "none" else None
+        # The row layout: per lane, its rows' keys (conditions, and None for the null row) and
+        # its first row; the lanes' text rows and cross-attention inputs; all lanes' stacked.
+        self._keys: list[tuple[TextCondition | None, ...]] = []
+        self._first: list[int] = []
+        self._texts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._crosses: list[CrossKV] = []
+        self._cross: CrossKV | None = None
+        self._plain = True  # every lane has one conditional row: logits go to sampling as they are
 
-    def join(self, stream: TokenStream) -> KVCache:
-        """Give `stream` its rows of the shared cache (called by TokenStream.__init__)."""
-        if len(self.streams) >= self.size:
+    def open(
+        self,
+        prompt: Prompt,
+        sampling: SamplingOptions,
+        *,
+        audio_channels: int,
+        keep_frames: int = 1000,
+        prompt_frames: torch.Tensor | None = None,
+    ) -> Lane:
+        """A new stream's lane. Its first window is prefilled before its first step."""
+        if len(self.lanes) >= self.size:
             raise ValueError(f"this batch holds {self.size} streams")
-        if stream.window != self.window:
-            raise ValueError("every stream of a batch uses the same window options")
-        first = ROWS * len(self.streams)
-        self.streams.append(stream)
-        return self.cache.rows(first, ROWS)
+        sampling = sampling.validate()
+        lane = Lane(
+            prompt,
+            sampling,
+            self.window,
+            delays=codebook_delays(self.decoder.num_codebooks, audio_channels),
+            guided=self.guided_for(sampling),
+            device=self.decoder.device,
+            keep_frames=keep_frames,
+            prompt_frames=prompt_frames,
+        )
+        self.lanes.append(lane)
+        return lane
 
-    def text_changed(self) -> None:
-        """A stream has a new prompt: rebuild the stacked cross-attention inputs."""
+    def guided_for(self, sampling: SamplingOptions) -> bool:
+        """Whether a lane with these settings holds a null row: with guidance on, and always in
+        a batch of several (sampling takes the same rows from every stream)."""
+        return self.size > 1 or sampling.guidance_scale > 1.0
+
+    # -- windows ---------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def restart(self, lane: Lane) -> None:
+        """Prefill a new window for `lane` (after a prompt change, a seed, or a full window):
+        positions from 0, its context as the prompt; the prefill samples its next tokens."""
+        ids = lane.begin_window()  # [K, C + 1]
+        self._lay_out()
+        i = self.lanes.index(lane)
+        rows = lane.rows.count
+        cache = self.cache.rows(self._first[i], rows)
+        began = time.perf_counter()
+        logits = self.decoder.prefill(ids[None].expand(rows, -1, -1), cache, self._crosses[i])
+        seconds = time.perf_counter() - began
+        # the prefill samples position C + 1 (= ids.shape[1]); the null row follows the others
+        null = len(lane.rows.conditions) if lane.rows.guided else None
+        group = [(0, lane.weights(ids.shape[1]), null)]
+        mixed = logits if lane.rows.plain else mix_rows(logits, group, 1 + lane.rows.guided)
+        tokens = sample_streams(mixed, [lane.sampling], [lane.generator], self.decoder.kernels)
+        if lane.prefilled(tokens[0], seconds):
+            self._lay_out()
+
+    # -- steps -----------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """One decoder step for every stream (a lane whose window is full, or that has none
+        yet, is prefilled first). Call it under `torch.inference_mode()` (`TokenStream` does:
+        entering it costs a few Python calls per step)."""
+        if len(self.lanes) != self.size:
+            raise RuntimeError(f"the batch has {len(self.lanes)} of its {self.size} streams")
+        for lane in self.lanes:
+            if lane.needs_window:
+                self.restart(lane)
+        lanes = self.lanes
+        if len(lanes) == 1:
+            ids = lanes[0].next_ids(lanes[0].rows.count)  # [R, K]
+            rows_at = [lanes[0].position] * ids.shape[0]
+        else:
+            counts = [lane.rows.count for lane in lanes]
+            ids = torch.cat([lane.next_ids(n) for lane, n in zip(lanes, counts, strict=True)])
+            rows_at = [
+                lane.position for lane, n in zip(lanes, counts, strict=True) for _ in range(n)
+            ]
+        samplings = [lane.sampling for lane in lanes]
+        generators = [lane.generator for lane in lanes]
+        cross = self._stacked_cross()
+        if self._static is not None:
+            at = torch.tensor(rows_at, device=ids.device)
+            mix = None if self._plain else self._static_mix()
+            tokens = self._static(ids, at, self.cache, cross, samplings, generators, mix)
+        else:
+            logits = self.decoder.decode_one_step(ids, self.cache, cross, rows_at)  # [R, K, V]
+            if not self._plain:
+                logits = mix_rows(logits, self._groups(), self._sampled_rows())
+            tokens = sample_streams(logits, samplings, generators, self.decoder.kernels)
+        if len(lanes) == 1:
+            changed = lanes[0].stepped(tokens[0])
+        else:
+            changed = False
+            for lane, row in zip(lanes, tokens, strict=True):
+                changed |= lane.stepped(row)
+        self.steps += 1
+        if changed:
+            self._lay_out()
+
+    def _sampled_rows(self) -> int:
+        """Rows per stream that sampling takes: conditional and null, or the conditional alone
+        (a lone stream with guidance off)."""
+        return 1 + self.lanes[0].rows.guided
+
+    def _groups(self) -> list[tuple[int, list[float], int | None]]:
+        """Per lane (first row, its conditional rows' weights for the position this step
+        samples, its null row): what `mix_rows` takes."""
+        groups = []
+        for lane, first in zip(self.lanes, self._first, strict=True):
+            n = len(lane.rows.conditions)
+            null = first + n if lane.rows.guided else None
+            groups.append((first, lane.weights(lane.position + 1), null))
+        return groups
+
+    def _static_mix(self) -> Mix:
+        """`_groups` as the static step takes them: rows [N, M] and weights [N, M] (M: the most
+        conditional rows of a lane; a shorter lane's extra entries weigh 0) and null rows [N]
+        (a lane without one names its first row: guidance 1 reads only the conditional)."""
+        groups = self._groups()
+        m = max(len(w) for _, w, _ in groups)
+        rows = [[f + min(j, len(w) - 1) for j in range(m)] for f, w, _ in groups]
+        weights = [list(w) + [0.0] * (m - len(w)) for _, w, _ in groups]
+        nulls = [f if null is None else null for f, _, null in groups]
+        device = self.decoder.device
+        return Mix(
+            torch.tensor(rows, device=device),
+            torch.tensor(weights, dtype=torch.float32, device=device),
+            torch.tensor(nulls, device=device),
+        )
+
+    # -- the row layout --------------------------------------------------------------------
+
+    def _lay_out(self) -> None:
+        """Fit the cache and the cross-attention inputs to the lanes' rows now. While every
+        lane keeps its number of rows the cache stays as it is (a lane with new texts is about
+        to be prefilled); otherwise it is laid out anew: rows that stay keep their cache
+        (copied to their new place), new rows start empty (to be prefilled)."""
+        keys: list[tuple[TextCondition | None, ...]] = [
+            (*lane.rows.conditions, None) if lane.rows.guided else lane.rows.conditions
+            for lane in self.lanes
+        ]
+        changed = [
+            i for i, key in enumerate(keys) if i >= len(self._keys) or not _same(key, self._keys[i])
+        ]
+        if not changed:
+            return
+        if [len(k) for k in keys] != [len(k) for k in self._keys]:
+            self.cache = self.cache.select_rows(self._sources(keys))
+            self._first = [sum(len(k) for k in keys[:i]) for i in range(len(keys))]
+        for i in changed:
+            lane = self.lanes[i]
+            text = condition_rows(lane.rows.conditions, lane.rows.guided)  # [R_i, S_i, E]
+            cross = self.decoder.cross_kv(*text)
+            if i < len(self._texts):
+                self._texts[i], self._crosses[i] = text, cross
+            else:
+                self._texts.append(text)
+                self._crosses.append(cross)
+        self._keys = keys
         self._cross = None
+        self._plain = all(lane.rows.plain for lane in self.lanes)
+
+    def _sources(self, keys: list[tuple[TextCondition | None, ...]]) -> list[int | None]:
+        """For each row of the layout `keys`, its row in the cache now (the same condition, or
+        the null row, of the same lane), or None."""
+        sources: list[int | None] = []
+        for i, key in enumerate(keys):
+            old = self._keys[i] if i < len(self._keys) else ()
+            start = self._first[i] if i < len(self._first) else 0
+            for k in key:
+                j = next((j for j, o in enumerate(old) if o is k), None)
+                sources.append(None if j is None else start + j)
+        return sources
 
     def _stacked_cross(self) -> CrossKV:
+        """Every row's cross-attention inputs, in row order (a lone lane's are its own)."""
+        if len(self._crosses) == 1:
+            return self._crosses[0]
         if self._cross is None:
-            states, masks = stack_rows(
-                [s._text[0] for s in self.streams], [s._text[1] for s in self.streams]
-            )
+            states, masks = stack_rows([t[0] for t in self._texts], [t[1] for t in self._texts])
             self._cross = self.decoder.cross_kv(states, masks)
         return self._cross
 
-    @torch.inference_mode()
-    def step(self) -> None:
-        """One decoder step for every stream (a stream at its window end re-prefills instead)."""
-        if len(self.streams) != self.size:
-            raise RuntimeError(f"the batch has {len(self.streams)} of its {self.size} streams")
-        stepping = [s for s in self.streams if not s._restart_if_full()]
-        if len(stepping) < len(self.streams):
-            # Re-prefilled streams already have this step's tokens; step the others alone.
-            for stream in stepping:
-                stream._step()
-            return
-        ids = torch.cat([s._next_ids() for s in self.streams])  # [2N, K]
-        rows_at = [s._fed for s in self.streams for _ in range(ROWS)]
-        if self._static is not None:
-            at = torch.tensor(rows_at, device=ids.device)
-            samplings = [s.sampling for s in self.streams]
-            generators = [s.generator for s in self.streams]
-            tokens = self._static(ids, at, self.cache, self._stacked_cross(), samplings, generators)
-            for stream, row in zip(self.streams, tokens, strict=True):
-                stream._stepped(tokens=row)
-            self.steps += 1
-            return
-        logits = self.decoder.decode_one_step(ids, self.cache, self._stacked_cross(), rows_at)
-        samplings = [s.sampling for s in self.streams]
-        generators = [s.generator for s in self.streams]
-        tokens = sample_streams(logits, samplings, generators, self.decoder.kernels)
-        for stream, row in zip(self.streams, tokens, strict=True):
-            stream._stepped(tokens=row)
-        self.steps += 1
+
+def _same(a: tuple[TextCondition | None, ...], b: tuple[TextCondition | None, ...]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))

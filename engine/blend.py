@@ -18,6 +18,9 @@ config, the API, the state file and the scheduler all share it.
   with weights `(1 - t) * old + t * new`. While t < 1 it keeps every text, also those at weight 0
   (at t = 0 the new texts are there at weight 0: their rows are prefilled before they are heard);
   at t = 1 it is `new`. A transition therefore holds at most 2 * MAX_PARTS texts.
+- `prefill_rows(new, old, transition_seconds)`: the decoder rows a change prefills (one per text,
+  both blends' in a transition, and the null row); a plain prompt's are `PLAIN_ROWS`. A prefill
+  costs about its rows' share of a plain one (`engine.rows`, docs/engine.md).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 MAX_PARTS = 4  # texts in one blend (a transition holds up to twice as many rows)
 MAX_TEXT_LENGTH = 2000  # characters in one text, whoever sets it (listeners get a lower limit)
 _EQUAL_DIGITS = 9  # weights equal to this many decimals are the same blend
+PLAIN_ROWS = 2  # a plain prompt's decoder rows: conditional and null (guidance)
 
 
 @dataclass(frozen=True, eq=False)
@@ -143,6 +147,15 @@ class Blend:
 
     def __repr__(self) -> str:
         return f"Blend({self.describe()!r})"
+
+
+def prefill_rows(new: Blend, old: Blend | None = None, transition_seconds: float = 0.0) -> int:
+    """Decoder rows a change to `new` prefills: one per text (a transition from `old`: both
+    blends' texts of weight > 0) and the null row. `PLAIN_ROWS` for a plain prompt."""
+    texts = set(new.texts)
+    if old is not None and transition_seconds > 0:
+        texts |= {t for t, w in old.parts if w > 0}
+    return len(texts) + 1
 
 
 def clean_text(

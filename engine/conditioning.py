@@ -8,6 +8,7 @@ empty prompt is the null condition itself (unconditional generation).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,21 @@ def stack_rows(
         torch.cat([F.pad(x, (0, 0, 0, longest - x.shape[1])) for x in states]),
         torch.cat([F.pad(m, (0, longest - m.shape[1]), value=False) for m in masks]),
     )
+
+
+def condition_rows(
+    conditions: Sequence[TextCondition], null: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One stream's decoder rows: one per condition (a blend's texts), then its null row when
+    `null` (guidance). Returns states [R, S, E] (zero-padded to the longest text) and mask [R, S]
+    bool. One condition gives what `batch_conditions([c], guidance=null)` gives."""
+    states = [c.states for c in conditions]
+    masks = [c.mask if bool(c.mask.any()) else torch.ones_like(c.mask) for c in conditions]
+    if null:
+        longest = max(x.shape[0] for x in states)
+        states.append(states[0].new_zeros(longest, states[0].shape[1]))
+        masks.append(masks[0].new_ones(longest))
+    return stack_rows([x[None] for x in states], [m[None] for m in masks])
 
 
 def batch_conditions(

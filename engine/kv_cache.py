@@ -161,6 +161,26 @@ class KVCache:
         view.length = 0
         return view
 
+    def select_rows(self, sources: list[int | None]) -> KVCache:
+        """A new cache of len(sources) rows: row j holds this cache's row sources[j], or zeros
+        for None (a row about to be prefilled). How a batch lays its rows out anew."""
+        out = KVCache.__new__(KVCache)
+        out.__dict__.update(self.__dict__)
+        new = [j for j, s in enumerate(sources) if s is not None]
+        old = [s for s in sources if s is not None]
+        for name in ("keys", "values", "key_scales", "value_scales", "blocks"):
+            t = getattr(self, name)
+            if t is None:
+                continue
+            fresh = t.new_ones if name.endswith("scales") else t.new_zeros
+            rows = fresh(t.shape[0], len(sources), *t.shape[2:])
+            if new:
+                index = torch.tensor(old, device=t.device)
+                rows[:, new] = t.index_select(1, index)
+            setattr(out, name, rows)
+        out.length = 0
+        return out
+
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """What the kernels take, every layer: (keys, key scales, values, value scales) for int8,
         (blocks,) for int4, (keys, values) otherwise."""

@@ -4,6 +4,8 @@
     stream = model.open_stream("slow rainy-day jazz")
     pcm = stream.read(50)                      # [channels, 50 * 640] float32: one second
     stream.set_prompt("fast drum and bass", from_frame=stream.frame)
+    stream.set_prompt(Blend.parse([{"text": "jazz", "weight": 0.7}, {"text": "rain"}]),
+                      transition_seconds=8)   # a blend of texts, reached by a glide
     stream.seed(model.encode_clip(data).tokens, "jazz")  # go on from an uploaded clip
     stream.restart(context_frames=50)          # re-prefill from its own last second
     a, b = model.open_streams(["jazz", "rock"])  # stations sharing every decoder step
@@ -16,20 +18,24 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from engine.batch import DecodeBatch
+from engine.blend import Blend
 from engine.clip import Clip, ClipLimits, encode_clip, one_thread
 from engine.codec import StreamingDecoder, decode_together, prepare_codec
-from engine.conditioning import batch_conditions, encode_prompt
+from engine.conditioning import TextCondition, batch_conditions, encode_prompt
 from engine.decoder import Decoder
 from engine.delay import codebook_delays, delayed_layout
 from engine.loading import LoadedModel, ModelLoadError, load_model
 from engine.options import LoadOptions, SamplingOptions, WindowOptions
+from engine.rows import Prompt
 from engine.token_stream import TokenStream
 
 log = logging.getLogger(__name__)
@@ -105,13 +111,15 @@ class MusicModel:
         return self.loaded.dtype
 
     @torch.inference_mode()
-    def encode_prompt(self, text: str):
+    def encode_prompt(self, text: str) -> TextCondition:
         return encode_prompt(self.hf, self.processor, text)
 
     @torch.inference_mode()
     def measure_prefill(self, window: WindowOptions | None = None) -> float:
-        """Seconds one prefill of a whole context takes (random tokens, both guidance rows): the
-        pause a window restart or a prompt change puts in a stream before it goes on."""
+        """Seconds one prefill of a whole context takes for a plain prompt (random tokens, both
+        guidance rows): the pause a window restart or a prompt change puts in a stream before
+        it goes on. A blend or a transition prefills one row per text and the null row, about
+        `engine.blend.prefill_rows(...) / PLAIN_ROWS` times this."""
         window = (window or WindowOptions()).validate(self.max_positions)
         frames = torch.randint(0, self.decoder.vocab, (self.num_codebooks, window.context))
         delays = codebook_delays(self.num_codebooks, self.channels)
@@ -148,19 +156,20 @@ class MusicModel:
     @torch.inference_mode()
     def open_stream(
         self,
-        prompt: str = "",
+        prompt: str | Blend = "",
         sampling: SamplingOptions | None = None,
         window: WindowOptions | None = None,
         *,
         prompt_frames: torch.Tensor | None = None,
     ) -> AudioStream:
-        """Start an endless stream. `prompt_frames` [K, T] continues from given tokens."""
+        """Start an endless stream of a text or a blend. `prompt_frames` [K, T] continues from
+        given tokens."""
         return self._open(prompt, sampling, window, prompt_frames=prompt_frames)
 
     @torch.inference_mode()
     def open_streams(
         self,
-        prompts: list[str],
+        prompts: Sequence[str | Blend],
         samplings: list[SamplingOptions] | None = None,
         window: WindowOptions | None = None,
         *,
@@ -169,7 +178,8 @@ class MusicModel:
         """Start several streams that share every decoder step (stations on one model).
 
         Reading any of them advances all of them, one position each per step; each keeps its
-        own prompt, sampling settings and windows. One prompt gives a plain single stream.
+        own prompt (a text or a blend), sampling settings and windows. One prompt gives a plain
+        single stream.
         `prompt_frames`: per stream, [K, T] tokens to continue from, or None.
         """
         samplings = samplings or [SamplingOptions()] * len(prompts)
@@ -179,6 +189,8 @@ class MusicModel:
                 f"{len(prompts)} prompts but {len(samplings)} sampling options and "
                 f"{len(frames)} prompt frames"
             )
+        if not prompts:
+            return []
         if len(prompts) == 1:
             return [self._open(prompts[0], samplings[0], window, prompt_frames=frames[0])]
         window = (window or WindowOptions()).validate(self.max_positions)
@@ -193,9 +205,11 @@ class MusicModel:
         window = (window or WindowOptions()).validate(self.max_positions)
         codec = self.new_codec()
         keep = window.context + codec.context + codec.lookahead + REWIND_FRAMES
+        blend = as_blend(prompt)
+        conditions: dict[str, TextCondition] = {}
         tokens = TokenStream(
             self.decoder,
-            self.encode_prompt(prompt),
+            self.prompt_for(blend, conditions),
             sampling,
             window,
             audio_channels=self.channels,
@@ -204,19 +218,47 @@ class MusicModel:
             batch=batch,
             compile=self.compile,
         )
-        return AudioStream(self, tokens, codec, prompt)
+        return AudioStream(self, tokens, codec, blend, conditions)
+
+    def prompt_for(self, blend: Blend, conditions: dict[str, TextCondition]) -> Prompt:
+        """The decoder's prompt for `blend`: each text's condition from `conditions` (the same
+        object for the same text keeps its decoder row), encoded and added there when new."""
+        parts = []
+        for text, weight in blend.parts:
+            if weight == 0:  # (a glide's blend may hold texts at 0: they need no row)
+                continue
+            if text not in conditions:
+                conditions[text] = self.encode_prompt(text)
+            parts.append((conditions[text], weight))
+        return Prompt.weighted(parts)
+
+
+def as_blend(prompt: str | Blend) -> Blend:
+    """A text is the blend of one (taken as it is: the engine encodes any string)."""
+    if isinstance(prompt, Blend):
+        return prompt
+    if not isinstance(prompt, str):
+        raise TypeError(f"a prompt is a str or a Blend, got {type(prompt).__name__}")
+    return Blend.of(prompt)
 
 
 class AudioStream:
     """Endless PCM from a `TokenStream` through a streaming codec decoder."""
 
     def __init__(
-        self, model: MusicModel, tokens: TokenStream, codec: StreamingDecoder, prompt: str
+        self,
+        model: MusicModel,
+        tokens: TokenStream,
+        codec: StreamingDecoder,
+        blend: Blend,
+        conditions: dict[str, TextCondition],
     ):
         self.model = model
         self.tokens = tokens
         self.codec = codec
-        self.prompt = prompt
+        self.blend = blend  # what it plays (a transition's target while it glides)
+        self.prompt = blend.describe()  # the blend in words; a plain prompt's text
+        self._conditions = conditions  # text -> its condition, for the texts its rows hold
         self.frame = 0  # frames of audio returned by read()
         self.generate_seconds = 0.0  # wall time spent in decoder steps (statistics)
         self.decode_seconds = 0.0  # wall time spent in codec decoding (statistics)
@@ -242,32 +284,66 @@ class AudioStream:
         return pcm
 
     @torch.inference_mode()
-    def set_prompt(self, text: str, from_frame: int | None = None) -> int:
-        """Hear `text` from `from_frame` on (default: the next frame read). A frame before
-        `self.frame` rewinds: read() then continues from the returned frame."""
-        frame = self._rewind_to(from_frame)
+    def set_prompt(
+        self,
+        prompt: str | Blend,
+        from_frame: int | None = None,
+        transition_seconds: float = 0.0,
+    ) -> int:
+        """Hear `prompt` (a text or a `Blend`) from `from_frame` on (default: the next frame
+        read). A frame before `self.frame` rewinds: read() then continues from the returned
+        frame. With `transition_seconds` > 0 the blend heard before glides into it over that
+        long (both blends' rows are prefilled now; 0: a switch)."""
+        frame = self._check_frame(from_frame)
+        if not (math.isfinite(transition_seconds) and transition_seconds >= 0):
+            raise ValueError(f"transition_seconds must be >= 0, got {transition_seconds}")
+        blend = as_blend(prompt)
+        glide = round(transition_seconds * self.model.frame_rate)
         began = time.perf_counter()
-        heard = self.tokens.set_prompt(self.model.encode_prompt(text), frame)
+        heard = self.tokens.set_prompt(self._decoder_prompt(blend), frame, glide)
         log.debug("prompt change prefill took %.3f s", time.perf_counter() - began)
-        self.prompt = text
+        self._played(blend)
         self.frame = min(self.frame, heard)
         return heard
 
     @torch.inference_mode()
     def seed(
-        self, tokens: torch.Tensor, prompt: str | None = None, from_frame: int | None = None
+        self,
+        tokens: torch.Tensor,
+        prompt: str | Blend | None = None,
+        from_frame: int | None = None,
     ) -> int:
         """Continue from `from_frame` (default: the next frame read) as if the music before it
-        were `tokens` [K, T] (`MusicModel.encode_clip(...).tokens`), with `prompt` (None: the
-        current one): audiocraft's `generate_continuation` in a running stream. What was heard
+        were `tokens` [K, T] (`MusicModel.encode_clip(...).tokens`), with `prompt`, a text or a
+        blend (None: the current one): audiocraft's `generate_continuation` in a running stream. What was heard
         stays heard; frames before the returned one can no longer be rewound to."""
-        frame = self._rewind_to(from_frame)
-        condition = None if prompt is None else self.model.encode_prompt(prompt)
-        heard = self.tokens.seed(tokens, condition, frame)
-        if prompt is not None:
-            self.prompt = prompt
+        frame = self._check_frame(from_frame)
+        blend = None if prompt is None else as_blend(prompt)
+        decoder_prompt = None if blend is None else self._decoder_prompt(blend)
+        heard = self.tokens.seed(tokens, decoder_prompt, frame)
+        if blend is not None:
+            self._played(blend)
         self.frame = min(self.frame, heard)
         return heard
+
+    def _check_frame(self, from_frame: int | None) -> int:
+        """The frame a change starts at (default: the next frame read), within rewind reach."""
+        frame = self.frame if from_frame is None else from_frame
+        if frame < self.frame - REWIND_FRAMES:
+            raise ValueError(
+                f"from_frame {frame} is more than {REWIND_FRAMES} frames before the stream "
+                f"position {self.frame}"
+            )
+        return frame
+
+    def _decoder_prompt(self, blend: Blend) -> Prompt:
+        return self.model.prompt_for(blend, self._conditions)
+
+    def _played(self, blend: Blend) -> None:
+        """`blend` plays now: keep the conditions the stream's rows still hold, no others."""
+        self.blend, self.prompt = blend, blend.describe()
+        held = self.tokens.conditions_in_use()
+        self._conditions = {t: c for t, c in self._conditions.items() if any(c is h for h in held)}
 
     @torch.inference_mode()
     def restart(
@@ -275,7 +351,7 @@ class AudioStream:
         from_frame: int | None = None,
         *,
         context_frames: int | None = None,
-        prompt: str | None = None,
+        prompt: str | Blend | None = None,
     ) -> int:
         """Re-prefill from the stream's own recent tokens and go on from `from_frame` (default:
         the next frame read): the last `context_frames` frames before it are the decoder's
@@ -288,14 +364,15 @@ class AudioStream:
         A stream of a batch goes on generating while it is not read; when the frames before
         `from_frame` are no longer kept, it goes on from the earliest frame it still can decode
         (later than asked). Returns the frame the new audio begins at."""
-        frame = self._rewind_to(from_frame)
+        frame = self._check_frame(from_frame)
         offset = self.tokens.history()[1]
         if offset > 0:
             frame = max(frame, offset + self.codec.context)
-        condition = None if prompt is None else self.model.encode_prompt(prompt)
-        heard = self.tokens.restart(frame, context_frames, condition)
-        if prompt is not None:
-            self.prompt = prompt
+        blend = None if prompt is None else as_blend(prompt)
+        decoder_prompt = None if blend is None else self._decoder_prompt(blend)
+        heard = self.tokens.restart(frame, context_frames, decoder_prompt)
+        if blend is not None:
+            self._played(blend)
         self.frame = heard
         return heard
 
@@ -309,16 +386,6 @@ class AudioStream:
                 f"{offset + codes.shape[1]}))"
             )
         return codes[:, start - offset : stop - offset].numpy().copy()
-
-    def _rewind_to(self, from_frame: int | None) -> int:
-        """`from_frame` (None: the next frame read), if it is not too far back to rewind to."""
-        frame = self.frame if from_frame is None else from_frame
-        if frame < self.frame - REWIND_FRAMES:
-            raise ValueError(
-                f"from_frame {frame} is more than {REWIND_FRAMES} frames before the stream "
-                f"position {self.frame}"
-            )
-        return frame
 
     @torch.inference_mode()
     def set_sampling(self, sampling: SamplingOptions) -> None:

@@ -9,19 +9,26 @@ replay it as one CUDA graph:
   `arange(P) <= position[row]`; the new keys/values are written by index at tensor positions;
 - cross-attention keys/values copied (when the prompt changes) into fixed buffers padded to a
   multiple of `TEXT_BUCKET` text tokens;
-- guidance, temperature, top-k, top-p and the draw inside the step, with per-stream settings as
-  tensors. The draw is an exponential race, `argmax(probs / E)` with E ~ Exp(1) drawn by each
+- a blend's conditional rows summed by weight (`Mix`: each stream's rows and weights as
+  tensors, `engine.rows`), then guidance, temperature, top-k, top-p and the draw inside the
+  step, with per-stream settings as tensors. The draw is an exponential race, `argmax(probs / E)` with E ~ Exp(1) drawn by each
   stream's seeded generator and passed in: the distribution of `torch.multinomial`, other draws.
 
 Modes: "eager" runs the function as it is; "compile" with `torch.compile` (no graphs, also on a
 CPU); "graphs" with `mode="reduce-overhead"` (CUDA graphs). When compiling or capturing fails,
 one warning says what failed and the same function runs eagerly (or, when only the graph capture
 was skipped, compiled without graphs). The prefill stays eager (`Decoder.prefill`).
+
+Shapes are fixed per row layout: when a batch lays its rows out anew (a blend with another
+number of texts, a transition beginning or ending), the step meets new shapes and
+`torch.compile` compiles (and captures) it once more for them; a layout seen before reuses its
+graph. Plain prompts only (one conditional row per stream) take no `Mix`.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,13 +43,26 @@ MODES = ("eager", "compile", "graphs")
 TEXT_BUCKET = 64  # cross-attention buffers hold a multiple of this many text tokens
 
 
-def guide(logits: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """logits: [N * R, K, V], rows (conditional, null) per stream when R == 2; scale: [N].
+class Mix(NamedTuple):
+    """Which rows make each stream's conditional and null logits (a batch with blends)."""
+
+    rows: torch.Tensor  # [N, M] long: stream i's conditional rows (padded with weight 0)
+    weights: torch.Tensor  # [N, M] float32: their weights (sum 1 per stream)
+    nulls: torch.Tensor  # [N] long: stream i's null row (guidance 1: any row)
+
+
+def guide(logits: torch.Tensor, scale: torch.Tensor, mix: Mix | None = None) -> torch.Tensor:
+    """logits: [N * R, K, V], rows (conditional, null) per stream when R == 2 (or the rows
+    `mix` names: a stream's conditional logits are its rows' weighted sum); scale: [N].
     Returns guided logits [N, K, V]; a scale of 1 gives exactly the conditional row."""
-    grouped = logits.view(scale.shape[0], -1, *logits.shape[1:])  # [N, R, K, V]
-    if grouped.shape[1] == 1:
-        return grouped[:, 0]
-    cond, uncond = grouped[:, 0], grouped[:, 1]
+    if mix is not None:
+        cond = (logits[mix.rows] * mix.weights[:, :, None, None]).sum(dim=1)
+        uncond = logits[mix.nulls]
+    else:
+        grouped = logits.view(scale.shape[0], -1, *logits.shape[1:])  # [N, R, K, V]
+        if grouped.shape[1] == 1:
+            return grouped[:, 0]
+        cond, uncond = grouped[:, 0], grouped[:, 1]
     s = scale[:, None, None]
     return torch.where(s == 1.0, cond, uncond + (cond - uncond) * s)
 
@@ -62,10 +82,13 @@ def probs_from(logits: torch.Tensor, settings: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(remove.scatter(-1, order, remove), float("-inf")).softmax(dim=-1)
 
 
-def sample_rows(logits: torch.Tensor, settings: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """logits: [N * R, K, V] float32; settings: [N, 5]; noise: [N, K, V] drawn from Exp(1).
-    Returns tokens [N, K]: argmax for greedy streams, else the exponential race."""
-    guided = guide(logits, settings[:, 0])
+def sample_rows(
+    logits: torch.Tensor, settings: torch.Tensor, noise: torch.Tensor, mix: Mix | None = None
+) -> torch.Tensor:
+    """logits: [N * R, K, V] float32 (or rows as `mix` names them); settings: [N, 5]; noise:
+    [N, K, V] drawn from Exp(1). Returns tokens [N, K]: argmax for greedy streams, else the
+    exponential race."""
+    guided = guide(logits, settings[:, 0], mix)
     drawn = (probs_from(guided, settings) / noise).argmax(dim=-1)
     greedy = settings[:, 4, None] > 0
     return torch.where(greedy, guided.argmax(dim=-1), drawn)
@@ -129,11 +152,15 @@ def decode_logits(
 
 
 def decode_step(
-    d: Decoder, *tensors: torch.Tensor, settings: torch.Tensor, noise: torch.Tensor
+    d: Decoder,
+    *tensors: torch.Tensor,
+    settings: torch.Tensor,
+    noise: torch.Tensor,
+    mix: Mix | None = None,
 ) -> torch.Tensor:
-    """`decode_logits(d, *tensors)`, then guidance and sampling with settings [N, 5] and noise
-    [N, K, V]: tokens [N, K]. This is the function that gets compiled."""
-    return sample_rows(decode_logits(d, *tensors), settings, noise)
+    """`decode_logits(d, *tensors)`, then blending (`mix`), guidance and sampling with settings
+    [N, 5] and noise [N, K, V]: tokens [N, K]. This is the function that gets compiled."""
+    return sample_rows(decode_logits(d, *tensors), settings, noise, mix)
 
 
 def _weights(d: Decoder) -> list[torch.Tensor]:
@@ -171,6 +198,7 @@ class StaticStep:
         self._cross_keys = self._cross_values = self._cross_mask = None
         self._noise: torch.Tensor | None = None  # [N, K, V]
         self._settings: tuple[list[SamplingOptions], torch.Tensor] | None = None
+        self._mix: Mix | None = None  # fixed buffers of the latest blend rows and weights
         self._graph_skips_seen = False
 
     def __call__(
@@ -181,9 +209,11 @@ class StaticStep:
         cross: CrossKV,
         samplings: list[SamplingOptions],
         generators: list[torch.Generator],
+        mix: Mix | None = None,
     ) -> torch.Tensor:
         """ids: [B, K] at `positions` [B] long; rows per stream: B // len(samplings), in the
-        order (conditional, null). Returns tokens [N, K], one row per stream."""
+        order (conditional, null), or as `mix` names them (blends). Returns tokens [N, K], one
+        row per stream."""
         self._load_cross(cross)
         args = (
             self.decoder,
@@ -195,10 +225,12 @@ class StaticStep:
             self._cross_values,
             self._cross_mask,
         )
-        sampling = dict(
+        sampling: dict[str, Any] = dict(
             settings=self._settings_for(samplings),
             noise=self._draw(samplings, generators, ids.shape[1]),
         )
+        if mix is not None:
+            sampling["mix"] = self._load_mix(mix)
         if self._run is not decode_step:
             for t in (cache.keys, cache.values):
                 torch._dynamo.mark_static_address(t)
@@ -267,6 +299,20 @@ class StaticStep:
         self._cross_values.zero_()[:, :, :, :s] = values
         self._cross_mask.zero_()[..., :s] = cross.mask
         self._cross = cross
+
+    def _load_mix(self, mix: Mix) -> Mix:
+        """Copy a step's blend rows and weights into fixed buffers (new ones for new shapes)."""
+        if self._mix is None or any(
+            a.shape != b.shape for a, b in zip(self._mix, mix, strict=True)
+        ):
+            self._mix = Mix(*(t.clone() for t in mix))
+            if self.mode != "eager":
+                for t in self._mix:
+                    torch._dynamo.mark_static_address(t)
+            return self._mix
+        for buffer, t in zip(self._mix, mix, strict=True):
+            buffer.copy_(t)
+        return self._mix
 
     def _settings_for(self, samplings: list[SamplingOptions]) -> torch.Tensor:
         if self._settings is None or self._settings[0] != samplings:

@@ -1,16 +1,18 @@
 """Where the radio hands the engine a prompt: a `Blend` (and, for a clip, tokens) into a stream.
 
-The radio thinks in blends (`engine.blend.Blend`: the config, the director, the API). Until the
-engine takes them, a stream hears a blend's dominant text; `set_blend` is the ONE place that
-decides, and it asks the stream itself: when the stream's `set_prompt` accepts a
-`transition_seconds` parameter (the engine's blend-aware signature,
-`set_prompt(prompt: str | Blend, from_frame=None, transition_seconds=0.0)`), the blend and its
-transition go through whole; otherwise `set_prompt(blend.dominant, from_frame)`, as before
-blends. `inspect.signature` is read once per stream class.
+The radio thinks in blends (`engine.blend.Blend`: the config, the director, the API), and the
+engine plays them: one decoder row per text, mixed by weight under classifier-free guidance,
+and a transition glides the weights (`AudioStream.set_prompt(prompt: str | Blend,
+from_frame=None, transition_seconds=0.0)`, `AudioStream.seed(tokens, prompt: str | Blend)`).
+`set_blend` is the ONE place that hands them over, and it asks the stream itself: when the
+stream's `set_prompt` accepts a `transition_seconds` parameter (the engine's blend-aware
+signature), the blend and its transition go through whole; a stream without it (a test double,
+an engine before blends) gets `set_prompt(blend.dominant, from_frame)`. `inspect.signature` is
+read once per stream class.
 
-`open_text` and `open_blend` do the same for a stream being opened (the engine opens streams
-on texts), `seed_blend` for a stream seeded from a clip (`AudioStream.seed`, which takes a text).
-Everything here runs in the generator's worker thread.
+`open_text` and `open_blend` do the same for a stream being opened (the radio opens streams on
+texts, then gives a blend-aware stream its blend before the first frame), `seed_blend` for a
+stream seeded from a clip. Everything here runs in the generator's worker thread.
 """
 
 from __future__ import annotations
@@ -29,9 +31,7 @@ class PromptStream(Protocol):
 
     def set_prompt(self, prompt: Any, from_frame: int | None = None, **kw: Any) -> int: ...
 
-    def seed(
-        self, tokens: Any, prompt: str | None = None, from_frame: int | None = None
-    ) -> int: ...
+    def seed(self, tokens: Any, prompt: Any = None, from_frame: int | None = None) -> int: ...
 
 
 _SIGNATURES: dict[type, bool] = {}  # stream class -> its set_prompt takes blends
@@ -62,8 +62,9 @@ def set_blend(
 
 def seed_blend(stream: PromptStream, tokens: Any, blend: Blend, from_frame: int) -> int:
     """Continue from `from_frame` as if the music before were `tokens` [K, T], with `blend`
-    (its dominant text: the engine's `seed` takes a text)."""
-    return stream.seed(tokens, blend.dominant, from_frame=from_frame)
+    (a stream that does not take blends: its dominant text)."""
+    prompt = blend if takes_blends(stream) else blend.dominant
+    return stream.seed(tokens, prompt, from_frame=from_frame)
 
 
 def open_text(blend: Blend) -> str:

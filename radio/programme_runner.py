@@ -159,13 +159,14 @@ class StationProgramme:
                 self._send(self.sent, cur.source, 0.0, self._wall(stale.at), None, keep_sent=True)
         if nxt is None or nxt.blend is None:
             return
-        lead = self.timeline.horizon.seconds(self.timeline.engine.prefill_seconds)
+        glide = self.director.scheduled(nxt.at).transition_seconds
+        rows = self.timeline.prefill_rows(nxt.blend, glide)  # a transition prefills more rows
+        lead = self.timeline.horizon.seconds(self.timeline.engine.prefill_seconds, rows)
         if not 0 < nxt.at - now <= lead + PREPARE_MARGIN:
             return
         at = self._wall(nxt.at)
-        if self.timeline.start_frame(at) * self.timeline.hop > self.station.buffer.tail:
+        if self.timeline.start_frame(at, rows) * self.timeline.hop > self.station.buffer.tail:
             return  # not generated yet: the engine would cut early; look again next tick
-        glide = self.director.scheduled(nxt.at).transition_seconds
         self._send(nxt.blend, nxt.source, glide, at, None, keep_sent=True)
         self.prepared = _Prepared(nxt.blend, nxt.at)
 

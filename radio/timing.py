@@ -8,7 +8,9 @@ it hands to the outputs (`released`). The rules, all here:
 1. **Start.** A prompt asked for now starts `horizon` seconds after the moment being played
    (the buffer's head): `generation.prompt_horizon`, or with -1 (auto)
    `max(MIN_HORIZON, HORIZON_MARGIN * prefill + 2 chunks)`, from the engine's measured prefill,
-   so that the audio after the cut is made before the clock gets there. A change for an
+   so that the audio after the cut is made before the clock gets there. The prefill is a plain
+   prompt's (two decoder rows) scaled by the rows the change prefills
+   (`engine.blend.prefill_rows`: one per text, both blends' in a transition, and the null row). A change for an
    instant (`at`, Unix seconds: a schedule boundary) starts at the frame heard at that instant,
    never sooner than the horizon allows.
 2. **Clamp.** The engine is asked for that frame clamped to what it has made,
@@ -39,7 +41,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from engine.blend import Blend
+from engine.blend import PLAIN_ROWS, Blend, prefill_rows
 from radio.blending import PromptStream, seed_blend, set_blend
 from radio.station import Station
 
@@ -64,10 +66,12 @@ class Horizon:
     fixed: float  # seconds; -1 = auto, from the measured prefill
     chunk_seconds: float  # audio the generator makes per step
 
-    def seconds(self, prefill_seconds: float) -> float:
+    def seconds(self, prefill_seconds: float, rows: int = PLAIN_ROWS) -> float:
+        """`prefill_seconds`: a plain prompt's prefill; `rows`: the decoder rows the change
+        prefills (a blend's texts, a transition's both blends', and the null row)."""
         if self.fixed >= 0:
             return self.fixed
-        return auto_horizon(prefill_seconds, self.chunk_seconds)
+        return auto_horizon(prefill_seconds * rows / PLAIN_ROWS, self.chunk_seconds)
 
 
 @dataclass(frozen=True)
@@ -200,18 +204,24 @@ class PromptTimeline:
         if not self.engine.alive:
             raise NotRunning("the generator is not running")
         blend = prompt if isinstance(prompt, Blend) else Blend.of(prompt)
+        rows = self.prefill_rows(blend, transition_seconds)
         change = PromptChange(
-            blend, source, self.start_frame(at), requested_at, transition_seconds, at, tokens
+            blend, source, self.start_frame(at, rows), requested_at, transition_seconds, at, tokens
         )
         answer = self.engine.set_prompt(self.station.id, change)
         frame = await asyncio.wait_for(asyncio.shield(answer), self.apply_timeout)
         heard_in = self.heard_in(frame)
         return Applied(frame, heard_in, self.wallclock() + heard_in)
 
-    def start_frame(self, at: float | None = None) -> int:
-        """Rule 1: the frame a change asked for now (or for the instant `at`) starts at."""
+    def prefill_rows(self, blend: Blend, transition_seconds: float = 0.0) -> int:
+        """Decoder rows a change to `blend` prefills, from the station's blend now."""
+        return prefill_rows(blend, self.station.blend, transition_seconds)
+
+    def start_frame(self, at: float | None = None, rows: int = PLAIN_ROWS) -> int:
+        """Rule 1: the frame a change asked for now (or for the instant `at`) starts at, for a
+        change that prefills `rows` decoder rows."""
         head = self.station.buffer.head
-        horizon = self.horizon.seconds(self.engine.prefill_seconds)
+        horizon = self.horizon.seconds(self.engine.prefill_seconds, rows)
         earliest = -(-head // self.hop) + round(horizon * self.sample_rate / self.hop)
         if at is None:
             return earliest

@@ -16,3 +16,13 @@ def k():
     module = kernels.get()
     assert module is not None, "the CPU has the instructions but the kernels did not build (log)"
     return module
+
+
+@pytest.fixture(scope="module")
+def tiny_float32(tiny_model_dir):
+    """The tiny mono model loaded in float32 on the CPU (eager steps, no kernels)."""
+    from engine import LoadOptions, MusicModel
+
+    return MusicModel.load(
+        LoadOptions(model=tiny_model_dir, device="cpu", dtype="float32", quantize="none")
+    )

@@ -48,3 +48,29 @@ def reference_tokens(
     stereo = torch.empty(left.shape[0] * 2, left.shape[1], dtype=left.dtype)
     stereo[0::2], stereo[1::2] = left, right
     return stereo
+
+
+@torch.inference_mode()
+def reference_rows(model, texts: list[str], frames: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced logits [len(texts) + 1, T, K, V] of `MusicgenForConditionalGeneration`'s
+    own forward over the delayed layout of `frames` [K, N] (T = N + 1 positions from BOS; mono):
+    one row per text, then the null row (zero text states and a zero attention mask, as its
+    guidance makes it). `model`: an `engine.MusicModel` (its `hf` model and processor)."""
+    from engine.delay import codebook_delays, delayed_layout
+
+    hf, processor = model.hf, model.processor
+    delays = codebook_delays(model.num_codebooks, model.channels)
+    ids = delayed_layout(frames, delays, frames.shape[1] + 1)
+    assert bool((ids >= 0).all())
+    rows = []
+    for text in texts:
+        inputs = processor(text=[text], return_tensors="pt", padding=True)
+        rows.append(hf(**inputs, decoder_input_ids=ids).logits)  # [K, T, V]
+    inputs = processor(text=[texts[0]], return_tensors="pt", padding=True)
+    hidden = hf.text_encoder(**inputs).last_hidden_state
+    null = hf(
+        encoder_outputs=(torch.zeros_like(hidden),),
+        attention_mask=torch.zeros_like(inputs["attention_mask"]),
+        decoder_input_ids=ids,
+    ).logits
+    return torch.stack([*rows, null]).transpose(1, 2)  # [R, T, K, V]

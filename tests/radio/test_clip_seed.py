@@ -75,7 +75,7 @@ async def test_an_uploaded_clip_seeds_the_station(client, seeds):
     [(stream, tokens, text, frame)] = seeds
     assert (text, frame) == ("warm jazz trio", body["frame"])
     assert tuple(tokens.shape) == (4, 100)
-    assert torch.equal(stream.tokens._seed, tokens) and stream.tokens._floor == frame
+    assert torch.equal(stream.tokens.seed_frames, tokens) and stream.tokens.seeded_at == frame
     await on_air(client, "warm jazz trio")
     station = await (await client.get("/api/stations/main")).json()
     assert station["history"][0]["source"] == "clip"

@@ -104,6 +104,28 @@ def test_a_change_starts_a_horizon_after_the_moment_being_played():
     assert tl.start_frame() == 51 + 110
 
 
+async def test_a_blend_or_a_transition_starts_later_for_its_larger_prefill():
+    """The auto horizon scales the plain prompt's prefill by the rows a change prefills: a blend
+    of 3 texts 4 rows (x2), a transition from it to a new text 5 (x2.5)."""
+    st, engine, clock = station("old"), FakeEngine(), FakeClock()
+    fill(st, 0, 5 * RATE, 1.0)
+    st.buffer.take(RATE + 100)  # head inside frame 50
+    engine.prefill_seconds = 1.0
+    tl = timeline(st, engine, clock)
+    three = Blend.parse([{"text": "a"}, {"text": "b"}, {"text": "c"}])
+    assert tl.prefill_rows(Blend.of("new")) == 2
+    assert tl.prefill_rows(Blend.of("new"), transition_seconds=5.0) == 3  # old and new
+    assert tl.prefill_rows(three) == 4 and tl.prefill_rows(three, 5.0) == 5
+    assert tl.start_frame(rows=2) == 51 + round((1.5 * 1.0 + 0.4) * 50)
+    assert tl.start_frame(rows=4) == 51 + round((1.5 * 2.0 + 0.4) * 50)
+    assert Horizon(0.5, 0.2).seconds(1.0, rows=5) == 0.5  # a fixed horizon stays fixed
+    asked = asyncio.ensure_future(tl.change(three, "admin", transition_seconds=5.0))
+    await asyncio.sleep(0)
+    assert engine.asked[0][1].from_frame == 51 + round((1.5 * 2.5 + 0.4) * 50)
+    engine.take(tl)
+    await asked
+
+
 def test_a_change_for_an_instant_starts_at_the_frame_heard_then():
     st, engine, clock = station(), FakeEngine(), FakeClock()
     fill(st, 0, 5 * RATE, 1.0)

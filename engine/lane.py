@@ -1,0 +1,273 @@
+"""One stream's lane of a decode batch: its tokens, its windows, its rows and its sampler.
+
+A `Lane` holds everything one stream decodes with, and steps nothing itself: its
+`DecodeBatch` creates it, prefills its windows and steps it with the others, through the small
+interface below ("for the batch"). `TokenStream` is the stream's owner-facing handle; it
+changes the lane's prompt, seed and sampling ("for the stream") and asks the batch to go on.
+
+Windows: inside a window the lane feeds one position per decoder step. The sinusoidal position
+table is finite (2048) and training clips were 30 s, so when a window is full the lane starts
+a new one at position 0 whose prompt is the last `context` frames (`generate_continuation` on
+tokens: nothing is re-encoded, nothing lost at the join). A prompt change is the same
+continuation with new text, from a chosen frame; a seed one whose context is given tokens (an
+uploaded clip) instead of the frames before.
+
+Frames are numbered from the start of the stream. `history()` holds the last frames (enough for
+rewinds, re-prefills and the codec's left context); older ones are forgotten, so memory is flat.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from engine.blend import PLAIN_ROWS
+from engine.conditioning import TextCondition
+from engine.delay import PAD, delayed_layout
+from engine.options import SamplingOptions, WindowOptions
+from engine.rows import Change, Prompt, Rows
+
+log = logging.getLogger(__name__)
+
+
+class Lane:
+    def __init__(
+        self,
+        prompt: Prompt,
+        sampling: SamplingOptions,
+        window: WindowOptions,
+        *,
+        delays: torch.Tensor,
+        guided: bool,
+        device: torch.device,
+        keep_frames: int = 1000,
+        prompt_frames: torch.Tensor | None = None,
+    ) -> None:
+        """`delays`: [K] each codebook's delay (`engine.delay.codebook_delays`); `guided`: hold a
+        null row; `prompt_frames`: optional [K, T] tokens to continue from (frames 0..T-1)."""
+        self.window = window
+        self.sampling = sampling
+        self.delays = delays
+        self.num_codebooks = int(delays.shape[0])
+        self.max_delay = int(delays.max())
+        self.device = device
+        self.keep_frames = max(keep_frames, window.context)
+        self.generator = self._make_generator(sampling.seed)
+        self.steps = 0  # decoder steps run, for statistics
+        self.prefills = 0  # window restarts and prompt changes
+        # seconds a prefill of a whole context takes for a plain prompt (PLAIN_ROWS rows), from
+        # the latest one (scaled by its rows); 0: none yet
+        self.prefill_seconds = 0.0
+        # Complete frames [K, T] on the CPU; _history[:, i] is frame _offset + i.
+        start = torch.zeros(self.num_codebooks, 0) if prompt_frames is None else prompt_frames
+        self._history = start.to(torch.long).cpu().clone()
+        self._offset = 0
+        # A seed: the decoder's context is `_seed` [K, S] followed by the frames from `_seed_at`
+        # on, until `context` frames have been made after it; no rewind before `_floor`.
+        self._seed: torch.Tensor | None = None
+        self._seed_at = 0
+        self._floor = 0
+        # The prompt changes still in reach of a rewind, the last one in force now.
+        self._changes = [Change(self.complete, prompt)]
+        self.rows = Rows.of(self._changes[-1], guided)
+        # The window: delayed layout [K, W + 1] (-1 where unknown), the position fed next, the
+        # frames of context it began with, and the stream frame of its frame 0. None: no window
+        # yet (the batch starts one before the lane's first step).
+        self._seq: torch.Tensor | None = None
+        self._fed = 0
+        self._context_len = 0
+        self._window_first = 0
+
+    # -- for the stream --------------------------------------------------------------------
+
+    @property
+    def complete(self) -> int:
+        """Number of complete frames written since the stream began."""
+        return self._offset + self._history.shape[1]
+
+    def history(self) -> tuple[torch.Tensor, int]:
+        """(tokens [K, T], offset): the kept complete frames; tokens[:, i] is frame offset + i."""
+        return self._history, self._offset
+
+    @property
+    def seed_frames(self) -> torch.Tensor | None:
+        return self._seed
+
+    @property
+    def seeded_at(self) -> int:
+        return self._floor
+
+    @property
+    def prompt(self) -> Prompt:
+        """The prompt of the latest change (a transition's new blend)."""
+        return self._changes[-1].new
+
+    def conditions_in_use(self) -> list[TextCondition]:
+        """Every condition the lane may still need: its rows and those of changes a rewind
+        can reach."""
+        found = list(self.rows.conditions)
+        for change in self._changes:
+            for c in change.conditions():
+                if all(c is not f for f in found):
+                    found.append(c)
+        return found
+
+    def check_rewind(self, frame: int) -> None:
+        if frame < self._floor:
+            raise ValueError(
+                f"from_frame {frame} is too far back: the stream was seeded at frame {self._floor}"
+            )
+        if frame < max(self._offset, 0):
+            raise ValueError(
+                f"from_frame {frame} is too far back: frames before {self._offset} are no longer kept"
+            )
+
+    def set_prompt(self, prompt: Prompt, frame: int, glide_frames: int = 0) -> None:
+        """From `frame` (after `truncate(frame)`) on, `prompt`; with `glide_frames` > 0 the
+        weights glide there from the blend heard before `frame`. The batch then starts a new
+        window (`needs_window`)."""
+        old = self._blend_at(frame - 1) if glide_frames > 0 else None
+        self._changes = [c for c in self._changes if c.start < frame]
+        self._changes.append(Change(frame, prompt, old, glide_frames))
+        while len(self._changes) > 1 and self._changes[1].start <= self._offset:
+            self._changes.pop(0)  # no rewind reaches it any more
+        self.rows = Rows.of(self._changes[-1], self.rows.guided)
+        self._seq = None
+
+    def seed(self, frames: torch.Tensor, frame: int) -> None:
+        """The decoder's context from `frame` on is `frames` [K, S] then what is made after it
+        (after `truncate(frame)`); the batch then starts a new window."""
+        assert frames.ndim == 2 and frames.shape[0] == self.num_codebooks, list(frames.shape)
+        self._seed = frames.to(torch.long).cpu().clone()
+        self._seed_at = self._floor = frame
+        self._seq = None
+
+    def set_sampling(self, sampling: SamplingOptions, guided: bool) -> bool:
+        """New sampling settings; True when the null row comes or goes (the caller truncates
+        and the batch starts a new window)."""
+        if sampling.seed != self.sampling.seed:
+            self.generator = self._make_generator(sampling.seed)
+        self.sampling = sampling
+        if guided == self.rows.guided:
+            return False
+        self.rows = self.rows.with_guided(guided)
+        self._seq = None
+        return True
+
+    def truncate(self, frame: int) -> None:
+        """Drop the frames from `frame` on (a rewind: what comes next replaces them)."""
+        self._history = self._history[:, : max(0, frame - self._offset)]
+
+    def context(self) -> torch.Tensor:
+        """[K, <= context] the frames a new window continues from: the last `context` frames,
+        or after a seed the seed's frames followed by those made since."""
+        frames = self._history
+        if self._seed is not None:
+            made = frames[:, self._seed_at - self._offset :]
+            if made.shape[1] >= self.window.context:
+                self._seed = None  # the seed has left the context
+            else:
+                frames = torch.cat([self._seed, made], dim=1)
+        return frames[:, -self.window.context :] if frames.shape[1] else frames
+
+    # -- for the batch ---------------------------------------------------------------------
+
+    @property
+    def needs_window(self) -> bool:
+        """No window yet, or the window is full: the batch prefills a new one."""
+        return self._seq is None or self._fed >= self.window.window
+
+    @property
+    def position(self) -> int:
+        """The position the next step feeds (and the last one sampled)."""
+        return self._fed
+
+    def begin_window(self) -> torch.Tensor:
+        """A new window from position 0: the ids [K, C + 1] to prefill (BOS and the last
+        `context` frames in the delayed layout). A glide already over settles first."""
+        if self._seq is not None:
+            log.debug(
+                "window full at frame %d: re-prefilling %d frames",
+                self.complete,
+                self.window.context,
+            )
+        context = self.context()
+        self._context_len = context.shape[1]
+        self._window_first = self.complete - self._context_len
+        self._settle(self._frame_of(self._context_len + 1))
+        layout = delayed_layout(context, self.delays, self.window.window + 1)
+        self._seq = layout.to(self.device)  # [K, W + 1]
+        return self._seq[:, : self._context_len + 1]
+
+    def weights(self, position: int) -> list[float]:
+        """The conditional rows' weights for the step that samples `position`."""
+        return self.rows.weights(self._frame_of(position))
+
+    def next_ids(self, rows: int) -> torch.Tensor:
+        """[rows, K] the inputs of position `position` (the same for every row)."""
+        assert self._seq is not None, "the lane has no window"
+        return self._seq[None, :, self._fed].expand(rows, -1)
+
+    def prefilled(self, tokens: torch.Tensor, seconds: float) -> bool:
+        """Take the tokens [K] a prefill of `begin_window`'s ids sampled, and the prefill's wall
+        time. True when the rows changed (a glide ended)."""
+        self._fed = self._context_len + 1
+        self.prefills += 1
+        if self._context_len == self.window.context:
+            self.prefill_seconds = seconds * PLAIN_ROWS / self.rows.count
+        self._accept(tokens)
+        return self._settle(self._frame_of(self._fed + 1))
+
+    def stepped(self, tokens: torch.Tensor) -> bool:
+        """Take the tokens [K] a decoder step over `position` sampled (position + 1). True when
+        the rows changed (a glide ended: rows of weight 0 leave)."""
+        self._fed += 1
+        self.steps += 1
+        self._accept(tokens)
+        return self._settle(self._frame_of(self._fed + 1))
+
+    # -- inside ----------------------------------------------------------------------------
+
+    def _make_generator(self, seed: int | None) -> torch.Generator:
+        generator = torch.Generator(device=self.device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        return generator
+
+    def _frame_of(self, position: int) -> int:
+        """The stream frame whose first codebook position `position` of this window holds."""
+        return self._window_first + position - 1
+
+    def _blend_at(self, frame: int) -> Prompt:
+        """The blend heard at `frame` (of the changes still kept)."""
+        change = next((c for c in reversed(self._changes) if c.start <= frame), self._changes[0])
+        return change.at(frame)
+
+    def _settle(self, frame: int) -> bool:
+        """End a glide that is over by the step sampling `frame`: its rows of weight 0 leave."""
+        if self.rows.glide is None or self.rows.gliding(frame):
+            return False
+        before = len(self.rows.conditions)
+        self.rows = self.rows.settled()
+        return len(self.rows.conditions) != before
+
+    def _accept(self, tokens: torch.Tensor) -> None:
+        """Keep the sampled tokens [K] of position `_fed` where the layout does not force them
+        (pads and known context), and move a newly complete frame into the history."""
+        assert self._seq is not None
+        position = self._fed
+        known = self._seq[:, position]
+        self._seq[:, position] = torch.where(known == -1, tokens, known)
+        frame = position - 1 - self.max_delay  # window frame completed by this position
+        if frame >= self._context_len:
+            index = frame + 1 + self.delays.to(self._seq.device)  # [K] position of each codebook
+            column = self._seq.gather(1, index[:, None]).cpu()  # [K, 1]
+            assert bool((column != PAD).all()), "a complete frame holds a pad token"
+            self._history = torch.cat([self._history, column], dim=1)
+            if self._history.shape[1] > 2 * self.keep_frames:
+                drop = self._history.shape[1] - self.keep_frames
+                self._history = self._history[:, drop:].clone()
+                self._offset += drop
