@@ -210,7 +210,7 @@ def bench_stations(model: MusicModel, window: WindowOptions, steps: int, counts=
         tokens[n], spent[n] = streams[0].tokens, 0.0
         tokens[n].generate_until(tokens[n].complete + 1)  # warm-up
     # every step until the window is full, not the re-prefill after it (reported on its own)
-    steps = min(steps, *(window.window - t._fed for t in tokens.values()))
+    steps = min(steps, *(window.window - t.position for t in tokens.values()))
     first = {n: (t.steps, t.prefills) for n, t in tokens.items()}
     for done in range(0, steps, 25):
         for n in counts:

@@ -84,6 +84,11 @@ class TokenStream:
         return self._lane.window
 
     @property
+    def position(self) -> int:
+        """Its position in the current window: the next step feeds it."""
+        return self._lane.position
+
+    @property
     def prompt(self) -> Prompt:
         """What it plays (the latest change's prompt; during a glide, where it goes)."""
         return self._lane.prompt
