@@ -37,3 +37,27 @@ def assert_steps_agree(got: torch.Tensor, want: torch.Tensor, share: float) -> N
     err = (got - want).abs().amax(dim=(2, 3))
     assert (err < 1e-5).float().mean() >= share, err
     assert err.max() < 0.05 * want.std(), (err.max(), want.std())
+
+
+def first_mismatch(got: torch.Tensor, want: torch.Tensor) -> str:
+    """Where two token tensors first differ, for an assertion's message."""
+    if got.shape != want.shape:
+        return f"{list(got.shape)} != {list(want.shape)}"
+    return f"first mismatch at {(got != want).nonzero()[0].tolist()}"
+
+
+def assert_static_equals_eager(model, play, frames: int) -> None:
+    """`play()` opens streams, changes them and returns them; run on the eager engine and on the
+    static step (eagerly, `compile = "eager"`), every stream's first `frames` frames are equal."""
+    results = []
+    for compile in ("none", "eager"):
+        model.compile = compile
+        try:
+            streams = play()
+            for s in streams:
+                s.tokens.generate_until(frames)
+        finally:
+            model.compile = "none"
+        results.append([s.tokens.history()[0][:, :frames] for s in streams])
+    for got, want in zip(results[1], results[0], strict=True):
+        assert torch.equal(got, want), first_mismatch(got, want)

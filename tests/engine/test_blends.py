@@ -21,7 +21,7 @@ from engine.rows import Prompt, mix_rows
 from engine.token_stream import TokenStream
 from tests.engine.guidance import assert_formula, capture_sampler
 from tests.engine.reference import reference_rows
-from tests.engine.steps import assert_steps_agree
+from tests.engine.steps import assert_static_equals_eager, assert_steps_agree, first_mismatch
 
 GREEDY = SamplingOptions(greedy=True)
 JAZZ_RAIN = Blend.parse(
@@ -42,12 +42,6 @@ def model(tiny_float32) -> MusicModel:
     return tiny_float32
 
 
-def _first_mismatch(got: torch.Tensor, want: torch.Tensor) -> str:
-    if got.shape != want.shape:
-        return f"{list(got.shape)} != {list(want.shape)}"
-    return f"first mismatch at {(got != want).nonzero()[0].tolist()}"
-
-
 # ---- a blend of one is a plain prompt ----------------------------------------------------------
 
 
@@ -63,7 +57,7 @@ def test_a_blend_of_one_is_token_identical_to_the_plain_prompt(model):
         s.tokens.generate_until(200)  # windows restart
     assert blend.tokens.rows == plain.tokens.rows == 2
     got, want = blend.tokens.history()[0][:, :200], plain.tokens.history()[0][:, :200]
-    assert torch.equal(got, want), _first_mismatch(got, want)
+    assert torch.equal(got, want), first_mismatch(got, want)
 
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])
@@ -84,7 +78,7 @@ def test_a_text_blended_with_itself_is_the_text(tiny_model_dir, quantize):
         s.generate_until(240)
     assert streams[1].rows == 3
     got, want = streams[1].history()[0][:, :240], streams[0].history()[0][:, :240]
-    assert torch.equal(got, want), _first_mismatch(got, want)
+    assert torch.equal(got, want), first_mismatch(got, want)
 
 
 # ---- the formula, against the reference's own forward ------------------------------------------
@@ -143,7 +137,7 @@ def test_batched_blends_equal_the_streams_alone(
     assert batched[0].tokens._batch.cache.batch == 13
     for b, a in zip(batched, alone, strict=True):
         got, want = b.tokens.history()[0][:, :260], a.tokens.history()[0][:, :260]
-        assert torch.equal(got, want), _first_mismatch(got, want)
+        assert torch.equal(got, want), first_mismatch(got, want)
 
 
 # ---- our kernels and the static step take blend rows -------------------------------------------
@@ -206,27 +200,21 @@ def test_int4_weights_take_blend_rows(tiny_head64_dir):
     for s in (batched[0], alone):
         s.tokens.generate_until(150)
     got, want = batched[0].tokens.history()[0][:, :150], alone.tokens.history()[0][:, :150]
-    assert torch.equal(got, want), _first_mismatch(got, want)
+    assert torch.equal(got, want), first_mismatch(got, want)
 
 
 def test_static_step_mixes_blends_as_the_eager_engine(model):
     """The static step (eagerly on the CPU) with stations of 2, 1 and 3 texts and a glide:
     the eager engine's greedy tokens."""
     window = WindowOptions(window=120, context=60)
-    results = []
-    for compile in ("none", "eager"):
-        model.compile = compile
-        try:
-            streams = model.open_streams(BLENDS[:3], [GREEDY] * 3, window)
-            streams[1].tokens.generate_until(40)
-            streams[1].set_prompt(JAZZ_RAIN, from_frame=30, transition_seconds=0.4)
-            for s in streams:
-                s.tokens.generate_until(200)
-        finally:
-            model.compile = "none"
-        results.append([s.tokens.history()[0][:, :200] for s in streams])
-    for got, want in zip(results[1], results[0], strict=True):
-        assert torch.equal(got, want), _first_mismatch(got, want)
+
+    def play():
+        streams = model.open_streams(BLENDS[:3], [GREEDY] * 3, window)
+        streams[1].tokens.generate_until(40)
+        streams[1].set_prompt(JAZZ_RAIN, from_frame=30, transition_seconds=0.4)
+        return streams
+
+    assert_static_equals_eager(model, play, 200)
 
 
 @pytest.mark.slow
@@ -247,4 +235,4 @@ def test_compiled_step_mixes_blends_as_the_eager_engine(model, caplog):
         results.append([s.tokens.history()[0][:, :40] for s in streams])
     assert "could not be compiled" not in caplog.text
     for got, want in zip(results[1], results[0], strict=True):
-        assert torch.equal(got, want), _first_mismatch(got, want)
+        assert torch.equal(got, want), first_mismatch(got, want)

@@ -20,6 +20,7 @@ from engine.conditioning import batch_conditions
 from engine.loading import choose_compile
 from engine.sampling import logits_to_probs
 from engine.static_step import StaticStep, probs_from, sample_rows, settings_tensor
+from tests.engine.steps import assert_static_equals_eager
 
 WINDOW = WindowOptions(window=120, context=60)
 GREEDY = SamplingOptions(greedy=True)
@@ -111,20 +112,14 @@ def test_batched_streams_equal_the_eager_batch(model):
     """Stations in one batch, one with guidance off, one re-prefilling on its own."""
     prompts = ["slow jazz", "fast drum and bass with a long bright synth lead", ""]
     samplings = [GREEDY, SamplingOptions(greedy=True, guidance_scale=1.0), GREEDY]
-    results = []
-    for compile in ("none", "eager"):
-        model.compile = compile
-        try:
-            streams = model.open_streams(prompts, samplings, WINDOW)
-            streams[1].tokens.generate_until(40)
-            streams[1].set_prompt("heavy rock", from_frame=30)  # its windows shift
-            for s in streams:
-                s.tokens.generate_until(200)
-        finally:
-            model.compile = "none"
-        results.append([s.tokens.history()[0][:, :200] for s in streams])
-    for got, want in zip(results[1], results[0], strict=True):
-        assert torch.equal(got, want), f"first mismatch at {(got != want).nonzero()[0].tolist()}"
+
+    def play():
+        streams = model.open_streams(prompts, samplings, WINDOW)
+        streams[1].tokens.generate_until(40)
+        streams[1].set_prompt("heavy rock", from_frame=30)  # its windows shift
+        return streams
+
+    assert_static_equals_eager(model, play, 200)
 
 
 @pytest.mark.slow
