@@ -108,29 +108,27 @@ class Sink:
 
     def on_pcm(self, station_id, start_frame, pcm, rtf) -> None:
         assert pcm.shape == (1, CHUNK * HOP) and rtf > 0
-        self.calls.append(("pcm", station_id, start_frame))
         self.audio.setdefault(station_id, []).append(pcm)
         self.times.append(asyncio.get_running_loop().time())
-        self.changed.set()
+        self._record("pcm", station_id, start_frame)
 
     def on_prompt_applied(self, station_id, change, frame) -> None:
-        self.calls.append(("prompt", station_id, change.prompt, frame))
-        self.changed.set()
+        self._record("prompt", station_id, change.prompt, frame)
 
     def on_error(self, station_id, message) -> None:
-        self.calls.append(("error", station_id, message))
-        self.changed.set()
+        self._record("error", station_id, message)
 
     def on_failure(self, station_id, failure) -> None:
-        self.calls.append(("failure", station_id, failure))
-        self.changed.set()
+        self._record("failure", station_id, failure)
 
     def on_reopened(self, station_id, frame) -> None:
-        self.calls.append(("reopened", station_id, frame))
-        self.changed.set()
+        self._record("reopened", station_id, frame)
 
     def on_reanchored(self, station_id, reanchor) -> None:
-        self.calls.append(("reanchored", station_id, reanchor))
+        self._record("reanchored", station_id, reanchor)
+
+    def _record(self, *call) -> None:
+        self.calls.append(call)
         self.changed.set()
 
     def pcm(self, station_id: str) -> list[int]:
