@@ -143,12 +143,20 @@ class FaultInjector:
         if death is not None:
             raise death
 
+    def _next_error(
+        self, queued: dict[str, list[BaseException]], station_id: str
+    ) -> BaseException | None:
+        """The station's next armed error, if any, counted (call with the lock held)."""
+        errors = queued.get(station_id)
+        error = errors.pop(0) if errors else None
+        self.injected += error is not None
+        return error
+
     def before_step(self, station_id: str) -> None:
         with self._lock:
-            failures = self._failures.get(station_id)
-            error = failures.pop(0) if failures else None
+            error = self._next_error(self._failures, station_id)
             hang = self._hangs.get(station_id)
-            if error is not None or hang is not None:
+            if error is None and hang is not None:
                 self.injected += 1
         if hang is not None:
             hang.wait(self._hang_seconds)
@@ -160,10 +168,7 @@ class FaultInjector:
 
     def before_reopen(self, station_id: str) -> None:
         with self._lock:
-            failures = self._reopen_failures.get(station_id)
-            error = failures.pop(0) if failures else None
-            if error is not None:
-                self.injected += 1
+            error = self._next_error(self._reopen_failures, station_id)
         if error is not None:
             raise error
 
