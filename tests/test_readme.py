@@ -56,3 +56,28 @@ def test_every_bench_script_the_readme_runs_exists():
 def test_the_readme_links_to_docs_that_exist():
     for link in set(re.findall(r"\]\((docs/[\w.-]+\.md)\)", README)):
         assert (ROOT / link).exists(), link
+
+
+def test_the_cafe_example_loads_and_plays_its_day_parts():
+    """The README's café programme is a valid config, and its slots fall where the text says."""
+    import datetime as dt
+    import tomllib
+
+    from radio.config import parse_config
+    from radio.programme.schedule import NO_SLOT, Schedule
+
+    block = re.search(r"```toml\n(\[\[stations\]\]\nid = \"cafe\".*?)```", README, re.S)
+    assert block, "the README has no café example"
+    station = parse_config(tomllib.loads(block.group(1))).stations[0]
+    schedule = Schedule(station.schedule, station.timezone)
+    names = [slot.name for slot in station.schedule]
+
+    def playing(day: int, hour: int, minute: int = 0) -> str:
+        local = dt.datetime(2026, 12, day, hour, minute, tzinfo=schedule.zone)  # 2026-12-07: Monday
+        slot = schedule.segment_at(local.timestamp()).slot
+        return "prompt" if slot == NO_SLOT else names[slot]
+
+    assert [playing(7, h) for h in (6, 7, 11)] == ["prompt", "morning", "morning"]
+    assert [playing(7, 11, 30), playing(7, 14, 29), playing(7, 15)] == ["lunch", "lunch", "prompt"]
+    assert [playing(7, 18), playing(7, 21, 59), playing(7, 22)] == ["evening", "evening", "prompt"]
+    assert [playing(6, 12), playing(6, 9), playing(6, 19)] == ["prompt", "morning", "evening"]  # Sunday
