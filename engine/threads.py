@@ -32,7 +32,9 @@ class ThreadTuner:
     `run(work, units)` sets the count (`torch.set_num_threads`, which applies to the calling
     thread's parallel regions), runs `work()`, and records its wall time per unit. It measures
     every count once from the second run on, then every `explore_every` runs tries another
-    count once (round robin). It switches to the count
+    count once (round robin). A run with `explore=False` (the caller cannot afford a slow run
+    now, e.g. little audio is buffered) keeps the current count, and a trial it was due for
+    waits for the next run that may explore. It switches to the count
     with the lowest smoothed cost when that is at least `margin` cheaper than the current one.
     `most` defaults to PyTorch's thread count at construction (the cores)."""
 
@@ -62,9 +64,10 @@ class ThreadTuner:
         self._set_threads = set_threads
         self._runs = 0
         self._explored = 0
+        self._trial_due = False
 
-    def run(self, work: Callable[[], T], units: float = 1.0) -> T:
-        count = self._next_count()
+    def run(self, work: Callable[[], T], units: float = 1.0, explore: bool = True) -> T:
+        count = self._next_count(explore)
         self._set_threads(count)
         began = self._clock()
         result = work()
@@ -83,14 +86,18 @@ class ThreadTuner:
             self.current = best
             self.switches += 1
 
-    def _next_count(self) -> int:
+    def _next_count(self, explore: bool) -> int:
         self._runs += 1
+        others = [c for c in self.counts if c != self.current]
+        self._trial_due |= bool(others) and self._runs % self.explore_every == 0
+        if not explore:
+            return self.current
         untried = [c for c in self.counts if c not in self.cost]
         if untried and self._runs > 1:  # each count measured once from the start
             return untried[0]
-        others = [c for c in self.counts if c != self.current]
-        if not others or self._runs % self.explore_every:
+        if not self._trial_due:
             return self.current
+        self._trial_due = False
         self._explored += 1
         return others[self._explored % len(others)]
 

@@ -64,6 +64,9 @@ log = logging.getLogger(__name__)
 RTF_SMOOTHING = 0.2  # weight of the newest chunk in the real-time factor's moving average
 WAIT_SECONDS = 0.05  # how long an idle worker waits for a command before looking again
 GUARD_SECONDS = 0.5  # a re-anchor starts at least this far ahead of what the clock played
+# another thread count is tried only with this much audio ahead: beside a busy process a trial
+# can run ten times slower than the count in use (right after a prompt change little is ahead)
+TRIAL_AHEAD_SECONDS = 2.0
 
 
 class GeneratorSink(Protocol):
@@ -383,7 +386,10 @@ class Generator:
         tuner = self.tuner
         assert tuner is not None
         before = tuner.current
-        pcm = tuner.run(lambda: lane.stream.read(self.chunk_frames), units=self.chunk_frames)
+        explore = lane.ahead_frames() >= TRIAL_AHEAD_SECONDS * self.model.frame_rate
+        pcm = tuner.run(
+            lambda: lane.stream.read(self.chunk_frames), units=self.chunk_frames, explore=explore
+        )
         if tuner.current != before:
             log.info(
                 "generation now runs on %d thread(s), measured faster on this machine now: %s",

@@ -47,6 +47,19 @@ def test_quiet_machine_keeps_all_cores_and_only_explores_rarely():
     assert t.cost[2] == pytest.approx(0.010) and t.cost[1] == pytest.approx(0.018)
 
 
+def test_no_trial_while_the_caller_cannot_afford_one_and_the_trial_waits_for_it():
+    machine = FakeMachine({2: 0.010, 1: 0.200})  # a trial of the other count is 20x slower
+    t = tuner(machine, explore_every=20)
+    t.run(lambda: machine.work(10), units=10)
+    t.run(lambda: machine.work(10), units=10)  # the first measurement of 1 thread
+    assert machine.ran == [2, 1]
+    for i in range(3, 60):  # runs 20-29 and 40-49 must not explore (little audio ahead)
+        t.run(lambda: machine.work(10), units=10, explore=not (20 <= i < 30 or 40 <= i < 50))
+    assert machine.ran[2:].count(1) == 2  # the trials due at runs 20 and 40 ...
+    assert machine.ran[30 - 1] == 1 and machine.ran[50 - 1] == 1  # ... came at runs 30 and 50
+    assert t.current == 2
+
+
 def test_a_busy_neighbour_moves_it_to_one_thread_and_back_when_it_leaves():
     machine = FakeMachine({2: 0.010, 1: 0.018})
     t = tuner(machine, explore_every=10)
