@@ -19,6 +19,7 @@ rewinds, re-prefills and the codec's left context); older ones are forgotten, so
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -29,6 +30,15 @@ from engine.options import SamplingOptions, WindowOptions
 from engine.rows import Change, Prompt, Rows
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """One prefill as it ran: a window restart, a prompt change, a transition, a seed."""
+
+    seconds: float  # wall time of the decoder's prefill
+    rows: int  # decoder rows prefilled: one per text of the blends, and the null row
+    frames: int  # context frames re-read
 
 
 class Lane:
@@ -59,6 +69,7 @@ class Lane:
         # seconds a prefill of a whole context takes for a plain prompt (PLAIN_ROWS rows), from
         # the latest one (scaled by its rows); 0: none yet
         self.prefill_seconds = 0.0
+        self.last_prefill: Prefill | None = None  # the latest prefill as it ran
         # Complete frames [K, T] on the CPU; _history[:, i] is frame _offset + i.
         start = torch.zeros(self.num_codebooks, 0) if prompt_frames is None else prompt_frames
         self._history = start.to(torch.long).cpu().clone()
@@ -214,6 +225,7 @@ class Lane:
         time. True when the rows changed (a glide ended)."""
         self._fed = self._context_len + 1
         self.prefills += 1
+        self.last_prefill = Prefill(seconds, self.rows.count, self._context_len)
         if self._context_len == self.window.context:
             self.prefill_seconds = seconds * PLAIN_ROWS / self.rows.count
         self._accept(tokens)

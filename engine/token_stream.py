@@ -17,6 +17,7 @@ import torch
 from engine.batch import DecodeBatch
 from engine.conditioning import TextCondition
 from engine.decoder import Decoder
+from engine.lane import Prefill
 from engine.options import SamplingOptions, WindowOptions
 from engine.rows import Prompt
 
@@ -113,6 +114,11 @@ class TokenStream:
         """Seconds a prefill of a whole context takes for a plain prompt (conditional and null
         row), from the latest one, scaled by its rows; 0 before the first."""
         return self._lane.prefill_seconds
+
+    @property
+    def last_prefill(self) -> Prefill | None:
+        """The latest prefill as it ran (seconds, rows, frames); None before the first."""
+        return self._lane.last_prefill
 
     @property
     def seed_frames(self) -> torch.Tensor | None:

@@ -54,6 +54,7 @@ from radio.watchdog import Problem, Watchdog
 
 if TYPE_CHECKING:
     from engine.blend import Blend
+    from engine.lane import Prefill
     from engine.model import AudioStream, MusicModel
     from engine.options import SamplingOptions, WindowOptions
     from radio.config import WatchdogConfig
@@ -84,6 +85,8 @@ class GeneratorSink(Protocol):
 
     def on_reanchored(self, station_id: str, reanchor: Reanchor) -> None: ...
 
+    def on_prefill(self, station_id: str, prefill: Prefill) -> None: ...
+
 
 @dataclass(frozen=True)
 class Reanchor:
@@ -113,6 +116,7 @@ class _Lane:
     played_frame: int = 0  # the clock's head, as last reported
     cut_frame: int = 0  # the latest prompt change is heard from here: no re-anchor before it
     rtf: float = 0.0
+    reported_prefill: Prefill | None = None  # the latest prefill the loop was told of
 
     def ahead_frames(self) -> int:
         return self.stream.frame - self.played_frame
@@ -368,6 +372,10 @@ class Generator:
             return
         if lane.stream.tokens.prefill_seconds:  # the latest window restart or prompt change
             self.prefill_seconds = lane.stream.tokens.prefill_seconds
+        if (last := lane.stream.tokens.last_prefill) is not lane.reported_prefill:
+            lane.reported_prefill = last
+            if last is not None:
+                self._to_loop(self.sink.on_prefill, sid, last)
         lane.healing.succeeded()
         self.chunks += 1
         problem = None

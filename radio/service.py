@@ -36,6 +36,7 @@ from radio.timing import PromptChange, PromptTimeline
 from radio.uploads import ClipReader
 
 if TYPE_CHECKING:
+    from engine.lane import Prefill
     from engine.model import MusicModel
     from radio.testing import FaultInjector
 
@@ -128,6 +129,15 @@ class StationSink:
         sample = frame * self.radio.hop
         if sample > st.buffer.tail:  # it could only go on later than it stopped (a batch)
             st.buffer.skip_to(sample)
+
+    def on_prefill(self, station_id: str, prefill: Prefill) -> None:
+        """The engine re-read a station's context (a window restart, a prompt change or
+        transition, a seed, a reopen): shown in its health as it ran."""
+        self.radio.stations[station_id].health.last_prefill = {
+            "seconds": round(prefill.seconds, 3),
+            "rows": prefill.rows,
+            "frames": prefill.frames,
+        }
 
     def on_reanchored(self, station_id: str, reanchor: Reanchor) -> None:
         """The watchdog re-anchored the station (the worker logged it): the buffered audio from

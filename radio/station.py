@@ -135,6 +135,7 @@ class Health:
     retry_at: float | None = None  # time.monotonic() of the pending reopen
     reanchors: dict[str, int] = field(default_factory=dict)  # music watchdog: problem -> count
     last_reanchor: dict[str, object] | None = None  # the latest one: problem, detail, when
+    last_prefill: dict[str, float] | None = None  # the latest prefill: seconds, rows, frames
 
     def retry_in(self, now: float) -> float | None:
         """Seconds until the pending reopen (None when the station is not down)."""
@@ -217,6 +218,7 @@ class Station:
             "retry_in_seconds": _rounded(h.retry_in(time.monotonic())),
             "reanchors": sum(h.reanchors.values()),
             "last_reanchor": h.last_reanchor,
+            "last_prefill": h.last_prefill,
         }
 
     def history_json(self) -> list[dict[str, object]]:

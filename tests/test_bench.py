@@ -86,12 +86,20 @@ def test_codec_benchmark_prints_cost_and_stages(tmp_path):
 
 def test_serve_benchmark_listens_and_reports(tmp_path):
     out = _run(
-        "bench_serve.py", "--size", "tiny", "--seconds", "6", "--every", "2", tmp_path=tmp_path
+        "bench_serve.py",
+        *("--size", "tiny", "--seconds", "6", "--every", "2", "--transition", "2"),
+        tmp_path=tmp_path,
     )
     assert "| generator real-time factor | median" in out
     assert re.search(r"\| underruns \| \d+ \|", out)
     assert re.search(
         r"\| prompt change \| promised [\d.]+ s after the POST, heard after [\d.]+ s", out
+    )
+    assert re.search(r"\| its prefill \| [\d.]+ s \(2 rows, \d+ frames\) \|", out)
+    assert re.search(
+        r"\| transition over 2 s \| prefill [\d.]+ s \(3 rows, \d+ frames\), [+-][\d.]+ s "
+        r"\([\d.]+x\) against the plain change's; heard after [\d.]+ s",
+        out,
     )
 
 

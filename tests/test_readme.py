@@ -80,4 +80,8 @@ def test_the_cafe_example_loads_and_plays_its_day_parts():
     assert [playing(7, h) for h in (6, 7, 11)] == ["prompt", "morning", "morning"]
     assert [playing(7, 11, 30), playing(7, 14, 29), playing(7, 15)] == ["lunch", "lunch", "prompt"]
     assert [playing(7, 18), playing(7, 21, 59), playing(7, 22)] == ["evening", "evening", "prompt"]
-    assert [playing(6, 12), playing(6, 9), playing(6, 19)] == ["prompt", "morning", "evening"]  # Sunday
+    assert [playing(6, 12), playing(6, 9), playing(6, 19)] == [
+        "prompt",
+        "morning",
+        "evening",
+    ]  # Sunday

@@ -21,6 +21,7 @@ FRAME_RATE, HOP, CHUNK, CODEBOOKS = 50, 640, 10, 4
 
 class FakeTokens:
     prefill_seconds = 0.0
+    last_prefill = None
 
 
 class FakeStream:
@@ -126,6 +127,9 @@ class Sink:
 
     def on_reanchored(self, station_id, reanchor) -> None:
         self._record("reanchored", station_id, reanchor)
+
+    def on_prefill(self, station_id, prefill) -> None:
+        self._record("prefill", station_id, prefill)
 
     def _record(self, *call) -> None:
         self.calls.append(call)

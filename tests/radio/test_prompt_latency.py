@@ -93,3 +93,28 @@ def test_a_slow_prefill_moves_prompt_changes_ahead(radio_factory, monkeypatch):
         assert time.monotonic() - t < 10, "the new prompt was never heard"
         time.sleep(0.05)
     assert st.health.underruns == 0
+
+
+def test_the_health_shows_each_changes_prefill_with_its_rows(radio_factory):
+    """A plain change re-reads the context with two rows (the text's and the null one), a
+    transition with three (the old text's too, while the weights glide); the health says so."""
+    radio = radio_factory(security={"admin_token": TOKEN})
+    url = f"{radio.base_url}/api/stations/main"
+
+    def last_prefill() -> dict | None:
+        return helpers.get_json(url)["health"]["last_prefill"]
+
+    helpers.wait_until(lambda: radio.radio.stations["main"].health.buffer_seconds > 2, 20, "audio")
+
+    def prefill_after(body: dict) -> dict:
+        before = last_prefill()
+        status, _, answer = helpers.post_json(
+            f"{url}/prompt", body, {"Authorization": f"Bearer {TOKEN}"}
+        )
+        assert status == 202, answer
+        return helpers.wait_until(lambda: (p := last_prefill()) != before and p, 10, "a prefill")
+
+    plain = prefill_after({"prompt": "slow jazz piano"})
+    assert plain["rows"] == 2 and plain["frames"] > 0 and plain["seconds"] > 0, plain
+    glide = prefill_after({"prompt": "fast rock drums", "transition_seconds": 3})
+    assert glide["rows"] == 3 and glide["frames"] > 0 and glide["seconds"] > 0, glide
