@@ -189,13 +189,20 @@ function renderHealth(h) {
   el.hUnderruns.textContent = typeof h.underruns === "number" ? String(h.underruns) : "–";
   el.hUnderruns.classList.toggle("warn", h.underruns > 0);
   el.hLatency.textContent = seconds(h.prompt_latency_seconds, 2);
+  renderHealthNote(h);
+}
+
+/** The note under the health figures; a pending reopen counts down from when `h` arrived. */
+function renderHealthNote(h) {
+  h.receivedAt ??= Date.now();
   let note = "";
   if (typeof h.retry_in_seconds === "number") {
-    const wait = Math.ceil(h.retry_in_seconds);
-    note = `Generation is down (${h.error}): reopening in ${wait} s, a bridge plays meanwhile`;
+    const wait = Math.ceil(h.retry_in_seconds - (Date.now() - h.receivedAt) / 1000);
+    const when = wait > 0 ? `reopening in ${wait} s` : "reopening now";
+    note = `Generation is down (${h.error}): ${when}, a bridge plays meanwhile`;
   } else if (h.error) note = `Generation stopped: ${h.error}`;
   else if (h.playing === false) note = "Starting: filling the buffer…";
-  el.hNote.textContent = note;
+  if (el.hNote.textContent !== note) el.hNote.textContent = note;
   el.hNote.hidden = !note;
 }
 
@@ -531,5 +538,6 @@ try {
 applyVolume();
 setInterval(() => state.station && renderPrompt(), 15000); // keep "3 minutes ago" true
 setInterval(() => state.station && renderTransition(), 500); // a transition's progress
+setInterval(() => state.station?.health && renderHealthNote(state.station.health), 1000);
 picture.paint();
 loadStations();
