@@ -291,3 +291,40 @@ def test_the_admin_pins_unpins_and_manages_the_queue(radio, page) -> None:  # no
     assert programme(base)["pinned"] is None
     page.wait_for_function("document.getElementById('unpin').disabled", timeout=10_000)
     assert page.errors == []
+
+
+def test_the_forms_words_become_the_servers_values(radio, page) -> None:  # noqa: F811
+    """schedule-form.js alone, in the page: days as the server writes them, prompt lines and
+    blends both ways, the server's `schedule[i]` named as the form numbers its slots."""
+    page.goto(radio.base_url + "/")
+    got = page.evaluate(
+        """async () => {
+          const f = await import('/static/js/schedule-form.js');
+          const days = (v) => [...f.dayNumbers(v)].sort();
+          const blend = [{text: 'warm jazz trio', weight: 0.7}, {text: 'rain', weight: 0.3}];
+          return {
+            daily: days('daily'), weekdays: days('mon-fri'), wrap: days('fri-mon'),
+            list: days(['mon', 'wed,sun']), mixed: days('mon-wed,fri,sun'), bad: days('someday'),
+            line: f.promptLine(blend), back: f.parsePromptLine(f.promptLine(blend)),
+            plain: f.parsePromptLine('slow jazz'), one: f.parsePromptLine('harp @ 2'),
+            unweighted: f.parsePromptLine('harp | rain @ 0.5'),
+            reason: f.plainReason("schedule[1] (mon 00:00-...) overlaps schedule[0] (mon 00:00-11:00)"),
+            field: f.plainReason("schedule[0].start: must be a time"),
+            named: [...f.slotsNamed("schedule[3] (x) overlaps schedule[0] (y)")].sort(),
+          };
+        }"""
+    )
+    assert got["daily"] == [0, 1, 2, 3, 4, 5, 6] and got["weekdays"] == [0, 1, 2, 3, 4]
+    assert got["wrap"] == [0, 4, 5, 6] and got["list"] == [0, 2, 6]
+    assert got["mixed"] == [0, 1, 2, 4, 6] and got["bad"] == []
+    assert got["line"] == "warm jazz trio @ 0.7 | rain @ 0.3"
+    assert got["back"] == [
+        {"text": "warm jazz trio", "weight": 0.7},
+        {"text": "rain", "weight": 0.3},
+    ]
+    assert got["plain"] == "slow jazz" and got["one"] == [{"text": "harp", "weight": 2}]
+    assert got["unweighted"] == [{"text": "harp"}, {"text": "rain", "weight": 0.5}]
+    assert got["reason"] == "slot 2 (mon 00:00-...) overlaps slot 1 (mon 00:00-11:00)"
+    assert got["field"] == "slot 1, start: must be a time"
+    assert got["named"] == [0, 3]
+    assert page.errors == []

@@ -80,6 +80,10 @@ export class ScheduleForm {
     this.form = form;
     this.slots = slots;
     this.serial = 0; // unique ids for the slots' labels
+    const zones = form.querySelector("datalist#timezones");
+    if (zones && typeof Intl.supportedValuesOf === "function") {
+      zones.replaceChildren(...Intl.supportedValuesOf("timeZone").map((z) => new Option(z)));
+    }
   }
 
   /** Fill the form from a `programme` object (GET .../schedule). */
