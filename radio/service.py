@@ -100,9 +100,12 @@ class StationSink:
     def on_pcm(self, station_id: str, start_frame: int, pcm: np.ndarray, rtf: float) -> None:
         st = self.radio.stations[station_id]
         st.buffer.append(start_frame * self.radio.hop, pcm)
+        recovered = bool(st.health.error)
         st.health.error = ""  # audio again: whatever stopped it is over
         st.health.realtime_factor = rtf
         st.health.buffer_seconds = len(st.buffer) / self.radio.sample_rate
+        if recovered:  # the pages' "generation is down" note goes now, not at the next heartbeat
+            st.events.publish("health", st.health_json())
 
     def on_prompt_applied(self, station_id: str, change: PromptChange, frame: int) -> None:
         self.radio.timing[station_id].applied(change, frame)
@@ -113,12 +116,15 @@ class StationSink:
         log.error("station %s: %s", station_id, message)
 
     def on_failure(self, station_id: str, failure: Failure) -> None:
-        """Generation raised (the worker logged it): down until the reopen, the bridge plays."""
-        h = self.radio.stations[station_id].health
+        """Generation raised (the worker logged it): down until the reopen, the bridge plays.
+        The pages hear of it at once (their note counts down to the reopen)."""
+        st = self.radio.stations[station_id]
+        h = st.health
         h.error = failure.reason
         h.failures += 1
         h.down = True
         h.retry_at = time.monotonic() + failure.retry_in
+        st.events.publish("health", st.health_json())
 
     def on_reopened(self, station_id: str, frame: int) -> None:
         st = self.radio.stations[station_id]

@@ -6,11 +6,13 @@
  * listeners and generation health, keeps them live over Server-Sent Events (js/live.js), plays
  * it (js/player.js: hls.js, native HLS or MP3), draws the sound (js/picture.js) and sends new
  * prompts or suggestions (POST /api/stations/{id}/prompt), showing the server's answer: when
- * the prompt will be heard, where the suggestion stands, or why it was refused.
+ * the prompt will be heard, where the suggestion stands, or why it was refused. With the admin
+ * token entered (js/admin.js): the schedule editor, clip upload, pin, and the queue's removals.
  *
  * URL flags: `?station=ID` picks a station, `?player=hls|native|mp3` forces a player.
  */
 
+import { AdminPanel } from "./js/admin.js";
 import { getJSON, sendPrompt, skip, stationUrl, vote } from "./js/api.js";
 import { seconds, setTime } from "./js/format.js";
 import { LiveEvents } from "./js/live.js";
@@ -63,6 +65,7 @@ const el = {
   queueEmpty: $("queue-empty"),
   skip: $("skip"),
   skipTally: $("skip-tally"),
+  queueClear: $("queue-clear"),
   voteStatus: $("vote-status"),
   todayCard: $("today-card"),
   today: $("today"),
@@ -99,6 +102,7 @@ const player = new Player(el.audio, {
   },
 });
 const picture = new SoundPicture($("viz"), $("meter"), $("meter-fill"));
+const adminPanel = new AdminPanel({ onQueueChange: () => state.station && renderQueue() });
 const live = new LiveEvents({
   prompt: onPromptEvent,
   listeners: (d) => renderListeners((state.station.listeners = d.listeners || d)),
@@ -185,13 +189,20 @@ function renderHealth(h) {
   el.hUnderruns.textContent = typeof h.underruns === "number" ? String(h.underruns) : "–";
   el.hUnderruns.classList.toggle("warn", h.underruns > 0);
   el.hLatency.textContent = seconds(h.prompt_latency_seconds, 2);
+  renderHealthNote(h);
+}
+
+/** The note under the health figures; a pending reopen counts down from when `h` arrived. */
+function renderHealthNote(h) {
+  h.receivedAt ??= Date.now();
   let note = "";
   if (typeof h.retry_in_seconds === "number") {
-    const wait = Math.ceil(h.retry_in_seconds);
-    note = `Generation is down (${h.error}): reopening in ${wait} s, a bridge plays meanwhile`;
+    const wait = Math.ceil(h.retry_in_seconds - (Date.now() - h.receivedAt) / 1000);
+    const when = wait > 0 ? `reopening in ${wait} s` : "reopening now";
+    note = `Generation is down (${h.error}): ${when}, a bridge plays meanwhile`;
   } else if (h.error) note = `Generation stopped: ${h.error}`;
   else if (h.playing === false) note = "Starting: filling the buffer…";
-  el.hNote.textContent = note;
+  if (el.hNote.textContent !== note) el.hNote.textContent = note;
   el.hNote.hidden = !note;
 }
 
@@ -216,6 +227,7 @@ function renderProgramme() {
     el.source.title = p.playing.reason || "";
   }
   renderTransition();
+  adminPanel.programme(p);
   const next = nextText(p?.next);
   el.next.textContent = next;
   el.next.hidden = !next;
@@ -248,9 +260,24 @@ function renderQueue() {
   el.queueCard.hidden = mode === "off";
   el.queueBox.hidden = mode !== "queue";
   const queue = p.queue || [];
-  el.queue.replaceChildren(...queueItems(queue, onVote));
+  const onRemove = adminPanel.token ? onRemoveSuggestion : null;
+  el.queue.replaceChildren(...queueItems(queue, onVote, onRemove));
   el.queueEmpty.hidden = queue.length > 0;
+  el.queueClear.hidden = !adminPanel.token || mode !== "queue";
+  el.queueClear.disabled = queue.length === 0;
   el.skipTally.textContent = skipText(p.skip);
+}
+
+async function onRemoveSuggestion(suggestion, button) {
+  button.disabled = true;
+  await adminPanel.removeSuggestion(suggestion, voteSays);
+  button.disabled = false; // the SSE `queue` event redraws the list
+}
+
+async function onClearQueue() {
+  el.queueClear.disabled = true;
+  await adminPanel.clearQueue(voteSays);
+  renderQueue();
 }
 
 async function onVote(suggestion, button) {
@@ -332,6 +359,7 @@ function selectStation(id) {
   history.replaceState(null, "", `${location.pathname}${q ? `?${q}` : ""}${location.hash}`);
   clearPromptStatus();
   renderStation();
+  adminPanel.station(id);
   live.connect(id);
   if (!s.history) refreshStation(); // the station list leaves the history out
   if (state.wanted) player.play(s);
@@ -499,6 +527,7 @@ el.play.addEventListener("click", togglePlay);
 el.station.addEventListener("change", () => selectStation(el.station.value));
 el.form.addEventListener("submit", onSubmit);
 el.skip.addEventListener("click", onSkip);
+el.queueClear.addEventListener("click", onClearQueue);
 el.volume.addEventListener("input", applyVolume);
 try {
   const v = localStorage.getItem("radio.volume");
@@ -509,5 +538,6 @@ try {
 applyVolume();
 setInterval(() => state.station && renderPrompt(), 15000); // keep "3 minutes ago" true
 setInterval(() => state.station && renderTransition(), 500); // a transition's progress
+setInterval(() => state.station?.health && renderHealthNote(state.station.health), 1000);
 picture.paint();
 loadStations();

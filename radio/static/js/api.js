@@ -38,3 +38,28 @@ async function post(url, data) {
   const retryAfter = Number.parseInt(r.headers.get("Retry-After") || "", 10);
   return { ok: r.ok, status: r.status, body, retryAfter: retryAfter > 0 ? retryAfter : 0 };
 }
+
+/**
+ * An admin request to `url` with `Authorization: Bearer <token>`: `json` is sent as JSON, `form`
+ * (a FormData) as multipart/form-data. Same answer shape as sendPrompt; rejects only when the
+ * radio cannot be reached. The token goes in the header only, never in the URL.
+ */
+export async function admin(method, url, token, { json, form } = {}) {
+  const headers = { Accept: "application/json", Authorization: `Bearer ${headerBytes(token)}` };
+  if (json !== undefined) headers["Content-Type"] = "application/json";
+  const r = await fetch(url, {
+    method,
+    headers,
+    body: json !== undefined ? JSON.stringify(json) : form,
+    cache: "no-store",
+  });
+  const body = await r.json().catch(() => ({}));
+  return { ok: r.ok, status: r.status, body };
+}
+
+/** A text as its UTF-8 bytes, one character per byte: what a header value may hold (fetch
+ * sends each character as one byte, and refuses characters above U+00FF). The radio compares
+ * the token's UTF-8 bytes, so a token like "café" works from the page as from curl. */
+function headerBytes(text) {
+  return String.fromCharCode(...new TextEncoder().encode(text));
+}

@@ -102,8 +102,9 @@ export function todayItems(today) {
   });
 }
 
-/** <li> items of the queue, each with a vote button calling onVote(suggestion). */
-export function queueItems(queue, onVote) {
+/** <li> items of the queue, each with a vote button calling onVote(suggestion, button), and
+ * with `onRemove` (the admin's) a remove button calling onRemove(suggestion, button). */
+export function queueItems(queue, onVote, onRemove = null) {
   return queue.map((s) => {
     const li = document.createElement("li");
     li.dataset.id = String(s.id);
@@ -120,6 +121,15 @@ export function queueItems(queue, onVote) {
     button.setAttribute("aria-label", `Vote for “${s.text}” (${votes.textContent})`);
     button.addEventListener("click", () => onVote(s, button));
     li.append(text, votes, button);
+    if (onRemove) {
+      const remove = document.createElement("button");
+      remove.type = "button";
+      remove.className = "vote remove";
+      remove.textContent = "Remove";
+      remove.setAttribute("aria-label", `Remove “${s.text}”`);
+      remove.addEventListener("click", () => onRemove(s, remove));
+      li.append(remove);
+    }
     return li;
   });
 }
