@@ -70,6 +70,7 @@ class Lane:
         # the latest one (scaled by its rows); 0: none yet
         self.prefill_seconds = 0.0
         self.last_prefill: Prefill | None = None  # the latest prefill as it ran
+        self._next_context: int | None = None  # the next window's context, when shorter
         # Complete frames [K, T] on the CPU; _history[:, i] is frame _offset + i.
         start = torch.zeros(self.num_codebooks, 0) if prompt_frames is None else prompt_frames
         self._history = start.to(torch.long).cpu().clone()
@@ -134,10 +135,13 @@ class Lane:
                 f"from_frame {frame} is too far back: frames before {self._offset} are no longer kept"
             )
 
-    def set_prompt(self, prompt: Prompt, frame: int, glide_frames: int = 0) -> None:
+    def set_prompt(
+        self, prompt: Prompt, frame: int, glide_frames: int = 0, context: int | None = None
+    ) -> None:
         """From `frame` (after `truncate(frame)`) on, `prompt`; with `glide_frames` > 0 the
         weights glide there from the blend heard before `frame`. The batch then starts a new
-        window (`needs_window`)."""
+        window (`needs_window`), continuing from the last `context` frames (None: the window's
+        `context`; later windows re-read the whole context again)."""
         old = self._blend_at(frame - 1) if glide_frames > 0 else None
         self._changes = [c for c in self._changes if c.start < frame]
         self._changes.append(Change(frame, prompt, old, glide_frames))
@@ -145,6 +149,7 @@ class Lane:
             self._changes.pop(0)  # no rewind reaches it any more
         self.rows = Rows.of(self._changes[-1], self.rows.guided)
         self._seq = None
+        self._next_context = context
 
     def seed(self, frames: torch.Tensor, frame: int) -> None:
         """The decoder's context from `frame` on is `frames` [K, S] then what is made after it
@@ -204,6 +209,9 @@ class Lane:
                 self.window.context,
             )
         context = self.context()
+        if self._next_context is not None:  # a prompt change's shorter re-read, once
+            context = context[:, context.shape[1] - min(self._next_context, context.shape[1]) :]
+            self._next_context = None
         self._context_len = context.shape[1]
         self._window_first = self.complete - self._context_len
         self._settle(self._frame_of(self._context_len + 1))

@@ -113,10 +113,17 @@ class WindowOptions:
     context: int = (
         500  # frames re-prefilled as the prompt when a window is full or the prompt changes
     )
+    # frames re-prefilled when the prompt changes (a shorter re-read is heard sooner); 0 = context
+    prompt_context: int = 0
 
     def validate(self, max_positions: int = 2048) -> WindowOptions:
         if self.context < 1:
             raise ValueError(f"context: must be >= 1 frame, got {self.context}")
+        if not 0 <= self.prompt_context <= self.context:
+            raise ValueError(
+                f"prompt_context: must be in [0, context = {self.context}] frames (0 = context), "
+                f"got {self.prompt_context}"
+            )
         if self.window > max_positions - 16:
             raise ValueError(
                 f"window: must be at most {max_positions - 16} frames for this model "
@@ -128,3 +135,8 @@ class WindowOptions:
                 f"context={self.context}"
             )
         return self
+
+    @property
+    def change_context(self) -> int:
+        """Frames a prompt change re-prefills."""
+        return self.prompt_context or self.context

@@ -138,16 +138,25 @@ class TokenStream:
 
     @torch.inference_mode()
     def set_prompt(
-        self, prompt: TextCondition | Prompt, from_frame: int, glide_frames: int = 0
+        self,
+        prompt: TextCondition | Prompt,
+        from_frame: int,
+        glide_frames: int = 0,
+        context_frames: int | None = None,
     ) -> int:
         """Continue with `prompt` from `from_frame`; frames beyond it are dropped. With
         `glide_frames` > 0 the weights glide from the blend heard before `from_frame` to
         `prompt` over that many frames: both blends' rows are prefilled now, and the rows of
-        weight 0 leave once the glide is over. Returns the frame from which it is heard."""
+        weight 0 leave once the glide is over. The prefill re-reads the last `context_frames`
+        (default: the window's `change_context`; 0: the text alone). Returns the frame from
+        which it is heard."""
         if glide_frames < 0:
             raise ValueError(f"glide_frames must be >= 0, got {glide_frames}")
+        keep = self.window.change_context if context_frames is None else context_frames
+        if not 0 <= keep <= self.window.context:
+            raise ValueError(f"context_frames must be in [0, {self.window.context}], got {keep}")
         self._rewind_to(from_frame)
-        self._lane.set_prompt(as_prompt(prompt), from_frame, glide_frames)
+        self._lane.set_prompt(as_prompt(prompt), from_frame, glide_frames, keep)
         self._batch.restart(self._lane)
         return from_frame
 

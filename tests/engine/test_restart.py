@@ -135,3 +135,38 @@ def test_token_frames_are_the_streams_frames(mono):
     assert (frames == stream.tokens.history()[0][:, 5:20].numpy()).all()
     with pytest.raises(ValueError, match=r"frames \[20, 99\) are not kept"):
         stream.token_frames(20, 99)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@torch.inference_mode()
+def test_a_prompt_change_with_a_short_context_continues_like_generate(mono, batched):
+    """`prompt_context` frames re-read at a prompt change: from the change on, the stream writes
+    what `generate` writes for the new text given those last frames; its next window restart
+    re-reads the whole context again."""
+    ours, hf, processor = mono
+    window = WindowOptions(window=120, context=60, prompt_context=15)
+    if batched:
+        stream = ours.open_streams([PROMPT, "harp"], [GREEDY] * 2, window=window)[0]
+    else:
+        stream = ours.open_stream(PROMPT, GREEDY, window=window)
+    stream.read(40)
+    before = stream.tokens.history()[0][:, :30].clone()
+    assert stream.set_prompt("fast drum and bass", from_frame=30) == 30
+    assert stream.tokens.last_prefill.frames == 15
+    steps = 40
+    reference = reference_tokens(
+        hf, processor, "fast drum and bass", steps, 3.0, prompt_frames=before[:, 15:]
+    )
+    made = comparable_frames(steps, hf) - 1
+    stream.read(made)
+    continued = stream.tokens.history()[0][:, 30 : 30 + made]
+    mismatch = (continued != reference[:, 15 : 15 + made]).nonzero()
+    assert mismatch.numel() == 0, f"first mismatch (codebook, frame): {mismatch[0].tolist()}"
+    stream.read(120)  # past the window's end: the next window re-reads 60 frames
+    assert stream.tokens.last_prefill.frames == 60
+
+
+def test_prompt_context_is_checked():
+    with pytest.raises(ValueError, match="prompt_context: must be in"):
+        WindowOptions(window=120, context=60, prompt_context=61).validate()
+    assert WindowOptions(context=60, prompt_context=0).change_context == 60
