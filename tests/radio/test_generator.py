@@ -34,11 +34,45 @@ async def test_each_station_runs_at_most_buffer_ahead_of_its_clock(run):
     assert sink.pcm("a")[5:] == [50, 60, 70] and len(sink.pcm("b")) == 5
 
 
-async def test_the_station_with_the_least_audio_ahead_goes_first(run):
-    gen, sink = await run(FakeModel(), ("a", "b"), buffer_ahead=4.0)
-    await sink.until(lambda: len(sink.calls) >= 8)
-    order = [c[1] for c in sink.calls[:8]]
-    assert order in (["a", "b"] * 4, ["b", "a"] * 4)  # taking turns, never two ahead
+async def test_the_stations_due_are_read_together_the_least_ahead_first(run):
+    model, faults = FakeModel(), FaultInjector()
+    gen, sink = await run(model, ("a", "b", "c"), faults=faults, buffer_ahead=1.0)  # 50 frames
+    await sink.until(lambda: all(len(sink.pcm(s)) == 5 for s in "abc"))
+    await asyncio.sleep(0.1)
+    assert model.together == [["a music", "b music", "c music"]] * 5  # one read per round
+    assert [c[1] for c in sink.calls] == ["a", "b", "c"] * 5
+    faults.hang_next_step("c")  # c is due alone: read alone (no batch of one) ...
+    gen.played("c", 10)
+    while gen.busy is None:  # c's step hangs
+        await asyncio.sleep(0.01)
+    gen.played("b", 30)  # ... and meanwhile b and a fall to 20 and 10 frames ahead
+    gen.played("a", 40)
+    faults.release()
+    await sink.until(lambda: len(sink.pcm("a")) == 9)
+    await asyncio.sleep(0.1)
+    # a (10 frames ahead) goes before b (20), together until b is full; then a alone
+    assert model.together[5:] == [["a music", "b music"]] * 3
+    assert sink.pcm("a")[5:] == [50, 60, 70, 80] and sink.pcm("b")[5:] == [50, 60, 70]
+    assert sink.pcm("c")[5:] == [50] and [s.reads for s in model.streams] == [9, 8, 6]
+
+
+async def test_when_reading_together_fails_each_station_is_read_alone(run, caplog):
+    model = FakeModel()
+    gen, sink = await run(model, ("a", "b", "c"), buffer_ahead=1.0)
+    await sink.until(lambda: all(len(sink.pcm(s)) == 5 for s in "abc"))
+    model.streams[1].read_error = RuntimeError("b broke")
+    for sid in "abc":
+        gen.played(sid, 20)
+    await sink.until(lambda: len(sink.pcm("a")) == len(sink.pcm("c")) == 7)
+    (failure,) = sink.of("failure", "b")
+    assert failure.reason == "generation failed (RuntimeError: b broke)"
+    assert sink.pcm("a") == sink.pcm("c") == [0, 10, 20, 30, 40, 50, 60]  # none lost or twice
+    assert sink.pcm("b") == [0, 10, 20, 30, 40] and sink.of("failure", "a") == []
+    assert model.together[5:] == [["a music", "b music", "c music"], ["a music", "c music"]]
+    assert (
+        "stations a, b, c: reading their chunks together failed (RuntimeError: b broke); "
+        "reading each alone" in [r.getMessage() for r in caplog.records]
+    )
 
 
 async def test_a_prompt_change_lands_before_the_new_audio(run):
@@ -118,9 +152,9 @@ async def test_stop_ends_the_thread(run):
 
 
 async def test_chunks_are_read_through_the_thread_tuner(run):
-    gen, sink = await run(FakeModel(), ("a",), buffer_ahead=1.0)
-    await sink.until(lambda: len(sink.pcm("a")) == 5)
+    gen, sink = await run(FakeModel(), ("a",), buffer_ahead=3.0)
+    await sink.until(lambda: len(sink.pcm("a")) == 15)
     tuner = gen.tuner
     assert tuner is not None and tuner.current in tuner.counts
-    # the second chunk already measured another count where there is one to try
+    # from TRIAL_AHEAD_SECONDS of audio ahead on, a chunk measures another count where there is one
     assert len(tuner.cost) == min(2, len(tuner.counts))
