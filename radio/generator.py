@@ -2,11 +2,13 @@
 
 Torch is not asyncio, so all model work happens here, in one thread that owns every stream. The
 stations are opened together (`MusicModel.open_streams`): they share every decoder step, so
-reading one station's stream advances all of them. The worker reads every station that is due
-(less than `buffer_ahead` seconds ahead of its clock; the clock reports how far it played)
-together, `chunk_frames` at a time (`MusicModel.read_together`: their codec decodes are one
-batched call, the codec's weights read once for all of them); when every station is that far
-ahead it waits for the clocks.
+reading one station's stream advances all of them. When a station is due (less than `buffer_ahead`
+seconds ahead of its clock; the clock reports how far it played), the worker reads it together
+with every station that is due or within a chunk of it, `chunk_frames` each
+(`MusicModel.read_together`: their codec decodes are one batched call, the codec's weights read
+once for all of them). The clocks make stations due at slightly different moments: without the
+chunk of slack each would be read alone. When no station is due the worker waits for the
+clocks.
 
 Failures heal (`radio.healing`): a station whose step raises is down (the others go on, its
 listeners hear the clock's bridge) until its backoff's delay has passed, then its stream is
@@ -157,7 +159,7 @@ class Generator:
         model: MusicModel,
         specs: Sequence[StationSpec],
         *,
-        buffer_ahead: float = 4.0,  # seconds each station may be ahead of its clock
+        buffer_ahead: float = 4.0,  # seconds each station may be ahead (a chunk more: `_due`)
         chunk_frames: int = 10,  # frames per read()
         watchdog: WatchdogConfig | None = None,  # the music watchdog's settings; None = off
         faults: FaultInjector | None = None,  # tests only (radio.testing)
@@ -348,11 +350,14 @@ class Generator:
                 self.prefill_seconds,
             )
 
-    @staticmethod
-    def _due(lanes: Iterable[_Lane], ahead_limit: int) -> list[_Lane]:
-        """The working stations below the limit, the one with the least audio ahead first."""
-        ready = [ln for ln in lanes if not ln.healing.down and ln.ahead_frames() < ahead_limit]
-        return sorted(ready, key=_Lane.ahead_frames)
+    def _due(self, lanes: Iterable[_Lane], ahead_limit: int) -> list[_Lane]:
+        """The working stations below the limit, with those within a chunk of it (they would be
+        due a moment later, alone: read now, they share this read's codec decode), the one
+        with the least audio ahead first; none when no station is below the limit."""
+        working = sorted((ln for ln in lanes if not ln.healing.down), key=_Lane.ahead_frames)
+        if not working or working[0].ahead_frames() >= ahead_limit:
+            return []
+        return [ln for ln in working if ln.ahead_frames() < ahead_limit + self.chunk_frames]
 
     def _step(self, lanes: list[_Lane]) -> None:
         """One chunk for each of `lanes`, read together; a station whose chunk failed is down

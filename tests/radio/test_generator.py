@@ -28,32 +28,29 @@ async def test_each_station_runs_at_most_buffer_ahead_of_its_clock(run):
         (pcm[0] == frames(10 * i, 10 * i + 10)).all() for i, pcm in enumerate(sink.audio["a"])
     )
     assert gen.prefill_seconds == 0.25 and gen.alive
-    gen.played("a", 25)  # station a's clock moved: a (only) gets 25 frames more, in chunks
+    gen.played("a", 25)  # station a's clock moved: a gets 25 frames more, in chunks ...
     await sink.until(lambda: len(sink.pcm("a")) >= 8)
     await asyncio.sleep(0.2)
-    assert sink.pcm("a")[5:] == [50, 60, 70] and len(sink.pcm("b")) == 5
+    assert sink.pcm("a")[5:] == [50, 60, 70]
+    assert sink.pcm("b")[5:] == [50]  # ... and b, a chunk from due, is read along its first
 
 
-async def test_the_stations_due_are_read_together_the_least_ahead_first(run):
-    model, faults = FakeModel(), FaultInjector()
-    gen, sink = await run(model, ("a", "b", "c"), faults=faults, buffer_ahead=1.0)  # 50 frames
+async def test_the_stations_due_are_read_together_with_those_a_chunk_from_due(run):
+    model = FakeModel()
+    gen, sink = await run(model, ("a", "b", "c"), buffer_ahead=1.0)  # 50 frames
     await sink.until(lambda: all(len(sink.pcm(s)) == 5 for s in "abc"))
     await asyncio.sleep(0.1)
     assert model.together == [["a music", "b music", "c music"]] * 5  # one read per round
-    assert [c[1] for c in sink.calls] == ["a", "b", "c"] * 5
-    faults.hang_next_step("c")  # c is due alone: read alone (no batch of one) ...
-    gen.played("c", 10)
-    while gen.busy is None:  # c's step hangs
-        await asyncio.sleep(0.01)
-    gen.played("b", 30)  # ... and meanwhile b and a fall to 20 and 10 frames ahead
-    gen.played("a", 40)
-    faults.release()
-    await sink.until(lambda: len(sink.pcm("a")) == 9)
+    assert [c[1] for c in sink.calls if c[0] == "pcm"] == ["a", "b", "c"] * 5
+    gen.played("c", 10)  # c is due (40 frames ahead): a and b (50) are read along
+    await sink.until(lambda: len(sink.pcm("b")) == 6)
+    gen.played("a", 25)  # a is due (35): c (50) along, b (60) not; then a alone (45)
+    await sink.until(lambda: len(sink.pcm("a")) == 8)
     await asyncio.sleep(0.1)
-    # a (10 frames ahead) goes before b (20), together until b is full; then a alone
-    assert model.together[5:] == [["a music", "b music"]] * 3
-    assert sink.pcm("a")[5:] == [50, 60, 70, 80] and sink.pcm("b")[5:] == [50, 60, 70]
-    assert sink.pcm("c")[5:] == [50] and [s.reads for s in model.streams] == [9, 8, 6]
+    groups = [["c music", "a music", "b music"], ["a music", "c music"]]
+    assert model.together[5:] == groups  # the least ahead first
+    assert sink.pcm("a")[5:] == [50, 60, 70] and sink.pcm("c")[5:] == [50, 60]
+    assert sink.pcm("b")[5:] == [50] and [s.reads for s in model.streams] == [8, 6, 7]
 
 
 async def test_when_reading_together_fails_each_station_is_read_alone(run, caplog):
