@@ -2,9 +2,9 @@
 
 Torch is not asyncio, so all model work happens here, in one thread that owns every stream. The
 stations are opened together (`MusicModel.open_streams`): they share every decoder step, so
-reading one station's stream advances all of them. When a station is due (less than `buffer_ahead`
-seconds ahead of its clock; the clock reports how far it played), the worker reads it together
-with every station that is due or within a chunk of it, `chunk_frames` each
+reading one station's stream advances all of them. When a station is due (less than
+`buffer_ahead` seconds ahead of its clock; the clock reports how far it played), the worker
+reads it together with every station that is due or within a chunk of it, `chunk_frames` each
 (`MusicModel.read_together`: their codec decodes are one batched call, the codec's weights read
 once for all of them). The clocks make stations due at slightly different moments: without the
 chunk of slack each would be read alone. When no station is due the worker waits for the
@@ -14,9 +14,10 @@ Failures heal (`radio.healing`): a station whose step raises is down (the others
 listeners hear the clock's bridge) until its backoff's delay has passed, then its stream is
 reopened from its recent tokens with its current prompt (`AudioStream.restart`); a prompt change
 reopens it at once. When reading the stations together raises, each is read alone, so that a
-failure is the failing station's only. The thread's lanes outlive the thread: when it dies, the supervisor starts a
-new one (`restart`) that goes on with the same streams. `busy` says what engine call is in
-progress since when, so that the supervisor can see a step that makes no progress.
+failure is the failing station's only. The thread's lanes outlive the thread: when it dies, the
+supervisor starts a new one (`restart`) that goes on with the same streams. `busy` says what
+engine call is in progress since when, so that the supervisor can see a step that makes no
+progress.
 
 The music watchdog (`radio.watchdog`, one per station) reads each chunk's tokens and audio; when
 it finds silence, a loop or a collapse, the worker re-anchors the station: the stream restarts
