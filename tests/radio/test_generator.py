@@ -129,6 +129,19 @@ async def test_injected_faults_silence_audio_and_slow_the_steps(run):
     assert faults.injected == 2
 
 
+async def test_fault_hooks_apply_to_their_own_station_in_a_group(run):
+    faults = FaultInjector()
+    faults.silence("b", 10 * HOP)  # b's first chunk
+    model = FakeModel()
+    gen, sink = await run(model, ("a", "b"), faults=faults)
+    await sink.until(lambda: len(sink.pcm("a")) == len(sink.pcm("b")) == 5)
+    assert model.together[:2] == [["a music", "b music"]] * 2
+    assert not sink.audio["b"][0].any() and (sink.audio["b"][1][0] == frames(10, 20)).all()
+    assert all(
+        (pcm[0] == frames(10 * i, 10 * i + 10)).all() for i, pcm in enumerate(sink.audio["a"])
+    )
+
+
 async def test_a_model_that_cannot_open_reports_every_station_and_the_thread_dies(run):
     gen, sink = await run(FakeModel(fail=True), ("a", "b"))
     await sink.until(lambda: len(sink.calls) == 2)
