@@ -4,6 +4,8 @@
     python bench/bench_serve.py --size tiny --seconds 8      # CI smoke run
     python bench/bench_serve.py --boundary                   # ... and a scheduled slot boundary
     python bench/bench_serve.py --transition 8               # ... and a prompt change gliding 8 s
+    python bench/bench_serve.py --stations 2                 # two stations, a listener on each
+    python bench/bench_serve.py --find-max                   # 1, 2, 3 ... stations until one fails
 
 Starts `radio serve --model DIR` with the default settings (on a CPU: int8 decoder, int8 KV
 cache, our kernels), plays the MP3 mount into ffmpeg as a listener (when ffmpeg is installed),
@@ -20,6 +22,13 @@ old text's, the new one's and the null row) where a plain change reads two, and 
 both prefills as the server measured them (`health.last_prefill`), the extra cost, when the new
 text was heard and the underruns through the glide. Everything the encoders, the clock and the HTTP server cost on
 the same cores is included: this is the figure a café gets.
+
+With `--stations N` the radio runs N stations (`main` first, then `s2`, `s3` ..., each with its
+own prompt), one ffmpeg listener on each MP3 mount; the prompt change, `--boundary` and
+`--transition` are `main`'s. Every station's health is sampled, printed per station with a
+total, and the verdict says whether all N held real time: no underrun over the run and audio
+always buffered ahead of the clock. `--find-max` runs N = 1, 2, 3 ... (a fresh `radio serve`
+each, `--seconds` long) until one does not hold, and prints the largest that did.
 
 Random-weight models are built once into ./models (or $BENCH_MODELS), as by bench_engine.py.
 """
@@ -46,10 +55,41 @@ from bench.bench_engine import model_dir, say  # noqa: E402
 from tests.helpers import call, free_port, get_json, wait_healthy  # noqa: E402
 
 ADMIN_TOKEN = "bench-serve-admin-token"
+PROMPTS = (  # the stations' prompts, one each (main keeps the config's default)
+    "warm jazz trio with brushes",
+    "driving synthwave with arpeggios",
+    "ambient drones and soft rain",
+    "acoustic folk guitar and fiddle",
+    "deep house with a rolling bassline",
+    "baroque harpsichord and strings",
+    "dub reggae with echoing horns",
+)
 
 
-def health(base: str) -> dict:
-    return get_json(f"{base}/api/stations/main")["health"]
+def health(base: str, station: str = "main") -> dict:
+    return get_json(f"{base}/api/stations/{station}")["health"]
+
+
+def station_ids(n: int) -> list[str]:
+    return ["main", *(f"s{i}" for i in range(2, n + 1))]
+
+
+def stations_config(n: int) -> str:
+    """N `[[stations]]` blocks: `main` with the default prompt, the others one of PROMPTS each."""
+    blocks = ['[[stations]]\nid = "main"\n']
+    for i, sid in enumerate(station_ids(n)[1:]):
+        prompt = PROMPTS[i % len(PROMPTS)] + (
+            f", take {i // len(PROMPTS) + 1}" if i >= len(PROMPTS) else ""
+        )
+        blocks.append(f'[[stations]]\nid = "{sid}"\nprompt = "{prompt}"\n')
+    return "\n".join(blocks)
+
+
+def verdict(n: int, underruns: int, min_buffer: float) -> tuple[bool, str]:
+    """Whether n stations held real time (no underrun, always audio ahead), in one line."""
+    held = underruns == 0 and min_buffer > 0
+    words = "1 station holds" if n == 1 else f"{n} stations hold"
+    return held, f"{words} real time: {'yes' if held else 'no'}"
 
 
 def main() -> int:
@@ -67,75 +107,100 @@ def main() -> int:
         metavar="S",
         help="also post a prompt change that glides over S seconds, two thirds of the way in",
     )
+    parser.add_argument(
+        "--stations", type=int, default=1, metavar="N", help="stations to run (a listener each)"
+    )
+    parser.add_argument(
+        "--find-max",
+        action="store_true",
+        help="run 1, 2, 3 ... stations until one count does not hold real time",
+    )
+    parser.add_argument(
+        "--max-stations", type=int, default=8, help="--find-max stops here even if it holds"
+    )
     args = parser.parse_args()
+    if args.stations < 1 or args.max_stations < 1:
+        parser.error("--stations and --max-stations: at least 1")
+    if not args.find_max:
+        run(args, args.stations)
+        return 0
+    held = 0
+    for n in range(1, args.max_stations + 1):
+        say(f"--find-max: {n} station(s)")
+        if not run(args, n):
+            break
+        held = n
+        say("")
+    say("")
+    if held == args.max_stations:
+        say(f"largest station count that holds real time: at least {held} (--max-stations)")
+    else:
+        say(f"largest station count that holds real time: {held}")
+    return 0
 
+
+def run(args: argparse.Namespace, n: int) -> bool:
+    """One `radio serve` with n stations, listened to for `--seconds`; whether it held."""
     path = model_dir(args.size)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
+    seconds = args.seconds
+    ids = station_ids(n)
     logdir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     log = open(logdir / "radio-serve.log", "wb")  # noqa: SIM115 - closed at the end
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "radio.cli", "serve", "--model", str(path)]
     boundary: float | None = None
-    config = logdir / "radio.toml"  # the admin: schedules, transitions
-    config.write_text(f'[security]\nadmin_token = "{ADMIN_TOKEN}"\n')
+    config = logdir / "radio.toml"  # the admin (schedules, transitions) and the stations
+    config.write_text(f'[security]\nadmin_token = "{ADMIN_TOKEN}"\n\n{stations_config(n)}')
     cmd += ["--config", str(config)]
     proc = subprocess.Popen(
         [*cmd, "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=log, env=env
     )
-    listener = None
+    listeners: list[subprocess.Popen] = []
     try:
         say(f"radio serve --model {path} on port {port} (log: {logdir / 'radio-serve.log'}) ...")
         wait_healthy(base, timeout=300, proc=proc)
         if args.boundary:  # a slot from the first whole minute 2/3 of the way in (UTC)
-            boundary = math.ceil((time.time() + args.seconds * 2 / 3) / 60) * 60
+            boundary = math.ceil((time.time() + seconds * 2 / 3) / 60) * 60
             _put_slot(base, boundary)
-            args.seconds = max(args.seconds, boundary - time.time() + 3 * args.every)
-            say(f"  a slot starts at {_hhmm(boundary)} UTC: listening {args.seconds:.0f} s")
+            seconds = max(seconds, boundary - time.time() + 3 * args.every)
+            say(f"  a slot starts at {_hhmm(boundary)} UTC: listening {seconds:.0f} s")
         if shutil.which("ffmpeg"):
-            listener = subprocess.Popen(
-                [
-                    "ffmpeg",
-                    "-nostdin",
-                    "-loglevel",
-                    "error",
-                    "-i",
-                    f"{base}/main.mp3",
-                    "-f",
-                    "null",
-                    "-",
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            say("  listener: ffmpeg decoding /main.mp3")
+            listeners = [_listen(f"{base}/{sid}.mp3") for sid in ids]
+            say(f"  listeners: ffmpeg decoding {', '.join(f'/{sid}.mp3' for sid in ids)}")
         else:
             say("  no ffmpeg: measuring without a listener")
-        began, rtfs, buffers = time.monotonic(), [], []
+        began = time.monotonic()
+        rtfs: dict[str, list[float]] = {sid: [] for sid in ids}
+        buffers: dict[str, list[float]] = {sid: [] for sid in ids}
         prompt: dict | None = None
         glide: dict | None = None
         if args.transition:  # the glide must end, and a little more, before the run does
-            args.seconds = max(args.seconds, 1.5 * (args.transition + 3 * args.every))
-        start_underruns = health(base)["underruns"]
-        while (elapsed := time.monotonic() - began) < args.seconds:
+            seconds = max(seconds, 1.5 * (args.transition + 3 * args.every))
+        start_underruns = {sid: health(base, sid)["underruns"] for sid in ids}
+        while (elapsed := time.monotonic() - began) < seconds:
             time.sleep(args.every)
-            h = health(base)
-            rtfs.append(h["realtime_factor"])
-            buffers.append(h["buffer_seconds"])
+            now = {sid: health(base, sid) for sid in ids}
+            for sid, h in now.items():
+                rtfs[sid].append(h["realtime_factor"])
+                buffers[sid].append(h["buffer_seconds"])
             say(
-                f"  {elapsed + args.every:5.0f} s: real-time factor {h['realtime_factor']:.2f}, "
-                f"buffer {h['buffer_seconds']:.1f} s, underruns {h['underruns'] - start_underruns}"
+                f"  {elapsed + args.every:5.0f} s: "
+                + "; ".join(
+                    f"{sid + ': ' if n > 1 else ''}real-time factor {h['realtime_factor']:.2f}, "
+                    f"buffer {h['buffer_seconds']:.1f} s, "
+                    f"underruns {h['underruns'] - start_underruns[sid]}"
+                    for sid, h in now.items()
+                )
             )
-            if prompt is None and elapsed >= args.seconds / 3:
+            h = now["main"]
+            if prompt is None and elapsed >= seconds / 3:
                 prompt = _change(base, {"prompt": "slow rainy-day jazz"}, h)
                 say(f"  prompt posted: to be heard {prompt['heard_in']:.2f} s after the POST")
             elif prompt is not None and "prefill" not in prompt:
                 prompt.update(_heard(base, prompt))
-            if (
-                args.transition
-                and glide is None
-                and elapsed >= args.seconds * 2 / 3 - args.transition
-            ):
+            if args.transition and glide is None and elapsed >= seconds * 2 / 3 - args.transition:
                 body = {
                     "prompt": "warm jazz trio with brushes",
                     "transition_seconds": args.transition,
@@ -147,22 +212,35 @@ def main() -> int:
         for change in (prompt, glide):
             if change is not None and "prefill" not in change:
                 change.update(_heard(base, change, wait=15))
-        h = health(base)
-        underruns = h["underruns"] - start_underruns
+        final = {sid: health(base, sid) for sid in ids}
+        underruns = {sid: final[sid]["underruns"] - start_underruns[sid] for sid in ids}
+        h = final["main"]
         lag = h.get("schedule_lag_seconds") if boundary is not None else None
+        heard_by = (
+            ""
+            if not listeners
+            else " (ffmpeg on /main.mp3)"
+            if n == 1
+            else f" (an ffmpeg listener on each of the {n} stations)"
+        )
         say("")
         say("| what | figure |")
         say("| --- | --- |")
-        say(f"| model | {args.size} shapes, `radio serve` defaults, {os.cpu_count()} cores |")
-        say(f"| listened | {args.seconds:.0f} s{' (ffmpeg on /main.mp3)' if listener else ''} |")
         say(
-            f"| generator real-time factor | median {statistics.median(rtfs):.2f}, "
-            f"min {min(rtfs):.2f} (of {len(rtfs)} samples) |"
+            f"| model | {args.size} shapes, `radio serve` defaults, {os.cpu_count()} cores"
+            f"{f', {n} stations' if n > 1 else ''} |"
+        )
+        say(f"| listened | {seconds:.0f} s{heard_by} |")
+        main_rtfs, main_buffers = rtfs["main"], buffers["main"]
+        say(
+            f"| generator real-time factor | median {statistics.median(main_rtfs):.2f}, "
+            f"min {min(main_rtfs):.2f} (of {len(main_rtfs)} samples) |"
         )
         say(
-            f"| buffer ahead of the clock | min {min(buffers):.1f} s, median {statistics.median(buffers):.1f} s |"
+            f"| buffer ahead of the clock | min {min(main_buffers):.1f} s, "
+            f"median {statistics.median(main_buffers):.1f} s |"
         )
-        say(f"| underruns | {underruns} |")
+        say(f"| underruns | {underruns['main']} |")
         if prompt is not None:
             say(
                 f"| prompt change | promised {prompt['heard_in']:.2f} s after the POST, heard after "
@@ -187,14 +265,49 @@ def main() -> int:
         if boundary is not None:
             heard = "never heard" if lag is None else f"heard {lag:+.2f} s after it was due"
             say(f"| scheduled slot boundary ({_hhmm(boundary)} UTC) | {heard} |")
-        return 0
+        return _per_station(n, rtfs, buffers, underruns)
     finally:
-        if listener is not None:
+        for listener in listeners:
             listener.terminate()
             listener.wait()
         proc.terminate()
         proc.wait(30)
         log.close()
+
+
+def _listen(url: str) -> subprocess.Popen:
+    """An ffmpeg listener decoding the stream at `url` (and throwing the audio away)."""
+    return subprocess.Popen(
+        ["ffmpeg", "-nostdin", "-loglevel", "error", "-i", url, "-f", "null", "-"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _per_station(
+    n: int, rtfs: dict[str, list[float]], buffers: dict[str, list[float]], underruns: dict
+) -> bool:
+    """Every station's row, the total and the verdict; whether all n held real time."""
+    say("")
+    say("| station | real-time factor: median, min | buffer ahead: min, median | underruns |")
+    say("| --- | --- | --- | --- |")
+    for sid in rtfs:
+        r, b = rtfs[sid], buffers[sid]
+        say(
+            f"| {sid} | {statistics.median(r):.2f}, {min(r):.2f} | "
+            f"{min(b):.1f} s, {statistics.median(b):.1f} s | {underruns[sid]} |"
+        )
+    every_rtf = [x for r in rtfs.values() for x in r]
+    min_buffer = min(x for b in buffers.values() for x in b)
+    total = sum(underruns.values())
+    say(
+        f"| total ({n} station{'s' if n > 1 else ''}) | min {min(every_rtf):.2f} | "
+        f"min {min_buffer:.1f} s | {total} |"
+    )
+    held, line = verdict(n, total, min_buffer)
+    say("")
+    say(line)
+    return held
 
 
 def _change(base: str, body: dict, h: dict) -> dict:

@@ -131,6 +131,11 @@ class MusicModel:
         self.decoder.prefill(ids[None].expand(2, -1, -1), cache, cross)
         return time.perf_counter() - began
 
+    def read_together(self, streams: list[AudioStream], frames: int) -> list[np.ndarray]:
+        """`read_together(streams, frames)` (below): the streams' next `frames` frames each,
+        their codec decodes in one batched call. The radio's generator reads its stations so."""
+        return read_together(streams, frames)
+
     def new_codec(self) -> StreamingDecoder:
         return StreamingDecoder(self.hf.audio_encoder, audio_channels=self.channels)
 

@@ -2,17 +2,22 @@
 
 Torch is not asyncio, so all model work happens here, in one thread that owns every stream. The
 stations are opened together (`MusicModel.open_streams`): they share every decoder step, so
-reading one station's stream advances all of them. The worker reads the station with the least
-audio ahead first, `chunk_frames` at a time, and keeps each at most `buffer_ahead` seconds ahead
-of its clock (the clock reports how far it played); when every station is that far ahead it
-waits for the clocks.
+reading one station's stream advances all of them. When a station is due (less than
+`buffer_ahead` seconds ahead of its clock; the clock reports how far it played), the worker
+reads it together with every station that is due or within a chunk of it, `chunk_frames` each
+(`MusicModel.read_together`: their codec decodes are one batched call, the codec's weights read
+once for all of them). The clocks make stations due at slightly different moments: without the
+chunk of slack each would be read alone. When no station is due the worker waits for the
+clocks.
 
 Failures heal (`radio.healing`): a station whose step raises is down (the others go on, its
 listeners hear the clock's bridge) until its backoff's delay has passed, then its stream is
 reopened from its recent tokens with its current prompt (`AudioStream.restart`); a prompt change
-reopens it at once. The thread's lanes outlive the thread: when it dies, the supervisor starts a
-new one (`restart`) that goes on with the same streams. `busy` says what engine call is in
-progress since when, so that the supervisor can see a step that makes no progress.
+reopens it at once. When reading the stations together raises, each is read alone, so that a
+failure is the failing station's only. The thread's lanes outlive the thread: when it dies, the
+supervisor starts a new one (`restart`) that goes on with the same streams. `busy` says what
+engine call is in progress since when, so that the supervisor can see a step that makes no
+progress.
 
 The music watchdog (`radio.watchdog`, one per station) reads each chunk's tokens and audio; when
 it finds silence, a loop or a collapse, the worker re-anchors the station: the stream restarts
@@ -155,7 +160,7 @@ class Generator:
         model: MusicModel,
         specs: Sequence[StationSpec],
         *,
-        buffer_ahead: float = 4.0,  # seconds each station may be ahead of its clock
+        buffer_ahead: float = 4.0,  # seconds each station may be ahead (a chunk more: `_due`)
         chunk_frames: int = 10,  # frames per read()
         watchdog: WatchdogConfig | None = None,  # the music watchdog's settings; None = off
         faults: FaultInjector | None = None,  # tests only (radio.testing)
@@ -284,12 +289,12 @@ class Generator:
             if not self._drain(lanes, block=False):
                 return
             self._reopen_due(lanes.values())
-            lane = self._pick(lanes.values(), ahead_limit)
-            if lane is None:  # everyone is far enough ahead: wait for the clocks to move
+            due = self._due(lanes.values(), ahead_limit)
+            if not due:  # everyone is far enough ahead: wait for the clocks to move
                 if not self._drain(lanes, block=True):
                     return
                 continue
-            self._step(lane)
+            self._step(due)
 
     @contextlib.contextmanager
     def _engine_call(self, what: str) -> Iterator[None]:
@@ -346,30 +351,63 @@ class Generator:
                 self.prefill_seconds,
             )
 
-    @staticmethod
-    def _pick(lanes: Iterable[_Lane], ahead_limit: int) -> _Lane | None:
-        """The working station with the least audio ahead, if any is below the limit."""
-        ready = [ln for ln in lanes if not ln.healing.down and ln.ahead_frames() < ahead_limit]
-        return min(ready, key=_Lane.ahead_frames, default=None)
+    def _due(self, lanes: Iterable[_Lane], ahead_limit: int) -> list[_Lane]:
+        """The working stations below the limit, with those within a chunk of it (they would be
+        due a moment later, alone: read now, they share this read's codec decode), the one
+        with the least audio ahead first; none when no station is below the limit."""
+        working = sorted((ln for ln in lanes if not ln.healing.down), key=_Lane.ahead_frames)
+        if not working or working[0].ahead_frames() >= ahead_limit:
+            return []
+        return [ln for ln in working if ln.ahead_frames() < ahead_limit + self.chunk_frames]
 
-    def _step(self, lane: _Lane) -> None:
-        sid = lane.spec.id
-        start = lane.stream.frame
+    def _step(self, lanes: list[_Lane]) -> None:
+        """One chunk for each of `lanes`, read together; a station whose chunk failed is down
+        alone, the others go on."""
         t = time.perf_counter()
+        with self._engine_call(_what(lanes)):
+            made = self._chunks(lanes)
+        spent = max(time.perf_counter() - t, 1e-6)  # every station's chunk took all of it
+        for lane, chunk in zip(lanes, made, strict=True):
+            if isinstance(chunk, Exception):
+                self._failed(lane, chunk, "generation failed")
+            else:
+                self._made(lane, chunk, spent)
+
+    def _chunks(self, lanes: list[_Lane]) -> list[_Chunk | Exception]:
+        """Each lane's next chunk, or the error that stopped it: the fault hooks apply per
+        station, around one read of all of them (`_read`)."""
+        starts = [lane.stream.frame for lane in lanes]
+        errors: dict[int, Exception] = {}
+        for i, lane in enumerate(lanes):
+            try:
+                if self.faults is not None:
+                    self.faults.before_step(lane.spec.id)
+                    self.faults.rewrite_tokens(lane.spec.id, lane.stream, self.chunk_frames)
+            except Exception as e:  # noqa: BLE001 - this station's failure, not the others'
+                errors[i] = e
+        ready = [i for i in range(len(lanes)) if i not in errors]
+        pcms = dict(zip(ready, self._read([lanes[i] for i in ready]), strict=True))
+        return [
+            errors[i] if i in errors else self._chunk(lane, starts[i], pcms[i])
+            for i, lane in enumerate(lanes)
+        ]
+
+    def _chunk(self, lane: _Lane, start: int, pcm: np.ndarray | Exception) -> _Chunk | Exception:
+        """A station's chunk read from `start` (pcm [C, chunk_frames * hop], or why not) after
+        the fault hook, with its tokens for the watchdog."""
+        if isinstance(pcm, Exception):
+            return pcm
         try:
-            with self._engine_call(f"station {sid}: generating a chunk"):
-                if self.faults is not None:
-                    self.faults.before_step(sid)
-                    self.faults.rewrite_tokens(sid, lane.stream, self.chunk_frames)
-                pcm = self._read(lane)  # [C, chunk_frames * hop]
-                if self.faults is not None:
-                    pcm = self.faults.after_step(sid, pcm)
-                tokens = (
-                    lane.stream.token_frames(start, lane.stream.frame) if lane.watchdog else None
-                )
-        except Exception as e:  # noqa: BLE001 - one station's failure must not stop the others
-            self._failed(lane, e, "generation failed")
-            return
+            if self.faults is not None:
+                pcm = self.faults.after_step(lane.spec.id, pcm)
+            tokens = lane.stream.token_frames(start, lane.stream.frame) if lane.watchdog else None
+        except Exception as e:  # noqa: BLE001 - this station's failure, not the others'
+            return e
+        return _Chunk(start, pcm, tokens)
+
+    def _made(self, lane: _Lane, chunk: _Chunk, spent: float) -> None:
+        """A station's chunk is made (in `spent` s): to the watchdog, then to the loop."""
+        sid = lane.spec.id
         if lane.stream.tokens.prefill_seconds:  # the latest window restart or prompt change
             self.prefill_seconds = lane.stream.tokens.prefill_seconds
         if (last := lane.stream.tokens.last_prefill) is not lane.reported_prefill:
@@ -378,33 +416,65 @@ class Generator:
                 self._to_loop(self.sink.on_prefill, sid, last)
         lane.healing.succeeded()
         self.chunks += 1
-        problem = None
-        if lane.watchdog is not None and tokens is not None:
-            pcm, problem = lane.watchdog.chunk(start, tokens, pcm)
-        spent = max(time.perf_counter() - t, 1e-6)
+        pcm, problem = chunk.pcm, None
+        if lane.watchdog is not None and chunk.tokens is not None:
+            pcm, problem = lane.watchdog.chunk(chunk.start, chunk.tokens, pcm)
         rtf = self.chunk_frames / self.model.frame_rate / spent
         lane.rtf = rtf if lane.rtf == 0 else (1 - RTF_SMOOTHING) * lane.rtf + RTF_SMOOTHING * rtf
-        self._to_loop(self.sink.on_pcm, sid, start, pcm, lane.rtf)
+        self._to_loop(self.sink.on_pcm, sid, chunk.start, pcm, lane.rtf)
         if problem is not None:
             self._reanchor(lane, problem)
 
-    def _read(self, lane: _Lane) -> np.ndarray:
-        """The lane's next chunk, with the thread count that has been fastest lately (a busy
-        neighbour can make two threads slower than one); a change is logged once."""
+    def _read(self, lanes: list[_Lane]) -> list[np.ndarray | Exception]:
+        """The lanes' next chunks, read together (`MusicModel.read_together`: one decoder step
+        and one codec decode for all of them) with the thread count that has been fastest
+        lately (a busy neighbour can make two threads slower than one; a change is logged
+        once). When reading them together raises, each is read alone, so that a failure is
+        the failing station's only: its error comes back in its place."""
+        if not lanes:
+            return []
         tuner = self.tuner
         assert tuner is not None
         before = tuner.current
-        explore = lane.ahead_frames() >= TRIAL_AHEAD_SECONDS * self.model.frame_rate
-        pcm = tuner.run(
-            lambda: lane.stream.read(self.chunk_frames), units=self.chunk_frames, explore=explore
+        explore = min(ln.ahead_frames() for ln in lanes) >= (
+            TRIAL_AHEAD_SECONDS * self.model.frame_rate
         )
+        streams = [ln.stream for ln in lanes]
+        try:
+            pcms: list[np.ndarray | Exception] = list(
+                tuner.run(
+                    lambda: self._read_together(streams),
+                    units=self.chunk_frames * len(lanes),  # cost per frame of audio made
+                    explore=explore,
+                )
+            )
+        except Exception as e:  # noqa: BLE001 - told to the station(s) it belongs to
+            if len(lanes) == 1:
+                return [e]
+            log.warning(
+                "stations %s: reading their chunks together failed (%s); reading each alone",
+                ", ".join(ln.spec.id for ln in lanes),
+                describe(e),
+            )
+            pcms = [self._read_alone(ln) for ln in lanes]
         if tuner.current != before:
             log.info(
                 "generation now runs on %d thread(s), measured faster on this machine now: %s",
                 tuner.current,
                 tuner.describe(),
             )
-        return pcm
+        return pcms
+
+    def _read_together(self, streams: list[AudioStream]) -> list[np.ndarray]:
+        if len(streams) == 1:
+            return [streams[0].read(self.chunk_frames)]
+        return self.model.read_together(streams, self.chunk_frames)
+
+    def _read_alone(self, lane: _Lane) -> np.ndarray | Exception:
+        try:
+            return lane.stream.read(self.chunk_frames)
+        except Exception as e:  # noqa: BLE001 - this station's failure, not the others'
+            return e
 
     # ---- healing ------------------------------------------------------------------------
 
@@ -541,6 +611,22 @@ class Generator:
                 frame / self.model.frame_rate,
             )
         self._resolve(cmd.future, frame)
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """A station's chunk, made (worker thread only)."""
+
+    start: int  # its first frame
+    pcm: np.ndarray  # [C, chunk_frames * hop]
+    tokens: np.ndarray | None  # [K, chunk_frames] its tokens, for the watchdog (when on)
+
+
+def _what(lanes: Sequence[_Lane]) -> str:
+    """The engine call a step is (`Generator.busy`)."""
+    if len(lanes) == 1:
+        return f"station {lanes[0].spec.id}: generating a chunk"
+    return f"stations {', '.join(ln.spec.id for ln in lanes)}: generating their chunks together"
 
 
 class _OpenFailed(Exception):

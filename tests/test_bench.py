@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import require_tool
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -101,6 +103,22 @@ def test_serve_benchmark_listens_and_reports(tmp_path):
         r"\([\d.]+x\) against the plain change's; heard after [\d.]+ s",
         out,
     )
+
+
+def test_serve_benchmark_runs_two_stations_with_a_listener_each(tmp_path):
+    require_tool("ffmpeg")
+    out = _run(
+        "bench_serve.py",
+        *("--size", "tiny", "--seconds", "6", "--every", "2", "--stations", "2"),
+        tmp_path=tmp_path,
+    )
+    assert "listeners: ffmpeg decoding /main.mp3, /s2.mp3" in out
+    assert "| listened | 6 s (an ffmpeg listener on each of the 2 stations) |" in out
+    for sid in ("main", "s2"):
+        assert re.search(rf"\| {sid} \| [\d.]+, [\d.]+ \| [\d.]+ s, [\d.]+ s \| \d+ \|", out), out
+    assert re.search(r"\| total \(2 stations\) \| min [\d.]+ \| min [\d.]+ s \| \d+ \|", out)
+    assert re.search(r"^2 stations hold real time: (yes|no)$", out, re.MULTILINE)
+    assert re.search(r"\| prompt change \| promised", out)  # main's, as with one station
 
 
 def test_engine_benchmark_realtime_only(tmp_path):

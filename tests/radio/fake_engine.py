@@ -36,10 +36,13 @@ class FakeStream:
         self.reads = 0
         self.restarts: list[tuple[int, int | None]] = []  # (frame, context_frames) asked
         self.restart_error: Exception | None = None  # raised by restart() while set
+        self.read_error: Exception | None = None  # raised by read() while set
         self._takes = 0  # restarts and prompt changes so far: new tokens from then on
         self._codes: dict[int, np.ndarray] = {}  # frame -> [K] tokens
 
     def read(self, frames: int) -> np.ndarray:
+        if self.read_error is not None:
+            raise self.read_error
         start = self.frame
         self.frame += frames
         self.reads += 1
@@ -87,12 +90,22 @@ class FakeModel:
     def __init__(self, fail: bool = False) -> None:
         self.fail = fail
         self.streams: list[FakeStream] = []
+        self.together: list[list[str]] = []  # the prompts of each read_together's streams
 
     def open_streams(self, prompts, samplings, window):
         if self.fail:
             raise RuntimeError("no memory")
         self.streams = [FakeStream(p) for p in prompts]
         return self.streams
+
+    def read_together(self, streams: list[FakeStream], frames: int) -> list[np.ndarray]:
+        """Each stream's read, recorded as one call (the engine batches their codec decodes).
+        Like the engine's, it moves no stream on when one of them fails."""
+        self.together.append([s.prompt for s in streams])
+        for s in streams:
+            if s.read_error is not None:
+                raise s.read_error
+        return [s.read(frames) for s in streams]
 
     def measure_prefill(self, window) -> float:
         return 0.25

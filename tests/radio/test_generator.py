@@ -28,17 +28,48 @@ async def test_each_station_runs_at_most_buffer_ahead_of_its_clock(run):
         (pcm[0] == frames(10 * i, 10 * i + 10)).all() for i, pcm in enumerate(sink.audio["a"])
     )
     assert gen.prefill_seconds == 0.25 and gen.alive
-    gen.played("a", 25)  # station a's clock moved: a (only) gets 25 frames more, in chunks
+    gen.played("a", 25)  # station a's clock moved: a gets 25 frames more, in chunks ...
     await sink.until(lambda: len(sink.pcm("a")) >= 8)
     await asyncio.sleep(0.2)
-    assert sink.pcm("a")[5:] == [50, 60, 70] and len(sink.pcm("b")) == 5
+    assert sink.pcm("a")[5:] == [50, 60, 70]
+    assert sink.pcm("b")[5:] == [50]  # ... and b, a chunk from due, is read along its first
 
 
-async def test_the_station_with_the_least_audio_ahead_goes_first(run):
-    gen, sink = await run(FakeModel(), ("a", "b"), buffer_ahead=4.0)
-    await sink.until(lambda: len(sink.calls) >= 8)
-    order = [c[1] for c in sink.calls[:8]]
-    assert order in (["a", "b"] * 4, ["b", "a"] * 4)  # taking turns, never two ahead
+async def test_the_stations_due_are_read_together_with_those_a_chunk_from_due(run):
+    model = FakeModel()
+    gen, sink = await run(model, ("a", "b", "c"), buffer_ahead=1.0)  # 50 frames
+    await sink.until(lambda: all(len(sink.pcm(s)) == 5 for s in "abc"))
+    await asyncio.sleep(0.1)
+    assert model.together == [["a music", "b music", "c music"]] * 5  # one read per round
+    assert [c[1] for c in sink.calls if c[0] == "pcm"] == ["a", "b", "c"] * 5
+    gen.played("c", 10)  # c is due (40 frames ahead): a and b (50) are read along
+    await sink.until(lambda: len(sink.pcm("b")) == 6)
+    gen.played("a", 25)  # a is due (35): c (50) along, b (60) not; then a alone (45)
+    await sink.until(lambda: len(sink.pcm("a")) == 8)
+    await asyncio.sleep(0.1)
+    groups = [["c music", "a music", "b music"], ["a music", "c music"]]
+    assert model.together[5:] == groups  # the least ahead first
+    assert sink.pcm("a")[5:] == [50, 60, 70] and sink.pcm("c")[5:] == [50, 60]
+    assert sink.pcm("b")[5:] == [50] and [s.reads for s in model.streams] == [8, 6, 7]
+
+
+async def test_when_reading_together_fails_each_station_is_read_alone(run, caplog):
+    model = FakeModel()
+    gen, sink = await run(model, ("a", "b", "c"), buffer_ahead=1.0)
+    await sink.until(lambda: all(len(sink.pcm(s)) == 5 for s in "abc"))
+    model.streams[1].read_error = RuntimeError("b broke")
+    for sid in "abc":
+        gen.played(sid, 20)
+    await sink.until(lambda: len(sink.pcm("a")) == len(sink.pcm("c")) == 7)
+    (failure,) = sink.of("failure", "b")
+    assert failure.reason == "generation failed (RuntimeError: b broke)"
+    assert sink.pcm("a") == sink.pcm("c") == [0, 10, 20, 30, 40, 50, 60]  # none lost or twice
+    assert sink.pcm("b") == [0, 10, 20, 30, 40] and sink.of("failure", "a") == []
+    assert model.together[5:] == [["a music", "b music", "c music"], ["a music", "c music"]]
+    assert (
+        "stations a, b, c: reading their chunks together failed (RuntimeError: b broke); "
+        "reading each alone" in [r.getMessage() for r in caplog.records]
+    )
 
 
 async def test_a_prompt_change_lands_before_the_new_audio(run):
@@ -98,6 +129,19 @@ async def test_injected_faults_silence_audio_and_slow_the_steps(run):
     assert faults.injected == 2
 
 
+async def test_fault_hooks_apply_to_their_own_station_in_a_group(run):
+    faults = FaultInjector()
+    faults.silence("b", 10 * HOP)  # b's first chunk
+    model = FakeModel()
+    gen, sink = await run(model, ("a", "b"), faults=faults)
+    await sink.until(lambda: len(sink.pcm("a")) == len(sink.pcm("b")) == 5)
+    assert model.together[:2] == [["a music", "b music"]] * 2
+    assert not sink.audio["b"][0].any() and (sink.audio["b"][1][0] == frames(10, 20)).all()
+    assert all(
+        (pcm[0] == frames(10 * i, 10 * i + 10)).all() for i, pcm in enumerate(sink.audio["a"])
+    )
+
+
 async def test_a_model_that_cannot_open_reports_every_station_and_the_thread_dies(run):
     gen, sink = await run(FakeModel(fail=True), ("a", "b"))
     await sink.until(lambda: len(sink.calls) == 2)
@@ -118,9 +162,9 @@ async def test_stop_ends_the_thread(run):
 
 
 async def test_chunks_are_read_through_the_thread_tuner(run):
-    gen, sink = await run(FakeModel(), ("a",), buffer_ahead=1.0)
-    await sink.until(lambda: len(sink.pcm("a")) == 5)
+    gen, sink = await run(FakeModel(), ("a",), buffer_ahead=3.0)
+    await sink.until(lambda: len(sink.pcm("a")) == 15)
     tuner = gen.tuner
     assert tuner is not None and tuner.current in tuner.counts
-    # the second chunk already measured another count where there is one to try
+    # from TRIAL_AHEAD_SECONDS of audio ahead on, a chunk measures another count where there is one
     assert len(tuner.cost) == min(2, len(tuner.counts))
