@@ -70,9 +70,19 @@ log = logging.getLogger(__name__)
 RTF_SMOOTHING = 0.2  # weight of the newest chunk in the real-time factor's moving average
 WAIT_SECONDS = 0.05  # how long an idle worker waits for a command before looking again
 GUARD_SECONDS = 0.5  # a re-anchor starts at least this far ahead of what the clock played
-# another thread count is tried only with this much audio ahead: beside a busy process a trial
-# can run ten times slower than the count in use (right after a prompt change little is ahead)
+# another thread count is tried only with this much audio ahead, or when the count in use falls
+# behind real time anyway: beside a busy process a trial can run ten times slower than the count
+# in use (right after a prompt change little is ahead)
 TRIAL_AHEAD_SECONDS = 2.0
+
+
+def trial_allowed(cost: float, stations: int, frame_rate: float, ahead_frames: int) -> bool:
+    """May the next read try another thread count? `cost`: the count in use's seconds per
+    frame of audio; `ahead_frames`: the least any of the `stations` has buffered. Yes with
+    TRIAL_AHEAD_SECONDS ahead, or when the count in use is slower than real time (then a slow
+    trial costs little, and staying would never refill the buffer)."""
+    behind = cost * stations * frame_rate > 1.0
+    return behind or ahead_frames >= TRIAL_AHEAD_SECONDS * frame_rate
 
 
 class GeneratorSink(Protocol):
@@ -436,8 +446,11 @@ class Generator:
         tuner = self.tuner
         assert tuner is not None
         before = tuner.current
-        explore = min(ln.ahead_frames() for ln in lanes) >= (
-            TRIAL_AHEAD_SECONDS * self.model.frame_rate
+        explore = trial_allowed(
+            tuner.cost.get(tuner.current, 0.0),
+            len(lanes),
+            self.model.frame_rate,
+            min(ln.ahead_frames() for ln in lanes),
         )
         streams = [ln.stream for ln in lanes]
         try:
