@@ -23,9 +23,14 @@ The decoder calls every projection through one of these, so a new mode is one cl
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from engine.settings import Resolved
 
 PRECISIONS = ("dense", "bf16", "int8", "int4")
 # A decoder's modes (`engine.decoder.Decoder`): one precision for every projection, or int4 for
@@ -274,49 +279,54 @@ def projection_precision(mode: str, projection: str) -> str:
     return mode
 
 
-def int4_kernel():
-    """Our int4 kernel module; a ValueError saying why where it cannot run."""
-    from engine.kernels import int4
+@dataclass(frozen=True)
+class KernelModules:
+    """Our C++ modules a decoder's projections may run on, as its settings decided
+    (`engine.settings.Resolved`): None where they do not run."""
 
-    reason = int4.unavailable_reason()
-    module = int4.get() if reason is None else None
-    if module is None:
-        raise ValueError(
-            "quantize: int4 needs our int4 CPU kernel (AVX2, FMA, F16C and a C++ compiler): "
-            + (reason or "it did not build (see the log)")
-        )
-    return module
+    kernels: Any = None  # engine.kernels: linear_int8, linear_bf16, attention, the fused step
+    int4: Any = None  # engine.kernels.int4: linear_int4
+
+    @classmethod
+    def of(cls, settings: Resolved) -> KernelModules:
+        """The modules `settings` run on (`resolve` probed them: they built)."""
+        kernels = int4 = None
+        if settings.kernels is not None:
+            from engine import kernels as module
+
+            kernels = module.get()
+            assert kernels is not None, "resolve() chose our kernels after they failed to build"
+        if settings.quantize.startswith("int4"):
+            from engine.kernels import int4 as int4_module
+
+            int4 = int4_module.get()
+            assert int4 is not None, "resolve() chose int4 weights without the int4 kernel"
+        return cls(kernels, int4)
 
 
-def prefill_precision() -> str:
-    """How an int8 decoder runs its (compute-bound) prefills."""
-    from engine.loading import cpu_has_fast_bf16
-
-    return "bf16" if cpu_has_fast_bf16() else "dense"
-
-
-def make_linear(weight: torch.Tensor, precision: str, int4_group: int = INT4_GROUP):
+def make_linear(
+    weight: torch.Tensor, precision: str, modules: KernelModules, int4_group: int = INT4_GROUP
+):
+    """A projection of `weight` [out, in] in `precision` (`PRECISIONS`), on our kernels in
+    `modules` where they run."""
     if precision == "dense":
-        if _kernel_shape(weight):
-            from engine import kernels
-
-            if (module := kernels.get()) is not None:
-                return Bf16KernelLinear(weight, module)
+        if modules.kernels is not None and _kernel_shape(weight):
+            return Bf16KernelLinear(weight, modules.kernels)
         return DenseLinear(weight)
     if precision == "bf16":
         return CastLinear(weight, torch.bfloat16)
     if precision == "int8":
         if weight.device.type != "cpu":
             raise ValueError("quantize: int8 is a CPU mode; on a GPU use bfloat16 or float16")
-        from engine import kernels
-
-        if kernels.unavailable_reason() is None and (module := kernels.get()) is not None:
-            return Int8KernelLinear(weight, module)
+        if modules.kernels is not None:
+            return Int8KernelLinear(weight, modules.kernels)
         return Int8DynamicLinear(weight)
     if precision == "int4":
         if weight.device.type != "cpu":
             raise ValueError("quantize: int4 is a CPU mode; on a GPU use bfloat16 or float16")
-        return Int4KernelLinear(weight, int4_kernel(), int4_group)
+        if modules.int4 is None:
+            raise ValueError("quantize: int4 projections need our int4 kernel (engine.settings)")
+        return Int4KernelLinear(weight, modules.int4, int4_group)
     raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
