@@ -61,10 +61,10 @@ def load_model(config: Config) -> MusicModel:
     from engine.loading import SettingError
 
     t = time.monotonic()
-    try:
+    try:  # in a thread of its own: all torch work then runs in the generator's thread
         model = MusicModel.load_in_thread(config.model)
     except SettingError as err:  # named as config.toml names it: model.kv_cache, model.id
-        raise SettingError(f"model.{model_key(err.key)}: {err.reason}") from None  # all torch work then runs in the generator's thread
+        raise SettingError(f"model.{model_key(err.key)}: {err.reason}") from None
     log.info(
         "model loaded in %.1f s: %d Hz, %d channel(s)",
         time.monotonic() - t,
@@ -117,10 +117,7 @@ def build_radio(
     g = config.generation
     generator = Generator(
         model,
-        [
-            StationSpec(st.id, opening[st.id], st.sampling, g.windows)
-            for st in stations.values()
-        ],
+        [StationSpec(st.id, opening[st.id], st.sampling, g.windows) for st in stations.values()],
         buffer_ahead=g.buffer_ahead,
         chunk_frames=max(1, round(g.chunk_seconds * model.frame_rate)),
         watchdog=config.watchdog,
