@@ -13,8 +13,9 @@ keys/values depend only on the prompt, so `cross_kv` computes them once per prom
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +28,15 @@ from engine.linear import (
     Int4KernelLinear,
     Int8KernelLinear,
     KernelModules,
+    Projection,
     make_linear,
     projection_precision,
 )
 from engine.settings import Resolved, for_decoder
+
+if TYPE_CHECKING:
+    from transformers import MusicgenForCausalLM
+    from transformers.models.musicgen.modeling_musicgen import MusicgenDecoderLayer
 
 
 @dataclass
@@ -38,16 +44,25 @@ class LayerWeights:
     """One decoder layer. Projections are callables (`engine.linear`), x [..., in] -> [..., out]."""
 
     ln_self: tuple[torch.Tensor, torch.Tensor]  # weight, bias [E]
-    qkv: Callable  # E -> 3E, fused self-attention projection
-    out_self: Callable  # E -> E
+    qkv: Projection  # E -> 3E, fused self-attention projection
+    out_self: Projection  # E -> E
     ln_cross: tuple[torch.Tensor, torch.Tensor]
-    q_cross: Callable  # E -> E
+    q_cross: Projection  # E -> E
     k_cross: torch.Tensor  # [E, E_text], used once per prompt
     v_cross: torch.Tensor  # [E, E_text], used once per prompt
-    out_cross: Callable  # E -> E
+    out_cross: Projection  # E -> E
     ln_ffn: tuple[torch.Tensor, torch.Tensor]
-    fc1: Callable  # E -> F
-    fc2: Callable  # F -> E
+    fc1: Projection  # E -> F
+    fc2: Projection  # F -> E
+
+
+class FusedStep(Protocol):
+    """Our one-call decode step (`engine.kernels` DecodeStepInt8): ids, positions, the cache's
+    tensors and `CrossKV.stacked()` -> logits [B, K * V]."""
+
+    def step(self, *inputs: torch.Tensor) -> torch.Tensor: ...  # an int8 cache
+
+    def step_q4(self, *inputs: torch.Tensor) -> torch.Tensor: ...  # an int4 cache
 
 
 @dataclass
@@ -83,19 +98,20 @@ class CrossKV:
         return self._stacked
 
 
-def _exact_gelu(fn) -> bool:
+def _exact_gelu(fn: torch.nn.Module) -> bool:
     """Whether an activation module is the exact (erf) GELU, the one our fused step computes."""
     if isinstance(fn, torch.nn.GELU):
         return fn.approximate == "none"
     return isinstance(fn, GELUActivation) and fn.act is F.gelu
 
 
-def kernel_projection(kernels, linear: Int8KernelLinear):
+def kernel_projection(kernels: ModuleType, linear: Projection) -> object:
     """A projection's weights as our fused step takes them (`engine.kernels` Projection)."""
+    assert isinstance(linear, Int8KernelLinear), "the fused step takes int8 projections"
     return kernels.Projection(kind="int8", data=linear.packed, scales=linear.scales)
 
 
-def kernel_layer(kernels, w: LayerWeights):
+def kernel_layer(kernels: ModuleType, w: LayerWeights) -> object:
     """A layer's weights by name, as our fused step takes them (`engine.kernels` DecoderLayer)."""
     norms = {
         name: kernels.LayerNorm(*getattr(w, name)) for name in ("ln_self", "ln_cross", "ln_ffn")
@@ -114,7 +130,7 @@ def _ln(module: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
 class Decoder:
     def __init__(
         self,
-        causal_lm,
+        causal_lm: MusicgenForCausalLM,
         precision: str = "dense",
         kv_cache: str = "auto",
         int4_group: int = INT4_GROUP,
@@ -186,11 +202,12 @@ class Decoder:
         # (tests switch `_fused` off to compare) reads the same values
         self._cross_bf16 = self._fused is not None
 
-    def _fused_step(self):
+    def _fused_step(self) -> FusedStep | None:
         """Our one-call decode step (`engine/kernels/decode_step.h`) where it applies: int8
         weights through our kernels, an int8 or int4 KV cache and the exact GELU; else None."""
+        k = self._kernels
         fused = (
-            self._kernels is not None
+            k is not None
             and self.kv_cache in ("int8", "int4")
             and isinstance(self.lm_heads, Int8KernelLinear)
             and all(
@@ -200,10 +217,8 @@ class Decoder:
             )
             and _exact_gelu(self.activation)
         )
-        if not fused:
+        if k is None or not fused:
             return None
-
-        k = self._kernels
         return k.DecodeStepInt8(
             embed=self.embed,
             positions=self.positions,
@@ -216,7 +231,7 @@ class Decoder:
 
     @staticmethod
     def _layer(
-        layer,
+        layer: MusicgenDecoderLayer,
         precision: str,
         modules: KernelModules,
         int4_group: int,
@@ -225,7 +240,7 @@ class Decoder:
         """One layer's weights in a decoder mode; with `like`, its int4 projections are taken
         from there (a prefill's layers share them rather than quantize them twice)."""
 
-        def linear(name: str, *parts: torch.nn.Linear) -> Callable:
+        def linear(name: str, *parts: torch.nn.Linear) -> Projection:
             if like is not None and isinstance(getattr(like, name), Int4KernelLinear):
                 return getattr(like, name)
             weight = torch.cat([m.weight for m in parts])
@@ -247,7 +262,7 @@ class Decoder:
         )
 
     @property
-    def kernels(self):
+    def kernels(self) -> ModuleType | None:
         """Our CPU kernel module when this decoder runs on it (engine/kernels), else None."""
         return self._kernels
 

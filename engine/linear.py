@@ -23,8 +23,10 @@ The decoder calls every projection through one of these, so a new mode is one cl
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +39,7 @@ PRECISIONS = ("dense", "bf16", "int8", "int4")
 # the feed-forward projections (fc1, fc2: 8 of a layer's 14 M weights) and int8 for the rest.
 DECODER_PRECISIONS = ("dense", "int8", "int4", "int4-ffn")
 INT4_FFN = ("fc1", "fc2")
+Projection = Callable[[torch.Tensor], torch.Tensor]  # x [..., in] -> [..., out]: any class here
 MAX_KERNEL_ROWS = 8  # linear_bf16 handles up to 8 rows (4 stations with guidance)
 
 
@@ -62,7 +65,7 @@ class Bf16KernelLinear(CastLinear):
     """Dense bfloat16 weights on a CPU with our kernels: a decode step's few rows through
     `linear_bf16`, bigger batches (prefills) through `CastLinear`'s `F.linear`."""
 
-    def __init__(self, weight: torch.Tensor, kernels) -> None:
+    def __init__(self, weight: torch.Tensor, kernels: ModuleType) -> None:
         super().__init__(weight.contiguous(), torch.bfloat16)
         self._kernels = kernels
 
@@ -92,7 +95,7 @@ def pack_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Int8KernelLinear:
     """int8 weights through our `linear_int8` kernel (AVX-512 VNNI or AVX2 CPUs)."""
 
-    def __init__(self, weight: torch.Tensor, kernels) -> None:
+    def __init__(self, weight: torch.Tensor, kernels: ModuleType) -> None:
         self.packed, self.scales = pack_int8(weight)
         self.out_features = weight.shape[0]
         self._kernels = kernels
@@ -123,7 +126,9 @@ def _int4_codes(w: torch.Tensor, s: torch.Tensor, b: torch.Tensor) -> torch.Tens
     return torch.round((w - b) / safe).clamp_(0, 15)
 
 
-def _int4_error(w, mask, s, b, u) -> torch.Tensor:
+def _int4_error(
+    w: torch.Tensor, mask: torch.Tensor, s: torch.Tensor, b: torch.Tensor, u: torch.Tensor
+) -> torch.Tensor:
     return (((s * u + b - w) * mask) ** 2).sum(dim=-1, keepdim=True)
 
 
@@ -200,7 +205,7 @@ def quantize_int4(
 
 
 def pack_int4(
-    weight: torch.Tensor, group: int = INT4_GROUP, kernels=None
+    weight: torch.Tensor, group: int = INT4_GROUP, kernels: ModuleType | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] float -> (codes uint8 [ceil(N / 16), Kp / 8, 64], scales float16
     [ceil(N / 16), Kp / group, 2, 16]), the layout of `engine/kernels/int4_gemm.h`.
@@ -234,7 +239,7 @@ class Int4KernelLinear:
     `linear_int4` kernel (CPUs with AVX2, FMA and F16C). `packed`, `scales`, `group` and
     `out_features` are what a fused step reads."""
 
-    def __init__(self, weight: torch.Tensor, kernels, group: int = INT4_GROUP) -> None:
+    def __init__(self, weight: torch.Tensor, kernels: ModuleType, group: int = INT4_GROUP) -> None:
         self.packed, self.scales = pack_int4(weight, group, kernels)
         self.group = group
         self.out_features, self.in_features = weight.shape
@@ -284,8 +289,8 @@ class KernelModules:
     """Our C++ modules a decoder's projections may run on, as its settings decided
     (`engine.settings.Resolved`): None where they do not run."""
 
-    kernels: Any = None  # engine.kernels: linear_int8, linear_bf16, attention, the fused step
-    int4: Any = None  # engine.kernels.int4: linear_int4
+    kernels: ModuleType | None = None  # engine.kernels: linear_int8, linear_bf16, attention, ...
+    int4: ModuleType | None = None  # engine.kernels.int4: linear_int4
 
     @classmethod
     def of(cls, settings: Resolved) -> KernelModules:
@@ -306,7 +311,7 @@ class KernelModules:
 
 def make_linear(
     weight: torch.Tensor, precision: str, modules: KernelModules, int4_group: int = INT4_GROUP
-):
+) -> Projection:
     """A projection of `weight` [out, in] in `precision` (`PRECISIONS`), on our kernels in
     `modules` where they run."""
     if precision == "dense":

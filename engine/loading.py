@@ -12,12 +12,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.options import LoadOptions
 from engine.settings import Machine, Resolved, resolve
+
+if TYPE_CHECKING:
+    from transformers import (
+        MusicgenForConditionalGeneration,
+        MusicgenProcessor,
+        PretrainedConfig,
+    )
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +43,8 @@ class SettingError(ModelLoadError):
 
 @dataclass
 class LoadedModel:
-    model: Any  # transformers MusicgenForConditionalGeneration, eval mode
-    processor: Any  # transformers MusicgenProcessor (tokenizer + feature extractor)
+    model: MusicgenForConditionalGeneration  # eval mode
+    processor: MusicgenProcessor  # tokenizer + feature extractor
     name: str
     settings: Resolved  # the concrete device, dtype, weights, cache and step (`engine.settings`)
 
@@ -50,7 +57,7 @@ class LoadedModel:
         return getattr(torch, self.settings.dtype)
 
 
-def _refuse_unsupported(name: str, config) -> None:
+def _refuse_unsupported(name: str, config: PretrainedConfig | None) -> None:
     archs = (getattr(config, "architectures", None) or []) + [getattr(config, "model_type", "")]
     if "melody" in name.lower() or any("melody" in a.lower() for a in archs):
         raise ModelLoadError(

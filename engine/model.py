@@ -191,7 +191,15 @@ class MusicModel:
             for p, s, f in zip(prompts, samplings, frames, strict=True)
         ]
 
-    def _open(self, prompt, sampling, window, *, prompt_frames=None, batch=None) -> AudioStream:
+    def _open(
+        self,
+        prompt: str | Blend,
+        sampling: SamplingOptions | None,
+        window: WindowOptions | None,
+        *,
+        prompt_frames: torch.Tensor | None = None,
+        batch: DecodeBatch | None = None,
+    ) -> AudioStream:
         sampling = (sampling or SamplingOptions()).validate()
         window = (window or WindowOptions()).validate(self.max_positions)
         codec = self.new_codec()
