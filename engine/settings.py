@@ -51,13 +51,37 @@ class Machine:
 
     @classmethod
     def probe(cls, options: LoadOptions) -> Machine:
-        """This machine, for `options`: our CPU kernels are built (once per machine: ~40 s) unless
-        the model will run on a GPU, the int4 kernel only when the options ask for int4 weights."""
+        """This machine, for `options`: our CPU kernels are built (once per machine: ~40 s) when
+        the model will run on the CPU and the options may use them, the int4 kernel only when
+        they ask for int4 weights."""
         cuda = torch.cuda.is_available()
         on_cpu = options.device == "cpu" or (options.device == "auto" and not cuda)
-        isa, reason = _probe_kernels() if on_cpu else (None, "the model runs on a GPU")
+        isa: str | None = None
+        reason: str | None = None
+        if not on_cpu:
+            reason = "the model runs on a GPU"
+        elif not _may_use_kernels(options):
+            reason = "not needed: float weights and a float32 cache"
+        else:
+            isa, reason = _probe_kernels()
         int4_reason = _probe_int4() if options.quantize.startswith("int4") else None
         return cls(cuda, cpu_has_fast_bf16(), isa, reason or "", int4_reason)
+
+
+def _may_use_kernels(options: LoadOptions) -> bool:
+    """Whether `options` may run anything on our CPU kernels: quantized weights (their
+    projections and, by default, their cache), bfloat16 weights, a cache the kernels read, or a
+    compiled step (its default cache is theirs). Not a float32 or float16 model with a float32
+    cache, eager: it is not worth building them for."""
+    quantized = options.quantize not in ("auto", "none") or (
+        options.quantize == "auto" and options.dtype == "auto"
+    )
+    return (
+        quantized
+        or options.dtype in ("auto", "bfloat16")
+        or options.kv_cache in KERNEL_CACHES
+        or options.compile == "compile"
+    )
 
 
 def _probe_kernels() -> tuple[str | None, str | None]:

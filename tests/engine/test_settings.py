@@ -123,3 +123,23 @@ def test_an_odd_head_size_falls_back_to_pytorch_attention_on_auto():
     s = _resolve(AVX2, head_dim=24)
     assert (s.quantize, s.kv_cache, s.kernels) == ("int8", "float32", "avx2")  # int8 linears
     assert not s.kernel_attention
+
+
+def test_the_kernels_are_probed_only_where_the_options_may_use_them(monkeypatch):
+    """A float32 model with a float32 cache, eager, does not build our kernels for nothing."""
+    from engine import settings
+
+    probed = []
+    monkeypatch.setattr(settings, "_probe_kernels", lambda: probed.append(1) or ("avx2", None))
+    monkeypatch.setattr(settings.torch.cuda, "is_available", lambda: False)
+    plain = LoadOptions(device="cpu", dtype="float32", kv_cache="float32")
+    machine = Machine.probe(plain)
+    assert (machine.kernels, probed) == (None, [])
+    assert "not needed" in resolve(plain, machine, 64).reasons["kernels"]
+    for options in (
+        LoadOptions(device="cpu"),
+        LoadOptions(device="cpu", dtype="bfloat16"),
+        LoadOptions(device="cpu", dtype="float32", kv_cache="bfloat16"),
+        LoadOptions(device="cpu", dtype="float32", compile="compile"),
+    ):
+        assert Machine.probe(options).kernels == "avx2", options
