@@ -143,3 +143,23 @@ def test_the_kernels_are_probed_only_where_the_options_may_use_them(monkeypatch)
         LoadOptions(device="cpu", dtype="float32", compile="compile"),
     ):
         assert Machine.probe(options).kernels == "avx2", options
+
+
+def test_probing_a_cpu_without_avx2_or_with_the_kernels_turned_off(monkeypatch):
+    """What `Machine.probe` reads from the environment and /proc/cpuinfo reaches the settings
+    as the reason: the int8 default then runs on PyTorch's kernels with a float32 cache."""
+    from engine import kernels, settings
+
+    monkeypatch.setattr(settings.torch.cuda, "is_available", lambda: False)
+    options = LoadOptions(device="cpu")
+    monkeypatch.setenv("ENDLESS_RADIO_KERNELS", "0")
+    off = Machine.probe(options)
+    assert (off.kernels, off.kernels_reason) == (None, "ENDLESS_RADIO_KERNELS=0")
+    s = resolve(options, off, head_dim=64)
+    assert (s.quantize, s.kv_cache, s.kernels) == ("int8", "float32", None)
+    assert s.reasons["kernels"] == "none: ENDLESS_RADIO_KERNELS=0"
+    monkeypatch.delenv("ENDLESS_RADIO_KERNELS")
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: {"sse2", "avx", "fma"})  # no AVX2
+    old = Machine.probe(options)
+    assert old.kernels is None and old.kernels_reason.endswith("; avx2, f16c (avx2)")
+    assert resolve(options, old, head_dim=64).kv_cache == "float32"
