@@ -3,12 +3,17 @@
 The radio reaches the model only through this small API (see `engine.model`).
 """
 
+from typing import TYPE_CHECKING, Any
+
 from engine.blend import Blend
 from engine.loading import ModelLoadError
 from engine.options import LoadOptions, SamplingOptions, WindowOptions
 
+if TYPE_CHECKING:
+    from engine.model import AudioStream, MusicModel, read_together
 
-def __getattr__(name: str):
+
+def __getattr__(name: str) -> Any:
     # MusicModel pulls in torch and transformers; import it when first asked for, so that
     # `from engine import LoadOptions` stays cheap (config parsing, CLI --help).
     if name in ("MusicModel", "AudioStream", "read_together"):

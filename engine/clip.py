@@ -221,7 +221,7 @@ def decode_audio(
             _check_deadline(deadline, limits)
             for frame in packet.decode():
                 _check_deadline(deadline, limits)
-                if first is None:
+                if first is None or resampler is None:  # (both set at the first frame)
                     first = _check_frame(frame)
                     resampler = av.AudioResampler(format="fltp", layout=first[2], rate=sample_rate)
                 elif (frame.sample_rate, frame.layout.nb_channels) != first[:2]:

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from transformers import MusicgenForConditionalGeneration, MusicgenProcessor
 
 
 @dataclass
@@ -21,7 +25,9 @@ class TextCondition:
     mask: torch.Tensor  # [S] bool, True where a text token is
 
 
-def encode_prompt(model, processor, text: str) -> TextCondition:
+def encode_prompt(
+    model: MusicgenForConditionalGeneration, processor: MusicgenProcessor, text: str
+) -> TextCondition:
     """Encode one prompt with the model's T5 encoder. "" gives the null condition."""
     device, dtype = model.decoder.device, model.decoder.dtype
     hidden = model.decoder.config.hidden_size

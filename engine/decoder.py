@@ -13,24 +13,30 @@ keys/values depend only on the prompt, so `cross_kv` computes them once per prom
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 from transformers.activations import GELUActivation
 
-from engine.kv_cache import Q4_HEAD, KVCache
+from engine.kv_cache import KVCache
 from engine.linear import (
     DECODER_PRECISIONS,
     INT4_GROUP,
     Int4KernelLinear,
     Int8KernelLinear,
+    KernelModules,
+    Projection,
     make_linear,
-    prefill_precision,
     projection_precision,
 )
-from engine.options import KV_CACHES
+from engine.settings import Resolved, for_decoder
+
+if TYPE_CHECKING:
+    from transformers import MusicgenForCausalLM
+    from transformers.models.musicgen.modeling_musicgen import MusicgenDecoderLayer
 
 
 @dataclass
@@ -38,16 +44,25 @@ class LayerWeights:
     """One decoder layer. Projections are callables (`engine.linear`), x [..., in] -> [..., out]."""
 
     ln_self: tuple[torch.Tensor, torch.Tensor]  # weight, bias [E]
-    qkv: Callable  # E -> 3E, fused self-attention projection
-    out_self: Callable  # E -> E
+    qkv: Projection  # E -> 3E, fused self-attention projection
+    out_self: Projection  # E -> E
     ln_cross: tuple[torch.Tensor, torch.Tensor]
-    q_cross: Callable  # E -> E
+    q_cross: Projection  # E -> E
     k_cross: torch.Tensor  # [E, E_text], used once per prompt
     v_cross: torch.Tensor  # [E, E_text], used once per prompt
-    out_cross: Callable  # E -> E
+    out_cross: Projection  # E -> E
     ln_ffn: tuple[torch.Tensor, torch.Tensor]
-    fc1: Callable  # E -> F
-    fc2: Callable  # F -> E
+    fc1: Projection  # E -> F
+    fc2: Projection  # F -> E
+
+
+class FusedStep(Protocol):
+    """Our one-call decode step (`engine.kernels` DecodeStepInt8): ids, positions, the cache's
+    tensors and `CrossKV.stacked()` -> logits [B, K * V]."""
+
+    def step(self, *inputs: torch.Tensor) -> torch.Tensor: ...  # an int8 cache
+
+    def step_q4(self, *inputs: torch.Tensor) -> torch.Tensor: ...  # an int4 cache
 
 
 @dataclass
@@ -83,19 +98,20 @@ class CrossKV:
         return self._stacked
 
 
-def _exact_gelu(fn) -> bool:
+def _exact_gelu(fn: torch.nn.Module) -> bool:
     """Whether an activation module is the exact (erf) GELU, the one our fused step computes."""
     if isinstance(fn, torch.nn.GELU):
         return fn.approximate == "none"
     return isinstance(fn, GELUActivation) and fn.act is F.gelu
 
 
-def kernel_projection(kernels, linear: Int8KernelLinear):
+def kernel_projection(kernels: ModuleType, linear: Projection) -> object:
     """A projection's weights as our fused step takes them (`engine.kernels` Projection)."""
+    assert isinstance(linear, Int8KernelLinear), "the fused step takes int8 projections"
     return kernels.Projection(kind="int8", data=linear.packed, scales=linear.scales)
 
 
-def kernel_layer(kernels, w: LayerWeights):
+def kernel_layer(kernels: ModuleType, w: LayerWeights) -> object:
     """A layer's weights by name, as our fused step takes them (`engine.kernels` DecoderLayer)."""
     norms = {
         name: kernels.LayerNorm(*getattr(w, name)) for name in ("ln_self", "ln_cross", "ln_ffn")
@@ -114,21 +130,24 @@ def _ln(module: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
 class Decoder:
     def __init__(
         self,
-        causal_lm,
+        causal_lm: MusicgenForCausalLM,
         precision: str = "dense",
         kv_cache: str = "auto",
         int4_group: int = INT4_GROUP,
+        *,
+        settings: Resolved | None = None,
     ) -> None:
         """`causal_lm`: a transformers `MusicgenForCausalLM` (model.decoder of the full model);
+        `settings`: a loaded model's resolved settings (`engine.settings.resolve`: how the
+        projections run, the KV cache, our CPU kernels). Without them the decoder resolves its
+        own with the same function, from its weights' device and dtype and:
         `precision`: how the projections run (`engine.linear`: "dense", "int8", "int4", or
         "int4-ffn": int4 fc1/fc2 and int8 for the rest);
-        `kv_cache`: its kind, "auto", "float32", "bfloat16", "int8" or "int4" (`_choose_kv_cache`);
+        `kv_cache`: its kind, "auto", "float32", "bfloat16", "int8" or "int4".
         `int4_group`: inputs per scale of the int4 projections (`engine.linear.INT4_GROUPS`)."""
         if precision not in DECODER_PRECISIONS:
             raise ValueError(f"precision must be one of {DECODER_PRECISIONS}, got {precision!r}")
         dec = causal_lm.model.decoder
-        self.precision = precision
-        self.int4_group = int4_group
         config = causal_lm.config
         self.num_codebooks = config.num_codebooks
         self.hidden = config.hidden_size
@@ -143,26 +162,38 @@ class Decoder:
         self.vocab = causal_lm.lm_heads[0].weight.shape[0]
         self.device = heads.device
         self.dtype = heads.dtype
+        if settings is None:
+            dtype = str(self.dtype).removeprefix("torch.")
+            settings = for_decoder(str(self.device), dtype, precision, kv_cache, self.head_dim)
+        elif (precision, kv_cache) != ("dense", "auto"):
+            raise ValueError(
+                "a decoder takes its precision and KV cache from `settings` or the "
+                "arguments, not both"
+            )
+        self.settings = settings
+        self.precision = precision = settings.precision
+        self.int4_group = int4_group
         # PyTorch's CPU attention kernels are several times slower in bfloat16 than in float32
         # (measured: 2.5 vs 0.4 ms per layer at 1000 positions), so without our kernels the KV
         # cache and the attention stay float32 on a CPU; GPUs attend in the model dtype.
         self.attn_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
-        self._kernels = None
-        self.kv_cache = self._choose_kv_cache(kv_cache, precision)  # a KVCache kind
+        self.kv_cache = settings.kv_cache  # a KVCache kind
+        modules = KernelModules.of(settings)
+        # our CPU kernels: the int8 and bfloat16 projections, and (over a cache they read) the
+        # attention and sampling of a decode step
+        self._kernels = modules.kernels if settings.kernel_attention else None
         heads_precision = projection_precision(precision, "lm_heads")
-        self.lm_heads = make_linear(heads, heads_precision, int4_group)  # E -> K * V
-        self.layers = [self._layer(layer, precision, int4_group) for layer in dec.layers]
+        self.lm_heads = make_linear(heads, heads_precision, modules, int4_group)  # E -> K * V
+        self.layers = [self._layer(layer, precision, modules, int4_group) for layer in dec.layers]
         # A prefill is a big matrix product (compute-bound). PyTorch's int8 dynamic kernels lose
         # there, so without our kernels an int8 decoder prefills with dense weights (bfloat16
-        # where the CPU is fast at it); our linear_int8 wins there too (500 frames of
-        # musicgen-small here: 1.2 s against 2.0 s in bfloat16), so with it the int8 layers serve.
-        # int4 projections prefill through their own kernel (any number of rows).
+        # where the CPU is fast at it: `Resolved.prefill`); our linear_int8 wins there too (500
+        # frames of musicgen-small here: 1.2 s against 2.0 s in bfloat16), so with it the int8
+        # layers serve. int4 projections prefill through their own kernel (any number of rows).
         self.prefill_layers = self.layers
-        if precision in ("int8", "int4-ffn") and not isinstance(
-            self.layers[0].out_self, Int8KernelLinear
-        ):
+        if settings.prefill != "decode":
             self.prefill_layers = [
-                self._layer(layer, prefill_precision(), int4_group, like)
+                self._layer(layer, settings.prefill, modules, int4_group, like)
                 for layer, like in zip(dec.layers, self.layers, strict=True)
             ]
         self.layer_norm_eps = dec.layer_norm.eps
@@ -171,11 +202,12 @@ class Decoder:
         # (tests switch `_fused` off to compare) reads the same values
         self._cross_bf16 = self._fused is not None
 
-    def _fused_step(self):
+    def _fused_step(self) -> FusedStep | None:
         """Our one-call decode step (`engine/kernels/decode_step.h`) where it applies: int8
         weights through our kernels, an int8 or int4 KV cache and the exact GELU; else None."""
+        k = self._kernels
         fused = (
-            self._kernels is not None
+            k is not None
             and self.kv_cache in ("int8", "int4")
             and isinstance(self.lm_heads, Int8KernelLinear)
             and all(
@@ -185,10 +217,8 @@ class Decoder:
             )
             and _exact_gelu(self.activation)
         )
-        if not fused:
+        if k is None or not fused:
             return None
-
-        k = self._kernels
         return k.DecodeStepInt8(
             embed=self.embed,
             positions=self.positions,
@@ -199,55 +229,22 @@ class Decoder:
             eps=self.layer_norm_eps,
         )
 
-    def _choose_kv_cache(self, requested: str, precision: str) -> str:
-        """The KV cache kind; also decides whether decode steps attend with our CPU kernels.
-
-        Where our kernels run (engine.kernels: AVX-512 or AVX2 CPUs), a decode step's
-        self-attention is one `attend_step` call per layer over a bfloat16, int8 or int4 cache
-        (half, a quarter or an eighth of float32's bytes). "auto" takes int8 for an int8 decoder,
-        bfloat16 for a bfloat16 one, and keeps a float32 model on PyTorch's exact path; int4
-        (heads of 64, as every MusicGen) is asked for by name: it halves what batched stations
-        read, at a precision cost the benchmark reports."""
-        if requested not in KV_CACHES:
-            raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {requested!r}")
-        reduced = self.dtype == torch.bfloat16 or precision != "dense"
-        attention = str(self.attn_dtype).removeprefix("torch.")
-        if requested == "float32" or (requested == "auto" and not reduced):
-            return attention
-        if self.device.type != "cpu":
-            if requested in ("int8", "int4"):
-                raise ValueError(f"kv_cache: {requested} is a CPU mode (our CPU kernels)")
-            return str(self.dtype).removeprefix("torch.") if requested == "auto" else requested
-        from engine import kernels
-
-        reason = kernels.unavailable_reason()
-        if not (self.head_dim % 16 == 0 and self.head_dim <= 128):
-            reason = f"head size {self.head_dim} is not a multiple of 16 up to 128"
-        if requested == "int4" and self.head_dim != Q4_HEAD:
-            reason = f"an int4 cache holds heads of {Q4_HEAD}, this model's are {self.head_dim}"
-        if reason is None:
-            self._kernels = kernels.get()
-            reason = None if self._kernels is not None else "they did not build (see the log)"
-        if reason is not None:
-            if requested != "auto":
-                raise ValueError(f"kv_cache: {requested} needs our CPU kernels: {reason}")
-            return attention
-        if requested == "auto":
-            return "int8" if precision != "dense" else "bfloat16"
-        return requested
-
     @staticmethod
     def _layer(
-        layer, precision: str, int4_group: int, like: LayerWeights | None = None
+        layer: MusicgenDecoderLayer,
+        precision: str,
+        modules: KernelModules,
+        int4_group: int,
+        like: LayerWeights | None = None,
     ) -> LayerWeights:
         """One layer's weights in a decoder mode; with `like`, its int4 projections are taken
         from there (a prefill's layers share them rather than quantize them twice)."""
 
-        def linear(name: str, *modules: torch.nn.Linear) -> Callable:
+        def linear(name: str, *parts: torch.nn.Linear) -> Projection:
             if like is not None and isinstance(getattr(like, name), Int4KernelLinear):
                 return getattr(like, name)
-            weight = torch.cat([m.weight for m in modules])
-            return make_linear(weight, projection_precision(precision, name), int4_group)
+            weight = torch.cat([m.weight for m in parts])
+            return make_linear(weight, projection_precision(precision, name), modules, int4_group)
 
         attn, cross = layer.self_attn, layer.encoder_attn
         return LayerWeights(
@@ -265,7 +262,7 @@ class Decoder:
         )
 
     @property
-    def kernels(self):
+    def kernels(self) -> ModuleType | None:
         """Our CPU kernel module when this decoder runs on it (engine/kernels), else None."""
         return self._kernels
 

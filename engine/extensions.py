@@ -16,6 +16,7 @@ import hashlib
 import logging
 import time
 from pathlib import Path
+from types import ModuleType
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def remove_stale_lock(name: str, now: float | None = None) -> bool:
     return True
 
 
-def build(name: str, source: Path, cflags: list[str]):
+def build(name: str, source: Path, cflags: list[str]) -> ModuleType:
     """`torch.utils.cpp_extension.load` of one C++ source with OpenMP, quietly; raises what the
     build raises (the callers say why they run without the extension)."""
     from torch.utils.cpp_extension import load

@@ -71,9 +71,11 @@ class KVCache:
         self.kind = kind
         self.max_positions = max_positions
         self.length = 0
-        self.keys = self.values = None  # [L, B, H, P, D]; for int4, `blocks`
-        self.key_scales = self.value_scales = None  # [L, B, H, P] float32 for int8
-        self.blocks = None  # int4: [L, B, H, P / 16, 1088] uint8
+        self.keys: torch.Tensor | None = None  # [L, B, H, P, D]; for int4, `blocks`
+        self.values: torch.Tensor | None = None
+        self.key_scales: torch.Tensor | None = None  # [L, B, H, P] float32 for int8
+        self.value_scales: torch.Tensor | None = None
+        self.blocks: torch.Tensor | None = None  # int4: [L, B, H, P / 16, 1088] uint8
         if kind == "int4":
             blocks = -(-max_positions // Q4_BLOCK)
             shape = (layers, batch, heads, blocks, Q4_BLOCK_BYTES)
@@ -96,16 +98,31 @@ class KVCache:
     def quantized(self) -> bool:
         return self.kind in ("int8", "int4")
 
+    def _kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys, values of a float or int8 cache."""
+        assert self.keys is not None and self.values is not None, f"a {self.kind} cache"
+        return self.keys, self.values
+
+    def _scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """key and value scales of an int8 cache."""
+        assert self.key_scales is not None and self.value_scales is not None, "an int8 cache"
+        return self.key_scales, self.value_scales
+
+    def _blocks(self) -> torch.Tensor:
+        assert self.blocks is not None, f"an int4 cache has blocks, not a {self.kind} one"
+        return self.blocks
+
     def _q4_parts(self) -> tuple[torch.Tensor, ...]:
         """Views of the int4 blocks by position: keys [L, B, H, P / 16, 16, 8, 4] ([..., n, l, :, :]
         is position 16n + l's 32 bytes), values [L, B, H, P / 16, 4, 4, 2, 16] ([..., n, G, p, :, :]
         is position 16n + 4G + p's), key and value scales bfloat16 [L, B, H, P / 16, 16]."""
-        layers, b, h, n, _ = self.blocks.shape
-        keys = self.blocks[..., :512].view(layers, b, h, n, 8, Q4_BLOCK, 4).transpose(-3, -2)
-        values = self.blocks[..., 512:1024].view(layers, b, h, n, 4, 2, 16, 4)
+        blocks = self._blocks()
+        layers, b, h, n, _ = blocks.shape
+        keys = blocks[..., :512].view(layers, b, h, n, 8, Q4_BLOCK, 4).transpose(-3, -2)
+        values = blocks[..., 512:1024].view(layers, b, h, n, 4, 2, 16, 4)
         values = values.permute(0, 1, 2, 3, 4, 7, 5, 6)
-        key_scales = self.blocks[..., 1024:1056].view(torch.bfloat16)
-        value_scales = self.blocks[..., 1056:1088].view(torch.bfloat16)
+        key_scales = blocks[..., 1024:1056].view(torch.bfloat16)
+        value_scales = blocks[..., 1056:1088].view(torch.bfloat16)
         return keys, values, key_scales, value_scales
 
     def _write_q4(self, layer: int, index: tuple, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -130,10 +147,12 @@ class KVCache:
             )
             return
         if self.kind == "int8":
-            keys, self.key_scales[layer, :, :, start:end] = quantize_vectors(keys)
-            values, self.value_scales[layer, :, :, start:end] = quantize_vectors(values)
-        self.keys[layer, :, :, start:end] = keys
-        self.values[layer, :, :, start:end] = values
+            key_scales, value_scales = self._scales()
+            keys, key_scales[layer, :, :, start:end] = quantize_vectors(keys)
+            values, value_scales[layer, :, :, start:end] = quantize_vectors(values)
+        cached_keys, cached_values = self._kv()
+        cached_keys[layer, :, :, start:end] = keys
+        cached_values[layer, :, :, start:end] = values
 
     def write_rows(
         self, layer: int, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
@@ -146,10 +165,12 @@ class KVCache:
             self._write_q4(layer, index, keys, values)
             return
         if self.kind == "int8":
-            keys, self.key_scales[layer, rows, :, positions] = quantize_vectors(keys)
-            values, self.value_scales[layer, rows, :, positions] = quantize_vectors(values)
-        self.keys[layer, rows, :, positions] = keys.to(self.keys.dtype)
-        self.values[layer, rows, :, positions] = values.to(self.values.dtype)
+            key_scales, value_scales = self._scales()
+            keys, key_scales[layer, rows, :, positions] = quantize_vectors(keys)
+            values, value_scales[layer, rows, :, positions] = quantize_vectors(values)
+        cached_keys, cached_values = self._kv()
+        cached_keys[layer, rows, :, positions] = keys.to(cached_keys.dtype)
+        cached_values[layer, rows, :, positions] = values.to(cached_values.dtype)
 
     def rows(self, first: int, count: int) -> KVCache:
         """A cache over rows [first, first + count) of this one, sharing its storage."""
@@ -185,10 +206,12 @@ class KVCache:
         """What the kernels take, every layer: (keys, key scales, values, value scales) for int8,
         (blocks,) for int4, (keys, values) otherwise."""
         if self.kind == "int4":
-            return (self.blocks,)
+            return (self._blocks(),)
+        keys, values = self._kv()
         if self.kind == "int8":
-            return self.keys, self.key_scales, self.values, self.value_scales
-        return self.keys, self.values
+            key_scales, value_scales = self._scales()
+            return keys, key_scales, values, value_scales
+        return keys, values
 
     def layer(self, layer: int) -> tuple[torch.Tensor, ...]:
         """`tensors()` of one layer, every slot."""
@@ -203,10 +226,12 @@ class KVCache:
             keys = dequantize_q4(k_part.reshape(b, h, slots, 32), k_scales.reshape(b, h, slots))
             values = dequantize_q4(v_part.reshape(b, h, slots, 32), v_scales.reshape(b, h, slots))
             return keys[:, :, :end], values[:, :, :end]
-        keys, values = self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        cached_keys, cached_values = self._kv()
+        keys, values = cached_keys[layer, :, :, :end], cached_values[layer, :, :, :end]
         if self.kind == "int8":
-            keys = keys.float() * self.key_scales[layer, :, :, :end, None]
-            values = values.float() * self.value_scales[layer, :, :, :end, None]
+            key_scales, value_scales = self._scales()
+            keys = keys.float() * key_scales[layer, :, :, :end, None]
+            values = values.float() * value_scales[layer, :, :, :end, None]
         return keys, values
 
     def reset(self) -> None:

@@ -23,15 +23,23 @@ The decoder calls every projection through one of these, so a new mode is one cl
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from engine.settings import Resolved
 
 PRECISIONS = ("dense", "bf16", "int8", "int4")
 # A decoder's modes (`engine.decoder.Decoder`): one precision for every projection, or int4 for
 # the feed-forward projections (fc1, fc2: 8 of a layer's 14 M weights) and int8 for the rest.
 DECODER_PRECISIONS = ("dense", "int8", "int4", "int4-ffn")
 INT4_FFN = ("fc1", "fc2")
+Projection = Callable[[torch.Tensor], torch.Tensor]  # x [..., in] -> [..., out]: any class here
 MAX_KERNEL_ROWS = 8  # linear_bf16 handles up to 8 rows (4 stations with guidance)
 
 
@@ -57,7 +65,7 @@ class Bf16KernelLinear(CastLinear):
     """Dense bfloat16 weights on a CPU with our kernels: a decode step's few rows through
     `linear_bf16`, bigger batches (prefills) through `CastLinear`'s `F.linear`."""
 
-    def __init__(self, weight: torch.Tensor, kernels) -> None:
+    def __init__(self, weight: torch.Tensor, kernels: ModuleType) -> None:
         super().__init__(weight.contiguous(), torch.bfloat16)
         self._kernels = kernels
 
@@ -87,7 +95,7 @@ def pack_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Int8KernelLinear:
     """int8 weights through our `linear_int8` kernel (AVX-512 VNNI or AVX2 CPUs)."""
 
-    def __init__(self, weight: torch.Tensor, kernels) -> None:
+    def __init__(self, weight: torch.Tensor, kernels: ModuleType) -> None:
         self.packed, self.scales = pack_int8(weight)
         self.out_features = weight.shape[0]
         self._kernels = kernels
@@ -118,7 +126,9 @@ def _int4_codes(w: torch.Tensor, s: torch.Tensor, b: torch.Tensor) -> torch.Tens
     return torch.round((w - b) / safe).clamp_(0, 15)
 
 
-def _int4_error(w, mask, s, b, u) -> torch.Tensor:
+def _int4_error(
+    w: torch.Tensor, mask: torch.Tensor, s: torch.Tensor, b: torch.Tensor, u: torch.Tensor
+) -> torch.Tensor:
     return (((s * u + b - w) * mask) ** 2).sum(dim=-1, keepdim=True)
 
 
@@ -195,7 +205,7 @@ def quantize_int4(
 
 
 def pack_int4(
-    weight: torch.Tensor, group: int = INT4_GROUP, kernels=None
+    weight: torch.Tensor, group: int = INT4_GROUP, kernels: ModuleType | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] float -> (codes uint8 [ceil(N / 16), Kp / 8, 64], scales float16
     [ceil(N / 16), Kp / group, 2, 16]), the layout of `engine/kernels/int4_gemm.h`.
@@ -229,7 +239,7 @@ class Int4KernelLinear:
     `linear_int4` kernel (CPUs with AVX2, FMA and F16C). `packed`, `scales`, `group` and
     `out_features` are what a fused step reads."""
 
-    def __init__(self, weight: torch.Tensor, kernels, group: int = INT4_GROUP) -> None:
+    def __init__(self, weight: torch.Tensor, kernels: ModuleType, group: int = INT4_GROUP) -> None:
         self.packed, self.scales = pack_int4(weight, group, kernels)
         self.group = group
         self.out_features, self.in_features = weight.shape
@@ -274,49 +284,54 @@ def projection_precision(mode: str, projection: str) -> str:
     return mode
 
 
-def int4_kernel():
-    """Our int4 kernel module; a ValueError saying why where it cannot run."""
-    from engine.kernels import int4
+@dataclass(frozen=True)
+class KernelModules:
+    """Our C++ modules a decoder's projections may run on, as its settings decided
+    (`engine.settings.Resolved`): None where they do not run."""
 
-    reason = int4.unavailable_reason()
-    module = int4.get() if reason is None else None
-    if module is None:
-        raise ValueError(
-            "quantize: int4 needs our int4 CPU kernel (AVX2, FMA, F16C and a C++ compiler): "
-            + (reason or "it did not build (see the log)")
-        )
-    return module
+    kernels: ModuleType | None = None  # engine.kernels: linear_int8, linear_bf16, attention, ...
+    int4: ModuleType | None = None  # engine.kernels.int4: linear_int4
+
+    @classmethod
+    def of(cls, settings: Resolved) -> KernelModules:
+        """The modules `settings` run on (`resolve` probed them: they built)."""
+        kernels = int4 = None
+        if settings.kernels is not None:
+            from engine import kernels as module
+
+            kernels = module.get()
+            assert kernels is not None, "resolve() chose our kernels after they failed to build"
+        if settings.quantize.startswith("int4"):
+            from engine.kernels import int4 as int4_module
+
+            int4 = int4_module.get()
+            assert int4 is not None, "resolve() chose int4 weights without the int4 kernel"
+        return cls(kernels, int4)
 
 
-def prefill_precision() -> str:
-    """How an int8 decoder runs its (compute-bound) prefills."""
-    from engine.loading import cpu_has_fast_bf16
-
-    return "bf16" if cpu_has_fast_bf16() else "dense"
-
-
-def make_linear(weight: torch.Tensor, precision: str, int4_group: int = INT4_GROUP):
+def make_linear(
+    weight: torch.Tensor, precision: str, modules: KernelModules, int4_group: int = INT4_GROUP
+) -> Projection:
+    """A projection of `weight` [out, in] in `precision` (`PRECISIONS`), on our kernels in
+    `modules` where they run."""
     if precision == "dense":
-        if _kernel_shape(weight):
-            from engine import kernels
-
-            if (module := kernels.get()) is not None:
-                return Bf16KernelLinear(weight, module)
+        if modules.kernels is not None and _kernel_shape(weight):
+            return Bf16KernelLinear(weight, modules.kernels)
         return DenseLinear(weight)
     if precision == "bf16":
         return CastLinear(weight, torch.bfloat16)
     if precision == "int8":
         if weight.device.type != "cpu":
             raise ValueError("quantize: int8 is a CPU mode; on a GPU use bfloat16 or float16")
-        from engine import kernels
-
-        if kernels.unavailable_reason() is None and (module := kernels.get()) is not None:
-            return Int8KernelLinear(weight, module)
+        if modules.kernels is not None:
+            return Int8KernelLinear(weight, modules.kernels)
         return Int8DynamicLinear(weight)
     if precision == "int4":
         if weight.device.type != "cpu":
             raise ValueError("quantize: int4 is a CPU mode; on a GPU use bfloat16 or float16")
-        return Int4KernelLinear(weight, int4_kernel(), int4_group)
+        if modules.int4 is None:
+            raise ValueError("quantize: int4 projections need our int4 kernel (engine.settings)")
+        return Int4KernelLinear(weight, modules.int4, int4_group)
     raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 

@@ -1,4 +1,5 @@
-"""Loading a MusicGen checkpoint: device and dtype choice, weights, processor, clear errors.
+"""Loading a MusicGen checkpoint: weights and processor with the settings `engine.settings`
+resolves for them, and clear errors.
 
 Any checkpoint that `transformers` loads with `MusicgenForConditionalGeneration` works: a hub id
 (`facebook/musicgen-small`, medium, large, the `-stereo-` variants) or a local folder (for
@@ -11,10 +12,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.options import LoadOptions
+from engine.settings import Machine, Resolved, resolve
+
+if TYPE_CHECKING:
+    from transformers import (
+        MusicgenForConditionalGeneration,
+        MusicgenProcessor,
+        PretrainedConfig,
+    )
 
 log = logging.getLogger(__name__)
 
@@ -23,66 +33,31 @@ class ModelLoadError(RuntimeError):
     """The model could not be loaded; the message says why and what to do, in plain words."""
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with native bfloat16 matrix math (AVX-512 BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+class SettingError(ModelLoadError):
+    """A setting this machine or model cannot run (`engine.settings.resolve`): "key: why"."""
 
-
-def choose_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {requested!r} was asked for, but no CUDA device is available")
-    return device
-
-
-def choose_dtype(requested: str, device: torch.device) -> torch.dtype:
-    if requested != "auto":
-        return getattr(torch, requested)
-    if device.type == "cuda" or cpu_has_fast_bf16():
-        return torch.bfloat16
-    return torch.float32
-
-
-def choose_quantize(options: LoadOptions, device: torch.device) -> str:
-    """ "auto": int8 decoder weights on a CPU when no float dtype was asked for (see the README's
-    precision table: 3x faster than bfloat16 for a logit error of a few percent), none on a GPU."""
-    if options.quantize != "auto":
-        return options.quantize
-    return "int8" if device.type == "cpu" and options.dtype == "auto" else "none"
-
-
-def choose_compile(options: LoadOptions, device: torch.device) -> str:
-    """ "auto": the decoder step compiled with CUDA graphs on a GPU (where launching kernels
-    bounds it), eager on a CPU (bound by reading weights; torch.compile does not trace the
-    default int8 kernels there)."""
-    if options.compile == "auto":
-        return "graphs" if device.type == "cuda" else "none"
-    if options.compile == "graphs" and device.type != "cuda":
-        raise ModelLoadError(
-            f"compile graphs needs a CUDA device, but the model would load on {device}"
-        )
-    return options.compile
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.key, _, self.reason = message.partition(": ")  # key: a LoadOptions field
 
 
 @dataclass
 class LoadedModel:
-    model: object  # transformers MusicgenForConditionalGeneration, eval mode
-    processor: object  # transformers MusicgenProcessor (tokenizer + feature extractor)
-    device: torch.device
-    dtype: torch.dtype
+    model: MusicgenForConditionalGeneration  # eval mode
+    processor: MusicgenProcessor  # tokenizer + feature extractor
     name: str
-    quantize: str = "none"
-    compile: str = "none"  # the decoder step: "none", "compile" or "graphs" (`engine.static_step`)
-    kv_cache: str = "auto"  # the KV cache dtype (`Decoder._choose_kv_cache`)
+    settings: Resolved  # the concrete device, dtype, weights, cache and step (`engine.settings`)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.settings.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.settings.dtype)
 
 
-def _refuse_unsupported(name: str, config) -> None:
+def _refuse_unsupported(name: str, config: PretrainedConfig | None) -> None:
     archs = (getattr(config, "architectures", None) or []) + [getattr(config, "model_type", "")]
     if "melody" in name.lower() or any("melody" in a.lower() for a in archs):
         raise ModelLoadError(
@@ -104,28 +79,12 @@ def _offline_message(name: str, err: Exception) -> str:
     )
 
 
-def load_model(options: LoadOptions) -> LoadedModel:
-    """Load weights and processor, put them on the chosen device in the chosen dtype."""
+def load_model(options: LoadOptions, machine: Machine | None = None) -> LoadedModel:
+    """Load weights and processor with the settings `engine.settings.resolve` chooses for them
+    on `machine` (default: this one, `Machine.probe`), logged in one line."""
     from transformers import AutoConfig, AutoProcessor, MusicgenForConditionalGeneration
 
     options.validate()
-    device = choose_device(options.device)
-    quantize = choose_quantize(options, device)
-    compile_mode = choose_compile(options, device)
-    quantized = quantize != "none"
-    if quantized and device.type != "cpu":
-        raise ModelLoadError(
-            f"quantize {quantize} is a CPU mode, but the model would load on {device}"
-        )
-    if quantize.startswith("int4"):  # say it before loading the weights, not after
-        from engine.kernels import int4
-
-        if (reason := int4.unavailable_reason()) is not None:
-            raise ModelLoadError(
-                f"quantize {quantize} needs our int4 CPU kernel (AVX2, FMA, F16C and a C++ "
-                f"compiler), which cannot run here: {reason}; use quantize int8"
-            )
-    dtype = torch.float32 if quantized else choose_dtype(options.dtype, device)
     name = options.model
     local = Path(name).expanduser()
     if name.startswith((".", "/", "~")) and not local.exists():
@@ -133,12 +92,20 @@ def load_model(options: LoadOptions) -> LoadedModel:
     source = str(local) if local.exists() else name
     if "melody" in name.lower():
         _refuse_unsupported(name, None)
-    precision = f"{quantize} weights" if quantized else str(dtype).removeprefix("torch.")
-    log.info("loading MusicGen %s on %s in %s", name, device, precision)
     try:
         config = AutoConfig.from_pretrained(source)
         _refuse_unsupported(name, config)
-        model = MusicgenForConditionalGeneration.from_pretrained(source, dtype=dtype)
+        decoder = config.decoder
+        head_dim = decoder.hidden_size // decoder.num_attention_heads
+        try:  # before the weights: a setting that cannot run here is said at once
+            settings = resolve(options, machine or Machine.probe(options), head_dim)
+        except ValueError as err:
+            raise SettingError(str(err)) from None
+        log.info("loading MusicGen %s; engine: %s", name, settings.describe())
+        log.debug("engine settings, and why:\n%s", settings.explain())
+        model = MusicgenForConditionalGeneration.from_pretrained(
+            source, dtype=getattr(torch, settings.dtype)
+        )
         processor = AutoProcessor.from_pretrained(source)
     except ModelLoadError:
         raise
@@ -147,7 +114,7 @@ def load_model(options: LoadOptions) -> LoadedModel:
         if isinstance(err, ValueError) and "musicgen" not in str(err).lower():
             raise ModelLoadError(f"{name!r} is not a MusicGen checkpoint: {err}") from None
         raise ModelLoadError(_offline_message(name, err)) from None
-    model = model.to(device).eval()
+    model = model.to(settings.device).eval()
     # The codec stays in float32: it is cheap, and bf16 audio decoding costs quality for nothing.
     model.audio_encoder.to(torch.float32)
     log.info(
@@ -158,19 +125,4 @@ def load_model(options: LoadOptions) -> LoadedModel:
         model.decoder.config.num_hidden_layers,
         model.decoder.config.hidden_size,
     )
-    kv_cache = choose_kv_cache(options, compile_mode, device)
-    return LoadedModel(model, processor, device, dtype, name, quantize, compile_mode, kv_cache)
-
-
-def choose_kv_cache(options: LoadOptions, compile_mode: str, device: torch.device) -> str:
-    """ "auto" under a compiled step, which reads the cache as a float tensor (no int8 cache under
-    it): bfloat16 where our CPU kernels attend to it (or on a GPU), else float32, the cache
-    PyTorch's CPU attention is fast on. Otherwise the decoder chooses (`_choose_kv_cache`)."""
-    if options.kv_cache != "auto" or compile_mode == "none":
-        return options.kv_cache
-    if device.type == "cpu":
-        from engine import kernels
-
-        if kernels.get() is None:
-            return "float32"
-    return "bfloat16"
+    return LoadedModel(model, processor, name, settings)

@@ -49,19 +49,10 @@ class MusicModel:
         self.hf = loaded.model.requires_grad_(False)
         prepare_codec(self.hf.audio_encoder)  # weight norm frozen, LSTM weights float16
         self.processor = loaded.processor
-        precision = "dense" if loaded.quantize == "none" else loaded.quantize
         try:
-            self.decoder = Decoder(self.hf.decoder, precision, loaded.kv_cache)
-        except ValueError as err:  # a kv_cache or quantize mode this machine cannot run
+            self.decoder = Decoder(self.hf.decoder, settings=loaded.settings)
+        except ValueError as err:  # a setting this model cannot run
             raise ModelLoadError(str(err)) from None
-        log.info(
-            "decoder: %s linear layers, %s KV cache%s",
-            precision
-            if precision != "dense"
-            else str(self.hf.decoder.dtype).removeprefix("torch."),
-            self.decoder.kv_cache,
-            f", our CPU kernels ({self.decoder.kernels.isa()})" if self.decoder.kernels else "",
-        )
         config = self.hf.config
         self.sample_rate: int = config.audio_encoder.sampling_rate
         self.channels: int = config.decoder.audio_channels
@@ -70,7 +61,7 @@ class MusicModel:
         self.hop: int = self.sample_rate // self.frame_rate
         self.max_positions: int = config.decoder.max_position_embeddings
         self.name = loaded.name
-        self.compile = loaded.compile  # the decoder step: "none", "compile" or "graphs"
+        self.compile = loaded.settings.compile  # the decoder step: "none", "compile" or "graphs"
 
     @classmethod
     def load(cls, options: LoadOptions | None = None) -> MusicModel:
@@ -205,7 +196,15 @@ class MusicModel:
             for p, s, f in zip(prompts, samplings, frames, strict=True)
         ]
 
-    def _open(self, prompt, sampling, window, *, prompt_frames=None, batch=None) -> AudioStream:
+    def _open(
+        self,
+        prompt: str | Blend,
+        sampling: SamplingOptions | None,
+        window: WindowOptions | None,
+        *,
+        prompt_frames: torch.Tensor | None = None,
+        batch: DecodeBatch | None = None,
+    ) -> AudioStream:
         sampling = (sampling or SamplingOptions()).validate()
         window = (window or WindowOptions()).validate(self.max_positions)
         codec = self.new_codec()

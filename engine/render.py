@@ -8,7 +8,7 @@ have played (before loudness and encoding).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +39,7 @@ def render(
     seconds: float,
     out: str | Path,
     *,
-    changes: list[PromptChange] = (),
+    changes: Sequence[PromptChange] = (),
     progress: Callable[[int], None] | None = None,
 ) -> RenderResult:
     """Render `seconds` of audio (exactly round(seconds * rate) samples) to a float WAV."""

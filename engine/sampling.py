@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from types import ModuleType
 
 import torch
 
@@ -97,7 +98,7 @@ def sample_streams(
     logits: torch.Tensor,
     options: list[SamplingOptions],
     generators: list[torch.Generator | None],
-    kernels=None,
+    kernels: ModuleType | None = None,
 ) -> torch.Tensor:
     """Streams' step, logits [R * N, K, V] (R = 2: stream i's conditional row 2i and null row
     2i + 1; R = 1: no null rows) -> tokens [N, K]: guidance (`uncond + (cond - uncond) * scale`,
@@ -113,29 +114,42 @@ def sample_streams(
     draws from the same uniforms, so a decoder samples one way, alone and batched alike."""
     rows = logits.shape[0] // len(options)
     tokens: list[torch.Tensor | None] = [None] * len(options)
-    fast = []  # the streams the kernel draws for, by k (one call per k)
+    fast: list[int] = []  # the streams the kernel draws for, by k (one call per k)
     if kernels is not None and logits.device.type == "cpu":
         fast = [i for i, o in enumerate(options) if _on_kernels(o, logits.shape[-1])]
-    for k in sorted({options[i].top_k for i in fast}):
-        group = [i for i in fast if options[i].top_k == k]
-        picked = logits
-        if len(group) < len(options):
-            picked = logits.unflatten(0, (-1, rows))[group].flatten(0, 1)
-        settings = _kernel_settings(
-            tuple((options[i].guidance_scale, options[i].temperature) for i in group)
-        )
-        uniforms = torch.empty(len(group), logits.shape[1])
-        for row, i in zip(uniforms, group, strict=True):
-            torch.rand(logits.shape[1], generator=generators[i], out=row)
-        drawn = kernels.sample_top_k(picked.float().contiguous(), rows, *settings, k, uniforms)
-        for i, row in zip(group, drawn, strict=True):
-            tokens[i] = row
+        for k in sorted({options[i].top_k for i in fast}):
+            group = [i for i in fast if options[i].top_k == k]
+            tokens_k = _draw_on_kernels(kernels, logits, rows, options, generators, group, k)
+            for i, row in zip(group, tokens_k, strict=True):
+                tokens[i] = row
     rest = [i for i in range(len(options)) if i not in fast]
     if rest:
         drawn = _sample_with_torch(logits, rows, options, generators, rest)
         for i, row in zip(rest, drawn, strict=True):
             tokens[i] = row
     return torch.stack(tokens)
+
+
+def _draw_on_kernels(
+    kernels: ModuleType,
+    logits: torch.Tensor,
+    rows: int,
+    options: list[SamplingOptions],
+    generators: list[torch.Generator | None],
+    group: list[int],
+    k: int,
+) -> torch.Tensor:
+    """Tokens [len(group), K] of the streams `group`, all top-k with this `k`, by `sample_top_k`."""
+    picked = logits
+    if len(group) < len(options):
+        picked = logits.unflatten(0, (-1, rows))[group].flatten(0, 1)
+    settings = _kernel_settings(
+        tuple((options[i].guidance_scale, options[i].temperature) for i in group)
+    )
+    uniforms = torch.empty(len(group), logits.shape[1])
+    for row, i in zip(uniforms, group, strict=True):
+        torch.rand(logits.shape[1], generator=generators[i], out=row)
+    return kernels.sample_top_k(picked.float().contiguous(), rows, *settings, k, uniforms)
 
 
 def _sample_with_torch(

@@ -94,7 +94,9 @@ def sample_rows(
     return torch.where(greedy, guided.argmax(dim=-1), drawn)
 
 
-def settings_tensor(samplings: list[SamplingOptions], vocab: int, device) -> torch.Tensor:
+def settings_tensor(
+    samplings: list[SamplingOptions], vocab: int, device: torch.device
+) -> torch.Tensor:
     """[N, 5] float32: guidance scale, temperature, top-k (vocab when off), top-p (1 when off),
     greedy (1 or 0), one row per stream."""
     rows = [
@@ -195,7 +197,8 @@ class StaticStep:
             except Exception as err:  # noqa: BLE001 - e.g. a Python that torch.compile refuses
                 self._fall_back(err)
         self._cross: CrossKV | None = None  # the prompt batch now in the buffers
-        self._cross_keys = self._cross_values = self._cross_mask = None
+        # its keys, values [L, B, H, S', D] (S' a multiple of TEXT_BUCKET) and mask [B, 1, 1, S']
+        self._cross_buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._noise: torch.Tensor | None = None  # [N, K, V]
         self._settings: tuple[list[SamplingOptions], torch.Tensor] | None = None
         self._mix: Mix | None = None  # fixed buffers of the latest blend rows and weights
@@ -214,17 +217,7 @@ class StaticStep:
         """ids: [B, K] at `positions` [B] long; rows per stream: B // len(samplings), in the
         order (conditional, null), or as `mix` names them (blends). Returns tokens [N, K], one
         row per stream."""
-        self._load_cross(cross)
-        args = (
-            self.decoder,
-            ids,
-            positions,
-            cache.keys,
-            cache.values,
-            self._cross_keys,
-            self._cross_values,
-            self._cross_mask,
-        )
+        args = (self.decoder, ids, positions, cache.keys, cache.values, *self._load_cross(cross))
         sampling: dict[str, Any] = dict(
             settings=self._settings_for(samplings),
             noise=self._draw(samplings, generators, ids.shape[1]),
@@ -256,8 +249,7 @@ class StaticStep:
         self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, cross: CrossKV
     ) -> torch.Tensor:
         """The step's logits [B, K, V], eagerly, over the same fixed buffers (for tests)."""
-        self._load_cross(cross)
-        buffers = (self._cross_keys, self._cross_values, self._cross_mask)
+        buffers = self._load_cross(cross)
         return decode_logits(self.decoder, ids, positions, cache.keys, cache.values, *buffers)
 
     def _compiled(self, args: tuple, sampling: dict) -> torch.Tensor:
@@ -278,27 +270,31 @@ class StaticStep:
             )
         return tokens
 
-    def _load_cross(self, cross: CrossKV) -> None:
-        """Copy a new prompt batch's cross-attention keys/values into the fixed buffers."""
-        if cross is self._cross:
-            return
+    def _load_cross(self, cross: CrossKV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fixed buffers (keys, values, mask) holding a prompt batch's cross-attention keys
+        and values, copied in when it is new."""
+        if cross is self._cross and self._cross_buffers is not None:
+            return self._cross_buffers
         keys, values = torch.stack(cross.keys), torch.stack(cross.values)  # [L, B, H, S, D]
         s = keys.shape[3]
         size = -(-s // TEXT_BUCKET) * TEXT_BUCKET
         shape = (*keys.shape[:3], size, keys.shape[4])
-        if self._cross_keys is None or self._cross_keys.shape != shape:
-            self._cross_keys = keys.new_zeros(shape)
-            self._cross_values = keys.new_zeros(shape)
-            self._cross_mask = torch.zeros(
-                shape[1], 1, 1, size, dtype=torch.bool, device=keys.device
+        buffers = self._cross_buffers
+        if buffers is None or buffers[0].shape != shape:
+            buffers = (
+                keys.new_zeros(shape),
+                keys.new_zeros(shape),
+                torch.zeros(shape[1], 1, 1, size, dtype=torch.bool, device=keys.device),
             )
             if self.mode != "eager":
-                for t in (self._cross_keys, self._cross_values, self._cross_mask):
+                for t in buffers:
                     torch._dynamo.mark_static_address(t)
-        self._cross_keys.zero_()[:, :, :, :s] = keys
-        self._cross_values.zero_()[:, :, :, :s] = values
-        self._cross_mask.zero_()[..., :s] = cross.mask
-        self._cross = cross
+        cross_keys, cross_values, cross_mask = buffers
+        cross_keys.zero_()[:, :, :, :s] = keys
+        cross_values.zero_()[:, :, :, :s] = values
+        cross_mask.zero_()[..., :s] = cross.mask
+        self._cross, self._cross_buffers = cross, buffers
+        return buffers
 
     def _load_mix(self, mix: Mix) -> Mix:
         """Copy a step's blend rows and weights into fixed buffers (new ones for new shapes)."""

@@ -17,8 +17,18 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import (
+        EncodecConfig,
+        EncodecModel,
+        MusicgenDecoderConfig,
+        MusicgenForConditionalGeneration,
+        T5Config,
+    )
 
 SIZES = ("tiny", "small")
 
@@ -50,7 +60,9 @@ def _tokenizer_vocab() -> list[tuple[str, float]]:
     return pieces
 
 
-def _configs(size: str, stereo: bool, decoder_config: dict | None = None):
+def _configs(
+    size: str, stereo: bool, decoder_config: dict[str, Any] | None = None
+) -> tuple[T5Config, EncodecConfig, MusicgenDecoderConfig]:
     from transformers import EncodecConfig, MusicgenDecoderConfig, T5Config
 
     codebooks = 8 if stereo else 4
@@ -81,7 +93,7 @@ def _configs(size: str, stereo: bool, decoder_config: dict | None = None):
 
 
 @torch.no_grad()
-def _randomize_codebooks(codec) -> None:
+def _randomize_codebooks(codec: EncodecModel) -> None:
     """EnCodec's codebooks are buffers that training fills (k-means, then EMA); a fresh model
     has them all zero, which would decode every token to the same sound. Draw them instead."""
     for layer in codec.quantizer.layers:
@@ -97,8 +109,8 @@ def build_tiny_model(
     size: str = "tiny",
     stereo: bool = False,
     seed: int = 0,
-    decoder_config: dict | None = None,
-):
+    decoder_config: dict[str, Any] | None = None,
+) -> MusicgenForConditionalGeneration:
     """Write a random-weight MusicGen (weights, configs, tokenizer, processor) to `out_dir`.
     `decoder_config`: decoder settings over the size's (tests: e.g. heads of 64 at tiny cost).
 

@@ -27,7 +27,7 @@ from aiohttp import web
 
 from radio import cors, metrics, quietlog, restarts
 from radio.clock import Output, StationClock
-from radio.config import Config, StationConfig
+from radio.config import Config, StationConfig, model_key
 from radio.generator import Generator, StationSpec
 from radio.healing import Supervisor
 from radio.hls import HlsSegmenter
@@ -58,11 +58,13 @@ LOG_SECONDS = 30.0  # how often the log says how each station is doing
 
 def load_model(config: Config) -> MusicModel:
     from engine import MusicModel
+    from engine.loading import SettingError
 
-    opts = config.model.load_options()
-    log.info("loading model %s (device %s, dtype %s) ...", opts.model, opts.device, opts.dtype)
     t = time.monotonic()
-    model = MusicModel.load_in_thread(opts)  # all torch work then runs in the generator's thread
+    try:  # in a thread of its own: all torch work then runs in the generator's thread
+        model = MusicModel.load_in_thread(config.model)
+    except SettingError as err:  # named as config.toml names it: model.kv_cache, model.id
+        raise SettingError(f"model.{model_key(err.key)}: {err.reason}") from None
     log.info(
         "model loaded in %.1f s: %d Hz, %d channel(s)",
         time.monotonic() - t,
@@ -115,10 +117,7 @@ def build_radio(
     g = config.generation
     generator = Generator(
         model,
-        [
-            StationSpec(st.id, opening[st.id], st.sampling, g.window_options())
-            for st in stations.values()
-        ],
+        [StationSpec(st.id, opening[st.id], st.sampling, g.windows) for st in stations.values()],
         buffer_ahead=g.buffer_ahead,
         chunk_frames=max(1, round(g.chunk_seconds * model.frame_rate)),
         watchdog=config.watchdog,

@@ -18,9 +18,12 @@ stream seeded from a clip. Everything here runs in the generator's worker thread
 from __future__ import annotations
 
 import inspect
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from engine.blend import Blend
+
+if TYPE_CHECKING:
+    import torch
 
 
 class PromptStream(Protocol):
@@ -29,9 +32,11 @@ class PromptStream(Protocol):
     @property
     def frame(self) -> int: ...
 
-    def set_prompt(self, prompt: Any, from_frame: int | None = None, **kw: Any) -> int: ...
+    def set_prompt(self, prompt: str | Blend, from_frame: int | None = None, **kw: Any) -> int: ...
 
-    def seed(self, tokens: Any, prompt: Any = None, from_frame: int | None = None) -> int: ...
+    def seed(
+        self, tokens: torch.Tensor, prompt: str | Blend | None = None, from_frame: int | None = None
+    ) -> int: ...
 
 
 _SIGNATURES: dict[type, bool] = {}  # stream class -> its set_prompt takes blends
@@ -60,7 +65,7 @@ def set_blend(
     return stream.set_prompt(blend.dominant, from_frame=from_frame)
 
 
-def seed_blend(stream: PromptStream, tokens: Any, blend: Blend, from_frame: int) -> int:
+def seed_blend(stream: PromptStream, tokens: torch.Tensor, blend: Blend, from_frame: int) -> int:
     """Continue from `from_frame` as if the music before were `tokens` [K, T], with `blend`
     (a stream that does not take blends: its dominant text)."""
     prompt = blend if takes_blends(stream) else blend.dominant

@@ -67,40 +67,35 @@ class ServerConfig:
             raise ValueError(f"shutdown_seconds: must be >= 0, got {self.shutdown_seconds}")
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    id: str = "facebook/musicgen-small"  # hub id or local folder (`radio tiny-model DIR` makes one)
-    device: str = "auto"  # "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"
-    dtype: str = "auto"  # "auto", "float32", "bfloat16" or "float16"
-    quantize: str = "auto"  # "auto" (int8 on CPU, none on GPU), "none", "int8", "int4", "int4-ffn"
-    compile: str = "auto"  # "auto" (CUDA graphs on GPU, none on CPU), "none", "compile" or "graphs"
-    kv_cache: str = "auto"  # "auto", "float32", "bfloat16", "int8" or "int4" (LoadOptions.kv_cache)
+def flat(*keys: str) -> dict[str, tuple[str, ...]]:
+    """Field metadata of a nested dataclass whose fields `keys` are keys of its parent's own
+    table: the engine's option dataclasses inside a section (`[generation] top_k` is
+    `GenerationConfig.sampling.top_k`). Its default must be its class's defaults."""
+    return {"flat": keys}
 
-    def validate(self) -> None:
-        if not self.id:
-            raise ValueError("id: must name a hub id or a local folder")
-        self.load_options()
 
-    def load_options(self) -> LoadOptions:
-        return LoadOptions(
-            model=self.id,
-            device=self.device,
-            dtype=self.dtype,
-            quantize=self.quantize,
-            compile=self.compile,
-            kv_cache=self.kv_cache,
-        ).validate()
+def renamed(**keys: str) -> dict[str, dict[str, str]]:
+    """Field metadata of a nested dataclass (a table) whose TOML keys are not its fields' names:
+    key=field (`[model] id` is `LoadOptions.model`)."""
+    return {"keys": keys}
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    guidance_scale: float = 3.0  # classifier-free guidance, in [1, 20]; 1.0 turns it off
-    temperature: float = 1.0  # softmax temperature, in [0.05, 5]
-    top_k: int = 250  # sample among the k most likely tokens, in [0, 2048]; 0 keeps all
-    top_p: float = 0.0  # nucleus sampling, in [0, 1]; 0 turns it off
+    """`[generation]`: the engine's sampling and window options (their keys are this table's),
+    each station's seed, and how far and in what steps the radio generates ahead."""
+
+    # guidance_scale, temperature, top_k, top_p (engine.options.SamplingOptions; its `greedy`
+    # and `seed` are not keys: the seed below is per station)
+    sampling: SamplingOptions = field(
+        default_factory=SamplingOptions,
+        metadata=flat("guidance_scale", "temperature", "top_k", "top_p"),
+    )
     seed: int = -1  # seed of each station's sampler (station i uses seed + i); -1 = random
-    window: int = 1500  # frames in one attention window (50 frames = 1 s)
-    context: int = 500  # frames re-prefilled when a window is full or the prompt changes
+    # window, context (engine.options.WindowOptions)
+    windows: WindowOptions = field(
+        default_factory=WindowOptions, metadata=flat("window", "context")
+    )
     buffer_ahead: float = 4.0  # seconds generated ahead of the clock (more = safer, slower prompts)
     chunk_seconds: float = 0.2  # audio generated per worker step (smaller = faster prompt reaction)
     # a new prompt starts this many seconds after the moment being played; -1 = auto: at least
@@ -111,8 +106,8 @@ class GenerationConfig:
     stall_seconds: float = 60.0
 
     def validate(self) -> None:
-        self.sampling_options()
-        WindowOptions(window=self.window, context=self.context).validate()
+        self.sampling.validate()
+        self.windows.validate()
         if not 0.5 <= self.buffer_ahead <= 60:
             raise ValueError(f"buffer_ahead: must be in [0.5, 60] seconds, got {self.buffer_ahead}")
         if not 0.02 <= self.chunk_seconds <= 2:
@@ -134,17 +129,9 @@ class GenerationConfig:
             )
 
     def sampling_options(self, station_index: int = 0) -> SamplingOptions:
+        """Station `station_index`'s sampling: `sampling` with its seed (`seed` + the index)."""
         seed = None if self.seed < 0 else self.seed + station_index
-        return SamplingOptions(
-            guidance_scale=self.guidance_scale,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            seed=seed,
-        ).validate()
-
-    def window_options(self) -> WindowOptions:
-        return WindowOptions(window=self.window, context=self.context)
+        return dataclasses.replace(self.sampling, seed=seed).validate()
 
 
 @dataclass(frozen=True)
@@ -355,7 +342,9 @@ class StationConfig:
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # [model]: how the engine loads MusicGen (engine.options.LoadOptions; its `model`, the hub id
+    # or local folder, is the key `id` here: `radio tiny-model DIR` makes one)
+    model: LoadOptions = field(default_factory=LoadOptions, metadata=renamed(id="model"))
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
     hls: HlsConfig = field(default_factory=HlsConfig)
@@ -419,12 +408,9 @@ def with_overrides(config: Config, **sections: dict[str, Any]) -> Config:
     changed = {}
     for name, values in sections.items():
         section = getattr(config, name)
-        for key in values:
-            if key not in {f.name for f in dataclasses.fields(section)}:
-                raise ConfigError(f"{name}.{key}: unknown key")
-        new = dataclasses.replace(section, **values)
-        _validate(new, name)
-        changed[name] = new
+        rename = _metadata(Config, name).get("keys")
+        table = {**_table(section, rename), **values}
+        changed[name] = _build(type(section), table, name, rename)
     return dataclasses.replace(config, **changed)
 
 
@@ -483,7 +469,7 @@ def programme_settings(station: StationConfig) -> dict[str, Any]:
 
 def _check_watchdog(config: Config) -> None:
     """A re-anchor's context must fit in the context a window restart takes."""
-    most = config.generation.context / FRAME_RATE
+    most = config.generation.windows.context / FRAME_RATE
     if config.watchdog.context_seconds > most:
         raise ConfigError(
             f"watchdog.context_seconds: must be at most generation.context ({most:g} s), "
@@ -505,26 +491,87 @@ def _check_stations(stations: tuple[StationConfig, ...]) -> None:
             raise ConfigError(str(e)) from None
 
 
-def _build(cls: Any, table: Any, where: str) -> Any:
-    """An instance of dataclass `cls` from a TOML table, strictly typed, validated."""
+def table_keys(cls: Any, rename: Mapping[str, str] | None = None) -> dict[str, tuple[str, ...]]:
+    """The TOML keys of dataclass `cls`'s table -> the fields each sets: (field,), or (nested
+    field, its field) for a `flat` one; `rename` (key -> field) from the parent's `renamed`."""
+    names = {f: k for k, f in (rename or {}).items()}
+    keys: dict[str, tuple[str, ...]] = {}
+    for f in dataclasses.fields(cls):
+        if "flat" in f.metadata:
+            keys.update({key: (f.name, key) for key in f.metadata["flat"]})
+        else:
+            keys[names.get(f.name, f.name)] = (f.name,)
+    return keys
+
+
+def section_keys(section: str) -> list[str]:
+    """The keys a user may set in a section of config.toml, e.g. "model", "stations.icecast"."""
+    cls: Any = Config
+    rename = None
+    for name in section.split("."):
+        rename = _metadata(cls, name).get("keys")
+        cls = _dataclass_in(typing.get_type_hints(cls)[name])
+    return list(table_keys(cls, rename))
+
+
+def model_key(name: str) -> str:
+    """The `[model]` key of a `LoadOptions` field (its `model` is `id`)."""
+    rename = _metadata(Config, "model")["keys"]
+    return {f: k for k, f in rename.items()}.get(name, name)
+
+
+def _dataclass_in(hint: Any) -> Any:
+    """The dataclass in a field's type: X, X | None, tuple[X, ...]."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    (found,) = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
+    return found
+
+
+def _metadata(cls: Any, name: str) -> Mapping[str, Any]:
+    return next(f.metadata for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _table(obj: Any, rename: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The TOML table of a section built by `_build` (the inverse for scalar keys)."""
+    table = {}
+    for key, path in table_keys(type(obj), rename).items():
+        value = obj
+        for name in path:
+            value = getattr(value, name)
+        table[key] = value
+    return table
+
+
+def _build(cls: Any, table: Any, where: str, rename: Mapping[str, str] | None = None) -> Any:
+    """An instance of dataclass `cls` from a TOML table, strictly typed, validated. `rename`:
+    TOML key -> field, where they differ (`renamed`)."""
     if not isinstance(table, dict):
         raise ConfigError(f"{where or 'config'}: must be a table")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    keys = table_keys(cls, rename)
     for key in table:
-        if key not in names:
+        if key not in keys:
             raise ConfigError(
-                f"{_join(where, key)}: unknown key (known: {', '.join(sorted(names))})"
+                f"{_join(where, key)}: unknown key (known: {', '.join(sorted(keys))})"
             )
-    values = {}
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}  # a flat field's keys
     for key, value in table.items():
-        values[key] = _convert(hints[key], value, _join(where, key))
+        name, *inner = keys[key]
+        if inner:
+            nested.setdefault(name, {})[inner[0]] = value
+        else:
+            sub_rename = _metadata(cls, name).get("keys")
+            values[name] = _convert(hints[name], value, _join(where, key), sub_rename)
+    for name, sub_table in nested.items():
+        values[name] = _build(hints[name], sub_table, where)
     obj = cls(**values)
-    _validate(obj, where)
+    _validate(obj, where, rename)
     return obj
 
 
-def _convert(hint: Any, value: Any, where: str) -> Any:
+def _convert(hint: Any, value: Any, where: str, rename: Mapping[str, str] | None = None) -> Any:
     origin = typing.get_origin(hint)
     if hint in _VALUE_TYPES:  # a value with its own shape and parser (a blend, days)
         try:
@@ -542,7 +589,7 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
             return value
         return _convert([a for a in args if a is not str][0], value, where)
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
+        return _build(hint, value, where, rename)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is bool and not isinstance(value, bool):
@@ -557,14 +604,19 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
 _VALUE_TYPES: dict[Any, Callable[[Any, str], Any]] = {Blend: Blend.parse, Days: Days.parse}
 
 
-def _validate(obj: Any, where: str) -> None:
+def _validate(obj: Any, where: str, rename: Mapping[str, str] | None = None) -> None:
+    """`obj.validate()`, its ValueError ("key: message") as a ConfigError naming the key where
+    it sits in config.toml."""
     check = getattr(obj, "validate", None)
     if check is None:
         return
     try:
         check()
     except ValueError as e:
-        raise ConfigError(f"{where}.{e}" if where else str(e)) from None
+        field_name, sep, rest = str(e).partition(":")
+        key = {f: k for k, f in (rename or {}).items()}.get(field_name, field_name)
+        message = f"{key}{sep}{rest}"
+        raise ConfigError(f"{where}.{message}" if where else message) from None
 
 
 def _join(where: str, key: str) -> str:

@@ -24,6 +24,7 @@ refusals are 4xx with a JSON reason: `off`/`pinned` 403, `not_found` 404, `alrea
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import time
@@ -107,7 +108,7 @@ def refused(e: Refused) -> ApiError:
     return ApiError(STATUS[e.code], str(e), headers)
 
 
-async def applied(task: Any) -> Applied | None:
+async def applied(task: asyncio.Task[Applied] | None) -> Applied | None:
     """Wait for a change sent to the engine (None: nothing had to change)."""
     if task is None:
         return None

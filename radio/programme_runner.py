@@ -33,12 +33,15 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.blend import Blend
 from radio.programme.director import Director
 from radio.station import Station
 from radio.timing import Applied, PromptTimeline
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,8 @@ class StationProgramme:
         self.prepared: _Prepared | None = None  # sent ahead for a coming instant
         self._sends = 0  # sends so far (a failed one is retried only if it was the latest)
         self._failing = False  # the last send failed (log once per streak)
-        self._published: Any = None  # the last `programme` event, for "says something new"
+        # the last `programme` event, for "says something new"
+        self._published: dict[str, object] | None = None
 
     # ---- the station loop -------------------------------------------------------------------
 
@@ -99,7 +103,9 @@ class StationProgramme:
         self.publish()
         return task
 
-    def seed(self, tokens: Any, blend: Blend, requested_at: float) -> asyncio.Task[Applied]:
+    def seed(
+        self, tokens: torch.Tensor, blend: Blend, requested_at: float
+    ) -> asyncio.Task[Applied]:
         """Continue from a clip's tokens [K, T] with `blend` (source `clip`), as soon as
         possible."""
         self.director.clip(blend)
@@ -177,7 +183,7 @@ class StationProgramme:
         transition_seconds: float,
         at: float | None,
         requested_at: float | None,
-        tokens: Any = None,
+        tokens: torch.Tensor | None = None,
         keep_sent: bool = False,
     ) -> asyncio.Task[Applied]:
         self._sends += 1

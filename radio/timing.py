@@ -39,11 +39,14 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from engine.blend import PLAIN_ROWS, Blend, prefill_rows
 from radio.blending import PromptStream, seed_blend, set_blend
 from radio.station import Station
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +87,7 @@ class PromptChange:
     requested_at: float  # clock seconds (time.monotonic) of the request: its latency's start
     transition_seconds: float = 0.0  # glide from the blend before over this long; 0 = switch
     at: float | None = None  # the instant it is due (a schedule boundary), Unix seconds
-    tokens: Any = field(default=None, compare=False)  # [K, T]: continue from a clip (a seed)
+    tokens: torch.Tensor | None = field(default=None, compare=False)  # [K, T]: a clip to go on from
 
     @property
     def prompt(self) -> str:
@@ -191,7 +194,7 @@ class PromptTimeline:
         requested_at: float | None = None,
         at: float | None = None,
         transition_seconds: float = 0.0,
-        tokens: Any = None,
+        tokens: torch.Tensor | None = None,
     ) -> Applied:
         """Play `prompt` (a text or a blend) as soon as the horizon allows, or from the instant
         `at` (Unix seconds), gliding over `transition_seconds`; with `tokens` [K, T] the stream

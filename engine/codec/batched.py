@@ -12,11 +12,15 @@ to float rounding (tests/engine/test_codec.py).
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-from engine.codec.streaming import StreamingDecoder
+from engine.codec.streaming import StreamingDecoder, _Call
+
+T = TypeVar("T")
 
 
 @torch.inference_mode()
@@ -60,10 +64,12 @@ def decode_together(
     return [dec._finish(call, y) for dec, call, y in zip(decoders, begun, audio, strict=True)]
 
 
-def _groups(items: list, key, calls: list | None = None) -> list[list[int]]:
+def _groups(
+    items: Sequence[T], key: Callable[[T], Hashable], calls: list[_Call] | None = None
+) -> list[list[int]]:
     """Indices of `items` grouped by `key(item)` (and, given `calls`, by whether the call
     starts at frame 0, where the upsampler pads instead of cropping)."""
-    groups: dict = defaultdict(list)
+    groups: dict[Any, list[int]] = defaultdict(list)
     for i, item in enumerate(items):
         groups[(key(item), calls[i].first == 0 if calls else None)].append(i)
     return list(groups.values())

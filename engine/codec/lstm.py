@@ -64,12 +64,12 @@ def _float16_unit_major(lstm: nn.LSTM) -> list[torch.Tensor] | None:
     cached = _FLOAT16.get(lstm)
     if cached is not None and cached[0] == versions:
         return cached[1]
-    packed: list[torch.Tensor] | None = []
+    packed: list[torch.Tensor] = []
     for w in weights:
         half = w.half()
         if not torch.equal(half.float(), w):
-            packed = None
-            break
+            _FLOAT16[lstm] = (versions, None)
+            return None
         h = w.shape[1]
         packed.append(half.view(4, h, h).transpose(0, 1).reshape(4 * h, h).contiguous())
     _FLOAT16[lstm] = (versions, packed)
@@ -113,7 +113,7 @@ class FrameLSTM:
         for layer in range(self.layers):
             pre = dense(inp.reshape(n * b, -1), self.w_ih[layer], self.bias[layer])
             pre = pre.view(n, b, 4 * H)  # input projection and biases of every frame
-            if self._w16 is not None:
+            if self._w16 is not None and self._kernel is not None:
                 h, c = h0[layer].contiguous(), c0[layer].contiguous()
                 self._kernel.lstm_layer(pre, self._w16[layer], h, c, hs[:, layer], cs[:, layer])
             else:
@@ -121,7 +121,15 @@ class FrameLSTM:
             inp = hs[:, layer]
         return hs[:, -1], hs, cs
 
-    def _recur(self, pre, w_hh, h, c, hs, cs) -> None:
+    def _recur(
+        self,
+        pre: torch.Tensor,
+        w_hh: torch.Tensor,
+        h: torch.Tensor,
+        c: torch.Tensor,
+        hs: torch.Tensor,
+        cs: torch.Tensor,
+    ) -> None:
         """The recurrence in float32 PyTorch ops: pre [n, B, 4H] -> hs, cs [n, B, H]."""
         H = self.hidden
         for t in range(pre.shape[0]):

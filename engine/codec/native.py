@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from types import ModuleType
 
 from engine.extensions import build, source_digest
 
@@ -24,7 +25,7 @@ _HEADERS = ("codec_simd.h", "lstm_f16.h")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _CPU_FLAGS = ("avx2", "fma", "f16c")
 _lock = threading.Lock()
-_state: dict = {}
+_state: dict[str, ModuleType | None] = {}
 
 
 def unavailable_reason() -> str | None:
@@ -41,7 +42,7 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def get():
+def get() -> ModuleType | None:
     """The built kernel module, or None (the reason is logged once)."""
     with _lock:
         if "module" not in _state:
@@ -54,7 +55,7 @@ def _source_hash() -> str:
     return source_digest(_SOURCE.parent, [_SOURCE.with_name(n) for n in (_SOURCE.name, *_HEADERS)])
 
 
-def _build():
+def _build() -> ModuleType | None:
     reason = unavailable_reason()
     if reason is None:
         try:

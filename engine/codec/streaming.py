@@ -68,12 +68,16 @@ class _Call:
     stop: int
     end: int  # the LSTM runs up to here: stop + crossfade tail frame + upsampling margin
     first: int  # the upsampler reads LSTM frames [first, end)
+    x: torch.Tensor  # [frames, B, D] the LSTM's input of the frames it runs
+    h0: torch.Tensor  # [layers, B, H] the state it starts from
+    c0: torch.Tensor
     rewind: bool = False  # start before the previous call's stop
-    carried: bool = False  # goes on from what the previous call computed beyond its stop
+    carry: _Carry | None = None  # what the previous call computed beyond its stop, gone on from
     resume: int = 0  # first frame the LSTM runs (not carried)
-    x: torch.Tensor | None = None  # [frames, B, D] the LSTM's input of the frames it runs
-    h0: torch.Tensor | None = None  # [layers, B, H] the state it starts from
-    c0: torch.Tensor | None = None
+
+    @property
+    def carried(self) -> bool:
+        return self.carry is not None
 
 
 class StreamingDecoder:
@@ -178,28 +182,29 @@ class StreamingDecoder:
     def _begin(self, codes: torch.Tensor, offset: int, start: int, stop: int) -> _Call:
         self._check(codes, offset, start, stop)
         end = stop + (1 if self.crossfade else 0) + UPSAMPLE_MARGIN  # LSTM frames up to end
-        call = _Call(codes, offset, start, stop, end, first=max(0, start - UPSAMPLE_MARGIN))
-        call.rewind = self._stop is not None and start < self._stop
-        call.carried = self._carry_fits(codes, offset, start)
-        if call.carried:  # run only the new frames, from the state the previous call reached
-            carry = self._carry
+        first = max(0, start - UPSAMPLE_MARGIN)
+        rewind = self._stop is not None and start < self._stop
+        carry = self._carry_for(codes, offset, start)
+        if carry is not None:  # run only the new frames, from the state the previous call reached
             resume = carry.frame + carry.h.shape[0]  # the previous call's end
-            call.x = self._first_conv(codes, offset, resume, end)  # [end - resume, B, D]
-            call.h0, call.c0 = carry.h[-1], carry.c[-1]
-        else:
-            self._from_saved_state(call)
-        return call
+            x = self._first_conv(codes, offset, resume, end)  # [end - resume, B, D]
+            h0, c0 = carry.h[-1], carry.c[-1]
+            return _Call(codes, offset, start, stop, end, first, x, h0, c0, rewind, carry)
+        x, h0, c0, resume = self._from_saved_state(codes, offset, start, end)
+        return _Call(codes, offset, start, stop, end, first, x, h0, c0, rewind, resume=resume)
 
-    def _from_saved_state(self, call: _Call) -> None:
+    def _from_saved_state(
+        self, codes: torch.Tensor, offset: int, start: int, end: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """Re-run the LSTM from the ring state `rollback` frames before `start` (the frames whose
-        conv input reaches codes from `start` on, which may have changed), or warm it up."""
-        start, offset = call.start, call.offset
+        conv input reaches codes from `start` on, which may have changed), or warm it up ->
+        the LSTM's input from the first frame it runs, its state there, and that frame."""
         resume = max(0, start - self._rollback)  # first LSTM frame run in this call
         exact = resume == 0 or (
             self._stop is not None and self._state_lo <= resume and start <= self._stop
         )
         warm = resume if exact else max(start - self.context, offset + self._half0 if offset else 0)
-        x = self._first_conv(call.codes, offset, warm, call.end)  # [end - warm, B, D]
+        x = self._first_conv(codes, offset, warm, end)  # [end - warm, B, D]
         h0, c0 = self._initial_state(resume if exact else None, x.shape[1])
         if not exact and resume > warm:  # fresh start: warm the LSTM up, keep only its last state
             _, hs, cs = self._lstm.run(x[: resume - warm], h0, c0)
@@ -208,7 +213,7 @@ class StreamingDecoder:
         self._c[resume % self.history] = c0
         if not exact:
             self._state_lo = resume
-        call.x, call.h0, call.c0, call.resume = x[resume - warm :], h0, c0, resume
+        return x[resume - warm :], h0, c0, resume
 
     def _after_lstm(
         self, call: _Call, top: torch.Tensor, hs: torch.Tensor, cs: torch.Tensor
@@ -216,8 +221,8 @@ class StreamingDecoder:
         """Save the states, carry the lookahead; -> (the upsampler's input [B, end - first, D]
         and the samples [lo, hi) it must produce, counted from frame `first`)."""
         y = top + call.x  # the LSTM block's output (its skip connection) of the frames run
-        if call.carried:
-            carry = self._carry
+        if call.carry is not None:
+            carry = call.carry
             y = torch.cat([carry.y, y])  # frames [start - margin, end)
             frame0, hs, cs = carry.frame, torch.cat([carry.h, hs]), torch.cat([carry.c, cs])
         else:
@@ -254,14 +259,15 @@ class StreamingDecoder:
         self._stop = stop
         return out
 
-    def _carry_fits(self, codes: torch.Tensor, offset: int, start: int) -> bool:
-        """A continuation (start == previous stop) whose lookahead codes are the ones the previous
-        call saw: what it computed beyond its stop is exact, no prompt change came in between."""
+    def _carry_for(self, codes: torch.Tensor, offset: int, start: int) -> _Carry | None:
+        """The previous call's carry when this one continues it (start == previous stop) with the
+        lookahead codes it saw: what it computed beyond its stop is exact, no prompt change came
+        in between; else None."""
         carry = self._carry
         if carry is None or start != carry.frame:
-            return False
+            return None
         seen = codes[:, start - offset : start - offset + carry.codes.shape[1]]
-        return torch.equal(seen, carry.codes.to(seen.device))
+        return carry if torch.equal(seen, carry.codes.to(seen.device)) else None
 
     def _check(self, codes: torch.Tensor, offset: int, start: int, stop: int) -> None:
         if codes.dim() != 2 or codes.shape[0] % self.channels:

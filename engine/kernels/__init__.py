@@ -34,6 +34,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 from engine.extensions import build, source_digest
 
@@ -65,7 +66,7 @@ VARIANTS = (  # best first
     Variant("avx2", ("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c")),
 )
 _lock = threading.Lock()
-_state: dict = {}
+_state: dict[str, ModuleType | None] = {}
 
 
 def _cpu_flags() -> set[str] | None:
@@ -103,7 +104,7 @@ def unavailable_reason() -> str | None:
     return choose_variant()[1]
 
 
-def get():
+def get() -> ModuleType | None:
     """The built kernel module, or None (the reason is logged once)."""
     with _lock:
         if "module" not in _state:
@@ -140,7 +141,7 @@ def syntax_check_command(variant: Variant) -> list[str]:
     ]  # fmt: skip
 
 
-def _build():
+def _build() -> ModuleType | None:
     variant, reason = choose_variant()
     if variant is not None:
         try:

@@ -26,6 +26,7 @@
 #include <immintrin.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <type_traits>
@@ -339,7 +340,8 @@ torch::Tensor linear_int8(torch::Tensor x, torch::Tensor data, torch::Tensor sca
 
 // ---- the whole decoder step ------------------------------------------------------------------
 // Its weights come by name: Python builds a DecoderLayer per layer from LayerNorm and Projection
-// objects (engine/decoder.py `_fused_step`), and the step checks each one's shape and kind.
+// objects (engine/decoder.py `kernel_layer`, keyword arguments only: `decoder_layer` below), and
+// the step checks each one's shape and kind.
 
 struct LayerNormTensors {  // float32 [E] each
   torch::Tensor weight, bias;
@@ -354,6 +356,69 @@ struct ProjectionTensors {
 };
 
 using DecoderLayerTensors = DecoderLayerOf<LayerNormTensors, ProjectionTensors>;
+
+// The keyword arguments of one Python call, taken by name: `take<T>("name")` casts one (a
+// TypeError naming it when it is of another type), `check` raises a TypeError naming every
+// missing and every unknown one. Fields are then filled by designated initializers: each name
+// next to its field, never matched by position.
+class NamedArgs {
+ public:
+  NamedArgs(const char* what, const pybind11::kwargs& kwargs) : what_(what), kwargs_(kwargs) {}
+
+  template <class T>
+  T take(const char* name) {
+    taken_.emplace_back(name);
+    if (!kwargs_.contains(name)) {
+      missing_ += (missing_.empty() ? "" : ", ") + std::string(name);
+      return T{};
+    }
+    try {
+      return kwargs_[name].template cast<T>();
+    } catch (const pybind11::cast_error&) {
+      throw pybind11::type_error(std::string(what_) + ": " + name + " is a " +
+                                 std::string(pybind11::str(pybind11::type::of(kwargs_[name]))) +
+                                 ", not the kind of weights it names");
+    }
+  }
+
+  void check() const {
+    std::string unknown;
+    for (const auto& item : kwargs_) {
+      const auto key = item.first.cast<std::string>();
+      if (std::find(taken_.begin(), taken_.end(), key) == taken_.end())
+        unknown += (unknown.empty() ? "" : ", ") + key;
+    }
+    if (!missing_.empty() || !unknown.empty())
+      throw pybind11::type_error(std::string(what_) + ": " +
+                                 (missing_.empty() ? "" : "missing " + missing_) +
+                                 (!missing_.empty() && !unknown.empty() ? "; " : "") +
+                                 (unknown.empty() ? "" : "unknown " + unknown));
+  }
+
+ private:
+  const char* what_;
+  const pybind11::kwargs& kwargs_;
+  std::vector<std::string> taken_;
+  std::string missing_;
+};
+
+// DecoderLayer(**weights): every one of a layer's weights, by name.
+DecoderLayerTensors decoder_layer(const pybind11::kwargs& weights) {
+  NamedArgs w("DecoderLayer", weights);
+  DecoderLayerTensors layer{
+      .ln_self = w.take<LayerNormTensors>("ln_self"),
+      .qkv = w.take<ProjectionTensors>("qkv"),
+      .out_self = w.take<ProjectionTensors>("out_self"),
+      .ln_cross = w.take<LayerNormTensors>("ln_cross"),
+      .q_cross = w.take<ProjectionTensors>("q_cross"),
+      .out_cross = w.take<ProjectionTensors>("out_cross"),
+      .ln_ffn = w.take<LayerNormTensors>("ln_ffn"),
+      .fc1 = w.take<ProjectionTensors>("fc1"),
+      .fc2 = w.take<ProjectionTensors>("fc2"),
+  };
+  w.check();
+  return layer;
+}
 
 // A whole decoder step (decode_step.h) over tensors that live as long as this object.
 class DecodeStepInt8 {
@@ -385,11 +450,16 @@ class DecodeStepInt8 {
       DecoderLayerTensors& t = layers_[i];
       const std::string at = "layer " + std::to_string(i) + " ";
       m_.layers.push_back(DecoderLayerW{
-          norm(t.ln_self, at + "ln_self"), projection(t.qkv, at + "qkv", m_.E, 3 * m_.E),
-          projection(t.out_self, at + "out_self", m_.E, m_.E), norm(t.ln_cross, at + "ln_cross"),
-          projection(t.q_cross, at + "q_cross", m_.E, m_.E),
-          projection(t.out_cross, at + "out_cross", m_.E, m_.E), norm(t.ln_ffn, at + "ln_ffn"),
-          projection(t.fc1, at + "fc1", m_.E, m_.F), projection(t.fc2, at + "fc2", m_.F, m_.E)});
+          .ln_self = norm(t.ln_self, at + "ln_self"),
+          .qkv = projection(t.qkv, at + "qkv", m_.E, 3 * m_.E),
+          .out_self = projection(t.out_self, at + "out_self", m_.E, m_.E),
+          .ln_cross = norm(t.ln_cross, at + "ln_cross"),
+          .q_cross = projection(t.q_cross, at + "q_cross", m_.E, m_.E),
+          .out_cross = projection(t.out_cross, at + "out_cross", m_.E, m_.E),
+          .ln_ffn = norm(t.ln_ffn, at + "ln_ffn"),
+          .fc1 = projection(t.fc1, at + "fc1", m_.E, m_.F),
+          .fc2 = projection(t.fc2, at + "fc2", m_.F, m_.E),
+      });
     }
     m_.ln_final = norm(ln_final_, "ln_final");
     m_.lm_heads = projection(lm_heads_, "lm_heads", m_.E, -1);
@@ -552,13 +622,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<std::string, torch::Tensor, torch::Tensor>(), py::arg("kind"), py::arg("data"),
            py::arg("scales"))
       .def_readonly("kind", &ProjectionTensors::kind);
-  py::class_<DecoderLayerTensors>(m, "DecoderLayer", "one decoder layer's weights, by name")
-      .def(py::init<LayerNormTensors, ProjectionTensors, ProjectionTensors, LayerNormTensors,
-                    ProjectionTensors, ProjectionTensors, LayerNormTensors, ProjectionTensors,
-                    ProjectionTensors>(),
-           py::kw_only(), py::arg("ln_self"), py::arg("qkv"), py::arg("out_self"),
-           py::arg("ln_cross"), py::arg("q_cross"), py::arg("out_cross"), py::arg("ln_ffn"),
-           py::arg("fc1"), py::arg("fc2"))
+  py::class_<DecoderLayerTensors>(m, "DecoderLayer",
+                                  "one decoder layer's weights, by name: ln_self, qkv, out_self, "
+                                  "ln_cross, q_cross, out_cross, ln_ffn, fc1, fc2")
+      .def(py::init(&decoder_layer))
       .def_readwrite("ln_self", &DecoderLayerTensors::ln_self)
       .def_readwrite("qkv", &DecoderLayerTensors::qkv)
       .def_readwrite("out_self", &DecoderLayerTensors::out_self)

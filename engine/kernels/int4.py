@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from types import ModuleType
 
 from engine.extensions import build, source_digest
 
@@ -27,7 +28,7 @@ _HEADERS = ("int4_gemm.h", "int4_quantize.h")  # included by int4.cpp
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _CPU_FLAGS = ("avx2", "fma", "f16c")
 _lock = threading.Lock()
-_state: dict = {}
+_state: dict[str, ModuleType | None] = {}
 
 
 def unavailable_reason() -> str | None:
@@ -44,7 +45,7 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def get():
+def get() -> ModuleType | None:
     """The built int4 module, or None (the reason is logged once)."""
     with _lock:
         if "module" not in _state:
@@ -57,7 +58,7 @@ def _source_hash() -> str:
     return source_digest(_SOURCE.parent, [_SOURCE.with_name(n) for n in (_SOURCE.name, *_HEADERS)])
 
 
-def _build():
+def _build() -> ModuleType | None:
     reason = unavailable_reason()
     if reason is None:
         try:

@@ -4,12 +4,14 @@ op in Python."""
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import pytest
 import torch
 
 from engine import LoadOptions, MusicModel
 from engine.conditioning import batch_conditions
-from engine.decoder import kernel_layer, kernel_projection
+from engine.decoder import LayerWeights, kernel_layer, kernel_projection
 from engine.linear import Int8KernelLinear, pack_int8
 from tests.engine.steps import assert_steps_agree, decode_steps
 
@@ -153,3 +155,31 @@ def test_int8_prefill_equals_step_by_step_decoding(int8_model):
     keys = prefilled.keys[:, :, :, :40].float() * prefilled.key_scales[:, :, :, :40, None]
     step_keys = stepped.keys[:, :, :, :40].float() * stepped.key_scales[:, :, :, :40, None]
     assert (keys - step_keys).abs().max() < 0.05 * step_keys.abs().max()
+
+
+def test_a_layer_names_its_missing_unknown_and_mistyped_weights(int8_model):
+    """`DecoderLayer(**weights)` takes each weight by name: the TypeError says which are
+    missing, which names it does not know, and which weight is of the wrong kind."""
+    decoder = int8_model.decoder
+    k = decoder.kernels
+    w = kernel_layer(k, decoder.layers[0])
+    names = (
+        "ln_self",
+        "qkv",
+        "out_self",
+        "ln_cross",
+        "q_cross",
+        "out_cross",
+        "ln_ffn",
+        "fc1",
+        "fc2",
+    )
+    assert set(names) == {f.name for f in fields(LayerWeights)} - {"k_cross", "v_cross"}
+    weights = {name: getattr(w, name) for name in names}
+    k.DecoderLayer(**weights)
+    with pytest.raises(TypeError, match="DecoderLayer: missing out_self, fc2; unknown fc3"):
+        k.DecoderLayer(
+            **{n: v for n, v in weights.items() if n not in ("out_self", "fc2")}, fc3=w.fc2
+        )
+    with pytest.raises(TypeError, match="DecoderLayer: ln_ffn is a .*Projection"):
+        k.DecoderLayer(**{**weights, "ln_ffn": w.fc1})

@@ -9,21 +9,23 @@ import pytest
 import torch
 
 from engine import LoadOptions, ModelLoadError, MusicModel
-from engine.loading import choose_device, choose_dtype, cpu_has_fast_bf16
+from engine.settings import Machine, cpu_has_fast_bf16, resolve
 
 
-def test_auto_device_and_dtype():
-    device = choose_device("auto")
-    assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
-    expected = torch.bfloat16 if device.type == "cuda" or cpu_has_fast_bf16() else torch.float32
-    assert choose_dtype("auto", device) == expected
-    assert choose_dtype("float32", device) == torch.float32
+def test_auto_device_and_dtype_on_this_machine():
+    options = LoadOptions(quantize="none")
+    settings = resolve(options, Machine.probe(options), head_dim=64)
+    cuda = torch.cuda.is_available()
+    assert settings.device == ("cuda" if cuda else "cpu")
+    assert settings.dtype == ("bfloat16" if cuda or cpu_has_fast_bf16() else "float32")
+    options = LoadOptions(quantize="none", dtype="float32")
+    assert resolve(options, Machine.probe(options), head_dim=64).dtype == "float32"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
-def test_cuda_without_gpu_is_a_clear_error():
-    with pytest.raises(ModelLoadError, match="no CUDA device"):
-        choose_device("cuda")
+def test_cuda_without_gpu_is_a_clear_error(tiny_model_dir):
+    with pytest.raises(ModelLoadError, match="device: cuda was asked for, but no CUDA device"):
+        MusicModel.load(LoadOptions(model=tiny_model_dir, device="cuda", dtype="float32"))
 
 
 @pytest.mark.parametrize(

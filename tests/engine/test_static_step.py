@@ -15,9 +15,8 @@ import time
 import pytest
 import torch
 
-from engine import LoadOptions, ModelLoadError, MusicModel, SamplingOptions, WindowOptions
+from engine import LoadOptions, MusicModel, SamplingOptions, WindowOptions
 from engine.conditioning import batch_conditions
-from engine.loading import choose_compile
 from engine.sampling import logits_to_probs
 from engine.static_step import StaticStep, probs_from, sample_rows, settings_tensor
 from tests.engine.steps import assert_static_equals_eager
@@ -197,12 +196,7 @@ def test_compile_option(tiny_model_dir):
         LoadOptions(compile="fast").validate()
     with pytest.raises(ValueError, match="compile: graphs need a CUDA device"):
         LoadOptions(compile="graphs", device="cpu").validate()
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert choose_compile(LoadOptions(), cpu) == "none"
-    assert choose_compile(LoadOptions(), cuda) == "graphs"
-    assert choose_compile(LoadOptions(compile="compile"), cpu) == "compile"
-    with pytest.raises(ModelLoadError, match="graphs needs a CUDA device"):
-        choose_compile(LoadOptions(compile="graphs"), cpu)
+    # what "auto" chooses on a CPU and a GPU: tests/engine/test_settings.py
     auto = MusicModel.load(LoadOptions(model=tiny_model_dir, device="cpu", dtype="float32"))
     assert auto.compile == "none"
     with pytest.raises(ValueError, match="mode must be one of"):

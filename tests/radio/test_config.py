@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import os
 import subprocess
 import sys
 import tomllib
@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from radio.config import Config, ConfigError, load_config, parse_config, with_overrides
+from radio.config import (
+    Config,
+    ConfigError,
+    load_config,
+    parse_config,
+    section_keys,
+    with_overrides,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,13 +27,12 @@ def test_config_toml_lists_every_key_with_its_default():
         data = tomllib.load(f)
     defaults = Config()
     for section in ("server", "model", "generation", "audio", "hls", "security", "clips"):
-        obj = getattr(defaults, section)
-        keys = {f.name for f in dataclasses.fields(obj)}
+        keys = set(section_keys(section))
         assert set(data[section]) == keys, (
             f"[{section}] in config.toml differs from radio/config.py"
         )
-        for key in keys:
-            assert data[section][key] == getattr(obj, key), f"{section}.{key}: default differs"
+        table = parse_config({section: data[section]}, env={})
+        assert getattr(table, section) == getattr(defaults, section), f"[{section}] defaults"
     assert load_config(REPO / "config.toml", env={}) == defaults
 
 
@@ -86,14 +92,23 @@ def test_values_and_env_and_overrides(tmp_path):
         '[[stations]]\nid = "a"\n[[stations]]\nid = "b"\nprompt = "rain"\n'
     )
     c = load_config(path, env={"RADIO_ADMIN_TOKEN": "from-the-env"})
-    assert c.generation.temperature == 1.0 and isinstance(c.generation.temperature, float)
+    temperature = c.generation.sampling.temperature
+    assert temperature == 1.0 and isinstance(temperature, float)
     assert c.security.rate_limit() == (5, 10.0)
     assert c.security.admin_token == "from-the-env"
     assert [s.id for s in c.stations] == ["a", "b"] and c.station("b").prompt == "rain"
     c2 = with_overrides(c, server={"port": 9000}, model={"id": "/models/x"})
-    assert (c2.server.port, c2.model.id) == (9000, "/models/x")
+    assert (c2.server.port, c2.model.model) == (9000, "/models/x")  # LoadOptions.model
+    c3 = with_overrides(c, generation={"top_k": 7, "window": 1000, "seed": 3})
+    assert (c3.generation.sampling.top_k, c3.generation.windows.window) == (7, 1000)
+    assert c3.generation.sampling_options(1).seed == 4
+    assert c3.generation.sampling.temperature == 1.0  # the rest kept
     with pytest.raises(ConfigError, match="server.port"):
         with_overrides(c, server={"port": -1})
+    with pytest.raises(ConfigError, match="model.id: must name a hub id"):
+        with_overrides(c, model={"id": ""})
+    with pytest.raises(ConfigError, match="generation.greedy: unknown key"):
+        with_overrides(c, generation={"greedy": True})
 
 
 def test_unreadable_and_invalid_files(tmp_path):
@@ -116,3 +131,19 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     )
     assert p.returncode == 2
     assert p.stderr.strip() == "radio: generation.top_k: must be in [0, 2048], got -3"
+
+
+def test_a_setting_this_machine_cannot_run_names_its_key(tmp_path, tiny_model_dir):
+    """Resolved at load (`engine.settings`): one line naming the key as config.toml does."""
+    path = tmp_path / "radio.toml"
+    path.write_text(f'[model]\nid = "{tiny_model_dir}"\nkv_cache = "int8"\n')
+    p = subprocess.run(
+        [sys.executable, "-m", "radio.cli", "serve", "--config", str(path), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "ENDLESS_RADIO_KERNELS": "0"},
+    )
+    assert p.returncode == 2, p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last == "radio: model.kv_cache: int8 needs our CPU kernels: ENDLESS_RADIO_KERNELS=0"
