@@ -113,16 +113,16 @@ class WindowOptions:
     context: int = (
         500  # frames re-prefilled as the prompt when a window is full or the prompt changes
     )
-    # frames re-prefilled when the prompt changes (a shorter re-read is heard sooner); 0 = context
-    prompt_context: int = 0
+    # frames re-prefilled when the prompt changes (at most `context`; 0 = `context`): a shorter
+    # re-read is heard sooner, and 2 s keep the music's sound across the change
+    prompt_context: int = 100
 
     def validate(self, max_positions: int = 2048) -> WindowOptions:
         if self.context < 1:
             raise ValueError(f"context: must be >= 1 frame, got {self.context}")
-        if not 0 <= self.prompt_context <= self.context:
+        if self.prompt_context < 0:
             raise ValueError(
-                f"prompt_context: must be in [0, context = {self.context}] frames (0 = context), "
-                f"got {self.prompt_context}"
+                f"prompt_context: must be >= 0 frames (0 = context), got {self.prompt_context}"
             )
         if self.window > max_positions - 16:
             raise ValueError(
@@ -139,4 +139,4 @@ class WindowOptions:
     @property
     def change_context(self) -> int:
         """Frames a prompt change re-prefills."""
-        return self.prompt_context or self.context
+        return min(self.prompt_context, self.context) if self.prompt_context else self.context

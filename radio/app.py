@@ -128,7 +128,8 @@ def build_radio(
         sid: LoudnessNormalizer(model.sample_rate, model.channels, a.loudness_target, a.true_peak)
         for sid in stations
     }
-    horizon = Horizon(g.prompt_horizon, g.chunk_seconds)
+    share = g.windows.change_context / g.windows.context
+    horizon = Horizon(g.prompt_horizon, g.chunk_seconds, share)
     timing = {
         sid: PromptTimeline(
             st,

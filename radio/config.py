@@ -92,9 +92,9 @@ class GenerationConfig:
         metadata=flat("guidance_scale", "temperature", "top_k", "top_p"),
     )
     seed: int = -1  # seed of each station's sampler (station i uses seed + i); -1 = random
-    # window, context (engine.options.WindowOptions)
+    # window, context, prompt_context (engine.options.WindowOptions)
     windows: WindowOptions = field(
-        default_factory=WindowOptions, metadata=flat("window", "context")
+        default_factory=WindowOptions, metadata=flat("window", "context", "prompt_context")
     )
     buffer_ahead: float = 4.0  # seconds generated ahead of the clock (more = safer, slower prompts)
     chunk_seconds: float = 0.2  # audio generated per worker step (smaller = faster prompt reaction)

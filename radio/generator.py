@@ -346,11 +346,16 @@ class Generator:
 
     def _say_prefill(self) -> None:
         chunk = self.chunk_frames / self.model.frame_rate
+        window = self.specs[0].window
+        change = self.prefill_seconds * window.change_context / window.context
         log.info(
-            "a prefill of the whole context takes %.2f s: prompt changes start at least %.1f s "
-            "ahead (prompt_horizon auto)",
+            "a prefill of the whole context (%d frames) takes %.2f s, a prompt change's (%d "
+            "frames) about %.2f s: prompt changes start at least %.1f s ahead (prompt_horizon auto)",
+            window.context,
             self.prefill_seconds,
-            auto_horizon(self.prefill_seconds, chunk),
+            window.change_context,
+            change,
+            auto_horizon(change, chunk),
         )
         if self.prefill_seconds + chunk > self.buffer_ahead:
             log.warning(

@@ -68,13 +68,18 @@ class Horizon:
 
     fixed: float  # seconds; -1 = auto, from the measured prefill
     chunk_seconds: float  # audio the generator makes per step
+    # a prompt change's re-read against a whole context's (`generation.prompt_context` frames
+    # over `context`): its prefill takes about this share of the measured one
+    context_share: float = 1.0
 
     def seconds(self, prefill_seconds: float, rows: int = PLAIN_ROWS) -> float:
-        """`prefill_seconds`: a plain prompt's prefill; `rows`: the decoder rows the change
-        prefills (a blend's texts, a transition's both blends', and the null row)."""
+        """`prefill_seconds`: a plain prompt's prefill of a whole context; `rows`: the decoder
+        rows the change prefills (a blend's texts, a transition's both blends', and the null
+        row)."""
         if self.fixed >= 0:
             return self.fixed
-        return auto_horizon(prefill_seconds * rows / PLAIN_ROWS, self.chunk_seconds)
+        change = prefill_seconds * self.context_share * rows / PLAIN_ROWS
+        return auto_horizon(change, self.chunk_seconds)
 
 
 @dataclass(frozen=True)

@@ -167,6 +167,8 @@ def test_a_prompt_change_with_a_short_context_continues_like_generate(mono, batc
 
 
 def test_prompt_context_is_checked():
-    with pytest.raises(ValueError, match="prompt_context: must be in"):
-        WindowOptions(window=120, context=60, prompt_context=61).validate()
+    with pytest.raises(ValueError, match="prompt_context: must be >= 0"):
+        WindowOptions(window=120, context=60, prompt_context=-1).validate()
     assert WindowOptions(context=60, prompt_context=0).change_context == 60
+    assert WindowOptions(context=60, prompt_context=100).change_context == 60
+    assert WindowOptions(context=500).change_context == 100

@@ -64,8 +64,18 @@ def test_auto_horizon_covers_the_measured_prefill():
     assert auto_horizon(1.2, 0.2) == 1.5 * 1.2 + 0.4  # musicgen-small on this CPU, int8
 
 
+def test_a_prompt_change_reads_a_share_of_the_context_and_is_timed_for_it():
+    from radio.timing import Horizon, auto_horizon
+
+    whole = 4.0  # a whole context's prefill (500 frames); a change re-reads 100 of them
+    assert Horizon(-1, 0.2, 100 / 500).seconds(whole) == auto_horizon(0.8, 0.2)
+    assert Horizon(-1, 0.2, 100 / 500).seconds(whole, rows=3) == auto_horizon(1.2, 0.2)
+    assert Horizon(-1, 0.2).seconds(whole) == auto_horizon(4.0, 0.2)  # the whole context
+    assert Horizon(2.5, 0.2, 0.2).seconds(whole) == 2.5  # a fixed horizon is fixed
+
+
 def test_a_slow_prefill_moves_prompt_changes_ahead(radio_factory, monkeypatch):
-    """prompt_horizon auto: with a prefill that takes 1.6 s (as on a slower machine), a new
+    """prompt_horizon auto: with a prompt change's prefill that takes 1.6 s (as on a slower machine), a new
     prompt starts 1.5 x 1.6 s + 2 chunks after the moment being played, so its audio is ready
     before the clock gets there: the station plays through the change without an underrun."""
     radio = radio_factory(security={"admin_token": TOKEN})
@@ -84,7 +94,8 @@ def test_a_slow_prefill_moves_prompt_changes_ahead(radio_factory, monkeypatch):
         return prefill(*args, **kwargs)
 
     monkeypatch.setattr(decoder, "prefill", slow_prefill)
-    gen.prefill_seconds = 1.6
+    window = gen.specs[0].window  # a whole context's prefill, of which a change re-reads a share
+    gen.prefill_seconds = 1.6 * window.context / window.change_context
     t = time.monotonic()
     body = post_prompt(radio.base_url, "slow jazz piano")  # answered after the prefill
     promised = time.monotonic() - t + body["heard_in_seconds"]
