@@ -9,6 +9,8 @@ from __future__ import annotations
 import statistics
 import time
 
+import pytest
+
 from radio.clock import TICK
 from tests import helpers
 
@@ -68,8 +70,10 @@ def test_a_prompt_change_reads_a_share_of_the_context_and_is_timed_for_it():
     from radio.timing import Horizon, auto_horizon
 
     whole = 4.0  # a whole context's prefill (500 frames); a change re-reads 100 of them
-    assert Horizon(-1, 0.2, 100 / 500).seconds(whole) == auto_horizon(0.8, 0.2)
-    assert Horizon(-1, 0.2, 100 / 500).seconds(whole, rows=3) == auto_horizon(1.2, 0.2)
+    assert Horizon(-1, 0.2, 100 / 500).seconds(whole) == pytest.approx(auto_horizon(0.8, 0.2))
+    assert Horizon(-1, 0.2, 100 / 500).seconds(whole, rows=3) == pytest.approx(
+        auto_horizon(1.2, 0.2)
+    )
     assert Horizon(-1, 0.2).seconds(whole) == auto_horizon(4.0, 0.2)  # the whole context
     assert Horizon(2.5, 0.2, 0.2).seconds(whole) == 2.5  # a fixed horizon is fixed
 
