@@ -129,7 +129,9 @@ class Director:
     def now_playing(self, listeners: int = 0) -> dict[str, Any]:
         """The JSON the API and the SSE `programme` event show (item 5 of issue 14)."""
         now = self.clock()
-        cur = self.current or self._wanted(now)
+        # what is due now, not what `tick` said last: between a boundary and the next tick (up
+        # to a second) the listeners already hear the change that was sent ahead for it
+        cur = self._wanted(now)
         seg = self.schedule.segment_at(now)
         nxt = self.upcoming()
         top = self.votes.queue(now)
