@@ -66,12 +66,23 @@ class ThreadTuner:
         self._explored = 0
         self._trial_due = False
 
-    def run(self, work: Callable[[], T], units: float = 1.0, explore: bool = True) -> T:
+    def run(
+        self,
+        work: Callable[[], T],
+        units: float = 1.0,
+        explore: bool = True,
+        typical: Callable[[], bool] | None = None,
+    ) -> T:
+        """`work()` with the chosen count; its time per unit is recorded unless `typical()`,
+        asked after it, says the run was not like the others (e.g. it re-prefilled a window:
+        seconds of work that one run in a hundred does would make its count look slow)."""
         count = self._next_count(explore)
         self._set_threads(count)
         began = self._clock()
         result = work()
-        self.record(count, (self._clock() - began) / max(units, 1e-9))
+        spent = self._clock() - began
+        if typical is None or typical():
+            self.record(count, spent / max(units, 1e-9))
         return result
 
     def record(self, count: int, cost: float) -> None:

@@ -458,12 +458,16 @@ class Generator:
             min(ln.ahead_frames() for ln in lanes),
         )
         streams = [ln.stream for ln in lanes]
+        prefills = [s.tokens.prefills for s in streams]
         try:
             pcms: list[np.ndarray | Exception] = list(
                 tuner.run(
                     lambda: self._read_together(streams),
                     units=self.chunk_frames * len(lanes),  # cost per frame of audio made
                     explore=explore,
+                    # a chunk with a window restart's prefill (seconds of work) says nothing
+                    # about the thread count: it would make the count that ran it look slow
+                    typical=lambda: [s.tokens.prefills for s in streams] == prefills,
                 )
             )
         except Exception as e:  # noqa: BLE001 - told to the station(s) it belongs to

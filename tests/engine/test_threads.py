@@ -60,6 +60,19 @@ def test_no_trial_while_the_caller_cannot_afford_one_and_the_trial_waits_for_it(
     assert t.current == 2
 
 
+def test_an_untypical_run_is_not_measured():
+    """A run that re-prefilled a window takes seconds: it must not make its count look slow."""
+    machine = FakeMachine({2: 0.010, 1: 0.018})
+    t = tuner(machine, explore_every=20)
+    for _ in range(3):  # both counts measured, 2 in use
+        t.run(lambda: machine.work(10), units=10)
+    machine.cost[2] = 1.0  # this run does a hundred times the work
+    t.run(lambda: machine.work(10), units=10, typical=lambda: False)
+    assert machine.ran[-1] == 2 and t.cost[2] == pytest.approx(0.010)
+    t.run(lambda: machine.work(10), units=10)  # the same run, measured: 2 looks slow
+    assert t.current == 1
+
+
 def test_a_busy_neighbour_moves_it_to_one_thread_and_back_when_it_leaves():
     machine = FakeMachine({2: 0.010, 1: 0.018})
     t = tuner(machine, explore_every=10)

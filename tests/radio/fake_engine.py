@@ -22,6 +22,7 @@ FRAME_RATE, HOP, CHUNK, CODEBOOKS = 50, 640, 10, 4
 class FakeTokens:
     prefill_seconds = 0.0
     last_prefill = None
+    prefills = 0
 
 
 class FakeStream:
