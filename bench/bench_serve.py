@@ -98,6 +98,13 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=90.0, help="how long to listen")
     parser.add_argument("--every", type=float, default=5.0, help="seconds between health samples")
     parser.add_argument(
+        "--generation",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a [generation] setting for the radio, e.g. context=200 (repeatable)",
+    )
+    parser.add_argument(
         "--boundary", action="store_true", help="also time a scheduled slot boundary"
     )
     parser.add_argument(
@@ -152,7 +159,11 @@ def run(args: argparse.Namespace, n: int) -> bool:
     cmd = [sys.executable, "-m", "radio.cli", "serve", "--model", str(path)]
     boundary: float | None = None
     config = logdir / "radio.toml"  # the admin (schedules, transitions) and the stations
-    config.write_text(f'[security]\nadmin_token = "{ADMIN_TOKEN}"\n\n{stations_config(n)}')
+    generation = "".join(f"{setting}\n" for setting in args.generation)
+    config.write_text(
+        f'[security]\nadmin_token = "{ADMIN_TOKEN}"\n\n[generation]\n{generation}\n'
+        f"{stations_config(n)}"
+    )
     cmd += ["--config", str(config)]
     proc = subprocess.Popen(
         [*cmd, "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=log, env=env
@@ -230,6 +241,8 @@ def run(args: argparse.Namespace, n: int) -> bool:
             f"| model | {args.size} shapes, `radio serve` defaults, {os.cpu_count()} cores"
             f"{f', {n} stations' if n > 1 else ''} |"
         )
+        if args.generation:
+            say(f"| settings | `[generation]` {', '.join(args.generation)}, the rest defaults |")
         say(f"| listened | {seconds:.0f} s{heard_by} |")
         main_rtfs, main_buffers = rtfs["main"], buffers["main"]
         say(
