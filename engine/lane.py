@@ -71,6 +71,9 @@ class Lane:
         self.prefill_seconds = 0.0
         self.last_prefill: Prefill | None = None  # the latest prefill as it ran
         self._next_context: int | None = None  # the next window's context, when shorter
+        # while set, every window restart re-reads at most this many frames (a radio that
+        # cannot keep up shortens them; None: the window's `context`)
+        self.restart_context: int | None = None
         # Complete frames [K, T] on the CPU; _history[:, i] is frame _offset + i.
         start = torch.zeros(self.num_codebooks, 0) if prompt_frames is None else prompt_frames
         self._history = start.to(torch.long).cpu().clone()
@@ -209,9 +212,10 @@ class Lane:
                 self.window.context,
             )
         context = self.context()
-        if self._next_context is not None:  # a prompt change's shorter re-read, once
-            context = context[:, context.shape[1] - min(self._next_context, context.shape[1]) :]
-            self._next_context = None
+        limits = [n for n in (self._next_context, self.restart_context) if n is not None]
+        if limits:  # a prompt change's shorter re-read (once), a shortened window restart
+            context = context[:, context.shape[1] - min(min(limits), context.shape[1]) :]
+        self._next_context = None
         self._context_len = context.shape[1]
         self._window_first = self.complete - self._context_len
         self._settle(self._frame_of(self._context_len + 1))

@@ -380,6 +380,11 @@ class AudioStream:
         self.frame = heard
         return heard
 
+    def shorten_restarts(self, frames: int | None) -> None:
+        """Window restarts from the next on re-read at most `frames` of music (None: the whole
+        context again): less prefill per window when the machine cannot keep up."""
+        self.tokens.shorten_restarts(frames)
+
     def token_frames(self, start: int, stop: int) -> np.ndarray:
         """The stream's frames [start, stop) as int64 [K, stop - start] (a copy), for example
         the ones `read` just decoded; ValueError when they are not (or no longer) kept."""

@@ -116,6 +116,18 @@ class TokenStream:
         return self._lane.prefill_seconds
 
     @property
+    def restart_context(self) -> int | None:
+        """Frames every window restart re-reads while shortened (None: the window's context)."""
+        return self._lane.restart_context
+
+    def shorten_restarts(self, frames: int | None) -> None:
+        """From the next window restart on, re-read at most `frames` of the context (None: the
+        whole `context` again). Prompt changes keep their own `change_context` when shorter."""
+        if frames is not None and not 1 <= frames <= self.window.context:
+            raise ValueError(f"frames must be in [1, {self.window.context}] or None, got {frames}")
+        self._lane.restart_context = frames
+
+    @property
     def last_prefill(self) -> Prefill | None:
         """The latest prefill as it ran (seconds, rows, frames); None before the first."""
         return self._lane.last_prefill

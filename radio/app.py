@@ -121,6 +121,7 @@ def build_radio(
         buffer_ahead=g.buffer_ahead,
         chunk_frames=max(1, round(g.chunk_seconds * model.frame_rate)),
         watchdog=config.watchdog,
+        adaptive_restarts=g.adaptive_restarts,
         faults=faults,
     )
     a = config.audio

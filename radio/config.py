@@ -101,6 +101,9 @@ class GenerationConfig:
     # a new prompt starts this many seconds after the moment being played; -1 = auto: at least
     # 0.5 s, and long enough for the engine's measured prefill, so the stream never falls behind
     prompt_horizon: float = -1.0
+    # while generation cannot keep up with real time, window restarts re-read a shorter context
+    # (half, then a quarter of `context`) and the whole of it again once it can (radio.ladder)
+    adaptive_restarts: bool = True
     # a generation step that makes no progress for this long marks /healthz 503 with the
     # reason, so that Docker (with autoheal) or systemd restarts the radio
     stall_seconds: float = 60.0

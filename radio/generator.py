@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from engine.threads import ThreadTuner
+from radio import ladder
 from radio.blending import open_blend, open_text
 from radio.healing import Failure, LaneHealing, describe, seconds
 from radio.timing import PromptChange, auto_horizon, start_prompt
@@ -101,6 +102,8 @@ class GeneratorSink(Protocol):
     def on_reanchored(self, station_id: str, reanchor: Reanchor) -> None: ...
 
     def on_prefill(self, station_id: str, prefill: Prefill) -> None: ...
+
+    def on_restart_context(self, station_id: str, seconds: float | None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,7 @@ class Generator:
         buffer_ahead: float = 4.0,  # seconds each station may be ahead (a chunk more: `_due`)
         chunk_frames: int = 10,  # frames per read()
         watchdog: WatchdogConfig | None = None,  # the music watchdog's settings; None = off
+        adaptive_restarts: bool = True,  # shorten window restarts while falling behind (ladder)
         faults: FaultInjector | None = None,  # tests only (radio.testing)
         clock: Callable[[], float] = time.monotonic,  # reopen times and `busy` (tests: fake)
     ) -> None:
@@ -187,6 +191,11 @@ class Generator:
         # latest window restart's (read by the loop to place prompt changes; a float is atomic)
         self.prefill_seconds = 0.0
         self.tuner: ThreadTuner | None = None  # made by the worker thread, for its own threads
+        self.adaptive_restarts = adaptive_restarts
+        # frames per second per station while no window is prefilled (smoothed), and the
+        # ladder's level (radio.ladder: 0 = window restarts re-read the whole context)
+        self.step_rate = 0.0
+        self.restart_level = 0
         # read by the supervisor (`radio.healing.Supervised`), written by the worker
         self.started = False
         self.stopping = False
@@ -379,14 +388,53 @@ class Generator:
         """One chunk for each of `lanes`, read together; a station whose chunk failed is down
         alone, the others go on."""
         t = time.perf_counter()
+        prefills = [lane.stream.tokens.prefills for lane in lanes]
         with self._engine_call(_what(lanes)):
             made = self._chunks(lanes)
         spent = max(time.perf_counter() - t, 1e-6)  # every station's chunk took all of it
+        if prefills == [lane.stream.tokens.prefills for lane in lanes] and not any(
+            isinstance(chunk, Exception) for chunk in made
+        ):
+            rate = self.chunk_frames / spent
+            self.step_rate = rate if not self.step_rate else 0.9 * self.step_rate + 0.1 * rate
+            self._climb()
         for lane, chunk in zip(lanes, made, strict=True):
             if isinstance(chunk, Exception):
                 self._failed(lane, chunk, "generation failed")
             else:
                 self._made(lane, chunk, spent)
+
+    def _climb(self) -> None:
+        """Move on the ladder (`radio.ladder`) when the measurements say so: every station's
+        window restarts re-read a shorter context while generation cannot keep up, the whole
+        context again once it could; one log line per move."""
+        if not self.adaptive_restarts or self._lanes is None:
+            return
+        window = self.specs[0].window
+        lanes = [ln for ln in self._lanes.values() if not ln.healing.down]
+        rates = ladder.Rates(self.step_rate, self.prefill_seconds, max(1, len(lanes)))
+        rate = self.model.frame_rate
+        level = ladder.choose_level(self.restart_level, rates, window.window, window.context, rate)
+        if level == self.restart_level:
+            return
+        frames = ladder.context_frames(window.context, level)
+        was, self.restart_level = self.restart_level, level
+        before = ladder.predicted_rtf(rates, window.window, window.context, was, rate)
+        after = ladder.predicted_rtf(rates, window.window, window.context, level, rate)
+        log.info(
+            "window restarts now re-read %.1f s of music%s: with %.1f s generation would run at "
+            "x%.2f of real time, with %.1f s at x%.2f",
+            frames / rate,
+            " (the whole context)" if level == 0 else ", generation cannot keep up otherwise",
+            ladder.context_frames(window.context, was) / rate,
+            before,
+            frames / rate,
+            after,
+        )
+        for lane in self._lanes.values():
+            lane.stream.shorten_restarts(frames if level else None)
+            seconds = frames / rate if level else None
+            self._to_loop(self.sink.on_restart_context, lane.spec.id, seconds)
 
     def _chunks(self, lanes: list[_Lane]) -> list[_Chunk | Exception]:
         """Each lane's next chunk, or the error that stopped it: the fault hooks apply per

@@ -135,6 +135,7 @@ class Health:
     retry_at: float | None = None  # time.monotonic() of the pending reopen
     reanchors: dict[str, int] = field(default_factory=dict)  # music watchdog: problem -> count
     last_reanchor: dict[str, object] | None = None  # the latest one: problem, detail, when
+    restart_context_seconds: float | None = None  # window restarts shortened to this (ladder)
     last_prefill: dict[str, float] | None = None  # the latest prefill: seconds, rows, frames
 
     def retry_in(self, now: float) -> float | None:
@@ -219,6 +220,7 @@ class Station:
             "reanchors": sum(h.reanchors.values()),
             "last_reanchor": h.last_reanchor,
             "last_prefill": h.last_prefill,
+            "restart_context_seconds": h.restart_context_seconds,
         }
 
     def history_json(self) -> list[dict[str, object]]:

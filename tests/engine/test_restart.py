@@ -172,3 +172,22 @@ def test_prompt_context_is_checked():
     assert WindowOptions(context=60, prompt_context=0).change_context == 60
     assert WindowOptions(context=60, prompt_context=100).change_context == 60
     assert WindowOptions(context=500).change_context == 100
+
+
+@torch.inference_mode()
+def test_shortened_window_restarts_equal_a_stream_with_that_context(mono):
+    """A stream whose window restarts are shortened to 30 frames writes exactly what a stream
+    with `context=30` writes (greedy), and goes back to the whole context when asked."""
+    ours, _, _ = mono
+    short = ours.open_stream(PROMPT, GREEDY, window=WindowOptions(window=120, context=60))
+    short.shorten_restarts(30)
+    plain = ours.open_stream(PROMPT, GREEDY, window=WindowOptions(window=120, context=30))
+    short.read(300)
+    plain.read(300)
+    assert short.tokens.last_prefill.frames == 30 and short.tokens.prefills >= 3
+    assert torch.equal(short.tokens.history()[0], plain.tokens.history()[0])
+    short.shorten_restarts(None)
+    short.read(120)
+    assert short.tokens.last_prefill.frames == 60
+    with pytest.raises(ValueError, match=r"frames must be in \[1, 60\]"):
+        short.shorten_restarts(61)

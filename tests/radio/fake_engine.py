@@ -28,11 +28,15 @@ class FakeTokens:
 class FakeStream:
     """An endless stream whose sample s of frame f holds f + 1 (so the audio says where it is)."""
 
+    def shorten_restarts(self, frames: int | None) -> None:
+        self.restart_context = frames
+
     def __init__(self, prompt: str, floor: int = 0) -> None:
         self.prompt = prompt
         self.frame = 0
         self.floor = floor  # the earliest frame a prompt change may rewind to
         self.tokens = FakeTokens()
+        self.restart_context: int | None = None  # shorten_restarts
         self.sampling: SamplingOptions | None = None
         self.reads = 0
         self.restarts: list[tuple[int, int | None]] = []  # (frame, context_frames) asked
@@ -144,6 +148,9 @@ class Sink:
 
     def on_prefill(self, station_id, prefill) -> None:
         self._record("prefill", station_id, prefill)
+
+    def on_restart_context(self, station_id, seconds) -> None:
+        self._record("restart_context", station_id, seconds)
 
     def _record(self, *call) -> None:
         self.calls.append(call)

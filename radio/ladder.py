@@ -1,0 +1,63 @@
+"""Shorter window restarts while generation cannot keep up with real time, and back.
+
+Every `window - context` frames a station's window is full and the engine re-reads the last
+`context` frames (`generation.context`, 500 = 10 s) before it goes on: on a CPU that prefill is
+seconds of work (4-4.5 s for musicgen-small on two Zen 3 cores, against 20 s of audio made per
+window), and it is what tips a machine that steps just fast enough below real time. The ladder
+trades some of the music's memory for time: level 0 re-reads the whole context, level 1 half of
+it, level 2 a quarter. `choose_level` predicts each level's real-time factor from two
+measurements, the steady generation rate (chunks without a prefill) and a whole context's
+prefill, and takes the best level that keeps up:
+
+    rtf(level) = new / (new / rate + stations * prefill * share)      new = window - context * share
+
+It moves down a level when the prediction for the current one falls under `DOWN_BELOW`, and up
+only when the level above is predicted at `UP_ABOVE` or more, so measurement noise does not make
+it flap. Prompt changes keep their own (shorter) `generation.prompt_context`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SHARES = (1.0, 0.5, 0.25)  # share of `generation.context` a window restart re-reads, per level
+DOWN_BELOW = 1.02  # a level predicted slower than this is left for the next
+UP_ABOVE = 1.15  # the level above is taken back once predicted at least this fast
+
+
+@dataclass(frozen=True)
+class Rates:
+    """What the prediction needs, measured by the generator."""
+
+    frames_per_second: float  # frames of audio per station per second of generating, no prefill
+    prefill_seconds: float  # a whole context's prefill (one station)
+    stations: int  # stations generating (each re-prefills once per window)
+
+
+def context_frames(context: int, level: int) -> int:
+    """Frames a window restart re-reads at `level`."""
+    return max(1, round(context * SHARES[level]))
+
+
+def predicted_rtf(rates: Rates, window: int, context: int, level: int, frame_rate: float) -> float:
+    """Seconds of audio per second of work over a window, with restarts at `level`."""
+    reread = context_frames(context, level)
+    new = window - reread  # frames made per window
+    prefill = rates.stations * rates.prefill_seconds * reread / context
+    work = new / rates.frames_per_second + prefill
+    return (new / frame_rate) / work
+
+
+def choose_level(level: int, rates: Rates, window: int, context: int, frame_rate: float) -> int:
+    """The level to use from now on, starting from `level`."""
+    if rates.frames_per_second <= 0 or rates.prefill_seconds <= 0:
+        return level  # nothing measured yet
+
+    def rtf(at: int) -> float:
+        return predicted_rtf(rates, window, context, at, frame_rate)
+
+    while level + 1 < len(SHARES) and rtf(level) < DOWN_BELOW:
+        level += 1
+    while level > 0 and rtf(level - 1) >= UP_ABOVE:
+        level -= 1
+    return level

@@ -1,0 +1,91 @@
+"""The ladder (radio/ladder.py): window restarts re-read a shorter context while generation
+cannot keep up with real time, the whole context again once it can; its predictions from this
+machine's figures, and the generator moving on it (fake engine, real worker thread)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from radio.ladder import DOWN_BELOW, UP_ABOVE, Rates, choose_level, context_frames, predicted_rtf
+from tests.radio.fake_engine import FakeModel
+
+WINDOW, CONTEXT, RATE = 1500, 500, 50.0  # musicgen-small's defaults: 30 s windows, 10 s context
+
+
+def test_the_prediction_counts_the_prefill_of_every_window():
+    rates = Rates(frames_per_second=57.0, prefill_seconds=4.47, stations=1)  # this Zen 3, int8
+    # 1000 new frames (20 s) take 1000 / 57 s of steps and one 4.47 s prefill
+    assert predicted_rtf(rates, WINDOW, CONTEXT, 0, RATE) == pytest.approx(20 / (1000 / 57 + 4.47))
+    # half the context: 1250 new frames per window, half the prefill
+    assert predicted_rtf(rates, WINDOW, CONTEXT, 1, RATE) == pytest.approx(
+        25 / (1250 / 57 + 4.47 / 2)
+    )
+    two = Rates(57.0, 4.47, stations=2)  # each station's restart stops both
+    assert predicted_rtf(two, WINDOW, CONTEXT, 0, RATE) < predicted_rtf(
+        rates, WINDOW, CONTEXT, 0, RATE
+    )
+    assert [context_frames(CONTEXT, level) for level in (0, 1, 2)] == [500, 250, 125]
+
+
+def test_a_machine_that_cannot_keep_up_takes_the_first_level_that_does():
+    slow = Rates(57.0, 4.47, 1)  # whole context: x0.91; half: x1.04
+    assert choose_level(0, slow, WINDOW, CONTEXT, RATE) == 1
+    slower = Rates(45.0, 4.47, 1)
+    assert choose_level(0, slower, WINDOW, CONTEXT, RATE) == 2
+    fast = Rates(83.0, 1.12, 1)  # the AVX-512 machine: x1.52 with the whole context
+    assert choose_level(0, fast, WINDOW, CONTEXT, RATE) == 0
+    assert choose_level(2, fast, WINDOW, CONTEXT, RATE) == 0  # back up, all the way
+    assert choose_level(1, Rates(0.0, 4.47, 1), WINDOW, CONTEXT, RATE) == 1  # nothing measured
+
+
+def test_it_does_not_flap_between_the_thresholds():
+    # a rate where the whole context is predicted between DOWN_BELOW and UP_ABOVE
+    rates = Rates(70.0, 4.47, 1)
+    whole = predicted_rtf(rates, WINDOW, CONTEXT, 0, RATE)
+    assert DOWN_BELOW <= whole < UP_ABOVE
+    assert choose_level(0, rates, WINDOW, CONTEXT, RATE) == 0  # keeps up: stays
+    assert choose_level(1, rates, WINDOW, CONTEXT, RATE) == 1  # not enough margin to go back
+
+
+def moves(sink) -> list[tuple]:
+    return [c for c in sink.calls if c[0] == "restart_context"]
+
+
+async def test_the_generator_shortens_restarts_while_behind_and_restores_them(run, caplog):
+    caplog.set_level(logging.INFO, logger="radio.generator")
+    model = FakeModel()
+    gen, sink = await run(model, ("a", "b"), buffer_ahead=1.0)
+    await sink.until(lambda: len(sink.pcm("a")) == 5)
+    assert gen.restart_level == 0 and gen.step_rate > 0
+    gen.prefill_seconds = 1e6  # a window restart now costs far more than a window's audio
+    gen.played("a", 20)
+    gen.played("b", 20)
+    await sink.until(lambda: len(moves(sink)) == 2)
+    assert gen.restart_level == 2
+    assert [s.restart_context for s in model.streams] == [125, 125]
+    assert ("restart_context", "a", 2.5) in sink.calls and (
+        "restart_context",
+        "b",
+        2.5,
+    ) in sink.calls
+    assert "window restarts now re-read 2.5 s of music, generation cannot keep up" in caplog.text
+    gen.prefill_seconds = 1e-6  # the machine got fast again
+    gen.played("a", 40)
+    gen.played("b", 40)
+    await sink.until(lambda: len(moves(sink)) == 4)
+    assert gen.restart_level == 0
+    assert moves(sink)[2:] == [("restart_context", "a", None), ("restart_context", "b", None)]
+    assert [s.restart_context for s in model.streams] == [None, None]
+    assert "window restarts now re-read 10.0 s of music (the whole context)" in caplog.text
+
+
+async def test_the_ladder_can_be_turned_off(run):
+    model = FakeModel()
+    gen, sink = await run(model, ("a",), buffer_ahead=1.0, adaptive_restarts=False)
+    await sink.until(lambda: len(sink.pcm("a")) == 5)
+    gen.prefill_seconds = 1e6
+    gen.played("a", 30)
+    await sink.until(lambda: len(sink.pcm("a")) >= 8)
+    assert gen.restart_level == 0 and model.streams[0].restart_context is None
