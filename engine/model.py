@@ -106,21 +106,27 @@ class MusicModel:
         return encode_prompt(self.hf, self.processor, text)
 
     @torch.inference_mode()
-    def measure_prefill(self, window: WindowOptions | None = None) -> float:
+    def measure_prefill(
+        self, window: WindowOptions | None = None, frames: int | None = None
+    ) -> float:
         """Seconds one prefill of a whole context takes for a plain prompt (random tokens, both
         guidance rows): the pause a window restart or a prompt change puts in a stream before
         it goes on. A blend or a transition prefills one row per text and the null row, about
-        `engine.blend.prefill_rows(...) / PLAIN_ROWS` times this."""
+        `engine.blend.prefill_rows(...) / PLAIN_ROWS` times this. With `frames` (fewer than
+        the context) it times a prefill of that many and scales it by context / frames: a
+        prefill's cost grows with its frames (the projections of every row), and a radio
+        starting up wants the figure without seconds of waiting."""
         window = (window or WindowOptions()).validate(self.max_positions)
-        frames = torch.randint(0, self.decoder.vocab, (self.num_codebooks, window.context))
+        length = window.context if frames is None else max(1, min(frames, window.context))
+        tokens = torch.randint(0, self.decoder.vocab, (self.num_codebooks, length))
         delays = codebook_delays(self.num_codebooks, self.channels)
-        ids = delayed_layout(frames, delays, window.context + 1).to(self.device)
+        ids = delayed_layout(tokens, delays, length + 1).to(self.device)
         states, mask = batch_conditions([self.encode_prompt("calibration")], guidance=True)
         cross = self.decoder.cross_kv(states, mask)
-        cache = self.decoder.new_cache(2, window.context + 8)
+        cache = self.decoder.new_cache(2, length + 8)
         began = time.perf_counter()
         self.decoder.prefill(ids[None].expand(2, -1, -1), cache, cross)
-        return time.perf_counter() - began
+        return (time.perf_counter() - began) * window.context / length
 
     def read_together(self, streams: list[AudioStream], frames: int) -> list[np.ndarray]:
         """`read_together(streams, frames)` (below): the streams' next `frames` frames each,

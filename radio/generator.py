@@ -338,7 +338,8 @@ class Generator:
             )
             for spec, stream in zip(self.specs, streams, strict=True):
                 open_blend(stream, spec.prompt)
-            self.prefill_seconds = self.model.measure_prefill(self.specs[0].window)
+            window = self.specs[0].window  # a prompt change's prefill, scaled: seconds less
+            self.prefill_seconds = self.model.measure_prefill(window, window.change_context)
         except Exception as e:  # noqa: BLE001 - reported to every station, then the thread ends
             log.debug("the stations' streams did not open", exc_info=True)
             for spec in self.specs:

@@ -191,3 +191,24 @@ def test_shortened_window_restarts_equal_a_stream_with_that_context(mono):
     assert short.tokens.last_prefill.frames == 60
     with pytest.raises(ValueError, match=r"frames must be in \[1, 60\]"):
         short.shorten_restarts(61)
+
+
+def test_a_short_prefill_measure_is_scaled_to_the_whole_context(mono, monkeypatch):
+    """`measure_prefill(window, frames)` times a prefill of `frames` and scales it to the
+    context: a radio starts up without a whole context's prefill (4.5 s on a 2-core CPU)."""
+    import engine.model
+
+    ours, _, _ = mono
+    lengths = []
+    prefill = ours.decoder.prefill
+
+    def counted(ids, cache, cross):
+        lengths.append(ids.shape[-1])
+        return prefill(ids, cache, cross)
+
+    ticks = iter([10.0, 10.5])  # the prefill "takes" 0.5 s
+    monkeypatch.setattr(ours.decoder, "prefill", counted)
+    monkeypatch.setattr(engine.model.time, "perf_counter", lambda: next(ticks))
+    window = WindowOptions(window=120, context=60)
+    assert ours.measure_prefill(window, frames=15) == pytest.approx(0.5 * 60 / 15)
+    assert lengths == [16]  # BOS and 15 frames

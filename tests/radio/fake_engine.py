@@ -112,7 +112,7 @@ class FakeModel:
                 raise s.read_error
         return [s.read(frames) for s in streams]
 
-    def measure_prefill(self, window) -> float:
+    def measure_prefill(self, window, frames=None) -> float:
         return 0.25
 
 
