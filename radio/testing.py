@@ -33,6 +33,7 @@ now, while the audio keeps real time.
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 from collections import defaultdict
@@ -225,6 +226,13 @@ class ShiftedClock:
 
     def __init__(self, offset: float = 0.0) -> None:
         self.offset = offset
+
+    @classmethod
+    def at_utc(cls, hour: int) -> ShiftedClock:
+        """A clock that reads today's `hour`:00:00 UTC now."""
+        now = time.time()
+        then = dt.datetime.fromtimestamp(now, dt.UTC).replace(hour=hour, minute=0, second=0)
+        return cls(then.timestamp() - now)
 
     def __call__(self) -> float:
         return time.time() + self.offset

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,22 @@ class InProcessRadio:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
+
+
+@contextlib.contextmanager
+def serving(
+    data: dict[str, Any], model: Any, timeout: float = STARTUP_SECONDS, **options: Any
+) -> Iterator[InProcessRadio]:
+    """An `InProcessRadio` of the config `data` (a parsed TOML dict), healthy within `timeout`
+    seconds, closed after."""
+    from radio.config import parse_config
+
+    radio = InProcessRadio(parse_config(data, env={}), model, **options)
+    try:
+        wait_healthy(radio.base_url, timeout=timeout)
+        yield radio
+    finally:
+        radio.close()
 
 
 def start_radio_serve(

@@ -8,16 +8,12 @@ API, not only on the page."""
 
 from __future__ import annotations
 
-import datetime as dt
-import time
-
 import pytest
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-from radio.config import parse_config
 from radio.testing import ShiftedClock
 from tests.audio_files import tones, wav_bytes
-from tests.helpers import STARTUP_SECONDS, InProcessRadio, get_json, post_json, wait_healthy
+from tests.helpers import get_json, post_json, serving
 from tests.radio.test_browser import browser, page  # noqa: F401 - the Chromium fixtures
 
 TOKEN = "café-admin-token"
@@ -42,15 +38,9 @@ def radio(radio_model):
             {"id": "main", "prompt": "house", "listener_prompts": "queue", "schedule": [SLOT]}
         ],
     }
-    now = time.time()
-    six = dt.datetime.fromtimestamp(now, dt.UTC).replace(hour=6, minute=0, second=0).timestamp()
-    clock = ShiftedClock(six - now)  # the programme's 06:00 UTC: no rotation tick for hours
-    r = InProcessRadio(parse_config(data, env={}), radio_model, programme_clock=clock)
-    try:
-        wait_healthy(r.base_url, timeout=STARTUP_SECONDS)
+    clock = ShiftedClock.at_utc(6)  # the programme's 06:00 UTC: no rotation tick for hours
+    with serving(data, radio_model, programme_clock=clock) as r:
         yield r
-    finally:
-        r.close()
 
 
 def schedule(base: str) -> dict:

@@ -6,14 +6,10 @@ skipping with the keyboard, and the server's refusals shown."""
 
 from __future__ import annotations
 
-import datetime as dt
-import time
-
 import pytest
 
-from radio.config import parse_config
 from radio.testing import ShiftedClock
-from tests.helpers import STARTUP_SECONDS, InProcessRadio, post_json, wait_healthy
+from tests.helpers import post_json, serving
 from tests.radio.test_browser import browser, page  # noqa: F401 - the Chromium fixtures
 
 BLEND = [{"text": "warm jazz trio", "weight": 0.7}, {"text": "rain on a window", "weight": 0.3}]
@@ -42,15 +38,9 @@ def radio(radio_model):
             }
         ],
     }
-    now = time.time()
-    six = dt.datetime.fromtimestamp(now, dt.UTC).replace(hour=6, minute=0, second=0).timestamp()
-    clock = ShiftedClock(six - now)  # the programme's 06:00 UTC: the blend plays until noon
-    r = InProcessRadio(parse_config(data, env={}), radio_model, programme_clock=clock)
-    try:
-        wait_healthy(r.base_url, timeout=STARTUP_SECONDS)
+    clock = ShiftedClock.at_utc(6)  # the programme's 06:00 UTC: the blend plays until noon
+    with serving(data, radio_model, programme_clock=clock) as r:
         yield r
-    finally:
-        r.close()
 
 
 def test_the_page_shows_the_programme_and_takes_votes_and_skips(radio, page) -> None:  # noqa: F811

@@ -29,11 +29,10 @@ import av
 import numpy as np
 import pytest
 
-from radio.config import parse_config
 from radio.icecast import IcecastSource
 from radio.icy import parse_stream_title
 from radio.rawhttp import format_head
-from tests.helpers import InProcessRadio, free_port, require_tool, wait_healthy, wait_until
+from tests.helpers import InProcessRadio, free_port, require_tool, serving, wait_until
 from tests.helpers import post_prompt as _post_prompt
 from tests.radio.test_icecast import PASSWORD, IcecastServer, _tone_mp3
 
@@ -52,12 +51,8 @@ def station(radio_model):
         "hls": {"enabled": False},
         "security": {"admin_token": TOKEN, "prompt_rate_limit": "100 per 1 s"},
     }
-    radio = InProcessRadio(parse_config(data, env={}), radio_model)
-    try:
-        wait_healthy(radio.base_url, timeout=60)
+    with serving(data, radio_model, timeout=60) as radio:
         yield radio
-    finally:
-        radio.close()
 
 
 def post_prompt(base: str, prompt: str) -> None:

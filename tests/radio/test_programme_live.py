@@ -13,9 +13,8 @@ import urllib.request
 
 import pytest
 
-from radio.config import parse_config
 from radio.testing import ShiftedClock
-from tests.helpers import STARTUP_SECONDS, IcyReader, InProcessRadio, wait_healthy
+from tests.helpers import IcyReader, serving
 
 FIRST, SECOND = "rotation one: slow piano", "rotation two: bright marimba"
 
@@ -43,13 +42,9 @@ def radio(radio_model):
         ],
     }
     clock = ShiftedClock()
-    r = InProcessRadio(parse_config(data, env={}), radio_model, programme_clock=clock)
-    r.clock = clock
-    try:
-        wait_healthy(r.base_url, timeout=STARTUP_SECONDS)
+    with serving(data, radio_model, programme_clock=clock) as r:
+        r.clock = clock
         yield r
-    finally:
-        r.close()
 
 
 def test_a_rotation_tick_changes_the_icy_title_when_it_is_due(radio):
