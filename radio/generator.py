@@ -192,9 +192,7 @@ class Generator:
         self.prefill_seconds = 0.0
         self.tuner: ThreadTuner | None = None  # made by the worker thread, for its own threads
         self.adaptive_restarts = adaptive_restarts
-        # frames per second per station while no window is prefilled (smoothed), and the
-        # ladder's level (radio.ladder: 0 = window restarts re-read the whole context)
-        self.step_rate = 0.0
+        # the ladder's level (radio.ladder: 0 = window restarts re-read the whole context)
         self.restart_level = 0
         # read by the supervisor (`radio.healing.Supervised`), written by the worker
         self.started = False
@@ -389,16 +387,10 @@ class Generator:
         """One chunk for each of `lanes`, read together; a station whose chunk failed is down
         alone, the others go on."""
         t = time.perf_counter()
-        prefills = [lane.stream.tokens.prefills for lane in lanes]
         with self._engine_call(_what(lanes)):
             made = self._chunks(lanes)
         spent = max(time.perf_counter() - t, 1e-6)  # every station's chunk took all of it
-        if prefills == [lane.stream.tokens.prefills for lane in lanes] and not any(
-            isinstance(chunk, Exception) for chunk in made
-        ):
-            rate = self.chunk_frames / spent
-            self.step_rate = rate if not self.step_rate else 0.9 * self.step_rate + 0.1 * rate
-            self._climb()
+        self._climb()
         for lane, chunk in zip(lanes, made, strict=True):
             if isinstance(chunk, Exception):
                 self._failed(lane, chunk, "generation failed")
@@ -409,11 +401,17 @@ class Generator:
         """Move on the ladder (`radio.ladder`) when the measurements say so: every station's
         window restarts re-read a shorter context while generation cannot keep up, the whole
         context again once it could; one log line per move."""
-        if not self.adaptive_restarts or self._lanes is None:
+        tuner = self.tuner
+        if not self.adaptive_restarts or self._lanes is None or tuner is None:
+            return
+        # the steady generation rate is the tuner's: its smoothed seconds per frame of audio
+        # with the count in use, chunks that prefilled a window left out
+        cost = tuner.cost.get(tuner.current)
+        if not cost:
             return
         window = self.specs[0].window
-        lanes = [ln for ln in self._lanes.values() if not ln.healing.down]
-        rates = ladder.Rates(self.step_rate, self.prefill_seconds, max(1, len(lanes)))
+        stations = max(1, sum(not ln.healing.down for ln in self._lanes.values()))
+        rates = ladder.Rates(1.0 / (cost * stations), self.prefill_seconds, stations)
         rate = self.model.frame_rate
         level = ladder.choose_level(self.restart_level, rates, window.window, window.context, rate)
         if level == self.restart_level:
