@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_engine import model_dir, say  # noqa: E402
-from tests.helpers import call, free_port, get_json, wait_healthy  # noqa: E402
+from tests.helpers import call, free_port, get_json, post_json, wait_healthy  # noqa: E402
 
 ADMIN_TOKEN = "bench-serve-admin-token"
 PROMPTS = (  # the stations' prompts, one each (main keeps the config's default)
@@ -326,11 +326,8 @@ def _per_station(
 def _change(base: str, body: dict, h: dict) -> dict:
     """Post a prompt change as the admin (answered after its prefill); what to follow it by."""
     posted = time.monotonic()
-    status, _, answer = call(
-        "POST",
-        f"{base}/api/stations/main/prompt",
-        json.dumps(body).encode(),
-        {"Content-Type": "application/json", "Authorization": f"Bearer {ADMIN_TOKEN}"},
+    status, _, answer = post_json(
+        f"{base}/api/stations/main/prompt", body, {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     )
     if status != 202:
         raise RuntimeError(f"the prompt change was refused: {answer}")
