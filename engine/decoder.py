@@ -13,6 +13,7 @@ keys/values depend only on the prompt, so `cross_kv` computes them once per prom
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Protocol
@@ -326,77 +327,122 @@ class Decoder:
         cross: CrossKV,
         rows_at: list[int] | None = None,
     ) -> torch.Tensor:
-        """Run positions [start, start + T) and return hidden states [B, T, E] after the final norm.
+        """Run positions [start, start + T) and return hidden states [B, T, E] after the final norm:
+        a prefill (from position 0), or one step attended by our CPU kernels (T == 1 when they
+        run; a step without them is `step_logits`).
 
-        ids: [B, K, T]. T > 1 (a prefill) must start at position 0; T == 1 is one decoding step.
-        `rows_at` (T == 1 only): each row's own position, for streams batched at different
-        points of their windows; `start` is then ignored.
+        ids: [B, K, T]. `rows_at` (T == 1 only): each row's own position, for streams batched at
+        different points of their windows; `start` is then ignored.
         """
         t = ids.shape[-1]
-        assert t == 1 or (start == 0 and rows_at is None), "a prefill starts at 0 for all rows"
+        step = t == 1 and self._kernels is not None
+        assert step or (start == 0 and rows_at is None), (
+            "a prefill starts at 0 for all rows; a step without our kernels is `step_logits`"
+        )
         if rows_at is not None and len(set(rows_at)) == 1:
             start, rows_at = rows_at[0], None
-        self_mask = at = None
         if rows_at is None:
             x = self._embed(ids, start)
             end = start + t
+            at = torch.full((ids.shape[0],), start)
         else:
-            at = torch.tensor(rows_at, device=self.device)  # [B]
+            at = torch.tensor(rows_at)  # [B]
             x = self._embed(ids, 0, at)
             end = max(rows_at) + 1
-            if self._kernels is None:  # our attention kernel takes each row's position instead
-                positions = torch.arange(end, device=self.device)
-                self_mask = (positions <= at[:, None])[:, None, None, :]
-        for i, w in enumerate(self.layers if t == 1 else self.prefill_layers):
+
+        def attend(layer: int, qkv: torch.Tensor) -> torch.Tensor:
+            return self._self_attention(layer, qkv, cache, at)
+
+        layers = self.layers if t == 1 else self.prefill_layers
+        hidden = self._layers(x, layers, attend, cross.keys, cross.values, cross.mask)
+        cache.length = end
+        return hidden
+
+    def _layers(
+        self,
+        x: torch.Tensor,
+        layers: list[LayerWeights],
+        self_attention: Callable[[int, torch.Tensor], torch.Tensor],
+        cross_keys: Sequence[torch.Tensor],
+        cross_values: Sequence[torch.Tensor],
+        cross_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """The decoder layers and the final norm: x [B, T, E] -> hidden states [B, T, E].
+        `self_attention(layer, qkv)`: qkv [B, T, 3E] (the fused projection) -> [B, T, E] in the
+        model dtype, its keys and values written into the cache; cross_keys, cross_values: per
+        layer [B, H, S, D]; cross_mask: [B, 1, 1, S] bool, True = attend."""
+        for i, w in enumerate(layers):
             h = F.layer_norm(x, (self.hidden,), *w.ln_self)
-            a = self._self_attention(i, w.qkv(h), cache, start, end, at, self_mask)
-            x = x + w.out_self(a)
+            x = x + w.out_self(self_attention(i, w.qkv(h)))
 
             h = F.layer_norm(x, (self.hidden,), *w.ln_cross)
             q = self._split_heads(w.q_cross(h))
             a = F.scaled_dot_product_attention(
-                q, cross.keys[i], cross.values[i], attn_mask=cross.mask
+                q, cross_keys[i], cross_values[i], attn_mask=cross_mask
             )
             x = x + w.out_cross(self._merge_heads(a))
 
             h = F.layer_norm(x, (self.hidden,), *w.ln_ffn)
             x = x + w.fc2(self.activation(w.fc1(h)))
-        cache.length = end
         return F.layer_norm(x, (self.hidden,), *self.final_ln)
 
     def _self_attention(
-        self,
-        layer: int,
-        qkv: torch.Tensor,
-        cache: KVCache,
-        start: int,
-        end: int,
-        at: torch.Tensor | None,
-        mask: torch.Tensor | None,
+        self, layer: int, qkv: torch.Tensor, cache: KVCache, at: torch.Tensor
     ) -> torch.Tensor:
-        """qkv [B, T, 3E], the fused projection of positions [start, end) (or of each row's
-        position `at` [B], with `mask`) -> attention output [B, T, E] in the model dtype. The
-        positions' keys and values go into the cache first."""
+        """qkv [B, T, 3E], the fused projection of a prefill's positions [0, T), or of one step at
+        each row's position `at` [B] on our kernels (T == 1 there is always theirs) -> attention
+        output [B, T, E] in the model dtype. The positions' keys and values go into the cache
+        first."""
         b, t, _ = qkv.shape
         if t == 1 and self._kernels is not None:  # write, attend and merge heads in one call
-            positions = at if at is not None else torch.full((b,), start)
             attend = {
                 "int8": self._kernels.attend_step_q8,
                 "int4": self._kernels.attend_step_q4,
             }.get(cache.kind, self._kernels.attend_step)
-            a = attend(qkv.view(b, -1), *cache.layer(layer), positions, self.head_dim**-0.5)
+            a = attend(qkv.view(b, -1), *cache.layer(layer), at, self.head_dim**-0.5)
             return a.view(b, 1, self.hidden).to(self.dtype)
         q, k, v = (self._split_heads(x) for x in qkv.chunk(3, dim=-1))
-        if at is None:
-            cache.write(layer, start, k, v)
-        else:
-            cache.write_rows(layer, at, k, v)
-        if t > 1:  # a prefill from position 0 attends to exactly the keys it just wrote
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            keys, values = cache.view(layer, end)
-            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        return self._merge_heads(a)
+        cache.write(layer, 0, k, v)
+        # a prefill from position 0 attends to exactly the keys it just wrote
+        return self._merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+    def step_logits(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        cross_keys: Sequence[torch.Tensor],
+        cross_values: Sequence[torch.Tensor],
+        cross_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """One decode step whose shapes never change (the eager step without our kernels, and the
+        function `engine.static_step` compiles): each row at its own position, attending to
+        every slot of the preallocated cache under the mask `arange(P) <= positions[row]`.
+
+        ids: [B, K]; positions: [B] long; keys, values: [L, B, H, P, D], a float KV cache
+        (`KVCache.tensors()`), written in place at `positions` (by tensor index: no Python
+        number comes from a tensor); cross_keys, cross_values: per layer [B, H, S, D] (a list,
+        or a tensor [L, B, H, S, D]: padded text buffers); cross_mask: [B, 1, 1, S] bool.
+        Returns float32 logits [B, K, V]."""
+        x = self._embed(ids[:, :, None], 0, positions)  # [B, 1, E]
+        rows = torch.arange(ids.shape[0], device=ids.device)
+        slots = torch.arange(keys.shape[3], device=ids.device)
+        mask = (slots <= positions[:, None])[:, None, None, :]  # [B, 1, 1, P]
+
+        def attend(layer: int, qkv: torch.Tensor) -> torch.Tensor:
+            q, k, v = (self._split_heads(x) for x in qkv.chunk(3, dim=-1))  # [B, H, 1, D]
+            layer_keys, layer_values = keys[layer], values[layer]  # [B, H, P, D]
+            layer_keys[rows, :, positions] = k[:, :, 0].to(keys.dtype)
+            layer_values[rows, :, positions] = v[:, :, 0].to(values.dtype)
+            # a bfloat16 cache (our CPU kernels' layout, under a compiled step) attends as q's dtype
+            a = F.scaled_dot_product_attention(
+                q, layer_keys.to(q.dtype), layer_values.to(q.dtype), attn_mask=mask
+            )
+            return self._merge_heads(a)
+
+        hidden = self._layers(x, self.layers, attend, cross_keys, cross_values, cross_mask)
+        return self.logits(hidden[:, 0])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [B, E] -> float32 logits [B, K, V]."""
@@ -412,12 +458,25 @@ class Decoder:
         self, ids: torch.Tensor, cache: KVCache, cross: CrossKV, rows_at: list[int] | None = None
     ) -> torch.Tensor:
         """ids: [B, K] at position cache.length (or each row at `rows_at`). Returns logits
-        [B, K, V] for the next position."""
+        [B, K, V] for the next position: on our fused step, our attention kernels, or
+        `step_logits`."""
+        at = rows_at if rows_at is not None else [cache.length] * ids.shape[0]
         if self._fused is not None and cache.quantized:
-            at = rows_at if rows_at is not None else [cache.length] * ids.shape[0]
             step = self._fused.step_q4 if cache.kind == "int4" else self._fused.step
             logits = step(ids, torch.tensor(at), *cache.tensors(), *cross.stacked())
             cache.length = max(at) + 1
             return logits.view(ids.shape[0], self.num_codebooks, self.vocab)
-        hidden = self.forward(ids[:, :, None], cache.length, cache, cross, rows_at)
-        return self.logits(hidden[:, -1])
+        if self._kernels is not None:
+            hidden = self.forward(ids[:, :, None], cache.length, cache, cross, rows_at)
+            return self.logits(hidden[:, -1])
+        assert not cache.quantized, f"a {cache.kind} KV cache is read by our kernels only"
+        assert max(at) < cache.max_positions, (
+            f"KV cache overflow: {max(at)} >= {cache.max_positions}"
+        )
+        positions = torch.tensor(at, device=self.device)
+        keys, values = cache.tensors()
+        logits = self.step_logits(
+            ids, positions, keys, values, cross.keys, cross.values, cross.mask
+        )
+        cache.length = max(at) + 1
+        return logits

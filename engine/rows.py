@@ -9,7 +9,9 @@ the same tokens, and cross-attention to its own text) and the null row `u` (zero
 A plain prompt is the blend of one: rows (conditional, null), logits `u + g * (c - u)`, exactly
 `transformers`' guidance. Sampling takes the blend as one conditional row and the null row:
 `mix_rows` sums each stream's conditional rows by weight first, so one sampling call (ours or
-`engine.sampling`) serves every stream, whatever its number of rows.
+`engine.sampling`) serves every stream, whatever its number of rows. The compiled step takes
+the same rows and weights as tensors (`Mix`, `stream_rows`), so that new weights are new values,
+not new code.
 
 - `Prompt` is what a stream is conditioned on: text conditions with weights that sum to 1.
   Rows are matched by their condition object (`is`): whoever changes prompts (`AudioStream`)
@@ -25,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -191,3 +194,26 @@ def mix_rows(
             assert null is not None, "a stream without a null row in a guided batch"
             out[rows * i + 1].copy_(logits[null])
     return out
+
+
+class Mix(NamedTuple):
+    """Which rows make each stream's conditional and null logits, as tensors (the compiled step
+    of a batch with blends)."""
+
+    rows: torch.Tensor  # [N, M] long: stream i's conditional rows (padded with weight 0)
+    weights: torch.Tensor  # [N, M] float32: their weights (sum 1 per stream)
+    nulls: torch.Tensor  # [N] long: stream i's null row (guidance 1: any row)
+
+
+def stream_rows(
+    logits: torch.Tensor, streams: int, mix: Mix | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`mix_rows` with tensors only: logits [R, K, V] of a batch's rows -> each stream's
+    conditional logits [N, K, V] (the weighted sum of the rows `mix` names, or, without it, row
+    0 of each stream's R / N) and its null logits [N, K, V] (`mix.nulls`, or row 1 of each
+    stream's; None when streams have one row)."""
+    if mix is not None:
+        cond = (logits[mix.rows] * mix.weights[:, :, None, None]).sum(dim=1)
+        return cond, logits[mix.nulls]
+    grouped = logits.view(streams, -1, *logits.shape[1:])  # [N, R / N, K, V]
+    return grouped[:, 0], grouped[:, 1] if grouped.shape[1] > 1 else None

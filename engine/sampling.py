@@ -2,7 +2,16 @@
 
 The order and the maths are those of `transformers` (ClassifierFreeGuidanceLogitsProcessor, then
 TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper), so that greedy decoding agrees
-token for token with the reference and sampling has the same distribution.
+token for token with the reference and sampling has the same distribution. `guide` and `warp`
+are that maths, written once: with per-stream settings as tensors they serve the eager step
+(`sample_streams`, settings from each stream's `SamplingOptions`) and the compiled one
+(`sample_tensors`, settings [N, 5] from `settings_tensor`, so that changing them does not
+compile again). Our CPU kernels have their own (`engine/kernels/sampling.h`, `sample_top_k`).
+
+The draws: the eager step draws by inverse CDF from one uniform per stream and codebook of the
+stream's seeded generator (among the top-k candidates when top-k is on); the compiled step by an
+exponential race, `argmax(probs / E)` with E ~ Exp(1) from the same generators (no data-dependent
+shapes): the same distribution, other draws for the same seed.
 """
 
 from __future__ import annotations
@@ -16,20 +25,45 @@ import torch
 from engine.options import SamplingOptions
 
 
+def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance: cond, uncond [N, K, V], scale [N] -> `uncond + (cond - uncond)
+    * scale` [N, K, V]; a scale of 1 gives exactly the conditional row."""
+    s = scale[:, None, None]
+    return torch.where(s == 1.0, cond, uncond + (cond - uncond) * s)
+
+
+def warp(
+    logits: torch.Tensor,
+    temperature: torch.Tensor | float,
+    top_k: torch.Tensor | None = None,
+    top_p: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """logits [..., V] float32 -> logits after temperature, top-k and top-p (masked tokens
+    -inf). Each setting is a number or a tensor that broadcasts against logits [..., 1] (per
+    stream: [N, 1, 1]); top_k: a top_k of V keeps all; top_p: a tensor's 1 is off; None skips
+    the step for every row."""
+    logits = logits / temperature
+    if top_k is not None:
+        descending = logits.sort(dim=-1, descending=True).values
+        index = (top_k.long() - 1).expand(*logits.shape[:-1], 1)
+        logits = logits.masked_fill(logits < descending.gather(-1, index), float("-inf"))
+    if top_p is not None:
+        ascending, order = logits.sort(dim=-1)
+        remove = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+        remove[..., -1:] = False  # keep at least one token
+        if isinstance(top_p, torch.Tensor):
+            remove = remove & (top_p < 1)
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return logits
+
+
 def logits_to_probs(logits: torch.Tensor, options: SamplingOptions) -> torch.Tensor:
     """logits: [..., V] float32 -> probabilities [..., V] after temperature, top-k and top-p."""
-    logits = logits / options.temperature
-    vocab = logits.shape[-1]
-    if 0 < options.top_k < vocab:
-        kth = torch.topk(logits, options.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if 0 < options.top_p < 1:
-        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove = cumulative <= (1 - options.top_p)
-        remove[..., -1:] = False  # keep at least one token
-        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
-    return torch.softmax(logits, dim=-1)
+    top_k = None
+    if 0 < options.top_k < logits.shape[-1]:
+        top_k = torch.tensor(options.top_k, device=logits.device)
+    top_p = options.top_p if 0 < options.top_p < 1 else None
+    return warp(logits, options.temperature, top_k, top_p).softmax(dim=-1)
 
 
 def _top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,10 +202,8 @@ def _sample_with_torch(
     if rows == 1:
         guided = per_stream[:, 0]
     else:
-        cond, uncond = per_stream[:, 0], per_stream[:, 1]
         scales = torch.tensor([o.guidance_scale for o in options], dtype=logits.dtype)
-        scales = scales.to(logits.device)[:, None, None]
-        guided = torch.where(scales == 1.0, cond, uncond + (cond - uncond) * scales)
+        guided = guide(per_stream[:, 0], per_stream[:, 1], scales.to(logits.device))
     ks = {o.top_k for o in options}
     k = ks.pop() if len(ks) == 1 else 0
     if not 0 < k < logits.shape[-1] or any(o.greedy for o in options):
@@ -191,8 +223,49 @@ def _sample_with_torch(
         )
     else:  # logits_to_probs without top-p: temperature and softmax
         temperatures = torch.tensor([o.temperature for o in options], device=logits.device)
-        probs = torch.softmax(values / temperatures[:, None, None], dim=-1)
+        probs = warp(values, temperatures[:, None, None]).softmax(dim=-1)
     u = torch.stack(
         [torch.rand(guided.shape[1], 1, generator=g, device=logits.device) for g in generators]
     )
     return _pick(probs, u, index)
+
+
+# ---- per-stream settings as tensors: the compiled step (engine/static_step.py) ----------------
+
+
+def settings_tensor(
+    samplings: list[SamplingOptions], vocab: int, device: torch.device | str
+) -> torch.Tensor:
+    """[N, 5] float32: guidance scale, temperature, top-k (vocab when off), top-p (1 when off),
+    greedy (1 or 0), one row per stream."""
+    rows = [
+        [
+            s.guidance_scale,
+            s.temperature,
+            s.top_k if 0 < s.top_k < vocab else vocab,
+            s.top_p if 0 < s.top_p < 1 else 1.0,
+            float(s.greedy),
+        ]
+        for s in samplings
+    ]
+    return torch.tensor(rows, dtype=torch.float32, device=device)
+
+
+def probs_from(logits: torch.Tensor, settings: torch.Tensor) -> torch.Tensor:
+    """`logits_to_probs` with per-stream settings: logits [N, K, V] float32, settings [N, 5]
+    (`settings_tensor`) -> probabilities [N, K, V]."""
+    _, temperature, top_k, top_p, _ = (c[:, None, None] for c in settings.unbind(1))
+    return warp(logits, temperature, top_k, top_p).softmax(dim=-1)
+
+
+def sample_tensors(
+    cond: torch.Tensor, uncond: torch.Tensor | None, settings: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
+    """Streams' conditional and null logits [N, K, V] float32 (uncond None: guidance off for
+    all), settings [N, 5] (`settings_tensor`) and noise [N, K, V] drawn from Exp(1) -> tokens
+    [N, K]: guidance, then argmax for greedy streams, else the exponential race over the warped
+    probabilities. Shapes and settings are tensors only: the compiled step's sampling."""
+    guided = cond if uncond is None else guide(cond, uncond, settings[:, 0])
+    drawn = (probs_from(guided, settings) / noise).argmax(dim=-1)
+    greedy = settings[:, 4, None] > 0  # [N, 1]
+    return torch.where(greedy, guided.argmax(dim=-1), drawn)

@@ -17,8 +17,8 @@ import torch
 
 from engine import LoadOptions, MusicModel, SamplingOptions, WindowOptions
 from engine.conditioning import batch_conditions
-from engine.sampling import logits_to_probs
-from engine.static_step import StaticStep, probs_from, sample_rows, settings_tensor
+from engine.sampling import logits_to_probs, probs_from, sample_tensors, settings_tensor
+from engine.static_step import StaticStep
 from tests.engine.steps import assert_static_equals_eager
 
 WINDOW = WindowOptions(window=120, context=60)
@@ -88,7 +88,7 @@ def test_exponential_race_draws_from_the_probabilities():
     settings = settings_tensor([SamplingOptions(top_k=0, guidance_scale=1.0)], 8, "cpu")
     draws = 20000
     noise = torch.empty(draws, 1, 8).exponential_(generator=torch.Generator().manual_seed(0))
-    tokens = sample_rows(logits.expand(draws, -1, -1), settings.expand(draws, -1), noise)
+    tokens = sample_tensors(logits.expand(draws, -1, -1), None, settings.expand(draws, -1), noise)
     share = torch.bincount(tokens.flatten(), minlength=8) / draws
     torch.testing.assert_close(
         share, torch.tensor([0.5, 0.3, 0.15, 0.05, 0, 0, 0, 0]), atol=0.015, rtol=0
