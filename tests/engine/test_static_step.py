@@ -1,7 +1,8 @@
 """The static-shape decoder step (`engine/static_step.py`) equals the eager engine.
 
-On the CPU, with the tiny float32 model: the step's logits over the whole masked cache equal
-`Decoder.decode_one_step`; its in-graph sampling equals `logits_to_probs` and draws from it;
+On the CPU, with the tiny float32 model: the step's logits over its fixed buffers (text padded to
+`TEXT_BUCKET`, masked) equal `Decoder.decode_one_step`'s over the prompt as it is; its in-graph
+sampling (`engine.sampling.sample_tensors`) equals `logits_to_probs` and draws from it;
 greedy streams (alone and batched) give the eager engine's tokens, eagerly and compiled with
 `torch.compile`; a compile that fails is logged and runs eagerly. On a GPU (marker `gpu`, skipped
 without one): CUDA graphs give the eager tokens, and the speed is printed.
