@@ -9,6 +9,13 @@ fused self-attention projection) and runs the same maths as `MusicgenDecoder.for
 
 Rows of the batch are [conditional..., null...] for classifier-free guidance. Cross-attention
 keys/values depend only on the prompt, so `cross_kv` computes them once per prompt.
+
+The layers are written once (`_layers`); what differs is how a step attends to its own past:
+a prefill attends causally to the keys it writes; a decode step on our CPU kernels runs their
+one-call step (`engine/kernels/decode_step.h`) or their attention; any other decode step is
+`step_logits`, shape-static (keys/values written at tensor positions, attention over the whole
+preallocated cache with the mask `arange(P) <= position[row]`), the function the GPU's compiled
+step (`engine.static_step`) compiles as it is.
 """
 
 from __future__ import annotations
