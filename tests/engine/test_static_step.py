@@ -68,6 +68,31 @@ def test_logits_over_the_masked_cache_equal_decode_one_step(model):
     torch.testing.assert_close(static.keys, eager.keys, atol=1e-6, rtol=1e-6)
 
 
+@torch.inference_mode()
+def test_step_writes_and_reads_only_up_to_each_rows_position(model):
+    """`Decoder.step_logits`, the step of the eager engine without our kernels and of the static
+    step: each row writes its key and value at its own position alone, and what the cache holds
+    beyond that position (an earlier window's keys, another row's) changes nothing."""
+    decoder = model.decoder
+    prompts = [model.encode_prompt("slow jazz"), model.encode_prompt("heavy rock")]
+    cross = decoder.cross_kv(*batch_conditions(prompts, guidance=False))
+    torch.manual_seed(2)
+    keys, values = decoder.new_cache(2, 40).tensors()
+    keys.normal_(), values.normal_()
+    positions, ids = torch.tensor([5, 30]), torch.randint(0, 2048, (2, 4))
+    stale_keys, stale_values = keys.clone(), values.clone()
+    logits = decoder.step_logits(ids, positions, keys, values, cross.keys, cross.values, cross.mask)
+    written = (keys != stale_keys).any(dim=4).any(dim=2).any(dim=0)  # [B, P]
+    assert written.nonzero().tolist() == [[0, 5], [1, 30]]
+    for row, p in enumerate(positions.tolist()):
+        stale_keys[:, row, :, p + 1 :] *= 100
+        stale_values[:, row, :, p + 1 :] = -stale_values[:, row, :, p + 1 :]
+    again = decoder.step_logits(
+        ids, positions, stale_keys, stale_values, cross.keys, cross.values, cross.mask
+    )
+    assert torch.equal(again, logits)
+
+
 @pytest.mark.parametrize(
     "options",
     [
