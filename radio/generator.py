@@ -404,6 +404,8 @@ class Generator:
         tuner = self.tuner
         if not self.adaptive_restarts or self._lanes is None or tuner is None:
             return
+        if self.specs[0].window.warm_restarts:
+            return  # a warm restart re-reads nothing: a shorter context would buy no time
         # the steady generation rate is the tuner's: its smoothed seconds per frame of audio
         # with the count in use, chunks that prefilled a window left out
         cost = tuner.cost.get(tuner.current)

@@ -14,6 +14,10 @@ prefill, and takes the best level that keeps up:
 It moves down a level when the prediction for the current one falls under `DOWN_BELOW`, and up
 only when the level above is predicted at `UP_ABOVE` or more, so measurement noise does not make
 it flap. Prompt changes keep their own (shorter) `generation.prompt_context`.
+
+It only runs with `generation.warm_restarts = false`: a warm restart (the default) re-reads
+nothing (the next window is built during the last `context` steps of the current one), so a
+shorter context would buy no time.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The ladder (radio/ladder.py): window restarts re-read a shorter context while generation
 cannot keep up with real time, the whole context again once it can; its predictions from this
-machine's figures, and the generator moving on it (fake engine, real worker thread)."""
+machine's figures, and the generator moving on it (fake engine, real worker thread) while
+window restarts prefill (`generation.warm_restarts = false`)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import logging
 
 import pytest
 
+from engine.options import WindowOptions
 from radio.ladder import DOWN_BELOW, UP_ABOVE, Rates, choose_level, context_frames, predicted_rtf
 from tests.radio.fake_engine import FakeModel
 
 WINDOW, CONTEXT, RATE = 1500, 500, 50.0  # musicgen-small's defaults: 30 s windows, 10 s context
+COLD = WindowOptions(warm_restarts=False)  # window restarts prefill: what the ladder shortens
 
 
 def test_the_prediction_counts_the_prefill_of_every_window():
@@ -56,7 +59,7 @@ def moves(sink) -> list[tuple]:
 async def test_the_generator_shortens_restarts_while_behind_and_restores_them(run, caplog):
     caplog.set_level(logging.INFO, logger="radio.generator")
     model = FakeModel()
-    gen, sink = await run(model, ("a", "b"), buffer_ahead=1.0)
+    gen, sink = await run(model, ("a", "b"), buffer_ahead=1.0, window=COLD)
     await sink.until(lambda: len(sink.pcm("a")) == 5)
     assert gen.restart_level == 0 and gen.tuner is not None and gen.tuner.cost
     gen.prefill_seconds = 1e6  # a window restart now costs far more than a window's audio
@@ -81,9 +84,14 @@ async def test_the_generator_shortens_restarts_while_behind_and_restores_them(ru
     assert "window restarts now re-read 10.0 s of music (the whole context)" in caplog.text
 
 
-async def test_the_ladder_can_be_turned_off(run):
+@pytest.mark.parametrize(
+    "options", [{"adaptive_restarts": False, "window": COLD}, {"window": WindowOptions()}]
+)
+async def test_the_ladder_is_off_when_turned_off_or_restarts_are_warm(run, options):
+    """Turned off, or with warm restarts (the default: a restart re-reads nothing, so a
+    shorter context would buy no time), it never moves."""
     model = FakeModel()
-    gen, sink = await run(model, ("a",), buffer_ahead=1.0, adaptive_restarts=False)
+    gen, sink = await run(model, ("a",), buffer_ahead=1.0, **options)
     await sink.until(lambda: len(sink.pcm("a")) == 5)
     gen.prefill_seconds = 1e6
     gen.played("a", 30)
