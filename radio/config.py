@@ -103,8 +103,8 @@ class GenerationConfig:
     # 0.5 s, and long enough for the engine's measured prefill, so the stream never falls behind
     prompt_horizon: float = -1.0
     # while generation cannot keep up with real time, window restarts re-read a shorter context
-    # (half, then a quarter of `context`) and the whole of it again once it can (radio.ladder);
-    # only with `warm_restarts` off (a warm restart re-reads nothing)
+    # (half, then a quarter of `context`) and the whole of it again once it can (radio.ladder;
+    # with warm restarts a shorter context shortens the stretch the warm rows cost extra)
     adaptive_restarts: bool = True
     # a generation step that makes no progress for this long marks /healthz 503 with the
     # reason, so that Docker (with autoheal) or systemd restarts the radio

@@ -23,6 +23,7 @@ class FakeTokens:
     prefill_seconds = 0.0
     last_prefill = None
     prefills = 0
+    warming = False
 
 
 class FakeStream:
