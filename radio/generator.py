@@ -369,13 +369,17 @@ class Generator:
             change,
             auto_horizon(change, chunk),
         )
-        if self.prefill_seconds + chunk > self.buffer_ahead:
+        # what stalls the stream at once: a window restart's prefill (none when warm) and a
+        # prompt change's
+        stall = change if window.warm_restarts else self.prefill_seconds
+        if stall + chunk > self.buffer_ahead:
             log.warning(
-                "the %.1f s buffer is shorter than a prefill (%.2f s) plus a chunk: window "
-                "restarts and prompt changes will make the stream fall behind; raise "
-                "generation.buffer_ahead or run the model on a faster device",
+                "the %.1f s buffer is shorter than a prefill (%.2f s) plus a chunk: %s will make "
+                "the stream fall behind; raise generation.buffer_ahead or run the model on a "
+                "faster device",
                 self.buffer_ahead,
-                self.prefill_seconds,
+                stall,
+                "prompt changes" if window.warm_restarts else "window restarts and prompt changes",
             )
 
     def _due(self, lanes: Iterable[_Lane], ahead_limit: int) -> list[_Lane]:
