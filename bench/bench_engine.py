@@ -16,6 +16,7 @@ window restarts included); and the ratios. Absolute times on a shared machine ar
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -112,20 +113,29 @@ def weight_bytes(decoder) -> int:
 
 
 @torch.inference_mode()
-def bench_realtime(path: Path, modes: list[str], seconds: float, window: WindowOptions) -> None:
+def bench_realtime(
+    path: Path, modes: list[str], seconds: float, window: WindowOptions, cold: bool = False
+) -> None:
     """The end-to-end real-time run of each mode, the modes taking turns 25 frames at a time
     (with a plain read of 400 MB between turns, this machine's bandwidth meanwhile), so that
     they share whatever a shared machine does; each mode's real-time factor counts its own
-    turns' wall time."""
-    models = {}
+    turns' wall time. `cold`: each mode also runs with prefilled window restarts
+    (`warm_restarts` off), as "<mode> cold"."""
+    loaded = {}
     for m in modes:
         try:
-            models[m] = MusicModel.load(load_options(path, m))
+            loaded[m] = MusicModel.load(load_options(path, m))
         except ModelLoadError as err:  # e.g. an int4 cache on the tiny model's 16-wide heads
             say(f"  {m} skipped: {err}")
-    modes = list(models)
+    runs = {m: (model, window) for m, model in loaded.items()}
+    if cold:
+        unwarmed = dataclasses.replace(window, warm_restarts=False)
+        runs |= {f"{m} cold": (model, unwarmed) for m, model in loaded.items()}
+    models = {label: model for label, (model, _) in runs.items()}
+    modes = list(runs)
     streams = {
-        m: model.open_stream(PROMPT, SamplingOptions(seed=0), window) for m, model in models.items()
+        label: model.open_stream(PROMPT, SamplingOptions(seed=0), w)
+        for label, (model, w) in runs.items()
     }
     for stream in streams.values():
         stream.read(5)  # warm-up
@@ -152,7 +162,8 @@ def bench_realtime(path: Path, modes: list[str], seconds: float, window: WindowO
         step_mb = weight_bytes(models[m].decoder) / 1e6
         say(
             f"real time, {m}, one station, {frames / 50:.0f} s of audio end to end "
-            f"({stream.tokens.prefills} prefills; {models[m].decoder.kv_cache} KV cache): "
+            f"({stream.tokens.prefills} prefills, {stream.tokens.warm_restarts} warm restarts; "
+            f"{models[m].decoder.kv_cache} KV cache): "
             f"real-time factor {rtf:.3f}, decoder "
             f"{steps / max(stream.generate_seconds - gen0[m], 1e-9):.1f} steps/s, codec "
             f"{1000 * (stream.decode_seconds - dec0[m]) / (frames / 50):.0f} ms per audio s; "
@@ -272,6 +283,12 @@ def main() -> int:
         help="only the real-time run, of every mode in --modes taking turns, in this fresh "
         "process (no references)",
     )
+    parser.add_argument(
+        "--cold-too",
+        action="store_true",
+        help="with --realtime-only: each mode also with prefilled window restarts "
+        "(generation.warm_restarts off), taking turns with the warm ones",
+    )
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -286,7 +303,7 @@ def main() -> int:
     if args.realtime_only:
         modes = args.modes.split(",")
         say(f"engine ({', '.join(modes)}): real-time run over {args.realtime_seconds:.0f} s ...")
-        bench_realtime(path, modes, args.realtime_seconds, window)
+        bench_realtime(path, modes, args.realtime_seconds, window, cold=args.cold_too)
         return 0
     modes = args.modes.split(",")
     for mode in list(modes):

@@ -18,6 +18,11 @@ their cache (copied), new ones are prefilled. Rows at different points of their 
 with a per-row mask (`Decoder.forward(rows_at=...)`; our kernels: each row up to its own
 position). After the forward, `engine.rows.mix_rows` sums each lane's conditional rows by
 weight (nothing to do when every lane has one), and one sampling call guides and draws for all.
+
+Warm restarts (`engine.lane`, "Warm restarts"): while a lane builds its next window its group
+holds its rows twice, the warm copies after its own, at their own positions; they take no part
+in sampling. At the restart the warm rows' cache moves into the rows' places and nothing is
+prefilled. The compiled step (`engine.static_step`) prefills instead (its shapes are fixed).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from engine.options import SamplingOptions, WindowOptions
 from engine.rows import Prompt, mix_rows
 from engine.sampling import sample_streams
 from engine.static_step import Mix, StaticStep
+
+RowKey = tuple[TextCondition | None, bool]  # a row: its condition (None: null), warm or not
 
 
 class DecodeBatch:
@@ -54,7 +61,7 @@ class DecodeBatch:
         self._static = StaticStep(decoder, compile) if compile != "none" else None
         # The row layout: per lane, its rows' keys (conditions, and None for the null row) and
         # its first row; the lanes' text rows and cross-attention inputs; all lanes' stacked.
-        self._keys: list[tuple[TextCondition | None, ...]] = []
+        self._keys: list[tuple[RowKey, ...]] = []
         self._first: list[int] = []
         self._texts: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._crosses: list[CrossKV] = []
@@ -83,6 +90,7 @@ class DecodeBatch:
             device=self.decoder.device,
             keep_frames=keep_frames,
             prompt_frames=prompt_frames,
+            warm=self.window.warm_restarts and self._static is None,
         )
         self.lanes.append(lane)
         return lane
@@ -96,16 +104,20 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def restart(self, lane: Lane) -> None:
-        """Prefill a new window for `lane` (after a prompt change, a seed, or a full window):
-        positions from 0, its context as the prompt; the prefill samples its next tokens."""
+        """Start a new window for `lane` (after a prompt change, a seed, or a full window):
+        positions from 0, its context as the prompt, prefilled (or taken from its warm rows);
+        then its next tokens are sampled as after any step."""
         ids = lane.begin_window()  # [K, C + 1]
-        self._lay_out()
-        i = self.lanes.index(lane)
-        rows = lane.rows.count
-        cache = self.cache.rows(self._first[i], rows)
-        began = time.perf_counter()
-        logits = self.decoder.prefill(ids[None].expand(rows, -1, -1), cache, self._crosses[i])
-        seconds = time.perf_counter() - began
+        logits = lane.take_warm(ids)
+        seconds = None
+        self._lay_out(promote=lane if logits is not None else None)
+        if logits is None:
+            i = self.lanes.index(lane)
+            rows = lane.rows.count
+            cache = self.cache.rows(self._first[i], rows)
+            began = time.perf_counter()
+            logits = self.decoder.prefill(ids[None].expand(rows, -1, -1), cache, self._crosses[i])
+            seconds = time.perf_counter() - began
         # the prefill samples position C + 1 (= ids.shape[1]); the null row follows the others
         null = len(lane.rows.conditions) if lane.rows.guided else None
         group = [(0, lane.weights(ids.shape[1]), null)]
@@ -127,14 +139,11 @@ class DecodeBatch:
                 self.restart(lane)
         lanes = self.lanes
         if len(lanes) == 1:
-            ids = lanes[0].next_ids(lanes[0].rows.count)  # [R, K]
-            rows_at = [lanes[0].position] * ids.shape[0]
+            ids, rows_at = lanes[0].inputs()  # [R, K], R positions
         else:
-            counts = [lane.rows.count for lane in lanes]
-            ids = torch.cat([lane.next_ids(n) for lane, n in zip(lanes, counts, strict=True)])
-            rows_at = [
-                lane.position for lane, n in zip(lanes, counts, strict=True) for _ in range(n)
-            ]
+            inputs = [lane.inputs() for lane in lanes]
+            ids = torch.cat([i for i, _ in inputs])
+            rows_at = [p for _, at in inputs for p in at]
         samplings = [lane.sampling for lane in lanes]
         generators = [lane.generator for lane in lanes]
         cross = self._stacked_cross()
@@ -144,6 +153,10 @@ class DecodeBatch:
             tokens = self._static(ids, at, self.cache, cross, samplings, generators, mix)
         else:
             logits = self.decoder.decode_one_step(ids, self.cache, cross, rows_at)  # [R, K, V]
+            for lane, first in zip(lanes, self._first, strict=True):
+                if lane.warm is not None:
+                    n = lane.rows.count
+                    lane.fed_warm(logits[first + n : first + 2 * n])
             if not self._plain:
                 logits = mix_rows(logits, self._groups(), self._sampled_rows())
             tokens = sample_streams(logits, samplings, generators, self.decoder.kernels)
@@ -190,45 +203,47 @@ class DecodeBatch:
 
     # -- the row layout --------------------------------------------------------------------
 
-    def _lay_out(self) -> None:
+    def _lay_out(self, promote: Lane | None = None) -> None:
         """Fit the cache and the cross-attention inputs to the lanes' rows now. While every
         lane keeps its number of rows the cache stays as it is (a lane with new texts is about
         to be prefilled); otherwise it is laid out anew: rows that stay keep their cache
-        (copied to their new place), new rows start empty (to be prefilled)."""
-        keys: list[tuple[TextCondition | None, ...]] = [
-            (*lane.rows.conditions, None) if lane.rows.guided else lane.rows.conditions
-            for lane in self.lanes
-        ]
+        (copied to their new place), new rows start empty (to be prefilled), and the rows of
+        `promote` (a window restart that took its warm window) take their warm rows' cache."""
+        keys = [lane.row_keys() for lane in self.lanes]
         changed = [
             i for i, key in enumerate(keys) if i >= len(self._keys) or not _same(key, self._keys[i])
         ]
         if not changed:
             return
         if [len(k) for k in keys] != [len(k) for k in self._keys]:
-            self.cache = self.cache.select_rows(self._sources(keys))
+            self.cache = self.cache.select_rows(self._sources(keys, promote))
             self._first = [sum(len(k) for k in keys[:i]) for i in range(len(keys))]
         for i in changed:
             lane = self.lanes[i]
-            text = condition_rows(lane.rows.conditions, lane.rows.guided)  # [R_i, S_i, E]
-            cross = self.decoder.cross_kv(*text)
+            states, masks = condition_rows(lane.rows.conditions, lane.rows.guided)  # [R_i, S_i, E]
+            if lane.warm is not None:  # the warm rows read the same texts
+                states, masks = torch.cat([states, states]), torch.cat([masks, masks])
+            cross = self.decoder.cross_kv(states, masks)
             if i < len(self._texts):
-                self._texts[i], self._crosses[i] = text, cross
+                self._texts[i], self._crosses[i] = (states, masks), cross
             else:
-                self._texts.append(text)
+                self._texts.append((states, masks))
                 self._crosses.append(cross)
         self._keys = keys
         self._cross = None
-        self._plain = all(lane.rows.plain for lane in self.lanes)
+        self._plain = all(lane.rows.plain and lane.warm is None for lane in self.lanes)
 
-    def _sources(self, keys: list[tuple[TextCondition | None, ...]]) -> list[int | None]:
+    def _sources(self, keys: list[tuple[RowKey, ...]], promote: Lane | None) -> list[int | None]:
         """For each row of the layout `keys`, its row in the cache now (the same condition, or
-        the null row, of the same lane), or None."""
+        the null row, of the same lane; for `promote`'s rows their warm copies), or None."""
         sources: list[int | None] = []
         for i, key in enumerate(keys):
             old = self._keys[i] if i < len(self._keys) else ()
             start = self._first[i] if i < len(self._first) else 0
-            for k in key:
-                j = next((j for j, o in enumerate(old) if o is k), None)
+            warm = self.lanes[i] is promote
+            for condition, is_warm in key:
+                want = (condition, is_warm or warm)
+                j = next((j for j, o in enumerate(old) if _same_row(o, want)), None)
                 sources.append(None if j is None else start + j)
         return sources
 
@@ -242,5 +257,9 @@ class DecodeBatch:
         return self._cross
 
 
-def _same(a: tuple[TextCondition | None, ...], b: tuple[TextCondition | None, ...]) -> bool:
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+def _same_row(a: RowKey, b: RowKey) -> bool:
+    return a[0] is b[0] and a[1] == b[1]
+
+
+def _same(a: tuple[RowKey, ...], b: tuple[RowKey, ...]) -> bool:
+    return len(a) == len(b) and all(_same_row(x, y) for x, y in zip(a, b, strict=True))

@@ -12,6 +12,18 @@ tokens: nothing is re-encoded, nothing lost at the join). A prompt change is the
 continuation with new text, from a chosen frame; a seed one whose context is given tokens (an
 uploaded clip) instead of the frames before.
 
+Warm restarts (`WindowOptions.warm_restarts`): a window restart's prefill re-reads `context`
+frames at once, seconds of work on a CPU every `window - context` frames. The frames it re-reads
+are known one by one as the window is written, so the lane builds the next window beside this
+one instead: in the window's last `context` steps it feeds a copy of its rows (the warm rows,
+`Warm`) the next window's positions 0, 1, ... in the same decoder steps. Position q of the next
+window holds the same tokens as position `start + q` of this one (the delayed layout shifts with
+the frames), with pad tokens where codebook k's frame `q - 1 - delay[k]` is before the context.
+At the restart the warm rows' cache becomes the rows' cache and their logits at the context's
+last position are sampled as a prefill's would be. A prompt change, a seed or a new sampling
+setting drops the warm rows (a prefill follows anyway), and so does a restart whose context
+length changed meanwhile (a radio shortening its restarts).
+
 Frames are numbered from the start of the stream. `history()` holds the last frames (enough for
 rewinds, re-prefills and the codec's left context); older ones are forgotten, so memory is flat.
 """
@@ -30,6 +42,18 @@ from engine.options import SamplingOptions, WindowOptions
 from engine.rows import Change, Prompt, Rows
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Warm:
+    """The next window, built a step at a time beside this one: its rows are the lane's rows
+    again, fed position `position - start` of the next window while this one feeds `position`."""
+
+    start: int  # this window's position fed with the next window's position 0
+    context: int  # frames of context the next window begins with
+    ids: torch.Tensor  # [K, context + 1] what the warm rows were fed (what a prefill would take)
+    keys: tuple[TextCondition | None, ...] = ()  # the rows of `logits` (None: the null row)
+    logits: torch.Tensor | None = None  # [R, K, V] at position `context`, once fed
 
 
 @dataclass(frozen=True)
@@ -53,10 +77,13 @@ class Lane:
         device: torch.device,
         keep_frames: int = 1000,
         prompt_frames: torch.Tensor | None = None,
+        warm: bool = False,
     ) -> None:
         """`delays`: [K] each codebook's delay (`engine.delay.codebook_delays`); `guided`: hold a
-        null row; `prompt_frames`: optional [K, T] tokens to continue from (frames 0..T-1)."""
+        null row; `prompt_frames`: optional [K, T] tokens to continue from (frames 0..T-1);
+        `warm`: build each next window beside this one (warm restarts)."""
         self.window = window
+        self.warms = warm
         self.sampling = sampling
         self.delays = delays
         self.num_codebooks = int(delays.shape[0])
@@ -66,6 +93,7 @@ class Lane:
         self.generator = self._make_generator(sampling.seed)
         self.steps = 0  # decoder steps run, for statistics
         self.prefills = 0  # window restarts and prompt changes
+        self.warm_restarts = 0  # window restarts that took a warm window (no prefill)
         # seconds a prefill of a whole context takes for a plain prompt (PLAIN_ROWS rows), from
         # the latest one (scaled by its rows); 0: none yet
         self.prefill_seconds = 0.0
@@ -93,6 +121,9 @@ class Lane:
         self._fed = 0
         self._context_len = 0
         self._window_first = 0
+        self.warm: Warm | None = None  # the next window while it is built beside this one
+        self._taken: Warm | None = None  # the warm window at a restart, until the batch takes it
+        self._delays_on_device = delays.to(device)
 
     # -- for the stream --------------------------------------------------------------------
 
@@ -151,7 +182,7 @@ class Lane:
         while len(self._changes) > 1 and self._changes[1].start <= self._offset:
             self._changes.pop(0)  # no rewind reaches it any more
         self.rows = Rows.of(self._changes[-1], self.rows.guided)
-        self._seq = None
+        self._seq = self.warm = None
         self._next_context = context
 
     def seed(self, frames: torch.Tensor, frame: int) -> None:
@@ -160,7 +191,7 @@ class Lane:
         assert frames.ndim == 2 and frames.shape[0] == self.num_codebooks, list(frames.shape)
         self._seed = frames.to(torch.long).cpu().clone()
         self._seed_at = self._floor = frame
-        self._seq = None
+        self._seq = self.warm = None
 
     def set_sampling(self, sampling: SamplingOptions, guided: bool) -> bool:
         """New sampling settings; True when the null row comes or goes (the caller truncates
@@ -171,7 +202,7 @@ class Lane:
         if guided == self.rows.guided:
             return False
         self.rows = self.rows.with_guided(guided)
-        self._seq = None
+        self._seq = self.warm = None
         return True
 
     def truncate(self, frame: int) -> None:
@@ -216,6 +247,7 @@ class Lane:
         if limits:  # a prompt change's shorter re-read (once), a shortened window restart
             context = context[:, context.shape[1] - min(min(limits), context.shape[1]) :]
         self._next_context = None
+        self._taken, self.warm = self.warm, None  # for `take_warm`
         self._context_len = context.shape[1]
         self._window_first = self.complete - self._context_len
         self._settle(self._frame_of(self._context_len + 1))
@@ -227,31 +259,91 @@ class Lane:
         """The conditional rows' weights for the step that samples `position`."""
         return self.rows.weights(self._frame_of(position))
 
-    def next_ids(self, rows: int) -> torch.Tensor:
-        """[rows, K] the inputs of position `position` (the same for every row)."""
-        assert self._seq is not None, "the lane has no window"
-        return self._seq[None, :, self._fed].expand(rows, -1)
+    def row_keys(self) -> tuple[tuple[TextCondition | None, bool], ...]:
+        """The rows the lane steps, in order: (condition or None for the null row, warm) for
+        its rows, then the same again for the warm rows while it builds the next window."""
+        keys = (*self.rows.conditions, None) if self.rows.guided else self.rows.conditions
+        warm = keys if self.warm is not None else ()
+        return tuple((k, False) for k in keys) + tuple((k, True) for k in warm)
 
-    def prefilled(self, tokens: torch.Tensor, seconds: float) -> bool:
+    def inputs(self) -> tuple[torch.Tensor, list[int]]:
+        """What a step feeds the lane's rows (`row_keys`): ids [R, K] and each row's position."""
+        assert self._seq is not None, "the lane has no window"
+        rows = self.rows.count
+        ids = self._seq[None, :, self._fed].expand(rows, -1)
+        if self.warm is None:
+            return ids, [self._fed] * rows
+        q = self._fed - self.warm.start
+        column = torch.where(q - 1 - self._delays_on_device < 0, PAD, self._seq[:, self._fed])
+        if q <= self.warm.context:
+            self.warm.ids[:, q] = column
+        return torch.cat([ids, column[None].expand(rows, -1)]), [self._fed] * rows + [q] * rows
+
+    def fed_warm(self, logits: torch.Tensor) -> None:
+        """After a step over `inputs()`: logits [R, K, V] of the warm rows. Kept once they are
+        those of the next window's last context position (what its prefill would sample)."""
+        assert self.warm is not None
+        if self._fed - self.warm.start == self.warm.context:
+            self.warm.logits = logits.clone()
+            self.warm.keys = tuple(k for k, _ in self.row_keys()[: self.rows.count])
+
+    def take_warm(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """At a window restart, after `begin_window` gave `ids` [K, C + 1]: the warm rows'
+        logits for the lane's rows (what a prefill of `ids` would return), or None when there
+        is no warm window that matches (the batch prefills). The batch then makes the warm
+        rows' cache the rows' cache."""
+        warm, self._taken = self._taken, None
+        if warm is None or warm.logits is None or warm.context != ids.shape[1] - 1:
+            return None
+        assert torch.equal(warm.ids, ids), "the warm rows were fed other ids than the prefill's"
+        keys = (*self.rows.conditions, None) if self.rows.guided else self.rows.conditions
+        index = [next((j for j, w in enumerate(warm.keys) if w is k), -1) for k in keys]
+        if -1 in index:
+            return None
+        return warm.logits[index]
+
+    def prefilled(self, tokens: torch.Tensor, seconds: float | None) -> bool:
         """Take the tokens [K] a prefill of `begin_window`'s ids sampled, and the prefill's wall
-        time. True when the rows changed (a glide ended)."""
+        time (None: the window was warm, nothing prefilled). True when the rows changed (a
+        glide ended)."""
         self._fed = self._context_len + 1
-        self.prefills += 1
-        self.last_prefill = Prefill(seconds, self.rows.count, self._context_len)
-        if self._context_len == self.window.context:
-            self.prefill_seconds = seconds * PLAIN_ROWS / self.rows.count
+        if seconds is None:
+            self.warm_restarts += 1
+        else:
+            self.prefills += 1
+            self.last_prefill = Prefill(seconds, self.rows.count, self._context_len)
+            if self._context_len == self.window.context:
+                self.prefill_seconds = seconds * PLAIN_ROWS / self.rows.count
         self._accept(tokens)
-        return self._settle(self._frame_of(self._fed + 1))
+        changed = self._settle(self._frame_of(self._fed + 1))
+        return self._begin_warm() or changed
 
     def stepped(self, tokens: torch.Tensor) -> bool:
         """Take the tokens [K] a decoder step over `position` sampled (position + 1). True when
-        the rows changed (a glide ended: rows of weight 0 leave)."""
+        the rows changed (a glide ended: rows of weight 0 leave; the warm rows came)."""
         self._fed += 1
         self.steps += 1
         self._accept(tokens)
-        return self._settle(self._frame_of(self._fed + 1))
+        changed = self._settle(self._frame_of(self._fed + 1))
+        return self._begin_warm() or changed
 
     # -- inside ----------------------------------------------------------------------------
+
+    def _begin_warm(self) -> bool:
+        """Start the warm rows when this window reaches the position where the next window's
+        context begins: `window - max_delay - C`, C the frames the next restart re-reads (the
+        next window's context ends with the last frame complete at the restart)."""
+        if not self.warms or self.warm is not None or self._seq is None:
+            return False
+        limits = [self.window.context] + ([self.restart_context] if self.restart_context else [])
+        context = min(limits)
+        start = self.window.window - self.max_delay - context
+        # its tokens must all be this window's own (not its context's), fed from here on
+        if self._fed != start or start <= self._context_len:
+            return False
+        ids = torch.full((self.num_codebooks, context + 1), -1, device=self.device)
+        self.warm = Warm(start, context, ids)
+        return True
 
     def _make_generator(self, seed: int | None) -> torch.Generator:
         generator = torch.Generator(device=self.device)

@@ -116,6 +116,10 @@ class WindowOptions:
     # frames re-prefilled when the prompt changes (at most `context`; 0 = `context`): a shorter
     # re-read is heard sooner, and 2 s keep the music's sound across the change
     prompt_context: int = 100
+    # build the next window a step at a time in the last `context` steps of this one (its rows
+    # beside the stream's in the same decoder steps), so a window restart prefills nothing:
+    # the radio does not stall for a prefill every `window - context` frames
+    warm_restarts: bool = True
 
     def validate(self, max_positions: int = 2048) -> WindowOptions:
         if self.context < 1:

@@ -110,6 +110,17 @@ class TokenStream:
         return self._lane.prefills
 
     @property
+    def warming(self) -> bool:
+        """Whether its warm rows are being fed now (the next window, built beside this one:
+        its steps cost more until the window restarts)."""
+        return self._lane.warm is not None
+
+    @property
+    def warm_restarts(self) -> int:
+        """Window restarts that took the warm rows' window and prefilled nothing."""
+        return self._lane.warm_restarts
+
+    @property
     def prefill_seconds(self) -> float:
         """Seconds a prefill of a whole context takes for a plain prompt (conditional and null
         row), from the latest one, scaled by its rows; 0 before the first."""

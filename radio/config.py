@@ -92,9 +92,10 @@ class GenerationConfig:
         metadata=flat("guidance_scale", "temperature", "top_k", "top_p"),
     )
     seed: int = -1  # seed of each station's sampler (station i uses seed + i); -1 = random
-    # window, context, prompt_context (engine.options.WindowOptions)
+    # window, context, prompt_context, warm_restarts (engine.options.WindowOptions)
     windows: WindowOptions = field(
-        default_factory=WindowOptions, metadata=flat("window", "context", "prompt_context")
+        default_factory=WindowOptions,
+        metadata=flat("window", "context", "prompt_context", "warm_restarts"),
     )
     buffer_ahead: float = 4.0  # seconds generated ahead of the clock (more = safer, slower prompts)
     chunk_seconds: float = 0.2  # audio generated per worker step (smaller = faster prompt reaction)
@@ -102,7 +103,8 @@ class GenerationConfig:
     # 0.5 s, and long enough for the engine's measured prefill, so the stream never falls behind
     prompt_horizon: float = -1.0
     # while generation cannot keep up with real time, window restarts re-read a shorter context
-    # (half, then a quarter of `context`) and the whole of it again once it can (radio.ladder)
+    # (half, then a quarter of `context`) and the whole of it again once it can (radio.ladder;
+    # with warm restarts a shorter context shortens the stretch the warm rows cost extra)
     adaptive_restarts: bool = True
     # a generation step that makes no progress for this long marks /healthz 503 with the
     # reason, so that Docker (with autoheal) or systemd restarts the radio

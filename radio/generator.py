@@ -190,6 +190,10 @@ class Generator:
         # seconds one prefill of a whole context takes: measured when the streams open, then the
         # latest window restart's (read by the loop to place prompt changes; a float is atomic)
         self.prefill_seconds = 0.0
+        # smoothed seconds per frame of audio of the chunks read while a station's warm rows
+        # were fed (the next window built beside this one): what a warm restart costs, beside
+        # the tuner's cost of the other chunks; 0 until measured
+        self.warm_cost = 0.0
         self.tuner: ThreadTuner | None = None  # made by the worker thread, for its own threads
         self.adaptive_restarts = adaptive_restarts
         # the ladder's level (radio.ladder: 0 = window restarts re-read the whole context)
@@ -365,13 +369,17 @@ class Generator:
             change,
             auto_horizon(change, chunk),
         )
-        if self.prefill_seconds + chunk > self.buffer_ahead:
+        # what stalls the stream at once: a window restart's prefill (none when warm) and a
+        # prompt change's
+        stall = change if window.warm_restarts else self.prefill_seconds
+        if stall + chunk > self.buffer_ahead:
             log.warning(
-                "the %.1f s buffer is shorter than a prefill (%.2f s) plus a chunk: window "
-                "restarts and prompt changes will make the stream fall behind; raise "
-                "generation.buffer_ahead or run the model on a faster device",
+                "the %.1f s buffer is shorter than a prefill (%.2f s) plus a chunk: %s will make "
+                "the stream fall behind; raise generation.buffer_ahead or run the model on a "
+                "faster device",
                 self.buffer_ahead,
-                self.prefill_seconds,
+                stall,
+                "prompt changes" if window.warm_restarts else "window restarts and prompt changes",
             )
 
     def _due(self, lanes: Iterable[_Lane], ahead_limit: int) -> list[_Lane]:
@@ -411,7 +419,14 @@ class Generator:
             return
         window = self.specs[0].window
         stations = max(1, sum(not ln.healing.down for ln in self._lanes.values()))
-        rates = ladder.Rates(1.0 / (cost * stations), self.prefill_seconds, stations)
+        # a window restart's cost for a whole context: its prefill, or with warm restarts the
+        # extra its warm rows cost over the `context` frames they are fed
+        restart = self.prefill_seconds
+        if window.warm_restarts:
+            if not self.warm_cost:
+                return  # not measured yet
+            restart = max(self.warm_cost - cost, 1e-9) * window.context
+        rates = ladder.Rates(1.0 / (cost * stations), restart, stations)
         rate = self.model.frame_rate
         level = ladder.choose_level(self.restart_level, rates, window.window, window.context, rate)
         if level == self.restart_level:
@@ -506,15 +521,23 @@ class Generator:
         )
         streams = [ln.stream for ln in lanes]
         prefills = [s.tokens.prefills for s in streams]
+        warming = any(s.tokens.warming for s in streams)
+        began = time.perf_counter()
         try:
             pcms: list[np.ndarray | Exception] = list(
                 tuner.run(
                     lambda: self._read_together(streams),
                     units=self.chunk_frames * len(lanes),  # cost per frame of audio made
                     explore=explore,
-                    # a chunk with a window restart's prefill (seconds of work) says nothing
-                    # about the thread count: it would make the count that ran it look slow
-                    typical=lambda: [s.tokens.prefills for s in streams] == prefills,
+                    # a chunk with a window restart's prefill (seconds of work), or with a
+                    # station's warm rows (more rows a step for the last `context` frames of
+                    # each window), says nothing about the thread count: it would make the count
+                    # that ran it look slow
+                    typical=lambda: (
+                        not warming
+                        and not any(s.tokens.warming for s in streams)
+                        and [s.tokens.prefills for s in streams] == prefills
+                    ),
                 )
             )
         except Exception as e:  # noqa: BLE001 - told to the station(s) it belongs to
@@ -526,6 +549,11 @@ class Generator:
                 describe(e),
             )
             pcms = [self._read_alone(ln) for ln in lanes]
+        if warming and all(s.tokens.warming for s in streams) and tuner.current == before:
+            cost = (time.perf_counter() - began) / (self.chunk_frames * len(lanes))
+            self.warm_cost = (
+                cost if not self.warm_cost else self.warm_cost + 0.25 * (cost - self.warm_cost)
+            )
         if tuner.current != before:
             log.info(
                 "generation now runs on %d thread(s), measured faster on this machine now: %s",

@@ -14,6 +14,12 @@ prefill, and takes the best level that keeps up:
 It moves down a level when the prediction for the current one falls under `DOWN_BELOW`, and up
 only when the level above is predicted at `UP_ABOVE` or more, so measurement noise does not make
 it flap. Prompt changes keep their own (shorter) `generation.prompt_context`.
+
+With warm restarts (`generation.warm_restarts`, the default) nothing is prefilled: the next
+window is built a step at a time during the last `context` frames of the current one, and what
+a restart costs is the extra those steps take (measured by the generator on the chunks read
+while warm rows were fed). A shorter context shortens that stretch in proportion, so the same
+prediction holds with that cost in place of the prefill's.
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ class Rates:
     """What the prediction needs, measured by the generator."""
 
     frames_per_second: float  # frames of audio per station per second of generating, no prefill
-    prefill_seconds: float  # a whole context's prefill (one station)
+    prefill_seconds: (
+        float  # a whole context's restart (one station): its prefill or warm rows' extra
+    )
     stations: int  # stations generating (each re-prefills once per window)
 
 

@@ -122,14 +122,22 @@ def test_serve_benchmark_runs_two_stations_with_a_listener_each(tmp_path):
 
 
 def test_engine_benchmark_realtime_only(tmp_path):
+    """Warm and prefilled window restarts taking turns: 6 s of audio cross 2 window restarts
+    (window 150, context 40: 107 new frames per window)."""
     out = _run(
         "bench_engine.py",
-        *("--size", "tiny", "--realtime-only", "--realtime-seconds", "3"),
-        *("--window", "120", "--context", "60"),
+        *("--size", "tiny", "--realtime-only", "--realtime-seconds", "6", "--cold-too"),
+        *("--window", "150", "--context", "40"),
         tmp_path=tmp_path,
     )
-    line = r"real time, int8, one station, 3 s of audio end to end \(.*\): real-time factor [\d.]+"
-    assert re.search(line, out), out
+    line = (
+        r"real time, int8, one station, 6 s of audio end to end \(1 prefills, (\d+) warm restarts"
+    )
+    assert (warm := re.search(line, out)) and int(warm.group(1)) >= 2, out
+    line = r"real time, int8 cold, one station, 6 s of audio end to end \((\d+) prefills, 0 warm"
+    assert (cold := re.search(line, out)) and int(cold.group(1)) >= 3, out
+    assert re.search(r"real-time factor [\d.]+", out)
+    assert re.search(r"int8 cold's real-time factor: x[\d.]+ int8's \(same turns\)", out), out
 
 
 def test_kernels_benchmark_prints_each_kernel(tmp_path):

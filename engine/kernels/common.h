@@ -89,6 +89,28 @@ inline std::pair<const uint8_t*, const uint8_t*> thread_share(const PackedInt8& 
 }
 
 // Ask (into L2) for part `j` of `n` of the bytes [begin, end).
+// fn(i0, i1) on each thread for its share of the B * H (row, head) self-attention items:
+// contiguous shares of about equal cost, an item reading its row's positions [0, pos[b]]. Rows at
+// different points of their windows (stations, a stream's warm rows) split evenly by count would
+// leave one thread waiting on the other at every layer.
+template <class Fn>
+inline void parallel_by_position(const int64_t* pos, int64_t B, int64_t H, Fn&& fn) {
+  const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B * H));
+  int64_t bounds[65];  // thread t's items are [bounds[t], bounds[t + 1])
+  const int64_t threads = std::min<int64_t>(T, 64);
+  int64_t total = 0, done = 0, t = 1;
+  for (int64_t b = 0; b < B; ++b) total += (pos[b] + 1) * H;
+  bounds[0] = 0;
+  for (int64_t i = 0; i < B * H && t < threads; ++i) {
+    done += pos[i / H] + 1;
+    while (t < threads && done * threads >= total * t) bounds[t++] = i + 1;
+  }
+  while (t <= threads) bounds[t++] = B * H;
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    if (bounds[t0] < bounds[t1]) fn(bounds[t0], bounds[t1]);
+  });
+}
+
 inline void prefetch_part(const uint8_t* begin, const uint8_t* end, int64_t j, int64_t n) {
   const int64_t size = end - begin;
   for (int64_t at = size * j / n / 64 * 64; at < size * (j + 1) / n; at += 64)

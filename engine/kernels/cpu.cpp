@@ -124,7 +124,9 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor keys, torch::Tenso
   const int64_t kb = keys.stride(0), kh = keys.stride(1), vb = values.stride(0), vh = values.stride(1);
   const float s = static_cast<float>(scale);
 
-  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+  std::vector<int64_t> last(lp, lp + B);  // each row's last position read
+  for (auto& p : last) p -= 1;
+  parallel_by_position(last.data(), B, H, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores(P + 16);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, h = i % H;
@@ -158,7 +160,7 @@ torch::Tensor attend_step(torch::Tensor qkv, torch::Tensor keys, torch::Tensor v
   const int64_t kb = keys.stride(0), kh = keys.stride(1), vb = values.stride(0), vh = values.stride(1);
   const float s = static_cast<float>(scale);
 
-  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+  parallel_by_position(pp, B, H, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores(P + 16);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, h = i % H, at = pp[b];
@@ -200,7 +202,7 @@ torch::Tensor attend_step_q8(torch::Tensor qkv, torch::Tensor keys, torch::Tenso
   const int64_t tb = value_scales.stride(0), th = value_scales.stride(1);
   const float s = static_cast<float>(scale);
 
-  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+  parallel_by_position(pp, B, H, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores(P + 16);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, h = i % H, at = pp[b];
@@ -248,7 +250,7 @@ torch::Tensor attend_step_q4(torch::Tensor qkv, torch::Tensor blocks, torch::Ten
   const int64_t sb = blocks.stride(0), sh = blocks.stride(1);
   const float s = static_cast<float>(scale);
 
-  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+  parallel_by_position(pp, B, H, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, h = i % H;
       const float* in = xp + b * 3 * E + h * D;

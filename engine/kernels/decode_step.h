@@ -166,7 +166,7 @@ inline void decode_step_int8(const ModelW& m, const int64_t* ids, const int64_t*
     const DecoderLayerW& w = m.layers[l];
     norm_rows(w.ln_self, x, B, E, m.eps, h);
     project<Out::Store>(w.qkv, h, E, B, qkv, 3 * E, s);
-    at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    parallel_by_position(pos, B, H, [&](int64_t i0, int64_t i1) {
       float* scores = s.scores.data() + at::get_thread_num() * scratch;
       // Attention waits on memory more than it fills the bus: meanwhile the next projection's
       // weights, this thread's share, are asked for (into L2), a slice per (row, head).

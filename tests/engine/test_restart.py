@@ -9,6 +9,8 @@ batch whose frames before the restart are gone goes on from the earliest frame i
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -142,9 +144,9 @@ def test_token_frames_are_the_streams_frames(mono):
 def test_a_prompt_change_with_a_short_context_continues_like_generate(mono, batched):
     """`prompt_context` frames re-read at a prompt change: from the change on, the stream writes
     what `generate` writes for the new text given those last frames; its next window restart
-    re-reads the whole context again."""
+    re-reads the whole context again (a prefill: warm restarts off, they re-read nothing)."""
     ours, hf, processor = mono
-    window = WindowOptions(window=120, context=60, prompt_context=15)
+    window = WindowOptions(window=120, context=60, prompt_context=15, warm_restarts=False)
     if batched:
         stream = ours.open_streams([PROMPT, "harp"], [GREEDY] * 2, window=window)[0]
     else:
@@ -177,11 +179,13 @@ def test_prompt_context_is_checked():
 @torch.inference_mode()
 def test_shortened_window_restarts_equal_a_stream_with_that_context(mono):
     """A stream whose window restarts are shortened to 30 frames writes exactly what a stream
-    with `context=30` writes (greedy), and goes back to the whole context when asked."""
+    with `context=30` writes (greedy), and goes back to the whole context when asked (restarts
+    that prefill, what the radio's ladder shortens)."""
     ours, _, _ = mono
-    short = ours.open_stream(PROMPT, GREEDY, window=WindowOptions(window=120, context=60))
+    cold = WindowOptions(window=120, context=60, warm_restarts=False)
+    short = ours.open_stream(PROMPT, GREEDY, window=cold)
     short.shorten_restarts(30)
-    plain = ours.open_stream(PROMPT, GREEDY, window=WindowOptions(window=120, context=30))
+    plain = ours.open_stream(PROMPT, GREEDY, window=dataclasses.replace(cold, context=30))
     short.read(300)
     plain.read(300)
     assert short.tokens.last_prefill.frames == 30 and short.tokens.prefills >= 3

@@ -13,14 +13,14 @@ from tests.radio.fake_engine import CHUNK, Sink, spec
 
 @pytest.fixture
 async def run():
-    """run(model, stations, faults=None, buffer_ahead=1.0, **generator options) ->
-    (generator, sink), started; stopped afterwards."""
+    """run(model, stations, faults=None, buffer_ahead=1.0, window=None, **generator options)
+    -> (generator, sink), started; stopped afterwards."""
     started: list[Generator] = []
 
-    async def start(model, stations=("a",), faults=None, buffer_ahead=1.0, **options):
+    async def start(model, stations=("a",), faults=None, buffer_ahead=1.0, window=None, **options):
         gen = Generator(
             model,
-            [spec(s) for s in stations],
+            [spec(s, window) for s in stations],
             buffer_ahead=buffer_ahead,
             chunk_frames=CHUNK,
             faults=faults,

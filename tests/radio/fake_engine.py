@@ -23,6 +23,7 @@ class FakeTokens:
     prefill_seconds = 0.0
     last_prefill = None
     prefills = 0
+    warming = False
 
 
 class FakeStream:
@@ -170,8 +171,8 @@ class Sink:
                 await self.changed.wait()
 
 
-def spec(sid: str) -> StationSpec:
-    return StationSpec(sid, Blend.of(f"{sid} music"), SamplingOptions(), WindowOptions())
+def spec(sid: str, window: WindowOptions | None = None) -> StationSpec:
+    return StationSpec(sid, Blend.of(f"{sid} music"), SamplingOptions(), window or WindowOptions())
 
 
 def frames(start: int, stop: int) -> np.ndarray:

@@ -8,11 +8,12 @@ milliseconds each. Healing: tests/radio/test_healing.py; the watchdog: test_watc
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
 from engine.blend import Blend
-from engine.options import SamplingOptions
+from engine.options import SamplingOptions, WindowOptions
 from radio.testing import FaultInjector
 from radio.timing import PromptChange
 from tests.radio.fake_engine import HOP, FakeModel, frames
@@ -178,3 +179,18 @@ async def test_chunks_are_read_through_the_thread_tuner(run):
     assert tuner is not None and tuner.current in tuner.counts
     # from TRIAL_AHEAD_SECONDS of audio ahead on, a chunk measures another count where there is one
     assert len(tuner.cost) == min(2, len(tuner.counts))
+
+
+@pytest.mark.parametrize("warm", [True, False])
+async def test_a_buffer_shorter_than_what_stalls_the_stream_is_warned_about(run, caplog, warm):
+    """The fake's whole-context prefill takes 0.25 s (a prompt change's 100 frames 0.05 s),
+    a chunk 0.2 s: a 0.3 s buffer holds a prompt change, not a prefilled window restart."""
+    caplog.set_level(logging.WARNING, logger="radio.generator")
+    window = WindowOptions(warm_restarts=warm)
+    gen, sink = await run(FakeModel(), ("a",), buffer_ahead=0.3, window=window)
+    await sink.until(lambda: len(sink.pcm("a")) >= 1)
+    warned = [r.getMessage() for r in caplog.records if "buffer is shorter" in r.getMessage()]
+    if warm:
+        assert warned == []
+    else:
+        assert warned and "window restarts and prompt changes will make" in warned[0]

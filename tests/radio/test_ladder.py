@@ -1,6 +1,7 @@
 """The ladder (radio/ladder.py): window restarts re-read a shorter context while generation
 cannot keep up with real time, the whole context again once it can; its predictions from this
-machine's figures, and the generator moving on it (fake engine, real worker thread)."""
+machine's figures, and the generator moving on it (fake engine, real worker thread) while
+window restarts prefill or are warm (their warm rows' measured extra cost in the prefill's place)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import logging
 
 import pytest
 
+from engine.options import WindowOptions
 from radio.ladder import DOWN_BELOW, UP_ABOVE, Rates, choose_level, context_frames, predicted_rtf
 from tests.radio.fake_engine import FakeModel
 
 WINDOW, CONTEXT, RATE = 1500, 500, 50.0  # musicgen-small's defaults: 30 s windows, 10 s context
+COLD = WindowOptions(warm_restarts=False)  # window restarts prefill: what the ladder shortens
 
 
 def test_the_prediction_counts_the_prefill_of_every_window():
@@ -53,13 +56,25 @@ def moves(sink) -> list[tuple]:
     return [c for c in sink.calls if c[0] == "restart_context"]
 
 
-async def test_the_generator_shortens_restarts_while_behind_and_restores_them(run, caplog):
+def restart_cost(gen, warm: bool, seconds: float) -> None:
+    """Make a window restart cost about `seconds`: a prefill, or warm rows' extra steps."""
+    if warm:
+        gen.warm_cost = gen.tuner.cost[gen.tuner.current] + seconds / CONTEXT
+    else:
+        gen.prefill_seconds = seconds
+
+
+@pytest.mark.parametrize("warm", [False, True])
+async def test_the_generator_shortens_restarts_while_behind_and_restores_them(run, caplog, warm):
+    """Restarts that prefill, or warm restarts whose warm rows make steps slower: the cost the
+    generator measured is what the ladder weighs."""
     caplog.set_level(logging.INFO, logger="radio.generator")
     model = FakeModel()
-    gen, sink = await run(model, ("a", "b"), buffer_ahead=1.0)
+    window = WindowOptions(warm_restarts=warm)
+    gen, sink = await run(model, ("a", "b"), buffer_ahead=1.0, window=window)
     await sink.until(lambda: len(sink.pcm("a")) == 5)
     assert gen.restart_level == 0 and gen.tuner is not None and gen.tuner.cost
-    gen.prefill_seconds = 1e6  # a window restart now costs far more than a window's audio
+    restart_cost(gen, warm, 1e6)  # a window restart now costs far more than a window's audio
     gen.played("a", 20)
     gen.played("b", 20)
     await sink.until(lambda: len(moves(sink)) == 2)
@@ -71,7 +86,7 @@ async def test_the_generator_shortens_restarts_while_behind_and_restores_them(ru
         2.5,
     ) in sink.calls
     assert "window restarts now re-read 2.5 s of music, generation cannot keep up" in caplog.text
-    gen.prefill_seconds = 1e-6  # the machine got fast again
+    restart_cost(gen, warm, 1e-6)  # the machine got fast again
     gen.played("a", 40)
     gen.played("b", 40)
     await sink.until(lambda: len(moves(sink)) == 4)
@@ -83,9 +98,23 @@ async def test_the_generator_shortens_restarts_while_behind_and_restores_them(ru
 
 async def test_the_ladder_can_be_turned_off(run):
     model = FakeModel()
-    gen, sink = await run(model, ("a",), buffer_ahead=1.0, adaptive_restarts=False)
+    gen, sink = await run(model, ("a",), buffer_ahead=1.0, adaptive_restarts=False, window=COLD)
     await sink.until(lambda: len(sink.pcm("a")) == 5)
     gen.prefill_seconds = 1e6
     gen.played("a", 30)
     await sink.until(lambda: len(sink.pcm("a")) >= 8)
     assert gen.restart_level == 0 and model.streams[0].restart_context is None
+
+
+async def test_chunks_read_with_warm_rows_are_timed_apart(run):
+    """While warm rows are fed (steps with more rows) the chunks' cost goes to `warm_cost`,
+    not to the thread tuner's: they would make the count in use look slow."""
+    model = FakeModel()
+    gen, sink = await run(model, ("a",), buffer_ahead=1.0)
+    await sink.until(lambda: len(sink.pcm("a")) == 5)
+    assert gen.warm_cost == 0.0
+    costs = dict(gen.tuner.cost)
+    model.streams[0].tokens.warming = True
+    gen.played("a", 70)  # 1 s is buffered ahead: 12 chunks of 10 frames made in all
+    await sink.until(lambda: len(sink.pcm("a")) >= 12)
+    assert gen.warm_cost > 0.0 and gen.tuner.cost == costs
