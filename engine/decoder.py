@@ -13,9 +13,9 @@ keys/values depend only on the prompt, so `cross_kv` computes them once per prom
 The layers are written once (`_layers`); what differs is how a step attends to its own past:
 a prefill attends causally to the keys it writes; a decode step on our CPU kernels runs their
 one-call step (`engine/kernels/decode_step.h`) or their attention; any other decode step is
-`step_logits`, shape-static (keys/values written at tensor positions, attention over the whole
-preallocated cache with the mask `arange(P) <= position[row]`), the function the GPU's compiled
-step (`engine.static_step`) compiles as it is.
+`step_logits`, shape-static (keys/values written at tensor positions, attention over the
+cache's slots with the mask `arange(P) <= position[row]`), the function the GPU's compiled step
+(`engine.static_step`) compiles as it is over the whole preallocated cache.
 """
 
 from __future__ import annotations
@@ -425,11 +425,12 @@ class Decoder:
     ) -> torch.Tensor:
         """One decode step whose shapes never change (the eager step without our kernels, and the
         function `engine.static_step` compiles): each row at its own position, attending to
-        every slot of the preallocated cache under the mask `arange(P) <= positions[row]`.
+        every slot of the cache it is given under the mask `arange(P) <= positions[row]` (the
+        compiled step: the whole preallocated cache; the eager one: the slots some row can see).
 
         ids: [B, K]; positions: [B] long; keys, values: [L, B, H, P, D], a float KV cache
-        (`KVCache.tensors()`), written in place at `positions` (by tensor index: no Python
-        number comes from a tensor); cross_keys, cross_values: per layer [B, H, S, D] (a list,
+        (`KVCache.tensors()`, or its first P slots), written in place at `positions` (by tensor
+        index: no Python number comes from a tensor); cross_keys, cross_values: per layer [B, H, S, D] (a list,
         or a tensor [L, B, H, S, D]: padded text buffers); cross_mask: [B, 1, 1, S] bool.
         Returns float32 logits [B, K, V]."""
         x = self._embed(ids[:, :, None], 0, positions)  # [B, 1, E]
@@ -480,10 +481,15 @@ class Decoder:
         assert max(at) < cache.max_positions, (
             f"KV cache overflow: {max(at)} >= {cache.max_positions}"
         )
+        # Eagerly, the step attends to the slots some row can see, [0, max(at) + 1): the same
+        # maths as over all P with less to read early in a window, and the float sums the eager
+        # engine had (warm restarts write token for token what a prefill writes; over all P, a
+        # seeded draw parts from it after ~450 frames of the tiny model).
+        end = max(at) + 1
+        keys, values = (t[:, :, :, :end] for t in cache.tensors())
         positions = torch.tensor(at, device=self.device)
-        keys, values = cache.tensors()
         logits = self.step_logits(
             ids, positions, keys, values, cross.keys, cross.values, cross.mask
         )
-        cache.length = max(at) + 1
+        cache.length = end
         return logits
