@@ -430,16 +430,16 @@ class Decoder:
 
         ids: [B, K]; positions: [B] long; keys, values: [L, B, H, P, D], a float KV cache
         (`KVCache.tensors()`, or its first P slots), written in place at `positions` (by tensor
-        index: no Python number comes from a tensor); cross_keys, cross_values: per layer [B, H, S, D] (a list,
-        or a tensor [L, B, H, S, D]: padded text buffers); cross_mask: [B, 1, 1, S] bool.
-        Returns float32 logits [B, K, V]."""
+        index: no Python number comes from a tensor); cross_keys, cross_values: per layer
+        [B, H, S, D] (`CrossKV`'s lists, or tensors [L, B, H, S, D]: the static step's padded
+        text buffers); cross_mask: [B, 1, 1, S] bool. Returns float32 logits [B, K, V]."""
         x = self._embed(ids[:, :, None], 0, positions)  # [B, 1, E]
         rows = torch.arange(ids.shape[0], device=ids.device)
         slots = torch.arange(keys.shape[3], device=ids.device)
         mask = (slots <= positions[:, None])[:, None, None, :]  # [B, 1, 1, P]
 
         def attend(layer: int, qkv: torch.Tensor) -> torch.Tensor:
-            q, k, v = (self._split_heads(x) for x in qkv.chunk(3, dim=-1))  # [B, H, 1, D]
+            q, k, v = (self._split_heads(t) for t in qkv.chunk(3, dim=-1))  # [B, H, 1, D]
             layer_keys, layer_values = keys[layer], values[layer]  # [B, H, P, D]
             layer_keys[rows, :, positions] = k[:, :, 0].to(keys.dtype)
             layer_values[rows, :, positions] = v[:, :, 0].to(values.dtype)
