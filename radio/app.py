@@ -130,7 +130,7 @@ def build_radio(
         for sid in stations
     }
     share = g.windows.change_context / g.windows.context
-    horizon = Horizon(g.prompt_horizon, g.chunk_seconds, share, unmeasured=g.buffer_ahead)
+    horizon = Horizon(g.prompt_horizon, g.chunk_seconds, share)
     timing = {
         sid: PromptTimeline(
             st,

@@ -101,7 +101,6 @@ class GenerationConfig:
     chunk_seconds: float = 0.2  # audio generated per worker step (smaller = faster prompt reaction)
     # a new prompt starts this many seconds after the moment being played; -1 = auto: at least
     # 0.5 s, and long enough for the engine's measured prefill, so the stream never falls behind
-    # (the prefill is timed once the buffer first fills; before that, `buffer_ahead`)
     prompt_horizon: float = -1.0
     # while generation cannot keep up with real time, window restarts re-read a shorter context
     # (half, then a quarter of `context`) and the whole of it again once it can (radio.ladder;

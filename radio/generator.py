@@ -187,11 +187,9 @@ class Generator:
         self.watchdog = watchdog if watchdog is not None and watchdog.enabled else None
         self.faults = faults
         self.clock = clock
-        # seconds one prefill of a whole context takes: timed once the buffers first fill (0
-        # until then), then the latest whole-context prefill's (read by the loop to place prompt
-        # changes; a float is atomic)
+        # seconds one prefill of a whole context takes: measured when the streams open, then the
+        # latest window restart's (read by the loop to place prompt changes; a float is atomic)
         self.prefill_seconds = 0.0
-        self._timed = False  # whether the worker timed a prefill (once the buffers first fill)
         # smoothed seconds per frame of audio of the chunks read while a station's warm rows
         # were fed (the next window built beside this one): what a warm restart costs, beside
         # the tuner's cost of the other chunks; 0 until measured
@@ -313,9 +311,6 @@ class Generator:
                 return
             self._reopen_due(lanes.values())
             due = self._due(lanes.values(), ahead_limit)
-            if not due and not self._timed:  # the buffers are full: now a prefill can be timed
-                self._time_prefill()
-                continue
             if not due:  # everyone is far enough ahead: wait for the clocks to move
                 if not self._drain(lanes, block=True):
                     return
@@ -333,7 +328,7 @@ class Generator:
             self.busy = None
 
     def _open(self) -> dict[str, _Lane]:
-        """Every station's stream, opened together; _OpenFailed (and
+        """Every station's stream, opened together, and the prefill measured; _OpenFailed (and
         an error on every station) when that fails."""
         try:
             # One decoder step serves every station (engine batching): the weights are read
@@ -345,32 +340,15 @@ class Generator:
             )
             for spec, stream in zip(self.specs, streams, strict=True):
                 open_blend(stream, spec.prompt)
+            window = self.specs[0].window  # a prompt change's prefill, scaled: seconds less
+            self.prefill_seconds = self.model.measure_prefill(window, window.change_context)
         except Exception as e:  # noqa: BLE001 - reported to every station, then the thread ends
             log.debug("the stations' streams did not open", exc_info=True)
             for spec in self.specs:
                 self._to_loop(self.sink.on_error, spec.id, f"cannot open stream: {e}")
             raise _OpenFailed(f"cannot open the stations' streams: {describe(e)}") from e
-        return {s.id: self._lane(s, stream) for s, stream in zip(self.specs, streams, strict=True)}
-
-    def _time_prefill(self) -> None:
-        """Time a prompt change's prefill (scaled to the whole context), for the prompt horizon:
-        once, when the buffers first fill, so that it does not delay the first sound; until then
-        prompt changes start at the end of the buffered audio (`Horizon.unmeasured`)."""
-        self._timed = True
-        window = self.specs[0].window
-        try:
-            with self._engine_call("timing a prefill"):
-                measured = self.model.measure_prefill(window, window.change_context)
-        except Exception as e:  # noqa: BLE001 - the stations go on; changes start a buffer ahead
-            log.warning(
-                "could not time a prefill (%s): prompt changes start %.1f s ahead",
-                describe(e),
-                self.buffer_ahead,
-            )
-            return
-        if not self.prefill_seconds:  # a real whole-context prefill may have been timed already
-            self.prefill_seconds = measured
         self._say_prefill()
+        return {s.id: self._lane(s, stream) for s, stream in zip(self.specs, streams, strict=True)}
 
     def _lane(self, spec: StationSpec, stream: AudioStream) -> _Lane:
         lane = _Lane(spec, stream, LaneHealing())

@@ -71,9 +71,6 @@ class Horizon:
     # a prompt change's re-read against a whole context's (`generation.prompt_context` frames
     # over `context`): its prefill takes about this share of the measured one
     context_share: float = 1.0
-    # auto, before the generator has timed a prefill (the first seconds on air): start this far
-    # ahead, at the end of the buffered audio (`generation.buffer_ahead`), which is safe
-    unmeasured: float = 4.0
 
     def seconds(self, prefill_seconds: float, rows: int = PLAIN_ROWS) -> float:
         """`prefill_seconds`: a plain prompt's prefill of a whole context; `rows`: the decoder
@@ -81,8 +78,6 @@ class Horizon:
         row)."""
         if self.fixed >= 0:
             return self.fixed
-        if prefill_seconds <= 0:
-            return self.unmeasured
         change = prefill_seconds * self.context_share * rows / PLAIN_ROWS
         return auto_horizon(change, self.chunk_seconds)
 

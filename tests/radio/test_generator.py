@@ -188,9 +188,7 @@ async def test_a_buffer_shorter_than_what_stalls_the_stream_is_warned_about(run,
     caplog.set_level(logging.WARNING, logger="radio.generator")
     window = WindowOptions(warm_restarts=warm)
     gen, sink = await run(FakeModel(), ("a",), buffer_ahead=0.3, window=window)
-    async with asyncio.timeout(10):  # timed (and said) once the buffer filled
-        while not gen.prefill_seconds:
-            await asyncio.sleep(0.01)
+    await sink.until(lambda: len(sink.pcm("a")) >= 1)
     warned = [r.getMessage() for r in caplog.records if "buffer is shorter" in r.getMessage()]
     if warm:
         assert warned == []

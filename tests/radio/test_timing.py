@@ -102,8 +102,6 @@ def test_a_change_starts_a_horizon_after_the_moment_being_played():
     assert tl.start_frame() == 51 + 25
     engine.prefill_seconds = 1.2  # a slow prefill moves it later: 1.5 x 1.2 + 2 x 0.2 s
     assert tl.start_frame() == 51 + 110
-    engine.prefill_seconds = 0.0  # not timed yet (the first seconds on air): a buffer ahead
-    assert tl.start_frame() == 51 + 4 * 50
 
 
 async def test_a_blend_or_a_transition_starts_later_for_its_larger_prefill():
