@@ -83,7 +83,7 @@ class Lane:
         null row; `prompt_frames`: optional [K, T] tokens to continue from (frames 0..T-1);
         `warm`: build each next window beside this one (warm restarts)."""
         self.window = window
-        self.warms = warm
+        self.builds_warm = warm  # warm restarts
         self.sampling = sampling
         self.delays = delays
         self.num_codebooks = int(delays.shape[0])
@@ -238,9 +238,10 @@ class Lane:
         `context` frames in the delayed layout). A glide already over settles first."""
         if self._seq is not None:
             log.debug(
-                "window full at frame %d: re-prefilling %d frames",
+                "window full at frame %d: a new window from its last %d frames (%s)",
                 self.complete,
                 self.window.context,
+                "warm" if self.warm is not None and self.warm.logits is not None else "prefill",
             )
         context = self.context()
         limits = [n for n in (self._next_context, self.restart_context) if n is not None]
@@ -333,7 +334,7 @@ class Lane:
         """Start the warm rows when this window reaches the position where the next window's
         context begins: `window - max_delay - C`, C the frames the next restart re-reads (the
         next window's context ends with the last frame complete at the restart)."""
-        if not self.warms or self.warm is not None or self._seq is None:
+        if not self.builds_warm or self.warm is not None or self._seq is None:
             return False
         limits = [self.window.context] + ([self.restart_context] if self.restart_context else [])
         context = min(limits)
