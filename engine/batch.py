@@ -15,7 +15,7 @@ rows from each):
 The cache holds exactly those rows. When a lane's rows change (a prompt with another number of
 texts, a transition beginning or ending) the batch lays its rows out anew: rows that stay keep
 their cache (copied), new ones are prefilled. Rows at different points of their windows attend
-with a per-row mask (`Decoder.forward(rows_at=...)`; our kernels: each row up to its own
+with a per-row mask (`Decoder.step_logits`; our kernels: each row up to its own
 position). After the forward, `engine.rows.mix_rows` sums each lane's conditional rows by
 weight (nothing to do when every lane has one), and one sampling call guides and draws for all.
 

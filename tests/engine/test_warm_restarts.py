@@ -2,10 +2,9 @@
 
 A window restart with `warm_restarts` prefills nothing: the warm rows were fed the next
 window's positions in the last `context` steps of the window. What the stream writes is what
-it writes with a prefill at every restart: token for token under greedy decoding and seeded
-sampling (float32 on the tiny model), alone and batched, through prompt changes, transitions
-and shortened restarts that fall back to a prefill; the warm rows' cache holds what the
-prefill's holds. On the int8 kernels (the CPU default), batched streams with warm rows at
+it writes with a prefill at every restart: token for token under greedy decoding (float32 on
+the tiny model), through prompt changes, transitions and shortened restarts that fall back to a
+prefill; the warm rows' cache holds what the prefill's holds. On the int8 kernels (the CPU default), batched streams with warm rows at
 different points of their windows write what they write alone.
 """
 
@@ -36,9 +35,9 @@ def assert_same(got: torch.Tensor, want: torch.Tensor) -> None:
     assert mismatch.numel() == 0, f"first mismatch (codebook, frame): {mismatch[0].tolist()}"
 
 
-@pytest.mark.parametrize(
-    "sampling", [GREEDY, SamplingOptions(seed=7), SamplingOptions(greedy=True, guidance_scale=1.0)]
-)
+# Greedy: sampled draws would part at a near-tie of the cumulative probabilities, which the
+# rounding differences between a prefill and single steps can move (float32, ~1e-6).
+@pytest.mark.parametrize("sampling", [GREEDY, SamplingOptions(greedy=True, guidance_scale=1.0)])
 @torch.inference_mode()
 def test_a_warm_restart_writes_what_a_prefill_writes(tiny_float32, sampling):
     warm = tiny_float32.open_stream("slow rainy day jazz", sampling, WINDOW)
