@@ -60,6 +60,7 @@ class ThreadTuner:
         self.smoothing = smoothing
         self.margin = margin
         self.switches = 0
+        self.last = self.current  # the count the latest run used (a trial's, or the current)
         self._clock = clock
         self._set_threads = set_threads
         self._runs = 0
@@ -76,7 +77,7 @@ class ThreadTuner:
         """`work()` with the chosen count; its time per unit is recorded unless `typical()`,
         asked after it, says the run was not like the others (e.g. it re-prefilled a window:
         seconds of work that one run in a hundred does would make its count look slow)."""
-        count = self._next_count(explore)
+        count = self.last = self._next_count(explore)
         self._set_threads(count)
         began = self._clock()
         result = work()

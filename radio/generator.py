@@ -549,7 +549,7 @@ class Generator:
                 describe(e),
             )
             pcms = [self._read_alone(ln) for ln in lanes]
-        if warming and all(s.tokens.warming for s in streams) and tuner.current == before:
+        if warming and all(s.tokens.warming for s in streams) and tuner.last == before == tuner.current:
             cost = (time.perf_counter() - began) / (self.chunk_frames * len(lanes))
             self.warm_cost = (
                 cost if not self.warm_cost else self.warm_cost + 0.25 * (cost - self.warm_cost)

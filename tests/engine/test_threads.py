@@ -52,7 +52,7 @@ def test_no_trial_while_the_caller_cannot_afford_one_and_the_trial_waits_for_it(
     t = tuner(machine, explore_every=20)
     t.run(lambda: machine.work(10), units=10)
     t.run(lambda: machine.work(10), units=10)  # the first measurement of 1 thread
-    assert machine.ran == [2, 1]
+    assert machine.ran == [2, 1] and t.last == 1 and t.current == 2  # `last`: a trial's count
     for i in range(3, 60):  # runs 20-29 and 40-49 must not explore (little audio ahead)
         t.run(lambda: machine.work(10), units=10, explore=not (20 <= i < 30 or 40 <= i < 50))
     assert machine.ran[2:].count(1) == 2  # the trials due at runs 20 and 40 ...
