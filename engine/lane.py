@@ -263,7 +263,7 @@ class Lane:
     def row_keys(self) -> tuple[tuple[TextCondition | None, bool], ...]:
         """The rows the lane steps, in order: (condition or None for the null row, warm) for
         its rows, then the same again for the warm rows while it builds the next window."""
-        keys = (*self.rows.conditions, None) if self.rows.guided else self.rows.conditions
+        keys = self.rows.keys
         warm = keys if self.warm is not None else ()
         return tuple((k, False) for k in keys) + tuple((k, True) for k in warm)
 
@@ -286,7 +286,7 @@ class Lane:
         assert self.warm is not None
         if self._fed - self.warm.start == self.warm.context:
             self.warm.logits = logits.clone()
-            self.warm.keys = tuple(k for k, _ in self.row_keys()[: self.rows.count])
+            self.warm.keys = self.rows.keys
 
     def take_warm(self, ids: torch.Tensor) -> torch.Tensor | None:
         """At a window restart, after `begin_window` gave `ids` [K, C + 1]: the warm rows'
@@ -297,8 +297,7 @@ class Lane:
         if warm is None or warm.logits is None or warm.context != ids.shape[1] - 1:
             return None
         assert torch.equal(warm.ids, ids), "the warm rows were fed other ids than the prefill's"
-        keys = (*self.rows.conditions, None) if self.rows.guided else self.rows.conditions
-        index = [next((j for j, w in enumerate(warm.keys) if w is k), -1) for k in keys]
+        index = [next((j for j, w in enumerate(warm.keys) if w is k), -1) for k in self.rows.keys]
         if -1 in index:
             return None
         return warm.logits[index]
@@ -336,8 +335,7 @@ class Lane:
         next window's context ends with the last frame complete at the restart)."""
         if not self.builds_warm or self.warm is not None or self._seq is None:
             return False
-        limits = [self.window.context] + ([self.restart_context] if self.restart_context else [])
-        context = min(limits)
+        context = min(self.window.context, self.restart_context or self.window.context)
         start = self.window.window - self.max_delay - context
         # its tokens must all be this window's own (not its context's), fed from here on
         if self._fed != start or start <= self._context_len:

@@ -142,6 +142,11 @@ class Rows:
         )
 
     @property
+    def keys(self) -> tuple[TextCondition | None, ...]:
+        """The rows in order: each conditional row's condition, then None for the null row."""
+        return (*self.conditions, None) if self.guided else self.conditions
+
+    @property
     def count(self) -> int:
         """Rows in the batch: conditional rows, and the null row."""
         return len(self.conditions) + self.guided

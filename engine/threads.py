@@ -21,6 +21,11 @@ import torch
 T = TypeVar("T")
 
 
+def smooth(old: float | None, new: float, weight: float) -> float:
+    """An exponentially smoothed cost: `new` itself first, then `weight` of the way to it."""
+    return new if old is None else old + weight * (new - old)
+
+
 def candidate_counts(most: int) -> tuple[int, ...]:
     """Thread counts worth trying on `most` cores: all of them, one fewer, half, one."""
     return tuple(sorted({most, max(1, most - 1), max(1, most // 2), 1}, reverse=True))
@@ -61,6 +66,7 @@ class ThreadTuner:
         self.margin = margin
         self.switches = 0
         self.last = self.current  # the count the latest run used (a trial's, or the current)
+        self.last_cost: float | None = None  # its seconds per unit (None: it raised)
         self._clock = clock
         self._set_threads = set_threads
         self._runs = 0
@@ -78,18 +84,18 @@ class ThreadTuner:
         asked after it, says the run was not like the others (e.g. it re-prefilled a window:
         seconds of work that one run in a hundred does would make its count look slow)."""
         count = self.last = self._next_count(explore)
+        self.last_cost = None
         self._set_threads(count)
         began = self._clock()
         result = work()
-        spent = self._clock() - began
+        self.last_cost = (self._clock() - began) / max(units, 1e-9)
         if typical is None or typical():
-            self.record(count, spent / max(units, 1e-9))
+            self.record(count, self.last_cost)
         return result
 
     def record(self, count: int, cost: float) -> None:
         """One run's cost per unit with `count` threads; may change the current count."""
-        old = self.cost.get(count)
-        self.cost[count] = cost if old is None else old + self.smoothing * (cost - old)
+        self.cost[count] = smooth(self.cost.get(count), cost, self.smoothing)
         best = min(self.cost, key=self.cost.__getitem__)
         current = self.cost.get(self.current)
         if best != self.current and (

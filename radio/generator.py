@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from engine.threads import ThreadTuner
+from engine.threads import ThreadTuner, smooth
 from radio import ladder
 from radio.blending import open_blend, open_text
 from radio.healing import Failure, LaneHealing, describe, seconds
@@ -522,7 +522,6 @@ class Generator:
         streams = [ln.stream for ln in lanes]
         prefills = [s.tokens.prefills for s in streams]
         warming = any(s.tokens.warming for s in streams)
-        began = time.perf_counter()
         try:
             pcms: list[np.ndarray | Exception] = list(
                 tuner.run(
@@ -549,11 +548,10 @@ class Generator:
                 describe(e),
             )
             pcms = [self._read_alone(ln) for ln in lanes]
-        if warming and all(s.tokens.warming for s in streams) and tuner.last == before == tuner.current:
-            cost = (time.perf_counter() - began) / (self.chunk_frames * len(lanes))
-            self.warm_cost = (
-                cost if not self.warm_cost else self.warm_cost + 0.25 * (cost - self.warm_cost)
-            )
+        # a chunk that ran wholly with warm rows, on the count in use (no trial, no switch)
+        ran = warming and all(s.tokens.warming for s in streams)
+        if ran and tuner.last_cost is not None and tuner.last == before == tuner.current:
+            self.warm_cost = smooth(self.warm_cost or None, tuner.last_cost, tuner.smoothing)
         if tuner.current != before:
             log.info(
                 "generation now runs on %d thread(s), measured faster on this machine now: %s",

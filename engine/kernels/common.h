@@ -88,16 +88,14 @@ inline std::pair<const uint8_t*, const uint8_t*> thread_share(const PackedInt8& 
   return {w.data + b0 * bytes, w.data + b1 * bytes};
 }
 
-// Ask (into L2) for part `j` of `n` of the bytes [begin, end).
 // fn(i0, i1) on each thread for its share of the B * H (row, head) self-attention items:
 // contiguous shares of about equal cost, an item reading its row's positions [0, pos[b]]. Rows at
 // different points of their windows (stations, a stream's warm rows) split evenly by count would
 // leave one thread waiting on the other at every layer.
 template <class Fn>
 inline void parallel_by_position(const int64_t* pos, int64_t B, int64_t H, Fn&& fn) {
-  const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B * H));
+  const int64_t threads = std::clamp<int64_t>(std::min<int64_t>(at::get_num_threads(), B * H), 1, 64);
   int64_t bounds[65];  // thread t's items are [bounds[t], bounds[t + 1])
-  const int64_t threads = std::min<int64_t>(T, 64);
   int64_t total = 0, done = 0, t = 1;
   for (int64_t b = 0; b < B; ++b) total += (pos[b] + 1) * H;
   bounds[0] = 0;
@@ -111,6 +109,7 @@ inline void parallel_by_position(const int64_t* pos, int64_t B, int64_t H, Fn&& 
   });
 }
 
+// Ask (into L2) for part `j` of `n` of the bytes [begin, end).
 inline void prefetch_part(const uint8_t* begin, const uint8_t* end, int64_t j, int64_t n) {
   const int64_t size = end - begin;
   for (int64_t at = size * j / n / 64 * 64; at < size * (j + 1) / n; at += 64)
