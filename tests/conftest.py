@@ -4,13 +4,25 @@ model (in-process, or a `radio serve` process shared by a module). What is not a
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from tests.helpers import InProcessRadio, start_radio_serve, wait_healthy
+# Under pytest-xdist (`-n auto`, the default in pyproject.toml) each worker, and every radio or
+# benchmark it starts, decodes with its share of the cores: two workers with two OpenMP threads
+# each on two cores would stall each other's every parallel region. Set before torch is imported.
+if (_workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))) > 1:
+    _share = max(1, len(os.sched_getaffinity(0)) // _workers)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+
+import pytest  # noqa: E402
+
+from tests.helpers import InProcessRadio, start_radio_serve, wait_healthy  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Tests marked `gpu` skip on a machine without CUDA (also in CI, which has no GPU)."""
+    """The benchmarks' smoke runs (the longest tests, each its own process) go first, so that
+    parallel workers start on them and finish on short tests instead of one waiting for the other.
+    Tests marked `gpu` skip on a machine without CUDA (also in CI, which has no GPU)."""
+    items.sort(key=lambda item: item.path.name != "test_bench.py")  # stable: the rest keep order
     gpu = [item for item in items if "gpu" in item.keywords]
     if not gpu:
         return

@@ -226,7 +226,7 @@ def test_load_benchmark_serves_every_client(tmp_path):
 def test_soak_benchmark_samples_and_hears_prompts(tmp_path):
     out = _run(
         "soak.py",
-        *("--size", "tiny", "--minutes", "0.4", "--every", "3", "--prompt-every", "0.1"),
+        *("--size", "tiny", "--minutes", "0.25", "--every", "3", "--prompt-every", "0.1"),
         tmp_path=tmp_path,
     )
     assert re.search(r"\| RSS first / last / peak sample \| \d+ / \d+ / \d+ MB \|", out)
