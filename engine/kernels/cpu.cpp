@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -355,27 +356,25 @@ std::pair<torch::Tensor, torch::Tensor> pack_int8(torch::Tensor weight) {
   uint8_t* dst = packed.data_ptr<uint8_t>();
   float* scale = scales.data_ptr<float>();
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint8_t> codes(groups * 4, 128);  // one feature's, padded: then 4 bytes a group
     for (int64_t b = b0; b < b1; ++b) {
       uint8_t* block = dst + b * groups * 256;
       for (int64_t j = 0; j < 64; ++j) {
         const int64_t n = b * 64 + j;
-        if (n >= N) {
-          for (int64_t g = 0; g < groups; ++g) std::fill_n(block + g * 256 + j * 4, 4, 128);
-          continue;
-        }
-        const float* row = src + n * K;
-        float most = 0.0f;
-        for (int64_t k = 0; k < K; ++k) most = std::max(most, std::fabs(row[k]));
-        const float s = std::max(most / 127.0f, 1e-12f);
-        scale[n] = s;
-        for (int64_t k = 0; k < groups * 4; ++k) {
-          uint8_t code = 128;
-          if (k < K) {
+        if (n < N) {
+          const float* row = src + n * K;
+          float most = 0.0f;
+          for (int64_t k = 0; k < K; ++k) most = std::max(most, std::fabs(row[k]));
+          const float s = std::max(most / 127.0f, 1e-12f);
+          scale[n] = s;
+          for (int64_t k = 0; k < K; ++k) {  // vectorizes: a division, a rounding, a clamp
             const float r = std::nearbyint(row[k] / s);  // half to even, as torch.round
-            code = static_cast<uint8_t>(static_cast<int>(std::clamp(r, -127.0f, 127.0f)) + 128);
+            codes[k] = static_cast<uint8_t>(static_cast<int32_t>(std::clamp(r, -127.0f, 127.0f)) + 128);
           }
-          block[(k / 4) * 256 + j * 4 + k % 4] = code;
+        } else {
+          std::fill(codes.begin(), codes.end(), 128);
         }
+        for (int64_t g = 0; g < groups; ++g) std::memcpy(block + g * 256 + j * 4, &codes[g * 4], 4);
       }
     }
   });
