@@ -204,6 +204,7 @@ class Generator:
         self.warm_cost = 0.0
         self.tuner: ThreadTuner | None = None  # made by the worker thread, for its own threads
         self.adaptive_restarts = adaptive_restarts
+        self.warned_behind = False  # said that even the ladder's last level cannot keep up
         # the ladder's level (radio.ladder: 0 = window restarts re-read the whole context)
         self.restart_level = 0
         # read by the supervisor (`radio.healing.Supervised`), written by the worker
@@ -437,6 +438,7 @@ class Generator:
         rates = ladder.Rates(1.0 / (cost * stations), restart, stations)
         rate = self.model.frame_rate
         level = ladder.choose_level(self.restart_level, rates, window.window, window.context, rate)
+        self._say_if_still_behind(rates, level)
         if level == self.restart_level:
             return
         frames = ladder.context_frames(window.context, level)
@@ -457,6 +459,28 @@ class Generator:
             lane.stream.shorten_restarts(frames if level else None)
             seconds = frames / rate if level else None
             self._to_loop(self.sink.on_restart_context, lane.spec.id, seconds)
+
+    def _say_if_still_behind(self, rates: ladder.Rates, level: int) -> None:
+        """Warn once when even the ladder's last level is predicted slower than real time: the
+        listeners will hear the bridge now and then, and only the operator can change that."""
+        window = self.specs[0].window
+        rate = self.model.frame_rate
+        last = len(ladder.SHARES) - 1
+        if level < last:
+            self.warned_behind = False
+            return
+        rtf = ladder.predicted_rtf(rates, window.window, window.context, level, rate)
+        if rtf >= 1.0 or self.warned_behind:
+            return
+        self.warned_behind = True
+        log.warning(
+            "generation cannot keep up even with the shortest window restarts: x%.2f of real "
+            "time for %d station(s), so listeners will hear the bridge now and then; fewer "
+            "stations, a faster device, or on a CPU int4 weights (model.quantize = \"int4\": "
+            "coarser, see README) make it keep up",
+            rtf,
+            rates.stations,
+        )
 
     def _chunks(self, lanes: list[_Lane]) -> list[_Chunk | Exception]:
         """Each lane's next chunk, or the error that stopped it: the fault hooks apply per

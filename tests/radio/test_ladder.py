@@ -86,6 +86,9 @@ async def test_the_generator_shortens_restarts_while_behind_and_restores_them(ru
         2.5,
     ) in sink.calls
     assert "window restarts now re-read 2.5 s of music, generation cannot keep up" in caplog.text
+    # and even that cannot keep up: said once, with the ways out
+    await sink.until(lambda: "even with the shortest window restarts" in caplog.text)
+    assert 'model.quantize = "int4"' in caplog.text
     restart_cost(gen, warm, 1e-6)  # the machine got fast again
     gen.played("a", 40)
     gen.played("b", 40)
@@ -94,6 +97,8 @@ async def test_the_generator_shortens_restarts_while_behind_and_restores_them(ru
     assert moves(sink)[2:] == [("restart_context", "a", None), ("restart_context", "b", None)]
     assert [s.restart_context for s in model.streams] == [None, None]
     assert "window restarts now re-read 10.0 s of music (the whole context)" in caplog.text
+    assert caplog.text.count("even with the shortest window restarts") == 1  # said once
+    assert not gen.warned_behind  # and said again if it comes to that again
 
 
 async def test_the_ladder_can_be_turned_off(run):
