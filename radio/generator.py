@@ -476,7 +476,7 @@ class Generator:
         log.warning(
             "generation cannot keep up even with the shortest window restarts: x%.2f of real "
             "time for %d station(s), so listeners will hear the bridge now and then; fewer "
-            "stations, a faster device, or on a CPU int4 weights (model.quantize = \"int4\": "
+            'stations, a faster device, or on a CPU int4 weights (model.quantize = "int4": '
             "coarser, see README) make it keep up",
             rtf,
             rates.stations,
