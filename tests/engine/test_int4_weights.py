@@ -232,17 +232,19 @@ def int4_fused_model(request, k, k4, tiny_head64_dir):
     return model
 
 
-def test_fused_int4_step_equals_op_by_op(int4_fused_model):
-    """2 stations with guidance (4 rows) at different positions and prompts, 30 steps, from the
-    same cache at every step: the fused step's logits equal the op-by-op decoder's (linear_int4 /
+@pytest.mark.parametrize("stations", [2, 4])
+def test_fused_int4_step_equals_op_by_op(int4_fused_model, stations):
+    """Stations with guidance (4 or 8 rows: one or two tiles of the int4 product) at different
+    positions and prompts, 30 steps, from the same cache at every step: the fused step's logits equal the op-by-op decoder's (linear_int4 /
     linear_int8 per projection: the same integer products; the float sums' order and GELU's
     formula differ by ~1e-7). Run on, each path over its own cache, they stay close."""
     model = int4_fused_model
     decoder = model.decoder
-    rows_at = [[p + 7 * (r // 2) for r in range(4)] for p in range(30)]
-    prompts = ["slow jazz", "fast drum and bass with a long prompt"]
+    rows_at = [[p + 7 * (r // 2) for r in range(2 * stations)] for p in range(30)]
+    prompts = ["slow jazz", "fast drum and bass with a long prompt", "ambient", "a b c d e f g"]
+    prompts = prompts[:stations]
     got, want = decode_steps_paired(decoder, model, rows_at, prompts)
-    assert got.shape == want.shape == (30, 4, decoder.num_codebooks, decoder.vocab)
+    assert got.shape == want.shape == (30, 2 * stations, decoder.num_codebooks, decoder.vocab)
     assert_steps_agree(got, want, share=0.98)
     # a cached key or value that the ~1e-7 differences round the other way stays in its cache
     apart = decode_steps(decoder, model, True, rows_at, prompts)
