@@ -266,7 +266,7 @@ class Decoder:
         def linear(name: str, *parts: torch.nn.Linear) -> Projection:
             if like is not None and isinstance(getattr(like, name), Int4KernelLinear):
                 return getattr(like, name)
-            weight = torch.cat([m.weight for m in parts])
+            weight = parts[0].weight if len(parts) == 1 else torch.cat([m.weight for m in parts])
             return make_linear(weight, projection_precision(precision, name), modules, int4_group)
 
         attn, cross = layer.self_attn, layer.encoder_attn

@@ -77,10 +77,20 @@ class Bf16KernelLinear(CastLinear):
         return y.view(*x.shape[:-1], self.weight.shape[0]).to(x.dtype)
 
 
-def pack_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_int8(
+    weight: torch.Tensor, kernels: ModuleType | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] float -> (bytes [ceil(N / 64), ceil(K / 4), 256] uint8, scales [N] float32), the
     layout of `engine/kernels/common.h`: blocks of 64 output features, 4 inputs x 64 features
-    per 256 bytes, each byte the int8 weight + 128; padding is weight 0."""
+    per 256 bytes, each byte the int8 weight + 128; padding is weight 0. With `kernels` (ours)
+    their `pack_int8` does it (the same bytes, ~10x faster: part of every start's load)."""
+    if kernels is not None:
+        return kernels.pack_int8(weight.detach().float().cpu().contiguous())
+    return pack_int8_reference(weight)
+
+
+def pack_int8_reference(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pack_int8` in PyTorch: the definition our kernels' packer is tested against."""
     w = weight.detach().float().cpu()
     n, k = w.shape
     scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
@@ -96,7 +106,7 @@ class Int8KernelLinear:
     """int8 weights through our `linear_int8` kernel (AVX-512 VNNI or AVX2 CPUs)."""
 
     def __init__(self, weight: torch.Tensor, kernels: ModuleType) -> None:
-        self.packed, self.scales = pack_int8(weight)
+        self.packed, self.scales = pack_int8(weight, kernels)
         self.out_features = weight.shape[0]
         self._kernels = kernels
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import threading
 import time
 from collections.abc import Sequence
 
@@ -33,7 +32,7 @@ from engine.codec import StreamingDecoder, decode_together, prepare_codec
 from engine.conditioning import TextCondition, batch_conditions, encode_prompt
 from engine.decoder import Decoder
 from engine.delay import codebook_delays, delayed_layout
-from engine.loading import LoadedModel, ModelLoadError, load_model
+from engine.loading import LoadedModel, Loading, ModelLoadError, load_model
 from engine.options import LoadOptions, SamplingOptions, WindowOptions
 from engine.rows import Prompt
 from engine.token_stream import TokenStream
@@ -78,20 +77,7 @@ class MusicModel:
         with the main thread's team left over from loading, the generator's steps ran at half
         speed (musicgen-small, int8, 2 cores: real-time factor 0.51 against 1.25 on the same
         thread). A thread that exits takes its team with it."""
-        result: list = []
-
-        def run() -> None:
-            try:
-                result.append(cls.load(options))
-            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-                result.append(e)
-
-        thread = threading.Thread(target=run, name="model-load", daemon=True)  # Ctrl-C exits
-        thread.start()
-        thread.join()
-        if isinstance(result[0], BaseException):
-            raise result[0]
-        return result[0]
+        return Loading(options).result()
 
     @property
     def device(self) -> torch.device:

@@ -47,6 +47,7 @@ from radio.timing import Horizon, PromptTimeline
 from radio.uploads import ClipReader
 
 if TYPE_CHECKING:
+    from engine.loading import Loading
     from engine.model import MusicModel
     from radio.testing import FaultInjector
 
@@ -56,18 +57,20 @@ HEALTH_EVENT_SECONDS = 5.0  # how often SSE subscribers get a health event
 LOG_SECONDS = 30.0  # how often the log says how each station is doing
 
 
-def load_model(config: Config) -> MusicModel:
-    from engine import MusicModel
-    from engine.loading import SettingError
+def load_model(config: Config, loading: Loading | None = None) -> MusicModel:
+    """The model `config` names; `loading`: its load already under way (`radio serve` starts it
+    before importing the web stack)."""
+    from engine.loading import Loading, SettingError
 
-    t = time.monotonic()
-    try:  # in a thread of its own: all torch work then runs in the generator's thread
-        model = MusicModel.load_in_thread(config.model)
+    # in a thread of its own: all torch work then runs in the generator's thread
+    loading = loading or Loading(config.model)
+    try:
+        model = loading.result()
     except SettingError as err:  # named as config.toml names it: model.kv_cache, model.id
         raise SettingError(f"model.{model_key(err.key)}: {err.reason}") from None
     log.info(
         "model loaded in %.1f s: %d Hz, %d channel(s)",
-        time.monotonic() - t,
+        time.monotonic() - loading.began,
         model.sample_rate,
         model.channels,
     )

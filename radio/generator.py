@@ -75,13 +75,21 @@ GUARD_SECONDS = 0.5  # a re-anchor starts at least this far ahead of what the cl
 # behind real time anyway: beside a busy process a trial can run ten times slower than the count
 # in use (right after a prompt change little is ahead)
 TRIAL_AHEAD_SECONDS = 2.0
+# nor in a station's first seconds of audio: its first listeners wait for them (it goes on air
+# with a second buffered)
+NO_TRIAL_FIRST_SECONDS = 1.5
 
 
-def trial_allowed(cost: float, stations: int, frame_rate: float, ahead_frames: int) -> bool:
+def trial_allowed(
+    cost: float, stations: int, frame_rate: float, ahead_frames: int, made_frames: int
+) -> bool:
     """May the next read try another thread count? `cost`: the count in use's seconds per
-    frame of audio; `ahead_frames`: the least any of the `stations` has buffered. Yes with
-    TRIAL_AHEAD_SECONDS ahead, or when the count in use is slower than real time (then a slow
-    trial costs little, and staying would never refill the buffer)."""
+    frame of audio; `ahead_frames`: the least any of the `stations` has buffered;
+    `made_frames`: the least any has made. Never in the first NO_TRIAL_FIRST_SECONDS; then yes
+    with TRIAL_AHEAD_SECONDS ahead, or when the count in use is slower than real time (then a
+    slow trial costs little, and staying would never refill the buffer)."""
+    if made_frames < NO_TRIAL_FIRST_SECONDS * frame_rate:
+        return False
     behind = cost * stations * frame_rate > 1.0
     return behind or ahead_frames >= TRIAL_AHEAD_SECONDS * frame_rate
 
@@ -518,6 +526,7 @@ class Generator:
             len(lanes),
             self.model.frame_rate,
             min(ln.ahead_frames() for ln in lanes),
+            min(ln.stream.frame for ln in lanes),
         )
         streams = [ln.stream for ln in lanes]
         prefills = [s.tokens.prefills for s in streams]

@@ -44,13 +44,16 @@ def _config(args: argparse.Namespace) -> Config:
 
 def _cmd_serve(args: argparse.Namespace) -> int:  # never returns once serving
     config = _config(args)
+    from engine.loading import Loading
+
+    loading = Loading(config.model)  # the weights load while the web stack is imported
     from aiohttp import web
 
     from engine import ModelLoadError
-    from radio.app import init_app
+    from radio.app import init_app, load_model
 
     try:
-        app = init_app(config)
+        app = init_app(config, load_model(config, loading))
     except ModelLoadError as e:
         raise CliError(str(e)) from None
     except (OSError, ValueError) as e:

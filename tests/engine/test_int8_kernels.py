@@ -12,7 +12,7 @@ import torch
 from engine import LoadOptions, MusicModel
 from engine.conditioning import batch_conditions
 from engine.decoder import LayerWeights, kernel_layer, kernel_projection
-from engine.linear import Int8KernelLinear, pack_int8
+from engine.linear import Int8KernelLinear, pack_int8, pack_int8_reference
 from tests.engine.steps import assert_steps_agree, decode_steps
 
 
@@ -50,6 +50,21 @@ def test_pack_int8_layout(k):
         assert int(packed[n // 64, i // 4, (n % 64) * 4 + i % 4]) == int(q[n, i]) + 128
     assert int(packed[1, 0, 6 * 4]) == 128  # padding feature 70: weight 0
     assert int(packed[0, 2, 3]) == 128  # padding input 11: weight 0
+
+
+@pytest.mark.parametrize(("n", "kk"), [(70, 10), (64, 1024), (1024, 4096), (3, 1)])
+def test_our_packer_writes_the_references_bytes(k, n, kk):
+    """`kernels.pack_int8` (every model's load) writes exactly what the PyTorch definition does,
+    padding, a row of zeros and codes at a rounding tie (+-0.5: half to even) included."""
+    torch.manual_seed(n * kk)
+    w = torch.randn(n, kk) * 0.02
+    w[0] = 0.0
+    if kk > 2:
+        w[-1, :3] = torch.tensor([1.0, 0.5 / 127, -2.5 / 127])  # codes 127, 0.5 and -2.5
+    packed, scales = pack_int8(w, k)
+    want_packed, want_scales = pack_int8_reference(w)
+    assert torch.equal(scales, want_scales)
+    assert torch.equal(packed, want_packed)
 
 
 def test_linear_int8_refuses_bad_inputs(k):

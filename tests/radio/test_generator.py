@@ -166,10 +166,14 @@ def test_another_thread_count_is_tried_with_audio_ahead_or_when_falling_behind()
     from radio.generator import trial_allowed
 
     fast, slow = 0.005, 0.030  # seconds per frame; real time at 50 frames/s is 0.020
-    assert not trial_allowed(fast, 1, 50, ahead_frames=20)  # little ahead, keeping up: no
-    assert trial_allowed(fast, 1, 50, ahead_frames=100)  # 2 s ahead: yes
-    assert trial_allowed(slow, 1, 50, ahead_frames=0)  # behind real time: yes, whatever is ahead
-    assert trial_allowed(fast, 5, 50, ahead_frames=0)  # 5 stations at 5 ms a frame: behind
+    made = 100  # 2 s of audio made
+    assert not trial_allowed(fast, 1, 50, ahead_frames=20, made_frames=made)  # little ahead: no
+    assert trial_allowed(fast, 1, 50, ahead_frames=100, made_frames=made)  # 2 s ahead: yes
+    assert trial_allowed(slow, 1, 50, ahead_frames=0, made_frames=made)  # behind: yes, whatever
+    assert trial_allowed(fast, 5, 50, ahead_frames=0, made_frames=made)  # 5 stations: behind
+    # never in a station's first 1.5 s, which its first listeners wait for
+    assert not trial_allowed(slow, 1, 50, ahead_frames=0, made_frames=70)
+    assert trial_allowed(slow, 1, 50, ahead_frames=0, made_frames=75)
 
 
 async def test_chunks_are_read_through_the_thread_tuner(run):
