@@ -106,7 +106,7 @@ struct StepScratch {
   }
 };
 
-// Quantize B rows of `in` (K wide) into the scratch and run `w` over them: out = (OUT::Store),
+// Quantize B rows of `in` (K wide) into the scratch and run `w` over them: out = (Out::Store),
 // += (Out::Add, the residual) or gelu of (Out::Gelu, fc1) the product.
 template <Out OUT>
 inline void project(const Projection& w, const float* in, int64_t K, int64_t B, float* out,
@@ -143,7 +143,8 @@ inline std::array<std::pair<const uint8_t*, const uint8_t*>, 2> thread_share(con
   const auto [b0, b1] = thread_blocks(p.blocks());
   const auto* scales = reinterpret_cast<const uint8_t*>(p.scales);
   const int64_t scale_bytes = p.groups() * 2 * int4::kFeatures * sizeof(uint16_t);
-  return {{{p.block_codes(b0), p.block_codes(b1)}, {scales + b0 * scale_bytes, scales + b1 * scale_bytes}}};
+  return {{{p.block_codes(b0), p.block_codes(b1)},
+           {scales + b0 * scale_bytes, scales + b1 * scale_bytes}}};
 }
 
 // y = LayerNorm(x) for B rows of E.
@@ -191,9 +192,8 @@ inline void cross_attention(const ModelW& m, int64_t layer, const CrossInputs& c
 
 // ids [B][K] at positions [B] (each row its own) -> logits [B][K * V]; writes each row's new
 // key/value into the cache at its position.
-inline void decode_step(const ModelW& m, const int64_t* ids, const int64_t* pos,
-                             int64_t B, const CacheQ& c, const CrossInputs& cross,
-                             StepScratch& s, float* logits) {
+inline void decode_step(const ModelW& m, const int64_t* ids, const int64_t* pos, int64_t B,
+                        const CacheQ& c, const CrossInputs& cross, StepScratch& s, float* logits) {
   const int64_t E = m.E, H = m.H, D = m.D, F = m.F;
   s.fit(m, B, c.P, cross.S);
   float *x = s.x.data(), *h = s.h.data(), *a = s.a.data(), *qkv = s.qkv.data(), *ff = s.ff.data();
