@@ -113,10 +113,24 @@ def _exact_gelu(fn: torch.nn.Module) -> bool:
     return isinstance(fn, GELUActivation) and fn.act is F.gelu
 
 
+FUSED_PROJECTIONS = (Int8KernelLinear, Int4KernelLinear)  # the kinds our fused step takes
+
+
 def kernel_projection(kernels: ModuleType, linear: Projection) -> object:
-    """A projection's weights as our fused step takes them (`engine.kernels` Projection)."""
-    assert isinstance(linear, Int8KernelLinear), "the fused step takes int8 projections"
-    return kernels.Projection(kind="int8", data=linear.packed, scales=linear.scales)
+    """A projection's weights as our fused step takes them (`engine.kernels` Projection): int8
+    (`pack_int8`'s bytes and scales) or int4 (`pack_int4`'s codes, scales and offsets; the
+    group is the codes' inputs over the scales' groups)."""
+    if isinstance(linear, Int8KernelLinear):
+        kind = "int8"
+    elif isinstance(linear, Int4KernelLinear):
+        kind = "int4"
+    else:
+        raise TypeError(
+            f"the fused step takes int8 or int4 projections, not {type(linear).__name__}"
+        )
+    return kernels.Projection(
+        kind=kind, data=linear.packed, scales=linear.scales, out_features=linear.out_features
+    )
 
 
 def kernel_layer(kernels: ModuleType, w: LayerWeights) -> object:
@@ -211,15 +225,16 @@ class Decoder:
         self._cross_bf16 = self._fused is not None
 
     def _fused_step(self) -> FusedStep | None:
-        """Our one-call decode step (`engine/kernels/decode_step.h`) where it applies: int8
-        weights through our kernels, an int8 or int4 KV cache and the exact GELU; else None."""
+        """Our one-call decode step (`engine/kernels/decode_step.h`) where it applies: int8 or
+        int4 weights through our kernels (each projection either: int4-ffn mixes them), an int8
+        or int4 KV cache and the exact GELU; else None."""
         k = self._kernels
         fused = (
             k is not None
             and self.kv_cache in ("int8", "int4")
-            and isinstance(self.lm_heads, Int8KernelLinear)
+            and isinstance(self.lm_heads, FUSED_PROJECTIONS)
             and all(
-                isinstance(p, Int8KernelLinear)
+                isinstance(p, FUSED_PROJECTIONS)
                 for w in self.layers
                 for p in (w.qkv, w.out_self, w.q_cross, w.out_cross, w.fc1, w.fc2)
             )

@@ -5,9 +5,9 @@ A decode step reads every weight and every cached key once and does little maths
 it is bound by memory bandwidth. These kernels reach that bound where PyTorch's general ones do
 not for a batch of a few rows (figures: `python bench/kernels.py`, docs/kernels.md):
 
-- `DecodeStepInt8`: a whole decoder step with int8 weights over an int8 or int4 KV cache, in one
-  call (`decode_step.h`), the CPU default; its weights come by name (`DecoderLayer`,
-  `Projection`, `LayerNorm`);
+- `DecodeStepInt8`: a whole decoder step with int8 or int4 weights (per projection) over an int8
+  or int4 KV cache, in one call (`decode_step.h`), the CPU default; its weights come by name
+  (`DecoderLayer`, `Projection`, `LayerNorm`);
 - `linear_int8(x, packed, scales)`: x [M, K] times packed int8 weights, exact int32 sums, any M:
   decode steps and prefills;
 - `attend_step` / `attend_step_q8` / `attend_step_q4`: a step's self-attention over a bfloat16 /

@@ -77,14 +77,19 @@ struct QuantRows {  // M rows of activations, int8 with one scale per row
 
 enum class Out { Store, Add, Gelu };  // y = v, y += v, y = gelu(v)
 
-// The packed bytes of `w` that this thread will stream in gemm_int8 (at::parallel_for gives
-// thread t the t-th chunk of divup(blocks, threads) blocks), for asking for them early.
-inline std::pair<const uint8_t*, const uint8_t*> thread_share(const PackedInt8& w) {
-  const int64_t blocks = (w.N + kBlock - 1) / kBlock, bytes = w.Kp * kBlock;
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), blocks);
+// The blocks [b0, b1) of `blocks` that this thread takes in a product split by
+// at::parallel_for(0, blocks, 1, ...): thread t gets the t-th chunk of divup(blocks, threads).
+inline std::pair<int64_t, int64_t> thread_blocks(int64_t blocks) {
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
   const int64_t chunk = (blocks + threads - 1) / threads;
   const int64_t b0 = std::min(blocks, at::get_thread_num() * chunk);
-  const int64_t b1 = std::min(blocks, b0 + chunk);
+  return {b0, std::min(blocks, b0 + chunk)};
+}
+
+// The packed bytes of `w` that this thread will stream in gemm_int8, for asking for them early.
+inline std::pair<const uint8_t*, const uint8_t*> thread_share(const PackedInt8& w) {
+  const int64_t bytes = w.Kp * kBlock;
+  const auto [b0, b1] = thread_blocks((w.N + kBlock - 1) / kBlock);
   return {w.data + b0 * bytes, w.data + b1 * bytes};
 }
 

@@ -14,13 +14,14 @@
 //                        int4 cache, attend.
 //   sample_top_k:        guidance, top-k, temperature, softmax and the draw of N streams' rows
 //                        in one call (sampling.h).
-//   DecodeStepInt8:      a whole decoder step, int8 weights, an int8 (step) or int4 (step_q4)
-//                        cache (decode_step.h).
+//   DecodeStepInt8:      a whole decoder step, int8 or int4 weights (per projection), an int8
+//                        (step) or int4 (step_q4) cache (decode_step.h).
 //
 // This file is the one translation unit: it holds the tensor-facing checks and bindings, and
-// includes the raw-pointer kernels from the headers beside it (simd.h, attention.h,
-// int8_gemm.h, decode_step.h). Built at first use by engine/kernels/__init__.py with -mavx512f
-// -mavx512bw -mavx512vl -mavx512bf16 -mavx512vnni; called only on CPUs that have those.
+// includes the raw-pointer kernels from the headers beside it (all_kernels.h: simd.h,
+// attention.h, int8_gemm.h, int4_gemm.h, decode_step.h). Built at first use by
+// engine/kernels/__init__.py once per variant (docs/kernels.md: AVX-512 or AVX2 flags); called
+// only on CPUs that have those.
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -35,6 +36,7 @@
 #include <vector>
 
 #include "all_kernels.h"
+#include "int4_view.h"
 
 namespace {
 
@@ -390,12 +392,15 @@ struct LayerNormTensors {  // float32 [E] each
   torch::Tensor weight, bias;
 };
 
-// One projection's weights and how they are stored: "int8", `data` packed by engine/linear.py
-// `pack_int8` [ceil(N / 64), K / 4, 256] uint8 and `scales` [N] float32. Another kind adds its
-// name here and its case in DecodeStepInt8::projection (and in decode_step.h's Projection).
+// One projection's weights and how they are stored, N = `out_features`: "int8", `data` packed by
+// engine/linear.py `pack_int8` [ceil(N / 64), K / 4, 256] uint8 and `scales` [N] float32; or
+// "int4", `data` the codes packed by `pack_int4` [ceil(N / 16), Kp / 8, 64] uint8 and `scales`
+// its float16 scales and offsets [ceil(N / 16), Kp / G, 2, 16]. Another kind adds its name here
+// and its case in DecodeStepInt8::projection (and in decode_step.h's Projection).
 struct ProjectionTensors {
   std::string kind;
   torch::Tensor data, scales;
+  int64_t out_features = 0;
 };
 
 using DecoderLayerTensors = DecoderLayerOf<LayerNormTensors, ProjectionTensors>;
@@ -488,7 +493,7 @@ class DecodeStepInt8 {
       TORCH_CHECK(e.dim() == 2 && e.size(1) == m_.E, "DecodeStepInt8: embeddings [V + 1, E]");
       m_.embed.push_back(f32(e, "embedding", m_.E, false));
     }
-    m_.F = layers_[0].fc1.scales.defined() ? layers_[0].fc1.scales.size(0) : 0;
+    m_.F = layers_[0].fc1.out_features;
     for (size_t i = 0; i < layers_.size(); ++i) {
       DecoderLayerTensors& t = layers_[i];
       const std::string at = "layer " + std::to_string(i) + " ";
@@ -599,7 +604,7 @@ class DecodeStepInt8 {
                             static_cast<const uint16_t*>(cross_values.data_ptr()),
                             cross_bias.data_ptr<float>(), lengths, S};
     auto logits = torch::empty({B, m_.lm_heads.out_features()}, ids.options().dtype(torch::kFloat));
-    decode_step_int8(m_, ip, pp, B, cache, cross, scratch_, logits.data_ptr<float>());
+    decode_step(m_, ip, pp, B, cache, cross, scratch_, logits.data_ptr<float>());
     return logits;
   }
   // A contiguous float32 tensor; `vector`: of exactly n elements.
@@ -618,19 +623,27 @@ class DecodeStepInt8 {
 
   // A projection from `in` features to `out` (-1: any).
   static Projection projection(ProjectionTensors& t, const std::string& what, int64_t in, int64_t out) {
+    TORCH_CHECK(t.kind == "int8" || t.kind == "int4", "DecodeStepInt8: ", what,
+                " has weights of kind '", t.kind, "'; the step runs int8 and int4");
+    TORCH_CHECK(t.data.defined() && t.scales.defined(), "DecodeStepInt8: ", what, " has no tensors");
+    t.data = t.data.contiguous(), t.scales = t.scales.contiguous();
+    const std::string fn = "DecodeStepInt8: " + what;
     Projection p;
+    int64_t padded = 0;  // the inputs `in` pads to: int8's to 4, int4's to its group
     if (t.kind == "int8") {
-      TORCH_CHECK(t.data.defined() && t.scales.defined(), "DecodeStepInt8: ", what, " has no tensors");
-      t.data = t.data.contiguous(), t.scales = t.scales.contiguous();
       p.kind = Projection::Kind::Int8;
-      p.int8 = packed_view(("DecodeStepInt8: " + what).c_str(), t.data, t.scales);
-      TORCH_CHECK(p.int8.Kp == (in + 3) / 4 * 4 && (out < 0 || p.int8.N == out), "DecodeStepInt8: ",
-                  what, " should take ", in, " -> ", out, " features, was packed as ", p.int8.Kp,
-                  " -> ", p.int8.N);
-      return p;
+      p.int8 = packed_view(fn.c_str(), t.data, t.scales);
+      TORCH_CHECK(p.int8.N == t.out_features, fn, ": ", t.out_features,
+                  " output features, its scales are for ", p.int8.N);
+      padded = (in + 3) / 4 * 4;
+    } else {
+      p.kind = Projection::Kind::Int4;
+      p.int4 = int4::packed_view(fn.c_str(), t.data, t.scales, t.out_features);
+      padded = (in + p.int4.G - 1) / p.int4.G * p.int4.G;
     }
-    TORCH_CHECK(false, "DecodeStepInt8: ", what, " has weights of kind '", t.kind,
-                "'; this build runs int8");
+    TORCH_CHECK(p.padded_inputs() == padded && (out < 0 || p.out_features() == out), fn,
+                " should take ", in, " -> ", out, " features, was packed as ", p.padded_inputs(),
+                " -> ", p.out_features());
     return p;
   }
 
@@ -661,11 +674,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<LayerNormTensors>(m, "LayerNorm", "a layer norm's float32 weight and bias [E]")
       .def(py::init<torch::Tensor, torch::Tensor>(), py::arg("weight"), py::arg("bias"));
   py::class_<ProjectionTensors>(m, "Projection",
-                                "one projection's weights: kind 'int8', data [N/64, K/4, 256] "
-                                "uint8 (engine.linear.pack_int8), scales [N] float32")
-      .def(py::init<std::string, torch::Tensor, torch::Tensor>(), py::arg("kind"), py::arg("data"),
-           py::arg("scales"))
-      .def_readonly("kind", &ProjectionTensors::kind);
+                                "one projection's weights and its N output features: kind 'int8', "
+                                "data [N/64, K/4, 256] uint8 (engine.linear.pack_int8), scales [N] "
+                                "float32; or kind 'int4', data [N/16, Kp/8, 64] uint8 and scales "
+                                "[N/16, Kp/G, 2, 16] float16 (engine.linear.pack_int4)")
+      .def(py::init<std::string, torch::Tensor, torch::Tensor, int64_t>(), py::kw_only(),
+           py::arg("kind"), py::arg("data"), py::arg("scales"), py::arg("out_features"))
+      .def_readonly("kind", &ProjectionTensors::kind)
+      .def_readonly("out_features", &ProjectionTensors::out_features);
   py::class_<DecoderLayerTensors>(m, "DecoderLayer",
                                   "one decoder layer's weights, by name: ln_self, qkv, out_self, "
                                   "ln_cross, q_cross, out_cross, ln_ffn, fc1, fc2")

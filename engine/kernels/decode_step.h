@@ -1,4 +1,5 @@
-// A whole MusicGen decoder step with int8 weights over an int8 or int4 KV cache, in one call: the same
+// A whole MusicGen decoder step with int8 or int4 weights (each projection its own kind: int4-ffn
+// mixes them) over an int8 or int4 KV cache, in one call: the same
 // maths as `engine.decoder.Decoder.forward` for one position per row,
 //
 //     x = sum_k embed_k(ids_k) + sinusoid(position)
@@ -14,18 +15,24 @@
 
 #include <ATen/Parallel.h>
 
+#include <array>
+#include <utility>
 #include <vector>
 
 #include "cache_heads.h"
+#include "int4_gemm.h"
 
 namespace er {
 
 // A projection's weights as the step reads them: `kind` says which member holds them. Another
-// kind of weights (int4) adds an enumerator, a member and its case in `project`.
+// kind of weights adds an enumerator, a member, its cases here and its case in `project`.
 struct Projection {
-  enum class Kind { Int8 } kind = Kind::Int8;
+  enum class Kind { Int8, Int4 } kind = Kind::Int8;
   PackedInt8 int8{};  // Kind::Int8
-  int64_t out_features() const { return int8.N; }
+  int4::PackedInt4 int4{};  // Kind::Int4
+  int64_t out_features() const { return kind == Kind::Int4 ? int4.N : int8.N; }
+  int64_t padded_inputs() const { return kind == Kind::Int4 ? int4.Kp : int8.Kp; }
+  int64_t groups() const { return kind == Kind::Int4 ? int4.groups() : 0; }  // int4's per row
 };
 
 struct LayerNormW {
@@ -52,6 +59,14 @@ struct ModelW {
   LayerNormW ln_final;
   Projection lm_heads;  // E -> K * V
   float eps;
+
+  template <class Fn>
+  void each_projection(Fn&& fn) const {
+    for (const DecoderLayerW& w : layers)
+      for (const Projection* p : {&w.qkv, &w.out_self, &w.q_cross, &w.out_cross, &w.fc1, &w.fc2})
+        fn(*p);
+    fn(lm_heads);
+  }
 };
 
 // Quantized keys/values, strided: int8 keys/values [L, B, H, P, D] with float32 scales
@@ -75,18 +90,24 @@ struct CrossInputs {  // cross-attention keys/values [L][B][H][S][D] bfloat16, c
 
 struct StepScratch {
   std::vector<float> x, h, qkv, a, ff, scores;
-  std::vector<int8_t> q;
-  std::vector<float> qscale;
-  std::vector<int32_t> qcomp;
+  std::vector<int8_t> q;  // a projection's quantized rows [B][Kp]
+  std::vector<float> qscale;  // [B]
+  std::vector<int32_t> qcomp;  // [B]: int8 weights' compensation
+  std::vector<float> qsums;  // [B][Kp / G]: int4 weights' group sums
   void fit(const ModelW& m, int64_t B, int64_t P, int64_t S) {
-    const int64_t widest = std::max(m.E, m.F) + 4;
+    int64_t widest = 0, groups = 0;
+    m.each_projection([&](const Projection& p) {
+      widest = std::max(widest, p.padded_inputs()), groups = std::max(groups, p.groups());
+    });
     x.resize(B * m.E), h.resize(B * m.E), a.resize(B * m.E), qkv.resize(B * 3 * m.E);
     ff.resize(B * m.F), q.resize(B * widest), qscale.resize(B), qcomp.resize(B);
+    qsums.resize(B * groups);
     scores.resize(at::get_num_threads() * (std::max(P, S) + 32));
   }
 };
 
-// Quantize B rows of `in` (K wide) into the scratch and run `w` over them.
+// Quantize B rows of `in` (K wide) into the scratch and run `w` over them: out = (Out::Store),
+// += (Out::Add, the residual) or gelu of (Out::Gelu, fc1) the product.
 template <Out OUT>
 inline void project(const Projection& w, const float* in, int64_t K, int64_t B, float* out,
                     int64_t ldy, StepScratch& s) {
@@ -97,7 +118,33 @@ inline void project(const Projection& w, const float* in, int64_t K, int64_t B, 
       gemm_int8<OUT>(p, QuantRows{s.q.data(), p.Kp, s.qscale.data(), s.qcomp.data()}, B, out, ldy);
       break;
     }
+    case Projection::Kind::Int4: {  // what linear_int4 does (int4.cpp), into the scratch
+      const int4::PackedInt4& p = w.int4;
+      const int64_t groups = p.groups();
+      for (int64_t b = 0; b < B; ++b)
+        int4::quantize_row(in + b * K, K, p.Kp, p.G, s.q.data() + b * p.Kp, s.qscale.data() + b,
+                           s.qsums.data() + b * groups);
+      const int4::GroupedRows rows{s.q.data(), p.Kp, s.qscale.data(), s.qsums.data(), groups};
+      int4::gemm_int4<OUT == Out::Add>(p, rows, B, out, ldy);
+      // no GELU epilogue in int4's product: a pass over fc1's [B][F] (a few KB) after it
+      if constexpr (OUT == Out::Gelu) gelu_rows(out, B, p.N, ldy);
+      break;
+    }
   }
+}
+
+// The bytes of `w` this thread streams in its product (the blocks at::parallel_for gives it), as
+// ranges to ask for early: int8's packed blocks, or int4's codes and their scales (both
+// contiguous over the thread's blocks); an empty range where there is none. Up to 16 rows (a
+// decode step); above, int4 goes by panels of blocks and the ranges are only a good guess.
+inline std::array<std::pair<const uint8_t*, const uint8_t*>, 2> thread_share(const Projection& w) {
+  if (w.kind == Projection::Kind::Int8) return {thread_share(w.int8), {nullptr, nullptr}};
+  const int4::PackedInt4& p = w.int4;
+  const auto [b0, b1] = thread_blocks(p.blocks());
+  const auto* scales = reinterpret_cast<const uint8_t*>(p.scales);
+  const int64_t scale_bytes = p.groups() * 2 * int4::kFeatures * sizeof(uint16_t);
+  return {{{p.block_codes(b0), p.block_codes(b1)},
+           {scales + b0 * scale_bytes, scales + b1 * scale_bytes}}};
 }
 
 // y = LayerNorm(x) for B rows of E.
@@ -145,9 +192,8 @@ inline void cross_attention(const ModelW& m, int64_t layer, const CrossInputs& c
 
 // ids [B][K] at positions [B] (each row its own) -> logits [B][K * V]; writes each row's new
 // key/value into the cache at its position.
-inline void decode_step_int8(const ModelW& m, const int64_t* ids, const int64_t* pos,
-                             int64_t B, const CacheQ& c, const CrossInputs& cross,
-                             StepScratch& s, float* logits) {
+inline void decode_step(const ModelW& m, const int64_t* ids, const int64_t* pos, int64_t B,
+                        const CacheQ& c, const CrossInputs& cross, StepScratch& s, float* logits) {
   const int64_t E = m.E, H = m.H, D = m.D, F = m.F;
   s.fit(m, B, c.P, cross.S);
   float *x = s.x.data(), *h = s.h.data(), *a = s.a.data(), *qkv = s.qkv.data(), *ff = s.ff.data();
@@ -170,9 +216,9 @@ inline void decode_step_int8(const ModelW& m, const int64_t* ids, const int64_t*
       float* scores = s.scores.data() + at::get_thread_num() * scratch;
       // Attention waits on memory more than it fills the bus: meanwhile the next projection's
       // weights, this thread's share, are asked for (into L2), a slice per (row, head).
-      const auto [next_w, next_end] = thread_share(w.out_self.int8);
+      const auto next = thread_share(w.out_self);
       for (int64_t i = i0; i < i1; ++i) {
-        prefetch_part(next_w, next_end, i - i0, i1 - i0);
+        for (const auto& [begin, end] : next) prefetch_part(begin, end, i - i0, i1 - i0);
         const int64_t b = i / H, hd = i % H;
         const float* row = qkv + b * 3 * E;
         uint8_t* k = c.keys + l * c.kl + b * c.kb + hd * c.kh;

@@ -12,31 +12,13 @@
 
 #include "int4_gemm.h"
 #include "int4_quantize.h"
+#include "int4_view.h"
 
 namespace {
 
 using er::int4::GroupedRows;
 using er::int4::PackedInt4;
-
-// codes uint8 [ceil(n / 16), Kp / 8, 64], scales float16 [ceil(n / 16), Kp / G, 2, 16].
-PackedInt4 packed_view(const char* fn, const torch::Tensor& codes, const torch::Tensor& scales,
-                       int64_t n) {
-  TORCH_CHECK(codes.dim() == 3 && codes.size(2) == er::int4::kStepBytes &&
-                  codes.scalar_type() == torch::kByte && codes.is_contiguous(),
-              fn, ": packed codes must be contiguous uint8 [N / 16, K / 8, 64]");
-  TORCH_CHECK(scales.dim() == 4 && scales.size(2) == 2 && scales.size(3) == er::int4::kFeatures &&
-                  scales.scalar_type() == torch::kHalf && scales.is_contiguous(),
-              fn, ": scales must be contiguous float16 [N / 16, K / G, 2, 16]");
-  const int64_t blocks = (n + er::int4::kFeatures - 1) / er::int4::kFeatures;
-  TORCH_CHECK(n >= 1 && codes.size(0) == blocks && scales.size(0) == blocks, fn, ": ", n,
-              " output features need ", blocks, " blocks of 16, the codes have ", codes.size(0),
-              " and the scales ", scales.size(0));
-  const int64_t Kp = codes.size(1) * er::int4::kStep, groups = scales.size(1);
-  TORCH_CHECK(groups >= 1 && Kp % groups == 0 && (Kp / groups) % er::int4::kSub == 0, fn, ": ",
-              groups, " groups do not split ", Kp, " inputs into groups of a multiple of 32");
-  return PackedInt4{codes.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(scales.data_ptr()),
-                    n, Kp, Kp / groups};
-}
+using er::int4::packed_view;
 
 torch::Tensor linear_int4(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, int64_t n) {
   const PackedInt4 w = packed_view("linear_int4", codes, scales, n);

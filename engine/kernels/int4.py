@@ -24,7 +24,7 @@ from engine.extensions import build, source_digest
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("int4.cpp")
-_HEADERS = ("int4_gemm.h", "int4_quantize.h")  # included by int4.cpp
+_HEADERS = ("int4_gemm.h", "int4_quantize.h", "int4_view.h")  # included by int4.cpp
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 _CPU_FLAGS = ("avx2", "fma", "f16c")
 _lock = threading.Lock()

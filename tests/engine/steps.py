@@ -28,6 +28,34 @@ def decode_steps(decoder, model, fused: bool, rows_at: list[list[int]], prompts:
         decoder._fused = saved
 
 
+def decode_steps_paired(decoder, model, rows_at: list[list[int]], prompts: list[str]):
+    """Logits [steps, rows, K, V] of the fused step and of the op-by-op path from the same cache
+    at every step (as `decode_steps`; the cache is saved before each step and put back for the
+    op-by-op path, whose writes go on): a rounding boundary that one path's float sums cross in
+    a cached key moves the one step where it happens, not every later step of its row."""
+    saved = decoder._fused
+    assert saved is not None, "the decoder does not take the fused step"
+    try:
+        torch.manual_seed(1)
+        conditions = [model.encode_prompt(p) for p in prompts]
+        cross = decoder.cross_kv(*batch_conditions(conditions, guidance=True))
+        rows = len(rows_at[0])
+        cache = decoder.new_cache(rows + 2, 64).rows(1, rows)
+        fused, op_by_op = [], []
+        for at in rows_at:
+            ids = torch.randint(0, decoder.vocab + 1, (rows, decoder.num_codebooks))
+            before = [t.clone() for t in cache.tensors()]
+            decoder._fused = saved
+            fused.append(decoder.decode_one_step(ids, cache, cross, at))
+            for t, b in zip(cache.tensors(), before, strict=True):
+                t.copy_(b)
+            decoder._fused = None
+            op_by_op.append(decoder.decode_one_step(ids, cache, cross, at))
+        return torch.stack(fused), torch.stack(op_by_op)
+    finally:
+        decoder._fused = saved
+
+
 def assert_steps_agree(got: torch.Tensor, want: torch.Tensor, share: float) -> None:
     """Logits [steps, rows, K, V] of the two paths agree to float precision in at least `share`
     of the (step, row) pairs, and everywhere to 5% of the logits' spread. The two paths' float

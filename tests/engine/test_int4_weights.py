@@ -9,8 +9,8 @@ import torch
 from transformers import AutoProcessor, MusicgenForConditionalGeneration
 
 from bench.precision import teacher_forced_logits
-from engine import LoadOptions, ModelLoadError, MusicModel
-from engine.decoder import Decoder
+from engine import LoadOptions, ModelLoadError, MusicModel, SamplingOptions
+from engine.decoder import Decoder, kernel_layer, kernel_projection
 from engine.delay import codebook_delays, delayed_layout
 from engine.kernels import int4
 from engine.linear import (
@@ -21,6 +21,12 @@ from engine.linear import (
     Int8KernelLinear,
     pack_int4,
     quantize_int4,
+)
+from tests.engine.steps import (
+    assert_steps_agree,
+    decode_steps,
+    decode_steps_paired,
+    first_mismatch,
 )
 
 
@@ -164,7 +170,7 @@ def test_int4_decoder_stays_close_to_float32(k4, tiny_head64_dir):
         assert isinstance(decoder.layers[0].qkv, Int4KernelLinear) == (mode == "int4")
         if mode == "int4-ffn":  # the rest int8: our op-by-op kernel where it builds
             assert isinstance(decoder.layers[0].qkv, (Int8KernelLinear, Int8DynamicLinear))
-        assert decoder._fused is None, "the fused step takes int8 projections only (for now)"
+        assert decoder._fused is None, "a float32 cache runs op by op (the fused step's are int8/4)"
         got = teacher_forced_logits(model, processor, decoder, ids)
         mean = (got - ref).abs().mean() / ref.std()
         assert mean < bound, f"{mode}: mean |dlogit| {mean:.2%} of the logit std"
@@ -203,3 +209,101 @@ def test_int4_without_its_kernel_is_a_clear_error(tiny_head64_dir, monkeypatch):
 def test_bad_int4_options_are_named(options, message):
     with pytest.raises(ValueError, match=message):
         LoadOptions(**options).validate()
+
+
+# ---- int4 projections in the fused one-call step (decode_step.h) ------------------------------
+
+FUSED_CASES = [("int4", "int8"), ("int4-ffn", "int8"), ("int4", "int4"), ("int4-ffn", "int4")]
+
+
+@pytest.fixture(scope="module", params=FUSED_CASES, ids=[f"{q}-{c}cache" for q, c in FUSED_CASES])
+def int4_fused_model(request, k, k4, tiny_head64_dir):
+    """The tiny model (heads of 64: the int4 cache holds only those) in an int4 mode over an int8
+    or int4 KV cache: it takes the fused step."""
+    quantize, kv_cache = request.param
+    options = LoadOptions(model=tiny_head64_dir, device="cpu", quantize=quantize, kv_cache=kv_cache)
+    model = MusicModel.load(options)
+    decoder = model.decoder
+    assert decoder.kv_cache == kv_cache
+    assert decoder._fused is not None, f"{quantize} over an {kv_cache} cache takes the fused step"
+    assert isinstance(decoder.layers[0].fc2, Int4KernelLinear)
+    kinds = {"int4": Int4KernelLinear, "int4-ffn": Int8KernelLinear}[quantize]
+    assert isinstance(decoder.layers[0].qkv, kinds) and isinstance(decoder.lm_heads, kinds)
+    return model
+
+
+@pytest.mark.parametrize("stations", [2, 4])
+def test_fused_int4_step_equals_op_by_op(int4_fused_model, stations):
+    """Stations with guidance (4 or 8 rows: one or two tiles of the int4 product) at different
+    positions and prompts, 30 steps, from the same cache at every step: the fused step's logits equal the op-by-op decoder's (linear_int4 /
+    linear_int8 per projection: the same integer products; the float sums' order and GELU's
+    formula differ by ~1e-7). Run on, each path over its own cache, they stay close."""
+    model = int4_fused_model
+    decoder = model.decoder
+    rows_at = [[p + 7 * (r // 2) for r in range(2 * stations)] for p in range(30)]
+    prompts = ["slow jazz", "fast drum and bass with a long prompt", "ambient", "a b c d e f g"]
+    prompts = prompts[:stations]
+    got, want = decode_steps_paired(decoder, model, rows_at, prompts)
+    assert got.shape == want.shape == (30, 2 * stations, decoder.num_codebooks, decoder.vocab)
+    assert_steps_agree(got, want, share=0.98)
+    # a cached key or value that the ~1e-7 differences round the other way stays in its cache
+    apart = decode_steps(decoder, model, True, rows_at, prompts)
+    assert_steps_agree(apart, decode_steps(decoder, model, False, rows_at, prompts), share=0.7)
+
+
+def test_fused_int4_stream_equals_op_by_op_greedy(int4_fused_model):
+    """A short greedy stream (prefill, then decode steps on the fused step or op by op): the
+    same tokens."""
+    model = int4_fused_model
+    decoder = model.decoder
+    fused = decoder._fused
+    tokens = []
+    try:
+        for step in (fused, None):
+            decoder._fused = step
+            stream = model.open_stream("slow jazz", SamplingOptions(greedy=True))
+            stream.tokens.generate_until(40)
+            tokens.append(stream.tokens.history()[0][:, :40])
+    finally:
+        decoder._fused = fused
+    assert torch.equal(tokens[0], tokens[1]), first_mismatch(tokens[0], tokens[1])
+
+
+def test_fused_step_checks_int4_projections(k, k4, tiny_head64_dir):
+    """An int4 projection comes with its output features; a wrong count, int8 bytes called int4,
+    or a projection of another shape are refused naming the layer and the weight."""
+    model = MusicgenForConditionalGeneration.from_pretrained(tiny_head64_dir).eval()
+    decoder = Decoder(model.decoder, "int4-ffn", "int8")
+    assert decoder._fused is not None
+
+    def step(layers):
+        return k.DecodeStepInt8(
+            embed=decoder.embed,
+            positions=decoder.positions,
+            layers=layers,
+            ln_final=k.LayerNorm(*decoder.final_ln),
+            lm_heads=kernel_projection(k, decoder.lm_heads),
+            heads=decoder.heads,
+            eps=decoder.layer_norm_eps,
+        )
+
+    first, w = (kernel_layer(k, layer) for layer in decoder.layers[:2])
+    step([first, w])
+    fc2 = decoder.layers[1].fc2
+    assert isinstance(fc2, Int4KernelLinear) and w.fc2.kind == "int4"
+    assert w.fc2.out_features == fc2.out_features
+    w.fc2 = k.Projection(kind="int4", data=fc2.packed, scales=fc2.scales, out_features=100)
+    with pytest.raises(RuntimeError, match="layer 1 fc2: 100 output features need 7 blocks"):
+        step([first, w])
+    qkv = decoder.layers[1].qkv
+    w.fc2 = k.Projection(
+        kind="int4", data=qkv.packed, scales=qkv.scales, out_features=qkv.out_features
+    )
+    with pytest.raises(RuntimeError, match="layer 1 fc2: packed codes must be contiguous uint8"):
+        step([first, w])
+    w.fc2 = kernel_projection(k, fc2)
+    w.qkv = kernel_projection(k, decoder.layers[1].fc1)  # int4 E -> F where E -> 3E belongs
+    with pytest.raises(RuntimeError, match=r"layer 1 qkv should take 128 -> 384 features"):
+        step([first, w])
+    with pytest.raises(TypeError, match="int8 or int4 projections, not DenseLinear"):
+        kernel_projection(k, Decoder(model.decoder).layers[0].fc1)

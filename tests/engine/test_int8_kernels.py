@@ -131,8 +131,11 @@ def test_fused_step_takes_its_weights_by_name(int8_model):
     first, w = (kernel_layer(k, layer) for layer in decoder.layers[:2])
     step([first, w])
     packed = decoder.layers[1].fc1
-    w.fc1 = k.Projection(kind="int4", data=packed.packed, scales=packed.scales)
-    with pytest.raises(RuntimeError, match="layer 1 fc1 has weights of kind 'int4'"):
+    w.fc1 = k.Projection(kind="int2", data=packed.packed, scales=packed.scales, out_features=128)
+    with pytest.raises(RuntimeError, match="layer 1 fc1 has weights of kind 'int2'"):
+        step([first, w])
+    w.fc1 = k.Projection(kind="int8", data=packed.packed, scales=packed.scales, out_features=100)
+    with pytest.raises(RuntimeError, match="layer 1 fc1: 100 output features, its scales are for"):
         step([first, w])
     w.fc1 = kernel_projection(k, packed)
     w.qkv = kernel_projection(k, decoder.layers[1].out_self)

@@ -218,6 +218,16 @@ void gemm_int8(const PackedInt8& w, const QuantRows& x, int64_t M, float* y, int
   });
 }
 
+// y = gelu(y) over M rows of N (row stride ldy), the same maths as gemm_int8's Out::Gelu: for
+// products without that epilogue (int4 weights in the fused step).
+inline void gelu_rows(float* y, int64_t M, int64_t N, int64_t ldy) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; n += 8) {
+      const __m256i mask = first_lanes(N - n);
+      _mm256_maskstore_ps(y + m * ldy + n, mask, gelu_ps(_mm256_maskload_ps(y + m * ldy + n, mask)));
+    }
+}
+
 // y = LayerNorm(x) over E features per row, with weight w and bias b.
 inline void layer_norm(const float* x, const float* w, const float* b, float* y, int64_t E,
                        float eps) {
