@@ -105,6 +105,13 @@ def main() -> int:
         help="a [generation] setting for the radio, e.g. context=200 (repeatable)",
     )
     parser.add_argument(
+        "--model-setting",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help='a [model] setting for the radio, e.g. quantize="int4" (repeatable)',
+    )
+    parser.add_argument(
         "--boundary", action="store_true", help="also time a scheduled slot boundary"
     )
     parser.add_argument(
@@ -160,9 +167,10 @@ def run(args: argparse.Namespace, n: int) -> bool:
     boundary: float | None = None
     config = logdir / "radio.toml"  # the admin (schedules, transitions) and the stations
     generation = "".join(f"{setting}\n" for setting in args.generation)
+    model = "".join(f"{setting}\n" for setting in args.model_setting)
     config.write_text(
         f'[security]\nadmin_token = "{ADMIN_TOKEN}"\n\n[generation]\n{generation}\n'
-        f"{stations_config(n)}"
+        f"[model]\n{model}\n{stations_config(n)}"
     )
     cmd += ["--config", str(config)]
     proc = subprocess.Popen(
@@ -241,8 +249,13 @@ def run(args: argparse.Namespace, n: int) -> bool:
             f"| model | {args.size} shapes, `radio serve` defaults, {os.cpu_count()} cores"
             f"{f', {n} stations' if n > 1 else ''} |"
         )
-        if args.generation:
-            say(f"| settings | `[generation]` {', '.join(args.generation)}, the rest defaults |")
+        if args.generation or args.model_setting:
+            shown = [
+                f"`[{name}]` {', '.join(given)}"
+                for name, given in (("model", args.model_setting), ("generation", args.generation))
+                if given
+            ]
+            say(f"| settings | {'; '.join(shown)}, the rest defaults |")
         say(f"| listened | {seconds:.0f} s{heard_by} |")
         main_rtfs, main_buffers = rtfs["main"], buffers["main"]
         say(
