@@ -317,7 +317,7 @@ def one_thread() -> Iterator[None]:
 
     For a worker thread beside the generator (a clip's encode): its own team would put more
     OpenMP threads than cores in the process, and libgomp then stops spinning between parallel
-    regions, which halved the generator's speed (`MusicModel.load_in_thread`). OpenMP's thread
+    regions, which halved the generator's speed (`engine.load_thread`). OpenMP's thread
     count is per thread (`omp_set_num_threads` sets the calling thread's), so the generator
     keeps its team. A no-op where torch does not run on libgomp."""
     import torch

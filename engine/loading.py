@@ -10,8 +10,6 @@ weights cannot be had (offline, no cache), `ModelLoadError` says which model and
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,7 +26,6 @@ if TYPE_CHECKING:
         PretrainedConfig,
     )
 
-    from engine.model import MusicModel
 
 log = logging.getLogger(__name__)
 
@@ -130,32 +127,3 @@ def load_model(options: LoadOptions, machine: Machine | None = None) -> LoadedMo
         model.decoder.config.hidden_size,
     )
     return LoadedModel(model, processor, name, settings)
-
-
-class Loading:
-    """`MusicModel.load(options)` under way in a short-lived thread of its own (see
-    `MusicModel.load_in_thread`), started at construction; `result()` waits for it and returns
-    the model or raises what the load raised. Meanwhile the caller can do work of its own: much
-    of a load (reading the weights, packing them) runs without the GIL, so a server importing
-    its web stack meanwhile starts sooner."""
-
-    def __init__(self, options: LoadOptions | None = None) -> None:
-        self.began = time.monotonic()
-        self._result: list[MusicModel | BaseException] = []  # filled by the thread
-        self._thread = threading.Thread(target=self._run, args=(options,), name="model-load")
-        self._thread.daemon = True  # Ctrl-C exits
-        self._thread.start()
-
-    def _run(self, options: LoadOptions | None) -> None:
-        try:  # engine.model imports transformers: here, in the loading thread
-            from engine.model import MusicModel
-
-            self._result.append(MusicModel.load(options))
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-            self._result.append(e)
-
-    def result(self) -> MusicModel:
-        self._thread.join()
-        if isinstance(self._result[0], BaseException):
-            raise self._result[0]
-        return self._result[0]

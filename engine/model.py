@@ -32,7 +32,7 @@ from engine.codec import StreamingDecoder, decode_together, prepare_codec
 from engine.conditioning import TextCondition, batch_conditions, encode_prompt
 from engine.decoder import Decoder
 from engine.delay import codebook_delays, delayed_layout
-from engine.loading import LoadedModel, Loading, ModelLoadError, load_model
+from engine.loading import LoadedModel, ModelLoadError, load_model
 from engine.options import LoadOptions, SamplingOptions, WindowOptions
 from engine.rows import Prompt
 from engine.token_stream import TokenStream
@@ -65,19 +65,6 @@ class MusicModel:
     @classmethod
     def load(cls, options: LoadOptions | None = None) -> MusicModel:
         return cls(load_model(options or LoadOptions()))
-
-    @classmethod
-    def load_in_thread(cls, options: LoadOptions | None = None) -> MusicModel:
-        """`load` in a short-lived thread, for a process whose torch work all runs in another
-        thread later (the radio's generator), so that the calling thread never runs torch.
-
-        Why: every thread that runs a parallel torch op gets its own OpenMP team, and once more
-        OpenMP threads exist than cores, libgomp stops spinning between parallel regions and
-        wakes its threads through the kernel instead. A decode step has ~170 parallel regions:
-        with the main thread's team left over from loading, the generator's steps ran at half
-        speed (musicgen-small, int8, 2 cores: real-time factor 0.51 against 1.25 on the same
-        thread). A thread that exits takes its team with it."""
-        return Loading(options).result()
 
     @property
     def device(self) -> torch.device:

@@ -47,7 +47,7 @@ from radio.timing import Horizon, PromptTimeline
 from radio.uploads import ClipReader
 
 if TYPE_CHECKING:
-    from engine.loading import Loading
+    from engine.load_thread import Loading
     from engine.model import MusicModel
     from radio.testing import FaultInjector
 
@@ -60,7 +60,8 @@ LOG_SECONDS = 30.0  # how often the log says how each station is doing
 def load_model(config: Config, loading: Loading | None = None) -> MusicModel:
     """The model `config` names; `loading`: its load already under way (`radio serve` starts it
     before importing the web stack)."""
-    from engine.loading import Loading, SettingError
+    from engine.load_thread import Loading
+    from engine.loading import SettingError
 
     # in a thread of its own: all torch work then runs in the generator's thread
     loading = loading or Loading(config.model)

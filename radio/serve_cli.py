@@ -44,7 +44,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 def _cmd_serve(args: argparse.Namespace) -> int:  # never returns once serving
     config = _config(args)
-    from engine.loading import Loading
+    from engine.load_thread import Loading
 
     loading = Loading(config.model)  # the weights load while the web stack is imported
     from aiohttp import web

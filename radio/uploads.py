@@ -17,7 +17,7 @@ CPU priority (nice +10 on Linux), so that neither the event loop nor the generat
 waits for it; one clip is encoded at a time (another upload meanwhile gets 429). Not the loop's
 default executor: torch gives every thread that runs a parallel op its own OpenMP team, and with
 more OpenMP threads than cores the generator's steps ran at half speed
-(`MusicModel.load_in_thread`).
+(`engine.load_thread`).
 
 Statuses: 413 too big; 415 not an accepted Content-Type, or not an audio file; 422 an audio file
 that cannot seed (empty, silent, too short, too long, too many channels, odd sample rate, too

@@ -110,8 +110,10 @@ def test_serve_benchmark_runs_two_stations_with_a_listener_each(tmp_path):
     out = _run(
         "bench_serve.py",
         *("--size", "tiny", "--seconds", "6", "--every", "2", "--stations", "2"),
+        *("--model-setting", 'quantize="int4"'),  # the fused int4 step, batched, in the radio
         tmp_path=tmp_path,
     )
+    assert '| settings | `[model]` quantize="int4", the rest defaults |' in out
     assert "listeners: ffmpeg decoding /main.mp3, /s2.mp3" in out
     assert "| listened | 6 s (an ffmpeg listener on each of the 2 stations) |" in out
     for sid in ("main", "s2"):

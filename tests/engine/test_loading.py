@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine import LoadOptions, ModelLoadError, MusicModel
+from engine.load_thread import Loading, load_in_thread
 from engine.settings import Machine, cpu_has_fast_bf16, resolve
 
 
@@ -75,8 +76,10 @@ def test_load_in_thread_leaves_the_calling_thread_without_torch_work(tiny_model_
     the loading thread (with its OpenMP team) is gone."""
     import threading
 
-    model = MusicModel.load_in_thread(LoadOptions(model=tiny_model_dir, device="cpu"))
+    loading = Loading(LoadOptions(model=tiny_model_dir, device="cpu"))  # the caller goes on
+    model = loading.result()
+    assert loading.result() is model
     assert model.open_stream("jazz").read(5).shape == (1, 5 * 640)
     assert not any(t.name == "model-load" for t in threading.enumerate())
     with pytest.raises(ModelLoadError, match="does not exist"):
-        MusicModel.load_in_thread(LoadOptions(model=str(tmp_path / "nowhere")))
+        load_in_thread(LoadOptions(model=str(tmp_path / "nowhere")))
