@@ -57,11 +57,22 @@ def remove_stale_lock(name: str, now: float | None = None) -> bool:
     return True
 
 
-def build(name: str, source: Path, cflags: list[str]) -> ModuleType:
+def built(name: str) -> bool:
+    """Whether extension `name` is in PyTorch's build cache: loading it takes a moment, not a
+    compile."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists()
+
+
+def build(name: str, source: Path, cflags: list[str], what: str, takes: str) -> ModuleType:
     """`torch.utils.cpp_extension.load` of one C++ source with OpenMP, quietly; raises what the
-    build raises (the callers say why they run without the extension)."""
+    build raises (the callers say why they run without the extension). A compile is logged
+    first, `what` it builds and how long that `takes`; a cached build is just loaded."""
     from torch.utils.cpp_extension import load
 
+    if not built(name):
+        log.info("building %s (once per machine and source version: %s)", what, takes)
     remove_stale_lock(name)
     return load(
         name=name,

@@ -60,7 +60,13 @@ def _build() -> ModuleType | None:
     if reason is None:
         try:
             started = time.monotonic()
-            module = build(f"endless_radio_codec_{_source_hash()}", _SOURCE, _FLAGS)
+            module = build(
+                f"endless_radio_codec_{_source_hash()}",
+                _SOURCE,
+                _FLAGS,
+                what="the codec kernels",
+                takes="~30 s",
+            )
             log.info("codec kernels ready in %.1f s", time.monotonic() - started)
             return module
         except Exception as exc:  # a missing compiler or headers: say so, run PyTorch's ops

@@ -146,11 +146,12 @@ def _build() -> ModuleType | None:
     if variant is not None:
         try:
             started = time.monotonic()
-            log.info("building the CPU decode kernels (%s; once per machine: ~40 s)", variant.name)
             module = build(
                 f"endless_radio_cpu_{variant.name}_{_source_hash()}",
                 _SOURCE,
                 variant.compile_flags(),
+                what=f"the CPU decode kernels ({variant.name})",
+                takes="~40 s",
             )
             log.info(
                 "CPU decode kernels (%s) ready in %.1f s", module.isa(), time.monotonic() - started

@@ -63,8 +63,13 @@ def _build() -> ModuleType | None:
     if reason is None:
         try:
             started = time.monotonic()
-            log.info("building the int4 weight kernel (first run on this machine: ~20 s)")
-            module = build(f"endless_radio_int4_{_source_hash()}", _SOURCE, _FLAGS)
+            module = build(
+                f"endless_radio_int4_{_source_hash()}",
+                _SOURCE,
+                _FLAGS,
+                what="the int4 weight kernel",
+                takes="~20 s",
+            )
             log.info("int4 weight kernel ready in %.1f s", time.monotonic() - started)
             return module
         except Exception as exc:  # a missing compiler or headers: say so

@@ -42,3 +42,23 @@ def test_source_digest_differs_between_checkouts(tmp_path):
     one = extensions.source_digest(tmp_path / "one", [tmp_path / "one" / "a.h"])
     two = extensions.source_digest(tmp_path / "two", [tmp_path / "two" / "a.h"])
     assert one != two
+
+
+def test_a_compile_is_logged_and_a_cached_build_just_loaded(tmp_path, monkeypatch, caplog):
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp, "load", lambda **kw: ("built", kw["name"]))
+    caplog.set_level(logging.INFO, logger="engine.extensions")
+    assert not extensions.built("some_ext")
+    got = extensions.build(
+        "some_ext", tmp_path / "x.cpp", [], what="the test kernels", takes="~1 s"
+    )
+    assert got == ("built", "some_ext")
+    assert "building the test kernels (once per machine and source version: ~1 s)" in caplog.text
+    caplog.clear()
+    (tmp_path / "some_ext").mkdir(exist_ok=True)
+    (tmp_path / "some_ext" / "some_ext.so").touch()  # what a finished build leaves
+    assert extensions.built("some_ext")
+    extensions.build("some_ext", tmp_path / "x.cpp", [], what="the test kernels", takes="~1 s")
+    assert "building" not in caplog.text  # a start with the build cached says nothing about it
