@@ -220,22 +220,74 @@ class Decoder:
             ]
         self.layer_norm_eps = dec.layer_norm.eps
         self._fused = self._fused_step()
+        # coarse weights (`use_coarse`): int4 projections swapped in while generation cannot
+        # keep up; built the first time they are asked for, from these modules
+        self.coarse = False
+        self._source = (dec.layers, heads)
+        self._other: tuple | None = None  # the set not in use: (layers, prefill, heads, fused)
         # cross_kv rounds to bfloat16 for the fused step; fixed here, so that the op-by-op path
         # (tests switch `_fused` off to compare) reads the same values
         self._cross_bf16 = self._fused is not None
 
-    def _fused_step(self) -> FusedStep | None:
+    def coarse_available(self) -> str | None:
+        """None when `use_coarse` can run here, else why not: it needs int8 projections through
+        our kernels with the fused step (a CPU), and the int4 kernel."""
+        if self.precision != "int8" or self._fused is None:
+            return "coarse weights replace int8 projections on our fused CPU step"
+        from engine.kernels import int4
+
+        return int4.unavailable_reason()
+
+    @property
+    def coarse_ready(self) -> bool:
+        """Whether the int4 set is built (`use_coarse` then swaps at once)."""
+        return self.coarse or self._other is not None
+
+    def use_coarse(self, on: bool) -> None:
+        """Swap the int8 projections for int4 ones (`on`), or back: x1.5 the steps per second
+        of musicgen-small on a 2-core AVX2 CPU, at 16% of the logit spread against int8's 2.3%
+        (docs/int4-weights.md). Everything else stays, the KV cache included: the step after a
+        swap reads the cache the steps before it wrote. The int4 set is quantized the first
+        time (seconds for musicgen-small); call between steps, from the thread that steps."""
+        if on == self.coarse:
+            return
+        if self._other is None:
+            reason = self.coarse_available()
+            if reason is not None:
+                raise ValueError(reason)
+            self._other = self._coarse_set()
+        current = (self.layers, self.prefill_layers, self.lm_heads, self._fused)
+        self.layers, self.prefill_layers, self.lm_heads, self._fused = self._other
+        self._other = current
+        self.coarse = on
+
+    def _coarse_set(self) -> tuple:
+        from engine.kernels import int4
+
+        modules = KernelModules(self._kernels, int4.get())
+        layers, heads = self._source
+        coarse = [self._layer(layer, "int4", modules, self.int4_group) for layer in layers]
+        lm_heads = make_linear(heads, "int4", modules, self.int4_group)
+        fused = self._fused_step(coarse, lm_heads)
+        assert fused is not None, "int4 projections run on the fused step where int8 ones do"
+        return coarse, coarse, lm_heads, fused
+
+    def _fused_step(
+        self, layers: list[LayerWeights] | None = None, lm_heads: Projection | None = None
+    ) -> FusedStep | None:
         """Our one-call decode step (`engine/kernels/decode_step.h`) where it applies: int8 or
         int4 weights through our kernels (each projection either: int4-ffn mixes them), an int8
         or int4 KV cache and the exact GELU; else None."""
+        layers = self.layers if layers is None else layers
+        lm_heads = self.lm_heads if lm_heads is None else lm_heads
         k = self._kernels
         fused = (
             k is not None
             and self.kv_cache in ("int8", "int4")
-            and isinstance(self.lm_heads, FUSED_PROJECTIONS)
+            and isinstance(lm_heads, FUSED_PROJECTIONS)
             and all(
                 isinstance(p, FUSED_PROJECTIONS)
-                for w in self.layers
+                for w in layers
                 for p in (w.qkv, w.out_self, w.q_cross, w.out_cross, w.fc1, w.fc2)
             )
             and _exact_gelu(self.activation)
@@ -245,9 +297,9 @@ class Decoder:
         return k.DecodeStepInt8(
             embed=self.embed,
             positions=self.positions,
-            layers=[kernel_layer(k, w) for w in self.layers],
+            layers=[kernel_layer(k, w) for w in layers],
             ln_final=k.LayerNorm(*self.final_ln),
-            lm_heads=kernel_projection(k, self.lm_heads),
+            lm_heads=kernel_projection(k, lm_heads),
             heads=self.heads,
             eps=self.layer_norm_eps,
         )

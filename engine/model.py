@@ -79,6 +79,24 @@ class MusicModel:
         return encode_prompt(self.hf, self.processor, text)
 
     @torch.inference_mode()
+    def use_coarse(self, on: bool) -> None:
+        """int4 projections in place of the int8 ones (`on`), or back (`Decoder.use_coarse`):
+        the radio's last resort while generation cannot keep up. Call between reads, from the
+        thread that reads; the first call quantizes (seconds)."""
+        self.decoder.use_coarse(on)
+
+    @property
+    def coarse(self) -> bool:
+        return self.decoder.coarse
+
+    @property
+    def coarse_ready(self) -> bool:
+        return self.decoder.coarse_ready
+
+    def coarse_available(self) -> str | None:
+        """None when `use_coarse` can run with this model's settings, else why not."""
+        return self.decoder.coarse_available()
+
     def measure_prefill(
         self, window: WindowOptions | None = None, frames: int | None = None
     ) -> float:

@@ -107,6 +107,10 @@ def build_radio(
     faults: FaultInjector | None = None,
     programme_clock: Callable[[], float] = time.time,
 ) -> Radio:
+    from engine.loading import SettingError
+
+    if config.generation.coarse_when_behind and (why := model.coarse_available()) is not None:
+        raise SettingError(f"generation.coarse_when_behind: {why}")
     store = restarts.open_store(config.server.state_file)
     saved = restarts.load_saved(store)
     stations = {}
@@ -126,6 +130,7 @@ def build_radio(
         chunk_frames=max(1, round(g.chunk_seconds * model.frame_rate)),
         watchdog=config.watchdog,
         adaptive_restarts=g.adaptive_restarts,
+        coarse_when_behind=g.coarse_when_behind,
         faults=faults,
     )
     a = config.audio

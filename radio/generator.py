@@ -185,6 +185,7 @@ class Generator:
         chunk_frames: int = 10,  # frames per read()
         watchdog: WatchdogConfig | None = None,  # the music watchdog's settings; None = off
         adaptive_restarts: bool = True,  # shorten window restarts while falling behind (ladder)
+        coarse_when_behind: bool = False,  # and then decode with int4 weights (the ladder's last)
         faults: FaultInjector | None = None,  # tests only (radio.testing)
         clock: Callable[[], float] = time.monotonic,  # reopen times and `busy` (tests: fake)
     ) -> None:
@@ -205,6 +206,10 @@ class Generator:
         self.tuner: ThreadTuner | None = None  # made by the worker thread, for its own threads
         self.adaptive_restarts = adaptive_restarts
         self.warned_behind = False  # said that even the ladder's last level cannot keep up
+        # the ladder's coarse level (int4 weights): their speed over int8's, a guess until they
+        # ran (0: no such level), and int8's cost per frame when they were switched to
+        self.coarse_speedup = ladder.COARSE_SPEEDUP if coarse_when_behind else 0.0
+        self._int8_cost = 0.0
         # the ladder's level (radio.ladder: 0 = window restarts re-read the whole context)
         self.restart_level = 0
         # read by the supervisor (`radio.healing.Supervised`), written by the worker
@@ -435,14 +440,23 @@ class Generator:
             if not self.warm_cost:
                 return  # not measured yet
             restart = max(self.warm_cost - cost, 1e-9) * window.context
-        rates = ladder.Rates(1.0 / (cost * stations), restart, stations)
+        # in int8's terms: on coarse weights what was measured is their speed
+        speedup = self.coarse_speedup
+        if self.model.coarse and self._int8_cost:
+            speedup = self.coarse_speedup = max(1.0, self._int8_cost / cost)
+        scale = speedup if self.model.coarse else 1.0
+        rates = ladder.Rates(scale / (cost * stations), restart * scale, stations, speedup)
         rate = self.model.frame_rate
         level = ladder.choose_level(self.restart_level, rates, window.window, window.context, rate)
         self._say_if_still_behind(rates, level)
         if level == self.restart_level:
             return
+        if (level == ladder.COARSE) != self.model.coarse:
+            self._switch_weights(level == ladder.COARSE, rates, cost)
         frames = ladder.context_frames(window.context, level)
         was, self.restart_level = self.restart_level, level
+        if frames == ladder.context_frames(window.context, was):
+            return  # the weights changed, not the restarts (the shortest either way)
         before = ladder.predicted_rtf(rates, window.window, window.context, was, rate)
         after = ladder.predicted_rtf(rates, window.window, window.context, level, rate)
         log.info(
@@ -460,12 +474,38 @@ class Generator:
             seconds = frames / rate if level else None
             self._to_loop(self.sink.on_restart_context, lane.spec.id, seconds)
 
+    def _switch_weights(self, coarse: bool, rates: ladder.Rates, cost: float) -> None:
+        """To coarse (int4) weights while even the shortest restarts cannot keep up, or back
+        to int8 ones once they can: the ThreadTuner's costs start afresh (other weights, other
+        speed); the int8 cost is kept, to measure the speedup against."""
+        assert self.tuner is not None
+        window = self.specs[0].window
+        rate = self.model.frame_rate
+        predict = ladder.predicted_rtf
+        if coarse:
+            self._int8_cost = cost
+            log.warning(
+                "generation cannot keep up even with the shortest window restarts (x%.2f of "
+                "real time): decoding with int4 weights until it can (coarser music, predicted "
+                "x%.2f; generation.coarse_when_behind)%s",
+                predict(rates, window.window, window.context, ladder.COARSE - 1, rate),
+                predict(rates, window.window, window.context, ladder.COARSE, rate),
+                "" if self.model.coarse_ready else ": quantizing them first (seconds)",
+            )
+        else:
+            log.info(
+                "decoding with int8 weights again: predicted x%.2f of real time with them",
+                predict(rates, window.window, window.context, ladder.COARSE - 1, rate),
+            )
+        self.model.use_coarse(coarse)
+        self.tuner.cost.clear()
+
     def _say_if_still_behind(self, rates: ladder.Rates, level: int) -> None:
         """Warn once when even the ladder's last level is predicted slower than real time: the
         listeners will hear the bridge now and then, and only the operator can change that."""
         window = self.specs[0].window
         rate = self.model.frame_rate
-        last = len(ladder.SHARES) - 1
+        last = rates.top
         if level < last:
             self.warned_behind = False
             return
@@ -474,10 +514,11 @@ class Generator:
             return
         self.warned_behind = True
         log.warning(
-            "generation cannot keep up even with the shortest window restarts: x%.2f of real "
+            "generation cannot keep up even with the shortest window restarts%s: x%.2f of real "
             "time for %d station(s), so listeners will hear the bridge now and then; fewer "
             'stations, a faster device, or on a CPU int4 weights (model.quantize = "int4": '
             "coarser, see README) make it keep up",
+            " and int4 weights" if last == ladder.COARSE else "",
             rtf,
             rates.stations,
         )

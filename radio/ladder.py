@@ -15,6 +15,12 @@ It moves down a level when the prediction for the current one falls under `DOWN_
 only when the level above is predicted at `UP_ABOVE` or more, so measurement noise does not make
 it flap. Prompt changes keep their own (shorter) `generation.prompt_context`.
 
+With `generation.coarse_when_behind` there is one level more, `COARSE`: the shortest restarts
+with int4 projections in place of the int8 ones (`MusicModel.use_coarse`: coarser music, x1.5
+the steps per second of musicgen-small on a 2-core AVX2 CPU). Its prediction is the int8 rate
+times `coarse_speedup` (a first guess, then what the generator measured when it switched), and
+while it runs, the int8 rate is its rate over that speedup, so a faster hour climbs back.
+
 With warm restarts (`generation.warm_restarts`, the default) nothing is prefilled: the next
 window is built a step at a time during the last `context` frames of the current one, and what
 a restart costs is the extra those steps take (measured by the generator on the chunks read
@@ -27,6 +33,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SHARES = (1.0, 0.5, 0.25)  # share of `generation.context` a window restart re-reads, per level
+COARSE = len(SHARES)  # the level after them: the shortest restarts with coarse (int4) weights
+COARSE_SPEEDUP = 1.5  # the first guess of coarse weights' speed over int8's (measured, 2 cores)
 DOWN_BELOW = 1.02  # a level predicted slower than this is left for the next
 UP_ABOVE = 1.15  # the level above is taken back once predicted at least this fast
 
@@ -40,19 +48,27 @@ class Rates:
         float  # a whole context's restart (one station): its prefill or warm rows' extra
     )
     stations: int  # stations generating (each re-prefills once per window)
+    # steps per second with coarse weights over int8's; 0: no coarse level
+    coarse_speedup: float = 0.0
+
+    @property
+    def top(self) -> int:
+        """The last level there is."""
+        return COARSE if self.coarse_speedup > 0 else len(SHARES) - 1
 
 
 def context_frames(context: int, level: int) -> int:
     """Frames a window restart re-reads at `level`."""
-    return max(1, round(context * SHARES[level]))
+    return max(1, round(context * SHARES[min(level, len(SHARES) - 1)]))
 
 
 def predicted_rtf(rates: Rates, window: int, context: int, level: int, frame_rate: float) -> float:
     """Seconds of audio per second of work over a window, with restarts at `level`."""
     reread = context_frames(context, level)
     new = window - reread  # frames made per window
-    prefill = rates.stations * rates.prefill_seconds * reread / context
-    work = new / rates.frames_per_second + prefill
+    speedup = rates.coarse_speedup if level == COARSE else 1.0
+    prefill = rates.stations * rates.prefill_seconds * reread / context / speedup
+    work = new / (rates.frames_per_second * speedup) + prefill
     return (new / frame_rate) / work
 
 
@@ -64,7 +80,8 @@ def choose_level(level: int, rates: Rates, window: int, context: int, frame_rate
     def rtf(at: int) -> float:
         return predicted_rtf(rates, window, context, at, frame_rate)
 
-    while level + 1 < len(SHARES) and rtf(level) < DOWN_BELOW:
+    level = min(level, rates.top)
+    while level < rates.top and rtf(level) < DOWN_BELOW:
         level += 1
     while level > 0 and rtf(level - 1) >= UP_ABOVE:
         level -= 1

@@ -307,3 +307,34 @@ def test_fused_step_checks_int4_projections(k, k4, tiny_head64_dir):
         step([first, w])
     with pytest.raises(TypeError, match="int8 or int4 projections, not DenseLinear"):
         kernel_projection(k, Decoder(model.decoder).layers[0].fc1)
+
+
+def test_coarse_weights_swap_int4_projections_in_and_back(tiny_model_dir):
+    """`MusicModel.use_coarse` (the radio's last rung while behind): with it an int8 model's
+    steps are an int4 model's, step for step; without it again, its own; a stream reads on
+    across the swaps (the KV cache stays)."""
+    from tests.engine.steps import decode_steps
+
+    int8 = MusicModel.load(LoadOptions(model=tiny_model_dir, quantize="int8"))
+    int4 = MusicModel.load(LoadOptions(model=tiny_model_dir, quantize="int4"))
+    assert int8.coarse_available() is None and not int8.coarse_ready
+    rows_at = [[3, 7], [4, 8], [5, 9]]
+
+    def steps(model):
+        return decode_steps(model.decoder, model, True, rows_at, ["jazz"])
+
+    own = steps(int8)
+    stream = int8.open_stream("jazz")
+    stream.read(5)
+    int8.use_coarse(True)
+    assert int8.coarse and int8.coarse_ready
+    torch.testing.assert_close(steps(int8), steps(int4), rtol=0, atol=1e-5)
+    assert stream.read(5).shape == (1, 5 * int8.hop)
+    int8.use_coarse(False)
+    assert not int8.coarse
+    torch.testing.assert_close(steps(int8), own, rtol=0, atol=0)
+    assert stream.read(5).shape == (1, 5 * int8.hop)
+    dense = MusicModel.load(LoadOptions(model=tiny_model_dir, quantize="none"))
+    assert "int8 projections" in dense.coarse_available()
+    with pytest.raises(ValueError, match="int8 projections"):
+        dense.use_coarse(True)

@@ -116,6 +116,18 @@ class FakeModel:
     def measure_prefill(self, window, frames=None) -> float:
         return 0.25
 
+    # coarse weights (`MusicModel.use_coarse`): recorded, each switch
+    coarse = False
+    coarse_ready = False
+
+    def coarse_available(self) -> str | None:
+        return None
+
+    def use_coarse(self, on: bool) -> None:
+        self.coarse = on
+        self.coarse_ready = True
+        self.switches = [*getattr(self, "switches", []), on]
+
 
 class Sink:
     """Records what crosses back to the loop, in order."""

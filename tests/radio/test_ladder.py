@@ -5,12 +5,21 @@ window restarts prefill or are warm (their warm rows' measured extra cost in the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
 
 from engine.options import WindowOptions
-from radio.ladder import DOWN_BELOW, UP_ABOVE, Rates, choose_level, context_frames, predicted_rtf
+from radio.ladder import (
+    COARSE,
+    DOWN_BELOW,
+    UP_ABOVE,
+    Rates,
+    choose_level,
+    context_frames,
+    predicted_rtf,
+)
 from tests.radio.fake_engine import FakeModel
 
 WINDOW, CONTEXT, RATE = 1500, 500, 50.0  # musicgen-small's defaults: 30 s windows, 10 s context
@@ -50,6 +59,24 @@ def test_it_does_not_flap_between_the_thresholds():
     assert DOWN_BELOW <= whole < UP_ABOVE
     assert choose_level(0, rates, WINDOW, CONTEXT, RATE) == 0  # keeps up: stays
     assert choose_level(1, rates, WINDOW, CONTEXT, RATE) == 1  # not enough margin to go back
+
+
+def test_coarse_weights_are_the_last_level_taken_only_when_the_shortest_restarts_fall_short():
+    # int8 at 40 frames/s: even a quarter of the context re-read cannot keep up (x0.77)
+    slow = Rates(40.0, 4.47, 1, coarse_speedup=1.5)
+    assert predicted_rtf(slow, WINDOW, CONTEXT, COARSE - 1, RATE) < DOWN_BELOW
+    # coarse weights: 1.5x the steps and the (shortest) prefill, the same restarts
+    assert predicted_rtf(slow, WINDOW, CONTEXT, COARSE, RATE) == pytest.approx(
+        1.5 * predicted_rtf(slow, WINDOW, CONTEXT, COARSE - 1, RATE)
+    )
+    assert context_frames(CONTEXT, COARSE) == context_frames(CONTEXT, COARSE - 1)
+    assert choose_level(0, slow, WINDOW, CONTEXT, RATE) == COARSE
+    # without the coarse level the ladder ends a level before
+    assert choose_level(0, Rates(40.0, 4.47, 1), WINDOW, CONTEXT, RATE) == COARSE - 1
+    # a machine where a quarter of the context keeps up never goes coarse
+    assert choose_level(0, Rates(57.0, 4.47, 1, coarse_speedup=1.5), WINDOW, CONTEXT, RATE) == 1
+    # and back up once int8 is predicted fast enough
+    assert choose_level(COARSE, Rates(83.0, 1.12, 1, 1.5), WINDOW, CONTEXT, RATE) == 0
 
 
 def moves(sink) -> list[tuple]:
@@ -99,6 +126,44 @@ async def test_the_generator_shortens_restarts_while_behind_and_restores_them(ru
     assert "window restarts now re-read 10.0 s of music (the whole context)" in caplog.text
     assert caplog.text.count("even with the shortest window restarts") == 1  # said once
     assert not gen.warned_behind  # and said again if it comes to that again
+
+
+async def test_coarse_weights_while_behind_then_int8_again(run, caplog):
+    """`generation.coarse_when_behind`: past the shortest restarts the generator decodes with
+    int4 weights (`MusicModel.use_coarse`), said once, and goes back to int8 when it can."""
+    caplog.set_level(logging.INFO, logger="radio.generator")
+    model = FakeModel()
+    gen, sink = await run(model, ("a",), buffer_ahead=1.0, window=COLD, coarse_when_behind=True)
+    await sink.until(lambda: len(sink.pcm("a")) == 5)
+    gen.prefill_seconds = 1e6  # no restart keeps up with int8 weights
+    gen.played("a", 20)
+    await sink.until(lambda: model.coarse)
+    assert gen.restart_level == COARSE and model.switches == [True]
+    assert model.streams[0].restart_context == 125  # and the shortest restarts
+    assert "decoding with int4 weights until it can" in caplog.text
+    assert "quantizing them first" in caplog.text
+    gen.prefill_seconds = 1e-6  # the machine got fast again
+    gen.played("a", 40)
+    await sink.until(lambda: not model.coarse)
+    await sink.until(lambda: gen.restart_level == 0)
+    assert model.switches == [True, False]
+    assert "decoding with int8 weights again" in caplog.text
+    assert model.streams[0].restart_context is None
+
+
+async def test_coarse_weights_a_model_cannot_run_are_refused_by_name(tiny_model_dir):
+    """A GPU, a bfloat16 or dense decoder, no int4 kernel: the setting is named at start."""
+    from engine import LoadOptions, MusicModel
+    from engine.loading import SettingError
+    from radio.app import build_radio
+    from radio.config import Config
+
+    model = MusicModel.load(LoadOptions(model=tiny_model_dir, quantize="none"))
+    config = dataclasses.replace(
+        Config(), generation=dataclasses.replace(Config().generation, coarse_when_behind=True)
+    )
+    with pytest.raises(SettingError, match="generation.coarse_when_behind: coarse weights"):
+        build_radio(config, model)
 
 
 async def test_the_ladder_can_be_turned_off(run):
