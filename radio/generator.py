@@ -210,6 +210,7 @@ class Generator:
         # ran (0: no such level), and int8's cost per frame when they were switched to
         self.coarse_speedup = ladder.COARSE_SPEEDUP if coarse_when_behind else 0.0
         self._int8_cost = 0.0
+        self._coarse_chunks = 0  # chunks made since the switch to them
         # the ladder's level (radio.ladder: 0 = window restarts re-read the whole context)
         self.restart_level = 0
         # read by the supervisor (`radio.healing.Supervised`), written by the worker
@@ -440,12 +441,18 @@ class Generator:
             if not self.warm_cost:
                 return  # not measured yet
             restart = max(self.warm_cost - cost, 1e-9) * window.context
-        # in int8's terms: on coarse weights what was measured is their speed
-        speedup = self.coarse_speedup
-        if self.model.coarse and self._int8_cost:
-            speedup = self.coarse_speedup = max(1.0, self._int8_cost / cost)
-        scale = speedup if self.model.coarse else 1.0
-        rates = ladder.Rates(scale / (cost * stations), restart * scale, stations, speedup)
+        if self.model.coarse:  # what was measured is the int4 weights' speed
+            self._coarse_chunks += 1
+            if self._coarse_chunks < ladder.COARSE_SETTLE:
+                return  # their cost is still being measured (the tuner's started afresh)
+            if self._int8_cost:  # once: their speedup over int8's, as it was at the switch
+                self.coarse_speedup = min(max(self._int8_cost / cost, 1.0), 3.0)
+                self._int8_cost = 0.0
+        # in int8's terms: int4's rate over the speedup, its restarts' cost times it
+        scale = self.coarse_speedup if self.model.coarse else 1.0
+        rates = ladder.Rates(
+            1.0 / (cost * stations * scale), restart * scale, stations, self.coarse_speedup
+        )
         rate = self.model.frame_rate
         level = ladder.choose_level(self.restart_level, rates, window.window, window.context, rate)
         self._say_if_still_behind(rates, level)
@@ -483,7 +490,7 @@ class Generator:
         rate = self.model.frame_rate
         predict = ladder.predicted_rtf
         if coarse:
-            self._int8_cost = cost
+            self._int8_cost, self._coarse_chunks = cost, 0
             log.warning(
                 "generation cannot keep up even with the shortest window restarts (x%.2f of "
                 "real time): decoding with int4 weights until it can (coarser music, predicted "

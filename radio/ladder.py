@@ -18,8 +18,9 @@ it flap. Prompt changes keep their own (shorter) `generation.prompt_context`.
 With `generation.coarse_when_behind` there is one level more, `COARSE`: the shortest restarts
 with int4 projections in place of the int8 ones (`MusicModel.use_coarse`: coarser music, x1.5
 the steps per second of musicgen-small on a 2-core AVX2 CPU). Its prediction is the int8 rate
-times `coarse_speedup` (a first guess, then what the generator measured when it switched), and
-while it runs, the int8 rate is its rate over that speedup, so a faster hour climbs back.
+times `coarse_speedup` (a first guess, then int8's cost at the switch over int4's measured in
+the `COARSE_SETTLE` chunks after it, once), and while int4 runs, the int8 rate is its rate over
+that speedup, so a faster hour climbs back.
 
 With warm restarts (`generation.warm_restarts`, the default) nothing is prefilled: the next
 window is built a step at a time during the last `context` frames of the current one, and what
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 SHARES = (1.0, 0.5, 0.25)  # share of `generation.context` a window restart re-reads, per level
 COARSE = len(SHARES)  # the level after them: the shortest restarts with coarse (int4) weights
 COARSE_SPEEDUP = 1.5  # the first guess of coarse weights' speed over int8's (measured, 2 cores)
+COARSE_SETTLE = 10  # chunks on coarse weights before their speed is taken and the ladder moves
 DOWN_BELOW = 1.02  # a level predicted slower than this is left for the next
 UP_ABOVE = 1.15  # the level above is taken back once predicted at least this fast
 

@@ -143,7 +143,12 @@ async def test_coarse_weights_while_behind_then_int8_again(run, caplog):
     assert "decoding with int4 weights until it can" in caplog.text
     assert "quantizing them first" in caplog.text
     gen.prefill_seconds = 1e-6  # the machine got fast again
-    gen.played("a", 40)
+    for frame in range(40, 400, 20):  # COARSE_SETTLE chunks on int4 first, their speed taken
+        gen.played("a", frame)
+        if not model.coarse:
+            break
+        chunks = len(sink.pcm("a"))
+        await sink.until(lambda n=chunks: len(sink.pcm("a")) > n or not model.coarse)
     await sink.until(lambda: not model.coarse)
     await sink.until(lambda: gen.restart_level == 0)
     assert model.switches == [True, False]
