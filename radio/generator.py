@@ -516,6 +516,8 @@ class Generator:
         if level < last:
             self.warned_behind = False
             return
+        if last == ladder.COARSE and (not self.model.coarse or self._int8_cost):
+            return  # int4's speed is a guess until measured on them (COARSE_SETTLE chunks)
         rtf = ladder.predicted_rtf(rates, window.window, window.context, level, rate)
         if rtf >= 1.0 or self.warned_behind:
             return

@@ -139,6 +139,7 @@ async def test_coarse_weights_while_behind_then_int8_again(run, caplog):
     gen.played("a", 20)
     await sink.until(lambda: model.coarse)
     assert gen.restart_level == COARSE and model.switches == [True]
+    assert not gen.warned_behind  # not "even int4 cannot" on a guess of int4's speed
     assert model.streams[0].restart_context == 125  # and the shortest restarts
     assert "decoding with int4 weights until it can" in caplog.text
     assert "quantizing them first" in caplog.text
