@@ -137,6 +137,7 @@ export class SoundPicture {
     g.fillStyle = grad;
     const gap = Math.max(2, w / BARS / 4);
     const bw = (w - gap * (BARS - 1)) / BARS;
+    if (bw <= 0) return; // not laid out yet, or too narrow for the bars (a hidden panel)
     const floor = Math.max(2, h * 0.02);
     const r = Math.min(bw / 2, 4);
     for (let i = 0; i < BARS; i++) {
