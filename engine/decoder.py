@@ -223,7 +223,7 @@ class Decoder:
         # coarse weights (`use_coarse`): int4 projections swapped in while generation cannot
         # keep up; built the first time they are asked for, from these modules
         self.coarse = False
-        self._source = (dec.layers, heads)
+        self._source = (dec.layers, causal_lm.lm_heads)  # modules: no weight copy kept
         self._other: tuple | None = None  # the set not in use: (layers, prefill, heads, fused)
         # cross_kv rounds to bfloat16 for the fused step; fixed here, so that the op-by-op path
         # (tests switch `_fused` off to compare) reads the same values
@@ -267,7 +267,8 @@ class Decoder:
         modules = KernelModules(self._kernels, int4.get())
         layers, heads = self._source
         coarse = [self._layer(layer, "int4", modules, self.int4_group) for layer in layers]
-        lm_heads = make_linear(heads, "int4", modules, self.int4_group)
+        weight = torch.cat([h.weight for h in heads])  # [K * V, E], as __init__ joins them
+        lm_heads = make_linear(weight, "int4", modules, self.int4_group)
         fused = self._fused_step(coarse, lm_heads)
         assert fused is not None, "int4 projections run on the fused step where int8 ones do"
         return coarse, coarse, lm_heads, fused

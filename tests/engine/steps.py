@@ -5,6 +5,31 @@ from __future__ import annotations
 import torch
 
 from engine.conditioning import batch_conditions
+from engine.decoder import kernel_projection
+
+
+def _start(decoder, model, rows_at: list[list[int]], prompts: list[str]):
+    """The seeded start of a comparison: the prompts' cross-attention inputs, the row count and
+    the cache (a row view of a bigger one, as stations get)."""
+    torch.manual_seed(1)
+    conditions = [model.encode_prompt(p) for p in prompts]
+    cross = decoder.cross_kv(*batch_conditions(conditions, guidance=True))
+    rows = len(rows_at[0])
+    return cross, rows, decoder.new_cache(rows + 2, 64).rows(1, rows)
+
+
+def fused_step_of(k, decoder, layers):
+    """Our fused step (`k.DecodeStepInt8`) over `decoder`'s embeddings, final norm and heads with
+    the kernel layers `layers` given (tests alter them to see what it refuses)."""
+    return k.DecodeStepInt8(
+        embed=decoder.embed,
+        positions=decoder.positions,
+        layers=layers,
+        ln_final=k.LayerNorm(*decoder.final_ln),
+        lm_heads=kernel_projection(k, decoder.lm_heads),
+        heads=decoder.heads,
+        eps=decoder.layer_norm_eps,
+    )
 
 
 def decode_steps(decoder, model, fused: bool, rows_at: list[list[int]], prompts: list[str]):
@@ -14,11 +39,7 @@ def decode_steps(decoder, model, fused: bool, rows_at: list[list[int]], prompts:
     saved = decoder._fused
     decoder._fused = saved if fused else None
     try:
-        torch.manual_seed(1)
-        conditions = [model.encode_prompt(p) for p in prompts]
-        cross = decoder.cross_kv(*batch_conditions(conditions, guidance=True))
-        rows = len(rows_at[0])
-        cache = decoder.new_cache(rows + 2, 64).rows(1, rows)
+        cross, rows, cache = _start(decoder, model, rows_at, prompts)
         out = []
         for at in rows_at:
             ids = torch.randint(0, decoder.vocab + 1, (rows, decoder.num_codebooks))
@@ -36,11 +57,7 @@ def decode_steps_paired(decoder, model, rows_at: list[list[int]], prompts: list[
     saved = decoder._fused
     assert saved is not None, "the decoder does not take the fused step"
     try:
-        torch.manual_seed(1)
-        conditions = [model.encode_prompt(p) for p in prompts]
-        cross = decoder.cross_kv(*batch_conditions(conditions, guidance=True))
-        rows = len(rows_at[0])
-        cache = decoder.new_cache(rows + 2, 64).rows(1, rows)
+        cross, rows, cache = _start(decoder, model, rows_at, prompts)
         fused, op_by_op = [], []
         for at in rows_at:
             ids = torch.randint(0, decoder.vocab + 1, (rows, decoder.num_codebooks))

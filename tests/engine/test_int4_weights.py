@@ -27,6 +27,7 @@ from tests.engine.steps import (
     decode_steps,
     decode_steps_paired,
     first_mismatch,
+    fused_step_of,
 )
 
 
@@ -277,15 +278,7 @@ def test_fused_step_checks_int4_projections(k, k4, tiny_head64_dir):
     assert decoder._fused is not None
 
     def step(layers):
-        return k.DecodeStepInt8(
-            embed=decoder.embed,
-            positions=decoder.positions,
-            layers=layers,
-            ln_final=k.LayerNorm(*decoder.final_ln),
-            lm_heads=kernel_projection(k, decoder.lm_heads),
-            heads=decoder.heads,
-            eps=decoder.layer_norm_eps,
-        )
+        return fused_step_of(k, decoder, layers)
 
     first, w = (kernel_layer(k, layer) for layer in decoder.layers[:2])
     step([first, w])

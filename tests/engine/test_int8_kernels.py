@@ -13,7 +13,7 @@ from engine import LoadOptions, MusicModel
 from engine.conditioning import batch_conditions
 from engine.decoder import LayerWeights, kernel_layer, kernel_projection
 from engine.linear import Int8KernelLinear, pack_int8, pack_int8_reference
-from tests.engine.steps import assert_steps_agree, decode_steps
+from tests.engine.steps import assert_steps_agree, decode_steps, fused_step_of
 
 
 def _int8_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -118,15 +118,7 @@ def test_fused_step_takes_its_weights_by_name(int8_model):
     k = decoder.kernels
 
     def step(layers):
-        return k.DecodeStepInt8(
-            embed=decoder.embed,
-            positions=decoder.positions,
-            layers=layers,
-            ln_final=k.LayerNorm(*decoder.final_ln),
-            lm_heads=kernel_projection(k, decoder.lm_heads),
-            heads=decoder.heads,
-            eps=decoder.layer_norm_eps,
-        )
+        return fused_step_of(k, decoder, layers)
 
     first, w = (kernel_layer(k, layer) for layer in decoder.layers[:2])
     step([first, w])
