@@ -113,7 +113,10 @@ class FakeModel:
                 raise s.read_error
         return [s.read(frames) for s in streams]
 
+    timed_frames: int | None = None  # what the last measure_prefill timed
+
     def measure_prefill(self, window, frames=None) -> float:
+        self.timed_frames = frames
         return 0.25
 
     # coarse weights (`MusicModel.use_coarse`): recorded, each switch

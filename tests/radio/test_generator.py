@@ -14,6 +14,7 @@ import pytest
 
 from engine.blend import Blend
 from engine.options import SamplingOptions, WindowOptions
+from radio.generator import TIMED_PREFILL_FRAMES
 from radio.testing import FaultInjector
 from radio.timing import PromptChange
 from tests.radio.fake_engine import HOP, FakeModel, frames
@@ -183,6 +184,19 @@ async def test_chunks_are_read_through_the_thread_tuner(run):
     assert tuner is not None and tuner.current in tuner.counts
     # from TRIAL_AHEAD_SECONDS of audio ahead on, a chunk measures another count where there is one
     assert len(tuner.cost) == min(2, len(tuner.counts))
+
+
+async def test_the_prefill_is_timed_on_fifty_frames_at_start(run):
+    """A short timing, scaled: a second less before a radio's first sound on musicgen-small
+    than timing a prompt change's 100 frames."""
+    model = FakeModel()
+    _, sink = await run(model, ("a",))
+    await sink.until(lambda: len(sink.pcm("a")) >= 1)  # timed before the first chunk
+    assert model.timed_frames == TIMED_PREFILL_FRAMES == 50
+    model = FakeModel()
+    _, sink = await run(model, ("a",), window=WindowOptions(prompt_context=30))
+    await sink.until(lambda: len(sink.pcm("a")) >= 1)
+    assert model.timed_frames == 30  # never more than a prompt change reads
 
 
 @pytest.mark.parametrize("warm", [True, False])
