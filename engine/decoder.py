@@ -20,7 +20,7 @@ cache's slots with the mask `arange(P) <= position[row]`), the function the GPU'
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Protocol
@@ -247,31 +247,46 @@ class Decoder:
         """Swap the int8 projections for int4 ones (`on`), or back: x1.5 the steps per second
         of musicgen-small on a 2-core AVX2 CPU, at 16% of the logit spread against int8's 2.3%
         (docs/int4-weights.md). Everything else stays, the KV cache included: the step after a
-        swap reads the cache the steps before it wrote. The int4 set is quantized the first
-        time (seconds for musicgen-small); call between steps, from the thread that steps."""
+        swap reads the cache the steps before it wrote. The int4 set is quantized here the first
+        time unless `prepare_coarse` built it (seconds for musicgen-small); call between steps,
+        from the thread that steps."""
         if on == self.coarse:
             return
-        if self._other is None:
-            reason = self.coarse_available()
-            if reason is not None:
-                raise ValueError(reason)
-            self._other = self._coarse_set()
+        for _ in self.prepare_coarse():
+            pass
+        assert self._other is not None
         current = (self.layers, self.prefill_layers, self.lm_heads, self._fused)
         self.layers, self.prefill_layers, self.lm_heads, self._fused = self._other
         self._other = current
         self.coarse = on
 
-    def _coarse_set(self) -> tuple:
+    def prepare_coarse(self) -> Iterator[None]:
+        """Build the int4 set for `use_coarse` a layer at a time: each step of the iterator
+        quantizes one layer (the last one the lm heads and the fused step), so that a caller can
+        spread the seconds between its decode steps; exhausted, the set is ready and
+        `use_coarse` swaps at once. Nothing to do when it is ready; ValueError (before the first
+        step) where coarse weights cannot run. Call from the thread that steps."""
+        if self.coarse_ready:
+            return
+        reason = self.coarse_available()
+        if reason is not None:
+            raise ValueError(reason)
         from engine.kernels import int4
 
         modules = KernelModules(self._kernels, int4.get())
         layers, heads = self._source
-        coarse = [self._layer(layer, "int4", modules, self.int4_group) for layer in layers]
+        coarse: list[LayerWeights] = []
+        for layer in layers:
+            if coarse:
+                yield
+            coarse.append(self._layer(layer, "int4", modules, self.int4_group))
         weight = torch.cat([h.weight for h in heads])  # [K * V, E], as __init__ joins them
         lm_heads = make_linear(weight, "int4", modules, self.int4_group)
         fused = self._fused_step(coarse, lm_heads)
         assert fused is not None, "int4 projections run on the fused step where int8 ones do"
-        return coarse, coarse, lm_heads, fused
+        if not self.coarse_ready:  # another iterator may have finished first
+            self._other = (coarse, coarse, lm_heads, fused)
+        yield
 
     def _fused_step(
         self, layers: list[LayerWeights] | None = None, lm_heads: Projection | None = None

@@ -149,7 +149,8 @@ def _int4_weights(weight: torch.Tensor, group: int) -> torch.Tensor:
     w = weight.detach().float().cpu()
     if w.dim() != 2 or w.numel() == 0:
         raise ValueError(f"int4: weights must be a non-empty [N, K] matrix, got {tuple(w.shape)}")
-    if not torch.isfinite(w).all() or w.abs().max() > 6e4:
+    low, high = torch.aminmax(w)  # one pass; NaN propagates, so `not <=` catches it too
+    if not (low.item() >= -6e4 and high.item() <= 6e4):
         raise ValueError("int4: weights must be finite and within float16's range (|w| <= 6e4)")
     return w
 

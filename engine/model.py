@@ -20,7 +20,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -84,6 +84,12 @@ class MusicModel:
         the radio's last resort while generation cannot keep up. Call between reads, from the
         thread that reads; the first call quantizes (seconds)."""
         self.decoder.use_coarse(on)
+
+    @torch.inference_mode()
+    def prepare_coarse(self) -> Iterator[None]:
+        """Quantize the int4 set for `use_coarse` a layer per step of the iterator
+        (`Decoder.prepare_coarse`): a reader spreads the seconds between its reads."""
+        yield from self.decoder.prepare_coarse()
 
     @property
     def coarse(self) -> bool:

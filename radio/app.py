@@ -101,16 +101,32 @@ def init_app(
     return app
 
 
+def _coarse_when_behind(setting: bool | str, model: MusicModel) -> bool:
+    """`generation.coarse_when_behind` for this model: "auto" is on where the model can decode
+    with int4 weights while behind, and says so either way; true where it cannot is refused."""
+    from engine.loading import SettingError
+
+    why = model.coarse_available()
+    if setting is True and why is not None:
+        raise SettingError(f"generation.coarse_when_behind: {why}")
+    if setting == "auto":
+        if why is None:
+            log.info(
+                "if generation falls behind real time even with the shortest window restarts, "
+                "it decodes with int4 weights until it can keep up (generation.coarse_when_behind)"
+            )
+        else:
+            log.info("generation.coarse_when_behind (auto) is off for this model: %s", why)
+    return setting is True or (setting == "auto" and why is None)
+
+
 def build_radio(
     config: Config,
     model: MusicModel,
     faults: FaultInjector | None = None,
     programme_clock: Callable[[], float] = time.time,
 ) -> Radio:
-    from engine.loading import SettingError
-
-    if config.generation.coarse_when_behind and (why := model.coarse_available()) is not None:
-        raise SettingError(f"generation.coarse_when_behind: {why}")
+    coarse = _coarse_when_behind(config.generation.coarse_when_behind, model)
     store = restarts.open_store(config.server.state_file)
     saved = restarts.load_saved(store)
     stations = {}
@@ -130,7 +146,7 @@ def build_radio(
         chunk_frames=max(1, round(g.chunk_seconds * model.frame_rate)),
         watchdog=config.watchdog,
         adaptive_restarts=g.adaptive_restarts,
-        coarse_when_behind=g.coarse_when_behind,
+        coarse_when_behind=coarse,
         faults=faults,
     )
     a = config.audio

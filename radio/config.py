@@ -107,9 +107,10 @@ class GenerationConfig:
     # with warm restarts a shorter context shortens the stretch the warm rows cost extra)
     adaptive_restarts: bool = True
     # and when even the shortest restarts cannot keep up, decode with int4 weights (coarser
-    # music, x1.5 the speed on a 2-core AVX2 CPU) until int8 ones can again; CPU int8 models
-    # only; quantizing them takes seconds the first time
-    coarse_when_behind: bool = False
+    # music, x1.5 the speed on a 2-core AVX2 CPU) until int8 ones can again, rather than let
+    # listeners hear the bridge: "auto" where the model can (int8 weights on our CPU kernels;
+    # the start-up log says which), true (refused by name where it cannot), false
+    coarse_when_behind: bool | str = "auto"
     # a generation step that makes no progress for this long marks /healthz 503 with the
     # reason, so that Docker (with autoheal) or systemd restarts the radio
     stall_seconds: float = 60.0
@@ -135,6 +136,11 @@ class GenerationConfig:
         if not 1 <= self.stall_seconds <= 3600:
             raise ValueError(
                 f"stall_seconds: must be in [1, 3600] seconds, got {self.stall_seconds}"
+            )
+        if isinstance(self.coarse_when_behind, str) and self.coarse_when_behind != "auto":
+            raise ValueError(
+                'coarse_when_behind: must be true, false or "auto", '
+                f"got {self.coarse_when_behind!r}"
             )
 
     def sampling_options(self, station_index: int = 0) -> SamplingOptions:

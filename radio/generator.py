@@ -83,6 +83,9 @@ NO_TRIAL_FIRST_SECONDS = 1.5
 # most a few percent off (musicgen-small here: 4.26 s scaled from 50 frames, 4.30 s from 100,
 # 4.61 s measured on 500); the first real prompt change or window restart replaces the figure.
 TIMED_PREFILL_FRAMES = 50
+# While int4 weights are prepared (`generation.coarse_when_behind`), each chunk is followed by
+# their quantization for at most this share of its time (musicgen-small: a layer, ~0.08 s)
+PREPARE_SHARE = 0.25
 
 
 def trial_allowed(
@@ -216,6 +219,9 @@ class Generator:
         self.coarse_speedup = ladder.COARSE_SPEEDUP if coarse_when_behind else 0.0
         self._int8_cost = 0.0
         self._coarse_chunks = 0  # chunks made since the switch to them
+        # their quantization, a layer at a time between chunks (`_prepare_coarse`), from the
+        # moment the ladder first leaves its top level: no stall of seconds at the switch
+        self._coarse_parts: Iterator[None] | None = None
         # the ladder's level (radio.ladder: 0 = window restarts re-read the whole context)
         self.restart_level = 0
         # read by the supervisor (`radio.healing.Supervised`), written by the worker
@@ -331,6 +337,9 @@ class Generator:
                 return
             self._reopen_due(lanes.values())
             due = self._due(lanes.values(), ahead_limit)
+            if not due and self._coarse_parts is not None:
+                self._prepare_coarse(0.0)  # a part of the int4 weights in the idle time
+                continue
             if not due:  # everyone is far enough ahead: wait for the clocks to move
                 if not self._drain(lanes, block=True):
                     return
@@ -420,6 +429,7 @@ class Generator:
             made = self._chunks(lanes)
         spent = max(time.perf_counter() - t, 1e-6)  # every station's chunk took all of it
         self._climb()
+        self._prepare_coarse(spent)
         for lane, chunk in zip(lanes, made, strict=True):
             if isinstance(chunk, Exception):
                 self._failed(lane, chunk, "generation failed")
@@ -461,6 +471,15 @@ class Generator:
         )
         rate = self.model.frame_rate
         level = ladder.choose_level(self.restart_level, rates, window.window, window.context, rate)
+        if self.coarse_speedup and not self.model.coarse_ready:
+            if level > 0 and self._coarse_parts is None:
+                self._coarse_parts = self.model.prepare_coarse()
+                log.info(
+                    "generation is behind real time: preparing int4 weights between chunks, in "
+                    "case even the shortest window restarts cannot keep up "
+                    "(generation.coarse_when_behind)"
+                )
+            level = min(level, ladder.COARSE - 1)  # not before they are ready
         self._say_if_still_behind(rates, level)
         if level == self.restart_level:
             return
@@ -486,6 +505,33 @@ class Generator:
             lane.stream.shorten_restarts(frames if level else None)
             seconds = frames / rate if level else None
             self._to_loop(self.sink.on_restart_context, lane.spec.id, seconds)
+
+    def _prepare_coarse(self, spent: float) -> None:
+        """The next layers of the int4 set being prepared, for at most PREPARE_SHARE of the
+        chunk's time (`spent`; at least one layer): a slower stream for a few seconds of chunks
+        instead of a stall at the switch, when it is behind already (and when the stations are
+        ahead, in the time the worker would wait)."""
+        if self._coarse_parts is None:
+            return
+        began = time.perf_counter()
+        with self._engine_call("preparing int4 weights"):
+            while True:
+                try:
+                    next(self._coarse_parts)
+                except Exception as e:  # noqa: BLE001 - the music goes on without the level
+                    log.warning(
+                        "cannot prepare int4 weights, so generation will not fall back to "
+                        "them when behind: %s",
+                        describe(e),
+                    )
+                    self._coarse_parts, self.coarse_speedup = None, 0.0
+                    return
+                if self.model.coarse_ready:
+                    self._coarse_parts = None
+                    log.info("int4 weights ready for when generation cannot keep up otherwise")
+                    return
+                if time.perf_counter() - began >= PREPARE_SHARE * spent:
+                    return
 
     def _switch_weights(self, coarse: bool, rates: ladder.Rates, cost: float) -> None:
         """To coarse (int4) weights while even the shortest restarts cannot keep up, or back

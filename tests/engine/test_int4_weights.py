@@ -331,3 +331,39 @@ def test_coarse_weights_swap_int4_projections_in_and_back(tiny_model_dir):
     assert "int8 projections" in dense.coarse_available()
     with pytest.raises(ValueError, match="int8 projections"):
         dense.use_coarse(True)
+
+
+def test_coarse_weights_are_prepared_a_layer_per_step_between_reads(tiny_model_dir, monkeypatch):
+    """`MusicModel.prepare_coarse`: the int4 set a layer at a time, so that the radio spreads
+    its seconds between chunks; the model reads on with its int8 weights meanwhile, and then
+    `use_coarse` swaps at once (it quantizes nothing more), to an int4 model's steps."""
+    from engine.decoder import Decoder
+    from tests.engine.steps import decode_steps
+
+    int8 = MusicModel.load(LoadOptions(model=tiny_model_dir, quantize="int8"))
+    int4 = MusicModel.load(LoadOptions(model=tiny_model_dir, quantize="int4"))
+    rows_at = [[3, 7], [4, 8], [5, 9]]
+
+    def steps(model):
+        return decode_steps(model.decoder, model, True, rows_at, ["jazz"])
+
+    own = steps(int8)
+    stream = int8.open_stream("jazz")
+    layers = len(int8.decoder.layers)
+    parts = int8.prepare_coarse()
+    for i in range(layers):
+        assert not int8.coarse_ready, f"ready after {i} of {layers} layers"
+        next(parts)
+        assert stream.read(2).shape == (1, 2 * int8.hop)  # int8 reads go on between the parts
+        assert not int8.coarse
+    assert int8.coarse_ready
+    assert next(parts, "done") == "done"
+    torch.testing.assert_close(steps(int8), own, rtol=0, atol=0)  # still int8 until swapped
+
+    def quantize_again(*args, **kwargs):
+        raise AssertionError("use_coarse quantized a layer although the set was ready")
+
+    monkeypatch.setattr(Decoder, "_layer", staticmethod(quantize_again))
+    int8.use_coarse(True)
+    torch.testing.assert_close(steps(int8), steps(int4), rtol=0, atol=1e-5)
+    assert list(int8.prepare_coarse()) == []  # nothing left to do

@@ -9,6 +9,8 @@ the real command queue and the real detectors run in milliseconds."""
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -17,6 +19,7 @@ from engine.options import SamplingOptions, WindowOptions
 from radio.generator import StationSpec
 
 FRAME_RATE, HOP, CHUNK, CODEBOOKS = 50, 640, 10, 4
+COARSE_PARTS = 3  # steps of the fake's int4 preparation (a real model: one per layer)
 
 
 class FakeTokens:
@@ -119,17 +122,26 @@ class FakeModel:
         self.timed_frames = frames
         return 0.25
 
-    # coarse weights (`MusicModel.use_coarse`): recorded, each switch
+    # coarse weights (`MusicModel.use_coarse`): recorded, each switch and whether it found
+    # them prepared (`prepare_coarse`, in COARSE_PARTS steps) or had to quantize them at once
     coarse = False
     coarse_ready = False
+    prepared = 0
 
     def coarse_available(self) -> str | None:
         return None
 
+    def prepare_coarse(self) -> Iterator[None]:
+        while not self.coarse_ready:
+            time.sleep(0.01)  # a part takes longer than the generator's share of a fake chunk
+            self.prepared += 1
+            self.coarse_ready = self.prepared == COARSE_PARTS
+            yield
+
     def use_coarse(self, on: bool) -> None:
+        self.switches = [*getattr(self, "switches", []), (on, self.coarse_ready)]
         self.coarse = on
         self.coarse_ready = True
-        self.switches = [*getattr(self, "switches", []), on]
 
 
 class Sink:

@@ -5,6 +5,7 @@ window restarts prefill or are warm (their warm rows' measured extra cost in the
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 
@@ -20,7 +21,7 @@ from radio.ladder import (
     context_frames,
     predicted_rtf,
 )
-from tests.radio.fake_engine import FakeModel
+from tests.radio.fake_engine import COARSE_PARTS, FakeModel
 
 WINDOW, CONTEXT, RATE = 1500, 500, 50.0  # musicgen-small's defaults: 30 s windows, 10 s context
 COLD = WindowOptions(warm_restarts=False)  # window restarts prefill: what the ladder shortens
@@ -130,21 +131,30 @@ async def test_the_generator_shortens_restarts_while_behind_and_restores_them(ru
 
 async def test_coarse_weights_while_behind_then_int8_again(run, caplog):
     """`generation.coarse_when_behind`: past the shortest restarts the generator decodes with
-    int4 weights (`MusicModel.use_coarse`), said once, and goes back to int8 when it can."""
+    int4 weights (`MusicModel.use_coarse`), said once, and goes back to int8 when it can. It
+    prepares them a part per chunk from the moment it falls behind, and switches once they are
+    ready: no stall of seconds at the switch."""
     caplog.set_level(logging.INFO, logger="radio.generator")
     model = FakeModel()
     gen, sink = await run(model, ("a",), buffer_ahead=1.0, window=COLD, coarse_when_behind=True)
     await sink.until(lambda: len(sink.pcm("a")) == 5)
+    assert model.prepared == 0  # nothing while it keeps up
     gen.prefill_seconds = 1e6  # no restart keeps up with int8 weights
     gen.played("a", 20)
+    async with asyncio.timeout(10):  # prepared between chunks, or while ahead
+        while not model.coarse_ready:
+            await asyncio.sleep(0.01)
+    assert "preparing int4 weights between chunks" in caplog.text
+    assert model.prepared == COARSE_PARTS and not model.coarse  # not before they were ready
+    gen.played("a", 40)
     await sink.until(lambda: model.coarse)
-    assert gen.restart_level == COARSE and model.switches == [True]
+    assert gen.restart_level == COARSE and model.switches == [(True, True)]  # prepared
     assert not gen.warned_behind  # not "even int4 cannot" on a guess of int4's speed
     assert model.streams[0].restart_context == 125  # and the shortest restarts
     assert "decoding with int4 weights until it can" in caplog.text
-    assert "quantizing them first" in caplog.text
+    assert "quantizing them first" not in caplog.text
     gen.prefill_seconds = 1e-6  # the machine got fast again
-    for frame in range(40, 400, 20):  # COARSE_SETTLE chunks on int4 first, their speed taken
+    for frame in range(60, 400, 20):  # COARSE_SETTLE chunks on int4 first, their speed taken
         gen.played("a", frame)
         if not model.coarse:
             break
@@ -152,24 +162,41 @@ async def test_coarse_weights_while_behind_then_int8_again(run, caplog):
         await sink.until(lambda n=chunks: len(sink.pcm("a")) > n or not model.coarse)
     await sink.until(lambda: not model.coarse)
     await sink.until(lambda: gen.restart_level == 0)
-    assert model.switches == [True, False]
+    assert model.switches == [(True, True), (False, True)]
     assert "decoding with int8 weights again" in caplog.text
     assert model.streams[0].restart_context is None
 
 
-async def test_coarse_weights_a_model_cannot_run_are_refused_by_name(tiny_model_dir):
-    """A GPU, a bfloat16 or dense decoder, no int4 kernel: the setting is named at start."""
+async def test_coarse_weights_are_on_by_default_where_the_model_can_and_refused_by_name(
+    tiny_model_dir, caplog
+):
+    """"auto" (the default): on for an int8 model on our CPU kernels, off for one that cannot
+    (a GPU, a bfloat16 or dense decoder, no int4 kernel), said at start either way; true where
+    the model cannot is refused by name; false is off."""
     from engine import LoadOptions, MusicModel
     from engine.loading import SettingError
     from radio.app import build_radio
-    from radio.config import Config
+    from radio.config import Config, ConfigError, GenerationConfig, parse_config
 
-    model = MusicModel.load(LoadOptions(model=tiny_model_dir, quantize="none"))
-    config = dataclasses.replace(
-        Config(), generation=dataclasses.replace(Config().generation, coarse_when_behind=True)
-    )
+    def with_setting(value):
+        g = dataclasses.replace(Config().generation, coarse_when_behind=value)
+        return dataclasses.replace(Config(), generation=g)
+
+    caplog.set_level(logging.INFO, logger="radio.app")
+    assert GenerationConfig().coarse_when_behind == "auto"
+    int8 = MusicModel.load(LoadOptions(model=tiny_model_dir, quantize="int8"))
+    assert build_radio(Config(), int8).generator.coarse_speedup > 0
+    assert "it decodes with int4 weights until it can keep up" in caplog.text
+    assert build_radio(with_setting(False), int8).generator.coarse_speedup == 0
+    dense = MusicModel.load(LoadOptions(model=tiny_model_dir, quantize="none"))
+    assert build_radio(Config(), dense).generator.coarse_speedup == 0
+    assert "coarse_when_behind (auto) is off for this model: coarse weights" in caplog.text
     with pytest.raises(SettingError, match="generation.coarse_when_behind: coarse weights"):
-        build_radio(config, model)
+        build_radio(with_setting(True), dense)
+    with pytest.raises(ConfigError, match='coarse_when_behind: must be true, false or "auto"'):
+        parse_config({"generation": {"coarse_when_behind": "yes"}})
+    with pytest.raises(ConfigError, match="coarse_when_behind: must be"):
+        parse_config({"generation": {"coarse_when_behind": 1}})
 
 
 async def test_the_ladder_can_be_turned_off(run):
