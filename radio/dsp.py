@@ -27,7 +27,7 @@ _TRUNCATE = 1e-15  # the impulse response ends where it stays below this fractio
 
 # -- K-weighting ----------------------------------------------------------------------------
 def k_weighting(sample_rate: float) -> list[Biquad]:
-    """The two BS.1770 K-weighting stages for `sample_rate`: a +4 dB high shelf, a 38 Hz high pass."""
+    """BS.1770's two K-weighting stages at `sample_rate`: a +4 dB high shelf, a 38 Hz high pass."""
     return [
         _high_shelf(gain_db=4.0, q=1 / math.sqrt(2), fc=1500.0, sample_rate=sample_rate),
         _high_pass(q=0.5, fc=38.0, sample_rate=sample_rate),
@@ -66,9 +66,8 @@ def impulse_response(biquads: list[Biquad]) -> np.ndarray:
     # twice the n where r^n reaches the threshold is ample; the cut below then finds the end.
     radius = max(float(np.abs(np.roots(a)).max()) for _, a in biquads)
     n = 2 * math.ceil(math.log(_TRUNCATE) / math.log(radius)) + 16
-    impulse = np.zeros(n)
-    impulse[0] = 1.0
-    h = impulse
+    h = np.zeros(n)
+    h[0] = 1.0  # a unit impulse, through each stage in turn
     for b, a in biquads:
         h = _run_biquad(b, a, h)
     above = np.flatnonzero(np.abs(h) >= _TRUNCATE * np.abs(h).max())
@@ -79,7 +78,7 @@ def impulse_response(biquads: list[Biquad]) -> np.ndarray:
 def _run_biquad(b: np.ndarray, a: np.ndarray, x: np.ndarray) -> np.ndarray:
     """[n] -> [n]: one biquad, sample by sample (transposed direct form II, as lfilter).
 
-    A Python loop, run once per station for the impulse response (~5 ms at 32 kHz): vectorised
+    A Python loop, run once per station for the impulse response (~4 ms at 32 kHz): vectorised
     shortcuts (powers of the state matrix) lose digits on the high pass's double pole.
     """
     b0, b1, b2 = (float(v) for v in b)
@@ -139,7 +138,7 @@ class StreamFilter:
 
 # -- 4x oversampling and the limiter's lookahead --------------------------------------------
 def lowpass_fir(taps: int, cutoff: float, beta: float) -> np.ndarray:
-    """[taps] Kaiser-windowed sinc, `cutoff` a fraction of Nyquist, DC gain 1 (as scipy's firwin)."""
+    """[taps] Kaiser-windowed sinc, `cutoff` a fraction of Nyquist, DC gain 1 (scipy's firwin)."""
     m = np.arange(taps) - (taps - 1) / 2
     h = cutoff * np.sinc(cutoff * m) * np.kaiser(taps, beta)
     return h / h.sum()
