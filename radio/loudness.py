@@ -3,9 +3,10 @@
 Audio is processed in fixed 100 ms blocks, whatever chunk sizes the caller pushes (so chunking
 never changes the result), with a constant delay of `latency_samples` (two blocks).
 
-1. **Measure.** Each input block is K-weighted (pyloudnorm's BS.1770 filters, run with carried
-   state) and its mean square kept; the last `window_seconds` form 400 ms gating blocks with 75 %
-   overlap, gated at -70 LUFS and -10 LU as in BS.1770-4: the integrated loudness of the window.
+1. **Measure.** Each input block is K-weighted (BS.1770's two biquads, run as one stream with
+   carried state) and its mean square kept; the last `window_seconds` form 400 ms gating blocks
+   with 75 % overlap, gated at -70 LUFS and -10 LU as in BS.1770-4: the window's integrated
+   loudness.
 2. **Gain.** The gain moves toward `target - loudness` at a bounded dB/s (fast while acquiring
    the first lock, then slowly: no pumping), ramped sample by sample, never above `max_gain_db`.
    A window, or a last 400 ms, quieter than `gate_lufs` (silence, a fade-out) holds the gain.
@@ -20,9 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pyloudnorm
-from scipy.ndimage import minimum_filter1d
-from scipy.signal import firwin, lfilter, upfirdn
+
+from radio import dsp
 
 _OVERSAMPLE = 4
 _FIR_TAPS = 81  # ~20 per phase: the same interpolator as scipy's resample_poly(x, 4, 1)
@@ -78,10 +78,9 @@ class LoudnessNormalizer:
         self._ceiling = 10 ** ((true_peak_dbtp - opt.margin_db) / 20)
         self._hard_ceiling = 10 ** (true_peak_dbtp / 20)
         self._release = opt.release_db_per_s / sample_rate  # dB per sample
-        self._fir = firwin(_FIR_TAPS, 1.0 / _OVERSAMPLE, window=("kaiser", 5.0)) * _OVERSAMPLE
-        self._filters = [
-            (f.b, f.a, f.passband_gain) for f in pyloudnorm.Meter(sample_rate)._filters.values()
-        ]
+        self._fir = dsp.lowpass_fir(_FIR_TAPS, 1.0 / _OVERSAMPLE, beta=5.0) * _OVERSAMPLE
+        k_weighting = dsp.impulse_response(dsp.k_weighting(sample_rate))  # [L] as a long FIR
+        self._k_weighting = dsp.StreamFilter(k_weighting, channels)
         self._window_blocks = round(opt.window_seconds * 10)
         self.reset()
 
@@ -91,7 +90,7 @@ class LoudnessNormalizer:
         self._in = np.zeros((c, 0), np.float32)  # [C, < block] input not yet a whole block
         # [C, n] ready to hand out; with block -1 (zeros) coming out first: latency = 2 blocks
         self._out = np.zeros((c, self.latency_samples - b), np.float32)
-        self._zi = [np.zeros((c, 2)) for _ in self._filters]  # K-weighting filter states
+        self._k_weighting.reset()
         self._ms = np.zeros(0)  # [<= window] channel-summed K-weighted mean square per block
         self._prev2 = np.zeros((c, b), np.float32)  # gained blocks k-2 and k-1, limited when
         self._prev = np.zeros((c, b), np.float32)  # block k arrives (lookahead into it)
@@ -130,10 +129,7 @@ class LoudnessNormalizer:
         return out
 
     def _measure(self, x: np.ndarray) -> None:
-        w = x.astype(np.float64)
-        for i, (b, a, g) in enumerate(self._filters):
-            w, self._zi[i] = lfilter(b, a, w, axis=1, zi=self._zi[i])
-            w = w * g
+        w = self._k_weighting(x)  # [C, B] float64
         ms = float(np.sum(np.mean(w * w, axis=1)))  # channel gains are 1 for L, R (and mono)
         self._ms = np.append(self._ms, ms)[-self._window_blocks :]
 
@@ -176,7 +172,7 @@ class LoudnessNormalizer:
     # -- true-peak limiter -----------------------------------------------------------------
     def _true_peak(self, ext: np.ndarray) -> np.ndarray:
         """ext [C, M] -> [M-1]: the largest |value| over each sample interval [n, n+1], 4x."""
-        up = upfirdn(self._fir, ext, up=_OVERSAMPLE, axis=1)  # [C, 4M + taps - 1]
+        up = dsp.upsample(self._fir, ext, _OVERSAMPLE)  # [C, 4 (M - 1) + taps]
         delay = (_FIR_TAPS - 1) / 2  # upsampled samples
         first = int(np.ceil(delay))  # up[first + 4n + j] lies inside [n, n+1] for j in 0..3
         m = ext.shape[1] - 1
@@ -197,7 +193,7 @@ class LoudnessNormalizer:
         need = np.minimum(1.0, self._ceiling / np.maximum(peak, 1e-12))
         # Forward minimum: gain at n must respect every interval in [n - 1, n + la + 1].
         size = la + 3
-        fwd = minimum_filter1d(need, size, origin=-(size // 2), mode="nearest")  # [i:i+size]
+        fwd = dsp.forward_min(need, size)  # min of need[i : i + size]
         fwd = fwd[_PAD - 1 : _PAD - 1 + b]  # [B]
         # dB-linear release: g[n] = min(fwd[n], g[n-1] + r), as a running minimum.
         fwd_db = 20 * np.log10(fwd)

@@ -4,6 +4,10 @@ that does not pump, silence that does not blow the gain up, and chunking that ch
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pyloudnorm
 import pytest
@@ -144,3 +148,15 @@ def test_bad_arguments_are_named():
         LoudnessNormalizer(RATE, 1, target_lufs=3.0)
     with pytest.raises(ValueError, match="pcm"):
         LoudnessNormalizer(RATE, 2).process(np.zeros((1, 10), np.float32))
+
+
+def test_importing_loads_neither_scipy_nor_pyloudnorm():
+    # scipy.signal and scipy.ndimage cost ~0.8 s of `radio serve`'s start: radio.dsp replaces them
+    code = (
+        "import sys, radio.loudness; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('scipy', 'pyloudnorm')))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
