@@ -454,9 +454,10 @@ class Generator:
         # extra its warm rows cost over the `context` frames they are fed
         restart = self.prefill_seconds
         if window.warm_restarts:
-            if not self.warm_cost:
-                return  # not measured yet
-            restart = max(self.warm_cost - cost, 1e-9) * window.context
+            # not measured before the first window's last `context` frames: until then restarts
+            # count as free, so only a steady rate too slow for any restarts moves the ladder
+            # (at once, rather than after half a minute of bridges)
+            restart = max(self.warm_cost - cost, 1e-9) * window.context if self.warm_cost else 1e-9
         if self.model.coarse:  # what was measured is the int4 weights' speed
             self._coarse_chunks += 1
             if self._coarse_chunks < ladder.COARSE_SETTLE:

@@ -26,7 +26,9 @@ With warm restarts (`generation.warm_restarts`, the default) nothing is prefille
 window is built a step at a time during the last `context` frames of the current one, and what
 a restart costs is the extra those steps take (measured by the generator on the chunks read
 while warm rows were fed). A shorter context shortens that stretch in proportion, so the same
-prediction holds with that cost in place of the prefill's.
+prediction holds with that cost in place of the prefill's. Until it is measured (the first
+window's last `context` frames, half a minute in) restarts count as free: a steady rate too slow
+for any restarts moves the ladder at once, to the coarse level where there is one.
 """
 
 from __future__ import annotations

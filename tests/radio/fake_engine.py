@@ -49,9 +49,12 @@ class FakeStream:
         self._takes = 0  # restarts and prompt changes so far: new tokens from then on
         self._codes: dict[int, np.ndarray] = {}  # frame -> [K] tokens
 
+    read_seconds = 0.0  # how long a read takes (the engine's steady speed)
+
     def read(self, frames: int) -> np.ndarray:
         if self.read_error is not None:
             raise self.read_error
+        time.sleep(self.read_seconds)
         start = self.frame
         self.frame += frames
         self.reads += 1

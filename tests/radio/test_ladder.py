@@ -21,7 +21,7 @@ from radio.ladder import (
     context_frames,
     predicted_rtf,
 )
-from tests.radio.fake_engine import COARSE_PARTS, FakeModel
+from tests.radio.fake_engine import CHUNK, COARSE_PARTS, FakeModel
 
 WINDOW, CONTEXT, RATE = 1500, 500, 50.0  # musicgen-small's defaults: 30 s windows, 10 s context
 COLD = WindowOptions(warm_restarts=False)  # window restarts prefill: what the ladder shortens
@@ -170,7 +170,7 @@ async def test_coarse_weights_while_behind_then_int8_again(run, caplog):
 async def test_coarse_weights_are_on_by_default_where_the_model_can_and_refused_by_name(
     tiny_model_dir, caplog
 ):
-    """"auto" (the default): on for an int8 model on our CPU kernels, off for one that cannot
+    """ "auto" (the default): on for an int8 model on our CPU kernels, off for one that cannot
     (a GPU, a bfloat16 or dense decoder, no int4 kernel), said at start either way; true where
     the model cannot is refused by name; false is off."""
     from engine import LoadOptions, MusicModel
@@ -221,3 +221,23 @@ async def test_chunks_read_with_warm_rows_are_timed_apart(run):
     gen.played("a", 70)  # 1 s is buffered ahead: 12 chunks of 10 frames made in all
     await sink.until(lambda: len(sink.pcm("a")) >= 12)
     assert gen.warm_cost > 0.0 and gen.tuner.cost == costs
+
+
+async def test_a_steady_rate_too_slow_for_any_restarts_moves_before_the_warm_cost_is_known(
+    run, caplog
+):
+    """With warm restarts, what a restart costs is known only from the first window's last
+    `context` frames (half a minute in): until then restarts count as free, so a machine whose
+    steady generation alone is below real time goes to int4 weights at once, not after that."""
+    caplog.set_level(logging.INFO, logger="radio.generator")
+    model = FakeModel()
+    gen, sink = await run(model, ("a",), coarse_when_behind=True)
+    await sink.until(lambda: len(sink.pcm("a")) >= 1)
+    model.streams[0].read_seconds = 0.3  # 0.2 s of audio a read: x0.67, whatever the restarts
+    async with asyncio.timeout(20):
+        while not model.coarse:  # the listeners' clock keeps up with what was made: behind
+            gen.played("a", len(sink.pcm("a")) * CHUNK)
+            await asyncio.sleep(0.05)
+    assert gen.warm_cost == 0  # not measured (the fake's streams never warm a window)
+    assert model.switches == [(True, True)]  # prepared first
+    assert "preparing int4 weights between chunks" in caplog.text
