@@ -3,6 +3,7 @@
     python bench/precision.py                       # musicgen-small shapes, ~3 min
     python bench/precision.py --size tiny --steps 60    # CI smoke run
     python bench/precision.py --modes "int8, int8;int4, int8" --int4-groups 32,64,128  # a subset
+    python bench/precision.py --model facebook/musicgen-small   # the real weights (online)
 
 For bfloat16, int8 (int8 weights, float32 activations; with each KV cache kind, int4 where the
 heads are 64 wide) and int4 weights (all projections, or fc1/fc2 only: `int4-ffn`) against
@@ -164,6 +165,11 @@ def greedy_tokens(model, processor, decoder: Decoder, frames: int) -> tuple[torc
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=("small", "tiny"), default="small")
+    parser.add_argument(
+        "--model",
+        default="",
+        help="a hub id or a local folder of real weights (default: the random-weight --size model)",
+    )
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument(
         "--modes",
@@ -182,7 +188,7 @@ def main() -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers import AutoProcessor, MusicgenForConditionalGeneration
 
-    path = model_dir(args.size)
+    path = args.model or model_dir(args.size)
     processor = AutoProcessor.from_pretrained(path)
     torch.manual_seed(0)
     results, notes = {}, {}
@@ -228,8 +234,9 @@ def main() -> int:
     ref_logits, ref_tokens, ref_step = results["float32"]
     say("")
     spread = ref_logits.std().item()
+    weights = args.model or f"{args.size} shapes"
     say(
-        f"| mode vs float32 ({args.size} shapes) | max abs logit diff | mean abs logit diff | "
+        f"| mode vs float32 ({weights}) | max abs logit diff | mean abs logit diff | "
         f"mean as % of the logit spread | argmax agreement (teacher-forced, {args.positions} "
         f"positions) | greedy agreement over {args.steps} steps | first differing step | "
         "step time vs float32 | weights MB per step | KV cache MB per step (2 rows, position 1000) |"
