@@ -17,7 +17,7 @@ from engine.options import SamplingOptions, WindowOptions
 from radio.generator import TIMED_PREFILL_FRAMES
 from radio.testing import FaultInjector
 from radio.timing import PromptChange
-from tests.radio.fake_engine import HOP, FakeModel, frames
+from tests.radio.fake_engine import CHUNK, HOP, FakeModel, frames
 
 
 async def test_each_station_runs_at_most_buffer_ahead_of_its_clock(run):
@@ -184,6 +184,29 @@ async def test_chunks_are_read_through_the_thread_tuner(run):
     assert tuner is not None and tuner.current in tuner.counts
     # from TRIAL_AHEAD_SECONDS of audio ahead on, a chunk measures another count where there is one
     assert len(tuner.cost) == min(2, len(tuner.counts))
+
+
+async def test_the_thread_tuner_keeps_its_costs_per_row_count(run):
+    """A glide (three rows a step for seconds, then two again) makes every step dearer whatever
+    the thread count: its costs are kept apart, and the two-row costs come back after it."""
+    model = FakeModel()
+    gen, sink = await run(model, ("a",))
+    await sink.until(lambda: len(sink.pcm("a")) == 5)
+
+    async def read_with(rows: int) -> None:
+        model.streams[0].tokens.rows = rows
+        async with asyncio.timeout(10):
+            while gen._tuned_rows != rows:  # the next chunks read with that many rows
+                gen.played("a", len(sink.pcm("a")) * CHUNK)
+                await asyncio.sleep(0.01)
+
+    tuner = gen.tuner
+    assert tuner is not None and tuner.cost and gen._tuned_rows == 2
+    plain = tuner.cost
+    await read_with(3)  # a glide begins
+    assert tuner.cost is not plain and gen._costs_by_rows == {2: plain}
+    await read_with(2)  # it is over
+    assert tuner.cost is plain and set(gen._costs_by_rows) == {3}
 
 
 async def test_the_prefill_is_timed_on_fifty_frames_at_start(run):
