@@ -476,20 +476,20 @@ class Generator:
         )
         rate = self.model.frame_rate
         level = ladder.choose_level(self.restart_level, rates, window.window, window.context, rate)
-        if self.coarse_speedup and not self.model.coarse_ready:
-            if level > 0 and self._coarse_parts is None:
-                self._coarse_parts = self.model.prepare_coarse()
-                log.info(
-                    "generation is behind real time: preparing int4 weights between chunks, in "
-                    "case even the shortest window restarts cannot keep up "
-                    "(generation.coarse_when_behind)"
-                )
-            level = min(level, ladder.COARSE - 1)  # not before they are ready
+        prepared = self.model.coarse_ready or self._coarse_parts is not None
+        if self.coarse_speedup and level > 0 and not prepared:
+            self._coarse_parts = self.model.prepare_coarse()
+            log.info(
+                "generation is behind real time: preparing int4 weights between chunks, in "
+                "case even the shortest window restarts cannot keep up "
+                "(generation.coarse_when_behind)"
+            )
         self._say_if_still_behind(rates, level)
         if level == self.restart_level:
             return
-        if (level == ladder.COARSE) != self.model.coarse:
-            self._switch_weights(level == ladder.COARSE, rates, cost)
+        coarse = level == ladder.COARSE
+        if coarse != self.model.coarse and not self._switch_weights(coarse, rates, cost):
+            level = ladder.COARSE - 1  # int4 weights could not be made (said)
         frames = ladder.context_frames(window.context, level)
         was, self.restart_level = self.restart_level, level
         if frames == ladder.context_frames(window.context, was):
@@ -511,11 +511,11 @@ class Generator:
             seconds = frames / rate if level else None
             self._to_loop(self.sink.on_restart_context, lane.spec.id, seconds)
 
-    def _prepare_coarse(self, spent: float) -> None:
+    def _prepare_coarse(self, spent: float | None) -> None:
         """The next layers of the int4 set being prepared, for at most PREPARE_SHARE of the
-        chunk's time (`spent`; at least one layer): a slower stream for a few seconds of chunks
-        instead of a stall at the switch, when it is behind already (and when the stations are
-        ahead, in the time the worker would wait)."""
+        chunk's time (`spent`; at least one layer), or all that is left (`spent` None): ahead
+        of need, a slower stream for some chunks (or the time the worker would wait) instead of
+        seconds of stall at a switch that may never come."""
         if self._coarse_parts is None:
             return
         began = time.perf_counter()
@@ -535,13 +535,15 @@ class Generator:
                     self._coarse_parts = None
                     log.info("int4 weights ready for when generation cannot keep up otherwise")
                     return
-                if time.perf_counter() - began >= PREPARE_SHARE * spent:
+                if spent is not None and time.perf_counter() - began >= PREPARE_SHARE * spent:
                     return
 
-    def _switch_weights(self, coarse: bool, rates: ladder.Rates, cost: float) -> None:
+    def _switch_weights(self, coarse: bool, rates: ladder.Rates, cost: float) -> bool:
         """To coarse (int4) weights while even the shortest restarts cannot keep up, or back
         to int8 ones once they can: the ThreadTuner's costs start afresh (other weights, other
-        speed); the int8 cost is kept, to measure the speedup against."""
+        speed); the int8 cost is kept, to measure the speedup against. What is left of their
+        preparation runs first, at once: they are needed now, and every chunk until they are
+        ready is a slower one. False when they cannot be made (said; int8 goes on)."""
         assert self.tuner is not None
         window = self.specs[0].window
         rate = self.model.frame_rate
@@ -554,8 +556,14 @@ class Generator:
                 "x%.2f; generation.coarse_when_behind)%s",
                 predict(rates, window.window, window.context, ladder.COARSE - 1, rate),
                 predict(rates, window.window, window.context, ladder.COARSE, rate),
-                "" if self.model.coarse_ready else ": quantizing them first (seconds)",
+                "" if self.model.coarse_ready else ": quantizing them first (a second or two)",
             )
+            if not self.model.coarse_ready:
+                if self._coarse_parts is None:
+                    self._coarse_parts = self.model.prepare_coarse()
+                self._prepare_coarse(None)
+                if not self.model.coarse_ready:
+                    return False
         else:
             log.info(
                 "decoding with int8 weights again: predicted x%.2f of real time with them",
@@ -564,6 +572,7 @@ class Generator:
         self.model.use_coarse(coarse)
         self.tuner.cost.clear()
         self._costs_by_rows.clear()
+        return True
 
     def _say_if_still_behind(self, rates: ladder.Rates, level: int) -> None:
         """Warn once when even the ladder's last level is predicted slower than real time: the

@@ -135,8 +135,12 @@ class FakeModel:
     def coarse_available(self) -> str | None:
         return None
 
+    prepare_error: Exception | None = None  # what preparing them raises (after one part)
+
     def prepare_coarse(self) -> Iterator[None]:
         while not self.coarse_ready:
+            if self.prepare_error is not None and self.prepared:
+                raise self.prepare_error
             time.sleep(0.01)  # a part takes longer than the generator's share of a fake chunk
             self.prepared += 1
             self.coarse_ready = self.prepared == COARSE_PARTS

@@ -129,11 +129,16 @@ async def test_the_generator_shortens_restarts_while_behind_and_restores_them(ru
     assert not gen.warned_behind  # and said again if it comes to that again
 
 
+async def coarse_ready(model) -> None:
+    async with asyncio.timeout(10):
+        while not model.coarse_ready:
+            await asyncio.sleep(0.01)
+
+
 async def test_coarse_weights_while_behind_then_int8_again(run, caplog):
     """`generation.coarse_when_behind`: past the shortest restarts the generator decodes with
-    int4 weights (`MusicModel.use_coarse`), said once, and goes back to int8 when it can. It
-    prepares them a part per chunk from the moment it falls behind, and switches once they are
-    ready: no stall of seconds at the switch."""
+    int4 weights (`MusicModel.use_coarse`), said once, and goes back to int8 when it can. Needed
+    at once, they are quantized at once (every chunk on int8 until then is a slower one)."""
     caplog.set_level(logging.INFO, logger="radio.generator")
     model = FakeModel()
     gen, sink = await run(model, ("a",), buffer_ahead=1.0, window=COLD, coarse_when_behind=True)
@@ -141,20 +146,14 @@ async def test_coarse_weights_while_behind_then_int8_again(run, caplog):
     assert model.prepared == 0  # nothing while it keeps up
     gen.prefill_seconds = 1e6  # no restart keeps up with int8 weights
     gen.played("a", 20)
-    async with asyncio.timeout(10):  # prepared between chunks, or while ahead
-        while not model.coarse_ready:
-            await asyncio.sleep(0.01)
-    assert "preparing int4 weights between chunks" in caplog.text
-    assert model.prepared == COARSE_PARTS and not model.coarse  # not before they were ready
-    gen.played("a", 40)
     await sink.until(lambda: model.coarse)
-    assert gen.restart_level == COARSE and model.switches == [(True, True)]  # prepared
+    assert gen.restart_level == COARSE and model.switches == [(True, True)]  # prepared first
+    assert "quantizing them first" in caplog.text and model.prepared == COARSE_PARTS
     assert not gen.warned_behind  # not "even int4 cannot" on a guess of int4's speed
     assert model.streams[0].restart_context == 125  # and the shortest restarts
     assert "decoding with int4 weights until it can" in caplog.text
-    assert "quantizing them first" not in caplog.text
     gen.prefill_seconds = 1e-6  # the machine got fast again
-    for frame in range(60, 400, 20):  # COARSE_SETTLE chunks on int4 first, their speed taken
+    for frame in range(40, 400, 20):  # COARSE_SETTLE chunks on int4 first, their speed taken
         gen.played("a", frame)
         if not model.coarse:
             break
@@ -165,6 +164,44 @@ async def test_coarse_weights_while_behind_then_int8_again(run, caplog):
     assert model.switches == [(True, True), (False, True)]
     assert "decoding with int8 weights again" in caplog.text
     assert model.streams[0].restart_context is None
+
+
+async def test_coarse_weights_are_prepared_ahead_a_part_at_a_time_once_behind(run, caplog):
+    """From the moment the ladder first leaves its top level (a shorter restart keeps up), the
+    int4 set is prepared a part after each chunk or while the station is ahead, with no switch;
+    when it is needed later, the switch quantizes nothing more."""
+    caplog.set_level(logging.INFO, logger="radio.generator")
+    model = FakeModel()
+    gen, sink = await run(model, ("a",), buffer_ahead=1.0, window=COLD, coarse_when_behind=True)
+    await sink.until(lambda: len(sink.pcm("a")) == 5)
+    gen.prefill_seconds = 30.0  # the whole context: x0.67 of real time; half of it: x1.67
+    gen.played("a", 20)
+    await coarse_ready(model)
+    assert gen.restart_level == 1 and not model.coarse and model.prepared == COARSE_PARTS
+    assert "preparing int4 weights between chunks" in caplog.text
+    assert "int4 weights ready for when generation cannot keep up otherwise" in caplog.text
+    gen.prefill_seconds = 1e6  # now nothing keeps up with int8 weights
+    gen.played("a", 40)
+    await sink.until(lambda: model.coarse)
+    assert model.switches == [(True, True)] and "quantizing them first" not in caplog.text
+
+
+async def test_int4_weights_that_cannot_be_made_leave_int8_running(run, caplog):
+    caplog.set_level(logging.INFO, logger="radio.generator")
+    model = FakeModel()
+    model.prepare_error = MemoryError("out of memory")
+    gen, sink = await run(model, ("a",), buffer_ahead=1.0, window=COLD, coarse_when_behind=True)
+    await sink.until(lambda: len(sink.pcm("a")) == 5)
+    gen.prefill_seconds = 1e6  # no restart keeps up with int8 weights
+    for frame in range(20, 200, 20):
+        gen.played("a", frame)
+        chunks = len(sink.pcm("a"))
+        await sink.until(lambda n=chunks: len(sink.pcm("a")) > n)
+    assert "cannot prepare int4 weights, so generation will not fall back" in caplog.text
+    assert "out of memory" in caplog.text
+    assert not model.coarse and getattr(model, "switches", []) == []
+    assert gen.restart_level == COARSE - 1 and gen.coarse_speedup == 0  # the last int8 level
+    assert caplog.text.count("cannot prepare int4 weights") == 1
 
 
 async def test_coarse_weights_are_on_by_default_where_the_model_can_and_refused_by_name(
