@@ -7,13 +7,15 @@ whole time slice, and then every region waits for it: two threads can run far sl
 `ThreadTuner` measures instead of guessing: it runs each piece of work with the count that has
 been fastest lately, tries the others now and then, and keeps per count a smoothed cost per unit
 of work (seconds per frame). It moves to another count only when that one measured clearly
-faster, so noise does not make it flap.
+faster than the current one measured `settle` times, so noise (or one slow first run) does not
+make it flap. Work of another size (more decoder rows a step: a glide, a blend) makes every count
+dearer, so costs are kept per kind of work (`measure_for`): counts compare only within one.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import TypeVar
 
 import torch
@@ -50,6 +52,7 @@ class ThreadTuner:
         explore_every: int = 20,
         smoothing: float = 0.25,
         margin: float = 0.05,
+        settle: int = 3,
         clock: Callable[[], float] = time.perf_counter,
         set_threads: Callable[[int], None] = torch.set_num_threads,
     ) -> None:
@@ -61,6 +64,10 @@ class ThreadTuner:
         self.counts = candidate_counts(most)
         self.current = self.counts[0]
         self.cost: dict[int, float] = {}  # smoothed seconds per unit, per count tried
+        self._samples: dict[int, int] = {}  # runs measured, per count
+        self.settle = settle  # runs of the current count measured before it may be left
+        self.key: Hashable = None  # the kind of work measured now (`measure_for`)
+        self._other: dict[Hashable, tuple[dict[int, float], dict[int, int]]] = {}
         self.explore_every = explore_every
         self.smoothing = smoothing
         self.margin = margin
@@ -95,14 +102,33 @@ class ThreadTuner:
 
     def record(self, count: int, cost: float) -> None:
         """One run's cost per unit with `count` threads; may change the current count."""
-        self.cost[count] = smooth(self.cost.get(count), cost, self.smoothing)
+        n = self._samples[count] = self._samples.get(count, 0) + 1
+        # the plain mean of the first runs (one slow first run must not linger), then smoothed
+        self.cost[count] = smooth(self.cost.get(count), cost, max(self.smoothing, 1 / n))
         best = min(self.cost, key=self.cost.__getitem__)
         current = self.cost.get(self.current)
-        if best != self.current and (
-            current is None or self.cost[best] < (1 - self.margin) * current
+        if best == self.current:
+            return
+        if current is None or (
+            self._samples[self.current] >= self.settle
+            and self.cost[best] < (1 - self.margin) * current
         ):
             self.current = best
             self.switches += 1
+
+    def measure_for(self, key: Hashable) -> None:
+        """Runs from now on are work of kind `key` (the generator: decoder rows a step): the
+        costs measured for it before come back, a kind not seen yet starts afresh (each count
+        measured once more). The current count stays."""
+        if key == self.key:
+            return
+        self._other[self.key] = (self.cost, self._samples)
+        self.cost, self._samples = self._other.pop(key, ({}, {}))
+        self.key = key
+
+    def forget(self) -> None:
+        """Drop every cost measured (the work changed speed: other weights)."""
+        self.cost, self._samples, self._other = {}, {}, {}
 
     def _next_count(self, explore: bool) -> int:
         self._runs += 1

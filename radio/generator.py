@@ -212,9 +212,6 @@ class Generator:
         # the tuner's cost of the other chunks; 0 until measured
         self.warm_cost = 0.0
         self.tuner: ThreadTuner | None = None  # made by the worker thread, for its own threads
-        # the tuner's costs per decoder rows a step (`_costs_for`): those in use, the others
-        self._tuned_rows = 0
-        self._costs_by_rows: dict[int, dict[int, float]] = {}
         self.adaptive_restarts = adaptive_restarts
         self.warned_behind = False  # said that even the ladder's last level cannot keep up
         # the ladder's coarse level (int4 weights): their speed over int8's, a guess until they
@@ -329,7 +326,6 @@ class Generator:
 
     def _work(self) -> None:
         self.tuner = ThreadTuner()
-        self._tuned_rows, self._costs_by_rows = 0, {}
         if self._lanes is None:
             self._lanes = self._open()
         lanes = self._lanes
@@ -570,8 +566,7 @@ class Generator:
                 predict(rates, window.window, window.context, ladder.COARSE - 1, rate),
             )
         self.model.use_coarse(coarse)
-        self.tuner.cost.clear()
-        self._costs_by_rows.clear()
+        self.tuner.forget()
         return True
 
     def _say_if_still_behind(self, rates: ladder.Rates, level: int) -> None:
@@ -661,7 +656,11 @@ class Generator:
             return []
         tuner = self.tuner
         assert tuner is not None
-        self._costs_for(sum(ln.stream.tokens.rows for ln in lanes))
+        # a glide (both blends' rows for seconds) or a blend makes every step dearer whatever
+        # the thread count: costs measured with other rows would compare counts unfairly (a
+        # glide's two-thread cost against a one-thread trial after it once switched to the
+        # slower count, and bridged)
+        tuner.measure_for(sum(ln.stream.tokens.rows for ln in lanes))
         before = tuner.current
         explore = trial_allowed(
             tuner.cost.get(tuner.current, 0.0),
@@ -710,21 +709,6 @@ class Generator:
                 tuner.describe(),
             )
         return pcms
-
-    def _costs_for(self, rows: int) -> None:
-        """The tuner's costs are those measured with `rows` decoder rows a step: a glide (both
-        blends' rows for seconds) or a blend makes every step dearer whatever the thread count,
-        so costs measured with other rows would compare counts unfairly (a glide's two-thread
-        cost against a one-thread trial after it once switched to the slower count and bridged).
-        Each row count keeps its own; a count not seen yet starts afresh (one trial each)."""
-        tuner = self.tuner
-        assert tuner is not None
-        if rows == self._tuned_rows:
-            return
-        if self._tuned_rows:
-            self._costs_by_rows[self._tuned_rows] = tuner.cost
-        tuner.cost = self._costs_by_rows.pop(rows, {})
-        self._tuned_rows = rows
 
     def _read_together(self, streams: list[AudioStream]) -> list[np.ndarray]:
         if len(streams) == 1:

@@ -105,6 +105,43 @@ def test_noise_within_the_margin_does_not_flap():
     assert t.switches == 0
 
 
+def test_one_slow_first_run_does_not_hand_the_work_to_a_slower_count():
+    """The current count is left only once measured `settle` times: a first run that happened
+    to be slow (a glide's first chunk) against a one-thread trial once flipped it, and bridged."""
+    machine = FakeMachine({2: 0.020, 1: 0.018})
+    t = tuner(machine, explore_every=20, settle=3)
+    t.run(lambda: machine.work(10), units=10)  # two threads, twice as slow this once
+    machine.cost[2] = 0.010
+    t.run(lambda: machine.work(10), units=10)  # the trial of one thread: faster than that run
+    assert machine.ran == [2, 1] and t.current == 2
+    for _ in range(10):
+        t.run(lambda: machine.work(10), units=10)
+    assert t.current == 2 and t.switches == 0
+
+
+def test_costs_are_kept_per_kind_of_work():
+    """`measure_for(key)`: three decoder rows a step cost more with every count than two; their
+    costs are kept apart, and those of two rows come back afterwards; the count stays."""
+    machine = FakeMachine({2: 0.010, 1: 0.018})
+    t = tuner(machine, explore_every=20)
+    t.measure_for(2)
+    for _ in range(5):
+        t.run(lambda: machine.work(10), units=10)
+    two = dict(t.cost)
+    t.measure_for(3)
+    assert t.cost == {} and t.current == 2
+    machine.cost = {2: 0.015, 1: 0.025}
+    for _ in range(5):
+        t.run(lambda: machine.work(10), units=10)
+    assert t.cost[2] == pytest.approx(0.015) and t.current == 2
+    t.measure_for(2)
+    assert t.cost == two
+    t.forget()
+    assert t.cost == {}
+    t.measure_for(3)
+    assert t.cost == {}  # forgotten too
+
+
 def test_returns_the_work_result_and_rejects_bad_settings():
     machine = FakeMachine({1: 0.01})
     t = tuner(machine, most=1)
