@@ -116,6 +116,11 @@ class ThreadTuner:
             self.current = best
             self.switches += 1
 
+    @property
+    def settled(self) -> bool:
+        """Whether the current count's cost was measured `settle` times for this kind of work."""
+        return self._samples.get(self.current, 0) >= self.settle
+
     def measure_for(self, key: Hashable) -> None:
         """Runs from now on are work of kind `key` (the generator: decoder rows a step): the
         costs measured for it before come back, a kind not seen yet starts afresh (each count

@@ -446,8 +446,8 @@ class Generator:
         # the steady generation rate is the tuner's: its smoothed seconds per frame of audio
         # with the count in use, chunks that prefilled a window left out
         cost = tuner.cost.get(tuner.current)
-        if not cost:
-            return
+        if not cost or not tuner.settled:
+            return  # not measured enough with these rows (a glide's first chunks)
         window = self.specs[0].window
         stations = max(1, sum(not ln.healing.down for ln in self._lanes.values()))
         # a window restart's cost for a whole context: its prefill, or with warm restarts the

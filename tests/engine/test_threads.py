@@ -113,10 +113,10 @@ def test_one_slow_first_run_does_not_hand_the_work_to_a_slower_count():
     t.run(lambda: machine.work(10), units=10)  # two threads, twice as slow this once
     machine.cost[2] = 0.010
     t.run(lambda: machine.work(10), units=10)  # the trial of one thread: faster than that run
-    assert machine.ran == [2, 1] and t.current == 2
+    assert machine.ran == [2, 1] and t.current == 2 and not t.settled
     for _ in range(10):
         t.run(lambda: machine.work(10), units=10)
-    assert t.current == 2 and t.switches == 0
+    assert t.current == 2 and t.switches == 0 and t.settled
 
 
 def test_costs_are_kept_per_kind_of_work():
