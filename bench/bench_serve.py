@@ -20,8 +20,9 @@ dot) and the underruns around it. With `--transition S` a second prompt change, 
 the way in, glides over S seconds: its prefill re-reads the context with three decoder rows (the
 old text's, the new one's and the null row) where a plain change reads two, and the figures are
 both prefills as the server measured them (`health.last_prefill`), the extra cost, when the new
-text was heard and the underruns through the glide. Everything the encoders, the clock and the HTTP server cost on
-the same cores is included: this is the figure a café gets.
+text was heard, and the underruns from the POST to the glide's end (the first sample after it)
+and to the end of the run. Everything the encoders, the clock and the HTTP server cost on the
+same cores is included: this is the figure a café gets.
 
 With `--stations N` the radio runs N stations (`main` first, then `s2`, `s3` ..., each with its
 own prompt), one ffmpeg listener on each MP3 mount; the prompt change, `--boundary` and
@@ -228,6 +229,10 @@ def run(args: argparse.Namespace, n: int) -> bool:
                 say(f"  transition posted: gliding over {args.transition:g} s")
             elif glide is not None and "prefill" not in glide:
                 glide.update(_heard(base, glide))
+            elif glide is not None and "through" not in glide:
+                over = glide["posted"] + glide["latency"] + args.transition  # the glide's end
+                if time.monotonic() >= over:  # the first sample after it
+                    glide["through"] = h["underruns"] - glide["underruns_before"]
         for change in (prompt, glide):
             if change is not None and "prefill" not in change:
                 change.update(_heard(base, change, wait=15))
@@ -285,8 +290,9 @@ def run(args: argparse.Namespace, n: int) -> bool:
             say(
                 f"| transition over {args.transition:g} s | prefill {g['seconds']:.2f} s "
                 f"({g['rows']} rows, {g['frames']} frames){extra}; heard after "
-                f"{glide['latency']:.2f} s (promised {glide['heard_in']:.2f}); underruns through "
-                f"the glide and after: {h['underruns'] - glide['underruns_before']} |"
+                f"{glide['latency']:.2f} s (promised {glide['heard_in']:.2f}); underruns from the "
+                f"POST to the glide's end: {glide.get('through', 'not over')}, to the end of the "
+                f"run: {h['underruns'] - glide['underruns_before']} |"
             )
         if boundary is not None:
             heard = "never heard" if lag is None else f"heard {lag:+.2f} s after it was due"
@@ -346,6 +352,7 @@ def _change(base: str, body: dict, h: dict) -> dict:
         raise RuntimeError(f"the prompt change was refused: {answer}")
     heard_in = time.monotonic() - posted + answer["heard_in_seconds"]
     return {
+        "posted": posted,
         "heard_in": heard_in,
         "underruns_before": h["underruns"],
         "latency_before": h["prompt_latency_seconds"],

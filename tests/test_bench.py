@@ -103,6 +103,9 @@ def test_serve_benchmark_listens_and_reports(tmp_path):
         r"\([\d.]+x\) against the plain change's; heard after [\d.]+ s",
         out,
     )
+    assert re.search(
+        r"underruns from the POST to the glide's end: \d+, to the end of the run: \d+", out
+    )
 
 
 def test_serve_benchmark_runs_two_stations_with_a_listener_each(tmp_path):
