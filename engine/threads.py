@@ -116,6 +116,11 @@ class ThreadTuner:
             self.current = best
             self.switches += 1
 
+    def use_current(self) -> None:
+        """Set the current count for work run outside `run` (a prompt change's prefill): the
+        count the last run set may be a trial's (one thread: a prefill twice as long)."""
+        self._set_threads(self.current)
+
     @property
     def settled(self) -> bool:
         """Whether the current count's cost was measured `settle` times for this kind of work."""

@@ -349,7 +349,10 @@ class Generator:
     @contextlib.contextmanager
     def _engine_call(self, what: str) -> Iterator[None]:
         """Mark an engine call as under way (`busy`), for the supervisor's stall watch. The
-        first chunk is not watched: it may compile the step (minutes on a GPU)."""
+        first chunk is not watched: it may compile the step (minutes on a GPU). It runs on the
+        tuner's current thread count (a chunk's read then sets its own: `ThreadTuner.run`)."""
+        if self.tuner is not None:
+            self.tuner.use_current()
         self.busy = (self.clock(), what) if self.chunks else None
         try:
             yield

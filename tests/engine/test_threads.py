@@ -119,6 +119,16 @@ def test_one_slow_first_run_does_not_hand_the_work_to_a_slower_count():
     assert t.current == 2 and t.switches == 0 and t.settled
 
 
+def test_work_outside_run_gets_the_current_count_not_the_last_trials():
+    machine = FakeMachine({2: 0.010, 1: 0.018})
+    t = tuner(machine)
+    t.run(lambda: machine.work(10), units=10)
+    t.run(lambda: machine.work(10), units=10)  # the trial of one thread
+    assert machine.threads == 1 and t.current == 2
+    t.use_current()  # a prompt change's prefill next
+    assert machine.threads == 2
+
+
 def test_costs_are_kept_per_kind_of_work():
     """`measure_for(key)`: three decoder rows a step cost more with every count than two; their
     costs are kept apart, and those of two rows come back afterwards; the count stays."""
