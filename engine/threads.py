@@ -68,6 +68,9 @@ class ThreadTuner:
         self.settle = settle  # runs of the current count measured before it may be left
         self.key: Hashable = None  # the kind of work measured now (`measure_for`)
         self._other: dict[Hashable, tuple[dict[int, float], dict[int, int]]] = {}
+        # counts measured for any kind: another kind of work waits for the regular trials
+        # rather than try every count at once (a glide's first chunk on one thread, and a bridge)
+        self._ever: set[int] = set()
         self.explore_every = explore_every
         self.smoothing = smoothing
         self.margin = margin
@@ -102,6 +105,7 @@ class ThreadTuner:
 
     def record(self, count: int, cost: float) -> None:
         """One run's cost per unit with `count` threads; may change the current count."""
+        self._ever.add(count)
         n = self._samples[count] = self._samples.get(count, 0) + 1
         # the plain mean of the first runs (one slow first run must not linger), then smoothed
         self.cost[count] = smooth(self.cost.get(count), cost, max(self.smoothing, 1 / n))
@@ -128,8 +132,8 @@ class ThreadTuner:
 
     def measure_for(self, key: Hashable) -> None:
         """Runs from now on are work of kind `key` (the generator: decoder rows a step): the
-        costs measured for it before come back, a kind not seen yet starts afresh (each count
-        measured once more). The current count stays."""
+        costs measured for it before come back, a kind not seen yet starts afresh, its other
+        counts measured at the regular trials. The current count stays."""
         if key == self.key:
             return
         self._other[self.key] = (self.cost, self._samples)
@@ -137,8 +141,9 @@ class ThreadTuner:
         self.key = key
 
     def forget(self) -> None:
-        """Drop every cost measured (the work changed speed: other weights)."""
-        self.cost, self._samples, self._other = {}, {}, {}
+        """Drop every cost measured (the work changed speed: other weights); each count is
+        measured once again from the next run."""
+        self.cost, self._samples, self._other, self._ever = {}, {}, {}, set()
 
     def _next_count(self, explore: bool) -> int:
         self._runs += 1
@@ -146,7 +151,7 @@ class ThreadTuner:
         self._trial_due |= bool(others) and self._runs % self.explore_every == 0
         if not explore:
             return self.current
-        untried = [c for c in self.counts if c not in self.cost]
+        untried = [c for c in self.counts if c not in self._ever]
         if untried and self._runs > 1:  # each count measured once from the start
             return untried[0]
         if not self._trial_due:

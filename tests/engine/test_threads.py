@@ -141,9 +141,11 @@ def test_costs_are_kept_per_kind_of_work():
     t.measure_for(3)
     assert t.cost == {} and t.current == 2
     machine.cost = {2: 0.015, 1: 0.025}
+    ran = len(machine.ran)
     for _ in range(5):
         t.run(lambda: machine.work(10), units=10)
     assert t.cost[2] == pytest.approx(0.015) and t.current == 2
+    assert machine.ran[ran:] == [2] * 5  # no trial at once for the new kind: at the regular ones
     t.measure_for(2)
     assert t.cost == two
     t.forget()
