@@ -111,12 +111,10 @@ class ThreadTuner:
         self.cost[count] = smooth(self.cost.get(count), cost, max(self.smoothing, 1 / n))
         best = min(self.cost, key=self.cost.__getitem__)
         current = self.cost.get(self.current)
-        if best == self.current:
+        if best == self.current or current is None:  # (a new kind's first run: a trial's)
             return
-        if current is None or (
-            self._samples[self.current] >= self.settle
-            and self.cost[best] < (1 - self.margin) * current
-        ):
+        settled = self._samples[self.current] >= self.settle
+        if settled and self.cost[best] < (1 - self.margin) * current:
             self.current = best
             self.switches += 1
 

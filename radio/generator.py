@@ -219,8 +219,8 @@ class Generator:
         self.coarse_speedup = ladder.COARSE_SPEEDUP if coarse_when_behind else 0.0
         self._int8_cost = 0.0
         self._coarse_chunks = 0  # chunks made since the switch to them
-        # their quantization, a layer at a time between chunks (`_prepare_coarse`), from the
-        # moment the ladder first leaves its top level: no stall of seconds at the switch
+        # their quantization, a layer at a time between chunks (`_prepare_coarse`), ahead of
+        # need from the moment the ladder first leaves its top level
         self._coarse_parts: Iterator[None] | None = None
         # the ladder's level (radio.ladder: 0 = window restarts re-read the whole context)
         self.restart_level = 0

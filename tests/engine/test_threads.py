@@ -148,6 +148,10 @@ def test_costs_are_kept_per_kind_of_work():
     assert machine.ran[ran:] == [2] * 5  # no trial at once for the new kind: at the regular ones
     t.measure_for(2)
     assert t.cost == two
+    t.measure_for(4)
+    t.record(1, 0.001)  # a new kind whose first run was a (fast) trial: the current is unknown
+    assert t.current == 2
+    t.measure_for(2)
     t.forget()
     assert t.cost == {}
     t.measure_for(3)
