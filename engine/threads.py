@@ -22,6 +22,8 @@ import torch
 
 T = TypeVar("T")
 
+CLIFF = 0.5  # a count this much cheaper than the one in use is taken before that one settles
+
 
 def smooth(old: float | None, new: float, weight: float) -> float:
     """An exponentially smoothed cost: `new` itself first, then `weight` of the way to it."""
@@ -113,8 +115,12 @@ class ThreadTuner:
         current = self.cost.get(self.current)
         if best == self.current or current is None:  # (a new kind's first run: a trial's)
             return
+        # a clear win once the current count's cost is settled; at once when it halves the
+        # cost (a busy neighbour's cliff is not noise, and every run on it costs double)
         settled = self._samples[self.current] >= self.settle
-        if settled and self.cost[best] < (1 - self.margin) * current:
+        if (settled and self.cost[best] < (1 - self.margin) * current) or (
+            self.cost[best] < CLIFF * current
+        ):
             self.current = best
             self.switches += 1
 

@@ -129,6 +129,15 @@ def test_work_outside_run_gets_the_current_count_not_the_last_trials():
     assert machine.threads == 2
 
 
+def test_a_cliff_is_left_at_once():
+    """Beside a busy process two threads can cost twice one thread's: no need to settle."""
+    machine = FakeMachine({2: 0.040, 1: 0.018})
+    t = tuner(machine, explore_every=20, settle=3)
+    t.run(lambda: machine.work(10), units=10)
+    t.run(lambda: machine.work(10), units=10)  # the one-thread trial: under half the cost
+    assert t.current == 1 and t.switches == 1
+
+
 def test_costs_are_kept_per_kind_of_work():
     """`measure_for(key)`: three decoder rows a step cost more with every count than two; their
     costs are kept apart, and those of two rows come back afterwards; the count stays."""
