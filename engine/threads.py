@@ -115,11 +115,12 @@ class ThreadTuner:
         current = self.cost.get(self.current)
         if best == self.current or current is None:  # (a new kind's first run: a trial's)
             return
-        # a clear win once the current count's cost is settled; at once when it halves the
-        # cost (a busy neighbour's cliff is not noise, and every run on it costs double)
-        settled = self._samples[self.current] >= self.settle
-        if (settled and self.cost[best] < (1 - self.margin) * current) or (
-            self.cost[best] < CLIFF * current
+        # a clear win once the current count's cost is settled; after two runs already when it
+        # halves the cost (a busy neighbour's cliff is not noise, and every run on it costs
+        # double; one slow first run alone is not enough)
+        runs = self._samples[self.current]
+        if (runs >= self.settle and self.cost[best] < (1 - self.margin) * current) or (
+            runs >= 2 and self.cost[best] < CLIFF * current
         ):
             self.current = best
             self.switches += 1

@@ -135,7 +135,9 @@ def test_a_cliff_is_left_at_once():
     t = tuner(machine, explore_every=20, settle=3)
     t.run(lambda: machine.work(10), units=10)
     t.run(lambda: machine.work(10), units=10)  # the one-thread trial: under half the cost
-    assert t.current == 1 and t.switches == 1
+    assert t.current == 2  # one run of two threads could have been a slow first one
+    t.run(lambda: machine.work(10), units=10)  # the second: it is the machine
+    assert machine.ran == [2, 1, 2] and t.current == 1 and t.switches == 1
 
 
 def test_costs_are_kept_per_kind_of_work():
