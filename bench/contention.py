@@ -47,14 +47,13 @@ def render(stream, frames: int, tuner: ThreadTuner | None) -> float:
     for _ in range(0, frames, 10):
         if tuner is None:
             stream.read(10)
-        else:  # chunks that prefill or feed warm rows are not measured, as in the radio
-            prefills, warming = stream.tokens.prefills, stream.tokens.warming
+        else:  # a chunk that prefilled a window is not measured, as in the radio (warm rows'
+            # chunks are: the radio leaves them out too, and is blind to the machine meanwhile)
+            prefills = stream.tokens.prefills
             tuner.run(
                 lambda: stream.read(10),
                 units=10,
-                typical=lambda n=prefills, w=warming: (
-                    not w and not stream.tokens.warming and stream.tokens.prefills == n
-                ),
+                typical=lambda n=prefills: stream.tokens.prefills == n,
             )
     return frames / 50 / (time.perf_counter() - began)
 
