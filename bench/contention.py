@@ -47,16 +47,13 @@ def render(stream, frames: int, tuner: ThreadTuner | None) -> float:
     for _ in range(0, frames, 10):
         if tuner is None:
             stream.read(10)
-        else:  # as the radio's generator: chunks with warm rows measured as their own kind,
-            # a chunk that prefilled a window (or whose warm rows began or ended) not measured
-            prefills, warming = stream.tokens.prefills, stream.tokens.warming
-            tuner.measure_for(warming)
+        else:  # a chunk that prefilled a window is not measured, as in the radio (warm rows'
+            # chunks are: the radio leaves them out too, and is blind to the machine meanwhile)
+            prefills = stream.tokens.prefills
             tuner.run(
                 lambda: stream.read(10),
                 units=10,
-                typical=lambda n=prefills, w=warming: (
-                    stream.tokens.prefills == n and stream.tokens.warming == w
-                ),
+                typical=lambda n=prefills: stream.tokens.prefills == n,
             )
     return frames / 50 / (time.perf_counter() - began)
 

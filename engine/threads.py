@@ -135,14 +135,6 @@ class ThreadTuner:
         """Whether the current count's cost was measured `settle` times for this kind of work."""
         return self._samples.get(self.current, 0) >= self.settle
 
-    def measured(self, key: Hashable) -> tuple[float | None, bool]:
-        """The current count's cost for work of kind `key` (None: not measured), and whether
-        it was measured `settle` times, whichever kind runs now."""
-        cost, samples = (
-            (self.cost, self._samples) if key == self.key else self._other.get(key, ({}, {}))
-        )
-        return cost.get(self.current), samples.get(self.current, 0) >= self.settle
-
     def measure_for(self, key: Hashable) -> None:
         """Runs from now on are work of kind `key` (the generator: decoder rows a step): the
         costs measured for it before come back, a kind not seen yet starts afresh, its other

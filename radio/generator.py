@@ -212,7 +212,6 @@ class Generator:
         # the tuner's cost of the other chunks; 0 until measured
         self.warm_cost = 0.0
         self.tuner: ThreadTuner | None = None  # made by the worker thread, for its own threads
-        self._steady: tuple[int, bool] = (0, False)  # the tuner's kind of chunk without warm rows
         self.adaptive_restarts = adaptive_restarts
         self.warned_behind = False  # said that even the ladder's last level cannot keep up
         # the ladder's coarse level (int4 weights): their speed over int8's, a guess until they
@@ -449,8 +448,8 @@ class Generator:
             return
         # the steady generation rate is the tuner's: its smoothed seconds per frame of audio
         # with the count in use, chunks that prefilled a window left out
-        cost, settled = tuner.measured(self._steady)  # chunks without warm rows
-        if not cost or not settled:
+        cost = tuner.cost.get(tuner.current)
+        if not cost or not tuner.settled:
             return  # not measured enough with these rows (a glide's first chunks)
         window = self.specs[0].window
         stations = max(1, sum(not ln.healing.down for ln in self._lanes.values()))
@@ -660,16 +659,11 @@ class Generator:
             return []
         tuner = self.tuner
         assert tuner is not None
-        streams = [ln.stream for ln in lanes]
-        # A glide or a blend (more rows), and a station's warm rows (twice its rows for the last
-        # `context` frames of each window) make every step dearer whatever the thread count:
-        # costs are kept per kind of chunk, so that counts compare fairly (a glide's two-thread
-        # cost against a one-thread trial after it once switched to the slower count, and
-        # bridged) and the tuner still follows the machine while warm rows are fed.
-        rows = sum(s.tokens.rows for s in streams)
-        warming = any(s.tokens.warming for s in streams)
-        tuner.measure_for((rows, warming))
-        self._steady = (rows, False)  # the kind whose cost is the steady rate (`_climb`)
+        # a glide (both blends' rows for seconds) or a blend makes every step dearer whatever
+        # the thread count: costs measured with other rows would compare counts unfairly (a
+        # glide's two-thread cost against a one-thread trial after it once switched to the
+        # slower count, and bridged)
+        tuner.measure_for(sum(ln.stream.tokens.rows for ln in lanes))
         before = tuner.current
         explore = trial_allowed(
             tuner.cost.get(tuner.current, 0.0),
@@ -678,18 +672,22 @@ class Generator:
             min(ln.ahead_frames() for ln in lanes),
             min(ln.stream.frame for ln in lanes),
         )
+        streams = [ln.stream for ln in lanes]
         prefills = [s.tokens.prefills for s in streams]
+        warming = any(s.tokens.warming for s in streams)
         try:
             pcms: list[np.ndarray | Exception] = list(
                 tuner.run(
                     lambda: self._read_together(streams),
                     units=self.chunk_frames * len(lanes),  # cost per frame of audio made
                     explore=explore,
-                    # a chunk with a window restart's prefill (seconds of work), or whose warm
-                    # rows began or ended in it, says nothing about the thread count: it would
-                    # make the count that ran it look slow
+                    # a chunk with a window restart's prefill (seconds of work), or with a
+                    # station's warm rows (more rows a step for the last `context` frames of
+                    # each window), says nothing about the thread count: it would make the count
+                    # that ran it look slow
                     typical=lambda: (
-                        any(s.tokens.warming for s in streams) == warming
+                        not warming
+                        and not any(s.tokens.warming for s in streams)
                         and [s.tokens.prefills for s in streams] == prefills
                     ),
                 )

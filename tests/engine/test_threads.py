@@ -157,8 +157,6 @@ def test_costs_are_kept_per_kind_of_work():
         t.run(lambda: machine.work(10), units=10)
     assert t.cost[2] == pytest.approx(0.015) and t.current == 2
     assert machine.ran[ran:] == [2] * 5  # no trial at once for the new kind: at the regular ones
-    assert t.measured(2) == (pytest.approx(0.010), True)  # another kind's, meanwhile
-    assert t.measured(5) == (None, False)
     t.measure_for(2)
     assert t.cost == two
     t.measure_for(4)

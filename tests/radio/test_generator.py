@@ -186,35 +186,26 @@ async def test_chunks_are_read_through_the_thread_tuner(run):
     assert len(tuner.cost) == min(2, len(tuner.counts))
 
 
-async def test_the_thread_tuner_keeps_its_costs_per_kind_of_chunk(run):
-    """A glide (three rows a step for seconds, then two again) or a station's warm rows make
-    every step dearer whatever the thread count: their costs are kept apart (measured, so the
-    tuner follows the machine meanwhile), the plain ones come back after, and the ladder's
-    steady rate stays the plain chunks'."""
+async def test_the_thread_tuner_keeps_its_costs_per_row_count(run):
+    """A glide (three rows a step for seconds, then two again) makes every step dearer whatever
+    the thread count: its costs are kept apart, and the two-row costs come back after it."""
     model = FakeModel()
     gen, sink = await run(model, ("a",))
     await sink.until(lambda: len(sink.pcm("a")) == 5)
-    tokens = model.streams[0].tokens
 
-    async def read_as(rows: int, warming: bool) -> None:
-        tokens.rows, tokens.warming = rows, warming
+    async def read_with(rows: int) -> None:
+        model.streams[0].tokens.rows = rows
         async with asyncio.timeout(10):
-            while gen.tuner.key != (rows, warming):  # the next chunks are of that kind
+            while gen.tuner.key != rows:  # the next chunks read with that many rows
                 gen.played("a", len(sink.pcm("a")) * CHUNK)
                 await asyncio.sleep(0.01)
-            made = len(sink.pcm("a"))
-            gen.played("a", made * CHUNK)
-            await sink.until(lambda: len(sink.pcm("a")) > made + 1)  # one measured whole
 
     tuner = gen.tuner
-    assert tuner is not None and tuner.cost and tuner.key == (2, False)
+    assert tuner is not None and tuner.cost and tuner.key == 2
     plain = tuner.cost
-    await read_as(3, False)  # a glide begins
-    assert tuner.cost is not plain and tuner.cost
-    await read_as(2, True)  # it is over; the window's warm rows are fed
-    assert tuner.cost is not plain and tuner.cost  # measured too
-    assert tuner.measured((2, False))[0] == plain[tuner.current]  # the steady rate
-    await read_as(2, False)
+    await read_with(3)  # a glide begins
+    assert tuner.cost is not plain
+    await read_with(2)  # it is over
     assert tuner.cost is plain
 
 
