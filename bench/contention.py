@@ -47,8 +47,9 @@ def render(stream, frames: int, tuner: ThreadTuner | None) -> float:
     for _ in range(0, frames, 10):
         if tuner is None:
             stream.read(10)
-        else:  # a chunk that prefilled a window is not measured, as in the radio (warm rows'
-            # chunks are: the radio leaves them out too, and is blind to the machine meanwhile)
+        else:  # a chunk that prefilled a window is not measured, as in the radio; chunks
+            # with warm rows are (the radio leaves them out: left out here, a whole condition
+            # measured nothing)
             prefills = stream.tokens.prefills
             tuner.run(
                 lambda: stream.read(10),

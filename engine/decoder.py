@@ -145,6 +145,11 @@ def kernel_layer(kernels: ModuleType, w: LayerWeights) -> object:
     return kernels.DecoderLayer(**norms, **projections)
 
 
+def _joined_heads(lm_heads: Sequence[torch.nn.Linear]) -> torch.Tensor:
+    """The codebooks' lm heads as one projection's weight [K * V, E] (one product a step)."""
+    return torch.cat([h.weight for h in lm_heads])
+
+
 def _ln(module: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
     return module.weight, module.bias
 
@@ -180,7 +185,7 @@ class Decoder:
         self.embed = [e.weight for e in dec.embed_tokens]  # K x [V + 1, E]
         self.positions = dec.embed_positions.weights  # [max_positions, E]
         self.final_ln = _ln(dec.layer_norm)
-        heads = torch.cat([h.weight for h in causal_lm.lm_heads])  # [K * V, E]
+        heads = _joined_heads(causal_lm.lm_heads)  # [K * V, E]
         self.vocab = causal_lm.lm_heads[0].weight.shape[0]
         self.device = heads.device
         self.dtype = heads.dtype
@@ -280,8 +285,7 @@ class Decoder:
             if coarse:
                 yield
             coarse.append(self._layer(layer, "int4", modules, self.int4_group))
-        weight = torch.cat([h.weight for h in heads])  # [K * V, E], as __init__ joins them
-        lm_heads = make_linear(weight, "int4", modules, self.int4_group)
+        lm_heads = make_linear(_joined_heads(heads), "int4", modules, self.int4_group)
         fused = self._fused_step(coarse, lm_heads)
         assert fused is not None, "int4 projections run on the fused step where int8 ones do"
         if not self.coarse_ready:  # another iterator may have finished first

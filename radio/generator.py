@@ -557,9 +557,7 @@ class Generator:
                 predict(rates, window.window, window.context, ladder.COARSE, rate),
                 "" if self.model.coarse_ready else ": quantizing them first (a second or two)",
             )
-            if not self.model.coarse_ready:
-                if self._coarse_parts is None:
-                    self._coarse_parts = self.model.prepare_coarse()
+            if not self.model.coarse_ready:  # `_climb` started them when it left level 0
                 self._prepare_coarse(None)
                 if not self.model.coarse_ready:
                     return False
