@@ -2,6 +2,7 @@
 
     python bench/bench_serve.py                              # musicgen-small shapes, ~2 min
     python bench/bench_serve.py --size tiny --seconds 8      # CI smoke run
+    python bench/bench_serve.py --changes 5                  # five prompt changes: median, max
     python bench/bench_serve.py --boundary                   # ... and a scheduled slot boundary
     python bench/bench_serve.py --transition 8               # ... and a prompt change gliding 8 s
     python bench/bench_serve.py --stations 2                 # two stations, a listener on each
@@ -12,7 +13,10 @@ cache, our kernels), plays the MP3 mount into ffmpeg as a listener (when ffmpeg 
 and every few seconds reads the station's health from the API: the generator's real-time factor
 (seconds of audio per second of generating), the audio buffered ahead of the clock, and the
 underruns (times the buffer ran dry and the bridge played). A third of the way in it posts a prompt
-change and reports when the new prompt was heard. With `--boundary` the station also runs a
+change and reports when the new prompt was heard (the server's measure: from the POST to the
+first sample of the new prompt leaving the loudness stage); with `--changes N`, N changes spread
+evenly from there to the last sixth of the run, each posted once the one before was heard, and
+their latencies' median and max, their prefills and the underruns from the first POST on. With `--boundary` the station also runs a
 schedule whose slot starts at the first whole minute two thirds of the way in (the run is
 stretched to reach it): the director sends the slot's prompt ahead, and the figure is how long
 after the boundary its first sample left the loudness stage (`schedule_lag_seconds`; 0 = on the
@@ -67,6 +71,14 @@ PROMPTS = (  # the stations' prompts, one each (main keeps the config's default)
 )
 
 
+CHANGE_PROMPTS = (  # what --changes posts, in turn
+    "slow rainy-day jazz",
+    "bright marimba and hand drums",
+    "dark cinematic strings",
+    "lazy bossa nova guitar",
+)
+
+
 def health(base: str, station: str = "main") -> dict:
     return get_json(f"{base}/api/stations/{station}")["health"]
 
@@ -113,6 +125,13 @@ def main() -> int:
         help='a [model] setting for the radio, e.g. quantize="int4" (repeatable)',
     )
     parser.add_argument(
+        "--changes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="prompt changes to post, spread from a third of the way in (0: none)",
+    )
+    parser.add_argument(
         "--boundary", action="store_true", help="also time a scheduled slot boundary"
     )
     parser.add_argument(
@@ -136,6 +155,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.stations < 1 or args.max_stations < 1:
         parser.error("--stations and --max-stations: at least 1")
+    if args.changes < 0:
+        parser.error("--changes: at least 0")
     if not args.find_max:
         run(args, args.stations)
         return 0
@@ -194,7 +215,10 @@ def run(args: argparse.Namespace, n: int) -> bool:
         began = time.monotonic()
         rtfs: dict[str, list[float]] = {sid: [] for sid in ids}
         buffers: dict[str, list[float]] = {sid: [] for sid in ids}
-        prompt: dict | None = None
+        changes: list[dict] = []  # the plain prompt changes posted, in order
+        # when each is due (seconds into the run): from a third of the way in to 5/6
+        span = seconds / 2 / max(args.changes - 1, 1)
+        due = [seconds / 3 + i * span for i in range(args.changes)]
         glide: dict | None = None
         if args.transition:  # the glide must end, and a little more, before the run does
             seconds = max(seconds, 1.5 * (args.transition + 3 * args.every))
@@ -215,11 +239,18 @@ def run(args: argparse.Namespace, n: int) -> bool:
                 )
             )
             h = now["main"]
-            if prompt is None and elapsed >= seconds / 3:
-                prompt = _change(base, {"prompt": "slow rainy-day jazz"}, h)
-                say(f"  prompt posted: to be heard {prompt['heard_in']:.2f} s after the POST")
-            elif prompt is not None and "prefill" not in prompt:
-                prompt.update(_heard(base, prompt))
+            if changes and "prefill" not in changes[-1]:
+                changes[-1].update(_heard(base, changes[-1]))
+            if len(changes) < len(due) and elapsed >= due[len(changes)]:
+                if changes and "prefill" not in changes[-1]:  # the one before is heard first
+                    changes[-1].update(_heard(base, changes[-1], wait=15))
+                    h = health(base)
+                text = CHANGE_PROMPTS[len(changes) % len(CHANGE_PROMPTS)]
+                changes.append(_change(base, {"prompt": text}, h))
+                say(
+                    f"  prompt posted ({len(changes)} of {len(due)}): to be heard "
+                    f"{changes[-1]['heard_in']:.2f} s after the POST"
+                )
             if args.transition and glide is None and elapsed >= seconds * 2 / 3 - args.transition:
                 body = {
                     "prompt": "warm jazz trio with brushes",
@@ -233,7 +264,8 @@ def run(args: argparse.Namespace, n: int) -> bool:
                 over = glide["posted"] + glide["latency"] + args.transition  # the glide's end
                 if time.monotonic() >= over:  # the first sample after it
                     glide["through"] = h["underruns"] - glide["underruns_before"]
-        for change in (prompt, glide):
+        prompt = changes[0] if changes else None
+        for change in (*changes, glide):
             if change is not None and "prefill" not in change:
                 change.update(_heard(base, change, wait=15))
         final = {sid: health(base, sid) for sid in ids}
@@ -272,7 +304,7 @@ def run(args: argparse.Namespace, n: int) -> bool:
             f"median {statistics.median(main_buffers):.1f} s |"
         )
         say(f"| underruns | {underruns['main']} |")
-        if prompt is not None:
+        if prompt is not None and len(changes) == 1:
             say(
                 f"| prompt change | promised {prompt['heard_in']:.2f} s after the POST, heard after "
                 f"{prompt['latency']:.2f} s, underruns after it: "
@@ -280,6 +312,22 @@ def run(args: argparse.Namespace, n: int) -> bool:
             )
             p = prompt["prefill"]
             say(f"| its prefill | {p['seconds']:.2f} s ({p['rows']} rows, {p['frames']} frames) |")
+        elif changes:
+            latencies = [c["latency"] for c in changes]
+            promised = [c["heard_in"] for c in changes]
+            prefills = [c["prefill"]["seconds"] for c in changes]
+            first = changes[0]
+            p = first["prefill"]
+            say(
+                f"| {len(changes)} prompt changes | heard after median {statistics.median(latencies):.2f} s, "
+                f"max {max(latencies):.2f} s (promised median {statistics.median(promised):.2f}, "
+                f"max {max(promised):.2f}); underruns from the first POST on: "
+                f"{h['underruns'] - first['underruns_before']} |"
+            )
+            say(
+                f"| their prefills | median {statistics.median(prefills):.2f} s, max "
+                f"{max(prefills):.2f} s ({p['rows']} rows, {p['frames']} frames) |"
+            )
         if glide is not None:
             g, p = glide["prefill"], prompt["prefill"] if prompt else None
             extra = (
@@ -355,8 +403,7 @@ def _change(base: str, body: dict, h: dict) -> dict:
         "posted": posted,
         "heard_in": heard_in,
         "underruns_before": h["underruns"],
-        "latency_before": h["prompt_latency_seconds"],
-        "prefill_before": h["last_prefill"],
+        "heard_before": h["prompts_heard"],
     }
 
 
@@ -366,8 +413,7 @@ def _heard(base: str, change: dict, wait: float = 0.0) -> dict:
     deadline = time.monotonic() + wait
     while True:
         h = health(base)
-        heard = h["prompt_latency_seconds"] not in (None, change["latency_before"])
-        if heard and h["last_prefill"] != change["prefill_before"]:
+        if h["prompts_heard"] > change["heard_before"]:
             return {"latency": h["prompt_latency_seconds"], "prefill": h["last_prefill"]}
         if time.monotonic() >= deadline:
             if wait:

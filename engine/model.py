@@ -20,7 +20,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -125,10 +125,16 @@ class MusicModel:
         self.decoder.prefill(ids[None].expand(2, -1, -1), cache, cross)
         return (time.perf_counter() - began) * window.context / length
 
-    def read_together(self, streams: list[AudioStream], frames: int) -> list[np.ndarray]:
-        """`read_together(streams, frames)` (below): the streams' next `frames` frames each,
-        their codec decodes in one batched call. The radio's generator reads its stations so."""
-        return read_together(streams, frames)
+    def read_together(
+        self,
+        streams: list[AudioStream],
+        frames: int,
+        interrupt: Callable[[], bool] | None = None,
+    ) -> list[np.ndarray]:
+        """`read_together(streams, frames, interrupt)` (below): the streams' next `frames`
+        frames each, their codec decodes in one batched call. The radio's generator reads its
+        stations so."""
+        return read_together(streams, frames, interrupt)
 
     def new_codec(self) -> StreamingDecoder:
         return StreamingDecoder(self.hf.audio_encoder, audio_channels=self.channels)
@@ -275,13 +281,15 @@ class AudioStream:
         return self.tokens.sampling
 
     @torch.inference_mode()
-    def read(self, frames: int) -> np.ndarray:
-        """The next `frames` frames of audio: float32 [channels, frames * hop]."""
+    def read(self, frames: int, interrupt: Callable[[], bool] | None = None) -> np.ndarray:
+        """The next `frames` frames of audio: float32 [channels, frames * hop]. `interrupt`,
+        asked before each decoder step, may stop the read (`Interrupted`): nothing is read
+        then, and the frames made so far serve the next read."""
         if frames < 1:
             raise ValueError(f"frames must be >= 1, got {frames}")
         start, stop = self.frame, self.frame + frames
         began = time.perf_counter()
-        self.tokens.generate_until(stop + self.codec.lookahead)
+        self.tokens.generate_until(stop + self.codec.lookahead, interrupt)
         decoded = time.perf_counter()
         codes, offset = self.tokens.history()
         pcm = self.codec.decode(codes, offset, start, stop)
@@ -405,17 +413,20 @@ class AudioStream:
 
 
 @torch.inference_mode()
-def read_together(streams: list[AudioStream], frames: int) -> list[np.ndarray]:
+def read_together(
+    streams: list[AudioStream], frames: int, interrupt: Callable[[], bool] | None = None
+) -> list[np.ndarray]:
     """The next `frames` frames of audio of each stream, as `read` gives them, with the codec
     decodes of all of them batched into one (`engine.codec.decode_together`: the codec's weights
-    read once for all streams). Streams of one `open_streams` batch generate together anyway."""
+    read once for all streams). Streams of one `open_streams` batch generate together anyway.
+    `interrupt` as for `read`: an interrupted call reads nothing for any stream."""
     if frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}")
     if not streams:
         return []
     began = time.perf_counter()
     for stream in streams:
-        stream.tokens.generate_until(stream.frame + frames + stream.codec.lookahead)
+        stream.tokens.generate_until(stream.frame + frames + stream.codec.lookahead, interrupt)
     decoded = time.perf_counter()
     calls = [(s.codec, *s.tokens.history(), s.frame, s.frame + frames) for s in streams]
     pcms = decode_together(calls)

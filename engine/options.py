@@ -114,8 +114,9 @@ class WindowOptions:
         500  # frames re-prefilled as the prompt when a window is full or the prompt changes
     )
     # frames re-prefilled when the prompt changes (at most `context`; 0 = `context`): a shorter
-    # re-read is heard sooner, and 2 s keep the music's sound across the change
-    prompt_context: int = 100
+    # re-read is heard sooner (its prefill is the wait on a CPU), and 0.5 s keep the music's
+    # pulse and sound across the change; the next window restart re-reads the whole context
+    prompt_context: int = 25
     # build the next window a step at a time in the last `context` steps of this one (its rows
     # beside the stream's in the same decoder steps), so a window restart prefills nothing:
     # the radio does not stall for a prefill every `window - context` frames

@@ -130,6 +130,12 @@ class ThreadTuner:
         count the last run set may be a trial's (one thread: a prefill twice as long)."""
         self._set_threads(self.current)
 
+    def use_most(self) -> None:
+        """Set the most threads for work run outside `run` that is bound by the maths rather
+        than by memory (a prompt change's prefill: big matrix products, which two cores finish
+        in 0.57 of one's time here even when decode steps run as fast on one)."""
+        self._set_threads(self.counts[0])
+
     @property
     def settled(self) -> bool:
         """Whether the current count's cost was measured `settle` times for this kind of work."""

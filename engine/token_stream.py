@@ -12,6 +12,8 @@ passage with a short, fresh context), its sampling settings (`set_sampling`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from engine.batch import DecodeBatch
@@ -20,6 +22,12 @@ from engine.decoder import Decoder
 from engine.lane import Prefill
 from engine.options import SamplingOptions, WindowOptions
 from engine.rows import Prompt
+
+
+class Interrupted(Exception):
+    """A read stopped between two decoder steps because its caller asked (a radio's prompt
+    change, whose new audio the read's would not be): nothing was returned, the frames made
+    stay made, and the next read goes on from them."""
 
 
 def as_prompt(prompt: TextCondition | Prompt) -> Prompt:
@@ -71,9 +79,13 @@ class TokenStream:
         return self._lane.history()
 
     @torch.inference_mode()
-    def generate_until(self, frame: int) -> None:
-        """Step the batch until at least `frame` frames of this stream are complete."""
+    def generate_until(self, frame: int, interrupt: Callable[[], bool] | None = None) -> None:
+        """Step the batch until at least `frame` frames of this stream are complete. With
+        `interrupt`, asked before each step: when it says True, `Interrupted` is raised (the
+        frames made so far stay made)."""
         while self._lane.complete < frame:
+            if interrupt is not None and interrupt():
+                raise Interrupted(f"interrupted at frame {self._lane.complete} of {frame}")
             self._batch.step()
 
     @property

@@ -51,7 +51,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from engine.blend import PLAIN_ROWS
 from engine.threads import ThreadTuner, smooth
+from engine.token_stream import Interrupted
 from radio import ladder
 from radio.blending import open_blend, open_text
 from radio.healing import Failure, LaneHealing, describe, seconds
@@ -204,8 +206,9 @@ class Generator:
         self.watchdog = watchdog if watchdog is not None and watchdog.enabled else None
         self.faults = faults
         self.clock = clock
-        # seconds one prefill of a whole context takes: measured when the streams open, then the
-        # latest window restart's (read by the loop to place prompt changes; a float is atomic)
+        # seconds one prefill of a whole context takes: measured when the streams open, then
+        # from the latest prefill (`_learn_prefill`; read by the loop to place prompt changes; a
+        # float is atomic)
         self.prefill_seconds = 0.0
         # smoothed seconds per frame of audio of the chunks read while a station's warm rows
         # were fed (the next window built beside this one): what a warm restart costs, beside
@@ -232,6 +235,10 @@ class Generator:
         self.busy: tuple[float, str] | None = None  # (clock time, what): engine call under way
         self._lanes: dict[str, _Lane] | None = None  # the stations' streams, made once
         self._commands: queue.Queue[_Command | None] = queue.Queue()
+        # set with each prompt change queued, cleared when the worker takes its commands: a
+        # chunk being read then stops at its next decoder step (its audio would come after the
+        # cut, thrown away), so that the change's prefill starts within a step of the POST
+        self._prompt_waiting = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sink: GeneratorSink | None = None
@@ -270,6 +277,7 @@ class Generator:
         """Future of the frame from which `change` is heard (`timing.start_prompt`)."""
         fut: asyncio.Future[int] = self._future()
         self._commands.put(_SetPrompt(station_id, change, fut))
+        self._prompt_waiting.set()
         return fut
 
     def set_sampling(self, station_id: str, sampling: SamplingOptions) -> asyncio.Future[bool]:
@@ -347,12 +355,16 @@ class Generator:
             self._step(due)
 
     @contextlib.contextmanager
-    def _engine_call(self, what: str) -> Iterator[None]:
+    def _engine_call(self, what: str, prefill: bool = False) -> Iterator[None]:
         """Mark an engine call as under way (`busy`), for the supervisor's stall watch. The
         first chunk is not watched: it may compile the step (minutes on a GPU). It runs on the
-        tuner's current thread count (a chunk's read then sets its own: `ThreadTuner.run`)."""
+        tuner's current thread count (a chunk's read then sets its own: `ThreadTuner.run`), or
+        with `prefill` (bound by the maths, not by memory) on all of them."""
         if self.tuner is not None:
-            self.tuner.use_current()
+            if prefill:
+                self.tuner.use_most()
+            else:
+                self.tuner.use_current()
         self.busy = (self.clock(), what) if self.chunks else None
         try:
             yield
@@ -429,7 +441,11 @@ class Generator:
         alone, the others go on."""
         t = time.perf_counter()
         with self._engine_call(_what(lanes)):
-            made = self._chunks(lanes)
+            try:
+                made = self._chunks(lanes)
+            except Interrupted:  # a prompt change is waiting: it goes first
+                log.debug("a chunk of %s gave way to a prompt change", _what(lanes))
+                return
         spent = max(time.perf_counter() - t, 1e-6)  # every station's chunk took all of it
         self._climb()
         self._prepare_coarse(spent)
@@ -630,11 +646,10 @@ class Generator:
     def _made(self, lane: _Lane, chunk: _Chunk, spent: float) -> None:
         """A station's chunk is made (in `spent` s): to the watchdog, then to the loop."""
         sid = lane.spec.id
-        if lane.stream.tokens.prefill_seconds:  # the latest window restart or prompt change
-            self.prefill_seconds = lane.stream.tokens.prefill_seconds
         if (last := lane.stream.tokens.last_prefill) is not lane.reported_prefill:
             lane.reported_prefill = last
             if last is not None:
+                self._learn_prefill(last)
                 self._to_loop(self.sink.on_prefill, sid, last)
         lane.healing.succeeded()
         self.chunks += 1
@@ -646,6 +661,18 @@ class Generator:
         self._to_loop(self.sink.on_pcm, sid, chunk.start, pcm, lane.rtf)
         if problem is not None:
             self._reanchor(lane, problem)
+
+    def _learn_prefill(self, prefill: Prefill) -> None:
+        """`prefill_seconds` from a prefill that ran (a prompt change's, a cold window
+        restart's), in a whole context's terms for a plain prompt: its seconds scaled by the
+        frames and the rows. The start-up figure is timed cold; the changes placed after this
+        one are placed by what a change really costs. Prefills shorter than a prompt change's
+        (a restart from a few frames) are left out: their fixed costs would scale up."""
+        window = self.specs[0].window
+        if prefill.frames < window.change_context or prefill.rows < 1:
+            return
+        scale = window.context / prefill.frames * PLAIN_ROWS / prefill.rows
+        self.prefill_seconds = prefill.seconds * scale
 
     def _read(self, lanes: list[_Lane]) -> list[np.ndarray | Exception]:
         """The lanes' next chunks, read together (`MusicModel.read_together`: one decoder step
@@ -676,7 +703,7 @@ class Generator:
         try:
             pcms: list[np.ndarray | Exception] = list(
                 tuner.run(
-                    lambda: self._read_together(streams),
+                    lambda: self._read_together(streams, self._prompt_waiting.is_set),
                     units=self.chunk_frames * len(lanes),  # cost per frame of audio made
                     explore=explore,
                     # a chunk with a window restart's prefill (seconds of work), or with a
@@ -690,6 +717,8 @@ class Generator:
                     ),
                 )
             )
+        except Interrupted:
+            raise
         except Exception as e:  # noqa: BLE001 - told to the station(s) it belongs to
             if len(lanes) == 1:
                 return [e]
@@ -711,10 +740,12 @@ class Generator:
             )
         return pcms
 
-    def _read_together(self, streams: list[AudioStream]) -> list[np.ndarray]:
+    def _read_together(
+        self, streams: list[AudioStream], interrupt: Callable[[], bool] | None = None
+    ) -> list[np.ndarray]:
         if len(streams) == 1:
-            return [streams[0].read(self.chunk_frames)]
-        return self.model.read_together(streams, self.chunk_frames)
+            return [streams[0].read(self.chunk_frames, interrupt)]
+        return self.model.read_together(streams, self.chunk_frames, interrupt)
 
     def _read_alone(self, lane: _Lane) -> np.ndarray | Exception:
         try:
@@ -752,7 +783,7 @@ class Generator:
         """Reopen a station that is down from its recent tokens, with its current prompt."""
         sid = lane.spec.id
         try:
-            with self._engine_call(f"station {sid}: reopening its stream"):
+            with self._engine_call(f"station {sid}: reopening its stream", prefill=True):
                 if self.faults is not None:
                     self.faults.before_reopen(sid)
                 frame = lane.stream.restart()
@@ -780,7 +811,7 @@ class Generator:
         earliest = max(lane.played_frame + round(GUARD_SECONDS * rate), lane.cut_frame)
         plan = lane.watchdog.plan(problem, lane.stream.frame, earliest)
         try:
-            with self._engine_call(f"station {sid}: re-anchoring its stream"):
+            with self._engine_call(f"station {sid}: re-anchoring its stream", prefill=True):
                 frame = lane.stream.restart(plan.frame, context_frames=plan.context_frames)
         except Exception as e:  # noqa: BLE001 - a failure like any other: backoff, reopen
             self._failed(lane, e, "re-anchoring failed")
@@ -803,6 +834,7 @@ class Generator:
 
     def _drain(self, lanes: dict[str, _Lane], block: bool) -> bool:
         """Handle queued commands (waiting briefly for one if `block`); False on stop."""
+        self._prompt_waiting.clear()  # (one queued later sets it again)
         while True:
             try:
                 if block:
@@ -838,7 +870,7 @@ class Generator:
     def _apply_prompt(self, lane: _Lane, cmd: _SetPrompt) -> None:
         sid = lane.spec.id
         try:
-            with self._engine_call(f"station {sid}: changing its prompt"):
+            with self._engine_call(f"station {sid}: changing its prompt", prefill=True):
                 frame = start_prompt(lane.stream, cmd.change)
         except Exception as e:  # noqa: BLE001 - the caller gets the reason
             log.error("station %s: prompt change failed (%s)", sid, describe(e))

@@ -126,6 +126,7 @@ class Health:
     prompt_latency_seconds: float | None = None  # last POST -> first new-prompt sample out
     schedule_lag_seconds: float | None = None  # last programme change: due -> first sample out
     prompt_changes: int = 0  # prompt changes applied
+    prompts_heard: int = 0  # prompt changes asked for now whose first sample was heard
     started: bool = False  # the clock is releasing audio
     last_tick: float = 0.0  # time.monotonic() of the clock's last tick
     error: str = ""  # why the generator stopped, if it did (cleared by the next audio)
@@ -211,6 +212,7 @@ class Station:
             "underruns": h.underruns,
             "bridging": h.bridging,
             "prompt_latency_seconds": _rounded(h.prompt_latency_seconds),
+            "prompts_heard": h.prompts_heard,
             "schedule_lag_seconds": _rounded(h.schedule_lag_seconds),
             "playing": h.started,
             "error": h.error or None,

@@ -7,8 +7,10 @@ it hands to the outputs (`released`). The rules, all here:
 
 1. **Start.** A prompt asked for now starts `horizon` seconds after the moment being played
    (the buffer's head): `generation.prompt_horizon`, or with -1 (auto)
-   `max(MIN_HORIZON, HORIZON_MARGIN * prefill + 2 chunks)`, from the engine's measured prefill,
-   so that the audio after the cut is made before the clock gets there. The prefill is a plain
+   `max(MIN_HORIZON, HORIZON_MARGIN * (prefill + chunk))`, from the engine's measured prefill,
+   so that the audio after the cut is made before the clock gets there (the chunk being read
+   when the change arrives gives way at its next decoder step: its audio would come after the
+   cut). The prefill is a plain
    prompt's (two decoder rows) scaled by the rows the change prefills
    (`engine.blend.prefill_rows`: one per text, both blends' in a transition, and the null row). A change for an
    instant (`at`, Unix seconds: a schedule boundary) starts at the frame heard at that instant,
@@ -51,15 +53,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIN_HORIZON = 0.5  # seconds: the auto horizon never starts a prompt sooner
-HORIZON_MARGIN = 1.5  # the auto horizon leaves this many prefill times for the prefill
+HORIZON_MARGIN = 1.5  # the auto horizon leaves this many times the prefill and a chunk
 APPLY_TIMEOUT = 15.0  # seconds a change waits for the generator to take it
 
 
 def auto_horizon(prefill_seconds: float, chunk_seconds: float) -> float:
     """Seconds after the moment being played at which a new prompt can start without the
-    stream falling behind: the prefill (with a margin) and two chunks of generation must fit
+    stream falling behind: the prefill and the first chunk after it (with a margin) must fit
     into the audio still buffered before it."""
-    return max(MIN_HORIZON, HORIZON_MARGIN * prefill_seconds + 2 * chunk_seconds)
+    return max(MIN_HORIZON, HORIZON_MARGIN * (prefill_seconds + chunk_seconds))
 
 
 @dataclass(frozen=True)
@@ -278,6 +280,7 @@ class PromptTimeline:
         if change.at is None:  # asked for now: the latency from the request
             latency = self.clock() - change.requested_at
             health.prompt_latency_seconds = latency
+            health.prompts_heard += 1
             log.info(
                 "prompt change on %s: heard %.2f s after it was sent", self.station.id, latency
             )

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from engine import LoadOptions, MusicModel, SamplingOptions, WindowOptions, read_together
+from engine.token_stream import Interrupted
 
 PROMPTS = ["slow jazz", "fast drum and bass", "rain"]
 
@@ -38,3 +39,40 @@ def test_read_together_equals_reading_one_by_one(tiny_model_dir):
     assert all(s.frame == 60 and s.decode_seconds > 0 for s in together)
     with pytest.raises(ValueError, match="frames"):
         read_together(together, 0)
+
+
+def test_an_interrupted_read_reads_nothing_and_the_next_goes_on(tiny_model_dir):
+    """`interrupt` is asked before each decoder step; True stops the read (`Interrupted`)
+    with no audio and the streams where they were; the steps made serve the next read, and the
+    audio equals streams never interrupted (greedy), a lone stream and streams read together."""
+    model = MusicModel.load(
+        LoadOptions(model=tiny_model_dir, device="cpu", dtype="float32", quantize="none")
+    )
+    window = WindowOptions(window=110, context=55)
+    greedy = SamplingOptions(greedy=True)
+    asked = 0
+
+    def after_four() -> bool:
+        nonlocal asked
+        asked += 1
+        return asked > 4
+
+    plain = model.open_stream(PROMPTS[0], greedy, window)
+    want = np.concatenate([plain.read(10), plain.read(10)], axis=1)
+    lone = model.open_stream(PROMPTS[0], greedy, window)
+    first = lone.read(10)
+    with pytest.raises(Interrupted):
+        lone.read(10, after_four)
+    assert lone.frame == 10 and asked == 5 and lone.tokens.complete > 10 + lone.codec.lookahead
+    got = np.concatenate([first, lone.read(10, lambda: False)], axis=1)
+    assert _snr_db(want, got) >= 120
+
+    plain_pair = model.open_streams(PROMPTS[:2], [greedy] * 2, window)
+    want_pair = read_together(plain_pair, 10)
+    pair = model.open_streams(PROMPTS[:2], [greedy] * 2, window)
+    asked = 0
+    with pytest.raises(Interrupted):
+        read_together(pair, 10, after_four)
+    assert [s.frame for s in pair] == [0, 0] and asked == 5
+    for w, g in zip(want_pair, read_together(pair, 10), strict=True):
+        assert _snr_db(w, g) >= 120

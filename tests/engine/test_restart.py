@@ -173,7 +173,7 @@ def test_prompt_context_is_checked():
         WindowOptions(window=120, context=60, prompt_context=-1).validate()
     assert WindowOptions(context=60, prompt_context=0).change_context == 60
     assert WindowOptions(context=60, prompt_context=100).change_context == 60
-    assert WindowOptions(context=500).change_context == 100
+    assert WindowOptions(context=500).change_context == 25
 
 
 @torch.inference_mode()

@@ -125,8 +125,20 @@ def test_work_outside_run_gets_the_current_count_not_the_last_trials():
     t.run(lambda: machine.work(10), units=10)
     t.run(lambda: machine.work(10), units=10)  # the trial of one thread
     assert machine.threads == 1 and t.current == 2
-    t.use_current()  # a prompt change's prefill next
+    t.use_current()  # a sampling change next
     assert machine.threads == 2
+
+
+def test_a_prefill_outside_run_gets_the_most_threads_whatever_steps_are_fastest_on():
+    """Decode steps (bound by memory) may run as fast on one thread; a prompt change's prefill
+    (big matrix products) runs on all of them."""
+    machine = FakeMachine({2: 0.020, 1: 0.010})
+    t = tuner(machine, explore_every=20, settle=1)
+    for _ in range(4):
+        t.run(lambda: machine.work(10), units=10)
+    assert t.current == 1 and machine.threads == 1
+    t.use_most()
+    assert machine.threads == 2 and t.current == 1
 
 
 def test_a_cliff_is_left_at_once():

@@ -55,7 +55,8 @@ def test_a_transition_glides_then_drops_rows_without_a_restart(tiny_float32, mon
     interpolated weights, including after the old row has left (the rows that stay kept their
     caches)."""
     model = tiny_float32
-    window = WindowOptions(window=200, context=60)  # the transition's window starts at BOS
+    # the transition re-reads all 40 frames made: its window starts at BOS, as the reference does
+    window = WindowOptions(window=200, context=60, prompt_context=60)
     stream = model.open_stream("heavy rock", GUIDED, window)
     stream.tokens.generate_until(50)
     before = stream.tokens.history()[0][:, :40].clone()

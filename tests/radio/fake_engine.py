@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
 from engine.blend import Blend
 from engine.options import SamplingOptions, WindowOptions
+from engine.token_stream import Interrupted
 from radio.generator import StationSpec
 
 FRAME_RATE, HOP, CHUNK, CODEBOOKS = 50, 640, 10, 4
@@ -44,6 +45,7 @@ class FakeStream:
         self.restart_context: int | None = None  # shorten_restarts
         self.sampling: SamplingOptions | None = None
         self.reads = 0
+        self.interrupted = 0  # reads stopped by their `interrupt`
         self.restarts: list[tuple[int, int | None]] = []  # (frame, context_frames) asked
         self.restart_error: Exception | None = None  # raised by restart() while set
         self.read_error: Exception | None = None  # raised by read() while set
@@ -52,10 +54,16 @@ class FakeStream:
 
     read_seconds = 0.0  # how long a read takes (the engine's steady speed)
 
-    def read(self, frames: int) -> np.ndarray:
+    def read(self, frames: int, interrupt: Callable[[], bool] | None = None) -> np.ndarray:
+        """Like the engine's: `read_seconds` spread over the frames as decoder steps, each
+        step first asking `interrupt` (True: `Interrupted`, nothing read)."""
         if self.read_error is not None:
             raise self.read_error
-        time.sleep(self.read_seconds)
+        for _ in range(frames):
+            if interrupt is not None and interrupt():
+                self.interrupted += 1
+                raise Interrupted("a prompt change")
+            time.sleep(self.read_seconds / frames)
         start = self.frame
         self.frame += frames
         self.reads += 1
@@ -111,13 +119,21 @@ class FakeModel:
         self.streams = [FakeStream(p) for p in prompts]
         return self.streams
 
-    def read_together(self, streams: list[FakeStream], frames: int) -> list[np.ndarray]:
+    def read_together(
+        self,
+        streams: list[FakeStream],
+        frames: int,
+        interrupt: Callable[[], bool] | None = None,
+    ) -> list[np.ndarray]:
         """Each stream's read, recorded as one call (the engine batches their codec decodes).
-        Like the engine's, it moves no stream on when one of them fails."""
+        Like the engine's, it moves no stream on when one of them fails or it is interrupted."""
         self.together.append([s.prompt for s in streams])
         for s in streams:
             if s.read_error is not None:
                 raise s.read_error
+            if interrupt is not None and interrupt():
+                s.interrupted += 1
+                raise Interrupted("a prompt change")
         return [s.read(frames) for s in streams]
 
     timed_frames: int | None = None  # what the last measure_prefill timed

@@ -91,6 +91,27 @@ async def test_a_prompt_change_lands_before_the_new_audio(run):
     assert await gen.set_prompt("a", PromptChange(Blend.of("pop"), "admin", 20, 0.0)) == 80
 
 
+async def test_a_prompt_change_stops_the_chunk_being_read(run):
+    """A chunk takes 1 s here (a slow engine); a prompt change posted while one is read is
+    taken at its next decoder step, not when it ends: the chunk's audio would be after the cut.
+    The interrupted chunk is read again afterwards: no frame is lost or sent twice."""
+    model = FakeModel()
+    gen, sink = await run(model, ("a",), buffer_ahead=1.0)
+    await sink.until(lambda: len(sink.pcm("a")) == 5)  # frames 0..49 made
+    stream = model.streams[0]
+    stream.read_seconds = 1.0
+    gen.played("a", 20)  # due again: the worker starts reading frames 50..59 (1 s)
+    await asyncio.sleep(0.3)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    frame = await gen.set_prompt("a", PromptChange(Blend.of("jazz"), "admin", 60, 0.0))
+    assert loop.time() - began < 0.5, "the change waited for the chunk being read"
+    assert frame == 50 and stream.interrupted == 1 and stream.prompt == "jazz"
+    await sink.until(lambda: len(sink.pcm("a")) >= 6, timeout=5)
+    assert sink.pcm("a") == [0, 10, 20, 30, 40, 50]
+    assert (sink.audio["a"][5] == frames(50, 60)).all()
+
+
 async def test_sampling_changes_answer_with_the_engines_verdict(run):
     model = FakeModel()
     gen, sink = await run(model)
@@ -211,11 +232,15 @@ async def test_the_thread_tuner_keeps_its_costs_per_row_count(run):
 
 async def test_the_prefill_is_timed_on_fifty_frames_at_start(run):
     """A short timing, scaled: a second less before a radio's first sound on musicgen-small
-    than timing a prompt change's 100 frames."""
+    than timing a long prompt change's 100 frames; a shorter change's own (the default 25)."""
     model = FakeModel()
-    _, sink = await run(model, ("a",))
+    _, sink = await run(model, ("a",), window=WindowOptions(prompt_context=100))
     await sink.until(lambda: len(sink.pcm("a")) >= 1)  # timed before the first chunk
     assert model.timed_frames == TIMED_PREFILL_FRAMES == 50
+    model = FakeModel()
+    _, sink = await run(model, ("a",))
+    await sink.until(lambda: len(sink.pcm("a")) >= 1)
+    assert model.timed_frames == WindowOptions().change_context == 25
     model = FakeModel()
     _, sink = await run(model, ("a",), window=WindowOptions(prompt_context=30))
     await sink.until(lambda: len(sink.pcm("a")) >= 1)
@@ -235,3 +260,22 @@ async def test_a_buffer_shorter_than_what_stalls_the_stream_is_warned_about(run,
         assert warned == []
     else:
         assert warned and "window restarts and prompt changes will make" in warned[0]
+
+
+async def test_prompt_changes_are_placed_by_the_prefills_that_ran(run):
+    """The start-up figure is timed cold; each prefill that runs (a prompt change's, a cold
+    window restart's) replaces it, in a whole context's terms for a plain prompt (scaled by its
+    frames and rows); one shorter than a prompt change's re-read does not count."""
+    from engine.lane import Prefill
+
+    gen, sink = await run(FakeModel(), ("a",))  # window: context 500, prompt changes 25
+    await sink.until(lambda: len(sink.pcm("a")) >= 1)
+    assert gen.prefill_seconds == 0.25
+    gen._learn_prefill(Prefill(0.3, 2, 25))
+    assert gen.prefill_seconds == pytest.approx(0.3 * 500 / 25)
+    gen._learn_prefill(Prefill(0.6, 3, 25))  # a transition: three rows
+    assert gen.prefill_seconds == pytest.approx(0.6 * 500 / 25 * 2 / 3)
+    gen._learn_prefill(Prefill(0.05, 2, 5))  # a re-anchor from 5 frames: fixed costs x100
+    assert gen.prefill_seconds == pytest.approx(8.0)
+    gen._learn_prefill(Prefill(5.5, 2, 500))  # a cold window restart
+    assert gen.prefill_seconds == 5.5

@@ -87,7 +87,9 @@ def fill(st: Station, start: int, n: int, value: float) -> None:
 
 def test_auto_horizon_covers_the_measured_prefill():
     assert auto_horizon(0.01, 0.2) == 0.5  # a fast prefill (GPU, tiny model): the minimum
-    assert auto_horizon(1.2, 0.2) == 1.5 * 1.2 + 0.4  # musicgen-small on a CPU, int8
+    assert auto_horizon(1.2, 0.2) == pytest.approx(
+        1.5 * (1.2 + 0.2)
+    )  # musicgen-small on a CPU, int8
     assert Horizon(0.0, 0.2).seconds(5.0) == 0.0  # a fixed horizon ignores the prefill
     assert Horizon(-1, 0.2).seconds(1.2) == auto_horizon(1.2, 0.2)
 
@@ -100,8 +102,8 @@ def test_a_change_starts_a_horizon_after_the_moment_being_played():
     assert tl.start_frame() == 51 + 50  # the next whole frame, plus 1 s
     tl = timeline(st, engine, clock)  # auto: the tiny model's prefill gives the minimum
     assert tl.start_frame() == 51 + 25
-    engine.prefill_seconds = 1.2  # a slow prefill moves it later: 1.5 x 1.2 + 2 x 0.2 s
-    assert tl.start_frame() == 51 + 110
+    engine.prefill_seconds = 1.2  # a slow prefill moves it later: 1.5 x (1.2 + 0.2) s
+    assert tl.start_frame() == 51 + 105
 
 
 async def test_a_blend_or_a_transition_starts_later_for_its_larger_prefill():
@@ -116,12 +118,12 @@ async def test_a_blend_or_a_transition_starts_later_for_its_larger_prefill():
     assert tl.prefill_rows(Blend.of("new")) == 2
     assert tl.prefill_rows(Blend.of("new"), transition_seconds=5.0) == 3  # old and new
     assert tl.prefill_rows(three) == 4 and tl.prefill_rows(three, 5.0) == 5
-    assert tl.start_frame(rows=2) == 51 + round((1.5 * 1.0 + 0.4) * 50)
-    assert tl.start_frame(rows=4) == 51 + round((1.5 * 2.0 + 0.4) * 50)
+    assert tl.start_frame(rows=2) == 51 + round(1.5 * (1.0 + 0.2) * 50)
+    assert tl.start_frame(rows=4) == 51 + round(1.5 * (2.0 + 0.2) * 50)
     assert Horizon(0.5, 0.2).seconds(1.0, rows=5) == 0.5  # a fixed horizon stays fixed
     asked = asyncio.ensure_future(tl.change(three, "admin", transition_seconds=5.0))
     await asyncio.sleep(0)
-    assert engine.asked[0][1].from_frame == 51 + round((1.5 * 2.5 + 0.4) * 50)
+    assert engine.asked[0][1].from_frame == 51 + round(1.5 * (2.5 + 0.2) * 50)
     engine.take(tl)
     await asked
 
