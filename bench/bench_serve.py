@@ -241,16 +241,8 @@ def run(args: argparse.Namespace, n: int) -> bool:
             h = now["main"]
             if changes and "prefill" not in changes[-1]:
                 changes[-1].update(_heard(base, changes[-1]))
-            if len(changes) < len(due) and elapsed >= due[len(changes)]:
-                if changes and "prefill" not in changes[-1]:  # the one before is heard first
-                    changes[-1].update(_heard(base, changes[-1], wait=15))
-                    h = health(base)
-                text = CHANGE_PROMPTS[len(changes) % len(CHANGE_PROMPTS)]
-                changes.append(_change(base, {"prompt": text}, h))
-                say(
-                    f"  prompt posted ({len(changes)} of {len(due)}): to be heard "
-                    f"{changes[-1]['heard_in']:.2f} s after the POST"
-                )
+            if len(changes) < len(due) and time.monotonic() - began >= due[len(changes)]:
+                _post_change(base, changes, len(due), h)
             if args.transition and glide is None and elapsed >= seconds * 2 / 3 - args.transition:
                 body = {
                     "prompt": "warm jazz trio with brushes",
@@ -264,6 +256,8 @@ def run(args: argparse.Namespace, n: int) -> bool:
                 over = glide["posted"] + glide["latency"] + args.transition  # the glide's end
                 if time.monotonic() >= over:  # the first sample after it
                     glide["through"] = h["underruns"] - glide["underruns_before"]
+        while len(changes) < len(due):  # (a short run's last ones: after the listening)
+            _post_change(base, changes, len(due), health(base))
         prompt = changes[0] if changes else None
         for change in (*changes, glide):
             if change is not None and "prefill" not in change:
@@ -388,6 +382,18 @@ def _per_station(
     say("")
     say(line)
     return held
+
+
+def _post_change(base: str, changes: list[dict], n: int, h: dict) -> None:
+    """Post the next of `n` plain prompt changes once the one before was heard."""
+    if changes and "prefill" not in changes[-1]:
+        changes[-1].update(_heard(base, changes[-1], wait=15))
+        h = health(base)
+    text = CHANGE_PROMPTS[len(changes) % len(CHANGE_PROMPTS)]
+    changes.append(_change(base, {"prompt": text}, h))
+    say(
+        f"  prompt posted ({len(changes)} of {n}): to be heard {changes[-1]['heard_in']:.2f} s after the POST"
+    )
 
 
 def _change(base: str, body: dict, h: dict) -> dict:

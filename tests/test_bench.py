@@ -114,6 +114,7 @@ def test_serve_benchmark_runs_two_stations_with_a_listener_each(tmp_path):
         "bench_serve.py",
         *("--size", "tiny", "--seconds", "6", "--every", "2", "--stations", "2"),
         *("--model-setting", 'quantize="int4"'),  # the fused int4 step, batched, in the radio
+        *("--changes", "2"),
         tmp_path=tmp_path,
     )
     assert '| settings | `[model]` quantize="int4", the rest defaults |' in out
@@ -123,7 +124,14 @@ def test_serve_benchmark_runs_two_stations_with_a_listener_each(tmp_path):
         assert re.search(rf"\| {sid} \| [\d.]+, [\d.]+ \| [\d.]+ s, [\d.]+ s \| \d+ \|", out), out
     assert re.search(r"\| total \(2 stations\) \| min [\d.]+ \| min [\d.]+ s \| \d+ \|", out)
     assert re.search(r"^2 stations hold real time: (yes|no)$", out, re.MULTILINE)
-    assert re.search(r"\| prompt change \| promised", out)  # main's, as with one station
+    assert re.search(  # main's, as with one station
+        r"\| 2 prompt changes \| heard after median [\d.]+ s, max [\d.]+ s \(promised median "
+        r"[\d.]+, max [\d.]+\); underruns from the first POST on: \d+ \|",
+        out,
+    )
+    assert re.search(
+        r"\| their prefills \| median [\d.]+ s, max [\d.]+ s \(2 rows, 25 frames\)", out
+    )
 
 
 def test_engine_benchmark_realtime_only(tmp_path):
