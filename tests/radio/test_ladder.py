@@ -177,9 +177,11 @@ async def test_coarse_weights_are_prepared_ahead_a_part_at_a_time_once_behind(ru
     gen.prefill_seconds = 30.0  # the whole context: x0.67 of real time; half of it: x1.67
     gen.played("a", 20)
     await coarse_ready(model)
+    async with asyncio.timeout(5):  # said by the worker just after the last part
+        while "int4 weights ready for when generation cannot keep up otherwise" not in caplog.text:
+            await asyncio.sleep(0.01)
     assert gen.restart_level == 1 and not model.coarse and model.prepared == COARSE_PARTS
     assert "preparing int4 weights between chunks" in caplog.text
-    assert "int4 weights ready for when generation cannot keep up otherwise" in caplog.text
     gen.prefill_seconds = 1e6  # now nothing keeps up with int8 weights
     gen.played("a", 40)
     await sink.until(lambda: model.coarse)
