@@ -1,13 +1,18 @@
 """Streaming loudness normalization: BS.1770 loudness toward a target, and a true-peak ceiling.
 
 Audio is processed in fixed 100 ms blocks, whatever chunk sizes the caller pushes (so chunking
-never changes the result), with a constant delay of `latency_samples` (two blocks).
+never changes the result), with a constant delay of `latency_samples`: a block and the limiter's
+lookahead (with the interpolator's context), 102.5 ms at 32 kHz. A block leaves as soon as that
+much of the next one has arrived: the next block's gain is already known then, because a block's
+gain moves toward what the blocks before it measured (a 100 ms later reaction of a gain that
+moves a few dB per second).
 
 1. **Measure.** Each input block is K-weighted (BS.1770's two biquads, run as one stream with
    carried state) and its mean square kept; the last `window_seconds` form 400 ms gating blocks
    with 75 % overlap, gated at -70 LUFS and -10 LU as in BS.1770-4: the window's integrated
    loudness.
-2. **Gain.** The gain moves toward `target - loudness` at a bounded dB/s (fast while acquiring
+2. **Gain.** The gain moves toward `target - loudness` (measured up to the block before) at a
+   bounded dB/s (fast while acquiring
    the first lock, then slowly: no pumping), ramped sample by sample, never above `max_gain_db`.
    A window, or a last 400 ms, quieter than `gate_lufs` (silence, a fade-out) holds the gain.
 3. **True-peak limit.** The gained signal is oversampled 4x with a polyphase FIR to estimate
@@ -72,9 +77,10 @@ class LoudnessNormalizer:
         self.target_lufs = target_lufs
         self.true_peak_dbtp = true_peak_dbtp
         self.block = round(sample_rate / 10)  # 100 ms: the BS.1770 gating step
-        self.latency_samples = 2 * self.block
         self._lookahead = max(1, round(opt.lookahead_ms * sample_rate / 1000))
         assert self._lookahead + 2 * _PAD < self.block, "lookahead must fit in one block"
+        self._ahead = self._lookahead + _PAD  # samples of the next block a block's limiter reads
+        self.latency_samples = self.block + self._ahead
         self._ceiling = 10 ** ((true_peak_dbtp - opt.margin_db) / 20)
         self._hard_ceiling = 10 ** (true_peak_dbtp / 20)
         self._release = opt.release_db_per_s / sample_rate  # dB per sample
@@ -87,16 +93,18 @@ class LoudnessNormalizer:
     def reset(self) -> None:
         """Forget all state: as if just constructed (the next output starts with the latency)."""
         c, b = self.channels, self.block
-        self._in = np.zeros((c, 0), np.float32)  # [C, < block] input not yet a whole block
-        # [C, n] ready to hand out; with block -1 (zeros) coming out first: latency = 2 blocks
-        self._out = np.zeros((c, self.latency_samples - b), np.float32)
+        # [C, < block + ahead] input from the next block to hand out on
+        self._in = np.zeros((c, 0), np.float32)
+        # [C, n] ready to hand out: the latency's zeros first
+        self._out = np.zeros((c, self.latency_samples), np.float32)
         self._k_weighting.reset()
         self._ms = np.zeros(0)  # [<= window] channel-summed K-weighted mean square per block
-        self._prev2 = np.zeros((c, b), np.float32)  # gained blocks k-2 and k-1, limited when
-        self._prev = np.zeros((c, b), np.float32)  # block k arrives (lookahead into it)
+        self._prev = np.zeros((c, b), np.float32)  # the last block handed out, gained
         self._gtail = np.ones(self._lookahead - 1)  # last limiter gains before smoothing
         self._release_db = 0.0  # limiter gain (dB, <= 0) at the end of the last block
-        self.gain_db = 0.0  # current loudness gain
+        self._gain_from = 0.0  # the loudness gain at the start of the next block (dB)
+        self._started = False  # a block was handed out since the reset
+        self.gain_db = 0.0  # where the loudness gain ramps to over the next block
         self.loudness_lufs = float("-inf")  # the last window measurement (before gain)
         self.limiter_db = 0.0  # deepest limiter gain in the last block (<= 0)
         self._locked = False
@@ -107,25 +115,35 @@ class LoudnessNormalizer:
             raise ValueError(f"pcm must be [{self.channels}, N], got {pcm.shape}")
         n = pcm.shape[1]
         buf = np.concatenate([self._in, pcm.astype(np.float32, copy=False)], axis=1)
-        whole = buf.shape[1] - buf.shape[1] % self.block
-        outs = [self._out]
-        for start in range(0, whole, self.block):
-            outs.append(self._process_block(buf[:, start : start + self.block]))
-        self._in = buf[:, whole:].copy()
+        b = self.block
+        start, outs = 0, [self._out]
+        while buf.shape[1] - start >= b + self._ahead:  # a block and the next one's start
+            block = buf[:, start : start + b]
+            outs.append(self._process_block(block, buf[:, start + b : start + b + self._ahead]))
+            start += b
+        self._in = buf[:, start:].copy()
         ready = np.concatenate(outs, axis=1)
         self._out = ready[:, n:]
         return ready[:, :n]
 
     # -- one block -------------------------------------------------------------------------
-    def _process_block(self, x: np.ndarray) -> np.ndarray:
-        """Measure and gain block k (x [C, B]); return limited block k-1 [C, B]."""
+    def _gained(self, x: np.ndarray, g0: float, g1: float) -> np.ndarray:
+        """x [C, m] (m <= B) times the gain ramping from g0 to g1 dB over a whole block."""
+        ramp = g0 + (g1 - g0) * np.arange(1, x.shape[1] + 1) / self.block  # [m] dB
+        return (x * 10 ** (ramp / 20)).astype(np.float32)
+
+    def _process_block(self, x: np.ndarray, ahead: np.ndarray) -> np.ndarray:
+        """Gain block k (x [C, B]) with the gain the blocks before it chose, measure it, and
+        choose block k+1's; return block k limited, with the start of block k+1 (`ahead`, gained
+        with its own gain) as the limiter's lookahead."""
+        y = self._gained(x, self._gain_from, self.gain_db)
+        if not self._started:  # the silent block before the first: its limiter gains must
+            self._started = True  # already respect the first block's opening peaks
+            self._limit(self._prev, self._prev, y)
         self._measure(x)
-        g0 = self.gain_db
-        self.gain_db = self._next_gain(g0)
-        ramp = g0 + (self.gain_db - g0) * np.arange(1, self.block + 1) / self.block  # [B] dB
-        y = (x * 10 ** (ramp / 20)).astype(np.float32)
-        out = self._limit(self._prev2, self._prev, y)
-        self._prev2, self._prev = self._prev, y
+        self._gain_from, self.gain_db = self.gain_db, self._next_gain(self.gain_db)
+        out = self._limit(self._prev, y, self._gained(ahead, self._gain_from, self.gain_db))
+        self._prev = y
         return out
 
     def _measure(self, x: np.ndarray) -> None:

@@ -18,7 +18,7 @@ from radio.station import Station
 from radio.timing import Horizon, PromptChange, PromptTimeline
 
 RATE, HOP = 32000, 640
-LATENCY = 6400  # the fake loudness stage's delay, as the real one's (two 100 ms blocks)
+LATENCY = 6400  # a fake loudness stage's delay (the real one: a 100 ms block and 2.5 ms)
 
 
 class DelayLine:

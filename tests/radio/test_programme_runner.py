@@ -22,7 +22,7 @@ from radio.station import Station
 from radio.timing import Horizon, PromptChange, PromptTimeline
 
 RATE, HOP = 32000, 640
-LATENCY = 6400  # samples in the loudness stage (0.2 s)
+LATENCY = 6400  # samples in a slow loudness stage (0.2 s)
 START = dt.datetime(2026, 6, 1, 6, 59, 0, tzinfo=dt.UTC).timestamp()  # a Monday, 06:59 UTC
 
 

@@ -24,7 +24,7 @@ from radio.timing import (
 )
 
 RATE, HOP = 32000, 640  # 50 frames per second
-LATENCY = 6400  # samples between the clock and the outputs (the loudness stage: 0.2 s)
+LATENCY = 6400  # samples between the clock and the outputs (a slow loudness stage: 0.2 s)
 WALL = 1_700_000_000.0  # Unix time when the fake clock reads 0
 
 
