@@ -64,6 +64,12 @@ class Prefill:
     rows: int  # decoder rows prefilled: one per text of the blends, and the null row
     frames: int  # context frames re-read
 
+    def plain_seconds(self, context: int) -> float:
+        """What a plain prompt's prefill (PLAIN_ROWS rows) of `context` frames would take at
+        this one's speed: its seconds scaled by the frames and the rows (a prefill is
+        compute-bound: its cost grows with both)."""
+        return self.seconds * context / self.frames * PLAIN_ROWS / self.rows
+
 
 class Lane:
     def __init__(
@@ -94,9 +100,6 @@ class Lane:
         self.steps = 0  # decoder steps run, for statistics
         self.prefills = 0  # window restarts and prompt changes
         self.warm_restarts = 0  # window restarts that took a warm window (no prefill)
-        # seconds a prefill of a whole context takes for a plain prompt (PLAIN_ROWS rows), from
-        # the latest one (scaled by its rows); 0: none yet
-        self.prefill_seconds = 0.0
         self.last_prefill: Prefill | None = None  # the latest prefill as it ran
         self._next_context: int | None = None  # the next window's context, when shorter
         # while set, every window restart re-reads at most this many frames (a radio that
@@ -312,8 +315,6 @@ class Lane:
         else:
             self.prefills += 1
             self.last_prefill = Prefill(seconds, self.rows.count, self._context_len)
-            if self._context_len == self.window.context:
-                self.prefill_seconds = seconds * PLAIN_ROWS / self.rows.count
         self._accept(tokens)
         changed = self._settle(self._frame_of(self._fed + 1))
         return self._begin_warm() or changed

@@ -133,12 +133,6 @@ class TokenStream:
         return self._lane.warm_restarts
 
     @property
-    def prefill_seconds(self) -> float:
-        """Seconds a prefill of a whole context takes for a plain prompt (conditional and null
-        row), from the latest one, scaled by its rows; 0 before the first."""
-        return self._lane.prefill_seconds
-
-    @property
     def restart_context(self) -> int | None:
         """Frames every window restart re-reads while shortened (None: the window's context)."""
         return self._lane.restart_context

@@ -51,7 +51,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from engine.blend import PLAIN_ROWS
 from engine.threads import ThreadTuner, smooth
 from engine.token_stream import Interrupted
 from radio import ladder
@@ -669,10 +668,8 @@ class Generator:
         one are placed by what a change really costs. Prefills shorter than a prompt change's
         (a restart from a few frames) are left out: their fixed costs would scale up."""
         window = self.specs[0].window
-        if prefill.frames < window.change_context or prefill.rows < 1:
-            return
-        scale = window.context / prefill.frames * PLAIN_ROWS / prefill.rows
-        self.prefill_seconds = prefill.seconds * scale
+        if prefill.frames >= window.change_context and prefill.rows >= 1:
+            self.prefill_seconds = prefill.plain_seconds(window.context)
 
     def _read(self, lanes: list[_Lane]) -> list[np.ndarray | Exception]:
         """The lanes' next chunks, read together (`MusicModel.read_together`: one decoder step

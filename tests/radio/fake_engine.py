@@ -25,7 +25,6 @@ COARSE_PARTS = 3  # steps of the fake's int4 preparation (a real model: one per 
 
 class FakeTokens:
     rows = 2  # decoder rows a step: the prompt's and the null row
-    prefill_seconds = 0.0
     last_prefill = None
     prefills = 0
     warming = False
