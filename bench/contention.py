@@ -3,14 +3,17 @@
     python bench/contention.py                      # musicgen-small shapes, int8, ~4 min
     python bench/contention.py --size tiny --seconds 1 --rounds 1   # CI smoke run
 
-One station renders audio end to end (decoder steps, window restarts, streaming codec) in one
-process, under each condition in turn, the conditions taking turns in rounds so that all of them
-see the same minutes of a shared machine:
+One station renders audio end to end (decoder steps and the streaming codec) in one process,
+under each condition in turn, the conditions taking turns in rounds so that all of them see the
+same minutes of a shared machine. Each measurement opens the stream afresh (its prefill not
+timed), so every condition renders the same positions of a window (a step's cost grows with its
+position, and a window restart landing in one condition's turn would weigh on that one alone):
 
 - `quiet, N threads`: the engine's default thread count (the cores), nothing else running;
 - `quiet, 1 thread`: one decoder thread alone (the floor the engine must keep);
 - `1 busy process`, `2 busy processes`: the default threads with that many single-threaded busy
-  loops (`while True: pass`, separate processes) running beside it;
+  loops (`while True: pass`, separate processes) running beside it; `1 busy process, 1 thread`:
+  one thread beside one (what the floor becomes when the neighbour takes the other core);
 - `..., adaptive`: the same, the thread count chosen per chunk by `engine.threads.ThreadTuner`
   (what `radio serve` does; one tuner per condition, kept across rounds).
 
@@ -71,14 +74,14 @@ def main() -> int:
         raise SystemExit("--seconds must be > 0 and --rounds at least 1")
     threads = torch.get_num_threads()
     model = MusicModel.load(load_options(model_dir(args.size), args.mode))
-    stream = model.open_stream(PROMPT, SamplingOptions(seed=0), WindowOptions())
-    stream.read(25)  # warm-up
+    model.open_stream(PROMPT, SamplingOptions(seed=0), WindowOptions()).read(25)  # warm-up
     frames = max(10, round(args.seconds * 50) // 10 * 10)
     conditions = [
         (f"quiet, {threads} threads", threads, 0),
         ("quiet, 1 thread", 1, 0),
         (f"1 busy process, {threads} threads", threads, 1),
         (f"2 busy processes, {threads} threads", threads, 2),
+        ("1 busy process, 1 thread", 1, 1),
         ("quiet, adaptive", 0, 0),
         ("1 busy process, adaptive", 0, 1),
         ("2 busy processes, adaptive", 0, 2),
@@ -89,6 +92,8 @@ def main() -> int:
         for name, n_threads, busy in conditions:
             if n_threads:
                 torch.set_num_threads(n_threads)
+            stream = model.open_stream(PROMPT, SamplingOptions(seed=0), WindowOptions())
+            stream.read(10)  # the codec's first chunk
             loops = [subprocess.Popen(BUSY) for _ in range(busy)]
             try:
                 time.sleep(0.2 if busy else 0)  # the loops running before the engine starts

@@ -10,6 +10,13 @@ of work (seconds per frame). It moves to another count only when that one measur
 faster than the current one measured `settle` times, so noise (or one slow first run) does not
 make it flap. Work of another size (more decoder rows a step: a glide, a blend) makes every count
 dearer, so costs are kept per kind of work (`measure_for`): counts compare only within one.
+
+Beside a busy process a trial of two threads costs 2.5x the run it replaces (the default OpenMP
+wait policy spins, so the waiting thread holds the core its descheduled partner needs:
+`OMP_WAIT_POLICY=PASSIVE` halves that cliff but costs a quiet machine up to a tenth of its speed,
+measured in docs/benchmarks.md). So a trial that finds a cliff makes the next ones wait longer
+(up to `MAX_BACKOFF` times `explore_every` runs), and a prefill, otherwise run on every core, keeps
+the current count while the most threads measure as stalling.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ import torch
 T = TypeVar("T")
 
 CLIFF = 0.5  # a count this much cheaper than the one in use is taken before that one settles
+MAX_BACKOFF = 4  # trials that keep hitting a cliff come at most this many times less often
+STALLING = 1.5  # the most threads costing this much more than the current count: they stall
 
 
 def smooth(old: float | None, new: float, weight: float) -> float:
@@ -84,6 +93,8 @@ class ThreadTuner:
         self._runs = 0
         self._explored = 0
         self._trial_due = False
+        self._backoff = 1  # trials come every explore_every * _backoff runs
+        self._since_trial = 0
 
     def run(
         self,
@@ -102,12 +113,19 @@ class ThreadTuner:
         result = work()
         self.last_cost = (self._clock() - began) / max(units, 1e-9)
         if typical is None or typical():
+            current = self.cost.get(self.current)
+            if count != self.current and current is not None:  # a trial: a cliff backs off
+                cliff = self.last_cost * CLIFF > current
+                self._backoff = min(2 * self._backoff, MAX_BACKOFF) if cliff else 1
             self.record(count, self.last_cost)
         return result
 
     def record(self, count: int, cost: float) -> None:
         """One run's cost per unit with `count` threads; may change the current count."""
         self._ever.add(count)
+        old = self.cost.get(count)
+        if old is not None and not CLIFF < cost / old < 1 / CLIFF:
+            self._samples[count] = 0  # the machine changed (a neighbour came or left): afresh
         n = self._samples[count] = self._samples.get(count, 0) + 1
         # the plain mean of the first runs (one slow first run must not linger), then smoothed
         self.cost[count] = smooth(self.cost.get(count), cost, max(self.smoothing, 1 / n))
@@ -133,8 +151,11 @@ class ThreadTuner:
     def use_most(self) -> None:
         """Set the most threads for work run outside `run` that is bound by the maths rather
         than by memory (a prompt change's prefill: big matrix products, which two cores finish
-        in 0.57 of one's time here even when decode steps run as fast on one)."""
-        self._set_threads(self.counts[0])
+        in 0.57 of one's time here even when decode steps run as fast on one), unless they
+        measured as stalling on each other (a busy neighbour: `STALLING`): then the current."""
+        most, current = self.cost.get(self.counts[0]), self.cost.get(self.current)
+        stalling = most is not None and current is not None and most > STALLING * current
+        self._set_threads(self.current if stalling else self.counts[0])
 
     @property
     def settled(self) -> bool:
@@ -159,7 +180,8 @@ class ThreadTuner:
     def _next_count(self, explore: bool) -> int:
         self._runs += 1
         others = [c for c in self.counts if c != self.current]
-        self._trial_due |= bool(others) and self._runs % self.explore_every == 0
+        self._since_trial += 1
+        self._trial_due |= bool(others) and self._since_trial >= self.explore_every * self._backoff
         if not explore:
             return self.current
         untried = [c for c in self.counts if c not in self._ever]
@@ -168,6 +190,7 @@ class ThreadTuner:
         if not self._trial_due:
             return self.current
         self._trial_due = False
+        self._since_trial = 0
         self._explored += 1
         return others[self._explored % len(others)]
 

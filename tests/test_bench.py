@@ -218,6 +218,7 @@ def test_contention_benchmark_prints_each_condition(tmp_path):
         r"quiet, 1 thread",
         r"1 busy process, \d+ threads",
         r"2 busy processes, \d+ threads",
+        r"1 busy process, 1 thread",
         r"1 busy process, adaptive",
     ):
         assert re.search(rf"\| {condition} \| [\d.]+ \| x[\d.]+ \|", out), condition

@@ -3,7 +3,7 @@ follows the machine when that changes (a fake clock: each count's cost is set by
 
 import pytest
 
-from engine.threads import ThreadTuner, candidate_counts
+from engine.threads import MAX_BACKOFF, ThreadTuner, candidate_counts
 
 
 class FakeMachine:
@@ -48,7 +48,7 @@ def test_quiet_machine_keeps_all_cores_and_only_explores_rarely():
 
 
 def test_no_trial_while_the_caller_cannot_afford_one_and_the_trial_waits_for_it():
-    machine = FakeMachine({2: 0.010, 1: 0.200})  # a trial of the other count is 20x slower
+    machine = FakeMachine({2: 0.010, 1: 0.015})  # a trial of the other count is slower
     t = tuner(machine, explore_every=20)
     t.run(lambda: machine.work(10), units=10)
     t.run(lambda: machine.work(10), units=10)  # the first measurement of 1 thread
@@ -69,8 +69,10 @@ def test_an_untypical_run_is_not_measured():
     machine.cost[2] = 1.0  # this run does a hundred times the work
     t.run(lambda: machine.work(10), units=10, typical=lambda: False)
     assert machine.ran[-1] == 2 and t.cost[2] == pytest.approx(0.010)
-    t.run(lambda: machine.work(10), units=10)  # the same run, measured: 2 looks slow
-    assert t.current == 1
+    t.run(lambda: machine.work(10), units=10)  # the same run, measured: 2 looks slow ...
+    assert t.current == 2  # (once could be noise)
+    t.run(lambda: machine.work(10), units=10)
+    assert t.current == 1  # ... twice is the machine
 
 
 def test_a_busy_neighbour_moves_it_to_one_thread_and_back_when_it_leaves():
@@ -132,13 +134,48 @@ def test_work_outside_run_gets_the_current_count_not_the_last_trials():
 def test_a_prefill_outside_run_gets_the_most_threads_whatever_steps_are_fastest_on():
     """Decode steps (bound by memory) may run as fast on one thread; a prompt change's prefill
     (big matrix products) runs on all of them."""
-    machine = FakeMachine({2: 0.020, 1: 0.010})
+    machine = FakeMachine({2: 0.0110, 1: 0.0100})
     t = tuner(machine, explore_every=20, settle=1)
     for _ in range(4):
         t.run(lambda: machine.work(10), units=10)
     assert t.current == 1 and machine.threads == 1
     t.use_most()
     assert machine.threads == 2 and t.current == 1
+
+
+def test_a_prefill_beside_a_busy_neighbour_keeps_the_current_count():
+    """Where the most threads stall on each other (a step on two costs 2.5x one's), a prefill
+    on them would stall too: it keeps the count the steps run on."""
+    machine = FakeMachine({2: 0.050, 1: 0.020})
+    t = tuner(machine, explore_every=20)
+    for _ in range(4):
+        t.run(lambda: machine.work(10), units=10)
+    assert t.current == 1
+    t.use_most()
+    assert machine.threads == 1
+    machine.cost = {2: 0.011, 1: 0.010}  # the neighbour left: the next trial of 2 says so
+    for _ in range(40):
+        t.run(lambda: machine.work(10), units=10)
+    t.use_most()
+    assert machine.threads == 2
+
+
+def test_trials_that_hit_a_cliff_come_less_often_and_as_often_again_once_it_is_gone():
+    """Each trial of two threads beside a busy process costs 2.5x the run it replaces: after
+    each such trial the next waits twice as long, up to MAX_BACKOFF times `explore_every`."""
+    machine = FakeMachine({2: 0.050, 1: 0.020})
+    t = tuner(machine, explore_every=10)
+    for _ in range(400):
+        t.run(lambda: machine.work(10), units=10)
+    trials = [i for i, n in enumerate(machine.ran) if n == 2 and i > 3]
+    gaps = [b - a for a, b in zip(trials, trials[1:], strict=False)]
+    assert gaps[:2] == [20, 40] and set(gaps[2:]) == {10 * MAX_BACKOFF}
+    machine.cost = {2: 0.030, 1: 0.020}  # dearer, but no cliff: trials every 10 runs again
+    ran = len(machine.ran)
+    for _ in range(10 * MAX_BACKOFF + 30):
+        t.run(lambda: machine.work(10), units=10)
+    trials = [i for i, n in enumerate(machine.ran[ran:]) if n == 2]
+    assert [b - a for a, b in zip(trials, trials[1:], strict=False)][-2:] == [10, 10]
 
 
 def test_a_cliff_is_left_at_once():
