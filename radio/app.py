@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from radio import cors, metrics, quietlog, restarts
-from radio.clock import Output, StationClock
+from radio.clock import Output, Recovery, StationClock
 from radio.config import Config, StationConfig, model_key
 from radio.generator import Generator, StationSpec
 from radio.healing import Supervisor
@@ -156,6 +156,7 @@ def build_radio(
     }
     share = g.windows.change_context / g.windows.context
     horizon = Horizon(g.prompt_horizon, g.chunk_seconds, share)
+    recovery = bridge_recovery(g.buffer_ahead)
     timing = {
         sid: PromptTimeline(
             st,
@@ -164,6 +165,7 @@ def build_radio(
             sample_rate=model.sample_rate,
             horizon=horizon,
             output_latency=loudness[sid].latency_samples,
+            recovery=recovery,
         )
         for sid, st in stations.items()
     }
@@ -278,9 +280,21 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         log.info("generator stopped")
 
 
+def prime_seconds(buffer_ahead: float) -> float:
+    """Audio a station's clock buffers before it starts, and before it leaves a bridge."""
+    return min(1.0, buffer_ahead / 2)
+
+
+def bridge_recovery(buffer_ahead: float) -> Recovery:
+    """When a station's clock leaves a bridge (`StationClock._caught_up`)."""
+    prime = prime_seconds(buffer_ahead)
+    return Recovery(prime, max(prime, 0.95 * buffer_ahead))
+
+
 def _clock(radio: Radio, sid: str) -> StationClock:
     g = radio.config.generation
-    prime = min(1.0, g.buffer_ahead / 2)
+    prime = prime_seconds(g.buffer_ahead)
+    recovery = bridge_recovery(g.buffer_ahead)
     outputs: list[Output] = [radio.mp3[sid]]
     if sid in radio.hls:
         outputs.append(radio.hls[sid])
@@ -293,8 +307,8 @@ def _clock(radio: Radio, sid: str) -> StationClock:
         timeline=radio.timing[sid],
         on_played=lambda frame: radio.generator.played(sid, frame),
         prime_seconds=prime,
-        recover_seconds=prime,
-        full_seconds=max(prime, 0.95 * g.buffer_ahead),
+        recover_seconds=recovery.recover_seconds,
+        full_seconds=recovery.full_seconds,
     )
 
 

@@ -21,6 +21,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -37,10 +38,25 @@ BRIDGE_SECONDS = 2.0  # recent audio the bridge loops
 BRIDGE_GAIN = 10 ** (-4 / 20)  # the bridge plays 4 dB quieter: a lull, not a stutter
 FADE_SECONDS = 0.05  # crossfades into and out of the bridge, and at its seam
 GROWTH_WINDOW = 0.4  # seconds over which the buffer must grow faster than real time to recover
+RECOVER_GROWTH = 1.05  # ... and how much faster
 
 
 class Output(Protocol):
     def push(self, pcm: np.ndarray, wallclock: datetime) -> None: ...
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """When the clock leaves a bridge (`StationClock._caught_up`): `recover_seconds` buffered
+    and growing at `RECOVER_GROWTH` x real time or more, or `full_seconds` buffered."""
+
+    recover_seconds: float
+    full_seconds: float
+
+    def needed(self, rtf: float) -> float:
+        """Seconds of audio the buffer must hold to leave a bridge while generation runs at
+        `rtf` x real time (no consumption in a bridge: the buffer grows at `rtf`)."""
+        return self.recover_seconds if rtf >= RECOVER_GROWTH else self.full_seconds
 
 
 class Bridge:
@@ -194,7 +210,7 @@ class StationClock:
         if buffered >= self.full_seconds:
             return True
         t0, b0 = self._growth[0]
-        return now - t0 >= GROWTH_WINDOW and (buffered - b0) / (now - t0) >= 1.05
+        return now - t0 >= GROWTH_WINDOW and (buffered - b0) / (now - t0) >= RECOVER_GROWTH
 
     def _remember(self, live: np.ndarray) -> None:
         if live.shape[1] == 0:

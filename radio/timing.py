@@ -25,8 +25,13 @@ it hands to the outputs (`released`). The rules, all here:
 4. **Heard.** The first sample of the new prompt is heard when it leaves the loudness stage.
    Then the change's latency (from its request) is measured and the on-air title switches: the
    ICY `StreamTitle` of the MP3 mount and the Icecast source's metadata follow `on_air`.
-5. **Heard in.** The answer to the request says when:
-   `(cut sample - buffer head + output latency) / sample rate` seconds from now.
+5. **Heard in.** The answer to the request says when: the cut is `ahead = (cut sample - buffer
+   head) / sample rate` seconds from the moment being played, heard `ahead` plus the output
+   latency from now, unless generation cannot feed it in time. When the chunk after the cut
+   takes longer to make (`chunk seconds / realtime factor`) than `ahead`, or the bridge plays
+   already, the clock plays the bridge until the buffer holds what it needs to leave it
+   (`clock.Recovery`): the answer counts that in (at x0.9 of real time with a 3.8 s full
+   buffer, about 4 s, where `ahead` alone would promise 0.2).
 
 Samples are numbered at the model rate (frame f begins at sample f * hop); the clock numbers
 what it feeds the loudness stage separately (`fed`), because the bridge plays audio that is not
@@ -49,6 +54,8 @@ from radio.station import Station
 
 if TYPE_CHECKING:
     import torch
+
+    from radio.clock import Recovery
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +183,7 @@ class PromptTimeline:
         clock: Callable[[], float] = time.monotonic,
         wallclock: Callable[[], float] = time.time,
         apply_timeout: float = APPLY_TIMEOUT,
+        recovery: Recovery | None = None,
     ) -> None:
         self.station = station
         self.engine = engine
@@ -186,6 +194,7 @@ class PromptTimeline:
         self.clock = clock
         self.wallclock = wallclock
         self.apply_timeout = apply_timeout
+        self.recovery = recovery  # the clock's rule for leaving a bridge (None: never bridges)
         self.on_air = station.blend.dominant  # the title of what listeners hear now
         self._cuts: list[_Cut] = []  # taken by the engine, not yet taken by the clock
         self._marks: list[_Mark] = []  # taken by the clock, not yet out of the loudness stage
@@ -240,8 +249,22 @@ class PromptTimeline:
 
     def heard_in(self, frame: int) -> float:
         """Rule 5: seconds from now until frame `frame` leaves the loudness stage."""
-        ahead = max(frame * self.hop - self.station.buffer.head, 0) + self.output_latency
-        return ahead / self.sample_rate
+        ahead = max(frame * self.hop - self.station.buffer.head, 0) / self.sample_rate
+        return self._live_in(ahead) + self.output_latency / self.sample_rate
+
+    def _live_in(self, ahead: float) -> float:
+        """Seconds until the audio `ahead` seconds past the moment being played is played
+        live, with a bridge before it when generation cannot make what follows in time."""
+        health, recovery = self.station.health, self.recovery
+        rtf = health.realtime_factor
+        if recovery is None or rtf <= 0:  # (not measured yet: the first chunk has not come)
+            return ahead
+        need = recovery.needed(rtf)
+        if health.bridging:  # the head stands still until the buffer holds `need`
+            return ahead + max(need - ahead, 0.0) / rtf
+        if self.horizon.chunk_seconds / rtf <= ahead:
+            return ahead
+        return max(ahead, need / rtf)  # the bridge from `ahead` on, the buffer then empty
 
     # ---- reports ---------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import pytest
 from engine.blend import Blend
 from engine.options import SamplingOptions
 from radio.blending import open_blend, open_text, set_blend, takes_blends
+from radio.clock import Recovery
 from radio.config import StationConfig
 from radio.station import Station
 from radio.timing import (
@@ -156,6 +157,39 @@ async def test_the_answer_says_when_the_change_is_heard():
     heard_in = (75 * HOP - RATE + LATENCY) / RATE  # 0.5 s of buffer + 0.2 s of loudness
     assert (applied.frame, applied.heard_in) == (75, pytest.approx(heard_in))
     assert applied.heard_at == pytest.approx(WALL + 10.0 + heard_in)
+
+
+def test_the_answer_counts_in_the_bridge_a_change_the_generator_cannot_feed_causes():
+    """Rule 5 when generation is slow: a cut whose next chunk takes longer to make than the
+    audio before it lasts (or that comes while the bridge plays) is heard once the clock has
+    buffered enough to leave the bridge: `Recovery` (1 s and growing, or 3.8 s when generation
+    is under x1.05 and the buffer cannot grow faster than real time)."""
+    st, engine, clock = station(), FakeEngine(), FakeClock()
+    fill(st, 0, 4 * RATE, 1.0)
+    st.buffer.take(RATE)  # head: frame 50
+    tl = PromptTimeline(
+        st,
+        engine,
+        hop=HOP,
+        sample_rate=RATE,
+        horizon=Horizon(-1, chunk_seconds=0.2),
+        output_latency=LATENCY,
+        clock=clock,
+        wallclock=clock.wall,
+        recovery=Recovery(1.0, 3.8),
+    )
+    out = LATENCY / RATE
+    assert tl.heard_in(75) == pytest.approx(0.5 + out)  # not measured yet: the cut alone
+    st.health.realtime_factor = 1.2  # the chunk after the cut is made in 0.17 s: in time
+    assert tl.heard_in(75) == pytest.approx(0.5 + out)
+    assert tl.heard_in(55) == pytest.approx(1.0 / 1.2 + out)  # 0.1 s ahead: a bridge first
+    st.health.realtime_factor = 0.9  # under x1.05: the bridge lasts until the buffer is full
+    assert tl.heard_in(55) == pytest.approx(3.8 / 0.9 + out)
+    assert tl.heard_in(75) == pytest.approx(0.5 + out)  # its next chunk made in 0.22 s: in time
+    st.health.realtime_factor, st.health.bridging = 1.2, True  # the bridge plays now
+    assert tl.heard_in(75) == pytest.approx(0.5 + 0.5 / 1.2 + out)  # 0.5 s more, then 0.5 s
+    assert tl.heard_in(150) == pytest.approx(2.0 + out)  # 2 s buffered: it leaves at once
+    assert timeline(st, engine, clock).heard_in(55) == pytest.approx(0.1 + out)  # no rule
 
 
 async def test_the_cut_changes_the_prompt_but_the_title_waits_until_heard():
