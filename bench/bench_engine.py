@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import sys
 import time
 from datetime import UTC, datetime
@@ -112,6 +113,13 @@ def weight_bytes(decoder) -> int:
     )
 
 
+def kv_bytes_per_position(decoder) -> float:
+    """Bytes of self-attention keys and values one decoder row reads per cached position, all
+    layers (an int8 cache: 24 layers x 16 heads x 136 B for musicgen-small, int4 half that)."""
+    cache = decoder.new_cache(1, 64)
+    return sum(t.nbytes for t in cache.tensors()) / 64
+
+
 @torch.inference_mode()
 def bench_realtime(
     path: Path, modes: list[str], seconds: float, window: WindowOptions, cold: bool = False
@@ -146,11 +154,15 @@ def bench_realtime(
     gen0 = {m: s.generate_seconds for m, s in streams.items()}
     dec0 = {m: s.decode_seconds for m, s in streams.items()}
     load = os.getloadavg()[0]
+    positions: dict[str, list[float]] = {m: [] for m in modes}  # each turn's mean position
     for done in range(0, frames, 25):
         for m, stream in streams.items():
+            at = stream.tokens.position
             began = time.perf_counter()
             stream.read(min(25, frames - done))
             wall[m] += time.perf_counter() - began
+            end = stream.tokens.position
+            positions[m].append((at + end) / 2 if end >= at else end / 2)  # (a window restart)
         began = time.perf_counter()
         data.max()
         reads.append(data.nbytes / (time.perf_counter() - began) / 1e9)
@@ -160,6 +172,9 @@ def bench_realtime(
         steps = stream.tokens.steps - steps0[m]
         rtf = frames / 50 / wall[m]
         step_mb = weight_bytes(models[m].decoder) / 1e6
+        position = statistics.mean(positions[m])
+        kv_mb = kv_bytes_per_position(models[m].decoder) * stream.tokens.rows * position / 1e6
+        read_gb = (step_mb + kv_mb) * steps / (frames / 50) / 1e3  # per audio second
         say(
             f"real time, {m}, one station, {frames / 50:.0f} s of audio end to end "
             f"({stream.tokens.prefills} prefills, {stream.tokens.warm_restarts} warm restarts; "
@@ -167,8 +182,10 @@ def bench_realtime(
             f"real-time factor {rtf:.3f}, decoder "
             f"{steps / max(stream.generate_seconds - gen0[m], 1e-9):.1f} steps/s, codec "
             f"{1000 * (stream.decode_seconds - dec0[m]) / (frames / 50):.0f} ms per audio s; "
-            f"weights {step_mb:.0f} MB per step, {step_mb * steps / (frames / 50) / 1e3:.1f} GB per "
-            f"audio s; RTF per 10 GB/s of plain read {rtf / gbs * 10:.3f}"
+            f"read per step: weights {step_mb:.3g} MB + KV cache {kv_mb:.3g} MB ({stream.tokens.rows}"
+            f" rows at mean position {position:.0f}; warm rows not counted), {read_gb:.1f} GB per "
+            f"audio s, so {read_gb * rtf:.1f} GB/s read ({read_gb * rtf / gbs:.0%} of the plain read);"
+            f" RTF per 10 GB/s of plain read {rtf / gbs * 10:.3f}"
         )
     if len(modes) > 1:
         first = modes[0]

@@ -150,6 +150,15 @@ def test_engine_benchmark_realtime_only(tmp_path):
     line = r"real time, int8 cold, one station, 6 s of audio end to end \((\d+) prefills, 0 warm"
     assert (cold := re.search(line, out)) and int(cold.group(1)) >= 3, out
     assert re.search(r"real-time factor [\d.]+", out)
+    read = re.search(
+        r"read per step: weights ([\d.]+) MB \+ KV cache ([\d.]+) MB \(2 rows at mean position "
+        r"(\d+);.*\), ([\d.]+) GB per audio s, so ([\d.]+) GB/s read \((\d+)% of the plain",
+        out,
+    )
+    assert read, out
+    weights, kv, position = float(read[1]), float(read[2]), int(read[3])
+    assert weights > 0 and kv > 0 and 0 < position < 150  # within a window of 150
+    assert float(read[5]) > 0 and 0 < int(read[6]) < 200
     assert re.search(r"int8 cold's real-time factor: x[\d.]+ int8's \(same turns\)", out), out
 
 
