@@ -76,9 +76,10 @@ class ThreadTuner:
         self.current = self.counts[0]
         self.cost: dict[int, float] = {}  # smoothed seconds per unit, per count tried
         self._samples: dict[int, int] = {}  # runs measured, per count
+        self._fresh: dict[int, int] = {}  # of those, runs since its cost last jumped (2x)
         self.settle = settle  # runs of the current count measured before it may be left
         self.key: Hashable = None  # the kind of work measured now (`measure_for`)
-        self._other: dict[Hashable, tuple[dict[int, float], dict[int, int]]] = {}
+        self._other: dict[Hashable, tuple[dict[int, float], dict[int, int], dict[int, int]]] = {}
         # counts measured for any kind: another kind of work waits for the regular trials
         # rather than try every count at once (a glide's first chunk on one thread, and a bridge)
         self._ever: set[int] = set()
@@ -125,8 +126,11 @@ class ThreadTuner:
         self._ever.add(count)
         old = self.cost.get(count)
         if old is not None and not CLIFF < cost / old < 1 / CLIFF:
-            self._samples[count] = 0  # the machine changed (a neighbour came or left): afresh
-        n = self._samples[count] = self._samples.get(count, 0) + 1
+            self._fresh[count] = 0  # the machine changed (a neighbour came or left): afresh
+            if count == self.current and cost > old:  # and the others may be faster now
+                self._trial_due = True
+        self._samples[count] = self._samples.get(count, 0) + 1
+        n = self._fresh[count] = self._fresh.get(count, 0) + 1
         # the plain mean of the first runs (one slow first run must not linger), then smoothed
         self.cost[count] = smooth(self.cost.get(count), cost, max(self.smoothing, 1 / n))
         best = min(self.cost, key=self.cost.__getitem__)
@@ -136,7 +140,7 @@ class ThreadTuner:
         # a clear win once the current count's cost is settled; after two runs already when it
         # halves the cost (a busy neighbour's cliff is not noise, and every run on it costs
         # double; one slow first run alone is not enough)
-        runs = self._samples[self.current]
+        runs = self._fresh[self.current]  # (since its cost last jumped)
         if (runs >= self.settle and self.cost[best] < (1 - self.margin) * current) or (
             runs >= 2 and self.cost[best] < CLIFF * current
         ):
@@ -157,6 +161,20 @@ class ThreadTuner:
         stalling = most is not None and current is not None and most > STALLING * current
         self._set_threads(self.current if stalling else self.counts[0])
 
+    def costs_of(self, key: Hashable) -> dict[int, float]:
+        """The smoothed cost per unit of each count measured for work of kind `key`."""
+        return self.cost if key == self.key else self._other.get(key, ({}, {}, {}))[0]
+
+    def steady(self, key: Hashable) -> float | None:
+        """The cost per unit of kind `key` with the current count, once measured `settle`
+        times for it (None before)."""
+        cost, samples, _ = (
+            (self.cost, self._samples, self._fresh)
+            if key == self.key
+            else self._other.get(key, ({}, {}, {}))
+        )
+        return cost.get(self.current) if samples.get(self.current, 0) >= self.settle else None
+
     @property
     def settled(self) -> bool:
         """Whether the current count's cost was measured `settle` times for this kind of work."""
@@ -168,14 +186,14 @@ class ThreadTuner:
         counts measured at the regular trials. The current count stays."""
         if key == self.key:
             return
-        self._other[self.key] = (self.cost, self._samples)
-        self.cost, self._samples = self._other.pop(key, ({}, {}))
+        self._other[self.key] = (self.cost, self._samples, self._fresh)
+        self.cost, self._samples, self._fresh = self._other.pop(key, ({}, {}, {}))
         self.key = key
 
     def forget(self) -> None:
         """Drop every cost measured (the work changed speed: other weights); each count is
         measured once again from the next run."""
-        self.cost, self._samples, self._other, self._ever = {}, {}, {}, set()
+        self.cost, self._samples, self._fresh, self._other, self._ever = {}, {}, {}, {}, set()
 
     def _next_count(self, explore: bool) -> int:
         self._runs += 1

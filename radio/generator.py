@@ -214,6 +214,10 @@ class Generator:
         # the tuner's cost of the other chunks; 0 until measured
         self.warm_cost = 0.0
         self.tuner: ThreadTuner | None = None  # made by the worker thread, for its own threads
+        self._plain_kind: tuple[int, int] = (
+            0,
+            0,
+        )  # the tuner's kind of the chunks without warm rows
         self.adaptive_restarts = adaptive_restarts
         self.warned_behind = False  # said that even the ladder's last level cannot keep up
         # the ladder's coarse level (int4 weights): their speed over int8's, a guess until they
@@ -462,9 +466,10 @@ class Generator:
         if not self.adaptive_restarts or self._lanes is None or tuner is None:
             return
         # the steady generation rate is the tuner's: its smoothed seconds per frame of audio
-        # with the count in use, chunks that prefilled a window left out
-        cost = tuner.cost.get(tuner.current)
-        if not cost or not tuner.settled:
+        # with the count in use, of chunks without warm rows (chunks that prefilled a window
+        # left out)
+        cost = tuner.steady(self._plain_kind)
+        if not cost:
             return  # not measured enough with these rows (a glide's first chunks)
         window = self.specs[0].window
         stations = max(1, sum(not ln.healing.down for ln in self._lanes.values()))
@@ -681,11 +686,15 @@ class Generator:
             return []
         tuner = self.tuner
         assert tuner is not None
-        # a glide (both blends' rows for seconds) or a blend makes every step dearer whatever
-        # the thread count: costs measured with other rows would compare counts unfairly (a
-        # glide's two-thread cost against a one-thread trial after it once switched to the
-        # slower count, and bridged)
-        tuner.measure_for(sum(ln.stream.tokens.rows for ln in lanes))
+        # a glide (both blends' rows for seconds), a blend or warm rows (the next window built
+        # beside this one, for the last `context` frames of each) make every step dearer
+        # whatever the thread count: costs measured with other rows would compare counts
+        # unfairly (a glide's two-thread cost against a one-thread trial after it once switched
+        # to the slower count, and bridged). Kinds: (rows, stations feeding warm rows).
+        rows = sum(ln.stream.tokens.rows for ln in lanes)
+        warm_lanes = [ln.stream.tokens.warming for ln in lanes]
+        self._plain_kind = (rows, 0)
+        tuner.measure_for((rows, sum(warm_lanes)))
         before = tuner.current
         explore = trial_allowed(
             tuner.cost.get(tuner.current, 0.0),
@@ -703,13 +712,11 @@ class Generator:
                     lambda: self._read_together(streams, self._prompt_waiting.is_set),
                     units=self.chunk_frames * len(lanes),  # cost per frame of audio made
                     explore=explore,
-                    # a chunk with a window restart's prefill (seconds of work), or with a
-                    # station's warm rows (more rows a step for the last `context` frames of
-                    # each window), says nothing about the thread count: it would make the count
-                    # that ran it look slow
+                    # a chunk with a window restart's prefill (seconds of work), or whose
+                    # warm rows began or ended in it, is not like the others of its kind: it
+                    # would make the count that ran it look slow
                     typical=lambda: (
-                        not warming
-                        and not any(s.tokens.warming for s in streams)
+                        [s.tokens.warming for s in streams] == warm_lanes
                         and [s.tokens.prefills for s in streams] == prefills
                     ),
                 )

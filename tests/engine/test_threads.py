@@ -70,7 +70,9 @@ def test_an_untypical_run_is_not_measured():
     t.run(lambda: machine.work(10), units=10, typical=lambda: False)
     assert machine.ran[-1] == 2 and t.cost[2] == pytest.approx(0.010)
     t.run(lambda: machine.work(10), units=10)  # the same run, measured: 2 looks slow ...
-    assert t.current == 2  # (once could be noise)
+    assert t.current == 2  # (once could be noise: it tries the other count at once)
+    t.run(lambda: machine.work(10), units=10)
+    assert machine.ran[-1] == 1 and t.current == 2
     t.run(lambda: machine.work(10), units=10)
     assert t.current == 1  # ... twice is the machine
 
@@ -212,6 +214,9 @@ def test_costs_are_kept_per_kind_of_work():
     t.record(1, 0.001)  # a new kind whose first run was a (fast) trial: the current is unknown
     assert t.current == 2
     t.measure_for(2)
+    assert t.costs_of(3) == {2: pytest.approx(0.015)}  # (no trial yet for that kind)
+    assert t.costs_of(2) is t.cost and t.costs_of("never") == {}
+    assert t.steady(2) == pytest.approx(0.010) and t.steady("never") is None
     t.forget()
     assert t.cost == {}
     t.measure_for(3)

@@ -217,12 +217,12 @@ async def test_the_thread_tuner_keeps_its_costs_per_row_count(run):
     async def read_with(rows: int) -> None:
         model.streams[0].tokens.rows = rows
         async with asyncio.timeout(10):
-            while gen.tuner.key != rows:  # the next chunks read with that many rows
+            while gen.tuner.key != (rows, 0):  # the next chunks read with that many rows
                 gen.played("a", len(sink.pcm("a")) * CHUNK)
                 await asyncio.sleep(0.01)
 
     tuner = gen.tuner
-    assert tuner is not None and tuner.cost and tuner.key == 2
+    assert tuner is not None and tuner.cost and tuner.key == (2, 0)
     plain = tuner.cost
     await read_with(3)  # a glide begins
     assert tuner.cost is not plain

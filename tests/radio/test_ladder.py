@@ -249,17 +249,22 @@ async def test_the_ladder_can_be_turned_off(run):
 
 
 async def test_chunks_read_with_warm_rows_are_timed_apart(run):
-    """While warm rows are fed (steps with more rows) the chunks' cost goes to `warm_cost`,
-    not to the thread tuner's: they would make the count in use look slow."""
+    """While warm rows are fed (steps with more rows) the chunks' cost goes to `warm_cost` and
+    to the thread tuner's costs of their own kind (rows, stations warming): with those of the
+    plain chunks they would make the count in use look slow; on their own the tuner still sees
+    a busy neighbour come during the third of the time they run."""
     model = FakeModel()
     gen, sink = await run(model, ("a",), buffer_ahead=1.0)
     await sink.until(lambda: len(sink.pcm("a")) == 5)
     assert gen.warm_cost == 0.0
-    costs = dict(gen.tuner.cost)
+    tuner = gen.tuner
+    costs = dict(tuner.cost)
+    assert tuner.key == (2, 0) and costs
     model.streams[0].tokens.warming = True
     gen.played("a", 70)  # 1 s is buffered ahead: 12 chunks of 10 frames made in all
     await sink.until(lambda: len(sink.pcm("a")) >= 12)
-    assert gen.warm_cost > 0.0 and gen.tuner.cost == costs
+    assert gen.warm_cost > 0.0 and tuner.key == (2, 1) and tuner.cost
+    assert tuner.costs_of((2, 0)) == costs  # the plain chunks' costs, untouched
 
 
 async def test_a_steady_rate_too_slow_for_any_restarts_moves_before_the_warm_cost_is_known(
