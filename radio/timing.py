@@ -28,7 +28,8 @@ it hands to the outputs (`released`). The rules, all here:
 5. **Heard in.** The answer to the request says when: the cut is `ahead = (cut sample - buffer
    head) / sample rate` seconds from the moment being played, heard `ahead` plus the output
    latency from now, unless generation cannot feed it in time. When the chunk after the cut
-   takes longer to make (`chunk seconds / realtime factor`) than `ahead`, or the bridge plays
+   takes longer to make (`HORIZON_MARGIN x chunk seconds / realtime factor`: a chunk's cost
+   varies around the smoothed factor) than `ahead`, or the bridge plays
    already, the clock plays the bridge until the buffer holds what it needs to leave it
    (`clock.Recovery`): the answer counts that in (at x0.9 of real time with a 3.8 s full
    buffer, about 4 s, where `ahead` alone would promise 0.2).
@@ -262,7 +263,7 @@ class PromptTimeline:
         need = recovery.needed(rtf)
         if health.bridging:  # the head stands still until the buffer holds `need`
             return ahead + max(need - ahead, 0.0) / rtf
-        if self.horizon.chunk_seconds / rtf <= ahead:
+        if HORIZON_MARGIN * self.horizon.chunk_seconds / rtf <= ahead:  # (the horizon's margin)
             return ahead
         return max(ahead, need / rtf)  # the bridge from `ahead` on, the buffer then empty
 

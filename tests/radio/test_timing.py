@@ -186,6 +186,9 @@ def test_the_answer_counts_in_the_bridge_a_change_the_generator_cannot_feed_caus
     st.health.realtime_factor = 0.9  # under x1.05: the bridge lasts until the buffer is full
     assert tl.heard_in(55) == pytest.approx(3.8 / 0.9 + out)
     assert tl.heard_in(75) == pytest.approx(0.5 + out)  # its next chunk made in 0.22 s: in time
+    st.health.realtime_factor = 0.55  # 0.36 s, with the horizon's margin 0.55 s: too close
+    assert tl.heard_in(75) == pytest.approx(3.8 / 0.55 + out)
+    st.health.realtime_factor = 0.9
     st.health.realtime_factor, st.health.bridging = 1.2, True  # the bridge plays now
     assert tl.heard_in(75) == pytest.approx(0.5 + 0.5 / 1.2 + out)  # 0.5 s more, then 0.5 s
     assert tl.heard_in(150) == pytest.approx(2.0 + out)  # 2 s buffered: it leaves at once
