@@ -205,7 +205,7 @@ class ThreadTuner:
         untried = [c for c in self.counts if c not in self._ever]
         if untried and self._runs > 1:  # each count measured once from the start
             return untried[0]
-        if not self._trial_due:
+        if not self._trial_due or not others:  # (one core: nothing to try)
             return self.current
         self._trial_due = False
         self._since_trial = 0

@@ -227,6 +227,9 @@ def test_returns_the_work_result_and_rejects_bad_settings():
     machine = FakeMachine({1: 0.01})
     t = tuner(machine, most=1)
     assert t.run(lambda: machine.work(1)) == 1
+    machine.cost[1] = 0.05  # a jump up asks for a trial: with one core there is none to run
+    for _ in range(3):
+        assert t.run(lambda: machine.work(1)) == 1
     assert "1 thread(s)" in t.describe()
     with pytest.raises(ValueError, match="most"):
         ThreadTuner(0)
