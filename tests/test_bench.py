@@ -168,7 +168,7 @@ def test_kernels_benchmark_prints_each_kernel(tmp_path):
     if kernels.unavailable_reason() is not None:
         pytest.skip(f"our CPU kernels cannot run here: {kernels.unavailable_reason()}")
     out = _run(
-        "kernels.py",
+        "bench_kernels.py",
         *("--rows", "8", "--layers", "2", "--positions", "64", "--repeat", "1"),
         *("--prefill-rows", "40"),
         tmp_path=tmp_path,
@@ -257,3 +257,23 @@ def test_soak_benchmark_samples_and_hears_prompts(tmp_path):
     assert re.search(
         r"\| prompt changes heard, median / max of [1-9]\d* \| [\d.]+ / [\d.]+ s \|", out
     )
+
+
+def test_no_bench_script_shadows_an_installed_module():
+    """`python bench/X.py` puts bench/ first on sys.path, so a script named like a module some
+    library imports replaces it there (transformers 5.25 imports the `kernels` package when it is
+    installed: bench/kernels.py broke every benchmark until it became bench_kernels.py)."""
+    import importlib.util
+
+    bench = (ROOT / "bench").resolve()
+    outside = [p for p in sys.path if p and Path(p).resolve() != bench]
+    for script in sorted(bench.glob("*.py")):
+        if script.stem == "__init__":
+            continue
+        saved = sys.path[:]
+        try:
+            sys.path[:] = outside
+            spec = importlib.util.find_spec(script.stem)
+        finally:
+            sys.path[:] = saved
+        assert spec is None, f"bench/{script.name} shadows the installed {spec.origin}"

@@ -3,7 +3,7 @@ first use for the instruction set this CPU has, and cached.
 
 A decode step reads every weight and every cached key once and does little maths with them, so
 it is bound by memory bandwidth. These kernels reach that bound where PyTorch's general ones do
-not for a batch of a few rows (figures: `python bench/kernels.py`, docs/kernels.md):
+not for a batch of a few rows (figures: `python bench/bench_kernels.py`, docs/kernels.md):
 
 - `DecodeStepInt8`: a whole decoder step with int8 or int4 weights (per projection) over an int8
   or int4 KV cache, in one call (`decode_step.h`), the CPU default; its weights come by name

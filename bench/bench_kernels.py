@@ -18,7 +18,7 @@ bytes come from memory as in the real step, not from a warm cache:
 - a plain read of 256 MB first, the ceiling this machine's memory allows: every memory-bound
   line gives its GB/s as a share of it ("of read").
 
-    python bench/kernels.py [--rows 2] [--layers 24] [--repeat 10] [--int4-rows 2 8]
+    python bench/bench_kernels.py [--rows 2] [--layers 24] [--repeat 10] [--int4-rows 2 8]
 
 Prints the instruction set of our kernels (engine.kernels.isa()), milliseconds per step, GB/s
 and the share of the plain read; ratios are within one run.
