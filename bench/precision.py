@@ -35,12 +35,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_engine import PROMPT, model_dir, say  # noqa: E402
+from bench.bench_engine import PROMPT, kv_bytes_per_position, model_dir, say  # noqa: E402
 from engine import kernels  # noqa: E402
 from engine.conditioning import batch_conditions, encode_prompt  # noqa: E402
 from engine.decoder import Decoder  # noqa: E402
 from engine.delay import codebook_delays, delayed_layout  # noqa: E402
-from engine.kv_cache import Q4_BLOCK_BYTES, Q4_HEAD  # noqa: E402
+from engine.kv_cache import Q4_HEAD  # noqa: E402
 from engine.linear import INT4_GROUP, Int8DynamicLinear  # noqa: E402
 from engine.options import SamplingOptions, WindowOptions  # noqa: E402
 from engine.token_stream import TokenStream  # noqa: E402
@@ -117,8 +117,8 @@ def emulate_kernels(decoder: Decoder, model, kv_cache: str) -> bool:
     return emulated
 
 
-def step_bytes(decoder: Decoder, kv_cache: str, positions: int = 1000, rows: int = 2) -> tuple:
-    """(MB of projection weights, MB of KV cache) a decode step of `rows` rows reads."""
+def step_bytes(decoder: Decoder, positions: int = 1000, rows: int = 2) -> tuple:
+    """(MB of projection weights, MB of its KV cache) a decode step of `rows` rows reads."""
 
     def nbytes(lin) -> int:
         if isinstance(lin, Int8Emulated):
@@ -129,10 +129,7 @@ def step_bytes(decoder: Decoder, kv_cache: str, positions: int = 1000, rows: int
 
     weights = sum(nbytes(getattr(w, n)) for w in decoder.layers for n in PROJECTIONS)
     weights += nbytes(decoder.lm_heads)
-    per_vector = {"float32": 256, "bfloat16": 128, "int8": 64 + 4, "int4": Q4_BLOCK_BYTES / 32}
-    head = decoder.head_dim / 64
-    cache = 2 * per_vector[kv_cache] * head * positions * rows * decoder.heads * len(decoder.layers)
-    return weights / 1e6, cache / 1e6
+    return weights / 1e6, kv_bytes_per_position(decoder) * positions * rows / 1e6
 
 
 @torch.inference_mode()
@@ -221,7 +218,7 @@ def main() -> int:
             decoder = Decoder(model.decoder, precision, kv_cache, int4_group=group)
         if emulate_kernels(decoder, model, kv_cache):
             name += " (emulated)"
-        notes[name] = step_bytes(decoder, decoder.kv_cache)
+        notes[name] = step_bytes(decoder)
         say(f"{name}: teacher-forced logits and {args.steps} greedy steps ...")
         k = model.decoder.config.num_codebooks
         n = args.positions

@@ -161,18 +161,20 @@ class ThreadTuner:
         stalling = most is not None and current is not None and most > STALLING * current
         self._set_threads(self.current if stalling else self.counts[0])
 
+    def _measured(self, key: Hashable) -> tuple[dict[int, float], dict[int, int], dict[int, int]]:
+        """(costs, runs, fresh runs) per count of kind `key`: the current kind's or a kept one."""
+        if key == self.key:
+            return self.cost, self._samples, self._fresh
+        return self._other.get(key, ({}, {}, {}))
+
     def costs_of(self, key: Hashable) -> dict[int, float]:
         """The smoothed cost per unit of each count measured for work of kind `key`."""
-        return self.cost if key == self.key else self._other.get(key, ({}, {}, {}))[0]
+        return self._measured(key)[0]
 
     def steady(self, key: Hashable) -> float | None:
         """The cost per unit of kind `key` with the current count, once measured `settle`
         times for it (None before)."""
-        cost, samples, _ = (
-            (self.cost, self._samples, self._fresh)
-            if key == self.key
-            else self._other.get(key, ({}, {}, {}))
-        )
+        cost, samples, _ = self._measured(key)
         return cost.get(self.current) if samples.get(self.current, 0) >= self.settle else None
 
     @property
@@ -199,7 +201,7 @@ class ThreadTuner:
         self._runs += 1
         others = [c for c in self.counts if c != self.current]
         self._since_trial += 1
-        self._trial_due |= bool(others) and self._since_trial >= self.explore_every * self._backoff
+        self._trial_due |= self._since_trial >= self.explore_every * self._backoff
         if not explore:
             return self.current
         untried = [c for c in self.counts if c not in self._ever]

@@ -214,10 +214,8 @@ class Generator:
         # the tuner's cost of the other chunks; 0 until measured
         self.warm_cost = 0.0
         self.tuner: ThreadTuner | None = None  # made by the worker thread, for its own threads
-        self._plain_kind: tuple[int, int] = (
-            0,
-            0,
-        )  # the tuner's kind of the chunks without warm rows
+        # the tuner's kind of the chunks without warm rows: (rows, 0)
+        self._plain_kind: tuple[int, int] = (0, 0)
         self.adaptive_restarts = adaptive_restarts
         self.warned_behind = False  # said that even the ladder's last level cannot keep up
         # the ladder's coarse level (int4 weights): their speed over int8's, a guess until they
@@ -705,7 +703,7 @@ class Generator:
         )
         streams = [ln.stream for ln in lanes]
         prefills = [s.tokens.prefills for s in streams]
-        warming = any(s.tokens.warming for s in streams)
+        warming = any(warm_lanes)
         try:
             pcms: list[np.ndarray | Exception] = list(
                 tuner.run(
