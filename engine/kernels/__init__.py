@@ -60,8 +60,19 @@ class Variant:
 VARIANTS = (  # best first
     Variant(
         "avx512",
-        ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni"),
-        ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni"),
+        # the int4 products are written with AVX2, FMA and F16C in both builds (int4_gemm.h),
+        # and -mavx512f implies AVX2 but neither FMA nor F16C
+        ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx2", "fma", "f16c"),
+        (
+            "-mavx512f",
+            "-mavx512bw",
+            "-mavx512vl",
+            "-mavx512bf16",
+            "-mavx512vnni",
+            "-mavx2",
+            "-mfma",
+            "-mf16c",
+        ),  # fmt: skip
     ),
     Variant("avx2", ("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c")),
 )
@@ -129,21 +140,27 @@ def _source_hash() -> str:
     return source_digest(_FOLDER, [_SOURCE, *headers()])
 
 
-def syntax_check_command(variant: Variant) -> list[str]:
-    """A g++ command that checks every kernel cpu.cpp binds (`all_kernels.h`) as built for
-    `variant`, without generating code: it runs on any x86 CPU, whatever instructions it has,
-    in a few seconds (cpu.cpp's torch bindings, ISA-free, would take ~40 s more)."""
+def compile_check_command(variant: Variant) -> list[str]:
+    """A g++ command that compiles every kernel cpu.cpp binds (`all_kernels.h`) as built for
+    `variant`, to machine code that is thrown away: it runs on any x86 CPU, whatever
+    instructions it has, in a few seconds (cpu.cpp's torch bindings, ISA-free, would take ~40 s
+    more). Code generation, not only a syntax check: an intrinsic the variant's flags do not
+    enable fails only when it is inlined (`-fkeep-inline-functions` emits every inline kernel)."""
     from torch.utils.cpp_extension import include_paths
 
     return [
-        "g++", "-std=c++20", "-fsyntax-only", "-x", "c++", *variant.compile_flags(),
-        *(f"-I{p}" for p in include_paths()), str(_FOLDER / "all_kernels.h"),
+        "g++", "-std=c++20", "-x", "c++", "-c", "-O0", "-fkeep-inline-functions", "-o", "/dev/null",
+        *variant.compile_flags(), *(f"-I{p}" for p in include_paths()),
+        str(_FOLDER / "all_kernels.h"),
     ]  # fmt: skip
 
 
 def _build() -> ModuleType | None:
+    """The chosen variant's module; if its build fails (and none was asked for by name), the
+    next variant this CPU runs, saying so: slower kernels of ours beat PyTorch's by far."""
     variant, reason = choose_variant()
-    if variant is not None:
+    failed: list[str] = []
+    while variant is not None:
         try:
             started = time.monotonic()
             module = build(
@@ -153,13 +170,30 @@ def _build() -> ModuleType | None:
                 what=f"the CPU decode kernels ({variant.name})",
                 takes="~40 s",
             )
-            log.info(
-                "CPU decode kernels (%s) ready in %.1f s", module.isa(), time.monotonic() - started
-            )
-            return module
-        except Exception as exc:  # a missing compiler or headers: say so, run PyTorch's kernels
-            reason = (
+        except Exception as exc:  # a missing compiler or headers, a broken variant: say so
+            failed.append(
                 f"the {variant.name} build failed ({type(exc).__name__}: {str(exc).strip()[:300]})"
             )
+            variant = _next_variant(variant)
+            continue
+        if failed:
+            log.warning(
+                "CPU decode kernels: %s; running the %s build", "; ".join(failed), variant.name
+            )
+        log.info(
+            "CPU decode kernels (%s) ready in %.1f s", module.isa(), time.monotonic() - started
+        )
+        return module
+    reason = "; ".join(failed) or reason
     log.warning("CPU decode kernels not used: %s; decoding with PyTorch's kernels (slower)", reason)
     return None
+
+
+def _next_variant(variant: Variant) -> Variant | None:
+    """The next variant after `variant` that this CPU runs, unless ENDLESS_RADIO_KERNELS named
+    one (then the build asked for is the only one tried)."""
+    if os.environ.get("ENDLESS_RADIO_KERNELS", "auto") not in ("auto", "1"):
+        return None
+    flags = _cpu_flags() or set()
+    later = VARIANTS[VARIANTS.index(variant) + 1 :]
+    return next((v for v in later if set(v.cpu_flags) <= flags), None)

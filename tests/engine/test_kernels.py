@@ -197,8 +197,8 @@ def test_the_variant_that_runs_is_the_best_this_cpu_has(k, monkeypatch):
 
 
 def test_the_variants_this_cpu_does_not_run_still_compile():
-    """Every variant but the one that runs here (which the other tests build and run) passes
-    `g++ -fsyntax-only` with its flags: an AVX2 machine catches a broken AVX-512 build, and an
+    """Every variant but the one that runs here (which the other tests build and run) compiles
+    to machine code with its flags: an AVX2 machine catches a broken AVX-512 build, and an
     AVX-512 one a broken AVX2 build."""
     import shutil
     import subprocess
@@ -209,5 +209,45 @@ def test_the_variants_this_cpu_does_not_run_still_compile():
     others = [v for v in kernels.VARIANTS if running is None or v.name != running.name]
     assert others, "two variants, one runs"
     for variant in others:
-        done = subprocess.run(kernels.syntax_check_command(variant), capture_output=True, text=True)
+        done = subprocess.run(
+            kernels.compile_check_command(variant), capture_output=True, text=True
+        )
         assert done.returncode == 0, f"{variant.name}:\n{done.stderr[-3000:]}"
+
+
+def test_a_failed_build_falls_back_to_the_next_variant_and_says_so(monkeypatch, caplog):
+    """A CPU with AVX-512 whose AVX-512 build fails runs the AVX2 build (with a warning naming the
+    failure), not PyTorch's kernels; a variant asked for by name is the only one tried."""
+    built: list[str] = []
+
+    class Module:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def isa(self) -> str:
+            return self.name
+
+    def build(name, source, flags, **_):
+        variant = name.split("_")[3]
+        built.append(variant)
+        if variant == "avx512":
+            raise RuntimeError("Error building extension: target specific option mismatch")
+        return Module(variant)
+
+    every_flag = {f for v in kernels.VARIANTS for f in v.cpu_flags}
+    monkeypatch.setattr(kernels, "build", build)
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: every_flag)
+    monkeypatch.delenv("ENDLESS_RADIO_KERNELS", raising=False)
+    with caplog.at_level("WARNING", logger="engine.kernels"):
+        module = kernels._build()
+    assert module is not None and module.isa() == "avx2" and built == ["avx512", "avx2"]
+    assert "the avx512 build failed (RuntimeError" in caplog.text
+    assert "running the avx2 build" in caplog.text
+
+    built.clear()
+    caplog.clear()
+    monkeypatch.setenv("ENDLESS_RADIO_KERNELS", "avx512")
+    with caplog.at_level("WARNING", logger="engine.kernels"):
+        assert kernels._build() is None
+    assert built == ["avx512"]
+    assert "not used: the avx512 build failed" in caplog.text
