@@ -22,9 +22,9 @@
 // times signed bytes; a pair sums to at most 2 * 15 * 127), and the int16 sums add up over 4
 // steps (16 products, at most 30480) before one vpmaddwd widens them into the group's int32
 // sums. AVX-512 VNNI can read the same bytes: a 64-byte line is 16 features x 4 inputs per
-// nibble, one vpdpbusd each against the broadcast activations. Written with AVX2, FMA and F16C
-// intrinsics only, in the namespace er::int4 so that it sits beside the AVX-512 headers in one
-// translation unit.
+// nibble, one vpdpbusd each against the broadcast activations: `group_sums` does so where the
+// build has AVX-512 VNNI (the avx512 kernels), the rest is AVX2, FMA and F16C for every build,
+// in the namespace er::int4 so that it sits beside the AVX-512 headers in one translation unit.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -124,6 +124,32 @@ inline void quantize_row(const float* x, int64_t K, int64_t Kp, int64_t G, int8_
 
 // The int32 sums D of MR rows against one block's 16 features over one group (codes: the
 // group's G / 8 steps; xr: each row's activations at the group's first input), as 2 x 8 lanes.
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// AVX-512 VNNI: a step's 64 bytes are 16 features x 4 inputs per nibble, so one vpdpbusd per
+// nibble and row adds 4 exact products per feature straight into int32 (no int16 stage).
+template <int MR>
+inline void group_sums(const uint8_t* codes, int64_t G, const int8_t* const (&xr)[MR],
+                       __m256i (&dot)[MR][2], bool ahead) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512i d[MR];
+  for (int m = 0; m < MR; ++m) d[m] = _mm512_setzero_si512();
+  for (int64_t t = 0; t < G / kStep; ++t) {
+    const uint8_t* p = codes + t * kStepBytes;
+    if (ahead) prefetch(p + kPrefetch);
+    const __m512i v = _mm512_loadu_si512(p);
+    const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    for (int m = 0; m < MR; ++m) {
+      int32_t first, second;  // the row's inputs 8t .. 8t + 3 and 8t + 4 .. 8t + 7
+      std::memcpy(&first, xr[m] + t * kStep, 4);
+      std::memcpy(&second, xr[m] + t * kStep + 4, 4);
+      d[m] = _mm512_dpbusd_epi32(d[m], lo, _mm512_set1_epi32(first));
+      d[m] = _mm512_dpbusd_epi32(d[m], hi, _mm512_set1_epi32(second));
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    dot[m][0] = _mm512_castsi512_si256(d[m]), dot[m][1] = _mm512_extracti64x4_epi64(d[m], 1);
+}
+#else
 template <int MR>
 inline void group_sums(const uint8_t* codes, int64_t G, const int8_t* const (&xr)[MR],
                        __m256i (&dot)[MR][2], bool ahead) {
@@ -154,6 +180,7 @@ inline void group_sums(const uint8_t* codes, int64_t G, const int8_t* const (&xr
       for (int j = 0; j < 2; ++j) dot[m][j] = _mm256_add_epi32(dot[m][j], _mm256_madd_epi16(part[m][j], ones));
   }
 }
+#endif
 
 // acc[m] += s * D + b * S over groups [g0, g1) of one block, for MR rows starting at row m0.
 template <int MR>
