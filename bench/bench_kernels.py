@@ -10,8 +10,8 @@ bytes come from memory as in the real step, not from a warm cache:
 - self-attention over P cached positions: float32 SDPA (the cache PyTorch's kernels need to be
   fast), bfloat16 SDPA, `decode_attention` over a bfloat16 cache, and `attend_step_q8` /
   `attend_step_q4` (which also write the step's key/value) over an int8 / int4 cache;
-- `linear_int4` (engine/kernels/int4_gemm.h, AVX2: any x86-64 CPU of the last decade) against
-  a plain read of its own bytes and against int8 dynamic, interleaved call by call (a shared
+- `linear_int4` (engine/kernels/int4_gemm.h, AVX-512 VNNI or AVX2: any x86-64 CPU of the last
+  decade) against a plain read of its own bytes and against int8 dynamic, interleaved call by call (a shared
   machine's bandwidth swings), at each `--int4-rows`: ms, GB/s and its share of the read;
 - a prefill's projections (one layer's, `--prefill-rows` rows: compute-bound): float32
   `F.linear` (what an int8 decoder prefills with without our kernels) against `linear_int8`;

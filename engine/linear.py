@@ -4,7 +4,7 @@
 - `bf16`: dense bfloat16 weights under float32 activations (an int8 decoder's prefills).
 - `int4`: 4-bit weight codes with a float16 scale and offset per output feature per group of 64
   inputs (`quantize_int4`), activations int8 per row, through our `linear_int4` kernel
-  (`engine/kernels/int4_gemm.h`; AVX2, FMA, F16C): half int8's bytes per decode step, at a
+  (`engine/kernels/int4_gemm.h`; AVX-512 VNNI or AVX2): half int8's bytes per decode step, at a
   precision cost that `bench/precision.py` reports. A decoder may hold int4 for its
   feed-forward projections only (`int4-ffn`, int8 for the rest).
 - `int8`: weights quantized per output channel to int8, activations quantized on the fly, one
@@ -247,7 +247,7 @@ def pack_int4(
 
 class Int4KernelLinear:
     """int4 weights (a scale and an offset per feature per `group` inputs) through our
-    `linear_int4` kernel (CPUs with AVX2, FMA and F16C). `packed`, `scales`, `group` and
+    `linear_int4` kernel (AVX-512 VNNI or AVX2 CPUs). `packed`, `scales`, `group` and
     `out_features` are what a fused step reads."""
 
     def __init__(self, weight: torch.Tensor, kernels: ModuleType, group: int = INT4_GROUP) -> None:

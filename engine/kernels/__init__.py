@@ -156,19 +156,34 @@ def compile_check_command(variant: Variant) -> list[str]:
 
 
 def _build() -> ModuleType | None:
-    """The chosen variant's module; if its build fails (and none was asked for by name), the
-    next variant this CPU runs, saying so: slower kernels of ours beat PyTorch's by far."""
+    module, reason = build_best(
+        "endless_radio_cpu", _SOURCE, _source_hash(), what="the CPU decode kernels", takes="~40 s"
+    )
+    if module is None:
+        log.warning(
+            "CPU decode kernels not used: %s; decoding with PyTorch's kernels (slower)", reason
+        )
+    return module
+
+
+def build_best(
+    prefix: str, source: Path, digest: str, *, what: str, takes: str
+) -> tuple[ModuleType | None, str | None]:
+    """`source` built for the chosen variant (`choose_variant`), as the module
+    `{prefix}_{variant}_{digest}`; if that build fails (and no variant was asked for by name),
+    the next variant this CPU runs, saying so: slower kernels of ours beat PyTorch's by far.
+    The module, or None and why."""
     variant, reason = choose_variant()
     failed: list[str] = []
     while variant is not None:
         try:
             started = time.monotonic()
             module = build(
-                f"endless_radio_cpu_{variant.name}_{_source_hash()}",
-                _SOURCE,
+                f"{prefix}_{variant.name}_{digest}",
+                source,
                 variant.compile_flags(),
-                what=f"the CPU decode kernels ({variant.name})",
-                takes="~40 s",
+                what=f"{what} ({variant.name})",
+                takes=takes,
             )
         except Exception as exc:  # a missing compiler or headers, a broken variant: say so
             failed.append(
@@ -177,16 +192,10 @@ def _build() -> ModuleType | None:
             variant = _next_variant(variant)
             continue
         if failed:
-            log.warning(
-                "CPU decode kernels: %s; running the %s build", "; ".join(failed), variant.name
-            )
-        log.info(
-            "CPU decode kernels (%s) ready in %.1f s", module.isa(), time.monotonic() - started
-        )
-        return module
-    reason = "; ".join(failed) or reason
-    log.warning("CPU decode kernels not used: %s; decoding with PyTorch's kernels (slower)", reason)
-    return None
+            log.warning("%s: %s; running the %s build", what, "; ".join(failed), variant.name)
+        log.info("%s (%s) ready in %.1f s", what, variant.name, time.monotonic() - started)
+        return module, None
+    return None, "; ".join(failed) or reason
 
 
 def _next_variant(variant: Variant) -> Variant | None:

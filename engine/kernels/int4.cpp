@@ -1,6 +1,6 @@
-// The int4 weight product (int4_gemm.h) as a PyTorch extension of its own, built with AVX2, FMA
-// and F16C by engine/kernels/int4.py until the main kernel module (cpu.cpp) builds for AVX2 CPUs
-// too; then these few lines move there.
+// The int4 weight product (int4_gemm.h) as a PyTorch extension of its own, built by
+// engine/kernels/int4.py for the same variant as the main kernel module (AVX-512 VNNI or AVX2);
+// these few lines could move into cpu.cpp.
 //
 //   linear_int4(x, codes, scales, n): x [M, K] float (any M) times packed int4 weights
 //                                     (engine/linear.py `pack_int4`) -> float32 [M, n].
