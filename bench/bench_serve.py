@@ -12,7 +12,8 @@ Starts `radio serve --model DIR` with the default settings (on a CPU: int8 decod
 cache, our kernels), plays the MP3 mount into ffmpeg as a listener (when ffmpeg is installed),
 and every few seconds reads the station's health from the API: the generator's real-time factor
 (seconds of audio per second of generating), the audio buffered ahead of the clock, and the
-underruns (times the buffer ran dry and the bridge played). A third of the way in it posts a prompt
+underruns (times the buffer ran dry and the bridge played) and holds (a prompt change whose first
+audio came late: the old prompt's music played on, no bridge). A third of the way in it posts a prompt
 change and reports when the new prompt was heard (the server's measure: from the POST to the
 first sample of the new prompt leaving the loudness stage); with `--changes N`, N changes spread
 evenly from there to the last sixth of the run, each posted once the one before was heard, and
@@ -235,6 +236,7 @@ def run(args: argparse.Namespace, n: int) -> bool:
                     f"{sid + ': ' if n > 1 else ''}real-time factor {h['realtime_factor']:.2f}, "
                     f"buffer {h['buffer_seconds']:.1f} s, "
                     f"underruns {h['underruns'] - start_underruns[sid]}"
+                    + (f", holds {h['holds']}" if h["holds"] else "")
                     for sid, h in now.items()
                 )
             )
@@ -298,6 +300,10 @@ def run(args: argparse.Namespace, n: int) -> bool:
             f"median {statistics.median(main_buffers):.1f} s |"
         )
         say(f"| underruns | {underruns['main']} |")
+        say(
+            f"| holds (a change's first audio late: the old music played on) | {h['holds']}, "
+            f"{h['held_seconds']:.1f} s in all |"
+        )
         if prompt is not None and len(changes) == 1:
             say(
                 f"| prompt change | promised {prompt['heard_in']:.2f} s after the POST, heard after "
@@ -316,7 +322,8 @@ def run(args: argparse.Namespace, n: int) -> bool:
                 f"| {len(changes)} prompt changes | heard after median {statistics.median(latencies):.2f} s, "
                 f"max {max(latencies):.2f} s (promised median {statistics.median(promised):.2f}, "
                 f"max {max(promised):.2f}); underruns from the first POST on: "
-                f"{h['underruns'] - first['underruns_before']} |"
+                f"{h['underruns'] - first['underruns_before']}, holds "
+                f"{h['holds'] - first['holds_before']} |"
             )
             say(
                 f"| their prefills | median {statistics.median(prefills):.2f} s, max "
@@ -409,6 +416,7 @@ def _change(base: str, body: dict, h: dict) -> dict:
         "posted": posted,
         "heard_in": heard_in,
         "underruns_before": h["underruns"],
+        "holds_before": h["holds"],
         "heard_before": h["prompts_heard"],
     }
 

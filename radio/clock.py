@@ -12,6 +12,14 @@ from the last seconds of real audio, crossfaded at its seam and a few dB quieter
 underrun, says so once in the log, and crossfades back to live audio once the generator has
 built up `recover_seconds` again and is faster than real time (see `_caught_up`). The live
 timeline simply resumes where it stopped, so no latency piles up beyond the bounded buffer.
+
+A prompt change is not a reason for a bridge: when the buffer runs dry exactly at a prompt
+change's cut (the new prompt's first audio is late), the clock plays on the old prompt's audio
+that was cut away (the buffer's reserve, `PcmBuffer.reserve_here`), which follows what was
+played without a seam, full volume. That is a hold, not an underrun: the listener hears the old
+music a little longer and the new prompt later. The clock leaves a hold by the bridge's rule
+and crossfades into the new prompt over `HOLD_FADE_SECONDS`; should the reserve run out first,
+the bridge takes over (an underrun, as ever).
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ MAX_CATCH_UP = 1.0  # after a longer stall (suspend, debugger) the clock skips i
 BRIDGE_SECONDS = 2.0  # recent audio the bridge loops
 BRIDGE_GAIN = 10 ** (-4 / 20)  # the bridge plays 4 dB quieter: a lull, not a stutter
 FADE_SECONDS = 0.05  # crossfades into and out of the bridge, and at its seam
+HOLD_FADE_SECONDS = 0.25  # the crossfade from a hold's old music into the new prompt's
 GROWTH_WINDOW = 0.4  # seconds over which the buffer must grow faster than real time to recover
 RECOVER_GROWTH = 1.05  # ... and how much faster
 
@@ -87,6 +96,28 @@ class Bridge:
         return self.loop[:, idx]
 
 
+class Crossfade:
+    """Old audio [C, L] fading out under the live audio over its length, across ticks."""
+
+    def __init__(self, old: np.ndarray) -> None:
+        self.old = old
+        self.pos = 0
+
+    @property
+    def done(self) -> bool:
+        return self.pos >= self.old.shape[1]
+
+    def mix(self, live: np.ndarray) -> np.ndarray:
+        """live [C, n] with the next part of the fade mixed in."""
+        length = self.old.shape[1]
+        k = min(length - self.pos, live.shape[1])
+        ramp = np.arange(self.pos + 1, self.pos + k + 1, dtype=np.float32) / (length + 1)
+        out = live.copy()
+        out[:, :k] = live[:, :k] * ramp + self.old[:, self.pos : self.pos + k] * (1 - ramp)
+        self.pos += k
+        return out
+
+
 class StationClock:
     """Takes audio from `station.buffer` at real-time pace and pushes it to `outputs`.
 
@@ -123,6 +154,9 @@ class StationClock:
         self._recent_len = 0
         self._bridge: Bridge | None = None
         self._bridge_started = 0.0
+        self._held: np.ndarray | None = None  # a hold's old audio still to play [C, n]
+        self._hold_started = 0.0
+        self._crossfade: Crossfade | None = None  # out of a hold, into the new prompt
         self._growth: deque[tuple[float, float]] = deque()  # (time, buffered s) in a bridge
         self._fade_in = 0  # samples of the fade-in of the bridge still to apply
         self._fed = 0  # samples handed to the loudness stage so far
@@ -185,10 +219,18 @@ class StationClock:
             if self._caught_up(now):
                 return self._leave_bridge(n, now)
             return self._bridge_audio(n)
-        live = self._take_live(n)
+        if self._held is not None:
+            if not self._caught_up(now):
+                return self._hold_audio(n, now)
+            self._leave_hold(now)
+        live = self._faded(self._take_live(n))
         if live.shape[1] == n:
             return live
-        return np.concatenate([live, self._enter_bridge(n - live.shape[1], now)], axis=1)
+        rest = n - live.shape[1]
+        reserve = self.station.buffer.reserve_here()
+        if reserve is not None:
+            return np.concatenate([live, self._enter_hold(reserve, rest, now)], axis=1)
+        return np.concatenate([live, self._enter_bridge(rest, now)], axis=1)
 
     def _take_live(self, n: int) -> np.ndarray:
         """Up to n samples from the buffer: the start of the block the loudness stage gets
@@ -220,6 +262,57 @@ class StationClock:
         limit = BRIDGE_SECONDS * self.sample_rate
         while self._recent_len - self._recent[0].shape[1] >= limit:
             self._recent_len -= self._recent.popleft().shape[1]
+
+    def _enter_hold(self, reserve: np.ndarray, n: int, now: float) -> np.ndarray:
+        st = self.station
+        st.health.holds += 1
+        st.health.holding = True
+        self._hold_started = now
+        self._held = reserve
+        self._growth = deque(maxlen=round(GROWTH_WINDOW / TICK) + 1)
+        log.info(
+            "station %s: the new prompt's music is not ready yet; the old one plays on (%.1f s "
+            "of it made) until it is",
+            st.id,
+            reserve.shape[1] / self.sample_rate,
+        )
+        return self._hold_audio(n, now)
+
+    def _hold_audio(self, n: int, now: float) -> np.ndarray:
+        """The next n samples of the hold's old audio; the bridge when it runs out."""
+        assert self._held is not None, "hold audio outside a hold"
+        pcm, self._held = self._held[:, :n], self._held[:, n:]
+        self._remember(pcm)
+        if pcm.shape[1] == n:
+            return pcm
+        self._end_hold(now)  # the old prompt's audio ran out first
+        return np.concatenate([pcm, self._enter_bridge(n - pcm.shape[1], now)], axis=1)
+
+    def _leave_hold(self, now: float) -> None:
+        """The new prompt's audio plays from here, crossfaded in from the hold's old audio."""
+        assert self._held is not None, "leaving a hold outside one"
+        fade = round(HOLD_FADE_SECONDS * self.sample_rate)
+        self._crossfade = Crossfade(self._held[:, :fade])
+        log.info(
+            "station %s: the new prompt plays after %.1f s more of the old one",
+            self.station.id,
+            now - self._hold_started,
+        )
+        self._end_hold(now)
+
+    def _faded(self, live: np.ndarray) -> np.ndarray:
+        """Live audio under what remains of a crossfade out of a hold."""
+        if self._crossfade is None:
+            return live
+        out = self._crossfade.mix(live)
+        if self._crossfade.done:
+            self._crossfade = None
+        return out
+
+    def _end_hold(self, now: float) -> None:
+        self._held = None
+        self.station.health.holding = False
+        self.station.health.held_seconds += now - self._hold_started
 
     def _enter_bridge(self, n: int, now: float) -> np.ndarray:
         st = self.station

@@ -2,7 +2,9 @@
 
 `PcmBuffer` holds the audio the generator made ahead of the clock, numbered by model sample
 (sample s belongs to engine frame s // hop); the clock takes from its head, the generator appends
-at its tail, and a prompt change cuts it where the new prompt begins (`radio.timing`). `Station`
+at its tail, and a prompt change cuts it where the new prompt begins (`radio.timing`), keeping
+the old prompt's audio past the cut as a reserve that the clock plays on should the new prompt's
+first audio be late (`PcmBuffer.reserve_here`, `radio.clock`). `Station`
 gathers what the API, the events, the metrics and the outputs read about one station.
 Everything here is touched only from the event loop; the worker thread reaches it through
 `radio.generator`'s bridge (`radio.service.StationSink`).
@@ -39,6 +41,8 @@ class PcmBuffer:
         self.head = 0  # next sample the clock takes
         self._chunks: deque[np.ndarray] = deque()  # each [C, n], contiguous from head
         self._size = 0
+        self._reserve: np.ndarray | None = None  # [C, n]: what played on past the last cut
+        self._reserve_start = 0  # its first sample (the cut)
 
     @property
     def tail(self) -> int:
@@ -86,6 +90,8 @@ class PcmBuffer:
         got = n - need
         self.head += got
         self._size -= got
+        if self._reserve is not None and self.head > self._reserve_start:
+            self._reserve = None  # the new prompt plays: the old one's audio is no longer due
         if not out:
             return np.zeros((self.channels, 0), np.float32)
         return out[0] if len(out) == 1 else np.concatenate(out, axis=1)
@@ -99,21 +105,41 @@ class PcmBuffer:
         self._size = 0
         self.head = sample
 
-    def truncate(self, sample: int) -> np.ndarray:
-        """Drop everything from `sample` on (a prompt change); returns the dropped PCM [C, n].
+    def truncate(self, sample: int, keep_reserve: bool = False) -> np.ndarray:
+        """Drop everything from `sample` on; returns the dropped PCM [C, n].
 
         If the clock already played past `sample`, everything goes and the new audio is cut to
-        follow what was played (see `append`)."""
+        follow what was played (see `append`). With `keep_reserve` (a prompt change) the dropped
+        audio stays as the reserve: what would have played from the cut on (with the previous
+        reserve after it when no new audio followed that cut yet), for `reserve_here`."""
         keep = min(max(sample - self.head, 0), self._size)
         if self._chunks:
             pcm = np.concatenate(list(self._chunks), axis=1)
         else:
             pcm = np.zeros((self.channels, 0), np.float32)
+        tail = self.tail
         self._chunks.clear()
         if keep:
             self._chunks.append(pcm[:, :keep])
         self._size = keep
-        return pcm[:, keep:]
+        dropped = pcm[:, keep:]
+        if not keep_reserve:
+            self._reserve = None
+            return dropped
+        reserve = dropped
+        if self._reserve is not None and self._reserve_start == tail:  # the old one goes on
+            reserve = np.concatenate([dropped, self._reserve], axis=1)
+        self._reserve, self._reserve_start = reserve, self.tail
+        return dropped
+
+    def reserve_here(self) -> np.ndarray | None:
+        """The reserve [C, n] when the buffer ran dry exactly at the last cut (the new prompt's
+        first audio is late): the old prompt's audio that follows what was played seamlessly.
+        Taking it is the caller's: the reserve is handed out once."""
+        if self._reserve is None or self._size or self.head != self._reserve_start:
+            return None
+        reserve, self._reserve = self._reserve, None
+        return reserve if reserve.shape[1] else None
 
 
 @dataclass
@@ -123,6 +149,9 @@ class Health:
     underruns: int = 0  # times the buffer ran dry and the bridge played
     bridge_seconds: float = 0.0  # total time the bridge played
     bridging: bool = False  # the bridge plays now
+    holds: int = 0  # times a new prompt's audio was late and the old prompt's played on
+    held_seconds: float = 0.0  # total time the old prompt's audio played on so
+    holding: bool = False  # the old prompt's audio plays on now
     prompt_latency_seconds: float | None = None  # last POST -> first new-prompt sample out
     schedule_lag_seconds: float | None = None  # last programme change: due -> first sample out
     prompt_changes: int = 0  # prompt changes applied
@@ -211,6 +240,9 @@ class Station:
             "realtime_factor": round(h.realtime_factor, 3),
             "underruns": h.underruns,
             "bridging": h.bridging,
+            "holds": h.holds,
+            "held_seconds": round(h.held_seconds, 3),
+            "holding": h.holding,
             "prompt_latency_seconds": _rounded(h.prompt_latency_seconds),
             "prompts_heard": h.prompts_heard,
             "schedule_lag_seconds": _rounded(h.schedule_lag_seconds),

@@ -29,9 +29,9 @@ it hands to the outputs (`released`). The rules, all here:
    head) / sample rate` seconds from the moment being played, heard `ahead` plus the output
    latency from now, unless generation cannot feed it in time. When the chunk after the cut
    takes longer to make (`HORIZON_MARGIN x chunk seconds / realtime factor`: a chunk's cost
-   varies around the smoothed factor) than `ahead`, or the bridge plays
-   already, the clock plays the bridge until the buffer holds what it needs to leave it
-   (`clock.Recovery`): the answer counts that in (at x0.9 of real time with a 3.8 s full
+   varies around the smoothed factor) than `ahead`, or the bridge (or a hold) plays
+   already, the clock plays the old prompt's audio on (a hold, `radio.clock`) until the buffer
+   holds what it needs to leave it (`clock.Recovery`): the answer counts that in (at x0.9 of real time with a 3.8 s full
    buffer, about 4 s, where `ahead` alone would promise 0.2).
 
 Samples are numbered at the model rate (frame f begins at sample f * hop); the clock numbers
@@ -261,7 +261,7 @@ class PromptTimeline:
         if recovery is None or rtf <= 0:  # (not measured yet: the first chunk has not come)
             return ahead
         need = recovery.needed(rtf)
-        if health.bridging:  # the head stands still until the buffer holds `need`
+        if health.bridging or health.holding:  # the head stands still until it holds `need`
             return ahead + max(need - ahead, 0.0) / rtf
         if HORIZON_MARGIN * self.horizon.chunk_seconds / rtf <= ahead:  # (the horizon's margin)
             return ahead
@@ -274,7 +274,7 @@ class PromptTimeline:
         `frame`. Called in the worker's order, before any PCM of the new prompt arrives."""
         st = self.station
         sample = frame * self.hop
-        st.buffer.truncate(sample)
+        st.buffer.truncate(sample, keep_reserve=True)  # the old audio, should the new be late
         self._cuts = [c for c in self._cuts if c.sample < sample] + [_Cut(sample, change)]
         st.health.prompt_changes += 1
         st.record_prompt(change.blend, change.source)

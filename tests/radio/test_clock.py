@@ -1,7 +1,8 @@
 """The station clock driven by a fake clock: it releases exactly what wall-clock time says, skips
 after a stall instead of bursting, plays a bridge (never silence) when the buffer runs dry and
-leaves it once generation is fast again, and a prompt change's title switches in the very
-release that carries its first sample out of the loudness stage."""
+leaves it once generation is fast again, a prompt change whose first audio is late holds the old
+prompt's audio on instead of a bridge, and a prompt change's title switches in the very release
+that carries its first sample out of the loudness stage."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 from engine.blend import Blend
 from engine.options import SamplingOptions
-from radio.clock import BRIDGE_GAIN, TICK, StationClock
+from radio.clock import BRIDGE_GAIN, HOLD_FADE_SECONDS, TICK, StationClock
 from radio.config import StationConfig
 from radio.station import Station
 from radio.timing import Horizon, PromptChange, PromptTimeline
@@ -190,3 +191,81 @@ def test_the_title_switches_with_the_first_new_sample_out_of_the_loudness_stage(
     heard_at = titles[first_new][0]
     assert heard_at == pytest.approx((32000 + LATENCY) / RATE + TICK, abs=1e-9)  # 1.3 s
     assert st.health.prompt_latency_seconds == pytest.approx(heard_at - 0.45)
+
+
+def test_a_late_new_prompt_holds_the_old_music_on_then_crossfades_into_it():
+    """The buffer runs dry exactly at a prompt change's cut: the old prompt's audio that was cut
+    away plays on, full volume and without a seam (no underrun, no bridge), the title stays,
+    and once the new prompt's audio has built up the clock crossfades into it, from the cut."""
+    rig = Rig(buffered=0.0)
+    st, tl, health = rig.station, rig.timeline, rig.station.health
+    old = np.linspace(0.1, 0.9, 4 * RATE, dtype=np.float32)[None]  # distinct sample values
+    st.buffer.append(0, old)
+    rig.clock.start(0.0)
+    rig.run(0.5)
+    tl.applied(PromptChange(Blend.of("new"), "admin", 50, requested_at=0.45), 50)  # cut at 1.0 s
+    assert len(st.buffer) == 0.5 * RATE
+    rig.run(1.6)  # the new prompt's audio is late: nothing came after the cut
+    assert health.holds == 1 and health.holding
+    assert health.underruns == 0 and not health.bridging
+    out = rig.out.audio[0, LATENCY:]  # out[i]: input sample i, out of the loudness stage
+    played = out.shape[0]
+    assert np.array_equal(out, old[0, :played])  # the old music, as if nothing was cut
+    assert tl.on_air == "old" and health.prompts_heard == 0
+    assert st.buffer.head == 50 * HOP  # the live timeline waits at the cut
+    # the new prompt's audio arrives, faster than real time: the clock leaves the hold
+    rig.tail = 50 * HOP
+    for _ in range(10):
+        rig.generate(0.3, value=2.0)
+        rig.run(rig.now + TICK)
+        if not health.holding:
+            break
+    assert not health.holding and health.underruns == 0 and health.holds == 1
+    left_at = rig.now
+    rig.run(left_at + 1.0)
+    out = rig.out.audio[0, LATENCY:]
+    start = round((left_at - TICK) * RATE)  # the release that left the hold
+    fade = round(HOLD_FADE_SECONDS * RATE)
+    assert np.array_equal(out[:start], old[0, :start])  # the hold played the old music on
+    mixed = out[start : start + fade]
+    ramp = np.arange(1, fade + 1, dtype=np.float32) / (fade + 1)
+    np.testing.assert_allclose(
+        mixed, 2.0 * ramp + old[0, start : start + fade] * (1 - ramp), rtol=1e-6
+    )
+    assert np.all(out[start + fade :] == 2.0)  # then the new prompt, from its first sample
+    assert health.held_seconds == pytest.approx(left_at - TICK - 1.0, abs=TICK + 1e-9)
+    rig.run(rig.now + 0.5)
+    assert tl.on_air == "new" and health.prompts_heard == 1
+
+
+def test_a_hold_whose_old_music_runs_out_becomes_a_bridge():
+    rig = Rig(buffered=1.2)
+    tl, health = rig.timeline, rig.station.health
+    rig.clock.start(0.0)
+    rig.run(0.2)
+    tl.applied(PromptChange(Blend.of("new"), "admin", 50, requested_at=0.15), 50)  # 0.2 s left
+    rig.run(1.1)
+    assert health.holding and health.underruns == 0
+    rig.run(1.4)  # the 0.2 s of old music past the cut are gone: the bridge, an underrun
+    assert not health.holding and health.bridging and health.underruns == 1
+    assert rig.released == round(1.4 * RATE)  # never short
+
+
+def test_no_hold_after_the_new_prompt_has_started_or_without_a_cut():
+    """The reserve is the old prompt's audio at the cut only: once new audio was taken, or
+    when a re-anchor (not a prompt change) cut the buffer, a dry buffer is a bridge."""
+    rig = Rig(buffered=2.0)
+    tl, health = rig.timeline, rig.station.health
+    rig.clock.start(0.0)
+    rig.run(0.5)
+    tl.applied(PromptChange(Blend.of("new"), "admin", 50, requested_at=0.45), 50)
+    rig.tail = 50 * HOP
+    rig.generate(0.5, value=2.0)  # new audio in time, then nothing
+    rig.run(2.0)
+    assert health.holds == 0 and health.underruns == 1 and health.bridging
+    other = Rig(buffered=2.0)
+    other.clock.start(0.0)
+    other.run(0.5)
+    other.station.buffer.truncate(50 * HOP)  # a re-anchor's cut keeps no reserve
+    other.run(1.5)
+    assert other.station.health.holds == 0 and other.station.health.underruns == 1

@@ -80,3 +80,38 @@ def test_listener_counts_are_published_only_when_they_change():
         ("listeners", {"mp3": 2, "hls": 0, "total": 2}),
         ("listeners", {"mp3": 2, "hls": 1, "total": 3}),
     ]
+
+
+def test_a_prompt_cut_keeps_the_old_audio_as_a_reserve_handed_out_once_at_the_cut():
+    b = PcmBuffer(1)
+    b.append(0, np.arange(100, dtype=np.float32)[None])
+    b.take(10)
+    b.truncate(40, keep_reserve=True)
+    assert b.reserve_here() is None  # 30 samples still buffered before the cut
+    b.take(30)
+    reserve = b.reserve_here()
+    assert reserve is not None and np.array_equal(reserve[0], np.arange(40, 100))
+    assert b.reserve_here() is None  # handed out once
+
+
+def test_a_second_cut_before_new_audio_keeps_the_whole_old_continuation():
+    b = PcmBuffer(1)
+    b.append(0, np.arange(100, dtype=np.float32)[None])
+    b.truncate(60, keep_reserve=True)
+    b.truncate(30, keep_reserve=True)  # nothing came after the first cut yet
+    b.take(30)
+    reserve = b.reserve_here()
+    assert reserve is not None and np.array_equal(reserve[0], np.arange(30, 100))
+
+
+def test_new_audio_or_a_plain_cut_ends_the_reserve():
+    b = PcmBuffer(1)
+    b.append(0, np.arange(100, dtype=np.float32)[None])
+    b.truncate(50, keep_reserve=True)
+    b.append(50, np.full((1, 10), -1, np.float32))  # the new prompt's audio
+    b.take(55)  # past the cut
+    assert b.reserve_here() is None
+    b.truncate(55, keep_reserve=True)
+    b.truncate(55)  # a re-anchor: nothing held
+    b.take(10)
+    assert b.reserve_here() is None
