@@ -157,7 +157,8 @@ class StationClock:
         self._held: np.ndarray | None = None  # a hold's old audio still to play [C, n]
         self._hold_started = 0.0
         self._crossfade: Crossfade | None = None  # out of a hold, into the new prompt
-        self._growth: deque[tuple[float, float]] = deque()  # (time, buffered s) in a bridge
+        # (time, buffered s) in a bridge or a hold, and before going on air
+        self._growth: deque[tuple[float, float]] = deque()
         self._fade_in = 0  # samples of the fade-in of the bridge still to apply
         self._fed = 0  # samples handed to the loudness stage so far
         self._t0 = 0.0  # clock() at which the samples counted in _released began
@@ -167,7 +168,7 @@ class StationClock:
         """Wait until the buffer is primed, then release audio every TICK until cancelled."""
         st = self.station
         said_error = ""
-        while not self.primed():
+        while not self.primed(self.clock()):
             if st.health.error and st.health.error != said_error:
                 log.error("station %s: not starting: %s", st.id, st.health.error)
                 said_error = st.health.error
@@ -178,8 +179,16 @@ class StationClock:
             next_at = self.tick(self.clock())
             await asyncio.sleep(max(next_at - self.clock(), 0.005))
 
-    def primed(self) -> bool:
-        return len(self.station.buffer) >= self.prime_seconds * self.sample_rate
+    def primed(self, now: float) -> bool:
+        """Ready to go on air: by the rule that ends a bridge (`_caught_up`, with
+        `prime_seconds`): enough buffered and generation keeping up, or the buffer full.
+        Going on air while generation is slower than real time (its first chunks, weights
+        still being prepared) would start the station with a bridge."""
+        buffered = len(self.station.buffer) / self.sample_rate
+        if buffered < self.prime_seconds:
+            self._measure_growth(now, buffered)
+            return False
+        return self._caught_up(now, self.prime_seconds)
 
     def start(self, now: float) -> None:
         """Go on air: the release count starts at `now`."""
@@ -242,17 +251,24 @@ class StationClock:
         self._remember(live)
         return live
 
-    def _caught_up(self, now: float) -> bool:
-        """Leave the bridge once `recover_seconds` are buffered and the buffer grows faster than
-        real time (generation is fast again), or it is nearly full: no flapping while slow."""
+    def _caught_up(self, now: float, enough: float | None = None) -> bool:
+        """Leave the bridge once `recover_seconds` (or `enough`) are buffered and the buffer
+        grows faster than real time (generation is fast again), or it is nearly full: no
+        flapping while slow."""
         buffered = len(self.station.buffer) / self.sample_rate
-        self._growth.append((now, buffered))
-        if buffered < self.recover_seconds:
+        self._measure_growth(now, buffered)
+        if buffered < (self.recover_seconds if enough is None else enough):
             return False
         if buffered >= self.full_seconds:
             return True
         t0, b0 = self._growth[0]
         return now - t0 >= GROWTH_WINDOW and (buffered - b0) / (now - t0) >= RECOVER_GROWTH
+
+    def _measure_growth(self, now: float, buffered: float) -> None:
+        """Keep (time, buffered) samples back to the latest one GROWTH_WINDOW old."""
+        self._growth.append((now, buffered))
+        while len(self._growth) > 1 and now - self._growth[1][0] >= GROWTH_WINDOW:
+            self._growth.popleft()
 
     def _remember(self, live: np.ndarray) -> None:
         if live.shape[1] == 0:
@@ -269,7 +285,7 @@ class StationClock:
         st.health.holding = True
         self._hold_started = now
         self._held = reserve
-        self._growth = deque(maxlen=round(GROWTH_WINDOW / TICK) + 1)
+        self._growth.clear()
         log.info(
             "station %s: the new prompt's music is not ready yet; the old one plays on (%.1f s "
             "of it made) until it is",
@@ -329,7 +345,7 @@ class StationClock:
         else:
             recent = np.zeros((st.channels, 0), np.float32)
         self._bridge = Bridge(recent, self.fade)
-        self._growth = deque(maxlen=round(GROWTH_WINDOW / TICK) + 1)
+        self._growth.clear()
         self._fade_in = self.fade
         return self._bridge_audio(n)
 

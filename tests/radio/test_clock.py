@@ -107,7 +107,6 @@ class Rig:
 
 def test_releases_exactly_what_the_time_says():
     rig = Rig()
-    assert rig.clock.primed()
     rig.clock.start(0.0)
     assert rig.station.health.started
     next_at = rig.clock.tick(0.1)
@@ -269,3 +268,26 @@ def test_no_hold_after_the_new_prompt_has_started_or_without_a_cut():
     other.station.buffer.truncate(50 * HOP)  # a re-anchor's cut keeps no reserve
     other.run(1.5)
     assert other.station.health.holds == 0 and other.station.health.underruns == 1
+
+
+def test_on_air_once_primed_and_keeping_up_or_full():
+    """The clock goes on air by the bridge's leaving rule: `prime_seconds` buffered and growing
+    faster than real time, or a full buffer; never into a bridge while generation is slow."""
+    fast = Rig(buffered=0.0)
+    for _ in range(6):  # 0.15 s of audio per 0.1 s: x1.5
+        assert not fast.clock.primed(fast.now)
+        fast.generate(0.15, value=1.0)
+        fast.now += TICK
+    assert not fast.clock.primed(fast.now)  # 0.9 s: not yet primed
+    fast.generate(0.15, value=1.0)
+    fast.now += TICK
+    assert fast.clock.primed(fast.now)  # 1.05 s, growing x1.5
+    slow = Rig(buffered=0.0, full=3.0)
+    primed_at = None
+    while primed_at is None:  # 0.09 s per 0.1 s: x0.9, slower than real time
+        slow.generate(0.09, value=1.0)
+        slow.now = round(slow.now + TICK, 9)
+        if slow.clock.primed(slow.now):
+            primed_at = slow.now
+    assert len(slow.station.buffer) >= 3.0 * RATE  # only once full
+    assert primed_at == pytest.approx(3.4)
