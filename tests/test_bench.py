@@ -95,6 +95,10 @@ def test_serve_benchmark_listens_and_reports(tmp_path):
     assert "| generator real-time factor | median" in out
     assert re.search(r"\| underruns \| \d+ \|", out)
     assert re.search(
+        r"\| holds \(a change's first audio late: the old music played on\) \| \d+, [\d.]+ s in all \|",
+        out,
+    )
+    assert re.search(
         r"\| prompt change \| promised [\d.]+ s after the POST, heard after [\d.]+ s", out
     )
     assert re.search(r"\| its prefill \| [\d.]+ s \(2 rows, \d+ frames\) \|", out)
@@ -126,7 +130,7 @@ def test_serve_benchmark_runs_two_stations_with_a_listener_each(tmp_path):
     assert re.search(r"^2 stations hold real time: (yes|no)$", out, re.MULTILINE)
     assert re.search(  # main's, as with one station
         r"\| 2 prompt changes \| heard after median [\d.]+ s, max [\d.]+ s \(promised median "
-        r"[\d.]+, max [\d.]+\); underruns from the first POST on: \d+ \|",
+        r"[\d.]+, max [\d.]+\); underruns from the first POST on: \d+, holds \d+ \|",
         out,
     )
     assert re.search(
