@@ -181,11 +181,14 @@ class StationClock:
 
     def primed(self, now: float) -> bool:
         """Ready to go on air: by the rule that ends a bridge (`_caught_up`, with
-        `prime_seconds`): enough buffered and generation keeping up, or the buffer full.
-        Going on air while generation is slower than real time (its first chunks, weights
-        still being prepared) would start the station with a bridge."""
+        `prime_seconds`: enough buffered and the buffer growing faster than real time), and the
+        generator's own smoothed factor at x1.05 or more; or the buffer full. Going on air while
+        generation is slower than real time (its first chunks, before the radio has moved to
+        cheaper weights) would start the station with a bridge."""
         buffered = len(self.station.buffer) / self.sample_rate
-        if buffered < self.prime_seconds:
+        if buffered >= self.full_seconds:
+            return True
+        if buffered < self.prime_seconds or self.station.health.realtime_factor < RECOVER_GROWTH:
             self._measure_growth(now, buffered)
             return False
         return self._caught_up(now, self.prime_seconds)

@@ -63,6 +63,11 @@ class RadioCollector:
         bridge = CounterMetricFamily(
             "radio_bridge_seconds", "Time the bridge played", labels=["station"]
         )
+        holds = CounterMetricFamily(
+            "radio_holds",
+            "Times a prompt change's first audio came late and the old prompt's played on",
+            labels=["station"],
+        )
         prompts = CounterMetricFamily(
             "radio_prompt_changes", "Prompt changes applied", labels=["station"]
         )
@@ -81,6 +86,7 @@ class RadioCollector:
             bridging.add_metric([sid], 1.0 if h.bridging else 0.0)
             underruns.add_metric([sid], h.underruns)
             bridge.add_metric([sid], h.bridge_seconds)
+            holds.add_metric([sid], h.holds)
             prompts.add_metric([sid], h.prompt_changes)
             mount = r.mp3.get(sid)
             mp3_bytes.add_metric([sid], mount.bytes_out if mount else 0)
@@ -111,6 +117,7 @@ class RadioCollector:
             bridging,
             underruns,
             bridge,
+            holds,
             prompts,
             mp3_bytes,
             ice_up,

@@ -228,6 +228,7 @@ def test_metrics_parse(radio):
     assert samples[("radio_buffer_seconds", main)] > 0.5
     assert samples[("radio_realtime_factor", main)] > 1.0
     assert samples[("radio_underruns_total", main)] == 0.0
+    assert samples[("radio_holds_total", main)] == 0.0
     assert samples[("radio_bridging", main)] == 0.0
     assert samples[("radio_listeners", (("kind", "mp3"), ("station", "main")))] == 1.0
     assert samples[("radio_mp3_bytes_total", main)] > 1000
