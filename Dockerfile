@@ -33,7 +33,8 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HOME=/data/hf \
-    TORCH_EXTENSIONS_DIR=/data/torch_extensions
+    TORCH_EXTENSIONS_DIR=/data/torch_extensions \
+    ENDLESS_RADIO_CACHE=/data/cache
 
 # ffmpeg: the command-line tools for checking streams from inside the container (the radio
 # itself encodes through PyAV's bundled libraries). g++: builds the CPU decode kernels

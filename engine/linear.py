@@ -225,13 +225,28 @@ def pack_int4(
     4j + i holds feature j's code of input 8t + i in its low nibble and of input 8t + 4 + i in
     its high nibble (i < 4). Per block and group: the 16 features' scales, then their 16
     offsets. Padding features have code 0, scale 0 and offset 0 (their outputs are 0).
-    With `kernels` (our int4 module) its quantizer runs, else `quantize_int4`."""
+    With `kernels` (our int4 module) its quantizer runs, and the packed result is kept on disk
+    (`engine.int4_cache`: the next start reads it back instead); else `quantize_int4`."""
     if kernels is None:
-        codes, scales, offsets = quantize_int4(weight, group)
-    else:
-        clips = torch.tensor(INT4_CLIP, dtype=torch.float32)
-        w = _int4_weights(weight, group)
-        codes, scales, offsets = kernels.quantize_int4(w, group, clips, INT4_REFITS)
+        return _pack_int4(*quantize_int4(weight, group), group)
+    from engine import int4_cache
+
+    w = _int4_weights(weight, group)
+    name = int4_cache.key(w, group, (*INT4_CLIP, INT4_REFITS), kernels.__name__)
+    cached = int4_cache.load(name)
+    if cached is not None:
+        return cached
+    clips = torch.tensor(INT4_CLIP, dtype=torch.float32)
+    codes, scales, offsets = kernels.quantize_int4(w, group, clips, INT4_REFITS)
+    packed = _pack_int4(codes, scales, offsets, group)
+    int4_cache.store(name, *packed)
+    return packed
+
+
+def _pack_int4(
+    codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pack_int4`'s layout of quantized codes [N, Kp], scales and offsets [N, Kp / group]."""
     n, kp = codes.shape
     blocks = -(-n // 16)
     full = torch.zeros(blocks * 16, kp, dtype=torch.uint8)

@@ -13,6 +13,13 @@ if (_workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))) > 1:
     _share = max(1, len(os.sched_getaffinity(0)) // _workers)
     os.environ.setdefault("OMP_NUM_THREADS", str(_share))
 
+# The packed int4 weights' disk cache (engine.int4_cache) of this run only, for every radio and
+# benchmark it starts too: tests quantize afresh and leave nothing in the user's cache.
+if "ENDLESS_RADIO_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["ENDLESS_RADIO_CACHE"] = tempfile.mkdtemp(prefix="endless-radio-test-cache-")
+
 import pytest  # noqa: E402
 
 from tests.helpers import InProcessRadio, start_radio_serve, wait_healthy  # noqa: E402

@@ -367,3 +367,44 @@ def test_coarse_weights_are_prepared_a_layer_per_step_between_reads(tiny_model_d
     int8.use_coarse(True)
     torch.testing.assert_close(steps(int8), steps(int4), rtol=0, atol=1e-5)
     assert list(int8.prepare_coarse()) == []  # nothing left to do
+
+
+def test_packed_int4_weights_come_back_from_the_disk_cache(k4, tmp_path, monkeypatch, caplog):
+    """The second quantization of the same weights reads the packed set the first one stored
+    (the same bytes, without running the quantizer); other weights, another group or a damaged
+    entry quantize afresh; ENDLESS_RADIO_CACHE=0 stores nothing."""
+    from engine import int4_cache
+    from engine.linear import pack_int4
+
+    monkeypatch.setenv("ENDLESS_RADIO_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    w = torch.randn(40, 96)
+    first = pack_int4(w, 32, k4)
+    (entry,) = (tmp_path / "int4").iterdir()
+
+    class NoQuantizer:  # the cached set must not need the quantizer
+        __name__ = k4.__name__
+
+        def quantize_int4(self, *args):
+            raise AssertionError("quantized again despite the cache")
+
+    again = pack_int4(w.clone(), 32, NoQuantizer())
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+    other = w.clone()
+    other[3, 7] += 0.5  # one value: another row sum, another entry
+    assert not torch.equal(pack_int4(other, 32, k4)[0], first[0])
+    pack_int4(w, 64, k4)
+    assert len(list((tmp_path / "int4").iterdir())) == 3
+
+    entry.write_bytes(b"not a tensor file")
+    with caplog.at_level("WARNING", logger="engine.int4_cache"):
+        mended = pack_int4(w, 32, k4)
+    assert "unreadable" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(first, mended, strict=True))
+    assert int4_cache.load(entry.stem) is not None  # stored again
+
+    monkeypatch.setenv("ENDLESS_RADIO_CACHE", "0")
+    assert int4_cache.folder() is None
+    pack_int4(torch.randn(16, 64), 32, k4)
+    assert len(list((tmp_path / "int4").iterdir())) == 3

@@ -1,0 +1,79 @@
+"""Packed int4 weights kept on disk, so that quantizing them runs once per model and machine.
+
+Quantizing musicgen-small's projections to int4 (`engine.linear.pack_int4` on our C++
+quantizer) takes ~2.5 s of both cores; the radio needs that set at start-up on a slow hour
+(`generation.coarse_when_behind`: a station goes on air only once it keeps up) and mid-stream when
+generation falls behind. Loading the packed set back takes a fraction of that.
+
+An entry is keyed by what decides its bytes: the weight (its shape and a fingerprint: every row's
+sum and a strided sample of its values; a changed summation order only misses), the group size,
+the quantizer's settings and the built int4 module's name (which carries the kernel variant and
+its sources' digest, so a changed quantizer never reads an old entry). The folder is `$ENDLESS_RADIO_CACHE/int4`, by default
+`~/.cache/endless-radio/int4`; `ENDLESS_RADIO_CACHE=0` turns the cache off. A file that cannot be
+read is removed and the weights quantized again, with a log line; one that cannot be written is
+only logged: the cache never stops the radio.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SAMPLE_STRIDE = 1009  # every 1009th value joins the fingerprint (with every row's sum)
+
+
+def folder() -> Path | None:
+    """Where entries live, or None when the cache is off."""
+    root = os.environ.get("ENDLESS_RADIO_CACHE", "")
+    if root == "0":
+        return None
+    base = Path(root) if root else Path.home() / ".cache" / "endless-radio"
+    return base / "int4"
+
+
+def key(w: torch.Tensor, group: int, settings: Sequence[object], module: str) -> str:
+    """The entry name for float32 weights `w` [N, K] quantized by `module` with `settings`."""
+    digest = hashlib.sha256(f"{module}|{group}|{list(settings)}|{tuple(w.shape)}".encode())
+    digest.update(w.sum(dim=1).numpy().tobytes())
+    digest.update(w.reshape(-1)[::SAMPLE_STRIDE].contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def load(name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The packed (codes, scales) stored as `name`, or None."""
+    where = folder()
+    path = None if where is None else where / f"{name}.pt"
+    if path is None or not path.exists():
+        return None
+    try:
+        codes, scales = torch.load(path, weights_only=True)
+        if codes.dtype != torch.uint8 or scales.dtype != torch.float16:
+            raise ValueError(f"unexpected dtypes {codes.dtype}, {scales.dtype}")
+        return codes, scales
+    except Exception as exc:  # noqa: BLE001 - a damaged entry: quantize again
+        log.warning("int4 weight cache: %s unreadable (%s); quantizing again", path, exc)
+        path.unlink(missing_ok=True)
+        return None
+
+
+def store(name: str, codes: torch.Tensor, scales: torch.Tensor) -> None:
+    """Keep (codes, scales) as `name` (written whole, then renamed into place)."""
+    where = folder()
+    if where is None:
+        return
+    path = where / f"{name}.pt"
+    partial = path.with_suffix(f".{os.getpid()}.part")
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        torch.save((codes, scales), partial)
+        partial.replace(path)
+    except OSError as exc:
+        log.warning("int4 weight cache: cannot write %s (%s); going on without it", path, exc)
+        partial.unlink(missing_ok=True)
