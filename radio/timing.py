@@ -60,7 +60,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MIN_HORIZON = 0.5  # seconds: the auto horizon never starts a prompt sooner
+# seconds: the auto horizon never starts a prompt sooner; at 0.5 s, 4 of 5 changes on 2 Zen 4
+# cores came late (a hold) even at x1.33, at 0.7 s none or 1 of 5-6 (docs/benchmarks.md)
+MIN_HORIZON = 0.7
 HORIZON_MARGIN = 1.5  # the auto horizon leaves this many times the prefill and a chunk
 APPLY_TIMEOUT = 15.0  # seconds a change waits for the generator to take it
 

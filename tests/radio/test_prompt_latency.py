@@ -60,9 +60,11 @@ def test_prompt_change_is_heard_within_a_second_and_a_half(radio_factory):
 
 
 def test_auto_horizon_covers_the_measured_prefill():
-    from radio.timing import auto_horizon
+    from radio.timing import MIN_HORIZON, auto_horizon
 
-    assert auto_horizon(0.01, 0.2) == 0.5  # a fast prefill (GPU, tiny model): the minimum
+    assert (
+        auto_horizon(0.01, 0.2) == MIN_HORIZON == 0.7
+    )  # a fast prefill (GPU, tiny model): the minimum
     assert auto_horizon(1.2, 0.2) == pytest.approx(
         1.5 * (1.2 + 0.2)
     )  # musicgen-small on this CPU, int8

@@ -16,6 +16,7 @@ from radio.clock import Recovery
 from radio.config import StationConfig
 from radio.station import Station
 from radio.timing import (
+    MIN_HORIZON,
     Horizon,
     NotRunning,
     PromptChange,
@@ -87,7 +88,9 @@ def fill(st: Station, start: int, n: int, value: float) -> None:
 
 
 def test_auto_horizon_covers_the_measured_prefill():
-    assert auto_horizon(0.01, 0.2) == 0.5  # a fast prefill (GPU, tiny model): the minimum
+    assert (
+        auto_horizon(0.01, 0.2) == MIN_HORIZON == 0.7
+    )  # a fast prefill (GPU, tiny model): the minimum
     assert auto_horizon(1.2, 0.2) == pytest.approx(
         1.5 * (1.2 + 0.2)
     )  # musicgen-small on a CPU, int8
@@ -102,7 +105,7 @@ def test_a_change_starts_a_horizon_after_the_moment_being_played():
     tl = timeline(st, engine, clock, fixed=1.0)
     assert tl.start_frame() == 51 + 50  # the next whole frame, plus 1 s
     tl = timeline(st, engine, clock)  # auto: the tiny model's prefill gives the minimum
-    assert tl.start_frame() == 51 + 25
+    assert tl.start_frame() == 51 + 35  # 0.7 s
     engine.prefill_seconds = 1.2  # a slow prefill moves it later: 1.5 x (1.2 + 0.2) s
     assert tl.start_frame() == 51 + 105
 
@@ -151,11 +154,11 @@ async def test_the_answer_says_when_the_change_is_heard():
     task = asyncio.create_task(tl.change("new", "listener", requested_at=9.5))
     await asyncio.sleep(0)
     [(sid, change, _)] = engine.asked
-    assert (sid, change) == ("main", PromptChange(Blend.of("new"), "listener", 50 + 25, 9.5))
+    assert (sid, change) == ("main", PromptChange(Blend.of("new"), "listener", 50 + 35, 9.5))
     engine.take(tl)
     applied = await task
-    heard_in = (75 * HOP - RATE + LATENCY) / RATE  # 0.5 s of buffer + 0.2 s of loudness
-    assert (applied.frame, applied.heard_in) == (75, pytest.approx(heard_in))
+    heard_in = (85 * HOP - RATE + LATENCY) / RATE  # 0.7 s of buffer + 0.2 s of loudness
+    assert (applied.frame, applied.heard_in) == (85, pytest.approx(heard_in))
     assert applied.heard_at == pytest.approx(WALL + 10.0 + heard_in)
 
 
