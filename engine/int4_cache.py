@@ -1,21 +1,23 @@
 """Packed int4 weights kept on disk, so that quantizing them runs once per model and machine.
 
 Quantizing musicgen-small's projections to int4 (`engine.linear.pack_int4` on our C++
-quantizer) takes ~2.5 s of both cores; the radio needs that set at start-up on a slow hour
+quantizer) takes ~3 s of both cores; the radio needs that set at start-up on a slow hour
 (`generation.coarse_when_behind`: a station goes on air only once it keeps up) and mid-stream when
 generation falls behind. Loading the packed set back takes a fraction of that.
 
 An entry is keyed by what decides its bytes: the weight (its shape and a fingerprint: every row's
 sum and a strided sample of its values; a changed summation order only misses), the group size,
 the quantizer's settings and the built int4 module's name (which carries the kernel variant and
-its sources' digest, so a changed quantizer never reads an old entry). The folder is `$ENDLESS_RADIO_CACHE/int4`, by default
-`~/.cache/endless-radio/int4`; `ENDLESS_RADIO_CACHE=0` turns the cache off. A file that cannot be
+its sources' digest, so a changed quantizer never reads an old entry). The folder is
+`$ENDLESS_RADIO_CACHE/int4`, by default `~/.cache/endless-radio/int4`; `ENDLESS_RADIO_CACHE=0`
+turns the cache off. A file that cannot be
 read is removed and the weights quantized again, with a log line; one that cannot be written is
 only logged: the cache never stops the radio.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -74,6 +76,7 @@ def store(name: str, codes: torch.Tensor, scales: torch.Tensor) -> None:
         where.mkdir(parents=True, exist_ok=True)
         torch.save((codes, scales), partial)
         partial.replace(path)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
         log.warning("int4 weight cache: cannot write %s (%s); going on without it", path, exc)
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # (what stood in the way may not be a file)
+            partial.unlink(missing_ok=True)

@@ -4,6 +4,8 @@ max-scaling and against its PyTorch reference, and the int4 decoder against floa
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import AutoProcessor, MusicgenForConditionalGeneration
@@ -408,3 +410,16 @@ def test_packed_int4_weights_come_back_from_the_disk_cache(k4, tmp_path, monkeyp
     assert int4_cache.folder() is None
     pack_int4(torch.randn(16, 64), 32, k4)
     assert len(list((tmp_path / "int4").iterdir())) == 3
+
+
+def test_an_unwritable_int4_cache_entry_is_only_logged(tmp_path, monkeypatch, caplog):
+    """torch.save reports a failed write as RuntimeError, not OSError: the cache logs it and the
+    caller goes on (the radio never stops for its cache)."""
+    from engine import int4_cache
+
+    monkeypatch.setenv("ENDLESS_RADIO_CACHE", str(tmp_path))
+    (tmp_path / "int4" / f"entry.{os.getpid()}.part").mkdir(parents=True)  # in the way
+    with caplog.at_level("WARNING", logger="engine.int4_cache"):
+        int4_cache.store("entry", torch.zeros(1, dtype=torch.uint8), torch.zeros(1).half())
+    assert "cannot write" in caplog.text
+    assert int4_cache.load("entry") is None
