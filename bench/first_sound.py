@@ -7,14 +7,28 @@ Each run starts `radio serve --model DIR` in a fresh process, connects to `/main
 the port answers, and times: the port accepting connections, `/healthz` answering 200, and the
 first byte of MP3 audio. The first run may build our CPU kernels or fill other caches; the runs
 after it are what a restart costs with the weights and kernels cached (the figure to quote).
-Also prints the start-up lines the radio logged, with their times, so that a slow phase shows.
+Also prints the start-up lines the radio logged and, from their times, where the seconds went
+(median over the cached runs):
+
+    imports   the command to the load's first line: Python, torch, transformers' MusicGen code
+    weights   reading the checkpoint (`from_pretrained`)
+    engine    packing the int8 weights, the codec's and the decoder's set-up
+    listen    the web stack and the stations' set-up, to the port listening
+    music     the first notes: prompt, prefill, generating until the station is on air
+    deliver   on air to the listener's first MP3 byte
+
+`--python` runs the radio with another interpreter (for example a venv made by the README's first
+command, without the test extras: scipy, a test dependency, makes transformers import
+`scipy.optimize` as well, ~0.5 s a listener's install does not spend).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import http.client
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -66,13 +80,46 @@ def first_mp3_byte(port: int, proc: subprocess.Popen, began: float, timeout: flo
     return times
 
 
-def one_run(path: Path, timeout: float) -> tuple[dict, list[str]]:
+# (phase, the log line that ends it); "deliver" ends at the first byte
+PHASES = (
+    ("imports", "loading MusicGen"),
+    ("weights", "engine.loading: loaded"),
+    ("engine", "model loaded in"),
+    ("listen", "listen on"),
+    ("music", ": on air"),
+)
+STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+
+
+def logged_at(line: str) -> float | None:
+    """The wall-clock time (seconds since the epoch) a log line carries, or None."""
+    match = STAMP.match(line)
+    if match is None:
+        return None
+    return datetime.datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def phases(lines: list[str], started: float, first_byte: float) -> dict[str, float]:
+    """Seconds per phase (`PHASES`) from the log's times; `started` wall-clock time of the
+    command, `first_byte` seconds after it. A phase whose line is missing is left out."""
+    out: dict[str, float] = {}
+    last = started
+    for phase, marker in PHASES:
+        at = next((logged_at(x) for x in lines if marker in x), None)
+        if at is None:
+            continue
+        out[phase], last = at - last, at
+    out["deliver"] = started + first_byte - last
+    return out
+
+
+def one_run(path: Path, timeout: float, python: str) -> tuple[dict, list[str]]:
     port = free_port()
     logfile = Path(tempfile.mkdtemp(prefix="first-sound-")) / "radio-serve.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "radio.cli", "serve", "--model", str(path)]
+    cmd = [python, "-m", "radio.cli", "serve", "--model", str(path)]
     with open(logfile, "wb") as log:
-        began = time.monotonic()
+        began, started = time.monotonic(), time.time()
         proc = subprocess.Popen(
             [*cmd, "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=log, env=env
         )
@@ -82,6 +129,7 @@ def one_run(path: Path, timeout: float) -> tuple[dict, list[str]]:
             proc.terminate()
             proc.wait(timeout=30)
     lines = [line for line in logfile.read_text(errors="replace").splitlines() if " INFO " in line]
+    times["phases"] = phases(lines, started, times["first_byte_s"])
     return times, lines
 
 
@@ -90,22 +138,46 @@ def main() -> int:
     parser.add_argument("--size", choices=("small", "tiny"), default="small")
     parser.add_argument("--runs", type=int, default=2, help="fresh starts (the first warms caches)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds a start may take")
+    parser.add_argument(
+        "--python", default=sys.executable, help="the interpreter that runs the radio"
+    )
     args = parser.parse_args()
     if args.runs < 1:
         raise SystemExit(f"--runs: at least 1, got {args.runs}")
     path = model_dir(args.size)
+    scipy = subprocess.run(
+        [args.python, "-c", "import importlib.util; print(importlib.util.find_spec('scipy'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    say(
+        f"radio's Python: {args.python} ("
+        + (
+            "scipy installed: transformers imports scipy.optimize too"
+            if scipy != "None"
+            else "no scipy"
+        )
+        + ")"
+    )
     runs = []
     for i in range(args.runs):
         say(f"run {i + 1}: radio serve --model {path} ...")
-        times, lines = one_run(path, args.timeout)
+        times, lines = one_run(path, args.timeout, args.python)
         runs.append(times)
         say(
             f"  port open {times['port_s']:.2f} s, healthy {times['healthy_s']:.2f} s, "
             f"first MP3 byte {times['first_byte_s']:.2f} s"
         )
+        say("  " + ", ".join(f"{k} {v:.2f} s" for k, v in times["phases"].items()))
         for line in lines:
             say(f"    log: {line[:160]}")
     cached = runs[1:] or runs
+    names = [p for p, _ in PHASES if all(p in r["phases"] for r in cached)] + ["deliver"]
+    say(
+        "where the seconds went (median): "
+        + ", ".join(f"{p} {statistics.median(r['phases'][p] for r in cached):.2f} s" for p in names)
+    )
     say(
         f"start to first sound, {args.size} shapes, weights and kernels cached: median "
         f"{statistics.median(r['first_byte_s'] for r in cached):.2f} s over {len(cached)} run(s)"

@@ -24,11 +24,16 @@ STALE_LOCK_SECONDS = 600.0
 
 
 def source_digest(root: Path, paths: list[Path]) -> str:
-    """12 hex digits over the files' folder, names (relative to `root`) and bytes. The folder
-    is in it because PyTorch rebuilds a module whose sources moved: two checkouts of the same
-    sources would otherwise take turns rebuilding one module, each build waiting on the other's
-    lock."""
+    """12 hex digits over the files' folder, names (relative to `root`) and bytes, and the
+    PyTorch installation they build against. The folder is in it because PyTorch rebuilds a
+    module whose sources moved: two checkouts of the same sources would otherwise take turns
+    rebuilding one module, each build waiting on the other's lock. The installation, because
+    its include paths are on the compile's command line: two environments (a venv for the
+    radio, one for the tests) took turns rebuilding every kernel, ~50 s per start, silently."""
+    import torch
+
     digest = hashlib.sha256(str(root.resolve()).encode())
+    digest.update(str(Path(torch.__file__).resolve().parent).encode())
     for path in paths:
         digest.update(str(path.relative_to(root)).encode())
         digest.update(path.read_bytes())

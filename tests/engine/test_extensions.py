@@ -62,3 +62,12 @@ def test_a_compile_is_logged_and_a_cached_build_just_loaded(tmp_path, monkeypatc
     assert extensions.built("some_ext")
     extensions.build("some_ext", tmp_path / "x.cpp", [], what="the test kernels", takes="~1 s")
     assert "building" not in caplog.text  # a start with the build cached says nothing about it
+
+
+def test_source_digest_differs_between_torch_installations(tmp_path, monkeypatch):
+    import torch
+
+    (tmp_path / "a.h").write_text("int x;")
+    here = extensions.source_digest(tmp_path, [tmp_path / "a.h"])
+    monkeypatch.setattr(torch, "__file__", str(tmp_path / "other-venv" / "torch" / "__init__.py"))
+    assert extensions.source_digest(tmp_path, [tmp_path / "a.h"]) != here
