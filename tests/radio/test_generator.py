@@ -184,6 +184,26 @@ async def test_stop_ends_the_thread(run):
     assert not gen.alive
 
 
+def test_the_first_chunk_does_not_seed_the_real_time_factor():
+    from radio.generator import RTF_SMOOTHING, next_rtf
+
+    # the chunks of a start on musicgen-small, 2 cores: a cold first one, then x1.07-1.2
+    rtfs = [0.53, 1.07, 1.20, 1.11, 1.17]
+    average, seen = 0.0, []
+    for i, rtf in enumerate(rtfs, start=1):
+        average = next_rtf(average, rtf, i)
+        seen.append(average)
+    assert seen[0] == 0.0  # nothing known yet after the cold chunk
+    assert seen[1] == 1.07  # the second starts the average
+    assert seen[2] == (1 - RTF_SMOOTHING) * 1.07 + RTF_SMOOTHING * 1.20
+    assert all(a >= 1.05 for a in seen[1:])  # on air by the clock's rule from the second chunk
+    # had the first seeded it, the average would still be under x1.05 after all five
+    seeded = 0.53
+    for rtf in rtfs[1:]:
+        seeded = (1 - RTF_SMOOTHING) * seeded + RTF_SMOOTHING * rtf
+    assert seeded < 1.05
+
+
 def test_another_thread_count_is_tried_with_audio_ahead_or_when_falling_behind():
     from radio.generator import trial_allowed
 
