@@ -87,27 +87,30 @@ def _cpu_flags() -> set[str] | None:
         return None
 
 
-def choose_variant() -> tuple[Variant | None, str | None]:
-    """The variant this CPU runs (the best it has the instructions for, or the one
-    ENDLESS_RADIO_KERNELS names), or None and why not."""
+def runnable_variants() -> tuple[list[Variant], str | None]:
+    """The variants to build here, best first: every one this CPU has the instructions for,
+    or only the one ENDLESS_RADIO_KERNELS names; or none and why."""
     wanted = os.environ.get("ENDLESS_RADIO_KERNELS", "auto")
     if wanted == "0":
-        return None, "ENDLESS_RADIO_KERNELS=0"
+        return [], "ENDLESS_RADIO_KERNELS=0"
     names = [v.name for v in VARIANTS]
     if wanted not in ("auto", "1", *names):
-        return None, f"ENDLESS_RADIO_KERNELS={wanted} is not 0, auto or one of {', '.join(names)}"
+        return [], f"ENDLESS_RADIO_KERNELS={wanted} is not 0, auto or one of {', '.join(names)}"
     flags = _cpu_flags()
     if flags is None:
-        return None, "not a Linux CPU (no /proc/cpuinfo)"
-    missing = []
-    for variant in VARIANTS:
-        if wanted in names and variant.name != wanted:
-            continue
-        lacks = [f for f in variant.cpu_flags if f not in flags]
-        if not lacks:
-            return variant, None
-        missing.append(f"{', '.join(lacks)} ({variant.name})")
-    return None, f"this CPU lacks {'; '.join(missing)}"
+        return [], "not a Linux CPU (no /proc/cpuinfo)"
+    asked = [v for v in VARIANTS if wanted not in names or v.name == wanted]
+    runs = [v for v in asked if set(v.cpu_flags) <= flags]
+    if runs:
+        return runs, None
+    missing = [f"{', '.join(f for f in v.cpu_flags if f not in flags)} ({v.name})" for v in asked]
+    return [], f"this CPU lacks {'; '.join(missing)}"
+
+
+def choose_variant() -> tuple[Variant | None, str | None]:
+    """The variant this CPU runs (`runnable_variants`' best), or None and why not."""
+    runs, reason = runnable_variants()
+    return (runs[0] if runs else None), reason
 
 
 def unavailable_reason() -> str | None:
@@ -173,9 +176,9 @@ def build_best(
     `{prefix}_{variant}_{digest}`; if that build fails (and no variant was asked for by name),
     the next variant this CPU runs, saying so: slower kernels of ours beat PyTorch's by far.
     The module, or None and why."""
-    variant, reason = choose_variant()
+    variants, reason = runnable_variants()
     failed: list[str] = []
-    while variant is not None:
+    for variant in variants:
         try:
             started = time.monotonic()
             module = build(
@@ -189,20 +192,9 @@ def build_best(
             failed.append(
                 f"the {variant.name} build failed ({type(exc).__name__}: {str(exc).strip()[:300]})"
             )
-            variant = _next_variant(variant)
             continue
         if failed:
             log.warning("%s: %s; running the %s build", what, "; ".join(failed), variant.name)
         log.info("%s (%s) ready in %.1f s", what, variant.name, time.monotonic() - started)
         return module, None
     return None, "; ".join(failed) or reason
-
-
-def _next_variant(variant: Variant) -> Variant | None:
-    """The next variant after `variant` that this CPU runs, unless ENDLESS_RADIO_KERNELS named
-    one (then the build asked for is the only one tried)."""
-    if os.environ.get("ENDLESS_RADIO_KERNELS", "auto") not in ("auto", "1"):
-        return None
-    flags = _cpu_flags() or set()
-    later = VARIANTS[VARIANTS.index(variant) + 1 :]
-    return next((v for v in later if set(v.cpu_flags) <= flags), None)

@@ -186,8 +186,11 @@ def test_the_variant_that_runs_is_the_best_this_cpu_has(k, monkeypatch):
     best = next(v for v in kernels.VARIANTS if set(v.cpu_flags) <= flags)
     assert kernels.choose_variant() == (best, None)
     assert kernels.isa() == k.isa() == best.name
+    runs = kernels.runnable_variants()[0]  # best first, then what a failed build falls back to
+    assert runs[0] == best and runs == [v for v in kernels.VARIANTS if set(v.cpu_flags) <= flags]
     monkeypatch.setenv("ENDLESS_RADIO_KERNELS", "avx2")
     assert kernels.choose_variant()[0].name == "avx2"
+    assert [v.name for v in kernels.runnable_variants()[0]] == ["avx2"]  # named: only that one
     monkeypatch.setenv("ENDLESS_RADIO_KERNELS", "0")
     assert kernels.choose_variant() == (None, "ENDLESS_RADIO_KERNELS=0")
     monkeypatch.setenv("ENDLESS_RADIO_KERNELS", "sse2")
