@@ -13,6 +13,11 @@ its sources' digest, so a changed quantizer never reads an old entry). The folde
 turns the cache off. A file that cannot be
 read is removed and the weights quantized again, with a log line; one that cannot be written is
 only logged: the cache never stops the radio.
+
+Entries of an older quantizer or kernel build are never read again (their module name is in the
+key), so the folder would grow by a model's set (~200 MB for musicgen-small) with every update:
+a read touches its entry, and the first store of a process removes the entries nobody read or
+wrote for UNUSED_DAYS (and leftovers of interrupted writes), saying how much it freed.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +35,8 @@ import torch
 log = logging.getLogger(__name__)
 
 SAMPLE_STRIDE = 1009  # every 1009th value joins the fingerprint (with every row's sum)
+UNUSED_DAYS = 30  # entries not read or written for this long are removed (`prune`)
+_pruned: set[Path] = set()  # folders pruned by this process
 
 
 def folder() -> Path | None:
@@ -58,6 +66,8 @@ def load(name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         codes, scales = torch.load(path, weights_only=True)
         if codes.dtype != torch.uint8 or scales.dtype != torch.float16:
             raise ValueError(f"unexpected dtypes {codes.dtype}, {scales.dtype}")
+        with contextlib.suppress(OSError):  # in use: `prune` keeps it (a read-only cache too)
+            os.utime(path)
         return codes, scales
     except Exception as exc:  # noqa: BLE001 - a damaged entry: quantize again
         log.warning("int4 weight cache: %s unreadable (%s); quantizing again", path, exc)
@@ -72,6 +82,9 @@ def store(name: str, codes: torch.Tensor, scales: torch.Tensor) -> None:
         return
     path = where / f"{name}.pt"
     partial = path.with_suffix(f".{os.getpid()}.part")
+    if where not in _pruned:
+        _pruned.add(where)
+        prune(where)
     try:
         where.mkdir(parents=True, exist_ok=True)
         torch.save((codes, scales), partial)
@@ -80,3 +93,34 @@ def store(name: str, codes: torch.Tensor, scales: torch.Tensor) -> None:
         log.warning("int4 weight cache: cannot write %s (%s); going on without it", path, exc)
         with contextlib.suppress(OSError):  # (what stood in the way may not be a file)
             partial.unlink(missing_ok=True)
+
+
+def prune(where: Path, now: float | None = None) -> int:
+    """Remove the entries in `where` not read or written for UNUSED_DAYS, and partial writes
+    older than a day; returns how many files went (logged with the bytes freed)."""
+    now = time.time() if now is None else now
+    removed = freed = 0
+    try:
+        files = list(where.iterdir())
+    except OSError:
+        return 0  # no folder yet, or not readable: nothing to do
+    for path in files:
+        limit = UNUSED_DAYS * 86400 if path.suffix == ".pt" else 86400
+        try:
+            info = path.stat()
+            if path.suffix not in (".pt", ".part") or now - info.st_mtime < limit:
+                continue
+            path.unlink()
+        except OSError:
+            continue  # gone meanwhile, or not ours to remove
+        removed, freed = removed + 1, freed + info.st_size
+    if removed:
+        log.info(
+            "int4 weight cache: removed %d old files from %s (%.0f MB: entries unused for %d "
+            "days, interrupted writes)",
+            removed,
+            where,
+            freed / 1e6,
+            UNUSED_DAYS,
+        )
+    return removed

@@ -5,6 +5,7 @@ max-scaling and against its PyTorch reference, and the int4 decoder against floa
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -410,6 +411,37 @@ def test_packed_int4_weights_come_back_from_the_disk_cache(k4, tmp_path, monkeyp
     assert int4_cache.folder() is None
     pack_int4(torch.randn(16, 64), 32, k4)
     assert len(list((tmp_path / "int4").iterdir())) == 3
+
+
+def test_int4_cache_entries_unused_for_a_month_are_removed(tmp_path, monkeypatch, caplog):
+    """A read keeps an entry fresh; the first store of a process removes entries nobody used
+    for UNUSED_DAYS (an older quantizer's, say) and day-old partial writes, and says so."""
+    from engine import int4_cache
+
+    monkeypatch.setenv("ENDLESS_RADIO_CACHE", str(tmp_path))
+    where = tmp_path / "int4"
+    where.mkdir()
+    codes, scales = torch.zeros(4, dtype=torch.uint8), torch.zeros(2).half()
+    for name in ("old", "read", "recent"):
+        torch.save((codes, scales), where / f"{name}.pt")
+    (where / "old.123.part").write_bytes(b"x")
+    (where / "notes.txt").write_text("not ours")
+    month = int4_cache.UNUSED_DAYS * 86400
+    stale = time.time() - month - 60
+    for name in ("old.pt", "read.pt", "old.123.part", "notes.txt"):
+        os.utime(where / name, (stale, stale))
+    assert int4_cache.load("read") is not None  # read: fresh again
+    monkeypatch.setattr(int4_cache, "_pruned", set())
+    with caplog.at_level("INFO", logger="engine.int4_cache"):
+        int4_cache.store("new", codes, scales)
+    assert sorted(p.name for p in where.iterdir()) == [
+        "new.pt",
+        "notes.txt",
+        "read.pt",
+        "recent.pt",
+    ]
+    assert "removed 2 old files" in caplog.text and "unused for 30 days" in caplog.text
+    assert int4_cache.prune(where) == 0  # nothing more; once per process from `store`
 
 
 def test_an_unwritable_int4_cache_entry_is_only_logged(tmp_path, monkeypatch, caplog):
