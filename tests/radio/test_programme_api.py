@@ -46,7 +46,9 @@ def config(state_file: str = "", **station) -> object:
 
 @pytest.fixture
 def clock() -> ShiftedClock:
-    return ShiftedClock()
+    # noon UTC: the all-day slot's next change is an hourly rotation tick; in the hour before
+    # midnight it would be the next day's slot (the test failed in CI at 23:03 UTC)
+    return ShiftedClock.at_utc(12)
 
 
 @pytest.fixture

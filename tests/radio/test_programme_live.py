@@ -41,7 +41,7 @@ def radio(radio_model):
             }
         ],
     }
-    clock = ShiftedClock()
+    clock = ShiftedClock.at_utc(12)  # noon UTC: the next change is a rotation tick, not midnight
     with serving(data, radio_model, programme_clock=clock) as r:
         r.clock = clock
         yield r
