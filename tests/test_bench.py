@@ -219,6 +219,13 @@ def test_first_sound_benchmark_times_a_fresh_start(tmp_path):
     port, healthy, first = (float(t) for t in times.groups())
     assert 0 < port <= healthy <= first
     assert "log: " in out and "on air" in out
+    # the phases come from the radio's log times and add up to the first byte (to log rounding)
+    phases = re.search(r"where the seconds went \(median\): (.*)", out)
+    assert phases, out
+    seconds = dict(re.findall(r"(\w+) (-?[\d.]+) s", phases[1]))
+    assert list(seconds) == ["imports", "weights", "engine", "listen", "music", "deliver"]
+    assert all(float(v) >= 0 for v in seconds.values())
+    assert abs(sum(float(v) for v in seconds.values()) - first) < 0.05
     assert re.search(r"start to first sound, tiny shapes, .*: median [\d.]+ s over 1 run", out)
 
 
