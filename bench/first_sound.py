@@ -145,21 +145,10 @@ def main() -> int:
     if args.runs < 1:
         raise SystemExit(f"--runs: at least 1, got {args.runs}")
     path = model_dir(args.size)
-    scipy = subprocess.run(
-        [args.python, "-c", "import importlib.util; print(importlib.util.find_spec('scipy'))"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    say(
-        f"radio's Python: {args.python} ("
-        + (
-            "scipy installed: transformers imports scipy.optimize too"
-            if scipy != "None"
-            else "no scipy"
-        )
-        + ")"
-    )
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('scipy') is None)"
+    has_scipy = subprocess.run([args.python, "-c", probe], check=False).returncode == 0
+    scipy = "scipy installed: transformers imports scipy.optimize too" if has_scipy else "no scipy"
+    say(f"radio's Python: {args.python} ({scipy})")
     runs = []
     for i in range(args.runs):
         say(f"run {i + 1}: radio serve --model {path} ...")

@@ -105,10 +105,12 @@ def prune(where: Path, now: float | None = None) -> int:
     except OSError:
         return 0  # no folder yet, or not readable: nothing to do
     for path in files:
+        if path.suffix not in (".pt", ".part"):
+            continue  # not ours
         limit = UNUSED_DAYS * 86400 if path.suffix == ".pt" else 86400
         try:
             info = path.stat()
-            if path.suffix not in (".pt", ".part") or now - info.st_mtime < limit:
+            if now - info.st_mtime < limit:
                 continue
             path.unlink()
         except OSError:
