@@ -15,6 +15,9 @@ bytes come from memory as in the real step, not from a warm cache:
   machine's bandwidth swings), at each `--int4-rows`: ms, GB/s and its share of the read;
 - a prefill's projections (one layer's, `--prefill-rows` rows: compute-bound): float32
   `F.linear` (what an int8 decoder prefills with without our kernels) against `linear_int8`;
+- a window restart's two KV cache layout changes (its warm rows in, then in place of the lane's
+  rows: `KVCache.select_rows`) for `--layout-stations` stations, int8 and int4 caches of 1500
+  positions: an indexed copy (index_select, index_put) against select_rows's row by row copies;
 - a plain read of 256 MB first, the ceiling this machine's memory allows: every memory-bound
   line gives its GB/s as a share of it ("of read").
 
@@ -243,6 +246,50 @@ def bench_int4(rows_list: list[int], layers: int, repeat: int, group: int) -> No
               f"x{ms['int8'] / ms['int4']:.2f} int8 dynamic's step")  # fmt: skip
 
 
+def _indexed_layout(tensors: list[torch.Tensor], sources: list[int | None]) -> list[torch.Tensor]:
+    """The reference for a layout change: fresh buffers, and the kept rows by one indexed copy
+    (how `KVCache.select_rows` did it before it copied row by row into reused buffers)."""
+    new = [j for j, s in enumerate(sources) if s is not None]
+    index = torch.tensor([s for s in sources if s is not None])
+    out = []
+    for t in tensors:
+        rows = t.new_zeros(t.shape[0], len(sources), *t.shape[2:])
+        rows[:, new] = t.index_select(1, index)
+        out.append(rows)
+    return out
+
+
+def bench_layout(stations: int, layers: int, positions: int, repeat: int) -> None:
+    """A window restart's two layout changes of the KV cache (its warm rows in, then in place
+    of the lane's rows), `stations` stations of 2 rows: an indexed copy against `select_rows`."""
+    rows = 2 * stations
+    warm_in = [*range(rows - 2), None, None, rows - 2, rows - 1]  # the last station's restart
+    promote = [*range(rows - 2), rows, rows + 1]
+    print(
+        f"KV cache layout changes of a window restart, {stations} station(s), {positions} positions"
+    )
+    for kind in ("int8", "int4"):
+        cache = KVCache(
+            layers, rows, HEADS, positions, HEAD_DIM, device=torch.device("cpu"), kind=kind
+        )
+        for t in cache.tensors():
+            t.fill_(3)  # touched, as a live cache's pages are
+        ms = interleaved(
+            {
+                "indexed": lambda c=cache: _indexed_layout(
+                    _indexed_layout(list(c.tensors()), warm_in), promote
+                ),
+                "rows": lambda c=cache: c.select_rows(warm_in).select_rows(promote),
+            },
+            repeat,
+        )
+        nbytes = sum(t.nbytes for t in cache.tensors())
+        print(
+            f"  {kind} cache, {nbytes / 1e6:.0f} MB: indexed copy {ms['indexed']:.0f} ms, "
+            f"select_rows {ms['rows']:.0f} ms (x{ms['indexed'] / ms['rows']:.1f})"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2, help="batch rows (2 per station)")
@@ -253,6 +300,9 @@ def main() -> None:
     parser.add_argument("--int4-rows", type=int, nargs="*", default=[2, 8])
     parser.add_argument("--int4-group", type=int, default=INT4_GROUP)
     parser.add_argument("--int4-only", action="store_true", help="only the linear_int4 rows")
+    parser.add_argument(
+        "--layout-stations", type=int, nargs="*", default=[1, 2], help="stations of the layout rows"
+    )
     args = parser.parse_args()
     k = kernels.get()
     ours = kernels.isa() if k is not None else f"unavailable ({kernels.unavailable_reason()})"
@@ -267,6 +317,8 @@ def main() -> None:
         bench_attention(args.rows, args.layers, positions, args.repeat, k)
     if args.prefill_rows:
         bench_prefill(args.prefill_rows, max(1, args.repeat // 5), k)
+    for stations in args.layout_stations:
+        bench_layout(stations, args.layers, 1500, max(2, args.repeat // 3))
 
 
 if __name__ == "__main__":
