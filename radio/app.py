@@ -309,6 +309,7 @@ def _clock(radio: Radio, sid: str) -> StationClock:
         prime_seconds=prime,
         recover_seconds=recovery.recover_seconds,
         full_seconds=recovery.full_seconds,
+        speed_judged=lambda: radio.generator.speed_judged,
     )
 
 

@@ -137,6 +137,7 @@ class StationClock:
         recover_seconds: float,
         full_seconds: float,
         clock: Callable[[], float] = time.monotonic,
+        speed_judged: Callable[[], bool] = lambda: True,
     ) -> None:
         self.station = station
         self.sample_rate = sample_rate
@@ -148,6 +149,9 @@ class StationClock:
         self.prime_seconds = prime_seconds  # buffered audio needed to go on air
         self.recover_seconds = recover_seconds  # buffered audio needed to leave the bridge
         self.full_seconds = full_seconds  # ... or this much, however slow generation is
+        # whether the generator has measured its steady speed and chosen its weights for it
+        # (`Generator.speed_judged`): a station goes on air only then
+        self.speed_judged = speed_judged
         self.clock = clock
         self.fade = round(FADE_SECONDS * sample_rate)
         self._recent: deque[np.ndarray] = deque()  # last BRIDGE_SECONDS of live audio
@@ -182,13 +186,16 @@ class StationClock:
     def primed(self, now: float) -> bool:
         """Ready to go on air: by the rule that ends a bridge (`_caught_up`, with
         `prime_seconds`: enough buffered and the buffer growing faster than real time), and the
-        generator's own smoothed factor at x1.05 or more; or the buffer full. Going on air while
-        generation is slower than real time (its first chunks, before the radio has moved to
-        cheaper weights) would start the station with a bridge."""
+        generator's own smoothed factor at x1.05 or more, and its speed judged (the ladder's
+        choice of weights made); or the buffer full. Going on air while generation is slower
+        than real time (its first chunks, before the radio has moved to cheaper weights), or
+        just before the move (a stall of a second while int4 weights load), would start the
+        station with a bridge."""
         buffered = len(self.station.buffer) / self.sample_rate
         if buffered >= self.full_seconds:
             return True
-        if buffered < self.prime_seconds or self.station.health.realtime_factor < RECOVER_GROWTH:
+        slow = self.station.health.realtime_factor < RECOVER_GROWTH or not self.speed_judged()
+        if buffered < self.prime_seconds or slow:
             self._measure_growth(now, buffered)
             return False
         return self._caught_up(now, self.prime_seconds)

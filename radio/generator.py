@@ -232,6 +232,10 @@ class Generator:
         self._plain_kind: tuple[int, int] = (0, 0)
         self.adaptive_restarts = adaptive_restarts
         self.warned_behind = False  # said that even the ladder's last level cannot keep up
+        # the ladder has judged the speed: measured the steady generation rate and chosen the
+        # weights for it (read by the clocks: a station goes on air only then, so that the
+        # switch to int4 weights, a stall of a second or so, never comes right after)
+        self.speed_judged = not (adaptive_restarts and coarse_when_behind)
         # the ladder's coarse level (int4 weights): their speed over int8's, a guess until they
         # ran (0: no such level), and int8's cost per frame when they were switched to
         self.coarse_speedup = ladder.COARSE_SPEEDUP if coarse_when_behind else 0.0
@@ -517,10 +521,12 @@ class Generator:
             )
         self._say_if_still_behind(rates, level)
         if level == self.restart_level:
+            self.speed_judged = True
             return
         coarse = level == ladder.COARSE
         if coarse != self.model.coarse and not self._switch_weights(coarse, rates, cost):
             level = ladder.COARSE - 1  # int4 weights could not be made (said)
+        self.speed_judged = True
         frames = ladder.context_frames(window.context, level)
         was, self.restart_level = self.restart_level, level
         if frames == ladder.context_frames(window.context, was):

@@ -272,8 +272,8 @@ def test_no_hold_after_the_new_prompt_has_started_or_without_a_cut():
 
 def test_on_air_once_primed_and_keeping_up_or_full():
     """The clock goes on air by the bridge's leaving rule: `prime_seconds` buffered and growing
-    faster than real time (and the generator's factor saying so), or a full buffer; never into a
-    bridge while generation is slow."""
+    faster than real time (and the generator's factor saying so, its speed judged), or a full
+    buffer; never into a bridge while generation is slow."""
     fast = Rig(buffered=0.0)
     fast.station.health.realtime_factor = 1.5
     for _ in range(6):  # 0.15 s of audio per 0.1 s: x1.5
@@ -283,6 +283,10 @@ def test_on_air_once_primed_and_keeping_up_or_full():
     assert not fast.clock.primed(fast.now)  # 0.9 s: not yet primed
     fast.generate(0.15, value=1.0)
     fast.now += TICK
+    judged = False
+    fast.clock.speed_judged = lambda: judged
+    assert not fast.clock.primed(fast.now)  # the generator has not chosen its weights yet
+    judged = True
     assert fast.clock.primed(fast.now)  # 1.05 s, growing x1.5
     fast.station.health.realtime_factor = 0.9  # the generator measures itself slower: wait
     assert not fast.clock.primed(fast.now)

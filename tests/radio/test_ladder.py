@@ -21,7 +21,7 @@ from radio.ladder import (
     context_frames,
     predicted_rtf,
 )
-from tests.radio.fake_engine import CHUNK, COARSE_PARTS, FakeModel
+from tests.radio.fake_engine import CHUNK, COARSE_PARTS, FakeModel, FakeStream
 
 WINDOW, CONTEXT, RATE = 1500, 500, 50.0  # musicgen-small's defaults: 30 s windows, 10 s context
 COLD = WindowOptions(warm_restarts=False)  # window restarts prefill: what the ladder shortens
@@ -285,3 +285,21 @@ async def test_a_steady_rate_too_slow_for_any_restarts_moves_before_the_warm_cos
     assert gen.warm_cost == 0  # not measured (the fake's streams never warm a window)
     assert model.switches == [(True, True)]  # prepared first
     assert "preparing int4 weights between chunks" in caplog.text
+
+
+async def test_the_speed_is_judged_once_the_weights_are_chosen(run, monkeypatch):
+    """`Generator.speed_judged` (the clocks go on air only then) turns true once the ladder has
+    measured the steady rate and made its choice, a switch to int4 weights included: a station
+    never goes on air just before that switch's stall. Without the coarse level it is true from
+    the start: nothing would stall."""
+    monkeypatch.setattr(FakeStream, "read_seconds", 0.3)  # x0.67 of real time from the first read
+    model = FakeModel()
+    gen, sink = await run(model, ("a",), coarse_when_behind=True)
+    assert not gen.speed_judged
+    async with asyncio.timeout(20):
+        while not gen.speed_judged:
+            gen.played("a", len(sink.pcm("a")) * CHUNK)
+            await asyncio.sleep(0.01)
+    assert model.coarse  # switched before it said so
+    plain, _ = await run(FakeModel(), ("b",), coarse_when_behind=False)
+    assert plain.speed_judged
