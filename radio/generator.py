@@ -623,14 +623,19 @@ class Generator:
         if rtf >= 1.0 or self.warned_behind:
             return
         self.warned_behind = True
+        # int4 weights are a way out only where they are not in use already (the ladder's last
+        # level, or loaded so) and can run
+        int4 = last != ladder.COARSE and self.model.coarse_available() is None
         log.warning(
             "generation cannot keep up even with the shortest window restarts%s: x%.2f of real "
             "time for %d station(s), so listeners will hear the bridge now and then; fewer "
-            'stations, a faster device, or on a CPU int4 weights (model.quantize = "int4": '
-            "coarser, see README) make it keep up",
+            "stations%s make it keep up",
             " and int4 weights" if last == ladder.COARSE else "",
             rtf,
             rates.stations,
+            ', a faster device, or int4 weights (model.quantize = "int4": coarser, see README)'
+            if int4
+            else " or a faster device",
         )
 
     def _chunks(self, lanes: list[_Lane]) -> list[_Chunk | Exception]:

@@ -129,6 +129,21 @@ async def test_the_generator_shortens_restarts_while_behind_and_restores_them(ru
     assert not gen.warned_behind  # and said again if it comes to that again
 
 
+async def test_the_warning_suggests_int4_weights_only_where_they_would_be_new(run, caplog):
+    """A model already on int4 weights (loaded so: `coarse_available` says why the ladder has
+    no int4 level) is not told to take int4 weights."""
+    caplog.set_level(logging.INFO, logger="radio.generator")
+    model = FakeModel()
+    model.coarse_available = lambda: "coarse weights replace int8 projections"  # type: ignore[method-assign]
+    gen, sink = await run(model, ("a",), buffer_ahead=1.0, window=COLD)
+    await sink.until(lambda: len(sink.pcm("a")) == 5)
+    restart_cost(gen, False, 1e6)
+    gen.played("a", 20)
+    await sink.until(lambda: "even with the shortest window restarts" in caplog.text)
+    assert "make it keep up" in caplog.text and "fewer stations or a faster device" in caplog.text
+    assert "int4" not in caplog.text
+
+
 async def coarse_ready(model) -> None:
     async with asyncio.timeout(10):
         while not model.coarse_ready:
