@@ -168,8 +168,8 @@ inline void cross_attention(const ModelW& m, int64_t layer, const CrossInputs& c
   auto ask = [&](int64_t i) {
     const int64_t b = i / H, at = ((layer * B + b) * H + i % H) * S * D;
     for (int64_t line = 0; line < c.lengths[b] * D; line += 32) {  // 64-byte lines
-      prefetch_l2(c.keys + at + line);
-      prefetch_l2(c.values + at + line);
+      prefetch(c.keys + at + line);
+      prefetch(c.values + at + line);
     }
   };
   at::parallel_for(0, B * H, 2 * H, [&](int64_t i0, int64_t i1) {

@@ -93,7 +93,7 @@ void attend_q8(const float* q, const int8_t* k, const float* ks, const int8_t* v
   for (; t0 + 8 <= T; t0 += 8, k += 8 * D) {  // 8 positions, one horizontal-sum butterfly
     for (int64_t line = 0; line < 8 * D; line += 64) {
       prefetch(k + kAttendPrefetch + line);
-      prefetch_l2(v + t0 * D + line);  // the same positions' values, for the second pass
+      prefetch(v + t0 * D + line);  // the same positions' values, for the second pass
     }
     __m256 a[8];
     for (int j = 0; j < 8; ++j) a[j] = _mm256_cvtepi32_ps(key_dot_i16<NC>(q16, k + j * D));
@@ -114,7 +114,7 @@ void attend_q8(const float* q, const int8_t* k, const float* ks, const int8_t* v
   for (int64_t t = 0; t < T; ++t, v += D) {
     for (int64_t line = 0; line < D; line += 64) prefetch(v + kAttendPrefetch + line);
     if (next_k)
-      for (int64_t line = 0; line < D; line += 64) prefetch_l2(next_k + t * D + line);
+      for (int64_t line = 0; line < D; line += 64) prefetch(next_k + t * D + line);
     const __m256 p = _mm256_set1_ps(scores[t]);  // softmax weight times the value's scale
     for (int r = 0; r < R; ++r) o[r] = _mm256_fmadd_ps(p, load_i8(v + 8 * r), o[r]);
   }

@@ -87,7 +87,7 @@ void attend_q8(const float* q, const int8_t* k, const float* ks, const int8_t* v
       __m512 a[16];
       for (int64_t line = 0; line < 16 * D; line += 64) {
         prefetch(k + kAttendPrefetch + line);
-        prefetch_l2(v + t0 * D + line);  // the same positions' values, for the second pass
+        prefetch(v + t0 * D + line);  // the same positions' values, for the second pass
       }
       for (int j = 0; j < 16; ++j) {
         __m512i acc = _mm512_setzero_si512();
@@ -133,7 +133,7 @@ void attend_q8(const float* q, const int8_t* k, const float* ks, const int8_t* v
   for (int64_t t2 = 0; t2 < T; ++t2, v += D) {
     for (int64_t line = 0; line < D; line += 64) prefetch(v + kAttendPrefetch + line);
     if (next_k)
-      for (int64_t line = 0; line < D; line += 64) prefetch_l2(next_k + t2 * D + line);
+      for (int64_t line = 0; line < D; line += 64) prefetch(next_k + t2 * D + line);
     const __m512 p = _mm512_set1_ps(scores[t2]);  // softmax weight times the value's scale
     for (int c = 0; c < NC; ++c) o[c] = _mm512_fmadd_ps(p, load_i8(v + 16 * c), o[c]);
   }
