@@ -9,6 +9,8 @@
 #include <xmmintrin.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -89,6 +91,52 @@ inline std::pair<int64_t, int64_t> thread_blocks(int64_t blocks) {
   const int64_t chunk = (blocks + threads - 1) / threads;
   const int64_t b0 = std::min(blocks, at::get_thread_num() * chunk);
   return {b0, std::min(blocks, b0 + chunk)};
+}
+
+// fn(b) for every block b in [0, blocks), split across the intra-op threads as `thread_blocks`
+// splits them (the shares whose bytes `thread_share` asks for early), each thread taking its own
+// share's blocks from the front; a thread done with its share takes the blocks left at the back
+// of the others'. The threads of a streamed product finish at different times (the bus is not
+// shared evenly), and without this the first one done waited for the other at every product:
+// an int8 step x1.04-1.06 faster with it on Zen 4 (2 and 4 rows, in turns in one process), a
+// prefill x1.04; int4 steps the same. Each block is done by one thread, whole: the sums are
+// those of a static split.
+template <class Fn>
+inline void parallel_blocks(int64_t blocks, Fn&& fn) {
+  const int64_t threads = std::clamp<int64_t>(std::min<int64_t>(at::get_num_threads(), blocks), 1, 64);
+  if (threads == 1) {
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) fn(b);
+    });
+    return;
+  }
+  // share t: blocks [front, back) packed in one word (back << 32 | front), so that the owner's
+  // take from the front and a helper's from the back can never both take the same block
+  struct alignas(64) Share {
+    std::atomic<uint64_t> range;
+  };
+  std::array<Share, 64> shares;
+  const int64_t chunk = (blocks + threads - 1) / threads;
+  for (int64_t t = 0; t < threads; ++t) {
+    const uint64_t b0 = std::min(blocks, t * chunk), b1 = std::min(blocks, (t + 1) * chunk);
+    shares[t].range.store(b1 << 32 | b0, std::memory_order_relaxed);
+  }
+  auto take = [&](int64_t t, bool from_front) -> int64_t {  // a block of share t, or -1
+    uint64_t r = shares[t].range.load(std::memory_order_relaxed);
+    for (;;) {
+      const uint64_t front = r & 0xFFFFFFFFu, back = r >> 32;
+      if (front >= back) return -1;
+      const uint64_t next = from_front ? (back << 32 | (front + 1)) : ((back - 1) << 32 | front);
+      if (shares[t].range.compare_exchange_weak(r, next, std::memory_order_relaxed))
+        return static_cast<int64_t>(from_front ? front : back - 1);
+    }
+  };
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t b; (b = take(t, true)) >= 0;) fn(b);
+    for (int64_t u = 1; u < threads; ++u)  // then the others' leftovers, the next share first
+      for (int64_t b; (b = take((t0 + u) % threads, false)) >= 0;) fn(b);
+  });
 }
 
 // The packed bytes of `w` that this thread will stream in gemm_int8, for asking for them early.

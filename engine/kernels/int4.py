@@ -21,7 +21,7 @@ from engine.extensions import source_digest
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("int4.cpp")
-_HEADERS = ("int4_gemm.h", "int4_quantize.h", "int4_view.h")  # included by int4.cpp
+_HEADERS = ("common.h", "int4_gemm.h", "int4_quantize.h", "int4_view.h")  # included by int4.cpp
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
 

@@ -36,6 +36,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "common.h"  // parallel_blocks
+
 namespace er::int4 {
 
 constexpr int64_t kFeatures = 16;  // output features per block
@@ -288,9 +290,7 @@ template <bool ADD>
 void gemm_int4(const PackedInt4& w, const GroupedRows& x, int64_t M, float* y, int64_t ldy) {
   const int64_t blocks = w.blocks();
   if (M <= kMaxChunkedRows) {
-    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) block_chunked<ADD>(w, b, x, M, y, ldy);
-    });
+    parallel_blocks(blocks, [&](int64_t b) { block_chunked<ADD>(w, b, x, M, y, ldy); });
     return;
   }
   const int64_t panels = (blocks + kPanel - 1) / kPanel;

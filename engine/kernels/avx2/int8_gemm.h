@@ -207,13 +207,11 @@ inline QuantRows rows_from(const QuantRows& x, int64_t m0) {
 template <Out OUT>
 void gemm_int8(const PackedInt8& w, const QuantRows& x, int64_t M, float* y, int64_t ldy) {
   const int64_t blocks = (w.N + kBlock - 1) / kBlock, K4 = w.Kp / 4;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const uint8_t* wb = w.data + b * K4 * 4 * kBlock;
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxChunkedRows) {
-        block_chunked<OUT>(wb, K4, rows_from(x, m0), std::min(kMaxChunkedRows, M - m0), w.scales,
-                           b * kBlock, w.N, y + m0 * ldy, ldy);
-      }
+  parallel_blocks(blocks, [&](int64_t b) {
+    const uint8_t* wb = w.data + b * K4 * 4 * kBlock;
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxChunkedRows) {
+      block_chunked<OUT>(wb, K4, rows_from(x, m0), std::min(kMaxChunkedRows, M - m0), w.scales,
+                         b * kBlock, w.N, y + m0 * ldy, ldy);
     }
   });
 }

@@ -196,18 +196,16 @@ void block_chunked(const uint8_t* wb, int64_t K4, const QuantRows& x, int64_t M,
 template <Out OUT>
 void gemm_int8(const PackedInt8& w, const QuantRows& x, int64_t M, float* y, int64_t ldy) {
   const int64_t blocks = (w.N + kBlock - 1) / kBlock, K4 = w.Kp / 4;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const uint8_t* wb = w.data + b * K4 * 4 * kBlock;
-      if (M > kRowTile && M <= kMaxChunkedRows) {
-        block_chunked<OUT>(wb, K4, x, M, w.scales, b * kBlock, w.N, y, ldy);
-        continue;
-      }
-      for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
-        with_tile_rows(M - m0, [&](auto mr) {
-          block_tile<mr, OUT>(wb, K4, x, m0, w.scales, b * kBlock, w.N, y, ldy);
-        });
-      }
+  parallel_blocks(blocks, [&](int64_t b) {
+    const uint8_t* wb = w.data + b * K4 * 4 * kBlock;
+    if (M > kRowTile && M <= kMaxChunkedRows) {
+      block_chunked<OUT>(wb, K4, x, M, w.scales, b * kBlock, w.N, y, ldy);
+      return;
+    }
+    for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
+      with_tile_rows(M - m0, [&](auto mr) {
+        block_tile<mr, OUT>(wb, K4, x, m0, w.scales, b * kBlock, w.N, y, ldy);
+      });
     }
   });
 }
