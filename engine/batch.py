@@ -31,9 +31,10 @@ import time
 
 import torch
 
-from engine.conditioning import TextCondition, condition_rows, stack_rows
-from engine.decoder import CrossKV, Decoder
+from engine.conditioning import TextCondition, condition_rows
+from engine.decoder import CrossKV, Decoder, concat_cross
 from engine.delay import codebook_delays
+from engine.kv_cache import KVCache
 from engine.lane import Lane
 from engine.options import SamplingOptions, WindowOptions
 from engine.rows import Prompt, mix_rows
@@ -58,12 +59,20 @@ class DecodeBatch:
         self.lanes: list[Lane] = []
         self.steps = 0  # batched decoder steps run
         self.cache = decoder.new_cache(0, window.window)
+        # Where warm rows come and go (twice a window per station) the layout changes often:
+        # two buffers, each with room for the rows laid out so far and their warm copies, take
+        # turns (the cache before a change is the spare the next one writes into), allocated
+        # and touched when the rows first grow, not at every restart (docs/engine.md).
+        self._spare: KVCache | None = None
+        self._most_rows = 0
         self._static = StaticStep(decoder, compile) if compile != "none" else None
         # The row layout: per lane, its rows' keys (conditions, and None for the null row) and
         # its first row; the lanes' text rows and cross-attention inputs; all lanes' stacked.
         self._keys: list[tuple[RowKey, ...]] = []
         self._first: list[int] = []
-        self._texts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # per lane: its own rows' conditions and cross-attention inputs (warm rows read the
+        # same texts: their inputs are these again), and its rows' (warm ones included)
+        self._own: list[tuple[tuple[TextCondition | None, ...], CrossKV]] = []
         self._crosses: list[CrossKV] = []
         self._cross: CrossKV | None = None
         self._plain = True  # every lane has one conditional row: logits go to sampling as they are
@@ -216,18 +225,31 @@ class DecodeBatch:
         if not changed:
             return
         if [len(k) for k in keys] != [len(k) for k in self._keys]:
-            self.cache = self.cache.select_rows(self._sources(keys, promote))
+            sources = self._sources(keys, promote)
+            old = self.cache
+            if any(lane.builds_warm for lane in self.lanes):
+                warm = sum(len(k) for k in keys if not any(w for _, w in k))  # rows to double
+                self._most_rows = max(self._most_rows, len(sources) + warm)
+                self.cache = old.select_rows(sources, self._spare, self._most_rows)
+                self._spare = old if old.holds(self._most_rows) else None
+                if self._spare is None:
+                    self._spare = self.cache.select_rows([], capacity=self._most_rows)
+            else:  # a compiled step's (GPU) cache: no warm rows, no second buffer
+                self.cache = old.select_rows(sources)
             self._first = [sum(len(k) for k in keys[:i]) for i in range(len(keys))]
         for i in changed:
             lane = self.lanes[i]
-            states, masks = condition_rows(lane.rows.conditions, lane.rows.guided)  # [R_i, S_i, E]
-            if lane.warm is not None:  # the warm rows read the same texts
-                states, masks = torch.cat([states, states]), torch.cat([masks, masks])
-            cross = self.decoder.cross_kv(states, masks)
-            if i < len(self._texts):
-                self._texts[i], self._crosses[i] = (states, masks), cross
+            conditions = tuple(c for c, warm in keys[i] if not warm)
+            if i < len(self._own) and _same_conditions(self._own[i][0], conditions):
+                own = self._own[i][1]  # only warm rows came or went
             else:
-                self._texts.append((states, masks))
+                states, masks = condition_rows(lane.rows.conditions, lane.rows.guided)
+                own = self.decoder.cross_kv(states, masks)  # [R_i, S_i, E] in
+            cross = own if lane.warm is None else concat_cross([own, own])
+            if i < len(self._own):
+                self._own[i], self._crosses[i] = (conditions, own), cross
+            else:
+                self._own.append((conditions, own))
                 self._crosses.append(cross)
         self._keys = keys
         self._cross = None
@@ -252,13 +274,18 @@ class DecodeBatch:
         if len(self._crosses) == 1:
             return self._crosses[0]
         if self._cross is None:
-            states, masks = stack_rows([t[0] for t in self._texts], [t[1] for t in self._texts])
-            self._cross = self.decoder.cross_kv(states, masks)
+            self._cross = concat_cross(self._crosses)
         return self._cross
 
 
 def _same_row(a: RowKey, b: RowKey) -> bool:
     return a[0] is b[0] and a[1] == b[1]
+
+
+def _same_conditions(
+    a: tuple[TextCondition | None, ...], b: tuple[TextCondition | None, ...]
+) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 def _same(a: tuple[RowKey, ...], b: tuple[RowKey, ...]) -> bool:

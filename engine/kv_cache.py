@@ -76,10 +76,13 @@ class KVCache:
         self.key_scales: torch.Tensor | None = None  # [L, B, H, P] float32 for int8
         self.value_scales: torch.Tensor | None = None
         self.blocks: torch.Tensor | None = None  # int4: [L, B, H, P / 16, 1088] uint8
+        # the whole buffers the tensors above are the first rows of (`select_rows` reuses them)
+        self._buffers: dict[str, torch.Tensor] = {}
         if kind == "int4":
             blocks = -(-max_positions // Q4_BLOCK)
             shape = (layers, batch, heads, blocks, Q4_BLOCK_BYTES)
             self.blocks = torch.zeros(shape, device=device, dtype=torch.uint8)
+            self._buffers = {"blocks": self.blocks}
             return
         dtype = torch.int8 if kind == "int8" else getattr(torch, kind)
         shape = (layers, batch, heads, max_positions, head_dim)
@@ -88,6 +91,8 @@ class KVCache:
         if kind == "int8":
             self.key_scales = torch.ones(shape[:-1], device=device)
             self.value_scales = torch.ones(shape[:-1], device=device)
+        names = ("keys", "values", "key_scales", "value_scales")
+        self._buffers = {n: t for n in names if (t := getattr(self, n)) is not None}
 
     @property
     def batch(self) -> int:
@@ -176,35 +181,66 @@ class KVCache:
         """A cache over rows [first, first + count) of this one, sharing its storage."""
         view = KVCache.__new__(KVCache)
         view.__dict__.update(self.__dict__)
+        view._buffers = {}  # a part of this cache: never a spare to write over
         for name in ("keys", "values", "key_scales", "value_scales", "blocks"):
             t = getattr(self, name)
             setattr(view, name, None if t is None else t[:, first : first + count])
         view.length = 0
         return view
 
-    def select_rows(self, sources: list[int | None]) -> KVCache:
+    def select_rows(
+        self, sources: list[int | None], spare: KVCache | None = None, capacity: int = 0
+    ) -> KVCache:
         """A new cache of len(sources) rows: row j holds this cache's row sources[j], or zeros
         for None (a row about to be prefilled). How a batch lays its rows out anew.
 
         Row by row: each row is one strided copy, where an indexed copy of them all (index_select
         then index_put) ran x5-9 slower (`bench/bench_kernels.py`: a window restart's two layout
         changes, musicgen-small's int8 cache of one station, 193 ms against 32 ms).
+
+        `spare`: a cache this one replaced that nothing reads any more (the layout before the
+        last change): its buffers are written over where they hold enough rows, and the new
+        cache's rows are their first ones (a view). Buffers that must be new get room for
+        `capacity` rows, so the next changes fit in them. Fresh memory is what costs: the kernel
+        zeroes each page at its first touch, and allocating two stations' int4 cache at every
+        layout change (warm rows coming and going, 240-321 MB) took 0.5-1.2 s each on our 2-core
+        VM, against tens of milliseconds written over.
         """
         out = KVCache.__new__(KVCache)
         out.__dict__.update(self.__dict__)
+        out._buffers = {}
+        n = len(sources)
         for name in ("keys", "values", "key_scales", "value_scales", "blocks"):
             t = getattr(self, name)
             if t is None:
                 continue
-            rows = t.new_empty(t.shape[0], len(sources), *t.shape[2:])
+            buffer = None if spare is None else spare._buffers.get(name)
+            mine = self._buffers.get(name)
+            if (
+                buffer is None
+                or buffer.shape[1] < n
+                or buffer.shape[2:] != t.shape[2:]
+                or buffer.shape[0] != t.shape[0]
+                or buffer.dtype != t.dtype
+                or buffer.device != t.device
+                or (mine is not None and buffer.data_ptr() == mine.data_ptr())
+            ):
+                buffer = t.new_empty(t.shape[0], max(n, capacity), *t.shape[2:])
+                buffer[:, n:].fill_(0)  # its pages touched now, not at the next change
+            rows = buffer[:, :n]
             for j, s in enumerate(sources):
                 if s is None:
                     rows[:, j].fill_(1 if name.endswith("scales") else 0)
                 else:
                     rows[:, j].copy_(t[:, s])
             setattr(out, name, rows)
+            out._buffers[name] = buffer
         out.length = 0
         return out
+
+    def holds(self, rows: int) -> bool:
+        """Whether every buffer has room for `rows` rows (a spare for `select_rows`)."""
+        return bool(self._buffers) and all(b.shape[1] >= rows for b in self._buffers.values())
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """What the kernels take, every layer: (keys, key scales, values, value scales) for int8,

@@ -270,6 +270,20 @@ def test_soak_benchmark_samples_and_hears_prompts(tmp_path):
     )
 
 
+def test_timeline_benchmark_reads_stations_across_window_restarts(tmp_path):
+    out = _run(
+        "timeline.py",
+        "--size", "tiny", "--mode", "int8", "--stations", "2", "--seconds", "8",
+        "--window", "150", "--context", "40",
+        tmp_path=tmp_path,
+    )  # fmt: skip
+    assert re.search(r"real-time factor per station: \d+\.\d{3}", out)
+    assert len(re.search(r"per 2\.5 s: (.*)", out).group(1).split()) == 4
+    assert "chunks: median" in out
+    # 8 s at 150-frame windows from 40 frames: 2 windows or more per station
+    assert int(re.search(r"window starts .*: (\d+)", out).group(1)) >= 2 * 3
+
+
 def test_no_bench_script_shadows_an_installed_module():
     """`python bench/X.py` puts bench/ first on sys.path, so a script named like a module some
     library imports replaces it there (transformers 5.25 imports the `kernels` package when it is

@@ -86,3 +86,28 @@ def test_batched_streams_read_audio(tiny_stereo_dir):
     a, b = streams[0].read(30), streams[1].read(30)
     assert a.shape == b.shape == (2, 30 * 640)
     assert not torch.equal(torch.from_numpy(a), torch.from_numpy(b))
+
+
+@torch.inference_mode()
+def test_concatenated_cross_inputs_are_those_of_the_stacked_texts(tiny_float32):
+    """A batch stacks its lanes' cross-attention inputs without projecting the texts again:
+    texts of other lengths zero-padded, as `cross_kv` of the stacked, padded states gives."""
+    from engine.conditioning import condition_rows, stack_rows
+    from engine.decoder import concat_cross
+
+    decoder = tiny_float32.decoder
+    lanes = [
+        condition_rows([tiny_float32.encode_prompt(text)], null)
+        for text, null in (
+            ("fast drum and bass with a long bright synth lead", True),
+            ("rain", False),
+        )
+    ]
+    own = [decoder.cross_kv(states, masks) for states, masks in lanes]
+    assert own[0].mask.shape[-1] > own[1].mask.shape[-1]
+    got = concat_cross([own[0], own[1], own[0]])
+    want = decoder.cross_kv(*stack_rows(*zip(*[lanes[0], lanes[1], lanes[0]], strict=True)))
+    assert torch.equal(got.mask, want.mask)
+    for a, b in zip(got.keys + got.values, want.keys + want.values, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert concat_cross([own[1]]) is own[1]

@@ -40,3 +40,31 @@ def test_select_rows_keeps_rows_and_empties_new_ones(kind):
         assert new.batch == len(sources) and new.length == 0
         assert not {t.data_ptr() for t in new.tensors()} & {t.data_ptr() for t in cache.tensors()}
         cache = new
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_select_rows_writes_over_a_spare_with_room(kind):
+    """The layout before the last change is written over: the new rows are the first rows of
+    the spare's buffers, which keep their room; a spare without room is not used, and a new
+    buffer gets the room asked for."""
+    cache = _filled(kind)
+    sources = [2, 3, None, 0, 1]
+    roomy = cache.select_rows([], capacity=6)  # a blank spare: buffers of 6 rows, none in use
+    assert roomy.batch == 0 and roomy.holds(6) and not roomy.holds(7)
+    new = cache.select_rows(sources, spare=roomy)
+    for got, want in zip(new.tensors(), _expected(cache.tensors(), sources, kind), strict=True):
+        assert torch.equal(got, want)
+    assert {t.data_ptr() for t in new.tensors()} == {b.data_ptr() for b in roomy._buffers.values()}
+    assert new.holds(6) and new.batch == 5
+    # back: the spare is now the cache it replaced (4 rows: too few for 5), so a new buffer
+    small = new.select_rows([4, 3, 0, 1, 2], spare=cache, capacity=8)
+    assert not {t.data_ptr() for t in small.tensors()} & {t.data_ptr() for t in cache.tensors()}
+    assert small.holds(8)
+    for got, want in zip(
+        small.tensors(), _expected(new.tensors(), [4, 3, 0, 1, 2], kind), strict=True
+    ):
+        assert torch.equal(got, want)
+    # never the cache being read, nor a view of part of one
+    again = small.select_rows([0, 1], spare=small)
+    assert not {t.data_ptr() for t in again.tensors()} & {t.data_ptr() for t in small.tensors()}
+    assert not small.rows(0, 2).holds(1)

@@ -110,3 +110,25 @@ def test_batched_warm_rows_leave_the_other_rows_alone(int8_model):
     for b, a in zip(batched, alone, strict=True):
         assert_same(history(b, 400), history(a, 400))
         assert b.tokens.warm_restarts >= 2 and b.tokens.prefills <= 2
+
+
+@torch.inference_mode()
+def test_warm_rows_take_turns_in_two_buffers(tiny_float32, monkeypatch):
+    """Warm rows come and go twice a window: the layouts take turns in two cache buffers made
+    when the stream opened (fresh memory costs its page faults: up to a second on a small VM
+    for two stations), and the texts' cross-attention inputs are computed once, not again at
+    every restart."""
+    decoder = tiny_float32.decoder
+    calls = []
+    cross_kv = decoder.cross_kv
+    monkeypatch.setattr(decoder, "cross_kv", lambda *a: calls.append(1) or cross_kv(*a))
+    stream = tiny_float32.open_stream("harp", GREEDY, WINDOW)
+    batch = stream.tokens._batch
+    buffers, rows = set(), set()
+    while stream.tokens.warm_restarts < 3:
+        batch.step()
+        buffers.add(tuple(t.data_ptr() for t in batch.cache._buffers.values()))
+        rows.add(batch.cache.batch)
+    assert rows == {2, 4}  # the stream's rows, and its warm copies beside them
+    assert len(buffers) == 2
+    assert len(calls) == 1  # the prompt's, when the stream opened
