@@ -61,7 +61,7 @@ from engine.tiny import _configs  # noqa: E402
 from radio.config import GenerationConfig  # noqa: E402
 from tests.helpers import snr_db  # noqa: E402
 
-RADIO_CHUNK = round(GenerationConfig().chunk_seconds * 50)  # frames per AudioStream.read()
+RADIO_CHUNK = round(GenerationConfig().chunk_for(1) * 50)  # frames per AudioStream.read()
 LSTMS = ("float16", "float32")  # the engine's default (rounded LSTM weights), the original
 
 

@@ -139,11 +139,19 @@ def build_radio(
     }
     opening = {sid: open_station(st, directors[sid]) for sid, st in stations.items()}
     g = config.generation
+    chunk = g.chunk_for(len(stations))
+    if g.chunk_seconds == "auto":
+        log.info(
+            "the generator makes %.1f s of audio a step for %d station(s) "
+            "(generation.chunk_seconds auto)",
+            chunk,
+            len(stations),
+        )
     generator = Generator(
         model,
         [StationSpec(st.id, opening[st.id], st.sampling, g.windows) for st in stations.values()],
         buffer_ahead=g.buffer_ahead,
-        chunk_frames=max(1, round(g.chunk_seconds * model.frame_rate)),
+        chunk_frames=max(1, round(chunk * model.frame_rate)),
         watchdog=config.watchdog,
         adaptive_restarts=g.adaptive_restarts,
         coarse_when_behind=coarse,
@@ -155,7 +163,7 @@ def build_radio(
         for sid in stations
     }
     share = g.windows.change_context / g.windows.context
-    horizon = Horizon(g.prompt_horizon, g.chunk_seconds, share)
+    horizon = Horizon(g.prompt_horizon, chunk, share)
     recovery = bridge_recovery(g.buffer_ahead)
     timing = {
         sid: PromptTimeline(

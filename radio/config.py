@@ -45,6 +45,14 @@ class ConfigError(ValueError):
     """A setting that cannot be used; the message names the key."""
 
 
+# `generation.chunk_seconds = "auto"`: one station's chunks are short, so a prompt change is
+# heard soon; several stations' are longer, where the codec's cost per call weighs: decoding
+# 20 frames a call instead of 10 made two int4 stations x1.04-1.10 faster on 2 cores
+# (docs/benchmarks.md), and their prompt changes wait longer anyway
+AUTO_CHUNK = 0.2
+AUTO_CHUNK_STATIONS = 0.4
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "0.0.0.0"  # address to listen on ("127.0.0.1" = this machine only)
@@ -98,7 +106,10 @@ class GenerationConfig:
         metadata=flat("window", "context", "prompt_context", "warm_restarts"),
     )
     buffer_ahead: float = 4.0  # seconds generated ahead of the clock (more = safer, slower prompts)
-    chunk_seconds: float = 0.2  # audio generated per worker step (smaller = faster prompt reaction)
+    # audio generated per worker step (smaller = faster prompt reaction); "auto": 0.2 s for one
+    # station, 0.4 s for several (the codec's cost per second falls with its chunk: x1.04-1.10
+    # the speed of two stations on a 2-core CPU)
+    chunk_seconds: float | str = "auto"
     # a new prompt starts this many seconds after the moment being played; -1 = auto: at least
     # 0.5 s, and long enough for the engine's measured prefill, so the stream never falls behind
     prompt_horizon: float = -1.0
@@ -120,11 +131,16 @@ class GenerationConfig:
         self.windows.validate()
         if not 0.5 <= self.buffer_ahead <= 60:
             raise ValueError(f"buffer_ahead: must be in [0.5, 60] seconds, got {self.buffer_ahead}")
-        if not 0.02 <= self.chunk_seconds <= 2:
+        if isinstance(self.chunk_seconds, str):
+            if self.chunk_seconds != "auto":
+                raise ValueError(
+                    f'chunk_seconds: must be "auto" or seconds, got {self.chunk_seconds!r}'
+                )
+        elif not 0.02 <= self.chunk_seconds <= 2:
             raise ValueError(
                 f"chunk_seconds: must be in [0.02, 2] seconds, got {self.chunk_seconds}"
             )
-        if self.chunk_seconds > self.buffer_ahead / 2:
+        elif self.chunk_seconds > self.buffer_ahead / 2:
             raise ValueError(
                 f"chunk_seconds: must be at most half of buffer_ahead ({self.buffer_ahead}), "
                 f"got {self.chunk_seconds}"
@@ -142,6 +158,12 @@ class GenerationConfig:
                 'coarse_when_behind: must be true, false or "auto", '
                 f"got {self.coarse_when_behind!r}"
             )
+
+    def chunk_for(self, stations: int) -> float:
+        """`chunk_seconds` for a radio of `stations` stations ("auto" resolved)."""
+        if not isinstance(self.chunk_seconds, str):
+            return self.chunk_seconds
+        return min(AUTO_CHUNK if stations <= 1 else AUTO_CHUNK_STATIONS, self.buffer_ahead / 2)
 
     def sampling_options(self, station_index: int = 0) -> SamplingOptions:
         """Station `station_index`'s sampling: `sampling` with its seed (`seed` + the index)."""

@@ -757,6 +757,16 @@ class Generator:
                 describe(e),
             )
             pcms = [self._read_alone(ln) for ln in lanes]
+        if tuner.last_cost is not None:
+            log.debug(
+                "station(s) %s: a chunk in %.3f s (%d rows%s, %d thread(s)), x%.2f of real time",
+                ", ".join(ln.spec.id for ln in lanes),
+                tuner.last_cost * self.chunk_frames * len(lanes),
+                rows,
+                ", warm rows" if warming else "",
+                tuner.last,
+                1.0 / (tuner.last_cost * len(lanes) * self.model.frame_rate),
+            )
         # a chunk that ran wholly with warm rows, on the count in use (no trial, no switch)
         ran = warming and all(s.tokens.warming for s in streams)
         if ran and tuner.last_cost is not None and tuner.last == before == tuner.current:

@@ -48,6 +48,9 @@ def test_every_key_has_a_comment():
         ({"generation": {"top_k": -1}}, "generation.top_k: must be in [0, 2048], got -1"),
         ({"generation": {"top_k": 2**63}}, "generation.top_k: must be in [0, 2048]"),
         ({"generation": {"prompt_horizon": -2}}, "generation.prompt_horizon: must be -1 (auto)"),
+        ({"generation": {"chunk_seconds": "fast"}}, 'generation.chunk_seconds: must be "auto" or'),
+        ({"generation": {"chunk_seconds": 5}}, "generation.chunk_seconds: must be in [0.02, 2]"),
+        ({"generation": {"chunk_seconds": True}}, "generation.chunk_seconds: must be"),
         ({"generation": {"temperature": 0}}, "generation.temperature: must be in [0.05, 5.0]"),
         ({"generation": {"temperature": 1e-320}}, "generation.temperature: must be in"),
         ({"generation": {"temperature": float("inf")}}, "generation.temperature: must be in"),
@@ -83,6 +86,16 @@ def test_bad_settings_name_the_key(data, message):
     with pytest.raises(ConfigError) as e:
         parse_config(data, env={})
     assert message in str(e.value)
+
+
+def test_chunk_seconds_auto_is_short_for_one_station_and_longer_for_several():
+    auto = parse_config({}, env={}).generation
+    assert auto.chunk_seconds == "auto"
+    assert (auto.chunk_for(1), auto.chunk_for(2), auto.chunk_for(8)) == (0.2, 0.4, 0.4)
+    small = parse_config({"generation": {"buffer_ahead": 0.6}}, env={}).generation
+    assert small.chunk_for(3) == 0.3  # at most half of what is buffered
+    fixed = parse_config({"generation": {"chunk_seconds": 1}}, env={}).generation
+    assert fixed.chunk_seconds == 1.0 and fixed.chunk_for(4) == 1.0
 
 
 def test_values_and_env_and_overrides(tmp_path):
@@ -147,3 +160,27 @@ def test_a_setting_this_machine_cannot_run_names_its_key(tmp_path, tiny_model_di
     assert p.returncode == 2, p.stderr
     last = p.stderr.strip().splitlines()[-1]
     assert last == "radio: model.kv_cache: int8 needs our CPU kernels: ENDLESS_RADIO_KERNELS=0"
+
+
+def test_the_radio_makes_longer_chunks_for_several_stations(tiny_model_dir, caplog):
+    """`chunk_seconds = "auto"` as `radio serve` resolves it: 0.2 s for one station, 0.4 s for
+    two (said at start); a number is taken as it is."""
+    import logging
+
+    from engine import LoadOptions, MusicModel
+    from radio.app import build_radio
+
+    caplog.set_level(logging.INFO, logger="radio.app")
+    model = MusicModel.load(LoadOptions(model=tiny_model_dir, quantize="none"))
+    rate = model.frame_rate
+    one = parse_config({}, env={})
+    two = parse_config(two_stations(), env={})
+    assert build_radio(one, model).generator.chunk_frames == round(0.2 * rate)
+    assert build_radio(two, model).generator.chunk_frames == round(0.4 * rate)
+    assert "0.4 s of audio a step for 2 station(s)" in caplog.text
+    fixed = parse_config({"generation": {"chunk_seconds": 0.1}, **two_stations()}, env={})
+    assert build_radio(fixed, model).generator.chunk_frames == round(0.1 * rate)
+
+
+def two_stations() -> dict:
+    return {"stations": [{"id": "a"}, {"id": "b"}]}
