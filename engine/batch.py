@@ -70,9 +70,9 @@ class DecodeBatch:
         # its first row; the lanes' text rows and cross-attention inputs; all lanes' stacked.
         self._keys: list[tuple[RowKey, ...]] = []
         self._first: list[int] = []
-        # per lane: its own rows' conditions and cross-attention inputs (warm rows read the
-        # same texts: their inputs are these again), and its rows' (warm ones included)
-        self._own: list[tuple[tuple[TextCondition | None, ...], CrossKV]] = []
+        # per lane: its own rows' keys and cross-attention inputs (warm rows read the same
+        # texts: their inputs are these again), and its rows' (warm ones included)
+        self._own: list[tuple[tuple[RowKey, ...], CrossKV]] = []
         self._crosses: list[CrossKV] = []
         self._cross: CrossKV | None = None
         self._plain = True  # every lane has one conditional row: logits go to sampling as they are
@@ -239,17 +239,17 @@ class DecodeBatch:
             self._first = [sum(len(k) for k in keys[:i]) for i in range(len(keys))]
         for i in changed:
             lane = self.lanes[i]
-            conditions = tuple(c for c, warm in keys[i] if not warm)
-            if i < len(self._own) and _same_conditions(self._own[i][0], conditions):
+            own_keys = tuple(key for key in keys[i] if not key[1])
+            if i < len(self._own) and _same(self._own[i][0], own_keys):
                 own = self._own[i][1]  # only warm rows came or went
             else:
                 states, masks = condition_rows(lane.rows.conditions, lane.rows.guided)
                 own = self.decoder.cross_kv(states, masks)  # [R_i, S_i, E] in
             cross = own if lane.warm is None else concat_cross([own, own])
             if i < len(self._own):
-                self._own[i], self._crosses[i] = (conditions, own), cross
+                self._own[i], self._crosses[i] = (own_keys, own), cross
             else:
-                self._own.append((conditions, own))
+                self._own.append((own_keys, own))
                 self._crosses.append(cross)
         self._keys = keys
         self._cross = None
@@ -280,12 +280,6 @@ class DecodeBatch:
 
 def _same_row(a: RowKey, b: RowKey) -> bool:
     return a[0] is b[0] and a[1] == b[1]
-
-
-def _same_conditions(
-    a: tuple[TextCondition | None, ...], b: tuple[TextCondition | None, ...]
-) -> bool:
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 def _same(a: tuple[RowKey, ...], b: tuple[RowKey, ...]) -> bool:

@@ -757,7 +757,7 @@ class Generator:
                 describe(e),
             )
             pcms = [self._read_alone(ln) for ln in lanes]
-        if tuner.last_cost is not None:
+        if tuner.last_cost and log.isEnabledFor(logging.DEBUG):  # (0.0: no division)
             log.debug(
                 "station(s) %s: a chunk in %.3f s (%d rows%s, %d thread(s)), x%.2f of real time",
                 ", ".join(ln.spec.id for ln in lanes),
