@@ -153,6 +153,11 @@ def main() -> int:
     parser.add_argument(
         "--max-stations", type=int, default=8, help="--find-max stops here even if it holds"
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="run radio -v: its log (path printed) has every chunk's rows, time and speed",
+    )
     args = parser.parse_args()
     if args.stations < 1 or args.max_stations < 1:
         parser.error("--stations and --max-stations: at least 1")
@@ -186,7 +191,8 @@ def run(args: argparse.Namespace, n: int) -> bool:
     logdir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     log = open(logdir / "radio-serve.log", "wb")  # noqa: SIM115 - closed at the end
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "radio.cli", "serve", "--model", str(path)]
+    verbose = ["-v"] if args.verbose else []
+    cmd = [sys.executable, "-m", "radio.cli", *verbose, "serve", "--model", str(path)]
     boundary: float | None = None
     config = logdir / "radio.toml"  # the admin (schedules, transitions) and the stations
     generation = "".join(f"{setting}\n" for setting in args.generation)

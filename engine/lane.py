@@ -43,6 +43,8 @@ from engine.rows import Change, Prompt, Rows
 
 log = logging.getLogger(__name__)
 
+MIN_NEW_FRAMES = 50  # frames a window makes beyond its context, however short it is set
+
 
 @dataclass
 class Warm:
@@ -105,6 +107,10 @@ class Lane:
         # while set, every window restart re-reads at most this many frames (a radio that
         # cannot keep up shortens them; None: the window's `context`)
         self.restart_context: int | None = None
+        # while set, every window from the next on ends at this position instead of
+        # `window.window`: steps attend over fewer positions (a radio that cannot keep up
+        # even with the shortest restarts shortens them; None: the whole window)
+        self.window_frames: int | None = None
         # Complete frames [K, T] on the CPU; _history[:, i] is frame _offset + i.
         start = torch.zeros(self.num_codebooks, 0) if prompt_frames is None else prompt_frames
         self._history = start.to(torch.long).cpu().clone()
@@ -123,6 +129,7 @@ class Lane:
         self._seq: torch.Tensor | None = None
         self._fed = 0
         self._context_len = 0
+        self._end = window.window  # the position where this window is full
         self._window_first = 0
         self.warm: Warm | None = None  # the next window while it is built beside this one
         self._taken: Warm | None = None  # the warm window at a restart, until the batch takes it
@@ -229,7 +236,7 @@ class Lane:
     @property
     def needs_window(self) -> bool:
         """No window yet, or the window is full: the batch prefills a new one."""
-        return self._seq is None or self._fed >= self.window.window
+        return self._seq is None or self._fed >= self._end
 
     @property
     def position(self) -> int:
@@ -239,21 +246,26 @@ class Lane:
     def begin_window(self) -> torch.Tensor:
         """A new window from position 0: the ids [K, C + 1] to prefill (BOS and the last
         `context` frames in the delayed layout). A glide already over settles first."""
-        if self._seq is not None:
-            log.debug(
-                "window full at frame %d: a new window from its last %d frames (%s)",
-                self.complete,
-                self.window.context,
-                "warm" if self.warm is not None and self.warm.logits is not None else "prefill",
-            )
+        full = self._seq is not None
         context = self.context()
         limits = [n for n in (self._next_context, self.restart_context) if n is not None]
         if limits:  # a prompt change's shorter re-read (once), a shortened window restart
             context = context[:, context.shape[1] - min(min(limits), context.shape[1]) :]
+        if full:
+            log.debug(
+                "window full at frame %d (position %d): a new window from its last %d frames (%s)",
+                self.complete,
+                self._fed,
+                context.shape[1],
+                "warm" if self.warm is not None and self.warm.logits is not None else "prefill",
+            )
         self._next_context = None
         self._taken, self.warm = self.warm, None  # for `take_warm`
         self._context_len = context.shape[1]
         self._window_first = self.complete - self._context_len
+        # a shortened window still makes a second of new music beyond its context
+        limit = self.window_frames or self.window.window
+        self._end = min(self.window.window, max(limit, self._context_len + MIN_NEW_FRAMES))
         self._settle(self._frame_of(self._context_len + 1))
         layout = delayed_layout(context, self.delays, self.window.window + 1)
         self._seq = layout.to(self.device)  # [K, W + 1]
@@ -337,7 +349,7 @@ class Lane:
         if not self.builds_warm or self.warm is not None or self._seq is None:
             return False
         context = min(self.window.context, self.restart_context or self.window.context)
-        start = self.window.window - self.max_delay - context
+        start = self._end - self.max_delay - context
         # its tokens must all be this window's own (not its context's), fed from here on
         if self._fed != start or start <= self._context_len:
             return False

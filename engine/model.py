@@ -396,6 +396,11 @@ class AudioStream:
         context again): less prefill per window when the machine cannot keep up."""
         self.tokens.shorten_restarts(frames)
 
+    def shorten_windows(self, frames: int | None) -> None:
+        """Windows from the next on span at most `frames` positions (None: the whole window
+        again): cheaper steps, a shorter memory, when the machine cannot keep up."""
+        self.tokens.shorten_windows(frames)
+
     def token_frames(self, start: int, stop: int) -> np.ndarray:
         """The stream's frames [start, stop) as int64 [K, stop - start] (a copy), for example
         the ones `read` just decoded; ValueError when they are not (or no longer) kept."""

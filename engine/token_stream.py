@@ -137,6 +137,19 @@ class TokenStream:
         """Frames every window restart re-reads while shortened (None: the window's context)."""
         return self._lane.restart_context
 
+    @property
+    def window_frames(self) -> int | None:
+        """Positions every window spans while shortened (None: the window's `window`)."""
+        return self._lane.window_frames
+
+    def shorten_windows(self, frames: int | None) -> None:
+        """From the next window on, end each window at position `frames` (None: at `window`
+        again): steps attend over fewer positions, so they cost less; the music's memory is
+        shorter. A window still makes at least a second beyond its context."""
+        if frames is not None and not 1 <= frames <= self.window.window:
+            raise ValueError(f"frames must be in [1, {self.window.window}] or None, got {frames}")
+        self._lane.window_frames = frames
+
     def shorten_restarts(self, frames: int | None) -> None:
         """From the next window restart on, re-read at most `frames` of the context (None: the
         whole `context` again). Prompt changes keep their own `change_context` when shorter."""

@@ -133,7 +133,9 @@ class GeneratorSink(Protocol):
 
     def on_prefill(self, station_id: str, prefill: Prefill) -> None: ...
 
-    def on_restart_context(self, station_id: str, seconds: float | None) -> None: ...
+    def on_restart_context(
+        self, station_id: str, seconds: float | None, window_seconds: float | None
+    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -246,6 +248,9 @@ class Generator:
         self._coarse_parts: Iterator[None] | None = None
         # the ladder's level (radio.ladder: 0 = window restarts re-read the whole context)
         self.restart_level = 0
+        # how the steady chunks' cost grows with the positions they attend over (the ladder's
+        # window levels), fitted by the worker
+        self.position_cost = ladder.PositionCost()
         # read by the supervisor (`radio.healing.Supervised`), written by the worker
         self.started = False
         self.stopping = False
@@ -507,7 +512,12 @@ class Generator:
         # in int8's terms: int4's rate over the speedup, its restarts' cost times it
         scale = self.coarse_speedup if self.model.coarse else 1.0
         rates = ladder.Rates(
-            1.0 / (cost * stations * scale), restart * scale, stations, self.coarse_speedup
+            1.0 / (cost * stations * scale),
+            restart * scale,
+            stations,
+            self.coarse_speedup,
+            slope=self.position_cost.slope,  # (the attention's cost: the same on either weights)
+            position=self.position_cost.position,
         )
         rate = self.model.frame_rate
         level = ladder.choose_level(self.restart_level, rates, window.window, window.context, rate)
@@ -525,28 +535,48 @@ class Generator:
             return
         coarse = level == ladder.COARSE
         if coarse != self.model.coarse and not self._switch_weights(coarse, rates, cost):
-            level = ladder.COARSE - 1  # int4 weights could not be made (said)
+            level = rates.shortest  # int4 weights could not be made (said)
         self.speed_judged = True
-        frames = ladder.context_frames(window.context, level)
         was, self.restart_level = self.restart_level, level
-        if frames == ladder.context_frames(window.context, was):
-            return  # the weights changed, not the restarts (the shortest either way)
         before = ladder.predicted_rtf(rates, window.window, window.context, was, rate)
         after = ladder.predicted_rtf(rates, window.window, window.context, level, rate)
-        log.info(
-            "window restarts now re-read %.1f s of music%s: with %.1f s generation would run at "
-            "x%.2f of real time, with %.1f s at x%.2f",
-            frames / rate,
-            " (the whole context)" if level == 0 else ", generation cannot keep up otherwise",
-            ladder.context_frames(window.context, was) / rate,
-            before,
-            frames / rate,
-            after,
+        frames, old_frames = (ladder.context_frames(window.context, at) for at in (level, was))
+        if frames != old_frames:
+            log.info(
+                "window restarts now re-read %.1f s of music%s: with %.1f s generation would "
+                "run at x%.2f of real time, with %.1f s at x%.2f",
+                frames / rate,
+                " (the whole context)" if level == 0 else ", generation cannot keep up otherwise",
+                old_frames / rate,
+                before,
+                frames / rate,
+                after,
+            )
+        span, old_span = (
+            ladder.window_frames(window.window, window.context, at, rates.slope > 0)
+            for at in (level, was)
         )
+        if span != old_span:
+            log.info(
+                "windows now span %.1f s%s: with %.1f s generation would run at x%.2f of real "
+                "time, with %.1f s at x%.2f",
+                span / rate,
+                " (the whole window)"
+                if span == window.window
+                else ", generation cannot keep up otherwise (the music remembers less)",
+                old_span / rate,
+                before,
+                span / rate,
+                after,
+            )
+        if frames == old_frames and span == old_span:
+            return  # the weights changed, not the windows (the shortest either way)
         for lane in self._lanes.values():
-            lane.stream.shorten_restarts(frames if level else None)
-            seconds = frames / rate if level else None
-            self._to_loop(self.sink.on_restart_context, lane.spec.id, seconds)
+            lane.stream.shorten_restarts(frames if frames < window.context else None)
+            lane.stream.shorten_windows(span if span < window.window else None)
+            seconds = frames / rate if frames < window.context else None
+            spans = span / rate if span < window.window else None
+            self._to_loop(self.sink.on_restart_context, lane.spec.id, seconds, spans)
 
     def _prepare_coarse(self, spent: float | None) -> None:
         """The next layers of the int4 set being prepared, for at most PREPARE_SHARE of the
@@ -591,7 +621,7 @@ class Generator:
                 "generation cannot keep up even with the shortest window restarts (x%.2f of "
                 "real time): decoding with int4 weights until it can (coarser music, predicted "
                 "x%.2f; generation.coarse_when_behind)%s",
-                predict(rates, window.window, window.context, ladder.COARSE - 1, rate),
+                predict(rates, window.window, window.context, rates.shortest, rate),
                 predict(rates, window.window, window.context, ladder.COARSE, rate),
                 "" if self.model.coarse_ready else ": quantizing them first (a second or two)",
             )
@@ -602,7 +632,7 @@ class Generator:
         else:
             log.info(
                 "decoding with int8 weights again: predicted x%.2f of real time with them",
-                predict(rates, window.window, window.context, ladder.COARSE - 1, rate),
+                predict(rates, window.window, window.context, rates.shortest, rate),
             )
         self.model.use_coarse(coarse)
         self.tuner.forget()
@@ -627,9 +657,10 @@ class Generator:
         # level, or loaded so) and can run
         int4 = last != ladder.COARSE and self.model.coarse_available() is None
         log.warning(
-            "generation cannot keep up even with the shortest window restarts%s: x%.2f of real "
-            "time for %d station(s), so listeners will hear the bridge now and then; fewer "
+            "generation cannot keep up even with the shortest window restarts%s%s: x%.2f of "
+            "real time for %d station(s), so listeners will hear the bridge now and then; fewer "
             "stations%s make it keep up",
+            " and windows" if rates.slope > 0 else "",
             " and int4 weights" if last == ladder.COARSE else "",
             rtf,
             rates.stations,
@@ -730,6 +761,7 @@ class Generator:
         )
         streams = [ln.stream for ln in lanes]
         prefills = [s.tokens.prefills for s in streams]
+        positions = [s.tokens.position for s in streams]
         warming = any(warm_lanes)
         try:
             pcms: list[np.ndarray | Exception] = list(
@@ -767,6 +799,15 @@ class Generator:
                 tuner.last,
                 1.0 / (tuner.last_cost * len(lanes) * self.model.frame_rate),
             )
+        # a plain chunk within its windows, on the count in use: its cost at the positions its
+        # steps attended over (what the ladder's window levels weigh)
+        ends = [s.tokens.position for s in streams]
+        within = all(e > p for e, p in zip(ends, positions, strict=True)) and prefills == [
+            s.tokens.prefills for s in streams
+        ]
+        if within and not warming and tuner.last_cost and tuner.last == before == tuner.current:
+            mean = (sum(positions) + sum(ends)) / (2 * len(streams))
+            self.position_cost.add(mean, tuner.last_cost, tuner.smoothing)
         # a chunk that ran wholly with warm rows, on the count in use (no trial, no switch)
         ran = warming and all(s.tokens.warming for s in streams)
         if ran and tuner.last_cost is not None and tuner.last == before == tuner.current:

@@ -1,26 +1,36 @@
-"""Shorter window restarts while generation cannot keep up with real time, and back.
+"""Shorter window restarts, then shorter windows, while generation cannot keep up with real
+time, and back.
 
 Every `window - context` frames a station's window is full and the engine re-reads the last
 `context` frames (`generation.context`, 500 = 10 s) before it goes on: on a CPU that prefill is
 seconds of work (4-4.5 s for musicgen-small on two Zen 3 cores, against 20 s of audio made per
 window), and it is what tips a machine that steps just fast enough below real time. The ladder
 trades some of the music's memory for time: level 0 re-reads the whole context, level 1 half of
-it, level 2 a quarter. `choose_level` predicts each level's real-time factor from two
-measurements, the steady generation rate (chunks without a prefill) and a whole context's
-prefill, and takes the best level that keeps up:
+it, level 2 a quarter. Past those, levels 3 and 4 keep the quarter and end each window early, at
+two thirds and at half of `window` (20 s and 15 s of musicgen-small's 30): a step attends over
+every position of its window so far, and on a CPU those reads grow to a third of a step near a
+window's end (two int4 stations: x1.38 of real time early in a window, x0.96 at its end).
+`choose_level` predicts each level's real-time factor from what the generator measured, the
+steady generation rate (chunks without a prefill) at the positions it ran at, how that cost grows
+with the position (`PositionCost`), and a whole context's prefill, and takes the best level that
+keeps up:
 
-    rtf(level) = new / (new / rate + stations * prefill * share)      new = window - context * share
+    rtf(level) = new / (new * stations * cost(mean) + stations * prefill * share)
+    new = span - context * share    mean = (context * share + span) / 2
 
-It moves down a level when the prediction for the current one falls under `DOWN_BELOW`, and up
-only when the level above is predicted at `UP_ABOVE` or more, so measurement noise does not make
-it flap. Prompt changes keep their own (shorter) `generation.prompt_context`.
+(`span` the positions a window spans at that level, `cost(mean)` a frame's cost per station at
+the window's mean position). It moves down a level when the prediction for the current one
+falls under `DOWN_BELOW`, and up only when the level above is predicted at `UP_ABOVE` or more,
+so measurement noise does not make it flap. The window levels are there only once their gain is
+measured (a cost that grows with the position); prompt changes keep their own (shorter)
+`generation.prompt_context`.
 
 With `generation.coarse_when_behind` there is one level more, `COARSE`: the shortest restarts
-with int4 projections in place of the int8 ones (`MusicModel.use_coarse`: coarser music, x1.5
-the steps per second of musicgen-small on a 2-core AVX2 CPU). Its prediction is the int8 rate
-times `coarse_speedup` (a first guess, then int8's cost at the switch over int4's measured in
-the `COARSE_SETTLE` chunks after it, once), and while int4 runs, the int8 rate is its rate over
-that speedup, so a faster hour climbs back.
+and windows with int4 projections in place of the int8 ones (`MusicModel.use_coarse`: coarser
+music, x1.5 the steps per second of musicgen-small on a 2-core AVX2 CPU). Its prediction is the
+int8 rate times `coarse_speedup` (a first guess, then int8's cost at the switch over int4's
+measured in the `COARSE_SETTLE` chunks after it, once), and while int4 runs, the int8 rate is its
+rate over that speedup, so a faster hour climbs back.
 
 With warm restarts (`generation.warm_restarts`, the default) nothing is prefilled: the next
 window is built a step at a time during the last `context` frames of the current one, and what
@@ -35,12 +45,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SHARES = (1.0, 0.5, 0.25)  # share of `generation.context` a window restart re-reads, per level
-COARSE = len(SHARES)  # the level after them: the shortest restarts with coarse (int4) weights
+# per level: the share of `generation.context` a window restart re-reads, and the share of
+# `window` a window spans
+LEVELS = ((1.0, 1.0), (0.5, 1.0), (0.25, 1.0), (0.25, 2 / 3), (0.25, 0.5))
+SHORTEST_RESTARTS = 2  # the last level with whole windows
+COARSE = len(LEVELS)  # the level after them: the shortest restarts and windows, int4 weights
 COARSE_SPEEDUP = 1.5  # the first guess of coarse weights' speed over int8's (measured, 2 cores)
 COARSE_SETTLE = 10  # chunks on coarse weights before their speed is taken and the ladder moves
 DOWN_BELOW = 1.02  # a level predicted slower than this is left for the next
 UP_ABOVE = 1.15  # the level above is taken back once predicted at least this fast
+MIN_NEW_FRAMES = 50  # frames a shortened window makes beyond twice its restarts' context
 
 
 @dataclass(frozen=True)
@@ -54,26 +68,95 @@ class Rates:
     stations: int  # stations generating (each re-prefills once per window)
     # steps per second with coarse weights over int8's; 0: no coarse level
     coarse_speedup: float = 0.0
+    # how a frame's cost per station (seconds) grows per position of the steps' mean position,
+    # and the mean position `frames_per_second` was measured at; 0: not measured (the window
+    # levels are left out: shorter windows would only restart more often)
+    slope: float = 0.0
+    position: float = 0.0
+
+    @property
+    def levels(self) -> list[int]:
+        """The levels there are, in order."""
+        levels = list(range(SHORTEST_RESTARTS + 1))
+        if self.slope > 0:
+            levels += list(range(SHORTEST_RESTARTS + 1, len(LEVELS)))
+        return levels + [COARSE] if self.coarse_speedup > 0 else levels
 
     @property
     def top(self) -> int:
         """The last level there is."""
-        return COARSE if self.coarse_speedup > 0 else len(SHARES) - 1
+        return self.levels[-1]
+
+    @property
+    def shortest(self) -> int:
+        """The last level on int8 weights: the shortest restarts and windows there are."""
+        return [level for level in self.levels if level != COARSE][-1]
 
 
 def context_frames(context: int, level: int) -> int:
     """Frames a window restart re-reads at `level`."""
-    return max(1, round(context * SHARES[min(level, len(SHARES) - 1)]))
+    return max(1, round(context * LEVELS[min(level, len(LEVELS) - 1)][0]))
+
+
+def window_frames(window: int, context: int, level: int, windows: bool = True) -> int:
+    """Positions a window spans at `level`: still room for its restarts' warm rows and a
+    second of new music beyond them. `windows`: whether the window levels are in (`COARSE`
+    takes the last level's windows, whole without them)."""
+    if level >= COARSE:
+        level = len(LEVELS) - 1 if windows else SHORTEST_RESTARTS
+    share = LEVELS[level][1]
+    if share >= 1.0:
+        return window
+    reread = context_frames(context, level)
+    return min(window, max(round(window * share), 2 * reread + MIN_NEW_FRAMES))
 
 
 def predicted_rtf(rates: Rates, window: int, context: int, level: int, frame_rate: float) -> float:
     """Seconds of audio per second of work over a window, with restarts at `level`."""
     reread = context_frames(context, level)
-    new = window - reread  # frames made per window
+    span = window_frames(window, context, level, rates.slope > 0)
+    new = span - reread  # frames made per window
     speedup = rates.coarse_speedup if level == COARSE else 1.0
-    prefill = rates.stations * rates.prefill_seconds * reread / context / speedup
-    work = new / (rates.frames_per_second * speedup) + prefill
+    measured = 1.0 / (rates.frames_per_second * rates.stations)  # a frame's cost per station
+    shift = rates.slope * ((reread + span) / 2 - rates.position) if rates.slope > 0 else 0.0
+    cost = max(measured + shift, 0.1 * measured)
+    prefill = rates.stations * rates.prefill_seconds * reread / context
+    work = (new * rates.stations * cost + prefill) / speedup
     return (new / frame_rate) / work
+
+
+class PositionCost:
+    """How a typical chunk's cost per frame grows with the positions its steps attend over: a
+    line through the chunks' (mean position, cost) with weights that fade (`FADE` a chunk: the
+    last window or two), and the chunks' mean position smoothed as the thread tuner smooths
+    their cost (the position the steady cost stands for)."""
+
+    FADE = 0.01
+    MIN_CHUNKS = 20
+    MIN_SPREAD = 100.0  # frames: the positions' standard deviation before a slope is believed
+
+    def __init__(self) -> None:
+        self.chunks = 0
+        self.position = 0.0
+        self._x = self._y = self._xx = self._xy = 0.0
+
+    def add(self, position: float, cost: float, smoothing: float) -> None:
+        self.chunks += 1
+        fade = max(self.FADE, 1 / self.chunks)  # the plain mean of the first chunks
+        self._x += fade * (position - self._x)
+        self._y += fade * (cost - self._y)
+        self._xx += fade * (position * position - self._xx)
+        self._xy += fade * (position * cost - self._xy)
+        self.position += max(smoothing, 1 / self.chunks) * (position - self.position)
+
+    @property
+    def slope(self) -> float:
+        """Seconds per frame per position (0 until the positions spread enough, and never
+        negative: a busier minute at the window's start is not a cheaper end)."""
+        variance = self._xx - self._x * self._x
+        if self.chunks < self.MIN_CHUNKS or variance < self.MIN_SPREAD**2:
+            return 0.0
+        return max(0.0, (self._xy - self._x * self._y) / variance)
 
 
 def choose_level(level: int, rates: Rates, window: int, context: int, frame_rate: float) -> int:
@@ -84,9 +167,12 @@ def choose_level(level: int, rates: Rates, window: int, context: int, frame_rate
     def rtf(at: int) -> float:
         return predicted_rtf(rates, window, context, at, frame_rate)
 
-    level = min(level, rates.top)
-    while level < rates.top and rtf(level) < DOWN_BELOW:
-        level += 1
-    while level > 0 and rtf(level - 1) >= UP_ABOVE:
-        level -= 1
-    return level
+    levels = rates.levels
+    i = max(j for j, at in enumerate(levels) if at <= level)  # (a level gone: the one before)
+    if rtf(levels[i]) < DOWN_BELOW:  # the first level after it that keeps up, else the fastest
+        later = levels[i:]
+        keeping = [at for at in later if rtf(at) >= DOWN_BELOW]
+        i = levels.index(keeping[0] if keeping else max(later, key=rtf))
+    while i > 0 and rtf(levels[i - 1]) >= UP_ABOVE:
+        i -= 1
+    return levels[i]

@@ -136,11 +136,14 @@ class StationSink:
         if sample > st.buffer.tail:  # it could only go on later than it stopped (a batch)
             st.buffer.skip_to(sample)
 
-    def on_restart_context(self, station_id: str, seconds: float | None) -> None:
+    def on_restart_context(
+        self, station_id: str, seconds: float | None, window_seconds: float | None
+    ) -> None:
         """The ladder moved (`radio.ladder`, the worker logged it): what window restarts
-        re-read (None: the whole context)."""
+        re-read (None: the whole context) and how long windows are (None: whole)."""
         health = self.radio.stations[station_id].health
         health.restart_context_seconds = None if seconds is None else round(seconds, 2)
+        health.window_seconds = None if window_seconds is None else round(window_seconds, 2)
 
     def on_prefill(self, station_id: str, prefill: Prefill) -> None:
         """The engine re-read a station's context (a window restart, a prompt change or

@@ -166,6 +166,7 @@ class Health:
     reanchors: dict[str, int] = field(default_factory=dict)  # music watchdog: problem -> count
     last_reanchor: dict[str, object] | None = None  # the latest one: problem, detail, when
     restart_context_seconds: float | None = None  # window restarts shortened to this (ladder)
+    window_seconds: float | None = None  # windows shortened to this (the ladder's last levels)
     last_prefill: dict[str, float] | None = None  # the latest prefill: seconds, rows, frames
 
     def retry_in(self, now: float) -> float | None:
@@ -255,6 +256,7 @@ class Station:
             "last_reanchor": h.last_reanchor,
             "last_prefill": h.last_prefill,
             "restart_context_seconds": h.restart_context_seconds,
+            "window_seconds": h.window_seconds,
         }
 
     def history_json(self) -> list[dict[str, object]]:

@@ -89,6 +89,28 @@ def test_changes_during_the_warm_rows_prefill_as_before(tiny_float32):
     assert warm.tokens.prefills < cold.tokens.prefills
 
 
+@torch.inference_mode()
+def test_shortened_windows_write_what_shorter_windows_write(tiny_float32):
+    """Windows shortened to 100 positions (the radio's ladder, when even the shortest restarts
+    cannot keep up) write what a stream with `window=100` writes, their restarts still warm;
+    asked back, the next window spans the whole 150 again."""
+    short = tiny_float32.open_stream("harp", GREEDY, WINDOW)
+    short.tokens.shorten_windows(100)  # before the first window: from it on
+    plain = tiny_float32.open_stream("harp", GREEDY, dataclasses.replace(WINDOW, window=100))
+    assert_same(history(short, 400), history(plain, 400))
+    assert short.tokens.prefills == 1 and short.tokens.warm_restarts >= 5
+    assert short.tokens.window_frames == 100
+    short.tokens.shorten_windows(None)
+    furthest = 0
+    while short.tokens.warm_restarts < plain.tokens.warm_restarts + 2:
+        short.tokens._batch.step()
+        furthest = max(furthest, short.tokens.position)
+    assert furthest == WINDOW.window
+    assert short.tokens.prefills == 1
+    with pytest.raises(ValueError, match=r"frames must be in \[1, 150\]"):
+        short.tokens.shorten_windows(151)
+
+
 @pytest.fixture(scope="module")
 def int8_model(tiny_model_dir, k):
     return MusicModel.load(LoadOptions(model=tiny_model_dir, device="cpu", quantize="int8"))

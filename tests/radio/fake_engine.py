@@ -28,6 +28,7 @@ class FakeTokens:
     last_prefill = None
     prefills = 0
     warming = False
+    position = 0  # the window's position (the fake's never moves: no slope is fitted)
 
 
 class FakeStream:
@@ -36,12 +37,16 @@ class FakeStream:
     def shorten_restarts(self, frames: int | None) -> None:
         self.restart_context = frames
 
+    def shorten_windows(self, frames: int | None) -> None:
+        self.window_frames = frames
+
     def __init__(self, prompt: str, floor: int = 0) -> None:
         self.prompt = prompt
         self.frame = 0
         self.floor = floor  # the earliest frame a prompt change may rewind to
         self.tokens = FakeTokens()
         self.restart_context: int | None = None  # shorten_restarts
+        self.window_frames: int | None = None  # shorten_windows
         self.sampling: SamplingOptions | None = None
         self.reads = 0
         self.interrupted = 0  # reads stopped by their `interrupt`
@@ -202,8 +207,10 @@ class Sink:
     def on_prefill(self, station_id, prefill) -> None:
         self._record("prefill", station_id, prefill)
 
-    def on_restart_context(self, station_id, seconds) -> None:
+    def on_restart_context(self, station_id, seconds, window_seconds) -> None:
         self._record("restart_context", station_id, seconds)
+        if window_seconds is not None or any(c[0] == "window" for c in self.calls):
+            self._record("window", station_id, window_seconds)
 
     def _record(self, *call) -> None:
         self.calls.append(call)

@@ -15,11 +15,14 @@ from engine.options import WindowOptions
 from radio.ladder import (
     COARSE,
     DOWN_BELOW,
+    SHORTEST_RESTARTS,
     UP_ABOVE,
+    PositionCost,
     Rates,
     choose_level,
     context_frames,
     predicted_rtf,
+    window_frames,
 )
 from tests.radio.fake_engine import CHUNK, COARSE_PARTS, FakeModel, FakeStream
 
@@ -65,19 +68,115 @@ def test_it_does_not_flap_between_the_thresholds():
 def test_coarse_weights_are_the_last_level_taken_only_when_the_shortest_restarts_fall_short():
     # int8 at 40 frames/s: even a quarter of the context re-read cannot keep up (x0.77)
     slow = Rates(40.0, 4.47, 1, coarse_speedup=1.5)
-    assert predicted_rtf(slow, WINDOW, CONTEXT, COARSE - 1, RATE) < DOWN_BELOW
-    # coarse weights: 1.5x the steps and the (shortest) prefill, the same restarts
+    assert predicted_rtf(slow, WINDOW, CONTEXT, SHORTEST_RESTARTS, RATE) < DOWN_BELOW
+    # coarse weights: 1.5x the steps and the (shortest) prefill, the same restarts and (no
+    # window levels without a measured slope) whole windows
     assert predicted_rtf(slow, WINDOW, CONTEXT, COARSE, RATE) == pytest.approx(
-        1.5 * predicted_rtf(slow, WINDOW, CONTEXT, COARSE - 1, RATE)
+        1.5 * predicted_rtf(slow, WINDOW, CONTEXT, SHORTEST_RESTARTS, RATE)
     )
-    assert context_frames(CONTEXT, COARSE) == context_frames(CONTEXT, COARSE - 1)
+    assert context_frames(CONTEXT, COARSE) == context_frames(CONTEXT, SHORTEST_RESTARTS)
+    assert window_frames(WINDOW, CONTEXT, COARSE, windows=False) == WINDOW
     assert choose_level(0, slow, WINDOW, CONTEXT, RATE) == COARSE
-    # without the coarse level the ladder ends a level before
-    assert choose_level(0, Rates(40.0, 4.47, 1), WINDOW, CONTEXT, RATE) == COARSE - 1
+    # without the coarse level the ladder ends with the shortest restarts
+    assert choose_level(0, Rates(40.0, 4.47, 1), WINDOW, CONTEXT, RATE) == SHORTEST_RESTARTS
     # a machine where a quarter of the context keeps up never goes coarse
     assert choose_level(0, Rates(57.0, 4.47, 1, coarse_speedup=1.5), WINDOW, CONTEXT, RATE) == 1
     # and back up once int8 is predicted fast enough
     assert choose_level(COARSE, Rates(83.0, 1.12, 1, 1.5), WINDOW, CONTEXT, RATE) == 0
+
+
+def test_window_levels_come_once_the_cost_of_positions_is_measured():
+    """Past the shortest restarts, windows end at two thirds and at half of `window` (still
+    room for the warm rows and a second of new music): levels only there when steps are
+    measured to cost more at later positions, else they would only restart more often."""
+    flat = Rates(40.0, 4.47, 1)
+    assert flat.levels == [0, 1, 2] and flat.top == flat.shortest == SHORTEST_RESTARTS
+    sloped = dataclasses.replace(flat, slope=1e-6, coarse_speedup=1.5)
+    assert sloped.levels == [0, 1, 2, 3, 4, COARSE] and sloped.shortest == 4
+    spans = [window_frames(WINDOW, CONTEXT, level) for level in (0, 1, 2, 3, 4, COARSE)]
+    assert spans == [1500, 1500, 1500, 1000, 750, 750]
+    assert [context_frames(CONTEXT, level) for level in (3, 4, COARSE)] == [125, 125, 125]
+    assert window_frames(150, 40, 4) == 75 and window_frames(120, 60, 4) == 80  # 2 x 15 + 50
+
+
+def test_the_prediction_weighs_the_positions_a_window_attends_over():
+    # two int4 stations on Zen 4 (bench/timeline.py): a frame costs a station ~9 ms at the
+    # window's mean position 812 and ~2.6 us more per position; a warm restart ~0.4 s
+    measured = 1 / (0.009 * 2)
+    rates = Rates(measured, 1.6, 2, slope=2.6e-6, position=812.5)
+    level2 = predicted_rtf(rates, WINDOW, CONTEXT, 2, RATE)  # measured where it runs
+    assert level2 == pytest.approx(27.5 / (1375 * 2 * 0.009 + 2 * 1.6 / 4))
+    cost3 = 0.009 + 2.6e-6 * (562.5 - 812.5)  # windows of 1000: mean position 562.5
+    assert predicted_rtf(rates, WINDOW, CONTEXT, 3, RATE) == pytest.approx(
+        17.5 / (875 * 2 * cost3 + 2 * 1.6 / 4)
+    )
+    # a whole context re-read: 500 frames more at the start of every window, and a later mean
+    cost0 = 0.009 + 2.6e-6 * (1000 - 812.5)
+    assert predicted_rtf(rates, WINDOW, CONTEXT, 0, RATE) == pytest.approx(
+        20 / (1000 * 2 * cost0 + 2 * 1.6)
+    )
+    # behind at the shortest restarts, shorter windows keep up: the first that does
+    slower = dataclasses.replace(rates, frames_per_second=1 / (0.0099 * 2))
+    assert predicted_rtf(slower, WINDOW, CONTEXT, 2, RATE) < DOWN_BELOW
+    assert choose_level(2, slower, WINDOW, CONTEXT, RATE) == 3
+    # a slope too small to pay for the extra restarts: the fastest level, not the last
+    flat = dataclasses.replace(slower, slope=1e-9, frames_per_second=1 / (0.02 * 2))
+    assert choose_level(0, flat, WINDOW, CONTEXT, RATE) == SHORTEST_RESTARTS
+
+
+def test_the_position_cost_fits_a_line_once_the_positions_spread():
+    cost = PositionCost()
+    for i in range(PositionCost.MIN_CHUNKS - 1):  # positions 125 .. 1500, cost 8 ms + 3 us each
+        x = 125 + 1375 * i / (PositionCost.MIN_CHUNKS - 2)
+        cost.add(x, 0.008 + 3e-6 * x + (1e-4 if i % 2 else -1e-4), smoothing=0.25)
+    assert cost.slope == 0.0  # too few chunks yet
+    for i in range(200):
+        x = 125 + (i * 20) % 1375
+        cost.add(x, 0.008 + 3e-6 * x + (1e-4 if i % 2 else -1e-4), smoothing=0.25)
+    assert cost.slope == pytest.approx(3e-6, rel=0.05)
+    assert abs(cost.position - x) < 100  # the recent positions, as the tuner's cost is recent
+    narrow = PositionCost()
+    for i in range(100):
+        narrow.add(800 + i % 50, 0.01 + 1e-5 * (i % 50), smoothing=0.25)
+    assert narrow.slope == 0.0  # 50 positions say nothing about a window of 1500
+    falling = PositionCost()
+    for i in range(100):
+        falling.add(125 + 13 * i, 0.02 - 5e-6 * 13 * i, smoothing=0.25)
+    assert falling.slope == 0.0  # never a negative slope
+
+
+async def test_the_generator_shortens_windows_past_the_shortest_restarts(run, caplog):
+    """With a measured cost per position large enough, the ladder goes past the shortest
+    restarts to shorter windows (each stream's `shorten_windows`, said in the log and in the
+    station's health), and back to whole windows once the machine keeps up."""
+    caplog.set_level(logging.INFO, logger="radio.generator")
+    model = FakeModel()
+    gen, sink = await run(model, ("a",), buffer_ahead=1.0, window=COLD)
+    await sink.until(lambda: len(sink.pcm("a")) == 5)
+    # a frame costs 40 us more per position: windows of 750 keep up (x1.14), 1000 do not (x0.89)
+    gen.position_cost = dataclasses.replace(FixedSlope(), slope=4e-5)
+    gen.prefill_seconds = 1e-6
+    gen.played("a", 20)
+    await sink.until(lambda: ("window", "a", 15.0) in sink.calls)
+    assert gen.restart_level == 4
+    assert model.streams[0].window_frames == 750 and model.streams[0].restart_context == 125
+    assert "windows now span 15.0 s, generation cannot keep up otherwise" in caplog.text
+    gen.position_cost = FixedSlope()  # the machine got fast again
+    gen.played("a", 40)
+    await sink.until(lambda: ("window", "a", None) in sink.calls)
+    assert gen.restart_level == 0 and model.streams[0].window_frames is None
+    assert "windows now span 30.0 s (the whole window)" in caplog.text
+
+
+@dataclasses.dataclass
+class FixedSlope:
+    """A `PositionCost` that says what the test wants (the fake streams do not move)."""
+
+    slope: float = 1e-9
+    position: float = 0.0
+
+    def add(self, position: float, cost: float, smoothing: float) -> None:
+        pass
 
 
 def moves(sink) -> list[tuple]:
@@ -217,7 +316,7 @@ async def test_int4_weights_that_cannot_be_made_leave_int8_running(run, caplog):
     assert "cannot prepare int4 weights, so generation will not fall back" in caplog.text
     assert "out of memory" in caplog.text
     assert not model.coarse and getattr(model, "switches", []) == []
-    assert gen.restart_level == COARSE - 1 and gen.coarse_speedup == 0  # the last int8 level
+    assert gen.restart_level == SHORTEST_RESTARTS and gen.coarse_speedup == 0  # last int8 level
     assert caplog.text.count("cannot prepare int4 weights") == 1
 
 
