@@ -559,7 +559,7 @@ class Generator:
         if span != old_span:
             log.info(
                 "windows now span %.1f s%s: with %.1f s generation would run at x%.2f of real "
-                "time, with %.1f s at x%.2f",
+                "time, with %.1f s at x%.2f (a step costs %.0f%% more per 10 s into a window)",
                 span / rate,
                 " (the whole window)"
                 if span == window.window
@@ -568,6 +568,7 @@ class Generator:
                 before,
                 span / rate,
                 after,
+                100 * rates.slope * 10 * rate / cost,
             )
         if frames == old_frames and span == old_span:
             return  # the weights changed, not the windows (the shortest either way)
@@ -789,24 +790,26 @@ class Generator:
                 describe(e),
             )
             pcms = [self._read_alone(ln) for ln in lanes]
+        ends = [s.tokens.position for s in streams]
+        mean = (sum(positions) + sum(ends)) / (2 * len(streams))  # the positions attended over
         if tuner.last_cost and log.isEnabledFor(logging.DEBUG):  # (0.0: no division)
             log.debug(
-                "station(s) %s: a chunk in %.3f s (%d rows%s, %d thread(s)), x%.2f of real time",
+                "station(s) %s: a chunk in %.3f s (%d rows%s, %d thread(s), position %d), x%.2f "
+                "of real time",
                 ", ".join(ln.spec.id for ln in lanes),
                 tuner.last_cost * self.chunk_frames * len(lanes),
                 rows,
                 ", warm rows" if warming else "",
                 tuner.last,
+                mean,
                 1.0 / (tuner.last_cost * len(lanes) * self.model.frame_rate),
             )
         # a plain chunk within its windows, on the count in use: its cost at the positions its
         # steps attended over (what the ladder's window levels weigh)
-        ends = [s.tokens.position for s in streams]
         within = all(e > p for e, p in zip(ends, positions, strict=True)) and prefills == [
             s.tokens.prefills for s in streams
         ]
         if within and not warming and tuner.last_cost and tuner.last == before == tuner.current:
-            mean = (sum(positions) + sum(ends)) / (2 * len(streams))
             self.position_cost.add(mean, tuner.last_cost, tuner.smoothing)
         # a chunk that ran wholly with warm rows, on the count in use (no trial, no switch)
         ran = warming and all(s.tokens.warming for s in streams)

@@ -54,6 +54,7 @@ COARSE_SPEEDUP = 1.5  # the first guess of coarse weights' speed over int8's (me
 COARSE_SETTLE = 10  # chunks on coarse weights before their speed is taken and the ladder moves
 DOWN_BELOW = 1.02  # a level predicted slower than this is left for the next
 UP_ABOVE = 1.15  # the level above is taken back once predicted at least this fast
+CLEARLY = 1.03  # where no level keeps up, a later one is taken if predicted this much faster
 MIN_NEW_FRAMES = 50  # frames a shortened window makes beyond twice its restarts' context
 
 
@@ -128,17 +129,21 @@ def predicted_rtf(rates: Rates, window: int, context: int, level: int, frame_rat
 class PositionCost:
     """How a typical chunk's cost per frame grows with the positions its steps attend over: a
     line through the chunks' (mean position, cost) with weights that fade (`FADE` a chunk: the
-    last window or two), and the chunks' mean position smoothed as the thread tuner smooths
-    their cost (the position the steady cost stands for)."""
+    last minute or so, a few windows), and the chunks' mean position smoothed as the thread
+    tuner smooths their cost (the position the steady cost stands for). The slope is believed
+    once the positions spread over most of a window (`MIN_SPREAD`), and kept while they spread
+    less (the start of a window after a prompt change): the window levels must not come and
+    go with where the windows happen to be."""
 
-    FADE = 0.01
+    FADE = 0.005
     MIN_CHUNKS = 20
-    MIN_SPREAD = 100.0  # frames: the positions' standard deviation before a slope is believed
+    MIN_SPREAD = 300.0  # frames: the positions' standard deviation (uniform over 125..1500: 397)
 
     def __init__(self) -> None:
         self.chunks = 0
         self.position = 0.0
         self._x = self._y = self._xx = self._xy = 0.0
+        self._slope = 0.0
 
     def add(self, position: float, cost: float, smoothing: float) -> None:
         self.chunks += 1
@@ -148,15 +153,15 @@ class PositionCost:
         self._xx += fade * (position * position - self._xx)
         self._xy += fade * (position * cost - self._xy)
         self.position += max(smoothing, 1 / self.chunks) * (position - self.position)
+        variance = self._xx - self._x * self._x
+        if self.chunks >= self.MIN_CHUNKS and variance >= self.MIN_SPREAD**2:
+            self._slope = max(0.0, (self._xy - self._x * self._y) / variance)
 
     @property
     def slope(self) -> float:
-        """Seconds per frame per position (0 until the positions spread enough, and never
-        negative: a busier minute at the window's start is not a cheaper end)."""
-        variance = self._xx - self._x * self._x
-        if self.chunks < self.MIN_CHUNKS or variance < self.MIN_SPREAD**2:
-            return 0.0
-        return max(0.0, (self._xy - self._x * self._y) / variance)
+        """Seconds per frame per position: 0 until the positions spread enough, never negative
+        (a busier minute at the windows' start is not a cheaper end)."""
+        return self._slope
 
 
 def choose_level(level: int, rates: Rates, window: int, context: int, frame_rate: float) -> int:
@@ -169,10 +174,15 @@ def choose_level(level: int, rates: Rates, window: int, context: int, frame_rate
 
     levels = rates.levels
     i = max(j for j, at in enumerate(levels) if at <= level)  # (a level gone: the one before)
-    if rtf(levels[i]) < DOWN_BELOW:  # the first level after it that keeps up, else the fastest
+    if rtf(levels[i]) < DOWN_BELOW:
+        # the first level after it that keeps up, else the fastest if clearly faster
         later = levels[i:]
         keeping = [at for at in later if rtf(at) >= DOWN_BELOW]
-        i = levels.index(keeping[0] if keeping else max(later, key=rtf))
+        fastest = max(later, key=rtf)
+        if keeping:
+            i = levels.index(keeping[0])
+        elif rtf(fastest) >= CLEARLY * rtf(levels[i]):
+            i = levels.index(fastest)
     while i > 0 and rtf(levels[i - 1]) >= UP_ABOVE:
         i -= 1
     return levels[i]

@@ -13,6 +13,7 @@ import pytest
 
 from engine.options import WindowOptions
 from radio.ladder import (
+    CLEARLY,
     COARSE,
     DOWN_BELOW,
     SHORTEST_RESTARTS,
@@ -122,6 +123,12 @@ def test_the_prediction_weighs_the_positions_a_window_attends_over():
     # a slope too small to pay for the extra restarts: the fastest level, not the last
     flat = dataclasses.replace(slower, slope=1e-9, frames_per_second=1 / (0.02 * 2))
     assert choose_level(0, flat, WINDOW, CONTEXT, RATE) == SHORTEST_RESTARTS
+    # where none keeps up, a level only a little faster is not worth the move (noise would
+    # make the ladder flap between them)
+    near = dataclasses.replace(slower, frames_per_second=1 / (0.0125 * 2), slope=1.3e-6)
+    at2, at4 = (predicted_rtf(near, WINDOW, CONTEXT, level, RATE) for level in (2, 4))
+    assert at2 < at4 < CLEARLY * at2 and at4 < DOWN_BELOW
+    assert choose_level(2, near, WINDOW, CONTEXT, RATE) == 2
 
 
 def test_the_position_cost_fits_a_line_once_the_positions_spread():
@@ -135,6 +142,9 @@ def test_the_position_cost_fits_a_line_once_the_positions_spread():
         cost.add(x, 0.008 + 3e-6 * x + (1e-4 if i % 2 else -1e-4), smoothing=0.25)
     assert cost.slope == pytest.approx(3e-6, rel=0.05)
     assert abs(cost.position - x) < 100  # the recent positions, as the tuner's cost is recent
+    for i in range(100):  # a new window's first positions (a prompt change): the slope stays
+        cost.add(25 + i, 0.008 + 3e-6 * (25 + i), smoothing=0.25)
+    assert cost.slope == pytest.approx(3e-6, rel=0.05)
     narrow = PositionCost()
     for i in range(100):
         narrow.add(800 + i % 50, 0.01 + 1e-5 * (i % 50), smoothing=0.25)
