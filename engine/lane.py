@@ -252,12 +252,14 @@ class Lane:
         if limits:  # a prompt change's shorter re-read (once), a shortened window restart
             context = context[:, context.shape[1] - min(min(limits), context.shape[1]) :]
         if full:
+            warm = self.warm
+            taken = warm is not None and warm.logits is not None and warm.context == len(context[0])
             log.debug(
                 "window full at frame %d (position %d): a new window from its last %d frames (%s)",
                 self.complete,
                 self._fed,
                 context.shape[1],
-                "warm" if self.warm is not None and self.warm.logits is not None else "prefill",
+                "warm" if taken else "prefill",
             )
         self._next_context = None
         self._taken, self.warm = self.warm, None  # for `take_warm`
@@ -345,14 +347,23 @@ class Lane:
     def _begin_warm(self) -> bool:
         """Start the warm rows when this window reaches the position where the next window's
         context begins: `window - max_delay - C`, C the frames the next restart re-reads (the
-        next window's context ends with the last frame complete at the restart)."""
-        if not self.builds_warm or self.warm is not None or self._seq is None:
+        next window's context ends with the last frame complete at the restart); drop them
+        when C changed since. True when the rows changed."""
+        if not self.builds_warm or self._seq is None:
             return False
         context = min(self.window.context, self.restart_context or self.window.context)
+        dropped = False
+        if self.warm is not None:
+            if self.warm.context == context:
+                return False
+            # the restarts were shortened (or lengthened) while the warm rows were fed: the
+            # restart would prefill anyway, so they go now, and come again at the new start
+            # if it is still ahead (a radio's ladder moving in the first window's warm rows)
+            self.warm, dropped = None, True
         start = self._end - self.max_delay - context
         # its tokens must all be this window's own (not its context's), fed from here on
         if self._fed != start or start <= self._context_len:
-            return False
+            return dropped
         ids = torch.full((self.num_codebooks, context + 1), -1, device=self.device)
         self.warm = Warm(start, context, ids)
         return True

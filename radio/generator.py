@@ -87,6 +87,10 @@ TIMED_PREFILL_FRAMES = 50
 # While int4 weights are prepared (`generation.coarse_when_behind`), each chunk is followed by
 # their quantization for at most this share of its time (musicgen-small: a layer, ~0.08 s)
 PREPARE_SHARE = 0.25
+# A chunk's cost while a station's warm rows are fed, over a plain chunk's, until measured: two
+# int4 stations on Zen 4 x1.4-1.6 (8 rows a step instead of 4; their own windows' first
+# positions are cheap to attend over, the rows' products are not); one int8 station less
+WARM_GUESS = 1.5
 
 
 def next_rtf(average: float, rtf: float, chunks: int) -> float:
@@ -498,10 +502,12 @@ class Generator:
         # extra its warm rows cost over the `context` frames they are fed
         restart = self.prefill_seconds
         if window.warm_restarts:
-            # not measured before the first window's last `context` frames: until then restarts
-            # count as free, so only a steady rate too slow for any restarts moves the ladder
-            # (at once, rather than after half a minute of bridges)
-            restart = max(self.warm_cost - cost, 1e-9) * window.context if self.warm_cost else 1e-9
+            # not measured before the first window's last `context` frames: until then a guess
+            # (WARM_GUESS), so that the first window's warm rows already run with the context
+            # the speed allows (two int4 stations re-reading the whole context first bridged
+            # 6 s in the first window's last 10 s, and its warm rows were then wasted)
+            warm = self.warm_cost or WARM_GUESS * cost
+            restart = max(warm - cost, 1e-9) * window.context
         if self.model.coarse:  # what was measured is the int4 weights' speed
             self._coarse_chunks += 1
             if self._coarse_chunks < ladder.COARSE_SETTLE:

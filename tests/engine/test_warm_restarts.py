@@ -111,6 +111,31 @@ def test_shortened_windows_write_what_shorter_windows_write(tiny_float32):
         short.tokens.shorten_windows(151)
 
 
+@torch.inference_mode()
+def test_restarts_shortened_during_the_warm_rows_start_them_again(tiny_float32):
+    """The radio's ladder shortening restarts while warm rows are fed (in the first window,
+    before their cost was measured): they stop at the next step instead of running on for a
+    restart that would not take them, begin again where the shorter context starts, and the
+    restart is still warm."""
+    stream = tiny_float32.open_stream("harp", GREEDY, WINDOW)
+    batch = stream.tokens._batch
+    while not stream.tokens.warming:
+        batch.step()
+    assert stream.tokens.position == WINDOW.window - 3 - WINDOW.context  # 107
+    batch.step()
+    stream.tokens.shorten_restarts(10)
+    batch.step()
+    assert not stream.tokens.warming
+    while not stream.tokens.warming:
+        batch.step()
+    assert stream.tokens.position == WINDOW.window - 3 - 10
+    warm, prefills = stream.tokens.warm_restarts, stream.tokens.prefills
+    while stream.tokens.position > 20:
+        batch.step()
+    assert stream.tokens.warm_restarts == warm + 1 and stream.tokens.prefills == prefills
+    assert stream.tokens.position == 12  # a window from 10 frames of context
+
+
 @pytest.fixture(scope="module")
 def int8_model(tiny_model_dir, k):
     return MusicModel.load(LoadOptions(model=tiny_model_dir, device="cpu", quantize="int8"))

@@ -427,3 +427,22 @@ async def test_the_speed_is_judged_once_the_weights_are_chosen(run, monkeypatch)
     assert model.coarse  # switched before it said so
     plain, _ = await run(FakeModel(), ("b",), coarse_when_behind=False)
     assert plain.speed_judged
+
+
+async def test_warm_restarts_are_weighed_before_their_cost_is_measured(run, caplog):
+    """Until the first window's warm rows ran, a warm restart is guessed at WARM_GUESS times a
+    plain chunk's cost: a machine just faster than real time without restarts shortens them
+    from the start, before the first window's warm rows begin (re-reading the whole context
+    there bridged two int4 stations for 6 s)."""
+    caplog.set_level(logging.INFO, logger="radio.generator")
+    model = FakeModel()
+    gen, sink = await run(model, ("a",))
+    await sink.until(lambda: len(sink.pcm("a")) >= 1)
+    model.streams[0].read_seconds = 0.2 / 1.2  # x1.2 of real time between restarts
+    async with asyncio.timeout(20):
+        while gen.restart_level == 0:
+            gen.played("a", len(sink.pcm("a")) * CHUNK)
+            await asyncio.sleep(0.05)
+    assert gen.warm_cost == 0  # nothing measured: the fake's streams never warm a window
+    assert gen.restart_level in (1, 2) and model.streams[0].restart_context in (250, 125)
+    assert "window restarts now re-read" in caplog.text
