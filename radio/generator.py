@@ -43,8 +43,10 @@ import asyncio
 import contextlib
 import logging
 import queue
+import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -87,10 +89,11 @@ TIMED_PREFILL_FRAMES = 50
 # While int4 weights are prepared (`generation.coarse_when_behind`), each chunk is followed by
 # their quantization for at most this share of its time (musicgen-small: a layer, ~0.08 s)
 PREPARE_SHARE = 0.25
-# A chunk's cost while a station's warm rows are fed, over a plain chunk's, until measured: two
-# int4 stations on Zen 4 x1.4-1.6 (8 rows a step instead of 4; their own windows' first
-# positions are cheap to attend over, the rows' products are not); one int8 station less
-WARM_GUESS = 1.5
+# The ladder weighs the median cost of the last plain chunks (at least 3 of them): one slow
+# chunk (a listener connecting, a page fault) is not the machine's speed. The thread tuner's
+# smoothed cost starts afresh at a 2x jump, and so took one int8 station at x1.25 for x0.45 a
+# second after it went on air: to int4 weights for good (their speedup measured against it).
+RECENT_CHUNKS = 5
 
 
 def next_rtf(average: float, rtf: float, chunks: int) -> float:
@@ -252,6 +255,9 @@ class Generator:
         self._coarse_parts: Iterator[None] | None = None
         # the ladder's level (radio.ladder: 0 = window restarts re-read the whole context)
         self.restart_level = 0
+        # the last plain chunks' costs (RECENT_CHUNKS) and what they ran with
+        self._recent: deque[float] = deque(maxlen=RECENT_CHUNKS)
+        self._recent_key: tuple[int, tuple[int, int], bool] | None = None
         # how the steady chunks' cost grows with the positions they attend over (the ladder's
         # window levels), fitted by the worker
         self.position_cost = ladder.PositionCost()
@@ -490,24 +496,25 @@ class Generator:
         tuner = self.tuner
         if not self.adaptive_restarts or self._lanes is None or tuner is None:
             return
-        # the steady generation rate is the tuner's: its smoothed seconds per frame of audio
-        # with the count in use, of chunks without warm rows (chunks that prefilled a window
-        # left out)
-        cost = tuner.steady(self._plain_kind)
-        if not cost:
+        # the steady generation rate: the median seconds per frame of audio of the last plain
+        # chunks (no warm rows, no prefill, no trial) with the count, rows and weights in use
+        recent = self._recent if self._recent_key == self._plain_key() else ()
+        if len(recent) < 3:
             return  # not measured enough with these rows (a glide's first chunks)
+        cost = statistics.median(recent)
         window = self.specs[0].window
         stations = max(1, sum(not ln.healing.down for ln in self._lanes.values()))
         # a window restart's cost for a whole context: its prefill, or with warm restarts the
         # extra its warm rows cost over the `context` frames they are fed
         restart = self.prefill_seconds
         if window.warm_restarts:
-            # not measured before the first window's last `context` frames: until then a guess
-            # (WARM_GUESS), so that the first window's warm rows already run with the context
-            # the speed allows (two int4 stations re-reading the whole context first bridged
-            # 6 s in the first window's last 10 s, and its warm rows were then wasted)
-            warm = self.warm_cost or WARM_GUESS * cost
-            restart = max(warm - cost, 1e-9) * window.context
+            # not measured before the first window's last `context` frames: until then restarts
+            # count as free, so only a steady rate too slow for any restarts moves the ladder
+            # (at once, rather than after half a minute of bridges). A guess of 1.5x a plain
+            # chunk (two int4 stations' figure) took one int8 station, which keeps up, to int4
+            # weights within seconds; when the measured cost moves the ladder during the warm
+            # rows, they start again with the shorter context (`engine.lane`)
+            restart = max(self.warm_cost - cost, 1e-9) * window.context if self.warm_cost else 1e-9
         if self.model.coarse:  # what was measured is the int4 weights' speed
             self._coarse_chunks += 1
             if self._coarse_chunks < ladder.COARSE_SETTLE:
@@ -584,6 +591,11 @@ class Generator:
             seconds = frames / rate if frames < window.context else None
             spans = span / rate if span < window.window else None
             self._to_loop(self.sink.on_restart_context, lane.spec.id, seconds, spans)
+
+    def _plain_key(self) -> tuple[int, tuple[int, int], bool]:
+        """What a plain chunk's cost depends on: threads, rows, coarse weights or not."""
+        assert self.tuner is not None
+        return self.tuner.current, self._plain_kind, self.model.coarse
 
     def _prepare_coarse(self, spent: float | None) -> None:
         """The next layers of the int4 set being prepared, for at most PREPARE_SHARE of the
@@ -810,13 +822,17 @@ class Generator:
                 mean,
                 1.0 / (tuner.last_cost * len(lanes) * self.model.frame_rate),
             )
-        # a plain chunk within its windows, on the count in use: its cost at the positions its
-        # steps attended over (what the ladder's window levels weigh)
-        within = all(e > p for e, p in zip(ends, positions, strict=True)) and prefills == [
-            s.tokens.prefills for s in streams
-        ]
-        if within and not warming and tuner.last_cost and tuner.last == before == tuner.current:
-            self.position_cost.add(mean, tuner.last_cost, tuner.smoothing)
+        # a plain chunk (no warm rows, no prefill) on the count in use: the steady rate the
+        # ladder weighs, and, within its windows, its cost at the positions its steps
+        # attended over (what the ladder's window levels weigh)
+        plain = not warming and prefills == [s.tokens.prefills for s in streams]
+        if plain and tuner.last_cost and tuner.last == before == tuner.current:
+            if self._recent_key != self._plain_key():
+                self._recent.clear()
+                self._recent_key = self._plain_key()
+            self._recent.append(tuner.last_cost)
+            if all(e > p for e, p in zip(ends, positions, strict=True)):
+                self.position_cost.add(mean, tuner.last_cost, tuner.smoothing)
         # a chunk that ran wholly with warm rows, on the count in use (no trial, no switch)
         ran = warming and all(s.tokens.warming for s in streams)
         if ran and tuner.last_cost is not None and tuner.last == before == tuner.current:
