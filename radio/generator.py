@@ -89,10 +89,12 @@ TIMED_PREFILL_FRAMES = 50
 # While int4 weights are prepared (`generation.coarse_when_behind`), each chunk is followed by
 # their quantization for at most this share of its time (musicgen-small: a layer, ~0.08 s)
 PREPARE_SHARE = 0.25
-# The ladder weighs the median cost of the last plain chunks (at least 3 of them): one slow
-# chunk (a listener connecting, a page fault) is not the machine's speed. The thread tuner's
-# smoothed cost starts afresh at a 2x jump, and so took one int8 station at x1.25 for x0.45 a
-# second after it went on air: to int4 weights for good (their speedup measured against it).
+# The ladder weighs the median cost of the plain chunks that made the last `buffer_ahead`
+# seconds of audio (at least RECENT_CHUNKS, judged from 3 on): a slow moment that the buffer
+# rides out (a listener connecting, a page fault, a neighbour's second) is not the machine's
+# speed. The thread tuner's smoothed cost starts afresh at a 2x jump, and so took one int8
+# station at x1.25 for x0.45 a second after it went on air; a median of five chunks took three
+# at x0.97 (0.6 s): to int4 weights both times, for good (their speedup measured against it).
 RECENT_CHUNKS = 5
 
 
@@ -255,8 +257,9 @@ class Generator:
         self._coarse_parts: Iterator[None] | None = None
         # the ladder's level (radio.ladder: 0 = window restarts re-read the whole context)
         self.restart_level = 0
-        # the last plain chunks' costs (RECENT_CHUNKS) and what they ran with
-        self._recent: deque[float] = deque(maxlen=RECENT_CHUNKS)
+        # the last plain chunks' costs (RECENT_CHUNKS: a buffer's worth) and what they ran with
+        span = round(buffer_ahead * model.frame_rate / chunk_frames)
+        self._recent: deque[float] = deque(maxlen=max(RECENT_CHUNKS, span))
         self._recent_key: tuple[int, tuple[int, int], bool] | None = None
         # how the steady chunks' cost grows with the positions they attend over (the ladder's
         # window levels), fitted by the worker
