@@ -21,8 +21,10 @@ window holds the same tokens as position `start + q` of this one (the delayed la
 the frames), with pad tokens where codebook k's frame `q - 1 - delay[k]` is before the context.
 At the restart the warm rows' cache becomes the rows' cache and their logits at the context's
 last position are sampled as a prefill's would be. A prompt change, a seed or a new sampling
-setting drops the warm rows (a prefill follows anyway), and so does a restart whose context
-length changed meanwhile (a radio shortening its restarts).
+setting drops the warm rows (a prefill follows anyway); a change of the restarts' context
+length (a radio shortening its restarts) drops them at the next step, and they begin again where
+the new context starts if that is still ahead. Windows may end early (`window_frames`, from the
+next window on): the warm rows then begin that much earlier.
 
 Frames are numbered from the start of the stream. `history()` holds the last frames (enough for
 rewinds, re-prefills and the codec's left context); older ones are forgotten, so memory is flat.

@@ -828,7 +828,11 @@ class Generator:
         # a plain chunk (no warm rows, no prefill) on the count in use: the steady rate the
         # ladder weighs, and, within its windows, its cost at the positions its steps
         # attended over (what the ladder's window levels weigh)
-        plain = not warming and prefills == [s.tokens.prefills for s in streams]
+        plain = (
+            not warming
+            and not any(s.tokens.warming for s in streams)  # (nor did warm rows begin in it)
+            and prefills == [s.tokens.prefills for s in streams]
+        )
         if plain and tuner.last_cost and tuner.last == before == tuner.current:
             if self._recent_key != self._plain_key():
                 self._recent.clear()
