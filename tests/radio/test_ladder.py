@@ -454,3 +454,24 @@ async def test_one_slow_chunk_does_not_move_the_ladder(run, monkeypatch):
         await sink.until(lambda n=chunks: len(sink.pcm("a")) > n)
     assert len(reads) >= 16
     assert gen.restart_level == 0 and not model.coarse and model.prepared == 0
+
+
+def test_the_station_health_says_the_ladders_restarts_and_windows():
+    from types import SimpleNamespace
+
+    from engine.options import SamplingOptions
+    from radio.config import StationConfig
+    from radio.service import StationSink
+    from radio.station import Station
+
+    st = Station(StationConfig(), 0, 1, SamplingOptions())
+    sink = StationSink(
+        SimpleNamespace(stations={"main": st}, hop=640, frame_rate=50, sample_rate=32000)
+    )
+    h = st.health_json()
+    assert (h["restart_context_seconds"], h["window_seconds"]) == (None, None)
+    sink.on_restart_context("main", 2.5, 15.0)
+    h = st.health_json()
+    assert (h["restart_context_seconds"], h["window_seconds"]) == (2.5, 15.0)
+    sink.on_restart_context("main", None, None)
+    assert st.health_json()["window_seconds"] is None
