@@ -257,9 +257,10 @@ class Generator:
         self._coarse_parts: Iterator[None] | None = None
         # the ladder's level (radio.ladder: 0 = window restarts re-read the whole context)
         self.restart_level = 0
-        # the last plain chunks' costs (RECENT_CHUNKS: a buffer's worth) and what they ran with
+        # the last plain chunks' (cost, mean position) (RECENT_CHUNKS: a buffer's worth) and what
+        # they ran with
         span = round(buffer_ahead * model.frame_rate / chunk_frames)
-        self._recent: deque[float] = deque(maxlen=max(RECENT_CHUNKS, span))
+        self._recent: deque[tuple[float, float]] = deque(maxlen=max(RECENT_CHUNKS, span))
         self._recent_key: tuple[int, tuple[int, int], bool] | None = None
         # how the steady chunks' cost grows with the positions they attend over (the ladder's
         # window levels), fitted by the worker
@@ -504,7 +505,8 @@ class Generator:
         recent = self._recent if self._recent_key == self._plain_key() else ()
         if len(recent) < 3:
             return  # not measured enough with these rows (a glide's first chunks)
-        cost = statistics.median(recent)
+        cost = statistics.median(c for c, _ in recent)
+        position = statistics.median(p for _, p in recent)  # where that cost was measured
         window = self.specs[0].window
         stations = max(1, sum(not ln.healing.down for ln in self._lanes.values()))
         # a window restart's cost for a whole context: its prefill, or with warm restarts the
@@ -533,7 +535,7 @@ class Generator:
             stations,
             self.coarse_speedup,
             slope=self.position_cost.slope,  # (the attention's cost: the same on either weights)
-            position=self.position_cost.position,
+            position=position,
         )
         rate = self.model.frame_rate
         level = ladder.choose_level(self.restart_level, rates, window.window, window.context, rate)
@@ -837,9 +839,9 @@ class Generator:
             if self._recent_key != self._plain_key():
                 self._recent.clear()
                 self._recent_key = self._plain_key()
-            self._recent.append(tuner.last_cost)
+            self._recent.append((tuner.last_cost, mean))
             if all(e > p for e, p in zip(ends, positions, strict=True)):
-                self.position_cost.add(mean, tuner.last_cost, tuner.smoothing)
+                self.position_cost.add(mean, tuner.last_cost)
         # a chunk that ran wholly with warm rows, on the count in use (no trial, no switch)
         ran = warming and all(s.tokens.warming for s in streams)
         if ran and tuner.last_cost is not None and tuner.last == before == tuner.current:

@@ -129,8 +129,7 @@ def predicted_rtf(rates: Rates, window: int, context: int, level: int, frame_rat
 class PositionCost:
     """How a typical chunk's cost per frame grows with the positions its steps attend over: a
     line through the chunks' (mean position, cost) with weights that fade (`FADE` a chunk: the
-    last minute or so, a few windows), and the chunks' mean position smoothed as the thread
-    tuner smooths their cost (the position the steady cost stands for). The slope is believed
+    last minute or so, a few windows). The slope is believed
     once the positions spread over most of a window (`MIN_SPREAD`), and kept while they spread
     less (the start of a window after a prompt change): the window levels must not come and
     go with where the windows happen to be."""
@@ -141,18 +140,16 @@ class PositionCost:
 
     def __init__(self) -> None:
         self.chunks = 0
-        self.position = 0.0
         self._x = self._y = self._xx = self._xy = 0.0
         self._slope = 0.0
 
-    def add(self, position: float, cost: float, smoothing: float) -> None:
+    def add(self, position: float, cost: float) -> None:
         self.chunks += 1
         fade = max(self.FADE, 1 / self.chunks)  # the plain mean of the first chunks
         self._x += fade * (position - self._x)
         self._y += fade * (cost - self._y)
         self._xx += fade * (position * position - self._xx)
         self._xy += fade * (position * cost - self._xy)
-        self.position += max(smoothing, 1 / self.chunks) * (position - self.position)
         variance = self._xx - self._x * self._x
         if self.chunks >= self.MIN_CHUNKS and variance >= self.MIN_SPREAD**2:
             self._slope = max(0.0, (self._xy - self._x * self._y) / variance)
