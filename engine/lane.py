@@ -40,12 +40,10 @@ import torch
 from engine.blend import PLAIN_ROWS
 from engine.conditioning import TextCondition
 from engine.delay import PAD, delayed_layout
-from engine.options import SamplingOptions, WindowOptions
+from engine.options import MIN_NEW_FRAMES, SamplingOptions, WindowOptions
 from engine.rows import Change, Prompt, Rows
 
 log = logging.getLogger(__name__)
-
-MIN_NEW_FRAMES = 50  # frames a window makes beyond its context, however short it is set
 
 
 @dataclass

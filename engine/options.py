@@ -105,6 +105,10 @@ def _check_range(name: str, value: float, bounds: tuple[float, float]) -> None:
         raise ValueError(f"{name}: must be in [{low}, {high}], got {value}")
 
 
+# frames a window makes beyond its context, however short it is (a second of new music)
+MIN_NEW_FRAMES = 50
+
+
 @dataclass(frozen=True)
 class WindowOptions:
     window: int = (
@@ -134,9 +138,10 @@ class WindowOptions:
                 f"window: must be at most {max_positions - 16} frames for this model "
                 f"(its position table has {max_positions}), got {self.window}"
             )
-        if self.window < self.context + 50:
+        if self.window < self.context + MIN_NEW_FRAMES:
             raise ValueError(
-                f"window: must exceed context by at least 50 frames, got window={self.window}, "
+                f"window: must exceed context by at least {MIN_NEW_FRAMES} frames, got "
+                f"window={self.window}, "
                 f"context={self.context}"
             )
         return self

@@ -45,6 +45,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.options import MIN_NEW_FRAMES  # (past twice the restarts' context here: warm rows)
+
 # per level: the share of `generation.context` a window restart re-reads, and the share of
 # `window` a window spans
 LEVELS = ((1.0, 1.0), (0.5, 1.0), (0.25, 1.0), (0.25, 2 / 3), (0.25, 0.5))
@@ -55,7 +57,6 @@ COARSE_SETTLE = 10  # chunks on coarse weights before their speed is taken and t
 DOWN_BELOW = 1.02  # a level predicted slower than this is left for the next
 UP_ABOVE = 1.15  # the level above is taken back once predicted at least this fast
 CLEARLY = 1.03  # where no level keeps up, a later one is taken if predicted this much faster
-MIN_NEW_FRAMES = 50  # frames a shortened window makes beyond twice its restarts' context
 
 
 @dataclass(frozen=True)
