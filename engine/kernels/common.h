@@ -93,50 +93,79 @@ inline std::pair<int64_t, int64_t> thread_blocks(int64_t blocks) {
   return {b0, std::min(blocks, b0 + chunk)};
 }
 
+// Work split in contiguous shares, one per intra-op thread: each thread takes its own share's
+// items from the front, and once it is done, the items left at the back of the others'. A
+// share's [front, back) is one word (back << 32 | front), so that the owner's take from the front
+// and a helper's from the back can never both take the same item.
+class Shares {
+ public:
+  static constexpr int64_t kMax = 64;  // threads
+
+  void set(int64_t t, int64_t begin, int64_t end) {
+    shares_[t].range.store(static_cast<uint64_t>(end) << 32 | static_cast<uint64_t>(begin),
+                           std::memory_order_relaxed);
+  }
+
+  // An item of share t, or -1 when none is left.
+  int64_t take(int64_t t, bool from_front) {
+    uint64_t r = shares_[t].range.load(std::memory_order_relaxed);
+    for (;;) {
+      const uint64_t front = r & 0xFFFFFFFFu, back = r >> 32;
+      if (front >= back) return -1;
+      const uint64_t next = from_front ? (back << 32 | (front + 1)) : ((back - 1) << 32 | front);
+      if (shares_[t].range.compare_exchange_weak(r, next, std::memory_order_relaxed))
+        return static_cast<int64_t>(from_front ? front : back - 1);
+    }
+  }
+
+  // On each of `threads` threads: own(item, share, first) for its share's items, then helped(item,
+  // share, first) for the others' leftovers (the next share first), in the order they are taken;
+  // `first` for the first item taken from a share (the others follow it one by one).
+  template <class Own, class Helped>
+  void run(int64_t threads, Own&& own, Helped&& helped) {
+    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        bool first = true;
+        for (int64_t i; (i = take(t, true)) >= 0; first = false) own(i, t, first);
+      }
+      for (int64_t u = 1; u < threads; ++u) {
+        const int64_t other = (t0 + u) % threads;
+        bool first = true;
+        for (int64_t i; (i = take(other, false)) >= 0; first = false) helped(i, other, first);
+      }
+    });
+  }
+
+ private:
+  struct alignas(64) Share {
+    std::atomic<uint64_t> range;
+  };
+  std::array<Share, kMax> shares_;
+};
+
 // fn(b) for every block b in [0, blocks), split across the intra-op threads as `thread_blocks`
-// splits them (the shares whose bytes `thread_share` asks for early), each thread taking its own
-// share's blocks from the front; a thread done with its share takes the blocks left at the back
-// of the others'. The threads of a streamed product finish at different times (the bus is not
-// shared evenly), and without this the first one done waited for the other at every product:
-// an int8 step x1.04-1.06 faster with it on Zen 4 (2 and 4 rows, in turns in one process), a
-// prefill x1.04; int4 steps the same. Each block is done by one thread, whole: the sums are
-// those of a static split.
+// splits them (the shares whose bytes `thread_share` asks for early), a thread done with its
+// share taking the blocks left at the back of the others' (`Shares`). The threads of a streamed
+// product finish at different times (the bus is not shared evenly), and without this the first
+// one done waited for the other at every product: an int8 step x1.04-1.06 faster with it on Zen
+// 4 (2 and 4 rows, in turns in one process), a prefill x1.04; int4 steps the same. Each block is
+// done by one thread, whole: the sums are those of a static split.
 template <class Fn>
 inline void parallel_blocks(int64_t blocks, Fn&& fn) {
-  const int64_t threads = std::clamp<int64_t>(std::min<int64_t>(at::get_num_threads(), blocks), 1, 64);
+  const int64_t threads =
+      std::clamp<int64_t>(std::min<int64_t>(at::get_num_threads(), blocks), 1, Shares::kMax);
   if (threads == 1) {
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) fn(b);
     });
     return;
   }
-  // share t: blocks [front, back) packed in one word (back << 32 | front), so that the owner's
-  // take from the front and a helper's from the back can never both take the same block
-  struct alignas(64) Share {
-    std::atomic<uint64_t> range;
-  };
-  std::array<Share, 64> shares;
+  Shares shares;
   const int64_t chunk = (blocks + threads - 1) / threads;
-  for (int64_t t = 0; t < threads; ++t) {
-    const uint64_t b0 = std::min(blocks, t * chunk), b1 = std::min(blocks, (t + 1) * chunk);
-    shares[t].range.store(b1 << 32 | b0, std::memory_order_relaxed);
-  }
-  auto take = [&](int64_t t, bool from_front) -> int64_t {  // a block of share t, or -1
-    uint64_t r = shares[t].range.load(std::memory_order_relaxed);
-    for (;;) {
-      const uint64_t front = r & 0xFFFFFFFFu, back = r >> 32;
-      if (front >= back) return -1;
-      const uint64_t next = from_front ? (back << 32 | (front + 1)) : ((back - 1) << 32 | front);
-      if (shares[t].range.compare_exchange_weak(r, next, std::memory_order_relaxed))
-        return static_cast<int64_t>(from_front ? front : back - 1);
-    }
-  };
-  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
-      for (int64_t b; (b = take(t, true)) >= 0;) fn(b);
-    for (int64_t u = 1; u < threads; ++u)  // then the others' leftovers, the next share first
-      for (int64_t b; (b = take((t0 + u) % threads, false)) >= 0;) fn(b);
-  });
+  for (int64_t t = 0; t < threads; ++t)
+    shares.set(t, std::min(blocks, t * chunk), std::min(blocks, (t + 1) * chunk));
+  const auto each = [&](int64_t b, int64_t, bool) { fn(b); };
+  shares.run(threads, each, each);
 }
 
 // The packed bytes of `w` that this thread will stream in gemm_int8, for asking for them early.
@@ -146,25 +175,53 @@ inline std::pair<const uint8_t*, const uint8_t*> thread_share(const PackedInt8& 
   return {w.data + b0 * bytes, w.data + b1 * bytes};
 }
 
-// fn(i0, i1) on each thread for its share of the B * H (row, head) self-attention items:
-// contiguous shares of about equal cost, an item reading its row's positions [0, pos[b]]. Rows at
-// different points of their windows (stations, a stream's warm rows) split evenly by count would
-// leave one thread waiting on the other at every layer.
+// Where a self-attention item sits in the run of items its thread takes: what it may ask for
+// early (the keys of `next`, the item this thread expects to take after it, or -1; part `part`
+// of `parts` of the thread's own next bytes, `parts` 0 for an item taken from another's share),
+// and whether it is the first of a run (no item before it asked for its keys).
+struct ItemRun {
+  int64_t next, part, parts;
+  bool first;
+};
+
+// fn(i, ItemRun) for every one of the B * H (row, head) self-attention items, item i reading its
+// row's positions [0, pos[i / H]]: contiguous shares of about equal cost, one per thread (rows at
+// different points of their windows, stations and a stream's warm rows, split evenly by count
+// would leave one thread waiting on the other at every layer), and a thread done with its share
+// takes the items left at the back of the others' (`Shares`): the threads share the bus unevenly,
+// and in the radio the encoders take one thread's core now and then (perf of `radio serve`, two
+// int4 stations: a fifth of the OpenMP worker's waiting was for the other thread's attention).
+// With it, that serve's two-thread chunks x1.01-1.04 faster (in turns, chunk by chunk); the
+// engine alone the same (x1.005).
 template <class Fn>
 inline void parallel_by_position(const int64_t* pos, int64_t B, int64_t H, Fn&& fn) {
-  const int64_t threads = std::clamp<int64_t>(std::min<int64_t>(at::get_num_threads(), B * H), 1, 64);
-  int64_t bounds[65];  // thread t's items are [bounds[t], bounds[t + 1])
+  const int64_t items = B * H;
+  const int64_t threads =
+      std::clamp<int64_t>(std::min<int64_t>(at::get_num_threads(), items), 1, Shares::kMax);
+  if (threads == 1) {
+    for (int64_t i = 0; i < items; ++i) fn(i, ItemRun{i + 1 < items ? i + 1 : -1, i, items, i == 0});
+    return;
+  }
+  int64_t bounds[Shares::kMax + 1];  // thread t's share is [bounds[t], bounds[t + 1])
   int64_t total = 0, done = 0, t = 1;
   for (int64_t b = 0; b < B; ++b) total += (pos[b] + 1) * H;
   bounds[0] = 0;
-  for (int64_t i = 0; i < B * H && t < threads; ++i) {
+  for (int64_t i = 0; i < items && t < threads; ++i) {
     done += pos[i / H] + 1;
     while (t < threads && done * threads >= total * t) bounds[t++] = i + 1;
   }
-  while (t <= threads) bounds[t++] = B * H;
-  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    if (bounds[t0] < bounds[t1]) fn(bounds[t0], bounds[t1]);
-  });
+  while (t <= threads) bounds[t++] = items;
+  Shares shares;
+  for (int64_t s = 0; s < threads; ++s) shares.set(s, bounds[s], bounds[s + 1]);
+  shares.run(
+      threads,
+      [&](int64_t i, int64_t share, bool first) {  // own items go up from the front
+        const int64_t s0 = bounds[share], s1 = bounds[share + 1];
+        fn(i, ItemRun{i + 1 < s1 ? i + 1 : -1, i - s0, s1 - s0, first});
+      },
+      [&](int64_t i, int64_t share, bool first) {  // a helper's go down from the back
+        fn(i, ItemRun{i - 1 >= bounds[share] ? i - 1 : -1, 0, 0, first});
+      });
 }
 
 // Ask (into L2) for part `j` of `n` of the bytes [begin, end).

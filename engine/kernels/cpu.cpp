@@ -129,16 +129,15 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor keys, torch::Tenso
 
   std::vector<int64_t> last(lp, lp + B);  // each row's last position read
   for (auto& p : last) p -= 1;
-  parallel_by_position(last.data(), B, H, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores(P + 16);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, h = i % H;
-      const uint16_t* k = kp + b * kb + h * kh;
-      const uint16_t* v = vp + b * vb + h * vh;
-      const float* qi = qp + i * D;
-      float* oi = op + i * D;
-      with_head_chunks(D, [&](auto nc) { attend<nc>(qi, k, v, lp[b], s, scores.data(), oi); });
-    }
+  std::vector<float> scratch(at::get_num_threads() * (P + 16));
+  parallel_by_position(last.data(), B, H, [&](int64_t i, const ItemRun&) {
+    float* scores = scratch.data() + at::get_thread_num() * (P + 16);
+    const int64_t b = i / H, h = i % H;
+    const uint16_t* k = kp + b * kb + h * kh;
+    const uint16_t* v = vp + b * vb + h * vh;
+    const float* qi = qp + i * D;
+    float* oi = op + i * D;
+    with_head_chunks(D, [&](auto nc) { attend<nc>(qi, k, v, lp[b], s, scores, oi); });
   });
   return out;
 }
@@ -163,14 +162,13 @@ torch::Tensor attend_step(torch::Tensor qkv, torch::Tensor keys, torch::Tensor v
   const int64_t kb = keys.stride(0), kh = keys.stride(1), vb = values.stride(0), vh = values.stride(1);
   const float s = static_cast<float>(scale);
 
-  parallel_by_position(pp, B, H, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores(P + 16);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, h = i % H, at = pp[b];
-      const float* row = xp + b * 3 * E + h * D;
-      attend_head_bf16(row, row + E, row + 2 * E, kp + b * kb + h * kh, vp + b * vb + h * vh, at,
-                       D, s, scores.data(), op + b * E + h * D);
-    }
+  std::vector<float> scratch(at::get_num_threads() * (P + 16));
+  parallel_by_position(pp, B, H, [&](int64_t i, const ItemRun&) {
+    float* scores = scratch.data() + at::get_thread_num() * (P + 16);
+    const int64_t b = i / H, h = i % H, at = pp[b];
+    const float* row = xp + b * 3 * E + h * D;
+    attend_head_bf16(row, row + E, row + 2 * E, kp + b * kb + h * kh, vp + b * vb + h * vh, at, D,
+                     s, scores, op + b * E + h * D);
   });
   return out;
 }
@@ -205,19 +203,18 @@ torch::Tensor attend_step_q8(torch::Tensor qkv, torch::Tensor keys, torch::Tenso
   const int64_t tb = value_scales.stride(0), th = value_scales.stride(1);
   const float s = static_cast<float>(scale);
 
-  parallel_by_position(pp, B, H, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores(P + 16);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, h = i % H, at = pp[b];
-      int8_t* k = kp + b * kb + h * kh;
-      int8_t* v = vp + b * vb + h * vh;
-      float* ks = ksp + b * sb + h * sh;
-      float* vs = vsp + b * tb + h * th;
-      const float* row = xp + b * 3 * E;
-      const int8_t* next_k = i + 1 < i1 ? kp + (i + 1) / H * kb + (i + 1) % H * kh : nullptr;
-      attend_head_q8(row + h * D, row + E + h * D, row + 2 * E + h * D, k, ks, v, vs, at, D, s,
-                     scores.data(), op + b * E + h * D, next_k);
-    }
+  std::vector<float> scratch(at::get_num_threads() * (P + 16));
+  parallel_by_position(pp, B, H, [&](int64_t i, const ItemRun& run) {
+    float* scores = scratch.data() + at::get_thread_num() * (P + 16);
+    const int64_t b = i / H, h = i % H, at = pp[b];
+    int8_t* k = kp + b * kb + h * kh;
+    int8_t* v = vp + b * vb + h * vh;
+    float* ks = ksp + b * sb + h * sh;
+    float* vs = vsp + b * tb + h * th;
+    const float* row = xp + b * 3 * E;
+    const int8_t* next_k = run.next >= 0 ? kp + run.next / H * kb + run.next % H * kh : nullptr;
+    attend_head_q8(row + h * D, row + E + h * D, row + 2 * E + h * D, k, ks, v, vs, at, D, s,
+                   scores, op + b * E + h * D, next_k);
   });
   return out;
 }
@@ -253,15 +250,13 @@ torch::Tensor attend_step_q4(torch::Tensor qkv, torch::Tensor blocks, torch::Ten
   const int64_t sb = blocks.stride(0), sh = blocks.stride(1);
   const float s = static_cast<float>(scale);
 
-  parallel_by_position(pp, B, H, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, h = i % H;
-      const float* in = xp + b * 3 * E + h * D;
-      uint8_t* head = bp + b * sb + h * sh;
-      const uint8_t* next = i + 1 < i1 ? bp + (i + 1) / H * sb + (i + 1) % H * sh : nullptr;
-      if (i == i0) prefetch_q4_start(head, pp[b] + 1);
-      attend_head_q4(in, in + E, in + 2 * E, head, pp[b], s, op + b * E + h * D, next);
-    }
+  parallel_by_position(pp, B, H, [&](int64_t i, const ItemRun& run) {
+    const int64_t b = i / H, h = i % H;
+    const float* in = xp + b * 3 * E + h * D;
+    uint8_t* head = bp + b * sb + h * sh;
+    const uint8_t* next = run.next >= 0 ? bp + run.next / H * sb + run.next % H * sh : nullptr;
+    if (run.first) prefetch_q4_start(head, pp[b] + 1);
+    attend_head_q4(in, in + E, in + 2 * E, head, pp[b], s, op + b * E + h * D, next);
   });
   return out;
 }

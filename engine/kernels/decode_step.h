@@ -212,31 +212,30 @@ inline void decode_step(const ModelW& m, const int64_t* ids, const int64_t* pos,
     const DecoderLayerW& w = m.layers[l];
     norm_rows(w.ln_self, x, B, E, m.eps, h);
     project<Out::Store>(w.qkv, h, E, B, qkv, 3 * E, s);
-    parallel_by_position(pos, B, H, [&](int64_t i0, int64_t i1) {
+    parallel_by_position(pos, B, H, [&](int64_t i, const ItemRun& run) {
       float* scores = s.scores.data() + at::get_thread_num() * scratch;
       // Attention waits on memory more than it fills the bus: meanwhile the next projection's
       // weights, this thread's share, are asked for (into L2), a slice per (row, head).
-      const auto next = thread_share(w.out_self);
-      for (int64_t i = i0; i < i1; ++i) {
-        for (const auto& [begin, end] : next) prefetch_part(begin, end, i - i0, i1 - i0);
-        const int64_t b = i / H, hd = i % H;
-        const float* row = qkv + b * 3 * E;
-        uint8_t* k = c.keys + l * c.kl + b * c.kb + hd * c.kh;
-        const uint8_t* next_k = nullptr;  // the keys (blocks) this thread reads next
-        if (i + 1 < i1) next_k = c.keys + l * c.kl + (i + 1) / H * c.kb + (i + 1) % H * c.kh;
-        const float* in = row + hd * D;
-        if (c.bits == 4) {
-          if (i == i0) prefetch_q4_start(k, pos[b] + 1);
-          attend_head_q4(in, in + E, in + 2 * E, k, pos[b], scale, a + b * E + hd * D, next_k);
-          continue;
-        }
-        uint8_t* v = c.values + l * c.kl + b * c.kb + hd * c.kh;
-        float* ks = c.key_scales + l * c.sl + b * c.sb + hd * c.sh;
-        float* vs = c.value_scales + l * c.sl + b * c.sb + hd * c.sh;
-        attend_head_q8(in, in + E, in + 2 * E, reinterpret_cast<int8_t*>(k), ks,
-                       reinterpret_cast<int8_t*>(v), vs, pos[b], D, scale, scores,
-                       a + b * E + hd * D, reinterpret_cast<const int8_t*>(next_k));
+      if (run.parts)
+        for (const auto& [begin, end] : thread_share(w.out_self))
+          prefetch_part(begin, end, run.part, run.parts);
+      const int64_t b = i / H, hd = i % H;
+      const float* row = qkv + b * 3 * E;
+      uint8_t* k = c.keys + l * c.kl + b * c.kb + hd * c.kh;
+      const uint8_t* next_k = nullptr;  // the keys (blocks) this thread reads next
+      if (run.next >= 0) next_k = c.keys + l * c.kl + run.next / H * c.kb + run.next % H * c.kh;
+      const float* in = row + hd * D;
+      if (c.bits == 4) {
+        if (run.first) prefetch_q4_start(k, pos[b] + 1);
+        attend_head_q4(in, in + E, in + 2 * E, k, pos[b], scale, a + b * E + hd * D, next_k);
+        return;
       }
+      uint8_t* v = c.values + l * c.kl + b * c.kb + hd * c.kh;
+      float* ks = c.key_scales + l * c.sl + b * c.sb + hd * c.sh;
+      float* vs = c.value_scales + l * c.sl + b * c.sb + hd * c.sh;
+      attend_head_q8(in, in + E, in + 2 * E, reinterpret_cast<int8_t*>(k), ks,
+                     reinterpret_cast<int8_t*>(v), vs, pos[b], D, scale, scores,
+                     a + b * E + hd * D, reinterpret_cast<const int8_t*>(next_k));
     });
     project<Out::Add>(w.out_self, a, E, B, x, E, s);
 
