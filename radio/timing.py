@@ -10,7 +10,12 @@ it hands to the outputs (`released`). The rules, all here:
    `max(MIN_HORIZON, HORIZON_MARGIN * (prefill + chunk))`, from the engine's measured prefill,
    so that the audio after the cut is made before the clock gets there (the chunk being read
    when the change arrives gives way at its next decoder step: its audio would come after the
-   cut). The prefill is a plain
+   cut). With the auto horizon, a change asked for now while generation runs under `KEEP_BELOW`
+   x real time starts no sooner than `(KEEP_BELOW - rtf) / (KEEP_BELOW - 1)` of the full
+   buffer (`Recovery.full_seconds`) ahead, or where the buffer ends if it holds less: every
+   cut throws the audio after it away, and the little left behind a 0.8 s cut, refilled at
+   x1.1, drained in the next slow stretch (window restarts' warm rows) in 4 of 4 `radio
+   serve` runs of two int4 stations on 2 Zen 4 cores. The prefill is a plain
    prompt's (two decoder rows) scaled by the rows the change prefills
    (`engine.blend.prefill_rows`: one per text, both blends' in a transition, and the null row). A change for an
    instant (`at`, Unix seconds: a schedule boundary) starts at the frame heard at that instant,
@@ -64,6 +69,9 @@ log = logging.getLogger(__name__)
 # cores came late (a hold) even at x1.33, at 0.7 s none or 1 of 5-6 (docs/benchmarks.md)
 MIN_HORIZON = 0.7
 HORIZON_MARGIN = 1.5  # the auto horizon leaves this many times the prefill and a chunk
+# generation at or above this many times real time: a change asked for now starts at the auto
+# horizon; below it, it keeps a share of the full buffer that grows to all of it at x1.0 (rule 1)
+KEEP_BELOW = 1.3
 APPLY_TIMEOUT = 15.0  # seconds a change waits for the generator to take it
 
 
@@ -246,9 +254,19 @@ class PromptTimeline:
         horizon = self.horizon.seconds(self.engine.prefill_seconds, rows)
         earliest = -(-head // self.hop) + round(horizon * self.sample_rate / self.hop)
         if at is None:
-            return earliest
+            kept = min(self.kept_seconds() * self.sample_rate, len(self.station.buffer))
+            return max(earliest, math.ceil((head + kept) / self.hop))
         sample = head + (at - self.wallclock()) * self.sample_rate - self.output_latency
         return max(earliest, math.ceil(sample / self.hop))
+
+    def kept_seconds(self) -> float:
+        """Rule 1: seconds of the buffer a change asked for now keeps ahead of its cut while
+        generation runs close to real time (0: the horizon alone decides)."""
+        rtf = self.station.health.realtime_factor
+        if self.horizon.fixed >= 0 or self.recovery is None or not 0 < rtf < KEEP_BELOW:
+            return 0.0
+        share = min((KEEP_BELOW - rtf) / (KEEP_BELOW - 1.0), 1.0)
+        return share * self.recovery.full_seconds
 
     def heard_in(self, frame: int) -> float:
         """Rule 5: seconds from now until frame `frame` leaves the loudness stage."""

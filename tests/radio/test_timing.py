@@ -69,7 +69,13 @@ def station(prompt: str = "old") -> Station:
     return st
 
 
-def timeline(st: Station, engine: FakeEngine, clock: FakeClock, fixed: float = -1.0):
+def timeline(
+    st: Station,
+    engine: FakeEngine,
+    clock: FakeClock,
+    fixed: float = -1.0,
+    recovery: Recovery | None = None,
+):
     return PromptTimeline(
         st,
         engine,
@@ -80,6 +86,7 @@ def timeline(st: Station, engine: FakeEngine, clock: FakeClock, fixed: float = -
         clock=clock,
         wallclock=clock.wall,
         apply_timeout=0.2,
+        recovery=recovery,
     )
 
 
@@ -108,6 +115,30 @@ def test_a_change_starts_a_horizon_after_the_moment_being_played():
     assert tl.start_frame() == 51 + 35  # 0.7 s
     engine.prefill_seconds = 1.2  # a slow prefill moves it later: 1.5 x (1.2 + 0.2) s
     assert tl.start_frame() == 51 + 105
+
+
+def test_a_change_close_to_real_time_keeps_a_share_of_the_buffer():
+    """Rule 1 under x1.3: a change asked for now starts no sooner than (1.3 - rtf) / 0.3 of the
+    full buffer ahead (all of it at x1.0 or slower), or where the buffer ends; at x1.3 or more,
+    for an instant, or with a fixed horizon, the horizon alone."""
+    st, engine, clock = station(), FakeEngine(), FakeClock()
+    fill(st, 0, 5 * RATE, 1.0)
+    st.buffer.take(RATE)  # head: frame 50, 4 s buffered
+    tl = timeline(st, engine, clock, recovery=Recovery(1.0, 3.8))
+    assert tl.start_frame() == 50 + 35  # not measured yet: the auto horizon, 0.7 s
+    st.health.realtime_factor = 1.4
+    assert tl.kept_seconds() == 0.0 and tl.start_frame() == 50 + 35
+    st.health.realtime_factor = 1.1  # two thirds of 3.8 s: 2.53 s
+    assert tl.kept_seconds() == pytest.approx(3.8 * 2 / 3)
+    assert tl.start_frame() == 50 + 127
+    assert tl.heard_in(177) == pytest.approx(127 / 50 + LATENCY / RATE)  # the answer says so
+    st.health.realtime_factor = 0.9  # the whole full buffer
+    assert tl.start_frame() == 50 + 190
+    st.buffer.take(2 * RATE)  # head: frame 150, 2 s left: the cut where the buffer ends
+    assert tl.start_frame() == 150 + 100
+    assert tl.start_frame(at=WALL + 0.1) == 150 + 35  # an instant: the horizon alone
+    assert timeline(st, engine, clock, 0.5, Recovery(1.0, 3.8)).start_frame() == 150 + 25
+    assert timeline(st, engine, clock).start_frame() == 150 + 35  # no bridge: no rule
 
 
 async def test_a_blend_or_a_transition_starts_later_for_its_larger_prefill():
