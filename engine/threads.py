@@ -171,12 +171,6 @@ class ThreadTuner:
         """The smoothed cost per unit of each count measured for work of kind `key`."""
         return self._measured(key)[0]
 
-    def steady(self, key: Hashable) -> float | None:
-        """The cost per unit of kind `key` with the current count, once measured `settle`
-        times for it (None before)."""
-        cost, samples, _ = self._measured(key)
-        return cost.get(self.current) if samples.get(self.current, 0) >= self.settle else None
-
     @property
     def settled(self) -> bool:
         """Whether the current count's cost was measured `settle` times for this kind of work."""

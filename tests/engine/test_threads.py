@@ -216,7 +216,6 @@ def test_costs_are_kept_per_kind_of_work():
     t.measure_for(2)
     assert t.costs_of(3) == {2: pytest.approx(0.015)}  # (no trial yet for that kind)
     assert t.costs_of(2) is t.cost and t.costs_of("never") == {}
-    assert t.steady(2) == pytest.approx(0.010) and t.steady("never") is None
     t.forget()
     assert t.cost == {}
     t.measure_for(3)
