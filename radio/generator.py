@@ -234,6 +234,10 @@ class Generator:
         # from the latest prefill (`_learn_prefill`; read by the loop to place prompt changes; a
         # float is atomic)
         self.prefill_seconds = 0.0
+        # the real-time factor the ladder predicts at its level (`ladder.predicted_rtf`: the
+        # steady rate, restarts counted in) for the stations generated together then; 0 before
+        # it judged, or without adaptive_restarts
+        self.judged_rtf, self.judged_stations = 0.0, 0
         # smoothed seconds per frame of audio of the chunks read while a station's warm rows
         # were fed (the next window built beside this one): what a warm restart costs, beside
         # the tuner's cost of the other chunks; 0 until measured
@@ -549,6 +553,10 @@ class Generator:
             )
         self._say_if_still_behind(rates, level)
         if level == self.restart_level:
+            self.judged_rtf = ladder.predicted_rtf(
+                rates, window.window, window.context, level, rate
+            )
+            self.judged_stations = stations
             self.speed_judged = True
             return
         coarse = level == ladder.COARSE
@@ -558,6 +566,7 @@ class Generator:
         was, self.restart_level = self.restart_level, level
         before = ladder.predicted_rtf(rates, window.window, window.context, was, rate)
         after = ladder.predicted_rtf(rates, window.window, window.context, level, rate)
+        self.judged_rtf, self.judged_stations = after, stations
         frames, old_frames = (ladder.context_frames(window.context, at) for at in (level, was))
         if frames != old_frames:
             log.info(

@@ -169,6 +169,8 @@ async def test_the_generator_shortens_windows_past_the_shortest_restarts(run, ca
     gen.played("a", 20)
     await sink.until(lambda: ("window", "a", 15.0) in sink.calls)
     assert gen.restart_level == 4
+    assert gen.judged_rtf == pytest.approx(1.14, rel=0.05)  # (what prompt changes weigh)
+    assert gen.judged_stations == 1
     assert model.streams[0].window_frames == 750 and model.streams[0].restart_context == 125
     assert "windows now span 15.0 s, generation cannot keep up otherwise" in caplog.text
     gen.position_cost = FixedSlope()  # the machine got fast again

@@ -47,6 +47,7 @@ class FakeEngine:
     def __init__(self) -> None:
         self.alive = True
         self.prefill_seconds = 0.01
+        self.judged_rtf, self.judged_stations = 0.0, 0
         self.asked: list[tuple[str, PromptChange, asyncio.Future[int]]] = []
 
     def set_prompt(self, station_id: str, change: PromptChange) -> asyncio.Future[int]:
@@ -118,21 +119,26 @@ def test_a_change_starts_a_horizon_after_the_moment_being_played():
 
 
 def test_a_change_close_to_real_time_keeps_a_share_of_the_buffer():
-    """Rule 1 under x1.3: a change asked for now starts no sooner than (1.3 - rtf) / 0.3 of the
-    full buffer ahead (all of it at x1.0 or slower), or where the buffer ends; at x1.3 or more,
-    for an instant, or with a fixed horizon, the horizon alone."""
+    """Rule 1 for several stations under x1.3 as the ladder judges it: a change asked for now
+    starts no sooner than (1.3 - rtf) / 0.3 of the full buffer ahead (all of it at x1.0 or
+    slower), or where the buffer ends; at x1.3 or more, for an instant, with a fixed horizon or
+    for a station alone, the horizon alone."""
     st, engine, clock = station(), FakeEngine(), FakeClock()
     fill(st, 0, 5 * RATE, 1.0)
     st.buffer.take(RATE)  # head: frame 50, 4 s buffered
     tl = timeline(st, engine, clock, recovery=Recovery(1.0, 3.8))
-    assert tl.start_frame() == 50 + 35  # not measured yet: the auto horizon, 0.7 s
-    st.health.realtime_factor = 1.4
+    assert tl.start_frame() == 50 + 35  # not judged yet: the auto horizon, 0.7 s
+    st.health.realtime_factor = 0.9  # the moment's rate (a window's end) does not count
+    assert tl.start_frame() == 50 + 35
+    engine.judged_rtf, engine.judged_stations = 1.1, 1  # alone: its window starts afresh
+    assert tl.start_frame() == 50 + 35
+    engine.judged_rtf, engine.judged_stations = 1.4, 2
     assert tl.kept_seconds() == 0.0 and tl.start_frame() == 50 + 35
-    st.health.realtime_factor = 1.1  # two thirds of 3.8 s: 2.53 s
+    engine.judged_rtf = 1.1  # two thirds of 3.8 s: 2.53 s
     assert tl.kept_seconds() == pytest.approx(3.8 * 2 / 3)
     assert tl.start_frame() == 50 + 127
     assert tl.heard_in(177) == pytest.approx(127 / 50 + LATENCY / RATE)  # the answer says so
-    st.health.realtime_factor = 0.9  # the whole full buffer
+    engine.judged_rtf = 0.9  # the whole full buffer
     assert tl.start_frame() == 50 + 190
     st.buffer.take(2 * RATE)  # head: frame 150, 2 s left: the cut where the buffer ends
     assert tl.start_frame() == 150 + 100
