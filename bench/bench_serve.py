@@ -29,6 +29,10 @@ text was heard, and the underruns from the POST to the glide's end (the first sa
 and to the end of the run. Everything the encoders, the clock and the HTTP server cost on the
 same cores is included: this is the figure a café gets.
 
+Each run says this machine's plain read (256 MB with every thread, as `bench_kernels.py` reads
+it) before the server starts and after it stops: on the 2-core machines the same code ran x1.3
+faster in a minute at 40 GB/s than in one at 25, so a figure without it says little.
+
 With `--stations N` the radio runs N stations (`main` first, then `s2`, `s3` ..., each with its
 own prompt), one ffmpeg listener on each MP3 mount; the prompt change, `--boundary` and
 `--transition` are `main`'s. Every station's health is sampled, printed per station with a
@@ -181,8 +185,29 @@ def main() -> int:
     return 0
 
 
+def plain_read() -> float:
+    """GB/s of a plain read of 256 MB with every thread now (`bench_kernels.read_bandwidth`'s
+    measure): the memory bandwidth this machine gives at the moment."""
+    import torch  # (only here: the server runs in its own process)
+
+    data = torch.randn(64 * 2**20)
+    data.max()  # (first touch)
+    began = time.perf_counter()
+    for _ in range(3):
+        data.max()
+    return data.nbytes * 3 / (time.perf_counter() - began) / 1e9
+
+
 def run(args: argparse.Namespace, n: int) -> bool:
-    """One `radio serve` with n stations, listened to for `--seconds`; whether it held."""
+    """One `radio serve` with n stations, listened to for `--seconds`, between two plain reads;
+    whether it held."""
+    before = plain_read()
+    held = _serve(args, n)
+    say(f"plain read: {before:.1f} GB/s before, {plain_read():.1f} GB/s after")
+    return held
+
+
+def _serve(args: argparse.Namespace, n: int) -> bool:
     path = model_dir(args.size)
     port = free_port()
     base = f"http://127.0.0.1:{port}"

@@ -110,6 +110,7 @@ def test_serve_benchmark_listens_and_reports(tmp_path):
     assert re.search(
         r"underruns from the POST to the glide's end: \d+, to the end of the run: \d+", out
     )
+    assert re.search(r"^plain read: [\d.]+ GB/s before, [\d.]+ GB/s after$", out, re.MULTILINE)
 
 
 def test_serve_benchmark_runs_two_stations_with_a_listener_each(tmp_path):
