@@ -244,9 +244,17 @@ class PromptTimeline:
             raise NotRunning("the generator is not running")
         blend = prompt if isinstance(prompt, Blend) else Blend.of(prompt)
         rows = self.prefill_rows(blend, transition_seconds)
-        change = PromptChange(
-            blend, source, self.start_frame(at, rows), requested_at, transition_seconds, at, tokens
-        )
+        start = self.start_frame(at, rows)
+        if at is None and start == self._kept_frame():
+            log.info(
+                "prompt change on %s starts %.1f s ahead, after the music already made: %d "
+                "stations generate at x%.2f of real time, too little to refill a thinner buffer",
+                self.station.id,
+                (start * self.hop - self.station.buffer.head) / self.sample_rate,
+                self.engine.judged_stations,
+                self.engine.judged_rtf,
+            )
+        change = PromptChange(blend, source, start, requested_at, transition_seconds, at, tokens)
         answer = self.engine.set_prompt(self.station.id, change)
         frame = await asyncio.wait_for(asyncio.shield(answer), self.apply_timeout)
         heard_in = self.heard_in(frame)
@@ -263,10 +271,14 @@ class PromptTimeline:
         horizon = self.horizon.seconds(self.engine.prefill_seconds, rows)
         earliest = -(-head // self.hop) + round(horizon * self.sample_rate / self.hop)
         if at is None:
-            kept = min(self.kept_seconds() * self.sample_rate, len(self.station.buffer))
-            return max(earliest, math.ceil((head + kept) / self.hop))
+            return max(earliest, self._kept_frame())
         sample = head + (at - self.wallclock()) * self.sample_rate - self.output_latency
         return max(earliest, math.ceil(sample / self.hop))
+
+    def _kept_frame(self) -> int:
+        """The frame a change asked for now starts at by the keep of rule 1 (0: no keep)."""
+        kept = min(self.kept_seconds() * self.sample_rate, len(self.station.buffer))
+        return math.ceil((self.station.buffer.head + kept) / self.hop) if kept > 0 else 0
 
     def kept_seconds(self) -> float:
         """Rule 1: seconds of the buffer a change asked for now keeps ahead of its cut while

@@ -5,6 +5,7 @@ title), what the answer promises, and a change that replaces one not heard yet."
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import numpy as np
 import pytest
@@ -145,6 +146,31 @@ def test_a_change_close_to_real_time_keeps_a_share_of_the_buffer():
     assert tl.start_frame(at=WALL + 0.1) == 150 + 35  # an instant: the horizon alone
     assert timeline(st, engine, clock, 0.5, Recovery(1.0, 3.8)).start_frame() == 150 + 25
     assert timeline(st, engine, clock).start_frame() == 150 + 35  # no bridge: no rule
+
+
+async def test_a_change_that_keeps_the_buffer_says_why(caplog):
+    caplog.set_level(logging.INFO, logger="radio.timing")
+    st, engine, clock = station(), FakeEngine(), FakeClock()
+    fill(st, 0, 5 * RATE, 1.0)
+    st.buffer.take(RATE)  # head: frame 50
+    tl = timeline(st, engine, clock, recovery=Recovery(1.0, 3.8))
+    engine.judged_rtf, engine.judged_stations = 1.1, 2
+    asked = asyncio.ensure_future(tl.change("new", "listener"))
+    await asyncio.sleep(0)
+    assert engine.asked[0][1].from_frame == 50 + 127
+    assert (
+        "prompt change on main starts 2.5 s ahead, after the music already made: 2 stations "
+        "generate at x1.10 of real time, too little to refill a thinner buffer" in caplog.text
+    )
+    engine.take(tl)
+    await asked
+    caplog.clear()
+    engine.judged_rtf = 1.4  # margin enough: the horizon, and nothing said
+    asked = asyncio.ensure_future(tl.change("newer", "listener"))
+    await asyncio.sleep(0)
+    engine.take(tl)
+    await asked
+    assert "starts" not in caplog.text
 
 
 async def test_a_blend_or_a_transition_starts_later_for_its_larger_prefill():
