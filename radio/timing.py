@@ -74,8 +74,9 @@ log = logging.getLogger(__name__)
 # cores came late (a hold) even at x1.33, at 0.7 s none or 1 of 5-6 (docs/benchmarks.md)
 MIN_HORIZON = 0.7
 HORIZON_MARGIN = 1.5  # the auto horizon leaves this many times the prefill and a chunk
-# generation at or above this many times real time: a change asked for now starts at the auto
-# horizon; below it, it keeps a share of the full buffer that grows to all of it at x1.0 (rule 1)
+# several stations generated together at or above this many times real time (as the ladder
+# judges it): a change asked for now starts at the auto horizon; below it, it keeps a share of
+# the full buffer that grows to all of it at x1.0 (rule 1)
 KEEP_BELOW = 1.3
 APPLY_TIMEOUT = 15.0  # seconds a change waits for the generator to take it
 
