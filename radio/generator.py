@@ -234,10 +234,11 @@ class Generator:
         # from the latest prefill (`_learn_prefill`; read by the loop to place prompt changes; a
         # float is atomic)
         self.prefill_seconds = 0.0
-        # the real-time factor the ladder predicts at its level (`ladder.predicted_rtf`: the
-        # steady rate, restarts counted in) for the stations generated together then; 0 before
-        # it judged, or without adaptive_restarts
-        self.judged_rtf, self.judged_stations = 0.0, 0
+        # audio per station per second of generating over the last minute of it, and the
+        # working stations generated together: what prompt changes weigh (`radio.timing`, rule
+        # 1; read from the loop)
+        self.sustained = ladder.Sustained()
+        self.together = 0
         # smoothed seconds per frame of audio of the chunks read while a station's warm rows
         # were fed (the next window built beside this one): what a warm restart costs, beside
         # the tuner's cost of the other chunks; 0 until measured
@@ -489,6 +490,7 @@ class Generator:
                 log.debug("a chunk of %s gave way to a prompt change", _what(lanes))
                 return
         spent = max(time.perf_counter() - t, 1e-6)  # every station's chunk took all of it
+        self._sustained(lanes, spent)
         self._climb()
         self._prepare_coarse(spent)
         for lane, chunk in zip(lanes, made, strict=True):
@@ -496,6 +498,18 @@ class Generator:
                 self._failed(lane, chunk, "generation failed")
             else:
                 self._made(lane, chunk, spent)
+
+    @property
+    def sustained_rtf(self) -> float:
+        return self.sustained.rtf
+
+    def _sustained(self, lanes: list[_Lane], spent: float) -> None:
+        """`sustained` and `together` after a read of `lanes` that took `spent` s."""
+        assert self._lanes is not None
+        self.together = sum(not ln.healing.down for ln in self._lanes.values())
+        # the audio a station got: a read of some of them gave the others none
+        audio = self.chunk_frames / self.model.frame_rate * len(lanes) / max(self.together, 1)
+        self.sustained.add(audio, spent)
 
     def _climb(self) -> None:
         """Move on the ladder (`radio.ladder`) when the measurements say so: every station's
@@ -553,10 +567,6 @@ class Generator:
             )
         self._say_if_still_behind(rates, level)
         if level == self.restart_level:
-            self.judged_rtf = ladder.predicted_rtf(
-                rates, window.window, window.context, level, rate
-            )
-            self.judged_stations = stations
             self.speed_judged = True
             return
         coarse = level == ladder.COARSE
@@ -566,7 +576,6 @@ class Generator:
         was, self.restart_level = self.restart_level, level
         before = ladder.predicted_rtf(rates, window.window, window.context, was, rate)
         after = ladder.predicted_rtf(rates, window.window, window.context, level, rate)
-        self.judged_rtf, self.judged_stations = after, stations
         frames, old_frames = (ladder.context_frames(window.context, at) for at in (level, was))
         if frames != old_frames:
             log.info(

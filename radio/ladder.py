@@ -43,6 +43,7 @@ for any restarts moves the ladder at once, to the coarse level where there is on
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 from engine.options import MIN_NEW_FRAMES  # (past twice the restarts' context here: warm rows)
@@ -184,3 +185,31 @@ def choose_level(level: int, rates: Rates, window: int, context: int, frame_rate
     while i > 0 and rtf(levels[i - 1]) >= UP_ABOVE:
         i -= 1
     return levels[i]
+
+
+SUSTAIN_SECONDS = 60.0  # seconds of generating `Sustained` measures over
+SUSTAIN_AT_LEAST = 10.0  # ... and the least it needs to say anything
+
+
+class Sustained:
+    """Audio per second of generating over its last `SUSTAIN_SECONDS`: window restarts, warm
+    rows, thread trials and slow moments all fall within a minute (two int4 stations' factor
+    swings x0.6-1.6 from one 5 s sample to the next, and the ladder's prediction moved x1.0-1.4
+    as it changed levels). `rtf` is 0 before `SUSTAIN_AT_LEAST` seconds of it."""
+
+    def __init__(self) -> None:
+        self._reads: deque[tuple[float, float]] = deque()  # (audio seconds, seconds spent)
+        self._audio = self._spent = 0.0
+
+    def add(self, audio: float, spent: float) -> None:
+        self._reads.append((audio, spent))
+        self._audio += audio
+        self._spent += spent
+        while self._spent - self._reads[0][1] >= SUSTAIN_SECONDS:
+            old_audio, old_spent = self._reads.popleft()
+            self._audio -= old_audio
+            self._spent -= old_spent
+
+    @property
+    def rtf(self) -> float:
+        return self._audio / self._spent if self._spent >= SUSTAIN_AT_LEAST else 0.0

@@ -11,9 +11,10 @@ it hands to the outputs (`released`). The rules, all here:
    so that the audio after the cut is made before the clock gets there (the chunk being read
    when the change arrives gives way at its next decoder step: its audio would come after the
    cut). With the auto horizon, a change asked for now while several stations generated
-   together sustain under `KEEP_BELOW` x real time (`rtf` as the ladder judges it: the steady
-   rate with window restarts counted in, not the moment's, which dips at every window's end)
-   starts no sooner than `(KEEP_BELOW - rtf) / (KEEP_BELOW - 1)` of the full buffer
+   together sustain under `KEEP_BELOW` x real time (`rtf`: their audio per second of
+   generating over the last minute of it, `Generator.sustained_rtf`, restarts and slow moments
+   counted in; neither the moment's rate, which swings x0.6-1.6 within seconds, nor the
+   ladder's prediction, which moved x1.0-1.4 as it changed levels) starts no sooner than `(KEEP_BELOW - rtf) / (KEEP_BELOW - 1)` of the full buffer
    (`Recovery.full_seconds`) ahead, or where the buffer ends if it holds less: every cut
    throws the audio after it away, and the little left behind a 0.8 s cut, refilled at x1.1,
    drained when the other stations' window restarts made the batch's steps dearer, in 4 of 4
@@ -74,9 +75,9 @@ log = logging.getLogger(__name__)
 # cores came late (a hold) even at x1.33, at 0.7 s none or 1 of 5-6 (docs/benchmarks.md)
 MIN_HORIZON = 0.7
 HORIZON_MARGIN = 1.5  # the auto horizon leaves this many times the prefill and a chunk
-# several stations generated together at or above this many times real time (as the ladder
-# judges it): a change asked for now starts at the auto horizon; below it, it keeps a share of
-# the full buffer that grows to all of it at x1.0 (rule 1)
+# several stations generated together at or above this many times real time (over the last
+# minute of generating): a change asked for now starts at the auto horizon; below it, it keeps a
+# share of the full buffer that grows to all of it at x1.0 (rule 1)
 KEEP_BELOW = 1.3
 APPLY_TIMEOUT = 15.0  # seconds a change waits for the generator to take it
 
@@ -166,10 +167,13 @@ class PromptEngine(Protocol):
     """What a timeline needs of the generator (`radio.generator.Generator`)."""
 
     prefill_seconds: float  # a prefill of a whole context, measured (0 before it is)
-    # the real-time factor generation sustains, as the ladder judged it (0 before it has), and
-    # for how many stations generated together
-    judged_rtf: float
-    judged_stations: int
+    together: int  # the stations generated together
+
+    @property
+    def sustained_rtf(self) -> float:
+        """Seconds of audio per station per second of generating over the last minute of it (0
+        before it is measured)."""
+        ...
 
     @property
     def alive(self) -> bool: ...
@@ -249,11 +253,12 @@ class PromptTimeline:
         if at is None and start == self._kept_frame():
             log.info(
                 "prompt change on %s starts %.1f s ahead, after the music already made: %d "
-                "stations generate at x%.2f of real time, too little to refill a thinner buffer",
+                "stations generate at x%.2f of real time (the last minute), too little to refill "
+                "a thinner buffer",
                 self.station.id,
                 (start * self.hop - self.station.buffer.head) / self.sample_rate,
-                self.engine.judged_stations,
-                self.engine.judged_rtf,
+                self.engine.together,
+                self.engine.sustained_rtf,
             )
         change = PromptChange(blend, source, start, requested_at, transition_seconds, at, tokens)
         answer = self.engine.set_prompt(self.station.id, change)
@@ -283,10 +288,10 @@ class PromptTimeline:
 
     def kept_seconds(self) -> float:
         """Rule 1: seconds of the buffer a change asked for now keeps ahead of its cut while
-        generation runs close to real time (0: the horizon alone decides)."""
-        if self.horizon.fixed >= 0 or self.recovery is None or self.engine.judged_stations < 2:
+        several stations sustain little more than real time (0: the horizon alone decides)."""
+        if self.horizon.fixed >= 0 or self.recovery is None or self.engine.together < 2:
             return 0.0  # (alone, a change starts the station's window afresh: its fast stretch)
-        rtf = self.engine.judged_rtf
+        rtf = self.engine.sustained_rtf
         if not 0 < rtf < KEEP_BELOW:
             return 0.0
         share = min((KEEP_BELOW - rtf) / (KEEP_BELOW - 1.0), 1.0)

@@ -51,8 +51,8 @@ class Recorder:
 class NoEngine:
     alive = True
     prefill_seconds = 0.0
-    judged_rtf = 0.0
-    judged_stations = 0
+    sustained_rtf = 0.0
+    together = 0
 
     def set_prompt(self, station_id, change):  # pragma: no cover - not used here
         raise AssertionError("the clock never asks the engine")

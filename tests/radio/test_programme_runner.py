@@ -45,7 +45,7 @@ class FakeEngine:
     def __init__(self) -> None:
         self.alive = True
         self.prefill_seconds = 0.01
-        self.judged_rtf, self.judged_stations = 0.0, 0
+        self.sustained_rtf, self.together = 0.0, 0
         self.asked: list[tuple[PromptChange, asyncio.Future[int]]] = []
 
     def set_prompt(self, station_id: str, change: PromptChange) -> asyncio.Future[int]:

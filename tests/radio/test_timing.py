@@ -48,7 +48,7 @@ class FakeEngine:
     def __init__(self) -> None:
         self.alive = True
         self.prefill_seconds = 0.01
-        self.judged_rtf, self.judged_stations = 0.0, 0
+        self.sustained_rtf, self.together = 0.0, 0
         self.asked: list[tuple[str, PromptChange, asyncio.Future[int]]] = []
 
     def set_prompt(self, station_id: str, change: PromptChange) -> asyncio.Future[int]:
@@ -120,7 +120,7 @@ def test_a_change_starts_a_horizon_after_the_moment_being_played():
 
 
 def test_a_change_close_to_real_time_keeps_a_share_of_the_buffer():
-    """Rule 1 for several stations under x1.3 as the ladder judges it: a change asked for now
+    """Rule 1 for several stations under x1.3 over the last minute: a change asked for now
     starts no sooner than (1.3 - rtf) / 0.3 of the full buffer ahead (all of it at x1.0 or
     slower), or where the buffer ends; at x1.3 or more, for an instant, with a fixed horizon or
     for a station alone, the horizon alone."""
@@ -131,15 +131,15 @@ def test_a_change_close_to_real_time_keeps_a_share_of_the_buffer():
     assert tl.start_frame() == 50 + 35  # not judged yet: the auto horizon, 0.7 s
     st.health.realtime_factor = 0.9  # the moment's rate (a window's end) does not count
     assert tl.start_frame() == 50 + 35
-    engine.judged_rtf, engine.judged_stations = 1.1, 1  # alone: its window starts afresh
+    engine.sustained_rtf, engine.together = 1.1, 1  # alone: its window starts afresh
     assert tl.start_frame() == 50 + 35
-    engine.judged_rtf, engine.judged_stations = 1.4, 2
+    engine.sustained_rtf, engine.together = 1.4, 2
     assert tl.kept_seconds() == 0.0 and tl.start_frame() == 50 + 35
-    engine.judged_rtf = 1.1  # two thirds of 3.8 s: 2.53 s
+    engine.sustained_rtf = 1.1  # two thirds of 3.8 s: 2.53 s
     assert tl.kept_seconds() == pytest.approx(3.8 * 2 / 3)
     assert tl.start_frame() == 50 + 127
     assert tl.heard_in(177) == pytest.approx(127 / 50 + LATENCY / RATE)  # the answer says so
-    engine.judged_rtf = 0.9  # the whole full buffer
+    engine.sustained_rtf = 0.9  # the whole full buffer
     assert tl.start_frame() == 50 + 190
     st.buffer.take(2 * RATE)  # head: frame 150, 2 s left: the cut where the buffer ends
     assert tl.start_frame() == 150 + 100
@@ -154,18 +154,19 @@ async def test_a_change_that_keeps_the_buffer_says_why(caplog):
     fill(st, 0, 5 * RATE, 1.0)
     st.buffer.take(RATE)  # head: frame 50
     tl = timeline(st, engine, clock, recovery=Recovery(1.0, 3.8))
-    engine.judged_rtf, engine.judged_stations = 1.1, 2
+    engine.sustained_rtf, engine.together = 1.1, 2
     asked = asyncio.ensure_future(tl.change("new", "listener"))
     await asyncio.sleep(0)
     assert engine.asked[0][1].from_frame == 50 + 127
     assert (
         "prompt change on main starts 2.5 s ahead, after the music already made: 2 stations "
-        "generate at x1.10 of real time, too little to refill a thinner buffer" in caplog.text
+        "generate at x1.10 of real time (the last minute), too little to refill a thinner "
+        "buffer" in caplog.text
     )
     engine.take(tl)
     await asked
     caplog.clear()
-    engine.judged_rtf = 1.4  # margin enough: the horizon, and nothing said
+    engine.sustained_rtf = 1.4  # margin enough: the horizon, and nothing said
     asked = asyncio.ensure_future(tl.change("newer", "listener"))
     await asyncio.sleep(0)
     engine.take(tl)
