@@ -249,6 +249,8 @@ class Lane:
         full = self._seq is not None
         context = self.context()
         limits = [n for n in (self._next_context, self.restart_context) if n is not None]
+        if full and self.warm is not None and self.warm.logits is not None:
+            limits.append(self.warm.context)  # (restarts lengthened during the warm rows)
         if limits:  # a prompt change's shorter re-read (once), a shortened window restart
             context = context[:, context.shape[1] - min(min(limits), context.shape[1]) :]
         if full:
@@ -348,17 +350,22 @@ class Lane:
         """Start the warm rows when this window reaches the position where the next window's
         context begins: `window - max_delay - C`, C the frames the next restart re-reads (the
         next window's context ends with the last frame complete at the restart); drop them
-        when C changed since. True when the rows changed."""
+        when C shrank since. True when the rows changed."""
         if not self.builds_warm or self._seq is None:
             return False
         context = min(self.window.context, self.restart_context or self.window.context)
         dropped = False
         if self.warm is not None:
-            if self.warm.context == context:
+            if self.warm.context <= context:
+                # the same, or the restarts were lengthened while the warm rows were fed: this
+                # restart keeps their shorter context (`begin_window`), the next ones re-read
+                # more. Dropped, they could not come again (their start is behind) and the
+                # restart would prefill the longer context: two int4 stations bridged 5 s when
+                # the radio's ladder climbed back a few seconds before their windows' ends
                 return False
-            # the restarts were shortened (or lengthened) while the warm rows were fed: the
-            # restart would prefill anyway, so they go now, and come again at the new start
-            # if it is still ahead (a radio's ladder moving in the first window's warm rows)
+            # the restarts were shortened while the warm rows were fed: the restart would
+            # prefill anyway, so they go now, and come again at the new start if it is still
+            # ahead (a radio's ladder moving in the first window's warm rows)
             self.warm, dropped = None, True
         start = self._end - self.max_delay - context
         # its tokens must all be this window's own (not its context's), fed from here on

@@ -136,6 +136,35 @@ def test_restarts_shortened_during_the_warm_rows_start_them_again(tiny_float32):
     assert stream.tokens.position == 12  # a window from 10 frames of context
 
 
+@torch.inference_mode()
+def test_restarts_lengthened_during_the_warm_rows_keep_them(tiny_float32):
+    """The ladder climbing back (restarts re-read the whole context again) while warm rows for
+    a shorter one are fed: this restart still takes them, warm, from their shorter context;
+    the next window's re-reads the whole context."""
+    stream = tiny_float32.open_stream("harp", GREEDY, WINDOW)
+    batch = stream.tokens._batch
+    stream.tokens.shorten_restarts(10)
+    while not stream.tokens.warming:
+        batch.step()
+    assert stream.tokens.position == WINDOW.window - 3 - 10
+    batch.step()
+    stream.tokens.shorten_restarts(None)  # the whole context (40) again, from now on
+    batch.step()
+    assert stream.tokens.warming  # kept: their start for 40 frames is behind
+    warm, prefills = stream.tokens.warm_restarts, stream.tokens.prefills
+    while stream.tokens.position > 20:
+        batch.step()
+    assert stream.tokens.warm_restarts == warm + 1 and stream.tokens.prefills == prefills
+    assert stream.tokens.position == 12  # a window from the warm rows' 10 frames
+    while not stream.tokens.warming:
+        batch.step()
+    assert stream.tokens.position == WINDOW.window - 3 - WINDOW.context  # the whole 40 again
+    while stream.tokens.position > 50:
+        batch.step()
+    assert stream.tokens.warm_restarts == warm + 2 and stream.tokens.prefills == prefills
+    assert stream.tokens.position == 42  # a window from 40 frames of context
+
+
 @pytest.fixture(scope="module")
 def int8_model(tiny_model_dir, k):
     return MusicModel.load(LoadOptions(model=tiny_model_dir, device="cpu", quantize="int8"))
