@@ -65,12 +65,18 @@ def line(name: str, ms: float, nbytes: int, base: float | None = None) -> None:
     print(f"  {name:<34} {ms:7.2f} ms  {gbs:6.1f} GB/s{share}{ratio}")
 
 
+PLAIN_READ_FLOATS = 64 * 2**20  # 268 MB, far past the caches
+
+
+def plain_read(repeat: int) -> float:
+    """GB/s of a plain read of 256 MB with every thread: this machine's ceiling now."""
+    data = torch.randn(PLAIN_READ_FLOATS)
+    return data.nbytes / timed(lambda: data.max(), repeat) / 1e6
+
+
 def read_bandwidth(repeat: int) -> None:
-    """A plain read of 256 MB (far past the caches) with every thread: this machine's ceiling."""
-    data = torch.randn(64 * 2**20)
-    ms = timed(lambda: data.max(), repeat)
-    READ["GB/s"] = data.nbytes / ms / 1e6
-    print(f"plain read of {data.nbytes / 1e6:.0f} MB: {READ['GB/s']:.1f} GB/s")
+    READ["GB/s"] = plain_read(repeat)
+    print(f"plain read of {PLAIN_READ_FLOATS * 4 / 1e6:.0f} MB: {READ['GB/s']:.1f} GB/s")
 
 
 def bench_prefill(rows: int, repeat: int, k) -> None:

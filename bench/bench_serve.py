@@ -62,6 +62,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_engine import model_dir, say  # noqa: E402
+from bench.bench_kernels import plain_read  # noqa: E402
 from tests.helpers import call, free_port, get_json, post_json, wait_healthy  # noqa: E402
 
 ADMIN_TOKEN = "bench-serve-admin-token"
@@ -185,25 +186,12 @@ def main() -> int:
     return 0
 
 
-def plain_read() -> float:
-    """GB/s of a plain read of 256 MB with every thread now (`bench_kernels.read_bandwidth`'s
-    measure): the memory bandwidth this machine gives at the moment."""
-    import torch  # (only here: the server runs in its own process)
-
-    data = torch.randn(64 * 2**20)
-    data.max()  # (first touch)
-    began = time.perf_counter()
-    for _ in range(3):
-        data.max()
-    return data.nbytes * 3 / (time.perf_counter() - began) / 1e9
-
-
 def run(args: argparse.Namespace, n: int) -> bool:
     """One `radio serve` with n stations, listened to for `--seconds`, between two plain reads;
     whether it held."""
-    before = plain_read()
+    before = plain_read(3)
     held = _serve(args, n)
-    say(f"plain read: {before:.1f} GB/s before, {plain_read():.1f} GB/s after")
+    say(f"plain read: {before:.1f} GB/s before, {plain_read(3):.1f} GB/s after")
     return held
 
 

@@ -237,7 +237,7 @@ class Generator:
         # audio per station per second of generating over the last minute of it, and the
         # working stations generated together: what prompt changes weigh (`radio.timing`, rule
         # 1; read from the loop)
-        self.sustained = ladder.Sustained()
+        self._sustained_reads = ladder.Sustained()
         self.together = 0
         # smoothed seconds per frame of audio of the chunks read while a station's warm rows
         # were fed (the next window built beside this one): what a warm restart costs, beside
@@ -501,15 +501,15 @@ class Generator:
 
     @property
     def sustained_rtf(self) -> float:
-        return self.sustained.rtf
+        return self._sustained_reads.rtf
 
     def _sustained(self, lanes: list[_Lane], spent: float) -> None:
-        """`sustained` and `together` after a read of `lanes` that took `spent` s."""
+        """`sustained_rtf` and `together` after a read of `lanes` that took `spent` s."""
         assert self._lanes is not None
         self.together = sum(not ln.healing.down for ln in self._lanes.values())
         # the audio a station got: a read of some of them gave the others none
         audio = self.chunk_frames / self.model.frame_rate * len(lanes) / max(self.together, 1)
-        self.sustained.add(audio, spent)
+        self._sustained_reads.add(audio, spent)
 
     def _climb(self) -> None:
         """Move on the ladder (`radio.ladder`) when the measurements say so: every station's
@@ -526,7 +526,7 @@ class Generator:
         cost = statistics.median(c for c, _ in recent)
         position = statistics.median(p for _, p in recent)  # where that cost was measured
         window = self.specs[0].window
-        stations = max(1, sum(not ln.healing.down for ln in self._lanes.values()))
+        stations = max(1, self.together)  # (counted by `_sustained`, just before)
         # a window restart's cost for a whole context: its prefill, or with warm restarts the
         # extra its warm rows cost over the `context` frames they are fed
         restart = self.prefill_seconds

@@ -14,8 +14,8 @@ it hands to the outputs (`released`). The rules, all here:
    together sustain under `KEEP_BELOW` x real time (`rtf`: their audio per second of
    generating over the last minute of it, `Generator.sustained_rtf`, restarts and slow moments
    counted in; neither the moment's rate, which swings x0.6-1.6 within seconds, nor the
-   ladder's prediction, which moved x1.0-1.4 as it changed levels) starts no sooner than `(KEEP_BELOW - rtf) / (KEEP_BELOW - 1)` of the full buffer
-   (`Recovery.full_seconds`) ahead, or where the buffer ends if it holds less: every cut
+   ladder's prediction, which moved x1.0-1.4 as it changed levels) starts no sooner than
+   `(KEEP_BELOW - rtf) / (KEEP_BELOW - 1)` of the full buffer (`Recovery.full_seconds`) ahead, or where the buffer ends if it holds less: every cut
    throws the audio after it away, and the little left behind a 0.8 s cut, refilled at x1.1,
    drained when the other stations' window restarts made the batch's steps dearer, in 4 of 4
    `radio serve` runs of two int4 stations on 2 Zen 4 cores. A station alone keeps the
