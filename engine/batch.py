@@ -27,6 +27,7 @@ prefilled. The compiled step (`engine.static_step`) prefills instead (its shapes
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -40,6 +41,8 @@ from engine.options import SamplingOptions, WindowOptions
 from engine.rows import Prompt, mix_rows
 from engine.sampling import sample_streams
 from engine.static_step import Mix, StaticStep
+
+log = logging.getLogger(__name__)
 
 RowKey = tuple[TextCondition | None, bool]  # a row: its condition (None: null), warm or not
 
@@ -116,6 +119,7 @@ class DecodeBatch:
         """Start a new window for `lane` (after a prompt change, a seed, or a full window):
         positions from 0, its context as the prompt, prefilled (or taken from its warm rows);
         then its next tokens are sampled as after any step."""
+        self._follow_cache_kind()
         ids = lane.begin_window()  # [K, C + 1]
         logits = lane.take_warm(ids)
         seconds = None
@@ -143,6 +147,7 @@ class DecodeBatch:
         entering it costs a few Python calls per step)."""
         if len(self.lanes) != self.size:
             raise RuntimeError(f"the batch has {len(self.lanes)} of its {self.size} streams")
+        self._follow_cache_kind()
         for lane in self.lanes:
             if lane.needs_window:
                 self.restart(lane)
@@ -208,6 +213,28 @@ class DecodeBatch:
             torch.tensor(rows, device=device),
             torch.tensor(weights, dtype=torch.float32, device=device),
             torch.tensor(nulls, device=device),
+        )
+
+    def _follow_cache_kind(self) -> None:
+        """The cache in the decoder's kind (`Decoder.use_cheap_cache`): converted at the first
+        step or restart after a change, with every position the lanes have written (the
+        positions before the furthest one fed), and its spare made anew in the same kind."""
+        kind = self.decoder.kv_cache
+        if self.cache.kind == kind:
+            return
+        kernels = self.decoder.kernels
+        assert kernels is not None, "a cache changes kind on our CPU kernels only"
+        written = max((lane.position for lane in self.lanes), default=0) + 1
+        began = time.perf_counter()
+        self.cache = self.cache.converted(kind, kernels, written)
+        if self._spare is not None:
+            self._spare = self.cache.select_rows([], capacity=self._most_rows)
+        log.info(
+            "the KV cache is %s now: %d rows of %d positions converted in %.0f ms",
+            kind,
+            self.cache.batch,
+            min(written, self.cache.max_positions),
+            1000 * (time.perf_counter() - began),
         )
 
     # -- the row layout --------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import GELUActivation
 
-from engine.kv_cache import KVCache
+from engine.kv_cache import Q4_HEAD, KVCache
 from engine.linear import (
     DECODER_PRECISIONS,
     INT4_GROUP,
@@ -225,7 +225,8 @@ class Decoder:
         # (measured: 2.5 vs 0.4 ms per layer at 1000 positions), so without our kernels the KV
         # cache and the attention stay float32 on a CPU; GPUs attend in the model dtype.
         self.attn_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
-        self.kv_cache = settings.kv_cache  # a KVCache kind
+        self.kv_cache = settings.kv_cache  # a KVCache kind: the one new caches take
+        self.full_cache = self.kv_cache  # ... as set (`use_cheap_cache` swaps int8 for int4)
         modules = KernelModules.of(settings)
         # our CPU kernels: the int8 and bfloat16 projections, and (over a cache they read) the
         # attention and sampling of a decode step
@@ -312,6 +313,32 @@ class Decoder:
         if not self.coarse_ready:  # another iterator may have finished first
             self._other = (coarse, coarse, lm_heads, fused)
         yield
+
+    def cheap_cache_available(self) -> str | None:
+        """None when `use_cheap_cache` can run here, else why not: it needs an int8 KV cache
+        read by our fused CPU step, in heads of 64 (the int4 cache's)."""
+        if self.full_cache != "int8" or self._fused is None:
+            return "a cheaper KV cache replaces an int8 one on our fused CPU step"
+        if self.head_dim != Q4_HEAD:
+            return f"an int4 KV cache holds heads of {Q4_HEAD}, this model's are {self.head_dim}"
+        return None
+
+    @property
+    def cheap_cache(self) -> bool:
+        """Whether caches are int4 in place of the int8 ones set (`use_cheap_cache`)."""
+        return self.kv_cache != self.full_cache
+
+    def use_cheap_cache(self, on: bool) -> None:
+        """An int4 KV cache in place of the int8 one (`on`), or back: half the bytes a step's
+        attention reads (x1.07 the steps per second of one musicgen-small station here, more
+        for several), at 3.0% of the logit spread against 2.3% (docs/benchmarks.md,
+        "Precision"). New caches take the kind at once; a `DecodeBatch` converts its own at its
+        next step (`KVCache.converted`: every position requantized, tens of milliseconds).
+        ValueError where it cannot run (`cheap_cache_available`)."""
+        reason = self.cheap_cache_available()
+        if reason is not None:
+            raise ValueError(reason)
+        self.kv_cache = "int4" if on else self.full_cache
 
     def _fused_step(
         self, layers: list[LayerWeights] | None = None, lm_heads: Projection | None = None

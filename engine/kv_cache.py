@@ -22,6 +22,8 @@ vector (one position of one head) has its own scale:
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 
 KINDS = ("float32", "bfloat16", "int8", "int4")
@@ -236,6 +238,35 @@ class KVCache:
             setattr(out, name, rows)
             out._buffers[name] = buffer
         out.length = 0
+        return out
+
+    def converted(self, kind: str, kernels: ModuleType, positions: int | None = None) -> KVCache:
+        """This cache as an int8 or int4 one (`kind`; this one the other): the same rows, room
+        for as many and the same positions, each requantized from what this one holds as a step
+        writes it (`kernels`: `engine.kernels`' module; one memory-bound pass over both, tens
+        of milliseconds for a station's window). `positions`: how many hold keys (all slots
+        by default). What the radio's cheaper-cache rung switches with, between two steps
+        (`engine.batch.DecodeBatch`); this cache is left as it was."""
+        if {self.kind, kind} != {"int8", "int4"}:
+            raise ValueError(
+                f"a KV cache converts between int8 and int4, not {self.kind} to {kind}"
+            )
+        source = self.tensors()
+        buffers = self._buffers or {"first": source[0]}  # a `rows` view: room for its own rows
+        capacity = max(b.shape[1] for b in buffers.values())
+        layers, rows, heads = source[0].shape[:3]
+        out = KVCache(
+            layers, capacity, heads, self.max_positions, Q4_HEAD, device=source[0].device, kind=kind
+        )
+        out._buffers = dict(out._buffers)
+        for name, buffer in out._buffers.items():
+            setattr(out, name, buffer[:, :rows])
+        positions = self.max_positions if positions is None else min(positions, self.max_positions)
+        if kind == "int4":
+            kernels.requantize_q8_to_q4(*source, out._blocks(), positions)
+        else:
+            kernels.requantize_q4_to_q8(source[0], *out.tensors(), positions)
+        out.length = self.length
         return out
 
     def holds(self, rows: int) -> bool:

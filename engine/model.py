@@ -103,6 +103,21 @@ class MusicModel:
         """None when `use_coarse` can run with this model's settings, else why not."""
         return self.decoder.coarse_available()
 
+    @torch.inference_mode()
+    def use_cheap_cache(self, on: bool) -> None:
+        """An int4 KV cache in place of the int8 one (`on`), or back (`Decoder.use_cheap_cache`):
+        the radio's rung before int4 weights while generation cannot keep up. Each batch's
+        cache converts at its next step. Call between reads, from the thread that reads."""
+        self.decoder.use_cheap_cache(on)
+
+    @property
+    def cheap_cache(self) -> bool:
+        return self.decoder.cheap_cache
+
+    def cheap_cache_available(self) -> str | None:
+        """None when `use_cheap_cache` can run with this model's settings, else why not."""
+        return self.decoder.cheap_cache_available()
+
     def measure_prefill(
         self, window: WindowOptions | None = None, frames: int | None = None
     ) -> float:

@@ -261,6 +261,108 @@ torch::Tensor attend_step_q4(torch::Tensor qkv, torch::Tensor blocks, torch::Ten
   return out;
 }
 
+// ---- a KV cache changing kind (the radio's cheaper-cache rung) -------------------------------------
+// Every position [0, T) of every (layer, row, head) read back to float32 and quantized again as a
+// step writes it: int8 -> int4 with quantize_q4 (x = q * scale, as KVCache.view reads it), int4 ->
+// int8 with quantize_vector (x = (u - 8) * scale). One pass over both caches: memory-bound.
+
+// An int8 cache of the whole model: keys/values [L, B, H, P, D] int8, scales [L, B, H, P] float32.
+CacheShape check_cache_q8_layers(const char* fn, const torch::Tensor& keys,
+                                 const torch::Tensor& key_scales, const torch::Tensor& values,
+                                 const torch::Tensor& value_scales) {
+  TORCH_CHECK(keys.dim() == 5 && keys.scalar_type() == torch::kChar && values.sizes() == keys.sizes() &&
+                  values.scalar_type() == torch::kChar && keys.stride(4) == 1 &&
+                  keys.stride(3) == keys.size(4) && values.stride(4) == 1 &&
+                  values.stride(3) == values.size(4),
+              fn, ": int8 keys/values [L, B, H, P, D], each head's positions contiguous, got ",
+              keys.sizes());
+  for (const auto* t : {&key_scales, &value_scales})
+    TORCH_CHECK(t->scalar_type() == torch::kFloat && t->dim() == 4 && t->size(0) == keys.size(0) &&
+                    t->size(1) == keys.size(1) && t->size(2) == keys.size(2) &&
+                    t->size(3) == keys.size(3) && t->stride(3) == 1,
+                fn, ": float32 scales [L, B, H, P]");
+  TORCH_CHECK(keys.size(4) == kQ4Head, fn, ": an int4 cache holds heads of ", kQ4Head);
+  return CacheShape{keys.size(1), keys.size(2), keys.size(3), keys.size(4)};
+}
+
+// fn(layer, row, head) over every head of an [L, B, H, ...] cache, in parallel.
+template <class Fn>
+void for_each_head(int64_t L, int64_t B, int64_t H, Fn&& fn) {
+  at::parallel_for(0, L * B * H, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) fn(i / (B * H), i / H % B, i % H);
+  });
+}
+
+void requantize_q8_to_q4(torch::Tensor keys, torch::Tensor key_scales, torch::Tensor values,
+                         torch::Tensor value_scales, torch::Tensor blocks, int64_t T) {
+  const char* fn = "requantize_q8_to_q4";
+  const CacheShape c = check_cache_q8_layers(fn, keys, key_scales, values, value_scales);
+  const CacheShape q = check_cache_q4(fn, blocks, 1);
+  TORCH_CHECK(blocks.size(0) == keys.size(0) && q.B == c.B && q.H == c.H && 0 <= T && T <= c.P &&
+                  T <= q.P,
+              fn, ": ", T, " positions of ", keys.sizes(), " into ", blocks.sizes());
+  const int8_t *kp = keys.data_ptr<int8_t>(), *vp = values.data_ptr<int8_t>();
+  const float *ksp = key_scales.data_ptr<float>(), *vsp = value_scales.data_ptr<float>();
+  uint8_t* bp = blocks.data_ptr<uint8_t>();
+  for_each_head(keys.size(0), c.B, c.H, [&](int64_t l, int64_t b, int64_t h) {
+    const int8_t* k = kp + l * keys.stride(0) + b * keys.stride(1) + h * keys.stride(2);
+    const int8_t* v = vp + l * values.stride(0) + b * values.stride(1) + h * values.stride(2);
+    const float* ks = ksp + l * key_scales.stride(0) + b * key_scales.stride(1) + h * key_scales.stride(2);
+    const float* vs = vsp + l * value_scales.stride(0) + b * value_scales.stride(1) + h * value_scales.stride(2);
+    uint8_t* head = bp + l * blocks.stride(0) + b * blocks.stride(1) + h * blocks.stride(2);
+    alignas(64) float x[kQ4Head], y[kQ4Head];
+    alignas(32) uint8_t key[32], value[32];
+    for (int64_t p = 0; p < T; ++p) {
+      for (int d = 0; d < kQ4Head; ++d) {
+        x[d] = static_cast<float>(k[p * kQ4Head + d]) * ks[p];
+        y[d] = static_cast<float>(v[p * kQ4Head + d]) * vs[p];
+      }
+      const uint16_t key_scale = quantize_q4(x, key), value_scale = quantize_q4(y, value);
+      store_q4(head, p, key, key_scale, value, value_scale);
+    }
+  });
+}
+
+void requantize_q4_to_q8(torch::Tensor blocks, torch::Tensor keys, torch::Tensor key_scales,
+                         torch::Tensor values, torch::Tensor value_scales, int64_t T) {
+  const char* fn = "requantize_q4_to_q8";
+  const CacheShape c = check_cache_q8_layers(fn, keys, key_scales, values, value_scales);
+  const CacheShape q = check_cache_q4(fn, blocks, 1);
+  TORCH_CHECK(blocks.size(0) == keys.size(0) && q.B == c.B && q.H == c.H && 0 <= T && T <= c.P &&
+                  T <= q.P,
+              fn, ": ", T, " positions of ", blocks.sizes(), " into ", keys.sizes());
+  int8_t *kp = keys.data_ptr<int8_t>(), *vp = values.data_ptr<int8_t>();
+  float *ksp = key_scales.data_ptr<float>(), *vsp = value_scales.data_ptr<float>();
+  const uint8_t* bp = blocks.data_ptr<uint8_t>();
+  for_each_head(keys.size(0), c.B, c.H, [&](int64_t l, int64_t b, int64_t h) {
+    int8_t* k = kp + l * keys.stride(0) + b * keys.stride(1) + h * keys.stride(2);
+    int8_t* v = vp + l * values.stride(0) + b * values.stride(1) + h * values.stride(2);
+    float* ks = ksp + l * key_scales.stride(0) + b * key_scales.stride(1) + h * key_scales.stride(2);
+    float* vs = vsp + l * value_scales.stride(0) + b * value_scales.stride(1) + h * value_scales.stride(2);
+    const uint8_t* head = bp + l * blocks.stride(0) + b * blocks.stride(1) + h * blocks.stride(2);
+    alignas(64) float x[kQ4Head], y[kQ4Head];
+    for (int64_t p = 0; p < T; ++p) {
+      const uint8_t* blk = head + p / kQ4Block * kQ4BlockBytes;
+      const int64_t at = p % kQ4Block;
+      uint16_t bits;
+      std::memcpy(&bits, blk + kQ4KeyScales + 2 * at, 2);
+      const float key_scale = bf16_float(bits);
+      std::memcpy(&bits, blk + kQ4ValueScales + 2 * at, 2);
+      const float value_scale = bf16_float(bits);
+      for (int r = 0; r < 32; ++r) {
+        const uint8_t kb = blk[q4_key_offset(at, r & ~3) + (r & 3)];
+        const uint8_t vb = blk[q4_value_offset(at, r)];
+        x[r] = static_cast<float>((kb & 15) - 8) * key_scale;
+        x[r + 32] = static_cast<float>((kb >> 4) - 8) * key_scale;
+        y[r] = static_cast<float>((vb & 15) - 8) * value_scale;
+        y[r + 32] = static_cast<float>((vb >> 4) - 8) * value_scale;
+      }
+      ks[p] = quantize_vector(x, k + p * kQ4Head, kQ4Head);
+      vs[p] = quantize_vector(y, v + p * kQ4Head, kQ4Head);
+    }
+  });
+}
+
 // ---- sampling ------------------------------------------------------------------------------------
 
 // logits [R * N, K, V] float32 (R = 2: stream i's conditional row 2i and null row 2i + 1, guided
@@ -664,6 +766,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend_step", &attend_step, nogil, "write a step's keys/values, then attend, per row");
   m.def("attend_step_q8", &attend_step_q8, nogil, "attend_step over an int8 KV cache with scales");
   m.def("attend_step_q4", &attend_step_q4, nogil, "attend_step over an int4 KV cache (blocks)");
+  m.def("requantize_q8_to_q4", &requantize_q8_to_q4, nogil,
+        "positions [0, T) of an int8 KV cache [L, B, H, P, 64] written into an int4 one");
+  m.def("requantize_q4_to_q8", &requantize_q4_to_q8, nogil,
+        "positions [0, T) of an int4 KV cache written into an int8 one [L, B, H, P, 64]");
   m.def("sample_top_k", &sample_top_k, nogil, "guidance, top-k, temperature and draws of N streams");
   m.def("linear_int8", &linear_int8, nogil, "y = x w^T, packed int8 weights, activations int8 per row");
   m.def("pack_int8", &pack_int8, nogil, "float32 weights [N, K] -> packed int8 bytes and scales");

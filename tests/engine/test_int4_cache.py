@@ -191,3 +191,50 @@ def test_int4_cache_needs_heads_of_64(k, tiny_model_dir):
         MusicModel.load(LoadOptions(model=tiny_model_dir, device="cpu", kv_cache="int4"))
     with pytest.raises(ValueError, match="kv_cache: int4 is a CPU mode"):
         LoadOptions(kv_cache="int4", device="cuda").validate()
+
+
+def test_a_model_takes_the_cheaper_cache_and_back_mid_stream(k, tiny_head64_dir, int4_model):
+    """`MusicModel.use_cheap_cache` (the radio's rung before int4 weights): with it an
+    int8-cache model's steps are an int4-cache model's, step for step, and without it its own
+    again; two stations batched read on across the switches, their batch's cache converted at
+    its next step with every position they had written (`KVCache.converted`)."""
+    options = LoadOptions(model=tiny_head64_dir, device="cpu", quantize="int8", kv_cache="int8")
+    model = MusicModel.load(options)
+    assert model.cheap_cache_available() is None and not model.cheap_cache
+    rows_at = [[p, p + 5, p + 2, p + 9] for p in range(12)]
+
+    def steps(m):
+        return decode_steps(m.decoder, m, True, rows_at, ["jazz", "rain"])
+
+    own = steps(model)
+    streams = model.open_streams(["jazz", "rain"])
+    model.read_together(streams, 8)
+    batch = streams[0].tokens._batch
+    held = [batch.cache.view(layer, 9) for layer in range(len(model.decoder.layers))]
+
+    model.use_cheap_cache(True)
+    assert model.cheap_cache and model.decoder.kv_cache == "int4"
+    torch.testing.assert_close(steps(model), steps(int4_model), rtol=0, atol=0)
+    assert batch.cache.kind == "int8"  # until its next step
+    pcm = model.read_together(streams, 4)
+    assert batch.cache.kind == "int4" and all(p.shape == (1, 4 * model.hop) for p in pcm)
+    for layer, (keys, values) in enumerate(held):
+        got_keys, got_values = batch.cache.view(layer, 9)
+        assert torch.equal(got_keys, dequantize_q4(*quantize_q4(keys)))
+        assert torch.equal(got_values, dequantize_q4(*quantize_q4(values)))
+
+    model.use_cheap_cache(False)
+    assert not model.cheap_cache
+    torch.testing.assert_close(steps(model), own, rtol=0, atol=0)
+    model.read_together(streams, 4)
+    assert batch.cache.kind == "int8"
+
+
+def test_the_cheaper_cache_is_refused_where_it_cannot_run(k, tiny_model_dir, int4_model):
+    heads16 = MusicModel.load(LoadOptions(model=tiny_model_dir, device="cpu", quantize="int8"))
+    assert heads16.cheap_cache_available() == (
+        "an int4 KV cache holds heads of 64, this model's are 16"
+    )
+    assert "replaces an int8 one" in int4_model.cheap_cache_available()  # int4 already
+    with pytest.raises(ValueError, match="replaces an int8 one"):
+        int4_model.use_cheap_cache(True)

@@ -68,3 +68,53 @@ def test_select_rows_writes_over_a_spare_with_room(kind):
     again = small.select_rows([0, 1], spare=small)
     assert not {t.data_ptr() for t in again.tensors()} & {t.data_ptr() for t in small.tensors()}
     assert not small.rows(0, 2).holds(1)
+
+
+def _quantized(kind: str, rows: int = 4, capacity: int = 6) -> KVCache:
+    """An int8 or int4 cache of `rows` rows (a view of buffers with room for `capacity`), its
+    40 slots written from random keys and values as steps write them."""
+    cache = KVCache(3, capacity, 2, 40, 64, device=torch.device("cpu"), kind=kind)
+    cache = cache.select_rows([None] * rows, capacity=capacity)
+    generator = torch.Generator().manual_seed(0)
+    for layer in range(3):
+        keys = 3 * torch.randn(rows, 2, 40, 64, generator=generator)
+        cache.write(layer, 0, keys, torch.randn(rows, 2, 40, 64, generator=generator))
+    cache.length = 40
+    return cache
+
+
+def test_a_cache_converts_between_int8_and_int4_as_steps_write_them(k):
+    """`KVCache.converted` (the radio's cheaper-cache rung): every position written is read
+    back and quantized again exactly as the other kind's writes quantize (the reference: the
+    PyTorch `quantize_q4` / `quantize_vectors` of the dequantized values), the rows keep their
+    room, positions past `positions` are left empty, and the source cache is untouched."""
+    from engine.kv_cache import dequantize_q4, quantize_q4, quantize_vectors
+
+    int8 = _quantized("int8")
+    before = [t.clone() for t in int8.tensors()]
+    int4 = int8.converted("int4", k)
+    assert int4.kind == "int4" and int4.batch == 4 and int4.holds(6) and int4.length == 40
+    for layer in range(3):
+        for got, held in zip(int4.view(layer, 40), int8.view(layer, 40), strict=True):
+            assert torch.equal(got, dequantize_q4(*quantize_q4(held)))
+    assert all(torch.equal(a, b) for a, b in zip(before, int8.tensors(), strict=True))
+
+    back = int4.converted("int8", k)
+    assert back.kind == "int8" and back.batch == 4 and back.holds(6)
+    for layer in range(3):
+        for got, held in zip(back.view(layer, 40), int4.view(layer, 40), strict=True):
+            codes, scales = quantize_vectors(held)
+            assert torch.equal(got, codes.float() * scales[..., None])
+
+    part = int8.converted("int4", k, positions=17)
+    keys, values = part.view(0, 40)
+    assert keys[:, :, 17:].abs().sum() == 0 and values[:, :, 17:].abs().sum() == 0
+    torch.testing.assert_close(keys[:, :, :17], int4.view(0, 17)[0], rtol=0, atol=0)
+
+
+def test_only_int8_and_int4_caches_convert(k):
+    cache = KVCache(1, 2, 2, 16, 64, device=torch.device("cpu"), kind="bfloat16")
+    with pytest.raises(ValueError, match="between int8 and int4, not bfloat16 to int4"):
+        cache.converted("int4", k)
+    with pytest.raises(ValueError, match="not int8 to int8"):
+        _quantized("int8").converted("int8", k)
