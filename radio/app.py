@@ -127,6 +127,11 @@ def build_radio(
     programme_clock: Callable[[], float] = time.time,
 ) -> Radio:
     coarse = _coarse_when_behind(config.generation.coarse_when_behind, model)
+    if config.generation.adaptive_restarts and model.cheap_cache_available() is None:
+        log.info(
+            "if generation falls behind real time even with the shortest window restarts, it "
+            "takes an int4 KV cache in place of the int8 one until it can keep up"
+        )
     store = restarts.open_store(config.server.state_file)
     saved = restarts.load_saved(store)
     stations = {}

@@ -252,11 +252,16 @@ class Generator:
         # weights for it (read by the clocks: a station goes on air only then, so that the
         # switch to int4 weights, a stall of a second or so, never comes right after)
         self.speed_judged = not (adaptive_restarts and coarse_when_behind)
-        # the ladder's coarse level (int4 weights): their speed over int8's, a guess until they
-        # ran (0: no such level), and int8's cost per frame when they were switched to
+        # the ladder's cheaper-cache level (an int4 KV cache for the int8 one, where the model
+        # can) and its coarse level (int4 weights): each one's speed over the level before it,
+        # a guess until they ran (0: no such level)
+        cheap = adaptive_restarts and model.cheap_cache_available() is None
+        self.cache_speedup = ladder.CACHE_SPEEDUP if cheap else 0.0
         self.coarse_speedup = ladder.COARSE_SPEEDUP if coarse_when_behind else 0.0
-        self._int8_cost = 0.0
-        self._coarse_chunks = 0  # chunks made since the switch to them
+        # when a rung was switched to: the cost per frame and the rungs in use before it, and
+        # the chunks made since (its speedup is measured after `ladder.SETTLE` of them)
+        self._before: tuple[float, bool, bool] | None = None
+        self._settling = 0
         # their quantization, a layer at a time between chunks (`_prepare_coarse`), ahead of
         # need from the moment the ladder first leaves its top level
         self._coarse_parts: Iterator[None] | None = None
@@ -266,7 +271,7 @@ class Generator:
         # they ran with
         span = round(buffer_ahead * model.frame_rate / chunk_frames)
         self._recent: deque[tuple[float, float]] = deque(maxlen=max(RECENT_CHUNKS, span))
-        self._recent_key: tuple[int, tuple[int, int], bool] | None = None
+        self._recent_key: tuple[int, tuple[int, int], bool, bool] | None = None
         # how the steady chunks' cost grows with the positions they attend over (the ladder's
         # window levels), fitted by the worker
         self.position_cost = ladder.PositionCost()
@@ -538,15 +543,14 @@ class Generator:
             # weights within seconds; when the measured cost moves the ladder during the warm
             # rows, they start again with the shorter context (`engine.lane`)
             restart = max(self.warm_cost - cost, 1e-9) * window.context if self.warm_cost else 1e-9
-        if self.model.coarse:  # what was measured is the int4 weights' speed
-            self._coarse_chunks += 1
-            if self._coarse_chunks < ladder.COARSE_SETTLE:
-                return  # their cost is still being measured (the tuner's started afresh)
-            if self._int8_cost:  # once: their speedup over int8's, as it was at the switch
-                self.coarse_speedup = min(max(self._int8_cost / cost, 1.0), 3.0)
-                self._int8_cost = 0.0
-        # in int8's terms: int4's rate over the speedup, its restarts' cost times it
-        scale = self.coarse_speedup if self.model.coarse else 1.0
+        if self._before is not None:  # a rung switched to: its speed is being measured
+            self._settling += 1
+            if self._settling < ladder.SETTLE:
+                return  # (the tuner's costs started afresh)
+            self._measure_rung(cost)
+        # in int8's terms (weights and cache): the rate over the rungs' speedup, the restarts'
+        # cost times it
+        scale = self._speedup()
         rates = ladder.Rates(
             1.0 / (cost * stations * scale),
             restart * scale,
@@ -554,6 +558,7 @@ class Generator:
             self.coarse_speedup,
             slope=self.position_cost.slope,  # (the attention's cost: the same on either weights)
             position=position,
+            cache_speedup=self.cache_speedup,
         )
         rate = self.model.frame_rate
         level = ladder.choose_level(self.restart_level, rates, window.window, window.context, rate)
@@ -569,9 +574,7 @@ class Generator:
         if level == self.restart_level:
             self.speed_judged = True
             return
-        coarse = level == ladder.COARSE
-        if coarse != self.model.coarse and not self._switch_weights(coarse, rates, cost):
-            level = rates.shortest  # int4 weights could not be made (said)
+        level = self._switch_rungs(level, rates, cost)
         self.speed_judged = True
         was, self.restart_level = self.restart_level, level
         before = ladder.predicted_rtf(rates, window.window, window.context, was, rate)
@@ -615,10 +618,74 @@ class Generator:
             spans = span / rate if span < window.window else None
             self._to_loop(self.sink.on_restart_context, lane.spec.id, seconds, spans)
 
-    def _plain_key(self) -> tuple[int, tuple[int, int], bool]:
-        """What a plain chunk's cost depends on: threads, rows, coarse weights or not."""
+    def _plain_key(self) -> tuple[int, tuple[int, int], bool, bool]:
+        """What a plain chunk's cost depends on: threads, rows, coarse weights or not, the
+        cheaper cache or not."""
         assert self.tuner is not None
-        return self.tuner.current, self._plain_kind, self.model.coarse
+        return self.tuner.current, self._plain_kind, self.model.coarse, self.model.cheap_cache
+
+    def _speedup(self, cheap: bool | None = None, coarse: bool | None = None) -> float:
+        """Steps per second with these rungs (default: those in use) over int8 weights and
+        cache, as measured or guessed."""
+        cheap = self.model.cheap_cache if cheap is None else cheap
+        coarse = self.model.coarse if coarse is None else coarse
+        return (self.cache_speedup if cheap else 1.0) * (self.coarse_speedup if coarse else 1.0)
+
+    def _measure_rung(self, cost: float) -> None:
+        """Once settled on the rung(s) last switched to: their speedup, from the cost per
+        frame before the switch over the cost now; a rung switched to with another at once (int4
+        weights straight from int8's cache) takes what the other's guess leaves."""
+        assert self._before is not None
+        before, cheap_before, coarse_before = self._before
+        self._before = None
+        ratio = before / cost * self._speedup(cheap_before, coarse_before)
+        if self.model.coarse and not coarse_before:
+            others = self._speedup(coarse=False)
+            self.coarse_speedup = min(max(ratio / others, 1.0), 3.0)
+        elif self.model.cheap_cache and not cheap_before:
+            self.cache_speedup = min(max(ratio, 1.0), 2.0)
+
+    def _switch_rungs(self, level: int, rates: ladder.Rates, cost: float) -> int:
+        """Weights and cache as `level` has them (from `_climb`): int4 weights at the coarse
+        level, an int4 KV cache there and at the cheaper-cache level (where the model has
+        one). Returns the level reached (int4 weights that could not be made: the level
+        before them). A rung newly taken has its speed measured (`_measure_rung`)."""
+        before = (cost, self.model.cheap_cache, self.model.coarse)
+        coarse = level == ladder.COARSE
+        if coarse != self.model.coarse and not self._switch_weights(coarse, rates, level):
+            level, coarse = rates.levels[-2], False  # (the level before the coarse one)
+        cheap = level >= ladder.CHEAP_CACHE and self.cache_speedup > 0
+        if cheap != self.model.cheap_cache:
+            self._switch_cache(cheap, rates, level)
+        if (cheap and not before[1]) or (coarse and not before[2]):
+            self._before, self._settling = before, 0
+        return level
+
+    def _switch_cache(self, cheap: bool, rates: ladder.Rates, level: int) -> None:
+        """To an int4 KV cache while even the shortest restarts and windows cannot keep up on
+        int8's, or back once they can (`MusicModel.use_cheap_cache`: each batch converts its
+        cache at its next step, tens of milliseconds); the ThreadTuner's costs start afresh."""
+        assert self.tuner is not None
+        window = self.specs[0].window
+        rate = self.model.frame_rate
+        if cheap:
+            log.warning(
+                "generation cannot keep up even with the shortest window restarts (x%.2f of "
+                "real time): an int4 KV cache in place of the int8 one until it can (half the "
+                "bytes a step's attention reads, 3.0%% of the logit spread against 2.3%%; "
+                "predicted x%.2f)",
+                ladder.predicted_rtf(rates, window.window, window.context, rates.shortest, rate),
+                ladder.predicted_rtf(
+                    rates, window.window, window.context, ladder.CHEAP_CACHE, rate
+                ),
+            )
+        else:
+            log.info(
+                "an int8 KV cache again: predicted x%.2f of real time with it",
+                ladder.predicted_rtf(rates, window.window, window.context, level, rate),
+            )
+        self.model.use_cheap_cache(cheap)
+        self.tuner.forget()
 
     def _prepare_coarse(self, spent: float | None) -> None:
         """The next layers of the int4 set being prepared, for at most PREPARE_SHARE of the
@@ -647,10 +714,10 @@ class Generator:
                 if spent is not None and time.perf_counter() - began >= PREPARE_SHARE * spent:
                     return
 
-    def _switch_weights(self, coarse: bool, rates: ladder.Rates, cost: float) -> bool:
+    def _switch_weights(self, coarse: bool, rates: ladder.Rates, level: int) -> bool:
         """To coarse (int4) weights while even the shortest restarts cannot keep up, or back
-        to int8 ones once they can: the ThreadTuner's costs start afresh (other weights, other
-        speed); the int8 cost is kept, to measure the speedup against. What is left of their
+        to int8 ones (at `level`) once they can: the ThreadTuner's costs start afresh (other
+        weights, other speed). What is left of their
         preparation runs first, at once: they are needed now, and every chunk until they are
         ready is a slower one. False when they cannot be made (said; int8 goes on)."""
         assert self.tuner is not None
@@ -658,12 +725,19 @@ class Generator:
         rate = self.model.frame_rate
         predict = ladder.predicted_rtf
         if coarse:
-            self._int8_cost, self._coarse_chunks = cost, 0
+            cheap = ladder.CHEAP_CACHE in rates.levels
             log.warning(
-                "generation cannot keep up even with the shortest window restarts (x%.2f of "
+                "generation cannot keep up even with the shortest window restarts%s (x%.2f of "
                 "real time): decoding with int4 weights until it can (coarser music, predicted "
                 "x%.2f; generation.coarse_when_behind)%s",
-                predict(rates, window.window, window.context, rates.shortest, rate),
+                " and an int4 KV cache" if cheap else "",
+                predict(
+                    rates,
+                    window.window,
+                    window.context,
+                    ladder.CHEAP_CACHE if cheap else rates.shortest,
+                    rate,
+                ),
                 predict(rates, window.window, window.context, ladder.COARSE, rate),
                 "" if self.model.coarse_ready else ": quantizing them first (a second or two)",
             )
@@ -674,7 +748,7 @@ class Generator:
         else:
             log.info(
                 "decoding with int8 weights again: predicted x%.2f of real time with them",
-                predict(rates, window.window, window.context, rates.shortest, rate),
+                predict(rates, window.window, window.context, level, rate),
             )
         self.model.use_coarse(coarse)
         self.tuner.forget()
@@ -689,8 +763,9 @@ class Generator:
         if level < last:
             self.warned_behind = False
             return
-        if last == ladder.COARSE and (not self.model.coarse or self._int8_cost):
-            return  # int4's speed is a guess until measured on them (COARSE_SETTLE chunks)
+        on_last = self.model.coarse if last == ladder.COARSE else self.model.cheap_cache
+        if last >= ladder.CHEAP_CACHE and (not on_last or self._before is not None):
+            return  # a rung's speed is a guess until measured on it (`ladder.SETTLE` chunks)
         rtf = ladder.predicted_rtf(rates, window.window, window.context, level, rate)
         if rtf >= 1.0 or self.warned_behind:
             return

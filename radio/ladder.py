@@ -25,12 +25,16 @@ so measurement noise does not make it flap. The window levels are there only onc
 measured (a cost that grows with the position); prompt changes keep their own (shorter)
 `generation.prompt_context`.
 
-With `generation.coarse_when_behind` there is one level more, `COARSE`: the shortest restarts
-and windows with int4 projections in place of the int8 ones (`MusicModel.use_coarse`: coarser
-music, x1.5 the steps per second of musicgen-small on a 2-core AVX2 CPU). Its prediction is the
-int8 rate times `coarse_speedup` (a first guess, then int8's cost at the switch over int4's
-measured in the `COARSE_SETTLE` chunks after it, once), and while int4 runs, the int8 rate is its
-rate over that speedup, so a faster hour climbs back.
+Past the windows, where the model's KV cache is int8 on our CPU kernels, `CHEAP_CACHE`: the
+shortest restarts and windows with an int4 cache in place of the int8 one
+(`MusicModel.use_cheap_cache`: half the bytes a step's attention reads, 3.0% of the logit
+spread against 2.3%, at the precision budget's edge). With `generation.coarse_when_behind`
+there is one level more, `COARSE`: int4 projections in place of the int8 ones too
+(`MusicModel.use_coarse`: coarser music, 16% of the spread, x1.5 the steps per second of
+musicgen-small on a 2-core AVX2 CPU). A rung's prediction is the int8 rate times its speedup
+over the level before it (`cache_speedup`, `coarse_speedup`: first guesses, then the cost at
+the switch over the cost measured in the `SETTLE` chunks after it), and while a rung runs, the
+int8 rate is its rate over those speedups, so a faster hour climbs back.
 
 With warm restarts (`generation.warm_restarts`, the default) nothing is prefilled: the next
 window is built a step at a time during the last `context` frames of the current one, and what
@@ -52,9 +56,13 @@ from engine.options import MIN_NEW_FRAMES  # (past twice the restarts' context h
 # `window` a window spans
 LEVELS = ((1.0, 1.0), (0.5, 1.0), (0.25, 1.0), (0.25, 2 / 3), (0.25, 0.5))
 SHORTEST_RESTARTS = 2  # the last level with whole windows
-COARSE = len(LEVELS)  # the level after them: the shortest restarts and windows, int4 weights
-COARSE_SPEEDUP = 1.5  # the first guess of coarse weights' speed over int8's (measured, 2 cores)
-COARSE_SETTLE = 10  # chunks on coarse weights before their speed is taken and the ladder moves
+# the levels after them: the shortest restarts and windows with an int4 KV cache for the int8
+# one, then with int4 weights too
+CHEAP_CACHE = len(LEVELS)
+COARSE = CHEAP_CACHE + 1
+CACHE_SPEEDUP = 1.1  # the first guess of the int4 cache's speed over int8's (1.07-1.5 measured)
+COARSE_SPEEDUP = 1.5  # the first guess of int4 weights' speed over int8's (measured, 2 cores)
+SETTLE = 10  # chunks on a rung before its speed is taken and the ladder moves
 DOWN_BELOW = 1.02  # a level predicted slower than this is left for the next
 UP_ABOVE = 1.15  # the level above is taken back once predicted at least this fast
 CLEARLY = 1.03  # where no level keeps up, a later one is taken if predicted this much faster
@@ -76,6 +84,8 @@ class Rates:
     # levels are left out: shorter windows would only restart more often)
     slope: float = 0.0
     position: float = 0.0
+    # steps per second with an int4 KV cache over the int8 one; 0: no cheaper-cache level
+    cache_speedup: float = 0.0
 
     @property
     def levels(self) -> list[int]:
@@ -83,7 +93,15 @@ class Rates:
         levels = list(range(SHORTEST_RESTARTS + 1))
         if self.slope > 0:
             levels += list(range(SHORTEST_RESTARTS + 1, len(LEVELS)))
+        if self.cache_speedup > 0:
+            levels.append(CHEAP_CACHE)
         return levels + [COARSE] if self.coarse_speedup > 0 else levels
+
+    def speedup(self, level: int) -> float:
+        """Steps per second at `level` over those with int8 weights and cache (the coarse level
+        runs on the int4 cache too, where there is one)."""
+        cache = self.cache_speedup if self.cache_speedup > 0 else 1.0
+        return {CHEAP_CACHE: cache, COARSE: cache * self.coarse_speedup}.get(level, 1.0)
 
     @property
     def top(self) -> int:
@@ -92,8 +110,9 @@ class Rates:
 
     @property
     def shortest(self) -> int:
-        """The last level on int8 weights: the shortest restarts and windows there are."""
-        return [level for level in self.levels if level != COARSE][-1]
+        """The last level on int8 weights and cache: the shortest restarts and windows there
+        are."""
+        return [level for level in self.levels if level < CHEAP_CACHE][-1]
 
 
 def context_frames(context: int, level: int) -> int:
@@ -103,9 +122,9 @@ def context_frames(context: int, level: int) -> int:
 
 def window_frames(window: int, context: int, level: int, windows: bool = True) -> int:
     """Positions a window spans at `level`: still room for its restarts' warm rows and a
-    second of new music beyond them. `windows`: whether the window levels are in (`COARSE`
-    takes the last level's windows, whole without them)."""
-    if level >= COARSE:
+    second of new music beyond them. `windows`: whether the window levels are in (the rungs
+    after them take the last level's windows, whole without them)."""
+    if level >= CHEAP_CACHE:
         level = len(LEVELS) - 1 if windows else SHORTEST_RESTARTS
     share = LEVELS[level][1]
     if share >= 1.0:
@@ -119,7 +138,7 @@ def predicted_rtf(rates: Rates, window: int, context: int, level: int, frame_rat
     reread = context_frames(context, level)
     span = window_frames(window, context, level, rates.slope > 0)
     new = span - reread  # frames made per window
-    speedup = rates.coarse_speedup if level == COARSE else 1.0
+    speedup = rates.speedup(level)
     measured = 1.0 / (rates.frames_per_second * rates.stations)  # a frame's cost per station
     shift = rates.slope * ((reread + span) / 2 - rates.position) if rates.slope > 0 else 0.0
     cost = max(measured + shift, 0.1 * measured)

@@ -171,6 +171,19 @@ class FakeModel:
         self.coarse = on
         self.coarse_ready = True
 
+    # the cheaper cache (`MusicModel.use_cheap_cache`): off unless a test gives the model one
+    # (`cheap_cache_reason = None`); each switch recorded
+    cheap_cache = False
+    cheap_cache_reason: str | None = "the fake model's cache is not int8"
+
+    def cheap_cache_available(self) -> str | None:
+        return self.cheap_cache_reason
+
+    def use_cheap_cache(self, on: bool) -> None:
+        assert self.cheap_cache_reason is None, self.cheap_cache_reason
+        self.cache_switches = [*getattr(self, "cache_switches", []), on]
+        self.cheap_cache = on
+
 
 class Sink:
     """Records what crosses back to the loop, in order."""

@@ -14,6 +14,7 @@ import pytest
 
 from engine.options import WindowOptions
 from radio.ladder import (
+    CHEAP_CACHE,
     CLEARLY,
     COARSE,
     DOWN_BELOW,
@@ -311,6 +312,79 @@ async def test_coarse_weights_are_prepared_ahead_a_part_at_a_time_once_behind(ru
     gen.played("a", 40)
     await sink.until(lambda: model.coarse)
     assert model.switches == [(True, True)] and "quantizing them first" not in caplog.text
+
+
+def test_the_cheaper_cache_is_the_level_before_int4_weights():
+    """`CHEAP_CACHE`: the shortest restarts and windows with an int4 KV cache, predicted at the
+    int8 rate times `cache_speedup`; the coarse level runs on the int4 cache too (both
+    speedups), and without a cheaper cache the levels are as they were."""
+    rates = Rates(47.0, 4.47, 1, coarse_speedup=1.5, cache_speedup=1.2)  # x0.91, x1.09
+    assert rates.levels == [0, 1, 2, CHEAP_CACHE, COARSE] and rates.shortest == SHORTEST_RESTARTS
+    shortest = predicted_rtf(rates, WINDOW, CONTEXT, SHORTEST_RESTARTS, RATE)
+    assert predicted_rtf(rates, WINDOW, CONTEXT, CHEAP_CACHE, RATE) == pytest.approx(1.2 * shortest)
+    assert predicted_rtf(rates, WINDOW, CONTEXT, COARSE, RATE) == pytest.approx(1.8 * shortest)
+    assert context_frames(CONTEXT, CHEAP_CACHE) == context_frames(CONTEXT, SHORTEST_RESTARTS)
+    # int8 weights and an int4 cache keep up where int8 ones alone fall short: not int4 weights
+    assert shortest < DOWN_BELOW <= 1.2 * shortest
+    assert choose_level(0, rates, WINDOW, CONTEXT, RATE) == CHEAP_CACHE
+    sloped = dataclasses.replace(rates, slope=1e-6)
+    assert sloped.levels == [0, 1, 2, 3, 4, CHEAP_CACHE, COARSE] and sloped.shortest == 4
+    assert window_frames(WINDOW, CONTEXT, CHEAP_CACHE) == window_frames(WINDOW, CONTEXT, 4)
+    assert Rates(40.0, 4.47, 1, 1.5).levels == [0, 1, 2, COARSE]
+
+
+async def test_the_cheaper_cache_while_behind_then_int8_again(run, caplog):
+    """Where the model's cache can be int4 (`MusicModel.use_cheap_cache`), the generator takes
+    it when even the shortest restarts cannot keep up on int8's and that keeps up, said once,
+    without int4 weights; its speed is measured on it; the int8 cache comes back when it can."""
+    caplog.set_level(logging.INFO, logger="radio.generator")
+    model = FakeModel()
+    model.cheap_cache_reason = None
+    gen, sink = await run(model, ("a",), buffer_ahead=1.0, window=COLD)
+    await sink.until(lambda: len(sink.pcm("a")) == 5)
+    assert gen.cache_speedup == pytest.approx(1.1) and not model.cheap_cache
+    # a quarter of the context prefilled in 112 / 4 s every 27.5 s of new music: x0.98 with the
+    # int8 cache, x1.08 predicted with the int4 one (the fake's steps cost next to nothing)
+    gen.prefill_seconds = 112.0
+    gen.played("a", 20)
+    await sink.until(lambda: model.cheap_cache)
+    assert gen.restart_level == CHEAP_CACHE and model.cache_switches == [True]
+    assert not model.coarse and model.streams[0].restart_context == 125
+    assert "an int4 KV cache in place of the int8 one until it can" in caplog.text
+    gen.prefill_seconds = 1e-6  # the machine got fast again
+    for frame in range(40, 400, 20):  # SETTLE chunks on it first, its speed taken
+        gen.played("a", frame)
+        if not model.cheap_cache:
+            break
+        chunks = len(sink.pcm("a"))
+        await sink.until(lambda n=chunks: len(sink.pcm("a")) > n or not model.cheap_cache)
+    await sink.until(lambda: gen.restart_level == 0)
+    assert model.cache_switches == [True, False] and "an int8 KV cache again" in caplog.text
+    assert 1.0 <= gen.cache_speedup <= 2.0  # measured (the fake's chunks cost alike)
+
+
+async def test_int4_weights_come_with_the_cheaper_cache(run, caplog):
+    """Straight to the coarse level (nothing on int8 weights keeps up): int4 weights and the int4
+    cache at once, and both back when the machine is fast again."""
+    caplog.set_level(logging.INFO, logger="radio.generator")
+    model = FakeModel()
+    model.cheap_cache_reason = None
+    gen, sink = await run(model, ("a",), buffer_ahead=1.0, window=COLD, coarse_when_behind=True)
+    await sink.until(lambda: len(sink.pcm("a")) == 5)
+    gen.prefill_seconds = 1e6
+    gen.played("a", 20)
+    await sink.until(lambda: model.coarse)
+    assert gen.restart_level == COARSE and model.cheap_cache and model.cache_switches == [True]
+    assert "shortest window restarts and an int4 KV cache" in caplog.text
+    gen.prefill_seconds = 1e-6
+    for frame in range(40, 400, 20):
+        gen.played("a", frame)
+        if not model.coarse:
+            break
+        chunks = len(sink.pcm("a"))
+        await sink.until(lambda n=chunks: len(sink.pcm("a")) > n or not model.coarse)
+    await sink.until(lambda: gen.restart_level == 0)
+    assert model.switches == [(True, True), (False, True)] and model.cache_switches == [True, False]
 
 
 async def test_int4_weights_that_cannot_be_made_leave_int8_running(run, caplog):
