@@ -109,15 +109,24 @@ def _coarse_when_behind(setting: bool | str, model: MusicModel) -> bool:
     why = model.coarse_available()
     if setting is True and why is not None:
         raise SettingError(f"generation.coarse_when_behind: {why}")
-    if setting == "auto":
-        if why is None:
-            log.info(
-                "if generation falls behind real time even with the shortest window restarts, "
-                "it decodes with int4 weights until it can keep up (generation.coarse_when_behind)"
-            )
-        else:
-            log.info("generation.coarse_when_behind (auto) is off for this model: %s", why)
+    if setting == "auto" and why is not None:
+        log.info("generation.coarse_when_behind (auto) is off for this model: %s", why)
     return setting is True or (setting == "auto" and why is None)
+
+
+def _say_rungs(adaptive_restarts: bool, model: MusicModel, coarse: bool) -> None:
+    """One start-up line for what the ladder takes past its shortest restarts and windows."""
+    rungs = []
+    if adaptive_restarts and model.cheap_cache_available() is None:
+        rungs.append("an int4 KV cache in place of the int8 one")
+    if coarse:
+        rungs.append("int4 weights (generation.coarse_when_behind)")
+    if rungs:
+        log.info(
+            "if generation falls behind real time even with the shortest window restarts, it "
+            "takes %s until it can keep up",
+            ", then ".join(rungs),
+        )
 
 
 def build_radio(
@@ -127,11 +136,7 @@ def build_radio(
     programme_clock: Callable[[], float] = time.time,
 ) -> Radio:
     coarse = _coarse_when_behind(config.generation.coarse_when_behind, model)
-    if config.generation.adaptive_restarts and model.cheap_cache_available() is None:
-        log.info(
-            "if generation falls behind real time even with the shortest window restarts, it "
-            "takes an int4 KV cache in place of the int8 one until it can keep up"
-        )
+    _say_rungs(config.generation.adaptive_restarts, model, coarse)
     store = restarts.open_store(config.server.state_file)
     saved = restarts.load_saved(store)
     stations = {}

@@ -424,7 +424,7 @@ async def test_coarse_weights_are_on_by_default_where_the_model_can_and_refused_
     assert GenerationConfig().coarse_when_behind == "auto"
     int8 = MusicModel.load(LoadOptions(model=tiny_model_dir, quantize="int8"))
     assert build_radio(Config(), int8).generator.coarse_speedup > 0
-    assert "it decodes with int4 weights until it can keep up" in caplog.text
+    assert "it takes int4 weights (generation.coarse_when_behind) until it can" in caplog.text
     assert build_radio(with_setting(False), int8).generator.coarse_speedup == 0
     dense = MusicModel.load(LoadOptions(model=tiny_model_dir, quantize="none"))
     assert build_radio(Config(), dense).generator.coarse_speedup == 0
@@ -435,6 +435,29 @@ async def test_coarse_weights_are_on_by_default_where_the_model_can_and_refused_
         parse_config({"generation": {"coarse_when_behind": "yes"}})
     with pytest.raises(ConfigError, match="coarse_when_behind: must be"):
         parse_config({"generation": {"coarse_when_behind": 1}})
+
+
+def test_the_cheaper_cache_is_a_rung_where_the_model_can(tiny_head64_dir, tiny_model_dir, caplog):
+    """An int8 cache on our kernels in heads of 64 (every real MusicGen's): the rung is there and
+    said at start with the int4 weights after it; not where the cache cannot be int4 (heads of
+    16), nor without the ladder."""
+    from engine import LoadOptions, MusicModel
+    from radio.app import build_radio
+    from radio.config import Config
+
+    caplog.set_level(logging.INFO, logger="radio.app")
+    model = MusicModel.load(LoadOptions(model=tiny_head64_dir, quantize="int8"))
+    assert build_radio(Config(), model).generator.cache_speedup > 0
+    assert (
+        "it takes an int4 KV cache in place of the int8 one, then int4 weights "
+        "(generation.coarse_when_behind) until it can keep up"
+    ) in caplog.text
+    g = dataclasses.replace(Config().generation, adaptive_restarts=False)
+    assert (
+        build_radio(dataclasses.replace(Config(), generation=g), model).generator.cache_speedup == 0
+    )
+    heads16 = MusicModel.load(LoadOptions(model=tiny_model_dir, quantize="int8"))
+    assert build_radio(Config(), heads16).generator.cache_speedup == 0
 
 
 async def test_the_ladder_can_be_turned_off(run):
