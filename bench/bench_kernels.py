@@ -265,9 +265,10 @@ def _indexed_layout(tensors: list[torch.Tensor], sources: list[int | None]) -> l
     return out
 
 
-def bench_layout(stations: int, layers: int, positions: int, repeat: int) -> None:
+def bench_layout(stations: int, layers: int, positions: int, repeat: int, k) -> None:
     """A window restart's two layout changes of the KV cache (its warm rows in, then in place
-    of the lane's rows), `stations` stations of 2 rows: an indexed copy against `select_rows`."""
+    of the lane's rows), `stations` stations of 2 rows: an indexed copy against `select_rows`;
+    and the whole cache changing kind (`KVCache.converted`, the radio's cheaper-cache rung)."""
     rows = 2 * stations
     warm_in = [*range(rows - 2), None, None, rows - 2, rows - 1]  # the last station's restart
     promote = [*range(rows - 2), rows, rows + 1]
@@ -294,6 +295,26 @@ def bench_layout(stations: int, layers: int, positions: int, repeat: int) -> Non
             f"  {kind} cache, {nbytes / 1e6:.0f} MB: indexed copy {ms['indexed']:.0f} ms, "
             f"select_rows {ms['rows']:.0f} ms (x{ms['indexed'] / ms['rows']:.1f})"
         )
+    if k is None:
+        return
+    # the radio's cheaper-cache rung: the whole cache (its warm rows too) to int4 and back
+    cache = KVCache(
+        layers, 2 * rows, HEADS, positions, HEAD_DIM, device=torch.device("cpu"), kind="int8"
+    )
+    for t in cache.tensors():
+        t.fill_(3)
+    int4 = cache.converted("int4", k)
+    ms = interleaved(
+        {
+            "to int4": lambda: cache.converted("int4", k),
+            "to int8": lambda: int4.converted("int8", k),
+        },
+        repeat,
+    )
+    print(
+        f"  the cache changing kind ({2 * rows} rows with the warm ones, new buffers included): "
+        f"int8 -> int4 {ms['to int4']:.0f} ms, int4 -> int8 {ms['to int8']:.0f} ms"
+    )
 
 
 def main() -> None:
@@ -324,7 +345,7 @@ def main() -> None:
     if args.prefill_rows:
         bench_prefill(args.prefill_rows, max(1, args.repeat // 5), k)
     for stations in args.layout_stations:
-        bench_layout(stations, args.layers, 1500, max(2, args.repeat // 3))
+        bench_layout(stations, args.layers, 1500, max(2, args.repeat // 3), k)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,11 @@ class DecodeBatch:
         # and touched when the rows first grow, not at every restart (docs/engine.md).
         self._spare: KVCache | None = None
         self._most_rows = 0
+        # the cache and spare of the other quantized kind, kept from the last change of kind
+        # (`Decoder.use_cheap_cache`): the way back writes into them rather than into fresh
+        # memory (three int8 stations' cache and spare, 1.9 GB, took 1.4-1.8 s to allocate and
+        # convert into; 0.5 GB more kept once an int4 cache was used)
+        self._other_kind: tuple[KVCache, KVCache | None] | None = None
         self._static = StaticStep(decoder, compile) if compile != "none" else None
         # The row layout: per lane, its rows' keys (conditions, and None for the null row) and
         # its first row; the lanes' text rows and cross-attention inputs; all lanes' stacked.
@@ -119,7 +124,7 @@ class DecodeBatch:
         """Start a new window for `lane` (after a prompt change, a seed, or a full window):
         positions from 0, its context as the prompt, prefilled (or taken from its warm rows);
         then its next tokens are sampled as after any step."""
-        self._follow_cache_kind()
+        self.follow_cache_kind()
         ids = lane.begin_window()  # [K, C + 1]
         logits = lane.take_warm(ids)
         seconds = None
@@ -147,7 +152,7 @@ class DecodeBatch:
         entering it costs a few Python calls per step)."""
         if len(self.lanes) != self.size:
             raise RuntimeError(f"the batch has {len(self.lanes)} of its {self.size} streams")
-        self._follow_cache_kind()
+        self.follow_cache_kind()
         for lane in self.lanes:
             if lane.needs_window:
                 self.restart(lane)
@@ -215,10 +220,12 @@ class DecodeBatch:
             torch.tensor(nulls, device=device),
         )
 
-    def _follow_cache_kind(self) -> None:
+    def follow_cache_kind(self) -> None:
         """The cache in the decoder's kind (`Decoder.use_cheap_cache`): converted at the first
         step or restart after a change, with every position the lanes have written (the
-        positions before the furthest one fed), and its spare made anew in the same kind."""
+        positions before the furthest one fed), into the buffers of that kind kept from the
+        last change (new ones the first time), with their spare; this kind's are kept.
+        `MusicModel.use_cheap_cache` calls it for every batch it opened, at the switch."""
         kind = self.decoder.kv_cache
         if self.cache.kind == kind:
             return
@@ -226,9 +233,12 @@ class DecodeBatch:
         assert kernels is not None, "a cache changes kind on our CPU kernels only"
         written = max((lane.position for lane in self.lanes), default=0) + 1
         began = time.perf_counter()
-        self.cache = self.cache.converted(kind, kernels, written)
-        if self._spare is not None:
-            self._spare = self.cache.select_rows([], capacity=self._most_rows)
+        into, spare = self._other_kind or (None, None)
+        self._other_kind = (self.cache, self._spare)
+        self.cache = self.cache.converted(kind, kernels, written, into)
+        if self._spare is not None and (spare is None or not spare.holds(self._most_rows)):
+            spare = self.cache.select_rows([], capacity=self._most_rows)
+        self._spare = spare if self._spare is not None else None
         log.info(
             "the KV cache is %s now: %d rows of %d positions converted in %.0f ms",
             kind,

@@ -240,24 +240,46 @@ class KVCache:
         out.length = 0
         return out
 
-    def converted(self, kind: str, kernels: ModuleType, positions: int | None = None) -> KVCache:
-        """This cache as an int8 or int4 one (`kind`; this one the other): the same rows, room
-        for as many and the same positions, each requantized from what this one holds as a step
-        writes it (`kernels`: `engine.kernels`' module; one memory-bound pass over both, tens
-        of milliseconds for a station's window). `positions`: how many hold keys (all slots
-        by default). What the radio's cheaper-cache rung switches with, between two steps
-        (`engine.batch.DecodeBatch`); this cache is left as it was."""
+    def converted(
+        self,
+        kind: str,
+        kernels: ModuleType,
+        positions: int | None = None,
+        into: KVCache | None = None,
+    ) -> KVCache:
+        """This cache as an int8 or int4 one (`kind`; this one the other): the same rows and
+        positions, each requantized from what this one holds as a step writes it (`kernels`:
+        `engine.kernels`' module; one memory-bound pass over both). `positions`: how many hold
+        keys (all slots by default). `into`: a cache of `kind` that nothing reads any more
+        (the one this cache was converted from, kept for the way back): its buffers are written
+        over where they have room, as `select_rows` does with its spare; otherwise new buffers
+        with room for as many rows as this one's. What the radio's cheaper-cache rung switches
+        with, between two steps (`engine.batch.DecodeBatch`); this cache is left as it was."""
         if {self.kind, kind} != {"int8", "int4"}:
             raise ValueError(
                 f"a KV cache converts between int8 and int4, not {self.kind} to {kind}"
             )
         source = self.tensors()
-        buffers = self._buffers or {"first": source[0]}  # a `rows` view: room for its own rows
-        capacity = max(b.shape[1] for b in buffers.values())
         layers, rows, heads = source[0].shape[:3]
-        out = KVCache(
-            layers, capacity, heads, self.max_positions, Q4_HEAD, device=source[0].device, kind=kind
+        reusable = (
+            into is not None
+            and into.kind == kind
+            and into.max_positions == self.max_positions
+            and into.holds(rows)
+            and next(iter(into._buffers.values())).shape[0] == layers
         )
+        out = KVCache.__new__(KVCache)
+        if reusable:
+            assert into is not None
+            out.__dict__.update(into.__dict__)
+        else:
+            buffers = self._buffers or {"first": source[0]}  # a `rows` view: its own rows
+            capacity = max(b.shape[1] for b in buffers.values())
+            device = source[0].device
+            fresh = KVCache(
+                layers, capacity, heads, self.max_positions, Q4_HEAD, device=device, kind=kind
+            )
+            out.__dict__.update(fresh.__dict__)
         out._buffers = dict(out._buffers)
         for name, buffer in out._buffers.items():
             setattr(out, name, buffer[:, :rows])

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import math
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -61,6 +62,8 @@ class MusicModel:
         self.max_positions: int = config.decoder.max_position_embeddings
         self.name = loaded.name
         self.compile = loaded.settings.compile  # the decoder step: "none", "compile" or "graphs"
+        # the batches its streams step in, while any stream holds them (`use_cheap_cache`)
+        self._batches: weakref.WeakSet[DecodeBatch] = weakref.WeakSet()
 
     @classmethod
     def load(cls, options: LoadOptions | None = None) -> MusicModel:
@@ -106,9 +109,12 @@ class MusicModel:
     @torch.inference_mode()
     def use_cheap_cache(self, on: bool) -> None:
         """An int4 KV cache in place of the int8 one (`on`), or back (`Decoder.use_cheap_cache`):
-        the radio's rung before int4 weights while generation cannot keep up. Each batch's
-        cache converts at its next step. Call between reads, from the thread that reads."""
+        the radio's rung before int4 weights while generation cannot keep up. Every open
+        stream's batch converts its cache now (`DecodeBatch.follow_cache_kind`: tens of
+        milliseconds a station). Call between reads, from the thread that reads."""
         self.decoder.use_cheap_cache(on)
+        for batch in list(self._batches):
+            batch.follow_cache_kind()
 
     @property
     def cheap_cache(self) -> bool:
@@ -215,6 +221,7 @@ class MusicModel:
             return [self._open(prompts[0], samplings[0], window, prompt_frames=frames[0])]
         window = (window or WindowOptions()).validate(self.max_positions)
         batch = DecodeBatch(self.decoder, window, len(prompts), self.compile)
+        self._batches.add(batch)
         return [
             self._open(p, s, window, prompt_frames=f, batch=batch)
             for p, s, f in zip(prompts, samplings, frames, strict=True)
@@ -235,6 +242,9 @@ class MusicModel:
         keep = window.context + codec.context + codec.lookahead + REWIND_FRAMES
         blend = as_blend(prompt)
         conditions: dict[str, TextCondition] = {}
+        if batch is None:  # a lone stream: a batch of one
+            batch = DecodeBatch(self.decoder, window, 1, self.compile)
+            self._batches.add(batch)
         tokens = TokenStream(
             self.decoder,
             self.prompt_for(blend, conditions),

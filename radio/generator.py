@@ -258,9 +258,10 @@ class Generator:
         cheap = adaptive_restarts and model.cheap_cache_available() is None
         self.cache_speedup = ladder.CACHE_SPEEDUP if cheap else 0.0
         self.coarse_speedup = ladder.COARSE_SPEEDUP if coarse_when_behind else 0.0
-        # when a rung was switched to: the cost per frame and the rungs in use before it, and
-        # the chunks made since (its speedup is measured after `ladder.SETTLE` of them)
-        self._before: tuple[float, bool, bool] | None = None
+        # when a rung was switched to: the cost per frame, where it was measured and the rungs
+        # in use before it, and the chunks made since (its speedup is measured after
+        # `ladder.SETTLE` of them)
+        self._before: tuple[float, float, bool, bool] | None = None
         self._settling = 0
         # their quantization, a layer at a time between chunks (`_prepare_coarse`), ahead of
         # need from the moment the ladder first leaves its top level
@@ -547,7 +548,7 @@ class Generator:
             self._settling += 1
             if self._settling < ladder.SETTLE:
                 return  # (the tuner's costs started afresh)
-            self._measure_rung(cost)
+            self._measure_rung(cost, position)
         # in int8's terms (weights and cache): the rate over the rungs' speedup, the restarts'
         # cost times it
         scale = self._speedup()
@@ -574,7 +575,7 @@ class Generator:
         if level == self.restart_level:
             self.speed_judged = True
             return
-        level = self._switch_rungs(level, rates, cost)
+        level = self._switch_rungs(level, rates, cost, position)
         self.speed_judged = True
         was, self.restart_level = self.restart_level, level
         before = ladder.predicted_rtf(rates, window.window, window.context, was, rate)
@@ -631,33 +632,35 @@ class Generator:
         coarse = self.model.coarse if coarse is None else coarse
         return (self.cache_speedup if cheap else 1.0) * (self.coarse_speedup if coarse else 1.0)
 
-    def _measure_rung(self, cost: float) -> None:
+    def _measure_rung(self, cost: float, position: float) -> None:
         """Once settled on the rung(s) last switched to: their speedup, from the cost per
-        frame before the switch over the cost now; a rung switched to with another at once (int4
-        weights straight from int8's cache) takes what the other's guess leaves."""
+        frame before the switch, moved to the positions measured now along the measured slope
+        (a step's cost grows with them: a switch often comes with shorter windows), over the
+        cost now; a rung switched to with another at once (int4 weights straight from int8's
+        cache) takes what the other's guess leaves."""
         assert self._before is not None
-        before, cheap_before, coarse_before = self._before
+        before, at, cheap_before, coarse_before = self._before
         self._before = None
-        ratio = before / cost * self._speedup(cheap_before, coarse_before)
+        before = max(before + self.position_cost.slope * (position - at), 0.5 * before)
+        ratio = before / cost * self._speedup(cheap_before, coarse_before)  # over int8's
         if self.model.coarse and not coarse_before:
-            others = self._speedup(coarse=False)
-            self.coarse_speedup = min(max(ratio / others, 1.0), 3.0)
+            self.coarse_speedup = min(max(ratio / self._speedup(coarse=False), 1.0), 3.0)
         elif self.model.cheap_cache and not cheap_before:
-            self.cache_speedup = min(max(ratio, 1.0), 2.0)
+            self.cache_speedup = min(max(ratio / self._speedup(cheap=False), 1.0), 2.0)
 
-    def _switch_rungs(self, level: int, rates: ladder.Rates, cost: float) -> int:
+    def _switch_rungs(self, level: int, rates: ladder.Rates, cost: float, position: float) -> int:
         """Weights and cache as `level` has them (from `_climb`): int4 weights at the coarse
         level, an int4 KV cache there and at the cheaper-cache level (where the model has
         one). Returns the level reached (int4 weights that could not be made: the level
         before them). A rung newly taken has its speed measured (`_measure_rung`)."""
-        before = (cost, self.model.cheap_cache, self.model.coarse)
+        before = (cost, position, self.model.cheap_cache, self.model.coarse)
         coarse = level == ladder.COARSE
         if coarse != self.model.coarse and not self._switch_weights(coarse, rates, level):
             level, coarse = rates.levels[-2], False  # (the level before the coarse one)
         cheap = level >= ladder.CHEAP_CACHE and self.cache_speedup > 0
         if cheap != self.model.cheap_cache:
             self._switch_cache(cheap, rates, level)
-        if (cheap and not before[1]) or (coarse and not before[2]):
+        if (cheap and not before[2]) or (coarse and not before[3]):
             self._before, self._settling = before, 0
         return level
 

@@ -197,7 +197,8 @@ def test_a_model_takes_the_cheaper_cache_and_back_mid_stream(k, tiny_head64_dir,
     """`MusicModel.use_cheap_cache` (the radio's rung before int4 weights): with it an
     int8-cache model's steps are an int4-cache model's, step for step, and without it its own
     again; two stations batched read on across the switches, their batch's cache converted at
-    its next step with every position they had written (`KVCache.converted`)."""
+    the switch with every position they had written (`KVCache.converted`), into the buffers
+    of the kind it left the time before."""
     options = LoadOptions(model=tiny_head64_dir, device="cpu", quantize="int8", kv_cache="int8")
     model = MusicModel.load(options)
     assert model.cheap_cache_available() is None and not model.cheap_cache
@@ -211,23 +212,33 @@ def test_a_model_takes_the_cheaper_cache_and_back_mid_stream(k, tiny_head64_dir,
     model.read_together(streams, 8)
     batch = streams[0].tokens._batch
     held = [batch.cache.view(layer, 9) for layer in range(len(model.decoder.layers))]
+    held_buffer = batch.cache.tensors()[0].data_ptr()
+    lone = model.open_stream("ambient")  # a batch of its own
+    lone.read(3)
 
     model.use_cheap_cache(True)
     assert model.cheap_cache and model.decoder.kv_cache == "int4"
     torch.testing.assert_close(steps(model), steps(int4_model), rtol=0, atol=0)
-    assert batch.cache.kind == "int8"  # until its next step
+    assert batch.cache.kind == lone.tokens._batch.cache.kind == "int4"  # converted at the switch
     pcm = model.read_together(streams, 4)
-    assert batch.cache.kind == "int4" and all(p.shape == (1, 4 * model.hop) for p in pcm)
+    assert all(p.shape == (1, 4 * model.hop) for p in pcm)
     for layer, (keys, values) in enumerate(held):
         got_keys, got_values = batch.cache.view(layer, 9)
         assert torch.equal(got_keys, dequantize_q4(*quantize_q4(keys)))
         assert torch.equal(got_values, dequantize_q4(*quantize_q4(values)))
 
+    int4_buffer = batch.cache.tensors()[0].data_ptr()
+    int8_buffer = held_buffer
+
     model.use_cheap_cache(False)
     assert not model.cheap_cache
     torch.testing.assert_close(steps(model), own, rtol=0, atol=0)
     model.read_together(streams, 4)
-    assert batch.cache.kind == "int8"
+    # back in the int8 buffers it left (kept for the way back), and then in the int4 ones again
+    assert batch.cache.kind == "int8" and batch.cache.tensors()[0].data_ptr() == int8_buffer
+    model.use_cheap_cache(True)
+    model.read_together(streams, 2)
+    assert batch.cache.tensors()[0].data_ptr() == int4_buffer
 
 
 def test_the_cheaper_cache_is_refused_where_it_cannot_run(k, tiny_model_dir, int4_model):

@@ -112,6 +112,20 @@ def test_a_cache_converts_between_int8_and_int4_as_steps_write_them(k):
     torch.testing.assert_close(keys[:, :, :17], int4.view(0, 17)[0], rtol=0, atol=0)
 
 
+def test_a_conversion_writes_over_the_cache_it_came_from(k):
+    """`into`: the other kind's cache kept for the way back is written over (its buffers, its
+    room) when it holds the rows; one with too little room is not used."""
+    int8 = _quantized("int8", rows=4, capacity=6)
+    int4 = int8.converted("int4", k)
+    back = int4.converted("int8", k, into=int8)
+    assert back.tensors()[0].data_ptr() == int8.tensors()[0].data_ptr() and back.holds(6)
+    fresh = int4.converted("int8", k)
+    assert all(torch.equal(a, b) for a, b in zip(back.tensors(), fresh.tensors(), strict=True))
+    small = _quantized("int8", rows=2, capacity=2)
+    roomy = int4.converted("int8", k, into=small)
+    assert roomy.tensors()[0].data_ptr() != small.tensors()[0].data_ptr() and roomy.batch == 4
+
+
 def test_only_int8_and_int4_caches_convert(k):
     cache = KVCache(1, 2, 2, 16, 64, device=torch.device("cpu"), kind="bfloat16")
     with pytest.raises(ValueError, match="between int8 and int4, not bfloat16 to int4"):

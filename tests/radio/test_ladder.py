@@ -363,6 +363,30 @@ async def test_the_cheaper_cache_while_behind_then_int8_again(run, caplog):
     assert 1.0 <= gen.cache_speedup <= 2.0  # measured (the fake's chunks cost alike)
 
 
+def test_a_rungs_speedup_is_measured_at_the_same_positions():
+    """The cost before a switch is moved along the measured slope to the positions measured on
+    the rung (a switch often comes with shorter windows: earlier positions, cheaper steps), so
+    the rung is not credited with what the positions did; with both rungs at once the weights
+    take what the cache's guess leaves."""
+    from radio.generator import Generator
+    from tests.radio.fake_engine import spec
+
+    model = FakeModel()
+    model.cheap_cache_reason = None
+    gen = Generator(model, [spec("a")], coarse_when_behind=True)
+    gen.position_cost = FixedSlope(slope=4e-6)  # type: ignore[assignment]
+    model.cheap_cache = True
+    # 10 ms a frame at position 1000 on int8; 5.5 ms at position 250 on the int4 cache, where
+    # int8 would have cost 10 - 3 = 7 ms: x1.27, not x1.82
+    gen._before = (0.010, 1000.0, False, False)
+    gen._measure_rung(0.0055, 250.0)
+    assert gen.cache_speedup == pytest.approx(0.007 / 0.0055) and gen._before is None
+    model.coarse = True  # int4 weights straight from the int8 cache: x2 in all, x1.27 the cache's
+    gen._before = (0.010, 500.0, False, False)
+    gen._measure_rung(0.005, 500.0)
+    assert gen.coarse_speedup == pytest.approx(2.0 / (0.007 / 0.0055))
+
+
 async def test_int4_weights_come_with_the_cheaper_cache(run, caplog):
     """Straight to the coarse level (nothing on int8 weights keeps up): int4 weights and the int4
     cache at once, and both back when the machine is fast again."""
