@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -220,6 +221,39 @@ class DecodeBatch:
             torch.tensor(nulls, device=device),
         )
 
+    def prepare_kind(self, kind: str) -> Iterator[None]:
+        """Buffers of `kind` ("int8" or "int4") for the next change of kind, which then writes
+        into them (`follow_cache_kind`): a cache, and a spare where this batch has one, with
+        room for the rows laid out so far, their memory touched a layer of a buffer per step of
+        the iterator. Fresh memory is what a change costs (three int8 stations' first change
+        to int4 took 1.4 s, nearly all of it allocating), so the radio spreads it between
+        chunks ahead of need. Nothing to do when they are there."""
+        other = self._other_kind
+        if self.cache.kind == kind or (other is not None and other[0].kind == kind):
+            return
+        first = self.cache.tensors()[0]
+        layers, heads = first.shape[0], first.shape[2]
+        rows = max(self._most_rows, self.cache.batch)
+        made = []
+        for _ in range(1 if self._spare is None else 2):
+            cache = KVCache(
+                layers,
+                rows,
+                heads,
+                self.cache.max_positions,
+                self.decoder.head_dim,
+                device=self.decoder.device,
+                kind=kind,
+                touched=False,
+            )
+            for buffer in cache.tensors():
+                for layer in range(layers):
+                    buffer[layer].zero_()
+                    yield
+            made.append(cache)
+        if self.cache.kind != kind:  # (not changed meanwhile)
+            self._other_kind = (made[0], made[1] if len(made) > 1 else None)
+
     def follow_cache_kind(self) -> None:
         """The cache in the decoder's kind (`Decoder.use_cheap_cache`): converted at the first
         step or restart after a change, with every position the lanes have written (the
@@ -233,6 +267,8 @@ class DecodeBatch:
         assert kernels is not None, "a cache changes kind on our CPU kernels only"
         written = max((lane.position for lane in self.lanes), default=0) + 1
         began = time.perf_counter()
+        for _ in self.prepare_kind(kind):  # what was not prepared ahead, now
+            pass
         into, spare = self._other_kind or (None, None)
         self._other_kind = (self.cache, self._spare)
         self.cache = self.cache.converted(kind, kernels, written, into)

@@ -65,7 +65,10 @@ class KVCache:
         *,
         device: torch.device,
         kind: str,
+        touched: bool = True,
     ) -> None:
+        """`touched`: False leaves the buffers unwritten (their memory untouched, to be filled
+        before anything reads it: `engine.batch.DecodeBatch.prepare_kind`)."""
         if kind not in KINDS:
             raise ValueError(f"KV cache kind must be one of {KINDS}, got {kind!r}")
         if kind == "int4" and head_dim != Q4_HEAD:
@@ -83,16 +86,18 @@ class KVCache:
         if kind == "int4":
             blocks = -(-max_positions // Q4_BLOCK)
             shape = (layers, batch, heads, blocks, Q4_BLOCK_BYTES)
-            self.blocks = torch.zeros(shape, device=device, dtype=torch.uint8)
+            make = torch.zeros if touched else torch.empty
+            self.blocks = make(shape, device=device, dtype=torch.uint8)
             self._buffers = {"blocks": self.blocks}
             return
         dtype = torch.int8 if kind == "int8" else getattr(torch, kind)
         shape = (layers, batch, heads, max_positions, head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        make = torch.zeros if touched else torch.empty
+        self.keys = make(shape, device=device, dtype=dtype)
+        self.values = make(shape, device=device, dtype=dtype)
         if kind == "int8":
-            self.key_scales = torch.ones(shape[:-1], device=device)
-            self.value_scales = torch.ones(shape[:-1], device=device)
+            self.key_scales = (torch.ones if touched else torch.empty)(shape[:-1], device=device)
+            self.value_scales = (torch.ones if touched else torch.empty)(shape[:-1], device=device)
         names = ("keys", "values", "key_scales", "value_scales")
         self._buffers = {n: t for n in names if (t := getattr(self, n)) is not None}
 

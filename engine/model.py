@@ -116,6 +116,14 @@ class MusicModel:
         for batch in list(self._batches):
             batch.follow_cache_kind()
 
+    @torch.inference_mode()
+    def prepare_cheap_cache(self) -> Iterator[None]:
+        """The int4 cache's buffers for `use_cheap_cache` in every open stream's batch, a layer
+        of a buffer per step of the iterator (`DecodeBatch.prepare_kind`): a reader spreads the
+        fresh memory's cost between its reads, ahead of need."""
+        for batch in list(self._batches):
+            yield from batch.prepare_kind("int4")
+
     @property
     def cheap_cache(self) -> bool:
         return self.decoder.cheap_cache

@@ -263,6 +263,11 @@ class Generator:
         # `ladder.SETTLE` of them)
         self._before: tuple[float, float, bool, bool] | None = None
         self._settling = 0
+        # the int4 cache's buffers, touched a slice at a time between chunks
+        # (`_prepare_cache`) from the moment the ladder first leaves its top level: fresh
+        # memory is what its switch costs
+        self._cache_parts: Iterator[None] | None = None
+        self._cache_prepared = False
         # their quantization, a layer at a time between chunks (`_prepare_coarse`), ahead of
         # need from the moment the ladder first leaves its top level
         self._coarse_parts: Iterator[None] | None = None
@@ -394,8 +399,8 @@ class Generator:
                 return
             self._reopen_due(lanes.values())
             due = self._due(lanes.values(), ahead_limit)
-            if not due and self._coarse_parts is not None:
-                self._prepare_coarse(0.0)  # a part of the int4 weights in the idle time
+            if not due and (self._cache_parts is not None or self._coarse_parts is not None):
+                self._prepare(0.0)  # a part of the rungs' preparation in the idle time
                 continue
             if not due:  # everyone is far enough ahead: wait for the clocks to move
                 if not self._drain(lanes, block=True):
@@ -498,7 +503,7 @@ class Generator:
         spent = max(time.perf_counter() - t, 1e-6)  # every station's chunk took all of it
         self._sustained(lanes, spent)
         self._climb()
-        self._prepare_coarse(spent)
+        self._prepare(spent)
         for lane, chunk in zip(lanes, made, strict=True):
             if isinstance(chunk, Exception):
                 self._failed(lane, chunk, "generation failed")
@@ -563,6 +568,9 @@ class Generator:
         )
         rate = self.model.frame_rate
         level = ladder.choose_level(self.restart_level, rates, window.window, window.context, rate)
+        if self.cache_speedup and level > 0 and not self._cache_prepared:
+            self._cache_prepared = True
+            self._cache_parts = self.model.prepare_cheap_cache()
         prepared = self.model.coarse_ready or self._coarse_parts is not None
         if self.coarse_speedup and level > 0 and not prepared:
             self._coarse_parts = self.model.prepare_coarse()
@@ -687,8 +695,43 @@ class Generator:
                 "an int8 KV cache again: predicted x%.2f of real time with it",
                 ladder.predicted_rtf(rates, window.window, window.context, level, rate),
             )
+        if cheap and self._cache_parts is not None:
+            self._prepare_cache(None)  # needed now: the rest at once
         self.model.use_cheap_cache(cheap)
         self.tuner.forget()
+
+    def _prepare(self, spent: float | None) -> None:
+        """The next part of what the ladder's rungs need, ahead of need: the int4 cache's
+        buffers (the rung taken first), then the int4 weights."""
+        if self._cache_parts is not None:
+            self._prepare_cache(spent)
+        else:
+            self._prepare_coarse(spent)
+
+    def _prepare_cache(self, spent: float | None) -> None:
+        """The next slices of the int4 cache's buffers (`MusicModel.prepare_cheap_cache`), for
+        at most PREPARE_SHARE of the chunk's time (`spent`; at least one slice), or all that is
+        left (`spent` None)."""
+        assert self._cache_parts is not None
+        began = time.perf_counter()
+        with self._engine_call("preparing an int4 KV cache"):
+            while True:
+                try:
+                    next(self._cache_parts)
+                except StopIteration:
+                    self._cache_parts = None
+                    log.info("int4 KV cache ready for when generation cannot keep up otherwise")
+                    return
+                except Exception as e:  # noqa: BLE001 - the music goes on without the level
+                    log.warning(
+                        "cannot prepare an int4 KV cache, so generation will not take one when "
+                        "behind: %s",
+                        describe(e),
+                    )
+                    self._cache_parts, self.cache_speedup = None, 0.0
+                    return
+                if spent is not None and time.perf_counter() - began >= PREPARE_SHARE * spent:
+                    return
 
     def _prepare_coarse(self, spent: float | None) -> None:
         """The next layers of the int4 set being prepared, for at most PREPARE_SHARE of the

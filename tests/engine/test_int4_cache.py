@@ -216,8 +216,12 @@ def test_a_model_takes_the_cheaper_cache_and_back_mid_stream(k, tiny_head64_dir,
     lone = model.open_stream("ambient")  # a batch of its own
     lone.read(3)
 
+    slices = sum(1 for _ in model.prepare_cheap_cache())  # ahead of need, a slice at a time
+    assert slices == 2 * 2 * len(model.decoder.layers)  # both batches' caches and spares
+    prepared = batch._other_kind[0].tensors()[0].data_ptr()
     model.use_cheap_cache(True)
     assert model.cheap_cache and model.decoder.kv_cache == "int4"
+    assert batch.cache.tensors()[0].data_ptr() == prepared
     torch.testing.assert_close(steps(model), steps(int4_model), rtol=0, atol=0)
     assert batch.cache.kind == lone.tokens._batch.cache.kind == "int4"  # converted at the switch
     pcm = model.read_together(streams, 4)

@@ -179,6 +179,13 @@ class FakeModel:
     def cheap_cache_available(self) -> str | None:
         return self.cheap_cache_reason
 
+    cache_parts = 0  # slices of `prepare_cheap_cache` run
+
+    def prepare_cheap_cache(self) -> Iterator[None]:
+        for _ in range(3):
+            self.cache_parts += 1
+            yield
+
     def use_cheap_cache(self, on: bool) -> None:
         assert self.cheap_cache_reason is None, self.cheap_cache_reason
         self.cache_switches = [*getattr(self, "cache_switches", []), on]

@@ -349,6 +349,8 @@ async def test_the_cheaper_cache_while_behind_then_int8_again(run, caplog):
     gen.played("a", 20)
     await sink.until(lambda: model.cheap_cache)
     assert gen.restart_level == CHEAP_CACHE and model.cache_switches == [True]
+    assert model.cache_parts == 3  # its buffers prepared first (at once: needed now)
+    assert "int4 KV cache ready for when generation cannot keep up" in caplog.text
     assert not model.coarse and model.streams[0].restart_context == 125
     assert "an int4 KV cache in place of the int8 one until it can" in caplog.text
     gen.prefill_seconds = 1e-6  # the machine got fast again
