@@ -255,11 +255,13 @@ class DecodeBatch:
             self._other_kind = (made[0], made[1] if len(made) > 1 else None)
 
     def follow_cache_kind(self) -> None:
-        """The cache in the decoder's kind (`Decoder.use_cheap_cache`): converted at the first
-        step or restart after a change, with every position the lanes have written (the
-        positions before the furthest one fed), into the buffers of that kind kept from the
-        last change (new ones the first time), with their spare; this kind's are kept.
-        `MusicModel.use_cheap_cache` calls it for every batch it opened, at the switch."""
+        """The cache in the decoder's kind (`Decoder.use_cheap_cache`): converted with every
+        position the lanes have written (the positions before the furthest one fed) into the
+        buffers of that kind kept from the last change or prepared (`prepare_kind`), with their
+        spare; else into new memory of which only what is written is touched now (the rest as
+        steps write it), and the next layout change makes a spare. This kind's buffers are
+        kept for the way back. `MusicModel.use_cheap_cache` calls it for every batch it
+        opened, at the switch; a step or restart after a change, for any other."""
         kind = self.decoder.kv_cache
         if self.cache.kind == kind:
             return
@@ -267,14 +269,11 @@ class DecodeBatch:
         assert kernels is not None, "a cache changes kind on our CPU kernels only"
         written = max((lane.position for lane in self.lanes), default=0) + 1
         began = time.perf_counter()
-        for _ in self.prepare_kind(kind):  # what was not prepared ahead, now
-            pass
-        into, spare = self._other_kind or (None, None)
+        other = self._other_kind
+        into, spare = other if other is not None and other[0].kind == kind else (None, None)
         self._other_kind = (self.cache, self._spare)
         self.cache = self.cache.converted(kind, kernels, written, into)
-        if self._spare is not None and (spare is None or not spare.holds(self._most_rows)):
-            spare = self.cache.select_rows([], capacity=self._most_rows)
-        self._spare = spare if self._spare is not None else None
+        self._spare = spare if spare is not None and spare.holds(self._most_rows) else None
         log.info(
             "the KV cache is %s now: %d rows of %d positions converted in %.0f ms",
             kind,

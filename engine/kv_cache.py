@@ -258,7 +258,9 @@ class KVCache:
         keys (all slots by default). `into`: a cache of `kind` that nothing reads any more
         (the one this cache was converted from, kept for the way back): its buffers are written
         over where they have room, as `select_rows` does with its spare; otherwise new buffers
-        with room for as many rows as this one's. What the radio's cheaper-cache rung switches
+        with room for as many rows as this one's, of which only what is written is touched
+        (the slots after `positions` hold whatever the memory held until steps write them: a
+        step writes its position before it attends to it). What the radio's cheaper-cache rung switches
         with, between two steps (`engine.batch.DecodeBatch`); this cache is left as it was."""
         if {self.kind, kind} != {"int8", "int4"}:
             raise ValueError(
@@ -282,7 +284,14 @@ class KVCache:
             capacity = max(b.shape[1] for b in buffers.values())
             device = source[0].device
             fresh = KVCache(
-                layers, capacity, heads, self.max_positions, Q4_HEAD, device=device, kind=kind
+                layers,
+                capacity,
+                heads,
+                self.max_positions,
+                Q4_HEAD,
+                device=device,
+                kind=kind,
+                touched=False,
             )
             out.__dict__.update(fresh.__dict__)
         out._buffers = dict(out._buffers)

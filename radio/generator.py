@@ -695,8 +695,8 @@ class Generator:
                 "an int8 KV cache again: predicted x%.2f of real time with it",
                 ladder.predicted_rtf(rates, window.window, window.context, level, rate),
             )
-        if cheap and self._cache_parts is not None:
-            self._prepare_cache(None)  # needed now: the rest at once
+        # needed now: what was not prepared is touched only where the conversion writes
+        self._cache_parts = None
         self.model.use_cheap_cache(cheap)
         self.tuner.forget()
 

@@ -343,19 +343,23 @@ async def test_the_cheaper_cache_while_behind_then_int8_again(run, caplog):
     gen, sink = await run(model, ("a",), buffer_ahead=1.0, window=COLD)
     await sink.until(lambda: len(sink.pcm("a")) == 5)
     assert gen.cache_speedup == pytest.approx(1.1) and not model.cheap_cache
+    gen.prefill_seconds = 30.0  # half the context keeps up: its buffers prepared ahead of need
+    gen.played("a", 20)
+    async with asyncio.timeout(5):
+        while "int4 KV cache ready for when generation cannot keep up" not in caplog.text:
+            await asyncio.sleep(0.01)
+    assert gen.restart_level == 1 and model.cache_parts == 3 and not model.cheap_cache
     # a quarter of the context prefilled in 112 / 4 s every 27.5 s of new music: x0.98 with the
     # int8 cache, x1.08 predicted with the int4 one (the fake's steps cost next to nothing)
     gen.prefill_seconds = 112.0
-    gen.played("a", 20)
+    gen.played("a", 30)
     await sink.until(lambda: model.cheap_cache)
     assert gen.restart_level == CHEAP_CACHE and model.cache_switches == [True]
-    assert model.cache_parts == 3  # its buffers prepared first (at once: needed now)
-    assert "int4 KV cache ready for when generation cannot keep up" in caplog.text
     assert not model.coarse and model.streams[0].restart_context == 125
     assert "an int4 KV cache in place of the int8 one until it can" in caplog.text
     gen.prefill_seconds = 1e-6  # the machine got fast again
     for frame in range(40, 400, 20):  # SETTLE chunks on it first, its speed taken
-        gen.played("a", frame)
+        gen.played("a", frame + 10)
         if not model.cheap_cache:
             break
         chunks = len(sink.pcm("a"))
@@ -401,6 +405,8 @@ async def test_int4_weights_come_with_the_cheaper_cache(run, caplog):
     gen.played("a", 20)
     await sink.until(lambda: model.coarse)
     assert gen.restart_level == COARSE and model.cheap_cache and model.cache_switches == [True]
+    assert model.cache_parts == 0  # needed at once: nothing prepared (the conversion touches
+    # only what it writes)
     assert "shortest window restarts and an int4 KV cache" in caplog.text
     gen.prefill_seconds = 1e-6
     for frame in range(40, 400, 20):
