@@ -263,6 +263,7 @@ class Generator:
         # `ladder.SETTLE` of them)
         self._before: tuple[float, float, bool, bool] | None = None
         self._settling = 0
+        self._rung_until = 0.0  # (clock) before this the ladder does not climb off a rung
         # the int4 cache's buffers, touched a slice at a time between chunks
         # (`_prepare_cache`) from the moment the ladder first leaves its top level: fresh
         # memory is what its switch costs
@@ -568,6 +569,8 @@ class Generator:
         )
         rate = self.model.frame_rate
         level = ladder.choose_level(self.restart_level, rates, window.window, window.context, rate)
+        if level < self.restart_level and self.clock() < self._rung_until:
+            level = self.restart_level  # a rung taken is kept a while (`ladder.RUNG_SECONDS`)
         if self.cache_speedup and level > 0 and not self._cache_prepared:
             self._cache_prepared = True
             self._cache_parts = self.model.prepare_cheap_cache()
@@ -645,10 +648,14 @@ class Generator:
         frame before the switch, moved to the positions measured now along the measured slope
         (a step's cost grows with them: a switch often comes with shorter windows), over the
         cost now; a rung switched to with another at once (int4 weights straight from int8's
-        cache) takes what the other's guess leaves."""
+        cache) takes what the other's guess leaves. Not before the slope is measured: three
+        int8 stations' first switch, 10 s into a stream, measured the int4 cache at x1.0 (its
+        chunks later in the window than int8's), climbed back and bridged 6 s later."""
         assert self._before is not None
         before, at, cheap_before, coarse_before = self._before
         self._before = None
+        if self.position_cost.slope <= 0:
+            return  # the positions moved and nothing says what that did: the guess stays
         before = max(before + self.position_cost.slope * (position - at), 0.5 * before)
         ratio = before / cost * self._speedup(cheap_before, coarse_before)  # over int8's
         if self.model.coarse and not coarse_before:
@@ -670,6 +677,7 @@ class Generator:
             self._switch_cache(cheap, rates, level)
         if (cheap and not before[2]) or (coarse and not before[3]):
             self._before, self._settling = before, 0
+            self._rung_until = self.clock() + ladder.RUNG_SECONDS
         return level
 
     def _switch_cache(self, cheap: bool, rates: ladder.Rates, level: int) -> None:

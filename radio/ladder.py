@@ -63,6 +63,10 @@ COARSE = CHEAP_CACHE + 1
 CACHE_SPEEDUP = 1.1  # the first guess of the int4 cache's speed over int8's (1.07-1.5 measured)
 COARSE_SPEEDUP = 1.5  # the first guess of int4 weights' speed over int8's (measured, 2 cores)
 SETTLE = 10  # chunks on a rung before its speed is taken and the ladder moves
+# seconds a rung taken is kept before the ladder climbs off it: each way costs a switch (tens
+# of milliseconds, int4 weights' first a second or two) and a speed measured afresh, and three
+# int8 stations flapped between the int8 and int4 caches every 6-10 s near x1.0
+RUNG_SECONDS = 30.0
 DOWN_BELOW = 1.02  # a level predicted slower than this is left for the next
 UP_ABOVE = 1.15  # the level above is taken back once predicted at least this fast
 CLEARLY = 1.03  # where no level keeps up, a later one is taken if predicted this much faster

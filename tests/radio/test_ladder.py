@@ -13,6 +13,7 @@ import time
 import pytest
 
 from engine.options import WindowOptions
+from radio import ladder
 from radio.ladder import (
     CHEAP_CACHE,
     CLEARLY,
@@ -261,11 +262,12 @@ async def coarse_ready(model) -> None:
             await asyncio.sleep(0.01)
 
 
-async def test_coarse_weights_while_behind_then_int8_again(run, caplog):
+async def test_coarse_weights_while_behind_then_int8_again(run, caplog, monkeypatch):
     """`generation.coarse_when_behind`: past the shortest restarts the generator decodes with
     int4 weights (`MusicModel.use_coarse`), said once, and goes back to int8 when it can. Needed
     at once, they are quantized at once (every chunk on int8 until then is a slower one)."""
     caplog.set_level(logging.INFO, logger="radio.generator")
+    monkeypatch.setattr("radio.ladder.RUNG_SECONDS", 0.0)
     model = FakeModel()
     gen, sink = await run(model, ("a",), buffer_ahead=1.0, window=COLD, coarse_when_behind=True)
     await sink.until(lambda: len(sink.pcm("a")) == 5)
@@ -336,11 +338,13 @@ def test_the_cheaper_cache_is_the_level_before_int4_weights():
 async def test_the_cheaper_cache_while_behind_then_int8_again(run, caplog):
     """Where the model's cache can be int4 (`MusicModel.use_cheap_cache`), the generator takes
     it when even the shortest restarts cannot keep up on int8's and that keeps up, said once,
-    without int4 weights; its speed is measured on it; the int8 cache comes back when it can."""
+    without int4 weights, its buffers prepared ahead of need; the int8 cache comes back when it
+    can, once the rung has been kept `RUNG_SECONDS`."""
     caplog.set_level(logging.INFO, logger="radio.generator")
     model = FakeModel()
     model.cheap_cache_reason = None
-    gen, sink = await run(model, ("a",), buffer_ahead=1.0, window=COLD)
+    now = [0.0]
+    gen, sink = await run(model, ("a",), buffer_ahead=1.0, window=COLD, clock=lambda: now[0])
     await sink.until(lambda: len(sink.pcm("a")) == 5)
     assert gen.cache_speedup == pytest.approx(1.1) and not model.cheap_cache
     gen.prefill_seconds = 30.0  # half the context keeps up: its buffers prepared ahead of need
@@ -358,15 +362,16 @@ async def test_the_cheaper_cache_while_behind_then_int8_again(run, caplog):
     assert not model.coarse and model.streams[0].restart_context == 125
     assert "an int4 KV cache in place of the int8 one until it can" in caplog.text
     gen.prefill_seconds = 1e-6  # the machine got fast again
-    for frame in range(40, 400, 20):  # SETTLE chunks on it first, its speed taken
+    for frame in range(40, 400, 20):  # SETTLE chunks and more: the rung is kept
         gen.played("a", frame + 10)
-        if not model.cheap_cache:
-            break
         chunks = len(sink.pcm("a"))
-        await sink.until(lambda n=chunks: len(sink.pcm("a")) > n or not model.cheap_cache)
+        await sink.until(lambda n=chunks: len(sink.pcm("a")) > n)
+    assert model.cheap_cache and gen.restart_level == CHEAP_CACHE
+    now[0] = ladder.RUNG_SECONDS  # and then it is not
+    gen.played("a", 420)
     await sink.until(lambda: gen.restart_level == 0)
     assert model.cache_switches == [True, False] and "an int8 KV cache again" in caplog.text
-    assert 1.0 <= gen.cache_speedup <= 2.0  # measured (the fake's chunks cost alike)
+    assert gen.cache_speedup == pytest.approx(1.1)  # not measured: no slope to place it
 
 
 def test_a_rungs_speedup_is_measured_at_the_same_positions():
@@ -391,12 +396,17 @@ def test_a_rungs_speedup_is_measured_at_the_same_positions():
     gen._before = (0.010, 500.0, False, False)
     gen._measure_rung(0.005, 500.0)
     assert gen.coarse_speedup == pytest.approx(2.0 / (0.007 / 0.0055))
+    gen.position_cost = FixedSlope(slope=0.0)  # not measured yet: the guesses stay
+    gen.cache_speedup, gen._before = 1.1, (0.010, 1000.0, False, True)
+    gen._measure_rung(0.0055, 250.0)
+    assert gen.cache_speedup == 1.1 and gen._before is None
 
 
-async def test_int4_weights_come_with_the_cheaper_cache(run, caplog):
+async def test_int4_weights_come_with_the_cheaper_cache(run, caplog, monkeypatch):
     """Straight to the coarse level (nothing on int8 weights keeps up): int4 weights and the int4
     cache at once, and both back when the machine is fast again."""
     caplog.set_level(logging.INFO, logger="radio.generator")
+    monkeypatch.setattr("radio.ladder.RUNG_SECONDS", 0.0)
     model = FakeModel()
     model.cheap_cache_reason = None
     gen, sink = await run(model, ("a",), buffer_ahead=1.0, window=COLD, coarse_when_behind=True)
