@@ -308,12 +308,15 @@ def bench_layout(stations: int, layers: int, positions: int, repeat: int, k) -> 
         {
             "to int4": lambda: cache.converted("int4", k),
             "to int8": lambda: int4.converted("int8", k),
+            "into int4": lambda: cache.converted("int4", k, into=int4),
+            "into int8": lambda: int4.converted("int8", k, into=cache),
         },
         repeat,
     )
     print(
-        f"  the cache changing kind ({2 * rows} rows with the warm ones, new buffers included): "
-        f"int8 -> int4 {ms['to int4']:.0f} ms, int4 -> int8 {ms['to int8']:.0f} ms"
+        f"  the cache changing kind ({2 * rows} rows with the warm ones, every position): into "
+        f"new memory int8 -> int4 {ms['to int4']:.0f} ms, int4 -> int8 {ms['to int8']:.0f} ms; "
+        f"into buffers kept or prepared {ms['into int4']:.0f} / {ms['into int8']:.0f} ms"
     )
 
 
