@@ -4,12 +4,14 @@ step over it against the same decoder run op by op, and how far it strays from f
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from engine import LoadOptions, ModelLoadError, MusicModel
 from engine.conditioning import batch_conditions
 from engine.kv_cache import KVCache, dequantize_q4, quantize_q4
+from engine.options import WindowOptions
 from tests.engine.steps import assert_steps_agree, decode_steps
 
 CPU = torch.device("cpu")
@@ -253,3 +255,27 @@ def test_the_cheaper_cache_is_refused_where_it_cannot_run(k, tiny_model_dir, int
     assert "replaces an int8 one" in int4_model.cheap_cache_available()  # int4 already
     with pytest.raises(ValueError, match="replaces an int8 one"):
         int4_model.use_cheap_cache(True)
+
+
+def test_the_cache_changes_kind_while_warm_rows_build_the_next_window(k, tiny_head64_dir):
+    """A switch while a stream's warm rows are being fed (the next window, built beside the
+    current one, at its own positions) converts them too: the warm restart takes them, and the
+    stream reads on through restarts both ways."""
+    options = LoadOptions(model=tiny_head64_dir, device="cpu", quantize="int8", kv_cache="int8")
+    model = MusicModel.load(options)
+    window = WindowOptions(window=150, context=40)
+    stream = model.open_stream("jazz", window=window)
+    tokens = stream.tokens
+    while not tokens.warming:
+        stream.read(5)
+    model.use_cheap_cache(True)
+    assert tokens._batch.cache.kind == "int4"
+    before = tokens.warm_restarts
+    pcm = stream.read(200)  # past two window restarts
+    assert pcm.shape == (1, 200 * model.hop) and np.isfinite(pcm).all()
+    assert tokens.warm_restarts >= before + 2 and tokens.prefills == 1  # nothing prefilled
+    while not tokens.warming:
+        stream.read(5)
+    model.use_cheap_cache(False)
+    assert tokens._batch.cache.kind == "int8"
+    assert np.isfinite(stream.read(200)).all() and tokens.prefills == 1
