@@ -571,7 +571,10 @@ class Generator:
         level = ladder.choose_level(self.restart_level, rates, window.window, window.context, rate)
         if level < self.restart_level and self.clock() < self._rung_until:
             level = self.restart_level  # a rung taken is kept a while (`ladder.RUNG_SECONDS`)
-        if self.cache_speedup and level > 0 and not self._cache_prepared:
+        # the int4 cache's buffers from the moment the whole context with the int8 cache is
+        # predicted near the edge (the rung is the first one taken)
+        near = ladder.predicted_rtf(rates, window.window, window.context, 0, rate) < ladder.UP_ABOVE
+        if self.cache_speedup and (level > 0 or near) and not self._cache_prepared:
             self._cache_prepared = True
             self._cache_parts = self.model.prepare_cheap_cache()
         prepared = self.model.coarse_ready or self._coarse_parts is not None
@@ -681,19 +684,18 @@ class Generator:
         return level
 
     def _switch_cache(self, cheap: bool, rates: ladder.Rates, level: int) -> None:
-        """To an int4 KV cache while even the shortest restarts and windows cannot keep up on
-        int8's, or back once they can (`MusicModel.use_cheap_cache`: each batch converts its
-        cache at its next step, tens of milliseconds); the ThreadTuner's costs start afresh."""
+        """To an int4 KV cache while the whole context cannot keep up on the int8 one, or back
+        once it can (`MusicModel.use_cheap_cache`: every batch converts its cache now, tens of
+        milliseconds); the ThreadTuner's costs start afresh."""
         assert self.tuner is not None
         window = self.specs[0].window
         rate = self.model.frame_rate
         if cheap:
             log.warning(
-                "generation cannot keep up even with the shortest window restarts (x%.2f of "
-                "real time): an int4 KV cache in place of the int8 one until it can (half the "
-                "bytes a step's attention reads, 3.0%% of the logit spread against 2.3%%; "
-                "predicted x%.2f)",
-                ladder.predicted_rtf(rates, window.window, window.context, rates.shortest, rate),
+                "generation cannot keep up with the int8 KV cache (x%.2f of real time): an int4 "
+                "one in its place until it can (half the bytes a step's attention reads, 3.0%% "
+                "of the logit spread against 2.3%%; predicted x%.2f with the whole context)",
+                ladder.predicted_rtf(rates, window.window, window.context, 0, rate),
                 ladder.predicted_rtf(
                     rates, window.window, window.context, ladder.CHEAP_CACHE, rate
                 ),
@@ -785,13 +787,7 @@ class Generator:
                 "real time): decoding with int4 weights until it can (coarser music, predicted "
                 "x%.2f; generation.coarse_when_behind)%s",
                 " and an int4 KV cache" if cheap else "",
-                predict(
-                    rates,
-                    window.window,
-                    window.context,
-                    ladder.CHEAP_CACHE if cheap else rates.shortest,
-                    rate,
-                ),
+                predict(rates, window.window, window.context, rates.shortest, rate),
                 predict(rates, window.window, window.context, ladder.COARSE, rate),
                 "" if self.model.coarse_ready else ": quantizing them first (a second or two)",
             )
@@ -817,9 +813,13 @@ class Generator:
         if level < last:
             self.warned_behind = False
             return
-        on_last = self.model.coarse if last == ladder.COARSE else self.model.cheap_cache
-        if last >= ladder.CHEAP_CACHE and (not on_last or self._before is not None):
-            return  # a rung's speed is a guess until measured on it (`ladder.SETTLE` chunks)
+        # a rung's speed is a guess until measured on it (`ladder.SETTLE` chunks)
+        if last == ladder.COARSE:
+            measured = self.model.coarse
+        else:  # (the int4 cache, where there is one, from `CHEAP_CACHE` on)
+            measured = self.model.cheap_cache or not self.cache_speedup
+        if not measured or self._before is not None:
+            return
         rtf = ladder.predicted_rtf(rates, window.window, window.context, level, rate)
         if rtf >= 1.0 or self.warned_behind:
             return

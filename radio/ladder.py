@@ -5,11 +5,16 @@ Every `window - context` frames a station's window is full and the engine re-rea
 `context` frames (`generation.context`, 500 = 10 s) before it goes on: on a CPU that prefill is
 seconds of work (4-4.5 s for musicgen-small on two Zen 3 cores, against 20 s of audio made per
 window), and it is what tips a machine that steps just fast enough below real time. The ladder
-trades some of the music's memory for time: level 0 re-reads the whole context, level 1 half of
-it, level 2 a quarter. Past those, levels 3 and 4 keep the quarter and end each window early, at
-two thirds and at half of `window` (20 s and 15 s of musicgen-small's 30): a step attends over
-every position of its window so far, and on a CPU those reads grow to a third of a step near a
-window's end (two int4 stations: x1.38 of real time early in a window, x0.96 at its end).
+trades some of the music's memory for time. Level 0 re-reads the whole context with the KV
+cache as set. Where that cache is int8 on our CPU kernels, level 1 (`CHEAP_CACHE`) keeps the
+whole context and takes an int4 cache in place of it (`MusicModel.use_cheap_cache`: half the
+bytes a step's attention reads, 3.0% of the logit spread against 2.3%, within the precision
+budget: gentler on the music than forgetting), and every level after it keeps that cache.
+Level 2 re-reads half the context, level 3 a quarter; past those, levels 4 and 5 keep the
+quarter and end each window early, at two thirds and at half of `window` (20 s and 15 s of
+musicgen-small's 30): a step attends over every position of its window so far, and on a CPU
+those reads grow to a third of a step near a window's end (two int4 stations: x1.38 of real
+time early in a window, x0.96 at its end).
 `choose_level` predicts each level's real-time factor from what the generator measured, the
 steady generation rate (chunks without a prefill) at the positions it ran at, how that cost grows
 with the position (`PositionCost`), and a whole context's prefill, and takes the best level that
@@ -25,16 +30,13 @@ so measurement noise does not make it flap. The window levels are there only onc
 measured (a cost that grows with the position); prompt changes keep their own (shorter)
 `generation.prompt_context`.
 
-Past the windows, where the model's KV cache is int8 on our CPU kernels, `CHEAP_CACHE`: the
-shortest restarts and windows with an int4 cache in place of the int8 one
-(`MusicModel.use_cheap_cache`: half the bytes a step's attention reads, 3.0% of the logit
-spread against 2.3%, at the precision budget's edge). With `generation.coarse_when_behind`
-there is one level more, `COARSE`: int4 projections in place of the int8 ones too
-(`MusicModel.use_coarse`: coarser music, 16% of the spread, x1.5 the steps per second of
-musicgen-small on a 2-core AVX2 CPU). A rung's prediction is the int8 rate times its speedup
-over the level before it (`cache_speedup`, `coarse_speedup`: first guesses, then the cost at
-the switch over the cost measured in the `SETTLE` chunks after it), and while a rung runs, the
-int8 rate is its rate over those speedups, so a faster hour climbs back.
+With `generation.coarse_when_behind` there is one level more, `COARSE`: the shortest restarts
+and windows with int4 projections in place of the int8 ones too (`MusicModel.use_coarse`:
+coarser music, 16% of the spread, x1.5 the steps per second of musicgen-small on a 2-core AVX2
+CPU). A rung's prediction is the int8 rate times its speedups (`cache_speedup`,
+`coarse_speedup`: first guesses, then the cost at the switch over the cost measured in the
+`SETTLE` chunks after it), and while a rung runs, the int8 rate is its rate over those
+speedups, so a faster hour climbs back.
 
 With warm restarts (`generation.warm_restarts`, the default) nothing is prefilled: the next
 window is built a step at a time during the last `context` frames of the current one, and what
@@ -53,13 +55,12 @@ from dataclasses import dataclass
 from engine.options import MIN_NEW_FRAMES  # (past twice the restarts' context here: warm rows)
 
 # per level: the share of `generation.context` a window restart re-reads, and the share of
-# `window` a window spans
-LEVELS = ((1.0, 1.0), (0.5, 1.0), (0.25, 1.0), (0.25, 2 / 3), (0.25, 0.5))
-SHORTEST_RESTARTS = 2  # the last level with whole windows
-# the levels after them: the shortest restarts and windows with an int4 KV cache for the int8
-# one, then with int4 weights too
-CHEAP_CACHE = len(LEVELS)
-COARSE = CHEAP_CACHE + 1
+# `window` a window spans. Level 1 (`CHEAP_CACHE`) is level 0 with an int4 KV cache in place
+# of the int8 one, and every level after it keeps that cache where the model has one.
+LEVELS = ((1.0, 1.0), (1.0, 1.0), (0.5, 1.0), (0.25, 1.0), (0.25, 2 / 3), (0.25, 0.5))
+CHEAP_CACHE = 1
+SHORTEST_RESTARTS = 3  # the last level with whole windows
+COARSE = len(LEVELS)  # the shortest restarts and windows, int4 weights (and cache)
 CACHE_SPEEDUP = 1.1  # the first guess of the int4 cache's speed over int8's (1.07-1.5 measured)
 COARSE_SPEEDUP = 1.5  # the first guess of int4 weights' speed over int8's (measured, 2 cores)
 SETTLE = 10  # chunks on a rung before its speed is taken and the ladder moves
@@ -94,18 +95,17 @@ class Rates:
     @property
     def levels(self) -> list[int]:
         """The levels there are, in order."""
-        levels = list(range(SHORTEST_RESTARTS + 1))
+        levels = [0, CHEAP_CACHE] if self.cache_speedup > 0 else [0]
+        levels += list(range(CHEAP_CACHE + 1, SHORTEST_RESTARTS + 1))
         if self.slope > 0:
             levels += list(range(SHORTEST_RESTARTS + 1, len(LEVELS)))
-        if self.cache_speedup > 0:
-            levels.append(CHEAP_CACHE)
         return levels + [COARSE] if self.coarse_speedup > 0 else levels
 
     def speedup(self, level: int) -> float:
-        """Steps per second at `level` over those with int8 weights and cache (the coarse level
-        runs on the int4 cache too, where there is one)."""
-        cache = self.cache_speedup if self.cache_speedup > 0 else 1.0
-        return {CHEAP_CACHE: cache, COARSE: cache * self.coarse_speedup}.get(level, 1.0)
+        """Steps per second at `level` over those with int8 weights and cache: the int4 cache's
+        from `CHEAP_CACHE` on (where there is one), the coarse weights' on top at `COARSE`."""
+        cache = self.cache_speedup if self.cache_speedup > 0 and level >= CHEAP_CACHE else 1.0
+        return cache * (self.coarse_speedup if level == COARSE else 1.0)
 
     @property
     def top(self) -> int:
@@ -114,9 +114,8 @@ class Rates:
 
     @property
     def shortest(self) -> int:
-        """The last level on int8 weights and cache: the shortest restarts and windows there
-        are."""
-        return [level for level in self.levels if level < CHEAP_CACHE][-1]
+        """The last level on int8 weights: the shortest restarts and windows there are."""
+        return [level for level in self.levels if level < COARSE][-1]
 
 
 def context_frames(context: int, level: int) -> int:
@@ -126,9 +125,9 @@ def context_frames(context: int, level: int) -> int:
 
 def window_frames(window: int, context: int, level: int, windows: bool = True) -> int:
     """Positions a window spans at `level`: still room for its restarts' warm rows and a
-    second of new music beyond them. `windows`: whether the window levels are in (the rungs
-    after them take the last level's windows, whole without them)."""
-    if level >= CHEAP_CACHE:
+    second of new music beyond them. `windows`: whether the window levels are in (`COARSE`
+    takes the last level's windows, whole without them)."""
+    if level >= COARSE:
         level = len(LEVELS) - 1 if windows else SHORTEST_RESTARTS
     share = LEVELS[level][1]
     if share >= 1.0:

@@ -40,25 +40,25 @@ def test_the_prediction_counts_the_prefill_of_every_window():
     # 1000 new frames (20 s) take 1000 / 57 s of steps and one 4.47 s prefill
     assert predicted_rtf(rates, WINDOW, CONTEXT, 0, RATE) == pytest.approx(20 / (1000 / 57 + 4.47))
     # half the context: 1250 new frames per window, half the prefill
-    assert predicted_rtf(rates, WINDOW, CONTEXT, 1, RATE) == pytest.approx(
+    assert predicted_rtf(rates, WINDOW, CONTEXT, 2, RATE) == pytest.approx(
         25 / (1250 / 57 + 4.47 / 2)
     )
     two = Rates(57.0, 4.47, stations=2)  # each station's restart stops both
     assert predicted_rtf(two, WINDOW, CONTEXT, 0, RATE) < predicted_rtf(
         rates, WINDOW, CONTEXT, 0, RATE
     )
-    assert [context_frames(CONTEXT, level) for level in (0, 1, 2)] == [500, 250, 125]
+    assert [context_frames(CONTEXT, level) for level in (0, 2, 3)] == [500, 250, 125]
 
 
 def test_a_machine_that_cannot_keep_up_takes_the_first_level_that_does():
     slow = Rates(57.0, 4.47, 1)  # whole context: x0.91; half: x1.04
-    assert choose_level(0, slow, WINDOW, CONTEXT, RATE) == 1
+    assert choose_level(0, slow, WINDOW, CONTEXT, RATE) == 2
     slower = Rates(45.0, 4.47, 1)
-    assert choose_level(0, slower, WINDOW, CONTEXT, RATE) == 2
+    assert choose_level(0, slower, WINDOW, CONTEXT, RATE) == 3
     fast = Rates(83.0, 1.12, 1)  # the AVX-512 machine: x1.52 with the whole context
     assert choose_level(0, fast, WINDOW, CONTEXT, RATE) == 0
-    assert choose_level(2, fast, WINDOW, CONTEXT, RATE) == 0  # back up, all the way
-    assert choose_level(1, Rates(0.0, 4.47, 1), WINDOW, CONTEXT, RATE) == 1  # nothing measured
+    assert choose_level(3, fast, WINDOW, CONTEXT, RATE) == 0  # back up, all the way
+    assert choose_level(2, Rates(0.0, 4.47, 1), WINDOW, CONTEXT, RATE) == 2  # nothing measured
 
 
 def test_it_does_not_flap_between_the_thresholds():
@@ -67,7 +67,7 @@ def test_it_does_not_flap_between_the_thresholds():
     whole = predicted_rtf(rates, WINDOW, CONTEXT, 0, RATE)
     assert DOWN_BELOW <= whole < UP_ABOVE
     assert choose_level(0, rates, WINDOW, CONTEXT, RATE) == 0  # keeps up: stays
-    assert choose_level(1, rates, WINDOW, CONTEXT, RATE) == 1  # not enough margin to go back
+    assert choose_level(2, rates, WINDOW, CONTEXT, RATE) == 2  # not enough margin to go back
 
 
 def test_coarse_weights_are_the_last_level_taken_only_when_the_shortest_restarts_fall_short():
@@ -85,7 +85,7 @@ def test_coarse_weights_are_the_last_level_taken_only_when_the_shortest_restarts
     # without the coarse level the ladder ends with the shortest restarts
     assert choose_level(0, Rates(40.0, 4.47, 1), WINDOW, CONTEXT, RATE) == SHORTEST_RESTARTS
     # a machine where a quarter of the context keeps up never goes coarse
-    assert choose_level(0, Rates(57.0, 4.47, 1, coarse_speedup=1.5), WINDOW, CONTEXT, RATE) == 1
+    assert choose_level(0, Rates(57.0, 4.47, 1, coarse_speedup=1.5), WINDOW, CONTEXT, RATE) == 2
     # and back up once int8 is predicted fast enough
     assert choose_level(COARSE, Rates(83.0, 1.12, 1, 1.5), WINDOW, CONTEXT, RATE) == 0
 
@@ -95,13 +95,13 @@ def test_window_levels_come_once_the_cost_of_positions_is_measured():
     room for the warm rows and a second of new music): levels only there when steps are
     measured to cost more at later positions, else they would only restart more often."""
     flat = Rates(40.0, 4.47, 1)
-    assert flat.levels == [0, 1, 2] and flat.top == flat.shortest == SHORTEST_RESTARTS
+    assert flat.levels == [0, 2, 3] and flat.top == flat.shortest == SHORTEST_RESTARTS
     sloped = dataclasses.replace(flat, slope=1e-6, coarse_speedup=1.5)
-    assert sloped.levels == [0, 1, 2, 3, 4, COARSE] and sloped.shortest == 4
-    spans = [window_frames(WINDOW, CONTEXT, level) for level in (0, 1, 2, 3, 4, COARSE)]
+    assert sloped.levels == [0, 2, 3, 4, 5, COARSE] and sloped.shortest == 5
+    spans = [window_frames(WINDOW, CONTEXT, level) for level in (0, 2, 3, 4, 5, COARSE)]
     assert spans == [1500, 1500, 1500, 1000, 750, 750]
-    assert [context_frames(CONTEXT, level) for level in (3, 4, COARSE)] == [125, 125, 125]
-    assert window_frames(150, 40, 4) == 75 and window_frames(120, 60, 4) == 80  # 2 x 15 + 50
+    assert [context_frames(CONTEXT, level) for level in (4, 5, COARSE)] == [125, 125, 125]
+    assert window_frames(150, 40, 5) == 75 and window_frames(120, 60, 5) == 80  # 2 x 15 + 50
 
 
 def test_the_prediction_weighs_the_positions_a_window_attends_over():
@@ -109,11 +109,11 @@ def test_the_prediction_weighs_the_positions_a_window_attends_over():
     # window's mean position 812 and ~2.6 us more per position; a warm restart ~0.4 s
     measured = 1 / (0.009 * 2)
     rates = Rates(measured, 1.6, 2, slope=2.6e-6, position=812.5)
-    level2 = predicted_rtf(rates, WINDOW, CONTEXT, 2, RATE)  # measured where it runs
-    assert level2 == pytest.approx(27.5 / (1375 * 2 * 0.009 + 2 * 1.6 / 4))
-    cost3 = 0.009 + 2.6e-6 * (562.5 - 812.5)  # windows of 1000: mean position 562.5
-    assert predicted_rtf(rates, WINDOW, CONTEXT, 3, RATE) == pytest.approx(
-        17.5 / (875 * 2 * cost3 + 2 * 1.6 / 4)
+    shortest = predicted_rtf(rates, WINDOW, CONTEXT, 3, RATE)  # measured where it runs
+    assert shortest == pytest.approx(27.5 / (1375 * 2 * 0.009 + 2 * 1.6 / 4))
+    cost = 0.009 + 2.6e-6 * (562.5 - 812.5)  # windows of 1000: mean position 562.5
+    assert predicted_rtf(rates, WINDOW, CONTEXT, 4, RATE) == pytest.approx(
+        17.5 / (875 * 2 * cost + 2 * 1.6 / 4)
     )
     # a whole context re-read: 500 frames more at the start of every window, and a later mean
     cost0 = 0.009 + 2.6e-6 * (1000 - 812.5)
@@ -122,17 +122,17 @@ def test_the_prediction_weighs_the_positions_a_window_attends_over():
     )
     # behind at the shortest restarts, shorter windows keep up: the first that does
     slower = dataclasses.replace(rates, frames_per_second=1 / (0.0099 * 2))
-    assert predicted_rtf(slower, WINDOW, CONTEXT, 2, RATE) < DOWN_BELOW
-    assert choose_level(2, slower, WINDOW, CONTEXT, RATE) == 3
+    assert predicted_rtf(slower, WINDOW, CONTEXT, 3, RATE) < DOWN_BELOW
+    assert choose_level(3, slower, WINDOW, CONTEXT, RATE) == 4
     # a slope too small to pay for the extra restarts: the fastest level, not the last
     flat = dataclasses.replace(slower, slope=1e-9, frames_per_second=1 / (0.02 * 2))
     assert choose_level(0, flat, WINDOW, CONTEXT, RATE) == SHORTEST_RESTARTS
     # where none keeps up, a level only a little faster is not worth the move (noise would
     # make the ladder flap between them)
     near = dataclasses.replace(slower, frames_per_second=1 / (0.0125 * 2), slope=1.3e-6)
-    at2, at4 = (predicted_rtf(near, WINDOW, CONTEXT, level, RATE) for level in (2, 4))
-    assert at2 < at4 < CLEARLY * at2 and at4 < DOWN_BELOW
-    assert choose_level(2, near, WINDOW, CONTEXT, RATE) == 2
+    at3, at5 = (predicted_rtf(near, WINDOW, CONTEXT, level, RATE) for level in (3, 5))
+    assert at3 < at5 < CLEARLY * at3 and at5 < DOWN_BELOW
+    assert choose_level(3, near, WINDOW, CONTEXT, RATE) == 3
 
 
 def test_the_position_cost_fits_a_line_once_the_positions_spread():
@@ -171,7 +171,7 @@ async def test_the_generator_shortens_windows_past_the_shortest_restarts(run, ca
     gen.prefill_seconds = 1e-6
     gen.played("a", 20)
     await sink.until(lambda: ("window", "a", 15.0) in sink.calls)
-    assert gen.restart_level == 4
+    assert gen.restart_level == 5
     assert model.streams[0].window_frames == 750 and model.streams[0].restart_context == 125
     assert "windows now span 15.0 s, generation cannot keep up otherwise" in caplog.text
     gen.position_cost = FixedSlope()  # the machine got fast again
@@ -218,7 +218,7 @@ async def test_the_generator_shortens_restarts_while_behind_and_restores_them(ru
     gen.played("a", 20)
     gen.played("b", 20)
     await sink.until(lambda: len(moves(sink)) == 2)
-    assert gen.restart_level == 2
+    assert gen.restart_level == 3
     assert [s.restart_context for s in model.streams] == [125, 125]
     assert ("restart_context", "a", 2.5) in sink.calls and (
         "restart_context",
@@ -308,7 +308,7 @@ async def test_coarse_weights_are_prepared_ahead_a_part_at_a_time_once_behind(ru
     async with asyncio.timeout(5):  # said by the worker just after the last part
         while "int4 weights ready for when generation cannot keep up otherwise" not in caplog.text:
             await asyncio.sleep(0.01)
-    assert gen.restart_level == 1 and not model.coarse and model.prepared == COARSE_PARTS
+    assert gen.restart_level == 2 and not model.coarse and model.prepared == COARSE_PARTS
     assert "preparing int4 weights between chunks" in caplog.text
     gen.prefill_seconds = 1e6  # now nothing keeps up with int8 weights
     gen.played("a", 40)
@@ -316,30 +316,39 @@ async def test_coarse_weights_are_prepared_ahead_a_part_at_a_time_once_behind(ru
     assert model.switches == [(True, True)] and "quantizing them first" not in caplog.text
 
 
-def test_the_cheaper_cache_is_the_level_before_int4_weights():
-    """`CHEAP_CACHE`: the shortest restarts and windows with an int4 KV cache, predicted at the
-    int8 rate times `cache_speedup`; the coarse level runs on the int4 cache too (both
-    speedups), and without a cheaper cache the levels are as they were."""
-    rates = Rates(47.0, 4.47, 1, coarse_speedup=1.5, cache_speedup=1.2)  # x0.91, x1.09
-    assert rates.levels == [0, 1, 2, CHEAP_CACHE, COARSE] and rates.shortest == SHORTEST_RESTARTS
-    shortest = predicted_rtf(rates, WINDOW, CONTEXT, SHORTEST_RESTARTS, RATE)
-    assert predicted_rtf(rates, WINDOW, CONTEXT, CHEAP_CACHE, RATE) == pytest.approx(1.2 * shortest)
-    assert predicted_rtf(rates, WINDOW, CONTEXT, COARSE, RATE) == pytest.approx(1.8 * shortest)
-    assert context_frames(CONTEXT, CHEAP_CACHE) == context_frames(CONTEXT, SHORTEST_RESTARTS)
-    # int8 weights and an int4 cache keep up where int8 ones alone fall short: not int4 weights
-    assert shortest < DOWN_BELOW <= 1.2 * shortest
+def test_the_cheaper_cache_is_the_first_level_taken():
+    """`CHEAP_CACHE`: the whole context with an int4 KV cache, predicted at the int8 rate times
+    `cache_speedup`; every level after it keeps that cache (the coarse level too, both speedups
+    there); without a cheaper cache the levels are as they were."""
+    rates = Rates(57.0, 4.47, 1, coarse_speedup=1.5, cache_speedup=1.2)
+    assert rates.levels == [0, CHEAP_CACHE, 2, 3, COARSE] and rates.shortest == SHORTEST_RESTARTS
+    plain = dataclasses.replace(rates, cache_speedup=0.0)
+    whole = predicted_rtf(rates, WINDOW, CONTEXT, 0, RATE)  # x0.91: the first test's machine
+    assert predicted_rtf(rates, WINDOW, CONTEXT, CHEAP_CACHE, RATE) == pytest.approx(1.2 * whole)
+    for level in (2, 3):
+        assert predicted_rtf(rates, WINDOW, CONTEXT, level, RATE) == pytest.approx(
+            1.2 * predicted_rtf(plain, WINDOW, CONTEXT, level, RATE)
+        )
+    assert predicted_rtf(rates, WINDOW, CONTEXT, COARSE, RATE) == pytest.approx(
+        1.8 * predicted_rtf(plain, WINDOW, CONTEXT, SHORTEST_RESTARTS, RATE)
+    )
+    assert context_frames(CONTEXT, CHEAP_CACHE) == CONTEXT
+    assert window_frames(WINDOW, CONTEXT, CHEAP_CACHE) == WINDOW
+    # the whole context on the int4 cache keeps up: the music keeps its memory
+    assert whole < DOWN_BELOW <= 1.2 * whole
     assert choose_level(0, rates, WINDOW, CONTEXT, RATE) == CHEAP_CACHE
+    assert choose_level(0, plain, WINDOW, CONTEXT, RATE) == 2  # without it: half the context
     sloped = dataclasses.replace(rates, slope=1e-6)
-    assert sloped.levels == [0, 1, 2, 3, 4, CHEAP_CACHE, COARSE] and sloped.shortest == 4
-    assert window_frames(WINDOW, CONTEXT, CHEAP_CACHE) == window_frames(WINDOW, CONTEXT, 4)
-    assert Rates(40.0, 4.47, 1, 1.5).levels == [0, 1, 2, COARSE]
+    assert sloped.levels == [0, CHEAP_CACHE, 2, 3, 4, 5, COARSE] and sloped.shortest == 5
+    assert Rates(40.0, 4.47, 1, 1.5).levels == [0, 2, 3, COARSE]
 
 
 async def test_the_cheaper_cache_while_behind_then_int8_again(run, caplog):
     """Where the model's cache can be int4 (`MusicModel.use_cheap_cache`), the generator takes
-    it when even the shortest restarts cannot keep up on int8's and that keeps up, said once,
-    without int4 weights, its buffers prepared ahead of need; the int8 cache comes back when it
-    can, once the rung has been kept `RUNG_SECONDS`."""
+    it first when the whole context cannot keep up on the int8 one and can on it (the music
+    keeps its memory), said once, its buffers prepared ahead of need from the moment level 0 is
+    predicted near the edge; the int8 cache comes back when it can, once the rung has been kept
+    `RUNG_SECONDS`."""
     caplog.set_level(logging.INFO, logger="radio.generator")
     model = FakeModel()
     model.cheap_cache_reason = None
@@ -347,20 +356,20 @@ async def test_the_cheaper_cache_while_behind_then_int8_again(run, caplog):
     gen, sink = await run(model, ("a",), buffer_ahead=1.0, window=COLD, clock=lambda: now[0])
     await sink.until(lambda: len(sink.pcm("a")) == 5)
     assert gen.cache_speedup == pytest.approx(1.1) and not model.cheap_cache
-    gen.prefill_seconds = 30.0  # half the context keeps up: its buffers prepared ahead of need
+    # the whole context prefilled in 18 s every 20 s of new music (the fake's steps cost next
+    # to nothing): x1.11, keeps up but near the edge: the int4 cache's buffers made ahead
+    gen.prefill_seconds = 18.0
     gen.played("a", 20)
     async with asyncio.timeout(5):
         while "int4 KV cache ready for when generation cannot keep up" not in caplog.text:
             await asyncio.sleep(0.01)
-    assert gen.restart_level == 1 and model.cache_parts == 3 and not model.cheap_cache
-    # a quarter of the context prefilled in 112 / 4 s every 27.5 s of new music: x0.98 with the
-    # int8 cache, x1.08 predicted with the int4 one (the fake's steps cost next to nothing)
-    gen.prefill_seconds = 112.0
+    assert gen.restart_level == 0 and model.cache_parts == 3 and not model.cheap_cache
+    gen.prefill_seconds = 21.0  # x0.95 with the int8 cache, x1.05 predicted with the int4 one
     gen.played("a", 30)
     await sink.until(lambda: model.cheap_cache)
     assert gen.restart_level == CHEAP_CACHE and model.cache_switches == [True]
-    assert not model.coarse and model.streams[0].restart_context == 125
-    assert "an int4 KV cache in place of the int8 one until it can" in caplog.text
+    assert not model.coarse and model.streams[0].restart_context is None  # the whole context
+    assert "cannot keep up with the int8 KV cache (x0.95 of real time): an int4 one" in caplog.text
     gen.prefill_seconds = 1e-6  # the machine got fast again
     for frame in range(40, 400, 20):  # SETTLE chunks and more: the rung is kept
         gen.played("a", frame + 10)
