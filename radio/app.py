@@ -115,18 +115,18 @@ def _coarse_when_behind(setting: bool | str, model: MusicModel) -> bool:
 
 
 def _say_rungs(adaptive_restarts: bool, model: MusicModel, coarse: bool) -> None:
-    """One start-up line for what the ladder takes past its shortest restarts and windows."""
-    rungs = []
-    if adaptive_restarts and model.cheap_cache_available() is None:
-        rungs.append("an int4 KV cache in place of the int8 one")
+    """One start-up line for what the ladder takes while generation falls behind."""
+    if not adaptive_restarts:
+        return
+    rungs = ["shorter window restarts and windows"]
+    if model.cheap_cache_available() is None:
+        rungs.insert(0, "an int4 KV cache in place of the int8 one")
     if coarse:
         rungs.append("int4 weights (generation.coarse_when_behind)")
-    if rungs:
-        log.info(
-            "if generation falls behind real time even with the shortest window restarts, it "
-            "takes %s until it can keep up",
-            ", then ".join(rungs),
-        )
+    log.info(
+        "while generation falls behind real time, it takes %s until it can keep up",
+        ", then ".join(rungs),
+    )
 
 
 def build_radio(

@@ -475,7 +475,10 @@ async def test_coarse_weights_are_on_by_default_where_the_model_can_and_refused_
     assert GenerationConfig().coarse_when_behind == "auto"
     int8 = MusicModel.load(LoadOptions(model=tiny_model_dir, quantize="int8"))
     assert build_radio(Config(), int8).generator.coarse_speedup > 0
-    assert "it takes int4 weights (generation.coarse_when_behind) until it can" in caplog.text
+    assert (
+        "it takes shorter window restarts and windows, then int4 weights "
+        "(generation.coarse_when_behind) until it can keep up"
+    ) in caplog.text
     assert build_radio(with_setting(False), int8).generator.coarse_speedup == 0
     dense = MusicModel.load(LoadOptions(model=tiny_model_dir, quantize="none"))
     assert build_radio(Config(), dense).generator.coarse_speedup == 0
@@ -500,8 +503,8 @@ def test_the_cheaper_cache_is_a_rung_where_the_model_can(tiny_head64_dir, tiny_m
     model = MusicModel.load(LoadOptions(model=tiny_head64_dir, quantize="int8"))
     assert build_radio(Config(), model).generator.cache_speedup > 0
     assert (
-        "it takes an int4 KV cache in place of the int8 one, then int4 weights "
-        "(generation.coarse_when_behind) until it can keep up"
+        "it takes an int4 KV cache in place of the int8 one, then shorter window restarts and "
+        "windows, then int4 weights (generation.coarse_when_behind) until it can keep up"
     ) in caplog.text
     g = dataclasses.replace(Config().generation, adaptive_restarts=False)
     assert (
