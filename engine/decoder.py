@@ -330,10 +330,11 @@ class Decoder:
 
     def use_cheap_cache(self, on: bool) -> None:
         """An int4 KV cache in place of the int8 one (`on`), or back: half the bytes a step's
-        attention reads (x1.07 the steps per second of one musicgen-small station here, more
-        for several), at 3.0% of the logit spread against 2.3% (docs/benchmarks.md,
-        "Precision"). New caches take the kind at once; a `DecodeBatch` converts its own at its
-        next step (`KVCache.converted`: every position requantized, tens of milliseconds).
+        attention reads (x1.08-1.09 the real-time factor of one musicgen-small station here,
+        more for several), at 3.0% of the logit spread against 2.3% (docs/benchmarks.md,
+        "Precision"). New caches take the kind at once; `MusicModel.use_cheap_cache` converts
+        every batch it opened at once, any other `DecodeBatch` converts its own at its next
+        step (`KVCache.converted`: every position written requantized, tens of milliseconds).
         ValueError where it cannot run (`cheap_cache_available`)."""
         reason = self.cheap_cache_available()
         if reason is not None:

@@ -109,7 +109,7 @@ class MusicModel:
     @torch.inference_mode()
     def use_cheap_cache(self, on: bool) -> None:
         """An int4 KV cache in place of the int8 one (`on`), or back (`Decoder.use_cheap_cache`):
-        the radio's rung before int4 weights while generation cannot keep up. Every open
+        the radio's first rung while generation cannot keep up. Every open
         stream's batch converts its cache now (`DecodeBatch.follow_cache_kind`: tens of
         milliseconds a station). Call between reads, from the thread that reads."""
         self.decoder.use_cheap_cache(on)
