@@ -252,9 +252,9 @@ class Generator:
         # weights for it (read by the clocks: a station goes on air only then, so that the
         # switch to int4 weights, a stall of a second or so, never comes right after)
         self.speed_judged = not (adaptive_restarts and coarse_when_behind)
-        # the ladder's cheaper-cache level (an int4 KV cache for the int8 one, where the model
-        # can) and its coarse level (int4 weights): each one's speed over the level before it,
-        # a guess until they ran (0: no such level)
+        # the ladder's rungs: the int4 KV cache for the int8 one (where the model can; its
+        # first level after the top) and int4 weights (its last): each one's speedup, a guess
+        # until measured on it (0: no such rung)
         cheap = adaptive_restarts and model.cheap_cache_available() is None
         self.cache_speedup = ladder.CACHE_SPEEDUP if cheap else 0.0
         self.coarse_speedup = ladder.COARSE_SPEEDUP if coarse_when_behind else 0.0
@@ -265,8 +265,8 @@ class Generator:
         self._settling = 0
         self._rung_until = 0.0  # (clock) before this the ladder does not climb off a rung
         # the int4 cache's buffers, touched a slice at a time between chunks
-        # (`_prepare_cache`) from the moment the ladder first leaves its top level: fresh
-        # memory is what its switch costs
+        # (`_prepare_cache`) from the moment the whole context is predicted near the edge:
+        # fresh memory is what its switch costs
         self._cache_parts: Iterator[None] | None = None
         self._cache_prepared = False
         # their quantization, a layer at a time between chunks (`_prepare_coarse`), ahead of
@@ -668,8 +668,7 @@ class Generator:
 
     def _switch_rungs(self, level: int, rates: ladder.Rates, cost: float, position: float) -> int:
         """Weights and cache as `level` has them (from `_climb`): int4 weights at the coarse
-        level, an int4 KV cache there and at the cheaper-cache level (where the model has
-        one). Returns the level reached (int4 weights that could not be made: the level
+        level, an int4 KV cache from the cheaper-cache level on (where the model has one). Returns the level reached (int4 weights that could not be made: the level
         before them). A rung newly taken has its speed measured (`_measure_rung`)."""
         before = (cost, position, self.model.cheap_cache, self.model.coarse)
         coarse = level == ladder.COARSE
