@@ -184,6 +184,12 @@ def test_kernels_benchmark_prints_each_kernel(tmp_path):
     for row in ("linear_int8 (ours", "attend_step_q8, int8 cache", "attend_step_q4, int4 cache"):
         assert re.search(re.escape(row) + r".* ms .* GB/s .*% of read", out), row
     assert re.search(r"linear_int8 \(ours\) .* ms .* GMAC/s", out)
+    # the radio's cheaper-cache rung: the cache changing kind, into new memory and kept buffers
+    assert re.search(
+        r"the cache changing kind \(4 rows with the warm ones, every position\): into new "
+        r"memory int8 -> int4 \d+ ms, int4 -> int8 \d+ ms; into buffers kept or prepared \d+ / \d+ ms",
+        out,
+    ), out
 
 
 def test_clip_benchmark_prints_cost_and_stream_tables(tmp_path):
