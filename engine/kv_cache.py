@@ -260,30 +260,28 @@ class KVCache:
         over where they have room, as `select_rows` does with its spare; otherwise new buffers
         with room for as many rows as this one's, of which only what is written is touched
         (the slots after `positions` hold whatever the memory held until steps write them: a
-        step writes its position before it attends to it). What the radio's cheaper-cache rung switches
-        with, between two steps (`engine.batch.DecodeBatch`); this cache is left as it was."""
+        step writes its position before it attends to it). What the radio's cheaper-cache rung
+        switches with, between two steps (`engine.batch.DecodeBatch`); this cache is left as it
+        was."""
         if {self.kind, kind} != {"int8", "int4"}:
             raise ValueError(
                 f"a KV cache converts between int8 and int4, not {self.kind} to {kind}"
             )
         source = self.tensors()
         layers, rows, heads = source[0].shape[:3]
-        reusable = (
+        if (
             into is not None
             and into.kind == kind
             and into.max_positions == self.max_positions
             and into.holds(rows)
             and next(iter(into._buffers.values())).shape[0] == layers
-        )
-        out = KVCache.__new__(KVCache)
-        if reusable:
-            assert into is not None
-            out.__dict__.update(into.__dict__)
+        ):
+            base = into
         else:
             buffers = self._buffers or {"first": source[0]}  # a `rows` view: its own rows
             capacity = max(b.shape[1] for b in buffers.values())
             device = source[0].device
-            fresh = KVCache(
+            base = KVCache(
                 layers,
                 capacity,
                 heads,
@@ -293,8 +291,9 @@ class KVCache:
                 kind=kind,
                 touched=False,
             )
-            out.__dict__.update(fresh.__dict__)
-        out._buffers = dict(out._buffers)
+        out = KVCache.__new__(KVCache)
+        out.__dict__.update(base.__dict__)
+        out._buffers = dict(base._buffers)
         for name, buffer in out._buffers.items():
             setattr(out, name, buffer[:, :rows])
         positions = self.max_positions if positions is None else min(positions, self.max_positions)

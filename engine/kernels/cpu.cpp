@@ -266,10 +266,22 @@ torch::Tensor attend_step_q4(torch::Tensor qkv, torch::Tensor blocks, torch::Ten
 // step writes it: int8 -> int4 with quantize_q4 (x = q * scale, as KVCache.view reads it), int4 ->
 // int8 with quantize_vector (x = (u - 8) * scale). One pass over both caches: memory-bound.
 
-// An int8 cache of the whole model: keys/values [L, B, H, P, D] int8, scales [L, B, H, P] float32.
-CacheShape check_cache_q8_layers(const char* fn, const torch::Tensor& keys,
-                                 const torch::Tensor& key_scales, const torch::Tensor& values,
-                                 const torch::Tensor& value_scales) {
+// One (layer, row, head) of both caches: the int8 cache's keys, values [P, 64] and their scales
+// [P], and the int4 cache's blocks.
+struct Q8Q4Head {
+  int8_t *k, *v;
+  float *ks, *vs;
+  uint8_t* blocks;
+};
+
+// fn(Q8Q4Head) for every (layer, row, head), in parallel, once the caches are checked: int8
+// keys/values [L, B, H, P, 64] (each head's positions contiguous) with float32 scales
+// [L, B, H, P], and int4 blocks [L, B, H, P / 16, 1088] of the same L, B and H, both holding at
+// least T positions.
+template <class Fn>
+void for_each_q8_q4_head(const char* fn, const torch::Tensor& keys, const torch::Tensor& key_scales,
+                         const torch::Tensor& values, const torch::Tensor& value_scales,
+                         const torch::Tensor& blocks, int64_t T, Fn&& per_head) {
   TORCH_CHECK(keys.dim() == 5 && keys.scalar_type() == torch::kChar && values.sizes() == keys.sizes() &&
                   values.scalar_type() == torch::kChar && keys.stride(4) == 1 &&
                   keys.stride(3) == keys.size(4) && values.stride(4) == 1 &&
@@ -282,67 +294,50 @@ CacheShape check_cache_q8_layers(const char* fn, const torch::Tensor& keys,
                     t->size(3) == keys.size(3) && t->stride(3) == 1,
                 fn, ": float32 scales [L, B, H, P]");
   TORCH_CHECK(keys.size(4) == kQ4Head, fn, ": an int4 cache holds heads of ", kQ4Head);
-  return CacheShape{keys.size(1), keys.size(2), keys.size(3), keys.size(4)};
-}
-
-// fn(layer, row, head) over every head of an [L, B, H, ...] cache, in parallel.
-template <class Fn>
-void for_each_head(int64_t L, int64_t B, int64_t H, Fn&& fn) {
+  const CacheShape q = check_cache_q4(fn, blocks, 1);
+  const int64_t L = keys.size(0), B = keys.size(1), H = keys.size(2);
+  TORCH_CHECK(blocks.size(0) == L && q.B == B && q.H == H && 0 <= T && T <= keys.size(3) && T <= q.P,
+              fn, ": ", T, " positions of ", keys.sizes(), " and ", blocks.sizes());
+  const auto offset = [](const torch::Tensor& t, int64_t l, int64_t b, int64_t h) {
+    return l * t.stride(0) + b * t.stride(1) + h * t.stride(2);
+  };
+  int8_t *kp = keys.data_ptr<int8_t>(), *vp = values.data_ptr<int8_t>();
+  float *ksp = key_scales.data_ptr<float>(), *vsp = value_scales.data_ptr<float>();
+  uint8_t* bp = blocks.data_ptr<uint8_t>();
   at::parallel_for(0, L * B * H, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) fn(i / (B * H), i / H % B, i % H);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t l = i / (B * H), b = i / H % B, h = i % H;
+      per_head(Q8Q4Head{kp + offset(keys, l, b, h), vp + offset(values, l, b, h),
+                        ksp + offset(key_scales, l, b, h), vsp + offset(value_scales, l, b, h),
+                        bp + offset(blocks, l, b, h)});
+    }
   });
 }
 
 void requantize_q8_to_q4(torch::Tensor keys, torch::Tensor key_scales, torch::Tensor values,
                          torch::Tensor value_scales, torch::Tensor blocks, int64_t T) {
-  const char* fn = "requantize_q8_to_q4";
-  const CacheShape c = check_cache_q8_layers(fn, keys, key_scales, values, value_scales);
-  const CacheShape q = check_cache_q4(fn, blocks, 1);
-  TORCH_CHECK(blocks.size(0) == keys.size(0) && q.B == c.B && q.H == c.H && 0 <= T && T <= c.P &&
-                  T <= q.P,
-              fn, ": ", T, " positions of ", keys.sizes(), " into ", blocks.sizes());
-  const int8_t *kp = keys.data_ptr<int8_t>(), *vp = values.data_ptr<int8_t>();
-  const float *ksp = key_scales.data_ptr<float>(), *vsp = value_scales.data_ptr<float>();
-  uint8_t* bp = blocks.data_ptr<uint8_t>();
-  for_each_head(keys.size(0), c.B, c.H, [&](int64_t l, int64_t b, int64_t h) {
-    const int8_t* k = kp + l * keys.stride(0) + b * keys.stride(1) + h * keys.stride(2);
-    const int8_t* v = vp + l * values.stride(0) + b * values.stride(1) + h * values.stride(2);
-    const float* ks = ksp + l * key_scales.stride(0) + b * key_scales.stride(1) + h * key_scales.stride(2);
-    const float* vs = vsp + l * value_scales.stride(0) + b * value_scales.stride(1) + h * value_scales.stride(2);
-    uint8_t* head = bp + l * blocks.stride(0) + b * blocks.stride(1) + h * blocks.stride(2);
+  for_each_q8_q4_head("requantize_q8_to_q4", keys, key_scales, values, value_scales, blocks, T,
+                      [&](const Q8Q4Head& c) {
     alignas(64) float x[kQ4Head], y[kQ4Head];
     alignas(32) uint8_t key[32], value[32];
     for (int64_t p = 0; p < T; ++p) {
       for (int d = 0; d < kQ4Head; ++d) {
-        x[d] = static_cast<float>(k[p * kQ4Head + d]) * ks[p];
-        y[d] = static_cast<float>(v[p * kQ4Head + d]) * vs[p];
+        x[d] = static_cast<float>(c.k[p * kQ4Head + d]) * c.ks[p];
+        y[d] = static_cast<float>(c.v[p * kQ4Head + d]) * c.vs[p];
       }
       const uint16_t key_scale = quantize_q4(x, key), value_scale = quantize_q4(y, value);
-      store_q4(head, p, key, key_scale, value, value_scale);
+      store_q4(c.blocks, p, key, key_scale, value, value_scale);
     }
   });
 }
 
 void requantize_q4_to_q8(torch::Tensor blocks, torch::Tensor keys, torch::Tensor key_scales,
                          torch::Tensor values, torch::Tensor value_scales, int64_t T) {
-  const char* fn = "requantize_q4_to_q8";
-  const CacheShape c = check_cache_q8_layers(fn, keys, key_scales, values, value_scales);
-  const CacheShape q = check_cache_q4(fn, blocks, 1);
-  TORCH_CHECK(blocks.size(0) == keys.size(0) && q.B == c.B && q.H == c.H && 0 <= T && T <= c.P &&
-                  T <= q.P,
-              fn, ": ", T, " positions of ", blocks.sizes(), " into ", keys.sizes());
-  int8_t *kp = keys.data_ptr<int8_t>(), *vp = values.data_ptr<int8_t>();
-  float *ksp = key_scales.data_ptr<float>(), *vsp = value_scales.data_ptr<float>();
-  const uint8_t* bp = blocks.data_ptr<uint8_t>();
-  for_each_head(keys.size(0), c.B, c.H, [&](int64_t l, int64_t b, int64_t h) {
-    int8_t* k = kp + l * keys.stride(0) + b * keys.stride(1) + h * keys.stride(2);
-    int8_t* v = vp + l * values.stride(0) + b * values.stride(1) + h * values.stride(2);
-    float* ks = ksp + l * key_scales.stride(0) + b * key_scales.stride(1) + h * key_scales.stride(2);
-    float* vs = vsp + l * value_scales.stride(0) + b * value_scales.stride(1) + h * value_scales.stride(2);
-    const uint8_t* head = bp + l * blocks.stride(0) + b * blocks.stride(1) + h * blocks.stride(2);
+  for_each_q8_q4_head("requantize_q4_to_q8", keys, key_scales, values, value_scales, blocks, T,
+                      [&](const Q8Q4Head& c) {
     alignas(64) float x[kQ4Head], y[kQ4Head];
     for (int64_t p = 0; p < T; ++p) {
-      const uint8_t* blk = head + p / kQ4Block * kQ4BlockBytes;
+      const uint8_t* blk = c.blocks + p / kQ4Block * kQ4BlockBytes;
       const int64_t at = p % kQ4Block;
       uint16_t bits;
       std::memcpy(&bits, blk + kQ4KeyScales + 2 * at, 2);
@@ -357,8 +352,8 @@ void requantize_q4_to_q8(torch::Tensor blocks, torch::Tensor keys, torch::Tensor
         y[r] = static_cast<float>((vb & 15) - 8) * value_scale;
         y[r + 32] = static_cast<float>((vb >> 4) - 8) * value_scale;
       }
-      ks[p] = quantize_vector(x, k + p * kQ4Head, kQ4Head);
-      vs[p] = quantize_vector(y, v + p * kQ4Head, kQ4Head);
+      c.ks[p] = quantize_vector(x, c.k + p * kQ4Head, kQ4Head);
+      c.vs[p] = quantize_vector(y, c.v + p * kQ4Head, kQ4Head);
     }
   });
 }
