@@ -718,56 +718,60 @@ class Generator:
             self._prepare_coarse(spent)
 
     def _prepare_cache(self, spent: float | None) -> None:
-        """The next slices of the int4 cache's buffers (`MusicModel.prepare_cheap_cache`), for
-        at most PREPARE_SHARE of the chunk's time (`spent`; at least one slice), or all that is
-        left (`spent` None)."""
+        """The next slices of the int4 cache's buffers (`MusicModel.prepare_cheap_cache`)."""
         assert self._cache_parts is not None
-        began = time.perf_counter()
-        with self._engine_call("preparing an int4 KV cache"):
-            while True:
-                try:
-                    next(self._cache_parts)
-                except StopIteration:
-                    self._cache_parts = None
-                    log.info("int4 KV cache ready for when generation cannot keep up otherwise")
-                    return
-                except Exception as e:  # noqa: BLE001 - the music goes on without the level
-                    log.warning(
-                        "cannot prepare an int4 KV cache, so generation will not take one when "
-                        "behind: %s",
-                        describe(e),
-                    )
-                    self._cache_parts, self.cache_speedup = None, 0.0
-                    return
-                if spent is not None and time.perf_counter() - began >= PREPARE_SHARE * spent:
-                    return
+        done = self._run_parts(self._cache_parts, spent, "an int4 KV cache", lambda: False)
+        if isinstance(done, Exception):
+            log.warning(
+                "cannot prepare an int4 KV cache, so generation will not take one when behind: %s",
+                describe(done),
+            )
+            self._cache_parts, self.cache_speedup = None, 0.0
+        elif done:
+            self._cache_parts = None
+            log.info("int4 KV cache ready for when generation cannot keep up otherwise")
 
     def _prepare_coarse(self, spent: float | None) -> None:
-        """The next layers of the int4 set being prepared, for at most PREPARE_SHARE of the
-        chunk's time (`spent`; at least one layer), or all that is left (`spent` None): ahead
-        of need, a slower stream for some chunks (or the time the worker would wait) instead of
-        seconds of stall at a switch that may never come."""
+        """The next layers of the int4 set being prepared (`MusicModel.prepare_coarse`)."""
         if self._coarse_parts is None:
             return
+        # (done once the model has the set: the iterator yields once more after its last layer)
+        done = self._run_parts(
+            self._coarse_parts, spent, "int4 weights", lambda: self.model.coarse_ready
+        )
+        if isinstance(done, Exception):
+            log.warning(
+                "cannot prepare int4 weights, so generation will not fall back to them when "
+                "behind: %s",
+                describe(done),
+            )
+            self._coarse_parts, self.coarse_speedup = None, 0.0
+        elif done:
+            self._coarse_parts = None
+            log.info("int4 weights ready for when generation cannot keep up otherwise")
+
+    def _run_parts(
+        self, parts: Iterator[None], spent: float | None, what: str, ready: Callable[[], bool]
+    ) -> bool | Exception:
+        """Run a rung's preparation (`parts`, a step of work per item) for at most
+        PREPARE_SHARE of the chunk's time (`spent`; at least one step), or all that is left
+        (`spent` None): ahead of need, a slower stream for some chunks (or the time the worker
+        would wait) instead of seconds of stall at a switch that may never come. True once it
+        is done (`parts` ended or `ready()`), False while more is left, or what it raised (the
+        music goes on without that rung)."""
         began = time.perf_counter()
-        with self._engine_call("preparing int4 weights"):
+        with self._engine_call(f"preparing {what}"):
             while True:
                 try:
-                    next(self._coarse_parts)
-                except Exception as e:  # noqa: BLE001 - the music goes on without the level
-                    log.warning(
-                        "cannot prepare int4 weights, so generation will not fall back to "
-                        "them when behind: %s",
-                        describe(e),
-                    )
-                    self._coarse_parts, self.coarse_speedup = None, 0.0
-                    return
-                if self.model.coarse_ready:
-                    self._coarse_parts = None
-                    log.info("int4 weights ready for when generation cannot keep up otherwise")
-                    return
+                    next(parts)
+                except StopIteration:
+                    return True
+                except Exception as e:  # noqa: BLE001 - returned: the caller drops the rung
+                    return e
+                if ready():
+                    return True
                 if spent is not None and time.perf_counter() - began >= PREPARE_SHARE * spent:
-                    return
+                    return False
 
     def _switch_weights(self, coarse: bool, rates: ladder.Rates, level: int) -> bool:
         """To coarse (int4) weights while even the shortest restarts cannot keep up, or back
