@@ -668,24 +668,28 @@ class Generator:
 
     def _switch_rungs(self, level: int, rates: ladder.Rates, cost: float, position: float) -> int:
         """Weights and cache as `level` has them (from `_climb`): int4 weights at the coarse
-        level, an int4 KV cache from the cheaper-cache level on (where the model has one). Returns the level reached (int4 weights that could not be made: the level
-        before them). A rung newly taken has its speed measured (`_measure_rung`)."""
+        level, an int4 KV cache from the cheaper-cache level on (where the model has one).
+        Returns the level reached (int4 weights that could not be made: the level before them;
+        an int4 cache that could not be made: the whole context on int8's, or the level asked
+        for without it). A rung newly taken has its speed measured (`_measure_rung`)."""
         before = (cost, position, self.model.cheap_cache, self.model.coarse)
         coarse = level == ladder.COARSE
         if coarse != self.model.coarse and not self._switch_weights(coarse, rates, level):
             level, coarse = rates.levels[-2], False  # (the level before the coarse one)
         cheap = level >= ladder.CHEAP_CACHE and self.cache_speedup > 0
-        if cheap != self.model.cheap_cache:
-            self._switch_cache(cheap, rates, level)
+        if cheap != self.model.cheap_cache and not self._switch_cache(cheap, rates, level):
+            cheap = self.model.cheap_cache
+            level = 0 if level == ladder.CHEAP_CACHE else level
         if (cheap and not before[2]) or (coarse and not before[3]):
             self._before, self._settling = before, 0
             self._rung_until = self.clock() + ladder.RUNG_SECONDS
         return level
 
-    def _switch_cache(self, cheap: bool, rates: ladder.Rates, level: int) -> None:
+    def _switch_cache(self, cheap: bool, rates: ladder.Rates, level: int) -> bool:
         """To an int4 KV cache while the whole context cannot keep up on the int8 one, or back
         once it can (`MusicModel.use_cheap_cache`: every batch converts its cache now, tens of
-        milliseconds); the ThreadTuner's costs start afresh."""
+        milliseconds); the ThreadTuner's costs start afresh. False when the conversion failed
+        (said; the rung is dropped and the batches converted already go back to int8)."""
         assert self.tuner is not None
         window = self.specs[0].window
         rate = self.model.frame_rate
@@ -706,8 +710,19 @@ class Generator:
             )
         # needed now: what was not prepared is touched only where the conversion writes
         self._cache_parts = None
-        self.model.use_cheap_cache(cheap)
+        try:
+            self.model.use_cheap_cache(cheap)
+        except Exception as e:  # noqa: BLE001 - the music goes on without the rung
+            log.warning(
+                "cannot convert the KV cache, so generation goes on without an int4 one: %s",
+                describe(e),
+            )
+            self.cache_speedup = 0.0
+            if cheap:  # (into the int8 buffers they left: no new memory)
+                self.model.use_cheap_cache(False)
+            return False
         self.tuner.forget()
+        return True
 
     def _prepare(self, spent: float | None) -> None:
         """The next part of what the ladder's rungs need, ahead of need: the int4 cache's

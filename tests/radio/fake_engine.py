@@ -186,9 +186,13 @@ class FakeModel:
             self.cache_parts += 1
             yield
 
+    cheap_cache_error: Exception | None = None  # what a switch to it raises
+
     def use_cheap_cache(self, on: bool) -> None:
         assert self.cheap_cache_reason is None, self.cheap_cache_reason
         self.cache_switches = [*getattr(self, "cache_switches", []), on]
+        if on and self.cheap_cache_error is not None:
+            raise self.cheap_cache_error
         self.cheap_cache = on
 
 

@@ -411,6 +411,26 @@ def test_a_rungs_speedup_is_measured_at_the_same_positions():
     assert gen.cache_speedup == 1.1 and gen._before is None
 
 
+async def test_an_int4_cache_that_cannot_be_made_leaves_int8_running(run, caplog):
+    """A conversion that fails (out of memory) is said, drops the rung and puts the batches
+    back on the int8 cache; the stations play on."""
+    caplog.set_level(logging.INFO, logger="radio.generator")
+    model = FakeModel()
+    model.cheap_cache_reason = None
+    model.cheap_cache_error = MemoryError("out of memory")
+    gen, sink = await run(model, ("a",), buffer_ahead=1.0, window=COLD)
+    await sink.until(lambda: len(sink.pcm("a")) == 5)
+    gen.prefill_seconds = 21.0  # x0.95 with the int8 cache, x1.05 predicted with the int4 one
+    gen.played("a", 20)
+    await sink.until(lambda: "cannot convert the KV cache" in caplog.text)
+    assert "out of memory" in caplog.text and model.cache_switches == [True, False]
+    assert gen.cache_speedup == 0 and not model.cheap_cache and gen.restart_level != CHEAP_CACHE
+    chunks = len(sink.pcm("a"))
+    gen.played("a", 40)
+    await sink.until(lambda: len(sink.pcm("a")) > chunks)
+    assert "the generator thread died" not in caplog.text
+
+
 async def test_int4_weights_come_with_the_cheaper_cache(run, caplog, monkeypatch):
     """Straight to the coarse level (nothing on int8 weights keeps up): int4 weights and the int4
     cache at once, and both back when the machine is fast again."""
