@@ -122,13 +122,20 @@ def kv_bytes_per_position(decoder) -> float:
 
 @torch.inference_mode()
 def bench_realtime(
-    path: Path, modes: list[str], seconds: float, window: WindowOptions, cold: bool = False
+    path: Path,
+    modes: list[str],
+    seconds: float,
+    window: WindowOptions,
+    cold: bool = False,
+    unfolded: bool = False,
 ) -> None:
     """The end-to-end real-time run of each mode, the modes taking turns 25 frames at a time
     (with a plain read of 400 MB between turns, this machine's bandwidth meanwhile), so that
     they share whatever a shared machine does; each mode's real-time factor counts its own
     turns' wall time. `cold`: each mode also runs with prefilled window restarts
-    (`warm_restarts` off), as "<mode> cold"."""
+    (`warm_restarts` off), as "<mode> cold". `unfolded`: each mode also on a model of its own
+    whose fused step runs the cross-attention's projections every step instead of reading them
+    folded into the text (`Decoder.fold_cross` off), as "<mode> unfolded"."""
     loaded = {}
     for m in modes:
         try:
@@ -139,6 +146,11 @@ def bench_realtime(
     if cold:
         unwarmed = dataclasses.replace(window, warm_restarts=False)
         runs |= {f"{m} cold": (model, unwarmed) for m, model in loaded.items()}
+    if unfolded:
+        for m in list(loaded):
+            model = MusicModel.load(load_options(path, m))
+            model.decoder.fold_cross = False
+            runs[f"{m} unfolded"] = (model, window)
     models = {label: model for label, (model, _) in runs.items()}
     modes = list(runs)
     streams = {
@@ -155,6 +167,7 @@ def bench_realtime(
     dec0 = {m: s.decode_seconds for m, s in streams.items()}
     load = os.getloadavg()[0]
     positions: dict[str, list[float]] = {m: [] for m in modes}  # each turn's mean position
+    cross: dict[str, list[tuple[int, bool]]] = {m: [] for m in modes}  # each turn's cross read
     for done in range(0, frames, 25):
         for m, stream in streams.items():
             at = stream.tokens.position
@@ -163,6 +176,7 @@ def bench_realtime(
             wall[m] += time.perf_counter() - began
             end = stream.tokens.position
             positions[m].append((at + end) / 2 if end >= at else end / 2)  # (a window restart)
+            cross[m].append(stream.tokens.cross_read)
         began = time.perf_counter()
         data.max()
         reads.append(data.nbytes / (time.perf_counter() - began) / 1e9)
@@ -171,7 +185,10 @@ def bench_realtime(
     for m, stream in streams.items():
         steps = stream.tokens.steps - steps0[m]
         rtf = frames / 50 / wall[m]
-        step_mb = weight_bytes(models[m].decoder) / 1e6
+        decoder = models[m].decoder
+        cross_mb = statistics.mean(b for b, _ in cross[m]) / 1e6
+        folded = sum(f for _, f in cross[m]) / len(cross[m])
+        step_mb = (weight_bytes(decoder) - decoder.cross_weight_bytes()) / 1e6 + cross_mb
         position = statistics.mean(positions[m])
         kv_mb = kv_bytes_per_position(models[m].decoder) * stream.tokens.rows * position / 1e6
         read_gb = (step_mb + kv_mb) * steps / (frames / 50) / 1e3  # per audio second
@@ -182,7 +199,8 @@ def bench_realtime(
             f"real-time factor {rtf:.3f}, decoder "
             f"{steps / max(stream.generate_seconds - gen0[m], 1e-9):.1f} steps/s, codec "
             f"{1000 * (stream.decode_seconds - dec0[m]) / (frames / 50):.0f} ms per audio s; "
-            f"read per step: weights {step_mb:.3g} MB + KV cache {kv_mb:.3g} MB ({stream.tokens.rows}"
+            f"read per step: weights {step_mb:.3g} MB (cross-attention {cross_mb:.3g} MB, folded "
+            f"into the text in {folded:.0%} of the turns) + KV cache {kv_mb:.3g} MB ({stream.tokens.rows}"
             f" rows at mean position {position:.0f}; warm rows not counted), {read_gb:.1f} GB per "
             f"audio s, so {read_gb * rtf:.1f} GB/s read ({read_gb * rtf / gbs:.0%} of the plain read);"
             f" RTF per 10 GB/s of plain read {rtf / gbs * 10:.3f}"
@@ -306,6 +324,12 @@ def main() -> int:
         help="with --realtime-only: each mode also with prefilled window restarts "
         "(generation.warm_restarts off), taking turns with the warm ones",
     )
+    parser.add_argument(
+        "--unfolded-too",
+        action="store_true",
+        help="with --realtime-only: each mode also with the cross-attention's projections run "
+        "every step (not folded into the text), taking turns with the folded ones",
+    )
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -320,7 +344,14 @@ def main() -> int:
     if args.realtime_only:
         modes = args.modes.split(",")
         say(f"engine ({', '.join(modes)}): real-time run over {args.realtime_seconds:.0f} s ...")
-        bench_realtime(path, modes, args.realtime_seconds, window, cold=args.cold_too)
+        bench_realtime(
+            path,
+            modes,
+            args.realtime_seconds,
+            window,
+            cold=args.cold_too,
+            unfolded=args.unfolded_too,
+        )
         return 0
     modes = args.modes.split(",")
     for mode in list(modes):

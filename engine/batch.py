@@ -341,6 +341,11 @@ class DecodeBatch:
                 sources.append(None if j is None else start + j)
         return sources
 
+    @property
+    def cross(self) -> CrossKV:
+        """Every row's cross-attention inputs, in row order, as the next step reads them."""
+        return self._stacked_cross()
+
     def _stacked_cross(self) -> CrossKV:
         """Every row's cross-attention inputs, in row order (a lone lane's are its own)."""
         if len(self._crosses) == 1:

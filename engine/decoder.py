@@ -21,7 +21,7 @@ cache's slots with the mask `arange(P) <= position[row]`), the function the GPU'
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, Protocol
 
@@ -59,6 +59,8 @@ class LayerWeights:
     k_cross: torch.Tensor  # [E, E_text], used once per prompt
     v_cross: torch.Tensor  # [E, E_text], used once per prompt
     out_cross: Projection  # E -> E
+    q_cross_weight: torch.Tensor  # [E, E]: q_cross's and out_cross's own weights, folded into
+    out_cross_weight: torch.Tensor  # the text once per prompt (`Decoder.cross_kv`)
     ln_ffn: tuple[torch.Tensor, torch.Tensor]
     fc1: Projection  # E -> F
     fc2: Projection  # F -> E
@@ -74,13 +76,85 @@ class FusedStep(Protocol):
 
 
 @dataclass
+class Folded:
+    """Cross-attention folded into the text of some rows (`Decoder.cross_kv`): per row, head and
+    text position z = W_q,h^T k / sqrt(D), then u = W_o[:, h] v, as `vectors` [L, B, H, 2, S, E]
+    int8 with a float32 scale per vector, `scales` [L, B, H, 2, S]; `rows` [B] bool: the rows
+    folded (the others' entries are zero; they read the projections)."""
+
+    vectors: torch.Tensor
+    scales: torch.Tensor
+    rows: torch.Tensor
+
+    @staticmethod
+    def zeros(layers: int, rows: int, heads: int, positions: int, hidden: int) -> Folded:
+        shape = (layers, rows, heads, 2, positions)
+        return Folded(
+            torch.zeros(*shape, hidden, dtype=torch.int8),
+            torch.zeros(shape),
+            torch.zeros(rows, dtype=torch.bool),
+        )
+
+    def put(self, layer: int, rows: torch.Tensor, vectors: torch.Tensor) -> None:
+        """float32 vectors [len(rows), H, 2, S, E] of `layer` as int8, each scaled by its
+        largest magnitude / 127."""
+        scales = vectors.abs().amax(dim=-1) / 127
+        self.vectors[layer, rows] = torch.round(vectors / scales.clamp(min=1e-30)[..., None]).to(
+            torch.int8
+        )
+        self.scales[layer, rows] = scales
+        self.rows[rows] = True
+
+
+NOT_FOLDED = Folded(torch.empty(0, dtype=torch.int8), torch.empty(0), torch.empty(0, dtype=bool))
+
+
+@dataclass
 class CrossKV:
     """Per-layer cross-attention keys/values of one prompt batch, and the text mask."""
 
     keys: list[torch.Tensor]  # L x [B, H, S, D]
     values: list[torch.Tensor]  # L x [B, H, S, D]
     mask: torch.Tensor  # [B, 1, 1, S] bool, True = attend
+    # for our fused step: the attention folded into the text of some rows, per group of rows
+    # that has any, (its first row, Folded) (`Decoder.cross_kv`); joined by `folded_inputs`
+    folded: list[tuple[int, Folded]] = field(default_factory=list)
     _stacked: tuple[torch.Tensor, ...] | None = None
+    _folded: Folded | None = None
+    _folded_read: tuple[int, bool] | None = None
+
+    def folded_inputs(self) -> Folded:
+        """The folded parts as one Folded of every row (each text zero-padded to S: a padded
+        position's bias is -inf, it weighs nothing), built once; NOT_FOLDED when none is."""
+        if not self.folded:
+            return NOT_FOLDED
+        if self._folded is None:
+            rows = self.mask.shape[0]
+            first, part = self.folded[0]
+            if len(self.folded) == 1 and first == 0 and part.rows.shape[0] == rows:
+                self._folded = part
+            else:
+                layers, _, heads, _, _, hidden = part.vectors.shape
+                joined = Folded.zeros(layers, rows, heads, self.mask.shape[-1], hidden)
+                for first, p in self.folded:
+                    end, s = first + p.rows.shape[0], p.vectors.shape[4]
+                    joined.vectors[:, first:end, :, :, :s] = p.vectors
+                    joined.scales[:, first:end, :, :, :s] = p.scales
+                    joined.rows[first:end] = p.rows
+                self._folded = joined
+        return self._folded
+
+    def folded_read(self) -> tuple[int, bool]:
+        """(text positions of the folded rows, whether another row reads text through the
+        projections): what a fused step over these inputs reads for its cross-attention."""
+        if self._folded_read is None:
+            lengths = self.stacked()[3]
+            folded = torch.zeros(lengths.shape[0], dtype=torch.bool)
+            for first, p in self.folded:
+                folded[first : first + p.rows.shape[0]] = p.rows
+            projected = bool(((lengths > 0) & ~folded).any())
+            self._folded_read = (int(lengths[folded].sum()), projected)
+        return self._folded_read
 
     def stacked(self) -> tuple[torch.Tensor, ...]:
         """The inputs of our fused decode step, built once per prompt: (keys, values)
@@ -120,10 +194,15 @@ def concat_cross(parts: list[CrossKV]) -> CrossKV:
         return F.pad(x, (0, 0, 0, longest - x.shape[2]))
 
     layers = range(len(parts[0].keys))
+    folded, row = [], 0
+    for p in parts:
+        folded += [(row + first, f) for first, f in p.folded]
+        row += p.mask.shape[0]
     return CrossKV(
         [torch.cat([padded(p.keys[i]) for p in parts]) for i in layers],
         [torch.cat([padded(p.values[i]) for p in parts]) for i in layers],
         torch.cat([F.pad(p.mask, (0, longest - p.mask.shape[-1]), value=False) for p in parts]),
+        folded,
     )
 
 
@@ -255,6 +334,11 @@ class Decoder:
         # cross_kv rounds to bfloat16 for the fused step; fixed here, so that the op-by-op path
         # (tests switch `_fused` off to compare) reads the same values
         self._cross_bf16 = self._fused is not None
+        # the fused step's cross-attention folded into the text where that reads fewer bytes
+        # (`cross_kv`, `decode_one_step`); tests switch it off to compare with the op-by-op path
+        self.fold_cross = True
+        self.fold_stations = 1  # stations expected to share a step: see `cross_kv`
+        self._cross_weights: tuple[list[LayerWeights], int] | None = None
 
     def coarse_available(self) -> str | None:
         """None when `use_coarse` can run here, else why not: it needs int8 projections through
@@ -400,6 +484,8 @@ class Decoder:
             k_cross=cross.k_proj.weight,
             v_cross=cross.v_proj.weight,
             out_cross=linear("out_cross", cross.out_proj),
+            q_cross_weight=cross.q_proj.weight,
+            out_cross_weight=cross.out_proj.weight,
             ln_ffn=_ln(layer.final_layer_norm),
             fc1=linear("fc1", layer.fc1),
             fc2=linear("fc2", layer.fc2),
@@ -432,12 +518,69 @@ class Decoder:
         split = (b, s, self.heads, self.head_dim)
 
         def heads(w: torch.Tensor) -> torch.Tensor:
-            x = F.linear(text_states, w).view(split).transpose(1, 2)
+            return F.linear(text_states, w).view(split).transpose(1, 2)
+
+        def rounded(x: torch.Tensor) -> torch.Tensor:
             return self._attn(x.to(torch.bfloat16) if self._cross_bf16 else x)
 
-        keys = [heads(w.k_cross) for w in self.layers]
-        values = [heads(w.v_cross) for w in self.layers]
-        return CrossKV(keys, values, text_mask[:, None, None, :])
+        keys, values, projected = [], [], []
+        for w in self.layers:
+            k, v = heads(w.k_cross), heads(w.v_cross)
+            keys.append(rounded(k))
+            values.append(rounded(v))
+            projected.append((k, v))
+        cross = CrossKV(keys, values, text_mask[:, None, None, :])
+        if self._fused is None or not self.fold_cross:
+            return cross
+        # a row folds when its text alone reads fewer bytes folded than the projections' weights
+        # over the stations expected (`fold_stations`): the choice is the row's own, so a station
+        # makes the same music batched or alone
+        lengths = cross.stacked()[3]
+        limit = self.cross_weight_bytes() / max(self.fold_stations, 1) / self._fold_token_bytes()
+        rows = ((lengths > 0) & (lengths < limit)).nonzero()[:, 0]
+        if len(rows):
+            folded = Folded.zeros(len(self.layers), b, self.heads, s, self.hidden)
+            for i, (w, (k, v)) in enumerate(zip(self.layers, projected, strict=True)):
+                folded.put(i, rows, self._fold(w, k[rows], v[rows]))
+            cross.folded = [(0, folded)]
+        return cross
+
+    def _fold_token_bytes(self) -> int:
+        """Bytes a step reads per folded text position: z and u per layer and head, int8 with a
+        float32 scale each."""
+        return len(self.layers) * self.heads * 2 * (self.hidden + 4)
+
+    def cross_read(self, cross: CrossKV) -> tuple[int, bool]:
+        """(bytes, folded): what our fused step reads per step for the cross-attention over
+        `cross` besides its keys and values: the folded rows' text (`cross_kv`), and q_cross's
+        and out_cross's weights where another row reads text through them; folded: whether
+        any row is."""
+        tokens, projected = cross.folded_read()
+        weights = self.cross_weight_bytes() if projected else 0
+        return tokens * self._fold_token_bytes() + weights, tokens > 0
+
+    def cross_weight_bytes(self) -> int:
+        """Bytes of q_cross's and out_cross's weights a step reads (int8 or int4 as set now)."""
+        if self._cross_weights is None or self._cross_weights[0] is not self.layers:
+
+            def nbytes(p: object) -> int:
+                return sum(getattr(p, n).nbytes for n in ("packed", "scales") if hasattr(p, n))
+
+            total = sum(nbytes(w.q_cross) + nbytes(w.out_cross) for w in self.layers)
+            self._cross_weights = (self.layers, total)
+        return self._cross_weights[1]
+
+    def _fold(self, w: LayerWeights, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One layer's cross-attention folded into the text, [B, H, 2, S, E] bfloat16: per head
+        h and text position, z = W_q,h^T k / sqrt(D) (a query's score is then its normed input
+        times z) and u = W_o[:, h] v (the output is the scores' softmax times u, summed over
+        heads and positions). k, v [B, H, S, D] as projected (float)."""
+        e, h, d = self.hidden, self.heads, self.head_dim
+        q_w = w.q_cross_weight.float().view(h, d, e)
+        out_w = w.out_cross_weight.float().view(e, h, d)
+        z = torch.einsum("bhsd,hde->bhse", k.float(), q_w) * d**-0.5
+        u = torch.einsum("bhsd,ehd->bhse", v.float(), out_w)
+        return torch.stack([z, u], dim=2)
 
     def _embed(
         self, ids: torch.Tensor, start: int, rows_at: torch.Tensor | None = None
@@ -607,7 +750,16 @@ class Decoder:
         at = rows_at if rows_at is not None else [cache.length] * ids.shape[0]
         if self._fused is not None and cache.quantized:
             step = self._fused.step_q4 if cache.kind == "int4" else self._fused.step
-            logits = step(ids, torch.tensor(at), *cache.tensors(), *cross.stacked())
+            folded = cross.folded_inputs()
+            logits = step(
+                ids,
+                torch.tensor(at),
+                *cache.tensors(),
+                *cross.stacked(),
+                folded.vectors,
+                folded.scales,
+                folded.rows,
+            )
             cache.length = max(at) + 1
             return logits.view(ids.shape[0], self.num_codebooks, self.vocab)
         if self._kernels is not None:

@@ -117,6 +117,12 @@ class TokenStream:
         return self._lane.steps
 
     @property
+    def cross_read(self) -> tuple[int, bool]:
+        """(bytes, folded) a decode step of its batch reads for the cross-attention's
+        projections, or the attention folded into the text (`Decoder.cross_read`)."""
+        return self._batch.decoder.cross_read(self._batch.cross)
+
+    @property
     def prefills(self) -> int:
         """Windows it prefilled: its first, window restarts, prompt changes, seeds."""
         return self._lane.prefills

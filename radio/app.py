@@ -148,6 +148,7 @@ def build_radio(
         for sid, st in stations.items()
     }
     opening = {sid: open_station(st, directors[sid]) for sid, st in stations.items()}
+    model.expect_stations(len(stations))
     g = config.generation
     chunk = g.chunk_for(len(stations))
     if g.chunk_seconds == "auto":

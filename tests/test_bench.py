@@ -141,10 +141,12 @@ def test_serve_benchmark_runs_two_stations_with_a_listener_each(tmp_path):
 
 def test_engine_benchmark_realtime_only(tmp_path):
     """Warm and prefilled window restarts taking turns: 6 s of audio cross 2 window restarts
-    (window 150, context 40: 107 new frames per window)."""
+    (window 150, context 40: 107 new frames per window); the cross-attention unfolded taking
+    turns as well."""
     out = _run(
         "bench_engine.py",
         *("--size", "tiny", "--realtime-only", "--realtime-seconds", "6", "--cold-too"),
+        "--unfolded-too",
         *("--window", "150", "--context", "40"),
         tmp_path=tmp_path,
     )
@@ -156,15 +158,19 @@ def test_engine_benchmark_realtime_only(tmp_path):
     assert (cold := re.search(line, out)) and int(cold.group(1)) >= 3, out
     assert re.search(r"real-time factor [\d.]+", out)
     read = re.search(
-        r"read per step: weights ([\d.]+) MB \+ KV cache ([\d.]+) MB \(2 rows at mean position "
+        r"read per step: weights ([\d.]+) MB \(cross-attention ([\d.]+) MB, folded into the text "
+        r"in (\d+)% of the turns\) \+ KV cache ([\d.]+) MB \(2 rows at mean position "
         r"(\d+);.*\), ([\d.]+) GB per audio s, so ([\d.]+) GB/s read \((\d+)% of the plain",
         out,
     )
     assert read, out
-    weights, kv, position = float(read[1]), float(read[2]), int(read[3])
-    assert weights > 0 and kv > 0 and 0 < position < 150  # within a window of 150
-    assert float(read[5]) > 0 and 0 < int(read[6]) < 200
+    weights, cross, kv, position = float(read[1]), float(read[2]), float(read[4]), int(read[5])
+    assert weights > cross > 0 and kv > 0 and 0 < position < 150  # within a window of 150
+    assert float(read[7]) > 0 and 0 < int(read[8]) < 200
     assert re.search(r"int8 cold's real-time factor: x[\d.]+ int8's \(same turns\)", out), out
+    unfolded = r"real time, int8 unfolded, .* folded into the text in 0% of the turns"
+    assert re.search(unfolded, out), out
+    assert re.search(r"int8 unfolded's real-time factor: x[\d.]+ int8's \(same turns\)", out)
 
 
 def test_kernels_benchmark_prints_each_kernel(tmp_path):

@@ -562,6 +562,61 @@ DecoderLayerTensors decoder_layer(const pybind11::kwargs& weights) {
   return layer;
 }
 
+// The folded cross-attention (decode_step.h `CrossInputs::folded`): int8 vectors
+// [L, B, H, 2, S, E], float32 scales [L, B, H, 2, S] and the rows that read them, bool [B], or an
+// empty `vectors` for none. Returns whether there are.
+bool check_folded(const char* fn, const torch::Tensor& vectors, const torch::Tensor& scales,
+                  const torch::Tensor& rows, int64_t L, int64_t B, int64_t H, int64_t S, int64_t E) {
+  if (vectors.numel() == 0) return false;
+  TORCH_CHECK(vectors.dim() == 6 && vectors.is_contiguous() && vectors.scalar_type() == torch::kChar &&
+                  vectors.sizes() == torch::IntArrayRef({L, B, H, 2, S, E}) &&
+                  scales.is_contiguous() && scales.scalar_type() == torch::kFloat &&
+                  scales.sizes() == vectors.sizes().slice(0, 5),
+              fn, ": folded cross-attention int8 [", L, ", ", B, ", ", H, ", 2, ", S, ", ", E,
+              "] with float32 scales [", L, ", ", B, ", ", H, ", 2, ", S, "], contiguous, or empty; got ",
+              vectors.sizes(), " and ", scales.sizes());
+  TORCH_CHECK(rows.dim() == 1 && rows.size(0) == B && rows.scalar_type() == torch::kBool &&
+                  rows.is_contiguous(),
+              fn, ": the folded rows, bool [", B, "]");
+  return true;
+}
+
+// What the fused step adds to its rows for the cross-attention of `layer` folded into the text
+// (decode_step.h `cross_attention_folded`), alone, for tests: h [B, E] (the rows after
+// ln_cross), the folded inputs, the additive bias [B, S] and the text positions each row reads
+// [B]. Returns [B, E] (zero for the rows not folded).
+torch::Tensor cross_attend_folded(torch::Tensor h, torch::Tensor vectors, torch::Tensor scales,
+                                  torch::Tensor rows, torch::Tensor bias, torch::Tensor lengths,
+                                  int64_t layer) {
+  const char* fn = "cross_attend_folded";
+  TORCH_CHECK(vectors.dim() == 6, fn, ": folded vectors [L, B, H, 2, S, E]");
+  const int64_t L = vectors.size(0), B = vectors.size(1), H = vectors.size(2), S = vectors.size(4),
+                E = vectors.size(5);
+  TORCH_CHECK(check_folded(fn, vectors, scales, rows, L, B, H, S, E), fn, ": nothing folded");
+  TORCH_CHECK(E % 16 == 0, fn, ": hidden a multiple of 16, got ", E);
+  TORCH_CHECK(0 <= layer && layer < L, fn, ": layer ", layer, " of ", L);
+  TORCH_CHECK(h.dim() == 2 && h.size(0) == B && h.size(1) == E && h.is_contiguous() &&
+                  h.scalar_type() == torch::kFloat, fn, ": float32 rows [", B, ", ", E, "]");
+  TORCH_CHECK(bias.sizes() == torch::IntArrayRef({B, S}) && bias.is_contiguous() &&
+                  bias.scalar_type() == torch::kFloat, fn, ": float32 bias [", B, ", ", S, "]");
+  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == B && lengths.is_contiguous() &&
+                  lengths.scalar_type() == torch::kLong, fn, ": int64 lengths [", B, "]");
+  const int64_t* n = lengths.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(n[b] >= 0 && n[b] <= S, fn, ": row ", b, " reads ", n[b], " text positions of ", S);
+  ModelW m{};
+  m.E = E, m.H = H;
+  StepScratch s;
+  const int64_t scratch = S + 32;
+  s.scores.resize(at::get_num_threads() * scratch);
+  s.partial.resize(B * H * E);
+  CrossInputs c{nullptr, nullptr, bias.data_ptr<float>(), n, S,
+                vectors.data_ptr<int8_t>(), scales.data_ptr<float>(), rows.data_ptr<bool>()};
+  auto out = torch::zeros({B, E}, h.options());
+  cross_attention_folded(m, layer, c, h.data_ptr<float>(), B, out.data_ptr<float>(), s, scratch);
+  return out;
+}
+
 // A whole decoder step (decode_step.h) over tensors that live as long as this object.
 class DecodeStepInt8 {
  public:
@@ -614,7 +669,8 @@ class DecodeStepInt8 {
   torch::Tensor step(torch::Tensor ids, torch::Tensor positions, torch::Tensor keys,
                      torch::Tensor key_scales, torch::Tensor values, torch::Tensor value_scales,
                      torch::Tensor cross_keys, torch::Tensor cross_values, torch::Tensor cross_bias,
-                     torch::Tensor cross_lengths) {
+                     torch::Tensor cross_lengths, torch::Tensor cross_folded,
+                     torch::Tensor cross_folded_scales, torch::Tensor cross_folded_rows) {
     const int64_t B = rows("DecodeStepInt8.step", ids);
     TORCH_CHECK(keys.dim() == 5 && keys.sizes() == values.sizes() && keys.size(0) == m_.L &&
                     keys.size(1) == B && keys.size(2) == m_.H && keys.size(4) == m_.D,
@@ -635,13 +691,14 @@ class DecodeStepInt8 {
                        keys.stride(0), keys.stride(1), keys.stride(2),
                        key_scales.stride(0), key_scales.stride(1), key_scales.stride(2), P, 8};
     return run("DecodeStepInt8.step", ids, positions, cache, cross_keys, cross_values, cross_bias,
-               cross_lengths);
+               cross_lengths, cross_folded, cross_folded_scales, cross_folded_rows);
   }
 
   // The same over an int4 cache (heads of 64): blocks [L, B, H, P / 16, 1088] uint8.
   torch::Tensor step_q4(torch::Tensor ids, torch::Tensor positions, torch::Tensor blocks,
                         torch::Tensor cross_keys, torch::Tensor cross_values, torch::Tensor cross_bias,
-                        torch::Tensor cross_lengths) {
+                        torch::Tensor cross_lengths, torch::Tensor cross_folded,
+                     torch::Tensor cross_folded_scales, torch::Tensor cross_folded_rows) {
     TORCH_CHECK(m_.D == kQ4Head, "DecodeStepInt8.step_q4: an int4 cache holds heads of ", kQ4Head,
                 ", this model's are ", m_.D);
     const int64_t B = rows("DecodeStepInt8.step_q4", ids);
@@ -652,7 +709,7 @@ class DecodeStepInt8 {
     const CacheQ cache{blocks.data_ptr<uint8_t>(), nullptr, nullptr, nullptr,
                        blocks.stride(0), blocks.stride(1), blocks.stride(2), 0, 0, 0, c.P, 4};
     return run("DecodeStepInt8.step_q4", ids, positions, cache, cross_keys, cross_values, cross_bias,
-               cross_lengths);
+               cross_lengths, cross_folded, cross_folded_scales, cross_folded_rows);
   }
 
  private:
@@ -667,7 +724,9 @@ class DecodeStepInt8 {
   torch::Tensor run(const char* fn, const torch::Tensor& ids, const torch::Tensor& positions,
                     const CacheQ& cache, const torch::Tensor& cross_keys,
                     const torch::Tensor& cross_values, const torch::Tensor& cross_bias,
-                    const torch::Tensor& cross_lengths) {
+                    const torch::Tensor& cross_lengths, const torch::Tensor& cross_folded,
+                    const torch::Tensor& cross_folded_scales,
+                    const torch::Tensor& cross_folded_rows) {
     const int64_t B = rows(fn, ids), P = cache.P;
     const auto pos = checked_positions(fn, positions, B, std::min(P, positions_.size(0)));
     const int64_t* pp = pos.data_ptr<int64_t>();
@@ -694,9 +753,14 @@ class DecodeStepInt8 {
     for (int64_t b = 0; b < B; ++b)
       TORCH_CHECK(lengths[b] >= 0 && lengths[b] <= S, fn, ": row ", b, " reads ",
                   lengths[b], " text positions of ", S);
+    const bool folded = check_folded(fn, cross_folded, cross_folded_scales, cross_folded_rows, m_.L, B,
+                                     m_.H, S, m_.E);
     const CrossInputs cross{static_cast<const uint16_t*>(cross_keys.data_ptr()),
                             static_cast<const uint16_t*>(cross_values.data_ptr()),
-                            cross_bias.data_ptr<float>(), lengths, S};
+                            cross_bias.data_ptr<float>(), lengths, S,
+                            folded ? cross_folded.data_ptr<int8_t>() : nullptr,
+                            folded ? cross_folded_scales.data_ptr<float>() : nullptr,
+                            folded ? cross_folded_rows.data_ptr<bool>() : nullptr};
     auto logits = torch::empty({B, m_.lm_heads.out_features()}, ids.options().dtype(torch::kFloat));
     decode_step(m_, ip, pp, B, cache, cross, scratch_, logits.data_ptr<float>());
     return logits;
@@ -761,6 +825,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend_step", &attend_step, nogil, "write a step's keys/values, then attend, per row");
   m.def("attend_step_q8", &attend_step_q8, nogil, "attend_step over an int8 KV cache with scales");
   m.def("attend_step_q4", &attend_step_q4, nogil, "attend_step over an int4 KV cache (blocks)");
+  m.def("cross_attend_folded", &cross_attend_folded, nogil,
+        "one layer's cross-attention folded into the text, as the fused step adds it (tests)");
   m.def("requantize_q8_to_q4", &requantize_q8_to_q4, nogil,
         "positions [0, T) of an int8 KV cache [L, B, H, P, 64] written into an int4 one");
   m.def("requantize_q4_to_q8", &requantize_q4_to_q8, nogil,

@@ -15,7 +15,9 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <array>
+#include <cmath>
 #include <utility>
 #include <vector>
 
@@ -86,6 +88,14 @@ struct CrossInputs {  // cross-attention keys/values [L][B][H][S][D] bfloat16, c
   const float* bias;  // [B][S]: 0 where a text token is, -inf where the row has padding
   const int64_t* lengths;  // [B]: the positions [0, length) a row reads (0: its output is zero)
   int64_t S;
+  // Or nullptr: the attention folded into the text, [L][B][H][2][S][E] int8 with a float32
+  // scale per vector [L][B][H][2][S] (per row, head and text position z = W_q,h^T k / sqrt(D),
+  // then u = W_o[:, h] v: `cross_attention_folded`), read in place of q_cross, the keys and
+  // values, and out_cross.
+  const int8_t* folded = nullptr;
+  const float* folded_scales = nullptr;
+  const bool* folded_rows = nullptr;  // [B]: the rows that read it (others: the projections)
+  bool is_folded(int64_t b) const { return folded && folded_rows[b]; }
 };
 
 struct StepScratch {
@@ -94,6 +104,8 @@ struct StepScratch {
   std::vector<float> qscale;  // [B]
   std::vector<int32_t> qcomp;  // [B]: int8 weights' compensation
   std::vector<float> qsums;  // [B][Kp / G]: int4 weights' group sums
+  std::vector<float> partial;  // [B][H][E]: folded cross-attention's output per (row, head)
+  std::vector<int64_t> items;  // folded cross-attention's (row, head) items that read text
   void fit(const ModelW& m, int64_t B, int64_t P, int64_t S) {
     int64_t widest = 0, groups = 0;
     m.each_projection([&](const Projection& p) {
@@ -103,6 +115,7 @@ struct StepScratch {
     ff.resize(B * m.F), q.resize(B * widest), qscale.resize(B), qcomp.resize(B);
     qsums.resize(B * groups);
     scores.resize(at::get_num_threads() * (std::max(P, S) + 32));
+    partial.resize(B * m.H * m.E), items.reserve(B * m.H);
   }
 };
 
@@ -178,7 +191,7 @@ inline void cross_attention(const ModelW& m, int64_t layer, const CrossInputs& c
     for (int64_t i = i0; i < i1; ++i) {
       if (i + kCrossAhead < i1) ask(i + kCrossAhead);
       const int64_t b = i / H, h = i % H, at = ((layer * B + b) * H + h) * S * D;
-      if (c.lengths[b] == 0) {  // all-zero values (a null row): nothing to read
+      if (c.lengths[b] == 0 || c.is_folded(b)) {  // a null row (all-zero values), or folded
         std::fill(out + b * E + h * D, out + b * E + (h + 1) * D, 0.0f);
         continue;
       }
@@ -188,6 +201,54 @@ inline void cross_attention(const ModelW& m, int64_t layer, const CrossInputs& c
       });
     }
   });
+}
+
+// Cross-attention folded into the text: x[b] += sum over heads h and text positions s of
+// softmax_s(h[b] . z[b,h,s] + bias[b,s]) u[b,h,s]. With z = W_q,h^T k / sqrt(D) and
+// u = W_o[:, h] v (`CrossInputs::folded`) that is out_cross(attend(q_cross(h), k, v)): MusicGen's
+// projections have no bias, so the two products move onto the text once per prompt. A step then
+// reads 2 * S vectors of E int8 per head of a folded row instead of both projections' weights:
+// fewer bytes while the rows have few text tokens (the caller chooses which rows fold:
+// `Decoder.cross_kv`; when none of the others has text, the projections are not read at all).
+// The folded rows' (row, head) items are split across the threads (scratch * thread for their
+// scores), each head's output added into x after, in order.
+inline void cross_attention_folded(const ModelW& m, int64_t layer, const CrossInputs& c,
+                                   const float* h, int64_t B, float* x, StepScratch& s,
+                                   int64_t scratch) {
+  const int64_t E = m.E, H = m.H, S = c.S;
+  s.items.clear();
+  for (int64_t b = 0; b < B; ++b)
+    if (c.lengths[b] > 0 && c.is_folded(b))
+      for (int64_t hd = 0; hd < H; ++hd) s.items.push_back(b * H + hd);
+  const int64_t* items = s.items.data();
+  at::parallel_for(0, static_cast<int64_t>(s.items.size()), 1, [&](int64_t i0, int64_t i1) {
+    float* scores = s.scores.data() + at::get_thread_num() * scratch;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = items[i] / H, T = c.lengths[b];
+      const int64_t at = (layer * B * H + items[i]) * 2 * S;  // its first vector
+      const int8_t* z = c.folded + at * E;
+      const int8_t* u = z + S * E;
+      const float *zs = c.folded_scales + at, *us = zs + S;
+      const float* row = h + b * E;
+      float best = -INFINITY;
+      for (int64_t p = 0; p < T; ++p) {
+        scores[p] = dot_with(row, z + p * E, E) * zs[p] + c.bias[b * S + p];
+        best = std::max(best, scores[p]);
+      }
+      // each weight times its u's scale (an int8 cache's trick); the sum is of the plain ones
+      const float inv = softmax_weights(scores, T, best, us);
+      float* out = s.partial.data() + items[i] * E;
+      std::fill(out, out + E, 0.0f);
+      for (int64_t p = 0; p < T; ++p)
+        if (scores[p] != 0.0f) add_scaled(scores[p] * inv, u + p * E, out, E);
+    }
+  });
+  // the heads in order, whichever thread made them: a row's sums do not depend on the batch
+  for (const int64_t i : s.items) {
+    const float* part = s.partial.data() + i * E;
+    float* xb = x + i / H * E;
+    for (int64_t e = 0; e < E; ++e) xb[e] += part[e];
+  }
 }
 
 // ids [B][K] at positions [B] (each row its own) -> logits [B][K * V]; writes each row's new
@@ -208,6 +269,8 @@ inline void decode_step(const ModelW& m, const int64_t* ids, const int64_t* pos,
   }
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const int64_t scratch = std::max(c.P, cross.S) + 32;
+  bool projected = false;  // whether a row reads text through q_cross and out_cross
+  for (int64_t b = 0; b < B; ++b) projected |= cross.lengths[b] > 0 && !cross.is_folded(b);
   for (int64_t l = 0; l < m.L; ++l) {
     const DecoderLayerW& w = m.layers[l];
     norm_rows(w.ln_self, x, B, E, m.eps, h);
@@ -240,9 +303,12 @@ inline void decode_step(const ModelW& m, const int64_t* ids, const int64_t* pos,
     project<Out::Add>(w.out_self, a, E, B, x, E, s);
 
     norm_rows(w.ln_cross, x, B, E, m.eps, h);
-    project<Out::Store>(w.q_cross, h, E, B, qkv, E, s);
-    cross_attention(m, l, cross, qkv, B, a, s.scores.data(), scratch);
-    project<Out::Add>(w.out_cross, a, E, B, x, E, s);
+    if (cross.folded) cross_attention_folded(m, l, cross, h, B, x, s, scratch);
+    if (projected) {  // a folded row's attention output is zero here: out_cross adds nothing
+      project<Out::Store>(w.q_cross, h, E, B, qkv, E, s);
+      cross_attention(m, l, cross, qkv, B, a, s.scores.data(), scratch);
+      project<Out::Add>(w.out_cross, a, E, B, x, E, s);
+    }
 
     norm_rows(w.ln_ffn, x, B, E, m.eps, h);
     project<Out::Gelu>(w.fc1, h, E, B, ff, F, s);

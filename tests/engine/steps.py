@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from engine.conditioning import batch_conditions
 from engine.decoder import kernel_projection
+
+
+@contextlib.contextmanager
+def projected(decoder) -> Iterator[None]:
+    """Within: cross-attention inputs made by `decoder.cross_kv` are not folded into the text,
+    so that the fused step runs q_cross and out_cross as the op-by-op path does (the folded
+    maths skips their int8 rounding: tests/engine/test_folded_cross.py compares it)."""
+    saved = decoder.fold_cross
+    decoder.fold_cross = False
+    try:
+        yield
+    finally:
+        decoder.fold_cross = saved
 
 
 def _start(decoder, model, rows_at: list[list[int]], prompts: list[str]):
@@ -13,7 +29,8 @@ def _start(decoder, model, rows_at: list[list[int]], prompts: list[str]):
     the cache (a row view of a bigger one, as stations get)."""
     torch.manual_seed(1)
     conditions = [model.encode_prompt(p) for p in prompts]
-    cross = decoder.cross_kv(*batch_conditions(conditions, guidance=True))
+    with projected(decoder):
+        cross = decoder.cross_kv(*batch_conditions(conditions, guidance=True))
     rows = len(rows_at[0])
     return cross, rows, decoder.new_cache(rows + 2, 64).rows(1, rows)
 

@@ -21,7 +21,12 @@ from engine.rows import Prompt, mix_rows
 from engine.token_stream import TokenStream
 from tests.engine.guidance import assert_formula, capture_sampler
 from tests.engine.reference import reference_rows
-from tests.engine.steps import assert_static_equals_eager, assert_steps_agree, first_mismatch
+from tests.engine.steps import (
+    assert_static_equals_eager,
+    assert_steps_agree,
+    first_mismatch,
+    projected,
+)
 
 GREEDY = SamplingOptions(greedy=True)
 JAZZ_RAIN = Blend.parse(
@@ -153,7 +158,8 @@ def _blend_steps(model: MusicModel, fused: bool, groups: list[list[str]], steps:
     try:
         torch.manual_seed(1)
         texts = [condition_rows([model.encode_prompt(t) for t in g], null=True) for g in groups]
-        cross = decoder.cross_kv(*stack_rows([s for s, _ in texts], [m for _, m in texts]))
+        with projected(decoder):  # as the op-by-op path: folded rows are compared elsewhere
+            cross = decoder.cross_kv(*stack_rows([s for s, _ in texts], [m for _, m in texts]))
         counts = [len(g) + 1 for g in groups]
         firsts = [sum(counts[:i]) for i in range(len(groups))]
         mix = [(f, [1 / len(g)] * len(g), f + len(g)) for f, g in zip(firsts, groups, strict=True)]

@@ -31,6 +31,7 @@ from tests.engine.steps import (
     decode_steps_paired,
     first_mismatch,
     fused_step_of,
+    projected,
 )
 
 
@@ -265,8 +266,9 @@ def test_fused_int4_stream_equals_op_by_op_greedy(int4_fused_model):
     try:
         for step in (fused, None):
             decoder._fused = step
-            stream = model.open_stream("slow jazz", SamplingOptions(greedy=True))
-            stream.tokens.generate_until(40)
+            with projected(decoder):
+                stream = model.open_stream("slow jazz", SamplingOptions(greedy=True))
+                stream.tokens.generate_until(40)
             tokens.append(stream.tokens.history()[0][:, :40])
     finally:
         decoder._fused = fused

@@ -117,6 +117,11 @@ class FakeModel:
         self.streams: list[FakeStream] = []
         self.together: list[list[str]] = []  # the prompts of each read_together's streams
 
+    stations_expected = 1  # what the radio said (`expect_stations`)
+
+    def expect_stations(self, count: int) -> None:
+        self.stations_expected = count
+
     def open_streams(self, prompts, samplings, window):
         if self.fail:
             raise RuntimeError("no memory")

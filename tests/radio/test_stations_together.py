@@ -57,3 +57,18 @@ async def test_three_stations_share_one_codec_decode_per_round_and_hear_what_the
         assert sink.pcm(sid) == [CHUNK * r for r in range(ROUNDS)]
         assert _snr_db(alone, heard) >= 120, sid
     assert decodes == [len(PROMPTS)] * ROUNDS  # reading alone never went through it
+
+
+def test_the_radio_tells_the_model_how_many_stations_share_its_steps(tiny_model_dir):
+    """`build_radio` says the station count before any stream opens: a prompt's cross-attention
+    is folded into its text only while that many such texts read fewer bytes than the
+    projections' weights (tests/engine/test_folded_cross.py)."""
+    from engine import LoadOptions, MusicModel
+    from radio.app import build_radio
+    from radio.config import parse_config
+
+    model = MusicModel.load(LoadOptions(model=tiny_model_dir, quantize="int8"))
+    assert model.decoder.fold_stations == 1
+    ids = [{"id": s} for s in PROMPTS]
+    build_radio(parse_config({"stations": ids}, env={}), model)
+    assert model.decoder.fold_stations == len(PROMPTS)

@@ -144,4 +144,28 @@ inline uint16_t quantize_q4(const float* x, uint8_t* out) {
   return bits;
 }
 
+// The same loads by element type, for kernels written once over bfloat16 or int8 vectors.
+inline __m256 load_floats(const uint16_t* p) { return load_bf16(p); }
+inline __m256 load_floats(const int8_t* p) { return load_i8(p); }
+
+// sum of x[i] * z[i] over n floats (n a multiple of 16), z bfloat16 or int8: four accumulators.
+template <class T>
+inline float dot_with(const float* x, const T* z, int64_t n) {
+  __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32)
+    for (int j = 0; j < 4; ++j)
+      a[j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8 * j), load_floats(z + i + 8 * j), a[j]);
+  for (; i < n; i += 8) a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), load_floats(z + i), a[0]);
+  return hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+}
+
+// out[i] += w * u[i] over n floats (n a multiple of 16), u bfloat16 or int8.
+template <class T>
+inline void add_scaled(float w, const T* u, float* out, int64_t n) {
+  const __m256 vw = _mm256_set1_ps(w);
+  for (int64_t i = 0; i < n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_fmadd_ps(vw, load_floats(u + i), _mm256_loadu_ps(out + i)));
+}
+
 }  // namespace er

@@ -113,4 +113,28 @@ inline uint16_t quantize_q4(const float* x, uint8_t* out) {
   return bits;
 }
 
+// The same loads by element type, for kernels written once over bfloat16 or int8 vectors.
+inline __m512 load_floats(const uint16_t* p) { return load_bf16(p); }
+inline __m512 load_floats(const int8_t* p) { return load_i8(p); }
+
+// sum of x[i] * z[i] over n floats (n a multiple of 16), z bfloat16 or int8: four accumulators.
+template <class T>
+inline float dot_with(const float* x, const T* z, int64_t n) {
+  __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64)
+    for (int j = 0; j < 4; ++j)
+      a[j] = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16 * j), load_floats(z + i + 16 * j), a[j]);
+  for (; i < n; i += 16) a[0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), load_floats(z + i), a[0]);
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
+}
+
+// out[i] += w * u[i] over n floats (n a multiple of 16), u bfloat16 or int8.
+template <class T>
+inline void add_scaled(float w, const T* u, float* out, int64_t n) {
+  const __m512 vw = _mm512_set1_ps(w);
+  for (int64_t i = 0; i < n; i += 16)
+    _mm512_storeu_ps(out + i, _mm512_fmadd_ps(vw, load_floats(u + i), _mm512_loadu_ps(out + i)));
+}
+
 }  // namespace er

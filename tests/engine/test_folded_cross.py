@@ -1,0 +1,162 @@
+"""Cross-attention folded into the text (engine/decoder.py `Decoder.cross_kv`, the fused step's
+`cross_attention_folded` in engine/kernels/decode_step.h): the fold's maths against the
+projections in float64, the kernel against float64 maths on the same int8 vectors, the fused step
+folded against the op-by-op path with float cross projections, and which rows fold."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import LoadOptions, MusicModel
+from engine.conditioning import batch_conditions
+from engine.decoder import concat_cross
+
+
+@pytest.fixture(scope="module")
+def int8_model(k, tiny_model_dir):
+    return MusicModel.load(
+        LoadOptions(model=tiny_model_dir, device="cpu", dtype="float32", quantize="int8")
+    )
+
+
+def test_the_kernel_adds_softmax_of_scores_times_the_values(k):
+    """Per folded row and head: softmax over its text positions of h . z * scale + bias, times
+    u * scale, summed over heads and positions; rows not folded, and rows without text, get
+    nothing. Against float64 maths on the same int8 vectors."""
+    torch.manual_seed(0)
+    layers, rows, heads, positions, hidden = 2, 5, 3, 7, 48
+    vectors = torch.randint(
+        -127, 128, (layers, rows, heads, 2, positions, hidden), dtype=torch.int8
+    )
+    scales = torch.rand(layers, rows, heads, 2, positions) * 0.01 + 1e-3
+    folded = torch.tensor([True, True, False, True, True])
+    lengths = torch.tensor([7, 3, 7, 0, 5])  # row 3: no text (a null row)
+    bias = torch.zeros(rows, positions)
+    bias[4, 1] = float("-inf")  # row 4 has padding inside its text
+    h = torch.randn(rows, hidden)
+    for layer in range(layers):
+        got = k.cross_attend_folded(h, vectors, scales, folded, bias, lengths, layer)
+        want = torch.zeros(rows, hidden, dtype=torch.float64)
+        for b in range(rows):
+            n = int(lengths[b])
+            if not folded[b] or n == 0:
+                continue
+            for hd in range(heads):
+                z = vectors[layer, b, hd, 0, :n].double() * scales[layer, b, hd, 0, :n, None]
+                u = vectors[layer, b, hd, 1, :n].double() * scales[layer, b, hd, 1, :n, None]
+                weights = torch.softmax(z @ h[b].double() + bias[b, :n].double(), dim=0)
+                want[b] += weights @ u
+        assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-5), (got - want).abs().max()
+        assert (got[[2, 3]] == 0).all()
+
+
+def test_the_kernel_refuses_inputs_of_the_wrong_shape(k):
+    vectors = torch.zeros(1, 2, 2, 2, 3, 16, dtype=torch.int8)
+    scales, rows = torch.ones(1, 2, 2, 2, 3), torch.ones(2, dtype=torch.bool)
+    args = (torch.zeros(2, 3), torch.full((2,), 3))
+    with pytest.raises(RuntimeError, match="float32 scales"):
+        k.cross_attend_folded(torch.zeros(2, 16), vectors, scales[..., :2], rows, *args, 0)
+    with pytest.raises(RuntimeError, match="the folded rows, bool"):
+        k.cross_attend_folded(torch.zeros(2, 16), vectors, scales, rows.long(), *args, 0)
+    with pytest.raises(RuntimeError, match="reads 4 text positions of 3"):
+        k.cross_attend_folded(torch.zeros(2, 16), vectors, scales, rows, args[0], args[1] + 1, 0)
+
+
+def test_the_fold_is_the_projections_maths(int8_model):
+    """softmax(h . z + bias) u summed over heads and positions, with z and u from `Decoder._fold`,
+    equals out_cross(attention(q_cross(h), k, v)) on the model's float weights (float64)."""
+    decoder = int8_model.decoder
+    torch.manual_seed(2)
+    states, mask = batch_conditions([int8_model.encode_prompt("slow jazz")], guidance=False)
+    w = decoder.layers[1]
+    e, heads, d = decoder.hidden, decoder.heads, decoder.head_dim
+    keys = F.linear(states, w.k_cross).view(1, -1, heads, d).transpose(1, 2)
+    values = F.linear(states, w.v_cross).view(1, -1, heads, d).transpose(1, 2)
+    folded = decoder._fold(w, keys, values)[0].double()  # [H, 2, S, E]
+    h = torch.randn(e, dtype=torch.float64)
+    bias = torch.zeros(mask.shape[-1], dtype=torch.float64).masked_fill(~mask[0], float("-inf"))
+    got = sum(torch.softmax(folded[i, 0] @ h + bias, 0) @ folded[i, 1] for i in range(heads))
+    q = (w.q_cross_weight.double() @ h).view(heads, d)
+    scores = torch.einsum("hd,hsd->hs", q, keys[0].double()) / d**0.5 + bias
+    attended = torch.einsum("hs,hsd->hd", torch.softmax(scores, -1), values[0].double())
+    want = w.out_cross_weight.double() @ attended.reshape(e)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (got - want).abs().max()
+
+
+def _ids(model, rows: int, steps: int = 12) -> torch.Tensor:
+    decoder = model.decoder
+    generator = torch.Generator().manual_seed(3)
+    return torch.randint(
+        0, decoder.vocab + 1, (steps, rows, decoder.num_codebooks), generator=generator
+    )
+
+
+def _steps(model, cross, ids: torch.Tensor) -> torch.Tensor:
+    """Logits [steps, rows, K, V] of decode steps over `ids` [steps, rows, K] from position 0."""
+    decoder = model.decoder
+    cache = decoder.new_cache(ids.shape[1], 64)
+    rows = list(range(ids.shape[1]))
+    return torch.stack(
+        [decoder.decode_one_step(x, cache, cross, [p for _ in rows]) for p, x in enumerate(ids)]
+    )
+
+
+def test_the_fused_step_folded_is_the_op_by_op_step_with_float_cross_projections(int8_model):
+    """The fused step over folded rows against the op-by-op path whose q_cross and out_cross are
+    the float weights (the folded maths skips their int8 rounding): equal up to the folded
+    vectors' int8 rounding, closer than the int8 projections come."""
+    model, decoder = int8_model, int8_model.decoder
+    states = batch_conditions([model.encode_prompt("slow jazz")], guidance=True)
+    cross = decoder.cross_kv(*states)
+    assert cross.folded and cross.folded_inputs().rows.tolist() == [True, False]
+    ids = _ids(model, 2)
+    folded = _steps(model, cross, ids)
+    saved, fused = [(w.q_cross, w.out_cross) for w in decoder.layers], decoder._fused
+    try:
+        decoder._fused = None
+        for w in decoder.layers:
+            w.q_cross = lambda x, w=w: F.linear(x, w.q_cross_weight)
+            w.out_cross = lambda x, w=w: F.linear(x, w.out_cross_weight)
+        float_cross = _steps(model, cross, ids)
+    finally:
+        decoder._fused = fused
+        for w, (q, out) in zip(decoder.layers, saved, strict=True):
+            w.q_cross, w.out_cross = q, out
+    decoder.fold_cross = False
+    try:
+        projected = _steps(model, decoder.cross_kv(*states), ids)
+    finally:
+        decoder.fold_cross = True
+    spread = float_cross.std()
+    err = (folded - float_cross).abs().mean() / spread
+    assert err < 0.001, err
+    assert (projected - float_cross).abs().mean() / spread > 1.5 * err
+
+
+def test_a_row_folds_when_its_text_alone_reads_fewer_bytes(int8_model):
+    """A row folds while its text, times the stations expected (`fold_stations`), reads fewer
+    bytes folded than q_cross's and out_cross's weights; `cross_read` says what a step reads;
+    batched, each row keeps its own choice and its own logits."""
+    model, decoder = int8_model, int8_model.decoder
+    short, long = "jazz", " ".join(["a slow and rainy afternoon in a small cafe"] * 6)
+    states = {p: batch_conditions([model.encode_prompt(p)], guidance=True) for p in (short, long)}
+    weights, per_token = decoder.cross_weight_bytes(), decoder._fold_token_bytes()
+    tokens = {p: int(s[1][0].sum()) for p, s in states.items()}
+    assert tokens[short] * per_token < weights < tokens[long] * per_token
+    crosses = {p: decoder.cross_kv(*s) for p, s in states.items()}
+    assert decoder.cross_read(crosses[short]) == (tokens[short] * per_token, True)
+    assert crosses[long].folded == [] and decoder.cross_read(crosses[long]) == (weights, False)
+    try:
+        decoder.fold_stations = weights // (tokens[short] * per_token) + 1
+        assert decoder.cross_kv(*states[short]).folded == []
+    finally:
+        decoder.fold_stations = 1
+    both = concat_cross([crosses[short], crosses[long]])
+    assert both.folded_inputs().rows.tolist() == [True, False, False, False]
+    assert decoder.cross_read(both) == (tokens[short] * per_token + weights, True)
+    ids = _ids(model, 4)
+    batched = _steps(model, both, ids)
+    alone = [_steps(model, crosses[short], ids[:, :2]), _steps(model, crosses[long], ids[:, 2:])]
+    assert torch.equal(batched, torch.cat(alone, dim=1))
