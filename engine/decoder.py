@@ -356,7 +356,7 @@ class Decoder:
 
     def use_coarse(self, on: bool) -> None:
         """Swap the int8 projections for int4 ones (`on`), or back: x1.5 the steps per second
-        of musicgen-small on a 2-core AVX2 CPU, at 16% of the logit spread against int8's 2.3%
+        of musicgen-small on a 2-core AVX2 CPU, at 16% of the logit spread against int8's 2.2%
         (docs/int4-weights.md). Everything else stays, the KV cache included: the step after a
         swap reads the cache the steps before it wrote. The int4 set is quantized here the first
         time unless `prepare_coarse` built it (seconds for musicgen-small); call between steps,
@@ -415,7 +415,7 @@ class Decoder:
     def use_cheap_cache(self, on: bool) -> None:
         """An int4 KV cache in place of the int8 one (`on`), or back: half the bytes a step's
         attention reads (x1.08-1.09 the real-time factor of one musicgen-small station here,
-        more for several), at 3.0% of the logit spread against 2.3% (docs/benchmarks.md,
+        more for several), at 3.0% of the logit spread against 2.2% (docs/benchmarks.md,
         "Precision"). New caches take the kind at once; `MusicModel.use_cheap_cache` converts
         every batch it opened at once, any other `DecodeBatch` converts its own at its next
         step (`KVCache.converted`: every position written requantized, tens of milliseconds).

@@ -697,7 +697,7 @@ class Generator:
             log.warning(
                 "generation cannot keep up with the int8 KV cache (x%.2f of real time): an int4 "
                 "one in its place until it can (half the bytes a step's attention reads, 3.0%% "
-                "of the logit spread against 2.3%%; predicted x%.2f with the whole context)",
+                "of the logit spread against 2.2%%; predicted x%.2f with the whole context)",
                 ladder.predicted_rtf(rates, window.window, window.context, 0, rate),
                 ladder.predicted_rtf(
                     rates, window.window, window.context, ladder.CHEAP_CACHE, rate

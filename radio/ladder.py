@@ -8,7 +8,7 @@ window), and it is what tips a machine that steps just fast enough below real ti
 trades some of the music's memory for time. Level 0 re-reads the whole context with the KV
 cache as set. Where that cache is int8 on our CPU kernels, level 1 (`CHEAP_CACHE`) keeps the
 whole context and takes an int4 cache in place of it (`MusicModel.use_cheap_cache`: half the
-bytes a step's attention reads, 3.0% of the logit spread against 2.3%, within the precision
+bytes a step's attention reads, 3.0% of the logit spread against 2.2%, within the precision
 budget: gentler on the music than forgetting), and every level after it keeps that cache.
 Level 2 re-reads half the context, level 3 a quarter; past those, levels 4 and 5 keep the
 quarter and end each window early, at two thirds and at half of `window` (20 s and 15 s of
