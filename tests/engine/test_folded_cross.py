@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from engine import LoadOptions, MusicModel
 from engine.conditioning import batch_conditions
-from engine.decoder import concat_cross
+from engine.decoder import FOLD_SHARE, concat_cross
 
 
 @pytest.fixture(scope="module")
@@ -137,19 +137,24 @@ def test_the_fused_step_folded_is_the_op_by_op_step_with_float_cross_projections
 
 def test_a_row_folds_when_its_text_alone_reads_fewer_bytes(int8_model):
     """A row folds while its text, times the stations expected (`fold_stations`), reads fewer
-    bytes folded than q_cross's and out_cross's weights; `cross_read` says what a step reads;
+    bytes folded than `FOLD_SHARE` of q_cross's and out_cross's weights; `cross_read` says what
+    a step reads;
     batched, each row keeps its own choice and its own logits."""
     model, decoder = int8_model, int8_model.decoder
-    short, long = "jazz", " ".join(["a slow and rainy afternoon in a small cafe"] * 6)
-    states = {p: batch_conditions([model.encode_prompt(p)], guidance=True) for p in (short, long)}
+    short, medium = "jazz", "slow rainy day jazz and soft piano"
+    long = " ".join(["a slow and rainy afternoon in a small cafe"] * 6)
+    prompts = (short, medium, long)
+    states = {p: batch_conditions([model.encode_prompt(p)], guidance=True) for p in prompts}
     weights, per_token = decoder.cross_weight_bytes(), decoder._fold_token_bytes()
     tokens = {p: int(s[1][0].sum()) for p, s in states.items()}
-    assert tokens[short] * per_token < weights < tokens[long] * per_token
+    assert tokens[short] * per_token < FOLD_SHARE * weights < tokens[medium] * per_token
+    assert tokens[medium] * per_token < weights < tokens[long] * per_token
     crosses = {p: decoder.cross_kv(*s) for p, s in states.items()}
+    assert crosses[medium].folded == []  # fewer bytes folded, but not few enough
     assert decoder.cross_read(crosses[short]) == (tokens[short] * per_token, True)
     assert crosses[long].folded == [] and decoder.cross_read(crosses[long]) == (weights, False)
     try:
-        decoder.fold_stations = weights // (tokens[short] * per_token) + 1
+        decoder.fold_stations = int(FOLD_SHARE * weights / (tokens[short] * per_token)) + 1
         assert decoder.cross_kv(*states[short]).folded == []
     finally:
         decoder.fold_stations = 1
