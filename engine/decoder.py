@@ -530,12 +530,12 @@ class Decoder:
         def rounded(x: torch.Tensor) -> torch.Tensor:
             return self._attn(x.to(torch.bfloat16) if self._cross_bf16 else x)
 
-        keys, values, projected = [], [], []
+        keys, values, unrounded = [], [], []
         for w in self.layers:
             k, v = heads(w.k_cross), heads(w.v_cross)
             keys.append(rounded(k))
             values.append(rounded(v))
-            projected.append((k, v))
+            unrounded.append((k, v))
         cross = CrossKV(keys, values, text_mask[:, None, None, :])
         if self._fused is None or not self.fold_cross:
             return cross
@@ -548,7 +548,7 @@ class Decoder:
         rows = ((lengths > 0) & (lengths < limit)).nonzero()[:, 0]
         if len(rows):
             folded = Folded.zeros(len(self.layers), b, self.heads, s, self.hidden)
-            for i, (w, (k, v)) in enumerate(zip(self.layers, projected, strict=True)):
+            for i, (w, (k, v)) in enumerate(zip(self.layers, unrounded, strict=True)):
                 folded.put(i, rows, self._fold(w, k[rows], v[rows]))
             cross.folded = [(0, folded)]
         return cross
@@ -579,7 +579,7 @@ class Decoder:
         return self._cross_weights[1]
 
     def _fold(self, w: LayerWeights, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """One layer's cross-attention folded into the text, [B, H, 2, S, E] bfloat16: per head
+        """One layer's cross-attention folded into the text, [B, H, 2, S, E] float32: per head
         h and text position, z = W_q,h^T k / sqrt(D) (a query's score is then its normed input
         times z) and u = W_o[:, h] v (the output is the scores' softmax times u, summed over
         heads and positions). k, v [B, H, S, D] as projected (float)."""
