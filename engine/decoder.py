@@ -346,6 +346,7 @@ class Decoder:
         self.fold_cross = True
         self.fold_stations = 1  # stations expected to share a step: see `cross_kv`
         self._cross_weights: tuple[list[LayerWeights], int] | None = None
+        self._read_per_step: dict[tuple[int, str], tuple[float, float]] = {}
 
     def coarse_available(self) -> str | None:
         """None when `use_coarse` can run here, else why not: it needs int8 projections through
@@ -566,6 +567,28 @@ class Decoder:
         tokens, projected = cross.folded_read()
         weights = self.cross_weight_bytes() if projected else 0
         return tokens * self._fold_token_bytes() + weights, tokens > 0
+
+    def read_per_step(self) -> tuple[float, float]:
+        """(bytes, bytes per position per row) a decode step reads: the projections' weights and
+        the lm heads (all of q_cross's and out_cross's: a folded prompt reads less), and one
+        row's KV cache per position (the kind new caches take now)."""
+
+        def nbytes(p: object) -> int:
+            packed, scales = getattr(p, "packed", None), getattr(p, "scales", None)
+            if isinstance(packed, torch.Tensor) and isinstance(scales, torch.Tensor):
+                return packed.nbytes + scales.nbytes
+            weight = getattr(p, "weight", None)
+            return weight.nbytes if isinstance(weight, torch.Tensor) else 0
+
+        names = ("qkv", "out_self", "q_cross", "out_cross", "fc1", "fc2")
+        key = (id(self.layers), self.kv_cache)
+        if key not in self._read_per_step:
+            weights = nbytes(self.lm_heads)
+            weights += sum(nbytes(getattr(w, n)) for w in self.layers for n in names)
+            cache = self.new_cache(1, 16)
+            per_position = sum(t.nbytes for t in cache.tensors()) / 16
+            self._read_per_step[key] = (float(weights), per_position)
+        return self._read_per_step[key]
 
     def cross_weight_bytes(self) -> int:
         """Bytes of q_cross's and out_cross's weights a step reads (int8 or int4 as set now)."""

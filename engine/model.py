@@ -106,6 +106,12 @@ class MusicModel:
         """None when `use_coarse` can run with this model's settings, else why not."""
         return self.decoder.coarse_available()
 
+    def read_per_step(self) -> tuple[float, float]:
+        """(bytes, bytes per position per row) a decode step reads: the weights (as set now,
+        the cross-attention's as one station's folded prompt reads them, `Decoder.cross_read`
+        aside) and the KV cache of one row per position it attends over (its kind now)."""
+        return self.decoder.read_per_step()
+
     def expect_stations(self, count: int) -> None:
         """How many stations will share the decoder's steps (1 unless told): on our fused CPU
         step a prompt's cross-attention is folded into its text (read in place of q_cross's and

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import queue
 import statistics
@@ -566,9 +567,22 @@ class Generator:
             slope=self.position_cost.slope,  # (the attention's cost: the same on either weights)
             position=position,
             cache_speedup=self.cache_speedup,
+            prior_slope=self._prior_slope(cost, position),
         )
         rate = self.model.frame_rate
-        level = ladder.choose_level(self.restart_level, rates, window.window, window.context, rate)
+        measured = dataclasses.replace(rates, prior_slope=0.0)
+        level = ladder.choose_level(
+            self.restart_level, measured, window.window, window.context, rate
+        )
+        if self.cache_speedup and rates.slope <= 0:
+            # until the slope is measured, its guess from the bytes may take the int4 cache (the
+            # first rung, within the precision budget, left as cheaply), nothing coarser: the
+            # first chunks carry start-up costs (fresh cache memory) that the guess would
+            # stretch over the window (two stations went to int4 weights before on air)
+            guessed = ladder.choose_level(
+                self.restart_level, rates, window.window, window.context, rate
+            )
+            level = max(level, min(guessed, ladder.CHEAP_CACHE))
         if level < self.restart_level and self.clock() < self._rung_until:
             level = self.restart_level  # a rung taken is kept a while (`ladder.RUNG_SECONDS`)
         # the int4 cache's buffers from the moment the whole context with the int8 cache is
@@ -632,6 +646,17 @@ class Generator:
             seconds = frames / rate if frames < window.context else None
             spans = span / rate if span < window.window else None
             self._to_loop(self.sink.on_restart_context, lane.spec.id, seconds, spans)
+
+    def _prior_slope(self, cost: float, position: float) -> float:
+        """The slope `PositionCost` would measure, guessed from the bytes a step reads: a
+        frame's cost `cost` at mean position `position` grows as the rows' KV cache does, the
+        weights staying. Until the slope is measured (positions spread over most of a window),
+        the ladder's first judgements, made on a window's first (cheap) positions, then see its
+        later ones: three stations went on air at x1.2 and bridged at x0.9 half a window on."""
+        weights, per_position = self.model.read_per_step()
+        rows = self._plain_kind[0]
+        growth = rows * per_position
+        return cost * growth / (weights + growth * position) if weights > 0 else 0.0
 
     def _plain_key(self) -> tuple[int, tuple[int, int], bool, bool]:
         """What a plain chunk's cost depends on: threads, rows, coarse weights or not, the

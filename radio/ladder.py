@@ -91,6 +91,10 @@ class Rates:
     position: float = 0.0
     # steps per second with an int4 KV cache over the int8 one; 0: no cheaper-cache level
     cache_speedup: float = 0.0
+    # until `slope` is measured: its guess from the bytes a step reads (the KV cache grows with
+    # the position, the weights do not: `Generator._prior_slope`), for the cost at a window's
+    # positions only (the window levels still wait for a measured slope); 0: none
+    prior_slope: float = 0.0
 
     @property
     def levels(self) -> list[int]:
@@ -143,7 +147,8 @@ def predicted_rtf(rates: Rates, window: int, context: int, level: int, frame_rat
     new = span - reread  # frames made per window
     speedup = rates.speedup(level)
     measured = 1.0 / (rates.frames_per_second * rates.stations)  # a frame's cost per station
-    shift = rates.slope * ((reread + span) / 2 - rates.position) if rates.slope > 0 else 0.0
+    slope = rates.slope if rates.slope > 0 else rates.prior_slope
+    shift = slope * ((reread + span) / 2 - rates.position) if slope > 0 else 0.0
     cost = max(measured + shift, 0.1 * measured)
     prefill = rates.stations * rates.prefill_seconds * reread / context
     work = (new * rates.stations * cost + prefill) / speedup

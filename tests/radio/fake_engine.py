@@ -117,6 +117,13 @@ class FakeModel:
         self.streams: list[FakeStream] = []
         self.together: list[list[str]] = []  # the prompts of each read_together's streams
 
+    # what a step reads (`read_per_step`): (weights, per position per row); no weights: no
+    # guess of how the cost grows with the position
+    step_read = (0.0, 0.0)
+
+    def read_per_step(self) -> tuple[float, float]:
+        return self.step_read
+
     stations_expected = 1  # what the radio said (`expect_stations`)
 
     def expect_stations(self, count: int) -> None:

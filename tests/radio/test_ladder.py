@@ -29,7 +29,7 @@ from radio.ladder import (
     predicted_rtf,
     window_frames,
 )
-from tests.radio.fake_engine import CHUNK, COARSE_PARTS, FakeModel, FakeStream
+from tests.radio.fake_engine import CHUNK, COARSE_PARTS, FRAME_RATE, FakeModel, FakeStream
 
 WINDOW, CONTEXT, RATE = 1500, 500, 50.0  # musicgen-small's defaults: 30 s windows, 10 s context
 COLD = WindowOptions(warm_restarts=False)  # window restarts prefill: what the ladder shortens
@@ -133,6 +133,46 @@ def test_the_prediction_weighs_the_positions_a_window_attends_over():
     at3, at5 = (predicted_rtf(near, WINDOW, CONTEXT, level, RATE) for level in (3, 5))
     assert at3 < at5 < CLEARLY * at3 and at5 < DOWN_BELOW
     assert choose_level(3, near, WINDOW, CONTEXT, RATE) == 3
+
+
+def test_until_the_slope_is_measured_a_prior_from_the_bytes_weighs_the_window():
+    """A guess of the slope (`Rates.prior_slope`, from the bytes a step reads) prices a window's
+    later positions before any slope is measured, as a measured one would; the window levels
+    still wait for a measured slope."""
+    measured = Rates(1 / 0.009, 1.6, 1, slope=2.6e-6, position=100.0)
+    guessed = dataclasses.replace(measured, slope=0.0, prior_slope=2.6e-6)
+    flat = dataclasses.replace(measured, slope=0.0)
+    for level in (0, 2, 3):
+        assert predicted_rtf(guessed, WINDOW, CONTEXT, level, RATE) == pytest.approx(
+            predicted_rtf(measured, WINDOW, CONTEXT, level, RATE)
+        )
+        assert predicted_rtf(guessed, WINDOW, CONTEXT, level, RATE) < predicted_rtf(
+            flat, WINDOW, CONTEXT, level, RATE
+        )
+    assert guessed.levels == flat.levels == [0, 2, 3]
+    assert measured.levels == [0, 2, 3, 4, 5]
+
+
+async def test_the_first_judgement_sees_the_windows_later_positions(run, monkeypatch):
+    """Measured at a window's first positions (the fake's stay at 0) at x1.1, with a step whose
+    KV cache grows as musicgen-small's int8 one (362 MB of weights, 52 KB per position and row):
+    the whole window is predicted under real time and the ladder takes the int4 cache at its
+    first judgement (nothing coarser on a guess); a model that says
+    nothing of its bytes stays where it was."""
+    monkeypatch.setattr(FakeStream, "read_seconds", CHUNK / FRAME_RATE / 1.1)
+    levels = []
+    for step_read in ((362e6, 52224.0), (0.0, 0.0)):
+        model = FakeModel()
+        model.cheap_cache_reason = None
+        model.step_read = step_read
+        gen, sink = await run(model, ("a",), buffer_ahead=1.0, window=COLD)
+        gen.prefill_seconds = 1e-6
+        for frame in range(0, 100, 10):
+            gen.played("a", frame)
+            chunks = len(sink.pcm("a"))
+            await sink.until(lambda n=chunks, sink=sink: len(sink.pcm("a")) > n)
+        levels.append(gen.restart_level)
+    assert levels == [CHEAP_CACHE, 0], levels
 
 
 def test_the_position_cost_fits_a_line_once_the_positions_spread():
