@@ -97,27 +97,15 @@ def load_options(path: Path, mode: str) -> LoadOptions:
     return LoadOptions(model=str(path), device="cpu", dtype=mode)
 
 
-def weight_bytes(decoder) -> int:
+def weight_bytes(decoder) -> float:
     """Bytes of projection weights a decode step reads (our packed layouts, or dense)."""
-
-    def nbytes(lin) -> int:
-        if hasattr(lin, "packed"):  # our int4 and int8 kernels' layouts
-            return lin.packed.nbytes + lin.scales.nbytes
-        if hasattr(lin, "weight"):
-            return lin.weight.nbytes
-        return lin.out_features * (lin.in_features + 4)  # PyTorch's int8 (fbgemm)
-
-    names = ("qkv", "out_self", "q_cross", "out_cross", "fc1", "fc2")
-    return nbytes(decoder.lm_heads) + sum(
-        nbytes(getattr(w, n)) for w in decoder.layers for n in names
-    )
+    return decoder.read_per_step()[0]
 
 
 def kv_bytes_per_position(decoder) -> float:
     """Bytes of self-attention keys and values one decoder row reads per cached position, all
     layers (an int8 cache: 24 layers x 16 heads x 136 B for musicgen-small, int4 half that)."""
-    cache = decoder.new_cache(1, 64)
-    return sum(t.nbytes for t in cache.tensors()) / 64
+    return decoder.read_per_step()[1]
 
 
 @torch.inference_mode()

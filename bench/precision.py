@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_engine import PROMPT, kv_bytes_per_position, model_dir, say  # noqa: E402
 from engine import kernels  # noqa: E402
 from engine.conditioning import batch_conditions, encode_prompt  # noqa: E402
-from engine.decoder import Decoder  # noqa: E402
+from engine.decoder import PROJECTIONS, Decoder, projection_bytes  # noqa: E402
 from engine.delay import codebook_delays, delayed_layout  # noqa: E402
 from engine.kv_cache import Q4_HEAD  # noqa: E402
 from engine.linear import INT4_GROUP, Int8DynamicLinear  # noqa: E402
@@ -77,9 +77,6 @@ class Int8Emulated:
         q = torch.round(rows * (1 / r)[:, None]).double()
         y = (q @ self.q.T) * r.double()[:, None] * self.scales[None]
         return y.float().view(*x.shape[:-1], self.q.shape[0])
-
-
-PROJECTIONS = ("qkv", "out_self", "q_cross", "out_cross", "fc1", "fc2")
 
 
 def projection_weights(layer) -> dict[str, torch.Tensor]:
@@ -123,9 +120,7 @@ def step_bytes(decoder: Decoder, positions: int = 1000, rows: int = 2) -> tuple:
     def nbytes(lin) -> int:
         if isinstance(lin, Int8Emulated):
             return lin.q.numel() + 4 * lin.q.shape[0]
-        if hasattr(lin, "packed"):  # our int4 and int8 kernels' layouts
-            return lin.packed.nbytes + lin.scales.nbytes
-        return lin.weight.nbytes
+        return projection_bytes(lin)
 
     weights = sum(nbytes(getattr(w, n)) for w in decoder.layers for n in PROJECTIONS)
     weights += nbytes(decoder.lm_heads)

@@ -213,6 +213,22 @@ def concat_cross(parts: list[CrossKV]) -> CrossKV:
     )
 
 
+PROJECTIONS = ("qkv", "out_self", "q_cross", "out_cross", "fc1", "fc2")  # a layer's, by name
+
+
+def projection_bytes(p: object) -> int:
+    """Bytes of weights a projection reads per step: our kernels' packed layouts with their
+    scales, dense weights, or PyTorch's int8 (fbgemm: a byte a weight, a float32 scale a row)."""
+    packed, scales = getattr(p, "packed", None), getattr(p, "scales", None)
+    if isinstance(packed, torch.Tensor) and isinstance(scales, torch.Tensor):
+        return packed.nbytes + scales.nbytes
+    weight = getattr(p, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return weight.nbytes
+    out, inputs = getattr(p, "out_features", None), getattr(p, "in_features", None)
+    return out * (inputs + 4) if isinstance(out, int) and isinstance(inputs, int) else 0
+
+
 def _exact_gelu(fn: torch.nn.Module) -> bool:
     """Whether an activation module is the exact (erf) GELU, the one our fused step computes."""
     if isinstance(fn, torch.nn.GELU):
@@ -245,10 +261,7 @@ def kernel_layer(kernels: ModuleType, w: LayerWeights) -> object:
     norms = {
         name: kernels.LayerNorm(*getattr(w, name)) for name in ("ln_self", "ln_cross", "ln_ffn")
     }
-    projections = {
-        name: kernel_projection(kernels, getattr(w, name))
-        for name in ("qkv", "out_self", "q_cross", "out_cross", "fc1", "fc2")
-    }
+    projections = {name: kernel_projection(kernels, getattr(w, name)) for name in PROJECTIONS}
     return kernels.DecoderLayer(**norms, **projections)
 
 
@@ -449,7 +462,7 @@ class Decoder:
             and all(
                 isinstance(p, FUSED_PROJECTIONS)
                 for w in layers
-                for p in (w.qkv, w.out_self, w.q_cross, w.out_cross, w.fc1, w.fc2)
+                for p in (getattr(w, name) for name in PROJECTIONS)
             )
             and _exact_gelu(self.activation)
         )
@@ -572,19 +585,12 @@ class Decoder:
         """(bytes, bytes per position per row) a decode step reads: the projections' weights and
         the lm heads (all of q_cross's and out_cross's: a folded prompt reads less), and one
         row's KV cache per position (the kind new caches take now)."""
-
-        def nbytes(p: object) -> int:
-            packed, scales = getattr(p, "packed", None), getattr(p, "scales", None)
-            if isinstance(packed, torch.Tensor) and isinstance(scales, torch.Tensor):
-                return packed.nbytes + scales.nbytes
-            weight = getattr(p, "weight", None)
-            return weight.nbytes if isinstance(weight, torch.Tensor) else 0
-
-        names = ("qkv", "out_self", "q_cross", "out_cross", "fc1", "fc2")
         key = (id(self.layers), self.kv_cache)
         if key not in self._read_per_step:
-            weights = nbytes(self.lm_heads)
-            weights += sum(nbytes(getattr(w, n)) for w in self.layers for n in names)
+            weights = projection_bytes(self.lm_heads)
+            weights += sum(
+                projection_bytes(getattr(w, n)) for w in self.layers for n in PROJECTIONS
+            )
             cache = self.new_cache(1, 16)
             per_position = sum(t.nbytes for t in cache.tensors()) / 16
             self._read_per_step[key] = (float(weights), per_position)
@@ -593,11 +599,9 @@ class Decoder:
     def cross_weight_bytes(self) -> int:
         """Bytes of q_cross's and out_cross's weights a step reads (int8 or int4 as set now)."""
         if self._cross_weights is None or self._cross_weights[0] is not self.layers:
-
-            def nbytes(p: object) -> int:
-                return sum(getattr(p, n).nbytes for n in ("packed", "scales") if hasattr(p, n))
-
-            total = sum(nbytes(w.q_cross) + nbytes(w.out_cross) for w in self.layers)
+            total = sum(
+                projection_bytes(w.q_cross) + projection_bytes(w.out_cross) for w in self.layers
+            )
             self._cross_weights = (self.layers, total)
         return self._cross_weights[1]
 

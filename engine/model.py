@@ -107,16 +107,17 @@ class MusicModel:
         return self.decoder.coarse_available()
 
     def read_per_step(self) -> tuple[float, float]:
-        """(bytes, bytes per position per row) a decode step reads: the weights (as set now,
-        the cross-attention's as one station's folded prompt reads them, `Decoder.cross_read`
-        aside) and the KV cache of one row per position it attends over (its kind now)."""
+        """(bytes, bytes per position per row) a decode step reads: the weights as set now (all
+        of the cross-attention's: a folded prompt reads less, `Decoder.cross_read`) and the KV
+        cache of one row per position it attends over (its kind now)."""
         return self.decoder.read_per_step()
 
     def expect_stations(self, count: int) -> None:
         """How many stations will share the decoder's steps (1 unless told): on our fused CPU
         step a prompt's cross-attention is folded into its text (read in place of q_cross's and
         out_cross's weights: ~10% fewer bytes a step for one musicgen-small station) only while
-        that many such texts together read fewer bytes than the weights (`Decoder.cross_kv`).
+        that many such texts together read under two thirds of the weights' bytes
+        (`Decoder.cross_kv`, `FOLD_SHARE`).
         Call before opening the streams."""
         if count < 1:
             raise ValueError(f"count must be >= 1, got {count}")
