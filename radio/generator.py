@@ -577,8 +577,9 @@ class Generator:
         if self.cache_speedup and rates.slope <= 0:
             # until the slope is measured, its guess from the bytes may take the int4 cache (the
             # first rung, within the precision budget, left as cheaply), nothing coarser: the
-            # first chunks carry start-up costs (fresh cache memory) that the guess would
-            # stretch over the window (two stations went to int4 weights before on air)
+            # first chunks cost more than later ones (start-up; the cause is not measured), and
+            # the guess would stretch that over the window (two stations went to int4 weights
+            # before on air)
             guessed = ladder.choose_level(
                 self.restart_level, rates, window.window, window.context, rate
             )
