@@ -28,7 +28,7 @@ from aiohttp import web
 from radio import cors, metrics, quietlog, restarts
 from radio.clock import Output, Recovery, StationClock
 from radio.config import Config, StationConfig, model_key
-from radio.generator import Generator, StationSpec
+from radio.generator import STEADY_AHEAD, Generator, StationSpec
 from radio.healing import Supervisor
 from radio.hls import HlsSegmenter
 from radio.hls_output import HlsOutput
@@ -150,19 +150,22 @@ def build_radio(
     opening = {sid: open_station(st, directors[sid]) for sid, st in stations.items()}
     model.expect_stations(len(stations))
     g = config.generation
-    chunk = g.chunk_for(len(stations))
-    if g.chunk_seconds == "auto":
+    chunk, steady = g.chunk_for(len(stations)), g.steady_chunk_for(len(stations))
+    if g.chunk_seconds == "auto" or g.steady_chunk_seconds == "auto":
         log.info(
-            "the generator makes %.1f s of audio a step for %d station(s) "
-            "(generation.chunk_seconds auto)",
+            "the generator makes %.1f s of audio a step for %d station(s), %.1f s once they "
+            "have %.1f s ahead (generation.chunk_seconds, steady_chunk_seconds)",
             chunk,
             len(stations),
+            steady,
+            STEADY_AHEAD * steady,
         )
     generator = Generator(
         model,
         [StationSpec(st.id, opening[st.id], st.sampling, g.windows) for st in stations.values()],
         buffer_ahead=g.buffer_ahead,
         chunk_frames=max(1, round(chunk * model.frame_rate)),
+        steady_frames=max(1, round(steady * model.frame_rate)),
         watchdog=config.watchdog,
         adaptive_restarts=g.adaptive_restarts,
         coarse_when_behind=coarse,

@@ -51,6 +51,11 @@ class ConfigError(ValueError):
 # (docs/benchmarks.md), and their prompt changes wait longer anyway
 AUTO_CHUNK = 0.2
 AUTO_CHUNK_STATIONS = 0.4
+# `generation.steady_chunk_seconds = "auto"`: once a station has two of them ahead, its chunks
+# are this long: the codec's per-call margin (lookahead, the next join's tail) and the step's
+# fixed costs weigh less; one int8 station on 2 cores made x1.07 the audio per second with
+# 25-frame reads than with 10-frame ones, and no more with 50 (docs/benchmarks.md)
+AUTO_STEADY_CHUNK = 0.5
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,11 @@ class GenerationConfig:
     # station, 0.4 s for several (the codec's cost per second falls with its chunk: x1.04-1.10
     # the speed of two stations on a 2-core CPU)
     chunk_seconds: float | str = "auto"
+    # audio per step while every station of the step has two of these ahead (the steady state:
+    # prompt changes, the start and a station behind get `chunk_seconds`); "auto": 0.5 s (at
+    # least `chunk_seconds`, at most a quarter of `buffer_ahead`); equal to `chunk_seconds`:
+    # one length always
+    steady_chunk_seconds: float | str = "auto"
     # a new prompt starts this many seconds after the moment being played; -1 = auto: at least
     # 0.5 s, and long enough for the engine's measured prefill, so the stream never falls behind
     prompt_horizon: float = -1.0
@@ -145,6 +155,29 @@ class GenerationConfig:
                 f"chunk_seconds: must be at most half of buffer_ahead ({self.buffer_ahead}), "
                 f"got {self.chunk_seconds}"
             )
+        if isinstance(self.steady_chunk_seconds, str):
+            if self.steady_chunk_seconds != "auto":
+                raise ValueError(
+                    'steady_chunk_seconds: must be "auto" or seconds, '
+                    f"got {self.steady_chunk_seconds!r}"
+                )
+        elif not 0.02 <= self.steady_chunk_seconds <= 2:
+            raise ValueError(
+                f"steady_chunk_seconds: must be in [0.02, 2] seconds, got {self.steady_chunk_seconds}"
+            )
+        elif self.steady_chunk_seconds > self.buffer_ahead / 2:
+            raise ValueError(
+                "steady_chunk_seconds: must be at most half of buffer_ahead "
+                f"({self.buffer_ahead}), got {self.steady_chunk_seconds}"
+            )
+        elif (
+            not isinstance(self.chunk_seconds, str)
+            and self.steady_chunk_seconds < self.chunk_seconds
+        ):
+            raise ValueError(
+                f"steady_chunk_seconds: must be at least chunk_seconds ({self.chunk_seconds}), "
+                f"got {self.steady_chunk_seconds}"
+            )
         if not (0 <= self.prompt_horizon <= 10 or self.prompt_horizon == -1):
             raise ValueError(
                 f"prompt_horizon: must be -1 (auto) or in [0, 10] seconds, got {self.prompt_horizon}"
@@ -164,6 +197,15 @@ class GenerationConfig:
         if not isinstance(self.chunk_seconds, str):
             return self.chunk_seconds
         return min(AUTO_CHUNK if stations <= 1 else AUTO_CHUNK_STATIONS, self.buffer_ahead / 2)
+
+    def steady_chunk_for(self, stations: int) -> float:
+        """`steady_chunk_seconds` for a radio of `stations` stations ("auto" resolved): never
+        shorter than `chunk_for`."""
+        if isinstance(self.steady_chunk_seconds, str):
+            steady = min(AUTO_STEADY_CHUNK, self.buffer_ahead / 4)
+        else:
+            steady = self.steady_chunk_seconds
+        return max(steady, self.chunk_for(stations))
 
     def sampling_options(self, station_index: int = 0) -> SamplingOptions:
         """Station `station_index`'s sampling: `sampling` with its seed (`seed` + the index)."""

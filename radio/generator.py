@@ -6,9 +6,11 @@ reading one station's stream advances all of them. When a station is due (less t
 `buffer_ahead` seconds ahead of its clock; the clock reports how far it played), the worker
 reads it together with every station that is due or within a chunk of it, `chunk_frames` each
 (`MusicModel.read_together`: their codec decodes are one batched call, the codec's weights read
-once for all of them). The clocks make stations due at slightly different moments: without the
-chunk of slack each would be read alone. When no station is due the worker waits for the
-clocks.
+once for all of them), or `steady_frames` each once every one of them has two of those ahead:
+longer reads cost less per second of audio (the codec's margin per call, the step's fixed
+costs), short ones make a prompt change's first audio, the first sound and a station low on
+audio soon. The clocks make stations due at slightly different moments: without the chunk of
+slack each would be read alone. When no station is due the worker waits for the clocks.
 
 Failures heal (`radio.healing`): a station whose step raises is down (the others go on, its
 listeners hear the clock's bridge) until its backoff's delay has passed, then its stream is
@@ -97,6 +99,9 @@ PREPARE_SHARE = 0.25
 # station at x1.25 for x0.45 a second after it went on air; a median of five chunks took three
 # at x0.97 (0.6 s): to int4 weights both times, for good (their speedup measured against it).
 RECENT_CHUNKS = 5
+# a read is `steady_frames` long when each of its stations has this many times that ahead: the
+# read cannot let them run out unless generation runs at under 1/STEADY_AHEAD of real time
+STEADY_AHEAD = 2
 
 
 def next_rtf(average: float, rtf: float, chunks: int) -> float:
@@ -218,6 +223,7 @@ class Generator:
         *,
         buffer_ahead: float = 4.0,  # seconds each station may be ahead (a chunk more: `_due`)
         chunk_frames: int = 10,  # frames per read()
+        steady_frames: int | None = None,  # frames per read() well ahead (None: chunk_frames)
         watchdog: WatchdogConfig | None = None,  # the music watchdog's settings; None = off
         adaptive_restarts: bool = True,  # shorten window restarts while falling behind (ladder)
         coarse_when_behind: bool = False,  # and then decode with int4 weights (the ladder's last)
@@ -228,6 +234,7 @@ class Generator:
         self.specs = list(specs)
         self.buffer_ahead = buffer_ahead
         self.chunk_frames = chunk_frames
+        self.steady_frames = max(steady_frames or chunk_frames, chunk_frames)
         self.watchdog = watchdog if watchdog is not None and watchdog.enabled else None
         self.faults = faults
         self.clock = clock
@@ -277,7 +284,7 @@ class Generator:
         self.restart_level = 0
         # the last plain chunks' (cost, mean position) (RECENT_CHUNKS: a buffer's worth) and what
         # they ran with
-        span = round(buffer_ahead * model.frame_rate / chunk_frames)
+        span = round(buffer_ahead * model.frame_rate / self.steady_frames)
         self._recent: deque[tuple[float, float]] = deque(maxlen=max(RECENT_CHUNKS, span))
         self._recent_key: tuple[int, tuple[int, int], bool, bool] | None = None
         # how the steady chunks' cost grows with the positions they attend over (the ladder's
@@ -492,18 +499,26 @@ class Generator:
             return []
         return [ln for ln in working if ln.ahead_frames() < ahead_limit + self.chunk_frames]
 
+    def frames_for(self, lanes: Iterable[_Lane]) -> int:
+        """The frames of the next read of `lanes`: `steady_frames` when each has STEADY_AHEAD
+        times that ahead, else `chunk_frames`."""
+        least = min(ln.ahead_frames() for ln in lanes)
+        steady = least >= STEADY_AHEAD * self.steady_frames
+        return self.steady_frames if steady else self.chunk_frames
+
     def _step(self, lanes: list[_Lane]) -> None:
         """One chunk for each of `lanes`, read together; a station whose chunk failed is down
         alone, the others go on."""
+        frames = self.frames_for(lanes)
         t = time.perf_counter()
         with self._engine_call(_what(lanes)):
             try:
-                made = self._chunks(lanes)
+                made = self._chunks(lanes, frames)
             except Interrupted:  # a prompt change is waiting: it goes first
                 log.debug("a chunk of %s gave way to a prompt change", _what(lanes))
                 return
         spent = max(time.perf_counter() - t, 1e-6)  # every station's chunk took all of it
-        self._sustained(lanes, spent)
+        self._sustained(lanes, spent, frames)
         self._climb()
         self._prepare(spent)
         for lane, chunk in zip(lanes, made, strict=True):
@@ -516,12 +531,13 @@ class Generator:
     def sustained_rtf(self) -> float:
         return self._sustained_reads.rtf
 
-    def _sustained(self, lanes: list[_Lane], spent: float) -> None:
-        """`sustained_rtf` and `together` after a read of `lanes` that took `spent` s."""
+    def _sustained(self, lanes: list[_Lane], spent: float, frames: int) -> None:
+        """`sustained_rtf` and `together` after a read of `frames` of `lanes` that took `spent`
+        s."""
         assert self._lanes is not None
         self.together = sum(not ln.healing.down for ln in self._lanes.values())
         # the audio a station got: a read of some of them gave the others none
-        audio = self.chunk_frames / self.model.frame_rate * len(lanes) / max(self.together, 1)
+        audio = frames / self.model.frame_rate * len(lanes) / max(self.together, 1)
         self._sustained_reads.add(audio, spent)
 
     def _climb(self) -> None:
@@ -884,7 +900,7 @@ class Generator:
             else " or a faster device",
         )
 
-    def _chunks(self, lanes: list[_Lane]) -> list[_Chunk | Exception]:
+    def _chunks(self, lanes: list[_Lane], frames: int) -> list[_Chunk | Exception]:
         """Each lane's next chunk, or the error that stopped it: the fault hooks apply per
         station, around one read of all of them (`_read`)."""
         starts = [lane.stream.frame for lane in lanes]
@@ -893,18 +909,18 @@ class Generator:
             try:
                 if self.faults is not None:
                     self.faults.before_step(lane.spec.id)
-                    self.faults.rewrite_tokens(lane.spec.id, lane.stream, self.chunk_frames)
+                    self.faults.rewrite_tokens(lane.spec.id, lane.stream, frames)
             except Exception as e:  # noqa: BLE001 - this station's failure, not the others'
                 errors[i] = e
         ready = [i for i in range(len(lanes)) if i not in errors]
-        pcms = dict(zip(ready, self._read([lanes[i] for i in ready]), strict=True))
+        pcms = dict(zip(ready, self._read([lanes[i] for i in ready], frames), strict=True))
         return [
             errors[i] if i in errors else self._chunk(lane, starts[i], pcms[i])
             for i, lane in enumerate(lanes)
         ]
 
     def _chunk(self, lane: _Lane, start: int, pcm: np.ndarray | Exception) -> _Chunk | Exception:
-        """A station's chunk read from `start` (pcm [C, chunk_frames * hop], or why not) after
+        """A station's chunk read from `start` (pcm [C, frames * hop], or why not) after
         the fault hook, with its tokens for the watchdog."""
         if isinstance(pcm, Exception):
             return pcm
@@ -930,9 +946,8 @@ class Generator:
         if lane.watchdog is not None and chunk.tokens is not None:
             pcm, problem = lane.watchdog.chunk(chunk.start, chunk.tokens, pcm)
         lane.chunks += 1
-        lane.rtf = next_rtf(
-            lane.rtf, self.chunk_frames / self.model.frame_rate / spent, lane.chunks
-        )
+        seconds = chunk.pcm.shape[-1] / self.model.hop / self.model.frame_rate
+        lane.rtf = next_rtf(lane.rtf, seconds / spent, lane.chunks)
         self._to_loop(self.sink.on_pcm, sid, chunk.start, pcm, lane.rtf)
         if problem is not None:
             self._reanchor(lane, problem)
@@ -947,7 +962,7 @@ class Generator:
         if prefill.frames >= window.change_context and prefill.rows >= 1:
             self.prefill_seconds = prefill.plain_seconds(window.context)
 
-    def _read(self, lanes: list[_Lane]) -> list[np.ndarray | Exception]:
+    def _read(self, lanes: list[_Lane], frames: int) -> list[np.ndarray | Exception]:
         """The lanes' next chunks, read together (`MusicModel.read_together`: one decoder step
         and one codec decode for all of them) with the thread count that has been fastest
         lately (a busy neighbour can make two threads slower than one; a change is logged
@@ -965,7 +980,8 @@ class Generator:
         rows = sum(ln.stream.tokens.rows for ln in lanes)
         warm_lanes = [ln.stream.tokens.warming for ln in lanes]
         self._plain_kind = (rows, 0)
-        tuner.measure_for((rows, sum(warm_lanes)))
+        # (and a short read costs more per frame than a steady one: its counts apart too)
+        tuner.measure_for((rows, sum(warm_lanes), frames))
         before = tuner.current
         explore = trial_allowed(
             tuner.cost.get(tuner.current, 0.0),
@@ -981,8 +997,8 @@ class Generator:
         try:
             pcms: list[np.ndarray | Exception] = list(
                 tuner.run(
-                    lambda: self._read_together(streams, self._prompt_waiting.is_set),
-                    units=self.chunk_frames * len(lanes),  # cost per frame of audio made
+                    lambda: self._read_together(streams, frames, self._prompt_waiting.is_set),
+                    units=frames * len(lanes),  # cost per frame of audio made
                     explore=explore,
                     # a chunk with a window restart's prefill (seconds of work), or whose
                     # warm rows began or ended in it, is not like the others of its kind: it
@@ -1003,7 +1019,7 @@ class Generator:
                 ", ".join(ln.spec.id for ln in lanes),
                 describe(e),
             )
-            pcms = [self._read_alone(ln) for ln in lanes]
+            pcms = [self._read_alone(ln, frames) for ln in lanes]
         ends = [s.tokens.position for s in streams]
         mean = (sum(positions) + sum(ends)) / (2 * len(streams))  # the positions attended over
         if tuner.last_cost and log.isEnabledFor(logging.DEBUG):  # (0.0: no division)
@@ -1011,7 +1027,7 @@ class Generator:
                 "station(s) %s: a chunk in %.3f s (%d rows%s, %d thread(s), position %d), x%.2f "
                 "of real time",
                 ", ".join(ln.spec.id for ln in lanes),
-                tuner.last_cost * self.chunk_frames * len(lanes),
+                tuner.last_cost * frames * len(lanes),
                 rows,
                 ", warm rows" if warming else "",
                 tuner.last,
@@ -1046,15 +1062,15 @@ class Generator:
         return pcms
 
     def _read_together(
-        self, streams: list[AudioStream], interrupt: Callable[[], bool] | None = None
+        self, streams: list[AudioStream], frames: int, interrupt: Callable[[], bool] | None = None
     ) -> list[np.ndarray]:
         if len(streams) == 1:
-            return [streams[0].read(self.chunk_frames, interrupt)]
-        return self.model.read_together(streams, self.chunk_frames, interrupt)
+            return [streams[0].read(frames, interrupt)]
+        return self.model.read_together(streams, frames, interrupt)
 
-    def _read_alone(self, lane: _Lane) -> np.ndarray | Exception:
+    def _read_alone(self, lane: _Lane, frames: int) -> np.ndarray | Exception:
         try:
-            return lane.stream.read(self.chunk_frames)
+            return lane.stream.read(frames)
         except Exception as e:  # noqa: BLE001 - this station's failure, not the others'
             return e
 
@@ -1201,8 +1217,8 @@ class _Chunk:
     """A station's chunk, made (worker thread only)."""
 
     start: int  # its first frame
-    pcm: np.ndarray  # [C, chunk_frames * hop]
-    tokens: np.ndarray | None  # [K, chunk_frames] its tokens, for the watchdog (when on)
+    pcm: np.ndarray  # [C, frames * hop]
+    tokens: np.ndarray | None  # [K, frames] its tokens, for the watchdog (when on)
 
 
 def _what(lanes: Sequence[_Lane]) -> str:

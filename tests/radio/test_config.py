@@ -51,6 +51,22 @@ def test_every_key_has_a_comment():
         ({"generation": {"chunk_seconds": "fast"}}, 'generation.chunk_seconds: must be "auto" or'),
         ({"generation": {"chunk_seconds": 5}}, "generation.chunk_seconds: must be in [0.02, 2]"),
         ({"generation": {"chunk_seconds": True}}, "generation.chunk_seconds: must be"),
+        (
+            {"generation": {"steady_chunk_seconds": "big"}},
+            'generation.steady_chunk_seconds: must be "auto" or',
+        ),
+        (
+            {"generation": {"steady_chunk_seconds": 3}},
+            "generation.steady_chunk_seconds: must be in [0.02, 2]",
+        ),
+        (
+            {"generation": {"buffer_ahead": 2, "steady_chunk_seconds": 1.5}},
+            "generation.steady_chunk_seconds: must be at most half of buffer_ahead (2.0)",
+        ),
+        (
+            {"generation": {"chunk_seconds": 0.4, "steady_chunk_seconds": 0.3}},
+            "generation.steady_chunk_seconds: must be at least chunk_seconds (0.4), got 0.3",
+        ),
         ({"generation": {"temperature": 0}}, "generation.temperature: must be in [0.05, 5.0]"),
         ({"generation": {"temperature": 1e-320}}, "generation.temperature: must be in"),
         ({"generation": {"temperature": float("inf")}}, "generation.temperature: must be in"),
@@ -96,6 +112,18 @@ def test_chunk_seconds_auto_is_short_for_one_station_and_longer_for_several():
     assert small.chunk_for(3) == 0.3  # at most half of what is buffered
     fixed = parse_config({"generation": {"chunk_seconds": 1}}, env={}).generation
     assert fixed.chunk_seconds == 1.0 and fixed.chunk_for(4) == 1.0
+
+
+def test_steady_chunks_are_half_a_second_and_never_shorter_than_the_chunk():
+    auto = parse_config({}, env={}).generation
+    assert (auto.steady_chunk_for(1), auto.steady_chunk_for(3)) == (0.5, 0.5)
+    small = parse_config({"generation": {"buffer_ahead": 1.2}}, env={}).generation
+    assert small.steady_chunk_for(1) == 0.3  # a quarter of what is buffered ...
+    assert small.steady_chunk_for(2) == 0.4  # ... but never shorter than the chunk
+    fixed = parse_config({"generation": {"chunk_seconds": 1}}, env={}).generation
+    assert fixed.steady_chunk_for(1) == 1.0
+    same = parse_config({"generation": {"steady_chunk_seconds": 0.2}}, env={}).generation
+    assert same.steady_chunk_for(1) == 0.2 and same.steady_chunk_for(2) == 0.4
 
 
 def test_values_and_env_and_overrides(tmp_path):
@@ -177,7 +205,8 @@ def test_the_radio_makes_longer_chunks_for_several_stations(tiny_model_dir, capl
     two = parse_config(two_stations(), env={})
     assert build_radio(one, model).generator.chunk_frames == round(0.2 * rate)
     assert build_radio(two, model).generator.chunk_frames == round(0.4 * rate)
-    assert "0.4 s of audio a step for 2 station(s)" in caplog.text
+    assert build_radio(one, model).generator.steady_frames == round(0.5 * rate)
+    assert "0.4 s of audio a step for 2 station(s), 0.5 s once they have 1.0 s ahead" in caplog.text
     fixed = parse_config({"generation": {"chunk_seconds": 0.1}, **two_stations()}, env={})
     assert build_radio(fixed, model).generator.chunk_frames == round(0.1 * rate)
 

@@ -91,6 +91,31 @@ async def test_a_prompt_change_lands_before_the_new_audio(run):
     assert await gen.set_prompt("a", PromptChange(Blend.of("pop"), "admin", 20, 0.0)) == 80
 
 
+async def test_steady_chunks_are_longer_once_a_station_has_two_of_them_ahead(run):
+    """Short chunks (10 frames) until the station has 2 x 25 frames ahead, 25-frame ones then;
+    short ones again when little is ahead (the clock took most of it, a prompt change cut it),
+    so that the first audio after a change comes as soon as before. Each length's thread
+    costs are kept apart (a short read costs more per frame)."""
+    model = FakeModel()
+    gen, sink = await run(model, ("a",), buffer_ahead=2.0, steady_frames=25)  # 100 frames
+    sink.lengths = (CHUNK, 25)
+    await sink.until(lambda: len(sink.pcm("a")) == 7)
+    await asyncio.sleep(0.1)
+    assert sink.pcm("a") == [0, 10, 20, 30, 40, 50, 75]  # ahead 100: waits for the clock
+    assert [a.shape[1] // HOP for a in sink.audio["a"]] == [10] * 5 + [25] * 2
+    assert (sink.audio["a"][6] == frames(75, 100)).all()
+    gen.played("a", 80)  # 20 frames ahead: short chunks until 50 are, then steady ones
+    await sink.until(lambda: len(sink.pcm("a")) == 12)
+    assert sink.pcm("a")[7:] == [100, 110, 120, 130, 155]  # 50 ahead at 130
+    await asyncio.sleep(0.1)
+    assert await gen.set_prompt("a", PromptChange(Blend.of("jazz"), "admin", 100, 0.0)) == 100
+    await sink.until(lambda: len(sink.pcm("a")) == 13)
+    assert sink.calls[-2:] == [("prompt", "a", "jazz", 100), ("pcm", "a", 100)]
+    assert sink.audio["a"][12].shape[1] == CHUNK * HOP  # the change's first audio: a short chunk
+    kinds = [gen.tuner.key, *gen.tuner._other]
+    assert {key[2] for key in kinds if key is not None} == {CHUNK, 25}
+
+
 async def test_a_prompt_change_stops_the_chunk_being_read(run):
     """A chunk takes 1 s here (a slow engine); a prompt change posted while one is read is
     taken at its next decoder step, not when it ends: the chunk's audio would be after the cut.
@@ -237,12 +262,12 @@ async def test_the_thread_tuner_keeps_its_costs_per_row_count(run):
     async def read_with(rows: int) -> None:
         model.streams[0].tokens.rows = rows
         async with asyncio.timeout(10):
-            while gen.tuner.key != (rows, 0):  # the next chunks read with that many rows
+            while gen.tuner.key != (rows, 0, CHUNK):  # the next chunks read with that many rows
                 gen.played("a", len(sink.pcm("a")) * CHUNK)
                 await asyncio.sleep(0.01)
 
     tuner = gen.tuner
-    assert tuner is not None and tuner.cost and tuner.key == (2, 0)
+    assert tuner is not None and tuner.cost and tuner.key == (2, 0, CHUNK)
     plain = tuner.cost
     await read_with(3)  # a glide begins
     assert tuner.cost is not plain

@@ -595,12 +595,12 @@ async def test_chunks_read_with_warm_rows_are_timed_apart(run):
     assert gen.warm_cost == 0.0
     tuner = gen.tuner
     costs = dict(tuner.cost)
-    assert tuner.key == (2, 0) and costs
+    assert tuner.key == (2, 0, CHUNK) and costs
     model.streams[0].tokens.warming = True
     gen.played("a", 70)  # 1 s is buffered ahead: 12 chunks of 10 frames made in all
     await sink.until(lambda: len(sink.pcm("a")) >= 12)
-    assert gen.warm_cost > 0.0 and tuner.key == (2, 1) and tuner.cost
-    assert tuner.costs_of((2, 0)) == costs  # the plain chunks' costs, untouched
+    assert gen.warm_cost > 0.0 and tuner.key == (2, 1, CHUNK) and tuner.cost
+    assert tuner.costs_of((2, 0, CHUNK)) == costs  # the plain chunks' costs, untouched
 
 
 async def test_a_steady_rate_too_slow_for_any_restarts_moves_before_the_warm_cost_is_known(
