@@ -99,6 +99,8 @@ PREPARE_SHARE = 0.25
 # station at x1.25 for x0.45 a second after it went on air; a median of five chunks took three
 # at x0.97 (0.6 s): to int4 weights both times, for good (their speedup measured against it).
 RECENT_CHUNKS = 5
+# a prompt change's cost beside its prefill is the most of this many changes' (`_apply_prompt`)
+CHANGES_WEIGHED = 5
 # a read is `steady_frames` long when each of its stations has this many times that ahead: the
 # read cannot let them run out unless generation runs at under 1/STEADY_AHEAD of real time
 STEADY_AHEAD = 2
@@ -242,6 +244,13 @@ class Generator:
         # from the latest prefill (`_learn_prefill`; read by the loop to place prompt changes; a
         # float is atomic)
         self.prefill_seconds = 0.0
+        # what a prompt change costs beside its decoder prefill (the text's encoding, its
+        # cross-attention folded, the cache's rewind and layout): the most of the last
+        # CHANGES_WEIGHED changes (0.05-0.7 s measured in `radio serve` where the prefill of
+        # 25 frames took 0.06 s: a horizon from the prefill alone came too soon). Read by the
+        # loop (a float is atomic)
+        self.change_extra_seconds = 0.0
+        self._change_extras: deque[float] = deque(maxlen=CHANGES_WEIGHED)
         # audio per station per second of generating over the last minute of it, and the
         # working stations generated together: what prompt changes weigh (`radio.timing`, rule
         # 1; read from the loop)
@@ -952,6 +961,14 @@ class Generator:
         if problem is not None:
             self._reanchor(lane, problem)
 
+    def _learn_change(self, spent: float, prefill: Prefill | None, before: Prefill | None) -> None:
+        """`change_extra_seconds` after a prompt change that took `spent` s, with `prefill`
+        the stream's last prefill after it (`before`: the one before it; the same when the
+        change prefilled nothing, a seed from the stream's own frames)."""
+        extra = spent - (prefill.seconds if prefill is not None and prefill is not before else 0.0)
+        self._change_extras.append(max(extra, 0.0))
+        self.change_extra_seconds = max(self._change_extras)
+
     def _learn_prefill(self, prefill: Prefill) -> None:
         """`prefill_seconds` from a prefill that ran (a prompt change's, a cold window
         restart's), in a whole context's terms for a plain prompt: its seconds scaled by the
@@ -1190,6 +1207,8 @@ class Generator:
 
     def _apply_prompt(self, lane: _Lane, cmd: _SetPrompt) -> None:
         sid = lane.spec.id
+        prefill = lane.stream.tokens.last_prefill
+        began = time.perf_counter()
         try:
             with self._engine_call(f"station {sid}: changing its prompt", prefill=True):
                 frame = start_prompt(lane.stream, cmd.change)
@@ -1198,6 +1217,7 @@ class Generator:
             log.debug("station %s: prompt change failed", sid, exc_info=e)
             self._resolve(cmd.future, error=e)
             return
+        self._learn_change(time.perf_counter() - began, lane.stream.tokens.last_prefill, prefill)
         lane.cut_frame = frame
         if lane.watchdog is not None:
             lane.watchdog.interrupted()

@@ -7,8 +7,10 @@ it hands to the outputs (`released`). The rules, all here:
 
 1. **Start.** A prompt asked for now starts `horizon` seconds after the moment being played
    (the buffer's head): `generation.prompt_horizon`, or with -1 (auto)
-   `max(MIN_HORIZON, HORIZON_MARGIN * (prefill + chunk))`, from the engine's measured prefill,
-   so that the audio after the cut is made before the clock gets there (the chunk being read
+   `max(MIN_HORIZON, HORIZON_MARGIN * (prefill + extra + chunk))`, from the engine's measured
+   prefill and what its last changes cost beside their prefill (`extra`: the text's encoding,
+   its cross-attention, the cache's rewind; 0.05-0.7 s on 2 cores where a 25-frame prefill took
+   0.06 s: placed by the prefill alone, changes came late and the old music played on), so that the audio after the cut is made before the clock gets there (the chunk being read
    when the change arrives gives way at its next decoder step: its audio would come after the
    cut). With the auto horizon, a change asked for now while several stations generated
    together sustain under `KEEP_BELOW` x real time (`rtf`: their audio per second of
@@ -99,13 +101,16 @@ class Horizon:
     # over `context`): its prefill takes about this share of the measured one
     context_share: float = 1.0
 
-    def seconds(self, prefill_seconds: float, rows: int = PLAIN_ROWS) -> float:
+    def seconds(
+        self, prefill_seconds: float, rows: int = PLAIN_ROWS, extra_seconds: float = 0.0
+    ) -> float:
         """`prefill_seconds`: a plain prompt's prefill of a whole context; `rows`: the decoder
         rows the change prefills (a blend's texts, a transition's both blends', and the null
-        row)."""
+        row); `extra_seconds`: what a change costs beside its prefill (the text's encoding,
+        its cross-attention, the cache's rewind), measured on the changes that ran."""
         if self.fixed >= 0:
             return self.fixed
-        change = prefill_seconds * self.context_share * rows / PLAIN_ROWS
+        change = prefill_seconds * self.context_share * rows / PLAIN_ROWS + extra_seconds
         return auto_horizon(change, self.chunk_seconds)
 
 
@@ -167,6 +172,8 @@ class PromptEngine(Protocol):
     """What a timeline needs of the generator (`radio.generator.Generator`)."""
 
     prefill_seconds: float  # a prefill of a whole context, measured (0 before it is)
+    # what a prompt change costs beside its prefill, measured (0 before a change ran)
+    change_extra_seconds: float
     together: int  # the stations generated together
 
     @property
@@ -274,7 +281,8 @@ class PromptTimeline:
         """Rule 1: the frame a change asked for now (or for the instant `at`) starts at, for a
         change that prefills `rows` decoder rows."""
         head = self.station.buffer.head
-        horizon = self.horizon.seconds(self.engine.prefill_seconds, rows)
+        engine = self.engine
+        horizon = self.horizon.seconds(engine.prefill_seconds, rows, engine.change_extra_seconds)
         earliest = -(-head // self.hop) + round(horizon * self.sample_rate / self.hop)
         if at is None:
             return max(earliest, self._kept_frame())

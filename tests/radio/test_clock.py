@@ -51,6 +51,7 @@ class Recorder:
 class NoEngine:
     alive = True
     prefill_seconds = 0.0
+    change_extra_seconds = 0.0
     sustained_rtf = 0.0
     together = 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import pytest
 
@@ -305,6 +306,36 @@ async def test_a_buffer_shorter_than_what_stalls_the_stream_is_warned_about(run,
         assert warned == []
     else:
         assert warned and "window restarts and prompt changes will make" in warned[0]
+
+
+async def test_what_a_change_costs_beside_its_prefill_is_measured(run):
+    """A change's text encoding, cross-attention and rewind are not in its prefill's time:
+    the generator times the whole change and keeps the most of the last few beside it
+    (`change_extra_seconds`, which the timeline adds to the horizon)."""
+    from engine.lane import Prefill
+
+    model = FakeModel()
+    gen, sink = await run(model, ("a",))
+    await sink.until(lambda: len(sink.pcm("a")) >= 3)
+    stream = model.streams[0]
+    plain = stream.set_prompt
+
+    def slow_set_prompt(text, from_frame=None):
+        time.sleep(0.15)  # 0.05 s of it the prefill
+        stream.tokens.last_prefill = Prefill(0.05, 2, 25)
+        return plain(text, from_frame)
+
+    stream.set_prompt = slow_set_prompt
+    assert gen.change_extra_seconds == 0.0
+    await gen.set_prompt("a", PromptChange(Blend.of("jazz"), "admin", 20, 0.0))
+    assert 0.1 <= gen.change_extra_seconds < 0.3
+    stream.set_prompt = plain  # a quick one (nothing prefilled anew): the slow one still counts
+    await gen.set_prompt("a", PromptChange(Blend.of("rock"), "admin", 30, 0.0))
+    assert 0.1 <= gen.change_extra_seconds < 0.3
+    gen._learn_change(0.08, Prefill(0.05, 2, 25), None)  # the oldest of five leaves
+    for _ in range(3):
+        gen._learn_change(0.08, Prefill(0.05, 2, 25), None)
+    assert gen.change_extra_seconds == pytest.approx(0.03)
 
 
 async def test_prompt_changes_are_placed_by_the_prefills_that_ran(run):

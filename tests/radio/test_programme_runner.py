@@ -45,6 +45,7 @@ class FakeEngine:
     def __init__(self) -> None:
         self.alive = True
         self.prefill_seconds = 0.01
+        self.change_extra_seconds = 0.0
         self.sustained_rtf, self.together = 0.0, 0
         self.asked: list[tuple[PromptChange, asyncio.Future[int]]] = []
 

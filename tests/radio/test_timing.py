@@ -48,6 +48,7 @@ class FakeEngine:
     def __init__(self) -> None:
         self.alive = True
         self.prefill_seconds = 0.01
+        self.change_extra_seconds = 0.0
         self.sustained_rtf, self.together = 0.0, 0
         self.asked: list[tuple[str, PromptChange, asyncio.Future[int]]] = []
 
@@ -117,6 +118,8 @@ def test_a_change_starts_a_horizon_after_the_moment_being_played():
     assert tl.start_frame() == 51 + 35  # 0.7 s
     engine.prefill_seconds = 1.2  # a slow prefill moves it later: 1.5 x (1.2 + 0.2) s
     assert tl.start_frame() == 51 + 105
+    engine.change_extra_seconds = 0.4  # and what a change costs beside it: 1.5 x (1.6 + 0.2)
+    assert tl.start_frame() == 51 + 135
 
 
 def test_a_change_close_to_real_time_keeps_a_share_of_the_buffer():
