@@ -161,10 +161,11 @@ def bench_realtime(
     for done in range(0, frames, 25):
         for m, stream in streams.items():
             at = stream.tokens.position
-            began = time.perf_counter()
-            stream.read(min(25, frames - done))
-            wall[m] += time.perf_counter() - began
-            turns[m].append((time.perf_counter() - began, min(25, frames - done)))
+            n, began = min(25, frames - done), time.perf_counter()
+            stream.read(n)
+            spent = time.perf_counter() - began
+            wall[m] += spent
+            turns[m].append((spent, n))
             end = stream.tokens.position
             positions[m].append((at + end) / 2 if end >= at else end / 2)  # (a window restart)
             cross[m].append(stream.tokens.cross_read)

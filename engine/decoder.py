@@ -359,7 +359,8 @@ class Decoder:
         self.fold_cross = True
         self.fold_stations = 1  # stations expected to share a step: see `cross_kv`
         self._cross_weights: tuple[list[LayerWeights], int] | None = None
-        self._read_per_step: dict[tuple[int, str], tuple[float, float]] = {}
+        # per KV cache kind: (the layers it was counted on, bytes, bytes per position and row)
+        self._read_per_step: dict[str, tuple[list[LayerWeights], float, float]] = {}
 
     def coarse_available(self) -> str | None:
         """None when `use_coarse` can run here, else why not: it needs int8 projections through
@@ -585,16 +586,17 @@ class Decoder:
         """(bytes, bytes per position per row) a decode step reads: the projections' weights and
         the lm heads (all of q_cross's and out_cross's: a folded prompt reads less), and one
         row's KV cache per position (the kind new caches take now)."""
-        key = (id(self.layers), self.kv_cache)
-        if key not in self._read_per_step:
+        counted = self._read_per_step.get(self.kv_cache)
+        if counted is None or counted[0] is not self.layers:  # (as `cross_weight_bytes`)
             weights = projection_bytes(self.lm_heads)
             weights += sum(
                 projection_bytes(getattr(w, n)) for w in self.layers for n in PROJECTIONS
             )
             cache = self.new_cache(1, 16)
             per_position = sum(t.nbytes for t in cache.tensors()) / 16
-            self._read_per_step[key] = (float(weights), per_position)
-        return self._read_per_step[key]
+            counted = (self.layers, float(weights), per_position)
+            self._read_per_step[self.kv_cache] = counted
+        return counted[1], counted[2]
 
     def cross_weight_bytes(self) -> int:
         """Bytes of q_cross's and out_cross's weights a step reads (int8 or int4 as set now)."""

@@ -58,6 +58,20 @@ AUTO_CHUNK_STATIONS = 0.4
 AUTO_STEADY_CHUNK = 0.5
 
 
+def _check_chunk(key: str, seconds: float | str, buffer_ahead: float) -> None:
+    """A chunk length key (`chunk_seconds`, `steady_chunk_seconds`): "auto", or seconds in
+    [0.02, 2] and at most half of `buffer_ahead`."""
+    if isinstance(seconds, str):
+        if seconds != "auto":
+            raise ValueError(f'{key}: must be "auto" or seconds, got {seconds!r}')
+    elif not 0.02 <= seconds <= 2:
+        raise ValueError(f"{key}: must be in [0.02, 2] seconds, got {seconds}")
+    elif seconds > buffer_ahead / 2:
+        raise ValueError(
+            f"{key}: must be at most half of buffer_ahead ({buffer_ahead}), got {seconds}"
+        )
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "0.0.0.0"  # address to listen on ("127.0.0.1" = this machine only)
@@ -141,37 +155,11 @@ class GenerationConfig:
         self.windows.validate()
         if not 0.5 <= self.buffer_ahead <= 60:
             raise ValueError(f"buffer_ahead: must be in [0.5, 60] seconds, got {self.buffer_ahead}")
-        if isinstance(self.chunk_seconds, str):
-            if self.chunk_seconds != "auto":
-                raise ValueError(
-                    f'chunk_seconds: must be "auto" or seconds, got {self.chunk_seconds!r}'
-                )
-        elif not 0.02 <= self.chunk_seconds <= 2:
-            raise ValueError(
-                f"chunk_seconds: must be in [0.02, 2] seconds, got {self.chunk_seconds}"
-            )
-        elif self.chunk_seconds > self.buffer_ahead / 2:
-            raise ValueError(
-                f"chunk_seconds: must be at most half of buffer_ahead ({self.buffer_ahead}), "
-                f"got {self.chunk_seconds}"
-            )
-        if isinstance(self.steady_chunk_seconds, str):
-            if self.steady_chunk_seconds != "auto":
-                raise ValueError(
-                    'steady_chunk_seconds: must be "auto" or seconds, '
-                    f"got {self.steady_chunk_seconds!r}"
-                )
-        elif not 0.02 <= self.steady_chunk_seconds <= 2:
-            raise ValueError(
-                f"steady_chunk_seconds: must be in [0.02, 2] seconds, got {self.steady_chunk_seconds}"
-            )
-        elif self.steady_chunk_seconds > self.buffer_ahead / 2:
-            raise ValueError(
-                "steady_chunk_seconds: must be at most half of buffer_ahead "
-                f"({self.buffer_ahead}), got {self.steady_chunk_seconds}"
-            )
-        elif (
+        _check_chunk("chunk_seconds", self.chunk_seconds, self.buffer_ahead)
+        _check_chunk("steady_chunk_seconds", self.steady_chunk_seconds, self.buffer_ahead)
+        if (
             not isinstance(self.chunk_seconds, str)
+            and not isinstance(self.steady_chunk_seconds, str)
             and self.steady_chunk_seconds < self.chunk_seconds
         ):
             raise ValueError(
