@@ -538,9 +538,18 @@ class Decoder:
         reads the same rounded values."""
         b, s, _ = text_states.shape
         split = (b, s, self.heads, self.head_dim)
+        # rows with text: guidance's null rows (all zeros) have zero keys and values, and
+        # projecting them would be half of a prompt change's work here
+        live = text_states.flatten(1).any(dim=1)
+        every = bool(live.all())
 
         def heads(w: torch.Tensor) -> torch.Tensor:
-            return F.linear(text_states, w).view(split).transpose(1, 2)
+            if every:
+                out = F.linear(text_states, w)
+            else:
+                out = text_states.new_zeros(b, s, w.shape[0])
+                out[live] = F.linear(text_states[live], w)
+            return out.view(split).transpose(1, 2)
 
         def rounded(x: torch.Tensor) -> torch.Tensor:
             return self._attn(x.to(torch.bfloat16) if self._cross_bf16 else x)
