@@ -66,6 +66,17 @@ class LayerWeights:
     fc2: Projection  # F -> E
 
 
+@dataclass
+class TextWeights:
+    """One layer's weights that a prompt's text goes through once per prompt (`cross_kv`), in
+    the dtype those products run in."""
+
+    k: torch.Tensor  # [E, E_text]: k_cross
+    v: torch.Tensor  # [E, E_text]: v_cross
+    q: torch.Tensor  # [H, D, E]: q_cross's weight per head
+    out: torch.Tensor  # [H, D, E]: out_cross's weight per head, transposed
+
+
 class FusedStep(Protocol):
     """Our one-call decode step (`engine.kernels` DecodeStepInt8): ids, positions, the cache's
     tensors and `CrossKV.stacked()` -> logits [B, K * V]."""
@@ -359,6 +370,7 @@ class Decoder:
         self.fold_cross = True
         self.fold_stations = 1  # stations expected to share a step: see `cross_kv`
         self._cross_weights: tuple[list[LayerWeights], int] | None = None
+        self._text: list[TextWeights] | None = None  # `_text_weights`, once built
         # per KV cache kind: (the layers it was counted on, bytes, bytes per position and row)
         self._read_per_step: dict[str, tuple[list[LayerWeights], float, float]] = {}
 
@@ -543,20 +555,26 @@ class Decoder:
         live = text_states.flatten(1).any(dim=1)
         every = bool(live.all())
 
+        text = self._text_weights()  # bfloat16 copies where the products run in bfloat16
+        x = text_states if text is None else text_states.to(torch.bfloat16)
+
         def heads(w: torch.Tensor) -> torch.Tensor:
             if every:
-                out = F.linear(text_states, w)
+                out = F.linear(x, w)
             else:
-                out = text_states.new_zeros(b, s, w.shape[0])
-                out[live] = F.linear(text_states[live], w)
+                out = x.new_zeros(b, s, w.shape[0])
+                out[live] = F.linear(x[live], w)
             return out.view(split).transpose(1, 2)
 
         def rounded(x: torch.Tensor) -> torch.Tensor:
             return self._attn(x.to(torch.bfloat16) if self._cross_bf16 else x)
 
         keys, values, unrounded = [], [], []
-        for w in self.layers:
-            k, v = heads(w.k_cross), heads(w.v_cross)
+        for i, w in enumerate(self.layers):
+            if text is None:
+                k, v = heads(w.k_cross), heads(w.v_cross)
+            else:
+                k, v = heads(text[i].k), heads(text[i].v)
             keys.append(rounded(k))
             values.append(rounded(v))
             unrounded.append((k, v))
@@ -573,9 +591,34 @@ class Decoder:
         if len(rows):
             folded = Folded.zeros(len(self.layers), b, self.heads, s, self.hidden)
             for i, (w, (k, v)) in enumerate(zip(self.layers, unrounded, strict=True)):
-                folded.put(i, rows, self._fold(w, k[rows], v[rows]))
+                t = None if text is None else text[i]
+                folded.put(i, rows, self._fold(w, k[rows], v[rows], t))
             cross.folded = [(0, folded)]
         return cross
+
+    def _text_weights(self) -> list[TextWeights] | None:
+        """Per layer, bfloat16 copies of the weights a prompt's text goes through in
+        `cross_kv` (built at the first prompt: 8 MB a layer for musicgen-small), where the
+        settings run those products in bfloat16 on our fused step; None: float32, the modules'
+        own weights (the products are those of our fused step, whether or not it runs now)."""
+        if not self._cross_bf16 or self.settings.text_products != "bfloat16":
+            return None  # (fixed at load as `_cross_bf16`: the op-by-op path reads the same)
+        if self._text is None:
+            e, h, d = self.hidden, self.heads, self.head_dim
+
+            def per_head(weight: torch.Tensor) -> torch.Tensor:  # [H, D, E] bfloat16
+                return weight.to(torch.bfloat16).contiguous()
+
+            self._text = [
+                TextWeights(
+                    k=w.k_cross.to(torch.bfloat16),
+                    v=w.v_cross.to(torch.bfloat16),
+                    q=per_head(w.q_cross_weight.view(h, d, e)),
+                    out=per_head(w.out_cross_weight.view(e, h, d).permute(1, 2, 0)),
+                )
+                for w in self.layers
+            ]
+        return self._text
 
     def _fold_token_bytes(self) -> int:
         """Bytes a step reads per folded text position: z and u per layer and head, int8 with a
@@ -616,12 +659,19 @@ class Decoder:
             self._cross_weights = (self.layers, total)
         return self._cross_weights[1]
 
-    def _fold(self, w: LayerWeights, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _fold(
+        self, w: LayerWeights, k: torch.Tensor, v: torch.Tensor, text: TextWeights | None = None
+    ) -> torch.Tensor:
         """One layer's cross-attention folded into the text, [B, H, 2, S, E] float32: per head
         h and text position, z = W_q,h^T k / sqrt(D) (a query's score is then its normed input
         times z) and u = W_o[:, h] v (the output is the scores' softmax times u, summed over
-        heads and positions). k, v [B, H, S, D] as projected (float)."""
+        heads and positions). k, v [B, H, S, D] as projected (float; bfloat16 with `text`,
+        the layer's bfloat16 weights: the products then run in bfloat16)."""
         e, h, d = self.hidden, self.heads, self.head_dim
+        if text is not None:
+            z = torch.einsum("bhsd,hde->bhse", k, text.q).float() * d**-0.5
+            u = torch.einsum("bhsd,hde->bhse", v, text.out).float()
+            return torch.stack([z, u], dim=2)
         q_w = w.q_cross_weight.float().view(h, d, e)
         out_w = w.out_cross_weight.float().view(e, h, d)
         z = torch.einsum("bhsd,hde->bhse", k.float(), q_w) * d**-0.5

@@ -365,8 +365,21 @@ class AudioStream:
         blend = as_blend(prompt)
         glide = round(transition_seconds * self.model.frame_rate)
         began = time.perf_counter()
-        heard = self.tokens.set_prompt(self._decoder_prompt(blend), frame, glide)
-        log.debug("prompt change prefill took %.3f s", time.perf_counter() - began)
+        decoder_prompt = self._decoder_prompt(blend)
+        encoded = time.perf_counter()
+        before = self.tokens.last_prefill
+        heard = self.tokens.set_prompt(decoder_prompt, frame, glide)
+        if log.isEnabledFor(logging.DEBUG):
+            prefill = self.tokens.last_prefill
+            prefilled = prefill.seconds if prefill is not None and prefill is not before else 0.0
+            log.debug(
+                "a prompt change took %.3f s: its texts' encoding %.3f s, its prefill %.3f s, "
+                "the cross-attention and the rest %.3f s",
+                time.perf_counter() - began,
+                encoded - began,
+                prefilled,
+                time.perf_counter() - encoded - prefilled,
+            )
         self._played(blend)
         self.frame = min(self.frame, heard)
         return heard

@@ -119,6 +119,11 @@ class Resolved:
     # kernel, the int4 kernel, or dense weights), "bf16" or "dense" (PyTorch's int8 kernels lose
     # on a prefill's big matrix products, so without ours the dense weights prefill)
     prefill: str = "decode"
+    # the products that turn a prompt's text into the cross-attention a fused CPU step reads
+    # (its keys and values, and their fold: `Decoder.cross_kv`), once per prompt change:
+    # "bfloat16" where the CPU has native bfloat16 maths (x4 here; their results are rounded
+    # to bfloat16 and int8 anyway), else "float32"
+    text_products: str = "float32"
     reasons: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -179,7 +184,14 @@ def resolve(options: LoadOptions, machine: Machine, head_dim: int) -> Resolved:
     if quantize in INT8_MODES and kernels is None:
         prefill = "bf16" if machine.fast_bf16 else "dense"
         chose("prefill", prefill, "PyTorch's int8 kernels are slow on a prefill's big products")
-    return Resolved(device, dtype, quantize, kv_cache, compile_mode, kernels, prefill, reasons)
+    text_products = "float32"
+    if kernels is not None and machine.fast_bf16:
+        text_products = chose(
+            "text_products", "bfloat16", "this CPU has native bfloat16 maths (prompt changes)"
+        )
+    return Resolved(
+        device, dtype, quantize, kv_cache, compile_mode, kernels, prefill, text_products, reasons
+    )
 
 
 def _device(requested: str, machine: Machine, chose: Chose) -> str:

@@ -59,6 +59,18 @@ def test_a_cpu_with_fast_bfloat16():
     assert _resolve(fast).prefill == "bf16"
 
 
+def test_prompt_text_products_run_in_bfloat16_only_where_the_cpu_is_fast_at_it():
+    """A prompt's cross-attention inputs (`Decoder.cross_kv`) are computed in bfloat16 for our
+    fused step on a CPU with native bfloat16 maths; in float32 elsewhere (an AVX2 CPU, where
+    bfloat16 products are slower, without our kernels, on a GPU)."""
+    s = _resolve(AVX512)
+    assert s.text_products == "bfloat16" and "native bfloat16" in s.reasons["text_products"]
+    assert _resolve(AVX2).text_products == "float32"
+    fast = Machine(cuda=False, fast_bf16=True, kernels=None, kernels_reason="off")
+    assert _resolve(fast).text_products == "float32"
+    assert _resolve(GPU).text_products == "float32"
+
+
 def test_a_float32_model_stays_exact():
     s = _resolve(AVX2, dtype="float32")
     assert (s.quantize, s.kv_cache, s.kernels) == ("none", "float32", None)
