@@ -130,7 +130,8 @@ def step_bytes(decoder: Decoder, positions: int = 1000, rows: int = 2) -> tuple:
 @torch.inference_mode()
 def teacher_forced_logits(model, processor, decoder: Decoder, ids: torch.Tensor) -> torch.Tensor:
     """ids: [K, T] delayed layout -> guided-row-0 logits [T, K, V] float32, step by step."""
-    states, mask = batch_conditions([encode_prompt(model, processor, PROMPT)], guidance=True)
+    condition = encode_prompt(model, processor, PROMPT, decoder.text_bfloat16)
+    states, mask = batch_conditions([condition], guidance=True)
     cross = decoder.cross_kv(states, mask)
     cache = decoder.new_cache(2, ids.shape[1] + 1)
     rows = [decoder.prefill(ids[None, :, :1].expand(2, -1, -1), cache, cross)]
@@ -144,7 +145,7 @@ def greedy_tokens(model, processor, decoder: Decoder, frames: int) -> tuple[torc
     channels = model.decoder.config.audio_channels
     stream = TokenStream(
         decoder,
-        encode_prompt(model, processor, PROMPT),
+        encode_prompt(model, processor, PROMPT, decoder.text_bfloat16),
         SamplingOptions(greedy=True),
         WindowOptions(window=max(frames + 16, 560), context=500),
         audio_channels=channels,

@@ -26,9 +26,14 @@ class TextCondition:
 
 
 def encode_prompt(
-    model: MusicgenForConditionalGeneration, processor: MusicgenProcessor, text: str
+    model: MusicgenForConditionalGeneration,
+    processor: MusicgenProcessor,
+    text: str,
+    bfloat16: bool = False,
 ) -> TextCondition:
-    """Encode one prompt with the model's T5 encoder. "" gives the null condition."""
+    """Encode one prompt with the model's T5 encoder. "" gives the null condition. `bfloat16`:
+    its products in bfloat16 (autocast; x2.2 for musicgen-small's T5 on a CPU with native
+    bfloat16 maths, the states 0.6% off float32's), the states returned in the decoder's dtype."""
     device, dtype = model.decoder.device, model.decoder.dtype
     hidden = model.decoder.config.hidden_size
     if not text:
@@ -39,10 +44,11 @@ def encode_prompt(
     inputs = processor(text=[text], return_tensors="pt", padding=True)
     ids = inputs["input_ids"].to(device)
     mask = inputs["attention_mask"].to(device)
-    states = model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-    if getattr(model, "enc_to_dec_proj", None) is not None:
-        states = model.enc_to_dec_proj(states)
-    states = states * mask[..., None]
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bfloat16):
+        states = model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        if getattr(model, "enc_to_dec_proj", None) is not None:
+            states = model.enc_to_dec_proj(states)
+    states = states.to(dtype) * mask[..., None]
     return TextCondition(states[0], mask[0].bool())
 
 

@@ -596,13 +596,21 @@ class Decoder:
             cross.folded = [(0, folded)]
         return cross
 
+    @property
+    def text_bfloat16(self) -> bool:
+        """Whether a prompt's text goes through bfloat16 products (`Resolved.text_products`):
+        its encoder (`MusicModel.encode_prompt`) and its cross-attention inputs (`cross_kv`),
+        those of our fused step (fixed at load, as `_cross_bf16`: when tests switch the step
+        off, the op-by-op path reads the same inputs)."""
+        return self._cross_bf16 and self.settings.text_products == "bfloat16"
+
     def _text_weights(self) -> list[TextWeights] | None:
         """Per layer, bfloat16 copies of the weights a prompt's text goes through in
         `cross_kv` (built at the first prompt: 8 MB a layer for musicgen-small), where the
         settings run those products in bfloat16 on our fused step; None: float32, the modules'
         own weights (the products are those of our fused step, whether or not it runs now)."""
-        if not self._cross_bf16 or self.settings.text_products != "bfloat16":
-            return None  # (fixed at load as `_cross_bf16`: the op-by-op path reads the same)
+        if not self.text_bfloat16:
+            return None
         if self._text is None:
             e, h, d = self.hidden, self.heads, self.head_dim
 

@@ -79,7 +79,7 @@ class MusicModel:
 
     @torch.inference_mode()
     def encode_prompt(self, text: str) -> TextCondition:
-        return encode_prompt(self.hf, self.processor, text)
+        return encode_prompt(self.hf, self.processor, text, self.decoder.text_bfloat16)
 
     @torch.inference_mode()
     def use_coarse(self, on: bool) -> None:

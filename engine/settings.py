@@ -120,9 +120,9 @@ class Resolved:
     # on a prefill's big matrix products, so without ours the dense weights prefill)
     prefill: str = "decode"
     # the products that turn a prompt's text into the cross-attention a fused CPU step reads
-    # (its keys and values, and their fold: `Decoder.cross_kv`), once per prompt change:
-    # "bfloat16" where the CPU has native bfloat16 maths (x4 here; their results are rounded
-    # to bfloat16 and int8 anyway), else "float32"
+    # (the T5 encoder, then its keys and values and their fold: `Decoder.cross_kv`), once per
+    # prompt change: "bfloat16" where the CPU has native bfloat16 maths (x2-4 faster; the keys
+    # and values are rounded to bfloat16, the fold to int8 anyway), else "float32"
     text_products: str = "float32"
     reasons: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 

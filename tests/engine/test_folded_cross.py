@@ -124,8 +124,8 @@ def test_the_fused_step_folded_is_the_op_by_op_step_with_float_cross_projections
     the float weights (the folded maths skips their int8 rounding): equal up to the folded
     vectors' int8 rounding, closer than the int8 projections come (float32 text products)."""
     model, decoder = int8_model, int8_model.decoder
-    states = batch_conditions([model.encode_prompt("slow jazz")], guidance=True)
     with text_products(decoder, "float32"):
+        states = batch_conditions([model.encode_prompt("slow jazz")], guidance=True)
         cross = decoder.cross_kv(*states)
     assert cross.folded and cross.folded_inputs().rows.tolist() == [True, False]
     ids = _ids(model, 2)
@@ -154,26 +154,29 @@ def test_the_fused_step_folded_is_the_op_by_op_step_with_float_cross_projections
 
 
 def test_bfloat16_text_products_move_the_fused_steps_little(int8_model):
-    """A prompt's keys, values and fold computed in bfloat16 (`text_products`, where the CPU
-    has native bfloat16 maths: a prompt change's cross-attention x2-4 faster) against float32:
-    the fused step's logits, folded and not, move by under 0.1% of their spread (the precision
-    budget is 3%; bench/precision.py measures the whole mode), and the products really ran in
-    bfloat16 (the folded vectors differ)."""
+    """A prompt's text encoded, and its keys, values and fold computed, in bfloat16
+    (`text_products`, where the CPU has native bfloat16 maths: a prompt change x2 faster)
+    against float32: the fused step's logits, folded and not, move by under 0.2% of their
+    spread (the precision budget is 3%; bench/precision.py measures the whole mode), and the
+    products really ran in bfloat16 (the folded vectors differ)."""
     model, decoder = int8_model, int8_model.decoder
-    states = batch_conditions([model.encode_prompt("slow jazz")], guidance=True)
     ids = _ids(model, 2)
     for fold in (True, False):
         decoder.fold_cross = fold
         try:
             with text_products(decoder, "float32"):
-                exact = decoder.cross_kv(*states)
+                exact = decoder.cross_kv(
+                    *batch_conditions([model.encode_prompt("slow jazz")], True)
+                )
             with text_products(decoder, "bfloat16"):
-                cheap = decoder.cross_kv(*states)
+                cheap = decoder.cross_kv(
+                    *batch_conditions([model.encode_prompt("slow jazz")], True)
+                )
                 assert decoder._text is not None and decoder._text[0].k.dtype == torch.bfloat16
             want, got = _steps(model, exact, ids), _steps(model, cheap, ids)
         finally:
             decoder.fold_cross = True
-        assert (got - want).abs().mean() / want.std() < 0.001
+        assert (got - want).abs().mean() / want.std() < 0.002
         if fold:
             assert not torch.equal(exact.folded[0][1].vectors, cheap.folded[0][1].vectors)
 
