@@ -73,9 +73,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# seconds: the auto horizon never starts a prompt sooner; at 0.5 s, 4 of 5 changes on 2 Zen 4
-# cores came late (a hold) even at x1.33, at 0.7 s none or 1 of 5-6 (docs/benchmarks.md)
-MIN_HORIZON = 0.7
+# seconds: the auto horizon never starts a prompt sooner. Once a change cost 0.1-0.77 s in
+# `radio serve` on 2 Zen 4 cores and at 0.5 s 4 of 5 came late (a hold); since it costs
+# 0.09-0.3 s (freed memory kept, bfloat16 text products), at 0.45-0.5 s none of 18 in three
+# runs did (docs/benchmarks.md)
+MIN_HORIZON = 0.5
 HORIZON_MARGIN = 1.5  # the auto horizon leaves this many times the prefill and a chunk
 # several stations generated together at or above this many times real time (over the last
 # minute of generating): a change asked for now starts at the auto horizon; below it, it keeps a

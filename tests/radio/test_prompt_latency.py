@@ -63,7 +63,7 @@ def test_auto_horizon_covers_the_measured_prefill():
     from radio.timing import MIN_HORIZON, auto_horizon
 
     assert (
-        auto_horizon(0.01, 0.2) == MIN_HORIZON == 0.7
+        auto_horizon(0.01, 0.2) == MIN_HORIZON == 0.5
     )  # a fast prefill (GPU, tiny model): the minimum
     assert auto_horizon(1.2, 0.2) == pytest.approx(
         1.5 * (1.2 + 0.2)

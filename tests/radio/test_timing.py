@@ -99,7 +99,7 @@ def fill(st: Station, start: int, n: int, value: float) -> None:
 
 def test_auto_horizon_covers_the_measured_prefill():
     assert (
-        auto_horizon(0.01, 0.2) == MIN_HORIZON == 0.7
+        auto_horizon(0.01, 0.2) == MIN_HORIZON == 0.5
     )  # a fast prefill (GPU, tiny model): the minimum
     assert auto_horizon(1.2, 0.2) == pytest.approx(
         1.5 * (1.2 + 0.2)
@@ -115,7 +115,7 @@ def test_a_change_starts_a_horizon_after_the_moment_being_played():
     tl = timeline(st, engine, clock, fixed=1.0)
     assert tl.start_frame() == 51 + 50  # the next whole frame, plus 1 s
     tl = timeline(st, engine, clock)  # auto: the tiny model's prefill gives the minimum
-    assert tl.start_frame() == 51 + 35  # 0.7 s
+    assert tl.start_frame() == 51 + 25  # 0.5 s
     engine.prefill_seconds = 1.2  # a slow prefill moves it later: 1.5 x (1.2 + 0.2) s
     assert tl.start_frame() == 51 + 105
     engine.change_extra_seconds = 0.4  # and what a change costs beside it: 1.5 x (1.6 + 0.2)
@@ -131,13 +131,13 @@ def test_a_change_close_to_real_time_keeps_a_share_of_the_buffer():
     fill(st, 0, 5 * RATE, 1.0)
     st.buffer.take(RATE)  # head: frame 50, 4 s buffered
     tl = timeline(st, engine, clock, recovery=Recovery(1.0, 3.8))
-    assert tl.start_frame() == 50 + 35  # not judged yet: the auto horizon, 0.7 s
+    assert tl.start_frame() == 50 + 25  # not judged yet: the auto horizon, 0.5 s
     st.health.realtime_factor = 0.9  # the moment's rate (a window's end) does not count
-    assert tl.start_frame() == 50 + 35
+    assert tl.start_frame() == 50 + 25
     engine.sustained_rtf, engine.together = 1.1, 1  # alone: its window starts afresh
-    assert tl.start_frame() == 50 + 35
+    assert tl.start_frame() == 50 + 25
     engine.sustained_rtf, engine.together = 1.4, 2
-    assert tl.kept_seconds() == 0.0 and tl.start_frame() == 50 + 35
+    assert tl.kept_seconds() == 0.0 and tl.start_frame() == 50 + 25
     engine.sustained_rtf = 1.1  # two thirds of 3.8 s: 2.53 s
     assert tl.kept_seconds() == pytest.approx(3.8 * 2 / 3)
     assert tl.start_frame() == 50 + 127
@@ -146,9 +146,9 @@ def test_a_change_close_to_real_time_keeps_a_share_of_the_buffer():
     assert tl.start_frame() == 50 + 190
     st.buffer.take(2 * RATE)  # head: frame 150, 2 s left: the cut where the buffer ends
     assert tl.start_frame() == 150 + 100
-    assert tl.start_frame(at=WALL + 0.1) == 150 + 35  # an instant: the horizon alone
+    assert tl.start_frame(at=WALL + 0.1) == 150 + 25  # an instant: the horizon alone
     assert timeline(st, engine, clock, 0.5, Recovery(1.0, 3.8)).start_frame() == 150 + 25
-    assert timeline(st, engine, clock).start_frame() == 150 + 35  # no bridge: no rule
+    assert timeline(st, engine, clock).start_frame() == 150 + 25  # no bridge: no rule
 
 
 async def test_a_change_that_keeps_the_buffer_says_why(caplog):
@@ -221,11 +221,11 @@ async def test_the_answer_says_when_the_change_is_heard():
     task = asyncio.create_task(tl.change("new", "listener", requested_at=9.5))
     await asyncio.sleep(0)
     [(sid, change, _)] = engine.asked
-    assert (sid, change) == ("main", PromptChange(Blend.of("new"), "listener", 50 + 35, 9.5))
+    assert (sid, change) == ("main", PromptChange(Blend.of("new"), "listener", 50 + 25, 9.5))
     engine.take(tl)
     applied = await task
-    heard_in = (85 * HOP - RATE + LATENCY) / RATE  # 0.7 s of buffer + 0.2 s of loudness
-    assert (applied.frame, applied.heard_in) == (85, pytest.approx(heard_in))
+    heard_in = (75 * HOP - RATE + LATENCY) / RATE  # 0.5 s of buffer + 0.2 s of loudness
+    assert (applied.frame, applied.heard_in) == (75, pytest.approx(heard_in))
     assert applied.heard_at == pytest.approx(WALL + 10.0 + heard_in)
 
 
