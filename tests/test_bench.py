@@ -73,6 +73,18 @@ def test_precision_benchmark_prints_the_table(tmp_path):
         assert row in out
 
 
+def test_prompt_change_benchmark_prints_both_text_products(tmp_path):
+    out = _run("prompt_change.py", "--size", "tiny", "--changes", "2", tmp_path=tmp_path)
+    assert "freed memory kept: True" in out
+    rows = re.findall(
+        r"^\| (float32|bfloat16) \| (\d+) ms \| (\d+) ms \| (-?\d+) ms \| (\d+) ms \|", out, re.M
+    )
+    assert [r[0] for r in rows] == ["float32", "bfloat16"], out
+    for _, text, prefill, _, whole in rows:
+        assert int(whole) >= int(text) + int(prefill) - 1
+    assert re.search(r"a change x\d+\.\d\d as fast as with float32 ones", out)
+
+
 def test_codec_benchmark_prints_cost_and_stages(tmp_path):
     out = _run(  # A/B against this checkout itself: exercises the --against path
         "bench_codec.py",
