@@ -45,6 +45,9 @@ def _config(args: argparse.Namespace) -> Config:
 def _cmd_serve(args: argparse.Namespace) -> int:  # never returns once serving
     config = _config(args)
     from engine.load_thread import Loading
+    from engine.memory import keep_freed_memory
+
+    keep_freed_memory()  # before any thread has an arena of its own: see engine.memory
 
     loading = Loading(config.model)  # the weights load while the web stack is imported
     from aiohttp import web
