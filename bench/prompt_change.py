@@ -60,11 +60,11 @@ def change(stream, products: str, prompt: str) -> dict[str, float]:
     decoder._text = TEXT_WEIGHTS.get(products)
     try:
         stream.read(25)
+        began = time.perf_counter()
+        stream.model.encode_prompt(prompt)  # timed alone; the change encodes it again
+        encoded = time.perf_counter() - began
         before, f0 = stream.tokens.last_prefill, faults()
         began = time.perf_counter()
-        condition = stream.model.encode_prompt(prompt)
-        encoded = time.perf_counter() - began
-        stream._conditions[prompt] = condition  # set_prompt takes it from there
         stream.set_prompt(prompt)
         whole = time.perf_counter() - began
         prefill = stream.tokens.last_prefill

@@ -556,14 +556,14 @@ class Decoder:
         every = bool(live.all())
 
         text = self._text_weights()  # bfloat16 copies where the products run in bfloat16
-        x = text_states if text is None else text_states.to(torch.bfloat16)
+        inputs = text_states if text is None else text_states.to(torch.bfloat16)
 
         def heads(w: torch.Tensor) -> torch.Tensor:
             if every:
-                out = F.linear(x, w)
+                out = F.linear(inputs, w)
             else:
-                out = x.new_zeros(b, s, w.shape[0])
-                out[live] = F.linear(x[live], w)
+                out = inputs.new_zeros(b, s, w.shape[0])
+                out[live] = F.linear(inputs[live], w)
             return out.view(split).transpose(1, 2)
 
         def rounded(x: torch.Tensor) -> torch.Tensor:

@@ -3,11 +3,11 @@
 glibc gives large blocks back to the kernel when they are freed (those above its mmap
 threshold, 128 KB rising to at most 32 MB as such blocks come and go, and the free top of its
 heaps), and on a virtual machine whose balloon or reclaim hands free guest pages back to the
-host, touching such memory again is slow: a prompt change's 42 MB of
-folded cross-attention (musicgen-small, a 27-token text) took 120-230 ms to allocate on the
-2-core Zen 4 VM against 1 ms once reused, and set_prompt 340-460 ms against ~170. The radio
-runs the same shapes over and over (a prompt change, a window restart, a chunk), so once a
-size has been freed the next one of it reuses those pages.
+host, touching such memory again is slow: a prompt change's 42 MB of folded cross-attention
+(musicgen-small, a 27-token text) took 120-230 ms to allocate on the 2-core Zen 4 VM against
+1 ms once reused, and set_prompt 340-460 ms against ~170. The radio runs the same shapes over
+and over (a prompt change, a window restart, a chunk), so once a size has been freed the next
+one of it reuses those pages.
 
 `keep_freed_memory()` tells glibc to serve every block from its heaps, every thread from the
 main one (a thread's own heaps, 64 MB each, are unmapped once wholly free: in `radio serve`

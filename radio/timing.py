@@ -75,8 +75,9 @@ log = logging.getLogger(__name__)
 
 # seconds: the auto horizon never starts a prompt sooner. Once a change cost 0.1-0.77 s in
 # `radio serve` on 2 Zen 4 cores and at 0.5 s 4 of 5 came late (a hold); since it costs
-# 0.09-0.3 s (freed memory kept, bfloat16 text products), at 0.45-0.5 s none of 18 in three
-# runs did (docs/benchmarks.md)
+# 0.08-0.3 s (freed memory kept, bfloat16 text products), at 0.45-0.5 s none of 36 in six
+# runs did; at 0.4 s (with the first chunk counted at its making, not its length) one of 18 in
+# three runs did, after a 0.26 s change (docs/benchmarks.md)
 MIN_HORIZON = 0.5
 HORIZON_MARGIN = 1.5  # the auto horizon leaves this many times the prefill and a chunk
 # several stations generated together at or above this many times real time (over the last
