@@ -71,3 +71,25 @@ def test_keep_freed_memory_is_idempotent() -> None:
 
     first = keep_freed_memory()
     assert keep_freed_memory() == first
+
+
+FREEZE = """
+import gc
+from engine.memory import freeze_long_lived
+kept = [[i] for i in range(200_000)]  # long-lived containers, as a loaded model's
+tracked = len(gc.get_objects())
+frozen = freeze_long_lived()
+print(tracked, frozen, len(gc.get_objects()), kept[-1][0])
+"""
+
+
+def test_long_lived_objects_leave_the_collectors_passes() -> None:
+    """After `freeze_long_lived` a full collection no longer walks the objects alive before it
+    (musicgen-small loaded: 400k of them, 141 ms a pass holding the GIL); they stay usable."""
+    done = subprocess.run(
+        [sys.executable, "-c", FREEZE], capture_output=True, text=True, check=True
+    )
+    tracked, frozen, left, last = (int(x) for x in done.stdout.split())
+    assert tracked > 200_000 and frozen >= 200_000
+    assert left < 1_000, f"{left} objects still in the collector's generations"
+    assert last == 199_999
