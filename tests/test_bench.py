@@ -81,7 +81,9 @@ def test_prompt_change_benchmark_prints_both_text_products(tmp_path):
     )
     assert [r[0] for r in rows] == ["float32", "bfloat16"], out
     for _, text, prefill, _, whole in rows:
-        assert int(whole) >= int(text) + int(prefill) - 1
+        # the change includes its prefill; its text is timed apart (a second encoding of it, so
+        # on a loaded machine the whole may come out under text + prefill: no such check)
+        assert int(whole) > 0 and int(whole) >= int(prefill), (text, prefill, whole)
     assert re.search(r"a change x\d+\.\d\d as fast as with float32 ones", out)
 
 
