@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_engine import PROMPT, load_options, model_dir, say  # noqa: E402
 from engine import MusicModel, SamplingOptions  # noqa: E402
+from engine.lane import prefilled_since  # noqa: E402
 from engine.memory import keep_freed_memory  # noqa: E402
 
 KINDS = ("float32", "bfloat16")
@@ -67,8 +68,7 @@ def change(stream, products: str, prompt: str) -> dict[str, float]:
         began = time.perf_counter()
         stream.set_prompt(prompt)
         whole = time.perf_counter() - began
-        prefill = stream.tokens.last_prefill
-        prefilled = prefill.seconds if prefill is not None and prefill is not before else 0.0
+        prefilled = prefilled_since(stream.tokens.last_prefill, before)
         return {
             "text": encoded,
             "prefill": prefilled,

@@ -73,6 +73,12 @@ class Prefill:
         return self.seconds * context / self.frames * PLAIN_ROWS / self.rows
 
 
+def prefilled_since(last: Prefill | None, before: Prefill | None) -> float:
+    """Seconds of `last`, a stream's latest prefill, when it ran after `before` (the latest one
+    when some work began); 0 when that work prefilled nothing."""
+    return last.seconds if last is not None and last is not before else 0.0
+
+
 class Lane:
     def __init__(
         self,

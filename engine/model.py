@@ -33,6 +33,7 @@ from engine.codec import StreamingDecoder, decode_together, prepare_codec
 from engine.conditioning import TextCondition, batch_conditions, encode_prompt
 from engine.decoder import Decoder
 from engine.delay import codebook_delays, delayed_layout
+from engine.lane import prefilled_since
 from engine.loading import LoadedModel, ModelLoadError, load_model
 from engine.options import LoadOptions, SamplingOptions, WindowOptions
 from engine.rows import Prompt
@@ -370,15 +371,14 @@ class AudioStream:
         before = self.tokens.last_prefill
         heard = self.tokens.set_prompt(decoder_prompt, frame, glide)
         if log.isEnabledFor(logging.DEBUG):
-            prefill = self.tokens.last_prefill
-            prefilled = prefill.seconds if prefill is not None and prefill is not before else 0.0
+            done, prefilled = time.perf_counter(), prefilled_since(self.tokens.last_prefill, before)
             log.debug(
                 "a prompt change took %.3f s: its texts' encoding %.3f s, its prefill %.3f s, "
                 "the cross-attention and the rest %.3f s",
-                time.perf_counter() - began,
+                done - began,
                 encoded - began,
                 prefilled,
-                time.perf_counter() - encoded - prefilled,
+                done - encoded - prefilled,
             )
         self._played(blend)
         self.frame = min(self.frame, heard)

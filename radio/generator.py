@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from engine.lane import prefilled_since
 from engine.threads import ThreadTuner, smooth
 from engine.token_stream import Interrupted
 from radio import ladder
@@ -965,7 +966,7 @@ class Generator:
         """`change_extra_seconds` after a prompt change that took `spent` s, with `prefill`
         the stream's last prefill after it (`before`: the one before it; the same when the
         change prefilled nothing, a seed from the stream's own frames)."""
-        extra = spent - (prefill.seconds if prefill is not None and prefill is not before else 0.0)
+        extra = spent - prefilled_since(prefill, before)
         self._change_extras.append(max(extra, 0.0))
         self.change_extra_seconds = max(self._change_extras)
 
