@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from engine.memory import keep_freed_memory
 from radio import cors, metrics, quietlog, restarts
 from radio.clock import Output, Recovery, StationClock
 from radio.config import Config, StationConfig, model_key
@@ -136,7 +135,6 @@ def build_radio(
     faults: FaultInjector | None = None,
     programme_clock: Callable[[], float] = time.time,
 ) -> Radio:
-    keep_freed_memory()  # a prompt change's buffers reuse the last one's pages
     coarse = _coarse_when_behind(config.generation.coarse_when_behind, model)
     _say_rungs(config.generation.adaptive_restarts, model, coarse)
     store = restarts.open_store(config.server.state_file)

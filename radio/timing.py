@@ -12,8 +12,9 @@ it hands to the outputs (`released`). The rules, all here:
    its cross-attention, the cache's rewind; 0.05-0.7 s on 2 cores where a 25-frame prefill took
    0.06 s: placed by the prefill alone, changes came late and the old music played on), so that
    the audio after the cut is made before the clock gets there (the chunk being read when the
-   change arrives gives way at its next decoder step: its audio would come after the cut). With the auto horizon, a change asked for now while several stations generated
-   together sustain under `KEEP_BELOW` x real time (`rtf`: their audio per second of
+   change arrives gives way at its next decoder step: its audio would come after the cut).
+   With the auto horizon, a change asked for now while several stations generated together
+   sustain under `KEEP_BELOW` x real time (`rtf`: their audio per second of
    generating over the last minute of it, `Generator.sustained_rtf`, restarts and slow moments
    counted in; neither the moment's rate, which swings x0.6-1.6 within seconds, nor the
    ladder's prediction, which moved x1.0-1.4 as it changed levels) starts no sooner than
