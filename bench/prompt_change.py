@@ -10,7 +10,8 @@ One stream of the CPU default (int8 weights and cache), as the radio runs it (fr
 T5 encoder, the cross-attention's keys and values and their fold: bfloat16 is what a CPU with
 native bfloat16 maths gets). Per kind: the median wall time of the text's encoding, the
 decoder's prefill of `generation.prompt_context` (25 frames), the rest (the cross-attention
-inputs, the cache's rewind), the whole change, and the page faults a change took. The first
+inputs, the cache's rewind), the whole change, and the page faults a change took; and this
+machine's plain read (`bench/bench_kernels.py`) before and after. The first
 rounds (one per kind) warm up and are left out. The radio's auto horizon places a change
 `1.5 x (its cost + a chunk)` ahead, at least 0.5 s (`radio/timing.py`).
 """
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_engine import PROMPT, load_options, model_dir, say  # noqa: E402
+from bench.bench_kernels import plain_read  # noqa: E402
 from engine import MusicModel, SamplingOptions  # noqa: E402
 from engine.lane import prefilled_since  # noqa: E402
 from engine.memory import keep_freed_memory  # noqa: E402
@@ -103,14 +105,17 @@ def main() -> int:
     stream = model.open_stream(PROMPT, SamplingOptions(seed=0))
     stream.read(25)
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in KINDS}
+    read_before = plain_read(3)
     for i in range(args.changes * len(KINDS)):
         kind = KINDS[i % len(KINDS)]
         runs[kind].append(change(stream, kind, text(i)))
         if (i + 1) % 8 == 0:
             say(f"  {i + 1} of {args.changes * len(KINDS)} changes ...")
+    read_after = plain_read(3)
     say(
         f"\nprompt changes, {args.size} shapes, int8, one stream, {args.changes} each in turns"
-        f" (the first of each left out; freed memory kept: {kept}); medians:\n"
+        f" (the first of each left out; freed memory kept: {kept}; plain read {read_before:.1f}"
+        f" GB/s before, {read_after:.1f} after); medians:\n"
     )
     say(
         "| text products | text encoding | prefill (25 frames) | the rest | whole change | page faults |"

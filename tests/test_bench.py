@@ -76,6 +76,7 @@ def test_precision_benchmark_prints_the_table(tmp_path):
 def test_prompt_change_benchmark_prints_both_text_products(tmp_path):
     out = _run("prompt_change.py", "--size", "tiny", "--changes", "2", tmp_path=tmp_path)
     assert "freed memory kept: True" in out
+    assert re.search(r"plain read \d+\.\d GB/s before, \d+\.\d after", out)
     rows = re.findall(
         r"^\| (float32|bfloat16) \| (\d+) ms \| (\d+) ms \| (-?\d+) ms \| (\d+) ms \|", out, re.M
     )
