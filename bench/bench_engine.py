@@ -2,6 +2,8 @@
 
     python bench/bench_engine.py                  # musicgen-small shapes (the real cost), ~8 min
     python bench/bench_engine.py --size tiny --seconds 2 --float32-steps 20 --realtime-seconds 3  # CI smoke run
+    python bench/bench_engine.py --realtime-only --modes int8,int8-kv4,int4-kv4 --realtime-seconds 60 --hunt-minutes 45
+        # issue 15's item 0: the modes in turns, then on until a slow minute (29 GB/s) is caught
 
 Random-weight models are built once into ./models (or $BENCH_MODELS).
 
@@ -11,12 +13,16 @@ precision mode (int8 weights with an int8 or an int4 KV cache, bfloat16), and `g
 prefill time of a 500-frame context; the codec's decode cost per second of audio; 1 vs 4
 stations batched, over a whole window; a long real-time run of the first mode (60 s of audio,
 window restarts included); and the ratios. Absolute times on a shared machine are noise; the ratios are the result.
+`--realtime-only` runs the modes in turns with a plain read between turns and ends with each
+mode's real-time factor by the plain read around its turns (`--hunt-minutes`: on until some of
+them are slow).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -117,6 +123,9 @@ def bench_realtime(
     window: WindowOptions,
     cold: bool = False,
     unfolded: bool = False,
+    hunt_minutes: float = 0.0,
+    slow_read: float = SLOW_READ,
+    slow_seconds: float = 10.0,
 ) -> None:
     """The end-to-end real-time run of each mode, the modes taking turns 25 frames at a time
     (with a plain read of 400 MB between turns, this machine's bandwidth meanwhile), so that
@@ -124,7 +133,12 @@ def bench_realtime(
     turns' wall time. `cold`: each mode also runs with prefilled window restarts
     (`warm_restarts` off), as "<mode> cold". `unfolded`: each mode also on a model of its own
     whose fused step runs the cross-attention's projections every step instead of reading them
-    folded into the text (`Decoder.fold_cross` off), as "<mode> unfolded"."""
+    folded into the text (`Decoder.fold_cross` off), as "<mode> unfolded".
+
+    `hunt_minutes`: after `seconds` of audio, the turns go on (the streams' windows restarting,
+    as in a steady stream) until every mode has `slow_seconds` of audio in turns between two
+    plain reads of `slow_read` GB/s or less (the issue's slow minute), or that many minutes have
+    passed. Every run ends with each mode's real-time factor by the plain read around its turns."""
     loaded = {}
     for m in modes:
         try:
@@ -158,10 +172,11 @@ def bench_realtime(
     positions: dict[str, list[float]] = {m: [] for m in modes}  # each turn's mean position
     turns: dict[str, list[tuple[float, int]]] = {m: [] for m in modes}  # each turn's wall, frames
     cross: dict[str, list[tuple[int, bool]]] = {m: [] for m in modes}  # each turn's cross read
-    for done in range(0, frames, 25):
+
+    def take_turns(n: int) -> None:
+        """Each stream reads n frames, then the plain read."""
         for m, stream in streams.items():
-            at = stream.tokens.position
-            n, began = min(25, frames - done), time.perf_counter()
+            at, began = stream.tokens.position, time.perf_counter()
             stream.read(n)
             spent = time.perf_counter() - began
             wall[m] += spent
@@ -172,6 +187,29 @@ def bench_realtime(
         began = time.perf_counter()
         data.max()
         reads.append(data.nbytes / (time.perf_counter() - began) / 1e9)
+
+    def slow_audio() -> float:
+        """The audio seconds each mode made in slow turns (the least of the modes)."""
+        slow = slow_turns(reads, slow_read)
+        return min(sum(turns[m][i][1] for i in slow) / 50 for m in modes)
+
+    for done in range(0, frames, 25):
+        take_turns(min(25, frames - done))
+    if hunt_minutes > 0:
+        say(
+            f"hunting a slow minute (plain read {slow_read:.0f} GB/s or less) for up to "
+            f"{hunt_minutes:g} min, until each mode has {slow_seconds:g} s of audio in it ..."
+        )
+        began = last = time.monotonic()
+        while slow_audio() < slow_seconds and time.monotonic() - began < hunt_minutes * 60:
+            take_turns(25)
+            frames += 25
+            if time.monotonic() - last >= 60:
+                last = time.monotonic()
+                say(
+                    f"  {(last - began) / 60:.0f} min: plain read now {reads[-1]:.1f} GB/s "
+                    f"(lowest {min(reads):.1f}), {slow_audio():.1f} s of audio in slow turns"
+                )
     gbs = sorted(reads)[len(reads) // 2]
     say(f"load average {load:.1f} -> {os.getloadavg()[0]:.1f}; plain read median {gbs:.1f} GB/s")
     for m, stream in streams.items():
@@ -197,25 +235,67 @@ def bench_realtime(
             f"audio s, so {read_gb * rtf:.1f} GB/s read ({read_gb * rtf / gbs:.0%} of the plain read);"
             f" RTF per 10 GB/s of plain read {rtf / gbs * 10:.3f}"
         )
-    # the issue's figure on a slow minute: the turns between two plain reads of SLOW_READ GB/s or
-    # less (slow moments are often shorter than a run)
-    slow = [
-        i for i, r in enumerate(reads) if r <= SLOW_READ and (i == 0 or reads[i - 1] <= SLOW_READ)
-    ]
+    # the issue's figure on a slow minute: the turns between two plain reads of `slow_read` GB/s
+    # or less (slow moments are often shorter than a run)
+    slow = slow_turns(reads, slow_read)
     for m in modes:
         if not slow:
-            say(f"  {m}: no turn between plain reads of {SLOW_READ:.0f} GB/s or less")
+            say(f"  {m}: no turn between plain reads of {slow_read:.0f} GB/s or less")
             continue
         spent = sum(turns[m][i][0] for i in slow)
         made = sum(turns[m][i][1] for i in slow) / 50
         say(
             f"  {m}: in the {len(slow)} of {len(reads)} turns between plain reads of "
-            f"{SLOW_READ:.0f} GB/s or less: real-time factor {made / spent:.3f}"
+            f"{slow_read:.0f} GB/s or less ({made:.1f} s of audio): real-time factor "
+            f"{made / spent:.3f}"
         )
+    say_bands(modes, turns, reads, slow_read)
     if len(modes) > 1:
         first = modes[0]
         for m in modes[1:]:
             say(f"  {m}'s real-time factor: x{wall[first] / wall[m]:.2f} {first}'s (same turns)")
+
+
+def slow_turns(reads: list[float], slow_read: float) -> list[int]:
+    """The rounds of turns between two plain reads of `slow_read` GB/s or less (read i follows
+    round i; the first round counts the read after it alone)."""
+    return [
+        i for i, r in enumerate(reads) if r <= slow_read and (i == 0 or reads[i - 1] <= slow_read)
+    ]
+
+
+def say_bands(
+    modes: list[str],
+    turns: dict[str, list[tuple[float, int]]],
+    reads: list[float],
+    slow_read: float,
+) -> None:
+    """Each mode's real-time factor over its turns grouped by the plain read around them (the
+    higher of the reads before and after a round), as a table: how the engine's speed follows
+    the machine's bandwidth within one run."""
+    edges = [slow_read] + [e for e in (35.0, 45.0) if e > slow_read]
+    labels = [f"<= {edges[0]:g}"]
+    labels += [f"{a:g}-{b:g}" for a, b in itertools.pairwise(edges)] + [f"> {edges[-1]:g}"]
+    around = [max(r, reads[i - 1]) if i else r for i, r in enumerate(reads)]
+    band = [sum(a > e for e in edges) for a in around]
+    say("")
+    say("| mode | " + " | ".join(f"plain read {label} GB/s" for label in labels) + " |")
+    say("| --- |" + " --- |" * len(labels))
+    for m in modes:
+        cells = []
+        for b in range(len(labels)):
+            rounds = [i for i in range(len(reads)) if band[i] == b]
+            if not rounds:
+                cells.append("-")
+                continue
+            spent = sum(turns[m][i][0] for i in rounds)
+            made = sum(turns[m][i][1] for i in rounds) / 50
+            gbs = statistics.median(around[i] for i in rounds)
+            cells.append(
+                f"RTF {made / spent:.3f} over {made:.0f} s ({gbs:.1f} GB/s: "
+                f"{made / spent / gbs * 10:.3f} per 10 GB/s)"
+            )
+        say(f"| {m} | " + " | ".join(cells) + " |")
 
 
 @torch.inference_mode()
@@ -337,6 +417,23 @@ def main() -> int:
         help="with --realtime-only: each mode also with the cross-attention's projections run "
         "every step (not folded into the text), taking turns with the folded ones",
     )
+    parser.add_argument(
+        "--hunt-minutes",
+        type=float,
+        default=0.0,
+        help="with --realtime-only: after --realtime-seconds, go on taking turns for up to this "
+        "many minutes until each mode has --slow-seconds of audio in turns between two plain "
+        "reads of --slow-read GB/s or less (a slow minute of a shared machine)",
+    )
+    parser.add_argument(
+        "--slow-read",
+        type=float,
+        default=SLOW_READ,
+        help="GB/s: a plain read at this or less is a slow minute (issue 15's 29)",
+    )
+    parser.add_argument(
+        "--slow-seconds", type=float, default=10.0, help="with --hunt-minutes: audio to find"
+    )
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -358,6 +455,9 @@ def main() -> int:
             window,
             cold=args.cold_too,
             unfolded=args.unfolded_too,
+            hunt_minutes=args.hunt_minutes,
+            slow_read=args.slow_read,
+            slow_seconds=args.slow_seconds,
         )
         return 0
     modes = args.modes.split(",")

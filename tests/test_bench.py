@@ -154,6 +154,30 @@ def test_serve_benchmark_runs_two_stations_with_a_listener_each(tmp_path):
     )
 
 
+def test_engine_benchmark_hunts_a_slow_minute(tmp_path):
+    """`--hunt-minutes` goes on taking turns until the slow turns hold `--slow-seconds` of
+    audio: with every plain read counted slow (`--slow-read 1000`), 1 s of audio becomes 3 s,
+    all of it in slow turns, and the bands table puts every turn in its first column (the bands: <= 1000, > 1000)."""
+    out = _run(
+        "bench_engine.py",
+        *("--size", "tiny", "--realtime-only", "--modes", "int8", "--realtime-seconds", "1"),
+        *("--hunt-minutes", "5", "--slow-read", "1000", "--slow-seconds", "3"),
+        tmp_path=tmp_path,
+    )
+    assert "real time, int8, one station, 3 s of audio end to end" in out, out
+    slow = re.search(
+        r"int8: in the (\d+) of (\d+) turns between plain reads of 1000 GB/s or less "
+        r"\(3\.0 s of audio\): real-time factor ([\d.]+)",
+        out,
+    )
+    assert slow and slow[1] == slow[2] == "6" and float(slow[3]) > 0, out
+    row = re.search(
+        r"\| int8 \| RTF ([\d.]+) over 3 s \(([\d.]+) GB/s: [\d.]+ per 10 GB/s\) \| - \|",
+        out,
+    )
+    assert row and row[1] == slow[3], out
+
+
 def test_engine_benchmark_realtime_only(tmp_path):
     """Warm and prefilled window restarts taking turns: 6 s of audio cross 2 window restarts
     (window 150, context 40: 107 new frames per window); the cross-attention unfolded taking
