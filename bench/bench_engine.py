@@ -201,15 +201,22 @@ def bench_realtime(
             f"{hunt_minutes:g} min, until each mode has {slow_seconds:g} s of audio in it ..."
         )
         began = last = time.monotonic()
-        while slow_audio() < slow_seconds and time.monotonic() - began < hunt_minutes * 60:
-            take_turns(25)
-            frames += 25
-            if time.monotonic() - last >= 60:
-                last = time.monotonic()
-                say(
-                    f"  {(last - began) / 60:.0f} min: plain read now {reads[-1]:.1f} GB/s "
-                    f"(lowest {min(reads):.1f}), {slow_audio():.1f} s of audio in slow turns"
-                )
+        try:
+            while slow_audio() < slow_seconds and time.monotonic() - began < hunt_minutes * 60:
+                take_turns(25)
+                frames += 25
+                if time.monotonic() - last >= 60:
+                    last = time.monotonic()
+                    say(
+                        f"  {(last - began) / 60:.0f} min: plain read now {reads[-1]:.1f} GB/s "
+                        f"(lowest {min(reads):.1f}), {slow_audio():.1f} s of audio in slow turns"
+                    )
+        except KeyboardInterrupt:  # Ctrl-C ends the hunt, not the run: the figures so far
+            for m in modes:  # a round cut short is left out (its steps are still counted)
+                del turns[m][len(reads) :], positions[m][len(reads) :], cross[m][len(reads) :]
+            frames = sum(n for _, n in turns[modes[0]])
+            wall = {m: sum(spent for spent, _ in turns[m]) for m in modes}
+            say("  hunt stopped (Ctrl-C): the figures of the rounds so far")
     gbs = sorted(reads)[len(reads) // 2]
     say(f"load average {load:.1f} -> {os.getloadavg()[0]:.1f}; plain read median {gbs:.1f} GB/s")
     for m, stream in streams.items():

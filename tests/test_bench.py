@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -176,6 +178,34 @@ def test_engine_benchmark_hunts_a_slow_minute(tmp_path):
         out,
     )
     assert row and row[1] == slow[3], out
+
+
+def test_engine_benchmark_hunt_ends_on_ctrl_c_with_its_figures(tmp_path):
+    """A hunt that finds nothing (`--slow-read 0`) stopped with Ctrl-C (SIGINT) still prints
+    every figure of the rounds so far, and exits 0."""
+    env = {**os.environ, "BENCH_MODELS": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    args = ("--size", "tiny", "--realtime-only", "--modes", "int8", "--realtime-seconds", "1")
+    hunt = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "bench_engine.py"), *args, "--hunt-minutes", "10"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**env, "TRANSFORMERS_VERBOSITY": "error"},
+    )
+    assert hunt.stdout is not None
+    lines = []
+    for line in hunt.stdout:  # the hunt has begun: stop it a moment later
+        lines.append(line)
+        if line.startswith("hunting a slow minute"):
+            break
+    time.sleep(2)
+    hunt.send_signal(signal.SIGINT)
+    out = "".join(lines) + hunt.stdout.read()
+    assert hunt.wait(timeout=60) == 0, out
+    assert "hunt stopped (Ctrl-C)" in out, out
+    made = re.search(r"real time, int8, one station, (\d+) s of audio end to end", out)
+    assert made and int(made[1]) > 1, out  # the hunt's rounds counted
+    assert re.search(r"\| int8 \| (-|RTF [\d.]+ over \d+ s.*?) \|", out), out
 
 
 def test_engine_benchmark_realtime_only(tmp_path):

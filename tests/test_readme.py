@@ -54,6 +54,30 @@ def test_the_readme_links_to_docs_that_exist():
         assert (ROOT / link).exists(), link
 
 
+def slug(heading: str) -> str:
+    """A heading's anchor as GitHub makes it: lower case, punctuation but hyphens dropped, each
+    space a hyphen."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    """The anchors of a markdown file's headings (outside code blocks)."""
+    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.M | re.S)
+    return {slug(h) for h in re.findall(r"^#+ (.+)$", text, re.M)}
+
+
+def test_every_link_to_a_section_finds_it():
+    """Links like docs/benchmarks.md#prompt-changes (or #real-models-cpu-and-gpu within a file)
+    name a heading that exists: sections are renamed as the docs move on."""
+    broken = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target, anchor in re.findall(r"\]\(([\w./-]*\.md|)#([\w-]+)\)", page.read_text()):
+            linked = (page.parent / target).resolve() if target else page
+            if not linked.exists() or anchor not in anchors(linked):
+                broken.append(f"{page.relative_to(ROOT)}: {target}#{anchor}")
+    assert not broken, broken
+
+
 def test_the_cafe_example_loads_and_plays_its_day_parts():
     """The README's café programme is a valid config, and its slots fall where the text says."""
     import datetime as dt
