@@ -35,6 +35,7 @@ from engine.decoder import Decoder
 from engine.delay import codebook_delays, delayed_layout
 from engine.lane import prefilled_since
 from engine.loading import LoadedModel, ModelLoadError, load_model
+from engine.memory import page_faults
 from engine.options import LoadOptions, SamplingOptions, WindowOptions
 from engine.rows import Prompt
 from engine.token_stream import TokenStream
@@ -365,7 +366,7 @@ class AudioStream:
             raise ValueError(f"transition_seconds must be >= 0, got {transition_seconds}")
         blend = as_blend(prompt)
         glide = round(transition_seconds * self.model.frame_rate)
-        began = time.perf_counter()
+        began, faults = time.perf_counter(), page_faults()
         decoder_prompt = self._decoder_prompt(blend)
         encoded = time.perf_counter()
         before = self.tokens.last_prefill
@@ -374,11 +375,12 @@ class AudioStream:
             done, prefilled = time.perf_counter(), prefilled_since(self.tokens.last_prefill, before)
             log.debug(
                 "a prompt change took %.3f s: its texts' encoding %.3f s, its prefill %.3f s, "
-                "the cross-attention and the rest %.3f s",
+                "the cross-attention and the rest %.3f s (%d page faults)",
                 done - began,
                 encoded - began,
                 prefilled,
                 done - encoded - prefilled,
+                page_faults() - faults,
             )
         self._played(blend)
         self.frame = min(self.frame, heard)

@@ -93,3 +93,39 @@ def test_long_lived_objects_leave_the_collectors_passes() -> None:
     assert tracked > 200_000 and frozen >= 200_000
     assert left < 1_000, f"{left} objects still in the collector's generations"
     assert last == 199_999
+
+
+# Blocks of a size the heap has no room for yet, after `warm_heap` (or not): a 48 MB block and
+# another beside it must come from memory never touched before unless the reserve was.
+WARM = """
+import resource, sys
+from engine.memory import keep_freed_memory, warm_heap
+mode = sys.argv[1]
+kept = keep_freed_memory() if mode != "default" else False
+steps = sum(1 for _ in warm_heap(96 * 2**20, 8 * 2**20)) if mode != "cold" else 0
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+blocks = [bytearray(48 * 2**20) for _ in range(2)]  # (zeroed by calloc's memset: touched)
+print(kept, steps, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_a_warm_heap_serves_new_blocks_without_faulting() -> None:
+    """`warm_heap` touches its reserve a slice per step, then frees it into the kept heap: two
+    48 MB blocks of a size not seen before then take no fresh pages; without it they fault
+    every page in; where freed memory is not kept it does nothing (glibc would unmap it)."""
+
+    def run(mode: str) -> tuple[str, int, int]:
+        out = subprocess.run(
+            [sys.executable, "-c", WARM, mode], capture_output=True, text=True, check=True
+        ).stdout.split()
+        return out[0], int(out[1]), int(out[2])
+
+    pages = 2 * 48 * 2**20 // 4096
+    kept, steps, faults = run("warm")
+    assert kept == "True" and steps == 12
+    assert faults < pages // 20, f"{faults} page faults after warm_heap"
+    _, steps, faults = run("cold")
+    assert steps == 0 and faults > pages // 2, f"only {faults} page faults without warm_heap"
+    _, steps, _ = run("default")  # (freed memory not kept: the reserve would go back at once)
+    assert steps == 0
