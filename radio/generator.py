@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from engine.lane import prefilled_since
+from engine.memory import WARM_BYTES, warm_heap
 from engine.threads import ThreadTuner, smooth
 from engine.token_stream import Interrupted
 from radio import ladder
@@ -290,6 +291,11 @@ class Generator:
         # their quantization, a layer at a time between chunks (`_prepare_coarse`), ahead of
         # need from the moment the ladder first leaves its top level
         self._coarse_parts: Iterator[None] | None = None
+        # a reserve of heap memory touched a slice at a time once the stations are open
+        # (`engine.memory.warm_heap`: where freed memory is kept, as in `radio serve`), so that
+        # prompt changes do not fault fresh pages in as the heap grows
+        self._heap_parts: Iterator[None] | None = None
+        self._heap_warmed = False
         # the ladder's level (radio.ladder: 0 = window restarts re-read the whole context)
         self.restart_level = 0
         # the last plain chunks' (cost, mean position) (RECENT_CHUNKS: a buffer's worth) and what
@@ -418,8 +424,11 @@ class Generator:
                 return
             self._reopen_due(lanes.values())
             due = self._due(lanes.values(), ahead_limit)
-            if not due and (self._cache_parts is not None or self._coarse_parts is not None):
-                self._prepare(0.0)  # a part of the rungs' preparation in the idle time
+            if not due and any(
+                parts is not None
+                for parts in (self._cache_parts, self._coarse_parts, self._heap_parts)
+            ):
+                self._prepare(0.0)  # a part of what is prepared ahead, in the idle time
                 continue
             if not due:  # everyone is far enough ahead: wait for the clocks to move
                 if not self._drain(lanes, block=True):
@@ -466,6 +475,9 @@ class Generator:
                 self._to_loop(self.sink.on_error, spec.id, f"cannot open stream: {e}")
             raise _OpenFailed(f"cannot open the stations' streams: {describe(e)}") from e
         self._say_prefill()
+        if not self._heap_warmed:  # once: the model's and the streams' memory is in place now
+            self._heap_warmed = True
+            self._heap_parts = warm_heap(min(WARM_BYTES * len(self.specs), 4 * WARM_BYTES))
         return {s.id: self._lane(s, stream) for s, stream in zip(self.specs, streams, strict=True)}
 
     def _lane(self, spec: StationSpec, stream: AudioStream) -> _Lane:
@@ -613,13 +625,20 @@ class Generator:
         if level < self.restart_level and self.clock() < self._rung_until:
             level = self.restart_level  # a rung taken is kept a while (`ladder.RUNG_SECONDS`)
         # the int4 cache's buffers from the moment the whole context with the int8 cache is
-        # predicted near the edge (the rung is the first one taken)
-        near = ladder.predicted_rtf(rates, window.window, window.context, 0, rate) < ladder.UP_ABOVE
+        # predicted near the margin (the rung is the first one taken)
+        whole = ladder.predicted_rtf(rates, window.window, window.context, 0, rate)
+        near = whole < ladder.MARGIN_BACK
         if self.cache_speedup and (level > 0 or near) and not self._cache_prepared:
             self._cache_prepared = True
             self._cache_parts = self.model.prepare_cheap_cache()
         prepared = self.model.coarse_ready or self._coarse_parts is not None
-        if self.coarse_speedup and level > 0 and not prepared:
+        # behind, or near it on the int4 cache (taken for a margin, it is not behind)
+        behind = level > ladder.CHEAP_CACHE or (
+            level > 0
+            and ladder.predicted_rtf(rates, window.window, window.context, level, rate)
+            < ladder.UP_ABOVE
+        )
+        if self.coarse_speedup and behind and not prepared:
             self._coarse_parts = self.model.prepare_coarse()
             log.info(
                 "generation is behind real time: preparing int4 weights between chunks, in "
@@ -717,13 +736,19 @@ class Generator:
             self.coarse_speedup = min(max(ratio / self._speedup(coarse=False), 1.0), 3.0)
         elif self.model.cheap_cache and not cheap_before:
             self.cache_speedup = min(max(ratio / self._speedup(cheap=False), 1.0), 2.0)
+        elif cheap_before and not self.model.cheap_cache and coarse_before == self.model.coarse:
+            # left the int4 cache: the int8 one's cost now over the int4 one's. The guess had
+            # one int8 station climb back at a predicted x1.45, run at x1.29 and take the int4
+            # cache again within 6 s
+            self.cache_speedup = min(max(cost / before, 1.0), 2.0)
 
     def _switch_rungs(self, level: int, rates: ladder.Rates, cost: float, position: float) -> int:
         """Weights and cache as `level` has them (from `_climb`): int4 weights at the coarse
         level, an int4 KV cache from the cheaper-cache level on (where the model has one).
         Returns the level reached (int4 weights that could not be made: the level before them;
         an int4 cache that could not be made: the whole context on int8's, or the level asked
-        for without it). A rung newly taken has its speed measured (`_measure_rung`)."""
+        for without it). A rung newly taken has its speed measured (`_measure_rung`), and so
+        has the int4 cache when it is left."""
         before = (cost, position, self.model.cheap_cache, self.model.coarse)
         coarse = level == ladder.COARSE
         if coarse != self.model.coarse and not self._switch_weights(coarse, rates, level):
@@ -732,8 +757,10 @@ class Generator:
         if cheap != self.model.cheap_cache and not self._switch_cache(cheap, rates, level):
             cheap = self.model.cheap_cache
             level = 0 if level == ladder.CHEAP_CACHE else level
-        if (cheap and not before[2]) or (coarse and not before[3]):
+        left = before[2] and not cheap and coarse == before[3]  # (the int4 cache alone)
+        if (cheap and not before[2]) or (coarse and not before[3]) or left:
             self._before, self._settling = before, 0
+        if (cheap and not before[2]) or (coarse and not before[3]):
             self._rung_until = self.clock() + ladder.RUNG_SECONDS
         return level
 
@@ -747,10 +774,12 @@ class Generator:
         rate = self.model.frame_rate
         if cheap:
             log.warning(
-                "generation cannot keep up with the int8 KV cache (x%.2f of real time): an int4 "
-                "one in its place until it can (half the bytes a step's attention reads, 3.0%% "
-                "of the logit spread against 2.2%%; predicted x%.2f with the whole context)",
+                "generation runs at x%.2f of real time with the int8 KV cache, under the x%.1f "
+                "margin: an int4 one in its place until the int8 one has it again (half the "
+                "bytes a step's attention reads, 2.9%% of the logit spread against 2.2%%, within "
+                "the precision budget; predicted x%.2f with the whole context)",
                 ladder.predicted_rtf(rates, window.window, window.context, 0, rate),
+                ladder.MARGIN,
                 ladder.predicted_rtf(
                     rates, window.window, window.context, ladder.CHEAP_CACHE, rate
                 ),
@@ -777,12 +806,17 @@ class Generator:
         return True
 
     def _prepare(self, spent: float | None) -> None:
-        """The next part of what the ladder's rungs need, ahead of need: the int4 cache's
-        buffers (the rung taken first), then the int4 weights."""
+        """The next part of what is made ahead of need: the int4 cache's buffers (the rung
+        taken first), the int4 weights, then (only in the idle time, `spent` 0: nothing needs
+        it soon) the heap's reserve."""
         if self._cache_parts is not None:
             self._prepare_cache(spent)
-        else:
+        elif self._coarse_parts is not None:
             self._prepare_coarse(spent)
+        elif self._heap_parts is not None and spent == 0.0:
+            done = self._run_parts(self._heap_parts, spent, "memory", lambda: False)
+            if done:  # (or what it raised: the music goes on, changes may fault as before)
+                self._heap_parts = None
 
     def _prepare_cache(self, spent: float | None) -> None:
         """The next slices of the int4 cache's buffers (`MusicModel.prepare_cheap_cache`)."""

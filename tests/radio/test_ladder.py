@@ -19,6 +19,8 @@ from radio.ladder import (
     CLEARLY,
     COARSE,
     DOWN_BELOW,
+    MARGIN,
+    MARGIN_BACK,
     SHORTEST_RESTARTS,
     UP_ABOVE,
     PositionCost,
@@ -154,12 +156,12 @@ def test_until_the_slope_is_measured_a_prior_from_the_bytes_weighs_the_window():
 
 
 async def test_the_first_judgement_sees_the_windows_later_positions(run, monkeypatch):
-    """Measured at a window's first positions (the fake's stay at 0) at x1.1, with a step whose
+    """Measured at a window's first positions (the fake's stay at 0) at x1.4, with a step whose
     KV cache grows as musicgen-small's int8 one (362 MB of weights, 52 KB per position and row):
-    the whole window is predicted under real time and the ladder takes the int4 cache at its
-    first judgement (nothing coarser on a guess); a model that says
-    nothing of its bytes stays where it was."""
-    monkeypatch.setattr(FakeStream, "read_seconds", CHUNK / FRAME_RATE / 1.1)
+    the whole window is predicted under the x1.3 margin (~x1.1) and the ladder takes the int4
+    cache at its first judgement (nothing coarser on a guess); a model that says nothing of its
+    bytes stays where it was."""
+    monkeypatch.setattr(FakeStream, "read_seconds", CHUNK / FRAME_RATE / 1.4)
     levels = []
     for step_read in ((362e6, 52224.0), (0.0, 0.0)):
         model = FakeModel()
@@ -383,12 +385,36 @@ def test_the_cheaper_cache_is_the_first_level_taken():
     assert Rates(40.0, 4.47, 1, 1.5).levels == [0, 2, 3, COARSE]
 
 
+def test_the_cheaper_cache_keeps_a_margin():
+    """The int4 cache, within the precision budget, is taken whenever the int8 one is predicted
+    under `MARGIN` (x1.3), though it keeps up, and left only once the int8 one is predicted at
+    `MARGIN_BACK` (x1.45): no flapping between the two near x1.3. The rungs after it still wait
+    for `DOWN_BELOW`; without a cheaper cache nothing moves near x1.3."""
+    assert DOWN_BELOW < UP_ABOVE < MARGIN < MARGIN_BACK
+
+    def at(rtf: float, cache: float = 1.1) -> Rates:  # 1000 new frames a window, no prefill
+        return Rates(rtf * RATE, 1e-9, 1, coarse_speedup=1.5, cache_speedup=cache)
+
+    for rtf in (1.05, 1.2, 1.29):
+        assert predicted_rtf(at(rtf), WINDOW, CONTEXT, 0, RATE) == pytest.approx(rtf)
+        assert choose_level(0, at(rtf), WINDOW, CONTEXT, RATE) == CHEAP_CACHE, rtf
+        assert choose_level(CHEAP_CACHE, at(rtf), WINDOW, CONTEXT, RATE) == CHEAP_CACHE
+        assert choose_level(0, at(rtf, cache=0.0), WINDOW, CONTEXT, RATE) == 0  # no cache rung
+        assert choose_level(0, at(rtf, cache=1.0), WINDOW, CONTEXT, RATE) == 0  # no faster
+    assert choose_level(0, at(1.31), WINDOW, CONTEXT, RATE) == 0
+    assert choose_level(CHEAP_CACHE, at(1.44), WINDOW, CONTEXT, RATE) == CHEAP_CACHE  # kept
+    assert choose_level(CHEAP_CACHE, at(1.46), WINDOW, CONTEXT, RATE) == 0  # the margin back
+    # from a shorter restart, the climb stops at the cache while int8 is under MARGIN_BACK
+    assert choose_level(2, at(1.4), WINDOW, CONTEXT, RATE) == CHEAP_CACHE
+    assert choose_level(2, at(1.5), WINDOW, CONTEXT, RATE) == 0
+
+
 async def test_the_cheaper_cache_while_behind_then_int8_again(run, caplog):
     """Where the model's cache can be int4 (`MusicModel.use_cheap_cache`), the generator takes
-    it first when the whole context cannot keep up on the int8 one and can on it (the music
-    keeps its memory), said once, its buffers prepared ahead of need from the moment level 0 is
-    predicted near the edge; the int8 cache comes back when it can, once the rung has been kept
-    `RUNG_SECONDS`."""
+    it first when the whole context on the int8 one is predicted under the `MARGIN` (x1.3) and
+    is faster on it (the music keeps its memory), said once, its buffers prepared ahead of need
+    from the moment level 0 is predicted near the margin; the int8 cache comes back when it has
+    the margin again (`MARGIN_BACK`), once the rung has been kept `RUNG_SECONDS`."""
     caplog.set_level(logging.INFO, logger="radio.generator")
     model = FakeModel()
     model.cheap_cache_reason = None
@@ -396,9 +422,9 @@ async def test_the_cheaper_cache_while_behind_then_int8_again(run, caplog):
     gen, sink = await run(model, ("a",), buffer_ahead=1.0, window=COLD, clock=lambda: now[0])
     await sink.until(lambda: len(sink.pcm("a")) == 5)
     assert gen.cache_speedup == pytest.approx(1.1) and not model.cheap_cache
-    # the whole context prefilled in 18 s every 20 s of new music (the fake's steps cost next
-    # to nothing): x1.11, keeps up but near the edge: the int4 cache's buffers made ahead
-    gen.prefill_seconds = 18.0
+    # the whole context prefilled in 14.5 s every 20 s of new music (the fake's steps cost next
+    # to nothing): x1.38, over the margin but near it: the int4 cache's buffers made ahead
+    gen.prefill_seconds = 14.5
     gen.played("a", 20)
     async with asyncio.timeout(5):
         while "int4 KV cache ready for when generation cannot keep up" not in caplog.text:
@@ -409,7 +435,8 @@ async def test_the_cheaper_cache_while_behind_then_int8_again(run, caplog):
     await sink.until(lambda: model.cheap_cache)
     assert gen.restart_level == CHEAP_CACHE and model.cache_switches == [True]
     assert not model.coarse and model.streams[0].restart_context is None  # the whole context
-    assert "cannot keep up with the int8 KV cache (x0.95 of real time): an int4 one" in caplog.text
+    said = "x0.95 of real time with the int8 KV cache, under the x1.3 margin: an int4 one"
+    assert said in caplog.text
     gen.prefill_seconds = 1e-6  # the machine got fast again
     for frame in range(40, 400, 20):  # SETTLE chunks and more: the rung is kept
         gen.played("a", frame + 10)
@@ -423,11 +450,33 @@ async def test_the_cheaper_cache_while_behind_then_int8_again(run, caplog):
     assert gen.cache_speedup == pytest.approx(1.1)  # not measured: no slope to place it
 
 
+async def test_the_margin_takes_the_cheaper_cache_and_nothing_coarser(run, caplog):
+    """A station that keeps up at x1.21 with the int8 cache, under the x1.3 margin: the int4
+    cache takes its place (said as a margin, not as falling behind), the whole context still
+    re-read, and int4 weights are not prepared (x1.33 predicted on the cache: not behind)."""
+    caplog.set_level(logging.INFO, logger="radio.generator")
+    model = FakeModel()
+    model.cheap_cache_reason = None
+    gen, sink = await run(model, ("a",), buffer_ahead=1.0, window=COLD, coarse_when_behind=True)
+    await sink.until(lambda: len(sink.pcm("a")) == 5)
+    gen.prefill_seconds = 16.5  # 20 s of new music a window in 16.5 s of prefill: x1.21
+    gen.played("a", 20)
+    await sink.until(lambda: model.cheap_cache)
+    assert gen.restart_level == CHEAP_CACHE and model.streams[0].restart_context is None
+    assert "x1.21 of real time with the int8 KV cache, under the x1.3 margin" in caplog.text
+    for frame in range(30, 200, 20):  # more chunks on the rung: still nothing coarser
+        gen.played("a", frame)
+        chunks = len(sink.pcm("a"))
+        await sink.until(lambda n=chunks: len(sink.pcm("a")) > n)
+    assert model.prepared == 0 and not model.coarse
+    assert "preparing int4 weights" not in caplog.text
+
+
 def test_a_rungs_speedup_is_measured_at_the_same_positions():
     """The cost before a switch is moved along the measured slope to the positions measured on
     the rung (a switch often comes with shorter windows: earlier positions, cheaper steps), so
     the rung is not credited with what the positions did; with both rungs at once the weights
-    take what the cache's guess leaves."""
+    take what the cache's guess leaves; the int4 cache left measures its speedup the other way."""
     from radio.generator import Generator
     from tests.radio.fake_engine import spec
 
@@ -445,7 +494,14 @@ def test_a_rungs_speedup_is_measured_at_the_same_positions():
     gen._before = (0.010, 500.0, False, False)
     gen._measure_rung(0.005, 500.0)
     assert gen.coarse_speedup == pytest.approx(2.0 / (0.007 / 0.0055))
+    # the int4 cache left (int8 weights both ways): 6 ms a frame at position 500 on it, 7.5 ms
+    # now on the int8 one at position 500
+    model.coarse, model.cheap_cache = False, False
+    gen.cache_speedup, gen._before = 1.1, (0.006, 500.0, True, False)
+    gen._measure_rung(0.0075, 500.0)
+    assert gen.cache_speedup == pytest.approx(1.25) and gen._before is None
     gen.position_cost = FixedSlope(slope=0.0)  # not measured yet: the guesses stay
+    model.cheap_cache = True
     gen.cache_speedup, gen._before = 1.1, (0.010, 1000.0, False, True)
     gen._measure_rung(0.0055, 250.0)
     assert gen.cache_speedup == 1.1 and gen._before is None
