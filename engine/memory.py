@@ -19,7 +19,7 @@ prompt changes (`radio serve`'s resident memory was the same 4.0-4.4 GB over 90 
 without). No-op where the C library is not glibc.
 
 `warm_heap()` touches a reserve of heap memory and frees it, a slice at a time (the radio's
-generator runs it between chunks once its stations are open): the heap still grows now and
+generator runs it in its idle time once its stations are open): the heap still grows now and
 then as blocks of new sizes come and go (a prompt change's text of a new length: musicgen-small
 grew it by 12-36 MB, 3,000-9,000 page faults, a change of 0.2-0.4 s instead of ~0.1 s, twice in
 24 changes), and on this VM a fresh page of a process this large costs ~30 us to fault in (128

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from radio import cors, metrics, quietlog, restarts
+from radio import cors, ladder, metrics, quietlog, restarts
 from radio.clock import Output, Recovery, StationClock
 from radio.config import Config, StationConfig, model_key
 from radio.generator import STEADY_AHEAD, Generator, StationSpec
@@ -115,18 +115,26 @@ def _coarse_when_behind(setting: bool | str, model: MusicModel) -> bool:
 
 
 def _say_rungs(adaptive_restarts: bool, model: MusicModel, coarse: bool) -> None:
-    """One start-up line for what the ladder takes while generation falls behind."""
+    """One start-up line for what the ladder takes under its margin and while generation falls
+    behind."""
     if not adaptive_restarts:
         return
     rungs = ["shorter window restarts and windows"]
-    if model.cheap_cache_available() is None:
-        rungs.insert(0, "an int4 KV cache in place of the int8 one")
     if coarse:
         rungs.append("int4 weights (generation.coarse_when_behind)")
-    log.info(
-        "while generation falls behind real time, it takes %s until it can keep up",
-        ", then ".join(rungs),
-    )
+    behind = ", then ".join(rungs)
+    if model.cheap_cache_available() is None:
+        log.info(
+            "under x%.1f of real time generation takes an int4 KV cache in place of the int8 "
+            "one (within the precision budget); while it falls behind even so, %s until it can "
+            "keep up",
+            ladder.MARGIN,
+            behind,
+        )
+    else:
+        log.info(
+            "while generation falls behind real time, it takes %s until it can keep up", behind
+        )
 
 
 def build_radio(

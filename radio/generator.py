@@ -626,8 +626,9 @@ class Generator:
             level = self.restart_level  # a rung taken is kept a while (`ladder.RUNG_SECONDS`)
         # the int4 cache's buffers from the moment the whole context with the int8 cache is
         # predicted near the margin (the rung is the first one taken)
-        whole = ladder.predicted_rtf(rates, window.window, window.context, 0, rate)
-        near = whole < ladder.MARGIN_BACK
+        near = (
+            ladder.predicted_rtf(rates, window.window, window.context, 0, rate) < ladder.MARGIN_BACK
+        )
         if self.cache_speedup and (level > 0 or near) and not self._cache_prepared:
             self._cache_prepared = True
             self._cache_parts = self.model.prepare_cheap_cache()
@@ -757,10 +758,11 @@ class Generator:
         if cheap != self.model.cheap_cache and not self._switch_cache(cheap, rates, level):
             cheap = self.model.cheap_cache
             level = 0 if level == ladder.CHEAP_CACHE else level
+        taken = (cheap and not before[2]) or (coarse and not before[3])
         left = before[2] and not cheap and coarse == before[3]  # (the int4 cache alone)
-        if (cheap and not before[2]) or (coarse and not before[3]) or left:
+        if taken or left:
             self._before, self._settling = before, 0
-        if (cheap and not before[2]) or (coarse and not before[3]):
+        if taken:
             self._rung_until = self.clock() + ladder.RUNG_SECONDS
         return level
 

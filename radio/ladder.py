@@ -27,9 +27,9 @@ keeps up:
 the window's mean position). It moves down a level when the prediction for the current one
 falls under `DOWN_BELOW`, and up only when the level above is predicted at `UP_ABOVE` or more,
 so measurement noise does not make it flap. The int4 cache, within the precision budget, is
-taken sooner: below `MARGIN` (x1.3) with the int8 one, and left at `MARGIN_BACK`. The window levels are there only once their gain is
-measured (a cost that grows with the position); prompt changes keep their own (shorter)
-`generation.prompt_context`.
+taken sooner: below `MARGIN` (x1.3) with the int8 one, and left at `MARGIN_BACK`. The window
+levels are there only once their gain is measured (a cost that grows with the position); prompt
+changes keep their own (shorter) `generation.prompt_context`.
 
 With `generation.coarse_when_behind` there is one level more, `COARSE`: the shortest restarts
 and windows with int4 projections in place of the int8 ones too (`MusicModel.use_coarse`:
