@@ -291,11 +291,13 @@ class Generator:
         # their quantization, a layer at a time between chunks (`_prepare_coarse`), ahead of
         # need from the moment the ladder first leaves its top level
         self._coarse_parts: Iterator[None] | None = None
-        # a reserve of heap memory touched a slice at a time once the stations are open
-        # (`engine.memory.warm_heap`: where freed memory is kept, as in `radio serve`), so that
-        # prompt changes do not fault fresh pages in as the heap grows
-        self._heap_parts: Iterator[None] | None = None
-        self._heap_warmed = False
+        # a reserve of heap memory touched a slice at a time in the idle time, which comes
+        # only once the stations are open (`engine.memory.warm_heap`, which allocates at its
+        # first step, where freed memory is kept, as in `radio serve`), so that prompt changes
+        # do not fault fresh pages in as the heap grows
+        self._heap_parts: Iterator[None] | None = warm_heap(
+            min(WARM_BYTES * len(specs), 4 * WARM_BYTES)
+        )
         # the ladder's level (radio.ladder: 0 = window restarts re-read the whole context)
         self.restart_level = 0
         # the last plain chunks' (cost, mean position) (RECENT_CHUNKS: a buffer's worth) and what
@@ -475,9 +477,6 @@ class Generator:
                 self._to_loop(self.sink.on_error, spec.id, f"cannot open stream: {e}")
             raise _OpenFailed(f"cannot open the stations' streams: {describe(e)}") from e
         self._say_prefill()
-        if not self._heap_warmed:  # once: the model's and the streams' memory is in place now
-            self._heap_warmed = True
-            self._heap_parts = warm_heap(min(WARM_BYTES * len(self.specs), 4 * WARM_BYTES))
         return {s.id: self._lane(s, stream) for s, stream in zip(self.specs, streams, strict=True)}
 
     def _lane(self, spec: StationSpec, stream: AudioStream) -> _Lane:
