@@ -20,6 +20,7 @@ cache's slots with the mask `arange(P) <= position[row]`), the function the GPU'
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -371,6 +372,7 @@ class Decoder:
         self.fold_stations = 1  # stations expected to share a step: see `cross_kv`
         self._cross_weights: tuple[list[LayerWeights], int] | None = None
         self._text: list[TextWeights] | None = None  # `_text_weights`, once built
+        self.cross_seconds = 0.0  # spent in `cross_kv` so far (a prompt change's own part)
         # per KV cache kind: (the layers it was counted on, bytes, bytes per position and row)
         self._read_per_step: dict[str, tuple[list[LayerWeights], float, float]] = {}
 
@@ -548,6 +550,13 @@ class Decoder:
         per step; a few text tokens per station, a step reads them all: ~8 MB a station for a
         40-token prompt, as much as 150 positions of its int4 cache), and the op-by-op path
         reads the same rounded values."""
+        began = time.perf_counter()
+        try:
+            return self._cross_kv(text_states, text_mask)
+        finally:
+            self.cross_seconds += time.perf_counter() - began
+
+    def _cross_kv(self, text_states: torch.Tensor, text_mask: torch.Tensor) -> CrossKV:
         b, s, _ = text_states.shape
         split = (b, s, self.heads, self.head_dim)
         # rows with text: guidance's null rows (all zeros) have zero keys and values, and

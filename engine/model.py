@@ -35,9 +35,9 @@ from engine.decoder import Decoder
 from engine.delay import codebook_delays, delayed_layout
 from engine.lane import prefilled_since
 from engine.loading import LoadedModel, ModelLoadError, load_model
-from engine.memory import page_faults
 from engine.options import LoadOptions, SamplingOptions, WindowOptions
 from engine.rows import Prompt
+from engine.threads import ThreadUsage
 from engine.token_stream import TokenStream
 
 log = logging.getLogger(__name__)
@@ -366,21 +366,24 @@ class AudioStream:
             raise ValueError(f"transition_seconds must be >= 0, got {transition_seconds}")
         blend = as_blend(prompt)
         glide = round(transition_seconds * self.model.frame_rate)
-        began, faults = time.perf_counter(), page_faults()
+        began = ThreadUsage.now()
         decoder_prompt = self._decoder_prompt(blend)
         encoded = time.perf_counter()
-        before = self.tokens.last_prefill
+        before, cross = self.tokens.last_prefill, self.model.decoder.cross_seconds
         heard = self.tokens.set_prompt(decoder_prompt, frame, glide)
         if log.isEnabledFor(logging.DEBUG):
-            done, prefilled = time.perf_counter(), prefilled_since(self.tokens.last_prefill, before)
+            spent = ThreadUsage.now().since(began)
+            prefilled = prefilled_since(self.tokens.last_prefill, before)
+            cross = self.model.decoder.cross_seconds - cross
             log.debug(
                 "a prompt change took %.3f s: its texts' encoding %.3f s, its prefill %.3f s, "
-                "the cross-attention and the rest %.3f s (%d page faults)",
-                done - began,
-                encoded - began,
+                "the cross-attention %.3f s, the rest %.3f s (%s)",
+                spent.wall,
+                encoded - began.wall,
                 prefilled,
-                done - encoded - prefilled,
-                page_faults() - faults,
+                cross,
+                spent.wall - (encoded - began.wall) - prefilled - cross,
+                spent.describe(),
             )
         self._played(blend)
         self.frame = min(self.frame, heard)

@@ -21,11 +21,15 @@ the current count while the most threads measure as stalling.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
+
+from engine.memory import page_faults
 
 T = TypeVar("T")
 
@@ -37,6 +41,50 @@ STALLING = 1.5  # the most threads costing this much more than the current count
 def smooth(old: float | None, new: float, weight: float) -> float:
     """An exponentially smoothed cost: `new` itself first, then `weight` of the way to it."""
     return new if old is None else old + weight * (new - old)
+
+
+@dataclass(frozen=True)
+class ThreadUsage:
+    """Where the calling thread's wall time went: on a core, waiting in the run queue for one
+    (another process, or our other threads, had the cores), and neither (blocked: the GIL held
+    by another thread, a lock, an OpenMP barrier's sleep), with its minor page faults. `now()`
+    takes a snapshot, `since(before)` the difference. From `/proc` (Linux's scheduler
+    statistics); elsewhere the run queue reads 0 and the thread's CPU time comes from Python."""
+
+    wall: float
+    cpu: float
+    queued: float
+    faults: int
+
+    @classmethod
+    def now(cls) -> ThreadUsage:
+        wall = time.perf_counter()
+        try:
+            with open(f"/proc/self/task/{threading.get_native_id()}/schedstat") as f:
+                on_cpu, queued, _ = f.read().split()
+            cpu, waited = int(on_cpu) / 1e9, int(queued) / 1e9
+        except (OSError, ValueError):
+            cpu, waited = time.thread_time(), 0.0
+        return cls(wall, cpu, waited, page_faults())
+
+    def since(self, before: ThreadUsage) -> ThreadUsage:
+        return ThreadUsage(
+            self.wall - before.wall,
+            self.cpu - before.cpu,
+            self.queued - before.queued,
+            self.faults - before.faults,
+        )
+
+    @property
+    def blocked(self) -> float:
+        return max(self.wall - self.cpu - self.queued, 0.0)
+
+    def describe(self) -> str:
+        """`since`'s difference in words."""
+        return (
+            f"{self.cpu:.3f} s on a core, {self.queued:.3f} s waiting for one, "
+            f"{self.blocked:.3f} s blocked, {self.faults} page faults"
+        )
 
 
 def candidate_counts(most: int) -> tuple[int, ...]:

@@ -206,13 +206,39 @@ def test_a_short_prefill_measure_is_scaled_to_the_whole_context(mono, monkeypatc
     lengths = []
     prefill = ours.decoder.prefill
 
+    now = [10.0]  # a clock that only the prefill moves: it "takes" 0.5 s
+
     def counted(ids, cache, cross):
         lengths.append(ids.shape[-1])
+        now[0] += 0.5
         return prefill(ids, cache, cross)
 
-    ticks = iter([10.0, 10.5])  # the prefill "takes" 0.5 s
     monkeypatch.setattr(ours.decoder, "prefill", counted)
-    monkeypatch.setattr(engine.model.time, "perf_counter", lambda: next(ticks))
+    monkeypatch.setattr(engine.model.time, "perf_counter", lambda: now[0])
     window = WindowOptions(window=120, context=60)
     assert ours.measure_prefill(window, frames=15) == pytest.approx(0.5 * 60 / 15)
     assert lengths == [16]  # BOS and 15 frames
+
+
+def test_a_prompt_change_says_where_its_time_went(mono, caplog):
+    """At debug level a prompt change is told part by part, the cross-attention on its own, and
+    where the engine thread's time went (on a core, waiting for one, blocked: the GIL or a
+    lock) with its page faults: what found the slow changes of `radio serve`."""
+    import logging
+    import re
+
+    ours, _, _ = mono
+    stream = ours.open_stream(PROMPT, GREEDY)
+    stream.read(10)
+    before = ours.decoder.cross_seconds
+    with caplog.at_level(logging.DEBUG, logger="engine.model"):
+        stream.set_prompt("bright marimba")
+    assert ours.decoder.cross_seconds > before  # the new text's keys and values
+    line = next(r.getMessage() for r in caplog.records if "a prompt change took" in r.getMessage())
+    numbers = r"([0-9.]+) s: its texts' encoding ([0-9.]+) s, its prefill ([0-9.]+) s, the "
+    numbers += r"cross-attention ([0-9.]+) s, the rest (-?[0-9.]+) s \(([0-9.]+) s on a core"
+    found = re.search(numbers, line)
+    assert found, line
+    whole, *parts, cpu = (float(x) for x in found.groups())
+    assert whole == pytest.approx(sum(parts), abs=0.003)  # (printed to the millisecond)
+    assert 0 < cpu <= whole + 0.01 and "waiting for one" in line and "page faults" in line

@@ -1,9 +1,13 @@
 """ThreadTuner: picks the thread count that runs fastest, tries the others now and then, and
-follows the machine when that changes (a fake clock: each count's cost is set by the test)."""
+follows the machine when that changes (a fake clock: each count's cost is set by the test);
+ThreadUsage: where a thread's wall time went (real threads)."""
+
+import threading
+import time
 
 import pytest
 
-from engine.threads import MAX_BACKOFF, ThreadTuner, candidate_counts
+from engine.threads import MAX_BACKOFF, ThreadTuner, ThreadUsage, candidate_counts
 
 
 class FakeMachine:
@@ -234,3 +238,26 @@ def test_returns_the_work_result_and_rejects_bad_settings():
         ThreadTuner(0)
     with pytest.raises(ValueError, match="explore_every"):
         ThreadTuner(2, explore_every=1)
+
+
+def test_thread_usage_tells_work_from_waiting() -> None:
+    """A busy loop's wall time is on a core or queued for one; a wait on a lock (the GIL held
+    by another thread, in the radio) is neither: `blocked`. Whatever the machine's load, the
+    three add up to the wall time."""
+    before = ThreadUsage.now()
+    end = time.perf_counter() + 0.2
+    while time.perf_counter() < end:
+        pass
+    busy = ThreadUsage.now().since(before)
+    assert busy.cpu + busy.queued > 0.8 * busy.wall, busy.describe()
+    assert busy.blocked < 0.2 * busy.wall, busy.describe()
+
+    lock = threading.Lock()
+    lock.acquire()
+    threading.Timer(0.2, lock.release).start()
+    before = ThreadUsage.now()
+    lock.acquire()  # held by the timer's thread for 0.2 s
+    waited = ThreadUsage.now().since(before)
+    assert waited.wall >= 0.15
+    assert waited.blocked > 0.8 * waited.wall, waited.describe()
+    assert waited.cpu < 0.05, waited.describe()
