@@ -23,7 +23,9 @@ generator runs it in its idle time once its stations are open): the heap still g
 then as blocks of new sizes come and go (a prompt change's text of a new length: musicgen-small
 grew it by 12-36 MB, 3,000-9,000 page faults, a change of 0.2-0.4 s instead of ~0.1 s, twice in
 24 changes), and on this VM a fresh page of a process this large costs ~30 us to fault in (128
-MB took 0.96 s). With 128 MB touched beforehand, 38 changes in a row faulted none.
+MB took 0.96 s). With 128 MB touched beforehand, 38 changes in a row faulted none; once int4
+weights (~200 MB) were prepared, the next change faulted 2,900 pages again, hence a new
+reserve after them.
 
 `freeze_long_lived()` takes the objects alive now (a loaded model and the radio around it:
 ~400k for musicgen-small) out of the garbage collector's full passes, which otherwise walk
@@ -77,8 +79,9 @@ def warm_heap(total: int = WARM_BYTES, step: int = WARM_SLICE) -> Iterator[None]
     """Touch `total` bytes of heap, `step` bytes per item of the iterator, then free them: the
     pages stay in the process (`keep_freed_memory`) for the blocks that come later. Nothing to
     do (an empty iterator) unless freed memory is kept: glibc would hand the block back. Call
-    once the process's long-lived memory is in place (a model's weights, the streams): what is
-    allocated for good would take the reserve's pages."""
+    once the process's long-lived memory is in place (a model's weights, the streams), and again
+    after more is allocated for good (the radio's int4 weights): that takes the reserve's
+    pages."""
     libc = _glibc() if _kept else None
     if libc is None or total <= 0:
         return

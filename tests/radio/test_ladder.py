@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from engine.memory import WARM_BYTES
 from engine.options import WindowOptions
 from radio import ladder
 from radio.ladder import (
@@ -356,6 +357,38 @@ async def test_coarse_weights_are_prepared_ahead_a_part_at_a_time_once_behind(ru
     gen.played("a", 40)
     await sink.until(lambda: model.coarse)
     assert model.switches == [(True, True)] and "quantizing them first" not in caplog.text
+
+
+async def test_the_heap_reserve_is_touched_again_once_int4_weights_are_ready(
+    run, caplog, monkeypatch
+):
+    """The generator touches a heap reserve in its idle time (`engine.memory.warm_heap`) so
+    that prompt changes fault no fresh pages; int4 weights prepared ahead take those pages for
+    good, so once they are ready a new reserve is touched, again in the idle time."""
+    touched: list[int] = []
+
+    def reserve(total: int):  # warm_heap's shape: a part per slice, allocated at the first
+        for _ in range(3):
+            yield
+        touched.append(total)
+
+    monkeypatch.setattr("radio.generator.warm_heap", reserve)
+    caplog.set_level(logging.INFO, logger="radio.generator")
+    model = FakeModel()
+    gen, sink = await run(model, ("a",), buffer_ahead=1.0, window=COLD, coarse_when_behind=True)
+    await sink.until(lambda: len(sink.pcm("a")) == 5)
+    async with asyncio.timeout(5):
+        while not touched:
+            await asyncio.sleep(0.01)
+    assert touched == [WARM_BYTES] and model.prepared == 0
+    gen.prefill_seconds = 30.0  # behind on the whole context: int4 weights prepared ahead
+    gen.played("a", 20)
+    await coarse_ready(model)
+    async with asyncio.timeout(5):
+        while len(touched) < 2:
+            gen.played("a", 40)  # (ahead again: idle time)
+            await asyncio.sleep(0.01)
+    assert touched == [WARM_BYTES, WARM_BYTES] and model.prepared == COARSE_PARTS
 
 
 def test_the_cheaper_cache_is_the_first_level_taken():
