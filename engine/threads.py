@@ -14,9 +14,11 @@ dearer, so costs are kept per kind of work (`measure_for`): counts compare only 
 Beside a busy process a trial of two threads costs 2.5x the run it replaces (the default OpenMP
 wait policy spins, so the waiting thread holds the core its descheduled partner needs:
 `OMP_WAIT_POLICY=PASSIVE` halves that cliff but costs a quiet machine up to a tenth of its speed,
-measured in docs/benchmarks.md). So a trial that finds a cliff makes the next ones wait longer
-(up to `MAX_BACKOFF` times `explore_every` runs), and a prefill, otherwise run on every core, keeps
-the current count while the most threads measure as stalling.
+measured in docs/benchmarks.md), and on a quiet machine a trial of one thread costs ~1.5x. So a
+trial that clearly loses makes the next ones wait longer (up to `MAX_BACKOFF` times
+`explore_every` runs; a neighbour that comes makes the current count's cost jump, and that calls
+a trial at once), and a prefill, otherwise run on every core, keeps the current count while the
+most threads measure as stalling.
 """
 
 from __future__ import annotations
@@ -34,7 +36,11 @@ from engine.memory import page_faults
 T = TypeVar("T")
 
 CLIFF = 0.5  # a count this much cheaper than the one in use is taken before that one settles
-MAX_BACKOFF = 4  # trials that keep hitting a cliff come at most this many times less often
+# a trial this much dearer than the count in use clearly loses, and the next waits longer: a
+# cliff beside a busy process (2.5x), or one thread on a quiet machine (1.5x a chunk for two
+# musicgen-small stations: a trial every 20 chunks cost 2.5% of the throughput)
+LOSES = 1.25
+MAX_BACKOFF = 4  # trials that keep losing clearly come at most this many times less often
 STALLING = 1.5  # the most threads costing this much more than the current count: they stall
 
 
@@ -98,7 +104,7 @@ class ThreadTuner:
     `run(work, units)` sets the count (`torch.set_num_threads`, which applies to the calling
     thread's parallel regions), runs `work()`, and records its wall time per unit. It measures
     every count once from the second run on, then every `explore_every` runs tries another
-    count once (round robin). A run with `explore=False` (the caller cannot afford a slow run
+    count once (round robin; up to `MAX_BACKOFF` times less often while trials clearly lose). A run with `explore=False` (the caller cannot afford a slow run
     now, e.g. little audio is buffered) keeps the current count, and a trial it was due for
     waits for the next run that may explore. It switches to the count
     with the lowest smoothed cost when that is at least `margin` cheaper than the current one.
@@ -163,9 +169,9 @@ class ThreadTuner:
         self.last_cost = (self._clock() - began) / max(units, 1e-9)
         if typical is None or typical():
             current = self.cost.get(self.current)
-            if count != self.current and current is not None:  # a trial: a cliff backs off
-                cliff = self.last_cost * CLIFF > current
-                self._backoff = min(2 * self._backoff, MAX_BACKOFF) if cliff else 1
+            if count != self.current and current is not None:  # a trial: a clear loss backs off
+                loses = self.last_cost > LOSES * current
+                self._backoff = min(2 * self._backoff, MAX_BACKOFF) if loses else 1
             self.record(count, self.last_cost)
         return result
 

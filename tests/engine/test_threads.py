@@ -42,17 +42,28 @@ def test_candidate_counts():
 
 
 def test_quiet_machine_keeps_all_cores_and_only_explores_rarely():
+    """One thread costs 1.8x two on a quiet machine: tried at the second run, then ever more
+    rarely (each clear loss doubles the wait, up to MAX_BACKOFF x explore_every runs)."""
     machine = FakeMachine({2: 0.010, 1: 0.018})
     t = tuner(machine, explore_every=20)
-    for _ in range(200):
+    for _ in range(400):
         t.run(lambda: machine.work(10), units=10)
     assert t.current == 2 and t.switches == 0
-    assert machine.ran.count(1) == 11  # the second run, then one run in 20
+    trials = [i for i, n in enumerate(machine.ran) if n == 1]
+    gaps = [b - a for a, b in zip(trials, trials[1:], strict=False)]
+    assert trials[0] == 1 and 20 < gaps[0] < 20 * MAX_BACKOFF, gaps
+    assert set(gaps[1:]) == {20 * MAX_BACKOFF} and len(gaps) >= 3, gaps
     assert t.cost[2] == pytest.approx(0.010) and t.cost[1] == pytest.approx(0.018)
+    machine.cost = {2: 0.010, 1: 0.011}  # close: trials every 20 runs again
+    ran = len(machine.ran)
+    for _ in range(20 * MAX_BACKOFF + 50):
+        t.run(lambda: machine.work(10), units=10)
+    trials = [i for i, n in enumerate(machine.ran[ran:]) if n == 1]
+    assert [b - a for a, b in zip(trials, trials[1:], strict=False)][-2:] == [20, 20]
 
 
 def test_no_trial_while_the_caller_cannot_afford_one_and_the_trial_waits_for_it():
-    machine = FakeMachine({2: 0.010, 1: 0.015})  # a trial of the other count is slower
+    machine = FakeMachine({2: 0.010, 1: 0.011})  # a trial of the other count: a little slower
     t = tuner(machine, explore_every=20)
     t.run(lambda: machine.work(10), units=10)
     t.run(lambda: machine.work(10), units=10)  # the first measurement of 1 thread
@@ -176,7 +187,7 @@ def test_trials_that_hit_a_cliff_come_less_often_and_as_often_again_once_it_is_g
     trials = [i for i, n in enumerate(machine.ran) if n == 2 and i > 3]
     gaps = [b - a for a, b in zip(trials, trials[1:], strict=False)]
     assert gaps[:2] == [20, 40] and set(gaps[2:]) == {10 * MAX_BACKOFF}
-    machine.cost = {2: 0.030, 1: 0.020}  # dearer, but no cliff: trials every 10 runs again
+    machine.cost = {2: 0.022, 1: 0.020}  # close now: trials every 10 runs again
     ran = len(machine.ran)
     for _ in range(10 * MAX_BACKOFF + 30):
         t.run(lambda: machine.work(10), units=10)
