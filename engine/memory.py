@@ -76,8 +76,10 @@ def keep_freed_memory() -> bool:
 
 
 def warm_heap(total: int = WARM_BYTES, step: int = WARM_SLICE) -> Iterator[None]:
-    """Touch `total` bytes of heap, `step` bytes per item of the iterator, then free them: the
-    pages stay in the process (`keep_freed_memory`) for the blocks that come later. Nothing to
+    """Touch `total` bytes of heap, `step` bytes per item of the iterator (each item takes the
+    block, touches its next slice and frees it: between items the memory is free for whatever
+    needs it): the pages stay in the process (`keep_freed_memory`) for the blocks that come
+    later. Nothing to
     do (an empty iterator) unless freed memory is kept: glibc would hand the block back. Call
     once the process's long-lived memory is in place (a model's weights, the streams), and again
     after more is allocated for good (the radio's int4 weights): that takes the reserve's
@@ -87,15 +89,18 @@ def warm_heap(total: int = WARM_BYTES, step: int = WARM_SLICE) -> Iterator[None]
         return
     libc.malloc.argtypes, libc.malloc.restype = (ctypes.c_size_t,), ctypes.c_void_p
     libc.free.argtypes, libc.free.restype = (ctypes.c_void_p,), None
-    block = libc.malloc(total)
-    if not block:
-        return
-    try:
-        for offset in range(0, total, step):
+    for offset in range(0, total, step):
+        # the whole block is taken for each slice and freed at once (the same place comes back
+        # while nothing took it meanwhile): held between the slices, it was memory a window
+        # restart could not have, and two stations' first one faulted 40,000 fresh pages
+        block = libc.malloc(total)
+        if not block:
+            return
+        try:
             ctypes.memset(block + offset, 0, min(step, total - offset))
-            yield
-    finally:
-        libc.free(block)
+        finally:
+            libc.free(block)
+        yield
     log.debug("%d MB of heap touched ahead of need", total >> 20)
 
 

@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from engine.lane import prefilled_since
-from engine.memory import WARM_BYTES, warm_heap
+from engine.memory import WARM_BYTES, page_faults, warm_heap
 from engine.threads import ThreadTuner, smooth
 from engine.token_stream import Interrupted
 from radio import ladder
@@ -809,7 +809,9 @@ class Generator:
     def _prepare(self, spent: float | None) -> None:
         """The next part of what is made ahead of need: the int4 cache's buffers (the rung
         taken first), the int4 weights, then (only in the idle time, `spent` 0: nothing needs
-        it soon) the heap's reserve."""
+        it soon) the heap's reserve. (Its slices after each chunk too did not spare two
+        stations' first window restart its 18,000-50,000 fresh pages: its buffers for the
+        stations' rows and their warm copies need more than the reserve.)"""
         if self._cache_parts is not None:
             self._prepare_cache(spent)
         elif self._coarse_parts is not None:
@@ -1045,7 +1047,7 @@ class Generator:
         self._plain_kind = (rows, 0)
         # (and a short read costs more per frame than a steady one: its counts apart too)
         tuner.measure_for((rows, sum(warm_lanes), frames))
-        before = tuner.current
+        before, faults = tuner.current, page_faults()
         explore = trial_allowed(
             tuner.cost.get(tuner.current, 0.0),
             len(lanes),
@@ -1087,14 +1089,15 @@ class Generator:
         mean = (sum(positions) + sum(ends)) / (2 * len(streams))  # the positions attended over
         if tuner.last_cost and log.isEnabledFor(logging.DEBUG):  # (0.0: no division)
             log.debug(
-                "station(s) %s: a chunk in %.3f s (%d rows%s, %d thread(s), position %d), x%.2f "
-                "of real time",
+                "station(s) %s: a chunk in %.3f s (%d rows%s, %d thread(s), position %d, %d page "
+                "faults), x%.2f of real time",
                 ", ".join(ln.spec.id for ln in lanes),
                 tuner.last_cost * frames * len(lanes),
                 rows,
                 ", warm rows" if warming else "",
                 tuner.last,
                 mean,
+                page_faults() - faults,
                 1.0 / (tuner.last_cost * len(lanes) * self.model.frame_rate),
             )
         # a plain chunk (no warm rows, no prefill) on the count in use: the steady rate the
