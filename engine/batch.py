@@ -254,6 +254,54 @@ class DecodeBatch:
         if self.cache.kind != kind:  # (not changed meanwhile)
             self._other_kind = (made[0], made[1] if len(made) > 1 else None)
 
+    @property
+    def spare_missing(self) -> bool:
+        """Whether the next layout change (warm rows coming or going) would take a buffer fresh:
+        see `prepare_spare`."""
+        return self._spare_rows() > 0
+
+    def _spare_rows(self) -> int:
+        """Rows the spare must hold for every lane's rows and their warm copies; 0 when it holds
+        them already, where no warm rows are laid out (a compiled step's cache), or before the
+        batch's first step (its first layout makes both buffers)."""
+        if self.steps == 0 or not any(lane.builds_warm for lane in self.lanes):
+            return 0
+        keys = [lane.row_keys() for lane in self.lanes]
+        warm = sum(len(k) for k in keys if not any(w for _, w in k))  # rows to double
+        need = max(self._most_rows, sum(len(k) for k in keys) + warm)
+        return 0 if self._spare is not None and self._spare.holds(need) else need
+
+    def prepare_spare(self) -> Iterator[None]:
+        """The spare buffer the next layout change writes into, made ahead of need with room
+        for every lane's rows and their warm copies, in the cache's kind, a layer of a buffer
+        per step of the iterator. `_lay_out` makes none once the batch runs when the cache it
+        replaced is too small (the rows grew, or a change of kind wrote into new memory): two
+        int4 stations' first window restart after the int4 cache was taken laid out both of
+        its buffers fresh, 18,000-55,000 page faults, a chunk of 1.7-2.7 s, and they underran.
+        Nothing to do when the spare is there."""
+        need = self._spare_rows()
+        if need == 0:
+            return
+        first = self.cache.tensors()[0]
+        layers, heads = first.shape[0], first.shape[2]
+        spare = KVCache(
+            layers,
+            need,
+            heads,
+            self.cache.max_positions,
+            self.decoder.head_dim,
+            device=self.decoder.device,
+            kind=self.cache.kind,
+            touched=False,
+        )
+        for buffer in spare.tensors():
+            for layer in range(layers):
+                buffer[layer].zero_()
+                yield
+        if spare.kind == self.cache.kind and self._spare_rows() > 0:  # (not changed meanwhile)
+            self._spare = spare
+            self._most_rows = max(self._most_rows, need)
+
     def follow_cache_kind(self) -> None:
         """The cache in the decoder's kind (`Decoder.use_cheap_cache`): converted with every
         position the lanes have written (the positions before the furthest one fed) into the
@@ -304,8 +352,9 @@ class DecodeBatch:
                 self._most_rows = max(self._most_rows, len(sources) + warm)
                 self.cache = old.select_rows(sources, self._spare, self._most_rows)
                 self._spare = old if old.holds(self._most_rows) else None
-                if self._spare is None:
+                if self._spare is None and self.steps == 0:  # (opening: before any music)
                     self._spare = self.cache.select_rows([], capacity=self._most_rows)
+                # else the next change's spare is made ahead of it (`prepare_spare`), or by it
             else:  # a compiled step's (GPU) cache: no warm rows, no second buffer
                 self.cache = old.select_rows(sources)
             self._first = [sum(len(k) for k in keys[:i]) for i in range(len(keys))]

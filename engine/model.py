@@ -144,6 +144,19 @@ class MusicModel:
             yield from batch.prepare_kind("int4")
 
     @property
+    def spares_missing(self) -> bool:
+        """Whether an open stream's batch would lay its next rows out into fresh memory
+        (`DecodeBatch.prepare_spare`)."""
+        return any(batch.spare_missing for batch in list(self._batches))
+
+    def prepare_spares(self) -> Iterator[None]:
+        """The spare cache buffer of every open stream's batch that has none big enough, a
+        layer of a buffer per step of the iterator (`DecodeBatch.prepare_spare`): a reader
+        spreads the fresh memory's cost between its reads, ahead of the next window restart."""
+        for batch in list(self._batches):
+            yield from batch.prepare_spare()
+
+    @property
     def cheap_cache(self) -> bool:
         return self.decoder.cheap_cache
 

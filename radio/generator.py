@@ -297,6 +297,8 @@ class Generator:
         # do not fault fresh pages in as the heap grows; touched again after whatever takes
         # its pages (`_renew_heap_reserve`)
         self._heap_bytes = min(WARM_BYTES * len(specs), 4 * WARM_BYTES)
+        self._spare_parts: Iterator[None] | None = None  # (`_prepare`)
+        self._spares_failed = False
         self._heap_parts: Iterator[None] | None = warm_heap(self._heap_bytes)
         # the ladder's level (radio.ladder: 0 = window restarts re-read the whole context)
         self.restart_level = 0
@@ -426,9 +428,13 @@ class Generator:
                 return
             self._reopen_due(lanes.values())
             due = self._due(lanes.values(), ahead_limit)
-            if not due and any(
-                parts is not None
-                for parts in (self._cache_parts, self._coarse_parts, self._heap_parts)
+            if not due and (
+                any(
+                    parts is not None
+                    for parts in (self._cache_parts, self._coarse_parts, self._spare_parts)
+                )
+                or self._spares_wanted()
+                or self._heap_parts is not None
             ):
                 self._prepare(0.0)  # a part of what is prepared ahead, in the idle time
                 continue
@@ -808,18 +814,36 @@ class Generator:
 
     def _prepare(self, spent: float | None) -> None:
         """The next part of what is made ahead of need: the int4 cache's buffers (the rung
-        taken first), the int4 weights, then (only in the idle time, `spent` 0: nothing needs
-        it soon) the heap's reserve. (Its slices after each chunk too did not spare two
-        stations' first window restart its 18,000-50,000 fresh pages: its buffers for the
-        stations' rows and their warm copies need more than the reserve.)"""
+        taken first), the int4 weights, the spare cache buffer the next window restart lays
+        the rows out into (`MusicModel.prepare_spares`: after a change of cache kind, or rows
+        that grew), then (only in the idle time, `spent` 0: nothing needs it soon) the heap's
+        reserve. (The reserve's slices after each chunk too did not spare two stations' first
+        window restart its 18,000-50,000 fresh pages: its buffers need more.)"""
         if self._cache_parts is not None:
             self._prepare_cache(spent)
         elif self._coarse_parts is not None:
             self._prepare_coarse(spent)
+        elif self._spare_parts is not None or self._spares_wanted():
+            if self._spare_parts is None:
+                self._spare_parts = self.model.prepare_spares()
+            done = self._run_parts(self._spare_parts, spent, "room for a window restart", _never)
+            if isinstance(done, Exception):
+                log.warning(
+                    "cannot make room ahead for the next window restarts, so they may pause "
+                    "the stream for their memory: %s",
+                    describe(done),
+                )
+                self._spares_failed = True
+            if done:
+                self._spare_parts = None
         elif self._heap_parts is not None and spent == 0.0:
-            done = self._run_parts(self._heap_parts, spent, "memory", lambda: False)
+            done = self._run_parts(self._heap_parts, spent, "memory", _never)
             if done:  # (or what it raised: the music goes on, changes may fault as before)
                 self._heap_parts = None
+
+    def _spares_wanted(self) -> bool:
+        """Whether a batch's spare cache buffer is to be made ahead (`_prepare`)."""
+        return not self._spares_failed and self.model.spares_missing
 
     def _prepare_cache(self, spent: float | None) -> None:
         """The next slices of the int4 cache's buffers (`MusicModel.prepare_cheap_cache`)."""
@@ -1289,6 +1313,11 @@ class _Chunk:
     start: int  # its first frame
     pcm: np.ndarray  # [C, frames * hop]
     tokens: np.ndarray | None  # [K, frames] its tokens, for the watchdog (when on)
+
+
+def _never() -> bool:
+    """`_run_parts`'s `ready` for work that is done when its parts end."""
+    return False
 
 
 def _what(lanes: Sequence[_Lane]) -> str:

@@ -279,3 +279,26 @@ def test_the_cache_changes_kind_while_warm_rows_build_the_next_window(k, tiny_he
     model.use_cheap_cache(False)
     assert tokens._batch.cache.kind == "int8"
     assert np.isfinite(stream.read(200)).all() and tokens.prefills == 1
+
+
+def test_room_for_the_next_window_restart_is_made_ahead_after_a_switch(k, tiny_head64_dir):
+    """A switch of cache kind that found no buffers prepared writes into new memory with room
+    for the rows there are; the first window restart after it then laid its rows and their
+    warm copies out into two fresh buffers (two int4 stations on 2 cores: a chunk of 1.7-2.7
+    s, both underran). `MusicModel.prepare_spares` makes the spare ahead, a layer of a buffer
+    per step, and that restart writes into it."""
+    options = LoadOptions(model=tiny_head64_dir, device="cpu", quantize="int8", kv_cache="int8")
+    model = MusicModel.load(options)
+    streams = model.open_streams(["jazz", "rain"], window=WindowOptions(window=150, context=40))
+    batch = streams[0].tokens._batch
+    model.read_together(streams, 5)
+    assert not model.spares_missing  # the spare made with the first layout
+    model.use_cheap_cache(True)  # nothing prepared: new memory for the 4 rows there are
+    assert batch.cache.kind == "int4" and model.spares_missing
+    parts = sum(1 for _ in model.prepare_spares())
+    assert parts == len(batch.cache.tensors()) * len(model.decoder.layers)
+    assert not model.spares_missing and batch._spare.holds(8)  # 2 stations' rows, doubled
+    spare = batch._spare.tensors()[0].data_ptr()
+    while not streams[0].tokens.warming:  # on to the first window restart (warm rows)
+        model.read_together(streams, 5)
+    assert batch.cache.batch > 4 and batch.cache.tensors()[0].data_ptr() == spare

@@ -191,6 +191,11 @@ class FakeModel:
     def cheap_cache_available(self) -> str | None:
         return self.cheap_cache_reason
 
+    spares_missing = False  # (the fake streams lay no cache out: `MusicModel.prepare_spares`)
+
+    def prepare_spares(self) -> Iterator[None]:
+        yield from ()
+
     cache_parts = 0  # slices of `prepare_cheap_cache` run
 
     def prepare_cheap_cache(self) -> Iterator[None]:
