@@ -816,14 +816,17 @@ class Generator:
         """The next part of what is made ahead of need: the int4 cache's buffers (the rung
         taken first), the int4 weights, the spare cache buffer the next window restart lays
         the rows out into (`MusicModel.prepare_spares`: after a change of cache kind, or rows
-        that grew), then (only in the idle time, `spent` 0: nothing needs it soon) the heap's
+        that grew; in the idle time, or after a chunk while every station has some buffer to
+        spare), then (only in the idle time, `spent` 0: nothing needs it soon) the heap's
         reserve. (The reserve's slices after each chunk too did not spare two stations' first
         window restart its 18,000-50,000 fresh pages: its buffers need more.)"""
         if self._cache_parts is not None:
             self._prepare_cache(spent)
         elif self._coarse_parts is not None:
             self._prepare_coarse(spent)
-        elif self._spare_parts is not None or self._spares_wanted():
+        elif (self._spare_parts is not None or self._spares_wanted()) and (
+            spent == 0.0 or self._ahead_enough()
+        ):
             if self._spare_parts is None:
                 self._spare_parts = self.model.prepare_spares()
             done = self._run_parts(self._spare_parts, spent, "room for a window restart", _never)
@@ -844,6 +847,14 @@ class Generator:
     def _spares_wanted(self) -> bool:
         """Whether a batch's spare cache buffer is to be made ahead (`_prepare`)."""
         return not self._spares_failed and self.model.spares_missing
+
+    def _ahead_enough(self) -> bool:
+        """Whether every working station has `TRIAL_AHEAD_SECONDS` buffered: enough to afford
+        slower chunks for work that can wait (a spare made between chunks right after on-air,
+        with ~1 s buffered, drained two stations that ran at x1.2-1.3 into a bridge)."""
+        lanes = [ln for ln in (self._lanes or {}).values() if not ln.healing.down]
+        least = TRIAL_AHEAD_SECONDS * self.model.frame_rate
+        return bool(lanes) and all(ln.ahead_frames() >= least for ln in lanes)
 
     def _prepare_cache(self, spent: float | None) -> None:
         """The next slices of the int4 cache's buffers (`MusicModel.prepare_cheap_cache`)."""
