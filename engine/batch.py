@@ -231,28 +231,27 @@ class DecodeBatch:
         other = self._other_kind
         if self.cache.kind == kind or (other is not None and other[0].kind == kind):
             return
-        first = self.cache.tensors()[0]
-        layers, heads = first.shape[0], first.shape[2]
         rows = max(self._most_rows, self.cache.batch)
-        made = []
-        for _ in range(1 if self._spare is None else 2):
-            cache = KVCache(
-                layers,
-                rows,
-                heads,
-                self.cache.max_positions,
-                self.decoder.head_dim,
-                device=self.decoder.device,
-                kind=kind,
-                touched=False,
-            )
-            for buffer in cache.tensors():
-                for layer in range(layers):
-                    buffer[layer].zero_()
-                    yield
-            made.append(cache)
+        made = [self._untouched(kind, rows) for _ in range(1 if self._spare is None else 2)]
+        for cache in made:
+            yield from _touch(cache)
         if self.cache.kind != kind:  # (not changed meanwhile)
             self._other_kind = (made[0], made[1] if len(made) > 1 else None)
+
+    def _untouched(self, kind: str, rows: int) -> KVCache:
+        """A cache of `kind` shaped as this batch's, with room for `rows` rows, its memory not
+        yet touched (`_touch`)."""
+        first = self.cache.tensors()[0]
+        return KVCache(
+            first.shape[0],
+            rows,
+            first.shape[2],
+            self.cache.max_positions,
+            self.decoder.head_dim,
+            device=self.decoder.device,
+            kind=kind,
+            touched=False,
+        )
 
     @property
     def spare_missing(self) -> bool:
@@ -266,9 +265,7 @@ class DecodeBatch:
         batch's first step (its first layout makes both buffers)."""
         if self.steps == 0 or not any(lane.builds_warm for lane in self.lanes):
             return 0
-        keys = [lane.row_keys() for lane in self.lanes]
-        warm = sum(len(k) for k in keys if not any(w for _, w in k))  # rows to double
-        need = max(self._most_rows, sum(len(k) for k in keys) + warm)
+        need = max(self._most_rows, _with_warm([lane.row_keys() for lane in self.lanes]))
         return 0 if self._spare is not None and self._spare.holds(need) else need
 
     def prepare_spare(self) -> Iterator[None]:
@@ -282,22 +279,8 @@ class DecodeBatch:
         need = self._spare_rows()
         if need == 0:
             return
-        first = self.cache.tensors()[0]
-        layers, heads = first.shape[0], first.shape[2]
-        spare = KVCache(
-            layers,
-            need,
-            heads,
-            self.cache.max_positions,
-            self.decoder.head_dim,
-            device=self.decoder.device,
-            kind=self.cache.kind,
-            touched=False,
-        )
-        for buffer in spare.tensors():
-            for layer in range(layers):
-                buffer[layer].zero_()
-                yield
+        spare = self._untouched(self.cache.kind, need)
+        yield from _touch(spare)
         if spare.kind == self.cache.kind and self._spare_rows() > 0:  # (not changed meanwhile)
             self._spare = spare
             self._most_rows = max(self._most_rows, need)
@@ -348,8 +331,7 @@ class DecodeBatch:
             sources = self._sources(keys, promote)
             old = self.cache
             if any(lane.builds_warm for lane in self.lanes):
-                warm = sum(len(k) for k in keys if not any(w for _, w in k))  # rows to double
-                self._most_rows = max(self._most_rows, len(sources) + warm)
+                self._most_rows = max(self._most_rows, _with_warm(keys))
                 self.cache = old.select_rows(sources, self._spare, self._most_rows)
                 self._spare = old if old.holds(self._most_rows) else None
                 if self._spare is None and self.steps == 0:  # (opening: before any music)
@@ -402,6 +384,21 @@ class DecodeBatch:
         if self._cross is None:
             self._cross = concat_cross(self._crosses)
         return self._cross
+
+
+def _with_warm(keys: list[tuple[RowKey, ...]]) -> int:
+    """Rows of the layout `keys` once every lane without warm rows has them: the room the two
+    buffers warm rows take turns in need."""
+    return sum(len(k) if any(w for _, w in k) else 2 * len(k) for k in keys)
+
+
+def _touch(cache: KVCache) -> Iterator[None]:
+    """Write a cache's memory (zeros) a layer of a buffer per step: its pages faulted in now,
+    between a reader's reads, rather than by the step that first needs them."""
+    for buffer in cache.tensors():
+        for layer in range(buffer.shape[0]):
+            buffer[layer].zero_()
+            yield
 
 
 def _same_row(a: RowKey, b: RowKey) -> bool:

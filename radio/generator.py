@@ -428,15 +428,7 @@ class Generator:
                 return
             self._reopen_due(lanes.values())
             due = self._due(lanes.values(), ahead_limit)
-            if not due and (
-                any(
-                    parts is not None
-                    for parts in (self._cache_parts, self._coarse_parts, self._spare_parts)
-                )
-                or self._spares_wanted()
-                or self._heap_parts is not None
-            ):
-                self._prepare(0.0)  # a part of what is prepared ahead, in the idle time
+            if not due and self._prepare(0.0):  # a part of what is prepared ahead, idle
                 continue
             if not due:  # everyone is far enough ahead: wait for the clocks to move
                 if not self._drain(lanes, block=True):
@@ -812,14 +804,15 @@ class Generator:
         self.tuner.forget()
         return True
 
-    def _prepare(self, spent: float | None) -> None:
+    def _prepare(self, spent: float | None) -> bool:
         """The next part of what is made ahead of need: the int4 cache's buffers (the rung
         taken first), the int4 weights, the spare cache buffer the next window restart lays
         the rows out into (`MusicModel.prepare_spares`: after a change of cache kind, or rows
         that grew; in the idle time, or after a chunk while every station has some buffer to
         spare), then (only in the idle time, `spent` 0: nothing needs it soon) the heap's
         reserve. (The reserve's slices after each chunk too did not spare two stations' first
-        window restart its 18,000-50,000 fresh pages: its buffers need more.)"""
+        window restart its 18,000-50,000 fresh pages: its buffers need more.) False when there
+        was nothing to do now."""
         if self._cache_parts is not None:
             self._prepare_cache(spent)
         elif self._coarse_parts is not None:
@@ -843,6 +836,9 @@ class Generator:
             done = self._run_parts(self._heap_parts, spent, "memory", _never)
             if done:  # (or what it raised: the music goes on, changes may fault as before)
                 self._heap_parts = None
+        else:
+            return False
+        return True
 
     def _spares_wanted(self) -> bool:
         """Whether a batch's spare cache buffer is to be made ahead (`_prepare`)."""
