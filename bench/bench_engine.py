@@ -44,6 +44,7 @@ from engine.tiny import build_tiny_model  # noqa: E402
 
 PROMPT = "slow rainy-day jazz with a soft piano"
 SLOW_READ = 29.0  # GB/s: the slow minute (a plain read at this or less)
+PROGRESS_SECONDS = 60.0  # a line of progress this often in the long real-time runs
 
 
 def say(message: str) -> None:
@@ -193,8 +194,15 @@ def bench_realtime(
         slow = slow_turns(reads, slow_read)
         return min(sum(turns[m][i][1] for i in slow) / 50 for m in modes)
 
+    last = time.monotonic()
     for done in range(0, frames, 25):
         take_turns(min(25, frames - done))
+        if time.monotonic() - last >= PROGRESS_SECONDS:
+            last = time.monotonic()
+            say(
+                f"  {(done + 25) / 50:.0f} of {frames / 50:.0f} s of audio per mode, "
+                f"plain read now {reads[-1]:.1f} GB/s"
+            )
     if hunt_minutes > 0:
         say(
             f"hunting a slow minute (plain read {slow_read:.0f} GB/s or less) for up to "
@@ -205,7 +213,7 @@ def bench_realtime(
             while slow_audio() < slow_seconds and time.monotonic() - began < hunt_minutes * 60:
                 take_turns(25)
                 frames += 25
-                if time.monotonic() - last >= 60:
+                if time.monotonic() - last >= PROGRESS_SECONDS:
                     last = time.monotonic()
                     say(
                         f"  {(last - began) / 60:.0f} min: plain read now {reads[-1]:.1f} GB/s "
