@@ -390,3 +390,37 @@ def test_no_bench_script_shadows_an_installed_module():
         finally:
             sys.path[:] = saved
         assert spec is None, f"bench/{script.name} shadows the installed {spec.origin}"
+
+
+def test_kernel_ab_times_two_builds_in_turns(tmp_path):
+    """A copy of the kernels' folder is built as B beside this checkout's A (its own module),
+    and every part prints both medians and B / A; a folder without the sources is refused."""
+    import shutil
+
+    from engine import kernels
+
+    if kernels.unavailable_reason() is not None:
+        pytest.skip(f"our CPU kernels cannot run here: {kernels.unavailable_reason()}")
+    b = tmp_path / "kernels"
+    shutil.copytree(ROOT / "engine" / "kernels", b)
+    out = _run(
+        "kernel_ab.py",
+        *("--b", str(b), "--layers", "2", "--positions", "64", "--rounds", "3"),
+        tmp_path=tmp_path,
+    )
+    names = re.search(r"A: (endless_radio_cpu_\w+) .*, B: (endless_radio_ab_cpu_\w+) ", out)
+    assert names and names[1] != names[2], out
+    for part in ("int8", "int4", "attention-q8", "attention-q4"):
+        assert re.search(
+            rf"\| {part} \| [\d.]+ \| [\d.]+ \| \*\*[\d.]+\*\* \| [\d.]+-[\d.]+ \|", out
+        ), out
+    refused = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "kernel_ab.py"), "--b", str(tmp_path / "nowhere")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert refused.returncode != 0
+    assert "no cpu.cpp there" in refused.stderr, refused.stderr[-2000:]

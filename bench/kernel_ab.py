@@ -1,0 +1,196 @@
+"""Two versions of our CPU kernels, timed in turns in one process.
+
+    git worktree add /tmp/b HEAD          # then change /tmp/b/engine/kernels
+    python bench/kernel_ab.py --b /tmp/b/engine/kernels
+    python bench/kernel_ab.py --b /tmp/b/engine/kernels --parts attention-q4 --positions 1000
+
+This VM's memory speed moves by a fifth between two runs a minute apart, so a kernel variant
+timed in one process and the original in the next measure the minute as much as the change.
+Here both are loaded side by side: A, the kernels this checkout imports (`engine.kernels`,
+`engine.kernels.int4`), and B, the folder given (its `cpu.cpp` and `int4.cpp` built for the same
+instruction set under module names of their own; each shared object resolves its own symbols,
+as Python loads extensions locally). Each part runs A, B, A, B ... on the same inputs (each
+version packing its own weights), and the figure is the median over rounds of B's time over A's
+in the same round, with the rounds' spread: under 1 means B is faster. Parts, in a decode step's
+shapes (musicgen-small, 24 layers, `--rows` rows: 2 per station):
+
+- `int8`: the projections with int8 weights (`linear_int8`);
+- `int4`: the same with int4 weights, groups of 64 (`linear_int4`);
+- `attention-q8`, `attention-q4`: the self-attention over an int8 / int4 KV cache at
+  `--positions` (`attend_step_q8`, `attend_step_q4`, which also write the step's key/value).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_kernels import HEAD_DIM, HEADS, SHAPES  # noqa: E402
+
+from engine import kernels  # noqa: E402
+from engine.extensions import build, source_digest  # noqa: E402
+from engine.kernels import int4  # noqa: E402
+from engine.kv_cache import KVCache, quantize_vectors  # noqa: E402
+from engine.linear import INT4_GROUP, pack_int4, pack_int8  # noqa: E402
+
+PARTS = ("int8", "int4", "attention-q8", "attention-q4")
+
+
+def build_b(folder: Path) -> tuple[ModuleType, ModuleType]:
+    """B's kernel modules (cpu.cpp, int4.cpp) for the instruction set A runs."""
+    variant, reason = kernels.choose_variant()
+    if variant is None:
+        raise SystemExit(f"our kernels cannot run here: {reason}")
+    modules = []
+    for stem, source in (("cpu", "cpu.cpp"), ("int4", "int4.cpp")):
+        path = folder / source
+        if not path.is_file():
+            raise SystemExit(f"--b {folder}: no {source} there (give an engine/kernels folder)")
+        digest = source_digest(folder, [path, *sorted(folder.rglob("*.h"))])
+        modules.append(
+            build(
+                f"endless_radio_ab_{stem}_{variant.name}_{digest}",
+                path,
+                variant.compile_flags(),
+                what=f"B's {source} ({variant.name})",
+                takes="~20-40 s",
+            )
+        )
+    return modules[0], modules[1]
+
+
+def parts(
+    names: list[str], rows: int, positions: int, layers: int, a: tuple, b: tuple
+) -> dict[str, tuple[Callable[[], None], Callable[[], None]]]:
+    """Each part's (A's run, B's run), on the same inputs."""
+    out = {}
+    inputs = {m: torch.randn(rows, m) for _, m in SHAPES}
+    weights = [torch.randn(n, m) * 0.02 for n, m in SHAPES]
+    qkv = torch.randn(rows, 3 * HEADS * HEAD_DIM)
+    at = torch.full((rows,), positions - 1)
+    shape = (layers, rows, HEADS, positions, HEAD_DIM)
+
+    def products(k: ModuleType, packed: list) -> Callable[[], None]:
+        def run() -> None:
+            for layer in packed:
+                for (d, s), (_, m) in zip(layer, SHAPES, strict=True):
+                    k.linear_int8(inputs[m], d, s)
+
+        return run
+
+    def products4(k4: ModuleType, packed: list) -> Callable[[], None]:
+        def run() -> None:
+            for layer in packed:
+                for (c, s), (n, m) in zip(layer, SHAPES, strict=True):
+                    k4.linear_int4(inputs[m], c, s, n)
+
+        return run
+
+    def per_layer(first: list) -> list:
+        """One layer's packed weights copied for every layer: a step reads each from memory."""
+        return [[tuple(t.clone() for t in w) for w in first] for _ in range(layers)]
+
+    if "int8" in names:
+        out["int8"] = tuple(
+            products(k, per_layer([pack_int8(w, k) for w in weights])) for k in (a[0], b[0])
+        )
+    if "int4" in names:
+        out["int4"] = tuple(
+            products4(k4, per_layer([pack_int4(w, INT4_GROUP, k4) for w in weights]))
+            for k4 in (a[1], b[1])
+        )
+    if "attention-q8" in names:
+        keys8, key_scales = quantize_vectors(torch.randn(shape))
+        values8, value_scales = quantize_vectors(torch.randn(shape))
+
+        def q8(k: ModuleType) -> Callable[[], None]:
+            def run() -> None:
+                for i in range(layers):
+                    k.attend_step_q8(
+                        qkv, keys8[i], key_scales[i], values8[i], value_scales[i], at, 0.125
+                    )
+
+            return run
+
+        out["attention-q8"] = (q8(a[0]), q8(b[0]))
+    if "attention-q4" in names:
+        cache = KVCache(
+            layers, rows, HEADS, positions, HEAD_DIM, device=torch.device("cpu"), kind="int4"
+        )
+        for i in range(layers):
+            cache.write(i, 0, torch.randn(shape[1:]), torch.randn(shape[1:]))
+
+        def q4(k: ModuleType) -> Callable[[], None]:
+            def run() -> None:
+                for i in range(layers):
+                    k.attend_step_q4(qkv, *cache.layer(i), at, 0.125)
+
+            return run
+
+        out["attention-q4"] = (q4(a[0]), q4(b[0]))
+    return out
+
+
+def timed(fn: Callable[[], None]) -> float:
+    began = time.perf_counter()
+    fn()
+    return time.perf_counter() - began
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--b", type=Path, required=True, help="B's engine/kernels folder")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"of {', '.join(PARTS)}")
+    parser.add_argument("--rows", type=int, default=2, help="batch rows (2 per station)")
+    parser.add_argument("--positions", type=int, default=1000, help="cached positions attended")
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--rounds", type=int, default=30, help="A, B turns per part")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    names = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = [p for p in names if p not in PARTS]
+    if unknown or not names:
+        parser.error(f"--parts: {', '.join(unknown) or 'none'} not of {', '.join(PARTS)}")
+    if args.rows < 1 or args.positions < 1 or args.layers < 1 or args.rounds < 2:
+        parser.error("--rows, --positions, --layers must be >= 1 and --rounds >= 2")
+    torch.set_num_threads(args.threads)
+    a = (kernels.get(), int4.get())
+    if a[0] is None or a[1] is None:
+        raise SystemExit(f"our kernels cannot run here: {kernels.unavailable_reason()}")
+    b = build_b(args.b.resolve())
+    print(
+        f"A: {a[0].__name__} ({Path(kernels.__file__).parent}), B: {b[0].__name__} ({args.b}); "
+        f"{a[0].isa()} kernels, "
+        f"{args.threads} thread(s), {args.rows} rows, {args.layers} layers, "
+        f"{args.positions} positions, {args.rounds} rounds",
+        flush=True,
+    )
+    print("| part | A ms (median) | B ms (median) | B / A, median of rounds | rounds' spread |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, (run_a, run_b) in parts(names, args.rows, args.positions, args.layers, a, b).items():
+        run_a(), run_b()  # warm-up: first touches, the OpenMP team
+        times_a, times_b = [], []
+        for _ in range(args.rounds):
+            times_a.append(timed(run_a))
+            times_b.append(timed(run_b))
+        ratios = sorted(tb / ta for ta, tb in zip(times_a, times_b, strict=True))
+        low, high = ratios[len(ratios) // 10], ratios[-1 - len(ratios) // 10]
+        print(
+            f"| {name} | {1000 * statistics.median(times_a):.2f} | "
+            f"{1000 * statistics.median(times_b):.2f} | **{statistics.median(ratios):.3f}** | "
+            f"{low:.3f}-{high:.3f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
