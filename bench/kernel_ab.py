@@ -23,6 +23,7 @@ shapes (musicgen-small, 24 layers, `--rows` rows: 2 per station):
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -45,11 +46,15 @@ from engine.linear import INT4_GROUP, pack_int4, pack_int8  # noqa: E402
 PARTS = ("int8", "int4", "attention-q8", "attention-q4")
 
 
-def build_b(folder: Path) -> tuple[ModuleType, ModuleType]:
-    """B's kernel modules (cpu.cpp, int4.cpp) for the instruction set A runs."""
+def build_b(folder: Path, build_dir: Path | None) -> tuple[ModuleType, ModuleType]:
+    """B's kernel modules (cpu.cpp, int4.cpp) for the instruction set A runs, built in
+    `build_dir` (None: PyTorch's extension cache, where A's builds are)."""
     variant, reason = kernels.choose_variant()
     if variant is None:
         raise SystemExit(f"our kernels cannot run here: {reason}")
+    if build_dir is not None:  # PyTorch reads it at each build; A is loaded already
+        build_dir.mkdir(parents=True, exist_ok=True)
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(build_dir)
     modules = []
     for stem, source in (("cpu", "cpu.cpp"), ("int4", "int4.cpp")):
         path = folder / source
@@ -155,6 +160,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=30, help="A, B turns per part")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--build-dir", type=Path, help="where B is built (default: PyTorch's extension cache)"
+    )
     args = parser.parse_args()
     names = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in names if p not in PARTS]
@@ -166,7 +174,7 @@ def main() -> None:
     a = (kernels.get(), int4.get())
     if a[0] is None or a[1] is None:
         raise SystemExit(f"our kernels cannot run here: {kernels.unavailable_reason()}")
-    b = build_b(args.b.resolve())
+    b = build_b(args.b.resolve(), args.build_dir)
     print(
         f"A: {a[0].__name__} ({Path(kernels.__file__).parent}), B: {b[0].__name__} ({args.b}); "
         f"{a[0].isa()} kernels, "

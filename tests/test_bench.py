@@ -406,10 +406,12 @@ def test_kernel_ab_times_two_builds_in_turns(tmp_path):
     out = _run(
         "kernel_ab.py",
         *("--b", str(b), "--layers", "2", "--positions", "64", "--rounds", "3"),
+        *("--build-dir", str(tmp_path / "builds")),  # B's build goes with the test's folder
         tmp_path=tmp_path,
     )
     names = re.search(r"A: (endless_radio_cpu_\w+) .*, B: (endless_radio_ab_cpu_\w+) ", out)
     assert names and names[1] != names[2], out
+    assert list((tmp_path / "builds").glob(f"{names[2]}/*.so")), "B was not built in --build-dir"
     for part in ("int8", "int4", "attention-q8", "attention-q4"):
         assert re.search(
             rf"\| {part} \| [\d.]+ \| [\d.]+ \| \*\*[\d.]+\*\* \| [\d.]+-[\d.]+ \|", out
