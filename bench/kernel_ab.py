@@ -17,7 +17,12 @@ shapes (musicgen-small, 24 layers, `--rows` rows: 2 per station):
 - `int8`: the projections with int8 weights (`linear_int8`);
 - `int4`: the same with int4 weights, groups of 64 (`linear_int4`);
 - `attention-q8`, `attention-q4`: the self-attention over an int8 / int4 KV cache at
-  `--positions` (`attend_step_q8`, `attend_step_q4`, which also write the step's key/value).
+  `--positions` (`attend_step_q8`, `attend_step_q4`, which also write the step's key/value);
+- `stream-int8`, `stream-int4`: the whole thing, two streams of the `--size` model (int8
+  weights and cache; int4 weights and cache, the int8 cache on the tiny model), one loaded on A's modules and one on B's, reading
+  25 frames (decoder steps and the codec) in turns. A part alone can gain what the step does
+  not (a prefetch into L1 made the int8 product x0.96 and the stream x1.00 on Zen 3): confirm
+  a change here before taking it.
 """
 
 from __future__ import annotations
@@ -35,15 +40,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_engine import PROMPT, load_options, model_dir  # noqa: E402
 from bench_kernels import HEAD_DIM, HEADS, SHAPES  # noqa: E402
 
-from engine import kernels  # noqa: E402
+from engine import MusicModel, SamplingOptions, WindowOptions, kernels  # noqa: E402
 from engine.extensions import build, source_digest  # noqa: E402
 from engine.kernels import int4  # noqa: E402
 from engine.kv_cache import KVCache, quantize_vectors  # noqa: E402
 from engine.linear import INT4_GROUP, pack_int4, pack_int8  # noqa: E402
 
-PARTS = ("int8", "int4", "attention-q8", "attention-q4")
+PARTS = ("int8", "int4", "attention-q8", "attention-q4", "stream-int8", "stream-int4")
 
 
 def build_b(folder: Path, build_dir: Path | None) -> tuple[ModuleType, ModuleType]:
@@ -74,7 +80,7 @@ def build_b(folder: Path, build_dir: Path | None) -> tuple[ModuleType, ModuleTyp
 
 
 def parts(
-    names: list[str], rows: int, positions: int, layers: int, a: tuple, b: tuple
+    names: list[str], rows: int, positions: int, layers: int, size: str, a: tuple, b: tuple
 ) -> dict[str, tuple[Callable[[], None], Callable[[], None]]]:
     """Each part's (A's run, B's run), on the same inputs."""
     out = {}
@@ -142,7 +148,36 @@ def parts(
             return run
 
         out["attention-q4"] = (q4(a[0]), q4(b[0]))
+    for mode in ("int8", "int4"):
+        if f"stream-{mode}" in names:
+            # int4 weights and cache; the tiny model's heads of 16 take no int4 cache: int8 there
+            modes = {"int8": "int8", "int4": "int4-kv4" if size == "small" else "int4"}
+            out[f"stream-{mode}"] = streams(modes[mode], size, b)
     return out
+
+
+def streams(mode: str, size: str, b: tuple) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Reads of 25 frames of two streams of one model in `mode`: A's loaded on the modules
+    `engine.kernels` gives, B's on B's (handed to the load in their place, then given back)."""
+    path = model_dir(size)
+    model_a = MusicModel.load(load_options(path, mode))
+    held = (kernels._state.get("module"), int4._state.get("module"))
+    kernels._state["module"], int4._state["module"] = b
+    try:
+        model_b = MusicModel.load(load_options(path, mode))
+    finally:
+        kernels._state["module"], int4._state["module"] = held
+
+    def reader(model: MusicModel) -> Callable[[], None]:
+        stream = model.open_stream(PROMPT, SamplingOptions(seed=0), WindowOptions())
+        stream.read(25)  # the first chunk's prefill
+
+        def run() -> None:
+            stream.read(25)
+
+        return run
+
+    return reader(model_a), reader(model_b)
 
 
 def timed(fn: Callable[[], None]) -> float:
@@ -154,10 +189,15 @@ def timed(fn: Callable[[], None]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--b", type=Path, required=True, help="B's engine/kernels folder")
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"of {', '.join(PARTS)}")
+    parser.add_argument(
+        "--parts", default=",".join(PARTS[:4]), help=f"of {', '.join(PARTS)} (default: the first 4)"
+    )
     parser.add_argument("--rows", type=int, default=2, help="batch rows (2 per station)")
     parser.add_argument("--positions", type=int, default=1000, help="cached positions attended")
     parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument(
+        "--size", choices=("small", "tiny"), default="small", help="the stream parts' model"
+    )
     parser.add_argument("--rounds", type=int, default=30, help="A, B turns per part")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument(
@@ -184,7 +224,9 @@ def main() -> None:
     )
     print("| part | A ms (median) | B ms (median) | B / A, median of rounds | rounds' spread |")
     print("| --- | --- | --- | --- | --- |")
-    for name, (run_a, run_b) in parts(names, args.rows, args.positions, args.layers, a, b).items():
+    for name, (run_a, run_b) in parts(
+        names, args.rows, args.positions, args.layers, args.size, a, b
+    ).items():
         run_a(), run_b()  # warm-up: first touches, the OpenMP team
         times_a, times_b = [], []
         for _ in range(args.rounds):
