@@ -90,19 +90,13 @@ def parts(
     at = torch.full((rows,), positions - 1)
     shape = (layers, rows, HEADS, positions, HEAD_DIM)
 
-    def products(k: ModuleType, packed: list) -> Callable[[], None]:
+    def products(project: Callable, packed: list) -> Callable[[], None]:
+        """Every layer's projections through `project(x, packed weights, out features)`."""
+
         def run() -> None:
             for layer in packed:
-                for (d, s), (_, m) in zip(layer, SHAPES, strict=True):
-                    k.linear_int8(inputs[m], d, s)
-
-        return run
-
-    def products4(k4: ModuleType, packed: list) -> Callable[[], None]:
-        def run() -> None:
-            for layer in packed:
-                for (c, s), (n, m) in zip(layer, SHAPES, strict=True):
-                    k4.linear_int4(inputs[m], c, s, n)
+                for w, (n, m) in zip(layer, SHAPES, strict=True):
+                    project(inputs[m], w, n)
 
         return run
 
@@ -112,11 +106,18 @@ def parts(
 
     if "int8" in names:
         out["int8"] = tuple(
-            products(k, per_layer([pack_int8(w, k) for w in weights])) for k in (a[0], b[0])
+            products(
+                lambda x, w, n, k=k: k.linear_int8(x, *w),
+                per_layer([pack_int8(w, k) for w in weights]),
+            )
+            for k in (a[0], b[0])
         )
     if "int4" in names:
         out["int4"] = tuple(
-            products4(k4, per_layer([pack_int4(w, INT4_GROUP, k4) for w in weights]))
+            products(
+                lambda x, w, n, k4=k4: k4.linear_int4(x, *w, n),
+                per_layer([pack_int4(w, INT4_GROUP, k4) for w in weights]),
+            )
             for k4 in (a[1], b[1])
         )
     if "attention-q8" in names:
@@ -148,11 +149,11 @@ def parts(
             return run
 
         out["attention-q4"] = (q4(a[0]), q4(b[0]))
-    for mode in ("int8", "int4"):
-        if f"stream-{mode}" in names:
-            # int4 weights and cache; the tiny model's heads of 16 take no int4 cache: int8 there
-            modes = {"int8": "int8", "int4": "int4-kv4" if size == "small" else "int4"}
-            out[f"stream-{mode}"] = streams(modes[mode], size, b)
+    # int4 weights and cache; the tiny model's heads of 16 take no int4 cache: int8 there
+    stream_modes = {"int8": "int8", "int4": "int4-kv4" if size == "small" else "int4"}
+    for name, mode in stream_modes.items():
+        if f"stream-{name}" in names:
+            out[f"stream-{name}"] = streams(mode, size, b)
     return out
 
 
