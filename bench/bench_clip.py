@@ -80,7 +80,7 @@ def table_cost(model: MusicModel, lengths: list[float], repeats: int) -> None:
                 data, sample_rate=model.sample_rate, channels=1, hop=model.hop, limits=limits
             )
             decoded, cpu_began = time.perf_counter(), time.process_time()
-            encode_pcm(model.hf.audio_encoder, audio.pcm)
+            encode_pcm(model.musicgen.audio_encoder, audio.pcm)
             encode.append(time.perf_counter() - decoded)
             cpu.append(time.process_time() - cpu_began)
             decode.append(decoded - began)

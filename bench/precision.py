@@ -25,7 +25,6 @@ its query to int8, which the emulation does not). Such rows say "emulated".
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -37,11 +36,13 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_engine import PROMPT, kv_bytes_per_position, model_dir, say  # noqa: E402
 from engine import kernels  # noqa: E402
+from engine.checkpoint import fetch  # noqa: E402
 from engine.conditioning import batch_conditions, encode_prompt  # noqa: E402
 from engine.decoder import PROJECTIONS, Decoder, projection_bytes  # noqa: E402
 from engine.delay import codebook_delays, delayed_layout  # noqa: E402
 from engine.kv_cache import Q4_HEAD  # noqa: E402
 from engine.linear import INT4_GROUP, Int8DynamicLinear  # noqa: E402
+from engine.musicgen import MusicGen  # noqa: E402
 from engine.options import SamplingOptions, WindowOptions  # noqa: E402
 from engine.token_stream import TokenStream  # noqa: E402
 
@@ -128,9 +129,9 @@ def step_bytes(decoder: Decoder, positions: int = 1000, rows: int = 2) -> tuple:
 
 
 @torch.inference_mode()
-def teacher_forced_logits(model, processor, decoder: Decoder, ids: torch.Tensor) -> torch.Tensor:
+def teacher_forced_logits(model, decoder: Decoder, ids: torch.Tensor) -> torch.Tensor:
     """ids: [K, T] delayed layout -> guided-row-0 logits [T, K, V] float32, step by step."""
-    condition = encode_prompt(model, processor, PROMPT, decoder.text_bfloat16)
+    condition = encode_prompt(model, PROMPT, decoder.text_bfloat16)
     states, mask = batch_conditions([condition], guidance=True)
     cross = decoder.cross_kv(states, mask)
     cache = decoder.new_cache(2, ids.shape[1] + 1)
@@ -141,11 +142,11 @@ def teacher_forced_logits(model, processor, decoder: Decoder, ids: torch.Tensor)
 
 
 @torch.inference_mode()
-def greedy_tokens(model, processor, decoder: Decoder, frames: int) -> tuple[torch.Tensor, float]:
+def greedy_tokens(model, decoder: Decoder, frames: int) -> tuple[torch.Tensor, float]:
     channels = model.decoder.config.audio_channels
     stream = TokenStream(
         decoder,
-        encode_prompt(model, processor, PROMPT, decoder.text_bfloat16),
+        encode_prompt(model, PROMPT, decoder.text_bfloat16),
         SamplingOptions(greedy=True),
         WindowOptions(window=max(frames + 16, 560), context=500),
         audio_channels=channels,
@@ -178,11 +179,7 @@ def main() -> int:
         "--positions", type=int, default=300, help="teacher-forced positions (attention length)"
     )
     args = parser.parse_args()
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from transformers import AutoProcessor, MusicgenForConditionalGeneration
-
-    path = args.model or model_dir(args.size)
-    processor = AutoProcessor.from_pretrained(path)
+    folder = fetch(args.model) if args.model else model_dir(args.size)
     torch.manual_seed(0)
     results, notes = {}, {}
     wanted = [m.strip() for m in args.modes.split(";") if m.strip()]
@@ -195,7 +192,7 @@ def main() -> int:
             label = name.replace(precision, f"{precision} g{group}", 1) if group else name
             runs.append((label, dtype, precision, kv_cache, group or INT4_GROUP))
     for name, dtype, precision, kv_cache, group in runs:
-        model = MusicgenForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()
+        model = MusicGen.load(folder, dtype)
         auto_kv = "auto" if kernels.unavailable_reason() is None else "float32"
         try:
             decoder = Decoder(
@@ -220,8 +217,8 @@ def main() -> int:
         n = args.positions
         frames = torch.randint(0, 2048, (k, n + 3), generator=torch.Generator().manual_seed(0))
         ids = delayed_layout(frames, codebook_delays(k, model.decoder.config.audio_channels), n)
-        logits = teacher_forced_logits(model, processor, decoder, ids)
-        tokens, step_s = greedy_tokens(model, processor, decoder, args.steps)
+        logits = teacher_forced_logits(model, decoder, ids)
+        tokens, step_s = greedy_tokens(model, decoder, args.steps)
         results[name] = (logits, tokens, step_s)
 
     ref_logits, ref_tokens, ref_step = results["float32"]

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    # MusicModel pulls in torch and transformers; import it when first asked for, so that
+    # MusicModel pulls in torch; import it when first asked for, so that
     # `from engine import LoadOptions` stays cheap (config parsing, CLI --help).
     if name in ("MusicModel", "AudioStream", "read_together"):
         from engine import model

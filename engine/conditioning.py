@@ -1,6 +1,6 @@
 """Text conditioning: prompt text -> T5 states -> the decoder's cross-attention inputs.
 
-Matches `MusicgenForConditionalGeneration`: the T5 output is projected by `enc_to_dec_proj`
+Matches `MusicgenForConditionalGeneration` (`engine.musicgen` holds the same modules): the T5 output is projected by `enc_to_dec_proj`
 (when the widths differ) and multiplied by the attention mask. The null row of classifier-free
 guidance is all zeros, so its cross-attention keys and values are zero and it adds nothing; an
 empty prompt is the null condition itself (unconditional generation).
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from transformers import MusicgenForConditionalGeneration, MusicgenProcessor
+    from engine.musicgen import MusicGen
 
 
 @dataclass
@@ -25,12 +25,7 @@ class TextCondition:
     mask: torch.Tensor  # [S] bool, True where a text token is
 
 
-def encode_prompt(
-    model: MusicgenForConditionalGeneration,
-    processor: MusicgenProcessor,
-    text: str,
-    bfloat16: bool = False,
-) -> TextCondition:
+def encode_prompt(model: MusicGen, text: str, bfloat16: bool = False) -> TextCondition:
     """Encode one prompt with the model's T5 encoder. "" gives the null condition. `bfloat16`:
     its products in bfloat16 (autocast; x2.2 for musicgen-small's T5 on a CPU with native
     bfloat16 maths, the states 0.6% off float32's), the states returned in the decoder's dtype."""
@@ -41,12 +36,12 @@ def encode_prompt(
             torch.zeros(1, hidden, device=device, dtype=dtype),
             torch.zeros(1, dtype=torch.bool, device=device),
         )
-    inputs = processor(text=[text], return_tensors="pt", padding=True)
-    ids = inputs["input_ids"].to(device)
-    mask = inputs["attention_mask"].to(device)
+    assert model.tokenizer is not None, "a MusicGen loaded from a checkpoint has its tokenizer"
+    ids = torch.tensor([model.tokenizer.ids(text)], device=device)
+    mask = torch.ones_like(ids)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bfloat16):
-        states = model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        if getattr(model, "enc_to_dec_proj", None) is not None:
+        states = model.text_encoder(ids, mask)
+        if model.enc_to_dec_proj is not None:  # the text's width differs from the decoder's
             states = model.enc_to_dec_proj(states)
     states = states.to(dtype) * mask[..., None]
     return TextCondition(states[0], mask[0].bool())

@@ -1,7 +1,8 @@
 """The MusicGen decoder as plain tensor code: `prefill` and `decode_one_step` over a KV cache.
 
-It reads the weights of a loaded `transformers` MusicGen decoder (nothing is copied but the
-fused self-attention projection) and runs the same maths as `MusicgenDecoder.forward`:
+It reads the weights of a loaded MusicGen decoder (`engine.musicgen`, or transformers' own;
+nothing is copied but the fused self-attention projection) and runs the same maths as
+transformers' `MusicgenDecoder.forward`:
 
     x = sum_k embed_k(ids_k) + sinusoid(position)
     per layer:  x += self_attn(LN(x));  x += cross_attn(LN(x), text);  x += fc2(gelu(fc1(LN(x))))
@@ -28,7 +29,6 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
-from transformers.activations import GELUActivation
 
 from engine.kv_cache import Q4_HEAD, KVCache
 from engine.linear import (
@@ -46,6 +46,8 @@ from engine.settings import Resolved, for_decoder
 if TYPE_CHECKING:
     from transformers import MusicgenForCausalLM
     from transformers.models.musicgen.modeling_musicgen import MusicgenDecoderLayer
+
+    from engine.musicgen import DecoderLayer, MusicgenDecoder
 
 
 @dataclass
@@ -245,7 +247,9 @@ def _exact_gelu(fn: torch.nn.Module) -> bool:
     """Whether an activation module is the exact (erf) GELU, the one our fused step computes."""
     if isinstance(fn, torch.nn.GELU):
         return fn.approximate == "none"
-    return isinstance(fn, GELUActivation) and fn.act is F.gelu
+    # transformers' GELUActivation (its "gelu"), named rather than imported: importing
+    # transformers costs seconds a radio's start does not need (`engine.checkpoint`)
+    return type(fn).__name__ == "GELUActivation" and getattr(fn, "act", None) is F.gelu
 
 
 FUSED_PROJECTIONS = (Int8KernelLinear, Int4KernelLinear)  # the kinds our fused step takes
@@ -289,14 +293,15 @@ def _ln(module: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
 class Decoder:
     def __init__(
         self,
-        causal_lm: MusicgenForCausalLM,
+        causal_lm: MusicgenDecoder | MusicgenForCausalLM,
         precision: str = "dense",
         kv_cache: str = "auto",
         int4_group: int = INT4_GROUP,
         *,
         settings: Resolved | None = None,
     ) -> None:
-        """`causal_lm`: a transformers `MusicgenForCausalLM` (model.decoder of the full model);
+        """`causal_lm`: a MusicGen decoder's modules (`engine.musicgen.MusicgenDecoder`, or
+        transformers' `MusicgenForCausalLM`: model.decoder of the full model);
         `settings`: a loaded model's resolved settings (`engine.settings.resolve`: how the
         projections run, the KV cache, our CPU kernels). Without them the decoder resolves its
         own with the same function, from its weights' device and dtype and:
@@ -495,7 +500,7 @@ class Decoder:
 
     @staticmethod
     def _layer(
-        layer: MusicgenDecoderLayer,
+        layer: DecoderLayer | MusicgenDecoderLayer,
         precision: str,
         modules: KernelModules,
         int4_group: int,

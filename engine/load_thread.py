@@ -35,7 +35,7 @@ class Loading:
         self._thread.start()
 
     def _run(self, options: LoadOptions | None) -> None:
-        try:  # engine.model imports transformers: here, in the loading thread
+        try:  # engine.model imports torch: here, in the loading thread
             from engine.model import MusicModel
 
             self._result.append(MusicModel.load(options))

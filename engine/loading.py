@@ -1,9 +1,11 @@
-"""Loading a MusicGen checkpoint: weights and processor with the settings `engine.settings`
+"""Loading a MusicGen checkpoint: weights and tokenizer with the settings `engine.settings`
 resolves for them, and clear errors.
 
-Any checkpoint that `transformers` loads with `MusicgenForConditionalGeneration` works: a hub id
-(`facebook/musicgen-small`, medium, large, the `-stereo-` variants) or a local folder (for
-example one written by `radio tiny-model`). Downloads show the hub's progress bars. When the
+Any checkpoint that transformers' `MusicgenForConditionalGeneration.from_pretrained` loads
+works: a hub id (`facebook/musicgen-small`, medium, large, the `-stereo-` variants), fetched into
+the Hugging Face cache with progress bars, or a local folder (for example one written by `radio
+tiny-model`). The files are read by `engine.checkpoint` and built into modules by
+`engine.musicgen`, without importing transformers (~3 s of a start on a 2-core CPU). When the
 weights cannot be had (offline, no cache), `ModelLoadError` says which model and the ways out.
 """
 
@@ -16,17 +18,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from engine.checkpoint import CheckpointError, Config, fetch, read_config
 from engine.options import LoadOptions
 from engine.settings import Machine, Resolved, resolve
 
 if TYPE_CHECKING:
-    from transformers import (
-        MusicgenForConditionalGeneration,
-        MusicgenProcessor,
-        PretrainedConfig,
-    )
-
-
+    from engine.musicgen import MusicGen
 log = logging.getLogger(__name__)
 
 
@@ -44,8 +41,7 @@ class SettingError(ModelLoadError):
 
 @dataclass
 class LoadedModel:
-    model: MusicgenForConditionalGeneration  # eval mode
-    processor: MusicgenProcessor  # tokenizer + feature extractor
+    model: MusicGen  # eval mode, with its tokenizer
     name: str
     settings: Resolved  # the concrete device, dtype, weights, cache and step (`engine.settings`)
 
@@ -58,7 +54,7 @@ class LoadedModel:
         return getattr(torch, self.settings.dtype)
 
 
-def _refuse_unsupported(name: str, config: PretrainedConfig | None) -> None:
+def _refuse_unsupported(name: str, config: Config | None) -> None:
     archs = (getattr(config, "architectures", None) or []) + [getattr(config, "model_type", "")]
     if "melody" in name.lower() or any("melody" in a.lower() for a in archs):
         raise ModelLoadError(
@@ -81,20 +77,20 @@ def _offline_message(name: str, err: Exception) -> str:
 
 
 def load_model(options: LoadOptions, machine: Machine | None = None) -> LoadedModel:
-    """Load weights and processor with the settings `engine.settings.resolve` chooses for them
+    """Load weights and tokenizer with the settings `engine.settings.resolve` chooses for them
     on `machine` (default: this one, `Machine.probe`), logged in one line."""
-    from transformers import AutoConfig, AutoProcessor, MusicgenForConditionalGeneration
-
     options.validate()
     name = options.model
     local = Path(name).expanduser()
     if name.startswith((".", "/", "~")) and not local.exists():
         raise ModelLoadError(f"model folder {name!r} does not exist")
-    source = str(local) if local.exists() else name
-    if "melody" in name.lower():
-        _refuse_unsupported(name, None)
+    _refuse_unsupported(name, None)
     try:
-        config = AutoConfig.from_pretrained(source)
+        folder = fetch(name)
+    except (OSError, ValueError) as err:  # offline without a cache, no such repository
+        raise ModelLoadError(_offline_message(name, err)) from None
+    try:
+        config = read_config(folder)
         _refuse_unsupported(name, config)
         decoder = config.decoder
         head_dim = decoder.hidden_size // decoder.num_attention_heads
@@ -104,26 +100,19 @@ def load_model(options: LoadOptions, machine: Machine | None = None) -> LoadedMo
             raise SettingError(str(err)) from None
         log.info("loading MusicGen %s; engine: %s", name, settings.describe())
         log.debug("engine settings, and why:\n%s", settings.explain())
-        model = MusicgenForConditionalGeneration.from_pretrained(
-            source, dtype=getattr(torch, settings.dtype)
-        )
-        processor = AutoProcessor.from_pretrained(source)
+        from engine.musicgen import MusicGen
+
+        model = MusicGen.load(folder, getattr(torch, settings.dtype), settings.device, config)
     except ModelLoadError:
         raise
-    except (OSError, ValueError) as err:
-        # transformers raises OSError (offline, missing files) or ValueError (wrong model type).
-        if isinstance(err, ValueError) and "musicgen" not in str(err).lower():
-            raise ModelLoadError(f"{name!r} is not a MusicGen checkpoint: {err}") from None
-        raise ModelLoadError(_offline_message(name, err)) from None
-    model = model.to(settings.device).eval()
-    # The codec stays in float32: it is cheap, and bf16 audio decoding costs quality for nothing.
-    model.audio_encoder.to(torch.float32)
+    except CheckpointError as err:
+        raise ModelLoadError(f"{name!r}: {err}") from None
     log.info(
         "loaded %s: %d codebooks, %s, decoder %d layers x %d",
         name,
-        model.decoder.config.num_codebooks,
-        "stereo" if model.decoder.config.audio_channels == 2 else "mono",
-        model.decoder.config.num_hidden_layers,
-        model.decoder.config.hidden_size,
+        decoder.num_codebooks,
+        "stereo" if decoder.audio_channels == 2 else "mono",
+        decoder.num_hidden_layers,
+        decoder.hidden_size,
     )
-    return LoadedModel(model, processor, name, settings)
+    return LoadedModel(model, name, settings)

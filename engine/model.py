@@ -48,14 +48,13 @@ REWIND_FRAMES = 500  # how far back (10 s) a prompt change may rewind already ge
 class MusicModel:
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
-        self.hf = loaded.model.requires_grad_(False)
-        prepare_codec(self.hf.audio_encoder)  # weight norm frozen, LSTM weights float16
-        self.processor = loaded.processor
+        self.musicgen = loaded.model  # the checkpoint's modules (`engine.musicgen`)
+        prepare_codec(self.musicgen.audio_encoder)  # LSTM weights float16
         try:
-            self.decoder = Decoder(self.hf.decoder, settings=loaded.settings)
+            self.decoder = Decoder(self.musicgen.decoder, settings=loaded.settings)
         except ValueError as err:  # a setting this model cannot run
             raise ModelLoadError(str(err)) from None
-        config = self.hf.config
+        config = self.musicgen.config
         self.sample_rate: int = config.audio_encoder.sampling_rate
         self.channels: int = config.decoder.audio_channels
         self.num_codebooks: int = config.decoder.num_codebooks
@@ -81,7 +80,7 @@ class MusicModel:
 
     @torch.inference_mode()
     def encode_prompt(self, text: str) -> TextCondition:
-        return encode_prompt(self.hf, self.processor, text, self.decoder.text_bfloat16)
+        return encode_prompt(self.musicgen, text, self.decoder.text_bfloat16)
 
     @torch.inference_mode()
     def use_coarse(self, on: bool) -> None:
@@ -198,7 +197,7 @@ class MusicModel:
         return read_together(streams, frames, interrupt)
 
     def new_codec(self) -> StreamingDecoder:
-        return StreamingDecoder(self.hf.audio_encoder, audio_channels=self.channels)
+        return StreamingDecoder(self.musicgen.audio_encoder, audio_channels=self.channels)
 
     def encode_clip(
         self, data: bytes, limits: ClipLimits | None = None, *, single_thread: bool = False
@@ -213,7 +212,7 @@ class MusicModel:
         with one_thread() if single_thread else contextlib.nullcontext():
             return encode_clip(
                 data,
-                self.hf.audio_encoder,
+                self.musicgen.audio_encoder,
                 sample_rate=self.sample_rate,
                 channels=self.channels,
                 limits=limits,

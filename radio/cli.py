@@ -65,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries() -> None:
-    # transformers warns that MusicGen's pad id (2048) lies outside the codebook vocabulary:
-    # true of every published checkpoint, and harmless. Keep the logs about the radio.
+    # transformers (`radio tiny-model`) warns that MusicGen's pad id (2048) lies outside the
+    # codebook vocabulary: true of every published checkpoint, and harmless. Keep the logs
+    # about the radio.
     import os
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -79,8 +79,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:  # never returns once serving
     except OSError as e:  # the port is taken, the address is not ours, ...
         raise CliError(f"cannot listen on {s.host}:{s.port}: {e.strerror or e}") from None
     log.info("stopped")
-    # Everything is closed and joined; skip the interpreter's slow teardown of torch and
-    # transformers (1-2 s) so that Ctrl-C, a service manager or a container stop is quick.
+    # Everything is closed and joined; skip the interpreter's slow teardown of torch
+    # (a second or so) so that Ctrl-C, a service manager or a container stop is quick.
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

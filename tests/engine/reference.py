@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -55,10 +57,11 @@ def reference_rows(model, texts: list[str], frames: torch.Tensor) -> torch.Tenso
     """Teacher-forced logits [len(texts) + 1, T, K, V] of `MusicgenForConditionalGeneration`'s
     own forward over the delayed layout of `frames` [K, N] (T = N + 1 positions from BOS; mono):
     one row per text, then the null row (zero text states and a zero attention mask, as its
-    guidance makes it). `model`: an `engine.MusicModel` (its `hf` model and processor)."""
+    guidance makes it). `model`: an `engine.MusicModel` (transformers' model and processor are
+    loaded from its folder, in float32)."""
     from engine.delay import codebook_delays, delayed_layout
 
-    hf, processor = model.hf, model.processor
+    hf, processor = transformers_model(model.name)
     delays = codebook_delays(model.num_codebooks, model.channels)
     ids = delayed_layout(frames, delays, frames.shape[1] + 1)
     assert bool((ids >= 0).all())
@@ -74,3 +77,13 @@ def reference_rows(model, texts: list[str], frames: torch.Tensor) -> torch.Tenso
         decoder_input_ids=ids,
     ).logits
     return torch.stack([*rows, null]).transpose(1, 2)  # [R, T, K, V]
+
+
+@functools.cache
+def transformers_model(folder: str):
+    """(transformers' `MusicgenForConditionalGeneration`, its processor) of a model folder, in
+    float32: the reference, loaded once per folder."""
+    from transformers import AutoProcessor, MusicgenForConditionalGeneration
+
+    model = MusicgenForConditionalGeneration.from_pretrained(folder).eval()
+    return model, AutoProcessor.from_pretrained(folder)

@@ -7,6 +7,8 @@ guidance on and off, fresh starts and continuations from given tokens.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoProcessor, MusicgenForConditionalGeneration
@@ -14,6 +16,7 @@ from transformers import AutoProcessor, MusicgenForConditionalGeneration
 from engine.conditioning import encode_prompt
 from engine.decoder import Decoder
 from engine.delay import codebook_delays, delayed_layout
+from engine.musicgen import MusicGen
 from engine.options import SamplingOptions, WindowOptions
 from engine.token_stream import TokenStream
 from tests.engine.reference import reference_tokens
@@ -23,9 +26,9 @@ STEPS = 256
 
 
 def _load(path):
-    return MusicgenForConditionalGeneration.from_pretrained(
-        path
-    ).eval(), AutoProcessor.from_pretrained(path)
+    """(transformers' model, its processor, ours: `engine.musicgen`) of the same weights."""
+    hf = MusicgenForConditionalGeneration.from_pretrained(path).eval()
+    return hf, AutoProcessor.from_pretrained(path), MusicGen.load(Path(path))
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +52,13 @@ def _comparable_frames(steps: int, model) -> int:
     return steps + 2 - channel_codebooks - max_delay
 
 
-def _stream(model, processor, prompt, guidance, window=None, prompt_frames=None):
+def _stream(ours, prompt, guidance, window=None, prompt_frames=None):
     return TokenStream(
-        Decoder(model.decoder),
-        encode_prompt(model, processor, prompt),
+        Decoder(ours.decoder),
+        encode_prompt(ours, prompt),
         SamplingOptions(guidance_scale=guidance, greedy=True),
         window or WindowOptions(window=1900, context=500),
-        audio_channels=model.decoder.config.audio_channels,
+        audio_channels=ours.decoder.config.audio_channels,
         prompt_frames=prompt_frames,
     )
 
@@ -72,21 +75,21 @@ def _assert_streams_agree(ours: torch.Tensor, ref: torch.Tensor) -> None:
 @pytest.mark.parametrize("guidance", [3.0, 1.0])
 @torch.inference_mode()
 def test_greedy_tokens_equal_reference_generate(which, guidance, request):
-    model, processor = request.getfixturevalue(which)
+    model, processor, ours = request.getfixturevalue(which)
     ref = reference_tokens(model, processor, PROMPT, STEPS, guidance)
     frames = _comparable_frames(STEPS, model)
     assert frames >= 250
-    stream = _stream(model, processor, PROMPT, guidance)
+    stream = _stream(ours, PROMPT, guidance)
     stream.generate_until(frames)
     _assert_streams_agree(stream.history()[0][:, :frames], ref[:, :frames])
 
 
 @torch.inference_mode()
 def test_unconditional_equals_reference(mono):
-    model, processor = mono
+    model, processor, ours = mono
     ref = reference_tokens(model, processor, "", 120, 1.0)
     frames = _comparable_frames(120, model)
-    stream = _stream(model, processor, "", 3.0)  # guidance on an empty prompt changes nothing
+    stream = _stream(ours, "", 3.0)  # guidance on an empty prompt changes nothing
     stream.generate_until(frames)
     _assert_streams_agree(stream.history()[0][:, :frames], ref[:, :frames])
 
@@ -94,13 +97,13 @@ def test_unconditional_equals_reference(mono):
 @pytest.mark.parametrize("which", ["mono", "stereo"])
 @torch.inference_mode()
 def test_continuation_from_tokens_equals_reference(which, request):
-    model, processor = request.getfixturevalue(which)
+    model, processor, ours = request.getfixturevalue(which)
     torch.manual_seed(3)
     prompt_frames = torch.randint(0, 2048, (model.decoder.config.num_codebooks, 40))
     ref = reference_tokens(model, processor, PROMPT, 150, 3.0, prompt_frames=prompt_frames)
     assert torch.equal(ref[:, :40], prompt_frames)
     frames = 40 + _comparable_frames(150, model) - 1
-    stream = _stream(model, processor, PROMPT, 3.0, prompt_frames=prompt_frames)
+    stream = _stream(ours, PROMPT, 3.0, prompt_frames=prompt_frames)
     stream.generate_until(frames)
     _assert_streams_agree(stream.history()[0][:, :frames], ref[:, :frames])
 
@@ -109,9 +112,9 @@ def test_continuation_from_tokens_equals_reference(which, request):
 def test_window_restart_is_a_reference_continuation(mono):
     """After a window is full the stream re-prefills its last `context` frames: what follows
     equals the reference's continuation from exactly those frames."""
-    model, processor = mono
+    model, processor, ours = mono
     window = WindowOptions(window=120, context=60)
-    stream = _stream(model, processor, PROMPT, 3.0, window=window)
+    stream = _stream(ours, PROMPT, 3.0, window=window)
     stream.generate_until(260)
     assert stream.prefills >= 3
     tokens = stream.history()[0]
@@ -131,7 +134,7 @@ def test_window_restart_is_a_reference_continuation(mono):
 def test_teacher_forced_logits_match_full_forward(mono, guided_row):
     """Incremental steps over the KV cache give the logits of one full forward pass, for the
     conditional row and for the null (zero text) row of classifier-free guidance."""
-    model, processor = mono
+    model, processor, ours = mono
     torch.manual_seed(0)
     frames = torch.randint(0, 2048, (4, 60))
     delays = codebook_delays(4, 1)
@@ -148,10 +151,10 @@ def test_teacher_forced_logits_match_full_forward(mono, guided_row):
         )
     full = model(**forward_kwargs, decoder_input_ids=ids).logits  # [K, T, V]
 
-    decoder = Decoder(model.decoder)
+    decoder = Decoder(ours.decoder)
     from engine.conditioning import batch_conditions
 
-    states, mask = batch_conditions([encode_prompt(model, processor, PROMPT)], guidance=True)
+    states, mask = batch_conditions([encode_prompt(ours, PROMPT)], guidance=True)
     cross = decoder.cross_kv(states, mask)
     cache = decoder.new_cache(2, 80)
     steps = [decoder.prefill(ids[None, :, :1].expand(2, -1, -1), cache, cross)]

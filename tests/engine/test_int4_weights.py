@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoProcessor, MusicgenForConditionalGeneration
 
 from bench.precision import teacher_forced_logits
 from engine import LoadOptions, ModelLoadError, MusicModel, SamplingOptions
@@ -25,6 +25,7 @@ from engine.linear import (
     pack_int4,
     quantize_int4,
 )
+from engine.musicgen import MusicGen
 from tests.engine.steps import (
     assert_steps_agree,
     decode_steps,
@@ -163,11 +164,10 @@ def test_int4_decoder_stays_close_to_float32(k4, tiny_head64_dir):
     """Teacher-forced logits of the int4 decoder (and int4 fc1/fc2 with int8 for the rest) on
     the tiny model with heads of 64, against float32: int4 weights stray further than int8
     (bench/precision.py has the real shapes' figures), within these bounds."""
-    processor = AutoProcessor.from_pretrained(tiny_head64_dir)
-    model = MusicgenForConditionalGeneration.from_pretrained(tiny_head64_dir).eval()
+    model = MusicGen.load(Path(tiny_head64_dir))
     frames = torch.randint(0, 2048, (4, 40), generator=torch.Generator().manual_seed(0))
     ids = delayed_layout(frames, codebook_delays(4, 1), 37)
-    ref = teacher_forced_logits(model, processor, Decoder(model.decoder), ids)
+    ref = teacher_forced_logits(model, Decoder(model.decoder), ids)
     for mode, bound in (("int4", 0.12), ("int4-ffn", 0.1)):
         decoder = Decoder(model.decoder, mode, "float32")
         assert isinstance(decoder.layers[0].fc1, Int4KernelLinear)
@@ -176,7 +176,7 @@ def test_int4_decoder_stays_close_to_float32(k4, tiny_head64_dir):
         if mode == "int4-ffn":  # the rest int8: our op-by-op kernel where it builds
             assert isinstance(decoder.layers[0].qkv, (Int8KernelLinear, Int8DynamicLinear))
         assert decoder._fused is None, "a float32 cache runs op by op (the fused step's are int8/4)"
-        got = teacher_forced_logits(model, processor, decoder, ids)
+        got = teacher_forced_logits(model, decoder, ids)
         mean = (got - ref).abs().mean() / ref.std()
         assert mean < bound, f"{mode}: mean |dlogit| {mean:.2%} of the logit std"
         assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.8
@@ -198,7 +198,7 @@ def test_int4_without_its_kernel_is_a_clear_error(tiny_head64_dir, monkeypatch):
     monkeypatch.setenv("ENDLESS_RADIO_KERNELS", "0")
     with pytest.raises(ModelLoadError, match="int4 CPU kernel .* ENDLESS_RADIO_KERNELS=0"):
         MusicModel.load(LoadOptions(model=tiny_head64_dir, device="cpu", quantize="int4-ffn"))
-    model = MusicgenForConditionalGeneration.from_pretrained(tiny_head64_dir).eval()
+    model = MusicGen.load(Path(tiny_head64_dir))
     with pytest.raises(ValueError, match="int4 CPU kernel"):
         Decoder(model.decoder, "int4", "float32")
 
@@ -278,7 +278,7 @@ def test_fused_int4_stream_equals_op_by_op_greedy(int4_fused_model):
 def test_fused_step_checks_int4_projections(k, k4, tiny_head64_dir):
     """An int4 projection comes with its output features; a wrong count, int8 bytes called int4,
     or a projection of another shape are refused naming the layer and the weight."""
-    model = MusicgenForConditionalGeneration.from_pretrained(tiny_head64_dir).eval()
+    model = MusicGen.load(Path(tiny_head64_dir))
     decoder = Decoder(model.decoder, "int4-ffn", "int8")
     assert decoder._fused is not None
 

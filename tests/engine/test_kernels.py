@@ -151,7 +151,7 @@ def test_decoder_on_our_kernels_matches_pytorch_kernels(
     ours = model.decoder
     assert ours.kv_cache == kv and ours._kernels is not None
     monkeypatch.setitem(kernels._state, "module", None)
-    plain = Decoder(model.hf.decoder, ours.precision)
+    plain = Decoder(model.musicgen.decoder, ours.precision)
     assert plain.kv_cache == "float32" and plain._kernels is None
     with torch.inference_mode():
         got = _teacher_forced_logits(ours, model, 120)

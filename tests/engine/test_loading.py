@@ -42,7 +42,8 @@ def test_local_folder_loads_with_the_chosen_dtype(tiny_model_dir):
     model = MusicModel.load(LoadOptions(model=tiny_model_dir, device="cpu", dtype="bfloat16"))
     assert model.dtype == torch.bfloat16
     assert model.decoder.dtype == torch.bfloat16
-    assert model.hf.audio_encoder.dtype == torch.float32  # the codec stays in float32
+    codec = model.musicgen.audio_encoder
+    assert {p.dtype for p in codec.parameters()} == {torch.float32}  # the codec stays float32
     assert (model.sample_rate, model.channels, model.frame_rate, model.hop) == (32000, 1, 50, 640)
     pcm = model.open_stream("jazz").read(10)
     assert pcm.shape == (1, 6400) and pcm.dtype.name == "float32"

@@ -2,27 +2,28 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
-from transformers import AutoProcessor, MusicgenForConditionalGeneration
 
 from bench.precision import teacher_forced_logits
 from engine import LoadOptions, MusicModel
 from engine.decoder import Decoder
 from engine.delay import codebook_delays, delayed_layout
+from engine.musicgen import MusicGen
 
 
 @pytest.mark.parametrize(
     ("dtype", "precision"), [(torch.float32, "int8"), (torch.bfloat16, "dense")]
 )
 def test_modes_stay_close_to_float32(tiny_model_dir, dtype, precision):
-    processor = AutoProcessor.from_pretrained(tiny_model_dir)
-    ref_model = MusicgenForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
-    model = MusicgenForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=dtype).eval()
+    ref_model = MusicGen.load(Path(tiny_model_dir))
+    model = MusicGen.load(Path(tiny_model_dir), dtype)
     frames = torch.randint(0, 2048, (4, 64), generator=torch.Generator().manual_seed(0))
     ids = delayed_layout(frames, codebook_delays(4, 1), 61)
-    ref = teacher_forced_logits(ref_model, processor, Decoder(ref_model.decoder), ids)
-    got = teacher_forced_logits(model, processor, Decoder(model.decoder, precision), ids)
+    ref = teacher_forced_logits(ref_model, Decoder(ref_model.decoder), ids)
+    got = teacher_forced_logits(model, Decoder(model.decoder, precision), ids)
     diff = (got - ref).abs()
     assert diff.max() < 0.1 * ref.std(), (
         f"max abs diff {diff.max():.4f} vs logit std {ref.std():.4f}"

@@ -1,0 +1,152 @@
+"""Our own checkpoint reading (`engine.checkpoint`, `engine.musicgen`, `engine.t5`,
+`engine.encodec`) against transformers' `from_pretrained` of the same folder: the same token
+ids, text states, codec codes and audio, and decoder weights; older weight-norm names; clear
+errors for folders that are not a MusicGen; and no transformers import on the way."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.checkpoint import CheckpointError, read_config, read_weights
+from engine.musicgen import MusicGen, sinusoids
+from tests.engine.reference import transformers_model
+
+PROMPTS = ["slow rainy-day jazz", "Fast DRUMS & bass, 120 bpm!", "é ü 漢字", "a"]
+
+
+@pytest.fixture(scope="module", params=["mono", "stereo"])
+def both(request, tiny_model_dir, tiny_stereo_dir):
+    folder = tiny_model_dir if request.param == "mono" else tiny_stereo_dir
+    hf, processor = transformers_model(folder)
+    return hf, processor, MusicGen.load(Path(folder))
+
+
+@torch.inference_mode()
+def test_tokens_and_text_states_equal_transformers(both):
+    hf, processor, ours = both
+    assert ours.tokenizer is not None
+    for text in PROMPTS:
+        inputs = processor(text=[text], return_tensors="pt", padding=True)
+        assert ours.tokenizer.ids(text) == inputs["input_ids"][0].tolist(), text
+        want = hf.text_encoder(**inputs).last_hidden_state
+        got = ours.text_encoder(inputs["input_ids"], inputs["attention_mask"])
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    # a padded batch: the mask keeps the padding out of the shorter row
+    inputs = processor(text=["jazz", "slow rainy day piano"], return_tensors="pt", padding=True)
+    assert not bool(inputs["attention_mask"].all())
+    want = hf.text_encoder(**inputs).last_hidden_state
+    got = ours.text_encoder(inputs["input_ids"], inputs["attention_mask"])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours.enc_to_dec_proj.weight, hf.enc_to_dec_proj.weight)
+
+
+@torch.inference_mode()
+def test_codec_codes_and_audio_equal_transformers(both):
+    hf, _, ours = both
+    audio = torch.randn(1, 1, 32000, generator=torch.Generator().manual_seed(0)) * 0.3
+    want = hf.audio_encoder.encode(audio).audio_codes
+    got = ours.audio_encoder.encode(audio).audio_codes
+    assert got.shape == want.shape == (1, 1, 4, 50)
+    assert torch.equal(got, want)
+    want_audio = hf.audio_encoder.decode(want, [None]).audio_values
+    got_audio = ours.audio_encoder.decode(want).audio_values
+    assert got_audio.shape == want_audio.shape == (1, 1, 32000)
+    torch.testing.assert_close(got_audio, want_audio, rtol=0, atol=1e-6)
+
+
+def test_decoder_weights_and_positions_equal_transformers(both):
+    hf, _, ours = both
+    want, got = hf.decoder.state_dict(), ours.decoder.state_dict()
+    assert set(got) == set(want) - {"model.decoder.embed_positions.weights"}
+    for name, tensor in got.items():
+        assert torch.equal(tensor, want[name]), name
+    positions = hf.decoder.model.decoder.embed_positions.weights
+    assert torch.equal(ours.decoder.model.decoder.embed_positions.weights, positions)
+    assert torch.equal(sinusoids(*positions.shape), positions)
+
+
+def test_dtype_applies_to_text_and_decoder_not_the_codec(tiny_model_dir):
+    model = MusicGen.load(Path(tiny_model_dir), torch.bfloat16)
+    assert model.decoder.dtype == torch.bfloat16
+    assert model.text_encoder.shared.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in model.audio_encoder.parameters()} == {torch.float32}
+    assert all(not p.requires_grad for p in model.parameters())
+
+
+def test_older_weight_norm_names_fold_to_the_same_weights(tiny_model_dir, tmp_path):
+    """transformers before 4.4x saved EnCodec's weight norm as weight_g / weight_v."""
+    folder = tmp_path / "old"
+    shutil.copytree(tiny_model_dir, folder)
+    state = load_file(folder / "model.safetensors")
+    renamed = {}
+    for key, tensor in state.items():
+        key = key.replace(".parametrizations.weight.original0", ".weight_g")
+        renamed[key.replace(".parametrizations.weight.original1", ".weight_v")] = tensor
+    assert any(k.endswith(".weight_g") for k in renamed)
+    save_file(renamed, folder / "model.safetensors")
+    new, old = read_weights(Path(tiny_model_dir)), read_weights(folder)
+    assert new.keys() == old.keys()
+    assert all(torch.equal(new[k], old[k]) for k in new)
+
+
+def test_a_folder_that_is_not_musicgen_is_named(tiny_model_dir, tmp_path):
+    folder = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"model_type": "bert"}))
+    with pytest.raises(CheckpointError, match="model_type is 'bert'"):
+        read_config(folder)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="has no weights"):
+        MusicGen.load(folder)
+    state = load_file(Path(tiny_model_dir) / "model.safetensors")
+    save_file(
+        {k: v for k, v in state.items() if "lm_heads.3" not in k}, folder / "model.safetensors"
+    )
+    with pytest.raises(CheckpointError, match=r"lack decoder\.lm_heads\.3\.weight"):
+        MusicGen.load(folder)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="no tokenizer.json"):
+        MusicGen.load(folder)
+
+
+def test_the_engine_loads_without_importing_transformers(tiny_model_dir):
+    """What a radio's start does not spend: transformers' import (~3 s on a 2-core CPU)."""
+    code = (
+        "import sys; from engine import LoadOptions, MusicModel; "
+        f"m = MusicModel.load(LoadOptions(model={tiny_model_dir!r}, device='cpu')); "
+        "m.open_stream('jazz').read(5); "
+        "print(sorted(n for n in sys.modules if n.split('.')[0] == 'transformers'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_hub_id_loads_from_the_hugging_face_cache_offline(tiny_model_dir, tmp_path):
+    """A hub id whose files are in the cache (as transformers or an earlier run left them) loads
+    with HF_HUB_OFFLINE=1: the cache layout is huggingface_hub's, shared with transformers."""
+    repo = tmp_path / "hf" / "hub" / "models--someone--musicgen-tiny"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    code = (
+        "from engine import LoadOptions, MusicModel; "
+        "m = MusicModel.load(LoadOptions(model='someone/musicgen-tiny', device='cpu')); "
+        "print(m.name, m.open_stream('jazz').read(5).shape)"
+    )
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "someone/musicgen-tiny (1, 3200)"
