@@ -10,16 +10,15 @@ after it are what a restart costs with the weights and kernels cached (the figur
 Also prints the start-up lines the radio logged and, from their times, where the seconds went
 (median over the cached runs):
 
-    imports   the command to the load's first line: Python, torch, transformers' MusicGen code
-    weights   reading the checkpoint (`from_pretrained`)
+    imports   the command to the load's first line: Python, torch, the web stack
+    weights   reading the checkpoint into modules (`engine.musicgen`: no transformers import)
     engine    packing the int8 weights, the codec's and the decoder's set-up
     listen    the web stack and the stations' set-up, to the port listening
     music     the first notes: prompt, prefill, generating until the station is on air
     deliver   on air to the listener's first MP3 byte
 
 `--python` runs the radio with another interpreter (for example a venv made by the README's first
-command, without the test extras: scipy, a test dependency, makes transformers import
-`scipy.optimize` as well, ~0.5 s a listener's install does not spend).
+command, without the test extras).
 """
 
 from __future__ import annotations
@@ -145,10 +144,7 @@ def main() -> int:
     if args.runs < 1:
         raise SystemExit(f"--runs: at least 1, got {args.runs}")
     path = model_dir(args.size)
-    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('scipy') is None)"
-    has_scipy = subprocess.run([args.python, "-c", probe], check=False).returncode == 0
-    scipy = "scipy installed: transformers imports scipy.optimize too" if has_scipy else "no scipy"
-    say(f"radio's Python: {args.python} ({scipy})")
+    say(f"radio's Python: {args.python}")
     runs = []
     for i in range(args.runs):
         say(f"run {i + 1}: radio serve --model {path} ...")

@@ -24,7 +24,7 @@ from torch import nn
 
 from engine.checkpoint import CONFIG, TOKENIZER, CheckpointError, Config, read_config, read_weights
 from engine.encodec import Encodec
-from engine.t5 import T5Encoder, Tokenizer
+from engine.t5 import T5Encoder, Tokenizer, embedding
 
 
 def sinusoids(positions: int, width: int) -> torch.Tensor:
@@ -69,7 +69,9 @@ class DecoderLayer(nn.Module):
 class Positions(nn.Module):
     def __init__(self, config: SimpleNamespace) -> None:
         super().__init__()
-        table = sinusoids(config.max_position_embeddings, config.hidden_size)
+        # filled by `MusicGen.load` (`sinusoids`), outside the meta device: maths there runs
+        # through PyTorch's reference ops, which import `torch._dynamo` (1.7 s of a start)
+        table = torch.empty(config.max_position_embeddings, config.hidden_size)
         self.register_buffer("weights", table, persistent=False)
 
 
@@ -80,7 +82,7 @@ class DecoderStack(nn.Module):
             raise CheckpointError("decoder: scale_embedding is not MusicGen's")
         width = config.hidden_size
         self.embed_tokens = nn.ModuleList(
-            [nn.Embedding(config.vocab_size + 1, width) for _ in range(config.num_codebooks)]
+            [embedding(config.vocab_size + 1, width) for _ in range(config.num_codebooks)]
         )
         self.embed_positions = Positions(config)
         self.layers = nn.ModuleList([DecoderLayer(config) for _ in range(config.num_hidden_layers)])
