@@ -119,13 +119,15 @@ def test_a_folder_that_is_not_musicgen_is_named(tiny_model_dir, tmp_path):
         MusicGen.load(folder)
 
 
-def test_the_engine_loads_without_importing_transformers(tiny_model_dir):
-    """What a radio's start does not spend: transformers' import (~3 s on a 2-core CPU)."""
+def test_the_engine_loads_without_importing_transformers_or_dynamo(tiny_model_dir):
+    """What a radio's start does not spend: transformers' import (~3 s on a 2-core CPU) and
+    `torch._dynamo`'s (~1.7 s; PyTorch imports it for maths on the meta device)."""
     code = (
         "import sys; from engine import LoadOptions, MusicModel; "
         f"m = MusicModel.load(LoadOptions(model={tiny_model_dir!r}, device='cpu')); "
         "m.open_stream('jazz').read(5); "
-        "print(sorted(n for n in sys.modules if n.split('.')[0] == 'transformers'))"
+        "print(sorted({n.split('.')[0] for n in sys.modules if n.startswith('transformers')} | "
+        "{'torch._dynamo' for n in sys.modules if n.startswith('torch._dynamo')}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
