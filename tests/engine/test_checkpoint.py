@@ -152,3 +152,27 @@ def test_a_hub_id_loads_from_the_hugging_face_cache_offline(tiny_model_dir, tmp_
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "someone/musicgen-tiny (1, 3200)"
+
+
+@pytest.mark.parametrize("form", ["shards", "pytorch_model.bin"])
+def test_sharded_and_pickled_weights_read_the_same(tiny_model_dir, tmp_path, form):
+    """The larger checkpoints come in safetensors shards with an index; older ones as a pickle."""
+    folder = tmp_path / form
+    shutil.copytree(tiny_model_dir, folder)
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    if form == "shards":
+        names = sorted(state)
+        halves = {"model-00001-of-00002.safetensors": names[::2]}
+        halves["model-00002-of-00002.safetensors"] = names[1::2]
+        for file, keys in halves.items():
+            save_file({k: state[k] for k in keys}, folder / file)
+        weight_map = {k: file for file, keys in halves.items() for k in keys}
+        index = {"metadata": {}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    else:
+        torch.save(state, folder / "pytorch_model.bin")
+    want, got = read_weights(Path(tiny_model_dir)), read_weights(folder)
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert MusicGen.load(folder).decoder.lm_heads[0].weight.shape == (2048, 64)
