@@ -47,7 +47,7 @@ from engine import MusicModel, SamplingOptions, WindowOptions, kernels  # noqa: 
 from engine.extensions import build, source_digest  # noqa: E402
 from engine.kernels import int4  # noqa: E402
 from engine.kv_cache import KVCache, quantize_vectors  # noqa: E402
-from engine.linear import INT4_GROUP, pack_int4, pack_int8  # noqa: E402
+from engine.linear import INT4_GROUP, KernelModules, pack_int4, pack_int8  # noqa: E402
 
 PARTS = ("int8", "int4", "attention-q8", "attention-q4", "stream-int8", "stream-int4")
 
@@ -159,15 +159,10 @@ def parts(
 
 def streams(mode: str, size: str, b: tuple) -> tuple[Callable[[], None], Callable[[], None]]:
     """Reads of 25 frames of two streams of one model in `mode`: A's loaded on the modules
-    `engine.kernels` gives, B's on B's (handed to the load in their place, then given back)."""
+    `engine.kernels` gives, B's on B's."""
     path = model_dir(size)
     model_a = MusicModel.load(load_options(path, mode))
-    held = (kernels._state.get("module"), int4._state.get("module"))
-    kernels._state["module"], int4._state["module"] = b
-    try:
-        model_b = MusicModel.load(load_options(path, mode))
-    finally:
-        kernels._state["module"], int4._state["module"] = held
+    model_b = MusicModel.load(load_options(path, mode), KernelModules(*b))
 
     def reader(model: MusicModel) -> Callable[[], None]:
         stream = model.open_stream(PROMPT, SamplingOptions(seed=0), WindowOptions())

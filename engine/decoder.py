@@ -299,6 +299,7 @@ class Decoder:
         int4_group: int = INT4_GROUP,
         *,
         settings: Resolved | None = None,
+        modules: KernelModules | None = None,
     ) -> None:
         """`causal_lm`: a MusicGen decoder's modules (`engine.musicgen.MusicgenDecoder`, or
         transformers' `MusicgenForCausalLM`: model.decoder of the full model);
@@ -308,7 +309,9 @@ class Decoder:
         `precision`: how the projections run (`engine.linear`: "dense", "int8", "int4", or
         "int4-ffn": int4 fc1/fc2 and int8 for the rest);
         `kv_cache`: its kind, "auto", "float32", "bfloat16", "int8" or "int4".
-        `int4_group`: inputs per scale of the int4 projections (`engine.linear.INT4_GROUPS`)."""
+        `int4_group`: inputs per scale of the int4 projections (`engine.linear.INT4_GROUPS`).
+        `modules`: our C++ modules to run on, in place of those `settings` chose
+        (`KernelModules.of`): another build of the same kernels (`bench/kernel_ab.py`)."""
         if precision not in DECODER_PRECISIONS:
             raise ValueError(f"precision must be one of {DECODER_PRECISIONS}, got {precision!r}")
         dec = causal_lm.model.decoder
@@ -343,7 +346,8 @@ class Decoder:
         self.attn_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         self.kv_cache = settings.kv_cache  # a KVCache kind: the one new caches take
         self.full_cache = self.kv_cache  # ... as set (`use_cheap_cache` swaps int8 for int4)
-        modules = KernelModules.of(settings)
+        modules = modules or KernelModules.of(settings)
+        self._modules = modules
         # our CPU kernels: the int8 and bfloat16 projections, and (over a cache they read) the
         # attention and sampling of a decode step
         self._kernels = modules.kernels if settings.kernel_attention else None
@@ -425,7 +429,7 @@ class Decoder:
             raise ValueError(reason)
         from engine.kernels import int4
 
-        modules = KernelModules(self._kernels, int4.get())
+        modules = KernelModules(self._kernels, self._modules.int4 or int4.get())
         layers, heads = self._source
         coarse: list[LayerWeights] = []
         for layer in layers:

@@ -34,6 +34,7 @@ from engine.conditioning import TextCondition, batch_conditions, encode_prompt
 from engine.decoder import Decoder
 from engine.delay import codebook_delays, delayed_layout
 from engine.lane import prefilled_since
+from engine.linear import KernelModules
 from engine.loading import LoadedModel, ModelLoadError, load_model
 from engine.options import LoadOptions, SamplingOptions, WindowOptions
 from engine.rows import Prompt
@@ -46,12 +47,14 @@ REWIND_FRAMES = 500  # how far back (10 s) a prompt change may rewind already ge
 
 
 class MusicModel:
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, modules: KernelModules | None = None) -> None:
+        """`modules`: our C++ modules to run on in place of those the settings chose (another
+        build of the same kernels: `bench/kernel_ab.py`); None: the settings'."""
         self.loaded = loaded
         self.musicgen = loaded.model  # the checkpoint's modules (`engine.musicgen`)
         prepare_codec(self.musicgen.audio_encoder)  # LSTM weights float16
         try:
-            self.decoder = Decoder(self.musicgen.decoder, settings=loaded.settings)
+            self.decoder = Decoder(self.musicgen.decoder, settings=loaded.settings, modules=modules)
         except ValueError as err:  # a setting this model cannot run
             raise ModelLoadError(str(err)) from None
         config = self.musicgen.config
@@ -67,8 +70,10 @@ class MusicModel:
         self._batches: weakref.WeakSet[DecodeBatch] = weakref.WeakSet()
 
     @classmethod
-    def load(cls, options: LoadOptions | None = None) -> MusicModel:
-        return cls(load_model(options or LoadOptions()))
+    def load(
+        cls, options: LoadOptions | None = None, modules: KernelModules | None = None
+    ) -> MusicModel:
+        return cls(load_model(options or LoadOptions()), modules)
 
     @property
     def device(self) -> torch.device:
