@@ -222,8 +222,9 @@ class Sink:
         self.times: list[float] = []  # loop time of each PCM
         self.changed = asyncio.Event()
 
-    # the chunk lengths a test's generator reads (`steady_frames` when it has one)
-    lengths: tuple[int, ...] = (CHUNK,)
+    # the chunk lengths a test's generator reads (`steady_frames` when it has one; half a chunk
+    # first after a prompt change: `Generator.change_frames`)
+    lengths: tuple[int, ...] = (CHUNK, CHUNK // 2)
 
     def on_pcm(self, station_id, start_frame, pcm, rtf) -> None:
         assert pcm.shape in [(1, n * HOP) for n in self.lengths], pcm.shape

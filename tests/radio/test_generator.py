@@ -82,24 +82,27 @@ async def test_a_prompt_change_lands_before_the_new_audio(run):
     frame = await gen.set_prompt("a", PromptChange(Blend.of("jazz"), "admin", 30, 0.0))
     assert frame == 30 and model.streams[0].prompt == "jazz"
     gen.played("a", 30)
-    await sink.until(lambda: len(sink.pcm("a")) >= 10)  # 30..79: up to 50 frames ahead
+    await sink.until(lambda: len(sink.pcm("a")) >= 10)  # 30..75: up to 50 frames ahead
     i = sink.calls.index(("prompt", "a", "jazz", 30))
-    assert sink.pcm("a")[5:] == [30, 40, 50, 60, 70]  # the stream went back to the cut ...
+    # the stream went back to the cut, its first read half a chunk (the new prompt heard
+    # sooner), then whole chunks ...
+    assert sink.pcm("a")[5:] == [30, 35, 45, 55, 65]
     assert sink.calls[i + 1] == ("pcm", "a", 30)  # ... and the cut came first
     # beyond what it made: from where it is; too far back for the engine: the same
-    assert await gen.set_prompt("a", PromptChange(Blend.of("rock"), "admin", 500, 0.0)) == 80
+    assert await gen.set_prompt("a", PromptChange(Blend.of("rock"), "admin", 500, 0.0)) == 75
     model.streams[0].floor = 35
-    assert await gen.set_prompt("a", PromptChange(Blend.of("pop"), "admin", 20, 0.0)) == 80
+    assert await gen.set_prompt("a", PromptChange(Blend.of("pop"), "admin", 20, 0.0)) == 75
 
 
 async def test_steady_chunks_are_longer_once_a_station_has_two_of_them_ahead(run):
     """Short chunks (10 frames) until the station has 2 x 25 frames ahead, 25-frame ones then;
     short ones again when little is ahead (the clock took most of it, a prompt change cut it),
-    so that the first audio after a change comes as soon as before. Each length's thread
+    so that the first audio after a change comes as soon as before (the first of them half
+    long: `Generator.change_frames`). Each length's thread
     costs are kept apart (a short read costs more per frame)."""
     model = FakeModel()
     gen, sink = await run(model, ("a",), buffer_ahead=2.0, steady_frames=25)  # 100 frames
-    sink.lengths = (CHUNK, 25)
+    sink.lengths = (CHUNK, 25, CHUNK // 2)
     await sink.until(lambda: len(sink.pcm("a")) == 7)
     await asyncio.sleep(0.1)
     assert sink.pcm("a") == [0, 10, 20, 30, 40, 50, 75]  # ahead 100: waits for the clock
@@ -112,9 +115,12 @@ async def test_steady_chunks_are_longer_once_a_station_has_two_of_them_ahead(run
     assert await gen.set_prompt("a", PromptChange(Blend.of("jazz"), "admin", 100, 0.0)) == 100
     await sink.until(lambda: len(sink.pcm("a")) == 13)
     assert sink.calls[-2:] == [("prompt", "a", "jazz", 100), ("pcm", "a", 100)]
-    assert sink.audio["a"][12].shape[1] == CHUNK * HOP  # the change's first audio: a short chunk
+    # the change's first audio: half a short chunk, then short chunks until 50 frames are ahead
+    assert sink.audio["a"][12].shape[1] == CHUNK // 2 * HOP
+    await sink.until(lambda: len(sink.pcm("a")) == 14)
+    assert sink.pcm("a")[12:] == [100, 105]
     kinds = [gen.tuner.key, *gen.tuner._other]
-    assert {key[2] for key in kinds if key is not None} == {CHUNK, 25}
+    assert {key[2] for key in kinds if key is not None} == {CHUNK, 25, CHUNK // 2}
 
 
 async def test_a_prompt_change_stops_the_chunk_being_read(run):
@@ -135,7 +141,7 @@ async def test_a_prompt_change_stops_the_chunk_being_read(run):
     assert frame == 50 and stream.interrupted == 1 and stream.prompt == "jazz"
     await sink.until(lambda: len(sink.pcm("a")) >= 6, timeout=5)
     assert sink.pcm("a") == [0, 10, 20, 30, 40, 50]
-    assert (sink.audio["a"][5] == frames(50, 60)).all()
+    assert (sink.audio["a"][5] == frames(50, 55)).all()  # the change's first read: half a chunk
 
 
 async def test_sampling_changes_answer_with_the_engines_verdict(run):
