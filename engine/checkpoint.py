@@ -30,9 +30,10 @@ TOKENIZER = "tokenizer.json"
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PYTORCH_BIN = "pytorch_model.bin"
+PYTORCH_INDEX = "pytorch_model.bin.index.json"
 # what a hub download fetches: the config, the tokenizer and one form of the weights
 HUB_FILES = [CONFIG, TOKENIZER, "*.safetensors", SAFETENSORS_INDEX]
-HUB_FILES_BIN = [CONFIG, TOKENIZER, PYTORCH_BIN]
+HUB_FILES_BIN = [CONFIG, TOKENIZER, "pytorch_model*.bin", PYTORCH_INDEX]
 
 # Weight norm, as either version of transformers saves it: (gain suffix, direction suffix).
 _WEIGHT_NORM = (
@@ -174,15 +175,17 @@ def fetch(name: str) -> Path:
 
 
 def _weight_files(folder: Path) -> list[Path]:
-    """The checkpoint's weight files: one safetensors file, its shards, or a pickle."""
-    index = folder / SAFETENSORS_INDEX
-    if (folder / SAFETENSORS).is_file():
-        return [folder / SAFETENSORS]
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / s for s in shards]
-    if (folder / PYTORCH_BIN).is_file():
-        return [folder / PYTORCH_BIN]
+    """The checkpoint's weight files: one safetensors file or its shards, else one pickle or
+    its shards (each form's index names its shards)."""
+    for single, index in ((SAFETENSORS, SAFETENSORS_INDEX), (PYTORCH_BIN, PYTORCH_INDEX)):
+        if (folder / single).is_file():
+            return [folder / single]
+        if (folder / index).is_file():
+            try:
+                shards = json.loads((folder / index).read_text())["weight_map"].values()
+            except (OSError, ValueError, KeyError, AttributeError) as err:
+                raise CheckpointError(f"{folder / index} cannot be read: {err!r}") from None
+            return [folder / name for name in sorted(set(shards))]
     return []
 
 
@@ -192,16 +195,22 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     files = _weight_files(folder)
     if not files:
         raise CheckpointError(
-            f"{folder} has no weights ({SAFETENSORS}, {SAFETENSORS_INDEX} or {PYTORCH_BIN})"
+            f"{folder} has no weights ({SAFETENSORS} or {PYTORCH_BIN}, or their shards' index)"
         )
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     state: dict[str, torch.Tensor] = {}
     for path in files:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state.update(load_file(path))
-        else:
-            state.update(torch.load(path, map_location="cpu", weights_only=True))
+        try:
+            if path.suffix == ".safetensors":
+                state.update(load_file(path))
+            else:
+                state.update(torch.load(path, map_location="cpu", weights_only=True))
+        except (OSError, RuntimeError, ValueError, SafetensorError) as err:
+            # a truncated download, a shard the index names but the folder lacks, a pickle
+            # that is not plain tensors
+            raise CheckpointError(f"{path} cannot be read: {err}") from None
     return _fold_weight_norm({k: v for k, v in state.items() if not k.endswith(_UNUSED)})
 
 

@@ -117,6 +117,10 @@ def test_a_folder_that_is_not_musicgen_is_named(tiny_model_dir, tmp_path):
     (folder / "tokenizer.json").unlink()
     with pytest.raises(CheckpointError, match="no tokenizer.json"):
         MusicGen.load(folder)
+    whole = (Path(tiny_model_dir) / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(whole[: len(whole) // 2])  # a cut download
+    with pytest.raises(CheckpointError, match="model.safetensors cannot be read"):
+        read_weights(folder)
 
 
 def test_the_engine_loads_without_importing_transformers_or_dynamo(tiny_model_dir):
@@ -154,24 +158,29 @@ def test_a_hub_id_loads_from_the_hugging_face_cache_offline(tiny_model_dir, tmp_
     assert out.stdout.strip() == "someone/musicgen-tiny (1, 3200)"
 
 
-@pytest.mark.parametrize("form", ["shards", "pytorch_model.bin"])
+@pytest.mark.parametrize("form", ["shards", "pytorch_model.bin", "pickled shards"])
 def test_sharded_and_pickled_weights_read_the_same(tiny_model_dir, tmp_path, form):
     """The larger checkpoints come in safetensors shards with an index; older ones as a pickle."""
     folder = tmp_path / form
     shutil.copytree(tiny_model_dir, folder)
     state = load_file(folder / "model.safetensors")
     (folder / "model.safetensors").unlink()
-    if form == "shards":
+    if form == "pytorch_model.bin":
+        torch.save(state, folder / "pytorch_model.bin")
+    else:
+        prefix, suffix = ("model", "safetensors") if form == "shards" else ("pytorch_model", "bin")
         names = sorted(state)
-        halves = {"model-00001-of-00002.safetensors": names[::2]}
-        halves["model-00002-of-00002.safetensors"] = names[1::2]
+        halves = {f"{prefix}-00001-of-00002.{suffix}": names[::2]}
+        halves[f"{prefix}-00002-of-00002.{suffix}"] = names[1::2]
         for file, keys in halves.items():
-            save_file({k: state[k] for k in keys}, folder / file)
+            part = {k: state[k] for k in keys}
+            if suffix == "safetensors":
+                save_file(part, folder / file)
+            else:
+                torch.save(part, folder / file)
         weight_map = {k: file for file, keys in halves.items() for k in keys}
         index = {"metadata": {}, "weight_map": weight_map}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    else:
-        torch.save(state, folder / "pytorch_model.bin")
+        (folder / f"{prefix}.{suffix}.index.json").write_text(json.dumps(index))
     want, got = read_weights(Path(tiny_model_dir)), read_weights(folder)
     assert want.keys() == got.keys()
     assert all(torch.equal(want[k], got[k]) for k in want)
