@@ -185,3 +185,16 @@ def test_sharded_and_pickled_weights_read_the_same(tiny_model_dir, tmp_path, for
     assert want.keys() == got.keys()
     assert all(torch.equal(want[k], got[k]) for k in want)
     assert MusicGen.load(folder).decoder.lm_heads[0].weight.shape == (2048, 64)
+
+
+def test_the_cli_names_a_folder_that_is_not_musicgen(tiny_model_dir, tmp_path):
+    folder = tmp_path / "bert"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"model_type": "bert"}))
+    cmd = [sys.executable, "-m", "radio.cli", "render", "--prompt", "x", "--seconds", "1"]
+    cmd += ["--out", str(tmp_path / "x.wav"), "--model", str(folder)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "model_type is 'bert'" in result.stderr and str(folder) in result.stderr
