@@ -31,7 +31,10 @@ class Tokenizer:
 
         if not path.is_file():
             raise CheckpointError(f"{path.parent} has no {path.name} (the T5 tokenizer)")
-        self._fast = Fast.from_file(str(path))
+        try:
+            self._fast = Fast.from_file(str(path))
+        except Exception as err:  # noqa: BLE001 - the Rust library raises plain Exception
+            raise CheckpointError(f"{path} cannot be read as a tokenizer: {err}") from None
         self._fast.no_padding()
         self._fast.no_truncation()
 
@@ -188,8 +191,6 @@ class T5Encoder(nn.Module):
 
     def __init__(self, config: SimpleNamespace) -> None:
         super().__init__()
-        if getattr(config, "is_encoder_decoder", False) and getattr(config, "is_decoder", False):
-            raise CheckpointError("text_encoder: expected a T5 encoder")
         self.config = config
         self.shared = embedding(config.vocab_size, config.d_model)
         self.encoder = Stack(config)

@@ -114,6 +114,9 @@ def test_a_folder_that_is_not_musicgen_is_named(tiny_model_dir, tmp_path):
     )
     with pytest.raises(CheckpointError, match=r"lack decoder\.lm_heads\.3\.weight"):
         MusicGen.load(folder)
+    (folder / "tokenizer.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="tokenizer.json cannot be read as a tokenizer"):
+        MusicGen.load(folder)
     (folder / "tokenizer.json").unlink()
     with pytest.raises(CheckpointError, match="no tokenizer.json"):
         MusicGen.load(folder)
