@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 import time
 
 import pytest
@@ -496,7 +497,10 @@ async def test_the_margin_takes_the_cheaper_cache_and_nothing_coarser(run, caplo
     gen.played("a", 20)
     await sink.until(lambda: model.cheap_cache)
     assert gen.restart_level == CHEAP_CACHE and model.streams[0].restart_context is None
-    assert "x1.21 of real time with the int8 KV cache, under the x1.3 margin" in caplog.text
+    # x1.21 from the prefill alone; the fake chunks' wall time (longer on a loaded machine, as
+    # in a full parallel suite) can take a point or two off
+    margin = r"x1\.(1\d|2[01]) of real time with the int8 KV cache, under the x1\.3 margin"
+    assert re.search(margin, caplog.text), caplog.text
     for frame in range(30, 200, 20):  # more chunks on the rung: still nothing coarser
         gen.played("a", frame)
         chunks = len(sink.pcm("a"))
