@@ -117,9 +117,6 @@ class Config(SimpleNamespace):
     def of(cls, values: dict[str, Any]) -> Config:
         return cls(**{k: cls.of(v) if isinstance(v, dict) else v for k, v in values.items()})
 
-    def get(self, key: str, default: Any = None) -> Any:
-        return getattr(self, key, default)
-
 
 def read_config(folder: Path) -> Config:
     """The checkpoint's config, checked to be a text-conditioned MusicGen."""
@@ -157,17 +154,19 @@ def read_config(folder: Path) -> Config:
     return config
 
 
-def fetch(name: str) -> Path:
+def fetch(name: str, weights: bool = True) -> Path:
     """A local folder as it is, or a hub id's snapshot: from the cache, else downloaded (with
     progress bars); the safetensors weights when the repository has them, else its
-    `pytorch_model.bin`. Raises what `huggingface_hub` raises when it cannot (offline, no cache):
-    an `OSError` or a `ValueError`."""
+    `pytorch_model.bin`. `weights=False`: the config alone (to check it before gigabytes come).
+    Raises what `huggingface_hub` raises when it cannot (offline, no cache): an `OSError` or a
+    `ValueError`."""
     local = Path(name).expanduser()
     if local.is_dir():
         return local
     from huggingface_hub import snapshot_download
 
-    read_config(Path(snapshot_download(name, allow_patterns=[CONFIG])))  # a MusicGen: go on
+    if not weights:
+        return Path(snapshot_download(name, allow_patterns=[CONFIG]))
     folder = Path(snapshot_download(name, allow_patterns=HUB_FILES))
     if not _weight_files(folder):
         folder = Path(snapshot_download(name, allow_patterns=HUB_FILES_BIN))

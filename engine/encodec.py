@@ -228,7 +228,7 @@ class Encodec(nn.Module):
 
     def __init__(self, config: SimpleNamespace) -> None:
         super().__init__()
-        if config.get("chunk_length_s") is not None or config.normalize:
+        if config.chunk_length_s is not None or config.normalize:
             raise CheckpointError(
                 "audio_encoder: a chunked or normalising EnCodec is not MusicGen's"
             )

@@ -76,6 +76,17 @@ def _offline_message(name: str, err: Exception) -> str:
     )
 
 
+def _fetch(name: str, weights: bool = True) -> Path:
+    """`engine.checkpoint.fetch`, its failures (offline without a cache, no such repository)
+    said with the ways out."""
+    try:
+        return fetch(name, weights)
+    except CheckpointError:  # the files came, and are not what they should be
+        raise
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(_offline_message(name, err)) from None
+
+
 def load_model(options: LoadOptions, machine: Machine | None = None) -> LoadedModel:
     """Load weights and tokenizer with the settings `engine.settings.resolve` chooses for them
     on `machine` (default: this one, `Machine.probe`), logged in one line."""
@@ -86,11 +97,7 @@ def load_model(options: LoadOptions, machine: Machine | None = None) -> LoadedMo
         raise ModelLoadError(f"model folder {name!r} does not exist")
     _refuse_unsupported(name, None)
     try:
-        folder = fetch(name)
-    except (OSError, ValueError) as err:  # offline without a cache, no such repository
-        raise ModelLoadError(_offline_message(name, err)) from None
-    try:
-        config = read_config(folder)
+        config = read_config(_fetch(name, weights=False))
         _refuse_unsupported(name, config)
         decoder = config.decoder
         head_dim = decoder.hidden_size // decoder.num_attention_heads
@@ -100,11 +107,10 @@ def load_model(options: LoadOptions, machine: Machine | None = None) -> LoadedMo
             raise SettingError(str(err)) from None
         log.info("loading MusicGen %s; engine: %s", name, settings.describe())
         log.debug("engine settings, and why:\n%s", settings.explain())
+        folder = _fetch(name)
         from engine.musicgen import MusicGen
 
         model = MusicGen.load(folder, getattr(torch, settings.dtype), settings.device, config)
-    except ModelLoadError:
-        raise
     except CheckpointError as err:
         raise ModelLoadError(f"{name!r}: {err}") from None
     log.info(

@@ -141,24 +141,51 @@ def test_the_engine_loads_without_importing_transformers_or_dynamo(tiny_model_di
     assert out.stdout.strip() == "[]"
 
 
-def test_a_hub_id_loads_from_the_hugging_face_cache_offline(tiny_model_dir, tmp_path):
-    """A hub id whose files are in the cache (as transformers or an earlier run left them) loads
-    with HF_HUB_OFFLINE=1: the cache layout is huggingface_hub's, shared with transformers."""
-    repo = tmp_path / "hf" / "hub" / "models--someone--musicgen-tiny"
+def _hub_cache(tiny_model_dir: str, home: Path, repo_id: str) -> Path:
+    """`tiny_model_dir` as a hub repo's snapshot in huggingface_hub's cache layout under `home`
+    (as transformers or an earlier run leaves it); returns the snapshot folder."""
+    repo = home / "hub" / ("models--" + repo_id.replace("/", "--"))
     shutil.copytree(tiny_model_dir, repo / "snapshots" / "0123abcd")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0123abcd")
+    return repo / "snapshots" / "0123abcd"
+
+
+def _offline(code: str, home: Path) -> subprocess.CompletedProcess:
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(home), "PATH": "/usr/bin:/bin"}
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def test_a_hub_id_loads_from_the_hugging_face_cache_offline(tiny_model_dir, tmp_path):
+    """A hub id whose files are in the cache (as transformers or an earlier run left them) loads
+    with HF_HUB_OFFLINE=1: the cache layout is huggingface_hub's, shared with transformers."""
+    _hub_cache(tiny_model_dir, tmp_path / "hf", "someone/musicgen-tiny")
     code = (
         "from engine import LoadOptions, MusicModel; "
         "m = MusicModel.load(LoadOptions(model='someone/musicgen-tiny', device='cpu')); "
         "print(m.name, m.open_stream('jazz').read(5).shape)"
     )
-    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"}
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
-    )
+    out = _offline(code, tmp_path / "hf")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "someone/musicgen-tiny (1, 3200)"
+
+
+def test_a_hub_repo_that_is_not_musicgen_is_named_not_called_offline(tiny_model_dir, tmp_path):
+    snapshot = _hub_cache(tiny_model_dir, tmp_path / "hf", "someone/bert-tiny")
+    config = json.loads((snapshot / "config.json").read_text())
+    (snapshot / "config.json").write_text(json.dumps(config | {"model_type": "bert"}))
+    code = (
+        "from engine import LoadOptions, MusicModel, ModelLoadError\n"
+        "try:\n"
+        "    MusicModel.load(LoadOptions(model='someone/bert-tiny', device='cpu'))\n"
+        "except ModelLoadError as err:\n"
+        "    print(err)"
+    )
+    out = _offline(code, tmp_path / "hf")
+    assert out.returncode == 0, out.stderr
+    assert "model_type is 'bert'" in out.stdout and "could not load" not in out.stdout
 
 
 @pytest.mark.parametrize("form", ["shards", "pytorch_model.bin", "pickled shards"])
