@@ -16,12 +16,11 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
-from transformers import AutoProcessor, MusicgenForConditionalGeneration
 
 from engine import LoadOptions, MusicModel, SamplingOptions
 from engine.clip import Clip, ClipError, ClipLimits, _libgomp, decode_clip, one_thread
 from tests.audio_files import encode_file, flac_bomb, tones, wav_bytes
-from tests.engine.reference import reference_tokens
+from tests.engine.reference import reference_tokens, transformers_model
 
 PROMPT = "slow rainy day jazz"
 RATE, HOP = 32000, 640
@@ -58,8 +57,7 @@ def stereo(tiny_stereo_dir):
 def _load(path):
     """(our MusicModel, transformers' model, processor) of the same float32 weights."""
     ours = MusicModel.load(LoadOptions(model=path, device="cpu", dtype="float32"))
-    hf = MusicgenForConditionalGeneration.from_pretrained(path).eval()
-    return ours, hf, AutoProcessor.from_pretrained(path)
+    return (ours, *transformers_model(path))
 
 
 # ---- decoding: resampling and channels ---------------------------------------------------------

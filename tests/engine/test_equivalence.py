@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoProcessor, MusicgenForConditionalGeneration
 
 from engine.conditioning import encode_prompt
 from engine.decoder import Decoder
@@ -19,7 +18,7 @@ from engine.delay import codebook_delays, delayed_layout
 from engine.musicgen import MusicGen
 from engine.options import SamplingOptions, WindowOptions
 from engine.token_stream import TokenStream
-from tests.engine.reference import reference_tokens
+from tests.engine.reference import reference_tokens, transformers_model
 
 PROMPT = "slow rainy day jazz"
 STEPS = 256
@@ -27,8 +26,7 @@ STEPS = 256
 
 def _load(path):
     """(transformers' model, its processor, ours: `engine.musicgen`) of the same weights."""
-    hf = MusicgenForConditionalGeneration.from_pretrained(path).eval()
-    return hf, AutoProcessor.from_pretrained(path), MusicGen.load(Path(path))
+    return (*transformers_model(path), MusicGen.load(Path(path)))
 
 
 @pytest.fixture(scope="module")

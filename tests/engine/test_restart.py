@@ -14,10 +14,9 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from transformers import AutoProcessor, MusicgenForConditionalGeneration
 
 from engine import LoadOptions, MusicModel, SamplingOptions, WindowOptions
-from tests.engine.reference import reference_tokens
+from tests.engine.reference import reference_tokens, transformers_model
 
 PROMPT = "slow rainy day jazz"
 GREEDY = SamplingOptions(greedy=True, guidance_scale=3.0)
@@ -27,8 +26,7 @@ GREEDY = SamplingOptions(greedy=True, guidance_scale=3.0)
 def mono(tiny_model_dir):
     """(our MusicModel, transformers' model, processor) of the same float32 weights."""
     ours = MusicModel.load(LoadOptions(model=tiny_model_dir, device="cpu", dtype="float32"))
-    hf = MusicgenForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
-    return ours, hf, AutoProcessor.from_pretrained(tiny_model_dir)
+    return (ours, *transformers_model(tiny_model_dir))
 
 
 def comparable_frames(steps: int, hf) -> int:
