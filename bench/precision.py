@@ -131,7 +131,7 @@ def step_bytes(decoder: Decoder, positions: int = 1000, rows: int = 2) -> tuple:
 @torch.inference_mode()
 def teacher_forced_logits(model, decoder: Decoder, ids: torch.Tensor) -> torch.Tensor:
     """ids: [K, T] delayed layout -> guided-row-0 logits [T, K, V] float32, step by step."""
-    condition = encode_prompt(model, PROMPT, decoder.text_bfloat16)
+    condition = encode_prompt(model, PROMPT, decoder.text_bfloat16, decoder.encoder_products)
     states, mask = batch_conditions([condition], guidance=True)
     cross = decoder.cross_kv(states, mask)
     cache = decoder.new_cache(2, ids.shape[1] + 1)
@@ -146,7 +146,7 @@ def greedy_tokens(model, decoder: Decoder, frames: int) -> tuple[torch.Tensor, f
     channels = model.decoder.config.audio_channels
     stream = TokenStream(
         decoder,
-        encode_prompt(model, PROMPT, decoder.text_bfloat16),
+        encode_prompt(model, PROMPT, decoder.text_bfloat16, decoder.encoder_products),
         SamplingOptions(greedy=True),
         WindowOptions(window=max(frames + 16, 560), context=500),
         audio_channels=channels,

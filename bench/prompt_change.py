@@ -1,14 +1,15 @@
-"""What a prompt change costs the engine, part by part, with float32 and bfloat16 text products
-taking turns in one run.
+"""What a prompt change costs the engine, part by part, with each kind of text products taking
+turns in one run.
 
     python bench/prompt_change.py                     # musicgen-small shapes, int8 (~1 min)
     python bench/prompt_change.py --size tiny --changes 4   # CI smoke run
 
 One stream of the CPU default (int8 weights and cache), as the radio runs it (freed memory kept:
 `engine.memory`). Each round reads 0.5 s of music, then changes to a text not seen before
-(`AudioStream.set_prompt`); rounds alternate between the decoder's two `text_products` (the
-T5 encoder, the cross-attention's keys and values and their fold: bfloat16 is what a CPU with
-native bfloat16 maths gets). Per kind: the median wall time of the text's encoding, the
+(`AudioStream.set_prompt`); rounds alternate between the decoder's three `text_products` (the
+T5 encoder, the cross-attention's keys and values and their fold): float32, bfloat16 (PyTorch's
+maths: what a CPU with native bfloat16 maths gets) and bfloat16-weights (our kernel: bfloat16
+weights, float32 maths; what other CPUs with our kernels get). Per kind: the median wall time of the text's encoding, the
 decoder's prefill of `generation.prompt_context` (25 frames), the rest (the cross-attention
 inputs, the cache's rewind), the whole change, and the page faults a change took; and this
 machine's plain read (`bench/bench_kernels.py`) before and after. The first
@@ -38,7 +39,7 @@ from engine import MusicModel, SamplingOptions  # noqa: E402
 from engine.lane import prefilled_since  # noqa: E402
 from engine.memory import keep_freed_memory  # noqa: E402
 
-KINDS = ("float32", "bfloat16")
+KINDS = ("float32", "bfloat16", "bfloat16-weights")
 WORDS = ("drums", "strings", "rain", "bass", "piano", "choir", "synth", "guitar", "brass", "harp")
 
 
@@ -130,8 +131,10 @@ def main() -> int:
             f"| {kind} | {1e3 * m['text']:.0f} ms | {1e3 * m['prefill']:.0f} ms | "
             f"{1e3 * m['rest']:.0f} ms | {1e3 * m['whole']:.0f} ms | {m['faults']:.0f} |"
         )
-    ratio = medians["float32"]["whole"] / medians["bfloat16"]["whole"]
-    say(f"\nbfloat16 text products: a change x{ratio:.2f} as fast as with float32 ones")
+    for kind in KINDS[1:]:
+        ratio = medians["float32"]["whole"] / medians[kind]["whole"]
+        say(f"{kind} text products: a change x{ratio:.2f} as fast as with float32 ones")
+    say(f"(this machine's own choice: {model.decoder.settings.text_products})")
     return 0
 
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 import torch.nn.functional as F
 
+from engine.conditioning import Bf16Products
 from engine.kv_cache import Q4_HEAD, KVCache
 from engine.linear import (
     DECODER_PRECISIONS,
@@ -41,7 +42,7 @@ from engine.linear import (
     make_linear,
     projection_precision,
 )
-from engine.settings import Resolved, for_decoder
+from engine.settings import TEXT_BFLOAT16, Resolved, for_decoder
 
 if TYPE_CHECKING:
     from transformers import MusicgenForCausalLM
@@ -76,8 +77,20 @@ class TextWeights:
 
     k: torch.Tensor  # [E, E_text]: k_cross
     v: torch.Tensor  # [E, E_text]: v_cross
-    q: torch.Tensor  # [H, D, E]: q_cross's weight per head
-    out: torch.Tensor  # [H, D, E]: out_cross's weight per head, transposed
+    # [H, D, E]: q_cross's and out_cross's (transposed) weights per head; for our kernel
+    # (text products "bfloat16-weights": `matmul_panels`) in panels of 8 features
+    # [H, E / 8, D, 8] (`panels`)
+    q: torch.Tensor
+    out: torch.Tensor
+
+
+def panels(weights: torch.Tensor) -> torch.Tensor:
+    """[G, K, N] -> [G, ceil(N / 8), K, 8], the last panel zero padded: the layout of our
+    `matmul_panels` kernel (each panel's 8 features contiguous over K)."""
+    g, k, n = weights.shape
+    p = -(-n // 8)
+    padded = F.pad(weights, (0, 8 * p - n))
+    return padded.view(g, k, p, 8).permute(0, 2, 1, 3).contiguous()
 
 
 class FusedStep(Protocol):
@@ -381,6 +394,7 @@ class Decoder:
         self.fold_stations = 1  # stations expected to share a step: see `cross_kv`
         self._cross_weights: tuple[list[LayerWeights], int] | None = None
         self._text: list[TextWeights] | None = None  # `_text_weights`, once built
+        self._encoder_products: Bf16Products | None = None  # `encoder_products`, once built
         self.cross_seconds = 0.0  # spent in `cross_kv` so far (a prompt change's own part)
         # per KV cache kind: (the layers it was counted on, bytes, bytes per position and row)
         self._read_per_step: dict[str, tuple[list[LayerWeights], float, float]] = {}
@@ -574,14 +588,22 @@ class Decoder:
         every = bool(live.all())
 
         text = self._text_weights()  # bfloat16 copies where the products run in bfloat16
-        inputs = text_states if text is None else text_states.to(torch.bfloat16)
+        kernel = self.text_kernel
+        native = text is not None and kernel is None  # PyTorch's bfloat16 maths
+        inputs = text_states.to(torch.bfloat16) if native else text_states
+
+        def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            if kernel is None:
+                return F.linear(x, w)
+            rows = x.reshape(-1, x.shape[-1]).float()
+            return kernel.linear_bf16_weights(rows, w).view(*x.shape[:-1], w.shape[0])
 
         def heads(w: torch.Tensor) -> torch.Tensor:
             if every:
-                out = F.linear(inputs, w)
+                out = linear(inputs, w)
             else:
                 out = inputs.new_zeros(b, s, w.shape[0])
-                out[live] = F.linear(inputs[live], w)
+                out[live] = linear(inputs[live], w)
             return out.view(split).transpose(1, 2)
 
         def rounded(x: torch.Tensor) -> torch.Tensor:
@@ -620,7 +642,26 @@ class Decoder:
         its encoder (`MusicModel.encode_prompt`) and its cross-attention inputs (`cross_kv`),
         those of our fused step (fixed at load, as `_cross_bf16`: when tests switch the step
         off, the op-by-op path reads the same inputs)."""
-        return self._cross_bf16 and self.settings.text_products == "bfloat16"
+        return self._cross_bf16 and self.settings.text_products in TEXT_BFLOAT16
+
+    @property
+    def encoder_products(self) -> Bf16Products | None:
+        """Where our kernel runs the text (`text_kernel`), the T5 encoder's products through it
+        (`encode_prompt(..., products=)`; its bfloat16 weights made at the first prompt)."""
+        kernel = self.text_kernel
+        if kernel is None:
+            return None
+        if self._encoder_products is None:
+            self._encoder_products = Bf16Products(kernel)
+        return self._encoder_products
+
+    @property
+    def text_kernel(self) -> ModuleType | None:
+        """Our kernels where a prompt's text products run through them (`linear_bf16_weights`:
+        text products "bfloat16-weights"), else None."""
+        if self.text_bfloat16 and self.settings.text_products == "bfloat16-weights":
+            return self._modules.kernels
+        return None
 
     def _text_weights(self) -> list[TextWeights] | None:
         """Per layer, bfloat16 copies of the weights a prompt's text goes through in
@@ -632,8 +673,11 @@ class Decoder:
         if self._text is None:
             e, h, d = self.hidden, self.heads, self.head_dim
 
-            def per_head(weight: torch.Tensor) -> torch.Tensor:  # [H, D, E] bfloat16
-                return weight.to(torch.bfloat16).contiguous()
+            # [H, D, E] bfloat16; for our kernel in panels of 8 features [H, E / 8, D, 8]
+            layout = panels if self.text_kernel is not None else torch.Tensor.contiguous
+
+            def per_head(weight: torch.Tensor) -> torch.Tensor:
+                return layout(weight.to(torch.bfloat16))
 
             self._text = [
                 TextWeights(
@@ -691,9 +735,19 @@ class Decoder:
         """One layer's cross-attention folded into the text, [B, H, 2, S, E] float32: per head
         h and text position, z = W_q,h^T k / sqrt(D) (a query's score is then its normed input
         times z) and u = W_o[:, h] v (the output is the scores' softmax times u, summed over
-        heads and positions). k, v [B, H, S, D] as projected (float; bfloat16 with `text`,
-        the layer's bfloat16 weights: the products then run in bfloat16)."""
+        heads and positions). k, v [B, H, S, D] as projected. With `text`, the layer's bfloat16
+        weights: through our kernel where it runs the text (`text_kernel`: float32 maths), else
+        in bfloat16 (k and v bfloat16 too); without, float32 products of the modules' weights."""
         e, h, d = self.hidden, self.heads, self.head_dim
+        kernel = self.text_kernel
+        if text is not None and kernel is not None:  # float32 maths, per head over every row
+
+            def per_head(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+                b, _, s, _ = x.shape
+                rows = x.float().transpose(0, 1).reshape(h, b * s, d)
+                return kernel.matmul_panels(rows, weights, e).view(h, b, s, e).transpose(0, 1)
+
+            return torch.stack([per_head(k, text.q) * d**-0.5, per_head(v, text.out)], dim=2)
         if text is not None:
             z = torch.einsum("bhsd,hde->bhse", k, text.q).float() * d**-0.5
             u = torch.einsum("bhsd,hde->bhse", v, text.out).float()

@@ -85,7 +85,8 @@ class MusicModel:
 
     @torch.inference_mode()
     def encode_prompt(self, text: str) -> TextCondition:
-        return encode_prompt(self.musicgen, text, self.decoder.text_bfloat16)
+        decoder = self.decoder
+        return encode_prompt(self.musicgen, text, decoder.text_bfloat16, decoder.encoder_products)
 
     @torch.inference_mode()
     def use_coarse(self, on: bool) -> None:

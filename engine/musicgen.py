@@ -24,6 +24,7 @@ from torch import nn
 
 from engine.checkpoint import CONFIG, TOKENIZER, CheckpointError, Config, read_config, read_weights
 from engine.encodec import Encodec
+from engine.t5 import Linear as TextLinear
 from engine.t5 import T5Encoder, Tokenizer, embedding
 
 
@@ -129,7 +130,7 @@ class MusicGen(nn.Module):
         self.decoder = MusicgenDecoder(config.decoder)
         self.audio_encoder = Encodec(config.audio_encoder)
         text, hidden = config.text_encoder.d_model, config.decoder.hidden_size
-        self.enc_to_dec_proj = nn.Linear(text, hidden) if text != hidden else None
+        self.enc_to_dec_proj = TextLinear(text, hidden) if text != hidden else None
 
     @classmethod
     def load(

@@ -105,6 +105,10 @@ def _probe_int4() -> str | None:
     return reason
 
 
+# `Resolved.text_products` that round a prompt's keys and values to bfloat16 (either maths)
+TEXT_BFLOAT16 = ("bfloat16", "bfloat16-weights")
+
+
 @dataclass(frozen=True)
 class Resolved:
     """Concrete engine settings: no "auto" left. `reasons` says why each was chosen."""
@@ -121,8 +125,10 @@ class Resolved:
     prefill: str = "decode"
     # the products that turn a prompt's text into the cross-attention a fused CPU step reads
     # (the T5 encoder, then its keys and values and their fold: `Decoder.cross_kv`), once per
-    # prompt change: "bfloat16" where the CPU has native bfloat16 maths (x2-4 faster; the keys
-    # and values are rounded to bfloat16, the fold to int8 anyway), else "float32"
+    # prompt change: "bfloat16" where the CPU has native bfloat16 maths (PyTorch's, x2-4
+    # faster; the keys and values are rounded to bfloat16, the fold to int8 anyway),
+    # "bfloat16-weights" on our kernels elsewhere (bfloat16 weights, float32 maths:
+    # `linear_bf16_weights`), else "float32"
     text_products: str = "float32"
     reasons: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
@@ -188,6 +194,13 @@ def resolve(options: LoadOptions, machine: Machine, head_dim: int) -> Resolved:
     if kernels is not None and machine.fast_bf16:
         text_products = chose(
             "text_products", "bfloat16", "this CPU has native bfloat16 maths (prompt changes)"
+        )
+    elif kernels is not None:
+        text_products = chose(
+            "text_products",
+            "bfloat16-weights",
+            "our kernel reads the text's weights as bfloat16 and multiplies in float32 "
+            "(prompt changes; this CPU has no native bfloat16 maths)",
         )
     return Resolved(
         device, dtype, quantize, kv_cache, compile_mode, kernels, prefill, text_products, reasons

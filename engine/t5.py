@@ -42,6 +42,16 @@ class Tokenizer:
         return self._fast.encode(text).ids
 
 
+class Linear(nn.Linear):
+    """`nn.Linear` whose product a `route` may take over (`engine.conditioning.Bf16Products`:
+    bfloat16 weights through our kernel while a prompt is encoded); the same parameters."""
+
+    route: Callable[[nn.Linear, torch.Tensor], torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) if self.route is None else self.route(self, x)
+
+
 def embedding(count: int, width: int) -> nn.Embedding:
     """An `nn.Embedding` without its random init (the checkpoint's weights replace it; on the
     meta device, `normal_` alone would import `torch._dynamo`: 1.7 s of a start)."""
@@ -81,10 +91,10 @@ class SelfAttention(nn.Module):
         super().__init__()
         inner = config.num_heads * config.d_kv
         self.heads, self.head_dim = config.num_heads, config.d_kv
-        self.q = nn.Linear(config.d_model, inner, bias=False)
-        self.k = nn.Linear(config.d_model, inner, bias=False)
-        self.v = nn.Linear(config.d_model, inner, bias=False)
-        self.o = nn.Linear(inner, config.d_model, bias=False)
+        self.q = Linear(config.d_model, inner, bias=False)
+        self.k = Linear(config.d_model, inner, bias=False)
+        self.v = Linear(config.d_model, inner, bias=False)
+        self.o = Linear(inner, config.d_model, bias=False)
         self.buckets = config.relative_attention_num_buckets
         self.max_distance = config.relative_attention_max_distance
         if relative_bias:
@@ -136,8 +146,8 @@ class SelfAttentionLayer(nn.Module):
 class DenseReluDense(nn.Module):
     def __init__(self, config: SimpleNamespace) -> None:
         super().__init__()
-        self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
-        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.wi = Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = Linear(config.d_ff, config.d_model, bias=False)
         self.act = _activation(config.dense_act_fn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,9 +157,9 @@ class DenseReluDense(nn.Module):
 class DenseGatedActDense(nn.Module):
     def __init__(self, config: SimpleNamespace) -> None:
         super().__init__()
-        self.wi_0 = nn.Linear(config.d_model, config.d_ff, bias=False)
-        self.wi_1 = nn.Linear(config.d_model, config.d_ff, bias=False)
-        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.wi_0 = Linear(config.d_model, config.d_ff, bias=False)
+        self.wi_1 = Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = Linear(config.d_ff, config.d_model, bias=False)
         self.act = _activation(config.dense_act_fn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

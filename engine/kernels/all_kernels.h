@@ -6,3 +6,4 @@
 
 #include "decode_step.h"
 #include "sampling.h"
+#include "text_products.h"

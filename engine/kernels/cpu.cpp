@@ -4,6 +4,10 @@
 //
 //   linear_bf16(x, w):   y = x w^T for a few rows (M <= 8), bfloat16 weights, float32 out.
 //                        One pass over the weights; AVX-512 BF16 dot products (vdpbf16ps).
+//   linear_bf16_weights: y = x w^T for float32 rows (any number) and bfloat16 weights, float32
+//                        maths: a prompt's text products where the CPU has no native bfloat16
+//                        (text_products.h); matmul_panels the same with weights in
+//                        panels of 8 features (the fold's per-head products).
 //   linear_int8:         y = x w^T with packed int8 weights (int8_gemm.h), activations quantized
 //                        per row; any number of rows (decode steps and prefills).
 //   decode_attention:    one query position per row against a bfloat16 KV cache, each row
@@ -59,6 +63,48 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor w) {
   auto wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
   auto yp = y.data_ptr<float>();
   linear_bf16_rows(xp, wp, yp, M, N, K);
+  return y;
+}
+
+// x [M, K] or [G, M, K] float32 times bfloat16 weights w [N, K] or [G, N, K] -> float32 [M, N] or
+// [G, M, N]: a prompt's text products (text_products.h), any number of rows.
+torch::Tensor linear_bf16_weights(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dim() == w.dim() && (x.dim() == 2 || x.dim() == 3),
+              "linear_bf16_weights: x [M, K] and w [N, K], or x [G, M, K] and w [G, N, K]");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat, "linear_bf16_weights: float32 x");
+  TORCH_CHECK(w.scalar_type() == torch::kBFloat16, "linear_bf16_weights: bfloat16 w");
+  const bool grouped = x.dim() == 3;
+  const int64_t G = grouped ? x.size(0) : 1, M = x.size(-2), K = x.size(-1), N = w.size(-2);
+  TORCH_CHECK(!grouped || w.size(0) == G, "linear_bf16_weights: ", G, " groups of x, ", w.size(0),
+              " of w");
+  TORCH_CHECK(w.size(-1) == K, "linear_bf16_weights: x has ", K, " features, w expects ", w.size(-1));
+  auto xc = x.contiguous();
+  auto wc = w.contiguous();
+  auto y = grouped ? torch::empty({G, M, N}, x.options()) : torch::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  text::linear_bf16_weights(xc.data_ptr<float>(), reinterpret_cast<const uint16_t*>(wc.data_ptr()),
+                            y.data_ptr<float>(), G, M, N, K);
+  return y;
+}
+
+// x [G, M, K] float32 times bfloat16 weights in panels w [G, P, K, 8] (P = ceil(N / 8), N
+// given) -> float32 [G, M, N]: the fold's per-head products (text_products.h).
+torch::Tensor matmul_panels(torch::Tensor x, torch::Tensor w, int64_t N) {
+  TORCH_CHECK(x.dim() == 3 && w.dim() == 4 && w.size(3) == 8,
+              "matmul_panels: x [G, M, K] and w [G, P, K, 8]");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat, "matmul_panels: float32 x");
+  TORCH_CHECK(w.scalar_type() == torch::kBFloat16, "matmul_panels: bfloat16 w");
+  const int64_t G = x.size(0), M = x.size(1), K = x.size(2);
+  TORCH_CHECK(w.size(0) == G, "matmul_panels: ", G, " groups of x, ", w.size(0), " of w");
+  TORCH_CHECK(w.size(2) == K, "matmul_panels: x has ", K, " features, w expects ", w.size(2));
+  TORCH_CHECK(N > 0 && w.size(1) == (N + 7) / 8, "matmul_panels: ", N, " features need ",
+              (N + 7) / 8, " panels, w has ", w.size(1));
+  auto xc = x.contiguous();
+  auto wc = w.contiguous();
+  auto y = torch::empty({G, M, N}, x.options());
+  if (M == 0) return y;
+  text::matmul_panels(xc.data_ptr<float>(), reinterpret_cast<const uint16_t*>(wc.data_ptr()),
+                      y.data_ptr<float>(), G, M, N, K);
   return y;
 }
 
@@ -821,6 +867,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = pybind11::call_guard<pybind11::gil_scoped_release>();
   m.def("isa", [] { return std::string(kIsa); }, "the instruction set this build is for");
   m.def("linear_bf16", &linear_bf16, nogil, "y = x w^T, bfloat16 weights, a few rows");
+  m.def("linear_bf16_weights", &linear_bf16_weights, nogil,
+        "y = x w^T, float32 rows (any number) and bfloat16 weights, per group");
+  m.def("matmul_panels", &matmul_panels, nogil,
+        "y = x w per group, float32 rows and bfloat16 weights in panels of 8 features");
   m.def("decode_attention", &decode_attention, nogil, "one query per row over a bfloat16 KV cache");
   m.def("attend_step", &attend_step, nogil, "write a step's keys/values, then attend, per row");
   m.def("attend_step_q8", &attend_step_q8, nogil, "attend_step over an int8 KV cache with scales");

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import LoadOptions, MusicModel
-from engine.conditioning import batch_conditions
+from engine.conditioning import Bf16Products, batch_conditions, encode_prompt
 from engine.decoder import FOLD_SHARE, concat_cross
 
 
@@ -153,13 +153,17 @@ def test_the_fused_step_folded_is_the_op_by_op_step_with_float_cross_projections
     assert (projected - float_cross).abs().mean() / spread > 1.5 * err
 
 
-def test_bfloat16_text_products_move_the_fused_steps_little(int8_model):
-    """A prompt's text encoded, and its keys, values and fold computed, in bfloat16
-    (`text_products`, where the CPU has native bfloat16 maths: a prompt change x2 faster)
-    against float32: the fused step's logits, folded and not, move by under 0.2% of their
-    spread (the precision budget is 3%; bench/precision.py measures the whole mode), and the
-    products really ran in bfloat16 (the folded vectors differ)."""
+@pytest.mark.parametrize("kind", ["bfloat16", "bfloat16-weights"])
+def test_bfloat16_text_products_move_the_fused_steps_little(int8_model, kind):
+    """A prompt's text encoded, and its keys, values and fold computed, through bfloat16
+    (`text_products`: PyTorch's bfloat16 maths where the CPU has them natively, our kernel's
+    bfloat16 weights and float32 maths elsewhere; a prompt change's text x2 faster) against
+    float32: the fused step's logits, folded and not, move by under 0.2% of their spread (the
+    precision budget is 3%; bench/precision.py measures the whole mode), and the products
+    really ran so (the folded vectors differ)."""
     model, decoder = int8_model, int8_model.decoder
+    if kind == "bfloat16-weights" and decoder._modules.kernels is None:
+        pytest.skip("our CPU kernels do not run here")
     ids = _ids(model, 2)
     for fold in (True, False):
         decoder.fold_cross = fold
@@ -168,11 +172,12 @@ def test_bfloat16_text_products_move_the_fused_steps_little(int8_model):
                 exact = decoder.cross_kv(
                     *batch_conditions([model.encode_prompt("slow jazz")], True)
                 )
-            with text_products(decoder, "bfloat16"):
+            with text_products(decoder, kind):
                 cheap = decoder.cross_kv(
                     *batch_conditions([model.encode_prompt("slow jazz")], True)
                 )
                 assert decoder._text is not None and decoder._text[0].k.dtype == torch.bfloat16
+                assert (decoder.text_kernel is not None) == (kind == "bfloat16-weights")
             want, got = _steps(model, exact, ids), _steps(model, cheap, ids)
         finally:
             decoder.fold_cross = True
@@ -211,3 +216,30 @@ def test_a_row_folds_when_its_text_alone_reads_fewer_bytes(int8_model):
     batched = _steps(model, both, ids)
     alone = [_steps(model, crosses[short], ids[:, :2]), _steps(model, crosses[long], ids[:, 2:])]
     assert torch.equal(batched, torch.cat(alone, dim=1))
+
+
+def test_a_prompt_encoded_through_bfloat16_weights_stays_near_float32(int8_model):
+    """`Bf16Products` routes every linear of the T5 encoder (and `enc_to_dec_proj`) through our
+    kernel while a prompt is encoded, and only then: the states within 1% of float32's, not
+    equal to them (bfloat16 weights really ran), and the modules float32 again after."""
+    kernels = int8_model.decoder._modules.kernels
+    if kernels is None:
+        pytest.skip("our CPU kernels do not run here")
+    musicgen = int8_model.musicgen
+    exact = encode_prompt(musicgen, "slow jazz with soft drums")
+    products = Bf16Products(kernels)
+    cheap = encode_prompt(musicgen, "slow jazz with soft drums", products=products)
+    linears = [
+        m
+        for part in (musicgen.text_encoder, musicgen.enc_to_dec_proj)
+        if part is not None
+        for m in part.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+    assert set(products._copies) == set(linears)
+    assert all(w.dtype == torch.bfloat16 for w in products._copies.values())
+    assert torch.equal(cheap.mask, exact.mask)
+    err = (cheap.states - exact.states).abs().mean() / exact.states.abs().mean()
+    assert 0 < err < 0.01, err
+    assert all(m.route is None for m in linears)
+    assert torch.equal(encode_prompt(musicgen, "slow jazz with soft drums").states, exact.states)

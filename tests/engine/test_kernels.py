@@ -33,6 +33,52 @@ def test_linear_bf16_refuses_bad_shapes(k):
         k.linear_bf16(torch.randn(2, 64), w.float())
 
 
+@pytest.mark.parametrize("rows", [1, 2, 5, 13, 40])
+@pytest.mark.parametrize("features", [768, 100, 33])
+def test_linear_bf16_weights_is_float32_maths_on_the_rounded_weights(k, rows, features):
+    """A prompt's text products (`text_products.h`): float32 rows of any number times
+    bfloat16 weights, summed in float32; K not a multiple of 8 and N not of 3 too."""
+    torch.manual_seed(rows * features)
+    x, w = torch.randn(rows, features), torch.randn(50, features).bfloat16()
+    want = x.double() @ w.double().T  # the weights' rounding is the only one beside float32's
+    got = k.linear_bf16_weights(x, w)
+    assert got.dtype == torch.float32 and got.shape == (rows, 50)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    grouped = k.linear_bf16_weights(torch.stack([x, 2 * x]), torch.stack([w, w]))
+    torch.testing.assert_close(grouped[1].double(), 2 * want, rtol=1e-5, atol=2e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 13, 40])
+@pytest.mark.parametrize("features", [1024, 100, 5])
+def test_matmul_panels_is_the_per_head_product(k, rows, features):
+    """The fold's per-head products: weights [G, K, N] in panels of 8 features (`panels`, the
+    last padded), against float64 maths on the same rounded weights."""
+    from engine.decoder import panels
+
+    torch.manual_seed(rows + features)
+    x, w = torch.randn(3, rows, 64), torch.randn(3, 64, features).bfloat16()
+    got = k.matmul_panels(x, panels(w), features)
+    assert got.dtype == torch.float32 and got.shape == (3, rows, features)
+    torch.testing.assert_close(got.double(), x.double() @ w.double(), rtol=1e-5, atol=1e-4)
+
+
+def test_text_products_refuse_bad_shapes(k):
+    from engine.decoder import panels
+
+    w = torch.randn(64, 32).bfloat16()
+    with pytest.raises(RuntimeError, match="x has 16 features, w expects 32"):
+        k.linear_bf16_weights(torch.randn(2, 16), w)
+    with pytest.raises(RuntimeError, match="bfloat16 w"):
+        k.linear_bf16_weights(torch.randn(2, 32), w.float())
+    with pytest.raises(RuntimeError, match="2 groups of x, 1 of w"):
+        k.linear_bf16_weights(torch.randn(2, 3, 32), w[None])
+    p = panels(torch.randn(1, 32, 20).bfloat16())
+    with pytest.raises(RuntimeError, match="30 features need 4 panels, w has 3"):
+        k.matmul_panels(torch.randn(1, 2, 32), p, 30)
+    with pytest.raises(RuntimeError, match="x has 16 features, w expects 32"):
+        k.matmul_panels(torch.randn(1, 2, 16), p, 20)
+
+
 @pytest.mark.parametrize("head_dim", [16, 64, 128])
 def test_decode_attention_equals_sdpa_per_row_length(k, head_dim):
     torch.manual_seed(head_dim)
