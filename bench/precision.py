@@ -59,6 +59,16 @@ MODES = {
     "int4, int4 KV cache": (torch.float32, "int4", "int4"),
     "int4-ffn, int8 KV cache": (torch.float32, "int4-ffn", "int8"),
     "int4-ffn, int4 KV cache": (torch.float32, "int4-ffn", "int4"),
+    "int8, int4 in the last half of the layers, int4 KV cache (the ladder's first coarse rung)": (
+        torch.float32,
+        "int8",
+        "int4",
+    ),
+}
+# modes whose int8 decoder then swaps int4 projections into the last share of its layers
+# (`Decoder.use_coarse`: the radio's coarse rungs while generation falls behind)
+COARSE_SHARES = {
+    "int8, int4 in the last half of the layers, int4 KV cache (the ladder's first coarse rung)": 0.5
 }
 
 
@@ -209,6 +219,11 @@ def main() -> int:
             continue
         if kv_cache in ("int8", "int4") and decoder.kernels is not None:
             decoder = Decoder(model.decoder, precision, kv_cache, int4_group=group)
+        if name in COARSE_SHARES:
+            if decoder.coarse_available() is not None:
+                say(f"{name}: skipped ({decoder.coarse_available()})")
+                continue
+            decoder.use_coarse(COARSE_SHARES[name])
         if emulate_kernels(decoder, model, kv_cache):
             name += " (emulated)"
         notes[name] = step_bytes(decoder)

@@ -84,6 +84,10 @@ class TextWeights:
     out: torch.Tensor
 
 
+# a decoder's weights as a step uses them: (layers, prefill layers, lm heads, fused step)
+WeightSet = tuple[list["LayerWeights"], list["LayerWeights"], "Projection", "FusedStep | None"]
+
+
 def panels(weights: torch.Tensor) -> torch.Tensor:
     """[G, K, N] -> [G, ceil(N / 8), K, 8], the last panel zero padded: the layout of our
     `matmul_panels` kernel (each panel's 8 features contiguous over K)."""
@@ -381,10 +385,13 @@ class Decoder:
         self.layer_norm_eps = dec.layer_norm.eps
         self._fused = self._fused_step()
         # coarse weights (`use_coarse`): int4 projections swapped in while generation cannot
-        # keep up; built the first time they are asked for, from these modules
-        self.coarse = False
+        # keep up, in the last `coarse` share of the layers; built the first time they are
+        # asked for, from these modules. Each set: (layers, prefill layers, lm heads, fused step)
+        self.coarse = 0.0
         self._source = (dec.layers, causal_lm.lm_heads)  # modules: no weight copy kept
-        self._other: tuple | None = None  # the set not in use: (layers, prefill, heads, fused)
+        self._fine: WeightSet = (self.layers, self.prefill_layers, self.lm_heads, self._fused)
+        self._coarse: WeightSet | None = None  # every layer and the lm heads int4
+        self._mixed: dict[int, WeightSet] = {}  # by the number of (last) layers int4
         # cross_kv rounds to bfloat16 for the fused step; fixed here, so that the op-by-op path
         # (tests switch `_fused` off to compare) reads the same values
         self._cross_bf16 = self._fused is not None
@@ -411,24 +418,43 @@ class Decoder:
     @property
     def coarse_ready(self) -> bool:
         """Whether the int4 set is built (`use_coarse` then swaps at once)."""
-        return self.coarse or self._other is not None
+        return self._coarse is not None
 
-    def use_coarse(self, on: bool) -> None:
-        """Swap the int8 projections for int4 ones (`on`), or back: x1.5 the steps per second
-        of musicgen-small on a 2-core AVX2 CPU, at 16% of the logit spread against int8's 2.2%
-        (docs/int4-weights.md). Everything else stays, the KV cache included: the step after a
-        swap reads the cache the steps before it wrote. The int4 set is quantized here the first
-        time unless `prepare_coarse` built it (seconds for musicgen-small); call between steps,
+    def use_coarse(self, share: float) -> None:
+        """int4 projections in place of the int8 ones in the last `share` of the layers (1: all
+        of them and the lm heads; 0: none), or back: for musicgen-small on a 2-core AVX2 CPU
+        all of them step x1.3-1.5 as fast at 16% of the logit spread against int8's 2.2%
+        (docs/int4-weights.md), the last half ~x1.2 at 7.9% (the last layers' rounding moves
+        the logits least: the first half int4 12.6%). Everything else stays, the KV cache
+        included: the step after a swap reads the cache the steps before it wrote. The int4
+        set is quantized here the first time unless `prepare_coarse` built it (seconds for
+        musicgen-small); a share's fused step is made at its first use; call between steps,
         from the thread that steps."""
-        if on == self.coarse:
+        share = float(share)
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"coarse: a share of the layers in [0, 1], got {share}")
+        if share == self.coarse:
             return
-        for _ in self.prepare_coarse():
-            pass
-        assert self._other is not None
-        current = (self.layers, self.prefill_layers, self.lm_heads, self._fused)
-        self.layers, self.prefill_layers, self.lm_heads, self._fused = self._other
-        self._other = current
-        self.coarse = on
+        if share > 0:
+            for _ in self.prepare_coarse():
+                pass
+        self.layers, self.prefill_layers, self.lm_heads, self._fused = self._weights(share)
+        self.coarse = share
+
+    def _weights(self, share: float) -> WeightSet:
+        """The weight set with the last `share` of the layers int4 (`use_coarse`)."""
+        if share == 0.0:
+            return self._fine
+        assert self._coarse is not None
+        if share == 1.0:
+            return self._coarse
+        fine, coarse = self._fine[0], self._coarse[0]
+        n = min(max(round(share * len(fine)), 1), len(fine))
+        if n not in self._mixed:
+            layers = fine[: len(fine) - n] + coarse[len(fine) - n :]
+            fused = self._fused_step(layers, self._fine[2])
+            self._mixed[n] = (layers, layers, self._fine[2], fused)
+        return self._mixed[n]
 
     def prepare_coarse(self) -> Iterator[None]:
         """Build the int4 set for `use_coarse` a layer at a time: each step of the iterator
@@ -454,7 +480,7 @@ class Decoder:
         fused = self._fused_step(coarse, lm_heads)
         assert fused is not None, "int4 projections run on the fused step where int8 ones do"
         if not self.coarse_ready:  # another iterator may have finished first
-            self._other = (coarse, coarse, lm_heads, fused)
+            self._coarse = (coarse, coarse, lm_heads, fused)
         yield
 
     def cheap_cache_available(self) -> str | None:

@@ -89,11 +89,12 @@ class MusicModel:
         return encode_prompt(self.musicgen, text, decoder.text_bfloat16, decoder.encoder_products)
 
     @torch.inference_mode()
-    def use_coarse(self, on: bool) -> None:
-        """int4 projections in place of the int8 ones (`on`), or back (`Decoder.use_coarse`):
-        the radio's last resort while generation cannot keep up. Call between reads, from the
-        thread that reads; the first call quantizes (seconds)."""
-        self.decoder.use_coarse(on)
+    def use_coarse(self, share: float) -> None:
+        """int4 projections in place of the int8 ones in the last `share` of the decoder's
+        layers (1: all, and the lm heads; 0: none), or back (`Decoder.use_coarse`): the radio's
+        last resorts while generation cannot keep up. Call between reads, from the thread that
+        reads; the first call quantizes (seconds)."""
+        self.decoder.use_coarse(share)
 
     @torch.inference_mode()
     def prepare_coarse(self) -> Iterator[None]:
@@ -102,7 +103,8 @@ class MusicModel:
         yield from self.decoder.prepare_coarse()
 
     @property
-    def coarse(self) -> bool:
+    def coarse(self) -> float:
+        """The share of the decoder's layers on int4 weights (`use_coarse`; 0: none)."""
         return self.decoder.coarse
 
     @property

@@ -295,7 +295,7 @@ class Generator:
         # when a rung was switched to: the cost per frame, where it was measured and the rungs
         # in use before it, and the chunks made since (its speedup is measured after
         # `ladder.SETTLE` of them)
-        self._before: tuple[float, float, bool, bool] | None = None
+        self._before: tuple[float, float, bool, float] | None = None
         self._settling = 0
         self._rung_until = 0.0  # (clock) before this the ladder does not climb off a rung
         # the int4 cache's buffers, touched a slice at a time between chunks
@@ -321,7 +321,7 @@ class Generator:
         # they ran with
         span = round(buffer_ahead * model.frame_rate / self.steady_frames)
         self._recent: deque[tuple[float, float]] = deque(maxlen=max(RECENT_CHUNKS, span))
-        self._recent_key: tuple[int, tuple[int, int], bool, bool] | None = None
+        self._recent_key: tuple[int, tuple[int, int], float, bool] | None = None
         # how the steady chunks' cost grows with the positions they attend over (the ladder's
         # window levels), fitted by the worker
         self.position_cost = ladder.PositionCost()
@@ -723,18 +723,19 @@ class Generator:
         growth = rows * per_position
         return cost * growth / (weights + growth * position) if weights > 0 else 0.0
 
-    def _plain_key(self) -> tuple[int, tuple[int, int], bool, bool]:
-        """What a plain chunk's cost depends on: threads, rows, coarse weights or not, the
+    def _plain_key(self) -> tuple[int, tuple[int, int], float, bool]:
+        """What a plain chunk's cost depends on: threads, rows, the share of coarse weights, the
         cheaper cache or not."""
         assert self.tuner is not None
         return self.tuner.current, self._plain_kind, self.model.coarse, self.model.cheap_cache
 
-    def _speedup(self, cheap: bool | None = None, coarse: bool | None = None) -> float:
-        """Steps per second with these rungs (default: those in use) over int8 weights and
-        cache, as measured or guessed."""
+    def _speedup(self, cheap: bool | None = None, coarse: float | None = None) -> float:
+        """Steps per second with these rungs (default: those in use; `coarse` the share of
+        layers on int4 weights) over int8 weights and cache, as measured or guessed."""
         cheap = self.model.cheap_cache if cheap is None else cheap
         coarse = self.model.coarse if coarse is None else coarse
-        return (self.cache_speedup if cheap else 1.0) * (self.coarse_speedup if coarse else 1.0)
+        weights = ladder.share_speedup(self.coarse_speedup, coarse)
+        return (self.cache_speedup if cheap else 1.0) * weights
 
     def _measure_rung(self, cost: float, position: float) -> None:
         """Once settled on the rung(s) last switched to: their speedup, from the cost per
@@ -751,8 +752,9 @@ class Generator:
             return  # the positions moved and nothing says what that did: the guess stays
         before = max(before + self.position_cost.slope * (position - at), 0.5 * before)
         ratio = before / cost * self._speedup(cheap_before, coarse_before)  # over int8's
-        if self.model.coarse and not coarse_before:
-            self.coarse_speedup = min(max(ratio / self._speedup(coarse=False), 1.0), 3.0)
+        if self.model.coarse > coarse_before:  # (all layers' speedup, from this share's)
+            share = ratio / self._speedup(coarse=0.0)
+            self.coarse_speedup = min(max(ladder.full_speedup(share, self.model.coarse), 1.0), 3.0)
         elif self.model.cheap_cache and not cheap_before:
             self.cache_speedup = min(max(ratio / self._speedup(cheap=False), 1.0), 2.0)
         elif cheap_before and not self.model.cheap_cache and coarse_before == self.model.coarse:
@@ -769,14 +771,14 @@ class Generator:
         for without it). A rung newly taken has its speed measured (`_measure_rung`), and so
         has the int4 cache when it is left."""
         before = (cost, position, self.model.cheap_cache, self.model.coarse)
-        coarse = level == ladder.COARSE
+        coarse = ladder.coarse_share(level)
         if coarse != self.model.coarse and not self._switch_weights(coarse, rates, level):
-            level, coarse = rates.levels[-2], False  # (the level before the coarse one)
+            level, coarse = rates.shortest, 0.0  # (the last level on int8 weights)
         cheap = level >= ladder.CHEAP_CACHE and self.cache_speedup > 0
         if cheap != self.model.cheap_cache and not self._switch_cache(cheap, rates, level):
             cheap = self.model.cheap_cache
             level = 0 if level == ladder.CHEAP_CACHE else level
-        taken = (cheap and not before[2]) or (coarse and not before[3])
+        taken = (cheap and not before[2]) or coarse > before[3]
         left = before[2] and not cheap and coarse == before[3]  # (the int4 cache alone)
         if taken or left:
             self._before, self._settling = before, 0
@@ -939,35 +941,51 @@ class Generator:
                 if spent is not None and time.perf_counter() - began >= PREPARE_SHARE * spent:
                     return False
 
-    def _switch_weights(self, coarse: bool, rates: ladder.Rates, level: int) -> bool:
-        """To coarse (int4) weights while even the shortest restarts cannot keep up, or back
-        to int8 ones (at `level`) once they can: the ThreadTuner's costs start afresh (other
-        weights, other speed). What is left of their
-        preparation runs first, at once: they are needed now, and every chunk until they are
-        ready is a slower one. False when they cannot be made (said; int8 goes on)."""
+    def _switch_weights(self, coarse: float, rates: ladder.Rates, level: int) -> bool:
+        """To coarse (int4) weights in the last `coarse` share of the layers while even the
+        shortest restarts cannot keep up (more of them while that cannot either), or back
+        towards int8 ones (at `level`) once they can: the ThreadTuner's costs start afresh
+        (other weights, other speed). What is left of their preparation runs first, at once:
+        they are needed now, and every chunk until they are ready is a slower one. False when
+        they cannot be made (said; int8 goes on)."""
         assert self.tuner is not None
         window = self.specs[0].window
         rate = self.model.frame_rate
-        predict = ladder.predicted_rtf
-        if coarse:
+
+        def predicted(at: int) -> float:
+            return ladder.predicted_rtf(rates, window.window, window.context, at, rate)
+
+        where = "every layer" if coarse >= 1.0 else f"the last {coarse:.0%} of the layers"
+        if coarse > self.model.coarse:
             cheap = ladder.CHEAP_CACHE in rates.levels
+            was = rates.shortest if self.model.coarse == 0 else self.restart_level
             log.warning(
-                "generation cannot keep up even with the shortest window restarts%s (x%.2f of "
-                "real time): decoding with int4 weights until it can (coarser music, predicted "
-                "x%.2f; generation.coarse_when_behind)%s",
-                " and an int4 KV cache" if cheap else "",
-                predict(rates, window.window, window.context, rates.shortest, rate),
-                predict(rates, window.window, window.context, ladder.COARSE, rate),
+                "generation cannot keep up %s (x%.2f of real time): decoding with int4 weights "
+                "in %s until it can (coarser music, predicted x%.2f; "
+                "generation.coarse_when_behind)%s",
+                "even with the shortest window restarts"
+                + (" and an int4 KV cache" if cheap else "")
+                if self.model.coarse == 0
+                else f"with int4 weights in the last {self.model.coarse:.0%} of the layers",
+                predicted(was),
+                where,
+                predicted(level),
                 "" if self.model.coarse_ready else ": quantizing them first (a second or two)",
             )
             if not self.model.coarse_ready:  # `_climb` started them when it left level 0
                 self._prepare_coarse(None)
                 if not self.model.coarse_ready:
                     return False
+        elif coarse > 0:
+            log.info(
+                "int4 weights in %s only again: predicted x%.2f of real time so",
+                where,
+                predicted(level),
+            )
         else:
             log.info(
                 "decoding with int8 weights again: predicted x%.2f of real time with them",
-                predict(rates, window.window, window.context, level, rate),
+                predicted(level),
             )
         self.model.use_coarse(coarse)
         self.tuner.forget()
@@ -983,8 +1001,8 @@ class Generator:
             self.warned_behind = False
             return
         # a rung's speed is a guess until measured on it (`ladder.SETTLE` chunks)
-        if last == ladder.COARSE:
-            measured = self.model.coarse
+        if last >= ladder.COARSE:
+            measured = self.model.coarse == ladder.coarse_share(last)
         else:  # (the int4 cache, where there is one, from `CHEAP_CACHE` on)
             measured = self.model.cheap_cache or not self.cache_speedup
         if not measured or self._before is not None:
@@ -995,13 +1013,13 @@ class Generator:
         self.warned_behind = True
         # int4 weights are a way out only where they are not in use already (the ladder's last
         # level, or loaded so) and can run
-        int4 = last != ladder.COARSE and self.model.coarse_available() is None
+        int4 = last < ladder.COARSE and self.model.coarse_available() is None
         log.warning(
             "generation cannot keep up even with the shortest window restarts%s%s: x%.2f of "
             "real time for %d station(s), so listeners will hear the bridge now and then; fewer "
             "stations%s make it keep up",
             " and windows" if rates.slope > 0 else "",
-            " and int4 weights" if last == ladder.COARSE else "",
+            " and int4 weights" if last >= ladder.COARSE else "",
             rtf,
             rates.stations,
             ', a faster device, or int4 weights (model.quantize = "int4": coarser, see README)'

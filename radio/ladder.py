@@ -31,13 +31,16 @@ taken sooner: below `MARGIN` (x1.3) with the int8 one, and left at `MARGIN_BACK`
 levels are there only once their gain is measured (a cost that grows with the position); prompt
 changes keep their own (shorter) `generation.prompt_context`.
 
-With `generation.coarse_when_behind` there is one level more, `COARSE`: the shortest restarts
-and windows with int4 projections in place of the int8 ones too (`MusicModel.use_coarse`:
-coarser music, 16% of the spread, x1.5 the steps per second of musicgen-small on a 2-core AVX2
-CPU). A rung's prediction is the int8 rate times its speedups (`cache_speedup`,
-`coarse_speedup`: first guesses, then the cost at the switch over the cost measured in the
-`SETTLE` chunks after it), and while a rung runs, the int8 rate is its rate over those
-speedups, so a faster hour climbs back.
+With `generation.coarse_when_behind` there are two levels more: the shortest restarts and
+windows with int4 projections in place of the int8 ones in the last half of the decoder's
+layers (`COARSE`), then in all of them (`COARSEST`) (`MusicModel.use_coarse`: coarser music,
+7.9% and 15.8% of the spread against int8's 3.0% on the int4 cache; all of them x1.3-1.5 the
+steps per second of musicgen-small on a 2-core AVX2 CPU, the last half most of that: the last
+layers' rounding moves the logits least). A rung's prediction is the int8 rate times its
+speedups (`cache_speedup`, `coarse_speedup`: all layers int4, a share of them the bytes'
+share of it, `share_speedup`; first guesses, then the cost at the switch over the cost
+measured in the `SETTLE` chunks after it), and while a rung runs, the int8 rate is its rate
+over those speedups, so a faster hour climbs back.
 
 With warm restarts (`generation.warm_restarts`, the default) nothing is prefilled: the next
 window is built a step at a time during the last `context` frames of the current one, and what
@@ -61,7 +64,9 @@ from engine.options import MIN_NEW_FRAMES  # (past twice the restarts' context h
 LEVELS = ((1.0, 1.0), (1.0, 1.0), (0.5, 1.0), (0.25, 1.0), (0.25, 2 / 3), (0.25, 0.5))
 CHEAP_CACHE = 1
 SHORTEST_RESTARTS = 3  # the last level with whole windows
-COARSE = len(LEVELS)  # the shortest restarts and windows, int4 weights (and cache)
+COARSE = len(LEVELS)  # the shortest restarts and windows, int4 weights in the last half
+COARSEST = COARSE + 1  # ... and in every layer (and the lm heads)
+COARSE_SHARES = {COARSE: 0.5, COARSEST: 1.0}  # per coarse level, the share of layers int4
 CACHE_SPEEDUP = 1.1  # the first guess of the int4 cache's speed over int8's (1.07-1.5 measured)
 COARSE_SPEEDUP = 1.5  # the first guess of int4 weights' speed over int8's (measured, 2 cores)
 SETTLE = 10  # chunks on a rung before its speed is taken and the ladder moves
@@ -90,7 +95,7 @@ class Rates:
         float  # a whole context's restart (one station): its prefill or warm rows' extra
     )
     stations: int  # stations generating (each re-prefills once per window)
-    # steps per second with coarse weights over int8's; 0: no coarse level
+    # steps per second with int4 weights in every layer over int8's; 0: no coarse levels
     coarse_speedup: float = 0.0
     # how a frame's cost per station (seconds) grows per position of the steps' mean position,
     # and the mean position `frames_per_second` was measured at; 0: not measured (the window
@@ -111,13 +116,13 @@ class Rates:
         levels += list(range(CHEAP_CACHE + 1, SHORTEST_RESTARTS + 1))
         if self.slope > 0:
             levels += list(range(SHORTEST_RESTARTS + 1, len(LEVELS)))
-        return levels + [COARSE] if self.coarse_speedup > 0 else levels
+        return levels + [COARSE, COARSEST] if self.coarse_speedup > 0 else levels
 
     def speedup(self, level: int) -> float:
         """Steps per second at `level` over those with int8 weights and cache: the int4 cache's
-        from `CHEAP_CACHE` on (where there is one), the coarse weights' on top at `COARSE`."""
+        from `CHEAP_CACHE` on (where there is one), the coarse weights' on top from `COARSE`."""
         cache = self.cache_speedup if self.cache_speedup > 0 and level >= CHEAP_CACHE else 1.0
-        return cache * (self.coarse_speedup if level == COARSE else 1.0)
+        return cache * share_speedup(self.coarse_speedup, coarse_share(level))
 
     @property
     def top(self) -> int:
@@ -128,6 +133,27 @@ class Rates:
     def shortest(self) -> int:
         """The last level on int8 weights: the shortest restarts and windows there are."""
         return [level for level in self.levels if level < COARSE][-1]
+
+
+def coarse_share(level: int) -> float:
+    """The share of the decoder's layers on int4 weights at `level` (0 before `COARSE`)."""
+    return COARSE_SHARES.get(level, 0.0)
+
+
+def share_speedup(speedup: float, share: float) -> float:
+    """Steps per second with int4 weights in `share` of the layers over int8's, from the speedup
+    with all of them (`speedup`, 0: none): the weights a step reads shrink by the share, so the
+    step's time by the share of what all of them save."""
+    if share <= 0 or speedup <= 0:
+        return 1.0
+    return 1.0 / (1.0 - share * (1.0 - 1.0 / speedup))
+
+
+def full_speedup(measured: float, share: float) -> float:
+    """The speedup with all layers int4 that `measured` with `share` of them implies (the
+    inverse of `share_speedup`)."""
+    saved = (1.0 - 1.0 / measured) / share
+    return 1.0 / max(1.0 - saved, 1e-3)
 
 
 def context_frames(context: int, level: int) -> int:

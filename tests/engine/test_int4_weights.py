@@ -338,6 +338,39 @@ def test_coarse_weights_swap_int4_projections_in_and_back(tiny_model_dir):
         dense.use_coarse(True)
 
 
+def test_coarse_weights_in_the_last_half_of_the_layers(tiny_model_dir):
+    """`use_coarse(0.5)` (the radio's first coarse rung): int4 projections in the last half of
+    the decoder's layers, int8 in the first half and the lm heads, on one fused step; its steps
+    lie between the int8 model's and the all-int4 one's, and back at 0 they are int8's again,
+    exactly. A share outside [0, 1] is refused."""
+    from tests.engine.steps import decode_steps
+
+    int8 = MusicModel.load(LoadOptions(model=tiny_model_dir, quantize="int8"))
+    rows_at = [[3, 7], [4, 8], [5, 9]]
+
+    def steps(model):
+        return decode_steps(model.decoder, model, True, rows_at, ["jazz"])
+
+    decoder = int8.decoder
+    fine, heads, n = list(decoder.layers), decoder.lm_heads, len(decoder.layers)
+    own = steps(int8)
+    int8.use_coarse(1.0)
+    coarse, every = list(decoder.layers), steps(int8)
+    int8.use_coarse(0.5)
+    assert int8.coarse == 0.5 and decoder.lm_heads is heads
+    assert decoder.layers[: n - n // 2] == fine[: n - n // 2]
+    assert decoder.layers[n - n // 2 :] == coarse[n - n // 2 :]
+    half = steps(int8)
+    to_int8, to_int4 = (half - own).abs().mean(), (half - every).abs().mean()
+    assert 0 < to_int8 < (every - own).abs().mean() and to_int4 > 0
+    assert decoder._fused is decoder._weights(0.5)[3]  # made once, kept for the next time
+    int8.use_coarse(0.0)
+    assert int8.coarse == 0.0 and decoder.layers == fine
+    torch.testing.assert_close(steps(int8), own, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"coarse: a share of the layers in \[0, 1\], got 1.5"):
+        int8.use_coarse(1.5)
+
+
 def test_coarse_weights_are_prepared_a_layer_per_step_between_reads(tiny_model_dir, monkeypatch):
     """`MusicModel.prepare_coarse`: the int4 set a layer at a time, so that the radio spreads
     its seconds between chunks; the model reads on with its int8 weights meanwhile, and then

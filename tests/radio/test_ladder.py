@@ -20,6 +20,7 @@ from radio.ladder import (
     CHEAP_CACHE,
     CLEARLY,
     COARSE,
+    COARSEST,
     DOWN_BELOW,
     MARGIN,
     MARGIN_BACK,
@@ -74,24 +75,55 @@ def test_it_does_not_flap_between_the_thresholds():
     assert choose_level(2, rates, WINDOW, CONTEXT, RATE) == 2  # not enough margin to go back
 
 
-def test_coarse_weights_are_the_last_level_taken_only_when_the_shortest_restarts_fall_short():
+def test_coarse_weights_are_the_last_levels_taken_only_when_the_shortest_restarts_fall_short():
     # int8 at 40 frames/s: even a quarter of the context re-read cannot keep up (x0.77)
     slow = Rates(40.0, 4.47, 1, coarse_speedup=1.5)
-    assert predicted_rtf(slow, WINDOW, CONTEXT, SHORTEST_RESTARTS, RATE) < DOWN_BELOW
-    # coarse weights: 1.5x the steps and the (shortest) prefill, the same restarts and (no
-    # window levels without a measured slope) whole windows
-    assert predicted_rtf(slow, WINDOW, CONTEXT, COARSE, RATE) == pytest.approx(
-        1.5 * predicted_rtf(slow, WINDOW, CONTEXT, SHORTEST_RESTARTS, RATE)
-    )
-    assert context_frames(CONTEXT, COARSE) == context_frames(CONTEXT, SHORTEST_RESTARTS)
-    assert window_frames(WINDOW, CONTEXT, COARSE, windows=False) == WINDOW
-    assert choose_level(0, slow, WINDOW, CONTEXT, RATE) == COARSE
-    # without the coarse level the ladder ends with the shortest restarts
+    shortest = predicted_rtf(slow, WINDOW, CONTEXT, SHORTEST_RESTARTS, RATE)
+    assert shortest < DOWN_BELOW
+    # coarse weights: int4 in the last half of the layers, then in all of them (1.5x the steps
+    # and the shortest prefill; half of them the bytes' share of that: x1.2), the same
+    # restarts and (no window levels without a measured slope) whole windows
+    assert predicted_rtf(slow, WINDOW, CONTEXT, COARSE, RATE) == pytest.approx(1.2 * shortest)
+    assert predicted_rtf(slow, WINDOW, CONTEXT, COARSEST, RATE) == pytest.approx(1.5 * shortest)
+    for level in (COARSE, COARSEST):
+        assert context_frames(CONTEXT, level) == context_frames(CONTEXT, SHORTEST_RESTARTS)
+        assert window_frames(WINDOW, CONTEXT, level, windows=False) == WINDOW
+    # x0.93 with half the layers int4: all of them
+    assert choose_level(0, slow, WINDOW, CONTEXT, RATE) == COARSEST
+    # a little faster, and half of them keep up: the music keeps the other half's int8
+    faster = Rates(48.0, 4.47, 1, coarse_speedup=1.5)
+    assert predicted_rtf(faster, WINDOW, CONTEXT, SHORTEST_RESTARTS, RATE) < DOWN_BELOW
+    assert predicted_rtf(faster, WINDOW, CONTEXT, COARSE, RATE) >= DOWN_BELOW
+    assert choose_level(0, faster, WINDOW, CONTEXT, RATE) == COARSE
+    # without the coarse levels the ladder ends with the shortest restarts
     assert choose_level(0, Rates(40.0, 4.47, 1), WINDOW, CONTEXT, RATE) == SHORTEST_RESTARTS
     # a machine where a quarter of the context keeps up never goes coarse
     assert choose_level(0, Rates(57.0, 4.47, 1, coarse_speedup=1.5), WINDOW, CONTEXT, RATE) == 2
     # and back up once int8 is predicted fast enough
-    assert choose_level(COARSE, Rates(83.0, 1.12, 1, 1.5), WINDOW, CONTEXT, RATE) == 0
+    assert choose_level(COARSEST, Rates(83.0, 1.12, 1, 1.5), WINDOW, CONTEXT, RATE) == 0
+    # from all layers int4 to half of them once that is predicted at x1.15
+    climb = Rates(60.0, 4.47, 1, coarse_speedup=1.5)
+    assert predicted_rtf(climb, WINDOW, CONTEXT, COARSE, RATE) >= UP_ABOVE
+    assert predicted_rtf(climb, WINDOW, CONTEXT, SHORTEST_RESTARTS, RATE) < UP_ABOVE
+    assert choose_level(COARSEST, climb, WINDOW, CONTEXT, RATE) == COARSE
+
+
+def test_a_share_of_coarse_layers_speeds_steps_by_its_share_of_the_bytes():
+    """`share_speedup`: the step's time shrinks by the share of what all layers int4 save;
+    `full_speedup` undoes it (a speedup measured on half of the layers, all layers' implied)."""
+    assert ladder.share_speedup(1.5, 0.0) == 1.0 and ladder.share_speedup(0.0, 0.5) == 1.0
+    assert ladder.share_speedup(1.5, 1.0) == pytest.approx(1.5)
+    assert ladder.share_speedup(1.5, 0.5) == pytest.approx(1.2)
+    for full in (1.1, 1.5, 2.5):
+        for share in (0.25, 0.5, 1.0):
+            measured = ladder.share_speedup(full, share)
+            assert ladder.full_speedup(measured, share) == pytest.approx(full)
+    assert [ladder.coarse_share(level) for level in (0, SHORTEST_RESTARTS, COARSE, COARSEST)] == [
+        0.0,
+        0.0,
+        0.5,
+        1.0,
+    ]
 
 
 def test_window_levels_come_once_the_cost_of_positions_is_measured():
@@ -101,10 +133,10 @@ def test_window_levels_come_once_the_cost_of_positions_is_measured():
     flat = Rates(40.0, 4.47, 1)
     assert flat.levels == [0, 2, 3] and flat.top == flat.shortest == SHORTEST_RESTARTS
     sloped = dataclasses.replace(flat, slope=1e-6, coarse_speedup=1.5)
-    assert sloped.levels == [0, 2, 3, 4, 5, COARSE] and sloped.shortest == 5
-    spans = [window_frames(WINDOW, CONTEXT, level) for level in (0, 2, 3, 4, 5, COARSE)]
-    assert spans == [1500, 1500, 1500, 1000, 750, 750]
-    assert [context_frames(CONTEXT, level) for level in (4, 5, COARSE)] == [125, 125, 125]
+    assert sloped.levels == [0, 2, 3, 4, 5, COARSE, COARSEST] and sloped.shortest == 5
+    spans = [window_frames(WINDOW, CONTEXT, level) for level in sloped.levels]
+    assert spans == [1500, 1500, 1500, 1000, 750, 750, 750]
+    assert [context_frames(CONTEXT, level) for level in (4, 5, COARSE, COARSEST)] == [125] * 4
     assert window_frames(150, 40, 5) == 75 and window_frames(120, 60, 5) == 80  # 2 x 15 + 50
 
 
@@ -319,11 +351,12 @@ async def test_coarse_weights_while_behind_then_int8_again(run, caplog, monkeypa
     gen.prefill_seconds = 1e6  # no restart keeps up with int8 weights
     gen.played("a", 20)
     await sink.until(lambda: model.coarse)
-    assert gen.restart_level == COARSE and model.switches == [(True, True)]  # prepared first
+    # (nothing keeps up: the fastest level, every layer int4)
+    assert gen.restart_level == COARSEST and model.switches == [(1.0, True)]  # prepared first
     assert "quantizing them first" in caplog.text and model.prepared == COARSE_PARTS
     assert not gen.warned_behind  # not "even int4 cannot" on a guess of int4's speed
     assert model.streams[0].restart_context == 125  # and the shortest restarts
-    assert "decoding with int4 weights until it can" in caplog.text
+    assert "decoding with int4 weights in every layer until it can" in caplog.text
     gen.prefill_seconds = 1e-6  # the machine got fast again
     for frame in range(40, 400, 20):  # COARSE_SETTLE chunks on int4 first, their speed taken
         gen.played("a", frame)
@@ -397,7 +430,8 @@ def test_the_cheaper_cache_is_the_first_level_taken():
     `cache_speedup`; every level after it keeps that cache (the coarse level too, both speedups
     there); without a cheaper cache the levels are as they were."""
     rates = Rates(57.0, 4.47, 1, coarse_speedup=1.5, cache_speedup=1.2)
-    assert rates.levels == [0, CHEAP_CACHE, 2, 3, COARSE] and rates.shortest == SHORTEST_RESTARTS
+    assert rates.levels == [0, CHEAP_CACHE, 2, 3, COARSE, COARSEST]
+    assert rates.shortest == SHORTEST_RESTARTS
     plain = dataclasses.replace(rates, cache_speedup=0.0)
     whole = predicted_rtf(rates, WINDOW, CONTEXT, 0, RATE)  # x0.91: the first test's machine
     assert predicted_rtf(rates, WINDOW, CONTEXT, CHEAP_CACHE, RATE) == pytest.approx(1.2 * whole)
@@ -406,6 +440,9 @@ def test_the_cheaper_cache_is_the_first_level_taken():
             1.2 * predicted_rtf(plain, WINDOW, CONTEXT, level, RATE)
         )
     assert predicted_rtf(rates, WINDOW, CONTEXT, COARSE, RATE) == pytest.approx(
+        1.2 * 1.2 * predicted_rtf(plain, WINDOW, CONTEXT, SHORTEST_RESTARTS, RATE)
+    )
+    assert predicted_rtf(rates, WINDOW, CONTEXT, COARSEST, RATE) == pytest.approx(
         1.8 * predicted_rtf(plain, WINDOW, CONTEXT, SHORTEST_RESTARTS, RATE)
     )
     assert context_frames(CONTEXT, CHEAP_CACHE) == CONTEXT
@@ -415,8 +452,9 @@ def test_the_cheaper_cache_is_the_first_level_taken():
     assert choose_level(0, rates, WINDOW, CONTEXT, RATE) == CHEAP_CACHE
     assert choose_level(0, plain, WINDOW, CONTEXT, RATE) == 2  # without it: half the context
     sloped = dataclasses.replace(rates, slope=1e-6)
-    assert sloped.levels == [0, CHEAP_CACHE, 2, 3, 4, 5, COARSE] and sloped.shortest == 5
-    assert Rates(40.0, 4.47, 1, 1.5).levels == [0, 2, 3, COARSE]
+    assert sloped.levels == [0, CHEAP_CACHE, 2, 3, 4, 5, COARSE, COARSEST]
+    assert sloped.shortest == 5
+    assert Rates(40.0, 4.47, 1, 1.5).levels == [0, 2, 3, COARSE, COARSEST]
 
 
 def test_the_cheaper_cache_keeps_a_margin():
@@ -576,7 +614,7 @@ async def test_int4_weights_come_with_the_cheaper_cache(run, caplog, monkeypatch
     gen.prefill_seconds = 1e6
     gen.played("a", 20)
     await sink.until(lambda: model.coarse)
-    assert gen.restart_level == COARSE and model.cheap_cache and model.cache_switches == [True]
+    assert gen.restart_level == COARSEST and model.cheap_cache and model.cache_switches == [True]
     assert model.cache_parts == 0  # needed at once: nothing prepared (the conversion touches
     # only what it writes)
     assert "shortest window restarts and an int4 KV cache" in caplog.text
@@ -715,6 +753,23 @@ async def test_a_steady_rate_too_slow_for_any_restarts_moves_before_the_warm_cos
     assert gen.warm_cost == 0  # not measured (the fake's streams never warm a window)
     assert model.switches == [(True, True)]  # prepared first
     assert "preparing int4 weights between chunks" in caplog.text
+
+
+async def test_a_little_behind_takes_int4_weights_in_half_of_the_layers(run, caplog):
+    """x0.91 of real time on int8 weights: half of the layers on int4 (`COARSE`, predicted x1.09
+    on the first guess of int4's speed) keeps up, so the other half keeps its int8 weights
+    (the music 7.9% of the spread off float32 instead of 15.8%)."""
+    caplog.set_level(logging.INFO, logger="radio.generator")
+    model = FakeModel()
+    gen, sink = await run(model, ("a",), coarse_when_behind=True)
+    await sink.until(lambda: len(sink.pcm("a")) >= 1)
+    model.streams[0].read_seconds = 0.22  # 0.2 s of audio a read: x0.91
+    async with asyncio.timeout(20):
+        while not model.coarse:
+            gen.played("a", len(sink.pcm("a")) * CHUNK)
+            await asyncio.sleep(0.05)
+    assert model.switches == [(0.5, True)] and gen.restart_level == COARSE
+    assert "decoding with int4 weights in the last 50% of the layers until it can" in caplog.text
 
 
 async def test_the_speed_is_judged_once_the_weights_are_chosen(run, monkeypatch):
