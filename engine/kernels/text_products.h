@@ -8,9 +8,11 @@
 //
 // AVX2 + FMA only (both builds compile it): a register tile is up to 4 rows x 3 features, 12
 // float32 accumulators over K in steps of 8, the 3 features' weights widened into 3 registers
-// and each row's 8 inputs taken from memory by its FMAs. A thread takes 3-feature tiles of
-// one group (a head of the fold, or the whole matrix) and passes every row tile over them while
-// the tile's weights sit in L1 (3 x K bfloat16), so the weights stream from memory once.
+// and each row's 8 inputs taken from memory by its FMAs. A task is 48 features of one group (a
+// head of the fold, or the whole matrix), every row tile passed over each 3 of them while
+// their weights sit in L1 (3 x K bfloat16), so the weights stream from memory once; the tasks
+// go to the threads by `parallel_blocks` (a thread done with its share takes the others':
+// one preempted by another process does not hold the product up).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -19,6 +21,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+
+#include "common.h"
 
 namespace er {
 namespace text {
@@ -106,12 +110,10 @@ inline void rows_over(const float* x, const uint16_t* w, float* y, int64_t M, in
 inline void linear_bf16_weights(const float* x, const uint16_t* w, float* y, int64_t G, int64_t M,
                                 int64_t N, int64_t K) {
   const int64_t tasks_per_group = (N + kFeaturesPerTask - 1) / kFeaturesPerTask;
-  at::parallel_for(0, G * tasks_per_group, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t g = t / tasks_per_group, n0 = t % tasks_per_group * kFeaturesPerTask;
-      rows_over(x + g * M * K, w + g * N * K, y + g * M * N, M, N, K, n0,
-                std::min(N, n0 + kFeaturesPerTask));
-    }
+  parallel_blocks(G * tasks_per_group, [&](int64_t t) {
+    const int64_t g = t / tasks_per_group, n0 = t % tasks_per_group * kFeaturesPerTask;
+    rows_over(x + g * M * K, w + g * N * K, y + g * M * N, M, N, K, n0,
+              std::min(N, n0 + kFeaturesPerTask));
   });
 }
 
@@ -170,23 +172,21 @@ inline void matmul_panels(const float* x, const uint16_t* w, float* y, int64_t G
   const int64_t P = (N + kPanel - 1) / kPanel;
   const int64_t tasks_per_group = (P + kPanelsPerTask - 1) / kPanelsPerTask;
   const int64_t tiles = (M + kPanelRows - 1) / kPanelRows;
-  at::parallel_for(0, G * tasks_per_group, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t g = t / tasks_per_group, p0 = t % tasks_per_group * kPanelsPerTask;
-      const int64_t p1 = std::min(P, p0 + kPanelsPerTask);
-      for (int64_t p = p0; p < p1; p += 3) {
-        const int64_t panels = std::min<int64_t>(3, p1 - p);
-        const int64_t last = std::min<int64_t>(kPanel, N - (p + panels - 1) * kPanel);
-        const uint16_t* wp = w + (g * P + p) * K * kPanel;
-        for (int64_t i = 0; i < tiles; ++i) {
-          const int64_t m0 = M * i / tiles, rows = M * (i + 1) / tiles - m0;
-          const float* xt = x + (g * M + m0) * K;
-          float* yt = y + (g * M + m0) * N + p * kPanel;
-          switch (rows) {
-            case 3: rows_panels<3>(xt, wp, yt, K, N, panels, last); break;
-            case 2: rows_panels<2>(xt, wp, yt, K, N, panels, last); break;
-            default: rows_panels<1>(xt, wp, yt, K, N, panels, last); break;
-          }
+  parallel_blocks(G * tasks_per_group, [&](int64_t t) {
+    const int64_t g = t / tasks_per_group, p0 = t % tasks_per_group * kPanelsPerTask;
+    const int64_t p1 = std::min(P, p0 + kPanelsPerTask);
+    for (int64_t p = p0; p < p1; p += 3) {
+      const int64_t panels = std::min<int64_t>(3, p1 - p);
+      const int64_t last = std::min<int64_t>(kPanel, N - (p + panels - 1) * kPanel);
+      const uint16_t* wp = w + (g * P + p) * K * kPanel;
+      for (int64_t i = 0; i < tiles; ++i) {
+        const int64_t m0 = M * i / tiles, rows = M * (i + 1) / tiles - m0;
+        const float* xt = x + (g * M + m0) * K;
+        float* yt = y + (g * M + m0) * N + p * kPanel;
+        switch (rows) {
+          case 3: rows_panels<3>(xt, wp, yt, K, N, panels, last); break;
+          case 2: rows_panels<2>(xt, wp, yt, K, N, panels, last); break;
+          default: rows_panels<1>(xt, wp, yt, K, N, panels, last); break;
         }
       }
     }
