@@ -75,6 +75,10 @@ SETTLE = 10  # chunks on a rung before its speed is taken and the ladder moves
 # int8 stations flapped between the int8 and int4 caches every 6-10 s near x1.0
 RUNG_SECONDS = 30.0
 DOWN_BELOW = 1.02  # a level predicted slower than this is left for the next
+# ... but half the layers int4 (`COARSE`) is taken and kept only at `UP_ABOVE`: a prompt change
+# throws the audio after its cut away, which the buffer refills at the margin, and on it two
+# Zen 3 cores ran at x1.02-1.23, a change once heard after 1.72 s (on all layers int4, x1.5:
+# under 1 s); below that margin the ladder takes every layer's int4 weights
 UP_ABOVE = 1.15  # the level above is taken back once predicted at least this fast
 CLEARLY = 1.03  # where no level keeps up, a later one is taken if predicted this much faster
 # The int4 KV cache stays within the precision budget (2.9% of the logit spread against int8's
@@ -232,12 +236,15 @@ def choose_level(level: int, rates: Rates, window: int, context: int, frame_rate
     def rtf(at: int) -> float:
         return predicted_rtf(rates, window, context, at, frame_rate)
 
+    def keeps_up(at: int) -> bool:
+        return rtf(at) >= (UP_ABOVE if at == COARSE else DOWN_BELOW)
+
     levels = rates.levels
     i = max(j for j, at in enumerate(levels) if at <= level)  # (a level gone: the one before)
-    if rtf(levels[i]) < DOWN_BELOW:
+    if not keeps_up(levels[i]):
         # the first level after it that keeps up, else the fastest if clearly faster
         later = levels[i:]
-        keeping = [at for at in later if rtf(at) >= DOWN_BELOW]
+        keeping = [at for at in later if keeps_up(at)]
         fastest = max(later, key=rtf)
         if keeping:
             i = levels.index(keeping[0])
