@@ -958,16 +958,20 @@ class Generator:
         where = "every layer" if coarse >= 1.0 else f"the last {coarse:.0%} of the layers"
         if coarse > self.model.coarse:
             cheap = ladder.CHEAP_CACHE in rates.levels
-            was = rates.shortest if self.model.coarse == 0 else self.restart_level
+            if self.model.coarse == 0:
+                why = "cannot keep up even with the shortest window restarts{} (x{:.2f}".format(
+                    " and an int4 KV cache" if cheap else "", predicted(rates.shortest)
+                )
+            else:  # (half the layers int4 is kept only with a margin: `ladder.DOWN_BELOW`)
+                why = (
+                    f"runs at x{predicted(self.restart_level):.2f} with int4 weights in the last "
+                    f"{self.model.coarse:.0%} of the layers, under the x{ladder.UP_ABOVE:.2f} "
+                    "margin a prompt change needs (x1.00"
+                )
             log.warning(
-                "generation cannot keep up %s (x%.2f of real time): decoding with int4 weights "
-                "in %s until it can (coarser music, predicted x%.2f; "
-                "generation.coarse_when_behind)%s",
-                "even with the shortest window restarts"
-                + (" and an int4 KV cache" if cheap else "")
-                if self.model.coarse == 0
-                else f"with int4 weights in the last {self.model.coarse:.0%} of the layers",
-                predicted(was),
+                "generation %s of real time): decoding with int4 weights in %s until it can "
+                "(coarser music, predicted x%.2f; generation.coarse_when_behind)%s",
+                why,
                 where,
                 predicted(level),
                 "" if self.model.coarse_ready else ": quantizing them first (a second or two)",

@@ -78,7 +78,8 @@ DOWN_BELOW = 1.02  # a level predicted slower than this is left for the next
 # ... but half the layers int4 (`COARSE`) is taken and kept only at `UP_ABOVE`: a prompt change
 # throws the audio after its cut away, which the buffer refills at the margin, and on it two
 # Zen 3 cores ran at x1.02-1.23, a change once heard after 1.72 s (on all layers int4, x1.5:
-# under 1 s); below that margin the ladder takes every layer's int4 weights
+# under 1 s); below that margin the ladder takes every layer's int4 weights, and from them
+# half again only at `MARGIN` (two runs flapped between them every 20-30 s at x1.15)
 UP_ABOVE = 1.15  # the level above is taken back once predicted at least this fast
 CLEARLY = 1.03  # where no level keeps up, a later one is taken if predicted this much faster
 # The int4 KV cache stays within the precision budget (2.9% of the logit spread against int8's
@@ -250,7 +251,13 @@ def choose_level(level: int, rates: Rates, window: int, context: int, frame_rate
             i = levels.index(keeping[0])
         elif rtf(fastest) >= CLEARLY * rtf(levels[i]):
             i = levels.index(fastest)
-    while i > 0 and rtf(levels[i - 1]) >= (MARGIN_BACK if levels[i] == CHEAP_CACHE else UP_ABOVE):
+
+    def back_at(at: int) -> float:  # the prediction that takes the level before `at` back
+        if at == CHEAP_CACHE:
+            return MARGIN_BACK
+        return MARGIN if at == COARSEST else UP_ABOVE  # (half the layers: kept at UP_ABOVE)
+
+    while i > 0 and rtf(levels[i - 1]) >= back_at(levels[i]):
         i -= 1
     if levels[i] == 0 and CHEAP_CACHE in levels and rtf(0) < MARGIN and rtf(CHEAP_CACHE) > rtf(0):
         i = levels.index(CHEAP_CACHE)  # the margin, within the precision budget
