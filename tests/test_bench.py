@@ -75,19 +75,23 @@ def test_precision_benchmark_prints_the_table(tmp_path):
         assert row in out
 
 
-def test_prompt_change_benchmark_prints_both_text_products(tmp_path):
+def test_prompt_change_benchmark_prints_each_kind_of_text_products(tmp_path):
     out = _run("prompt_change.py", "--size", "tiny", "--changes", "2", tmp_path=tmp_path)
     assert "freed memory kept: True" in out
     assert re.search(r"plain read \d+\.\d GB/s before, \d+\.\d after", out)
     rows = re.findall(
-        r"^\| (float32|bfloat16) \| (\d+) ms \| (\d+) ms \| (-?\d+) ms \| (\d+) ms \|", out, re.M
+        r"^\| (float32|bfloat16|bfloat16-weights) \| (\d+) ms \| (\d+) ms \| (-?\d+) ms \| (\d+) ms \|",
+        out,
+        re.M,
     )
-    assert [r[0] for r in rows] == ["float32", "bfloat16"], out
+    assert [r[0] for r in rows] == ["float32", "bfloat16", "bfloat16-weights"], out
     for _, text, prefill, _, whole in rows:
         # the change includes its prefill; its text is timed apart (a second encoding of it, so
         # on a loaded machine the whole may come out under text + prefill: no such check)
         assert int(whole) > 0 and int(whole) >= int(prefill), (text, prefill, whole)
-    assert re.search(r"a change x\d+\.\d\d as fast as with float32 ones", out)
+    for kind in ("bfloat16", "bfloat16-weights"):
+        assert re.search(rf"^{kind} text products: a change x\d+\.\d\d as fast as", out, re.M)
+    assert re.search(r"this machine's own choice: (float32|bfloat16|bfloat16-weights)\)", out)
 
 
 def test_codec_benchmark_prints_cost_and_stages(tmp_path):
