@@ -959,18 +959,20 @@ class Generator:
         if coarse > self.model.coarse:
             cheap = ladder.CHEAP_CACHE in rates.levels
             if self.model.coarse == 0:
-                why = "cannot keep up even with the shortest window restarts{} (x{:.2f}".format(
-                    " and an int4 KV cache" if cheap else "", predicted(rates.shortest)
-                )
-            else:  # (half the layers int4 is kept only with a margin: `ladder.DOWN_BELOW`)
                 why = (
-                    f"runs at x{predicted(self.restart_level):.2f} with int4 weights in the last "
-                    f"{self.model.coarse:.0%} of the layers, under the x{ladder.UP_ABOVE:.2f} "
-                    "margin a prompt change needs (x1.00"
+                    "cannot keep up even with the shortest window restarts"
+                    + (" and an int4 KV cache" if cheap else "")
+                    + f" (x{predicted(rates.shortest):.2f} of real time)"
+                )
+            else:  # (half the layers int4 is kept only with a margin: `ladder.choose_level`)
+                why = (
+                    f"runs at x{predicted(self.restart_level):.2f} of real time with int4 weights "
+                    f"in the last {self.model.coarse:.0%} of the layers, under the "
+                    f"x{ladder.UP_ABOVE:.2f} a prompt change needs"
                 )
             log.warning(
-                "generation %s of real time): decoding with int4 weights in %s until it can "
-                "(coarser music, predicted x%.2f; generation.coarse_when_behind)%s",
+                "generation %s: decoding with int4 weights in %s until it can (coarser music, "
+                "predicted x%.2f; generation.coarse_when_behind)%s",
                 why,
                 where,
                 predicted(level),
