@@ -139,14 +139,18 @@ def step_bytes(decoder: Decoder, positions: int = 1000, rows: int = 2) -> tuple:
 
 
 @torch.inference_mode()
-def teacher_forced_logits(model, decoder: Decoder, ids: torch.Tensor) -> torch.Tensor:
-    """ids: [K, T] delayed layout -> guided-row-0 logits [T, K, V] float32, step by step."""
+def teacher_forced_logits(
+    model, decoder: Decoder, ids: torch.Tensor, prefill: int = 1
+) -> torch.Tensor:
+    """ids: [K, T] delayed layout -> guided-row-0 logits [T - prefill + 1, K, V] float32: the
+    first `prefill` frames read at once (a prompt change's or a window restart's re-read), then
+    step by step."""
     condition = encode_prompt(model, PROMPT, decoder.text_bfloat16, decoder.encoder_products)
     states, mask = batch_conditions([condition], guidance=True)
     cross = decoder.cross_kv(states, mask)
     cache = decoder.new_cache(2, ids.shape[1] + 1)
-    rows = [decoder.prefill(ids[None, :, :1].expand(2, -1, -1), cache, cross)]
-    for p in range(1, ids.shape[1]):
+    rows = [decoder.prefill(ids[None, :, :prefill].expand(2, -1, -1), cache, cross)]
+    for p in range(prefill, ids.shape[1]):
         rows.append(decoder.decode_one_step(ids[None, :, p].expand(2, -1), cache, cross))
     return torch.stack(rows)[:, 0]
 
@@ -188,7 +192,16 @@ def main() -> int:
     parser.add_argument(
         "--positions", type=int, default=300, help="teacher-forced positions (attention length)"
     )
+    parser.add_argument(
+        "--prefill",
+        type=int,
+        default=1,
+        help="of them, frames read at once first (a prompt change re-reads 25, a window restart "
+        "500): the prefill's own products, then steps over what it wrote",
+    )
     args = parser.parse_args()
+    if not 1 <= args.prefill < args.positions:
+        parser.error(f"--prefill must be at least 1 and under --positions ({args.positions})")
     folder = fetch(args.model) if args.model else model_dir(args.size)
     torch.manual_seed(0)
     results, notes = {}, {}
@@ -232,7 +245,7 @@ def main() -> int:
         n = args.positions
         frames = torch.randint(0, 2048, (k, n + 3), generator=torch.Generator().manual_seed(0))
         ids = delayed_layout(frames, codebook_delays(k, model.decoder.config.audio_channels), n)
-        logits = teacher_forced_logits(model, decoder, ids)
+        logits = teacher_forced_logits(model, decoder, ids, args.prefill)
         tokens, step_s = greedy_tokens(model, decoder, args.steps)
         results[name] = (logits, tokens, step_s)
 
@@ -240,10 +253,11 @@ def main() -> int:
     say("")
     spread = ref_logits.std().item()
     weights = args.model or f"{args.size} shapes"
+    read = f", the first {args.prefill} read at once" if args.prefill > 1 else ""
     say(
         f"| mode vs float32 ({weights}) | max abs logit diff | mean abs logit diff | "
         f"mean as % of the logit spread | argmax agreement (teacher-forced, {args.positions} "
-        f"positions) | greedy agreement over {args.steps} steps | first differing step | "
+        f"positions{read}) | greedy agreement over {args.steps} steps | first differing step | "
         "step time vs float32 | weights MB per step | KV cache MB per step (2 rows, position 1000) |"
     )
     say("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -471,13 +471,20 @@ torch::Tensor linear_int8(torch::Tensor x, torch::Tensor data, torch::Tensor sca
   auto scale = torch::empty({M}, x.options().dtype(torch::kFloat));
   auto comp = torch::empty({M}, x.options().dtype(torch::kInt));
   auto y = torch::empty({M, w.N}, x.options().dtype(torch::kFloat));
+  // a prefill's rows (more than a decode step of 8 stations has) take the ISA's prefill path:
+  // 7-bit codes and no vpsignb on AVX2 (int8_gemm.h), as a decode step's on AVX-512
+  const bool prefill = M > kMaxChunkedRows;
+  const float levels = prefill ? kPrefillLevels : 127.0f;
   // rows quantize in parallel chunks: a prefill's thousand rows are worth splitting
   at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
     quantize_rows(xf.data_ptr<float>() + m0 * K, K, m1 - m0, K, w.Kp, q.data_ptr<int8_t>() + m0 * w.Kp,
-                  w.Kp, scale.data_ptr<float>() + m0, comp.data_ptr<int32_t>() + m0);
+                  w.Kp, scale.data_ptr<float>() + m0, comp.data_ptr<int32_t>() + m0, levels);
   });
   const QuantRows rows{q.data_ptr<int8_t>(), w.Kp, scale.data_ptr<float>(), comp.data_ptr<int32_t>()};
-  gemm_int8<Out::Store>(w, rows, M, y.data_ptr<float>(), w.N);
+  if (prefill)
+    gemm_int8_prefill<Out::Store>(w, rows, M, y.data_ptr<float>(), w.N);
+  else
+    gemm_int8<Out::Store>(w, rows, M, y.data_ptr<float>(), w.N);
   return y;
 }
 
@@ -866,6 +873,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The kernels touch no Python object: other threads (the radio's event loop) run meanwhile.
   const auto nogil = pybind11::call_guard<pybind11::gil_scoped_release>();
   m.def("isa", [] { return std::string(kIsa); }, "the instruction set this build is for");
+  // linear_int8's prefill path: from this many rows, activations take codes in +-prefill_levels
+  m.attr("prefill_rows") = kMaxChunkedRows + 1;
+  m.attr("prefill_levels") = static_cast<int>(kPrefillLevels);
   m.def("linear_bf16", &linear_bf16, nogil, "y = x w^T, bfloat16 weights, a few rows");
   m.def("linear_bf16_weights", &linear_bf16_weights, nogil,
         "y = x w^T, float32 rows (any number) and bfloat16 weights, per group");

@@ -16,29 +16,49 @@ from engine.linear import Int8KernelLinear, pack_int8, pack_int8_reference
 from tests.engine.steps import assert_steps_agree, decode_steps, fused_step_of
 
 
-def _int8_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """What the kernel computes, in float64: per-row int8 activations, per-feature int8 weights,
-    exact integer sums."""
+def _int8_reference(x: torch.Tensor, w: torch.Tensor, levels: int = 127) -> torch.Tensor:
+    """What the kernel computes, in float64: per-row int8 activations (codes in +-levels),
+    per-feature int8 weights, exact integer sums."""
     w_scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
     wq = torch.round(w / w_scale[:, None]).clamp(-127, 127)
-    x_scale = x.abs().amax(dim=1) / 127
+    x_scale = x.abs().amax(dim=1) / levels
     xq = torch.round(x * (1 / x_scale)[:, None])  # the kernel multiplies by the inverse
     return (xq.double() @ wq.double().T) * x_scale[:, None].double() * w_scale[None].double()
 
 
 @pytest.mark.parametrize(("n", "kk"), [(192, 64), (100, 42), (64, 1024), (1024, 4096)])
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 37])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 16, 17, 37, 50])
 def test_linear_int8_is_exact_integer_maths(k, n, kk, rows):
+    """Exact integer products of int8 codes; a prefill's rows (from `prefill_rows`) take codes
+    in +-`prefill_levels` (63 on AVX2: no vpsignb then; 127, as a step's, on AVX-512)."""
     torch.manual_seed(n + kk + rows)
     x, w = torch.randn(rows, kk), torch.randn(n, kk) * 0.02
     packed, scales = pack_int8(w)
     assert packed.shape == (-(-n // 64), -(-kk // 4), 256) and packed.dtype == torch.uint8
     got = k.linear_int8(x, packed, scales)
     assert got.shape == (rows, n) and got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), _int8_reference(x, w), rtol=1e-5, atol=1e-5)
+    levels = k.prefill_levels if rows >= k.prefill_rows else 127
+    want = _int8_reference(x, w, levels)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     # and the quantization stays close to float32 maths
     exact = x @ w.T
     assert (got - exact).abs().max() < 0.03 * exact.abs().max()
+
+
+def test_a_prefills_rows_take_seven_bit_codes_on_avx2(k):
+    """The prefill path's codes: 63 levels each side on AVX2 (the stored weights' +128 times the
+    codes straight into vpmaddubsw stay under its saturation), 127 on AVX-512 (VNNI is exact for
+    8 bits); a decode step's rows (up to 8 stations' 16) keep 127 everywhere."""
+    assert k.prefill_rows == 17
+    assert k.prefill_levels == (63 if k.isa() == "avx2" else 127)
+    # the largest products the unsigned sums can see: weights at +-127 (bytes 255 and 1) against
+    # codes at +-63 in every input, where 8-bit codes would saturate int16 pairs
+    w = torch.full((64, 256), 0.02)
+    w[1::2] = -0.02
+    x = torch.ones(k.prefill_rows, 256)
+    x[1::2] = -1.0
+    got = k.linear_int8(x, *pack_int8(w))
+    torch.testing.assert_close(got.double(), x.double() @ w.double().T, rtol=1e-5, atol=1e-5)
 
 
 def test_pack_int8_layout(k):

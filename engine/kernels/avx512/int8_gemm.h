@@ -25,9 +25,11 @@ constexpr int64_t kRowTile = 4;  // rows per register tile: 4 rows x 64 features
 // 8 rows (4 stations) overlap the stream instead of adding to it (bench/kernels.py).
 constexpr int64_t kPrefetch = 1024;
 
-// Rows x [M][ldx] of K floats -> q [M][ldq] int8 (zero padded up to Kp), scale [M], comp [M].
+// Rows x [M][ldx] of K floats -> q [M][ldq] int8 (zero padded up to Kp), scale [M], comp [M];
+// codes in [-levels, levels].
 inline void quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, int64_t Kp,
-                          int8_t* q, int64_t ldq, float* scale, int32_t* comp) {
+                          int8_t* q, int64_t ldq, float* scale, int32_t* comp,
+                          float levels = 127.0f) {
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * ldx;
     int8_t* qr = q + m * ldq;
@@ -37,7 +39,7 @@ inline void quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, int
       vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(mask, xr + c)));
     }
     const float amax = _mm512_reduce_max_ps(vmax);
-    const float s = amax > 0 ? amax / 127.0f : 1.0f;
+    const float s = amax > 0 ? amax / levels : 1.0f;
     const __m512 inv = _mm512_set1_ps(1.0f / s);
     __m512i sum = _mm512_setzero_si512();
     for (int64_t c = 0; c < K; c += 16) {
@@ -208,6 +210,15 @@ void gemm_int8(const PackedInt8& w, const QuantRows& x, int64_t M, float* y, int
       });
     }
   });
+}
+
+// A prefill's rows go as a decode step's here: VNNI's products are exact for 8-bit codes (the
+// AVX2 build takes 7 for them, avx2/int8_gemm.h).
+constexpr float kPrefillLevels = 127.0f;
+
+template <Out OUT>
+void gemm_int8_prefill(const PackedInt8& w, const QuantRows& x, int64_t M, float* y, int64_t ldy) {
+  gemm_int8<OUT>(w, x, M, y, ldy);
 }
 
 // y = gelu(y) over M rows of N (row stride ldy), the same maths as gemm_int8's Out::Gelu: for
