@@ -78,8 +78,11 @@ DOWN_BELOW = 1.02  # a level predicted slower than this is left for the next
 # ... but half the layers int4 (`COARSE`) is taken and kept only at `UP_ABOVE`: a prompt change
 # throws the audio after its cut away, which the buffer refills at the margin, and on it two
 # Zen 3 cores ran at x1.02-1.23, a change once heard after 1.72 s (on all layers int4, x1.5:
-# under 1 s); below that margin the ladder takes every layer's int4 weights, and from them
-# half again only at `MARGIN` (two runs flapped between them every 20-30 s at x1.15)
+# under 1 s); below that margin the ladder takes every layer's int4 weights, and from them it
+# climbs back to int8 weights, not to half of them: its predictions at a window's start (a
+# prompt change's) run ahead of the window's mean until the cost's slope with the position is
+# measured, and runs took turns between half and all every 20-40 s on them (x1.17 predicted,
+# x1.14 measured), whatever the bar (x1.15, x1.3). The half comes only on the way down
 UP_ABOVE = 1.15  # the level above is taken back once predicted at least this fast
 CLEARLY = 1.03  # where no level keeps up, a later one is taken if predicted this much faster
 # The int4 KV cache stays within the precision budget (2.9% of the logit spread against int8's
@@ -252,13 +255,13 @@ def choose_level(level: int, rates: Rates, window: int, context: int, frame_rate
         elif rtf(fastest) >= CLEARLY * rtf(levels[i]):
             i = levels.index(fastest)
 
-    def back_at(at: int) -> float:  # the prediction that takes the level before `at` back
-        if at == CHEAP_CACHE:
-            return MARGIN_BACK
-        return MARGIN if at == COARSEST else UP_ABOVE  # (half the layers: kept at UP_ABOVE)
-
-    while i > 0 and rtf(levels[i - 1]) >= back_at(levels[i]):
-        i -= 1
+    while i > 0:
+        j = i - 1
+        if levels[i] == COARSEST and levels[j] == COARSE:
+            j -= 1  # from every layer's int4 weights back to int8's, never to half of them
+        if j < 0 or rtf(levels[j]) < (MARGIN_BACK if levels[i] == CHEAP_CACHE else UP_ABOVE):
+            break
+        i = j
     if levels[i] == 0 and CHEAP_CACHE in levels and rtf(0) < MARGIN and rtf(CHEAP_CACHE) > rtf(0):
         i = levels.index(CHEAP_CACHE)  # the margin, within the precision budget
     return levels[i]

@@ -106,15 +106,16 @@ def test_coarse_weights_are_the_last_levels_taken_only_when_the_shortest_restart
     assert choose_level(0, Rates(57.0, 4.47, 1, coarse_speedup=1.5), WINDOW, CONTEXT, RATE) == 2
     # and back up once int8 is predicted fast enough
     assert choose_level(COARSEST, Rates(83.0, 1.12, 1, 1.5), WINDOW, CONTEXT, RATE) == 0
-    # from all layers int4 to half of them once that is predicted at x1.3 (`MARGIN`), not at
-    # the x1.15 that keeps it: the two do not take turns
-    for frames, back in ((50.0, COARSEST), (58.0, COARSE)):
+    # from all layers int4 never to half of them (the two took turns), back to int8 weights
+    # once those are predicted at x1.15; the half, reached on the way down, is kept at x1.15
+    for frames, back in ((50.0, COARSEST), (58.0, COARSEST), (61.0, SHORTEST_RESTARTS)):
         rates = Rates(frames, 4.47, 1, coarse_speedup=1.5)
-        half = predicted_rtf(rates, WINDOW, CONTEXT, COARSE, RATE)
-        assert predicted_rtf(rates, WINDOW, CONTEXT, SHORTEST_RESTARTS, RATE) < UP_ABOVE
-        assert (half >= MARGIN) == (back == COARSE) and half >= UP_ABOVE
+        assert predicted_rtf(rates, WINDOW, CONTEXT, COARSE, RATE) >= UP_ABOVE
+        shortest = predicted_rtf(rates, WINDOW, CONTEXT, SHORTEST_RESTARTS, RATE)
+        assert (shortest >= UP_ABOVE) == (back == SHORTEST_RESTARTS)
         assert choose_level(COARSEST, rates, WINDOW, CONTEXT, RATE) == back
-        assert choose_level(COARSE, rates, WINDOW, CONTEXT, RATE) == COARSE
+        kept = back if back < COARSE else COARSE
+        assert choose_level(COARSE, rates, WINDOW, CONTEXT, RATE) == kept
 
 
 def test_a_share_of_coarse_layers_speeds_steps_by_its_share_of_the_bytes():
