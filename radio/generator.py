@@ -640,6 +640,15 @@ class Generator:
                 self.restart_level, rates, window.window, window.context, rate
             )
             level = max(level, min(guessed, ladder.CHEAP_CACHE))
+        if (
+            level == ladder.COARSE
+            and ladder.predicted_rtf(rates, window.window, window.context, level, rate)
+            < ladder.UP_ABOVE
+        ):
+            # the half's margin judged with the slope's guess too, where it is not measured: at
+            # a stream's start two stations took the half at x0.98 predicted on the steps so far
+            # (x0.69 with the guess), ran at x0.71 and switched again 10 s later
+            level = ladder.COARSEST
         if level < self.restart_level and self.clock() < self._rung_until:
             level = self.restart_level  # a rung taken is kept a while (`ladder.RUNG_SECONDS`)
         # the int4 cache's buffers from the moment the whole context with the int8 cache is

@@ -791,6 +791,23 @@ async def test_a_little_behind_takes_int4_weights_in_half_of_the_layers(run, cap
     assert "decoding with int4 weights in the last 50% of the layers until it can" in caplog.text
 
 
+async def test_the_half_is_judged_with_the_slopes_guess_too(run):
+    """The same machine, where a step reads as much KV cache as weights halfway through a
+    window (`read_per_step`): until the slope is measured, its guess from those bytes puts the
+    half under x1.15 over the window, so every layer takes int4 weights at once."""
+    model = FakeModel()
+    model.step_read = (1000.0, 0.3)  # weights; per position and row: two rows, +60% at 1000
+    gen, sink = await run(model, ("a",), coarse_when_behind=True)
+    await sink.until(lambda: len(sink.pcm("a")) >= 1)
+    gen.coarse_speedup = 2.0
+    model.streams[0].read_seconds = 0.215
+    async with asyncio.timeout(20):
+        while not model.coarse:
+            gen.played("a", len(sink.pcm("a")) * CHUNK)
+            await asyncio.sleep(0.05)
+    assert model.switches == [(1.0, True)] and gen.restart_level == COARSEST
+
+
 async def test_the_speed_is_judged_once_the_weights_are_chosen(run, monkeypatch):
     """`Generator.speed_judged` (the clocks go on air only then) turns true once the ladder has
     measured the steady rate and made its choice, a switch to int4 weights included: a station
