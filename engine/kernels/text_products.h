@@ -1,8 +1,9 @@
 // A prompt's text products with bfloat16 weights on CPUs without native bfloat16 maths: y = x w^T
 // for float32 rows x [M][K] (any M: a prompt's tokens) and bfloat16 weights w [N][K], float32
 // FMAs and sums. Each bfloat16 widens to float32 exactly (a shift), so the only rounding beside
-// float32's is the weights' own. Used once per prompt change (the T5 encoder, the
-// cross-attention's keys and values and their fold: engine/text_products.py), where PyTorch's
+// float32's is the weights' own. Used once per prompt change (the T5 encoder:
+// engine/conditioning.py `Bf16Products`; the cross-attention's keys and values and their fold:
+// engine/decoder.py `cross_kv`), where PyTorch's
 // float32 products read their weights at 11-13 GB/s and its bfloat16 ones, without AVX-512
 // BF16, run 6x slower still.
 //
