@@ -48,6 +48,9 @@ from engine.token_stream import TokenStream  # noqa: E402
 
 # name: (weights dtype, decoder precision, KV cache); "auto" KV is bfloat16 for the bfloat16
 # decoder and int8 for the int8 one where our CPU kernels run (float32 where they do not).
+HALF_COARSE = (
+    "int8, int4 in the last half of the layers, int4 KV cache (the ladder's first coarse rung)"
+)
 MODES = {
     "float32": (torch.float32, "dense", "float32"),
     "bfloat16": (torch.bfloat16, "dense", "auto"),
@@ -59,17 +62,11 @@ MODES = {
     "int4, int4 KV cache": (torch.float32, "int4", "int4"),
     "int4-ffn, int8 KV cache": (torch.float32, "int4-ffn", "int8"),
     "int4-ffn, int4 KV cache": (torch.float32, "int4-ffn", "int4"),
-    "int8, int4 in the last half of the layers, int4 KV cache (the ladder's first coarse rung)": (
-        torch.float32,
-        "int8",
-        "int4",
-    ),
+    HALF_COARSE: (torch.float32, "int8", "int4"),
 }
 # modes whose int8 decoder then swaps int4 projections into the last share of its layers
 # (`Decoder.use_coarse`: the radio's coarse rungs while generation falls behind)
-COARSE_SHARES = {
-    "int8, int4 in the last half of the layers, int4 KV cache (the ladder's first coarse rung)": 0.5
-}
+COARSE_SHARES = {HALF_COARSE: 0.5}
 
 
 class Int8Emulated:

@@ -30,6 +30,13 @@ class TextCondition:
     mask: torch.Tensor  # [S] bool, True where a text token is
 
 
+def linear_bf16_weights(kernels: ModuleType, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [..., K] (any leading shape) times bfloat16 weights w [N, K] -> float32 [..., N]
+    through our kernel (float32 maths)."""
+    rows = x.reshape(-1, x.shape[-1]).float()
+    return kernels.linear_bf16_weights(rows, w).view(*x.shape[:-1], w.shape[0])
+
+
 class Bf16Products:
     """A prompt's text products (the T5 encoder's and `enc_to_dec_proj`'s) with bfloat16 copies
     of their weights through our kernel (`linear_bf16_weights`: float32 maths, any number of
@@ -46,8 +53,7 @@ class Bf16Products:
         w = self._copies.get(layer)
         if w is None:
             w = self._copies[layer] = layer.weight.detach().to(torch.bfloat16).contiguous()
-        rows = x.reshape(-1, x.shape[-1]).float()
-        y = self._kernels.linear_bf16_weights(rows, w).view(*x.shape[:-1], w.shape[0])
+        y = linear_bf16_weights(self._kernels, x, w)
         return y if layer.bias is None else y + layer.bias
 
     @contextmanager

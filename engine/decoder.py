@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 import torch.nn.functional as F
 
-from engine.conditioning import Bf16Products
+from engine.conditioning import Bf16Products, linear_bf16_weights
 from engine.kv_cache import Q4_HEAD, KVCache
 from engine.linear import (
     DECODER_PRECISIONS,
@@ -619,10 +619,7 @@ class Decoder:
         inputs = text_states.to(torch.bfloat16) if native else text_states
 
         def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-            if kernel is None:
-                return F.linear(x, w)
-            rows = x.reshape(-1, x.shape[-1]).float()
-            return kernel.linear_bf16_weights(rows, w).view(*x.shape[:-1], w.shape[0])
+            return F.linear(x, w) if kernel is None else linear_bf16_weights(kernel, x, w)
 
         def heads(w: torch.Tensor) -> torch.Tensor:
             if every:

@@ -991,13 +991,7 @@ class Generator:
                 self._prepare_coarse(None)
                 if not self.model.coarse_ready:
                     return False
-        elif coarse > 0:
-            log.info(
-                "int4 weights in %s only again: predicted x%.2f of real time so",
-                where,
-                predicted(level),
-            )
-        else:
+        else:  # (the ladder leaves every layer's int4 weights for int8's, never for half)
             log.info(
                 "decoding with int8 weights again: predicted x%.2f of real time with them",
                 predicted(level),
