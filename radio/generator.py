@@ -315,8 +315,10 @@ class Generator:
         self._spare_parts: Iterator[None] | None = None  # (`_prepare`)
         self._spares_failed = False
         self._heap_parts: Iterator[None] | None = warm_heap(self._heap_bytes)
-        # the ladder's level (radio.ladder: 0 = window restarts re-read the whole context)
+        # the ladder's level (radio.ladder: 0 = window restarts re-read the whole context), and
+        # the window span the stations run with (frames; None: the whole window)
         self.restart_level = 0
+        self._span: int | None = None
         # the last plain chunks' (cost, mean position) (RECENT_CHUNKS: a buffer's worth) and what
         # they ran with
         span = round(buffer_ahead * model.frame_rate / self.steady_frames)
@@ -620,10 +622,10 @@ class Generator:
             restart * scale,
             stations,
             self.coarse_speedup,
-            slope=self.position_cost.slope,  # (the attention's cost: the same on either weights)
+            slope=self.position_cost.slope,  # (fitted in int8's terms too)
             position=position,
             cache_speedup=self.cache_speedup,
-            prior_slope=self._prior_slope(cost, position),
+            prior_slope=self._prior_slope(cost * scale, position),
         )
         rate = self.model.frame_rate
         measured = dataclasses.replace(rates, prior_slope=0.0)
@@ -674,15 +676,23 @@ class Generator:
                 "(generation.coarse_when_behind)"
             )
         self._say_if_still_behind(rates, level)
-        if level == self.restart_level:
-            self.speed_judged = True
-            return
-        level = self._switch_rungs(level, rates, cost, position)
+        if level != self.restart_level:
+            level = self._switch_rungs(level, rates, cost, position)
         self.speed_judged = True
         was, self.restart_level = self.restart_level, level
-        before = ladder.predicted_rtf(rates, window.window, window.context, was, rate)
-        after = ladder.predicted_rtf(rates, window.window, window.context, level, rate)
         frames, old_frames = (ladder.context_frames(window.context, at) for at in (level, was))
+        # a coarse rung's windows are the last window level's once the slope is measured, so
+        # they can change on the same level: compared with the span the stations run with
+        span = ladder.window_frames(window.window, window.context, level, rates.slope > 0)
+        old_span = self._span or window.window
+        if frames == old_frames and span == old_span:
+            return  # the weights or the cache changed, not the restarts nor the windows
+        after = ladder.predicted_rtf(rates, window.window, window.context, level, rate)
+        # (on the same level: as it was, whole windows with the slope as a guess)
+        unmeasured = dataclasses.replace(rates, slope=0.0, prior_slope=rates.slope)
+        before = ladder.predicted_rtf(
+            rates if was != level else unmeasured, window.window, window.context, was, rate
+        )
         if frames != old_frames:
             log.info(
                 "window restarts now re-read %.1f s of music%s: with %.1f s generation would "
@@ -694,10 +704,6 @@ class Generator:
                 frames / rate,
                 after,
             )
-        span, old_span = (
-            ladder.window_frames(window.window, window.context, at, rates.slope > 0)
-            for at in (level, was)
-        )
         if span != old_span:
             log.info(
                 "windows now span %.1f s%s: with %.1f s generation would run at x%.2f of real "
@@ -712,8 +718,7 @@ class Generator:
                 after,
                 100 * rates.slope * 10 * rate / cost,
             )
-        if frames == old_frames and span == old_span:
-            return  # the weights changed, not the windows (the shortest either way)
+        self._span = span if span < window.window else None
         for lane in self._lanes.values():
             lane.stream.shorten_restarts(frames if frames < window.context else None)
             lane.stream.shorten_windows(span if span < window.window else None)
@@ -759,7 +764,9 @@ class Generator:
         self._before = None
         if self.position_cost.slope <= 0:
             return  # the positions moved and nothing says what that did: the guess stays
-        before = max(before + self.position_cost.slope * (position - at), 0.5 * before)
+        # the slope on the rungs before (it is fitted in int8's terms)
+        slope = self.position_cost.slope / self._speedup(cheap_before, coarse_before)
+        before = max(before + slope * (position - at), 0.5 * before)
         ratio = before / cost * self._speedup(cheap_before, coarse_before)  # over int8's
         if self.model.coarse > coarse_before:  # (all layers' speedup, from this share's)
             share = ratio / self._speedup(coarse=0.0)
@@ -1193,7 +1200,10 @@ class Generator:
                 self._recent_key = self._plain_key()
             self._recent.append((tuner.last_cost, mean))
             if all(e > p for e, p in zip(ends, positions, strict=True)):
-                self.position_cost.add(mean, tuner.last_cost)
+                # in int8's terms, as the ladder weighs it: a stream's first chunks on int8
+                # weights at a window's first positions, the rest on int4 ones, drew a line
+                # falling with the position (so none: two stations ran on whole windows)
+                self.position_cost.add(mean, tuner.last_cost * self._speedup())
         # a chunk that ran wholly with warm rows, on the count in use (no trial, no switch)
         ran = warming and all(s.tokens.warming for s in streams)
         if ran and tuner.last_cost is not None and tuner.last == before == tuner.current:

@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import logging
 import re
+import statistics
 import time
 
 import pytest
@@ -265,6 +266,77 @@ async def test_the_generator_shortens_windows_past_the_shortest_restarts(run, ca
     await sink.until(lambda: ("window", "a", None) in sink.calls)
     assert gen.restart_level == 0 and model.streams[0].window_frames is None
     assert "windows now span 30.0 s (the whole window)" in caplog.text
+
+
+async def test_the_coarsest_rung_shortens_windows_once_the_slope_is_measured(run, caplog):
+    """Every layer's int4 weights take the last window level's windows once a slope is measured,
+    on the same level: the ladder reached that rung before any slope was (a stream's first
+    seconds), so the windows are weighed again while it stays there (two stations ran whole
+    windows on it for minutes)."""
+    caplog.set_level(logging.INFO, logger="radio.generator")
+    model = FakeModel()
+    gen, sink = await run(model, ("a",), buffer_ahead=1.0, window=COLD, coarse_when_behind=True)
+    await sink.until(lambda: len(sink.pcm("a")) == 5)
+    gen.position_cost = FixedSlope(slope=0.0)  # type: ignore[assignment]
+    gen.prefill_seconds = 1e6  # no restart keeps up with int8 weights
+    gen.played("a", 20)
+    await sink.until(lambda: model.coarse == 1.0)
+    await sink.until(lambda: gen.restart_level == COARSEST)
+    assert model.streams[0].restart_context == 125 and model.streams[0].window_frames is None
+    gen.position_cost = FixedSlope(slope=4e-5)  # type: ignore[assignment]
+    async with asyncio.timeout(20):
+        while ("window", "a", 15.0) not in sink.calls:
+            gen.played("a", len(sink.pcm("a")) * CHUNK)
+            await asyncio.sleep(0.02)
+    assert gen.restart_level == COARSEST and model.streams[0].window_frames == 750
+    assert "windows now span 15.0 s, generation cannot keep up otherwise" in caplog.text
+
+
+@dataclasses.dataclass
+class RecordedSlope:
+    """A `PositionCost` that keeps what it is given."""
+
+    slope: float = 0.0
+    added: list[tuple[float, float]] = dataclasses.field(default_factory=list)
+
+    def add(self, position: float, cost: float) -> None:
+        self.added.append((position, cost))
+
+
+async def test_the_position_cost_is_fitted_in_int8_terms(run, monkeypatch):
+    """A plain chunk's cost per frame goes to the position cost times the speedup of the rungs
+    it ran on, as the ladder weighs costs: a stream's first chunks on int8 weights at a window's
+    first positions and its later ones on int4 weights drew a line falling with the position
+    (so no window levels). Here every layer's int4 weights, guessed x2: a chunk of 10 ms a
+    frame counts 20 ms."""
+    monkeypatch.setattr("radio.ladder.RUNG_SECONDS", 1e6)  # (and no climbing back)
+    reads = FakeStream.read
+
+    def moving(self, frames, interrupt=None):  # the window's position moves with the frames
+        pcm = reads(self, frames, interrupt)
+        self.tokens.position = self.frame
+        return pcm
+
+    monkeypatch.setattr(FakeStream, "read", moving)
+    model = FakeModel()
+    gen, sink = await run(model, ("a",), buffer_ahead=1.0, window=COLD, coarse_when_behind=True)
+    await sink.until(lambda: len(sink.pcm("a")) == 5)
+    gen.coarse_speedup = 2.0
+    gen.prefill_seconds = 1e6
+    gen.played("a", 20)
+    await sink.until(lambda: model.coarse == 1.0)
+    recorded = RecordedSlope()
+    gen.position_cost = recorded  # type: ignore[assignment]
+    model.streams[0].read_seconds = CHUNK * 0.01  # 10 ms a frame
+    async with asyncio.timeout(20):
+        while len(recorded.added) < 5:
+            gen.played("a", len(sink.pcm("a")) * CHUNK)
+            await asyncio.sleep(0.02)
+    assert gen.coarse_speedup == 2.0 and model.coarse == 1.0
+    costs = [cost for _, cost in recorded.added[1:]]
+    assert statistics.median(costs) == pytest.approx(0.02, rel=0.25), costs
+    positions = [position for position, _ in recorded.added]
+    assert positions == sorted(positions) and positions[0] > 0
 
 
 @dataclasses.dataclass
