@@ -154,10 +154,16 @@ inline void group_sums(const uint8_t* codes, int64_t G, const int8_t* const (&xr
     dot[m][0] = _mm512_castsi512_si256(d[m]), dot[m][1] = _mm512_extracti64x4_epi64(d[m], 1);
 }
 #else
+// A step's two halves are unpacked once for the tile's rows; each row's two broadcasts are made
+// where they are used and each product added straight into its sums, so that 4 rows fit in
+// AVX2's 16 registers with little spilling (the broadcasts of all rows held at once spilled
+// 5 of the 8 sums to the stack): x0.94 at 4 rows, x0.86 at 8 on Zen 3 (`bench/kernel_ab.py
+// --parts int4`), the same at 2. The loop is bound by the vector ALUs (~3 a cycle there): per
+// 128 products a row, 4 vpmaddubsw, 4 vpaddw and 2 broadcasts, and the unpacking's 6 shared.
 template <int MR>
 inline void group_sums(const uint8_t* codes, int64_t G, const int8_t* const (&xr)[MR],
                        __m256i (&dot)[MR][2], bool ahead) {
-  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i low = _mm256_set1_epi8(0x0F);
   for (int m = 0; m < MR; ++m) dot[m][0] = dot[m][1] = _mm256_setzero_si256();
   for (int64_t h = 0; h < G; h += kSub) {
     __m256i part[MR][2];
@@ -165,21 +171,22 @@ inline void group_sums(const uint8_t* codes, int64_t G, const int8_t* const (&xr
     for (int64_t t = h / kStep; t < (h + kSub) / kStep; ++t) {
       const uint8_t* p = codes + t * kStepBytes;
       if (ahead) prefetch(p + kPrefetch);
-      __m256i a[MR], c[MR];  // each row's inputs 8t .. 8t + 3 and 8t + 4 .. 8t + 7, broadcast
+      const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
+      const __m256i lo0 = _mm256_and_si256(v0, low), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
+      const __m256i lo1 = _mm256_and_si256(v1, low), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
       for (int m = 0; m < MR; ++m) {
-        int32_t first, second;
+        int32_t first, second;  // the row's inputs 8t .. 8t + 3 and 8t + 4 .. 8t + 7
         std::memcpy(&first, xr[m] + t * kStep, 4);
         std::memcpy(&second, xr[m] + t * kStep + 4, 4);
-        a[m] = _mm256_set1_epi32(first), c[m] = _mm256_set1_epi32(second);
-      }
-      for (int j = 0; j < 2; ++j) {  // features 8j .. 8j + 7
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * j));
-        const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-        for (int m = 0; m < MR; ++m)
-          part[m][j] = _mm256_add_epi16(part[m][j], _mm256_add_epi16(_mm256_maddubs_epi16(lo, a[m]),
-                                                                     _mm256_maddubs_epi16(hi, c[m])));
+        const __m256i a = _mm256_set1_epi32(first), c = _mm256_set1_epi32(second);
+        part[m][0] = _mm256_add_epi16(part[m][0], _mm256_maddubs_epi16(lo0, a));  // features 0-7
+        part[m][0] = _mm256_add_epi16(part[m][0], _mm256_maddubs_epi16(hi0, c));
+        part[m][1] = _mm256_add_epi16(part[m][1], _mm256_maddubs_epi16(lo1, a));  // 8-15
+        part[m][1] = _mm256_add_epi16(part[m][1], _mm256_maddubs_epi16(hi1, c));
       }
     }
+    const __m256i ones = _mm256_set1_epi16(1);
     for (int m = 0; m < MR; ++m)
       for (int j = 0; j < 2; ++j) dot[m][j] = _mm256_add_epi32(dot[m][j], _mm256_madd_epi16(part[m][j], ones));
   }
