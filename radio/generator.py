@@ -95,8 +95,9 @@ NO_TRIAL_FIRST_SECONDS = 1.5
 # most a few percent off (musicgen-small here: 4.26 s scaled from 50 frames, 4.30 s from 100,
 # 4.61 s measured on 500); the first real prompt change or window restart replaces the figure.
 TIMED_PREFILL_FRAMES = 50
-# While int4 weights are prepared (`generation.coarse_when_behind`), each chunk is followed by
-# their quantization for at most this share of its time (musicgen-small: a layer, ~0.08 s)
+# What is prepared ahead of need between chunks (an int4 cache's buffers, int4 weights: a layer
+# a part, 15-25 ms from the disk cache, ~0.13 s when the VM has paged its files out) takes at
+# most this share of the chunks' time, less where generation has little to spare (`_pace`)
 PREPARE_SHARE = 0.25
 # The ladder weighs the median cost of the plain chunks that made the last `buffer_ahead`
 # seconds of audio (at least RECENT_CHUNKS, judged from 3 on): a slow moment that the buffer
@@ -306,6 +307,9 @@ class Generator:
         # their quantization, a layer at a time between chunks (`_prepare_coarse`), ahead of
         # need from the moment the ladder first leaves its top level
         self._coarse_parts: Iterator[None] | None = None
+        # seconds of preparation the chunks so far have paid for (`_run_parts`; negative: a
+        # part that ran over, paid back by the next chunks)
+        self._prepare_credit = 0.0
         # a reserve of heap memory touched a slice at a time in the idle time, which comes
         # only once the stations are open (`engine.memory.warm_heap`, which allocates at its
         # first step, where freed memory is kept, as in `radio serve`), so that prompt changes
@@ -562,7 +566,7 @@ class Generator:
             lane.changed = False
         self._sustained(lanes, spent, frames)
         self._climb()
-        self._prepare(spent)
+        self._prepare(spent, frames / self.model.frame_rate / spent)
         for lane, chunk in zip(lanes, made, strict=True):
             if isinstance(chunk, Exception):
                 self._failed(lane, chunk, "generation failed")
@@ -843,19 +847,20 @@ class Generator:
         self.tuner.forget()
         return True
 
-    def _prepare(self, spent: float | None) -> bool:
+    def _prepare(self, spent: float | None, rtf: float = 0.0) -> bool:
         """The next part of what is made ahead of need: the int4 cache's buffers (the rung
         taken first), the int4 weights, the spare cache buffer the next window restart lays
         the rows out into (`MusicModel.prepare_spares`: after a change of cache kind, or rows
         that grew; in the idle time, or after a chunk while every station has some buffer to
         spare), then (only in the idle time, `spent` 0: nothing needs it soon) the heap's
         reserve. (The reserve's slices after each chunk too did not spare two stations' first
-        window restart its 18,000-50,000 fresh pages: its buffers need more.) False when there
-        was nothing to do now."""
+        window restart its 18,000-50,000 fresh pages: its buffers need more.) `rtf`: the chunk's
+        real-time factor (`_pace`). False when there was nothing to do now."""
+        share = self._pace(rtf)
         if self._cache_parts is not None:
-            self._prepare_cache(spent)
+            self._prepare_cache(spent, share)
         elif self._coarse_parts is not None:
-            self._prepare_coarse(spent)
+            self._prepare_coarse(spent, share)
         elif (self._spare_parts is not None or self._spares_wanted()) and (
             spent == 0.0 or self._ahead_enough()
         ):
@@ -879,6 +884,17 @@ class Generator:
             return False
         return True
 
+    def _pace(self, rtf: float) -> float:
+        """The share of a chunk's time that preparing ahead may take after it: PREPARE_SHARE
+        while every station has `TRIAL_AHEAD_SECONDS` buffered, else half of what the chunk
+        made beyond real time (at x1.1, 4.5%), so the buffer still grows: one station on air
+        at x1.05-1.1 with 1 s buffered, its int4 weights prepared at a part (0.13 s) after each
+        0.18 s chunk, ran at x0.62 and bridged. Behind, nothing: what is needed then is made at
+        once, at the switch."""
+        if self._ahead_enough():
+            return PREPARE_SHARE
+        return min(PREPARE_SHARE, max(0.0, (1.0 - 1.0 / rtf) / 2)) if rtf > 0 else 0.0
+
     def _spares_wanted(self) -> bool:
         """Whether a batch's spare cache buffer is to be made ahead (`_prepare`)."""
         return not self._spares_failed and self.model.spares_missing
@@ -891,10 +907,10 @@ class Generator:
         least = TRIAL_AHEAD_SECONDS * self.model.frame_rate
         return bool(lanes) and all(ln.ahead_frames() >= least for ln in lanes)
 
-    def _prepare_cache(self, spent: float | None) -> None:
+    def _prepare_cache(self, spent: float | None, share: float = PREPARE_SHARE) -> None:
         """The next slices of the int4 cache's buffers (`MusicModel.prepare_cheap_cache`)."""
         assert self._cache_parts is not None
-        done = self._run_parts(self._cache_parts, spent, "an int4 KV cache", lambda: False)
+        done = self._run_parts(self._cache_parts, spent, "an int4 KV cache", lambda: False, share)
         if isinstance(done, Exception):
             log.warning(
                 "cannot prepare an int4 KV cache, so generation will not take one when behind: %s",
@@ -906,13 +922,13 @@ class Generator:
             self._renew_heap_reserve()
             log.info("int4 KV cache ready for when generation cannot keep up otherwise")
 
-    def _prepare_coarse(self, spent: float | None) -> None:
+    def _prepare_coarse(self, spent: float | None, share: float = PREPARE_SHARE) -> None:
         """The next layers of the int4 set being prepared (`MusicModel.prepare_coarse`)."""
         if self._coarse_parts is None:
             return
         # (done once the model has the set: the iterator yields once more after its last layer)
         done = self._run_parts(
-            self._coarse_parts, spent, "int4 weights", lambda: self.model.coarse_ready
+            self._coarse_parts, spent, "int4 weights", lambda: self.model.coarse_ready, share
         )
         if isinstance(done, Exception):
             log.warning(
@@ -935,17 +951,30 @@ class Generator:
         self._heap_parts = warm_heap(self._heap_bytes)
 
     def _run_parts(
-        self, parts: Iterator[None], spent: float | None, what: str, ready: Callable[[], bool]
+        self,
+        parts: Iterator[None],
+        spent: float | None,
+        what: str,
+        ready: Callable[[], bool],
+        share: float = PREPARE_SHARE,
     ) -> bool | Exception:
-        """Run a rung's preparation (`parts`, a step of work per item) for at most
-        PREPARE_SHARE of the chunk's time (`spent`; at least one step), or all that is left
-        (`spent` None): ahead of need, a slower stream for some chunks (or the time the worker
-        would wait) instead of seconds of stall at a switch that may never come. True once it
-        is done (`parts` ended or `ready()`), False while more is left, or what it raised (the
-        music goes on without that rung)."""
-        began = time.perf_counter()
+        """Run a preparation (`parts`, a step of work per item) ahead of need: a slower stream
+        for some chunks (or the time the worker would wait) instead of seconds of stall at a
+        switch that may never come. After a chunk of `spent` seconds, for `share` of that time
+        (an account kept across chunks: a part that runs over is paid back by the next chunks,
+        which run none until then); in the idle time (`spent` 0) one part; all that is left
+        when `spent` is None. True once it is done (`parts` ended or `ready()`), False while
+        more is left, or what it raised (the music goes on without that rung)."""
+        idle = spent == 0.0
+        if idle:
+            self._prepare_credit = max(self._prepare_credit, 0.0)  # the idle time paid for it
+        elif spent is not None:
+            self._prepare_credit = min(self._prepare_credit + share * spent, share * spent)
+            if self._prepare_credit <= 0:
+                return False
         with self._engine_call(f"preparing {what}"):
             while True:
+                began = time.perf_counter()
                 try:
                     next(parts)
                 except StopIteration:
@@ -954,8 +983,12 @@ class Generator:
                     return e
                 if ready():
                     return True
-                if spent is not None and time.perf_counter() - began >= PREPARE_SHARE * spent:
+                if idle:
                     return False
+                if spent is not None:
+                    self._prepare_credit -= time.perf_counter() - began
+                    if self._prepare_credit <= 0:
+                        return False
 
     def _switch_weights(self, coarse: float, rates: ladder.Rates, level: int) -> bool:
         """To coarse (int4) weights in the last `coarse` share of the layers while even the

@@ -16,7 +16,8 @@ import pytest
 
 from engine.memory import WARM_BYTES
 from engine.options import WindowOptions
-from radio import ladder
+from radio import generator, ladder
+from radio.generator import Generator
 from radio.ladder import (
     CHEAP_CACHE,
     CLEARLY,
@@ -35,7 +36,14 @@ from radio.ladder import (
     predicted_rtf,
     window_frames,
 )
-from tests.radio.fake_engine import CHUNK, COARSE_PARTS, FRAME_RATE, FakeModel, FakeStream
+from tests.radio.fake_engine import (
+    CHUNK,
+    COARSE_PARTS,
+    FRAME_RATE,
+    FakeModel,
+    FakeStream,
+    spec,
+)
 
 WINDOW, CONTEXT, RATE = 1500, 500, 50.0  # musicgen-small's defaults: 30 s windows, 10 s context
 COLD = WindowOptions(warm_restarts=False)  # window restarts prefill: what the ladder shortens
@@ -473,6 +481,34 @@ async def test_coarse_weights_are_prepared_ahead_a_part_at_a_time_once_behind(ru
     gen.played("a", 40)
     await sink.until(lambda: model.coarse)
     assert model.switches == [(True, True)] and "quantizing them first" not in caplog.text
+
+
+def test_preparing_ahead_keeps_to_its_share_of_the_chunks_time():
+    """Work prepared ahead between chunks (`Generator._run_parts`) takes its share of their time
+    as an account: a part longer than a chunk's share (int4 weights' files paged out: 0.13 s
+    after 0.18 s chunks) is paid back by the next chunks, which run none meanwhile; the idle
+    time runs a part a call. The share (`_pace`) is half of what a chunk made beyond real time
+    until the stations have a buffer to spare, nothing while behind."""
+    gen = Generator(FakeModel(), [spec("a", COLD)], buffer_ahead=1.0, chunk_frames=CHUNK)
+    ran = []
+
+    def parts():
+        while True:
+            time.sleep(0.03)
+            ran.append(time.perf_counter())
+            yield
+
+    work = parts()
+    for _ in range(12):  # chunks of 40 ms, a quarter of each: 10 ms of the parts' 30 ms
+        assert gen._run_parts(work, 0.04, "int4 weights", lambda: False, 0.25) is False
+    assert 3 <= len(ran) <= 5, len(ran)
+    before = len(ran)
+    for _ in range(3):  # idle: a part each time
+        gen._run_parts(work, 0.0, "int4 weights", lambda: False, 0.25)
+    assert len(ran) == before + 3
+    assert gen._pace(1.1) == pytest.approx(0.05 / 1.1)  # half the surplus: ~4.5%
+    assert gen._pace(2.0) == generator.PREPARE_SHARE  # at most the whole share
+    assert gen._pace(0.95) == 0.0 and gen._pace(0.0) == 0.0  # behind: nothing ahead of need
 
 
 async def test_the_heap_reserve_is_touched_again_once_int4_weights_are_ready(
