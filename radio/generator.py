@@ -851,8 +851,8 @@ class Generator:
         """The next part of what is made ahead of need: the int4 cache's buffers (the rung
         taken first), the int4 weights, the spare cache buffer the next window restart lays
         the rows out into (`MusicModel.prepare_spares`: after a change of cache kind, or rows
-        that grew; in the idle time, or after a chunk while every station has some buffer to
-        spare), then (only in the idle time, `spent` 0: nothing needs it soon) the heap's
+        that grew), each after a chunk for the share of its time `_pace` gives, or in the idle
+        time; then (only in the idle time, `spent` 0: nothing needs it soon) the heap's
         reserve. (The reserve's slices after each chunk too did not spare two stations' first
         window restart its 18,000-50,000 fresh pages: its buffers need more.) `rtf`: the chunk's
         real-time factor (`_pace`). False when there was nothing to do now."""
@@ -862,11 +862,13 @@ class Generator:
         elif self._coarse_parts is not None:
             self._prepare_coarse(spent, share)
         elif (self._spare_parts is not None or self._spares_wanted()) and (
-            spent == 0.0 or self._ahead_enough()
+            spent == 0.0 or share > 0
         ):
             if self._spare_parts is None:
                 self._spare_parts = self.model.prepare_spares()
-            done = self._run_parts(self._spare_parts, spent, "room for a window restart", _never)
+            done = self._run_parts(
+                self._spare_parts, spent, "room for a window restart", _never, share
+            )
             if isinstance(done, Exception):
                 log.warning(
                     "cannot make room ahead for the next window restarts, so they may pause "
@@ -889,8 +891,9 @@ class Generator:
         while every station has `TRIAL_AHEAD_SECONDS` buffered, else half of what the chunk
         made beyond real time (at x1.1, 4.5%), so the buffer still grows: one station on air
         at x1.05-1.1 with 1 s buffered, its int4 weights prepared at a part (0.13 s) after each
-        0.18 s chunk, ran at x0.62 and bridged. Behind, nothing: what is needed then is made at
-        once, at the switch."""
+        0.18 s chunk, ran at x0.62 and bridged; another at x1.05 never had 2 s to spare, and
+        its first window restart faulted its 24,000 pages in at once. Behind, nothing: what is
+        needed then is made at once, at the switch (or the restart)."""
         if self._ahead_enough():
             return PREPARE_SHARE
         return min(PREPARE_SHARE, max(0.0, (1.0 - 1.0 / rtf) / 2)) if rtf > 0 else 0.0
@@ -901,8 +904,9 @@ class Generator:
 
     def _ahead_enough(self) -> bool:
         """Whether every working station has `TRIAL_AHEAD_SECONDS` buffered: enough to afford
-        slower chunks for work that can wait (a spare made between chunks right after on-air,
-        with ~1 s buffered, drained two stations that ran at x1.2-1.3 into a bridge)."""
+        the whole PREPARE_SHARE for work that can wait (a spare made at a part after each chunk
+        right after on-air, with ~1 s buffered, drained two stations that ran at x1.2-1.3 into
+        a bridge; `_pace` gives less until then)."""
         lanes = [ln for ln in (self._lanes or {}).values() if not ln.healing.down]
         least = TRIAL_AHEAD_SECONDS * self.model.frame_rate
         return bool(lanes) and all(ln.ahead_frames() >= least for ln in lanes)
