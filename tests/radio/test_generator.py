@@ -248,6 +248,10 @@ def test_another_thread_count_is_tried_with_audio_ahead_or_when_falling_behind()
     # never in a station's first 1.5 s, which its first listeners wait for
     assert not trial_allowed(slow, 1, 50, ahead_frames=0, made_frames=70)
     assert trial_allowed(slow, 1, 50, ahead_frames=0, made_frames=75)
+    # behind with warm rows (the next window built beside this one: they end within `context`
+    # frames): not a reason; 2 s ahead still is
+    assert not trial_allowed(slow, 1, 50, ahead_frames=35, made_frames=made, warm=True)
+    assert trial_allowed(slow, 1, 50, ahead_frames=100, made_frames=made, warm=True)
 
 
 async def test_chunks_are_read_through_the_thread_tuner(run):
