@@ -205,6 +205,7 @@ class _Lane:
     healing: LaneHealing
     watchdog: Watchdog | None = None  # when the music watchdog is on
     played_frame: int = 0  # the clock's head, as last reported
+    on_air: bool = False  # whether the clock has played any of it yet
     cut_frame: int = 0  # the latest prompt change is heard from here: no re-anchor before it
     rtf: float = 0.0  # smoothed (`next_rtf`)
     chunks: int = 0  # made since the lane opened
@@ -863,14 +864,21 @@ class Generator:
         time; then (only in the idle time, `spent` 0: nothing needs it soon) the heap's
         reserve. (The reserve's slices after each chunk too did not spare two stations' first
         window restart its 18,000-50,000 fresh pages: its buffers need more.) `rtf`: the chunk's
-        real-time factor (`_pace`). False when there was nothing to do now."""
+        real-time factor (`_pace`). Before any station is on air, after a chunk, all of it at
+        once: nobody listens yet, so it delays the first sound only (int4 weights ~0.5 s from
+        the disk cache), where on air it would slow the stream or stall it at the switch (one
+        station went on air at x1.07, ran at x0.76-1.0, and its switch to int4 weights four
+        seconds later read them all at once: a bridge). False when there was nothing to do
+        now."""
+        if spent and not any(ln.on_air for ln in (self._lanes or {}).values()):
+            spent = None
         share = self._pace(rtf)
         if self._cache_parts is not None:
             self._prepare_cache(spent, share)
         elif self._coarse_parts is not None:
             self._prepare_coarse(spent, share)
         elif (self._spare_parts is not None or self._spares_wanted()) and (
-            spent == 0.0 or share > 0
+            spent is None or spent == 0.0 or share > 0
         ):
             if self._spare_parts is None:
                 self._spare_parts = self.model.prepare_spares()
@@ -1378,6 +1386,7 @@ class Generator:
             return
         if isinstance(cmd, _Played):
             lane.played_frame = max(lane.played_frame, cmd.frame)
+            lane.on_air = True
         elif isinstance(cmd, _SetPrompt):
             self._apply_prompt(lane, cmd)
         else:

@@ -511,6 +511,21 @@ def test_preparing_ahead_keeps_to_its_share_of_the_chunks_time():
     assert gen._pace(0.95) == 0.0 and gen._pace(0.0) == 0.0  # behind: nothing ahead of need
 
 
+async def test_before_on_air_what_is_prepared_ahead_is_made_at_once(run, caplog):
+    """Before any station is on air (no clock has played a frame), the int4 set the ladder may
+    need is quantized at once after a chunk, not a part at a time: nobody listens yet, and on
+    air the same work would slow the stream or stall it at the switch."""
+    caplog.set_level(logging.INFO, logger="radio.generator")
+    model = FakeModel()
+    gen, sink = await run(model, ("a",), buffer_ahead=4.0, window=COLD, coarse_when_behind=True)
+    gen.prefill_seconds = 30.0  # the whole context: x0.67 of real time; half of it: x1.67
+    await sink.until(lambda: gen.restart_level > 0)  # (a chunk or so later: the ladder moved)
+    chunks = len(sink.pcm("a"))
+    await sink.until(lambda: model.prepared == COARSE_PARTS)
+    assert len(sink.pcm("a")) <= chunks + 2  # within a chunk or two: all parts after one
+    assert not model.coarse and "int4 weights ready" in caplog.text
+
+
 async def test_the_heap_reserve_is_touched_again_once_int4_weights_are_ready(
     run, caplog, monkeypatch
 ):
