@@ -865,11 +865,11 @@ class Generator:
         reserve. (The reserve's slices after each chunk too did not spare two stations' first
         window restart its 18,000-50,000 fresh pages: its buffers need more.) `rtf`: the chunk's
         real-time factor (`_pace`). Before any station is on air, after a chunk, all of it at
-        once: nobody listens yet, so it delays the first sound only (int4 weights ~0.5 s from
-        the disk cache), where on air it would slow the stream or stall it at the switch (one
-        station went on air at x1.07, ran at x0.76-1.0, and its switch to int4 weights four
-        seconds later read them all at once: a bridge). False when there was nothing to do
-        now."""
+        once: nobody listens yet, so it delays the first sound only (int4 weights ~1 s from the
+        disk cache on 2 Zen 3 cores: first sound 6.4-6.7 s against 5.0), where on air it would
+        slow the stream or stall it at the switch (one station went on air at x1.07, ran at
+        x0.76-1.0, and its switch to int4 weights four seconds later read them all at once: a
+        bridge). False when there was nothing to do now."""
         if spent and not any(ln.on_air for ln in (self._lanes or {}).values()):
             spent = None
         share = self._pace(rtf)
