@@ -701,11 +701,12 @@ class Generator:
         if frames == old_frames and span == old_span:
             return  # the weights or the cache changed, not the restarts nor the windows
         after = ladder.predicted_rtf(rates, window.window, window.context, level, rate)
-        # (on the same level: as it was, whole windows with the slope as a guess)
-        unmeasured = dataclasses.replace(rates, slope=0.0, prior_slope=rates.slope)
-        before = ladder.predicted_rtf(
-            rates if was != level else unmeasured, window.window, window.context, was, rate
-        )
+        # (on the same level: as it ran, whole windows with the slope as a guess)
+        if was == level:
+            rates_before = dataclasses.replace(rates, slope=0.0, prior_slope=rates.slope)
+        else:
+            rates_before = rates
+        before = ladder.predicted_rtf(rates_before, window.window, window.context, was, rate)
         if frames != old_frames:
             log.info(
                 "window restarts now re-read %.1f s of music%s: with %.1f s generation would "

@@ -259,7 +259,7 @@ def choose_level(level: int, rates: Rates, window: int, context: int, frame_rate
         j = i - 1
         if levels[i] == COARSEST and levels[j] == COARSE:
             j -= 1  # from every layer's int4 weights back to int8's, never to half of them
-        if j < 0 or rtf(levels[j]) < (MARGIN_BACK if levels[i] == CHEAP_CACHE else UP_ABOVE):
+        if rtf(levels[j]) < (MARGIN_BACK if levels[i] == CHEAP_CACHE else UP_ABOVE):
             break
         i = j
     if levels[i] == 0 and CHEAP_CACHE in levels and rtf(0) < MARGIN and rtf(CHEAP_CACHE) > rtf(0):

@@ -300,17 +300,6 @@ async def test_the_coarsest_rung_shortens_windows_once_the_slope_is_measured(run
     assert "windows now span 15.0 s, generation cannot keep up otherwise" in caplog.text
 
 
-@dataclasses.dataclass
-class RecordedSlope:
-    """A `PositionCost` that keeps what it is given."""
-
-    slope: float = 0.0
-    added: list[tuple[float, float]] = dataclasses.field(default_factory=list)
-
-    def add(self, position: float, cost: float) -> None:
-        self.added.append((position, cost))
-
-
 async def test_the_position_cost_is_fitted_in_int8_terms(run, monkeypatch):
     """A plain chunk's cost per frame goes to the position cost times the speedup of the rungs
     it ran on, as the ladder weighs costs: a stream's first chunks on int8 weights at a window's
@@ -333,7 +322,7 @@ async def test_the_position_cost_is_fitted_in_int8_terms(run, monkeypatch):
     gen.prefill_seconds = 1e6
     gen.played("a", 20)
     await sink.until(lambda: model.coarse == 1.0)
-    recorded = RecordedSlope()
+    recorded = FixedSlope(slope=0.0)
     gen.position_cost = recorded  # type: ignore[assignment]
     model.streams[0].read_seconds = CHUNK * 0.01  # 10 ms a frame
     async with asyncio.timeout(20):
@@ -349,12 +338,14 @@ async def test_the_position_cost_is_fitted_in_int8_terms(run, monkeypatch):
 
 @dataclasses.dataclass
 class FixedSlope:
-    """A `PositionCost` that says what the test wants (the fake streams do not move)."""
+    """A `PositionCost` that says what the test wants (the fake streams do not move), and keeps
+    the chunks' (position, cost) it is given."""
 
     slope: float = 1e-9
+    added: list[tuple[float, float]] = dataclasses.field(default_factory=list)
 
     def add(self, position: float, cost: float) -> None:
-        pass
+        self.added.append((position, cost))
 
 
 def moves(sink) -> list[tuple]:
