@@ -157,10 +157,10 @@ inline void group_sums(const uint8_t* codes, int64_t G, const int8_t* const (&xr
 // A step's two halves are unpacked once for the tile's rows; each row's two broadcasts are made
 // where they are used and each product added straight into its sums, so that 4 rows fit in
 // AVX2's 16 registers with little spilling (the broadcasts of all rows held at once spilled
-// 5 of the 8 sums to the stack): x0.94-0.95 at 4 rows, x0.86-0.94 at 8 on Zen 3 in two runs of
-// `bench/kernel_ab.py --parts int4`, x0.99-1.05 at 2. The loop is bound by the vector ALUs (~3
-// a cycle there): per 128 products a row, 4 vpmaddubsw, 4 vpaddw and 2 broadcasts, and the
-// unpacking's 6 shared by the rows.
+// 5 of the 8 sums to the stack): x0.93-0.95 at 4 rows, x0.86-0.94 at 8 on Zen 3 in three runs
+// of `bench/kernel_ab.py --parts int4`, x1.01-1.05 at 2 (within the rounds' spread, 0.76-1.10).
+// The loop is bound by the vector ALUs (~3 a cycle there): per 128 products a row, 4
+// vpmaddubsw, 4 vpaddw and 2 broadcasts, and the unpacking's 6 shared by the rows.
 template <int MR>
 inline void group_sums(const uint8_t* codes, int64_t G, const int8_t* const (&xr)[MR],
                        __m256i (&dot)[MR][2], bool ahead) {
