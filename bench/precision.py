@@ -64,6 +64,7 @@ MODES = {
     "int4-ffn, int4 KV cache": (torch.float32, "int4-ffn", "int4"),
     HALF_COARSE: (torch.float32, "int8", "int4"),
 }
+GUIDANCE = SamplingOptions().guidance_scale  # (3: what the radio samples with)
 # modes whose int8 decoder then swaps int4 projections into the last share of its layers
 # (`Decoder.use_coarse`: the radio's coarse rungs while generation falls behind)
 COARSE_SHARES = {HALF_COARSE: 0.5}
@@ -139,9 +140,9 @@ def step_bytes(decoder: Decoder, positions: int = 1000, rows: int = 2) -> tuple:
 def teacher_forced_logits(
     model, decoder: Decoder, ids: torch.Tensor, prefill: int = 1
 ) -> torch.Tensor:
-    """ids: [K, T] delayed layout -> guided-row-0 logits [T - prefill + 1, K, V] float32: the
-    first `prefill` frames read at once (a prompt change's or a window restart's re-read), then
-    step by step."""
+    """ids: [K, T] delayed layout -> the conditional and null rows' logits [T - prefill + 1, 2,
+    K, V] float32: the first `prefill` frames read at once (a prompt change's or a window
+    restart's re-read), then step by step."""
     condition = encode_prompt(model, PROMPT, decoder.text_bfloat16, decoder.encoder_products)
     states, mask = batch_conditions([condition], guidance=True)
     cross = decoder.cross_kv(states, mask)
@@ -149,7 +150,12 @@ def teacher_forced_logits(
     rows = [decoder.prefill(ids[None, :, :prefill].expand(2, -1, -1), cache, cross)]
     for p in range(prefill, ids.shape[1]):
         rows.append(decoder.decode_one_step(ids[None, :, p].expand(2, -1), cache, cross))
-    return torch.stack(rows)[:, 0]
+    return torch.stack(rows)
+
+
+def guided(rows: torch.Tensor, scale: float = GUIDANCE) -> torch.Tensor:
+    """[T, 2, K, V] conditional and null rows -> the logits sampling takes with guidance."""
+    return rows[:, 1] + (rows[:, 0] - rows[:, 1]) * scale
 
 
 @torch.inference_mode()
@@ -202,6 +208,7 @@ def main() -> int:
     folder = fetch(args.model) if args.model else model_dir(args.size)
     torch.manual_seed(0)
     results, notes = {}, {}
+    both: torch.Tensor | None = None  # float32's conditional and null rows
     wanted = [m.strip() for m in args.modes.split(";") if m.strip()]
     runs = []
     for name, (dtype, precision, kv_cache) in MODES.items():
@@ -242,9 +249,11 @@ def main() -> int:
         n = args.positions
         frames = torch.randint(0, 2048, (k, n + 3), generator=torch.Generator().manual_seed(0))
         ids = delayed_layout(frames, codebook_delays(k, model.decoder.config.audio_channels), n)
-        logits = teacher_forced_logits(model, decoder, ids, args.prefill)
+        rows = teacher_forced_logits(model, decoder, ids, args.prefill)
+        if name == "float32":
+            both = rows
         tokens, step_s = greedy_tokens(model, decoder, args.steps)
-        results[name] = (logits, tokens, step_s)
+        results[name] = (rows[:, 0], tokens, step_s)
 
     ref_logits, ref_tokens, ref_step = results["float32"]
     say("")
@@ -272,6 +281,16 @@ def main() -> int:
             f"x{ref_step / step_s:.2f} faster | {weights_mb:.0f} | {cache_mb:.0f} |"
         )
     say(f"(logit spread: float32 logits have std {spread:.3f}; budget: mean at most 3% of it)")
+    # guidance off (the ladder's last rung, `MusicModel.drop_guidance`): sampling takes the
+    # conditional row alone in place of the guided logits; in float32, what that moves
+    assert both is not None
+    reference = guided(both)
+    off = (both[:, 0] - reference).abs().mean().item() / reference.std().item()
+    agree = (both[:, 0].argmax(-1) == reference.argmax(-1)).float().mean().item()
+    say(
+        f"guidance off (float32): the conditional row alone against the guided logits (scale "
+        f"{GUIDANCE:g}): mean {off:.2%} of their spread, argmax agreement {agree:.1%}"
+    )
     return 0
 
 

@@ -176,7 +176,7 @@ class DecodeBatch:
             for lane, first in zip(lanes, self._first, strict=True):
                 if lane.warm is not None:
                     n = lane.rows.count
-                    lane.fed_warm(logits[first + n : first + 2 * n])
+                    lane.fed_warm(logits[first + n : first + n + lane.warm_count])
             if not self._plain:
                 logits = mix_rows(logits, self._groups(), self._sampled_rows())
             tokens = sample_streams(logits, samplings, generators, self.decoder.kernels)
@@ -192,8 +192,17 @@ class DecodeBatch:
 
     def _sampled_rows(self) -> int:
         """Rows per stream that sampling takes: conditional and null, or the conditional alone
-        (a lone stream with guidance off)."""
-        return 1 + self.lanes[0].rows.guided
+        (a lone stream with guidance off, or every lane's guidance dropped: `drop_guidance`)."""
+        return 1 + any(lane.rows.guided for lane in self.lanes)
+
+    def drop_guidance(self, on: bool) -> None:
+        """While `on`, no lane holds a null row (`Lane.drop_guidance`: sampled from their
+        conditional rows alone, a step's rows halved); they are laid out without them at once,
+        every other row keeping its cache. Off, each lane takes its null row back at its next
+        window restart (built with its warm rows: nothing is prefilled)."""
+        changed = [lane.drop_guidance(on) for lane in self.lanes]
+        if any(changed) and self._keys:  # (else the first window lays them out)
+            self._lay_out()
 
     def _groups(self) -> list[tuple[int, list[float], int | None]]:
         """Per lane (first row, its conditional rows' weights for the position this step
@@ -348,7 +357,7 @@ class DecodeBatch:
             else:
                 states, masks = condition_rows(lane.rows.conditions, lane.rows.guided)
                 own = self.decoder.cross_kv(states, masks)  # [R_i, S_i, E] in
-            cross = own if lane.warm is None else concat_cross([own, own])
+            cross = own if lane.warm is None else concat_cross([own, self._warm_cross(lane, own)])
             if i < len(self._own):
                 self._own[i], self._crosses[i] = (own_keys, own), cross
             else:
@@ -356,7 +365,19 @@ class DecodeBatch:
                 self._crosses.append(cross)
         self._keys = keys
         self._cross = None
-        self._plain = all(lane.rows.plain and lane.warm is None for lane in self.lanes)
+        # (lanes with and without a null row: sampling takes a pair from each, `mix_rows`)
+        self._plain = all(lane.rows.plain and lane.warm is None for lane in self.lanes) and (
+            len({lane.rows.guided for lane in self.lanes}) == 1
+        )
+
+    def _warm_cross(self, lane: Lane, own: CrossKV) -> CrossKV:
+        """The cross-attention inputs of `lane`'s warm rows: its own rows' (`own`), with the
+        null row where the warm rows hold one and its own rows do not (guidance coming back)."""
+        assert lane.warm is not None
+        if lane.warm.guided == lane.rows.guided:
+            return own
+        states, masks = condition_rows(lane.rows.conditions, lane.warm.guided)
+        return self.decoder.cross_kv(states, masks)
 
     def _sources(self, keys: list[tuple[RowKey, ...]], promote: Lane | None) -> list[int | None]:
         """For each row of the layout `keys`, its row in the cache now (the same condition, or

@@ -56,6 +56,7 @@ class Warm:
     ids: torch.Tensor  # [K, context + 1] what the warm rows were fed (what a prefill would take)
     keys: tuple[TextCondition | None, ...] = ()  # the rows of `logits` (None: the null row)
     logits: torch.Tensor | None = None  # [R, K, V] at position `context`, once fed
+    guided: bool = True  # with the null row (the lane's own rows may have none: `drop_guidance`)
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,10 @@ class Lane:
         self._floor = 0
         # The prompt changes still in reach of a rewind, the last one in force now.
         self._changes = [Change(self.complete, prompt)]
+        # the null row: what the settings ask (`guided`), unless guidance is dropped meanwhile
+        # (`drop_guidance`: the radio's last rung); `rows.guided` is what the lane holds now
+        self.guided_wanted = guided
+        self.unguided = False
         self.rows = Rows.of(self._changes[-1], guided)
         # The window: delayed layout [K, W + 1] (-1 where unknown), the position fed next, the
         # frames of context it began with, and the stream frame of its frame 0. None: no window
@@ -197,7 +202,7 @@ class Lane:
         self._changes.append(Change(frame, prompt, old, glide_frames))
         while len(self._changes) > 1 and self._changes[1].start <= self._offset:
             self._changes.pop(0)  # no rewind reaches it any more
-        self.rows = Rows.of(self._changes[-1], self.rows.guided)
+        self.rows = Rows.of(self._changes[-1], self._guided())
         self._seq = self.warm = None
         self._next_context = context
 
@@ -215,10 +220,26 @@ class Lane:
         if sampling.seed != self.sampling.seed:
             self.generator = self._make_generator(sampling.seed)
         self.sampling = sampling
-        if guided == self.rows.guided:
+        self.guided_wanted = guided
+        if self._guided() == self.rows.guided:
             return False
-        self.rows = self.rows.with_guided(guided)
+        self.rows = self.rows.with_guided(self._guided())
         self._seq = self.warm = None
+        return True
+
+    def drop_guidance(self, on: bool) -> bool:
+        """While `on`, the lane holds no null row: it is sampled from its conditional rows alone
+        (guidance off; a step's rows halved: the radio's last rung when it cannot keep up).
+        The null row goes at once (True: the rows changed; the others keep their cache) and
+        comes back without a prefill: the next warm rows begun after `on` ends are built with
+        it, and the window restart that takes them takes it (a prefill before then, a prompt
+        change's, has it at once)."""
+        self.unguided = on
+        if not on or not self.rows.guided:
+            return False
+        self.rows = self.rows.with_guided(False)
+        if self.warm is not None:
+            self.warm.guided = False
         return True
 
     def truncate(self, frame: int) -> None:
@@ -259,9 +280,15 @@ class Lane:
             limits.append(self.warm.context)  # (restarts lengthened during the warm rows)
         if limits:  # a prompt change's shorter re-read (once), a shortened window restart
             context = context[:, context.shape[1] - min(min(limits), context.shape[1]) :]
+        warm = self.warm if full else None
+        if warm is not None and (warm.logits is None or warm.context != context.shape[1]):
+            warm = None  # (no warm window to take: a prefill)
+        taken = warm is not None
+        # the null row as the warm rows were built, or (a prefill) as wanted now
+        guided = self._guided() if warm is None else warm.guided
+        if guided != self.rows.guided:
+            self.rows = self.rows.with_guided(guided)
         if full:
-            warm = self.warm
-            taken = warm is not None and warm.logits is not None and warm.context == len(context[0])
             log.debug(
                 "window full at frame %d (position %d): a new window from its last %d frames (%s)",
                 self.complete,
@@ -289,8 +316,13 @@ class Lane:
         """The rows the lane steps, in order: (condition or None for the null row, warm) for
         its rows, then the same again for the warm rows while it builds the next window."""
         keys = self.rows.keys
-        warm = keys if self.warm is not None else ()
+        warm = self._warm_rows().keys if self.warm is not None else ()
         return tuple((k, False) for k in keys) + tuple((k, True) for k in warm)
+
+    @property
+    def warm_count(self) -> int:
+        """The warm rows the lane steps after its own (0 when it builds no next window now)."""
+        return 0 if self.warm is None else len(self.rows.conditions) + self.warm.guided
 
     def inputs(self) -> tuple[torch.Tensor, list[int]]:
         """What a step feeds the lane's rows (`row_keys`): ids [R, K] and each row's position."""
@@ -303,7 +335,8 @@ class Lane:
         column = torch.where(q - 1 - self._delays_on_device < 0, PAD, self._seq[:, self._fed])
         if q <= self.warm.context:
             self.warm.ids[:, q] = column
-        return torch.cat([ids, column[None].expand(rows, -1)]), [self._fed] * rows + [q] * rows
+        warm = self.warm_count
+        return torch.cat([ids, column[None].expand(warm, -1)]), [self._fed] * rows + [q] * warm
 
     def fed_warm(self, logits: torch.Tensor) -> None:
         """After a step over `inputs()`: logits [R, K, V] of the warm rows. Kept once they are
@@ -311,7 +344,7 @@ class Lane:
         assert self.warm is not None
         if self._fed - self.warm.start == self.warm.context:
             self.warm.logits = logits.clone()
-            self.warm.keys = self.rows.keys
+            self.warm.keys = self._warm_rows().keys
 
     def take_warm(self, ids: torch.Tensor) -> torch.Tensor | None:
         """At a window restart, after `begin_window` gave `ids` [K, C + 1]: the warm rows'
@@ -378,8 +411,18 @@ class Lane:
         if self._fed != start or start <= self._context_len:
             return dropped
         ids = torch.full((self.num_codebooks, context + 1), -1, device=self.device)
-        self.warm = Warm(start, context, ids)
+        self.warm = Warm(start, context, ids, guided=self._guided())
         return True
+
+    def _guided(self) -> bool:
+        """Whether the lane's rows should hold the null row now."""
+        return self.guided_wanted and not self.unguided
+
+    def _warm_rows(self) -> Rows:
+        """The rows the warm rows copy: the lane's own, with the null row as they were begun."""
+        assert self.warm is not None
+        guided = self.warm.guided
+        return self.rows if guided == self.rows.guided else self.rows.with_guided(guided)
 
     def _make_generator(self, seed: int | None) -> torch.Generator:
         generator = torch.Generator(device=self.device)

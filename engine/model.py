@@ -68,6 +68,7 @@ class MusicModel:
         self.compile = loaded.settings.compile  # the decoder step: "none", "compile" or "graphs"
         # the batches its streams step in, while any stream holds them (`use_cheap_cache`)
         self._batches: weakref.WeakSet[DecodeBatch] = weakref.WeakSet()
+        self._unguided = False  # `drop_guidance`
 
     @classmethod
     def load(
@@ -141,6 +142,24 @@ class MusicModel:
         self.decoder.use_cheap_cache(on)
         for batch in list(self._batches):
             batch.follow_cache_kind()
+
+    @torch.inference_mode()
+    def drop_guidance(self, on: bool) -> None:
+        """While `on`, every stream is sampled from its conditional rows alone: no null rows, so
+        a step has half the rows (classifier-free guidance off: music that follows its prompt
+        less closely; the radio's last rung when even every layer's int4 weights cannot keep
+        up). Each open stream's batch drops them now (`DecodeBatch.drop_guidance`), and streams
+        opened meanwhile start without them; off, each stream takes its null row back at its
+        next window restart, built with its warm rows. Call between reads, from the thread
+        that reads."""
+        self._unguided = on
+        for batch in list(self._batches):
+            batch.drop_guidance(on)
+
+    @property
+    def unguided(self) -> bool:
+        """Whether guidance is dropped (`drop_guidance`)."""
+        return self._unguided
 
     @torch.inference_mode()
     def prepare_cheap_cache(self) -> Iterator[None]:
@@ -269,10 +288,12 @@ class MusicModel:
         window = (window or WindowOptions()).validate(self.max_positions)
         batch = DecodeBatch(self.decoder, window, len(prompts), self.compile)
         self._batches.add(batch)
-        return [
+        streams = [
             self._open(p, s, window, prompt_frames=f, batch=batch)
             for p, s, f in zip(prompts, samplings, frames, strict=True)
         ]
+        batch.drop_guidance(self._unguided)
+        return streams
 
     def _open(
         self,
@@ -289,6 +310,7 @@ class MusicModel:
         keep = window.context + codec.context + codec.lookahead + REWIND_FRAMES
         blend = as_blend(prompt)
         conditions: dict[str, TextCondition] = {}
+        lone = batch is None
         if batch is None:  # a lone stream: a batch of one
             batch = DecodeBatch(self.decoder, window, 1, self.compile)
             self._batches.add(batch)
@@ -303,6 +325,8 @@ class MusicModel:
             batch=batch,
             compile=self.compile,
         )
+        if lone:
+            batch.drop_guidance(self._unguided)
         return AudioStream(self, tokens, codec, blend, conditions)
 
     def prompt_for(self, blend: Blend, conditions: dict[str, TextCondition]) -> Prompt:

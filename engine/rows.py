@@ -185,7 +185,9 @@ def mix_rows(
     logits: [R, K, V] of a batch's rows; groups: per stream (its first row, the weights of its
     conditional rows from there, its null row or None); rows: 2 with null rows, 1 without.
     Returns [N * rows, K, V]: row `rows * i` is stream i's `sum_j w_j * logits[first + j]`
-    (summed in row order, the same alone or batched), row `rows * i + 1` its null row."""
+    (summed in row order, the same alone or batched), row `rows * i + 1` its null row, or for
+    a stream without one (its guidance dropped, beside others with theirs) its conditional row
+    again: guidance then gives that row exactly (`uncond + (cond - uncond) * s` = cond)."""
     out = logits.new_empty(len(groups) * rows, *logits.shape[1:])
     for i, (first, weights, null) in enumerate(groups):
         cond = out[rows * i]
@@ -196,8 +198,7 @@ def mix_rows(
             for j in range(1, len(weights)):
                 cond.add_(logits[first + j], alpha=weights[j])
         if rows == 2:
-            assert null is not None, "a stream without a null row in a guided batch"
-            out[rows * i + 1].copy_(logits[null])
+            out[rows * i + 1].copy_(cond if null is None else logits[null])
     return out
 
 

@@ -114,7 +114,7 @@ def _coarse_when_behind(setting: bool | str, model: MusicModel) -> bool:
     return setting is True or (setting == "auto" and why is None)
 
 
-def _say_rungs(adaptive_restarts: bool, model: MusicModel, coarse: bool) -> None:
+def _say_rungs(adaptive_restarts: bool, model: MusicModel, coarse: bool, unguided: bool) -> None:
     """One start-up line for what the ladder takes under its margin and while generation falls
     behind."""
     if not adaptive_restarts:
@@ -122,6 +122,8 @@ def _say_rungs(adaptive_restarts: bool, model: MusicModel, coarse: bool) -> None
     rungs = ["shorter window restarts and windows"]
     if coarse:
         rungs.append("int4 weights (generation.coarse_when_behind)")
+    if coarse and unguided:
+        rungs.append("guidance off (generation.drop_guidance_when_behind)")
     behind = ", then ".join(rungs)
     if model.cheap_cache_available() is None:
         log.info(
@@ -144,7 +146,8 @@ def build_radio(
     programme_clock: Callable[[], float] = time.time,
 ) -> Radio:
     coarse = _coarse_when_behind(config.generation.coarse_when_behind, model)
-    _say_rungs(config.generation.adaptive_restarts, model, coarse)
+    unguided = config.generation.drop_guidance_when_behind
+    _say_rungs(config.generation.adaptive_restarts, model, coarse, unguided)
     store = restarts.open_store(config.server.state_file)
     saved = restarts.load_saved(store)
     stations = {}
@@ -177,6 +180,7 @@ def build_radio(
         watchdog=config.watchdog,
         adaptive_restarts=g.adaptive_restarts,
         coarse_when_behind=coarse,
+        drop_guidance_when_behind=unguided,
         faults=faults,
     )
     a = config.audio

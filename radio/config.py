@@ -146,6 +146,10 @@ class GenerationConfig:
     # listeners hear the bridge: "auto" where the model can (int8 weights on our CPU kernels;
     # the start-up log says which), true (refused by name where it cannot), false
     coarse_when_behind: bool | str = "auto"
+    # and when even every layer's int4 weights cannot keep up, guidance off (each station
+    # sampled from its prompt's rows alone, half the rows a step: music that follows its prompt
+    # less closely) until it can again, rather than the bridge (with coarse_when_behind only)
+    drop_guidance_when_behind: bool = True
     # a generation step that makes no progress for this long marks /healthz 503 with the
     # reason, so that Docker (with autoheal) or systemd restarts the radio
     stall_seconds: float = 60.0

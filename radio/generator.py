@@ -255,6 +255,7 @@ class Generator:
         watchdog: WatchdogConfig | None = None,  # the music watchdog's settings; None = off
         adaptive_restarts: bool = True,  # shorten window restarts while falling behind (ladder)
         coarse_when_behind: bool = False,  # and then decode with int4 weights (the ladder's last)
+        drop_guidance_when_behind: bool = False,  # and after them without null rows
         faults: FaultInjector | None = None,  # tests only (radio.testing)
         clock: Callable[[], float] = time.monotonic,  # reopen times and `busy` (tests: fake)
     ) -> None:
@@ -302,10 +303,12 @@ class Generator:
         cheap = adaptive_restarts and model.cheap_cache_available() is None
         self.cache_speedup = ladder.CACHE_SPEEDUP if cheap else 0.0
         self.coarse_speedup = ladder.COARSE_SPEEDUP if coarse_when_behind else 0.0
+        unguided = coarse_when_behind and drop_guidance_when_behind
+        self.guidance_speedup = ladder.GUIDANCE_SPEEDUP if unguided else 0.0
         # when a rung was switched to: the cost per frame, where it was measured and the rungs
-        # in use before it, and the chunks made since (its speedup is measured after
-        # `ladder.SETTLE` of them)
-        self._before: tuple[float, float, bool, float] | None = None
+        # in use before it (cache, weights, guidance), and the chunks made since (its speedup
+        # is measured after `ladder.SETTLE` of them)
+        self._before: tuple[float, float, bool, float, bool] | None = None
         self._settling = 0
         self._rung_until = 0.0  # (clock) before this the ladder does not climb off a rung
         # the int4 cache's buffers, touched a slice at a time between chunks
@@ -336,7 +339,7 @@ class Generator:
         # they ran with
         span = round(buffer_ahead * model.frame_rate / self.steady_frames)
         self._recent: deque[tuple[float, float]] = deque(maxlen=max(RECENT_CHUNKS, span))
-        self._recent_key: tuple[int, tuple[int, int], float, bool] | None = None
+        self._recent_key: tuple[int, tuple[int, int], float, bool, bool] | None = None
         # how the steady chunks' cost grows with the positions they attend over (the ladder's
         # window levels), fitted by the worker
         self.position_cost = ladder.PositionCost()
@@ -639,6 +642,7 @@ class Generator:
             position=position,
             cache_speedup=self.cache_speedup,
             prior_slope=self._prior_slope(cost * scale, position),
+            guidance_speedup=self.guidance_speedup,
         )
         rate = self.model.frame_rate
         measured = dataclasses.replace(rates, prior_slope=0.0)
@@ -751,19 +755,25 @@ class Generator:
         growth = rows * per_position
         return cost * growth / (weights + growth * position) if weights > 0 else 0.0
 
-    def _plain_key(self) -> tuple[int, tuple[int, int], float, bool]:
+    def _plain_key(self) -> tuple[int, tuple[int, int], float, bool, bool]:
         """What a plain chunk's cost depends on: threads, rows, the share of coarse weights, the
-        cheaper cache or not."""
+        cheaper cache or not, guidance dropped or not."""
         assert self.tuner is not None
-        return self.tuner.current, self._plain_kind, self.model.coarse, self.model.cheap_cache
+        model = self.model
+        return self.tuner.current, self._plain_kind, model.coarse, model.cheap_cache, model.unguided
 
-    def _speedup(self, cheap: bool | None = None, coarse: float | None = None) -> float:
+    def _speedup(
+        self, cheap: bool | None = None, coarse: float | None = None, unguided: bool | None = None
+    ) -> float:
         """Steps per second with these rungs (default: those in use; `coarse` the share of
-        layers on int4 weights) over int8 weights and cache, as measured or guessed."""
+        layers on int4 weights) over int8 weights and cache with guidance, as measured or
+        guessed."""
         cheap = self.model.cheap_cache if cheap is None else cheap
         coarse = self.model.coarse if coarse is None else coarse
+        unguided = self.model.unguided if unguided is None else unguided
         weights = ladder.share_speedup(self.coarse_speedup, coarse)
-        return (self.cache_speedup if cheap else 1.0) * weights
+        guidance = self.guidance_speedup if unguided else 1.0
+        return (self.cache_speedup if cheap else 1.0) * weights * guidance
 
     def _measure_rung(self, cost: float, position: float) -> None:
         """Once settled on the rung(s) last switched to: their speedup, from the cost per
@@ -774,15 +784,19 @@ class Generator:
         int8 stations' first switch, 10 s into a stream, measured the int4 cache at x1.0 (its
         chunks later in the window than int8's), climbed back and bridged 6 s later."""
         assert self._before is not None
-        before, at, cheap_before, coarse_before = self._before
+        before, at, cheap_before, coarse_before, unguided_before = self._before
         self._before = None
         if self.position_cost.slope <= 0:
             return  # the positions moved and nothing says what that did: the guess stays
         # the slope on the rungs before (it is fitted in int8's terms)
-        slope = self.position_cost.slope / self._speedup(cheap_before, coarse_before)
+        rungs_before = self._speedup(cheap_before, coarse_before, unguided_before)
+        slope = self.position_cost.slope / rungs_before
         before = max(before + slope * (position - at), 0.5 * before)
-        ratio = before / cost * self._speedup(cheap_before, coarse_before)  # over int8's
-        if self.model.coarse > coarse_before:  # (all layers' speedup, from this share's)
+        ratio = before / cost * rungs_before  # over int8's
+        if self.model.unguided and not unguided_before:
+            guided = self._speedup(unguided=False)
+            self.guidance_speedup = min(max(ratio / guided, 1.0), 3.0)
+        elif self.model.coarse > coarse_before:  # (all layers' speedup, from this share's)
             share = ratio / self._speedup(coarse=0.0)
             self.coarse_speedup = min(max(ladder.full_speedup(share, self.model.coarse), 1.0), 3.0)
         elif self.model.cheap_cache and not cheap_before:
@@ -800,15 +814,19 @@ class Generator:
         an int4 cache that could not be made: the whole context on int8's, or the level asked
         for without it). A rung newly taken has its speed measured (`_measure_rung`), and so
         has the int4 cache when it is left."""
-        before = (cost, position, self.model.cheap_cache, self.model.coarse)
+        model = self.model
+        before = (cost, position, model.cheap_cache, model.coarse, model.unguided)
         coarse = ladder.coarse_share(level)
-        if coarse != self.model.coarse and not self._switch_weights(coarse, rates, level):
+        if coarse != model.coarse and not self._switch_weights(coarse, rates, level):
             level, coarse = rates.shortest, 0.0  # (the last level on int8 weights)
+        unguided = level >= ladder.UNGUIDED
+        if unguided != model.unguided:
+            self._switch_guidance(unguided, rates, level)
         cheap = level >= ladder.CHEAP_CACHE and self.cache_speedup > 0
         if cheap != self.model.cheap_cache and not self._switch_cache(cheap, rates, level):
             cheap = self.model.cheap_cache
             level = 0 if level == ladder.CHEAP_CACHE else level
-        taken = (cheap and not before[2]) or coarse > before[3]
+        taken = (cheap and not before[2]) or coarse > before[3] or (unguided and not before[4])
         left = before[2] and not cheap and coarse == before[3]  # (the int4 cache alone)
         if taken or left:
             self._before, self._settling = before, 0
@@ -1011,6 +1029,36 @@ class Generator:
                     if self._prepare_credit <= 0:
                         return False
 
+    def _switch_guidance(self, unguided: bool, rates: ladder.Rates, level: int) -> None:
+        """Guidance off while even every layer's int4 weights cannot keep up
+        (`MusicModel.drop_guidance`: every station's null rows go now, half the rows a step),
+        or back (each station's null row at its next window restart); the ThreadTuner's costs
+        start afresh (other rows)."""
+        assert self.tuner is not None
+        window = self.specs[0].window
+        rate = self.model.frame_rate
+
+        def predicted(at: int) -> float:
+            return ladder.predicted_rtf(rates, window.window, window.context, at, rate)
+
+        if unguided:
+            log.warning(
+                "generation cannot keep up even with int4 weights in every layer (x%.2f of real "
+                "time): guidance off until it can (each station sampled from its prompt's rows "
+                "alone, half the rows a step: music that follows its prompt less closely, "
+                "predicted x%.2f; generation.drop_guidance_when_behind)",
+                predicted(ladder.COARSEST),
+                predicted(level),
+            )
+        else:
+            log.info(
+                "guidance on again from each station's next window restart: predicted x%.2f of "
+                "real time with it",
+                predicted(level),
+            )
+        self.model.drop_guidance(unguided)
+        self.tuner.forget()
+
     def _switch_weights(self, coarse: float, rates: ladder.Rates, level: int) -> bool:
         """To coarse (int4) weights in the last `coarse` share of the layers while even the
         shortest restarts cannot keep up (more of them while that cannot either), or back
@@ -1073,6 +1121,7 @@ class Generator:
         # a rung's speed is a guess until measured on it (`ladder.SETTLE` chunks)
         if last >= ladder.COARSE:
             measured = self.model.coarse == ladder.coarse_share(last)
+            measured = measured and self.model.unguided == (last >= ladder.UNGUIDED)
         else:  # (the int4 cache, where there is one, from `CHEAP_CACHE` on)
             measured = self.model.cheap_cache or not self.cache_speedup
         if not measured or self._before is not None:
@@ -1089,7 +1138,8 @@ class Generator:
             "real time for %d station(s), so listeners will hear the bridge now and then; fewer "
             "stations%s make it keep up",
             " and windows" if rates.slope > 0 else "",
-            " and int4 weights" if last >= ladder.COARSE else "",
+            (" and int4 weights" if last >= ladder.COARSE else "")
+            + (" without guidance" if last >= ladder.UNGUIDED else ""),
             rtf,
             rates.stations,
             ', a faster device, or int4 weights (model.quantize = "int4": coarser, see README)'

@@ -73,6 +73,7 @@ def test_precision_benchmark_prints_the_table(tmp_path):
         "| int8, int8 KV cache (CPU default) |",
     ):
         assert row in out
+    assert re.search(r"guidance off \(float32\): .* mean \d+\.\d+% of their spread", out)
 
 
 def test_prompt_change_benchmark_prints_each_kind_of_text_products(tmp_path):

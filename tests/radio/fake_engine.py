@@ -183,6 +183,13 @@ class FakeModel:
         self.coarse = on
         self.coarse_ready = True
 
+    # guidance dropped (`MusicModel.drop_guidance`): each switch recorded
+    unguided = False
+
+    def drop_guidance(self, on: bool) -> None:
+        self.guidance_switches = [*getattr(self, "guidance_switches", []), on]
+        self.unguided = on
+
     # the cheaper cache (`MusicModel.use_cheap_cache`): off unless a test gives the model one
     # (`cheap_cache_reason = None`); each switch recorded
     cheap_cache = False

@@ -27,6 +27,7 @@ from radio.ladder import (
     MARGIN,
     MARGIN_BACK,
     SHORTEST_RESTARTS,
+    UNGUIDED,
     UP_ABOVE,
     PositionCost,
     Rates,
@@ -125,6 +126,45 @@ def test_coarse_weights_are_the_last_levels_taken_only_when_the_shortest_restart
         assert choose_level(COARSEST, rates, WINDOW, CONTEXT, RATE) == back
         kept = back if back < COARSE else COARSE
         assert choose_level(COARSE, rates, WINDOW, CONTEXT, RATE) == kept
+
+
+def test_guidance_off_is_the_last_level_taken_only_when_every_layers_int4_weights_fall_short():
+    slow = Rates(30.0, 4.47, 1, coarse_speedup=1.5, guidance_speedup=1.3)
+    coarsest = predicted_rtf(slow, WINDOW, CONTEXT, COARSEST, RATE)
+    assert coarsest < DOWN_BELOW
+    # half the rows a step: x1.3 on top of every layer's int4 weights, the same restarts and
+    # windows
+    unguided = predicted_rtf(slow, WINDOW, CONTEXT, UNGUIDED, RATE)
+    assert unguided == pytest.approx(1.3 * coarsest) and unguided >= DOWN_BELOW
+    assert context_frames(CONTEXT, UNGUIDED) == context_frames(CONTEXT, COARSEST)
+    assert window_frames(WINDOW, CONTEXT, UNGUIDED) == window_frames(WINDOW, CONTEXT, COARSEST)
+    assert ladder.coarse_share(UNGUIDED) == 1.0
+    assert choose_level(0, slow, WINDOW, CONTEXT, RATE) == UNGUIDED
+    assert choose_level(COARSEST, slow, WINDOW, CONTEXT, RATE) == UNGUIDED
+    # without it (drop_guidance_when_behind off, or no coarse levels) there is no such level
+    assert UNGUIDED not in Rates(30.0, 4.47, 1, coarse_speedup=1.5).levels
+    assert UNGUIDED not in Rates(30.0, 4.47, 1, guidance_speedup=1.3).levels
+    assert (
+        choose_level(0, dataclasses.replace(slow, guidance_speedup=0.0), WINDOW, CONTEXT, RATE)
+        == COARSEST
+    )
+    # where every layer's int4 weights keep up, guidance stays on
+    enough = Rates(36.0, 4.47, 1, coarse_speedup=1.5, guidance_speedup=1.3)
+    assert predicted_rtf(enough, WINDOW, CONTEXT, COARSEST, RATE) >= DOWN_BELOW
+    assert choose_level(0, enough, WINDOW, CONTEXT, RATE) == COARSEST
+    # and back: to every layer's int4 weights with guidance once they are predicted at x1.15
+    # (not before: kept at x1.02-1.15), to int8 weights once those are
+    assert predicted_rtf(enough, WINDOW, CONTEXT, COARSEST, RATE) < UP_ABOVE
+    assert choose_level(UNGUIDED, enough, WINDOW, CONTEXT, RATE) == UNGUIDED
+    back = Rates(45.0, 4.47, 1, coarse_speedup=1.5, guidance_speedup=1.3)
+    assert predicted_rtf(back, WINDOW, CONTEXT, COARSEST, RATE) >= UP_ABOVE
+    assert choose_level(UNGUIDED, back, WINDOW, CONTEXT, RATE) == COARSEST
+    assert (
+        choose_level(
+            UNGUIDED, Rates(83.0, 1.12, 1, 1.5, guidance_speedup=1.3), WINDOW, CONTEXT, RATE
+        )
+        == 0
+    )
 
 
 def test_a_share_of_coarse_layers_speeds_steps_by_its_share_of_the_bytes():
@@ -452,6 +492,64 @@ async def test_coarse_weights_while_behind_then_int8_again(run, caplog, monkeypa
     assert model.streams[0].restart_context is None
 
 
+async def playing_until(gen, sink, predicate, timeout: float = 20.0) -> None:
+    """Play station "a" along as its chunks come until `predicate()`."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            gen.played("a", len(sink.pcm("a")) * CHUNK)
+            await asyncio.sleep(0.02)
+
+
+async def test_guidance_off_while_even_int4_weights_fall_behind_then_on_again(
+    run, caplog, monkeypatch
+):
+    """`generation.drop_guidance_when_behind`: past every layer's int4 weights the generator
+    drops the null rows (`MusicModel.drop_guidance`), said once, measures their speedup on the
+    rung, and takes them back (then int8 weights) when it can."""
+    caplog.set_level(logging.INFO, logger="radio.generator")
+    monkeypatch.setattr("radio.ladder.RUNG_SECONDS", 0.0)
+    model = FakeModel()
+    gen, sink = await run(
+        model,
+        ("a",),
+        buffer_ahead=1.0,
+        window=COLD,
+        coarse_when_behind=True,
+        drop_guidance_when_behind=True,
+    )
+    await sink.until(lambda: len(sink.pcm("a")) == 5)
+    assert gen.guidance_speedup == ladder.GUIDANCE_SPEEDUP and not model.unguided
+    # nothing keeps up: the fastest level (whole windows: no slope measured)
+    gen.position_cost = FixedSlope(slope=0.0)  # type: ignore[assignment]
+    gen.prefill_seconds = 1e6
+    await playing_until(gen, sink, lambda: model.unguided)
+    assert gen.restart_level == UNGUIDED and model.coarse == 1.0
+    assert model.guidance_switches == [True]
+    assert "guidance off until it can" in caplog.text
+    assert "generation.drop_guidance_when_behind" in caplog.text
+    # settled on it, its speed is measured (once a slope says where the costs were taken):
+    # the fake's steps cost the same without null rows
+    gen.position_cost = FixedSlope()  # type: ignore[assignment]
+    await playing_until(gen, sink, lambda: gen.guidance_speedup != ladder.GUIDANCE_SPEEDUP)
+    assert gen.guidance_speedup == pytest.approx(1.0, abs=0.2)
+    gen.prefill_seconds = 1e-6  # the machine got fast again
+    await playing_until(gen, sink, lambda: gen.restart_level == 0)
+    assert model.guidance_switches == [True, False] and not model.coarse
+    assert "guidance on again from each station's next window restart" in caplog.text
+
+
+async def test_guidance_stays_on_without_drop_guidance_when_behind(run):
+    model = FakeModel()
+    gen, sink = await run(model, ("a",), buffer_ahead=1.0, window=COLD, coarse_when_behind=True)
+    await sink.until(lambda: len(sink.pcm("a")) == 5)
+    assert gen.guidance_speedup == 0.0
+    gen.position_cost = FixedSlope(slope=0.0)  # type: ignore[assignment]
+    gen.prefill_seconds = 1e6
+    await playing_until(gen, sink, lambda: gen.restart_level == COARSEST)
+    await playing_until(gen, sink, lambda: len(sink.pcm("a")) >= 60)
+    assert gen.restart_level == COARSEST and not model.unguided
+
+
 async def test_coarse_weights_are_prepared_ahead_a_part_at_a_time_once_behind(run, caplog):
     """From the moment the ladder first leaves its top level (a shorter restart keeps up), the
     int4 set is prepared a part after each chunk or while the station is ahead, with no switch;
@@ -686,17 +784,17 @@ def test_a_rungs_speedup_is_measured_at_the_same_positions():
     model.cheap_cache = True
     # 10 ms a frame at position 1000 on int8; 5.5 ms at position 250 on the int4 cache, where
     # int8 would have cost 10 - 3 = 7 ms: x1.27, not x1.82
-    gen._before = (0.010, 1000.0, False, False)
+    gen._before = (0.010, 1000.0, False, False, False)
     gen._measure_rung(0.0055, 250.0)
     assert gen.cache_speedup == pytest.approx(0.007 / 0.0055) and gen._before is None
     model.coarse = True  # int4 weights straight from the int8 cache: x2 in all, x1.27 the cache's
-    gen._before = (0.010, 500.0, False, False)
+    gen._before = (0.010, 500.0, False, False, False)
     gen._measure_rung(0.005, 500.0)
     assert gen.coarse_speedup == pytest.approx(2.0 / (0.007 / 0.0055))
     # half the layers int4 on the int4 cache: 6.3 ms a frame where the cache alone cost 7.7 ms,
     # x1.22: half of what all layers save, so all of them would go x1.58
     model.coarse = 0.5
-    gen._before = (0.0077, 500.0, True, 0.0)
+    gen._before = (0.0077, 500.0, True, 0.0, False)
     gen._measure_rung(0.0063, 500.0)
     half = 0.0077 / 0.0063
     assert gen.coarse_speedup == pytest.approx(ladder.full_speedup(half, 0.5))
@@ -704,12 +802,12 @@ def test_a_rungs_speedup_is_measured_at_the_same_positions():
     # the int4 cache left (int8 weights both ways): 6 ms a frame at position 500 on it, 7.5 ms
     # now on the int8 one at position 500
     model.coarse, model.cheap_cache = False, False
-    gen.cache_speedup, gen._before = 1.1, (0.006, 500.0, True, False)
+    gen.cache_speedup, gen._before = 1.1, (0.006, 500.0, True, False, False)
     gen._measure_rung(0.0075, 500.0)
     assert gen.cache_speedup == pytest.approx(1.25) and gen._before is None
     gen.position_cost = FixedSlope(slope=0.0)  # not measured yet: the guesses stay
     model.cheap_cache = True
-    gen.cache_speedup, gen._before = 1.1, (0.010, 1000.0, False, True)
+    gen.cache_speedup, gen._before = 1.1, (0.010, 1000.0, False, True, False)
     gen._measure_rung(0.0055, 250.0)
     assert gen.cache_speedup == 1.1 and gen._before is None
 
@@ -800,8 +898,18 @@ async def test_coarse_weights_are_on_by_default_where_the_model_can_and_refused_
     assert build_radio(Config(), int8).generator.coarse_speedup > 0
     assert (
         "it takes shorter window restarts and windows, then int4 weights "
-        "(generation.coarse_when_behind) until it can keep up"
+        "(generation.coarse_when_behind), then guidance off "
+        "(generation.drop_guidance_when_behind) until it can keep up"
     ) in caplog.text
+    assert build_radio(Config(), int8).generator.guidance_speedup > 0
+    assert GenerationConfig().drop_guidance_when_behind is True
+    g = dataclasses.replace(Config().generation, drop_guidance_when_behind=False)
+    assert (
+        build_radio(dataclasses.replace(Config(), generation=g), int8).generator.guidance_speedup
+        == 0
+    )
+    with pytest.raises(ConfigError, match="drop_guidance_when_behind"):
+        parse_config({"generation": {"drop_guidance_when_behind": "yes"}})
     assert build_radio(with_setting(False), int8).generator.coarse_speedup == 0
     dense = MusicModel.load(LoadOptions(model=tiny_model_dir, quantize="none"))
     assert build_radio(Config(), dense).generator.coarse_speedup == 0
@@ -828,7 +936,8 @@ def test_the_cheaper_cache_is_a_rung_where_the_model_can(tiny_head64_dir, tiny_m
     assert (
         "under x1.3 of real time generation takes an int4 KV cache in place of the int8 one "
         "(within the precision budget); while it falls behind even so, shorter window restarts "
-        "and windows, then int4 weights (generation.coarse_when_behind) until it can keep up"
+        "and windows, then int4 weights (generation.coarse_when_behind), then guidance off "
+        "(generation.drop_guidance_when_behind) until it can keep up"
     ) in caplog.text
     g = dataclasses.replace(Config().generation, adaptive_restarts=False)
     assert (
