@@ -668,6 +668,13 @@ class Generator:
             # a stream's start two stations took the half at x0.98 predicted on the steps so far
             # (x0.69 with the guess), ran at x0.71 and switched again 10 s later
             level = ladder.COARSEST
+        if level == ladder.COARSEST and ladder.UNGUIDED in rates.levels:
+            # every layer's int4 weights judged with the slope's guess too (as the half is
+            # above): two stations took them on the steps before on air (x1.1), ran at x0.62
+            # over their first window and bridged before guidance went. Left only at x1.15
+            bar = ladder.UP_ABOVE if self.restart_level == ladder.UNGUIDED else ladder.DOWN_BELOW
+            if ladder.predicted_rtf(rates, window.window, window.context, level, rate) < bar:
+                level = ladder.UNGUIDED
         if level < self.restart_level and self.clock() < self._rung_until:
             level = self.restart_level  # a rung taken is kept a while (`ladder.RUNG_SECONDS`)
         # the int4 cache's buffers from the moment the whole context with the int8 cache is

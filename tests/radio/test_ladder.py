@@ -1031,6 +1031,26 @@ async def test_the_half_is_judged_with_the_slopes_guess_too(run):
     assert model.switches == [(1.0, True)] and gen.restart_level == COARSEST
 
 
+@pytest.mark.parametrize("step_read", [(1000.0, 0.3), (0.0, 0.0)])
+async def test_guidance_off_is_judged_with_the_slopes_guess_too(run, step_read):
+    """Every layer's int4 weights measured at x1.1 at a window's first positions: where the
+    slope's guess from the bytes a step reads (as above) puts them under real time over the
+    window, guidance goes at once; where the model says nothing of its bytes, it stays."""
+    model = FakeModel()
+    model.step_read = step_read
+    gen, sink = await run(model, ("a",), coarse_when_behind=True, drop_guidance_when_behind=True)
+    await sink.until(lambda: len(sink.pcm("a")) >= 1)
+    gen.coarse_speedup = 2.0
+    model.streams[0].read_seconds = 0.36  # int8 x0.56: x1.1 on every layer's int4 weights
+    async with asyncio.timeout(20):
+        while not model.coarse:
+            gen.played("a", len(sink.pcm("a")) * CHUNK)
+            await asyncio.sleep(0.05)
+    guessed = step_read[0] > 0
+    assert gen.restart_level == (UNGUIDED if guessed else COARSEST)
+    assert model.unguided == guessed
+
+
 async def test_the_speed_is_judged_once_the_weights_are_chosen(run, monkeypatch):
     """`Generator.speed_judged` (the clocks go on air only then) turns true once the ladder has
     measured the steady rate and made its choice, a switch to int4 weights included: a station
