@@ -115,6 +115,14 @@ class Int8KernelLinear:
         y = self._kernels.linear_int8(x.reshape(-1, shape[-1]), self.packed, self.scales)
         return y.view(*shape[:-1], self.out_features)
 
+    def with_gelu(self, x: torch.Tensor) -> torch.Tensor:
+        """gelu(self(x)) in one call: the kernel's epilogue (the fused step's fc1 gelu, erf
+        within 1.5e-7), on its threads while the products are in cache (a prefill's PyTorch gelu
+        over 50 rows took 0.47 ms a layer, 11 of its 191 ms, on 2 Zen 3 cores)."""
+        shape = x.shape
+        y = self._kernels.linear_int8(x.reshape(-1, shape[-1]), self.packed, self.scales, gelu=True)
+        return y.view(*shape[:-1], self.out_features)
+
 
 INT4_GROUPS = (32, 64, 128)  # inputs per int4 group: bytes vs error (docs/int4-weights.md)
 INT4_GROUP = 64  # the default

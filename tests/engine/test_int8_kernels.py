@@ -8,6 +8,7 @@ from dataclasses import fields
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from engine import LoadOptions, MusicModel
 from engine.conditioning import batch_conditions
@@ -43,6 +44,35 @@ def test_linear_int8_is_exact_integer_maths(k, n, kk, rows):
     # and the quantization stays close to float32 maths
     exact = x @ w.T
     assert (got - exact).abs().max() < 0.03 * exact.abs().max()
+
+
+@pytest.mark.parametrize("rows", [2, 50])
+def test_linear_int8_adds_the_gelu_of_the_fused_steps_fc1(k, rows):
+    """`gelu=True`: gelu of the same products in one call (a prefill's fc1 and a step's), the
+    erf within float32's rounding of PyTorch's exact one."""
+    torch.manual_seed(rows)
+    x, w = torch.randn(rows, 256), torch.randn(512, 256) * 0.05
+    packed, scales = pack_int8(w)
+    plain = k.linear_int8(x, packed, scales)
+    torch.testing.assert_close(
+        k.linear_int8(x, packed, scales, gelu=True), F.gelu(plain), rtol=0, atol=2e-6
+    )
+
+
+def test_quantize_int8_scales_each_row_by_its_largest_magnitude(k):
+    """`quantize_int8` (the folded cross-attention's vectors): codes round(x * 127 / max|x|)
+    half to even, the scale max|x| / 127; a zero row has codes 0 (and a scale of 1)."""
+    torch.manual_seed(0)
+    x = torch.randn(300, 1024) * torch.rand(300, 1)
+    x[7] = 0.0
+    codes, scales = k.quantize_int8(x)
+    assert codes.dtype == torch.int8 and codes.shape == x.shape and scales.shape == (300,)
+    amax = x.abs().amax(dim=1)
+    torch.testing.assert_close(scales[amax > 0], amax[amax > 0] / 127)
+    want = torch.round(x * (127 / amax.clamp(min=1e-30))[:, None])
+    assert (codes.float() - want).abs().max() <= 1  # (x / s against x * (1 / s): an ulp)
+    assert (codes.float() == want).float().mean() > 0.999
+    assert int(codes[7].abs().max()) == 0 and codes.abs().max() == 127
 
 
 def test_a_prefills_rows_take_seven_bit_codes_on_avx2(k):
