@@ -178,6 +178,8 @@ class GeneratorSink(Protocol):
         self, station_id: str, seconds: float | None, window_seconds: float | None
     ) -> None: ...
 
+    def on_rungs(self, station_id: str, rungs: tuple[str, ...]) -> None: ...
+
 
 @dataclass(frozen=True)
 class Reanchor:
@@ -309,6 +311,7 @@ class Generator:
         # in use before it (cache, weights, guidance), and the chunks made since (its speedup
         # is measured after `ladder.SETTLE` of them)
         self._before: tuple[float, float, bool, float, bool] | None = None
+        self._told_rungs: tuple[str, ...] = ()  # what the stations' health says (`_tell_rungs`)
         self._settling = 0
         self._rung_until = 0.0  # (clock) before this the ladder does not climb off a rung
         # the int4 cache's buffers, touched a slice at a time between chunks
@@ -601,7 +604,13 @@ class Generator:
     def _climb(self) -> None:
         """Move on the ladder (`radio.ladder`) when the measurements say so: every station's
         window restarts re-read a shorter context while generation cannot keep up, the whole
-        context again once it could; one log line per move."""
+        context again once it could; one log line per move; then the stations' health the
+        rungs in use."""
+        self._move()
+        self._tell_rungs()
+
+    def _move(self) -> None:
+        """`_climb`'s move, if any."""
         tuner = self.tuner
         if not self.adaptive_restarts or self._lanes is None or tuner is None:
             return
@@ -750,6 +759,29 @@ class Generator:
             seconds = frames / rate if frames < window.context else None
             spans = span / rate if span < window.window else None
             self._to_loop(self.sink.on_restart_context, lane.spec.id, seconds, spans)
+
+    def rungs(self) -> tuple[str, ...]:
+        """The ladder's rungs that cost the music some exactness, as in use now (none at full
+        quality): what each station's health says."""
+        model, rungs = self.model, []
+        if model.cheap_cache:
+            rungs.append("int4 KV cache")
+        if model.coarse >= 1.0:
+            rungs.append("int4 weights in every layer")
+        elif model.coarse > 0:
+            rungs.append(f"int4 weights in the last {model.coarse:.0%} of the layers")
+        if model.unguided:
+            rungs.append("guidance off")
+        return tuple(rungs)
+
+    def _tell_rungs(self) -> None:
+        """Each station's health the rungs in use, when they changed."""
+        rungs = self.rungs()
+        if rungs == self._told_rungs or self._lanes is None:
+            return
+        self._told_rungs = rungs
+        for lane in self._lanes.values():
+            self._to_loop(self.sink.on_rungs, lane.spec.id, rungs)
 
     def _prior_slope(self, cost: float, position: float) -> float:
         """The slope `PositionCost` would measure, guessed from the bytes a step reads: a

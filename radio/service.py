@@ -145,6 +145,11 @@ class StationSink:
         health.restart_context_seconds = None if seconds is None else round(seconds, 2)
         health.window_seconds = None if window_seconds is None else round(window_seconds, 2)
 
+    def on_rungs(self, station_id: str, rungs: tuple[str, ...]) -> None:
+        """The ladder's rungs that cost the music some exactness, as now in use (the worker
+        logged each move): the int4 KV cache, int4 weights, guidance off."""
+        self.radio.stations[station_id].health.rungs = rungs
+
     def on_prefill(self, station_id: str, prefill: Prefill) -> None:
         """The engine re-read a station's context (a window restart, a prompt change or
         transition, a seed, a reopen): shown in its health as it ran."""

@@ -167,6 +167,7 @@ class Health:
     last_reanchor: dict[str, object] | None = None  # the latest one: problem, detail, when
     restart_context_seconds: float | None = None  # window restarts shortened to this (ladder)
     window_seconds: float | None = None  # windows shortened to this (the ladder's last levels)
+    rungs: tuple[str, ...] = ()  # the ladder's rungs in use that cost exactness (int4, guidance)
     last_prefill: dict[str, float] | None = None  # the latest prefill: seconds, rows, frames
 
     def retry_in(self, now: float) -> float | None:
@@ -257,6 +258,7 @@ class Station:
             "last_prefill": h.last_prefill,
             "restart_context_seconds": h.restart_context_seconds,
             "window_seconds": h.window_seconds,
+            "rungs": list(h.rungs),
         }
 
     def history_json(self) -> list[dict[str, object]]:

@@ -259,6 +259,9 @@ class Sink:
     def on_prefill(self, station_id, prefill) -> None:
         self._record("prefill", station_id, prefill)
 
+    def on_rungs(self, station_id, rungs) -> None:
+        self._record("rungs", station_id, rungs)
+
     def on_restart_context(self, station_id, seconds, window_seconds) -> None:
         self._record("restart_context", station_id, seconds)
         if window_seconds is not None or any(c[0] == "window" for c in self.calls):

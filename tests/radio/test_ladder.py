@@ -525,6 +525,8 @@ async def test_guidance_off_while_even_int4_weights_fall_behind_then_on_again(
     await playing_until(gen, sink, lambda: model.unguided)
     assert gen.restart_level == UNGUIDED and model.coarse == 1.0
     assert model.guidance_switches == [True]
+    rungs = ("int4 weights in every layer", "guidance off")
+    await sink.until(lambda: ("rungs", "a", rungs) in sink.calls)
     assert "guidance off until it can" in caplog.text
     assert "generation.drop_guidance_when_behind" in caplog.text
     # settled on it, its speed is measured (once a slope says where the costs were taken):
@@ -535,6 +537,7 @@ async def test_guidance_off_while_even_int4_weights_fall_behind_then_on_again(
     gen.prefill_seconds = 1e-6  # the machine got fast again
     await playing_until(gen, sink, lambda: gen.restart_level == 0)
     assert model.guidance_switches == [True, False] and not model.coarse
+    await sink.until(lambda: sink.of("rungs")[-1] == ())
     assert "guidance on again from each station's next window restart" in caplog.text
 
 
@@ -1114,6 +1117,13 @@ def test_the_station_health_says_the_ladders_restarts_and_windows():
     assert (h["restart_context_seconds"], h["window_seconds"]) == (2.5, 15.0)
     sink.on_restart_context("main", None, None)
     assert st.health_json()["window_seconds"] is None
+    assert st.health_json()["rungs"] == []
+    sink.on_rungs("main", ("int4 KV cache", "int4 weights in every layer", "guidance off"))
+    assert st.health_json()["rungs"] == [
+        "int4 KV cache",
+        "int4 weights in every layer",
+        "guidance off",
+    ]
 
 
 def test_sustained_is_the_audio_per_second_of_generating_over_the_last_minute():
