@@ -371,13 +371,15 @@ class DecodeBatch:
         )
 
     def _warm_cross(self, lane: Lane, own: CrossKV) -> CrossKV:
-        """The cross-attention inputs of `lane`'s warm rows: its own rows' (`own`), with the
-        null row where the warm rows hold one and its own rows do not (guidance coming back)."""
+        """The cross-attention inputs of `lane`'s warm rows: its own rows' (`own`), and a null
+        row after them where the warm rows hold one and its own rows do not (guidance coming
+        back: its inputs are zeros, nothing is projected or folded again)."""
         assert lane.warm is not None
         if lane.warm.guided == lane.rows.guided:
             return own
-        states, masks = condition_rows(lane.rows.conditions, lane.warm.guided)
-        return self.decoder.cross_kv(states, masks)
+        assert lane.warm.guided, "warm rows without the null row of their lane's own rows"
+        states, masks = condition_rows(lane.rows.conditions, True)
+        return concat_cross([own, self.decoder.cross_kv(states[-1:], masks[-1:])])
 
     def _sources(self, keys: list[tuple[RowKey, ...]], promote: Lane | None) -> list[int | None]:
         """For each row of the layout `keys`, its row in the cache now (the same condition, or
