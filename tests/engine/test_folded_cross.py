@@ -243,3 +243,19 @@ def test_a_prompt_encoded_through_bfloat16_weights_stays_near_float32(int8_model
     assert 0 < err < 0.01, err
     assert all(m.route is None for m in linears)
     assert torch.equal(encode_prompt(musicgen, "slow jazz with soft drums").states, exact.states)
+
+
+@torch.inference_mode()
+def test_a_prefill_skips_the_null_rows_cross_attention(int8_model, monkeypatch):
+    """A prefill's null rows (all-zero text values, no bias: their cross-attention adds exactly
+    zero) skip q_cross, the attention and out_cross; on our kernels a row's products do not
+    depend on the rows beside it, so the logits are the same bit for bit."""
+    d = int8_model.decoder
+    states, mask = batch_conditions([int8_model.encode_prompt("jazz")], guidance=True)
+    cross = d.cross_kv(states, mask)
+    assert d._text_rows(cross).tolist() == [0]  # the conditional row only
+    torch.manual_seed(0)
+    ids = torch.randint(0, d.vocab, (2, d.num_codebooks, 30))
+    skipped = d.prefill(ids, d.new_cache(2, 64), cross)
+    monkeypatch.setattr(type(d), "_text_rows", lambda self, cross: None)
+    assert torch.equal(skipped, d.prefill(ids, d.new_cache(2, 64), cross))
