@@ -880,33 +880,43 @@ class Decoder:
         model dtype, its keys and values written into the cache; cross_keys, cross_values: per
         layer [B, H, S, D]; cross_mask: [B, 1, 1, S] bool, True = attend. `text_rows`: the rows
         whose cross-attention adds anything (`_text_rows`; None: all)."""
+        text_mask = cross_mask if text_rows is None else cross_mask[text_rows]
         for i, w in enumerate(layers):
             h = F.layer_norm(x, (self.hidden,), *w.ln_self)
             x = x + w.out_self(self_attention(i, w.qkv(h)))
 
             if text_rows is None:
-                h = F.layer_norm(x, (self.hidden,), *w.ln_cross)
-                q = self._split_heads(w.q_cross(h))
-                a = F.scaled_dot_product_attention(
-                    q, cross_keys[i], cross_values[i], attn_mask=cross_mask
-                )
-                x = x + w.out_cross(self._merge_heads(a))
+                x = x + self._cross_attention(w, x, cross_keys[i], cross_values[i], cross_mask)
             elif len(text_rows):
-                h = F.layer_norm(x[text_rows], (self.hidden,), *w.ln_cross)
-                q = self._split_heads(w.q_cross(h))
                 keys, values = cross_keys[i][text_rows], cross_values[i][text_rows]
-                a = F.scaled_dot_product_attention(q, keys, values, attn_mask=cross_mask[text_rows])
-                x = x.index_add(0, text_rows, w.out_cross(self._merge_heads(a)))
+                a = self._cross_attention(w, x[text_rows], keys, values, text_mask)
+                x = x.index_add(0, text_rows, a)
 
             h = F.layer_norm(x, (self.hidden,), *w.ln_ffn)
             x = x + w.fc2(self._fc1_activated(w.fc1, h))
         return F.layer_norm(x, (self.hidden,), *self.final_ln)
 
+    def _cross_attention(
+        self,
+        w: LayerWeights,
+        x: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """One layer's cross-attention output for rows x [B, T, E] over their text's keys and
+        values [B, H, S, D] (mask [B, 1, 1, S])."""
+        h = F.layer_norm(x, (self.hidden,), *w.ln_cross)
+        q = self._split_heads(w.q_cross(h))
+        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return w.out_cross(self._merge_heads(a))
+
     def _text_rows(self, cross: CrossKV) -> torch.Tensor | None:
         """A prefill's rows whose cross-attention adds anything, where some add nothing and our
         kernels run: guidance's null rows (all-zero values, no bias: exactly zero) skip
         q_cross, the attention and out_cross (7% of a prompt change's prefill products); a
-        row's products on our kernels do not depend on the rows beside it. None: all rows."""
+        row's products on our kernels do not depend on the rows beside it. None: all rows.
+        (`CrossKV.stacked`, built for the fused step anyway, says which rows read no text.)"""
         if self._kernels is None or not self._cross_bf16:
             return None
         live = cross.stacked()[3] > 0

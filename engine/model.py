@@ -288,12 +288,10 @@ class MusicModel:
         window = (window or WindowOptions()).validate(self.max_positions)
         batch = DecodeBatch(self.decoder, window, len(prompts), self.compile)
         self._batches.add(batch)
-        streams = [
+        return [
             self._open(p, s, window, prompt_frames=f, batch=batch)
             for p, s, f in zip(prompts, samplings, frames, strict=True)
         ]
-        batch.drop_guidance(self._unguided)
-        return streams
 
     def _open(
         self,
@@ -310,7 +308,6 @@ class MusicModel:
         keep = window.context + codec.context + codec.lookahead + REWIND_FRAMES
         blend = as_blend(prompt)
         conditions: dict[str, TextCondition] = {}
-        lone = batch is None
         if batch is None:  # a lone stream: a batch of one
             batch = DecodeBatch(self.decoder, window, 1, self.compile)
             self._batches.add(batch)
@@ -325,8 +322,7 @@ class MusicModel:
             batch=batch,
             compile=self.compile,
         )
-        if lone:
-            batch.drop_guidance(self._unguided)
+        batch.drop_guidance(self._unguided)  # (a stream opened while guidance is dropped)
         return AudioStream(self, tokens, codec, blend, conditions)
 
     def prompt_for(self, blend: Blend, conditions: dict[str, TextCondition]) -> Prompt:

@@ -668,22 +668,21 @@ class Generator:
                 self.restart_level, rates, window.window, window.context, rate
             )
             level = max(level, min(guessed, ladder.CHEAP_CACHE))
-        if (
-            level == ladder.COARSE
-            and ladder.predicted_rtf(rates, window.window, window.context, level, rate)
-            < ladder.UP_ABOVE
-        ):
-            # the half's margin judged with the slope's guess too, where it is not measured: at
-            # a stream's start two stations took the half at x0.98 predicted on the steps so far
-            # (x0.69 with the guess), ran at x0.71 and switched again 10 s later
-            level = ladder.COARSEST
-        if level == ladder.COARSEST and ladder.UNGUIDED in rates.levels:
-            # every layer's int4 weights judged with the slope's guess too (as the half is
-            # above): two stations took them on the steps before on air (x1.1), ran at x0.62
-            # over their first window and bridged before guidance went. Left only at x1.15
-            bar = ladder.UP_ABOVE if self.restart_level == ladder.UNGUIDED else ladder.DOWN_BELOW
-            if ladder.predicted_rtf(rates, window.window, window.context, level, rate) < bar:
-                level = ladder.UNGUIDED
+        # the coarse rungs judged with the slope's guess too, where it is not measured, each
+        # left for the next under its bar: the half under x1.15 (at a stream's start two
+        # stations took it at x0.98 predicted on the steps so far, x0.69 with the guess, ran at
+        # x0.71 and switched again 10 s later); every layer's int4 weights under real time, or
+        # under x1.15 on the way back from guidance off (two stations took them before on air
+        # at x1.1, ran at x0.62 over their first window and bridged before guidance went)
+        for rung, below in ((ladder.COARSE, ladder.COARSEST), (ladder.COARSEST, ladder.UNGUIDED)):
+            kept = rung == ladder.COARSE or self.restart_level == below
+            bar = ladder.UP_ABOVE if kept else ladder.DOWN_BELOW
+            if (
+                level == rung
+                and below in rates.levels
+                and ladder.predicted_rtf(rates, window.window, window.context, rung, rate) < bar
+            ):
+                level = below
         if level < self.restart_level and self.clock() < self._rung_until:
             level = self.restart_level  # a rung taken is kept a while (`ladder.RUNG_SECONDS`)
         # the int4 cache's buffers from the moment the whole context with the int8 cache is

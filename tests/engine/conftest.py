@@ -26,3 +26,12 @@ def tiny_float32(tiny_model_dir):
     return MusicModel.load(
         LoadOptions(model=tiny_model_dir, device="cpu", dtype="float32", quantize="none")
     )
+
+
+@pytest.fixture(scope="module")
+def int8_model(tiny_model_dir, k):
+    """The tiny mono model with int8 weights on our kernels (the CPU default): a row's logits do
+    not depend on the rows batched with it."""
+    from engine import LoadOptions, MusicModel
+
+    return MusicModel.load(LoadOptions(model=tiny_model_dir, device="cpu", quantize="int8"))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
 import torch
 
 from engine import LoadOptions, MusicModel, SamplingOptions, WindowOptions
@@ -19,11 +18,6 @@ from tests.engine.test_warm_restarts import assert_same, history
 
 WINDOW = WindowOptions(window=150, context=40)  # every restart after the first window warm
 SAMPLINGS = [SamplingOptions(greedy=True, guidance_scale=3.0), SamplingOptions(seed=3)]
-
-
-@pytest.fixture(scope="module")
-def int8_model(tiny_model_dir, k):
-    return MusicModel.load(LoadOptions(model=tiny_model_dir, device="cpu", quantize="int8"))
 
 
 def pair(model: MusicModel) -> list:

@@ -15,7 +15,7 @@ import dataclasses
 import pytest
 import torch
 
-from engine import LoadOptions, MusicModel, SamplingOptions, WindowOptions
+from engine import SamplingOptions, WindowOptions
 from engine.blend import Blend
 
 # start of the warm rows: window - max_delay (3) - context = 107 > context: every window is warm
@@ -163,11 +163,6 @@ def test_restarts_lengthened_during_the_warm_rows_keep_them(tiny_float32):
         batch.step()
     assert stream.tokens.warm_restarts == warm + 2 and stream.tokens.prefills == prefills
     assert stream.tokens.position == 42  # a window from 40 frames of context
-
-
-@pytest.fixture(scope="module")
-def int8_model(tiny_model_dir, k):
-    return MusicModel.load(LoadOptions(model=tiny_model_dir, device="cpu", quantize="int8"))
 
 
 @torch.inference_mode()
