@@ -40,7 +40,7 @@ from radio.timing import PromptTimeline
 
 log = logging.getLogger(__name__)
 
-TICK = 0.1  # seconds between releases
+TICK = 0.05  # seconds between releases (a sample due now leaves at most this late)
 MAX_CATCH_UP = 1.0  # after a longer stall (suspend, debugger) the clock skips instead
 BRIDGE_SECONDS = 2.0  # recent audio the bridge loops
 BRIDGE_GAIN = 10 ** (-4 / 20)  # the bridge plays 4 dB quieter: a lull, not a stutter

@@ -1,11 +1,14 @@
 """Streaming loudness normalization: BS.1770 loudness toward a target, and a true-peak ceiling.
 
-Audio is processed in fixed 100 ms blocks, whatever chunk sizes the caller pushes (so chunking
-never changes the result), with a constant delay of `latency_samples`: a block and the limiter's
-lookahead (with the interpolator's context), 102.5 ms at 32 kHz. A block leaves as soon as that
-much of the next one has arrived: the next block's gain is already known then, because a block's
-gain moves toward what the blocks before it measured (a 100 ms later reaction of a gain that
-moves a few dB per second).
+Loudness is measured in fixed 100 ms blocks and audio leaves in fixed 20 ms slices of them,
+whatever chunk sizes the caller pushes (so chunking never changes the result), with a constant
+delay of `latency_samples`: a slice and the limiter's lookahead (with the interpolator's
+context), 22.5 ms at 32 kHz. A slice leaves as soon as that much of the next one has arrived: its
+gain is known before its block is complete, because a block's gain ramps toward what the blocks
+before it measured (a 100 ms later reaction of a gain that moves a few dB per second). Whole
+blocks out, the stage delayed every sample by 102.5 ms, and every prompt change's first sample
+with them; 10 ms slices cost twice the CPU of whole blocks (25 against 12 ms a second of mono
+audio, `python bench/audio_cost.py`), 20 ms slices ~1.4x.
 
 1. **Measure.** Each input block is K-weighted (BS.1770's two biquads, run as one stream with
    carried state) and its mean square kept; the last `window_seconds` form 400 ms gating blocks
@@ -31,7 +34,8 @@ from radio import dsp
 
 _OVERSAMPLE = 4
 _FIR_TAPS = 81  # ~20 per phase: the same interpolator as scipy's resample_poly(x, 4, 1)
-_PAD = 16  # input samples of context on each side of a block for the FIR
+_PAD = 16  # input samples of context on each side of a slice for the FIR
+SLICES = 5  # a 100 ms block leaves in this many slices (20 ms each)
 
 
 @dataclass(frozen=True)
@@ -77,10 +81,13 @@ class LoudnessNormalizer:
         self.target_lufs = target_lufs
         self.true_peak_dbtp = true_peak_dbtp
         self.block = round(sample_rate / 10)  # 100 ms: the BS.1770 gating step
+        # where each slice of a block ends (sizes differ by at most one sample)
+        self._ends = [round(self.block * (i + 1) / SLICES) for i in range(SLICES)]
         self._lookahead = max(1, round(opt.lookahead_ms * sample_rate / 1000))
-        assert self._lookahead + 2 * _PAD < self.block, "lookahead must fit in one block"
-        self._ahead = self._lookahead + _PAD  # samples of the next block a block's limiter reads
-        self.latency_samples = self.block + self._ahead
+        slice_min = self.block // SLICES
+        assert self._lookahead + 2 * _PAD < slice_min, "lookahead must fit in one slice"
+        self._ahead = self._lookahead + _PAD  # samples of the next slice a slice's limiter reads
+        self.latency_samples = -(-self.block // SLICES) + self._ahead
         self._ceiling = 10 ** ((true_peak_dbtp - opt.margin_db) / 20)
         self._hard_ceiling = 10 ** (true_peak_dbtp / 20)
         self._release = opt.release_db_per_s / sample_rate  # dB per sample
@@ -93,13 +100,15 @@ class LoudnessNormalizer:
     def reset(self) -> None:
         """Forget all state: as if just constructed (the next output starts with the latency)."""
         c, b = self.channels, self.block
-        # [C, < block + ahead] input from the next block to hand out on
+        # [C, < slice + ahead] input from the next slice to hand out on
         self._in = np.zeros((c, 0), np.float32)
         # [C, n] ready to hand out: the latency's zeros first
         self._out = np.zeros((c, self.latency_samples), np.float32)
         self._k_weighting.reset()
         self._ms = np.zeros(0)  # [<= window] channel-summed K-weighted mean square per block
-        self._prev = np.zeros((c, b), np.float32)  # the last block handed out, gained
+        self._slice = 0  # the next slice's index in its block
+        self._block_in: list[np.ndarray] = []  # the block's slices so far, as they came in
+        self._prev = np.zeros((c, b), np.float32)  # the last slice handed out, gained
         self._gtail = np.ones(self._lookahead - 1)  # last limiter gains before smoothing
         self._release_db = 0.0  # limiter gain (dB, <= 0) at the end of the last block
         self._gain_from = 0.0  # the loudness gain at the start of the next block (dB)
@@ -115,34 +124,46 @@ class LoudnessNormalizer:
             raise ValueError(f"pcm must be [{self.channels}, N], got {pcm.shape}")
         n = pcm.shape[1]
         buf = np.concatenate([self._in, pcm.astype(np.float32, copy=False)], axis=1)
-        b = self.block
         start, outs = 0, [self._out]
-        while buf.shape[1] - start >= b + self._ahead:  # a block and the next one's start
-            block = buf[:, start : start + b]
-            outs.append(self._process_block(block, buf[:, start + b : start + b + self._ahead]))
-            start += b
+        while True:
+            first = self._ends[self._slice - 1] if self._slice else 0
+            m = self._ends[self._slice] - first
+            if buf.shape[1] - start < m + self._ahead:  # a slice and the next one's start
+                break
+            piece = buf[:, start : start + m]
+            outs.append(self._process_slice(piece, buf[:, start + m : start + m + self._ahead]))
+            start += m
         self._in = buf[:, start:].copy()
         ready = np.concatenate(outs, axis=1)
         self._out = ready[:, n:]
         return ready[:, :n]
 
     # -- one block -------------------------------------------------------------------------
-    def _gained(self, x: np.ndarray, g0: float, g1: float) -> np.ndarray:
-        """x [C, m] (m <= B) times the gain ramping from g0 to g1 dB over a whole block."""
-        ramp = g0 + (g1 - g0) * np.arange(1, x.shape[1] + 1) / self.block  # [m] dB
+    def _gained(self, x: np.ndarray, g0: float, g1: float, at: int) -> np.ndarray:
+        """x [C, m] (samples `at` to `at + m` of a block) times the gain ramping from g0 to g1
+        dB over the whole block."""
+        ramp = g0 + (g1 - g0) * np.arange(at + 1, at + x.shape[1] + 1) / self.block  # [m] dB
         return (x * 10 ** (ramp / 20)).astype(np.float32)
 
-    def _process_block(self, x: np.ndarray, ahead: np.ndarray) -> np.ndarray:
-        """Gain block k (x [C, B]) with the gain the blocks before it chose, measure it, and
-        choose block k+1's; return block k limited, with the start of block k+1 (`ahead`, gained
-        with its own gain) as the limiter's lookahead."""
-        y = self._gained(x, self._gain_from, self.gain_db)
-        if not self._started:  # the silent block before the first: its limiter gains must
-            self._started = True  # already respect the first block's opening peaks
-            self._limit(self._prev, self._prev, y)
-        self._measure(x)
-        self._gain_from, self.gain_db = self.gain_db, self._next_gain(self.gain_db)
-        out = self._limit(self._prev, y, self._gained(ahead, self._gain_from, self.gain_db))
+    def _process_slice(self, x: np.ndarray, ahead: np.ndarray) -> np.ndarray:
+        """Gain the next slice of block k (x [C, m]) with the gain the blocks before it chose;
+        after its last slice, measure block k and choose block k+1's; return the slice limited,
+        with the start of the next slice (`ahead`, gained with its own block's gain) as the
+        limiter's lookahead."""
+        at = self._ends[self._slice - 1] if self._slice else 0
+        y = self._gained(x, self._gain_from, self.gain_db, at)
+        if not self._started:  # the silence before the first slice: its limiter gains must
+            self._started = True  # already respect the first slice's opening peaks
+            silence = np.zeros_like(y)
+            self._limit(silence, silence, y)
+        self._block_in.append(x)
+        self._slice += 1
+        if self._slice == SLICES:
+            self._measure(np.concatenate(self._block_in, axis=1))
+            self._block_in, self._slice = [], 0
+            self._gain_from, self.gain_db = self.gain_db, self._next_gain(self.gain_db)
+        at = self._ends[self._slice - 1] if self._slice else 0
+        out = self._limit(self._prev, y, self._gained(ahead, self._gain_from, self.gain_db, at))
         self._prev = y
         return out
 
@@ -200,8 +221,8 @@ class LoudnessNormalizer:
         return peak.max(axis=0)
 
     def _limit(self, before: np.ndarray, y: np.ndarray, after: np.ndarray) -> np.ndarray:
-        """Limit y [C, B] using context from the blocks before and after it."""
-        b, la = self.block, self._lookahead
+        """Limit y [C, m] using context from the slices before and after it."""
+        b, la = y.shape[1], self._lookahead
         ext = np.concatenate([before[:, -_PAD:], y, after[:, : la + _PAD]], axis=1)
         peak = self._true_peak(ext)  # [PAD + B + la + PAD - 1], index i = ext sample i
         lim = self._hard_ceiling

@@ -113,7 +113,7 @@ def test_releases_exactly_what_the_time_says():
     rig.clock.start(0.0)
     assert rig.station.health.started
     next_at = rig.clock.tick(0.1)
-    assert rig.released == 3200 and next_at == pytest.approx(0.2)
+    assert rig.released == 3200 and next_at == pytest.approx(0.1 + TICK)
     for t in (0.13, 0.37, 0.38, 0.999):  # late, early, irregular ticks: no drift
         rig.now = t
         rig.clock.tick(t)
@@ -149,12 +149,12 @@ def test_an_empty_buffer_plays_a_bridge_then_live_audio_again():
     # generation is slow: past recover_seconds, but growing slower than real time: stay
     for _ in range(30):
         rig.generate(0.05, value=1.0)
-        rig.run(rig.now + TICK)
+        rig.run(rig.now + 0.1)
     assert health.bridging and len(rig.station.buffer) == 1.5 * RATE
     # fast again: it grows faster than real time over GROWTH_WINDOW: back to live audio
     for _ in range(5):
         rig.generate(0.2, value=1.0)
-        rig.run(rig.now + TICK)
+        rig.run(rig.now + 0.1)
         if not health.bridging:
             break
     assert not health.bridging and health.underruns == 1
@@ -282,10 +282,10 @@ def test_on_air_once_primed_and_keeping_up_or_full():
     for _ in range(6):  # 0.15 s of audio per 0.1 s: x1.5
         assert not fast.clock.primed(fast.now)
         fast.generate(0.15, value=1.0)
-        fast.now += TICK
+        fast.now += 0.1
     assert not fast.clock.primed(fast.now)  # 0.9 s: not yet primed
     fast.generate(0.15, value=1.0)
-    fast.now += TICK
+    fast.now += 0.1
     judged = False
     fast.clock.speed_judged = lambda: judged
     assert not fast.clock.primed(fast.now)  # the generator has not chosen its weights yet
@@ -297,7 +297,7 @@ def test_on_air_once_primed_and_keeping_up_or_full():
     primed_at = None
     while primed_at is None:  # 0.09 s per 0.1 s: x0.9, slower than real time
         slow.generate(0.09, value=1.0)
-        slow.now = round(slow.now + TICK, 9)
+        slow.now = round(slow.now + 0.1, 9)
         if slow.clock.primed(slow.now):
             primed_at = slow.now
     assert len(slow.station.buffer) >= 3.0 * RATE  # only once full

@@ -110,6 +110,7 @@ def test_latency_is_constant_and_reported():
     x = (rng.standard_normal((1, 4 * RATE)) * 0.05).astype(np.float32)  # white: a sharp peak
     y, _ = _run(norm, x, [500])
     lat = norm.latency_samples
+    assert lat == 640 + 64 + 16  # a 20 ms slice, the limiter's 2 ms and the FIR's context
     assert np.all(y[:, :lat] == 0.0)
     seg = slice(2 * RATE, 3 * RATE)
     corr = [float(np.dot(y[0, seg], x[0, 2 * RATE - d : 3 * RATE - d])) for d in range(0, 2 * lat)]
