@@ -188,8 +188,7 @@ def build_radio(
         sid: LoudnessNormalizer(model.sample_rate, model.channels, a.loudness_target, a.true_peak)
         for sid in stations
     }
-    share = g.windows.change_context / g.windows.context
-    horizon = Horizon(g.prompt_horizon, chunk, share)
+    horizon = Horizon(g.prompt_horizon, chunk)
     recovery = bridge_recovery(g.buffer_ahead)
     timing = {
         sid: PromptTimeline(

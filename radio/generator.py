@@ -60,7 +60,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from engine.lane import prefilled_since
+from engine.blend import PLAIN_ROWS
+from engine.lane import Prefill
 from engine.memory import WARM_BYTES, page_faults, warm_heap
 from engine.threads import ThreadTuner, smooth
 from engine.token_stream import Interrupted
@@ -106,7 +107,7 @@ PREPARE_SHARE = 0.25
 # station at x1.25 for x0.45 a second after it went on air; a median of five chunks took three
 # at x0.97 (0.6 s): to int4 weights both times, for good (their speedup measured against it).
 RECENT_CHUNKS = 5
-# a prompt change's cost beside its prefill is the most of this many changes' (`_apply_prompt`)
+# a prompt change is expected to cost the most of this many changes' (`Generator.change_seconds`)
 CHANGES_WEIGHED = 5
 # a read is `steady_frames` long when each of its stations has this many times that ahead: the
 # read cannot let them run out unless generation runs at under 1/STEADY_AHEAD of real time
@@ -274,13 +275,9 @@ class Generator:
         # from the latest prefill (`_learn_prefill`; read by the loop to place prompt changes; a
         # float is atomic)
         self.prefill_seconds = 0.0
-        # what a prompt change costs beside its decoder prefill (the text's encoding, its
-        # cross-attention folded, the cache's rewind and layout): the most of the last
-        # CHANGES_WEIGHED changes (0.05-0.7 s measured in `radio serve` where the prefill of
-        # 25 frames took 0.06 s: a horizon from the prefill alone came too soon). Read by the
-        # loop (a float is atomic)
-        self.change_extra_seconds = 0.0
-        self._change_extras: deque[float] = deque(maxlen=CHANGES_WEIGHED)
+        # the last CHANGES_WEIGHED prompt changes as they ran (`change_seconds`; a tuple
+        # replaced whole by the worker, read by the loop)
+        self._changes: tuple[_ChangeCost, ...] = ()
         # audio per station per second of generating over the last minute of it, and the
         # working stations generated together: what prompt changes weigh (`radio.timing`, rule
         # 1; read from the loop)
@@ -1237,13 +1234,26 @@ class Generator:
         if problem is not None:
             self._reanchor(lane, problem)
 
+    def change_seconds(self, rows: int = PLAIN_ROWS) -> float:
+        """What a prompt change that prefills `rows` decoder rows is expected to cost, from
+        its turn to its first decoder step (what the auto horizon covers): the most that one of
+        the last CHANGES_WEIGHED changes took, its prefill scaled to `rows`, and at least a
+        prefill at the latest measured speed (`prefill_seconds`). A change's work beside its
+        prefill (the text's encoding, its cross-attention folded, the cache's rewind: 0.05-0.7 s
+        in `radio serve` where the prefill of 25 frames took 0.06 s) comes with it; the most of
+        each part taken from different changes overestimated by 0.06-0.1 s of the ~0.35 s one
+        costs on 2 Zen 3 cores (the latest prefill, 0.27 s, with another change's 0.15 s
+        beside it), and a change's horizon is 1.5x that."""
+        window = self.specs[0].window
+        prefill = self.prefill_seconds * window.change_context / window.context
+        return max([prefill * rows / PLAIN_ROWS, *(c.seconds(rows) for c in self._changes)])
+
     def _learn_change(self, spent: float, prefill: Prefill | None, before: Prefill | None) -> None:
-        """`change_extra_seconds` after a prompt change that took `spent` s, with `prefill`
-        the stream's last prefill after it (`before`: the one before it; the same when the
-        change prefilled nothing, a seed from the stream's own frames)."""
-        extra = spent - prefilled_since(prefill, before)
-        self._change_extras.append(max(extra, 0.0))
-        self.change_extra_seconds = max(self._change_extras)
+        """`change_seconds` after a prompt change that took `spent` s, with `prefill` the
+        stream's last prefill after it (`before`: the one before it; the same when the change
+        prefilled nothing, a seed from the stream's own frames)."""
+        ran = prefill if prefill is not None and prefill is not before else None
+        self._changes = (*self._changes[1 - CHANGES_WEIGHED :], _ChangeCost(spent, ran))
 
     def _learn_prefill(self, prefill: Prefill) -> None:
         """`prefill_seconds` from a prefill that ran (a prompt change's, a cold window
@@ -1514,6 +1524,21 @@ class Generator:
                 frame / self.model.frame_rate,
             )
         self._resolve(cmd.future, frame)
+
+
+@dataclass(frozen=True)
+class _ChangeCost:
+    """A prompt change as it ran (`Generator.change_seconds`)."""
+
+    spent: float  # seconds, all of it
+    prefill: Prefill | None  # its decoder prefill (None: it prefilled nothing)
+
+    def seconds(self, rows: int) -> float:
+        """What it would have cost had its prefill had `rows` rows (a prefill's cost grows with
+        its rows; the rest does not)."""
+        if self.prefill is None:
+            return self.spent
+        return self.spent + self.prefill.seconds * (rows / self.prefill.rows - 1)
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,12 @@ it hands to the outputs (`released`). The rules, all here:
 
 1. **Start.** A prompt asked for now starts `horizon` seconds after the moment being played
    (the buffer's head): `generation.prompt_horizon`, or with -1 (auto)
-   `max(MIN_HORIZON, HORIZON_MARGIN * (prefill + extra + chunk))`, from the engine's measured
-   prefill and what its last changes cost beside their prefill (`extra`: the text's encoding,
-   its cross-attention, the cache's rewind; 0.05-0.7 s on 2 cores where a 25-frame prefill took
-   0.06 s: placed by the prefill alone, changes came late and the old music played on), so that
+   `max(MIN_HORIZON, HORIZON_MARGIN * (change + chunk))`, where `change` is what the
+   engine expects the change to cost (`change_seconds`: the most one of its last changes took,
+   its prefill scaled to this change's rows, and at least a prefill at the latest measured
+   speed; the text's encoding, its cross-attention and the cache's rewind cost 0.05-0.7 s on 2
+   cores where a 25-frame prefill took 0.06 s: placed by the prefill alone, changes came late
+   and the old music played on), so that
    the audio after the cut is made before the clock gets there (the chunk being read when the
    change arrives gives way at its next decoder step: its audio would come after the cut).
    With the auto horizon, a change asked for now while several stations generated together
@@ -24,9 +26,9 @@ it hands to the outputs (`released`). The rules, all here:
    `radio serve` runs of two int4 stations on 2 Zen 4 cores. A station alone keeps the
    horizon: a change starts its window afresh, the window's fastest stretch (no warm rows,
    short attention), and one int8 station judged at x1.1-1.2 heard five changes after
-   0.8-0.9 s with no underrun, but after up to 3.2 s with the rule. The prefill is a plain
-   prompt's (two decoder rows) scaled by the rows the change prefills
-   (`engine.blend.prefill_rows`: one per text, both blends' in a transition, and the null row). A change for an
+   0.8-0.9 s with no underrun, but after up to 3.2 s with the rule. The rows a change
+   prefills: `engine.blend.prefill_rows` (one per text, both blends' in a transition, and the
+   null row). A change for an
    instant (`at`, Unix seconds: a schedule boundary) starts at the frame heard at that instant,
    never sooner than the horizon allows.
 2. **Clamp.** The engine is asked for that frame clamped to what it has made,
@@ -99,23 +101,15 @@ def auto_horizon(prefill_seconds: float, chunk_seconds: float) -> float:
 class Horizon:
     """How far ahead of the moment being played a change starts (`generation.prompt_horizon`)."""
 
-    fixed: float  # seconds; -1 = auto, from the measured prefill
+    fixed: float  # seconds; -1 = auto, from what changes cost
     chunk_seconds: float  # audio the generator makes per step
-    # a prompt change's re-read against a whole context's (`generation.prompt_context` frames
-    # over `context`): its prefill takes about this share of the measured one
-    context_share: float = 1.0
 
-    def seconds(
-        self, prefill_seconds: float, rows: int = PLAIN_ROWS, extra_seconds: float = 0.0
-    ) -> float:
-        """`prefill_seconds`: a plain prompt's prefill of a whole context; `rows`: the decoder
-        rows the change prefills (a blend's texts, a transition's both blends', and the null
-        row); `extra_seconds`: what a change costs beside its prefill (the text's encoding,
-        its cross-attention, the cache's rewind), measured on the changes that ran."""
+    def seconds(self, change_seconds: float) -> float:
+        """`change_seconds`: what the change is expected to cost (`PromptEngine.change_seconds`
+        for the rows it prefills)."""
         if self.fixed >= 0:
             return self.fixed
-        change = prefill_seconds * self.context_share * rows / PLAIN_ROWS + extra_seconds
-        return auto_horizon(change, self.chunk_seconds)
+        return auto_horizon(change_seconds, self.chunk_seconds)
 
 
 @dataclass(frozen=True)
@@ -175,10 +169,11 @@ def _apply(stream: PromptStream, change: PromptChange, frame: int) -> int:
 class PromptEngine(Protocol):
     """What a timeline needs of the generator (`radio.generator.Generator`)."""
 
-    prefill_seconds: float  # a prefill of a whole context, measured (0 before it is)
-    # what a prompt change costs beside its prefill, measured (0 before a change ran)
-    change_extra_seconds: float
     together: int  # the stations generated together
+
+    def change_seconds(self, rows: int = PLAIN_ROWS) -> float:
+        """What a prompt change that prefills `rows` decoder rows is expected to cost."""
+        ...
 
     @property
     def sustained_rtf(self) -> float:
@@ -286,7 +281,7 @@ class PromptTimeline:
         change that prefills `rows` decoder rows."""
         head = self.station.buffer.head
         engine = self.engine
-        horizon = self.horizon.seconds(engine.prefill_seconds, rows, engine.change_extra_seconds)
+        horizon = self.horizon.seconds(engine.change_seconds(rows))
         earliest = -(-head // self.hop) + round(horizon * self.sample_rate / self.hop)
         if at is None:
             return max(earliest, self._kept_frame())

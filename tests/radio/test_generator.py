@@ -318,10 +318,11 @@ async def test_a_buffer_shorter_than_what_stalls_the_stream_is_warned_about(run,
         assert warned and "window restarts and prompt changes will make" in warned[0]
 
 
-async def test_what_a_change_costs_beside_its_prefill_is_measured(run):
+async def test_what_a_change_costs_is_measured_whole(run):
     """A change's text encoding, cross-attention and rewind are not in its prefill's time:
-    the generator times the whole change and keeps the most of the last few beside it
-    (`change_extra_seconds`, which the timeline adds to the horizon)."""
+    the generator times each whole change and expects the next to cost the most of the last
+    five, each one's prefill scaled to the new change's rows (`change_seconds`, which the
+    timeline's horizon covers), never less than a prefill at the latest measured speed."""
     from engine.lane import Prefill
 
     model = FakeModel()
@@ -329,6 +330,8 @@ async def test_what_a_change_costs_beside_its_prefill_is_measured(run):
     await sink.until(lambda: len(sink.pcm("a")) >= 3)
     stream = model.streams[0]
     plain = stream.set_prompt
+    floor = gen.prefill_seconds * 25 / 500  # the start-up prefill's share: no change ran yet
+    assert gen.change_seconds() == pytest.approx(floor)
 
     def slow_set_prompt(text, from_frame=None):
         time.sleep(0.15)  # 0.05 s of it the prefill
@@ -336,16 +339,19 @@ async def test_what_a_change_costs_beside_its_prefill_is_measured(run):
         return plain(text, from_frame)
 
     stream.set_prompt = slow_set_prompt
-    assert gen.change_extra_seconds == 0.0
     await gen.set_prompt("a", PromptChange(Blend.of("jazz"), "admin", 20, 0.0))
-    assert 0.1 <= gen.change_extra_seconds < 0.3
+    slow = gen.change_seconds()
+    assert 0.15 <= slow < 0.35
+    assert gen.change_seconds(rows=4) == pytest.approx(slow + 0.05)  # its prefill x2
     stream.set_prompt = plain  # a quick one (nothing prefilled anew): the slow one still counts
     await gen.set_prompt("a", PromptChange(Blend.of("rock"), "admin", 30, 0.0))
-    assert 0.1 <= gen.change_extra_seconds < 0.3
-    gen._learn_change(0.08, Prefill(0.05, 2, 25), None)  # the oldest of five leaves
-    for _ in range(3):
-        gen._learn_change(0.08, Prefill(0.05, 2, 25), None)
-    assert gen.change_extra_seconds == pytest.approx(0.03)
+    assert gen.change_seconds() == slow
+    # five more: the slow one leaves; the most of whole changes (0.07), not the most of each
+    # part from different ones (a prefill of 0.06 and another's 0.06 beside it)
+    for prefill in (0.06, 0.01, 0.06, 0.01, 0.06):
+        gen._learn_change(0.07, Prefill(prefill, 2, 25), None)
+    floor = gen.prefill_seconds * 25 / 500
+    assert floor < 0.07 and gen.change_seconds() == pytest.approx(0.07)
 
 
 async def test_prompt_changes_are_placed_by_the_prefills_that_ran(run):

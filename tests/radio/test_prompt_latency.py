@@ -70,16 +70,21 @@ def test_auto_horizon_covers_the_measured_prefill():
     )  # musicgen-small on this CPU, int8
 
 
-def test_a_prompt_change_reads_a_share_of_the_context_and_is_timed_for_it():
+def test_a_prompt_change_reads_a_share_of_the_context_and_is_timed_for_it(radio_factory):
+    """Before any change ran, a change is expected to cost a prefill of its share of the context
+    (`prompt_context` of `context` frames) at the speed measured when the streams opened,
+    scaled by its rows; a fixed horizon is fixed."""
     from radio.timing import Horizon, auto_horizon
 
-    whole = 4.0  # a whole context's prefill (500 frames); a change re-reads 100 of them
-    assert Horizon(-1, 0.2, 100 / 500).seconds(whole) == pytest.approx(auto_horizon(0.8, 0.2))
-    assert Horizon(-1, 0.2, 100 / 500).seconds(whole, rows=3) == pytest.approx(
-        auto_horizon(1.2, 0.2)
-    )
-    assert Horizon(-1, 0.2).seconds(whole) == auto_horizon(4.0, 0.2)  # the whole context
-    assert Horizon(2.5, 0.2, 0.2).seconds(whole) == 2.5  # a fixed horizon is fixed
+    gen = radio_factory().radio.generator
+    window = gen.specs[0].window
+    assert window.change_context < window.context
+    share = window.change_context / window.context
+    gen.prefill_seconds = 4.0  # a whole context's prefill
+    assert gen.change_seconds() == pytest.approx(4.0 * share)
+    assert gen.change_seconds(rows=3) == pytest.approx(4.0 * share * 3 / 2)
+    assert Horizon(-1, 0.2).seconds(0.8) == auto_horizon(0.8, 0.2)
+    assert Horizon(2.5, 0.2).seconds(0.8) == 2.5  # a fixed horizon is fixed
 
 
 def test_a_slow_prefill_moves_prompt_changes_ahead(radio_factory, monkeypatch):

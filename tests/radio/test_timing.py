@@ -47,10 +47,12 @@ class FakeEngine:
 
     def __init__(self) -> None:
         self.alive = True
-        self.prefill_seconds = 0.01
-        self.change_extra_seconds = 0.0
+        self.plain_change = 0.01  # what a plain prompt's change costs (two rows)
         self.sustained_rtf, self.together = 0.0, 0
         self.asked: list[tuple[str, PromptChange, asyncio.Future[int]]] = []
+
+    def change_seconds(self, rows: int = 2) -> float:
+        return self.plain_change * rows / 2
 
     def set_prompt(self, station_id: str, change: PromptChange) -> asyncio.Future[int]:
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -116,9 +118,9 @@ def test_a_change_starts_a_horizon_after_the_moment_being_played():
     assert tl.start_frame() == 51 + 50  # the next whole frame, plus 1 s
     tl = timeline(st, engine, clock)  # auto: the tiny model's prefill gives the minimum
     assert tl.start_frame() == 51 + 25  # 0.5 s
-    engine.prefill_seconds = 1.2  # a slow prefill moves it later: 1.5 x (1.2 + 0.2) s
+    engine.plain_change = 1.2  # a slow change moves it later: 1.5 x (1.2 + 0.2) s
     assert tl.start_frame() == 51 + 105
-    engine.change_extra_seconds = 0.4  # and what a change costs beside it: 1.5 x (1.6 + 0.2)
+    engine.plain_change = 1.6  # 1.5 x (1.6 + 0.2)
     assert tl.start_frame() == 51 + 135
 
 
@@ -178,12 +180,12 @@ async def test_a_change_that_keeps_the_buffer_says_why(caplog):
 
 
 async def test_a_blend_or_a_transition_starts_later_for_its_larger_prefill():
-    """The auto horizon scales the plain prompt's prefill by the rows a change prefills: a blend
-    of 3 texts 4 rows (x2), a transition from it to a new text 5 (x2.5)."""
+    """The auto horizon asks the engine what a change of the rows it prefills costs: a blend of
+    3 texts 4 rows (x2 here), a transition from it to a new text 5 (x2.5)."""
     st, engine, clock = station("old"), FakeEngine(), FakeClock()
     fill(st, 0, 5 * RATE, 1.0)
     st.buffer.take(RATE + 100)  # head inside frame 50
-    engine.prefill_seconds = 1.0
+    engine.plain_change = 1.0
     tl = timeline(st, engine, clock)
     three = Blend.parse([{"text": "a"}, {"text": "b"}, {"text": "c"}])
     assert tl.prefill_rows(Blend.of("new")) == 2
@@ -191,7 +193,7 @@ async def test_a_blend_or_a_transition_starts_later_for_its_larger_prefill():
     assert tl.prefill_rows(three) == 4 and tl.prefill_rows(three, 5.0) == 5
     assert tl.start_frame(rows=2) == 51 + round(1.5 * (1.0 + 0.2) * 50)
     assert tl.start_frame(rows=4) == 51 + round(1.5 * (2.0 + 0.2) * 50)
-    assert Horizon(0.5, 0.2).seconds(1.0, rows=5) == 0.5  # a fixed horizon stays fixed
+    assert Horizon(0.5, 0.2).seconds(2.5) == 0.5  # a fixed horizon stays fixed
     asked = asyncio.ensure_future(tl.change(three, "admin", transition_seconds=5.0))
     await asyncio.sleep(0)
     assert engine.asked[0][1].from_frame == 51 + round(1.5 * (2.5 + 0.2) * 50)
