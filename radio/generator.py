@@ -527,7 +527,7 @@ class Generator:
             self.prefill_seconds,
             window.change_context,
             change,
-            auto_horizon(change, chunk),
+            auto_horizon(change + chunk),
         )
         # what stalls the stream at once: a window restart's prefill (none when warm) and a
         # prompt change's
@@ -574,6 +574,8 @@ class Generator:
                 log.debug("a chunk of %s gave way to a prompt change", _what(lanes))
                 return
         spent = max(time.perf_counter() - t, 1e-6)  # every station's chunk took all of it
+        if any(lane.changed for lane in lanes):
+            self._learn_first_read(spent)
         for lane in lanes:
             lane.changed = False
         self._sustained(lanes, spent, frames)
@@ -1235,18 +1237,22 @@ class Generator:
             self._reanchor(lane, problem)
 
     def change_seconds(self, rows: int = PLAIN_ROWS) -> float:
-        """What a prompt change that prefills `rows` decoder rows is expected to cost, from
-        its turn to its first decoder step (what the auto horizon covers): the most that one of
-        the last CHANGES_WEIGHED changes took, its prefill scaled to `rows`, and at least a
-        prefill at the latest measured speed (`prefill_seconds`). A change's work beside its
-        prefill (the text's encoding, its cross-attention folded, the cache's rewind: 0.05-0.7 s
-        in `radio serve` where the prefill of 25 frames took 0.06 s) comes with it; the most of
-        each part taken from different changes overestimated by 0.06-0.1 s of the ~0.35 s one
-        costs on 2 Zen 3 cores (the latest prefill, 0.27 s, with another change's 0.15 s
-        beside it), and a change's horizon is 1.5x that."""
+        """What a prompt change that prefills `rows` decoder rows is expected to cost, from its
+        turn until its first audio is made (what the auto horizon covers): the most that one of
+        the last CHANGES_WEIGHED changes took with the read that made its first audio, its
+        prefill scaled to `rows`; at least a prefill at the latest measured speed
+        (`prefill_seconds`) and a chunk. A change's work beside its prefill (the text's
+        encoding, its cross-attention folded, the cache's rewind: 0.05-0.7 s in `radio serve`
+        where the prefill of 25 frames took 0.06 s) comes with it; the most of each part taken
+        from different changes overestimated by 0.06-0.1 s of the ~0.35 s one costs on 2 Zen 3
+        cores (the latest prefill, 0.27 s, with another change's 0.15 s beside it), and a
+        change's horizon is 1.5x that. The first read (half a chunk and the codec's lookahead,
+        `change_frames`) took 0.13-0.21 s there, where a whole chunk's 0.2 s stood in for it."""
         window = self.specs[0].window
+        chunk = self.chunk_frames / self.model.frame_rate
         prefill = self.prefill_seconds * window.change_context / window.context
-        return max([prefill * rows / PLAIN_ROWS, *(c.seconds(rows) for c in self._changes)])
+        least = prefill * rows / PLAIN_ROWS + chunk
+        return max([least, *(c.seconds(rows, chunk) for c in self._changes)])
 
     def _learn_change(self, spent: float, prefill: Prefill | None, before: Prefill | None) -> None:
         """`change_seconds` after a prompt change that took `spent` s, with `prefill` the
@@ -1254,6 +1260,13 @@ class Generator:
         prefilled nothing, a seed from the stream's own frames)."""
         ran = prefill if prefill is not None and prefill is not before else None
         self._changes = (*self._changes[1 - CHANGES_WEIGHED :], _ChangeCost(spent, ran))
+
+    def _learn_first_read(self, spent: float) -> None:
+        """The read that made the first audio of the changes before it took `spent` s."""
+        self._changes = tuple(
+            dataclasses.replace(c, first_read=spent) if c.first_read is None else c
+            for c in self._changes
+        )
 
     def _learn_prefill(self, prefill: Prefill) -> None:
         """`prefill_seconds` from a prefill that ran (a prompt change's, a cold window
@@ -1532,13 +1545,16 @@ class _ChangeCost:
 
     spent: float  # seconds, all of it
     prefill: Prefill | None  # its decoder prefill (None: it prefilled nothing)
+    first_read: float | None = None  # seconds of the read that made its first audio
 
-    def seconds(self, rows: int) -> float:
-        """What it would have cost had its prefill had `rows` rows (a prefill's cost grows with
-        its rows; the rest does not)."""
+    def seconds(self, rows: int, chunk_seconds: float) -> float:
+        """What it would have cost until its first audio had its prefill had `rows` rows (a
+        prefill's cost grows with its rows; the rest does not); a chunk's length for its first
+        read until that is made."""
+        read = chunk_seconds if self.first_read is None else self.first_read
         if self.prefill is None:
-            return self.spent
-        return self.spent + self.prefill.seconds * (rows / self.prefill.rows - 1)
+            return self.spent + read
+        return self.spent + self.prefill.seconds * (rows / self.prefill.rows - 1) + read
 
 
 @dataclass(frozen=True)

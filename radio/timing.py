@@ -7,12 +7,12 @@ it hands to the outputs (`released`). The rules, all here:
 
 1. **Start.** A prompt asked for now starts `horizon` seconds after the moment being played
    (the buffer's head): `generation.prompt_horizon`, or with -1 (auto)
-   `max(MIN_HORIZON, HORIZON_MARGIN * (change + chunk))`, where `change` is what the
-   engine expects the change to cost (`change_seconds`: the most one of its last changes took,
-   its prefill scaled to this change's rows, and at least a prefill at the latest measured
-   speed; the text's encoding, its cross-attention and the cache's rewind cost 0.05-0.7 s on 2
-   cores where a 25-frame prefill took 0.06 s: placed by the prefill alone, changes came late
-   and the old music played on), so that
+   `max(MIN_HORIZON, HORIZON_MARGIN * change)`, where `change` is what the engine expects the
+   change to cost until its first audio is made (`change_seconds`: the most one of its last
+   changes took with its first read, its prefill scaled to this change's rows, and at least a
+   prefill at the latest measured speed and a chunk; the text's encoding, its cross-attention
+   and the cache's rewind cost 0.05-0.7 s on 2 cores where a 25-frame prefill took 0.06 s:
+   placed by the prefill alone, changes came late and the old music played on), so that
    the audio after the cut is made before the clock gets there (the chunk being read when the
    change arrives gives way at its next decoder step: its audio would come after the cut).
    With the auto horizon, a change asked for now while several stations generated together
@@ -90,11 +90,12 @@ KEEP_BELOW = 1.3
 APPLY_TIMEOUT = 15.0  # seconds a change waits for the generator to take it
 
 
-def auto_horizon(prefill_seconds: float, chunk_seconds: float) -> float:
+def auto_horizon(change_seconds: float) -> float:
     """Seconds after the moment being played at which a new prompt can start without the
-    stream falling behind: the prefill and the first chunk after it (with a margin) must fit
-    into the audio still buffered before it."""
-    return max(MIN_HORIZON, HORIZON_MARGIN * (prefill_seconds + chunk_seconds))
+    stream falling behind: the change and its first read (`change_seconds`, from the change's
+    turn until its first audio is made) must fit, with a margin, into the audio still
+    buffered before it."""
+    return max(MIN_HORIZON, HORIZON_MARGIN * change_seconds)
 
 
 @dataclass(frozen=True)
@@ -102,14 +103,14 @@ class Horizon:
     """How far ahead of the moment being played a change starts (`generation.prompt_horizon`)."""
 
     fixed: float  # seconds; -1 = auto, from what changes cost
-    chunk_seconds: float  # audio the generator makes per step
+    chunk_seconds: float  # audio the generator makes per read (rule 5)
 
     def seconds(self, change_seconds: float) -> float:
-        """`change_seconds`: what the change is expected to cost (`PromptEngine.change_seconds`
-        for the rows it prefills)."""
+        """`change_seconds`: what the change is expected to cost until its first audio is made
+        (`PromptEngine.change_seconds` for the rows it prefills)."""
         if self.fixed >= 0:
             return self.fixed
-        return auto_horizon(change_seconds, self.chunk_seconds)
+        return auto_horizon(change_seconds)
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,8 @@ class PromptEngine(Protocol):
     together: int  # the stations generated together
 
     def change_seconds(self, rows: int = PLAIN_ROWS) -> float:
-        """What a prompt change that prefills `rows` decoder rows is expected to cost."""
+        """What a prompt change that prefills `rows` decoder rows is expected to cost, from its
+        turn until its first audio is made."""
         ...
 
     @property

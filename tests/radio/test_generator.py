@@ -319,10 +319,11 @@ async def test_a_buffer_shorter_than_what_stalls_the_stream_is_warned_about(run,
 
 
 async def test_what_a_change_costs_is_measured_whole(run):
-    """A change's text encoding, cross-attention and rewind are not in its prefill's time:
-    the generator times each whole change and expects the next to cost the most of the last
-    five, each one's prefill scaled to the new change's rows (`change_seconds`, which the
-    timeline's horizon covers), never less than a prefill at the latest measured speed."""
+    """A change's text encoding, cross-attention and rewind are not in its prefill's time,
+    and its first audio needs a read after it: the generator times each whole change and the
+    read that makes its first audio, and expects the next to cost the most of the last five,
+    each one's prefill scaled to the new change's rows (`change_seconds`, which the timeline's
+    horizon covers), never less than a prefill at the latest measured speed and a chunk."""
     from engine.lane import Prefill
 
     model = FakeModel()
@@ -330,8 +331,12 @@ async def test_what_a_change_costs_is_measured_whole(run):
     await sink.until(lambda: len(sink.pcm("a")) >= 3)
     stream = model.streams[0]
     plain = stream.set_prompt
-    floor = gen.prefill_seconds * 25 / 500  # the start-up prefill's share: no change ran yet
-    assert gen.change_seconds() == pytest.approx(floor)
+    chunk = gen.chunk_frames / model.frame_rate
+
+    def least() -> float:  # a prefill of a change's share at the latest speed, and a chunk
+        return gen.prefill_seconds * 25 / 500 + chunk
+
+    assert gen.change_seconds() == pytest.approx(least())  # no change ran yet
 
     def slow_set_prompt(text, from_frame=None):
         time.sleep(0.15)  # 0.05 s of it the prefill
@@ -340,18 +345,22 @@ async def test_what_a_change_costs_is_measured_whole(run):
 
     stream.set_prompt = slow_set_prompt
     await gen.set_prompt("a", PromptChange(Blend.of("jazz"), "admin", 20, 0.0))
+    await sink.until(lambda: gen._changes[-1].first_read is not None)
+    first_read = gen._changes[-1].first_read
+    assert 0 < first_read < chunk  # the fake reads far faster than real time
     slow = gen.change_seconds()
-    assert 0.15 <= slow < 0.35
+    assert 0.15 + first_read <= slow < 0.35 + first_read
     assert gen.change_seconds(rows=4) == pytest.approx(slow + 0.05)  # its prefill x2
     stream.set_prompt = plain  # a quick one (nothing prefilled anew): the slow one still counts
     await gen.set_prompt("a", PromptChange(Blend.of("rock"), "admin", 30, 0.0))
+    await sink.until(lambda: gen._changes[-1].first_read is not None)
     assert gen.change_seconds() == slow
-    # five more: the slow one leaves; the most of whole changes (0.07), not the most of each
-    # part from different ones (a prefill of 0.06 and another's 0.06 beside it)
-    for prefill in (0.06, 0.01, 0.06, 0.01, 0.06):
-        gen._learn_change(0.07, Prefill(prefill, 2, 25), None)
-    floor = gen.prefill_seconds * 25 / 500
-    assert floor < 0.07 and gen.change_seconds() == pytest.approx(0.07)
+    # five more: the slow one leaves; the most of whole changes, not the most of each part
+    # from different ones (a prefill of 0.3 and another's 0.3 beside it; chunks the same)
+    for prefill in (0.3, 0.01, 0.3, 0.01, 0.3):
+        gen._learn_change(0.31, Prefill(prefill, 2, 25), None)
+    gen._learn_first_read(0.01)
+    assert least() < 0.32 and gen.change_seconds() == pytest.approx(0.32)
 
 
 async def test_prompt_changes_are_placed_by_the_prefills_that_ran(run):

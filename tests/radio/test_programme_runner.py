@@ -44,10 +44,11 @@ class FakeEngine:
 
     def __init__(self) -> None:
         self.alive = True
-        self.prefill_seconds = 0.01
-        self.change_extra_seconds = 0.0
         self.sustained_rtf, self.together = 0.0, 0
         self.asked: list[tuple[PromptChange, asyncio.Future[int]]] = []
+
+    def change_seconds(self, rows: int = 2) -> float:
+        return 0.2  # a fast change and its first read
 
     def set_prompt(self, station_id: str, change: PromptChange) -> asyncio.Future[int]:
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -92,7 +93,7 @@ class Rig:
             self.engine,
             hop=HOP,
             sample_rate=RATE,
-            horizon=Horizon(-1, chunk_seconds=0.2),  # auto: 0.5 s with this prefill
+            horizon=Horizon(-1, chunk_seconds=0.2),  # auto: 0.5 s at what a change costs here
             output_latency=LATENCY,
             clock=self.clock.monotonic,
             wallclock=self.clock,

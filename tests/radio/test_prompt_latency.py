@@ -59,31 +59,23 @@ def test_prompt_change_is_heard_within_a_second_and_a_half(radio_factory):
         assert -0.25 < got - said < TICK + 0.25, (got, said)
 
 
-def test_auto_horizon_covers_the_measured_prefill():
-    from radio.timing import MIN_HORIZON, auto_horizon
-
-    assert (
-        auto_horizon(0.01, 0.2) == MIN_HORIZON == 0.5
-    )  # a fast prefill (GPU, tiny model): the minimum
-    assert auto_horizon(1.2, 0.2) == pytest.approx(
-        1.5 * (1.2 + 0.2)
-    )  # musicgen-small on this CPU, int8
-
-
-def test_a_prompt_change_reads_a_share_of_the_context_and_is_timed_for_it(radio_factory):
+def test_before_a_change_ran_one_costs_a_prefill_of_its_share_and_a_chunk(radio_factory):
     """Before any change ran, a change is expected to cost a prefill of its share of the context
     (`prompt_context` of `context` frames) at the speed measured when the streams opened,
-    scaled by its rows; a fixed horizon is fixed."""
-    from radio.timing import Horizon, auto_horizon
+    scaled by its rows, and a chunk for its first read; the auto horizon is 1.5x that, at least
+    0.5 s; a fixed horizon is fixed."""
+    from radio.timing import MIN_HORIZON, Horizon, auto_horizon
 
     gen = radio_factory().radio.generator
     window = gen.specs[0].window
     assert window.change_context < window.context
     share = window.change_context / window.context
+    chunk = gen.chunk_frames / gen.model.frame_rate
     gen.prefill_seconds = 4.0  # a whole context's prefill
-    assert gen.change_seconds() == pytest.approx(4.0 * share)
-    assert gen.change_seconds(rows=3) == pytest.approx(4.0 * share * 3 / 2)
-    assert Horizon(-1, 0.2).seconds(0.8) == auto_horizon(0.8, 0.2)
+    assert gen.change_seconds() == pytest.approx(4.0 * share + chunk)
+    assert gen.change_seconds(rows=3) == pytest.approx(4.0 * share * 3 / 2 + chunk)
+    assert auto_horizon(0.3) == MIN_HORIZON == 0.5  # a fast change (GPU, tiny model)
+    assert Horizon(-1, 0.2).seconds(0.8) == pytest.approx(1.5 * 0.8)
     assert Horizon(2.5, 0.2).seconds(0.8) == 2.5  # a fixed horizon is fixed
 
 
