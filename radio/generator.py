@@ -1254,6 +1254,11 @@ class Generator:
         least = prefill * rows / PLAIN_ROWS + chunk
         return max([least, *(c.seconds(rows, chunk) for c in self._changes)])
 
+    def first_read_seconds(self) -> float:
+        """The most that the read making a change's first audio took, over the last
+        CHANGES_WEIGHED changes (0 before one was made)."""
+        return max((c.first_read for c in self._changes if c.first_read is not None), default=0.0)
+
     def _learn_change(self, spent: float, prefill: Prefill | None, before: Prefill | None) -> None:
         """`change_seconds` after a prompt change that took `spent` s, with `prefill` the
         stream's last prefill after it (`before`: the one before it; the same when the change

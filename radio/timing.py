@@ -44,8 +44,9 @@ it hands to the outputs (`released`). The rules, all here:
 5. **Heard in.** The answer to the request says when: the cut is `ahead = (cut sample - buffer
    head) / sample rate` seconds from the moment being played, heard `ahead` plus the output
    latency from now, unless generation cannot feed it in time. When the chunk after the cut
-   takes longer to make (`HORIZON_MARGIN x chunk seconds / realtime factor`: a chunk's cost
-   varies around the smoothed factor) than `ahead`, or the bridge (or a hold) plays
+   takes longer to make (`HORIZON_MARGIN x` the most the last changes' first reads took,
+   `first_read_seconds`, or before one was made a chunk's seconds / the realtime factor) than
+   `ahead`, or the bridge (or a hold) plays
    already, the clock plays the old prompt's audio on (a hold, `radio.clock`) until the buffer
    holds what it needs to leave it (`clock.Recovery`): the answer counts that in (at x0.9 of real time with a 3.8 s full
    buffer, about 4 s, where `ahead` alone would promise 0.2).
@@ -175,6 +176,10 @@ class PromptEngine(Protocol):
     def change_seconds(self, rows: int = PLAIN_ROWS) -> float:
         """What a prompt change that prefills `rows` decoder rows is expected to cost, from its
         turn until its first audio is made."""
+        ...
+
+    def first_read_seconds(self) -> float:
+        """What the read making a change's first audio took lately (0 before one was made)."""
         ...
 
     @property
@@ -321,7 +326,9 @@ class PromptTimeline:
         need = recovery.needed(rtf)
         if health.bridging or health.holding:  # the head stands still until it holds `need`
             return ahead + max(need - ahead, 0.0) / rtf
-        if HORIZON_MARGIN * self.horizon.chunk_seconds / rtf <= ahead:  # (the horizon's margin)
+        # the read after the cut: as the last changes' first reads took, else a chunk at `rtf`
+        read = self.engine.first_read_seconds() or self.horizon.chunk_seconds / rtf
+        if HORIZON_MARGIN * read <= ahead:  # (the horizon's margin)
             return ahead
         return max(ahead, need / rtf)  # the bridge from `ahead` on, the buffer then empty
 

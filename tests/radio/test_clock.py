@@ -56,6 +56,9 @@ class NoEngine:
     def change_seconds(self, rows=2):
         return 0.0
 
+    def first_read_seconds(self):
+        return 0.0
+
     def set_prompt(self, station_id, change):  # pragma: no cover - not used here
         raise AssertionError("the clock never asks the engine")
 

@@ -348,6 +348,7 @@ async def test_what_a_change_costs_is_measured_whole(run):
     await sink.until(lambda: gen._changes[-1].first_read is not None)
     first_read = gen._changes[-1].first_read
     assert 0 < first_read < chunk  # the fake reads far faster than real time
+    assert gen.first_read_seconds() == first_read  # what the answer's rule 5 weighs
     slow = gen.change_seconds()
     assert 0.15 + first_read <= slow < 0.35 + first_read
     assert gen.change_seconds(rows=4) == pytest.approx(slow + 0.05)  # its prefill x2

@@ -50,6 +50,9 @@ class FakeEngine:
     def change_seconds(self, rows: int = 2) -> float:
         return 0.2  # a fast change and its first read
 
+    def first_read_seconds(self) -> float:
+        return 0.0  # none made yet
+
     def set_prompt(self, station_id: str, change: PromptChange) -> asyncio.Future[int]:
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.asked.append((change, fut))

@@ -48,11 +48,15 @@ class FakeEngine:
     def __init__(self) -> None:
         self.alive = True
         self.plain_change = 0.01  # what a plain prompt's change costs (two rows)
+        self.first_read = 0.0  # what a change's first read took lately (0: none made yet)
         self.sustained_rtf, self.together = 0.0, 0
         self.asked: list[tuple[str, PromptChange, asyncio.Future[int]]] = []
 
     def change_seconds(self, rows: int = 2) -> float:  # a 0.2 s chunk's first read with it
         return self.plain_change * rows / 2 + 0.2
+
+    def first_read_seconds(self) -> float:
+        return self.first_read
 
     def set_prompt(self, station_id: str, change: PromptChange) -> asyncio.Future[int]:
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -228,7 +232,8 @@ async def test_the_answer_says_when_the_change_is_heard():
 
 
 def test_the_answer_counts_in_the_bridge_a_change_the_generator_cannot_feed_causes():
-    """Rule 5 when generation is slow: a cut whose next chunk takes longer to make than the
+    """Rule 5 when generation is slow: a cut whose next chunk takes longer to make (as the last
+    changes' first reads took, or before one was made a chunk at the station's speed) than the
     audio before it lasts (or that comes while the bridge plays) is heard once the clock has
     buffered enough to leave the bridge: `Recovery` (1 s and growing, or 3.8 s when generation
     is under x1.05 and the buffer cannot grow faster than real time)."""
@@ -256,7 +261,11 @@ def test_the_answer_counts_in_the_bridge_a_change_the_generator_cannot_feed_caus
     assert tl.heard_in(75) == pytest.approx(0.5 + out)  # its next chunk made in 0.22 s: in time
     st.health.realtime_factor = 0.55  # 0.36 s, with the horizon's margin 0.55 s: too close
     assert tl.heard_in(75) == pytest.approx(3.8 / 0.55 + out)
-    st.health.realtime_factor = 0.9
+    engine.first_read = 0.3  # the last changes' first reads took 0.3 s: x1.5 is 0.45, in time
+    assert tl.heard_in(75) == pytest.approx(0.5 + out)
+    engine.first_read = 0.35  # 0.525 s with the margin: not
+    assert tl.heard_in(75) == pytest.approx(3.8 / 0.55 + out)
+    engine.first_read = 0.0
     st.health.realtime_factor, st.health.bridging = 1.2, True  # the bridge plays now
     assert tl.heard_in(75) == pytest.approx(0.5 + 0.5 / 1.2 + out)  # 0.5 s more, then 0.5 s
     assert tl.heard_in(150) == pytest.approx(2.0 + out)  # 2 s buffered: it leaves at once
