@@ -1239,20 +1239,22 @@ class Generator:
     def change_seconds(self, rows: int = PLAIN_ROWS) -> float:
         """What a prompt change that prefills `rows` decoder rows is expected to cost, from its
         turn until its first audio is made (what the auto horizon covers): the most that one of
-        the last CHANGES_WEIGHED changes took with the read that made its first audio, its
-        prefill scaled to `rows`; at least a prefill at the latest measured speed
-        (`prefill_seconds`) and a chunk. A change's work beside its prefill (the text's
-        encoding, its cross-attention folded, the cache's rewind: 0.05-0.7 s in `radio serve`
-        where the prefill of 25 frames took 0.06 s) comes with it; the most of each part taken
-        from different changes overestimated by 0.06-0.1 s of the ~0.35 s one costs on 2 Zen 3
-        cores (the latest prefill, 0.27 s, with another change's 0.15 s beside it), and a
-        change's horizon is 1.5x that. The first read (half a chunk and the codec's lookahead,
-        `change_frames`) took 0.13-0.21 s there, where a whole chunk's 0.2 s stood in for it."""
+        the last CHANGES_WEIGHED changes took, its prefill scaled to `rows`, and at least a
+        prefill at the latest measured speed (`prefill_seconds`); and a chunk. A change's work
+        beside its prefill (the text's encoding, its cross-attention folded, the cache's
+        rewind: 0.05-0.7 s in `radio serve` where the prefill of 25 frames took 0.06 s) comes
+        with it; the most of each part taken from different changes overestimated by
+        0.06-0.1 s of the ~0.35 s one costs on 2 Zen 3 cores (the latest prefill, 0.27 s, with
+        another change's 0.15 s beside it), and a change's horizon is 1.5x that. The chunk is a
+        whole one although the first read is half of one and the codec's lookahead
+        (`change_frames`, 0.13-0.21 s there): it brings 0.1 s of audio, and the next read must
+        come before that is played; counted as measured, the first read came in time but the
+        next 19 ms late, after a change that cost 1.5x the one before (a bridge of 0.7 s)."""
         window = self.specs[0].window
         chunk = self.chunk_frames / self.model.frame_rate
         prefill = self.prefill_seconds * window.change_context / window.context
-        least = prefill * rows / PLAIN_ROWS + chunk
-        return max([least, *(c.seconds(rows, chunk) for c in self._changes)])
+        costs = (c.seconds(rows) for c in self._changes)
+        return max([prefill * rows / PLAIN_ROWS, *costs]) + chunk
 
     def first_read_seconds(self) -> float:
         """The most that the read making a change's first audio took, over the last
@@ -1552,14 +1554,12 @@ class _ChangeCost:
     prefill: Prefill | None  # its decoder prefill (None: it prefilled nothing)
     first_read: float | None = None  # seconds of the read that made its first audio
 
-    def seconds(self, rows: int, chunk_seconds: float) -> float:
-        """What it would have cost until its first audio had its prefill had `rows` rows (a
-        prefill's cost grows with its rows; the rest does not); a chunk's length for its first
-        read until that is made."""
-        read = chunk_seconds if self.first_read is None else self.first_read
+    def seconds(self, rows: int) -> float:
+        """What it would have cost had its prefill had `rows` rows (a prefill's cost grows with
+        its rows; the rest does not)."""
         if self.prefill is None:
-            return self.spent + read
-        return self.spent + self.prefill.seconds * (rows / self.prefill.rows - 1) + read
+            return self.spent
+        return self.spent + self.prefill.seconds * (rows / self.prefill.rows - 1)
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ it hands to the outputs (`released`). The rules, all here:
    (the buffer's head): `generation.prompt_horizon`, or with -1 (auto)
    `max(MIN_HORIZON, HORIZON_MARGIN * change)`, where `change` is what the engine expects the
    change to cost until its first audio is made (`change_seconds`: the most one of its last
-   changes took with its first read, its prefill scaled to this change's rows, and at least a
-   prefill at the latest measured speed and a chunk; the text's encoding, its cross-attention
+   changes took, its prefill scaled to this change's rows, and at least a prefill at the latest
+   measured speed; and a chunk; the text's encoding, its cross-attention
    and the cache's rewind cost 0.05-0.7 s on 2 cores where a 25-frame prefill took 0.06 s:
    placed by the prefill alone, changes came late and the old music played on), so that
    the audio after the cut is made before the clock gets there (the chunk being read when the

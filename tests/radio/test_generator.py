@@ -319,11 +319,12 @@ async def test_a_buffer_shorter_than_what_stalls_the_stream_is_warned_about(run,
 
 
 async def test_what_a_change_costs_is_measured_whole(run):
-    """A change's text encoding, cross-attention and rewind are not in its prefill's time,
-    and its first audio needs a read after it: the generator times each whole change and the
-    read that makes its first audio, and expects the next to cost the most of the last five,
-    each one's prefill scaled to the new change's rows (`change_seconds`, which the timeline's
-    horizon covers), never less than a prefill at the latest measured speed and a chunk."""
+    """A change's text encoding, cross-attention and rewind are not in its prefill's time:
+    the generator times each whole change and expects the next to cost the most of the last
+    five, each one's prefill scaled to the new change's rows, never less than a prefill at the
+    latest measured speed, and a chunk for its first audio (`change_seconds`, which the
+    timeline's horizon covers). The read that made a change's first audio is timed too
+    (`first_read_seconds`, which the answer's rule 5 weighs)."""
     from engine.lane import Prefill
 
     model = FakeModel()
@@ -333,10 +334,11 @@ async def test_what_a_change_costs_is_measured_whole(run):
     plain = stream.set_prompt
     chunk = gen.chunk_frames / model.frame_rate
 
-    def least() -> float:  # a prefill of a change's share at the latest speed, and a chunk
-        return gen.prefill_seconds * 25 / 500 + chunk
+    def least() -> float:  # a prefill of a change's share at the latest speed
+        return gen.prefill_seconds * 25 / 500
 
-    assert gen.change_seconds() == pytest.approx(least())  # no change ran yet
+    assert gen.change_seconds() == pytest.approx(least() + chunk)  # no change ran yet
+    assert gen.first_read_seconds() == 0.0
 
     def slow_set_prompt(text, from_frame=None):
         time.sleep(0.15)  # 0.05 s of it the prefill
@@ -345,23 +347,19 @@ async def test_what_a_change_costs_is_measured_whole(run):
 
     stream.set_prompt = slow_set_prompt
     await gen.set_prompt("a", PromptChange(Blend.of("jazz"), "admin", 20, 0.0))
-    await sink.until(lambda: gen._changes[-1].first_read is not None)
-    first_read = gen._changes[-1].first_read
-    assert 0 < first_read < chunk  # the fake reads far faster than real time
-    assert gen.first_read_seconds() == first_read  # what the answer's rule 5 weighs
     slow = gen.change_seconds()
-    assert 0.15 + first_read <= slow < 0.35 + first_read
+    assert 0.15 + chunk <= slow < 0.35 + chunk
     assert gen.change_seconds(rows=4) == pytest.approx(slow + 0.05)  # its prefill x2
+    await sink.until(lambda: gen.first_read_seconds() > 0)
+    assert gen.first_read_seconds() < chunk  # the fake reads far faster than real time
     stream.set_prompt = plain  # a quick one (nothing prefilled anew): the slow one still counts
     await gen.set_prompt("a", PromptChange(Blend.of("rock"), "admin", 30, 0.0))
-    await sink.until(lambda: gen._changes[-1].first_read is not None)
     assert gen.change_seconds() == slow
     # five more: the slow one leaves; the most of whole changes, not the most of each part
-    # from different ones (a prefill of 0.3 and another's 0.3 beside it; chunks the same)
+    # from different ones (a prefill of 0.3 and another's 0.3 beside it)
     for prefill in (0.3, 0.01, 0.3, 0.01, 0.3):
         gen._learn_change(0.31, Prefill(prefill, 2, 25), None)
-    gen._learn_first_read(0.01)
-    assert least() < 0.32 and gen.change_seconds() == pytest.approx(0.32)
+    assert least() < 0.31 and gen.change_seconds() == pytest.approx(0.31 + chunk)
 
 
 async def test_prompt_changes_are_placed_by_the_prefills_that_ran(run):
