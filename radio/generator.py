@@ -68,7 +68,7 @@ from engine.token_stream import Interrupted
 from radio import ladder
 from radio.blending import open_blend, open_text
 from radio.healing import Failure, LaneHealing, describe, seconds
-from radio.timing import PromptChange, auto_horizon, start_prompt
+from radio.timing import ChangeCost, PromptChange, auto_horizon, start_prompt
 from radio.watchdog import Problem, Watchdog
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ PREPARE_SHARE = 0.25
 # station at x1.25 for x0.45 a second after it went on air; a median of five chunks took three
 # at x0.97 (0.6 s): to int4 weights both times, for good (their speedup measured against it).
 RECENT_CHUNKS = 5
-# a prompt change is expected to cost the most of this many changes' (`Generator.change_seconds`)
+# a prompt change is expected to cost what this many changes did (`Generator.change_cost`)
 CHANGES_WEIGHED = 5
 # a read is `steady_frames` long when each of its stations has this many times that ahead: the
 # read cannot let them run out unless generation runs at under 1/STEADY_AHEAD of real time
@@ -275,7 +275,7 @@ class Generator:
         # from the latest prefill (`_learn_prefill`; read by the loop to place prompt changes; a
         # float is atomic)
         self.prefill_seconds = 0.0
-        # the last CHANGES_WEIGHED prompt changes as they ran (`change_seconds`; a tuple
+        # the last CHANGES_WEIGHED prompt changes as they ran (`change_cost`; a tuple
         # replaced whole by the worker, read by the loop)
         self._changes: tuple[_ChangeCost, ...] = ()
         # audio per station per second of generating over the last minute of it, and the
@@ -527,7 +527,7 @@ class Generator:
             self.prefill_seconds,
             window.change_context,
             change,
-            auto_horizon(change + chunk),
+            auto_horizon(ChangeCost(change + chunk, change + chunk)),
         )
         # what stalls the stream at once: a window restart's prefill (none when warm) and a
         # prompt change's
@@ -1236,25 +1236,25 @@ class Generator:
         if problem is not None:
             self._reanchor(lane, problem)
 
-    def change_seconds(self, rows: int = PLAIN_ROWS) -> float:
+    def change_cost(self, rows: int = PLAIN_ROWS) -> ChangeCost:
         """What a prompt change that prefills `rows` decoder rows is expected to cost, from its
-        turn until its first audio is made (what the auto horizon covers): the most that one of
-        the last CHANGES_WEIGHED changes took, its prefill scaled to `rows`, and at least a
-        prefill at the latest measured speed (`prefill_seconds`); and a chunk. A change's work
-        beside its prefill (the text's encoding, its cross-attention folded, the cache's
-        rewind: 0.05-0.7 s in `radio serve` where the prefill of 25 frames took 0.06 s) comes
-        with it; the most of each part taken from different changes overestimated by
-        0.06-0.1 s of the ~0.35 s one costs on 2 Zen 3 cores (the latest prefill, 0.27 s, with
-        another change's 0.15 s beside it), and a change's horizon is 1.5x that. The chunk is a
-        whole one although the first read is half of one and the codec's lookahead
-        (`change_frames`, 0.13-0.21 s there): it brings 0.1 s of audio, and the next read must
-        come before that is played; counted as measured, the first read came in time but the
-        next 19 ms late, after a change that cost 1.5x the one before (a bridge of 0.7 s)."""
+        turn until its first audio is made (what the auto horizon covers): the median and the
+        most of what the last CHANGES_WEIGHED changes took, each one's prefill scaled to
+        `rows`, at least a prefill at the latest measured speed (`prefill_seconds`); and a
+        chunk. A change's work beside its prefill (the text's encoding, its cross-attention
+        folded, the cache's rewind: 0.05-0.7 s in `radio serve` where the prefill of 25 frames
+        took 0.06 s) comes with it; the most of each part taken from different changes
+        overestimated by 0.06-0.1 s of the ~0.35 s one costs on 2 Zen 3 cores (the latest
+        prefill, 0.27 s, with another change's 0.15 s beside it). The chunk is a whole one
+        although the first read is half of one and the codec's lookahead (`change_frames`,
+        0.13-0.21 s there): it brings 0.1 s of audio, and the next read must come before that is
+        played; counted as measured, the first read came in time but the next 19 ms late, after
+        a change that cost 1.5x the one before (a bridge of 0.7 s)."""
         window = self.specs[0].window
         chunk = self.chunk_frames / self.model.frame_rate
-        prefill = self.prefill_seconds * window.change_context / window.context
-        costs = (c.seconds(rows) for c in self._changes)
-        return max([prefill * rows / PLAIN_ROWS, *costs]) + chunk
+        least = self.prefill_seconds * window.change_context / window.context * rows / PLAIN_ROWS
+        costs = [max(c.seconds(rows), least) for c in self._changes] or [least]
+        return ChangeCost(statistics.median(costs) + chunk, max(costs) + chunk)
 
     def first_read_seconds(self) -> float:
         """The most that the read making a change's first audio took, over the last
@@ -1262,7 +1262,7 @@ class Generator:
         return max((c.first_read for c in self._changes if c.first_read is not None), default=0.0)
 
     def _learn_change(self, spent: float, prefill: Prefill | None, before: Prefill | None) -> None:
-        """`change_seconds` after a prompt change that took `spent` s, with `prefill` the
+        """`change_cost` after a prompt change that took `spent` s, with `prefill` the
         stream's last prefill after it (`before`: the one before it; the same when the change
         prefilled nothing, a seed from the stream's own frames)."""
         ran = prefill if prefill is not None and prefill is not before else None
@@ -1548,7 +1548,7 @@ class Generator:
 
 @dataclass(frozen=True)
 class _ChangeCost:
-    """A prompt change as it ran (`Generator.change_seconds`)."""
+    """A prompt change as it ran (`Generator.change_cost`)."""
 
     spent: float  # seconds, all of it
     prefill: Prefill | None  # its decoder prefill (None: it prefilled nothing)

@@ -167,7 +167,7 @@ class StationProgramme:
             return
         glide = self.director.scheduled(nxt.at).transition_seconds
         rows = self.timeline.prefill_rows(nxt.blend, glide)  # a transition prefills more rows
-        lead = self.timeline.horizon.seconds(self.timeline.engine.change_seconds(rows))
+        lead = self.timeline.horizon.seconds(self.timeline.engine.change_cost(rows))
         if not 0 < nxt.at - now <= lead + PREPARE_MARGIN:
             return
         at = self._wall(nxt.at)

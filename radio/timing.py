@@ -7,10 +7,10 @@ it hands to the outputs (`released`). The rules, all here:
 
 1. **Start.** A prompt asked for now starts `horizon` seconds after the moment being played
    (the buffer's head): `generation.prompt_horizon`, or with -1 (auto)
-   `max(MIN_HORIZON, HORIZON_MARGIN * change)`, where `change` is what the engine expects the
-   change to cost until its first audio is made (`change_seconds`: the most one of its last
-   changes took, its prefill scaled to this change's rows, and at least a prefill at the latest
-   measured speed; and a chunk; the text's encoding, its cross-attention
+   `max(MIN_HORIZON, HORIZON_MARGIN * typical, WORST_MARGIN * worst)`, from what the engine
+   expects the change to cost until its first audio is made (`change_cost`: the median and the
+   most of what its last changes took, each one's prefill scaled to this change's rows, at
+   least a prefill at the latest measured speed; and a chunk; the text's encoding, its cross-attention
    and the cache's rewind cost 0.05-0.7 s on 2 cores where a 25-frame prefill took 0.06 s:
    placed by the prefill alone, changes came late and the old music played on), so that
    the audio after the cut is made before the clock gets there (the chunk being read when the
@@ -83,7 +83,8 @@ log = logging.getLogger(__name__)
 # runs did; at 0.4 s (with the first chunk counted at its making, not its length) one of 18 in
 # three runs did, after a 0.26 s change (docs/benchmarks.md)
 MIN_HORIZON = 0.5
-HORIZON_MARGIN = 1.5  # the auto horizon leaves this many times the prefill and a chunk
+HORIZON_MARGIN = 1.5  # the auto horizon leaves this many times what a change costs typically
+WORST_MARGIN = 1.15  # ... and this many times the most one of the last changes cost
 # several stations generated together at or above this many times real time (over the last
 # minute of generating): a change asked for now starts at the auto horizon; below it, it keeps a
 # share of the full buffer that grows to all of it at x1.0 (rule 1)
@@ -91,12 +92,23 @@ KEEP_BELOW = 1.3
 APPLY_TIMEOUT = 15.0  # seconds a change waits for the generator to take it
 
 
-def auto_horizon(change_seconds: float) -> float:
+@dataclass(frozen=True)
+class ChangeCost:
+    """What a prompt change is expected to cost, from its turn until its first audio is made
+    (`PromptEngine.change_cost`), in seconds."""
+
+    typical: float  # the median of the last changes
+    worst: float  # the most one of them took
+
+
+def auto_horizon(cost: ChangeCost) -> float:
     """Seconds after the moment being played at which a new prompt can start without the
-    stream falling behind: the change and its first read (`change_seconds`, from the change's
-    turn until its first audio is made) must fit, with a margin, into the audio still
-    buffered before it."""
-    return max(MIN_HORIZON, HORIZON_MARGIN * change_seconds)
+    stream falling behind: the change and its first read must fit, with a margin, into the
+    audio still buffered before it. The margin is x1.5 of what changes typically cost, and at
+    least x1.15 of the most one of the last cost: x1.5 of the most (until 2026-12-06) kept
+    five changes after one that spiked (0.47 s where the others cost 0.23-0.31 on 2 Zen 3
+    cores) 0.6 s later than they needed, and heard after 1.01-1.04 s."""
+    return max(MIN_HORIZON, HORIZON_MARGIN * cost.typical, WORST_MARGIN * cost.worst)
 
 
 @dataclass(frozen=True)
@@ -106,12 +118,12 @@ class Horizon:
     fixed: float  # seconds; -1 = auto, from what changes cost
     chunk_seconds: float  # audio the generator makes per read (rule 5)
 
-    def seconds(self, change_seconds: float) -> float:
-        """`change_seconds`: what the change is expected to cost until its first audio is made
-        (`PromptEngine.change_seconds` for the rows it prefills)."""
+    def seconds(self, cost: ChangeCost) -> float:
+        """`cost`: what the change is expected to cost until its first audio is made
+        (`PromptEngine.change_cost` for the rows it prefills)."""
         if self.fixed >= 0:
             return self.fixed
-        return auto_horizon(change_seconds)
+        return auto_horizon(cost)
 
 
 @dataclass(frozen=True)
@@ -173,7 +185,7 @@ class PromptEngine(Protocol):
 
     together: int  # the stations generated together
 
-    def change_seconds(self, rows: int = PLAIN_ROWS) -> float:
+    def change_cost(self, rows: int = PLAIN_ROWS) -> ChangeCost:
         """What a prompt change that prefills `rows` decoder rows is expected to cost, from its
         turn until its first audio is made."""
         ...
@@ -288,7 +300,7 @@ class PromptTimeline:
         change that prefills `rows` decoder rows."""
         head = self.station.buffer.head
         engine = self.engine
-        horizon = self.horizon.seconds(engine.change_seconds(rows))
+        horizon = self.horizon.seconds(engine.change_cost(rows))
         earliest = -(-head // self.hop) + round(horizon * self.sample_rate / self.hop)
         if at is None:
             return max(earliest, self._kept_frame())

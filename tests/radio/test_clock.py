@@ -16,10 +16,10 @@ from engine.options import SamplingOptions
 from radio.clock import BRIDGE_GAIN, HOLD_FADE_SECONDS, TICK, StationClock
 from radio.config import StationConfig
 from radio.station import Station
-from radio.timing import Horizon, PromptChange, PromptTimeline
+from radio.timing import ChangeCost, Horizon, PromptChange, PromptTimeline
 
 RATE, HOP = 32000, 640
-LATENCY = 6400  # a fake loudness stage's delay (the real one: a 100 ms block and 2.5 ms)
+LATENCY = 6400  # a fake loudness stage's delay (the real one: a 20 ms slice and 2.5 ms)
 
 
 class DelayLine:
@@ -53,8 +53,8 @@ class NoEngine:
     sustained_rtf = 0.0
     together = 0
 
-    def change_seconds(self, rows=2):
-        return 0.0
+    def change_cost(self, rows=2):
+        return ChangeCost(0.0, 0.0)
 
     def first_read_seconds(self):
         return 0.0

@@ -320,12 +320,13 @@ async def test_a_buffer_shorter_than_what_stalls_the_stream_is_warned_about(run,
 
 async def test_what_a_change_costs_is_measured_whole(run):
     """A change's text encoding, cross-attention and rewind are not in its prefill's time:
-    the generator times each whole change and expects the next to cost the most of the last
-    five, each one's prefill scaled to the new change's rows, never less than a prefill at the
-    latest measured speed, and a chunk for its first audio (`change_seconds`, which the
-    timeline's horizon covers). The read that made a change's first audio is timed too
+    the generator times each whole change and expects the next to cost the median and the most
+    of the last five, each one's prefill scaled to the new change's rows, never less than a
+    prefill at the latest measured speed, and a chunk for its first audio (`change_cost`, which
+    the timeline's horizon covers). The read that made a change's first audio is timed too
     (`first_read_seconds`, which the answer's rule 5 weighs)."""
     from engine.lane import Prefill
+    from radio.timing import ChangeCost
 
     model = FakeModel()
     gen, sink = await run(model, ("a",))
@@ -337,7 +338,8 @@ async def test_what_a_change_costs_is_measured_whole(run):
     def least() -> float:  # a prefill of a change's share at the latest speed
         return gen.prefill_seconds * 25 / 500
 
-    assert gen.change_seconds() == pytest.approx(least() + chunk)  # no change ran yet
+    cost = least() + chunk
+    assert gen.change_cost() == ChangeCost(pytest.approx(cost), pytest.approx(cost))  # none yet
     assert gen.first_read_seconds() == 0.0
 
     def slow_set_prompt(text, from_frame=None):
@@ -347,19 +349,21 @@ async def test_what_a_change_costs_is_measured_whole(run):
 
     stream.set_prompt = slow_set_prompt
     await gen.set_prompt("a", PromptChange(Blend.of("jazz"), "admin", 20, 0.0))
-    slow = gen.change_seconds()
+    slow = gen.change_cost().worst
     assert 0.15 + chunk <= slow < 0.35 + chunk
-    assert gen.change_seconds(rows=4) == pytest.approx(slow + 0.05)  # its prefill x2
+    assert gen.change_cost(rows=4).worst == pytest.approx(slow + 0.05)  # its prefill x2
     await sink.until(lambda: gen.first_read_seconds() > 0)
     assert gen.first_read_seconds() < chunk  # the fake reads far faster than real time
     stream.set_prompt = plain  # a quick one (nothing prefilled anew): the slow one still counts
     await gen.set_prompt("a", PromptChange(Blend.of("rock"), "admin", 30, 0.0))
-    assert gen.change_seconds() == slow
-    # five more: the slow one leaves; the most of whole changes, not the most of each part
-    # from different ones (a prefill of 0.3 and another's 0.3 beside it)
-    for prefill in (0.3, 0.01, 0.3, 0.01, 0.3):
+    assert gen.change_cost().worst == slow
+    # five more: the slow one leaves; whole changes, not the most of each part from different
+    # ones (a prefill of 0.3 and another's 0.3 beside it); one spiked: the most, not typical
+    for prefill in (0.3, 0.01, 0.3, 0.01):
         gen._learn_change(0.31, Prefill(prefill, 2, 25), None)
-    assert least() < 0.31 and gen.change_seconds() == pytest.approx(0.31 + chunk)
+    gen._learn_change(0.5, None, None)
+    assert least() < 0.31
+    assert gen.change_cost() == ChangeCost(pytest.approx(0.31 + chunk), pytest.approx(0.5 + chunk))
 
 
 async def test_prompt_changes_are_placed_by_the_prefills_that_ran(run):

@@ -19,7 +19,7 @@ from radio.config import parse_config, with_programme
 from radio.programme.director import Director
 from radio.programme_runner import StationProgramme, open_station
 from radio.station import Station
-from radio.timing import Horizon, PromptChange, PromptTimeline
+from radio.timing import ChangeCost, Horizon, PromptChange, PromptTimeline
 
 RATE, HOP = 32000, 640
 LATENCY = 6400  # samples in a slow loudness stage (0.2 s)
@@ -47,8 +47,8 @@ class FakeEngine:
         self.sustained_rtf, self.together = 0.0, 0
         self.asked: list[tuple[PromptChange, asyncio.Future[int]]] = []
 
-    def change_seconds(self, rows: int = 2) -> float:
-        return 0.2  # a fast change and its first read
+    def change_cost(self, rows: int = 2) -> ChangeCost:
+        return ChangeCost(0.2, 0.2)  # a fast change and its first read
 
     def first_read_seconds(self) -> float:
         return 0.0  # none made yet

@@ -64,7 +64,7 @@ def test_before_a_change_ran_one_costs_a_prefill_of_its_share_and_a_chunk(radio_
     (`prompt_context` of `context` frames) at the speed measured when the streams opened,
     scaled by its rows, and a chunk for its first read; the auto horizon is 1.5x that, at least
     0.5 s; a fixed horizon is fixed."""
-    from radio.timing import MIN_HORIZON, Horizon, auto_horizon
+    from radio.timing import MIN_HORIZON, ChangeCost, Horizon, auto_horizon
 
     gen = radio_factory().radio.generator
     window = gen.specs[0].window
@@ -72,11 +72,13 @@ def test_before_a_change_ran_one_costs_a_prefill_of_its_share_and_a_chunk(radio_
     share = window.change_context / window.context
     chunk = gen.chunk_frames / gen.model.frame_rate
     gen.prefill_seconds = 4.0  # a whole context's prefill
-    assert gen.change_seconds() == pytest.approx(4.0 * share + chunk)
-    assert gen.change_seconds(rows=3) == pytest.approx(4.0 * share * 3 / 2 + chunk)
-    assert auto_horizon(0.3) == MIN_HORIZON == 0.5  # a fast change (GPU, tiny model)
-    assert Horizon(-1, 0.2).seconds(0.8) == pytest.approx(1.5 * 0.8)
-    assert Horizon(2.5, 0.2).seconds(0.8) == 2.5  # a fixed horizon is fixed
+    plain = 4.0 * share + chunk
+    assert gen.change_cost() == ChangeCost(pytest.approx(plain), pytest.approx(plain))
+    three = 4.0 * share * 3 / 2 + chunk
+    assert gen.change_cost(rows=3) == ChangeCost(pytest.approx(three), pytest.approx(three))
+    assert auto_horizon(ChangeCost(0.3, 0.3)) == MIN_HORIZON == 0.5  # a fast change (GPU)
+    assert Horizon(-1, 0.2).seconds(ChangeCost(0.8, 0.8)) == pytest.approx(1.5 * 0.8)
+    assert Horizon(2.5, 0.2).seconds(ChangeCost(0.8, 0.8)) == 2.5  # a fixed horizon is fixed
 
 
 def test_a_slow_prefill_moves_prompt_changes_ahead(radio_factory, monkeypatch):

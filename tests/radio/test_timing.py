@@ -18,6 +18,7 @@ from radio.config import StationConfig
 from radio.station import Station
 from radio.timing import (
     MIN_HORIZON,
+    ChangeCost,
     Horizon,
     NotRunning,
     PromptChange,
@@ -49,11 +50,13 @@ class FakeEngine:
         self.alive = True
         self.plain_change = 0.01  # what a plain prompt's change costs (two rows)
         self.first_read = 0.0  # what a change's first read took lately (0: none made yet)
+        self.worst = 0.0  # the most the last changes cost (0: as typical)
         self.sustained_rtf, self.together = 0.0, 0
         self.asked: list[tuple[str, PromptChange, asyncio.Future[int]]] = []
 
-    def change_seconds(self, rows: int = 2) -> float:  # a 0.2 s chunk's first read with it
-        return self.plain_change * rows / 2 + 0.2
+    def change_cost(self, rows: int = 2) -> ChangeCost:  # a 0.2 s chunk's first read with it
+        cost = self.plain_change * rows / 2 + 0.2
+        return ChangeCost(cost, self.worst or cost)
 
     def first_read_seconds(self) -> float:
         return self.first_read
@@ -104,10 +107,13 @@ def fill(st: Station, start: int, n: int, value: float) -> None:
 
 
 def test_auto_horizon_covers_what_a_change_costs_with_a_margin():
-    assert auto_horizon(0.21) == MIN_HORIZON == 0.5  # a fast change (GPU, tiny model)
-    assert auto_horizon(1.4) == pytest.approx(1.5 * 1.4)  # musicgen-small on a slow CPU
-    assert Horizon(0.0, 0.2).seconds(5.0) == 0.0  # a fixed horizon ignores the cost
-    assert Horizon(-1, 0.2).seconds(1.4) == auto_horizon(1.4)
+    """x1.5 of what changes typically cost, at least x1.15 of the most one of the last did."""
+    assert auto_horizon(ChangeCost(0.21, 0.4)) == MIN_HORIZON == 0.5  # a fast change (GPU)
+    assert auto_horizon(ChangeCost(1.4, 1.4)) == pytest.approx(1.5 * 1.4)  # a slow CPU
+    assert auto_horizon(ChangeCost(0.5, 0.6)) == pytest.approx(1.5 * 0.5)  # one a little dearer
+    assert auto_horizon(ChangeCost(0.5, 0.7)) == pytest.approx(1.15 * 0.7)  # one that spiked
+    assert Horizon(0.0, 0.2).seconds(ChangeCost(5.0, 5.0)) == 0.0  # a fixed horizon is fixed
+    assert Horizon(-1, 0.2).seconds(ChangeCost(1.4, 2.0)) == auto_horizon(ChangeCost(1.4, 2.0))
 
 
 def test_a_change_starts_a_horizon_after_the_moment_being_played():
@@ -122,6 +128,8 @@ def test_a_change_starts_a_horizon_after_the_moment_being_played():
     assert tl.start_frame() == 51 + 105
     engine.plain_change = 1.6  # 1.5 x (1.6 + 0.2)
     assert tl.start_frame() == 51 + 135
+    engine.worst = 2.7  # one of the last changes cost 2.7 s: 1.15 x 2.7
+    assert tl.start_frame() == 51 + 155
 
 
 def test_a_change_close_to_real_time_keeps_a_share_of_the_buffer():
@@ -193,7 +201,7 @@ async def test_a_blend_or_a_transition_starts_later_for_its_larger_prefill():
     assert tl.prefill_rows(three) == 4 and tl.prefill_rows(three, 5.0) == 5
     assert tl.start_frame(rows=2) == 51 + round(1.5 * (1.0 + 0.2) * 50)
     assert tl.start_frame(rows=4) == 51 + round(1.5 * (2.0 + 0.2) * 50)
-    assert Horizon(0.5, 0.2).seconds(2.5) == 0.5  # a fixed horizon stays fixed
+    assert Horizon(0.5, 0.2).seconds(ChangeCost(2.5, 2.5)) == 0.5  # a fixed horizon stays fixed
     asked = asyncio.ensure_future(tl.change(three, "admin", transition_seconds=5.0))
     await asyncio.sleep(0)
     assert engine.asked[0][1].from_frame == 51 + round(1.5 * (2.5 + 0.2) * 50)
