@@ -109,6 +109,11 @@ PREPARE_SHARE = 0.25
 RECENT_CHUNKS = 5
 # a prompt change is expected to cost what this many changes did (`Generator.change_cost`)
 CHANGES_WEIGHED = 5
+# ... and before any did, this many times its prefill at the speed measured: the first change of
+# eight `radio serve` runs on 2 Zen 3 cores cost 1.0-1.7x the prefill timed at the start (the
+# change encodes its text and folds its cross-attention too); counted at x1.0, one run's first
+# change got its first audio in time and the read after it 60 ms late (a bridge)
+FIRST_CHANGE_SHARE = 1.7
 # a read is `steady_frames` long when each of its stations has this many times that ahead: the
 # read cannot let them run out unless generation runs at under 1/STEADY_AHEAD of real time
 STEADY_AHEAD = 2
@@ -527,7 +532,7 @@ class Generator:
             self.prefill_seconds,
             window.change_context,
             change,
-            auto_horizon(ChangeCost(change + chunk, change + chunk)),
+            auto_horizon(self.change_cost()),
         )
         # what stalls the stream at once: a window restart's prefill (none when warm) and a
         # prompt change's
@@ -1240,8 +1245,8 @@ class Generator:
         """What a prompt change that prefills `rows` decoder rows is expected to cost, from its
         turn until its first audio is made (what the auto horizon covers): the median and the
         most of what the last CHANGES_WEIGHED changes took, each one's prefill scaled to
-        `rows`, at least a prefill at the latest measured speed (`prefill_seconds`); and a
-        chunk. A change's work beside its prefill (the text's encoding, its cross-attention
+        `rows`, at least a prefill at the latest measured speed (`prefill_seconds`; before any
+        change ran, FIRST_CHANGE_SHARE times that); and a chunk. A change's work beside its prefill (the text's encoding, its cross-attention
         folded, the cache's rewind: 0.05-0.7 s in `radio serve` where the prefill of 25 frames
         took 0.06 s) comes with it; the most of each part taken from different changes
         overestimated by 0.06-0.1 s of the ~0.35 s one costs on 2 Zen 3 cores (the latest
@@ -1253,7 +1258,8 @@ class Generator:
         window = self.specs[0].window
         chunk = self.chunk_frames / self.model.frame_rate
         least = self.prefill_seconds * window.change_context / window.context * rows / PLAIN_ROWS
-        costs = [max(c.seconds(rows), least) for c in self._changes] or [least]
+        costs = [max(c.seconds(rows), least) for c in self._changes]
+        costs = costs or [FIRST_CHANGE_SHARE * least]
         return ChangeCost(statistics.median(costs) + chunk, max(costs) + chunk)
 
     def first_read_seconds(self) -> float:
