@@ -1246,15 +1246,15 @@ class Generator:
         turn until its first audio is made (what the auto horizon covers): the median and the
         most of what the last CHANGES_WEIGHED changes took, each one's prefill scaled to
         `rows`, at least a prefill at the latest measured speed (`prefill_seconds`; before any
-        change ran, FIRST_CHANGE_SHARE times that); and a chunk. A change's work beside its prefill (the text's encoding, its cross-attention
-        folded, the cache's rewind: 0.05-0.7 s in `radio serve` where the prefill of 25 frames
-        took 0.06 s) comes with it; the most of each part taken from different changes
-        overestimated by 0.06-0.1 s of the ~0.35 s one costs on 2 Zen 3 cores (the latest
-        prefill, 0.27 s, with another change's 0.15 s beside it). The chunk is a whole one
-        although the first read is half of one and the codec's lookahead (`change_frames`,
-        0.13-0.21 s there): it brings 0.1 s of audio, and the next read must come before that is
-        played; counted as measured, the first read came in time but the next 19 ms late, after
-        a change that cost 1.5x the one before (a bridge of 0.7 s)."""
+        change ran, FIRST_CHANGE_SHARE times that); and a chunk.
+
+        Whole changes, not the most of each part: the latest prefill (0.27 s) with another
+        change's text and cross-attention (0.15 s) came to 0.41 s on 2 Zen 3 cores, where no
+        change had cost over 0.35 s. A whole chunk, though the first read is half of one and
+        the codec's lookahead (`change_frames`, 0.13-0.21 s there): it brings 0.1 s of audio,
+        and the next read must come before that is played; counted as measured, after a change
+        that cost 1.5x the one before the first read came in time and the next 19 ms late (a
+        0.7 s bridge)."""
         window = self.specs[0].window
         chunk = self.chunk_frames / self.model.frame_rate
         least = self.prefill_seconds * window.change_context / window.context * rows / PLAIN_ROWS

@@ -110,7 +110,7 @@ class LoudnessNormalizer:
         self._block_in: list[np.ndarray] = []  # the block's slices so far, as they came in
         self._prev = np.zeros((c, b), np.float32)  # the last slice handed out, gained
         self._gtail = np.ones(self._lookahead - 1)  # last limiter gains before smoothing
-        self._release_db = 0.0  # limiter gain (dB, <= 0) at the end of the last block
+        self._release_db = 0.0  # limiter gain (dB, <= 0) at the end of the last slice
         self._gain_from = 0.0  # the loudness gain at the start of the next block (dB)
         self._started = False  # a block was handed out since the reset
         self.gain_db = 0.0  # where the loudness gain ramps to over the next block
@@ -138,7 +138,7 @@ class LoudnessNormalizer:
         self._out = ready[:, n:]
         return ready[:, :n]
 
-    # -- one block -------------------------------------------------------------------------
+    # -- one slice -------------------------------------------------------------------------
     def _gained(self, x: np.ndarray, g0: float, g1: float, at: int) -> np.ndarray:
         """x [C, m] (samples `at` to `at + m` of a block) times the gain ramping from g0 to g1
         dB over the whole block."""
@@ -224,7 +224,7 @@ class LoudnessNormalizer:
         """Limit y [C, m] using context from the slices before and after it."""
         b, la = y.shape[1], self._lookahead
         ext = np.concatenate([before[:, -_PAD:], y, after[:, : la + _PAD]], axis=1)
-        peak = self._true_peak(ext)  # [PAD + B + la + PAD - 1], index i = ext sample i
+        peak = self._true_peak(ext)  # [PAD + m + la + PAD - 1], index i = ext sample i
         lim = self._hard_ceiling
         if peak.max() <= self._ceiling and self._release_db == 0.0 and self._gtail.min() == 1.0:
             self.limiter_db = 0.0
@@ -233,7 +233,7 @@ class LoudnessNormalizer:
         # Forward minimum: gain at n must respect every interval in [n - 1, n + la + 1].
         size = la + 3
         fwd = dsp.forward_min(need, size)  # min of need[i : i + size]
-        fwd = fwd[_PAD - 1 : _PAD - 1 + b]  # [B]
+        fwd = fwd[_PAD - 1 : _PAD - 1 + b]  # [m]
         # dB-linear release: g[n] = min(fwd[n], g[n-1] + r), as a running minimum.
         fwd_db = 20 * np.log10(fwd)
         ramp = self._release * np.arange(b)
@@ -243,7 +243,7 @@ class LoudnessNormalizer:
         # Moving average over the lookahead: every term respects the peaks at n.
         g = np.concatenate([self._gtail, 10 ** (held / 20)])
         c = np.concatenate([[0.0], np.cumsum(g)])
-        smooth = (c[la:] - c[:-la]) / la  # [B]
+        smooth = (c[la:] - c[:-la]) / la  # [m]
         self._gtail = g[len(g) - (la - 1) :] if la > 1 else g[:0]
         self.limiter_db = float(20 * np.log10(smooth.min()))
         return np.clip(y * smooth.astype(np.float32), -lim, lim)

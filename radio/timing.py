@@ -10,10 +10,10 @@ it hands to the outputs (`released`). The rules, all here:
    `max(MIN_HORIZON, HORIZON_MARGIN * typical, WORST_MARGIN * worst)`, from what the engine
    expects the change to cost until its first audio is made (`change_cost`: the median and the
    most of what its last changes took, each one's prefill scaled to this change's rows, at
-   least a prefill at the latest measured speed; and a chunk; the text's encoding, its cross-attention
-   and the cache's rewind cost 0.05-0.7 s on 2 cores where a 25-frame prefill took 0.06 s:
-   placed by the prefill alone, changes came late and the old music played on), so that
-   the audio after the cut is made before the clock gets there (the chunk being read when the
+   least a prefill at the latest measured speed; and a chunk. The text's encoding, its
+   cross-attention and the cache's rewind cost 0.05-0.7 s on 2 cores where a 25-frame prefill
+   took 0.06 s: placed by the prefill alone, changes came late and the old music played on),
+   so that the audio after the cut is made before the clock gets there (the chunk being read when the
    change arrives gives way at its next decoder step: its audio would come after the cut).
    With the auto horizon, a change asked for now while several stations generated together
    sustain under `KEEP_BELOW` x real time (`rtf`: their audio per second of
@@ -46,9 +46,9 @@ it hands to the outputs (`released`). The rules, all here:
    latency from now, unless generation cannot feed it in time. When the chunk after the cut
    takes longer to make (`HORIZON_MARGIN x` the most the last changes' first reads took,
    `first_read_seconds`, or before one was made a chunk's seconds / the realtime factor) than
-   `ahead`, or the bridge (or a hold) plays
-   already, the clock plays the old prompt's audio on (a hold, `radio.clock`) until the buffer
-   holds what it needs to leave it (`clock.Recovery`): the answer counts that in (at x0.9 of real time with a 3.8 s full
+   `ahead`, or the bridge (or a hold) plays already, the clock plays the old prompt's audio on
+   (a hold, `radio.clock`) until the buffer holds what it needs to leave it
+   (`clock.Recovery`): the answer counts that in (at x0.9 of real time with a 3.8 s full
    buffer, about 4 s, where `ahead` alone would promise 0.2).
 
 Samples are numbered at the model rate (frame f begins at sample f * hop); the clock numbers
