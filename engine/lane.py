@@ -74,10 +74,16 @@ class Prefill:
         return self.seconds * context / self.frames * PLAIN_ROWS / self.rows
 
 
+def prefill_since(last: Prefill | None, before: Prefill | None) -> Prefill | None:
+    """`last`, a stream's latest prefill, when it ran after `before` (the latest one when some
+    work began); None when that work prefilled nothing."""
+    return last if last is not None and last is not before else None
+
+
 def prefilled_since(last: Prefill | None, before: Prefill | None) -> float:
-    """Seconds of `last`, a stream's latest prefill, when it ran after `before` (the latest one
-    when some work began); 0 when that work prefilled nothing."""
-    return last.seconds if last is not None and last is not before else 0.0
+    """Seconds of `prefill_since(last, before)`; 0 when that work prefilled nothing."""
+    ran = prefill_since(last, before)
+    return 0.0 if ran is None else ran.seconds
 
 
 class Lane:

@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from engine.blend import PLAIN_ROWS
-from engine.lane import Prefill
+from engine.lane import Prefill, prefill_since
 from engine.memory import WARM_BYTES, page_faults, warm_heap
 from engine.threads import ThreadTuner, smooth
 from engine.token_stream import Interrupted
@@ -73,7 +73,7 @@ from radio.watchdog import Problem, Watchdog
 
 if TYPE_CHECKING:
     from engine.blend import Blend
-    from engine.lane import Prefill
+    from engine.lane import Prefill, prefill_since
     from engine.model import AudioStream, MusicModel
     from engine.options import SamplingOptions, WindowOptions
     from radio.config import WatchdogConfig
@@ -1271,8 +1271,8 @@ class Generator:
         """`change_cost` after a prompt change that took `spent` s, with `prefill` the
         stream's last prefill after it (`before`: the one before it; the same when the change
         prefilled nothing, a seed from the stream's own frames)."""
-        ran = prefill if prefill is not None and prefill is not before else None
-        self._changes = (*self._changes[1 - CHANGES_WEIGHED :], _ChangeCost(spent, ran))
+        ran = _ChangeCost(spent, prefill_since(prefill, before))
+        self._changes = (*self._changes[1 - CHANGES_WEIGHED :], ran)
 
     def _learn_first_read(self, spent: float) -> None:
         """The read that made the first audio of the changes before it took `spent` s."""

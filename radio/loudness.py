@@ -126,8 +126,7 @@ class LoudnessNormalizer:
         buf = np.concatenate([self._in, pcm.astype(np.float32, copy=False)], axis=1)
         start, outs = 0, [self._out]
         while True:
-            first = self._ends[self._slice - 1] if self._slice else 0
-            m = self._ends[self._slice] - first
+            m = self._ends[self._slice] - self._slice_start()
             if buf.shape[1] - start < m + self._ahead:  # a slice and the next one's start
                 break
             piece = buf[:, start : start + m]
@@ -139,6 +138,10 @@ class LoudnessNormalizer:
         return ready[:, :n]
 
     # -- one slice -------------------------------------------------------------------------
+    def _slice_start(self) -> int:
+        """Where the next slice begins in its block."""
+        return self._ends[self._slice - 1] if self._slice else 0
+
     def _gained(self, x: np.ndarray, g0: float, g1: float, at: int) -> np.ndarray:
         """x [C, m] (samples `at` to `at + m` of a block) times the gain ramping from g0 to g1
         dB over the whole block."""
@@ -150,8 +153,7 @@ class LoudnessNormalizer:
         after its last slice, measure block k and choose block k+1's; return the slice limited,
         with the start of the next slice (`ahead`, gained with its own block's gain) as the
         limiter's lookahead."""
-        at = self._ends[self._slice - 1] if self._slice else 0
-        y = self._gained(x, self._gain_from, self.gain_db, at)
+        y = self._gained(x, self._gain_from, self.gain_db, self._slice_start())
         if not self._started:  # the silence before the first slice: its limiter gains must
             self._started = True  # already respect the first slice's opening peaks
             silence = np.zeros_like(y)
@@ -162,8 +164,8 @@ class LoudnessNormalizer:
             self._measure(np.concatenate(self._block_in, axis=1))
             self._block_in, self._slice = [], 0
             self._gain_from, self.gain_db = self.gain_db, self._next_gain(self.gain_db)
-        at = self._ends[self._slice - 1] if self._slice else 0
-        out = self._limit(self._prev, y, self._gained(ahead, self._gain_from, self.gain_db, at))
+        after = self._gained(ahead, self._gain_from, self.gain_db, self._slice_start())
+        out = self._limit(self._prev, y, after)
         self._prev = y
         return out
 
