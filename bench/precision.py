@@ -15,11 +15,11 @@ float32:
 Also the decode step time of each mode, as a ratio to float32, and the bytes a decode step
 reads per mode: the projections' weights, and one station's (2 rows) KV cache at position 1000.
 
-Where our AVX-512 kernels do not run (an AVX2 CPU), the int8 projections and the int8/int4 KV
-caches are emulated so that the figures are those of the kernels' maths: `linear_int8`'s exact
-integer products in float64 (instead of PyTorch's 7-bit fbgemm path), and the caches quantized
-and dequantized by `KVCache` in PyTorch (the same vectors; the kernels' attention also rounds
-its query to int8, which the emulation does not). Such rows say "emulated".
+Where our CPU kernels do not run (a CPU without AVX2, or `ENDLESS_RADIO_KERNELS=0`), the int8
+projections are emulated so that the figures are those of the kernels' maths: `linear_int8`'s
+exact integer products in float64 (instead of PyTorch's 7-bit fbgemm path); such rows say
+"emulated". The int8 and int4 KV caches are read by our kernels only, so their modes are
+skipped there, with the reason.
 """
 
 from __future__ import annotations
@@ -101,14 +101,12 @@ def projection_weights(layer) -> dict[str, torch.Tensor]:
     }
 
 
-def emulate_kernels(decoder: Decoder, model, kv_cache: str) -> bool:
-    """Where our AVX-512 kernels do not run: int8 projections as `Int8Emulated`, a quantized
-    KV cache through `KVCache`'s PyTorch path. Returns whether anything was emulated."""
+def emulate_kernels(decoder: Decoder, model) -> bool:
+    """Where our CPU kernels do not run: int8 projections as `Int8Emulated`. Returns whether
+    anything was emulated."""
     if decoder.kernels is not None or kernels.unavailable_reason() is None:
         return False
-    emulated = kv_cache in ("int8", "int4")
-    if emulated:
-        decoder.kv_cache = kv_cache  # the op-by-op path quantizes and dequantizes in PyTorch
+    emulated = False
     hf_layers = model.decoder.model.decoder.layers
     for w, layer in zip(decoder.layers, hf_layers, strict=True):
         weights = projection_weights(layer)
@@ -234,14 +232,20 @@ def main() -> int:
         if kv_cache == "int4" and decoder.head_dim != Q4_HEAD:
             say(f"{name}: skipped (an int4 cache holds heads of {Q4_HEAD})")
             continue
-        if kv_cache in ("int8", "int4") and decoder.kernels is not None:
+        if kv_cache in ("int8", "int4"):
+            if decoder.kernels is None:
+                why = kernels.unavailable_reason() or "the decoder runs none"
+                say(
+                    f"{name}: skipped (an {kv_cache} KV cache is read by our CPU kernels only: {why})"
+                )
+                continue
             decoder = Decoder(model.decoder, precision, kv_cache, int4_group=group)
         if name in COARSE_SHARES:
             if decoder.coarse_available() is not None:
                 say(f"{name}: skipped ({decoder.coarse_available()})")
                 continue
             decoder.use_coarse(COARSE_SHARES[name])
-        if emulate_kernels(decoder, model, kv_cache):
+        if emulate_kernels(decoder, model):
             name += " (emulated)"
         notes[name] = step_bytes(decoder)
         say(f"{name}: teacher-forced logits and {args.steps} greedy steps ...")
