@@ -17,9 +17,10 @@ from tests.helpers import require_tool
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(script: str, *args: str, tmp_path: Path) -> str:
+def _run(script: str, *args: str, tmp_path: Path, **extra_env: str) -> str:
     env = {
         **os.environ,
+        **extra_env,
         "BENCH_MODELS": str(tmp_path),
         "TRANSFORMERS_VERBOSITY": "error",
         "PYTHONPATH": str(ROOT),  # this checkout's engine/radio, even beside an editable install
@@ -74,6 +75,20 @@ def test_precision_benchmark_prints_the_table(tmp_path):
     ):
         assert row in out
     assert re.search(r"guidance off \(float32\): .* mean \d+\.\d+% of their spread", out)
+
+
+def test_precision_benchmark_without_our_kernels_emulates_int8_and_skips_quantized_caches(tmp_path):
+    out = _run(
+        "precision.py",
+        *("--size", "tiny", "--steps", "10", "--positions", "20", "--modes", "int8"),
+        tmp_path=tmp_path,
+        ENDLESS_RADIO_KERNELS="0",
+    )
+    assert "| int8, float32 KV cache (emulated) |" in out
+    assert (
+        "int8, int8 KV cache (CPU default): skipped (an int8 KV cache is read by our CPU kernels "
+        "only: ENDLESS_RADIO_KERNELS=0)"
+    ) in out
 
 
 def test_prompt_change_benchmark_prints_each_kind_of_text_products(tmp_path):
