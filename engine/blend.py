@@ -18,8 +18,9 @@ config, the API, the state file and the scheduler all share it.
   with weights `(1 - t) * old + t * new`. While t < 1 it keeps every text, also those at weight 0
   (at t = 0 the new texts are there at weight 0: their rows are prefilled before they are heard);
   at t = 1 it is `new`. A transition therefore holds at most 2 * MAX_PARTS texts.
-- `prefill_rows(new, old, transition_seconds)`: the decoder rows a change prefills (one per text,
-  both blends' in a transition, and the null row); a plain prompt's are `PLAIN_ROWS`. A prefill
+- `prefill_rows(new, old, transition_seconds, guided)`: the decoder rows a change prefills (one
+  per text, both blends' in a transition, and the null row of a guided stream); a plain
+  prompt's are `PLAIN_ROWS`. A prefill
   costs about its rows' share of a plain one (`engine.rows`, docs/engine.md).
 """
 
@@ -149,13 +150,16 @@ class Blend:
         return f"Blend({self.describe()!r})"
 
 
-def prefill_rows(new: Blend, old: Blend | None = None, transition_seconds: float = 0.0) -> int:
+def prefill_rows(
+    new: Blend, old: Blend | None = None, transition_seconds: float = 0.0, guided: bool = True
+) -> int:
     """Decoder rows a change to `new` prefills: one per text (a transition from `old`: both
-    blends' texts of weight > 0) and the null row. `PLAIN_ROWS` for a plain prompt."""
+    blends' texts of weight > 0) and, for a `guided` stream, the null row (`PLAIN_ROWS` for a
+    plain prompt; one without guidance, or while it is dropped: `TokenStream.guided_next`)."""
     texts = set(new.texts)
     if old is not None and transition_seconds > 0:
         texts |= {t for t, w in old.parts if w > 0}
-    return len(texts) + 1
+    return len(texts) + guided
 
 
 def clean_text(

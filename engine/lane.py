@@ -208,7 +208,7 @@ class Lane:
         self._changes.append(Change(frame, prompt, old, glide_frames))
         while len(self._changes) > 1 and self._changes[1].start <= self._offset:
             self._changes.pop(0)  # no rewind reaches it any more
-        self.rows = Rows.of(self._changes[-1], self._guided())
+        self.rows = Rows.of(self._changes[-1], self.guided_next)
         self._seq = self.warm = None
         self._next_context = context
 
@@ -227,9 +227,9 @@ class Lane:
             self.generator = self._make_generator(sampling.seed)
         self.sampling = sampling
         self.guided_wanted = guided
-        if self._guided() == self.rows.guided:
+        if self.guided_next == self.rows.guided:
             return False
-        self.rows = self.rows.with_guided(self._guided())
+        self.rows = self.rows.with_guided(self.guided_next)
         self._seq = self.warm = None
         return True
 
@@ -291,7 +291,7 @@ class Lane:
             warm = None  # (no warm window to take: a prefill)
         taken = warm is not None
         # the null row as the warm rows were built, or (a prefill) as wanted now
-        guided = self._guided() if warm is None else warm.guided
+        guided = self.guided_next if warm is None else warm.guided
         if guided != self.rows.guided:
             self.rows = self.rows.with_guided(guided)
         if full:
@@ -417,11 +417,13 @@ class Lane:
         if self._fed != start or start <= self._context_len:
             return dropped
         ids = torch.full((self.num_codebooks, context + 1), -1, device=self.device)
-        self.warm = Warm(start, context, ids, guided=self._guided())
+        self.warm = Warm(start, context, ids, guided=self.guided_next)
         return True
 
-    def _guided(self) -> bool:
-        """Whether the lane's rows should hold the null row now."""
+    @property
+    def guided_next(self) -> bool:
+        """Whether the lane's next rows hold the null row (a prefill's, warm rows begun now):
+        guidance wanted and not dropped. Its rows now may still lack it (`drop_guidance`)."""
         return self.guided_wanted and not self.unguided
 
     def _warm_rows(self) -> Rows:

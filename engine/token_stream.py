@@ -112,6 +112,14 @@ class TokenStream:
         return self._lane.rows.count
 
     @property
+    def guided_next(self) -> bool:
+        """Whether its next window holds the null row: what a prompt change prefills now (one
+        row per text, and this one), and what warm rows begun now are built with. False while
+        guidance is off for it or dropped (`MusicModel.drop_guidance`); True again as soon as
+        guidance is wanted back, before its rows take the null row back."""
+        return self._lane.guided_next
+
+    @property
     def steps(self) -> int:
         """Decoder steps it took part in."""
         return self._lane.steps

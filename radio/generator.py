@@ -1262,6 +1262,13 @@ class Generator:
         costs = costs or [FIRST_CHANGE_SHARE * least]
         return ChangeCost(statistics.median(costs) + chunk, max(costs) + chunk)
 
+    def guided_next(self, station_id: str) -> bool:
+        """Whether a prompt change of `station_id` prefills its null row now
+        (`TokenStream.guided_next`: its guidance on and not dropped by the ladder); True before
+        its stream is open. Read from the event loop: a flag the worker thread sets."""
+        lane = (self._lanes or {}).get(station_id)
+        return True if lane is None else lane.stream.tokens.guided_next
+
     def first_read_seconds(self) -> float:
         """The most that the read making a change's first audio took, over the last
         CHANGES_WEIGHED changes (0 before one was made)."""

@@ -14,6 +14,7 @@ import dataclasses
 import torch
 
 from engine import LoadOptions, MusicModel, SamplingOptions, WindowOptions
+from engine.blend import Blend, prefill_rows
 from tests.engine.test_warm_restarts import assert_same, history
 
 WINDOW = WindowOptions(window=150, context=40)  # every restart after the first window warm
@@ -109,3 +110,28 @@ def test_streams_opened_while_guidance_is_dropped_start_without_null_rows(tiny_m
     for stream in (before, lone, *two):
         stream.tokens.generate_until(200)  # past a window restart
         assert stream.tokens._lane.rows.count == 2
+
+
+@torch.inference_mode()
+def test_a_prompt_change_prefills_the_null_row_only_while_the_stream_is_guided(tiny_model_dir):
+    """`TokenStream.guided_next` says what a change prefills (the radio places changes by it):
+    the null row while guided, none while guidance is dropped or off for a lone stream, and the
+    null row again as soon as guidance is wanted back, before the rows take it back."""
+    model = MusicModel.load(LoadOptions(model=tiny_model_dir, device="cpu", quantize="int8"))
+    stream = model.open_stream("harp", SAMPLINGS[0], WINDOW)
+    lone_unguided = model.open_stream("harp", SamplingOptions(guidance_scale=1.0), WINDOW)
+    assert stream.tokens.guided_next and not lone_unguided.tokens.guided_next
+    stream.tokens.generate_until(30)
+    model.drop_guidance(True)
+    assert not stream.tokens.guided_next
+    stream.set_prompt("cello", from_frame=25)
+    rows = stream.tokens.last_prefill.rows
+    assert rows == prefill_rows(Blend.of("cello"), guided=False) == stream.tokens.rows == 1
+    stream.tokens.generate_until(40)
+    model.drop_guidance(False)
+    assert stream.tokens.guided_next and stream.tokens.rows == 1  # (until its next window)
+    stream.set_prompt("oboe", from_frame=35)
+    assert stream.tokens.last_prefill.rows == prefill_rows(Blend.of("oboe")) == 2
+    lone_unguided.tokens.generate_until(10)
+    lone_unguided.set_prompt("cello", from_frame=5)
+    assert lone_unguided.tokens.last_prefill.rows == 1

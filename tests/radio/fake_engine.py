@@ -25,6 +25,7 @@ COARSE_PARTS = 3  # steps of the fake's int4 preparation (a real model: one per 
 
 class FakeTokens:
     rows = 2  # decoder rows a step: the prompt's and the null row
+    guided_next = True  # a prompt change prefills the null row too
     last_prefill = None
     prefills = 0
     warming = False

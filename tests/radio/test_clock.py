@@ -59,6 +59,9 @@ class NoEngine:
     def first_read_seconds(self):
         return 0.0
 
+    def guided_next(self, station_id):
+        return True
+
     def set_prompt(self, station_id, change):  # pragma: no cover - not used here
         raise AssertionError("the clock never asks the engine")
 

@@ -366,6 +366,17 @@ async def test_what_a_change_costs_is_measured_whole(run):
     assert gen.change_cost() == ChangeCost(pytest.approx(0.31 + chunk), pytest.approx(0.5 + chunk))
 
 
+async def test_whether_a_change_prefills_the_null_row_is_each_stations_own(run):
+    """`guided_next` (what the timeline counts a change's rows by) is what each station's
+    stream says (guidance dropped: False), not one flag for the radio."""
+    model = FakeModel()
+    gen, sink = await run(model, ("a", "b"))
+    await sink.until(lambda: len(sink.pcm("b")) >= 1)
+    assert gen.guided_next("a") and gen.guided_next("b")
+    model.streams[1].tokens.guided_next = False
+    assert gen.guided_next("a") and not gen.guided_next("b")
+
+
 async def test_prompt_changes_are_placed_by_the_prefills_that_ran(run):
     """The start-up figure is timed cold; each prefill that runs (a prompt change's, a cold
     window restart's) replaces it, in a whole context's terms for a plain prompt (scaled by its

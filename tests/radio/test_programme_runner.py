@@ -53,6 +53,9 @@ class FakeEngine:
     def first_read_seconds(self) -> float:
         return 0.0  # none made yet
 
+    def guided_next(self, station_id: str) -> bool:
+        return True
+
     def set_prompt(self, station_id: str, change: PromptChange) -> asyncio.Future[int]:
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.asked.append((change, fut))

@@ -51,6 +51,7 @@ class FakeEngine:
         self.plain_change = 0.01  # what a plain prompt's change costs (two rows)
         self.first_read = 0.0  # what a change's first read took lately (0: none made yet)
         self.worst = 0.0  # the most the last changes cost (0: as typical)
+        self.guided = True  # a change prefills the null row (False: guidance dropped)
         self.sustained_rtf, self.together = 0.0, 0
         self.asked: list[tuple[str, PromptChange, asyncio.Future[int]]] = []
 
@@ -60,6 +61,9 @@ class FakeEngine:
 
     def first_read_seconds(self) -> float:
         return self.first_read
+
+    def guided_next(self, station_id: str) -> bool:
+        return self.guided
 
     def set_prompt(self, station_id: str, change: PromptChange) -> asyncio.Future[int]:
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -185,6 +189,31 @@ async def test_a_change_that_keeps_the_buffer_says_why(caplog):
     engine.take(tl)
     await asked
     assert "starts" not in caplog.text
+
+
+async def test_with_guidance_dropped_a_change_is_placed_by_its_rows_without_the_null_row():
+    """While the station has no null row (`PromptEngine.guided_next`: guidance dropped while
+    generation cannot keep up), a change prefills one row per text alone: it is asked what that
+    costs (half a plain prompt's prefill here) and starts that much sooner."""
+    st, engine, clock = station("old"), FakeEngine(), FakeClock()
+    fill(st, 0, 5 * RATE, 1.0)
+    st.buffer.take(RATE + 100)  # head inside frame 50
+    engine.plain_change = 1.0
+    tl = timeline(st, engine, clock)
+    engine.guided = False
+    assert tl.prefill_rows(Blend.of("new")) == 1
+    assert tl.prefill_rows(Blend.of("new"), transition_seconds=5.0) == 2  # old and new
+    asked = asyncio.ensure_future(tl.change("new", "listener"))
+    await asyncio.sleep(0)
+    assert engine.asked[0][1].from_frame == 51 + round(1.5 * (0.5 + 0.2) * 50)
+    engine.take(tl)
+    await asked
+    engine.guided = True  # wanted back: the next change prefills the null row again
+    asked = asyncio.ensure_future(tl.change("newer", "listener"))
+    await asyncio.sleep(0)
+    assert engine.asked[0][1].from_frame == 51 + round(1.5 * (1.0 + 0.2) * 50)
+    engine.take(tl)
+    await asked
 
 
 async def test_a_blend_or_a_transition_starts_later_for_its_larger_prefill():
