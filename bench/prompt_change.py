@@ -15,6 +15,11 @@ inputs, the cache's rewind), the whole change, and the page faults a change took
 machine's plain read (`bench/bench_kernels.py`) before and after. The first
 rounds (one per kind) warm up and are left out. The radio's auto horizon places a change
 `1.5 x (its cost + a chunk)` ahead, at least 0.5 s (`radio/timing.py`).
+
+Then a change's prefill by its rows, in turns: 1 (a lone stream without guidance, or guidance
+dropped), 2 (a plain prompt) and 4 (a blend of three texts), against what `Prefill.at_rows`
+makes of the 2-row figure, and the part of a prefill that does not grow with its rows, fitted
+(in row-frames: `engine.lane.FIXED_ROW_FRAMES`).
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ sys.path.insert(0, str(ROOT))
 from bench.bench_engine import PROMPT, load_options, model_dir, say  # noqa: E402
 from bench.bench_kernels import plain_read  # noqa: E402
 from engine import MusicModel, SamplingOptions  # noqa: E402
-from engine.lane import prefilled_since  # noqa: E402
+from engine.blend import Blend  # noqa: E402
+from engine.lane import FIXED_ROW_FRAMES, Prefill, prefill_since, prefilled_since  # noqa: E402
 from engine.memory import keep_freed_memory  # noqa: E402
 
 KINDS = ("float32", "bfloat16", "bfloat16-weights")
@@ -82,6 +88,59 @@ def change(stream, products: str, prompt: str) -> dict[str, float]:
     finally:
         TEXT_WEIGHTS[products] = decoder._text
         decoder.settings = saved
+
+
+ROW_COUNTS = (1, 2, 4)
+
+
+@torch.inference_mode()
+def prefill_by_rows(model: MusicModel, rounds: int) -> dict[int, Prefill]:
+    """Per row count, the median prefill of `rounds` prompt changes (the first left out), the
+    counts in turns."""
+    streams = {
+        1: model.open_stream(PROMPT, SamplingOptions(seed=0, guidance_scale=1.0)),
+        2: model.open_stream(PROMPT, SamplingOptions(seed=0)),
+        4: model.open_stream(PROMPT, SamplingOptions(seed=0)),
+    }
+    ran: dict[int, list[Prefill]] = {rows: [] for rows in ROW_COUNTS}
+    for i in range(rounds):
+        for rows, stream in streams.items():
+            prompt: str | Blend = text(1000 + 3 * i)
+            if rows == 4:  # three texts and the null row
+                prompt = Blend.weighted((text(1000 + 3 * i + j), 1.0) for j in range(3))
+            stream.read(25)
+            before = stream.tokens.last_prefill
+            stream.set_prompt(prompt)
+            prefill = prefill_since(stream.tokens.last_prefill, before)
+            assert prefill is not None and prefill.rows == rows, (rows, prefill)
+            ran[rows].append(prefill)
+    return {
+        rows: Prefill(statistics.median(p.seconds for p in ps[1:]), rows, ps[0].frames)
+        for rows, ps in ran.items()
+    }
+
+
+def say_rows(prefills: dict[int, Prefill]) -> None:
+    plain = prefills[2]
+    say(f"\na change's prefill ({plain.frames} frames) by its rows, in turns; medians:\n")
+    say("| rows | prefill | in proportion to 2 rows | `Prefill.at_rows` of 2 rows |")
+    say("| --- | --- | --- | --- |")
+    for rows, p in prefills.items():
+        say(
+            f"| {rows} | {1e3 * p.seconds:.0f} ms | {1e3 * plain.seconds * rows / 2:.0f} ms | "
+            f"{1e3 * plain.at_rows(rows):.0f} ms |"
+        )
+    # seconds = a + b * rows (least squares over the counts): a / b rows of `frames` each
+    xs, ys = list(prefills), [p.seconds for p in prefills.values()]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mx) ** 2 for x in xs
+    )
+    fixed = (my - b * mx) / b * plain.frames if b > 0 else float("nan")
+    say(
+        f"the part that does not grow with the rows, fitted: {fixed:.0f} row-frames "
+        f"(engine.lane.FIXED_ROW_FRAMES = {FIXED_ROW_FRAMES})"
+    )
 
 
 def main() -> int:
@@ -135,6 +194,7 @@ def main() -> int:
         ratio = medians["float32"]["whole"] / medians[kind]["whole"]
         say(f"{kind} text products: a change x{ratio:.2f} as fast as with float32 ones")
     say(f"(this machine's own choice: {model.decoder.settings.text_products})")
+    say_rows(prefill_by_rows(model, args.changes))
     return 0
 
 

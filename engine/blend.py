@@ -20,8 +20,8 @@ config, the API, the state file and the scheduler all share it.
   at t = 1 it is `new`. A transition therefore holds at most 2 * MAX_PARTS texts.
 - `prefill_rows(new, old, transition_seconds, guided)`: the decoder rows a change prefills (one
   per text, both blends' in a transition, and the null row of a guided stream); a plain
-  prompt's are `PLAIN_ROWS`. A prefill
-  costs about its rows' share of a plain one (`engine.rows`, docs/engine.md).
+  prompt's are `PLAIN_ROWS`. A prefill of other rows costs about `Prefill.at_rows` of a
+  plain one (`engine.lane`, docs/engine.md).
 """
 
 from __future__ import annotations

@@ -59,6 +59,14 @@ class Warm:
     guided: bool = True  # with the null row (the lane's own rows may have none: `drop_guidance`)
 
 
+# A prefill's cost grows with its rows x frames, plus a part that does not: the weights read
+# once and each layer's fixed work, which weigh in a prompt change's few rows. On 2 Zen 3 cores
+# (musicgen-small, int8, 25 frames) 1, 2 and 4 rows took 103, 188 and 354 ms (120, 208 and 391
+# in a run before), where in proportion to the rows 1 row would be 94 and 4 rows 376: a fixed
+# part of 6-8 row-frames, fitted (`python bench/prompt_change.py`, its rows table)
+FIXED_ROW_FRAMES = 7
+
+
 @dataclass(frozen=True)
 class Prefill:
     """One prefill as it ran: a window restart, a prompt change, a transition, a seed."""
@@ -67,11 +75,21 @@ class Prefill:
     rows: int  # decoder rows prefilled: one per text of the blends, and the null row
     frames: int  # context frames re-read
 
+    def at_rows(self, rows: int) -> float:
+        """What it would have taken with `rows` rows (the same frames): its seconds scaled by
+        rows x frames plus the part that does not grow with them (`FIXED_ROW_FRAMES`)."""
+        return (
+            self.seconds
+            * (rows * self.frames + FIXED_ROW_FRAMES)
+            / (self.rows * self.frames + FIXED_ROW_FRAMES)
+        )
+
     def plain_seconds(self, context: int) -> float:
         """What a plain prompt's prefill (PLAIN_ROWS rows) of `context` frames would take at
-        this one's speed: its seconds scaled by the frames and the rows (a prefill is
-        compute-bound: its cost grows with both)."""
-        return self.seconds * context / self.frames * PLAIN_ROWS / self.rows
+        this one's speed: `at_rows(PLAIN_ROWS)` scaled by the frames (a longer prefill's
+        attention grows faster than its frames: a whole context's cold prefill at start took
+        3.5-3.8 s where a 25-frame change's 0.18 s scales to 3.6 s)."""
+        return self.at_rows(PLAIN_ROWS) * context / self.frames
 
 
 def prefill_since(last: Prefill | None, before: Prefill | None) -> Prefill | None:

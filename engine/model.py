@@ -195,8 +195,8 @@ class MusicModel:
     ) -> float:
         """Seconds one prefill of a whole context takes for a plain prompt (random tokens, both
         guidance rows): the pause a window restart or a prompt change puts in a stream before
-        it goes on. A blend or a transition prefills one row per text and the null row, about
-        `engine.blend.prefill_rows(...) / PLAIN_ROWS` times this. With `frames` (fewer than
+        it goes on. A blend or a transition prefills one row per text and the null row
+        (`engine.blend.prefill_rows`), about `Prefill.at_rows` of this. With `frames` (fewer than
         the context) it times a prefill of that many and scales it by context / frames: a
         prefill's cost grows with its frames (the projections of every row), and a radio
         starting up wants the figure without seconds of waiting."""

@@ -1257,7 +1257,8 @@ class Generator:
         0.7 s bridge)."""
         window = self.specs[0].window
         chunk = self.chunk_frames / self.model.frame_rate
-        least = self.prefill_seconds * window.change_context / window.context * rows / PLAIN_ROWS
+        share = self.prefill_seconds * window.change_context / window.context  # (plain rows)
+        least = Prefill(share, PLAIN_ROWS, window.change_context).at_rows(rows)
         costs = [max(c.seconds(rows), least) for c in self._changes]
         costs = costs or [FIRST_CHANGE_SHARE * least]
         return ChangeCost(statistics.median(costs) + chunk, max(costs) + chunk)
@@ -1568,11 +1569,11 @@ class _ChangeCost:
     first_read: float | None = None  # seconds of the read that made its first audio
 
     def seconds(self, rows: int) -> float:
-        """What it would have cost had its prefill had `rows` rows (a prefill's cost grows with
-        its rows; the rest does not)."""
+        """What it would have cost had its prefill had `rows` rows (`Prefill.at_rows`; the
+        rest does not grow with them)."""
         if self.prefill is None:
             return self.spent
-        return self.spent + self.prefill.seconds * (rows / self.prefill.rows - 1)
+        return self.spent + self.prefill.at_rows(rows) - self.prefill.seconds
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,11 @@ def test_prompt_change_benchmark_prints_each_kind_of_text_products(tmp_path):
     for kind in ("bfloat16", "bfloat16-weights"):
         assert re.search(rf"^{kind} text products: a change x\d+\.\d\d as fast as", out, re.M)
     assert re.search(r"this machine's own choice: (float32|bfloat16|bfloat16-weights)\)", out)
+    # a change's prefill by its rows (the bench asserts each change prefilled that many)
+    by_rows = re.findall(r"^\| ([124]) \| (\d+) ms \| (\d+) ms \| (\d+) ms \|$", out, re.M)
+    assert [r[0] for r in by_rows] == ["1", "2", "4"], out
+    assert by_rows[1][1] == by_rows[1][2] == by_rows[1][3]  # 2 rows: itself
+    assert re.search(r"does not grow with the rows, fitted: (-?\d+|nan) row-frames", out)
 
 
 def test_codec_benchmark_prints_cost_and_stages(tmp_path):

@@ -325,7 +325,7 @@ async def test_what_a_change_costs_is_measured_whole(run):
     prefill at the latest measured speed, and a chunk for its first audio (`change_cost`, which
     the timeline's horizon covers). The read that made a change's first audio is timed too
     (`first_read_seconds`, which the answer's rule 5 weighs)."""
-    from engine.lane import Prefill
+    from engine.lane import FIXED_ROW_FRAMES, Prefill
     from radio.timing import ChangeCost
 
     model = FakeModel()
@@ -351,7 +351,11 @@ async def test_what_a_change_costs_is_measured_whole(run):
     await gen.set_prompt("a", PromptChange(Blend.of("jazz"), "admin", 20, 0.0))
     slow = gen.change_cost().worst
     assert 0.15 + chunk <= slow < 0.35 + chunk
-    assert gen.change_cost(rows=4).worst == pytest.approx(slow + 0.05)  # its prefill x2
+    # its prefill at 4 rows: rows x frames and the part that does not grow (FIXED_ROW_FRAMES)
+    four = 0.05 * (4 * 25 + FIXED_ROW_FRAMES) / (2 * 25 + FIXED_ROW_FRAMES)
+    assert gen.change_cost(rows=4).worst == pytest.approx(slow - 0.05 + four)
+    one = 0.05 * (25 + FIXED_ROW_FRAMES) / (2 * 25 + FIXED_ROW_FRAMES)  # guidance dropped
+    assert gen.change_cost(rows=1).worst == pytest.approx(slow - 0.05 + one)
     await sink.until(lambda: gen.first_read_seconds() > 0)
     assert gen.first_read_seconds() < chunk  # the fake reads far faster than real time
     stream.set_prompt = plain  # a quick one (nothing prefilled anew): the slow one still counts
@@ -381,7 +385,7 @@ async def test_prompt_changes_are_placed_by_the_prefills_that_ran(run):
     """The start-up figure is timed cold; each prefill that runs (a prompt change's, a cold
     window restart's) replaces it, in a whole context's terms for a plain prompt (scaled by its
     frames and rows); one shorter than a prompt change's re-read does not count."""
-    from engine.lane import Prefill
+    from engine.lane import FIXED_ROW_FRAMES, Prefill
 
     gen, sink = await run(FakeModel(), ("a",))  # window: context 500, prompt changes 25
     await sink.until(lambda: len(sink.pcm("a")) >= 1)
@@ -389,8 +393,9 @@ async def test_prompt_changes_are_placed_by_the_prefills_that_ran(run):
     gen._learn_prefill(Prefill(0.3, 2, 25))
     assert gen.prefill_seconds == pytest.approx(0.3 * 500 / 25)
     gen._learn_prefill(Prefill(0.6, 3, 25))  # a transition: three rows
-    assert gen.prefill_seconds == pytest.approx(0.6 * 500 / 25 * 2 / 3)
+    transition = 0.6 * 500 / 25 * (2 * 25 + FIXED_ROW_FRAMES) / (3 * 25 + FIXED_ROW_FRAMES)
+    assert gen.prefill_seconds == pytest.approx(transition)
     gen._learn_prefill(Prefill(0.05, 2, 5))  # a re-anchor from 5 frames: fixed costs x100
-    assert gen.prefill_seconds == pytest.approx(8.0)
+    assert gen.prefill_seconds == pytest.approx(transition)
     gen._learn_prefill(Prefill(5.5, 2, 500))  # a cold window restart
     assert gen.prefill_seconds == 5.5

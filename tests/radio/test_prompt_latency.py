@@ -62,9 +62,11 @@ def test_prompt_change_is_heard_within_a_second_and_a_half(radio_factory):
 def test_before_a_change_ran_one_costs_a_prefill_of_its_share_and_a_chunk(radio_factory):
     """Before any change ran, a change is expected to cost 1.7x a prefill of its share of the
     context (`prompt_context` of `context` frames) at the speed measured when the streams
-    opened, scaled by its rows (it encodes its text and folds its cross-attention too), and a
+    opened, scaled by its rows (`Prefill.at_rows`; it encodes its text and folds its
+    cross-attention too), and a
     chunk for its first read; the auto horizon is 1.5x that, at least 0.5 s; a fixed horizon
     is fixed."""
+    from engine.lane import FIXED_ROW_FRAMES
     from radio.timing import MIN_HORIZON, ChangeCost, Horizon, auto_horizon
 
     gen = radio_factory().radio.generator
@@ -75,7 +77,9 @@ def test_before_a_change_ran_one_costs_a_prefill_of_its_share_and_a_chunk(radio_
     gen.prefill_seconds = 4.0  # a whole context's prefill
     plain = 1.7 * 4.0 * share + chunk
     assert gen.change_cost() == ChangeCost(pytest.approx(plain), pytest.approx(plain))
-    three = 1.7 * 4.0 * share * 3 / 2 + chunk
+    frames = window.change_context  # its prefill at 3 rows: rows x frames, and a fixed part
+    three = 1.7 * 4.0 * share * (3 * frames + FIXED_ROW_FRAMES) / (2 * frames + FIXED_ROW_FRAMES)
+    three += chunk
     assert gen.change_cost(rows=3) == ChangeCost(pytest.approx(three), pytest.approx(three))
     assert auto_horizon(ChangeCost(0.3, 0.3)) == MIN_HORIZON == 0.5  # a fast change (GPU)
     assert Horizon(-1, 0.2).seconds(ChangeCost(0.8, 0.8)) == pytest.approx(1.5 * 0.8)
