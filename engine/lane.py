@@ -72,7 +72,7 @@ class Prefill:
     """One prefill as it ran: a window restart, a prompt change, a transition, a seed."""
 
     seconds: float  # wall time of the decoder's prefill
-    rows: int  # decoder rows prefilled: one per text of the blends, and the null row
+    rows: int  # decoder rows prefilled: one per text of the blends, and a guided null row
     frames: int  # context frames re-read
 
     def at_rows(self, rows: int) -> float:
