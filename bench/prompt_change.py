@@ -90,9 +90,6 @@ def change(stream, products: str, prompt: str) -> dict[str, float]:
         decoder.settings = saved
 
 
-ROW_COUNTS = (1, 2, 4)
-
-
 @torch.inference_mode()
 def prefill_by_rows(model: MusicModel, rounds: int) -> dict[int, Prefill]:
     """Per row count, the median prefill of `rounds` prompt changes (the first left out), the
@@ -102,7 +99,7 @@ def prefill_by_rows(model: MusicModel, rounds: int) -> dict[int, Prefill]:
         2: model.open_stream(PROMPT, SamplingOptions(seed=0)),
         4: model.open_stream(PROMPT, SamplingOptions(seed=0)),
     }
-    ran: dict[int, list[Prefill]] = {rows: [] for rows in ROW_COUNTS}
+    ran: dict[int, list[Prefill]] = {rows: [] for rows in streams}
     for i in range(rounds):
         for rows, stream in streams.items():
             prompt: str | Blend = text(1000 + 3 * i)
@@ -131,12 +128,8 @@ def say_rows(prefills: dict[int, Prefill]) -> None:
             f"{1e3 * plain.at_rows(rows):.0f} ms |"
         )
     # seconds = a + b * rows (least squares over the counts): a / b rows of `frames` each
-    xs, ys = list(prefills), [p.seconds for p in prefills.values()]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
-        (x - mx) ** 2 for x in xs
-    )
-    fixed = (my - b * mx) / b * plain.frames if b > 0 else float("nan")
+    b, a = statistics.linear_regression(list(prefills), [p.seconds for p in prefills.values()])
+    fixed = a / b * plain.frames if b > 0 else float("nan")
     say(
         f"the part that does not grow with the rows, fitted: {fixed:.0f} row-frames "
         f"(engine.lane.FIXED_ROW_FRAMES = {FIXED_ROW_FRAMES})"

@@ -73,7 +73,6 @@ from radio.watchdog import Problem, Watchdog
 
 if TYPE_CHECKING:
     from engine.blend import Blend
-    from engine.lane import Prefill, prefill_since
     from engine.model import AudioStream, MusicModel
     from engine.options import SamplingOptions, WindowOptions
     from radio.config import WatchdogConfig
