@@ -47,6 +47,12 @@ log = logging.getLogger(__name__)
 
 RowKey = tuple[TextCondition | None, bool]  # a row: its condition (None: null), warm or not
 
+# A lane's new text is folded into its cross-attention (`Decoder.fold`: tens of ms on a CPU,
+# fewer bytes a step from then on) this many steps after its rows were laid out, not before
+# its prefill: a prompt change's first audio (the radio's first read after it is half a chunk
+# of 5 frames, the codec's 5 of lookahead and the codebooks' delay of 3) waits for none of it.
+FOLD_AFTER_STEPS = 16
+
 
 class DecodeBatch:
     def __init__(
@@ -82,6 +88,7 @@ class DecodeBatch:
         # per lane: its own rows' keys and cross-attention inputs (warm rows read the same
         # texts: their inputs are these again), and its rows' (warm ones included)
         self._own: list[tuple[tuple[RowKey, ...], CrossKV]] = []
+        self._fold_at: dict[int, int] = {}  # lane index -> the step its own inputs fold at
         self._crosses: list[CrossKV] = []
         self._cross: CrossKV | None = None
         self._plain = True  # every lane has one conditional row: logits go to sampling as they are
@@ -166,6 +173,7 @@ class DecodeBatch:
             rows_at = [p for _, at in inputs for p in at]
         samplings = [lane.sampling for lane in lanes]
         generators = [lane.generator for lane in lanes]
+        self._fold_due()
         cross = self._stacked_cross()
         if self._static is not None:
             at = torch.tensor(rows_at, device=ids.device)
@@ -329,7 +337,10 @@ class DecodeBatch:
         lane keeps its number of rows the cache stays as it is (a lane with new texts is about
         to be prefilled); otherwise it is laid out anew: rows that stay keep their cache
         (copied to their new place), new rows start empty (to be prefilled), and the rows of
-        `promote` (a window restart that took its warm window) take their warm rows' cache."""
+        `promote` (a window restart that took its warm window) take their warm rows' cache.
+        A lane's new texts (a prompt change's: a prefill follows) are folded into its
+        cross-attention `FOLD_AFTER_STEPS` steps later; texts it had before (only its null row
+        came or went), at once."""
         keys = [lane.row_keys() for lane in self.lanes]
         changed = [
             i for i, key in enumerate(keys) if i >= len(self._keys) or not _same(key, self._keys[i])
@@ -356,8 +367,13 @@ class DecodeBatch:
                 own = self._own[i][1]  # only warm rows came or went
             else:
                 states, masks = condition_rows(lane.rows.conditions, lane.rows.guided)
-                own = self.decoder.cross_kv(states, masks)  # [R_i, S_i, E] in
-            cross = own if lane.warm is None else concat_cross([own, self._warm_cross(lane, own)])
+                had = self._own[i][0] if i < len(self._own) else ()
+                new = any(all(c is not h for h, _ in had) for c, _ in own_keys if c is not None)
+                own = self.decoder.cross_kv(states, masks, fold=not new)  # [R_i, S_i, E] in
+                self._fold_at.pop(i, None)
+                if own.fold_later is not None:
+                    self._fold_at[i] = self.steps + FOLD_AFTER_STEPS
+            cross = self._lane_cross(lane, own)
             if i < len(self._own):
                 self._own[i], self._crosses[i] = (own_keys, own), cross
             else:
@@ -369,6 +385,23 @@ class DecodeBatch:
         self._plain = all(lane.rows.plain and lane.warm is None for lane in self.lanes) and (
             len({lane.rows.guided for lane in self.lanes}) == 1
         )
+
+    def _fold_due(self) -> None:
+        """Fold the lanes' new texts into their cross-attention once `FOLD_AFTER_STEPS` steps
+        have passed since they were laid out. Counted in steps, so a lane's music is the same
+        whenever its reads come (and batched or alone)."""
+        for i, at in list(self._fold_at.items()):
+            if self.steps < at:
+                continue
+            del self._fold_at[i]
+            keys, own = self._own[i]
+            own = self.decoder.fold(own)
+            self._own[i], self._crosses[i] = (keys, own), self._lane_cross(self.lanes[i], own)
+            self._cross = None
+
+    def _lane_cross(self, lane: Lane, own: CrossKV) -> CrossKV:
+        """A lane's rows' cross-attention inputs: its own rows', and its warm rows' after them."""
+        return own if lane.warm is None else concat_cross([own, self._warm_cross(lane, own)])
 
     def _warm_cross(self, lane: Lane, own: CrossKV) -> CrossKV:
         """The cross-attention inputs of `lane`'s warm rows: its own rows' (`own`), and a null

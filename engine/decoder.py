@@ -167,6 +167,16 @@ class Folded:
 NOT_FOLDED = Folded(torch.empty(0, dtype=torch.int8), torch.empty(0), torch.empty(0, dtype=bool))
 
 
+@dataclass(frozen=True)
+class FoldLater:
+    """Rows `Decoder.cross_kv` chose to fold and left to `Decoder.fold`: `rows` [N] (row
+    indices) and, per layer, the keys and values [B, H, S, D] as projected, before their
+    rounding (what the fold reads)."""
+
+    rows: torch.Tensor
+    projected: list[tuple[torch.Tensor, torch.Tensor]]
+
+
 @dataclass
 class CrossKV:
     """Per-layer cross-attention keys/values of one prompt batch, and the text mask."""
@@ -177,6 +187,8 @@ class CrossKV:
     # for our fused step: the attention folded into the text of some rows, per group of rows
     # that has any, (its first row, Folded) (`Decoder.cross_kv`); joined by `folded_inputs`
     folded: list[tuple[int, Folded]] = field(default_factory=list)
+    # rows that fold, not folded yet (`cross_kv(..., fold=False)`): `Decoder.fold` does it
+    fold_later: FoldLater | None = None
     _stacked: tuple[torch.Tensor, ...] | None = None
     _folded: Folded | None = None
     _folded_read: tuple[int, bool] | None = None
@@ -423,7 +435,8 @@ class Decoder:
         self._cross_weights: tuple[list[LayerWeights], int] | None = None
         self._text: list[TextWeights] | None = None  # `_text_weights`, once built
         self._encoder_products: Bf16Products | None = None  # `encoder_products`, once built
-        self.cross_seconds = 0.0  # spent in `cross_kv` so far (a prompt change's own part)
+        self.cross_seconds = 0.0  # spent in `cross_kv` so far, folds apart (`fold_seconds`)
+        self.fold_seconds = 0.0  # spent in `fold` so far
         # per KV cache kind: (the layers it was counted on, bytes, bytes per position and row)
         self._read_per_step: dict[str, tuple[list[LayerWeights], float, float]] = {}
 
@@ -613,18 +626,24 @@ class Decoder:
             kind=self.kv_cache,
         )
 
-    def cross_kv(self, text_states: torch.Tensor, text_mask: torch.Tensor) -> CrossKV:
+    def cross_kv(
+        self, text_states: torch.Tensor, text_mask: torch.Tensor, fold: bool = True
+    ) -> CrossKV:
         """text_states: [B, S, E] projected and masked; text_mask: [B, S] bool.
 
         For our fused step the keys and values are rounded to bfloat16 (half the bytes it reads
         per step; a few text tokens per station, a step reads them all: ~8 MB a station for a
         40-token prompt, as much as 150 positions of its int4 cache), and the op-by-op path
-        reads the same rounded values."""
+        reads the same rounded values. The rows whose text reads fewer bytes folded (below) are
+        folded now, or with `fold` False left to `fold` (`CrossKV.fold_later`): the fold costs
+        more than the projections (a 17-token prompt 61 ms against 29 on 2 Zen 3 cores), and a
+        prompt change need not wait for it (`engine.batch.FOLD_AFTER_STEPS`)."""
         began = time.perf_counter()
         try:
-            return self._cross_kv(text_states, text_mask)
+            cross = self._cross_kv(text_states, text_mask)
         finally:
             self.cross_seconds += time.perf_counter() - began
+        return self.fold(cross) if fold else cross
 
     def _cross_kv(self, text_states: torch.Tensor, text_mask: torch.Tensor) -> CrossKV:
         b, s, _ = text_states.shape
@@ -653,7 +672,7 @@ class Decoder:
         def rounded(x: torch.Tensor) -> torch.Tensor:
             return self._attn(x.to(torch.bfloat16) if self._cross_bf16 else x)
 
-        keys, values, unrounded = [], [], []
+        keys, values, projected = [], [], []
         for i, w in enumerate(self.layers):
             if text is None:
                 k, v = heads(w.k_cross), heads(w.v_cross)
@@ -661,7 +680,7 @@ class Decoder:
                 k, v = heads(text[i].k), heads(text[i].v)
             keys.append(rounded(k))
             values.append(rounded(v))
-            unrounded.append((k, v))
+            projected.append((k, v))
         cross = CrossKV(keys, values, text_mask[:, None, None, :])
         if self._fused is None or not self.fold_cross:
             return cross
@@ -673,12 +692,24 @@ class Decoder:
         limit = share / self._fold_token_bytes()
         rows = ((lengths > 0) & (lengths < limit)).nonzero()[:, 0]
         if len(rows):
-            folded = Folded.unset(len(self.layers), b, self.heads, s, self.hidden)
-            for i, (w, (k, v)) in enumerate(zip(self.layers, unrounded, strict=True)):
-                t = None if text is None else text[i]
-                folded.put(i, rows, self._fold(w, k[rows], v[rows], t), self._kernels)
-            cross.folded = [(0, folded)]
+            cross.fold_later = FoldLater(rows, projected)
         return cross
+
+    def fold(self, cross: CrossKV) -> CrossKV:
+        """`cross` with the attention folded into the text of the rows `cross_kv` chose
+        (`fold_later`); `cross` itself when none waits. The keys, values and mask are shared."""
+        later = cross.fold_later
+        if later is None:
+            return cross
+        began = time.perf_counter()
+        b, _, s, _ = later.projected[0][0].shape
+        text = self._text_weights()
+        folded = Folded.unset(len(self.layers), b, self.heads, s, self.hidden)
+        for i, (w, (k, v)) in enumerate(zip(self.layers, later.projected, strict=True)):
+            t = None if text is None else text[i]
+            folded.put(i, later.rows, self._fold(w, k[later.rows], v[later.rows], t), self._kernels)
+        self.fold_seconds += time.perf_counter() - began
+        return CrossKV(cross.keys, cross.values, cross.mask, [(0, folded)], _stacked=cross._stacked)
 
     @property
     def text_bfloat16(self) -> bool:

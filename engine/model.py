@@ -206,7 +206,7 @@ class MusicModel:
         delays = codebook_delays(self.num_codebooks, self.channels)
         ids = delayed_layout(tokens, delays, length + 1).to(self.device)
         states, mask = batch_conditions([self.encode_prompt("calibration")], guidance=True)
-        cross = self.decoder.cross_kv(states, mask)
+        cross = self.decoder.cross_kv(states, mask, fold=False)  # (a prefill reads no fold)
         cache = self.decoder.new_cache(2, length + 8)
         began = time.perf_counter()
         self.decoder.prefill(ids[None].expand(2, -1, -1), cache, cross)

@@ -2,7 +2,7 @@
 `cross_attention_folded` in engine/kernels/decode_step.h): the fold's maths against the
 projections in float64, the kernel against float64 maths on the same int8 vectors, the fused step
 folded against the op-by-op path with float cross projections, what bfloat16 text products
-(`text_products`) move, and which rows fold."""
+(`text_products`) move, which rows fold, and when a prompt change's text does."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import LoadOptions, MusicModel
+from engine import LoadOptions, MusicModel, SamplingOptions, WindowOptions
+from engine.batch import FOLD_AFTER_STEPS
 from engine.conditioning import Bf16Products, batch_conditions, encode_prompt
 from engine.decoder import FOLD_SHARE, concat_cross
+from radio.generator import change_frames_for
 
 
 @pytest.fixture(scope="module")
@@ -259,3 +261,30 @@ def test_a_prefill_skips_the_null_rows_cross_attention(int8_model, monkeypatch):
     skipped = d.prefill(ids, d.new_cache(2, 64), cross)
     monkeypatch.setattr(type(d), "_text_rows", lambda self, cross: None)
     assert torch.equal(skipped, d.prefill(ids, d.new_cache(2, 64), cross))
+
+
+@torch.inference_mode()
+def test_a_prompt_change_folds_its_text_after_its_first_audio(int8_model):
+    """A prompt change's new text is folded `FOLD_AFTER_STEPS` steps after its prefill, not
+    before it: the change and the radio's first read after it (half a 10-frame chunk) run on the
+    projections, the fold comes in a later read, and the steps read the folded text from then
+    on."""
+    decoder = int8_model.decoder
+    stream = int8_model.open_stream("jazz", SamplingOptions(seed=1), WindowOptions())
+    batch = stream.tokens._batch
+    stream.read(40)
+    assert batch.cross.folded and batch.cross.fold_later is None  # (folded 16 steps in)
+    folds = decoder.fold_seconds
+    stream.set_prompt("slow jazz")
+    changed = batch.steps
+    assert not batch.cross.folded and batch.cross.fold_later is not None
+    stream.read(change_frames_for(10))
+    assert batch.steps - changed < FOLD_AFTER_STEPS
+    assert decoder.fold_seconds == folds and not batch.cross.folded
+    assert decoder.cross_read(batch.cross) == (decoder.cross_weight_bytes(), False)
+    stream.read(10)
+    assert batch.steps - changed >= FOLD_AFTER_STEPS
+    assert decoder.fold_seconds > folds and batch.cross.fold_later is None
+    assert batch.cross.folded_inputs().rows.tolist() == [True, False]
+    tokens = int(batch.cross.stacked()[3][0])
+    assert decoder.cross_read(batch.cross) == (tokens * decoder._fold_token_bytes(), True)

@@ -192,7 +192,7 @@ def test_warm_rows_take_turns_in_two_buffers(tiny_float32, monkeypatch):
     decoder = tiny_float32.decoder
     calls = []
     cross_kv = decoder.cross_kv
-    monkeypatch.setattr(decoder, "cross_kv", lambda *a: calls.append(1) or cross_kv(*a))
+    monkeypatch.setattr(decoder, "cross_kv", lambda *a, **k: calls.append(1) or cross_kv(*a, **k))
     stream = tiny_float32.open_stream("harp", GREEDY, WINDOW)
     batch = stream.tokens._batch
     buffers, rows = set(), set()
