@@ -718,7 +718,8 @@ class Generator:
         frames, old_frames = (ladder.context_frames(window.context, at) for at in (level, was))
         # a coarse rung's windows are the last window level's once the slope is measured, so
         # they can change on the same level: compared with the span the stations run with
-        span = ladder.window_frames(window.window, window.context, level, rates.slope > 0)
+        windows = ladder.windows_pay(rates, window.window, window.context)
+        span = ladder.window_frames(window.window, window.context, level, windows)
         old_span = self._span or window.window
         if frames == old_frames and span == old_span:
             return  # the weights or the cache changed, not the restarts nor the windows
@@ -1178,7 +1179,11 @@ class Generator:
             "generation cannot keep up even with the shortest window restarts%s%s: x%.2f of "
             "real time for %d station(s), so listeners will hear the bridge now and then; fewer "
             "stations%s make it keep up",
-            " and windows" if rates.slope > 0 else "",
+            " and windows"
+            if last < ladder.COARSE
+            and rates.slope > 0
+            or ladder.windows_pay(rates, window.window, window.context)
+            else "",
             (" and int4 weights" if last >= ladder.COARSE else "")
             + (" without guidance" if last >= ladder.UNGUIDED else ""),
             rtf,

@@ -191,8 +191,8 @@ def context_frames(context: int, level: int) -> int:
 
 def window_frames(window: int, context: int, level: int, windows: bool = True) -> int:
     """Positions a window spans at `level`: still room for its restarts' warm rows and a
-    second of new music beyond them. `windows`: whether the window levels are in (`COARSE`
-    takes the last level's windows, whole without them)."""
+    second of new music beyond them. `windows`: whether the coarse levels take the last window
+    level's windows (`windows_pay`), else whole ones."""
     if level >= COARSE:
         level = len(LEVELS) - 1 if windows else SHORTEST_RESTARTS
     share = LEVELS[level][1]
@@ -202,10 +202,23 @@ def window_frames(window: int, context: int, level: int, windows: bool = True) -
     return min(window, max(round(window * share), 2 * reread + MIN_NEW_FRAMES))
 
 
+def windows_pay(rates: Rates, window: int, context: int) -> bool:
+    """Whether the coarse levels take the last window level's windows: with a measured slope
+    for which those are predicted `CLEARLY` faster than whole windows (both with the shortest
+    restarts), not with any slope at all. A slope near 0, fitted just above it one chunk and
+    not the next, made a station on int4 weights take 15 s windows where 30 s ones were
+    predicted faster (x1.31 against x1.33), and flip between the two every half second."""
+    if rates.slope <= 0:
+        return False
+    short = predicted_rtf(rates, window, context, len(LEVELS) - 1, 1.0)
+    return short >= CLEARLY * predicted_rtf(rates, window, context, SHORTEST_RESTARTS, 1.0)
+
+
 def predicted_rtf(rates: Rates, window: int, context: int, level: int, frame_rate: float) -> float:
     """Seconds of audio per second of work over a window, with restarts at `level`."""
     reread = context_frames(context, level)
-    span = window_frames(window, context, level, rates.slope > 0)
+    windows = level >= COARSE and windows_pay(rates, window, context)
+    span = window_frames(window, context, level, windows)
     new = span - reread  # frames made per window
     speedup = rates.speedup(level)
     measured = 1.0 / (rates.frames_per_second * rates.stations)  # a frame's cost per station

@@ -199,6 +199,27 @@ def test_window_levels_come_once_the_cost_of_positions_is_measured():
     assert window_frames(150, 40, 5) == 75 and window_frames(120, 60, 5) == 80  # 2 x 15 + 50
 
 
+def test_the_coarse_levels_take_shorter_windows_only_where_they_are_clearly_faster():
+    """`windows_pay`: a slope for which the last window level's windows are predicted `CLEARLY`
+    faster than whole ones; a slope near 0 (fitted just above it one chunk, not the next) keeps
+    the coarse levels' windows whole, as their prediction says."""
+    flat = Rates(60.0, 0.5, 1, coarse_speedup=1.5, position=800.0)
+    assert not ladder.windows_pay(flat, WINDOW, CONTEXT)
+    near = dataclasses.replace(flat, slope=1e-9)
+    whole = predicted_rtf(near, WINDOW, CONTEXT, SHORTEST_RESTARTS, RATE)
+    assert predicted_rtf(near, WINDOW, CONTEXT, 5, RATE) < CLEARLY * whole
+    assert not ladder.windows_pay(near, WINDOW, CONTEXT)
+    assert predicted_rtf(near, WINDOW, CONTEXT, COARSEST, RATE) == pytest.approx(
+        whole * 1.5  # whole windows, every layer's int4 weights
+    )
+    steep = dataclasses.replace(flat, slope=4e-6)
+    assert ladder.windows_pay(steep, WINDOW, CONTEXT)
+    span = (WINDOW // 2 - 125) / (
+        ((WINDOW // 2 - 125) * (1 / 60 + 4e-6 * ((125 + WINDOW // 2) / 2 - 800)) + 0.5 / 4) / 1.5
+    )
+    assert predicted_rtf(steep, WINDOW, CONTEXT, COARSEST, RATE) == pytest.approx(span / RATE)
+
+
 def test_the_prediction_weighs_the_positions_a_window_attends_over():
     # two int4 stations on Zen 4 (bench/timeline.py): a frame costs a station ~9 ms at the
     # window's mean position 812 and ~2.6 us more per position; a warm restart ~0.4 s
@@ -317,10 +338,11 @@ async def test_the_generator_shortens_windows_past_the_shortest_restarts(run, ca
 
 
 async def test_the_coarsest_rung_shortens_windows_once_the_slope_is_measured(run, caplog):
-    """Every layer's int4 weights take the last window level's windows once a slope is measured,
-    on the same level: the ladder reached that rung before any slope was (a stream's first
-    seconds), so the windows are weighed again while it stays there (two stations ran whole
-    windows on it for minutes)."""
+    """Every layer's int4 weights take the last window level's windows once a slope is measured
+    for which they are clearly faster, on the same level: the ladder reached that rung before
+    any slope was (a stream's first seconds), so the windows are weighed again while it stays
+    there (two stations ran whole windows on it for minutes); a slope near 0 keeps them whole
+    (`ladder.windows_pay`)."""
     caplog.set_level(logging.INFO, logger="radio.generator")
     model = FakeModel()
     gen, sink = await run(model, ("a",), buffer_ahead=1.0, window=COLD, coarse_when_behind=True)
@@ -331,6 +353,12 @@ async def test_the_coarsest_rung_shortens_windows_once_the_slope_is_measured(run
     await sink.until(lambda: model.coarse == 1.0)
     await sink.until(lambda: gen.restart_level == COARSEST)
     assert model.streams[0].restart_context == 125 and model.streams[0].window_frames is None
+    gen.prefill_seconds = 1e-6  # (restarts cheap again: shorter windows cost no more of them)
+    gen.position_cost = FixedSlope(slope=1e-9)  # type: ignore[assignment]
+    for _ in range(20):  # a slope, but too flat for shorter windows to be faster
+        gen.played("a", len(sink.pcm("a")) * CHUNK)
+        await asyncio.sleep(0.02)
+    assert gen.restart_level == COARSEST and model.streams[0].window_frames is None
     gen.position_cost = FixedSlope(slope=4e-5)  # type: ignore[assignment]
     async with asyncio.timeout(20):
         while ("window", "a", 15.0) not in sink.calls:
