@@ -365,7 +365,10 @@ class PromptTimeline:
         st.health.prompt_changes += 1
         st.record_prompt(change.blend, change.source)
         log.info(
-            "prompt changed on %s: %r heard in %.1f s", st.id, change.prompt, self.heard_in(frame)
+            "prompt changed on %s: %r, to be heard %.1f s from now",
+            st.id,
+            change.prompt,
+            self.heard_in(frame),
         )
 
     def taken(self, head: int, n: int, fed: int) -> None:
