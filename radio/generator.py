@@ -655,6 +655,7 @@ class Generator:
             cache_speedup=self.cache_speedup,
             prior_slope=self._prior_slope(cost * scale, position),
             guidance_speedup=self.guidance_speedup,
+            short_windows=self._span is not None,
         )
         rate = self.model.frame_rate
         measured = dataclasses.replace(rates, prior_slope=0.0)

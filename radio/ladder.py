@@ -132,6 +132,8 @@ class Rates:
     # steps per second without null rows over with them (guidance dropped, on every layer's
     # int4 weights); 0: no unguided level
     guidance_speedup: float = 0.0
+    # whether the stations run shortened windows now (`windows_pay` keeps them within a band)
+    short_windows: bool = False
 
     @property
     def levels(self) -> list[int]:
@@ -205,13 +207,17 @@ def window_frames(window: int, context: int, level: int, windows: bool = True) -
 def windows_pay(rates: Rates, window: int, context: int) -> bool:
     """Whether the coarse levels take the last window level's windows: with a measured slope
     for which those are predicted `CLEARLY` faster than whole windows (both with the shortest
-    restarts), not with any slope at all. A slope near 0, fitted just above it one chunk and
-    not the next, made a station on int4 weights take 15 s windows where 30 s ones were
-    predicted faster (x1.31 against x1.33), and flip between the two every half second."""
+    restarts), and kept until whole ones are predicted `CLEARLY` faster (`short_windows`), not
+    with any slope at all. A slope near 0, fitted just above it one chunk and not the next,
+    made a station on int4 weights take 15 s windows where 30 s ones were predicted faster
+    (x1.31 against x1.33), and flip between the two every half second; without the band, a
+    slope of 20% per 10 s flipped them every few seconds as the rate moved after prompt
+    changes."""
     if rates.slope <= 0:
         return False
     short = predicted_rtf(rates, window, context, len(LEVELS) - 1, 1.0)
-    return short >= CLEARLY * predicted_rtf(rates, window, context, SHORTEST_RESTARTS, 1.0)
+    whole = predicted_rtf(rates, window, context, SHORTEST_RESTARTS, 1.0)
+    return short * CLEARLY >= whole if rates.short_windows else short >= CLEARLY * whole
 
 
 def predicted_rtf(rates: Rates, window: int, context: int, level: int, frame_rate: float) -> float:

@@ -201,8 +201,9 @@ def test_window_levels_come_once_the_cost_of_positions_is_measured():
 
 def test_the_coarse_levels_take_shorter_windows_only_where_they_are_clearly_faster():
     """`windows_pay`: a slope for which the last window level's windows are predicted `CLEARLY`
-    faster than whole ones; a slope near 0 (fitted just above it one chunk, not the next) keeps
-    the coarse levels' windows whole, as their prediction says."""
+    faster than whole ones, and kept until whole ones are `CLEARLY` faster; a slope near 0
+    (fitted just above it one chunk, not the next) keeps the coarse levels' windows whole, as
+    their prediction says."""
     flat = Rates(60.0, 0.5, 1, coarse_speedup=1.5, position=800.0)
     assert not ladder.windows_pay(flat, WINDOW, CONTEXT)
     near = dataclasses.replace(flat, slope=1e-9)
@@ -214,6 +215,15 @@ def test_the_coarse_levels_take_shorter_windows_only_where_they_are_clearly_fast
     )
     steep = dataclasses.replace(flat, slope=4e-6)
     assert ladder.windows_pay(steep, WINDOW, CONTEXT)
+    # within the band (shorter windows 1.6% faster) the windows stay as they are
+    mild = dataclasses.replace(flat, slope=1e-6)
+    ratio = predicted_rtf(mild, WINDOW, CONTEXT, 5, RATE) / predicted_rtf(
+        mild, WINDOW, CONTEXT, SHORTEST_RESTARTS, RATE
+    )
+    assert 1 / CLEARLY < ratio < CLEARLY
+    assert not ladder.windows_pay(mild, WINDOW, CONTEXT)
+    assert ladder.windows_pay(dataclasses.replace(mild, short_windows=True), WINDOW, CONTEXT)
+    assert not ladder.windows_pay(dataclasses.replace(flat, short_windows=True), WINDOW, CONTEXT)
     span = (WINDOW // 2 - 125) / (
         ((WINDOW // 2 - 125) * (1 / 60 + 4e-6 * ((125 + WINDOW // 2) / 2 - 800)) + 0.5 / 4) / 1.5
     )
