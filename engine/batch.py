@@ -68,6 +68,7 @@ class DecodeBatch:
         self.size = size
         self.lanes: list[Lane] = []
         self.steps = 0  # batched decoder steps run
+        self.folds = 0  # texts folded into the cross-attention after their lanes' prefill
         self.cache = decoder.new_cache(0, window.window)
         # Where warm rows come and go (twice a window per station) the layout changes often:
         # two buffers, each with room for the rows laid out so far and their warm copies, take
@@ -396,6 +397,7 @@ class DecodeBatch:
             del self._fold_at[i]
             keys, own = self._own[i]
             own = self.decoder.fold(own)
+            self.folds += 1
             self._own[i], self._crosses[i] = (keys, own), self._lane_cross(self.lanes[i], own)
             self._cross = None
 

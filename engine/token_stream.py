@@ -136,6 +136,12 @@ class TokenStream:
         return self._lane.prefills
 
     @property
+    def folds(self) -> int:
+        """Texts its batch folded into the cross-attention after a prefill (`DecodeBatch`'s
+        `FOLD_AFTER_STEPS`: tens of ms in the read that does it), every stream's of the batch."""
+        return self._batch.folds
+
+    @property
     def warming(self) -> bool:
         """Whether its warm rows are being fed now (the next window, built beside this one:
         its steps cost more until the window restarts)."""

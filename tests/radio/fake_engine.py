@@ -28,6 +28,7 @@ class FakeTokens:
     guided_next = True  # a prompt change prefills the null row too
     last_prefill = None
     prefills = 0
+    folds = 0
     warming = False
     position = 0  # the window's position (the fake's never moves: no slope is fitted)
 

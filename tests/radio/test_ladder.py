@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from engine.blend import Blend
 from engine.memory import WARM_BYTES
 from engine.options import WindowOptions
 from radio import generator, ladder
@@ -37,6 +38,7 @@ from radio.ladder import (
     predicted_rtf,
     window_frames,
 )
+from radio.timing import PromptChange
 from tests.radio.fake_engine import (
     CHUNK,
     COARSE_PARTS,
@@ -1176,3 +1178,35 @@ def test_sustained_is_the_audio_per_second_of_generating_over_the_last_minute():
     assert sustained.rtf == pytest.approx(0.8)
     sustained.add(0.4, 0.2)  # one fast read hardly moves a minute
     assert sustained.rtf == pytest.approx(0.8, abs=0.01)
+
+
+async def test_a_prompt_changes_first_read_and_a_folds_read_are_not_plain(run, monkeypatch):
+    """The ladder's steady rate (`Generator._recent`) leaves out a prompt change's first read
+    (its codec restarts) and a read whose batch folded a new text into the cross-attention
+    (`TokenStream.folds`: tens of ms once): with guidance back at a prompt change those were two
+    of the three chunks its new rows were judged by (x0.54 and x0.85: x0.71, guidance off again
+    at once). The reads after them count again."""
+    reads: list[tuple[int, bool]] = []  # (frames, slow)
+    plain = FakeStream.read
+
+    def read(self, frames, interrupt=None):
+        slow = self.prompt == "jazz" and sum(1 for _, s in reads if s) < 2
+        if slow:  # the change's first read, then a read that folds its text
+            if any(s for _, s in reads):
+                self.tokens.folds += 1
+            time.sleep(0.2)
+        reads.append((frames, slow))
+        return plain(self, frames, interrupt)
+
+    monkeypatch.setattr(FakeStream, "read", read)
+    model = FakeModel()
+    gen, sink = await run(model, ("a",), buffer_ahead=1.0, window=COLD)
+    await sink.until(lambda: len(sink.pcm("a")) == 5)
+    model.streams[0].tokens.folds = 0  # (an instance's own count)
+    frame = await gen.set_prompt("a", PromptChange(Blend.of("jazz"), "admin", 30, 0.0))
+    gen.played("a", frame)
+    await sink.until(lambda: len(sink.pcm("a")) >= 9)
+    slow = [frames for frames, s in reads if s]
+    assert slow == [CHUNK // 2, CHUNK]  # the change's first read (half a chunk), the fold's
+    assert len(gen._recent) >= 3
+    assert max(cost for cost, _ in gen._recent) < 0.2 / CHUNK / 2  # neither is in it
