@@ -49,9 +49,12 @@ RowKey = tuple[TextCondition | None, bool]  # a row: its condition (None: null),
 
 # A lane's new text is folded into its cross-attention (`Decoder.fold`: tens of ms on a CPU,
 # fewer bytes a step from then on) this many steps after its rows were laid out, not before
-# its prefill: a prompt change's first audio (the radio's first read after it is half a chunk
-# of 5 frames, the codec's 5 of lookahead and the codebooks' delay of 3) waits for none of it.
-FOLD_AFTER_STEPS = 16
+# its prefill: a prompt change's first audio waits for none of it (the radio's first read after
+# it is half a chunk of 5 frames, the codec's 5 of lookahead and the codebooks' delay of 3: 12
+# steps), nor do the reads just after, while the station has little audio ahead (folded 16
+# steps in, in the second read, 70 ms more made a chunk 7 ms late and the station bridged).
+# Until then the steps read the projections (~1% slower on 2 Zen 3 cores, ~10% on Zen 4).
+FOLD_AFTER_STEPS = 100
 
 
 class DecodeBatch:
@@ -341,7 +344,7 @@ class DecodeBatch:
         `promote` (a window restart that took its warm window) take their warm rows' cache.
         A lane's new texts (a prompt change's: a prefill follows) are folded into its
         cross-attention `FOLD_AFTER_STEPS` steps later; texts it had before (only its null row
-        came or went), at once."""
+        came or went), at once, or at the step their fold was due."""
         keys = [lane.row_keys() for lane in self.lanes]
         changed = [
             i for i, key in enumerate(keys) if i >= len(self._keys) or not _same(key, self._keys[i])
@@ -370,10 +373,12 @@ class DecodeBatch:
                 states, masks = condition_rows(lane.rows.conditions, lane.rows.guided)
                 had = self._own[i][0] if i < len(self._own) else ()
                 new = any(all(c is not h for h, _ in had) for c, _ in own_keys if c is not None)
-                own = self.decoder.cross_kv(states, masks, fold=not new)  # [R_i, S_i, E] in
-                self._fold_at.pop(i, None)
-                if own.fold_later is not None:
-                    self._fold_at[i] = self.steps + FOLD_AFTER_STEPS
+                # texts it had fold at once, or when their pending fold was due
+                pending = self._fold_at.pop(i, None)
+                due = self.steps + FOLD_AFTER_STEPS if new else pending
+                own = self.decoder.cross_kv(states, masks, fold=due is None)  # [R_i, S_i, E] in
+                if own.fold_later is not None and due is not None:
+                    self._fold_at[i] = due
             cross = self._lane_cross(lane, own)
             if i < len(self._own):
                 self._own[i], self._crosses[i] = (own_keys, own), cross

@@ -266,14 +266,14 @@ def test_a_prefill_skips_the_null_rows_cross_attention(int8_model, monkeypatch):
 @torch.inference_mode()
 def test_a_prompt_change_folds_its_text_after_its_first_audio(int8_model):
     """A prompt change's new text is folded `FOLD_AFTER_STEPS` steps after its prefill, not
-    before it: the change and the radio's first read after it (half a 10-frame chunk) run on the
-    projections, the fold comes in a later read, and the steps read the folded text from then
-    on."""
+    before it: the change, the radio's first read after it (half a 10-frame chunk) and the reads
+    just after run on the projections, the fold comes in a later read, and the steps read the
+    folded text from then on."""
     decoder = int8_model.decoder
     stream = int8_model.open_stream("jazz", SamplingOptions(seed=1), WindowOptions())
     batch = stream.tokens._batch
-    stream.read(40)
-    assert batch.cross.folded and batch.cross.fold_later is None  # (folded 16 steps in)
+    stream.read(FOLD_AFTER_STEPS)
+    assert batch.cross.folded and batch.cross.fold_later is None  # (folded at the opening's)
     folds = decoder.fold_seconds
     stream.set_prompt("slow jazz")
     changed = batch.steps
@@ -282,6 +282,9 @@ def test_a_prompt_change_folds_its_text_after_its_first_audio(int8_model):
     assert batch.steps - changed < FOLD_AFTER_STEPS
     assert decoder.fold_seconds == folds and not batch.cross.folded
     assert decoder.cross_read(batch.cross) == (decoder.cross_weight_bytes(), False)
+    while batch.steps - changed < FOLD_AFTER_STEPS - 10:
+        stream.read(10)
+    assert decoder.fold_seconds == folds and not batch.cross.folded  # (not yet)
     stream.read(10)
     assert batch.steps - changed >= FOLD_AFTER_STEPS
     assert decoder.fold_seconds > folds and batch.cross.fold_later is None
