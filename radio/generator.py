@@ -717,8 +717,9 @@ class Generator:
         self.speed_judged = True
         was, self.restart_level = self.restart_level, level
         frames, old_frames = (ladder.context_frames(window.context, at) for at in (level, was))
-        # a coarse rung's windows are the last window level's once the slope is measured, so
-        # they can change on the same level: compared with the span the stations run with
+        # a coarse rung's windows are the last window level's once a measured slope makes them
+        # pay (`ladder.windows_pay`), so they can change on the same level: compared with the
+        # span the stations run with
         windows = ladder.windows_pay(rates, window.window, window.context)
         span = ladder.window_frames(window.window, window.context, level, windows)
         old_span = self._span or window.window
@@ -1181,8 +1182,7 @@ class Generator:
             "real time for %d station(s), so listeners will hear the bridge now and then; fewer "
             "stations%s make it keep up",
             " and windows"
-            if last < ladder.COARSE
-            and rates.slope > 0
+            if (last < ladder.COARSE and rates.slope > 0)
             or ladder.windows_pay(rates, window.window, window.context)
             else "",
             (" and int4 weights" if last >= ladder.COARSE else "")
