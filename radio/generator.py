@@ -1339,20 +1339,25 @@ class Generator:
         positions = [s.tokens.position for s in streams]
         warming = any(warm_lanes)
         changed = any(ln.changed for ln in lanes)
+
+        def undisturbed() -> bool:
+            """Whether no window restart's prefill (seconds of work), no prompt's fold (tens of
+            ms) ran in the read, and no warm rows began or ended in it."""
+            return (
+                [s.tokens.warming for s in streams] == warm_lanes
+                and [s.tokens.prefills for s in streams] == prefills
+                and [s.tokens.folds for s in streams] == folds
+            )
+
         try:
             pcms: list[np.ndarray | Exception] = list(
                 tuner.run(
                     lambda: self._read_together(streams, frames, self._prompt_waiting.is_set),
                     units=frames * len(lanes),  # cost per frame of audio made
                     explore=explore,
-                    # a chunk with a window restart's prefill (seconds of work), a prompt's
-                    # fold (tens of ms), or whose warm rows began or ended in it, is not like
-                    # the others of its kind: it would make the count that ran it look slow
-                    typical=lambda: (
-                        [s.tokens.warming for s in streams] == warm_lanes
-                        and [s.tokens.prefills for s in streams] == prefills
-                        and [s.tokens.folds for s in streams] == folds
-                    ),
+                    # a disturbed chunk is not like the others of its kind: it would make the
+                    # count that ran it look slow
+                    typical=undisturbed,
                 )
             )
         except Interrupted:
@@ -1387,13 +1392,7 @@ class Generator:
         # ladder's window levels weigh). With guidance back at a prompt change, the change's
         # first read (x0.54 of real time) and the one that folded its text (x0.85) were two of
         # the three chunks the ladder judged its new rows by: x0.71, guidance off again at once
-        plain = (
-            not warming
-            and not changed
-            and not any(s.tokens.warming for s in streams)  # (nor did warm rows begin in it)
-            and prefills == [s.tokens.prefills for s in streams]
-            and folds == [s.tokens.folds for s in streams]
-        )
+        plain = not warming and not changed and undisturbed()
         if plain and tuner.last_cost and tuner.last == before == tuner.current:
             if self._recent_key != self._plain_key():
                 self._recent.clear()
