@@ -124,6 +124,7 @@ def bench_realtime(
     window: WindowOptions,
     cold: bool = False,
     unfolded: bool = False,
+    vnni: bool = False,
     hunt_minutes: float = 0.0,
     slow_read: float = SLOW_READ,
     slow_seconds: float = 10.0,
@@ -134,7 +135,9 @@ def bench_realtime(
     turns' wall time. `cold`: each mode also runs with prefilled window restarts
     (`warm_restarts` off), as "<mode> cold". `unfolded`: each mode also on a model of its own
     whose fused step runs the cross-attention's projections every step instead of reading them
-    folded into the text (`Decoder.fold_cross` off), as "<mode> unfolded".
+    folded into the text (`Decoder.fold_cross` off), as "<mode> unfolded". `vnni`: where the int8
+    products run on AMX tiles, each mode also on a model of its own with them on VNNI (the tiles
+    off around its turns), as "<mode> vnni".
 
     `hunt_minutes`: after `seconds` of audio, the turns go on (the streams' windows restarting,
     as in a steady stream) until every mode has `slow_seconds` of audio in turns between two
@@ -155,6 +158,13 @@ def bench_realtime(
             model = MusicModel.load(load_options(path, m))
             model.decoder.fold_cross = False
             runs[f"{m} unfolded"] = (model, window)
+    amx = kernels.amx_rows()
+    if vnni and not amx:
+        say("  --vnni-too: the int8 products do not run on AMX tiles here, nothing to compare")
+    elif vnni:
+        for m in list(loaded):
+            runs[f"{m} vnni"] = (MusicModel.load(load_options(path, m)), window)
+    on_vnni = {label for label in runs if label.endswith(" vnni")}
     models = {label: model for label, (model, _) in runs.items()}
     modes = list(runs)
     streams = {
@@ -177,9 +187,13 @@ def bench_realtime(
     def take_turns(n: int) -> None:
         """Each stream reads n frames, then the plain read."""
         for m, stream in streams.items():
+            if m in on_vnni:
+                kernels.get().amx_enable(0)
             at, began = stream.tokens.position, time.perf_counter()
             stream.read(n)
             spent = time.perf_counter() - began
+            if m in on_vnni:
+                kernels.get().amx_enable(amx)
             wall[m] += spent
             turns[m].append((spent, n))
             end = stream.tokens.position
@@ -433,6 +447,12 @@ def main() -> int:
         "every step (not folded into the text), taking turns with the folded ones",
     )
     parser.add_argument(
+        "--vnni-too",
+        action="store_true",
+        help="with --realtime-only, where the int8 products run on AMX tiles: each mode also "
+        "with them on VNNI, taking turns with the AMX ones",
+    )
+    parser.add_argument(
         "--hunt-minutes",
         type=float,
         default=0.0,
@@ -470,6 +490,7 @@ def main() -> int:
             window,
             cold=args.cold_too,
             unfolded=args.unfolded_too,
+            vnni=args.vnni_too,
             hunt_minutes=args.hunt_minutes,
             slow_read=args.slow_read,
             slow_seconds=args.slow_seconds,

@@ -15,6 +15,9 @@ bytes come from memory as in the real step, not from a warm cache:
   machine's bandwidth swings), at each `--int4-rows`: ms, GB/s and its share of the read;
 - a prefill's projections (one layer's, `--prefill-rows` rows: compute-bound): float32
   `F.linear` (what an int8 decoder prefills with without our kernels) against `linear_int8`;
+- where the int8 products run on AMX tiles (Xeon Sapphire Rapids and later): `linear_int8` on
+  the tiles against VNNI (the tiles off), interleaved call by call, 24 layers at each
+  `--amx-rows` and one layer at `--prefill-rows`;
 - a window restart's two KV cache layout changes (its warm rows in, then in place of the lane's
   rows: `KVCache.select_rows`) for `--layout-stations` stations, int8 and int4 caches of 1500
   positions: an indexed copy (index_select, index_put) against select_rows's row by row copies;
@@ -211,6 +214,41 @@ def interleaved(fns: dict, repeat: int) -> dict:
     return {name: t / repeat * 1e3 for name, t in spent.items()}
 
 
+def bench_amx(rows_list: list[int], layers: int, prefill_rows: int, repeat: int, k) -> None:
+    """`linear_int8` on AMX tiles against VNNI, in turns call by call: ms and the ratio."""
+    tiles = kernels.amx_rows()
+    if not tiles:
+        print("linear_int8 on AMX tiles: not here (no AMX tiles, or ENDLESS_RADIO_AMX=0)")
+        return
+    print(f"linear_int8 on AMX tiles (from {tiles} rows by default) against VNNI, in turns")
+    weights = [[torch.randn(n, m) * 0.02 for n, m in SHAPES] for _ in range(layers)]
+    packed = [[pack_int8(w) for w in layer] for layer in weights]
+    try:
+        for rows in [*rows_list, prefill_rows]:
+            prefill = rows == prefill_rows
+            inputs = {m: torch.randn(rows, m) for _, m in SHAPES}
+
+            def product(on: int, chosen=packed[:1] if prefill else packed, inputs=inputs):
+                def run():
+                    k.amx_enable(on)
+                    for layer in chosen:
+                        for (data, scales), w in zip(layer, weights[0], strict=True):
+                            k.linear_int8(inputs[w.shape[1]], data, scales)
+
+                return run
+
+            ms = interleaved(
+                {"amx": product(1), "vnni": product(0)}, max(1, repeat // 5 if prefill else repeat)
+            )
+            what = "1 layer (a prefill)" if prefill else f"{layers} layers"
+            print(
+                f"  {rows:4d} rows, {what:<20} AMX {ms['amx']:7.2f} ms, VNNI {ms['vnni']:7.2f} "
+                f"ms: AMX takes x{ms['amx'] / ms['vnni']:.2f} the time"
+            )
+    finally:
+        k.amx_enable(tiles)
+
+
 def bench_int4(rows_list: list[int], layers: int, repeat: int, group: int) -> None:
     k4 = int4.get()
     if k4 is None:
@@ -329,6 +367,9 @@ def main() -> None:
     parser.add_argument("--prefill-rows", type=int, default=1000, help="0: no prefill figures")
     parser.add_argument("--int4-rows", type=int, nargs="*", default=[2, 8])
     parser.add_argument("--int4-group", type=int, default=INT4_GROUP)
+    parser.add_argument(
+        "--amx-rows", type=int, nargs="*", default=[1, 2, 4, 8, 16, 50], help="where AMX runs"
+    )
     parser.add_argument("--int4-only", action="store_true", help="only the linear_int4 rows")
     parser.add_argument(
         "--layout-stations", type=int, nargs="*", default=[1, 2], help="stations of the layout rows"
@@ -342,6 +383,8 @@ def main() -> None:
         bench_int4(args.int4_rows, args.layers, args.repeat, args.int4_group)
     if args.int4_only:
         return
+    if k is not None and args.amx_rows:
+        bench_amx(args.amx_rows, args.layers, args.prefill_rows or 1000, args.repeat, k)
     bench_linears(args.rows, args.layers, args.repeat, k)
     for positions in args.positions:
         bench_attention(args.rows, args.layers, positions, args.repeat, k)

@@ -48,6 +48,7 @@ class Machine:
     kernels: str | None  # the instruction set our CPU kernels (engine.kernels) run with, or None
     kernels_reason: str = ""  # why they do not run, when `kernels` is None
     int4_reason: str | None = None  # why our int4 weight kernel cannot run; None: it can
+    amx_rows: int = 0  # our int8 products of this many rows or more run on AMX tiles; 0: never
 
     @classmethod
     def probe(cls, options: LoadOptions) -> Machine:
@@ -65,7 +66,7 @@ class Machine:
         else:
             isa, reason = _probe_kernels()
         int4_reason = _probe_int4() if options.quantize.startswith("int4") else None
-        return cls(cuda, cpu_has_fast_bf16(), isa, reason or "", int4_reason)
+        return cls(cuda, cpu_has_fast_bf16(), isa, reason or "", int4_reason, _probe_amx(isa))
 
 
 def _may_use_kernels(options: LoadOptions) -> bool:
@@ -94,6 +95,12 @@ def _probe_kernels() -> tuple[str | None, str | None]:
     if module is None:
         return None, "they did not build (see the log)"
     return str(module.isa()), None
+
+
+def _probe_amx(isa: str | None) -> int:
+    from engine import kernels
+
+    return kernels.amx_rows() if isa is not None else 0
 
 
 def _probe_int4() -> str | None:
@@ -182,7 +189,9 @@ def resolve(options: LoadOptions, machine: Machine, head_dim: int) -> Resolved:
         kernels = None
         chose("kernels", "none", "nothing here runs on them (float weights and a float32 cache)")
     elif kernels is not None:
-        chose("kernels", kernels, "the best instruction set this CPU has for them")
+        amx = machine.amx_rows
+        tiles = f"; the int8 products of {amx}+ rows on AMX tiles" if amx else ""
+        chose("kernels", kernels, f"the best instruction set this CPU has for them{tiles}")
     else:
         why = machine.kernels_reason or "not available" if on_cpu else "not on a CPU"
         chose("kernels", "none", why)

@@ -27,7 +27,7 @@ def _int8_reference(x: torch.Tensor, w: torch.Tensor, levels: int = 127) -> torc
     return (xq.double() @ wq.double().T) * x_scale[:, None].double() * w_scale[None].double()
 
 
-@pytest.mark.parametrize(("n", "kk"), [(192, 64), (100, 42), (64, 1024), (1024, 4096)])
+@pytest.mark.parametrize(("n", "kk"), [(192, 64), (100, 42), (200, 1000), (64, 1024), (1024, 4096)])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 16, 17, 37, 50])
 def test_linear_int8_is_exact_integer_maths(k, n, kk, rows):
     """Exact integer products of int8 codes; a prefill's rows (from `prefill_rows`) take codes
@@ -44,6 +44,49 @@ def test_linear_int8_is_exact_integer_maths(k, n, kk, rows):
     # and the quantization stays close to float32 maths
     exact = x @ w.T
     assert (got - exact).abs().max() < 0.03 * exact.abs().max()
+
+
+def test_amx_tiles_give_the_vnni_products_bit_for_bit(k):
+    """Where the CPU has AMX, the int8 products of `amx_rows()` rows or more run on its tiles
+    (avx512/amx.h): the same exact integer sums as VNNI, so the same floats, for every row count
+    (a tile's 16 rows, the rows left over) and K with inputs left past the tiles' 64 (VNNI sums
+    those), gelu or not; ENDLESS_RADIO_AMX's setting comes back after each switch."""
+    from engine import kernels
+
+    rows_from = kernels.amx_rows()
+    if not rows_from:
+        pytest.skip("the int8 products do not run on AMX tiles here (no AMX, or turned off)")
+    try:
+        for n, kk in [(200, 1000), (64, 1024), (1024, 4096), (96, 68)]:
+            torch.manual_seed(n + kk)
+            w = torch.randn(n, kk) * 0.02
+            packed, scales = pack_int8(w)
+            for rows in [1, 2, 3, 4, 7, 16, 17, 33, 50]:
+                x = torch.randn(rows, kk)
+                for gelu in (False, True):
+                    assert k.amx_enable(0) == ""
+                    vnni = k.linear_int8(x, packed, scales, gelu)
+                    assert k.amx_enable(1) == ""
+                    assert torch.equal(k.linear_int8(x, packed, scales, gelu), vnni), (n, kk, rows)
+    finally:
+        k.amx_enable(rows_from)
+    assert kernels.amx_rows() == rows_from
+
+
+def test_endless_radio_amx_sets_the_rows_or_turns_the_tiles_off(monkeypatch):
+    """ENDLESS_RADIO_AMX: unset or auto the measured default, 0 off, a number the rows from
+    which the tiles run; anything else named in a warning and the default taken."""
+    from engine import kernels
+
+    for value, want in [("auto", (kernels.AMX_MIN_ROWS, None)), ("0", (0, None)), ("4", (4, None))]:
+        monkeypatch.setenv("ENDLESS_RADIO_AMX", value)
+        assert kernels.amx_setting() == want
+    monkeypatch.delenv("ENDLESS_RADIO_AMX")
+    assert kernels.amx_setting() == (kernels.AMX_MIN_ROWS, None)
+    monkeypatch.setenv("ENDLESS_RADIO_AMX", "yes")
+    rows, problem = kernels.amx_setting()
+    assert rows == kernels.AMX_MIN_ROWS
+    assert problem == "ENDLESS_RADIO_AMX=yes is not 0, auto or a row count; taking auto (2 rows)"
 
 
 @pytest.mark.parametrize("rows", [2, 50])

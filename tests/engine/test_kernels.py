@@ -276,6 +276,9 @@ def test_a_failed_build_falls_back_to_the_next_variant_and_says_so(monkeypatch, 
         def isa(self) -> str:
             return self.name
 
+        def amx_enable(self, rows: int) -> str:
+            return "the AVX2 build has no AMX products"
+
     def build(name, source, flags, **_):
         variant = name.split("_")[3]
         built.append(variant)

@@ -15,6 +15,7 @@
 #include <cstring>
 #include <utility>
 
+#include "amx.h"
 #include "simd.h"
 
 namespace er {
@@ -194,10 +195,59 @@ void block_chunked(const uint8_t* wb, int64_t K4, const QuantRows& x, int64_t M,
   }
 }
 
+// One block of 64 features against all M rows on the AMX tiles (amx.h), 16 rows a pass: the
+// block's whole 64-input chunks through tdpbsud (the first pass streams the block from memory,
+// asking kAhead chunks ahead; the others find it in L2), the inputs left over (K not a multiple
+// of 64) through VNNI as a decode tile sums them, and the sums out as tile_out writes them.
+template <Out OUT>
+void block_amx(const uint8_t* wb, int64_t K4, const QuantRows& x, int64_t M, const float* ws,
+               int64_t n0, int64_t N, float* y, int64_t ldy, uint64_t product) {
+  const int64_t chunks = K4 / amx::kChunkK4, tail = chunks * amx::kChunkK4;
+  alignas(64) int32_t sums[amx::kRows * kBlock];
+  __m512i acc[amx::kRows][4];
+  for (int64_t m0 = 0; m0 < M; m0 += amx::kRows) {
+    const int64_t rows = std::min(amx::kRows, M - m0);
+    amx::ready(product, rows);
+    amx::zero_sums();
+    const int8_t* xm = x.q + m0 * x.ld;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const uint8_t* chunk = wb + c * amx::kChunkBytes;
+      if (m0 == 0)
+        for (int64_t line = 0; line < amx::kChunkBytes; line += 64)
+          prefetch(chunk + amx::kAhead * amx::kChunkBytes + line);
+      amx::pass(xm + c * 64, x.ld, chunk);
+    }
+    amx::store_sums(sums);
+    for (int64_t m = 0; m < rows; ++m)
+      for (int j = 0; j < 4; ++j) acc[m][j] = _mm512_load_si512(sums + m * kBlock + 16 * j);
+    for (int64_t t = 0; t < rows; t += kRowTile) {
+      with_tile_rows(rows - t, [&](auto mr) {
+        constexpr int MR = decltype(mr)::value;
+        if (tail < K4) {
+          const int8_t* xr[MR];
+          row_pointers(x, m0 + t, xr);
+          tile_sums(wb, tail, K4, xr, *reinterpret_cast<__m512i(*)[MR][4]>(acc + t), false);
+        }
+        tile_out<MR, OUT>(acc + t, x, m0 + t, ws, n0, N, y, ldy);
+      });
+    }
+  }
+}
+
 // y [M][ldy] (=, += or gelu of) x w^T over the M quantized rows; blocks split across threads.
+// From amx_min_rows() rows (where the CPU has the tiles) on AMX, else on VNNI.
 template <Out OUT>
 void gemm_int8(const PackedInt8& w, const QuantRows& x, int64_t M, float* y, int64_t ldy) {
   const int64_t blocks = (w.N + kBlock - 1) / kBlock, K4 = w.Kp / 4;
+  const int64_t amx_rows = amx_min_rows();
+  if (amx_rows > 0 && M >= amx_rows && K4 >= amx::kChunkK4) {
+    const uint64_t product = amx::products.fetch_add(1, std::memory_order_relaxed) + 1;
+    parallel_blocks(blocks, [&](int64_t b) {
+      block_amx<OUT>(w.data + b * K4 * 4 * kBlock, K4, x, M, w.scales, b * kBlock, w.N, y, ldy,
+                     product);
+    });
+    return;
+  }
   parallel_blocks(blocks, [&](int64_t b) {
     const uint8_t* wb = w.data + b * K4 * 4 * kBlock;
     if (M > kRowTile && M <= kMaxChunkedRows) {
