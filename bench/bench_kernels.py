@@ -15,9 +15,9 @@ bytes come from memory as in the real step, not from a warm cache:
   machine's bandwidth swings), at each `--int4-rows`: ms, GB/s and its share of the read;
 - a prefill's projections (one layer's, `--prefill-rows` rows: compute-bound): float32
   `F.linear` (what an int8 decoder prefills with without our kernels) against `linear_int8`;
-- where the int8 products run on AMX tiles (Xeon Sapphire Rapids and later): `linear_int8` on
-  the tiles against VNNI (the tiles off), interleaved call by call, 24 layers at each
-  `--amx-rows` and one layer at `--prefill-rows`;
+- where the products run on AMX tiles (Xeon Sapphire Rapids and later): `linear_int8` and
+  `linear_int4` on the tiles against VNNI (the tiles off), interleaved call by call, 24 layers
+  at each `--amx-rows` and one layer at `--prefill-rows`;
 - a window restart's two KV cache layout changes (its warm rows in, then in place of the lane's
   rows: `KVCache.select_rows`) for `--layout-stations` stations, int8 and int4 caches of 1500
   positions: an indexed copy (index_select, index_put) against select_rows's row by row copies;
@@ -215,38 +215,55 @@ def interleaved(fns: dict, repeat: int) -> dict:
 
 
 def bench_amx(rows_list: list[int], layers: int, prefill_rows: int, repeat: int, k) -> None:
-    """`linear_int8` on AMX tiles against VNNI, in turns call by call: ms and the ratio."""
+    """`linear_int8` and `linear_int4` on AMX tiles against VNNI, in turns call by call: ms and
+    the ratio."""
     tiles = kernels.amx_rows()
     if not tiles:
-        print("linear_int8 on AMX tiles: not here (no AMX tiles, or ENDLESS_RADIO_AMX=0)")
+        print(
+            "int8 and int4 products on AMX tiles: not here (no AMX tiles, or ENDLESS_RADIO_AMX=0)"
+        )
         return
-    print(f"linear_int8 on AMX tiles (from {tiles} rows by default) against VNNI, in turns")
+    four = int4.get()
+    print(
+        f"int8 and int4 products on AMX tiles (from {tiles} rows by default) against VNNI, in turns"
+    )
     weights = [[torch.randn(n, m) * 0.02 for n, m in SHAPES] for _ in range(layers)]
-    packed = [[pack_int8(w) for w in layer] for layer in weights]
+    packed = {
+        "int8": [[pack_int8(w) for w in layer] for layer in weights],
+        "int4": [[pack_int4(w, INT4_GROUP) for w in layer] for layer in weights],
+    }
     try:
         for rows in [*rows_list, prefill_rows]:
             prefill = rows == prefill_rows
             inputs = {m: torch.randn(rows, m) for _, m in SHAPES}
 
-            def product(on: int, chosen=packed[:1] if prefill else packed, inputs=inputs):
+            def product(kind: str, on: int, inputs=inputs, prefill=prefill):
+                chosen = packed[kind][:1] if prefill else packed[kind]
+
                 def run():
-                    k.amx_enable(on)
+                    kernels.set_amx_rows(on)
                     for layer in chosen:
                         for (data, scales), w in zip(layer, weights[0], strict=True):
-                            k.linear_int8(inputs[w.shape[1]], data, scales)
+                            x = inputs[w.shape[1]]
+                            if kind == "int8":
+                                k.linear_int8(x, data, scales)
+                            else:
+                                four.linear_int4(x, data, scales, w.shape[0])
 
                 return run
 
-            ms = interleaved(
-                {"amx": product(1), "vnni": product(0)}, max(1, repeat // 5 if prefill else repeat)
-            )
             what = "1 layer (a prefill)" if prefill else f"{layers} layers"
-            print(
-                f"  {rows:4d} rows, {what:<20} AMX {ms['amx']:7.2f} ms, VNNI {ms['vnni']:7.2f} "
-                f"ms: AMX takes x{ms['amx'] / ms['vnni']:.2f} the time"
-            )
+            for kind in ("int8", "int4") if four is not None else ("int8",):
+                ms = interleaved(
+                    {"amx": product(kind, 1), "vnni": product(kind, 0)},
+                    max(1, repeat // 5 if prefill else repeat),
+                )
+                print(
+                    f"  {kind} {rows:4d} rows, {what:<20} AMX {ms['amx']:7.2f} ms, VNNI "
+                    f"{ms['vnni']:7.2f} ms: AMX takes x{ms['amx'] / ms['vnni']:.2f} the time"
+                )
     finally:
-        k.amx_enable(tiles)
+        kernels.set_amx_rows(tiles)
 
 
 def bench_int4(rows_list: list[int], layers: int, repeat: int, group: int) -> None:

@@ -79,13 +79,14 @@ VARIANTS = (  # best first
     ),
     Variant("avx2", ("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c")),
 )
-# The int8 products of this many rows or more go on AMX tiles where the CPU has them
+# The int8 and int4 products of this many rows or more go on AMX tiles where the CPU has them
 # (avx512/amx.h): 24 layers of musicgen-small's projections on Xeon AMX, 2026-12-06, against VNNI
 # in turns: x0.96-0.98 the time at 2 rows (one station with guidance), x0.90 at 4, x0.86 at 8,
 # x0.80 at 16, x0.68 at 50 (a prompt change's prefill), x0.49 at 1000; at 1 row the same.
 AMX_MIN_ROWS = 2
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
+_amx_modules: list[ModuleType] = []  # `follow_amx`
 
 
 def _cpu_flags() -> set[str] | None:
@@ -209,6 +210,28 @@ def _enable_amx(module: ModuleType) -> None:
         log.info("the int8 products of %d rows or more run on AMX tiles", rows)
     elif has_amx:
         log.info("the AMX tiles are off (ENDLESS_RADIO_AMX=0)")
+
+
+def set_amx_rows(rows: int) -> str:
+    """The int8 and int4 products of `rows` rows or more on AMX tiles from now on (0: never), in
+    every module of ours that has them (benchmarks and tests switch them in turns); "" when set,
+    else why not."""
+    module = get()
+    if module is None:
+        return "our kernels do not run here"
+    why = str(module.amx_enable(rows))
+    if not why:
+        for other in _amx_modules:
+            other.amx_enable(rows)
+    return why
+
+
+def follow_amx(module: ModuleType) -> None:
+    """`module` (another extension of ours with tile products: the int4 one) takes the AMX
+    setting of the main module now and whenever it changes."""
+    _amx_modules.append(module)
+    main = get()
+    module.amx_enable(0 if main is None else int(main.amx_min_rows()))
 
 
 def amx_rows() -> int:

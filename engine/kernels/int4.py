@@ -6,7 +6,8 @@ as the main kernels (`engine.kernels.VARIANTS`: AVX-512 VNNI where the CPU has i
 FMA and F16C, every x86-64 CPU since 2013-2015), and `ENDLESS_RADIO_KERNELS` chooses or turns it
 off as it does them. `get()` returns the module, or None when it is not available (the reason
 is logged once). The build (~20 s, once per machine, variant, PyTorch version and source digest)
-lands in PyTorch's extension cache. The product releases the GIL.
+lands in PyTorch's extension cache. The product releases the GIL. Where the CPU has AMX tiles, the
+products of several rows run on them as the main module's do (`engine.kernels.amx_rows`).
 """
 
 from __future__ import annotations
@@ -54,4 +55,6 @@ def _build() -> ModuleType | None:
     )
     if module is None:
         log.warning("int4 weight kernel not available: %s", reason)
+    else:  # its products take the AMX tiles as the main module's do (which says so in the log)
+        kernels.follow_amx(module)
     return module

@@ -37,6 +37,9 @@
 #include <type_traits>
 
 #include "common.h"  // parallel_blocks
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include "avx512/amx.h"  // the int4 products of several rows on AMX tiles (panel_amx)
+#endif
 
 namespace er::int4 {
 
@@ -293,10 +296,120 @@ inline void panel_rows(const PackedInt4& w, int64_t b0, int64_t b1, const Groupe
   }
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// AMX (avx512/amx.h): a panel of up to 4 blocks (64 features) against every row, 16 rows a pass.
+// A step of 8 inputs is 16 features x 4 inputs per nibble, so its low and high nibbles, masked
+// apart, are two rows of a tile B (16 features x 4 consecutive inputs each): a group's 64
+// inputs unpack into one 1 KB tile per block in L1, and one tdpbsud (the activations signed,
+// the codes unsigned) makes the block's exact D sums for the group, which a tile store hands
+// to the float sums as block_groups does (s * D + b * S per group). A decode step's rows stream
+// each block's codes once (asking kPrefetch ahead, as the VNNI loop does); a prefill's later
+// passes find the panel in L2.
+namespace amx_tiles {
+
+// 8 steps (64 inputs) of one block's codes -> 16 tile rows of 64 bytes: low nibbles of step t
+// are row 2t (inputs 8t .. 8t + 3), high nibbles row 2t + 1 (8t + 4 .. 8t + 7).
+inline void unpack(const uint8_t* codes, uint8_t* tile, bool ahead) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (int t = 0; t < 8; ++t) {
+    const uint8_t* p = codes + t * kStepBytes;
+    if (ahead) prefetch(p + kPrefetch);
+    const __m512i v = _mm512_loadu_si512(p);
+    _mm512_store_si512(tile + 128 * t, _mm512_and_si512(v, low));
+    _mm512_store_si512(tile + 128 * t + 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+  }
+}
+
+// tmm4 (activations) x the unpacked tile -> sums tile j (0-3: inline assembly names its tiles).
+inline void product(int j, const uint8_t* tile) {
+  asm volatile("tileloadd (%0,%1,1), %%tmm5" ::"r"(tile), "r"(int64_t{64}) : "memory");
+  switch (j) {
+    case 0: asm volatile("tdpbsud %%tmm5, %%tmm4, %%tmm0" ::: "memory"); break;
+    case 1: asm volatile("tdpbsud %%tmm5, %%tmm4, %%tmm1" ::: "memory"); break;
+    case 2: asm volatile("tdpbsud %%tmm5, %%tmm4, %%tmm2" ::: "memory"); break;
+    default: asm volatile("tdpbsud %%tmm5, %%tmm4, %%tmm3" ::: "memory"); break;
+  }
+}
+
+}  // namespace amx_tiles
+
+// The tiles take int4 products from this many rows on (or amx_min_rows(), if more): at 1-2 rows
+// VNNI's loop streams the codes as fast (24 layers of musicgen-small, in turns on Xeon AMX,
+// 2026-12-06: x1.03 the time on the tiles at 1 and 2 rows, x0.94 at 3, x0.89 at 4, x0.77 at 8,
+// x0.59 at 16, x0.55 for a 1000-row prefill; one int4 station end to end x0.99 of VNNI's speed).
+constexpr int64_t kAmxMinRows = 3;
+
+template <bool ADD>
+void panel_amx(const PackedInt4& w, int64_t b0, int64_t b1, const GroupedRows& x, int64_t M,
+               float* y, int64_t ldy, uint64_t tiles_product) {
+  constexpr int64_t kPass = 64;  // inputs per tile pass
+  const int64_t blocks = b1 - b0, groups = w.groups(), passes = w.G / kPass;
+  alignas(64) uint8_t unpacked[kPanel][16 * 64];
+  alignas(64) int32_t sums[amx::kRows * kBlock];  // [row][64 features], as amx::store_sums writes
+  alignas(64) float acc[amx::kRows][kBlock];
+  for (int64_t m0 = 0; m0 < M; m0 += amx::kRows) {
+    const int64_t rows = std::min(amx::kRows, M - m0);
+    const bool ahead = m0 == 0;
+    amx::ready(tiles_product, rows);
+    for (int64_t m = 0; m < rows; ++m)
+      for (int64_t n = 0; n < kBlock; n += 16) _mm512_store_ps(acc[m] + n, _mm512_setzero_ps());
+    for (int64_t g = 0; g < groups; ++g) {
+      amx::zero_sums();
+      for (int64_t pass = 0; pass < passes; ++pass) {
+        const int64_t k0 = g * w.G + pass * kPass;
+        asm volatile("tileloadd (%0,%1,1), %%tmm4" ::"r"(x.q + m0 * x.ld + k0), "r"(x.ld)
+                     : "memory");
+        for (int64_t j = 0; j < blocks; ++j) {
+          amx_tiles::unpack(w.block_codes(b0 + j) + k0 * (kStepBytes / kStep), unpacked[j], ahead);
+          amx_tiles::product(static_cast<int>(j), unpacked[j]);
+        }
+      }
+      amx::store_sums(sums);
+      for (int64_t j = 0; j < blocks; ++j) {
+        const uint16_t* sb = w.block_scales(b0 + j) + g * 2 * kFeatures;
+        if (ahead) prefetch(sb + kPrefetch * 4 / w.G);  // as far ahead as the codes' prefetch
+        const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb)));
+        const __m512 b =
+            _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + kFeatures)));
+        for (int64_t m = 0; m < rows; ++m) {
+          const __m512 d = _mm512_cvtepi32_ps(_mm512_load_si512(sums + m * kBlock + 16 * j));
+          const __m512 sum = _mm512_set1_ps(x.sums[(m0 + m) * x.groups + g]);
+          float* a = acc[m] + 16 * j;
+          _mm512_store_ps(a, _mm512_fmadd_ps(d, s, _mm512_fmadd_ps(b, sum, _mm512_load_ps(a))));
+        }
+      }
+    }
+    for (int64_t j = 0; j < blocks; ++j) {
+      const int64_t n0 = (b0 + j) * kFeatures;
+      const int64_t n_valid = std::min<int64_t>(kFeatures, w.N - n0);
+      const __mmask16 valid = static_cast<__mmask16>((1u << n_valid) - 1);
+      for (int64_t m = 0; m < rows; ++m) {
+        float* yr = y + (m0 + m) * ldy + n0;
+        __m512 v = _mm512_mul_ps(_mm512_load_ps(acc[m] + 16 * j), _mm512_set1_ps(x.scale[m0 + m]));
+        if constexpr (ADD) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(valid, yr));
+        _mm512_mask_storeu_ps(yr, valid, v);
+      }
+    }
+  }
+}
+#endif
+
 // y [M][ldy] = (or +=) x w^T over the M quantized rows; blocks (or panels) split across threads.
+// From kAmxMinRows rows (or amx_min_rows(), where the build and the CPU have the tiles; groups of
+// 64 inputs or a multiple) by panels on AMX, else on VNNI or AVX2.
 template <bool ADD>
 void gemm_int4(const PackedInt4& w, const GroupedRows& x, int64_t M, float* y, int64_t ldy) {
   const int64_t blocks = w.blocks();
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  const int64_t tiles_from = amx_min_rows();
+  if (tiles_from > 0 && M >= std::max(tiles_from, kAmxMinRows) && w.G % 64 == 0) {
+    const uint64_t product = amx::products.fetch_add(1, std::memory_order_relaxed) + 1;
+    parallel_blocks((blocks + kPanel - 1) / kPanel, [&](int64_t p) {
+      panel_amx<ADD>(w, p * kPanel, std::min(blocks, (p + 1) * kPanel), x, M, y, ldy, product);
+    });
+    return;
+  }
+#endif
   if (M <= kMaxChunkedRows) {
     parallel_blocks(blocks, [&](int64_t b) { block_chunked<ADD>(w, b, x, M, y, ldy); });
     return;

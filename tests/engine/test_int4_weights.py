@@ -88,6 +88,32 @@ def test_linear_int4_is_exact_integer_maths(k4, n, kk, group, rows):
     assert (got - exact).norm() < 0.12 * exact.norm()
 
 
+def test_amx_tiles_give_the_vnni_int4_products_bit_for_bit(k4):
+    """Where the CPU has AMX, the int4 products of 3 rows or more (and `amx_rows()`) run on its
+    tiles, a group's codes unpacked into a tile per block: the same exact group sums and the
+    same float sums in the same order as VNNI, so the same floats; groups of 32 stay on VNNI,
+    groups of 128 take two tile passes; N not a multiple of the 64-feature panel."""
+    from engine import kernels
+
+    rows_from = kernels.amx_rows()
+    if not rows_from:
+        pytest.skip("the products do not run on AMX tiles here (no AMX, or turned off)")
+    try:
+        for n, kk, group in [(1024, 1024, 64), (100, 200, 64), (70, 256, 128), (48, 96, 32)]:
+            torch.manual_seed(n + kk)
+            packed, scales = pack_int4(torch.randn(n, kk) * 0.02, group)
+            for rows in [1, 2, 3, 4, 16, 17, 40]:
+                x = torch.randn(rows, kk)
+                assert k4.amx_enable(0) == ""
+                vnni = k4.linear_int4(x, packed, scales, n)
+                assert k4.amx_enable(1) == ""
+                got = k4.linear_int4(x, packed, scales, n)
+                assert torch.equal(got, vnni), (n, kk, group, rows)
+    finally:
+        assert kernels.set_amx_rows(rows_from) == ""
+    assert kernels.amx_rows() == rows_from
+
+
 def test_pack_int4_layout():
     """Feature n, input k: block n // 16, step k // 8, byte (n % 16) * 4 + k % 4, the low nibble
     for k % 8 < 4, the high one above; a block's group g holds 16 scales then 16 offsets."""
