@@ -22,9 +22,9 @@ Two builds of the same sources (`VARIANTS`), each ISA's kernels in its own folde
 (Zen 2/3, Intel client CPUs), else none. `get()` returns the module, or None when no variant can
 run, after saying why once in the log; `isa()` names the variant that runs.
 `ENDLESS_RADIO_KERNELS=0` turns them off, `=avx2` (or `=avx512`) asks for that variant. The
-AVX-512 build runs the int8 products of several rows on AMX tiles where the CPU has them (Xeon
-Sapphire Rapids and later: `amx_rows()`; `ENDLESS_RADIO_AMX=0` turns that off, a number sets
-the rows from which they run). The
+AVX-512 build runs the int8 and int4 products of several rows on AMX tiles where the CPU has them
+(Xeon Sapphire Rapids and later: `amx_rows()`; `ENDLESS_RADIO_AMX=0` turns that off, a number
+sets the rows from which they run). The
 build (~40 s, once per machine, variant, PyTorch version and source digest) lands in PyTorch's
 extension cache (`TORCH_EXTENSIONS_DIR` moves it). The kernels release the GIL.
 """
@@ -79,11 +79,14 @@ VARIANTS = (  # best first
     ),
     Variant("avx2", ("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c")),
 )
-# The int8 and int4 products of this many rows or more go on AMX tiles where the CPU has them
-# (avx512/amx.h): 24 layers of musicgen-small's projections on Xeon AMX, 2026-12-06, against VNNI
-# in turns: x0.96-0.98 the time at 2 rows (one station with guidance), x0.90 at 4, x0.86 at 8,
-# x0.80 at 16, x0.68 at 50 (a prompt change's prefill), x0.49 at 1000; at 1 row the same.
+# The int8 products of this many rows or more go on AMX tiles where the CPU has them
+# (avx512/amx.h), the int4 ones from 3 (int4_gemm.h kAmxMinRows): 24 layers of musicgen-small's
+# int8 projections on a Xeon, 2026-12-06, against VNNI in turns: x0.96-1.03 the time at 2 rows
+# (one station with guidance; that station x1.04-1.06 faster end to end in three runs), x0.90-0.92
+# at 4, x0.86-0.89 at 8, x0.80-0.82 at 16, x0.62-0.68 at 50 (a prompt change's prefill), x0.45-0.49
+# at 1000; at 1 row x1.00-1.05 (docs/kernels.md).
 AMX_MIN_ROWS = 2
+AMX_INT4_MIN_ROWS = 3  # int4_gemm.h kAmxMinRows: at 1-2 rows its VNNI loop streams as fast
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
 _amx_modules: list[ModuleType] = []  # `follow_amx`
@@ -197,8 +200,9 @@ def amx_setting() -> tuple[int, str | None]:
 
 
 def _enable_amx(module: ModuleType) -> None:
-    """The int8 products of several rows on AMX tiles where the CPU has them (avx512/amx.h),
-    from the rows ENDLESS_RADIO_AMX asks for; said in the log either way on a CPU with AMX."""
+    """The int8 and int4 products of several rows on AMX tiles where the CPU has them
+    (avx512/amx.h), from the rows ENDLESS_RADIO_AMX asks for; said in the log either way on a
+    CPU with AMX."""
     rows, problem = amx_setting()
     if problem:
         log.warning("%s", problem)
@@ -207,7 +211,11 @@ def _enable_amx(module: ModuleType) -> None:
     if why and has_amx:
         log.warning("the AMX tiles cannot run: %s; the int8 products run on %s", why, module.isa())
     elif not why and rows:
-        log.info("the int8 products of %d rows or more run on AMX tiles", rows)
+        log.info(
+            "the int8 products of %d rows or more run on AMX tiles (the int4 ones of %d or more)",
+            rows,
+            max(rows, AMX_INT4_MIN_ROWS),
+        )
     elif has_amx:
         log.info("the AMX tiles are off (ENDLESS_RADIO_AMX=0)")
 
@@ -235,8 +243,8 @@ def follow_amx(module: ModuleType) -> None:
 
 
 def amx_rows() -> int:
-    """The rows from which our int8 products run on AMX tiles, 0 when they never do (no kernels,
-    no AMX, or ENDLESS_RADIO_AMX=0)."""
+    """The rows from which our int8 products run on AMX tiles (the int4 ones from at least
+    AMX_INT4_MIN_ROWS), 0 when they never do (no kernels, no AMX, or ENDLESS_RADIO_AMX=0)."""
     module = get()
     return 0 if module is None else int(module.amx_min_rows())
 
