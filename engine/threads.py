@@ -16,9 +16,12 @@ wait policy spins, so the waiting thread holds the core its descheduled partner 
 `OMP_WAIT_POLICY=PASSIVE` halves that cliff but costs a quiet machine up to a tenth of its speed,
 measured in docs/benchmarks.md), and on a quiet machine a trial of one thread costs ~1.5x. So a
 trial that clearly loses makes the next ones wait longer (up to `MAX_BACKOFF` times
-`explore_every` runs; a neighbour that comes makes the current count's cost jump, and that calls
-a trial at once), and a prefill, otherwise run on every core, keeps the current count while the
-most threads measure as stalling.
+`explore_every` runs, and at least until its loss is `TRIAL_SHARE` of the runs in between: on a
+KVM Xeon two threads beside a busy process ran at a tenth of one thread's speed; a neighbour that
+comes makes the current count's cost jump, and that calls a trial at once), and a prefill,
+otherwise run on every core, keeps the current count while the most threads measure as stalling.
+A count whose runs stall erratically (each over twice the last or under half: never settled) is
+left after two runs in a row that each cost over twice another count's (one alone may be noise).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from math import ceil
 from typing import TypeVar
 
 import torch
@@ -41,6 +45,10 @@ CLIFF = 0.5  # a count this much cheaper than the one in use is taken before tha
 # musicgen-small stations: a trial every 20 chunks cost 2.5% of the throughput)
 LOSES = 1.25
 MAX_BACKOFF = 4  # trials that keep losing clearly come at most this many times less often
+# ... and however much a trial lost, the next waits until it is at most this share of the runs
+# in between: beside a busy process two threads ran x0.10 of one thread's speed on a KVM Xeon
+# (2026-12-06: 4 s a 10-frame chunk), and a trial of them every 80 runs cost a tenth of the time
+TRIAL_SHARE = 0.05
 STALLING = 1.5  # the most threads costing this much more than the current count: they stall
 
 
@@ -148,8 +156,12 @@ class ThreadTuner:
         self._runs = 0
         self._explored = 0
         self._trial_due = False
-        self._backoff = 1  # trials come every explore_every * _backoff runs
+        self._backoff = 1  # trials come every explore_every * _backoff runs ...
+        self._trial_wait = explore_every  # ... or more, after a trial that lost by much
         self._since_trial = 0
+        # runs in a row of the current count that each cost over twice the best other count's
+        # smoothed cost: two of them leave it, however much its own runs jump about
+        self._behind = 0
 
     def run(
         self,
@@ -172,6 +184,8 @@ class ThreadTuner:
             if count != self.current and current is not None:  # a trial: a clear loss backs off
                 loses = self.last_cost > LOSES * current
                 self._backoff = min(2 * self._backoff, MAX_BACKOFF) if loses else 1
+                lost = max(self.last_cost / current - 1.0, 0.0) if loses else 0.0
+                self._trial_wait = max(self.explore_every * self._backoff, ceil(lost / TRIAL_SHARE))
             self.record(count, self.last_cost)
         return result
 
@@ -183,6 +197,9 @@ class ThreadTuner:
             self._fresh[count] = 0  # the machine changed (a neighbour came or left): afresh
             if count == self.current and cost > old:  # and the others may be faster now
                 self._trial_due = True
+        if count == self.current:
+            others = [c for k, c in self.cost.items() if k != count]
+            self._behind = self._behind + 1 if others and cost * CLIFF > min(others) else 0
         self._samples[count] = self._samples.get(count, 0) + 1
         n = self._fresh[count] = self._fresh.get(count, 0) + 1
         # the plain mean of the first runs (one slow first run must not linger), then smoothed
@@ -195,11 +212,15 @@ class ThreadTuner:
         # halves the cost (a busy neighbour's cliff is not noise, and every run on it costs
         # double; one slow first run alone is not enough)
         runs = self._fresh[self.current]  # (since its cost last jumped)
-        if (runs >= self.settle and self.cost[best] < (1 - self.margin) * current) or (
-            runs >= 2 and self.cost[best] < CLIFF * current
+        if (
+            (runs >= self.settle and self.cost[best] < (1 - self.margin) * current)
+            or (runs >= 2 and self.cost[best] < CLIFF * current)
+            or self._behind >= 2  # (a stalling count's runs jump by 2x and more: never fresh)
         ):
             self.current = best
             self.switches += 1
+            self._behind = 0
+            self._trial_due = False  # (a jump of the count just left called one: this was it)
 
     def use_current(self) -> None:
         """Set the current count for work run outside `run` (a prompt change's prefill): the
@@ -239,6 +260,7 @@ class ThreadTuner:
         self._other[self.key] = (self.cost, self._samples, self._fresh)
         self.cost, self._samples, self._fresh = self._other.pop(key, ({}, {}, {}))
         self.key = key
+        self._behind = 0
 
     def forget(self) -> None:
         """Drop every cost measured (the work changed speed: other weights); each count is
@@ -249,7 +271,7 @@ class ThreadTuner:
         self._runs += 1
         others = [c for c in self.counts if c != self.current]
         self._since_trial += 1
-        self._trial_due |= self._since_trial >= self.explore_every * self._backoff
+        self._trial_due |= self._since_trial >= self._trial_wait
         if not explore:
             return self.current
         untried = [c for c in self.counts if c not in self._ever]

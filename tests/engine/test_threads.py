@@ -7,7 +7,13 @@ import time
 
 import pytest
 
-from engine.threads import MAX_BACKOFF, ThreadTuner, ThreadUsage, candidate_counts
+from engine.threads import (
+    MAX_BACKOFF,
+    TRIAL_SHARE,
+    ThreadTuner,
+    ThreadUsage,
+    candidate_counts,
+)
 
 
 class FakeMachine:
@@ -179,14 +185,15 @@ def test_a_prefill_beside_a_busy_neighbour_keeps_the_current_count():
 
 def test_trials_that_hit_a_cliff_come_less_often_and_as_often_again_once_it_is_gone():
     """Each trial of two threads beside a busy process costs 2.5x the run it replaces: after
-    each such trial the next waits twice as long, up to MAX_BACKOFF times `explore_every`."""
+    each such trial the next waits twice as long, up to MAX_BACKOFF times `explore_every`, and
+    at least long enough that the trial's loss (1.5 runs) is TRIAL_SHARE of the runs between."""
     machine = FakeMachine({2: 0.050, 1: 0.020})
     t = tuner(machine, explore_every=10)
     for _ in range(400):
         t.run(lambda: machine.work(10), units=10)
     trials = [i for i, n in enumerate(machine.ran) if n == 2 and i > 3]
     gaps = [b - a for a, b in zip(trials, trials[1:], strict=False)]
-    assert gaps[:2] == [20, 40] and set(gaps[2:]) == {10 * MAX_BACKOFF}
+    assert gaps[:2] == [round(1.5 / TRIAL_SHARE), 40] and set(gaps[2:]) == {10 * MAX_BACKOFF}
     machine.cost = {2: 0.022, 1: 0.020}  # close now: trials every 10 runs again
     ran = len(machine.ran)
     for _ in range(10 * MAX_BACKOFF + 30):
@@ -204,6 +211,42 @@ def test_a_cliff_is_left_at_once():
     assert t.current == 2  # one run of two threads could have been a slow first one
     t.run(lambda: machine.work(10), units=10)  # the second: it is the machine
     assert machine.ran == [2, 1, 2] and t.current == 1 and t.switches == 1
+
+
+class ErraticMachine(FakeMachine):
+    """Two threads beside busy processes on a KVM Xeon: every run of them stalls, by 2x to 5x
+    one thread's cost, never twice alike (each run's cost jumps from the last by over 2x)."""
+
+    def work(self, units: int = 10) -> int:
+        if self.threads == 2:
+            self.cost[2] = 0.300 if self.cost[2] != 0.300 else 0.130
+        return super().work(units)
+
+
+def test_a_count_that_stalls_erratically_is_left_too():
+    """Runs of a stalling count that differ by over 2x each time never settle (each jump starts
+    its cost afresh), but two in a row each over twice the other count's cost leave it."""
+    machine = ErraticMachine({2: 0.130, 1: 0.060})
+    t = tuner(machine, explore_every=20, settle=3)
+    for _ in range(6):
+        t.run(lambda: machine.work(10), units=10)
+    assert machine.ran[:4] == [2, 1, 2, 2] and t.current == 1 and t.switches == 1
+    assert machine.ran[4:] == [1, 1]  # (0.130 and 0.300 a unit: 2.2x and 5x of 0.060)
+
+
+def test_a_trial_that_loses_tenfold_waits_until_it_costs_a_twentieth():
+    """Two threads at 10x one thread's cost (4 s a chunk beside a busy process on a KVM Xeon):
+    each trial loses 9 runs' time, so the next comes after 9 / TRIAL_SHARE runs at least."""
+    machine = FakeMachine({2: 0.400, 1: 0.040})
+    t = tuner(machine, explore_every=20)
+    for _ in range(800):
+        t.run(lambda: machine.work(10), units=10)
+    assert t.current == 1
+    trials = [i for i, n in enumerate(machine.ran) if n == 2 and i > 3]
+    gaps = [b - a for a, b in zip(trials, trials[1:], strict=False)]
+    assert gaps and set(gaps) == {round(9 / TRIAL_SHARE)}, gaps
+    spent = sum(machine.cost[n] for n in machine.ran[100:])
+    assert spent < 1.06 * 0.040 * len(machine.ran[100:])  # trials: under 6% of the time
 
 
 def test_costs_are_kept_per_kind_of_work():
