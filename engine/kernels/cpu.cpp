@@ -902,9 +902,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("prefill_rows") = kMaxChunkedRows + 1;
   m.attr("prefill_levels") = static_cast<int>(kPrefillLevels);
   m.def("amx_enable", &amx_enable, pybind11::arg("min_rows"),
-        "the int8 products of min_rows rows or more on AMX tiles (0: never): '' when set, else "
-        "why the tiles cannot run here");
-  m.def("amx_min_rows", &amx_min_rows, "rows from which the int8 products run on AMX (0: never)");
+        "the int8 and int4 products of min_rows rows or more on AMX tiles (0: never; int4 from "
+        "3 at least): '' when set, else why the tiles cannot run here");
+  m.def("amx_min_rows", &amx_min_rows, "rows from which the products run on AMX (0: never)");
   m.def("linear_bf16", &linear_bf16, nogil, "y = x w^T, bfloat16 weights, a few rows");
   m.def("linear_bf16_weights", &linear_bf16_weights, nogil,
         "y = x w^T, float32 rows (any number) and bfloat16 weights, per group");

@@ -71,14 +71,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_int4", &linear_int4, py::call_guard<py::gil_scoped_release>(),
         "y = x w^T, packed int4 weights (a scale and an offset per 16 features and G inputs), "
         "activations int8 per row");
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   m.def("amx_enable", &er::amx_enable, py::arg("min_rows"),
         "this module's int4 products of min_rows rows or more on AMX tiles (0: never): '' when "
         "set, else why the tiles cannot run here");
-#else
-  m.def("amx_enable", [](int64_t) { return std::string("the AVX2 build has no AMX products"); },
-        py::arg("min_rows"), "AMX tiles come with the AVX-512 build");
-#endif
   m.def("quantize_int4", &quantize_int4, py::call_guard<py::gil_scoped_release>(),
         "w -> (codes, scales, offsets): 4-bit codes, a float16 scale and offset per group");
 }

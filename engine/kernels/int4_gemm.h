@@ -39,6 +39,13 @@
 #include "common.h"  // parallel_blocks
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include "avx512/amx.h"  // the int4 products of several rows on AMX tiles (panel_amx)
+#else
+#include <string>
+
+namespace er {  // the AVX2 build never takes the tiles: its amx_enable says so (both modules)
+inline std::string amx_enable(int64_t) { return "the AVX2 build has no AMX products"; }
+inline int64_t amx_min_rows() { return 0; }
+}  // namespace er
 #endif
 
 namespace er::int4 {

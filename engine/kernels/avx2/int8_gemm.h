@@ -21,7 +21,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <string>
 
 #include "simd.h"
 
@@ -260,10 +259,6 @@ template <Out OUT>
 void gemm_int8_prefill(const PackedInt8& w, const QuantRows& x, int64_t M, float* y, int64_t ldy) {
   gemm_int8<OUT, true>(w, x, M, y, ldy);
 }
-
-// The AMX tiles come with the AVX-512 build (avx512/amx.h); this one never takes them.
-inline std::string amx_enable(int64_t) { return "the AVX2 build has no AMX products"; }
-inline int64_t amx_min_rows() { return 0; }
 
 // y = gelu(y) over M rows of N (row stride ldy), the same maths as gemm_int8's Out::Gelu: for
 // products without that epilogue (int4 weights in the fused step).

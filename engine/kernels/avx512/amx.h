@@ -1,7 +1,9 @@
-// The int8 products on AMX tiles (Sapphire Rapids and later Xeons), for several rows: a decode
+// The int8 and int4 products on AMX tiles (Sapphire Rapids and later Xeons; the int8 loop in
+// int8_gemm.h `block_amx`, the int4 one in ../int4_gemm.h `panel_amx`), for several rows: a decode
 // step of two or more stations, a stream's warm rows, a prefill. The AVX-512 build carries it and
 // takes it at run time where the CPU has AMX-TILE and AMX-INT8 and Linux lets the process use the
-// tiles' state (`amx_enable`); elsewhere, or with ENDLESS_RADIO_AMX=0, the VNNI products run.
+// tiles' state (`amx_enable`); elsewhere, or with ENDLESS_RADIO_AMX=0, the VNNI products run
+// (the AVX2 build's amx_enable, in int4_gemm.h, only says why not).
 //
 // Why: vpdpbusd does 64 byte products per instruction, so from ~4 rows the VNNI products of a
 // decode step cost more than their weights' stream (int8 at 8 rows: 71% of the plain read's
@@ -28,7 +30,7 @@ namespace er {
 
 namespace amx {
 
-// Rows from which gemm_int8 takes the tiles; 0 while they are off (`amx_enable` sets it).
+// Rows from which gemm_int8 and gemm_int4 take the tiles; 0 while they are off (`amx_enable`).
 inline std::atomic<int64_t> min_rows{0};
 // Numbers every tile product, so that a thread loads its tile configuration once per product
 // (another library, oneDNN for one, may have configured the tiles in between).
@@ -120,7 +122,7 @@ inline std::string unavailable() {
 
 }  // namespace amx
 
-// Sets the rows from which the int8 products take the AMX tiles (0: never); "" when set, else why
+// Sets the rows from which the products take the AMX tiles (0: never); "" when set, else why
 // the tiles cannot run here (and they stay off).
 inline std::string amx_enable(int64_t min_rows) {
   static const std::string reason = amx::unavailable();  // asked once per process
