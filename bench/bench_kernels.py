@@ -254,6 +254,9 @@ def bench_amx(rows_list: list[int], layers: int, prefill_rows: int, repeat: int,
 
             what = "1 layer (a prefill)" if prefill else f"{layers} layers"
             for kind in ("int8", "int4") if four is not None else ("int8",):
+                if kind == "int4" and rows < kernels.AMX_INT4_MIN_ROWS:
+                    print(f"  int4 {rows:4d} rows: VNNI either way (its tiles from 3 rows)")
+                    continue
                 ms = interleaved(
                     {"amx": product(kind, 1), "vnni": product(kind, 0)},
                     max(1, repeat // 5 if prefill else repeat),

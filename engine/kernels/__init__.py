@@ -81,7 +81,7 @@ VARIANTS = (  # best first
 )
 # The int8 products of this many rows or more go on AMX tiles where the CPU has them
 # (avx512/amx.h), the int4 ones from 3 (int4_gemm.h kAmxMinRows): 24 layers of musicgen-small's
-# int8 projections on a Xeon, 2026-12-06, against VNNI in turns: x0.96-1.03 the time at 2 rows
+# int8 projections on a Xeon, 2026-12-06, against VNNI in turns: x0.96-1.07 the time at 2 rows
 # (one station with guidance; that station x1.04-1.06 faster end to end in three runs), x0.90-0.92
 # at 4, x0.86-0.89 at 8, x0.80-0.82 at 16, x0.62-0.68 at 50 (a prompt change's prefill), x0.45-0.49
 # at 1000; at 1 row x1.00-1.05 (docs/kernels.md).
