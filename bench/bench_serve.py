@@ -7,6 +7,8 @@
     python bench/bench_serve.py --transition 8               # ... and a prompt change gliding 8 s
     python bench/bench_serve.py --stations 2                 # two stations, a listener on each
     python bench/bench_serve.py --find-max                   # 1, 2, 3 ... stations until one fails
+    python bench/bench_serve.py --busy 1 --verbose           # beside a busy process (shared machine)
+    python bench/bench_serve.py --busy 1 --busy-for 60 --seconds 150   # ... that leaves after 60 s
 
 Starts `radio serve --model DIR` with the default settings (on a CPU: int8 decoder, int8 KV
 cache, our kernels), plays the MP3 mount into ffmpeg as a listener (when ffmpeg is installed),
@@ -40,6 +42,12 @@ total, and the verdict says whether all N held real time: no underrun over the r
 always buffered ahead of the clock. `--find-max` runs N = 1, 2, 3 ... (a fresh `radio serve`
 each, `--seconds` long) until one does not hold, and prints the largest that did.
 
+With `--busy N`, N single-threaded busy loops (`while True: pass`, as `contention.py` starts)
+run beside the radio from the moment it is on air to the end of the listening (or for the first
+`--busy-for` seconds): a shared machine, where the radio's thread tuner must find the count that
+keeps up, and find the faster one again once the neighbour leaves (with `--verbose` its log says
+every count it tried, why it did or did not try one, and each switch).
+
 Random-weight models are built once into ./models (or $BENCH_MODELS), as by bench_engine.py.
 """
 
@@ -63,6 +71,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_engine import model_dir, say  # noqa: E402
 from bench.bench_kernels import plain_read  # noqa: E402
+from bench.contention import BUSY  # noqa: E402
 from tests.helpers import call, free_port, get_json, post_json, wait_healthy  # noqa: E402
 
 ADMIN_TOKEN = "bench-serve-admin-token"
@@ -159,6 +168,20 @@ def main() -> int:
         "--max-stations", type=int, default=8, help="--find-max stops here even if it holds"
     )
     parser.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run N single-threaded busy loops beside the radio while listening (a shared machine)",
+    )
+    parser.add_argument(
+        "--busy-for",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="stop the --busy loops after S seconds of listening (0: they run to the end)",
+    )
+    parser.add_argument(
         "--verbose",
         action="store_true",
         help="run radio -v: its log (path printed) has every chunk's rows, time and speed",
@@ -168,6 +191,8 @@ def main() -> int:
         parser.error("--stations and --max-stations: at least 1")
     if args.changes < 0:
         parser.error("--changes: at least 0")
+    if args.busy < 0 or args.busy_for < 0:
+        parser.error("--busy and --busy-for: at least 0")
     if not args.find_max:
         run(args, args.stations)
         return 0
@@ -219,6 +244,7 @@ def _serve(args: argparse.Namespace, n: int) -> bool:
         [*cmd, "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=log, env=env
     )
     listeners: list[subprocess.Popen] = []
+    loops: list[subprocess.Popen] = []
     try:
         say(f"radio serve --model {path} on port {port} (log: {logdir / 'radio-serve.log'}) ...")
         wait_healthy(base, timeout=300, proc=proc)
@@ -232,6 +258,9 @@ def _serve(args: argparse.Namespace, n: int) -> bool:
             say(f"  listeners: ffmpeg decoding {', '.join(f'/{sid}.mp3' for sid in ids)}")
         else:
             say("  no ffmpeg: measuring without a listener")
+        if args.busy:
+            loops = [subprocess.Popen(BUSY) for _ in range(args.busy)]
+            say(f"  {args.busy} busy process(es) beside the radio from now on")
         began = time.monotonic()
         rtfs: dict[str, list[float]] = {sid: [] for sid in ids}
         buffers: dict[str, list[float]] = {sid: [] for sid in ids}
@@ -245,6 +274,10 @@ def _serve(args: argparse.Namespace, n: int) -> bool:
         start_underruns = {sid: health(base, sid)["underruns"] for sid in ids}
         while (elapsed := time.monotonic() - began) < seconds:
             time.sleep(args.every)
+            if loops and args.busy_for and time.monotonic() - began >= args.busy_for:
+                _stop(loops)
+                loops = []
+                say(f"  the busy process(es) stopped after {args.busy_for:g} s")
             now = {sid: health(base, sid) for sid in ids}
             for sid, h in now.items():
                 rtfs[sid].append(h["realtime_factor"])
@@ -309,6 +342,9 @@ def _serve(args: argparse.Namespace, n: int) -> bool:
             ]
             say(f"| settings | {'; '.join(shown)}, the rest defaults |")
         say(f"| listened | {seconds:.0f} s{heard_by} |")
+        if args.busy:
+            span = f"the first {args.busy_for:g} s" if args.busy_for else "all the while"
+            say(f"| beside | {args.busy} single-threaded busy process(es), {span} |")
         main_rtfs, main_buffers = rtfs["main"], buffers["main"]
         say(
             f"| generator real-time factor | median {statistics.median(main_rtfs):.2f}, "
@@ -367,12 +403,19 @@ def _serve(args: argparse.Namespace, n: int) -> bool:
             say(f"| scheduled slot boundary ({_hhmm(boundary)} UTC) | {heard} |")
         return _per_station(n, rtfs, buffers, underruns)
     finally:
+        _stop(loops)
         for listener in listeners:
             listener.terminate()
             listener.wait()
         proc.terminate()
         proc.wait(30)
         log.close()
+
+
+def _stop(loops: list[subprocess.Popen]) -> None:
+    for loop in loops:
+        loop.kill()
+        loop.wait()
 
 
 def _listen(url: str) -> subprocess.Popen:

@@ -21,11 +21,22 @@ KVM Xeon two threads beside a busy process ran at a tenth of one thread's speed;
 comes makes the current count's cost jump, and that calls a trial at once), and a prefill,
 otherwise run on every core, keeps the current count while the most threads measure as stalling.
 A count whose runs stall erratically (each over twice the last or under half: never settled) is
-left after two runs in a row that each cost over twice another count's (one alone may be noise).
+left after two runs in a row that each cost over twice another count's (one alone may be noise),
+and one whose last two runs, in whatever kinds of work, each cost over four times another
+count's (`DEEP_CLIFF`: two threads beside a busy process on that Xeon cost x2-x15 one thread's);
+one run at twice is enough when its threads waited in the run queue for a good share of it
+(`PREEMPTED`: another process had the cores, which is not noise).
+
+What a trial will cost is predicted (`trial_cost`) from what the count cost last, in this kind of
+work or, scaled, in another, so that a caller can keep a trial that would empty its buffer for a
+moment that can afford it. A count's cost measured when the machine was busier is stale once
+cores are idle again: the machine's idle time (`/proc/stat`) while the current count runs says
+whether a neighbour left; when it did, more threads are tried soon and predicted as unknown.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -50,6 +61,48 @@ MAX_BACKOFF = 4  # trials that keep losing clearly come at most this many times 
 # (2026-12-06: 4 s a 10-frame chunk), and a trial of them every 80 runs cost a tenth of the time
 TRIAL_SHARE = 0.05
 STALLING = 1.5  # the most threads costing this much more than the current count: they stall
+# a count this much cheaper than the one in use's last two runs, whatever kinds of work they
+# were, is taken at once: a stall beside a busy process (x15) whose runs alternate between kinds
+# (short and steady reads) left every kind with one run of it, and bridged for 27 s
+DEEP_CLIFF = 0.25
+# cores idle while the current count runs, per thread more than it: room for those threads (a
+# neighbour left) when the last two runs had at least this much each
+ROOM = 0.5
+# a run of the current count whose threads waited this share of its wall time in the run queue
+# (summed) was preempted by another process: a stall, not noise, from its first run (one int8
+# station in `radio serve` on 2 cores: 3-7% quiet, 10-14% on one thread beside a busy process,
+# 85-105% on two)
+PREEMPTED = 0.25
+
+
+def queued_seconds() -> float | None:
+    """The time this process's threads have waited in the run queue for a core so far, summed
+    over the threads alive now (`/proc/self/task/*/schedstat`); None where the system does not
+    say. A run whose threads waited for a good share of its wall time was preempted: another
+    process had the cores."""
+    total = 0.0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/schedstat") as f:
+                total += int(f.read().split()[1]) / 1e9
+        except (OSError, ValueError, IndexError):
+            continue  # (a thread that ended meanwhile)
+    return total
+
+
+def idle_core_seconds() -> float | None:
+    """The machine's idle time so far, summed over its cores (`/proc/stat`: idle and waiting
+    for I/O), in seconds; None where the system does not say."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def smooth(old: float | None, new: float, weight: float) -> float:
@@ -128,6 +181,8 @@ class ThreadTuner:
         settle: int = 3,
         clock: Callable[[], float] = time.perf_counter,
         set_threads: Callable[[int], None] = torch.set_num_threads,
+        idle: Callable[[], float | None] = idle_core_seconds,
+        queued: Callable[[], float | None] = queued_seconds,
     ) -> None:
         most = most if most is not None else torch.get_num_threads()
         if most < 1:
@@ -162,6 +217,17 @@ class ThreadTuner:
         # runs in a row of the current count that each cost over twice the best other count's
         # smoothed cost: two of them leave it, however much its own runs jump about
         self._behind = 0
+        self._last_two: list[float] = []  # the current count's last two runs, in any kinds
+        # each count's cost over the current count's when the costs were last forgotten
+        self._ratios: dict[int, float] = {}
+        self._idle = idle
+        self._queued = queued
+        self._preempted = False  # the latest run's threads waited for cores (`PREEMPTED`)
+        self._current_preempted = False  # ... the current count's latest run's
+        # the latest run's threads' waits in the run queue, summed, per second of its wall time
+        self.last_queued: float | None = None
+        # the machine's idle cores during the current count's last two runs (None: not known)
+        self._room: list[float | None] = [None, None]
 
     def run(
         self,
@@ -172,14 +238,30 @@ class ThreadTuner:
     ) -> T:
         """`work()` with the chosen count; its time per unit is recorded unless `typical()`,
         asked after it, says the run was not like the others (e.g. it re-prefilled a window:
-        seconds of work that one run in a hundred does would make its count look slow)."""
+        seconds of work that one run in a hundred does would make its count look slow), and
+        the current count's threads did not wait for cores (`PREEMPTED`: a stall whatever ran)."""
         count = self.last = self._next_count(explore)
         self.last_cost = None
         self._set_threads(count)
+        idle, queued = self._idle(), self._queued()  # (read outside the time measured)
         began = self._clock()
         result = work()
-        self.last_cost = (self._clock() - began) / max(units, 1e-9)
-        if typical is None or typical():
+        wall = self._clock() - began
+        self.last_cost = wall / max(units, 1e-9)
+        waited = self._queued()
+        self.last_queued = (
+            None if queued is None or waited is None or wall <= 0 else (waited - queued) / wall
+        )
+        self._preempted = self.last_queued is not None and self.last_queued >= PREEMPTED
+        if count == self.current:
+            after = self._idle()
+            room = None if idle is None or after is None or wall <= 0 else (after - idle) / wall
+            self._note_room(room)
+        # a run not like the others (a prompt's fold ran in it) is left out, unless it stalled
+        # (`PREEMPTED`): then its cost is the stall's (the radio's first chunk beside a busy
+        # process, with a fold: 3.3 s; left out, the quiet cost stood and took it back there)
+        stall = count == self.current and self._preempted
+        if typical is None or stall or typical():
             current = self.cost.get(self.current)
             if count != self.current and current is not None:  # a trial: a clear loss backs off
                 loses = self.last_cost > LOSES * current
@@ -189,21 +271,42 @@ class ThreadTuner:
             self.record(count, self.last_cost)
         return result
 
+    def _note_room(self, room: float | None) -> None:
+        """The machine's idle cores during a run of the current count: when they first show
+        room for more threads (`ROOM` per thread, two runs in a row), a neighbour has left, and
+        a trial of more threads is due at once (its cost, measured beside it, is stale)."""
+        had = self.room_for(self.counts[0])
+        self._room = [self._room[1], room]
+        if not had and self.room_for(self.counts[0]):
+            self._trial_due = True
+
+    def room_for(self, count: int) -> bool:
+        """Whether the machine had idle cores for `count` threads in the current count's last
+        two runs (on top of those threads): then what `count` cost before is stale."""
+        if count <= self.current or None in self._room:
+            return False
+        return all(r is not None and r >= ROOM * (count - self.current) for r in self._room)
+
     def record(self, count: int, cost: float) -> None:
         """One run's cost per unit with `count` threads; may change the current count."""
         self._ever.add(count)
         old = self.cost.get(count)
-        if old is not None and not CLIFF < cost / old < 1 / CLIFF:
+        jumped = old is not None and not CLIFF < cost / old < 1 / CLIFF
+        if old is not None and jumped:
             self._fresh[count] = 0  # the machine changed (a neighbour came or left): afresh
             if count == self.current and cost > old:  # and the others may be faster now
                 self._trial_due = True
+            self._stale_elsewhere(count)
         if count == self.current:
             others = [c for k, c in self.cost.items() if k != count]
             self._behind = self._behind + 1 if others and cost * CLIFF > min(others) else 0
+            self._note_current(cost)
         self._samples[count] = self._samples.get(count, 0) + 1
         n = self._fresh[count] = self._fresh.get(count, 0) + 1
         # the plain mean of the first runs (one slow first run must not linger), then smoothed
         self.cost[count] = smooth(self.cost.get(count), cost, max(self.smoothing, 1 / n))
+        if self._stalled():
+            return
         best = min(self.cost, key=self.cost.__getitem__)
         current = self.cost.get(self.current)
         if best == self.current or current is None:  # (a new kind's first run: a trial's)
@@ -217,10 +320,51 @@ class ThreadTuner:
             or (runs >= 2 and self.cost[best] < CLIFF * current)
             or self._behind >= 2  # (a stalling count's runs jump by 2x and more: never fresh)
         ):
-            self.current = best
-            self.switches += 1
-            self._behind = 0
-            self._trial_due = False  # (a jump of the count just left called one: this was it)
+            self._switch(best)
+
+    def _stale_elsewhere(self, count: int) -> None:
+        """`count`'s costs in the other kinds of work are stale (the machine changed): one
+        measured before a neighbour came (two threads fast) took a kind back to two threads."""
+        for kept in self._other.values():
+            for measured in kept:
+                measured.pop(count, None)
+        self._ratios.pop(count, None)
+
+    def _note_current(self, cost: float) -> None:
+        """A run of the current count cost `cost` per unit (for `_stalled`)."""
+        self._last_two = [*self._last_two[-1:], cost]
+        self._current_preempted = self._preempted
+        if self._preempted:
+            self._stale_elsewhere(self.current)
+
+    def _stalled(self) -> bool:
+        """Leave the current count at once when its last two runs, of any kinds of work (a
+        stall does not wait for each kind's second), each cost over 1 / DEEP_CLIFF times what
+        another count is predicted to cost (`trial_cost`), or its last run alone cost over
+        1 / CLIFF times that with its threads waiting for cores (`PREEMPTED`: another process
+        had them, which is no noise); whether it did."""
+        if not self._last_two:
+            return False
+        predicted = {c: self.trial_cost(c) for c in self.counts if c != self.current}
+        known = {c: cost for c, cost in predicted.items() if cost is not None}
+        if not known:
+            return False
+        best = min(known, key=known.__getitem__)
+        if (self._current_preempted and known[best] < CLIFF * self._last_two[-1]) or (
+            len(self._last_two) == 2 and all(known[best] < DEEP_CLIFF * c for c in self._last_two)
+        ):
+            self._switch(best)
+            return True
+        return False
+
+    def _switch(self, count: int) -> None:
+        self.current = count
+        self.switches += 1
+        self._behind = 0
+        self._room = [None, None]  # (measured with the count left)
+        self._last_two = []
+        self._current_preempted = False
+        self._trial_due = False  # (a jump of the count just left called one: this was it)
 
     def use_current(self) -> None:
         """Set the current count for work run outside `run` (a prompt change's prefill): the
@@ -264,8 +408,61 @@ class ThreadTuner:
 
     def forget(self) -> None:
         """Drop every cost measured (the work changed speed: other weights); each count is
-        measured once again from the next run."""
+        measured once again from the next run. How the counts compared is kept to predict
+        their trials (`trial_cost`): two threads that stalled beside a busy process on int8
+        weights were tried at once on int4 ones, unknown, and stalled for 2 s."""
+        measured: dict[int, float] = {}  # (the dearest of the kinds where both ran)
+        for costs, _, _ in [(self.cost, None, None), *self._other.values()]:
+            here = costs.get(self.current)
+            for c, v in costs.items():
+                if here:
+                    measured[c] = max(measured.get(c, 0.0), v / here)
+        self._ratios = {**self._ratios, **measured}
         self.cost, self._samples, self._fresh, self._other, self._ever = {}, {}, {}, {}, set()
+
+    def next_trial(self) -> int | None:
+        """The count the next run would try if it may explore (None: it would keep the current
+        one): a count not measured yet, or the next in turn once a trial is due."""
+        others = [c for c in self.counts if c != self.current]
+        untried = [c for c in self.counts if c not in self._ever and c != self.current]
+        if untried and self._runs >= 1:
+            return untried[0]
+        due = self._trial_due or self._since_trial + 1 >= self._trial_wait
+        if not due or not others:
+            return None
+        return others[(self._explored + 1) % len(others)]
+
+    def current_cost(self) -> float | None:
+        """What a run of the current count is expected to cost per unit of this kind of work:
+        its smoothed cost here, else its latest run's in another kind (None: never run); the
+        latest's when that one's threads waited for cores (`PREEMPTED`) and cost more."""
+        here = self.cost.get(self.current)
+        latest = self._last_two[-1] if self._last_two else None
+        if latest is not None and self._current_preempted:  # (a stall now: the latest says)
+            return max(here or 0.0, latest)
+        return here if here is not None else latest
+
+    def trial_cost(self, count: int) -> float | None:
+        """What a run of `count` threads is predicted to cost per unit of this kind of work:
+        its cost measured here, or in another kind scaled by the current count's costs there
+        and here (a short read costs more per frame than a long one with every count); None
+        when it was never measured, or the machine has had room for it since (`room_for`)."""
+        if self.room_for(count):
+            return None
+        if count in self.cost:
+            return self.cost[count]
+        here = self.cost.get(self.current)
+        guesses = [
+            costs[count] * (here / costs[self.current] if here and costs.get(self.current) else 1)
+            for costs, _, _ in self._other.values()
+            if count in costs
+        ]
+        if guesses:
+            return max(guesses)
+        current = self.current_cost()
+        if count in self._ratios and current is not None:  # (from before other weights)
+            return self._ratios[count] * current
+        return None
 
     def _next_count(self, explore: bool) -> int:
         self._runs += 1
@@ -274,7 +471,7 @@ class ThreadTuner:
         self._trial_due |= self._since_trial >= self._trial_wait
         if not explore:
             return self.current
-        untried = [c for c in self.counts if c not in self._ever]
+        untried = [c for c in self.counts if c not in self._ever and c != self.current]
         if untried and self._runs > 1:  # each count measured once from the start
             return untried[0]
         if not self._trial_due or not others:  # (one core: nothing to try)

@@ -63,7 +63,7 @@ import numpy as np
 from engine.blend import PLAIN_ROWS
 from engine.lane import Prefill, prefill_since
 from engine.memory import WARM_BYTES, page_faults, warm_heap
-from engine.threads import ThreadTuner, smooth
+from engine.threads import LOSES, ThreadTuner, smooth
 from engine.token_stream import Interrupted
 from radio import ladder
 from radio.blending import open_blend, open_text
@@ -88,8 +88,15 @@ GUARD_SECONDS = 0.5  # a re-anchor starts at least this far ahead of what the cl
 # in use (right after a prompt change little is ahead)
 TRIAL_AHEAD_SECONDS = 2.0
 # nor in a station's first seconds of audio: its first listeners wait for them (it goes on air
-# with a second buffered)
+# with a second buffered), unless the count in use makes them at under FIRST_TRIAL_RTF of real
+# time: two threads beside a busy process on a KVM Xeon made them at x0.04 (35 s to make 1.5 s),
+# where a stream's cold first chunk runs at x0.41-0.53
 NO_TRIAL_FIRST_SECONDS = 1.5
+FIRST_TRIAL_RTF = 0.25
+# a trial predicted to lose clearly (`engine.threads.LOSES`) runs only when it leaves this much
+# audio buffered: beside a busy process two threads cost x15 one thread's on that Xeon (a
+# 25-frame chunk 12 s), and a trial of them with 2 s ahead bridged for 10 s
+TRIAL_LEFT_SECONDS = 1.0
 # At start the prefill is timed on this many frames and scaled to a whole context (and to a
 # prompt change's): a second less before the first sound than timing a prompt change's 100, at
 # most a few percent off (musicgen-small here: 4.26 s scaled from 50 frames, 4.30 s from 100,
@@ -147,18 +154,27 @@ def trial_allowed(
     ahead_frames: int,
     made_frames: int,
     warm: bool = False,
+    trial_cost: float | None = None,
+    frames: int = 0,
 ) -> bool:
-    """May the next read try another thread count? `cost`: the count in use's seconds per
-    frame of audio; `ahead_frames`: the least any of the `stations` has buffered;
-    `made_frames`: the least any has made. Never in the first NO_TRIAL_FIRST_SECONDS; then yes
-    with TRIAL_AHEAD_SECONDS ahead, or when the count in use is slower than real time (then a
-    slow trial costs little, and staying would never refill the buffer), unless the read
-    carries warm rows (`warm`): they end within `context` frames, so being behind with them
-    says nothing of staying (one station's trial of one thread there ran x0.43 against x0.80
-    on two, with 0.7 s buffered, and bridged)."""
-    if made_frames < NO_TRIAL_FIRST_SECONDS * frame_rate:
+    """May the next read (`frames` long) try another thread count? `cost`: the count in use's
+    seconds per frame of audio; `trial_cost`: the count to try's, as predicted (None: not
+    known); `ahead_frames`: the least any of the `stations` has buffered; `made_frames`: the
+    least any has made. Not in the first NO_TRIAL_FIRST_SECONDS unless the count in use runs
+    under FIRST_TRIAL_RTF of real time; then yes with TRIAL_AHEAD_SECONDS ahead, or when the
+    count in use is slower than real time (then a slow trial costs little, and staying would
+    never refill the buffer), unless the read carries warm rows (`warm`): they end within
+    `context` frames, so being behind with them says nothing of staying (one station's trial of
+    one thread there ran x0.43 against x0.80 on two, with 0.7 s buffered, and bridged). And a
+    trial predicted to lose clearly only where it leaves TRIAL_LEFT_SECONDS buffered."""
+    speed = 1.0 / (cost * stations * frame_rate) if cost > 0 else float("inf")
+    if made_frames < NO_TRIAL_FIRST_SECONDS * frame_rate and speed >= FIRST_TRIAL_RTF:
         return False
-    behind = cost * stations * frame_rate > 1.0 and not warm
+    if trial_cost is not None and trial_cost > LOSES * cost:
+        spent = trial_cost * frames * stations  # seconds the trial's read is predicted to take
+        if ahead_frames / frame_rate - spent < TRIAL_LEFT_SECONDS:
+            return False
+    behind = speed < 1.0 and not warm
     return behind or ahead_frames >= TRIAL_AHEAD_SECONDS * frame_rate
 
 
@@ -1325,14 +1341,30 @@ class Generator:
         # (and a short read costs more per frame than a steady one: its counts apart too)
         tuner.measure_for((rows, sum(warm_lanes), frames))
         before, faults = tuner.current, page_faults()
+        trial = tuner.next_trial()
+        trial_cost = None if trial is None else tuner.trial_cost(trial)
+        ahead = min(ln.ahead_frames() for ln in lanes)
         explore = trial_allowed(
-            tuner.cost.get(tuner.current, 0.0),
+            tuner.current_cost() or 0.0,
             len(lanes),
             self.model.frame_rate,
-            min(ln.ahead_frames() for ln in lanes),
+            ahead,
             min(ln.stream.frame for ln in lanes),
             warm=any(warm_lanes),
+            trial_cost=trial_cost,
+            frames=frames,
         )
+        if trial is not None and log.isEnabledFor(logging.DEBUG):
+            current = tuner.current_cost()
+            log.debug(
+                "%s %d thread(s) for a chunk (predicted %s a frame, %d thread(s) %s; %.1f s ahead)",
+                "trying" if explore else "not trying",
+                trial,
+                "unknown" if trial_cost is None else f"{trial_cost * 1000:.0f} ms",
+                tuner.current,
+                "not measured" if current is None else f"{current * 1000:.0f} ms",
+                ahead / self.model.frame_rate,
+            )
         streams = [ln.stream for ln in lanes]
         prefills = [s.tokens.prefills for s in streams]
         folds = [s.tokens.folds for s in streams]
@@ -1376,7 +1408,7 @@ class Generator:
         if tuner.last_cost and log.isEnabledFor(logging.DEBUG):  # (0.0: no division)
             log.debug(
                 "station(s) %s: a chunk in %.3f s (%d rows%s, %d thread(s), position %d, %d page "
-                "faults), x%.2f of real time",
+                "faults, queued %s), x%.2f of real time",
                 ", ".join(ln.spec.id for ln in lanes),
                 tuner.last_cost * frames * len(lanes),
                 rows,
@@ -1384,6 +1416,7 @@ class Generator:
                 tuner.last,
                 mean,
                 page_faults() - faults,
+                "?" if tuner.last_queued is None else f"{tuner.last_queued:.0%}",
                 1.0 / (tuner.last_cost * len(lanes) * self.model.frame_rate),
             )
         # a plain chunk (no warm rows, no prefill, no fold, not a prompt change's first read:

@@ -252,6 +252,22 @@ def test_another_thread_count_is_tried_with_audio_ahead_or_when_falling_behind()
     # frames): not a reason; 2 s ahead still is
     assert not trial_allowed(slow, 1, 50, ahead_frames=35, made_frames=made, warm=True)
     assert trial_allowed(slow, 1, 50, ahead_frames=100, made_frames=made, warm=True)
+    # in the first seconds only when the count in use runs under x0.25 (two threads stalling
+    # beside a busy process made them at x0.04), not at a cold first chunk's x0.41
+    assert trial_allowed(0.100, 1, 50, ahead_frames=0, made_frames=10)
+    assert not trial_allowed(0.0488, 1, 50, ahead_frames=0, made_frames=10)
+    # a trial predicted to lose clearly (x15: 7.5 s for a 25-frame read) only where it leaves
+    # a second buffered, however far behind the count in use is; a close one as before
+    stall = dict(trial_cost=0.300, frames=25)
+    assert not trial_allowed(fast, 1, 50, ahead_frames=200, made_frames=made, **stall)
+    assert not trial_allowed(slow, 1, 50, ahead_frames=0, made_frames=made, **stall)
+    assert trial_allowed(fast, 1, 50, ahead_frames=425, made_frames=made, **stall)
+    assert trial_allowed(
+        fast, 1, 50, ahead_frames=100, made_frames=made, trial_cost=0.006, frames=25
+    )
+    assert trial_allowed(slow, 1, 50, ahead_frames=0, made_frames=made, trial_cost=0.035, frames=25)
+    # (two stations: a read's frames are made for each)
+    assert not trial_allowed(fast, 2, 50, ahead_frames=400, made_frames=made, **stall)
 
 
 async def test_chunks_are_read_through_the_thread_tuner(run):

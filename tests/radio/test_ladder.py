@@ -1016,7 +1016,10 @@ async def test_chunks_read_with_warm_rows_are_timed_apart(run):
     gen.played("a", 70)  # 1 s is buffered ahead: 12 chunks of 10 frames made in all
     await sink.until(lambda: len(sink.pcm("a")) >= 12)
     assert gen.warm_cost > 0.0 and tuner.key == (2, 1, CHUNK) and tuner.cost
-    assert tuner.costs_of((2, 0, CHUNK)) == costs  # the plain chunks' costs, untouched
+    # the plain chunks' costs untouched (a count's may be dropped: a jump of its cost in the
+    # warm kind, the fake's microseconds on a busy test machine, says the machine changed)
+    plain = tuner.costs_of((2, 0, CHUNK))
+    assert plain == {c: costs[c] for c in plain}
 
 
 async def test_a_steady_rate_too_slow_for_any_restarts_moves_before_the_warm_cost_is_known(
