@@ -132,8 +132,12 @@ def test_serve_benchmark_listens_and_reports(tmp_path):
     out = _run(
         "bench_serve.py",
         *("--size", "tiny", "--seconds", "6", "--every", "2", "--transition", "2"),
+        *("--busy", "1", "--busy-for", "2"),  # a neighbour for its first 2 s
         tmp_path=tmp_path,
     )
+    assert "1 busy process(es) beside the radio from now on" in out
+    assert "the busy process(es) stopped after 2 s" in out
+    assert "| beside | 1 single-threaded busy process(es), the first 2 s |" in out
     assert "| generator real-time factor | median" in out
     assert re.search(r"\| underruns \| \d+ \|", out)
     assert re.search(

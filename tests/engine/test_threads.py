@@ -2,6 +2,8 @@
 follows the machine when that changes (a fake clock: each count's cost is set by the test);
 ThreadUsage: where a thread's wall time went (real threads)."""
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -13,6 +15,7 @@ from engine.threads import (
     ThreadTuner,
     ThreadUsage,
     candidate_counts,
+    cores_taken,
     idle_core_seconds,
     queued_seconds,
 )
@@ -20,16 +23,18 @@ from engine.threads import (
 
 class FakeMachine:
     """Work whose wall time per unit depends on the thread count set before it runs; while it
-    runs the machine has `idle` cores idle, and the work's threads wait `queued[threads]` s in
-    the run queue per second (another process has the cores)."""
+    runs the machine has `idle` cores idle (None: the system does not say), the work's threads
+    wait `queued[threads]` s in the run queue per second (another process has the cores), and
+    other processes run on `taken` cores (None: not said)."""
 
     def __init__(self, cost: dict[int, float]) -> None:
         self.cost = cost
         self.now = 0.0
         self.threads = 0
         self.ran: list[int] = []
-        self.idle = 0.0
+        self.idle: float | None = None
         self.queued: dict[int, float] = {}
+        self.taken: int | None = None
         self.idle_seconds = 0.0
         self.queued_seconds = 0.0
 
@@ -42,7 +47,7 @@ class FakeMachine:
     def work(self, units: int = 10) -> int:
         wall = self.cost[self.threads] * units
         self.now += wall
-        self.idle_seconds += self.idle * wall
+        self.idle_seconds += (self.idle or 0.0) * wall
         self.queued_seconds += self.queued.get(self.threads, 0.0) * wall
         self.ran.append(self.threads)
         return self.threads
@@ -53,8 +58,9 @@ def tuner(machine: FakeMachine, most: int = 2, **kw) -> ThreadTuner:
         most,
         clock=machine.clock,
         set_threads=machine.set_threads,
-        idle=lambda: machine.idle_seconds,
+        idle=lambda: None if machine.idle is None else machine.idle_seconds,
         queued=lambda: machine.queued_seconds,
+        taken=lambda: machine.taken,
         **kw,
     )
 
@@ -433,6 +439,50 @@ def test_the_machine_figures_come_from_proc():
     assert later_queued is not None and later_idle is not None
     assert 0 <= queued <= later_queued + 0.01  # (a thread that ended takes its waits along)
     assert 0 <= idle <= later_idle
+    # a busy process is running on a core whenever it is read (this one's own threads are not
+    # counted: the radio's event loop at start-up)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        taken = cores_taken()
+        assert taken is not None and taken >= 1
+    finally:
+        busy.kill()
+        busy.wait()
+
+
+def test_the_first_run_takes_the_cores_other_processes_leave(monkeypatch):
+    """Beside a busy process two threads made the radio's first chunk in 5.9 s on a KVM Xeon:
+    the first run takes what the machine's runnable threads leave free."""
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    for taken, most, first in [(None, 2, 2), (0, 2, 2), (6, 2, 2), (7, 2, 1), (4, 8, 4), (8, 8, 1)]:
+        machine = FakeMachine({n: 0.01 for n in range(1, 9)})
+        machine.taken = taken
+        t = tuner(machine, most=most)
+        t.run(lambda m=machine: m.work(10), units=10)
+        assert machine.ran == [first] and t.current == first, (taken, most)
+
+
+def test_more_threads_are_tried_only_with_idle_cores_for_them():
+    """On one thread beside a busy process (no core idle) a trial of two could only stall:
+    none comes, however long; once a core is idle, as before."""
+    machine = FakeMachine({2: 0.300, 1: 0.030})
+    machine.idle = 0.0
+    t = tuner(machine, explore_every=10)
+    for _ in range(3):
+        t.run(lambda: machine.work(10), units=10)
+    assert machine.ran == [2, 1, 2] and t.current == 1  # (the first trial: no reading yet)
+    for _ in range(400):
+        t.run(lambda: machine.work(10), units=10)
+    assert machine.ran[3:] == [1] * 400 and t.next_trial() is None
+    machine.cost, machine.idle = {2: 0.020, 1: 0.030}, 0.3  # a core not idle enough
+    for _ in range(400):
+        t.run(lambda: machine.work(10), units=10)
+    assert 2 not in machine.ran[403:]
+    machine.idle = 0.9
+    for _ in range(5):
+        t.run(lambda: machine.work(10), units=10)
+    assert t.current == 2
 
 
 def test_costs_are_kept_per_kind_of_work():
