@@ -33,6 +33,9 @@ work or, scaled, in another, so that a caller can keep a trial that would empty 
 moment that can afford it. A count's cost measured when the machine was busier is stale once
 cores are idle again: the machine's idle time (`/proc/stat`) while the current count runs says
 whether a neighbour left; when it did, more threads are tried soon and predicted as unknown.
+And a run in progress can be stopped as a stall (`stalling`, for the work's interrupt: the radio
+asks it before each decoder step), so that the chunk a neighbour arrives in does not run on two
+stalling threads to its end (5-8 s for a steady read on that Xeon).
 """
 
 from __future__ import annotations
@@ -71,9 +74,15 @@ DEEP_CLIFF = 0.25
 ROOM = 0.5
 # a run of the current count whose threads waited this share of its wall time in the run queue
 # (summed) was preempted by another process: a stall, not noise, from its first run (one int8
-# station in `radio serve` on 2 cores: 3-7% quiet, 10-14% on one thread beside a busy process,
+# station in `radio serve` on 2 cores: 3-7% quiet, 8-16% on one thread beside a busy process,
 # 85-105% on two)
 PREEMPTED = 0.25
+# a run of the current count is stopped (`stalling`, for the work's interrupt) once it has taken
+# this many times what it was expected to, at least STALL_SECONDS, its threads preempted and
+# another count predicted at under half its pace: the stalled chunk a neighbour arrives in (a
+# 25-frame read 5-8 s on the KVM Xeon) is the radio's last underrun from the tuner
+STALL_AFTER = 2.0
+STALL_SECONDS = 0.3
 
 
 def queued_seconds() -> float | None:
@@ -265,6 +274,10 @@ class ThreadTuner:
         self.last_queued: float | None = None
         # the machine's idle cores during the current count's last two runs (None: not known)
         self._room: list[float | None] = [None, None]
+        # the run in progress: (count, began, queued then, expected seconds, units)
+        self._running: tuple[int, float, float | None, float | None, float] | None = None
+        self.stopped = False  # the latest run was stopped as a stall (`stalling`) ...
+        self._stall_to = self.current  # ... for this count
 
     def run(
         self,
@@ -281,8 +294,28 @@ class ThreadTuner:
         self.last_cost = None
         self._set_threads(count)
         idle, queued = self._idle(), self._queued()  # (read outside the time measured)
+        expected = self.current_cost() if count == self.current else None
+        self.stopped = False
         began = self._clock()
-        result = work()
+        self._running = (
+            count,
+            began,
+            queued,
+            None if expected is None else expected * units,
+            units,
+        )
+        try:
+            result = work()
+        except BaseException:
+            if self.stopped:  # a stall stopped: measured at what it cost so far (a floor),
+                self.last_cost = (self._clock() - began) / max(units, 1e-9)
+                self._preempted = True
+                self.record(count, self.last_cost)
+                if self.current == count != self._stall_to:  # left for the count predicted
+                    self._switch(self._stall_to)
+            raise
+        finally:
+            self._running = None
         wall = self._clock() - began
         self.last_cost = wall / max(units, 1e-9)
         waited = self._queued()
@@ -308,6 +341,40 @@ class ThreadTuner:
             self.record(count, self.last_cost)
         return result
 
+    def stalling(self) -> bool:
+        """For the work's interrupt, asked now and then while it runs (the radio: before each
+        decoder step): whether to stop the run in progress as a stall: a run of the current
+        count that has taken STALL_AFTER times its expected time (and STALL_SECONDS), its
+        threads waiting for cores (`PREEMPTED`) and another count predicted at under half its
+        pace so far (never measured: at its share of the threads). When it says yes, the run's
+        error is measured as that stall (`stopped`), the count left for the one predicted, and
+        the work goes on from what it made with the next run (not a typical one to measure)."""
+        if self._running is None or self.stopped:
+            return self.stopped
+        count, began, queued, expected, units = self._running
+        if count != self.current or expected is None or queued is None:
+            return False
+        elapsed = self._clock() - began
+        if elapsed < max(STALL_AFTER * expected, STALL_SECONDS):
+            return False
+        waited = self._queued()
+        if waited is None or waited - queued < PREEMPTED * elapsed:
+            return False
+        # (a count never measured here: at its share of the threads, as on a quiet machine,
+        # where one thread costs x1.6-1.9 two threads' on these 2-core machines)
+        share = expected / units * count
+        predicted = {
+            c: self.trial_cost(c) or (share / c if c < count else None)
+            for c in self.counts
+            if c != count
+        }
+        known = [p for p in predicted.values() if p is not None]
+        if not known or min(known) * units >= CLIFF * elapsed:
+            return False
+        self.stopped = True
+        self._stall_to = next(c for c, p in predicted.items() if p == min(known))
+        return True
+
     def _note_room(self, room: float | None) -> None:
         """The machine's idle cores during a run of the current count: when they first show
         room for more threads (`ROOM` per thread, two runs in a row), a neighbour has left, and
@@ -320,9 +387,8 @@ class ThreadTuner:
     def room_for(self, count: int) -> bool:
         """Whether the machine had idle cores for `count` threads in the current count's last
         two runs (on top of those threads): then what `count` cost before is stale."""
-        if count <= self.current or None in self._room:
-            return False
-        return all(r is not None and r >= ROOM * (count - self.current) for r in self._room)
+        need = ROOM * (count - self.current)
+        return count > self.current and all(r is not None and r >= need for r in self._room)
 
     def record(self, count: int, cost: float) -> None:
         """One run's cost per unit with `count` threads; may change the current count."""

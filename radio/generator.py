@@ -308,6 +308,7 @@ class Generator:
         # the tuner's cost of the other chunks; 0 until measured
         self.warm_cost = 0.0
         self.tuner: ThreadTuner | None = None  # made by the worker thread, for its own threads
+        self._resumed = False  # the next read goes on from a stalled one's frames
         # the tuner's kind of the chunks without warm rows: (rows, 0)
         self._plain_kind: tuple[int, int] = (0, 0)
         self.adaptive_restarts = adaptive_restarts
@@ -590,8 +591,20 @@ class Generator:
         with self._engine_call(_what(lanes)):
             try:
                 made = self._chunks(lanes, frames)
-            except Interrupted:  # a prompt change is waiting: it goes first
-                log.debug("a chunk of %s gave way to a prompt change", _what(lanes))
+            except Interrupted:  # a prompt change is waiting (it goes first), or a stall
+                tuner = self.tuner
+                self._resumed = tuner is not None and tuner.stopped
+                if self._resumed:
+                    assert tuner is not None
+                    log.info(
+                        "station(s) %s: a chunk stopped after %.1f s, its threads waiting for "
+                        "cores (another process is busy); generation now runs on %s",
+                        ", ".join(ln.spec.id for ln in lanes),
+                        time.perf_counter() - t,
+                        tuner.describe(),
+                    )
+                else:
+                    log.debug("a chunk of %s gave way to a prompt change", _what(lanes))
                 return
         spent = max(time.perf_counter() - t, 1e-6)  # every station's chunk took all of it
         if any(lane.changed for lane in lanes):
@@ -1372,11 +1385,15 @@ class Generator:
         warming = any(warm_lanes)
         changed = any(ln.changed for ln in lanes)
 
+        resumed, self._resumed = self._resumed, False
+
         def undisturbed() -> bool:
             """Whether no window restart's prefill (seconds of work), no prompt's fold (tens of
-            ms) ran in the read, and no warm rows began or ended in it."""
+            ms) ran in the read, no warm rows began or ended in it, and it did not go on from a
+            stalled read's frames (`ThreadTuner.stalling`: its cost per frame would be a few)."""
             return (
-                [s.tokens.warming for s in streams] == warm_lanes
+                not resumed
+                and [s.tokens.warming for s in streams] == warm_lanes
                 and [s.tokens.prefills for s in streams] == prefills
                 and [s.tokens.folds for s in streams] == folds
             )
@@ -1384,7 +1401,11 @@ class Generator:
         try:
             pcms: list[np.ndarray | Exception] = list(
                 tuner.run(
-                    lambda: self._read_together(streams, frames, self._prompt_waiting.is_set),
+                    # a prompt change waiting goes first; a stall of the count in use stops
+                    # (another process took a core: the next read goes on with fewer threads)
+                    lambda: self._read_together(
+                        streams, frames, lambda: self._prompt_waiting.is_set() or tuner.stalling()
+                    ),
                     units=frames * len(lanes),  # cost per frame of audio made
                     explore=explore,
                     # a disturbed chunk is not like the others of its kind: it would make the

@@ -311,6 +311,56 @@ def test_a_preempted_stall_is_left_after_its_first_run(stall: float):
     assert t.current == 2
 
 
+class Stopped(Exception):
+    pass
+
+
+def stepped(machine: FakeMachine, t: ThreadTuner, units: int) -> int:
+    """Work of `units` steps that asks `t.stalling()` before each (as the radio's decoder steps
+    ask their interrupt) and stops when it says so."""
+    for _ in range(units):
+        if t.stalling():
+            raise Stopped
+        machine.work(1)
+    return machine.threads
+
+
+def test_a_stall_is_stopped_within_the_run_it_began_in():
+    """A neighbour arriving during a 25-unit run of two threads (x22 their cost: 11 s) stops it
+    once it has taken twice its expected time and one thread, predicted, would have made it in
+    under half that: after 1.8 s, measured as the stall it is; the next run is on one thread.
+    Not a run whose threads did not wait for cores (noise)."""
+    machine = FakeMachine({2: 0.020, 1: 0.030})
+    t = tuner(machine, explore_every=20)
+    for _ in range(10):
+        t.run(lambda: stepped(machine, t, 25), units=25)
+    assert t.current == 2 and not t.stopped and t.stalling() is False  # (no run in progress)
+    machine.cost, machine.queued = {2: 0.450, 1: 0.031}, {2: 0.9}
+    began = machine.now
+    with pytest.raises(Stopped):
+        t.run(lambda: stepped(machine, t, 25), units=25)
+    assert machine.now - began == pytest.approx(4 * 0.450)  # 4 of its 25 steps
+    assert t.stopped and t.current == 1 and t.last_cost == pytest.approx(4 * 0.450 / 25)
+    assert t.run(lambda: stepped(machine, t, 25), units=25) == 1 and not t.stopped
+    machine = FakeMachine({2: 0.020, 1: 0.030})
+    t = tuner(machine, explore_every=20)
+    for _ in range(10):
+        t.run(lambda: stepped(machine, t, 25), units=25)
+    machine.cost = {2: 0.450, 1: 0.031}  # as slow, but nobody took the cores: not stopped
+    assert t.run(lambda: stepped(machine, t, 25), units=25) == 2 and not t.stopped
+    # one thread never measured (no trial yet): predicted at twice two threads' cost, and the
+    # stall stopped all the same; the next run tries it
+    machine = FakeMachine({2: 0.020, 1: 0.030})
+    t = tuner(machine, explore_every=20)
+    for _ in range(10):
+        t.run(lambda: stepped(machine, t, 25), units=25, explore=False)
+    machine.cost, machine.queued = {2: 0.450, 1: 0.031}, {2: 0.9}
+    with pytest.raises(Stopped):  # (a read with little buffered: no trial)
+        t.run(lambda: stepped(machine, t, 25), units=25, explore=False)
+    assert t.stopped and machine.ran.count(2) == 250 + 5  # (2 s: one thread's 1 s, twice)
+    assert t.current == 1  # (for the count predicted, not measured yet)
+
+
 def test_a_stall_is_left_after_two_runs_whatever_kinds_of_work_they_were():
     """Short and steady reads are kinds of their own (`measure_for`), and a radio alternates
     them: a stall's runs, one per kind, once left every kind waiting for its second (27 s of

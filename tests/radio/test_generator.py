@@ -279,6 +279,32 @@ async def test_chunks_are_read_through_the_thread_tuner(run):
     assert len(tuner.cost) == min(2, len(tuner.counts))
 
 
+async def test_a_stalled_chunk_stops_and_the_next_goes_on(run, caplog):
+    """The tuner's stall guard is the read's interrupt (asked before each decoder step): when it
+    says a chunk stalls (its threads waiting for cores), the chunk stops, is told in the log,
+    and the next read goes on from the frames made."""
+    caplog.set_level(logging.INFO, logger="radio.generator")
+    model = FakeModel()
+    gen, sink = await run(model, ("a",), buffer_ahead=3.0)
+    await sink.until(lambda: len(sink.pcm("a")) == 3)
+    tuner = gen.tuner
+    assert tuner is not None
+    asked: list[bool] = []
+
+    def stalling() -> bool:  # the first time it is asked from now on: a stall
+        tuner.stopped = not asked
+        asked.append(tuner.stopped)
+        return tuner.stopped
+
+    tuner.stalling = stalling  # type: ignore[method-assign]
+    await sink.until(lambda: len(sink.pcm("a")) == 8)
+    assert asked[0] and not any(asked[1:]) and model.streams[0].interrupted == 1
+    assert "station(s) a: a chunk stopped after" in caplog.text
+    assert "its threads waiting for cores (another process is busy)" in caplog.text
+    starts = sink.pcm("a")
+    assert starts == sorted(set(starts))  # every chunk once, in order
+
+
 async def test_the_thread_tuner_keeps_its_costs_per_row_count(run):
     """A glide (three rows a step for seconds, then two again) makes every step dearer whatever
     the thread count: its costs are kept apart, and the two-row costs come back after it."""
