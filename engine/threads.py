@@ -85,22 +85,37 @@ STALL_AFTER = 2.0
 STALL_SECONDS = 0.3
 
 
+def _task_files(name: str) -> list[str] | None:
+    """The contents of `/proc/self/task/*/<name>` for this process's threads alive now (one
+    that ends meanwhile is left out); None where the system does not say."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    contents = []
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/{name}") as f:
+                contents.append(f.read())
+        except OSError:
+            continue
+    return contents
+
+
 def queued_seconds() -> float | None:
     """The time this process's threads have waited in the run queue for a core so far, summed
     over the threads alive now (`/proc/self/task/*/schedstat`); None where the system does not
     say. A run whose threads waited for a good share of its wall time was preempted: another
     process had the cores."""
-    total = 0.0
-    try:
-        tasks = os.listdir("/proc/self/task")
-    except OSError:
+    stats = _task_files("schedstat")
+    if stats is None:
         return None
-    for task in tasks:
+    total = 0.0
+    for stat in stats:
         try:
-            with open(f"/proc/self/task/{task}/schedstat") as f:
-                total += int(f.read().split()[1]) / 1e9
-        except (OSError, ValueError, IndexError):
-            continue  # (a thread that ended meanwhile)
+            total += int(stat.split()[1]) / 1e9
+        except (ValueError, IndexError):
+            continue
     return total
 
 
@@ -117,25 +132,19 @@ def cores_taken() -> int | None:
         try:
             with open("/proc/stat") as f:
                 line = next((ln for ln in f if ln.startswith("procs_running ")), None)
-            if line is None:
+            here = _running_here()
+            if line is None or here is None:
                 return None
-            readings.append(int(line.split()[1]) - _running_here())
+            readings.append(int(line.split()[1]) - here)
         except (OSError, ValueError):
             return None
     return max(sorted(readings)[len(readings) // 2], 0)
 
 
-def _running_here() -> int:
-    """This process's threads running or runnable now (state R)."""
-    running = 0
-    for task in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{task}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue  # (a thread that ended meanwhile)
-        running += stat[stat.rindex(")") + 2 :].startswith("R")
-    return running
+def _running_here() -> int | None:
+    """This process's threads running or runnable now (state R); None where not said."""
+    stats = _task_files("stat")
+    return None if stats is None else sum(st[st.rindex(")") + 2 :].startswith("R") for st in stats)
 
 
 def idle_core_seconds() -> float | None:
@@ -387,8 +396,12 @@ class ThreadTuner:
     def room_for(self, count: int) -> bool:
         """Whether the machine had idle cores for `count` threads in the current count's last
         two runs (on top of those threads): then what `count` cost before is stale."""
-        need = ROOM * (count - self.current)
-        return count > self.current and all(r is not None and r >= need for r in self._room)
+        return count > self.current and all(self._fits(count, r) for r in self._room)
+
+    def _fits(self, count: int, room: float | None) -> bool:
+        """Whether `room` idle cores (one run's reading) leave `count` threads room: ROOM per
+        thread more than the current count's."""
+        return room is not None and room >= ROOM * (count - self.current)
 
     def record(self, count: int, cost: float) -> None:
         """One run's cost per unit with `count` threads; may change the current count."""
@@ -575,8 +588,7 @@ class ThreadTuner:
         others = [
             c
             for c in self.counts
-            if c != self.current
-            and (c < self.current or room is None or room >= ROOM * (c - self.current))
+            if c < self.current or (c > self.current and (room is None or self._fits(c, room)))
         ]
         return others, [c for c in others if c not in self._ever]
 

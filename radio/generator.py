@@ -1357,8 +1357,9 @@ class Generator:
         trial = tuner.next_trial()
         trial_cost = None if trial is None else tuner.trial_cost(trial)
         ahead = min(ln.ahead_frames() for ln in lanes)
+        current = tuner.current_cost()
         explore = trial_allowed(
-            tuner.current_cost() or 0.0,
+            current or 0.0,
             len(lanes),
             self.model.frame_rate,
             ahead,
@@ -1368,7 +1369,6 @@ class Generator:
             frames=frames,
         )
         if trial is not None and log.isEnabledFor(logging.DEBUG):
-            current = tuner.current_cost()
             log.debug(
                 "%s %d thread(s) for a chunk (predicted %s a frame, %d thread(s) %s; %.1f s ahead)",
                 "trying" if explore else "not trying",
