@@ -790,6 +790,13 @@ class DecodeStepInt8 {
                cross_lengths, cross_folded, cross_folded_scales, cross_folded_rows);
   }
 
+  int64_t taken_over() const { return scratch_.team.taken_over(); }
+  void stall_once(int64_t member, int64_t region, int64_t item, double seconds) {
+    TORCH_CHECK(member >= 0 && region >= 1 && item >= 0 && seconds >= 0,
+                "DecodeStepInt8.stall_once: member >= 0, region >= 1, item >= 0, seconds >= 0");
+    scratch_.team.stall_once(member, region, item, seconds);
+  }
+
  private:
   // ids [B, K] int64 -> B.
   int64_t rows(const char* fn, const torch::Tensor& ids) const {
@@ -959,5 +966,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::kw_only(), py::arg("embed"), py::arg("positions"), py::arg("layers"),
            py::arg("ln_final"), py::arg("lm_heads"), py::arg("heads"), py::arg("eps"))
       .def("step", &DecodeStepInt8::step, nogil, "one decoder step: ids [B, K] -> logits [B, K * V]")
-      .def("step_q4", &DecodeStepInt8::step_q4, nogil, "the decoder step over an int4 KV cache");
+      .def("step_q4", &DecodeStepInt8::step_q4, nogil, "the decoder step over an int4 KV cache")
+      .def("taken_over", &DecodeStepInt8::taken_over,
+           "items of the steps so far that one thread computed for another (team.h)")
+      .def("stall_once", &DecodeStepInt8::stall_once, py::kw_only(), py::arg("member"),
+           py::arg("region"), py::arg("item"), py::arg("seconds"),
+           "for tests: in the next step, thread `member` sleeps after claiming item `item` of "
+           "its `region`-th region, as a descheduled thread would");
 }

@@ -9,8 +9,10 @@
 // with no Python, no allocation and no tensor dispatch between the ops. A step reads every
 // weight and cached key once, so it is bound by memory bandwidth; what is left besides the
 // projections (layer norms, quantizing activations, cross-attention over a few text tokens) is
-// a few microseconds per layer. Projections and self-attention split their work over the
-// intra-op threads; the small parts run on the calling thread.
+// a few microseconds per layer. The intra-op threads run the step as a team (team.h): each
+// projection's blocks, each (row, head) of the attentions and each of the small parts is an item
+// that one member computes into its own memory and commits, so that a thread the scheduler
+// takes off its core does not stop the others.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -23,6 +25,7 @@
 
 #include "cache_heads.h"
 #include "int4_gemm.h"
+#include "team.h"
 
 namespace er {
 
@@ -98,6 +101,19 @@ struct CrossInputs {  // cross-attention keys/values [L][B][H][S][D] bfloat16, c
   bool is_folded(int64_t b) const { return folded && folded_rows[b]; }
 };
 
+// What a team member computes before its commit writes it where the step reads it (team.h).
+struct Own {
+  std::vector<float> y;  // a product's rows, [B][its output's row stride]
+  std::vector<float> rows;  // [B][E]: a layer norm's rows, or x's new rows
+  std::vector<int8_t> q;  // quantized rows [B][Kp], as StepScratch's
+  std::vector<float> qscale, qsums;
+  std::vector<int32_t> qcomp;
+  std::vector<float> out;  // [E]: one attention item's output (D) or folded partial (E)
+  std::vector<uint8_t> kv;  // the step's keys and values [B][H][2][D] int8 (or 2 x 32 int4)
+  std::vector<float> kv_scales;  // [B][H][2] (int4: bfloat16 bits)
+  std::vector<int64_t> items;  // folded cross-attention's (row, head) items that read text
+};
+
 struct StepScratch {
   std::vector<float> x, h, qkv, a, ff, scores;
   std::vector<int8_t> q;  // a projection's quantized rows [B][Kp]
@@ -105,217 +121,452 @@ struct StepScratch {
   std::vector<int32_t> qcomp;  // [B]: int8 weights' compensation
   std::vector<float> qsums;  // [B][Kp / G]: int4 weights' group sums
   std::vector<float> partial;  // [B][H][E]: folded cross-attention's output per (row, head)
-  std::vector<int64_t> items;  // folded cross-attention's (row, head) items that read text
+  std::vector<Own> own;  // each team member's
+  Team team;
   void fit(const ModelW& m, int64_t B, int64_t P, int64_t S) {
-    int64_t widest = 0, groups = 0;
+    int64_t widest = 0, groups = 0, outputs = 0;
     m.each_projection([&](const Projection& p) {
       widest = std::max(widest, p.padded_inputs()), groups = std::max(groups, p.groups());
+      outputs = std::max(outputs, p.out_features());
     });
+    const int64_t members = at::get_num_threads();
     x.resize(B * m.E), h.resize(B * m.E), a.resize(B * m.E), qkv.resize(B * 3 * m.E);
     ff.resize(B * m.F), q.resize(B * widest), qscale.resize(B), qcomp.resize(B);
     qsums.resize(B * groups);
-    scores.resize(at::get_num_threads() * (std::max(P, S) + 32));
-    partial.resize(B * m.H * m.E), items.reserve(B * m.H);
+    scores.resize(members * (std::max(P, S) + 32));
+    partial.resize(B * m.H * m.E);
+    if (static_cast<int64_t>(own.size()) < members) own.resize(members);
+    for (Own& o : own) {
+      o.y.resize(B * std::max({outputs, 3 * m.E, m.F})), o.rows.resize(B * m.E);
+      o.q.resize(B * widest), o.qscale.resize(B), o.qcomp.resize(B), o.qsums.resize(B * groups);
+      o.out.resize(m.E), o.kv.resize(B * m.H * 2 * m.D), o.kv_scales.resize(B * m.H * 2);
+      o.items.reserve(B * m.H);
+    }
+    int64_t items = B * m.H;  // the widest region: a product's blocks or the attention's items
+    m.each_projection([&](const Projection& p) {
+      items = std::max(items, p.kind == Projection::Kind::Int4 ? p.int4.blocks()
+                                                                : (p.int8.N + kBlock - 1) / kBlock);
+    });
+    team.fit(items);
   }
 };
 
-// Quantize B rows of `in` (K wide) into the scratch and run `w` over them: out = (Out::Store),
-// += (Out::Add, the residual) or gelu of (Out::Gelu, fc1) the product.
-template <Out OUT>
-inline void project(const Projection& w, const float* in, int64_t K, int64_t B, float* out,
-                    int64_t ldy, StepScratch& s) {
-  switch (w.kind) {
-    case Projection::Kind::Int8: {
-      const PackedInt8& p = w.int8;
-      quantize_rows(in, K, B, K, p.Kp, s.q.data(), p.Kp, s.qscale.data(), s.qcomp.data());
-      gemm_int8<OUT>(p, QuantRows{s.q.data(), p.Kp, s.qscale.data(), s.qcomp.data()}, B, out, ldy);
-      break;
-    }
-    case Projection::Kind::Int4: {  // what linear_int4 does (int4.cpp), into the scratch
-      const int4::PackedInt4& p = w.int4;
-      const int64_t groups = p.groups();
-      for (int64_t b = 0; b < B; ++b)
-        int4::quantize_row(in + b * K, K, p.Kp, p.G, s.q.data() + b * p.Kp, s.qscale.data() + b,
-                           s.qsums.data() + b * groups);
-      const int4::GroupedRows rows{s.q.data(), p.Kp, s.qscale.data(), s.qsums.data(), groups};
-      int4::gemm_int4<OUT == Out::Add>(p, rows, B, out, ldy);
-      // no GELU epilogue in int4's product: a pass over fc1's [B][F] (a few KB) after it
-      if constexpr (OUT == Out::Gelu) gelu_rows(out, B, p.N, ldy);
-      break;
-    }
+// The rows `in` [B][K] quantized for `w`'s kind into o.
+inline void quantize_for(const Projection& w, const float* in, int64_t K, int64_t B, Own& o) {
+  if (w.kind == Projection::Kind::Int8) {
+    const PackedInt8& p = w.int8;
+    quantize_rows(in, K, B, K, p.Kp, o.q.data(), p.Kp, o.qscale.data(), o.qcomp.data());
+    return;
   }
+  const int4::PackedInt4& p = w.int4;
+  for (int64_t b = 0; b < B; ++b)
+    int4::quantize_row(in + b * K, K, p.Kp, p.G, o.q.data() + b * p.Kp, o.qscale.data() + b,
+                       o.qsums.data() + b * p.groups());
 }
 
-// The bytes of `w` this thread streams in its product (the blocks at::parallel_for gives it), as
-// ranges to ask for early: int8's packed blocks, or int4's codes and their scales (both
-// contiguous over the thread's blocks); an empty range where there is none. Up to 16 rows (a
-// decode step); above, int4 goes by panels of blocks and the ranges are only a good guess.
-inline std::array<std::pair<const uint8_t*, const uint8_t*>, 2> thread_share(const Projection& w) {
-  if (w.kind == Projection::Kind::Int8) return {thread_share(w.int8), {nullptr, nullptr}};
+// o's quantized rows (quantize_for) into the scratch, where `w`'s product reads them.
+inline void commit_quantized(const Projection& w, int64_t B, const Own& o, StepScratch& s) {
+  const int64_t Kp = w.padded_inputs();
+  std::copy(o.q.begin(), o.q.begin() + B * Kp, s.q.begin());
+  std::copy(o.qscale.begin(), o.qscale.begin() + B, s.qscale.begin());
+  if (w.kind == Projection::Kind::Int8)
+    std::copy(o.qcomp.begin(), o.qcomp.begin() + B, s.qcomp.begin());
+  else
+    std::copy(o.qsums.begin(), o.qsums.begin() + B * w.groups(), s.qsums.begin());
+}
+
+// One region: the B rows `in` [B][K] quantized for `w`, into the scratch; `norm`: a layer norm
+// first (and its rows into `h` when `h` is given).
+inline void quantize_region(Team::Member& t, StepScratch& s, const Projection& w, const float* in,
+                            int64_t K, int64_t B, const LayerNormW* norm = nullptr, float eps = 0,
+                            float* h = nullptr) {
+  t.region(
+      1,
+      [&](int64_t, Team::Member& me) {
+        Own& o = s.own[me.id()];
+        const float* rows = in;
+        if (norm) {
+          for (int64_t b = 0; b < B; ++b)
+            layer_norm(in + b * K, norm->weight, norm->bias, o.rows.data() + b * K, K, eps);
+          rows = o.rows.data();
+        }
+        quantize_for(w, rows, K, B, o);
+      },
+      [&](int64_t, Team::Member& me) {
+        const Own& o = s.own[me.id()];
+        if (h) std::copy(o.rows.begin(), o.rows.begin() + B * K, h);
+        commit_quantized(w, B, o, s);
+      });
+}
+
+// One region: y [B][ldy] (=, += or gelu of) the scratch's quantized rows times `w`: an item per
+// block (or panel) of output features, into the member's own rows, then into y.
+template <Out OUT>
+inline void product_region(Team::Member& t, StepScratch& s, const Projection& w, int64_t B,
+                           float* y, int64_t ldy) {
+  // Store and Gelu compute what lands; an Add computes the product alone and adds it at commit
+  // (the same float additions as the fused epilogue's).
+  constexpr Out kCompute = OUT == Out::Add ? Out::Store : OUT;
+  const int64_t N = w.out_features();
+  int64_t items = 0, features = 0;
+  uint64_t tiles = 0;
+  int4::Plan plan;
+  if (w.kind == Projection::Kind::Int8) {
+    items = (N + kBlock - 1) / kBlock, features = kBlock;
+    tiles = int8_tiles_product(w.int8, B);
+  } else {
+    plan = int4::plan(w.int4, B);
+    items = plan.items, features = plan.features;
+  }
+  t.region(
+      items,
+      [&](int64_t i, Team::Member& me) {
+        float* mine = s.own[me.id()].y.data();
+        if (w.kind == Projection::Kind::Int8) {
+          const PackedInt8& p = w.int8;
+          gemm_int8_block<kCompute>(
+              p, QuantRows{s.q.data(), p.Kp, s.qscale.data(), s.qcomp.data()}, B, mine, ldy, i,
+              tiles);
+          return;
+        }
+        const int4::PackedInt4& p = w.int4;
+        const int4::GroupedRows rows{s.q.data(), p.Kp, s.qscale.data(), s.qsums.data(),
+                                     p.groups()};
+        int4::gemm_int4_item<false>(p, rows, B, mine, ldy, plan, i);
+        // no GELU epilogue in int4's product: a pass over the item's features after it
+        if constexpr (OUT == Out::Gelu) {
+          const int64_t n0 = i * features;
+          gelu_rows(mine + n0, B, std::min(features, N - n0), ldy);
+        }
+      },
+      [&](int64_t i, Team::Member& me) {
+        const float* mine = s.own[me.id()].y.data();
+        const int64_t n0 = i * features, n1 = std::min(N, n0 + features);
+        for (int64_t b = 0; b < B; ++b) {
+          const float* from = mine + b * ldy;
+          float* to = y + b * ldy;
+          if constexpr (OUT == Out::Add) {
+            for (int64_t n = n0; n < n1; ++n) to[n] += from[n];
+          } else {
+            std::copy(from + n0, from + n1, to + n0);
+          }
+        }
+      });
+}
+
+// The bytes of `w` this member streams in its product (its share of the blocks, as the team
+// splits them), as ranges to ask for early: int8's packed blocks, or int4's codes and their
+// scales (both contiguous over the blocks); an empty range where there is none. Up to 16 rows
+// (a decode step); above, int4 goes by panels of blocks and the ranges are only a good guess.
+inline std::array<std::pair<const uint8_t*, const uint8_t*>, 2> member_share(
+    const Projection& w, const Team::Member& t) {
+  auto share = [&](int64_t blocks) {
+    const int64_t chunk = (blocks + t.members() - 1) / t.members();
+    const int64_t b0 = std::min(blocks, t.id() * chunk);
+    return std::pair<int64_t, int64_t>{b0, std::min(blocks, b0 + chunk)};
+  };
+  if (w.kind == Projection::Kind::Int8) {
+    const int64_t bytes = w.int8.Kp * kBlock;
+    const auto [b0, b1] = share((w.int8.N + kBlock - 1) / kBlock);
+    return {{{w.int8.data + b0 * bytes, w.int8.data + b1 * bytes}, {nullptr, nullptr}}};
+  }
   const int4::PackedInt4& p = w.int4;
-  const auto [b0, b1] = thread_blocks(p.blocks());
+  const auto [b0, b1] = share(p.blocks());
   const auto* scales = reinterpret_cast<const uint8_t*>(p.scales);
   const int64_t scale_bytes = p.groups() * 2 * int4::kFeatures * sizeof(uint16_t);
   return {{{p.block_codes(b0), p.block_codes(b1)},
            {scales + b0 * scale_bytes, scales + b1 * scale_bytes}}};
 }
 
-// y = LayerNorm(x) for B rows of E.
-inline void norm_rows(const LayerNormW& w, const float* x, int64_t B, int64_t E, float eps,
-                      float* y) {
-  for (int64_t b = 0; b < B; ++b) layer_norm(x + b * E, w.weight, w.bias, y + b * E, E, eps);
-}
-
 constexpr int64_t kCrossAhead = 4;  // (row, head) items of cross-attention asked for ahead
 
-// Cross-attention of B query rows q [B][E] over S text positions -> out [B][E], (row, head)
-// pairs split across threads beyond one station's two rows (each thread's scores at scratch *
-// thread): for one station it is a few microseconds per layer, not worth a sync of the threads
-// (which, in the radio, share the cores with the encoders).
-inline void cross_attention(const ModelW& m, int64_t layer, const CrossInputs& c,
-                            const float* q, int64_t B, float* out, float* scores, int64_t scratch) {
-  const int64_t E = m.E, H = m.H, D = m.D, S = c.S;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  // Each (row, head) reads two short streams (a few KB each) that the hardware prefetcher would
-  // hardly ramp up on: the items kCrossAhead ahead are asked for (into L2) while one is computed.
-  auto ask = [&](int64_t i) {
-    const int64_t b = i / H, at = ((layer * B + b) * H + i % H) * S * D;
-    for (int64_t line = 0; line < c.lengths[b] * D; line += 32) {  // 64-byte lines
-      prefetch(c.keys + at + line);
-      prefetch(c.values + at + line);
-    }
-  };
-  at::parallel_for(0, B * H, 2 * H, [&](int64_t i0, int64_t i1) {
-    float* own = scores + at::get_thread_num() * scratch;
-    for (int64_t i = i0; i < std::min(i1, i0 + kCrossAhead); ++i) ask(i);
-    for (int64_t i = i0; i < i1; ++i) {
-      if (i + kCrossAhead < i1) ask(i + kCrossAhead);
-      const int64_t b = i / H, h = i % H, at = ((layer * B + b) * H + h) * S * D;
-      if (c.lengths[b] == 0 || c.is_folded(b)) {  // a null row (all-zero values), or folded
-        std::fill(out + b * E + h * D, out + b * E + (h + 1) * D, 0.0f);
-        continue;
-      }
-      with_head_chunks(D, [&](auto nc) {
-        attend<nc>(q + b * E + h * D, c.keys + at, c.values + at, c.lengths[b], scale, own,
-                   out + b * E + h * D, c.bias + b * S);
-      });
-    }
+// Cross-attention of query row b's head h (q [B][E]) over its text positions -> out [D]: zero
+// for a null row (all-zero values) or a folded one (`cross_attention_folded` reads it).
+inline void cross_item(const ModelW& m, int64_t layer, const CrossInputs& c, const float* q,
+                       int64_t B, int64_t b, int64_t h, float* scores, float* out) {
+  const int64_t H = m.H, D = m.D, S = c.S;
+  if (c.lengths[b] == 0 || c.is_folded(b)) {
+    std::fill(out, out + D, 0.0f);
+    return;
+  }
+  const int64_t at = ((layer * B + b) * H + h) * S * D;
+  with_head_chunks(D, [&](auto nc) {
+    attend<nc>(q + b * m.E + h * D, c.keys + at, c.values + at, c.lengths[b],
+               1.0f / std::sqrt(static_cast<float>(D)), scores, out, c.bias + b * S);
   });
 }
 
-// Cross-attention folded into the text: x[b] += sum over heads h and text positions s of
-// softmax_s(h[b] . z[b,h,s] + bias[b,s]) u[b,h,s]. With z = W_q,h^T k / sqrt(D) and
-// u = W_o[:, h] v (`CrossInputs::folded`) that is out_cross(attend(q_cross(h), k, v)): MusicGen's
-// projections have no bias, so the two products move onto the text once per prompt. A step then
-// reads 2 * S vectors of E int8 per head of a folded row instead of both projections' weights:
-// fewer bytes while the rows have few text tokens (the caller chooses which rows fold:
-// `Decoder.cross_kv`; when none of the others has text, the projections are not read at all).
-// The folded rows' (row, head) items are split across the threads (scratch * thread for their
-// scores), each head's output added into x after, in order.
-inline void cross_attention_folded(const ModelW& m, int64_t layer, const CrossInputs& c,
-                                   const float* h, int64_t B, float* x, StepScratch& s,
-                                   int64_t scratch) {
-  const int64_t E = m.E, H = m.H, S = c.S;
-  s.items.clear();
-  for (int64_t b = 0; b < B; ++b)
-    if (c.lengths[b] > 0 && c.is_folded(b))
-      for (int64_t hd = 0; hd < H; ++hd) s.items.push_back(b * H + hd);
-  const int64_t* items = s.items.data();
-  at::parallel_for(0, static_cast<int64_t>(s.items.size()), 1, [&](int64_t i0, int64_t i1) {
-    float* scores = s.scores.data() + at::get_thread_num() * scratch;
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = items[i] / H, T = c.lengths[b];
-      const int64_t at = (layer * B * H + items[i]) * 2 * S;  // its first vector
-      const int8_t* z = c.folded + at * E;
-      const int8_t* u = z + S * E;
-      const float *zs = c.folded_scales + at, *us = zs + S;
-      const float* row = h + b * E;
-      float best = -INFINITY;
-      for (int64_t p = 0; p < T; ++p) {
-        scores[p] = dot_with(row, z + p * E, E) * zs[p] + c.bias[b * S + p];
-        best = std::max(best, scores[p]);
-      }
-      // each weight times its u's scale (an int8 cache's trick); the sum is of the plain ones
-      const float inv = softmax_weights(scores, T, best, us);
-      float* out = s.partial.data() + items[i] * E;
-      std::fill(out, out + E, 0.0f);
-      for (int64_t p = 0; p < T; ++p)
-        if (scores[p] != 0.0f) add_scaled(scores[p] * inv, u + p * E, out, E);
-    }
-  });
-  // the heads in order, whichever thread made them: a row's sums do not depend on the batch
-  for (const int64_t i : s.items) {
-    const float* part = s.partial.data() + i * E;
-    float* xb = x + i / H * E;
-    for (int64_t e = 0; e < E; ++e) xb[e] += part[e];
+// Each (row, head) of a cross-attention asks, kCrossAhead items ahead, for the keys and values
+// it reads: two short streams (a few KB each) that the hardware prefetcher would hardly ramp up
+// on.
+inline void ask_cross(const ModelW& m, int64_t layer, const CrossInputs& c, int64_t B, int64_t i) {
+  const int64_t H = m.H, D = m.D, b = i / H, at = ((layer * B + b) * H + i % H) * c.S * D;
+  for (int64_t line = 0; line < c.lengths[b] * D; line += 32) {  // 64-byte lines
+    prefetch(c.keys + at + line);
+    prefetch(c.values + at + line);
   }
 }
 
+// Cross-attention folded into the text, one (row, head) item: the sum over text positions s of
+// softmax_s(h[b] . z[b,h,s] + bias[b,s]) u[b,h,s] -> out [E]. With z = W_q,h^T k / sqrt(D) and
+// u = W_o[:, h] v (`CrossInputs::folded`) that is head h's share of
+// out_cross(attend(q_cross(h), k, v)): MusicGen's projections have no bias, so the two products
+// move onto the text once per prompt. A step then reads 2 * S vectors of E int8 per head of a
+// folded row instead of both projections' weights: fewer bytes while the rows have few text
+// tokens (the caller chooses which rows fold: `Decoder.cross_kv`; when none of the others has
+// text, the projections are not read at all).
+inline void folded_item(const ModelW& m, int64_t layer, const CrossInputs& c, const float* h,
+                        int64_t B, int64_t item, float* scores, float* out) {
+  const int64_t E = m.E, H = m.H, S = c.S;
+  const int64_t b = item / H, T = c.lengths[b];
+  const int64_t at = (layer * B * H + item) * 2 * S;  // its first vector
+  const int8_t* z = c.folded + at * E;
+  const int8_t* u = z + S * E;
+  const float *zs = c.folded_scales + at, *us = zs + S;
+  const float* row = h + b * E;
+  float best = -INFINITY;
+  for (int64_t p = 0; p < T; ++p) {
+    scores[p] = dot_with(row, z + p * E, E) * zs[p] + c.bias[b * S + p];
+    best = std::max(best, scores[p]);
+  }
+  // each weight times its u's scale (an int8 cache's trick); the sum is of the plain ones
+  const float inv = softmax_weights(scores, T, best, us);
+  std::fill(out, out + E, 0.0f);
+  for (int64_t p = 0; p < T; ++p)
+    if (scores[p] != 0.0f) add_scaled(scores[p] * inv, u + p * E, out, E);
+}
+
+// The folded rows' (row, head) items that read text, in order.
+inline void folded_items(const ModelW& m, const CrossInputs& c, int64_t B,
+                         std::vector<int64_t>& items) {
+  items.clear();
+  for (int64_t b = 0; b < B; ++b)
+    if (c.lengths[b] > 0 && c.is_folded(b))
+      for (int64_t hd = 0; hd < m.H; ++hd) items.push_back(b * m.H + hd);
+}
+
+// x += the folded cross-attention of `layer` (folded_item for every item, the heads added in
+// order): on the calling thread, for tests (cpu.cpp `cross_attend_folded`).
+inline void cross_attention_folded(const ModelW& m, int64_t layer, const CrossInputs& c,
+                                   const float* h, int64_t B, float* x, StepScratch& s,
+                                   int64_t scratch) {
+  std::vector<int64_t> items;
+  folded_items(m, c, B, items);
+  for (const int64_t i : items) folded_item(m, layer, c, h, B, i, s.scores.data(),
+                                            s.partial.data() + i * m.E);
+  (void)scratch;
+  for (const int64_t i : items) {
+    const float* part = s.partial.data() + i * m.E;
+    float* xb = x + i / m.H * m.E;
+    for (int64_t e = 0; e < m.E; ++e) xb[e] += part[e];
+  }
+}
+
+// Self-attention's contiguous shares of about equal cost, one per member: item i = (row, head)
+// reads its row's positions [0, pos[i / H]] (rows at different points of their windows,
+// stations and a stream's warm rows, split evenly by count would leave one member the most).
+inline void attention_bounds(const int64_t* pos, int64_t B, int64_t H, int64_t members,
+                             int64_t* bounds) {
+  const int64_t items = B * H;
+  int64_t total = 0, done = 0, t = 1;
+  for (int64_t b = 0; b < B; ++b) total += (pos[b] + 1) * H;
+  bounds[0] = 0;
+  for (int64_t i = 0; i < items && t < members; ++i) {
+    done += pos[i / H] + 1;
+    while (t < members && done * members >= total * t) bounds[t++] = i + 1;
+  }
+  while (t <= members) bounds[t++] = items;
+}
+
 // ids [B][K] at positions [B] (each row its own) -> logits [B][K * V]; writes each row's new
-// key/value into the cache at its position.
+// key/value into the cache at its position. Every intra-op thread runs this program as a team
+// member (team.h): each region's items are computed into the member's own memory (`Own`) and
+// committed into the scratch, the cache and the logits; between regions the program computes
+// only locals.
 inline void decode_step(const ModelW& m, const int64_t* ids, const int64_t* pos, int64_t B,
                         const CacheQ& c, const CrossInputs& cross, StepScratch& s, float* logits) {
   const int64_t E = m.E, H = m.H, D = m.D, F = m.F;
   s.fit(m, B, c.P, cross.S);
-  float *x = s.x.data(), *h = s.h.data(), *a = s.a.data(), *qkv = s.qkv.data(), *ff = s.ff.data();
-  for (int64_t b = 0; b < B; ++b) {
-    float* xb = x + b * E;
-    const float* p = m.positions + pos[b] * E;
-    for (int64_t e = 0; e < E; ++e) xb[e] = p[e];
-    for (int64_t k = 0; k < m.K; ++k) {
-      const float* row = m.embed[k] + ids[b * m.K + k] * E;
-      for (int64_t e = 0; e < E; ++e) xb[e] += row[e];
-    }
-  }
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  const int64_t scratch = std::max(c.P, cross.S) + 32;
+  const int64_t members = at::get_num_threads();
   bool projected = false;  // whether a row reads text through q_cross and out_cross
   for (int64_t b = 0; b < B; ++b) projected |= cross.lengths[b] > 0 && !cross.is_folded(b);
-  for (int64_t l = 0; l < m.L; ++l) {
-    const DecoderLayerW& w = m.layers[l];
-    norm_rows(w.ln_self, x, B, E, m.eps, h);
-    project<Out::Store>(w.qkv, h, E, B, qkv, 3 * E, s);
-    parallel_by_position(pos, B, H, [&](int64_t i, const ItemRun& run) {
-      float* scores = s.scores.data() + at::get_thread_num() * scratch;
-      // Attention waits on memory more than it fills the bus: meanwhile the next projection's
-      // weights, this thread's share, are asked for (into L2), a slice per (row, head).
-      if (run.parts)
-        for (const auto& [begin, end] : thread_share(w.out_self))
-          prefetch_part(begin, end, run.part, run.parts);
-      const int64_t b = i / H, hd = i % H;
-      const float* row = qkv + b * 3 * E;
-      uint8_t* k = c.keys + l * c.kl + b * c.kb + hd * c.kh;
-      const uint8_t* next_k = nullptr;  // the keys (blocks) this thread reads next
-      if (run.next >= 0) next_k = c.keys + l * c.kl + run.next / H * c.kb + run.next % H * c.kh;
-      const float* in = row + hd * D;
-      if (c.bits == 4) {
-        if (run.first) prefetch_q4_start(k, pos[b] + 1);
-        attend_head_q4(in, in + E, in + 2 * E, k, pos[b], scale, a + b * E + hd * D, next_k);
-        return;
+  int64_t bounds[Team::kMaxMembers + 1];
+  attention_bounds(pos, B, H, std::min<int64_t>(members, Team::kMaxMembers), bounds);
+  s.team.run(members, [&](Team::Member& t) {
+    Own& mine = s.own[t.id()];
+    float *x = s.x.data(), *h = s.h.data(), *a = s.a.data(), *qkv = s.qkv.data();
+    float* ff = s.ff.data();
+    const int64_t scratch = std::max(c.P, cross.S) + 32;  // each member's scores
+    const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+    if (cross.folded) folded_items(m, cross, B, mine.items);
+    t.region(  // x = sum of the codebooks' embeddings + the position's sinusoid
+        1,
+        [&](int64_t, Team::Member&) {
+          for (int64_t b = 0; b < B; ++b) {
+            float* xb = mine.rows.data() + b * E;
+            const float* p = m.positions + pos[b] * E;
+            for (int64_t e = 0; e < E; ++e) xb[e] = p[e];
+            for (int64_t k = 0; k < m.K; ++k) {
+              const float* row = m.embed[k] + ids[b * m.K + k] * E;
+              for (int64_t e = 0; e < E; ++e) xb[e] += row[e];
+            }
+          }
+        },
+        [&](int64_t, Team::Member& me) {
+          const Own& o = s.own[me.id()];
+          std::copy(o.rows.begin(), o.rows.begin() + B * E, x);
+        });
+    for (int64_t l = 0; l < m.L; ++l) {
+      const DecoderLayerW& w = m.layers[l];
+      quantize_region(t, s, w.qkv, x, E, B, &w.ln_self, m.eps);
+      product_region<Out::Store>(t, s, w.qkv, B, qkv, 3 * E);
+      t.region(  // each row's new key and value into the cache where it stands
+          1,
+          [&](int64_t, Team::Member& me) {
+            Own& o = s.own[me.id()];
+            for (int64_t i = 0; i < B * H; ++i) {
+              const float* in = qkv + i / H * 3 * E + i % H * D;
+              uint8_t* kv = o.kv.data() + i * 2 * D;
+              float* sc = o.kv_scales.data() + i * 2;
+              if (c.bits == 4) {
+                sc[0] = quantize_q4(in + E, kv);
+                sc[1] = quantize_q4(in + 2 * E, kv + 32);
+              } else {
+                sc[0] = quantize_vector(in + E, reinterpret_cast<int8_t*>(kv), D);
+                sc[1] = quantize_vector(in + 2 * E, reinterpret_cast<int8_t*>(kv + D), D);
+              }
+            }
+          },
+          [&](int64_t, Team::Member& me) {
+            const Own& o = s.own[me.id()];
+            for (int64_t i = 0; i < B * H; ++i) {
+              const int64_t b = i / H, hd = i % H;
+              const uint8_t* kv = o.kv.data() + i * 2 * D;
+              const float* sc = o.kv_scales.data() + i * 2;
+              uint8_t* k = c.keys + l * c.kl + b * c.kb + hd * c.kh;
+              if (c.bits == 4) {
+                store_q4(k, pos[b], kv, static_cast<uint16_t>(sc[0]), kv + 32,
+                         static_cast<uint16_t>(sc[1]));
+                continue;
+              }
+              uint8_t* v = c.values + l * c.kl + b * c.kb + hd * c.kh;
+              std::copy(kv, kv + D, k + pos[b] * D);
+              std::copy(kv + D, kv + 2 * D, v + pos[b] * D);
+              c.key_scales[l * c.sl + b * c.sb + hd * c.sh + pos[b]] = sc[0];
+              c.value_scales[l * c.sl + b * c.sb + hd * c.sh + pos[b]] = sc[1];
+            }
+          });
+      const int64_t own0 = bounds[t.id()], own1 = bounds[t.id() + 1];  // this member's share
+      t.region(
+          B * H, bounds,
+          [&](int64_t i, Team::Member& me) {
+            float* out = s.own[me.id()].out.data();
+            // Attention waits on memory more than it fills the bus: meanwhile the next
+            // projection's weights, this member's share, are asked for (into L2), a slice per
+            // item of its own share.
+            const bool owned = own0 <= i && i < own1;
+            if (owned)
+              for (const auto& [begin, end] : member_share(w.out_self, t))
+                prefetch_part(begin, end, i - own0, own1 - own0);
+            const int64_t b = i / H, hd = i % H;
+            const float* in = qkv + b * 3 * E + hd * D;
+            const uint8_t* k = c.keys + l * c.kl + b * c.kb + hd * c.kh;
+            const int64_t next = owned && i + 1 < own1 ? i + 1 : -1;  // the keys read next
+            const uint8_t* next_k =
+                next >= 0 ? c.keys + l * c.kl + next / H * c.kb + next % H * c.kh : nullptr;
+            if (c.bits == 4) {
+              if (!owned || i == own0) prefetch_q4_start(k, pos[b] + 1);
+              attend_q4(in, k, pos[b] + 1, scale, out, next_k);
+              return;
+            }
+            const uint8_t* v = c.values + l * c.kl + b * c.kb + hd * c.kh;
+            const float* ks = c.key_scales + l * c.sl + b * c.sb + hd * c.sh;
+            const float* vs = c.value_scales + l * c.sl + b * c.sb + hd * c.sh;
+            with_head_chunks(D, [&](auto nc) {
+              attend_q8<nc>(in, reinterpret_cast<const int8_t*>(k), ks,
+                            reinterpret_cast<const int8_t*>(v), vs, pos[b] + 1, scale,
+                            s.scores.data() + me.id() * scratch, out,
+                            reinterpret_cast<const int8_t*>(next_k));
+            });
+          },
+          [&](int64_t i, Team::Member& me) {
+            const float* out = s.own[me.id()].out.data();
+            std::copy(out, out + D, a + i / H * E + i % H * D);
+          });
+      quantize_region(t, s, w.out_self, a, E, B);
+      product_region<Out::Add>(t, s, w.out_self, B, x, E);
+
+      if (cross.folded) {
+        t.region(  // h = ln_cross(x), the folded rows' queries
+            1,
+            [&](int64_t, Team::Member& me) {
+              Own& o = s.own[me.id()];
+              for (int64_t b = 0; b < B; ++b)
+                layer_norm(x + b * E, w.ln_cross.weight, w.ln_cross.bias, o.rows.data() + b * E,
+                           E, m.eps);
+            },
+            [&](int64_t, Team::Member& me) {
+              const Own& o = s.own[me.id()];
+              std::copy(o.rows.begin(), o.rows.begin() + B * E, h);
+            });
+        const int64_t n = static_cast<int64_t>(mine.items.size());
+        t.region(
+            n,
+            [&](int64_t i, Team::Member& me) {
+              Own& o = s.own[me.id()];
+              folded_item(m, l, cross, h, B, o.items[i],
+                          s.scores.data() + me.id() * scratch,
+                          o.out.data());
+            },
+            [&](int64_t i, Team::Member& me) {
+              const Own& o = s.own[me.id()];
+              std::copy(o.out.begin(), o.out.begin() + E, s.partial.begin() + o.items[i] * E);
+            });
+        t.region(  // the heads in order, whichever member made them: a row's sums do not
+                   // depend on the batch
+            n > 0 ? 1 : 0,
+            [&](int64_t, Team::Member& me) {
+              Own& o = s.own[me.id()];
+              std::copy(x, x + B * E, o.rows.begin());
+              for (const int64_t i : o.items) {
+                const float* part = s.partial.data() + i * E;
+                float* xb = o.rows.data() + i / H * E;
+                for (int64_t e = 0; e < E; ++e) xb[e] += part[e];
+              }
+            },
+            [&](int64_t, Team::Member& me) {
+              const Own& o = s.own[me.id()];
+              std::copy(o.rows.begin(), o.rows.begin() + B * E, x);
+            });
       }
-      uint8_t* v = c.values + l * c.kl + b * c.kb + hd * c.kh;
-      float* ks = c.key_scales + l * c.sl + b * c.sb + hd * c.sh;
-      float* vs = c.value_scales + l * c.sl + b * c.sb + hd * c.sh;
-      attend_head_q8(in, in + E, in + 2 * E, reinterpret_cast<int8_t*>(k), ks,
-                     reinterpret_cast<int8_t*>(v), vs, pos[b], D, scale, scores,
-                     a + b * E + hd * D, reinterpret_cast<const int8_t*>(next_k));
-    });
-    project<Out::Add>(w.out_self, a, E, B, x, E, s);
+      if (projected) {  // a folded row's attention output is zero here: out_cross adds nothing
+        quantize_region(t, s, w.q_cross, x, E, B, &w.ln_cross, m.eps);
+        product_region<Out::Store>(t, s, w.q_cross, B, qkv, E);
+        t.region(
+            B * H,
+            [&](int64_t i, Team::Member& me) {
+              for (int64_t j = i + 1; j < std::min(B * H, i + 1 + kCrossAhead); ++j)
+                ask_cross(m, l, cross, B, j);
+              cross_item(m, l, cross, qkv, B, i / H, i % H,
+                         s.scores.data() + me.id() * scratch,
+                         s.own[me.id()].out.data());
+            },
+            [&](int64_t i, Team::Member& me) {
+              const float* out = s.own[me.id()].out.data();
+              std::copy(out, out + D, a + i / H * E + i % H * D);
+            });
+        quantize_region(t, s, w.out_cross, a, E, B);
+        product_region<Out::Add>(t, s, w.out_cross, B, x, E);
+      }
 
-    norm_rows(w.ln_cross, x, B, E, m.eps, h);
-    if (cross.folded) cross_attention_folded(m, l, cross, h, B, x, s, scratch);
-    if (projected) {  // a folded row's attention output is zero here: out_cross adds nothing
-      project<Out::Store>(w.q_cross, h, E, B, qkv, E, s);
-      cross_attention(m, l, cross, qkv, B, a, s.scores.data(), scratch);
-      project<Out::Add>(w.out_cross, a, E, B, x, E, s);
+      quantize_region(t, s, w.fc1, x, E, B, &w.ln_ffn, m.eps);
+      product_region<Out::Gelu>(t, s, w.fc1, B, ff, F);
+      quantize_region(t, s, w.fc2, ff, F, B);
+      product_region<Out::Add>(t, s, w.fc2, B, x, E);
     }
-
-    norm_rows(w.ln_ffn, x, B, E, m.eps, h);
-    project<Out::Gelu>(w.fc1, h, E, B, ff, F, s);
-    project<Out::Add>(w.fc2, ff, F, B, x, E, s);
-  }
-  norm_rows(m.ln_final, x, B, E, m.eps, h);
-  project<Out::Store>(m.lm_heads, h, E, B, logits, m.lm_heads.out_features(), s);
+    quantize_region(t, s, m.lm_heads, x, E, B, &m.ln_final, m.eps);
+    product_region<Out::Store>(t, s, m.lm_heads, B, logits, m.lm_heads.out_features());
+  });
 }
 
 }  // namespace er

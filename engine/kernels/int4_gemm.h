@@ -401,31 +401,61 @@ void panel_amx(const PackedInt4& w, int64_t b0, int64_t b1, const GroupedRows& x
 }
 #endif
 
-// y [M][ldy] = (or +=) x w^T over the M quantized rows; blocks (or panels) split across threads.
-// From kAmxMinRows rows (or amx_min_rows(), where the build and the CPU have the tiles; groups of
-// 64 inputs or a multiple) by panels on AMX, else on VNNI or AVX2.
-template <bool ADD>
-void gemm_int4(const PackedInt4& w, const GroupedRows& x, int64_t M, float* y, int64_t ldy) {
-  const int64_t blocks = w.blocks();
+// How a product of M rows goes: by blocks of kFeatures (a decode step's rows), or by panels of
+// kPanel blocks on the AMX tiles (from kAmxMinRows rows, or amx_min_rows() if more, where the
+// build and the CPU have the tiles; groups of 64 inputs or a multiple) or through L2 (a
+// prefill's rows). Each block or panel is one item of the product for a team (team.h).
+struct Plan {
+  enum class Kind { Blocks, TilePanels, Panels } kind = Kind::Blocks;
+  int64_t items = 0, features = 0;  // items, output features per item
+  uint64_t tiles_product = 0;  // amx.h `ready`'s number, for TilePanels
+};
+
+inline Plan plan(const PackedInt4& w, int64_t M) {
+  const int64_t blocks = w.blocks(), panels = (blocks + kPanel - 1) / kPanel;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   const int64_t tiles_from = amx_min_rows();
   if (tiles_from > 0 && M >= std::max(tiles_from, kAmxMinRows) && w.G % 64 == 0) {
-    const uint64_t product = amx::products.fetch_add(1, std::memory_order_relaxed) + 1;
-    parallel_blocks((blocks + kPanel - 1) / kPanel, [&](int64_t p) {
-      panel_amx<ADD>(w, p * kPanel, std::min(blocks, (p + 1) * kPanel), x, M, y, ldy, product);
+    return Plan{Plan::Kind::TilePanels, panels, kPanel * kFeatures,
+                amx::products.fetch_add(1, std::memory_order_relaxed) + 1};
+  }
+#endif
+  if (M <= kMaxChunkedRows) return Plan{Plan::Kind::Blocks, blocks, kFeatures, 0};
+  return Plan{Plan::Kind::Panels, panels, kPanel * kFeatures, 0};
+}
+
+// Item i of the product `p` plans: its features of y [M][ldy] = (or +=) x w^T.
+template <bool ADD>
+void gemm_int4_item(const PackedInt4& w, const GroupedRows& x, int64_t M, float* y, int64_t ldy,
+                    const Plan& p, int64_t i) {
+  const int64_t blocks = w.blocks();
+  switch (p.kind) {
+    case Plan::Kind::Blocks:
+      block_chunked<ADD>(w, i, x, M, y, ldy);
+      return;
+    case Plan::Kind::TilePanels:
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+      panel_amx<ADD>(w, i * kPanel, std::min(blocks, (i + 1) * kPanel), x, M, y, ldy,
+                     p.tiles_product);
+#endif
+      return;
+    case Plan::Kind::Panels:
+      panel_rows<ADD>(w, i * kPanel, std::min(blocks, (i + 1) * kPanel), x, M, y, ldy);
+      return;
+  }
+}
+
+// y [M][ldy] = (or +=) x w^T over the M quantized rows; blocks (or panels) split across threads.
+template <bool ADD>
+void gemm_int4(const PackedInt4& w, const GroupedRows& x, int64_t M, float* y, int64_t ldy) {
+  const Plan p = plan(w, M);
+  if (p.kind == Plan::Kind::Panels) {  // a prefill: panels in contiguous runs, through L2
+    at::parallel_for(0, p.items, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t i = p0; i < p1; ++i) gemm_int4_item<ADD>(w, x, M, y, ldy, p, i);
     });
     return;
   }
-#endif
-  if (M <= kMaxChunkedRows) {
-    parallel_blocks(blocks, [&](int64_t b) { block_chunked<ADD>(w, b, x, M, y, ldy); });
-    return;
-  }
-  const int64_t panels = (blocks + kPanel - 1) / kPanel;
-  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p)
-      panel_rows<ADD>(w, p * kPanel, std::min(blocks, (p + 1) * kPanel), x, M, y, ldy);
-  });
+  parallel_blocks(p.items, [&](int64_t i) { gemm_int4_item<ADD>(w, x, M, y, ldy, p, i); });
 }
 
 }  // namespace er::int4

@@ -232,20 +232,30 @@ inline QuantRows rows_from(const QuantRows& x, int64_t m0) {
   return QuantRows{x.q + m0 * x.ld, x.ld, x.scale + m0, x.comp + m0};
 }
 
+// This build has no tiles: every product goes on AVX2 (gemm_int8_block's 0).
+inline uint64_t int8_tiles_product(const PackedInt8&, int64_t) { return 0; }
+
+// Block b (kBlock features) of y [M][ldy] (=, += or gelu of) x w^T, the rows by groups of
+// kMaxChunkedRows. U: the rows' codes are in [-63, 63] (`kPrefillLevels`), their sums unsigned
+// (`tile_sums_unsigned`). One item of the product for a team (team.h).
+template <Out OUT, bool U = false>
+void gemm_int8_block(const PackedInt8& w, const QuantRows& x, int64_t M, float* y, int64_t ldy,
+                     int64_t b, uint64_t = 0) {
+  const int64_t K4 = w.Kp / 4;
+  const uint8_t* wb = w.data + b * K4 * 4 * kBlock;
+  for (int64_t m0 = 0; m0 < M; m0 += kMaxChunkedRows) {
+    block_chunked<OUT, U>(wb, K4, rows_from(x, m0), std::min(kMaxChunkedRows, M - m0), w.scales,
+                          b * kBlock, w.N, y + m0 * ldy, ldy);
+  }
+}
+
 // y [M][ldy] (=, += or gelu of) x w^T over the M quantized rows; blocks split across threads.
 // A prefill's rows go by groups of kMaxChunkedRows, each over the block in L2 as a decode step
-// goes over it from memory. U: the rows' codes are in [-63, 63] (`kPrefillLevels`), their sums
-// unsigned (`tile_sums_unsigned`).
+// goes over it from memory.
 template <Out OUT, bool U = false>
 void gemm_int8(const PackedInt8& w, const QuantRows& x, int64_t M, float* y, int64_t ldy) {
-  const int64_t blocks = (w.N + kBlock - 1) / kBlock, K4 = w.Kp / 4;
-  parallel_blocks(blocks, [&](int64_t b) {
-    const uint8_t* wb = w.data + b * K4 * 4 * kBlock;
-    for (int64_t m0 = 0; m0 < M; m0 += kMaxChunkedRows) {
-      block_chunked<OUT, U>(wb, K4, rows_from(x, m0), std::min(kMaxChunkedRows, M - m0), w.scales,
-                            b * kBlock, w.N, y + m0 * ldy, ldy);
-    }
-  });
+  parallel_blocks((w.N + kBlock - 1) / kBlock,
+                  [&](int64_t b) { gemm_int8_block<OUT, U>(w, x, M, y, ldy, b); });
 }
 
 // A prefill's rows (more than kMaxChunkedRows): codes in [-63, 63] (`quantize_rows` with these

@@ -234,32 +234,44 @@ void block_amx(const uint8_t* wb, int64_t K4, const QuantRows& x, int64_t M, con
   }
 }
 
+// The number of a product on the AMX tiles (amx.h `ready`), or 0 where `M` rows of `w` go on
+// VNNI: from amx_min_rows() rows, where the CPU has the tiles.
+inline uint64_t int8_tiles_product(const PackedInt8& w, int64_t M) {
+  const int64_t amx_rows = amx_min_rows();
+  if (amx_rows > 0 && M >= amx_rows && w.Kp / 4 >= amx::kChunkK4)
+    return amx::products.fetch_add(1, std::memory_order_relaxed) + 1;
+  return 0;
+}
+
+// Block b (kBlock features) of y [M][ldy] (=, += or gelu of) x w^T: on the tiles when
+// `tiles_product` (int8_tiles_product) is not 0. One item of the product for a team (team.h).
+template <Out OUT>
+void gemm_int8_block(const PackedInt8& w, const QuantRows& x, int64_t M, float* y, int64_t ldy,
+                     int64_t b, uint64_t tiles_product) {
+  const int64_t K4 = w.Kp / 4;
+  const uint8_t* wb = w.data + b * K4 * 4 * kBlock;
+  if (tiles_product != 0) {
+    block_amx<OUT>(wb, K4, x, M, w.scales, b * kBlock, w.N, y, ldy, tiles_product);
+    return;
+  }
+  if (M > kRowTile && M <= kMaxChunkedRows) {
+    block_chunked<OUT>(wb, K4, x, M, w.scales, b * kBlock, w.N, y, ldy);
+    return;
+  }
+  for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
+    with_tile_rows(M - m0, [&](auto mr) {
+      block_tile<mr, OUT>(wb, K4, x, m0, w.scales, b * kBlock, w.N, y, ldy);
+    });
+  }
+}
+
 // y [M][ldy] (=, += or gelu of) x w^T over the M quantized rows; blocks split across threads.
 // From amx_min_rows() rows (where the CPU has the tiles) on AMX, else on VNNI.
 template <Out OUT>
 void gemm_int8(const PackedInt8& w, const QuantRows& x, int64_t M, float* y, int64_t ldy) {
-  const int64_t blocks = (w.N + kBlock - 1) / kBlock, K4 = w.Kp / 4;
-  const int64_t amx_rows = amx_min_rows();
-  if (amx_rows > 0 && M >= amx_rows && K4 >= amx::kChunkK4) {
-    const uint64_t product = amx::products.fetch_add(1, std::memory_order_relaxed) + 1;
-    parallel_blocks(blocks, [&](int64_t b) {
-      block_amx<OUT>(w.data + b * K4 * 4 * kBlock, K4, x, M, w.scales, b * kBlock, w.N, y, ldy,
-                     product);
-    });
-    return;
-  }
-  parallel_blocks(blocks, [&](int64_t b) {
-    const uint8_t* wb = w.data + b * K4 * 4 * kBlock;
-    if (M > kRowTile && M <= kMaxChunkedRows) {
-      block_chunked<OUT>(wb, K4, x, M, w.scales, b * kBlock, w.N, y, ldy);
-      return;
-    }
-    for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
-      with_tile_rows(M - m0, [&](auto mr) {
-        block_tile<mr, OUT>(wb, K4, x, m0, w.scales, b * kBlock, w.N, y, ldy);
-      });
-    }
-  });
+  const uint64_t product = int8_tiles_product(w, M);
+  parallel_blocks((w.N + kBlock - 1) / kBlock,
+                  [&](int64_t b) { gemm_int8_block<OUT>(w, x, M, y, ldy, b, product); });
 }
 
 // A prefill's rows go as a decode step's here: VNNI's products are exact for 8-bit codes (the

@@ -1,0 +1,75 @@
+"""The fused step's threads as a team (engine/kernels/team.h): a thread that stops in the middle
+of an item, as a descheduled one does, has the item taken over by another, and the logits are
+those of one thread, bit for bit (over several steps: each step's reads what the earlier ones
+wrote into the cache)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import LoadOptions, MusicModel
+from tests.engine.steps import _start
+
+# Region numbers within a step (decode_step.h): 1 the embeddings, then per layer 2 the first
+# layer norm's quantized rows, 3 the qkv product, 4 the cache writes, 5 the self-attention, ...
+EMBEDDINGS, QKV, CACHE_WRITES, ATTENTION = 1, 3, 4, 5
+KINDS = ["int8 cache", "int4 cache", "int4 weights"]
+
+
+@pytest.fixture(scope="module")
+def models(k, tiny_model_dir, tiny_head64_dir):
+    int8 = MusicModel.load(LoadOptions(model=tiny_model_dir, device="cpu", quantize="int8"))
+    int4 = MusicModel.load(
+        LoadOptions(model=tiny_head64_dir, device="cpu", quantize="int8", kv_cache="int4")
+    )
+    coarse = MusicModel.load(LoadOptions(model=tiny_model_dir, device="cpu", quantize="int4"))
+    for model in (int8, int4, coarse):
+        assert model.decoder._fused is not None
+    return {"int8 cache": int8, "int4 cache": int4, "int4 weights": coarse}
+
+
+def _run(model, threads: int, stalls=(), steps: int = 6):
+    """Logits [steps, rows, K, V] of `steps` decode steps of two stations at different
+    positions on `threads` threads; `stalls` (member, region, item, seconds) are set before every
+    step."""
+    decoder = model.decoder
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rows_at = [[p, p, p + 5, p + 5] for p in range(steps)]
+        cross, rows, cache = _start(decoder, model, rows_at, ["slow jazz", "fast techno"])
+        out = []
+        for at in rows_at:
+            for member, region, item, seconds in stalls:
+                decoder._fused.stall_once(member=member, region=region, item=item, seconds=seconds)
+            ids = torch.randint(0, decoder.vocab + 1, (rows, decoder.num_codebooks))
+            out.append(decoder.decode_one_step(ids, cache, cross, at))
+        return torch.stack(out)
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_threads_give_one_threads_logits(models, kind):
+    """Without a stall, items go to whichever thread claims them first: the same sums."""
+    assert torch.equal(_run(models[kind], 2), _run(models[kind], 1))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    "region",
+    [EMBEDDINGS, QKV, CACHE_WRITES, ATTENTION],
+    ids=["the embeddings", "a product's block", "the cache writes", "an attention item"],
+)
+def test_a_stalled_threads_item_is_taken_over(models, kind, region):
+    """Whichever thread claims the region's first item (the caller its share's first, or the
+    worker once it has done its own share) stalls 30 ms there; the other takes the item over and
+    goes on alone; the stalled one's late result is dropped, and back, it skips every region the
+    other has done."""
+    fused = models[kind].decoder._fused
+    want = _run(models[kind], 1, steps=3)
+    before = fused.taken_over()
+    got = _run(models[kind], 2, stalls=[(0, region, 0, 0.03), (1, region, 0, 0.03)], steps=3)
+    assert fused.taken_over() >= before + 3  # once per step
+    assert torch.equal(got, want)
