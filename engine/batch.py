@@ -42,6 +42,7 @@ from engine.options import SamplingOptions, WindowOptions
 from engine.rows import Prompt, mix_rows
 from engine.sampling import sample_streams
 from engine.static_step import Mix, StaticStep
+from engine.threads import barrier_regions
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,10 @@ class DecodeBatch:
             rows = lane.rows.count
             cache = self.cache.rows(self._first[i], rows)
             began = time.perf_counter()
-            logits = self.decoder.prefill(ids[None].expand(rows, -1, -1), cache, self._crosses[i])
+            with barrier_regions():
+                logits = self.decoder.prefill(
+                    ids[None].expand(rows, -1, -1), cache, self._crosses[i]
+                )
             seconds = time.perf_counter() - began
         # the prefill samples position C + 1 (= ids.shape[1]); the null row follows the others
         null = len(lane.rows.conditions) if lane.rows.guided else None

@@ -38,7 +38,7 @@ from engine.linear import KernelModules
 from engine.loading import LoadedModel, ModelLoadError, load_model
 from engine.options import LoadOptions, SamplingOptions, WindowOptions
 from engine.rows import Prompt
-from engine.threads import ThreadUsage
+from engine.threads import ThreadUsage, barrier_regions
 from engine.token_stream import TokenStream
 
 log = logging.getLogger(__name__)
@@ -384,7 +384,8 @@ class AudioStream:
         self.tokens.generate_until(stop + self.codec.lookahead, interrupt)
         decoded = time.perf_counter()
         codes, offset = self.tokens.history()
-        pcm = self.codec.decode(codes, offset, start, stop)
+        with barrier_regions():
+            pcm = self.codec.decode(codes, offset, start, stop)
         self.generate_seconds += decoded - began
         self.decode_seconds += time.perf_counter() - decoded
         self.frame = stop
@@ -542,7 +543,8 @@ def read_together(
         stream.tokens.generate_until(stream.frame + frames + stream.codec.lookahead, interrupt)
     decoded = time.perf_counter()
     calls = [(s.codec, *s.tokens.history(), s.frame, s.frame + frames) for s in streams]
-    pcms = decode_together(calls)
+    with barrier_regions():
+        pcms = decode_together(calls)
     decode_share = (time.perf_counter() - decoded) / len(streams)
     for stream in streams:
         stream.generate_seconds += (decoded - began) / len(streams)

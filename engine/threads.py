@@ -1,20 +1,24 @@
 """The decoder's thread count, chosen from what the machine gives.
 
-Every parallel region of a decode step (our kernels and PyTorch's split their work with
-`at::parallel_for`) ends in a barrier, so a step is as slow as its slowest thread. On a quiet
-machine all cores are best; beside another busy process one of them is often descheduled for a
-whole time slice, and then every region waits for it: two threads can run far slower than one.
-`ThreadTuner` measures instead of guessing: it runs each piece of work with the count that has
+A decode step's threads run it as a team (engine/kernels/team.h): a thread that the scheduler
+takes off its core has its work taken over, so beside a busy process two threads still beat one
+(x1.27 on a 2-core Xeon). The rest of a chunk's work splits with PyTorch's `at::parallel_for`
+(OpenMP), whose every parallel region ends in a barrier: the streaming codec, a prefill's
+products. Beside a busy process one thread is often descheduled for a whole time slice, and then
+every such region waits for it: two threads there ran far slower than one. So that work runs on
+one thread while the tuner sees the machine shared (`barrier_regions`), and on every thread
+otherwise. `ThreadTuner` measures instead of guessing: it runs each piece of work with the count that has
 been fastest lately, tries the others now and then, and keeps per count a smoothed cost per unit
 of work (seconds per frame). It moves to another count only when that one measured clearly
 faster than the current one measured `settle` times, so noise (or one slow first run) does not
 make it flap. Work of another size (more decoder rows a step: a glide, a blend) makes every count
 dearer, so costs are kept per kind of work (`measure_for`): counts compare only within one.
 
-Beside a busy process a trial of two threads costs 2.5x the run it replaces (the default OpenMP
-wait policy spins, so the waiting thread holds the core its descheduled partner needs:
-`OMP_WAIT_POLICY=PASSIVE` halves that cliff but costs a quiet machine up to a tenth of its speed,
-measured in docs/benchmarks.md), and on a quiet machine a trial of one thread costs ~1.5x. So a
+On a quiet machine a trial of one thread costs ~1.5x, and where some work still stalls (a step
+without our kernels, on PyTorch's ops) a trial of two threads beside a busy process cost 2.5x
+the run it replaces (the default OpenMP wait policy spins, so the waiting thread holds the core
+its descheduled partner needs: `OMP_WAIT_POLICY=PASSIVE` halves that cliff but costs a quiet
+machine up to a tenth of its speed, measured in docs/benchmarks.md). So a
 trial that clearly loses makes the next ones wait longer (up to `MAX_BACKOFF` times
 `explore_every` runs, and at least until its loss is `TRIAL_SHARE` of the runs in between: on a
 KVM Xeon two threads beside a busy process ran at a tenth of one thread's speed; a neighbour that
@@ -34,16 +38,17 @@ moment that can afford it. A count's cost measured when the machine was busier i
 cores are idle again: the machine's idle time (`/proc/stat`) while the current count runs says
 whether a neighbour left; when it did, more threads are tried soon and predicted as unknown.
 And a run in progress can be stopped as a stall (`stalling`, for the work's interrupt: the radio
-asks it before each decoder step), so that the chunk a neighbour arrives in does not run on two
-stalling threads to its end (5-8 s for a steady read on that Xeon).
+asks it before each decoder step), so that the chunk a neighbour arrives in does not run on
+stalling threads to its end (5-8 s for a steady read on that Xeon before the step's team).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from math import ceil
 from typing import TypeVar
@@ -83,6 +88,8 @@ PREEMPTED = 0.25
 # 25-frame read 5-8 s on the KVM Xeon) is the radio's last underrun from the tuner
 STALL_AFTER = 2.0
 STALL_SECONDS = 0.3
+# a run in progress says whether its threads are preempted (`preempted_now`) from this long on
+MIN_SAY = 0.02
 
 
 def _task_files(name: str) -> list[str] | None:
@@ -161,6 +168,28 @@ def idle_core_seconds() -> float | None:
 def smooth(old: float | None, new: float, weight: float) -> float:
     """An exponentially smoothed cost: `new` itself first, then `weight` of the way to it."""
     return new if old is None else old + weight * (new - old)
+
+
+# the running ThreadTuner's `preempted_now`, per thread (the work runs on the tuner's thread)
+_running_tuner = threading.local()
+
+
+@contextlib.contextmanager
+def barrier_regions() -> Iterator[None]:
+    """Around work whose parallel regions end in a barrier (OpenMP's: the streaming codec, a
+    prefill's products): on one thread while the `ThreadTuner` running it sees its threads
+    waiting for cores (`PREEMPTED`: another process is busy; two threads there made the codec
+    x3 slower than one), on the threads set otherwise."""
+    preempted = getattr(_running_tuner, "preempted_now", None)
+    threads = torch.get_num_threads()
+    if preempted is None or threads == 1 or not preempted():
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)
@@ -313,6 +342,7 @@ class ThreadTuner:
             None if expected is None else expected * units,
             units,
         )
+        _running_tuner.preempted_now = self.preempted_now
         try:
             result = work()
         except BaseException:
@@ -325,6 +355,7 @@ class ThreadTuner:
             raise
         finally:
             self._running = None
+            _running_tuner.preempted_now = None
         wall = self._clock() - began
         self.last_cost = wall / max(units, 1e-9)
         waited = self._queued()
@@ -349,6 +380,19 @@ class ThreadTuner:
                 self._trial_wait = max(self.explore_every * self._backoff, ceil(lost / TRIAL_SHARE))
             self.record(count, self.last_cost)
         return result
+
+    def preempted_now(self) -> bool:
+        """Whether the run in progress has had its threads waiting for cores (`PREEMPTED`) so
+        far (`barrier_regions` asks); before it has run long enough to say (`MIN_SAY`
+        seconds), or between runs, whether the latest run had."""
+        if self._running is None:
+            return self._preempted
+        _, began, queued, _, _ = self._running
+        elapsed = self._clock() - began
+        if queued is None or elapsed < MIN_SAY:
+            return self._preempted
+        waited = self._queued()
+        return waited is not None and waited - queued >= PREEMPTED * elapsed
 
     def stalling(self) -> bool:
         """For the work's interrupt, asked now and then while it runs (the radio: before each
@@ -580,16 +624,10 @@ class ThreadTuner:
         return None
 
     def _candidates(self) -> tuple[list[int], list[int]]:
-        """The counts a trial may take (and of those, the ones never measured): not the
-        current, nor more threads than the machine had idle cores for in the current count's
-        latest run (`ROOM` per thread more): beside a busy process they can only stall (a
-        trial of two threads there, never measured on int4 weights, took 1.7 s a chunk)."""
-        room = self._room[1]
-        others = [
-            c
-            for c in self.counts
-            if c < self.current or (c > self.current and (room is None or self._fits(c, room)))
-        ]
+        """The counts a trial may take (and of those, the ones never measured): every one but
+        the current (beside a busy process, more threads than its cores leave free win since
+        the step's threads run as a team: x1.2-1.3)."""
+        others = [c for c in self.counts if c != self.current]
         return others, [c for c in others if c not in self._ever]
 
     def _first_count(self) -> int:
