@@ -420,7 +420,9 @@ inline Plan plan(const PackedInt4& w, int64_t M) {
                 amx::products.fetch_add(1, std::memory_order_relaxed) + 1};
   }
 #endif
-  if (M <= kMaxChunkedRows) return Plan{Plan::Kind::Blocks, blocks, kFeatures, 0};
+  // a decode step's blocks go kPanel to an item: a team's claim per item costs, and blocks of
+  // 16 features made 4x int8's items
+  if (M <= kMaxChunkedRows) return Plan{Plan::Kind::Blocks, panels, kPanel * kFeatures, 0};
   return Plan{Plan::Kind::Panels, panels, kPanel * kFeatures, 0};
 }
 
@@ -431,7 +433,8 @@ void gemm_int4_item(const PackedInt4& w, const GroupedRows& x, int64_t M, float*
   const int64_t blocks = w.blocks();
   switch (p.kind) {
     case Plan::Kind::Blocks:
-      block_chunked<ADD>(w, i, x, M, y, ldy);
+      for (int64_t b = i * kPanel; b < std::min(blocks, (i + 1) * kPanel); ++b)
+        block_chunked<ADD>(w, b, x, M, y, ldy);
       return;
     case Plan::Kind::TilePanels:
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)

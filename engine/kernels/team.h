@@ -92,18 +92,7 @@ class Team {
   static uint64_t status_of(uint64_t w) { return (w >> 6) & 3; }
   static uint64_t member_of(uint64_t w) { return w & 63; }
 
-  // Whether `region` (of `items` items) is complete: its count reached, or a later region begun.
-  bool complete(uint64_t region, int64_t items) const {
-    const uint64_t d = done_.load(std::memory_order_acquire);
-    return (d >> 24) > region || ((d >> 24) == region && static_cast<int64_t>(d & 0xFFFFFF) == items);
-  }
-  void count_done(uint64_t region) {
-    uint64_t d = done_.load(std::memory_order_relaxed);
-    for (;;) {
-      const uint64_t next = (d >> 24) == region ? d + 1 : (region << 24 | 1);
-      if (done_.compare_exchange_weak(d, next, std::memory_order_acq_rel)) return;
-    }
-  }
+  void count_done() { done_.fetch_add(1, std::memory_order_acq_rel); }
 
   struct Stall {
     int64_t member = -1, region = -1, item = -1;
@@ -171,7 +160,7 @@ class Team {
 
   // A worker between runs spins this long before it sleeps: the next step comes within a
   // fraction of a millisecond, and a worker woken from sleep was placed on its waker's core.
-  static constexpr std::chrono::microseconds kSpinBeforeSleep{5000};
+  static constexpr std::chrono::microseconds kSpinBeforeSleep{1000};
   std::vector<std::thread> workers_;
   std::array<std::atomic<uint64_t>, kMaxMembers> slots_{};
   alignas(64) std::atomic<uint64_t> run_{0};
@@ -183,7 +172,10 @@ class Team {
 
   std::unique_ptr<std::atomic<uint64_t>[]> states_;
   int64_t capacity_ = 0;
-  alignas(64) std::atomic<uint64_t> done_{0};  // region << 24 | items done
+  // Items done since the team began: a region is complete once this reaches the items of
+  // every region up to it, which each member counts as it goes (`Member::target_`).
+  alignas(64) std::atomic<uint64_t> done_{0};
+  uint64_t items_before_ = 0;  // the items of the runs before this one
   alignas(64) std::atomic<int64_t> taken_over_{0};
 
   uint64_t base_ = 0;  // the regions before this run's
@@ -193,10 +185,12 @@ class Team {
 
 class Team::Member {
  public:
-  Member(Team& team, int64_t id, int64_t members) : team_(team), id_(id), members_(members) {}
+  Member(Team& team, int64_t id, int64_t members)
+      : team_(team), id_(id), members_(members), target_(team.items_before_) {}
   int64_t id() const { return id_; }
   int64_t members() const { return members_; }
   int64_t regions() const { return regions_; }
+  uint64_t target() const { return target_; }
 
   // The program's next region: compute(item) for each of `items` items into the calling
   // member's memory, then commit(item) to write it where the next regions read it, once per
@@ -212,7 +206,9 @@ class Team::Member {
   template <class Compute, class Commit>
   void region(int64_t items, const int64_t* bounds, Compute&& compute, Commit&& commit) {
     const uint64_t r = team_.base_ + static_cast<uint64_t>(++regions_);
-    if (items <= 0 || team_.complete(r, items)) return;
+    if (items <= 0) return;
+    target_ += static_cast<uint64_t>(items);
+    if (complete()) return;
     const int64_t chunk = (items + members_ - 1) / members_;
     auto share = [&](int64_t t) {
       if (bounds) return std::pair<int64_t, int64_t>{bounds[t], bounds[t + 1]};
@@ -227,7 +223,7 @@ class Team::Member {
     }
     if (members_ == 1) return;
     auto since = std::chrono::steady_clock::now();
-    while (!team_.complete(r, items)) {
+    while (!complete()) {
       if (std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count() >
           kTakeOverSeconds) {
         for (int64_t i = 0; i < items; ++i) take_over(r, i, compute, commit);
@@ -256,7 +252,7 @@ class Team::Member {
       return;  // taken over meanwhile: the other member's result lands
     commit(i, *this);
     state.store(word(r, kDone, id_), std::memory_order_release);
-    team_.count_done(r);
+    team_.count_done();
   }
 
   // Another member's claimed item, claimed again by this one and done as `claim` does it (so
@@ -276,12 +272,15 @@ class Team::Member {
     commit(i, *this);
     state.store(word(r, kDone, id_), std::memory_order_release);
     team_.taken_over_.fetch_add(1, std::memory_order_relaxed);
-    team_.count_done(r);
+    team_.count_done();
   }
+
+  bool complete() const { return team_.done_.load(std::memory_order_acquire) >= target_; }
 
   Team& team_;
   const int64_t id_, members_;
   int64_t regions_ = 0;
+  uint64_t target_;  // the items of every region so far, from the team's start
 };
 
 inline void Team::work(int64_t w, uint64_t seen) {
@@ -327,6 +326,7 @@ void Team::run(int64_t members, Program&& program) {
   program(lead);
   for (int64_t w = 0; w < members - 1; ++w) close(w);
   base_ += static_cast<uint64_t>(lead.regions());
+  items_before_ = lead.target();
   stall_count_ = 0;
 }
 
