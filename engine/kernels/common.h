@@ -84,15 +84,6 @@ struct QuantRows {  // M rows of activations, int8 with one scale per row
 
 enum class Out { Store, Add, Gelu };  // y = v, y += v, y = gelu(v)
 
-// The blocks [b0, b1) of `blocks` that this thread takes in a product split by
-// at::parallel_for(0, blocks, 1, ...): thread t gets the t-th chunk of divup(blocks, threads).
-inline std::pair<int64_t, int64_t> thread_blocks(int64_t blocks) {
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
-  const int64_t chunk = (blocks + threads - 1) / threads;
-  const int64_t b0 = std::min(blocks, at::get_thread_num() * chunk);
-  return {b0, std::min(blocks, b0 + chunk)};
-}
-
 // Work split in contiguous shares, one per intra-op thread: each thread takes its own share's
 // items from the front, and once it is done, the items left at the back of the others'. A
 // share's [front, back) is one word (back << 32 | front), so that the owner's take from the front
@@ -143,9 +134,10 @@ class Shares {
   std::array<Share, kMax> shares_;
 };
 
-// fn(b) for every block b in [0, blocks), split across the intra-op threads as `thread_blocks`
-// splits them (the shares whose bytes `thread_share` asks for early), a thread done with its
-// share taking the blocks left at the back of the others' (`Shares`). The threads of a streamed
+// fn(b) for every block b in [0, blocks), split across the intra-op threads in contiguous
+// shares (thread t the t-th chunk of divup(blocks, threads)), a thread done with its share
+// taking the blocks left at the back of the others' (`Shares`; a decode step's team splits its
+// products the same way, team.h). The threads of a streamed
 // product finish at different times (the bus is not shared evenly), and without this the first
 // one done waited for the other at every product: an int8 step x1.04-1.06 faster with it on Zen
 // 4 (2 and 4 rows, in turns in one process), a prefill x1.04; int4 steps the same. Each block is
@@ -168,13 +160,6 @@ inline void parallel_blocks(int64_t blocks, Fn&& fn) {
   shares.run(threads, each, each);
 }
 
-// The packed bytes of `w` that this thread will stream in gemm_int8, for asking for them early.
-inline std::pair<const uint8_t*, const uint8_t*> thread_share(const PackedInt8& w) {
-  const int64_t bytes = w.Kp * kBlock;
-  const auto [b0, b1] = thread_blocks((w.N + kBlock - 1) / kBlock);
-  return {w.data + b0 * bytes, w.data + b1 * bytes};
-}
-
 // Where a self-attention item sits in the run of items its thread takes: what it may ask for
 // early (the keys of `next`, the item this thread expects to take after it, or -1; part `part`
 // of `parts` of the thread's own next bytes, `parts` 0 for an item taken from another's share),
@@ -183,6 +168,22 @@ struct ItemRun {
   int64_t next, part, parts;
   bool first;
 };
+
+// Contiguous shares of the B * H (row, head) self-attention items, of about equal cost, one per
+// thread: item i reads its row's positions [0, pos[i / H]]; thread t's share is
+// [bounds[t], bounds[t + 1]) (bounds: threads + 1 entries).
+inline void position_bounds(const int64_t* pos, int64_t B, int64_t H, int64_t threads,
+                            int64_t* bounds) {
+  const int64_t items = B * H;
+  int64_t total = 0, done = 0, t = 1;
+  for (int64_t b = 0; b < B; ++b) total += (pos[b] + 1) * H;
+  bounds[0] = 0;
+  for (int64_t i = 0; i < items && t < threads; ++i) {
+    done += pos[i / H] + 1;
+    while (t < threads && done * threads >= total * t) bounds[t++] = i + 1;
+  }
+  while (t <= threads) bounds[t++] = items;
+}
 
 // fn(i, ItemRun) for every one of the B * H (row, head) self-attention items, item i reading its
 // row's positions [0, pos[i / H]]: contiguous shares of about equal cost, one per thread (rows at
@@ -203,14 +204,7 @@ inline void parallel_by_position(const int64_t* pos, int64_t B, int64_t H, Fn&& 
     return;
   }
   int64_t bounds[Shares::kMax + 1];  // thread t's share is [bounds[t], bounds[t + 1])
-  int64_t total = 0, done = 0, t = 1;
-  for (int64_t b = 0; b < B; ++b) total += (pos[b] + 1) * H;
-  bounds[0] = 0;
-  for (int64_t i = 0; i < items && t < threads; ++i) {
-    done += pos[i / H] + 1;
-    while (t < threads && done * threads >= total * t) bounds[t++] = i + 1;
-  }
-  while (t <= threads) bounds[t++] = items;
+  position_bounds(pos, B, H, threads, bounds);
   Shares shares;
   for (int64_t s = 0; s < threads; ++s) shares.set(s, bounds[s], bounds[s + 1]);
   shares.run(

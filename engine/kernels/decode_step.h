@@ -362,22 +362,6 @@ inline void cross_attention_folded(const ModelW& m, int64_t layer, const CrossIn
   }
 }
 
-// Self-attention's contiguous shares of about equal cost, one per member: item i = (row, head)
-// reads its row's positions [0, pos[i / H]] (rows at different points of their windows,
-// stations and a stream's warm rows, split evenly by count would leave one member the most).
-inline void attention_bounds(const int64_t* pos, int64_t B, int64_t H, int64_t members,
-                             int64_t* bounds) {
-  const int64_t items = B * H;
-  int64_t total = 0, done = 0, t = 1;
-  for (int64_t b = 0; b < B; ++b) total += (pos[b] + 1) * H;
-  bounds[0] = 0;
-  for (int64_t i = 0; i < items && t < members; ++i) {
-    done += pos[i / H] + 1;
-    while (t < members && done * members >= total * t) bounds[t++] = i + 1;
-  }
-  while (t <= members) bounds[t++] = items;
-}
-
 // ids [B][K] at positions [B] (each row its own) -> logits [B][K * V]; writes each row's new
 // key/value into the cache at its position. Every intra-op thread runs this program as a team
 // member (team.h): each region's items are computed into the member's own memory (`Own`) and
@@ -391,7 +375,9 @@ inline void decode_step(const ModelW& m, const int64_t* ids, const int64_t* pos,
   bool projected = false;  // whether a row reads text through q_cross and out_cross
   for (int64_t b = 0; b < B; ++b) projected |= cross.lengths[b] > 0 && !cross.is_folded(b);
   int64_t bounds[Team::kMaxMembers + 1];
-  attention_bounds(pos, B, H, std::min<int64_t>(members, Team::kMaxMembers), bounds);
+  // self-attention's shares by the positions they read (rows at different points of their
+  // windows, stations and a stream's warm rows, split by count would leave one member the most)
+  position_bounds(pos, B, H, std::min<int64_t>(members, Team::kMaxMembers), bounds);
   s.team.run(members, [&](Team::Member& t) {
     Own& mine = s.own[t.id()];
     float *x = s.x.data(), *h = s.h.data(), *a = s.a.data(), *qkv = s.qkv.data();

@@ -1,11 +1,11 @@
 // A decode step's threads as a team that a descheduled member cannot stall.
 //
-// With a barrier after every parallel region (OpenMP's), a step of ~150 regions stops whenever
-// the scheduler takes a core from one of its threads: beside one busy process on two cores, two
-// threads ran at a tenth of one thread's speed. Here every member runs the same program (the
+// With a barrier after every parallel region (OpenMP's), a step stops whenever the scheduler
+// takes a core from one of its threads: beside one busy process on two cores, two threads ran
+// at a tenth of one thread's speed. Here every member runs the same program (the
 // step) and meets each region of it in order; a region's items are claimed one at a time (each
 // member its own share from the front, then the others' leftovers from the back), and a member
-// with nothing left to claim that has waited kTakeOver for an item another member claimed
+// with nothing left to claim that has waited kTakeOverSeconds for an item another member claimed
 // computes that item itself. So the team goes on while any member runs.
 //
 // Exactly one member's result lands: an item is computed into its member's own memory
