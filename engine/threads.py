@@ -2,44 +2,46 @@
 
 A decode step's threads run it as a team (engine/kernels/team.h): a thread that the scheduler
 takes off its core has its work taken over, so beside a busy process two threads still beat one
-(x1.20-1.25 of one quiet thread on a 2-core Xeon, the codec included). The rest of a chunk's work splits with PyTorch's `at::parallel_for`
-(OpenMP), whose every parallel region ends in a barrier: the streaming codec, a prefill's
-products. Beside a busy process one thread is often descheduled for a whole time slice, and then
-every such region waits for it: two threads there ran far slower than one. So that work runs on
-one thread while the tuner sees the machine shared (`barrier_regions`), and on every thread
-otherwise. `ThreadTuner` measures instead of guessing: it runs each piece of work with the count that has
-been fastest lately, tries the others now and then, and keeps per count a smoothed cost per unit
-of work (seconds per frame). It moves to another count only when that one measured clearly
-faster than the current one measured `settle` times, so noise (or one slow first run) does not
-make it flap. Work of another size (more decoder rows a step: a glide, a blend) makes every count
-dearer, so costs are kept per kind of work (`measure_for`): counts compare only within one.
+(x1.20-1.25 of one quiet thread on a 2-core Xeon, the codec included). The rest of a chunk's
+work splits with PyTorch's `at::parallel_for` (OpenMP), whose every parallel region ends in a
+barrier: the streaming codec, a prefill's products. Beside a busy process one thread is often
+descheduled for a whole time slice, and then every such region waits for it: two threads there
+ran far slower than one. So that work runs on one thread while the tuner sees the machine shared
+(`barrier_regions`), and on every thread otherwise. `ThreadTuner` measures instead of guessing:
+it runs each piece of work with the count that has been fastest lately, tries the others now and
+then, and keeps per count a smoothed cost per unit of work (seconds per frame). It moves to
+another count only when that one measured clearly faster than the current one measured `settle`
+times, so noise (or one slow first run) does not make it flap. Work of another size (more
+decoder rows a step: a glide, a blend) makes every count dearer, so costs are kept per kind of
+work (`measure_for`): counts compare only within one.
 
 On a quiet machine a trial of one thread costs ~1.5x, and where some work still stalls (a step
 without our kernels, on PyTorch's ops) a trial of two threads beside a busy process cost 2.5x
 the run it replaces (the default OpenMP wait policy spins, so the waiting thread holds the core
 its descheduled partner needs: `OMP_WAIT_POLICY=PASSIVE` halves that cliff but costs a quiet
-machine up to a tenth of its speed, measured in docs/benchmarks.md). So a
-trial that clearly loses makes the next ones wait longer (up to `MAX_BACKOFF` times
-`explore_every` runs, and at least until its loss is `TRIAL_SHARE` of the runs in between: on a
-KVM Xeon two threads beside a busy process ran at a tenth of one thread's speed; a neighbour that
-comes makes the current count's cost jump, and that calls a trial at once), and a prefill,
-otherwise run on every core, keeps the current count while the most threads measure as stalling.
-A count whose runs stall erratically (each over twice the last or under half: never settled) is
-left after two runs in a row that each cost over twice another count's (one alone may be noise),
-and one whose last two runs, in whatever kinds of work, each cost over four times another
-count's (`DEEP_CLIFF`: two threads beside a busy process on that Xeon cost x2-x15 one thread's);
-one run at twice is enough when its threads waited in the run queue for a good share of it
-(`PREEMPTED`: another process had the cores, which is not noise).
+machine up to a tenth of its speed, measured in docs/benchmarks.md). So a trial that clearly
+loses makes the next ones wait longer (up to `MAX_BACKOFF` times `explore_every` runs, and at
+least until its loss is `TRIAL_SHARE` of the runs in between: on a KVM Xeon two threads beside a
+busy process ran at a tenth of one thread's speed; a neighbour that comes makes the current
+count's cost jump, and that calls a trial at once), and a prefill, otherwise run on every core,
+keeps the current count while the most threads measure as stalling. A count whose runs stall
+erratically (each over twice the last or under half: never settled) is left after two runs in a
+row that each cost over twice another count's (one alone may be noise), and one whose last two
+runs, in whatever kinds of work, each cost over four times another count's (`DEEP_CLIFF`: two
+threads beside a busy process on that Xeon cost x2-x15 one thread's); one run at twice is enough
+when its threads waited in the run queue for a good share of it (`PREEMPTED`: another process
+had the cores, which is not noise).
 
 The first run takes the most threads that the cores other processes run on leave free
-(`/proc/stat`'s runnable threads). What a trial will cost is predicted (`trial_cost`) from what the count cost last, in this kind of
-work or, scaled, in another, so that a caller can keep a trial that would empty its buffer for a
-moment that can afford it. A count's cost measured when the machine was busier is stale once
-cores are idle again: the machine's idle time (`/proc/stat`) while the current count runs says
-whether a neighbour left; when it did, more threads are tried soon and predicted as unknown.
-And a run in progress can be stopped as a stall (`stalling`, for the work's interrupt: the radio
-asks it before each decoder step), so that the chunk a neighbour arrives in does not run on
-stalling threads to its end (5-8 s for a steady read on that Xeon before the step's team).
+(`/proc/stat`'s runnable threads). What a trial will cost is predicted (`trial_cost`) from what
+the count cost last, in this kind of work or, scaled, in another, so that a caller can keep a
+trial that would empty its buffer for a moment that can afford it. A count's cost measured when
+the machine was busier is stale once cores are idle again: the machine's idle time
+(`/proc/stat`) while the current count runs says whether a neighbour left; when it did, more
+threads are tried soon and predicted as unknown. And a run in progress can be stopped as a stall
+(`stalling`, for the work's interrupt: the radio asks it before each decoder step), so that the
+chunk a neighbour arrives in does not run on stalling threads to its end (5-8 s for a steady
+read on that Xeon before the step's team).
 """
 
 from __future__ import annotations
@@ -391,6 +393,11 @@ class ThreadTuner:
         elapsed = self._clock() - began
         if queued is None or elapsed < MIN_SAY:
             return self._preempted
+        return self._waited_for_cores(queued, elapsed)
+
+    def _waited_for_cores(self, queued: float, elapsed: float) -> bool:
+        """Whether this process's threads have waited in the run queue `PREEMPTED` of the
+        `elapsed` seconds since the run queue's total read `queued`."""
         waited = self._queued()
         return waited is not None and waited - queued >= PREEMPTED * elapsed
 
@@ -410,8 +417,7 @@ class ThreadTuner:
         elapsed = self._clock() - began
         if elapsed < max(STALL_AFTER * expected, STALL_SECONDS):
             return False
-        waited = self._queued()
-        if waited is None or waited - queued < PREEMPTED * elapsed:
+        if not self._waited_for_cores(queued, elapsed):
             return False
         # (a count never measured here: at its share of the threads, as on a quiet machine,
         # where one thread costs x1.6-1.9 two threads' on these 2-core machines)
@@ -440,12 +446,9 @@ class ThreadTuner:
     def room_for(self, count: int) -> bool:
         """Whether the machine had idle cores for `count` threads in the current count's last
         two runs (on top of those threads): then what `count` cost before is stale."""
-        return count > self.current and all(self._fits(count, r) for r in self._room)
-
-    def _fits(self, count: int, room: float | None) -> bool:
-        """Whether `room` idle cores (one run's reading) leave `count` threads room: ROOM per
-        thread more than the current count's."""
-        return room is not None and room >= ROOM * (count - self.current)
+        return count > self.current and all(
+            r is not None and r >= ROOM * (count - self.current) for r in self._room
+        )
 
     def record(self, count: int, cost: float) -> None:
         """One run's cost per unit with `count` threads; may change the current count."""

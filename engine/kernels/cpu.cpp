@@ -685,13 +685,12 @@ torch::Tensor cross_attend_folded(torch::Tensor h, torch::Tensor vectors, torch:
   ModelW m{};
   m.E = E, m.H = H;
   StepScratch s;
-  const int64_t scratch = S + 32;
-  s.scores.resize(at::get_num_threads() * scratch);
+  s.scores.resize(S + 32);  // one thread's scores (the step pads them so)
   s.partial.resize(B * H * E);
   CrossInputs c{nullptr, nullptr, bias.data_ptr<float>(), n, S,
                 vectors.data_ptr<int8_t>(), scales.data_ptr<float>(), rows.data_ptr<bool>()};
   auto out = torch::zeros({B, E}, h.options());
-  cross_attention_folded(m, layer, c, h.data_ptr<float>(), B, out.data_ptr<float>(), s, scratch);
+  cross_attention_folded(m, layer, c, h.data_ptr<float>(), B, out.data_ptr<float>(), s);
   return out;
 }
 

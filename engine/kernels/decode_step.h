@@ -84,6 +84,9 @@ struct CacheQ {
   int64_t sl, sb, sh;  // element strides of the int8 cache's scales
   int64_t P;
   int bits;  // 8 or 4
+  // Where head h of row b in layer l starts: in keys and values (bytes), in the scales.
+  int64_t head(int64_t l, int64_t b, int64_t h) const { return l * kl + b * kb + h * kh; }
+  int64_t scales(int64_t l, int64_t b, int64_t h) const { return l * sl + b * sb + h * sh; }
 };
 
 struct CrossInputs {  // cross-attention keys/values [L][B][H][S][D] bfloat16, contiguous
@@ -176,27 +179,22 @@ inline void commit_quantized(const Projection& w, int64_t B, const Own& o, StepS
 }
 
 // One region: the B rows `in` [B][K] quantized for `w`, into the scratch; `norm`: a layer norm
-// first (and its rows into `h` when `h` is given).
+// first.
 inline void quantize_region(Team::Member& t, StepScratch& s, const Projection& w, const float* in,
-                            int64_t K, int64_t B, const LayerNormW* norm = nullptr, float eps = 0,
-                            float* h = nullptr) {
+                            int64_t K, int64_t B, const LayerNormW* norm = nullptr, float eps = 0) {
+  Own& mine = s.own[t.id()];
   t.region(
       1,
-      [&](int64_t, Team::Member& me) {
-        Own& o = s.own[me.id()];
+      [&](int64_t) {
         const float* rows = in;
         if (norm) {
           for (int64_t b = 0; b < B; ++b)
-            layer_norm(in + b * K, norm->weight, norm->bias, o.rows.data() + b * K, K, eps);
-          rows = o.rows.data();
+            layer_norm(in + b * K, norm->weight, norm->bias, mine.rows.data() + b * K, K, eps);
+          rows = mine.rows.data();
         }
-        quantize_for(w, rows, K, B, o);
+        quantize_for(w, rows, K, B, mine);
       },
-      [&](int64_t, Team::Member& me) {
-        const Own& o = s.own[me.id()];
-        if (h) std::copy(o.rows.begin(), o.rows.begin() + B * K, h);
-        commit_quantized(w, B, o, s);
-      });
+      [&](int64_t) { commit_quantized(w, B, mine, s); });
 }
 
 // One region: y [B][ldy] (=, += or gelu of) the scratch's quantized rows times `w`: an item per
@@ -211,6 +209,7 @@ inline void product_region(Team::Member& t, StepScratch& s, const Projection& w,
   int64_t items = 0, features = 0;
   uint64_t tiles = 0;
   int4::Plan plan;
+  float* y_own = s.own[t.id()].y.data();
   if (w.kind == Projection::Kind::Int8) {
     items = (N + kBlock - 1) / kBlock, features = kBlock;
     tiles = int8_tiles_product(w.int8, B);
@@ -220,30 +219,28 @@ inline void product_region(Team::Member& t, StepScratch& s, const Projection& w,
   }
   t.region(
       items,
-      [&](int64_t i, Team::Member& me) {
-        float* mine = s.own[me.id()].y.data();
+      [&](int64_t i) {
         if (w.kind == Projection::Kind::Int8) {
           const PackedInt8& p = w.int8;
           gemm_int8_block<kCompute>(
-              p, QuantRows{s.q.data(), p.Kp, s.qscale.data(), s.qcomp.data()}, B, mine, ldy, i,
+              p, QuantRows{s.q.data(), p.Kp, s.qscale.data(), s.qcomp.data()}, B, y_own, ldy, i,
               tiles);
           return;
         }
         const int4::PackedInt4& p = w.int4;
         const int4::GroupedRows rows{s.q.data(), p.Kp, s.qscale.data(), s.qsums.data(),
                                      p.groups()};
-        int4::gemm_int4_item<false>(p, rows, B, mine, ldy, plan, i);
+        int4::gemm_int4_item<false>(p, rows, B, y_own, ldy, plan, i);
         // no GELU epilogue in int4's product: a pass over the item's features after it
         if constexpr (OUT == Out::Gelu) {
           const int64_t n0 = i * features;
-          gelu_rows(mine + n0, B, std::min(features, N - n0), ldy);
+          gelu_rows(y_own + n0, B, std::min(features, N - n0), ldy);
         }
       },
-      [&](int64_t i, Team::Member& me) {
-        const float* mine = s.own[me.id()].y.data();
+      [&](int64_t i) {
         const int64_t n0 = i * features, n1 = std::min(N, n0 + features);
         for (int64_t b = 0; b < B; ++b) {
-          const float* from = mine + b * ldy;
+          const float* from = y_own + b * ldy;
           float* to = y + b * ldy;
           if constexpr (OUT == Out::Add) {
             for (int64_t n = n0; n < n1; ++n) to[n] += from[n];
@@ -345,21 +342,26 @@ inline void folded_items(const ModelW& m, const CrossInputs& c, int64_t B,
       for (int64_t hd = 0; hd < m.H; ++hd) items.push_back(b * m.H + hd);
 }
 
-// x += the folded cross-attention of `layer` (folded_item for every item, the heads added in
-// order): on the calling thread, for tests (cpu.cpp `cross_attend_folded`).
-inline void cross_attention_folded(const ModelW& m, int64_t layer, const CrossInputs& c,
-                                   const float* h, int64_t B, float* x, StepScratch& s,
-                                   int64_t scratch) {
-  std::vector<int64_t> items;
-  folded_items(m, c, B, items);
-  for (const int64_t i : items) folded_item(m, layer, c, h, B, i, s.scores.data(),
-                                            s.partial.data() + i * m.E);
-  (void)scratch;
+// x [B][E] += the folded heads' outputs (`partial` [B][H][E]) of `items`, in order, whichever
+// thread made them: a row's sums do not depend on the batch.
+inline void add_folded_heads(const ModelW& m, const std::vector<int64_t>& items,
+                             const float* partial, float* x) {
   for (const int64_t i : items) {
-    const float* part = s.partial.data() + i * m.E;
+    const float* part = partial + i * m.E;
     float* xb = x + i / m.H * m.E;
     for (int64_t e = 0; e < m.E; ++e) xb[e] += part[e];
   }
+}
+
+// x += the folded cross-attention of `layer` (folded_item for every item, then
+// add_folded_heads): on the calling thread, for tests (cpu.cpp `cross_attend_folded`).
+inline void cross_attention_folded(const ModelW& m, int64_t layer, const CrossInputs& c,
+                                   const float* h, int64_t B, float* x, StepScratch& s) {
+  std::vector<int64_t> items;
+  folded_items(m, c, B, items);
+  for (const int64_t i : items)
+    folded_item(m, layer, c, h, B, i, s.scores.data(), s.partial.data() + i * m.E);
+  add_folded_heads(m, items, s.partial.data(), x);
 }
 
 // ids [B][K] at positions [B] (each row its own) -> logits [B][K * V]; writes each row's new
@@ -387,7 +389,7 @@ inline void decode_step(const ModelW& m, const int64_t* ids, const int64_t* pos,
     if (cross.folded) folded_items(m, cross, B, mine.items);
     t.region(  // x = sum of the codebooks' embeddings + the position's sinusoid
         1,
-        [&](int64_t, Team::Member&) {
+        [&](int64_t) {
           for (int64_t b = 0; b < B; ++b) {
             float* xb = mine.rows.data() + b * E;
             const float* p = m.positions + pos[b] * E;
@@ -398,9 +400,8 @@ inline void decode_step(const ModelW& m, const int64_t* ids, const int64_t* pos,
             }
           }
         },
-        [&](int64_t, Team::Member& me) {
-          const Own& o = s.own[me.id()];
-          std::copy(o.rows.begin(), o.rows.begin() + B * E, x);
+        [&](int64_t) {
+          std::copy(mine.rows.begin(), mine.rows.begin() + B * E, x);
         });
     for (int64_t l = 0; l < m.L; ++l) {
       const DecoderLayerW& w = m.layers[l];
@@ -408,12 +409,11 @@ inline void decode_step(const ModelW& m, const int64_t* ids, const int64_t* pos,
       product_region<Out::Store>(t, s, w.qkv, B, qkv, 3 * E);
       t.region(  // each row's new key and value into the cache where it stands
           1,
-          [&](int64_t, Team::Member& me) {
-            Own& o = s.own[me.id()];
+          [&](int64_t) {
             for (int64_t i = 0; i < B * H; ++i) {
               const float* in = qkv + i / H * 3 * E + i % H * D;
-              uint8_t* kv = o.kv.data() + i * 2 * D;
-              float* sc = o.kv_scales.data() + i * 2;
+              uint8_t* kv = mine.kv.data() + i * 2 * D;
+              float* sc = mine.kv_scales.data() + i * 2;
               if (c.bits == 4) {
                 sc[0] = quantize_q4(in + E, kv);
                 sc[1] = quantize_q4(in + 2 * E, kv + 32);
@@ -423,30 +423,29 @@ inline void decode_step(const ModelW& m, const int64_t* ids, const int64_t* pos,
               }
             }
           },
-          [&](int64_t, Team::Member& me) {
-            const Own& o = s.own[me.id()];
+          [&](int64_t) {
             for (int64_t i = 0; i < B * H; ++i) {
               const int64_t b = i / H, hd = i % H;
-              const uint8_t* kv = o.kv.data() + i * 2 * D;
-              const float* sc = o.kv_scales.data() + i * 2;
-              uint8_t* k = c.keys + l * c.kl + b * c.kb + hd * c.kh;
+              const uint8_t* kv = mine.kv.data() + i * 2 * D;
+              const float* sc = mine.kv_scales.data() + i * 2;
+              uint8_t* k = c.keys + c.head(l, b, hd);
               if (c.bits == 4) {
                 store_q4(k, pos[b], kv, static_cast<uint16_t>(sc[0]), kv + 32,
                          static_cast<uint16_t>(sc[1]));
                 continue;
               }
-              uint8_t* v = c.values + l * c.kl + b * c.kb + hd * c.kh;
+              uint8_t* v = c.values + c.head(l, b, hd);
               std::copy(kv, kv + D, k + pos[b] * D);
               std::copy(kv + D, kv + 2 * D, v + pos[b] * D);
-              c.key_scales[l * c.sl + b * c.sb + hd * c.sh + pos[b]] = sc[0];
-              c.value_scales[l * c.sl + b * c.sb + hd * c.sh + pos[b]] = sc[1];
+              c.key_scales[c.scales(l, b, hd) + pos[b]] = sc[0];
+              c.value_scales[c.scales(l, b, hd) + pos[b]] = sc[1];
             }
           });
       const int64_t own0 = bounds[t.id()], own1 = bounds[t.id() + 1];  // this member's share
       t.region(
           B * H, bounds,
-          [&](int64_t i, Team::Member& me) {
-            float* out = s.own[me.id()].out.data();
+          [&](int64_t i) {
+            float* out = mine.out.data();
             // Attention waits on memory more than it fills the bus: meanwhile the next
             // projection's weights, this member's share, are asked for (into L2), a slice per
             // item of its own share.
@@ -456,27 +455,27 @@ inline void decode_step(const ModelW& m, const int64_t* ids, const int64_t* pos,
                 prefetch_part(begin, end, i - own0, own1 - own0);
             const int64_t b = i / H, hd = i % H;
             const float* in = qkv + b * 3 * E + hd * D;
-            const uint8_t* k = c.keys + l * c.kl + b * c.kb + hd * c.kh;
+            const uint8_t* k = c.keys + c.head(l, b, hd);
             const int64_t next = owned && i + 1 < own1 ? i + 1 : -1;  // the keys read next
             const uint8_t* next_k =
-                next >= 0 ? c.keys + l * c.kl + next / H * c.kb + next % H * c.kh : nullptr;
+                next >= 0 ? c.keys + c.head(l, next / H, next % H) : nullptr;
             if (c.bits == 4) {
               if (!owned || i == own0) prefetch_q4_start(k, pos[b] + 1);
               attend_q4(in, k, pos[b] + 1, scale, out, next_k);
               return;
             }
-            const uint8_t* v = c.values + l * c.kl + b * c.kb + hd * c.kh;
-            const float* ks = c.key_scales + l * c.sl + b * c.sb + hd * c.sh;
-            const float* vs = c.value_scales + l * c.sl + b * c.sb + hd * c.sh;
+            const uint8_t* v = c.values + c.head(l, b, hd);
+            const float* ks = c.key_scales + c.scales(l, b, hd);
+            const float* vs = c.value_scales + c.scales(l, b, hd);
             with_head_chunks(D, [&](auto nc) {
               attend_q8<nc>(in, reinterpret_cast<const int8_t*>(k), ks,
                             reinterpret_cast<const int8_t*>(v), vs, pos[b] + 1, scale,
-                            s.scores.data() + me.id() * scratch, out,
+                            s.scores.data() + t.id() * scratch, out,
                             reinterpret_cast<const int8_t*>(next_k));
             });
           },
-          [&](int64_t i, Team::Member& me) {
-            const float* out = s.own[me.id()].out.data();
+          [&](int64_t i) {
+            const float* out = mine.out.data();
             std::copy(out, out + D, a + i / H * E + i % H * D);
           });
       quantize_region(t, s, w.out_self, a, E, B);
@@ -485,60 +484,53 @@ inline void decode_step(const ModelW& m, const int64_t* ids, const int64_t* pos,
       if (cross.folded) {
         t.region(  // h = ln_cross(x), the folded rows' queries
             1,
-            [&](int64_t, Team::Member& me) {
-              Own& o = s.own[me.id()];
+            [&](int64_t) {
               for (int64_t b = 0; b < B; ++b)
-                layer_norm(x + b * E, w.ln_cross.weight, w.ln_cross.bias, o.rows.data() + b * E,
+                layer_norm(x + b * E, w.ln_cross.weight, w.ln_cross.bias, mine.rows.data() + b * E,
                            E, m.eps);
             },
-            [&](int64_t, Team::Member& me) {
-              const Own& o = s.own[me.id()];
-              std::copy(o.rows.begin(), o.rows.begin() + B * E, h);
+            [&](int64_t) {
+              std::copy(mine.rows.begin(), mine.rows.begin() + B * E, h);
             });
         const int64_t n = static_cast<int64_t>(mine.items.size());
         t.region(
             n,
-            [&](int64_t i, Team::Member& me) {
-              Own& o = s.own[me.id()];
-              folded_item(m, l, cross, h, B, o.items[i],
-                          s.scores.data() + me.id() * scratch,
-                          o.out.data());
+            [&](int64_t i) {
+              folded_item(m, l, cross, h, B, mine.items[i],
+                          s.scores.data() + t.id() * scratch,
+                          mine.out.data());
             },
-            [&](int64_t i, Team::Member& me) {
-              const Own& o = s.own[me.id()];
-              std::copy(o.out.begin(), o.out.begin() + E, s.partial.begin() + o.items[i] * E);
+            [&](int64_t i) {
+              const int64_t at = mine.items[i] * E;
+              std::copy(mine.out.begin(), mine.out.begin() + E, s.partial.begin() + at);
             });
-        t.region(  // the heads in order, whichever member made them: a row's sums do not
-                   // depend on the batch
+        t.region(
             n > 0 ? 1 : 0,
-            [&](int64_t, Team::Member& me) {
-              Own& o = s.own[me.id()];
-              std::copy(x, x + B * E, o.rows.begin());
-              for (const int64_t i : o.items) {
-                const float* part = s.partial.data() + i * E;
-                float* xb = o.rows.data() + i / H * E;
-                for (int64_t e = 0; e < E; ++e) xb[e] += part[e];
-              }
+            [&](int64_t) {
+              std::copy(x, x + B * E, mine.rows.begin());
+              add_folded_heads(m, mine.items, s.partial.data(), mine.rows.data());
             },
-            [&](int64_t, Team::Member& me) {
-              const Own& o = s.own[me.id()];
-              std::copy(o.rows.begin(), o.rows.begin() + B * E, x);
+            [&](int64_t) {
+              std::copy(mine.rows.begin(), mine.rows.begin() + B * E, x);
             });
       }
       if (projected) {  // a folded row's attention output is zero here: out_cross adds nothing
-        quantize_region(t, s, w.q_cross, x, E, B, &w.ln_cross, m.eps);
+        if (cross.folded)  // h = ln_cross(x) made above, before the folded heads were added
+          quantize_region(t, s, w.q_cross, h, E, B);
+        else
+          quantize_region(t, s, w.q_cross, x, E, B, &w.ln_cross, m.eps);
         product_region<Out::Store>(t, s, w.q_cross, B, qkv, E);
         t.region(
             B * H,
-            [&](int64_t i, Team::Member& me) {
+            [&](int64_t i) {
               for (int64_t j = i + 1; j < std::min(B * H, i + 1 + kCrossAhead); ++j)
                 ask_cross(m, l, cross, B, j);
               cross_item(m, l, cross, qkv, B, i / H, i % H,
-                         s.scores.data() + me.id() * scratch,
-                         s.own[me.id()].out.data());
+                         s.scores.data() + t.id() * scratch,
+                         mine.out.data());
             },
-            [&](int64_t i, Team::Member& me) {
-              const float* out = s.own[me.id()].out.data();
+            [&](int64_t i) {
+              const float* out = mine.out.data();
               std::copy(out, out + D, a + i / H * E + i % H * D);
             });
         quantize_region(t, s, w.out_cross, a, E, B);

@@ -192,9 +192,10 @@ class Team::Member {
   int64_t regions() const { return regions_; }
   uint64_t target() const { return target_; }
 
-  // The program's next region: compute(item) for each of `items` items into the calling
-  // member's memory, then commit(item) to write it where the next regions read it, once per
-  // item; returns when every item is committed (or at once if the team is past this region).
+  // The program's next region: compute(item) for each of `items` items into this member's own
+  // memory (the program's callbacks are its own member's: they know whose memory), then
+  // commit(item) to write it where the next regions read it, once per item; returns when every
+  // item is committed (or at once if the team is past this region).
   template <class Compute, class Commit>
   void region(int64_t items, Compute&& compute, Commit&& commit) {
     region(items, nullptr, compute, commit);
@@ -239,40 +240,42 @@ class Team::Member {
     std::atomic<uint64_t>& state = team_.states_[i];
     uint64_t w = state.load(std::memory_order_acquire);
     if (region_of(w) >= r) return;
-    const uint64_t claimed = word(r, kClaimed, id_);
-    if (!state.compare_exchange_strong(w, claimed, std::memory_order_acq_rel)) return;
-    compute(i, *this);
-    for (int64_t k = 0; k < team_.stall_count_; ++k) {
-      const Stall& s = team_.stalls_[k];
-      if (s.member == id_ && s.item == i && team_.base_ + static_cast<uint64_t>(s.region) == r)
-        std::this_thread::sleep_for(std::chrono::duration<double>(s.seconds));
-    }
-    uint64_t expect = claimed;
-    if (!state.compare_exchange_strong(expect, word(r, kCommitting, id_), std::memory_order_acq_rel))
-      return;  // taken over meanwhile: the other member's result lands
-    commit(i, *this);
-    state.store(word(r, kDone, id_), std::memory_order_release);
-    team_.count_done();
+    if (state.compare_exchange_strong(w, word(r, kClaimed, id_), std::memory_order_acq_rel))
+      finish(r, i, compute, commit, true);
   }
 
-  // Another member's claimed item, claimed again by this one and done as `claim` does it (so
-  // that a member descheduled in turn can be taken over as well).
+  // Another member's claimed item, claimed again by this one and finished as `claim` finishes
+  // it (so that a member descheduled in turn can be taken over as well).
   template <class Compute, class Commit>
   void take_over(uint64_t r, int64_t i, Compute& compute, Commit& commit) {
     std::atomic<uint64_t>& state = team_.states_[i];
     uint64_t w = state.load(std::memory_order_acquire);
     if (region_of(w) != r || status_of(w) != kClaimed || member_of(w) == static_cast<uint64_t>(id_))
       return;
-    const uint64_t claimed = word(r, kClaimed, id_);
-    if (!state.compare_exchange_strong(w, claimed, std::memory_order_acq_rel)) return;
-    compute(i, *this);
-    uint64_t expect = claimed;
-    if (!state.compare_exchange_strong(expect, word(r, kCommitting, id_), std::memory_order_acq_rel))
-      return;
-    commit(i, *this);
+    if (state.compare_exchange_strong(w, word(r, kClaimed, id_), std::memory_order_acq_rel) &&
+        finish(r, i, compute, commit, false))
+      team_.taken_over_.fetch_add(1, std::memory_order_relaxed);
+  }
+
+  // Item i, claimed by this member: computed, then committed unless another member took it over
+  // meanwhile (whether it was; `stallable`: the tests' stalls apply, after the computing).
+  template <class Compute, class Commit>
+  bool finish(uint64_t r, int64_t i, Compute& compute, Commit& commit, bool stallable) {
+    compute(i);
+    for (int64_t k = 0; stallable && k < team_.stall_count_; ++k) {
+      const Stall& s = team_.stalls_[k];
+      if (s.member == id_ && s.item == i && team_.base_ + static_cast<uint64_t>(s.region) == r)
+        std::this_thread::sleep_for(std::chrono::duration<double>(s.seconds));
+    }
+    std::atomic<uint64_t>& state = team_.states_[i];
+    uint64_t claimed = word(r, kClaimed, id_);
+    if (!state.compare_exchange_strong(claimed, word(r, kCommitting, id_),
+                                       std::memory_order_acq_rel))
+      return false;  // taken over meanwhile: the other member's result lands
+    commit(i);
     state.store(word(r, kDone, id_), std::memory_order_release);
-    team_.taken_over_.fetch_add(1, std::memory_order_relaxed);
     team_.count_done();
+    return true;
   }
 
   bool complete() const { return team_.done_.load(std::memory_order_acquire) >= target_; }
