@@ -18,8 +18,9 @@ position, and a window restart landing in one condition's turn would weigh on th
   (what `radio serve` does; one tuner per condition, kept across rounds).
 
 Prints the real-time factor of each condition (seconds of audio per second of wall time, the
-median of the rounds) and its ratio to one thread alone. Start it on an otherwise idle machine:
-the busy loops are the only competition it should meet.
+median of the rounds) and its ratio to one thread alone, and this machine's plain read before
+and after (`bench_kernels.py`'s). Start it on an otherwise idle machine: the busy loops are the
+only competition it should meet.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_engine import PROMPT, load_options, model_dir, say  # noqa: E402
+from bench.bench_kernels import plain_read  # noqa: E402
 from engine import MusicModel, SamplingOptions, WindowOptions  # noqa: E402
 from engine.threads import ThreadTuner  # noqa: E402
 
@@ -87,6 +89,7 @@ def main() -> int:
         ("2 busy processes, adaptive", 0, 2),
     ]
     tuners = {name: ThreadTuner(threads) for name, n, _ in conditions if n == 0}
+    before = plain_read(3)  # (with every thread, nothing else running)
     rtfs: dict[str, list[float]] = {name: [] for name, _, _ in conditions}
     for r in range(args.rounds):
         for name, n_threads, busy in conditions:
@@ -105,6 +108,7 @@ def main() -> int:
             chosen = f" ({tuners[name].describe()})" if name in tuners else ""
             say(f"  round {r + 1}, {name}: real-time factor {rtfs[name][-1]:.3f}{chosen}")
     torch.set_num_threads(threads)
+    after = plain_read(3)
     floor = statistics.median(rtfs["quiet, 1 thread"])
     say("")
     say(f"| {args.size} shapes, {args.mode}, one station | real-time factor | vs 1 thread alone |")
@@ -112,6 +116,7 @@ def main() -> int:
     for name, _, _ in conditions:
         rtf = statistics.median(rtfs[name])
         say(f"| {name} | {rtf:.3f} | x{rtf / floor:.2f} |")
+    say(f"plain read: {before:.1f} GB/s before, {after:.1f} GB/s after")
     return 0
 
 

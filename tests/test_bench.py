@@ -359,6 +359,7 @@ def test_contention_benchmark_prints_each_condition(tmp_path):
         r"1 busy process, adaptive",
     ):
         assert re.search(rf"\| {condition} \| [\d.]+ \| x[\d.]+ \|", out), condition
+    assert re.search(r"plain read: [\d.]+ GB/s before, [\d.]+ GB/s after", out)
 
 
 def test_load_benchmark_serves_every_client(tmp_path):
