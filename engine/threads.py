@@ -2,7 +2,7 @@
 
 A decode step's threads run it as a team (engine/kernels/team.h): a thread that the scheduler
 takes off its core has its work taken over, so beside a busy process two threads still beat one
-(x1.20-1.25 of one quiet thread on a 2-core Xeon, the codec included). The rest of a chunk's
+(x1.17-1.25 of one quiet thread on a 2-core Xeon, the codec included). The rest of a chunk's
 work splits with PyTorch's `at::parallel_for` (OpenMP), whose every parallel region ends in a
 barrier: the streaming codec, a prefill's products. Beside a busy process one thread is often
 descheduled for a whole time slice, and then every such region waits for it: two threads there
