@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import engine.kernels as kernels  # noqa: E402
+import engine.memory as memory  # noqa: E402
 from engine import LoadOptions, ModelLoadError, MusicModel, SamplingOptions, WindowOptions  # noqa: E402
 from engine.tiny import build_tiny_model  # noqa: E402
 
@@ -125,6 +126,7 @@ def bench_realtime(
     cold: bool = False,
     unfolded: bool = False,
     vnni: bool = False,
+    small_pages: bool = False,
     hunt_minutes: float = 0.0,
     slow_read: float = SLOW_READ,
     slow_seconds: float = 10.0,
@@ -137,7 +139,9 @@ def bench_realtime(
     whose fused step runs the cross-attention's projections every step instead of reading them
     folded into the text (`Decoder.fold_cross` off), as "<mode> unfolded". `vnni`: where the int8
     products run on AMX tiles, each mode also on a model of its own with them on VNNI (the tiles
-    off around its turns), as "<mode> vnni".
+    off around its turns), as "<mode> vnni". `small_pages`: each mode also on a model of its own
+    whose weights stay in 4 KB pages (`engine.memory.huge_pages` off while it loads), as
+    "<mode> 4k".
 
     `hunt_minutes`: after `seconds` of audio, the turns go on (the streams' windows restarting,
     as in a steady stream) until every mode has `slow_seconds` of audio in turns between two
@@ -164,6 +168,16 @@ def bench_realtime(
     elif vnni:
         for m in list(loaded):
             runs[f"{m} vnni"] = (MusicModel.load(load_options(path, m)), window)
+    if small_pages:
+        memory.set_huge_pages(False)
+        try:
+            for m in list(loaded):
+                model = MusicModel.load(load_options(path, m))
+                runs[f"{m} 4k"] = (model, window)
+                made = loaded[m].decoder.weight_pages.made >> 20
+                say(f"  {m}: {made} MB of weights in 2 MB pages, {m} 4k: none")
+        finally:
+            memory.set_huge_pages(True)
     on_vnni = {label for label in runs if label.endswith(" vnni")}
     models = {label: model for label, (model, _) in runs.items()}
     modes = list(runs)
@@ -453,6 +467,12 @@ def main() -> int:
         "with them on VNNI, taking turns with the AMX ones",
     )
     parser.add_argument(
+        "--small-pages-too",
+        action="store_true",
+        help="with --realtime-only: each mode also with its weights in 4 KB pages (not moved "
+        "into 2 MB ones), taking turns with the others",
+    )
+    parser.add_argument(
         "--hunt-minutes",
         type=float,
         default=0.0,
@@ -491,6 +511,7 @@ def main() -> int:
             cold=args.cold_too,
             unfolded=args.unfolded_too,
             vnni=args.vnni_too,
+            small_pages=args.small_pages_too,
             hunt_minutes=args.hunt_minutes,
             slow_read=args.slow_read,
             slow_seconds=args.slow_seconds,

@@ -21,6 +21,7 @@ cache's slots with the mask `arange(P) <= position[row]`), the function the GPU'
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from engine.linear import (
     make_linear,
     projection_precision,
 )
+from engine.memory import HugePages, huge_pages
 from engine.settings import TEXT_BFLOAT16, Resolved, for_decoder
 
 if TYPE_CHECKING:
@@ -278,6 +280,48 @@ def concat_cross(parts: list[CrossKV]) -> CrossKV:
 
 PROJECTIONS = ("qkv", "out_self", "q_cross", "out_cross", "fc1", "fc2")  # a layer's, by name
 
+log = logging.getLogger(__name__)
+
+
+def packed_weights(
+    layers: Sequence[LayerWeights], lm_heads: Projection | None = None
+) -> list[torch.Tensor]:
+    """The packed weights and scales of our kernels' projections (`pack_int8`, `pack_int4`):
+    what a decode step streams from memory, every byte once a step."""
+    projections = [*(getattr(w, name) for w in layers for name in PROJECTIONS), lm_heads]
+    return [
+        t
+        for p in projections
+        for t in (getattr(p, "packed", None), getattr(p, "scales", None))
+        if isinstance(t, torch.Tensor)
+    ]
+
+
+def in_huge_pages(
+    what: str, layers: Sequence[LayerWeights], lm_heads: Projection, spent: float = 0.0
+) -> HugePages:
+    """The packed weights of `layers` and `lm_heads` moved into 2 MB pages
+    (`engine.memory.huge_pages`: a step's page walks), said in the log as `what` (with `spent`
+    seconds of moving them before)."""
+    began = time.perf_counter()
+    pages = huge_pages(packed_weights(layers, lm_heads))
+    if pages.made:
+        log.info(
+            "%s in 2 MB pages: %d of %d MB in %.0f ms (a step streams them: fewer page walks)",
+            what,
+            pages.made >> 20,
+            pages.whole >> 20,
+            1000 * (spent + time.perf_counter() - began),
+        )
+    if pages.refused and pages.whole > pages.made:
+        log.info(
+            "%s: %d MB stay in 4 KB pages: %s",
+            what,
+            (pages.whole - pages.made) >> 20,
+            pages.refused,
+        )
+    return pages
+
 
 def projection_bytes(p: object) -> int:
     """Bytes of weights a projection reads per step: our kernels' packed layouts with their
@@ -417,10 +461,12 @@ class Decoder:
             ]
         self.layer_norm_eps = dec.layer_norm.eps
         self._fused = self._fused_step()
+        self.weight_pages = in_huge_pages(f"{precision} weights", self.layers, self.lm_heads)
         # coarse weights (`use_coarse`): int4 projections swapped in while generation cannot
         # keep up, in the last `coarse` share of the layers; built the first time they are
         # asked for, from these modules. Each set: (layers, prefill layers, lm heads, fused step)
         self.coarse = 0.0
+        self.coarse_pages: HugePages | None = None  # the int4 set's, once built
         self._source = (dec.layers, causal_lm.lm_heads)  # modules: no weight copy kept
         self._fine: WeightSet = (self.layers, self.prefill_layers, self.lm_heads, self._fused)
         self._coarse: WeightSet | None = None  # every layer and the lm heads int4
@@ -506,14 +552,19 @@ class Decoder:
         modules = KernelModules(self._kernels, self._modules.int4 or int4.get())
         layers, heads = self._source
         coarse: list[LayerWeights] = []
+        spent = 0.0  # moving them into huge pages, a layer at a time as well
         for layer in layers:
             if coarse:
                 yield
             coarse.append(self._layer(layer, "int4", modules, self.int4_group))
+            began = time.perf_counter()
+            huge_pages(packed_weights(coarse[-2:]))  # this layer's, and where the last one ends
+            spent += time.perf_counter() - began
         lm_heads = make_linear(_joined_heads(heads), "int4", modules, self.int4_group)
         fused = self._fused_step(coarse, lm_heads)
         assert fused is not None, "int4 projections run on the fused step where int8 ones do"
         if not self.coarse_ready:  # another iterator may have finished first
+            self.coarse_pages = in_huge_pages("int4 weights (coarse)", coarse, lm_heads, spent)
             self._coarse = (coarse, coarse, lm_heads, fused)
         yield
 

@@ -240,12 +240,12 @@ def test_engine_benchmark_hunt_ends_on_ctrl_c_with_its_figures(tmp_path):
 
 def test_engine_benchmark_realtime_only(tmp_path):
     """Warm and prefilled window restarts taking turns: 6 s of audio cross 2 window restarts
-    (window 150, context 40: 107 new frames per window); the cross-attention unfolded taking
-    turns as well."""
+    (window 150, context 40: 107 new frames per window); the cross-attention unfolded and the
+    weights in 4 KB pages taking turns as well."""
     out = _run(
         "bench_engine.py",
         *("--size", "tiny", "--realtime-only", "--realtime-seconds", "6", "--cold-too"),
-        "--unfolded-too",
+        *("--unfolded-too", "--small-pages-too"),
         *("--window", "150", "--context", "40"),
         tmp_path=tmp_path,
     )
@@ -275,6 +275,8 @@ def test_engine_benchmark_realtime_only(tmp_path):
     unfolded = r"real time, int8 unfolded, .* folded into the text in 0% of the turns"
     assert re.search(unfolded, out), out
     assert re.search(r"int8 unfolded's real-time factor: x[\d.]+ int8's \(same turns\)", out)
+    assert re.search(r"  int8: \d+ MB of weights in 2 MB pages, int8 4k: none\n", out), out
+    assert re.search(r"int8 4k's real-time factor: x[\d.]+ int8's \(same turns\)", out), out
 
 
 def test_kernels_benchmark_prints_each_kernel(tmp_path):

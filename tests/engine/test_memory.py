@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -129,3 +130,63 @@ def test_a_warm_heap_serves_new_blocks_without_faulting() -> None:
     assert steps == 0 and faults > pages // 2, f"only {faults} page faults without warm_heap"
     _, steps, _ = run("default")  # (freed memory not kept: the reserve would go back at once)
     assert steps == 0
+
+
+def _huge_bytes_over(first: int, last: int) -> int:
+    """AnonHugePages (bytes) of the mappings in /proc/self/smaps that overlap [first, last)."""
+    total, overlaps = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                start, end = (int(x, 16) for x in head.split("-"))
+                overlaps = start < last and first < end
+            elif overlaps and line.startswith("AnonHugePages:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="madvise(MADV_COLLAPSE) is Linux's"
+)
+def test_huge_pages_move_a_tensors_memory_into_2mb_pages_and_keep_its_values() -> None:
+    """What a decoder's packed weights get at load (`Decoder.weight_pages`): the tensor's whole
+    2 MB pages become huge pages, as the kernel's own accounting says, with the same values."""
+    import torch
+
+    from engine.memory import HUGE_PAGE, huge_pages
+
+    t = torch.arange(8 * 2**20, dtype=torch.int32)  # 32 MB, every page touched
+    before = t.clone()
+    start = t.untyped_storage().data_ptr()
+    first = -(-start // HUGE_PAGE) * HUGE_PAGE
+    last = (start + t.untyped_storage().nbytes()) // HUGE_PAGE * HUGE_PAGE
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.is_file() and "[madvise]" in thp.read_text():  # (with [always] they may be huge)
+        assert _huge_bytes_over(first, last) == 0  # 4 KB pages: nothing asked for more
+    pages = huge_pages([t, t[: 2**20], t[2**20 :]])  # views of one storage: one range
+    assert pages.whole == last - first >= 30 * 2**20
+    if pages.made == 0:
+        pytest.skip(f"this kernel makes no huge pages: {pages.refused}")
+    assert (pages.made, pages.refused) == (pages.whole, "")
+    assert _huge_bytes_over(first, last) >= pages.made
+    assert torch.equal(t, before)
+    again = huge_pages([t])  # already huge: nothing to do, and said so
+    assert (again.whole, again.made, again.refused) == (pages.whole, pages.whole, "")
+
+
+def test_huge_pages_turned_off_or_without_cpu_memory_do_nothing() -> None:
+    import torch
+
+    from engine.memory import huge_pages, set_huge_pages
+
+    t = torch.ones(4 * 2**20, dtype=torch.int32)
+    set_huge_pages(False)
+    try:
+        off = huge_pages([t])
+    finally:
+        set_huge_pages(True)
+    assert off.whole > 0 and off.made == 0
+    assert "ENDLESS_RADIO_HUGE_PAGES=0" in off.refused
+    assert huge_pages([torch.empty(2**24, device="meta")]) == huge_pages([])
+    assert huge_pages([]).whole == 0
