@@ -1,4 +1,5 @@
-"""Keep freed memory in the process, so that work which comes now and then does not fault.
+"""The process's memory: freed memory kept, so that work which comes now and then does not
+fault; a model's weights in 2 MB pages.
 
 glibc gives large blocks back to the kernel when they are freed (those above its mmap
 threshold, 128 KB rising to at most 32 MB as such blocks come and go, and the free top of its
@@ -31,10 +32,9 @@ reserve after them.
 weights) into the kernel's 2 MB pages (`madvise(MADV_COLLAPSE)`, Linux 6.1 on): a step reads
 every weight once, ~330 MB for musicgen-small int8, and in 4 KB pages that is ~80,000 pages a
 step, each a TLB miss whose page walk (two-dimensional under a hypervisor) comes before the
-bytes. On the 2-core Intel Xeon VM, one station x1.06 faster with int8 weights, x1.05 with int4
-weights and cache (two copies of the model in one process in turns, either one in huge pages:
-docs/benchmarks.md). glibc's heap is 4 KB pages unless asked (`transparent_hugepage` set to
-`madvise`, the usual default). `ENDLESS_RADIO_HUGE_PAGES=0` (or `set_huge_pages(False)`) leaves
+bytes. On the 2-core Intel Xeon VM, one station x1.01-1.03 faster with int8 weights, x1.03-1.04
+with int4 weights and cache (docs/kernels.md, "Weights in 2 MB pages"). glibc's heap is 4 KB
+pages unless asked (`transparent_hugepage` set to `madvise`, the usual default). `ENDLESS_RADIO_HUGE_PAGES=0` (or `set_huge_pages(False)`) leaves
 them in small pages, for comparisons.
 
 `freeze_long_lived()` takes the objects alive now (a loaded model and the radio around it:
@@ -53,7 +53,7 @@ import logging
 import os
 import resource
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -232,7 +232,7 @@ _COLLAPSE_ERRORS = {
 }
 
 
-def _madvise():  # -> a ctypes function, or None
+def _madvise() -> Callable[[int, int, int], int] | None:
     if not sys.platform.startswith("linux"):
         return None
     libc = _glibc()
