@@ -73,6 +73,7 @@ struct PackedInt8 {
   const float* scales;  // [N]: w[n] ~ scales[n] * q[n]
   int64_t N;  // output features
   int64_t Kp;  // input features, padded to a multiple of 4
+  int64_t blocks() const { return (N + kBlock - 1) / kBlock; }
 };
 
 struct QuantRows {  // M rows of activations, int8 with one scale per row

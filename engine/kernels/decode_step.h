@@ -38,6 +38,12 @@ struct Projection {
   int64_t out_features() const { return kind == Kind::Int4 ? int4.N : int8.N; }
   int64_t padded_inputs() const { return kind == Kind::Int4 ? int4.Kp : int8.Kp; }
   int64_t groups() const { return kind == Kind::Int4 ? int4.groups() : 0; }  // int4's per row
+  // A product's items for a team (team.h), and the output features of each: int8's blocks,
+  // int4's panels.
+  int64_t items() const { return kind == Kind::Int4 ? int4.panels() : int8.blocks(); }
+  int64_t item_features() const {
+    return kind == Kind::Int4 ? int4::kPanel * int4::kFeatures : kBlock;
+  }
 };
 
 struct LayerNormW {
@@ -145,11 +151,8 @@ struct StepScratch {
       o.out.resize(m.E), o.kv.resize(B * m.H * 2 * m.D), o.kv_scales.resize(B * m.H * 2);
       o.items.reserve(B * m.H);
     }
-    int64_t items = B * m.H;  // the widest region: a product's blocks or the attention's items
-    m.each_projection([&](const Projection& p) {
-      items = std::max(items, p.kind == Projection::Kind::Int4 ? p.int4.blocks()
-                                                                : (p.int8.N + kBlock - 1) / kBlock);
-    });
+    int64_t items = B * m.H;  // the widest region: a product's or the attention's
+    m.each_projection([&](const Projection& p) { items = std::max(items, p.items()); });
     team.fit(items);
   }
 };
@@ -205,20 +208,16 @@ inline void product_region(Team::Member& t, StepScratch& s, const Projection& w,
   // Store and Gelu compute what lands; an Add computes the product alone and adds it at commit
   // (the same float additions as the fused epilogue's).
   constexpr Out kCompute = OUT == Out::Add ? Out::Store : OUT;
-  const int64_t N = w.out_features();
-  int64_t items = 0, features = 0;
+  const int64_t N = w.out_features(), features = w.item_features();
   uint64_t tiles = 0;
   int4::Plan plan;
   float* y_own = s.own[t.id()].y.data();
-  if (w.kind == Projection::Kind::Int8) {
-    items = (N + kBlock - 1) / kBlock, features = kBlock;
+  if (w.kind == Projection::Kind::Int8)
     tiles = int8_tiles_product(w.int8, B);
-  } else {
+  else
     plan = int4::plan(w.int4, B);
-    items = plan.items, features = plan.features;
-  }
   t.region(
-      items,
+      w.items(),
       [&](int64_t i) {
         if (w.kind == Projection::Kind::Int8) {
           const PackedInt8& p = w.int8;
@@ -251,24 +250,19 @@ inline void product_region(Team::Member& t, StepScratch& s, const Projection& w,
       });
 }
 
-// The bytes of `w` this member streams in its product (its share of the blocks, as the team
+// The bytes of `w` this member streams in its product (its own share of the items, as the team
 // splits them), as ranges to ask for early: int8's packed blocks, or int4's codes and their
-// scales (both contiguous over the blocks); an empty range where there is none. Up to 16 rows
-// (a decode step); above, int4 goes by panels of blocks and the ranges are only a good guess.
+// scales (both contiguous over the blocks); an empty range where there is none.
 inline std::array<std::pair<const uint8_t*, const uint8_t*>, 2> member_share(
     const Projection& w, const Team::Member& t) {
-  auto share = [&](int64_t blocks) {
-    const int64_t chunk = (blocks + t.members() - 1) / t.members();
-    const int64_t b0 = std::min(blocks, t.id() * chunk);
-    return std::pair<int64_t, int64_t>{b0, std::min(blocks, b0 + chunk)};
-  };
+  const auto [i0, i1] = t.share_of(w.items());
   if (w.kind == Projection::Kind::Int8) {
     const int64_t bytes = w.int8.Kp * kBlock;
-    const auto [b0, b1] = share((w.int8.N + kBlock - 1) / kBlock);
-    return {{{w.int8.data + b0 * bytes, w.int8.data + b1 * bytes}, {nullptr, nullptr}}};
+    return {{{w.int8.data + i0 * bytes, w.int8.data + i1 * bytes}, {nullptr, nullptr}}};
   }
   const int4::PackedInt4& p = w.int4;
-  const auto [b0, b1] = share(p.blocks());
+  const int64_t b0 = std::min(p.blocks(), i0 * int4::kPanel);
+  const int64_t b1 = std::min(p.blocks(), i1 * int4::kPanel);
   const auto* scales = reinterpret_cast<const uint8_t*>(p.scales);
   const int64_t scale_bytes = p.groups() * 2 * int4::kFeatures * sizeof(uint16_t);
   return {{{p.block_codes(b0), p.block_codes(b1)},

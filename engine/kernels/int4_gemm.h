@@ -76,6 +76,7 @@ struct PackedInt4 {
   int64_t Kp;  // input features, padded to a multiple of G
   int64_t G;  // inputs per group, a multiple of 32
   int64_t blocks() const { return (N + kFeatures - 1) / kFeatures; }
+  int64_t panels() const { return (blocks() + kPanel - 1) / kPanel; }  // a product's items
   int64_t groups() const { return Kp / G; }
   const uint8_t* block_codes(int64_t b) const { return codes + b * Kp * (kStepBytes / kStep); }
   const uint16_t* block_scales(int64_t b) const { return scales + b * groups() * 2 * kFeatures; }
@@ -404,46 +405,40 @@ void panel_amx(const PackedInt4& w, int64_t b0, int64_t b1, const GroupedRows& x
 // How a product of M rows goes: by blocks of kFeatures (a decode step's rows), or by panels of
 // kPanel blocks on the AMX tiles (from kAmxMinRows rows, or amx_min_rows() if more, where the
 // build and the CPU have the tiles; groups of 64 inputs or a multiple) or through L2 (a
-// prefill's rows). Each block or panel is one item of the product for a team (team.h).
+// prefill's rows). Each panel of kPanel blocks (kPanel * kFeatures features) is one item of the
+// product (`PackedInt4::panels`), for a team (team.h) as for parallel_blocks.
 struct Plan {
   enum class Kind { Blocks, TilePanels, Panels } kind = Kind::Blocks;
-  int64_t items = 0, features = 0;  // items, output features per item
   uint64_t tiles_product = 0;  // amx.h `ready`'s number, for TilePanels
 };
 
 inline Plan plan(const PackedInt4& w, int64_t M) {
-  const int64_t blocks = w.blocks(), panels = (blocks + kPanel - 1) / kPanel;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   const int64_t tiles_from = amx_min_rows();
-  if (tiles_from > 0 && M >= std::max(tiles_from, kAmxMinRows) && w.G % 64 == 0) {
-    return Plan{Plan::Kind::TilePanels, panels, kPanel * kFeatures,
-                amx::products.fetch_add(1, std::memory_order_relaxed) + 1};
-  }
+  if (tiles_from > 0 && M >= std::max(tiles_from, kAmxMinRows) && w.G % 64 == 0)
+    return Plan{Plan::Kind::TilePanels, amx::products.fetch_add(1, std::memory_order_relaxed) + 1};
 #endif
-  // a decode step's blocks go kPanel to an item: a team's claim per item costs, and blocks of
-  // 16 features made 4x int8's items
-  if (M <= kMaxChunkedRows) return Plan{Plan::Kind::Blocks, panels, kPanel * kFeatures, 0};
-  return Plan{Plan::Kind::Panels, panels, kPanel * kFeatures, 0};
+  // a decode step's blocks go kPanel to an item as well: a team's claim per item costs, and
+  // blocks of 16 features made 4x int8's items
+  return Plan{M <= kMaxChunkedRows ? Plan::Kind::Blocks : Plan::Kind::Panels, 0};
 }
 
-// Item i of the product `p` plans: its features of y [M][ldy] = (or +=) x w^T.
+// Item i (a panel) of the product `p` plans: its features of y [M][ldy] = (or +=) x w^T.
 template <bool ADD>
 void gemm_int4_item(const PackedInt4& w, const GroupedRows& x, int64_t M, float* y, int64_t ldy,
                     const Plan& p, int64_t i) {
-  const int64_t blocks = w.blocks();
+  const int64_t b0 = i * kPanel, b1 = std::min(w.blocks(), b0 + kPanel);
   switch (p.kind) {
     case Plan::Kind::Blocks:
-      for (int64_t b = i * kPanel; b < std::min(blocks, (i + 1) * kPanel); ++b)
-        block_chunked<ADD>(w, b, x, M, y, ldy);
+      for (int64_t b = b0; b < b1; ++b) block_chunked<ADD>(w, b, x, M, y, ldy);
       return;
     case Plan::Kind::TilePanels:
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-      panel_amx<ADD>(w, i * kPanel, std::min(blocks, (i + 1) * kPanel), x, M, y, ldy,
-                     p.tiles_product);
+      panel_amx<ADD>(w, b0, b1, x, M, y, ldy, p.tiles_product);
 #endif
       return;
     case Plan::Kind::Panels:
-      panel_rows<ADD>(w, i * kPanel, std::min(blocks, (i + 1) * kPanel), x, M, y, ldy);
+      panel_rows<ADD>(w, b0, b1, x, M, y, ldy);
       return;
   }
 }
@@ -453,12 +448,12 @@ template <bool ADD>
 void gemm_int4(const PackedInt4& w, const GroupedRows& x, int64_t M, float* y, int64_t ldy) {
   const Plan p = plan(w, M);
   if (p.kind == Plan::Kind::Panels) {  // a prefill: panels in contiguous runs, through L2
-    at::parallel_for(0, p.items, 1, [&](int64_t p0, int64_t p1) {
+    at::parallel_for(0, w.panels(), 1, [&](int64_t p0, int64_t p1) {
       for (int64_t i = p0; i < p1; ++i) gemm_int4_item<ADD>(w, x, M, y, ldy, p, i);
     });
     return;
   }
-  parallel_blocks(p.items, [&](int64_t i) { gemm_int4_item<ADD>(w, x, M, y, ldy, p, i); });
+  parallel_blocks(w.panels(), [&](int64_t i) { gemm_int4_item<ADD>(w, x, M, y, ldy, p, i); });
 }
 
 }  // namespace er::int4

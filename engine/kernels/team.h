@@ -206,9 +206,12 @@ class Team::Member {
   Member(Team& team, int64_t id, int64_t members)
       : team_(team), id_(id), members_(members), target_(team.items_before_) {}
   int64_t id() const { return id_; }
-  int64_t members() const { return members_; }
   int64_t regions() const { return regions_; }
   uint64_t target() const { return target_; }
+
+  // This member's own share of a region of `items` items split in equal counts: the t-th chunk
+  // of divup(items, members).
+  std::pair<int64_t, int64_t> share_of(int64_t items) const { return share(items, id_); }
 
   // The program's next region: compute(item) for each of `items` items into this member's own
   // memory (the program's callbacks are its own member's: they know whose memory), then
@@ -228,16 +231,13 @@ class Team::Member {
     if (items <= 0) return;
     target_ += static_cast<uint64_t>(items);
     if (complete()) return;
-    const int64_t chunk = (items + members_ - 1) / members_;
-    auto share = [&](int64_t t) {
-      if (bounds) return std::pair<int64_t, int64_t>{bounds[t], bounds[t + 1]};
-      const int64_t i0 = std::min(items, t * chunk);
-      return std::pair<int64_t, int64_t>{i0, std::min(items, i0 + chunk)};
+    auto share_of = [&](int64_t t) {
+      return bounds ? std::pair<int64_t, int64_t>{bounds[t], bounds[t + 1]} : share(items, t);
     };
-    const auto [own0, own1] = share(id_);
+    const auto [own0, own1] = share_of(id_);
     for (int64_t i = own0; i < own1; ++i) claim(r, i, compute, commit);
     for (int64_t u = 1; u < members_; ++u) {
-      const auto [o0, o1] = share((id_ + u) % members_);
+      const auto [o0, o1] = share_of((id_ + u) % members_);
       for (int64_t i = o1 - 1; i >= o0; --i) claim(r, i, compute, commit);
     }
     if (members_ == 1) return;
@@ -253,6 +253,11 @@ class Team::Member {
   }
 
  private:
+  std::pair<int64_t, int64_t> share(int64_t items, int64_t t) const {
+    const int64_t chunk = (items + members_ - 1) / members_, i0 = std::min(items, t * chunk);
+    return {i0, std::min(items, i0 + chunk)};
+  }
+
   template <class Compute, class Commit>
   void claim(uint64_t r, int64_t i, Compute& compute, Commit& commit) {
     std::atomic<uint64_t>& state = team_.states_[i];

@@ -254,7 +254,7 @@ void gemm_int8_block(const PackedInt8& w, const QuantRows& x, int64_t M, float* 
 // goes over it from memory.
 template <Out OUT, bool U = false>
 void gemm_int8(const PackedInt8& w, const QuantRows& x, int64_t M, float* y, int64_t ldy) {
-  parallel_blocks((w.N + kBlock - 1) / kBlock,
+  parallel_blocks(w.blocks(),
                   [&](int64_t b) { gemm_int8_block<OUT, U>(w, x, M, y, ldy, b); });
 }
 

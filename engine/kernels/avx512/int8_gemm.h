@@ -270,7 +270,7 @@ void gemm_int8_block(const PackedInt8& w, const QuantRows& x, int64_t M, float* 
 template <Out OUT>
 void gemm_int8(const PackedInt8& w, const QuantRows& x, int64_t M, float* y, int64_t ldy) {
   const uint64_t product = int8_tiles_product(w, M);
-  parallel_blocks((w.N + kBlock - 1) / kBlock,
+  parallel_blocks(w.blocks(),
                   [&](int64_t b) { gemm_int8_block<OUT>(w, x, M, y, ldy, b, product); });
 }
 
