@@ -48,6 +48,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import gc
 import logging
 import os
@@ -136,6 +137,7 @@ def page_faults() -> int:
         return 0
 
 
+@functools.cache  # (find_library runs ldconfig: ~2 ms, and the int4 set asks a layer at a time)
 def _glibc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     if name is None:
