@@ -16,9 +16,10 @@ Prints six tables:
 2. why it carries the LSTM state: plain overlap decoding (each chunk decoded alone with `ctx`
    frames before and `la` after, trimmed) vs one-shot, SNR by left context x lookahead;
 3. a fresh start away from frame 0 (LSTM warmed up from zeros) by `context`;
-4. decode cost in ms per second of audio, streamed (LSTM float16, the default, and float32)
-   at the radio's chunk size and at 10/25/50 frames, and one-shot; the SNR of the default
-   stream against the one-shot decode. `--against DIR` adds the streamed cost of another
+4. decode cost in ms per second of audio, streamed (LSTM float16, the default, and float32;
+   and the upsampling stack in bfloat16, `model.codec` auto on a CPU with native bfloat16
+   maths) at the radio's chunk size and at 10/25/50 frames, and one-shot; the SNR of the
+   float32-stack and bfloat16-stack streams against the one-shot decode. `--against DIR` adds the streamed cost of another
    checkout's `StreamingDecoder` (DIR holds its `engine/`; an older single-file
    `engine/codec.py` may be given too) on the original float32 weights, measured interleaved
    with this one in the same process: on a shared machine only such side-by-side figures
@@ -208,10 +209,13 @@ def table_cost(codecs: dict, seconds: int, repeats: int, against: str | None) ->
     print(
         f"\n4. decode cost, wall ms per second of audio ({seconds} s streams, median of "
         f"{repeats} interleaved repeats; CPU ms of the process in brackets), SNR of the "
-        "float16 stream vs one-shot of the same weights"
+        "float16 stream vs one-shot of the same weights (float32 and bfloat16 upsampling)"
     )
     other = _load_decoder_class(against) if against else None
-    head = "| channels | chunk | streamed | LSTM float32 | ratio | one-shot | SNR dB |"
+    head = (
+        "| channels | chunk | streamed | LSTM float32 | ratio | bfloat16 stack | ratio | "
+        "one-shot | SNR dB | bfloat16 stack SNR dB |"
+    )
     if other:
         head += f" {Path(against).name} (float32) | ratio |"
     print(head)
@@ -226,9 +230,12 @@ def table_cost(codecs: dict, seconds: int, repeats: int, against: str | None) ->
             dec = StreamingDecoder(codec, audio_channels=channels)
             snr = snr_db(ref, stream(dec, codes, bounds))
             dec32 = StreamingDecoder(codecs["float32"], audio_channels=channels)
+            bf16 = StreamingDecoder(codec, audio_channels=channels, upsample_dtype=torch.bfloat16)
+            snr_bf16 = snr_db(ref, stream(bf16, codes, bounds))
             runs = {
                 "streamed": partial(_restream, dec, codes, bounds),
                 "float32": partial(_restream, dec32, codes, bounds),
+                "bfloat16": partial(_restream, bf16, codes, bounds),
                 "one-shot": partial(decode_full, codec, codes[:, :frames], channels),
             }
             if other:
@@ -238,9 +245,11 @@ def table_cost(codecs: dict, seconds: int, repeats: int, against: str | None) ->
             cells = {n: f"{cost[n][1]:.0f} ({cost[n][0]:.0f})" for n in runs}
             name = f"{chunk} (radio)" if chunk == RADIO_CHUNK else str(chunk)
             ratio = cost["streamed"][1] / cost["float32"][1]
+            ratio_bf16 = cost["bfloat16"][1] / cost["streamed"][1]
             row = (
                 f"| {channels} | {name} | {cells['streamed']} | {cells['float32']} | "
-                f"{ratio:.2f} | {cells['one-shot']} | {snr:.1f} |"
+                f"{ratio:.2f} | {cells['bfloat16']} | {ratio_bf16:.2f} | {cells['one-shot']} | "
+                f"{snr:.1f} | {snr_bf16:.1f} |"
             )
             if other:
                 row += f" {cells['against']} | {cost['streamed'][1] / cost['against'][1]:.2f} |"

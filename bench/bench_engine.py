@@ -128,6 +128,7 @@ def bench_realtime(
     unfolded: bool = False,
     vnni: bool = False,
     small_pages: str = "",
+    float32_codec: bool = False,
     hunt_minutes: float = 0.0,
     slow_read: float = SLOW_READ,
     slow_seconds: float = 10.0,
@@ -144,7 +145,8 @@ def bench_realtime(
     whose weights stay in 4 KB pages (`engine.memory.huge_pages` off while it loads), as
     "<mode> 4k", loaded "after" the others or "before" them (in one process the copy loaded
     later has run up to x1.05 faster on a VM with identical weights: the two orders' ratios
-    bracket the pages' effect).
+    bracket the pages' effect). `float32_codec`: where the settings run the codec's upsampling
+    stack in bfloat16, each mode also with a float32 one (on the same model), as "<mode> codec32".
 
     `hunt_minutes`: after `seconds` of audio, the turns go on (the streams' windows restarting,
     as in a steady stream) until every mode has `slow_seconds` of audio in turns between two
@@ -191,6 +193,14 @@ def bench_realtime(
             made = loaded[m].decoder.weight_pages.made >> 20
             say(f"  {m}: {made} MB of weights in 2 MB pages, {m} 4k: none ({small_pages})")
             runs[f"{m} 4k"] = (small[m], window)
+    codec32 = set()
+    if float32_codec:
+        for m, model in loaded.items():
+            if model.loaded.settings.codec != "bfloat16":
+                say(f"  --float32-codec-too: {m}'s codec is {model.loaded.settings.codec} already")
+                continue
+            runs[f"{m} codec32"] = (model, window)
+            codec32.add(f"{m} codec32")
     on_vnni = {label for label in runs if label.endswith(" vnni")}
     models = {label: model for label, (model, _) in runs.items()}
     modes = list(runs)
@@ -198,6 +208,8 @@ def bench_realtime(
         label: model.open_stream(PROMPT, SamplingOptions(seed=0), w)
         for label, (model, w) in runs.items()
     }
+    for label in codec32:
+        streams[label].codec = models[label].new_codec("float32")
     for stream in streams.values():
         stream.read(5)  # warm-up
     data = torch.randn(100_000_000)
@@ -489,6 +501,13 @@ def main() -> int:
         "into 2 MB ones), taking turns with the others; loaded after them (default) or before",
     )
     parser.add_argument(
+        "--float32-codec-too",
+        action="store_true",
+        help="with --realtime-only: where the codec's upsampling stack runs in bfloat16 (model."
+        "codec auto on a CPU with native bfloat16 maths), each mode also with a float32 one, "
+        "taking turns with the others on the same model",
+    )
+    parser.add_argument(
         "--hunt-minutes",
         type=float,
         default=0.0,
@@ -528,6 +547,7 @@ def main() -> int:
             unfolded=args.unfolded_too,
             vnni=args.vnni_too,
             small_pages=args.small_pages_too,
+            float32_codec=args.float32_codec_too,
             hunt_minutes=args.hunt_minutes,
             slow_read=args.slow_read,
             slow_seconds=args.slow_seconds,

@@ -223,8 +223,14 @@ class MusicModel:
         stations so."""
         return read_together(streams, frames, interrupt)
 
-    def new_codec(self) -> StreamingDecoder:
-        return StreamingDecoder(self.musicgen.audio_encoder, audio_channels=self.channels)
+    def new_codec(self, codec: str | None = None) -> StreamingDecoder:
+        """A stream's codec decoder, its upsampling stack in `codec` ("float32", "bfloat16",
+        "model") or, by default, as the settings chose (`Resolved.codec`)."""
+        codec = codec or self.loaded.settings.codec
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(codec)
+        return StreamingDecoder(
+            self.musicgen.audio_encoder, audio_channels=self.channels, upsample_dtype=dtype
+        )
 
     def encode_clip(
         self, data: bytes, limits: ClipLimits | None = None, *, single_thread: bool = False

@@ -13,6 +13,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZE = ("auto", "none", "int8", "int4", "int4-ffn")
 KV_CACHES = ("auto", "float32", "bfloat16", "int8", "int4")
 COMPILE = ("auto", "none", "compile", "graphs")
+CODECS = ("auto", "float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,10 @@ class LoadOptions:
     # one where our CPU kernels run, else the attention dtype), "float32", "bfloat16", "int8",
     # or "int4" (our CPU kernels, heads of 64: half int8's bytes, for stations batched together)
     kv_cache: str = "auto"
+    # the streaming codec's upsampling stack (EnCodec's convs, 40-60% of its time): "auto"
+    # (bfloat16 on a CPU with AVX-512 BF16 or AMX, else the model's dtype), "float32" (equal to
+    # the one-shot decode up to float rounding), "bfloat16" (44.6 dB from it: docs/codec.md)
+    codec: str = "auto"
 
     def validate(self) -> LoadOptions:
         if not self.model:
@@ -62,6 +67,8 @@ class LoadOptions:
             raise ValueError(
                 "kv_cache: the compiled step reads a float cache; use auto or bfloat16"
             )
+        if self.codec not in CODECS:
+            raise ValueError(f"codec: must be one of {CODECS}, got {self.codec!r}")
         if self.compile not in COMPILE:
             raise ValueError(f"compile: must be one of {COMPILE}, got {self.compile!r}")
         if self.compile == "graphs" and self.device == "cpu":

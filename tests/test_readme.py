@@ -35,7 +35,9 @@ def test_every_config_key_is_in_the_readme_and_config_toml():
 
 def test_the_keys_are_the_documented_ones():
     """The engine's option dataclasses nested in the config keep the keys users know."""
-    assert cfg.section_keys("model") == ["id", "device", "dtype", "quantize", "compile", "kv_cache"]
+    assert cfg.section_keys("model") == [
+        "id", "device", "dtype", "quantize", "compile", "kv_cache", "codec"
+    ]  # fmt: skip
     generation = cfg.section_keys("generation")
     for key in ("guidance_scale", "temperature", "top_k", "top_p", "seed", "window", "context"):
         assert key in generation

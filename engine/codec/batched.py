@@ -28,13 +28,16 @@ def decode_together(
     calls: list[tuple[StreamingDecoder, torch.Tensor, int, int, int]],
 ) -> list[np.ndarray]:
     """calls: (decoder, codes [K, T], offset, start, stop) per stream, as for
-    `StreamingDecoder.decode`; each decoder at most once, all of the same codec ->
+    `StreamingDecoder.decode`; each decoder at most once, all of the same codec and upsampling
+    dtype ->
     the audio of each call, float32 [channels, (stop - start) * 640]."""
     decoders = [call[0] for call in calls]
     if len({id(d) for d in decoders}) != len(decoders):
         raise ValueError("decode_together: each decoder may appear once")
     if decoders and any(d._encoder is not decoders[0]._encoder for d in decoders):
         raise ValueError("decode_together: every decoder must decode with the same codec")
+    if decoders and any(d.upsample_dtype != decoders[0].upsample_dtype for d in decoders):
+        raise ValueError("decode_together: every decoder must upsample in the same dtype")
     begun = [dec._begin(codes, offset, start, stop) for dec, codes, offset, start, stop in calls]
 
     # The LSTM of every call that runs the same number of frames, as one batch of streams.

@@ -92,8 +92,9 @@ class StreamingDecoder:
     from the old audio to the new. A call with `start > previous stop` starts fresh.
     Memory: `history` x (LSTM state 2 x 2 x 1024 floats) per channel, about 10 MB mono for
     musicgen's codec, plus `history` frames of emitted audio; and once per codec, shared by its
-    decoders, the transposed convs' weights in matmul layout (~39 MB for musicgen) and the
-    float16 copy of the LSTM's recurrent weights (16 MB).
+    decoders, the transposed convs' weights in matmul layout (~39 MB for musicgen; in bfloat16
+    too, ~20 MB, where the stack runs in it) and the float16 copy of the LSTM's recurrent
+    weights (16 MB).
     """
 
     hop: int = HOP
@@ -107,11 +108,14 @@ class StreamingDecoder:
         lookahead: int | None = None,
         crossfade: int = 640,
         history: int = 640,
+        upsample_dtype: torch.dtype | None = None,
     ):
         """context: frames the caller supplies before `start` (up to 6 are read on a continuation
         or rewind, all of them warm the LSTM up on a fresh start); lookahead: frames needed beyond `stop`
         (default and minimum: what the convs and the crossfade need, 5); crossfade: samples,
-        0..640; history: frames of LSTM states and emitted audio kept for exact rewinds."""
+        0..640; history: frames of LSTM states and emitted audio kept for exact rewinds;
+        upsample_dtype: the upsampling stack's weights and activations (None: the codec's own;
+        `torch.bfloat16` on a CPU with fast bfloat16 maths: docs/codec.md)."""
         if audio_channels not in (1, 2):
             raise ValueError(f"audio_channels must be 1 or 2, got {audio_channels!r}")
         if not 0 <= crossfade <= HOP:
@@ -121,7 +125,8 @@ class StreamingDecoder:
             raise ValueError("audio_encoder.decoder must be EnCodec's conv -> LSTM -> upsampling")
         self._encoder = audio_encoder
         self._conv0 = TimeMajorConv1d(layers[0])
-        self._upsample = CroppedUpsampler(list(layers[2:]))
+        self._upsample = CroppedUpsampler(list(layers[2:]), upsample_dtype)
+        self.upsample_dtype = upsample_dtype
         self._lstm = FrameLSTM(layers[1].lstm)
         if self._conv0.left != self._conv0.right:
             raise ValueError("expected EnCodec's first conv to look as far back as ahead")

@@ -53,12 +53,13 @@ class CroppedUpsampler:
     layer to what the samples [lo, hi) need; at frame 0 nothing is cropped on the left, and the
     convs pad there as the one-shot decode's layers do."""
 
-    def __init__(self, layers: list[nn.Module]):
+    def __init__(self, layers: list[nn.Module], dtype: torch.dtype | None = None):
+        self.dtype = dtype  # the stack's weights and activations; None: the modules' own
         self.layers: list = []
         self.shapes: list[tuple] = []  # ("same", reach left, reach right) / ("up", s, k, trim)
         for layer in layers:
             if is_conv_transpose(layer):
-                up = TimeMajorConvTranspose1d(layer)
+                up = TimeMajorConvTranspose1d(layer, dtype)
                 self.layers.append(up)
                 self.shapes.append(("up", up.stride, up.kernel, up.trim_left))
                 continue
@@ -67,11 +68,11 @@ class CroppedUpsampler:
                     raise ValueError("expected EnCodec's ELU(alpha=1)")
                 self.layers.append(Elu())
             elif hasattr(layer, "block"):
-                self.layers.append(TimeMajorResnetBlock(layer))
+                self.layers.append(TimeMajorResnetBlock(layer, dtype))
             elif layer is layers[-1] and layer.conv.out_channels <= 2:  # the audio output conv
-                self.layers.append(TimeMajorOutputConv1d(layer))
+                self.layers.append(TimeMajorOutputConv1d(layer, dtype))
             else:
-                self.layers.append(TimeMajorConv1d(layer))
+                self.layers.append(TimeMajorConv1d(layer, dtype))
             self.shapes.append(("same", *same_rate_reach(layer)))
         self._plans: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
 
@@ -99,6 +100,9 @@ class CroppedUpsampler:
         is frame 0."""
         at = 0  # position of y[:, 0] in the current layer's rate
         plan = self.plan(y.shape[1], lo, hi)
+        given = y.dtype
+        if self.dtype is not None:
+            y = y.to(self.dtype)
         for layer, shape, (a, b) in zip(self.layers, self.shapes, plan, strict=True):
             assert at <= a or at_zero, "upsampling margin too small before the wanted output"
             assert b <= at + y.shape[1], "upsampling margin too small after the wanted output"
@@ -110,4 +114,4 @@ class CroppedUpsampler:
                 start = at_zero and a == 0
                 y = layer(x, at_start=start)
                 at = a if start else a + shape[1]
-        return y[:, lo - at : hi - at]
+        return y[:, lo - at : hi - at].to(given)

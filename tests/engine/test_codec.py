@@ -205,6 +205,41 @@ def _time_major_layer(module):
     return TimeMajorConv1d(module)
 
 
+BFLOAT16_DB = 35.0  # the bfloat16 stack against the float32 decode: ~41 dB tiny, 44.6 dB small
+
+
+@pytest.mark.parametrize("channels", [1, 2], ids=["mono", "stereo"])
+def test_a_bfloat16_upsampling_stack_stays_near_the_float32_decode(request, channels):
+    """`upsample_dtype=torch.bfloat16` (model.codec on a CPU with fast bfloat16 maths): the
+    upsampling convs' weights and activations in bfloat16, the audio float32, the same length
+    and joins, within BFLOAT16_DB of the exact decode on every channel, and not the float32
+    decode itself (the dtype is used: an option that changed nothing would pass otherwise)."""
+    codec = request.getfixturevalue("mono" if channels == 1 else "stereo")
+    dec = StreamingDecoder(codec, audio_channels=channels, upsample_dtype=torch.bfloat16)
+    exact = StreamingDecoder(codec, audio_channels=channels)
+    assert dec.upsample_dtype == torch.bfloat16 and exact.upsample_dtype is None
+    chunks = [10, 25, 3, 50, 12]
+    codes = _codes(channels, sum(chunks) + dec.lookahead, seed=5 + channels)
+    bounds = [0, *np.cumsum(chunks).tolist()]
+    ours = _stream(dec, codes, bounds)
+    reference = decode_full(codec, codes, channels)[:, : sum(chunks) * HOP]
+    assert ours.dtype == np.float32 and ours.shape == reference.shape
+    for c in range(channels):
+        assert BFLOAT16_DB <= snr_db(reference[c], ours[c]) < EXACT_DB
+    assert snr_db(reference, _stream(exact, codes, bounds)) >= EXACT_DB
+
+
+def test_streams_upsampling_in_different_dtypes_are_not_decoded_together(mono):
+    a = StreamingDecoder(mono, audio_channels=1)
+    b = StreamingDecoder(mono, audio_channels=1, upsample_dtype=torch.bfloat16)
+    codes = _codes(1, 20)
+    with pytest.raises(ValueError, match="same dtype"):
+        decode_together([(a, codes, 0, 0, 10), (b, codes, 0, 0, 10)])
+    c = StreamingDecoder(mono, audio_channels=1, upsample_dtype=torch.bfloat16)
+    outs = decode_together([(b, codes, 0, 0, 10), (c, codes, 0, 0, 10)])
+    assert snr_db(outs[0], outs[1]) >= 120  # the same tokens, the same audio
+
+
 @pytest.mark.parametrize("frames", [3, 4, 13, 28])
 def test_cropped_upsampling_equals_the_whole_stack(mono, frames):
     """The upsampling stack run only over the receptive field of the wanted samples gives what

@@ -31,7 +31,12 @@ def test_cuda_without_gpu_is_a_clear_error(tiny_model_dir):
 
 @pytest.mark.parametrize(
     ("field", "value", "message"),
-    [("device", "tpu", "device:"), ("dtype", "float8", "dtype:"), ("model", "", "model:")],
+    [
+        ("device", "tpu", "device:"),
+        ("dtype", "float8", "dtype:"),
+        ("model", "", "model:"),
+        ("codec", "int8", "codec: must be one of"),
+    ],
 )
 def test_bad_load_options_name_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -46,6 +51,21 @@ def test_local_folder_loads_with_the_chosen_dtype(tiny_model_dir):
     assert {p.dtype for p in codec.parameters()} == {torch.float32}  # the codec stays float32
     assert (model.sample_rate, model.channels, model.frame_rate, model.hop) == (32000, 1, 50, 640)
     pcm = model.open_stream("jazz").read(10)
+    assert pcm.shape == (1, 6400) and pcm.dtype.name == "float32"
+
+
+@pytest.mark.parametrize(
+    ("codec", "dtype"), [("float32", torch.float32), ("bfloat16", torch.bfloat16)]
+)
+def test_the_streams_codec_upsamples_in_the_chosen_dtype(tiny_model_dir, codec, dtype):
+    """model.codec reaches every stream's codec decoder (its upsampling stack), and the audio
+    is float32 either way."""
+    model = MusicModel.load(LoadOptions(model=tiny_model_dir, device="cpu", codec=codec))
+    assert model.loaded.settings.codec == codec
+    stream = model.open_stream("jazz")
+    assert stream.codec.upsample_dtype == dtype
+    assert model.new_codec("float32").upsample_dtype == torch.float32
+    pcm = stream.read(10)
     assert pcm.shape == (1, 6400) and pcm.dtype.name == "float32"
 
 

@@ -27,7 +27,8 @@ def test_a_cpu_with_our_kernels_runs_int8_weights_and_an_int8_cache():
     )  # fmt: skip
     assert s.kernels == "avx2" and s.kernel_attention and s.prefill == "decode"
     assert s.describe() == (
-        "cpu, float32 activations, int8 weights, int8 KV cache, our kernels (avx2), compile off"
+        "cpu, float32 activations, int8 weights, int8 KV cache, our kernels (avx2), compile "
+        "off, float32 codec"
     )
     assert set(s.reasons) >= {"device", "dtype", "quantize", "kv_cache", "compile", "kernels"}
     assert "no CUDA device" in s.reasons["device"]
@@ -74,6 +75,22 @@ def test_prompt_text_products_run_with_bfloat16_weights_where_our_kernels_run():
     assert _resolve(GPU).text_products == "float32"
 
 
+def test_the_codec_upsamples_in_bfloat16_where_the_cpu_is_fast_at_it():
+    """model.codec auto: bfloat16 on a CPU with native bfloat16 maths (AVX-512 BF16 or AMX),
+    float32 on one without, the model's own dtype on a GPU; a value set is honoured, and one
+    that is not a codec dtype is an error naming the key."""
+    s = _resolve(AVX512)
+    assert s.codec == "bfloat16" and "native bfloat16" in s.reasons["codec"]
+    assert s.describe().endswith("compile off, bfloat16 codec")
+    assert _resolve(AVX2).codec == "float32"
+    assert _resolve(NO_KERNELS).codec == "float32"
+    assert _resolve(GPU).codec == "model"
+    assert _resolve(AVX512, codec="float32").codec == "float32"
+    assert _resolve(AVX2, codec="bfloat16").codec == "bfloat16"
+    with pytest.raises(ValueError, match="codec: must be one of"):
+        _resolve(AVX2, codec="int8")
+
+
 def test_a_float32_model_stays_exact():
     s = _resolve(AVX2, dtype="float32")
     assert (s.quantize, s.kv_cache, s.kernels) == ("none", "float32", None)
@@ -89,7 +106,7 @@ def test_cuda_present_means_bfloat16_and_the_static_step_with_graphs():
     )  # fmt: skip
     assert s.describe() == (
         "cuda, bfloat16 activations, bfloat16 weights, bfloat16 KV cache, PyTorch's kernels, "
-        "compile graphs"
+        "compile graphs, bfloat16 codec"
     )
     assert _resolve(GPU, device="cpu").device == "cpu"  # a CPU asked for beside a GPU
     assert _resolve(GPU, dtype="float16", compile="none").kv_cache == "float16"

@@ -84,6 +84,7 @@ def test_every_key_has_a_comment():
         ({"model": {"dtype": "int3"}}, "model.dtype"),
         ({"model": {"compile": "fast"}}, "model.compile: must be one of"),
         ({"model": {"kv_cache": "int2"}}, "model.kv_cache: must be one of"),
+        ({"model": {"codec": "float16"}}, "model.codec: must be one of"),
         ({"model": {"compile": "graphs", "device": "cpu"}}, "model.compile: graphs need a CUDA"),
         ({"security": {"prompt_rate_limit": "many"}}, "security.prompt_rate_limit"),
         ({"security": {"admin_token": "short"}}, "security.admin_token"),
