@@ -63,12 +63,22 @@ void lstm_layer(const torch::Tensor& pre, const torch::Tensor& w, const torch::T
 }
 
 torch::Tensor elu(const torch::Tensor& x) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && x.device().is_cpu(), "elu: float32 CPU tensor");
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK((bf16 || x.scalar_type() == torch::kFloat) && x.device().is_cpu(),
+              "elu: float32 or bfloat16 CPU tensor");
   const auto xc = x.contiguous();
   auto y = torch::empty_like(xc);
+  constexpr int64_t kGrain = 1 << 14;  // values per task: below ~64 KB a thread is not worth it
+  if (bf16) {
+    const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+    auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+    at::parallel_for(0, xc.numel(), kGrain, [&](int64_t i0, int64_t i1) {
+      codec_simd::elu(xp + i0, yp + i0, i1 - i0);
+    });
+    return y;
+  }
   const float* xp = xc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  constexpr int64_t kGrain = 1 << 14;  // floats per task: below ~64 KB a thread is not worth it
   at::parallel_for(0, xc.numel(), kGrain, [&](int64_t i0, int64_t i1) {
     codec_simd::elu(xp + i0, yp + i0, i1 - i0);
   });

@@ -131,4 +131,31 @@ inline void elu(const float* x, float* y, int64_t n) {
   }
 }
 
+// bfloat16 <-> float32, 8 at a time: a bfloat16 is a float32's top half; rounded to nearest
+// even on the way down, as PyTorch rounds (not NaNs with a payload only in the low half).
+inline __m256 load_bf16x8(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+inline void store_bf16x8(uint16_t* p, __m256 v) {
+  __m256i u = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m128i lo = _mm256_castsi256_si128(u), hi = _mm256_extracti128_si256(u, 1);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm_packus_epi32(lo, hi));
+}
+
+// The same for n bfloat16s (the codec's upsampling stack in bfloat16), in float32 maths.
+inline void elu(const uint16_t* x, uint16_t* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store_bf16x8(y + i, elu8(load_bf16x8(x + i)));
+  if (i < n) {
+    alignas(16) uint16_t buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t j = i; j < n; ++j) buf[j - i] = x[j];
+    store_bf16x8(buf, elu8(load_bf16x8(buf)));
+    for (int64_t j = i; j < n; ++j) y[j] = buf[j - i];
+  }
+}
+
 }  // namespace codec_simd

@@ -77,7 +77,7 @@ def elu(x: torch.Tensor) -> torch.Tensor:
     """EnCodec's ELU (alpha 1): one vectorised pass of our kernel where it runs (PyTorch's takes
     several times longer on this project's CPUs), else PyTorch's."""
     kernels = native.get()
-    if kernels is not None and x.is_cpu and x.dtype == torch.float32:
+    if kernels is not None and x.is_cpu and x.dtype in (torch.float32, torch.bfloat16):
         return kernels.elu(x)
     return F.elu(x)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import EncodecConfig, EncodecModel, MusicgenForConditionalGeneration
 from transformers.models.encodec.modeling_encodec import (
@@ -203,6 +204,29 @@ def _time_major_layer(module):
     if isinstance(module, EncodecResnetBlock):
         return TimeMajorResnetBlock(module)
     return TimeMajorConv1d(module)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 8, 13, 40_001])
+def test_our_elu_equals_pytorchs(dtype, n):
+    """codec_kernels' ELU (alpha 1), float32 and bfloat16 (a bfloat16 stack's): within a few
+    float32 ulps of the exact function, and in bfloat16 that value rounded to nearest even, over
+    large negatives, values near 0 where expm1 must not cancel, and lengths off the vector's 8."""
+    kernels = native.get()
+    if kernels is None:
+        assert not _kernel_expected(), "our codec kernels should have built here"
+        pytest.skip(f"our codec kernels do not run here: {native.unavailable_reason()}")
+    gen = torch.Generator().manual_seed(n)
+    x = torch.cat([torch.tensor([-80.0, -1e-4, 0.0, 3e-5]), 4 * torch.randn(n, generator=gen)])
+    x = x[:n].to(dtype)
+    ours = kernels.elu(x)
+    assert ours.dtype == dtype and ours.shape == x.shape
+    exact = F.elu(x.double())
+    if dtype == torch.float32:
+        torch.testing.assert_close(ours.double(), exact, rtol=4e-7, atol=1e-30)
+    else:  # our float32 result rounded once: at most one bfloat16 step from the exact one
+        torch.testing.assert_close(ours.double(), exact, rtol=2**-8, atol=1e-30)
+        assert torch.equal(ours, kernels.elu(x.float()).bfloat16())
 
 
 BFLOAT16_DB = 35.0  # the bfloat16 stack against the float32 decode: ~41 dB tiny, 44.6 dB small
