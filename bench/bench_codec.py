@@ -19,14 +19,16 @@ Prints six tables:
 4. decode cost in ms per second of audio, streamed (LSTM float16, the default, and float32;
    and the upsampling stack in bfloat16, `model.codec` auto on a CPU with native bfloat16
    maths) at the radio's chunk size and at 10/25/50 frames, and one-shot; the SNR of the
-   float32-stack and bfloat16-stack streams against the one-shot decode. `--against DIR` adds the streamed cost of another
+   float32-stack and bfloat16-stack streams against the one-shot decode; and, for scale, how
+   far the radio's own 128 kbit/s MP3 of the mono stream is from it; `--against DIR` adds the streamed cost of another
    checkout's `StreamingDecoder` (DIR holds its `engine/`; an older single-file
    `engine/codec.py` may be given too) on the original float32 weights, measured interleaved
    with this one in the same process: on a shared machine only such side-by-side figures
    compare;
 5. where a streamed second goes at the radio's chunk size: wall ms per stage;
 6. stations on one codec: 1, 2 and 4 mono streams at the radio's chunk size decoded together
-   (`decode_together`) vs each alone, wall ms per second of audio per station.
+   (`decode_together`) vs each alone, wall ms per second of audio per station; and together
+   with the upsampling stack in bfloat16.
 
 Random-init EnCodec codebooks are all zeros (the audio would not depend on the tokens), so the
 codebooks are filled with N(0, std^2); the "different tokens" line shows how much the tokens
@@ -38,12 +40,14 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib.util
+import io
 import statistics
 import sys
 import time
 from functools import partial
 from pathlib import Path
 
+import av
 import numpy as np
 import torch
 from transformers import EncodecModel
@@ -60,6 +64,7 @@ from engine.codec import (  # noqa: E402
 )
 from engine.tiny import _configs  # noqa: E402
 from radio.config import GenerationConfig  # noqa: E402
+from radio.encoders import Mp3Encoder  # noqa: E402
 from tests.helpers import snr_db  # noqa: E402
 
 RADIO_CHUNK = round(GenerationConfig().chunk_for(1) * 50)  # frames per AudioStream.read()
@@ -254,6 +259,29 @@ def table_cost(codecs: dict, seconds: int, repeats: int, against: str | None) ->
             if other:
                 row += f" {cells['against']} | {cost['streamed'][1] / cost['against'][1]:.2f} |"
             print(row)
+    mono = stream(StreamingDecoder(codec, audio_channels=1), codes[:4], bounds)[0]
+    print(
+        f"for scale: the radio's 128 kbit/s MP3 (its own encoder) of the mono stream is "
+        f"{mp3_snr(mono):.1f} dB from it"
+    )
+
+
+def mp3_snr(audio: np.ndarray, sample_rate: int = 32000) -> float:
+    """SNR (dB) of the radio's 128 kbit/s MP3 of `audio` [N] against it, decoded by FFmpeg and
+    aligned by correlation (raw MP3 frames carry no delay header)."""
+    audio = (audio / np.abs(audio).max() * 0.5).astype(np.float32)  # room below full scale
+    encoder = Mp3Encoder(sample_rate, 1, 128)
+    data = encoder.encode(audio[None]) + encoder.flush()
+    with av.open(io.BytesIO(data), format="mp3") as container:
+        frames = [f.to_ndarray().reshape(-1) for f in container.decode(audio=0)]
+    decoded = np.concatenate(frames).astype(np.float64)
+    decoded = np.concatenate([decoded, np.zeros(max(0, len(audio) + 3000 - len(decoded)))])
+    edge = len(audio) // 8  # the encoder's first and last (padded) frames left out
+    part = audio[edge:-edge].astype(np.float64)
+    delay = max(
+        range(3000), key=lambda d: float(np.dot(part, decoded[edge + d : d - edge + len(audio)]))
+    )
+    return snr_db(part, decoded[edge + delay : len(audio) - edge + delay])
 
 
 def _timed_stages(dec: StreamingDecoder, spent: collections.Counter) -> None:
@@ -336,8 +364,11 @@ def table_together(codec, seconds: int, repeats: int) -> None:
         f"\n6. N mono streams decoded together at {RADIO_CHUNK}-frame chunks: wall ms per second "
         f"of audio per station (median of {repeats} interleaved repeats)"
     )
-    print("| streams | together | each alone | ratio | per station vs 1 stream alone |")
-    print("| --- | --- | --- | --- | --- |")
+    print(
+        "| streams | together | each alone | ratio | per station vs 1 stream alone | together, "
+        "bfloat16 stack | vs float32 together |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     frames = seconds * 50
     bounds = chunk_bounds(RADIO_CHUNK, frames)
     base = None
@@ -345,6 +376,10 @@ def table_together(codec, seconds: int, repeats: int) -> None:
         codes = [torch.randint(0, 2048, (4, frames + 10)) for _ in range(n)]
         together = [StreamingDecoder(codec, audio_channels=1) for _ in range(n)]
         alone = [StreamingDecoder(codec, audio_channels=1) for _ in range(n)]
+        bf16 = [
+            StreamingDecoder(codec, audio_channels=1, upsample_dtype=torch.bfloat16)
+            for _ in range(n)
+        ]
 
         def each_alone(alone=alone, codes=codes):
             for dec, c in zip(alone, codes, strict=True):
@@ -353,12 +388,14 @@ def table_together(codec, seconds: int, repeats: int) -> None:
         runs = {
             "together": partial(_stream_together, together, codes, bounds),
             "alone": each_alone,
+            "bfloat16": partial(_stream_together, bf16, codes, bounds),
         }
         cost = _cost(runs, seconds * n, repeats)  # per second of one station's audio
         base = base or cost["alone"][1]
         print(
             f"| {n} | {cost['together'][1]:.0f} | {cost['alone'][1]:.0f} | "
-            f"{cost['together'][1] / cost['alone'][1]:.2f} | {cost['together'][1] / base:.2f} |"
+            f"{cost['together'][1] / cost['alone'][1]:.2f} | {cost['together'][1] / base:.2f} | "
+            f"{cost['bfloat16'][1]:.0f} | {cost['bfloat16'][1] / cost['together'][1]:.2f} |"
         )
 
 

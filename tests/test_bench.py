@@ -126,6 +126,7 @@ def test_codec_benchmark_prints_cost_and_stages(tmp_path):
     assert "| 1 | 10 (radio) |" in out and "| 2 | 50 |" in out
     assert "LSTM (2 layers, per frame)" in out and "| total |" in out
     assert re.search(r"\| 4 \| \d+ \| \d+ \| [\d.]+ \| [\d.]+ \|", out)  # 4 streams together
+    assert re.search(r"128 kbit/s MP3 \(its own encoder\) of the mono stream is [\d.]+ dB", out)
 
 
 def test_serve_benchmark_listens_and_reports(tmp_path):
