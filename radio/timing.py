@@ -23,10 +23,11 @@ it hands to the outputs (`released`). The rules, all here:
    `(KEEP_BELOW - rtf) / (KEEP_BELOW - 1)` of the full buffer (`Recovery.full_seconds`) ahead, or where the buffer ends if it holds less: every cut
    throws the audio after it away, and the little left behind a 0.8 s cut, refilled at x1.1,
    drained when the other stations' window restarts made the batch's steps dearer, in 4 of 4
-   `radio serve` runs of two int4 stations on 2 Zen 4 cores. A station alone keeps the
-   horizon: a change starts its window afresh, the window's fastest stretch (no warm rows,
-   short attention), and one int8 station judged at x1.1-1.2 heard five changes after
-   0.8-0.9 s with no underrun, but after up to 3.2 s with the rule. The rows a change
+   `radio serve` runs of two int4 stations on 2 Zen 4 cores. A station alone keeps at most
+   `ALONE_KEEP` (0.75 s): a change starts its window afresh, the window's fastest stretch (no
+   warm rows, short attention), and one int8 station judged at x1.1-1.2 heard five changes
+   after 0.8-0.9 s with no underrun, but after up to 3.2 s with the whole rule; with the
+   horizon alone, one at x1.02-1.06 ran dry 0.6 s after a change. The rows a change
    prefills: `engine.blend.prefill_rows` (one per text, both blends' in a transition, and the
    null row while the station is guided: `PromptEngine.guided_next`). A change for an
    instant (`at`, Unix seconds: a schedule boundary) starts at the frame heard at that instant,
@@ -89,6 +90,12 @@ WORST_MARGIN = 1.15  # ... and this many times the most one of the last changes 
 # minute of generating): a change asked for now starts at the auto horizon; below it, it keeps a
 # share of the full buffer that grows to all of it at x1.0 (rule 1)
 KEEP_BELOW = 1.3
+# seconds: a station alone keeps no more than this of its buffer ahead of a change's cut under
+# KEEP_BELOW. Its change starts its window afresh (the window's fastest stretch), so a little
+# more than the horizon is enough, and the change is still heard within ~0.9 s; with the horizon
+# alone (0.4-0.5 s), one int8 station at x1.02-1.06 (the Xeon on a slow minute, plain read 18
+# GB/s, 2026-12-07) ran dry 0.6 s after a change in two runs of two (docs/benchmarks.md)
+ALONE_KEEP = 0.75
 APPLY_TIMEOUT = 15.0  # seconds a change waits for the generator to take it
 
 
@@ -283,8 +290,8 @@ class PromptTimeline:
         if at is None and start == self._kept_frame():
             log.info(
                 "prompt change on %s starts %.1f s ahead, after the music already made: %d "
-                "stations generate at x%.2f of real time (the last minute), too little to refill "
-                "a thinner buffer",
+                "station(s) generate at x%.2f of real time (the last minute), too little to "
+                "refill a thinner buffer",
                 self.station.id,
                 (start * self.hop - self.station.buffer.head) / self.sample_rate,
                 self.engine.together,
@@ -323,14 +330,17 @@ class PromptTimeline:
 
     def kept_seconds(self) -> float:
         """Rule 1: seconds of the buffer a change asked for now keeps ahead of its cut while
-        several stations sustain little more than real time (0: the horizon alone decides)."""
-        if self.horizon.fixed >= 0 or self.recovery is None or self.engine.together < 2:
-            return 0.0  # (alone, a change starts the station's window afresh: its fast stretch)
+        generation sustains little more than real time (0: the horizon alone decides); a
+        station alone keeps at most ALONE_KEEP (its change starts its window afresh: its fast
+        stretch)."""
+        if self.horizon.fixed >= 0 or self.recovery is None:
+            return 0.0
         rtf = self.engine.sustained_rtf
         if not 0 < rtf < KEEP_BELOW:
             return 0.0
         share = min((KEEP_BELOW - rtf) / (KEEP_BELOW - 1.0), 1.0)
-        return share * self.recovery.full_seconds
+        kept = share * self.recovery.full_seconds
+        return kept if self.engine.together >= 2 else min(kept, ALONE_KEEP)
 
     def heard_in(self, frame: int) -> float:
         """Rule 5: seconds from now until frame `frame` leaves the loudness stage."""

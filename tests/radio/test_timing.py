@@ -17,6 +17,7 @@ from radio.clock import Recovery
 from radio.config import StationConfig
 from radio.station import Station
 from radio.timing import (
+    ALONE_KEEP,
     MIN_HORIZON,
     ChangeCost,
     Horizon,
@@ -137,10 +138,10 @@ def test_a_change_starts_a_horizon_after_the_moment_being_played():
 
 
 def test_a_change_close_to_real_time_keeps_a_share_of_the_buffer():
-    """Rule 1 for several stations under x1.3 over the last minute: a change asked for now
-    starts no sooner than (1.3 - rtf) / 0.3 of the full buffer ahead (all of it at x1.0 or
-    slower), or where the buffer ends; at x1.3 or more, for an instant, with a fixed horizon or
-    for a station alone, the horizon alone."""
+    """Rule 1 under x1.3 over the last minute: a change asked for now starts no sooner than
+    (1.3 - rtf) / 0.3 of the full buffer ahead (all of it at x1.0 or slower), or where the
+    buffer ends; a station alone at most ALONE_KEEP ahead; at x1.3 or more, for an instant or
+    with a fixed horizon, the horizon alone."""
     st, engine, clock = station(), FakeEngine(), FakeClock()
     fill(st, 0, 5 * RATE, 1.0)
     st.buffer.take(RATE)  # head: frame 50, 4 s buffered
@@ -149,7 +150,10 @@ def test_a_change_close_to_real_time_keeps_a_share_of_the_buffer():
     st.health.realtime_factor = 0.9  # the moment's rate (a window's end) does not count
     assert tl.start_frame() == 50 + 25
     engine.sustained_rtf, engine.together = 1.1, 1  # alone: its window starts afresh
-    assert tl.start_frame() == 50 + 25
+    assert tl.kept_seconds() == ALONE_KEEP == 0.75  # two thirds of 3.8 s, at most 0.75
+    assert tl.start_frame() == 50 + 38
+    engine.sustained_rtf = 1.28  # a fifteenth of 3.8 s: less than the horizon, which decides
+    assert tl.kept_seconds() == pytest.approx(3.8 / 15) and tl.start_frame() == 50 + 25
     engine.sustained_rtf, engine.together = 1.4, 2
     assert tl.kept_seconds() == 0.0 and tl.start_frame() == 50 + 25
     engine.sustained_rtf = 1.1  # two thirds of 3.8 s: 2.53 s
@@ -176,7 +180,7 @@ async def test_a_change_that_keeps_the_buffer_says_why(caplog):
     await asyncio.sleep(0)
     assert engine.asked[0][1].from_frame == 50 + 127
     assert (
-        "prompt change on main starts 2.5 s ahead, after the music already made: 2 stations "
+        "prompt change on main starts 2.5 s ahead, after the music already made: 2 station(s) "
         "generate at x1.10 of real time (the last minute), too little to refill a thinner "
         "buffer" in caplog.text
     )
