@@ -40,6 +40,7 @@ def freeze_weight_norm(audio_encoder: nn.Module) -> None:
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(
     torch.ops.mkldnn, "_linear_pointwise"
 )
+_ONEDNN_PACK = _ONEDNN_LINEAR and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -58,18 +59,18 @@ class Dense:
     matmuls (`TimeMajorConvTranspose1d`, `TimeMajorOutputConv1d` in a bfloat16 stack). Where
     oneDNN runs it, the weight is laid out once in oneDNN's own blocked form instead of on every
     call (a cold call of the first transposed conv's 16 MB of bfloat16 weights: 0.72 ms against
-    1.45 ms, Xeon with AMX, 2026-12-07); x must be `dtype` too."""
+    1.45 ms, Xeon with AMX, 2026-12-07), and only that form is kept; x must be `dtype` too."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
         self.weight = weight.detach().to(dtype).contiguous()
         self.bias = None if bias is None else bias.detach().to(dtype)
-        self.packed: torch.Tensor | None = None
-        if _ONEDNN_LINEAR and self.weight.is_cpu and torch.backends.mkldnn.is_available():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, None)
+        self.packed = _ONEDNN_PACK and self.weight.is_cpu
+        if self.packed:
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(self.weight, None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and torch.backends.mkldnn.enabled:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
 
@@ -237,15 +238,14 @@ class TimeMajorConvTranspose1d:
         b, t, cin = x.shape
         m, s = self.taps, self.stride
         y = x.new_empty(b, t + m - 1, self.block_bias.shape[0])  # output blocks of s samples
-        if (
-            t >= _ADDMM_ROWS and self.dense is None
-        ):  # each tap's product added into its place: no product buffer
+        if t >= _ADDMM_ROWS and self.dense is None:
+            # each tap's product added into its place: no product buffer
             for i in range(b):
                 torch.addmm(self.block_bias, x[i], self.tap_weights[0].t(), out=y[i, :t])
                 y[i, t:] = self.block_bias
                 for p in range(1, m):
                     y[i, p : p + t].addmm_(x[i], self.tap_weights[p].t())
-        else:  # one oneDNN matmul for all taps, then the shifted adds
+        else:  # one matmul for all taps (oneDNN's), then the shifted adds
             flat = x.reshape(b * t, cin)
             z = self.dense(flat) if self.dense is not None else dense(flat, self.weight)
             z = z.view(b, t, m, -1)  # [B, T, m, s*Cout]
