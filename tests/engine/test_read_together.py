@@ -17,9 +17,15 @@ def _snr_db(ref: np.ndarray, x: np.ndarray) -> float:
     return 10 * np.log10(float((ref**2).sum()) / max(noise, 1e-30))
 
 
-def test_read_together_equals_reading_one_by_one(tiny_model_dir):
+@pytest.mark.parametrize(("codec", "least_db"), [("float32", 120.0), ("bfloat16", 35.0)])
+def test_read_together_equals_reading_one_by_one(tiny_model_dir, codec, least_db):
+    """Equal up to float rounding; with the codec's stack in bfloat16 (`model.codec`), up to
+    its rounding (a batch may round otherwise than one stream; another stream's audio, or
+    none, would be under 20 dB)."""
     model = MusicModel.load(
-        LoadOptions(model=tiny_model_dir, device="cpu", dtype="float32", quantize="none")
+        LoadOptions(
+            model=tiny_model_dir, device="cpu", dtype="float32", quantize="none", codec=codec
+        )
     )
     window = WindowOptions(window=110, context=55)
     samplings = [SamplingOptions(greedy=True)] * len(PROMPTS)
@@ -35,7 +41,7 @@ def test_read_together_equals_reading_one_by_one(tiny_model_dir):
     for i in range(len(PROMPTS)):
         got, want = np.concatenate(heard[i], axis=1), np.concatenate(alone[i], axis=1)
         assert got.shape == want.shape == (model.channels, 60 * model.hop)
-        assert _snr_db(want, got) >= 120, i
+        assert _snr_db(want, got) >= least_db, i
     assert all(s.frame == 60 and s.decode_seconds > 0 for s in together)
     with pytest.raises(ValueError, match="frames"):
         read_together(together, 0)
