@@ -17,8 +17,8 @@ Prints six tables:
    frames before and `la` after, trimmed) vs one-shot, SNR by left context x lookahead;
 3. a fresh start away from frame 0 (LSTM warmed up from zeros) by `context`;
 4. decode cost in ms per second of audio, streamed (LSTM float16, the default, and float32;
-   and the upsampling stack in bfloat16, `model.codec` auto on a CPU with native bfloat16
-   maths) at the radio's chunk size and at 10/25/50 frames, and one-shot; the SNR of the
+   and the upsampling stack in bfloat16, `model.codec` auto on a CPU with AMX) at the
+   radio's chunk size and at 10/25/50 frames, and one-shot; the SNR of the
    float32-stack and bfloat16-stack streams against the one-shot decode; and, for scale, how
    far the radio's own 128 kbit/s MP3 of the mono stream is from it; `--against DIR` adds the streamed cost of another
    checkout's `StreamingDecoder` (DIR holds its `engine/`; an older single-file

@@ -33,7 +33,7 @@ class LoadOptions:
     # or "int4" (our CPU kernels, heads of 64: half int8's bytes, for stations batched together)
     kv_cache: str = "auto"
     # the streaming codec's upsampling stack (EnCodec's convs, 40-60% of its time): "auto"
-    # (bfloat16 on a CPU with AVX-512 BF16 or AMX, else the model's dtype), "float32" (equal to
+    # (bfloat16 on a CPU with AMX, else float32; the model's dtype on a GPU), "float32" (equal to
     # the one-shot decode up to float rounding), "bfloat16" (44.6 dB from it: docs/codec.md)
     codec: str = "auto"
 

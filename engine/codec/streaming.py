@@ -115,7 +115,7 @@ class StreamingDecoder:
         (default and minimum: what the convs and the crossfade need, 5); crossfade: samples,
         0..640; history: frames of LSTM states and emitted audio kept for exact rewinds;
         upsample_dtype: the upsampling stack's weights and activations (None: the codec's own;
-        `torch.bfloat16` on a CPU with fast bfloat16 maths: docs/codec.md)."""
+        `torch.bfloat16` on a CPU with AMX: docs/codec.md)."""
         if audio_channels not in (1, 2):
             raise ValueError(f"audio_channels must be 1 or 2, got {audio_channels!r}")
         if not 0 <= crossfade <= HOP:

@@ -12,7 +12,8 @@ AVX2 = Machine(cuda=False, fast_bf16=False, kernels="avx2")
 NO_KERNELS = Machine(
     cuda=False, fast_bf16=False, kernels=None, kernels_reason="ENDLESS_RADIO_KERNELS=0"
 )
-AVX512 = Machine(cuda=False, fast_bf16=True, kernels="avx512")
+AVX512 = Machine(cuda=False, fast_bf16=True, kernels="avx512")  # AVX-512 BF16, no AMX (Zen 4)
+AMX = Machine(cuda=False, fast_bf16=True, kernels="avx512", amx_rows=2, amx_bf16=True)
 GPU = Machine(cuda=True, fast_bf16=False, kernels=None, kernels_reason="the model runs on a GPU")
 
 
@@ -75,13 +76,15 @@ def test_prompt_text_products_run_with_bfloat16_weights_where_our_kernels_run():
     assert _resolve(GPU).text_products == "float32"
 
 
-def test_the_codec_upsamples_in_bfloat16_where_the_cpu_is_fast_at_it():
-    """model.codec auto: bfloat16 on a CPU with native bfloat16 maths (AVX-512 BF16 or AMX),
-    float32 on one without, the model's own dtype on a GPU; a value set is honoured, and one
-    that is not a codec dtype is an error naming the key."""
-    s = _resolve(AVX512)
-    assert s.codec == "bfloat16" and "native bfloat16" in s.reasons["codec"]
+def test_the_codec_upsamples_in_bfloat16_where_the_cpu_has_amx():
+    """model.codec auto: bfloat16 on a CPU with AMX bfloat16 tiles, float32 on one without
+    (with AVX-512 BF16 alone oneDNN's bfloat16 convs were slower), the model's own dtype on a
+    GPU; a value set is honoured, and one that is not a codec dtype is an error naming the
+    key."""
+    s = _resolve(AMX)
+    assert s.codec == "bfloat16" and "AMX" in s.reasons["codec"]
     assert s.describe().endswith("compile off, bfloat16 codec")
+    assert _resolve(AVX512).codec == "float32" and "no faster" in _resolve(AVX512).reasons["codec"]
     assert _resolve(AVX2).codec == "float32"
     assert _resolve(NO_KERNELS).codec == "float32"
     assert _resolve(GPU).codec == "model"
