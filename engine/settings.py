@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
+from engine import kernels
 from engine.kv_cache import Q4_HEAD
 from engine.options import LoadOptions
 
@@ -31,21 +31,14 @@ INT8_MODES = ("int8", "int4-ffn")  # decoder weights with int8 projections (`eng
 Chose = Callable[[str, str, str], str]  # records (key, value, reason), returns the value
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        return set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return set()
-
-
 def cpu_has_fast_bf16() -> bool:
     """True on CPUs with native bfloat16 matrix math (AVX-512 BF16 or AMX)."""
-    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+    return bool({"avx512_bf16", "amx_bf16"} & (kernels.cpu_flags() or set()))
 
 
 def cpu_has_amx_bf16() -> bool:
     """True on CPUs with AMX's bfloat16 tiles (Intel Xeon from Sapphire Rapids on)."""
-    return "amx_bf16" in _cpu_flags()
+    return "amx_bf16" in (kernels.cpu_flags() or set())
 
 
 @dataclass(frozen=True)
@@ -104,8 +97,6 @@ def _may_use_kernels(options: LoadOptions) -> bool:
 
 
 def _probe_kernels() -> tuple[str | None, str | None]:
-    from engine import kernels
-
     reason = kernels.unavailable_reason()
     if reason is not None:
         return None, reason
@@ -116,8 +107,6 @@ def _probe_kernels() -> tuple[str | None, str | None]:
 
 
 def _probe_amx(isa: str | None) -> int:
-    from engine import kernels
-
     return kernels.amx_rows() if isa is not None else 0
 
 

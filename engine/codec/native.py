@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from types import ModuleType
 
+from engine import kernels
 from engine.extensions import build, source_digest
 
 log = logging.getLogger(__name__)
@@ -32,9 +33,8 @@ def unavailable_reason() -> str | None:
     """Why the kernel can not be used here, or None if it can (before building it)."""
     if os.environ.get("ENDLESS_RADIO_KERNELS", "1") == "0":
         return "ENDLESS_RADIO_KERNELS=0"
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
+    flags = kernels.cpu_flags()
+    if flags is None:
         return "not a Linux CPU (no /proc/cpuinfo)"
     missing = [f for f in _CPU_FLAGS if f not in flags]
     if missing:

@@ -92,7 +92,9 @@ _state: dict[str, ModuleType | None] = {}
 _amx_modules: list[ModuleType] = []  # `follow_amx`
 
 
-def _cpu_flags() -> set[str] | None:
+def cpu_flags() -> set[str] | None:
+    """The flags /proc/cpuinfo lists for this CPU (its instruction sets); None without one (not
+    Linux)."""
     try:
         return set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
@@ -108,7 +110,7 @@ def runnable_variants() -> tuple[list[Variant], str | None]:
     names = [v.name for v in VARIANTS]
     if wanted not in ("auto", "1", *names):
         return [], f"ENDLESS_RADIO_KERNELS={wanted} is not 0, auto or one of {', '.join(names)}"
-    flags = _cpu_flags()
+    flags = cpu_flags()
     if flags is None:
         return [], "not a Linux CPU (no /proc/cpuinfo)"
     asked = [v for v in VARIANTS if wanted not in names or v.name == wanted]
@@ -207,7 +209,7 @@ def _enable_amx(module: ModuleType) -> None:
     if problem:
         log.warning("%s", problem)
     why = module.amx_enable(rows)
-    has_amx = "amx_int8" in (_cpu_flags() or set())
+    has_amx = "amx_int8" in (cpu_flags() or set())
     if why and has_amx:
         log.warning("the AMX tiles cannot run: %s; the int8 products run on %s", why, module.isa())
     elif not why and rows:

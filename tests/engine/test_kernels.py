@@ -288,7 +288,7 @@ def test_a_failed_build_falls_back_to_the_next_variant_and_says_so(monkeypatch, 
 
     every_flag = {f for v in kernels.VARIANTS for f in v.cpu_flags}
     monkeypatch.setattr(kernels, "build", build)
-    monkeypatch.setattr(kernels, "_cpu_flags", lambda: every_flag)
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: every_flag)
     monkeypatch.delenv("ENDLESS_RADIO_KERNELS", raising=False)
     with caplog.at_level("WARNING", logger="engine.kernels"):
         module = kernels._build()

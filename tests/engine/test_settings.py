@@ -194,7 +194,7 @@ def test_probing_a_cpu_without_avx2_or_with_the_kernels_turned_off(monkeypatch):
     assert (s.quantize, s.kv_cache, s.kernels) == ("int8", "float32", None)
     assert s.reasons["kernels"] == "none: ENDLESS_RADIO_KERNELS=0"
     monkeypatch.delenv("ENDLESS_RADIO_KERNELS")
-    monkeypatch.setattr(kernels, "_cpu_flags", lambda: {"sse2", "avx", "fma"})  # no AVX2
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: {"sse2", "avx", "fma"})  # no AVX2
     old = Machine.probe(options)
     assert old.kernels is None and old.kernels_reason.endswith("; avx2, f16c (avx2)")
     assert resolve(options, old, head_dim=64).kv_cache == "float32"
