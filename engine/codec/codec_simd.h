@@ -119,18 +119,6 @@ inline __m256 elu8(__m256 x) {
   return _mm256_blendv_ps(neg, x, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GT_OQ));
 }
 
-// y[i] = elu(x[i]) for n floats.
-inline void elu(const float* x, float* y, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, elu8(_mm256_loadu_ps(x + i)));
-  if (i < n) {
-    alignas(32) float buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int64_t j = i; j < n; ++j) buf[j - i] = x[j];
-    _mm256_store_ps(buf, elu8(_mm256_load_ps(buf)));
-    for (int64_t j = i; j < n; ++j) y[j] = buf[j - i];
-  }
-}
-
 // bfloat16 <-> float32, 8 at a time: a bfloat16 is a float32's top half; rounded to nearest
 // even on the way down, as PyTorch rounds (not NaNs with a payload only in the low half).
 inline __m256 load_bf16x8(const uint16_t* p) {
@@ -146,16 +134,29 @@ inline void store_bf16x8(uint16_t* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm_packus_epi32(lo, hi));
 }
 
-// The same for n bfloat16s (the codec's upsampling stack in bfloat16), in float32 maths.
-inline void elu(const uint16_t* x, uint16_t* y, int64_t n) {
+// y[i] = elu(x[i]) for n values of T, 8 at a time in float32 (`load`, `store`: 8 Ts <-> __m256),
+// the tail through a buffer.
+template <class T, class Load, class Store>
+inline void elu_each(const T* x, T* y, int64_t n, Load load, Store store) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) store_bf16x8(y + i, elu8(load_bf16x8(x + i)));
+  for (; i + 8 <= n; i += 8) store(y + i, elu8(load(x + i)));
   if (i < n) {
-    alignas(16) uint16_t buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    T buf[8] = {};
     for (int64_t j = i; j < n; ++j) buf[j - i] = x[j];
-    store_bf16x8(buf, elu8(load_bf16x8(buf)));
+    store(buf, elu8(load(buf)));
     for (int64_t j = i; j < n; ++j) y[j] = buf[j - i];
   }
+}
+
+// ... for n floats
+inline void elu(const float* x, float* y, int64_t n) {
+  elu_each(x, y, n, [](const float* p) { return _mm256_loadu_ps(p); },
+           [](float* p, __m256 v) { _mm256_storeu_ps(p, v); });
+}
+
+// ... and for n bfloat16s (the codec's upsampling stack in bfloat16), in float32 maths
+inline void elu(const uint16_t* x, uint16_t* y, int64_t n) {
+  elu_each(x, y, n, load_bf16x8, store_bf16x8);
 }
 
 }  // namespace codec_simd
