@@ -227,13 +227,17 @@ def table_cost(codecs: dict, seconds: int, repeats: int, against: str | None) ->
     print("| --- " * (head.count("|") - 1) + "|")
     frames = seconds * 50
     codec = codecs["float16"]
+    mono = np.zeros(0, np.float32)  # a mono stream's audio, for the MP3's scale
     for channels in (1, 2):
         codes = torch.randint(0, 2048, (4 * channels, frames + 10))
         ref = decode_full(codec, codes, channels)[:, : frames * HOP]
         for chunk in sorted({RADIO_CHUNK, 10, 25, 50}):
             bounds = chunk_bounds(chunk, frames)
             dec = StreamingDecoder(codec, audio_channels=channels)
-            snr = snr_db(ref, stream(dec, codes, bounds))
+            streamed = stream(dec, codes, bounds)
+            snr = snr_db(ref, streamed)
+            if channels == 1:
+                mono = streamed[0]  # the MP3's scale, below
             dec32 = StreamingDecoder(codecs["float32"], audio_channels=channels)
             bf16 = StreamingDecoder(codec, audio_channels=channels, upsample_dtype=torch.bfloat16)
             snr_bf16 = snr_db(ref, stream(bf16, codes, bounds))
@@ -259,7 +263,6 @@ def table_cost(codecs: dict, seconds: int, repeats: int, against: str | None) ->
             if other:
                 row += f" {cells['against']} | {cost['streamed'][1] / cost['against'][1]:.2f} |"
             print(row)
-    mono = stream(StreamingDecoder(codec, audio_channels=1), codes[:4], bounds)[0]
     print(
         f"for scale: the radio's 128 kbit/s MP3 (its own encoder) of the mono stream is "
         f"{mp3_snr(mono):.1f} dB from it"
