@@ -18,11 +18,12 @@ shapes (musicgen-small, 24 layers, `--rows` rows: 2 per station):
 - `int4`: the same with int4 weights, groups of 64 (`linear_int4`);
 - `attention-q8`, `attention-q4`: the self-attention over an int8 / int4 KV cache at
   `--positions` (`attend_step_q8`, `attend_step_q4`, which also write the step's key/value);
-- `stream-int8`, `stream-int4`: the whole thing, two streams of the `--size` model (int8
-  weights and cache; int4 weights and cache, the int8 cache on the tiny model), one loaded on A's modules and one on B's, reading
-  25 frames (decoder steps and the codec) in turns. A part alone can gain what the step does
-  not (a prefetch into L1 made the int8 product x0.96 and the stream x1.00 on Zen 3): confirm
-  a change here before taking it.
+- `stream-int8`, `stream-int8-kv4`, `stream-int4`: the whole thing, two streams of the `--size`
+  model (int8 weights and cache; int8 weights and the int4 cache; int4 weights and cache; the
+  tiny model's heads of 16 take no int4 cache: int8 there), one loaded on A's modules and one
+  on B's, reading 25 frames (decoder steps and the codec) in turns. A part alone can gain what
+  the step does not (a prefetch into L1 made the int8 product x0.96 and the stream x1.00 on
+  Zen 3): confirm a change here before taking it.
 """
 
 from __future__ import annotations
@@ -49,7 +50,15 @@ from engine.kernels import int4  # noqa: E402
 from engine.kv_cache import KVCache, quantize_vectors  # noqa: E402
 from engine.linear import INT4_GROUP, KernelModules, pack_int4, pack_int8  # noqa: E402
 
-PARTS = ("int8", "int4", "attention-q8", "attention-q4", "stream-int8", "stream-int4")
+PARTS = (
+    "int8",
+    "int4",
+    "attention-q8",
+    "attention-q4",
+    "stream-int8",
+    "stream-int8-kv4",
+    "stream-int4",
+)
 
 
 def build_b(folder: Path, build_dir: Path | None) -> tuple[ModuleType, ModuleType]:
@@ -150,7 +159,12 @@ def parts(
 
         out["attention-q4"] = (q4(a[0]), q4(b[0]))
     # int4 weights and cache; the tiny model's heads of 16 take no int4 cache: int8 there
-    stream_modes = {"int8": "int8", "int4": "int4-kv4" if size == "small" else "int4"}
+    small = size == "small"
+    stream_modes = {
+        "int8": "int8",
+        "int8-kv4": "int8-kv4" if small else "int8",
+        "int4": "int4-kv4" if small else "int4",
+    }
     for name, mode in stream_modes.items():
         if f"stream-{name}" in names:
             out[f"stream-{name}"] = streams(mode, size, b)
