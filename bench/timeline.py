@@ -2,12 +2,15 @@
 
     python bench/timeline.py --stations 2 --mode int4-kv4 --seconds 80 --context 125
     python bench/timeline.py --size tiny --stations 2 --seconds 4 --window 150 --context 40  # CI
+    python bench/timeline.py --stations 1 --mode int8 --seconds 20 --parts
 
 The engine alone (no server), every station opened together and read together as the radio
 reads them (`read_together`: one decoder step and one codec decode for all), 0.5 s of audio a
 chunk. Prints the real-time factor per station over the run, per 2.5 s of audio, and the
 slowest chunks: a window restart (its warm rows coming, then taking the rows' place) that
-stalls the generator shows up as a chunk several times the others.
+stalls the generator shows up as a chunk several times the others. `--parts`: also where a
+decode step's time went, part by part (layer norms and quantizing, each product with the rate
+it read its weights at, the cache writes, the attentions), as the calling thread saw it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_engine import MODES, PROMPT, load_options, model_dir, say  # noqa: E402
+from bench_kernels import plain_read  # noqa: E402
 
 from engine import MusicModel, SamplingOptions, WindowOptions  # noqa: E402
 from engine.model import read_together  # noqa: E402
@@ -38,6 +42,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=80.0, help="audio per station")
     parser.add_argument("--window", type=int, default=WindowOptions.window)
     parser.add_argument("--context", type=int, default=WindowOptions.context)
+    parser.add_argument(
+        "--parts",
+        action="store_true",
+        help="also where a decode step's time goes, part by part (our fused CPU step)",
+    )
     args = parser.parse_args()
     if args.stations < 1:
         raise SystemExit("--stations: at least 1")
@@ -51,6 +60,9 @@ def main() -> None:
         window,
     )
     read_together(streams, 5)  # the first steps' one-off costs
+    if args.parts:
+        model.decoder.clock_parts(True)
+        model.decoder.part_times()  # from here
     chunks = max(1, round(args.seconds * rate / CHUNK))
     say(f"{args.stations} station(s), {chunks * CHUNK / rate:.0f} s of audio each ...")
     spent = []
@@ -73,6 +85,34 @@ def main() -> None:
     )
     restarts = sum(s.tokens.warm_restarts + s.tokens.prefills for s in streams)
     say(f"window starts (warm or prefilled) over all stations: {restarts}")
+    if args.parts:
+        say_parts(model.decoder.part_times(), model.decoder.projection_bytes())
+        say(f"plain read now (bench_kernels.py's): {plain_read(5):.1f} GB/s")
+
+
+# the step's parts that are one projection's product, by the projection's name
+PRODUCTS = {"qkv": "qkv", "out": "out_self", "fc1": "fc1", "fc2": "fc2", "heads": "lm_heads"}
+
+
+def say_parts(times: list[tuple[str, float, int]], projection_bytes: dict[str, int]) -> None:
+    """A table of where the steps' time went, part by part (`Decoder.part_times`), with the
+    rate at which each product read its weights."""
+    steps = dict((name, laps) for name, _, laps in times)["heads"]
+    total = sum(seconds for _, seconds, _ in times)
+    if steps == 0 or total == 0:
+        say("no fused step ran: no parts to show")
+        return
+    say(f"a step's parts over {steps} steps ({1e3 * total / steps:.2f} ms a step):")
+    say("| part | ms per step | share | weights read |")
+    say("| --- | --- | --- | --- |")
+    for name, seconds, _ in times:
+        if seconds == 0:
+            continue
+        read = ""
+        if name in PRODUCTS:
+            megabytes = projection_bytes[PRODUCTS[name]] / 1e6
+            read = f"{megabytes:.1f} MB at {megabytes * steps / seconds / 1e3:.1f} GB/s"
+        say(f"| {name} | {1e3 * seconds / steps:.3f} | {100 * seconds / total:.1f}% | {read} |")
 
 
 if __name__ == "__main__":

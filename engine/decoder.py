@@ -107,6 +107,10 @@ class FusedStep(Protocol):
 
     def step_q4(self, *inputs: torch.Tensor) -> torch.Tensor: ...  # an int4 cache
 
+    def clock_parts(self, on: bool) -> None: ...  # decode_step.h PartClock
+
+    def part_times(self) -> list[tuple[str, float, int]]: ...
+
 
 # The folded vectors cost more time per byte than the projections' weights (each int8 converted
 # to float before its product: ~28 GB/s on two Zen 4 threads, against ~47 for the projections'
@@ -289,12 +293,13 @@ def packed_weights(
     """The packed weights and scales of our kernels' projections (`pack_int8`, `pack_int4`):
     what a decode step streams from memory, every byte once a step."""
     projections = [*(getattr(w, name) for w in layers for name in PROJECTIONS), lm_heads]
-    return [
-        t
-        for p in projections
-        for t in (getattr(p, "packed", None), getattr(p, "scales", None))
-        if isinstance(t, torch.Tensor)
-    ]
+    return [t for p in projections for t in packed_tensors(p)]
+
+
+def packed_tensors(projection: Projection | None) -> list[torch.Tensor]:
+    """One projection's packed weights and scales where our kernels read it (else none)."""
+    parts = (getattr(projection, "packed", None), getattr(projection, "scales", None))
+    return [t for t in parts if isinstance(t, torch.Tensor)]
 
 
 def in_huge_pages(
@@ -485,6 +490,32 @@ class Decoder:
         self.fold_seconds = 0.0  # spent in `fold` so far
         # per KV cache kind: (the layers it was counted on, bytes, bytes per position and row)
         self._read_per_step: dict[str, tuple[list[LayerWeights], float, float]] = {}
+
+    def clock_parts(self, on: bool) -> None:
+        """Time each part of the coming fused decode steps of the weights in use (their layer
+        norms, products, attentions: `part_times`), or stop. ValueError where the fused step does
+        not run."""
+        if self._fused is None:
+            raise ValueError("the parts of a step are timed on our fused CPU step, not run here")
+        self._fused.clock_parts(on)
+
+    def part_times(self) -> list[tuple[str, float, int]]:
+        """(part, seconds, laps) of each part of the fused steps since `clock_parts` or the last
+        call, in a step's order (each part from its start to the next's, as the calling thread
+        sees it, the other threads' waits included)."""
+        if self._fused is None:
+            raise ValueError("the parts of a step are timed on our fused CPU step, not run here")
+        return [(str(name), float(s), int(n)) for name, s, n in self._fused.part_times()]
+
+    def projection_bytes(self) -> dict[str, int]:
+        """The bytes each projection of the weights in use streams in a step, over all layers
+        (`qkv`, `out_self`, `q_cross`, `out_cross`, `fc1`, `fc2`) and the `lm_heads`."""
+        out = {
+            name: sum(t.nbytes for w in self.layers for t in packed_tensors(getattr(w, name)))
+            for name in PROJECTIONS
+        }
+        out["lm_heads"] = sum(t.nbytes for t in packed_tensors(self.lm_heads))
+        return out
 
     def coarse_available(self) -> str | None:
         """None when `use_coarse` can run here, else why not: it needs int8 projections through

@@ -397,10 +397,22 @@ def test_timeline_benchmark_reads_stations_across_window_restarts(tmp_path):
     out = _run(
         "timeline.py",
         "--size", "tiny", "--mode", "int8", "--stations", "2", "--seconds", "8",
-        "--window", "150", "--context", "40",
+        "--window", "150", "--context", "40", "--parts",
         tmp_path=tmp_path,
     )  # fmt: skip
     assert re.search(r"real-time factor per station: \d+\.\d{3}", out)
+    # where the steps' time went: every part of a layer, the products with their reads
+    parts = re.findall(r"^\| ([a-z][^|]*?) \| ([\d.]+) \| ([\d.]+)% \|", out, re.M)
+    names = [name for name, _, _ in parts]
+    assert {"embeddings", "qkv", "cache writes", "self-attention", "fc1", "fc2", "heads"} <= set(
+        names
+    )
+    assert names.index("qkv") < names.index("self-attention") < names.index("fc2")
+    step = float(re.search(r"over \d+ steps \(([\d.]+) ms a step\)", out).group(1))
+    assert sum(float(ms) for _, ms, _ in parts) == pytest.approx(step, rel=0.01, abs=0.01)
+    assert sum(float(share) for _, _, share in parts) == pytest.approx(100, abs=1)
+    assert re.search(r"^\| fc1 \| [\d.]+ \| [\d.]+% \| [\d.]+ MB at [\d.]+ GB/s \|", out, re.M)
+    assert re.search(r"plain read now .*: [\d.]+ GB/s", out)
     assert len(re.search(r"per 2\.5 s: (.*)", out).group(1).split()) == 4
     assert "chunks: median" in out
     # 8 s at 150-frame windows from 40 frames: 2 windows or more per station

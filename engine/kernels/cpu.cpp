@@ -35,6 +35,7 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -790,6 +791,18 @@ class DecodeStepInt8 {
   }
 
   int64_t taken_over() const { return scratch_.team.taken_over(); }
+
+  // The step's clock (decode_step.h `PartClock`): on or off, and each part's seconds and laps
+  // since it was last read, in the step's order.
+  void clock_parts(bool on) { scratch_.clock.on = on; }
+  std::vector<std::tuple<std::string, double, int64_t>> part_times() {
+    std::vector<std::tuple<std::string, double, int64_t>> out;
+    PartClock& c = scratch_.clock;
+    for (int p = 0; p < kParts; ++p) out.emplace_back(kPartNames[p], c.seconds[p], c.laps[p]);
+    c.seconds.fill(0), c.laps.fill(0);
+    return out;
+  }
+
   void stall_once(int64_t member, int64_t region, int64_t item, double seconds) {
     TORCH_CHECK(member >= 0 && region >= 1 && item >= 0 && seconds >= 0,
                 "DecodeStepInt8.stall_once: member >= 0, region >= 1, item >= 0, seconds >= 0");
@@ -968,6 +981,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("step_q4", &DecodeStepInt8::step_q4, nogil, "the decoder step over an int4 KV cache")
       .def("taken_over", &DecodeStepInt8::taken_over,
            "items of the steps so far that one thread computed for another (team.h)")
+      .def("clock_parts", &DecodeStepInt8::clock_parts, py::arg("on"),
+           "time each part of the coming steps (decode_step.h PartClock), or stop")
+      .def("part_times", &DecodeStepInt8::part_times,
+           "[(part, seconds, laps)] of the steps since the last call, in a step's order")
       .def("stall_once", &DecodeStepInt8::stall_once, py::kw_only(), py::arg("member"),
            py::arg("region"), py::arg("item"), py::arg("seconds"),
            "for tests: in the next step, thread `member` sleeps after claiming item `item` of "

@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cmath>
 #include <utility>
 #include <vector>
@@ -110,6 +111,66 @@ struct CrossInputs {  // cross-attention keys/values [L][B][H][S][D] bfloat16, c
   bool is_folded(int64_t b) const { return folded && folded_rows[b]; }
 };
 
+// The parts of a step, in their order, for its clock (`PartClock`).
+enum class Part : int {
+  Embeddings, NormQkv, Qkv, CacheWrites, SelfAttention, QuantizeOut, OutSelf, NormCross,
+  FoldedCross, FoldedAdded, ProjectedCross, NormFc1, Fc1, QuantizeFc2, Fc2, NormHeads, Heads,
+  Count
+};
+constexpr int kParts = static_cast<int>(Part::Count);
+inline constexpr std::array<const char*, kParts> kPartNames = {
+    "embeddings",
+    "layer norm, quantize: qkv",
+    "qkv",
+    "cache writes",
+    "self-attention",
+    "quantize: out",
+    "out",
+    "layer norm: cross",
+    "folded cross-attention",
+    "folded heads added",
+    "cross-attention, projected",
+    "layer norm, quantize: fc1",
+    "fc1",
+    "quantize: fc2",
+    "fc2",
+    "layer norm, quantize: heads",
+    "heads"};
+
+// Where a step's time goes, part by part, as the team's first member (the calling thread, which
+// runs the whole program) sees it: each part from its start to the next part's, the team's waits
+// included. Off unless asked for (`bench/timeline.py --parts`); on, ~500 clock reads a step.
+struct PartClock {
+  bool on = false;
+  std::array<double, kParts> seconds{};
+  std::array<int64_t, kParts> laps{};
+};
+
+// The first member's laps of a PartClock through one step: at(p) as part p starts. Only the
+// first member writes the clock, and only while the caller waits in the step.
+class Laps {
+ public:
+  Laps(PartClock& clock, const Team::Member& t) : clock_(t.id() == 0 && clock.on ? &clock : nullptr) {}
+  Laps(const Laps&) = delete;
+  Laps& operator=(const Laps&) = delete;
+  ~Laps() { at(Part::Count); }
+  void at(Part p) {
+    if (!clock_) return;
+    const auto now = std::chrono::steady_clock::now();
+    if (part_ != Part::Count) {
+      const int i = static_cast<int>(part_);
+      clock_->seconds[i] += std::chrono::duration<double>(now - last_).count();
+      ++clock_->laps[i];
+    }
+    part_ = p, last_ = now;
+  }
+
+ private:
+  PartClock* clock_;
+  Part part_ = Part::Count;
+  std::chrono::steady_clock::time_point last_;
+};
+
 // What a team member computes before its commit writes it where the step reads it (team.h).
 struct Own {
   std::vector<float> y;  // a product's rows, [B][its output's row stride]
@@ -132,6 +193,7 @@ struct StepScratch {
   std::vector<float> partial;  // [B][H][E]: folded cross-attention's output per (row, head)
   std::vector<Own> own;  // each team member's
   Team team;
+  PartClock clock;
   void fit(const ModelW& m, int64_t B, int64_t P, int64_t S) {
     int64_t widest = 0, groups = 0, outputs = 0;
     m.each_projection([&](const Projection& p) {
@@ -404,6 +466,8 @@ inline void decode_step(const ModelW& m, const int64_t* ids, const int64_t* pos,
     const int64_t scratch = std::max(c.P, cross.S) + 32;  // each member's scores
     const float scale = 1.0f / std::sqrt(static_cast<float>(D));
     if (cross.folded) folded_items(m, cross, B, mine.items);
+    Laps laps(s.clock, t);
+    laps.at(Part::Embeddings);
     t.region(  // x = sum of the codebooks' embeddings + the position's sinusoid, by rows
         B,
         [&](int64_t b) {
@@ -418,8 +482,11 @@ inline void decode_step(const ModelW& m, const int64_t* ids, const int64_t* pos,
         [&](int64_t b) { commit_row(mine, b, E, x); });
     for (int64_t l = 0; l < m.L; ++l) {
       const DecoderLayerW& w = m.layers[l];
+      laps.at(Part::NormQkv);
       quantize_region(t, s, w.qkv, x, E, B, &w.ln_self, m.eps);
+      laps.at(Part::Qkv);
       product_region<Out::Store>(t, s, w.qkv, B, qkv, 3 * E);
+      laps.at(Part::CacheWrites);
       // each (row, head)'s new key and value into the cache where it stands, by the member that
       // attends it next (the lines it writes are among those it reads), its lines asked for first
       const int64_t own0 = bounds[t.id()], own1 = bounds[t.id() + 1];  // this member's share
@@ -464,6 +531,7 @@ inline void decode_step(const ModelW& m, const int64_t* ids, const int64_t* pos,
             c.key_scales[c.scales(l, b, hd) + pos[b]] = sc[0];
             c.value_scales[c.scales(l, b, hd) + pos[b]] = sc[1];
           });
+      laps.at(Part::SelfAttention);
       t.region(
           B * H, bounds,
           [&](int64_t i) {
@@ -500,10 +568,13 @@ inline void decode_step(const ModelW& m, const int64_t* ids, const int64_t* pos,
             const float* out = mine.out.data();
             std::copy(out, out + D, a + i / H * E + i % H * D);
           });
+      laps.at(Part::QuantizeOut);
       quantize_region(t, s, w.out_self, a, E, B);
+      laps.at(Part::OutSelf);
       product_region<Out::Add>(t, s, w.out_self, B, x, E);
 
       if (cross.folded) {
+        laps.at(Part::NormCross);
         t.region(  // h = ln_cross(x), the folded rows' queries
             B,
             [&](int64_t b) {
@@ -512,6 +583,7 @@ inline void decode_step(const ModelW& m, const int64_t* ids, const int64_t* pos,
             },
             [&](int64_t b) { commit_row(mine, b, E, h); });
         const int64_t n = static_cast<int64_t>(mine.items.size());
+        laps.at(Part::FoldedCross);
         t.region(
             n,
             [&](int64_t i) {
@@ -523,6 +595,7 @@ inline void decode_step(const ModelW& m, const int64_t* ids, const int64_t* pos,
               const int64_t at = mine.items[i] * E;
               std::copy(mine.out.begin(), mine.out.begin() + E, s.partial.begin() + at);
             });
+        laps.at(Part::FoldedAdded);
         t.region(  // x += the folded heads' outputs, by rows
             n > 0 ? B : 0,
             [&](int64_t b) {
@@ -533,6 +606,7 @@ inline void decode_step(const ModelW& m, const int64_t* ids, const int64_t* pos,
             [&](int64_t b) { commit_row(mine, b, E, x); });
       }
       if (projected) {  // a folded row's attention output is zero here: out_cross adds nothing
+        laps.at(Part::ProjectedCross);
         if (cross.folded)  // h = ln_cross(x) made above, before the folded heads were added
           quantize_region(t, s, w.q_cross, h, E, B);
         else
@@ -555,12 +629,18 @@ inline void decode_step(const ModelW& m, const int64_t* ids, const int64_t* pos,
         product_region<Out::Add>(t, s, w.out_cross, B, x, E);
       }
 
+      laps.at(Part::NormFc1);
       quantize_region(t, s, w.fc1, x, E, B, &w.ln_ffn, m.eps);
+      laps.at(Part::Fc1);
       product_region<Out::Gelu>(t, s, w.fc1, B, ff, F);
+      laps.at(Part::QuantizeFc2);
       quantize_region(t, s, w.fc2, ff, F, B);
+      laps.at(Part::Fc2);
       product_region<Out::Add>(t, s, w.fc2, B, x, E);
     }
+    laps.at(Part::NormHeads);
     quantize_region(t, s, m.lm_heads, x, E, B, &m.ln_final, m.eps);
+    laps.at(Part::Heads);
     product_region<Out::Store>(t, s, m.lm_heads, B, logits, m.lm_heads.out_features());
   });
 }

@@ -73,3 +73,35 @@ def test_a_stalled_threads_item_is_taken_over(models, kind, region):
     got = _run(models[kind], 2, stalls=[(0, region, 0, 0.03), (1, region, 0, 0.03)], steps=3)
     assert fused.taken_over() >= before + 3  # once per step
     assert torch.equal(got, want)
+
+
+def test_the_step_clock_times_each_part_in_order(models):
+    """`Decoder.clock_parts`: each part of every step, a layer's parts once per layer, in a
+    step's order, the laps counted; nothing while off, and the same logits either way."""
+    decoder = models["int8 cache"].decoder
+    layers = len(decoder.layers)
+    want = _run(models["int8 cache"], 2, steps=3)
+    decoder.clock_parts(True)
+    try:
+        decoder.part_times()  # from here
+        got = _run(models["int8 cache"], 2, steps=3)
+        times = decoder.part_times()
+    finally:
+        decoder.clock_parts(False)
+    assert torch.equal(got, want)
+    names = [name for name, _, _ in times]
+    assert names[:5] == ["embeddings", "layer norm, quantize: qkv", "qkv", "cache writes",
+                         "self-attention"]  # fmt: skip
+    assert names[-2:] == ["layer norm, quantize: heads", "heads"]
+    laps = {name: n for name, _, n in times}
+    assert laps["embeddings"] == laps["heads"] == 3
+    assert laps["qkv"] == laps["self-attention"] == laps["fc2"] == 3 * layers
+    assert all(seconds > 0 for name, seconds, n in times if n > 0)
+    _run(models["int8 cache"], 2, steps=2)
+    assert all(n == 0 for _, _, n in decoder.part_times())  # off: read and reset above
+
+
+def test_the_step_clock_needs_the_fused_step(tiny_model_dir):
+    model = MusicModel.load(LoadOptions(model=tiny_model_dir, device="cpu", quantize="none"))
+    with pytest.raises(ValueError, match="fused CPU step"):
+        model.decoder.clock_parts(True)
