@@ -150,7 +150,8 @@ struct PartClock {
 // first member writes the clock, and only while the caller waits in the step.
 class Laps {
  public:
-  Laps(PartClock& clock, const Team::Member& t) : clock_(t.id() == 0 && clock.on ? &clock : nullptr) {}
+  Laps(PartClock& clock, const Team::Member& t)
+      : clock_(t.id() == 0 && clock.on ? &clock : nullptr) {}
   Laps(const Laps&) = delete;
   Laps& operator=(const Laps&) = delete;
   ~Laps() { at(Part::Count); }
