@@ -1111,16 +1111,23 @@ class Generator:
         window = self.specs[0].window
         rate = self.model.frame_rate
 
-        def predicted(at: int) -> float:
-            return ladder.predicted_rtf(rates, window.window, window.context, at, rate)
+        def predicted(at: int, judged: ladder.Rates = rates) -> float:
+            return ladder.predicted_rtf(judged, window.window, window.context, at, rate)
 
         if unguided:
+            # the figure that moved the ladder: `_move` judges the rungs both on the cost measured
+            # where the steps are now and with the slope's guess from the bytes (a log line once
+            # gave the guess's x1.06 where the measured cost, x1.016, had taken guidance off)
+            behind = min(
+                predicted(ladder.COARSEST),
+                predicted(ladder.COARSEST, dataclasses.replace(rates, prior_slope=0.0)),
+            )
             log.warning(
                 "generation cannot keep up even with int4 weights in every layer (x%.2f of real "
                 "time): guidance off until it can (each station sampled from its prompt's rows "
                 "alone, half the rows a step: music that follows its prompt less closely, "
                 "predicted x%.2f; generation.drop_guidance_when_behind)",
-                predicted(ladder.COARSEST),
+                behind,
                 predicted(level),
             )
         else:

@@ -569,6 +569,9 @@ async def test_guidance_off_while_even_int4_weights_fall_behind_then_on_again(
     await sink.until(lambda: ("rungs", "a", rungs) in sink.calls)
     assert "guidance off until it can" in caplog.text
     assert "generation.drop_guidance_when_behind" in caplog.text
+    # the figure said is the one that moved the ladder: under the bar to stay on the rung
+    said = re.search(r"every layer \(x([\d.]+) of real time\): guidance off", caplog.text)
+    assert said and float(said.group(1)) < ladder.DOWN_BELOW
     # settled on it, its speed is measured (once a slope says where the costs were taken):
     # the fake's steps cost the same without null rows
     gen.position_cost = FixedSlope()  # type: ignore[assignment]
