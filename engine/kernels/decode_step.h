@@ -400,17 +400,15 @@ inline void folded_item(const ModelW& m, int64_t layer, const CrossInputs& c, co
     ask_vector(z + p * E, E), ask_vector(u + p * E, E);
   float best = -INFINITY;
   for (int64_t p = 0; p < T; ++p) {
-    if (p + kFoldedAhead < T) ask_vector(z + (p + kFoldedAhead) * E, E);
+    if (p + kFoldedAhead < T)  // (u's vectors too: the sums below read them all at once)
+      ask_vector(z + (p + kFoldedAhead) * E, E), ask_vector(u + (p + kFoldedAhead) * E, E);
     scores[p] = dot_with(row, z + p * E, E) * zs[p] + c.bias[b * S + p];
     best = std::max(best, scores[p]);
   }
   // each weight times its u's scale (an int8 cache's trick); the sum is of the plain ones
   const float inv = softmax_weights(scores, T, best, us);
-  std::fill(out, out + E, 0.0f);
-  for (int64_t p = 0; p < T; ++p) {
-    if (p + kFoldedAhead < T) ask_vector(u + (p + kFoldedAhead) * E, E);
-    if (scores[p] != 0.0f) add_scaled(scores[p] * inv, u + p * E, out, E);
-  }
+  for (int64_t p = 0; p < T; ++p) scores[p] *= inv;
+  weighted_rows(scores, u, T, E, out);
 }
 
 // The folded rows' (row, head) items that read text, in order.

@@ -129,12 +129,30 @@ inline float dot_with(const float* x, const T* z, int64_t n) {
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3])));
 }
 
-// out[i] += w * u[i] over n floats (n a multiple of 16), u bfloat16 or int8.
+// out[i] = the sum over t < rows of w[t] * u[t * n + i] (n a multiple of 16; u bfloat16 or int8
+// rows of n): each element's terms added in t's order, one fused multiply-add each, as adding
+// w[t] * u[t] row after row into zeros would (rows whose weight is 0 skipped), 64 elements at a
+// time in registers rather than out loaded and stored once a row.
 template <class T>
-inline void add_scaled(float w, const T* u, float* out, int64_t n) {
-  const __m512 vw = _mm512_set1_ps(w);
-  for (int64_t i = 0; i < n; i += 16)
-    _mm512_storeu_ps(out + i, _mm512_fmadd_ps(vw, load_floats(u + i), _mm512_loadu_ps(out + i)));
+inline void weighted_rows(const float* w, const T* u, int64_t rows, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    __m512 a[4];
+    for (__m512& x : a) x = _mm512_setzero_ps();
+    for (int64_t t = 0; t < rows; ++t) {
+      if (w[t] == 0.0f) continue;
+      const __m512 vw = _mm512_set1_ps(w[t]);
+      const T* r = u + t * n + i;
+      for (int j = 0; j < 4; ++j) a[j] = _mm512_fmadd_ps(vw, load_floats(r + 16 * j), a[j]);
+    }
+    for (int j = 0; j < 4; ++j) _mm512_storeu_ps(out + i + 16 * j, a[j]);
+  }
+  for (; i < n; i += 16) {
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t t = 0; t < rows; ++t)
+      if (w[t] != 0.0f) a = _mm512_fmadd_ps(_mm512_set1_ps(w[t]), load_floats(u + t * n + i), a);
+    _mm512_storeu_ps(out + i, a);
+  }
 }
 
 }  // namespace er
