@@ -180,8 +180,8 @@ struct Own {
   std::vector<float> qscale, qsums;
   std::vector<int32_t> qcomp;
   std::vector<float> out;  // [E]: one attention item's output (D) or folded partial (E)
-  std::vector<uint8_t> kv;  // the step's keys and values [B][H][2][D] int8 (or 2 x 32 int4)
-  std::vector<float> kv_scales;  // [B][H][2] (int4: bfloat16 bits)
+  std::vector<uint8_t> kv;  // one (row, head)'s new key and value [2][D] int8 (or 2 x 32 int4)
+  std::vector<float> kv_scales;  // [2] (int4: bfloat16 bits)
   std::vector<int64_t> items;  // folded cross-attention's (row, head) items that read text
 };
 
@@ -211,7 +211,7 @@ struct StepScratch {
     for (Own& o : own) {
       o.y.resize(B * std::max({outputs, 3 * m.E, m.F})), o.rows.resize(B * m.E);
       o.q.resize(B * widest), o.qscale.resize(B), o.qcomp.resize(B), o.qsums.resize(B * groups);
-      o.out.resize(m.E), o.kv.resize(B * m.H * 2 * m.D), o.kv_scales.resize(B * m.H * 2);
+      o.out.resize(m.E), o.kv.resize(2 * m.D), o.kv_scales.resize(2);
       o.items.reserve(B * m.H);
     }
     int64_t items = B * m.H;  // the widest region: a product's or the attention's
