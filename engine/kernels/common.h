@@ -26,6 +26,12 @@ namespace er {
 // the same CPU. The int4 product asks into L1 (int4_gemm.h): there T1 was slower.
 inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1); }
 
+// Asking ahead into L1 (T0): the AMX tiles' weight stream (avx512/int8_gemm.h `block_amx`), whose
+// tile loads (16 lines each, 256 bytes apart) run slower from L2 than from L1. One int8 station
+// end to end x0.96 the time of T1 there, every other stream still on T1 (x0.985: slower than
+// the tiles' alone); Xeon, in turns in one process (`bench/kernel_ab.py --parts stream-int8`).
+inline void prefetch_l1(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+
 // Asking for a line that this core is about to write, in the exclusive state (PREFETCHW): a
 // store to a line that another core holds, or that is only in memory, waits for it first. The
 // KV cache's new positions: a step writes 11 lines per (row, head) of an int4 cache, lines last

@@ -39,7 +39,7 @@ inline std::atomic<uint64_t> products{0};
 constexpr int64_t kRows = 16;  // a tile's rows: activations per pass
 constexpr int64_t kChunkK4 = 16;  // k-groups of 4 inputs per tile pass (64 bytes a row)
 constexpr int64_t kChunkBytes = kChunkK4 * 4 * kBlock;  // 4 KB of weights: four B tiles
-// How many 4 KB chunks ahead a streamed block asks for its bytes (into L2).
+// How many 4 KB chunks ahead a streamed block asks for its bytes (into L1: `prefetch_l1`).
 constexpr int64_t kAhead = 2;
 
 struct alignas(64) TileConfig {

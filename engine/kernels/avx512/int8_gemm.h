@@ -197,8 +197,9 @@ void block_chunked(const uint8_t* wb, int64_t K4, const QuantRows& x, int64_t M,
 
 // One block of 64 features against all M rows on the AMX tiles (amx.h), 16 rows a pass: the
 // block's whole 64-input chunks through tdpbsud (the first pass streams the block from memory,
-// asking kAhead chunks ahead; the others find it in L2), the inputs left over (K not a multiple
-// of 64) through VNNI as a decode tile sums them, and the sums out as tile_out writes them.
+// asking kAhead chunks ahead into L1; the others find it in L2), the inputs left over (K not a
+// multiple of 64) through VNNI as a decode tile sums them, and the sums out as tile_out writes
+// them.
 template <Out OUT>
 void block_amx(const uint8_t* wb, int64_t K4, const QuantRows& x, int64_t M, const float* ws,
                int64_t n0, int64_t N, float* y, int64_t ldy, uint64_t product) {
@@ -214,7 +215,7 @@ void block_amx(const uint8_t* wb, int64_t K4, const QuantRows& x, int64_t M, con
       const uint8_t* chunk = wb + c * amx::kChunkBytes;
       if (m0 == 0)
         for (int64_t line = 0; line < amx::kChunkBytes; line += 64)
-          prefetch(chunk + amx::kAhead * amx::kChunkBytes + line);
+          prefetch_l1(chunk + amx::kAhead * amx::kChunkBytes + line);
       amx::pass(xm + c * 64, x.ld, chunk);
     }
     amx::store_sums(sums);
