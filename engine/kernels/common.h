@@ -274,8 +274,11 @@ inline int64_t q4_bytes(int64_t T) { return (T + kQ4Block - 1) / kQ4Block * kQ4B
 // How far ahead (bytes) a cached head's keys and values are prefetched while it is read. Each
 // (row, head) is one or two short streams (64 KB at 1000 positions) that the hardware
 // prefetcher ramps up on too late: 4 KB ahead, and both streams' first lines at once, made 24
-// layers of attention over 1000 positions ~25% faster on the AVX-512 machine (3.9 -> 2.9 ms).
-constexpr int64_t kAttendPrefetch = 4096;
+// layers of attention over 1000 positions ~25% faster on Zen 4 (3.9 -> 2.9 ms). On the Xeon
+// 1 KB ahead is faster still: one int8 station end to end x0.966-0.978 the time of 4 KB ahead
+// (2 KB x0.983-0.986, 512 bytes x0.974, 8 KB x0.998; the int4 cache's stream x0.99-1.0), in
+// turns in one process (`bench/kernel_ab.py --parts stream-int8,stream-int8-kv4`).
+constexpr int64_t kAttendPrefetch = 1024;
 
 // The first lines of the first head a thread attends (each head asks for the next one's).
 inline void prefetch_q4_start(const uint8_t* head, int64_t T) {
