@@ -62,8 +62,13 @@ constexpr int64_t kPanel = 4;  // blocks per L2 panel of a prefill (64 features)
 constexpr int64_t kMaxChunkedRows = 16;
 constexpr int64_t kChunkBytes = 2048;  // codes per chunk of a block (plus its scales)
 // Software prefetch distance in bytes of codes: the hardware prefetcher alone does not keep two
-// streams (codes and scales) per thread at the bus's speed.
-constexpr int64_t kPrefetch = 1024;
+// streams (codes and scales) per thread at the bus's speed. 2 KB for one block's stream (the
+// VNNI loops): one int4 station end to end x0.955-0.961 the time of 1 KB ahead on the Xeon (512
+// bytes x1.07, 4 KB x1.02), in turns in one process (`bench/kernel_ab.py --parts stream-int4`);
+// 1 KB for each of a tile panel's up to 4 blocks read at once (`panel_amx`): 2 KB there made
+// the product at 4 rows x1.02-1.05 slower (`--parts int4 --rows 4`).
+constexpr int64_t kPrefetch = 2048;
+constexpr int64_t kPanelPrefetch = 1024;
 
 // Into L1 (T0), unlike er::prefetch (common.h): the int4 product at 2-8 rows was x0.81-0.89
 // slower asking into L2, on Zen 4 in turns in one process.
@@ -311,7 +316,7 @@ inline void panel_rows(const PackedInt4& w, int64_t b0, int64_t b1, const Groupe
 // inputs unpack into one 1 KB tile per block in L1, and one tdpbsud (the activations signed,
 // the codes unsigned) makes the block's exact D sums for the group, which a tile store hands
 // to the float sums as block_groups does (s * D + b * S per group). A decode step's rows stream
-// each block's codes once (asking kPrefetch ahead, as the VNNI loop does); a prefill's later
+// each block's codes once (asking kPanelPrefetch ahead for each); a prefill's later
 // passes find the panel in L2.
 namespace amx_tiles {
 
@@ -321,7 +326,7 @@ inline void unpack(const uint8_t* codes, uint8_t* tile, bool ahead) {
   const __m512i low = _mm512_set1_epi8(0x0F);
   for (int t = 0; t < 8; ++t) {
     const uint8_t* p = codes + t * kStepBytes;
-    if (ahead) prefetch(p + kPrefetch);
+    if (ahead) prefetch(p + kPanelPrefetch);
     const __m512i v = _mm512_loadu_si512(p);
     _mm512_store_si512(tile + 128 * t, _mm512_and_si512(v, low));
     _mm512_store_si512(tile + 128 * t + 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
@@ -375,7 +380,7 @@ void panel_amx(const PackedInt4& w, int64_t b0, int64_t b1, const GroupedRows& x
       amx::store_sums(sums);
       for (int64_t j = 0; j < blocks; ++j) {
         const uint16_t* sb = w.block_scales(b0 + j) + g * 2 * kFeatures;
-        if (ahead) prefetch(sb + kPrefetch * 4 / w.G);  // as far ahead as the codes' prefetch
+        if (ahead) prefetch(sb + kPanelPrefetch * 4 / w.G);  // as far ahead as the codes' prefetch
         const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb)));
         const __m512 b =
             _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + kFeatures)));
