@@ -77,9 +77,25 @@ def plain_read(repeat: int) -> float:
     return data.nbytes / timed(lambda: data.max(), repeat) / 1e6
 
 
+def streaming_read(repeat: int) -> float | None:
+    """GB/s of our kernels' streaming read of as many bytes (`stream_read`: every thread a
+    contiguous share, asking 2 KB ahead into L1, nothing done with the bytes): what memory gives
+    a loop that only reads. None without our kernels. On the Xeon this read gets 33-36 GB/s in
+    minutes when the plain read (a PyTorch max()) gets 22-25: the plain read is the issue's
+    gauge of how fast the memory is now, this one how fast a step's streams could go."""
+    k = kernels.get()
+    if k is None:
+        return None
+    data = torch.ones(PLAIN_READ_FLOATS * 4, dtype=torch.uint8)
+    return data.nbytes / timed(lambda: k.stream_read(data), repeat) / 1e6
+
+
 def read_bandwidth(repeat: int) -> None:
     READ["GB/s"] = plain_read(repeat)
     print(f"plain read of {PLAIN_READ_FLOATS * 4 / 1e6:.0f} MB: {READ['GB/s']:.1f} GB/s")
+    streaming = streaming_read(repeat)
+    if streaming is not None:
+        print(f"streaming read (ours, 2 KB ahead into L1), as many bytes: {streaming:.1f} GB/s")
 
 
 def bench_prefill(rows: int, repeat: int, k) -> None:

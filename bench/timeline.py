@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_engine import MODES, PROMPT, load_options, model_dir, say  # noqa: E402
-from bench_kernels import plain_read  # noqa: E402
+from bench_kernels import plain_read, streaming_read  # noqa: E402
 
 from engine import MusicModel, SamplingOptions, WindowOptions  # noqa: E402
 from engine.model import read_together  # noqa: E402
@@ -88,6 +88,9 @@ def main() -> None:
     if args.parts:
         say_parts(model.decoder.part_times(), model.decoder.projection_bytes())
         say(f"plain read now (bench_kernels.py's): {plain_read(5):.1f} GB/s")
+        streaming = streaming_read(5)
+        if streaming is not None:  # (the fused step runs on our kernels: always here)
+            say(f"streaming read now (ours, 2 KB ahead into L1): {streaming:.1f} GB/s")
 
 
 # the step's parts that are one projection's product, by the projection's name

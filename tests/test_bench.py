@@ -295,6 +295,9 @@ def test_kernels_benchmark_prints_each_kernel(tmp_path):
     )
     assert f"our kernels: {kernels.isa()}" in out
     assert re.search(r"plain read of \d+ MB: [\d.]+ GB/s", out)
+    assert re.search(
+        r"streaming read \(ours, 2 KB ahead into L1\), as many bytes: [\d.]+ GB/s", out
+    )
     assert "projections, 2 layers, 8 rows" in out
     for row in ("linear_int8 (ours", "attend_step_q8, int8 cache", "attend_step_q4, int4 cache"):
         assert re.search(re.escape(row) + r".* ms .* GB/s .*% of read", out), row
@@ -413,6 +416,7 @@ def test_timeline_benchmark_reads_stations_across_window_restarts(tmp_path):
     assert sum(float(share) for _, _, share in parts) == pytest.approx(100, abs=1)
     assert re.search(r"^\| fc1 \| [\d.]+ \| [\d.]+% \| [\d.]+ MB at [\d.]+ GB/s \|", out, re.M)
     assert re.search(r"plain read now .*: [\d.]+ GB/s", out)
+    assert re.search(r"streaming read now \(ours, 2 KB ahead into L1\): [\d.]+ GB/s", out)
     assert len(re.search(r"per 2\.5 s: (.*)", out).group(1).split()) == 4
     assert "chunks: median" in out
     # 8 s at 150-frame windows from 40 frames: 2 windows or more per station

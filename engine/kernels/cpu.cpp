@@ -514,6 +514,34 @@ std::pair<torch::Tensor, torch::Tensor> quantize_int8(torch::Tensor x) {
   return {q, scale};
 }
 
+// Reads every byte of `bytes` (uint8, contiguous) once with every thread, each a contiguous
+// share, asking 2 KB ahead into L1: how fast this machine streams memory into a loop that does
+// nothing with it (bench/bench_kernels.py prints it beside the plain read, a PyTorch max()).
+// Returns the XOR of its whole 256-byte pieces' 8-byte words (the tail is not read), so that
+// the reads are not optimized away.
+int64_t stream_read(torch::Tensor bytes) {
+  TORCH_CHECK(bytes.scalar_type() == torch::kByte && bytes.is_contiguous() && bytes.dim() == 1,
+              "stream_read: bytes must be a contiguous uint8 vector");
+  constexpr int64_t kPiece = 256, kAhead = 2048;
+  const uint8_t* data = bytes.data_ptr<uint8_t>();
+  const int64_t pieces = bytes.numel() / kPiece;
+  std::atomic<int64_t> total{0};
+  at::parallel_for(0, pieces, 1, [&](int64_t p0, int64_t p1) {
+    __m256i acc = _mm256_setzero_si256();
+    for (int64_t p = p0; p < p1; ++p) {
+      const uint8_t* at = data + p * kPiece;
+      if (p * kPiece + kAhead < bytes.numel())
+        for (int64_t line = 0; line < kPiece; line += 64) prefetch_l1(at + kAhead + line);
+      for (int64_t i = 0; i < kPiece; i += 32)
+        acc = _mm256_xor_si256(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + i)));
+    }
+    alignas(32) int64_t lanes[4];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc);
+    total.fetch_xor(lanes[0] ^ lanes[1] ^ lanes[2] ^ lanes[3]);
+  });
+  return total.load();
+}
+
 // w [N, K] float32 -> (bytes [ceil(N / 64), ceil(K / 4), 256] uint8, scales [N] float32): exactly
 // `engine.linear.pack_int8_reference` (per feature scale max|w| / 127, codes rounded half to even,
 // clamped to +-127, stored + 128; padding 128), the layout of common.h. Blocks of 64 features
@@ -945,6 +973,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("data"), pybind11::arg("scales"),
         pybind11::arg("gelu") = false);
   m.def("pack_int8", &pack_int8, nogil, "float32 weights [N, K] -> packed int8 bytes and scales");
+  m.def("stream_read", &stream_read, nogil,
+        "read a uint8 vector once with every thread, 2 KB ahead into L1: its words' XOR");
   m.def("quantize_int8", &quantize_int8, nogil,
         "float32 rows [N, E] -> int8 codes and a scale per row (largest magnitude / 127)");
   namespace py = pybind11;

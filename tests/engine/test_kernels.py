@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,17 @@ def test_linear_bf16_equals_float32_maths(k, rows):
     got = k.linear_bf16(x, w)
     assert got.dtype == torch.float32 and got.shape == (rows, 96)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("size", [0, 255, 256, 4096 + 100, 3 * 2**20 + 7])
+def test_stream_read_reads_every_whole_piece(k, size):
+    # the XOR of every 8-byte word of its whole 256-byte pieces, whichever thread read them
+    g = torch.Generator().manual_seed(size)
+    data = torch.randint(0, 256, (size,), dtype=torch.uint8, generator=g)
+    words = data[: size // 256 * 256].view(torch.int64).numpy()
+    assert k.stream_read(data) == int(np.bitwise_xor.reduce(words, initial=0))
+    with pytest.raises(RuntimeError, match="contiguous uint8 vector"):
+        k.stream_read(data.to(torch.int8))
 
 
 def test_linear_bf16_refuses_bad_shapes(k):
