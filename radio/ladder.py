@@ -77,7 +77,12 @@ COARSEST = COARSE + 1  # ... and in every layer (and the lm heads)
 UNGUIDED = COARSEST + 1  # ... and guidance off: no null rows, half the rows a step
 COARSE_SHARES = {COARSE: 0.5, COARSEST: 1.0, UNGUIDED: 1.0}  # the share of layers int4
 CACHE_SPEEDUP = 1.1  # the first guess of the int4 cache's speed over int8's (1.07-1.5 measured)
-COARSE_SPEEDUP = 1.5  # the first guess of int4 weights' speed over int8's (measured, 2 cores)
+# the first guess of int4 weights' speed over int8's, until measured on the rung: the least of
+# what was measured on 2 cores (one station on Zen 3 x1.3-1.5; two on the Xeon x1.28-1.32,
+# `bench/timeline.py --stations 2 --mode int4-kv4` against `int8-kv4`). With x1.5 two Xeon
+# stations took half the layers int4 on a predicted x1.18, ran at x0.87-0.97 over the 19 s until
+# the rung's speed was measured, and bridged 1.8 s (2026-12-07 09:17)
+COARSE_SPEEDUP = 1.3
 # the first guess of the steps' speed without null rows over with them, on every layer's int4
 # weights: two musicgen-small stations on 2 Zen 3 cores x1.30 (the vector ALUs, not the bytes,
 # bound those steps: half the rows, not half the time)
