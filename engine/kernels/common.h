@@ -28,8 +28,8 @@ inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), 
 
 // Asking ahead into L1 (T0): the AMX tiles' weight stream (avx512/int8_gemm.h `block_amx`), whose
 // tile loads (16 lines each, 256 bytes apart) run slower from L2 than from L1. One int8 station
-// end to end x0.96 the time of T1 there, every other stream still on T1 (x0.985: slower than
-// the tiles' alone); Xeon, in turns in one process (`bench/kernel_ab.py --parts stream-int8`).
+// end to end x0.960-0.988 the time of T1 there (five runs); every stream into L1 gained less,
+// x0.985 (Xeon, in turns in one process: `bench/kernel_ab.py --parts stream-int8`).
 inline void prefetch_l1(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 
 // Asking for a line that this core is about to write, in the exclusive state (PREFETCHW): a
