@@ -80,8 +80,8 @@ def plain_read(repeat: int) -> float:
 def streaming_read(repeat: int) -> float | None:
     """GB/s of our kernels' streaming read of as many bytes (`stream_read`: every thread a
     contiguous share, asking 2 KB ahead into L1, nothing done with the bytes): what memory gives
-    a loop that only reads. None without our kernels. On the Xeon this read gets 33-36 GB/s in
-    minutes when the plain read (a PyTorch max()) gets 22-25: the plain read is the issue's
+    a loop that only reads. None without our kernels. On the Xeon this read got 25-32 GB/s in
+    minutes when the plain read (a PyTorch max()) got 18-20: the plain read is the issue's
     gauge of how fast the memory is now, this one how fast a step's streams could go."""
     k = kernels.get()
     if k is None:
