@@ -274,11 +274,18 @@ inline int64_t q4_bytes(int64_t T) { return (T + kQ4Block - 1) / kQ4Block * kQ4B
 // How far ahead (bytes) a cached head's keys and values are prefetched while it is read. Each
 // (row, head) is one or two short streams (64 KB at 1000 positions) that the hardware
 // prefetcher ramps up on too late: 4 KB ahead, and both streams' first lines at once, made 24
-// layers of attention over 1000 positions ~25% faster on Zen 4 (3.9 -> 2.9 ms). On the Xeon
-// 1 KB ahead is faster still: one int8 station end to end x0.966-0.978 the time of 4 KB ahead
-// (2 KB x0.983-0.986, 512 bytes x0.974, 8 KB x0.998; the int4 cache's stream x0.99-1.0), in
-// turns in one process (`bench/kernel_ab.py --parts stream-int8,stream-int8-kv4`).
-constexpr int64_t kAttendPrefetch = 1024;
+// layers of attention over 1000 positions ~25% faster on Zen 4 (3.9 -> 2.9 ms). The best
+// distance is the CPU maker's, measured end to end in turns in one process (`bench/kernel_ab.py
+// --parts stream-int8,stream-int8-kv4,...`): on the Intel Xeon (AMX) 1 KB, one int8 station
+// x0.966-0.978 the time of 4 KB ahead (2 KB x0.983-0.986, 512 bytes x0.974, 8 KB x0.998); on
+// Zen 4 4 KB, x0.979-0.982 the time of 1 KB ahead with int8 weights (the same build against
+// itself x1.000-1.006; 8 KB as 4 KB). Zen 3 ran on 4 KB; other Intel CPUs are not measured.
+inline int64_t attend_prefetch_for_this_cpu() {
+  __builtin_cpu_init();  // (this runs among the module's constructors)
+  return __builtin_cpu_is("amd") ? 4096 : 1024;
+}
+// (static: each build of the kernels loaded in one process, bench/kernel_ab.py's two, its own)
+static const int64_t kAttendPrefetch = attend_prefetch_for_this_cpu();
 
 // The first lines of the first head a thread attends (each head asks for the next one's).
 inline void prefetch_q4_start(const uint8_t* head, int64_t T) {

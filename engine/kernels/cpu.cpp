@@ -952,6 +952,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the int8 and int4 products of min_rows rows or more on AMX tiles (0: never; int4 from "
         "3 at least): '' when set, else why the tiles cannot run here");
   m.def("amx_min_rows", &amx_min_rows, "rows from which the products run on AMX (0: never)");
+  m.def("attend_prefetch", [] { return kAttendPrefetch; },
+        "how far ahead (bytes) the attention asks for a cached head's keys and values: the CPU "
+        "maker's best (common.h)");
   m.def("linear_bf16", &linear_bf16, nogil, "y = x w^T, bfloat16 weights, a few rows");
   m.def("linear_bf16_weights", &linear_bf16_weights, nogil,
         "y = x w^T, float32 rows (any number) and bfloat16 weights, per group");
