@@ -97,24 +97,27 @@ def main() -> None:
 PRODUCTS = {"qkv": "qkv", "out": "out_self", "fc1": "fc1", "fc2": "fc2", "heads": "lm_heads"}
 
 
-def say_parts(times: list[tuple[str, float, int]], projection_bytes: dict[str, int]) -> None:
+def say_parts(times: list[tuple[str, float, int, int]], projection_bytes: dict[str, int]) -> None:
     """A table of where the steps' time went, part by part (`Decoder.part_times`), with the
-    rate at which each product read its weights."""
-    steps = dict((name, laps) for name, _, laps in times)["heads"]
-    total = sum(seconds for _, seconds, _ in times)
+    rate at which each product read its weights and the self-attention its KV cache."""
+    steps = dict((name, laps) for name, _, laps, _ in times)["heads"]
+    total = sum(seconds for _, seconds, _, _ in times)
     if steps == 0 or total == 0:
         say("no fused step ran: no parts to show")
         return
     say(f"a step's parts over {steps} steps ({1e3 * total / steps:.2f} ms a step):")
-    say("| part | ms per step | share | weights read |")
+    say("| part | ms per step | share | read |")
     say("| --- | --- | --- | --- |")
-    for name, seconds, _ in times:
+    for name, seconds, _, cache_bytes in times:
         if seconds == 0:
             continue
         read = ""
         if name in PRODUCTS:
             megabytes = projection_bytes[PRODUCTS[name]] / 1e6
-            read = f"{megabytes:.1f} MB at {megabytes * steps / seconds / 1e3:.1f} GB/s"
+            read = f"{megabytes:.1f} MB of weights at {megabytes * steps / seconds / 1e3:.1f} GB/s"
+        elif cache_bytes:
+            megabytes = cache_bytes / steps / 1e6  # (a step's mean: the positions grow)
+            read = f"{megabytes:.1f} MB of cache at {cache_bytes / seconds / 1e9:.1f} GB/s"
         say(f"| {name} | {1e3 * seconds / steps:.3f} | {100 * seconds / total:.1f}% | {read} |")
 
 

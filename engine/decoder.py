@@ -109,7 +109,7 @@ class FusedStep(Protocol):
 
     def clock_parts(self, on: bool) -> None: ...  # decode_step.h PartClock
 
-    def part_times(self) -> list[tuple[str, float, int]]: ...
+    def part_times(self) -> list[tuple[str, float, int, int]]: ...
 
 
 # The folded vectors cost more time per byte than the projections' weights (each int8 converted
@@ -499,13 +499,14 @@ class Decoder:
             raise ValueError("the parts of a step are timed on our fused CPU step, not run here")
         self._fused.clock_parts(on)
 
-    def part_times(self) -> list[tuple[str, float, int]]:
-        """(part, seconds, laps) of each part of the fused steps since `clock_parts` or the last
-        call, in a step's order (each part from its start to the next's, as the calling thread
-        sees it, the other threads' waits included)."""
+    def part_times(self) -> list[tuple[str, float, int, int]]:
+        """(part, seconds, laps, cache bytes) of each part of the fused steps since `clock_parts`
+        or the last call, in a step's order (each part from its start to the next's, as the
+        calling thread sees it, the other threads' waits included; the bytes of the KV cache the
+        part read: the self-attention's, 0 for the others)."""
         if self._fused is None:
             raise ValueError("the parts of a step are timed on our fused CPU step, not run here")
-        return [(str(name), float(s), int(n)) for name, s, n in self._fused.part_times()]
+        return [(str(name), float(s), int(n), int(b)) for name, s, n, b in self._fused.part_times()]
 
     def projection_bytes(self) -> dict[str, int]:
         """The bytes each projection of the weights in use streams in a step, over all layers

@@ -414,7 +414,14 @@ def test_timeline_benchmark_reads_stations_across_window_restarts(tmp_path):
     step = float(re.search(r"over \d+ steps \(([\d.]+) ms a step\)", out).group(1))
     assert sum(float(ms) for _, ms, _ in parts) == pytest.approx(step, rel=0.01, abs=0.01)
     assert sum(float(share) for _, _, share in parts) == pytest.approx(100, abs=1)
-    assert re.search(r"^\| fc1 \| [\d.]+ \| [\d.]+% \| [\d.]+ MB at [\d.]+ GB/s \|", out, re.M)
+    assert re.search(
+        r"^\| fc1 \| [\d.]+ \| [\d.]+% \| [\d.]+ MB of weights at [\d.]+ GB/s \|", out, re.M
+    )
+    assert re.search(
+        r"^\| self-attention \| [\d.]+ \| [\d.]+% \| [\d.]+ MB of cache at [\d.]+ GB/s \|",
+        out,
+        re.M,
+    )
     assert re.search(r"plain read now .*: [\d.]+ GB/s", out)
     assert re.search(r"streaming read now \(ours, 2 KB ahead into L1\): [\d.]+ GB/s", out)
     assert len(re.search(r"per 2\.5 s: (.*)", out).group(1).split()) == 4

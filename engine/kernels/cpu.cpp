@@ -823,11 +823,12 @@ class DecodeStepInt8 {
   // The step's clock (decode_step.h `PartClock`): on or off, and each part's seconds and laps
   // since it was last read, in the step's order.
   void clock_parts(bool on) { scratch_.clock.on = on; }
-  std::vector<std::tuple<std::string, double, int64_t>> part_times() {
-    std::vector<std::tuple<std::string, double, int64_t>> out;
+  std::vector<std::tuple<std::string, double, int64_t, int64_t>> part_times() {
+    std::vector<std::tuple<std::string, double, int64_t, int64_t>> out;
     PartClock& c = scratch_.clock;
-    for (int p = 0; p < kParts; ++p) out.emplace_back(kPartNames[p], c.seconds[p], c.laps[p]);
-    c.seconds.fill(0), c.laps.fill(0);
+    for (int p = 0; p < kParts; ++p)
+      out.emplace_back(kPartNames[p], c.seconds[p], c.laps[p], c.bytes[p]);
+    c.seconds.fill(0), c.laps.fill(0), c.bytes.fill(0);
     return out;
   }
 
@@ -1017,7 +1018,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("clock_parts", &DecodeStepInt8::clock_parts, py::arg("on"),
            "time each part of the coming steps (decode_step.h PartClock), or stop")
       .def("part_times", &DecodeStepInt8::part_times,
-           "[(part, seconds, laps)] of the steps since the last call, in a step's order")
+           "[(part, seconds, laps, KV cache bytes read)] of the steps since the last call, in a "
+           "step's order")
       .def("stall_once", &DecodeStepInt8::stall_once, py::kw_only(), py::arg("member"),
            py::arg("region"), py::arg("item"), py::arg("seconds"),
            "for tests: in the next step, thread `member` sleeps after claiming item `item` of "

@@ -144,6 +144,7 @@ struct PartClock {
   bool on = false;
   std::array<double, kParts> seconds{};
   std::array<int64_t, kParts> laps{};
+  std::array<int64_t, kParts> bytes{};  // what a part reads of the KV cache (self-attention)
 };
 
 // The first member's laps of a PartClock through one step: at(p) as part p starts. Only the
@@ -164,6 +165,10 @@ class Laps {
       ++clock_->laps[i];
     }
     part_ = p, last_ = now;
+  }
+  // The current part reads these bytes (counted once, by the first member).
+  void reads(int64_t bytes) {
+    if (clock_ && part_ != Part::Count) clock_->bytes[static_cast<int>(part_)] += bytes;
   }
 
  private:
@@ -531,6 +536,8 @@ inline void decode_step(const ModelW& m, const int64_t* ids, const int64_t* pos,
             c.value_scales[c.scales(l, b, hd) + pos[b]] = sc[1];
           });
       laps.at(Part::SelfAttention);
+      for (int64_t b = 0; b < B; ++b)  // each (row, head) reads its positions' keys and values
+        laps.reads(H * (c.bits == 4 ? q4_bytes(pos[b] + 1) : (pos[b] + 1) * 2 * (D + 4)));
       t.region(
           B * H, bounds,
           [&](int64_t i) {

@@ -89,16 +89,23 @@ def test_the_step_clock_times_each_part_in_order(models):
     finally:
         decoder.clock_parts(False)
     assert torch.equal(got, want)
-    names = [name for name, _, _ in times]
+    names = [name for name, _, _, _ in times]
     assert names[:5] == ["embeddings", "layer norm, quantize: qkv", "qkv", "cache writes",
                          "self-attention"]  # fmt: skip
     assert names[-2:] == ["layer norm, quantize: heads", "heads"]
-    laps = {name: n for name, _, n in times}
+    laps = {name: n for name, _, n, _ in times}
     assert laps["embeddings"] == laps["heads"] == 3
     assert laps["qkv"] == laps["self-attention"] == laps["fc2"] == 3 * layers
-    assert all(seconds > 0 for name, seconds, n in times if n > 0)
+    assert all(seconds > 0 for name, seconds, n, _ in times if n > 0)
+    # the self-attention read each row's positions up to its new one (rows at p, p, p + 5, p + 5
+    # in step p), keys and values with a float32 scale each, for every head of every layer
+    positions = sum(2 * (p + 1) + 2 * (p + 6) for p in range(3))
+    vector = decoder.head_dim + 4
+    read = {name: b for name, _, _, b in times}
+    assert read.pop("self-attention") == layers * decoder.heads * positions * 2 * vector
+    assert set(read.values()) == {0}
     _run(models["int8 cache"], 2, steps=2)
-    assert all(n == 0 for _, _, n in decoder.part_times())  # off: read and reset above
+    assert all(n == 0 for _, _, n, _ in decoder.part_times())  # off: read and reset above
 
 
 def test_the_step_clock_needs_the_fused_step(tiny_model_dir):
