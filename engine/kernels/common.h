@@ -236,13 +236,6 @@ inline void parallel_by_position(const int64_t* pos, int64_t B, int64_t H, Fn&& 
       });
 }
 
-// Ask (into L2) for part `j` of `n` of the bytes [begin, end).
-inline void prefetch_part(const uint8_t* begin, const uint8_t* end, int64_t j, int64_t n) {
-  const int64_t size = end - begin;
-  for (int64_t at = size * j / n / 64 * 64; at < size * (j + 1) / n; at += 64)
-    prefetch(begin + at);
-}
-
 // ---- int4 KV cache (heads of 64) --------------------------------------------------------------
 // A key or value vector is 64 nibbles u = round(x / s) + 8 with its own scale s = max|x| / 7 in
 // bfloat16 (quantize_q4): 32 bytes, byte r holding dims r and r + 32. A head's positions go by

@@ -325,25 +325,6 @@ inline void product_region(Team::Member& t, StepScratch& s, const Projection& w,
       });
 }
 
-// The bytes of `w` this member streams in its product (its own share of the items, as the team
-// splits them), as ranges to ask for early: int8's packed blocks, or int4's codes and their
-// scales (both contiguous over the blocks); an empty range where there is none.
-inline std::array<std::pair<const uint8_t*, const uint8_t*>, 2> member_share(
-    const Projection& w, const Team::Member& t) {
-  const auto [i0, i1] = t.share_of(w.items());
-  if (w.kind == Projection::Kind::Int8) {
-    const int64_t bytes = w.int8.Kp * kBlock;
-    return {{{w.int8.data + i0 * bytes, w.int8.data + i1 * bytes}, {nullptr, nullptr}}};
-  }
-  const int4::PackedInt4& p = w.int4;
-  const int64_t b0 = std::min(p.blocks(), i0 * int4::kPanel);
-  const int64_t b1 = std::min(p.blocks(), i1 * int4::kPanel);
-  const auto* scales = reinterpret_cast<const uint8_t*>(p.scales);
-  const int64_t scale_bytes = p.groups() * 2 * int4::kFeatures * sizeof(uint16_t);
-  return {{{p.block_codes(b0), p.block_codes(b1)},
-           {scales + b0 * scale_bytes, scales + b1 * scale_bytes}}};
-}
-
 constexpr int64_t kCrossAhead = 4;  // (row, head) items of cross-attention asked for ahead
 
 // Cross-attention of query row b's head h (q [B][E]) over its text positions -> out [D]: zero
@@ -542,13 +523,7 @@ inline void decode_step(const ModelW& m, const int64_t* ids, const int64_t* pos,
           B * H, bounds,
           [&](int64_t i) {
             float* out = mine.out.data();
-            // Attention waits on memory more than it fills the bus: meanwhile the next
-            // projection's weights, this member's share, are asked for (into L2), a slice per
-            // item of its own share.
             const bool owned = own0 <= i && i < own1;
-            if (owned)
-              for (const auto& [begin, end] : member_share(w.out_self, t))
-                prefetch_part(begin, end, i - own0, own1 - own0);
             const int64_t b = i / H, hd = i % H;
             const float* in = qkv + b * 3 * E + hd * D;
             const uint8_t* k = c.keys + c.head(l, b, hd);

@@ -209,10 +209,6 @@ class Team::Member {
   int64_t regions() const { return regions_; }
   uint64_t target() const { return target_; }
 
-  // This member's own share of a region of `items` items split in equal counts: the t-th chunk
-  // of divup(items, members).
-  std::pair<int64_t, int64_t> share_of(int64_t items) const { return share(items, id_); }
-
   // The program's next region: compute(item) for each of `items` items into this member's own
   // memory (the program's callbacks are its own member's: they know whose memory), then
   // commit(item) to write it where the next regions read it, once per item; returns when every
