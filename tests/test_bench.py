@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -491,3 +492,35 @@ def test_kernel_ab_times_two_builds_in_turns(tmp_path):
     )
     assert refused.returncode != 0
     assert "no cpu.cpp there" in refused.stderr, refused.stderr[-2000:]
+
+
+def test_attention_step_benchmark_times_the_attention_in_the_step_and_alone(tmp_path):
+    out = _run(
+        "attention_step.py",
+        *("--size", "tiny", "--positions", "100", "--window", "150", "--rounds", "2"),
+        tmp_path=tmp_path,
+    )
+    rounds = re.findall(
+        r"^  round \d: a step ([\d.]+) ms, its self-attention ([\d.]+) ms \([\d.]+ GB/s\), "
+        r"alone ([\d.]+) ms \([\d.]+ GB/s\)$",
+        out,
+        re.M,
+    )
+    assert len(rounds) == 2
+    assert all(float(attention) <= float(step) for step, attention, _ in rounds)
+    # 2 rows x 100 positions x the tiny model's heads, keys and values with their scales
+    medians = re.search(
+        r"^medians: a step [\d.]+ ms; the self-attention [\d.]+ ms in it, [\d.]+ ms alone "
+        r"\(([\d.]+) MB of cache a step\): x[\d.]+ the time in the step$",
+        out,
+        re.M,
+    )
+    decoder = json.loads((tmp_path / "bench-tiny" / "config.json").read_text())["decoder"]
+    layers, heads = decoder["num_hidden_layers"], decoder["num_attention_heads"]
+    vector = decoder["hidden_size"] // heads + 4  # int8 dims and a float32 scale
+    assert float(medians.group(1)) == pytest.approx(
+        layers * 2 * heads * 100 * 2 * vector / 1e6, abs=0.005
+    )
+    with pytest.raises(AssertionError, match="--positions <= --window"):
+        _run("attention_step.py", "--size", "tiny", "--positions", "200", "--window", "150",
+             tmp_path=tmp_path)  # fmt: skip
