@@ -166,6 +166,8 @@ class Laps {
     }
     part_ = p, last_ = now;
   }
+  // Whether this member keeps the clock (the first member, while it is on).
+  bool on() const { return clock_ != nullptr; }
   // The current part reads these bytes (counted once, by the first member).
   void reads(int64_t bytes) {
     if (clock_ && part_ != Part::Count) clock_->bytes[static_cast<int>(part_)] += bytes;
@@ -517,8 +519,9 @@ inline void decode_step(const ModelW& m, const int64_t* ids, const int64_t* pos,
             c.value_scales[c.scales(l, b, hd) + pos[b]] = sc[1];
           });
       laps.at(Part::SelfAttention);
-      for (int64_t b = 0; b < B; ++b)  // each (row, head) reads its positions' keys and values
-        laps.reads(H * (c.bits == 4 ? q4_bytes(pos[b] + 1) : (pos[b] + 1) * 2 * (D + 4)));
+      if (laps.on())  // each (row, head) reads its positions' keys and values
+        for (int64_t b = 0; b < B; ++b)
+          laps.reads(H * (c.bits == 4 ? q4_bytes(pos[b] + 1) : (pos[b] + 1) * 2 * (D + 4)));
       t.region(
           B * H, bounds,
           [&](int64_t i) {
