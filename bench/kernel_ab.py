@@ -18,6 +18,9 @@ shapes (musicgen-small, 24 layers, `--rows` rows: 2 per station):
 - `int4`: the same with int4 weights, groups of 64 (`linear_int4`);
 - `attention-q8`, `attention-q4`: the self-attention over an int8 / int4 KV cache at
   `--positions` (`attend_step_q8`, `attend_step_q4`, which also write the step's key/value);
+- `folded`: the cross-attention folded into the text (`cross_attend_folded`, on the calling
+  thread), the first half of the rows reading `--text` text positions, the others (guidance's
+  null rows) none;
 - `stream-int8`, `stream-int8-kv4`, `stream-int4`: the whole thing, two streams of the `--size`
   model (int8 weights and cache; int8 weights and the int4 cache; int4 weights and cache; the
   tiny model's heads of 16 take no int4 cache: int8 there), one loaded on A's modules and one
@@ -55,6 +58,7 @@ PARTS = (
     "int4",
     "attention-q8",
     "attention-q4",
+    "folded",
     "stream-int8",
     "stream-int8-kv4",
     "stream-int4",
@@ -89,7 +93,14 @@ def build_b(folder: Path, build_dir: Path | None) -> tuple[ModuleType, ModuleTyp
 
 
 def parts(
-    names: list[str], rows: int, positions: int, layers: int, size: str, a: tuple, b: tuple
+    names: list[str],
+    rows: int,
+    positions: int,
+    text: int,
+    layers: int,
+    size: str,
+    a: tuple,
+    b: tuple,
 ) -> dict[str, tuple[Callable[[], None], Callable[[], None]]]:
     """Each part's (A's run, B's run), on the same inputs."""
     out = {}
@@ -158,6 +169,34 @@ def parts(
             return run
 
         out["attention-q4"] = (q4(a[0]), q4(b[0]))
+    if "folded" in names:
+        # four copies read in turn by A and B alike, 4 x 17 MB at the defaults: each run finds
+        # its vectors in memory, as a step does (the weights between two layers' reads evict
+        # them from L3), not where the run before it left them
+        hidden, read = HEADS * HEAD_DIM, (rows + 1) // 2
+        shape5 = (layers, rows, HEADS, 2, text)
+        copies = [
+            (
+                torch.randint(-127, 128, (*shape5, hidden), dtype=torch.int8),
+                torch.rand(shape5) / 1e3,
+            )
+            for _ in range(4)
+        ]
+        folded_rows = torch.ones(rows, dtype=torch.bool)
+        bias, h = torch.zeros(rows, text), torch.randn(rows, hidden)
+        lengths = torch.tensor([text] * read + [0] * (rows - read))
+        turn = [0]
+
+        def folded(k: ModuleType) -> Callable[[], None]:
+            def run() -> None:
+                vectors, scales = copies[turn[0] % len(copies)]
+                turn[0] += 1
+                for i in range(layers):
+                    k.cross_attend_folded(h, vectors, scales, folded_rows, bias, lengths, i)
+
+            return run
+
+        out["folded"] = (folded(a[0]), folded(b[0]))
     # int4 weights and cache; the tiny model's heads of 16 take no int4 cache: int8 there
     small = size == "small"
     stream_modes = {
@@ -204,6 +243,12 @@ def main() -> None:
     )
     parser.add_argument("--rows", type=int, default=2, help="batch rows (2 per station)")
     parser.add_argument("--positions", type=int, default=1000, help="cached positions attended")
+    parser.add_argument(
+        "--text",
+        type=int,
+        default=19,
+        help="text positions a folded row reads (19: bench_engine's prompt's tokens)",
+    )
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument(
         "--size", choices=("small", "tiny"), default="small", help="the stream parts' model"
@@ -218,8 +263,8 @@ def main() -> None:
     unknown = [p for p in names if p not in PARTS]
     if unknown or not names:
         parser.error(f"--parts: {', '.join(unknown) or 'none'} not of {', '.join(PARTS)}")
-    if args.rows < 1 or args.positions < 1 or args.layers < 1 or args.rounds < 2:
-        parser.error("--rows, --positions, --layers must be >= 1 and --rounds >= 2")
+    if min(args.rows, args.positions, args.text, args.layers) < 1 or args.rounds < 2:
+        parser.error("--rows, --positions, --text, --layers must be >= 1 and --rounds >= 2")
     torch.set_num_threads(args.threads)
     a = (kernels.get(), int4.get())
     if a[0] is None or a[1] is None:
@@ -235,7 +280,7 @@ def main() -> None:
     print("| part | A ms (median) | B ms (median) | B / A, median of rounds | rounds' spread |")
     print("| --- | --- | --- | --- | --- |")
     for name, (run_a, run_b) in parts(
-        names, args.rows, args.positions, args.layers, args.size, a, b
+        names, args.rows, args.positions, args.text, args.layers, args.size, a, b
     ).items():
         run_a(), run_b()  # warm-up: first touches, the OpenMP team
         times_a, times_b = [], []

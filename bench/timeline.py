@@ -99,7 +99,8 @@ PRODUCTS = {"qkv": "qkv", "out": "out_self", "fc1": "fc1", "fc2": "fc2", "heads"
 
 def say_parts(times: list[tuple[str, float, int, int]], projection_bytes: dict[str, int]) -> None:
     """A table of where the steps' time went, part by part (`Decoder.part_times`), with the
-    rate at which each product read its weights and the self-attention its KV cache."""
+    rate at which each product read its weights, the self-attention its KV cache and the folded
+    cross-attention its text vectors."""
     steps = dict((name, laps) for name, _, laps, _ in times)["heads"]
     total = sum(seconds for _, seconds, _, _ in times)
     if steps == 0 or total == 0:
@@ -117,7 +118,8 @@ def say_parts(times: list[tuple[str, float, int, int]], projection_bytes: dict[s
             read = f"{megabytes:.1f} MB of weights at {megabytes * steps / seconds / 1e3:.1f} GB/s"
         elif cache_bytes:
             megabytes = cache_bytes / steps / 1e6  # (a step's mean: the positions grow)
-            read = f"{megabytes:.1f} MB of cache at {cache_bytes / seconds / 1e9:.1f} GB/s"
+            what = "text vectors" if name == "folded cross-attention" else "cache"
+            read = f"{megabytes:.1f} MB of {what} at {cache_bytes / seconds / 1e9:.1f} GB/s"
         say(f"| {name} | {1e3 * seconds / steps:.3f} | {100 * seconds / total:.1f}% | {read} |")
 
 

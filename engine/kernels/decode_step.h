@@ -568,6 +568,8 @@ inline void decode_step(const ModelW& m, const int64_t* ids, const int64_t* pos,
             [&](int64_t b) { commit_row(mine, b, E, h); });
         const int64_t n = static_cast<int64_t>(mine.items.size());
         laps.at(Part::FoldedCross);
+        if (laps.on())  // each item reads its row's z and u vectors with their scales
+          for (const int64_t i : mine.items) laps.reads(2 * cross.lengths[i / H] * (E + 4));
         t.region(
             n,
             [&](int64_t i) {

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine import LoadOptions, MusicModel
+from engine.conditioning import batch_conditions
 from tests.engine.steps import _start
 
 # Region numbers within a step (decode_step.h): 1 the embeddings, then per layer 2 the first
@@ -106,6 +107,33 @@ def test_the_step_clock_times_each_part_in_order(models):
     assert set(read.values()) == {0}
     _run(models["int8 cache"], 2, steps=2)
     assert all(n == 0 for _, _, n, _ in decoder.part_times())  # off: read and reset above
+
+
+def test_the_step_clock_counts_the_folded_text_read(models):
+    """The folded cross-attention's read: each folded row's z and u vectors of every text
+    position, with a float32 scale each, for every head of every layer, once a step."""
+    model = models["int8 cache"]
+    decoder = model.decoder
+    torch.manual_seed(1)
+    conditions = [model.encode_prompt(p) for p in ["slow jazz", "fast techno"]]
+    cross = decoder.cross_kv(*batch_conditions(conditions, guidance=True))
+    positions, projected = cross.folded_read()
+    assert positions > 0 and not projected  # (the tiny model folds every row with text)
+    cache = decoder.new_cache(4, 64)
+    decoder.clock_parts(True)
+    try:
+        decoder.part_times()
+        for p in range(3):
+            ids = torch.randint(0, decoder.vocab + 1, (4, decoder.num_codebooks))
+            decoder.decode_one_step(ids, cache, cross, [p] * 4)
+        read = {name: b for name, _, _, b in decoder.part_times()}
+    finally:
+        decoder.clock_parts(False)
+    vector = decoder.hidden + 4
+    assert (
+        read["folded cross-attention"]
+        == 3 * len(decoder.layers) * decoder.heads * 2 * positions * vector
+    )
 
 
 def test_the_step_clock_needs_the_fused_step(tiny_model_dir):
