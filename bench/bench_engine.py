@@ -504,7 +504,7 @@ def main() -> int:
         "--float32-codec-too",
         action="store_true",
         help="with --realtime-only: where the codec's upsampling stack runs in bfloat16 (model."
-        "codec auto on a CPU with AMX), each mode also with a float32 one, "
+        "codec auto on a CPU with AMX or AVX-512 BF16), each mode also with a float32 one, "
         "taking turns with the others on the same model",
     )
     parser.add_argument(

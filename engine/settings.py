@@ -145,7 +145,7 @@ class Resolved:
     # `linear_bf16_weights`), else "float32"
     text_products: str = "float32"
     # the streaming codec's upsampling stack: "float32", "bfloat16" (auto where the CPU has
-    # AMX: x1.4-1.5 the codec's speed, 44.6 dB from the float32 decode) or "model" (the model's
+    # AMX or AVX-512 BF16: x1.35-1.5 the codec's speed, 44.6 dB from the float32 decode) or "model" (the model's
     # own dtype, on a GPU)
     codec: str = "float32"
     reasons: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
@@ -286,13 +286,15 @@ def _codec(requested: str, on_cpu: bool, machine: Machine, chose: Chose) -> str:
     if not on_cpu:
         return chose("codec", "model", "auto on a GPU: the model's dtype")
     # oneDNN's bfloat16 convs and matmuls at the codec's shapes: x0.66-0.68 the time of float32
-    # on AMX tiles, x1.05-1.15 with AVX-512 BF16 alone (the same Xeon, oneDNN held to
-    # AVX512_CORE_BF16, 2026-12-07)
+    # on AMX tiles (Xeon), x0.65-0.74 with AVX-512 BF16 (Zen 4, 2026-12-07: `python
+    # bench/bench_codec.py --threads 2 --tables 46`); with AVX2 alone slower than float32
     if machine.amx_bf16:
         return chose(
             "codec", "bfloat16", "auto: this CPU has AMX bfloat16 tiles (x1.4-1.5 the codec)"
         )
-    return chose("codec", "float32", "auto: without AMX, bfloat16 convs are no faster here")
+    if machine.fast_bf16:
+        return chose("codec", "bfloat16", "auto: this CPU has AVX-512 BF16 (x1.35-1.5 the codec)")
+    return chose("codec", "float32", "auto: without bfloat16 maths, bfloat16 convs are slower")
 
 
 def _compile(requested: str, on_cpu: bool, chose: Chose) -> str:

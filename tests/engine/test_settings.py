@@ -76,16 +76,17 @@ def test_prompt_text_products_run_with_bfloat16_weights_where_our_kernels_run():
     assert _resolve(GPU).text_products == "float32"
 
 
-def test_the_codec_upsamples_in_bfloat16_where_the_cpu_has_amx():
-    """model.codec auto: bfloat16 on a CPU with AMX bfloat16 tiles, float32 on one without
-    (with AVX-512 BF16 alone oneDNN's bfloat16 convs were slower), the model's own dtype on a
-    GPU; a value set is honoured, and one that is not a codec dtype is an error naming the
-    key."""
+def test_the_codec_upsamples_in_bfloat16_where_the_cpu_has_bfloat16_maths():
+    """model.codec auto: bfloat16 on a CPU with AMX bfloat16 tiles or AVX-512 BF16, float32 on
+    one without (AVX2: oneDNN's bfloat16 convs are slower there), the model's own dtype on a GPU;
+    a value set is honoured, and one that is not a codec dtype is an error naming the key."""
     s = _resolve(AMX)
     assert s.codec == "bfloat16" and "AMX" in s.reasons["codec"]
     assert s.describe().endswith("compile off, bfloat16 codec")
-    assert _resolve(AVX512).codec == "float32" and "no faster" in _resolve(AVX512).reasons["codec"]
-    assert _resolve(AVX2).codec == "float32"
+    assert (
+        _resolve(AVX512).codec == "bfloat16" and "AVX-512 BF16" in _resolve(AVX512).reasons["codec"]
+    )
+    assert _resolve(AVX2).codec == "float32" and "slower" in _resolve(AVX2).reasons["codec"]
     assert _resolve(NO_KERNELS).codec == "float32"
     assert _resolve(GPU).codec == "model"
     assert _resolve(AVX512, codec="float32").codec == "float32"
