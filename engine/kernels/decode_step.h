@@ -114,8 +114,8 @@ struct CrossInputs {  // cross-attention keys/values [L][B][H][S][D] bfloat16, c
 // The parts of a step, in their order, for its clock (`PartClock`).
 enum class Part : int {
   Embeddings, NormQkv, Qkv, CacheWrites, SelfAttention, QuantizeOut, OutSelf, NormCross,
-  FoldedCross, FoldedAdded, ProjectedCross, NormFc1, Fc1, QuantizeFc2, Fc2, NormHeads, Heads,
-  Count
+  FoldedCross, FoldedAdded, FoldedAddedNormFc1, ProjectedCross, NormFc1, Fc1, QuantizeFc2, Fc2,
+  NormHeads, Heads, Count
 };
 constexpr int kParts = static_cast<int>(Part::Count);
 inline constexpr std::array<const char*, kParts> kPartNames = {
@@ -129,6 +129,7 @@ inline constexpr std::array<const char*, kParts> kPartNames = {
     "layer norm: cross",
     "folded cross-attention",
     "folded heads added",
+    "folded heads added, layer norm, quantize: fc1",
     "cross-attention, projected",
     "layer norm, quantize: fc1",
     "fc1",
@@ -190,6 +191,8 @@ struct Own {
   std::vector<uint8_t> kv;  // one (row, head)'s new key and value [2][D] int8 (or 2 x 32 int4)
   std::vector<float> kv_scales;  // [2] (int4: bfloat16 bits)
   std::vector<int64_t> items;  // folded cross-attention's (row, head) items that read text
+  std::vector<float> h;  // [B][E]: ln_cross of the folded rows, when only they read text
+  std::vector<float> normed;  // [E]: one row's layer norm
 };
 
 struct StepScratch {
@@ -219,6 +222,7 @@ struct StepScratch {
       o.y.resize(B * std::max({outputs, 3 * m.E, m.F})), o.rows.resize(B * m.E);
       o.q.resize(B * widest), o.qscale.resize(B), o.qcomp.resize(B), o.qsums.resize(B * groups);
       o.out.resize(m.E), o.kv.resize(2 * m.D), o.kv_scales.resize(2);
+      o.h.resize(B * m.E), o.normed.resize(m.E);
       o.items.reserve(B * m.H);
     }
     int64_t items = B * m.H;  // the widest region: a product's or the attention's
@@ -557,15 +561,27 @@ inline void decode_step(const ModelW& m, const int64_t* ids, const int64_t* pos,
       laps.at(Part::OutSelf);
       product_region<Out::Add>(t, s, w.out_self, B, x, E);
 
+      // When the folded rows are the only ones with text (no projections to feed), each member
+      // makes their queries itself, from x whole after the out product: no region for them; and
+      // the heads' sums and the next layer norm are one region.
+      const bool folded_alone = cross.folded && !projected;
       if (cross.folded) {
         laps.at(Part::NormCross);
-        t.region(  // h = ln_cross(x), the folded rows' queries
-            B,
-            [&](int64_t b) {
-              layer_norm(x + b * E, w.ln_cross.weight, w.ln_cross.bias, mine.rows.data() + b * E,
-                         E, m.eps);
-            },
-            [&](int64_t b) { commit_row(mine, b, E, h); });
+        float* hf = h;
+        if (folded_alone) {
+          hf = mine.h.data();
+          for (int64_t b = 0; b < B; ++b)
+            if (cross.lengths[b] > 0 && cross.is_folded(b))
+              layer_norm(x + b * E, w.ln_cross.weight, w.ln_cross.bias, hf + b * E, E, m.eps);
+        } else {
+          t.region(  // h = ln_cross(x), the folded rows' queries
+              B,
+              [&](int64_t b) {
+                layer_norm(x + b * E, w.ln_cross.weight, w.ln_cross.bias,
+                           mine.rows.data() + b * E, E, m.eps);
+              },
+              [&](int64_t b) { commit_row(mine, b, E, h); });
+        }
         const int64_t n = static_cast<int64_t>(mine.items.size());
         laps.at(Part::FoldedCross);
         if (laps.on())  // each item reads its row's z and u vectors with their scales
@@ -573,7 +589,7 @@ inline void decode_step(const ModelW& m, const int64_t* ids, const int64_t* pos,
         t.region(
             n,
             [&](int64_t i) {
-              folded_item(m, l, cross, h, B, mine.items[i],
+              folded_item(m, l, cross, hf, B, mine.items[i],
                           s.scores.data() + t.id() * scratch,
                           mine.out.data());
             },
@@ -581,15 +597,21 @@ inline void decode_step(const ModelW& m, const int64_t* ids, const int64_t* pos,
               const int64_t at = mine.items[i] * E;
               std::copy(mine.out.begin(), mine.out.begin() + E, s.partial.begin() + at);
             });
-        laps.at(Part::FoldedAdded);
-        t.region(  // x += the folded heads' outputs, by rows
-            n > 0 ? B : 0,
+        laps.at(folded_alone ? Part::FoldedAddedNormFc1 : Part::FoldedAdded);
+        t.region(  // x += the folded heads' outputs, by rows (alone: and ln_ffn(x) for fc1)
+            folded_alone || n > 0 ? B : 0,
             [&](int64_t b) {
               float* xb = mine.rows.data() + b * E;
               std::copy(x + b * E, x + (b + 1) * E, xb);
               add_folded_heads(m, mine.items, b, s.partial.data(), xb);
+              if (!folded_alone) return;
+              layer_norm(xb, w.ln_ffn.weight, w.ln_ffn.bias, mine.normed.data(), E, m.eps);
+              quantize_for(w.fc1, mine.normed.data(), E, b, mine);
             },
-            [&](int64_t b) { commit_row(mine, b, E, x); });
+            [&](int64_t b) {
+              commit_row(mine, b, E, x);
+              if (folded_alone) commit_quantized(w.fc1, b, mine, s);
+            });
       }
       if (projected) {  // a folded row's attention output is zero here: out_cross adds nothing
         laps.at(Part::ProjectedCross);
@@ -615,8 +637,10 @@ inline void decode_step(const ModelW& m, const int64_t* ids, const int64_t* pos,
         product_region<Out::Add>(t, s, w.out_cross, B, x, E);
       }
 
-      laps.at(Part::NormFc1);
-      quantize_region(t, s, w.fc1, x, E, B, &w.ln_ffn, m.eps);
+      if (!folded_alone) {
+        laps.at(Part::NormFc1);
+        quantize_region(t, s, w.fc1, x, E, B, &w.ln_ffn, m.eps);
+      }
       laps.at(Part::Fc1);
       product_region<Out::Gelu>(t, s, w.fc1, B, ff, F);
       laps.at(Part::QuantizeFc2);

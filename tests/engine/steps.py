@@ -24,12 +24,13 @@ def projected(decoder) -> Iterator[None]:
         decoder.fold_cross = saved
 
 
-def _start(decoder, model, rows_at: list[list[int]], prompts: list[str]):
-    """The seeded start of a comparison: the prompts' cross-attention inputs, the row count and
-    the cache (a row view of a bigger one, as stations get)."""
+def _start(decoder, model, rows_at: list[list[int]], prompts: list[str], fold: bool = False):
+    """The seeded start of a comparison: the prompts' cross-attention inputs (projected, or with
+    `fold` folded where `Decoder.cross_kv` folds), the row count and the cache (a row view of a
+    bigger one, as stations get)."""
     torch.manual_seed(1)
     conditions = [model.encode_prompt(p) for p in prompts]
-    with projected(decoder):
+    with contextlib.nullcontext() if fold else projected(decoder):
         cross = decoder.cross_kv(*batch_conditions(conditions, guidance=True))
     rows = len(rows_at[0])
     return cross, rows, decoder.new_cache(rows + 2, 64).rows(1, rows)

@@ -15,6 +15,9 @@ from tests.engine.steps import _start
 # Region numbers within a step (decode_step.h): 1 the embeddings, then per layer 2 the first
 # layer norm's quantized rows, 3 the qkv product, 4 the cache writes, 5 the self-attention, ...
 EMBEDDINGS, QKV, CACHE_WRITES, ATTENTION = 1, 3, 4, 5
+# ... then 6 the out projection's quantized rows, 7 its product and, with every text row folded,
+# 8 the folded items, 9 their heads added (and the next layer norm's quantized rows)
+FOLDED, FOLDED_ADDED = 8, 9
 KINDS = ["int8 cache", "int4 cache", "int4 weights"]
 
 
@@ -30,16 +33,20 @@ def models(k, tiny_model_dir, tiny_head64_dir):
     return {"int8 cache": int8, "int4 cache": int4, "int4 weights": coarse}
 
 
-def _run(model, threads: int, stalls=(), steps: int = 6):
+def _run(model, threads: int, stalls=(), steps: int = 6, folded: bool = False):
     """Logits [steps, rows, K, V] of `steps` decode steps of two stations at different
     positions on `threads` threads; `stalls` (member, region, item, seconds) are set before every
-    step."""
+    step. `folded`: the prompts folded into the cross-attention (every row with text folds)."""
     decoder = model.decoder
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         rows_at = [[p, p, p + 5, p + 5] for p in range(steps)]
-        cross, rows, cache = _start(decoder, model, rows_at, ["slow jazz", "fast techno"])
+        prompts = ["slow jazz", "fast techno"]
+        cross, rows, cache = _start(decoder, model, rows_at, prompts, fold=folded)
+        if folded:  # int8 weights fold every text row; int4 ones some (the rest projected)
+            every = cross.folded_read() == (cross.stacked()[3].sum().item(), False)
+            assert every == (decoder.precision == "int8")
         out = []
         for at in rows_at:
             for member, region, item, seconds in stalls:
@@ -73,6 +80,30 @@ def test_a_stalled_threads_item_is_taken_over(models, kind, region):
     before = fused.taken_over()
     got = _run(models[kind], 2, stalls=[(0, region, 0, 0.03), (1, region, 0, 0.03)], steps=3)
     assert fused.taken_over() >= before + 3  # once per step
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_threads_give_one_threads_logits_with_the_text_folded(models, kind):
+    """The same with the text folded: where every text row folds (int8 weights) each thread
+    makes the rows' cross queries itself and the heads' sums share a region with the next layer
+    norm; where some rows are projected (int4 weights) those come after them."""
+    assert torch.equal(_run(models[kind], 2, folded=True), _run(models[kind], 1, folded=True))
+
+
+@pytest.mark.parametrize(
+    "region", [FOLDED, FOLDED_ADDED], ids=["a folded item", "the folded heads added"]
+)
+def test_a_stalled_threads_folded_item_is_taken_over(models, region):
+    """A stall in the folded cross-attention's regions: the other thread takes the item over,
+    and the logits are one thread's."""
+    model = models["int8 cache"]
+    fused = model.decoder._fused
+    want = _run(model, 1, steps=3, folded=True)
+    before = fused.taken_over()
+    stalls = [(0, region, 0, 0.03), (1, region, 0, 0.03)]
+    got = _run(model, 2, stalls=stalls, steps=3, folded=True)
+    assert fused.taken_over() >= before + 3
     assert torch.equal(got, want)
 
 
