@@ -145,8 +145,8 @@ class Resolved:
     # `linear_bf16_weights`), else "float32"
     text_products: str = "float32"
     # the streaming codec's upsampling stack: "float32", "bfloat16" (auto where the CPU has
-    # AMX or AVX-512 BF16: x1.35-1.5 the codec's speed, 44.6 dB from the float32 decode) or "model" (the model's
-    # own dtype, on a GPU)
+    # AMX or AVX-512 BF16: x1.35-1.5 the codec's speed, 44.6 dB from the float32 decode) or
+    # "model" (the model's own dtype, on a GPU)
     codec: str = "float32"
     reasons: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
