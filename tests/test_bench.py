@@ -453,8 +453,9 @@ def test_no_bench_script_shadows_an_installed_module():
 
 def test_kernel_ab_times_two_builds_in_turns(tmp_path):
     """A copy of the kernels' folder is built as B beside this checkout's A (its own module),
-    and every part, the parts of a step and two whole streams (one model loaded on each build),
-    prints both medians and B / A; a folder without the sources is refused."""
+    and every part, the parts of a step (the folded cross-attention among them) and two whole
+    streams (one model loaded on each build), prints both medians and B / A; a folder without
+    the sources is refused."""
     import shutil
 
     from engine import kernels
@@ -465,11 +466,11 @@ def test_kernel_ab_times_two_builds_in_turns(tmp_path):
     shutil.copytree(ROOT / "engine" / "kernels", b)
     out = _run(
         "kernel_ab.py",
-        *("--b", str(b), "--layers", "2", "--positions", "64", "--rounds", "3"),
+        *("--b", str(b), "--layers", "2", "--positions", "64", "--text", "5", "--rounds", "3"),
         *("--build-dir", str(tmp_path / "builds")),  # B's build goes with the test's folder
         *(
             "--parts",
-            "int8,int4,attention-q8,attention-q4,stream-int8,stream-int4",
+            "int8,int4,attention-q8,attention-q4,folded,stream-int8,stream-int4",
             "--size",
             "tiny",
         ),
@@ -478,7 +479,8 @@ def test_kernel_ab_times_two_builds_in_turns(tmp_path):
     names = re.search(r"A: (endless_radio_cpu_\w+) .*, B: (endless_radio_ab_cpu_\w+) ", out)
     assert names and names[1] != names[2], out
     assert list((tmp_path / "builds").glob(f"{names[2]}/*.so")), "B was not built in --build-dir"
-    for part in ("int8", "int4", "attention-q8", "attention-q4", "stream-int8", "stream-int4"):
+    parts = ("int8", "int4", "attention-q8", "attention-q4", "folded", "stream-int8", "stream-int4")
+    for part in parts:
         assert re.search(
             rf"\| {part} \| [\d.]+ \| [\d.]+ \| \*\*[\d.]+\*\* \| [\d.]+-[\d.]+ \|", out
         ), out
