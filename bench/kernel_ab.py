@@ -32,6 +32,7 @@ shapes (musicgen-small, 24 layers, `--rows` rows: 2 per station):
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -185,12 +186,11 @@ def parts(
         folded_rows = torch.ones(rows, dtype=torch.bool)
         bias, h = torch.zeros(rows, text), torch.randn(rows, hidden)
         lengths = torch.tensor([text] * read + [0] * (rows - read))
-        turn = [0]
+        turns = itertools.cycle(copies)  # one order for A and B: never the copy just read
 
         def folded(k: ModuleType) -> Callable[[], None]:
             def run() -> None:
-                vectors, scales = copies[turn[0] % len(copies)]
-                turn[0] += 1
+                vectors, scales = next(turns)
                 for i in range(layers):
                     k.cross_attend_folded(h, vectors, scales, folded_rows, bias, lengths, i)
 

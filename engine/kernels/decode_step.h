@@ -109,6 +109,7 @@ struct CrossInputs {  // cross-attention keys/values [L][B][H][S][D] bfloat16, c
   const float* folded_scales = nullptr;
   const bool* folded_rows = nullptr;  // [B]: the rows that read it (others: the projections)
   bool is_folded(int64_t b) const { return folded && folded_rows[b]; }
+  bool reads_folded(int64_t b) const { return lengths[b] > 0 && is_folded(b); }  // has text, folded
 };
 
 // The parts of a step, in their order, for its clock (`PartClock`).
@@ -408,7 +409,7 @@ inline void folded_items(const ModelW& m, const CrossInputs& c, int64_t B,
                          std::vector<int64_t>& items) {
   items.clear();
   for (int64_t b = 0; b < B; ++b)
-    if (c.lengths[b] > 0 && c.is_folded(b))
+    if (c.reads_folded(b))
       for (int64_t hd = 0; hd < m.H; ++hd) items.push_back(b * m.H + hd);
 }
 
@@ -571,7 +572,7 @@ inline void decode_step(const ModelW& m, const int64_t* ids, const int64_t* pos,
         if (folded_alone) {
           hf = mine.h.data();
           for (int64_t b = 0; b < B; ++b)
-            if (cross.lengths[b] > 0 && cross.is_folded(b))
+            if (cross.reads_folded(b))
               layer_norm(x + b * E, w.ln_cross.weight, w.ln_cross.bias, hf + b * E, E, m.eps);
         } else {
           t.region(  // h = ln_cross(x), the folded rows' queries

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from engine import LoadOptions, MusicModel
-from engine.conditioning import batch_conditions
 from tests.engine.steps import _start
 
 # Region numbers within a step (decode_step.h): 1 the embeddings, then per layer 2 the first
@@ -145,18 +144,16 @@ def test_the_step_clock_counts_the_folded_text_read(models):
     position, with a float32 scale each, for every head of every layer, once a step."""
     model = models["int8 cache"]
     decoder = model.decoder
-    torch.manual_seed(1)
-    conditions = [model.encode_prompt(p) for p in ["slow jazz", "fast techno"]]
-    cross = decoder.cross_kv(*batch_conditions(conditions, guidance=True))
+    rows_at = [[p] * 4 for p in range(3)]
+    cross, rows, cache = _start(decoder, model, rows_at, ["slow jazz", "fast techno"], fold=True)
     positions, projected = cross.folded_read()
     assert positions > 0 and not projected  # (the tiny model folds every row with text)
-    cache = decoder.new_cache(4, 64)
     decoder.clock_parts(True)
     try:
         decoder.part_times()
-        for p in range(3):
-            ids = torch.randint(0, decoder.vocab + 1, (4, decoder.num_codebooks))
-            decoder.decode_one_step(ids, cache, cross, [p] * 4)
+        for at in rows_at:
+            ids = torch.randint(0, decoder.vocab + 1, (rows, decoder.num_codebooks))
+            decoder.decode_one_step(ids, cache, cross, at)
         read = {name: b for name, _, _, b in decoder.part_times()}
     finally:
         decoder.clock_parts(False)
