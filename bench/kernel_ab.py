@@ -141,12 +141,19 @@ def parts(
             )
             for k4 in (a[1], b[1])
         )
+    # The caches, as the folded vectors below, in four copies read in turn: 27 MB of int4 cache
+    # at 500 positions fits in a 32 MB L3, where the run before would have left it.
     if "attention-q8" in names:
-        keys8, key_scales = quantize_vectors(torch.randn(shape))
-        values8, value_scales = quantize_vectors(torch.randn(shape))
+        q8_caches = itertools.cycle(
+            [
+                (*quantize_vectors(torch.randn(shape)), *quantize_vectors(torch.randn(shape)))
+                for _ in range(4)
+            ]
+        )
 
         def q8(k: ModuleType) -> Callable[[], None]:
             def run() -> None:
+                keys8, key_scales, values8, value_scales = next(q8_caches)
                 for i in range(layers):
                     k.attend_step_q8(
                         qkv, keys8[i], key_scales[i], values8[i], value_scales[i], at, 0.125
@@ -156,14 +163,20 @@ def parts(
 
         out["attention-q8"] = (q8(a[0]), q8(b[0]))
     if "attention-q4" in names:
-        cache = KVCache(
-            layers, rows, HEADS, positions, HEAD_DIM, device=torch.device("cpu"), kind="int4"
-        )
-        for i in range(layers):
-            cache.write(i, 0, torch.randn(shape[1:]), torch.randn(shape[1:]))
+
+        def q4_cache() -> KVCache:
+            cache = KVCache(
+                layers, rows, HEADS, positions, HEAD_DIM, device=torch.device("cpu"), kind="int4"
+            )
+            for i in range(layers):
+                cache.write(i, 0, torch.randn(shape[1:]), torch.randn(shape[1:]))
+            return cache
+
+        q4_caches = itertools.cycle([q4_cache() for _ in range(4)])
 
         def q4(k: ModuleType) -> Callable[[], None]:
             def run() -> None:
+                cache = next(q4_caches)
                 for i in range(layers):
                     k.attend_step_q4(qkv, *cache.layer(i), at, 0.125)
 
