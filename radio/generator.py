@@ -314,8 +314,9 @@ class Generator:
         self.adaptive_restarts = adaptive_restarts
         self.warned_behind = False  # said that even the ladder's last level cannot keep up
         # the ladder has judged the speed: measured the steady generation rate and chosen the
-        # weights for it (read by the clocks: a station goes on air only then, so that the
-        # switch to int4 weights, a stall of a second or so, never comes right after)
+        # weights for it, predicted to keep up or the last there are (read by the clocks: a
+        # station goes on air only then, or with its buffer full, so that the switch to int4
+        # weights, a stall of a second or so, never comes right after)
         self.speed_judged = not (adaptive_restarts and coarse_when_behind)
         # the ladder's rungs: the int4 KV cache for the int8 one (where the model can; its
         # first level after the top) and int4 weights (its last): each one's speedup, a guess
@@ -668,8 +669,13 @@ class Generator:
             restart = max(self.warm_cost - cost, 1e-9) * window.context if self.warm_cost else 1e-9
         if self._before is not None:  # a rung switched to: its speed is being measured
             self._settling += 1
-            if self._settling < ladder.SETTLE:
-                return  # (the tuner's costs started afresh)
+            # (the tuner's costs started afresh) ... unless the rung's own chunks run under real
+            # time already, where they ran: the window's later positions only cost more. Three
+            # stations took the int4 cache at a stream's start on a guess of x0.72, ran at
+            # x0.89-0.93 on it, and waited the rest of the ten chunks to go on: a bridge
+            behind = 1.0 / (cost * stations * self.model.frame_rate) < ladder.DOWN_BELOW
+            if self._settling < ladder.SETTLE and not behind:
+                return
             self._measure_rung(cost, position)
         # in int8's terms (weights and cache): the rate over the rungs' speedup, the restarts'
         # cost times it
@@ -743,7 +749,15 @@ class Generator:
         self._say_if_still_behind(rates, level)
         if level != self.restart_level:
             level = self._switch_rungs(level, rates, cost, position)
-        self.speed_judged = True
+        # judged once the level reached is predicted to keep up (with the slope's guess), or
+        # there is no level after it: until then the ladder is still on its way down (a rung
+        # taken on a guess, measured in the chunks after it), and a station on air would bridge
+        # (three stations went on air on the int4 cache predicted at x0.72 with their first
+        # chunks at x1.15, the window's first positions, and bridged 2.6 s later)
+        self.speed_judged = level == rates.top or (
+            ladder.predicted_rtf(rates, window.window, window.context, level, rate)
+            >= ladder.DOWN_BELOW
+        )
         was, self.restart_level = self.restart_level, level
         frames, old_frames = (ladder.context_frames(window.context, at) for at in (level, was))
         # a coarse rung's windows are the last window level's once a measured slope makes them

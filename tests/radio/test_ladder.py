@@ -1118,6 +1118,32 @@ async def test_the_speed_is_judged_once_the_weights_are_chosen(run, monkeypatch)
     assert plain.speed_judged
 
 
+async def test_a_rung_under_real_time_is_left_before_it_settles(run, monkeypatch):
+    """A stream's first chunks at x1.1 (a window's first positions), put at x0.69 over the
+    window by the slope's guess: the int4 cache is taken on that guess, and the speed is not
+    judged (no station goes on air) while the level reached is predicted under real time with
+    levels after it. On the cache the chunks run at x0.91, under real time where they run: the
+    ladder goes on to int4 weights after the three chunks its rate is the median of, not after
+    `SETTLE` (three stations waited those and bridged), and judges the speed there (the last
+    level)."""
+    monkeypatch.setattr(FakeStream, "read_seconds", 0.18)  # 10 frames (0.2 s) in 0.18 s: x1.11
+    model = FakeModel()
+    model.cheap_cache_reason = None
+    model.step_read = (1000.0, 0.3)  # the guess: a frame costs x1.6 at the window's mean
+    gen, sink = await run(model, ("a",), coarse_when_behind=True)
+    on_cache = None
+    async with asyncio.timeout(20):
+        while not model.coarse:
+            if model.cheap_cache and on_cache is None:
+                on_cache = len(sink.pcm("a"))
+                assert gen.restart_level == CHEAP_CACHE and not gen.speed_judged
+                FakeStream.read_seconds = 0.22  # x0.91 on the cache
+            gen.played("a", len(sink.pcm("a")) * CHUNK)
+            await asyncio.sleep(0.01)
+    assert on_cache is not None and len(sink.pcm("a")) - on_cache < ladder.SETTLE
+    assert gen.restart_level == COARSEST and gen.speed_judged
+
+
 async def test_one_slow_chunk_does_not_move_the_ladder(run, monkeypatch):
     """The ladder weighs the median cost of the last plain chunks: one chunk several times
     slower than the others (a listener connecting, a page fault) is not the machine's speed.
