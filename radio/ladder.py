@@ -87,7 +87,9 @@ COARSE_SPEEDUP = 1.3
 # weights: two musicgen-small stations on 2 Zen 3 cores x1.30 (the vector ALUs, not the bytes,
 # bound those steps: half the rows, not half the time)
 GUIDANCE_SPEEDUP = 1.3
-SETTLE = 10  # chunks on a rung before its speed is taken and the ladder moves
+# chunks on a rung before its speed is taken and the ladder moves (the generator moves after the
+# three its rate is the median of when they run under real time already: `Generator._move`)
+SETTLE = 10
 # seconds a rung taken is kept before the ladder climbs off it: each way costs a switch (tens
 # of milliseconds, int4 weights' first a second or two) and a speed measured afresh, and three
 # int8 stations flapped between the int8 and int4 caches every 6-10 s near x1.0
