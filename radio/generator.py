@@ -669,10 +669,11 @@ class Generator:
             restart = max(self.warm_cost - cost, 1e-9) * window.context if self.warm_cost else 1e-9
         if self._before is not None:  # a rung switched to: its speed is being measured
             self._settling += 1
-            # (the tuner's costs started afresh) ... unless the rung's own chunks run under real
-            # time already, where they ran: the window's later positions only cost more. Three
-            # stations took the int4 cache at a stream's start on a guess of x0.72, ran at
-            # x0.89-0.93 on it, and waited the rest of the ten chunks to go on: a bridge
+            # its speed is taken after `SETTLE` chunks (the tuner's costs started afresh), or
+            # after the three `cost` is the median of when they run under real time where they
+            # ran: the window's later positions only cost more. Three stations took the int4
+            # cache at a stream's start on a guess of x0.72, ran at x0.89-0.93 on it and
+            # waited out the ten chunks: a bridge
             behind = 1.0 / (cost * stations * self.model.frame_rate) < ladder.DOWN_BELOW
             if self._settling < ladder.SETTLE and not behind:
                 return
