@@ -815,6 +815,22 @@ async def test_the_margin_takes_the_cheaper_cache_and_nothing_coarser(run, caplo
     assert "preparing int4 weights" not in caplog.text
 
 
+async def test_the_margin_before_on_air_prepares_int4_weights(run, caplog):
+    """The int4 cache taken for the margin before any station is on air: the int4 weights are
+    made then (at once: nobody listens yet, it costs the first sound a second), so that a
+    slower minute later switches to them without a stall. On air the margin makes none (above)."""
+    caplog.set_level(logging.INFO, logger="radio.generator")
+    model = FakeModel()
+    model.cheap_cache_reason = None
+    gen, sink = await run(model, ("a",), buffer_ahead=2.0, window=COLD, coarse_when_behind=True)
+    await sink.until(lambda: len(sink.pcm("a")) >= 1)
+    gen.prefill_seconds = 16.5  # x1.21: the margin, not behind (as above)
+    await sink.until(lambda: model.cheap_cache)
+    await sink.until(lambda: model.coarse_ready)
+    assert "under the margin before going on air: preparing int4 weights" in caplog.text
+    assert not model.coarse and gen.restart_level == CHEAP_CACHE
+
+
 def test_a_rungs_speedup_is_measured_at_the_same_positions():
     """The cost before a switch is moved along the measured slope to the positions measured on
     the rung (a switch often comes with shorter windows: earlier positions, cheaper steps), so
