@@ -674,8 +674,8 @@ class Generator:
             # ran: the window's later positions only cost more. Three stations took the int4
             # cache at a stream's start on a guess of x0.72, ran at x0.89-0.93 on it and
             # waited out the ten chunks: a bridge
-            behind = 1.0 / (cost * stations * self.model.frame_rate) < ladder.DOWN_BELOW
-            if self._settling < ladder.SETTLE and not behind:
+            under = 1.0 / (cost * stations * self.model.frame_rate) < ladder.DOWN_BELOW
+            if self._settling < ladder.SETTLE and not under:
                 return
             self._measure_rung(cost, position)
         # in int8's terms (weights and cache): the rate over the rungs' speedup, the restarts'
@@ -743,7 +743,7 @@ class Generator:
         # ... or on the int4 cache before any station is on air, where they are made at once
         # and cost only the first sound a second: on air, a slower minute (a busy neighbour)
         # made them at the switch instead, a stall of 0.85 s with 0.7 s buffered
-        early = level > 0 and not any(ln.on_air for ln in self._lanes.values())
+        early = level > 0 and not self._on_air
         if self.coarse_speedup and (behind or early) and not prepared:
             self._coarse_parts = self.model.prepare_coarse()
             log.info(
@@ -981,7 +981,7 @@ class Generator:
         slow the stream or stall it at the switch (one station went on air at x1.07, ran at
         x0.76-1.0, and its switch to int4 weights four seconds later read them all at once: a
         bridge). False when there was nothing to do now."""
-        if spent and not any(ln.on_air for ln in (self._lanes or {}).values()):
+        if spent and not self._on_air:
             spent = None
         share = self._pace(rtf)
         if self._cache_parts is not None:
@@ -1012,6 +1012,11 @@ class Generator:
         else:
             return False
         return True
+
+    @property
+    def _on_air(self) -> bool:
+        """Whether any station's clock has played some of its audio."""
+        return any(ln.on_air for ln in (self._lanes or {}).values())
 
     def _pace(self, rtf: float) -> float:
         """The share of a chunk's time that preparing ahead may take after it: PREPARE_SHARE
