@@ -37,9 +37,10 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import TypeVar
 
 import torch
 
@@ -93,6 +94,17 @@ def build_b(folder: Path, build_dir: Path | None) -> tuple[ModuleType, ModuleTyp
     return modules[0], modules[1]
 
 
+T = TypeVar("T")
+
+
+def in_turn(make: Callable[[], T]) -> Iterator[T]:
+    """Four copies of a part's inputs, read in turn by A and B alike (one order: never the copy
+    just read), so that each run finds them in memory, as a step does (the weights between two
+    layers' reads evict them from L3), not where the run before it left them: 27 MB of int4
+    cache at 500 positions fit in a 32 MB L3."""
+    return itertools.cycle([make() for _ in range(4)])
+
+
 def parts(
     names: list[str],
     rows: int,
@@ -141,14 +153,9 @@ def parts(
             )
             for k4 in (a[1], b[1])
         )
-    # The caches, as the folded vectors below, in four copies read in turn: 27 MB of int4 cache
-    # at 500 positions fits in a 32 MB L3, where the run before would have left it.
     if "attention-q8" in names:
-        q8_caches = itertools.cycle(
-            [
-                (*quantize_vectors(torch.randn(shape)), *quantize_vectors(torch.randn(shape)))
-                for _ in range(4)
-            ]
+        q8_caches = in_turn(
+            lambda: (*quantize_vectors(torch.randn(shape)), *quantize_vectors(torch.randn(shape)))
         )
 
         def q8(k: ModuleType) -> Callable[[], None]:
@@ -172,7 +179,7 @@ def parts(
                 cache.write(i, 0, torch.randn(shape[1:]), torch.randn(shape[1:]))
             return cache
 
-        q4_caches = itertools.cycle([q4_cache() for _ in range(4)])
+        q4_caches = in_turn(q4_cache)
 
         def q4(k: ModuleType) -> Callable[[], None]:
             def run() -> None:
@@ -184,22 +191,17 @@ def parts(
 
         out["attention-q4"] = (q4(a[0]), q4(b[0]))
     if "folded" in names:
-        # four copies read in turn by A and B alike, 4 x 17 MB at the defaults: each run finds
-        # its vectors in memory, as a step does (the weights between two layers' reads evict
-        # them from L3), not where the run before it left them
         hidden, read = HEADS * HEAD_DIM, (rows + 1) // 2
         shape5 = (layers, rows, HEADS, 2, text)
-        copies = [
-            (
+        turns = in_turn(  # 4 x 17 MB at the defaults
+            lambda: (
                 torch.randint(-127, 128, (*shape5, hidden), dtype=torch.int8),
                 torch.rand(shape5) / 1e3,
             )
-            for _ in range(4)
-        ]
+        )
         folded_rows = torch.ones(rows, dtype=torch.bool)
         bias, h = torch.zeros(rows, text), torch.randn(rows, hidden)
         lengths = torch.tensor([text] * read + [0] * (rows - read))
-        turns = itertools.cycle(copies)  # one order for A and B: never the copy just read
 
         def folded(k: ModuleType) -> Callable[[], None]:
             def run() -> None:
