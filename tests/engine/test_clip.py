@@ -8,9 +8,11 @@ those tokens or that audio, token for token, mono and stereo. Bad uploads end in
 
 from __future__ import annotations
 
+import json
 import os
 import random
-import threading
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
@@ -18,7 +20,7 @@ import pytest
 import torch
 
 from engine import LoadOptions, MusicModel, SamplingOptions
-from engine.clip import Clip, ClipError, ClipLimits, _libgomp, decode_clip, one_thread
+from engine.clip import Clip, ClipError, ClipLimits, _libgomp, decode_clip
 from tests.audio_files import encode_file, flac_bomb, tones, wav_bytes
 from tests.engine.reference import reference_tokens, transformers_model
 
@@ -188,36 +190,62 @@ def test_a_running_stream_seeded_from_a_clip_continues_like_reference_generate(m
         stream.seed(clip.tokens[:2], None)
 
 
-def test_a_single_thread_encode_makes_no_openmp_team_and_leaves_others_alone(mono):
+_ONE_THREAD_CHECK = """
+import json, os, sys, threading
+import torch
+from engine import LoadOptions, MusicModel
+from engine.clip import one_thread
+from tests.engine.test_clip import make_file
+
+ours = MusicModel.load(LoadOptions(model=sys.argv[1], device="cpu", dtype="float32"))
+data = make_file("wav-44k-stereo")
+expected = ours.encode_clip(data).tokens  # the main thread's own team exists from here on
+seen = {"main": torch.get_num_threads()}
+
+def tasks():
+    return len(os.listdir("/proc/self/task"))
+
+def work():
+    seen["before"] = torch.get_num_threads()
+    with one_thread():
+        seen["inside"] = torch.get_num_threads()
+    seen["after"] = torch.get_num_threads()
+    tokens = ours.encode_clip(data, single_thread=True).tokens
+    seen["same_tokens"] = bool(torch.equal(tokens, expected))
+    seen["tasks"] = tasks()  # an OpenMP team's workers would live as long as this thread
+
+seen["started_with"] = tasks()
+thread = threading.Thread(target=work)
+thread.start()
+thread.join()
+seen["main_after"] = torch.get_num_threads()
+print(json.dumps(seen))
+"""
+
+
+def test_a_single_thread_encode_makes_no_openmp_team_and_leaves_others_alone(tiny_model_dir):
     """`encode_clip(single_thread=True)` in a worker thread: that thread runs torch on one
-    thread (no OpenMP workers created), the same tokens come out, and the count is restored."""
+    thread (no OpenMP workers created), the same tokens come out, and the count is restored.
+
+    In a process of its own: the threads are counted process-wide, and a test worker's process
+    holds other tests' threads, which come and go on their own."""
     if _libgomp() is None:
         pytest.skip("torch does not run on libgomp here")
-    ours = mono[0]
-    data = make_file("wav-44k-stereo")
-    expected = ours.encode_clip(data).tokens
-    main_threads = torch.get_num_threads()
-    seen: dict = {}
-
-    def tasks() -> int:
-        return len(os.listdir("/proc/self/task"))
-
-    def work() -> None:
-        seen["before"] = torch.get_num_threads()
-        with one_thread():
-            seen["inside"] = torch.get_num_threads()
-        seen["after"] = torch.get_num_threads()
-        seen["tokens"] = ours.encode_clip(data, single_thread=True).tokens
-        seen["tasks"] = tasks()  # an OpenMP team's workers would live as long as this thread
-
-    started_with = tasks()
-    thread = threading.Thread(target=work)
-    thread.start()
-    thread.join()
-    assert seen["inside"] == 1 and seen["before"] == seen["after"] == main_threads
-    assert seen["tasks"] == started_with + 1
-    assert torch.equal(seen["tokens"], expected)
-    assert torch.get_num_threads() == main_threads
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run(
+        [sys.executable, "-c", _ONE_THREAD_CHECK, tiny_model_dir],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["main"] > 1, "torch runs on one thread here: nothing to tell apart"
+    assert seen["inside"] == 1 and seen["before"] == seen["after"] == seen["main"]
+    assert seen["tasks"] == seen["started_with"] + 1
+    assert seen["same_tokens"]
+    assert seen["main_after"] == seen["main"]
 
 
 # ---- limits: every bad upload is a ClipError naming the problem --------------------------------
