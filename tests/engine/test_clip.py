@@ -227,21 +227,23 @@ def test_a_single_thread_encode_makes_no_openmp_team_and_leaves_others_alone(tin
     """`encode_clip(single_thread=True)` in a worker thread: that thread runs torch on one
     thread (no OpenMP workers created), the same tokens come out, and the count is restored.
 
-    In a process of its own: the threads are counted process-wide, and a test worker's process
-    holds other tests' threads, which come and go on their own."""
+    In a process of its own, on two threads whatever this worker's share of the cores: the
+    threads are counted process-wide, a test worker's process holds other tests' threads, which
+    come and go on their own, and on one thread there would be no team to tell apart."""
     if _libgomp() is None:
         pytest.skip("torch does not run on libgomp here")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     done = subprocess.run(
         [sys.executable, "-c", _ONE_THREAD_CHECK, tiny_model_dir],
         cwd=root,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     seen = json.loads(done.stdout.strip().splitlines()[-1])
-    assert seen["main"] > 1, "torch runs on one thread here: nothing to tell apart"
+    assert seen["main"] == 2
     assert seen["inside"] == 1 and seen["before"] == seen["after"] == seen["main"]
     assert seen["tasks"] == seen["started_with"] + 1
     assert seen["same_tokens"]
