@@ -57,7 +57,9 @@ def mp3_clip(seconds: float) -> bytes:
         stream.codec_context.bit_rate = 192_000
         frame = av.AudioFrame.from_ndarray(pcm, format="fltp", layout="stereo")
         frame.sample_rate, frame.pts = rate, 0
-        resampler = av.AudioResampler(format="s16p", layout="stereo", rate=rate, frame_size=1152)
+        resampler = av.AudioResampler(
+            format="s16p", layout="stereo", rate=rate, frame_size=1152, threads=1
+        )
         for f in resampler.resample(frame) + resampler.resample(None):
             for packet in stream.encode(f):
                 out.mux(packet)

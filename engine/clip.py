@@ -210,7 +210,10 @@ def decode_audio(
     if not container.streams.audio:
         raise ClipError("not_audio", f"the {container.format.name} file has no audio stream")
     stream = container.streams.audio[0]
-    stream.codec_context.thread_count = 1  # decode on this thread: its CPU time is the budget
+    # Decode and resample on this thread: its CPU time is the budget. (PyAV 18.1.1 gave the
+    # resampler's filter graph a thread per core by default, kept until the next garbage
+    # collection: two more threads per clip beside the generator.)
+    stream.codec_context.thread_count = 1
     budget = limits.max_seconds + LENGTH_SLACK  # seconds of input decoded at most
     chunks: list[np.ndarray] = []  # [C, n] resampled pieces
     resampler = None
@@ -223,7 +226,9 @@ def decode_audio(
                 _check_deadline(deadline, limits)
                 if first is None or resampler is None:  # (both set at the first frame)
                     first = _check_frame(frame)
-                    resampler = av.AudioResampler(format="fltp", layout=first[2], rate=sample_rate)
+                    resampler = av.AudioResampler(
+                        format="fltp", layout=first[2], rate=sample_rate, threads=1
+                    )
                 elif (frame.sample_rate, frame.layout.nb_channels) != first[:2]:
                     raise ClipError(
                         "channels" if frame.layout.nb_channels != first[1] else "sample_rate",

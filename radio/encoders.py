@@ -61,6 +61,7 @@ class _PyAvEncoder:
             layout=out_layout,
             rate=self.output_sample_rate,
             frame_size=self.frame_size,
+            threads=1,  # a station's encoders run on the thread that feeds them, no team
         )
         self._pts_in = 0  # input samples pushed so far
         self._pts_out = 0  # output-rate samples handed to the codec so far

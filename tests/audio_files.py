@@ -37,6 +37,7 @@ def encode_file(
             layout=layout,
             rate=ctx.sample_rate,
             frame_size=ctx.frame_size or None,
+            threads=1,
         )
         for f in resampler.resample(frame) + resampler.resample(None):
             for packet in stream.encode(f):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import subprocess
+import sys
 
 import av
 import numpy as np
@@ -111,3 +112,34 @@ def test_bad_arguments_name_the_key():
     enc = Mp3Encoder(RATE, 2)
     with pytest.raises(ValueError, match="pcm"):
         enc.encode(np.zeros((1, 100), np.float32))
+
+
+_THREADS_CHECK = """
+import os, sys
+import numpy as np
+from radio.encoders import AacEncoder, Mp3Encoder
+
+def tasks():
+    return len(os.listdir("/proc/self/task"))
+
+pcm = np.zeros((1, 32000), np.float32)
+before = tasks()
+encoders = [Mp3Encoder(32000, 1, output_sample_rate=44100, output_channels=2),
+            AacEncoder(32000, 1, output_sample_rate=48000, output_channels=2)]
+for encoder in encoders:
+    encoder.encode(pcm)
+print(before, tasks())
+"""
+
+
+def test_the_encoders_run_on_the_thread_that_feeds_them():
+    """Resampling encoders (32 kHz mono in, 44.1/48 kHz stereo out) start no threads: a station
+    feeds them from the event loop, and a filter graph's thread per core (PyAV 18.1.1's default)
+    would put more threads than cores beside the generator. In a process of its own: threads
+    are counted process-wide."""
+    done = subprocess.run(
+        [sys.executable, "-c", _THREADS_CHECK], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    before, after = map(int, done.stdout.split())
+    assert after == before
