@@ -195,23 +195,19 @@ inline void attend_q4(const float* q, const uint8_t* head, int64_t T, float scal
   const __m256 offset = _mm256_set1_ps(8.0f * static_cast<float>(qsum));  // the keys' +8
   const __m256 none = _mm256_set1_ps(-INFINITY);
   constexpr int kHalves = 2 * kQ4Chunk;  // 8 positions each
+  const Q4Ahead ask{head, used, next};
   float best = -INFINITY;
   __m256 o[8], weighed = _mm256_setzero_ps(), total = _mm256_setzero_ps();
   for (auto& x : o) x = _mm256_setzero_ps();
   for (int64_t n0 = 0; n0 < blocks; n0 += kQ4Chunk) {  // a chunk of blocks stays in L1 for both passes
     const int64_t count = std::min(kQ4Chunk, blocks - n0);
-    for (int64_t line = 0; line < count * kQ4BlockBytes; line += 64) {
-      const int64_t ahead = n0 * kQ4BlockBytes + kAttendPrefetch + line;
-      if (ahead < used)
-        prefetch(head + ahead);
-      else if (next)
-        prefetch(next + ahead - used);
-    }
     __m256 s[kHalves];
     __m256 mask[kHalves];
     __m256 top = none;
     for (int i = 0; i < 2 * count; ++i) {
-      const uint8_t* blk = head + (n0 + i / 2) * kQ4BlockBytes;
+      const int64_t at = (n0 + i / 2) * kQ4BlockBytes;
+      const uint8_t* blk = head + at;
+      for (int line = 0; line < 4; ++line) ask(at + 256 * (i % 2) + 64 * line);  // keys: 4 a half
       mask[i] = _mm256_castsi256_ps(first_lanes(T - (n0 * kQ4Block + 8 * i)));
       const __m256 dots = _mm256_cvtepi32_ps(q4_key_dots(blk, i % 2, q4));
       s[i] = _mm256_mul_ps(_mm256_mul_ps(_mm256_sub_ps(dots, offset), q4_scales(blk, kQ4KeyScales + 16 * (i % 2))),
@@ -244,7 +240,9 @@ inline void attend_q4(const float* q, const uint8_t* head, int64_t T, float scal
       wsum = _mm256_add_epi32(wsum, _mm256_add_epi32(w0, w1));
       alignas(16) uint8_t w8[16];
       store_u8x16(w0, w1, w8);
-      q4_value_sums(head + (n0 + i) * kQ4BlockBytes + kQ4Values, w8, acc);
+      const int64_t at = (n0 + i) * kQ4BlockBytes;
+      for (int64_t line = kQ4Values; line < kQ4BlockBytes; line += 64) ask(at + line);  // values, scales
+      q4_value_sums(head + at + kQ4Values, w8, acc);
     }
     weighed = _mm256_fmadd_ps(_mm256_cvtepi32_ps(wsum), step, weighed);  // for the values' +8
     for (int c = 0; c < 8; ++c) o[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[c]), step, o[c]);

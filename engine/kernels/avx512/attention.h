@@ -149,7 +149,8 @@ void attend_q8(const float* q, const int8_t* k, const float* ks, const int8_t* v
 //   ones dims 32 + 16h..; vpdpbusd against the 4 positions' softmax weights (uint8 over the
 //   chunk's largest) sums them into each dim's lane: 16 positions' values from 8 loads.
 // One pass, by chunks of 4 blocks (4 KB, in L1 for both halves of the chunk's work: scores,
-// then weights and values), with an online softmax: the running max rises when a chunk's
+// then weights and values; each line read asks for the one `kAttendQ4Prefetch` ahead), with an
+// online softmax: the running max rises when a chunk's
 // scores pass it (rare after the first chunks: a compare, not a reduction), and what is summed
 // so far is rescaled. The chunk's scores are independent work for the out-of-order core, and
 // its reductions and conversions are paid once per 64 positions (in L2, a head of 1000
@@ -182,27 +183,23 @@ inline void attend_q4(const float* q, const uint8_t* head, int64_t T, float scal
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   const __m512 kscale = _mm512_set1_ps(scale * qs);
   const __m512 offset = _mm512_set1_ps(8.0f * static_cast<float>(qsum));  // the keys' +8
+  const Q4Ahead ask{head, used, next};
   float best = -INFINITY;
   __m512 o[4], weighed = _mm512_setzero_ps(), total = _mm512_setzero_ps();
   for (auto& x : o) x = _mm512_setzero_ps();
   for (int64_t n0 = 0; n0 < blocks; n0 += kQ4Chunk) {  // a chunk of blocks stays in L1 for both passes
     const int64_t count = std::min(kQ4Chunk, blocks - n0);
-    for (int64_t line = 0; line < count * kQ4BlockBytes; line += 64) {
-      const int64_t ahead = n0 * kQ4BlockBytes + kAttendPrefetch + line;
-      if (ahead < used)
-        prefetch(head + ahead);
-      else if (next)
-        prefetch(next + ahead - used);
-    }
     __m512 s[kQ4Chunk];
     __mmask16 mask[kQ4Chunk];
     __m512 top = _mm512_set1_ps(-INFINITY);
     for (int i = 0; i < count; ++i) {
       mask[i] = first_lanes(T - (n0 + i) * kQ4Block);
-      const uint8_t* blk = head + (n0 + i) * kQ4BlockBytes;
+      const int64_t at = (n0 + i) * kQ4BlockBytes;
+      const uint8_t* blk = head + at;
       __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
                         _mm512_setzero_si512()};
       for (int j = 0; j < 8; ++j) {
+        ask(at + 64 * j);  // a line asked for with each line read: the keys' 8
         const __m512i x = _mm512_loadu_si512(blk + 64 * j);
         const __m512i lo = _mm512_and_si512(x, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), nibble);
         acc[j % 2] = _mm512_dpbusd_epi32(acc[j % 2], lo, qlo[j]);
@@ -237,8 +234,12 @@ inline void attend_q4(const float* q, const uint8_t* head, int64_t T, float scal
       const __m512i wi = _mm512_cvtps_epi32(_mm512_mul_ps(w[i], up));
       wsum = _mm512_add_epi32(wsum, wi);
       const __m512i w8 = _mm512_castsi128_si512(_mm512_cvtusepi32_epi8(wi));
-      const uint8_t* values = head + (n0 + i) * kQ4BlockBytes + kQ4Values;
+      const int64_t at = (n0 + i) * kQ4BlockBytes;
+      const uint8_t* values = head + at + kQ4Values;
+      ask(at + kQ4KeyScales);  // the scales' line
       for (int g = 0; g < 4; ++g) {
+        ask(at + kQ4Values + 128 * g);  // the values' 8
+        ask(at + kQ4Values + 128 * g + 64);
         const __m512i wg = _mm512_permutexvar_epi32(_mm512_set1_epi32(g), w8);  // positions 4g..4g+3
         const __m512i x0 = _mm512_loadu_si512(values + 128 * g);
         const __m512i x1 = _mm512_loadu_si512(values + 128 * g + 64);
