@@ -24,7 +24,8 @@ shapes (musicgen-small, 24 layers, `--rows` rows: 2 per station):
 - `stream-int8`, `stream-int8-kv4`, `stream-int4`: the whole thing, two streams of the `--size`
   model (int8 weights and cache; int8 weights and the int4 cache; int4 weights and cache; the
   tiny model's heads of 16 take no int4 cache: int8 there), one loaded on A's modules and one
-  on B's, reading 25 frames (decoder steps and the codec) in turns. A part alone can gain what
+  on B's, reading 25 frames (decoder steps and the codec) in turns; `--stations` streams each,
+  one batch (the radio's stations on one model: their KV cache a larger share of each step). A part alone can gain what
   the step does not (a prefetch into L1 made the int8 product x0.96 and the stream x1.00 on
   Zen 3): confirm a change here before taking it.
 """
@@ -54,6 +55,7 @@ from engine.extensions import build, source_digest  # noqa: E402
 from engine.kernels import int4  # noqa: E402
 from engine.kv_cache import KVCache, quantize_vectors  # noqa: E402
 from engine.linear import INT4_GROUP, KernelModules, pack_int4, pack_int8  # noqa: E402
+from engine.model import read_together  # noqa: E402
 
 PARTS = (
     "int8",
@@ -112,6 +114,7 @@ def parts(
     text: int,
     layers: int,
     size: str,
+    stations: int,
     a: tuple,
     b: tuple,
 ) -> dict[str, tuple[Callable[[], None], Callable[[], None]]]:
@@ -221,23 +224,28 @@ def parts(
     }
     for name, mode in stream_modes.items():
         if f"stream-{name}" in names:
-            out[f"stream-{name}"] = streams(mode, size, b)
+            out[f"stream-{name}"] = streams(mode, size, b, stations)
     return out
 
 
-def streams(mode: str, size: str, b: tuple) -> tuple[Callable[[], None], Callable[[], None]]:
-    """Reads of 25 frames of two streams of one model in `mode`: A's loaded on the modules
-    `engine.kernels` gives, B's on B's."""
+def streams(
+    mode: str, size: str, b: tuple, stations: int
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Reads of 25 frames of two batches of `stations` streams of one model in `mode`: A's
+    loaded on the modules `engine.kernels` gives, B's on B's."""
     path = model_dir(size)
     model_a = MusicModel.load(load_options(path, mode))
     model_b = MusicModel.load(load_options(path, mode), KernelModules(*b))
 
     def reader(model: MusicModel) -> Callable[[], None]:
-        stream = model.open_stream(PROMPT, SamplingOptions(seed=0), WindowOptions())
-        stream.read(25)  # the first chunk's prefill
+        prompts = [f"{PROMPT} {i}" if i else PROMPT for i in range(stations)]
+        batch = model.open_streams(
+            prompts, [SamplingOptions(seed=i) for i in range(stations)], WindowOptions()
+        )
+        read_together(batch, 25)  # the first chunk's prefill
 
         def run() -> None:
-            stream.read(25)
+            read_together(batch, 25)
 
         return run
 
@@ -266,6 +274,9 @@ def main() -> None:
     )
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument(
+        "--stations", type=int, default=1, help="streams read together by the stream parts"
+    )
+    parser.add_argument(
         "--size", choices=("small", "tiny"), default="small", help="the stream parts' model"
     )
     parser.add_argument("--rounds", type=int, default=30, help="A, B turns per part")
@@ -278,8 +289,10 @@ def main() -> None:
     unknown = [p for p in names if p not in PARTS]
     if unknown or not names:
         parser.error(f"--parts: {', '.join(unknown) or 'none'} not of {', '.join(PARTS)}")
-    if min(args.rows, args.positions, args.text, args.layers) < 1 or args.rounds < 2:
-        parser.error("--rows, --positions, --text, --layers must be >= 1 and --rounds >= 2")
+    if min(args.rows, args.positions, args.text, args.layers, args.stations) < 1 or args.rounds < 2:
+        parser.error(
+            "--rows, --positions, --text, --layers, --stations must be >= 1 and --rounds >= 2"
+        )
     torch.set_num_threads(args.threads)
     a = (kernels.get(), int4.get())
     if a[0] is None or a[1] is None:
@@ -289,13 +302,14 @@ def main() -> None:
         f"A: {a[0].__name__} ({Path(kernels.__file__).parent}), B: {b[0].__name__} ({args.b}); "
         f"{a[0].isa()} kernels, "
         f"{args.threads} thread(s), {args.rows} rows, {args.layers} layers, "
-        f"{args.positions} positions, {args.rounds} rounds",
+        f"{args.positions} positions, {args.stations} station(s) a stream part, "
+        f"{args.rounds} rounds",
         flush=True,
     )
     print("| part | A ms (median) | B ms (median) | B / A, median of rounds | rounds' spread |")
     print("| --- | --- | --- | --- | --- |")
     for name, (run_a, run_b) in parts(
-        names, args.rows, args.positions, args.text, args.layers, args.size, a, b
+        names, args.rows, args.positions, args.text, args.layers, args.size, args.stations, a, b
     ).items():
         run_a(), run_b()  # warm-up: first touches, the OpenMP team
         times_a, times_b = [], []
