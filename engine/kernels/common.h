@@ -284,14 +284,11 @@ static const int64_t kAttendPrefetch = attend_prefetch_for_this_cpu();
 // read the blocks (`Q4Ahead`). Asked for a chunk (68 lines) at once, as the other caches' lines
 // are, the reads and the arithmetic took turns: the attention over 1000 positions of 6 rows ran
 // at the sum of its read alone and its arithmetic alone (in L2), ~18 GB/s on 2 Zen 4 cores, and
-// asking further ahead in bursts gained 2-5%. A line at a time, 16 KB ahead, it runs at the
-// read alone's speed (x0.72 its time, Zen 4); 8 KB x0.78, 4 KB x0.89. Intel CPUs keep their
-// measured 1 KB distance, the lines spread all the same (not measured there).
-inline int64_t attend_q4_prefetch_for_this_cpu() {
-  __builtin_cpu_init();
-  return __builtin_cpu_is("amd") ? 16384 : kAttendPrefetch;
-}
-static const int64_t kAttendQ4Prefetch = attend_q4_prefetch_for_this_cpu();
+// asking further ahead in bursts gained 2-5%. A line at a time, 16 KB ahead, it runs at the read
+// alone's speed (x0.68-0.72 its time on Zen 4, the AVX2 build x0.56-0.64); 8 KB x0.78, 4 KB
+// x0.89. The same on Intel CPUs (not measured there: their 1 KB `kAttendPrefetch`, a line at a
+// time, would ask for less ahead than the chunks did).
+constexpr int64_t kAttendQ4Prefetch = 16384;
 
 // Asks for the line `kAttendQ4Prefetch` ahead of a byte of one head's blocks, running on into
 // the blocks this thread reads next (`next`, or nullptr) past the head's end.
