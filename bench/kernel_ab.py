@@ -25,9 +25,9 @@ shapes (musicgen-small, 24 layers, `--rows` rows: 2 per station):
   model (int8 weights and cache; int8 weights and the int4 cache; int4 weights and cache; the
   tiny model's heads of 16 take no int4 cache: int8 there), one loaded on A's modules and one
   on B's, reading 25 frames (decoder steps and the codec) in turns; `--stations` streams each,
-  one batch (the radio's stations on one model: their KV cache a larger share of each step). A part alone can gain what
-  the step does not (a prefetch into L1 made the int8 product x0.96 and the stream x1.00 on
-  Zen 3): confirm a change here before taking it.
+  one batch (the radio's stations on one model: their KV cache a larger share of each step).
+  A part alone can gain what the step does not (a prefetch into L1 made the int8 product x0.96
+  and the stream x1.00 on Zen 3): confirm a change here before taking it.
 """
 
 from __future__ import annotations

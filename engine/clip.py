@@ -210,10 +210,7 @@ def decode_audio(
     if not container.streams.audio:
         raise ClipError("not_audio", f"the {container.format.name} file has no audio stream")
     stream = container.streams.audio[0]
-    # Decode and resample on this thread: its CPU time is the budget. (PyAV 18.1.1 gave the
-    # resampler's filter graph a thread per core by default, kept until the next garbage
-    # collection: two more threads per clip beside the generator.)
-    stream.codec_context.thread_count = 1
+    stream.codec_context.thread_count = 1  # decode on this thread: its CPU time is the budget
     budget = limits.max_seconds + LENGTH_SLACK  # seconds of input decoded at most
     chunks: list[np.ndarray] = []  # [C, n] resampled pieces
     resampler = None
@@ -226,6 +223,8 @@ def decode_audio(
                 _check_deadline(deadline, limits)
                 if first is None or resampler is None:  # (both set at the first frame)
                     first = _check_frame(frame)
+                    # on this thread too (PyAV 18.1.1 gives a filter graph a thread per
+                    # core, kept until the next garbage collection)
                     resampler = av.AudioResampler(
                         format="fltp", layout=first[2], rate=sample_rate, threads=1
                     )

@@ -14,6 +14,7 @@ import random
 import subprocess
 import sys
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,10 +233,9 @@ def test_a_single_thread_encode_makes_no_openmp_team_and_leaves_others_alone(tin
     come and go on their own, and on one thread there would be no team to tell apart."""
     if _libgomp() is None:
         pytest.skip("torch does not run on libgomp here")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     done = subprocess.run(
         [sys.executable, "-c", _ONE_THREAD_CHECK, tiny_model_dir],
-        cwd=root,
+        cwd=Path(__file__).resolve().parents[2],
         env={**os.environ, "OMP_NUM_THREADS": "2"},
         capture_output=True,
         text=True,
