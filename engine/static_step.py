@@ -41,6 +41,11 @@ from engine.sampling import sample_tensors, settings_tensor
 log = logging.getLogger(__name__)
 
 MODES = ("eager", "compile", "graphs")
+# Every row layout compiles the step anew (dynamic=False: one graph per shape): a station count,
+# a transition's glide rows, guidance off, a longer text's bucket, a window. Dynamo keeps 8
+# compiled entries per function by default, and a fullgraph compile past them raises: the step
+# then runs eagerly for good. A radio meets a few dozen layouts at most.
+RECOMPILE_LIMIT = 64
 TEXT_BUCKET = 64  # cross-attention buffers hold a multiple of this many text tokens
 
 
@@ -84,7 +89,11 @@ class StaticStep:
             compile_mode = "reduce-overhead" if mode == "graphs" else "default"
             try:
                 self._run = torch.compile(
-                    decode_step, mode=compile_mode, fullgraph=True, dynamic=False
+                    decode_step,
+                    mode=compile_mode,
+                    fullgraph=True,
+                    dynamic=False,
+                    recompile_limit=RECOMPILE_LIMIT,
                 )
             except Exception as err:  # noqa: BLE001 - e.g. a Python that torch.compile refuses
                 self._fall_back(err)

@@ -164,6 +164,29 @@ def test_compiled_step_equals_the_eager_engine(model, capsys):
         print(f"\ncompile + 40 frames of the tiny model: {seconds:.1f} s")
 
 
+def test_more_row_layouts_than_dynamos_default_limit_stay_compiled(model, monkeypatch, caplog):
+    """Each station count is a new shape, compiled anew: past Dynamo's default of 8 entries a
+    fullgraph compile raises and the step would run eagerly for good. Ten layouts here, traced
+    by Dynamo with its eager backend (the checks are Dynamo's; Inductor would take minutes)."""
+    from torch._dynamo.utils import counters
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, **kw, backend="eager"))
+    torch._dynamo.reset()
+    with caplog.at_level(logging.WARNING, logger="engine.static_step"):
+        for stations in range(1, 11):
+            model.compile = "compile"
+            try:
+                streams = model.open_streams(["jazz"] * stations, [GREEDY] * stations, WINDOW)
+                for stream in streams:
+                    stream.tokens.generate_until(3)
+            finally:
+                model.compile = "none"
+    assert "could not be compiled" not in caplog.text
+    assert counters["stats"]["unique_graphs"] >= 10
+    torch._dynamo.reset()
+
+
 def test_a_failing_compile_is_logged_and_runs_eagerly(model, monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("compiler unavailable in this test")
@@ -248,16 +271,19 @@ def test_cuda_graphs_equal_eager_on_cuda(cuda_model, capsys):
     assert counters["inductor"]["cudagraph_skips"] == skips, "CUDA graphs were not captured"
     assert torch.equal(graphs, _tokens(cuda_model, "none", 120))
     rates = {}
+    timed = WindowOptions(window=1000, context=100)
     for compile in ("none", "graphs"):
-        _tokens(cuda_model, compile, 20)  # warm-up (and capture)
         cuda_model.compile = compile
-        stream = cuda_model.open_stream("jazz", GREEDY, WindowOptions(window=1000, context=100))
-        torch.cuda.synchronize()
-        began = time.perf_counter()
-        stream.tokens.generate_until(500)
-        torch.cuda.synchronize()
-        rates[compile] = stream.tokens.steps / (time.perf_counter() - began)
-        cuda_model.compile = "none"
+        try:  # a warm-up of the timed shape first: its compile and capture are not timed
+            cuda_model.open_stream("jazz", GREEDY, timed).tokens.generate_until(20)
+            stream = cuda_model.open_stream("jazz", GREEDY, timed)
+            torch.cuda.synchronize()
+            began = time.perf_counter()
+            stream.tokens.generate_until(500)
+            torch.cuda.synchronize()
+            rates[compile] = stream.tokens.steps / (time.perf_counter() - began)
+        finally:
+            cuda_model.compile = "none"
     with capsys.disabled():
         print(f"\ntiny model on {torch.cuda.get_device_name()}: steps/s {rates}")
 
