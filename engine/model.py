@@ -210,6 +210,7 @@ class MusicModel:
         cache = self.decoder.new_cache(2, length + 8)
         began = time.perf_counter()
         self.decoder.prefill(ids[None].expand(2, -1, -1), cache, cross)
+        self.decoder.wait()
         return (time.perf_counter() - began) * window.context / length
 
     def read_together(
@@ -225,9 +226,10 @@ class MusicModel:
 
     def new_codec(self, codec: str | None = None) -> StreamingDecoder:
         """A stream's codec decoder, its upsampling stack in `codec` ("float32", "bfloat16",
-        "model") or, by default, as the settings chose (`Resolved.codec`)."""
+        "model": the model's dtype, a GPU's choice) or, by default, as the settings chose
+        (`Resolved.codec`)."""
         codec = codec or self.loaded.settings.codec
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(codec)
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "model": self.dtype}[codec]
         return StreamingDecoder(
             self.musicgen.audio_encoder, audio_channels=self.channels, upsample_dtype=dtype
         )

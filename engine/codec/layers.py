@@ -77,10 +77,10 @@ class Dense:
 def elu(x: torch.Tensor) -> torch.Tensor:
     """EnCodec's ELU (alpha 1): one vectorised pass of our kernel where it runs (PyTorch's takes
     several times longer on this project's CPUs), else PyTorch's."""
+    if not x.is_cpu or x.dtype not in (torch.float32, torch.bfloat16):
+        return F.elu(x)  # (a GPU's codec: our CPU kernels are not even built for it)
     kernels = native.get()
-    if kernels is not None and x.is_cpu and x.dtype in (torch.float32, torch.bfloat16):
-        return kernels.elu(x)
-    return F.elu(x)
+    return F.elu(x) if kernels is None else kernels.elu(x)
 
 
 class Elu:

@@ -30,6 +30,7 @@ from engine.codec.layers import (
     TimeMajorConvTranspose1d,
     TimeMajorOutputConv1d,
     TimeMajorResnetBlock,
+    elu,
 )
 from engine.codec.lstm import FrameLSTM, round_lstm_weights
 from engine.codec.upsampler import CroppedUpsampler
@@ -227,6 +228,20 @@ def test_our_elu_equals_pytorchs(dtype, n):
     else:  # our float32 result rounded once: at most one bfloat16 step from the exact one
         torch.testing.assert_close(ours.double(), exact, rtol=2**-8, atol=1e-30)
         assert torch.equal(ours, kernels.elu(x.float()).bfloat16())
+
+
+def test_a_gpu_codecs_elu_never_builds_our_cpu_kernels(monkeypatch):
+    """A tensor off the CPU (a GPU's codec; here the meta device) takes PyTorch's ELU without
+    asking for our CPU kernels, which would build them (and log a misleading fallback) on a
+    machine where they serve nothing."""
+
+    def refuse():
+        raise AssertionError("our CPU kernels were asked for")
+
+    monkeypatch.setattr(native, "get", refuse)
+    x = torch.empty(3, 8, device="meta")
+    assert elu(x).device.type == "meta"
+    assert elu(torch.ones(4, dtype=torch.float64)).dtype == torch.float64  # (nor for float64)
 
 
 BFLOAT16_DB = 35.0  # the bfloat16 stack against the float32 decode: ~41 dB tiny, 44.6 dB small
