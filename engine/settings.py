@@ -321,7 +321,8 @@ def _kv_cache(
     """Where our kernels attend (CPU): int8 for a quantized decoder, bfloat16 for a bfloat16
     one; a float32 model stays on PyTorch's exact path (float32 on a CPU, where PyTorch's
     bfloat16 attention is several times slower; the model dtype on a GPU). A compiled step
-    reads a float cache: bfloat16 where our kernels or a GPU attend, else float32."""
+    reads a float cache: on a GPU the model dtype, on a CPU bfloat16 where our kernels attend,
+    else float32."""
     attention = "float32" if on_cpu else dtype
     reason = None
     if on_cpu:
@@ -331,6 +332,8 @@ def _kv_cache(
         if reason is None and requested == "int4" and head_dim != Q4_HEAD:
             reason = f"an int4 cache holds heads of {Q4_HEAD}, this model's are {head_dim}"
     if requested == "auto" and compile_mode != "none":
+        if not on_cpu:  # (another dtype than the queries' would be converted every step)
+            return chose("kv_cache", dtype, "auto under a compiled step on a GPU: the model dtype")
         if reason is not None:
             return chose("kv_cache", "float32", f"auto, compiled, no kernels: {reason}")
         return chose("kv_cache", "bfloat16", "auto under a compiled step: a float cache")

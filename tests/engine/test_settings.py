@@ -114,6 +114,9 @@ def test_cuda_present_means_bfloat16_and_the_static_step_with_graphs():
     )
     assert _resolve(GPU, device="cpu").device == "cpu"  # a CPU asked for beside a GPU
     assert _resolve(GPU, dtype="float16", compile="none").kv_cache == "float16"
+    # under the compiled step too: a cache of another dtype would be converted every step
+    assert _resolve(GPU, dtype="float16").kv_cache == "float16"
+    assert _resolve(GPU, dtype="float32").kv_cache == "float32"
 
 
 def test_explicit_settings_are_honoured():
