@@ -151,6 +151,7 @@ class DecodeBatch:
                 logits = self.decoder.prefill(
                     ids[None].expand(rows, -1, -1), cache, self._crosses[i]
                 )
+                self.decoder.wait()
             seconds = time.perf_counter() - began
         # the prefill samples position C + 1 (= ids.shape[1]); the null row follows the others
         null = len(lane.rows.conditions) if lane.rows.guided else None

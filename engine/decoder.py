@@ -698,6 +698,12 @@ class Decoder:
         """Our CPU kernel module when this decoder runs on it (engine/kernels), else None."""
         return self._kernels
 
+    def wait(self) -> None:
+        """Wait for the work queued on the decoder's device: a GPU runs it after the call
+        returns, so a clock read before this times the launches, not the work."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def new_cache(self, batch: int, max_positions: int) -> KVCache:
         return KVCache(
             len(self.layers),

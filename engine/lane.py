@@ -484,7 +484,7 @@ class Lane:
         self._seq[:, position] = torch.where(known == -1, tokens, known)
         frame = position - 1 - self.max_delay  # window frame completed by this position
         if frame >= self._context_len:
-            index = frame + 1 + self.delays.to(self._seq.device)  # [K] position of each codebook
+            index = frame + 1 + self._delays_on_device  # [K] position of each codebook
             column = self._seq.gather(1, index[:, None]).cpu()  # [K, 1]
             assert bool((column != PAD).all()), "a complete frame holds a pad token"
             self._history = torch.cat([self._history, column], dim=1)
