@@ -7,15 +7,17 @@
 
 On a machine without CUDA it says so in one line and exits 0. On one, within a few minutes:
 
-1. runs the tests marked `gpu` (`python -m pytest -q -m gpu`: CUDA graphs against the eager
-   step, alone and batched);
+1. runs the tests marked `gpu` (`python -m pytest -q -m gpu` over the files that hold them, in
+   one process: CUDA graphs against the eager step, alone and batched);
 2. for 1, 8, 32 and 64 stations, renders `--seconds` of audio per station with the engine as
    `radio serve` runs it on a GPU (bfloat16, the compiled static step replayed as a CUDA graph,
    the streaming codec: `read_together`), and the same number of prompts with
    `transformers` `generate` in bfloat16 on the same weights (CFG on, sampling with top-k 250,
    batch = stations);
 3. prints one table (decoder steps per second per station, real-time factor per station, the
-   engine against `generate`) and writes it as JSON (`--json`, default `gpu-bench.json`).
+   engine against `generate`) and writes it as JSON (`--json`, default `gpu-bench.json`), row
+   by row as they come; a count that runs out of GPU memory is a row that says so, and the
+   larger ones are skipped.
 
 A station holds real time while its real-time factor is at least 1; the largest count that
 does is the stations this GPU carries with these settings.
@@ -41,10 +43,25 @@ from bench.bench_engine import PROMPT, model_dir, say  # noqa: E402
 FRAME_RATE = 50  # MusicGen's EnCodec: 50 frames per second of audio
 
 
+def gpu_test_files() -> list[str]:
+    """The test files that hold `gpu`-marked tests: only they are collected, so that a module
+    needing what a GPU box may lack (a browser, Icecast2) cannot stop the run."""
+    tests = sorted((ROOT / "tests").rglob("test_*.py"))
+    return [str(p.relative_to(ROOT)) for p in tests if "pytest.mark.gpu" in p.read_text()]
+
+
+def gpu_test_command() -> list[str]:
+    """The `gpu` tests in one process (the project's addopts ask for pytest-xdist's workers,
+    which the GPU's tests would share), run from the repository's root."""
+    return [sys.executable, "-m", "pytest", "-q", "-o", "addopts=-ra", "-m", "gpu"] + (
+        gpu_test_files()
+    )
+
+
 def run_gpu_tests() -> int:
-    say("gpu tests: python -m pytest -q -m gpu ...")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu"], cwd=ROOT)
-    return result.returncode
+    command = gpu_test_command()
+    say(f"gpu tests: {' '.join(command[1:])} ...")
+    return subprocess.run(command, cwd=ROOT).returncode
 
 
 @torch.inference_mode()
@@ -116,28 +133,6 @@ def main() -> int:
     model = MusicModel.load(LoadOptions(model=path, device="cuda", dtype="bfloat16"))
     hf = MusicgenForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
     processor = AutoProcessor.from_pretrained(path)
-    rows = []
-    for n in counts:
-        say(f"{n} station(s): engine, {args.seconds:.0f} s of audio each ...")
-        ours = bench_engine(model, n, args.seconds)
-        say(f"{n} station(s): transformers generate, bfloat16 ...")
-        ref = bench_generate(hf, processor, n, args.seconds)
-        rows.append({"stations": n, "engine": ours, "generate": ref})
-        torch.cuda.empty_cache()
-
-    say("")
-    say(
-        "| stations | engine steps/s | engine RTF per station | generate steps/s | generate RTF | engine vs generate |"
-    )
-    say("| --- | --- | --- | --- | --- | --- |")
-    for row in rows:
-        e, g = row["engine"], row["generate"]
-        say(
-            f"| {row['stations']} | {e['steps_per_s']:.1f} | {e['rtf']:.2f} | "
-            f"{g['steps_per_s']:.1f} | {g['rtf']:.2f} | x{e['rtf'] / g['rtf']:.2f} |"
-        )
-    holding = [r["stations"] for r in rows if r["engine"]["rtf"] >= 1.0]
-    say(f"stations in real time (RTF >= 1): {max(holding) if holding else 0} of those measured")
     report = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "gpu": torch.cuda.get_device_name(),
@@ -145,9 +140,39 @@ def main() -> int:
         "model": path,
         "seconds": args.seconds,
         "gpu_tests_exit_code": tests,
-        "rows": rows,
+        "rows": [],
     }
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    rows = report["rows"]
+    for n in counts:
+        row: dict = {"stations": n}
+        try:
+            say(f"{n} station(s): engine, {args.seconds:.0f} s of audio each ...")
+            row["engine"] = bench_engine(model, n, args.seconds)
+            say(f"{n} station(s): transformers generate, bfloat16 ...")
+            row["generate"] = bench_generate(hf, processor, n, args.seconds)
+        except torch.cuda.OutOfMemoryError as err:
+            first = (str(err).strip().splitlines() or [""])[0]
+            row["error"] = f"out of GPU memory: {first}"
+            say(f"{n} station(s): {row['error']}; the larger counts are skipped")
+        rows.append(row)
+        torch.cuda.empty_cache()
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")  # (each row as it comes)
+        if "error" in row:
+            break
+
+    say("")
+    say(
+        "| stations | engine steps/s | engine RTF per station | generate steps/s | generate RTF | engine vs generate |"
+    )
+    say("| --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        e, g = row.get("engine"), row.get("generate")
+        ours = f"{e['steps_per_s']:.1f} | {e['rtf']:.2f}" if e else "- | -"
+        ref = f"{g['steps_per_s']:.1f} | {g['rtf']:.2f}" if g else "- | -"
+        ratio = f"x{e['rtf'] / g['rtf']:.2f}" if e and g else row.get("error", "-")
+        say(f"| {row['stations']} | {ours} | {ref} | {ratio} |")
+    holding = [r["stations"] for r in rows if "engine" in r and r["engine"]["rtf"] >= 1.0]
+    say(f"stations in real time (RTF >= 1): {max(holding) if holding else 0} of those measured")
     say(f"wrote {args.json}")
     return 1 if tests not in (0, 5) else 0  # 5: pytest collected no gpu tests
 

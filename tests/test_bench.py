@@ -338,6 +338,29 @@ def test_gpu_check_says_so_and_exits_0_without_cuda(tmp_path):
     )
 
 
+def test_the_gpu_checks_tests_run_in_one_process_over_the_files_that_hold_them():
+    """bench/gpu.py's first part: the `gpu`-marked tests' files (found, not listed by hand) in
+    one pytest process without the project's xdist workers. Here, without CUDA, the command
+    runs and skips them all; on a GPU box it is what runs them."""
+    from bench.gpu import gpu_test_command, gpu_test_files
+
+    files = gpu_test_files()
+    assert "tests/engine/test_static_step.py" in files
+    assert all("pytest.mark.gpu" in (ROOT / f).read_text() for f in files)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    done = subprocess.run(
+        gpu_test_command(), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    import torch
+
+    if not torch.cuda.is_available():
+        skipped = re.search(r"\b(\d+) skipped\b", out)
+        assert skipped and int(skipped[1]) >= 2 and "deselected" in out, out
+        assert "needs a CUDA device" in out, out  # (-ra: each skip's reason)
+
+
 def test_first_sound_benchmark_times_a_fresh_start(tmp_path):
     out = _run("first_sound.py", "--size", "tiny", "--runs", "1", tmp_path=tmp_path)
     times = re.search(r"port open ([\d.]+) s, healthy ([\d.]+) s, first MP3 byte ([\d.]+) s", out)
