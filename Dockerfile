@@ -19,7 +19,9 @@
 # packages (ffmpeg) under our control, with no conda layer. TORCH_INDEX switches to the
 # CPU-only wheels for a much smaller image on machines without a GPU.
 #
-# /data is the volume: the Hugging Face model cache (HF_HOME=/data/hf) and the radio's state.
+# /data is the volume: the Hugging Face model cache (HF_HOME=/data/hf), the radio's state, and
+# what the first start builds: the CPU kernels (TORCH_EXTENSIONS_DIR), a GPU's compiled step
+# (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR: minutes to compile, seconds to reload).
 
 FROM python:3.11-slim-bookworm
 
@@ -34,6 +36,8 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HOME=/data/hf \
     TORCH_EXTENSIONS_DIR=/data/torch_extensions \
+    TORCHINDUCTOR_CACHE_DIR=/data/inductor \
+    TRITON_CACHE_DIR=/data/triton \
     ENDLESS_RADIO_CACHE=/data/cache
 
 # ffmpeg: the command-line tools for checking streams from inside the container (the radio

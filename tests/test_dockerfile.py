@@ -95,6 +95,9 @@ def test_structure_matches_the_readme() -> None:
     volumes = [v for k, rest in steps if k == "VOLUME" for v in _args(rest)]
     env = " ".join(rest for k, rest in steps if k == "ENV")
     assert "HF_HOME=/data/hf" in env and "/data" in volumes, (env, volumes)
+    # what a first start builds stays on the volume: the CPU kernels, a GPU's compiled step
+    for cache in ("TORCH_EXTENSIONS_DIR", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        assert f"{cache}=/data/" in env, (cache, env)
 
     [health] = [rest for k, rest in steps if k == "HEALTHCHECK"]
     assert "/healthz" in health and "curl" not in health and "wget" not in health
