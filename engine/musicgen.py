@@ -164,6 +164,9 @@ class MusicGen(nn.Module):
         for part in (model.text_encoder, model.enc_to_dec_proj, model.decoder):
             if part is not None:
                 part.to(device=device, dtype=dtype)
+        if dtype == torch.float16:  # T5's feed-forward outputs overflow float16's range:
+            for block in model.text_encoder.encoder.block:  # kept in float32, as transformers'
+                block.layer[1].DenseReluDense.wo.float()  # T5 keeps them (_keep_in_fp32_modules)
         # the codec stays in float32: it is cheap, and bfloat16 decoding costs quality for nothing
         model.audio_encoder.to(device=device, dtype=torch.float32)
         return model

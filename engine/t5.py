@@ -186,7 +186,19 @@ class Block(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return self.layer[1](self.layer[0](x, bias))
+        return _finite(self.layer[1](_finite(self.layer[0](x, bias))))
+
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """A float16 residual stream past float16's largest value, clamped as transformers' T5Block
+    clamps it (to that value, or 1000 under it where one already overflowed). A float16 model
+    keeps its feed-forward outputs (`wo`) in float32 (`MusicGen.load`), so the stream is float16
+    only until the first of them."""
+    if x.dtype != torch.float16:
+        return x
+    top = torch.finfo(torch.float16).max
+    limit = torch.where(torch.isinf(x).any(), top - 1000, top)
+    return torch.clamp(x, min=-limit, max=limit)
 
 
 class Stack(nn.Module):

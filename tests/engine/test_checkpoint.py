@@ -49,6 +49,27 @@ def test_tokens_and_text_states_equal_transformers(both):
 
 
 @torch.inference_mode()
+def test_float16_text_states_stay_finite_as_transformers_do(tiny_model_dir):
+    """A float16 model (a GPU's option): where T5's residual stream passes float16's range
+    (here forced, its feed-forward outputs scaled up), the states are clamped as transformers'
+    T5 clamps them: finite, and equal to its own."""
+    from transformers import AutoProcessor, MusicgenForConditionalGeneration
+
+    hf = MusicgenForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float16)
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    ours = MusicGen.load(Path(tiny_model_dir), dtype=torch.float16)
+    for encoder in (hf.text_encoder.encoder, ours.text_encoder.encoder):
+        for block in encoder.block:
+            block.layer[1].DenseReluDense.wo.weight.mul_(1e5)
+    inputs = processor(text=["slow rainy-day jazz"], return_tensors="pt", padding=True)
+    want = hf.eval().text_encoder(**inputs).last_hidden_state
+    got = ours.text_encoder(inputs["input_ids"], inputs["attention_mask"])
+    assert got.dtype == torch.float16 and bool(torch.isfinite(want).all())
+    assert bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=1e-2)
+
+
+@torch.inference_mode()
 def test_codec_codes_and_audio_equal_transformers(both):
     hf, _, ours = both
     audio = torch.randn(1, 1, 32000, generator=torch.Generator().manual_seed(0)) * 0.3
