@@ -149,7 +149,7 @@ class DecodeBatch:
             began = time.perf_counter()
             with barrier_regions():
                 logits = self.decoder.prefill(
-                    ids[None].expand(rows, -1, -1), cache, self._crosses[i]
+                    ids.to(self.decoder.device)[None].expand(rows, -1, -1), cache, self._crosses[i]
                 )
                 self.decoder.wait()
             seconds = time.perf_counter() - began
@@ -158,7 +158,7 @@ class DecodeBatch:
         group = [(0, lane.weights(ids.shape[1]), null)]
         mixed = logits if lane.rows.plain else mix_rows(logits, group, 1 + lane.rows.guided)
         tokens = sample_streams(mixed, [lane.sampling], [lane.generator], self.decoder.kernels)
-        if lane.prefilled(tokens[0], seconds):
+        if lane.prefilled(tokens[0].cpu(), seconds):
             self._lay_out()
 
     # -- steps -----------------------------------------------------------------------------
@@ -180,6 +180,7 @@ class DecodeBatch:
             inputs = [lane.inputs() for lane in lanes]
             ids = torch.cat([i for i, _ in inputs])
             rows_at = [p for _, at in inputs for p in at]
+        ids = ids.to(self.decoder.device)  # (the lanes' tokens live on the CPU)
         samplings = [lane.sampling for lane in lanes]
         generators = [lane.generator for lane in lanes]
         self._fold_due()
@@ -197,6 +198,7 @@ class DecodeBatch:
             if not self._plain:
                 logits = mix_rows(logits, self._groups(), self._sampled_rows())
             tokens = sample_streams(logits, samplings, generators, self.decoder.kernels)
+        tokens = tokens.cpu()  # one copy and one wait for the whole batch, not one a lane
         if len(lanes) == 1:
             changed = lanes[0].stepped(tokens[0])
         else:

@@ -120,7 +120,9 @@ class Lane:
     ) -> None:
         """`delays`: [K] each codebook's delay (`engine.delay.codebook_delays`); `guided`: hold a
         null row; `prompt_frames`: optional [K, T] tokens to continue from (frames 0..T-1);
-        `warm`: build each next window beside this one (warm restarts)."""
+        `warm`: build each next window beside this one (warm restarts); `device`: where its
+        sampling draws. Its tokens live on the CPU: a GPU's batch moves a step's ids there and
+        its tokens back once for all lanes, not a copy and a wait per lane."""
         self.window = window
         self.builds_warm = warm  # warm restarts
         self.sampling = sampling
@@ -168,7 +170,6 @@ class Lane:
         self._window_first = 0
         self.warm: Warm | None = None  # the next window while it is built beside this one
         self._taken: Warm | None = None  # the warm window at a restart, until the batch takes it
-        self._delays_on_device = delays.to(device)
 
     # -- for the stream --------------------------------------------------------------------
 
@@ -329,7 +330,7 @@ class Lane:
         self._end = min(self.window.window, max(limit, self._context_len + MIN_NEW_FRAMES))
         self._settle(self._frame_of(self._context_len + 1))
         layout = delayed_layout(context, self.delays, self.window.window + 1)
-        self._seq = layout.to(self.device)  # [K, W + 1]
+        self._seq = layout  # [K, W + 1], on the CPU (the batch moves a step's inputs once)
         return self._seq[:, : self._context_len + 1]
 
     def weights(self, position: int) -> list[float]:
@@ -356,7 +357,7 @@ class Lane:
         if self.warm is None:
             return ids, [self._fed] * rows
         q = self._fed - self.warm.start
-        column = torch.where(q - 1 - self._delays_on_device < 0, PAD, self._seq[:, self._fed])
+        column = torch.where(q - 1 - self.delays < 0, PAD, self._seq[:, self._fed])
         if q <= self.warm.context:
             self.warm.ids[:, q] = column
         warm = self.warm_count
@@ -434,7 +435,7 @@ class Lane:
         # its tokens must all be this window's own (not its context's), fed from here on
         if self._fed != start or start <= self._context_len:
             return dropped
-        ids = torch.full((self.num_codebooks, context + 1), -1, device=self.device)
+        ids = torch.full((self.num_codebooks, context + 1), -1)
         self.warm = Warm(start, context, ids, guided=self.guided_next)
         return True
 
@@ -484,8 +485,8 @@ class Lane:
         self._seq[:, position] = torch.where(known == -1, tokens, known)
         frame = position - 1 - self.max_delay  # window frame completed by this position
         if frame >= self._context_len:
-            index = frame + 1 + self._delays_on_device  # [K] position of each codebook
-            column = self._seq.gather(1, index[:, None]).cpu()  # [K, 1]
+            index = frame + 1 + self.delays  # [K] position of each codebook
+            column = self._seq.gather(1, index[:, None])  # [K, 1]
             assert bool((column != PAD).all()), "a complete frame holds a pad token"
             self._history = torch.cat([self._history, column], dim=1)
             if self._history.shape[1] > 2 * self.keep_frames:
