@@ -41,10 +41,13 @@ from engine.sampling import sample_tensors, settings_tensor
 log = logging.getLogger(__name__)
 
 MODES = ("eager", "compile", "graphs")
-# Every row layout compiles the step anew (dynamic=False: one graph per shape): a station count,
-# a transition's glide rows, guidance off, a longer text's bucket, a window. Dynamo keeps 8
-# compiled entries per function by default, and a fullgraph compile past them raises: the step
-# then runs eagerly for good. A radio meets a few dozen layouts at most.
+# A new row layout (a station count, a transition's glide rows, guidance off, a longer text's
+# bucket, a window) is a new shape. Compiled with dynamic=False each was a compile of its own
+# (minutes on a GPU, on the generator's thread) and past Dynamo's 8 entries a fullgraph compile
+# raised, the step eager for good; with Dynamo's automatic dynamic shapes the second layout
+# compiles the dims that changed as symbols and every later one reuses it (the tiny model on the
+# CPU: 1, 2, 3, 4, 5 stations, two compiles; the tokens equal the eager step's). The limit is a
+# margin for what still specializes.
 RECOMPILE_LIMIT = 64
 TEXT_BUCKET = 64  # cross-attention buffers hold a multiple of this many text tokens
 
@@ -92,7 +95,7 @@ class StaticStep:
                     decode_step,
                     mode=compile_mode,
                     fullgraph=True,
-                    dynamic=False,
+                    dynamic=None,  # (automatic: static first, then what changes)
                     recompile_limit=RECOMPILE_LIMIT,
                 )
             except Exception as err:  # noqa: BLE001 - e.g. a Python that torch.compile refuses
