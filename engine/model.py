@@ -225,11 +225,10 @@ class MusicModel:
         return read_together(streams, frames, interrupt)
 
     def new_codec(self, codec: str | None = None) -> StreamingDecoder:
-        """A stream's codec decoder, its upsampling stack in `codec` ("float32", "bfloat16",
-        "model": the model's dtype, a GPU's choice) or, by default, as the settings chose
-        (`Resolved.codec`)."""
+        """A stream's codec decoder, its upsampling stack in `codec` ("float32" or "bfloat16")
+        or, by default, as the settings chose (`Resolved.codec`)."""
         codec = codec or self.loaded.settings.codec
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "model": self.dtype}[codec]
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[codec]
         return StreamingDecoder(
             self.musicgen.audio_encoder, audio_channels=self.channels, upsample_dtype=dtype
         )

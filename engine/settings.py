@@ -144,9 +144,9 @@ class Resolved:
     # "bfloat16-weights" on our kernels elsewhere (bfloat16 weights, float32 maths:
     # `linear_bf16_weights`), else "float32"
     text_products: str = "float32"
-    # the streaming codec's upsampling stack: "float32", "bfloat16" (auto where the CPU has
-    # AMX or AVX-512 BF16: x1.35-1.5 the codec's speed, 44.6 dB from the float32 decode) or
-    # "model" (the model's own dtype, on a GPU)
+    # the streaming codec's upsampling stack: "float32" or "bfloat16" (auto where the CPU has
+    # AMX or AVX-512 BF16: x1.35-1.5 the codec's speed, 44.6 dB from the float32 decode; on a
+    # GPU as a bfloat16 model, float32 beside any other)
     codec: str = "float32"
     reasons: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
@@ -166,10 +166,9 @@ class Resolved:
         weights = self.dtype if self.quantize == "none" else self.quantize
         kernels = f"our kernels ({self.kernels})" if self.kernels else "PyTorch's kernels"
         compiled = "off" if self.compile == "none" else self.compile
-        codec = self.dtype if self.codec == "model" else self.codec
         return (
             f"{self.device}, {self.dtype} activations, {weights} weights, {self.kv_cache} KV "
-            f"cache, {kernels}, compile {compiled}, {codec} codec"
+            f"cache, {kernels}, compile {compiled}, {self.codec} codec"
         )
 
     def explain(self) -> str:
@@ -223,7 +222,7 @@ def resolve(options: LoadOptions, machine: Machine, head_dim: int) -> Resolved:
             "our kernel reads the text's weights as bfloat16 and multiplies in float32 "
             "(prompt changes; this CPU has no native bfloat16 maths)",
         )
-    codec = _codec(options.codec, on_cpu, machine, chose)
+    codec = _codec(options.codec, on_cpu, dtype, machine, chose)
     return Resolved(
         device,
         dtype,
@@ -280,11 +279,12 @@ def _dtype(requested: str, quantize: str, on_cpu: bool, machine: Machine, chose:
     return chose("dtype", "float32", "auto: this CPU has no native bfloat16 maths")
 
 
-def _codec(requested: str, on_cpu: bool, machine: Machine, chose: Chose) -> str:
+def _codec(requested: str, on_cpu: bool, dtype: str, machine: Machine, chose: Chose) -> str:
     if requested != "auto":
         return chose("codec", requested, "as set")
-    if not on_cpu:
-        return chose("codec", "model", "auto on a GPU: the model's dtype")
+    if not on_cpu:  # (the stack runs in float32 or bfloat16: a float16 model's codec is float32)
+        codec = "bfloat16" if dtype == "bfloat16" else "float32"
+        return chose("codec", codec, f"auto on a GPU: as the {dtype} model")
     # oneDNN's bfloat16 convs and matmuls at the codec's shapes: x0.66-0.68 the time of float32
     # on AMX tiles (Xeon), x0.65-0.74 with AVX-512 BF16 (Zen 4, 2026-12-07: `python
     # bench/bench_codec.py --threads 2 --tables 46`); with AVX2 alone slower than float32

@@ -69,13 +69,6 @@ def test_the_streams_codec_upsamples_in_the_chosen_dtype(tiny_model_dir, codec, 
     assert pcm.shape == (1, 6400) and pcm.dtype.name == "float32"
 
 
-def test_the_model_codec_upsamples_in_the_models_dtype(tiny_model_dir):
-    """The codec "model" (what auto resolves to on a GPU, where the settings line names the
-    model's dtype) upsamples in the model's dtype, not the codec's own float32."""
-    model = MusicModel.load(LoadOptions(model=tiny_model_dir, device="cpu", dtype="bfloat16"))
-    assert model.new_codec("model").upsample_dtype == torch.bfloat16
-
-
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         MusicModel.load(LoadOptions(model=str(tmp_path / "nope")))

@@ -88,7 +88,8 @@ def test_the_codec_upsamples_in_bfloat16_where_the_cpu_has_bfloat16_maths():
     )
     assert _resolve(AVX2).codec == "float32" and "slower" in _resolve(AVX2).reasons["codec"]
     assert _resolve(NO_KERNELS).codec == "float32"
-    assert _resolve(GPU).codec == "model"
+    assert _resolve(GPU).codec == "bfloat16"  # (as the bfloat16 model)
+    assert _resolve(GPU, dtype="float16").codec == "float32"  # (no float16 stack)
     assert _resolve(AVX512, codec="float32").codec == "float32"
     assert _resolve(AVX2, codec="bfloat16").codec == "bfloat16"
     with pytest.raises(ValueError, match="codec: must be one of"):
