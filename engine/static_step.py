@@ -19,10 +19,11 @@ CPU); "graphs" with `mode="reduce-overhead"` (CUDA graphs). When compiling or ca
 one warning says what failed and the same function runs eagerly (or, when only the graph capture
 was skipped, compiled without graphs). The prefill stays eager (`Decoder.prefill`).
 
-Shapes are fixed per row layout: when a batch lays its rows out anew (a blend with another
-number of texts, a transition beginning or ending), the step meets new shapes and
-`torch.compile` compiles (and captures) it once more for them; a layout seen before reuses its
-graph. Plain prompts only (one conditional row per stream) take no `Mix`.
+Shapes are fixed per row layout: when a batch lays its rows out anew (another station count,
+guidance on or off, a blend with another number of texts, a transition beginning or ending),
+the step meets new shapes. The first such change compiles it once more with the sizes that
+changed as symbols (`RECOMPILE_LIMIT`, below); later layouts run that code, and CUDA graphs
+record a graph per size. Plain prompts only (one conditional row per stream) take no `Mix`.
 """
 
 from __future__ import annotations
