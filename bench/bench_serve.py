@@ -64,6 +64,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -196,13 +197,22 @@ def main() -> int:
     if not args.find_max:
         run(args, args.stations)
         return 0
-    held = 0
+    held, rows = 0, []
     for n in range(1, args.max_stations + 1):
         say(f"--find-max: {n} station(s)")
-        if not run(args, n):
+        result = run(args, n)
+        rows.append(f"| {n} | {result.row} | {'yes' if result.held else 'no'} |")
+        if not result.held:
             break
         held = n
         say("")
+    say("")
+    say(
+        "| stations | real-time factor: median, min | underruns | plain read before / after | held |"
+    )
+    say("| --- | --- | --- | --- | --- |")
+    for row in rows:
+        say(row)
     say("")
     if held == args.max_stations:
         say(f"largest station count that holds real time: at least {held} (--max-stations)")
@@ -211,16 +221,25 @@ def main() -> int:
     return 0
 
 
-def run(args: argparse.Namespace, n: int) -> bool:
-    """One `radio serve` with n stations, listened to for `--seconds`, between two plain reads;
-    whether it held."""
+@dataclass(frozen=True)
+class Result:
+    """One `radio serve` run: whether its stations held real time, and its figures as the cells
+    of `--find-max`'s closing table."""
+
+    held: bool
+    row: str
+
+
+def run(args: argparse.Namespace, n: int) -> Result:
+    """One `radio serve` with n stations, listened to for `--seconds`, between two plain reads."""
     before = plain_read(3)
-    held = _serve(args, n)
-    say(f"plain read: {before:.1f} GB/s before, {plain_read(3):.1f} GB/s after")
-    return held
+    served = _serve(args, n)
+    after = plain_read(3)
+    say(f"plain read: {before:.1f} GB/s before, {after:.1f} GB/s after")
+    return Result(served.held, f"{served.row} | {before:.1f} / {after:.1f} GB/s")
 
 
-def _serve(args: argparse.Namespace, n: int) -> bool:
+def _serve(args: argparse.Namespace, n: int) -> Result:
     path = model_dir(args.size)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -429,8 +448,9 @@ def _listen(url: str) -> subprocess.Popen:
 
 def _per_station(
     n: int, rtfs: dict[str, list[float]], buffers: dict[str, list[float]], underruns: dict
-) -> bool:
-    """Every station's row, the total and the verdict; whether all n held real time."""
+) -> Result:
+    """Every station's row, the total and the verdict: whether all n held real time, with the
+    stations' real-time factor (median, min) and underruns."""
     say("")
     say("| station | real-time factor: median, min | buffer ahead: min, median | underruns |")
     say("| --- | --- | --- | --- |")
@@ -450,7 +470,8 @@ def _per_station(
     held, line = verdict(n, total, min_buffer)
     say("")
     say(line)
-    return held
+    every = f"{statistics.median(every_rtf):.2f}, {min(every_rtf):.2f}"
+    return Result(held, f"{every} | {total}")
 
 
 def _post_change(base: str, changes: list[dict], n: int, h: dict) -> None:

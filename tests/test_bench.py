@@ -187,6 +187,32 @@ def test_serve_benchmark_runs_two_stations_with_a_listener_each(tmp_path):
     )
 
 
+def test_serve_benchmark_finds_the_most_stations_and_tables_every_count(tmp_path):
+    """`--find-max`: 1, 2 ... stations, each a `radio serve` of its own, until one fails or
+    `--max-stations`; then one row per count run (their figures scroll past in between) and
+    the largest count that held."""
+    require_tool("ffmpeg")
+    out = _run(
+        "bench_serve.py",
+        *("--size", "tiny", "--seconds", "4", "--every", "2", "--find-max"),
+        *("--max-stations", "2"),
+        tmp_path=tmp_path,
+    )
+    table = "| stations | real-time factor: median, min | underruns | plain read before / after | held |"
+    assert table in out, out
+    rows = re.findall(
+        r"^\| (\d) \| [\d.]+, [\d.]+ \| (\d+) \| [\d.]+ / [\d.]+ GB/s \| (yes|no) \|$",
+        out,
+        re.MULTILINE,
+    )
+    assert [n for n, _, _ in rows] == ["1", "2"][: len(rows)] and rows, out
+    assert all((held == "yes") == (underruns == "0") for _, underruns, held in rows[:-1]), rows
+    held = [int(n) for n, _, h in rows if h == "yes"]
+    most = max(held, default=0)
+    expected = f"at least {most} (--max-stations)" if most == 2 else str(most)
+    assert f"largest station count that holds real time: {expected}" in out, out
+
+
 def test_engine_benchmark_hunts_a_slow_minute(tmp_path):
     """`--hunt-minutes` goes on taking turns until the slow turns hold `--slow-seconds` of
     audio: with every plain read counted slow (`--slow-read 1000`), 1 s of audio becomes 3 s,
