@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
 
@@ -187,6 +188,13 @@ class DecodeBatch:
         cross = self._stacked_cross()
         if self._static is not None:
             at = torch.tensor(rows_at, device=ids.device)
+            # A lane without a null row (guidance dropped) names its first row as null: guidance 1
+            # samples its conditional rows alone, as the eager step does (with its own scale a
+            # blend's logits were pushed away from its first text's).
+            samplings = [
+                s if lane.rows.guided else replace(s, guidance_scale=1.0)
+                for s, lane in zip(samplings, lanes, strict=True)
+            ]
             mix = None if self._plain else self._static_mix()
             tokens = self._static(ids, at, self.cache, cross, samplings, generators, mix)
         else:

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from engine import LoadOptions, MusicModel, SamplingOptions, WindowOptions
+from engine.blend import Blend
 from engine.conditioning import batch_conditions
 from engine.sampling import logits_to_probs, probs_from, sample_tensors, settings_tensor
 from engine.static_step import StaticStep
@@ -145,6 +146,24 @@ def test_batched_streams_equal_the_eager_batch(model):
         return streams
 
     assert_static_equals_eager(model, play, 200)
+
+
+def test_a_blend_with_guidance_dropped_is_sampled_from_the_blend_alone(model):
+    """Guidance dropped (the radio's last rung) on a station playing a blend of three: it is
+    sampled from the blend's rows alone, as on the eager engine (the static step guided it with
+    its own scale against its first text's row, pushing the blend away from that text)."""
+
+    def play():
+        streams = model.open_streams(["jazz", "rock"], [GREEDY] * 2, WINDOW)
+        three = Blend.weighted([("bells", 1.0), ("strings", 2.0), ("drums", 1.0)])
+        streams[1].set_prompt(three, from_frame=0)
+        model.drop_guidance(True)
+        return streams
+
+    try:
+        assert_static_equals_eager(model, play, 60)
+    finally:
+        model.drop_guidance(False)
 
 
 @pytest.mark.slow
