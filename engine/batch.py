@@ -195,8 +195,9 @@ class DecodeBatch:
                 s if lane.rows.guided else replace(s, guidance_scale=1.0)
                 for s, lane in zip(samplings, lanes, strict=True)
             ]
-            mix = None if self._plain else self._static_mix()
-            tokens = self._static(ids, at, self.cache, cross, samplings, generators, mix)
+            tokens = self._static(
+                ids, at, self.cache, cross, samplings, generators, self._static_mix()
+            )
         else:
             logits = self.decoder.decode_one_step(ids, self.cache, cross, rows_at)  # [R, K, V]
             for lane, first in zip(lanes, self._first, strict=True):
@@ -243,10 +244,13 @@ class DecodeBatch:
 
     def _static_mix(self) -> Mix:
         """`_groups` as the static step takes them: rows [N, M] and weights [N, M] (M: the most
-        conditional rows of a lane; a shorter lane's extra entries weigh 0) and null rows [N]
-        (a lane without one names its first row: guidance 1 reads only the conditional)."""
+        conditional rows of a lane, at least 2; a shorter lane's extra entries weigh 0) and null
+        rows [N] (a lane without one names its first row: guidance 1 reads only the
+        conditional). Plain prompts take one too, so that a transition or a blend is no new
+        kind of call for the compiled step, and M is never 1, a size Dynamo would specialize
+        (x * 1 + x * 0 is x exactly: the tokens are those of the rows as they are)."""
         groups = self._groups()
-        m = max(len(w) for _, w, _ in groups)
+        m = max(2, *(len(w) for _, w, _ in groups))
         rows = [[f + min(j, len(w) - 1) for j in range(m)] for f, w, _ in groups]
         weights = [list(w) + [0.0] * (m - len(w)) for _, w, _ in groups]
         nulls = [f if null is None else null for f, _, null in groups]

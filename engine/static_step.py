@@ -19,11 +19,13 @@ CPU); "graphs" with `mode="reduce-overhead"` (CUDA graphs). When compiling or ca
 one warning says what failed and the same function runs eagerly (or, when only the graph capture
 was skipped, compiled without graphs). The prefill stays eager (`Decoder.prefill`).
 
-Shapes are fixed per row layout: when a batch lays its rows out anew (another station count,
-guidance on or off, a blend with another number of texts, a transition beginning or ending),
-the step meets new shapes. The first such change compiles it once more with the sizes that
-changed as symbols (`RECOMPILE_LIMIT`, below); later layouts run that code, and CUDA graphs
-record a graph per size. Plain prompts only (one conditional row per stream) take no `Mix`.
+Shapes are fixed per row layout: when a batch lays its rows out anew (guidance on or off, a
+blend with another number of texts, a transition beginning or ending, a longer text's bucket),
+the step meets new shapes. The first compile already takes the sizes a layout changes as
+symbols (`_layout_dims_dynamic`), and a batch hands every step a `Mix`, plain prompts too, so
+every later layout runs the code compiled before the station went on air; CUDA graphs record a
+graph per size (a capture, not a compile). A size of 1 stays specialized (one station's stream
+count): another station count in the same process compiles once more, with it as a symbol.
 """
 
 from __future__ import annotations
@@ -45,10 +47,9 @@ MODES = ("eager", "compile", "graphs")
 # A new row layout (a station count, a transition's glide rows, guidance off, a longer text's
 # bucket, a window) is a new shape. Compiled with dynamic=False each was a compile of its own
 # (minutes on a GPU, on the generator's thread) and past Dynamo's 8 entries a fullgraph compile
-# raised, the step eager for good; with Dynamo's automatic dynamic shapes the second layout
-# compiles the dims that changed as symbols and every later one reuses it (the tiny model on the
-# CPU: 1, 2, 3, 4, 5 stations, two compiles; the tokens equal the eager step's). The limit is a
-# margin for what still specializes.
+# raised, the step eager for good. Now the first compile marks the dims a layout changes as
+# symbols, and what still specializes (a size of 1) recompiles with Dynamo's automatic dynamic
+# shapes: the limit is a margin for that.
 RECOMPILE_LIMIT = 64
 TEXT_BUCKET = 64  # cross-attention buffers hold a multiple of this many text tokens
 
@@ -76,6 +77,29 @@ def _weights(d: Decoder) -> list[torch.Tensor]:
             if isinstance(weight, torch.Tensor):
                 found.append(weight)
     return found
+
+
+# The dims a new row layout changes, per argument of `decode_step` after the decoder: ids [B, K],
+# positions [B], the cache's keys and values [L, B, H, P, D], the cross-attention's keys and
+# values [L, B, H, S', D] and mask [B, 1, 1, S'].
+_LAYOUT_DIMS = ((0,), (0,), (1,), (1,), (1, 3), (1, 3), (0, 3))
+_SAMPLING_DIMS = {"settings": (0,), "noise": (0,)}  # [N, 5], [N, K, V]
+
+
+def _layout_dims_dynamic(args: tuple, sampling: dict) -> None:
+    """Mark as symbols, before the first compile, the dims a new row layout changes, so that one
+    compile serves every layout (a dim of size 1 stays specialized)."""
+    for t, dims in zip(args[1:], _LAYOUT_DIMS, strict=True):
+        for dim in dims:
+            torch._dynamo.maybe_mark_dynamic(t, dim)
+    for name, dims in _SAMPLING_DIMS.items():
+        for dim in dims:
+            torch._dynamo.maybe_mark_dynamic(sampling[name], dim)
+    mix = sampling.get("mix")
+    if mix is not None:
+        for t in mix:
+            for dim in range(t.dim()):
+                torch._dynamo.maybe_mark_dynamic(t, dim)
 
 
 class StaticStep:
@@ -133,6 +157,7 @@ class StaticStep:
         if self._run is not decode_step:
             for t in cache.tensors():
                 torch._dynamo.mark_static_address(t)
+            _layout_dims_dynamic(args, sampling)
             try:
                 return self._compiled(args, sampling)
             except Exception as err:  # noqa: BLE001 - any failure to compile or capture
