@@ -381,7 +381,9 @@ class DecodeBatch:
                     self._spare = self.cache.select_rows([], capacity=self._most_rows)
                 # else the next change's spare is made ahead of it (`prepare_spare`), or by it
             else:  # a compiled step's (GPU) cache: no warm rows, no second buffer
-                self.cache = old.select_rows(sources)
+                # (room for a row more than laid out: `engine.static_step.decode_step`)
+                self._most_rows = max(self._most_rows, len(sources) + 1)
+                self.cache = old.relaid(sources, self._most_rows)
             self._first = [sum(len(k) for k in keys[:i]) for i in range(len(keys))]
         for i in changed:
             lane = self.lanes[i]

@@ -245,6 +245,37 @@ class KVCache:
         out.length = 0
         return out
 
+    def relaid(self, sources: list[int | None], capacity: int = 0) -> KVCache:
+        """`select_rows(sources)` written into this cache's own buffers, where they have room
+        for `capacity` rows (and the layout's) and the rows kept stay in order (sources increasing, as a batch's lanes keep theirs):
+        the rows moving to a lower row are copied first, lowest first, then those moving to a
+        higher one, highest first, so none is written over before it is read; new rows are
+        emptied last. This cache is then no longer valid. Otherwise new buffers, with room for
+        `capacity` rows. The compiled step's layout changes (a GPU's): no second cache, at
+        the price of the rows' order (a cache as large as the memory allows has no room for
+        two), and the step keeps reading at the same addresses (a CUDA graph is recorded again
+        when they move)."""
+        kept = [s for s in sources if s is not None]
+        n = len(sources)
+        if not self.holds(max(n, capacity)) or any(
+            a >= b for a, b in zip(kept, kept[1:], strict=False)
+        ):
+            return self.select_rows(sources, capacity=capacity)
+        down = [j for j, s in enumerate(sources) if s is not None and s > j]
+        up = [j for j, s in reversed(list(enumerate(sources))) if s is not None and s < j]
+        out = KVCache.__new__(KVCache)
+        out.__dict__.update(self.__dict__)
+        out._buffers = dict(self._buffers)
+        for name, buffer in self._buffers.items():
+            for j in down + up:
+                buffer[:, j].copy_(buffer[:, sources[j]])
+            for j, s in enumerate(sources):
+                if s is None:
+                    buffer[:, j].fill_(1 if name.endswith("scales") else 0)
+            setattr(out, name, buffer[:, :n])
+        out.length = 0
+        return out
+
     def converted(
         self,
         kind: str,
@@ -318,6 +349,13 @@ class KVCache:
             key_scales, value_scales = self._scales()
             return keys, key_scales, values, value_scales
         return keys, values
+
+    def float_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole buffers a float cache's keys and values [L, B, H, P, D] are the first rows
+        of ([L, >= B, H, P, D]; the tensors themselves for a view of part of a cache)."""
+        keys, values = self._kv()
+        assert not self.quantized, f"a float cache, not {self.kind}"
+        return self._buffers.get("keys", keys), self._buffers.get("values", values)
 
     def layer(self, layer: int) -> tuple[torch.Tensor, ...]:
         """`tensors()` of one layer, every slot."""

@@ -56,14 +56,25 @@ TEXT_BUCKET = 64  # cross-attention buffers hold a multiple of this many text to
 
 def decode_step(
     d: Decoder,
-    *tensors: torch.Tensor,
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    *cross: torch.Tensor,
     settings: torch.Tensor,
     noise: torch.Tensor,
     mix: Mix | None = None,
 ) -> torch.Tensor:
-    """`d.step_logits(*tensors)`, then each stream's rows (`mix`), guidance and sampling with
-    settings [N, 5] and noise [N, K, V]: tokens [N, K]. This is the function that gets compiled."""
-    cond, uncond = stream_rows(d.step_logits(*tensors), settings.shape[0], mix)
+    """`d.step_logits` over the first B rows of the cache's buffers `keys`, `values` [L, >= B,
+    H, P, D] (B: the rows of `ids`), then each stream's rows (`mix`), guidance and sampling with
+    settings [N, 5] and noise [N, K, V]: tokens [N, K]. This is the function that gets compiled.
+    (The buffers whole, their rows taken here: a cache laid out within room for more rows is a
+    view whose strides are not its shape's, a new kind of input to compile. A batch keeps room
+    for a row more than it lays out, so the rows are never the whole buffer: that too would be
+    another kind, contiguous.)"""
+    rows = ids.shape[0]
+    logits = d.step_logits(ids, positions, keys[:, :rows], values[:, :rows], *cross)
+    cond, uncond = stream_rows(logits, settings.shape[0], mix)
     return sample_tensors(cond, uncond, settings, noise)
 
 
@@ -80,8 +91,8 @@ def _weights(d: Decoder) -> list[torch.Tensor]:
 
 
 # The dims a new row layout changes, per argument of `decode_step` after the decoder: ids [B, K],
-# positions [B], the cache's keys and values [L, B, H, P, D], the cross-attention's keys and
-# values [L, B, H, S', D] and mask [B, 1, 1, S'].
+# positions [B], the cache's buffers of keys and values [L, >= B, H, P, D], the cross-attention's
+# keys and values [L, B, H, S', D] and mask [B, 1, 1, S'].
 _LAYOUT_DIMS = ((0,), (0,), (1,), (1,), (1, 3), (1, 3), (0, 3))
 _SAMPLING_DIMS = {"settings": (0,), "noise": (0,)}  # [N, 5], [N, K, V]
 
@@ -147,7 +158,9 @@ class StaticStep:
         order (conditional, null), or as `mix` names them (blends). Returns tokens [N, K], one
         row per stream."""
         assert not cache.quantized, f"the static step reads a float KV cache, not {cache.kind}"
-        args = (self.decoder, ids, positions, *cache.tensors(), *self._load_cross(cross))
+        # (one lane's ids may be a row expanded: its strides would be a new kind of input)
+        ids = ids.contiguous()
+        args = (self.decoder, ids, positions, *cache.float_buffers(), *self._load_cross(cross))
         sampling: dict[str, Any] = dict(
             settings=self._settings_for(samplings),
             noise=self._draw(samplings, generators, ids.shape[1]),
@@ -155,7 +168,7 @@ class StaticStep:
         if mix is not None:
             sampling["mix"] = self._load_mix(mix)
         if self._run is not decode_step:
-            for t in cache.tensors():
+            for t in args[3:5]:
                 torch._dynamo.mark_static_address(t)
             _layout_dims_dynamic(args, sampling)
             try:

@@ -1,4 +1,4 @@
-"""KVCache.select_rows: the rows a new layout keeps, and the empty rows it makes."""
+"""KVCache.select_rows and relaid: the rows a new layout keeps, and the empty rows it makes."""
 
 from __future__ import annotations
 
@@ -68,6 +68,32 @@ def test_select_rows_writes_over_a_spare_with_room(kind):
     again = small.select_rows([0, 1], spare=small)
     assert not {t.data_ptr() for t in again.tensors()} & {t.data_ptr() for t in small.tensors()}
     assert not small.rows(0, 2).holds(1)
+
+
+@pytest.mark.parametrize("kind", ["float32", "int8", "int4"])
+def test_relaid_moves_rows_within_its_own_buffers(kind):
+    """The compiled step's layout changes: rows kept in order move within the cache's buffers
+    (a row inserted, rows removed, rows both ways at once), none written over before it is
+    read; rows out of order, or more than the buffers hold, go to new buffers with the room
+    asked for."""
+    cache = _filled(kind).select_rows([0, 1, 2, 3], capacity=7)
+    buffers = {b.data_ptr() for b in cache._buffers.values()}
+    for sources in ([0, None, 1, 2, 3], [0, 2, 3, 4], [None, 0, 2, None, 3, None], [1, 4, 5]):
+        before = [t.clone() for t in cache.tensors()]
+        new = cache.relaid(sources)
+        for got, want in zip(new.tensors(), _expected(before, sources, kind), strict=True):
+            assert torch.equal(got, want), sources
+        assert {t.data_ptr() for t in new.tensors()} == buffers
+        assert new.batch == len(sources) and new.length == 0
+        cache = new
+    for sources, room in (([2, None, 0], 3), ([0, 1, 2, None, None, None, None, None], 9)):
+        before = [t.clone() for t in cache.tensors()]
+        new = cache.relaid(sources, capacity=room)
+        for got, want in zip(new.tensors(), _expected(before, sources, kind), strict=True):
+            assert torch.equal(got, want), sources
+        assert not {t.data_ptr() for t in new.tensors()} & {t.data_ptr() for t in cache.tensors()}
+        assert new.holds(room) and not new.holds(room + 1)
+        cache = new
 
 
 def _quantized(kind: str, rows: int = 4, capacity: int = 6) -> KVCache:

@@ -166,6 +166,30 @@ def test_a_blend_with_guidance_dropped_is_sampled_from_the_blend_alone(model):
         model.drop_guidance(False)
 
 
+def test_transitions_move_rows_within_one_cache(model):
+    """On the static step (a GPU's), a transition's glide rows come and go inside the cache's
+    own buffers: after the first one made room, a second transition allocates nothing (no
+    second cache beside the first, the step reads at the same addresses), and the tokens equal
+    the eager engine's."""
+    buffers = []
+
+    def play():
+        streams = model.open_streams(["jazz", "rock", "pop"], [GREEDY] * 3, WINDOW)
+        batch = streams[0].tokens._batch
+        streams[1].set_prompt("blues", from_frame=0, transition_seconds=0.3)
+        streams[1].tokens.generate_until(30)  # the glide is over: its rows have gone
+        buffers.append(batch.cache.keys.untyped_storage().data_ptr())
+        streams[0].set_prompt("bells", from_frame=30, transition_seconds=0.3)
+        streams[0].tokens.generate_until(40)  # gliding: a row more than before
+        buffers.append(batch.cache.keys.untyped_storage().data_ptr())
+        return streams
+
+    assert_static_equals_eager(model, play, 60)
+    eager, static = buffers[:2], buffers[2:]
+    assert static[0] == static[1], "the static step's second transition took a new cache"
+    assert eager[0] != eager[1]  # (the eager step's cache and spare take turns)
+
+
 @pytest.mark.slow
 def test_compiled_step_equals_the_eager_engine(model, capsys):
     """torch.compile (default mode, no graphs) on the CPU: greedy tokens equal, and changing the
