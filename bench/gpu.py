@@ -14,8 +14,11 @@ On a machine without CUDA it says so in one line and exits 0. On one, within a f
    the streaming codec: `read_together`), and the same number of prompts with
    `transformers` `generate` in bfloat16 on the same weights (CFG on, sampling with top-k 250,
    batch = stations);
-3. prints one table (decoder steps per second per station, real-time factor per station, the
-   engine against `generate`) and writes it as JSON (`--json`, default `gpu-bench.json`), row
+3. after each count's timed run, starts a transition on one station (a new row layout, as a
+   programme's change makes) and reads on through it: the compiles it took (0 expected: the
+   step compiled before on air serves every layout) and its slowest chunk of 10 frames;
+4. prints one table (decoder steps per second per station, real-time factor per station, the
+   engine against `generate`, the peak GPU memory, the transition) and writes it as JSON (`--json`, default `gpu-bench.json`), row
    by row as they come; a count that runs out of GPU memory is a row that says so, and the
    larger ones are skipped.
 
@@ -64,23 +67,52 @@ def run_gpu_tests() -> int:
     return subprocess.run(command, cwd=ROOT).returncode
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.inference_mode()
 def bench_engine(model, stations: int, seconds: float) -> dict:
+    """Steps per second and RTF per station over `seconds` of audio each, then a transition on
+    the first station (its glide rows: a new row layout, as a programme's change makes): the
+    compiles it took (0: the step compiled before on air serves it), its slowest chunk of 10
+    frames in ms, and the peak memory of the device in GB (None on a CPU)."""
+    from torch._dynamo.utils import counters
+
     from engine import SamplingOptions, WindowOptions, read_together
 
+    device = model.decoder.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     prompts = [f"{PROMPT} {i}" for i in range(stations)]
     samplings = [SamplingOptions(seed=i) for i in range(stations)]
     streams = model.open_streams(prompts, samplings, WindowOptions())
     read_together(streams, 10)  # warm-up: compile and capture
-    torch.cuda.synchronize()
+    _sync(device)
     frames = round(seconds * FRAME_RATE)
     began = time.perf_counter()
     for _ in range(0, frames, 10):
         read_together(streams, 10)
-    torch.cuda.synchronize()
+    _sync(device)
     wall = time.perf_counter() - began
     done = -(-frames // 10) * 10
-    return {"steps_per_s": done / wall, "rtf": done / FRAME_RATE / wall}
+    graphs = counters["stats"]["unique_graphs"]
+    streams[0].set_prompt(f"{PROMPT}, now with bells", transition_seconds=1.0)
+    slowest = 0.0
+    for _ in range(0, FRAME_RATE + 20, 10):  # the glide and its end
+        began = time.perf_counter()
+        read_together(streams, 10)
+        _sync(device)
+        slowest = max(slowest, time.perf_counter() - began)
+    peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+    return {
+        "steps_per_s": done / wall,
+        "rtf": done / FRAME_RATE / wall,
+        "transition_compiles": counters["stats"]["unique_graphs"] - graphs,
+        "transition_slowest_chunk_ms": slowest * 1000,
+        "peak_memory_gb": peak,
+    }
 
 
 @torch.inference_mode()
@@ -162,15 +194,18 @@ def main() -> int:
 
     say("")
     say(
-        "| stations | engine steps/s | engine RTF per station | generate steps/s | generate RTF | engine vs generate |"
+        "| stations | engine steps/s | engine RTF per station | generate steps/s | generate RTF "
+        "| engine vs generate | peak GB | a transition: compiles, slowest chunk ms |"
     )
-    say("| --- | --- | --- | --- | --- | --- |")
+    say("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         e, g = row.get("engine"), row.get("generate")
         ours = f"{e['steps_per_s']:.1f} | {e['rtf']:.2f}" if e else "- | -"
         ref = f"{g['steps_per_s']:.1f} | {g['rtf']:.2f}" if g else "- | -"
         ratio = f"x{e['rtf'] / g['rtf']:.2f}" if e and g else row.get("error", "-")
-        say(f"| {row['stations']} | {ours} | {ref} | {ratio} |")
+        peak = f"{e['peak_memory_gb']:.1f}" if e and e["peak_memory_gb"] is not None else "-"
+        change = f"{e['transition_compiles']}, {e['transition_slowest_chunk_ms']:.0f}" if e else "-"
+        say(f"| {row['stations']} | {ours} | {ref} | {ratio} | {peak} | {change} |")
     holding = [r["stations"] for r in rows if "engine" in r and r["engine"]["rtf"] >= 1.0]
     say(f"stations in real time (RTF >= 1): {max(holding) if holding else 0} of those measured")
     say(f"wrote {args.json}")

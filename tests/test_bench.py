@@ -387,6 +387,28 @@ def test_the_gpu_checks_tests_run_in_one_process_over_the_files_that_hold_them()
         assert "needs a CUDA device" in out, out  # (-ra: each skip's reason)
 
 
+@pytest.mark.slow
+def test_the_gpu_checks_station_run_takes_a_transition_without_a_compile(tiny_model_dir):
+    """bench/gpu.py's per-count run, here on the CPU with the step compiled as on a GPU (the
+    tiny model): two stations timed, then a transition on one, which compiles nothing."""
+    import torch
+
+    from bench.gpu import bench_engine
+    from engine import LoadOptions, MusicModel
+
+    model = MusicModel.load(
+        LoadOptions(model=tiny_model_dir, device="cpu", dtype="float32", compile="compile")
+    )
+    torch._dynamo.reset()
+    try:
+        row = bench_engine(model, 2, 0.4)
+    finally:
+        torch._dynamo.reset()
+    assert row["steps_per_s"] > 0 and row["rtf"] > 0
+    assert row["transition_compiles"] == 0, row
+    assert row["transition_slowest_chunk_ms"] > 0 and row["peak_memory_gb"] is None
+
+
 def test_first_sound_benchmark_times_a_fresh_start(tmp_path):
     out = _run("first_sound.py", "--size", "tiny", "--runs", "1", tmp_path=tmp_path)
     times = re.search(r"port open ([\d.]+) s, healthy ([\d.]+) s, first MP3 byte ([\d.]+) s", out)
