@@ -31,6 +31,7 @@ count): another station count in the same process compiles once more, with it as
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
@@ -143,6 +144,7 @@ class StaticStep:
         self._settings: tuple[list[SamplingOptions], torch.Tensor] | None = None
         self._mix: Mix | None = None  # fixed buffers of the latest blend rows and weights
         self._graph_skips_seen = False
+        self._compiles = 0  # compiles this step has taken (`_said_compiled`)
 
     def __call__(
         self,
@@ -202,8 +204,12 @@ class StaticStep:
         if self.mode == "graphs":
             torch.compiler.cudagraph_mark_step_begin()
         skips = counters["inductor"]["cudagraph_skips"]
+        graphs = counters["stats"]["unique_graphs"]
+        began = time.perf_counter()
         # A graph's output is overwritten by its next replay: keep a copy.
         tokens = self._run(*args, **sampling).clone()
+        if counters["stats"]["unique_graphs"] > graphs:
+            self._said_compiled(time.perf_counter() - began, args[1].shape[0], len(tokens))
         skipped = counters["inductor"]["cudagraph_skips"] > skips
         if self.mode == "graphs" and skipped and not self._graph_skips_seen:
             self._graph_skips_seen = True
@@ -213,6 +219,29 @@ class StaticStep:
                 args[1].device,
             )
         return tokens
+
+    def _said_compiled(self, seconds: float, rows: int, streams: int) -> None:
+        """Say that the step compiled: its first time for this batch (before its first sound),
+        or again, for a row layout the compiled code did not fit (while on air: the stations
+        wait)."""
+        self._compiles += 1
+        if self._compiles == 1:
+            log.info(
+                "the decoder step compiled in %.1f s (mode %r, %d rows of %d streams); later row "
+                "layouts run the same code",
+                seconds,
+                self.mode,
+                rows,
+                streams,
+            )
+            return
+        log.warning(
+            "the decoder step compiled again in %.1f s, for a row layout of %d rows and %d "
+            "streams that the compiled code did not fit (TORCH_LOGS=recompiles says why)",
+            seconds,
+            rows,
+            streams,
+        )
 
     def _load_cross(self, cross: CrossKV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The fixed buffers (keys, values, mask) holding a prompt batch's cross-attention keys

@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from engine import LoadOptions, MusicModel, SamplingOptions, WindowOptions
+from engine import LoadOptions, MusicModel, SamplingOptions, WindowOptions, static_step
 from engine.blend import Blend
 from engine.conditioning import batch_conditions
 from engine.sampling import logits_to_probs, probs_from, sample_tensors, settings_tensor
@@ -235,7 +235,7 @@ def test_new_row_layouts_reuse_one_compiled_step(model, caplog):
     torch._dynamo.reset()
 
 
-def test_one_compile_serves_every_row_layout_a_radio_meets(model):
+def test_one_compile_serves_every_row_layout_a_radio_meets(model, caplog):
     """Two stations, compiled once: a transition's glide rows, a blend of three, a prompt longer
     than a text bucket, guidance off, each a new row layout, run the code compiled for
     the first (every dim they change a symbol from the start), and the tokens equal the eager
@@ -275,11 +275,37 @@ def test_one_compile_serves_every_row_layout_a_radio_meets(model):
         return [s.tokens.history()[0][:, :150] for s in streams], played
 
     torch._dynamo.reset()
-    compiled, compiles = play("compile")
+    with caplog.at_level(logging.INFO, logger="engine.static_step"):
+        compiled, compiles = play("compile")
     eager, _ = play("none")
     assert compiles == 0
+    assert caplog.text.count("the decoder step compiled in") == 1, caplog.text
+    assert "compiled again" not in caplog.text
     assert all(map(torch.equal, compiled, eager))
     torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_a_compile_while_on_air_is_logged(model, monkeypatch, caplog):
+    """A row layout the compiled code does not fit (here: the sizes left unmarked, as before
+    the step marked them) compiles again while the stations wait: a warning says so."""
+    monkeypatch.setattr(static_step, "_layout_dims_dynamic", lambda args, sampling: None)
+    torch._dynamo.reset()
+    model.compile = "compile"
+    try:
+        with caplog.at_level(logging.INFO, logger="engine.static_step"):
+            streams = model.open_streams(["jazz", "rock"], [GREEDY] * 2, WINDOW)
+            streams[0].tokens.generate_until(10)
+            assert "the decoder step compiled in" in caplog.text
+            assert "compiled again" not in caplog.text
+            three = Blend.weighted([("bells", 1.0), ("strings", 2.0), ("drums", 1.0)])
+            streams[1].set_prompt(three, from_frame=10)
+            streams[1].tokens.generate_until(20)
+    finally:
+        model.compile = "none"
+        torch._dynamo.reset()
+    assert "the decoder step compiled again in" in caplog.text
+    assert "a row layout of 6 rows and 2 streams" in caplog.text
 
 
 def test_a_failing_compile_is_logged_and_runs_eagerly(model, monkeypatch, caplog):
