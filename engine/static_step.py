@@ -145,6 +145,7 @@ class StaticStep:
         self._mix: Mix | None = None  # fixed buffers of the latest blend rows and weights
         self._graph_skips_seen = False
         self._compiles = 0  # compiles this step has taken (`_said_compiled`)
+        self._threads: int | None = None  # torch's thread count the compiled step runs on
 
     def __call__(
         self,
@@ -206,8 +207,20 @@ class StaticStep:
         skips = counters["inductor"]["cudagraph_skips"]
         graphs = counters["stats"]["unique_graphs"]
         began = time.perf_counter()
-        # A graph's output is overwritten by its next replay: keep a copy.
-        tokens = self._run(*args, **sampling).clone()
+        # Dynamo guards on torch's thread count (Inductor's CPU code is built for one): the
+        # radio's thread tuner moves it between reads and prefills, and each new count compiled
+        # the step again while on air. The step runs on the count of its first call.
+        threads = torch.get_num_threads()
+        if self._threads is None:
+            self._threads = threads
+        if threads != self._threads:
+            torch.set_num_threads(self._threads)
+        try:
+            # A graph's output is overwritten by its next replay: keep a copy.
+            tokens = self._run(*args, **sampling).clone()
+        finally:
+            if threads != self._threads:
+                torch.set_num_threads(threads)
         if counters["stats"]["unique_graphs"] > graphs:
             self._said_compiled(time.perf_counter() - began, args[1].shape[0], len(tokens))
         skipped = counters["inductor"]["cudagraph_skips"] > skips

@@ -285,6 +285,30 @@ def test_one_compile_serves_every_row_layout_a_radio_meets(model, caplog):
     torch._dynamo.reset()
 
 
+def test_a_new_thread_count_does_not_compile_the_step_again(model):
+    """Dynamo guards on torch's thread count, which the radio's thread tuner moves between
+    reads: the compiled step runs on the count of its first call and leaves the caller's as it
+    found it, so a new count compiles nothing."""
+    from torch._dynamo.utils import counters
+
+    saved = torch.get_num_threads()
+    torch._dynamo.reset()
+    model.compile = "compile"
+    try:
+        torch.set_num_threads(2)
+        stream = model.open_stream("jazz", GREEDY, WINDOW)
+        stream.tokens.generate_until(10)
+        graphs = counters["stats"]["unique_graphs"]
+        torch.set_num_threads(1)
+        stream.tokens.generate_until(20)
+        assert counters["stats"]["unique_graphs"] == graphs
+        assert torch.get_num_threads() == 1
+    finally:
+        model.compile = "none"
+        torch.set_num_threads(saved)
+        torch._dynamo.reset()
+
+
 @pytest.mark.slow
 def test_a_compile_while_on_air_is_logged(model, monkeypatch, caplog):
     """A row layout the compiled code does not fit (here: the sizes left unmarked, as before
