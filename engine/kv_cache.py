@@ -247,14 +247,14 @@ class KVCache:
 
     def relaid(self, sources: list[int | None], capacity: int = 0) -> KVCache:
         """`select_rows(sources)` written into this cache's own buffers, where they have room
-        for `capacity` rows (and the layout's) and the rows kept stay in order (sources increasing, as a batch's lanes keep theirs):
-        the rows moving to a lower row are copied first, lowest first, then those moving to a
-        higher one, highest first, so none is written over before it is read; new rows are
-        emptied last. This cache is then no longer valid. Otherwise new buffers, with room for
-        `capacity` rows. The compiled step's layout changes (a GPU's): no second cache, at
-        the price of the rows' order (a cache as large as the memory allows has no room for
-        two), and the step keeps reading at the same addresses (a CUDA graph is recorded again
-        when they move)."""
+        for `capacity` rows (and the layout's) and the rows kept stay in order (sources
+        increasing, as a batch's lanes keep theirs): the rows moving to a lower row are copied
+        first, lowest first, then those moving to a higher one, highest first, so none is
+        written over before it is read; new rows are emptied last. This cache is then no longer
+        valid. Otherwise new buffers, with room for `capacity` rows. The compiled step's layout
+        changes (a GPU's): no second cache beside this one (a cache as large as the memory
+        allows has no room for two), and the step keeps reading at the same addresses (a CUDA
+        graph is recorded again when they move)."""
         kept = [s for s in sources if s is not None]
         n = len(sources)
         if not self.holds(max(n, capacity)) or any(
