@@ -203,23 +203,17 @@ def mix_rows(
 
 
 class Mix(NamedTuple):
-    """Which rows make each stream's conditional and null logits, as tensors (the compiled step
-    of a batch with blends)."""
+    """Which rows make each stream's conditional and null logits, as tensors (what the compiled
+    step takes at every step, plain prompts too: `DecodeBatch._static_mix`)."""
 
     rows: torch.Tensor  # [N, M] long: stream i's conditional rows (padded with weight 0)
     weights: torch.Tensor  # [N, M] float32: their weights (sum 1 per stream)
     nulls: torch.Tensor  # [N] long: stream i's null row (guidance 1: any row)
 
 
-def stream_rows(
-    logits: torch.Tensor, streams: int, mix: Mix | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def stream_rows(logits: torch.Tensor, mix: Mix) -> tuple[torch.Tensor, torch.Tensor]:
     """`mix_rows` with tensors only: logits [R, K, V] of a batch's rows -> each stream's
-    conditional logits [N, K, V] (the weighted sum of the rows `mix` names, or, without it, row
-    0 of each stream's R / N) and its null logits [N, K, V] (`mix.nulls`, or row 1 of each
-    stream's; None when streams have one row)."""
-    if mix is not None:
-        cond = (logits[mix.rows] * mix.weights[:, :, None, None]).sum(dim=1)
-        return cond, logits[mix.nulls]
-    grouped = logits.view(streams, -1, *logits.shape[1:])  # [N, R / N, K, V]
-    return grouped[:, 0], grouped[:, 1] if grouped.shape[1] > 1 else None
+    conditional logits [N, K, V] (the weighted sum of the rows `mix` names) and its null logits
+    [N, K, V] (`mix.nulls`)."""
+    cond = (logits[mix.rows] * mix.weights[:, :, None, None]).sum(dim=1)
+    return cond, logits[mix.nulls]

@@ -10,7 +10,7 @@ keeps what a replay needs at fixed addresses:
 
 - cross-attention keys/values copied (when the prompt changes) into fixed buffers padded to a
   multiple of `TEXT_BUCKET` text tokens, with their mask;
-- per-stream sampling settings as a tensor (`engine.sampling.settings_tensor`), a blend's rows
+- per-stream sampling settings as a tensor (`engine.sampling.settings_tensor`), each stream's rows
   and weights as tensors (`Mix`, `engine.rows.stream_rows`), and the Exp(1) noise of the draw
   (an exponential race, `argmax(probs / E)`), drawn by each stream's seeded generator.
 
@@ -64,7 +64,7 @@ def decode_step(
     *cross: torch.Tensor,
     settings: torch.Tensor,
     noise: torch.Tensor,
-    mix: Mix | None = None,
+    mix: Mix,
 ) -> torch.Tensor:
     """`d.step_logits` over the first B rows of the cache's buffers `keys`, `values` [L, >= B,
     H, P, D] (B: the rows of `ids`), then each stream's rows (`mix`), guidance and sampling with
@@ -75,7 +75,7 @@ def decode_step(
     another kind, contiguous.)"""
     rows = ids.shape[0]
     logits = d.step_logits(ids, positions, keys[:, :rows], values[:, :rows], *cross)
-    cond, uncond = stream_rows(logits, settings.shape[0], mix)
+    cond, uncond = stream_rows(logits, mix)
     return sample_tensors(cond, uncond, settings, noise)
 
 
@@ -107,11 +107,9 @@ def _layout_dims_dynamic(args: tuple, sampling: dict) -> None:
     for name, dims in _SAMPLING_DIMS.items():
         for dim in dims:
             torch._dynamo.maybe_mark_dynamic(sampling[name], dim)
-    mix = sampling.get("mix")
-    if mix is not None:
-        for t in mix:
-            for dim in range(t.dim()):
-                torch._dynamo.maybe_mark_dynamic(t, dim)
+    for t in sampling["mix"]:
+        for dim in range(t.dim()):
+            torch._dynamo.maybe_mark_dynamic(t, dim)
 
 
 class StaticStep:
@@ -142,7 +140,7 @@ class StaticStep:
         self._cross_buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._noise: torch.Tensor | None = None  # [N, K, V]
         self._settings: tuple[list[SamplingOptions], torch.Tensor] | None = None
-        self._mix: Mix | None = None  # fixed buffers of the latest blend rows and weights
+        self._mix: Mix | None = None  # fixed buffers of the latest rows and weights (`Mix`)
         self._graph_skips_seen = False
         self._compiles = 0  # compiles this step has taken (`_said_compiled`)
         self._threads: int | None = None  # torch's thread count the compiled step runs on
@@ -155,11 +153,11 @@ class StaticStep:
         cross: CrossKV,
         samplings: list[SamplingOptions],
         generators: list[torch.Generator],
-        mix: Mix | None = None,
+        mix: Mix,
     ) -> torch.Tensor:
-        """ids: [B, K] at `positions` [B] long; rows per stream: B // len(samplings), in the
-        order (conditional, null), or as `mix` names them (blends). Returns tokens [N, K], one
-        row per stream."""
+        """ids: [B, K] at `positions` [B] long; each stream's rows as `mix` names them (its
+        conditional rows with their weights, its null row). Returns tokens [N, K], one row per
+        stream."""
         assert not cache.quantized, f"the static step reads a float KV cache, not {cache.kind}"
         # (one lane's ids may be a row expanded: its strides would be a new kind of input)
         ids = ids.contiguous()
@@ -167,9 +165,8 @@ class StaticStep:
         sampling: dict[str, Any] = dict(
             settings=self._settings_for(samplings),
             noise=self._draw(samplings, generators, ids.shape[1]),
+            mix=self._load_mix(mix),
         )
-        if mix is not None:
-            sampling["mix"] = self._load_mix(mix)
         if self._run is not decode_step:
             for t in args[3:5]:
                 torch._dynamo.mark_static_address(t)
