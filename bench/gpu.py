@@ -18,9 +18,9 @@ On a machine without CUDA it says so in one line and exits 0. On one, within a f
    programme's change makes) and reads on through it: the compiles it took (0 expected: the
    step compiled before on air serves every layout) and its slowest chunk of 10 frames;
 4. prints one table (decoder steps per second per station, real-time factor per station, the
-   engine against `generate`, the peak GPU memory, the transition) and writes it as JSON (`--json`, default `gpu-bench.json`), row
-   by row as they come; a count that runs out of GPU memory is a row that says so, and the
-   larger ones are skipped.
+   engine against `generate`, the peak GPU memory, the transition) and writes it as JSON
+   (`--json`, default `gpu-bench.json`), row by row as they come; a count that runs out of GPU
+   memory is a row that says so, and the larger ones are skipped.
 
 A station holds real time while its real-time factor is at least 1; the largest count that
 does is the stations this GPU carries with these settings.

@@ -161,14 +161,15 @@ class StaticStep:
         assert not cache.quantized, f"the static step reads a float KV cache, not {cache.kind}"
         # (one lane's ids may be a row expanded: its strides would be a new kind of input)
         ids = ids.contiguous()
-        args = (self.decoder, ids, positions, *cache.float_buffers(), *self._load_cross(cross))
+        keys, values = cache.float_buffers()
+        args = (self.decoder, ids, positions, keys, values, *self._load_cross(cross))
         sampling: dict[str, Any] = dict(
             settings=self._settings_for(samplings),
             noise=self._draw(samplings, generators, ids.shape[1]),
             mix=self._load_mix(mix),
         )
         if self._run is not decode_step:
-            for t in args[3:5]:
+            for t in (keys, values):
                 torch._dynamo.mark_static_address(t)
             _layout_dims_dynamic(args, sampling)
             try:

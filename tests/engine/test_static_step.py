@@ -25,6 +25,7 @@ from tests.engine.steps import assert_static_equals_eager
 
 WINDOW = WindowOptions(window=120, context=60)
 GREEDY = SamplingOptions(greedy=True)
+THREE = Blend.weighted([("bells", 1.0), ("strings", 2.0), ("drums", 1.0)])  # a blend of 3
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +156,7 @@ def test_a_blend_with_guidance_dropped_is_sampled_from_the_blend_alone(model):
 
     def play():
         streams = model.open_streams(["jazz", "rock"], [GREEDY] * 2, WINDOW)
-        three = Blend.weighted([("bells", 1.0), ("strings", 2.0), ("drums", 1.0)])
-        streams[1].set_prompt(three, from_frame=0)
+        streams[1].set_prompt(THREE, from_frame=0)
         model.drop_guidance(True)
         return streams
 
@@ -244,7 +244,6 @@ def test_one_compile_serves_every_row_layout_a_radio_meets(model, caplog):
     from torch._dynamo.utils import counters
 
     long = " ".join(["a long prompt about slow rainy day jazz on a quiet afternoon"] * 8)
-    three = Blend.weighted([("bells", 1.0), ("strings", 2.0), ("drums", 1.0)])
 
     def play(compile: str) -> tuple[list[torch.Tensor], int]:
         model.compile = compile
@@ -260,7 +259,7 @@ def test_one_compile_serves_every_row_layout_a_radio_meets(model, caplog):
             graphs = counters["stats"]["unique_graphs"]  # the first layout's compile is done
             streams[0].set_prompt("blues", from_frame=20, transition_seconds=0.5)
             until(60)
-            streams[1].set_prompt(three, from_frame=60)
+            streams[1].set_prompt(THREE, from_frame=60)
             until(100)
             streams[0].set_prompt(long, from_frame=100)
             until(130)
@@ -322,8 +321,7 @@ def test_a_compile_while_on_air_is_logged(model, monkeypatch, caplog):
             streams[0].tokens.generate_until(10)
             assert "the decoder step compiled in" in caplog.text
             assert "compiled again" not in caplog.text
-            three = Blend.weighted([("bells", 1.0), ("strings", 2.0), ("drums", 1.0)])
-            streams[1].set_prompt(three, from_frame=10)
+            streams[1].set_prompt(THREE, from_frame=10)
             streams[1].tokens.generate_until(20)
     finally:
         model.compile = "none"
